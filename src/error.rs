@@ -1,0 +1,113 @@
+//! The library's error type: every variant maps to an errno, and batch failures carry the
+//! progress made before them.
+
+use crate::migrate::MigrateStats;
+use crate::sys::Errno;
+
+/// What went wrong, with enough context to act on it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A system call failed.
+    #[error("{op} failed: {errno}")]
+    Sys {
+        /// The call and what it was doing.
+        op: &'static str,
+        /// The errno it returned.
+        errno: Errno,
+    },
+    /// An argument is out of range or malformed (`EINVAL`).
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+    /// The node does not exist, is offline, or has no memory (`ENODEV`).
+    #[error("node {node} is not an online node with memory (online nodes with memory: {online:?})")]
+    UnknownNode {
+        /// The node asked for.
+        node: u32,
+        /// The nodes that could be used instead.
+        online: Vec<u32>,
+    },
+    /// The range holds memory pagemig may not move (`EFAULT`): shared, file-backed,
+    /// special or unmapped memory.
+    #[error("cannot migrate {start:#x}..{end:#x}: {why}")]
+    NotMovable {
+        /// First byte of the offending range.
+        start: usize,
+        /// One past its last byte.
+        end: usize,
+        /// What the memory is and why it cannot move.
+        why: String,
+    },
+    /// The migration would push the process past `vm.max_map_count` (`ENOMEM`).
+    #[error(
+        "migration would need up to {needed} mappings but vm.max_map_count is {limit} \
+         ({current} in use); migrate fewer scattered folios at a time or raise vm.max_map_count"
+    )]
+    MapCountLimit {
+        /// Mappings the process holds now.
+        current: usize,
+        /// Mappings the migration may need at most.
+        needed: usize,
+        /// `vm.max_map_count`.
+        limit: usize,
+    },
+    /// The target node has too little free memory (`ENOMEM`).
+    #[error("node {node} has {free} bytes free, too few for {needed} bytes")]
+    NodeFull {
+        /// The target node.
+        node: u32,
+        /// Bytes the migration needs there.
+        needed: u64,
+        /// Bytes free there.
+        free: u64,
+    },
+    /// Some folios migrated and some did not; `stats` says which and how many.
+    #[error("{failed} of {total} folios were not migrated: {first}")]
+    Partial {
+        /// Folios that did not migrate.
+        failed: u64,
+        /// Folios asked for.
+        total: u64,
+        /// The first error seen.
+        first: Box<Error>,
+        /// Everything measured, including the folios that did migrate.
+        stats: Box<MigrateStats>,
+    },
+    /// Reading a `/proc` or `/sys` file failed.
+    #[error("reading {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// The errno that best describes this error.
+    pub fn errno(&self) -> Errno {
+        match self {
+            Error::Sys { errno, .. } => *errno,
+            Error::Invalid(_) => Errno::INVAL,
+            Error::UnknownNode { .. } => Errno::NODEV,
+            Error::NotMovable { .. } => Errno::FAULT,
+            Error::MapCountLimit { .. } | Error::NodeFull { .. } => Errno::NOMEM,
+            Error::Partial { first, .. } => first.errno(),
+            Error::Io { source, .. } => Errno::from_io_error(source).unwrap_or(Errno::IO),
+        }
+    }
+
+    pub(crate) fn sys(op: &'static str) -> impl FnOnce(Errno) -> Error {
+        move |errno| Error::Sys { op, errno }
+    }
+
+    pub(crate) fn io(path: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
+        move |source| Error::Io {
+            path: path.to_string(),
+            source,
+        }
+    }
+}
+
+/// The result type of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

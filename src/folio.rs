@@ -1,0 +1,144 @@
+//! Folios: aligned chunks of 2^order base pages, the unit pagemig migrates, and the state a
+//! migration records on each destination between its unmap and move phases.
+
+use crate::error::{Error, Result};
+use crate::sys::{HPAGE_SIZE, PAGE_SIZE};
+
+/// The largest folio order pagemig handles: 9, a 2 MiB PMD-sized folio.
+pub const MAX_ORDER: u8 = 9;
+
+/// An aligned chunk of `2^order` base pages at `addr`.
+///
+/// # Invariants
+/// `order <= MAX_ORDER` and `addr` is aligned to the folio's size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Folio {
+    addr: usize,
+    order: u8,
+}
+
+impl Folio {
+    /// A folio of `size` bytes (a power of two from 4 KiB to 2 MiB) at `addr`.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad size, a misaligned or null address, or an address range
+    /// that wraps.
+    pub fn new(addr: usize, size: usize) -> Result<Self> {
+        let order = order_of(size)?;
+        if addr == 0 || addr % size != 0 || addr.checked_add(size).is_none() {
+            return Err(Error::Invalid(format!(
+                "folio address {addr:#x} is not aligned to its size {size:#x}"
+            )));
+        }
+        // INVARIANT: order checked by order_of, alignment just checked.
+        Ok(Self { addr, order })
+    }
+
+    /// First byte.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// The order: the folio holds `2^order` base pages.
+    pub fn order(&self) -> u8 {
+        self.order
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> usize {
+        PAGE_SIZE << self.order
+    }
+
+    /// Number of base pages.
+    pub fn nr_pages(&self) -> usize {
+        1 << self.order
+    }
+
+    /// One past the last byte.
+    pub fn end(&self) -> usize {
+        self.addr + self.size()
+    }
+
+    /// Whether this is a PMD-sized (transparent huge page) folio.
+    pub fn is_pmd(&self) -> bool {
+        self.size() == HPAGE_SIZE
+    }
+}
+
+/// The order of a folio of `size` bytes.
+///
+/// # Errors
+/// [`Error::Invalid`] unless `size` is a power of two from 4 KiB to 2 MiB.
+pub fn order_of(size: usize) -> Result<u8> {
+    if !size.is_power_of_two() || !(PAGE_SIZE..=HPAGE_SIZE).contains(&size) {
+        return Err(Error::Invalid(format!(
+            "folio size {size} is not a power of two from 4096 (4KiB) to 2097152 (2MiB)"
+        )));
+    }
+    Ok((size / PAGE_SIZE).trailing_zeros() as u8)
+}
+
+/// Migration state recorded on a destination in the unmap phase and read back in the move
+/// phase: the user-space form of the kernel's `dst->migrate_info`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MigrateInfo(u8);
+
+impl MigrateInfo {
+    /// The source was write-protected in the unmap phase: writers may be waiting, and must
+    /// be woken once the folio moved or the migration was undone.
+    pub const WAS_MAPPED: MigrateInfo = MigrateInfo(1 << 0);
+    /// The source lay in an `mlock`ed mapping: lock the moved folio again.
+    pub const WAS_MLOCKED: MigrateInfo = MigrateInfo(1 << 1);
+    /// The batch copy already filled the destination: the move phase must not copy again.
+    pub const ALREADY_COPIED: MigrateInfo = MigrateInfo(1 << 2);
+
+    /// No state.
+    pub const fn empty() -> Self {
+        MigrateInfo(0)
+    }
+
+    /// Whether every bit of `other` is set.
+    pub const fn contains(self, other: MigrateInfo) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Sets the bits of `other`.
+    pub fn insert(&mut self, other: MigrateInfo) {
+        self.0 |= other.0;
+    }
+
+    /// Clears the bits of `other`.
+    pub fn remove(&mut self, other: MigrateInfo) {
+        self.0 &= !other.0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn folio_sizes_and_alignment() {
+        assert_eq!(order_of(4096).unwrap(), 0);
+        assert_eq!(order_of(65536).unwrap(), 4);
+        assert_eq!(order_of(2 << 20).unwrap(), 9);
+        for bad in [0, 1, 2048, 12288, 4 << 20] {
+            assert!(order_of(bad).is_err(), "{bad}");
+        }
+        let f = Folio::new(0x20_0000, 2 << 20).unwrap();
+        assert!(f.is_pmd());
+        assert_eq!((f.nr_pages(), f.end()), (512, 0x40_0000));
+        assert!(Folio::new(0x1000, 8192).is_err());
+        assert!(Folio::new(0, 4096).is_err());
+    }
+
+    #[test]
+    fn migrate_info_flags() {
+        let mut i = MigrateInfo::empty();
+        i.insert(MigrateInfo::WAS_MAPPED);
+        i.insert(MigrateInfo::ALREADY_COPIED);
+        assert!(i.contains(MigrateInfo::WAS_MAPPED) && !i.contains(MigrateInfo::WAS_MLOCKED));
+        i.remove(MigrateInfo::ALREADY_COPIED);
+        assert!(!i.contains(MigrateInfo::ALREADY_COPIED));
+    }
+}

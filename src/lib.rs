@@ -1,0 +1,39 @@
+//! pagemig: batched page migration between NUMA nodes, with pluggable copy offload, from
+//! user space.
+//!
+//! pagemig moves the memory of a running program between NUMA nodes (DRAM, CXL and HBM
+//! tiers) the way the kernel's `migrate_pages()` does, batch by batch: it write-protects
+//! the folios of a batch with userfaultfd (writers wait, readers go on), copies the batch,
+//! moves the copies over the originals with `mremap`, and wakes the writers. Nothing written
+//! while a folio migrates is lost, and a folio that cannot be moved is left as it was.
+//!
+//! ```no_run
+//! use pagemig::{migrate_pages, Mode, Reason, Region};
+//!
+//! let region = Region::new(64 << 20, 2 << 20, Some(0))?;
+//! let stats = migrate_pages(&region.folios(), 1, Reason::Syscall, Mode::Sync)?;
+//! println!("{} GB/s", stats.gbps());
+//! # Ok::<(), pagemig::Error>(())
+//! ```
+//!
+//! `unsafe` code lives in [`sys`] (system calls), [`copy`] (the copy kernels), the
+//! pipeline that calls them, the pool that owns its memory, and [`Region::adopt`].
+#![deny(unsafe_code)]
+
+pub mod copy;
+pub mod error;
+pub mod folio;
+pub mod maps;
+pub mod migrate;
+pub mod numa;
+pub mod pool;
+pub mod region;
+pub mod sys;
+pub mod workload;
+
+pub use error::{Error, Result};
+pub use folio::{Folio, MigrateInfo};
+pub use migrate::{
+    Capabilities, Engine, FaultInjection, MigrateOptions, MigrateStats, Mode, Reason, migrate_pages,
+};
+pub use region::Region;

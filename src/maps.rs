@@ -1,0 +1,208 @@
+//! The process's mappings, from `/proc/self/maps` and `/proc/self/smaps`: what pagemig may
+//! move, and the per-mapping state (`mlock`, huge-page advice) a migration must keep.
+
+use std::fs;
+
+use crate::error::{Error, Result};
+
+/// One virtual memory area of this process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Vma {
+    /// First address.
+    pub start: usize,
+    /// One past the last address.
+    pub end: usize,
+    /// The `rwxp`/`rwxs` permission string.
+    pub perms: String,
+    /// Inode of the backing file (0 for anonymous memory).
+    pub inode: u64,
+    /// The path or pseudo-name (`[heap]`, `[anon:name]`), empty for plain anonymous memory.
+    pub path: String,
+    /// The two-letter `VmFlags` of smaps (empty when read from `maps`).
+    pub flags: Vec<String>,
+}
+
+impl Vma {
+    /// Whether smaps listed the flag (`lo`, `hg`, `nh`, …).
+    pub fn has_flag(&self, flag: &str) -> bool {
+        self.flags.iter().any(|f| f == flag)
+    }
+
+    /// Why pagemig may not move this mapping, or `None` when it may: only private,
+    /// anonymous, read-write, non-executable memory is moved.
+    pub fn refusal(&self) -> Option<String> {
+        let b = self.perms.as_bytes();
+        if b.len() < 4 {
+            return Some(format!("unreadable permissions {:?}", self.perms));
+        }
+        if b[3] == b's' {
+            return Some("shared mapping (use the kernel's move_pages() for shared memory)".into());
+        }
+        if self.inode != 0 || self.path.starts_with('/') {
+            return Some(format!("file-backed mapping of {:?}", self.path));
+        }
+        if self.path.starts_with('[') && !self.path.starts_with("[anon:") {
+            return Some(format!("special mapping {}", self.path));
+        }
+        if b[0] != b'r' || b[1] != b'w' {
+            return Some(format!("mapping is not read-write ({})", self.perms));
+        }
+        if b[2] == b'x' {
+            return Some(format!("executable mapping ({})", self.perms));
+        }
+        [
+            ("io", "I/O memory"),
+            ("pf", "a pure PFN range"),
+            ("mm", "a mixed map"),
+        ]
+        .iter()
+        .find(|(flag, _)| self.has_flag(flag))
+        .map(|(_, what)| format!("special mapping ({what})"))
+    }
+}
+
+fn parse_line(line: &str) -> Option<Vma> {
+    let mut it = line.splitn(6, ' ');
+    let (range, perms, _off, _dev, inode) =
+        (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+    let path = it.next().unwrap_or("").trim().to_string();
+    let (s, e) = range.split_once('-')?;
+    Some(Vma {
+        start: usize::from_str_radix(s, 16).ok()?,
+        end: usize::from_str_radix(e, 16).ok()?,
+        perms: perms.to_string(),
+        inode: inode.parse().ok()?,
+        path,
+        flags: Vec::new(),
+    })
+}
+
+/// Every mapping of this process, from `/proc/self/maps` (no flags).
+///
+/// # Errors
+/// [`Error::Io`] when the file cannot be read.
+pub fn vmas() -> Result<Vec<Vma>> {
+    let text = fs::read_to_string("/proc/self/maps").map_err(Error::io("/proc/self/maps"))?;
+    Ok(text.lines().filter_map(parse_line).collect())
+}
+
+/// The number of mappings this process holds.
+///
+/// # Errors
+/// [`Error::Io`] when `/proc/self/maps` cannot be read.
+pub fn vma_count() -> Result<usize> {
+    let text = fs::read_to_string("/proc/self/maps").map_err(Error::io("/proc/self/maps"))?;
+    Ok(text.lines().count())
+}
+
+/// The mappings overlapping `[start, end)` with their `VmFlags`, from `/proc/self/smaps`.
+///
+/// # Errors
+/// [`Error::Io`] when the file cannot be read.
+pub fn vmas_with_flags(start: usize, end: usize) -> Result<Vec<Vma>> {
+    let text = fs::read_to_string("/proc/self/smaps").map_err(Error::io("/proc/self/smaps"))?;
+    let mut out: Vec<Vma> = Vec::new();
+    let mut current: Option<Vma> = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("VmFlags:") {
+            if let Some(mut v) = current.take() {
+                v.flags = rest.split_whitespace().map(str::to_string).collect();
+                out.push(v);
+            }
+        } else if line.split(' ').next().is_some_and(|r| {
+            r.contains('-') && r.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
+        }) {
+            if let Some(v) = parse_line(line) {
+                current = (v.end > start && v.start < end).then_some(v);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Checks that `[start, end)` is fully mapped with memory pagemig may move, and returns the
+/// mappings covering it (with flags when `with_flags`).
+///
+/// # Errors
+/// [`Error::NotMovable`] naming the first offending range.
+pub fn check_movable(start: usize, end: usize, all: &[Vma]) -> Result<()> {
+    let mut at = start;
+    for v in all.iter().filter(|v| v.end > start && v.start < end) {
+        if v.start > at {
+            return Err(Error::NotMovable {
+                start: at,
+                end: v.start.min(end),
+                why: "not mapped".into(),
+            });
+        }
+        if let Some(why) = v.refusal() {
+            return Err(Error::NotMovable {
+                start: v.start.max(start),
+                end: v.end.min(end),
+                why,
+            });
+        }
+        at = v.end;
+        if at >= end {
+            return Ok(());
+        }
+    }
+    Err(Error::NotMovable {
+        start: at,
+        end,
+        why: "not mapped".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines() {
+        let v = parse_line("7f00a000-7f00c000 rw-p 00000000 00:00 0 ").unwrap();
+        assert_eq!(
+            (v.start, v.end, v.inode, v.path.as_str()),
+            (0x7f00a000, 0x7f00c000, 0, "")
+        );
+        assert!(v.refusal().is_none());
+        let f = parse_line("55d0-55e0 r--p 00000000 08:01 1234   /usr/bin/true").unwrap();
+        assert_eq!(f.path, "/usr/bin/true");
+        assert!(f.refusal().unwrap().contains("file-backed"));
+        let s = parse_line("1000-2000 rw-s 00000000 00:01 77 /dev/zero (deleted)").unwrap();
+        assert!(s.refusal().unwrap().contains("shared"));
+        let h = parse_line("1000-2000 rw-p 00000000 00:00 0 [heap]").unwrap();
+        assert!(h.refusal().unwrap().contains("special"));
+        let n = parse_line("1000-2000 rw-p 00000000 00:00 0 [anon:buffers]").unwrap();
+        assert!(n.refusal().is_none());
+    }
+
+    #[test]
+    fn holes_are_not_movable() {
+        let a = parse_line("1000-2000 rw-p 00000000 00:00 0").unwrap();
+        let b = parse_line("3000-4000 rw-p 00000000 00:00 0").unwrap();
+        let all = [a, b];
+        assert!(check_movable(0x1000, 0x2000, &all).is_ok());
+        assert!(matches!(
+            check_movable(0x1000, 0x4000, &all),
+            Err(Error::NotMovable {
+                start: 0x2000,
+                end: 0x3000,
+                ..
+            })
+        ));
+        assert!(check_movable(0x3000, 0x5000, &all).is_err());
+    }
+
+    #[test]
+    fn smaps_reports_flags_of_our_own_mappings() {
+        let map = crate::sys::Mapping::new(1 << 16, 4096).unwrap();
+        let v = vmas_with_flags(map.addr(), map.addr() + map.len()).unwrap();
+        assert_eq!(v.len(), 1);
+        assert!(
+            v[0].has_flag("rd") && v[0].has_flag("wr"),
+            "{:?}",
+            v[0].flags
+        );
+    }
+}

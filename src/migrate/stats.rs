@@ -1,0 +1,141 @@
+//! What one migration call did and how long each phase took.
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Counters and phase times of one `migrate_pages` call.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MigrateStats {
+    /// Folios asked for.
+    pub folios: u64,
+    /// Folios that moved.
+    pub succeeded_folios: u64,
+    /// Folios that did not move (their memory is as it was).
+    pub failed_folios: u64,
+    /// Times a busy folio was put back for another pass (`EAGAIN`).
+    pub retried_folios: u64,
+    /// Base pages that moved.
+    pub succeeded_pages: u64,
+    /// Base pages that did not move.
+    pub failed_pages: u64,
+    /// PMD-sized folios that moved.
+    pub thp_succeeded: u64,
+    /// PMD-sized folios that did not move.
+    pub thp_failed: u64,
+    /// Bytes moved.
+    pub bytes: u64,
+    /// Batches run.
+    pub batches: u64,
+    /// Contiguous runs moved with one `mremap` each.
+    pub runs: u64,
+    /// Folios copied by the batch copy.
+    pub batch_copied_folios: u64,
+    /// Batch-eligible folios whose batch copy failed or was declined, copied one by one.
+    pub fallback_folios: u64,
+    /// Folios copied one by one because their reason is not batch-eligible.
+    pub single_copied_folios: u64,
+    /// Moved folios that could not be locked again (`mlock` failed after the move).
+    pub relock_failures: u64,
+    /// Time spent populating destinations (off the critical path when prefilled).
+    pub prepare_ns: u64,
+    /// Time spent write-protecting sources.
+    pub unmap_ns: u64,
+    /// Time spent copying.
+    pub copy_ns: u64,
+    /// Time spent moving destinations over sources and waking writers.
+    pub move_ns: u64,
+    /// Wall-clock time of the whole call, validation and preparation included.
+    pub total_ns: u64,
+    /// Per batch: from the start of its unmap phase until its first folio was writable again.
+    pub first_folio_ns: Vec<u64>,
+}
+
+impl MigrateStats {
+    /// The migration's critical path: unmap, copy and move.
+    pub fn critical_path(&self) -> Duration {
+        Duration::from_nanos(self.unmap_ns + self.copy_ns + self.move_ns)
+    }
+
+    /// Throughput of the critical path in GB/s (10^9 bytes per second).
+    pub fn gbps(&self) -> f64 {
+        gbps(self.bytes, self.critical_path())
+    }
+
+    /// Throughput of the whole call, destination preparation included, in GB/s.
+    pub fn end_to_end_gbps(&self) -> f64 {
+        gbps(self.bytes, Duration::from_nanos(self.total_ns))
+    }
+
+    /// The median first-folio latency over batches.
+    pub fn first_folio_median(&self) -> Option<Duration> {
+        self.first_folio_quantile(0.5)
+    }
+
+    /// The `q` quantile (0..=1) of first-folio latency over batches.
+    pub fn first_folio_quantile(&self, q: f64) -> Option<Duration> {
+        let mut v = self.first_folio_ns.clone();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        let i = ((v.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
+        Some(Duration::from_nanos(v[i]))
+    }
+
+    /// Adds another call's counters and times to these.
+    pub fn accumulate(&mut self, o: &MigrateStats) {
+        self.folios += o.folios;
+        self.succeeded_folios += o.succeeded_folios;
+        self.failed_folios += o.failed_folios;
+        self.retried_folios += o.retried_folios;
+        self.succeeded_pages += o.succeeded_pages;
+        self.failed_pages += o.failed_pages;
+        self.thp_succeeded += o.thp_succeeded;
+        self.thp_failed += o.thp_failed;
+        self.bytes += o.bytes;
+        self.batches += o.batches;
+        self.runs += o.runs;
+        self.batch_copied_folios += o.batch_copied_folios;
+        self.fallback_folios += o.fallback_folios;
+        self.single_copied_folios += o.single_copied_folios;
+        self.relock_failures += o.relock_failures;
+        self.prepare_ns += o.prepare_ns;
+        self.unmap_ns += o.unmap_ns;
+        self.copy_ns += o.copy_ns;
+        self.move_ns += o.move_ns;
+        self.total_ns += o.total_ns;
+        self.first_folio_ns.extend_from_slice(&o.first_folio_ns);
+    }
+}
+
+/// Bytes per second in units of 10^9.
+pub fn gbps(bytes: u64, t: Duration) -> f64 {
+    if t.is_zero() {
+        0.0
+    } else {
+        bytes as f64 / t.as_secs_f64() / 1e9
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throughput_and_quantiles() {
+        let s = MigrateStats {
+            bytes: 2_000_000_000,
+            unmap_ns: 100_000_000,
+            copy_ns: 800_000_000,
+            move_ns: 100_000_000,
+            total_ns: 2_000_000_000,
+            first_folio_ns: vec![5, 1, 3, 2, 4],
+            ..Default::default()
+        };
+        assert!((s.gbps() - 2.0).abs() < 1e-9);
+        assert!((s.end_to_end_gbps() - 1.0).abs() < 1e-9);
+        assert_eq!(s.first_folio_median(), Some(Duration::from_nanos(3)));
+        assert_eq!(s.first_folio_quantile(1.0), Some(Duration::from_nanos(5)));
+    }
+}

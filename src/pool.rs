@@ -1,0 +1,345 @@
+//! Per-node destination pool: memory bound to a node and populated before the migration's
+//! critical path needs it.
+//!
+//! Each (node, huge-page advice) pair has one current *chunk*: a large reservation of
+//! virtual memory (`mmap` with `MAP_NORESERVE`), bound to the node with `mbind(MPOL_BIND)`
+//! and given the huge-page advice of the memory it will replace. Destinations are handed
+//! out from the front of the chunk in order, so that pieces moved out of it in address
+//! order merge back into one mapping at their new home; each destination keeps the offset
+//! of its source modulo its alignment, so 2 MiB folios stay PMD-mapped. Populating
+//! (`MADV_POPULATE_WRITE`) is the expensive part: [`Pool::prefill`] does it ahead of time,
+//! up to a bound, and [`Pool::take`] reports the time it had to spend itself.
+//!
+//! The pool owns its reservations, so it is one of the few modules allowed to unmap memory.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+use crate::error::{Error, Result};
+use crate::sys::{self, Advice, HPAGE_SIZE};
+
+/// Virtual size of a chunk; only the populated part costs memory.
+const CHUNK_BYTES: usize = 1 << 30;
+
+/// The huge-page advice a destination must carry (the moved mapping takes it over).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ThpAdvice {
+    /// `MADV_HUGEPAGE` (the source had `hg` in its `VmFlags`).
+    Huge,
+    /// `MADV_NOHUGEPAGE` (the source had `nh`).
+    NoHuge,
+    /// No advice: the system-wide THP mode decides.
+    Default,
+}
+
+/// Which destinations a chunk serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Key {
+    /// The node the memory is bound to.
+    pub node: u32,
+    /// The huge-page advice.
+    pub thp: ThpAdvice,
+}
+
+/// A destination handed out by [`Pool::take`]: populated memory on the key's node.
+///
+/// The receiver owns it: it either moves it away (`mremap`) or gives it back with
+/// [`Pool::release`].
+///
+/// # Invariants
+/// The range was handed out by a pool and nothing else refers to it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Dest {
+    addr: usize,
+    len: usize,
+}
+
+impl Dest {
+    /// First byte.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the destination is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Splits into `[addr, addr + at)` and the rest.
+    ///
+    /// # Panics
+    /// When `at` is past the end.
+    pub fn split_at(self, at: usize) -> (Dest, Dest) {
+        assert!(
+            at <= self.len,
+            "split at {at} past a destination of {} bytes",
+            self.len
+        );
+        // INVARIANT: two disjoint parts of a range that was ours alone.
+        (
+            Dest {
+                addr: self.addr,
+                len: at,
+            },
+            Dest {
+                addr: self.addr + at,
+                len: self.len - at,
+            },
+        )
+    }
+
+    /// Gives up ownership without unmapping: the caller moved the memory away.
+    pub(crate) fn forget(self) {}
+}
+
+#[derive(Debug)]
+struct Chunk {
+    /// One past the reservation's last byte.
+    end: usize,
+    /// Everything below was handed out or left as padding.
+    cursor: usize,
+    /// Everything from `cursor` up to here is populated.
+    prepared_end: usize,
+    /// Padding skipped to keep alignment, still mapped and ours to unmap.
+    holes: Vec<(usize, usize)>,
+}
+
+impl Chunk {
+    fn new(key: Key, min_len: usize) -> Result<Self> {
+        let len = min_len.max(CHUNK_BYTES).next_multiple_of(HPAGE_SIZE);
+        let base = sys::mmap_anon_aligned(len, HPAGE_SIZE)
+            .map_err(Error::sys("mmap (destination pool)"))?;
+        let mut chunk = Chunk {
+            end: base + len,
+            cursor: base,
+            prepared_end: base,
+            holes: Vec::new(),
+        };
+        let setup = sys::mbind(base, len, key.node, false)
+            .map_err(Error::sys("mbind (destination pool)"))
+            .and_then(|()| {
+                let advice = match key.thp {
+                    ThpAdvice::Huge => Some(Advice::HugePage),
+                    ThpAdvice::NoHuge => Some(Advice::NoHugePage),
+                    ThpAdvice::Default => None,
+                };
+                advice.map_or(Ok(()), |a| {
+                    sys::madvise(base, len, a).map_err(Error::sys("madvise (destination pool)"))
+                })
+            });
+        if let Err(e) = setup {
+            chunk.retire();
+            return Err(e);
+        }
+        Ok(chunk)
+    }
+
+    /// Where a destination of `len` bytes congruent to `phase` modulo `align` would start.
+    fn place(&self, len: usize, align: usize, phase: usize) -> Option<usize> {
+        let mut addr = (self.cursor & !(align - 1)) + (phase & (align - 1));
+        if addr < self.cursor {
+            addr += align;
+        }
+        (addr.checked_add(len)? <= self.end).then_some(addr)
+    }
+
+    fn retire(&mut self) {
+        for (start, len) in self
+            .holes
+            .drain(..)
+            .chain(std::iter::once((self.cursor, self.end - self.cursor)))
+        {
+            if len > 0 {
+                // SAFETY: holes and the tail past the cursor were never handed out: they
+                // belong to this chunk alone.
+                let _ = unsafe { sys::munmap(start, len) };
+            }
+        }
+        self.cursor = self.end;
+        self.prepared_end = self.end;
+    }
+}
+
+/// The destination pools of every node.
+#[derive(Debug)]
+pub struct Pool {
+    chunks: Mutex<HashMap<Key, Chunk>>,
+    limit: usize,
+}
+
+impl Pool {
+    /// A pool that keeps at most `limit` bytes populated ahead of use per key.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            chunks: Mutex::new(HashMap::new()),
+            limit,
+        }
+    }
+
+    /// The most bytes kept populated ahead of use per key.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Takes a populated destination of `len` bytes whose address is congruent to `phase`
+    /// modulo `align` (a power of two), and returns it with the time spent populating it now
+    /// (zero when [`Pool::prefill`] prepared it earlier).
+    ///
+    /// # Errors
+    /// [`Error::Sys`] with `ENOMEM` when the node cannot supply the memory, or the errno of
+    /// the failing `mmap`/`mbind`.
+    pub fn take(
+        &self,
+        key: Key,
+        len: usize,
+        align: usize,
+        phase: usize,
+    ) -> Result<(Dest, Duration)> {
+        debug_assert!(align.is_power_of_two() && len > 0);
+        let mut chunks = self.chunks.lock();
+        let chunk = match chunks.get_mut(&key) {
+            Some(c) if c.place(len, align, phase).is_some() => c,
+            _ => {
+                let fresh = Chunk::new(key, len + align)?;
+                if let Some(mut old) = chunks.insert(key, fresh) {
+                    old.retire();
+                }
+                chunks.get_mut(&key).expect("just inserted")
+            }
+        };
+        let addr = chunk
+            .place(len, align, phase)
+            .expect("a fresh chunk fits the request");
+        if addr > chunk.cursor {
+            chunk.holes.push((chunk.cursor, addr - chunk.cursor));
+        }
+        let end = addr + len;
+        let started = Instant::now();
+        let from = chunk.prepared_end.max(addr);
+        if from < end {
+            if let Err(errno) = sys::madvise(from, end - from, Advice::PopulateWrite) {
+                // Give the whole piece back: part of it may be populated.
+                chunk.holes.push((addr, len));
+                chunk.cursor = end;
+                chunk.prepared_end = end;
+                return Err(Error::sys("madvise(MADV_POPULATE_WRITE) of a destination")(
+                    errno,
+                ));
+            }
+        }
+        chunk.cursor = end;
+        chunk.prepared_end = chunk.prepared_end.max(end);
+        // INVARIANT: `[addr, end)` was just carved from our reservation.
+        Ok((
+            Dest { addr, len },
+            if from < end {
+                started.elapsed()
+            } else {
+                Duration::ZERO
+            },
+        ))
+    }
+
+    /// Populates up to `bytes` (at most the pool's limit) ahead of the next destinations of
+    /// `key`, off the critical path. Returns the time spent.
+    ///
+    /// # Errors
+    /// As [`Pool::take`].
+    pub fn prefill(&self, key: Key, bytes: usize) -> Result<Duration> {
+        let bytes = bytes.min(self.limit).next_multiple_of(HPAGE_SIZE);
+        let mut chunks = self.chunks.lock();
+        if !chunks.get(&key).is_some_and(|c| c.end - c.cursor >= bytes) {
+            let fresh = Chunk::new(key, bytes)?;
+            if let Some(mut old) = chunks.insert(key, fresh) {
+                old.retire();
+            }
+        }
+        let chunk = chunks.get_mut(&key).expect("present");
+        let target = (chunk.cursor + bytes).min(chunk.end);
+        let started = Instant::now();
+        if chunk.prepared_end < target {
+            sys::madvise(
+                chunk.prepared_end,
+                target - chunk.prepared_end,
+                Advice::PopulateWrite,
+            )
+            .map_err(Error::sys(
+                "madvise(MADV_POPULATE_WRITE) of the destination pool",
+            ))?;
+            chunk.prepared_end = target;
+        }
+        Ok(started.elapsed())
+    }
+
+    /// Gives back a destination (or the part of it still in place) that was not moved.
+    pub fn release(&self, dest: Dest) {
+        if dest.len == 0 {
+            return;
+        }
+        // SAFETY: a `Dest` is only made by `take` and owns its range (type invariant); it is
+        // consumed here, so nothing refers to the range afterwards.
+        let _ = unsafe { sys::munmap(dest.addr, dest.len) };
+    }
+
+    /// Unmaps every chunk's unused memory.
+    pub fn clear(&self) {
+        for (_, mut c) in self.chunks.lock().drain() {
+            c.retire();
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn destinations_keep_phase_and_follow_each_other() {
+        let pool = Pool::new(8 << 20);
+        let key = Key {
+            node: crate::numa::memory_nodes().unwrap()[0],
+            thp: ThpAdvice::Default,
+        };
+        let (a, _) = pool.take(key, 8192, 4096, 0).unwrap();
+        let (b, _) = pool.take(key, 4096, 4096, 0).unwrap();
+        assert_eq!(b.addr, a.addr + 8192);
+        let (c, _) = pool.take(key, HPAGE_SIZE, HPAGE_SIZE, 0).unwrap();
+        assert_eq!(c.addr % HPAGE_SIZE, 0);
+        let (d, _) = pool.take(key, 4096, 65536, 0x3000).unwrap();
+        assert_eq!(d.addr % 65536, 0x3000);
+        let (d1, d2) = d.split_at(0);
+        assert!(d1.is_empty() && d2.len() == 4096);
+        let nodes = crate::numa::page_nodes(a.addr, 8192).unwrap();
+        assert!(nodes.iter().all(|&n| n == key.node as i32), "{nodes:?}");
+        for dest in [a, b, c, d1, d2] {
+            pool.release(dest);
+        }
+    }
+
+    #[test]
+    fn prefill_makes_take_free() {
+        let pool = Pool::new(4 << 20);
+        let key = Key {
+            node: crate::numa::memory_nodes().unwrap()[0],
+            thp: ThpAdvice::NoHuge,
+        };
+        pool.prefill(key, 4 << 20).unwrap();
+        let (d, spent) = pool.take(key, 1 << 20, 4096, 0).unwrap();
+        assert_eq!(spent, Duration::ZERO);
+        pool.release(d);
+    }
+}

@@ -1,0 +1,364 @@
+//! Thin, safe wrappers over the system calls pagemig is built on.
+//!
+//! This module and the copy kernels are the only places with `unsafe` code. Every wrapper
+//! returns an [`Errno`] on failure; the callers above attach context. The raw calls go
+//! through `libc::syscall` for the NUMA calls that glibc does not wrap (`mbind`,
+//! `get_mempolicy`, `move_pages`) and through `libc` for the memory-management calls;
+//! constants and structures come from `linux-raw-sys`, so no C toolchain or libclang is
+//! needed at build time.
+#![allow(unsafe_code)]
+
+pub mod mapping;
+pub mod uffd;
+
+pub use mapping::Mapping;
+
+use std::ffi::c_void;
+
+pub use rustix::io::Errno;
+
+/// The base page size pagemig works in (x86-64).
+pub const PAGE_SIZE: usize = 4096;
+/// The size of a PMD-mapped transparent huge page (x86-64).
+pub const HPAGE_SIZE: usize = 2 << 20;
+
+/// `MPOL_BIND` from `<linux/mempolicy.h>`.
+const MPOL_BIND: usize = 2;
+/// `MPOL_F_NODE` from `<linux/mempolicy.h>`.
+const MPOL_F_NODE: usize = 1;
+/// `MPOL_F_ADDR` from `<linux/mempolicy.h>`.
+const MPOL_F_ADDR: usize = 2;
+/// `MPOL_MF_MOVE` from `<linux/mempolicy.h>`.
+const MPOL_MF_MOVE: i32 = 2;
+/// Bits in the node masks pagemig passes to the kernel.
+const NODEMASK_BITS: usize = 1024;
+
+fn last_errno() -> Errno {
+    Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+}
+
+fn check(ret: libc::c_long) -> Result<libc::c_long, Errno> {
+    if ret < 0 { Err(last_errno()) } else { Ok(ret) }
+}
+
+fn check_int(ret: libc::c_int) -> Result<(), Errno> {
+    if ret < 0 { Err(last_errno()) } else { Ok(()) }
+}
+
+fn nodemask(node: u32) -> Result<[u64; NODEMASK_BITS / 64], Errno> {
+    let node = node as usize;
+    if node >= NODEMASK_BITS {
+        return Err(Errno::INVAL);
+    }
+    let mut mask = [0u64; NODEMASK_BITS / 64];
+    mask[node / 64] |= 1 << (node % 64);
+    Ok(mask)
+}
+
+/// Maps `len` bytes of fresh anonymous private read-write memory (`mmap(2)` with
+/// `MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE`).
+///
+/// # Errors
+/// The `mmap` errno, e.g. `ENOMEM`.
+pub fn mmap_anon(len: usize) -> Result<usize, Errno> {
+    // SAFETY: a fresh anonymous mapping at an address the kernel chooses cannot alias any
+    // memory Rust knows about.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        Err(last_errno())
+    } else {
+        Ok(ptr as usize)
+    }
+}
+
+/// Maps `len` bytes of anonymous memory aligned to `align` (a power of two), trimming the
+/// slack around it.
+///
+/// # Errors
+/// The `mmap`/`munmap` errno.
+pub fn mmap_anon_aligned(len: usize, align: usize) -> Result<usize, Errno> {
+    debug_assert!(align.is_power_of_two());
+    if align <= PAGE_SIZE {
+        return mmap_anon(len);
+    }
+    let total = len.checked_add(align).ok_or(Errno::NOMEM)?;
+    let raw = mmap_anon(total)?;
+    let start = (raw + align - 1) & !(align - 1);
+    // SAFETY: both pieces lie inside the mapping made just above and nothing else uses them.
+    unsafe {
+        if start > raw {
+            munmap(raw, start - raw)?;
+        }
+        let end = start + len;
+        if raw + total > end {
+            munmap(end, raw + total - end)?;
+        }
+    }
+    Ok(start)
+}
+
+/// Unmaps `[addr, addr + len)` (`munmap(2)`).
+///
+/// # Errors
+/// The `munmap` errno.
+///
+/// # Safety
+/// Nothing may use the range afterwards, and it must be memory the caller owns.
+pub unsafe fn munmap(addr: usize, len: usize) -> Result<(), Errno> {
+    // SAFETY: the caller owns the range and promises that nothing uses it any more.
+    check_int(unsafe { libc::munmap(addr as *mut c_void, len) })
+}
+
+/// Moves the pages of `[from, from + len)` over `[to, to + len)`, replacing what was
+/// mapped there: `mremap(from, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, to)`.
+///
+/// # Errors
+/// The `mremap` errno (`ENOMEM` past `vm.max_map_count`, `EINVAL` for bad ranges).
+///
+/// # Safety
+/// The caller owns both ranges; after the call `from` is unmapped and `to` holds what was
+/// at `from`.
+pub unsafe fn mremap_fixed(from: usize, len: usize, to: usize) -> Result<(), Errno> {
+    // SAFETY: the caller owns both ranges; the kernel checks that they are mapped.
+    let ret = unsafe {
+        libc::mremap(
+            from as *mut c_void,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+            to as *mut c_void,
+        )
+    };
+    if ret == libc::MAP_FAILED {
+        Err(last_errno())
+    } else {
+        Ok(())
+    }
+}
+
+/// A subset of `madvise(2)` advice values that pagemig uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Advice {
+    /// `MADV_HUGEPAGE`: back the range with transparent huge pages.
+    HugePage,
+    /// `MADV_NOHUGEPAGE`: never back the range with transparent huge pages.
+    NoHugePage,
+    /// `MADV_POPULATE_WRITE`: fault every page in for writing now.
+    PopulateWrite,
+}
+
+/// Gives the kernel advice about a range (`madvise(2)`).
+///
+/// None of the advice values offered changes the contents of memory, so this is safe.
+///
+/// # Errors
+/// The `madvise` errno: `ENOMEM` when populating runs out of memory, `EINVAL` when the
+/// advice is not supported.
+pub fn madvise(addr: usize, len: usize, advice: Advice) -> Result<(), Errno> {
+    let advice = match advice {
+        Advice::HugePage => libc::MADV_HUGEPAGE,
+        Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
+        Advice::PopulateWrite => linux_raw_sys::general::MADV_POPULATE_WRITE as i32,
+    };
+    // SAFETY: the advice values above never change the contents of memory, only how it
+    // is backed; an unmapped range gets ENOMEM from the kernel.
+    check_int(unsafe { libc::madvise(addr as *mut c_void, len, advice) })
+}
+
+/// Locks a range in memory (`mlock(2)`).
+///
+/// # Errors
+/// The `mlock` errno (`ENOMEM`, `EPERM`, `EAGAIN`).
+pub fn mlock(addr: usize, len: usize) -> Result<(), Errno> {
+    // SAFETY: mlock never changes memory contents; bad ranges get ENOMEM.
+    check_int(unsafe { libc::mlock(addr as *const c_void, len) })
+}
+
+/// Unlocks a range (`munlock(2)`).
+///
+/// # Errors
+/// The `munlock` errno.
+pub fn munlock(addr: usize, len: usize) -> Result<(), Errno> {
+    // SAFETY: munlock never changes memory contents; bad ranges get ENOMEM.
+    check_int(unsafe { libc::munlock(addr as *const c_void, len) })
+}
+
+/// Binds a range to one node: `mbind(addr, len, MPOL_BIND, {node}, maxnode, flags)`,
+/// with `MPOL_MF_MOVE` when `move_existing` is set.
+///
+/// See `mbind(2)`.
+///
+/// # Errors
+/// The `mbind` errno: `EINVAL` for a node beyond the mask, an unaligned range or an
+/// offline node, `EFAULT` for an unmapped range, `EIO` when existing pages could not be
+/// moved.
+pub fn mbind(addr: usize, len: usize, node: u32, move_existing: bool) -> Result<(), Errno> {
+    let mask = nodemask(node)?;
+    let flags = if move_existing { MPOL_MF_MOVE } else { 0 };
+    // SAFETY: the mask outlives the call and holds NODEMASK_BITS bits; mbind changes the
+    // policy of the range, never its contents.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mbind,
+            addr,
+            len,
+            MPOL_BIND,
+            mask.as_ptr(),
+            NODEMASK_BITS + 1,
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// The node of the page at `addr`: `get_mempolicy(&node, NULL, 0, addr, MPOL_F_NODE |
+/// MPOL_F_ADDR)`. The page is faulted in if it is not present.
+///
+/// # Errors
+/// The `get_mempolicy` errno (`EFAULT` for an unmapped address).
+pub fn get_mempolicy_node(addr: usize) -> Result<u32, Errno> {
+    let mut node: libc::c_int = -1;
+    // SAFETY: `node` is a valid out-pointer for the duration of the call; no node mask is
+    // passed (NULL, 0).
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_get_mempolicy,
+            &mut node as *mut libc::c_int,
+            std::ptr::null_mut::<u64>(),
+            0usize,
+            addr,
+            MPOL_F_NODE | MPOL_F_ADDR,
+        )
+    })?;
+    Ok(node as u32)
+}
+
+/// `move_pages(2)` on the calling process, in one of its two forms.
+///
+/// With `nodes` set, asks the kernel to move each page to the node at the same index and
+/// writes each page's outcome in `status` (a node number or a negative errno). Without
+/// `nodes`, only queries where each page is: `status[i]` is the node of `pages[i]`, or
+/// `-ENOENT` when the page is not present, `-EFAULT` when it is not mapped.
+///
+/// # Errors
+/// The `move_pages` errno for the call as a whole (`EINVAL`, `ENODEV`, `ENOENT`, `E2BIG`
+/// …). Per-page outcomes are in `status`.
+pub fn move_pages(pages: &[usize], nodes: Option<&[i32]>, status: &mut [i32]) -> Result<(), Errno> {
+    if status.len() != pages.len() || nodes.is_some_and(|n| n.len() != pages.len()) {
+        return Err(Errno::INVAL);
+    }
+    let nodes_ptr = nodes.map_or(std::ptr::null(), |n| n.as_ptr());
+    // SAFETY: the three arrays hold `pages.len()` entries each (checked above) and outlive
+    // the call; `move_pages` moves pages with their contents, which Rust cannot observe.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_pages,
+            0,
+            pages.len(),
+            pages.as_ptr(),
+            nodes_ptr,
+            status.as_mut_ptr(),
+            if nodes.is_some() { MPOL_MF_MOVE } else { 0 },
+        )
+    })
+    .map(drop)
+}
+
+/// Sets the memory policy of the calling thread to `MPOL_BIND` on one node
+/// (`set_mempolicy(2)`), or back to the default policy with `None`.
+///
+/// # Errors
+/// The `set_mempolicy` errno.
+pub fn set_mempolicy_bind(node: Option<u32>) -> Result<(), Errno> {
+    const MPOL_DEFAULT: usize = 0;
+    let ret = match node {
+        Some(node) => {
+            let mask = nodemask(node)?;
+            // SAFETY: the mask outlives the call and holds NODEMASK_BITS bits.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_set_mempolicy,
+                    MPOL_BIND,
+                    mask.as_ptr(),
+                    NODEMASK_BITS + 1,
+                )
+            }
+        }
+        // SAFETY: a NULL mask with MPOL_DEFAULT is the documented way to reset the policy.
+        None => unsafe {
+            libc::syscall(
+                libc::SYS_set_mempolicy,
+                MPOL_DEFAULT,
+                std::ptr::null::<u64>(),
+                0usize,
+            )
+        },
+    };
+    check(ret).map(drop)
+}
+
+/// Copies `len` bytes from `src` to `dst`.
+///
+/// # Safety
+/// `src` must be readable and `dst` writable for `len` bytes, the ranges must not overlap,
+/// and no thread may write `src` or access `dst` during the copy.
+#[inline]
+pub unsafe fn copy_bytes(dst: usize, src: usize, len: usize) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) }
+}
+
+/// `vm.max_map_count`: the most mappings a process may hold.
+pub fn max_map_count() -> usize {
+    std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(65530)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_mapping_is_aligned_and_usable() {
+        let addr = mmap_anon_aligned(HPAGE_SIZE, HPAGE_SIZE).unwrap();
+        assert_eq!(addr % HPAGE_SIZE, 0);
+        madvise(addr, HPAGE_SIZE, Advice::PopulateWrite).unwrap();
+        // SAFETY: the mapping is ours and populated.
+        unsafe {
+            *(addr as *mut u64) = 7;
+            assert_eq!(*(addr as *const u64), 7);
+            munmap(addr, HPAGE_SIZE).unwrap();
+        }
+    }
+
+    #[test]
+    fn move_pages_query_reports_a_node() {
+        let addr = mmap_anon(PAGE_SIZE).unwrap();
+        madvise(addr, PAGE_SIZE, Advice::PopulateWrite).unwrap();
+        let mut status = [-1];
+        move_pages(&[addr], None, &mut status).unwrap();
+        assert!(status[0] >= 0, "status {}", status[0]);
+        assert_eq!(get_mempolicy_node(addr).unwrap(), status[0] as u32);
+        // SAFETY: the mapping is ours.
+        unsafe { munmap(addr, PAGE_SIZE).unwrap() };
+    }
+
+    #[test]
+    fn mbind_rejects_nodes_beyond_the_mask() {
+        let addr = mmap_anon(PAGE_SIZE).unwrap();
+        assert_eq!(mbind(addr, PAGE_SIZE, 5000, false), Err(Errno::INVAL));
+        // SAFETY: the mapping is ours.
+        unsafe { munmap(addr, PAGE_SIZE).unwrap() };
+    }
+}

@@ -1,0 +1,253 @@
+//! userfaultfd in write-protect mode: the user-space stand-in for migration entries.
+//!
+//! A range registered in `UFFDIO_REGISTER_MODE_WP` and then write-protected with
+//! `UFFDIO_WRITEPROTECT` lets readers go on while every writer — a user store or a kernel
+//! write such as `read(2)` into the buffer — sleeps in the kernel. pagemig never reads fault
+//! messages: after the new pages are moved over the range with `mremap`, `UFFDIO_WAKE` wakes
+//! the sleepers and their faults retry against the new, unprotected mapping.
+//!
+//! The descriptor is opened through `/dev/userfaultfd` (`USERFAULTFD_IOC_NEW`) and, failing
+//! that, through the `userfaultfd(2)` system call. Where only `UFFD_USER_MODE_ONLY` is
+//! allowed (an unprivileged process with `vm.unprivileged_userfaultfd = 0`), kernel writes
+//! into protected memory fail with `EFAULT` instead of sleeping; [`Uffd::user_mode_only`]
+//! reports it.
+#![allow(unsafe_code)]
+
+use std::fs::OpenOptions;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use linux_raw_sys::general::{
+    UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY,
+    UFFDIO_REGISTER_MODE_WP, uffdio_api, uffdio_range, uffdio_register, uffdio_writeprotect,
+};
+use linux_raw_sys::ioctl::{
+    UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_WRITEPROTECT,
+};
+
+use super::{Errno, last_errno};
+
+/// `UFFD_API` from `<linux/userfaultfd.h>`.
+const UFFD_API: u64 = 0xaa;
+/// `USERFAULTFD_IOC_NEW`: `_IO(0xAA, 0x00)`.
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
+/// `UFFDIO_WRITEPROTECT_MODE_WP`.
+const WRITEPROTECT_MODE_WP: u64 = 1;
+
+/// An open userfaultfd descriptor set up for write-protect tracking.
+///
+/// # Invariants
+/// `UFFDIO_API` succeeded on `fd` with at least `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+    user_mode_only: bool,
+    wp_unpopulated: bool,
+}
+
+impl Uffd {
+    /// Opens a userfaultfd and negotiates `UFFD_FEATURE_PAGEFAULT_FLAG_WP |
+    /// UFFD_FEATURE_WP_UNPOPULATED` (the latter only where the kernel has it).
+    ///
+    /// Tries `/dev/userfaultfd` first, then the `userfaultfd(2)` system call, then the
+    /// system call with `UFFD_USER_MODE_ONLY` when the full mode is not permitted.
+    ///
+    /// # Errors
+    /// `EPERM`/`EACCES` when no form of userfaultfd is permitted, `EOPNOTSUPP` when the
+    /// kernel lacks write-protect support, or the errno of the failing step.
+    pub fn open() -> Result<Self, Errno> {
+        let (fd, user_mode_only) = match open_dev() {
+            Ok(fd) => (fd, false),
+            Err(_) => match open_syscall(0) {
+                Ok(fd) => (fd, false),
+                Err(Errno::PERM) | Err(Errno::ACCESS) => {
+                    (open_syscall(UFFD_USER_MODE_ONLY as i32)?, true)
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        let want = UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64 | UFFD_FEATURE_WP_UNPOPULATED as u64;
+        let wp_unpopulated = match api(&fd, want) {
+            Ok(_) => true,
+            Err(Errno::INVAL) => {
+                // UFFDIO_API may be called once per descriptor: open a fresh one for the
+                // second attempt without WP_UNPOPULATED (kernels before 6.4).
+                let fd2 = if user_mode_only {
+                    open_syscall(UFFD_USER_MODE_ONLY as i32)?
+                } else {
+                    open_dev().or_else(|_| open_syscall(0))?
+                };
+                api(&fd2, UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64).map_err(|e| {
+                    if e == Errno::INVAL {
+                        Errno::OPNOTSUPP
+                    } else {
+                        e
+                    }
+                })?;
+                return Ok(Self {
+                    fd: fd2,
+                    user_mode_only,
+                    wp_unpopulated: false,
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        // INVARIANT: UFFDIO_API succeeded with PAGEFAULT_FLAG_WP.
+        Ok(Self {
+            fd,
+            user_mode_only,
+            wp_unpopulated,
+        })
+    }
+
+    /// Whether only user-mode faults are handled: kernel writes into protected memory
+    /// (`read(2)` into the buffer, `O_DIRECT`, `process_vm_writev`) fail with `EFAULT`
+    /// instead of waiting for the migration to finish.
+    pub fn user_mode_only(&self) -> bool {
+        self.user_mode_only
+    }
+
+    /// Whether never-touched pages are protected too (`UFFD_FEATURE_WP_UNPOPULATED`).
+    /// Without it, callers must populate a range before protecting it.
+    pub fn wp_unpopulated(&self) -> bool {
+        self.wp_unpopulated
+    }
+
+    /// Registers `[start, start + len)` in write-protect mode (`UFFDIO_REGISTER` with
+    /// `UFFDIO_REGISTER_MODE_WP`). Registering a range already registered here is a no-op.
+    ///
+    /// # Errors
+    /// `EBUSY` when another userfaultfd has the range, `EINVAL` for memory that cannot be
+    /// registered (not anonymous, unaligned), `ENOMEM` for unmapped holes or past
+    /// `vm.max_map_count`.
+    pub fn register_wp(&self, start: usize, len: usize) -> Result<(), Errno> {
+        let mut reg = uffdio_register {
+            range: range(start, len),
+            mode: UFFDIO_REGISTER_MODE_WP as u64,
+            ioctls: 0,
+        };
+        // SAFETY: `reg` is a valid uffdio_register the kernel reads and updates in place.
+        self.ioctl(UFFDIO_REGISTER, &mut reg as *mut _ as *mut libc::c_void)
+    }
+
+    /// Unregisters `[start, start + len)` (`UFFDIO_UNREGISTER`), which also clears any write
+    /// protection left on it.
+    ///
+    /// # Errors
+    /// The `UFFDIO_UNREGISTER` errno.
+    pub fn unregister(&self, start: usize, len: usize) -> Result<(), Errno> {
+        let mut r = range(start, len);
+        self.ioctl(UFFDIO_UNREGISTER, &mut r as *mut _ as *mut libc::c_void)
+    }
+
+    /// Write-protects (`protect = true`) or unprotects `[start, start + len)`
+    /// (`UFFDIO_WRITEPROTECT`). Unprotecting wakes the writers waiting on the range.
+    ///
+    /// # Errors
+    /// `ENOENT` when part of the range is not registered, `EAGAIN` when the mapping changed
+    /// under the call, or the ioctl's errno.
+    pub fn writeprotect(&self, start: usize, len: usize, protect: bool) -> Result<(), Errno> {
+        let mode = if protect { WRITEPROTECT_MODE_WP } else { 0 };
+        let mut wp = uffdio_writeprotect {
+            range: range(start, len),
+            mode,
+        };
+        self.ioctl(UFFDIO_WRITEPROTECT, &mut wp as *mut _ as *mut libc::c_void)
+    }
+
+    /// Wakes every thread waiting on a fault in `[start, start + len)` (`UFFDIO_WAKE`); it
+    /// works after the range was replaced by `mremap`, when it is no longer registered.
+    ///
+    /// # Errors
+    /// The `UFFDIO_WAKE` errno.
+    pub fn wake(&self, start: usize, len: usize) -> Result<(), Errno> {
+        let mut r = range(start, len);
+        self.ioctl(UFFDIO_WAKE, &mut r as *mut _ as *mut libc::c_void)
+    }
+
+    fn ioctl(&self, request: u32, arg: *mut libc::c_void) -> Result<(), Errno> {
+        // SAFETY: callers pass a pointer to the structure `request` expects, live for the
+        // call; userfaultfd ioctls change page protection and wake threads, never memory
+        // contents.
+        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), request as libc::c_ulong, arg) };
+        if ret < 0 { Err(last_errno()) } else { Ok(()) }
+    }
+}
+
+fn range(start: usize, len: usize) -> uffdio_range {
+    uffdio_range {
+        start: start as u64,
+        len: len as u64,
+    }
+}
+
+fn open_dev() -> Result<OwnedFd, Errno> {
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+        .map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::NOENT))?;
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // SAFETY: USERFAULTFD_IOC_NEW takes its flags by value and returns a new descriptor.
+    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, flags) };
+    if fd < 0 {
+        return Err(last_errno());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn open_syscall(extra: i32) -> Result<OwnedFd, Errno> {
+    let flags = libc::O_CLOEXEC | libc::O_NONBLOCK | extra;
+    // SAFETY: userfaultfd(2) takes its flags by value and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) };
+    if fd < 0 {
+        return Err(last_errno());
+    }
+    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn api(fd: &OwnedFd, features: u64) -> Result<u64, Errno> {
+    let mut api = uffdio_api {
+        api: UFFD_API,
+        features,
+        ioctls: 0,
+    };
+    // SAFETY: `api` is a valid uffdio_api the kernel reads and updates in place.
+    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as libc::c_ulong, &mut api) };
+    if ret < 0 {
+        Err(last_errno())
+    } else {
+        Ok(api.features)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::{PAGE_SIZE, mmap_anon, munmap};
+
+    #[test]
+    fn protect_then_unprotect_a_range() {
+        let uffd = Uffd::open().expect("userfaultfd");
+        let addr = mmap_anon(4 * PAGE_SIZE).unwrap();
+        uffd.register_wp(addr, 4 * PAGE_SIZE).unwrap();
+        uffd.writeprotect(addr, 4 * PAGE_SIZE, true).unwrap();
+        uffd.writeprotect(addr, 4 * PAGE_SIZE, false).unwrap();
+        // SAFETY: unprotected anonymous memory of ours.
+        unsafe { *(addr as *mut u8) = 1 };
+        uffd.unregister(addr, 4 * PAGE_SIZE).unwrap();
+        uffd.wake(addr, 4 * PAGE_SIZE).unwrap();
+        // SAFETY: the mapping is ours.
+        unsafe { munmap(addr, 4 * PAGE_SIZE).unwrap() };
+    }
+
+    #[test]
+    fn writeprotect_of_unregistered_memory_fails() {
+        let uffd = Uffd::open().expect("userfaultfd");
+        let addr = mmap_anon(PAGE_SIZE).unwrap();
+        assert!(uffd.writeprotect(addr, PAGE_SIZE, true).is_err());
+        // SAFETY: the mapping is ours.
+        unsafe { munmap(addr, PAGE_SIZE).unwrap() };
+    }
+}
