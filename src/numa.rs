@@ -162,6 +162,34 @@ pub fn placement(addr: usize, len: usize) -> Result<BTreeMap<i32, usize>> {
     Ok(out)
 }
 
+/// The page frame number of every base page of `[addr, addr + len)` from
+/// `/proc/self/pagemap`: `Some(pfn)` for a present page, `None` otherwise. Without
+/// `CAP_SYS_ADMIN` the kernel reports every frame as 0, so callers should treat all-zero
+/// frames as "unknown".
+///
+/// # Errors
+/// [`Error::Invalid`] for an unaligned range, [`Error::Io`] when pagemap cannot be read.
+pub fn page_frames(addr: usize, len: usize) -> Result<Vec<Option<u64>>> {
+    use std::os::unix::fs::FileExt;
+    if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        return Err(Error::Invalid(format!(
+            "range {addr:#x}+{len:#x} is not page aligned"
+        )));
+    }
+    let path = "/proc/self/pagemap";
+    let file = fs::File::open(path).map_err(Error::io(path))?;
+    let mut raw = vec![0u8; len / PAGE_SIZE * 8];
+    file.read_exact_at(&mut raw, (addr / PAGE_SIZE * 8) as u64)
+        .map_err(Error::io(path))?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| {
+            let e = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+            (e >> 63 == 1).then_some(e & ((1 << 55) - 1))
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,6 +71,9 @@ pub struct FaultInjection {
     /// Make the per-folio copy of these folios fail (indices into the call's folios sorted
     /// by address): they are undone and reported as failed.
     pub fail_folio_copy: Vec<usize>,
+    /// Pause for this long before the per-folio copy of the folio at this index (sorted by
+    /// address), while it is write-protected: lets a test act on memory mid-migration.
+    pub delay_folio_copy: Option<(usize, Duration)>,
 }
 
 /// A callback told the number of bytes moved so far.
@@ -296,8 +299,17 @@ impl Engine {
         let (lo, hi) = (sorted[0].addr(), sorted[sorted.len() - 1].end());
         let vmas = maps::vmas_with_flags(lo, hi)?;
         let runs = contiguous_runs(&sorted);
+        let own_stack = sys::current_thread_stack();
         for &(s, e) in &runs {
             maps::check_movable(s, e, &vmas)?;
+            // The migrating thread writes its own stack: protecting it would deadlock.
+            if let Some((ss, se)) = own_stack.filter(|&(ss, se)| s < se && ss < e) {
+                return Err(Error::NotMovable {
+                    start: s.max(ss),
+                    end: e.min(se),
+                    why: "the calling thread's own stack".into(),
+                });
+            }
         }
         let limit = sys::max_map_count();
         let current = maps::vma_count()?;

@@ -219,6 +219,14 @@ impl Call<'_> {
                 pending.get_or_insert(item.folio.addr());
                 continue;
             }
+            if let Some((_, pause)) = self
+                .opts
+                .fault
+                .delay_folio_copy
+                .filter(|&(at, _)| at == item.index)
+            {
+                std::thread::sleep(pause);
+            }
             let copy_start = Instant::now();
             let dst = rest.addr() + (item.folio.addr() - cursor);
             let result = if self.opts.fault.fail_folio_copy.contains(&item.index) {

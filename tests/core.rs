@@ -1,0 +1,497 @@
+//! Migration of real memory on this machine: every byte verified, placement verified.
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use pagemig::workload::{self, WriteLog};
+use pagemig::{
+    Engine, Error, FaultInjection, Folio, MigrateOptions, Mode, Reason, Region, migrate_pages, numa,
+};
+
+fn node() -> u32 {
+    numa::memory_nodes().unwrap()[0]
+}
+
+fn assert_on_node(region: &Region, node: u32) {
+    let placement = region.placement().unwrap();
+    let pages = region.len() / 4096;
+    assert_eq!(
+        placement.get(&(node as i32)).copied(),
+        Some(pages),
+        "placement {placement:?}"
+    );
+}
+
+fn migrate_and_verify(size: usize, folio: usize, batch: usize) -> pagemig::MigrateStats {
+    let region = Region::new(size, folio, Some(node())).unwrap();
+    workload::fill(&region, 42);
+    let frames_before = numa::page_frames(region.addr(), region.len()).unwrap();
+    let opts = MigrateOptions {
+        max_batch_pages: Some(batch),
+        ..Default::default()
+    };
+    let stats = Engine::global()
+        .unwrap()
+        .migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+        .unwrap();
+    assert_eq!(stats.succeeded_folios as usize, size / folio);
+    assert_eq!(stats.failed_folios, 0);
+    assert_eq!(stats.bytes as usize, size);
+    let report = workload::verify(&region, 42, &WriteLog::default());
+    assert!(report.ok(), "{report:?}");
+    assert_on_node(&region, node());
+    assert_new_frames(
+        &frames_before,
+        &numa::page_frames(region.addr(), region.len()).unwrap(),
+    );
+    stats
+}
+
+#[test]
+fn migrates_4k_folios() {
+    let s = migrate_and_verify(16 << 20, 4096, 512);
+    assert_eq!(s.batches, 8);
+    assert_eq!(s.batch_copied_folios, 4096);
+}
+
+#[test]
+fn migrates_64k_folios() {
+    migrate_and_verify(16 << 20, 64 << 10, 512);
+}
+
+#[test]
+fn migrates_2m_folios_and_keeps_thp() {
+    let region = Region::new(32 << 20, 2 << 20, Some(node())).unwrap();
+    let thp_before = region.anon_huge_bytes().unwrap();
+    workload::fill(&region, 7);
+    let stats = migrate_pages(&region.folios(), node(), Reason::Demotion, Mode::Sync).unwrap();
+    assert_eq!((stats.succeeded_folios, stats.thp_succeeded), (16, 16));
+    assert!(workload::verify(&region, 7, &WriteLog::default()).ok());
+    assert_on_node(&region, node());
+    let thp_after = region.anon_huge_bytes().unwrap();
+    // THP availability depends on fragmentation; whatever was huge must stay huge.
+    assert!(
+        thp_before > 0,
+        "the region was not THP-backed to begin with"
+    );
+    assert!(
+        thp_after >= thp_before,
+        "AnonHugePages {thp_before} -> {thp_after}"
+    );
+}
+
+#[test]
+fn writers_lose_nothing_over_repeated_migrations() {
+    let region = Region::new(8 << 20, 4096, Some(node())).unwrap();
+    workload::fill(&region, 3);
+    let opts = MigrateOptions {
+        max_batch_pages: Some(64),
+        ..Default::default()
+    };
+    let (total, log) = workload::with_writers(&region, 2, || {
+        let mut moved = 0;
+        for _ in 0..10 {
+            let s = Engine::global()
+                .unwrap()
+                .migrate_pages(
+                    &region.folios(),
+                    node(),
+                    Reason::NumaMisplaced,
+                    Mode::Sync,
+                    &opts,
+                )
+                .unwrap();
+            moved += s.succeeded_folios;
+        }
+        moved
+    });
+    assert_eq!(total, 10 * 2048);
+    assert!(log.writes > 0);
+    let report = workload::verify(&region, 3, &log);
+    assert!(report.ok(), "{report:?}");
+    assert_on_node(&region, node());
+}
+
+#[test]
+fn pipe_read_into_migrating_memory_lands_in_new_page() {
+    let engine = Engine::global().unwrap();
+    if engine.capabilities().user_mode_only {
+        eprintln!("skipped: userfaultfd is user-mode only here; kernel writes get EFAULT");
+        return;
+    }
+    let region = Region::new(1 << 20, 4096, Some(node())).unwrap();
+    workload::fill(&region, 9);
+    let frames_before = numa::page_frames(region.addr(), region.len()).unwrap();
+    let (reader, mut writer) = std::io::pipe().unwrap();
+    let page = 100;
+    let target = region.addr() + 4096 * page;
+    let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    // Folio `page` stays write-protected for 300 ms before its copy; the read(2) into it
+    // starts inside that window, so the kernel's write must wait for the move.
+    let pause = Duration::from_millis(300);
+    let opts = MigrateOptions {
+        no_batch_copy: true,
+        fault: FaultInjection {
+            delay_folio_copy: Some((page, pause)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let started = std::time::Instant::now();
+    let read_done = std::thread::scope(|s| {
+        let migrating = s.spawn(|| {
+            engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        writer.write_all(&payload).unwrap();
+        let mut got = 0;
+        while got < 4096 {
+            // SAFETY: `target` lies inside the region, which outlives this call, and no
+            // other thread touches this page.
+            let n = unsafe {
+                libc::read(
+                    reader.as_raw_fd(),
+                    (target + got) as *mut libc::c_void,
+                    4096 - got,
+                )
+            };
+            assert!(n > 0, "read failed: {}", std::io::Error::last_os_error());
+            got += n as usize;
+        }
+        let read_done = started.elapsed();
+        migrating.join().unwrap().unwrap();
+        read_done
+    });
+    assert!(
+        read_done >= pause,
+        "the read finished after {read_done:?}, before the folio moved"
+    );
+    for (i, chunk) in payload.chunks(8).enumerate() {
+        let want = u64::from_ne_bytes(chunk.try_into().unwrap());
+        assert_eq!(
+            region.word(page * 512 + i).load(Ordering::Relaxed),
+            want,
+            "word {i}"
+        );
+    }
+    let log = WriteLog {
+        writes: 512,
+        last: (0..512)
+            .map(|i| {
+                (
+                    page * 512 + i,
+                    region.word(page * 512 + i).load(Ordering::Relaxed),
+                )
+            })
+            .collect(),
+    };
+    assert!(workload::verify(&region, 9, &log).ok());
+    assert_on_node(&region, node());
+    assert_new_frames(
+        &frames_before,
+        &numa::page_frames(region.addr(), region.len()).unwrap(),
+    );
+}
+
+/// Every page is backed by a different physical frame than before (when frames are
+/// visible, i.e. with CAP_SYS_ADMIN).
+fn assert_new_frames(before: &[Option<u64>], after: &[Option<u64>]) {
+    if before
+        .iter()
+        .chain(after)
+        .all(|f| f.is_none_or(|pfn| pfn == 0))
+    {
+        return;
+    }
+    for (i, (b, a)) in before.iter().zip(after).enumerate() {
+        assert!(a.is_some(), "page {i} not present after migration");
+        assert_ne!(b, a, "page {i} still on frame {b:?}");
+    }
+}
+
+#[test]
+fn mlocked_region_stays_locked() {
+    let region = Region::new(4 << 20, 4096, Some(node())).unwrap();
+    workload::fill(&region, 11);
+    if let Err(e) = region.mlock() {
+        eprintln!("skipped: mlock refused here ({e})");
+        return;
+    }
+    assert_eq!(region.locked_bytes().unwrap(), 4 << 20);
+    let stats = migrate_pages(&region.folios(), node(), Reason::Compaction, Mode::Sync).unwrap();
+    assert_eq!(stats.relock_failures, 0);
+    assert_eq!(region.locked_bytes().unwrap(), 4 << 20);
+    assert!(workload::verify(&region, 11, &WriteLog::default()).ok());
+    assert_on_node(&region, node());
+}
+
+#[test]
+fn injected_copy_failure_is_undone() {
+    let region = Region::new(4 << 20, 4096, Some(node())).unwrap();
+    workload::fill(&region, 5);
+    let failing = vec![3, 4, 700];
+    let opts = MigrateOptions {
+        max_batch_pages: Some(256),
+        fault: FaultInjection {
+            fail_batch_copy: true,
+            fail_folio_copy: failing.clone(),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let (result, log) = workload::with_writers(&region, 1, || {
+        Engine::global().unwrap().migrate_pages(
+            &region.folios(),
+            node(),
+            Reason::Syscall,
+            Mode::Sync,
+            &opts,
+        )
+    });
+    match result {
+        Err(Error::Partial {
+            failed,
+            total,
+            stats,
+            ..
+        }) => {
+            assert_eq!((failed, total), (3, 1024));
+            assert_eq!(stats.succeeded_folios, 1021);
+            assert_eq!(stats.fallback_folios, 1024);
+        }
+        other => panic!("expected a partial failure, got {other:?}"),
+    }
+    // Writers were never stuck (they kept writing) and nothing was lost.
+    assert!(log.writes > 0);
+    let report = workload::verify(&region, 5, &log);
+    assert!(report.ok(), "{report:?}");
+    // The failed folios are writable again right away.
+    for i in failing {
+        region.word(i * 512 + 1).store(1, Ordering::Relaxed);
+    }
+    assert_on_node(&region, node());
+}
+
+#[test]
+fn bad_input_is_refused_and_memory_unchanged() {
+    let engine = Engine::global().unwrap();
+    let region = Region::new(1 << 20, 4096, Some(node())).unwrap();
+    workload::fill(&region, 13);
+    let folios = region.folios();
+    let check = |e: Error, errno: pagemig::sys::Errno| {
+        assert_eq!(e.errno(), errno, "{e}");
+        assert!(workload::verify(&region, 13, &WriteLog::default()).ok());
+    };
+    let default = MigrateOptions::default();
+    // Zero length.
+    check(
+        engine
+            .migrate_pages(&[], node(), Reason::Syscall, Mode::Sync, &default)
+            .unwrap_err(),
+        pagemig::sys::Errno::INVAL,
+    );
+    // Unknown node.
+    let e = engine
+        .migrate_pages(&folios, 999, Reason::Syscall, Mode::Sync, &default)
+        .unwrap_err();
+    assert!(e.to_string().contains("999"));
+    check(e, pagemig::sys::Errno::NODEV);
+    // Bad batch bounds.
+    for bad in [0, 262_145] {
+        let opts = MigrateOptions {
+            max_batch_pages: Some(bad),
+            ..Default::default()
+        };
+        check(
+            engine
+                .migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
+                .unwrap_err(),
+            pagemig::sys::Errno::INVAL,
+        );
+        assert!(engine.set_max_batch_pages(bad).is_err());
+    }
+    // Overlapping folios.
+    let overlap = [folios[0], folios[0]];
+    check(
+        engine
+            .migrate_pages(&overlap, node(), Reason::Syscall, Mode::Sync, &default)
+            .unwrap_err(),
+        pagemig::sys::Errno::INVAL,
+    );
+    // Unaligned folios and bad sizes.
+    assert!(Folio::new(region.addr() | 4096, 8192).is_err());
+    assert!(Folio::new(region.addr(), 3 * 4096).is_err());
+    assert!(Folio::new(region.addr(), 4 << 20).is_err());
+    // Unaligned or empty regions.
+    // SAFETY: refused before the range is used.
+    unsafe {
+        assert!(matches!(
+            Region::adopt(region.addr() + 1, 4096, 4096),
+            Err(Error::Invalid(_))
+        ));
+        assert!(matches!(
+            Region::adopt(region.addr(), 0, 4096),
+            Err(Error::Invalid(_))
+        ));
+    }
+    assert!(workload::verify(&region, 13, &WriteLog::default()).ok());
+}
+
+#[test]
+fn memory_pagemig_may_not_move_is_refused() {
+    let engine = Engine::global().unwrap();
+    let default = MigrateOptions::default();
+    // A shared anonymous mapping.
+    // SAFETY: a fresh mapping, unmapped at the end of the test.
+    let shared = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            65536,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    } as usize;
+    // SAFETY: the mapping is ours.
+    unsafe { std::ptr::write_bytes(shared as *mut u8, 0x5a, 65536) };
+    let folios: Vec<Folio> = (0..16)
+        .map(|i| Folio::new(shared + i * 4096, 4096).unwrap())
+        .collect();
+    let e = engine
+        .migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &default)
+        .unwrap_err();
+    assert_eq!(e.errno(), pagemig::sys::Errno::FAULT);
+    assert!(e.to_string().contains("shared"), "{e}");
+    // SAFETY: read back our own mapping.
+    assert!(
+        unsafe { std::slice::from_raw_parts(shared as *const u8, 65536) }
+            .iter()
+            .all(|&b| b == 0x5a)
+    );
+    // SAFETY: adopting is refused before any use.
+    assert!(matches!(
+        unsafe { Region::adopt(shared, 65536, 4096) },
+        Err(Error::NotMovable { .. })
+    ));
+
+    // A file-backed mapping: this test binary.
+    let exe = std::fs::File::open("/proc/self/exe").unwrap();
+    // SAFETY: a fresh read-only private mapping of a file, unmapped below.
+    let file = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_PRIVATE,
+            exe.as_raw_fd(),
+            0,
+        )
+    } as usize;
+    let e = engine
+        .migrate_pages(
+            &[Folio::new(file, 4096).unwrap()],
+            node(),
+            Reason::Syscall,
+            Mode::Sync,
+            &default,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("file-backed"), "{e}");
+
+    // The calling thread's own stack.
+    let on_stack = std::hint::black_box([0u8; 16]);
+    let page = on_stack.as_ptr() as usize & !4095;
+    let e = engine
+        .migrate_pages(
+            &[Folio::new(page, 4096).unwrap()],
+            node(),
+            Reason::Syscall,
+            Mode::Sync,
+            &default,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("stack"), "{e}");
+    assert_eq!(e.errno(), pagemig::sys::Errno::FAULT);
+
+    // The heap of the main thread: a special mapping.
+    if let Some(heap) = pagemig::maps::vmas()
+        .unwrap()
+        .into_iter()
+        .find(|v| v.path == "[heap]")
+    {
+        let e = engine
+            .migrate_pages(
+                &[Folio::new(heap.start, 4096).unwrap()],
+                node(),
+                Reason::Syscall,
+                Mode::Sync,
+                &default,
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("[heap]"), "{e}");
+    }
+
+    // Unmapped memory.
+    let hole = Region::new(65536, 4096, None).unwrap();
+    let addr = hole.addr();
+    drop(hole);
+    let e = engine
+        .migrate_pages(
+            &[Folio::new(addr, 4096).unwrap()],
+            node(),
+            Reason::Syscall,
+            Mode::Sync,
+            &default,
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("not mapped"), "{e}");
+
+    // SAFETY: both mappings are ours and unused from here on.
+    unsafe {
+        libc::munmap(shared as *mut libc::c_void, 65536);
+        libc::munmap(file as *mut libc::c_void, 4096);
+    }
+}
+
+#[test]
+fn adopted_memory_migrates() {
+    let mut buf = vec![0u8; (4 << 20) + 4096];
+    let base = (buf.as_mut_ptr() as usize + 4095) & !4095;
+    // A large Vec is its own anonymous mapping (glibc mmaps big allocations).
+    // SAFETY: the vector outlives the region.
+    let region = unsafe { Region::adopt(base, 4 << 20, 4096) }.unwrap();
+    workload::fill(&region, 21);
+    migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Async).unwrap();
+    assert!(workload::verify(&region, 21, &WriteLog::default()).ok());
+    assert_on_node(&region, node());
+    drop(region);
+    drop(buf);
+}
+
+#[test]
+fn concurrent_calls_on_the_same_folios_never_lose_them() {
+    let region = Region::new(8 << 20, 4096, Some(node())).unwrap();
+    workload::fill(&region, 31);
+    let folios = region.folios();
+    let engine = Engine::global().unwrap();
+    let opts = MigrateOptions {
+        max_batch_pages: Some(32),
+        ..Default::default()
+    };
+    let results: Vec<_> = std::thread::scope(|s| {
+        let a =
+            s.spawn(|| engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
+        let b =
+            s.spawn(|| engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
+        vec![a.join().unwrap(), b.join().unwrap()]
+    });
+    for r in results {
+        let s = r.unwrap();
+        assert_eq!(s.succeeded_folios, 2048);
+    }
+    assert!(workload::verify(&region, 31, &WriteLog::default()).ok());
+    assert_on_node(&region, node());
+}

@@ -1,0 +1,516 @@
+//! Cross-node migration on a machine with two NUMA nodes.
+//!
+//! These tests need two memory nodes; `vm/run` boots a two-node QEMU guest and runs them
+//! there. On a one-node host each test prints `skipped: needs 2 NUMA nodes` and passes.
+//!
+//! Every migrated region is checked twice, by two independent sources: the kernel's
+//! `move_pages()` status query and the `N<node>=` page counts of `/proc/self/numa_maps`.
+//! A test prints `placement: <region> node <N> pages <k>/<total>` (`k`: the pages both
+//! sources find on node `N`) and asserts that all pages are on the node they were sent to.
+
+use std::collections::BTreeMap;
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use pagemig::error::Error;
+use pagemig::migrate::{self, Engine, FaultInjection, MigrateOptions, Mode, Reason};
+use pagemig::numa;
+use pagemig::region::Region;
+use pagemig::sys::{self, Errno, HPAGE_SIZE, PAGE_SIZE};
+
+const KIB: usize = 1 << 10;
+const MIB: usize = 1 << 20;
+
+/// The two nodes to move between, or `None` (after printing the skip line) on a host
+/// with fewer than two memory nodes.
+fn two_nodes() -> Option<(u32, u32)> {
+    let nodes = numa::memory_nodes().expect("reading the NUMA topology");
+    if nodes.len() < 2 {
+        println!("skipped: needs 2 NUMA nodes");
+        return None;
+    }
+    Some((nodes[0], nodes[1]))
+}
+
+fn size_name(bytes: usize) -> String {
+    if bytes >= MIB {
+        format!("{}MiB", bytes / MIB)
+    } else {
+        format!("{}KiB", bytes / KIB)
+    }
+}
+
+/// The value every word of a region holds after `fill(region, seed)`.
+fn pattern(seed: u64, index: usize) -> u64 {
+    (index as u64 ^ seed.rotate_left(32)).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed
+}
+
+fn fill(region: &Region, seed: u64) {
+    for i in 0..region.words() {
+        region.word(i).store(pattern(seed, i), Ordering::Relaxed);
+    }
+}
+
+/// Checks every byte of the region (word by word) against `fill(region, seed)`.
+fn verify(region: &Region, seed: u64, what: &str) {
+    let bad: Vec<usize> = (0..region.words())
+        .filter(|&i| region.word(i).load(Ordering::Relaxed) != pattern(seed, i))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "{what}: {} of {} words differ, first at byte offset {:#x}",
+        bad.len(),
+        region.words(),
+        bad[0] * 8
+    );
+}
+
+/// `/proc/self/maps` and `/proc/self/numa_maps` read while no mapping changed: numa_maps
+/// gives each mapping's start only, maps gives its end.
+fn maps_and_numa_maps() -> (String, String) {
+    let read =
+        |path| std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    let mut maps = read("/proc/self/maps");
+    for _ in 0..100 {
+        let numa_maps = read("/proc/self/numa_maps");
+        let again = read("/proc/self/maps");
+        if again == maps {
+            return (maps, numa_maps);
+        }
+        maps = again;
+    }
+    panic!("the mappings kept changing while reading numa_maps");
+}
+
+/// Pages of `[addr, addr + len)` on each node according to `/proc/self/numa_maps`, summed
+/// over the mappings the range is made of. Fails when a mapping reaches outside the range,
+/// since its counts could not be told apart from the range's.
+fn numa_maps_counts(addr: usize, len: usize) -> BTreeMap<u32, usize> {
+    let end = addr + len;
+    let (maps, numa_maps) = maps_and_numa_maps();
+    let ends: BTreeMap<usize, usize> = maps
+        .lines()
+        .filter_map(|l| {
+            let (s, e) = l.split(' ').next()?.split_once('-')?;
+            Some((
+                usize::from_str_radix(s, 16).ok()?,
+                usize::from_str_radix(e, 16).ok()?,
+            ))
+        })
+        .collect();
+    let mut counts = BTreeMap::new();
+    let mut covered = 0;
+    for line in numa_maps.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(start) = fields
+            .next()
+            .and_then(|s| usize::from_str_radix(s, 16).ok())
+        else {
+            continue;
+        };
+        let vma_end = *ends
+            .get(&start)
+            .unwrap_or_else(|| panic!("mapping {start:#x} of numa_maps not in maps"));
+        if vma_end <= addr || start >= end {
+            continue;
+        }
+        assert!(
+            start >= addr && vma_end <= end,
+            "mapping {start:#x}-{vma_end:#x} reaches outside the region {addr:#x}-{end:#x}: {line}"
+        );
+        covered += vma_end - start;
+        let mut page_kb = 4;
+        for field in fields {
+            if let Some(kb) = field.strip_prefix("kernelpagesize_kB=") {
+                page_kb = kb.parse().expect("kernelpagesize_kB");
+            } else if let Some((node, pages)) =
+                field.strip_prefix('N').and_then(|f| f.split_once('='))
+            {
+                let (Ok(node), Ok(pages)) = (node.parse::<u32>(), pages.parse::<usize>()) else {
+                    continue;
+                };
+                *counts.entry(node).or_insert(0) += pages;
+            }
+        }
+        // Transparent huge pages are counted in base pages; only hugetlbfs differs.
+        assert_eq!(
+            page_kb,
+            PAGE_SIZE / KIB,
+            "unexpected page size in numa_maps: {line}"
+        );
+    }
+    assert_eq!(
+        covered, len,
+        "numa_maps covers {covered} of the region's {len} bytes"
+    );
+    counts
+}
+
+/// Checks, by `move_pages` status and by `numa_maps`, that every page of `region` is on
+/// `node`, and prints the placement line: `k` counts the pages both sources put on `node`.
+fn check_placement(name: &str, region: &Region, node: u32) {
+    let total = region.len() / PAGE_SIZE;
+    let status = numa::page_nodes(region.addr(), region.len()).expect("move_pages status query");
+    let by_status = status.iter().filter(|&&n| n == node as i32).count();
+    let counts = numa_maps_counts(region.addr(), region.len());
+    let by_numa_maps = counts.get(&node).copied().unwrap_or(0);
+    println!(
+        "placement: {name} node {node} pages {}/{total}",
+        by_status.min(by_numa_maps)
+    );
+    let mut per_node: BTreeMap<i32, usize> = BTreeMap::new();
+    for &n in &status {
+        *per_node.entry(n).or_insert(0) += 1;
+    }
+    assert_eq!(
+        by_status, total,
+        "{name}: move_pages finds pages per node (or -errno) {per_node:?}"
+    );
+    assert_eq!(
+        by_numa_maps, total,
+        "{name}: numa_maps counts pages per node {counts:?}"
+    );
+}
+
+/// A way of moving a whole region to a node.
+#[derive(Clone, Copy, Debug)]
+enum CopyPath {
+    /// pagemig, batch-eligible reason: the batch copy.
+    Batch,
+    /// pagemig, a reason that is not batch-eligible: folio by folio.
+    PerFolio,
+    /// pagemig with the batch copy failing: the per-folio fallback.
+    Fallback,
+    /// The kernel's `move_pages()`: the baseline.
+    Kernel,
+}
+
+impl CopyPath {
+    const ALL: [CopyPath; 4] = [
+        CopyPath::Batch,
+        CopyPath::PerFolio,
+        CopyPath::Fallback,
+        CopyPath::Kernel,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            CopyPath::Batch => "batch-cpu",
+            CopyPath::PerFolio => "folio-cpu",
+            CopyPath::Fallback => "fallback-cpu",
+            CopyPath::Kernel => "kernel",
+        }
+    }
+
+    fn migrate(self, region: &Region, node: u32) {
+        let (reason, opts) = match self {
+            CopyPath::Kernel => return kernel_move_pages(region, node),
+            CopyPath::Batch => (Reason::Syscall, MigrateOptions::default()),
+            CopyPath::PerFolio => (Reason::MemoryFailure, MigrateOptions::default()),
+            CopyPath::Fallback => {
+                let fault = FaultInjection {
+                    fail_batch_copy: true,
+                    ..Default::default()
+                };
+                (
+                    Reason::Demotion,
+                    MigrateOptions {
+                        fault,
+                        ..Default::default()
+                    },
+                )
+            }
+        };
+        let folios = region.folios();
+        let engine = Engine::global().expect("opening userfaultfd");
+        let stats = engine
+            .migrate_pages(&folios, node, reason, Mode::Sync, &opts)
+            .unwrap_or_else(|e| panic!("{}: migrate to node {node}: {e}", self.name()));
+        let n = folios.len() as u64;
+        assert_eq!(
+            (stats.succeeded_folios, stats.failed_folios),
+            (n, 0),
+            "{stats:?}"
+        );
+        assert_eq!(stats.bytes, region.len() as u64, "{stats:?}");
+        let copied = match self {
+            CopyPath::Batch => stats.batch_copied_folios,
+            CopyPath::PerFolio => stats.single_copied_folios,
+            CopyPath::Fallback => stats.fallback_folios,
+            CopyPath::Kernel => unreachable!(),
+        };
+        assert_eq!(
+            copied,
+            n,
+            "{}: folios not copied the expected way: {stats:?}",
+            self.name()
+        );
+    }
+}
+
+/// The kernel's own `move_pages()` on the region, one address per folio: the baseline.
+///
+/// One address per folio, because the kernel moves a huge page whole from its first
+/// address and reports `EBUSY` for the next one, which it finds isolated.
+fn kernel_move_pages(r: &Region, node: u32) {
+    let pages: Vec<usize> = r.folios().iter().map(|f| f.addr()).collect();
+    let nodes = vec![node as i32; pages.len()];
+    let mut status = vec![i32::MIN; pages.len()];
+    sys::move_pages(&pages, Some(&nodes), &mut status)
+        .unwrap_or_else(|e| panic!("move_pages: {e}"));
+    let failed: Vec<_> = status
+        .iter()
+        .enumerate()
+        .filter(|&(_, &s)| s != node as i32)
+        .take(4)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "move_pages per-page status (index, status): {failed:?}"
+    );
+}
+
+fn round_trip(folio_size: usize, len: usize) {
+    let Some((a, b)) = two_nodes() else { return };
+    for path in CopyPath::ALL {
+        let name = format!(
+            "{}-{}-folios-{}",
+            path.name(),
+            size_name(folio_size),
+            size_name(len)
+        );
+        let region = Region::new(len, folio_size, Some(a)).expect("region on the first node");
+        let seed = len as u64 ^ folio_size as u64;
+        fill(&region, seed);
+        check_placement(&format!("{name}@start"), &region, a);
+        for (step, node) in [b, a].into_iter().enumerate() {
+            path.migrate(&region, node);
+            verify(
+                &region,
+                seed,
+                &format!("{name} after move {step} to node {node}"),
+            );
+            check_placement(&format!("{name}#{}", step + 1), &region, node);
+        }
+        if folio_size == HPAGE_SIZE {
+            // 2 MiB-aligned moves keep transparent huge pages whole.
+            let huge = region.anon_huge_bytes().expect("reading smaps");
+            assert_eq!(
+                huge, len as u64,
+                "{name}: bytes on huge pages after the moves"
+            );
+        }
+    }
+}
+
+#[test]
+fn round_trip_4k_folios() {
+    round_trip(4 * KIB, 8 * MIB);
+}
+
+#[test]
+fn round_trip_2m_folios() {
+    round_trip(HPAGE_SIZE, 16 * MIB);
+}
+
+/// Sets the flag when dropped, on the way out of a scope or a panic.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Writers put increasing sequence numbers in their own slots, readers check that no slot
+/// ever goes back, while the region bounces between the nodes.
+fn bounce_under_load(folio_size: usize, len: usize, moves: usize) {
+    const WRITERS: usize = 2;
+    const READERS: usize = 2;
+    let Some((a, b)) = two_nodes() else { return };
+    let name = format!("bounce-{}-folios-{}", size_name(folio_size), size_name(len));
+    let region = Region::new(len, folio_size, Some(a)).expect("region on the first node");
+    let seed = 0xb0_0c3;
+    fill(&region, seed);
+    // One slot per writer in every 512-byte line: each page holds slots of every writer.
+    let stride = 64;
+    let slot = |writer: usize, line: usize| line * stride + writer;
+    let lines = region.words() / stride;
+    for line in 0..lines {
+        for w in 0..WRITERS {
+            region.word(slot(w, line)).store(0, Ordering::Relaxed);
+        }
+    }
+    let stop = AtomicBool::new(false);
+    let start = Barrier::new(WRITERS + READERS + 1);
+    let rounds: Vec<AtomicU64> = (0..WRITERS).map(|_| AtomicU64::new(0)).collect();
+    let reads = AtomicU64::new(0);
+    let region = &region;
+    let last_written: Vec<Vec<u64>> = std::thread::scope(|s| {
+        let writers: Vec<_> = (0..WRITERS)
+            .map(|w| {
+                let (stop, start, rounds) = (&stop, &start, &rounds);
+                s.spawn(move || {
+                    let mut last = vec![0u64; lines];
+                    let mut seq = 0u64;
+                    start.wait();
+                    while !stop.load(Ordering::Relaxed) {
+                        seq += 1;
+                        for (line, l) in last.iter_mut().enumerate() {
+                            let word = region.word(slot(w, line));
+                            word.store(seq, Ordering::Release);
+                            assert_eq!(
+                                word.load(Ordering::Acquire),
+                                seq,
+                                "writer {w} lost its write"
+                            );
+                            *l = seq;
+                        }
+                        rounds[w].store(seq, Ordering::Relaxed);
+                    }
+                    last
+                })
+            })
+            .collect();
+        for _ in 0..READERS {
+            let (stop, start, reads) = (&stop, &start, &reads);
+            s.spawn(move || {
+                let mut seen = vec![0u64; lines * WRITERS];
+                start.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    for line in 0..lines {
+                        for w in 0..WRITERS {
+                            let v = region.word(slot(w, line)).load(Ordering::Acquire);
+                            let prev = &mut seen[line * WRITERS + w];
+                            assert!(
+                                v >= *prev,
+                                "slot of writer {w} in line {line} went back from {prev} to {v}"
+                            );
+                            *prev = v;
+                        }
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        // Whatever happens below, the readers and writers stop: a panic here must fail
+        // the test, not leave the scope waiting for them forever.
+        let _stop = StopOnDrop(&stop);
+        start.wait();
+        let engine = Engine::global().expect("userfaultfd");
+        for i in 0..moves {
+            // Every writer finishes a round between two moves, so that writes keep
+            // landing on pages while they migrate.
+            let before: Vec<u64> = rounds.iter().map(|r| r.load(Ordering::Relaxed)).collect();
+            let waiting = Instant::now();
+            while rounds
+                .iter()
+                .zip(&before)
+                .any(|(r, &b)| r.load(Ordering::Relaxed) <= b)
+            {
+                if writers.iter().any(|h| h.is_finished()) {
+                    break; // It panicked: joining it below reports why.
+                }
+                assert!(
+                    waiting.elapsed() < Duration::from_secs(60),
+                    "{name}: a writer made no progress for 60 s"
+                );
+                std::thread::yield_now();
+            }
+            let node = if i % 2 == 0 { b } else { a };
+            let stats = engine
+                .migrate_pages(
+                    &region.folios(),
+                    node,
+                    Reason::Syscall,
+                    Mode::Sync,
+                    &MigrateOptions::default(),
+                )
+                .unwrap_or_else(|e| panic!("{name}: move {i} to node {node}: {e}"));
+            assert_eq!(
+                stats.succeeded_folios,
+                region.folios().len() as u64,
+                "{name}: move {i}: {stats:?}"
+            );
+            check_placement(&format!("{name}#{}", i + 1), region, node);
+        }
+        stop.store(true, Ordering::Relaxed);
+        writers
+            .into_iter()
+            .map(|h| h.join().expect("writer panicked"))
+            .collect()
+    });
+    // Zero lost writes: every slot holds its writer's last value.
+    let mut lost = 0;
+    for (w, last) in last_written.iter().enumerate() {
+        for (line, &v) in last.iter().enumerate() {
+            if region.word(slot(w, line)).load(Ordering::Relaxed) != v {
+                lost += 1;
+            }
+        }
+    }
+    let write_rounds: u64 = rounds.iter().map(|r| r.load(Ordering::Relaxed)).sum();
+    println!(
+        "{name}: {moves} moves, {write_rounds} write rounds, {} read rounds",
+        reads.load(Ordering::Relaxed)
+    );
+    assert_eq!(lost, 0, "{name}: {lost} slots lost their last write");
+    let untouched = (0..region.words()).filter(|i| i % stride >= WRITERS);
+    let bad = untouched
+        .filter(|&i| region.word(i).load(Ordering::Relaxed) != pattern(seed, i))
+        .count();
+    assert_eq!(bad, 0, "{name}: {bad} words outside the slots changed");
+}
+
+#[test]
+fn bounce_4k_folios_while_threads_read_and_write() {
+    bounce_under_load(4 * KIB, 4 * MIB, 12);
+}
+
+#[test]
+fn bounce_2m_folios_while_threads_read_and_write() {
+    bounce_under_load(HPAGE_SIZE, 8 * MIB, 12);
+}
+
+#[test]
+fn full_target_node_fails_cleanly_with_enomem() {
+    let Some((a, b)) = two_nodes() else { return };
+    let len = 64 * MIB;
+    let region = Region::new(len, HPAGE_SIZE, Some(a)).expect("region on the first node");
+    let seed = 0xf0_11;
+    fill(&region, seed);
+    // Fill the target node until about half the region's size is free, well above the
+    // kernel's watermarks: a node that runs out for real invokes the OOM killer.
+    let (_, free) = numa::meminfo(b).expect("node meminfo");
+    let keep_free = len / 2;
+    let hog_len = (free as usize).saturating_sub(keep_free) / HPAGE_SIZE * HPAGE_SIZE;
+    let hog = Region::new(hog_len, HPAGE_SIZE, Some(b)).expect("filling the target node");
+    let (_, left) = numa::meminfo(b).expect("node meminfo");
+    println!(
+        "node {b}: {} MiB free after taking {} MiB; migrating {} MiB",
+        left >> 20,
+        hog_len >> 20,
+        len >> 20
+    );
+    assert!(
+        left < len as u64,
+        "could not fill node {b}: {left} bytes still free"
+    );
+    let err = migrate::migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync)
+        .expect_err("migrating more than the target node has free");
+    println!("error: {err}");
+    assert_eq!(err.errno(), Errno::NOMEM, "{err}");
+    assert!(
+        !matches!(err, Error::Partial { .. }),
+        "nothing may have moved: {err}"
+    );
+    verify(&region, seed, "source after the refused migration");
+    check_placement("enomem-2MiB-folios-64MiB@source", &region, a);
+    drop(hog);
+    // Once there is room, the same region moves.
+    migrate::migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync)
+        .expect("migrating with room");
+    verify(&region, seed, "region after the migration with room");
+    check_placement("enomem-2MiB-folios-64MiB#retry", &region, b);
+}
