@@ -102,10 +102,7 @@ impl Error {
     }
 
     pub(crate) fn io(path: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
-        move |source| Error::Io {
-            path: path.to_string(),
-            source,
-        }
+        move |source| Error::Io { path: path.to_string(), source }
     }
 }
 

@@ -26,9 +26,7 @@ impl Folio {
     pub fn new(addr: usize, size: usize) -> Result<Self> {
         let order = order_of(size)?;
         if addr == 0 || addr % size != 0 || addr.checked_add(size).is_none() {
-            return Err(Error::Invalid(format!(
-                "folio address {addr:#x} is not aligned to its size {size:#x}"
-            )));
+            return Err(Error::Invalid(format!("folio address {addr:#x} is not aligned to its size {size:#x}")));
         }
         // INVARIANT: order checked by order_of, alignment just checked.
         Ok(Self { addr, order })

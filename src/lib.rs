@@ -22,6 +22,7 @@
 
 pub mod copy;
 pub mod error;
+pub mod experiment;
 pub mod folio;
 pub mod maps;
 pub mod migrate;
@@ -33,7 +34,5 @@ pub mod workload;
 
 pub use error::{Error, Result};
 pub use folio::{Folio, MigrateInfo};
-pub use migrate::{
-    Capabilities, Engine, FaultInjection, MigrateOptions, MigrateStats, Mode, Reason, migrate_pages,
-};
+pub use migrate::{Capabilities, Engine, FaultInjection, MigrateOptions, MigrateStats, Mode, Reason, migrate_pages};
 pub use region::Region;

@@ -50,21 +50,16 @@ impl Vma {
         if b[2] == b'x' {
             return Some(format!("executable mapping ({})", self.perms));
         }
-        [
-            ("io", "I/O memory"),
-            ("pf", "a pure PFN range"),
-            ("mm", "a mixed map"),
-        ]
-        .iter()
-        .find(|(flag, _)| self.has_flag(flag))
-        .map(|(_, what)| format!("special mapping ({what})"))
+        [("io", "I/O memory"), ("pf", "a pure PFN range"), ("mm", "a mixed map")]
+            .iter()
+            .find(|(flag, _)| self.has_flag(flag))
+            .map(|(_, what)| format!("special mapping ({what})"))
     }
 }
 
 fn parse_line(line: &str) -> Option<Vma> {
     let mut it = line.splitn(6, ' ');
-    let (range, perms, _off, _dev, inode) =
-        (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
+    let (range, perms, _off, _dev, inode) = (it.next()?, it.next()?, it.next()?, it.next()?, it.next()?);
     let path = it.next().unwrap_or("").trim().to_string();
     let (s, e) = range.split_once('-')?;
     Some(Vma {
@@ -109,9 +104,11 @@ pub fn vmas_with_flags(start: usize, end: usize) -> Result<Vec<Vma>> {
                 v.flags = rest.split_whitespace().map(str::to_string).collect();
                 out.push(v);
             }
-        } else if line.split(' ').next().is_some_and(|r| {
-            r.contains('-') && r.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit())
-        }) {
+        } else if line
+            .split(' ')
+            .next()
+            .is_some_and(|r| r.contains('-') && r.bytes().all(|b| b == b'-' || b.is_ascii_hexdigit()))
+        {
             if let Some(v) = parse_line(line) {
                 current = (v.end > start && v.start < end).then_some(v);
             }
@@ -129,29 +126,17 @@ pub fn check_movable(start: usize, end: usize, all: &[Vma]) -> Result<()> {
     let mut at = start;
     for v in all.iter().filter(|v| v.end > start && v.start < end) {
         if v.start > at {
-            return Err(Error::NotMovable {
-                start: at,
-                end: v.start.min(end),
-                why: "not mapped".into(),
-            });
+            return Err(Error::NotMovable { start: at, end: v.start.min(end), why: "not mapped".into() });
         }
         if let Some(why) = v.refusal() {
-            return Err(Error::NotMovable {
-                start: v.start.max(start),
-                end: v.end.min(end),
-                why,
-            });
+            return Err(Error::NotMovable { start: v.start.max(start), end: v.end.min(end), why });
         }
         at = v.end;
         if at >= end {
             return Ok(());
         }
     }
-    Err(Error::NotMovable {
-        start: at,
-        end,
-        why: "not mapped".into(),
-    })
+    Err(Error::NotMovable { start: at, end, why: "not mapped".into() })
 }
 
 #[cfg(test)]
@@ -161,10 +146,7 @@ mod tests {
     #[test]
     fn parses_maps_lines() {
         let v = parse_line("7f00a000-7f00c000 rw-p 00000000 00:00 0 ").unwrap();
-        assert_eq!(
-            (v.start, v.end, v.inode, v.path.as_str()),
-            (0x7f00a000, 0x7f00c000, 0, "")
-        );
+        assert_eq!((v.start, v.end, v.inode, v.path.as_str()), (0x7f00a000, 0x7f00c000, 0, ""));
         assert!(v.refusal().is_none());
         let f = parse_line("55d0-55e0 r--p 00000000 08:01 1234   /usr/bin/true").unwrap();
         assert_eq!(f.path, "/usr/bin/true");
@@ -185,11 +167,7 @@ mod tests {
         assert!(check_movable(0x1000, 0x2000, &all).is_ok());
         assert!(matches!(
             check_movable(0x1000, 0x4000, &all),
-            Err(Error::NotMovable {
-                start: 0x2000,
-                end: 0x3000,
-                ..
-            })
+            Err(Error::NotMovable { start: 0x2000, end: 0x3000, .. })
         ));
         assert!(check_movable(0x3000, 0x5000, &all).is_err());
     }
@@ -199,10 +177,6 @@ mod tests {
         let map = crate::sys::Mapping::new(1 << 16, 4096).unwrap();
         let v = vmas_with_flags(map.addr(), map.addr() + map.len()).unwrap();
         assert_eq!(v.len(), 1);
-        assert!(
-            v[0].has_flag("rd") && v[0].has_flag("wr"),
-            "{:?}",
-            v[0].flags
-        );
+        assert!(v[0].has_flag("rd") && v[0].has_flag("wr"), "{:?}", v[0].flags);
     }
 }

@@ -35,8 +35,7 @@ pub fn parse_list(text: &str) -> Result<Vec<u32>> {
         let bad = || Error::Invalid(format!("malformed list element {part:?}"));
         match part.split_once('-') {
             Some((a, b)) => {
-                let (a, b): (u32, u32) =
-                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                let (a, b): (u32, u32) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
                 if a > b {
                     return Err(bad());
                 }
@@ -86,17 +85,8 @@ pub fn node(id: u32) -> Result<Node> {
     let dir = format!("{NODE_ROOT}/node{id}");
     let cpus = parse_list(&read(&format!("{dir}/cpulist"))?)?;
     let (mem_total, mem_free) = meminfo(id)?;
-    let distances = read(&format!("{dir}/distance"))?
-        .split_whitespace()
-        .filter_map(|d| d.parse().ok())
-        .collect();
-    Ok(Node {
-        id,
-        cpus,
-        mem_total,
-        mem_free,
-        distances,
-    })
+    let distances = read(&format!("{dir}/distance"))?.split_whitespace().filter_map(|d| d.parse().ok()).collect();
+    Ok(Node { id, cpus, mem_total, mem_free, distances })
 }
 
 /// `(MemTotal, MemFree)` of a node, in bytes.
@@ -123,11 +113,7 @@ pub fn meminfo(id: u32) -> Result<(u64, u64)> {
 /// [`Error::UnknownNode`] listing the nodes that can be used.
 pub fn check_node(node: u32) -> Result<()> {
     let online = memory_nodes()?;
-    if online.contains(&node) {
-        Ok(())
-    } else {
-        Err(Error::UnknownNode { node, online })
-    }
+    if online.contains(&node) { Ok(()) } else { Err(Error::UnknownNode { node, online }) }
 }
 
 /// The node of every base page of `[addr, addr + len)`, from a `move_pages` status query:
@@ -138,9 +124,7 @@ pub fn check_node(node: u32) -> Result<()> {
 /// [`Error::Invalid`] for an unaligned range, [`Error::Sys`] when the query fails as a whole.
 pub fn page_nodes(addr: usize, len: usize) -> Result<Vec<i32>> {
     if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-        return Err(Error::Invalid(format!(
-            "range {addr:#x}+{len:#x} is not page aligned"
-        )));
+        return Err(Error::Invalid(format!("range {addr:#x}+{len:#x} is not page aligned")));
     }
     let pages: Vec<usize> = (addr..addr + len).step_by(PAGE_SIZE).collect();
     let mut status = vec![0i32; pages.len()];
@@ -172,15 +156,12 @@ pub fn placement(addr: usize, len: usize) -> Result<BTreeMap<i32, usize>> {
 pub fn page_frames(addr: usize, len: usize) -> Result<Vec<Option<u64>>> {
     use std::os::unix::fs::FileExt;
     if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
-        return Err(Error::Invalid(format!(
-            "range {addr:#x}+{len:#x} is not page aligned"
-        )));
+        return Err(Error::Invalid(format!("range {addr:#x}+{len:#x} is not page aligned")));
     }
     let path = "/proc/self/pagemap";
     let file = fs::File::open(path).map_err(Error::io(path))?;
     let mut raw = vec![0u8; len / PAGE_SIZE * 8];
-    file.read_exact_at(&mut raw, (addr / PAGE_SIZE * 8) as u64)
-        .map_err(Error::io(path))?;
+    file.read_exact_at(&mut raw, (addr / PAGE_SIZE * 8) as u64).map_err(Error::io(path))?;
     Ok(raw
         .chunks_exact(8)
         .map(|c| {
@@ -196,10 +177,7 @@ mod tests {
 
     #[test]
     fn lists_parse() {
-        assert_eq!(
-            parse_list("0-3,8,10-11\n").unwrap(),
-            vec![0, 1, 2, 3, 8, 10, 11]
-        );
+        assert_eq!(parse_list("0-3,8,10-11\n").unwrap(), vec![0, 1, 2, 3, 8, 10, 11]);
         assert_eq!(parse_list("").unwrap(), Vec::<u32>::new());
         assert!(parse_list("3-1").is_err());
         assert!(parse_list("a").is_err());
@@ -211,9 +189,6 @@ mod tests {
         assert!(!nodes.is_empty());
         assert!(nodes.iter().any(|n| n.mem_total > 0 && !n.cpus.is_empty()));
         assert!(check_node(memory_nodes().unwrap()[0]).is_ok());
-        assert!(matches!(
-            check_node(4000),
-            Err(Error::UnknownNode { node: 4000, .. })
-        ));
+        assert!(matches!(check_node(4000), Err(Error::UnknownNode { node: 4000, .. })));
     }
 }

@@ -78,22 +78,9 @@ impl Dest {
     /// # Panics
     /// When `at` is past the end.
     pub fn split_at(self, at: usize) -> (Dest, Dest) {
-        assert!(
-            at <= self.len,
-            "split at {at} past a destination of {} bytes",
-            self.len
-        );
+        assert!(at <= self.len, "split at {at} past a destination of {} bytes", self.len);
         // INVARIANT: two disjoint parts of a range that was ours alone.
-        (
-            Dest {
-                addr: self.addr,
-                len: at,
-            },
-            Dest {
-                addr: self.addr + at,
-                len: self.len - at,
-            },
-        )
+        (Dest { addr: self.addr, len: at }, Dest { addr: self.addr + at, len: self.len - at })
     }
 
     /// Gives up ownership without unmapping: the caller moved the memory away.
@@ -115,25 +102,16 @@ struct Chunk {
 impl Chunk {
     fn new(key: Key, min_len: usize) -> Result<Self> {
         let len = min_len.max(CHUNK_BYTES).next_multiple_of(HPAGE_SIZE);
-        let base = sys::mmap_anon_aligned(len, HPAGE_SIZE)
-            .map_err(Error::sys("mmap (destination pool)"))?;
-        let mut chunk = Chunk {
-            end: base + len,
-            cursor: base,
-            prepared_end: base,
-            holes: Vec::new(),
-        };
-        let setup = sys::mbind(base, len, key.node, false)
-            .map_err(Error::sys("mbind (destination pool)"))
-            .and_then(|()| {
+        let base = sys::mmap_anon_aligned(len, HPAGE_SIZE).map_err(Error::sys("mmap (destination pool)"))?;
+        let mut chunk = Chunk { end: base + len, cursor: base, prepared_end: base, holes: Vec::new() };
+        let setup =
+            sys::mbind(base, len, key.node, false).map_err(Error::sys("mbind (destination pool)")).and_then(|()| {
                 let advice = match key.thp {
                     ThpAdvice::Huge => Some(Advice::HugePage),
                     ThpAdvice::NoHuge => Some(Advice::NoHugePage),
                     ThpAdvice::Default => None,
                 };
-                advice.map_or(Ok(()), |a| {
-                    sys::madvise(base, len, a).map_err(Error::sys("madvise (destination pool)"))
-                })
+                advice.map_or(Ok(()), |a| sys::madvise(base, len, a).map_err(Error::sys("madvise (destination pool)")))
             });
         if let Err(e) = setup {
             chunk.retire();
@@ -152,11 +130,7 @@ impl Chunk {
     }
 
     fn retire(&mut self) {
-        for (start, len) in self
-            .holes
-            .drain(..)
-            .chain(std::iter::once((self.cursor, self.end - self.cursor)))
-        {
+        for (start, len) in self.holes.drain(..).chain(std::iter::once((self.cursor, self.end - self.cursor))) {
             if len > 0 {
                 // SAFETY: holes and the tail past the cursor were never handed out: they
                 // belong to this chunk alone.
@@ -178,10 +152,7 @@ pub struct Pool {
 impl Pool {
     /// A pool that keeps at most `limit` bytes populated ahead of use per key.
     pub fn new(limit: usize) -> Self {
-        Self {
-            chunks: Mutex::new(HashMap::new()),
-            limit,
-        }
+        Self { chunks: Mutex::new(HashMap::new()), limit }
     }
 
     /// The most bytes kept populated ahead of use per key.
@@ -196,13 +167,7 @@ impl Pool {
     /// # Errors
     /// [`Error::Sys`] with `ENOMEM` when the node cannot supply the memory, or the errno of
     /// the failing `mmap`/`mbind`.
-    pub fn take(
-        &self,
-        key: Key,
-        len: usize,
-        align: usize,
-        phase: usize,
-    ) -> Result<(Dest, Duration)> {
+    pub fn take(&self, key: Key, len: usize, align: usize, phase: usize) -> Result<(Dest, Duration)> {
         debug_assert!(align.is_power_of_two() && len > 0);
         let mut chunks = self.chunks.lock();
         let chunk = match chunks.get_mut(&key) {
@@ -215,9 +180,7 @@ impl Pool {
                 chunks.get_mut(&key).expect("just inserted")
             }
         };
-        let addr = chunk
-            .place(len, align, phase)
-            .expect("a fresh chunk fits the request");
+        let addr = chunk.place(len, align, phase).expect("a fresh chunk fits the request");
         if addr > chunk.cursor {
             chunk.holes.push((chunk.cursor, addr - chunk.cursor));
         }
@@ -230,22 +193,13 @@ impl Pool {
                 chunk.holes.push((addr, len));
                 chunk.cursor = end;
                 chunk.prepared_end = end;
-                return Err(Error::sys("madvise(MADV_POPULATE_WRITE) of a destination")(
-                    errno,
-                ));
+                return Err(Error::sys("madvise(MADV_POPULATE_WRITE) of a destination")(errno));
             }
         }
         chunk.cursor = end;
         chunk.prepared_end = chunk.prepared_end.max(end);
         // INVARIANT: `[addr, end)` was just carved from our reservation.
-        Ok((
-            Dest { addr, len },
-            if from < end {
-                started.elapsed()
-            } else {
-                Duration::ZERO
-            },
-        ))
+        Ok((Dest { addr, len }, if from < end { started.elapsed() } else { Duration::ZERO }))
     }
 
     /// Populates up to `bytes` (at most the pool's limit) ahead of the next destinations of
@@ -256,7 +210,7 @@ impl Pool {
     pub fn prefill(&self, key: Key, bytes: usize) -> Result<Duration> {
         let bytes = bytes.min(self.limit).next_multiple_of(HPAGE_SIZE);
         let mut chunks = self.chunks.lock();
-        if !chunks.get(&key).is_some_and(|c| c.end - c.cursor >= bytes) {
+        if chunks.get(&key).is_none_or(|c| c.end - c.cursor < bytes) {
             let fresh = Chunk::new(key, bytes)?;
             if let Some(mut old) = chunks.insert(key, fresh) {
                 old.retire();
@@ -266,14 +220,8 @@ impl Pool {
         let target = (chunk.cursor + bytes).min(chunk.end);
         let started = Instant::now();
         if chunk.prepared_end < target {
-            sys::madvise(
-                chunk.prepared_end,
-                target - chunk.prepared_end,
-                Advice::PopulateWrite,
-            )
-            .map_err(Error::sys(
-                "madvise(MADV_POPULATE_WRITE) of the destination pool",
-            ))?;
+            sys::madvise(chunk.prepared_end, target - chunk.prepared_end, Advice::PopulateWrite)
+                .map_err(Error::sys("madvise(MADV_POPULATE_WRITE) of the destination pool"))?;
             chunk.prepared_end = target;
         }
         Ok(started.elapsed())
@@ -310,10 +258,7 @@ mod tests {
     #[test]
     fn destinations_keep_phase_and_follow_each_other() {
         let pool = Pool::new(8 << 20);
-        let key = Key {
-            node: crate::numa::memory_nodes().unwrap()[0],
-            thp: ThpAdvice::Default,
-        };
+        let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::Default };
         let (a, _) = pool.take(key, 8192, 4096, 0).unwrap();
         let (b, _) = pool.take(key, 4096, 4096, 0).unwrap();
         assert_eq!(b.addr, a.addr + 8192);
@@ -333,10 +278,7 @@ mod tests {
     #[test]
     fn prefill_makes_take_free() {
         let pool = Pool::new(4 << 20);
-        let key = Key {
-            node: crate::numa::memory_nodes().unwrap()[0],
-            thp: ThpAdvice::NoHuge,
-        };
+        let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::NoHuge };
         pool.prefill(key, 4 << 20).unwrap();
         let (d, spent) = pool.take(key, 1 << 20, 4096, 0).unwrap();
         assert_eq!(spent, Duration::ZERO);

@@ -32,19 +32,13 @@ fn check_shape(addr: usize, len: usize, folio_size: usize) -> Result<()> {
         return Err(Error::Invalid("length is zero".into()));
     }
     if len % folio_size != 0 {
-        return Err(Error::Invalid(format!(
-            "length {len} is not a multiple of the folio size {folio_size}"
-        )));
+        return Err(Error::Invalid(format!("length {len} is not a multiple of the folio size {folio_size}")));
     }
     if addr % folio_size != 0 {
-        return Err(Error::Invalid(format!(
-            "address {addr:#x} is not aligned to the folio size {folio_size:#x}"
-        )));
+        return Err(Error::Invalid(format!("address {addr:#x} is not aligned to the folio size {folio_size:#x}")));
     }
     if addr.checked_add(len).is_none() {
-        return Err(Error::Invalid(format!(
-            "range {addr:#x}+{len:#x} wraps around"
-        )));
+        return Err(Error::Invalid(format!("range {addr:#x}+{len:#x} wraps around")));
     }
     Ok(())
 }
@@ -67,23 +61,13 @@ impl Region {
         let map = Mapping::new(len, folio_size).map_err(Error::sys("mmap"))?;
         let addr = map.addr();
         // INVARIANT: a fresh aligned private anonymous mapping of `len` bytes.
-        let region = Self {
-            map,
-            addr,
-            len,
-            folio_size,
-        };
+        let region = Self { map, addr, len, folio_size };
         if let Some(n) = node {
             sys::mbind(addr, len, n, false).map_err(Error::sys("mbind"))?;
         }
-        let advice = if folio_size == HPAGE_SIZE {
-            Advice::HugePage
-        } else {
-            Advice::NoHugePage
-        };
+        let advice = if folio_size == HPAGE_SIZE { Advice::HugePage } else { Advice::NoHugePage };
         sys::madvise(addr, len, advice).map_err(Error::sys("madvise (huge page advice)"))?;
-        sys::madvise(addr, len, Advice::PopulateWrite)
-            .map_err(Error::sys("madvise(MADV_POPULATE_WRITE)"))?;
+        sys::madvise(addr, len, Advice::PopulateWrite).map_err(Error::sys("madvise(MADV_POPULATE_WRITE)"))?;
         Ok(region)
     }
 
@@ -98,10 +82,7 @@ impl Region {
     /// [`Error::Invalid`] for a zero, unaligned or wrapping range or a bad folio size;
     /// [`Error::NotMovable`] when part of the range is unmapped, shared, file-backed,
     /// special (`[heap]`, `[stack]`, `[vdso]`…), not read-write, or executable.
-    #[allow(
-        unsafe_code,
-        reason = "adopting memory needs the caller's promise that it stays mapped"
-    )]
+    #[allow(unsafe_code, reason = "adopting memory needs the caller's promise that it stays mapped")]
     pub unsafe fn adopt(addr: usize, len: usize, folio_size: usize) -> Result<Self> {
         check_shape(addr, len, folio_size)?;
         maps::check_movable(addr, addr + len, &maps::vmas()?)?;
@@ -109,12 +90,7 @@ impl Region {
         // above); the caller promises it stays mapped while the region lives.
         let map = unsafe { Mapping::borrowed(addr, len) };
         // INVARIANT: shape checked above, mappings checked against /proc/self/maps.
-        Ok(Self {
-            map,
-            addr,
-            len,
-            folio_size,
-        })
+        Ok(Self { map, addr, len, folio_size })
     }
 
     /// First byte.
@@ -156,9 +132,7 @@ impl Region {
     /// # Panics
     /// When `index` is past the region's end.
     pub fn word(&self, index: usize) -> &AtomicU64 {
-        self.map
-            .word(index)
-            .unwrap_or_else(|| panic!("word {index} outside a region of {} bytes", self.len))
+        self.map.word(index).unwrap_or_else(|| panic!("word {index} outside a region of {} bytes", self.len))
     }
 
     /// The number of 64-bit words.
@@ -191,27 +165,21 @@ impl Region {
     }
 
     fn smaps_sum(&self, field: &str) -> Result<u64> {
-        let text =
-            std::fs::read_to_string("/proc/self/smaps").map_err(Error::io("/proc/self/smaps"))?;
+        let text = std::fs::read_to_string("/proc/self/smaps").map_err(Error::io("/proc/self/smaps"))?;
         let (start, end) = (self.addr, self.addr + self.len);
         let mut inside = false;
         let mut total = 0u64;
         for line in text.lines() {
             let first = line.split(' ').next().unwrap_or("");
             if let Some((s, e)) = first.split_once('-') {
-                if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
-                {
+                if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) {
                     inside = s >= start && e <= end;
                     continue;
                 }
             }
             if inside {
                 if let Some(rest) = line.strip_prefix(field) {
-                    let kb: u64 = rest
-                        .split_whitespace()
-                        .next()
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0);
+                    let kb: u64 = rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
                     total += kb * 1024;
                 }
             }
@@ -240,30 +208,15 @@ mod tests {
         assert!(r.folios().iter().all(|f| f.size() == 64 << 10));
         r.word(5).store(99, Ordering::Relaxed);
         assert_eq!(r.word(5).load(Ordering::Relaxed), 99);
-        let placed: usize = r
-            .placement()
-            .unwrap()
-            .iter()
-            .filter(|(n, _)| **n >= 0)
-            .map(|(_, c)| c)
-            .sum();
+        let placed: usize = r.placement().unwrap().iter().filter(|(n, _)| **n >= 0).map(|(_, c)| c).sum();
         assert_eq!(placed, 256);
     }
 
     #[test]
     fn bad_shapes_are_refused() {
         assert!(matches!(Region::new(0, 4096, None), Err(Error::Invalid(_))));
-        assert!(matches!(
-            Region::new(6144, 4096, None),
-            Err(Error::Invalid(_))
-        ));
-        assert!(matches!(
-            Region::new(8192, 3000, None),
-            Err(Error::Invalid(_))
-        ));
-        assert!(matches!(
-            Region::new(8192, 4096, Some(999)),
-            Err(Error::UnknownNode { .. })
-        ));
+        assert!(matches!(Region::new(6144, 4096, None), Err(Error::Invalid(_))));
+        assert!(matches!(Region::new(8192, 3000, None), Err(Error::Invalid(_))));
+        assert!(matches!(Region::new(8192, 4096, Some(999)), Err(Error::UnknownNode { .. })));
     }
 }

@@ -27,9 +27,7 @@ pub fn pattern_word(seed: u64, index: usize) -> u64 {
 /// Fills the region with the pattern for `seed`.
 pub fn fill(region: &Region, seed: u64) {
     for i in 0..region.words() {
-        region
-            .word(i)
-            .store(pattern_word(seed, i), Ordering::Relaxed);
+        region.word(i).store(pattern_word(seed, i), Ordering::Relaxed);
     }
 }
 
@@ -65,11 +63,7 @@ impl VerifyReport {
 
 /// Runs `f` while `writers` threads store sequence numbers into the region's slots, then
 /// stops them and returns `f`'s result with what they wrote.
-pub fn with_writers<R: Send>(
-    region: &Region,
-    writers: usize,
-    f: impl FnOnce() -> R + Send,
-) -> (R, WriteLog) {
+pub fn with_writers<R: Send>(region: &Region, writers: usize, f: impl FnOnce() -> R + Send) -> (R, WriteLog) {
     let stop = AtomicBool::new(false);
     let pages = region.len() / PAGE_SIZE;
     std::thread::scope(|s| {
@@ -77,10 +71,7 @@ pub fn with_writers<R: Send>(
             .map(|w| {
                 let stop = &stop;
                 s.spawn(move || {
-                    let mine: Vec<usize> = (w..pages)
-                        .step_by(writers)
-                        .map(|p| p * WORDS_PER_PAGE)
-                        .collect();
+                    let mine: Vec<usize> = (w..pages).step_by(writers).map(|p| p * WORDS_PER_PAGE).collect();
                     let mut last = vec![0u64; mine.len()];
                     let mut written = vec![false; mine.len()];
                     let mut seq = 0u64;
@@ -97,17 +88,9 @@ pub fn with_writers<R: Send>(
                             written[j] = true;
                         }
                     }
-                    let log: Vec<(usize, u64)> = mine
-                        .iter()
-                        .zip(&last)
-                        .zip(&written)
-                        .filter(|(_, w)| **w)
-                        .map(|((&i, &v), _)| (i, v))
-                        .collect();
-                    WriteLog {
-                        writes: seq,
-                        last: log,
-                    }
+                    let log: Vec<(usize, u64)> =
+                        mine.iter().zip(&last).zip(&written).filter(|(_, w)| **w).map(|((&i, &v), _)| (i, v)).collect();
+                    WriteLog { writes: seq, last: log }
                 })
             })
             .collect();
@@ -129,10 +112,7 @@ pub fn verify(region: &Region, seed: u64, log: &WriteLog) -> VerifyReport {
     let mut slots: Vec<(usize, u64)> = log.last.clone();
     slots.sort_unstable();
     let mut next = slots.iter().peekable();
-    let mut report = VerifyReport {
-        checked_bytes: region.len() as u64,
-        ..Default::default()
-    };
+    let mut report = VerifyReport { checked_bytes: region.len() as u64, ..Default::default() };
     for i in 0..region.words() {
         let got = region.word(i).load(Ordering::Acquire);
         if next.peek().is_some_and(|(w, _)| *w == i) {
@@ -145,8 +125,7 @@ pub fn verify(region: &Region, seed: u64, log: &WriteLog) -> VerifyReport {
         }
         let diff = got ^ pattern_word(seed, i);
         if diff != 0 {
-            report.mismatched_bytes +=
-                diff.to_ne_bytes().iter().filter(|&&b| b != 0).count() as u64;
+            report.mismatched_bytes += diff.to_ne_bytes().iter().filter(|&&b| b != 0).count() as u64;
             report.first_bad_offset.get_or_insert(i as u64 * 8);
         }
     }
@@ -161,9 +140,7 @@ mod tests {
     fn verify_catches_changed_bytes_and_lost_writes() {
         let r = Region::new(64 << 10, 4096, None).unwrap();
         fill(&r, 1);
-        let ((), log) = with_writers(&r, 2, || {
-            std::thread::sleep(std::time::Duration::from_millis(20))
-        });
+        let ((), log) = with_writers(&r, 2, || std::thread::sleep(std::time::Duration::from_millis(20)));
         assert!(log.writes > 0);
         assert!(verify(&r, 1, &log).ok());
         r.word(3).store(0, Ordering::Relaxed);

@@ -6,9 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use pagemig::workload::{self, WriteLog};
-use pagemig::{
-    Engine, Error, FaultInjection, Folio, MigrateOptions, Mode, Reason, Region, migrate_pages, numa,
-};
+use pagemig::{Engine, Error, FaultInjection, Folio, MigrateOptions, Mode, Reason, Region, migrate_pages, numa};
 
 fn node() -> u32 {
     numa::memory_nodes().unwrap()[0]
@@ -17,35 +15,23 @@ fn node() -> u32 {
 fn assert_on_node(region: &Region, node: u32) {
     let placement = region.placement().unwrap();
     let pages = region.len() / 4096;
-    assert_eq!(
-        placement.get(&(node as i32)).copied(),
-        Some(pages),
-        "placement {placement:?}"
-    );
+    assert_eq!(placement.get(&(node as i32)).copied(), Some(pages), "placement {placement:?}");
 }
 
 fn migrate_and_verify(size: usize, folio: usize, batch: usize) -> pagemig::MigrateStats {
     let region = Region::new(size, folio, Some(node())).unwrap();
     workload::fill(&region, 42);
     let frames_before = numa::page_frames(region.addr(), region.len()).unwrap();
-    let opts = MigrateOptions {
-        max_batch_pages: Some(batch),
-        ..Default::default()
-    };
-    let stats = Engine::global()
-        .unwrap()
-        .migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
-        .unwrap();
+    let opts = MigrateOptions { max_batch_pages: Some(batch), ..Default::default() };
+    let stats =
+        Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts).unwrap();
     assert_eq!(stats.succeeded_folios as usize, size / folio);
     assert_eq!(stats.failed_folios, 0);
     assert_eq!(stats.bytes as usize, size);
     let report = workload::verify(&region, 42, &WriteLog::default());
     assert!(report.ok(), "{report:?}");
     assert_on_node(&region, node());
-    assert_new_frames(
-        &frames_before,
-        &numa::page_frames(region.addr(), region.len()).unwrap(),
-    );
+    assert_new_frames(&frames_before, &numa::page_frames(region.addr(), region.len()).unwrap());
     stats
 }
 
@@ -72,36 +58,21 @@ fn migrates_2m_folios_and_keeps_thp() {
     assert_on_node(&region, node());
     let thp_after = region.anon_huge_bytes().unwrap();
     // THP availability depends on fragmentation; whatever was huge must stay huge.
-    assert!(
-        thp_before > 0,
-        "the region was not THP-backed to begin with"
-    );
-    assert!(
-        thp_after >= thp_before,
-        "AnonHugePages {thp_before} -> {thp_after}"
-    );
+    assert!(thp_before > 0, "the region was not THP-backed to begin with");
+    assert!(thp_after >= thp_before, "AnonHugePages {thp_before} -> {thp_after}");
 }
 
 #[test]
 fn writers_lose_nothing_over_repeated_migrations() {
     let region = Region::new(8 << 20, 4096, Some(node())).unwrap();
     workload::fill(&region, 3);
-    let opts = MigrateOptions {
-        max_batch_pages: Some(64),
-        ..Default::default()
-    };
+    let opts = MigrateOptions { max_batch_pages: Some(64), ..Default::default() };
     let (total, log) = workload::with_writers(&region, 2, || {
         let mut moved = 0;
         for _ in 0..10 {
             let s = Engine::global()
                 .unwrap()
-                .migrate_pages(
-                    &region.folios(),
-                    node(),
-                    Reason::NumaMisplaced,
-                    Mode::Sync,
-                    &opts,
-                )
+                .migrate_pages(&region.folios(), node(), Reason::NumaMisplaced, Mode::Sync, &opts)
                 .unwrap();
             moved += s.succeeded_folios;
         }
@@ -133,30 +104,19 @@ fn pipe_read_into_migrating_memory_lands_in_new_page() {
     let pause = Duration::from_millis(300);
     let opts = MigrateOptions {
         no_batch_copy: true,
-        fault: FaultInjection {
-            delay_folio_copy: Some((page, pause)),
-            ..Default::default()
-        },
+        fault: FaultInjection { delay_folio_copy: Some((page, pause)), ..Default::default() },
         ..Default::default()
     };
     let started = std::time::Instant::now();
     let read_done = std::thread::scope(|s| {
-        let migrating = s.spawn(|| {
-            engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
-        });
+        let migrating = s.spawn(|| engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts));
         std::thread::sleep(Duration::from_millis(100));
         writer.write_all(&payload).unwrap();
         let mut got = 0;
         while got < 4096 {
             // SAFETY: `target` lies inside the region, which outlives this call, and no
             // other thread touches this page.
-            let n = unsafe {
-                libc::read(
-                    reader.as_raw_fd(),
-                    (target + got) as *mut libc::c_void,
-                    4096 - got,
-                )
-            };
+            let n = unsafe { libc::read(reader.as_raw_fd(), (target + got) as *mut libc::c_void, 4096 - got) };
             assert!(n > 0, "read failed: {}", std::io::Error::last_os_error());
             got += n as usize;
         }
@@ -164,45 +124,24 @@ fn pipe_read_into_migrating_memory_lands_in_new_page() {
         migrating.join().unwrap().unwrap();
         read_done
     });
-    assert!(
-        read_done >= pause,
-        "the read finished after {read_done:?}, before the folio moved"
-    );
+    assert!(read_done >= pause, "the read finished after {read_done:?}, before the folio moved");
     for (i, chunk) in payload.chunks(8).enumerate() {
         let want = u64::from_ne_bytes(chunk.try_into().unwrap());
-        assert_eq!(
-            region.word(page * 512 + i).load(Ordering::Relaxed),
-            want,
-            "word {i}"
-        );
+        assert_eq!(region.word(page * 512 + i).load(Ordering::Relaxed), want, "word {i}");
     }
     let log = WriteLog {
         writes: 512,
-        last: (0..512)
-            .map(|i| {
-                (
-                    page * 512 + i,
-                    region.word(page * 512 + i).load(Ordering::Relaxed),
-                )
-            })
-            .collect(),
+        last: (0..512).map(|i| (page * 512 + i, region.word(page * 512 + i).load(Ordering::Relaxed))).collect(),
     };
     assert!(workload::verify(&region, 9, &log).ok());
     assert_on_node(&region, node());
-    assert_new_frames(
-        &frames_before,
-        &numa::page_frames(region.addr(), region.len()).unwrap(),
-    );
+    assert_new_frames(&frames_before, &numa::page_frames(region.addr(), region.len()).unwrap());
 }
 
 /// Every page is backed by a different physical frame than before (when frames are
 /// visible, i.e. with CAP_SYS_ADMIN).
 fn assert_new_frames(before: &[Option<u64>], after: &[Option<u64>]) {
-    if before
-        .iter()
-        .chain(after)
-        .all(|f| f.is_none_or(|pfn| pfn == 0))
-    {
+    if before.iter().chain(after).all(|f| f.is_none_or(|pfn| pfn == 0)) {
         return;
     }
     for (i, (b, a)) in before.iter().zip(after).enumerate() {
@@ -234,29 +173,14 @@ fn injected_copy_failure_is_undone() {
     let failing = vec![3, 4, 700];
     let opts = MigrateOptions {
         max_batch_pages: Some(256),
-        fault: FaultInjection {
-            fail_batch_copy: true,
-            fail_folio_copy: failing.clone(),
-            ..Default::default()
-        },
+        fault: FaultInjection { fail_batch_copy: true, fail_folio_copy: failing.clone(), ..Default::default() },
         ..Default::default()
     };
     let (result, log) = workload::with_writers(&region, 1, || {
-        Engine::global().unwrap().migrate_pages(
-            &region.folios(),
-            node(),
-            Reason::Syscall,
-            Mode::Sync,
-            &opts,
-        )
+        Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
     });
     match result {
-        Err(Error::Partial {
-            failed,
-            total,
-            stats,
-            ..
-        }) => {
+        Err(Error::Partial { failed, total, stats, .. }) => {
             assert_eq!((failed, total), (3, 1024));
             assert_eq!(stats.succeeded_folios, 1021);
             assert_eq!(stats.fallback_folios, 1024);
@@ -287,27 +211,18 @@ fn bad_input_is_refused_and_memory_unchanged() {
     let default = MigrateOptions::default();
     // Zero length.
     check(
-        engine
-            .migrate_pages(&[], node(), Reason::Syscall, Mode::Sync, &default)
-            .unwrap_err(),
+        engine.migrate_pages(&[], node(), Reason::Syscall, Mode::Sync, &default).unwrap_err(),
         pagemig::sys::Errno::INVAL,
     );
     // Unknown node.
-    let e = engine
-        .migrate_pages(&folios, 999, Reason::Syscall, Mode::Sync, &default)
-        .unwrap_err();
+    let e = engine.migrate_pages(&folios, 999, Reason::Syscall, Mode::Sync, &default).unwrap_err();
     assert!(e.to_string().contains("999"));
     check(e, pagemig::sys::Errno::NODEV);
     // Bad batch bounds.
     for bad in [0, 262_145] {
-        let opts = MigrateOptions {
-            max_batch_pages: Some(bad),
-            ..Default::default()
-        };
+        let opts = MigrateOptions { max_batch_pages: Some(bad), ..Default::default() };
         check(
-            engine
-                .migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
-                .unwrap_err(),
+            engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts).unwrap_err(),
             pagemig::sys::Errno::INVAL,
         );
         assert!(engine.set_max_batch_pages(bad).is_err());
@@ -315,9 +230,7 @@ fn bad_input_is_refused_and_memory_unchanged() {
     // Overlapping folios.
     let overlap = [folios[0], folios[0]];
     check(
-        engine
-            .migrate_pages(&overlap, node(), Reason::Syscall, Mode::Sync, &default)
-            .unwrap_err(),
+        engine.migrate_pages(&overlap, node(), Reason::Syscall, Mode::Sync, &default).unwrap_err(),
         pagemig::sys::Errno::INVAL,
     );
     // Unaligned folios and bad sizes.
@@ -327,14 +240,8 @@ fn bad_input_is_refused_and_memory_unchanged() {
     // Unaligned or empty regions.
     // SAFETY: refused before the range is used.
     unsafe {
-        assert!(matches!(
-            Region::adopt(region.addr() + 1, 4096, 4096),
-            Err(Error::Invalid(_))
-        ));
-        assert!(matches!(
-            Region::adopt(region.addr(), 0, 4096),
-            Err(Error::Invalid(_))
-        ));
+        assert!(matches!(Region::adopt(region.addr() + 1, 4096, 4096), Err(Error::Invalid(_))));
+        assert!(matches!(Region::adopt(region.addr(), 0, 4096), Err(Error::Invalid(_))));
     }
     assert!(workload::verify(&region, 13, &WriteLog::default()).ok());
 }
@@ -357,47 +264,22 @@ fn memory_pagemig_may_not_move_is_refused() {
     } as usize;
     // SAFETY: the mapping is ours.
     unsafe { std::ptr::write_bytes(shared as *mut u8, 0x5a, 65536) };
-    let folios: Vec<Folio> = (0..16)
-        .map(|i| Folio::new(shared + i * 4096, 4096).unwrap())
-        .collect();
-    let e = engine
-        .migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &default)
-        .unwrap_err();
+    let folios: Vec<Folio> = (0..16).map(|i| Folio::new(shared + i * 4096, 4096).unwrap()).collect();
+    let e = engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &default).unwrap_err();
     assert_eq!(e.errno(), pagemig::sys::Errno::FAULT);
     assert!(e.to_string().contains("shared"), "{e}");
     // SAFETY: read back our own mapping.
-    assert!(
-        unsafe { std::slice::from_raw_parts(shared as *const u8, 65536) }
-            .iter()
-            .all(|&b| b == 0x5a)
-    );
+    assert!(unsafe { std::slice::from_raw_parts(shared as *const u8, 65536) }.iter().all(|&b| b == 0x5a));
     // SAFETY: adopting is refused before any use.
-    assert!(matches!(
-        unsafe { Region::adopt(shared, 65536, 4096) },
-        Err(Error::NotMovable { .. })
-    ));
+    assert!(matches!(unsafe { Region::adopt(shared, 65536, 4096) }, Err(Error::NotMovable { .. })));
 
     // A file-backed mapping: this test binary.
     let exe = std::fs::File::open("/proc/self/exe").unwrap();
     // SAFETY: a fresh read-only private mapping of a file, unmapped below.
-    let file = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            4096,
-            libc::PROT_READ,
-            libc::MAP_PRIVATE,
-            exe.as_raw_fd(),
-            0,
-        )
-    } as usize;
+    let file = unsafe { libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_PRIVATE, exe.as_raw_fd(), 0) }
+        as usize;
     let e = engine
-        .migrate_pages(
-            &[Folio::new(file, 4096).unwrap()],
-            node(),
-            Reason::Syscall,
-            Mode::Sync,
-            &default,
-        )
+        .migrate_pages(&[Folio::new(file, 4096).unwrap()], node(), Reason::Syscall, Mode::Sync, &default)
         .unwrap_err();
     assert!(e.to_string().contains("file-backed"), "{e}");
 
@@ -405,31 +287,15 @@ fn memory_pagemig_may_not_move_is_refused() {
     let on_stack = std::hint::black_box([0u8; 16]);
     let page = on_stack.as_ptr() as usize & !4095;
     let e = engine
-        .migrate_pages(
-            &[Folio::new(page, 4096).unwrap()],
-            node(),
-            Reason::Syscall,
-            Mode::Sync,
-            &default,
-        )
+        .migrate_pages(&[Folio::new(page, 4096).unwrap()], node(), Reason::Syscall, Mode::Sync, &default)
         .unwrap_err();
     assert!(e.to_string().contains("stack"), "{e}");
     assert_eq!(e.errno(), pagemig::sys::Errno::FAULT);
 
     // The heap of the main thread: a special mapping.
-    if let Some(heap) = pagemig::maps::vmas()
-        .unwrap()
-        .into_iter()
-        .find(|v| v.path == "[heap]")
-    {
+    if let Some(heap) = pagemig::maps::vmas().unwrap().into_iter().find(|v| v.path == "[heap]") {
         let e = engine
-            .migrate_pages(
-                &[Folio::new(heap.start, 4096).unwrap()],
-                node(),
-                Reason::Syscall,
-                Mode::Sync,
-                &default,
-            )
+            .migrate_pages(&[Folio::new(heap.start, 4096).unwrap()], node(), Reason::Syscall, Mode::Sync, &default)
             .unwrap_err();
         assert!(e.to_string().contains("[heap]"), "{e}");
     }
@@ -439,13 +305,7 @@ fn memory_pagemig_may_not_move_is_refused() {
     let addr = hole.addr();
     drop(hole);
     let e = engine
-        .migrate_pages(
-            &[Folio::new(addr, 4096).unwrap()],
-            node(),
-            Reason::Syscall,
-            Mode::Sync,
-            &default,
-        )
+        .migrate_pages(&[Folio::new(addr, 4096).unwrap()], node(), Reason::Syscall, Mode::Sync, &default)
         .unwrap_err();
     assert!(e.to_string().contains("not mapped"), "{e}");
 
@@ -477,15 +337,10 @@ fn concurrent_calls_on_the_same_folios_never_lose_them() {
     workload::fill(&region, 31);
     let folios = region.folios();
     let engine = Engine::global().unwrap();
-    let opts = MigrateOptions {
-        max_batch_pages: Some(32),
-        ..Default::default()
-    };
+    let opts = MigrateOptions { max_batch_pages: Some(32), ..Default::default() };
     let results: Vec<_> = std::thread::scope(|s| {
-        let a =
-            s.spawn(|| engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
-        let b =
-            s.spawn(|| engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
+        let a = s.spawn(|| engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
+        let b = s.spawn(|| engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
         vec![a.join().unwrap(), b.join().unwrap()]
     });
     for r in results {

@@ -34,11 +34,7 @@ fn two_nodes() -> Option<(u32, u32)> {
 }
 
 fn size_name(bytes: usize) -> String {
-    if bytes >= MIB {
-        format!("{}MiB", bytes / MIB)
-    } else {
-        format!("{}KiB", bytes / KIB)
-    }
+    if bytes >= MIB { format!("{}MiB", bytes / MIB) } else { format!("{}KiB", bytes / KIB) }
 }
 
 /// The value every word of a region holds after `fill(region, seed)`.
@@ -54,9 +50,8 @@ fn fill(region: &Region, seed: u64) {
 
 /// Checks every byte of the region (word by word) against `fill(region, seed)`.
 fn verify(region: &Region, seed: u64, what: &str) {
-    let bad: Vec<usize> = (0..region.words())
-        .filter(|&i| region.word(i).load(Ordering::Relaxed) != pattern(seed, i))
-        .collect();
+    let bad: Vec<usize> =
+        (0..region.words()).filter(|&i| region.word(i).load(Ordering::Relaxed) != pattern(seed, i)).collect();
     assert!(
         bad.is_empty(),
         "{what}: {} of {} words differ, first at byte offset {:#x}",
@@ -69,8 +64,7 @@ fn verify(region: &Region, seed: u64, what: &str) {
 /// `/proc/self/maps` and `/proc/self/numa_maps` read while no mapping changed: numa_maps
 /// gives each mapping's start only, maps gives its end.
 fn maps_and_numa_maps() -> (String, String) {
-    let read =
-        |path| std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
+    let read = |path| std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path}: {e}"));
     let mut maps = read("/proc/self/maps");
     for _ in 0..100 {
         let numa_maps = read("/proc/self/numa_maps");
@@ -93,25 +87,17 @@ fn numa_maps_counts(addr: usize, len: usize) -> BTreeMap<u32, usize> {
         .lines()
         .filter_map(|l| {
             let (s, e) = l.split(' ').next()?.split_once('-')?;
-            Some((
-                usize::from_str_radix(s, 16).ok()?,
-                usize::from_str_radix(e, 16).ok()?,
-            ))
+            Some((usize::from_str_radix(s, 16).ok()?, usize::from_str_radix(e, 16).ok()?))
         })
         .collect();
     let mut counts = BTreeMap::new();
     let mut covered = 0;
     for line in numa_maps.lines() {
         let mut fields = line.split_whitespace();
-        let Some(start) = fields
-            .next()
-            .and_then(|s| usize::from_str_radix(s, 16).ok())
-        else {
+        let Some(start) = fields.next().and_then(|s| usize::from_str_radix(s, 16).ok()) else {
             continue;
         };
-        let vma_end = *ends
-            .get(&start)
-            .unwrap_or_else(|| panic!("mapping {start:#x} of numa_maps not in maps"));
+        let vma_end = *ends.get(&start).unwrap_or_else(|| panic!("mapping {start:#x} of numa_maps not in maps"));
         if vma_end <= addr || start >= end {
             continue;
         }
@@ -124,9 +110,7 @@ fn numa_maps_counts(addr: usize, len: usize) -> BTreeMap<u32, usize> {
         for field in fields {
             if let Some(kb) = field.strip_prefix("kernelpagesize_kB=") {
                 page_kb = kb.parse().expect("kernelpagesize_kB");
-            } else if let Some((node, pages)) =
-                field.strip_prefix('N').and_then(|f| f.split_once('='))
-            {
+            } else if let Some((node, pages)) = field.strip_prefix('N').and_then(|f| f.split_once('=')) {
                 let (Ok(node), Ok(pages)) = (node.parse::<u32>(), pages.parse::<usize>()) else {
                     continue;
                 };
@@ -134,16 +118,9 @@ fn numa_maps_counts(addr: usize, len: usize) -> BTreeMap<u32, usize> {
             }
         }
         // Transparent huge pages are counted in base pages; only hugetlbfs differs.
-        assert_eq!(
-            page_kb,
-            PAGE_SIZE / KIB,
-            "unexpected page size in numa_maps: {line}"
-        );
+        assert_eq!(page_kb, PAGE_SIZE / KIB, "unexpected page size in numa_maps: {line}");
     }
-    assert_eq!(
-        covered, len,
-        "numa_maps covers {covered} of the region's {len} bytes"
-    );
+    assert_eq!(covered, len, "numa_maps covers {covered} of the region's {len} bytes");
     counts
 }
 
@@ -155,22 +132,13 @@ fn check_placement(name: &str, region: &Region, node: u32) {
     let by_status = status.iter().filter(|&&n| n == node as i32).count();
     let counts = numa_maps_counts(region.addr(), region.len());
     let by_numa_maps = counts.get(&node).copied().unwrap_or(0);
-    println!(
-        "placement: {name} node {node} pages {}/{total}",
-        by_status.min(by_numa_maps)
-    );
+    println!("placement: {name} node {node} pages {}/{total}", by_status.min(by_numa_maps));
     let mut per_node: BTreeMap<i32, usize> = BTreeMap::new();
     for &n in &status {
         *per_node.entry(n).or_insert(0) += 1;
     }
-    assert_eq!(
-        by_status, total,
-        "{name}: move_pages finds pages per node (or -errno) {per_node:?}"
-    );
-    assert_eq!(
-        by_numa_maps, total,
-        "{name}: numa_maps counts pages per node {counts:?}"
-    );
+    assert_eq!(by_status, total, "{name}: move_pages finds pages per node (or -errno) {per_node:?}");
+    assert_eq!(by_numa_maps, total, "{name}: numa_maps counts pages per node {counts:?}");
 }
 
 /// A way of moving a whole region to a node.
@@ -187,12 +155,7 @@ enum CopyPath {
 }
 
 impl CopyPath {
-    const ALL: [CopyPath; 4] = [
-        CopyPath::Batch,
-        CopyPath::PerFolio,
-        CopyPath::Fallback,
-        CopyPath::Kernel,
-    ];
+    const ALL: [CopyPath; 4] = [CopyPath::Batch, CopyPath::PerFolio, CopyPath::Fallback, CopyPath::Kernel];
 
     fn name(self) -> &'static str {
         match self {
@@ -209,17 +172,8 @@ impl CopyPath {
             CopyPath::Batch => (Reason::Syscall, MigrateOptions::default()),
             CopyPath::PerFolio => (Reason::MemoryFailure, MigrateOptions::default()),
             CopyPath::Fallback => {
-                let fault = FaultInjection {
-                    fail_batch_copy: true,
-                    ..Default::default()
-                };
-                (
-                    Reason::Demotion,
-                    MigrateOptions {
-                        fault,
-                        ..Default::default()
-                    },
-                )
+                let fault = FaultInjection { fail_batch_copy: true, ..Default::default() };
+                (Reason::Demotion, MigrateOptions { fault, ..Default::default() })
             }
         };
         let folios = region.folios();
@@ -228,11 +182,7 @@ impl CopyPath {
             .migrate_pages(&folios, node, reason, Mode::Sync, &opts)
             .unwrap_or_else(|e| panic!("{}: migrate to node {node}: {e}", self.name()));
         let n = folios.len() as u64;
-        assert_eq!(
-            (stats.succeeded_folios, stats.failed_folios),
-            (n, 0),
-            "{stats:?}"
-        );
+        assert_eq!((stats.succeeded_folios, stats.failed_folios), (n, 0), "{stats:?}");
         assert_eq!(stats.bytes, region.len() as u64, "{stats:?}");
         let copied = match self {
             CopyPath::Batch => stats.batch_copied_folios,
@@ -240,12 +190,7 @@ impl CopyPath {
             CopyPath::Fallback => stats.fallback_folios,
             CopyPath::Kernel => unreachable!(),
         };
-        assert_eq!(
-            copied,
-            n,
-            "{}: folios not copied the expected way: {stats:?}",
-            self.name()
-        );
+        assert_eq!(copied, n, "{}: folios not copied the expected way: {stats:?}", self.name());
     }
 }
 
@@ -257,49 +202,28 @@ fn kernel_move_pages(r: &Region, node: u32) {
     let pages: Vec<usize> = r.folios().iter().map(|f| f.addr()).collect();
     let nodes = vec![node as i32; pages.len()];
     let mut status = vec![i32::MIN; pages.len()];
-    sys::move_pages(&pages, Some(&nodes), &mut status)
-        .unwrap_or_else(|e| panic!("move_pages: {e}"));
-    let failed: Vec<_> = status
-        .iter()
-        .enumerate()
-        .filter(|&(_, &s)| s != node as i32)
-        .take(4)
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "move_pages per-page status (index, status): {failed:?}"
-    );
+    sys::move_pages(&pages, Some(&nodes), &mut status).unwrap_or_else(|e| panic!("move_pages: {e}"));
+    let failed: Vec<_> = status.iter().enumerate().filter(|&(_, &s)| s != node as i32).take(4).collect();
+    assert!(failed.is_empty(), "move_pages per-page status (index, status): {failed:?}");
 }
 
 fn round_trip(folio_size: usize, len: usize) {
     let Some((a, b)) = two_nodes() else { return };
     for path in CopyPath::ALL {
-        let name = format!(
-            "{}-{}-folios-{}",
-            path.name(),
-            size_name(folio_size),
-            size_name(len)
-        );
+        let name = format!("{}-{}-folios-{}", path.name(), size_name(folio_size), size_name(len));
         let region = Region::new(len, folio_size, Some(a)).expect("region on the first node");
         let seed = len as u64 ^ folio_size as u64;
         fill(&region, seed);
         check_placement(&format!("{name}@start"), &region, a);
         for (step, node) in [b, a].into_iter().enumerate() {
             path.migrate(&region, node);
-            verify(
-                &region,
-                seed,
-                &format!("{name} after move {step} to node {node}"),
-            );
+            verify(&region, seed, &format!("{name} after move {step} to node {node}"));
             check_placement(&format!("{name}#{}", step + 1), &region, node);
         }
         if folio_size == HPAGE_SIZE {
             // 2 MiB-aligned moves keep transparent huge pages whole.
             let huge = region.anon_huge_bytes().expect("reading smaps");
-            assert_eq!(
-                huge, len as u64,
-                "{name}: bytes on huge pages after the moves"
-            );
+            assert_eq!(huge, len as u64, "{name}: bytes on huge pages after the moves");
         }
     }
 }
@@ -360,11 +284,7 @@ fn bounce_under_load(folio_size: usize, len: usize, moves: usize) {
                         for (line, l) in last.iter_mut().enumerate() {
                             let word = region.word(slot(w, line));
                             word.store(seq, Ordering::Release);
-                            assert_eq!(
-                                word.load(Ordering::Acquire),
-                                seq,
-                                "writer {w} lost its write"
-                            );
+                            assert_eq!(word.load(Ordering::Acquire), seq, "writer {w} lost its write");
                             *l = seq;
                         }
                         rounds[w].store(seq, Ordering::Relaxed);
@@ -383,10 +303,7 @@ fn bounce_under_load(folio_size: usize, len: usize, moves: usize) {
                         for w in 0..WRITERS {
                             let v = region.word(slot(w, line)).load(Ordering::Acquire);
                             let prev = &mut seen[line * WRITERS + w];
-                            assert!(
-                                v >= *prev,
-                                "slot of writer {w} in line {line} went back from {prev} to {v}"
-                            );
+                            assert!(v >= *prev, "slot of writer {w} in line {line} went back from {prev} to {v}");
                             *prev = v;
                         }
                     }
@@ -404,42 +321,22 @@ fn bounce_under_load(folio_size: usize, len: usize, moves: usize) {
             // landing on pages while they migrate.
             let before: Vec<u64> = rounds.iter().map(|r| r.load(Ordering::Relaxed)).collect();
             let waiting = Instant::now();
-            while rounds
-                .iter()
-                .zip(&before)
-                .any(|(r, &b)| r.load(Ordering::Relaxed) <= b)
-            {
+            while rounds.iter().zip(&before).any(|(r, &b)| r.load(Ordering::Relaxed) <= b) {
                 if writers.iter().any(|h| h.is_finished()) {
                     break; // It panicked: joining it below reports why.
                 }
-                assert!(
-                    waiting.elapsed() < Duration::from_secs(60),
-                    "{name}: a writer made no progress for 60 s"
-                );
+                assert!(waiting.elapsed() < Duration::from_secs(60), "{name}: a writer made no progress for 60 s");
                 std::thread::yield_now();
             }
             let node = if i % 2 == 0 { b } else { a };
             let stats = engine
-                .migrate_pages(
-                    &region.folios(),
-                    node,
-                    Reason::Syscall,
-                    Mode::Sync,
-                    &MigrateOptions::default(),
-                )
+                .migrate_pages(&region.folios(), node, Reason::Syscall, Mode::Sync, &MigrateOptions::default())
                 .unwrap_or_else(|e| panic!("{name}: move {i} to node {node}: {e}"));
-            assert_eq!(
-                stats.succeeded_folios,
-                region.folios().len() as u64,
-                "{name}: move {i}: {stats:?}"
-            );
+            assert_eq!(stats.succeeded_folios, region.folios().len() as u64, "{name}: move {i}: {stats:?}");
             check_placement(&format!("{name}#{}", i + 1), region, node);
         }
         stop.store(true, Ordering::Relaxed);
-        writers
-            .into_iter()
-            .map(|h| h.join().expect("writer panicked"))
-            .collect()
+        writers.into_iter().map(|h| h.join().expect("writer panicked")).collect()
     });
     // Zero lost writes: every slot holds its writer's last value.
     let mut lost = 0;
@@ -451,15 +348,10 @@ fn bounce_under_load(folio_size: usize, len: usize, moves: usize) {
         }
     }
     let write_rounds: u64 = rounds.iter().map(|r| r.load(Ordering::Relaxed)).sum();
-    println!(
-        "{name}: {moves} moves, {write_rounds} write rounds, {} read rounds",
-        reads.load(Ordering::Relaxed)
-    );
+    println!("{name}: {moves} moves, {write_rounds} write rounds, {} read rounds", reads.load(Ordering::Relaxed));
     assert_eq!(lost, 0, "{name}: {lost} slots lost their last write");
     let untouched = (0..region.words()).filter(|i| i % stride >= WRITERS);
-    let bad = untouched
-        .filter(|&i| region.word(i).load(Ordering::Relaxed) != pattern(seed, i))
-        .count();
+    let bad = untouched.filter(|&i| region.word(i).load(Ordering::Relaxed) != pattern(seed, i)).count();
     assert_eq!(bad, 0, "{name}: {bad} words outside the slots changed");
 }
 
@@ -487,30 +379,18 @@ fn full_target_node_fails_cleanly_with_enomem() {
     let hog_len = (free as usize).saturating_sub(keep_free) / HPAGE_SIZE * HPAGE_SIZE;
     let hog = Region::new(hog_len, HPAGE_SIZE, Some(b)).expect("filling the target node");
     let (_, left) = numa::meminfo(b).expect("node meminfo");
-    println!(
-        "node {b}: {} MiB free after taking {} MiB; migrating {} MiB",
-        left >> 20,
-        hog_len >> 20,
-        len >> 20
-    );
-    assert!(
-        left < len as u64,
-        "could not fill node {b}: {left} bytes still free"
-    );
+    println!("node {b}: {} MiB free after taking {} MiB; migrating {} MiB", left >> 20, hog_len >> 20, len >> 20);
+    assert!(left < len as u64, "could not fill node {b}: {left} bytes still free");
     let err = migrate::migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync)
         .expect_err("migrating more than the target node has free");
     println!("error: {err}");
     assert_eq!(err.errno(), Errno::NOMEM, "{err}");
-    assert!(
-        !matches!(err, Error::Partial { .. }),
-        "nothing may have moved: {err}"
-    );
+    assert!(!matches!(err, Error::Partial { .. }), "nothing may have moved: {err}");
     verify(&region, seed, "source after the refused migration");
     check_placement("enomem-2MiB-folios-64MiB@source", &region, a);
     drop(hog);
     // Once there is room, the same region moves.
-    migrate::migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync)
-        .expect("migrating with room");
+    migrate::migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync).expect("migrating with room");
     verify(&region, seed, "region after the migration with room");
     check_placement("enomem-2MiB-folios-64MiB#retry", &region, b);
 }

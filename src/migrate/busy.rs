@@ -17,10 +17,7 @@ impl Busy {
     /// Claims `[start, end)` unless it overlaps a claimed range.
     pub fn try_claim(&self, start: usize, end: usize) -> bool {
         let mut ranges = self.ranges.lock();
-        let overlaps = ranges
-            .range(..end)
-            .next_back()
-            .is_some_and(|(_, &e)| e > start);
+        let overlaps = ranges.range(..end).next_back().is_some_and(|(_, &e)| e > start);
         if !overlaps {
             ranges.insert(start, end);
         }

@@ -74,29 +74,23 @@ impl Call<'_> {
         // Destinations.
         for run in &mut runs {
             let first = &claimed[run.items.start];
-            let align = claimed[run.items.clone()]
-                .iter()
-                .map(|i| i.folio.size())
-                .max()
-                .unwrap_or(sys::PAGE_SIZE)
-                .min(HPAGE_SIZE);
-            let key = Key {
-                node: self.target,
-                thp: first.thp,
+            // Keep the destination at the source's offset within a 2 MiB page whenever the
+            // run spans one: huge pages stay huge, and `mremap` moves whole page tables
+            // instead of one entry at a time.
+            let align = if run.end - run.start >= HPAGE_SIZE {
+                HPAGE_SIZE
+            } else {
+                claimed[run.items.clone()].iter().map(|i| i.folio.size()).max().unwrap_or(sys::PAGE_SIZE)
             };
-            match engine
-                .pool
-                .take(key, run.end - run.start, align, run.start % align)
-            {
+            let key = Key { node: self.target, thp: first.thp };
+            match engine.pool.take(key, run.end - run.start, align, run.start % align) {
                 Ok((dest, spent)) => {
                     self.stats.prepare_ns += spent.as_nanos() as u64;
                     run.dest = Some(dest);
                 }
                 Err(e) => {
                     let errno = e.errno();
-                    self.fail_all(&claimed[run.items.clone()], || {
-                        Error::sys("destination on target node")(errno)
-                    });
+                    self.fail_all(&claimed[run.items.clone()], || Error::sys("destination on target node")(errno));
                 }
             }
         }
@@ -119,11 +113,7 @@ impl Call<'_> {
         self.stats.unmap_ns += unmap_start.elapsed().as_nanos() as u64;
 
         // Batch copy.
-        let live: Vec<usize> = runs
-            .iter()
-            .filter(|r| r.dest.is_some())
-            .flat_map(|r| r.items.clone())
-            .collect();
+        let live: Vec<usize> = runs.iter().filter(|r| r.dest.is_some()).flat_map(|r| r.items.clone()).collect();
         if self.reason.batch_eligible() && !self.opts.no_batch_copy && !live.is_empty() {
             let copy_start = Instant::now();
             let pairs: Vec<CopyPair> = runs
@@ -147,8 +137,7 @@ impl Call<'_> {
             };
             match result {
                 Ok(()) => {
-                    live.iter()
-                        .for_each(|&i| info[i].insert(MigrateInfo::ALREADY_COPIED));
+                    live.iter().for_each(|&i| info[i].insert(MigrateInfo::ALREADY_COPIED));
                     self.stats.batch_copied_folios += live.len() as u64;
                 }
                 Err(_) => self.stats.fallback_folios += live.len() as u64,
@@ -181,8 +170,7 @@ impl Call<'_> {
             // Without WP_UNPOPULATED a never-touched page is not protected: touch it first.
             sys::madvise(start, len, Advice::PopulateWrite).map_err(|e| ("populate source", e))?;
         }
-        uffd.register_wp(start, len)
-            .map_err(|e| ("userfaultfd register", e))?;
+        uffd.register_wp(start, len).map_err(|e| ("userfaultfd register", e))?;
         if let Err(e) = uffd.writeprotect(start, len, true) {
             let _ = uffd.unregister(start, len);
             return Err(("userfaultfd write-protect", e));
@@ -219,12 +207,7 @@ impl Call<'_> {
                 pending.get_or_insert(item.folio.addr());
                 continue;
             }
-            if let Some((_, pause)) = self
-                .opts
-                .fault
-                .delay_folio_copy
-                .filter(|&(at, _)| at == item.index)
-            {
+            if let Some((_, pause)) = self.opts.fault.delay_folio_copy.filter(|&(at, _)| at == item.index) {
                 std::thread::sleep(pause);
             }
             let copy_start = Instant::now();
@@ -235,27 +218,13 @@ impl Call<'_> {
                 // SAFETY: the source is write-protected since the unmap phase; `dst` lies in
                 // the destination the pool handed us for this folio and nothing else refers
                 // to it.
-                unsafe {
-                    folio_copy(CopyPair {
-                        dst,
-                        src: item.folio.addr(),
-                        len: item.folio.size(),
-                    })
-                }
+                unsafe { folio_copy(CopyPair { dst, src: item.folio.addr(), len: item.folio.size() }) }
             };
             self.stats.copy_ns += copy_start.elapsed().as_nanos() as u64;
             if let Err(errno) = result {
                 if let Some(start) = pending.take() {
                     let (head, tail) = rest.split_at(item.folio.addr() - cursor);
-                    self.finish(
-                        start,
-                        item.folio.addr(),
-                        head,
-                        claimed,
-                        run,
-                        batch_start,
-                        first_done,
-                    );
+                    self.finish(start, item.folio.addr(), head, claimed, run, batch_start, first_done);
                     rest = tail;
                 } else {
                     let (gap, tail) = rest.split_at(item.folio.addr() - cursor);
@@ -297,10 +266,8 @@ impl Call<'_> {
         let move_start = Instant::now();
         let len = end - start;
         debug_assert_eq!(dest.len(), len);
-        let items: Vec<&Item> = claimed[run.items.clone()]
-            .iter()
-            .filter(|it| it.folio.addr() >= start && it.folio.end() <= end)
-            .collect();
+        let items: Vec<&Item> =
+            claimed[run.items.clone()].iter().filter(|it| it.folio.addr() >= start && it.folio.end() <= end).collect();
         // SAFETY: `[start, end)` is write-protected source memory of this call (no writer
         // can change it), `dest` holds a complete copy of it and is ours alone; moving it
         // over the source keeps every byte the program can observe.
@@ -308,10 +275,7 @@ impl Call<'_> {
             self.engine.pool.release(dest);
             self.unprotect(start, end);
             for it in items {
-                self.fail(
-                    it,
-                    Error::sys("mremap of the destination over the source")(errno),
-                );
+                self.fail(it, Error::sys("mremap of the destination over the source")(errno));
             }
             self.stats.move_ns += move_start.elapsed().as_nanos() as u64;
             return;
@@ -323,9 +287,7 @@ impl Call<'_> {
         let _ = self.engine.uffd.wake(start, len);
         if !*first_done {
             *first_done = true;
-            self.stats
-                .first_folio_ns
-                .push(batch_start.elapsed().as_nanos() as u64);
+            self.stats.first_folio_ns.push(batch_start.elapsed().as_nanos() as u64);
         }
         let s = &mut *self.stats;
         s.runs += 1;
@@ -355,12 +317,7 @@ fn split_runs(claimed: &[Item]) -> Vec<Run> {
                 r.end = item.folio.end();
                 r.items.end = i + 1;
             }
-            _ => runs.push(Run {
-                start: item.folio.addr(),
-                end: item.folio.end(),
-                items: i..i + 1,
-                dest: None,
-            }),
+            _ => runs.push(Run { start: item.folio.addr(), end: item.folio.end(), items: i..i + 1, dest: None }),
         }
     }
     runs

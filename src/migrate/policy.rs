@@ -54,10 +54,7 @@ impl Reason {
     /// balancing move many folios and can wait for a batch; the others are latency- or
     /// correctness-critical and copy folio by folio.
     pub fn batch_eligible(self) -> bool {
-        matches!(
-            self,
-            Reason::Compaction | Reason::Syscall | Reason::Demotion | Reason::NumaMisplaced
-        )
+        matches!(self, Reason::Compaction | Reason::Syscall | Reason::Demotion | Reason::NumaMisplaced)
     }
 
     /// The name used on the command line and in reports.
@@ -88,16 +85,10 @@ impl FromStr for Reason {
 
     fn from_str(s: &str) -> Result<Self, Error> {
         let norm = s.trim().to_ascii_lowercase().replace('-', "_");
-        Reason::ALL
-            .into_iter()
-            .find(|r| r.name() == norm)
-            .ok_or_else(|| {
-                let names: Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
-                Error::Invalid(format!(
-                    "unknown reason {s:?}; accepted: {}",
-                    names.join(", ")
-                ))
-            })
+        Reason::ALL.into_iter().find(|r| r.name() == norm).ok_or_else(|| {
+            let names: Vec<_> = Reason::ALL.iter().map(|r| r.name()).collect();
+            Error::Invalid(format!("unknown reason {s:?}; accepted: {}", names.join(", ")))
+        })
     }
 }
 
@@ -121,9 +112,7 @@ impl FromStr for Mode {
             "async" => Ok(Mode::Async),
             "sync_light" => Ok(Mode::SyncLight),
             "sync" => Ok(Mode::Sync),
-            _ => Err(Error::Invalid(format!(
-                "unknown mode {s:?}; accepted: async, sync_light, sync"
-            ))),
+            _ => Err(Error::Invalid(format!("unknown mode {s:?}; accepted: async, sync_light, sync"))),
         }
     }
 }
@@ -134,19 +123,8 @@ mod tests {
 
     #[test]
     fn batch_policy_matches_the_seed() {
-        let eligible: Vec<_> = Reason::ALL
-            .into_iter()
-            .filter(|r| r.batch_eligible())
-            .collect();
-        assert_eq!(
-            eligible,
-            [
-                Reason::Compaction,
-                Reason::Syscall,
-                Reason::NumaMisplaced,
-                Reason::Demotion
-            ]
-        );
+        let eligible: Vec<_> = Reason::ALL.into_iter().filter(|r| r.batch_eligible()).collect();
+        assert_eq!(eligible, [Reason::Compaction, Reason::Syscall, Reason::NumaMisplaced, Reason::Demotion]);
     }
 
     #[test]
@@ -154,13 +132,7 @@ mod tests {
         for r in Reason::ALL {
             assert_eq!(r.name().parse::<Reason>().unwrap(), r);
         }
-        assert!(
-            "bogus"
-                .parse::<Reason>()
-                .unwrap_err()
-                .to_string()
-                .contains("accepted")
-        );
+        assert!("bogus".parse::<Reason>().unwrap_err().to_string().contains("accepted"));
         assert_eq!("sync-light".parse::<Mode>().unwrap(), Mode::SyncLight);
     }
 }

@@ -111,11 +111,7 @@ impl MigrateStats {
 
 /// Bytes per second in units of 10^9.
 pub fn gbps(bytes: u64, t: Duration) -> f64 {
-    if t.is_zero() {
-        0.0
-    } else {
-        bytes as f64 / t.as_secs_f64() / 1e9
-    }
+    if t.is_zero() { 0.0 } else { bytes as f64 / t.as_secs_f64() / 1e9 }
 }
 
 #[cfg(test)]

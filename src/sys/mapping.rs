@@ -24,11 +24,7 @@ impl Mapping {
     pub fn new(len: usize, align: usize) -> Result<Self, Errno> {
         let addr = super::mmap_anon_aligned(len, align)?;
         // INVARIANT: freshly mapped by us; unmapped only on drop.
-        Ok(Self {
-            addr,
-            len,
-            owned: true,
-        })
+        Ok(Self { addr, len, owned: true })
     }
 
     /// Refers to a range the caller owns, without unmapping it on drop.
@@ -38,11 +34,7 @@ impl Mapping {
     /// value lives.
     pub unsafe fn borrowed(addr: usize, len: usize) -> Self {
         // INVARIANT: promised by the caller.
-        Self {
-            addr,
-            len,
-            owned: false,
-        }
+        Self { addr, len, owned: false }
     }
 
     /// First byte.

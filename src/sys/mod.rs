@@ -73,11 +73,7 @@ pub fn mmap_anon(len: usize) -> Result<usize, Errno> {
             0,
         )
     };
-    if ptr == libc::MAP_FAILED {
-        Err(last_errno())
-    } else {
-        Ok(ptr as usize)
-    }
+    if ptr == libc::MAP_FAILED { Err(last_errno()) } else { Ok(ptr as usize) }
 }
 
 /// Maps `len` bytes of anonymous memory aligned to `align` (a power of two), trimming the
@@ -130,19 +126,9 @@ pub unsafe fn munmap(addr: usize, len: usize) -> Result<(), Errno> {
 pub unsafe fn mremap_fixed(from: usize, len: usize, to: usize) -> Result<(), Errno> {
     // SAFETY: the caller owns both ranges; the kernel checks that they are mapped.
     let ret = unsafe {
-        libc::mremap(
-            from as *mut c_void,
-            len,
-            len,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-            to as *mut c_void,
-        )
+        libc::mremap(from as *mut c_void, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to as *mut c_void)
     };
-    if ret == libc::MAP_FAILED {
-        Err(last_errno())
-    } else {
-        Ok(())
-    }
+    if ret == libc::MAP_FAILED { Err(last_errno()) } else { Ok(()) }
 }
 
 /// A subset of `madvise(2)` advice values that pagemig uses.
@@ -206,18 +192,8 @@ pub fn mbind(addr: usize, len: usize, node: u32, move_existing: bool) -> Result<
     let flags = if move_existing { MPOL_MF_MOVE } else { 0 };
     // SAFETY: the mask outlives the call and holds NODEMASK_BITS bits; mbind changes the
     // policy of the range, never its contents.
-    check(unsafe {
-        libc::syscall(
-            libc::SYS_mbind,
-            addr,
-            len,
-            MPOL_BIND,
-            mask.as_ptr(),
-            NODEMASK_BITS + 1,
-            flags,
-        )
-    })
-    .map(drop)
+    check(unsafe { libc::syscall(libc::SYS_mbind, addr, len, MPOL_BIND, mask.as_ptr(), NODEMASK_BITS + 1, flags) })
+        .map(drop)
 }
 
 /// The node of the page at `addr`: `get_mempolicy(&node, NULL, 0, addr, MPOL_F_NODE |
@@ -284,24 +260,10 @@ pub fn set_mempolicy_bind(node: Option<u32>) -> Result<(), Errno> {
         Some(node) => {
             let mask = nodemask(node)?;
             // SAFETY: the mask outlives the call and holds NODEMASK_BITS bits.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_set_mempolicy,
-                    MPOL_BIND,
-                    mask.as_ptr(),
-                    NODEMASK_BITS + 1,
-                )
-            }
+            unsafe { libc::syscall(libc::SYS_set_mempolicy, MPOL_BIND, mask.as_ptr(), NODEMASK_BITS + 1) }
         }
         // SAFETY: a NULL mask with MPOL_DEFAULT is the documented way to reset the policy.
-        None => unsafe {
-            libc::syscall(
-                libc::SYS_set_mempolicy,
-                MPOL_DEFAULT,
-                std::ptr::null::<u64>(),
-                0usize,
-            )
-        },
+        None => unsafe { libc::syscall(libc::SYS_set_mempolicy, MPOL_DEFAULT, std::ptr::null::<u64>(), 0usize) },
     };
     check(ret).map(drop)
 }
@@ -315,6 +277,43 @@ pub fn set_mempolicy_bind(node: Option<u32>) -> Result<(), Errno> {
 pub unsafe fn copy_bytes(dst: usize, src: usize, len: usize) {
     // SAFETY: forwarded from the caller's contract.
     unsafe { std::ptr::copy_nonoverlapping(src as *const u8, dst as *mut u8, len) }
+}
+
+/// Copies `len` bytes from `src` to `dst` with non-temporal stores, which write whole
+/// cache lines straight to memory instead of first reading the destination into the cache:
+/// the right copy for migration, whose destination is not read again soon. Falls back to
+/// [`copy_bytes`] for unaligned or short copies. Ends with a store fence.
+///
+/// # Safety
+/// As [`copy_bytes`].
+pub unsafe fn copy_bytes_nt(dst: usize, src: usize, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if dst % 64 == 0 && src % 16 == 0 && len % 64 == 0 && len >= 4096 {
+        use std::arch::x86_64::{__m128i, _mm_load_si128, _mm_sfence, _mm_stream_si128};
+        let (mut s, mut d) = (src as *const __m128i, dst as *mut __m128i);
+        let end = (src + len) as *const __m128i;
+        // SAFETY: both ranges are valid for `len` bytes (caller's contract), 16-byte
+        // aligned (checked above) and `len` is a multiple of 64, so every 16-byte access
+        // below stays inside them. SSE2 is part of the x86-64 baseline.
+        unsafe {
+            while s < end {
+                let a = _mm_load_si128(s);
+                let b = _mm_load_si128(s.add(1));
+                let c = _mm_load_si128(s.add(2));
+                let e = _mm_load_si128(s.add(3));
+                _mm_stream_si128(d, a);
+                _mm_stream_si128(d.add(1), b);
+                _mm_stream_si128(d.add(2), c);
+                _mm_stream_si128(d.add(3), e);
+                s = s.add(4);
+                d = d.add(4);
+            }
+            _mm_sfence();
+        }
+        return;
+    }
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { copy_bytes(dst, src, len) }
 }
 
 /// The calling thread's stack as `(start, end)`, from `pthread_getattr_np`.
@@ -334,10 +333,7 @@ pub fn current_thread_stack() -> Option<(usize, usize)> {
 
 /// `vm.max_map_count`: the most mappings a process may hold.
 pub fn max_map_count() -> usize {
-    std::fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(65530)
+    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530)
 }
 
 #[cfg(test)]

@@ -17,12 +17,10 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use linux_raw_sys::general::{
-    UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY,
-    UFFDIO_REGISTER_MODE_WP, uffdio_api, uffdio_range, uffdio_register, uffdio_writeprotect,
+    UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY, UFFDIO_REGISTER_MODE_WP,
+    uffdio_api, uffdio_range, uffdio_register, uffdio_writeprotect,
 };
-use linux_raw_sys::ioctl::{
-    UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_WRITEPROTECT,
-};
+use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_WRITEPROTECT};
 
 use super::{Errno, last_errno};
 
@@ -59,9 +57,7 @@ impl Uffd {
             Ok(fd) => (fd, false),
             Err(_) => match open_syscall(0) {
                 Ok(fd) => (fd, false),
-                Err(Errno::PERM) | Err(Errno::ACCESS) => {
-                    (open_syscall(UFFD_USER_MODE_ONLY as i32)?, true)
-                }
+                Err(Errno::PERM) | Err(Errno::ACCESS) => (open_syscall(UFFD_USER_MODE_ONLY as i32)?, true),
                 Err(e) => return Err(e),
             },
         };
@@ -76,27 +72,14 @@ impl Uffd {
                 } else {
                     open_dev().or_else(|_| open_syscall(0))?
                 };
-                api(&fd2, UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64).map_err(|e| {
-                    if e == Errno::INVAL {
-                        Errno::OPNOTSUPP
-                    } else {
-                        e
-                    }
-                })?;
-                return Ok(Self {
-                    fd: fd2,
-                    user_mode_only,
-                    wp_unpopulated: false,
-                });
+                api(&fd2, UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64)
+                    .map_err(|e| if e == Errno::INVAL { Errno::OPNOTSUPP } else { e })?;
+                return Ok(Self { fd: fd2, user_mode_only, wp_unpopulated: false });
             }
             Err(e) => return Err(e),
         };
         // INVARIANT: UFFDIO_API succeeded with PAGEFAULT_FLAG_WP.
-        Ok(Self {
-            fd,
-            user_mode_only,
-            wp_unpopulated,
-        })
+        Ok(Self { fd, user_mode_only, wp_unpopulated })
     }
 
     /// Whether only user-mode faults are handled: kernel writes into protected memory
@@ -120,11 +103,7 @@ impl Uffd {
     /// registered (not anonymous, unaligned), `ENOMEM` for unmapped holes or past
     /// `vm.max_map_count`.
     pub fn register_wp(&self, start: usize, len: usize) -> Result<(), Errno> {
-        let mut reg = uffdio_register {
-            range: range(start, len),
-            mode: UFFDIO_REGISTER_MODE_WP as u64,
-            ioctls: 0,
-        };
+        let mut reg = uffdio_register { range: range(start, len), mode: UFFDIO_REGISTER_MODE_WP as u64, ioctls: 0 };
         // SAFETY: `reg` is a valid uffdio_register the kernel reads and updates in place.
         self.ioctl(UFFDIO_REGISTER, &mut reg as *mut _ as *mut libc::c_void)
     }
@@ -147,10 +126,7 @@ impl Uffd {
     /// under the call, or the ioctl's errno.
     pub fn writeprotect(&self, start: usize, len: usize, protect: bool) -> Result<(), Errno> {
         let mode = if protect { WRITEPROTECT_MODE_WP } else { 0 };
-        let mut wp = uffdio_writeprotect {
-            range: range(start, len),
-            mode,
-        };
+        let mut wp = uffdio_writeprotect { range: range(start, len), mode };
         self.ioctl(UFFDIO_WRITEPROTECT, &mut wp as *mut _ as *mut libc::c_void)
     }
 
@@ -174,10 +150,7 @@ impl Uffd {
 }
 
 fn range(start: usize, len: usize) -> uffdio_range {
-    uffdio_range {
-        start: start as u64,
-        len: len as u64,
-    }
+    uffdio_range { start: start as u64, len: len as u64 }
 }
 
 fn open_dev() -> Result<OwnedFd, Errno> {
@@ -208,18 +181,10 @@ fn open_syscall(extra: i32) -> Result<OwnedFd, Errno> {
 }
 
 fn api(fd: &OwnedFd, features: u64) -> Result<u64, Errno> {
-    let mut api = uffdio_api {
-        api: UFFD_API,
-        features,
-        ioctls: 0,
-    };
+    let mut api = uffdio_api { api: UFFD_API, features, ioctls: 0 };
     // SAFETY: `api` is a valid uffdio_api the kernel reads and updates in place.
     let ret = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as libc::c_ulong, &mut api) };
-    if ret < 0 {
-        Err(last_errno())
-    } else {
-        Ok(api.features)
-    }
+    if ret < 0 { Err(last_errno()) } else { Ok(api.features) }
 }
 
 #[cfg(test)]

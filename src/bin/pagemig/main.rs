@@ -1,2 +1,39 @@
-//! CLI
-fn main() {}
+//! `pagemig`: migrate memory between NUMA nodes with batched copying, and measure it.
+
+mod movecmd;
+mod size;
+mod topology;
+
+use clap::{Parser, Subcommand};
+
+/// Batched page migration between NUMA nodes, from user space.
+#[derive(Parser, Debug)]
+#[command(name = "pagemig", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Show the NUMA nodes, their CPUs and memory, and what this kernel allows.
+    Topology(topology::Args),
+    /// Allocate a region, fill it, migrate it while writers keep writing, and verify
+    /// every byte, every write and the placement of every page.
+    Move(movecmd::Args),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Topology(a) => topology::run(a),
+        Command::Move(a) => movecmd::run(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pagemig: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

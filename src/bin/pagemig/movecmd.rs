@@ -1,0 +1,148 @@
+//! `pagemig move`.
+
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use comfy_table::Table;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use pagemig::experiment::{MoveConfig, MoveReport, run_move};
+use pagemig::{Engine, Mode, Reason, numa};
+
+use crate::size;
+
+/// Options of `pagemig move`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Bytes to migrate (e.g. 64MiB, 1GiB).
+    #[arg(long, default_value = "1GiB", value_parser = size::parse)]
+    size: usize,
+    /// Folio size: a power of two from 4KiB to 2MiB (2MiB folios are THP-backed).
+    #[arg(long, default_value = "2MiB", value_parser = size::parse)]
+    folio_size: usize,
+    /// Node the region is allocated on (default: the first node with memory).
+    #[arg(long)]
+    from_node: Option<u32>,
+    /// Node to migrate to.
+    #[arg(long)]
+    to_node: u32,
+    /// Bound on a batch, in base pages (1 … 262144).
+    #[arg(long, default_value_t = pagemig::migrate::DEFAULT_MAX_BATCH_PAGES)]
+    batch_pages: usize,
+    /// Migration reason: compaction, syscall, demotion and numa_misplaced batch-copy;
+    /// the others copy folio by folio.
+    #[arg(long, default_value = "syscall", value_parser = parse_reason)]
+    reason: Reason,
+    /// async, sync_light or sync.
+    #[arg(long, default_value = "sync", value_parser = parse_mode)]
+    mode: Mode,
+    /// Threads that keep writing sequence numbers into the region while it migrates.
+    #[arg(long, default_value_t = 0)]
+    writers: usize,
+    /// Seed of the fill pattern.
+    #[arg(long, default_value_t = 0x5eed)]
+    seed: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_reason(s: &str) -> Result<Reason, String> {
+    s.parse().map_err(|e: pagemig::Error| e.to_string())
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse().map_err(|e: pagemig::Error| e.to_string())
+}
+
+/// A progress bar on a terminal, shown once a run has taken more than a second.
+pub fn progress_bar(total: u64) -> (ProgressBar, pagemig::migrate::Progress) {
+    let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} migrating [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let terminal = std::io::stderr().is_terminal();
+    let shown = std::sync::atomic::AtomicBool::new(false);
+    let b = bar.clone();
+    let cb = Arc::new(move |done: u64| {
+        if terminal && !shown.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed() > Duration::from_secs(1) {
+            shown.store(true, std::sync::atomic::Ordering::Relaxed);
+            b.set_draw_target(ProgressDrawTarget::stderr());
+        }
+        b.set_position(done);
+    });
+    (bar, cb)
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let engine = Engine::global()?;
+    let from_node = Some(match args.from_node {
+        Some(n) => n,
+        None => numa::memory_nodes()?[0],
+    });
+    let cfg = MoveConfig {
+        size: args.size,
+        folio_size: args.folio_size,
+        from_node,
+        to_node: args.to_node,
+        batch_pages: pagemig::migrate::check_max_batch_pages(args.batch_pages)?,
+        reason: args.reason,
+        mode: args.mode,
+        writers: args.writers,
+        seed: args.seed,
+        measure_memcpy: true,
+    };
+    let (bar, cb) = progress_bar(args.size as u64);
+    let report = run_move(engine, &cfg, Some(cb))?;
+    bar.finish_and_clear();
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_table(&report, &cfg);
+        println!("{}", engine.capabilities().describe());
+    }
+    Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+fn print_table(r: &MoveReport, cfg: &MoveConfig) {
+    let mut t = Table::new();
+    t.set_header(["", "value"]);
+    let rows: Vec<(&str, String)> = vec![
+        ("bytes", size::format(r.bytes as usize)),
+        ("folio size", size::format(r.folio_size as usize)),
+        ("folios", r.folios.to_string()),
+        ("from → to node", format!("{} → {}", cfg.from_node.map_or("-".into(), |n| n.to_string()), r.to_node)),
+        ("batch pages", r.batch_pages.to_string()),
+        ("reason", r.reason.to_string()),
+        ("succeeded / failed folios", format!("{} / {}", r.succeeded_folios, r.failed_folios)),
+        ("retried folios", r.stats.retried_folios.to_string()),
+        ("THP folios moved", r.stats.thp_succeeded.to_string()),
+        ("mismatched bytes", r.mismatched_bytes.to_string()),
+        ("writes / lost writes", format!("{} / {}", r.writes, r.lost_writes)),
+        ("placement", format!("{} {:?}", if r.placement_ok { "ok" } else { "WRONG" }, r.placement)),
+        ("critical path", format!("{:.2} GB/s", r.gbps)),
+        ("end to end", format!("{:.2} GB/s", r.end_to_end_gbps)),
+        ("memcpy (same bytes)", format!("{:.2} GB/s", r.memcpy_gbps)),
+        ("critical path / memcpy", format!("{:.2}", r.ratio)),
+        ("first folio (median / p99)", format!("{:.1} µs / {:.1} µs", r.first_folio_us, r.first_folio_p99_us)),
+        (
+            "phases (prepare, unmap, copy, move)",
+            format!(
+                "{:.0} / {:.0} / {:.0} / {:.0} µs",
+                r.phases_us.prepare, r.phases_us.unmap, r.phases_us.copy, r.phases_us.r#move
+            ),
+        ),
+        ("batches / runs", format!("{} / {}", r.stats.batches, r.stats.runs)),
+    ];
+    for (k, v) in rows {
+        t.add_row([k.to_string(), v]);
+    }
+    println!("{t}");
+    if let Some(e) = &r.error {
+        println!("first error: {e}");
+    }
+}

@@ -1,0 +1,73 @@
+//! `pagemig topology`.
+
+use std::process::ExitCode;
+
+use comfy_table::Table;
+use pagemig::{Engine, numa};
+
+/// Options of `pagemig topology`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn read_trim(path: &str) -> String {
+    std::fs::read_to_string(path).map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let nodes = numa::nodes()?;
+    let thp = read_trim("/sys/kernel/mm/transparent_hugepage/enabled");
+    let max_map_count = pagemig::sys::max_map_count();
+    let caps = Engine::global().map(|e| e.capabilities());
+    if args.json {
+        let v = serde_json::json!({
+            "nodes": nodes,
+            "thp": thp,
+            "max_map_count": max_map_count,
+            "userfaultfd": match &caps {
+                Ok(c) => serde_json::json!({ "available": true, "user_mode_only": c.user_mode_only,
+                    "wp_unpopulated": c.wp_unpopulated, "note": c.describe() }),
+                Err(e) => serde_json::json!({ "available": false, "error": e.to_string() }),
+            },
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = Table::new();
+    table.set_header(["node", "cpus", "memory", "free", "distances"]);
+    for n in &nodes {
+        table.add_row([
+            n.id.to_string(),
+            compact(&n.cpus),
+            format!("{:.1} GiB", n.mem_total as f64 / (1u64 << 30) as f64),
+            format!("{:.1} GiB", n.mem_free as f64 / (1u64 << 30) as f64),
+            n.distances.iter().map(u32::to_string).collect::<Vec<_>>().join(" "),
+        ]);
+    }
+    println!("{table}");
+    println!("transparent huge pages: {thp}");
+    println!("vm.max_map_count: {max_map_count}");
+    match caps {
+        Ok(c) => println!("userfaultfd: {}", c.describe()),
+        Err(e) => println!("userfaultfd: unavailable ({e}); pagemig cannot migrate here"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `0,1,2,3,8` → `0-3,8`.
+fn compact(cpus: &[u32]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        parts.push(if j > i { format!("{}-{}", cpus[i], cpus[j]) } else { cpus[i].to_string() });
+        i = j + 1;
+    }
+    parts.join(",")
+}
