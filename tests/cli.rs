@@ -1,0 +1,101 @@
+//! The `pagemig` command line, run as a user would.
+
+use std::process::Command;
+
+fn pagemig(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_pagemig")).args(args).output().expect("run pagemig")
+}
+
+fn node() -> String {
+    pagemig::numa::memory_nodes().unwrap()[0].to_string()
+}
+
+#[test]
+fn move_json_reports_a_verified_migration() {
+    for folio in ["4KiB", "64KiB", "2MiB"] {
+        let out = pagemig(&[
+            "move",
+            "--size",
+            "16MiB",
+            "--folio-size",
+            folio,
+            "--to-node",
+            &node(),
+            "--writers",
+            "2",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{folio}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for key in [
+            "bytes",
+            "folio_size",
+            "folios",
+            "to_node",
+            "succeeded_folios",
+            "failed_folios",
+            "mismatched_bytes",
+            "writes",
+            "lost_writes",
+            "placement_ok",
+            "gbps",
+            "end_to_end_gbps",
+            "memcpy_gbps",
+            "first_folio_us",
+            "phases_us",
+        ] {
+            assert!(v.get(key).is_some(), "missing {key} in {v}");
+        }
+        let folio_size = pagemig::folio::order_of(v["folio_size"].as_u64().unwrap() as usize).map(|o| 4096usize << o);
+        assert_eq!(v["bytes"], 16 << 20);
+        assert_eq!(v["folios"].as_u64().unwrap() as usize, (16 << 20) / folio_size.unwrap());
+        assert_eq!(v["succeeded_folios"], v["folios"]);
+        assert_eq!(v["failed_folios"], 0);
+        assert_eq!(v["mismatched_bytes"], 0);
+        assert_eq!(v["lost_writes"], 0);
+        assert_eq!(v["placement_ok"], true);
+        assert!(v["writes"].as_u64().unwrap() > 0);
+        assert!(v["gbps"].as_f64().unwrap() > 0.0 && v["memcpy_gbps"].as_f64().unwrap() > 0.0);
+        for phase in ["prepare", "unmap", "copy", "move"] {
+            assert!(v["phases_us"][phase].as_f64().is_some(), "phase {phase}");
+        }
+    }
+}
+
+#[test]
+fn move_table_and_topology_print() {
+    let out = pagemig(&["move", "--size", "4MiB", "--folio-size", "4KiB", "--to-node", &node()]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("critical path / memcpy") && text.contains("placement"), "{text}");
+    let out = pagemig(&["topology", "--json"]);
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(!v["nodes"].as_array().unwrap().is_empty());
+    assert_eq!(v["userfaultfd"]["available"], true);
+}
+
+#[test]
+fn bad_arguments_get_clear_errors() {
+    let n = node();
+    for (args, needle) in [
+        (vec!["--size", "1000"], "not a multiple"),
+        (vec!["--size", "0"], "zero"),
+        (vec!["--size", "4MiB", "--folio-size", "3KiB"], "power of two"),
+        (vec!["--size", "4MiB", "--to-node=4000"], "not an online node"),
+        (vec!["--size", "4MiB", "--batch-pages", "0"], "max_batch_pages"),
+        (vec!["--size", "4MiB", "--batch-pages", "262145"], "max_batch_pages"),
+        (vec!["--size", "4MiB", "--reason", "bogus"], "accepted"),
+        (vec!["--size", "4XB"], "unknown unit"),
+    ] {
+        let mut full = vec!["move"];
+        full.extend(args.iter().copied());
+        if !args.iter().any(|a| a.starts_with("--to-node")) {
+            full.extend(["--to-node", &n]);
+        }
+        let out = pagemig(&full);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
