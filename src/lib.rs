@@ -27,8 +27,10 @@ pub mod folio;
 pub mod maps;
 pub mod migrate;
 pub mod numa;
+pub mod offload;
 pub mod pool;
 pub mod region;
+mod sync;
 pub mod sys;
 pub mod workload;
 
