@@ -26,6 +26,7 @@ pub mod experiment;
 pub mod folio;
 pub mod maps;
 pub mod migrate;
+pub mod migrators;
 pub mod numa;
 pub mod offload;
 pub mod pool;

@@ -23,7 +23,7 @@ mod pipeline;
 pub mod policy;
 pub mod stats;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -85,6 +85,9 @@ pub struct MigrateOptions {
     /// Copy folio by folio even where the reason allows a batch copy (for a
     /// latency-sensitive caller).
     pub no_batch_copy: bool,
+    /// Move each run as soon as its copy completes (`None`: the engine's setting,
+    /// `migrate/pipelined`).
+    pub pipelined: Option<bool>,
     /// Failures to inject.
     pub fault: FaultInjection,
     /// Called after every moved run with the bytes moved so far.
@@ -96,6 +99,7 @@ impl std::fmt::Debug for MigrateOptions {
         f.debug_struct("MigrateOptions")
             .field("max_batch_pages", &self.max_batch_pages)
             .field("no_batch_copy", &self.no_batch_copy)
+            .field("pipelined", &self.pipelined)
             .field("fault", &self.fault)
             .field("progress", &self.progress.is_some())
             .finish()
@@ -132,6 +136,7 @@ pub struct Engine {
     pool: Pool,
     busy: Busy,
     max_batch_pages: AtomicUsize,
+    pipelined: AtomicBool,
 }
 
 /// One folio of a call with the state of the mapping it lives in.
@@ -155,6 +160,7 @@ impl Engine {
             pool: Pool::new(DEFAULT_POOL_LIMIT),
             busy: Busy::default(),
             max_batch_pages: AtomicUsize::new(DEFAULT_MAX_BATCH_PAGES),
+            pipelined: AtomicBool::new(true),
         })
     }
 
@@ -183,6 +189,16 @@ impl Engine {
     /// The bound on a batch, in base pages.
     pub fn max_batch_pages(&self) -> usize {
         self.max_batch_pages.load(Ordering::Relaxed)
+    }
+
+    /// Whether runs move as soon as their copy completes (`migrate/pipelined`).
+    pub fn pipelined(&self) -> bool {
+        self.pipelined.load(Ordering::Relaxed)
+    }
+
+    /// Sets whether runs move as soon as their copy completes.
+    pub fn set_pipelined(&self, on: bool) {
+        self.pipelined.store(on, Ordering::Relaxed);
     }
 
     /// Sets the bound on a batch.

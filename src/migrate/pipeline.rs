@@ -5,6 +5,7 @@
 //! destination is ours alone.
 #![allow(unsafe_code)]
 
+use std::ops::Range;
 use std::time::Instant;
 
 use super::{Engine, Item, MigrateOptions, Reason};
@@ -12,6 +13,7 @@ use crate::copy::{CopyPair, folio_copy, folios_copy};
 use crate::error::Error;
 use crate::folio::MigrateInfo;
 use crate::migrate::MigrateStats;
+use crate::offload::{Batch, registry};
 use crate::pool::{Dest, Key};
 use crate::sys::{self, Advice, Errno, HPAGE_SIZE};
 
@@ -25,13 +27,36 @@ pub(super) struct Call<'a> {
     pub first_error: &'a mut Option<Error>,
 }
 
-/// Contiguous folios of one batch with the same mapping state, moved with one `mremap`.
+/// Contiguous folios of one batch with the same mapping state, moved with one `mremap`
+/// (or a few, when the pipelined move takes them as their copies complete).
 struct Run {
     start: usize,
     end: usize,
     /// Indices into the batch's claimed items.
-    items: std::ops::Range<usize>,
-    dest: Option<Dest>,
+    items: Range<usize>,
+    /// The part of the destination for `[cursor, end)`.
+    rest: Option<Dest>,
+    /// First address not yet moved or undone.
+    cursor: usize,
+    /// First item not yet moved or undone.
+    next: usize,
+}
+
+/// One batch between isolation and the end of its move phase.
+struct BatchState {
+    claimed: Vec<Item>,
+    info: Vec<MigrateInfo>,
+    runs: Vec<Run>,
+    /// Start of the unmap phase, for first-folio latency.
+    started: Instant,
+    first_done: bool,
+}
+
+enum CopyEvent {
+    /// These pairs are copied.
+    Done(Range<usize>),
+    /// The migrator returned.
+    Finished(Option<Result<(), Errno>>),
 }
 
 impl Call<'_> {
@@ -68,98 +93,243 @@ impl Call<'_> {
             return busy;
         }
         self.stats.batches += 1;
-        let mut runs = split_runs(&claimed);
-        let mut info = vec![MigrateInfo::empty(); claimed.len()];
+        let runs = split_runs(&claimed);
+        let info = vec![MigrateInfo::empty(); claimed.len()];
+        let mut st = BatchState { claimed, info, runs, started: Instant::now(), first_done: false };
 
-        // Destinations.
-        for run in &mut runs {
-            let first = &claimed[run.items.start];
+        self.take_destinations(&mut st);
+        st.started = Instant::now();
+        self.unmap(&mut st);
+        let live: Vec<usize> = st.runs.iter().filter(|r| r.rest.is_some()).flat_map(|r| r.items.clone()).collect();
+        if self.reason.batch_eligible() && !self.opts.no_batch_copy && !live.is_empty() {
+            self.batch_copy(&mut st, &live);
+        } else {
+            self.stats.single_copied_folios += live.len() as u64;
+        }
+        // Move what is left, copying folio by folio what the batch copy did not.
+        for r in 0..st.runs.len() {
+            let end = st.runs[r].items.end;
+            self.advance(&mut st, r, end, true);
+        }
+        for item in &st.claimed {
+            engine.busy.release(item.folio.addr());
+        }
+        busy
+    }
+
+    fn take_destinations(&mut self, st: &mut BatchState) {
+        for r in 0..st.runs.len() {
+            let run = &st.runs[r];
+            let items = &st.claimed[run.items.clone()];
             // Keep the destination at the source's offset within a 2 MiB page whenever the
             // run spans one: huge pages stay huge, and `mremap` moves whole page tables
             // instead of one entry at a time.
             let align = if run.end - run.start >= HPAGE_SIZE {
                 HPAGE_SIZE
             } else {
-                claimed[run.items.clone()].iter().map(|i| i.folio.size()).max().unwrap_or(sys::PAGE_SIZE)
+                items.iter().map(|i| i.folio.size()).max().unwrap_or(sys::PAGE_SIZE)
             };
-            let key = Key { node: self.target, thp: first.thp };
-            match engine.pool.take(key, run.end - run.start, align, run.start % align) {
+            let key = Key { node: self.target, thp: items[0].thp };
+            match self.engine.pool.take(key, run.end - run.start, align, run.start % align) {
                 Ok((dest, spent)) => {
                     self.stats.prepare_ns += spent.as_nanos() as u64;
-                    run.dest = Some(dest);
+                    st.runs[r].rest = Some(dest);
                 }
                 Err(e) => {
                     let errno = e.errno();
-                    self.fail_all(&claimed[run.items.clone()], || Error::sys("destination on target node")(errno));
+                    let range = st.runs[r].items.clone();
+                    self.fail_all(&st.claimed[range], || Error::sys("destination on target node")(errno));
                 }
             }
         }
+    }
 
-        // Unmap: one write-protect call per run.
-        let unmap_start = Instant::now();
-        for run in runs.iter_mut().filter(|r| r.dest.is_some()) {
-            if let Err((op, errno)) = self.protect(run.start, run.end) {
-                engine.pool.release(run.dest.take().expect("filtered"));
-                self.fail_all(&claimed[run.items.clone()], || Error::sys(op)(errno));
+    /// Write-protects each run with one call, recording the state on the destinations.
+    fn unmap(&mut self, st: &mut BatchState) {
+        let t = Instant::now();
+        for r in 0..st.runs.len() {
+            let (start, end, items) = (st.runs[r].start, st.runs[r].end, st.runs[r].items.clone());
+            let Some(dest) = st.runs[r].rest.take() else { continue };
+            if let Err((op, errno)) = self.protect(start, end) {
+                self.engine.pool.release(dest);
+                self.fail_all(&st.claimed[items], || Error::sys(op)(errno));
                 continue;
             }
-            for i in run.items.clone() {
-                info[i].insert(MigrateInfo::WAS_MAPPED);
-                if claimed[i].locked {
-                    info[i].insert(MigrateInfo::WAS_MLOCKED);
+            st.runs[r].rest = Some(dest);
+            for i in items {
+                st.info[i].insert(MigrateInfo::WAS_MAPPED);
+                if st.claimed[i].locked {
+                    st.info[i].insert(MigrateInfo::WAS_MLOCKED);
                 }
             }
         }
-        self.stats.unmap_ns += unmap_start.elapsed().as_nanos() as u64;
+        self.stats.unmap_ns += t.elapsed().as_nanos() as u64;
+    }
 
-        // Batch copy.
-        let live: Vec<usize> = runs.iter().filter(|r| r.dest.is_some()).flat_map(|r| r.items.clone()).collect();
-        if self.reason.batch_eligible() && !self.opts.no_batch_copy && !live.is_empty() {
-            let copy_start = Instant::now();
-            let pairs: Vec<CopyPair> = runs
-                .iter()
-                .filter_map(|r| r.dest.as_ref().map(|d| (r, d)))
-                .flat_map(|(r, d)| {
-                    claimed[r.items.clone()].iter().map(move |it| CopyPair {
-                        dst: d.addr() + (it.folio.addr() - r.start),
-                        src: it.folio.addr(),
-                        len: it.folio.size(),
-                    })
-                })
-                .collect();
-            let result = if self.opts.fault.fail_batch_copy {
-                Err(Errno::IO)
+    /// The batch copy: through the active migrator when one is registered, else the
+    /// default CPU `folios_copy`; pipelined, the move phase moves each run as soon as its
+    /// folios are copied.
+    fn batch_copy(&mut self, st: &mut BatchState, live: &[usize]) {
+        let pairs: Vec<CopyPair> = live
+            .iter()
+            .map(|&i| {
+                let run = st.runs.iter().find(|r| r.items.contains(&i)).expect("live item in a run");
+                let dest = run.rest.as_ref().expect("live run");
+                let f = st.claimed[i].folio;
+                CopyPair { dst: dest.addr() + (f.addr() - run.start), src: f.addr(), len: f.size() }
+            })
+            .collect();
+        let pipelined = self.opts.pipelined.unwrap_or_else(|| self.engine.pipelined());
+        if self.opts.fault.fail_batch_copy {
+            self.stats.fallback_folios += live.len() as u64;
+            return;
+        }
+        let copied_before = self.stats.offloaded_folios;
+        if registry().enabled() {
+            let result = if pipelined {
+                self.offload_pipelined(st, live, &pairs)
             } else {
-                // SAFETY: every source is write-protected (unmap phase above) so no thread
-                // writes it, every destination was handed to us by the pool and nothing else
-                // refers to it, and the two never overlap (the pool's memory is its own).
-                unsafe { folios_copy(&pairs) }
+                let t = Instant::now();
+                let done = parking_lot::Mutex::new(Vec::new());
+                let on_complete = |r: Range<usize>| done.lock().push(r);
+                // SAFETY: every source is write-protected (unmap phase) so no thread writes
+                // it, every destination was handed to us by the pool and nothing else refers
+                // to it, and sources and destinations never overlap.
+                let batch = unsafe { Batch::new(&pairs, Some(&on_complete)) };
+                let result = registry().dispatch(&batch);
+                drop(batch);
+                self.stats.copy_ns += t.elapsed().as_nanos() as u64;
+                for r in done.into_inner() {
+                    self.mark_copied(st, live, r);
+                }
+                result
             };
             match result {
-                Ok(()) => {
-                    live.iter().for_each(|&i| info[i].insert(MigrateInfo::ALREADY_COPIED));
-                    self.stats.batch_copied_folios += live.len() as u64;
+                // Unregistered meanwhile: the default copy below.
+                None => {}
+                Some(Ok(())) => {
+                    self.mark_copied(st, live, 0..live.len());
+                    return;
                 }
-                Err(_) => self.stats.fallback_folios += live.len() as u64,
+                Some(Err(_)) => {
+                    let offloaded = self.stats.offloaded_folios - copied_before;
+                    self.stats.fallback_folios += live.len() as u64 - offloaded;
+                    return;
+                }
             }
-            self.stats.copy_ns += copy_start.elapsed().as_nanos() as u64;
+        }
+        // The default CPU batch copy.
+        if pipelined {
+            // Copy in pieces of at most 2 MiB and move each as soon as it is copied.
+            let mut at = 0;
+            while at < live.len() {
+                let mut end = at + 1;
+                let mut bytes = pairs[at].len;
+                while end < live.len() && bytes + pairs[end].len <= HPAGE_SIZE {
+                    bytes += pairs[end].len;
+                    end += 1;
+                }
+                let t = Instant::now();
+                // SAFETY: as for the offloaded copy above.
+                let ok = unsafe { folios_copy(&pairs[at..end]) }.is_ok();
+                self.stats.copy_ns += t.elapsed().as_nanos() as u64;
+                if ok {
+                    self.stats.batch_copied_folios += (end - at) as u64;
+                    live[at..end].iter().for_each(|&i| st.info[i].insert(MigrateInfo::ALREADY_COPIED));
+                    self.move_copied(st);
+                } else {
+                    self.stats.fallback_folios += (end - at) as u64;
+                }
+                at = end;
+            }
         } else {
-            self.stats.single_copied_folios += live.len() as u64;
+            let t = Instant::now();
+            // SAFETY: as for the offloaded copy above.
+            let ok = unsafe { folios_copy(&pairs) }.is_ok();
+            self.stats.copy_ns += t.elapsed().as_nanos() as u64;
+            if ok {
+                self.stats.batch_copied_folios += live.len() as u64;
+                live.iter().for_each(|&i| st.info[i].insert(MigrateInfo::ALREADY_COPIED));
+            } else {
+                self.stats.fallback_folios += live.len() as u64;
+            }
         }
+    }
 
-        // Move.
-        let mut first_done = false;
-        for run in &mut runs {
-            let Some(dest) = run.dest.take() else {
-                continue;
+    /// Runs the migrator on another thread and moves runs as its parts complete.
+    fn offload_pipelined(
+        &mut self,
+        st: &mut BatchState,
+        live: &[usize],
+        pairs: &[CopyPair],
+    ) -> Option<Result<(), Errno>> {
+        let (tx, rx) = crossbeam::channel::unbounded::<CopyEvent>();
+        let t = Instant::now();
+        let move_before = self.stats.move_ns;
+        let result = std::thread::scope(|s| {
+            let done_tx = tx.clone();
+            let on_complete = move |r: Range<usize>| {
+                let _ = done_tx.send(CopyEvent::Done(r));
             };
-            self.move_run(run, dest, &claimed, &info, unmap_start, &mut first_done);
-        }
+            s.spawn(move || {
+                // SAFETY: every source is write-protected (unmap phase) so no thread writes
+                // it, every destination was handed to us by the pool and nothing else refers
+                // to it, and sources and destinations never overlap; the scope keeps them
+                // alive until this thread ends.
+                let batch = unsafe { Batch::new(pairs, Some(&on_complete)) };
+                let result = registry().dispatch(&batch);
+                drop(batch);
+                let _ = tx.send(CopyEvent::Finished(result));
+            });
+            let mut result = None;
+            for event in &rx {
+                match event {
+                    CopyEvent::Done(r) => {
+                        self.mark_copied(st, live, r);
+                        self.move_copied(st);
+                    }
+                    CopyEvent::Finished(r) => {
+                        result = r;
+                        break;
+                    }
+                }
+            }
+            // Completions sent before the migrator returned.
+            for event in rx.try_iter() {
+                if let CopyEvent::Done(r) = event {
+                    self.mark_copied(st, live, r);
+                }
+            }
+            result
+        });
+        let moving = self.stats.move_ns - move_before;
+        self.stats.copy_ns += (t.elapsed().as_nanos() as u64).saturating_sub(moving);
+        result
+    }
 
-        for item in &claimed {
-            engine.busy.release(item.folio.addr());
+    fn mark_copied(&mut self, st: &mut BatchState, live: &[usize], r: Range<usize>) {
+        for &i in live.get(r).unwrap_or(&[]) {
+            if !st.info[i].contains(MigrateInfo::ALREADY_COPIED) {
+                st.info[i].insert(MigrateInfo::ALREADY_COPIED);
+                self.stats.offloaded_folios += 1;
+            }
         }
-        busy
+    }
+
+    /// Moves, in each run, the longest prefix of folios whose copy is complete.
+    fn move_copied(&mut self, st: &mut BatchState) {
+        for r in 0..st.runs.len() {
+            let run = &st.runs[r];
+            if run.rest.is_none() {
+                continue;
+            }
+            let limit = (run.next..run.items.end)
+                .find(|&i| !st.info[i].contains(MigrateInfo::ALREADY_COPIED))
+                .unwrap_or(run.items.end);
+            if limit > run.next {
+                self.advance(st, r, limit, false);
+            }
+        }
     }
 
     /// Registers and write-protects `[start, end)`.
@@ -186,26 +356,22 @@ impl Call<'_> {
         let _ = uffd.wake(start, end - start);
     }
 
-    /// Copies what the batch copy did not, then moves the run, splitting it around folios
-    /// whose copy fails.
-    fn move_run(
-        &mut self,
-        run: &Run,
-        dest: Dest,
-        claimed: &[Item],
-        info: &[MigrateInfo],
-        batch_start: Instant,
-        first_done: &mut bool,
-    ) {
-        // `rest` is the part of the destination for `[cursor, run.end)`.
-        let mut rest = dest;
-        let mut cursor = run.start;
+    /// Moves the items of run `r` from its next unmoved one up to `limit`; with
+    /// `copy_missing`, copies folio by folio those the batch copy did not, undoing any whose
+    /// copy fails.
+    fn advance(&mut self, st: &mut BatchState, r: usize, limit: usize, copy_missing: bool) {
+        let Some(mut rest) = st.runs[r].rest.take() else { return };
+        let mut cursor = st.runs[r].cursor;
         let mut pending: Option<usize> = None;
-        for i in run.items.clone() {
-            let item = &claimed[i];
-            if info[i].contains(MigrateInfo::ALREADY_COPIED) {
-                pending.get_or_insert(item.folio.addr());
+        let from = st.runs[r].next;
+        for i in from..limit {
+            let item = st.claimed[i];
+            if st.info[i].contains(MigrateInfo::ALREADY_COPIED) {
+                pending.get_or_insert(i);
                 continue;
+            }
+            if !copy_missing {
+                break;
             }
             if let Some((_, pause)) = self.opts.fault.delay_folio_copy.filter(|&(at, _)| at == item.index) {
                 std::thread::sleep(pause);
@@ -221,78 +387,82 @@ impl Call<'_> {
                 unsafe { folio_copy(CopyPair { dst, src: item.folio.addr(), len: item.folio.size() }) }
             };
             self.stats.copy_ns += copy_start.elapsed().as_nanos() as u64;
-            if let Err(errno) = result {
-                if let Some(start) = pending.take() {
-                    let (head, tail) = rest.split_at(item.folio.addr() - cursor);
-                    self.finish(start, item.folio.addr(), head, claimed, run, batch_start, first_done);
-                    rest = tail;
-                } else {
-                    let (gap, tail) = rest.split_at(item.folio.addr() - cursor);
-                    self.engine.pool.release(gap);
-                    rest = tail;
+            match result {
+                Ok(()) => {
+                    pending.get_or_insert(i);
                 }
-                let (bad, tail) = rest.split_at(item.folio.size());
-                self.engine.pool.release(bad);
-                rest = tail;
-                cursor = item.folio.end();
-                self.unprotect(item.folio.addr(), item.folio.end());
-                self.fail(item, Error::sys("folio copy")(errno));
-                continue;
+                Err(errno) => {
+                    let (head, tail) = rest.split_at(item.folio.addr() - cursor);
+                    match pending.take() {
+                        Some(p) => self.finish(st, p..i, head),
+                        None => self.engine.pool.release(head),
+                    }
+                    let (bad, tail) = tail.split_at(item.folio.size());
+                    self.engine.pool.release(bad);
+                    rest = tail;
+                    cursor = item.folio.end();
+                    self.unprotect(item.folio.addr(), item.folio.end());
+                    self.fail(&item, Error::sys("folio copy")(errno));
+                }
             }
-            pending.get_or_insert(item.folio.addr());
         }
-        match pending {
-            Some(start) => {
-                debug_assert_eq!(start, cursor);
-                self.finish(start, run.end, rest, claimed, run, batch_start, first_done);
+        let upto = match pending {
+            Some(p) => {
+                let end = (p..limit).find(|&i| !st.info[i].contains(MigrateInfo::ALREADY_COPIED)).unwrap_or(limit);
+                let end = if copy_missing { limit } else { end };
+                let end_addr = st.claimed[end - 1].folio.end();
+                let (head, tail) = rest.split_at(end_addr - cursor);
+                self.finish(st, p..end, head);
+                rest = tail;
+                cursor = end_addr;
+                end
             }
-            None => self.engine.pool.release(rest),
+            None if copy_missing => limit,
+            None => from,
+        };
+        let run = &mut st.runs[r];
+        run.next = upto;
+        run.cursor = cursor;
+        if run.next >= run.items.end || rest.is_empty() {
+            self.engine.pool.release(rest);
+        } else {
+            run.rest = Some(rest);
         }
     }
 
-    /// Moves the copied destination over `[start, end)`, locks it again where needed and
-    /// wakes the writers; undoes the range if the move fails.
-    #[allow(clippy::too_many_arguments)]
-    fn finish(
-        &mut self,
-        start: usize,
-        end: usize,
-        dest: Dest,
-        claimed: &[Item],
-        run: &Run,
-        batch_start: Instant,
-        first_done: &mut bool,
-    ) {
+    /// Moves the copied destination over the folios `items` (contiguous), locks it again
+    /// where needed and wakes the writers; undoes them if the move fails.
+    fn finish(&mut self, st: &mut BatchState, items: Range<usize>, dest: Dest) {
         let move_start = Instant::now();
+        let (start, end) = (st.claimed[items.start].folio.addr(), st.claimed[items.end - 1].folio.end());
         let len = end - start;
         debug_assert_eq!(dest.len(), len);
-        let items: Vec<&Item> =
-            claimed[run.items.clone()].iter().filter(|it| it.folio.addr() >= start && it.folio.end() <= end).collect();
         // SAFETY: `[start, end)` is write-protected source memory of this call (no writer
         // can change it), `dest` holds a complete copy of it and is ours alone; moving it
         // over the source keeps every byte the program can observe.
         if let Err(errno) = unsafe { sys::mremap_fixed(dest.addr(), len, start) } {
             self.engine.pool.release(dest);
             self.unprotect(start, end);
-            for it in items {
-                self.fail(it, Error::sys("mremap of the destination over the source")(errno));
+            for i in items {
+                let it = st.claimed[i];
+                self.fail(&it, Error::sys("mremap of the destination over the source")(errno));
             }
             self.stats.move_ns += move_start.elapsed().as_nanos() as u64;
             return;
         }
         dest.forget();
-        if items.first().is_some_and(|it| it.locked) && sys::mlock(start, len).is_err() {
+        if st.info[items.start].contains(MigrateInfo::WAS_MLOCKED) && sys::mlock(start, len).is_err() {
             self.stats.relock_failures += items.len() as u64;
         }
         let _ = self.engine.uffd.wake(start, len);
-        if !*first_done {
-            *first_done = true;
-            self.stats.first_folio_ns.push(batch_start.elapsed().as_nanos() as u64);
+        if !st.first_done {
+            st.first_done = true;
+            self.stats.first_folio_ns.push(st.started.elapsed().as_nanos() as u64);
         }
         let s = &mut *self.stats;
         s.runs += 1;
         s.bytes += len as u64;
-        for it in &items {
+        for it in &st.claimed[items] {
             s.succeeded_folios += 1;
             s.succeeded_pages += it.folio.nr_pages() as u64;
             s.thp_succeeded += u64::from(it.folio.is_pmd());
@@ -317,7 +487,14 @@ fn split_runs(claimed: &[Item]) -> Vec<Run> {
                 r.end = item.folio.end();
                 r.items.end = i + 1;
             }
-            _ => runs.push(Run { start: item.folio.addr(), end: item.folio.end(), items: i..i + 1, dest: None }),
+            _ => runs.push(Run {
+                start: item.folio.addr(),
+                end: item.folio.end(),
+                items: i..i + 1,
+                rest: None,
+                cursor: item.folio.addr(),
+                next: i,
+            }),
         }
     }
     runs

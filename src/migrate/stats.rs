@@ -29,8 +29,10 @@ pub struct MigrateStats {
     pub batches: u64,
     /// Contiguous runs moved with one `mremap` each.
     pub runs: u64,
-    /// Folios copied by the batch copy.
+    /// Folios copied by the default CPU batch copy.
     pub batch_copied_folios: u64,
+    /// Folios copied by the active migrator (offloaded).
+    pub offloaded_folios: u64,
     /// Batch-eligible folios whose batch copy failed or was declined, copied one by one.
     pub fallback_folios: u64,
     /// Folios copied one by one because their reason is not batch-eligible.
@@ -97,6 +99,7 @@ impl MigrateStats {
         self.batches += o.batches;
         self.runs += o.runs;
         self.batch_copied_folios += o.batch_copied_folios;
+        self.offloaded_folios += o.offloaded_folios;
         self.fallback_folios += o.fallback_folios;
         self.single_copied_folios += o.single_copied_folios;
         self.relock_failures += o.relock_failures;
