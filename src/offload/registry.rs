@@ -23,7 +23,9 @@
 use std::fmt;
 
 use crate::offload::{Batch, OffloadCopy};
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering, fence, yield_now};
+use std::sync::Arc;
+
+use crate::sync::{AtomicBool, AtomicUsize, Mutex, Ordering, fence, yield_now};
 use crate::sys::Errno;
 
 /// The longest migrator name, as `MIGRATOR_NAME_LEN - 1`.
@@ -267,7 +269,6 @@ impl fmt::Debug for Registration<'_> {
 }
 
 /// The process-wide registry the migration pipeline dispatches through.
-#[cfg(not(loom))]
 pub fn registry() -> &'static Registry {
     static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
     REGISTRY.get_or_init(Registry::new)
