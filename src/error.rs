@@ -73,6 +73,16 @@ pub enum Error {
         /// Everything measured, including the folios that did migrate.
         stats: Box<MigrateStats>,
     },
+    /// An attribute could not be read or written.
+    #[error("attribute {path}: {message}")]
+    Attr {
+        /// The attribute's path.
+        path: String,
+        /// `ENOENT` (unknown), `EACCES` (read-only), `EINVAL` (bad value) or the action's.
+        errno: Errno,
+        /// What was wrong and what is accepted.
+        message: String,
+    },
     /// Reading a `/proc` or `/sys` file failed.
     #[error("reading {path}: {source}")]
     Io {
@@ -93,6 +103,7 @@ impl Error {
             Error::NotMovable { .. } => Errno::FAULT,
             Error::MapCountLimit { .. } | Error::NodeFull { .. } => Errno::NOMEM,
             Error::Partial { first, .. } => first.errno(),
+            Error::Attr { errno, .. } => *errno,
             Error::Io { source, .. } => Errno::from_io_error(source).unwrap_or(Errno::IO),
         }
     }

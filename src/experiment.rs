@@ -54,6 +54,12 @@ pub struct MoveReport {
     pub reason: Reason,
     /// Writer threads.
     pub writers: u64,
+    /// The active migrator during the run (`cpu` when none was registered).
+    pub migrator: String,
+    /// Folios copied by the active migrator.
+    pub offloaded_folios: u64,
+    /// Batch-eligible folios the migrator (or batch copy) did not copy, copied one by one.
+    pub fallback_folios: u64,
     /// Folios migrated.
     pub succeeded_folios: u64,
     /// Folios not migrated.
@@ -152,6 +158,9 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
         batch_pages: cfg.batch_pages as u64,
         reason: cfg.reason,
         writers: cfg.writers as u64,
+        migrator: crate::offload::registry().active_name().unwrap_or_else(|| "cpu".into()),
+        offloaded_folios: stats.offloaded_folios,
+        fallback_folios: stats.fallback_folios,
         succeeded_folios: stats.succeeded_folios,
         failed_folios: stats.failed_folios,
         error,

@@ -20,7 +20,9 @@
 //! pipeline that calls them, the pool that owns its memory, and [`Region::adopt`].
 #![deny(unsafe_code)]
 
+pub mod attr;
 pub mod copy;
+pub mod dma;
 pub mod error;
 pub mod experiment;
 pub mod folio;

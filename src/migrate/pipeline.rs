@@ -197,7 +197,6 @@ impl Call<'_> {
                 // to it, and sources and destinations never overlap.
                 let batch = unsafe { Batch::new(&pairs, Some(&on_complete)) };
                 let result = registry().dispatch(&batch);
-                drop(batch);
                 self.stats.copy_ns += t.elapsed().as_nanos() as u64;
                 for r in done.into_inner() {
                     self.mark_copied(st, live, r);
@@ -278,7 +277,6 @@ impl Call<'_> {
                 // alive until this thread ends.
                 let batch = unsafe { Batch::new(pairs, Some(&on_complete)) };
                 let result = registry().dispatch(&batch);
-                drop(batch);
                 let _ = tx.send(CopyEvent::Finished(result));
             });
             let mut result = None;

@@ -205,14 +205,17 @@ fn check_threads(threads: usize) -> Result<(), Errno> {
     if (1..=MAX_THREADS).contains(&threads) { Ok(()) } else { Err(Errno::INVAL) }
 }
 
+/// One worker's share: folios to copy whole, and `(folio, offset, len)` byte ranges.
+type Share = (Range<usize>, Vec<(usize, usize, usize)>);
+
 /// How `n` folios of `pairs` are dealt out to `t` threads: whole shares when there are
 /// enough folios, byte ranges of every folio otherwise.
-fn plan(pairs: &[CopyPair], t: usize) -> Vec<(Range<usize>, Vec<(usize, usize, usize)>)> {
+fn plan(pairs: &[CopyPair], t: usize) -> Vec<Share> {
     let n = pairs.len();
     if n >= t {
         return (0..t).map(|i| (n * i / t..n * (i + 1) / t, Vec::new())).collect();
     }
-    let mut out: Vec<(Range<usize>, Vec<(usize, usize, usize)>)> = (0..t).map(|_| (0..0, Vec::new())).collect();
+    let mut out: Vec<Share> = (0..t).map(|_| (0..0, Vec::new())).collect();
     for (f, p) in pairs.iter().enumerate() {
         // Split on 4 KiB boundaries so non-temporal stores stay line-aligned.
         let pages = p.len / sys::PAGE_SIZE;

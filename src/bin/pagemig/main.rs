@@ -1,5 +1,6 @@
 //! `pagemig`: migrate memory between NUMA nodes with batched copying, and measure it.
 
+mod attrcmd;
 mod movecmd;
 mod size;
 mod topology;
@@ -21,6 +22,8 @@ enum Command {
     /// Allocate a region, fill it, migrate it while writers keep writing, and verify
     /// every byte, every write and the placement of every page.
     Move(movecmd::Args),
+    /// List attributes, read one (`PATH`) or write one (`PATH=VALUE`).
+    Attr(attrcmd::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -28,6 +31,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Topology(a) => topology::run(a),
         Command::Move(a) => movecmd::run(a),
+        Command::Attr(a) => attrcmd::run(a),
     };
     match result {
         Ok(code) => code,

@@ -40,6 +40,19 @@ pub struct Args {
     /// Threads that keep writing sequence numbers into the region while it migrates.
     #[arg(long, default_value_t = 0)]
     writers: usize,
+    /// Copy migrator: cpu (the default serial copy), mtcopy (multi-threaded CPU copy) or
+    /// dcbm (DMA channels of the soft DMA engine).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "mtcopy", "dcbm"])]
+    migrator: String,
+    /// DMA channels for dcbm (1 … 16; sets dcbm/nr_dma_chan).
+    #[arg(long)]
+    channels: Option<usize>,
+    /// Copy threads for mtcopy (1 … 64; sets mtcopy/threads).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Set an attribute before running, PATH=VALUE (repeatable; see `pagemig attr`).
+    #[arg(long = "attr", value_name = "PATH=VALUE")]
+    attrs: Vec<String>,
     /// Seed of the fill pattern.
     #[arg(long, default_value_t = 0x5eed)]
     seed: u64,
@@ -80,6 +93,13 @@ pub fn progress_bar(total: u64) -> (ProgressBar, pagemig::migrate::Progress) {
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let engine = Engine::global()?;
+    pagemig::attr::select_migrator(&args.migrator, args.channels, args.threads)?;
+    for a in &args.attrs {
+        pagemig::attr::apply(a)?;
+    }
+    for counter in ["dcbm/folios_migrated", "dcbm/folios_failures", "mtcopy/folios_copied"] {
+        pagemig::attr::write(counter, "0")?;
+    }
     let from_node = Some(match args.from_node {
         Some(n) => n,
         None => numa::memory_nodes()?[0],
@@ -89,7 +109,10 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         folio_size: args.folio_size,
         from_node,
         to_node: args.to_node,
-        batch_pages: pagemig::migrate::check_max_batch_pages(args.batch_pages)?,
+        batch_pages: match args.attrs.iter().any(|a| a.trim_start().starts_with("migrate/max_batch_pages")) {
+            true => engine.max_batch_pages(),
+            false => pagemig::migrate::check_max_batch_pages(args.batch_pages)?,
+        },
         reason: args.reason,
         mode: args.mode,
         writers: args.writers,
@@ -99,8 +122,19 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let (bar, cb) = progress_bar(args.size as u64);
     let report = run_move(engine, &cfg, Some(cb))?;
     bar.finish_and_clear();
+    let counters: serde_json::Map<String, serde_json::Value> = pagemig::attr::ATTRS
+        .iter()
+        .filter(|a| a.path.starts_with(&format!("{}/", report.migrator)))
+        .filter_map(|a| Some((a.path.replace('/', "."), pagemig::attr::read(a.path).ok()?.parse::<u64>().ok()?.into())))
+        .collect();
+    let channels = if report.migrator == "dcbm" { pagemig::migrators::dcbm().nr_dma_chan() } else { 0 };
+    let threads = if report.migrator == "mtcopy" { pagemig::migrators::mtcopy().threads() } else { 1 };
     if args.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        v["channels"] = channels.into();
+        v["threads"] = threads.into();
+        v["counters"] = counters.into();
+        println!("{}", serde_json::to_string(&v)?);
     } else {
         print_table(&report, &cfg);
         println!("{}", engine.capabilities().describe());
@@ -118,6 +152,8 @@ fn print_table(r: &MoveReport, cfg: &MoveConfig) {
         ("from → to node", format!("{} → {}", cfg.from_node.map_or("-".into(), |n| n.to_string()), r.to_node)),
         ("batch pages", r.batch_pages.to_string()),
         ("reason", r.reason.to_string()),
+        ("migrator", r.migrator.clone()),
+        ("offloaded / fallback folios", format!("{} / {}", r.offloaded_folios, r.fallback_folios)),
         ("succeeded / failed folios", format!("{} / {}", r.succeeded_folios, r.failed_folios)),
         ("retried folios", r.stats.retried_folios.to_string()),
         ("THP folios moved", r.stats.thp_succeeded.to_string()),

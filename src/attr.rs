@@ -1,0 +1,203 @@
+//! Named attributes with sysfs semantics: the knobs and counters of the migration core and
+//! its migrators, read and written by path (`dcbm/nr_dma_chan`, `migrate/max_batch_pages`,
+//! …) as text, exactly as their `/sys/module/*/` counterparts in the RFC.
+//!
+//! | path | access | values |
+//! |---|---|---|
+//! | `dcbm/offloading` | rw | `1` registers the DMA migrator, `0` unregisters it |
+//! | `dcbm/nr_dma_chan` | rw | DMA channels per batch, 1 … 16 |
+//! | `dcbm/folios_migrated` | rw | folios copied by DMA; any write resets it to 0 |
+//! | `dcbm/folios_failures` | rw | folios that fell back; any write resets it to 0 |
+//! | `mtcopy/offloading` | rw | `1` registers the multi-threaded copy, `0` unregisters it |
+//! | `mtcopy/threads` | rw | copy threads, 1 … 64 |
+//! | `mtcopy/folios_copied` | rw | folios copied; any write resets it to 0 |
+//! | `migrate/max_batch_pages` | rw | bound on a batch in base pages, 1 … 262144 |
+//! | `migrate/pipelined` | rw | `1` moves runs as their copies complete, `0` after the batch |
+//! | `offload/active` | ro | the active migrator's name, or empty |
+
+use std::sync::atomic::Ordering;
+
+use crate::error::{Error, Result};
+use crate::migrate::{Engine, MAX_BATCH_PAGES_LIMIT};
+use crate::migrators::{self, mtcopy::MAX_THREADS};
+use crate::offload::registry;
+use crate::sys::Errno;
+
+/// One attribute's description.
+#[derive(Clone, Copy, Debug)]
+pub struct Attr {
+    /// Its path.
+    pub path: &'static str,
+    /// Whether it can be written.
+    pub writable: bool,
+    /// The values it accepts.
+    pub accepts: &'static str,
+}
+
+/// Every attribute, in listing order.
+pub const ATTRS: &[Attr] = &[
+    Attr { path: "dcbm/offloading", writable: true, accepts: "0 or 1" },
+    Attr { path: "dcbm/nr_dma_chan", writable: true, accepts: "an integer from 1 to 16" },
+    Attr { path: "dcbm/folios_migrated", writable: true, accepts: "anything (resets the counter to 0)" },
+    Attr { path: "dcbm/folios_failures", writable: true, accepts: "anything (resets the counter to 0)" },
+    Attr { path: "mtcopy/offloading", writable: true, accepts: "0 or 1" },
+    Attr { path: "mtcopy/threads", writable: true, accepts: "an integer from 1 to 64" },
+    Attr { path: "mtcopy/folios_copied", writable: true, accepts: "anything (resets the counter to 0)" },
+    Attr { path: "migrate/max_batch_pages", writable: true, accepts: "an integer from 1 to 262144" },
+    Attr { path: "migrate/pipelined", writable: true, accepts: "0 or 1" },
+    Attr { path: "offload/active", writable: false, accepts: "nothing (read-only)" },
+];
+
+fn find(path: &str) -> Result<&'static Attr> {
+    let path = path.trim().trim_matches('/');
+    ATTRS.iter().find(|a| a.path == path).ok_or_else(|| Error::Attr {
+        path: path.to_string(),
+        errno: Errno::NOENT,
+        message: format!("no such attribute; known: {}", ATTRS.iter().map(|a| a.path).collect::<Vec<_>>().join(", ")),
+    })
+}
+
+fn bad_value(attr: &Attr, value: &str, errno: Errno) -> Error {
+    Error::Attr {
+        path: attr.path.to_string(),
+        errno,
+        message: format!("{value:?} rejected; accepted: {}", attr.accepts),
+    }
+}
+
+/// Parses a boolean as sysfs's `kstrtobool` does: `1/0`, `y/n`, `on/off`.
+fn parse_bool(attr: &Attr, value: &str) -> Result<bool> {
+    match value.trim().to_ascii_lowercase().as_str() {
+        "1" | "y" | "yes" | "on" | "true" => Ok(true),
+        "0" | "n" | "no" | "off" | "false" => Ok(false),
+        _ => Err(bad_value(attr, value, Errno::INVAL)),
+    }
+}
+
+fn parse_range(attr: &Attr, value: &str, lo: usize, hi: usize) -> Result<usize> {
+    match value.trim().parse::<usize>() {
+        Ok(n) if (lo..=hi).contains(&n) => Ok(n),
+        _ => Err(bad_value(attr, value, Errno::INVAL)),
+    }
+}
+
+fn engine() -> Result<&'static Engine> {
+    Engine::global()
+}
+
+fn errno_to(attr: &Attr, value: &str) -> impl FnOnce(Errno) -> Error {
+    let (path, value) = (attr.path.to_string(), value.to_string());
+    move |errno| Error::Attr { path, errno, message: format!("writing {value:?} failed: {errno}") }
+}
+
+/// Reads an attribute as text.
+///
+/// # Errors
+/// [`Error::Attr`] with `ENOENT` for an unknown path.
+pub fn read(path: &str) -> Result<String> {
+    let attr = find(path)?;
+    let b = |v: bool| if v { "1" } else { "0" }.to_string();
+    Ok(match attr.path {
+        "dcbm/offloading" => b(migrators::dcbm().offloading()),
+        "dcbm/nr_dma_chan" => migrators::dcbm().nr_dma_chan().to_string(),
+        "dcbm/folios_migrated" => migrators::dcbm().folios_migrated().to_string(),
+        "dcbm/folios_failures" => migrators::dcbm().folios_failures().to_string(),
+        "mtcopy/offloading" => b(migrators::mtcopy().offloading()),
+        "mtcopy/threads" => migrators::mtcopy().threads().to_string(),
+        "mtcopy/folios_copied" => migrators::mtcopy().folios_copied.load(Ordering::Relaxed).to_string(),
+        "migrate/max_batch_pages" => engine()?.max_batch_pages().to_string(),
+        "migrate/pipelined" => b(engine()?.pipelined()),
+        "offload/active" => registry().active_name().unwrap_or_default(),
+        other => unreachable!("attribute {other} is listed but not readable"),
+    })
+}
+
+/// Writes an attribute from text.
+///
+/// # Errors
+/// [`Error::Attr`]: `ENOENT` for an unknown path, `EACCES` for a read-only one, `EINVAL`
+/// for a value outside what it accepts (the message names them), or the errno of the action
+/// (`EBUSY` when enabling a migrator while another is active).
+pub fn write(path: &str, value: &str) -> Result<()> {
+    let attr = find(path)?;
+    match attr.path {
+        "dcbm/offloading" => {
+            let on = parse_bool(attr, value)?;
+            migrators::dcbm().set_offloading(on).map_err(errno_to(attr, value))
+        }
+        "dcbm/nr_dma_chan" => {
+            let n = parse_range(attr, value, 1, 16)?;
+            migrators::dcbm().set_nr_dma_chan(n).map_err(errno_to(attr, value))
+        }
+        "dcbm/folios_migrated" => {
+            migrators::dcbm().reset_folios_migrated();
+            Ok(())
+        }
+        "dcbm/folios_failures" => {
+            migrators::dcbm().reset_folios_failures();
+            Ok(())
+        }
+        "mtcopy/offloading" => {
+            let on = parse_bool(attr, value)?;
+            migrators::mtcopy().set_offloading(on).map_err(errno_to(attr, value))
+        }
+        "mtcopy/threads" => {
+            let n = parse_range(attr, value, 1, MAX_THREADS)?;
+            migrators::mtcopy().set_threads(n).map_err(errno_to(attr, value))
+        }
+        "mtcopy/folios_copied" => {
+            migrators::mtcopy().folios_copied.store(0, Ordering::Relaxed);
+            Ok(())
+        }
+        "migrate/max_batch_pages" => {
+            let n = parse_range(attr, value, 1, MAX_BATCH_PAGES_LIMIT)?;
+            engine()?.set_max_batch_pages(n)
+        }
+        "migrate/pipelined" => {
+            let on = parse_bool(attr, value)?;
+            engine()?.set_pipelined(on);
+            Ok(())
+        }
+        _ => Err(bad_value(attr, value, Errno::ACCESS)),
+    }
+}
+
+/// Applies `PATH=VALUE`.
+///
+/// # Errors
+/// [`Error::Invalid`] without `=`; otherwise as [`write`].
+pub fn apply(assignment: &str) -> Result<()> {
+    let (path, value) = assignment
+        .split_once('=')
+        .ok_or_else(|| Error::Invalid(format!("{assignment:?} is not PATH=VALUE (e.g. dcbm/nr_dma_chan=4)")))?;
+    write(path, value)
+}
+
+/// Every attribute with its current value (or the error reading it).
+pub fn list() -> Vec<(&'static str, Result<String>)> {
+    ATTRS.iter().map(|a| (a.path, read(a.path))).collect()
+}
+
+/// Makes `name` the active migrator (`cpu` unregisters whichever is active), with
+/// `channels` DMA channels for `dcbm` or `threads` copy threads for `mtcopy`.
+///
+/// # Errors
+/// [`Error::Invalid`] for an unknown name; as [`write`].
+pub fn select_migrator(name: &str, channels: Option<usize>, threads: Option<usize>) -> Result<()> {
+    if !["cpu", "mtcopy", "dcbm"].contains(&name) {
+        return Err(Error::Invalid(format!("unknown migrator {name:?}; accepted: cpu, mtcopy, dcbm")));
+    }
+    for other in ["dcbm", "mtcopy"].iter().filter(|m| **m != name) {
+        write(&format!("{other}/offloading"), "0")?;
+    }
+    if let Some(c) = channels {
+        write("dcbm/nr_dma_chan", &c.to_string())?;
+    }
+    if let Some(t) = threads {
+        write("mtcopy/threads", &t.to_string())?;
+    }
+    if name != "cpu" {
+        write(&format!("{name}/offloading"), "1")?;
+    }
+    Ok(())
+}
