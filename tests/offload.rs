@@ -84,7 +84,7 @@ fn dma_faults_fall_back_and_lose_nothing() {
     let _t = turn();
     let dev = pagemig::dma::soft_default().unwrap();
     attr::select_migrator("dcbm", Some(4), None).unwrap();
-    migrators::dcbm().set_timeout(std::time::Duration::from_millis(300));
+    migrators::dcbm().set_timeout(std::time::Duration::from_millis(300)).unwrap();
     let folios = 2048u64; // 8 MiB of 4 KiB folios, 4 batches of 512
     for (plan, expect_fallback) in [
         // The first descriptor of the next batch fails: its channel's share falls back.
@@ -112,7 +112,7 @@ fn dma_faults_fall_back_and_lose_nothing() {
             assert_eq!(failures, 0);
         }
     }
-    migrators::dcbm().set_timeout(pagemig::migrators::dcbm::DEFAULT_TIMEOUT);
+    migrators::dcbm().set_timeout(pagemig::migrators::dcbm::DEFAULT_TIMEOUT).unwrap();
 }
 
 #[test]
