@@ -239,13 +239,19 @@ impl Engine {
         // being split for every batch. A run that cannot be registered here fails in its
         // batch, with the error.
         let register_start = Instant::now();
-        for &(s, e) in &runs {
-            let _ = self.uffd.register_wp(s, e - s);
-        }
+        let registered: Vec<Span> =
+            runs.iter().copied().filter(|&(s, e)| self.uffd.register_wp(s, e - s).is_ok()).collect();
         stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
         let mut first_error = None;
-        let mut ctx =
-            pipeline::Call { engine: self, target, reason, opts, stats: &mut stats, first_error: &mut first_error };
+        let mut ctx = pipeline::Call {
+            engine: self,
+            target,
+            reason,
+            opts,
+            registered: &registered,
+            stats: &mut stats,
+            first_error: &mut first_error,
+        };
         let mut queue = items;
         for pass in 0..NR_MAX_MIGRATE_PASSES {
             let mut retry = Vec::new();
@@ -344,7 +350,7 @@ pub fn migrate_pages(folios: &[Folio], target: u32, reason: Reason, mode: Mode) 
 }
 
 /// An address range as `(start, end)`.
-type Span = (usize, usize);
+pub(crate) type Span = (usize, usize);
 
 /// Maximal runs of contiguous folios, as `(start, end)`.
 fn contiguous_runs(sorted: &[Folio]) -> Vec<Span> {

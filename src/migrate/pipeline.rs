@@ -23,6 +23,8 @@ pub(super) struct Call<'a> {
     pub target: u32,
     pub reason: Reason,
     pub opts: &'a MigrateOptions,
+    /// The call's runs that were registered up front.
+    pub registered: &'a [super::Span],
     pub stats: &'a mut MigrateStats,
     pub first_error: &'a mut Option<Error>,
 }
@@ -337,6 +339,12 @@ impl Call<'_> {
         if !uffd.wp_unpopulated() {
             // Without WP_UNPOPULATED a never-touched page is not protected: touch it first.
             sys::madvise(start, len, Advice::PopulateWrite).map_err(|e| ("populate source", e))?;
+        }
+        // Registered up front with the call, the range needs only its protection; the
+        // registration is made again if it was lost meanwhile (an undo in a concurrent call).
+        let covered = self.registered.iter().any(|&(s, e)| s <= start && end <= e);
+        if covered && uffd.writeprotect(start, len, true).is_ok() {
+            return Ok(());
         }
         uffd.register_wp(start, len).map_err(|e| ("userfaultfd register", e))?;
         if let Err(e) = uffd.writeprotect(start, len, true) {
