@@ -13,6 +13,7 @@ use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use pagemig::attr;
 use pagemig::error::Error;
 use pagemig::migrate::{self, Engine, FaultInjection, MigrateOptions, Mode, Reason};
 use pagemig::numa;
@@ -150,18 +151,25 @@ enum CopyPath {
     PerFolio,
     /// pagemig with the batch copy failing: the per-folio fallback.
     Fallback,
+    /// pagemig with the multi-threaded CPU copy migrator registered.
+    MtCopy,
+    /// pagemig with the DMA migrator (soft DMA engine, 4 channels) registered.
+    Dcbm,
     /// The kernel's `move_pages()`: the baseline.
     Kernel,
 }
 
 impl CopyPath {
-    const ALL: [CopyPath; 4] = [CopyPath::Batch, CopyPath::PerFolio, CopyPath::Fallback, CopyPath::Kernel];
+    const ALL: [CopyPath; 6] =
+        [CopyPath::Batch, CopyPath::PerFolio, CopyPath::Fallback, CopyPath::MtCopy, CopyPath::Dcbm, CopyPath::Kernel];
 
     fn name(self) -> &'static str {
         match self {
             CopyPath::Batch => "batch-cpu",
             CopyPath::PerFolio => "folio-cpu",
             CopyPath::Fallback => "fallback-cpu",
+            CopyPath::MtCopy => "mtcopy",
+            CopyPath::Dcbm => "dcbm",
             CopyPath::Kernel => "kernel",
         }
     }
@@ -175,12 +183,20 @@ impl CopyPath {
                 let fault = FaultInjection { fail_batch_copy: true, ..Default::default() };
                 (Reason::Demotion, MigrateOptions { fault, ..Default::default() })
             }
+            CopyPath::MtCopy | CopyPath::Dcbm => (Reason::Demotion, MigrateOptions::default()),
         };
+        let migrator = match self {
+            CopyPath::MtCopy => "mtcopy",
+            CopyPath::Dcbm => "dcbm",
+            _ => "cpu",
+        };
+        attr::select_migrator(migrator, Some(4), Some(2)).expect("selecting the migrator");
         let folios = region.folios();
         let engine = Engine::global().expect("opening userfaultfd");
         let stats = engine
             .migrate_pages(&folios, node, reason, Mode::Sync, &opts)
             .unwrap_or_else(|e| panic!("{}: migrate to node {node}: {e}", self.name()));
+        attr::select_migrator("cpu", None, None).expect("unregistering the migrator");
         let n = folios.len() as u64;
         assert_eq!((stats.succeeded_folios, stats.failed_folios), (n, 0), "{stats:?}");
         assert_eq!(stats.bytes, region.len() as u64, "{stats:?}");
@@ -188,6 +204,7 @@ impl CopyPath {
             CopyPath::Batch => stats.batch_copied_folios,
             CopyPath::PerFolio => stats.single_copied_folios,
             CopyPath::Fallback => stats.fallback_folios,
+            CopyPath::MtCopy | CopyPath::Dcbm => stats.offloaded_folios,
             CopyPath::Kernel => unreachable!(),
         };
         assert_eq!(copied, n, "{}: folios not copied the expected way: {stats:?}", self.name());
