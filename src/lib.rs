@@ -18,7 +18,7 @@
 //!
 //! `unsafe` code lives in [`sys`] (system calls), [`copy`] (the copy kernels), the
 //! pipeline that calls them, the pool that owns its memory, and [`Region::adopt`].
-#![deny(unsafe_code)]
+#![deny(unsafe_code, missing_docs, unsafe_op_in_unsafe_fn)]
 
 pub mod attr;
 pub mod copy;

@@ -350,3 +350,37 @@ fn concurrent_calls_on_the_same_folios_never_lose_them() {
     assert!(workload::verify(&region, 31, &WriteLog::default()).ok());
     assert_on_node(&region, node());
 }
+
+#[test]
+fn migration_past_the_map_count_limit_is_refused_up_front() {
+    // Every other 4 KiB folio of 512 MiB: 65536 separate runs, each its own mapping once
+    // moved — more than vm.max_map_count allows.
+    let limit = pagemig::sys::max_map_count();
+    let pages = (limit + 100) * 2;
+    let region = Region::new(pages * 4096, 4096, Some(node())).unwrap();
+    for p in (0..pages).step_by(512) {
+        region.word(p * 512).store(p as u64, Ordering::Relaxed);
+    }
+    let scattered: Vec<Folio> = region.folios().into_iter().step_by(2).collect();
+    let maps_before = pagemig::maps::vma_count().unwrap();
+    let e = migrate_pages(&scattered, node(), Reason::Syscall, Mode::Sync).unwrap_err();
+    assert_eq!(e.errno(), pagemig::sys::Errno::NOMEM, "{e}");
+    assert!(matches!(e, Error::MapCountLimit { .. }), "{e}");
+    assert!(e.to_string().contains("max_map_count"), "{e}");
+    // Nothing was touched: no mapping split, every word as written.
+    assert!(pagemig::maps::vma_count().unwrap() <= maps_before + 2);
+    for p in (0..pages).step_by(512) {
+        assert_eq!(region.word(p * 512).load(Ordering::Relaxed), p as u64);
+    }
+}
+
+#[test]
+fn scattered_folios_migrate_and_keep_their_neighbours() {
+    let region = Region::new(8 << 20, 4096, Some(node())).unwrap();
+    workload::fill(&region, 44);
+    let scattered: Vec<Folio> = region.folios().into_iter().step_by(2).collect();
+    let stats = migrate_pages(&scattered, node(), Reason::Syscall, Mode::Sync).unwrap();
+    assert_eq!((stats.succeeded_folios, stats.runs), (1024, 1024));
+    assert!(workload::verify(&region, 44, &WriteLog::default()).ok());
+    assert_on_node(&region, node());
+}
