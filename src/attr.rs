@@ -165,7 +165,7 @@ pub fn write(path: &str, value: &str) -> Result<()> {
 /// Applies `PATH=VALUE`.
 ///
 /// # Errors
-/// [`Error::Invalid`] without `=`; otherwise as [`write`].
+/// [`Error::Invalid`] without `=`; otherwise as [`write()`].
 pub fn apply(assignment: &str) -> Result<()> {
     let (path, value) = assignment
         .split_once('=')
@@ -182,7 +182,7 @@ pub fn list() -> Vec<(&'static str, Result<String>)> {
 /// `channels` DMA channels for `dcbm` or `threads` copy threads for `mtcopy`.
 ///
 /// # Errors
-/// [`Error::Invalid`] for an unknown name; as [`write`].
+/// [`Error::Invalid`] for an unknown name; as [`write()`].
 pub fn select_migrator(name: &str, channels: Option<usize>, threads: Option<usize>) -> Result<()> {
     if !["cpu", "mtcopy", "dcbm"].contains(&name) {
         return Err(Error::Invalid(format!("unknown migrator {name:?}; accepted: cpu, mtcopy, dcbm")));

@@ -33,6 +33,7 @@ pub mod numa;
 pub mod offload;
 pub mod pool;
 pub mod region;
+pub mod report;
 mod sync;
 pub mod sys;
 pub mod workload;

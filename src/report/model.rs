@@ -314,7 +314,11 @@ impl Cell {
 
     /// First-folio latency of every batch of every repetition that passed, µs.
     pub fn first_folio_us(&self) -> Vec<f64> {
-        self.measurements.iter().filter(|m| m.ok).flat_map(|m| m.first_folio_ns.iter().map(|&ns| ns as f64 / 1e3)).collect()
+        self.measurements
+            .iter()
+            .filter(|m| m.ok)
+            .flat_map(|m| m.first_folio_ns.iter().map(|&ns| ns as f64 / 1e3))
+            .collect()
     }
 }
 
@@ -330,6 +334,8 @@ pub struct ThroughputRow {
 /// Experiment 1: throughput by folio size.
 #[derive(Clone, Debug, Serialize)]
 pub struct Throughput {
+    /// How long the experiment took, s.
+    pub wall_s: f64,
     /// Bytes moved per migration.
     pub bytes: u64,
     /// Bound on a batch, in base pages.
@@ -365,6 +371,8 @@ pub struct SweepPoint {
 /// Experiment 2: throughput and first-folio latency against `max_batch_pages`.
 #[derive(Clone, Debug, Serialize)]
 pub struct Sweep {
+    /// How long the experiment took, s.
+    pub wall_s: f64,
     /// Bytes moved per migration.
     pub bytes: u64,
     /// The batch bounds measured, in base pages.
@@ -425,7 +433,8 @@ impl ScatterCase {
             .filter(|m| m.folios > 0)
             .map(|m| (m.phases_us.unmap + m.phases_us.copy + m.phases_us.r#move) / m.folios as f64)
             .collect();
-        let per_run: Vec<f64> = good.iter().filter(|m| m.runs > 0).map(|m| m.phases_us.r#move / m.runs as f64).collect();
+        let per_run: Vec<f64> =
+            good.iter().filter(|m| m.runs > 0).map(|m| m.phases_us.r#move / m.runs as f64).collect();
         let runs: Vec<f64> = good.iter().map(|m| m.runs as f64).collect();
         ScatterCase {
             folios,
@@ -454,6 +463,8 @@ pub struct ScatterRow {
 /// Experiment 3: every other folio against the whole region.
 #[derive(Clone, Debug, Serialize)]
 pub struct Scattered {
+    /// How long the experiment took, s.
+    pub wall_s: f64,
     /// Who copied.
     pub migrator: MigratorSpec,
     /// Bound on a batch, in base pages.
@@ -476,7 +487,7 @@ pub struct BenchReport {
     /// What was run.
     pub config: BenchConfig,
     /// Every attribute's value when the run started.
-    pub attributes: Vec<(String, String)>,
+    pub attributes: std::collections::BTreeMap<String, String>,
     /// Experiment 1, if run.
     pub throughput: Option<Throughput>,
     /// Experiment 2, if run.
@@ -526,6 +537,9 @@ mod tests {
         assert_eq!(cell.gbps.unwrap().n, 1);
         assert_eq!(cell.gbps.unwrap().mean, 4.0);
         assert_eq!(check_failures(0, 0, 0, true), None);
-        assert_eq!(check_failures(2, 0, 1, false).unwrap(), "2 folios not migrated; 1 writes lost; pages on the wrong node");
+        assert_eq!(
+            check_failures(2, 0, 1, false).unwrap(),
+            "2 folios not migrated; 1 writes lost; pages on the wrong node"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! `pagemig`: migrate memory between NUMA nodes with batched copying, and measure it.
 
 mod attrcmd;
+mod bench;
 mod movecmd;
 mod size;
 mod topology;
@@ -24,6 +25,9 @@ enum Command {
     Move(movecmd::Args),
     /// List attributes, read one (`PATH`) or write one (`PATH=VALUE`).
     Attr(attrcmd::Args),
+    /// Run the RFC's experiments (throughput, batch-size sweep, scattered folios) and write
+    /// tables, JSON, plots and an HTML report.
+    Bench(bench::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -32,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Command::Topology(a) => topology::run(a),
         Command::Move(a) => movecmd::run(a),
         Command::Attr(a) => attrcmd::run(a),
+        Command::Bench(a) => bench::run(a),
     };
     match result {
         Ok(code) => code,

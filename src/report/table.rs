@@ -1,0 +1,452 @@
+//! The report's tables, laid out like the RFC's: one model ([`TextTable`]) rendered for the
+//! terminal (comfy-table) and for the HTML page.
+
+use std::fmt::Write as _;
+
+use comfy_table::{CellAlignment, Color};
+
+use crate::report::model::{BenchReport, Cell, MigratorSpec, Summary, Sweep, Throughput};
+use crate::report::runner::short_size;
+use crate::report::seed::Reference;
+
+/// One cell of a [`TextTable`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct TableCell {
+    /// The text shown.
+    pub text: String,
+    /// Whether it reports a failed measurement (shown in red).
+    pub failed: bool,
+}
+
+impl TableCell {
+    /// A plain cell.
+    pub fn new(text: impl Into<String>) -> TableCell {
+        TableCell { text: text.into(), failed: false }
+    }
+
+    /// A cell reporting a failure.
+    pub fn failed(text: impl Into<String>) -> TableCell {
+        TableCell { text: text.into(), failed: true }
+    }
+}
+
+/// A table with a title, a header row, rows and notes under it.
+#[derive(Clone, Debug, Default)]
+pub struct TextTable {
+    /// What the table shows.
+    pub title: String,
+    /// Column names.
+    pub header: Vec<String>,
+    /// Rows; the first column is the row's name.
+    pub rows: Vec<Vec<TableCell>>,
+    /// How to read it.
+    pub notes: Vec<String>,
+}
+
+fn escape(text: &str) -> String {
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+impl TextTable {
+    /// The table as comfy-table lays it out (failures in red on a terminal), title above
+    /// and notes below.
+    pub fn to_terminal(&self) -> String {
+        let mut t = comfy_table::Table::new();
+        t.set_header(self.header.iter().map(|h| comfy_table::Cell::new(h).set_alignment(CellAlignment::Center)));
+        for row in &self.rows {
+            t.add_row(row.iter().enumerate().map(|(i, c)| {
+                let cell = comfy_table::Cell::new(&c.text).set_alignment(if i == 0 {
+                    CellAlignment::Left
+                } else {
+                    CellAlignment::Right
+                });
+                if c.failed { cell.fg(Color::Red) } else { cell }
+            }));
+        }
+        let mut out = format!("{}\n{t}\n", self.title);
+        for n in &self.notes {
+            let _ = writeln!(out, "  {n}");
+        }
+        out
+    }
+
+    /// The table as an HTML `<table>` with a caption, failures in class `failed`.
+    pub fn to_html(&self) -> String {
+        let mut out = format!("<table>\n<caption>{}</caption>\n<thead><tr>", escape(&self.title));
+        for h in &self.header {
+            let _ = write!(out, "<th>{}</th>", escape(h));
+        }
+        out.push_str("</tr></thead>\n<tbody>\n");
+        for row in &self.rows {
+            out.push_str("<tr>");
+            for (i, c) in row.iter().enumerate() {
+                let tag = if i == 0 { "th" } else { "td" };
+                let class = if c.failed { " class=\"failed\"" } else { "" };
+                let _ = write!(out, "<{tag}{class}>{}</{tag}>", escape(&c.text));
+            }
+            out.push_str("</tr>\n");
+        }
+        out.push_str("</tbody>\n</table>\n");
+        for n in &self.notes {
+            let _ = writeln!(out, "<p class=\"note\">{}</p>", escape(n));
+        }
+        out
+    }
+}
+
+/// `mean±stddev` with two decimals.
+pub fn mean_sd(s: &Summary) -> String {
+    format!("{:.2}±{:.2}", s.mean, s.stddev)
+}
+
+/// Microseconds with sensible precision.
+pub fn micros(us: f64) -> String {
+    if us >= 100.0 { format!("{us:.0}") } else { format!("{us:.1}") }
+}
+
+/// A folio size as the RFC's tables write it: `4K`, `2M`.
+pub fn folio_label(bytes: u64) -> String {
+    short_size(bytes)
+}
+
+/// `1 run`, `5 runs`.
+pub fn runs(n: usize) -> String {
+    if n == 1 { "1 run".into() } else { format!("{n} runs") }
+}
+
+/// Marks a throughput cell whose migrator did not copy everything itself.
+const FALLBACK_MARK: &str = "†";
+
+fn summary_cell(cell: &Cell, pick: impl Fn(&Cell) -> Option<Summary>, migrator: MigratorSpec) -> TableCell {
+    if !cell.ok {
+        let n = cell.measurements.len();
+        return TableCell::failed(format!("FAILED {}/{n}", cell.failed_reps));
+    }
+    let Some(s) = pick(cell) else { return TableCell::new("-") };
+    let offloads = matches!(migrator, MigratorSpec::Mtcopy { .. } | MigratorSpec::Dcbm { .. });
+    let mark = if offloads && cell.fallback_folios > 0 { FALLBACK_MARK } else { "" };
+    TableCell::new(format!("{}{mark}", mean_sd(&s)))
+}
+
+fn throughput_table(t: &Throughput, end_to_end: bool, report: &BenchReport) -> TextTable {
+    let cfg = &report.config;
+    let reps = cfg.reps;
+    let what = if end_to_end {
+        "End-to-end throughput (GB/s, destination preparation and checks of the call included)"
+    } else {
+        "Throughput (GB/s, critical path: unmap + copy + move)"
+    };
+    let title = format!(
+        "{what}, mean±stddev over {}; {} moved node {} → {}, batch ≤ {} pages, {}",
+        runs(reps),
+        short_size(t.bytes),
+        cfg.from_node,
+        cfg.to_node,
+        t.batch_pages,
+        if t.pipelined { "pipelined move" } else { "move after each batch copy" }
+    );
+    let mut header = vec!["migrator".to_string()];
+    header.extend(t.folio_sizes.iter().map(|&f| folio_label(f)));
+    let rows = t
+        .rows
+        .iter()
+        .map(|row| {
+            let mut cells = vec![TableCell::new(row.migrator.to_string())];
+            cells.extend(
+                row.cells
+                    .iter()
+                    .map(|c| summary_cell(c, |c| if end_to_end { c.end_to_end_gbps } else { c.gbps }, row.migrator)),
+            );
+            cells
+        })
+        .collect();
+    let mut notes = vec![
+        "memcpy: a plain memcpy of the same bytes between two prepared buffers, in the same run as the cpu row. \
+         The migrations copy with non-temporal stores, which can beat it on large copies."
+            .to_string(),
+    ];
+    let fell_back = t.rows.iter().any(|r| {
+        matches!(r.migrator, MigratorSpec::Mtcopy { .. } | MigratorSpec::Dcbm { .. })
+            && r.cells.iter().any(|c| c.ok && c.fallback_folios > 0)
+    });
+    if fell_back {
+        notes.push(format!("{FALLBACK_MARK}: some folios fell back to the per-folio CPU copy (see report.json)."));
+    }
+    if t.rows.iter().any(|r| r.cells.iter().any(|c| !c.ok)) {
+        notes.push("FAILED k/n: k of n runs failed a check (bytes, writes, placement) and are left out.".into());
+    }
+    TextTable { title, header, rows, notes }
+}
+
+fn sweep_tables(s: &Sweep, report: &BenchReport) -> Vec<TextTable> {
+    let mut out = Vec::new();
+    for folio in s.folio_sizes() {
+        for pipelined in [true, false] {
+            let migrators = s.migrators();
+            let title = format!(
+                "Batch-size sweep, {} folios, {}: GB/s (critical path, mean) | first-folio latency µs (median / p99 \
+                 over batches); {} moved, {} per point",
+                folio_label(folio),
+                if pipelined { "pipelined move" } else { "move after the whole batch is copied" },
+                short_size(s.bytes),
+                runs(report.config.sweep_reps)
+            );
+            let mut header = vec!["N (pages)".to_string()];
+            for m in &migrators {
+                header.push(format!("{m} GB/s"));
+                header.push(format!("{m} first µs"));
+            }
+            let mut rows = Vec::new();
+            for &batch in &s.batch_pages {
+                let mut row = vec![TableCell::new(batch.to_string())];
+                for &m in &migrators {
+                    match s.point(folio, m, pipelined, batch) {
+                        Some(p) if !p.cell.ok => {
+                            let n = p.cell.measurements.len();
+                            row.push(TableCell::failed(format!("FAILED {}/{n}", p.cell.failed_reps)));
+                            row.push(TableCell::failed("-"));
+                        }
+                        Some(p) => {
+                            row.push(TableCell::new(p.cell.gbps.map_or("-".into(), |g| format!("{:.2}", g.mean))));
+                            row.push(TableCell::new(match (p.first_folio_us, p.first_folio_p99_us) {
+                                (Some(a), Some(b)) => format!("{} / {}", micros(a), micros(b)),
+                                _ => "-".into(),
+                            }));
+                        }
+                        None => {
+                            row.push(TableCell::new("-"));
+                            row.push(TableCell::new("-"));
+                        }
+                    }
+                }
+                rows.push(row);
+            }
+            out.push(TextTable { title, header, rows, notes: Vec::new() });
+        }
+    }
+    if let Some(last) = out.last_mut() {
+        last.notes.push(
+            "First-folio latency: from the start of a batch's unmap phase until its first folio is writable again."
+                .into(),
+        );
+    }
+    out
+}
+
+fn scatter_table(report: &BenchReport) -> Option<TextTable> {
+    let s = report.scattered.as_ref()?;
+    let title = format!(
+        "Scattered folios ({}, batch ≤ {} pages): every other folio of a region against the whole region; mean over \
+         {}",
+        s.migrator,
+        s.batch_pages,
+        runs(report.config.reps)
+    );
+    let header = [
+        "folio",
+        "region",
+        "all: folios",
+        "all: runs",
+        "all: GB/s",
+        "all: µs/folio",
+        "every other: folios",
+        "every other: runs",
+        "every other: GB/s",
+        "every other: µs/folio",
+        "µs per run (move)",
+    ]
+    .map(String::from)
+    .to_vec();
+    let rows = s
+        .rows
+        .iter()
+        .map(|r| {
+            let mut row = vec![TableCell::new(folio_label(r.folio_size)), TableCell::new(short_size(r.region_bytes))];
+            for case in [&r.contiguous, &r.scattered] {
+                row.push(TableCell::new(case.folios.to_string()));
+                if case.cell.ok {
+                    row.push(TableCell::new(case.runs.map_or("-".into(), |v| format!("{v:.0}"))));
+                    row.push(TableCell::new(case.cell.gbps.map_or("-".into(), |g| mean_sd(&g))));
+                    row.push(TableCell::new(case.us_per_folio.map_or("-".into(), |u| format!("{:.2}", u.mean))));
+                } else {
+                    let n = case.cell.measurements.len();
+                    row.push(TableCell::failed(format!("FAILED {}/{n}", case.cell.failed_reps)));
+                    row.push(TableCell::failed("-"));
+                    row.push(TableCell::failed("-"));
+                }
+            }
+            let per_run = r.scattered.move_us_per_run.filter(|_| r.scattered.cell.ok);
+            row.push(TableCell::new(per_run.map_or("-".into(), |u| format!("{:.1}", u.mean))));
+            row
+        })
+        .collect();
+    let notes = vec![
+        "A run is a stretch of contiguous folios write-protected with one call and moved with one mremap (the \
+         pipelined move may move it in pieces as its copy completes); every other folio makes each folio a run of \
+         its own. The region is capped so that the scattered case stays within \
+         vm.max_map_count."
+            .into(),
+    ];
+    Some(TextTable { title, header, rows, notes })
+}
+
+/// Every table of `report`, in order: throughput (critical path, end to end), the sweep,
+/// the scattered folios.
+pub fn tables(report: &BenchReport) -> Vec<TextTable> {
+    let mut out = Vec::new();
+    if let Some(t) = &report.throughput {
+        out.push(throughput_table(t, false, report));
+        out.push(throughput_table(t, true, report));
+    }
+    if let Some(s) = &report.sweep {
+        out.extend(sweep_tables(s, report));
+    }
+    out.extend(scatter_table(report));
+    out
+}
+
+/// The RFC's published numbers as tables (for the HTML page).
+pub fn reference_tables(r: &Reference) -> Vec<TextTable> {
+    let mut out = Vec::new();
+    let mut folios: Vec<u64> = r.throughput.rows.iter().map(|x| x.folio_kib).collect();
+    folios.sort_unstable();
+    folios.dedup();
+    let mut paths: Vec<(String, u32)> = r.throughput.rows.iter().map(|x| (x.path.clone(), x.channels)).collect();
+    paths.dedup();
+    let mut header = vec!["path".to_string()];
+    header.extend(folios.iter().map(|&k| folio_label(k << 10)));
+    let rows = paths
+        .iter()
+        .map(|(path, ch)| {
+            let mut row = vec![TableCell::new(if *ch == 0 { path.clone() } else { format!("{path} {ch} ch") })];
+            for &k in &folios {
+                let v = r.throughput.rows.iter().find(|x| &x.path == path && x.channels == *ch && x.folio_kib == k);
+                row.push(TableCell::new(v.map_or("-".into(), |v| format!("{:.2}±{:.2}", v.gbps, v.stddev))));
+            }
+            row
+        })
+        .collect();
+    out.push(TextTable {
+        title: format!("Reference, {}: {}", r.source, r.throughput.comment),
+        header,
+        rows,
+        notes: Vec::new(),
+    });
+    let channels = r.sweep_channels();
+    let mut batch: Vec<(u64, u64)> = r.first_folio.rows.iter().map(|x| (x.folio_kib, x.batch_pages)).collect();
+    batch.sort_unstable();
+    batch.dedup();
+    let mut header = vec!["folio".to_string(), "N (pages)".to_string()];
+    for c in &channels {
+        header.push(format!("dma{c} GB/s"));
+        header.push(format!("dma{c} first µs"));
+    }
+    let rows = batch
+        .iter()
+        .map(|&(k, n)| {
+            let mut row = vec![TableCell::new(folio_label(k << 10)), TableCell::new(n.to_string())];
+            for &c in &channels {
+                let v = r.first_folio.rows.iter().find(|x| x.folio_kib == k && x.batch_pages == n && x.channels == c);
+                row.push(TableCell::new(v.map_or("-".into(), |v| format!("{:.2}", v.gbps))));
+                row.push(TableCell::new(v.map_or("-".into(), |v| micros(v.first_us))));
+            }
+            row
+        })
+        .collect();
+    out.push(TextTable { title: format!("Reference: {}", r.first_folio.comment), header, rows, notes: Vec::new() });
+    let rows = r
+        .vanilla_n
+        .rows
+        .iter()
+        .map(|x| {
+            vec![
+                TableCell::new(folio_label(x.folio_kib << 10)),
+                TableCell::new(x.n_folios.to_string()),
+                TableCell::new(format!("{:.2}", x.gbps)),
+                TableCell::new(micros(x.first_us)),
+            ]
+        })
+        .collect();
+    out.push(TextTable {
+        title: format!("Reference: {}", r.vanilla_n.comment),
+        header: ["folio", "n (folios per call)", "GB/s", "first µs"].map(String::from).to_vec(),
+        rows,
+        notes: Vec::new(),
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_both_ways() {
+        let t = TextTable {
+            title: "T <1>".into(),
+            header: vec!["a".into(), "b".into()],
+            rows: vec![vec![TableCell::new("x"), TableCell::failed("FAILED 1/2")]],
+            notes: vec!["n".into()],
+        };
+        let term = t.to_terminal();
+        assert!(term.starts_with("T <1>\n") && term.contains("FAILED 1/2") && term.ends_with("  n\n"));
+        let html = t.to_html();
+        assert!(html.contains("<caption>T &lt;1&gt;</caption>"));
+        assert!(html.contains("<td class=\"failed\">FAILED 1/2</td>"));
+        assert_eq!(micros(253.4), "253");
+        assert_eq!(micros(12.34), "12.3");
+    }
+
+    #[test]
+    fn failed_runs_are_reported_as_failed() {
+        use crate::report::model::{Measurement, Throughput, ThroughputRow};
+        use crate::report::{BenchConfig, Machine};
+
+        let good = |gbps| {
+            let mut m = Measurement::failed(0, 1 << 20, String::new());
+            (m.ok, m.error, m.gbps, m.end_to_end_gbps) = (true, None, gbps, gbps);
+            m
+        };
+        let bad = Measurement::failed(1, 1 << 20, "12 bytes differ".into());
+        let report = BenchReport {
+            pagemig_version: "0".into(),
+            started_unix_s: 0,
+            wall_s: 0.0,
+            machine: Machine::probe(),
+            config: BenchConfig::quick(0, 0),
+            attributes: Default::default(),
+            throughput: Some(Throughput {
+                wall_s: 0.0,
+                bytes: 1 << 20,
+                batch_pages: 512,
+                pipelined: true,
+                folio_sizes: vec![4096, 2 << 20],
+                rows: vec![ThroughputRow {
+                    migrator: MigratorSpec::Cpu,
+                    cells: vec![Cell::of(vec![good(2.0), bad]), Cell::of(vec![good(3.0), good(5.0)])],
+                }],
+            }),
+            sweep: None,
+            scattered: None,
+            failed_measurements: 1,
+            reference: Reference::embedded(),
+        };
+        let t = &tables(&report)[0];
+        assert_eq!(t.rows[0][1], TableCell::failed("FAILED 1/2"));
+        assert_eq!(t.rows[0][2], TableCell::new("4.00±1.41"));
+        assert!(t.notes.iter().any(|n| n.starts_with("FAILED k/n")));
+        // The plot leaves the failed cell out instead of drawing a partial mean.
+        let fig = crate::report::plot::throughput_figure(&report).unwrap();
+        assert_eq!(fig.panels[0].series[0].points, [(2048.0, 4.0, 2f64.sqrt())]);
+    }
+
+    #[test]
+    fn reference_tables_hold_every_number() {
+        let r = Reference::embedded();
+        let t = reference_tables(&r);
+        assert_eq!(t[0].rows.len(), 7);
+        assert_eq!(t[0].rows[0][1].text, "3.31±0.18");
+        assert_eq!(t[1].rows.len(), 20);
+        assert_eq!(t[2].rows.len(), 19);
+    }
+}

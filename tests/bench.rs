@@ -1,0 +1,144 @@
+//! `pagemig bench` on tiny sizes: every file is written, and the JSON holds real, verified
+//! measurements of every experiment.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use pagemig::report::{self, BenchConfig, MigratorSpec};
+use serde_json::Value;
+
+fn node() -> u32 {
+    pagemig::numa::memory_nodes().unwrap()[0]
+}
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pagemig-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn check_files(dir: &Path, plots: &[&str]) {
+    for name in plots {
+        let svg = std::fs::read_to_string(dir.join(format!("{name}.svg"))).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("<text"), "{name}.svg has no text");
+        let png = std::fs::read(dir.join(format!("{name}.png"))).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n") && png.len() > 10_000, "{name}.png is not a drawn PNG");
+    }
+    let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("AMD Zen 3 EPYC, PTDMA (RFC v5 thread)"));
+    assert!(!html.contains("<?xml"), "SVG inlined with its XML declaration");
+}
+
+fn positive(v: &Value) -> bool {
+    v.as_f64().is_some_and(|x| x > 0.0 && x.is_finite())
+}
+
+#[test]
+fn bench_measures_every_experiment_and_writes_the_report() {
+    let Ok(engine) = pagemig::Engine::global() else { return };
+    let mut cfg = BenchConfig::quick(node(), node());
+    cfg.size = 8 << 20;
+    cfg.reps = 1;
+    cfg.sweep_reps = 1;
+    cfg.folio_sizes = vec![4 << 10, 64 << 10, 2 << 20];
+    cfg.mtcopy_threads = vec![2];
+    cfg.dcbm_channels = vec![1, 4];
+    cfg.sweep_batch_pages = vec![512, 2048];
+    cfg.sweep_migrators = vec![MigratorSpec::Cpu, MigratorSpec::Dcbm { channels: 4 }];
+    cfg.scatter_folio_sizes = vec![4 << 10, 2 << 20];
+    cfg.scatter_max_folios = 256;
+    let steps = std::sync::atomic::AtomicUsize::new(0);
+    let r = report::run(engine, &cfg, &|s| {
+        assert!(s.done < s.total && !s.what.is_empty());
+        steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })
+    .unwrap();
+    assert_eq!(steps.into_inner(), cfg.planned_runs());
+    let dir = temp_dir("lib");
+    let written = report::write_all(&r, &dir).unwrap();
+    assert_eq!(written.len(), 1 + 4 * 2 + 1);
+    check_files(&dir, &["throughput", "first-folio", "batch-throughput", "scattered"]);
+
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(v["failed_measurements"], 0, "{}", serde_json::to_string_pretty(&v).unwrap());
+    let m = &v["machine"];
+    assert!(m["cores"].as_u64().unwrap() >= 1);
+    assert!(!m["kernel"].as_str().unwrap().is_empty() && !m["cpu_model"].as_str().unwrap().is_empty());
+    assert!(m["thp"].is_string() && m["nodes"].as_array().is_some_and(|n| !n.is_empty()));
+    assert!(v["attributes"]["migrate/max_batch_pages"].is_string());
+
+    // Throughput: cpu, mtcopy 2, dcbm 1 and 4, memcpy; one cell per folio size.
+    let rows = v["throughput"]["rows"].as_array().unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r["migrator"]["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["cpu", "mtcopy", "dcbm", "dcbm", "memcpy"]);
+    for row in rows {
+        let cells = row["cells"].as_array().unwrap();
+        assert_eq!(cells.len(), 3);
+        for c in cells {
+            assert_eq!(c["ok"], true);
+            assert!(positive(&c["gbps"]["mean"]) && positive(&c["end_to_end_gbps"]["mean"]), "{c}");
+            let ms = c["measurements"].as_array().unwrap();
+            assert_eq!(ms.len(), 1);
+            assert_eq!(ms[0]["bytes"], 8 << 20);
+            assert_eq!(ms[0]["mismatched_bytes"], 0);
+            assert_eq!(ms[0]["placement_ok"], true);
+        }
+    }
+    // The migrators really copied: dcbm's folios went through the DMA channels.
+    for c in rows[2]["cells"].as_array().unwrap() {
+        assert!(c["offloaded_folios"].as_u64().unwrap() > 0, "{c}");
+    }
+
+    // Sweep: 2 folio sizes × 2 migrators × pipelined or not × 2 batch sizes.
+    let points = v["sweep"]["points"].as_array().unwrap();
+    assert_eq!(points.len(), 16);
+    for p in points {
+        assert_eq!(p["ok"], true, "{p}");
+        assert!(positive(&p["first_folio_us"]) && positive(&p["first_folio_p99_us"]), "{p}");
+        assert!(positive(&p["gbps"]["mean"]));
+    }
+    let batches = |b: u64| points.iter().find(|p| p["batch_pages"] == b && p["folio_size"] == 4096).unwrap();
+    assert_eq!(batches(512)["measurements"][0]["batches"], 4);
+    assert_eq!(batches(2048)["measurements"][0]["batches"], 1);
+
+    // Scattered: every other folio is a run of its own.
+    let scattered = v["scattered"]["rows"].as_array().unwrap();
+    assert_eq!(scattered.len(), 2);
+    for r in scattered {
+        let (all, half) = (&r["contiguous"], &r["scattered"]);
+        assert_eq!(all["ok"], true);
+        assert_eq!(half["ok"], true);
+        assert_eq!(half["folios"].as_u64().unwrap() * 2, all["folios"].as_u64().unwrap());
+        assert_eq!(half["runs"].as_f64().unwrap() as u64, half["folios"].as_u64().unwrap());
+        assert!(positive(&half["us_per_folio"]["mean"]) && positive(&half["move_us_per_run"]["mean"]));
+    }
+    assert_eq!(v["reference"]["throughput"]["rows"].as_array().unwrap().len(), 42);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn cli_bench_applies_attributes_and_writes_the_report() {
+    if pagemig::Engine::global().is_err() {
+        return;
+    }
+    let dir = temp_dir("cli");
+    let out = Command::new(env!("CARGO_BIN_EXE_pagemig"))
+        .args(["bench", "--quick", "--size", "4MiB", "--reps", "1", "--only", "throughput", "--no-tables"])
+        .args(["--attr", "migrate/max_batch_pages=1024", "--out"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("report.html"), "{stdout}");
+    check_files(&dir, &["throughput"]);
+    assert!(!dir.join("scattered.svg").exists());
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(v["attributes"]["migrate/max_batch_pages"], "1024");
+    assert!(v["sweep"].is_null() && v["scattered"].is_null());
+    assert_eq!(
+        v["throughput"]["rows"].as_array().unwrap().len(),
+        1 + v["config"]["mtcopy_threads"].as_array().unwrap().len() + 6 + 1
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
