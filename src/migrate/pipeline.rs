@@ -221,12 +221,17 @@ impl Call<'_> {
         }
         // The default CPU batch copy.
         if pipelined {
-            // Copy in pieces of at most 2 MiB and move each as soon as it is copied.
+            // Copy in pieces and move each as soon as it is copied. The first two pieces
+            // are 2 MiB, so the first folio is writable after one 2 MiB copy whatever the
+            // batch size; then each piece is as large as everything before it, so a batch
+            // costs O(log n) moves rather than one per 2 MiB.
             let mut at = 0;
+            let mut done_bytes = 0;
             while at < live.len() {
+                let piece = HPAGE_SIZE.max(done_bytes);
                 let mut end = at + 1;
                 let mut bytes = pairs[at].len;
-                while end < live.len() && bytes + pairs[end].len <= HPAGE_SIZE {
+                while end < live.len() && bytes + pairs[end].len <= piece {
                     bytes += pairs[end].len;
                     end += 1;
                 }
@@ -234,6 +239,7 @@ impl Call<'_> {
                 // SAFETY: as for the offloaded copy above.
                 let ok = unsafe { folios_copy(&pairs[at..end]) }.is_ok();
                 self.stats.copy_ns += t.elapsed().as_nanos() as u64;
+                done_bytes += bytes;
                 if ok {
                     self.stats.batch_copied_folios += (end - at) as u64;
                     live[at..end].iter().for_each(|&i| st.info[i].insert(MigrateInfo::ALREADY_COPIED));
