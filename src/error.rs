@@ -52,14 +52,16 @@ pub enum Error {
         limit: usize,
     },
     /// The target node has too little free memory (`ENOMEM`).
-    #[error("node {node} has {free} bytes free, too few for {needed} bytes")]
+    #[error("node {node} has {free} bytes free, too few for {needed} bytes and the {reserve} bytes left to others")]
     NodeFull {
         /// The target node.
         node: u32,
         /// Bytes the migration needs there.
         needed: u64,
-        /// Bytes free there.
+        /// Bytes free there (`MemFree` of the node).
         free: u64,
+        /// Bytes pagemig leaves free for everything else.
+        reserve: u64,
     },
     /// Some folios migrated and some did not; `stats` says which and how many.
     #[error("{failed} of {total} folios were not migrated: {first}")]

@@ -326,8 +326,8 @@ impl Engine {
     }
 
     fn check_free_memory(&self, target: u32, bytes: u64, runs: &[(usize, usize)]) -> Result<()> {
-        let (_, free) = numa::meminfo(target)?;
-        let free = free.saturating_sub(NODE_RESERVE);
+        let (_, mem_free) = numa::meminfo(target)?;
+        let free = mem_free.saturating_sub(NODE_RESERVE);
         if bytes <= free {
             return Ok(());
         }
@@ -337,7 +337,11 @@ impl Engine {
             let here = numa::page_nodes(s, e - s)?.iter().filter(|&&n| n == target as i32).count();
             needed += (e - s) as u64 - (here * sys::PAGE_SIZE) as u64;
         }
-        if needed <= free { Ok(()) } else { Err(Error::NodeFull { node: target, needed, free }) }
+        if needed <= free {
+            Ok(())
+        } else {
+            Err(Error::NodeFull { node: target, needed, free: mem_free, reserve: NODE_RESERVE })
+        }
     }
 }
 
