@@ -120,6 +120,32 @@ fn us(ns: u64) -> f64 {
     ns as f64 / 1e3
 }
 
+/// Migrates `folios` of `region` to `to_node` while `writers` threads keep writing into
+/// the region; a partial failure comes back as its statistics and first error, next to
+/// what the writers wrote.
+///
+/// # Errors
+/// Errors raised before anything moved (invalid input, `ENOMEM` up front).
+#[allow(clippy::too_many_arguments)]
+pub fn migrate_with_writers(
+    engine: &Engine,
+    region: &Region,
+    folios: &[crate::Folio],
+    to_node: u32,
+    reason: Reason,
+    mode: Mode,
+    writers: usize,
+    opts: &MigrateOptions,
+) -> Result<(MigrateStats, Option<String>, workload::WriteLog)> {
+    let (result, log) =
+        workload::with_writers(region, writers, || engine.migrate_pages(folios, to_node, reason, mode, opts));
+    match result {
+        Ok(s) => Ok((s, None, log)),
+        Err(Error::Partial { stats, first, .. }) => Ok((*stats, Some(first.to_string()), log)),
+        Err(e) => Err(e),
+    }
+}
+
 /// Runs one measured migration.
 ///
 /// # Errors
@@ -136,14 +162,8 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
     };
     let opts = MigrateOptions { max_batch_pages: Some(cfg.batch_pages), progress, ..Default::default() };
     let folios = region.folios();
-    let (result, log) = workload::with_writers(&region, cfg.writers, || {
-        engine.migrate_pages(&folios, cfg.to_node, cfg.reason, cfg.mode, &opts)
-    });
-    let (stats, error) = match result {
-        Ok(s) => (s, None),
-        Err(Error::Partial { stats, first, .. }) => (*stats, Some(first.to_string())),
-        Err(e) => return Err(e),
-    };
+    let (stats, error, log) =
+        migrate_with_writers(engine, &region, &folios, cfg.to_node, cfg.reason, cfg.mode, cfg.writers, &opts)?;
     let verify: VerifyReport = workload::verify(&region, cfg.seed, &log);
     let placement = region.placement()?;
     let pages = region.len() / crate::sys::PAGE_SIZE;

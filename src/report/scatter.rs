@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::migrate::{Engine, MigrateOptions, Mode, Reason};
 use crate::numa;
 use crate::region::Region;
@@ -70,14 +70,16 @@ pub fn run_scattered(engine: &Engine, cfg: &ScatterConfig, rep: usize) -> Result
     let step = if cfg.every_other { 2 } else { 1 };
     let moved: Vec<_> = all.iter().step_by(step).copied().collect();
     let opts = MigrateOptions { max_batch_pages: Some(cfg.batch_pages), ..Default::default() };
-    let (result, log) = workload::with_writers(&region, cfg.writers, || {
-        engine.migrate_pages(&moved, cfg.to_node, cfg.reason, cfg.mode, &opts)
-    });
-    let (stats, error) = match result {
-        Ok(s) => (s, None),
-        Err(Error::Partial { stats, first, .. }) => (*stats, Some(first.to_string())),
-        Err(e) => return Err(e),
-    };
+    let (stats, error, log) = crate::experiment::migrate_with_writers(
+        engine,
+        &region,
+        &moved,
+        cfg.to_node,
+        cfg.reason,
+        cfg.mode,
+        cfg.writers,
+        &opts,
+    )?;
     let verify = workload::verify(&region, cfg.seed, &log);
     // Moved folios on the target, the others where they were allocated.
     let nodes = numa::page_nodes(region.addr(), region.len())?;
