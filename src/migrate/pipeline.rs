@@ -52,6 +52,8 @@ struct BatchState {
     /// Start of the unmap phase, for first-folio latency.
     started: Instant,
     first_done: bool,
+    /// Items whose protection failed (pipelined CPU copy protects piece by piece).
+    unprotected: Vec<Option<(&'static str, Errno)>>,
 }
 
 enum CopyEvent {
@@ -97,13 +99,23 @@ impl Call<'_> {
         self.stats.batches += 1;
         let runs = split_runs(&claimed);
         let info = vec![MigrateInfo::empty(); claimed.len()];
-        let mut st = BatchState { claimed, info, runs, started: Instant::now(), first_done: false };
+        let unprotected = vec![None; claimed.len()];
+        let mut st = BatchState { claimed, info, runs, started: Instant::now(), first_done: false, unprotected };
 
         self.take_destinations(&mut st);
+        let eligible = self.reason.batch_eligible() && !self.opts.no_batch_copy;
+        let pipelined = self.opts.pipelined.unwrap_or_else(|| self.engine.pipelined());
+        // The pipelined CPU copy protects each piece just before copying it, so that the
+        // first folio does not wait for the whole batch to be write-protected.
+        let lazy = eligible && pipelined && !self.opts.fault.fail_batch_copy && !registry().enabled();
         st.started = Instant::now();
-        self.unmap(&mut st);
+        if !lazy {
+            self.unmap(&mut st);
+        }
         let live: Vec<usize> = st.runs.iter().filter(|r| r.rest.is_some()).flat_map(|r| r.items.clone()).collect();
-        if self.reason.batch_eligible() && !self.opts.no_batch_copy && !live.is_empty() {
+        if lazy && !live.is_empty() {
+            self.copy_pieces(&mut st, &live);
+        } else if eligible && !live.is_empty() {
             self.batch_copy(&mut st, &live);
         } else {
             self.stats.single_copied_folios += live.len() as u64;
@@ -158,29 +170,87 @@ impl Call<'_> {
                 continue;
             }
             st.runs[r].rest = Some(dest);
-            for i in items {
-                st.info[i].insert(MigrateInfo::WAS_MAPPED);
-                if st.claimed[i].locked {
-                    st.info[i].insert(MigrateInfo::WAS_MLOCKED);
-                }
-            }
+            mark_mapped(st, items);
         }
         self.stats.unmap_ns += t.elapsed().as_nanos() as u64;
+    }
+
+    /// The pipelined default CPU copy: pieces of 2 MiB, then as large as everything copied
+    /// before (so the first folio is writable after one 2 MiB piece whatever the batch size,
+    /// and a batch costs O(log n) moves), each write-protected just before its copy and
+    /// moved right after it.
+    fn copy_pieces(&mut self, st: &mut BatchState, live: &[usize]) {
+        let pairs = self.pairs(st, live);
+        let mut at = 0;
+        let mut done_bytes = 0;
+        while at < live.len() {
+            let piece = HPAGE_SIZE.max(done_bytes);
+            let mut end = at + 1;
+            let mut bytes = pairs[at].len;
+            while end < live.len() && bytes + pairs[end].len <= piece {
+                bytes += pairs[end].len;
+                end += 1;
+            }
+            done_bytes += bytes;
+            // Protect each contiguous stretch of the piece with one call.
+            let t = Instant::now();
+            let mut s = at;
+            while s < end {
+                let mut e = s + 1;
+                while e < end && st.claimed[live[e - 1]].folio.end() == st.claimed[live[e]].folio.addr() {
+                    e += 1;
+                }
+                let (start, stop) = (st.claimed[live[s]].folio.addr(), st.claimed[live[e - 1]].folio.end());
+                match self.protect(start, stop) {
+                    Ok(()) => mark_mapped(st, live[s]..live[e - 1] + 1),
+                    Err(err) => live[s..e].iter().for_each(|&i| st.unprotected[i] = Some(err)),
+                }
+                s = e;
+            }
+            self.stats.unmap_ns += t.elapsed().as_nanos() as u64;
+            // Copy the protected folios, adjacent ones in one go.
+            let t = Instant::now();
+            let protected: Vec<CopyPair> =
+                (at..end).filter(|&k| st.info[live[k]].contains(MigrateInfo::WAS_MAPPED)).map(|k| pairs[k]).collect();
+            // SAFETY: every pair copied is write-protected (just above) so no thread writes
+            // its source, its destination was handed to us by the pool and nothing else
+            // refers to it, and sources and destinations never overlap.
+            let ok = unsafe { folios_copy(&protected) }.is_ok();
+            self.stats.copy_ns += t.elapsed().as_nanos() as u64;
+            if ok {
+                self.stats.batch_copied_folios += protected.len() as u64;
+                for &i in &live[at..end] {
+                    if st.info[i].contains(MigrateInfo::WAS_MAPPED) {
+                        st.info[i].insert(MigrateInfo::ALREADY_COPIED);
+                    }
+                }
+                self.move_copied(st);
+            } else {
+                self.stats.fallback_folios += protected.len() as u64;
+            }
+            at = end;
+        }
+    }
+
+    /// The copy of each live item into its destination, in order.
+    fn pairs(&self, st: &BatchState, live: &[usize]) -> Vec<CopyPair> {
+        let mut pairs = Vec::with_capacity(live.len());
+        for run in st.runs.iter() {
+            let Some(dest) = run.rest.as_ref() else { continue };
+            for i in run.items.clone() {
+                let f = st.claimed[i].folio;
+                pairs.push(CopyPair { dst: dest.addr() + (f.addr() - run.start), src: f.addr(), len: f.size() });
+            }
+        }
+        debug_assert_eq!(pairs.len(), live.len());
+        pairs
     }
 
     /// The batch copy: through the active migrator when one is registered, else the
     /// default CPU `folios_copy`; pipelined, the move phase moves each run as soon as its
     /// folios are copied.
     fn batch_copy(&mut self, st: &mut BatchState, live: &[usize]) {
-        let pairs: Vec<CopyPair> = live
-            .iter()
-            .map(|&i| {
-                let run = st.runs.iter().find(|r| r.items.contains(&i)).expect("live item in a run");
-                let dest = run.rest.as_ref().expect("live run");
-                let f = st.claimed[i].folio;
-                CopyPair { dst: dest.addr() + (f.addr() - run.start), src: f.addr(), len: f.size() }
-            })
-            .collect();
+        let pairs = self.pairs(st, live);
         let pipelined = self.opts.pipelined.unwrap_or_else(|| self.engine.pipelined());
         if self.opts.fault.fail_batch_copy {
             self.stats.fallback_folios += live.len() as u64;
@@ -219,37 +289,8 @@ impl Call<'_> {
                 }
             }
         }
-        // The default CPU batch copy.
-        if pipelined {
-            // Copy in pieces and move each as soon as it is copied. The first two pieces
-            // are 2 MiB, so the first folio is writable after one 2 MiB copy whatever the
-            // batch size; then each piece is as large as everything before it, so a batch
-            // costs O(log n) moves rather than one per 2 MiB.
-            let mut at = 0;
-            let mut done_bytes = 0;
-            while at < live.len() {
-                let piece = HPAGE_SIZE.max(done_bytes);
-                let mut end = at + 1;
-                let mut bytes = pairs[at].len;
-                while end < live.len() && bytes + pairs[end].len <= piece {
-                    bytes += pairs[end].len;
-                    end += 1;
-                }
-                let t = Instant::now();
-                // SAFETY: as for the offloaded copy above.
-                let ok = unsafe { folios_copy(&pairs[at..end]) }.is_ok();
-                self.stats.copy_ns += t.elapsed().as_nanos() as u64;
-                done_bytes += bytes;
-                if ok {
-                    self.stats.batch_copied_folios += (end - at) as u64;
-                    live[at..end].iter().for_each(|&i| st.info[i].insert(MigrateInfo::ALREADY_COPIED));
-                    self.move_copied(st);
-                } else {
-                    self.stats.fallback_folios += (end - at) as u64;
-                }
-                at = end;
-            }
-        } else {
+        // The default CPU batch copy (unpipelined, or a migrator that went away).
+        {
             let t = Instant::now();
             // SAFETY: as for the offloaded copy above.
             let ok = unsafe { folios_copy(&pairs) }.is_ok();
@@ -390,7 +431,10 @@ impl Call<'_> {
             }
             let copy_start = Instant::now();
             let dst = rest.addr() + (item.folio.addr() - cursor);
-            let result = if self.opts.fault.fail_folio_copy.contains(&item.index) {
+            let result = if !st.info[i].contains(MigrateInfo::WAS_MAPPED) {
+                // Never protected: copying it could lose a write. It stays as it is.
+                Err(st.unprotected[i].map_or(Errno::AGAIN, |(_, e)| e))
+            } else if self.opts.fault.fail_folio_copy.contains(&item.index) {
                 Err(Errno::IO)
             } else {
                 // SAFETY: the source is write-protected since the unmap phase; `dst` lies in
@@ -414,7 +458,12 @@ impl Call<'_> {
                     rest = tail;
                     cursor = item.folio.end();
                     self.unprotect(item.folio.addr(), item.folio.end());
-                    self.fail(&item, Error::sys("folio copy")(errno));
+                    let op = match st.unprotected[i] {
+                        Some((op, _)) => op,
+                        None if !st.info[i].contains(MigrateInfo::WAS_MAPPED) => "write-protect",
+                        None => "folio copy",
+                    };
+                    self.fail(&item, Error::sys(op)(errno));
                 }
             }
         }
@@ -482,6 +531,16 @@ impl Call<'_> {
         s.move_ns += move_start.elapsed().as_nanos() as u64;
         if let Some(progress) = &self.opts.progress {
             progress(s.bytes);
+        }
+    }
+}
+
+/// Records that the items were write-protected, and locked where their mapping was.
+fn mark_mapped(st: &mut BatchState, items: Range<usize>) {
+    for i in items {
+        st.info[i].insert(MigrateInfo::WAS_MAPPED);
+        if st.claimed[i].locked {
+            st.info[i].insert(MigrateInfo::WAS_MLOCKED);
         }
     }
 }
