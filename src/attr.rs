@@ -13,6 +13,7 @@
 //! | `mtcopy/folios_copied` | rw | folios copied; any write resets it to 0 |
 //! | `migrate/max_batch_pages` | rw | bound on a batch in base pages, 1 … 262144 |
 //! | `migrate/pipelined` | rw | `1` moves runs as their copies complete, `0` after the batch |
+//! | `migrate/deferred_free` | rw | `1` frees replaced base pages on a background thread |
 //! | `offload/active` | ro | the active migrator's name, or empty |
 
 use std::sync::atomic::Ordering;
@@ -45,6 +46,7 @@ pub const ATTRS: &[Attr] = &[
     Attr { path: "mtcopy/folios_copied", writable: true, accepts: "anything (resets the counter to 0)" },
     Attr { path: "migrate/max_batch_pages", writable: true, accepts: "an integer from 1 to 262144" },
     Attr { path: "migrate/pipelined", writable: true, accepts: "0 or 1" },
+    Attr { path: "migrate/deferred_free", writable: true, accepts: "0 or 1" },
     Attr { path: "offload/active", writable: false, accepts: "nothing (read-only)" },
 ];
 
@@ -107,6 +109,7 @@ pub fn read(path: &str) -> Result<String> {
         "mtcopy/folios_copied" => migrators::mtcopy().folios_copied.load(Ordering::Relaxed).to_string(),
         "migrate/max_batch_pages" => engine()?.max_batch_pages().to_string(),
         "migrate/pipelined" => b(engine()?.pipelined()),
+        "migrate/deferred_free" => b(engine()?.deferred_free()),
         "offload/active" => registry().active_name().unwrap_or_default(),
         other => unreachable!("attribute {other} is listed but not readable"),
     })
@@ -156,6 +159,11 @@ pub fn write(path: &str, value: &str) -> Result<()> {
         "migrate/pipelined" => {
             let on = parse_bool(attr, value)?;
             engine()?.set_pipelined(on);
+            Ok(())
+        }
+        "migrate/deferred_free" => {
+            let on = parse_bool(attr, value)?;
+            engine()?.set_deferred_free(on);
             Ok(())
         }
         _ => Err(bad_value(attr, value, Errno::ACCESS)),

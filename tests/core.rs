@@ -384,3 +384,43 @@ fn scattered_folios_migrate_and_keep_their_neighbours() {
     assert!(workload::verify(&region, 44, &WriteLog::default()).ok());
     assert_on_node(&region, node());
 }
+
+#[test]
+fn readers_never_see_a_moving_folio_empty() {
+    // With deferred freeing a source is briefly empty between its old pages moving out and
+    // its new pages moving in; readers must wait through that, never read zeros.
+    let region = Region::new(8 << 20, 4096, Some(node())).unwrap();
+    workload::fill(&region, 55);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let engine = Engine::global().unwrap();
+    for deferred in [true, false] {
+        let opts = MigrateOptions { max_batch_pages: Some(64), deferred_free: Some(deferred), ..Default::default() };
+        let bad = std::thread::scope(|s| {
+            let readers: Vec<_> = (0..2)
+                .map(|r| {
+                    let (region, stop) = (&region, &stop);
+                    s.spawn(move || {
+                        let mut bad = 0u64;
+                        let mut i = r * 7;
+                        while !stop.load(Ordering::Relaxed) {
+                            i = (i + 4099) % region.words();
+                            if region.word(i).load(Ordering::Relaxed) != workload::pattern_word(55, i) {
+                                bad += 1;
+                            }
+                        }
+                        bad
+                    })
+                })
+                .collect();
+            for _ in 0..5 {
+                engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts).unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+            readers.into_iter().map(|h| h.join().unwrap()).sum::<u64>()
+        });
+        stop.store(false, Ordering::Relaxed);
+        assert_eq!(bad, 0, "deferred {deferred}: readers saw wrong words");
+        assert!(workload::verify(&region, 55, &WriteLog::default()).ok());
+        assert_on_node(&region, node());
+    }
+}

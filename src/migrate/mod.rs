@@ -21,6 +21,7 @@
 mod busy;
 mod pipeline;
 pub mod policy;
+mod reaper;
 pub mod stats;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -46,6 +47,8 @@ pub const MAX_BATCH_PAGES_LIMIT: usize = 262_144;
 pub const NR_MAX_MIGRATE_PASSES: usize = 10;
 /// Bytes the destination pool keeps populated ahead of use per node, at most.
 pub const DEFAULT_POOL_LIMIT: usize = 64 << 20;
+/// Bytes of replaced source pages that may wait for the reaper thread, at most.
+pub const DEFAULT_REAPER_BACKLOG: usize = 64 << 20;
 /// Free memory left untouched on the target node.
 const NODE_RESERVE: u64 = 32 << 20;
 
@@ -88,6 +91,9 @@ pub struct MigrateOptions {
     /// Move each run as soon as its copy completes (`None`: the engine's setting,
     /// `migrate/pipelined`).
     pub pipelined: Option<bool>,
+    /// Free replaced source pages on a background thread (`None`: the engine's setting,
+    /// `migrate/deferred_free`).
+    pub deferred_free: Option<bool>,
     /// Failures to inject.
     pub fault: FaultInjection,
     /// Called after every moved run with the bytes moved so far.
@@ -100,6 +106,7 @@ impl std::fmt::Debug for MigrateOptions {
             .field("max_batch_pages", &self.max_batch_pages)
             .field("no_batch_copy", &self.no_batch_copy)
             .field("pipelined", &self.pipelined)
+            .field("deferred_free", &self.deferred_free)
             .field("fault", &self.fault)
             .field("progress", &self.progress.is_some())
             .finish()
@@ -137,6 +144,8 @@ pub struct Engine {
     busy: Busy,
     max_batch_pages: AtomicUsize,
     pipelined: AtomicBool,
+    deferred_free: AtomicBool,
+    reaper: reaper::Reaper,
 }
 
 /// One folio of a call with the state of the mapping it lives in.
@@ -161,6 +170,8 @@ impl Engine {
             busy: Busy::default(),
             max_batch_pages: AtomicUsize::new(DEFAULT_MAX_BATCH_PAGES),
             pipelined: AtomicBool::new(true),
+            deferred_free: AtomicBool::new(true),
+            reaper: reaper::Reaper::new(DEFAULT_REAPER_BACKLOG),
         })
     }
 
@@ -194,6 +205,17 @@ impl Engine {
     /// Whether runs move as soon as their copy completes (`migrate/pipelined`).
     pub fn pipelined(&self) -> bool {
         self.pipelined.load(Ordering::Relaxed)
+    }
+
+    /// Whether replaced source pages are freed on a background thread
+    /// (`migrate/deferred_free`).
+    pub fn deferred_free(&self) -> bool {
+        self.deferred_free.load(Ordering::Relaxed)
+    }
+
+    /// Sets whether replaced source pages are freed on a background thread.
+    pub fn set_deferred_free(&self, on: bool) {
+        self.deferred_free.store(on, Ordering::Relaxed);
     }
 
     /// Sets whether runs move as soon as their copy completes.
@@ -243,12 +265,14 @@ impl Engine {
             runs.iter().copied().filter(|&(s, e)| self.uffd.register_wp(s, e - s).is_ok()).collect();
         stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
         let mut first_error = None;
+        let deferred = opts.deferred_free.unwrap_or_else(|| self.deferred_free());
         let mut ctx = pipeline::Call {
             engine: self,
             target,
             reason,
             opts,
             registered: &registered,
+            deferred,
             stats: &mut stats,
             first_error: &mut first_error,
         };
@@ -274,6 +298,10 @@ impl Engine {
                 Mode::Sync => self.busy.wait(Duration::from_millis(100)),
             }
             queue = retry;
+        }
+        if deferred {
+            // The call ends when the old pages are freed too.
+            self.reaper.drain();
         }
         stats.total_ns = started.elapsed().as_nanos() as u64;
         match first_error {

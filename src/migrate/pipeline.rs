@@ -25,6 +25,8 @@ pub(super) struct Call<'a> {
     pub opts: &'a MigrateOptions,
     /// The call's runs that were registered up front.
     pub registered: &'a [super::Span],
+    /// Free replaced source pages on the reaper thread.
+    pub deferred: bool,
     pub stats: &'a mut MigrateStats,
     pub first_error: &'a mut Option<Error>,
 }
@@ -491,6 +493,41 @@ impl Call<'_> {
         }
     }
 
+    /// Replaces the source `[start, start + len)` with the destination. Deferred: the range
+    /// is registered in missing mode too (every access now waits, not only writes), its old
+    /// pages go aside into a graveyard for the reaper thread, the new pages come in; else one
+    /// `mremap` that frees the old pages on the way.
+    fn replace(&self, start: usize, len: usize, dest: &Dest, deferred: bool) -> Result<(), Errno> {
+        let plain = || {
+            // SAFETY: `[start, start + len)` is write-protected source memory of this call
+            // (no writer can change it), `dest` holds a complete copy of it and is ours
+            // alone; moving it over the source keeps every byte the program can observe.
+            unsafe { sys::mremap_fixed(dest.addr(), len, start) }
+        };
+        let reaper = &self.engine.reaper;
+        if !deferred || self.engine.uffd.register_missing_wp(start, len).is_err() {
+            return plain();
+        }
+        let Ok((raw, total, g)) = reaper.reserve(len, start) else { return plain() };
+        // SAFETY: the source is write-protected and registered in missing mode, so from here
+        // until the wake every access to it waits; `g` lies in a reservation of ours.
+        if unsafe { sys::mremap_dontunmap(start, len, g) }.is_err() {
+            reaper.release(raw, total);
+            return plain();
+        }
+        // SAFETY: the source is empty (its pages are at `g`) and every access to it waits;
+        // `dest` holds a complete copy of those pages and is ours alone.
+        if let Err(errno) = unsafe { sys::mremap_fixed(dest.addr(), len, start) } {
+            // Put the old pages back: the source is as it was.
+            // SAFETY: `g` holds exactly the source's pages, moved out just above.
+            let _ = unsafe { sys::mremap_fixed(g, len, start) };
+            reaper.release(raw, total);
+            return Err(errno);
+        }
+        reaper.bury(raw, total);
+        Ok(())
+    }
+
     /// Moves the copied destination over the folios `items` (contiguous), locks it again
     /// where needed and wakes the writers; undoes them if the move fails.
     fn finish(&mut self, st: &mut BatchState, items: Range<usize>, dest: Dest) {
@@ -498,10 +535,9 @@ impl Call<'_> {
         let (start, end) = (st.claimed[items.start].folio.addr(), st.claimed[items.end - 1].folio.end());
         let len = end - start;
         debug_assert_eq!(dest.len(), len);
-        // SAFETY: `[start, end)` is write-protected source memory of this call (no writer
-        // can change it), `dest` holds a complete copy of it and is ours alone; moving it
-        // over the source keeps every byte the program can observe.
-        if let Err(errno) = unsafe { sys::mremap_fixed(dest.addr(), len, start) } {
+        // Freeing a huge page costs little: only base pages go to the reaper.
+        let deferred = self.deferred && !st.claimed[items.start].folio.is_pmd();
+        if let Err(errno) = self.replace(start, len, &dest, deferred) {
             self.engine.pool.release(dest);
             self.unprotect(start, end);
             for i in items {

@@ -131,6 +131,59 @@ pub unsafe fn mremap_fixed(from: usize, len: usize, to: usize) -> Result<(), Err
     if ret == libc::MAP_FAILED { Err(last_errno()) } else { Ok(()) }
 }
 
+/// Moves the pages of `[from, from + len)` to `[to, to + len)` and leaves `from` mapped
+/// but empty: `mremap(from, len, len, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP,
+/// to)`. Accesses to the emptied range then fault as missing pages (to userfaultfd where
+/// it is registered in missing mode).
+///
+/// # Errors
+/// The `mremap` errno (`EINVAL` where `MREMAP_DONTUNMAP` is not supported).
+///
+/// # Safety
+/// The caller owns both ranges; afterwards `from` reads as missing and `to` holds its pages.
+pub unsafe fn mremap_dontunmap(from: usize, len: usize, to: usize) -> Result<(), Errno> {
+    // SAFETY: the caller owns both ranges; the kernel checks that they are mapped.
+    let ret = unsafe {
+        libc::mremap(
+            from as *mut c_void,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
+            to as *mut c_void,
+        )
+    };
+    if ret == libc::MAP_FAILED { Err(last_errno()) } else { Ok(()) }
+}
+
+/// Reserves `len` bytes of inaccessible address space (`PROT_NONE`), to be replaced with
+/// `MREMAP_FIXED`.
+///
+/// # Errors
+/// The `mmap` errno.
+pub fn reserve(len: usize) -> Result<usize, Errno> {
+    // SAFETY: a fresh inaccessible mapping at an address the kernel chooses.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED { Err(last_errno()) } else { Ok(raw as usize) }
+}
+
+/// Frees the pages of a range the caller owns without unmapping it (`MADV_DONTNEED`).
+///
+/// # Safety
+/// Nothing may rely on the range's contents: they read as zero afterwards.
+pub unsafe fn discard(addr: usize, len: usize) -> Result<(), Errno> {
+    // SAFETY: the caller gives up the contents of a range it owns.
+    check_int(unsafe { libc::madvise(addr as *mut c_void, len, libc::MADV_DONTNEED) })
+}
+
 /// A subset of `madvise(2)` advice values that pagemig uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Advice {

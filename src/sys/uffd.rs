@@ -17,8 +17,8 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use linux_raw_sys::general::{
-    UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY, UFFDIO_REGISTER_MODE_WP,
-    uffdio_api, uffdio_range, uffdio_register, uffdio_writeprotect,
+    UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY, UFFDIO_REGISTER_MODE_MISSING,
+    UFFDIO_REGISTER_MODE_WP, uffdio_api, uffdio_range, uffdio_register, uffdio_writeprotect,
 };
 use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_WRITEPROTECT};
 
@@ -103,7 +103,21 @@ impl Uffd {
     /// registered (not anonymous, unaligned), `ENOMEM` for unmapped holes or past
     /// `vm.max_map_count`.
     pub fn register_wp(&self, start: usize, len: usize) -> Result<(), Errno> {
-        let mut reg = uffdio_register { range: range(start, len), mode: UFFDIO_REGISTER_MODE_WP as u64, ioctls: 0 };
+        self.register(start, len, UFFDIO_REGISTER_MODE_WP as u64)
+    }
+
+    /// Registers `[start, start + len)` in missing *and* write-protect mode: besides writes
+    /// to protected pages, any access to a page that is not mapped waits (until
+    /// [`Uffd::wake`]).
+    ///
+    /// # Errors
+    /// As [`Uffd::register_wp`].
+    pub fn register_missing_wp(&self, start: usize, len: usize) -> Result<(), Errno> {
+        self.register(start, len, (UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MISSING) as u64)
+    }
+
+    fn register(&self, start: usize, len: usize, mode: u64) -> Result<(), Errno> {
+        let mut reg = uffdio_register { range: range(start, len), mode, ioctls: 0 };
         // SAFETY: `reg` is a valid uffdio_register the kernel reads and updates in place.
         self.ioctl(UFFDIO_REGISTER, &mut reg as *mut _ as *mut libc::c_void)
     }
