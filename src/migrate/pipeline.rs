@@ -118,7 +118,7 @@ impl Call<'_> {
         if lazy && !live.is_empty() {
             self.copy_pieces(&mut st, &live);
         } else if eligible && !live.is_empty() {
-            self.batch_copy(&mut st, &live);
+            self.batch_copy(&mut st, &live, pipelined);
         } else {
             self.stats.single_copied_folios += live.len() as u64;
         }
@@ -248,12 +248,11 @@ impl Call<'_> {
         pairs
     }
 
-    /// The batch copy: through the active migrator when one is registered, else the
-    /// default CPU `folios_copy`; pipelined, the move phase moves each run as soon as its
-    /// folios are copied.
-    fn batch_copy(&mut self, st: &mut BatchState, live: &[usize]) {
+    /// The batch copy through the active migrator when one is registered (pipelined: runs
+    /// move as the migrator reports parts copied), else the default CPU `folios_copy` of the
+    /// whole batch. The pipelined CPU copy is [`Call::copy_pieces`].
+    fn batch_copy(&mut self, st: &mut BatchState, live: &[usize], pipelined: bool) {
         let pairs = self.pairs(st, live);
-        let pipelined = self.opts.pipelined.unwrap_or_else(|| self.engine.pipelined());
         if self.opts.fault.fail_batch_copy {
             self.stats.fallback_folios += live.len() as u64;
             return;
@@ -292,17 +291,15 @@ impl Call<'_> {
             }
         }
         // The default CPU batch copy (unpipelined, or a migrator that went away).
-        {
-            let t = Instant::now();
-            // SAFETY: as for the offloaded copy above.
-            let ok = unsafe { folios_copy(&pairs) }.is_ok();
-            self.stats.copy_ns += t.elapsed().as_nanos() as u64;
-            if ok {
-                self.stats.batch_copied_folios += live.len() as u64;
-                live.iter().for_each(|&i| st.info[i].insert(MigrateInfo::ALREADY_COPIED));
-            } else {
-                self.stats.fallback_folios += live.len() as u64;
-            }
+        let t = Instant::now();
+        // SAFETY: as for the offloaded copy above.
+        let ok = unsafe { folios_copy(&pairs) }.is_ok();
+        self.stats.copy_ns += t.elapsed().as_nanos() as u64;
+        if ok {
+            self.stats.batch_copied_folios += live.len() as u64;
+            live.iter().for_each(|&i| st.info[i].insert(MigrateInfo::ALREADY_COPIED));
+        } else {
+            self.stats.fallback_folios += live.len() as u64;
         }
     }
 
