@@ -15,14 +15,13 @@ use crate::sys::{self, Advice, HPAGE_SIZE, Mapping};
 /// An anonymous private range of `len` bytes carved into folios of `folio_size`.
 ///
 /// # Invariants
-/// `addr` is aligned to `folio_size`, `len` is a non-zero multiple of it, and the range was
+/// The mapping's address is aligned to `folio_size`, its length is a non-zero multiple of
+/// it, and the range was
 /// mapped private, anonymous and read-write when the region was made. An owned region is
 /// unmapped on drop.
 #[derive(Debug)]
 pub struct Region {
     map: Mapping,
-    addr: usize,
-    len: usize,
     folio_size: usize,
 }
 
@@ -61,7 +60,7 @@ impl Region {
         let map = Mapping::new(len, folio_size).map_err(Error::sys("mmap"))?;
         let addr = map.addr();
         // INVARIANT: a fresh aligned private anonymous mapping of `len` bytes.
-        let region = Self { map, addr, len, folio_size };
+        let region = Self { map, folio_size };
         if let Some(n) = node {
             sys::mbind(addr, len, n, false).map_err(Error::sys("mbind"))?;
         }
@@ -90,22 +89,22 @@ impl Region {
         // above); the caller promises it stays mapped while the region lives.
         let map = unsafe { Mapping::borrowed(addr, len) };
         // INVARIANT: shape checked above, mappings checked against /proc/self/maps.
-        Ok(Self { map, addr, len, folio_size })
+        Ok(Self { map, folio_size })
     }
 
     /// First byte.
     pub fn addr(&self) -> usize {
-        self.addr
+        self.map.addr()
     }
 
     /// A raw pointer to the first byte.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.addr as *mut u8
+        self.addr() as *mut u8
     }
 
     /// Length in bytes.
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     /// Always false: a region is never empty.
@@ -120,7 +119,7 @@ impl Region {
 
     /// The region's folios, in address order.
     pub fn folios(&self) -> Vec<Folio> {
-        (self.addr..self.addr + self.len)
+        (self.addr()..self.addr() + self.len())
             .step_by(self.folio_size)
             .map(|a| Folio::new(a, self.folio_size).expect("region invariant: aligned folios"))
             .collect()
@@ -132,12 +131,12 @@ impl Region {
     /// # Panics
     /// When `index` is past the region's end.
     pub fn word(&self, index: usize) -> &AtomicU64 {
-        self.map.word(index).unwrap_or_else(|| panic!("word {index} outside a region of {} bytes", self.len))
+        self.map.word(index).unwrap_or_else(|| panic!("word {index} outside a region of {} bytes", self.len()))
     }
 
     /// The number of 64-bit words.
     pub fn words(&self) -> usize {
-        self.len / 8
+        self.len() / 8
     }
 
     /// How many pages of the region are on each node (a `move_pages` status query).
@@ -145,7 +144,7 @@ impl Region {
     /// # Errors
     /// As [`numa::placement`].
     pub fn placement(&self) -> Result<std::collections::BTreeMap<i32, usize>> {
-        numa::placement(self.addr, self.len)
+        numa::placement(self.addr(), self.len())
     }
 
     /// Bytes of the region backed by transparent huge pages (`AnonHugePages` in smaps).
@@ -166,7 +165,7 @@ impl Region {
 
     fn smaps_sum(&self, field: &str) -> Result<u64> {
         let text = std::fs::read_to_string("/proc/self/smaps").map_err(Error::io("/proc/self/smaps"))?;
-        let (start, end) = (self.addr, self.addr + self.len);
+        let (start, end) = (self.addr(), self.addr() + self.len());
         let mut inside = false;
         let mut total = 0u64;
         for line in text.lines() {
@@ -192,7 +191,7 @@ impl Region {
     /// # Errors
     /// The `mlock` errno.
     pub fn mlock(&self) -> Result<()> {
-        sys::mlock(self.addr, self.len).map_err(Error::sys("mlock"))
+        sys::mlock(self.addr(), self.len()).map_err(Error::sys("mlock"))
     }
 }
 
