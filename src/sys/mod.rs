@@ -61,13 +61,17 @@ fn nodemask(node: u32) -> Result<[u64; NODEMASK_BITS / 64], Errno> {
 /// # Errors
 /// The `mmap` errno, e.g. `ENOMEM`.
 pub fn mmap_anon(len: usize) -> Result<usize, Errno> {
+    mmap_anon_prot(len, libc::PROT_READ | libc::PROT_WRITE)
+}
+
+fn mmap_anon_prot(len: usize, prot: libc::c_int) -> Result<usize, Errno> {
     // SAFETY: a fresh anonymous mapping at an address the kernel chooses cannot alias any
     // memory Rust knows about.
     let ptr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
             len,
-            libc::PROT_READ | libc::PROT_WRITE,
+            prot,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
             0,
@@ -161,18 +165,7 @@ pub unsafe fn mremap_dontunmap(from: usize, len: usize, to: usize) -> Result<(),
 /// # Errors
 /// The `mmap` errno.
 pub fn reserve(len: usize) -> Result<usize, Errno> {
-    // SAFETY: a fresh inaccessible mapping at an address the kernel chooses.
-    let raw = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if raw == libc::MAP_FAILED { Err(last_errno()) } else { Ok(raw as usize) }
+    mmap_anon_prot(len, libc::PROT_NONE)
 }
 
 /// Frees the pages of a range the caller owns without unmapping it (`MADV_DONTNEED`).
