@@ -14,6 +14,7 @@
 //! | `migrate/max_batch_pages` | rw | bound on a batch in base pages, 1 … 262144 |
 //! | `migrate/pipelined` | rw | `1` moves runs as their copies complete, `0` after the batch |
 //! | `migrate/deferred_free` | rw | `1` frees replaced base pages on a background thread |
+//! | `migrate/mover` | rw | `1` moves base-page runs on a thread of their own, overlapping the next copy |
 //! | `offload/active` | ro | the active migrator's name, or empty |
 
 use std::sync::atomic::Ordering;
@@ -47,6 +48,7 @@ pub const ATTRS: &[Attr] = &[
     Attr { path: "migrate/max_batch_pages", writable: true, accepts: "an integer from 1 to 262144" },
     Attr { path: "migrate/pipelined", writable: true, accepts: "0 or 1" },
     Attr { path: "migrate/deferred_free", writable: true, accepts: "0 or 1" },
+    Attr { path: "migrate/mover", writable: true, accepts: "0 or 1" },
     Attr { path: "offload/active", writable: false, accepts: "nothing (read-only)" },
 ];
 
@@ -110,6 +112,7 @@ pub fn read(path: &str) -> Result<String> {
         "migrate/max_batch_pages" => engine()?.max_batch_pages().to_string(),
         "migrate/pipelined" => b(engine()?.pipelined()),
         "migrate/deferred_free" => b(engine()?.deferred_free()),
+        "migrate/mover" => b(engine()?.mover()),
         "offload/active" => registry().active_name().unwrap_or_default(),
         other => unreachable!("attribute {other} is listed but not readable"),
     })
@@ -164,6 +167,11 @@ pub fn write(path: &str, value: &str) -> Result<()> {
         "migrate/deferred_free" => {
             let on = parse_bool(attr, value)?;
             engine()?.set_deferred_free(on);
+            Ok(())
+        }
+        "migrate/mover" => {
+            let on = parse_bool(attr, value)?;
+            engine()?.set_mover(on);
             Ok(())
         }
         _ => Err(bad_value(attr, value, Errno::ACCESS)),

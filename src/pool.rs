@@ -142,6 +142,30 @@ impl Chunk {
     }
 }
 
+/// How a destination is populated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Populate {
+    /// `MADV_POPULATE_WRITE`: a node out of memory is an `ENOMEM` error. The kernel holds the
+    /// mmap lock for the whole range, so an `mremap` on another thread waits for it.
+    Madvise,
+    /// A store to every base page: each fault takes only its mapping's lock, so moves on
+    /// another thread go on meanwhile. A node out of memory is not an error but the OOM
+    /// killer: only for destinations the node has ample free memory for.
+    Touch,
+}
+
+/// Populates `[start, end)` of the pool's own memory with one store per base page.
+fn touch(start: usize, end: usize) {
+    let mut page = start;
+    while page < end {
+        // SAFETY: `[start, end)` lies in a chunk reservation of the pool, mapped read-write
+        // and not yet handed out: nothing else refers to it. A byte of a fresh page is 0
+        // already; storing 0 only makes the kernel allocate the page.
+        unsafe { std::ptr::write_volatile(page as *mut u8, 0) };
+        page += sys::PAGE_SIZE;
+    }
+}
+
 /// The destination pools of every node.
 #[derive(Debug)]
 pub struct Pool {
@@ -167,9 +191,18 @@ impl Pool {
     /// # Errors
     /// [`Error::Sys`] with `ENOMEM` when the node cannot supply the memory, or the errno of
     /// the failing `mmap`/`mbind`.
-    pub fn take(&self, key: Key, len: usize, align: usize, phase: usize) -> Result<(Dest, Duration)> {
+    pub fn take(
+        &self,
+        key: Key,
+        len: usize,
+        align: usize,
+        phase: usize,
+        populate: Populate,
+    ) -> Result<(Dest, Duration)> {
         debug_assert!(align.is_power_of_two() && len > 0);
+        let asked = Instant::now();
         let mut chunks = self.chunks.lock();
+        let waited = asked.elapsed();
         let chunk = match chunks.get_mut(&key) {
             Some(c) if c.place(len, align, phase).is_some() => c,
             _ => {
@@ -188,7 +221,14 @@ impl Pool {
         let started = Instant::now();
         let from = chunk.prepared_end.max(addr);
         if from < end {
-            if let Err(errno) = sys::madvise(from, end - from, Advice::PopulateWrite) {
+            let populated = match populate {
+                Populate::Madvise => sys::madvise(from, end - from, Advice::PopulateWrite),
+                Populate::Touch => {
+                    touch(from, end);
+                    Ok(())
+                }
+            };
+            if let Err(errno) = populated {
                 // Give the whole piece back: part of it may be populated.
                 chunk.holes.push((addr, len));
                 chunk.cursor = end;
@@ -198,8 +238,9 @@ impl Pool {
         }
         chunk.cursor = end;
         chunk.prepared_end = chunk.prepared_end.max(end);
+        let spent = waited + if from < end { started.elapsed() } else { Duration::ZERO };
         // INVARIANT: `[addr, end)` was just carved from our reservation.
-        Ok((Dest { addr, len }, if from < end { started.elapsed() } else { Duration::ZERO }))
+        Ok((Dest { addr, len }, spent))
     }
 
     /// Populates up to `bytes` (at most the pool's limit) ahead of the next destinations of
@@ -259,12 +300,12 @@ mod tests {
     fn destinations_keep_phase_and_follow_each_other() {
         let pool = Pool::new(8 << 20);
         let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::Default };
-        let (a, _) = pool.take(key, 8192, 4096, 0).unwrap();
-        let (b, _) = pool.take(key, 4096, 4096, 0).unwrap();
+        let (a, _) = pool.take(key, 8192, 4096, 0, Populate::Madvise).unwrap();
+        let (b, _) = pool.take(key, 4096, 4096, 0, Populate::Touch).unwrap();
         assert_eq!(b.addr, a.addr + 8192);
-        let (c, _) = pool.take(key, HPAGE_SIZE, HPAGE_SIZE, 0).unwrap();
+        let (c, _) = pool.take(key, HPAGE_SIZE, HPAGE_SIZE, 0, Populate::Madvise).unwrap();
         assert_eq!(c.addr % HPAGE_SIZE, 0);
-        let (d, _) = pool.take(key, 4096, 65536, 0x3000).unwrap();
+        let (d, _) = pool.take(key, 4096, 65536, 0x3000, Populate::Touch).unwrap();
         assert_eq!(d.addr % 65536, 0x3000);
         let (d1, d2) = d.split_at(0);
         assert!(d1.is_empty() && d2.len() == 4096);
@@ -280,7 +321,7 @@ mod tests {
         let pool = Pool::new(4 << 20);
         let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::NoHuge };
         pool.prefill(key, 4 << 20).unwrap();
-        let (d, spent) = pool.take(key, 1 << 20, 4096, 0).unwrap();
+        let (d, spent) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
         assert_eq!(spent, Duration::ZERO);
         pool.release(d);
     }

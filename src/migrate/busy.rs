@@ -24,9 +24,13 @@ impl Busy {
         !overlaps
     }
 
-    /// Releases a range claimed with [`Busy::try_claim`].
-    pub fn release(&self, start: usize) {
-        self.ranges.lock().remove(&start);
+    /// Releases ranges claimed with [`Busy::try_claim`], by start address.
+    pub fn release_all(&self, starts: &[usize]) {
+        let mut ranges = self.ranges.lock();
+        for start in starts {
+            ranges.remove(start);
+        }
+        drop(ranges);
         self.released.notify_all();
     }
 
@@ -49,7 +53,7 @@ mod tests {
         assert!(!b.try_claim(0x0, 0x1001));
         assert!(b.try_claim(0x3000, 0x4000));
         assert!(b.try_claim(0x0, 0x1000));
-        b.release(0x1000);
+        b.release_all(&[0x1000]);
         assert!(b.try_claim(0x2000, 0x3000));
     }
 }

@@ -19,6 +19,7 @@
 //!    back, source untouched.
 
 mod busy;
+mod mover;
 mod pipeline;
 pub mod policy;
 mod reaper;
@@ -35,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::folio::Folio;
 use crate::maps::{self, Vma};
 use crate::numa;
-use crate::pool::{Pool, ThpAdvice};
+use crate::pool::{Pool, Populate, ThpAdvice};
 use crate::sys::{self, Errno, uffd::Uffd};
 use busy::Busy;
 
@@ -94,6 +95,9 @@ pub struct MigrateOptions {
     /// Free replaced source pages on a background thread (`None`: the engine's setting,
     /// `migrate/deferred_free`).
     pub deferred_free: Option<bool>,
+    /// Move base-page runs on a mover thread while the next piece is copied (`None`: the
+    /// engine's setting, `migrate/mover`).
+    pub mover: Option<bool>,
     /// Failures to inject.
     pub fault: FaultInjection,
     /// Called after every moved run with the bytes moved so far.
@@ -107,6 +111,7 @@ impl std::fmt::Debug for MigrateOptions {
             .field("no_batch_copy", &self.no_batch_copy)
             .field("pipelined", &self.pipelined)
             .field("deferred_free", &self.deferred_free)
+            .field("mover", &self.mover)
             .field("fault", &self.fault)
             .field("progress", &self.progress.is_some())
             .finish()
@@ -145,6 +150,7 @@ pub struct Engine {
     max_batch_pages: AtomicUsize,
     pipelined: AtomicBool,
     deferred_free: AtomicBool,
+    mover: AtomicBool,
     reaper: reaper::Reaper,
 }
 
@@ -171,6 +177,7 @@ impl Engine {
             max_batch_pages: AtomicUsize::new(DEFAULT_MAX_BATCH_PAGES),
             pipelined: AtomicBool::new(true),
             deferred_free: AtomicBool::new(true),
+            mover: AtomicBool::new(true),
             reaper: reaper::Reaper::new(DEFAULT_REAPER_BACKLOG),
         })
     }
@@ -211,6 +218,16 @@ impl Engine {
     /// (`migrate/deferred_free`).
     pub fn deferred_free(&self) -> bool {
         self.deferred_free.load(Ordering::Relaxed)
+    }
+
+    /// Whether calls of base-page folios move runs on a mover thread (`migrate/mover`).
+    pub fn mover(&self) -> bool {
+        self.mover.load(Ordering::Relaxed)
+    }
+
+    /// Sets whether calls of base-page folios move runs on a mover thread.
+    pub fn set_mover(&self, on: bool) {
+        self.mover.store(on, Ordering::Relaxed);
     }
 
     /// Sets whether replaced source pages are freed on a background thread.
@@ -266,39 +283,82 @@ impl Engine {
         stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
         let mut first_error = None;
         let deferred = opts.deferred_free.unwrap_or_else(|| self.deferred_free());
-        let mut ctx = pipeline::Call {
-            engine: self,
-            target,
-            reason,
-            opts,
-            registered: &registered,
-            deferred,
-            stats: &mut stats,
-            first_error: &mut first_error,
-        };
-        let mut queue = items;
-        for pass in 0..NR_MAX_MIGRATE_PASSES {
-            let mut retry = Vec::new();
-            for batch in batches(&queue, max_batch) {
-                retry.extend(ctx.run_batch(batch));
-            }
-            if retry.is_empty() {
-                break;
-            }
-            if pass + 1 == NR_MAX_MIGRATE_PASSES {
-                for item in &retry {
-                    ctx.fail(item, Error::sys("migrate (folio busy in another migration)")(Errno::AGAIN));
+        // Base pages, more than one piece, the CPU copy: runs move on a mover thread while
+        // the next piece is copied (see `mover`). Replacing base pages costs a good part of
+        // their copy; a huge page's move costs little next to its copy, and moving it on
+        // another CPU than the one that populates the next destination made the kernel's
+        // huge-page allocation slower, so huge pages move here. A registered migrator
+        // copies on threads of its own and its moves stay here.
+        let bytes: usize = items.iter().map(|it| it.folio.size()).sum();
+        let threaded = opts.mover.unwrap_or_else(|| self.mover())
+            && bytes > sys::HPAGE_SIZE
+            && !items[0].folio.is_pmd()
+            && !crate::offload::registry().enabled();
+        let progress = opts.progress.as_ref();
+        let tally = std::thread::scope(|s| {
+            // Without a mover thread (none could be spawned) the moves run here.
+            let (tx, rx) = crossbeam::channel::bounded(mover::QUEUE);
+            let mover = threaded
+                .then(|| {
+                    std::thread::Builder::new()
+                        .name("pagemig-mover".into())
+                        .spawn_scoped(s, move || mover::serve(self, rx, progress))
+                        .ok()
+                })
+                .flatten();
+            let tx = mover.is_some().then_some(tx);
+            let mut ctx = pipeline::Call {
+                engine: self,
+                target,
+                reason,
+                opts,
+                registered: &registered,
+                deferred,
+                stats: &mut stats,
+                first_error: &mut first_error,
+                mover: tx.as_ref(),
+                // With a mover, destinations are populated by touching them, which does not
+                // hold up its moves, where the node has room to spare (see `Populate`).
+                populate: if tx.is_some() && self.ample_memory(target, bytes) {
+                    Populate::Touch
+                } else {
+                    Populate::Madvise
+                },
+            };
+            let mut queue = items;
+            for pass in 0..NR_MAX_MIGRATE_PASSES {
+                let mut retry = Vec::new();
+                for batch in batches(&queue, max_batch) {
+                    retry.extend(ctx.run_batch(batch));
                 }
-                break;
+                if retry.is_empty() {
+                    break;
+                }
+                if pass + 1 == NR_MAX_MIGRATE_PASSES {
+                    for item in &retry {
+                        ctx.fail(item, Error::sys("migrate (folio busy in another migration)")(Errno::AGAIN));
+                    }
+                    break;
+                }
+                ctx.stats.retried_folios += retry.len() as u64;
+                match mode {
+                    Mode::Async => std::thread::yield_now(),
+                    Mode::SyncLight => self.busy.wait(Duration::from_millis(1)),
+                    Mode::Sync => self.busy.wait(Duration::from_millis(100)),
+                }
+                queue = retry;
             }
-            ctx.stats.retried_folios += retry.len() as u64;
-            match mode {
-                Mode::Async => std::thread::yield_now(),
-                Mode::SyncLight => self.busy.wait(Duration::from_millis(1)),
-                Mode::Sync => self.busy.wait(Duration::from_millis(100)),
+            drop(tx);
+            mover.map(|h| h.join().expect("the mover thread panicked"))
+        });
+        if let Some(tally) = tally {
+            stats.accumulate(&tally.stats);
+            if first_error.is_none() {
+                first_error = tally.first_error;
             }
-            queue = retry;
         }
+        // The migration itself ends here; what follows frees old pages off its path.
+        stats.critical_ns = (register_start.elapsed().as_nanos() as u64).saturating_sub(stats.prepare_ns);
         if deferred {
             // The call ends when the old pages are freed too.
             self.reaper.drain();
@@ -351,6 +411,11 @@ impl Engine {
         let bytes: u64 = sorted.iter().map(|f| f.size() as u64).sum();
         self.check_free_memory(target, bytes, &runs)?;
         Ok((attach_vma_state(&sorted, &vmas), runs))
+    }
+
+    /// Whether `target` has free memory for twice `bytes` beyond its reserve.
+    fn ample_memory(&self, target: u32, bytes: usize) -> bool {
+        numa::meminfo(target).is_ok_and(|(_, free)| free.saturating_sub(NODE_RESERVE) >= 2 * bytes as u64)
     }
 
     fn check_free_memory(&self, target: u32, bytes: u64, runs: &[(usize, usize)]) -> Result<()> {

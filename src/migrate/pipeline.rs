@@ -8,13 +8,15 @@
 use std::ops::Range;
 use std::time::Instant;
 
+use super::mover::{self, Job, MoveJob};
+use super::reaper::Grave;
 use super::{Engine, Item, MigrateOptions, Reason};
 use crate::copy::{CopyPair, folio_copy, folios_copy};
 use crate::error::Error;
 use crate::folio::MigrateInfo;
 use crate::migrate::MigrateStats;
 use crate::offload::{Batch, registry};
-use crate::pool::{Dest, Key};
+use crate::pool::{Dest, Key, Populate};
 use crate::sys::{self, Advice, Errno, HPAGE_SIZE};
 
 /// The state of one `migrate_pages` call shared by its batches.
@@ -29,6 +31,10 @@ pub(super) struct Call<'a> {
     pub deferred: bool,
     pub stats: &'a mut MigrateStats,
     pub first_error: &'a mut Option<Error>,
+    /// The mover thread, when the call has one; else runs move on this thread.
+    pub mover: Option<&'a crossbeam::channel::Sender<Job>>,
+    /// How destinations are populated.
+    pub populate: Populate,
 }
 
 /// Contiguous folios of one batch with the same mapping state, moved with one `mremap`
@@ -86,14 +92,31 @@ impl Call<'_> {
     /// Runs one batch; returns the folios that were busy in another migration.
     pub fn run_batch(&mut self, batch: Vec<Item>) -> Vec<Item> {
         let engine = self.engine;
-        // Isolate.
+        // Isolate: claim each contiguous stretch at once, folio by folio where another call
+        // holds part of it.
         let (mut claimed, mut busy) = (Vec::with_capacity(batch.len()), Vec::new());
-        for item in batch {
-            if engine.busy.try_claim(item.folio.addr(), item.folio.end()) {
-                claimed.push(item);
-            } else {
-                busy.push(item);
+        let mut claims = Vec::new();
+        let mut i = 0;
+        while i < batch.len() {
+            let mut j = i + 1;
+            while j < batch.len() && batch[j - 1].folio.end() == batch[j].folio.addr() {
+                j += 1;
             }
+            let (start, end) = (batch[i].folio.addr(), batch[j - 1].folio.end());
+            if engine.busy.try_claim(start, end) {
+                claims.push(start);
+                claimed.extend_from_slice(&batch[i..j]);
+            } else {
+                for item in &batch[i..j] {
+                    if engine.busy.try_claim(item.folio.addr(), item.folio.end()) {
+                        claims.push(item.folio.addr());
+                        claimed.push(*item);
+                    } else {
+                        busy.push(*item);
+                    }
+                }
+            }
+            i = j;
         }
         if claimed.is_empty() {
             return busy;
@@ -127,10 +150,17 @@ impl Call<'_> {
             let end = st.runs[r].items.end;
             self.advance(&mut st, r, end, true);
         }
-        for item in &st.claimed {
-            engine.busy.release(item.folio.addr());
-        }
+        // Released after the batch's moves (the mover keeps the order of its jobs).
+        self.submit(Job::Release(claims));
         busy
+    }
+
+    /// Hands a job to the mover thread, or does it here when the call has none.
+    fn submit(&mut self, job: Job) {
+        match self.mover {
+            Some(tx) => tx.send(job).expect("the mover thread ended before the call"),
+            None => mover::run(self.engine, job, self.stats, self.first_error, self.opts.progress.as_ref()),
+        }
     }
 
     fn take_destinations(&mut self, st: &mut BatchState) {
@@ -146,7 +176,7 @@ impl Call<'_> {
                 items.iter().map(|i| i.folio.size()).max().unwrap_or(sys::PAGE_SIZE)
             };
             let key = Key { node: self.target, thp: items[0].thp };
-            match self.engine.pool.take(key, run.end - run.start, align, run.start % align) {
+            match self.engine.pool.take(key, run.end - run.start, align, run.start % align, self.populate) {
                 Ok((dest, spent)) => {
                     self.stats.prepare_ns += spent.as_nanos() as u64;
                     st.runs[r].rest = Some(dest);
@@ -400,14 +430,6 @@ impl Call<'_> {
         Ok(())
     }
 
-    /// Takes the protection off `[start, end)` and wakes its writers: the source is as it was.
-    fn unprotect(&self, start: usize, end: usize) {
-        let uffd = &self.engine.uffd;
-        let _ = uffd.writeprotect(start, end - start, false);
-        let _ = uffd.unregister(start, end - start);
-        let _ = uffd.wake(start, end - start);
-    }
-
     /// Moves the items of run `r` from its next unmoved one up to `limit`; with
     /// `copy_missing`, copies folio by folio those the batch copy did not, undoing any whose
     /// copy fails.
@@ -456,7 +478,7 @@ impl Call<'_> {
                     self.engine.pool.release(bad);
                     rest = tail;
                     cursor = item.folio.end();
-                    self.unprotect(item.folio.addr(), item.folio.end());
+                    unprotect(self.engine, item.folio.addr(), item.folio.end());
                     let op = match st.unprotected[i] {
                         Some((op, _)) => op,
                         None if !st.info[i].contains(MigrateInfo::WAS_MAPPED) => "write-protect",
@@ -490,82 +512,76 @@ impl Call<'_> {
         }
     }
 
-    /// Replaces the source `[start, start + len)` with the destination. Deferred: the range
-    /// is registered in missing mode too (every access now waits, not only writes), its old
-    /// pages go aside into a graveyard for the reaper thread, the new pages come in; else one
-    /// `mremap` that frees the old pages on the way.
-    fn replace(&self, start: usize, len: usize, dest: &Dest, deferred: bool) -> Result<(), Errno> {
-        let plain = || {
-            // SAFETY: `[start, start + len)` is write-protected source memory of this call
-            // (no writer can change it), `dest` holds a complete copy of it and is ours
-            // alone; moving it over the source keeps every byte the program can observe.
-            unsafe { sys::mremap_fixed(dest.addr(), len, start) }
-        };
-        let reaper = &self.engine.reaper;
-        if !deferred || self.engine.uffd.register_missing_wp(start, len).is_err() {
-            return plain();
-        }
-        let Ok((raw, total, g)) = reaper.reserve(len, start) else { return plain() };
-        // SAFETY: the source is write-protected and registered in missing mode, so from here
-        // until the wake every access to it waits; `g` lies in a reservation of ours.
-        if unsafe { sys::mremap_dontunmap(start, len, g) }.is_err() {
-            reaper.release(raw, total);
-            return plain();
-        }
-        // SAFETY: the source is empty (its pages are at `g`) and every access to it waits;
-        // `dest` holds a complete copy of those pages and is ours alone.
-        if let Err(errno) = unsafe { sys::mremap_fixed(dest.addr(), len, start) } {
-            // Put the old pages back: the source is as it was.
-            // SAFETY: `g` holds exactly the source's pages, moved out just above.
-            let _ = unsafe { sys::mremap_fixed(g, len, start) };
-            reaper.release(raw, total);
-            return Err(errno);
-        }
-        reaper.bury(raw, total);
-        Ok(())
-    }
-
-    /// Moves the copied destination over the folios `items` (contiguous), locks it again
-    /// where needed and wakes the writers; undoes them if the move fails.
+    /// Hands the copied destination of the folios `items` (contiguous) to the move phase:
+    /// `mremap` over the sources, lock again where needed, wake the writers; undone if the
+    /// move fails.
     fn finish(&mut self, st: &mut BatchState, items: Range<usize>, dest: Dest) {
-        let move_start = Instant::now();
-        let (start, end) = (st.claimed[items.start].folio.addr(), st.claimed[items.end - 1].folio.end());
-        let len = end - start;
-        debug_assert_eq!(dest.len(), len);
-        // Freeing a huge page costs little: only base pages go to the reaper.
-        let deferred = self.deferred && !st.claimed[items.start].folio.is_pmd();
-        if let Err(errno) = self.replace(start, len, &dest, deferred) {
-            self.engine.pool.release(dest);
-            self.unprotect(start, end);
-            for i in items {
-                let it = st.claimed[i];
-                self.fail(&it, Error::sys("mremap of the destination over the source")(errno));
-            }
-            self.stats.move_ns += move_start.elapsed().as_nanos() as u64;
-            return;
-        }
-        dest.forget();
-        if st.info[items.start].contains(MigrateInfo::WAS_MLOCKED) && sys::mlock(start, len).is_err() {
-            self.stats.relock_failures += items.len() as u64;
-        }
-        let _ = self.engine.uffd.wake(start, len);
-        if !st.first_done {
-            st.first_done = true;
-            self.stats.first_folio_ns.push(st.started.elapsed().as_nanos() as u64);
-        }
-        let s = &mut *self.stats;
-        s.runs += 1;
-        s.bytes += len as u64;
-        for it in &st.claimed[items] {
-            s.succeeded_folios += 1;
-            s.succeeded_pages += it.folio.nr_pages() as u64;
-            s.thp_succeeded += u64::from(it.folio.is_pmd());
-        }
-        s.move_ns += move_start.elapsed().as_nanos() as u64;
-        if let Some(progress) = &self.opts.progress {
-            progress(s.bytes);
-        }
+        let first = &st.claimed[items.start];
+        let start = first.folio.addr();
+        debug_assert_eq!(dest.len(), st.claimed[items.end - 1].folio.end() - start);
+        let claimed = &st.claimed[items.clone()];
+        let job = MoveJob {
+            start,
+            dest,
+            folios: claimed.len() as u64,
+            pages: claimed.iter().map(|it| it.folio.nr_pages() as u64).sum(),
+            thp: claimed.iter().filter(|it| it.folio.is_pmd()).count() as u64,
+            relock: st.info[items.start].contains(MigrateInfo::WAS_MLOCKED),
+            // Freeing a huge page costs little: only base pages go to the reaper.
+            deferred: self.deferred && !first.folio.is_pmd(),
+            batch_started: (!st.first_done).then_some(st.started),
+        };
+        st.first_done = true;
+        self.submit(Job::Move(job));
     }
+}
+
+/// Takes the protection off `[start, end)` and wakes its writers: the source is as it was.
+pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
+    let uffd = &engine.uffd;
+    let _ = uffd.writeprotect(start, end - start, false);
+    let _ = uffd.unregister(start, end - start);
+    let _ = uffd.wake(start, end - start);
+}
+
+/// Replaces the write-protected source `[start, start + len)` with its copy `dest`.
+/// Deferred: the range is registered in missing mode too (every access now waits, not only
+/// writes), its old pages go aside into a graveyard, returned to be freed once the writers
+/// are awake, the new pages come in; else one `mremap` that frees the old pages on the way.
+pub(super) fn replace(
+    engine: &Engine,
+    start: usize,
+    len: usize,
+    dest: &Dest,
+    deferred: bool,
+) -> Result<Option<Grave>, Errno> {
+    let plain = || {
+        // SAFETY: `[start, start + len)` is write-protected source memory of this call (no
+        // writer can change it), `dest` holds a complete copy of it and is ours alone;
+        // moving it over the source keeps every byte the program can observe.
+        unsafe { sys::mremap_fixed(dest.addr(), len, start) }.map(|()| None)
+    };
+    let reaper = &engine.reaper;
+    if !deferred || engine.uffd.register_missing_wp(start, len).is_err() {
+        return plain();
+    }
+    let Ok((raw, total, g)) = reaper.reserve(len, start) else { return plain() };
+    // SAFETY: the source is write-protected and registered in missing mode, so from here
+    // until the wake every access to it waits; `g` lies in a reservation of ours.
+    if unsafe { sys::mremap_dontunmap(start, len, g) }.is_err() {
+        reaper.release(raw, total);
+        return plain();
+    }
+    // SAFETY: the source is empty (its pages are at `g`) and every access to it waits;
+    // `dest` holds a complete copy of those pages and is ours alone.
+    if let Err(errno) = unsafe { sys::mremap_fixed(dest.addr(), len, start) } {
+        // Put the old pages back: the source is as it was.
+        // SAFETY: `g` holds exactly the source's pages, moved out just above.
+        let _ = unsafe { sys::mremap_fixed(g, len, start) };
+        reaper.release(raw, total);
+        return Err(errno);
+    }
+    Ok(Some(Grave { raw, total }))
 }
 
 /// Records that the items were write-protected, and locked where their mapping was.

