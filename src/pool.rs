@@ -200,9 +200,7 @@ impl Pool {
         populate: Populate,
     ) -> Result<(Dest, Duration)> {
         debug_assert!(align.is_power_of_two() && len > 0);
-        let asked = Instant::now();
         let mut chunks = self.chunks.lock();
-        let waited = asked.elapsed();
         let chunk = match chunks.get_mut(&key) {
             Some(c) if c.place(len, align, phase).is_some() => c,
             _ => {
@@ -238,7 +236,7 @@ impl Pool {
         }
         chunk.cursor = end;
         chunk.prepared_end = chunk.prepared_end.max(end);
-        let spent = waited + if from < end { started.elapsed() } else { Duration::ZERO };
+        let spent = if from < end { started.elapsed() } else { Duration::ZERO };
         // INVARIANT: `[addr, end)` was just carved from our reservation.
         Ok((Dest { addr, len }, spent))
     }
