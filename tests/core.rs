@@ -199,6 +199,46 @@ fn injected_copy_failure_is_undone() {
 }
 
 #[test]
+fn failed_move_is_undone_on_the_mover_thread_and_on_the_caller() {
+    for mover in [true, false] {
+        let region = Region::new(4 << 20, 4096, Some(node())).unwrap();
+        workload::fill(&region, 6);
+        let opts = MigrateOptions {
+            max_batch_pages: Some(256),
+            mover: Some(mover),
+            fault: FaultInjection { fail_move: vec![700], ..Default::default() },
+            ..Default::default()
+        };
+        let (result, log) = workload::with_writers(&region, 1, || {
+            Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+        });
+        match result {
+            Err(Error::Partial { failed, total, stats, first }) => {
+                // The run holding folio 700 is its batch, folios 512 to 767.
+                assert_eq!((failed, total), (256, 1024), "mover {mover}");
+                assert_eq!(stats.succeeded_folios, 768);
+                assert!(first.to_string().contains("mremap"), "{first}");
+                if mover {
+                    assert_eq!(stats.mover_runs, stats.runs);
+                    assert!(stats.mover_runs >= 3, "{stats:?}");
+                } else {
+                    assert_eq!(stats.mover_runs, 0);
+                }
+            }
+            other => panic!("expected a partial failure, got {other:?}"),
+        }
+        assert!(log.writes > 0);
+        let report = workload::verify(&region, 6, &log);
+        assert!(report.ok(), "mover {mover}: {report:?}");
+        // The failed folios are writable again right away.
+        for i in 512..768 {
+            region.word(i * 512 + 1).store(1, Ordering::Relaxed);
+        }
+        assert_on_node(&region, node());
+    }
+}
+
+#[test]
 fn bad_input_is_refused_and_memory_unchanged() {
     let engine = Engine::global().unwrap();
     let region = Region::new(1 << 20, 4096, Some(node())).unwrap();

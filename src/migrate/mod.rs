@@ -76,6 +76,9 @@ pub struct FaultInjection {
     /// Pause for this long before the per-folio copy of the folio at this index (sorted by
     /// address), while it is write-protected: lets a test act on memory mid-migration.
     pub delay_folio_copy: Option<(usize, Duration)>,
+    /// Make the move of the runs holding these folios fail as a failing `mremap` would
+    /// (indices as above): their folios are undone and reported as failed.
+    pub fail_move: Vec<usize>,
 }
 
 /// A callback told the number of bytes moved so far.
@@ -353,6 +356,7 @@ impl Engine {
         });
         if let Some(tally) = tally {
             stats.accumulate(&tally.stats);
+            stats.mover_runs = tally.stats.runs;
             if first_error.is_none() {
                 first_error = tally.first_error;
             }

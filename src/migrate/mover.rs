@@ -35,6 +35,8 @@ pub(super) struct MoveJob {
     pub deferred: bool,
     /// Set on a batch's first run: when the batch started, for first-folio latency.
     pub batch_started: Option<Instant>,
+    /// Fail the move as a failing `mremap` would (fault injection).
+    pub fail: bool,
 }
 
 /// Work for the mover, done in the order it was sent.
@@ -69,7 +71,12 @@ pub(super) fn run(
     };
     let move_start = Instant::now();
     let (start, len) = (job.start, job.dest.len());
-    let grave = match super::pipeline::replace(engine, start, len, &job.dest, job.deferred) {
+    let replaced = if job.fail {
+        Err(crate::sys::Errno::IO)
+    } else {
+        super::pipeline::replace(engine, start, len, &job.dest, job.deferred)
+    };
+    let grave = match replaced {
         Ok(grave) => grave,
         Err(errno) => {
             engine.pool.release(job.dest);

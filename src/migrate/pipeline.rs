@@ -530,6 +530,7 @@ impl Call<'_> {
             // Freeing a huge page costs little: only base pages go to the reaper.
             deferred: self.deferred && !first.folio.is_pmd(),
             batch_started: (!st.first_done).then_some(st.started),
+            fail: claimed.iter().any(|it| self.opts.fault.fail_move.contains(&it.index)),
         };
         st.first_done = true;
         self.submit(Job::Move(job));

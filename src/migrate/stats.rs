@@ -29,6 +29,8 @@ pub struct MigrateStats {
     pub batches: u64,
     /// Contiguous runs moved with one `mremap` each.
     pub runs: u64,
+    /// Of those, the runs moved on the call's mover thread.
+    pub mover_runs: u64,
     /// Folios copied by the default CPU batch copy.
     pub batch_copied_folios: u64,
     /// Folios copied by the active migrator (offloaded).
@@ -102,6 +104,7 @@ impl MigrateStats {
         self.bytes += o.bytes;
         self.batches += o.batches;
         self.runs += o.runs;
+        self.mover_runs += o.mover_runs;
         self.batch_copied_folios += o.batch_copied_folios;
         self.offloaded_folios += o.offloaded_folios;
         self.fallback_folios += o.fallback_folios;
