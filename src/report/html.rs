@@ -137,8 +137,9 @@ pub fn render(report: &BenchReport, plots: &[PlotFiles]) -> Result<String, Error
         out.push_str(
             "<p>The RFC's first table: the same bytes moved as folios of 4 KiB … 2 MiB, by the serial CPU copy \
              (<code>cpu</code>), the multi-threaded copy (<code>mtcopy</code>) and the DMA migrator \
-             (<code>dcbm</code>). The critical path is the unmap, copy and move phases; end to end adds \
-             preparing the destinations and the call's checks. The RFC timed whole <code>move_pages()</code> \
+             (<code>dcbm</code>). The critical path is the call's wall-clock time less \
+             preparing the destinations (unmap, copy and move, overlapping where a mover thread runs); end \
+             to end adds preparing the destinations and the call's checks. The RFC timed whole <code>move_pages()</code> \
              calls, so its numbers compare most directly with the end-to-end panel.</p>\n",
         );
         for t in rest.by_ref().take(2) {

@@ -134,7 +134,7 @@ fn throughput_table(t: &Throughput, end_to_end: bool, report: &BenchReport) -> T
     let what = if end_to_end {
         "End-to-end throughput (GB/s, destination preparation and checks of the call included)"
     } else {
-        "Throughput (GB/s, critical path: unmap + copy + move)"
+        "Throughput (GB/s, critical path: the call less destination preparation)"
     };
     let title = format!(
         "{what}, mean±stddev over {}; {} moved node {} → {}, batch ≤ {} pages, {}",
