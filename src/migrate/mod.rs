@@ -274,7 +274,7 @@ impl Engine {
     ) -> Result<MigrateStats> {
         let started = Instant::now();
         let max_batch = check_max_batch_pages(opts.max_batch_pages.unwrap_or_else(|| self.max_batch_pages()))?;
-        let (items, runs) = self.prepare_call(folios, target)?;
+        let (items, runs, free) = self.prepare_call(folios, target)?;
         let mut stats = MigrateStats { folios: items.len() as u64, ..Default::default() };
         // Register every run of the call once, up front: each batch then only write-protects,
         // and the registered mapping shrinks from the front as batches move, instead of
@@ -321,12 +321,9 @@ impl Engine {
                 first_error: &mut first_error,
                 mover: tx.as_ref(),
                 // With a mover, destinations are populated by touching them, which does not
-                // hold up its moves, where the node has room to spare (see `Populate`).
-                populate: if tx.is_some() && self.ample_memory(target, bytes) {
-                    Populate::Touch
-                } else {
-                    Populate::Madvise
-                },
+                // hold up its moves, where the node has free memory for twice the call beyond
+                // its reserve (see `Populate`).
+                populate: if tx.is_some() && free >= 2 * bytes as u64 { Populate::Touch } else { Populate::Madvise },
             };
             let mut queue = items;
             for pass in 0..NR_MAX_MIGRATE_PASSES {
@@ -381,7 +378,8 @@ impl Engine {
 
     /// Checks a whole call before anything is touched and pairs each folio with the state
     /// of its mapping.
-    fn prepare_call(&self, folios: &[Folio], target: u32) -> Result<(Vec<Item>, Vec<Span>)> {
+    /// Also returns the target's free memory beyond its reserve.
+    fn prepare_call(&self, folios: &[Folio], target: u32) -> Result<(Vec<Item>, Vec<Span>, u64)> {
         if folios.is_empty() {
             return Err(Error::Invalid("no folios to migrate (zero length)".into()));
         }
@@ -413,20 +411,16 @@ impl Engine {
             return Err(Error::MapCountLimit { current, needed, limit });
         }
         let bytes: u64 = sorted.iter().map(|f| f.size() as u64).sum();
-        self.check_free_memory(target, bytes, &runs)?;
-        Ok((attach_vma_state(&sorted, &vmas), runs))
+        let free = self.check_free_memory(target, bytes, &runs)?;
+        Ok((attach_vma_state(&sorted, &vmas), runs, free))
     }
 
-    /// Whether `target` has free memory for twice `bytes` beyond its reserve.
-    fn ample_memory(&self, target: u32, bytes: usize) -> bool {
-        numa::meminfo(target).is_ok_and(|(_, free)| free.saturating_sub(NODE_RESERVE) >= 2 * bytes as u64)
-    }
-
-    fn check_free_memory(&self, target: u32, bytes: u64, runs: &[(usize, usize)]) -> Result<()> {
+    /// Checks that `target` can take `bytes`; returns its free memory beyond the reserve.
+    fn check_free_memory(&self, target: u32, bytes: u64, runs: &[(usize, usize)]) -> Result<u64> {
         let (_, mem_free) = numa::meminfo(target)?;
         let free = mem_free.saturating_sub(NODE_RESERVE);
         if bytes <= free {
-            return Ok(());
+            return Ok(free);
         }
         // Pages already on the target free as much as they take.
         let mut needed = 0u64;
@@ -435,7 +429,7 @@ impl Engine {
             needed += (e - s) as u64 - (here * sys::PAGE_SIZE) as u64;
         }
         if needed <= free {
-            Ok(())
+            Ok(free)
         } else {
             Err(Error::NodeFull { node: target, needed, free: mem_free, reserve: NODE_RESERVE })
         }

@@ -1,8 +1,9 @@
-//! The move phase, on a thread of its own when a call spans more than one piece.
+//! The move phase, on a thread of its own for calls of base-page folios that span more than
+//! one piece and are copied by the CPU.
 //!
 //! Once a run is copied, what is left of its migration — `mremap` of the destination over
 //! the source, `mlock` again, `UFFDIO_WAKE` — needs neither the copy nor the next batch's
-//! folios. A call of more than one piece hands its runs to a mover thread in address order
+//! folios. Such a call hands its runs to a mover thread in address order
 //! and goes on to write-protect and copy the next piece meanwhile: the copy of one piece and
 //! the move of the one before overlap, and the critical path becomes the copy. The copying
 //! thread touches only memory that is already mapped (protected sources, populated
