@@ -100,7 +100,8 @@ fn migrators(c: &mut Criterion) {
 /// A migrator that copies nothing: what remains is the dispatch path itself.
 struct Noop;
 
-impl OffloadCopy for Noop {
+// SAFETY: copies nothing and reports nothing.
+unsafe impl OffloadCopy for Noop {
     fn offload_copy(&self, batch: &Batch<'_>) -> Result<(), Errno> {
         black_box(batch.folio_count());
         Ok(())

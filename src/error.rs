@@ -75,6 +75,18 @@ pub enum Error {
         /// Everything measured, including the folios that did migrate.
         stats: Box<MigrateStats>,
     },
+    /// Code the caller handed pagemig (a migrator, a progress callback) panicked, or
+    /// pagemig itself did (`ECANCELED`). The call stopped there: every folio that had not
+    /// moved was undone and is exactly as it was; `stats` counts what moved before.
+    #[error("{what} panicked ({message}); the migration stopped: {} of {} folios had moved, the rest are as they were", stats.succeeded_folios, stats.folios)]
+    Panicked {
+        /// Whose code panicked.
+        what: &'static str,
+        /// The panic's message.
+        message: String,
+        /// Everything measured, including the folios that did migrate.
+        stats: Box<MigrateStats>,
+    },
     /// An attribute could not be read or written.
     #[error("attribute {path}: {message}")]
     Attr {
@@ -106,6 +118,7 @@ impl Error {
             Error::MapCountLimit { .. } | Error::NodeFull { .. } => Errno::NOMEM,
             Error::Partial { first, .. } => first.errno(),
             Error::Attr { errno, .. } => *errno,
+            Error::Panicked { .. } => Errno::CANCELED,
             Error::Io { source, .. } => Errno::from_io_error(source).unwrap_or(Errno::IO),
         }
     }

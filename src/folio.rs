@@ -1,5 +1,14 @@
 //! Folios: aligned chunks of 2^order base pages, the unit pagemig migrates, and the state a
 //! migration records on each destination between its unmap and move phases.
+//!
+//! A [`Folio`] borrows the memory it names: [`crate::Region::folios`] hands out folios that
+//! live no longer than the region, so safe code cannot unmap memory while a migration of it
+//! runs. A folio over memory the program holds some other way is made with the `unsafe`
+//! [`Folio::new`], whose caller promises the same.
+
+#![allow(unsafe_code, reason = "a folio made from a raw address needs the caller's promise that it stays mapped")]
+
+use std::marker::PhantomData;
 
 use crate::error::{Error, Result};
 use crate::sys::{HPAGE_SIZE, PAGE_SIZE};
@@ -7,29 +16,64 @@ use crate::sys::{HPAGE_SIZE, PAGE_SIZE};
 /// The largest folio order pagemig handles: 9, a 2 MiB PMD-sized folio.
 pub const MAX_ORDER: u8 = 9;
 
-/// An aligned chunk of `2^order` base pages at `addr`.
+/// An aligned chunk of `2^order` base pages at `addr`, borrowing the memory it names for
+/// `'a`.
 ///
 /// # Invariants
-/// `order <= MAX_ORDER` and `addr` is aligned to the folio's size.
+/// `order <= MAX_ORDER` and `addr` is aligned to the folio's size. For `'a`, the range
+/// `[addr, addr + size)` stays mapped: nothing unmaps or remaps it while a migration that
+/// was handed this folio runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Folio {
+pub struct Folio<'a> {
     addr: usize,
     order: u8,
+    memory: PhantomData<&'a [u8]>,
 }
 
-impl Folio {
-    /// A folio of `size` bytes (a power of two from 4 KiB to 2 MiB) at `addr`.
+impl Folio<'static> {
+    /// A folio of `size` bytes (a power of two from 4 KiB to 2 MiB) at `addr`, over memory
+    /// the caller vouches for. Folios of a [`crate::Region`] come safely from
+    /// [`crate::Region::folios`].
+    ///
+    /// # Safety
+    /// While any migration that is handed this folio (or a copy of it) runs, the range
+    /// `[addr, addr + size)` must stay mapped: no thread of the program unmaps, remaps
+    /// (`mremap`) or maps over it. pagemig checks at the start of each call that the range
+    /// is private anonymous read-write memory and refuses anything else; what it cannot
+    /// check is that the program leaves the mapping alone while the call runs (a concurrent
+    /// `munmap` makes the copy read unmapped memory).
     ///
     /// # Errors
     /// [`Error::Invalid`] for a bad size, a misaligned or null address, or an address range
     /// that wraps.
-    pub fn new(addr: usize, size: usize) -> Result<Self> {
+    pub unsafe fn new(addr: usize, size: usize) -> Result<Self> {
+        // SAFETY: forwarded from the caller.
+        unsafe { Self::new_in(addr, size) }
+    }
+}
+
+impl<'a> Folio<'a> {
+    /// A folio of `size` bytes at `addr` that borrows its memory for `'a`.
+    ///
+    /// # Safety
+    /// `[addr, addr + size)` must stay mapped for `'a` (see [`Folio::new`]).
+    ///
+    /// # Errors
+    /// As [`Folio::new`].
+    pub(crate) unsafe fn new_in(addr: usize, size: usize) -> Result<Self> {
         let order = order_of(size)?;
         if addr == 0 || addr % size != 0 || addr.checked_add(size).is_none() {
             return Err(Error::Invalid(format!("folio address {addr:#x} is not aligned to its size {size:#x}")));
         }
-        // INVARIANT: order checked by order_of, alignment just checked.
-        Ok(Self { addr, order })
+        // INVARIANT: order checked by order_of, alignment just checked; the caller promises
+        // the mapping for 'a.
+        Ok(Self { addr, order, memory: PhantomData })
+    }
+
+    /// The same folio with its borrow forgotten, for the pipeline's own records, which live
+    /// only within a call that holds the borrow.
+    pub(crate) fn erased(self) -> Folio<'static> {
+        Folio { addr: self.addr, order: self.order, memory: PhantomData }
     }
 
     /// First byte.
@@ -123,11 +167,14 @@ mod tests {
         for bad in [0, 1, 2048, 12288, 4 << 20] {
             assert!(order_of(bad).is_err(), "{bad}");
         }
-        let f = Folio::new(0x20_0000, 2 << 20).unwrap();
-        assert!(f.is_pmd());
-        assert_eq!((f.nr_pages(), f.end()), (512, 0x40_0000));
-        assert!(Folio::new(0x1000, 8192).is_err());
-        assert!(Folio::new(0, 4096).is_err());
+        // SAFETY: these folios only describe addresses; nothing migrates them.
+        unsafe {
+            let f = Folio::new(0x20_0000, 2 << 20).unwrap();
+            assert!(f.is_pmd());
+            assert_eq!((f.nr_pages(), f.end()), (512, 0x40_0000));
+            assert!(Folio::new(0x1000, 8192).is_err());
+            assert!(Folio::new(0, 4096).is_err());
+        }
     }
 
     #[test]

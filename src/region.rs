@@ -117,11 +117,34 @@ impl Region {
         self.folio_size
     }
 
-    /// The region's folios, in address order.
-    pub fn folios(&self) -> Vec<Folio> {
+    /// The region's folios, in address order. They borrow the region: it cannot be
+    /// dropped while a migration of them runs.
+    ///
+    /// ```compile_fail
+    /// # use pagemig::{Region, migrate_pages, Mode, Reason};
+    /// let region = Region::new(4 << 20, 4096, None)?;
+    /// let folios = region.folios();
+    /// let migrating = std::thread::spawn(move || migrate_pages(&folios, 0, Reason::Syscall, Mode::Sync));
+    /// drop(region); // error: `region` is borrowed by its folios
+    /// # Ok::<(), pagemig::Error>(())
+    /// ```
+    ///
+    /// ```
+    /// # use pagemig::{Region, migrate_pages, Mode, Reason};
+    /// let region = Region::new(4 << 20, 4096, None)?;
+    /// std::thread::scope(|s| {
+    ///     s.spawn(|| migrate_pages(&region.folios(), 0, Reason::Syscall, Mode::Sync));
+    /// });
+    /// drop(region); // after the migrating thread is done with it
+    /// # Ok::<(), pagemig::Error>(())
+    /// ```
+    #[allow(unsafe_code, reason = "the region vouches for its own mapping")]
+    pub fn folios(&self) -> Vec<Folio<'_>> {
         (self.addr()..self.addr() + self.len())
             .step_by(self.folio_size)
-            .map(|a| Folio::new(a, self.folio_size).expect("region invariant: aligned folios"))
+            // SAFETY: the region keeps its mapping for as long as it lives (type invariant),
+            // and the folios borrow it.
+            .map(|a| unsafe { Folio::new_in(a, self.folio_size) }.expect("region invariant: aligned folios"))
             .collect()
     }
 

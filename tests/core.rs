@@ -274,9 +274,9 @@ fn bad_input_is_refused_and_memory_unchanged() {
         pagemig::sys::Errno::INVAL,
     );
     // Unaligned folios and bad sizes.
-    assert!(Folio::new(region.addr() | 4096, 8192).is_err());
-    assert!(Folio::new(region.addr(), 3 * 4096).is_err());
-    assert!(Folio::new(region.addr(), 4 << 20).is_err());
+    assert!(raw_folio(region.addr() | 4096, 8192).is_err());
+    assert!(raw_folio(region.addr(), 3 * 4096).is_err());
+    assert!(raw_folio(region.addr(), 4 << 20).is_err());
     // Unaligned or empty regions.
     // SAFETY: refused before the range is used.
     unsafe {
@@ -304,7 +304,7 @@ fn memory_pagemig_may_not_move_is_refused() {
     } as usize;
     // SAFETY: the mapping is ours.
     unsafe { std::ptr::write_bytes(shared as *mut u8, 0x5a, 65536) };
-    let folios: Vec<Folio> = (0..16).map(|i| Folio::new(shared + i * 4096, 4096).unwrap()).collect();
+    let folios: Vec<Folio> = (0..16).map(|i| raw_folio(shared + i * 4096, 4096).unwrap()).collect();
     let e = engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &default).unwrap_err();
     assert_eq!(e.errno(), pagemig::sys::Errno::FAULT);
     assert!(e.to_string().contains("shared"), "{e}");
@@ -319,7 +319,7 @@ fn memory_pagemig_may_not_move_is_refused() {
     let file = unsafe { libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_READ, libc::MAP_PRIVATE, exe.as_raw_fd(), 0) }
         as usize;
     let e = engine
-        .migrate_pages(&[Folio::new(file, 4096).unwrap()], node(), Reason::Syscall, Mode::Sync, &default)
+        .migrate_pages(&[raw_folio(file, 4096).unwrap()], node(), Reason::Syscall, Mode::Sync, &default)
         .unwrap_err();
     assert!(e.to_string().contains("file-backed"), "{e}");
 
@@ -327,7 +327,7 @@ fn memory_pagemig_may_not_move_is_refused() {
     let on_stack = std::hint::black_box([0u8; 16]);
     let page = on_stack.as_ptr() as usize & !4095;
     let e = engine
-        .migrate_pages(&[Folio::new(page, 4096).unwrap()], node(), Reason::Syscall, Mode::Sync, &default)
+        .migrate_pages(&[raw_folio(page, 4096).unwrap()], node(), Reason::Syscall, Mode::Sync, &default)
         .unwrap_err();
     assert!(e.to_string().contains("stack"), "{e}");
     assert_eq!(e.errno(), pagemig::sys::Errno::FAULT);
@@ -335,7 +335,7 @@ fn memory_pagemig_may_not_move_is_refused() {
     // The heap of the main thread: a special mapping.
     if let Some(heap) = pagemig::maps::vmas().unwrap().into_iter().find(|v| v.path == "[heap]") {
         let e = engine
-            .migrate_pages(&[Folio::new(heap.start, 4096).unwrap()], node(), Reason::Syscall, Mode::Sync, &default)
+            .migrate_pages(&[raw_folio(heap.start, 4096).unwrap()], node(), Reason::Syscall, Mode::Sync, &default)
             .unwrap_err();
         assert!(e.to_string().contains("[heap]"), "{e}");
     }
@@ -345,7 +345,7 @@ fn memory_pagemig_may_not_move_is_refused() {
     let addr = hole.addr();
     drop(hole);
     let e = engine
-        .migrate_pages(&[Folio::new(addr, 4096).unwrap()], node(), Reason::Syscall, Mode::Sync, &default)
+        .migrate_pages(&[raw_folio(addr, 4096).unwrap()], node(), Reason::Syscall, Mode::Sync, &default)
         .unwrap_err();
     assert!(e.to_string().contains("not mapped"), "{e}");
 
@@ -469,4 +469,11 @@ fn readers_never_see_a_moving_folio_empty() {
         assert!(workload::verify(&region, 55, &WriteLog::default()).ok());
         assert_on_node(&region, node());
     }
+}
+
+/// A folio over a raw address, for calls that pagemig refuses before touching the memory.
+fn raw_folio(addr: usize, size: usize) -> pagemig::Result<Folio<'static>> {
+    // SAFETY: each such call is refused by the up-front checks, or names a mapping that the
+    // test keeps mapped while the call runs.
+    unsafe { Folio::new(addr, size) }
 }

@@ -17,7 +17,8 @@ struct Probe {
     calls: AtomicUsize,
 }
 
-impl OffloadCopy for Probe {
+// SAFETY: copies nothing and reports nothing.
+unsafe impl OffloadCopy for Probe {
     fn offload_copy(&self, _batch: &Batch<'_>) -> Result<(), Errno> {
         loom::sync::atomic::fence(Ordering::SeqCst);
         assert!(!self.freed.load(Ordering::SeqCst), "migrator used after unregister returned");

@@ -18,6 +18,7 @@
 //! 6. **undoes** whatever could not move: protection off, writers woken, destination given
 //!    back, source untouched.
 
+mod abort;
 mod busy;
 mod mover;
 mod pipeline;
@@ -160,7 +161,7 @@ pub struct Engine {
 /// One folio of a call with the state of the mapping it lives in.
 #[derive(Clone, Copy, Debug)]
 struct Item {
-    folio: Folio,
+    folio: Folio<'static>,
     /// Index in the call's folios sorted by address.
     index: usize,
     locked: bool,
@@ -266,7 +267,7 @@ impl Engine {
     /// folios that did not move are exactly as they were.
     pub fn migrate_pages(
         &self,
-        folios: &[Folio],
+        folios: &[Folio<'_>],
         target: u32,
         reason: Reason,
         mode: Mode,
@@ -298,6 +299,8 @@ impl Engine {
             && !items[0].folio.is_pmd()
             && !crate::offload::registry().enabled();
         let progress = opts.progress.as_ref();
+        let abort = abort::Abort::default();
+        let abort = &abort;
         let tally = std::thread::scope(|s| {
             // Without a mover thread (none could be spawned) the moves run here.
             let (tx, rx) = crossbeam::channel::bounded(mover::QUEUE);
@@ -305,7 +308,7 @@ impl Engine {
                 .then(|| {
                     std::thread::Builder::new()
                         .name("pagemig-mover".into())
-                        .spawn_scoped(s, move || mover::serve(self, rx, progress))
+                        .spawn_scoped(s, move || mover::serve(self, rx, progress, abort))
                         .ok()
                 })
                 .flatten();
@@ -324,32 +327,18 @@ impl Engine {
                 // hold up its moves, where the node has free memory for twice the call beyond
                 // its reserve (see `Populate`).
                 populate: if tx.is_some() && free >= 2 * bytes as u64 { Populate::Touch } else { Populate::Madvise },
+                abort,
             };
-            let mut queue = items;
-            for pass in 0..NR_MAX_MIGRATE_PASSES {
-                let mut retry = Vec::new();
-                for batch in batches(&queue, max_batch) {
-                    retry.extend(ctx.run_batch(batch));
-                }
-                if retry.is_empty() {
-                    break;
-                }
-                if pass + 1 == NR_MAX_MIGRATE_PASSES {
-                    for item in &retry {
-                        ctx.fail(item, Error::sys("migrate (folio busy in another migration)")(Errno::AGAIN));
-                    }
-                    break;
-                }
-                ctx.stats.retried_folios += retry.len() as u64;
-                match mode {
-                    Mode::Async => std::thread::yield_now(),
-                    Mode::SyncLight => self.busy.wait(Duration::from_millis(1)),
-                    Mode::Sync => self.busy.wait(Duration::from_millis(100)),
-                }
-                queue = retry;
+            // A panic of pagemig's own stops the call like one in caller code: the batch's
+            // guard has undone what it held; the folios not reached fail.
+            let passes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ctx.run_passes(items, max_batch, mode);
+            }));
+            if let Err(payload) = passes {
+                abort.raise("pagemig", crate::offload::registry::panic_message(payload.as_ref()));
             }
             drop(tx);
-            mover.map(|h| h.join().expect("the mover thread panicked"))
+            mover.and_then(|h| h.join().ok())
         });
         if let Some(tally) = tally {
             stats.accumulate(&tally.stats);
@@ -365,6 +354,9 @@ impl Engine {
             self.reaper.drain();
         }
         stats.total_ns = started.elapsed().as_nanos() as u64;
+        if let Some((what, message)) = abort.take() {
+            return Err(Error::Panicked { what, message, stats: Box::new(stats) });
+        }
         match first_error {
             Some(first) if stats.failed_folios > 0 => Err(Error::Partial {
                 failed: stats.failed_folios,
@@ -379,19 +371,19 @@ impl Engine {
     /// Checks a whole call before anything is touched and pairs each folio with the state
     /// of its mapping.
     /// Also returns the target's free memory beyond its reserve.
-    fn prepare_call(&self, folios: &[Folio], target: u32) -> Result<(Vec<Item>, Vec<Span>, u64)> {
+    fn prepare_call(&self, folios: &[Folio<'_>], target: u32) -> Result<(Vec<Item>, Vec<Span>, u64)> {
         if folios.is_empty() {
             return Err(Error::Invalid("no folios to migrate (zero length)".into()));
         }
         numa::check_node(target)?;
-        let mut sorted = folios.to_vec();
+        let mut sorted: Vec<Folio<'static>> = folios.iter().map(|f| f.erased()).collect();
         sorted.sort_unstable();
         if let Some(w) = sorted.windows(2).find(|w| w[0].end() > w[1].addr()) {
             return Err(Error::Invalid(format!("folios at {:#x} and {:#x} overlap", w[0].addr(), w[1].addr())));
         }
         let (lo, hi) = (sorted[0].addr(), sorted[sorted.len() - 1].end());
         let vmas = maps::vmas_with_flags(lo, hi)?;
-        let runs = contiguous_runs(&sorted);
+        let runs = contiguous_runs(sorted.iter().copied());
         let own_stack = sys::current_thread_stack();
         for &(s, e) in &runs {
             maps::check_movable(s, e, &vmas)?;
@@ -440,7 +432,7 @@ impl Engine {
 ///
 /// # Errors
 /// As [`Engine::migrate_pages`], or [`Error::Sys`] when no userfaultfd can be opened.
-pub fn migrate_pages(folios: &[Folio], target: u32, reason: Reason, mode: Mode) -> Result<MigrateStats> {
+pub fn migrate_pages(folios: &[Folio<'_>], target: u32, reason: Reason, mode: Mode) -> Result<MigrateStats> {
     Engine::global()?.migrate_pages(folios, target, reason, mode, &MigrateOptions::default())
 }
 
@@ -448,7 +440,7 @@ pub fn migrate_pages(folios: &[Folio], target: u32, reason: Reason, mode: Mode) 
 pub(crate) type Span = (usize, usize);
 
 /// Maximal runs of contiguous folios, as `(start, end)`.
-fn contiguous_runs(sorted: &[Folio]) -> Vec<Span> {
+fn contiguous_runs<'a>(sorted: impl IntoIterator<Item = Folio<'a>>) -> Vec<Span> {
     let mut runs: Vec<Span> = Vec::new();
     for f in sorted {
         match runs.last_mut() {
@@ -459,7 +451,7 @@ fn contiguous_runs(sorted: &[Folio]) -> Vec<Span> {
     runs
 }
 
-fn attach_vma_state(sorted: &[Folio], vmas: &[Vma]) -> Vec<Item> {
+fn attach_vma_state(sorted: &[Folio<'static>], vmas: &[Vma]) -> Vec<Item> {
     let mut v = 0;
     sorted
         .iter()
@@ -504,11 +496,13 @@ fn batches(items: &[Item], max_pages: usize) -> Vec<Vec<Item>> {
 }
 
 #[cfg(test)]
+#[allow(unsafe_code, reason = "folios made from plain addresses to test the bookkeeping")]
 mod tests {
     use super::*;
 
     fn item(addr: usize, size: usize) -> Item {
-        Item { folio: Folio::new(addr, size).unwrap(), index: 0, locked: false, thp: ThpAdvice::Default }
+        // SAFETY: describes an address only; nothing migrates it.
+        Item { folio: unsafe { Folio::new(addr, size) }.unwrap(), index: 0, locked: false, thp: ThpAdvice::Default }
     }
 
     #[test]
@@ -523,8 +517,9 @@ mod tests {
 
     #[test]
     fn runs_merge_contiguous_folios() {
-        let f: Vec<_> = [0x1000, 0x2000, 0x4000].iter().map(|&a| Folio::new(a, 4096).unwrap()).collect();
-        assert_eq!(contiguous_runs(&f), [(0x1000, 0x3000), (0x4000, 0x5000)]);
+        // SAFETY: these folios describe addresses only; nothing migrates them.
+        let f: Vec<_> = [0x1000, 0x2000, 0x4000].iter().map(|&a| unsafe { Folio::new(a, 4096) }.unwrap()).collect();
+        assert_eq!(contiguous_runs(f), [(0x1000, 0x3000), (0x4000, 0x5000)]);
     }
 
     #[test]

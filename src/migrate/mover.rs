@@ -12,7 +12,8 @@
 
 use std::time::Instant;
 
-use super::{Engine, MigrateStats, Progress};
+use super::abort::Abort;
+use super::{Engine, MigrateStats, Progress, Span};
 use crate::error::Error;
 use crate::pool::Dest;
 
@@ -46,6 +47,10 @@ pub(super) enum Job {
     Move(MoveJob),
     /// Release the claims on folios (by start address) once everything before is done.
     Release(Vec<usize>),
+    /// Take the protection off these ranges and wake their writers, once everything before
+    /// is done: what a batch that stopped midway left protected. A range that moved meanwhile
+    /// is no longer registered, and is left alone.
+    Undo(Vec<Span>),
 }
 
 /// What the mover did: counters and the first error.
@@ -55,13 +60,15 @@ pub(super) struct Tally {
     pub first_error: Option<Error>,
 }
 
-/// Does one job, counting into `stats` and `first_error`.
+/// Does one job, counting into `stats` and `first_error`. Once the call is stopped, a
+/// move is undone instead.
 pub(super) fn run(
     engine: &Engine,
     job: Job,
     stats: &mut MigrateStats,
     first_error: &mut Option<Error>,
     progress: Option<&Progress>,
+    abort: &Abort,
 ) {
     let job = match job {
         Job::Move(job) => job,
@@ -69,24 +76,33 @@ pub(super) fn run(
             engine.busy.release_all(&starts);
             return;
         }
+        Job::Undo(spans) => {
+            for (s, e) in spans {
+                super::pipeline::unprotect(engine, s, e);
+            }
+            return;
+        }
     };
     let move_start = Instant::now();
     let (start, len) = (job.start, job.dest.len());
-    let replaced = if job.fail {
-        Err(crate::sys::Errno::IO)
+    let replaced = if abort.is_set() {
+        Err((crate::sys::Errno::CANCELED, "the call stopped after a panic"))
+    } else if job.fail {
+        Err((crate::sys::Errno::IO, "mremap of the destination over the source"))
     } else {
         super::pipeline::replace(engine, start, len, &job.dest, job.deferred)
+            .map_err(|e| (e, "mremap of the destination over the source"))
     };
     let grave = match replaced {
         Ok(grave) => grave,
-        Err(errno) => {
+        Err((errno, op)) => {
             engine.pool.release(job.dest);
             super::pipeline::unprotect(engine, start, start + len);
             stats.failed_folios += job.folios;
             stats.failed_pages += job.pages;
             stats.thp_failed += job.thp;
             if first_error.is_none() {
-                *first_error = Some(Error::sys("mremap of the destination over the source")(errno));
+                *first_error = Some(Error::sys(op)(errno));
             }
             stats.move_ns += move_start.elapsed().as_nanos() as u64;
             return;
@@ -112,15 +128,36 @@ pub(super) fn run(
         engine.reaper.bury(g.raw, g.total);
     }
     if let Some(progress) = progress {
-        progress(stats.bytes);
+        let bytes = stats.bytes;
+        abort.run_caught("the progress callback", || progress(bytes));
+    }
+}
+
+/// Sends `job` to the mover, if the call has one; returns it when it must run here.
+pub(super) fn send(mover: Option<&crossbeam::channel::Sender<Job>>, job: Job) -> Option<Job> {
+    match mover {
+        Some(tx) => tx.send(job).err().map(|unsent| unsent.into_inner()),
+        None => Some(job),
     }
 }
 
 /// Runs jobs from `rx` until every sender is gone.
-pub(super) fn serve(engine: &Engine, rx: crossbeam::channel::Receiver<Job>, progress: Option<&Progress>) -> Tally {
+pub(super) fn serve(
+    engine: &Engine,
+    rx: crossbeam::channel::Receiver<Job>,
+    progress: Option<&Progress>,
+    abort: &Abort,
+) -> Tally {
     let mut tally = Tally::default();
-    for job in rx {
-        run(engine, job, &mut tally.stats, &mut tally.first_error, progress);
+    for job in &rx {
+        // A panic of pagemig's own here stops the call; the jobs still queued are undone
+        // rather than lost, so nothing stays protected or claimed.
+        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            run(engine, job, &mut tally.stats, &mut tally.first_error, progress, abort)
+        }));
+        if let Err(payload) = done {
+            abort.raise("pagemig's mover thread", crate::offload::registry::panic_message(payload.as_ref()));
+        }
     }
     tally
 }

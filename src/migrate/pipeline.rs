@@ -6,11 +6,12 @@
 #![allow(unsafe_code)]
 
 use std::ops::Range;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use super::abort::Abort;
 use super::mover::{self, Job, MoveJob};
 use super::reaper::Grave;
-use super::{Engine, Item, MigrateOptions, Reason};
+use super::{Engine, Item, MigrateOptions, Mode, NR_MAX_MIGRATE_PASSES, Reason};
 use crate::copy::{CopyPair, folio_copy, folios_copy};
 use crate::error::Error;
 use crate::folio::MigrateInfo;
@@ -35,6 +36,8 @@ pub(super) struct Call<'a> {
     pub mover: Option<&'a crossbeam::channel::Sender<Job>>,
     /// How destinations are populated.
     pub populate: Populate,
+    /// Raised when caller code panicked: nothing more moves.
+    pub abort: &'a Abort,
 }
 
 /// Contiguous folios of one batch with the same mapping state, moved with one `mremap`
@@ -89,9 +92,41 @@ impl Call<'_> {
         }
     }
 
+    /// Runs the call's folios in batches, passing over busy ones again up to
+    /// [`NR_MAX_MIGRATE_PASSES`] times.
+    pub fn run_passes(&mut self, items: Vec<Item>, max_batch: usize, mode: Mode) {
+        let mut queue = items;
+        for pass in 0..NR_MAX_MIGRATE_PASSES {
+            let mut retry = Vec::new();
+            for batch in super::batches(&queue, max_batch) {
+                retry.extend(self.run_batch(batch));
+            }
+            if retry.is_empty() {
+                break;
+            }
+            if pass + 1 == NR_MAX_MIGRATE_PASSES {
+                for item in &retry {
+                    self.fail(item, Error::sys("migrate (folio busy in another migration)")(Errno::AGAIN));
+                }
+                break;
+            }
+            self.stats.retried_folios += retry.len() as u64;
+            match mode {
+                Mode::Async => std::thread::yield_now(),
+                Mode::SyncLight => self.engine.busy.wait(Duration::from_millis(1)),
+                Mode::Sync => self.engine.busy.wait(Duration::from_millis(100)),
+            }
+            queue = retry;
+        }
+    }
+
     /// Runs one batch; returns the folios that were busy in another migration.
     pub fn run_batch(&mut self, batch: Vec<Item>) -> Vec<Item> {
         let engine = self.engine;
+        if self.abort.is_set() {
+            self.fail_all(&batch, stopped);
+            return Vec::new();
+        }
         // Isolate: claim each contiguous stretch at once, folio by folio where another call
         // holds part of it.
         let (mut claimed, mut busy) = (Vec::with_capacity(batch.len()), Vec::new());
@@ -122,6 +157,15 @@ impl Call<'_> {
             return busy;
         }
         self.stats.batches += 1;
+        // Should pagemig itself panic below, what the batch claimed and protected is undone
+        // behind the moves already queued.
+        let guard = BatchGuard {
+            engine,
+            mover: self.mover.cloned(),
+            abort: self.abort,
+            claims: Some(claims),
+            spans: super::contiguous_runs(claimed.iter().map(|it| it.folio)),
+        };
         let runs = split_runs(&claimed);
         let info = vec![MigrateInfo::empty(); claimed.len()];
         let unprotected = vec![None; claimed.len()];
@@ -151,16 +195,15 @@ impl Call<'_> {
             self.advance(&mut st, r, end, true);
         }
         // Released after the batch's moves (the mover keeps the order of its jobs).
+        let claims = guard.disarm();
         self.submit(Job::Release(claims));
         busy
     }
 
     /// Hands a job to the mover thread, or does it here when the call has none.
     fn submit(&mut self, job: Job) {
-        match self.mover {
-            Some(tx) => tx.send(job).expect("the mover thread ended before the call"),
-            None => mover::run(self.engine, job, self.stats, self.first_error, self.opts.progress.as_ref()),
-        }
+        let Some(job) = mover::send(self.mover, job) else { return };
+        mover::run(self.engine, job, self.stats, self.first_error, self.opts.progress.as_ref(), self.abort);
     }
 
     fn take_destinations(&mut self, st: &mut BatchState) {
@@ -215,7 +258,7 @@ impl Call<'_> {
         let pairs = self.pairs(st, live);
         let mut at = 0;
         let mut done_bytes = 0;
-        while at < live.len() {
+        while at < live.len() && !self.abort.is_set() {
             let piece = HPAGE_SIZE.max(done_bytes);
             let mut end = at + 1;
             let mut bytes = pairs[at].len;
@@ -299,26 +342,21 @@ impl Call<'_> {
                 // it, every destination was handed to us by the pool and nothing else refers
                 // to it, and sources and destinations never overlap.
                 let batch = unsafe { Batch::new(&pairs, Some(&on_complete)) };
-                let result = registry().dispatch(&batch);
+                let result = dispatch(self.abort, &batch);
                 self.stats.copy_ns += t.elapsed().as_nanos() as u64;
                 for r in done.into_inner() {
                     self.mark_copied(st, live, r);
                 }
                 result
             };
-            match result {
-                // Unregistered meanwhile: the default copy below.
-                None => {}
-                Some(Ok(())) => {
-                    self.mark_copied(st, live, 0..live.len());
-                    return;
-                }
-                Some(Err(_)) => {
-                    let offloaded = self.stats.offloaded_folios - copied_before;
-                    self.stats.fallback_folios += live.len() as u64 - offloaded;
-                    return;
-                }
+            if result.is_some() {
+                // Only what the migrator reported complete is trusted, whatever it returned:
+                // the rest is copied folio by folio in the move phase.
+                let offloaded = self.stats.offloaded_folios - copied_before;
+                self.stats.fallback_folios += live.len() as u64 - offloaded;
+                return;
             }
+            // Unregistered meanwhile: the default copy below.
         }
         // The default CPU batch copy (unpipelined, or a migrator that went away).
         let t = Instant::now();
@@ -341,6 +379,7 @@ impl Call<'_> {
         pairs: &[CopyPair],
     ) -> Option<Result<(), Errno>> {
         let (tx, rx) = crossbeam::channel::unbounded::<CopyEvent>();
+        let abort = self.abort;
         let t = Instant::now();
         let move_before = self.stats.move_ns;
         let result = std::thread::scope(|s| {
@@ -354,7 +393,7 @@ impl Call<'_> {
                 // to it, and sources and destinations never overlap; the scope keeps them
                 // alive until this thread ends.
                 let batch = unsafe { Batch::new(pairs, Some(&on_complete)) };
-                let result = registry().dispatch(&batch);
+                let result = dispatch(abort, &batch);
                 let _ = tx.send(CopyEvent::Finished(result));
             });
             let mut result = None;
@@ -452,7 +491,9 @@ impl Call<'_> {
             }
             let copy_start = Instant::now();
             let dst = rest.addr() + (item.folio.addr() - cursor);
-            let result = if !st.info[i].contains(MigrateInfo::WAS_MAPPED) {
+            let result = if self.abort.is_set() {
+                Err(Errno::CANCELED)
+            } else if !st.info[i].contains(MigrateInfo::WAS_MAPPED) {
                 // Never protected: copying it could lose a write. It stays as it is.
                 Err(st.unprotected[i].map_or(Errno::AGAIN, |(_, e)| e))
             } else if self.opts.fault.fail_folio_copy.contains(&item.index) {
@@ -481,6 +522,7 @@ impl Call<'_> {
                     unprotect(self.engine, item.folio.addr(), item.folio.end());
                     let op = match st.unprotected[i] {
                         Some((op, _)) => op,
+                        None if errno == Errno::CANCELED => STOPPED,
                         None if !st.info[i].contains(MigrateInfo::WAS_MAPPED) => "write-protect",
                         None => "folio copy",
                     };
@@ -534,6 +576,56 @@ impl Call<'_> {
         };
         st.first_done = true;
         self.submit(Job::Move(job));
+    }
+}
+
+/// Hands `batch` to the active migrator under `catch_unwind`: a panic stops the call
+/// (`ECANCELED` here) and whatever the migrator did not report complete is undone.
+fn dispatch(abort: &Abort, batch: &Batch<'_>) -> Option<Result<(), Errno>> {
+    match registry().dispatch_caught(batch)? {
+        Ok(result) => Some(result),
+        Err(message) => {
+            abort.raise("the migrator", message);
+            Some(Err(Errno::CANCELED))
+        }
+    }
+}
+
+/// The error of a folio left as it was because the call stopped after a panic.
+fn stopped() -> Error {
+    Error::sys(STOPPED)(Errno::CANCELED)
+}
+
+/// What a folio left as it was because the call stopped was doing.
+const STOPPED: &str = "migrate (the call stopped after a panic)";
+
+/// What a batch claimed and protected, undone if pagemig panics before the batch ends.
+struct BatchGuard<'a> {
+    engine: &'a Engine,
+    mover: Option<crossbeam::channel::Sender<Job>>,
+    abort: &'a Abort,
+    /// `None` once the batch ended normally.
+    claims: Option<Vec<usize>>,
+    spans: Vec<super::Span>,
+}
+
+impl BatchGuard<'_> {
+    /// The batch ended normally: hands back its claims to be released in order.
+    fn disarm(mut self) -> Vec<usize> {
+        self.claims.take().unwrap_or_default()
+    }
+}
+
+impl Drop for BatchGuard<'_> {
+    fn drop(&mut self) {
+        let Some(claims) = self.claims.take() else { return };
+        self.abort.raise("pagemig", "a panic in the migration pipeline".into());
+        let jobs = [Job::Undo(std::mem::take(&mut self.spans)), Job::Release(claims)];
+        for job in jobs {
+            let Some(job) = mover::send(self.mover.as_ref(), job) else { continue };
+            let (mut stats, mut first) = (MigrateStats::default(), None);
+            mover::run(self.engine, job, &mut stats, &mut first, None, self.abort);
+        }
     }
 }
 

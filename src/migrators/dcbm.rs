@@ -247,8 +247,9 @@ impl Dcbm {
                 break;
             };
             for c in events.finished {
-                batch.complete(shares[c].clone());
-                reported += shares[c].len();
+                if batch.complete(shares[c].clone()).is_ok() {
+                    reported += shares[c].len();
+                }
                 settled += 1;
             }
             for (c, e) in events.failed {
@@ -263,8 +264,9 @@ impl Dcbm {
             }
             // No callback runs any more: report the shares that finished meanwhile.
             for c in tracker.take_finished() {
-                batch.complete(shares[c].clone());
-                reported += shares[c].len();
+                if batch.complete(shares[c].clone()).is_ok() {
+                    reported += shares[c].len();
+                }
             }
             return (reported, Err(e));
         }
@@ -272,7 +274,11 @@ impl Dcbm {
     }
 }
 
-impl OffloadCopy for Dcbm {
+// SAFETY: a channel's share is reported only once every descriptor of it completed; on
+// an error or a timeout every channel is terminated (`terminate_sync` returns once no
+// descriptor runs any more) before `offload_copy` returns, and descriptors write only the
+// batch's destinations.
+unsafe impl OffloadCopy for Dcbm {
     fn offload_copy(&self, batch: &Batch<'_>) -> Result<(), Errno> {
         let n = batch.folio_count();
         if n == 0 {

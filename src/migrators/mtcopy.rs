@@ -75,24 +75,17 @@ fn run_job(job: Job) {
     let mut err = None;
     if !job.whole.is_empty() {
         match batch.copy_range(job.whole.clone()) {
-            Ok(()) => batch.complete(job.whole.clone()),
+            Ok(()) => err = batch.complete(job.whole.clone()).err(),
             Err(e) => err = Some(e),
         }
     }
     for &(folio, off, len) in &job.parts {
-        let Some(p) = batch.pairs().get(folio) else {
-            err = Some(Errno::INVAL);
-            continue;
-        };
-        if off + len > p.len {
-            err = Some(Errno::INVAL);
+        if let Err(e) = batch.copy_part(folio, off, len) {
+            err = Some(e);
             continue;
         }
-        // SAFETY: the batch's invariant makes the whole pair valid to copy; this is a
-        // sub-range of it (checked just above), disjoint from every other worker's part.
-        unsafe { sys::copy_bytes_nt(p.dst + off, p.src + off, len) };
         if job.latch.remaining_parts[folio].fetch_sub(1, Ordering::AcqRel) == 1 && err.is_none() {
-            batch.complete(folio..folio + 1);
+            err = batch.complete(folio..folio + 1).err();
         }
     }
     job.latch.done(err);
@@ -229,7 +222,10 @@ fn plan(pairs: &[CopyPair], t: usize) -> Vec<Share> {
     out
 }
 
-impl OffloadCopy for MtCopy {
+// SAFETY: its workers copy only through `Batch::copy_range` and `Batch::copy_part`, report
+// a folio only once every part of it is copied, and `offload_copy` returns only after every
+// worker is done with the batch.
+unsafe impl OffloadCopy for MtCopy {
     fn offload_copy(&self, batch: &Batch<'_>) -> Result<(), Errno> {
         let n = batch.folio_count();
         if n == 0 {

@@ -198,13 +198,25 @@ impl Registry {
         self.dispatch_slow(batch)
     }
 
+    /// Hands `batch` to the active migrator; `None` when none is registered. A panic in the
+    /// migrator comes back as `Some(Err(message))`, with the reader count restored.
+    pub fn dispatch_caught(&self, batch: &Batch<'_>) -> Option<Result<Result<(), Errno>, String>> {
+        if !self.enabled() {
+            return None;
+        }
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.dispatch_slow(batch))) {
+            Ok(result) => result.map(Ok),
+            Err(payload) => Some(Err(panic_message(payload.as_ref()))),
+        }
+    }
+
     #[cold]
     fn dispatch_slow(&self, batch: &Batch<'_>) -> Option<Result<(), Errno>> {
-        let idx = self.read_lock();
+        // Left on every path, unwinding included: an unbalanced count would make every
+        // later unregister wait forever.
+        let _reader = ReadGuard { registry: self, idx: self.read_lock() };
         let copy = self.active.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.offload_copy.clone());
-        let result = copy.map(|c| c.offload_copy(batch));
-        self.read_unlock(idx);
-        result
+        copy.map(|c| c.offload_copy(batch))
     }
 
     fn read_lock(&self) -> usize {
@@ -230,6 +242,27 @@ impl Registry {
             fence(Ordering::SeqCst);
         }
     }
+}
+
+/// A read-side critical section of the registry, left when dropped.
+struct ReadGuard<'r> {
+    registry: &'r Registry,
+    idx: usize,
+}
+
+impl Drop for ReadGuard<'_> {
+    fn drop(&mut self) {
+        self.registry.read_unlock(self.idx);
+    }
+}
+
+/// The text of a panic's payload (`panic!` with a literal or a formatted message).
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 /// A registration that unregisters its migrator, once, when dropped.
@@ -333,7 +366,8 @@ mod tests {
         freed: StdBool,
     }
 
-    impl OffloadCopy for Slow {
+    // SAFETY: copies nothing and reports nothing.
+    unsafe impl OffloadCopy for Slow {
         fn offload_copy(&self, _batch: &Batch<'_>) -> Result<(), Errno> {
             assert!(!self.freed.load(std::sync::atomic::Ordering::SeqCst), "used after unregister returned");
             self.running.store(true, std::sync::atomic::Ordering::SeqCst);
