@@ -20,6 +20,7 @@
 
 mod abort;
 mod busy;
+mod fork;
 mod mover;
 mod pipeline;
 pub mod policy;
@@ -174,6 +175,7 @@ impl Engine {
     /// # Errors
     /// [`Error::Sys`] when userfaultfd cannot be opened (no permission, no kernel support).
     pub fn new() -> Result<Self> {
+        fork::install();
         Ok(Self {
             uffd: Uffd::open().map_err(Error::sys("userfaultfd"))?,
             pool: Pool::new(DEFAULT_POOL_LIMIT),

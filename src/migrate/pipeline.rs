@@ -659,6 +659,8 @@ pub(super) fn replace(
         return plain();
     }
     let Ok((raw, total, g)) = reaper.reserve(len, start) else { return plain() };
+    // From the first move to the second the source is empty: no child may be forked then.
+    let _window = super::fork::window();
     // SAFETY: the source is write-protected and registered in missing mode, so from here
     // until the wake every access to it waits; `g` lies in a reservation of ours.
     if unsafe { sys::mremap_dontunmap(start, len, g) }.is_err() {
