@@ -46,7 +46,7 @@ pub struct Key {
 
 /// A destination handed out by [`Pool::take`]: populated memory on the key's node.
 ///
-/// The receiver owns it: it either moves it away (`mremap`) or gives it back with
+/// The receiver owns it: it moves its pages away and gives the range back with
 /// [`Pool::release`].
 ///
 /// # Invariants
@@ -82,9 +82,6 @@ impl Dest {
         // INVARIANT: two disjoint parts of a range that was ours alone.
         (Dest { addr: self.addr, len: at }, Dest { addr: self.addr + at, len: self.len - at })
     }
-
-    /// Gives up ownership without unmapping: the caller moved the memory away.
-    pub(crate) fn forget(self) {}
 }
 
 #[derive(Debug)]
@@ -104,15 +101,19 @@ impl Chunk {
         let len = min_len.max(CHUNK_BYTES).next_multiple_of(HPAGE_SIZE);
         let base = sys::mmap_anon_aligned(len, HPAGE_SIZE).map_err(Error::sys("mmap (destination pool)"))?;
         let mut chunk = Chunk { end: base + len, cursor: base, prepared_end: base, holes: Vec::new() };
-        let setup =
-            sys::mbind(base, len, key.node, false).map_err(Error::sys("mbind (destination pool)")).and_then(|()| {
+        let setup = sys::mbind(base, len, key.node, false)
+            .map_err(Error::sys("mbind (destination pool)"))
+            .and_then(|()| {
                 let advice = match key.thp {
                     ThpAdvice::Huge => Some(Advice::HugePage),
                     ThpAdvice::NoHuge => Some(Advice::NoHugePage),
                     ThpAdvice::Default => None,
                 };
                 advice.map_or(Ok(()), |a| sys::madvise(base, len, a).map_err(Error::sys("madvise (destination pool)")))
-            });
+            })
+            // A child forked while a destination waits would share its pages, and a shared
+            // page cannot be moved into the source.
+            .and_then(|()| sys::madvise(base, len, Advice::DontFork).map_err(Error::sys("madvise (destination pool)")));
         if let Err(e) = setup {
             chunk.retire();
             return Err(e);

@@ -1,43 +1,156 @@
-//! Folios under migration: a second call that reaches a folio another call is moving finds
-//! it busy (`EAGAIN`) and retries it later, as the kernel does with a locked folio.
+//! Folios under migration, and what the program did to them meanwhile.
+//!
+//! A second call that reaches a folio another call is moving finds it busy (`EAGAIN`) and
+//! retries it later, as the kernel does with a locked folio. Each claim also records:
+//!
+//! - its *isolated* spans: source ranges whose old pages were moved out into a graveyard
+//!   (the source is empty and every access to it waits), with where those pages are;
+//! - its *dead* spans: ranges the program purged (`madvise`) or moved away (`mremap`) while
+//!   they were claimed, learnt from userfaultfd's events.
+//!
+//! One lock covers all of it. Isolating a span, moving new pages into it, putting old pages
+//! back, and consuming an event that overlaps it all happen under the lock, so they exclude
+//! each other: a purge announced before a move is seen by the move, and one announced after
+//! it purges the new pages.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use super::Span;
+
+/// One claimed range.
+#[derive(Debug, Default)]
+pub(super) struct Claim {
+    end: usize,
+    /// Purged or moved away while claimed: never to be moved into or put back.
+    dead: Vec<Span>,
+    /// Source start → (source end, where its old pages are).
+    isolated: BTreeMap<usize, (usize, usize)>,
+}
+
+/// Every claim, by start address.
+#[derive(Debug, Default)]
+pub(super) struct Claims {
+    map: BTreeMap<usize, Claim>,
+}
 
 /// The set of address ranges being migrated.
 #[derive(Debug, Default)]
 pub struct Busy {
-    ranges: Mutex<BTreeMap<usize, usize>>,
+    claims: Mutex<Claims>,
     released: Condvar,
 }
 
 impl Busy {
     /// Claims `[start, end)` unless it overlaps a claimed range.
     pub fn try_claim(&self, start: usize, end: usize) -> bool {
-        let mut ranges = self.ranges.lock();
-        let overlaps = ranges.range(..end).next_back().is_some_and(|(_, &e)| e > start);
+        let mut claims = self.claims.lock();
+        let overlaps = claims.map.range(..end).next_back().is_some_and(|(_, c)| c.end > start);
         if !overlaps {
-            ranges.insert(start, end);
+            claims.map.insert(start, Claim { end, ..Default::default() });
         }
         !overlaps
     }
 
     /// Releases ranges claimed with [`Busy::try_claim`], by start address.
     pub fn release_all(&self, starts: &[usize]) {
-        let mut ranges = self.ranges.lock();
+        let mut claims = self.claims.lock();
         for start in starts {
-            ranges.remove(start);
+            let released = claims.map.remove(start);
+            debug_assert!(released.is_none_or(|c| c.isolated.is_empty()), "a claim released with pages isolated");
         }
-        drop(ranges);
+        drop(claims);
         self.released.notify_all();
     }
 
     /// Waits up to `timeout` for any release.
     pub fn wait(&self, timeout: Duration) {
-        let mut ranges = self.ranges.lock();
-        self.released.wait_for(&mut ranges, timeout);
+        let mut claims = self.claims.lock();
+        self.released.wait_for(&mut claims, timeout);
+    }
+
+    /// Locks every claim, for an operation that must exclude the others.
+    pub(super) fn lock(&self) -> MutexGuard<'_, Claims> {
+        self.claims.lock()
+    }
+}
+
+impl Claims {
+    fn overlapping(&mut self, start: usize, end: usize) -> impl Iterator<Item = (usize, &mut Claim)> {
+        // A claim starting before `start` may reach into the range: begin with the last one.
+        let first = self.map.range(..=start).next_back().map_or(start, |(&s, _)| s);
+        self.map.range_mut(first..end).filter(move |(_, c)| c.end > start).map(|(&s, c)| (s, c))
+    }
+
+    /// The dead parts of `[start, end)`, in address order.
+    pub fn dead_in(&mut self, start: usize, end: usize) -> Vec<Span> {
+        let mut out: Vec<Span> = self
+            .overlapping(start, end)
+            .flat_map(|(_, c)| c.dead.iter().copied())
+            .filter(|&(s, e)| s < end && start < e)
+            .map(|(s, e)| (s.max(start), e.min(end)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Marks `[start, end)` dead in every claim it overlaps; returns whether any did.
+    pub fn mark_dead(&mut self, start: usize, end: usize) -> bool {
+        let mut any = false;
+        for (s, c) in self.overlapping(start, end) {
+            c.dead.push((start.max(s), end.min(c.end)));
+            any = true;
+        }
+        any
+    }
+
+    /// The claimed ranges that overlap `[start, end)`, in address order.
+    pub fn claimed_in(&mut self, start: usize, end: usize) -> Vec<Span> {
+        self.overlapping(start, end).map(|(s, c)| (s, c.end)).collect()
+    }
+
+    /// Records that the old pages of `[start, end)` now lie at `grave`.
+    pub fn add_isolated(&mut self, start: usize, end: usize, grave: usize) {
+        for (s, c) in self.overlapping(start, end) {
+            let (from, to) = (start.max(s), end.min(c.end));
+            c.isolated.insert(from, (to, grave + (from - start)));
+        }
+    }
+
+    /// The isolated spans inside `[start, end)` as `(start, end, grave)`, clipped to it.
+    pub fn isolated_in(&mut self, start: usize, end: usize) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        for (_, c) in self.overlapping(start, end) {
+            for (&s, &(e, g)) in c.isolated.range(..end).filter(|&(_, &(e, _))| e > start) {
+                let (from, to) = (s.max(start), e.min(end));
+                out.push((from, to, g + (from - s)));
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Forgets, and returns, the isolated spans inside `[start, end)` as
+    /// `(start, end, grave)`, splitting those that reach outside it.
+    pub fn take_isolated(&mut self, start: usize, end: usize) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        for (_, c) in self.overlapping(start, end) {
+            let keys: Vec<usize> = c.isolated.range(..end).filter(|&(_, &(e, _))| e > start).map(|(&s, _)| s).collect();
+            for s in keys {
+                let (e, g) = c.isolated.remove(&s).expect("key just listed");
+                let (from, to) = (s.max(start), e.min(end));
+                if s < from {
+                    c.isolated.insert(s, (from, g));
+                }
+                if to < e {
+                    c.isolated.insert(to, (e, g + (to - s)));
+                }
+                out.push((from, to, g + (from - s)));
+            }
+        }
+        out
     }
 }
 
@@ -55,5 +168,23 @@ mod tests {
         assert!(b.try_claim(0x0, 0x1000));
         b.release_all(&[0x1000]);
         assert!(b.try_claim(0x2000, 0x3000));
+    }
+
+    #[test]
+    fn dead_and_isolated_spans_follow_their_claims() {
+        let b = Busy::default();
+        assert!(b.try_claim(0x10000, 0x20000));
+        assert!(b.try_claim(0x20000, 0x30000));
+        let mut c = b.lock();
+        assert!(c.mark_dead(0x1f000, 0x21000));
+        assert!(!c.mark_dead(0x40000, 0x41000));
+        assert_eq!(c.dead_in(0x10000, 0x30000), [(0x1f000, 0x20000), (0x20000, 0x21000)]);
+        assert_eq!(c.dead_in(0x20800, 0x30000), [(0x20800, 0x21000)]);
+        c.add_isolated(0x10000, 0x18000, 0x90000);
+        assert_eq!(c.take_isolated(0x12000, 0x13000), [(0x12000, 0x13000, 0x92000)]);
+        let mut rest = c.take_isolated(0x10000, 0x20000);
+        rest.sort_unstable();
+        assert_eq!(rest, [(0x10000, 0x12000, 0x90000), (0x13000, 0x18000, 0x93000)]);
+        assert!(c.take_isolated(0x10000, 0x20000).is_empty());
     }
 }

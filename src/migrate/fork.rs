@@ -1,15 +1,17 @@
 //! A `fork()` barrier: a child never inherits a range in the instant it is empty.
 //!
-//! Replacing a range's pages leaves it empty for a moment (its old pages moved out, its new
-//! pages not yet in); the program's threads wait on userfaultfd for that moment to pass,
-//! but `fork()` copies page tables as they are, and a child forked then would see zeros
-//! there. Every such window is entered through [`window`]; a `pthread_atfork` handler,
-//! installed the first time, makes `fork()` wait until no window is open and keeps new ones
-//! from opening until the child exists.
+//! Replacing a range's pages leaves it empty for a while (its old pages moved out into a
+//! graveyard before the copy, its new pages not yet in); the program's threads wait on
+//! userfaultfd for that to pass, but `fork()` copies page tables as they are, and a child
+//! forked then would see zeros there. Every emptied page is counted open with [`open`]
+//! until it is filled again ([`close`]); a `pthread_atfork` handler, installed the first
+//! time, makes `fork()` wait until none is open and keeps new ones from opening until the
+//! child exists.
 //!
 //! The gate is two counters, not a lock, so that the child (one thread, inheriting the
 //! counters as they were) can reopen it without meeting a lock held by threads it does not
-//! have. Windows last a few system calls; `fork()` waits at most that long.
+//! have. A page stays empty for the copy of one piece of a batch; `fork()` waits about
+//! that long.
 //!
 //! Only forks that run the `pthread_atfork` handlers wait: glibc's `fork()`, and
 //! `std::process::Command` where it forks. A raw `clone`/`fork` system call bypasses them
@@ -21,7 +23,7 @@ use std::sync::Once;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-/// Windows open now.
+/// Pages empty now.
 static OPEN: AtomicUsize = AtomicUsize::new(0);
 /// Threads in `fork()` now, between the prepare handler and the parent's or child's.
 static FORKING: AtomicUsize = AtomicUsize::new(0);
@@ -38,29 +40,25 @@ pub(super) fn install() {
     });
 }
 
-/// An open window; dropping it closes the window.
-#[must_use = "the window closes when the guard drops"]
-pub(super) struct Window(());
-
-/// Opens a window, first waiting for any `fork()` in progress to finish.
-pub(super) fn window() -> Window {
+/// Counts `pages` empty from now on, first waiting for any `fork()` in progress to
+/// finish. Must not be called with a lock held that [`close`]'s callers need.
+pub(super) fn open(pages: usize) {
     loop {
         while FORKING.load(Ordering::SeqCst) > 0 {
             std::thread::sleep(Duration::from_micros(50));
         }
-        OPEN.fetch_add(1, Ordering::SeqCst);
+        OPEN.fetch_add(pages, Ordering::SeqCst);
         if FORKING.load(Ordering::SeqCst) == 0 {
-            return Window(());
+            return;
         }
         // A fork began meanwhile: let it go first.
-        OPEN.fetch_sub(1, Ordering::SeqCst);
+        OPEN.fetch_sub(pages, Ordering::SeqCst);
     }
 }
 
-impl Drop for Window {
-    fn drop(&mut self) {
-        OPEN.fetch_sub(1, Ordering::SeqCst);
-    }
+/// `pages` counted by [`open`] are filled again (or will never be).
+pub(super) fn close(pages: usize) {
+    OPEN.fetch_sub(pages, Ordering::SeqCst);
 }
 
 extern "C" fn prepare() {

@@ -20,6 +20,7 @@
 
 mod abort;
 mod busy;
+mod events;
 mod fork;
 mod mover;
 mod pipeline;
@@ -78,7 +79,10 @@ pub struct FaultInjection {
     /// Pause for this long before the per-folio copy of the folio at this index (sorted by
     /// address), while it is write-protected: lets a test act on memory mid-migration.
     pub delay_folio_copy: Option<(usize, Duration)>,
-    /// Make the move of the runs holding these folios fail as a failing `mremap` would
+    /// Pause for this long before every move, with the copy made and the source empty:
+    /// lets a test act on memory between copy and move.
+    pub delay_move: Option<Duration>,
+    /// Make the move of the runs holding these folios fail as a refused move would
     /// (indices as above): their folios are undone and reported as failed.
     pub fail_move: Vec<usize>,
 }
@@ -149,14 +153,17 @@ impl Capabilities {
 /// they migrate different memory.
 #[derive(Debug)]
 pub struct Engine {
-    uffd: Uffd,
+    uffd: Arc<Uffd>,
     pool: Pool,
-    busy: Busy,
+    busy: Arc<Busy>,
     max_batch_pages: AtomicUsize,
     pipelined: AtomicBool,
     deferred_free: AtomicBool,
     mover: AtomicBool,
     reaper: reaper::Reaper,
+    /// Read by its own thread; stopped when the engine drops.
+    #[expect(dead_code, reason = "held for its Drop, which stops the reader thread")]
+    events: events::Reader,
 }
 
 /// One folio of a call with the state of the mapping it lives in.
@@ -176,15 +183,19 @@ impl Engine {
     /// [`Error::Sys`] when userfaultfd cannot be opened (no permission, no kernel support).
     pub fn new() -> Result<Self> {
         fork::install();
+        let uffd = Arc::new(Uffd::open().map_err(Error::sys("userfaultfd"))?);
+        let busy = Arc::new(Busy::default());
+        let events = events::Reader::spawn(uffd.clone(), busy.clone()).map_err(Error::sys("event reader thread"))?;
         Ok(Self {
-            uffd: Uffd::open().map_err(Error::sys("userfaultfd"))?,
+            reaper: reaper::Reaper::new(uffd.clone(), DEFAULT_REAPER_BACKLOG),
+            uffd,
             pool: Pool::new(DEFAULT_POOL_LIMIT),
-            busy: Busy::default(),
+            busy,
             max_batch_pages: AtomicUsize::new(DEFAULT_MAX_BATCH_PAGES),
             pipelined: AtomicBool::new(true),
             deferred_free: AtomicBool::new(true),
             mover: AtomicBool::new(true),
-            reaper: reaper::Reaper::new(DEFAULT_REAPER_BACKLOG),
+            events,
         })
     }
 
@@ -277,16 +288,9 @@ impl Engine {
     ) -> Result<MigrateStats> {
         let started = Instant::now();
         let max_batch = check_max_batch_pages(opts.max_batch_pages.unwrap_or_else(|| self.max_batch_pages()))?;
-        let (items, runs, free) = self.prepare_call(folios, target)?;
+        let (items, free) = self.prepare_call(folios, target)?;
         let mut stats = MigrateStats { folios: items.len() as u64, ..Default::default() };
-        // Register every run of the call once, up front: each batch then only write-protects,
-        // and the registered mapping shrinks from the front as batches move, instead of
-        // being split for every batch. A run that cannot be registered here fails in its
-        // batch, with the error.
         let register_start = Instant::now();
-        let registered: Vec<Span> =
-            runs.iter().copied().filter(|&(s, e)| self.uffd.register_wp(s, e - s).is_ok()).collect();
-        stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
         let mut first_error = None;
         let deferred = opts.deferred_free.unwrap_or_else(|| self.deferred_free());
         // Base pages, more than one piece, the CPU copy: runs move on a mover thread while
@@ -320,7 +324,6 @@ impl Engine {
                 target,
                 reason,
                 opts,
-                registered: &registered,
                 deferred,
                 stats: &mut stats,
                 first_error: &mut first_error,
@@ -330,6 +333,8 @@ impl Engine {
                 // its reserve (see `Populate`).
                 populate: if tx.is_some() && free >= 2 * bytes as u64 { Populate::Touch } else { Populate::Madvise },
                 abort,
+                held: Vec::new(),
+                held_why: Default::default(),
             };
             // A panic of pagemig's own stops the call like one in caller code: the batch's
             // guard has undone what it held; the folios not reached fail.
@@ -373,7 +378,7 @@ impl Engine {
     /// Checks a whole call before anything is touched and pairs each folio with the state
     /// of its mapping.
     /// Also returns the target's free memory beyond its reserve.
-    fn prepare_call(&self, folios: &[Folio<'_>], target: u32) -> Result<(Vec<Item>, Vec<Span>, u64)> {
+    fn prepare_call(&self, folios: &[Folio<'_>], target: u32) -> Result<(Vec<Item>, u64)> {
         if folios.is_empty() {
             return Err(Error::Invalid("no folios to migrate (zero length)".into()));
         }
@@ -406,7 +411,7 @@ impl Engine {
         }
         let bytes: u64 = sorted.iter().map(|f| f.size() as u64).sum();
         let free = self.check_free_memory(target, bytes, &runs)?;
-        Ok((attach_vma_state(&sorted, &vmas), runs, free))
+        Ok((attach_vma_state(&sorted, &vmas), free))
     }
 
     /// Checks that `target` can take `bytes`; returns its free memory beyond the reserve.

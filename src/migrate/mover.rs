@@ -13,9 +13,12 @@
 use std::time::Instant;
 
 use super::abort::Abort;
+use super::reaper::Grave;
 use super::{Engine, MigrateStats, Progress, Span};
 use crate::error::Error;
+use crate::folio::Folio;
 use crate::pool::Dest;
+use crate::sys::Errno;
 
 /// How many jobs may wait for the mover before the copying thread waits too: a bound on
 /// the destinations copied but not yet moved.
@@ -27,18 +30,18 @@ pub(super) struct MoveJob {
     pub start: usize,
     /// The copy, as long as the source.
     pub dest: Dest,
-    /// Folios, base pages and PMD-sized folios in the run.
-    pub folios: u64,
-    pub pages: u64,
-    pub thp: u64,
-    /// Lock the run again after the move.
-    pub relock: bool,
-    /// Free the replaced pages on the reaper thread.
+    /// The source's old pages.
+    pub grave: Grave,
+    /// The run's folios, in address order.
+    pub folios: Vec<Folio<'static>>,
+    /// Free the old pages on the reaper thread.
     pub deferred: bool,
     /// Set on a batch's first run: when the batch started, for first-folio latency.
     pub batch_started: Option<Instant>,
-    /// Fail the move as a failing `mremap` would (fault injection).
+    /// Fail the move as a failing move would (fault injection).
     pub fail: bool,
+    /// Pause before the move (fault injection).
+    pub delay: Option<std::time::Duration>,
 }
 
 /// Work for the mover, done in the order it was sent.
@@ -78,56 +81,66 @@ pub(super) fn run(
         }
         Job::Undo(spans) => {
             for (s, e) in spans {
+                super::pipeline::restore(engine, s, e);
                 super::pipeline::unprotect(engine, s, e);
             }
             return;
         }
     };
-    let move_start = Instant::now();
-    let (start, len) = (job.start, job.dest.len());
-    let replaced = if abort.is_set() {
-        Err((crate::sys::Errno::CANCELED, "the call stopped after a panic"))
-    } else if job.fail {
-        Err((crate::sys::Errno::IO, "mremap of the destination over the source"))
-    } else {
-        super::pipeline::replace(engine, start, len, &job.dest, job.deferred)
-            .map_err(|e| (e, "mremap of the destination over the source"))
-    };
-    let grave = match replaced {
-        Ok(grave) => grave,
-        Err((errno, op)) => {
-            engine.pool.release(job.dest);
-            super::pipeline::unprotect(engine, start, start + len);
-            stats.failed_folios += job.folios;
-            stats.failed_pages += job.pages;
-            stats.thp_failed += job.thp;
-            if first_error.is_none() {
-                *first_error = Some(Error::sys(op)(errno));
-            }
-            stats.move_ns += move_start.elapsed().as_nanos() as u64;
-            return;
-        }
-    };
-    job.dest.forget();
-    if job.relock && crate::sys::mlock(start, len).is_err() {
-        stats.relock_failures += job.folios;
+    if let Some(pause) = job.delay {
+        std::thread::sleep(pause);
     }
-    let _ = engine.uffd.wake(start, len);
+    let move_start = Instant::now();
+    let (start, end) = (job.start, job.start + job.dest.len());
+    let outcomes = if abort.is_set() || job.fail {
+        // Undone as a failing move would be: the old pages go back.
+        super::pipeline::restore(engine, start, end);
+        let why = if abort.is_set() {
+            ("migrate (the call stopped after a panic)", Errno::CANCELED)
+        } else {
+            ("userfaultfd move of the new pages", Errno::IO)
+        };
+        vec![Some(why); job.folios.len()]
+    } else {
+        super::pipeline::replace(engine, start, &job.dest, &job.folios)
+    };
+    // Protection off, registration gone, every waiting thread woken: the moved folios
+    // with their new pages, the others with their old ones.
+    super::pipeline::unprotect(engine, start, end);
     if let Some(t) = job.batch_started {
         stats.first_folio_ns.push(t.elapsed().as_nanos() as u64);
     }
-    stats.runs += 1;
-    stats.bytes += len as u64;
-    stats.succeeded_folios += job.folios;
-    stats.succeeded_pages += job.pages;
-    stats.thp_succeeded += job.thp;
-    stats.move_ns += move_start.elapsed().as_nanos() as u64;
-    // The old pages go to the reaper once the writers are awake. (Freeing them here on
-    // the mover thread instead made the mover fall behind the copy.)
-    if let Some(g) = grave {
-        engine.reaper.bury(g.raw, g.total);
+    engine.pool.release(job.dest);
+    let mut moved_any = false;
+    for (f, outcome) in job.folios.iter().zip(&outcomes) {
+        match outcome {
+            None => {
+                moved_any = true;
+                stats.bytes += f.size() as u64;
+                stats.succeeded_folios += 1;
+                stats.succeeded_pages += f.nr_pages() as u64;
+                stats.thp_succeeded += u64::from(f.is_pmd());
+            }
+            Some((op, errno)) => {
+                stats.failed_folios += 1;
+                stats.failed_pages += f.nr_pages() as u64;
+                stats.thp_failed += u64::from(f.is_pmd());
+                if first_error.is_none() {
+                    *first_error = Some(Error::sys(op)(*errno));
+                }
+            }
+        }
     }
-    if let Some(progress) = progress {
+    stats.runs += u64::from(moved_any);
+    stats.move_ns += move_start.elapsed().as_nanos() as u64;
+    // The old pages go to the reaper once the waiting threads are awake. (Freeing them here
+    // on the mover thread instead made the mover fall behind the copy.)
+    if job.deferred {
+        engine.reaper.bury(job.grave);
+    } else {
+        engine.reaper.free_now(job.grave);
+    }
+    if moved_any && let Some(progress) = progress {
         let bytes = stats.bytes;
         abort.run_caught("the progress callback", || progress(bytes));
     }

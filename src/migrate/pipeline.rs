@@ -14,11 +14,15 @@ use super::reaper::Grave;
 use super::{Engine, Item, MigrateOptions, Mode, NR_MAX_MIGRATE_PASSES, Reason};
 use crate::copy::{CopyPair, folio_copy, folios_copy};
 use crate::error::Error;
+use crate::folio::Folio;
 use crate::folio::MigrateInfo;
 use crate::migrate::MigrateStats;
 use crate::offload::{Batch, registry};
 use crate::pool::{Dest, Key, Populate};
 use crate::sys::{self, Advice, Errno, HPAGE_SIZE};
+use parking_lot::MutexGuard;
+
+use super::busy::Claims;
 
 /// The state of one `migrate_pages` call shared by its batches.
 pub(super) struct Call<'a> {
@@ -26,8 +30,6 @@ pub(super) struct Call<'a> {
     pub target: u32,
     pub reason: Reason,
     pub opts: &'a MigrateOptions,
-    /// The call's runs that were registered up front.
-    pub registered: &'a [super::Span],
     /// Free replaced source pages on the reaper thread.
     pub deferred: bool,
     pub stats: &'a mut MigrateStats,
@@ -38,10 +40,13 @@ pub(super) struct Call<'a> {
     pub populate: Populate,
     /// Raised when caller code panicked: nothing more moves.
     pub abort: &'a Abort,
+    /// Folios whose pages were held elsewhere (`EBUSY`), for the next pass, and why.
+    pub held: Vec<Item>,
+    pub held_why: std::collections::HashMap<usize, (&'static str, Errno)>,
 }
 
-/// Contiguous folios of one batch with the same mapping state, moved with one `mremap`
-/// (or a few, when the pipelined move takes them as their copies complete).
+/// Contiguous folios of one batch with the same mapping state, moved in with one
+/// `UFFDIO_MOVE` (or a few, when the pipelined move takes them as their copies complete).
 struct Run {
     start: usize,
     end: usize,
@@ -49,6 +54,11 @@ struct Run {
     items: Range<usize>,
     /// The part of the destination for `[cursor, end)`.
     rest: Option<Dest>,
+    /// The part of the graveyard for `[cursor, end)`: the old pages, once isolated.
+    grave: Option<Grave>,
+    /// Where the graveyard of `start` is (the old pages of `a` lie at
+    /// `grave_base + (a - start)`).
+    grave_base: usize,
     /// First address not yet moved or undone.
     cursor: usize,
     /// First item not yet moved or undone.
@@ -63,8 +73,10 @@ struct BatchState {
     /// Start of the unmap phase, for first-folio latency.
     started: Instant,
     first_done: bool,
-    /// Items whose protection failed (pipelined CPU copy protects piece by piece).
+    /// Items whose protection or isolation failed, and why.
     unprotected: Vec<Option<(&'static str, Errno)>>,
+    /// The run of each item.
+    run_of: Vec<usize>,
 }
 
 enum CopyEvent {
@@ -106,7 +118,8 @@ impl Call<'_> {
             }
             if pass + 1 == NR_MAX_MIGRATE_PASSES {
                 for item in &retry {
-                    self.fail(item, Error::sys("migrate (folio busy in another migration)")(Errno::AGAIN));
+                    let (op, errno) = self.held_why.get(&item.index).copied().unwrap_or((BUSY_ELSEWHERE, Errno::AGAIN));
+                    self.fail(item, Error::sys(op)(errno));
                 }
                 break;
             }
@@ -169,7 +182,12 @@ impl Call<'_> {
         let runs = split_runs(&claimed);
         let info = vec![MigrateInfo::empty(); claimed.len()];
         let unprotected = vec![None; claimed.len()];
-        let mut st = BatchState { claimed, info, runs, started: Instant::now(), first_done: false, unprotected };
+        let mut run_of = vec![0; claimed.len()];
+        for (r, run) in runs.iter().enumerate() {
+            run_of[run.items.clone()].fill(r);
+        }
+        let mut st =
+            BatchState { claimed, info, runs, started: Instant::now(), first_done: false, unprotected, run_of };
 
         self.take_destinations(&mut st);
         let eligible = self.reason.batch_eligible() && !self.opts.no_batch_copy;
@@ -181,7 +199,14 @@ impl Call<'_> {
         if !lazy {
             self.unmap(&mut st);
         }
-        let live: Vec<usize> = st.runs.iter().filter(|r| r.rest.is_some()).flat_map(|r| r.items.clone()).collect();
+        // Items whose isolation failed are out: their graveyard part holds nothing to copy.
+        let live: Vec<usize> = st
+            .runs
+            .iter()
+            .filter(|r| r.rest.is_some())
+            .flat_map(|r| r.items.clone())
+            .filter(|&i| lazy || st.info[i].contains(MigrateInfo::WAS_MAPPED))
+            .collect();
         if lazy && !live.is_empty() {
             self.copy_pieces(&mut st, &live);
         } else if eligible && !live.is_empty() {
@@ -197,6 +222,7 @@ impl Call<'_> {
         // Released after the batch's moves (the mover keeps the order of its jobs).
         let claims = guard.disarm();
         self.submit(Job::Release(claims));
+        busy.append(&mut self.held);
         busy
     }
 
@@ -219,15 +245,40 @@ impl Call<'_> {
                 items.iter().map(|i| i.folio.size()).max().unwrap_or(sys::PAGE_SIZE)
             };
             let key = Key { node: self.target, thp: items[0].thp };
-            match self.engine.pool.take(key, run.end - run.start, align, run.start % align, self.populate) {
+            let locked = items[0].locked;
+            let len = run.end - run.start;
+            let dest = match self.engine.pool.take(key, len, align, run.start % align, self.populate) {
                 Ok((dest, spent)) => {
                     self.stats.prepare_ns += spent.as_nanos() as u64;
-                    st.runs[r].rest = Some(dest);
+                    // Pages move only between mappings locked alike.
+                    if locked && sys::mlock_onfault(dest.addr(), len).is_err() {
+                        self.stats.relock_failures += items.len() as u64;
+                    }
+                    Ok(dest)
                 }
-                Err(e) => {
-                    let errno = e.errno();
+                Err(e) => Err(("destination on target node", e.errno())),
+            };
+            let grave = self.engine.reaper.reserve(len, run.start, locked);
+            match (dest, grave) {
+                (Ok(dest), Ok(grave)) => {
+                    st.runs[r].grave_base = grave.addr();
+                    st.runs[r].rest = Some(dest);
+                    st.runs[r].grave = Some(grave);
+                }
+                (dest, grave) => {
+                    let (op, errno) = match (&dest, &grave) {
+                        (Err(e), _) => *e,
+                        (_, Err(e)) => ("graveyard for the old pages", *e),
+                        _ => unreachable!("one of the two failed"),
+                    };
+                    if let Ok(dest) = dest {
+                        self.engine.pool.release(dest);
+                    }
+                    if let Ok(grave) = grave {
+                        self.engine.reaper.free_now(grave);
+                    }
                     let range = st.runs[r].items.clone();
-                    self.fail_all(&st.claimed[range], || Error::sys("destination on target node")(errno));
+                    self.fail_all(&st.claimed[range], || Error::sys(op)(errno));
                 }
             }
         }
@@ -241,11 +292,15 @@ impl Call<'_> {
             let Some(dest) = st.runs[r].rest.take() else { continue };
             if let Err((op, errno)) = self.protect(start, end) {
                 self.engine.pool.release(dest);
+                if let Some(grave) = st.runs[r].grave.take() {
+                    self.engine.reaper.free_now(grave);
+                }
                 self.fail_all(&st.claimed[items], || Error::sys(op)(errno));
                 continue;
             }
             st.runs[r].rest = Some(dest);
-            mark_mapped(st, items);
+            mark_mapped(st, items.clone());
+            self.isolate(st, items);
         }
         self.stats.unmap_ns += t.elapsed().as_nanos() as u64;
     }
@@ -272,12 +327,18 @@ impl Call<'_> {
             let mut s = at;
             while s < end {
                 let mut e = s + 1;
-                while e < end && st.claimed[live[e - 1]].folio.end() == st.claimed[live[e]].folio.addr() {
+                while e < end
+                    && st.claimed[live[e - 1]].folio.end() == st.claimed[live[e]].folio.addr()
+                    && st.run_of[live[e - 1]] == st.run_of[live[e]]
+                {
                     e += 1;
                 }
                 let (start, stop) = (st.claimed[live[s]].folio.addr(), st.claimed[live[e - 1]].folio.end());
                 match self.protect(start, stop) {
-                    Ok(()) => mark_mapped(st, live[s]..live[e - 1] + 1),
+                    Ok(()) => {
+                        mark_mapped(st, live[s]..live[e - 1] + 1);
+                        self.isolate(st, live[s]..live[e - 1] + 1);
+                    }
                     Err(err) => live[s..e].iter().for_each(|&i| st.unprotected[i] = Some(err)),
                 }
                 s = e;
@@ -287,9 +348,9 @@ impl Call<'_> {
             let t = Instant::now();
             let protected: Vec<CopyPair> =
                 (at..end).filter(|&k| st.info[live[k]].contains(MigrateInfo::WAS_MAPPED)).map(|k| pairs[k]).collect();
-            // SAFETY: every pair copied is write-protected (just above) so no thread writes
-            // its source, its destination was handed to us by the pool and nothing else
-            // refers to it, and sources and destinations never overlap.
+            // SAFETY: every pair copied reads old pages isolated in our graveyard just above
+            // (no thread can write them) and writes a destination the pool handed us that
+            // nothing else refers to; the two never overlap.
             let ok = unsafe { folios_copy(&protected) }.is_ok();
             self.stats.copy_ns += t.elapsed().as_nanos() as u64;
             if ok {
@@ -308,17 +369,17 @@ impl Call<'_> {
     }
 
     /// The copy of each live item into its destination, in order.
+    /// Made before any run moved: each run's destination still starts at the run's start.
     fn pairs(&self, st: &BatchState, live: &[usize]) -> Vec<CopyPair> {
-        let mut pairs = Vec::with_capacity(live.len());
-        for run in st.runs.iter() {
-            let Some(dest) = run.rest.as_ref() else { continue };
-            for i in run.items.clone() {
+        live.iter()
+            .map(|&i| {
+                let run = &st.runs[st.run_of[i]];
+                let dest = run.rest.as_ref().expect("a live item's run has a destination");
                 let f = st.claimed[i].folio;
-                pairs.push(CopyPair { dst: dest.addr() + (f.addr() - run.start), src: f.addr(), len: f.size() });
-            }
-        }
-        debug_assert_eq!(pairs.len(), live.len());
-        pairs
+                let off = f.addr() - run.start;
+                CopyPair { dst: dest.addr() + off, src: run.grave_base + off, len: f.size() }
+            })
+            .collect()
     }
 
     /// The batch copy through the active migrator when one is registered (pipelined: runs
@@ -338,9 +399,9 @@ impl Call<'_> {
                 let t = Instant::now();
                 let done = parking_lot::Mutex::new(Vec::new());
                 let on_complete = |r: Range<usize>| done.lock().push(r);
-                // SAFETY: every source is write-protected (unmap phase) so no thread writes
-                // it, every destination was handed to us by the pool and nothing else refers
-                // to it, and sources and destinations never overlap.
+                // SAFETY: every source is an old page isolated in our graveyard (unmap phase),
+                // which no thread writes, every destination was handed to us by the pool and
+                // nothing else refers to it, and sources and destinations never overlap.
                 let batch = unsafe { Batch::new(&pairs, Some(&on_complete)) };
                 let result = dispatch(self.abort, &batch);
                 self.stats.copy_ns += t.elapsed().as_nanos() as u64;
@@ -388,10 +449,10 @@ impl Call<'_> {
                 let _ = done_tx.send(CopyEvent::Done(r));
             };
             s.spawn(move || {
-                // SAFETY: every source is write-protected (unmap phase) so no thread writes
-                // it, every destination was handed to us by the pool and nothing else refers
-                // to it, and sources and destinations never overlap; the scope keeps them
-                // alive until this thread ends.
+                // SAFETY: every source is an old page isolated in our graveyard (unmap phase),
+                // which no thread writes, every destination was handed to us by the pool and
+                // nothing else refers to it, and sources and destinations never overlap; the
+                // scope keeps them alive until this thread ends.
                 let batch = unsafe { Batch::new(pairs, Some(&on_complete)) };
                 let result = dispatch(abort, &batch);
                 let _ = tx.send(CopyEvent::Finished(result));
@@ -455,13 +516,8 @@ impl Call<'_> {
             // Without WP_UNPOPULATED a never-touched page is not protected: touch it first.
             sys::madvise(start, len, Advice::PopulateWrite).map_err(|e| ("populate source", e))?;
         }
-        // Registered up front with the call, the range needs only its protection; the
-        // registration is made again if it was lost meanwhile (an undo in a concurrent call).
-        let covered = self.registered.iter().any(|&(s, e)| s <= start && end <= e);
-        if covered && uffd.writeprotect(start, len, true).is_ok() {
-            return Ok(());
-        }
-        uffd.register_wp(start, len).map_err(|e| ("userfaultfd register", e))?;
+        // Missing mode too: once its old pages are isolated, every access to it waits.
+        uffd.register_missing_wp(start, len).map_err(|e| ("userfaultfd register", e))?;
         if let Err(e) = uffd.writeprotect(start, len, true) {
             let _ = uffd.unregister(start, len);
             return Err(("userfaultfd write-protect", e));
@@ -469,11 +525,108 @@ impl Call<'_> {
         Ok(())
     }
 
+    /// Moves the old pages of the protected items `items` (contiguous, one run) into the
+    /// run's graveyard: from here every access to them waits, and no write the kernel
+    /// started before the protection (through a page it pinned) can land after the copy,
+    /// since a pinned page does not move. A folio whose pages will not move (pinned, shared
+    /// with a child, not present, or a mapping the program changed meanwhile) is put back
+    /// as it was, unprotected, and fails with the reason.
+    fn isolate(&mut self, st: &mut BatchState, items: Range<usize>) {
+        let engine = self.engine;
+        let t = Instant::now();
+        let (start, end) = (st.claimed[items.start].folio.addr(), st.claimed[items.end - 1].folio.end());
+        // Counted empty before the lock: a fork waiting for empty pages to fill needs it.
+        super::fork::open((end - start) / sys::PAGE_SIZE);
+        let mut isolated = 0;
+        let mut failed: Vec<(usize, &'static str, Errno)> = Vec::new();
+        {
+            let mut claims = engine.busy.lock();
+            let run = &st.runs[st.run_of[items.start]];
+            let grave = |a: usize| run.grave_base + (a - run.start);
+            let folios = &st.claimed[items.clone()];
+            let mut patience = Patience::new();
+            let mut unshared_to = start;
+            let mut at = start;
+            while at < end {
+                // Read again at every step: the lock may have been let go meanwhile.
+                let dead = claims.dead_in(at, end);
+                let k = folios.partition_point(|it| it.folio.end() <= at);
+                if overlaps(&dead, folios[k].folio) {
+                    failed.push((items.start + k, GONE, Errno::NOENT));
+                    at = folios[k].folio.end();
+                    continue;
+                }
+                // The longest stretch of folios none of which the program purged or moved.
+                let j = k + folios[k..].iter().take_while(|it| !overlaps(&dead, it.folio)).count();
+                let stretch_end = folios[j - 1].folio.end();
+                // SAFETY: `[at, stretch_end)` is claimed by this call, write-protected and
+                // registered in missing mode, so with its pages moved out every access to
+                // it waits until they or their copy come back; the graveyard part is ours
+                // and empty.
+                let result = unsafe { engine.uffd.move_pages(grave(at), at, stretch_end - at) };
+                let (moved, errno) = match result {
+                    Ok(()) => (stretch_end - at, None),
+                    Err((moved, errno)) => (moved, Some(errno)),
+                };
+                let bad = at + moved;
+                let Some(errno) = errno else {
+                    claims.add_isolated(at, stretch_end, grave(at));
+                    isolated += stretch_end - at;
+                    at = stretch_end;
+                    continue;
+                };
+                // A folio goes whole or not at all: keep the folios that moved whole, put
+                // back the moved part of the one that stopped the move.
+                let fk = folios[folios.partition_point(|it| it.folio.end() <= bad)].folio;
+                if fk.addr() > at {
+                    claims.add_isolated(at, fk.addr(), grave(at));
+                    isolated += fk.addr() - at;
+                }
+                if bad > fk.addr() {
+                    // SAFETY: pages just moved out of this folio's source, which is still
+                    // empty and waiting.
+                    let _ = unsafe { engine.uffd.move_pages(fk.addr(), grave(fk.addr()), bad - fk.addr()) };
+                }
+                at = fk.addr();
+                if patience.wait(&mut claims, errno, bad) {
+                    continue;
+                }
+                if errno == Errno::BUSY && at >= unshared_to {
+                    // Shared with a child since a `fork` (or not written since one): such a
+                    // page is never pinned. Taking the write fault now gives this process a
+                    // page of its own (the same page where nobody else maps it any more); a
+                    // pinned page is its own already and is refused again.
+                    unshare(engine, at, stretch_end);
+                    unshared_to = stretch_end;
+                    continue;
+                }
+                // A huge page the write faults left mapped in pieces is split by the move,
+                // which fails while the kernel still holds it elsewhere for a moment.
+                if errno == Errno::BUSY && patience.wait_busy(&mut claims) {
+                    continue;
+                }
+                let k = folios.partition_point(|it| it.folio.end() <= at);
+                let (op, errno) = isolation_error(errno);
+                failed.push((items.start + k, op, errno));
+                at = fk.end();
+            }
+        }
+        super::fork::close((end - start - isolated) / sys::PAGE_SIZE);
+        for (i, op, errno) in failed {
+            let f = st.claimed[i].folio;
+            unprotect(engine, f.addr(), f.end());
+            st.info[i].remove(MigrateInfo::WAS_MAPPED);
+            st.unprotected[i] = Some((op, errno));
+        }
+        self.stats.unmap_ns += t.elapsed().as_nanos() as u64;
+    }
+
     /// Moves the items of run `r` from its next unmoved one up to `limit`; with
     /// `copy_missing`, copies folio by folio those the batch copy did not, undoing any whose
     /// copy fails.
     fn advance(&mut self, st: &mut BatchState, r: usize, limit: usize, copy_missing: bool) {
         let Some(mut rest) = st.runs[r].rest.take() else { return };
+        let mut grave = st.runs[r].grave.take().expect("a run with a destination has a graveyard");
         let mut cursor = st.runs[r].cursor;
         let mut pending: Option<usize> = None;
         let from = st.runs[r].next;
@@ -491,6 +644,7 @@ impl Call<'_> {
             }
             let copy_start = Instant::now();
             let dst = rest.addr() + (item.folio.addr() - cursor);
+            let src = grave.addr() + (item.folio.addr() - cursor);
             let result = if self.abort.is_set() {
                 Err(Errno::CANCELED)
             } else if !st.info[i].contains(MigrateInfo::WAS_MAPPED) {
@@ -499,10 +653,10 @@ impl Call<'_> {
             } else if self.opts.fault.fail_folio_copy.contains(&item.index) {
                 Err(Errno::IO)
             } else {
-                // SAFETY: the source is write-protected since the unmap phase; `dst` lies in
-                // the destination the pool handed us for this folio and nothing else refers
-                // to it.
-                unsafe { folio_copy(CopyPair { dst, src: item.folio.addr(), len: item.folio.size() }) }
+                // SAFETY: `src` holds the folio's old pages, isolated in our graveyard since the
+                // unmap phase; `dst` lies in the destination the pool handed us for this folio
+                // and nothing else refers to it.
+                unsafe { folio_copy(CopyPair { dst, src, len: item.folio.size() }) }
             };
             self.stats.copy_ns += copy_start.elapsed().as_nanos() as u64;
             match result {
@@ -511,16 +665,33 @@ impl Call<'_> {
                 }
                 Err(errno) => {
                     let (head, tail) = rest.split_at(item.folio.addr() - cursor);
+                    let (ghead, gtail) = grave.split_at(item.folio.addr() - cursor);
                     match pending.take() {
-                        Some(p) => self.finish(st, p..i, head),
-                        None => self.engine.pool.release(head),
+                        Some(p) => self.finish(st, p..i, head, ghead),
+                        None => {
+                            self.engine.pool.release(head);
+                            self.engine.reaper.free_now(ghead);
+                        }
                     }
                     let (bad, tail) = tail.split_at(item.folio.size());
-                    self.engine.pool.release(bad);
-                    rest = tail;
-                    cursor = item.folio.end();
+                    let (gbad, gtail) = gtail.split_at(item.folio.size());
+                    // The old pages go back where they were before the protection comes off.
+                    restore(self.engine, item.folio.addr(), item.folio.end());
                     unprotect(self.engine, item.folio.addr(), item.folio.end());
+                    self.engine.pool.release(bad);
+                    self.engine.reaper.free_now(gbad);
+                    rest = tail;
+                    grave = gtail;
+                    cursor = item.folio.end();
                     let op = match st.unprotected[i] {
+                        // Held elsewhere for now (pinned, or split by the kernel): another
+                        // pass tries it again, as the kernel retries a folio with extra
+                        // references.
+                        Some((op, Errno::BUSY)) if !self.abort.is_set() => {
+                            self.held_why.insert(item.index, (op, Errno::BUSY));
+                            self.held.push(item);
+                            continue;
+                        }
                         Some((op, _)) => op,
                         None if errno == Errno::CANCELED => STOPPED,
                         None if !st.info[i].contains(MigrateInfo::WAS_MAPPED) => "write-protect",
@@ -536,8 +707,10 @@ impl Call<'_> {
                 let end = if copy_missing { limit } else { end };
                 let end_addr = st.claimed[end - 1].folio.end();
                 let (head, tail) = rest.split_at(end_addr - cursor);
-                self.finish(st, p..end, head);
+                let (ghead, gtail) = grave.split_at(end_addr - cursor);
+                self.finish(st, p..end, head, ghead);
                 rest = tail;
+                grave = gtail;
                 cursor = end_addr;
                 end
             }
@@ -549,30 +722,32 @@ impl Call<'_> {
         run.cursor = cursor;
         if run.next >= run.items.end || rest.is_empty() {
             self.engine.pool.release(rest);
+            self.engine.reaper.free_now(grave);
         } else {
             run.rest = Some(rest);
+            run.grave = Some(grave);
         }
     }
 
     /// Hands the copied destination of the folios `items` (contiguous) to the move phase:
-    /// `mremap` over the sources, lock again where needed, wake the writers; undone if the
-    /// move fails.
-    fn finish(&mut self, st: &mut BatchState, items: Range<usize>, dest: Dest) {
+    /// move the new pages into the sources, wake the waiting threads, free the old pages;
+    /// undone if the move fails.
+    fn finish(&mut self, st: &mut BatchState, items: Range<usize>, dest: Dest, grave: Grave) {
         let first = &st.claimed[items.start];
         let start = first.folio.addr();
         debug_assert_eq!(dest.len(), st.claimed[items.end - 1].folio.end() - start);
+        debug_assert_eq!(grave.len(), dest.len());
         let claimed = &st.claimed[items.clone()];
         let job = MoveJob {
             start,
             dest,
-            folios: claimed.len() as u64,
-            pages: claimed.iter().map(|it| it.folio.nr_pages() as u64).sum(),
-            thp: claimed.iter().filter(|it| it.folio.is_pmd()).count() as u64,
-            relock: st.info[items.start].contains(MigrateInfo::WAS_MLOCKED),
+            grave,
+            folios: claimed.iter().map(|it| it.folio).collect(),
             // Freeing a huge page costs little: only base pages go to the reaper.
             deferred: self.deferred && !first.folio.is_pmd(),
             batch_started: (!st.first_done).then_some(st.started),
             fail: claimed.iter().any(|it| self.opts.fault.fail_move.contains(&it.index)),
+            delay: self.opts.fault.delay_move,
         };
         st.first_done = true;
         self.submit(Job::Move(job));
@@ -637,46 +812,228 @@ pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
     let _ = uffd.wake(start, end - start);
 }
 
-/// Replaces the write-protected source `[start, start + len)` with its copy `dest`.
-/// Deferred: the range is registered in missing mode too (every access now waits, not only
-/// writes), its old pages go aside into a graveyard, returned to be freed once the writers
-/// are awake, the new pages come in; else one `mremap` that frees the old pages on the way.
-pub(super) fn replace(
-    engine: &Engine,
-    start: usize,
-    len: usize,
-    dest: &Dest,
-    deferred: bool,
-) -> Result<Option<Grave>, Errno> {
-    let plain = || {
-        // SAFETY: `[start, start + len)` is write-protected source memory of this call (no
-        // writer can change it), `dest` holds a complete copy of it and is ours alone;
-        // moving it over the source keeps every byte the program can observe.
-        unsafe { sys::mremap_fixed(dest.addr(), len, start) }.map(|()| None)
-    };
-    let reaper = &engine.reaper;
-    if !deferred || engine.uffd.register_missing_wp(start, len).is_err() {
-        return plain();
+/// What a folio another call held through every pass fails with.
+const BUSY_ELSEWHERE: &str = "migrate (folio busy in another migration)";
+
+/// What a folio that the program purged or moved away while it migrated fails with.
+const GONE: &str = "migrate (the program purged or moved the memory meanwhile)";
+
+/// The error a folio whose pages would not move out fails with, as `move_pages(2)` would
+/// report it.
+fn isolation_error(errno: Errno) -> (&'static str, Errno) {
+    match errno {
+        Errno::BUSY => ("migrate (a page is pinned, e.g. for DMA, or shared with another process)", Errno::BUSY),
+        Errno::AGAIN | Errno::FAULT => ("migrate (a page is not present)", Errno::NOENT),
+        Errno::NOENT => ("migrate (the memory was unmapped meanwhile)", Errno::FAULT),
+        Errno::INVAL => ("migrate (the mapping's protection or locking changed meanwhile)", Errno::ACCESS),
+        e => ("userfaultfd move of the old pages", e),
     }
-    let Ok((raw, total, g)) = reaper.reserve(len, start) else { return plain() };
-    // From the first move to the second the source is empty: no child may be forked then.
-    let _window = super::fork::window();
-    // SAFETY: the source is write-protected and registered in missing mode, so from here
-    // until the wake every access to it waits; `g` lies in a reservation of ours.
-    if unsafe { sys::mremap_dontunmap(start, len, g) }.is_err() {
-        reaper.release(raw, total);
-        return plain();
+}
+
+/// Makes the present pages of the protected, claimed `[start, end)` this process's own:
+/// protection off for a moment, a write fault taken on each present page without writing
+/// it (`MADV_POPULATE_WRITE`), protection on again. Called with the claims lock held, so
+/// the program cannot purge a page meanwhile (its purge waits for the event reader, which
+/// waits for the lock): never-touched pages are left alone, since a write fault there would
+/// wait for a migration that is this thread.
+fn unshare(engine: &Engine, start: usize, end: usize) {
+    let Ok(frames) = crate::numa::page_frames(start, end - start) else { return };
+    if engine.uffd.writeprotect(start, end - start, false).is_err() {
+        return;
     }
-    // SAFETY: the source is empty (its pages are at `g`) and every access to it waits;
-    // `dest` holds a complete copy of those pages and is ours alone.
-    if let Err(errno) = unsafe { sys::mremap_fixed(dest.addr(), len, start) } {
-        // Put the old pages back: the source is as it was.
-        // SAFETY: `g` holds exactly the source's pages, moved out just above.
-        let _ = unsafe { sys::mremap_fixed(g, len, start) };
-        reaper.release(raw, total);
-        return Err(errno);
+    let mut i = 0;
+    while i < frames.len() {
+        if frames[i].is_none() {
+            i += 1;
+            continue;
+        }
+        let j = i + frames[i..].iter().take_while(|f| f.is_some()).count();
+        let _ = sys::madvise(start + i * sys::PAGE_SIZE, (j - i) * sys::PAGE_SIZE, Advice::PopulateWrite);
+        i = j;
     }
-    Ok(Some(Grave { raw, total }))
+    let _ = engine.uffd.writeprotect(start, end - start, true);
+}
+
+/// Whether any of the spans overlaps the folio.
+fn overlaps(spans: &[super::Span], f: Folio<'_>) -> bool {
+    spans.iter().any(|&(s, e)| s < f.end() && f.addr() < e)
+}
+
+/// How long a move refused with `EAGAIN` is tried again. The kernel refuses moves while an
+/// event of the program waits to be read (the event reader needs the claims lock, so it is
+/// let go meanwhile) and for a moment after; a page that is not present refuses for good.
+struct Patience {
+    deadline: Option<Instant>,
+    busy_deadline: Option<Instant>,
+}
+
+impl Patience {
+    const LIMIT: Duration = Duration::from_secs(2);
+    /// A pinned page is refused for good: `EBUSY` is tried again only this long.
+    const BUSY_LIMIT: Duration = Duration::from_millis(20);
+
+    fn new() -> Self {
+        Self { deadline: None, busy_deadline: None }
+    }
+
+    /// After an `EBUSY` that may pass: whether to try again, having let the lock go.
+    fn wait_busy(&mut self, claims: &mut MutexGuard<'_, Claims>) -> bool {
+        let deadline = *self.busy_deadline.get_or_insert_with(|| Instant::now() + Self::BUSY_LIMIT);
+        if Instant::now() >= deadline {
+            return false;
+        }
+        MutexGuard::unlocked(claims, || std::thread::sleep(Duration::from_micros(200)));
+        true
+    }
+
+    /// After a move stopped at `at` with `errno`: whether to try again, having let the
+    /// claims lock go for a moment.
+    fn wait(&mut self, claims: &mut MutexGuard<'_, Claims>, errno: Errno, at: usize) -> bool {
+        if errno != Errno::AGAIN {
+            return false;
+        }
+        let present = crate::numa::page_frames(at & !(sys::PAGE_SIZE - 1), sys::PAGE_SIZE)
+            .is_ok_and(|f| f.first().is_some_and(Option::is_some));
+        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + Self::LIMIT);
+        if !present || Instant::now() >= deadline {
+            return false;
+        }
+        MutexGuard::unlocked(claims, || std::thread::sleep(Duration::from_micros(100)));
+        true
+    }
+}
+
+/// Puts the isolated old pages of `[start, end)` back where they were (the folio did not
+/// move). Where the program unmapped the range meanwhile they stay in the graveyard and go
+/// with it.
+pub(super) fn restore(engine: &Engine, start: usize, end: usize) {
+    put_back(engine, &mut engine.busy.lock(), start, end);
+}
+
+/// [`restore`] with the claims lock held. Each span stays recorded as isolated until its
+/// pages are back, so that an event read while the lock is let go finds it.
+fn put_back(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, end: usize) {
+    let mut patience = Patience::new();
+    while let Some((s, e, g)) = claims.isolated_in(start, end).first().copied() {
+        // SAFETY: `g` holds exactly the old pages of `[s, e)`, moved out by this call; the
+        // source is empty and every access to it waits.
+        let (moved, errno) = match unsafe { engine.uffd.move_pages(s, g, e - s) } {
+            Ok(()) => (e - s, None),
+            Err((moved, errno)) => (moved, Some(errno)),
+        };
+        let done = match errno {
+            None => e,
+            Some(errno) if patience.wait(claims, errno, g + moved) => s + moved,
+            Some(Errno::INVAL) => {
+                put_back_changed(engine, s + moved, g + moved, e - s - moved);
+                e
+            }
+            // Unmapped by the program: the pages go with the graveyard.
+            Some(_) => e,
+        };
+        for (a, b, _) in claims.take_isolated(s, done) {
+            super::fork::close((b - a) / sys::PAGE_SIZE);
+        }
+    }
+}
+
+/// Puts back pages whose move was refused because the program changed the mapping's
+/// protection or locking meanwhile: the graveyard is locked like the source, and a source
+/// made read-only is made writable for the instant of the move (nothing can touch it
+/// meanwhile: it is empty and every access waits) and read-only again.
+fn put_back_changed(engine: &Engine, start: usize, grave: usize, len: usize) {
+    let Ok(vmas) = crate::maps::vmas_with_flags(start, start + len) else { return };
+    for vma in vmas {
+        let (s, e) = (vma.start.max(start), vma.end.min(start + len));
+        if s >= e || !vma.perms.starts_with('r') || vma.perms.get(3..4) != Some("p") {
+            continue;
+        }
+        let g = grave + (s - start);
+        let _ = if vma.has_flag("lo") { sys::mlock_onfault(g, e - s) } else { sys::munlock(g, e - s) };
+        let writable = vma.perms.get(1..2) == Some("w");
+        // SAFETY: the source range is empty and every access to it waits, so nothing
+        // relies on its protection for the instant it is writable; then it is as before.
+        // `g` holds exactly its old pages.
+        unsafe {
+            if !writable {
+                let _ = sys::mprotect(s, e - s, true);
+            }
+            let _ = engine.uffd.move_pages(s, g, e - s);
+            if !writable {
+                let _ = sys::mprotect(s, e - s, false);
+            }
+        }
+    }
+}
+
+/// Per folio of a move: `None` if it moved, else why not.
+pub(super) type Outcome = Option<(&'static str, Errno)>;
+
+/// Moves the copy `dest` into the isolated source `[start, start + dest.len())`, whose
+/// folios are `folios`, and returns each folio's outcome. Under the claims lock, so that a
+/// purge or `mremap` the program announces excludes it: a folio the program purged or
+/// moved away meanwhile is not moved in (its purged old pages are dropped, the others put
+/// back), and fails with `ENOENT`. A move the kernel refuses (the program unmapped or
+/// changed the mapping meanwhile) puts the old pages back. Nothing is woken here.
+pub(super) fn replace(engine: &Engine, start: usize, dest: &Dest, folios: &[Folio<'_>]) -> Vec<Outcome> {
+    let end = start + dest.len();
+    let mut out = vec![None; folios.len()];
+    let mut claims = engine.busy.lock();
+    let mut patience = Patience::new();
+    let mut at = start;
+    while at < end {
+        // Read again at every step: the lock may have been let go meanwhile.
+        let dead = claims.dead_in(at, end);
+        let k = folios.partition_point(|f| f.end() <= at);
+        if overlaps(&dead, folios[k]) {
+            let f = folios[k];
+            out[k] = Some((GONE, Errno::NOENT));
+            // Purged: those old pages are garbage. The folio's other pages keep their data.
+            for &(s, e) in dead.iter().filter(|&&(s, e)| s < f.end() && f.addr() < e) {
+                for (a, b, _) in claims.take_isolated(s.max(at), e.min(f.end())) {
+                    super::fork::close((b - a) / sys::PAGE_SIZE);
+                }
+            }
+            put_back(engine, &mut claims, at, f.end());
+            at = f.end();
+            continue;
+        }
+        let j = k + folios[k..].iter().take_while(|f| !overlaps(&dead, **f)).count();
+        let e = folios[j - 1].end();
+        // SAFETY: `[at, e)` is claimed by this call and isolated (empty, every access
+        // waits); `dest` holds a complete copy of its old pages and is ours alone.
+        let (moved, errno) = match unsafe { engine.uffd.move_pages(at, dest.addr() + (at - start), e - at) } {
+            Ok(()) => (e - at, None),
+            Err((moved, errno)) => (moved, Some(errno)),
+        };
+        // The old pages of what moved are garbage now.
+        for (a, b, _) in claims.take_isolated(at, at + moved) {
+            super::fork::close((b - a) / sys::PAGE_SIZE);
+        }
+        at += moved;
+        let Some(errno) = errno else { continue };
+        if patience.wait(&mut claims, errno, dest.addr() + (at - start)) {
+            continue;
+        }
+        // A huge page that must be split to move (the source's page table is no longer a
+        // huge one) cannot be while the kernel holds it elsewhere for a moment.
+        if errno == Errno::BUSY && patience.wait_busy(&mut claims) {
+            continue;
+        }
+        let (op, errno) = match errno {
+            Errno::NOENT => ("migrate (the memory was unmapped meanwhile)", Errno::FAULT),
+            Errno::INVAL => ("migrate (the mapping changed meanwhile)", Errno::ACCESS),
+            e => ("userfaultfd move of the new pages", e),
+        };
+        for (slot, f) in out[..j].iter_mut().zip(folios).skip(k) {
+            if f.end() > at {
+                *slot = Some((op, errno));
+            }
+        }
+        put_back(engine, &mut claims, at, e);
+        at = e;
+    }
+    out
 }
 
 /// Records that the items were write-protected, and locked where their mapping was.
@@ -707,6 +1064,8 @@ fn split_runs(claimed: &[Item]) -> Vec<Run> {
                 end: item.folio.end(),
                 items: i..i + 1,
                 rest: None,
+                grave: None,
+                grave_base: 0,
                 cursor: item.folio.addr(),
                 next: i,
             }),

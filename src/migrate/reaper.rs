@@ -1,28 +1,60 @@
-//! Deferred freeing of replaced source pages.
+//! Graveyards for replaced source pages, and the thread that frees them.
 //!
-//! With deferred freeing, the move phase first moves a run's old pages aside
-//! (`MREMAP_DONTUNMAP` into a reserved "graveyard") and then the new pages over the emptied
-//! source: two page-table moves. Freeing the old pages — the expensive part of replacing
-//! base pages — happens on this background thread with `MADV_DONTNEED`, which holds the
-//! mmap lock only for reading, while the next run is copied. The backlog is bounded: past
-//! `limit` bytes the move phase waits for the reaper.
+//! Before a run is copied, its old pages are moved out of the source (`UFFDIO_MOVE`) into a
+//! *graveyard*: a mapping of ours, registered with the engine's userfaultfd in missing mode
+//! (a move needs a registered destination) and kept at the source's offset modulo 2 MiB so
+//! that huge pages move whole. Before it is freed it is unregistered, so that freeing it
+//! raises no event. The copy reads the graveyard; once the new pages are in the source, the
+//! graveyard's pages are garbage. Freeing them — the expensive part of replacing base pages
+//! — happens on this background thread with `MADV_DONTNEED`, which holds the mmap lock only
+//! for reading, while the next run is copied. The backlog is bounded: past `limit` bytes the
+//! move phase waits for the reaper.
 #![allow(unsafe_code)]
 
 use std::sync::Arc;
+
 use std::sync::mpsc::{Sender, channel};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::sys;
+use crate::sys::{self, Errno, uffd::Uffd};
 
-/// A reservation holding moved-out pages.
+/// A graveyard: a range of ours that receives a run's old pages.
+///
+/// # Invariants
+/// The range was mapped by [`Reaper::reserve`], read-write, private and anonymous; nothing
+/// but the migration it was made for refers to it.
+#[derive(Debug, PartialEq, Eq)]
 pub(super) struct Grave {
-    pub raw: usize,
-    pub total: usize,
+    addr: usize,
+    len: usize,
+}
+
+impl Grave {
+    /// First byte.
+    pub fn addr(&self) -> usize {
+        self.addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Splits into `[addr, addr + at)` and the rest.
+    ///
+    /// # Panics
+    /// When `at` is past the end.
+    pub fn split_at(self, at: usize) -> (Grave, Grave) {
+        assert!(at <= self.len, "split at {at} past a graveyard of {} bytes", self.len);
+        // INVARIANT: two disjoint parts of a range that was ours alone.
+        (Grave { addr: self.addr, len: at }, Grave { addr: self.addr + at, len: self.len - at })
+    }
 }
 
 /// The background thread that frees graveyards.
 pub(super) struct Reaper {
+    uffd: Arc<Uffd>,
     tx: Mutex<Sender<Grave>>,
     pending: Arc<(Mutex<usize>, Condvar)>,
     limit: usize,
@@ -35,57 +67,88 @@ impl std::fmt::Debug for Reaper {
 }
 
 impl Reaper {
-    /// Starts the thread, with at most `limit` bytes waiting to be freed.
-    pub fn new(limit: usize) -> Self {
+    /// Starts the thread, with at most `limit` bytes waiting to be freed, for graveyards
+    /// registered with `uffd`.
+    pub fn new(uffd: Arc<Uffd>, limit: usize) -> Self {
         let (tx, rx) = channel::<Grave>();
         let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
         let p = pending.clone();
+        let u = uffd.clone();
         std::thread::Builder::new()
             .name("pagemig-reaper".into())
             .spawn(move || {
                 for g in rx {
-                    free(&g);
+                    free(&u, &g);
                     let (lock, cv) = &*p;
-                    *lock.lock() -= g.total;
+                    *lock.lock() -= g.len;
                     cv.notify_all();
                 }
             })
             .expect("spawn the reaper thread");
-        Self { tx: Mutex::new(tx), pending, limit }
+        Self { uffd, tx: Mutex::new(tx), pending, limit }
     }
 
-    /// Reserves a graveyard for `len` bytes whose start is congruent to `phase` modulo
-    /// 2 MiB, so that moving pages into it moves whole page tables. Returns
-    /// `(reservation, reservation length, graveyard start)`.
-    pub fn reserve(&self, len: usize, phase: usize) -> Result<(usize, usize, usize), sys::Errno> {
+    /// Maps a graveyard of `len` bytes whose start is congruent to `phase` modulo 2 MiB, so
+    /// that moving pages into it moves whole page tables, registered in missing mode; locked
+    /// on fault where the source is locked (a move needs both alike).
+    ///
+    /// # Errors
+    /// The errno of mapping, registering or locking it.
+    pub fn reserve(&self, len: usize, phase: usize, locked: bool) -> Result<Grave, Errno> {
         let total = len + sys::HPAGE_SIZE;
-        let raw = sys::reserve(total)?;
+        let raw = sys::mmap_anon(total)?;
         let mut g = (raw & !(sys::HPAGE_SIZE - 1)) + (phase & (sys::HPAGE_SIZE - 1));
         if g < raw {
             g += sys::HPAGE_SIZE;
         }
-        Ok((raw, total, g))
+        // SAFETY: the padding on either side lies in the mapping just made, which nothing
+        // else knows of.
+        unsafe {
+            if g > raw {
+                let _ = sys::munmap(raw, g - raw);
+            }
+            if raw + total > g + len {
+                let _ = sys::munmap(g + len, raw + total - (g + len));
+            }
+        }
+        // INVARIANT: a fresh private anonymous read-write mapping of ours.
+        let grave = Grave { addr: g, len };
+        // Not inherited by a child: its pages stay this process's own (movable back).
+        let setup = sys::madvise(g, len, sys::Advice::NoHugePage)
+            .and_then(|()| sys::madvise(g, len, sys::Advice::DontFork))
+            .and_then(|()| self.uffd.register_missing(g, len))
+            .and_then(|()| if locked { sys::mlock_onfault(g, len) } else { Ok(()) });
+        if let Err(e) = setup {
+            free(&self.uffd, &grave);
+            return Err(e);
+        }
+        Ok(grave)
     }
 
-    /// Hands a reservation holding moved-out pages to the thread, first waiting while the
-    /// backlog is over the limit.
-    pub fn bury(&self, raw: usize, total: usize) {
+    /// Hands a graveyard to the thread, first waiting while the backlog is over the limit.
+    pub fn bury(&self, g: Grave) {
+        if g.len == 0 {
+            return;
+        }
         let (lock, cv) = &*self.pending;
         let mut pending = lock.lock();
         while *pending > self.limit {
             cv.wait(&mut pending);
         }
-        *pending += total;
+        *pending += g.len;
         drop(pending);
-        if let Err(e) = self.tx.lock().send(Grave { raw, total }) {
-            free(&e.0);
-            *lock.lock() -= total;
+        if let Err(e) = self.tx.lock().send(g) {
+            let g = e.0;
+            free(&self.uffd, &g);
+            *lock.lock() -= g.len;
         }
     }
 
-    /// Gives back a reservation that holds nothing.
-    pub fn release(&self, raw: usize, total: usize) {
-        free(&Grave { raw, total });
+    /// Frees a graveyard on the calling thread.
+    pub fn free_now(&self, g: Grave) {
+        if g.len > 0 {
+            free(&self.uffd, &g);
+        }
     }
 
     /// Waits until everything handed over is freed.
@@ -98,12 +161,14 @@ impl Reaper {
     }
 }
 
-fn free(g: &Grave) {
-    // SAFETY: a reservation made by `Reaper::reserve` holds only pages moved out of
-    // replaced sources; nothing refers to it. Discarding first frees the pages under the
-    // mmap read lock; the unmap that follows finds nothing to free.
+fn free(uffd: &Uffd, g: &Grave) {
+    // Unregistered first (missing mode alone: no page walk), so the discard raises no event.
+    let _ = uffd.unregister(g.addr, g.len);
+    // SAFETY: a graveyard holds only pages moved out of replaced sources, or nothing; it is
+    // ours alone (type invariant). Discarding first frees the pages under the mmap read
+    // lock; the unmap that follows finds nothing to free.
     unsafe {
-        let _ = sys::discard(g.raw, g.total);
-        let _ = sys::munmap(g.raw, g.total);
+        let _ = sys::discard(g.addr, g.len);
+        let _ = sys::munmap(g.addr, g.len);
     }
 }

@@ -186,6 +186,9 @@ pub enum Advice {
     NoHugePage,
     /// `MADV_POPULATE_WRITE`: fault every page in for writing now.
     PopulateWrite,
+    /// `MADV_DONTFORK`: a child forked later does not get the range; its pages stay this
+    /// process's own.
+    DontFork,
 }
 
 /// Gives the kernel advice about a range (`madvise(2)`).
@@ -200,6 +203,7 @@ pub fn madvise(addr: usize, len: usize, advice: Advice) -> Result<(), Errno> {
         Advice::HugePage => libc::MADV_HUGEPAGE,
         Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
         Advice::PopulateWrite => linux_raw_sys::general::MADV_POPULATE_WRITE as i32,
+        Advice::DontFork => libc::MADV_DONTFORK,
     };
     // SAFETY: the advice values above never change the contents of memory, only how it
     // is backed; an unmapped range gets ENOMEM from the kernel.
@@ -222,6 +226,31 @@ pub fn mlock(addr: usize, len: usize) -> Result<(), Errno> {
 pub fn munlock(addr: usize, len: usize) -> Result<(), Errno> {
     // SAFETY: munlock never changes memory contents; bad ranges get ENOMEM.
     check_int(unsafe { libc::munlock(addr as *const c_void, len) })
+}
+
+/// Locks a range's pages as they are faulted in (`mlock2(addr, len, MLOCK_ONFAULT)`): the
+/// mapping is locked without populating it.
+///
+/// # Errors
+/// The `mlock2` errno.
+pub fn mlock_onfault(addr: usize, len: usize) -> Result<(), Errno> {
+    // SAFETY: mlock2 never changes memory contents; bad ranges get ENOMEM.
+    check_int(unsafe { libc::mlock2(addr as *const c_void, len, libc::MLOCK_ONFAULT) })
+}
+
+/// Makes a private range readable and writable (`writable`) or read-only
+/// (`mprotect(2)`).
+///
+/// # Safety
+/// No code may rely on the range's old protection while it changes: a thread writing a
+/// range made read-only dies with `SIGSEGV`.
+///
+/// # Errors
+/// The `mprotect` errno.
+pub unsafe fn mprotect(addr: usize, len: usize, writable: bool) -> Result<(), Errno> {
+    let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
+    // SAFETY: the caller vouches for what relies on the protection; contents are unchanged.
+    check_int(unsafe { libc::mprotect(addr as *mut c_void, len, prot) })
 }
 
 /// Binds a range to one node: `mbind(addr, len, MPOL_BIND, {node}, maxnode, flags)`,

@@ -1,10 +1,17 @@
-//! userfaultfd in write-protect mode: the user-space stand-in for migration entries.
+//! userfaultfd: the user-space stand-in for migration entries, page reference checks and
+//! the mmap lock's view of what the program does to its memory.
 //!
 //! A range registered in `UFFDIO_REGISTER_MODE_WP` and then write-protected with
-//! `UFFDIO_WRITEPROTECT` lets readers go on while every writer — a user store or a kernel
-//! write such as `read(2)` into the buffer — sleeps in the kernel. pagemig never reads fault
-//! messages: after the new pages are moved over the range with `mremap`, `UFFDIO_WAKE` wakes
-//! the sleepers and their faults retry against the new, unprotected mapping.
+//! `UFFDIO_WRITEPROTECT` makes every writer — a user store or a kernel write such as
+//! `read(2)` into the buffer — sleep in the kernel; registered in missing mode too, an
+//! emptied range makes every access sleep. `UFFDIO_MOVE` moves pages between two
+//! mappings of the process without copying, and refuses a page that is DMA-pinned or
+//! shared with another process (`EBUSY`). After the new pages are moved in, `UFFDIO_WAKE`
+//! wakes the sleepers and their faults retry against the new pages.
+//!
+//! The non-cooperative events `UFFD_EVENT_REMOVE` (`madvise` `DONTNEED`/`FREE`/`REMOVE`, sent
+//! before the pages go) and `UFFD_EVENT_REMAP` (`mremap`, sent after the move) of registered
+//! ranges hold the thread that caused them until they are read: [`Uffd::read_messages`].
 //!
 //! The descriptor is opened through `/dev/userfaultfd` (`USERFAULTFD_IOC_NEW`) and, failing
 //! that, through the `userfaultfd(2)` system call. Where only `UFFD_USER_MODE_ONLY` is
@@ -17,10 +24,14 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use linux_raw_sys::general::{
+    UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_MOVE,
     UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY, UFFDIO_REGISTER_MODE_MISSING,
-    UFFDIO_REGISTER_MODE_WP, uffdio_api, uffdio_range, uffdio_register, uffdio_writeprotect,
+    UFFDIO_REGISTER_MODE_WP, uffd_msg, uffdio_api, uffdio_copy, uffdio_move, uffdio_range, uffdio_register,
+    uffdio_writeprotect,
 };
-use linux_raw_sys::ioctl::{UFFDIO_API, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_WRITEPROTECT};
+use linux_raw_sys::ioctl::{
+    UFFDIO_API, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_WRITEPROTECT,
+};
 
 use super::{Errno, last_errno};
 
@@ -30,6 +41,33 @@ const UFFD_API: u64 = 0xaa;
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
 /// `UFFDIO_WRITEPROTECT_MODE_WP`.
 const WRITEPROTECT_MODE_WP: u64 = 1;
+/// `UFFDIO_MOVE`: `_IOWR(0xAA, 0x05, struct uffdio_move)`.
+const UFFDIO_MOVE: u32 = 0xc028_aa05;
+/// The features pagemig needs besides write-protection: moving pages, and hearing of
+/// `madvise` purges and `mremap`s of registered memory.
+const FEATURES: u64 =
+    (UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_MOVE | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP) as u64;
+
+/// A non-cooperative event of registered memory, as [`Uffd::read_messages`] returns it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// `[start, end)` is about to be purged (`MADV_DONTNEED`, `MADV_FREE`, `MADV_REMOVE`).
+    Remove {
+        /// First byte.
+        start: usize,
+        /// One past the last byte.
+        end: usize,
+    },
+    /// `len` bytes at `from` were moved to `to` by `mremap`.
+    Remap {
+        /// Old address.
+        from: usize,
+        /// New address.
+        to: usize,
+        /// Bytes moved.
+        len: usize,
+    },
+}
 
 /// An open userfaultfd descriptor set up for write-protect tracking.
 ///
@@ -43,15 +81,17 @@ pub struct Uffd {
 }
 
 impl Uffd {
-    /// Opens a userfaultfd and negotiates `UFFD_FEATURE_PAGEFAULT_FLAG_WP |
-    /// UFFD_FEATURE_WP_UNPOPULATED` (the latter only where the kernel has it).
+    /// Opens a userfaultfd and negotiates `UFFD_FEATURE_PAGEFAULT_FLAG_WP`,
+    /// `UFFD_FEATURE_MOVE`, `UFFD_FEATURE_EVENT_REMOVE`, `UFFD_FEATURE_EVENT_REMAP` and,
+    /// where the kernel has it, `UFFD_FEATURE_WP_UNPOPULATED`.
     ///
     /// Tries `/dev/userfaultfd` first, then the `userfaultfd(2)` system call, then the
     /// system call with `UFFD_USER_MODE_ONLY` when the full mode is not permitted.
     ///
     /// # Errors
     /// `EPERM`/`EACCES` when no form of userfaultfd is permitted, `EOPNOTSUPP` when the
-    /// kernel lacks write-protect support, or the errno of the failing step.
+    /// kernel lacks write-protect support or `UFFDIO_MOVE` (Linux 6.8), or the errno of the
+    /// failing step.
     pub fn open() -> Result<Self, Errno> {
         let (fd, user_mode_only) = match open_dev() {
             Ok(fd) => (fd, false),
@@ -61,7 +101,7 @@ impl Uffd {
                 Err(e) => return Err(e),
             },
         };
-        let want = UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64 | UFFD_FEATURE_WP_UNPOPULATED as u64;
+        let want = FEATURES | UFFD_FEATURE_WP_UNPOPULATED as u64;
         let wp_unpopulated = match api(&fd, want) {
             Ok(_) => true,
             Err(Errno::INVAL) => {
@@ -72,13 +112,12 @@ impl Uffd {
                 } else {
                     open_dev().or_else(|_| open_syscall(0))?
                 };
-                api(&fd2, UFFD_FEATURE_PAGEFAULT_FLAG_WP as u64)
-                    .map_err(|e| if e == Errno::INVAL { Errno::OPNOTSUPP } else { e })?;
+                api(&fd2, FEATURES).map_err(|e| if e == Errno::INVAL { Errno::OPNOTSUPP } else { e })?;
                 return Ok(Self { fd: fd2, user_mode_only, wp_unpopulated: false });
             }
             Err(e) => return Err(e),
         };
-        // INVARIANT: UFFDIO_API succeeded with PAGEFAULT_FLAG_WP.
+        // INVARIANT: UFFDIO_API succeeded with PAGEFAULT_FLAG_WP and MOVE.
         Ok(Self { fd, user_mode_only, wp_unpopulated })
     }
 
@@ -116,6 +155,104 @@ impl Uffd {
         self.register(start, len, (UFFDIO_REGISTER_MODE_WP | UFFDIO_REGISTER_MODE_MISSING) as u64)
     }
 
+    /// Registers `[start, start + len)` in missing mode alone: a mapping that only receives
+    /// pages with [`Uffd::move_pages`].
+    ///
+    /// # Errors
+    /// As [`Uffd::register_wp`].
+    pub fn register_missing(&self, start: usize, len: usize) -> Result<(), Errno> {
+        self.register(start, len, UFFDIO_REGISTER_MODE_MISSING as u64)
+    }
+
+    /// Moves the pages of `[src, src + len)` to `[dst, dst + len)` without copying them
+    /// (`UFFDIO_MOVE`); `dst` must be registered here and empty. Threads waiting on the
+    /// destination range are woken.
+    ///
+    /// # Errors
+    /// `(bytes moved before the failure, errno)`: `EBUSY` for a page that is DMA-pinned or
+    /// shared with another process (copy-on-write after `fork`), `EINVAL` when the two
+    /// mappings differ in access, protection or locking or `dst` is not registered here,
+    /// `ENOENT` where either range is not mapped, `EEXIST` where `dst` is not empty,
+    /// `EAGAIN`/`EFAULT` for a page that is not present.
+    ///
+    /// # Safety
+    /// Moving pages changes what both ranges hold: nothing may rely on the contents of
+    /// `[src, src + len)` afterwards, and `[dst, dst + len)` must be a range whose new
+    /// contents nobody is surprised by (memory of ours, or a source whose accesses wait).
+    pub unsafe fn move_pages(&self, dst: usize, src: usize, len: usize) -> Result<(), (usize, Errno)> {
+        let mut done = 0;
+        while done < len {
+            let mut mv = uffdio_move {
+                dst: (dst + done) as u64,
+                src: (src + done) as u64,
+                len: (len - done) as u64,
+                mode: 0,
+                move_: 0,
+            };
+            // SAFETY: a valid uffdio_move; what the move does to memory is the caller's promise.
+            let result = self.ioctl(UFFDIO_MOVE, &mut mv as *mut _ as *mut libc::c_void);
+            let moved = if mv.move_ > 0 { mv.move_ as usize } else { 0 };
+            done += moved;
+            match result {
+                Ok(()) if moved == 0 => return Err((done, Errno::AGAIN)),
+                Ok(()) => {}
+                // Interrupted after some progress (a contended page lock): go on from there.
+                Err(Errno::AGAIN) if moved > 0 => {}
+                Err(e) => return Err((done, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every message waiting on the descriptor without blocking, and returns the
+    /// events among them (fault messages are dropped: their threads sleep until woken).
+    /// Reading an event releases the thread that caused it.
+    ///
+    /// # Errors
+    /// The `read` errno, other than `EAGAIN` (nothing waiting).
+    pub fn read_messages(&self) -> Result<Vec<Event>, Errno> {
+        const N: usize = 64;
+        let size = std::mem::size_of::<uffd_msg>();
+        let mut events = Vec::new();
+        loop {
+            let mut buf = [0u8; N * 32];
+            debug_assert_eq!(size, 32);
+            // SAFETY: reads into a buffer of ours of the length given.
+            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 {
+                let e = last_errno();
+                return if e == Errno::AGAIN { Ok(events) } else { Err(e) };
+            }
+            let n = n as usize / size;
+            for chunk in buf.chunks_exact(size).take(n) {
+                // SAFETY: the kernel wrote whole `uffd_msg`s; an unaligned read copies one.
+                let msg: uffd_msg = unsafe { std::ptr::read_unaligned(chunk.as_ptr().cast()) };
+                let event = u32::from(msg.event);
+                // SAFETY: the union member read is the one the event type says is filled.
+                unsafe {
+                    if event == UFFD_EVENT_REMOVE {
+                        let r = msg.arg.remove;
+                        events.push(Event::Remove { start: r.start as usize, end: r.end as usize });
+                    } else if event == UFFD_EVENT_REMAP {
+                        let r = msg.arg.remap;
+                        events.push(Event::Remap { from: r.from as usize, to: r.to as usize, len: r.len as usize });
+                    }
+                }
+            }
+            if n < N {
+                return Ok(events);
+            }
+        }
+    }
+
+    /// Waits up to `timeout_ms` for a message; returns whether one is waiting.
+    pub fn poll(&self, timeout_ms: i32) -> bool {
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd of ours, live for the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        n > 0 && pfd.revents & libc::POLLIN != 0
+    }
+
     fn register(&self, start: usize, len: usize, mode: u64) -> Result<(), Errno> {
         let mut reg = uffdio_register { range: range(start, len), mode, ioctls: 0 };
         // SAFETY: `reg` is a valid uffdio_register the kernel reads and updates in place.
@@ -133,15 +270,57 @@ impl Uffd {
     }
 
     /// Write-protects (`protect = true`) or unprotects `[start, start + len)`
-    /// (`UFFDIO_WRITEPROTECT`). Unprotecting wakes the writers waiting on the range.
+    /// (`UFFDIO_WRITEPROTECT`). Unprotecting wakes the writers waiting on the range. While
+    /// an event of the program is being read the kernel answers `EAGAIN`; the call is made
+    /// again until it goes through (for a few seconds at most).
     ///
     /// # Errors
-    /// `ENOENT` when part of the range is not registered, `EAGAIN` when the mapping changed
-    /// under the call, or the ioctl's errno.
+    /// `ENOENT` when part of the range is not registered, `EAGAIN` when the mapping kept
+    /// changing, or the ioctl's errno.
     pub fn writeprotect(&self, start: usize, len: usize, protect: bool) -> Result<(), Errno> {
         let mode = if protect { WRITEPROTECT_MODE_WP } else { 0 };
-        let mut wp = uffdio_writeprotect { range: range(start, len), mode };
-        self.ioctl(UFFDIO_WRITEPROTECT, &mut wp as *mut _ as *mut libc::c_void)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let mut wp = uffdio_writeprotect { range: range(start, len), mode };
+            match self.ioctl(UFFDIO_WRITEPROTECT, &mut wp as *mut _ as *mut libc::c_void) {
+                Err(Errno::AGAIN) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_micros(50));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Fills the empty, registered `[dst, dst + len)` with new pages holding a copy of
+    /// `[src, src + len)` (`UFFDIO_COPY`), waking the threads waiting there.
+    ///
+    /// # Errors
+    /// `EEXIST` where `dst` is not empty, `ENOENT`/`EINVAL` where it is not registered here,
+    /// `EAGAIN` while an event is being read, `ENOMEM`.
+    ///
+    /// # Safety
+    /// `[dst, dst + len)` must be a range whose new contents nobody is surprised by (a range
+    /// whose accesses wait for exactly this data).
+    pub unsafe fn copy(&self, dst: usize, src: usize, len: usize) -> Result<(), Errno> {
+        let mut done = 0;
+        while done < len {
+            let mut cp = uffdio_copy {
+                dst: (dst + done) as u64,
+                src: (src + done) as u64,
+                len: (len - done) as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: a valid uffdio_copy; what the copy fills is the caller's promise.
+            let result = self.ioctl(UFFDIO_COPY, &mut cp as *mut _ as *mut libc::c_void);
+            if cp.copy > 0 {
+                done += cp.copy as usize;
+            } else {
+                result?;
+                return Err(Errno::AGAIN);
+            }
+        }
+        Ok(())
     }
 
     /// Wakes every thread waiting on a fault in `[start, start + len)` (`UFFDIO_WAKE`); it
