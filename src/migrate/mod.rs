@@ -288,9 +288,17 @@ impl Engine {
     ) -> Result<MigrateStats> {
         let started = Instant::now();
         let max_batch = check_max_batch_pages(opts.max_batch_pages.unwrap_or_else(|| self.max_batch_pages()))?;
-        let (items, free) = self.prepare_call(folios, target)?;
+        let (items, runs, free) = self.prepare_call(folios, target)?;
         let mut stats = MigrateStats { folios: items.len() as u64, ..Default::default() };
         let register_start = Instant::now();
+        // Every run registered once, up front, in missing and write-protect mode: batches
+        // then only protect, and the program's mappings are not split batch by batch (an
+        // `mremap` of a range inside one run still finds one mapping). A run that cannot
+        // be registered here fails in its batches, with the error.
+        for &(s, e) in &runs {
+            let _ = self.uffd.register_missing_wp(s, e - s);
+        }
+        stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
         let mut first_error = None;
         let deferred = opts.deferred_free.unwrap_or_else(|| self.deferred_free());
         // Base pages, more than one piece, the CPU copy: runs move on a mover thread while
@@ -354,6 +362,9 @@ impl Engine {
                 first_error = tally.first_error;
             }
         }
+        // Registration off, for the runs' every page that is not another call's now.
+        let folio_at = |a: usize| items_size_at(folios, a);
+        pipeline::unregister_runs(self, &runs, folio_at);
         // The migration itself ends here; what follows frees old pages off its path.
         stats.critical_ns = (register_start.elapsed().as_nanos() as u64).saturating_sub(stats.prepare_ns);
         if deferred {
@@ -378,7 +389,7 @@ impl Engine {
     /// Checks a whole call before anything is touched and pairs each folio with the state
     /// of its mapping.
     /// Also returns the target's free memory beyond its reserve.
-    fn prepare_call(&self, folios: &[Folio<'_>], target: u32) -> Result<(Vec<Item>, u64)> {
+    fn prepare_call(&self, folios: &[Folio<'_>], target: u32) -> Result<(Vec<Item>, Vec<Span>, u64)> {
         if folios.is_empty() {
             return Err(Error::Invalid("no folios to migrate (zero length)".into()));
         }
@@ -411,7 +422,7 @@ impl Engine {
         }
         let bytes: u64 = sorted.iter().map(|f| f.size() as u64).sum();
         let free = self.check_free_memory(target, bytes, &runs)?;
-        Ok((attach_vma_state(&sorted, &vmas), free))
+        Ok((attach_vma_state(&sorted, &vmas), runs, free))
     }
 
     /// Checks that `target` can take `bytes`; returns its free memory beyond the reserve.
@@ -441,6 +452,11 @@ impl Engine {
 /// As [`Engine::migrate_pages`], or [`Error::Sys`] when no userfaultfd can be opened.
 pub fn migrate_pages(folios: &[Folio<'_>], target: u32, reason: Reason, mode: Mode) -> Result<MigrateStats> {
     Engine::global()?.migrate_pages(folios, target, reason, mode, &MigrateOptions::default())
+}
+
+/// The size of the folio of `folios` at `addr` (base pages where none starts there).
+fn items_size_at(folios: &[Folio<'_>], addr: usize) -> usize {
+    folios.iter().find(|f| f.addr() <= addr && addr < f.end()).map_or(sys::PAGE_SIZE, |f| f.size())
 }
 
 /// An address range as `(start, end)`.

@@ -284,23 +284,14 @@ impl Call<'_> {
         }
     }
 
-    /// Write-protects each run with one call, recording the state on the destinations.
+    /// Write-protects and isolates each run with one call each, recording the state on the
+    /// destinations.
     fn unmap(&mut self, st: &mut BatchState) {
         let t = Instant::now();
         for r in 0..st.runs.len() {
-            let (start, end, items) = (st.runs[r].start, st.runs[r].end, st.runs[r].items.clone());
-            let Some(dest) = st.runs[r].rest.take() else { continue };
-            if let Err((op, errno)) = self.protect(start, end) {
-                self.engine.pool.release(dest);
-                if let Some(grave) = st.runs[r].grave.take() {
-                    self.engine.reaper.free_now(grave);
-                }
-                self.fail_all(&st.claimed[items], || Error::sys(op)(errno));
-                continue;
+            if st.runs[r].rest.is_some() {
+                self.unmap_stretch(st, st.runs[r].items.clone());
             }
-            st.runs[r].rest = Some(dest);
-            mark_mapped(st, items.clone());
-            self.isolate(st, items);
         }
         self.stats.unmap_ns += t.elapsed().as_nanos() as u64;
     }
@@ -333,14 +324,7 @@ impl Call<'_> {
                 {
                     e += 1;
                 }
-                let (start, stop) = (st.claimed[live[s]].folio.addr(), st.claimed[live[e - 1]].folio.end());
-                match self.protect(start, stop) {
-                    Ok(()) => {
-                        mark_mapped(st, live[s]..live[e - 1] + 1);
-                        self.isolate(st, live[s]..live[e - 1] + 1);
-                    }
-                    Err(err) => live[s..e].iter().for_each(|&i| st.unprotected[i] = Some(err)),
-                }
+                self.unmap_stretch(st, live[s]..live[e - 1] + 1);
                 s = e;
             }
             self.stats.unmap_ns += t.elapsed().as_nanos() as u64;
@@ -516,13 +500,36 @@ impl Call<'_> {
             // Without WP_UNPOPULATED a never-touched page is not protected: touch it first.
             sys::madvise(start, len, Advice::PopulateWrite).map_err(|e| ("populate source", e))?;
         }
-        // Missing mode too: once its old pages are isolated, every access to it waits.
-        uffd.register_missing_wp(start, len).map_err(|e| ("userfaultfd register", e))?;
-        if let Err(e) = uffd.writeprotect(start, len, true) {
+        // Registered with the call (then this changes nothing), missing mode too: once its
+        // old pages are isolated, every access to it waits. The call checked the memory
+        // before it began: a refusal now means the program unmapped or changed it meanwhile.
+        uffd.register_missing_wp(start, len).map_err(|_| (CHANGED, Errno::FAULT))?;
+        if uffd.writeprotect(start, len, true).is_err() {
             let _ = uffd.unregister(start, len);
-            return Err(("userfaultfd write-protect", e));
+            return Err((CHANGED, Errno::FAULT));
         }
         Ok(())
+    }
+
+    /// Protects and isolates the contiguous items `items` of one run; where the stretch
+    /// cannot be protected as a whole (the program changed part of it), folio by folio.
+    fn unmap_stretch(&mut self, st: &mut BatchState, items: Range<usize>) {
+        let (start, end) = (st.claimed[items.start].folio.addr(), st.claimed[items.end - 1].folio.end());
+        if self.protect(start, end).is_ok() {
+            mark_mapped(st, items.clone());
+            self.isolate(st, items);
+            return;
+        }
+        for i in items {
+            let f = st.claimed[i].folio;
+            match self.protect(f.addr(), f.end()) {
+                Ok(()) => {
+                    mark_mapped(st, i..i + 1);
+                    self.isolate(st, i..i + 1);
+                }
+                Err(err) => st.unprotected[i] = Some(err),
+            }
+        }
     }
 
     /// Moves the old pages of the protected items `items` (contiguous, one run) into the
@@ -546,6 +553,7 @@ impl Call<'_> {
             let folios = &st.claimed[items.clone()];
             let mut patience = Patience::new();
             let mut unshared_to = start;
+            let mut one_by_one = start;
             let mut at = start;
             while at < end {
                 // Read again at every step: the lock may have been let go meanwhile.
@@ -558,7 +566,9 @@ impl Call<'_> {
                 }
                 // The longest stretch of folios none of which the program purged or moved.
                 let j = k + folios[k..].iter().take_while(|it| !overlaps(&dead, it.folio)).count();
-                let stretch_end = folios[j - 1].folio.end();
+                // One folio at a time after a refusal that may come from a mapping split
+                // across the stretch (a move stays within one mapping).
+                let stretch_end = if at < one_by_one { folios[k].folio.end() } else { folios[j - 1].folio.end() };
                 // SAFETY: `[at, stretch_end)` is claimed by this call, write-protected and
                 // registered in missing mode, so with its pages moved out every access to
                 // it waits until they or their copy come back; the graveyard part is ours
@@ -589,6 +599,10 @@ impl Call<'_> {
                 }
                 at = fk.addr();
                 if patience.wait(&mut claims, errno, bad) {
+                    continue;
+                }
+                if errno == Errno::INVAL && stretch_end > fk.end() {
+                    one_by_one = folios[j - 1].folio.end();
                     continue;
                 }
                 if errno == Errno::BUSY && at >= unshared_to {
@@ -808,9 +822,42 @@ impl Drop for BatchGuard<'_> {
 pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
     let uffd = &engine.uffd;
     let _ = uffd.writeprotect(start, end - start, false);
-    let _ = uffd.unregister(start, end - start);
     let _ = uffd.wake(start, end - start);
 }
+
+/// Takes the call's registration off its runs once it is done with them, except where
+/// another call has claimed part of one (that call's registration is the same one). Under
+/// the claims lock, so no claim begins meanwhile. A run the program split or unmapped is
+/// unregistered folio by folio.
+pub(super) fn unregister_runs(engine: &Engine, runs: &[super::Span], folio_size: impl Fn(usize) -> usize) {
+    let mut claims = engine.busy.lock();
+    for &(start, end) in runs {
+        let mut at = start;
+        let mut pieces = Vec::new();
+        for (s, e) in claims.claimed_in(start, end) {
+            if s > at {
+                pieces.push((at, s));
+            }
+            at = at.max(e);
+        }
+        if at < end {
+            pieces.push((at, end));
+        }
+        for (s, e) in pieces {
+            if engine.uffd.unregister(s, e - s).is_err() {
+                let step = folio_size(s);
+                for a in (s..e).step_by(step) {
+                    let _ = engine.uffd.unregister(a, step);
+                }
+            }
+        }
+    }
+    drop(claims);
+}
+
+/// What a folio whose mapping the program unmapped or changed after the call began fails
+/// with.
+const CHANGED: &str = "migrate (the memory was unmapped or changed meanwhile)";
 
 /// What a folio another call held through every pass fails with.
 const BUSY_ELSEWHERE: &str = "migrate (folio busy in another migration)";
@@ -980,6 +1027,7 @@ pub(super) fn replace(engine: &Engine, start: usize, dest: &Dest, folios: &[Foli
     let mut out = vec![None; folios.len()];
     let mut claims = engine.busy.lock();
     let mut patience = Patience::new();
+    let mut one_by_one = start;
     let mut at = start;
     while at < end {
         // Read again at every step: the lock may have been let go meanwhile.
@@ -999,7 +1047,9 @@ pub(super) fn replace(engine: &Engine, start: usize, dest: &Dest, folios: &[Foli
             continue;
         }
         let j = k + folios[k..].iter().take_while(|f| !overlaps(&dead, **f)).count();
-        let e = folios[j - 1].end();
+        // One folio at a time after a refusal that may come from a mapping split across
+        // the stretch (a move stays within one mapping).
+        let e = if at < one_by_one { folios[k].end() } else { folios[j - 1].end() };
         // SAFETY: `[at, e)` is claimed by this call and isolated (empty, every access
         // waits); `dest` holds a complete copy of its old pages and is ours alone.
         let (moved, errno) = match unsafe { engine.uffd.move_pages(at, dest.addr() + (at - start), e - at) } {
@@ -1020,18 +1070,20 @@ pub(super) fn replace(engine: &Engine, start: usize, dest: &Dest, folios: &[Foli
         if errno == Errno::BUSY && patience.wait_busy(&mut claims) {
             continue;
         }
+        let k = folios.partition_point(|f| f.end() <= at);
+        if errno == Errno::INVAL && e > folios[k].end() {
+            one_by_one = folios[j - 1].end();
+            continue;
+        }
         let (op, errno) = match errno {
             Errno::NOENT => ("migrate (the memory was unmapped meanwhile)", Errno::FAULT),
             Errno::INVAL => ("migrate (the mapping changed meanwhile)", Errno::ACCESS),
             e => ("userfaultfd move of the new pages", e),
         };
-        for (slot, f) in out[..j].iter_mut().zip(folios).skip(k) {
-            if f.end() > at {
-                *slot = Some((op, errno));
-            }
-        }
-        put_back(engine, &mut claims, at, e);
-        at = e;
+        // The folio the move stopped at fails; the move goes on after it.
+        out[k] = Some((op, errno));
+        put_back(engine, &mut claims, at, folios[k].end());
+        at = folios[k].end();
     }
     out
 }
