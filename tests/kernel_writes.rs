@@ -20,6 +20,8 @@ fn node() -> u32 {
 }
 
 const BLOCKS: usize = 64;
+/// Bytes of one `process_vm_writev`.
+const CHUNK: usize = PAGE_SIZE;
 
 /// The word at `i` of file block `b`.
 fn block_word(b: usize, i: usize) -> u64 {
@@ -111,8 +113,8 @@ fn o_direct_reads_during_migrations_lose_nothing() {
 fn process_vm_writev_from_another_process_loses_nothing() {
     for folio in [4096, 2 << 20] {
         let region = leak(Region::new(4 << 20, folio, Some(node())).unwrap());
-        let slots = region.len() / PAGE_SIZE;
-        let writes: u64 = 200_000;
+        let slots = region.len() / CHUNK;
+        let writes: u64 = 300_000;
         let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
         let written: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
         let (migrations, failed) =
@@ -122,14 +124,17 @@ fn process_vm_writev_from_another_process_loses_nothing() {
                 let pid = unsafe { libc::fork() };
                 assert!(pid >= 0);
                 if pid == 0 {
+                    // Whole pages: the longer each write, the wider its window (the kernel
+                    // pins a write's pages before it copies).
+                    let mut page = vec![0u64; CHUNK / 8];
                     for n in 1..=writes {
                         let slot = (n as usize * 13) % slots;
-                        let value = n;
-                        let local = libc::iovec { iov_base: (&value as *const u64).cast_mut().cast(), iov_len: 8 };
+                        page.fill(n);
+                        let local = libc::iovec { iov_base: page.as_mut_ptr().cast(), iov_len: CHUNK };
                         let remote =
-                            libc::iovec { iov_base: region.as_ptr().wrapping_add(slot * PAGE_SIZE).cast(), iov_len: 8 };
-                        // SAFETY: writes 8 bytes into the parent's region, which outlives the child.
-                        if unsafe { libc::process_vm_writev(parent, &local, 1, &remote, 1, 0) } != 8 {
+                            libc::iovec { iov_base: region.as_ptr().wrapping_add(slot * CHUNK).cast(), iov_len: CHUNK };
+                        // SAFETY: writes a page into the parent's region, which outlives the child.
+                        if unsafe { libc::process_vm_writev(parent, &local, 1, &remote, 1, 0) } != CHUNK as isize {
                             // SAFETY: ends the child.
                             unsafe { libc::_exit(2) };
                         }
@@ -137,7 +142,7 @@ fn process_vm_writev_from_another_process_loses_nothing() {
                     // SAFETY: ends the child.
                     unsafe { libc::_exit(0) };
                 }
-                let result = std::thread::scope(|s| {
+                std::thread::scope(|s| {
                     let migrator = s.spawn(|| migrate_until(region, stop));
                     let mut status = 0;
                     // SAFETY: waits for the child just forked.
@@ -146,15 +151,17 @@ fn process_vm_writev_from_another_process_loses_nothing() {
                     written.store(writes, Ordering::Relaxed);
                     stop.store(true, Ordering::Relaxed);
                     migrator.join().unwrap()
-                });
-                result
+                })
             });
         // Read back: every slot holds the last value written to it.
         let mut last = vec![0u64; slots];
         for n in 1..=written.load(Ordering::Relaxed) {
             last[(n as usize * 13) % slots] = n;
         }
-        let lost = (0..slots).filter(|&s| region.word(s * PAGE_SIZE / 8).load(Ordering::Relaxed) != last[s]).count();
+        let words = CHUNK / 8;
+        let lost = (0..slots)
+            .filter(|&s| (0..words).any(|i| region.word(s * words + i).load(Ordering::Relaxed) != last[s]))
+            .count();
         println!(
             "folio {folio}: {writes} process_vm_writev writes, {migrations} migrations, {failed} refused, {lost} lost"
         );
