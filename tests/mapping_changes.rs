@@ -24,6 +24,8 @@ fn node() -> u32 {
 
 const LEN: usize = 8 << 20;
 const SEED: u64 = 99;
+/// The reservation `mremap` moves into: the largest changed range and 2 MiB of alignment.
+const SPARE: usize = 6 << 20;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Change {
@@ -114,12 +116,14 @@ fn apply(change: Change, at: usize, len: usize, spare: usize) -> usize {
 /// `delay`, then checks every byte.
 fn case(change: Change, folio: usize, delay: Duration, round: u64) {
     let base = mapping(folio);
-    // A free spot for `mremap` to move to, reserved so nothing else lands there.
+    // A free spot for `mremap` to move to (up to 4 MiB, 2 MiB aligned), reserved whole so
+    // that the `MREMAP_FIXED` replaces nothing but the reservation.
     // SAFETY: a fresh reservation.
-    let spare = unsafe {
-        libc::mmap(std::ptr::null_mut(), 4 << 20, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    let reserved = unsafe {
+        libc::mmap(std::ptr::null_mut(), SPARE, libc::PROT_NONE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
     } as usize;
-    let spare = (spare + (2 << 20) - 1) & !((2 << 20) - 1);
+    assert_ne!(reserved, libc::MAP_FAILED as usize);
+    let spare = (reserved + (2 << 20) - 1) & !((2 << 20) - 1);
     let len = 2 * folio.max(64 << 10);
     // Somewhere in the middle, folio aligned, varying with the round.
     let at = base + ((LEN / 2 + (round as usize % 8) * (256 << 10)) & !(folio.max(64 << 10) - 1));
@@ -220,10 +224,8 @@ fn case(change: Change, folio: usize, delay: Duration, round: u64) {
     // SAFETY: the test's own mappings, no longer used.
     unsafe {
         libc::munmap(base as *mut _, LEN);
-        libc::munmap(spare as *mut _, 2 << 20);
-        if change == Change::Mremap {
-            libc::munmap(moved_to as *mut _, len);
-        }
+        // The reservation, with what `mremap` moved into it.
+        libc::munmap(reserved as *mut _, SPARE);
     }
 }
 

@@ -610,9 +610,14 @@ impl Call<'_> {
                     // page is never pinned. Taking the write fault now gives this process a
                     // page of its own (the same page where nobody else maps it any more); a
                     // pinned page is its own already and is refused again.
-                    unshare(engine, at, stretch_end);
-                    unshared_to = stretch_end;
-                    continue;
+                    if unshare(engine, &mut claims, at, stretch_end) {
+                        unshared_to = stretch_end;
+                        continue;
+                    }
+                    // An event waits for the lock: let it be read, then try again.
+                    if patience.wait_busy(&mut claims) {
+                        continue;
+                    }
                 }
                 // A huge page the write faults left mapped in pieces is split by the move,
                 // which fails while the kernel still holds it elsewhere for a moment.
@@ -880,13 +885,16 @@ fn isolation_error(errno: Errno) -> (&'static str, Errno) {
 /// Makes the present pages of the protected, claimed `[start, end)` this process's own:
 /// protection off for a moment, a write fault taken on each present page without writing
 /// it (`MADV_POPULATE_WRITE`), protection on again. Called with the claims lock held, so
-/// the program cannot purge a page meanwhile (its purge waits for the event reader, which
-/// waits for the lock): never-touched pages are left alone, since a write fault there would
-/// wait for a migration that is this thread.
-fn unshare(engine: &Engine, start: usize, end: usize) {
-    let Ok(frames) = crate::numa::page_frames(start, end - start) else { return };
-    if engine.uffd.writeprotect(start, end - start, false).is_err() {
-        return;
+/// the program cannot purge a page between the look at its pages and the write faults (its
+/// purge waits for the event reader, which waits for the lock): never-touched pages are
+/// left alone, since a write fault there would wait for a migration that is this thread.
+///
+/// Returns false, having changed nothing, when the kernel refuses for now (an event of the
+/// program waits to be read, which needs the lock).
+fn unshare(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, end: usize) -> bool {
+    let Ok(frames) = crate::numa::page_frames(start, end - start) else { return false };
+    if engine.uffd.writeprotect_once(start, end - start, false).is_err() {
+        return false;
     }
     let mut i = 0;
     while i < frames.len() {
@@ -898,7 +906,12 @@ fn unshare(engine: &Engine, start: usize, end: usize) {
         let _ = sys::madvise(start + i * sys::PAGE_SIZE, (j - i) * sys::PAGE_SIZE, Advice::PopulateWrite);
         i = j;
     }
-    let _ = engine.uffd.writeprotect(start, end - start, true);
+    // An event the program raised meanwhile waits for the lock to be read: let it go until
+    // the protection is back on (the pages are not isolated yet: writes meanwhile are kept).
+    while engine.uffd.writeprotect_once(start, end - start, true) == Err(Errno::AGAIN) {
+        MutexGuard::unlocked(claims, || std::thread::sleep(Duration::from_micros(50)));
+    }
+    true
 }
 
 /// Whether any of the spans overlaps the folio.

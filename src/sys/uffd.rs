@@ -278,17 +278,26 @@ impl Uffd {
     /// `ENOENT` when part of the range is not registered, `EAGAIN` when the mapping kept
     /// changing, or the ioctl's errno.
     pub fn writeprotect(&self, start: usize, len: usize, protect: bool) -> Result<(), Errno> {
-        let mode = if protect { WRITEPROTECT_MODE_WP } else { 0 };
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
-            let mut wp = uffdio_writeprotect { range: range(start, len), mode };
-            match self.ioctl(UFFDIO_WRITEPROTECT, &mut wp as *mut _ as *mut libc::c_void) {
+            match self.writeprotect_once(start, len, protect) {
                 Err(Errno::AGAIN) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(std::time::Duration::from_micros(50));
                 }
                 other => return other,
             }
         }
+    }
+
+    /// [`Uffd::writeprotect`] without trying again: `EAGAIN` while an event waits to be
+    /// read. For a caller that holds what the event's reader needs.
+    ///
+    /// # Errors
+    /// As [`Uffd::writeprotect`].
+    pub fn writeprotect_once(&self, start: usize, len: usize, protect: bool) -> Result<(), Errno> {
+        let mode = if protect { WRITEPROTECT_MODE_WP } else { 0 };
+        let mut wp = uffdio_writeprotect { range: range(start, len), mode };
+        self.ioctl(UFFDIO_WRITEPROTECT, &mut wp as *mut _ as *mut libc::c_void)
     }
 
     /// Fills the empty, registered `[dst, dst + len)` with new pages holding a copy of
