@@ -1,7 +1,7 @@
 //! The library's error type: every variant maps to an errno, and batch failures carry the
 //! progress made before them.
 
-use crate::migrate::MigrateStats;
+use crate::stats::MigrateStats;
 use crate::sys::Errno;
 
 /// What went wrong, with enough context to act on it.

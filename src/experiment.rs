@@ -168,7 +168,7 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
     let placement = region.placement()?;
     let pages = region.len() / crate::sys::PAGE_SIZE;
     let placement_ok = placement.get(&(cfg.to_node as i32)) == Some(&pages);
-    let memcpy_gbps = crate::migrate::stats::gbps(cfg.size as u64, memcpy);
+    let memcpy_gbps = crate::stats::gbps(cfg.size as u64, memcpy);
     let gbps = stats.gbps();
     Ok(MoveReport {
         bytes: cfg.size as u64,

@@ -34,6 +34,7 @@ pub mod offload;
 pub mod pool;
 pub mod region;
 pub mod report;
+pub mod stats;
 mod sync;
 pub mod sys;
 pub mod workload;

@@ -1,24 +1,31 @@
-//! The move phase, on a thread of its own for calls of base-page folios that span more than
-//! one piece and are copied by the CPU.
+//! The move phase: new pages into the source, old pages back where a folio did not move,
+//! the waiting threads woken, the registration taken off at the end of a call.
 //!
-//! Once a run is copied, what is left of its migration — `mremap` of the destination over
-//! the source, `mlock` again, `UFFDIO_WAKE` — needs neither the copy nor the next batch's
-//! folios. Such a call hands its runs to a mover thread in address order
-//! and goes on to write-protect and copy the next piece meanwhile: the copy of one piece and
-//! the move of the one before overlap, and the critical path becomes the copy. The copying
-//! thread touches only memory that is already mapped (protected sources, populated
-//! destinations), so it does not wait on the mmap lock that `mremap` takes. Folios stay
-//! claimed ([`super::busy::Busy`]) until the mover has dealt with them.
+//! Every move happens under the claims lock ([`super::busy`]), so that it and the event
+//! reader's handling of a purge or `mremap` of the same range exclude each other. A move
+//! the kernel refuses for a moment (`EAGAIN` while an event waits to be read, `EBUSY` while
+//! a huge page is held elsewhere) is tried again with the lock let go meanwhile
+//! ([`Patience`]); after that the folio's old pages go back.
+//!
+//! Calls of base-page folios that span more than one piece and are copied by the CPU move
+//! on a thread of their own: once a run is copied, its move needs neither the copy nor the
+//! next batch's folios, so the caller goes on to protect, isolate and copy the next piece
+//! while the mover moves the one before, and the critical path becomes the copy. Folios
+//! stay claimed until the mover has dealt with them.
+#![allow(unsafe_code, reason = "moves pages between the sources, their copies and their graveyards")]
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use parking_lot::MutexGuard;
 
 use super::abort::Abort;
+use super::busy::Claims;
 use super::reaper::Grave;
 use super::{Engine, MigrateStats, Progress, Span};
 use crate::error::Error;
 use crate::folio::Folio;
 use crate::pool::Dest;
-use crate::sys::Errno;
+use crate::sys::{self, Errno};
 
 /// How many jobs may wait for the mover before the copying thread waits too: a bound on
 /// the destinations copied but not yet moved.
@@ -81,8 +88,8 @@ pub(super) fn run(
         }
         Job::Undo(spans) => {
             for (s, e) in spans {
-                super::pipeline::restore(engine, s, e);
-                super::pipeline::unprotect(engine, s, e);
+                restore(engine, s, e);
+                unprotect(engine, s, e);
             }
             return;
         }
@@ -94,7 +101,7 @@ pub(super) fn run(
     let (start, end) = (job.start, job.start + job.dest.len());
     let outcomes = if abort.is_set() || job.fail {
         // Undone as a failing move would be: the old pages go back.
-        super::pipeline::restore(engine, start, end);
+        restore(engine, start, end);
         let why = if abort.is_set() {
             ("migrate (the call stopped after a panic)", Errno::CANCELED)
         } else {
@@ -102,11 +109,11 @@ pub(super) fn run(
         };
         vec![Some(why); job.folios.len()]
     } else {
-        super::pipeline::replace(engine, start, &job.dest, &job.folios)
+        replace(engine, start, &job.dest, &job.folios)
     };
     // Protection off, registration gone, every waiting thread woken: the moved folios
     // with their new pages, the others with their old ones.
-    super::pipeline::unprotect(engine, start, end);
+    unprotect(engine, start, end);
     if let Some(t) = job.batch_started {
         stats.first_folio_ns.push(t.elapsed().as_nanos() as u64);
     }
@@ -173,4 +180,231 @@ pub(super) fn serve(
         }
     }
     tally
+}
+
+/// What a folio that the program purged or moved away while it migrated fails with.
+pub(super) const GONE: &str = "migrate (the program purged or moved the memory meanwhile)";
+
+/// Takes the protection off `[start, end)` and wakes its writers: the source is as it was.
+pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
+    let uffd = &engine.uffd;
+    let _ = uffd.writeprotect(start, end - start, false);
+    let _ = uffd.wake(start, end - start);
+}
+
+/// Takes the call's registration off its runs once it is done with them, except where
+/// another call has claimed part of one (that call's registration is the same one). Under
+/// the claims lock, so no claim begins meanwhile. A run the program split or unmapped is
+/// unregistered folio by folio.
+pub(super) fn unregister_runs(engine: &Engine, runs: &[super::Span], folio_size: impl Fn(usize) -> usize) {
+    let mut claims = engine.busy.lock();
+    for &(start, end) in runs {
+        let mut at = start;
+        let mut pieces = Vec::new();
+        for (s, e) in claims.claimed_in(start, end) {
+            if s > at {
+                pieces.push((at, s));
+            }
+            at = at.max(e);
+        }
+        if at < end {
+            pieces.push((at, end));
+        }
+        for (s, e) in pieces {
+            if engine.uffd.unregister(s, e - s).is_err() {
+                let step = folio_size(s);
+                for a in (s..e).step_by(step) {
+                    let _ = engine.uffd.unregister(a, step);
+                }
+            }
+        }
+    }
+    drop(claims);
+}
+
+/// Whether any of the spans overlaps the folio.
+pub(super) fn overlaps(spans: &[super::Span], f: Folio<'_>) -> bool {
+    spans.iter().any(|&(s, e)| s < f.end() && f.addr() < e)
+}
+
+/// How long a move refused with `EAGAIN` is tried again. The kernel refuses moves while an
+/// event of the program waits to be read (the event reader needs the claims lock, so it is
+/// let go meanwhile) and for a moment after; a page that is not present refuses for good.
+pub(super) struct Patience {
+    deadline: Option<Instant>,
+    busy_deadline: Option<Instant>,
+}
+
+impl Patience {
+    const LIMIT: Duration = Duration::from_secs(2);
+    /// A pinned page is refused for good: `EBUSY` is tried again only this long.
+    const BUSY_LIMIT: Duration = Duration::from_millis(20);
+
+    pub fn new() -> Self {
+        Self { deadline: None, busy_deadline: None }
+    }
+
+    /// After an `EBUSY` that may pass: whether to try again, having let the lock go.
+    pub fn wait_busy(&mut self, claims: &mut MutexGuard<'_, Claims>) -> bool {
+        let deadline = *self.busy_deadline.get_or_insert_with(|| Instant::now() + Self::BUSY_LIMIT);
+        if Instant::now() >= deadline {
+            return false;
+        }
+        MutexGuard::unlocked(claims, || std::thread::sleep(Duration::from_micros(200)));
+        true
+    }
+
+    /// After a move stopped at `at` with `errno`: whether to try again, having let the
+    /// claims lock go for a moment.
+    pub fn wait(&mut self, claims: &mut MutexGuard<'_, Claims>, errno: Errno, at: usize) -> bool {
+        if errno != Errno::AGAIN {
+            return false;
+        }
+        let present = crate::numa::page_frames(at & !(sys::PAGE_SIZE - 1), sys::PAGE_SIZE)
+            .is_ok_and(|f| f.first().is_some_and(Option::is_some));
+        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + Self::LIMIT);
+        if !present || Instant::now() >= deadline {
+            return false;
+        }
+        MutexGuard::unlocked(claims, || std::thread::sleep(Duration::from_micros(100)));
+        true
+    }
+}
+
+/// Puts the isolated old pages of `[start, end)` back where they were (the folio did not
+/// move). Where the program unmapped the range meanwhile they stay in the graveyard and go
+/// with it.
+pub(super) fn restore(engine: &Engine, start: usize, end: usize) {
+    put_back(engine, &mut engine.busy.lock(), start, end);
+}
+
+/// [`restore`] with the claims lock held. Each span stays recorded as isolated until its
+/// pages are back, so that an event read while the lock is let go finds it.
+fn put_back(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, end: usize) {
+    let mut patience = Patience::new();
+    while let Some((s, e, g)) = claims.isolated_in(start, end).first().copied() {
+        // SAFETY: `g` holds exactly the old pages of `[s, e)`, moved out by this call; the
+        // source is empty and every access to it waits.
+        let (moved, errno) = match unsafe { engine.uffd.move_pages(s, g, e - s) } {
+            Ok(()) => (e - s, None),
+            Err((moved, errno)) => (moved, Some(errno)),
+        };
+        let done = match errno {
+            None => e,
+            Some(errno) if patience.wait(claims, errno, g + moved) => s + moved,
+            Some(Errno::INVAL) => {
+                put_back_changed(engine, s + moved, g + moved, e - s - moved);
+                e
+            }
+            // Unmapped by the program: the pages go with the graveyard.
+            Some(_) => e,
+        };
+        for (a, b, _) in claims.take_isolated(s, done) {
+            super::fork::close((b - a) / sys::PAGE_SIZE);
+        }
+    }
+}
+
+/// Puts back pages whose move was refused because the program changed the mapping's
+/// protection or locking meanwhile: the graveyard is locked like the source, and a source
+/// made read-only is made writable for the instant of the move (nothing can touch it
+/// meanwhile: it is empty and every access waits) and read-only again.
+fn put_back_changed(engine: &Engine, start: usize, grave: usize, len: usize) {
+    let Ok(vmas) = crate::maps::vmas_with_flags(start, start + len) else { return };
+    for vma in vmas {
+        let (s, e) = (vma.start.max(start), vma.end.min(start + len));
+        if s >= e || !vma.perms.starts_with('r') || vma.perms.get(3..4) != Some("p") {
+            continue;
+        }
+        let g = grave + (s - start);
+        let _ = if vma.has_flag("lo") { sys::mlock_onfault(g, e - s) } else { sys::munlock(g, e - s) };
+        let writable = vma.perms.get(1..2) == Some("w");
+        // SAFETY: the source range is empty and every access to it waits, so nothing
+        // relies on its protection for the instant it is writable; then it is as before.
+        // `g` holds exactly its old pages.
+        unsafe {
+            if !writable {
+                let _ = sys::mprotect(s, e - s, true);
+            }
+            let _ = engine.uffd.move_pages(s, g, e - s);
+            if !writable {
+                let _ = sys::mprotect(s, e - s, false);
+            }
+        }
+    }
+}
+
+/// Per folio of a move: `None` if it moved, else why not.
+pub(super) type Outcome = Option<(&'static str, Errno)>;
+
+/// Moves the copy `dest` into the isolated source `[start, start + dest.len())`, whose
+/// folios are `folios`, and returns each folio's outcome. Under the claims lock, so that a
+/// purge or `mremap` the program announces excludes it: a folio the program purged or
+/// moved away meanwhile is not moved in (its purged old pages are dropped, the others put
+/// back), and fails with `ENOENT`. A move the kernel refuses (the program unmapped or
+/// changed the mapping meanwhile) puts the old pages back. Nothing is woken here.
+pub(super) fn replace(engine: &Engine, start: usize, dest: &Dest, folios: &[Folio<'_>]) -> Vec<Outcome> {
+    let end = start + dest.len();
+    let mut out = vec![None; folios.len()];
+    let mut claims = engine.busy.lock();
+    let mut patience = Patience::new();
+    let mut one_by_one = start;
+    let mut at = start;
+    while at < end {
+        // Read again at every step: the lock may have been let go meanwhile.
+        let dead = claims.dead_in(at, end);
+        let k = folios.partition_point(|f| f.end() <= at);
+        if overlaps(&dead, folios[k]) {
+            let f = folios[k];
+            out[k] = Some((GONE, Errno::NOENT));
+            // Purged: those old pages are garbage. The folio's other pages keep their data.
+            for &(s, e) in dead.iter().filter(|&&(s, e)| s < f.end() && f.addr() < e) {
+                for (a, b, _) in claims.take_isolated(s.max(at), e.min(f.end())) {
+                    super::fork::close((b - a) / sys::PAGE_SIZE);
+                }
+            }
+            put_back(engine, &mut claims, at, f.end());
+            at = f.end();
+            continue;
+        }
+        let j = k + folios[k..].iter().take_while(|f| !overlaps(&dead, **f)).count();
+        // One folio at a time after a refusal that may come from a mapping split across
+        // the stretch (a move stays within one mapping).
+        let e = if at < one_by_one { folios[k].end() } else { folios[j - 1].end() };
+        // SAFETY: `[at, e)` is claimed by this call and isolated (empty, every access
+        // waits); `dest` holds a complete copy of its old pages and is ours alone.
+        let (moved, errno) = match unsafe { engine.uffd.move_pages(at, dest.addr() + (at - start), e - at) } {
+            Ok(()) => (e - at, None),
+            Err((moved, errno)) => (moved, Some(errno)),
+        };
+        // The old pages of what moved are garbage now.
+        for (a, b, _) in claims.take_isolated(at, at + moved) {
+            super::fork::close((b - a) / sys::PAGE_SIZE);
+        }
+        at += moved;
+        let Some(errno) = errno else { continue };
+        if patience.wait(&mut claims, errno, dest.addr() + (at - start)) {
+            continue;
+        }
+        // A huge page that must be split to move (the source's page table is no longer a
+        // huge one) cannot be while the kernel holds it elsewhere for a moment.
+        if errno == Errno::BUSY && patience.wait_busy(&mut claims) {
+            continue;
+        }
+        let k = folios.partition_point(|f| f.end() <= at);
+        if errno == Errno::INVAL && e > folios[k].end() {
+            one_by_one = folios[j - 1].end();
+            continue;
+        }
+        let (op, errno) = match errno {
+            Errno::NOENT => ("migrate (the memory was unmapped meanwhile)", Errno::FAULT),
+            Errno::INVAL => ("migrate (the mapping changed meanwhile)", Errno::ACCESS),
+            e => ("userfaultfd move of the new pages", e),
+        };
+        // The folio the move stopped at fails; the move goes on after it.
+        out[k] = Some((op, errno));
+        put_back(engine, &mut claims, at, folios[k].end());
+        at = folios[k].end();
+    }
+    out
 }

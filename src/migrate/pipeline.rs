@@ -9,12 +9,11 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use super::abort::Abort;
-use super::mover::{self, Job, MoveJob};
+use super::mover::{self, GONE, Job, MoveJob, Patience, overlaps, restore, unprotect};
 use super::reaper::Grave;
 use super::{Engine, Item, MigrateOptions, Mode, NR_MAX_MIGRATE_PASSES, Reason};
 use crate::copy::{CopyPair, folio_copy, folios_copy};
 use crate::error::Error;
-use crate::folio::Folio;
 use crate::folio::MigrateInfo;
 use crate::migrate::MigrateStats;
 use crate::offload::{Batch, registry};
@@ -40,6 +39,8 @@ pub(super) struct Call<'a> {
     pub populate: Populate,
     /// Raised when caller code panicked: nothing more moves.
     pub abort: &'a Abort,
+    /// A migrator was registered when the call began: batches go to it.
+    pub offload: bool,
     /// Folios whose pages were held elsewhere (`EBUSY`), for the next pass, and why.
     pub held: Vec<Item>,
     pub held_why: std::collections::HashMap<usize, (&'static str, Errno)>,
@@ -110,7 +111,7 @@ impl Call<'_> {
         let mut queue = items;
         for pass in 0..NR_MAX_MIGRATE_PASSES {
             let mut retry = Vec::new();
-            for batch in super::batches(&queue, max_batch) {
+            for batch in batches(&queue, max_batch) {
                 retry.extend(self.run_batch(batch));
             }
             if retry.is_empty() {
@@ -177,7 +178,7 @@ impl Call<'_> {
             mover: self.mover.cloned(),
             abort: self.abort,
             claims: Some(claims),
-            spans: super::contiguous_runs(claimed.iter().map(|it| it.folio)),
+            spans: super::checks::contiguous_runs(claimed.iter().map(|it| it.folio)),
         };
         let runs = split_runs(&claimed);
         let info = vec![MigrateInfo::empty(); claimed.len()];
@@ -194,7 +195,7 @@ impl Call<'_> {
         let pipelined = self.opts.pipelined.unwrap_or_else(|| self.engine.pipelined());
         // The pipelined CPU copy protects each piece just before copying it, so that the
         // first folio does not wait for the whole batch to be write-protected.
-        let lazy = eligible && pipelined && !self.opts.fault.fail_batch_copy && !registry().enabled();
+        let lazy = eligible && pipelined && !self.opts.fault.fail_batch_copy && !self.offload;
         st.started = Instant::now();
         if !lazy {
             self.unmap(&mut st);
@@ -376,7 +377,7 @@ impl Call<'_> {
             return;
         }
         let copied_before = self.stats.offloaded_folios;
-        if registry().enabled() {
+        if self.offload {
             let result = if pipelined {
                 self.offload_pipelined(st, live, &pairs)
             } else {
@@ -823,52 +824,12 @@ impl Drop for BatchGuard<'_> {
     }
 }
 
-/// Takes the protection off `[start, end)` and wakes its writers: the source is as it was.
-pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
-    let uffd = &engine.uffd;
-    let _ = uffd.writeprotect(start, end - start, false);
-    let _ = uffd.wake(start, end - start);
-}
-
-/// Takes the call's registration off its runs once it is done with them, except where
-/// another call has claimed part of one (that call's registration is the same one). Under
-/// the claims lock, so no claim begins meanwhile. A run the program split or unmapped is
-/// unregistered folio by folio.
-pub(super) fn unregister_runs(engine: &Engine, runs: &[super::Span], folio_size: impl Fn(usize) -> usize) {
-    let mut claims = engine.busy.lock();
-    for &(start, end) in runs {
-        let mut at = start;
-        let mut pieces = Vec::new();
-        for (s, e) in claims.claimed_in(start, end) {
-            if s > at {
-                pieces.push((at, s));
-            }
-            at = at.max(e);
-        }
-        if at < end {
-            pieces.push((at, end));
-        }
-        for (s, e) in pieces {
-            if engine.uffd.unregister(s, e - s).is_err() {
-                let step = folio_size(s);
-                for a in (s..e).step_by(step) {
-                    let _ = engine.uffd.unregister(a, step);
-                }
-            }
-        }
-    }
-    drop(claims);
-}
-
 /// What a folio whose mapping the program unmapped or changed after the call began fails
 /// with.
 const CHANGED: &str = "migrate (the memory was unmapped or changed meanwhile)";
 
 /// What a folio another call held through every pass fails with.
 const BUSY_ELSEWHERE: &str = "migrate (folio busy in another migration)";
-
-/// What a folio that the program purged or moved away while it migrated fails with.
-const GONE: &str = "migrate (the program purged or moved the memory meanwhile)";
 
 /// The error a folio whose pages would not move out fails with, as `move_pages(2)` would
 /// report it.
@@ -914,193 +875,6 @@ fn unshare(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, e
     true
 }
 
-/// Whether any of the spans overlaps the folio.
-fn overlaps(spans: &[super::Span], f: Folio<'_>) -> bool {
-    spans.iter().any(|&(s, e)| s < f.end() && f.addr() < e)
-}
-
-/// How long a move refused with `EAGAIN` is tried again. The kernel refuses moves while an
-/// event of the program waits to be read (the event reader needs the claims lock, so it is
-/// let go meanwhile) and for a moment after; a page that is not present refuses for good.
-struct Patience {
-    deadline: Option<Instant>,
-    busy_deadline: Option<Instant>,
-}
-
-impl Patience {
-    const LIMIT: Duration = Duration::from_secs(2);
-    /// A pinned page is refused for good: `EBUSY` is tried again only this long.
-    const BUSY_LIMIT: Duration = Duration::from_millis(20);
-
-    fn new() -> Self {
-        Self { deadline: None, busy_deadline: None }
-    }
-
-    /// After an `EBUSY` that may pass: whether to try again, having let the lock go.
-    fn wait_busy(&mut self, claims: &mut MutexGuard<'_, Claims>) -> bool {
-        let deadline = *self.busy_deadline.get_or_insert_with(|| Instant::now() + Self::BUSY_LIMIT);
-        if Instant::now() >= deadline {
-            return false;
-        }
-        MutexGuard::unlocked(claims, || std::thread::sleep(Duration::from_micros(200)));
-        true
-    }
-
-    /// After a move stopped at `at` with `errno`: whether to try again, having let the
-    /// claims lock go for a moment.
-    fn wait(&mut self, claims: &mut MutexGuard<'_, Claims>, errno: Errno, at: usize) -> bool {
-        if errno != Errno::AGAIN {
-            return false;
-        }
-        let present = crate::numa::page_frames(at & !(sys::PAGE_SIZE - 1), sys::PAGE_SIZE)
-            .is_ok_and(|f| f.first().is_some_and(Option::is_some));
-        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + Self::LIMIT);
-        if !present || Instant::now() >= deadline {
-            return false;
-        }
-        MutexGuard::unlocked(claims, || std::thread::sleep(Duration::from_micros(100)));
-        true
-    }
-}
-
-/// Puts the isolated old pages of `[start, end)` back where they were (the folio did not
-/// move). Where the program unmapped the range meanwhile they stay in the graveyard and go
-/// with it.
-pub(super) fn restore(engine: &Engine, start: usize, end: usize) {
-    put_back(engine, &mut engine.busy.lock(), start, end);
-}
-
-/// [`restore`] with the claims lock held. Each span stays recorded as isolated until its
-/// pages are back, so that an event read while the lock is let go finds it.
-fn put_back(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, end: usize) {
-    let mut patience = Patience::new();
-    while let Some((s, e, g)) = claims.isolated_in(start, end).first().copied() {
-        // SAFETY: `g` holds exactly the old pages of `[s, e)`, moved out by this call; the
-        // source is empty and every access to it waits.
-        let (moved, errno) = match unsafe { engine.uffd.move_pages(s, g, e - s) } {
-            Ok(()) => (e - s, None),
-            Err((moved, errno)) => (moved, Some(errno)),
-        };
-        let done = match errno {
-            None => e,
-            Some(errno) if patience.wait(claims, errno, g + moved) => s + moved,
-            Some(Errno::INVAL) => {
-                put_back_changed(engine, s + moved, g + moved, e - s - moved);
-                e
-            }
-            // Unmapped by the program: the pages go with the graveyard.
-            Some(_) => e,
-        };
-        for (a, b, _) in claims.take_isolated(s, done) {
-            super::fork::close((b - a) / sys::PAGE_SIZE);
-        }
-    }
-}
-
-/// Puts back pages whose move was refused because the program changed the mapping's
-/// protection or locking meanwhile: the graveyard is locked like the source, and a source
-/// made read-only is made writable for the instant of the move (nothing can touch it
-/// meanwhile: it is empty and every access waits) and read-only again.
-fn put_back_changed(engine: &Engine, start: usize, grave: usize, len: usize) {
-    let Ok(vmas) = crate::maps::vmas_with_flags(start, start + len) else { return };
-    for vma in vmas {
-        let (s, e) = (vma.start.max(start), vma.end.min(start + len));
-        if s >= e || !vma.perms.starts_with('r') || vma.perms.get(3..4) != Some("p") {
-            continue;
-        }
-        let g = grave + (s - start);
-        let _ = if vma.has_flag("lo") { sys::mlock_onfault(g, e - s) } else { sys::munlock(g, e - s) };
-        let writable = vma.perms.get(1..2) == Some("w");
-        // SAFETY: the source range is empty and every access to it waits, so nothing
-        // relies on its protection for the instant it is writable; then it is as before.
-        // `g` holds exactly its old pages.
-        unsafe {
-            if !writable {
-                let _ = sys::mprotect(s, e - s, true);
-            }
-            let _ = engine.uffd.move_pages(s, g, e - s);
-            if !writable {
-                let _ = sys::mprotect(s, e - s, false);
-            }
-        }
-    }
-}
-
-/// Per folio of a move: `None` if it moved, else why not.
-pub(super) type Outcome = Option<(&'static str, Errno)>;
-
-/// Moves the copy `dest` into the isolated source `[start, start + dest.len())`, whose
-/// folios are `folios`, and returns each folio's outcome. Under the claims lock, so that a
-/// purge or `mremap` the program announces excludes it: a folio the program purged or
-/// moved away meanwhile is not moved in (its purged old pages are dropped, the others put
-/// back), and fails with `ENOENT`. A move the kernel refuses (the program unmapped or
-/// changed the mapping meanwhile) puts the old pages back. Nothing is woken here.
-pub(super) fn replace(engine: &Engine, start: usize, dest: &Dest, folios: &[Folio<'_>]) -> Vec<Outcome> {
-    let end = start + dest.len();
-    let mut out = vec![None; folios.len()];
-    let mut claims = engine.busy.lock();
-    let mut patience = Patience::new();
-    let mut one_by_one = start;
-    let mut at = start;
-    while at < end {
-        // Read again at every step: the lock may have been let go meanwhile.
-        let dead = claims.dead_in(at, end);
-        let k = folios.partition_point(|f| f.end() <= at);
-        if overlaps(&dead, folios[k]) {
-            let f = folios[k];
-            out[k] = Some((GONE, Errno::NOENT));
-            // Purged: those old pages are garbage. The folio's other pages keep their data.
-            for &(s, e) in dead.iter().filter(|&&(s, e)| s < f.end() && f.addr() < e) {
-                for (a, b, _) in claims.take_isolated(s.max(at), e.min(f.end())) {
-                    super::fork::close((b - a) / sys::PAGE_SIZE);
-                }
-            }
-            put_back(engine, &mut claims, at, f.end());
-            at = f.end();
-            continue;
-        }
-        let j = k + folios[k..].iter().take_while(|f| !overlaps(&dead, **f)).count();
-        // One folio at a time after a refusal that may come from a mapping split across
-        // the stretch (a move stays within one mapping).
-        let e = if at < one_by_one { folios[k].end() } else { folios[j - 1].end() };
-        // SAFETY: `[at, e)` is claimed by this call and isolated (empty, every access
-        // waits); `dest` holds a complete copy of its old pages and is ours alone.
-        let (moved, errno) = match unsafe { engine.uffd.move_pages(at, dest.addr() + (at - start), e - at) } {
-            Ok(()) => (e - at, None),
-            Err((moved, errno)) => (moved, Some(errno)),
-        };
-        // The old pages of what moved are garbage now.
-        for (a, b, _) in claims.take_isolated(at, at + moved) {
-            super::fork::close((b - a) / sys::PAGE_SIZE);
-        }
-        at += moved;
-        let Some(errno) = errno else { continue };
-        if patience.wait(&mut claims, errno, dest.addr() + (at - start)) {
-            continue;
-        }
-        // A huge page that must be split to move (the source's page table is no longer a
-        // huge one) cannot be while the kernel holds it elsewhere for a moment.
-        if errno == Errno::BUSY && patience.wait_busy(&mut claims) {
-            continue;
-        }
-        let k = folios.partition_point(|f| f.end() <= at);
-        if errno == Errno::INVAL && e > folios[k].end() {
-            one_by_one = folios[j - 1].end();
-            continue;
-        }
-        let (op, errno) = match errno {
-            Errno::NOENT => ("migrate (the memory was unmapped meanwhile)", Errno::FAULT),
-            Errno::INVAL => ("migrate (the mapping changed meanwhile)", Errno::ACCESS),
-            e => ("userfaultfd move of the new pages", e),
-        };
-        // The folio the move stopped at fails; the move goes on after it.
-        out[k] = Some((op, errno));
-        put_back(engine, &mut claims, at, folios[k].end());
-        at = folios[k].end();
-    }
-    out
-}
-
 /// Records that the items were write-protected, and locked where their mapping was.
 fn mark_mapped(st: &mut BatchState, items: Range<usize>) {
     for i in items {
@@ -1137,4 +911,48 @@ fn split_runs(claimed: &[Item]) -> Vec<Run> {
         }
     }
     runs
+}
+
+/// Splits the queue into batches of at most `max_pages` base pages (a folio larger than
+/// the bound forms a batch of its own).
+fn batches(items: &[Item], max_pages: usize) -> Vec<Vec<Item>> {
+    let mut out: Vec<Vec<Item>> = Vec::new();
+    let mut pages = 0;
+    for item in items {
+        let n = item.folio.nr_pages();
+        match out.last_mut() {
+            Some(b) if pages + n <= max_pages => {
+                b.push(*item);
+                pages += n;
+            }
+            _ => {
+                out.push(vec![*item]);
+                pages = n;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(unsafe_code, reason = "folios made from plain addresses to test the bookkeeping")]
+mod tests {
+    use super::*;
+    use crate::folio::Folio;
+    use crate::pool::ThpAdvice;
+
+    fn item(addr: usize, size: usize) -> Item {
+        // SAFETY: describes an address only; nothing migrates it.
+        Item { folio: unsafe { Folio::new(addr, size) }.unwrap(), index: 0, locked: false, thp: ThpAdvice::Default }
+    }
+
+    #[test]
+    fn batches_respect_the_bound() {
+        let items: Vec<_> = (1..=10).map(|i| item(i * 4096, 4096)).collect();
+        let b = batches(&items, 4);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
+        let big = [item(2 << 20, 2 << 20), item(4 << 20, 2 << 20)];
+        assert_eq!(batches(&big, 1).len(), 2);
+        assert_eq!(batches(&big, 1024).len(), 1);
+    }
 }

@@ -1,0 +1,126 @@
+//! The checks a call passes before anything is touched: shapes, the node, what the memory
+//! is, free memory on the target, `vm.max_map_count`; and the call's folios paired with the
+//! state of their mappings.
+
+use super::{Item, Span};
+use crate::error::{Error, Result};
+use crate::folio::Folio;
+use crate::maps::{self, Vma};
+use crate::numa;
+use crate::pool::ThpAdvice;
+use crate::sys;
+
+/// Free memory left untouched on the target node.
+const NODE_RESERVE: u64 = 32 << 20;
+
+/// Checks a whole call before anything is touched and pairs each folio with the state
+/// of its mapping.
+/// Also returns the target's free memory beyond its reserve.
+pub(super) fn prepare_call(folios: &[Folio<'_>], target: u32) -> Result<(Vec<Item>, Vec<Span>, u64)> {
+    if folios.is_empty() {
+        return Err(Error::Invalid("no folios to migrate (zero length)".into()));
+    }
+    numa::check_node(target)?;
+    let mut sorted: Vec<Folio<'static>> = folios.iter().map(|f| f.erased()).collect();
+    sorted.sort_unstable();
+    if let Some(w) = sorted.windows(2).find(|w| w[0].end() > w[1].addr()) {
+        return Err(Error::Invalid(format!("folios at {:#x} and {:#x} overlap", w[0].addr(), w[1].addr())));
+    }
+    let (lo, hi) = (sorted[0].addr(), sorted[sorted.len() - 1].end());
+    let vmas = maps::vmas_with_flags(lo, hi)?;
+    let runs = contiguous_runs(sorted.iter().copied());
+    let own_stack = sys::current_thread_stack();
+    for &(s, e) in &runs {
+        maps::check_movable(s, e, &vmas)?;
+        // The migrating thread writes its own stack: protecting it would deadlock.
+        if let Some((ss, se)) = own_stack.filter(|&(ss, se)| s < se && ss < e) {
+            return Err(Error::NotMovable {
+                start: s.max(ss),
+                end: e.min(se),
+                why: "the calling thread's own stack".into(),
+            });
+        }
+    }
+    let limit = sys::max_map_count();
+    let current = maps::vma_count()?;
+    let needed = current + 2 * runs.len() + 16;
+    if needed > limit {
+        return Err(Error::MapCountLimit { current, needed, limit });
+    }
+    let bytes: u64 = sorted.iter().map(|f| f.size() as u64).sum();
+    let free = check_free_memory(target, bytes, &runs)?;
+    Ok((attach_vma_state(&sorted, &vmas), runs, free))
+}
+
+/// Checks that `target` can take `bytes`; returns its free memory beyond the reserve.
+fn check_free_memory(target: u32, bytes: u64, runs: &[(usize, usize)]) -> Result<u64> {
+    let (_, mem_free) = numa::meminfo(target)?;
+    let free = mem_free.saturating_sub(NODE_RESERVE);
+    if bytes <= free {
+        return Ok(free);
+    }
+    // Pages already on the target free as much as they take.
+    let mut needed = 0u64;
+    for &(s, e) in runs {
+        let here = numa::page_nodes(s, e - s)?.iter().filter(|&&n| n == target as i32).count();
+        needed += (e - s) as u64 - (here * sys::PAGE_SIZE) as u64;
+    }
+    if needed <= free {
+        Ok(free)
+    } else {
+        Err(Error::NodeFull { node: target, needed, free: mem_free, reserve: NODE_RESERVE })
+    }
+}
+
+/// Maximal runs of contiguous folios, as `(start, end)`.
+pub(super) fn contiguous_runs<'a>(sorted: impl IntoIterator<Item = Folio<'a>>) -> Vec<Span> {
+    let mut runs: Vec<Span> = Vec::new();
+    for f in sorted {
+        match runs.last_mut() {
+            Some(last) if last.1 == f.addr() => last.1 = f.end(),
+            _ => runs.push((f.addr(), f.end())),
+        }
+    }
+    runs
+}
+
+fn attach_vma_state(sorted: &[Folio<'static>], vmas: &[Vma]) -> Vec<Item> {
+    let mut v = 0;
+    sorted
+        .iter()
+        .enumerate()
+        .map(|(index, &folio)| {
+            while v + 1 < vmas.len() && vmas[v].end <= folio.addr() {
+                v += 1;
+            }
+            let vma = vmas.get(v).filter(|m| m.start <= folio.addr() && folio.addr() < m.end);
+            let flag = |f: &str| vma.is_some_and(|m| m.has_flag(f));
+            let thp = if flag("hg") {
+                ThpAdvice::Huge
+            } else if flag("nh") {
+                ThpAdvice::NoHuge
+            } else {
+                ThpAdvice::Default
+            };
+            Item { folio, index, locked: flag("lo"), thp }
+        })
+        .collect()
+}
+
+/// The size of the folio of `folios` at `addr` (base pages where none starts there).
+pub(super) fn items_size_at(folios: &[Folio<'_>], addr: usize) -> usize {
+    folios.iter().find(|f| f.addr() <= addr && addr < f.end()).map_or(sys::PAGE_SIZE, |f| f.size())
+}
+
+#[cfg(test)]
+#[allow(unsafe_code, reason = "folios made from plain addresses to test the bookkeeping")]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_merge_contiguous_folios() {
+        // SAFETY: these folios describe addresses only; nothing migrates them.
+        let f: Vec<_> = [0x1000, 0x2000, 0x4000].iter().map(|&a| unsafe { Folio::new(a, 4096) }.unwrap()).collect();
+        assert_eq!(contiguous_runs(f), [(0x1000, 0x3000), (0x4000, 0x5000)]);
+    }
+}

@@ -1,0 +1,256 @@
+//! The engine: a userfaultfd, the destination pool, the claims on folios in flight, the
+//! event reader and the reaper; and one call of `migrate_pages` read top to bottom.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use super::busy::Busy;
+use super::checks::{items_size_at, prepare_call};
+use super::options::{DEFAULT_MAX_BATCH_PAGES, DEFAULT_POOL_LIMIT, DEFAULT_REAPER_BACKLOG, check_max_batch_pages};
+use super::{Capabilities, MigrateOptions, MigrateStats, Mode, Reason, abort, events, fork, mover, pipeline, reaper};
+use crate::error::{Error, Result};
+use crate::folio::Folio;
+use crate::pool::{Pool, Populate};
+use crate::sys::{self, Errno, uffd::Uffd};
+
+/// The migration engine: a userfaultfd, the destination pool and the set of folios in
+/// flight. One per process is enough ([`Engine::global`]); several may coexist as long as
+/// they migrate different memory.
+#[derive(Debug)]
+pub struct Engine {
+    pub(super) uffd: Arc<Uffd>,
+    pub(super) pool: Pool,
+    pub(super) busy: Arc<Busy>,
+    pub(super) max_batch_pages: AtomicUsize,
+    pub(super) pipelined: AtomicBool,
+    pub(super) deferred_free: AtomicBool,
+    pub(super) mover: AtomicBool,
+    pub(super) reaper: reaper::Reaper,
+    /// Read by its own thread; stopped when the engine drops.
+    #[expect(dead_code, reason = "held for its Drop, which stops the reader thread")]
+    pub(super) events: events::Reader,
+}
+
+impl Engine {
+    /// Opens a userfaultfd and makes an empty pool.
+    ///
+    /// # Errors
+    /// [`Error::Sys`] when userfaultfd cannot be opened (no permission, no kernel support).
+    pub fn new() -> Result<Self> {
+        fork::install();
+        let uffd = Arc::new(Uffd::open().map_err(Error::sys("userfaultfd"))?);
+        let busy = Arc::new(Busy::default());
+        let events = events::Reader::spawn(uffd.clone(), busy.clone()).map_err(Error::sys("event reader thread"))?;
+        Ok(Self {
+            reaper: reaper::Reaper::new(uffd.clone(), DEFAULT_REAPER_BACKLOG),
+            uffd,
+            pool: Pool::new(DEFAULT_POOL_LIMIT),
+            busy,
+            max_batch_pages: AtomicUsize::new(DEFAULT_MAX_BATCH_PAGES),
+            pipelined: AtomicBool::new(true),
+            deferred_free: AtomicBool::new(true),
+            mover: AtomicBool::new(true),
+            events,
+        })
+    }
+
+    /// The process-wide engine, opened on first use.
+    ///
+    /// # Errors
+    /// As [`Engine::new`], on every call once opening failed.
+    pub fn global() -> Result<&'static Engine> {
+        static GLOBAL: OnceLock<std::result::Result<Engine, Errno>> = OnceLock::new();
+        GLOBAL
+            .get_or_init(|| Engine::new().map_err(|e| e.errno()))
+            .as_ref()
+            .map_err(|&errno| Error::Sys { op: "userfaultfd", errno })
+    }
+
+    /// What the kernel allows this process.
+    pub fn capabilities(&self) -> Capabilities {
+        Capabilities { user_mode_only: self.uffd.user_mode_only(), wp_unpopulated: self.uffd.wp_unpopulated() }
+    }
+
+    /// The destination pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The bound on a batch, in base pages.
+    pub fn max_batch_pages(&self) -> usize {
+        self.max_batch_pages.load(Ordering::Relaxed)
+    }
+
+    /// Whether runs move as soon as their copy completes (`migrate/pipelined`).
+    pub fn pipelined(&self) -> bool {
+        self.pipelined.load(Ordering::Relaxed)
+    }
+
+    /// Whether replaced source pages are freed on a background thread
+    /// (`migrate/deferred_free`).
+    pub fn deferred_free(&self) -> bool {
+        self.deferred_free.load(Ordering::Relaxed)
+    }
+
+    /// Whether calls of base-page folios move runs on a mover thread (`migrate/mover`).
+    pub fn mover(&self) -> bool {
+        self.mover.load(Ordering::Relaxed)
+    }
+
+    /// Sets whether calls of base-page folios move runs on a mover thread.
+    pub fn set_mover(&self, on: bool) {
+        self.mover.store(on, Ordering::Relaxed);
+    }
+
+    /// Sets whether replaced source pages are freed on a background thread.
+    pub fn set_deferred_free(&self, on: bool) {
+        self.deferred_free.store(on, Ordering::Relaxed);
+    }
+
+    /// Sets whether runs move as soon as their copy completes.
+    pub fn set_pipelined(&self, on: bool) {
+        self.pipelined.store(on, Ordering::Relaxed);
+    }
+
+    /// Sets the bound on a batch.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] unless `1 <= pages <= 262144`.
+    pub fn set_max_batch_pages(&self, pages: usize) -> Result<()> {
+        self.max_batch_pages.store(check_max_batch_pages(pages)?, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Migrates `folios` to `target`.
+    ///
+    /// Every folio must lie in private, anonymous, read-write memory of this process; the
+    /// folios may be given in any order but must not overlap. Data written to the folios
+    /// while they migrate, by any thread or by the kernel, is never lost.
+    ///
+    /// # Errors
+    /// Before touching anything: [`Error::Invalid`] for no folios, overlapping folios or a
+    /// bad `max_batch_pages`; [`Error::UnknownNode`]; [`Error::NotMovable`] for memory
+    /// pagemig may not move; [`Error::NodeFull`] or [`Error::MapCountLimit`] (`ENOMEM`).
+    /// After some folios moved: [`Error::Partial`] with the stats and the first error; the
+    /// folios that did not move are exactly as they were.
+    pub fn migrate_pages(
+        &self,
+        folios: &[Folio<'_>],
+        target: u32,
+        reason: Reason,
+        mode: Mode,
+        opts: &MigrateOptions,
+    ) -> Result<MigrateStats> {
+        let started = Instant::now();
+        let max_batch = check_max_batch_pages(opts.max_batch_pages.unwrap_or_else(|| self.max_batch_pages()))?;
+        let (items, runs, free) = prepare_call(folios, target)?;
+        let mut stats = MigrateStats { folios: items.len() as u64, ..Default::default() };
+        let register_start = Instant::now();
+        // Every run registered once, up front, in missing and write-protect mode: batches
+        // then only protect, and the program's mappings are not split batch by batch (an
+        // `mremap` of a range inside one run still finds one mapping). A run that cannot
+        // be registered here fails in its batches, with the error.
+        for &(s, e) in &runs {
+            let _ = self.uffd.register_missing_wp(s, e - s);
+        }
+        stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
+        let mut first_error = None;
+        let deferred = opts.deferred_free.unwrap_or_else(|| self.deferred_free());
+        // Base pages, more than one piece, the CPU copy: runs move on a mover thread while
+        // the next piece is copied (see `mover`). Replacing base pages costs a good part of
+        // their copy; a huge page's move costs little next to its copy, and moving it on
+        // another CPU than the one that populates the next destination made the kernel's
+        // huge-page allocation slower, so huge pages move here. A registered migrator
+        // copies on threads of its own and its moves stay here.
+        let bytes: usize = items.iter().map(|it| it.folio.size()).sum();
+        // The copy strategy, from one look at the registry for the whole call (a migrator
+        // unregistered meanwhile declines, and its batches fall back to the CPU copy).
+        let offload = crate::offload::registry().enabled();
+        let threaded = opts.mover.unwrap_or_else(|| self.mover())
+            && bytes > sys::HPAGE_SIZE
+            && !items[0].folio.is_pmd()
+            && !offload;
+        let progress = opts.progress.as_ref();
+        let abort = abort::Abort::default();
+        let abort = &abort;
+        let tally = std::thread::scope(|s| {
+            // Without a mover thread (none could be spawned) the moves run here.
+            let (tx, rx) = crossbeam::channel::bounded(mover::QUEUE);
+            let mover = threaded
+                .then(|| {
+                    std::thread::Builder::new()
+                        .name("pagemig-mover".into())
+                        .spawn_scoped(s, move || mover::serve(self, rx, progress, abort))
+                        .ok()
+                })
+                .flatten();
+            let tx = mover.is_some().then_some(tx);
+            let mut ctx = pipeline::Call {
+                engine: self,
+                target,
+                reason,
+                opts,
+                deferred,
+                stats: &mut stats,
+                first_error: &mut first_error,
+                mover: tx.as_ref(),
+                // With a mover, destinations are populated by touching them, which does not
+                // hold up its moves, where the node has free memory for twice the call beyond
+                // its reserve (see `Populate`).
+                populate: if tx.is_some() && free >= 2 * bytes as u64 { Populate::Touch } else { Populate::Madvise },
+                abort,
+                offload,
+                held: Vec::new(),
+                held_why: Default::default(),
+            };
+            // A panic of pagemig's own stops the call like one in caller code: the batch's
+            // guard has undone what it held; the folios not reached fail.
+            let passes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                ctx.run_passes(items, max_batch, mode);
+            }));
+            if let Err(payload) = passes {
+                abort.raise("pagemig", crate::offload::registry::panic_message(payload.as_ref()));
+            }
+            drop(tx);
+            mover.and_then(|h| h.join().ok())
+        });
+        if let Some(tally) = tally {
+            stats.accumulate(&tally.stats);
+            stats.mover_runs = tally.stats.runs;
+            if first_error.is_none() {
+                first_error = tally.first_error;
+            }
+        }
+        // Registration off, for the runs' every page that is not another call's now.
+        let folio_at = |a: usize| items_size_at(folios, a);
+        mover::unregister_runs(self, &runs, folio_at);
+        // The migration itself ends here; what follows frees old pages off its path.
+        stats.critical_ns = (register_start.elapsed().as_nanos() as u64).saturating_sub(stats.prepare_ns);
+        if deferred {
+            // The call ends when the old pages are freed too.
+            self.reaper.drain();
+        }
+        stats.total_ns = started.elapsed().as_nanos() as u64;
+        if let Some((what, message)) = abort.take() {
+            return Err(Error::Panicked { what, message, stats: Box::new(stats) });
+        }
+        match first_error {
+            Some(first) if stats.failed_folios > 0 => Err(Error::Partial {
+                failed: stats.failed_folios,
+                total: stats.folios,
+                first: Box::new(first),
+                stats: Box::new(stats),
+            }),
+            _ => Ok(stats),
+        }
+    }
+}
+
+/// Migrates `folios` to `target` with the process-wide [`Engine`] and default options.
+///
+/// # Errors
+/// As [`Engine::migrate_pages`], or [`Error::Sys`] when no userfaultfd can be opened.
+pub fn migrate_pages(folios: &[Folio<'_>], target: u32, reason: Reason, mode: Mode) -> Result<MigrateStats> {
+    Engine::global()?.migrate_pages(folios, target, reason, mode, &MigrateOptions::default())
+}
