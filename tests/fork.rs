@@ -8,7 +8,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{leak, pages_on, watchdog};
+use common::{assert_writable, leak, pages_on, watchdog};
 use pagemig::workload::{self, pattern_word};
 use pagemig::{Engine, MigrateOptions, Mode, Reason, Region, numa};
 
@@ -76,6 +76,7 @@ fn storm(folio: usize, deferred: bool, duration: Duration) -> (u64, u64, u64) {
     });
     assert!(workload::verify(region, 1234, &Default::default()).ok());
     assert_eq!(pages_on(region, node()), size / 4096);
+    assert_writable(region);
     outcome
 }
 

@@ -11,7 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use common::{leak, pages_on, watchdog};
+use common::{assert_writable, leak, pages_on, watchdog};
 use pagemig::sys::PAGE_SIZE;
 use pagemig::{Engine, Error, MigrateOptions, Mode, Reason, Region, numa};
 
@@ -101,6 +101,7 @@ fn o_direct_reads(folio: usize, reads: usize) {
     assert!(migrations > 5, "too little overlap: {migrations} migrations");
     assert_eq!(lost, 0, "{lost} of {reads} O_DIRECT reads lost");
     assert_eq!(pages_on(region, node()), region.len() / PAGE_SIZE);
+    assert_writable(region);
 }
 
 #[test]
@@ -168,5 +169,6 @@ fn process_vm_writev_from_another_process_loses_nothing() {
         assert!(migrations > 5, "too little overlap: {migrations} migrations");
         assert_eq!(lost, 0, "{lost} slots lost their last write");
         assert_eq!(pages_on(region, node()), region.len() / PAGE_SIZE);
+        assert_writable(region);
     }
 }

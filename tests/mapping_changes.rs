@@ -268,3 +268,53 @@ fn madv_dontneed_during_migration() {
 fn madv_free_during_migration() {
     all_moments(Change::Free);
 }
+
+#[test]
+fn never_touched_pages_touched_during_a_call_do_not_wait_for_its_end() {
+    // Half the mapping populated, half never touched; moves held back so the call lasts.
+    let base = mapping(4096);
+    let half = LEN / 2;
+    // SAFETY: the second half of the test's own mapping, emptied.
+    assert_eq!(unsafe { libc::madvise((base + half) as *mut _, half, libc::MADV_DONTNEED) }, 0);
+    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
+        // SAFETY: the test keeps the mapping for the whole call.
+        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
+        .collect();
+    let (result, wrote_at, returned_at) =
+        watchdog(Duration::from_secs(120), "touching never-touched pages", move || {
+            let opts = MigrateOptions {
+                fault: FaultInjection { delay_move: Some(Duration::from_millis(300)), ..Default::default() },
+                max_batch_pages: Some(512),
+                ..Default::default()
+            };
+            std::thread::scope(|s| {
+                let writer = s.spawn(|| {
+                    std::thread::sleep(Duration::from_millis(100));
+                    for p in 0..half / PAGE_SIZE {
+                        let a = base + half + p * PAGE_SIZE;
+                        // SAFETY: a page of the test's mapping that nothing else writes.
+                        unsafe { (a as *mut u64).write_volatile(0x7e57_0000_0000_0000 | p as u64) };
+                    }
+                    std::time::Instant::now()
+                });
+                let result =
+                    Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
+                let returned_at = std::time::Instant::now();
+                (result, writer.join().unwrap(), returned_at)
+            })
+        });
+    assert!(wrote_at < returned_at, "the writes into never-touched pages waited for the call to end");
+    // The never-touched folios had nothing to move: not present, `ENOENT`.
+    if let Err(e) = &result {
+        assert_eq!(e.errno(), Errno::NOENT, "{e}");
+    }
+    for i in 0..half / 8 {
+        assert_eq!(word(base + i * 8), pattern_word(SEED, i));
+    }
+    for p in 0..half / PAGE_SIZE {
+        assert_eq!(word(base + half + p * PAGE_SIZE), 0x7e57_0000_0000_0000 | p as u64);
+        assert_eq!(word(base + half + p * PAGE_SIZE + 8), 0, "the rest of a filled page reads as zeros");
+    }
+    // SAFETY: the test's own mapping, no longer used.
+    unsafe { libc::munmap(base as *mut _, LEN) };
+}

@@ -154,6 +154,7 @@ impl Engine {
         for &(s, e) in &runs {
             let _ = self.uffd.register_missing_wp(s, e - s);
         }
+        self.busy.lock().add_registered(&runs);
         stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
         let mut first_error = None;
         let deferred = opts.deferred_free.unwrap_or_else(|| self.deferred_free());

@@ -198,6 +198,7 @@ pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
 /// unregistered folio by folio.
 pub(super) fn unregister_runs(engine: &Engine, runs: &[super::Span], folio_size: impl Fn(usize) -> usize) {
     let mut claims = engine.busy.lock();
+    claims.remove_registered(runs);
     for &(start, end) in runs {
         let mut at = start;
         let mut pieces = Vec::new();

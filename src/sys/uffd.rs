@@ -24,10 +24,10 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use linux_raw_sys::general::{
-    UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_MOVE,
-    UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED, UFFD_USER_MODE_ONLY, UFFDIO_REGISTER_MODE_MISSING,
-    UFFDIO_REGISTER_MODE_WP, uffd_msg, uffdio_api, uffdio_copy, uffdio_move, uffdio_range, uffdio_register,
-    uffdio_writeprotect,
+    UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE,
+    UFFD_FEATURE_MOVE, UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_MINOR,
+    UFFD_PAGEFAULT_FLAG_WP, UFFD_USER_MODE_ONLY, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP, uffd_msg,
+    uffdio_api, uffdio_copy, uffdio_move, uffdio_range, uffdio_register, uffdio_writeprotect,
 };
 use linux_raw_sys::ioctl::{
     UFFDIO_API, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_WRITEPROTECT,
@@ -57,6 +57,12 @@ pub enum Event {
         start: usize,
         /// One past the last byte.
         end: usize,
+    },
+    /// A thread touched the empty page at `addr` of a range registered in missing mode and
+    /// waits for it to be filled (or woken).
+    Missing {
+        /// The faulting address.
+        addr: usize,
     },
     /// `len` bytes at `from` were moved to `to` by `mremap`.
     Remap {
@@ -205,8 +211,8 @@ impl Uffd {
     }
 
     /// Reads every message waiting on the descriptor without blocking, and returns the
-    /// events among them (fault messages are dropped: their threads sleep until woken).
-    /// Reading an event releases the thread that caused it.
+    /// events and missing-page faults among them (write-protect faults are dropped: their
+    /// threads sleep until woken). Reading an event releases the thread that caused it.
     ///
     /// # Errors
     /// The `read` errno, other than `EAGAIN` (nothing waiting).
@@ -233,6 +239,11 @@ impl Uffd {
                     if event == UFFD_EVENT_REMOVE {
                         let r = msg.arg.remove;
                         events.push(Event::Remove { start: r.start as usize, end: r.end as usize });
+                    } else if event == UFFD_EVENT_PAGEFAULT {
+                        let f = msg.arg.pagefault;
+                        if f.flags & u64::from(UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR) == 0 {
+                            events.push(Event::Missing { addr: f.address as usize });
+                        }
                     } else if event == UFFD_EVENT_REMAP {
                         let r = msg.arg.remap;
                         events.push(Event::Remap { from: r.from as usize, to: r.to as usize, len: r.len as usize });
