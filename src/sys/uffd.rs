@@ -186,8 +186,7 @@ impl Uffd {
     /// `[src, src + len)` afterwards, and `[dst, dst + len)` must be a range whose new
     /// contents nobody is surprised by (memory of ours, or a source whose accesses wait).
     pub unsafe fn move_pages(&self, dst: usize, src: usize, len: usize) -> Result<(), (usize, Errno)> {
-        let mut done = 0;
-        while done < len {
+        resumable(len, |done| {
             let mut mv = uffdio_move {
                 dst: (dst + done) as u64,
                 src: (src + done) as u64,
@@ -197,17 +196,8 @@ impl Uffd {
             };
             // SAFETY: a valid uffdio_move; what the move does to memory is the caller's promise.
             let result = self.ioctl(UFFDIO_MOVE, &mut mv as *mut _ as *mut libc::c_void);
-            let moved = if mv.move_ > 0 { mv.move_ as usize } else { 0 };
-            done += moved;
-            match result {
-                Ok(()) if moved == 0 => return Err((done, Errno::AGAIN)),
-                Ok(()) => {}
-                // Interrupted after some progress (a contended page lock): go on from there.
-                Err(Errno::AGAIN) if moved > 0 => {}
-                Err(e) => return Err((done, e)),
-            }
-        }
-        Ok(())
+            (usize::try_from(mv.move_).unwrap_or(0), result)
+        })
     }
 
     /// Reads every message waiting on the descriptor without blocking, and returns the
@@ -322,8 +312,7 @@ impl Uffd {
     /// `[dst, dst + len)` must be a range whose new contents nobody is surprised by (a range
     /// whose accesses wait for exactly this data).
     pub unsafe fn copy(&self, dst: usize, src: usize, len: usize) -> Result<(), Errno> {
-        let mut done = 0;
-        while done < len {
+        resumable(len, |done| {
             let mut cp = uffdio_copy {
                 dst: (dst + done) as u64,
                 src: (src + done) as u64,
@@ -333,14 +322,9 @@ impl Uffd {
             };
             // SAFETY: a valid uffdio_copy; what the copy fills is the caller's promise.
             let result = self.ioctl(UFFDIO_COPY, &mut cp as *mut _ as *mut libc::c_void);
-            if cp.copy > 0 {
-                done += cp.copy as usize;
-            } else {
-                result?;
-                return Err(Errno::AGAIN);
-            }
-        }
-        Ok(())
+            (usize::try_from(cp.copy).unwrap_or(0), result)
+        })
+        .map_err(|(_, e)| e)
     }
 
     /// Wakes every thread waiting on a fault in `[start, start + len)` (`UFFDIO_WAKE`); it
@@ -360,6 +344,25 @@ impl Uffd {
         let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), request as libc::c_ulong, arg) };
         if ret < 0 { Err(last_errno()) } else { Ok(()) }
     }
+}
+
+/// Drives an ioctl that may do part of `len` bytes per call (`UFFDIO_MOVE`, `UFFDIO_COPY`):
+/// `step(done)` does what it can from `done` and returns the bytes it did and its result.
+/// Goes on after a partial `EAGAIN` (interrupted by a contended lock); stops at any other
+/// error, or an `EAGAIN` without progress, with the bytes done before it.
+fn resumable(len: usize, mut step: impl FnMut(usize) -> (usize, Result<(), Errno>)) -> Result<(), (usize, Errno)> {
+    let mut done = 0;
+    while done < len {
+        let (did, result) = step(done);
+        done += did;
+        match result {
+            Ok(()) if did == 0 => return Err((done, Errno::AGAIN)),
+            Ok(()) => {}
+            Err(Errno::AGAIN) if did > 0 => {}
+            Err(e) => return Err((done, e)),
+        }
+    }
+    Ok(())
 }
 
 fn range(start: usize, len: usize) -> uffdio_range {
@@ -418,6 +421,16 @@ mod tests {
         uffd.wake(addr, 4 * PAGE_SIZE).unwrap();
         // SAFETY: the mapping is ours.
         unsafe { munmap(addr, 4 * PAGE_SIZE).unwrap() };
+    }
+
+    #[test]
+    fn resumable_goes_on_after_partial_progress_and_stops_at_errors() {
+        let mut calls = [(4096, Err(Errno::AGAIN)), (8192, Ok(()))].into_iter();
+        assert_eq!(resumable(12288, |_| calls.next().unwrap()), Ok(()));
+        let mut calls = [(4096, Ok(())), (0, Err(Errno::BUSY))].into_iter();
+        assert_eq!(resumable(12288, |_| calls.next().unwrap()), Err((4096, Errno::BUSY)));
+        let mut calls = [(0, Err(Errno::AGAIN))].into_iter();
+        assert_eq!(resumable(4096, |_| calls.next().unwrap()), Err((0, Errno::AGAIN)));
     }
 
     #[test]
