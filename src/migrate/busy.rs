@@ -30,12 +30,10 @@ pub(super) struct Claim {
     isolated: BTreeMap<usize, (usize, usize)>,
 }
 
-/// Every claim, by start address, and the runs calls have registered.
+/// Every claim, by start address.
 #[derive(Debug, Default)]
 pub(super) struct Claims {
     map: BTreeMap<usize, Claim>,
-    /// The runs of the calls in progress (one entry per call and run).
-    registered: Vec<Span>,
 }
 
 /// The set of address ranges being migrated.
@@ -111,25 +109,6 @@ impl Claims {
     /// The claimed ranges that overlap `[start, end)`, in address order.
     pub fn claimed_in(&mut self, start: usize, end: usize) -> Vec<Span> {
         self.overlapping(start, end).map(|(s, c)| (s, c.end)).collect()
-    }
-
-    /// Records a call's registered runs.
-    pub fn add_registered(&mut self, runs: &[Span]) {
-        self.registered.extend_from_slice(runs);
-    }
-
-    /// Forgets a call's registered runs.
-    pub fn remove_registered(&mut self, runs: &[Span]) {
-        for run in runs {
-            if let Some(i) = self.registered.iter().position(|r| r == run) {
-                self.registered.swap_remove(i);
-            }
-        }
-    }
-
-    /// Whether `addr` lies in a run a call in progress registered.
-    pub fn is_registered(&self, addr: usize) -> bool {
-        self.registered.iter().any(|&(s, e)| s <= addr && addr < e)
     }
 
     /// Records that the old pages of `[start, end)` now lie at `grave`.

@@ -40,10 +40,11 @@ impl Engine {
     pub fn new() -> Result<Self> {
         fork::install();
         let uffd = Arc::new(Uffd::open().map_err(Error::sys("userfaultfd"))?);
+        let graves = Arc::new(Uffd::open_for_moves().map_err(Error::sys("userfaultfd (graveyards)"))?);
         let busy = Arc::new(Busy::default());
         let events = events::Reader::spawn(uffd.clone(), busy.clone()).map_err(Error::sys("event reader thread"))?;
         Ok(Self {
-            reaper: reaper::Reaper::new(uffd.clone(), DEFAULT_REAPER_BACKLOG),
+            reaper: reaper::Reaper::new(graves, DEFAULT_REAPER_BACKLOG),
             uffd,
             pool: Pool::new(DEFAULT_POOL_LIMIT),
             busy,
@@ -154,7 +155,6 @@ impl Engine {
         for &(s, e) in &runs {
             let _ = self.uffd.register_missing_wp(s, e - s);
         }
-        self.busy.lock().add_registered(&runs);
         stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
         let mut first_error = None;
         let deferred = opts.deferred_free.unwrap_or_else(|| self.deferred_free());

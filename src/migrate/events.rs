@@ -13,10 +13,9 @@
 //!   old pages already isolated from it are moved to the new address, and the registration
 //!   and protection that travelled with the mapping are taken off there, waking its threads.
 //!
-//! Fault messages: a thread waiting on a protected page, or on an isolated one, sleeps until
-//! the migration wakes it. A thread that touches a never-touched (or purged) page of a
-//! call's runs — registered in missing mode for the call — gets a zero page, as the kernel
-//! would give it, instead of waiting for the call to end.
+//! Fault messages are read and dropped: a thread waiting on a protected or isolated page
+//! sleeps until the migration wakes it, and one that touched a never-touched page of a
+//! call's runs until the call ends.
 #![allow(unsafe_code, reason = "puts the old pages of a range the program moved at its new address")]
 
 use std::sync::Arc;
@@ -76,25 +75,10 @@ impl Drop for Reader {
     }
 }
 
-/// What a never-touched page is filled with.
-static ZERO_PAGE: [u8; sys::PAGE_SIZE] = [0; sys::PAGE_SIZE];
-
 fn handle(uffd: &Uffd, claims: &mut Claims, event: Event) {
     match event {
-        Event::Missing { addr } => {
-            let page = addr & !(sys::PAGE_SIZE - 1);
-            // Inside a call's runs but not isolated: a page never touched (or purged),
-            // which the kernel would give a zero page. Isolated pages wait for their move;
-            // anything else (a graveyard of ours, a mapping `mremap` carried off with our
-            // registration before its event arrived) is not filled here.
-            if claims.is_registered(page) && claims.isolated_in(page, page + sys::PAGE_SIZE).is_empty() {
-                // SAFETY: an empty page of the program's registered memory, which the
-                // faulting thread waits to see filled: it gets what the kernel gives a
-                // never-touched page, zeros.
-                let _ = unsafe { uffd.copy(page, ZERO_PAGE.as_ptr() as usize, sys::PAGE_SIZE) };
-                let _ = uffd.wake(page, sys::PAGE_SIZE);
-            }
-        }
+        // Its thread waits until the migration (or the end of the call) wakes it.
+        Event::Missing { .. } => {}
         Event::Remove { start, end } => {
             claims.mark_dead(start, end);
         }
@@ -105,10 +89,14 @@ fn handle(uffd: &Uffd, claims: &mut Claims, event: Event) {
                 // them right now. The program's thread finishing its `mremap` may hold the
                 // kernel back for a moment (`EAGAIN`).
                 let deadline = Instant::now() + Duration::from_secs(2);
-                // SAFETY: `g` holds the old pages of `[s, e)`, which the program moved to
-                // `to + (s - from)`; that range came with the registration (its accesses
-                // wait) and is empty there: it receives exactly its own data.
-                while let Err(Errno::AGAIN) = unsafe { uffd.copy(to + (s - from), g, e - s) } {
+                let mut done = 0;
+                while let Err((copied, Errno::AGAIN)) =
+                    // SAFETY: `g` holds the old pages of `[s, e)`, which the program moved to
+                    // `to + (s - from)`; that range came with the registration (its accesses
+                    // wait) and is empty there: it receives exactly its own data.
+                    unsafe { uffd.copy(to + (s - from) + done, g + done, e - s - done) }
+                {
+                    done += copied;
                     if Instant::now() >= deadline {
                         break;
                     }

@@ -198,7 +198,6 @@ pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
 /// unregistered folio by folio.
 pub(super) fn unregister_runs(engine: &Engine, runs: &[super::Span], folio_size: impl Fn(usize) -> usize) {
     let mut claims = engine.busy.lock();
-    claims.remove_registered(runs);
     for &(start, end) in runs {
         let mut at = start;
         let mut pieces = Vec::new();
@@ -293,44 +292,21 @@ fn put_back(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, 
         let done = match errno {
             None => e,
             Some(errno) if patience.wait(claims, errno, g + moved) => s + moved,
-            Some(Errno::INVAL) => {
-                put_back_changed(engine, s + moved, g + moved, e - s - moved);
-                e
-            }
+            // The program changed the mapping's protection or locking meanwhile, and pages
+            // move only between mappings alike: copied back instead (new pages, same data;
+            // the mapping may be read-only now, a copy fills it all the same).
+            // SAFETY: the rest of `[s, e)` is empty and every access to it waits for exactly
+            // this data, which the graveyard holds.
+            Some(Errno::INVAL) => match unsafe { engine.uffd.copy(s + moved, g + moved, e - s - moved) } {
+                Err((copied, errno)) if patience.wait(claims, errno, g + moved + copied) => s + moved + copied,
+                // Done, or unmapped by the program meanwhile.
+                _ => e,
+            },
             // Unmapped by the program: the pages go with the graveyard.
             Some(_) => e,
         };
         for (a, b, _) in claims.take_isolated(s, done) {
             super::fork::close((b - a) / sys::PAGE_SIZE);
-        }
-    }
-}
-
-/// Puts back pages whose move was refused because the program changed the mapping's
-/// protection or locking meanwhile: the graveyard is locked like the source, and a source
-/// made read-only is made writable for the instant of the move (nothing can touch it
-/// meanwhile: it is empty and every access waits) and read-only again.
-fn put_back_changed(engine: &Engine, start: usize, grave: usize, len: usize) {
-    let Ok(vmas) = crate::maps::vmas_with_flags(start, start + len) else { return };
-    for vma in vmas {
-        let (s, e) = (vma.start.max(start), vma.end.min(start + len));
-        if s >= e || !vma.perms.starts_with('r') || vma.perms.get(3..4) != Some("p") {
-            continue;
-        }
-        let g = grave + (s - start);
-        let _ = if vma.has_flag("lo") { sys::mlock_onfault(g, e - s) } else { sys::munlock(g, e - s) };
-        let writable = vma.perms.get(1..2) == Some("w");
-        // SAFETY: the source range is empty and every access to it waits, so nothing
-        // relies on its protection for the instant it is writable; then it is as before.
-        // `g` holds exactly its old pages.
-        unsafe {
-            if !writable {
-                let _ = sys::mprotect(s, e - s, true);
-            }
-            let _ = engine.uffd.move_pages(s, g, e - s);
-            if !writable {
-                let _ = sys::mprotect(s, e - s, false);
-            }
         }
     }
 }

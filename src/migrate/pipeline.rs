@@ -9,19 +9,18 @@ use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use super::abort::Abort;
+use super::busy::Claims;
 use super::mover::{self, GONE, Job, MoveJob, Patience, overlaps, restore, unprotect};
 use super::reaper::Grave;
 use super::{Engine, Item, MigrateOptions, Mode, NR_MAX_MIGRATE_PASSES, Reason};
 use crate::copy::{CopyPair, folio_copy, folios_copy};
 use crate::error::Error;
-use crate::folio::MigrateInfo;
+use crate::folio::{Folio, MigrateInfo};
 use crate::migrate::MigrateStats;
 use crate::offload::{Batch, registry};
 use crate::pool::{Dest, Key, Populate};
 use crate::sys::{self, Advice, Errno, HPAGE_SIZE};
 use parking_lot::MutexGuard;
-
-use super::busy::Claims;
 
 /// The state of one `migrate_pages` call shared by its batches.
 pub(super) struct Call<'a> {
@@ -66,18 +65,25 @@ struct Run {
     next: usize,
 }
 
+/// One folio of a batch, with what the batch learnt of it.
+struct Slot {
+    item: Item,
+    /// The state recorded on its destination (`WAS_MAPPED`, `WAS_MLOCKED`, `ALREADY_COPIED`).
+    info: MigrateInfo,
+    /// Why its protection or isolation was refused, if it was.
+    refused: Option<(&'static str, Errno)>,
+    /// Its run.
+    run: usize,
+}
+
 /// One batch between isolation and the end of its move phase.
 struct BatchState {
-    claimed: Vec<Item>,
-    info: Vec<MigrateInfo>,
+    /// The claimed folios, in address order.
+    slots: Vec<Slot>,
     runs: Vec<Run>,
     /// Start of the unmap phase, for first-folio latency.
     started: Instant,
     first_done: bool,
-    /// Items whose protection or isolation failed, and why.
-    unprotected: Vec<Option<(&'static str, Errno)>>,
-    /// The run of each item.
-    run_of: Vec<usize>,
 }
 
 enum CopyEvent {
@@ -181,14 +187,12 @@ impl Call<'_> {
             spans: super::checks::contiguous_runs(claimed.iter().map(|it| it.folio)),
         };
         let runs = split_runs(&claimed);
-        let info = vec![MigrateInfo::empty(); claimed.len()];
-        let unprotected = vec![None; claimed.len()];
-        let mut run_of = vec![0; claimed.len()];
+        let mut slots: Vec<Slot> =
+            claimed.into_iter().map(|item| Slot { item, info: MigrateInfo::empty(), refused: None, run: 0 }).collect();
         for (r, run) in runs.iter().enumerate() {
-            run_of[run.items.clone()].fill(r);
+            slots[run.items.clone()].iter_mut().for_each(|slot| slot.run = r);
         }
-        let mut st =
-            BatchState { claimed, info, runs, started: Instant::now(), first_done: false, unprotected, run_of };
+        let mut st = BatchState { slots, runs, started: Instant::now(), first_done: false };
 
         self.take_destinations(&mut st);
         let eligible = self.reason.batch_eligible() && !self.opts.no_batch_copy;
@@ -206,7 +210,7 @@ impl Call<'_> {
             .iter()
             .filter(|r| r.rest.is_some())
             .flat_map(|r| r.items.clone())
-            .filter(|&i| lazy || st.info[i].contains(MigrateInfo::WAS_MAPPED))
+            .filter(|&i| lazy || st.slots[i].info.contains(MigrateInfo::WAS_MAPPED))
             .collect();
         if lazy && !live.is_empty() {
             self.copy_pieces(&mut st, &live);
@@ -236,7 +240,7 @@ impl Call<'_> {
     fn take_destinations(&mut self, st: &mut BatchState) {
         for r in 0..st.runs.len() {
             let run = &st.runs[r];
-            let items = &st.claimed[run.items.clone()];
+            let items: Vec<Item> = st.slots[run.items.clone()].iter().map(|slot| slot.item).collect();
             // Keep the destination at the source's offset within a 2 MiB page whenever the
             // run spans one: huge pages stay huge, and `mremap` moves whole page tables
             // instead of one entry at a time.
@@ -279,7 +283,8 @@ impl Call<'_> {
                         self.engine.reaper.free_now(grave);
                     }
                     let range = st.runs[r].items.clone();
-                    self.fail_all(&st.claimed[range], || Error::sys(op)(errno));
+                    let items: Vec<Item> = st.slots[range].iter().map(|slot| slot.item).collect();
+                    self.fail_all(&items, || Error::sys(op)(errno));
                 }
             }
         }
@@ -320,8 +325,8 @@ impl Call<'_> {
             while s < end {
                 let mut e = s + 1;
                 while e < end
-                    && st.claimed[live[e - 1]].folio.end() == st.claimed[live[e]].folio.addr()
-                    && st.run_of[live[e - 1]] == st.run_of[live[e]]
+                    && st.slots[live[e - 1]].item.folio.end() == st.slots[live[e]].item.folio.addr()
+                    && st.slots[live[e - 1]].run == st.slots[live[e]].run
                 {
                     e += 1;
                 }
@@ -331,8 +336,10 @@ impl Call<'_> {
             self.stats.unmap_ns += t.elapsed().as_nanos() as u64;
             // Copy the protected folios, adjacent ones in one go.
             let t = Instant::now();
-            let protected: Vec<CopyPair> =
-                (at..end).filter(|&k| st.info[live[k]].contains(MigrateInfo::WAS_MAPPED)).map(|k| pairs[k]).collect();
+            let protected: Vec<CopyPair> = (at..end)
+                .filter(|&k| st.slots[live[k]].info.contains(MigrateInfo::WAS_MAPPED))
+                .map(|k| pairs[k])
+                .collect();
             // SAFETY: every pair copied reads old pages isolated in our graveyard just above
             // (no thread can write them) and writes a destination the pool handed us that
             // nothing else refers to; the two never overlap.
@@ -341,8 +348,8 @@ impl Call<'_> {
             if ok {
                 self.stats.batch_copied_folios += protected.len() as u64;
                 for &i in &live[at..end] {
-                    if st.info[i].contains(MigrateInfo::WAS_MAPPED) {
-                        st.info[i].insert(MigrateInfo::ALREADY_COPIED);
+                    if st.slots[i].info.contains(MigrateInfo::WAS_MAPPED) {
+                        st.slots[i].info.insert(MigrateInfo::ALREADY_COPIED);
                     }
                 }
                 self.move_copied(st);
@@ -358,9 +365,9 @@ impl Call<'_> {
     fn pairs(&self, st: &BatchState, live: &[usize]) -> Vec<CopyPair> {
         live.iter()
             .map(|&i| {
-                let run = &st.runs[st.run_of[i]];
+                let run = &st.runs[st.slots[i].run];
                 let dest = run.rest.as_ref().expect("a live item's run has a destination");
-                let f = st.claimed[i].folio;
+                let f = st.slots[i].item.folio;
                 let off = f.addr() - run.start;
                 CopyPair { dst: dest.addr() + off, src: run.grave_base + off, len: f.size() }
             })
@@ -411,7 +418,7 @@ impl Call<'_> {
         self.stats.copy_ns += t.elapsed().as_nanos() as u64;
         if ok {
             self.stats.batch_copied_folios += live.len() as u64;
-            live.iter().for_each(|&i| st.info[i].insert(MigrateInfo::ALREADY_COPIED));
+            live.iter().for_each(|&i| st.slots[i].info.insert(MigrateInfo::ALREADY_COPIED));
         } else {
             self.stats.fallback_folios += live.len() as u64;
         }
@@ -470,8 +477,8 @@ impl Call<'_> {
 
     fn mark_copied(&mut self, st: &mut BatchState, live: &[usize], r: Range<usize>) {
         for &i in live.get(r).unwrap_or(&[]) {
-            if !st.info[i].contains(MigrateInfo::ALREADY_COPIED) {
-                st.info[i].insert(MigrateInfo::ALREADY_COPIED);
+            if !st.slots[i].info.contains(MigrateInfo::ALREADY_COPIED) {
+                st.slots[i].info.insert(MigrateInfo::ALREADY_COPIED);
                 self.stats.offloaded_folios += 1;
             }
         }
@@ -485,7 +492,7 @@ impl Call<'_> {
                 continue;
             }
             let limit = (run.next..run.items.end)
-                .find(|&i| !st.info[i].contains(MigrateInfo::ALREADY_COPIED))
+                .find(|&i| !st.slots[i].info.contains(MigrateInfo::ALREADY_COPIED))
                 .unwrap_or(run.items.end);
             if limit > run.next {
                 self.advance(st, r, limit, false);
@@ -515,20 +522,20 @@ impl Call<'_> {
     /// Protects and isolates the contiguous items `items` of one run; where the stretch
     /// cannot be protected as a whole (the program changed part of it), folio by folio.
     fn unmap_stretch(&mut self, st: &mut BatchState, items: Range<usize>) {
-        let (start, end) = (st.claimed[items.start].folio.addr(), st.claimed[items.end - 1].folio.end());
+        let (start, end) = (st.slots[items.start].item.folio.addr(), st.slots[items.end - 1].item.folio.end());
         if self.protect(start, end).is_ok() {
             mark_mapped(st, items.clone());
             self.isolate(st, items);
             return;
         }
         for i in items {
-            let f = st.claimed[i].folio;
+            let f = st.slots[i].item.folio;
             match self.protect(f.addr(), f.end()) {
                 Ok(()) => {
                     mark_mapped(st, i..i + 1);
                     self.isolate(st, i..i + 1);
                 }
-                Err(err) => st.unprotected[i] = Some(err),
+                Err(err) => st.slots[i].refused = Some(err),
             }
         }
     }
@@ -542,16 +549,16 @@ impl Call<'_> {
     fn isolate(&mut self, st: &mut BatchState, items: Range<usize>) {
         let engine = self.engine;
         let t = Instant::now();
-        let (start, end) = (st.claimed[items.start].folio.addr(), st.claimed[items.end - 1].folio.end());
+        let (start, end) = (st.slots[items.start].item.folio.addr(), st.slots[items.end - 1].item.folio.end());
         // Counted empty before the lock: a fork waiting for empty pages to fill needs it.
         super::fork::open((end - start) / sys::PAGE_SIZE);
         let mut isolated = 0;
         let mut failed: Vec<(usize, &'static str, Errno)> = Vec::new();
         {
             let mut claims = engine.busy.lock();
-            let run = &st.runs[st.run_of[items.start]];
+            let run = &st.runs[st.slots[items.start].run];
             let grave = |a: usize| run.grave_base + (a - run.start);
-            let folios = &st.claimed[items.clone()];
+            let folios: Vec<Folio<'static>> = st.slots[items.clone()].iter().map(|slot| slot.item.folio).collect();
             let mut patience = Patience::new();
             let mut unshared_to = start;
             let mut one_by_one = start;
@@ -559,22 +566,22 @@ impl Call<'_> {
             while at < end {
                 // Read again at every step: the lock may have been let go meanwhile.
                 let dead = claims.dead_in(at, end);
-                let k = folios.partition_point(|it| it.folio.end() <= at);
-                if overlaps(&dead, folios[k].folio) {
+                let k = folios.partition_point(|f| f.end() <= at);
+                if overlaps(&dead, folios[k]) {
                     failed.push((items.start + k, GONE, Errno::NOENT));
-                    at = folios[k].folio.end();
+                    at = folios[k].end();
                     continue;
                 }
                 // The longest stretch of folios none of which the program purged or moved.
-                let j = k + folios[k..].iter().take_while(|it| !overlaps(&dead, it.folio)).count();
+                let j = k + folios[k..].iter().take_while(|f| !overlaps(&dead, **f)).count();
                 // One folio at a time after a refusal that may come from a mapping split
                 // across the stretch (a move stays within one mapping).
-                let stretch_end = if at < one_by_one { folios[k].folio.end() } else { folios[j - 1].folio.end() };
+                let stretch_end = if at < one_by_one { folios[k].end() } else { folios[j - 1].end() };
                 // SAFETY: `[at, stretch_end)` is claimed by this call, write-protected and
                 // registered in missing mode, so with its pages moved out every access to
                 // it waits until they or their copy come back; the graveyard part is ours
                 // and empty.
-                let result = unsafe { engine.uffd.move_pages(grave(at), at, stretch_end - at) };
+                let result = unsafe { engine.reaper.uffd().move_pages(grave(at), at, stretch_end - at) };
                 let (moved, errno) = match result {
                     Ok(()) => (stretch_end - at, None),
                     Err((moved, errno)) => (moved, Some(errno)),
@@ -588,7 +595,7 @@ impl Call<'_> {
                 };
                 // A folio goes whole or not at all: keep the folios that moved whole, put
                 // back the moved part of the one that stopped the move.
-                let fk = folios[folios.partition_point(|it| it.folio.end() <= bad)].folio;
+                let fk = folios[folios.partition_point(|f| f.end() <= bad)];
                 if fk.addr() > at {
                     claims.add_isolated(at, fk.addr(), grave(at));
                     isolated += fk.addr() - at;
@@ -603,7 +610,7 @@ impl Call<'_> {
                     continue;
                 }
                 if errno == Errno::INVAL && stretch_end > fk.end() {
-                    one_by_one = folios[j - 1].folio.end();
+                    one_by_one = folios[j - 1].end();
                     continue;
                 }
                 if errno == Errno::BUSY && at >= unshared_to {
@@ -625,7 +632,7 @@ impl Call<'_> {
                 if errno == Errno::BUSY && patience.wait_busy(&mut claims) {
                     continue;
                 }
-                let k = folios.partition_point(|it| it.folio.end() <= at);
+                let k = folios.partition_point(|f| f.end() <= at);
                 let (op, errno) = isolation_error(errno);
                 failed.push((items.start + k, op, errno));
                 at = fk.end();
@@ -633,10 +640,10 @@ impl Call<'_> {
         }
         super::fork::close((end - start - isolated) / sys::PAGE_SIZE);
         for (i, op, errno) in failed {
-            let f = st.claimed[i].folio;
+            let f = st.slots[i].item.folio;
             unprotect(engine, f.addr(), f.end());
-            st.info[i].remove(MigrateInfo::WAS_MAPPED);
-            st.unprotected[i] = Some((op, errno));
+            st.slots[i].info.remove(MigrateInfo::WAS_MAPPED);
+            st.slots[i].refused = Some((op, errno));
         }
         self.stats.unmap_ns += t.elapsed().as_nanos() as u64;
     }
@@ -651,8 +658,8 @@ impl Call<'_> {
         let mut pending: Option<usize> = None;
         let from = st.runs[r].next;
         for i in from..limit {
-            let item = st.claimed[i];
-            if st.info[i].contains(MigrateInfo::ALREADY_COPIED) {
+            let item = st.slots[i].item;
+            if st.slots[i].info.contains(MigrateInfo::ALREADY_COPIED) {
                 pending.get_or_insert(i);
                 continue;
             }
@@ -667,9 +674,9 @@ impl Call<'_> {
             let src = grave.addr() + (item.folio.addr() - cursor);
             let result = if self.abort.is_set() {
                 Err(Errno::CANCELED)
-            } else if !st.info[i].contains(MigrateInfo::WAS_MAPPED) {
+            } else if !st.slots[i].info.contains(MigrateInfo::WAS_MAPPED) {
                 // Never protected: copying it could lose a write. It stays as it is.
-                Err(st.unprotected[i].map_or(Errno::AGAIN, |(_, e)| e))
+                Err(st.slots[i].refused.map_or(Errno::AGAIN, |(_, e)| e))
             } else if self.opts.fault.fail_folio_copy.contains(&item.index) {
                 Err(Errno::IO)
             } else {
@@ -703,7 +710,7 @@ impl Call<'_> {
                     rest = tail;
                     grave = gtail;
                     cursor = item.folio.end();
-                    let op = match st.unprotected[i] {
+                    let op = match st.slots[i].refused {
                         // Held elsewhere for now (pinned, or split by the kernel): another
                         // pass tries it again, as the kernel retries a folio with extra
                         // references.
@@ -714,7 +721,7 @@ impl Call<'_> {
                         }
                         Some((op, _)) => op,
                         None if errno == Errno::CANCELED => STOPPED,
-                        None if !st.info[i].contains(MigrateInfo::WAS_MAPPED) => "write-protect",
+                        None if !st.slots[i].info.contains(MigrateInfo::WAS_MAPPED) => "write-protect",
                         None => "folio copy",
                     };
                     self.fail(&item, Error::sys(op)(errno));
@@ -723,9 +730,10 @@ impl Call<'_> {
         }
         let upto = match pending {
             Some(p) => {
-                let end = (p..limit).find(|&i| !st.info[i].contains(MigrateInfo::ALREADY_COPIED)).unwrap_or(limit);
+                let end =
+                    (p..limit).find(|&i| !st.slots[i].info.contains(MigrateInfo::ALREADY_COPIED)).unwrap_or(limit);
                 let end = if copy_missing { limit } else { end };
-                let end_addr = st.claimed[end - 1].folio.end();
+                let end_addr = st.slots[end - 1].item.folio.end();
                 let (head, tail) = rest.split_at(end_addr - cursor);
                 let (ghead, gtail) = grave.split_at(end_addr - cursor);
                 self.finish(st, p..end, head, ghead);
@@ -753,20 +761,20 @@ impl Call<'_> {
     /// move the new pages into the sources, wake the waiting threads, free the old pages;
     /// undone if the move fails.
     fn finish(&mut self, st: &mut BatchState, items: Range<usize>, dest: Dest, grave: Grave) {
-        let first = &st.claimed[items.start];
+        let first = &st.slots[items.start].item;
         let start = first.folio.addr();
-        debug_assert_eq!(dest.len(), st.claimed[items.end - 1].folio.end() - start);
+        debug_assert_eq!(dest.len(), st.slots[items.end - 1].item.folio.end() - start);
         debug_assert_eq!(grave.len(), dest.len());
-        let claimed = &st.claimed[items.clone()];
+        let slots = &st.slots[items.clone()];
         let job = MoveJob {
             start,
             dest,
             grave,
-            folios: claimed.iter().map(|it| it.folio).collect(),
+            folios: slots.iter().map(|slot| slot.item.folio).collect(),
             // Freeing a huge page costs little: only base pages go to the reaper.
             deferred: self.deferred && !first.folio.is_pmd(),
             batch_started: (!st.first_done).then_some(st.started),
-            fail: claimed.iter().any(|it| self.opts.fault.fail_move.contains(&it.index)),
+            fail: slots.iter().any(|slot| self.opts.fault.fail_move.contains(&slot.item.index)),
             delay: self.opts.fault.delay_move,
         };
         st.first_done = true;
@@ -878,9 +886,9 @@ fn unshare(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, e
 /// Records that the items were write-protected, and locked where their mapping was.
 fn mark_mapped(st: &mut BatchState, items: Range<usize>) {
     for i in items {
-        st.info[i].insert(MigrateInfo::WAS_MAPPED);
-        if st.claimed[i].locked {
-            st.info[i].insert(MigrateInfo::WAS_MLOCKED);
+        st.slots[i].info.insert(MigrateInfo::WAS_MAPPED);
+        if st.slots[i].item.locked {
+            st.slots[i].info.insert(MigrateInfo::WAS_MLOCKED);
         }
     }
 }

@@ -1,9 +1,10 @@
 //! Graveyards for replaced source pages, and the thread that frees them.
 //!
 //! Before a run is copied, its old pages are moved out of the source (`UFFDIO_MOVE`) into a
-//! *graveyard*: a mapping of ours, registered with the engine's userfaultfd in missing mode
-//! (a move needs a registered destination) and kept at the source's offset modulo 2 MiB so
-//! that huge pages move whole. Before it is freed it is unregistered, so that freeing it
+//! *graveyard*: a mapping of ours, registered in missing mode (a move needs a registered
+//! destination) with a userfaultfd of its own, and kept at the source's offset modulo 2 MiB
+//! so that huge pages move whole. A graveyard may be mapped where the program just unmapped
+//! a source; its own userfaultfd keeps every move into a source from landing in it. Before it is freed it is unregistered, so that freeing it
 //! raises no event. The copy reads the graveyard; once the new pages are in the source, the
 //! graveyard's pages are garbage. Freeing them — the expensive part of replacing base pages
 //! — happens on this background thread with `MADV_DONTNEED`, which holds the mmap lock only
@@ -123,6 +124,11 @@ impl Reaper {
             return Err(e);
         }
         Ok(grave)
+    }
+
+    /// The userfaultfd graveyards are registered with: moves into a graveyard go through it.
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
     }
 
     /// Hands a graveyard to the thread, first waiting while the backlog is over the limit.

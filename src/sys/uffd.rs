@@ -99,6 +99,21 @@ impl Uffd {
     /// kernel lacks write-protect support or `UFFDIO_MOVE` (Linux 6.8), or the errno of the
     /// failing step.
     pub fn open() -> Result<Self, Errno> {
+        Self::open_with(FEATURES)
+    }
+
+    /// Opens a second userfaultfd for mappings that only ever receive pages with
+    /// [`Uffd::move_pages`] (`UFFD_FEATURE_MOVE` alone, no events). A move *into* a mapping
+    /// registered here must be issued on this descriptor, so a move on the first one can
+    /// never land in such a mapping, wherever it lies.
+    ///
+    /// # Errors
+    /// As [`Uffd::open`].
+    pub fn open_for_moves() -> Result<Self, Errno> {
+        Self::open_with(UFFD_FEATURE_MOVE as u64)
+    }
+
+    fn open_with(features: u64) -> Result<Self, Errno> {
         let (fd, user_mode_only) = match open_dev() {
             Ok(fd) => (fd, false),
             Err(_) => match open_syscall(0) {
@@ -107,7 +122,7 @@ impl Uffd {
                 Err(e) => return Err(e),
             },
         };
-        let want = FEATURES | UFFD_FEATURE_WP_UNPOPULATED as u64;
+        let want = features | UFFD_FEATURE_WP_UNPOPULATED as u64;
         let wp_unpopulated = match api(&fd, want) {
             Ok(_) => true,
             Err(Errno::INVAL) => {
@@ -118,12 +133,12 @@ impl Uffd {
                 } else {
                     open_dev().or_else(|_| open_syscall(0))?
                 };
-                api(&fd2, FEATURES).map_err(|e| if e == Errno::INVAL { Errno::OPNOTSUPP } else { e })?;
+                api(&fd2, features).map_err(|e| if e == Errno::INVAL { Errno::OPNOTSUPP } else { e })?;
                 return Ok(Self { fd: fd2, user_mode_only, wp_unpopulated: false });
             }
             Err(e) => return Err(e),
         };
-        // INVARIANT: UFFDIO_API succeeded with PAGEFAULT_FLAG_WP and MOVE.
+        // INVARIANT: UFFDIO_API succeeded with the features asked for.
         Ok(Self { fd, user_mode_only, wp_unpopulated })
     }
 
@@ -305,13 +320,14 @@ impl Uffd {
     /// `[src, src + len)` (`UFFDIO_COPY`), waking the threads waiting there.
     ///
     /// # Errors
-    /// `EEXIST` where `dst` is not empty, `ENOENT`/`EINVAL` where it is not registered here,
-    /// `EAGAIN` while an event is being read, `ENOMEM`.
+    /// `(bytes copied before the failure, errno)`: `EEXIST` where `dst` is not empty,
+    /// `ENOENT`/`EINVAL` where it is not registered here, `EAGAIN` while an event is being
+    /// read, `ENOMEM`.
     ///
     /// # Safety
     /// `[dst, dst + len)` must be a range whose new contents nobody is surprised by (a range
     /// whose accesses wait for exactly this data).
-    pub unsafe fn copy(&self, dst: usize, src: usize, len: usize) -> Result<(), Errno> {
+    pub unsafe fn copy(&self, dst: usize, src: usize, len: usize) -> Result<(), (usize, Errno)> {
         resumable(len, |done| {
             let mut cp = uffdio_copy {
                 dst: (dst + done) as u64,
@@ -324,7 +340,6 @@ impl Uffd {
             let result = self.ioctl(UFFDIO_COPY, &mut cp as *mut _ as *mut libc::c_void);
             (usize::try_from(cp.copy).unwrap_or(0), result)
         })
-        .map_err(|(_, e)| e)
     }
 
     /// Wakes every thread waiting on a fault in `[start, start + len)` (`UFFDIO_WAKE`); it
