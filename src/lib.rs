@@ -3,8 +3,9 @@
 //!
 //! pagemig moves the memory of a running program between NUMA nodes (DRAM, CXL and HBM
 //! tiers) the way the kernel's `migrate_pages()` does, batch by batch: it write-protects
-//! the folios of a batch with userfaultfd (writers wait, readers go on), copies the batch,
-//! moves the copies over the originals with `mremap`, and wakes the writers. Nothing written
+//! the folios of a batch with userfaultfd, moves their old pages aside (`UFFDIO_MOVE`, which
+//! refuses pages pinned for DMA; every access now waits), copies the batch, moves the copies
+//! in, and wakes the waiting threads. Nothing written
 //! while a folio migrates is lost, and a folio that cannot be moved is left as it was.
 //!
 //! ```no_run

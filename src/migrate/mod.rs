@@ -1,22 +1,26 @@
 //! The batch migration pipeline: `migrate_pages(folios, target node, reason, mode)`.
 //!
 //! A call is checked as a whole before anything is touched (shapes, node, what the memory
-//! is, free memory on the target, `vm.max_map_count`), then runs in batches of at most
+//! is, free memory on the target, `vm.max_map_count`), its runs are registered with
+//! userfaultfd in missing and write-protect mode, then it runs in batches of at most
 //! `max_batch_pages` base pages. Each batch, like the kernel's `migrate_pages_batch()`:
 //!
-//! 1. **isolate** its folios (a folio another call is moving is busy: `EAGAIN`, retried on a
+//! 1. **claims** its folios (a folio another call is moving is busy: `EAGAIN`, retried on a
 //!    later pass, ten passes at most);
-//! 2. takes **destinations** on the target node from the [`Pool`];
-//! 3. **unmaps** each contiguous run with one userfaultfd write-protect call: writers, user
-//!    or kernel, now sleep; readers go on. `WAS_MAPPED` / `WAS_MLOCKED` are recorded on the
-//!    destinations;
+//! 2. takes **destinations** on the target node from the [`Pool`](crate::pool::Pool) and a graveyard for the
+//!    old pages;
+//! 3. **unmaps** each contiguous run: one write-protect call, then `UFFDIO_MOVE` of its old
+//!    pages into the graveyard, after which every access to it waits (a pinned page refuses
+//!    to move: the folio is put back and retried on a later pass). `WAS_MAPPED` /
+//!    `WAS_MLOCKED` are recorded on the destinations;
 //! 4. **batch-copies** the folios whose reason is batch-eligible ([`Reason::batch_eligible`])
-//!    with `folios_copy`, marking them `ALREADY_COPIED`; on failure they fall back to the
-//!    per-folio copy;
-//! 5. **moves** each run: copies what is not yet copied, `mremap`s the destination over the
-//!    source in one call, locks it again where it was locked, and wakes the writers;
-//! 6. **undoes** whatever could not move: protection off, writers woken, destination given
-//!    back, source untouched.
+//!    from the graveyard with `folios_copy`, marking them `ALREADY_COPIED`; on failure they
+//!    fall back to the per-folio copy;
+//! 5. **moves** each run: copies what is not yet copied, moves the copy into the source with
+//!    `UFFDIO_MOVE` under the claims lock (which the event reader takes to read a purge or
+//!    `mremap` of the program's), and wakes the waiting threads;
+//! 6. **undoes** whatever could not move: old pages back from the graveyard, protection
+//!    off, waiting threads woken, destination given back.
 
 mod abort;
 mod busy;

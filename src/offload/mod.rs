@@ -47,7 +47,7 @@ const DONE: u32 = 1 << 31;
 /// # Invariants
 /// For as long as the batch lives, every pair's source is readable and write-protected,
 /// every destination whose folio is not yet reported complete is writable and referenced
-/// by nothing else, and no two pairs overlap. A folio's state has [`DONE`] set once it was
+/// by nothing else, and no two pairs overlap. A folio's state has its `DONE` bit set once it was
 /// reported complete and never loses it; its low bits count the copies into it running now.
 pub struct Batch<'a> {
     pairs: &'a [CopyPair],
