@@ -106,9 +106,20 @@ impl Claims {
         any
     }
 
-    /// The claimed ranges that overlap `[start, end)`, in address order.
-    pub fn claimed_in(&mut self, start: usize, end: usize) -> Vec<Span> {
-        self.overlapping(start, end).map(|(s, c)| (s, c.end)).collect()
+    /// The parts of `[start, end)` that no claim covers, in address order.
+    pub fn unclaimed_in(&mut self, start: usize, end: usize) -> Vec<Span> {
+        let mut at = start;
+        let mut out = Vec::new();
+        for (s, c) in self.overlapping(start, end) {
+            if s > at {
+                out.push((at, s));
+            }
+            at = at.max(c.end);
+        }
+        if at < end {
+            out.push((at, end));
+        }
+        out
     }
 
     /// Records that the old pages of `[start, end)` now lie at `grave`.

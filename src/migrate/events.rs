@@ -117,14 +117,7 @@ fn release_moved(uffd: &Uffd, claims: &mut Claims, to: usize, len: usize) {
         .ok()
         .and_then(|vmas| vmas.into_iter().find(|v| v.start <= to && to < v.end))
         .map_or(to + len, |v| v.end.max(to + len));
-    let mut at = to;
-    for (s, e) in claims.claimed_in(to, end) {
-        if s > at {
-            let _ = uffd.unregister(at, s - at);
-        }
-        at = at.max(e);
-    }
-    if at < end {
-        let _ = uffd.unregister(at, end - at);
+    for (s, e) in claims.unclaimed_in(to, end) {
+        let _ = uffd.unregister(s, e - s);
     }
 }

@@ -88,8 +88,7 @@ pub(super) fn run(
         }
         Job::Undo(spans) => {
             for (s, e) in spans {
-                restore(engine, s, e);
-                unprotect(engine, s, e);
+                undo(engine, s, e);
             }
             return;
         }
@@ -102,11 +101,8 @@ pub(super) fn run(
     let outcomes = if abort.is_set() || job.fail {
         // Undone as a failing move would be: the old pages go back.
         restore(engine, start, end);
-        let why = if abort.is_set() {
-            ("migrate (the call stopped after a panic)", Errno::CANCELED)
-        } else {
-            ("userfaultfd move of the new pages", Errno::IO)
-        };
+        let why =
+            if abort.is_set() { (STOPPED, Errno::CANCELED) } else { ("userfaultfd move of the new pages", Errno::IO) };
         vec![Some(why); job.folios.len()]
     } else {
         replace(engine, start, &job.dest, &job.folios)
@@ -182,6 +178,9 @@ pub(super) fn serve(
     tally
 }
 
+/// What a folio left as it was because the call stopped after a panic fails with.
+pub(super) const STOPPED: &str = "migrate (the call stopped after a panic)";
+
 /// What a folio that the program purged or moved away while it migrated fails with.
 pub(super) const GONE: &str = "migrate (the program purged or moved the memory meanwhile)";
 
@@ -199,18 +198,7 @@ pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
 pub(super) fn unregister_runs(engine: &Engine, runs: &[super::Span], folio_size: impl Fn(usize) -> usize) {
     let mut claims = engine.busy.lock();
     for &(start, end) in runs {
-        let mut at = start;
-        let mut pieces = Vec::new();
-        for (s, e) in claims.claimed_in(start, end) {
-            if s > at {
-                pieces.push((at, s));
-            }
-            at = at.max(e);
-        }
-        if at < end {
-            pieces.push((at, end));
-        }
-        for (s, e) in pieces {
+        for (s, e) in claims.unclaimed_in(start, end) {
             if engine.uffd.unregister(s, e - s).is_err() {
                 let step = folio_size(s);
                 for a in (s..e).step_by(step) {
@@ -274,8 +262,15 @@ impl Patience {
 /// Puts the isolated old pages of `[start, end)` back where they were (the folio did not
 /// move). Where the program unmapped the range meanwhile they stay in the graveyard and go
 /// with it.
-pub(super) fn restore(engine: &Engine, start: usize, end: usize) {
+fn restore(engine: &Engine, start: usize, end: usize) {
     put_back(engine, &mut engine.busy.lock(), start, end);
+}
+
+/// Undoes `[start, end)` of a folio that will not move: its old pages back, protection
+/// off, waiting threads woken. The source is as it was.
+pub(super) fn undo(engine: &Engine, start: usize, end: usize) {
+    restore(engine, start, end);
+    unprotect(engine, start, end);
 }
 
 /// [`restore`] with the claims lock held. Each span stays recorded as isolated until its

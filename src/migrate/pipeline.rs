@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::abort::Abort;
 use super::busy::Claims;
-use super::mover::{self, GONE, Job, MoveJob, Patience, overlaps, restore, unprotect};
+use super::mover::{self, GONE, Job, MoveJob, Patience, STOPPED, overlaps, undo, unprotect};
 use super::reaper::Grave;
 use super::{Engine, Item, MigrateOptions, Mode, NR_MAX_MIGRATE_PASSES, Reason};
 use crate::copy::{CopyPair, folio_copy, folios_copy};
@@ -703,8 +703,7 @@ impl Call<'_> {
                     let (bad, tail) = tail.split_at(item.folio.size());
                     let (gbad, gtail) = gtail.split_at(item.folio.size());
                     // The old pages go back where they were before the protection comes off.
-                    restore(self.engine, item.folio.addr(), item.folio.end());
-                    unprotect(self.engine, item.folio.addr(), item.folio.end());
+                    undo(self.engine, item.folio.addr(), item.folio.end());
                     self.engine.pool.release(bad);
                     self.engine.reaper.free_now(gbad);
                     rest = tail;
@@ -798,9 +797,6 @@ fn dispatch(abort: &Abort, batch: &Batch<'_>) -> Option<Result<(), Errno>> {
 fn stopped() -> Error {
     Error::sys(STOPPED)(Errno::CANCELED)
 }
-
-/// What a folio left as it was because the call stopped was doing.
-const STOPPED: &str = "migrate (the call stopped after a panic)";
 
 /// What a batch claimed and protected, undone if pagemig panics before the batch ends.
 struct BatchGuard<'a> {
