@@ -14,6 +14,7 @@
 //! | `migrate/max_batch_pages` | rw | bound on a batch in base pages, 1 … 262144 |
 //! | `migrate/pipelined` | rw | `1` moves runs as their copies complete, `0` after the batch |
 //! | `migrate/deferred_free` | rw | `1` frees replaced base pages on a background thread |
+//! | `migrate/fill_empty` | rw | `1` leaves base-page destinations without pages and fills them with `UFFDIO_COPY` (never zeroed), `0` populates them first |
 //! | `migrate/mover` | rw | `1` moves base-page runs on a thread of their own, overlapping the next copy |
 //! | `offload/active` | ro | the active migrator's name, or empty |
 
@@ -49,6 +50,7 @@ pub const ATTRS: &[Attr] = &[
     Attr { path: "migrate/pipelined", writable: true, accepts: "0 or 1" },
     Attr { path: "migrate/deferred_free", writable: true, accepts: "0 or 1" },
     Attr { path: "migrate/mover", writable: true, accepts: "0 or 1" },
+    Attr { path: "migrate/fill_empty", writable: true, accepts: "0 or 1" },
     Attr { path: "offload/active", writable: false, accepts: "nothing (read-only)" },
 ];
 
@@ -113,6 +115,7 @@ pub fn read(path: &str) -> Result<String> {
         "migrate/pipelined" => b(engine()?.pipelined()),
         "migrate/deferred_free" => b(engine()?.deferred_free()),
         "migrate/mover" => b(engine()?.mover()),
+        "migrate/fill_empty" => b(engine()?.fill_empty()),
         "offload/active" => registry().active_name().unwrap_or_default(),
         other => unreachable!("attribute {other} is listed but not readable"),
     })
@@ -172,6 +175,11 @@ pub fn write(path: &str, value: &str) -> Result<()> {
         "migrate/mover" => {
             let on = parse_bool(attr, value)?;
             engine()?.set_mover(on);
+            Ok(())
+        }
+        "migrate/fill_empty" => {
+            let on = parse_bool(attr, value)?;
+            engine()?.set_fill_empty(on);
             Ok(())
         }
         _ => Err(bad_value(attr, value, Errno::ACCESS)),

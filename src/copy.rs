@@ -7,7 +7,19 @@
 //! not caught here.
 #![allow(unsafe_code)]
 
+use crate::sys::uffd::Uffd;
 use crate::sys::{self, Errno};
+
+/// What a destination is when its copy starts.
+#[derive(Clone, Copy, Debug)]
+pub enum Dst<'a> {
+    /// Populated memory: the copy stores into it.
+    Mapped,
+    /// No pages yet, registered in missing mode with this userfaultfd: the copy allocates
+    /// each page and fills it in one step (`UFFDIO_COPY`), so the kernel never zeroes it
+    /// first and every destination byte is written once.
+    Empty(&'a Uffd),
+}
 
 /// One folio's copy: `len` bytes from `src` to `dst`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +62,61 @@ pub unsafe fn folios_copy(pairs: &[CopyPair]) -> Result<(), Errno> {
         // SAFETY: forwarded from the caller's contract: a coalesced pair is the union of
         // adjacent pairs, each of which satisfies it.
         unsafe { folio_copy(pair)? };
+    }
+    Ok(())
+}
+
+/// Copies a batch of folios in order into destinations that are all `dst`, stopping at the
+/// first failure.
+///
+/// Into [`Dst::Empty`] destinations each coalesced pair is one `UFFDIO_COPY`; a page that
+/// is there already (a part copied before) is stored into instead.
+///
+/// # Errors
+/// The first failing pair's error; `ENOMEM` when the kernel cannot allocate a page.
+///
+/// # Safety
+/// Every pair must satisfy [`folio_copy`]'s contract, and an `Empty` destination must be
+/// registered with its userfaultfd and not be read by anyone before the copy into it ends.
+pub unsafe fn folios_copy_to(pairs: &[CopyPair], dst: Dst<'_>) -> Result<(), Errno> {
+    let Dst::Empty(uffd) = dst else {
+        // SAFETY: forwarded from the caller's contract.
+        return unsafe { folios_copy(pairs) };
+    };
+    for pair in coalesce(pairs) {
+        if pair.len == 0 || (pair.dst < pair.src + pair.len && pair.src < pair.dst + pair.len) {
+            return Err(Errno::INVAL);
+        }
+        let page = sys::PAGE_SIZE;
+        if pair.dst % page != 0 || pair.src % page != 0 || pair.len % page != 0 {
+            // Not whole pages: stored into; a missing page is filled with zeros by the
+            // engine's fault handler first.
+            // SAFETY: forwarded from the caller's contract.
+            unsafe { folio_copy(pair)? };
+            continue;
+        }
+        let mut done = 0;
+        let mut again = 0;
+        while done < pair.len {
+            // SAFETY: the caller promises the destination is ours alone and nobody reads it
+            // before the copy ends: filling it surprises nobody.
+            match unsafe { uffd.copy(pair.dst + done, pair.src + done, pair.len - done) } {
+                Ok(()) => done = pair.len,
+                Err((n, Errno::EXIST)) => {
+                    // A page already there (a part copied before): stored into.
+                    let at = done + n;
+                    // SAFETY: inside the caller's pair; the page is mapped (EEXIST).
+                    unsafe { sys::copy_bytes_nt(pair.dst + at, pair.src + at, page) };
+                    done = at + page;
+                }
+                Err((n, Errno::AGAIN)) if again < 1000 => {
+                    done += n;
+                    again += 1;
+                    std::thread::yield_now();
+                }
+                Err((_, errno)) => return Err(errno),
+            }
+        }
     }
     Ok(())
 }

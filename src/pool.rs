@@ -10,6 +10,13 @@
 //! (`MADV_POPULATE_WRITE`) is the expensive part: [`Pool::prefill`] does it ahead of time,
 //! up to a bound, and [`Pool::take`] reports the time it had to spend itself.
 //!
+//! Populating writes every byte of the destination once (the kernel zeroes each page) before
+//! the copy writes it again. Destinations of base pages can skip that: an *empty* chunk
+//! ([`Key::empty`]) is registered in missing mode with a userfaultfd of the pool's, and its
+//! destinations are handed out without pages; the copy then allocates each page on the
+//! node and fills it in one step (`UFFDIO_COPY`, see [`crate::copy::Dst`]). The kernel's
+//! `UFFDIO_COPY` installs base pages only, so huge-page destinations are populated.
+//!
 //! The pool owns its reservations, so it is one of the few modules allowed to unmap memory.
 #![allow(unsafe_code)]
 
@@ -19,6 +26,7 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 
 use crate::error::{Error, Result};
+use crate::sys::uffd::Uffd;
 use crate::sys::{self, Advice, HPAGE_SIZE};
 
 /// Virtual size of a chunk; only the populated part costs memory.
@@ -42,6 +50,8 @@ pub struct Key {
     pub node: u32,
     /// The huge-page advice.
     pub thp: ThpAdvice,
+    /// Destinations without pages, filled by `UFFDIO_COPY` (base pages only).
+    pub empty: bool,
 }
 
 /// A destination handed out by [`Pool::take`]: populated memory on the key's node.
@@ -55,6 +65,7 @@ pub struct Key {
 pub struct Dest {
     addr: usize,
     len: usize,
+    empty: bool,
 }
 
 impl Dest {
@@ -68,9 +79,15 @@ impl Dest {
         self.len
     }
 
-    /// Whether the destination is empty.
+    /// Whether the destination has no bytes.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Whether it was handed out without pages, registered with the pool's userfaultfd
+    /// ([`Pool::fill_uffd`]), to be filled by `UFFDIO_COPY`.
+    pub fn unpopulated(&self) -> bool {
+        self.empty
     }
 
     /// Splits into `[addr, addr + at)` and the rest.
@@ -80,7 +97,8 @@ impl Dest {
     pub fn split_at(self, at: usize) -> (Dest, Dest) {
         assert!(at <= self.len, "split at {at} past a destination of {} bytes", self.len);
         // INVARIANT: two disjoint parts of a range that was ours alone.
-        (Dest { addr: self.addr, len: at }, Dest { addr: self.addr + at, len: self.len - at })
+        let empty = self.empty;
+        (Dest { addr: self.addr, len: at, empty }, Dest { addr: self.addr + at, len: self.len - at, empty })
     }
 }
 
@@ -97,7 +115,7 @@ struct Chunk {
 }
 
 impl Chunk {
-    fn new(key: Key, min_len: usize) -> Result<Self> {
+    fn new(key: Key, min_len: usize, uffd: Option<&Uffd>) -> Result<Self> {
         let len = min_len.max(CHUNK_BYTES).next_multiple_of(HPAGE_SIZE);
         let base = sys::mmap_anon_aligned(len, HPAGE_SIZE).map_err(Error::sys("mmap (destination pool)"))?;
         let mut chunk = Chunk { end: base + len, cursor: base, prepared_end: base, holes: Vec::new() };
@@ -113,7 +131,14 @@ impl Chunk {
             })
             // A child forked while a destination waits would share its pages, and a shared
             // page cannot be moved into the source.
-            .and_then(|()| sys::madvise(base, len, Advice::DontFork).map_err(Error::sys("madvise (destination pool)")));
+            .and_then(|()| sys::madvise(base, len, Advice::DontFork).map_err(Error::sys("madvise (destination pool)")))
+            .and_then(|()| match (key.empty, uffd) {
+                (false, _) => Ok(()),
+                (true, Some(uffd)) => {
+                    uffd.register_missing(base, len).map_err(Error::sys("userfaultfd register (destination pool)"))
+                }
+                (true, None) => Err(Error::sys("destination pool without a userfaultfd")(sys::Errno::OPNOTSUPP)),
+            });
         if let Err(e) = setup {
             chunk.retire();
             return Err(e);
@@ -172,12 +197,25 @@ fn touch(start: usize, end: usize) {
 pub struct Pool {
     chunks: Mutex<HashMap<Key, Chunk>>,
     limit: usize,
+    uffd: Option<std::sync::Arc<Uffd>>,
 }
 
 impl Pool {
     /// A pool that keeps at most `limit` bytes populated ahead of use per key.
     pub fn new(limit: usize) -> Self {
-        Self { chunks: Mutex::new(HashMap::new()), limit }
+        Self { chunks: Mutex::new(HashMap::new()), limit, uffd: None }
+    }
+
+    /// A pool that can also hand out empty destinations, registered with `uffd` (which
+    /// must have a thread answering stray faults, as the engine's has).
+    pub fn with_fill_uffd(limit: usize, uffd: std::sync::Arc<Uffd>) -> Self {
+        Self { chunks: Mutex::new(HashMap::new()), limit, uffd: Some(uffd) }
+    }
+
+    /// The userfaultfd empty destinations are registered with: `UFFDIO_COPY` into them goes
+    /// through it.
+    pub fn fill_uffd(&self) -> Option<&Uffd> {
+        self.uffd.as_deref()
     }
 
     /// The most bytes kept populated ahead of use per key.
@@ -205,7 +243,7 @@ impl Pool {
         let chunk = match chunks.get_mut(&key) {
             Some(c) if c.place(len, align, phase).is_some() => c,
             _ => {
-                let fresh = Chunk::new(key, len + align)?;
+                let fresh = Chunk::new(key, len + align, self.uffd.as_deref())?;
                 if let Some(mut old) = chunks.insert(key, fresh) {
                     old.retire();
                 }
@@ -218,7 +256,7 @@ impl Pool {
         }
         let end = addr + len;
         let started = Instant::now();
-        let from = chunk.prepared_end.max(addr);
+        let from = if key.empty { end } else { chunk.prepared_end.max(addr) };
         if from < end {
             let populated = match populate {
                 Populate::Madvise => sys::madvise(from, end - from, Advice::PopulateWrite),
@@ -239,7 +277,7 @@ impl Pool {
         chunk.prepared_end = chunk.prepared_end.max(end);
         let spent = if from < end { started.elapsed() } else { Duration::ZERO };
         // INVARIANT: `[addr, end)` was just carved from our reservation.
-        Ok((Dest { addr, len }, spent))
+        Ok((Dest { addr, len, empty: key.empty }, spent))
     }
 
     /// Populates up to `bytes` (at most the pool's limit) ahead of the next destinations of
@@ -248,10 +286,13 @@ impl Pool {
     /// # Errors
     /// As [`Pool::take`].
     pub fn prefill(&self, key: Key, bytes: usize) -> Result<Duration> {
+        if key.empty {
+            return Ok(Duration::ZERO);
+        }
         let bytes = bytes.min(self.limit).next_multiple_of(HPAGE_SIZE);
         let mut chunks = self.chunks.lock();
         if chunks.get(&key).is_none_or(|c| c.end - c.cursor < bytes) {
-            let fresh = Chunk::new(key, bytes)?;
+            let fresh = Chunk::new(key, bytes, self.uffd.as_deref())?;
             if let Some(mut old) = chunks.insert(key, fresh) {
                 old.retire();
             }
@@ -298,7 +339,7 @@ mod tests {
     #[test]
     fn destinations_keep_phase_and_follow_each_other() {
         let pool = Pool::new(8 << 20);
-        let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::Default };
+        let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::Default, empty: false };
         let (a, _) = pool.take(key, 8192, 4096, 0, Populate::Madvise).unwrap();
         let (b, _) = pool.take(key, 4096, 4096, 0, Populate::Touch).unwrap();
         assert_eq!(b.addr, a.addr + 8192);
@@ -318,7 +359,7 @@ mod tests {
     #[test]
     fn prefill_makes_take_free() {
         let pool = Pool::new(4 << 20);
-        let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::NoHuge };
+        let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::NoHuge, empty: false };
         pool.prefill(key, 4 << 20).unwrap();
         let (d, spent) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
         assert_eq!(spent, Duration::ZERO);

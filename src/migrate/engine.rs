@@ -8,7 +8,9 @@ use std::time::Instant;
 use super::busy::Busy;
 use super::checks::{items_size_at, prepare_call};
 use super::options::{DEFAULT_MAX_BATCH_PAGES, DEFAULT_POOL_LIMIT, DEFAULT_REAPER_BACKLOG, check_max_batch_pages};
-use super::{Capabilities, MigrateOptions, MigrateStats, Mode, Reason, abort, events, fork, mover, pipeline, reaper};
+use super::{
+    Capabilities, MigrateOptions, MigrateStats, Mode, Reason, abort, events, fork, mover, pipeline, reaper, zerofill,
+};
 use crate::error::{Error, Result};
 use crate::folio::Folio;
 use crate::pool::{Pool, Populate};
@@ -26,10 +28,14 @@ pub struct Engine {
     pub(super) pipelined: AtomicBool,
     pub(super) deferred_free: AtomicBool,
     pub(super) mover: AtomicBool,
+    pub(super) fill_empty: AtomicBool,
     pub(super) reaper: reaper::Reaper,
     /// Read by its own thread; stopped when the engine drops.
     #[expect(dead_code, reason = "held for its Drop, which stops the reader thread")]
     pub(super) events: events::Reader,
+    /// Answers stray faults in the engine's own empty destinations and graveyards.
+    #[expect(dead_code, reason = "held for its Drop, which stops the handler thread")]
+    pub(super) zerofill: zerofill::ZeroFill,
 }
 
 impl Engine {
@@ -43,16 +49,19 @@ impl Engine {
         let graves = Arc::new(Uffd::open_for_moves().map_err(Error::sys("userfaultfd (graveyards)"))?);
         let busy = Arc::new(Busy::default());
         let events = events::Reader::spawn(uffd.clone(), busy.clone()).map_err(Error::sys("event reader thread"))?;
+        let zerofill = zerofill::ZeroFill::spawn(graves.clone()).map_err(Error::sys("fault handler thread"))?;
         Ok(Self {
-            reaper: reaper::Reaper::new(graves, DEFAULT_REAPER_BACKLOG),
+            reaper: reaper::Reaper::new(graves.clone(), DEFAULT_REAPER_BACKLOG),
             uffd,
-            pool: Pool::new(DEFAULT_POOL_LIMIT),
+            pool: Pool::with_fill_uffd(DEFAULT_POOL_LIMIT, graves),
             busy,
             max_batch_pages: AtomicUsize::new(DEFAULT_MAX_BATCH_PAGES),
             pipelined: AtomicBool::new(true),
             deferred_free: AtomicBool::new(true),
             mover: AtomicBool::new(true),
+            fill_empty: AtomicBool::new(true),
             events,
+            zerofill,
         })
     }
 
@@ -97,6 +106,17 @@ impl Engine {
     /// Whether calls of base-page folios move runs on a mover thread (`migrate/mover`).
     pub fn mover(&self) -> bool {
         self.mover.load(Ordering::Relaxed)
+    }
+
+    /// Whether destinations of base pages are left without pages and filled by
+    /// `UFFDIO_COPY`, never zeroed (`migrate/fill_empty`).
+    pub fn fill_empty(&self) -> bool {
+        self.fill_empty.load(Ordering::Relaxed)
+    }
+
+    /// Sets whether destinations of base pages are filled by `UFFDIO_COPY`.
+    pub fn set_fill_empty(&self, on: bool) {
+        self.fill_empty.store(on, Ordering::Relaxed);
     }
 
     /// Sets whether calls of base-page folios move runs on a mover thread.
@@ -200,6 +220,9 @@ impl Engine {
                 // hold up its moves, where the node has free memory for twice the call beyond
                 // its reserve (see `Populate`).
                 populate: if tx.is_some() && free >= 2 * bytes as u64 { Populate::Touch } else { Populate::Madvise },
+                // A migrator that stores into its destinations itself gets populated ones.
+                fill_empty: opts.fill_empty.unwrap_or_else(|| self.fill_empty())
+                    && (!offload || crate::offload::registry().active_fills_unpopulated()),
                 abort,
                 offload,
                 held: Vec::new(),

@@ -33,6 +33,7 @@ mod options;
 mod pipeline;
 pub mod policy;
 mod reaper;
+mod zerofill;
 
 pub use crate::stats::MigrateStats;
 pub use engine::{Engine, migrate_pages};

@@ -66,6 +66,9 @@ pub struct MigrateOptions {
     /// Move base-page runs on a mover thread while the next piece is copied (`None`: the
     /// engine's setting, `migrate/mover`).
     pub mover: Option<bool>,
+    /// Leave base-page destinations without pages and fill them with `UFFDIO_COPY` (`None`:
+    /// the engine's setting, `migrate/fill_empty`).
+    pub fill_empty: Option<bool>,
     /// Failures to inject.
     pub fault: FaultInjection,
     /// Called after every moved run with the bytes moved so far.
@@ -80,6 +83,7 @@ impl std::fmt::Debug for MigrateOptions {
             .field("pipelined", &self.pipelined)
             .field("deferred_free", &self.deferred_free)
             .field("mover", &self.mover)
+            .field("fill_empty", &self.fill_empty)
             .field("fault", &self.fault)
             .field("progress", &self.progress.is_some())
             .finish()

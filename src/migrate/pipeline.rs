@@ -13,7 +13,7 @@ use super::busy::Claims;
 use super::mover::{self, GONE, Job, MoveJob, Patience, STOPPED, overlaps, undo, unprotect};
 use super::reaper::Grave;
 use super::{Engine, Item, MigrateOptions, Mode, NR_MAX_MIGRATE_PASSES, Reason};
-use crate::copy::{CopyPair, folio_copy, folios_copy};
+use crate::copy::{CopyPair, Dst, folios_copy_to};
 use crate::error::Error;
 use crate::folio::{Folio, MigrateInfo};
 use crate::migrate::MigrateStats;
@@ -36,6 +36,8 @@ pub(super) struct Call<'a> {
     pub mover: Option<&'a crossbeam::channel::Sender<Job>>,
     /// How destinations are populated.
     pub populate: Populate,
+    /// Destinations of base pages are left without pages and filled by `UFFDIO_COPY`.
+    pub fill_empty: bool,
     /// Raised when caller code panicked: nothing more moves.
     pub abort: &'a Abort,
     /// A migrator was registered when the call began: batches go to it.
@@ -93,7 +95,7 @@ enum CopyEvent {
     Finished(Option<Result<(), Errno>>),
 }
 
-impl Call<'_> {
+impl<'a> Call<'a> {
     /// Counts a folio as failed, remembering the first error.
     pub fn fail(&mut self, item: &Item, err: Error) {
         let s = &mut *self.stats;
@@ -249,7 +251,9 @@ impl Call<'_> {
             } else {
                 items.iter().map(|i| i.folio.size()).max().unwrap_or(sys::PAGE_SIZE)
             };
-            let key = Key { node: self.target, thp: items[0].thp };
+            // Base pages only: `UFFDIO_COPY` cannot make a huge page.
+            let empty = self.fill_empty && items.iter().all(|i| i.folio.size() < HPAGE_SIZE);
+            let key = Key { node: self.target, thp: items[0].thp, empty };
             let locked = items[0].locked;
             let len = run.end - run.start;
             let dest = match self.engine.pool.take(key, len, align, run.start % align, self.populate) {
@@ -307,7 +311,7 @@ impl Call<'_> {
     /// and a batch costs O(log n) moves), each write-protected just before its copy and
     /// moved right after it.
     fn copy_pieces(&mut self, st: &mut BatchState, live: &[usize]) {
-        let pairs = self.pairs(st, live);
+        let (pairs, unpopulated) = self.pairs(st, live);
         let mut at = 0;
         let mut done_bytes = 0;
         while at < live.len() && !self.abort.is_set() {
@@ -336,14 +340,14 @@ impl Call<'_> {
             self.stats.unmap_ns += t.elapsed().as_nanos() as u64;
             // Copy the protected folios, adjacent ones in one go.
             let t = Instant::now();
-            let protected: Vec<CopyPair> = (at..end)
+            let (protected, flags): (Vec<CopyPair>, Vec<bool>) = (at..end)
                 .filter(|&k| st.slots[live[k]].info.contains(MigrateInfo::WAS_MAPPED))
-                .map(|k| pairs[k])
-                .collect();
+                .map(|k| (pairs[k], unpopulated[k]))
+                .unzip();
             // SAFETY: every pair copied reads old pages isolated in our graveyard just above
             // (no thread can write them) and writes a destination the pool handed us that
             // nothing else refers to; the two never overlap.
-            let ok = unsafe { folios_copy(&protected) }.is_ok();
+            let ok = unsafe { self.copy_pairs(&protected, &flags) }.is_ok();
             self.stats.copy_ns += t.elapsed().as_nanos() as u64;
             if ok {
                 self.stats.batch_copied_folios += protected.len() as u64;
@@ -360,25 +364,49 @@ impl Call<'_> {
         }
     }
 
-    /// The copy of each live item into its destination, in order.
-    /// Made before any run moved: each run's destination still starts at the run's start.
-    fn pairs(&self, st: &BatchState, live: &[usize]) -> Vec<CopyPair> {
+    /// The copy of each live item into its destination, in order, and whether that
+    /// destination is unpopulated. Made before any run moved: each run's destination still
+    /// starts at the run's start.
+    fn pairs(&self, st: &BatchState, live: &[usize]) -> (Vec<CopyPair>, Vec<bool>) {
         live.iter()
             .map(|&i| {
                 let run = &st.runs[st.slots[i].run];
                 let dest = run.rest.as_ref().expect("a live item's run has a destination");
                 let f = st.slots[i].item.folio;
                 let off = f.addr() - run.start;
-                CopyPair { dst: dest.addr() + off, src: run.grave_base + off, len: f.size() }
+                (CopyPair { dst: dest.addr() + off, src: run.grave_base + off, len: f.size() }, dest.unpopulated())
             })
-            .collect()
+            .unzip()
+    }
+
+    /// How a copy reaches a destination that is (`true`) or is not unpopulated.
+    fn dst(&self, unpopulated: bool) -> Dst<'a> {
+        match self.engine.pool.fill_uffd() {
+            Some(uffd) if unpopulated => Dst::Empty(uffd),
+            _ => Dst::Mapped,
+        }
+    }
+
+    /// The CPU copy of `pairs`, each into a destination unpopulated or not as `flags` says.
+    ///
+    /// # Safety
+    /// As [`folios_copy_to`] for every pair.
+    unsafe fn copy_pairs(&self, pairs: &[CopyPair], flags: &[bool]) -> Result<(), Errno> {
+        let mut i = 0;
+        while i < pairs.len() {
+            let j = i + flags[i..].iter().take_while(|&&f| f == flags[i]).count();
+            // SAFETY: forwarded from the caller's contract; `dst` is what the pool made.
+            unsafe { folios_copy_to(&pairs[i..j], self.dst(flags[i]))? };
+            i = j;
+        }
+        Ok(())
     }
 
     /// The batch copy through the active migrator when one is registered (pipelined: runs
     /// move as the migrator reports parts copied), else the default CPU `folios_copy` of the
     /// whole batch. The pipelined CPU copy is [`Call::copy_pieces`].
     fn batch_copy(&mut self, st: &mut BatchState, live: &[usize], pipelined: bool) {
-        let pairs = self.pairs(st, live);
+        let (pairs, unpopulated) = self.pairs(st, live);
         if self.opts.fault.fail_batch_copy {
             self.stats.fallback_folios += live.len() as u64;
             return;
@@ -386,7 +414,7 @@ impl Call<'_> {
         let copied_before = self.stats.offloaded_folios;
         if self.offload {
             let result = if pipelined {
-                self.offload_pipelined(st, live, &pairs)
+                self.offload_pipelined(st, live, &pairs, &unpopulated)
             } else {
                 let t = Instant::now();
                 let done = parking_lot::Mutex::new(Vec::new());
@@ -394,7 +422,7 @@ impl Call<'_> {
                 // SAFETY: every source is an old page isolated in our graveyard (unmap phase),
                 // which no thread writes, every destination was handed to us by the pool and
                 // nothing else refers to it, and sources and destinations never overlap.
-                let batch = unsafe { Batch::new(&pairs, Some(&on_complete)) };
+                let batch = unsafe { self.batch(&pairs, Some(&on_complete), &unpopulated) };
                 let result = dispatch(self.abort, &batch);
                 self.stats.copy_ns += t.elapsed().as_nanos() as u64;
                 for r in done.into_inner() {
@@ -414,7 +442,7 @@ impl Call<'_> {
         // The default CPU batch copy (unpipelined, or a migrator that went away).
         let t = Instant::now();
         // SAFETY: as for the offloaded copy above.
-        let ok = unsafe { folios_copy(&pairs) }.is_ok();
+        let ok = unsafe { self.copy_pairs(&pairs, &unpopulated) }.is_ok();
         self.stats.copy_ns += t.elapsed().as_nanos() as u64;
         if ok {
             self.stats.batch_copied_folios += live.len() as u64;
@@ -430,9 +458,11 @@ impl Call<'_> {
         st: &mut BatchState,
         live: &[usize],
         pairs: &[CopyPair],
+        unpopulated: &[bool],
     ) -> Option<Result<(), Errno>> {
         let (tx, rx) = crossbeam::channel::unbounded::<CopyEvent>();
         let abort = self.abort;
+        let fill_uffd = self.engine.pool.fill_uffd();
         let t = Instant::now();
         let move_before = self.stats.move_ns;
         let result = std::thread::scope(|s| {
@@ -445,7 +475,7 @@ impl Call<'_> {
                 // which no thread writes, every destination was handed to us by the pool and
                 // nothing else refers to it, and sources and destinations never overlap; the
                 // scope keeps them alive until this thread ends.
-                let batch = unsafe { Batch::new(pairs, Some(&on_complete)) };
+                let batch = unsafe { make_batch(pairs, Some(&on_complete), fill_uffd, unpopulated) };
                 let result = dispatch(abort, &batch);
                 let _ = tx.send(CopyEvent::Finished(result));
             });
@@ -473,6 +503,23 @@ impl Call<'_> {
         let moving = self.stats.move_ns - move_before;
         self.stats.copy_ns += (t.elapsed().as_nanos() as u64).saturating_sub(moving);
         result
+    }
+
+    /// The batch handed to a migrator.
+    ///
+    /// # Safety
+    /// As [`Batch::new`]; `unpopulated` says which destinations the pool left empty.
+    unsafe fn batch<'b>(
+        &self,
+        pairs: &'b [CopyPair],
+        on_complete: Option<&'b (dyn Fn(Range<usize>) + Sync)>,
+        unpopulated: &'b [bool],
+    ) -> Batch<'b>
+    where
+        'a: 'b,
+    {
+        // SAFETY: forwarded.
+        unsafe { make_batch(pairs, on_complete, self.engine.pool.fill_uffd(), unpopulated) }
     }
 
     fn mark_copied(&mut self, st: &mut BatchState, live: &[usize], r: Range<usize>) {
@@ -682,8 +729,8 @@ impl Call<'_> {
             } else {
                 // SAFETY: `src` holds the folio's old pages, isolated in our graveyard since the
                 // unmap phase; `dst` lies in the destination the pool handed us for this folio
-                // and nothing else refers to it.
-                unsafe { folio_copy(CopyPair { dst, src, len: item.folio.size() }) }
+                // (unpopulated or not as it says) and nothing else refers to it.
+                unsafe { folios_copy_to(&[CopyPair { dst, src, len: item.folio.size() }], self.dst(rest.unpopulated())) }
             };
             self.stats.copy_ns += copy_start.elapsed().as_nanos() as u64;
             match result {
@@ -778,6 +825,26 @@ impl Call<'_> {
         };
         st.first_done = true;
         self.submit(Job::Move(job));
+    }
+}
+
+/// A batch of `pairs` whose destinations are unpopulated where `unpopulated` says.
+///
+/// # Safety
+/// As [`Batch::new`]; the unpopulated destinations are registered with `uffd`.
+unsafe fn make_batch<'b>(
+    pairs: &'b [CopyPair],
+    on_complete: Option<&'b (dyn Fn(Range<usize>) + Sync)>,
+    uffd: Option<&'b crate::sys::uffd::Uffd>,
+    unpopulated: &'b [bool],
+) -> Batch<'b> {
+    match uffd {
+        // SAFETY: forwarded; the pool registers its empty chunks with `uffd`.
+        Some(uffd) if unpopulated.iter().any(|&u| u) => unsafe {
+            Batch::with_unpopulated(pairs, on_complete, uffd, unpopulated)
+        },
+        // SAFETY: forwarded.
+        _ => unsafe { Batch::new(pairs, on_complete) },
     }
 }
 

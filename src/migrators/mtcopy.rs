@@ -2,8 +2,9 @@
 //!
 //! A batch is dealt out to `threads` workers, each pinned to a CPU round-robin. With at
 //! least as many folios as threads, each worker copies a contiguous share of the folios
-//! (`n*(i+1)/t - n*i/t` of them) and reports its share complete as soon as it is done, so
-//! the pipelined move can move it while the others still copy. With fewer folios than
+//! (`n*(i+1)/t - n*i/t` of them), in pieces of at most [`PIECE_BYTES`], and reports each
+//! piece complete as soon as it is copied, so the pipelined move moves it while the rest
+//! is still copied: the first folio waits for one piece, however large the batch. With fewer folios than
 //! threads (a few large folios), every folio is split into byte ranges across the workers
 //! and reported complete when its last range is copied.
 //!
@@ -22,6 +23,9 @@ use crossbeam::channel::{Sender, unbounded};
 use crate::copy::CopyPair;
 use crate::offload::{Batch, Migrator, OffloadCopy, Owner, registry};
 use crate::sys::{self, Errno};
+
+/// The most bytes a worker copies before reporting them complete.
+pub const PIECE_BYTES: usize = 2 << 20;
 
 /// The most worker threads accepted.
 pub const MAX_THREADS: usize = 64;
@@ -73,11 +77,17 @@ fn run_job(job: Job) {
     // latch until this job calls `done`, so the batch outlives this use.
     let batch = unsafe { &*job.batch };
     let mut err = None;
-    if !job.whole.is_empty() {
-        match batch.copy_range(job.whole.clone()) {
-            Ok(()) => err = batch.complete(job.whole.clone()).err(),
-            Err(e) => err = Some(e),
+    let pairs = batch.pairs();
+    let mut at = job.whole.start;
+    while at < job.whole.end && err.is_none() {
+        let mut end = at + 1;
+        let mut bytes = pairs[at].len;
+        while end < job.whole.end && bytes + pairs[end].len <= PIECE_BYTES {
+            bytes += pairs[end].len;
+            end += 1;
         }
+        err = batch.copy_range(at..end).and_then(|()| batch.complete(at..end)).err();
+        at = end;
     }
     for &(folio, off, len) in &job.parts {
         if let Err(e) = batch.copy_part(folio, off, len) {
@@ -226,6 +236,10 @@ fn plan(pairs: &[CopyPair], t: usize) -> Vec<Share> {
 // a folio only once every part of it is copied, and `offload_copy` returns only after every
 // worker is done with the batch.
 unsafe impl OffloadCopy for MtCopy {
+    fn fills_unpopulated(&self) -> bool {
+        true
+    }
+
     fn offload_copy(&self, batch: &Batch<'_>) -> Result<(), Errno> {
         let n = batch.folio_count();
         if n == 0 {

@@ -22,6 +22,12 @@
 //! nothing else (a DMA engine, raw pointers) writes its destination afterwards — is the
 //! promise of the `unsafe trait` [`OffloadCopy`].
 //!
+//! Destinations of base pages may come *without pages* (see [`crate::pool`]):
+//! [`Batch::copy_range`] and [`Batch::copy_part`] then allocate and fill each page in one
+//! step (`UFFDIO_COPY`), writing each destination byte once. A migrator that copies only
+//! through them says so with [`OffloadCopy::fills_unpopulated`] and gets such batches; one
+//! that stores through raw addresses, or hands them to a device, gets populated ones.
+//!
 //! A migrator that panics is caught: the call it served stops, undoes every folio that did
 //! not move, and returns [`crate::Error::Panicked`].
 //!
@@ -34,7 +40,8 @@ pub mod registry;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::copy::{CopyPair, folios_copy};
+use crate::copy::{CopyPair, Dst, folios_copy_to};
+use crate::sys::uffd::Uffd;
 use crate::sys::{self, Errno};
 
 pub use registry::{Migrator, Owner, Registration, Registry, registry};
@@ -53,6 +60,9 @@ pub struct Batch<'a> {
     pairs: &'a [CopyPair],
     state: Box<[AtomicU32]>,
     on_complete: Option<&'a (dyn Fn(Range<usize>) + Sync)>,
+    /// The userfaultfd of the unpopulated destinations and, per pair, whether its
+    /// destination is one.
+    unpopulated: Option<(&'a Uffd, &'a [bool])>,
 }
 
 impl<'a> Batch<'a> {
@@ -63,7 +73,41 @@ impl<'a> Batch<'a> {
     /// dropped or the pair reported complete, and no two pairs may overlap.
     pub unsafe fn new(pairs: &'a [CopyPair], on_complete: Option<&'a (dyn Fn(Range<usize>) + Sync)>) -> Self {
         // INVARIANT: promised by the caller; every folio starts not reported, no copy running.
-        Self { pairs, state: pairs.iter().map(|_| AtomicU32::new(0)).collect(), on_complete }
+        Self { pairs, state: pairs.iter().map(|_| AtomicU32::new(0)).collect(), on_complete, unpopulated: None }
+    }
+
+    /// Wraps the copies of a batch some of whose destinations have no pages yet:
+    /// `unpopulated[i]` says whether pair `i`'s destination is registered in missing mode
+    /// with `uffd` and empty.
+    ///
+    /// # Safety
+    /// As [`Batch::new`], and every unpopulated destination must be registered with `uffd`
+    /// and read by nobody before the copy into it ends.
+    pub(crate) unsafe fn with_unpopulated(
+        pairs: &'a [CopyPair],
+        on_complete: Option<&'a (dyn Fn(Range<usize>) + Sync)>,
+        uffd: &'a Uffd,
+        unpopulated: &'a [bool],
+    ) -> Self {
+        debug_assert_eq!(pairs.len(), unpopulated.len());
+        // SAFETY: forwarded from the caller's contract.
+        let batch = unsafe { Self::new(pairs, on_complete) };
+        Self { unpopulated: Some((uffd, unpopulated)), ..batch }
+    }
+
+    /// How the copy into pair `i` reaches its destination.
+    fn dst(&self, i: usize) -> Dst<'a> {
+        match self.unpopulated {
+            Some((uffd, flags)) if flags.get(i).copied().unwrap_or(false) => Dst::Empty(uffd),
+            _ => Dst::Mapped,
+        }
+    }
+
+    /// Whether pair `index`'s destination has no pages yet (filled by the batch's own
+    /// copies with `UFFDIO_COPY`; a store through the raw address would first make the
+    /// engine fault in a page of zeros).
+    pub fn is_unpopulated(&self, index: usize) -> bool {
+        matches!(self.dst(index), Dst::Empty(_))
     }
 
     /// The copies, one per folio, in address order of the sources.
@@ -117,9 +161,17 @@ impl<'a> Batch<'a> {
     /// reported complete (nothing is copied).
     pub fn copy_range(&self, range: Range<usize>) -> Result<(), Errno> {
         let guard = self.enter(range.clone())?;
-        // SAFETY: the batch's invariant makes every pair valid to copy while it is not
-        // reported complete, and the guard keeps these from being reported until it drops.
-        let result = unsafe { folios_copy(&self.pairs[range]) };
+        let mut result = Ok(());
+        let mut i = range.start;
+        while i < range.end && result.is_ok() {
+            let empty = self.is_unpopulated(i);
+            let j = (i..range.end).find(|&j| self.is_unpopulated(j) != empty).unwrap_or(range.end);
+            // SAFETY: the batch's invariant makes every pair valid to copy while it is not
+            // reported complete, the guard keeps these from being reported until it drops,
+            // and `dst` is what the constructor was told of their destinations.
+            result = unsafe { folios_copy_to(&self.pairs[i..j], self.dst(i)) };
+            i = j;
+        }
         drop(guard);
         result
     }
@@ -137,11 +189,20 @@ impl<'a> Batch<'a> {
             return Err(Errno::INVAL);
         }
         let guard = self.enter(index..index + 1)?;
-        // SAFETY: a sub-range of a pair that is valid to copy (the batch's invariant, and the
-        // guard keeps it from being reported meanwhile); bounds checked just above.
-        unsafe { sys::copy_bytes_nt(p.dst + offset, p.src + offset, len) };
+        let part = CopyPair { dst: p.dst + offset, src: p.src + offset, len };
+        let result = match self.dst(index) {
+            // SAFETY: a sub-range of a pair that is valid to copy (the batch's invariant, and
+            // the guard keeps it from being reported meanwhile); bounds checked just above;
+            // the destination is what the constructor was told.
+            dst @ Dst::Empty(_) => unsafe { folios_copy_to(&[part], dst) },
+            Dst::Mapped => {
+                // SAFETY: as above, into populated memory.
+                unsafe { sys::copy_bytes_nt(part.dst, part.src, len) };
+                Ok(())
+            }
+        };
         drop(guard);
-        Ok(())
+        result
     }
 
     /// Reports the pairs in `range` copied: their destinations hold the complete data and
@@ -218,6 +279,14 @@ pub unsafe trait OffloadCopy: Send + Sync {
     /// `EOPNOTSUPP` to decline the batch, any other errno for a failure; either way the
     /// parts not reported with [`Batch::complete`] are copied folio by folio by the core.
     fn offload_copy(&self, batch: &Batch<'_>) -> Result<(), Errno>;
+
+    /// Whether this migrator copies only through [`Batch::copy_range`] and
+    /// [`Batch::copy_part`], and so may be handed destinations of base pages that have no
+    /// pages yet (filled in one step, never zeroed first). The default, `false`, hands it
+    /// populated destinations only, as a device writing physical memory needs.
+    fn fills_unpopulated(&self) -> bool {
+        false
+    }
 }
 
 /// The default CPU batch copy (`folios_mc_copy`), as a migrator.
@@ -229,5 +298,9 @@ unsafe impl OffloadCopy for CpuCopy {
     fn offload_copy(&self, batch: &Batch<'_>) -> Result<(), Errno> {
         batch.copy_range(0..batch.folio_count())?;
         batch.complete(0..batch.folio_count())
+    }
+
+    fn fills_unpopulated(&self) -> bool {
+        true
     }
 }

@@ -183,6 +183,14 @@ impl Registry {
         self.active.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|m| m.name.clone())
     }
 
+    /// Whether the active migrator copies only through the batch's own copies and so may
+    /// be handed unpopulated destinations ([`OffloadCopy::fills_unpopulated`]); `false`
+    /// when none is registered.
+    pub fn active_fills_unpopulated(&self) -> bool {
+        let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        active.as_ref().and_then(|m| m.offload_copy.as_ref()).is_some_and(|c| c.fills_unpopulated())
+    }
+
     /// Whether a migrator is registered (one relaxed load: the static-key check).
     #[inline]
     pub fn enabled(&self) -> bool {

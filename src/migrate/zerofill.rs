@@ -1,0 +1,76 @@
+//! The fault handler of the engine's own mappings: destinations left empty for
+//! `UFFDIO_COPY` and graveyards, both registered in missing mode with the second
+//! userfaultfd.
+//!
+//! The pipeline fills an empty destination with `UFFDIO_COPY` and never otherwise touches a
+//! page of ours that has none. A store into one all the same (a migrator that copies with
+//! its own stores into the destinations it was handed) would wait on that descriptor for
+//! ever; this thread answers such a fault with a page of zeros, after which the store goes
+//! on as into any fresh page. It costs the zeroing the empty destination was meant to
+//! save, never a byte.
+#![allow(unsafe_code, reason = "fills a missing page of the engine's own mappings with zeros")]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use crate::sys::uffd::{Event, Uffd};
+use crate::sys::{self, Errno};
+
+/// How long one poll waits, in milliseconds: the delay in noticing it should stop.
+const POLL_MS: i32 = 100;
+
+/// A page of zeros to copy from.
+#[repr(align(4096))]
+struct ZeroPage([u8; sys::PAGE_SIZE]);
+
+static ZEROS: ZeroPage = ZeroPage([0; sys::PAGE_SIZE]);
+
+/// The handler thread; dropping it stops the thread.
+#[derive(Debug)]
+pub(super) struct ZeroFill {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl ZeroFill {
+    /// Starts answering `uffd`'s missing-page faults with zeros.
+    ///
+    /// # Errors
+    /// `EAGAIN` when no thread can be started.
+    pub fn spawn(uffd: Arc<Uffd>) -> Result<Self, Errno> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("pagemig-zerofill".into())
+            .spawn(move || {
+                while !flag.load(Ordering::Relaxed) {
+                    if !uffd.poll(POLL_MS) {
+                        continue;
+                    }
+                    for event in uffd.read_messages().unwrap_or_default() {
+                        if let Event::Missing { addr } = event {
+                            let page = addr & !(sys::PAGE_SIZE - 1);
+                            // SAFETY: only the engine's own empty destinations and graveyards
+                            // are registered here; the faulting thread waits for this page
+                            // and, on a fresh page, would have read zeros. `EEXIST` (filled
+                            // meanwhile) wakes it all the same.
+                            let _ = unsafe { uffd.copy(page, ZEROS.0.as_ptr() as usize, sys::PAGE_SIZE) };
+                            let _ = uffd.wake(page, sys::PAGE_SIZE);
+                        }
+                    }
+                }
+            })
+            .map_err(|_| Errno::AGAIN)?;
+        Ok(Self { stop, handle: Some(handle) })
+    }
+}
+
+impl Drop for ZeroFill {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
