@@ -42,6 +42,9 @@ enum Misdeed {
     PanicMidway,
     /// Copies and reports the first half, sleeps past any reasonable timeout, then fails.
     SleepThenFail,
+    /// Says it copies only through the batch (so its destinations of base pages come
+    /// without pages), then stores into them through the raw addresses.
+    RawStores,
 }
 
 /// A migrator doing `misdeed`, recording what `Batch` answered.
@@ -96,7 +99,22 @@ unsafe impl OffloadCopy for Rogue {
                 std::thread::sleep(Duration::from_millis(700));
                 Err(Errno::TIMEDOUT)
             }
+            Misdeed::RawStores => {
+                if (0..n).any(|i| batch.is_unpopulated(i)) {
+                    self.refusals.lock().unwrap().push(Errno::NOENT);
+                }
+                for p in batch.pairs() {
+                    // SAFETY: a pair of the batch, not yet reported: its source is readable
+                    // and its destination ours to write, and they do not overlap.
+                    unsafe { std::ptr::copy_nonoverlapping(p.src as *const u8, p.dst as *mut u8, p.len) };
+                }
+                batch.complete(0..n)
+            }
         }
+    }
+
+    fn fills_unpopulated(&self) -> bool {
+        matches!(self.misdeed, Misdeed::RawStores)
     }
 }
 
@@ -300,4 +318,18 @@ fn batch_refuses_reports_and_copies_it_cannot_trust() {
     assert_eq!(*reported.lock().unwrap(), [1..3, 0..1, 3..4]);
     drop(batch);
     assert!(dst[..3 * 4096].iter().all(|&b| b == 3));
+}
+
+#[test]
+fn raw_stores_into_unpopulated_destinations_are_filled_not_hung() {
+    let _t = turn();
+    for folio in [4096, 64 << 10] {
+        let (result, rogue) = migrate_with(Misdeed::RawStores, folio, true);
+        let stats = result.unwrap();
+        assert_eq!(stats.failed_folios, 0);
+        assert_eq!(stats.offloaded_folios, stats.folios, "every folio copied by the migrator");
+        // It was handed destinations without pages: the engine's fault handler gave each
+        // store a page of zeros to land in.
+        assert!(rogue.refusals.lock().unwrap().contains(&Errno::NOENT), "folio {folio}: no unpopulated destination");
+    }
 }
