@@ -23,7 +23,11 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use parking_lot::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 use crate::sys::uffd::Uffd;
@@ -195,37 +199,66 @@ fn touch(start: usize, end: usize) {
 /// The destination pools of every node.
 #[derive(Debug)]
 pub struct Pool {
+    inner: Arc<Inner>,
+    /// The reserve thread, started by the first [`Pool::reserve`].
+    preparer: Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Inner {
     chunks: Mutex<HashMap<Key, Chunk>>,
     limit: usize,
-    uffd: Option<std::sync::Arc<Uffd>>,
+    uffd: Option<Arc<Uffd>>,
+    /// Bytes the reserve thread keeps populated ahead of use, per key.
+    reserves: Mutex<HashMap<Key, usize>>,
+    /// Wakes the reserve thread: a take consumed prepared memory, a reserve changed, or
+    /// the pool is dropped.
+    wake: Condvar,
+    stop: AtomicBool,
 }
+
+/// What the reserve thread populates with the chunks lock held, at most: a take waits no
+/// longer than this takes.
+const RESERVE_STEP: usize = 8 << 20;
 
 impl Pool {
     /// A pool that keeps at most `limit` bytes populated ahead of use per key.
     pub fn new(limit: usize) -> Self {
-        Self { chunks: Mutex::new(HashMap::new()), limit, uffd: None }
+        Self::make(limit, None)
     }
 
     /// A pool that can also hand out empty destinations, registered with `uffd` (which
     /// must have a thread answering stray faults, as the engine's has).
-    pub fn with_fill_uffd(limit: usize, uffd: std::sync::Arc<Uffd>) -> Self {
-        Self { chunks: Mutex::new(HashMap::new()), limit, uffd: Some(uffd) }
+    pub fn with_fill_uffd(limit: usize, uffd: Arc<Uffd>) -> Self {
+        Self::make(limit, Some(uffd))
+    }
+
+    fn make(limit: usize, uffd: Option<Arc<Uffd>>) -> Self {
+        let inner = Inner {
+            chunks: Mutex::new(HashMap::new()),
+            limit,
+            uffd,
+            reserves: Mutex::new(HashMap::new()),
+            wake: Condvar::new(),
+            stop: AtomicBool::new(false),
+        };
+        Self { inner: Arc::new(inner), preparer: Mutex::new(None) }
     }
 
     /// The userfaultfd empty destinations are registered with: `UFFDIO_COPY` into them goes
     /// through it.
     pub fn fill_uffd(&self) -> Option<&Uffd> {
-        self.uffd.as_deref()
+        self.inner.uffd.as_deref()
     }
 
-    /// The most bytes kept populated ahead of use per key.
+    /// The most bytes kept populated ahead of use per key by [`Pool::prefill`].
     pub fn limit(&self) -> usize {
-        self.limit
+        self.inner.limit
     }
 
-    /// Takes a populated destination of `len` bytes whose address is congruent to `phase`
-    /// modulo `align` (a power of two), and returns it with the time spent populating it now
-    /// (zero when [`Pool::prefill`] prepared it earlier).
+    /// Takes a destination of `len` bytes whose address is congruent to `phase` modulo
+    /// `align` (a power of two), populated unless `key.empty`, and returns it with the time
+    /// spent populating it now (zero when it was prepared earlier).
     ///
     /// # Errors
     /// [`Error::Sys`] with `ENOMEM` when the node cannot supply the memory, or the errno of
@@ -238,6 +271,111 @@ impl Pool {
         phase: usize,
         populate: Populate,
     ) -> Result<(Dest, Duration)> {
+        let taken = self.inner.take(key, len, align, phase, populate);
+        if self.inner.reserves.lock().contains_key(&key) {
+            self.inner.wake.notify_all();
+        }
+        taken
+    }
+
+    /// Bytes populated and ready ahead of the next destinations of `key`.
+    pub fn ready(&self, key: Key) -> usize {
+        self.inner.chunks.lock().get(&key).map_or(0, |c| c.prepared_end.saturating_sub(c.cursor))
+    }
+
+    /// Bytes populated and ready on `node`, every key together.
+    pub fn ready_on(&self, node: u32) -> usize {
+        let chunks = self.inner.chunks.lock();
+        chunks.iter().filter(|(k, _)| k.node == node).map(|(_, c)| c.prepared_end.saturating_sub(c.cursor)).sum()
+    }
+
+    /// Populates up to `bytes` (at most the pool's limit) ahead of the next destinations of
+    /// `key` on this thread. Returns the time spent.
+    ///
+    /// # Errors
+    /// As [`Pool::take`].
+    pub fn prefill(&self, key: Key, bytes: usize) -> Result<Duration> {
+        let started = Instant::now();
+        let bytes = bytes.min(self.inner.limit);
+        while self.inner.prefill_step(key, bytes)? {}
+        Ok(started.elapsed())
+    }
+
+    /// Keeps `bytes` populated ahead of the next destinations of `key` from now on, on a
+    /// background thread (a *prepared reserve*: destinations a call takes from it cost the
+    /// call nothing to prepare); `0` ends the reserve and gives back what it prepared and
+    /// nothing took. The bytes are a memory budget: populated memory not yet handed out.
+    /// Empty keys need no preparing and are refused.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for an empty key; [`Error::Sys`] with `EAGAIN` when the thread
+    /// cannot be started.
+    pub fn reserve(&self, key: Key, bytes: usize) -> Result<()> {
+        if key.empty {
+            return Err(Error::Invalid("an empty destination needs no prepared reserve".into()));
+        }
+        {
+            let mut preparer = self.preparer.lock();
+            if preparer.is_none() && bytes > 0 {
+                let inner = self.inner.clone();
+                let handle = std::thread::Builder::new()
+                    .name("pagemig-reserve".into())
+                    .spawn(move || inner.prepare_reserves())
+                    .map_err(|_| Error::sys("reserve thread")(sys::Errno::AGAIN))?;
+                *preparer = Some(handle);
+            }
+        }
+        let mut reserves = self.inner.reserves.lock();
+        if bytes == 0 {
+            reserves.remove(&key);
+            drop(reserves);
+            if let Some(mut c) = self.inner.chunks.lock().remove(&key) {
+                c.retire();
+            }
+        } else {
+            reserves.insert(key, bytes.next_multiple_of(HPAGE_SIZE));
+        }
+        self.inner.wake.notify_all();
+        Ok(())
+    }
+
+    /// Waits until every reserve is populated in full or `timeout` passes; returns whether
+    /// they are.
+    pub fn wait_reserved(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let reserves: Vec<(Key, usize)> = self.inner.reserves.lock().iter().map(|(k, b)| (*k, *b)).collect();
+            if reserves.iter().all(|&(k, b)| self.ready(k) >= b) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Gives back a destination (or the part of it still in place) that was not moved.
+    pub fn release(&self, dest: Dest) {
+        if dest.len == 0 {
+            return;
+        }
+        // SAFETY: a `Dest` is only made by `take` and owns its range (type invariant); it is
+        // consumed here, so nothing refers to the range afterwards.
+        let _ = unsafe { sys::munmap(dest.addr, dest.len) };
+    }
+
+    /// Ends every reserve and unmaps every chunk's unused memory.
+    pub fn clear(&self) {
+        self.inner.reserves.lock().clear();
+        for (_, mut c) in self.inner.chunks.lock().drain() {
+            c.retire();
+        }
+    }
+}
+
+impl Inner {
+    fn take(&self, key: Key, len: usize, align: usize, phase: usize, populate: Populate) -> Result<(Dest, Duration)> {
         debug_assert!(align.is_power_of_two() && len > 0);
         let mut chunks = self.chunks.lock();
         let chunk = match chunks.get_mut(&key) {
@@ -280,16 +418,12 @@ impl Pool {
         Ok((Dest { addr, len, empty: key.empty }, spent))
     }
 
-    /// Populates up to `bytes` (at most the pool's limit) ahead of the next destinations of
-    /// `key`, off the critical path. Returns the time spent.
-    ///
-    /// # Errors
-    /// As [`Pool::take`].
-    pub fn prefill(&self, key: Key, bytes: usize) -> Result<Duration> {
+    /// Populates at most [`RESERVE_STEP`] more towards `bytes` ready ahead of `key`'s next
+    /// destinations; returns whether there is more to do.
+    fn prefill_step(&self, key: Key, bytes: usize) -> Result<bool> {
         if key.empty {
-            return Ok(Duration::ZERO);
+            return Ok(false);
         }
-        let bytes = bytes.min(self.limit).next_multiple_of(HPAGE_SIZE);
         let mut chunks = self.chunks.lock();
         if chunks.get(&key).is_none_or(|c| c.end - c.cursor < bytes) {
             let fresh = Chunk::new(key, bytes, self.uffd.as_deref())?;
@@ -299,35 +433,47 @@ impl Pool {
         }
         let chunk = chunks.get_mut(&key).expect("present");
         let target = (chunk.cursor + bytes).min(chunk.end);
-        let started = Instant::now();
-        if chunk.prepared_end < target {
-            sys::madvise(chunk.prepared_end, target - chunk.prepared_end, Advice::PopulateWrite)
-                .map_err(Error::sys("madvise(MADV_POPULATE_WRITE) of the destination pool"))?;
-            chunk.prepared_end = target;
+        if chunk.prepared_end >= target {
+            return Ok(false);
         }
-        Ok(started.elapsed())
+        let from = chunk.prepared_end.max(chunk.cursor);
+        let to = (from + RESERVE_STEP).min(target);
+        sys::madvise(from, to - from, Advice::PopulateWrite)
+            .map_err(Error::sys("madvise(MADV_POPULATE_WRITE) of the destination pool"))?;
+        chunk.prepared_end = to;
+        Ok(to < target)
     }
 
-    /// Gives back a destination (or the part of it still in place) that was not moved.
-    pub fn release(&self, dest: Dest) {
-        if dest.len == 0 {
-            return;
-        }
-        // SAFETY: a `Dest` is only made by `take` and owns its range (type invariant); it is
-        // consumed here, so nothing refers to the range afterwards.
-        let _ = unsafe { sys::munmap(dest.addr, dest.len) };
-    }
-
-    /// Unmaps every chunk's unused memory.
-    pub fn clear(&self) {
-        for (_, mut c) in self.chunks.lock().drain() {
-            c.retire();
+    /// The reserve thread: tops every reserve up, step by step, and sleeps until a take or
+    /// a new reserve wakes it.
+    fn prepare_reserves(&self) {
+        while !self.stop.load(Ordering::Relaxed) {
+            let reserves: Vec<(Key, usize)> = self.reserves.lock().iter().map(|(k, b)| (*k, *b)).collect();
+            let mut more = false;
+            for (key, bytes) in reserves {
+                // A node out of memory: the reserve stays short, and calls prepare their own.
+                more |= self.prefill_step(key, bytes).unwrap_or(false);
+            }
+            if !more {
+                let mut reserves = self.reserves.lock();
+                if !self.stop.load(Ordering::Relaxed) {
+                    self.wake.wait_for(&mut reserves, Duration::from_millis(100));
+                }
+            }
         }
     }
 }
 
 impl Drop for Pool {
     fn drop(&mut self) {
+        self.inner.stop.store(true, Ordering::Relaxed);
+        {
+            let _reserves = self.inner.reserves.lock();
+            self.inner.wake.notify_all();
+        }
+        if let Some(h) = self.preparer.lock().take() {
+            let _ = h.join();
+        }
         self.clear();
     }
 }

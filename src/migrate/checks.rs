@@ -15,8 +15,9 @@ const NODE_RESERVE: u64 = 32 << 20;
 
 /// Checks a whole call before anything is touched and pairs each folio with the state
 /// of its mapping.
-/// Also returns the target's free memory beyond its reserve.
-pub(super) fn prepare_call(folios: &[Folio<'_>], target: u32) -> Result<(Vec<Item>, Vec<Span>, u64)> {
+/// Also returns the target's free memory beyond its reserve. `prepared` bytes of the target
+/// are populated destinations of ours already, free for the call.
+pub(super) fn prepare_call(folios: &[Folio<'_>], target: u32, prepared: u64) -> Result<(Vec<Item>, Vec<Span>, u64)> {
     if folios.is_empty() {
         return Err(Error::Invalid("no folios to migrate (zero length)".into()));
     }
@@ -48,14 +49,14 @@ pub(super) fn prepare_call(folios: &[Folio<'_>], target: u32) -> Result<(Vec<Ite
         return Err(Error::MapCountLimit { current, needed, limit });
     }
     let bytes: u64 = sorted.iter().map(|f| f.size() as u64).sum();
-    let free = check_free_memory(target, bytes, &runs)?;
+    let free = check_free_memory(target, bytes, &runs, prepared)?;
     Ok((attach_vma_state(&sorted, &vmas), runs, free))
 }
 
 /// Checks that `target` can take `bytes`; returns its free memory beyond the reserve.
-fn check_free_memory(target: u32, bytes: u64, runs: &[(usize, usize)]) -> Result<u64> {
+fn check_free_memory(target: u32, bytes: u64, runs: &[(usize, usize)], prepared: u64) -> Result<u64> {
     let (_, mem_free) = numa::meminfo(target)?;
-    let free = mem_free.saturating_sub(NODE_RESERVE);
+    let free = mem_free.saturating_sub(NODE_RESERVE) + prepared;
     if bytes <= free {
         return Ok(free);
     }

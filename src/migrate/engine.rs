@@ -13,7 +13,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::folio::Folio;
-use crate::pool::{Pool, Populate};
+use crate::pool::{Key, Pool, Populate, ThpAdvice};
 use crate::sys::{self, Errno, uffd::Uffd};
 
 /// The migration engine: a userfaultfd, the destination pool and the set of folios in
@@ -85,6 +85,36 @@ impl Engine {
     /// The destination pool.
     pub fn pool(&self) -> &Pool {
         &self.pool
+    }
+
+    /// Keeps `bytes` of destinations on `node` prepared ahead of use by a background thread,
+    /// from now on, for memory whose huge-page advice is `thp` (the advice of the sources:
+    /// [`ThpAdvice::Huge`] for `MADV_HUGEPAGE` memory): a *prepared reserve* for callers
+    /// that migrate again and again, such as a tiering runtime. A call takes its
+    /// destinations from the reserve first and prepares only what the reserve lacks; the
+    /// thread then tops the reserve up again. `bytes` is the memory budget: populated
+    /// memory on `node` not yet handed out. `0` ends the reserve and gives its memory back.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// use pagemig::{Engine, ThpAdvice};
+    /// let engine = Engine::global()?;
+    /// engine.reserve(1, 256 << 20, ThpAdvice::Huge)?;
+    /// # Ok::<(), pagemig::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::UnknownNode`] for a node without memory; [`Error::Sys`] with `EAGAIN` when
+    /// the thread cannot be started.
+    pub fn reserve(&self, node: u32, bytes: usize, thp: ThpAdvice) -> Result<()> {
+        crate::numa::check_node(node)?;
+        self.pool.reserve(Key { node, thp, empty: false }, bytes)
+    }
+
+    /// Waits until every prepared reserve is full or `timeout` passes; returns whether they
+    /// are.
+    pub fn wait_reserved(&self, timeout: std::time::Duration) -> bool {
+        self.pool.wait_reserved(timeout)
     }
 
     /// The bound on a batch, in base pages.
@@ -165,7 +195,7 @@ impl Engine {
     ) -> Result<MigrateStats> {
         let started = Instant::now();
         let max_batch = check_max_batch_pages(opts.max_batch_pages.unwrap_or_else(|| self.max_batch_pages()))?;
-        let (items, runs, free) = prepare_call(folios, target)?;
+        let (items, runs, free) = prepare_call(folios, target, self.pool.ready_on(target) as u64)?;
         let mut stats = MigrateStats { folios: items.len() as u64, ..Default::default() };
         let register_start = Instant::now();
         // Every run registered once, up front, in missing and write-protect mode: batches

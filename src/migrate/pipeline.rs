@@ -252,10 +252,13 @@ impl<'a> Call<'a> {
                 items.iter().map(|i| i.folio.size()).max().unwrap_or(sys::PAGE_SIZE)
             };
             // Base pages only: `UFFDIO_COPY` cannot make a huge page.
-            let empty = self.fill_empty && items.iter().all(|i| i.folio.size() < HPAGE_SIZE);
-            let key = Key { node: self.target, thp: items[0].thp, empty };
-            let locked = items[0].locked;
             let len = run.end - run.start;
+            let empty = self.fill_empty && items.iter().all(|i| i.folio.size() < HPAGE_SIZE);
+            // Destinations a prepared reserve populated ahead cost nothing now: taken first.
+            let populated = Key { node: self.target, thp: items[0].thp, empty: false };
+            let empty = empty && self.engine.pool.ready(populated) < len;
+            let key = Key { empty, ..populated };
+            let locked = items[0].locked;
             let dest = match self.engine.pool.take(key, len, align, run.start % align, self.populate) {
                 Ok((dest, spent)) => {
                     self.stats.prepare_ns += spent.as_nanos() as u64;
@@ -730,7 +733,9 @@ impl<'a> Call<'a> {
                 // SAFETY: `src` holds the folio's old pages, isolated in our graveyard since the
                 // unmap phase; `dst` lies in the destination the pool handed us for this folio
                 // (unpopulated or not as it says) and nothing else refers to it.
-                unsafe { folios_copy_to(&[CopyPair { dst, src, len: item.folio.size() }], self.dst(rest.unpopulated())) }
+                unsafe {
+                    folios_copy_to(&[CopyPair { dst, src, len: item.folio.size() }], self.dst(rest.unpopulated()))
+                }
             };
             self.stats.copy_ns += copy_start.elapsed().as_nanos() as u64;
             match result {
