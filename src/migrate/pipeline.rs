@@ -199,9 +199,9 @@ impl<'a> Call<'a> {
         self.take_destinations(&mut st);
         let eligible = self.reason.batch_eligible() && !self.opts.no_batch_copy;
         let pipelined = self.opts.pipelined.unwrap_or_else(|| self.engine.pipelined());
-        // The pipelined CPU copy protects each piece just before copying it, so that the
-        // first folio does not wait for the whole batch to be write-protected.
-        let lazy = eligible && pipelined && !self.opts.fault.fail_batch_copy && !self.offload;
+        // The pipelined copy protects and isolates each piece just before copying it, so
+        // that the first folio does not wait for the whole batch to be isolated.
+        let lazy = eligible && pipelined && !self.opts.fault.fail_batch_copy;
         st.started = Instant::now();
         if !lazy {
             self.unmap(&mut st);
@@ -309,16 +309,19 @@ impl<'a> Call<'a> {
         self.stats.unmap_ns += t.elapsed().as_nanos() as u64;
     }
 
-    /// The pipelined default CPU copy: pieces of 2 MiB, then as large as everything copied
-    /// before (so the first folio is writable after one 2 MiB piece whatever the batch size,
-    /// and a batch costs O(log n) moves), each write-protected just before its copy and
-    /// moved right after it.
+    /// The pipelined copy: pieces of 2 MiB, then as large as everything copied before (so
+    /// the first folio is writable after one 2 MiB piece whatever the batch size, and a
+    /// batch costs O(log n) moves), each protected and isolated just before its copy and
+    /// moved as soon as it is copied. The CPU copy's pieces stop growing at
+    /// [`CPU_PIECE_MAX`]: its moves queue on the mover thread, and the next batch's first
+    /// piece must not wait behind a huge one. A migrator gets each piece as a batch of its
+    /// own and reports its parts as they complete.
     fn copy_pieces(&mut self, st: &mut BatchState, live: &[usize]) {
         let (pairs, unpopulated) = self.pairs(st, live);
         let mut at = 0;
         let mut done_bytes = 0;
         while at < live.len() && !self.abort.is_set() {
-            let piece = HPAGE_SIZE.max(done_bytes);
+            let piece = if self.offload { HPAGE_SIZE.max(done_bytes) } else { HPAGE_SIZE.max(done_bytes).min(CPU_PIECE_MAX) };
             let mut end = at + 1;
             let mut bytes = pairs[at].len;
             while end < live.len() && bytes + pairs[end].len <= piece {
@@ -341,6 +344,18 @@ impl<'a> Call<'a> {
                 s = e;
             }
             self.stats.unmap_ns += t.elapsed().as_nanos() as u64;
+            if self.offload {
+                let isolated: Vec<usize> = live[at..end]
+                    .iter()
+                    .copied()
+                    .filter(|&i| st.slots[i].info.contains(MigrateInfo::WAS_MAPPED))
+                    .collect();
+                if !isolated.is_empty() {
+                    self.batch_copy(st, &isolated, true);
+                }
+                at = end;
+                continue;
+            }
             // Copy the protected folios, adjacent ones in one go.
             let t = Instant::now();
             let (protected, flags): (Vec<CopyPair>, Vec<bool>) = (at..end)
@@ -368,16 +383,21 @@ impl<'a> Call<'a> {
     }
 
     /// The copy of each live item into its destination, in order, and whether that
-    /// destination is unpopulated. Made before any run moved: each run's destination still
-    /// starts at the run's start.
+    /// destination is unpopulated. The items must not have moved yet: each lies in the part
+    /// of its run's destination that is left, which starts at the run's cursor.
     fn pairs(&self, st: &BatchState, live: &[usize]) -> (Vec<CopyPair>, Vec<bool>) {
         live.iter()
             .map(|&i| {
                 let run = &st.runs[st.slots[i].run];
                 let dest = run.rest.as_ref().expect("a live item's run has a destination");
                 let f = st.slots[i].item.folio;
-                let off = f.addr() - run.start;
-                (CopyPair { dst: dest.addr() + off, src: run.grave_base + off, len: f.size() }, dest.unpopulated())
+                debug_assert!(f.addr() >= run.cursor);
+                let pair = CopyPair {
+                    dst: dest.addr() + (f.addr() - run.cursor),
+                    src: run.grave_base + (f.addr() - run.start),
+                    len: f.size(),
+                };
+                (pair, dest.unpopulated())
             })
             .unzip()
     }
@@ -899,6 +919,9 @@ impl Drop for BatchGuard<'_> {
         }
     }
 }
+
+/// The largest piece of the pipelined CPU copy.
+const CPU_PIECE_MAX: usize = 16 << 20;
 
 /// What a folio whose mapping the program unmapped or changed after the call began fails
 /// with.
