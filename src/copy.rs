@@ -13,8 +13,12 @@ use crate::sys::{self, Errno};
 /// What a destination is when its copy starts.
 #[derive(Clone, Copy, Debug)]
 pub enum Dst<'a> {
-    /// Populated memory: the copy stores into it.
+    /// Populated some time ago (a prepared reserve): its lines are not in the cache. Copied
+    /// with the kernel measured fastest for cold destinations ([`kernels`]).
     Mapped,
+    /// Populated, so zeroed by the kernel, just before the copy: its lines may still be in
+    /// the cache. Copied with the kernel measured fastest for such destinations.
+    Fresh,
     /// No pages yet, registered in missing mode with this userfaultfd: the copy allocates
     /// each page and fills it in one step (`UFFDIO_COPY`), so the kernel never zeroes it
     /// first and every destination byte is written once.
@@ -46,7 +50,7 @@ pub unsafe fn folio_copy(pair: CopyPair) -> Result<(), Errno> {
         return Err(Errno::INVAL);
     }
     // SAFETY: the caller guarantees access to both ranges; we checked they do not overlap.
-    unsafe { sys::copy_bytes_nt(dst, src, len) };
+    unsafe { kernels().cold.copy(dst, src, len) };
     Ok(())
 }
 
@@ -79,9 +83,21 @@ pub unsafe fn folios_copy(pairs: &[CopyPair]) -> Result<(), Errno> {
 /// Every pair must satisfy [`folio_copy`]'s contract, and an `Empty` destination must be
 /// registered with its userfaultfd and not be read by anyone before the copy into it ends.
 pub unsafe fn folios_copy_to(pairs: &[CopyPair], dst: Dst<'_>) -> Result<(), Errno> {
-    let Dst::Empty(uffd) = dst else {
+    let uffd = match dst {
         // SAFETY: forwarded from the caller's contract.
-        return unsafe { folios_copy(pairs) };
+        Dst::Mapped => return unsafe { folios_copy(pairs) },
+        Dst::Fresh => {
+            let kernel = kernels().hot;
+            for pair in coalesce(pairs) {
+                if pair.len == 0 || (pair.dst < pair.src + pair.len && pair.src < pair.dst + pair.len) {
+                    return Err(Errno::INVAL);
+                }
+                // SAFETY: forwarded from the caller's contract; checked not to overlap.
+                unsafe { kernel.copy(pair.dst, pair.src, pair.len) };
+            }
+            return Ok(());
+        }
+        Dst::Empty(uffd) => uffd,
     };
     for pair in coalesce(pairs) {
         if pair.len == 0 || (pair.dst < pair.src + pair.len && pair.src < pair.dst + pair.len) {
@@ -161,6 +177,185 @@ pub fn memcpy_baseline(len: usize, folio_size: usize) -> Result<std::time::Durat
     Ok(started.elapsed())
 }
 
+/// A CPU copy kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kernel {
+    /// Non-temporal stores, one source stream.
+    Nt,
+    /// Non-temporal stores, the two halves of a large copy read side by side.
+    NtTwoStreams,
+    /// The C library's `memcpy` (`rep movsb` or its own non-temporal path, by size).
+    Memcpy,
+}
+
+impl Kernel {
+    /// Every kernel, in the order they are measured.
+    pub const ALL: [Kernel; 3] = [Kernel::Nt, Kernel::NtTwoStreams, Kernel::Memcpy];
+
+    /// The kernel's name, as `migrate/copy_kernel` takes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::Nt => "nt",
+            Kernel::NtTwoStreams => "nt2",
+            Kernel::Memcpy => "memcpy",
+        }
+    }
+
+    /// Copies `len` bytes from `src` to `dst`.
+    ///
+    /// # Safety
+    /// As [`sys::copy_bytes`].
+    pub unsafe fn copy(self, dst: usize, src: usize, len: usize) {
+        // SAFETY: forwarded from the caller's contract.
+        unsafe {
+            match self {
+                Kernel::Nt => sys::copy_bytes_nt_streams(dst, src, len, false),
+                Kernel::NtTwoStreams => sys::copy_bytes_nt_streams(dst, src, len, true),
+                Kernel::Memcpy => sys::copy_bytes(dst, src, len),
+            }
+        }
+    }
+}
+
+impl std::str::FromStr for Kernel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Kernel::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| format!("{s:?} is not nt, nt2 or memcpy"))
+    }
+}
+
+/// One kernel's throughput at start-up, GB/s.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct KernelFigure {
+    /// The kernel.
+    pub kernel: Kernel,
+    /// Into 2 MiB destinations populated (zeroed) just before, as the pipeline copies into
+    /// destinations it populates itself.
+    pub fresh_gbps: f64,
+    /// Into destinations populated long before (evicted from the cache), as from a prepared
+    /// reserve.
+    pub cold_gbps: f64,
+}
+
+/// The copy kernels chosen on this machine, and the figures they were chosen by.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Kernels {
+    /// For destinations populated just before the copy ([`Dst::Fresh`]).
+    pub hot: Kernel,
+    /// For destinations populated long before ([`Dst::Mapped`]).
+    pub cold: Kernel,
+    /// What each kernel did at start-up (empty when chosen by `migrate/copy_kernel`).
+    pub figures: Vec<KernelFigure>,
+}
+
+static KERNELS: std::sync::RwLock<Option<Kernels>> = std::sync::RwLock::new(None);
+
+/// The copy kernels of this process: measured once, at the first call, on this machine
+/// (about 0.2 s), unless [`set_kernel`] chose one.
+///
+/// The same copy runs at very different speeds on different machines: the two-stream
+/// non-temporal copy that was fastest on one AMD EPYC VM ran at half speed on an Intel Xeon
+/// one, and whether a destination was just zeroed (its lines in the cache) or populated
+/// long ago changes the order again. So each kind of destination gets the kernel that was
+/// fastest for it here, measured the way the pipeline uses it.
+pub fn kernels() -> Kernels {
+    if let Some(k) = KERNELS.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        return k.clone();
+    }
+    let mut slot = KERNELS.write().unwrap_or_else(|e| e.into_inner());
+    slot.get_or_insert_with(|| {
+        calibrate().unwrap_or(Kernels { hot: Kernel::Nt, cold: Kernel::Nt, figures: Vec::new() })
+    })
+    .clone()
+}
+
+/// Chooses `kernel` for every destination (`Some`), or measures again (`None`).
+pub fn set_kernel(kernel: Option<Kernel>) {
+    let chosen = kernel.map(|k| Kernels { hot: k, cold: k, figures: Vec::new() });
+    *KERNELS.write().unwrap_or_else(|e| e.into_inner()) = chosen;
+}
+
+/// The last-level cache's size from sysfs, 32 MiB where it cannot be read.
+fn llc_bytes() -> usize {
+    (0..8)
+        .rev()
+        .find_map(|i| std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size")).ok())
+        .and_then(|s| {
+            let s = s.trim();
+            let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+            let n: usize = n.parse().ok()?;
+            Some(match unit {
+                "K" => n << 10,
+                "M" => n << 20,
+                _ => n,
+            })
+        })
+        .unwrap_or(32 << 20)
+}
+
+/// Measures every kernel into fresh and cold destinations, from a source out of the cache
+/// as a migration's is; the best of two each. A kernel replaces the two-stream one only
+/// when it is faster by more than a tenth: closer than that is noise on a shared machine.
+fn calibrate() -> Result<Kernels, Errno> {
+    use std::time::{Duration, Instant};
+    const PIECE: usize = sys::HPAGE_SIZE;
+    const LEN: usize = 8 << 20;
+    let evict_len = (2 * llc_bytes()).clamp(16 << 20, 256 << 20).next_multiple_of(sys::HPAGE_SIZE);
+    let huge = |len: usize| -> Result<sys::Mapping, Errno> {
+        let m = sys::Mapping::new(len, sys::HPAGE_SIZE)?;
+        sys::madvise(m.addr(), len, sys::Advice::HugePage)?;
+        Ok(m)
+    };
+    let src = huge(LEN)?;
+    sys::madvise(src.addr(), LEN, sys::Advice::PopulateWrite)?;
+    // SAFETY: a fresh mapping of ours, populated just above.
+    unsafe { std::ptr::write_bytes(src.addr() as *mut u8, 0x5a, LEN) };
+    let scratch = huge(evict_len)?;
+    // Writing the scratch pushes everything else out of the cache.
+    // SAFETY: a mapping of ours, used by this function alone.
+    let evict = || unsafe { std::ptr::write_bytes(scratch.addr() as *mut u8, 1, evict_len) };
+    let mut figures = Vec::new();
+    for kernel in Kernel::ALL {
+        let (mut fresh, mut cold) = (Duration::MAX, Duration::MAX);
+        for _ in 0..2 {
+            // Fresh: each 2 MiB destination populated right before its copy, as the
+            // pipeline populates the destinations it takes.
+            let dst = huge(LEN)?;
+            evict();
+            let mut t = Duration::ZERO;
+            for off in (0..LEN).step_by(PIECE) {
+                sys::madvise(dst.addr() + off, PIECE, sys::Advice::PopulateWrite)?;
+                let started = Instant::now();
+                // SAFETY: two distinct mappings of ours, both populated, `PIECE` bytes each.
+                unsafe { kernel.copy(dst.addr() + off, src.addr() + off, PIECE) };
+                t += started.elapsed();
+            }
+            fresh = fresh.min(t);
+            // Cold: populated, then pushed out of the cache with the source.
+            let dst = huge(LEN)?;
+            sys::madvise(dst.addr(), LEN, sys::Advice::PopulateWrite)?;
+            evict();
+            let started = Instant::now();
+            // SAFETY: two distinct mappings of ours, both populated, `LEN` bytes each.
+            unsafe { kernel.copy(dst.addr(), src.addr(), LEN) };
+            cold = cold.min(started.elapsed());
+        }
+        let gbps = |t: Duration| crate::stats::gbps(LEN as u64, t);
+        figures.push(KernelFigure { kernel, fresh_gbps: gbps(fresh), cold_gbps: gbps(cold) });
+    }
+    let best = |f: fn(&KernelFigure) -> f64| {
+        let default = figures.iter().find(|k| k.kernel == Kernel::NtTwoStreams).map_or(0.0, f);
+        figures
+            .iter()
+            .filter(|k| f(k) > 1.1 * default)
+            .max_by(|a, b| f(a).total_cmp(&f(b)))
+            .map_or(Kernel::NtTwoStreams, |k| k.kernel)
+    };
+    Ok(Kernels { hot: best(|k| k.fresh_gbps), cold: best(|k| k.cold_gbps), figures })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,5 +385,23 @@ mod tests {
         let overlap = CopyPair { dst: pair.src + 4096, src: pair.src, len: 8192 };
         // SAFETY: refused before any access.
         assert_eq!(unsafe { folio_copy(overlap) }, Err(Errno::INVAL));
+    }
+
+    #[test]
+    fn every_kernel_copies_every_byte_and_one_is_chosen_per_destination() {
+        let src: Vec<u8> = (0..(1 << 20) + 4096).map(|i| (i * 7 + 3) as u8).collect();
+        for kernel in Kernel::ALL {
+            let mut dst = vec![0u8; src.len()];
+            // SAFETY: two distinct live vectors of the same length, used by this thread alone.
+            unsafe { kernel.copy(dst.as_mut_ptr() as usize, src.as_ptr() as usize, src.len()) };
+            assert!(dst == src, "{kernel:?}");
+            assert_eq!(kernel.name().parse::<Kernel>(), Ok(kernel));
+        }
+        let k = kernels();
+        assert_eq!(k.figures.len(), Kernel::ALL.len());
+        assert!(k.figures.iter().all(|f| f.fresh_gbps > 0.0 && f.cold_gbps > 0.0), "{k:?}");
+        // The chosen kernel is the two-stream one or one faster than it.
+        let fresh = |kernel| k.figures.iter().find(|f| f.kernel == kernel).unwrap().fresh_gbps;
+        assert!(fresh(k.hot) >= fresh(Kernel::NtTwoStreams), "{k:?}");
     }
 }

@@ -70,6 +70,7 @@ pub struct Dest {
     addr: usize,
     len: usize,
     empty: bool,
+    fresh: bool,
 }
 
 impl Dest {
@@ -88,6 +89,12 @@ impl Dest {
         self.len == 0
     }
 
+    /// Whether it was populated (zeroed) by the take that handed it out, just now: its
+    /// lines may still be in the cache.
+    pub fn fresh(&self) -> bool {
+        self.fresh
+    }
+
     /// Whether it was handed out without pages, registered with the pool's userfaultfd
     /// ([`Pool::fill_uffd`]), to be filled by `UFFDIO_COPY`.
     pub fn unpopulated(&self) -> bool {
@@ -101,8 +108,11 @@ impl Dest {
     pub fn split_at(self, at: usize) -> (Dest, Dest) {
         assert!(at <= self.len, "split at {at} past a destination of {} bytes", self.len);
         // INVARIANT: two disjoint parts of a range that was ours alone.
-        let empty = self.empty;
-        (Dest { addr: self.addr, len: at, empty }, Dest { addr: self.addr + at, len: self.len - at, empty })
+        let (empty, fresh) = (self.empty, self.fresh);
+        (
+            Dest { addr: self.addr, len: at, empty, fresh },
+            Dest { addr: self.addr + at, len: self.len - at, empty, fresh },
+        )
     }
 }
 
@@ -415,7 +425,7 @@ impl Inner {
         chunk.prepared_end = chunk.prepared_end.max(end);
         let spent = if from < end { started.elapsed() } else { Duration::ZERO };
         // INVARIANT: `[addr, end)` was just carved from our reservation.
-        Ok((Dest { addr, len, empty: key.empty }, spent))
+        Ok((Dest { addr, len, empty: key.empty, fresh: from < end }, spent))
     }
 
     /// Populates at most [`RESERVE_STEP`] more towards `bytes` ready ahead of `key`'s next

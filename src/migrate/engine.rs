@@ -45,6 +45,8 @@ impl Engine {
     /// [`Error::Sys`] when userfaultfd cannot be opened (no permission, no kernel support).
     pub fn new() -> Result<Self> {
         fork::install();
+        // Measured once per process, here rather than in the first call's time.
+        let _ = crate::copy::kernels();
         let uffd = Arc::new(Uffd::open().map_err(Error::sys("userfaultfd"))?);
         let graves = Arc::new(Uffd::open_for_moves().map_err(Error::sys("userfaultfd (graveyards)"))?);
         let busy = Arc::new(Busy::default());

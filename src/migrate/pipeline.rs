@@ -317,11 +317,12 @@ impl<'a> Call<'a> {
     /// piece must not wait behind a huge one. A migrator gets each piece as a batch of its
     /// own and reports its parts as they complete.
     fn copy_pieces(&mut self, st: &mut BatchState, live: &[usize]) {
-        let (pairs, unpopulated) = self.pairs(st, live);
+        let (pairs, dsts) = self.pairs(st, live);
         let mut at = 0;
         let mut done_bytes = 0;
         while at < live.len() && !self.abort.is_set() {
-            let piece = if self.offload { HPAGE_SIZE.max(done_bytes) } else { HPAGE_SIZE.max(done_bytes).min(CPU_PIECE_MAX) };
+            let piece =
+                if self.offload { HPAGE_SIZE.max(done_bytes) } else { HPAGE_SIZE.max(done_bytes).min(CPU_PIECE_MAX) };
             let mut end = at + 1;
             let mut bytes = pairs[at].len;
             while end < live.len() && bytes + pairs[end].len <= piece {
@@ -358,14 +359,14 @@ impl<'a> Call<'a> {
             }
             // Copy the protected folios, adjacent ones in one go.
             let t = Instant::now();
-            let (protected, flags): (Vec<CopyPair>, Vec<bool>) = (at..end)
+            let (protected, kinds): (Vec<CopyPair>, Vec<Dst<'a>>) = (at..end)
                 .filter(|&k| st.slots[live[k]].info.contains(MigrateInfo::WAS_MAPPED))
-                .map(|k| (pairs[k], unpopulated[k]))
+                .map(|k| (pairs[k], dsts[k]))
                 .unzip();
             // SAFETY: every pair copied reads old pages isolated in our graveyard just above
             // (no thread can write them) and writes a destination the pool handed us that
             // nothing else refers to; the two never overlap.
-            let ok = unsafe { self.copy_pairs(&protected, &flags) }.is_ok();
+            let ok = unsafe { copy_pairs(&protected, &kinds) }.is_ok();
             self.stats.copy_ns += t.elapsed().as_nanos() as u64;
             if ok {
                 self.stats.batch_copied_folios += protected.len() as u64;
@@ -382,10 +383,10 @@ impl<'a> Call<'a> {
         }
     }
 
-    /// The copy of each live item into its destination, in order, and whether that
-    /// destination is unpopulated. The items must not have moved yet: each lies in the part
+    /// The copy of each live item into its destination, in order, and what that
+    /// destination is. The items must not have moved yet: each lies in the part
     /// of its run's destination that is left, which starts at the run's cursor.
-    fn pairs(&self, st: &BatchState, live: &[usize]) -> (Vec<CopyPair>, Vec<bool>) {
+    fn pairs(&self, st: &BatchState, live: &[usize]) -> (Vec<CopyPair>, Vec<Dst<'a>>) {
         live.iter()
             .map(|&i| {
                 let run = &st.runs[st.slots[i].run];
@@ -397,39 +398,25 @@ impl<'a> Call<'a> {
                     src: run.grave_base + (f.addr() - run.start),
                     len: f.size(),
                 };
-                (pair, dest.unpopulated())
+                (pair, self.dst(dest))
             })
             .unzip()
     }
 
-    /// How a copy reaches a destination that is (`true`) or is not unpopulated.
-    fn dst(&self, unpopulated: bool) -> Dst<'a> {
+    /// How a copy reaches `dest`.
+    fn dst(&self, dest: &Dest) -> Dst<'a> {
         match self.engine.pool.fill_uffd() {
-            Some(uffd) if unpopulated => Dst::Empty(uffd),
+            Some(uffd) if dest.unpopulated() => Dst::Empty(uffd),
+            _ if dest.fresh() => Dst::Fresh,
             _ => Dst::Mapped,
         }
-    }
-
-    /// The CPU copy of `pairs`, each into a destination unpopulated or not as `flags` says.
-    ///
-    /// # Safety
-    /// As [`folios_copy_to`] for every pair.
-    unsafe fn copy_pairs(&self, pairs: &[CopyPair], flags: &[bool]) -> Result<(), Errno> {
-        let mut i = 0;
-        while i < pairs.len() {
-            let j = i + flags[i..].iter().take_while(|&&f| f == flags[i]).count();
-            // SAFETY: forwarded from the caller's contract; `dst` is what the pool made.
-            unsafe { folios_copy_to(&pairs[i..j], self.dst(flags[i]))? };
-            i = j;
-        }
-        Ok(())
     }
 
     /// The batch copy through the active migrator when one is registered (pipelined: runs
     /// move as the migrator reports parts copied), else the default CPU `folios_copy` of the
     /// whole batch. The pipelined CPU copy is [`Call::copy_pieces`].
     fn batch_copy(&mut self, st: &mut BatchState, live: &[usize], pipelined: bool) {
-        let (pairs, unpopulated) = self.pairs(st, live);
+        let (pairs, dsts) = self.pairs(st, live);
         if self.opts.fault.fail_batch_copy {
             self.stats.fallback_folios += live.len() as u64;
             return;
@@ -437,7 +424,7 @@ impl<'a> Call<'a> {
         let copied_before = self.stats.offloaded_folios;
         if self.offload {
             let result = if pipelined {
-                self.offload_pipelined(st, live, &pairs, &unpopulated)
+                self.offload_pipelined(st, live, &pairs, &dsts)
             } else {
                 let t = Instant::now();
                 let done = parking_lot::Mutex::new(Vec::new());
@@ -445,7 +432,7 @@ impl<'a> Call<'a> {
                 // SAFETY: every source is an old page isolated in our graveyard (unmap phase),
                 // which no thread writes, every destination was handed to us by the pool and
                 // nothing else refers to it, and sources and destinations never overlap.
-                let batch = unsafe { self.batch(&pairs, Some(&on_complete), &unpopulated) };
+                let batch = unsafe { Batch::with_dsts(&pairs, Some(&on_complete), &dsts) };
                 let result = dispatch(self.abort, &batch);
                 self.stats.copy_ns += t.elapsed().as_nanos() as u64;
                 for r in done.into_inner() {
@@ -465,7 +452,7 @@ impl<'a> Call<'a> {
         // The default CPU batch copy (unpipelined, or a migrator that went away).
         let t = Instant::now();
         // SAFETY: as for the offloaded copy above.
-        let ok = unsafe { self.copy_pairs(&pairs, &unpopulated) }.is_ok();
+        let ok = unsafe { copy_pairs(&pairs, &dsts) }.is_ok();
         self.stats.copy_ns += t.elapsed().as_nanos() as u64;
         if ok {
             self.stats.batch_copied_folios += live.len() as u64;
@@ -481,11 +468,10 @@ impl<'a> Call<'a> {
         st: &mut BatchState,
         live: &[usize],
         pairs: &[CopyPair],
-        unpopulated: &[bool],
+        dsts: &[Dst<'a>],
     ) -> Option<Result<(), Errno>> {
         let (tx, rx) = crossbeam::channel::unbounded::<CopyEvent>();
         let abort = self.abort;
-        let fill_uffd = self.engine.pool.fill_uffd();
         let t = Instant::now();
         let move_before = self.stats.move_ns;
         let result = std::thread::scope(|s| {
@@ -498,7 +484,7 @@ impl<'a> Call<'a> {
                 // which no thread writes, every destination was handed to us by the pool and
                 // nothing else refers to it, and sources and destinations never overlap; the
                 // scope keeps them alive until this thread ends.
-                let batch = unsafe { make_batch(pairs, Some(&on_complete), fill_uffd, unpopulated) };
+                let batch = unsafe { Batch::with_dsts(pairs, Some(&on_complete), dsts) };
                 let result = dispatch(abort, &batch);
                 let _ = tx.send(CopyEvent::Finished(result));
             });
@@ -526,23 +512,6 @@ impl<'a> Call<'a> {
         let moving = self.stats.move_ns - move_before;
         self.stats.copy_ns += (t.elapsed().as_nanos() as u64).saturating_sub(moving);
         result
-    }
-
-    /// The batch handed to a migrator.
-    ///
-    /// # Safety
-    /// As [`Batch::new`]; `unpopulated` says which destinations the pool left empty.
-    unsafe fn batch<'b>(
-        &self,
-        pairs: &'b [CopyPair],
-        on_complete: Option<&'b (dyn Fn(Range<usize>) + Sync)>,
-        unpopulated: &'b [bool],
-    ) -> Batch<'b>
-    where
-        'a: 'b,
-    {
-        // SAFETY: forwarded.
-        unsafe { make_batch(pairs, on_complete, self.engine.pool.fill_uffd(), unpopulated) }
     }
 
     fn mark_copied(&mut self, st: &mut BatchState, live: &[usize], r: Range<usize>) {
@@ -753,9 +722,7 @@ impl<'a> Call<'a> {
                 // SAFETY: `src` holds the folio's old pages, isolated in our graveyard since the
                 // unmap phase; `dst` lies in the destination the pool handed us for this folio
                 // (unpopulated or not as it says) and nothing else refers to it.
-                unsafe {
-                    folios_copy_to(&[CopyPair { dst, src, len: item.folio.size() }], self.dst(rest.unpopulated()))
-                }
+                unsafe { folios_copy_to(&[CopyPair { dst, src, len: item.folio.size() }], self.dst(&rest)) }
             };
             self.stats.copy_ns += copy_start.elapsed().as_nanos() as u64;
             match result {
@@ -853,24 +820,20 @@ impl<'a> Call<'a> {
     }
 }
 
-/// A batch of `pairs` whose destinations are unpopulated where `unpopulated` says.
+/// The CPU copy of `pairs`, each into a destination as `dsts` says.
 ///
 /// # Safety
-/// As [`Batch::new`]; the unpopulated destinations are registered with `uffd`.
-unsafe fn make_batch<'b>(
-    pairs: &'b [CopyPair],
-    on_complete: Option<&'b (dyn Fn(Range<usize>) + Sync)>,
-    uffd: Option<&'b crate::sys::uffd::Uffd>,
-    unpopulated: &'b [bool],
-) -> Batch<'b> {
-    match uffd {
-        // SAFETY: forwarded; the pool registers its empty chunks with `uffd`.
-        Some(uffd) if unpopulated.iter().any(|&u| u) => unsafe {
-            Batch::with_unpopulated(pairs, on_complete, uffd, unpopulated)
-        },
-        // SAFETY: forwarded.
-        _ => unsafe { Batch::new(pairs, on_complete) },
+/// As [`folios_copy_to`] for every pair.
+unsafe fn copy_pairs(pairs: &[CopyPair], dsts: &[Dst<'_>]) -> Result<(), Errno> {
+    let mut i = 0;
+    while i < pairs.len() {
+        let kind = std::mem::discriminant(&dsts[i]);
+        let j = i + dsts[i..].iter().take_while(|d| std::mem::discriminant(*d) == kind).count();
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { folios_copy_to(&pairs[i..j], dsts[i])? };
+        i = j;
     }
+    Ok(())
 }
 
 /// Hands `batch` to the active migrator under `catch_unwind`: a panic stops the call

@@ -41,8 +41,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use crate::copy::{CopyPair, Dst, folios_copy_to};
-use crate::sys::uffd::Uffd;
-use crate::sys::{self, Errno};
+use crate::sys::Errno;
 
 pub use registry::{Migrator, Owner, Registration, Registry, registry};
 
@@ -60,9 +59,8 @@ pub struct Batch<'a> {
     pairs: &'a [CopyPair],
     state: Box<[AtomicU32]>,
     on_complete: Option<&'a (dyn Fn(Range<usize>) + Sync)>,
-    /// The userfaultfd of the unpopulated destinations and, per pair, whether its
-    /// destination is one.
-    unpopulated: Option<(&'a Uffd, &'a [bool])>,
+    /// Per pair, what its destination is (all populated long ago when `None`).
+    dsts: Option<&'a [Dst<'a>]>,
 }
 
 impl<'a> Batch<'a> {
@@ -73,34 +71,29 @@ impl<'a> Batch<'a> {
     /// dropped or the pair reported complete, and no two pairs may overlap.
     pub unsafe fn new(pairs: &'a [CopyPair], on_complete: Option<&'a (dyn Fn(Range<usize>) + Sync)>) -> Self {
         // INVARIANT: promised by the caller; every folio starts not reported, no copy running.
-        Self { pairs, state: pairs.iter().map(|_| AtomicU32::new(0)).collect(), on_complete, unpopulated: None }
+        Self { pairs, state: pairs.iter().map(|_| AtomicU32::new(0)).collect(), on_complete, dsts: None }
     }
 
-    /// Wraps the copies of a batch some of whose destinations have no pages yet:
-    /// `unpopulated[i]` says whether pair `i`'s destination is registered in missing mode
-    /// with `uffd` and empty.
+    /// Wraps the copies of a batch whose destinations are as `dsts` says, pair by pair:
+    /// some may be freshly populated, some have no pages yet ([`Dst::Empty`]).
     ///
     /// # Safety
-    /// As [`Batch::new`], and every unpopulated destination must be registered with `uffd`
-    /// and read by nobody before the copy into it ends.
-    pub(crate) unsafe fn with_unpopulated(
+    /// As [`Batch::new`], and every empty destination must be registered with its
+    /// userfaultfd and read by nobody before the copy into it ends.
+    pub(crate) unsafe fn with_dsts(
         pairs: &'a [CopyPair],
         on_complete: Option<&'a (dyn Fn(Range<usize>) + Sync)>,
-        uffd: &'a Uffd,
-        unpopulated: &'a [bool],
+        dsts: &'a [Dst<'a>],
     ) -> Self {
-        debug_assert_eq!(pairs.len(), unpopulated.len());
+        debug_assert_eq!(pairs.len(), dsts.len());
         // SAFETY: forwarded from the caller's contract.
         let batch = unsafe { Self::new(pairs, on_complete) };
-        Self { unpopulated: Some((uffd, unpopulated)), ..batch }
+        Self { dsts: Some(dsts), ..batch }
     }
 
     /// How the copy into pair `i` reaches its destination.
     fn dst(&self, i: usize) -> Dst<'a> {
-        match self.unpopulated {
-            Some((uffd, flags)) if flags.get(i).copied().unwrap_or(false) => Dst::Empty(uffd),
-            _ => Dst::Mapped,
-        }
+        self.dsts.and_then(|d| d.get(i).copied()).unwrap_or(Dst::Mapped)
     }
 
     /// Whether pair `index`'s destination has no pages yet (filled by the batch's own
@@ -164,8 +157,8 @@ impl<'a> Batch<'a> {
         let mut result = Ok(());
         let mut i = range.start;
         while i < range.end && result.is_ok() {
-            let empty = self.is_unpopulated(i);
-            let j = (i..range.end).find(|&j| self.is_unpopulated(j) != empty).unwrap_or(range.end);
+            let kind = std::mem::discriminant(&self.dst(i));
+            let j = (i..range.end).find(|&j| std::mem::discriminant(&self.dst(j)) != kind).unwrap_or(range.end);
             // SAFETY: the batch's invariant makes every pair valid to copy while it is not
             // reported complete, the guard keeps these from being reported until it drops,
             // and `dst` is what the constructor was told of their destinations.
@@ -190,17 +183,10 @@ impl<'a> Batch<'a> {
         }
         let guard = self.enter(index..index + 1)?;
         let part = CopyPair { dst: p.dst + offset, src: p.src + offset, len };
-        let result = match self.dst(index) {
-            // SAFETY: a sub-range of a pair that is valid to copy (the batch's invariant, and
-            // the guard keeps it from being reported meanwhile); bounds checked just above;
-            // the destination is what the constructor was told.
-            dst @ Dst::Empty(_) => unsafe { folios_copy_to(&[part], dst) },
-            Dst::Mapped => {
-                // SAFETY: as above, into populated memory.
-                unsafe { sys::copy_bytes_nt(part.dst, part.src, len) };
-                Ok(())
-            }
-        };
+        // SAFETY: a sub-range of a pair that is valid to copy (the batch's invariant, and the
+        // guard keeps it from being reported meanwhile); bounds checked just above; the
+        // destination is what the constructor was told.
+        let result = unsafe { folios_copy_to(&[part], self.dst(index)) };
         drop(guard);
         result
     }

@@ -362,9 +362,19 @@ pub unsafe fn copy_bytes(dst: usize, src: usize, len: usize) {
 /// # Safety
 /// As [`copy_bytes`].
 pub unsafe fn copy_bytes_nt(dst: usize, src: usize, len: usize) {
+    // SAFETY: forwarded from the caller's contract.
+    unsafe { copy_bytes_nt_streams(dst, src, len, true) }
+}
+
+/// [`copy_bytes_nt`], reading one stream only (`two_streams == false`) or, for large
+/// copies, the two halves side by side.
+///
+/// # Safety
+/// As [`copy_bytes`].
+pub unsafe fn copy_bytes_nt_streams(dst: usize, src: usize, len: usize, two_streams: bool) {
     #[cfg(target_arch = "x86_64")]
     if dst % 64 == 0 && src % 32 == 0 && len % 128 == 0 && len >= 4096 && std::is_x86_feature_detected!("avx2") {
-        if len >= TWO_STREAMS_MIN {
+        if two_streams && len >= TWO_STREAMS_MIN {
             // SAFETY: as below; `len` is a multiple of 128, so each half is a multiple of
             // 64 and the second half starts 64-byte aligned in `dst` and 32-byte in `src`.
             unsafe { copy_nt_avx2_two_streams(dst, src, len) };
