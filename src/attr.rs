@@ -14,6 +14,7 @@
 //! | `migrate/max_batch_pages` | rw | bound on a batch in base pages, 1 … 262144 |
 //! | `migrate/pipelined` | rw | `1` moves runs as their copies complete, `0` after the batch |
 //! | `migrate/deferred_free` | rw | `1` frees replaced base pages on a background thread |
+//! | `migrate/copy_in` | rw | `1` lets the mover copy base pages of mappings without a memory policy of their own straight into their source, bound to the target node (no destination), `0` always goes through a destination |
 //! | `migrate/copy_kernel` | rw | the CPU copy kernels: `auto` (measured at start-up, one for freshly zeroed destinations and one for cold ones), or `nt`, `nt2`, `memcpy` for every destination |
 //! | `migrate/fill_empty` | rw | `1` leaves base-page destinations without pages and fills them with `UFFDIO_COPY` (never zeroed), `0` populates them first |
 //! | `migrate/mover` | rw | `1` moves base-page runs on a thread of their own, overlapping the next copy |
@@ -53,6 +54,7 @@ pub const ATTRS: &[Attr] = &[
     Attr { path: "migrate/mover", writable: true, accepts: "0 or 1" },
     Attr { path: "migrate/fill_empty", writable: true, accepts: "0 or 1" },
     Attr { path: "migrate/copy_kernel", writable: true, accepts: "auto, nt, nt2 or memcpy" },
+    Attr { path: "migrate/copy_in", writable: true, accepts: "0 or 1" },
     Attr { path: "offload/active", writable: false, accepts: "nothing (read-only)" },
 ];
 
@@ -118,6 +120,7 @@ pub fn read(path: &str) -> Result<String> {
         "migrate/deferred_free" => b(engine()?.deferred_free()),
         "migrate/mover" => b(engine()?.mover()),
         "migrate/fill_empty" => b(engine()?.fill_empty()),
+        "migrate/copy_in" => b(engine()?.copy_in()),
         "migrate/copy_kernel" => {
             let k = crate::copy::kernels();
             if k.figures.is_empty() {
@@ -190,6 +193,11 @@ pub fn write(path: &str, value: &str) -> Result<()> {
         "migrate/fill_empty" => {
             let on = parse_bool(attr, value)?;
             engine()?.set_fill_empty(on);
+            Ok(())
+        }
+        "migrate/copy_in" => {
+            let on = parse_bool(attr, value)?;
+            engine()?.set_copy_in(on);
             Ok(())
         }
         "migrate/copy_kernel" => {

@@ -46,6 +46,11 @@ impl Region {
     /// Maps `len` bytes of fresh memory, carved into folios of `folio_size`, populated on
     /// `node` (or wherever the kernel's policy puts it with `None`).
     ///
+    /// The pages are placed as most programs' are: by the policy of the thread that first
+    /// touches them (the calling thread's, bound to `node` while it populates the region and
+    /// restored after), so the mapping has no memory policy of its own. [`sys::mbind`] gives
+    /// it one.
+    ///
     /// 2 MiB folios are 2 MiB aligned and backed by transparent huge pages
     /// (`MADV_HUGEPAGE`); smaller folios use base pages (`MADV_NOHUGEPAGE`).
     ///
@@ -61,12 +66,21 @@ impl Region {
         let addr = map.addr();
         // INVARIANT: a fresh aligned private anonymous mapping of `len` bytes.
         let region = Self { map, folio_size };
-        if let Some(n) = node {
-            sys::mbind(addr, len, n, false).map_err(Error::sys("mbind"))?;
-        }
         let advice = if folio_size == HPAGE_SIZE { Advice::HugePage } else { Advice::NoHugePage };
         sys::madvise(addr, len, advice).map_err(Error::sys("madvise (huge page advice)"))?;
-        sys::madvise(addr, len, Advice::PopulateWrite).map_err(Error::sys("madvise(MADV_POPULATE_WRITE)"))?;
+        let saved = match node {
+            Some(n) => {
+                let saved = sys::ThreadPolicy::current().map_err(Error::sys("get_mempolicy"))?;
+                sys::set_mempolicy_bind(Some(n)).map_err(Error::sys("set_mempolicy"))?;
+                Some(saved)
+            }
+            None => None,
+        };
+        let populated = sys::madvise(addr, len, Advice::PopulateWrite);
+        if let Some(saved) = saved {
+            saved.restore().map_err(Error::sys("set_mempolicy (restoring the thread's policy)"))?;
+        }
+        populated.map_err(Error::sys("madvise(MADV_POPULATE_WRITE)"))?;
         Ok(region)
     }
 

@@ -39,6 +39,9 @@ pub struct MigrateStats {
     pub fallback_folios: u64,
     /// Folios copied one by one because their reason is not batch-eligible.
     pub single_copied_folios: u64,
+    /// Folios of base pages copied straight from their old pages into their source by the
+    /// mover, on a thread bound to the target node: written once, with no destination.
+    pub copied_in_folios: u64,
     /// Moved folios that could not be locked again (`mlock` failed after the move).
     pub relock_failures: u64,
     /// Time spent populating destinations (off the critical path when prefilled).
@@ -110,6 +113,7 @@ impl MigrateStats {
         self.fallback_folios += o.fallback_folios;
         self.single_copied_folios += o.single_copied_folios;
         self.relock_failures += o.relock_failures;
+        self.copied_in_folios += o.copied_in_folios;
         self.prepare_ns += o.prepare_ns;
         self.unmap_ns += o.unmap_ns;
         self.copy_ns += o.copy_ns;

@@ -477,3 +477,63 @@ fn raw_folio(addr: usize, size: usize) -> pagemig::Result<Folio<'static>> {
     // test keeps mapped while the call runs.
     unsafe { Folio::new(addr, size) }
 }
+
+/// Every way base pages reach their new home, under two writers: copied straight into the
+/// source (the default for memory without a policy of its own), filled into empty
+/// destinations and moved in, copied into populated destinations, and memory bound by
+/// `mbind` (whose pages must not be copied straight in). Every byte, write and frame
+/// checked.
+#[test]
+fn every_destination_path_moves_every_byte_and_write() {
+    struct Path {
+        name: &'static str,
+        opts: MigrateOptions,
+        mbind: bool,
+        copied_in: bool,
+    }
+    let paths = [
+        Path { name: "copy in", opts: MigrateOptions::default(), mbind: false, copied_in: true },
+        Path {
+            name: "filled destination",
+            opts: MigrateOptions { copy_in: Some(false), ..Default::default() },
+            mbind: false,
+            copied_in: false,
+        },
+        Path {
+            name: "populated destination",
+            opts: MigrateOptions { copy_in: Some(false), fill_empty: Some(false), ..Default::default() },
+            mbind: false,
+            copied_in: false,
+        },
+        Path { name: "mbind-bound memory", opts: MigrateOptions::default(), mbind: true, copied_in: false },
+    ];
+    for folio in [4096, 64 << 10] {
+        for path in &paths {
+            let what = format!("{}, {folio}-byte folios", path.name);
+            let size = 16 << 20;
+            let region = Region::new(size, folio, Some(node())).unwrap();
+            if path.mbind {
+                pagemig::sys::mbind(region.addr(), size, node(), false).unwrap();
+            }
+            workload::fill(&region, 7);
+            let frames_before = numa::page_frames(region.addr(), size).unwrap();
+            let (result, log) = workload::with_writers(&region, 2, || {
+                Engine::global().unwrap().migrate_pages(
+                    &region.folios(),
+                    node(),
+                    Reason::Syscall,
+                    Mode::Sync,
+                    &path.opts,
+                )
+            });
+            let stats = result.unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(stats.succeeded_folios as usize, size / folio, "{what}");
+            assert_eq!(stats.copied_in_folios > 0, path.copied_in, "{what}: {stats:?}");
+            let report = workload::verify(&region, 7, &log);
+            assert!(report.ok(), "{what}: {report:?}");
+            assert!(log.writes > 0, "{what}");
+            assert_on_node(&region, node());
+            assert_new_frames(&frames_before, &numa::page_frames(region.addr(), size).unwrap());
+        }
+    }
+}

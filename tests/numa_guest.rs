@@ -159,11 +159,28 @@ enum CopyPath {
     Dcbm,
     /// The kernel's `move_pages()`: the baseline.
     Kernel,
+    /// pagemig, base pages filled into empty destinations and moved in (no copy straight
+    /// into the source).
+    FilledDest,
+    /// pagemig, destinations populated (zeroed) first, then copied into and moved in.
+    Populated,
+    /// pagemig, the mapping bound by `mbind` to the node the pages leave: no copy straight
+    /// into the source may be used (its pages would follow that policy), destinations are.
+    PolicyBound,
 }
 
 impl CopyPath {
-    const ALL: [CopyPath; 6] =
-        [CopyPath::Batch, CopyPath::PerFolio, CopyPath::Fallback, CopyPath::MtCopy, CopyPath::Dcbm, CopyPath::Kernel];
+    const ALL: [CopyPath; 9] = [
+        CopyPath::Batch,
+        CopyPath::PerFolio,
+        CopyPath::Fallback,
+        CopyPath::MtCopy,
+        CopyPath::Dcbm,
+        CopyPath::Kernel,
+        CopyPath::FilledDest,
+        CopyPath::Populated,
+        CopyPath::PolicyBound,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -173,6 +190,9 @@ impl CopyPath {
             CopyPath::MtCopy => "mtcopy",
             CopyPath::Dcbm => "dcbm",
             CopyPath::Kernel => "kernel",
+            CopyPath::FilledDest => "filled-dest-cpu",
+            CopyPath::Populated => "populated-dest-cpu",
+            CopyPath::PolicyBound => "mbind-bound-cpu",
         }
     }
 
@@ -186,6 +206,17 @@ impl CopyPath {
                 (Reason::Demotion, MigrateOptions { fault, ..Default::default() })
             }
             CopyPath::MtCopy | CopyPath::Dcbm => (Reason::Demotion, MigrateOptions::default()),
+            CopyPath::FilledDest => (Reason::Syscall, MigrateOptions { copy_in: Some(false), ..Default::default() }),
+            CopyPath::Populated => (
+                Reason::Syscall,
+                MigrateOptions { copy_in: Some(false), fill_empty: Some(false), ..Default::default() },
+            ),
+            CopyPath::PolicyBound => {
+                let (a, b) = two_nodes().expect("two nodes");
+                let from = if node == a { b } else { a };
+                sys::mbind(region.addr(), region.len(), from, false).expect("mbind");
+                (Reason::Syscall, MigrateOptions::default())
+            }
         };
         let migrator = match self {
             CopyPath::MtCopy => "mtcopy",

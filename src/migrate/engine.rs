@@ -29,6 +29,7 @@ pub struct Engine {
     pub(super) deferred_free: AtomicBool,
     pub(super) mover: AtomicBool,
     pub(super) fill_empty: AtomicBool,
+    pub(super) copy_in: AtomicBool,
     pub(super) reaper: reaper::Reaper,
     /// Read by its own thread; stopped when the engine drops.
     #[expect(dead_code, reason = "held for its Drop, which stops the reader thread")]
@@ -62,6 +63,7 @@ impl Engine {
             deferred_free: AtomicBool::new(true),
             mover: AtomicBool::new(true),
             fill_empty: AtomicBool::new(true),
+            copy_in: AtomicBool::new(true),
             events,
             zerofill,
         })
@@ -146,6 +148,17 @@ impl Engine {
         self.fill_empty.load(Ordering::Relaxed)
     }
 
+    /// Whether the mover may copy base pages of mappings without a memory policy of their
+    /// own straight into their source, bound to the target node (`migrate/copy_in`).
+    pub fn copy_in(&self) -> bool {
+        self.copy_in.load(Ordering::Relaxed)
+    }
+
+    /// Sets whether the mover may copy base pages straight into their source.
+    pub fn set_copy_in(&self, on: bool) {
+        self.copy_in.store(on, Ordering::Relaxed);
+    }
+
     /// Sets whether destinations of base pages are filled by `UFFDIO_COPY`.
     pub fn set_fill_empty(&self, on: bool) {
         self.fill_empty.store(on, Ordering::Relaxed);
@@ -224,7 +237,8 @@ impl Engine {
             && bytes > sys::HPAGE_SIZE
             && !items[0].folio.is_pmd()
             && !offload;
-        let progress = opts.progress.as_ref();
+        let reporter = mover::Reporter::new(opts.progress.as_ref());
+        let reporter = &reporter;
         let abort = abort::Abort::default();
         let abort = &abort;
         let tally = std::thread::scope(|s| {
@@ -234,7 +248,7 @@ impl Engine {
                 .then(|| {
                     std::thread::Builder::new()
                         .name("pagemig-mover".into())
-                        .spawn_scoped(s, move || mover::serve(self, rx, progress, abort))
+                        .spawn_scoped(s, move || mover::serve(self, rx, target, reporter, abort))
                         .ok()
                 })
                 .flatten();
@@ -255,6 +269,8 @@ impl Engine {
                 // A migrator that stores into its destinations itself gets populated ones.
                 fill_empty: opts.fill_empty.unwrap_or_else(|| self.fill_empty())
                     && (!offload || crate::offload::registry().active_fills_unpopulated()),
+                copy_in: tx.is_some() && !offload && opts.copy_in.unwrap_or_else(|| self.copy_in()),
+                reporter,
                 abort,
                 offload,
                 held: Vec::new(),

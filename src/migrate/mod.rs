@@ -54,6 +54,9 @@ struct Item {
     index: usize,
     locked: bool,
     thp: ThpAdvice,
+    /// Its mapping has a memory policy of its own (`mbind`): pages allocated for it go
+    /// where that policy says, whichever thread allocates them.
+    own_policy: bool,
 }
 
 /// An address range as `(start, end)`.

@@ -49,6 +49,9 @@ pub(super) struct MoveJob {
     pub fail: bool,
     /// Pause before the move (fault injection).
     pub delay: Option<std::time::Duration>,
+    /// Copy the old pages straight from the graveyard into the source (`dest` is a
+    /// placeholder, never written); the mover thread is bound to the target node.
+    pub copy_in: bool,
 }
 
 /// Work for the mover, done in the order it was sent.
@@ -61,6 +64,29 @@ pub(super) enum Job {
     /// is done: what a batch that stopped midway left protected. A range that moved meanwhile
     /// is no longer registered, and is left alone.
     Undo(Vec<Span>),
+}
+
+/// Reports the bytes moved so far to the caller's progress callback, from whichever thread
+/// moved them, one report at a time and in increasing order.
+pub(super) struct Reporter<'p> {
+    progress: Option<&'p Progress>,
+    moved: parking_lot::Mutex<u64>,
+}
+
+impl<'p> Reporter<'p> {
+    pub fn new(progress: Option<&'p Progress>) -> Self {
+        Self { progress, moved: parking_lot::Mutex::new(0) }
+    }
+
+    /// Counts `bytes` more moved and reports the total (the callback runs caught: a panic
+    /// in it stops the call).
+    fn add(&self, bytes: u64, abort: &Abort) {
+        let Some(progress) = self.progress else { return };
+        let mut moved = self.moved.lock();
+        *moved += bytes;
+        let now = *moved;
+        abort.run_caught("the progress callback", || progress(now));
+    }
 }
 
 /// What the mover did: counters and the first error.
@@ -77,7 +103,7 @@ pub(super) fn run(
     job: Job,
     stats: &mut MigrateStats,
     first_error: &mut Option<Error>,
-    progress: Option<&Progress>,
+    reporter: &Reporter<'_>,
     abort: &Abort,
 ) {
     let job = match job {
@@ -104,6 +130,8 @@ pub(super) fn run(
         let why =
             if abort.is_set() { (STOPPED, Errno::CANCELED) } else { ("userfaultfd move of the new pages", Errno::IO) };
         vec![Some(why); job.folios.len()]
+    } else if job.copy_in {
+        copy_in(engine, start, &job.grave, &job.folios)
     } else {
         replace(engine, start, &job.dest, &job.folios)
     };
@@ -115,10 +143,13 @@ pub(super) fn run(
     }
     engine.pool.release(job.dest);
     let mut moved_any = false;
+    let mut moved_bytes = 0;
     for (f, outcome) in job.folios.iter().zip(&outcomes) {
         match outcome {
             None => {
                 moved_any = true;
+                moved_bytes += f.size() as u64;
+                stats.copied_in_folios += u64::from(job.copy_in);
                 stats.bytes += f.size() as u64;
                 stats.succeeded_folios += 1;
                 stats.succeeded_pages += f.nr_pages() as u64;
@@ -143,9 +174,8 @@ pub(super) fn run(
     } else {
         engine.reaper.free_now(job.grave);
     }
-    if moved_any && let Some(progress) = progress {
-        let bytes = stats.bytes;
-        abort.run_caught("the progress callback", || progress(bytes));
+    if moved_any {
+        reporter.add(moved_bytes, abort);
     }
 }
 
@@ -157,23 +187,29 @@ pub(super) fn send(mover: Option<&crossbeam::channel::Sender<Job>>, job: Job) ->
     }
 }
 
-/// Runs jobs from `rx` until every sender is gone.
+/// Runs jobs from `rx` until every sender is gone, on a thread whose own allocations go to
+/// `target` (pages copied in with `UFFDIO_COPY` are allocated by this thread).
 pub(super) fn serve(
     engine: &Engine,
     rx: crossbeam::channel::Receiver<Job>,
-    progress: Option<&Progress>,
+    target: u32,
+    reporter: &Reporter<'_>,
     abort: &Abort,
 ) -> Tally {
     let mut tally = Tally::default();
+    let bound = sys::set_mempolicy_bind(Some(target)).is_ok();
     for job in &rx {
         // A panic of pagemig's own here stops the call; the jobs still queued are undone
         // rather than lost, so nothing stays protected or claimed.
         let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run(engine, job, &mut tally.stats, &mut tally.first_error, progress, abort)
+            run(engine, job, &mut tally.stats, &mut tally.first_error, reporter, abort)
         }));
         if let Err(payload) = done {
             abort.raise("pagemig's mover thread", crate::offload::registry::panic_message(payload.as_ref()));
         }
+    }
+    if bound {
+        let _ = sys::set_mempolicy_bind(None);
     }
     tally
 }
@@ -305,6 +341,70 @@ fn put_back(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, 
         }
     }
 }
+
+/// Copies the old pages of the isolated source `[start, start + grave.len())`, whose folios
+/// are `folios`, from the graveyard straight back into it (`UFFDIO_COPY`, which allocates
+/// each page by the calling thread's memory policy: the mover's, bound to the target),
+/// and returns each folio's outcome. As [`replace`] in every other way: under the claims
+/// lock (let go between steps of [`COPY_IN_STEP`], so that an event of the program waits no
+/// longer than one step), a folio the program purged or moved away meanwhile is not filled,
+/// and one the kernel refuses gets its old pages back. A folio refused midway keeps the
+/// pages copied into it already (the same data) and fails.
+pub(super) fn copy_in(engine: &Engine, start: usize, grave: &Grave, folios: &[Folio<'_>]) -> Vec<Outcome> {
+    let end = start + grave.len();
+    let mut out = vec![None; folios.len()];
+    let mut at = start;
+    while at < end {
+        let mut claims = engine.busy.lock();
+        let mut patience = Patience::new();
+        let step_end = (at + COPY_IN_STEP).min(end);
+        while at < step_end {
+            let dead = claims.dead_in(at, end);
+            let k = folios.partition_point(|f| f.end() <= at);
+            if overlaps(&dead, folios[k]) {
+                let f = folios[k];
+                out[k] = Some((GONE, Errno::NOENT));
+                for &(s, e) in dead.iter().filter(|&&(s, e)| s < f.end() && f.addr() < e) {
+                    for (a, b, _) in claims.take_isolated(s.max(at), e.min(f.end())) {
+                        super::fork::close((b - a) / sys::PAGE_SIZE);
+                    }
+                }
+                put_back(engine, &mut claims, at, f.end());
+                at = f.end();
+                continue;
+            }
+            let j = k + folios[k..].iter().take_while(|f| !overlaps(&dead, **f) && f.end() <= step_end).count();
+            let e = if j > k { folios[j - 1].end() } else { folios[k].end() };
+            // SAFETY: `[at, e)` is claimed by this call and isolated (empty, every access
+            // waits for exactly this data), and the graveyard holds its old pages.
+            let (copied, errno) = match unsafe { engine.uffd.copy(at, grave.addr() + (at - start), e - at) } {
+                Ok(()) => (e - at, None),
+                Err((copied, errno)) => (copied, Some(errno)),
+            };
+            for (a, b, _) in claims.take_isolated(at, at + copied) {
+                super::fork::close((b - a) / sys::PAGE_SIZE);
+            }
+            at += copied;
+            let Some(errno) = errno else { continue };
+            if patience.wait(&mut claims, errno, grave.addr() + (at - start)) {
+                continue;
+            }
+            let k = folios.partition_point(|f| f.end() <= at);
+            let (op, errno) = match errno {
+                Errno::NOENT | Errno::FAULT => ("migrate (the memory was unmapped meanwhile)", Errno::FAULT),
+                Errno::NOMEM => ("allocating a page on the target node", Errno::NOMEM),
+                e => ("userfaultfd copy of the pages into their source", e),
+            };
+            out[k] = Some((op, errno));
+            put_back(engine, &mut claims, at, folios[k].end());
+            at = folios[k].end();
+        }
+    }
+    out
+}
+
+/// What [`copy_in`] copies with the claims lock held, at most.
+const COPY_IN_STEP: usize = 2 << 20;
 
 /// Per folio of a move: `None` if it moved, else why not.
 pub(super) type Outcome = Option<(&'static str, Errno)>;

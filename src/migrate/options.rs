@@ -69,6 +69,9 @@ pub struct MigrateOptions {
     /// Leave base-page destinations without pages and fill them with `UFFDIO_COPY` (`None`:
     /// the engine's setting, `migrate/fill_empty`).
     pub fill_empty: Option<bool>,
+    /// Let the mover copy base pages of mappings without a memory policy of their own
+    /// straight into their source (`None`: the engine's setting, `migrate/copy_in`).
+    pub copy_in: Option<bool>,
     /// Failures to inject.
     pub fault: FaultInjection,
     /// Called after every moved run with the bytes moved so far.
@@ -84,6 +87,7 @@ impl std::fmt::Debug for MigrateOptions {
             .field("deferred_free", &self.deferred_free)
             .field("mover", &self.mover)
             .field("fill_empty", &self.fill_empty)
+            .field("copy_in", &self.copy_in)
             .field("fault", &self.fault)
             .field("progress", &self.progress.is_some())
             .finish()

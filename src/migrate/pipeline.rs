@@ -38,6 +38,12 @@ pub(super) struct Call<'a> {
     pub populate: Populate,
     /// Destinations of base pages are left without pages and filled by `UFFDIO_COPY`.
     pub fill_empty: bool,
+    /// The mover copies base pages of mappings without a memory policy of their own
+    /// straight into the source (`UFFDIO_COPY` on a thread bound to the target node),
+    /// with no destination at all. Set with a mover thread and the CPU copy.
+    pub copy_in: bool,
+    /// Reports progress, from whichever thread moves.
+    pub reporter: &'a mover::Reporter<'a>,
     /// Raised when caller code panicked: nothing more moves.
     pub abort: &'a Abort,
     /// A migrator was registered when the call began: batches go to it.
@@ -65,6 +71,9 @@ struct Run {
     cursor: usize,
     /// First item not yet moved or undone.
     next: usize,
+    /// Copied by the mover straight from the graveyard into the source: its destination is
+    /// only a placeholder, never written.
+    copy_in: bool,
 }
 
 /// One folio of a batch, with what the batch learnt of it.
@@ -234,32 +243,58 @@ impl<'a> Call<'a> {
     }
 
     /// Hands a job to the mover thread, or does it here when the call has none.
+    ///
+    /// A copy-in job the mover has no room for is done here, so that both threads copy:
+    /// copying in is most of the work, and the order of moves matters only to the claims'
+    /// release, which goes to the mover after the batch's every move.
     fn submit(&mut self, job: Job) {
-        let Some(job) = mover::send(self.mover, job) else { return };
-        mover::run(self.engine, job, self.stats, self.first_error, self.opts.progress.as_ref(), self.abort);
+        let job = match (job, self.mover) {
+            (Job::Move(m), Some(tx)) if m.copy_in => match tx.try_send(Job::Move(m)) {
+                Ok(()) => return,
+                Err(
+                    crossbeam::channel::TrySendError::Full(job) | crossbeam::channel::TrySendError::Disconnected(job),
+                ) => job,
+            },
+            (job, _) => match mover::send(self.mover, job) {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        // A page copied in here is allocated by this thread: bound to the target meanwhile.
+        let copy_in = matches!(&job, Job::Move(m) if m.copy_in);
+        let saved = copy_in.then(sys::ThreadPolicy::current).and_then(Result::ok);
+        let bound = saved.is_some() && sys::set_mempolicy_bind(Some(self.target)).is_ok();
+        mover::run(self.engine, job, self.stats, self.first_error, self.reporter, self.abort);
+        if bound && let Some(saved) = saved {
+            let _ = saved.restore();
+        }
     }
 
     fn take_destinations(&mut self, st: &mut BatchState) {
         for r in 0..st.runs.len() {
-            let run = &st.runs[r];
-            let items: Vec<Item> = st.slots[run.items.clone()].iter().map(|slot| slot.item).collect();
+            let (start, end) = (st.runs[r].start, st.runs[r].end);
+            let items: Vec<Item> = st.slots[st.runs[r].items.clone()].iter().map(|slot| slot.item).collect();
             // Keep the destination at the source's offset within a 2 MiB page whenever the
             // run spans one: huge pages stay huge, and `mremap` moves whole page tables
             // instead of one entry at a time.
-            let align = if run.end - run.start >= HPAGE_SIZE {
+            let align = if end - start >= HPAGE_SIZE {
                 HPAGE_SIZE
             } else {
                 items.iter().map(|i| i.folio.size()).max().unwrap_or(sys::PAGE_SIZE)
             };
             // Base pages only: `UFFDIO_COPY` cannot make a huge page.
-            let len = run.end - run.start;
+            let len = end - start;
             let empty = self.fill_empty && items.iter().all(|i| i.folio.size() < HPAGE_SIZE);
             // Destinations a prepared reserve populated ahead cost nothing now: taken first.
             let populated = Key { node: self.target, thp: items[0].thp, empty: false };
             let empty = empty && self.engine.pool.ready(populated) < len;
+            // Where nothing better is prepared, pages whose mapping has no policy of its own
+            // are copied in by the mover thread, bound to the target: written once, where
+            // they belong, with no destination to move them from.
+            st.runs[r].copy_in = empty && self.copy_in && !items[0].own_policy;
             let key = Key { empty, ..populated };
             let locked = items[0].locked;
-            let dest = match self.engine.pool.take(key, len, align, run.start % align, self.populate) {
+            let dest = match self.engine.pool.take(key, len, align, start % align, self.populate) {
                 Ok((dest, spent)) => {
                     self.stats.prepare_ns += spent.as_nanos() as u64;
                     // Pages move only between mappings locked alike.
@@ -270,7 +305,7 @@ impl<'a> Call<'a> {
                 }
                 Err(e) => Err(("destination on target node", e.errno())),
             };
-            let grave = self.engine.reaper.reserve(len, run.start, locked);
+            let grave = self.engine.reaper.reserve(len, start, locked);
             match (dest, grave) {
                 (Ok(dest), Ok(grave)) => {
                     st.runs[r].grave_base = grave.addr();
@@ -361,6 +396,7 @@ impl<'a> Call<'a> {
             let t = Instant::now();
             let (protected, kinds): (Vec<CopyPair>, Vec<Dst<'a>>) = (at..end)
                 .filter(|&k| st.slots[live[k]].info.contains(MigrateInfo::WAS_MAPPED))
+                .filter(|&k| !st.runs[st.slots[live[k]].run].copy_in)
                 .map(|k| (pairs[k], dsts[k]))
                 .unzip();
             // SAFETY: every pair copied reads old pages isolated in our graveyard just above
@@ -813,6 +849,7 @@ impl<'a> Call<'a> {
             deferred: self.deferred && !first.folio.is_pmd(),
             batch_started: (!st.first_done).then_some(st.started),
             fail: slots.iter().any(|slot| self.opts.fault.fail_move.contains(&slot.item.index)),
+            copy_in: st.runs[st.slots[items.start].run].copy_in,
             delay: self.opts.fault.delay_move,
         };
         st.first_done = true;
@@ -878,7 +915,7 @@ impl Drop for BatchGuard<'_> {
         for job in jobs {
             let Some(job) = mover::send(self.mover.as_ref(), job) else { continue };
             let (mut stats, mut first) = (MigrateStats::default(), None);
-            mover::run(self.engine, job, &mut stats, &mut first, None, self.abort);
+            mover::run(self.engine, job, &mut stats, &mut first, &mover::Reporter::new(None), self.abort);
         }
     }
 }
@@ -955,7 +992,8 @@ fn split_runs(claimed: &[Item]) -> Vec<Run> {
             Some(r)
                 if r.end == item.folio.addr()
                     && claimed[r.items.start].locked == item.locked
-                    && claimed[r.items.start].thp == item.thp =>
+                    && claimed[r.items.start].thp == item.thp
+                    && claimed[r.items.start].own_policy == item.own_policy =>
             {
                 r.end = item.folio.end();
                 r.items.end = i + 1;
@@ -969,6 +1007,7 @@ fn split_runs(claimed: &[Item]) -> Vec<Run> {
                 grave_base: 0,
                 cursor: item.folio.addr(),
                 next: i,
+                copy_in: false,
             }),
         }
     }
@@ -1005,7 +1044,13 @@ mod tests {
 
     fn item(addr: usize, size: usize) -> Item {
         // SAFETY: describes an address only; nothing migrates it.
-        Item { folio: unsafe { Folio::new(addr, size) }.unwrap(), index: 0, locked: false, thp: ThpAdvice::Default }
+        Item {
+            folio: unsafe { Folio::new(addr, size) }.unwrap(),
+            index: 0,
+            locked: false,
+            thp: ThpAdvice::Default,
+            own_policy: false,
+        }
     }
 
     #[test]

@@ -293,6 +293,29 @@ pub fn get_mempolicy_node(addr: usize) -> Result<u32, Errno> {
     Ok(node as u32)
 }
 
+/// Whether the mapping at `addr` has a memory policy of its own (`get_mempolicy(2)` with
+/// `MPOL_F_ADDR`: a mode other than `MPOL_DEFAULT`), set by `mbind(2)`. Without one, pages
+/// allocated for it follow the policy of the thread that allocates them.
+///
+/// # Errors
+/// The `get_mempolicy` errno (`EFAULT` for an unmapped address).
+pub fn vma_has_policy(addr: usize) -> Result<bool, Errno> {
+    let mut mode: libc::c_int = 0;
+    // SAFETY: `mode` is a valid out-pointer for the duration of the call; no node mask is
+    // passed (NULL, 0).
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_get_mempolicy,
+            &mut mode as *mut libc::c_int,
+            std::ptr::null_mut::<u64>(),
+            0usize,
+            addr,
+            MPOL_F_ADDR,
+        )
+    })?;
+    Ok(mode != 0)
+}
+
 /// `move_pages(2)` on the calling process, in one of its two forms.
 ///
 /// With `nodes` set, asks the kernel to move each page to the node at the same index and
@@ -341,6 +364,46 @@ pub fn set_mempolicy_bind(node: Option<u32>) -> Result<(), Errno> {
         None => unsafe { libc::syscall(libc::SYS_set_mempolicy, MPOL_DEFAULT, std::ptr::null::<u64>(), 0usize) },
     };
     check(ret).map(drop)
+}
+
+/// A thread's memory policy, as `get_mempolicy(2)` reads it: mode (with its flags) and
+/// node mask.
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadPolicy {
+    mode: libc::c_int,
+    mask: [u64; NODEMASK_BITS / 64],
+}
+
+impl ThreadPolicy {
+    /// The calling thread's policy.
+    ///
+    /// # Errors
+    /// The `get_mempolicy` errno.
+    pub fn current() -> Result<Self, Errno> {
+        let mut p = ThreadPolicy { mode: 0, mask: [0; NODEMASK_BITS / 64] };
+        // SAFETY: valid out-pointers; the mask holds NODEMASK_BITS bits, as `maxnode` says.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_get_mempolicy,
+                &mut p.mode as *mut libc::c_int,
+                p.mask.as_mut_ptr(),
+                NODEMASK_BITS,
+                0usize,
+                0usize,
+            )
+        })?;
+        Ok(p)
+    }
+
+    /// Makes this the calling thread's policy again (`set_mempolicy(2)`).
+    ///
+    /// # Errors
+    /// The `set_mempolicy` errno.
+    pub fn restore(&self) -> Result<(), Errno> {
+        // SAFETY: the mask outlives the call and holds NODEMASK_BITS bits.
+        check(unsafe { libc::syscall(libc::SYS_set_mempolicy, self.mode, self.mask.as_ptr(), NODEMASK_BITS + 1) })
+            .map(drop)
+    }
 }
 
 /// Copies `len` bytes from `src` to `dst`.
