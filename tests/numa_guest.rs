@@ -234,7 +234,9 @@ impl CopyPath {
         assert_eq!((stats.succeeded_folios, stats.failed_folios), (n, 0), "{stats:?}");
         assert_eq!(stats.bytes, region.len() as u64, "{stats:?}");
         let copied = match self {
-            CopyPath::Batch => stats.batch_copied_folios,
+            // Base pages of memory without a policy of its own are copied straight in.
+            CopyPath::Batch => stats.batch_copied_folios + stats.copied_in_folios,
+            CopyPath::FilledDest | CopyPath::Populated | CopyPath::PolicyBound => stats.batch_copied_folios,
             CopyPath::PerFolio => stats.single_copied_folios,
             CopyPath::Fallback => stats.fallback_folios,
             CopyPath::MtCopy | CopyPath::Dcbm => stats.offloaded_folios,
