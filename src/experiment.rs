@@ -1,6 +1,12 @@
 //! One measured migration of a fresh region, as `pagemig move` and `pagemig bench` run it:
-//! fill, measure a plain copy of the same bytes, migrate while writers write, verify every
-//! byte, every write and the node of every page.
+//! fill, measure the same-run yardsticks (a plain copy of the same bytes, and a
+//! `UFFDIO_COPY` fill of a fresh mapping on the target node), migrate while writers write,
+//! verify every byte, every write and the node of every page.
+//!
+//! The migration is pagemig's ([`run_move`]) or the kernel's own `move_pages(2)`
+//! ([`run_kernel_move`]), the baseline, which needs two memory nodes. Either way the
+//! headline figure, [`MoveReport::gbps`], is end to end: the bytes over the time a caller
+//! waits for the whole migration.
 
 use std::time::{Duration, Instant};
 
@@ -54,7 +60,8 @@ pub struct MoveReport {
     pub reason: Reason,
     /// Writer threads.
     pub writers: u64,
-    /// The active migrator during the run (`cpu` when none was registered).
+    /// The active migrator during the run (`cpu` when none was registered), or [`KERNEL`]
+    /// for the kernel's `move_pages(2)`.
     pub migrator: String,
     /// Folios copied by the active migrator.
     pub offloaded_folios: u64,

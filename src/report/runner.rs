@@ -123,7 +123,8 @@ pub fn kernel_nodes(from: u32, to: u32) -> Option<[u32; 2]> {
 pub fn kernel_absent_reason() -> String {
     let nodes = crate::numa::memory_nodes().unwrap_or_default();
     format!(
-        "kernel move_pages row absent: it needs two NUMA nodes with memory, and this machine has {} ({nodes:?});          move_pages(2) to the node a page is already on copies nothing",
+        "kernel move_pages row absent: it needs two NUMA nodes with memory, and this machine has {} ({nodes:?}); \
+         move_pages(2) to the node a page is already on copies nothing",
         nodes.len()
     )
 }

@@ -161,7 +161,8 @@ fn throughput_table(t: &Throughput, end_to_end: bool, report: &BenchReport) -> T
     let mut notes = Vec::new();
     match (t.kernel_nodes, &t.kernel_absent_reason) {
         (Some([from, to]), _) => notes.push(format!(
-            "kernel move_pages: the kernel's own migration of the same region with move_pages(2), node {from} →              {to}, timed as the caller's wall clock over its calls (the RFC's vanilla baseline, same run).{}",
+            "kernel move_pages: the kernel's own migration of the same region with move_pages(2), node {from} → \
+             {to}, timed as the caller's wall clock over its calls (the RFC's vanilla baseline, same run).{}",
             if end_to_end { "" } else { " Its calls cannot be split, so it has no critical-path figure." }
         )),
         (None, Some(why)) => notes.push(format!("{why}.")),
