@@ -1,8 +1,14 @@
 //! One measured migration of a fresh region, as `pagemig move` and `pagemig bench` run it:
-//! fill, measure a plain copy of the same bytes, migrate while writers write, verify every
-//! byte, every write and the node of every page.
+//! fill, measure the same-run yardsticks (a plain copy of the same bytes, and a
+//! `UFFDIO_COPY` fill of a fresh mapping on the target node), migrate while writers write,
+//! verify every byte, every write and the node of every page.
+//!
+//! The migration is pagemig's ([`run_move`]) or the kernel's own `move_pages(2)`
+//! ([`run_kernel_move`]), the baseline, which needs two memory nodes. Either way the
+//! headline figure, [`MoveReport::gbps`], is end to end: the bytes over the time a caller
+//! waits for the whole migration.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -54,7 +60,8 @@ pub struct MoveReport {
     pub reason: Reason,
     /// Writer threads.
     pub writers: u64,
-    /// The active migrator during the run (`cpu` when none was registered).
+    /// The active migrator during the run (`cpu` when none was registered), or [`KERNEL`]
+    /// for the kernel's `move_pages(2)`.
     pub migrator: String,
     /// Folios copied by the active migrator.
     pub offloaded_folios: u64,
@@ -76,14 +83,28 @@ pub struct MoveReport {
     pub placement_ok: bool,
     /// Pages per node after the migration (negative keys: errnos of absent pages).
     pub placement: std::collections::BTreeMap<i32, usize>,
-    /// Critical-path throughput (unmap + copy + move), GB/s.
+    /// End-to-end throughput: the bytes over the time a caller waits for the whole
+    /// migration (the `migrate_pages` call, destination preparation included; the
+    /// `move_pages(2)` calls for the kernel), GB/s.
     pub gbps: f64,
-    /// Throughput of the whole call, destination preparation included, GB/s.
-    pub end_to_end_gbps: f64,
-    /// A plain copy of the same bytes between prepared buffers, same run, GB/s.
+    /// Throughput of the critical path, excluding destination preparation (the call less
+    /// populating destinations: unmap + copy + move), GB/s; `None` for the kernel, whose
+    /// calls cannot be split.
+    pub critical_path_gbps: Option<f64>,
+    /// A plain copy of the same bytes between prepared buffers, same run, GB/s (0 when not
+    /// measured).
     pub memcpy_gbps: f64,
-    /// `gbps / memcpy_gbps`.
+    /// `UFFDIO_COPY` of the same bytes into a fresh mapping bound to the target node, same
+    /// run, GB/s: mapping, registering and filling it, each page allocated on the node and
+    /// copied into without zeroing (base pages only). 0 when not measured.
+    pub uffdio_copy_gbps: f64,
+    /// `gbps / memcpy_gbps` (0 when memcpy was not measured).
     pub ratio: f64,
+    /// `critical_path_gbps / memcpy_gbps`, where both are known.
+    pub critical_path_ratio: Option<f64>,
+    /// Addresses the kernel's `move_pages(2)` did not move, by outcome (an errno name, or
+    /// `on node N` for a page left elsewhere); empty for pagemig's migrations.
+    pub page_errors: std::collections::BTreeMap<String, u64>,
     /// Median first-folio latency over batches, µs.
     pub first_folio_us: f64,
     /// 99th percentile of first-folio latency over batches, µs.
@@ -146,7 +167,58 @@ pub fn migrate_with_writers(
     }
 }
 
+/// The same-run yardsticks of a migration: a plain copy and a `UFFDIO_COPY` fill of the
+/// same bytes, GB/s.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Yardsticks {
+    /// [`copy::memcpy_baseline`]: a copy between two populated buffers.
+    pub memcpy_gbps: f64,
+    /// [`uffdio_copy_fill`]: a fresh mapping on the target node filled by `UFFDIO_COPY`.
+    pub uffdio_copy_gbps: f64,
+}
+
+/// Times filling a fresh mapping bound to `node` with a copy of `region` by `UFFDIO_COPY`
+/// ([`crate::sys::uffd::copy_into_new_mapping`]): creating the mapping, registering it and
+/// the copies, the closest user-space stand-in for the kernel allocating and filling
+/// migration destinations. Unmapping it afterwards is not timed.
+///
+/// # Errors
+/// [`Error::Sys`] from the fill (`EOPNOTSUPP` without `UFFDIO_MOVE`'s kernel, `ENOMEM`).
+pub fn uffdio_copy_fill(region: &Region, node: u32) -> Result<Duration> {
+    let started = Instant::now();
+    let copied = crate::sys::uffd::copy_into_new_mapping(region.addr(), region.len(), Some(node))
+        .map_err(Error::sys("UFFDIO_COPY into a fresh mapping"))?;
+    let elapsed = started.elapsed();
+    drop(copied);
+    Ok(elapsed)
+}
+
+/// Measures the yardsticks of `cfg` with the bytes of `region` (filled, not yet migrating):
+/// zero when `cfg.measure_memcpy` is off.
+///
+/// # Errors
+/// [`Error::Sys`] when the buffers cannot be mapped or filled.
+pub fn measure_yardsticks(region: &Region, cfg: &MoveConfig) -> Result<Yardsticks> {
+    if !cfg.measure_memcpy {
+        return Ok(Yardsticks::default());
+    }
+    let memcpy = copy::memcpy_baseline(cfg.size, cfg.folio_size).map_err(Error::sys("memcpy baseline buffers"))?;
+    let uffdio = uffdio_copy_fill(region, cfg.to_node)?;
+    Ok(Yardsticks {
+        memcpy_gbps: crate::stats::gbps(cfg.size as u64, memcpy),
+        uffdio_copy_gbps: crate::stats::gbps(cfg.size as u64, uffdio),
+    })
+}
+
+fn ratio(gbps: f64, memcpy_gbps: f64) -> f64 {
+    if memcpy_gbps > 0.0 { gbps / memcpy_gbps } else { 0.0 }
+}
+
 /// Runs one measured migration.
+///
+/// `progress`, when given, is told `0` just before the migration starts (after the
+/// region is filled and the yardsticks measured), then the bytes moved so far as the
+/// migration goes.
 ///
 /// # Errors
 /// Invalid configurations and failures to allocate the region; failures of the migration
@@ -155,21 +227,27 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
     numa::check_node(cfg.to_node)?;
     let region = Region::new(cfg.size, cfg.folio_size, cfg.from_node)?;
     workload::fill(&region, cfg.seed);
-    let memcpy = if cfg.measure_memcpy {
-        copy::memcpy_baseline(cfg.size, cfg.folio_size).map_err(Error::sys("memcpy baseline buffers"))?
-    } else {
-        Duration::ZERO
-    };
+    let yardsticks = measure_yardsticks(&region, cfg)?;
+    let start_hook = progress.clone();
     let opts = MigrateOptions { max_batch_pages: Some(cfg.batch_pages), progress, ..Default::default() };
     let folios = region.folios();
-    let (stats, error, log) =
-        migrate_with_writers(engine, &region, &folios, cfg.to_node, cfg.reason, cfg.mode, cfg.writers, &opts)?;
+    let (result, log) = workload::with_writers(&region, cfg.writers, || {
+        if let Some(p) = &start_hook {
+            p(0);
+        }
+        engine.migrate_pages(&folios, cfg.to_node, cfg.reason, cfg.mode, &opts)
+    });
+    let (stats, error) = match result {
+        Ok(s) => (s, None),
+        Err(Error::Partial { stats, first, .. }) => (*stats, Some(first.to_string())),
+        Err(e) => return Err(e),
+    };
     let verify: VerifyReport = workload::verify(&region, cfg.seed, &log);
     let placement = region.placement()?;
     let pages = region.len() / crate::sys::PAGE_SIZE;
     let placement_ok = placement.get(&(cfg.to_node as i32)) == Some(&pages);
-    let memcpy_gbps = crate::stats::gbps(cfg.size as u64, memcpy);
-    let gbps = stats.gbps();
+    let gbps = stats.end_to_end_gbps();
+    let critical = stats.gbps();
     Ok(MoveReport {
         bytes: cfg.size as u64,
         folio_size: cfg.folio_size as u64,
@@ -190,9 +268,12 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
         placement_ok,
         placement,
         gbps,
-        end_to_end_gbps: stats.end_to_end_gbps(),
-        memcpy_gbps,
-        ratio: if memcpy_gbps > 0.0 { gbps / memcpy_gbps } else { 0.0 },
+        critical_path_gbps: Some(critical),
+        memcpy_gbps: yardsticks.memcpy_gbps,
+        uffdio_copy_gbps: yardsticks.uffdio_copy_gbps,
+        ratio: ratio(gbps, yardsticks.memcpy_gbps),
+        critical_path_ratio: (yardsticks.memcpy_gbps > 0.0).then(|| critical / yardsticks.memcpy_gbps),
+        page_errors: Default::default(),
         first_folio_us: stats.first_folio_median().map_or(0.0, |d| d.as_secs_f64() * 1e6),
         first_folio_p99_us: stats.first_folio_quantile(0.99).map_or(0.0, |d| d.as_secs_f64() * 1e6),
         phases_us: Phases {
@@ -204,4 +285,276 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
         },
         stats,
     })
+}
+
+/// The name [`MoveReport::migrator`] gives the kernel's `move_pages(2)`.
+pub const KERNEL: &str = "kernel";
+
+/// Addresses handed to one `move_pages(2)` call: the progress callback hears from each.
+const KERNEL_CALL_ADDRESSES: usize = 16384;
+
+/// The node the kernel's migration of `cfg` starts from: `cfg.from_node`, or the first
+/// memory node.
+///
+/// # Errors
+/// [`Error::Invalid`] when it is the target node: `move_pages(2)` to the node a page is
+/// already on copies nothing, so there is no migration to measure.
+pub fn kernel_source_node(cfg: &MoveConfig) -> Result<u32> {
+    let nodes = numa::memory_nodes()?;
+    let from = match cfg.from_node {
+        Some(n) => n,
+        None => *nodes.first().ok_or_else(|| Error::Invalid("no NUMA node with memory".into()))?,
+    };
+    if from == cfg.to_node {
+        return Err(Error::Invalid(format!(
+            "the kernel's move_pages(2) to the node a page is already on copies nothing: migrating node {from} to \
+             node {from} measures no migration; the kernel migrator needs a source node other than the target \
+             (this machine has {} memory node{}: {nodes:?})",
+            nodes.len(),
+            if nodes.len() == 1 { "" } else { "s" }
+        )));
+    }
+    Ok(from)
+}
+
+/// A readable name for the errno `code` of a `move_pages(2)` status.
+pub fn errno_name(code: i32) -> String {
+    let name = match code {
+        libc::EPERM => "EPERM",
+        libc::ENOENT => "ENOENT",
+        libc::EIO => "EIO",
+        libc::E2BIG => "E2BIG",
+        libc::EAGAIN => "EAGAIN",
+        libc::ENOMEM => "ENOMEM",
+        libc::EACCES => "EACCES",
+        libc::EFAULT => "EFAULT",
+        libc::EBUSY => "EBUSY",
+        libc::ENODEV => "ENODEV",
+        libc::EINVAL => "EINVAL",
+        libc::ENOSPC => "ENOSPC",
+        _ => return format!("errno {code}"),
+    };
+    name.into()
+}
+
+/// The addresses `move_pages(2)` should be given for `region`, and the base pages each one
+/// stands for: one per 2 MiB folio when the whole region is backed by transparent huge
+/// pages (the kernel moves a huge page whole from its first address and reports `EBUSY`
+/// for the next one, which it finds isolated), one per base page otherwise.
+fn kernel_addresses(region: &Region) -> (Vec<usize>, usize) {
+    let huge = region.folio_size() == crate::sys::HPAGE_SIZE
+        && region.anon_huge_bytes().is_ok_and(|b| b == region.len() as u64);
+    let step = if huge { crate::sys::HPAGE_SIZE } else { crate::sys::PAGE_SIZE };
+    ((region.addr()..region.addr() + region.len()).step_by(step).collect(), step / crate::sys::PAGE_SIZE)
+}
+
+/// Runs one measured migration of a fresh region by the kernel's `move_pages(2)` instead of
+/// pagemig, with the same fill, yardsticks, writers and checks as [`run_move`]: the
+/// kernel's own migration in the same run, the RFC's "vanilla" baseline.
+///
+/// The time is the caller's wall clock over the whole sequence of `move_pages` calls
+/// (each of up to 16384 addresses, all of them told to go to `cfg.to_node`); every
+/// status entry must be the target node, and those that are not are counted by outcome in
+/// [`MoveReport::page_errors`]. `cfg.batch_pages`, `cfg.reason` and `cfg.mode` do not
+/// apply (the kernel decides); `progress` is told `0` at the start and the bytes asked
+/// for so far after each call.
+///
+/// # Errors
+/// [`Error::Invalid`] when the source node is the target ([`kernel_source_node`]),
+/// [`Error::UnknownNode`] for a node without memory, and failures to allocate the region;
+/// failures of the migration itself are reported in the [`MoveReport`].
+pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<MoveReport> {
+    numa::check_node(cfg.to_node)?;
+    let from = kernel_source_node(cfg)?;
+    let region = Region::new(cfg.size, cfg.folio_size, Some(from))?;
+    workload::fill(&region, cfg.seed);
+    let yardsticks = measure_yardsticks(&region, cfg)?;
+    let (addresses, pages_per_address) = kernel_addresses(&region);
+    let target = cfg.to_node as i32;
+    let nodes = vec![target; addresses.len().min(KERNEL_CALL_ADDRESSES)];
+    let mut status = vec![i32::MIN; addresses.len()];
+    let ((elapsed, calls, first_error), log) = workload::with_writers(&region, cfg.writers, || {
+        let mut first_error = None;
+        let mut calls = 0u64;
+        if let Some(p) = &progress {
+            p(0);
+        }
+        let started = Instant::now();
+        for (i, (chunk, out)) in
+            addresses.chunks(KERNEL_CALL_ADDRESSES).zip(status.chunks_mut(KERNEL_CALL_ADDRESSES)).enumerate()
+        {
+            calls += 1;
+            if let Err(e) = crate::sys::move_pages(chunk, Some(&nodes[..chunk.len()]), out) {
+                // The call as a whole failed: none of its pages is known to have moved.
+                out.fill(-e.raw_os_error());
+                first_error.get_or_insert_with(|| format!("move_pages: {e}"));
+            }
+            if let Some(p) = &progress {
+                let done = (i * KERNEL_CALL_ADDRESSES + chunk.len()) * pages_per_address * crate::sys::PAGE_SIZE;
+                p(done as u64);
+            }
+        }
+        (started.elapsed(), calls, first_error)
+    });
+    let mut page_errors = std::collections::BTreeMap::new();
+    for &s in status.iter().filter(|&&s| s != target) {
+        let outcome = if s < 0 { errno_name(-s) } else { format!("on node {s}") };
+        *page_errors.entry(outcome).or_insert(0u64) += 1;
+    }
+    let moved_addresses = status.iter().filter(|&&s| s == target).count();
+    let folio_pages = cfg.folio_size / crate::sys::PAGE_SIZE;
+    let addresses_per_folio = (folio_pages / pages_per_address).max(1);
+    let folios = region.len() / cfg.folio_size;
+    let succeeded_folios =
+        status.chunks(addresses_per_folio).filter(|folio| folio.iter().all(|&s| s == target)).count() as u64;
+    let error = first_error.or_else(|| {
+        page_errors.iter().next().map(|(what, n)| format!("move_pages left {n} addresses unmoved: {what}"))
+    });
+    let verify: VerifyReport = workload::verify(&region, cfg.seed, &log);
+    let placement = region.placement()?;
+    let pages = region.len() / crate::sys::PAGE_SIZE;
+    let placement_ok = placement.get(&target) == Some(&pages);
+    let moved_pages = (moved_addresses * pages_per_address) as u64;
+    let huge = pages_per_address > 1;
+    let stats = MigrateStats {
+        folios: folios as u64,
+        succeeded_folios,
+        failed_folios: folios as u64 - succeeded_folios,
+        succeeded_pages: moved_pages,
+        failed_pages: pages as u64 - moved_pages,
+        thp_succeeded: if huge { moved_addresses as u64 } else { 0 },
+        thp_failed: if huge { (addresses.len() - moved_addresses) as u64 } else { 0 },
+        bytes: moved_pages * crate::sys::PAGE_SIZE as u64,
+        batches: calls,
+        total_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
+        ..Default::default()
+    };
+    let gbps = stats.end_to_end_gbps();
+    Ok(MoveReport {
+        bytes: cfg.size as u64,
+        folio_size: cfg.folio_size as u64,
+        folios: folios as u64,
+        to_node: cfg.to_node,
+        batch_pages: cfg.batch_pages as u64,
+        reason: cfg.reason,
+        writers: cfg.writers as u64,
+        migrator: KERNEL.into(),
+        offloaded_folios: 0,
+        fallback_folios: 0,
+        succeeded_folios,
+        failed_folios: stats.failed_folios,
+        error,
+        mismatched_bytes: verify.mismatched_bytes,
+        writes: log.writes,
+        lost_writes: verify.lost_writes,
+        placement_ok,
+        placement,
+        gbps,
+        critical_path_gbps: None,
+        memcpy_gbps: yardsticks.memcpy_gbps,
+        uffdio_copy_gbps: yardsticks.uffdio_copy_gbps,
+        ratio: ratio(gbps, yardsticks.memcpy_gbps),
+        critical_path_ratio: None,
+        page_errors,
+        first_folio_us: 0.0,
+        first_folio_p99_us: 0.0,
+        phases_us: Phases { prepare: 0.0, unmap: 0.0, copy: 0.0, r#move: 0.0, total: us(stats.total_ns) },
+        stats,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::sys::{Errno, PAGE_SIZE};
+
+    fn node() -> u32 {
+        numa::memory_nodes().unwrap()[0]
+    }
+
+    fn config(size: usize, folio_size: usize, to_node: u32) -> MoveConfig {
+        MoveConfig {
+            size,
+            folio_size,
+            from_node: Some(node()),
+            to_node,
+            batch_pages: 512,
+            reason: Reason::Syscall,
+            mode: Mode::Sync,
+            writers: 0,
+            seed: 7,
+            measure_memcpy: true,
+        }
+    }
+
+    #[test]
+    fn uffdio_copy_fills_a_fresh_mapping_with_the_same_bytes_on_the_node() {
+        let target = node();
+        let region = Region::new(4 << 20, PAGE_SIZE, Some(target)).unwrap();
+        workload::fill(&region, 42);
+        let copied = match crate::sys::uffd::copy_into_new_mapping(region.addr(), region.len(), Some(target)) {
+            // Kernels without UFFDIO_MOVE (before 6.8) cannot run pagemig at all.
+            Err(Errno::OPNOTSUPP) | Err(Errno::PERM) => return,
+            r => r.unwrap(),
+        };
+        let m = &copied.mapping;
+        assert_ne!(m.addr(), region.addr());
+        assert_eq!(m.len(), region.len());
+        for i in 0..region.words() {
+            let (got, want) = (m.word(i).unwrap().load(Ordering::Relaxed), workload::pattern_word(42, i));
+            assert_eq!(got, want, "word {i} of the copy");
+        }
+        // The source is as it was, and every page of the copy is present on the node.
+        assert!(workload::verify(&region, 42, &Default::default()).ok());
+        let placement = numa::placement(m.addr(), m.len()).unwrap();
+        assert_eq!(placement.get(&(target as i32)), Some(&(region.len() / PAGE_SIZE)), "{placement:?}");
+    }
+
+    #[test]
+    #[expect(unsafe_code, reason = "unmapping the test's own reservation")]
+    fn uffdio_copy_refuses_bad_lengths_and_unmapped_sources() {
+        use crate::sys::uffd::copy_into_new_mapping;
+        let region = Region::new(64 << 10, PAGE_SIZE, None).unwrap();
+        assert_eq!(copy_into_new_mapping(region.addr(), 0, None).unwrap_err(), Errno::INVAL);
+        assert_eq!(copy_into_new_mapping(region.addr(), 100, None).unwrap_err(), Errno::INVAL);
+        let hole = crate::sys::reserve(64 << 10).unwrap();
+        match copy_into_new_mapping(hole, 64 << 10, None) {
+            Err(Errno::OPNOTSUPP) | Err(Errno::PERM) => {}
+            r => assert_eq!(r.unwrap_err(), Errno::FAULT),
+        }
+        // SAFETY: the reservation is ours and nothing uses it.
+        unsafe { crate::sys::munmap(hole, 64 << 10).unwrap() };
+    }
+
+    #[test]
+    fn yardsticks_are_measured_only_when_asked_for() {
+        let cfg = config(2 << 20, PAGE_SIZE, node());
+        let region = Region::new(cfg.size, cfg.folio_size, cfg.from_node).unwrap();
+        workload::fill(&region, cfg.seed);
+        let none = measure_yardsticks(&region, &MoveConfig { measure_memcpy: false, ..cfg.clone() }).unwrap();
+        assert_eq!(none, Yardsticks::default());
+        match measure_yardsticks(&region, &cfg) {
+            Err(e) if matches!(e.errno(), Errno::OPNOTSUPP | Errno::PERM) => {}
+            r => {
+                let y = r.unwrap();
+                assert!(y.memcpy_gbps > 0.0 && y.uffdio_copy_gbps > 0.0, "{y:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_kernel_refuses_a_move_to_the_node_pages_are_on() {
+        let n = node();
+        let err = run_kernel_move(&config(2 << 20, PAGE_SIZE, n), None).unwrap_err();
+        assert!(matches!(err, Error::Invalid(_)), "{err}");
+        assert!(err.to_string().contains("copies nothing"), "{err}");
+        let err = kernel_source_node(&MoveConfig { from_node: None, ..config(2 << 20, PAGE_SIZE, n) });
+        if numa::memory_nodes().unwrap().len() == 1 {
+            assert!(err.unwrap_err().to_string().contains("1 memory node"));
+        }
+        assert_eq!(errno_name(libc::EBUSY), "EBUSY");
+        assert_eq!(errno_name(9999), "errno 9999");
+    }
 }

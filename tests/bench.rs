@@ -26,6 +26,7 @@ fn check_files(dir: &Path, plots: &[&str]) {
     }
     let html = std::fs::read_to_string(dir.join("report.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("AMD Zen 3 EPYC, PTDMA (RFC v5 thread)"));
+    assert!(html.contains("Throughput, end to end") && html.contains("UFFDIO_COPY"));
     assert!(!html.contains("<?xml"), "SVG inlined with its XML declaration");
 }
 
@@ -47,13 +48,32 @@ fn bench_measures_every_experiment_and_writes_the_report() {
     cfg.sweep_migrators = vec![MigratorSpec::Cpu, MigratorSpec::Dcbm { channels: 4 }];
     cfg.scatter_folio_sizes = vec![4 << 10, 2 << 20];
     cfg.scatter_max_folios = 256;
-    let steps = std::sync::atomic::AtomicUsize::new(0);
+    let kernel = cfg.kernel_nodes.is_some();
+    assert_eq!(kernel, pagemig::numa::memory_nodes().unwrap().len() >= 2);
+    let started = std::sync::atomic::AtomicUsize::new(0);
+    let finished = std::sync::Mutex::new(Vec::new());
     let r = report::run(engine, &cfg, &|s| {
-        assert!(s.done < s.total && !s.what.is_empty());
-        steps.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(!s.what.is_empty());
+        match s.finished {
+            None => {
+                assert!(s.done < s.total);
+                started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Some(m) => {
+                assert!(s.done >= 1 && s.done <= s.total);
+                finished.lock().unwrap().push((s.done, s.what.to_string(), m.ok, m.gbps));
+            }
+        }
     })
     .unwrap();
-    assert_eq!(steps.into_inner(), cfg.planned_runs());
+    assert_eq!(started.into_inner(), cfg.planned_runs());
+    let finished = finished.into_inner().unwrap();
+    assert_eq!(finished.len(), cfg.planned_runs());
+    for (i, (done, what, ok, gbps)) in finished.iter().enumerate() {
+        assert_eq!(*done, i + 1);
+        assert!(*ok && *gbps > 0.0, "{what}");
+    }
+    assert!(finished[0].1.starts_with("throughput: cpu, 4K folios, rep 1/1"), "{}", finished[0].1);
     let dir = temp_dir("lib");
     let written = report::write_all(&r, &dir).unwrap();
     assert_eq!(written.len(), 1 + 4 * 2 + 1);
@@ -67,16 +87,30 @@ fn bench_measures_every_experiment_and_writes_the_report() {
     assert!(m["thp"].is_string() && m["nodes"].as_array().is_some_and(|n| !n.is_empty()));
     assert!(v["attributes"]["migrate/max_batch_pages"].is_string());
 
-    // Throughput: cpu, mtcopy 2, dcbm 1 and 4, memcpy; one cell per folio size.
-    let rows = v["throughput"]["rows"].as_array().unwrap();
+    // Throughput: cpu, mtcopy 2, dcbm 1 and 4, the kernel on two nodes, the yardsticks memcpy
+    // and UFFDIO_COPY; one cell per folio size.
+    let t = &v["throughput"];
+    let rows = t["rows"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["migrator"]["name"].as_str().unwrap()).collect();
-    assert_eq!(names, ["cpu", "mtcopy", "dcbm", "dcbm", "memcpy"]);
+    let mut want = vec!["cpu", "mtcopy", "dcbm", "dcbm"];
+    want.extend(kernel.then_some("kernel"));
+    want.extend(["memcpy", "uffdio_copy"]);
+    assert_eq!(names, want);
+    if kernel {
+        assert!(t["kernel_absent_reason"].is_null() && t["kernel_nodes"].is_array());
+    } else {
+        assert!(t["kernel_nodes"].is_null());
+        let why = t["kernel_absent_reason"].as_str().unwrap();
+        assert!(why.contains("needs two NUMA nodes with memory") && !why.contains("  "), "{why}");
+    }
     for row in rows {
         let cells = row["cells"].as_array().unwrap();
         assert_eq!(cells.len(), 3);
+        let is_kernel = row["migrator"]["name"] == "kernel";
         for c in cells {
             assert_eq!(c["ok"], true);
-            assert!(positive(&c["gbps"]["mean"]) && positive(&c["end_to_end_gbps"]["mean"]), "{c}");
+            assert!(positive(&c["gbps"]["mean"]), "{c}");
+            assert_eq!(positive(&c["critical_path_gbps"]["mean"]), !is_kernel, "{c}");
             let ms = c["measurements"].as_array().unwrap();
             assert_eq!(ms.len(), 1);
             assert_eq!(ms[0]["bytes"], 8 << 20);
@@ -95,7 +129,7 @@ fn bench_measures_every_experiment_and_writes_the_report() {
     for p in points {
         assert_eq!(p["ok"], true, "{p}");
         assert!(positive(&p["first_folio_us"]) && positive(&p["first_folio_p99_us"]), "{p}");
-        assert!(positive(&p["gbps"]["mean"]));
+        assert!(positive(&p["gbps"]["mean"]) && positive(&p["critical_path_gbps"]["mean"]));
     }
     let batches = |b: u64| points.iter().find(|p| p["batch_pages"] == b && p["folio_size"] == 4096).unwrap();
     assert_eq!(batches(512)["measurements"][0]["batches"], 4);
@@ -136,9 +170,15 @@ fn cli_bench_applies_attributes_and_writes_the_report() {
     let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("report.json")).unwrap()).unwrap();
     assert_eq!(v["attributes"]["migrate/max_batch_pages"], "1024");
     assert!(v["sweep"].is_null() && v["scattered"].is_null());
-    assert_eq!(
-        v["throughput"]["rows"].as_array().unwrap().len(),
-        1 + v["config"]["mtcopy_threads"].as_array().unwrap().len() + 6 + 1
-    );
+    let kernel = usize::from(v["config"]["kernel_nodes"].is_array());
+    let migrators = 1 + v["config"]["mtcopy_threads"].as_array().unwrap().len() + 6;
+    assert_eq!(v["throughput"]["rows"].as_array().unwrap().len(), migrators + kernel + 2);
+    // Not a terminal: one line per finished migration on stderr, with its end-to-end rate.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| l.starts_with("pagemig bench: [")).collect();
+    assert_eq!(lines.len(), (migrators + kernel) * 6, "{stderr}");
+    assert!(lines[0].starts_with("pagemig bench: [1/"), "{}", lines[0]);
+    assert!(lines[0].contains("throughput: cpu, 4K folios, rep 1/1: "), "{}", lines[0]);
+    assert!(lines.iter().all(|l| l.contains(" GB/s end to end")), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -39,8 +39,12 @@ fn move_json_reports_a_verified_migration() {
             "lost_writes",
             "placement_ok",
             "gbps",
-            "end_to_end_gbps",
+            "critical_path_gbps",
             "memcpy_gbps",
+            "uffdio_copy_gbps",
+            "ratio",
+            "critical_path_ratio",
+            "page_errors",
             "first_folio_us",
             "phases_us",
         ] {
@@ -56,6 +60,14 @@ fn move_json_reports_a_verified_migration() {
         assert_eq!(v["placement_ok"], true);
         assert!(v["writes"].as_u64().unwrap() > 0);
         assert!(v["gbps"].as_f64().unwrap() > 0.0 && v["memcpy_gbps"].as_f64().unwrap() > 0.0);
+        assert!(v["uffdio_copy_gbps"].as_f64().unwrap() > 0.0);
+        // The headline is the whole call: never faster than its critical path.
+        assert!(v["gbps"].as_f64().unwrap() <= v["critical_path_gbps"].as_f64().unwrap());
+        let total_s = v["phases_us"]["total"].as_f64().unwrap() / 1e6;
+        let end_to_end = (16 << 20) as f64 / total_s / 1e9;
+        assert!((v["gbps"].as_f64().unwrap() - end_to_end).abs() <= end_to_end * 1e-6, "{v}");
+        assert_eq!(v["migrator"], "cpu");
+        assert_eq!(v["page_errors"], serde_json::json!({}));
         for phase in ["prepare", "unmap", "copy", "move"] {
             assert!(v["phases_us"][phase].as_f64().is_some(), "phase {phase}");
         }
@@ -67,7 +79,10 @@ fn move_table_and_topology_print() {
     let out = pagemig(&["move", "--size", "4MiB", "--folio-size", "4KiB", "--to-node", &node()]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("critical path / memcpy") && text.contains("placement"), "{text}");
+    assert!(text.contains("end to end / memcpy") && text.contains("placement"), "{text}");
+    assert!(text.contains("critical path (excl. destination preparation)") && text.contains("UFFDIO_COPY"), "{text}");
+    // The headline comes before the narrower figure.
+    assert!(text.find("throughput (end to end)") < text.find("critical path (excl."), "{text}");
     let out = pagemig(&["topology", "--json"]);
     assert!(out.status.success());
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -98,4 +113,45 @@ fn bad_arguments_get_clear_errors() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn kernel_migrator_refuses_a_move_within_one_node() {
+    let n = node();
+    let out = pagemig(&["move", "--migrator", "kernel", "--size", "4MiB", "--from-node", &n, "--to-node", &n]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("move_pages(2) to the node a page is already on copies nothing"), "{err}");
+    let out = pagemig(&["move", "--migrator", "kernel", "--size", "4MiB", "--to-node", &n, "--channels", "2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not the kernel's"));
+}
+
+#[test]
+fn kernel_migrator_moves_between_two_nodes_where_there_are_two() {
+    let nodes = pagemig::numa::memory_nodes().unwrap();
+    let [from, to, ..] = nodes[..] else { return };
+    let (from, to) = (from.to_string(), to.to_string());
+    let out = pagemig(&[
+        "move",
+        "--migrator",
+        "kernel",
+        "--size",
+        "8MiB",
+        "--folio-size",
+        "4KiB",
+        "--from-node",
+        &from,
+        "--to-node",
+        &to,
+        "--writers",
+        "1",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["migrator"], "kernel");
+    assert_eq!((v["placement_ok"].clone(), v["mismatched_bytes"].clone()), (true.into(), 0.into()));
+    assert_eq!(v["page_errors"], serde_json::json!({}));
+    assert!(v["critical_path_gbps"].is_null() && v["gbps"].as_f64().unwrap() > 0.0);
 }

@@ -451,3 +451,88 @@ fn full_target_node_fails_cleanly_with_enomem() {
     verify(&region, seed, "region after the migration with room");
     check_placement("enomem-2MiB-folios-64MiB#retry", &region, b);
 }
+
+/// `pagemig move --migrator kernel --from-node A --to-node B`, as the command runs it:
+/// the kernel's `move_pages(2)` of a filled region while writers write, with every byte,
+/// write and page checked.
+fn kernel_migrator(folio_size: usize, len: usize, writers: usize) {
+    let Some((a, b)) = two_nodes() else { return };
+    let cfg = pagemig::experiment::MoveConfig {
+        size: len,
+        folio_size,
+        from_node: Some(a),
+        to_node: b,
+        batch_pages: migrate::DEFAULT_MAX_BATCH_PAGES,
+        reason: Reason::Syscall,
+        mode: Mode::Sync,
+        writers,
+        seed: 0x6b65_726e,
+        measure_memcpy: true,
+    };
+    let report = pagemig::experiment::run_kernel_move(&cfg, None).expect("the kernel's migration");
+    let name = format!("kernel-move_pages-{}-folios-{}", size_name(folio_size), size_name(len));
+    let total = len / PAGE_SIZE;
+    let on_target = report.placement.get(&(b as i32)).copied().unwrap_or(0);
+    println!("placement: {name} node {b} pages {on_target}/{total}");
+    println!(
+        "{name}: {} writes, move_pages outcomes other than node {b}: {:?}, {} calls",
+        report.writes, report.page_errors, report.stats.batches
+    );
+    assert_eq!(report.migrator, "kernel");
+    assert!(report.page_errors.is_empty(), "{name}: {:?}", report.page_errors);
+    assert_eq!((report.failed_folios, report.succeeded_folios), (0, (len / folio_size) as u64), "{name}");
+    assert_eq!((report.mismatched_bytes, report.lost_writes), (0, 0), "{name}");
+    assert!(report.placement_ok, "{name}: pages per node {:?}", report.placement);
+    assert!(report.ok() && report.gbps > 0.0 && report.critical_path_gbps.is_none(), "{name}");
+    assert!(report.uffdio_copy_gbps > 0.0, "{name}: the UFFDIO_COPY yardstick on node {b}");
+    // Refused the other way round on one node, as on a one-node machine.
+    let same = pagemig::experiment::MoveConfig { from_node: Some(b), ..cfg };
+    let err = pagemig::experiment::run_kernel_move(&same, None).expect_err("node to itself");
+    assert!(err.to_string().contains("copies nothing"), "{err}");
+}
+
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn kernel_migrator_moves_64mib_of_2m_folios() {
+    kernel_migrator(HPAGE_SIZE, 64 * MIB, 0);
+}
+
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn kernel_migrator_moves_4k_folios_while_threads_write() {
+    kernel_migrator(4 * KIB, 16 * MIB, 2);
+}
+
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn bench_throughput_has_a_kernel_row() {
+    let Some((a, b)) = two_nodes() else { return };
+    let engine = Engine::global().expect("the migration engine");
+    let mut cfg = pagemig::report::BenchConfig::quick(a, a);
+    assert_eq!(cfg.kernel_nodes, Some([a, b]));
+    cfg.size = 4 * MIB;
+    cfg.reps = 1;
+    cfg.folio_sizes = vec![4 * KIB, HPAGE_SIZE];
+    cfg.mtcopy_threads = Vec::new();
+    cfg.dcbm_channels = Vec::new();
+    cfg.experiments = pagemig::report::Experiments { throughput: true, sweep: false, scattered: false };
+    let report = pagemig::report::run(engine, &cfg, &|_| {}).expect("bench run");
+    let t = report.throughput.as_ref().expect("the throughput experiment");
+    let names: Vec<&str> = t.rows.iter().map(|r| r.migrator.name()).collect();
+    assert_eq!(names, ["cpu", "kernel", "memcpy", "uffdio_copy"]);
+    assert_eq!((t.kernel_nodes, t.kernel_absent_reason.as_deref()), (Some([a, b]), None));
+    for (row, name) in t.rows.iter().zip(names) {
+        for (cell, folio) in row.cells.iter().zip(&cfg.folio_sizes) {
+            assert!(cell.ok && cell.gbps.is_some_and(|g| g.mean > 0.0), "{name} {folio}: {cell:?}");
+            for m in &cell.measurements {
+                println!("bench: {name} {} folios: {:.3} GB/s end to end", size_name(*folio), m.gbps);
+            }
+        }
+    }
+    let tables = pagemig::report::table::tables(&report);
+    assert!(tables[0].rows.iter().any(|r| r[0].text == "kernel move_pages"));
+    let note = format!(
+        "kernel move_pages: the kernel's own migration of the same region with move_pages(2), node {a} → {b}, "
+    );
+    assert!(tables[0].notes.iter().any(|n| n.starts_with(&note)), "{:?}", tables[0].notes);
+}

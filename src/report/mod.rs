@@ -6,8 +6,11 @@
 //!
 //! 1. **Throughput by folio size** (the RFC's first table): a region moved as folios of
 //!    4 KiB … 2 MiB by the serial CPU copy (`cpu`), the multi-threaded copy (`mtcopy`) and
-//!    the DMA migrator (`dcbm`) with 1 … 16 channels, mean ± standard deviation over
-//!    repetitions, next to a plain `memcpy` of the same bytes in the same run.
+//!    the DMA migrator (`dcbm`) with 1 … 16 channels, and, on a machine with two memory
+//!    nodes, by the kernel's own `move_pages(2)` (the RFC's vanilla baseline), mean ±
+//!    standard deviation over repetitions, next to two yardsticks measured in the same
+//!    runs: a plain `memcpy` of the same bytes and a `UFFDIO_COPY` fill of a fresh mapping
+//!    on the target node.
 //! 2. **Batch-size sweep** (the RFC's second table, the review's question): throughput and
 //!    first-folio latency against `max_batch_pages`, with and without the pipelined move.
 //! 3. **Scattered folios**: every other folio of a region, so that each folio is a run of
@@ -16,6 +19,10 @@
 //! [`run`] measures ([`BenchConfig`] says what), giving a [`BenchReport`]; [`write_all`]
 //! writes `report.json`, the plots as SVG and PNG, and `report.html`, which also draws the
 //! RFC's published numbers ([`seed`]) as dashed reference series.
+//!
+//! Throughput is end to end first (the bytes over the whole migration a caller waits for,
+//! destination preparation included: the figure the RFC's `move_pages()` timings compare
+//! with), and the critical path, which leaves out destination preparation, second.
 //!
 //! A measurement whose migration, bytes, writes or placement is wrong is kept, marked
 //! failed, and left out of every mean; its cell says `FAILED`.

@@ -32,6 +32,13 @@ pub enum MigratorSpec {
     /// A plain copy of the same bytes between prepared buffers: not a migration, the
     /// physical limit one is measured against.
     Memcpy,
+    /// The kernel's own `move_pages(2)` of the same region, from one node to another: the
+    /// RFC's "vanilla" baseline, measured in the same run.
+    Kernel,
+    /// `UFFDIO_COPY` of the same bytes into a fresh mapping bound to the target node: not a
+    /// migration, the user-space stand-in for the kernel's allocate-and-copy (base pages).
+    #[serde(rename = "uffdio_copy")]
+    UffdioCopy,
 }
 
 impl MigratorSpec {
@@ -42,19 +49,30 @@ impl MigratorSpec {
             MigratorSpec::Mtcopy { .. } => "mtcopy",
             MigratorSpec::Dcbm { .. } => "dcbm",
             MigratorSpec::Memcpy => "memcpy",
+            MigratorSpec::Kernel => "kernel",
+            MigratorSpec::UffdioCopy => "uffdio_copy",
         }
+    }
+
+    /// Whether this row is a yardstick measured next to a migration (`memcpy`,
+    /// `UFFDIO_COPY`), not a migration.
+    pub fn is_yardstick(&self) -> bool {
+        matches!(self, MigratorSpec::Memcpy | MigratorSpec::UffdioCopy)
     }
 
     /// Makes this migrator the active one.
     ///
     /// # Errors
-    /// As [`crate::attr::select_migrator`]; [`crate::Error::Invalid`] for `memcpy`.
+    /// As [`crate::attr::select_migrator`]; [`crate::Error::Invalid`] for the kernel and
+    /// the yardsticks, which are not pagemig's migrators.
     pub fn select(&self) -> crate::Result<()> {
         match *self {
             MigratorSpec::Cpu => crate::attr::select_migrator("cpu", None, None),
             MigratorSpec::Mtcopy { threads } => crate::attr::select_migrator("mtcopy", None, Some(threads)),
             MigratorSpec::Dcbm { channels } => crate::attr::select_migrator("dcbm", Some(channels), None),
-            MigratorSpec::Memcpy => Err(crate::Error::Invalid("memcpy is a baseline, not a migrator".into())),
+            MigratorSpec::Memcpy | MigratorSpec::UffdioCopy | MigratorSpec::Kernel => {
+                Err(crate::Error::Invalid(format!("{self} is a baseline, not one of pagemig's migrators")))
+            }
         }
     }
 }
@@ -66,6 +84,8 @@ impl fmt::Display for MigratorSpec {
             MigratorSpec::Mtcopy { threads } => write!(f, "mtcopy {threads} thr"),
             MigratorSpec::Dcbm { channels } => write!(f, "dcbm {channels} ch"),
             MigratorSpec::Memcpy => write!(f, "memcpy"),
+            MigratorSpec::Kernel => write!(f, "kernel move_pages"),
+            MigratorSpec::UffdioCopy => write!(f, "UFFDIO_COPY"),
         }
     }
 }
@@ -128,12 +148,17 @@ pub struct Measurement {
     pub bytes: u64,
     /// Folios migrated.
     pub folios: u64,
-    /// Critical-path throughput (unmap + copy + move), GB/s.
+    /// End-to-end throughput: the whole migration a caller waits for, destination
+    /// preparation included, GB/s.
     pub gbps: f64,
-    /// Throughput of the whole call, destination preparation included, GB/s.
-    pub end_to_end_gbps: f64,
+    /// Throughput of the critical path, excluding destination preparation, GB/s (`None`
+    /// for the kernel's `move_pages(2)`, whose calls cannot be split).
+    pub critical_path_gbps: Option<f64>,
     /// A plain copy of the same bytes in the same run, GB/s, where measured.
     pub memcpy_gbps: Option<f64>,
+    /// `UFFDIO_COPY` of the same bytes into a fresh mapping on the target node, same run,
+    /// GB/s, where measured.
+    pub uffdio_copy_gbps: Option<f64>,
     /// Median first-folio latency over the call's batches, µs.
     pub first_folio_us: f64,
     /// 99th percentile of first-folio latency over the call's batches, µs.
@@ -216,8 +241,9 @@ impl Measurement {
             bytes: r.stats.bytes,
             folios: r.folios,
             gbps: r.gbps,
-            end_to_end_gbps: r.end_to_end_gbps,
+            critical_path_gbps: r.critical_path_gbps,
             memcpy_gbps: (r.memcpy_gbps > 0.0).then_some(r.memcpy_gbps),
+            uffdio_copy_gbps: (r.uffdio_copy_gbps > 0.0).then_some(r.uffdio_copy_gbps),
             first_folio_us: r.first_folio_us,
             first_folio_p99_us: r.first_folio_p99_us,
             failed_folios: r.failed_folios,
@@ -244,8 +270,9 @@ impl Measurement {
             bytes,
             folios: 0,
             gbps: 0.0,
-            end_to_end_gbps: 0.0,
+            critical_path_gbps: None,
             memcpy_gbps: None,
+            uffdio_copy_gbps: None,
             first_folio_us: 0.0,
             first_folio_p99_us: 0.0,
             failed_folios: 0,
@@ -265,15 +292,25 @@ impl Measurement {
 
     /// The `memcpy` row's measurement taken in the same run as `m`.
     pub fn memcpy_of(m: &Measurement) -> Option<Measurement> {
-        let gbps = m.memcpy_gbps?;
+        Some(Measurement::yardstick(m, m.memcpy_gbps?))
+    }
+
+    /// The `UFFDIO_COPY` row's measurement taken in the same run as `m`.
+    pub fn uffdio_copy_of(m: &Measurement) -> Option<Measurement> {
+        Some(Measurement::yardstick(m, m.uffdio_copy_gbps?))
+    }
+
+    /// A yardstick measured next to `m`: nothing to prepare, so its critical path is the
+    /// whole of it.
+    fn yardstick(m: &Measurement, gbps: f64) -> Measurement {
         let mut copy = Measurement::failed(m.rep, m.bytes, String::new());
         copy.ok = true;
         copy.error = None;
         copy.folios = m.folios;
         copy.gbps = gbps;
-        copy.end_to_end_gbps = gbps;
+        copy.critical_path_gbps = Some(gbps);
         copy.placement_ok = true;
-        Some(copy)
+        copy
     }
 }
 
@@ -284,10 +321,12 @@ pub struct Cell {
     pub ok: bool,
     /// Repetitions that failed.
     pub failed_reps: usize,
-    /// Critical-path throughput over the repetitions that passed, GB/s.
+    /// End-to-end throughput over the repetitions that passed (the whole migration,
+    /// destination preparation included), GB/s.
     pub gbps: Option<Summary>,
-    /// End-to-end throughput over the repetitions that passed, GB/s.
-    pub end_to_end_gbps: Option<Summary>,
+    /// Critical-path throughput, excluding destination preparation, over the repetitions
+    /// that passed, GB/s (`None` for the kernel).
+    pub critical_path_gbps: Option<Summary>,
     /// Folios the active migrator copied, over all repetitions that passed.
     pub offloaded_folios: u64,
     /// Folios that fell back to the per-folio CPU copy, over all repetitions that passed.
@@ -305,7 +344,7 @@ impl Cell {
             ok: failed_reps == 0 && !measurements.is_empty(),
             failed_reps,
             gbps: Summary::of(&good.iter().map(|m| m.gbps).collect::<Vec<_>>()),
-            end_to_end_gbps: Summary::of(&good.iter().map(|m| m.end_to_end_gbps).collect::<Vec<_>>()),
+            critical_path_gbps: Summary::of(&good.iter().filter_map(|m| m.critical_path_gbps).collect::<Vec<_>>()),
             offloaded_folios: good.iter().map(|m| m.offloaded_folios).sum(),
             fallback_folios: good.iter().map(|m| m.fallback_folios).sum(),
             measurements,
@@ -322,7 +361,8 @@ impl Cell {
     }
 }
 
-/// One row of the throughput table: a migrator (or `memcpy`) across folio sizes.
+/// One row of the throughput table: a migrator, the kernel or a yardstick across folio
+/// sizes.
 #[derive(Clone, Debug, Serialize)]
 pub struct ThroughputRow {
     /// Who copied.
@@ -344,8 +384,13 @@ pub struct Throughput {
     pub pipelined: bool,
     /// The folio sizes of the columns, bytes.
     pub folio_sizes: Vec<u64>,
-    /// One row per migrator, `memcpy` last.
+    /// One row per migrator, then the kernel's `move_pages(2)` where measured, then the
+    /// yardsticks `memcpy` and `UFFDIO_COPY`.
     pub rows: Vec<ThroughputRow>,
+    /// `[from, to]` nodes of the kernel row, when it was measured.
+    pub kernel_nodes: Option<[u32; 2]>,
+    /// Why the kernel row is absent, when it is.
+    pub kernel_absent_reason: Option<String>,
 }
 
 /// One point of the batch-size sweep.

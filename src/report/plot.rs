@@ -4,7 +4,10 @@
 //! Each figure is one or more panels side by side with a shared legend on the right.
 //! Measured series are solid (pipelined) or dotted (move after the batch copy); the RFC's
 //! published numbers are dashed, in the colour of the measured series they correspond to
-//! (`vanilla` ↔ `cpu`, `dma N` ↔ `dcbm N ch`). Axes are logarithmic: folio size and batch
+//! (`vanilla` ↔ `kernel move_pages`, or `cpu` where the kernel row is absent; `dma N` ↔
+//! `dcbm N ch`). The RFC timed whole `move_pages()` calls, destination allocation included,
+//! so its numbers are drawn against end-to-end throughput only, never against the
+//! critical path. Axes are logarithmic: folio size and batch
 //! size in powers of two, throughput and latency in decades.
 
 use std::path::{Path, PathBuf};
@@ -51,7 +54,7 @@ pub enum Line {
     Dotted,
     /// Dashed: the RFC's reference numbers.
     Dashed,
-    /// Thick and pale: the `memcpy` limit.
+    /// Thick and pale: a yardstick (`memcpy`, `UFFDIO_COPY`).
     Limit,
 }
 
@@ -162,6 +165,8 @@ pub fn color_of(m: MigratorSpec) -> RGBColor {
     match m {
         MigratorSpec::Cpu => RGBColor(30, 30, 30),
         MigratorSpec::Memcpy => RGBColor(150, 150, 150),
+        MigratorSpec::Kernel => RGBColor(0, 128, 128),
+        MigratorSpec::UffdioCopy => RGBColor(110, 190, 110),
         MigratorSpec::Mtcopy { threads } => match threads {
             1 => RGBColor(140, 86, 75),
             2 => RGBColor(188, 160, 34),
@@ -476,14 +481,18 @@ fn point_of(x: f64, s: Option<Summary>) -> Option<(f64, f64, f64)> {
     s.map(|s| (x, s.mean, s.stddev))
 }
 
-/// The throughput figure: by folio size per migrator, critical path and end to end, with
-/// the RFC's first table dashed.
+/// The throughput figure: by folio size per migrator, end to end (with the RFC's first
+/// table dashed: it times the same whole calls) and the critical path.
 pub fn throughput_figure(report: &BenchReport) -> Option<Figure> {
     let t = report.throughput.as_ref()?;
     let r = &report.reference;
+    let has_kernel = t.rows.iter().any(|row| row.migrator == MigratorSpec::Kernel);
+    // The RFC's vanilla kernel is drawn in the colour of the kernel measured here, or of
+    // the serial CPU copy where the kernel could not be measured (one node).
+    let vanilla_as = if has_kernel { MigratorSpec::Kernel } else { MigratorSpec::Cpu };
     let reference = |m: MigratorSpec| -> Option<(String, Points)> {
         let (path, ch) = match m {
-            MigratorSpec::Cpu => ("vanilla", 0),
+            m if m == vanilla_as => ("vanilla", 0),
             MigratorSpec::Dcbm { channels } => ("dma", channels as u32),
             _ => return None,
         };
@@ -493,7 +502,7 @@ pub fn throughput_figure(report: &BenchReport) -> Option<Figure> {
         (!pts.is_empty()).then_some((label, pts))
     };
     let mut panels = Vec::new();
-    for end_to_end in [false, true] {
+    for end_to_end in [true, false] {
         let mut series = Vec::new();
         for row in &t.rows {
             let points: Vec<(f64, f64, f64)> = t
@@ -501,44 +510,57 @@ pub fn throughput_figure(report: &BenchReport) -> Option<Figure> {
                 .iter()
                 .zip(&row.cells)
                 .filter(|(_, c)| c.ok)
-                .filter_map(|(&f, c)| point_of(f as f64 / 1024.0, if end_to_end { c.end_to_end_gbps } else { c.gbps }))
+                .filter_map(|(&f, c)| {
+                    point_of(f as f64 / 1024.0, if end_to_end { c.gbps } else { c.critical_path_gbps })
+                })
                 .collect();
-            let (line, marker) = if row.migrator == MigratorSpec::Memcpy {
-                (Line::Limit, Marker::None)
-            } else {
-                (Line::Solid, Marker::Circle)
+            if !end_to_end && row.migrator == MigratorSpec::Kernel {
+                // The kernel's calls have no critical path of their own.
+                continue;
+            }
+            let (line, marker) = match row.migrator {
+                m if m.is_yardstick() => (Line::Limit, Marker::None),
+                MigratorSpec::Kernel => (Line::Solid, Marker::Triangle),
+                _ => (Line::Solid, Marker::Circle),
             };
-            series.push(Series {
-                label: row.migrator.to_string(),
-                color: color_of(row.migrator),
-                line,
-                marker,
-                points,
-            });
+            let label = match row.migrator {
+                MigratorSpec::UffdioCopy => "UFFDIO_COPY (4K pages)".to_string(),
+                m => m.to_string(),
+            };
+            series.push(Series { label, color: color_of(row.migrator), line, marker, points });
         }
-        for row in &t.rows {
-            if let Some((label, points)) = reference(row.migrator) {
-                series.push(Series {
-                    label,
-                    color: color_of(row.migrator),
-                    line: Line::Dashed,
-                    marker: Marker::None,
-                    points,
-                });
+        if end_to_end {
+            for row in &t.rows {
+                if let Some((label, points)) = reference(row.migrator) {
+                    series.push(Series {
+                        label,
+                        color: color_of(row.migrator),
+                        line: Line::Dashed,
+                        marker: Marker::None,
+                        points,
+                    });
+                }
             }
         }
         let values: Vec<f64> = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
         panels.push(Panel {
             title: if end_to_end {
-                "End to end (whole call)".into()
+                "End to end (whole call; RFC dashed)".into()
             } else {
-                "Critical path (unmap + copy + move)".into()
+                "Critical path (excluding destination preparation)".into()
             },
             x: size_axis("folio size", &folio_ticks(&t.folio_sizes), kib_label),
             y: value_axis("GB/s (log)", values),
             series,
         });
     }
+    let mut legend_notes = vec!["Solid: measured here".into(), "Pale, thick: same-run yardsticks".into()];
+    if let Some([from, to]) = t.kernel_nodes {
+        legend_notes.push(format!("kernel: move_pages(2),\nnode {from} → {to}"));
+    } else {
+        legend_notes.push("kernel: absent (one memory node)".into());
+    }
+    legend_notes.push(format!("{}\n(end-to-end panel only)", reference_note()));
     Some(Figure {
         name: "throughput".into(),
         title: "Migration throughput by folio size".into(),
@@ -552,8 +574,8 @@ pub fn throughput_figure(report: &BenchReport) -> Option<Figure> {
             ),
         ),
         panels,
-        legend_notes: vec!["Solid: measured here".into(), reference_note()],
-        size: (1500, 620),
+        legend_notes,
+        size: (1500, 720),
     })
 }
 
@@ -630,10 +652,7 @@ pub fn sweep_figures(report: &BenchReport) -> Vec<Figure> {
             panels.push(Panel {
                 title: format!("{} folios", short_size(folio)),
                 x: size_axis("max_batch_pages (base pages per batch)", &ticks, pages_label),
-                y: value_axis(
-                    if latency { "first-folio latency, µs (log)" } else { "GB/s, critical path (log)" },
-                    values,
-                ),
+                y: value_axis(if latency { "first-folio latency, µs (log)" } else { "GB/s, end to end (log)" }, values),
                 series,
             });
         }
@@ -689,7 +708,7 @@ pub fn scatter_figure(report: &BenchReport) -> Option<Figure> {
         }
         let values: Vec<f64> = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
         panels.push(Panel {
-            title: if per_folio { "Critical-path time per folio".into() } else { "Throughput (critical path)".into() },
+            title: if per_folio { "Critical-path time per folio".into() } else { "Throughput (end to end)".into() },
             x: size_axis("folio size", &folio_ticks(&sizes), kib_label),
             y: value_axis(if per_folio { "µs per folio (log)" } else { "GB/s (log)" }, values),
             series,

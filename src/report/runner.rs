@@ -13,7 +13,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use crate::error::Result;
-use crate::experiment::{MoveConfig, run_move};
+use crate::experiment::{MoveConfig, run_kernel_move, run_move};
 use crate::migrate::{Engine, MAX_BATCH_PAGES_LIMIT, Mode, Reason};
 use crate::migrators;
 use crate::offload::registry;
@@ -80,6 +80,9 @@ pub struct BenchConfig {
     pub mtcopy_threads: Vec<usize>,
     /// Throughput table: `dcbm` channel counts.
     pub dcbm_channels: Vec<usize>,
+    /// Throughput table: `[from, to]` nodes of the kernel's `move_pages(2)` row, `None`
+    /// for no kernel row (one memory node: see [`kernel_nodes`]).
+    pub kernel_nodes: Option<[u32; 2]>,
     /// Sweep: folio sizes, bytes.
     pub sweep_folio_sizes: Vec<usize>,
     /// Sweep: `max_batch_pages` values (those above the region's pages are left out).
@@ -100,6 +103,30 @@ pub fn thread_counts(cpus: usize) -> Vec<usize> {
     let mut v: Vec<usize> = std::iter::successors(Some(1usize), |n| Some(n * 2)).take_while(|&n| n < cpus).collect();
     v.push(cpus);
     v
+}
+
+/// The nodes the kernel's `move_pages(2)` row migrates between for a run from `from` to
+/// `to`: those two when they differ, else from the first memory node to the next one;
+/// `None` on a machine with one memory node, where `move_pages(2)` to the node a page is
+/// already on copies nothing.
+pub fn kernel_nodes(from: u32, to: u32) -> Option<[u32; 2]> {
+    if from != to {
+        return Some([from, to]);
+    }
+    let nodes = crate::numa::memory_nodes().ok()?;
+    let first = *nodes.first()?;
+    let other = nodes.iter().copied().find(|&n| n != first)?;
+    Some([first, other])
+}
+
+/// Why the kernel row is absent from a run whose `kernel_nodes` is `None`.
+pub fn kernel_absent_reason() -> String {
+    let nodes = crate::numa::memory_nodes().unwrap_or_default();
+    format!(
+        "kernel move_pages row absent: it needs two NUMA nodes with memory, and this machine has {} ({nodes:?}); \
+         move_pages(2) to the node a page is already on copies nothing",
+        nodes.len()
+    )
 }
 
 /// Powers of `base` from `from` up to `to`, and `to` itself.
@@ -134,6 +161,7 @@ impl BenchConfig {
             batch_pages: MAX_BATCH_PAGES_LIMIT,
             mtcopy_threads: thread_counts(cpus),
             dcbm_channels: DCBM_CHANNELS.to_vec(),
+            kernel_nodes: kernel_nodes(from_node, to_node),
             sweep_folio_sizes: vec![4 << 10, 2 << 20],
             sweep_batch_pages: powers(512, MAX_BATCH_PAGES_LIMIT, 4),
             sweep_migrators: vec![
@@ -171,7 +199,8 @@ impl BenchConfig {
         if v.is_empty() { vec![pages] } else { v }
     }
 
-    /// The rows of the throughput table: `cpu`, `mtcopy` and `dcbm` configurations.
+    /// The migrating rows of the throughput table: `cpu`, `mtcopy` and `dcbm`
+    /// configurations (the kernel and the yardsticks come after them).
     pub fn throughput_migrators(&self) -> Vec<MigratorSpec> {
         let mut v = vec![MigratorSpec::Cpu];
         v.extend(self.mtcopy_threads.iter().map(|&threads| MigratorSpec::Mtcopy { threads }));
@@ -183,7 +212,8 @@ impl BenchConfig {
     pub fn planned_runs(&self) -> usize {
         let mut n = 0;
         if self.experiments.throughput {
-            n += self.throughput_migrators().len() * self.folio_sizes.len() * self.reps;
+            let kernel = usize::from(self.kernel_nodes.is_some());
+            n += (self.throughput_migrators().len() + kernel) * self.folio_sizes.len() * self.reps;
         }
         if self.experiments.sweep {
             n += self.sweep_folio_sizes.len()
@@ -199,15 +229,18 @@ impl BenchConfig {
     }
 }
 
-/// Where a run is: called before each migration.
+/// Where a run is: told before each migration starts and again when it has finished.
 #[derive(Clone, Copy, Debug)]
 pub struct Step<'a> {
     /// Migrations finished.
     pub done: usize,
     /// Migrations planned.
     pub total: usize,
-    /// The migration about to start.
+    /// The migration about to start, or just finished: experiment, migrator, folio size,
+    /// repetition.
     pub what: &'a str,
+    /// The finished migration's measurement; `None` when `what` is about to start.
+    pub finished: Option<&'a Measurement>,
 }
 
 struct Ticker<'a> {
@@ -217,9 +250,14 @@ struct Ticker<'a> {
 }
 
 impl Ticker<'_> {
-    fn tick(&mut self, what: &str) {
-        (self.progress)(&Step { done: self.done, total: self.total, what });
+    /// Runs `measure` as the migration `what`, telling the progress callback before and
+    /// after.
+    fn measure(&mut self, what: &str, measure: impl FnOnce() -> Measurement) -> Measurement {
+        (self.progress)(&Step { done: self.done, total: self.total, what, finished: None });
+        let m = measure();
         self.done += 1;
+        (self.progress)(&Step { done: self.done, total: self.total, what, finished: Some(&m) });
+        m
     }
 }
 
@@ -337,27 +375,50 @@ fn run_throughput(engine: &Engine, cfg: &BenchConfig, ticker: &mut Ticker<'_>) -
         for &folio in &cfg.folio_sizes {
             let mut ms = Vec::new();
             for rep in 0..cfg.reps {
-                ticker.tick(&format!(
-                    "throughput: {spec}, {} folios, {}/{}",
-                    short_size(folio as u64),
-                    rep + 1,
-                    cfg.reps
-                ));
-                // The plain copy is measured with the serial CPU migration, in the same run.
+                let what =
+                    format!("throughput: {spec}, {} folios, rep {}/{}", short_size(folio as u64), rep + 1, cfg.reps);
+                // The yardsticks are measured with the serial CPU migration, in the same run.
                 let mc = move_config(cfg, folio, cfg.batch_pages, rep, spec == MigratorSpec::Cpu);
-                ms.push(measure_move(engine, &mc, rep, &selected));
+                ms.push(ticker.measure(&what, || measure_move(engine, &mc, rep, &selected)));
             }
             cells.push(Cell::of(ms));
         }
         rows.push(ThroughputRow { migrator: spec, cells });
     }
-    if let Some(cpu) = rows.iter().find(|r| r.migrator == MigratorSpec::Cpu) {
-        let cells = cpu
-            .cells
-            .iter()
-            .map(|c| Cell::of(c.measurements.iter().filter_map(Measurement::memcpy_of).collect()))
-            .collect();
-        rows.push(ThroughputRow { migrator: MigratorSpec::Memcpy, cells });
+    if let Some([from, to]) = cfg.kernel_nodes {
+        let spec = MigratorSpec::Kernel;
+        let mut cells = Vec::new();
+        for &folio in &cfg.folio_sizes {
+            let mut ms = Vec::new();
+            for rep in 0..cfg.reps {
+                let what = format!(
+                    "throughput: {spec} node {from} → {to}, {} folios, rep {}/{}",
+                    short_size(folio as u64),
+                    rep + 1,
+                    cfg.reps
+                );
+                let mc = MoveConfig {
+                    from_node: Some(from),
+                    to_node: to,
+                    ..move_config(cfg, folio, cfg.batch_pages, rep, false)
+                };
+                ms.push(ticker.measure(&what, || match run_kernel_move(&mc, None) {
+                    Ok(r) => Measurement::from_move(rep, &r),
+                    Err(e) => Measurement::failed(rep, mc.size as u64, e.to_string()),
+                }));
+            }
+            cells.push(Cell::of(ms));
+        }
+        rows.push(ThroughputRow { migrator: spec, cells });
+    }
+    if let Some(cpu) = rows.iter().find(|r| r.migrator == MigratorSpec::Cpu).cloned() {
+        for (spec, of) in [
+            (MigratorSpec::Memcpy, Measurement::memcpy_of as fn(&Measurement) -> Option<Measurement>),
+            (MigratorSpec::UffdioCopy, Measurement::uffdio_copy_of),
+        ] {
+            let cells = cpu.cells.iter().map(|c| Cell::of(c.measurements.iter().filter_map(of).collect())).collect();
+            rows.push(ThroughputRow { migrator: spec, cells });
+        }
     }
     Throughput {
         wall_s: started.elapsed().as_secs_f64(),
@@ -366,6 +427,8 @@ fn run_throughput(engine: &Engine, cfg: &BenchConfig, ticker: &mut Ticker<'_>) -
         pipelined: engine.pipelined(),
         folio_sizes: cfg.folio_sizes.iter().map(|&f| f as u64).collect(),
         rows,
+        kernel_nodes: cfg.kernel_nodes,
+        kernel_absent_reason: cfg.kernel_nodes.is_none().then(kernel_absent_reason),
     }
 }
 
@@ -381,14 +444,15 @@ fn run_sweep(engine: &Engine, cfg: &BenchConfig, ticker: &mut Ticker<'_>) -> Swe
                 for &batch in &batches {
                     let mut ms = Vec::new();
                     for rep in 0..cfg.sweep_reps {
-                        ticker.tick(&format!(
-                            "sweep: {spec}, {} folios, {batch} pages{}, {}/{}",
+                        let what = format!(
+                            "sweep: {spec}, {} folios, {batch} pages{}, rep {}/{}",
                             short_size(folio as u64),
                             if pipelined { ", pipelined" } else { "" },
                             rep + 1,
                             cfg.sweep_reps
-                        ));
-                        ms.push(measure_move(engine, &move_config(cfg, folio, batch, rep, false), rep, &selected));
+                        );
+                        let mc = move_config(cfg, folio, batch, rep, false);
+                        ms.push(ticker.measure(&what, || measure_move(engine, &mc, rep, &selected)));
                     }
                     let cell = Cell::of(ms);
                     let first = cell.first_folio_us();
@@ -424,13 +488,13 @@ fn run_scatter(engine: &Engine, cfg: &BenchConfig, ticker: &mut Ticker<'_>) -> S
         let mut cases = [Vec::new(), Vec::new()];
         for rep in 0..cfg.reps {
             for (i, every_other) in [false, true].into_iter().enumerate() {
-                ticker.tick(&format!(
-                    "scattered: {} folios, {}, {}/{}",
+                let what = format!(
+                    "scattered: {spec}, {} folios, {}, rep {}/{}",
                     short_size(folio as u64),
                     if every_other { "every other" } else { "all" },
                     rep + 1,
                     cfg.reps
-                ));
+                );
                 let sc = ScatterConfig {
                     size,
                     folio_size: folio,
@@ -443,11 +507,11 @@ fn run_scatter(engine: &Engine, cfg: &BenchConfig, ticker: &mut Ticker<'_>) -> S
                     writers: cfg.writers,
                     seed: cfg.seed.wrapping_add(rep as u64),
                 };
-                let m = match &selected {
+                let m = ticker.measure(&what, || match &selected {
                     Err(e) => Measurement::failed(rep, size as u64, format!("selecting the migrator: {e}")),
                     Ok(()) => run_scattered(engine, &sc, rep)
                         .unwrap_or_else(|e| Measurement::failed(rep, size as u64, e.to_string())),
-                };
+                });
                 cases[i].push(m);
             }
         }
@@ -484,12 +548,17 @@ mod tests {
     fn plans_count_every_migration() {
         let mut c = BenchConfig::quick(0, 0);
         c.mtcopy_threads = vec![1, 2];
+        c.kernel_nodes = None;
         // cpu + 2 mtcopy + 6 dcbm rows, 6 folio sizes, 2 reps.
         let throughput = 9 * 6 * 2;
         // 2 folio sizes, 4 migrators, pipelined or not, 3 batch sizes, 2 reps.
         let sweep = 2 * 4 * 2 * 3 * 2;
         let scattered = 6 * 2 * 2;
         assert_eq!(c.planned_runs(), throughput + sweep + scattered);
+        // A kernel row: 6 folio sizes, 2 reps more.
+        c.kernel_nodes = Some([0, 1]);
+        assert_eq!(c.planned_runs(), throughput + 6 * 2 + sweep + scattered);
+        c.kernel_nodes = None;
         c.size = 4 << 20;
         assert_eq!(c.effective_sweep_batches(), [512]);
         c.size = 1 << 20;

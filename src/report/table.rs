@@ -132,9 +132,9 @@ fn throughput_table(t: &Throughput, end_to_end: bool, report: &BenchReport) -> T
     let cfg = &report.config;
     let reps = cfg.reps;
     let what = if end_to_end {
-        "End-to-end throughput (GB/s, destination preparation and checks of the call included)"
+        "Throughput, end to end (GB/s: the whole migration a caller waits for, destination preparation included)"
     } else {
-        "Throughput (GB/s, critical path: the call less destination preparation)"
+        "Critical-path throughput (GB/s, excluding destination preparation: the call less populating destinations)"
     };
     let title = format!(
         "{what}, mean±stddev over {}; {} moved node {} → {}, batch ≤ {} pages, {}",
@@ -147,24 +147,48 @@ fn throughput_table(t: &Throughput, end_to_end: bool, report: &BenchReport) -> T
     );
     let mut header = vec!["migrator".to_string()];
     header.extend(t.folio_sizes.iter().map(|&f| folio_label(f)));
-    let rows = t
-        .rows
-        .iter()
-        .map(|row| {
-            let mut cells = vec![TableCell::new(row.migrator.to_string())];
-            cells.extend(
-                row.cells
-                    .iter()
-                    .map(|c| summary_cell(c, |c| if end_to_end { c.end_to_end_gbps } else { c.gbps }, row.migrator)),
-            );
-            cells
-        })
-        .collect();
-    let mut notes = vec![
+    let rows =
+        t.rows
+            .iter()
+            .map(|row| {
+                let mut cells = vec![TableCell::new(row.migrator.to_string())];
+                cells.extend(row.cells.iter().map(|c| {
+                    summary_cell(c, |c| if end_to_end { c.gbps } else { c.critical_path_gbps }, row.migrator)
+                }));
+                cells
+            })
+            .collect();
+    let mut notes = Vec::new();
+    match (t.kernel_nodes, &t.kernel_absent_reason) {
+        (Some([from, to]), _) => notes.push(format!(
+            "kernel move_pages: the kernel's own migration of the same region with move_pages(2), node {from} → \
+             {to}, timed as the caller's wall clock over its calls (the RFC's vanilla baseline, same run).{}",
+            if end_to_end { "" } else { " Its calls cannot be split, so it has no critical-path figure." }
+        )),
+        (None, Some(why)) => notes.push(format!("{why}.")),
+        (None, None) => {}
+    }
+    notes.push(
         "memcpy: a plain memcpy of the same bytes between two prepared buffers, in the same run as the cpu row. \
          The migrations copy with non-temporal stores, which can beat it on large copies."
             .to_string(),
-    ];
+    );
+    if t.rows.iter().any(|r| r.migrator == MigratorSpec::UffdioCopy) {
+        notes.push(
+            "UFFDIO_COPY: the same bytes copied by UFFDIO_COPY into a fresh mapping bound to the target node \
+             (mapping, registering and filling it), in the same run as the cpu row: each page allocated on the \
+             node and copied into without zeroing, the user-space stand-in for the kernel's allocate-and-copy. It \
+             installs 4 KiB base pages whatever the folio size."
+                .to_string(),
+        );
+    }
+    if !end_to_end {
+        notes.push(
+            "The RFC's published numbers time move_pages(), destination allocation included: compare them with \
+             the end-to-end table."
+                .to_string(),
+        );
+    }
     let fell_back = t.rows.iter().any(|r| {
         matches!(r.migrator, MigratorSpec::Mtcopy { .. } | MigratorSpec::Dcbm { .. })
             && r.cells.iter().any(|c| c.ok && c.fallback_folios > 0)
@@ -184,7 +208,7 @@ fn sweep_tables(s: &Sweep, report: &BenchReport) -> Vec<TextTable> {
         for pipelined in [true, false] {
             let migrators = s.migrators();
             let title = format!(
-                "Batch-size sweep, {} folios, {}: GB/s (critical path, mean) | first-folio latency µs (median / p99 \
+                "Batch-size sweep, {} folios, {}: GB/s (end to end, mean) | first-folio latency µs (median / p99 \
                  over batches); {} moved, {} per point",
                 folio_label(folio),
                 if pipelined { "pipelined move" } else { "move after the whole batch is copied" },
@@ -248,11 +272,11 @@ fn scatter_table(report: &BenchReport) -> Option<TextTable> {
         "all: folios",
         "all: runs",
         "all: GB/s",
-        "all: µs/folio",
+        "all: critical-path µs/folio",
         "every other: folios",
         "every other: runs",
         "every other: GB/s",
-        "every other: µs/folio",
+        "every other: critical-path µs/folio",
         "µs per run (move)",
     ]
     .map(String::from)
@@ -283,20 +307,20 @@ fn scatter_table(report: &BenchReport) -> Option<TextTable> {
     let notes = vec![
         "A run is a stretch of contiguous folios write-protected with one call and moved with one mremap (the \
          pipelined move may move it in pieces as its copy completes); every other folio makes each folio a run of \
-         its own. The region is capped so that the scattered case stays within \
-         vm.max_map_count."
+         its own. GB/s: end to end (the whole call); µs/folio: the critical path (unmap + copy + move) per folio. The \
+         region is capped so that the scattered case stays within vm.max_map_count."
             .into(),
     ];
     Some(TextTable { title, header, rows, notes })
 }
 
-/// Every table of `report`, in order: throughput (critical path, end to end), the sweep,
-/// the scattered folios.
+/// Every table of `report`, in order: throughput (end to end, then the critical path), the
+/// sweep, the scattered folios.
 pub fn tables(report: &BenchReport) -> Vec<TextTable> {
     let mut out = Vec::new();
     if let Some(t) = &report.throughput {
-        out.push(throughput_table(t, false, report));
         out.push(throughput_table(t, true, report));
+        out.push(throughput_table(t, false, report));
     }
     if let Some(s) = &report.sweep {
         out.extend(sweep_tables(s, report));
@@ -404,7 +428,7 @@ mod tests {
 
         let good = |gbps| {
             let mut m = Measurement::failed(0, 1 << 20, String::new());
-            (m.ok, m.error, m.gbps, m.end_to_end_gbps) = (true, None, gbps, gbps);
+            (m.ok, m.error, m.gbps, m.critical_path_gbps) = (true, None, gbps, Some(gbps * 2.0));
             m
         };
         let bad = Measurement::failed(1, 1 << 20, "12 bytes differ".into());
@@ -425,16 +449,24 @@ mod tests {
                     migrator: MigratorSpec::Cpu,
                     cells: vec![Cell::of(vec![good(2.0), bad]), Cell::of(vec![good(3.0), good(5.0)])],
                 }],
+                kernel_nodes: None,
+                kernel_absent_reason: Some("kernel move_pages row absent: one node".into()),
             }),
             sweep: None,
             scattered: None,
             failed_measurements: 1,
             reference: Reference::embedded(),
         };
-        let t = &tables(&report)[0];
+        let all = tables(&report);
+        let t = &all[0];
+        assert!(t.title.starts_with("Throughput, end to end"), "{}", t.title);
         assert_eq!(t.rows[0][1], TableCell::failed("FAILED 1/2"));
         assert_eq!(t.rows[0][2], TableCell::new("4.00±1.41"));
         assert!(t.notes.iter().any(|n| n.starts_with("FAILED k/n")));
+        assert!(t.notes.iter().any(|n| n.starts_with("kernel move_pages row absent: one node")));
+        // The critical-path table comes second and reads the secondary figure.
+        assert!(all[1].title.starts_with("Critical-path throughput"), "{}", all[1].title);
+        assert_eq!(all[1].rows[0][2], TableCell::new("8.00±2.83"));
         // The plot leaves the failed cell out instead of drawing a partial mean.
         let fig = crate::report::plot::throughput_figure(&report).unwrap();
         assert_eq!(fig.panels[0].series[0].points, [(2048.0, 4.0, 2f64.sqrt())]);

@@ -418,6 +418,50 @@ fn api(fd: &OwnedFd, features: u64) -> Result<u64, Errno> {
     if ret < 0 { Err(last_errno()) } else { Ok(api.features) }
 }
 
+/// A fresh anonymous mapping filled by [`copy_into_new_mapping`], with the userfaultfd it
+/// is registered with. The mapping is unmapped before the descriptor is closed.
+#[derive(Debug)]
+pub struct CopiedMapping {
+    /// The filled mapping.
+    pub mapping: super::Mapping,
+    /// The descriptor the mapping is registered with, in missing mode.
+    pub uffd: Uffd,
+}
+
+/// Copies `[src, src + len)` into a fresh anonymous mapping bound to `node` with
+/// `UFFDIO_COPY`: `mmap(2)`, `mbind(2)` (`MPOL_BIND`), a new userfaultfd
+/// ([`Uffd::open_for_moves`]), `UFFDIO_REGISTER` in missing mode, and `UFFDIO_COPY` of the
+/// whole range, which allocates every destination page under the mapping's policy, copies
+/// into it and maps it, without zeroing it first: the closest user-space stand-in for the
+/// allocate-and-copy of the kernel's migration. It installs base pages only, whatever
+/// the source is backed by.
+///
+/// The kernel reads the source as `read(2)` reads a buffer (`copy_from_user`): nothing in
+/// it changes, and an unmapped source fails with `EFAULT`.
+///
+/// See `ioctl_userfaultfd(2)`.
+///
+/// # Errors
+/// `EINVAL` for a zero length or one that is not a multiple of [`super::PAGE_SIZE`]; the
+/// errno of the failing step otherwise (`mmap`/`mbind`, opening the descriptor, the
+/// registration, or the copy: `EFAULT` for an unmapped source, `ENOMEM`).
+pub fn copy_into_new_mapping(src: usize, len: usize, node: Option<u32>) -> Result<CopiedMapping, Errno> {
+    if len == 0 || len % super::PAGE_SIZE != 0 {
+        return Err(Errno::INVAL);
+    }
+    let mapping = super::Mapping::new(len, super::PAGE_SIZE)?;
+    if let Some(node) = node {
+        super::mbind(mapping.addr(), len, node, false)?;
+    }
+    let uffd = Uffd::open_for_moves()?;
+    uffd.register_missing(mapping.addr(), len)?;
+    // SAFETY: the destination is the mapping made just above, which nothing else knows of and
+    // nothing has touched, so no access waits for or reads other contents; the kernel reads
+    // the source itself and fails with EFAULT where it is not mapped.
+    unsafe { uffd.copy(mapping.addr(), src, len) }.map_err(|(_, errno)| errno)?;
+    Ok(CopiedMapping { mapping, uffd })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -42,7 +42,10 @@ pub struct Args {
     /// Node regions are allocated on (default: the first node with memory).
     #[arg(long)]
     from_node: Option<u32>,
-    /// Node to migrate to (default: the first node with memory).
+    /// Node to migrate to (default: the first node with memory). The kernel's
+    /// move_pages(2) row of the throughput table migrates from --from-node to here when
+    /// they differ, else from the first memory node to the next one; with one memory node
+    /// it is left out.
     #[arg(long)]
     to_node: Option<u32>,
     /// Bound on a batch for the throughput table and the scattered folios, in base pages
@@ -100,9 +103,6 @@ fn config(args: &Args) -> anyhow::Result<BenchConfig> {
 
 /// A progress bar over the planned migrations, on a terminal only.
 fn progress_bar(total: usize) -> ProgressBar {
-    if !std::io::stderr().is_terminal() {
-        return ProgressBar::hidden();
-    }
     let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] [{bar:30}] {pos}/{len} (eta {eta}) {msg}")
@@ -113,19 +113,43 @@ fn progress_bar(total: usize) -> ProgressBar {
     bar
 }
 
+/// The line `pagemig bench` prints for a finished migration when its output is not a
+/// terminal: `[done/total] what: GB/s end to end`, or why it failed.
+pub fn progress_line(step: &Step<'_>) -> Option<String> {
+    let m = step.finished?;
+    let result = if m.ok {
+        let critical = m.critical_path_gbps.map_or(String::new(), |g| format!(" ({g:.2} GB/s critical path)"));
+        format!("{:.2} GB/s end to end{critical}", m.gbps)
+    } else {
+        format!("FAILED: {}", m.error.as_deref().unwrap_or("unknown"))
+    };
+    Some(format!("pagemig bench: [{}/{}] {}: {result}", step.done, step.total, step.what))
+}
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let engine = Engine::global()?;
     for a in &args.attrs {
         pagemig::attr::apply(a)?;
     }
     let cfg = config(&args)?;
-    let bar = progress_bar(cfg.planned_runs());
-    let progress = |s: &Step<'_>| {
-        bar.set_position(s.done as u64);
-        bar.set_message(s.what.to_string());
+    // On a terminal, a bar; otherwise (a log, a pipe, CI) one line per finished migration.
+    let bar = std::io::stderr().is_terminal().then(|| progress_bar(cfg.planned_runs()));
+    let progress = |s: &Step<'_>| match &bar {
+        Some(bar) => {
+            bar.set_position(s.done as u64);
+            if s.finished.is_none() {
+                bar.set_message(s.what.to_string());
+            }
+        }
+        None => {
+            if let Some(line) = progress_line(s) {
+                eprintln!("{line}");
+            }
+        }
     };
     let report = report::run(engine, &cfg, &progress)?;
-    bar.finish_and_clear();
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
     if !args.no_tables {
         for t in report::table::tables(&report) {
             println!("{}", t.to_terminal());
@@ -151,4 +175,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pagemig::report::Measurement;
+
+    #[test]
+    fn one_line_per_finished_migration() {
+        let mut m = Measurement::failed(0, 1 << 20, String::new());
+        (m.ok, m.error, m.gbps, m.critical_path_gbps) = (true, None, 1.5, Some(2.25));
+        let what = "throughput: cpu, 4K folios, rep 1/2";
+        assert_eq!(progress_line(&Step { done: 0, total: 4, what, finished: None }), None);
+        assert_eq!(
+            progress_line(&Step { done: 1, total: 4, what, finished: Some(&m) }).unwrap(),
+            "pagemig bench: [1/4] throughput: cpu, 4K folios, rep 1/2: 1.50 GB/s end to end (2.25 GB/s critical path)"
+        );
+        let bad = Measurement::failed(1, 1 << 20, "12 bytes differ".into());
+        assert_eq!(
+            progress_line(&Step { done: 2, total: 4, what, finished: Some(&bad) }).unwrap(),
+            "pagemig bench: [2/4] throughput: cpu, 4K folios, rep 1/2: FAILED: 12 bytes differ"
+        );
+    }
 }

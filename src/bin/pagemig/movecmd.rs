@@ -2,12 +2,13 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use comfy_table::Table;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pagemig::experiment::{MoveConfig, MoveReport, run_move};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+use pagemig::experiment::{KERNEL, MoveConfig, MoveReport, run_kernel_move, run_move};
 use pagemig::{Engine, Mode, Reason, numa};
 
 use crate::size;
@@ -40,9 +41,10 @@ pub struct Args {
     /// Threads that keep writing sequence numbers into the region while it migrates.
     #[arg(long, default_value_t = 0)]
     writers: usize,
-    /// Copy migrator: cpu (the default serial copy), mtcopy (multi-threaded CPU copy) or
-    /// dcbm (DMA channels of the soft DMA engine).
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "mtcopy", "dcbm"])]
+    /// Copy migrator: cpu (the default serial copy), mtcopy (multi-threaded CPU copy), dcbm
+    /// (DMA channels of the soft DMA engine), or kernel: the kernel's own move_pages(2)
+    /// instead of pagemig, as a baseline (needs --from-node and --to-node to differ).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu", "mtcopy", "dcbm", "kernel"])]
     migrator: String,
     /// DMA channels for dcbm (1 … 16; sets dcbm/nr_dma_chan).
     #[arg(long)]
@@ -69,21 +71,32 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
     s.parse().map_err(|e: pagemig::Error| e.to_string())
 }
 
-/// A progress bar on a terminal, shown once a run has taken more than a second.
+/// A progress bar on a terminal, shown once a migration has taken more than a second.
+///
+/// Its rate is the bytes moved over the time since the migration started (the first
+/// callback, which [`run_move`] makes just before the migration), in GB/s: the figure the
+/// run ends with, not a rate that counts filling the region and measuring the yardsticks.
 pub fn progress_bar(total: u64) -> (ProgressBar, pagemig::migrate::Progress) {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
     bar.set_style(
-        ProgressStyle::with_template("{spinner} migrating [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")
+        ProgressStyle::with_template("{spinner} migrating [{bar:40}] {bytes}/{total_bytes} {rate}")
             .expect("valid template")
+            .with_key("rate", |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+                let _ = write!(w, "{}", rate(state.pos(), state.elapsed()));
+            })
             .progress_chars("=> "),
     );
-    let started = Instant::now();
     let terminal = std::io::stderr().is_terminal();
-    let shown = std::sync::atomic::AtomicBool::new(false);
+    let started: OnceLock<Instant> = OnceLock::new();
+    let shown = AtomicBool::new(false);
     let b = bar.clone();
     let cb = Arc::new(move |done: u64| {
-        if terminal && !shown.load(std::sync::atomic::Ordering::Relaxed) && started.elapsed() > Duration::from_secs(1) {
-            shown.store(true, std::sync::atomic::Ordering::Relaxed);
+        let started = started.get_or_init(|| {
+            b.reset_elapsed();
+            Instant::now()
+        });
+        if terminal && !shown.load(Ordering::Relaxed) && started.elapsed() > Duration::from_secs(1) {
+            shown.store(true, Ordering::Relaxed);
             b.set_draw_target(ProgressDrawTarget::stderr());
         }
         b.set_position(done);
@@ -91,9 +104,22 @@ pub fn progress_bar(total: u64) -> (ProgressBar, pagemig::migrate::Progress) {
     (bar, cb)
 }
 
+/// `bytes` over `elapsed` as the final figures print it: GB/s, 10^9 bytes per second.
+pub fn rate(bytes: u64, elapsed: Duration) -> String {
+    format!("{:.2} GB/s", pagemig::stats::gbps(bytes, elapsed))
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let kernel = args.migrator == KERNEL;
     let engine = Engine::global()?;
-    pagemig::attr::select_migrator(&args.migrator, args.channels, args.threads)?;
+    if kernel {
+        anyhow::ensure!(
+            args.channels.is_none() && args.threads.is_none(),
+            "--channels and --threads configure pagemig's migrators, not the kernel's move_pages(2)"
+        );
+    } else {
+        pagemig::attr::select_migrator(&args.migrator, args.channels, args.threads)?;
+    }
     for a in &args.attrs {
         pagemig::attr::apply(a)?;
     }
@@ -120,7 +146,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         measure_memcpy: true,
     };
     let (bar, cb) = progress_bar(args.size as u64);
-    let report = run_move(engine, &cfg, Some(cb))?;
+    let report = if kernel { run_kernel_move(&cfg, Some(cb))? } else { run_move(engine, &cfg, Some(cb))? };
     bar.finish_and_clear();
     let counters: serde_json::Map<String, serde_json::Value> = pagemig::attr::ATTRS
         .iter()
@@ -145,7 +171,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 fn print_table(r: &MoveReport, cfg: &MoveConfig) {
     let mut t = Table::new();
     t.set_header(["", "value"]);
-    let rows: Vec<(&str, String)> = vec![
+    let mut rows: Vec<(&str, String)> = vec![
         ("bytes", size::format(r.bytes as usize)),
         ("folio size", size::format(r.folio_size as usize)),
         ("folios", r.folios.to_string()),
@@ -160,25 +186,60 @@ fn print_table(r: &MoveReport, cfg: &MoveConfig) {
         ("mismatched bytes", r.mismatched_bytes.to_string()),
         ("writes / lost writes", format!("{} / {}", r.writes, r.lost_writes)),
         ("placement", format!("{} {:?}", if r.placement_ok { "ok" } else { "WRONG" }, r.placement)),
-        ("critical path", format!("{:.2} GB/s", r.gbps)),
-        ("end to end", format!("{:.2} GB/s", r.end_to_end_gbps)),
+        ("throughput (end to end)", format!("{:.2} GB/s", r.gbps)),
         ("memcpy (same bytes)", format!("{:.2} GB/s", r.memcpy_gbps)),
-        ("critical path / memcpy", format!("{:.2}", r.ratio)),
-        ("first folio (median / p99)", format!("{:.1} µs / {:.1} µs", r.first_folio_us, r.first_folio_p99_us)),
+        ("UFFDIO_COPY fill (same bytes, base pages)", format!("{:.2} GB/s", r.uffdio_copy_gbps)),
+        ("end to end / memcpy", format!("{:.2}", r.ratio)),
         (
-            "phases (prepare, unmap, copy, move)",
-            format!(
-                "{:.0} / {:.0} / {:.0} / {:.0} µs",
-                r.phases_us.prepare, r.phases_us.unmap, r.phases_us.copy, r.phases_us.r#move
-            ),
+            "critical path (excl. destination preparation)",
+            r.critical_path_gbps.map_or("- (one syscall sequence)".into(), |g| format!("{g:.2} GB/s")),
         ),
-        ("batches / runs", format!("{} / {}", r.stats.batches, r.stats.runs)),
+        ("critical path / memcpy", r.critical_path_ratio.map_or("-".into(), |x| format!("{x:.2}"))),
     ];
+    if r.migrator == KERNEL {
+        // The kernel's calls have no batches, phases or first-folio times of pagemig's.
+        rows.retain(|(k, _)| !["batch pages", "reason", "offloaded / fallback folios", "retried folios"].contains(k));
+        rows.push(("move_pages calls", r.stats.batches.to_string()));
+        rows.push(("time (all calls)", format!("{:.0} µs", r.phases_us.total)));
+    } else {
+        rows.extend([
+            ("first folio (median / p99)", format!("{:.1} µs / {:.1} µs", r.first_folio_us, r.first_folio_p99_us)),
+            (
+                "phases (prepare, unmap, copy, move)",
+                format!(
+                    "{:.0} / {:.0} / {:.0} / {:.0} µs",
+                    r.phases_us.prepare, r.phases_us.unmap, r.phases_us.copy, r.phases_us.r#move
+                ),
+            ),
+            ("batches / runs", format!("{} / {}", r.stats.batches, r.stats.runs)),
+        ]);
+    }
     for (k, v) in rows {
         t.add_row([k.to_string(), v]);
     }
     println!("{t}");
+    if !r.page_errors.is_empty() {
+        println!("move_pages outcomes other than node {}: {:?}", r.to_node, r.page_errors);
+    }
     if let Some(e) = &r.error {
         println!("first error: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_counts_from_the_first_callback() {
+        assert_eq!(rate(2_000_000_000, Duration::from_secs(1)), "2.00 GB/s");
+        assert_eq!(rate(5, Duration::ZERO), "0.00 GB/s");
+        let (bar, cb) = progress_bar(1 << 20);
+        // Time spent before the migration starts (filling, the yardsticks) is not counted.
+        std::thread::sleep(Duration::from_millis(200));
+        cb(0);
+        assert!(bar.elapsed() < Duration::from_millis(150), "{:?}", bar.elapsed());
+        cb(1 << 20);
+        assert_eq!(bar.position(), 1 << 20);
     }
 }
