@@ -1044,13 +1044,8 @@ mod tests {
 
     fn item(addr: usize, size: usize) -> Item {
         // SAFETY: describes an address only; nothing migrates it.
-        Item {
-            folio: unsafe { Folio::new(addr, size) }.unwrap(),
-            index: 0,
-            locked: false,
-            thp: ThpAdvice::Default,
-            own_policy: false,
-        }
+        let folio = unsafe { Folio::new(addr, size) }.unwrap();
+        Item { folio, index: 0, locked: false, thp: ThpAdvice::Default, own_policy: false }
     }
 
     #[test]
