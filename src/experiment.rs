@@ -10,6 +10,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::pool::ThpAdvice;
+
 use serde::Serialize;
 
 use crate::error::Result;
@@ -41,6 +43,10 @@ pub struct MoveConfig {
     pub seed: u64,
     /// Measure a plain copy of the same bytes first.
     pub measure_memcpy: bool,
+    /// Bytes of destinations to prepare on the target node ahead of the call, on the
+    /// engine's reserve thread ([`Engine::reserve`]), before the call is timed; `None` for
+    /// none (a cold call).
+    pub reserve: Option<usize>,
 }
 
 /// Everything measured and checked.
@@ -111,6 +117,12 @@ pub struct MoveReport {
     pub first_folio_p99_us: f64,
     /// Time per phase, µs.
     pub phases_us: Phases,
+    /// Bytes of destinations prepared ahead of the call on the reserve thread (0: none).
+    pub reserve_bytes: u64,
+    /// How long the reserve thread took to prepare them, before the call, ms.
+    pub reserve_ms: f64,
+    /// The CPU copy kernels of this process ([`crate::copy::kernels`]).
+    pub copy_kernels: crate::copy::Kernels,
     /// Every counter of the migration.
     pub stats: MigrateStats,
 }
@@ -228,6 +240,16 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
     let region = Region::new(cfg.size, cfg.folio_size, cfg.from_node)?;
     workload::fill(&region, cfg.seed);
     let yardsticks = measure_yardsticks(&region, cfg)?;
+    let thp = if cfg.folio_size >= crate::sys::HPAGE_SIZE { ThpAdvice::Huge } else { ThpAdvice::NoHuge };
+    let reserve_started = Instant::now();
+    if let Some(bytes) = cfg.reserve {
+        engine.reserve(cfg.to_node, bytes, thp)?;
+        if !engine.wait_reserved(Duration::from_secs(300)) {
+            let _ = engine.reserve(cfg.to_node, 0, thp);
+            return Err(Error::Invalid(format!("the reserve of {bytes} bytes was not prepared within 300 s")));
+        }
+    }
+    let reserve_ms = reserve_started.elapsed().as_secs_f64() * 1e3;
     let start_hook = progress.clone();
     let opts = MigrateOptions { max_batch_pages: Some(cfg.batch_pages), progress, ..Default::default() };
     let folios = region.folios();
@@ -237,6 +259,10 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
         }
         engine.migrate_pages(&folios, cfg.to_node, cfg.reason, cfg.mode, &opts)
     });
+    if cfg.reserve.is_some() {
+        // What the call did not take goes back.
+        engine.reserve(cfg.to_node, 0, thp)?;
+    }
     let (stats, error) = match result {
         Ok(s) => (s, None),
         Err(Error::Partial { stats, first, .. }) => (*stats, Some(first.to_string())),
@@ -246,8 +272,8 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
     let placement = region.placement()?;
     let pages = region.len() / crate::sys::PAGE_SIZE;
     let placement_ok = placement.get(&(cfg.to_node as i32)) == Some(&pages);
-    let gbps = stats.end_to_end_gbps();
-    let critical = stats.gbps();
+    let gbps = stats.gbps();
+    let critical = stats.critical_path_gbps();
     Ok(MoveReport {
         bytes: cfg.size as u64,
         folio_size: cfg.folio_size as u64,
@@ -283,6 +309,9 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
             r#move: us(stats.move_ns),
             total: us(stats.total_ns),
         },
+        reserve_bytes: cfg.reserve.unwrap_or(0) as u64,
+        reserve_ms: if cfg.reserve.is_some() { reserve_ms } else { 0.0 },
+        copy_kernels: copy::kernels(),
         stats,
     })
 }
@@ -429,7 +458,7 @@ pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<M
         total_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
         ..Default::default()
     };
-    let gbps = stats.end_to_end_gbps();
+    let gbps = stats.gbps();
     Ok(MoveReport {
         bytes: cfg.size as u64,
         folio_size: cfg.folio_size as u64,
@@ -459,6 +488,9 @@ pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<M
         first_folio_us: 0.0,
         first_folio_p99_us: 0.0,
         phases_us: Phases { prepare: 0.0, unmap: 0.0, copy: 0.0, r#move: 0.0, total: us(stats.total_ns) },
+        reserve_bytes: 0,
+        reserve_ms: 0.0,
+        copy_kernels: copy::kernels(),
         stats,
     })
 }

@@ -225,6 +225,24 @@ struct Inner {
     /// the pool is dropped.
     wake: Condvar,
     stop: AtomicBool,
+    /// Migrations running now: the reserve thread tops up only between them, off their
+    /// path (its populating would hold the memory map's lock against their moves).
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+/// A migration running: the reserve thread waits until it ends. Made by
+/// [`Pool::call_started`].
+pub struct CallGuard<'p> {
+    pool: &'p Pool,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        if self.pool.inner.calls.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let _reserves = self.pool.inner.reserves.lock();
+            self.pool.inner.wake.notify_all();
+        }
+    }
 }
 
 /// What the reserve thread populates with the chunks lock held, at most: a take waits no
@@ -251,6 +269,7 @@ impl Pool {
             reserves: Mutex::new(HashMap::new()),
             wake: Condvar::new(),
             stop: AtomicBool::new(false),
+            calls: std::sync::atomic::AtomicUsize::new(0),
         };
         Self { inner: Arc::new(inner), preparer: Mutex::new(None) }
     }
@@ -281,11 +300,14 @@ impl Pool {
         phase: usize,
         populate: Populate,
     ) -> Result<(Dest, Duration)> {
-        let taken = self.inner.take(key, len, align, phase, populate);
-        if self.inner.reserves.lock().contains_key(&key) {
-            self.inner.wake.notify_all();
-        }
-        taken
+        self.inner.take(key, len, align, phase, populate)
+    }
+
+    /// Marks a migration running until the guard drops: the reserve thread does not top up
+    /// meanwhile.
+    pub fn call_started(&self) -> CallGuard<'_> {
+        self.inner.calls.fetch_add(1, Ordering::AcqRel);
+        CallGuard { pool: self }
     }
 
     /// Bytes populated and ready ahead of the next destinations of `key`.
@@ -312,7 +334,7 @@ impl Pool {
     }
 
     /// Keeps `bytes` populated ahead of the next destinations of `key` from now on, on a
-    /// background thread (a *prepared reserve*: destinations a call takes from it cost the
+    /// background thread that works between migrations, never during one (a *prepared reserve*: destinations a call takes from it cost the
     /// call nothing to prepare); `0` ends the reserve and gives back what it prepared and
     /// nothing took. The bytes are a memory budget: populated memory not yet handed out.
     /// Empty keys need no preparing and are refused.
@@ -454,10 +476,17 @@ impl Inner {
         Ok(to < target)
     }
 
-    /// The reserve thread: tops every reserve up, step by step, and sleeps until a take or
-    /// a new reserve wakes it.
+    /// The reserve thread: tops every reserve up, step by step, while no migration runs,
+    /// and sleeps until a migration ends or a reserve changes.
     fn prepare_reserves(&self) {
         while !self.stop.load(Ordering::Relaxed) {
+            if self.calls.load(Ordering::Acquire) > 0 {
+                let mut reserves = self.reserves.lock();
+                if self.calls.load(Ordering::Acquire) > 0 && !self.stop.load(Ordering::Relaxed) {
+                    self.wake.wait_for(&mut reserves, Duration::from_millis(100));
+                }
+                continue;
+            }
             let reserves: Vec<(Key, usize)> = self.reserves.lock().iter().map(|(k, b)| (*k, *b)).collect();
             let mut more = false;
             for (key, bytes) in reserves {

@@ -95,8 +95,9 @@ impl Engine {
     /// from now on, for memory whose huge-page advice is `thp` (the advice of the sources:
     /// [`ThpAdvice::Huge`] for `MADV_HUGEPAGE` memory): a *prepared reserve* for callers
     /// that migrate again and again, such as a tiering runtime. A call takes its
-    /// destinations from the reserve first and prepares only what the reserve lacks; the
-    /// thread then tops the reserve up again. `bytes` is the memory budget: populated
+    /// destinations from the reserve first and prepares only what the reserve lacks; once
+    /// it ends, the thread tops the reserve up again (never during a call: its populating
+    /// would hold the memory map's lock against the call's moves). `bytes` is the memory budget: populated
     /// memory on `node` not yet handed out. `0` ends the reserve and gives its memory back.
     ///
     /// # Examples
@@ -209,6 +210,8 @@ impl Engine {
         opts: &MigrateOptions,
     ) -> Result<MigrateStats> {
         let started = Instant::now();
+        // The reserve thread tops up between calls, not during one.
+        let _running = self.pool.call_started();
         let max_batch = check_max_batch_pages(opts.max_batch_pages.unwrap_or_else(|| self.max_batch_pages()))?;
         let (items, runs, free) = prepare_call(folios, target, self.pool.ready_on(target) as u64)?;
         let mut stats = MigrateStats { folios: items.len() as u64, ..Default::default() };

@@ -9,6 +9,9 @@
 //! - **Remove** (sent before the pages go): the purged part of a claim is *dead*: it is
 //!   never moved into or put back, and its folios fail with `ENOENT`. A purge of the new
 //!   pages, announced after the move, purges them as the program asked.
+//! - **Unmap** (sent after `munmap`, before it returns): the unmapped part of a claim is
+//!   dead too, so that a mapping made there afterwards (by another thread, and migrated by
+//!   another call) never receives pages of the old one.
 //! - **Remap** (sent after the move): the moved part of a claim is dead at its old address;
 //!   old pages already isolated from it are moved to the new address, and the registration
 //!   and protection that travelled with the mapping are taken off there, waking its threads.
@@ -79,7 +82,9 @@ fn handle(uffd: &Uffd, claims: &mut Claims, event: Event) {
     match event {
         // Its thread waits until the migration (or the end of the call) wakes it.
         Event::Missing { .. } => {}
-        Event::Remove { start, end } => {
+        // Unmapped: whatever is mapped there next is not the program's old memory, and no
+        // move may land in it.
+        Event::Remove { start, end } | Event::Unmap { start, end } => {
             claims.mark_dead(start, end);
         }
         Event::Remap { from, to, len } => {
@@ -88,6 +93,9 @@ fn handle(uffd: &Uffd, claims: &mut Claims, event: Event) {
                 // Copied, not moved: a copy into the graveyard's destination may be reading
                 // them right now. The program's thread finishing its `mremap` may hold the
                 // kernel back for a moment (`EAGAIN`).
+                // The `mremap` also unmapped the old range, and the kernel refuses copies
+                // until that event is read too: read and handle what follows meanwhile, with
+                // the lock still held (no move may free this graveyard before the copy).
                 let deadline = Instant::now() + Duration::from_secs(2);
                 let mut done = 0;
                 while let Err((copied, Errno::AGAIN)) =
@@ -100,7 +108,10 @@ fn handle(uffd: &Uffd, claims: &mut Claims, event: Event) {
                     if Instant::now() >= deadline {
                         break;
                     }
-                    std::thread::sleep(Duration::from_micros(100));
+                    for later in uffd.read_messages().unwrap_or_default() {
+                        handle(uffd, claims, later);
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
                 }
                 super::fork::close((e - s) / sys::PAGE_SIZE);
             }

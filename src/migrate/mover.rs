@@ -353,6 +353,7 @@ fn put_back(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, 
 pub(super) fn copy_in(engine: &Engine, start: usize, grave: &Grave, folios: &[Folio<'_>]) -> Vec<Outcome> {
     let end = start + grave.len();
     let mut out = vec![None; folios.len()];
+    let mut one_by_one = start;
     let mut at = start;
     while at < end {
         let mut claims = engine.busy.lock();
@@ -374,7 +375,9 @@ pub(super) fn copy_in(engine: &Engine, start: usize, grave: &Grave, folios: &[Fo
                 continue;
             }
             let j = k + folios[k..].iter().take_while(|f| !overlaps(&dead, **f) && f.end() <= step_end).count();
-            let e = if j > k { folios[j - 1].end() } else { folios[k].end() };
+            // One folio at a time after a refusal that may come from a mapping split across
+            // the stretch: a copy stays within one mapping, or fails whole.
+            let e = if j > k && at >= one_by_one { folios[j - 1].end() } else { folios[k].end() };
             // SAFETY: `[at, e)` is claimed by this call and isolated (empty, every access
             // waits for exactly this data), and the graveyard holds its old pages.
             let (copied, errno) = match unsafe { engine.uffd.copy(at, grave.addr() + (at - start), e - at) } {
@@ -390,8 +393,14 @@ pub(super) fn copy_in(engine: &Engine, start: usize, grave: &Grave, folios: &[Fo
                 continue;
             }
             let k = folios.partition_point(|f| f.end() <= at);
+            if matches!(errno, Errno::NOENT | Errno::INVAL | Errno::FAULT) && e > folios[k].end() {
+                one_by_one = e;
+                continue;
+            }
             let (op, errno) = match errno {
-                Errno::NOENT | Errno::FAULT => ("migrate (the memory was unmapped meanwhile)", Errno::FAULT),
+                Errno::NOENT | Errno::FAULT | Errno::EXIST => {
+                    ("migrate (the memory was unmapped meanwhile)", Errno::FAULT)
+                }
                 Errno::NOMEM => ("allocating a page on the target node", Errno::NOMEM),
                 e => ("userfaultfd copy of the pages into their source", e),
             };
@@ -469,7 +478,8 @@ pub(super) fn replace(engine: &Engine, start: usize, dest: &Dest, folios: &[Foli
             continue;
         }
         let (op, errno) = match errno {
-            Errno::NOENT => ("migrate (the memory was unmapped meanwhile)", Errno::FAULT),
+            // Something else is mapped there now.
+            Errno::NOENT | Errno::EXIST => ("migrate (the memory was unmapped meanwhile)", Errno::FAULT),
             Errno::INVAL => ("migrate (the mapping changed meanwhile)", Errno::ACCESS),
             e => ("userfaultfd move of the new pages", e),
         };

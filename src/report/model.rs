@@ -19,6 +19,11 @@ use crate::report::seed::Reference;
 pub enum MigratorSpec {
     /// No migrator registered: the core's serial `folios_copy`.
     Cpu,
+    /// The serial CPU copy with a prepared reserve ([`crate::Engine::reserve`]): the
+    /// destinations are prepared on the reserve thread before the call, which is timed as
+    /// the caller's wall clock like every other row.
+    #[serde(rename = "cpu_reserved")]
+    CpuReserved,
     /// The multi-threaded CPU copy with this many threads.
     Mtcopy {
         /// Copy threads.
@@ -46,6 +51,7 @@ impl MigratorSpec {
     pub fn name(&self) -> &'static str {
         match self {
             MigratorSpec::Cpu => "cpu",
+            MigratorSpec::CpuReserved => "cpu_reserved",
             MigratorSpec::Mtcopy { .. } => "mtcopy",
             MigratorSpec::Dcbm { .. } => "dcbm",
             MigratorSpec::Memcpy => "memcpy",
@@ -67,7 +73,7 @@ impl MigratorSpec {
     /// the yardsticks, which are not pagemig's migrators.
     pub fn select(&self) -> crate::Result<()> {
         match *self {
-            MigratorSpec::Cpu => crate::attr::select_migrator("cpu", None, None),
+            MigratorSpec::Cpu | MigratorSpec::CpuReserved => crate::attr::select_migrator("cpu", None, None),
             MigratorSpec::Mtcopy { threads } => crate::attr::select_migrator("mtcopy", None, Some(threads)),
             MigratorSpec::Dcbm { channels } => crate::attr::select_migrator("dcbm", Some(channels), None),
             MigratorSpec::Memcpy | MigratorSpec::UffdioCopy | MigratorSpec::Kernel => {
@@ -81,6 +87,7 @@ impl fmt::Display for MigratorSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             MigratorSpec::Cpu => write!(f, "cpu"),
+            MigratorSpec::CpuReserved => write!(f, "cpu, reserved"),
             MigratorSpec::Mtcopy { threads } => write!(f, "mtcopy {threads} thr"),
             MigratorSpec::Dcbm { channels } => write!(f, "dcbm {channels} ch"),
             MigratorSpec::Memcpy => write!(f, "memcpy"),

@@ -164,6 +164,7 @@ const HEADER_HEIGHT: u32 = 64;
 pub fn color_of(m: MigratorSpec) -> RGBColor {
     match m {
         MigratorSpec::Cpu => RGBColor(30, 30, 30),
+        MigratorSpec::CpuReserved => RGBColor(214, 39, 40),
         MigratorSpec::Memcpy => RGBColor(150, 150, 150),
         MigratorSpec::Kernel => RGBColor(0, 128, 128),
         MigratorSpec::UffdioCopy => RGBColor(110, 190, 110),

@@ -202,7 +202,7 @@ impl BenchConfig {
     /// The migrating rows of the throughput table: `cpu`, `mtcopy` and `dcbm`
     /// configurations (the kernel and the yardsticks come after them).
     pub fn throughput_migrators(&self) -> Vec<MigratorSpec> {
-        let mut v = vec![MigratorSpec::Cpu];
+        let mut v = vec![MigratorSpec::Cpu, MigratorSpec::CpuReserved];
         v.extend(self.mtcopy_threads.iter().map(|&threads| MigratorSpec::Mtcopy { threads }));
         v.extend(self.dcbm_channels.iter().map(|&channels| MigratorSpec::Dcbm { channels }));
         v
@@ -352,6 +352,7 @@ fn move_config(cfg: &BenchConfig, folio_size: usize, batch_pages: usize, rep: us
         writers: cfg.writers,
         seed: cfg.seed.wrapping_add(rep as u64),
         measure_memcpy: memcpy,
+        reserve: None,
     }
 }
 
@@ -378,7 +379,10 @@ fn run_throughput(engine: &Engine, cfg: &BenchConfig, ticker: &mut Ticker<'_>) -
                 let what =
                     format!("throughput: {spec}, {} folios, rep {}/{}", short_size(folio as u64), rep + 1, cfg.reps);
                 // The yardsticks are measured with the serial CPU migration, in the same run.
-                let mc = move_config(cfg, folio, cfg.batch_pages, rep, spec == MigratorSpec::Cpu);
+                let mut mc = move_config(cfg, folio, cfg.batch_pages, rep, spec == MigratorSpec::Cpu);
+                if spec == MigratorSpec::CpuReserved {
+                    mc.reserve = Some(cfg.size);
+                }
                 ms.push(ticker.measure(&what, || measure_move(engine, &mc, rep, &selected)));
             }
             cells.push(Cell::of(ms));

@@ -24,10 +24,11 @@ use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use linux_raw_sys::general::{
-    UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE,
-    UFFD_FEATURE_MOVE, UFFD_FEATURE_PAGEFAULT_FLAG_WP, UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_MINOR,
-    UFFD_PAGEFAULT_FLAG_WP, UFFD_USER_MODE_ONLY, UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP, uffd_msg,
-    uffdio_api, uffdio_copy, uffdio_move, uffdio_range, uffdio_register, uffdio_writeprotect,
+    UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_FEATURE_EVENT_REMAP,
+    UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP, UFFD_FEATURE_MOVE, UFFD_FEATURE_PAGEFAULT_FLAG_WP,
+    UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WP, UFFD_USER_MODE_ONLY,
+    UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP, uffd_msg, uffdio_api, uffdio_copy, uffdio_move,
+    uffdio_range, uffdio_register, uffdio_writeprotect,
 };
 use linux_raw_sys::ioctl::{
     UFFDIO_API, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_WRITEPROTECT,
@@ -45,14 +46,25 @@ const WRITEPROTECT_MODE_WP: u64 = 1;
 const UFFDIO_MOVE: u32 = 0xc028_aa05;
 /// The features pagemig needs besides write-protection: moving pages, and hearing of
 /// `madvise` purges and `mremap`s of registered memory.
-const FEATURES: u64 =
-    (UFFD_FEATURE_PAGEFAULT_FLAG_WP | UFFD_FEATURE_MOVE | UFFD_FEATURE_EVENT_REMOVE | UFFD_FEATURE_EVENT_REMAP) as u64;
+const FEATURES: u64 = (UFFD_FEATURE_PAGEFAULT_FLAG_WP
+    | UFFD_FEATURE_MOVE
+    | UFFD_FEATURE_EVENT_REMOVE
+    | UFFD_FEATURE_EVENT_REMAP
+    | UFFD_FEATURE_EVENT_UNMAP) as u64;
 
 /// A non-cooperative event of registered memory, as [`Uffd::read_messages`] returns it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Event {
     /// `[start, end)` is about to be purged (`MADV_DONTNEED`, `MADV_FREE`, `MADV_REMOVE`).
     Remove {
+        /// First byte.
+        start: usize,
+        /// One past the last byte.
+        end: usize,
+    },
+    /// `[start, end)` was unmapped (`munmap`, or a mapping put over it); the thread that did
+    /// it waits until this is read, and moves into the range fail with `EAGAIN` meanwhile.
+    Unmap {
         /// First byte.
         start: usize,
         /// One past the last byte.
@@ -249,6 +261,9 @@ impl Uffd {
                         if f.flags & u64::from(UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR) == 0 {
                             events.push(Event::Missing { addr: f.address as usize });
                         }
+                    } else if event == UFFD_EVENT_UNMAP {
+                        let r = msg.arg.remove;
+                        events.push(Event::Unmap { start: r.start as usize, end: r.end as usize });
                     } else if event == UFFD_EVENT_REMAP {
                         let r = msg.arg.remap;
                         events.push(Event::Remap { from: r.from as usize, to: r.to as usize, len: r.len as usize });

@@ -58,6 +58,11 @@ pub struct Args {
     /// Seed of the fill pattern.
     #[arg(long, default_value_t = 0x5eed)]
     seed: u64,
+    /// Prepare the destinations ahead of the call on the engine's reserve thread (as a
+    /// runtime that migrates again and again keeps them prepared), then time the call:
+    /// `--reserve` (or `--reserve=0`) prepares the whole region's worth, `--reserve=SIZE` that much.
+    #[arg(long, value_name = "SIZE", num_args = 0..=1, default_missing_value = "0", value_parser = size::parse)]
+    reserve: Option<usize>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
@@ -117,6 +122,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             args.channels.is_none() && args.threads.is_none(),
             "--channels and --threads configure pagemig's migrators, not the kernel's move_pages(2)"
         );
+        anyhow::ensure!(args.reserve.is_none(), "--reserve prepares pagemig's destinations, not the kernel's");
     } else {
         pagemig::attr::select_migrator(&args.migrator, args.channels, args.threads)?;
     }
@@ -144,6 +150,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         writers: args.writers,
         seed: args.seed,
         measure_memcpy: true,
+        reserve: args.reserve.map(|b| if b == 0 { args.size } else { b }),
     };
     let (bar, cb) = progress_bar(args.size as u64);
     let report = if kernel { run_kernel_move(&cfg, Some(cb))? } else { run_move(engine, &cfg, Some(cb))? };
@@ -202,6 +209,12 @@ fn print_table(r: &MoveReport, cfg: &MoveConfig) {
         rows.push(("move_pages calls", r.stats.batches.to_string()));
         rows.push(("time (all calls)", format!("{:.0} µs", r.phases_us.total)));
     } else {
+        if r.reserve_bytes > 0 {
+            rows.push((
+                "prepared reserve (before the call)",
+                format!("{} in {:.0} ms", size::format(r.reserve_bytes as usize), r.reserve_ms),
+            ));
+        }
         rows.extend([
             ("first folio (median / p99)", format!("{:.1} µs / {:.1} µs", r.first_folio_us, r.first_folio_p99_us)),
             (
