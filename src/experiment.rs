@@ -518,6 +518,7 @@ mod tests {
             writers: 0,
             seed: 7,
             measure_memcpy: true,
+            reserve: None,
         }
     }
 

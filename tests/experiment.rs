@@ -26,6 +26,7 @@ fn progress_starts_at_the_migration_and_ends_at_the_region() {
         writers: 1,
         seed: 3,
         measure_memcpy: true,
+        reserve: None,
     };
     let calls = Arc::new(Mutex::new(Vec::new()));
     let seen = calls.clone();

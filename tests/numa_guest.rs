@@ -468,6 +468,7 @@ fn kernel_migrator(folio_size: usize, len: usize, writers: usize) {
         writers,
         seed: 0x6b65_726e,
         measure_memcpy: true,
+        reserve: None,
     };
     let report = pagemig::experiment::run_kernel_move(&cfg, None).expect("the kernel's migration");
     let name = format!("kernel-move_pages-{}-folios-{}", size_name(folio_size), size_name(len));
