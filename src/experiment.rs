@@ -243,7 +243,9 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
     let thp = if cfg.folio_size >= crate::sys::HPAGE_SIZE { ThpAdvice::Huge } else { ThpAdvice::NoHuge };
     let reserve_started = Instant::now();
     if let Some(bytes) = cfg.reserve {
-        engine.reserve(cfg.to_node, bytes, thp)?;
+        // A destination keeps its source's offset in a 2 MiB page: up to 2 MiB of the
+        // reserve is skipped to place the first one.
+        engine.reserve(cfg.to_node, bytes + crate::sys::HPAGE_SIZE, thp)?;
         if !engine.wait_reserved(Duration::from_secs(300)) {
             let _ = engine.reserve(cfg.to_node, 0, thp);
             return Err(Error::Invalid(format!("the reserve of {bytes} bytes was not prepared within 300 s")));

@@ -87,12 +87,12 @@ fn bench_measures_every_experiment_and_writes_the_report() {
     assert!(m["thp"].is_string() && m["nodes"].as_array().is_some_and(|n| !n.is_empty()));
     assert!(v["attributes"]["migrate/max_batch_pages"].is_string());
 
-    // Throughput: cpu, mtcopy 2, dcbm 1 and 4, the kernel on two nodes, the yardsticks memcpy
-    // and UFFDIO_COPY; one cell per folio size.
+    // Throughput: cpu, cpu with a prepared reserve, mtcopy 2, dcbm 1 and 4, the kernel on
+    // two nodes, the yardsticks memcpy and UFFDIO_COPY; one cell per folio size.
     let t = &v["throughput"];
     let rows = t["rows"].as_array().unwrap();
     let names: Vec<&str> = rows.iter().map(|r| r["migrator"]["name"].as_str().unwrap()).collect();
-    let mut want = vec!["cpu", "mtcopy", "dcbm", "dcbm"];
+    let mut want = vec!["cpu", "cpu_reserved", "mtcopy", "dcbm", "dcbm"];
     want.extend(kernel.then_some("kernel"));
     want.extend(["memcpy", "uffdio_copy"]);
     assert_eq!(names, want);
@@ -119,8 +119,13 @@ fn bench_measures_every_experiment_and_writes_the_report() {
         }
     }
     // The migrators really copied: dcbm's folios went through the DMA channels.
-    for c in rows[2]["cells"].as_array().unwrap() {
+    assert_eq!(rows[3]["migrator"]["name"], "dcbm");
+    for c in rows[3]["cells"].as_array().unwrap() {
         assert!(c["offloaded_folios"].as_u64().unwrap() > 0, "{c}");
+    }
+    // With a prepared reserve the calls prepared nothing themselves.
+    for c in rows[1]["cells"].as_array().unwrap() {
+        assert_eq!(c["measurements"][0]["phases_us"]["prepare"], 0.0, "{c}");
     }
 
     // Sweep: 2 folio sizes × 2 migrators × pipelined or not × 2 batch sizes.
@@ -171,7 +176,8 @@ fn cli_bench_applies_attributes_and_writes_the_report() {
     assert_eq!(v["attributes"]["migrate/max_batch_pages"], "1024");
     assert!(v["sweep"].is_null() && v["scattered"].is_null());
     let kernel = usize::from(v["config"]["kernel_nodes"].is_array());
-    let migrators = 1 + v["config"]["mtcopy_threads"].as_array().unwrap().len() + 6;
+    // cpu and cpu reserved, mtcopy, six dcbm rows.
+    let migrators = 2 + v["config"]["mtcopy_threads"].as_array().unwrap().len() + 6;
     assert_eq!(v["throughput"]["rows"].as_array().unwrap().len(), migrators + kernel + 2);
     // Not a terminal: one line per finished migration on stderr, with its end-to-end rate.
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -155,3 +155,34 @@ fn kernel_migrator_moves_between_two_nodes_where_there_are_two() {
     assert_eq!(v["page_errors"], serde_json::json!({}));
     assert!(v["critical_path_gbps"].is_null() && v["gbps"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn move_with_a_prepared_reserve_takes_its_destinations_from_it() {
+    let n = node();
+    for (folio, extra) in [("4KiB", None), ("2MiB", None), ("4KiB", Some("--attr=migrate/fill_empty=0"))] {
+        let mut args = vec!["move", "--size", "16MiB", "--folio-size", folio, "--to-node", &n];
+        args.extend(["--writers", "2", "--reserve", "--json"]);
+        args.extend(extra);
+        let out = pagemig(&args);
+        assert!(out.status.success(), "{folio}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["failed_folios"], 0, "{v}");
+        assert_eq!(v["mismatched_bytes"], 0, "{v}");
+        assert_eq!(v["lost_writes"], 0, "{v}");
+        assert_eq!(v["placement_ok"], true, "{v}");
+        assert_eq!(v["reserve_bytes"], 16 << 20, "{v}");
+        // Everything was prepared before the call: the call prepared nothing itself.
+        assert_eq!(v["stats"]["prepare_ns"], 0, "{folio}: {v}");
+        assert_eq!(v["stats"]["copied_in_folios"], 0, "{folio}: {v}");
+        assert!(v["copy_kernels"]["hot"].is_string(), "{v}");
+    }
+    // A size: that much is prepared.
+    let out = pagemig(&["move", "--size", "8MiB", "--folio-size", "2MiB", "--to-node", &n, "--reserve=4MiB", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["reserve_bytes"], 4 << 20, "{v}");
+    assert_eq!(v["placement_ok"], true, "{v}");
+    let out = pagemig(&["move", "--size", "8MiB", "--to-node", &n, "--reserve=lots"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("lots"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -97,8 +97,11 @@ impl Engine {
     /// that migrate again and again, such as a tiering runtime. A call takes its
     /// destinations from the reserve first and prepares only what the reserve lacks; once
     /// it ends, the thread tops the reserve up again (never during a call: its populating
-    /// would hold the memory map's lock against the call's moves). `bytes` is the memory budget: populated
-    /// memory on `node` not yet handed out. `0` ends the reserve and gives its memory back.
+    /// would hold the memory map's lock against the call's moves). `bytes` is the memory
+    /// budget: populated memory on `node` not yet handed out. A destination keeps its
+    /// source's offset within a 2 MiB page, so up to 2 MiB of the reserve may be skipped
+    /// ahead of a run: reserve that much more than the bytes to move. `0` ends the reserve
+    /// and gives its memory back.
     ///
     /// # Examples
     /// ```no_run

@@ -7,18 +7,29 @@
 //!
 //! 1. **claims** its folios (a folio another call is moving is busy: `EAGAIN`, retried on a
 //!    later pass, ten passes at most);
-//! 2. takes **destinations** on the target node from the [`Pool`](crate::pool::Pool) and a graveyard for the
-//!    old pages;
+//! 2. takes **destinations** on the target node from the [`Pool`](crate::pool::Pool) and a
+//!    graveyard for the old pages. A destination is written once: from a prepared reserve
+//!    ([`Engine::reserve`], populated ahead on a background thread) when there is one;
+//!    else, for base pages, *empty* (no pages: the copy allocates each page on the node and
+//!    fills it in one step, `UFFDIO_COPY`, never zeroed first), or no destination at all
+//!    where the mapping has no memory policy of its own and the CPU copy runs on a mover
+//!    thread (step 5 copies the old pages straight into the source, on a thread bound to
+//!    the target); huge pages are populated, the whole batch before its first copy;
 //! 3. **unmaps** each contiguous run: one write-protect call, then `UFFDIO_MOVE` of its old
 //!    pages into the graveyard, after which every access to it waits (a pinned page refuses
 //!    to move: the folio is put back and retried on a later pass). `WAS_MAPPED` /
-//!    `WAS_MLOCKED` are recorded on the destinations;
+//!    `WAS_MLOCKED` are recorded on the destinations. The pipelined copy unmaps piece by
+//!    piece (2 MiB, then doubling), each just before it is copied, so the first folio does
+//!    not wait for the whole batch;
 //! 4. **batch-copies** the folios whose reason is batch-eligible ([`Reason::batch_eligible`])
-//!    from the graveyard with `folios_copy`, marking them `ALREADY_COPIED`; on failure they
+//!    from the graveyard: the active migrator gets each piece as a batch of its own, else
+//!    the CPU copy runs with the copy kernel measured fastest on this machine for the kind
+//!    of destination ([`crate::copy::kernels`]); folios marked `ALREADY_COPIED`, failures
 //!    fall back to the per-folio copy;
 //! 5. **moves** each run: copies what is not yet copied, moves the copy into the source with
-//!    `UFFDIO_MOVE` under the claims lock (which the event reader takes to read a purge or
-//!    `mremap` of the program's), and wakes the waiting threads;
+//!    `UFFDIO_MOVE` (or copies the old pages straight in with `UFFDIO_COPY`) under the
+//!    claims lock (which the event reader takes to read a purge, `munmap` or `mremap` of
+//!    the program's), and wakes the waiting threads;
 //! 6. **undoes** whatever could not move: old pages back from the graveyard, protection
 //!    off, waiting threads woken, destination given back.
 

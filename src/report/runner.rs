@@ -553,8 +553,8 @@ mod tests {
         let mut c = BenchConfig::quick(0, 0);
         c.mtcopy_threads = vec![1, 2];
         c.kernel_nodes = None;
-        // cpu + 2 mtcopy + 6 dcbm rows, 6 folio sizes, 2 reps.
-        let throughput = 9 * 6 * 2;
+        // cpu, cpu reserved, 2 mtcopy and 6 dcbm rows, 6 folio sizes, 2 reps.
+        let throughput = 10 * 6 * 2;
         // 2 folio sizes, 4 migrators, pipelined or not, 3 batch sizes, 2 reps.
         let sweep = 2 * 4 * 2 * 3 * 2;
         let scattered = 6 * 2 * 2;
