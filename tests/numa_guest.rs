@@ -434,7 +434,11 @@ fn full_target_node_fails_cleanly_with_enomem() {
     let (_, free) = numa::meminfo(b).expect("node meminfo");
     let keep_free = len / 2;
     let hog_len = (free as usize).saturating_sub(keep_free) / HPAGE_SIZE * HPAGE_SIZE;
-    let hog = Region::new(hog_len, HPAGE_SIZE, Some(b)).expect("filling the target node");
+    // Bound to the node by a policy of its own (`mbind`, strict), populated after.
+    let hog = sys::Mapping::new(hog_len, HPAGE_SIZE).expect("mapping the hog");
+    sys::mbind(hog.addr(), hog_len, b, false).expect("mbind");
+    sys::madvise(hog.addr(), hog_len, sys::Advice::HugePage).expect("madvise");
+    sys::madvise(hog.addr(), hog_len, sys::Advice::PopulateWrite).expect("filling the target node");
     let (_, left) = numa::meminfo(b).expect("node meminfo");
     println!("node {b}: {} MiB free after taking {} MiB; migrating {} MiB", left >> 20, hog_len >> 20, len >> 20);
     assert!(left < len as u64, "could not fill node {b}: {left} bytes still free");
@@ -520,7 +524,7 @@ fn bench_throughput_has_a_kernel_row() {
     let report = pagemig::report::run(engine, &cfg, &|_| {}).expect("bench run");
     let t = report.throughput.as_ref().expect("the throughput experiment");
     let names: Vec<&str> = t.rows.iter().map(|r| r.migrator.name()).collect();
-    assert_eq!(names, ["cpu", "kernel", "memcpy", "uffdio_copy"]);
+    assert_eq!(names, ["cpu", "cpu_reserved", "kernel", "memcpy", "uffdio_copy"]);
     assert_eq!((t.kernel_nodes, t.kernel_absent_reason.as_deref()), (Some([a, b]), None));
     for (row, name) in t.rows.iter().zip(names) {
         for (cell, folio) in row.cells.iter().zip(&cfg.folio_sizes) {

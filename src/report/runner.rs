@@ -140,8 +140,8 @@ pub fn powers(from: usize, to: usize, base: usize) -> Vec<usize> {
 impl BenchConfig {
     /// The RFC's experiments at full size: 1 GiB regions, 5 repetitions, every folio size,
     /// `mtcopy` up to the CPU count, `dcbm` with 1 … 16 channels, batches of 512 … 262144
-    /// pages (powers of 4) for 4 KiB and 2 MiB folios with `cpu` and `dcbm` 1, 4 and 16
-    /// channels, pipelined and not.
+    /// pages (powers of 4) for 4 KiB and 2 MiB folios with `cpu`, `mtcopy` (up to 4
+    /// threads) and `dcbm` 1, 4 and 16 channels, pipelined and not.
     pub fn full(from_node: u32, to_node: u32) -> BenchConfig {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         BenchConfig {
@@ -166,6 +166,7 @@ impl BenchConfig {
             sweep_batch_pages: powers(512, MAX_BATCH_PAGES_LIMIT, 4),
             sweep_migrators: vec![
                 MigratorSpec::Cpu,
+                MigratorSpec::Mtcopy { threads: cpus.min(4) },
                 MigratorSpec::Dcbm { channels: 1 },
                 MigratorSpec::Dcbm { channels: 4 },
                 MigratorSpec::Dcbm { channels: 16 },
@@ -555,8 +556,8 @@ mod tests {
         c.kernel_nodes = None;
         // cpu, cpu reserved, 2 mtcopy and 6 dcbm rows, 6 folio sizes, 2 reps.
         let throughput = 10 * 6 * 2;
-        // 2 folio sizes, 4 migrators, pipelined or not, 3 batch sizes, 2 reps.
-        let sweep = 2 * 4 * 2 * 3 * 2;
+        // 2 folio sizes, 5 migrators, pipelined or not, 3 batch sizes, 2 reps.
+        let sweep = 2 * 5 * 2 * 3 * 2;
         let scattered = 6 * 2 * 2;
         assert_eq!(c.planned_runs(), throughput + sweep + scattered);
         // A kernel row: 6 folio sizes, 2 reps more.
