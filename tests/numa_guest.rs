@@ -159,9 +159,9 @@ enum CopyPath {
     Dcbm,
     /// The kernel's `move_pages()`: the baseline.
     Kernel,
-    /// pagemig, base pages filled into empty destinations and moved in (no copy straight
-    /// into the source).
-    FilledDest,
+    /// pagemig, base pages copied straight into the source by a thread bound to the
+    /// target (`migrate/copy_in`).
+    CopyIn,
     /// pagemig, destinations populated (zeroed) first, then copied into and moved in.
     Populated,
     /// pagemig, the mapping bound by `mbind` to the node the pages leave: no copy straight
@@ -177,7 +177,7 @@ impl CopyPath {
         CopyPath::MtCopy,
         CopyPath::Dcbm,
         CopyPath::Kernel,
-        CopyPath::FilledDest,
+        CopyPath::CopyIn,
         CopyPath::Populated,
         CopyPath::PolicyBound,
     ];
@@ -190,7 +190,7 @@ impl CopyPath {
             CopyPath::MtCopy => "mtcopy",
             CopyPath::Dcbm => "dcbm",
             CopyPath::Kernel => "kernel",
-            CopyPath::FilledDest => "filled-dest-cpu",
+            CopyPath::CopyIn => "copy-in-cpu",
             CopyPath::Populated => "populated-dest-cpu",
             CopyPath::PolicyBound => "mbind-bound-cpu",
         }
@@ -206,7 +206,7 @@ impl CopyPath {
                 (Reason::Demotion, MigrateOptions { fault, ..Default::default() })
             }
             CopyPath::MtCopy | CopyPath::Dcbm => (Reason::Demotion, MigrateOptions::default()),
-            CopyPath::FilledDest => (Reason::Syscall, MigrateOptions { copy_in: Some(false), ..Default::default() }),
+            CopyPath::CopyIn => (Reason::Syscall, MigrateOptions { copy_in: Some(true), ..Default::default() }),
             CopyPath::Populated => (
                 Reason::Syscall,
                 MigrateOptions { copy_in: Some(false), fill_empty: Some(false), ..Default::default() },
@@ -215,7 +215,7 @@ impl CopyPath {
                 let (a, b) = two_nodes().expect("two nodes");
                 let from = if node == a { b } else { a };
                 sys::mbind(region.addr(), region.len(), from, false).expect("mbind");
-                (Reason::Syscall, MigrateOptions::default())
+                (Reason::Syscall, MigrateOptions { copy_in: Some(true), ..Default::default() })
             }
         };
         let migrator = match self {
@@ -234,9 +234,9 @@ impl CopyPath {
         assert_eq!((stats.succeeded_folios, stats.failed_folios), (n, 0), "{stats:?}");
         assert_eq!(stats.bytes, region.len() as u64, "{stats:?}");
         let copied = match self {
-            // Base pages of memory without a policy of its own are copied straight in.
-            CopyPath::Batch => stats.batch_copied_folios + stats.copied_in_folios,
-            CopyPath::FilledDest | CopyPath::Populated | CopyPath::PolicyBound => stats.batch_copied_folios,
+            CopyPath::Batch | CopyPath::Populated | CopyPath::PolicyBound => stats.batch_copied_folios,
+            // Base pages copied straight in; huge pages batch-copied.
+            CopyPath::CopyIn => stats.batch_copied_folios + stats.copied_in_folios,
             CopyPath::PerFolio => stats.single_copied_folios,
             CopyPath::Fallback => stats.fallback_folios,
             CopyPath::MtCopy | CopyPath::Dcbm => stats.offloaded_folios,

@@ -11,10 +11,11 @@
 //!    graveyard for the old pages. A destination is written once: from a prepared reserve
 //!    ([`Engine::reserve`], populated ahead on a background thread) when there is one;
 //!    else, for base pages, *empty* (no pages: the copy allocates each page on the node and
-//!    fills it in one step, `UFFDIO_COPY`, never zeroed first), or no destination at all
-//!    where the mapping has no memory policy of its own and the CPU copy runs on a mover
-//!    thread (step 5 copies the old pages straight into the source, on a thread bound to
-//!    the target); huge pages are populated, the whole batch before its first copy;
+//!    fills it in one step, `UFFDIO_COPY`, never zeroed first), or, with
+//!    `migrate/copy_in`, no destination at all where the mapping has no memory policy of
+//!    its own and the CPU copy runs on a mover thread (step 5 copies the old pages straight
+//!    into the source, on a thread bound to the target); huge pages are populated, the
+//!    whole batch before its first copy;
 //! 3. **unmaps** each contiguous run: one write-protect call, then `UFFDIO_MOVE` of its old
 //!    pages into the graveyard, after which every access to it waits (a pinned page refuses
 //!    to move: the folio is put back and retried on a later pass). `WAS_MAPPED` /
