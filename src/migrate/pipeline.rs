@@ -352,16 +352,16 @@ impl<'a> Call<'a> {
     /// piece must not wait behind a huge one. A migrator gets each piece as a batch of its
     /// own and reports its parts as they complete.
     fn copy_pieces(&mut self, st: &mut BatchState, live: &[usize]) {
-        let (pairs, dsts) = self.pairs(st, live);
         let mut at = 0;
         let mut done_bytes = 0;
         while at < live.len() && !self.abort.is_set() {
             let piece =
                 if self.offload { HPAGE_SIZE.max(done_bytes) } else { HPAGE_SIZE.max(done_bytes).min(CPU_PIECE_MAX) };
+            let size = |k: usize| st.slots[live[k]].item.folio.size();
             let mut end = at + 1;
-            let mut bytes = pairs[at].len;
-            while end < live.len() && bytes + pairs[end].len <= piece {
-                bytes += pairs[end].len;
+            let mut bytes = size(at);
+            while end < live.len() && bytes + size(end) <= piece {
+                bytes += size(end);
                 end += 1;
             }
             done_bytes += bytes;
@@ -392,13 +392,16 @@ impl<'a> Call<'a> {
                 at = end;
                 continue;
             }
-            // Copy the protected folios, adjacent ones in one go.
+            // Copy the protected folios, adjacent ones in one go. Their pairs are made piece
+            // by piece: the first folio must not wait for the whole batch's.
             let t = Instant::now();
-            let (protected, kinds): (Vec<CopyPair>, Vec<Dst<'a>>) = (at..end)
-                .filter(|&k| st.slots[live[k]].info.contains(MigrateInfo::WAS_MAPPED))
-                .filter(|&k| !st.runs[st.slots[live[k]].run].copy_in)
-                .map(|k| (pairs[k], dsts[k]))
-                .unzip();
+            let copied: Vec<usize> = live[at..end]
+                .iter()
+                .copied()
+                .filter(|&i| st.slots[i].info.contains(MigrateInfo::WAS_MAPPED))
+                .filter(|&i| !st.runs[st.slots[i].run].copy_in)
+                .collect();
+            let (protected, kinds) = self.pairs(st, &copied);
             // SAFETY: every pair copied reads old pages isolated in our graveyard just above
             // (no thread can write them) and writes a destination the pool handed us that
             // nothing else refers to; the two never overlap.
