@@ -131,9 +131,9 @@ pub(super) fn run(
             if abort.is_set() { (STOPPED, Errno::CANCELED) } else { ("userfaultfd move of the new pages", Errno::IO) };
         vec![Some(why); job.folios.len()]
     } else if job.copy_in {
-        copy_in(engine, start, &job.grave, &job.folios)
+        bring_in(engine, start, end - start, &job.folios, Incoming::Copy(&job.grave))
     } else {
-        replace(engine, start, &job.dest, &job.folios)
+        bring_in(engine, start, end - start, &job.folios, Incoming::Move(&job.dest))
     };
     // Protection off, registration gone, every waiting thread woken: the moved folios
     // with their new pages, the others with their old ones.
@@ -342,151 +342,140 @@ fn put_back(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, 
     }
 }
 
-/// Copies the old pages of the isolated source `[start, start + grave.len())`, whose folios
-/// are `folios`, from the graveyard straight back into it (`UFFDIO_COPY`, which allocates
-/// each page by the calling thread's memory policy: the mover's, bound to the target),
-/// and returns each folio's outcome. As [`replace`] in every other way: under the claims
-/// lock (let go between steps of [`COPY_IN_STEP`], so that an event of the program waits no
-/// longer than one step), a folio the program purged or moved away meanwhile is not filled,
-/// and one the kernel refuses gets its old pages back. A folio refused midway keeps the
-/// pages copied into it already (the same data) and fails.
-pub(super) fn copy_in(engine: &Engine, start: usize, grave: &Grave, folios: &[Folio<'_>]) -> Vec<Outcome> {
-    let end = start + grave.len();
+/// Gives up `[at, f.end())` of a folio the program purged or moved away (`dead`) while it
+/// migrated: the purged old pages are garbage and dropped, the folio's other pages keep
+/// their data and go back. Returns the folio's outcome.
+fn give_up_gone(
+    engine: &Engine,
+    claims: &mut MutexGuard<'_, Claims>,
+    dead: &[Span],
+    f: Folio<'_>,
+    at: usize,
+) -> Outcome {
+    for &(s, e) in dead.iter().filter(|&&(s, e)| s < f.end() && f.addr() < e) {
+        forget_isolated(claims, s.max(at), e.min(f.end()));
+    }
+    put_back(engine, claims, at, f.end());
+    Some((GONE, Errno::NOENT))
+}
+
+/// Forgets the old pages isolated from `[start, end)`: replaced, or garbage.
+fn forget_isolated(claims: &mut Claims, start: usize, end: usize) {
+    for (a, b, _) in claims.take_isolated(start, end) {
+        super::fork::close((b - a) / sys::PAGE_SIZE);
+    }
+}
+
+/// What one step of [`bring_in`] moves or copies with the claims lock held, at most: an
+/// event of the program waits no longer than one step.
+const STEP: usize = 2 << 20;
+
+/// Per folio of a move: `None` if it moved, else why not.
+pub(super) type Outcome = Option<(&'static str, Errno)>;
+
+/// Where the new pages of an isolated source come from.
+#[derive(Clone, Copy)]
+pub(super) enum Incoming<'j> {
+    /// Moved in from the filled destination (`UFFDIO_MOVE`).
+    Move(&'j Dest),
+    /// Copied in from the old pages in the graveyard (`UFFDIO_COPY`), allocated by the
+    /// calling thread's memory policy: the mover's, bound to the target.
+    Copy(&'j Grave),
+}
+
+impl Incoming<'_> {
+    /// Where the new data of the source's byte `at` is, for a source starting at `start`.
+    fn from(self, start: usize, at: usize) -> usize {
+        match self {
+            Incoming::Move(d) => d.addr() + (at - start),
+            Incoming::Copy(g) => g.addr() + (at - start),
+        }
+    }
+}
+
+/// Brings the new pages of the isolated source `[start, start + len)`, whose folios are
+/// `folios`, in from `incoming`, and returns each folio's outcome. Under the claims lock
+/// (let go between steps of [`STEP`]), so that a purge, `munmap` or `mremap` the program
+/// announces excludes it: a folio the program purged or moved away meanwhile is not
+/// brought in (its purged old pages are dropped, the others put back), and fails with
+/// `ENOENT`. One the kernel refuses (the program unmapped or changed the mapping
+/// meanwhile, or a page could not be allocated) gets its old pages back; a copy refused
+/// midway keeps what it copied into the folio already (the same data). Nothing is woken
+/// here.
+pub(super) fn bring_in(
+    engine: &Engine,
+    start: usize,
+    len: usize,
+    folios: &[Folio<'_>],
+    incoming: Incoming<'_>,
+) -> Vec<Outcome> {
+    let end = start + len;
     let mut out = vec![None; folios.len()];
     let mut one_by_one = start;
     let mut at = start;
     while at < end {
         let mut claims = engine.busy.lock();
         let mut patience = Patience::new();
-        let step_end = (at + COPY_IN_STEP).min(end);
+        let step_end = (at + STEP).min(end);
         while at < step_end {
+            // Read again at every step: the lock may have been let go meanwhile.
             let dead = claims.dead_in(at, end);
             let k = folios.partition_point(|f| f.end() <= at);
             if overlaps(&dead, folios[k]) {
-                let f = folios[k];
-                out[k] = Some((GONE, Errno::NOENT));
-                for &(s, e) in dead.iter().filter(|&&(s, e)| s < f.end() && f.addr() < e) {
-                    for (a, b, _) in claims.take_isolated(s.max(at), e.min(f.end())) {
-                        super::fork::close((b - a) / sys::PAGE_SIZE);
-                    }
-                }
-                put_back(engine, &mut claims, at, f.end());
-                at = f.end();
+                out[k] = give_up_gone(engine, &mut claims, &dead, folios[k], at);
+                at = folios[k].end();
                 continue;
             }
             let j = k + folios[k..].iter().take_while(|f| !overlaps(&dead, **f) && f.end() <= step_end).count();
             // One folio at a time after a refusal that may come from a mapping split across
-            // the stretch: a copy stays within one mapping, or fails whole.
+            // the stretch: a move or copy stays within one mapping, or fails whole.
             let e = if j > k && at >= one_by_one { folios[j - 1].end() } else { folios[k].end() };
+            let from = incoming.from(start, at);
             // SAFETY: `[at, e)` is claimed by this call and isolated (empty, every access
-            // waits for exactly this data), and the graveyard holds its old pages.
-            let (copied, errno) = match unsafe { engine.uffd.copy(at, grave.addr() + (at - start), e - at) } {
-                Ok(()) => (e - at, None),
-                Err((copied, errno)) => (copied, Some(errno)),
+            // waits for exactly this data); `from` holds a complete copy of its old pages
+            // (the filled destination, ours alone, or the old pages themselves).
+            let result = unsafe {
+                match incoming {
+                    Incoming::Move(_) => engine.uffd.move_pages(at, from, e - at),
+                    Incoming::Copy(_) => engine.uffd.copy(at, from, e - at),
+                }
             };
-            for (a, b, _) in claims.take_isolated(at, at + copied) {
-                super::fork::close((b - a) / sys::PAGE_SIZE);
-            }
-            at += copied;
+            let (done, errno) = match result {
+                Ok(()) => (e - at, None),
+                Err((done, errno)) => (done, Some(errno)),
+            };
+            // The old pages of what came in are garbage now.
+            forget_isolated(&mut claims, at, at + done);
+            at += done;
             let Some(errno) = errno else { continue };
-            if patience.wait(&mut claims, errno, grave.addr() + (at - start)) {
+            if patience.wait(&mut claims, errno, incoming.from(start, at)) {
+                continue;
+            }
+            // A huge page that must be split to move (the source's page table is no longer
+            // a huge one) cannot be while the kernel holds it elsewhere for a moment.
+            if errno == Errno::BUSY && patience.wait_busy(&mut claims) {
                 continue;
             }
             let k = folios.partition_point(|f| f.end() <= at);
-            if matches!(errno, Errno::NOENT | Errno::INVAL | Errno::FAULT) && e > folios[k].end() {
+            if matches!(errno, Errno::INVAL | Errno::NOENT | Errno::FAULT) && e > folios[k].end() {
                 one_by_one = e;
                 continue;
             }
-            let (op, errno) = match errno {
-                Errno::NOENT | Errno::FAULT | Errno::EXIST => {
+            let (op, errno) = match (incoming, errno) {
+                // Something else is mapped there now, or nothing.
+                (_, Errno::NOENT | Errno::EXIST | Errno::FAULT) => {
                     ("migrate (the memory was unmapped meanwhile)", Errno::FAULT)
                 }
-                Errno::NOMEM => ("allocating a page on the target node", Errno::NOMEM),
-                e => ("userfaultfd copy of the pages into their source", e),
+                (_, Errno::INVAL) => ("migrate (the mapping changed meanwhile)", Errno::ACCESS),
+                (_, Errno::NOMEM) => ("allocating a page on the target node", Errno::NOMEM),
+                (Incoming::Move(_), e) => ("userfaultfd move of the new pages", e),
+                (Incoming::Copy(_), e) => ("userfaultfd copy of the pages into their source", e),
             };
+            // The folio the move stopped at fails; the move goes on after it.
             out[k] = Some((op, errno));
             put_back(engine, &mut claims, at, folios[k].end());
             at = folios[k].end();
         }
-    }
-    out
-}
-
-/// What [`copy_in`] copies with the claims lock held, at most.
-const COPY_IN_STEP: usize = 2 << 20;
-
-/// Per folio of a move: `None` if it moved, else why not.
-pub(super) type Outcome = Option<(&'static str, Errno)>;
-
-/// Moves the copy `dest` into the isolated source `[start, start + dest.len())`, whose
-/// folios are `folios`, and returns each folio's outcome. Under the claims lock, so that a
-/// purge or `mremap` the program announces excludes it: a folio the program purged or
-/// moved away meanwhile is not moved in (its purged old pages are dropped, the others put
-/// back), and fails with `ENOENT`. A move the kernel refuses (the program unmapped or
-/// changed the mapping meanwhile) puts the old pages back. Nothing is woken here.
-pub(super) fn replace(engine: &Engine, start: usize, dest: &Dest, folios: &[Folio<'_>]) -> Vec<Outcome> {
-    let end = start + dest.len();
-    let mut out = vec![None; folios.len()];
-    let mut claims = engine.busy.lock();
-    let mut patience = Patience::new();
-    let mut one_by_one = start;
-    let mut at = start;
-    while at < end {
-        // Read again at every step: the lock may have been let go meanwhile.
-        let dead = claims.dead_in(at, end);
-        let k = folios.partition_point(|f| f.end() <= at);
-        if overlaps(&dead, folios[k]) {
-            let f = folios[k];
-            out[k] = Some((GONE, Errno::NOENT));
-            // Purged: those old pages are garbage. The folio's other pages keep their data.
-            for &(s, e) in dead.iter().filter(|&&(s, e)| s < f.end() && f.addr() < e) {
-                for (a, b, _) in claims.take_isolated(s.max(at), e.min(f.end())) {
-                    super::fork::close((b - a) / sys::PAGE_SIZE);
-                }
-            }
-            put_back(engine, &mut claims, at, f.end());
-            at = f.end();
-            continue;
-        }
-        let j = k + folios[k..].iter().take_while(|f| !overlaps(&dead, **f)).count();
-        // One folio at a time after a refusal that may come from a mapping split across
-        // the stretch (a move stays within one mapping).
-        let e = if at < one_by_one { folios[k].end() } else { folios[j - 1].end() };
-        // SAFETY: `[at, e)` is claimed by this call and isolated (empty, every access
-        // waits); `dest` holds a complete copy of its old pages and is ours alone.
-        let (moved, errno) = match unsafe { engine.uffd.move_pages(at, dest.addr() + (at - start), e - at) } {
-            Ok(()) => (e - at, None),
-            Err((moved, errno)) => (moved, Some(errno)),
-        };
-        // The old pages of what moved are garbage now.
-        for (a, b, _) in claims.take_isolated(at, at + moved) {
-            super::fork::close((b - a) / sys::PAGE_SIZE);
-        }
-        at += moved;
-        let Some(errno) = errno else { continue };
-        if patience.wait(&mut claims, errno, dest.addr() + (at - start)) {
-            continue;
-        }
-        // A huge page that must be split to move (the source's page table is no longer a
-        // huge one) cannot be while the kernel holds it elsewhere for a moment.
-        if errno == Errno::BUSY && patience.wait_busy(&mut claims) {
-            continue;
-        }
-        let k = folios.partition_point(|f| f.end() <= at);
-        if errno == Errno::INVAL && e > folios[k].end() {
-            one_by_one = folios[j - 1].end();
-            continue;
-        }
-        let (op, errno) = match errno {
-            // Something else is mapped there now.
-            Errno::NOENT | Errno::EXIST => ("migrate (the memory was unmapped meanwhile)", Errno::FAULT),
-            Errno::INVAL => ("migrate (the mapping changed meanwhile)", Errno::ACCESS),
-            e => ("userfaultfd move of the new pages", e),
-        };
-        // The folio the move stopped at fails; the move goes on after it.
-        out[k] = Some((op, errno));
-        put_back(engine, &mut claims, at, folios[k].end());
-        at = folios[k].end();
     }
     out
 }
