@@ -215,6 +215,8 @@ fn print_table(r: &MoveReport, cfg: &MoveConfig) {
                 format!("{} in {:.0} ms", size::format(r.reserve_bytes as usize), r.reserve_ms),
             ));
         }
+        let k = &r.copy_kernels;
+        rows.push(("copy kernels (fresh / cold destinations)", format!("{} / {}", k.hot.name(), k.cold.name())));
         rows.extend([
             ("first folio (median / p99)", format!("{:.1} µs / {:.1} µs", r.first_folio_us, r.first_folio_p99_us)),
             (

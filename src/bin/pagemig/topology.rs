@@ -27,6 +27,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             "nodes": nodes,
             "thp": thp,
             "max_map_count": max_map_count,
+            "copy_kernels": pagemig::copy::kernels(),
             "userfaultfd": match &caps {
                 Ok(c) => serde_json::json!({ "available": true, "user_mode_only": c.user_mode_only,
                     "wp_unpopulated": c.wp_unpopulated, "note": c.describe() }),
@@ -50,6 +51,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!("{table}");
     println!("transparent huge pages: {thp}");
     println!("vm.max_map_count: {max_map_count}");
+    let k = pagemig::copy::kernels();
+    let figures: Vec<String> =
+        k.figures.iter().map(|f| format!("{} {:.1}/{:.1}", f.kernel.name(), f.fresh_gbps, f.cold_gbps)).collect();
+    println!(
+        "copy kernels: {} for fresh destinations, {} for cold ones (GB/s fresh/cold at start-up: {})",
+        k.hot.name(),
+        k.cold.name(),
+        if figures.is_empty() { "chosen by hand".to_string() } else { figures.join(", ") }
+    );
     match caps {
         Ok(c) => println!("userfaultfd: {}", c.describe()),
         Err(e) => println!("userfaultfd: unavailable ({e}); pagemig cannot migrate here"),
