@@ -60,6 +60,19 @@ pub struct MigrateStats {
     pub critical_ns: u64,
     /// Per batch: from the start of its unmap phase until its first folio was writable again.
     pub first_folio_ns: Vec<u64>,
+    /// Every folio that did not move, by its first byte, with the errno `move_pages(2)`
+    /// would give its pages (`ENOENT`, `EFAULT`, `EBUSY`, `EACCES`, `ENOMEM`, …), in no
+    /// particular order. Those folios are exactly as they were.
+    pub failures: Vec<FolioFailure>,
+}
+
+/// A folio that did not move, and why.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct FolioFailure {
+    /// The folio's first byte.
+    pub addr: usize,
+    /// The errno of its failure (positive).
+    pub errno: i32,
 }
 
 impl MigrateStats {
@@ -122,6 +135,7 @@ impl MigrateStats {
         self.total_ns += o.total_ns;
         self.critical_ns += o.critical_ns;
         self.first_folio_ns.extend_from_slice(&o.first_folio_ns);
+        self.failures.extend_from_slice(&o.failures);
     }
 }
 

@@ -184,6 +184,11 @@ fn injected_copy_failure_is_undone() {
             assert_eq!((failed, total), (3, 1024));
             assert_eq!(stats.succeeded_folios, 1021);
             assert_eq!(stats.fallback_folios, 1024);
+            // Each failed folio is named, with its errno.
+            let mut named: Vec<(usize, i32)> = stats.failures.iter().map(|f| (f.addr, f.errno)).collect();
+            named.sort_unstable();
+            let want: Vec<(usize, i32)> = failing.iter().map(|&i| (region.addr() + i * 4096, libc::EIO)).collect();
+            assert_eq!(named, want);
         }
         other => panic!("expected a partial failure, got {other:?}"),
     }
@@ -218,6 +223,11 @@ fn failed_move_is_undone_on_the_mover_thread_and_on_the_caller() {
                 assert_eq!((failed, total), (256, 1024), "mover {mover}");
                 assert_eq!(stats.succeeded_folios, 768);
                 assert!(first.to_string().contains("move of the new pages"), "{first}");
+                let mut named: Vec<usize> = stats.failures.iter().map(|f| f.addr).collect();
+                named.sort_unstable();
+                let want: Vec<usize> = (512..768).map(|i| region.addr() + i * 4096).collect();
+                assert_eq!(named, want, "mover {mover}");
+                assert!(stats.failures.iter().all(|f| f.errno == libc::EIO), "{:?}", stats.failures);
                 if mover {
                     assert_eq!(stats.mover_runs, stats.runs);
                     assert!(stats.mover_runs >= 3, "{stats:?}");

@@ -183,6 +183,14 @@ fn case_at(change: Change, folio: usize, delay: Duration, offset: usize, hold: D
                 "{what}: unexpected failure {first} ({stats:?})"
             );
             assert!(stats.failed_folios as usize <= len / folio + 2, "{what}: {first} {stats:?}");
+            // Each failed folio is named, and lies at the change.
+            assert_eq!(stats.failures.len() as u64, stats.failed_folios, "{what}");
+            for f in &stats.failures {
+                assert!(
+                    at.saturating_sub(folio) <= f.addr && f.addr < at + len + folio,
+                    "{what}: {f:?} ({at:#x}+{len:#x})"
+                );
+            }
         }
         Err(e) => panic!("{what}: {e}"),
     }

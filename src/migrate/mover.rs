@@ -159,6 +159,7 @@ pub(super) fn run(
                 stats.failed_folios += 1;
                 stats.failed_pages += f.nr_pages() as u64;
                 stats.thp_failed += u64::from(f.is_pmd());
+                stats.failures.push(crate::stats::FolioFailure { addr: f.addr(), errno: errno.raw_os_error() });
                 if first_error.is_none() {
                     *first_error = Some(Error::sys(op)(*errno));
                 }

@@ -111,6 +111,7 @@ impl<'a> Call<'a> {
         s.failed_folios += 1;
         s.failed_pages += item.folio.nr_pages() as u64;
         s.thp_failed += u64::from(item.folio.is_pmd());
+        s.failures.push(crate::stats::FolioFailure { addr: item.folio.addr(), errno: err.errno().raw_os_error() });
         if self.first_error.is_none() {
             *self.first_error = Some(err);
         }
