@@ -541,3 +541,81 @@ fn bench_throughput_has_a_kernel_row() {
     );
     assert!(tables[0].notes.iter().any(|n| n.starts_with(&note)), "{:?}", tables[0].notes);
 }
+
+/// A layout of pages for `move_pages` conformance: base pages, pages of huge pages (one
+/// address per huge page), never-touched pages, an unmapped address, a shared file page.
+struct PageMix {
+    base: Region,
+    huge: Region,
+    addrs: Vec<usize>,
+    _file: std::fs::File,
+}
+
+fn page_mix(node: u32, seed: u64) -> PageMix {
+    let base = Region::new(64 * PAGE_SIZE, PAGE_SIZE, Some(node)).expect("base pages");
+    fill(&base, seed);
+    let huge = Region::new(2 * HPAGE_SIZE, HPAGE_SIZE, Some(node)).expect("huge pages");
+    fill(&huge, seed + 1);
+    let untouched = sys::mmap_anon(4 * PAGE_SIZE).expect("mmap");
+    let path = std::env::temp_dir().join(format!("pagemig-mix-{}-{seed}", std::process::id()));
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    file.set_len((2 * PAGE_SIZE) as u64).unwrap();
+    let _ = std::fs::remove_file(&path);
+    use std::os::fd::AsRawFd;
+    // SAFETY: a shared read-write mapping of a file of ours.
+    let shared = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            2 * PAGE_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    } as usize;
+    assert_ne!(shared, libc::MAP_FAILED as usize);
+    // SAFETY: the first page of our own shared mapping.
+    unsafe { std::ptr::write_volatile(shared as *mut u8, 1) };
+    let addrs = vec![
+        base.addr(),
+        base.addr() + 5 * PAGE_SIZE + 123,
+        base.addr() + 63 * PAGE_SIZE,
+        huge.addr(),
+        huge.addr() + HPAGE_SIZE + 7 * PAGE_SIZE,
+        untouched + PAGE_SIZE,
+        0x1000,
+        shared,
+        shared + PAGE_SIZE,
+    ];
+    PageMix { base, huge, addrs, _file: file }
+}
+
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn move_pages_matches_the_kernel_across_nodes() {
+    let Some((a, b)) = two_nodes() else { return };
+    let ours = page_mix(a, 21);
+    let theirs = page_mix(a, 21);
+    let nodes = vec![b as i32; ours.addrs.len()];
+    let engine = Engine::global().expect("the migration engine");
+    let mut s_ours = vec![i32::MIN; ours.addrs.len()];
+    // SAFETY: this thread does not touch the pages during the call.
+    let left = unsafe { engine.move_pages(&ours.addrs, Some(&nodes), &mut s_ours) }.expect("pagemig move_pages");
+    let mut s_kernel = vec![i32::MIN; theirs.addrs.len()];
+    sys::move_pages(&theirs.addrs, Some(&nodes), &mut s_kernel).expect("move_pages");
+    println!("move_pages statuses: pagemig {s_ours:?}, kernel {s_kernel:?}, {left} pages not on node {b}");
+    assert_eq!(s_ours, s_kernel, "pagemig against the kernel");
+    assert_eq!(left, s_ours.iter().filter(|&&s| s != b as i32).count());
+    // The named pages are on node b, with their data; each huge page moved whole.
+    verify(&ours.base, 21, "base pages after move_pages");
+    verify(&ours.huge, 22, "huge pages after move_pages");
+    let on_b = numa::page_nodes(ours.huge.addr(), ours.huge.len()).unwrap().iter().filter(|&&n| n == b as i32).count();
+    println!("placement: move_pages-huge node {b} pages {on_b}/{}", ours.huge.len() / PAGE_SIZE);
+    assert_eq!(on_b, ours.huge.len() / PAGE_SIZE, "every page of the named huge pages moved");
+    // Back again: pages already home are left alone, the others come back.
+    let back = vec![a as i32; ours.addrs.len()];
+    // SAFETY: as above.
+    unsafe { engine.move_pages(&ours.addrs, Some(&back), &mut s_ours) }.expect("pagemig move_pages back");
+    sys::move_pages(&theirs.addrs, Some(&back), &mut s_kernel).expect("move_pages back");
+    assert_eq!(s_ours, s_kernel, "pagemig against the kernel, back");
+}

@@ -42,6 +42,7 @@ mod events;
 mod fork;
 mod mover;
 mod options;
+mod pages;
 mod pipeline;
 pub mod policy;
 mod reaper;

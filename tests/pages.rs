@@ -1,0 +1,127 @@
+//! `Engine::move_pages`: memory the caller already has, page by page, with each page's
+//! outcome as `move_pages(2)` gives it. On this host (one node) every case is checked
+//! against the kernel's own `move_pages(2)` given the same addresses; the cross-node part
+//! runs in the two-node guest (`tests/numa_guest.rs`).
+
+use std::os::fd::AsRawFd;
+
+use pagemig::sys::{self, Errno, HPAGE_SIZE, PAGE_SIZE};
+use pagemig::{Engine, Error, Region, numa, workload};
+
+fn node() -> i32 {
+    numa::memory_nodes().unwrap()[0] as i32
+}
+
+/// Frames of the pages at `addrs` (`None` where absent).
+fn frames(addrs: &[usize]) -> Vec<Option<u64>> {
+    addrs.iter().map(|&a| numa::page_frames(a & !(PAGE_SIZE - 1), PAGE_SIZE).unwrap()[0]).collect()
+}
+
+/// A mix of pages: base pages, a page of a huge page, a never-touched page, an unmapped
+/// address, an address inside a page, a shared file-backed page, a read-only page.
+struct Mix {
+    addrs: Vec<usize>,
+    _keep: Vec<Region>,
+    _file: std::fs::File,
+}
+
+fn mix() -> Mix {
+    let base = Region::new(64 * PAGE_SIZE, PAGE_SIZE, Some(node() as u32)).unwrap();
+    workload::fill(&base, 3);
+    let huge = Region::new(2 * HPAGE_SIZE, HPAGE_SIZE, Some(node() as u32)).unwrap();
+    workload::fill(&huge, 4);
+    let untouched = sys::mmap_anon(4 * PAGE_SIZE).unwrap();
+    let hole = sys::reserve(4 * PAGE_SIZE).unwrap(); // PROT_NONE: mapped, not accessible
+    let file = tempfile_with_pages(2);
+    // SAFETY: maps a file of ours, shared and read-write.
+    let shared = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            2 * PAGE_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    } as usize;
+    assert_ne!(shared, libc::MAP_FAILED as usize);
+    // SAFETY: touches the first page of our own shared mapping.
+    unsafe { std::ptr::write_volatile(shared as *mut u8, 1) };
+    let addrs = vec![
+        base.addr(),
+        base.addr() + 5 * PAGE_SIZE + 123, // inside a page
+        base.addr() + 63 * PAGE_SIZE,
+        huge.addr(), // one address per huge page
+        huge.addr() + HPAGE_SIZE + 7 * PAGE_SIZE,
+        untouched + PAGE_SIZE,
+        hole,
+        0x1000, // never mapped
+        shared,
+        shared + PAGE_SIZE, // never touched
+    ];
+    Mix { addrs, _keep: vec![base, huge], _file: file }
+}
+
+fn tempfile_with_pages(pages: usize) -> std::fs::File {
+    let path = std::env::temp_dir().join(format!("pagemig-pages-{}-{pages}", std::process::id()));
+    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    f.set_len((pages * PAGE_SIZE) as u64).unwrap();
+    let _ = std::fs::remove_file(&path);
+    f
+}
+
+#[test]
+fn queries_match_the_kernel() {
+    let m = mix();
+    let mut ours = vec![i32::MIN; m.addrs.len()];
+    // SAFETY: a query moves nothing.
+    let left = unsafe { Engine::global().unwrap().move_pages(&m.addrs, None, &mut ours) }.unwrap();
+    assert_eq!(left, 0);
+    let mut kernel = vec![i32::MIN; m.addrs.len()];
+    sys::move_pages(&m.addrs, None, &mut kernel).unwrap();
+    assert_eq!(ours, kernel);
+    assert_eq!(ours[5], -libc::ENOENT, "{ours:?}");
+    assert_eq!(ours[7], -libc::EFAULT, "{ours:?}");
+}
+
+#[test]
+fn moves_to_the_node_pages_are_on_match_the_kernel_and_leave_pages_alone() {
+    let m = mix();
+    let nodes = vec![node(); m.addrs.len()];
+    let before = frames(&m.addrs);
+    let mut ours = vec![i32::MIN; m.addrs.len()];
+    // SAFETY: this thread does not touch the pages during the call.
+    let left = unsafe { Engine::global().unwrap().move_pages(&m.addrs, Some(&nodes), &mut ours) }.unwrap();
+    let mut kernel = vec![i32::MIN; m.addrs.len()];
+    sys::move_pages(&m.addrs, Some(&nodes), &mut kernel).unwrap();
+    assert_eq!(ours, kernel, "pagemig against the kernel");
+    assert_eq!(left, ours.iter().filter(|&&s| s != node()).count());
+    // Already on the node: nothing was copied, every page kept its frame.
+    assert_eq!(frames(&m.addrs), before);
+}
+
+#[test]
+fn bad_input_is_refused_before_anything_moves() {
+    let m = mix();
+    let engine = Engine::global().unwrap();
+    let before = frames(&m.addrs);
+    let mut status = vec![0; m.addrs.len()];
+    for (nodes, errno) in [
+        (vec![node(); m.addrs.len() - 1], Errno::INVAL),
+        (vec![-1; m.addrs.len()], Errno::INVAL),
+        (vec![5000; m.addrs.len()], Errno::INVAL),
+        (vec![1000; m.addrs.len()], Errno::NODEV),
+    ] {
+        // SAFETY: refused before any page is touched.
+        let err = unsafe { engine.move_pages(&m.addrs, Some(&nodes), &mut status) }.unwrap_err();
+        assert_eq!(err.errno(), errno, "{err}");
+    }
+    let mut short = vec![0; 1];
+    // SAFETY: refused before any page is touched.
+    let err = unsafe { engine.move_pages(&m.addrs, None, &mut short) }.unwrap_err();
+    assert!(matches!(err, Error::Invalid(_)), "{err}");
+    assert_eq!(frames(&m.addrs), before);
+    // No pages: nothing to do.
+    // SAFETY: no pages.
+    assert_eq!(unsafe { engine.move_pages(&[], Some(&[]), &mut []) }.unwrap(), 0);
+}
