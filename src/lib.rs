@@ -42,6 +42,8 @@ pub mod workload;
 
 pub use error::{Error, Result};
 pub use folio::{Folio, MigrateInfo};
-pub use migrate::{Capabilities, Engine, FaultInjection, MigrateOptions, MigrateStats, Mode, Reason, migrate_pages};
+pub use migrate::{
+    Background, Capabilities, Engine, FaultInjection, MigrateOptions, MigrateStats, Mode, Reason, migrate_pages,
+};
 pub use pool::ThpAdvice;
 pub use region::Region;

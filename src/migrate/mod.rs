@@ -35,6 +35,7 @@
 //!    off, waiting threads woken, destination given back.
 
 mod abort;
+mod background;
 mod busy;
 mod checks;
 mod engine;
@@ -49,6 +50,7 @@ mod reaper;
 mod zerofill;
 
 pub use crate::stats::MigrateStats;
+pub use background::Background;
 pub use engine::{Engine, migrate_pages};
 pub use options::{
     Capabilities, DEFAULT_MAX_BATCH_PAGES, DEFAULT_POOL_LIMIT, DEFAULT_REAPER_BACKLOG, FaultInjection,

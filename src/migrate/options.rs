@@ -76,6 +76,12 @@ pub struct MigrateOptions {
     pub fault: FaultInjection,
     /// Called after every moved run with the bytes moved so far.
     pub progress: Option<Progress>,
+    /// Raised by the caller to stop the call: batches not begun fail with `ECANCELED` and
+    /// stay as they were; the batch running finishes.
+    pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
+    /// Past this instant no batch begins: the folios not reached fail with `ETIMEDOUT` and
+    /// stay as they were.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl std::fmt::Debug for MigrateOptions {
@@ -90,6 +96,8 @@ impl std::fmt::Debug for MigrateOptions {
             .field("copy_in", &self.copy_in)
             .field("fault", &self.fault)
             .field("progress", &self.progress.is_some())
+            .field("cancel", &self.cancel)
+            .field("deadline", &self.deadline)
             .finish()
     }
 }

@@ -159,6 +159,14 @@ impl<'a> Call<'a> {
             self.fail_all(&batch, stopped);
             return Vec::new();
         }
+        if self.opts.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+            self.fail_all(&batch, || Error::sys("migrate (cancelled by the caller)")(Errno::CANCELED));
+            return Vec::new();
+        }
+        if self.opts.deadline.is_some_and(|d| Instant::now() >= d) {
+            self.fail_all(&batch, || Error::sys("migrate (the deadline passed)")(Errno::TIMEDOUT));
+            return Vec::new();
+        }
         // Isolate: claim each contiguous stretch at once, folio by folio where another call
         // holds part of it.
         let (mut claimed, mut busy) = (Vec::with_capacity(batch.len()), Vec::new());
