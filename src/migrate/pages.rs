@@ -27,8 +27,8 @@ impl Engine {
     /// `status[i]`, as `move_pages(2)` does for the calling process: the node the page is
     /// on afterwards, or a negative errno (`-ENOENT` for a page never touched, `-EFAULT`
     /// for an address not mapped, `-EBUSY` for a pinned page, `-ENOMEM`, …). Without
-    /// `nodes`, only reports where each page is. Returns how many pages are not on the node
-    /// asked for (`0`: every one is).
+    /// `nodes`, only reports where each page is. Returns, as the kernel does, how many of
+    /// the pages it tried to move (present, elsewhere than asked) it could not move.
     ///
     /// Any address inside a page names that page; a page of a transparent huge page moves
     /// with its whole huge page. Pages already on their target are left alone. Pages
@@ -42,9 +42,10 @@ impl Engine {
     /// threads may do anything to them.
     ///
     /// # Errors
-    /// Nothing moved: [`Error::Invalid`] (`EINVAL`) when the three slices differ in length
-    /// or a node is negative or beyond 1023; [`Error::UnknownNode`] (`ENODEV`) for a node
-    /// without memory; the errno of reading the process's mappings.
+    /// Nothing moved: [`Error::Invalid`] (`EINVAL`) when the three slices differ in length;
+    /// `ENODEV` for a node that is negative, beyond 1023 ([`Error::Sys`]) or without memory
+    /// ([`Error::UnknownNode`]), as the kernel answers; the errno of reading the process's
+    /// mappings.
     ///
     /// # Examples
     /// ```no_run
@@ -70,8 +71,9 @@ impl Engine {
             return Ok(0);
         };
         let memory = crate::numa::memory_nodes()?;
-        if let Some(&bad) = nodes.iter().find(|&&n| !(0..MAX_NODES).contains(&n)) {
-            return Err(Error::Invalid(format!("node {bad} is outside 0 … {}", MAX_NODES - 1)));
+        // As the kernel: a node out of range is as unknown as one without memory.
+        if nodes.iter().any(|&n| !(0..MAX_NODES).contains(&n)) {
+            return Err(Error::Sys { op: "move_pages (a node outside 0 … 1023)", errno: crate::sys::Errno::NODEV });
         }
         if let Some(&bad) = nodes.iter().find(|&&n| !memory.contains(&(n as u32))) {
             crate::numa::check_node(bad as u32)?;
@@ -85,7 +87,8 @@ impl Engine {
         if !todo.is_empty() {
             self.move_todo(pages, nodes, status, &todo)?;
         }
-        Ok((0..pages.len()).filter(|&i| status[i] != nodes[i]).count())
+        // As the kernel counts: the pages it tried to move and could not.
+        Ok(todo.iter().filter(|&&i| status[i] != nodes[i]).count())
     }
 
     /// Moves the pages `todo` (present, elsewhere than asked), writing their outcomes.

@@ -1,0 +1,109 @@
+/* pagemig: batched page migration between NUMA nodes, from user space.
+ * Generated from capi/src/lib.rs by cbindgen: do not edit. */
+
+#ifndef PAGEMIG_H
+#define PAGEMIG_H
+
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <stddef.h>
+
+/**
+ * `MPOL_MF_MOVE`: move the pages only this process maps.
+ */
+#define PAGEMIG_MPOL_MF_MOVE (1 << 1)
+
+/**
+ * `MPOL_MF_MOVE_ALL`: move pages other processes map too (needs `CAP_SYS_NICE`); handed to
+ * the kernel's `move_pages(2)` whole.
+ */
+#define PAGEMIG_MPOL_MF_MOVE_ALL (1 << 2)
+
+/**
+ * What the kernel and this process allow pagemig.
+ */
+struct pagemig_capabilities {
+  /**
+   * 1: userfaultfd is available and pagemig migrates itself; 0: every call goes to the
+   * kernel's `move_pages(2)`.
+   */
+  int available;
+  /**
+   * 1: only user-mode faults wait, and kernel writes into migrating memory (`read(2)`
+   * into it, `O_DIRECT`) fail with `EFAULT`; 0: they wait like any other access.
+   */
+  int user_mode_only;
+  /**
+   * 1: never-touched pages are protected without being populated first.
+   */
+  int wp_unpopulated;
+};
+
+#ifdef __cplusplus
+extern "C" {
+#endif // __cplusplus
+
+/**
+ * Moves the `count` pages at `pages[i]` of the calling process to nodes `nodes[i]`, and
+ * writes each page's outcome in `status[i]`: the node it is on, or a negative errno
+ * (`-ENOENT` not present, `-EFAULT` not mapped, `-EBUSY` pinned, `-EACCES` mapped by
+ * another process, `-ENOMEM` no room on the node). With `nodes` NULL, only writes where
+ * each page is. `flags` is `0`, `MPOL_MF_MOVE` or `MPOL_MF_MOVE_ALL`, as for
+ * `move_pages(2)`.
+ *
+ * Returns `0` when every page is on its node, the number of pages that are not, or `-1`
+ * with `errno`: `EINVAL` for other flags, `ENODEV` for a node out of range or without
+ * memory, `EFAULT` for arrays that cannot be read or written, `EPERM`
+ * for `MPOL_MF_MOVE_ALL` without `CAP_SYS_NICE`. Unlike the kernel, every node is checked
+ * before any page moves.
+ *
+ * # Safety
+ * `pages` and `status` (and `nodes`, unless NULL) must point to `count` elements. The
+ * calling thread is inside this call while its pages move: nothing else on it accesses
+ * them meanwhile, which is what pagemig needs.
+ */
+long pagemig_move_pages(unsigned long count,
+                        void *const *pages,
+                        const int *nodes,
+                        int *status,
+                        int flags);
+
+/**
+ * Reads the attribute `path` (`migrate/max_batch_pages`, `dcbm/nr_dma_chan`, …; see
+ * `pagemig attr`) into `buf` as a NUL-terminated string.
+ *
+ * Returns the length of the value, or `-1` with `errno`: `ENOENT` for an unknown path,
+ * `ERANGE` when `len` bytes cannot hold the value and its NUL, `EFAULT` for NULL pointers.
+ *
+ * # Safety
+ * `path` must be a NUL-terminated string and `buf` writable for `len` bytes.
+ */
+long pagemig_attr_read(const char *path, char *buf, uintptr_t len);
+
+/**
+ * Writes the attribute `path` from the string `value`.
+ *
+ * Returns `0`, or `-1` with `errno`: `ENOENT` for an unknown path, `EACCES` for a
+ * read-only one, `EINVAL` for a value it does not accept, `EFAULT` for NULL pointers.
+ *
+ * # Safety
+ * `path` and `value` must be NUL-terminated strings.
+ */
+int pagemig_attr_write(const char *path, const char *value);
+
+/**
+ * Fills `out` with what the kernel and this process allow pagemig. Returns `0`, or `-1`
+ * with `errno` `EFAULT` for a NULL pointer.
+ *
+ * # Safety
+ * `out` must be writable.
+ */
+int pagemig_capabilities(struct pagemig_capabilities *out);
+
+#ifdef __cplusplus
+}  // extern "C"
+#endif  // __cplusplus
+
+#endif  /* PAGEMIG_H */

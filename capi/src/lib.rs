@@ -1,0 +1,207 @@
+//! The C ABI of pagemig: `libpagemig.so` and `libpagemig.a`, declared in `pagemig.h`.
+//!
+//! [`pagemig_move_pages`] is `move_pages(2)` for the calling process: the same arguments
+//! (less the pid), the same per-page status, the same errors. Pages pagemig moves itself go
+//! through its batch pipeline; the rest (shared, file-backed and special mappings, pages
+//! with `MPOL_MF_MOVE_ALL`, a process where userfaultfd is not available) go to the
+//! kernel's own `move_pages(2)`, so a call never fails where the kernel would have served
+//! it. Errors are returned (`-1` and `errno`), never printed, and no panic crosses the
+//! boundary.
+#![allow(unsafe_code, reason = "the C ABI: raw pointers from C callers, errno")]
+
+use std::ffi::{CStr, c_char, c_int, c_long, c_ulong, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use pagemig_core::Engine;
+use pagemig_core::sys::Errno;
+
+/// `MPOL_MF_MOVE`: move the pages only this process maps.
+pub const PAGEMIG_MPOL_MF_MOVE: c_int = 1 << 1;
+/// `MPOL_MF_MOVE_ALL`: move pages other processes map too (needs `CAP_SYS_NICE`); handed to
+/// the kernel's `move_pages(2)` whole.
+pub const PAGEMIG_MPOL_MF_MOVE_ALL: c_int = 1 << 2;
+
+/// What the kernel and this process allow pagemig.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct pagemig_capabilities {
+    /// 1: userfaultfd is available and pagemig migrates itself; 0: every call goes to the
+    /// kernel's `move_pages(2)`.
+    pub available: c_int,
+    /// 1: only user-mode faults wait, and kernel writes into migrating memory (`read(2)`
+    /// into it, `O_DIRECT`) fail with `EFAULT`; 0: they wait like any other access.
+    pub user_mode_only: c_int,
+    /// 1: never-touched pages are protected without being populated first.
+    pub wp_unpopulated: c_int,
+}
+
+fn set_errno(errno: Errno) {
+    // SAFETY: `__errno_location` returns the calling thread's errno, always valid.
+    unsafe { *libc::__errno_location() = errno.raw_os_error() };
+}
+
+/// Runs `f` at the boundary: a panic becomes `-1` with `errno` `ECANCELED`.
+fn boundary(f: impl FnOnce() -> Result<c_long, Errno>) -> c_long {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(n)) => n,
+        Ok(Err(errno)) => {
+            set_errno(errno);
+            -1
+        }
+        Err(_) => {
+            set_errno(Errno::CANCELED);
+            -1
+        }
+    }
+}
+
+/// The kernel's `move_pages(2)` for the calling process.
+///
+/// # Safety
+/// As [`pagemig_move_pages`].
+unsafe fn kernel_move_pages(
+    count: c_ulong,
+    pages: *const *mut c_void,
+    nodes: *const c_int,
+    status: *mut c_int,
+    flags: c_int,
+) -> Result<c_long, Errno> {
+    // SAFETY: the caller's arrays are handed on as they came; the kernel checks them.
+    let ret = unsafe { libc::syscall(libc::SYS_move_pages, 0, count, pages, nodes, status, flags) };
+    if ret < 0 {
+        Err(Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)))
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Moves the `count` pages at `pages[i]` of the calling process to nodes `nodes[i]`, and
+/// writes each page's outcome in `status[i]`: the node it is on, or a negative errno
+/// (`-ENOENT` not present, `-EFAULT` not mapped, `-EBUSY` pinned, `-EACCES` mapped by
+/// another process, `-ENOMEM` no room on the node). With `nodes` NULL, only writes where
+/// each page is. `flags` is `0`, `MPOL_MF_MOVE` or `MPOL_MF_MOVE_ALL`, as for
+/// `move_pages(2)`.
+///
+/// Returns `0` when every page is on its node, the number of pages that are not, or `-1`
+/// with `errno`: `EINVAL` for other flags, `ENODEV` for a node out of range or without
+/// memory, `EFAULT` for arrays that cannot be read or written, `EPERM`
+/// for `MPOL_MF_MOVE_ALL` without `CAP_SYS_NICE`. Unlike the kernel, every node is checked
+/// before any page moves.
+///
+/// # Safety
+/// `pages` and `status` (and `nodes`, unless NULL) must point to `count` elements. The
+/// calling thread is inside this call while its pages move: nothing else on it accesses
+/// them meanwhile, which is what pagemig needs.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pagemig_move_pages(
+    count: c_ulong,
+    pages: *const *mut c_void,
+    nodes: *const c_int,
+    status: *mut c_int,
+    flags: c_int,
+) -> c_long {
+    boundary(|| {
+        if flags & !(PAGEMIG_MPOL_MF_MOVE | PAGEMIG_MPOL_MF_MOVE_ALL) != 0 {
+            return Err(Errno::INVAL);
+        }
+        let engine = Engine::global();
+        if count == 0 || flags & PAGEMIG_MPOL_MF_MOVE_ALL != 0 || engine.is_err() {
+            // SAFETY: forwarded from the caller's contract.
+            return unsafe { kernel_move_pages(count, pages, nodes, status, flags) };
+        }
+        if pages.is_null() || status.is_null() {
+            return Err(Errno::FAULT);
+        }
+        let n = usize::try_from(count).map_err(|_| Errno::INVAL)?;
+        // SAFETY: the caller promises `count` elements behind each non-NULL pointer.
+        let (pages, status) = unsafe {
+            (std::slice::from_raw_parts(pages.cast::<usize>(), n), std::slice::from_raw_parts_mut(status, n))
+        };
+        // SAFETY: as above.
+        let nodes = (!nodes.is_null()).then(|| unsafe { std::slice::from_raw_parts(nodes, n) });
+        // SAFETY: the calling thread is inside this call: it does not access the pages
+        // while they move.
+        match unsafe { engine.expect("checked above").move_pages(pages, nodes, status) } {
+            Ok(left) => Ok(left as c_long),
+            Err(e) => Err(e.errno()),
+        }
+    })
+}
+
+/// Reads the attribute `path` (`migrate/max_batch_pages`, `dcbm/nr_dma_chan`, …; see
+/// `pagemig attr`) into `buf` as a NUL-terminated string.
+///
+/// Returns the length of the value, or `-1` with `errno`: `ENOENT` for an unknown path,
+/// `ERANGE` when `len` bytes cannot hold the value and its NUL, `EFAULT` for NULL pointers.
+///
+/// # Safety
+/// `path` must be a NUL-terminated string and `buf` writable for `len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pagemig_attr_read(path: *const c_char, buf: *mut c_char, len: usize) -> c_long {
+    boundary(|| {
+        if path.is_null() || buf.is_null() {
+            return Err(Errno::FAULT);
+        }
+        // SAFETY: the caller promises a NUL-terminated string.
+        let path = unsafe { CStr::from_ptr(path) }.to_str().map_err(|_| Errno::INVAL)?;
+        let value = pagemig_core::attr::read(path).map_err(|e| e.errno())?;
+        if value.len() + 1 > len {
+            return Err(Errno::RANGE);
+        }
+        // SAFETY: `buf` holds `len` bytes, more than the value and its NUL (checked).
+        unsafe {
+            std::ptr::copy_nonoverlapping(value.as_ptr().cast::<c_char>(), buf, value.len());
+            *buf.add(value.len()) = 0;
+        }
+        Ok(value.len() as c_long)
+    })
+}
+
+/// Writes the attribute `path` from the string `value`.
+///
+/// Returns `0`, or `-1` with `errno`: `ENOENT` for an unknown path, `EACCES` for a
+/// read-only one, `EINVAL` for a value it does not accept, `EFAULT` for NULL pointers.
+///
+/// # Safety
+/// `path` and `value` must be NUL-terminated strings.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pagemig_attr_write(path: *const c_char, value: *const c_char) -> c_int {
+    boundary(|| {
+        if path.is_null() || value.is_null() {
+            return Err(Errno::FAULT);
+        }
+        // SAFETY: the caller promises NUL-terminated strings.
+        let (path, value) = unsafe { (CStr::from_ptr(path), CStr::from_ptr(value)) };
+        let (path, value) = (path.to_str().map_err(|_| Errno::INVAL)?, value.to_str().map_err(|_| Errno::INVAL)?);
+        pagemig_core::attr::write(path, value).map_err(|e| e.errno())?;
+        Ok(0)
+    }) as c_int
+}
+
+/// Fills `out` with what the kernel and this process allow pagemig. Returns `0`, or `-1`
+/// with `errno` `EFAULT` for a NULL pointer.
+///
+/// # Safety
+/// `out` must be writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pagemig_capabilities(out: *mut pagemig_capabilities) -> c_int {
+    boundary(|| {
+        if out.is_null() {
+            return Err(Errno::FAULT);
+        }
+        let caps = match Engine::global() {
+            Ok(e) => {
+                let c = e.capabilities();
+                pagemig_capabilities {
+                    available: 1,
+                    user_mode_only: c_int::from(c.user_mode_only),
+                    wp_unpopulated: c_int::from(c.wp_unpopulated),
+                }
+            }
+            Err(_) => pagemig_capabilities::default(),
+        };
+        // SAFETY: the caller promises `out` is writable.
+        unsafe { *out = caps };
+        Ok(0)
+    }) as c_int
+}

@@ -1,0 +1,115 @@
+/* pagemig_move_pages against the kernel's move_pages(2): the same inputs to both, every
+ * return value, errno and status entry compared. Built against the installed header and
+ * library (see capi/install). Exits 0 when every case agrees. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <pagemig.h>
+
+#define N 12
+static long page;
+static int failures;
+
+static long kernel_move_pages(unsigned long count, void **pages, const int *nodes, int *status, int flags) {
+    return syscall(SYS_move_pages, 0, count, pages, nodes, status, flags);
+}
+
+/* Fills `pages` with one of each kind of address; returns the page to unmap once both
+ * layouts exist (so neither reuses the other's hole). */
+static char *layout(void **pages, int fd) {
+    char *anon = mmap(NULL, 8 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(anon, 7, 4 * page);                      /* pages 0-3 touched, 4-7 not */
+    char *ro = mmap(NULL, page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *shared = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    shared[0] = 1;
+    char *heap = malloc(3 * page);
+    memset(heap, 3, 3 * page);
+    char *gone = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    void *p[N] = {
+        anon, anon + page + 123, anon + 3 * page, anon + 5 * page, /* present, inside, present, untouched */
+        ro, shared, shared + page, heap + page, gone, (void *)0x1000,
+        anon, /* a duplicate */
+        anon + 2 * page,
+    };
+    memcpy(pages, p, sizeof p);
+    return gone;
+}
+
+static void compare(const char *what, unsigned long count, void **pa, void **pb, int *nodes, int flags, int nodes_null) {
+    int sa[N], sb[N];
+    memset(sa, 0x55, sizeof sa);
+    memset(sb, 0x55, sizeof sb);
+    errno = 0;
+    long ra = pagemig_move_pages(count, pa, nodes_null ? NULL : nodes, sa, flags);
+    int ea = ra < 0 ? errno : 0;
+    errno = 0;
+    long rb = kernel_move_pages(count, pb, nodes_null ? NULL : nodes, sb, flags);
+    int eb = rb < 0 ? errno : 0;
+    int same = ra == rb && ea == eb && (ra < 0 || memcmp(sa, sb, count * sizeof(int)) == 0);
+    printf("%-40s pagemig %ld errno %-3d | kernel %ld errno %-3d | status", what, ra, ea, rb, eb);
+    for (unsigned long i = 0; ra >= 0 && i < count; i++)
+        printf(" %d/%d", sa[i], sb[i]);
+    printf(" %s\n", same ? "same" : "DIFFERENT");
+    failures += !same;
+}
+
+int main(void) {
+    page = sysconf(_SC_PAGESIZE);
+    struct pagemig_capabilities caps;
+    if (pagemig_capabilities(&caps) != 0) {
+        perror("pagemig_capabilities");
+        return 2;
+    }
+    printf("pagemig: userfaultfd %s, user mode only %d\n", caps.available ? "available" : "absent", caps.user_mode_only);
+    char batch[32];
+    if (pagemig_attr_read("migrate/max_batch_pages", batch, sizeof batch) < 0 || pagemig_attr_write("migrate/max_batch_pages", batch) != 0) {
+        perror("pagemig_attr");
+        return 2;
+    }
+    errno = 0;
+    if (pagemig_attr_read("no/such", batch, sizeof batch) != -1 || errno != ENOENT) {
+        printf("unknown attribute: errno %d\n", errno);
+        failures++;
+    }
+    char tmpl[] = "/tmp/pagemig-conformance-XXXXXX";
+    int fd = mkstemp(tmpl);
+    unlink(tmpl);
+    if (fd < 0 || ftruncate(fd, 2 * page) != 0)
+        return 2;
+    void *pa[N], *pb[N];
+    char *ga = layout(pa, fd);
+    char *gb = layout(pb, fd);
+    munmap(ga, page);
+    munmap(gb, page);
+    /* Where the first page is: the node to move to, and the other node if there is one. */
+    int here[1];
+    kernel_move_pages(1, pb, NULL, here, 0);
+    int target = here[0];
+    const char *env = getenv("PAGEMIG_CONFORMANCE_NODE");
+    if (env)
+        target = atoi(env);
+    int nodes[N];
+    for (int i = 0; i < N; i++)
+        nodes[i] = target;
+    compare("query", N, pa, pb, nodes, 0, 1);
+    compare("move to the target node", N, pa, pb, nodes, PAGEMIG_MPOL_MF_MOVE, 0);
+    compare("move again (already there)", N, pa, pb, nodes, 0, 0);
+    compare("count 0", 0, pa, pb, nodes, 0, 0);
+    compare("bad flags", N, pa, pb, nodes, 0x10, 0);
+    int bad[N];
+    memcpy(bad, nodes, sizeof bad);
+    bad[N - 1] = -1;
+    compare("a negative node", N, pa, pb, bad, 0, 0);
+    bad[N - 1] = 1000;
+    compare("a node without memory", N, pa, pb, bad, 0, 0);
+    compare("NULL pages", N, NULL, NULL, nodes, 0, 0);
+    printf("%s: %d case(s) differ\n", failures ? "FAIL" : "PASS", failures);
+    return failures != 0;
+}
