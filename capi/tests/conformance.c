@@ -60,7 +60,8 @@ static void compare(const char *what, unsigned long count, void **pa, void **pb,
     failures += !same;
 }
 
-int main(void) {
+/* argv[1], when given, is the node to move to (in the two-node guest: the other node). */
+int main(int argc, char **argv) {
     page = sysconf(_SC_PAGESIZE);
     struct pagemig_capabilities caps;
     if (pagemig_capabilities(&caps) != 0) {
@@ -92,9 +93,9 @@ int main(void) {
     int here[1];
     kernel_move_pages(1, pb, NULL, here, 0);
     int target = here[0];
-    const char *env = getenv("PAGEMIG_CONFORMANCE_NODE");
-    if (env)
-        target = atoi(env);
+    if (argc > 1)
+        target = atoi(argv[1]);
+    printf("pages on node %d, moved to node %d\n", here[0], target);
     int nodes[N];
     for (int i = 0; i < N; i++)
         nodes[i] = target;

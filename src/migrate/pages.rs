@@ -84,15 +84,17 @@ impl Engine {
         // Where each page is now: pages not there, and pages already home, are done.
         sys::move_pages(pages, None, status).map_err(Error::sys("move_pages (query)"))?;
         let todo: Vec<usize> = (0..pages.len()).filter(|&i| status[i] >= 0 && status[i] != nodes[i]).collect();
-        if !todo.is_empty() {
-            self.move_todo(pages, nodes, status, &todo)?;
+        if todo.is_empty() {
+            return Ok(0);
         }
-        // As the kernel counts: the pages it tried to move and could not.
-        Ok(todo.iter().filter(|&&i| status[i] != nodes[i]).count())
+        self.move_todo(pages, nodes, status, &todo)
     }
 
-    /// Moves the pages `todo` (present, elsewhere than asked), writing their outcomes.
-    fn move_todo(&self, pages: &[usize], nodes: &[i32], status: &mut [i32], todo: &[usize]) -> Result<()> {
+    /// Moves the pages `todo` (present, elsewhere than asked), writing their outcomes, and
+    /// returns how many failed to migrate as the kernel counts them: not the pages it
+    /// refuses to take at all (`EACCES` shared, `ENOENT`, `EFAULT`), which only their status
+    /// reports.
+    fn move_todo(&self, pages: &[usize], nodes: &[i32], status: &mut [i32], todo: &[usize]) -> Result<usize> {
         let page_of = |i: usize| pages[i] & !(PAGE_SIZE - 1);
         let lo = todo.iter().map(|&i| page_of(i)).min().expect("not empty");
         let hi = todo.iter().map(|&i| page_of(i) + PAGE_SIZE).max().expect("not empty");
@@ -103,6 +105,7 @@ impl Engine {
         // page once); pages pagemig does not move go to the kernel.
         let mut folios: BTreeMap<usize, (usize, i32)> = BTreeMap::new();
         let mut kernel: Vec<usize> = Vec::new();
+        let mut not_moved = 0;
         for &i in todo {
             let page = page_of(i);
             let (start, size) = match huge.iter().find(|&&(s, e)| s <= page && page < e) {
@@ -120,7 +123,7 @@ impl Engine {
             let p: Vec<usize> = kernel.iter().map(|&i| pages[i]).collect();
             let n: Vec<i32> = kernel.iter().map(|&i| nodes[i]).collect();
             let mut s = vec![0; kernel.len()];
-            sys::move_pages(&p, Some(&n), &mut s).map_err(Error::sys("move_pages"))?;
+            not_moved += sys::move_pages_counted(&p, Some(&n), &mut s).map_err(Error::sys("move_pages"))?;
             for (k, &i) in kernel.iter().enumerate() {
                 status[i] = s[k];
             }
@@ -150,7 +153,7 @@ impl Engine {
         // The outcome of every page pagemig took: its node now, or its folio's errno.
         let mine: Vec<usize> = todo.iter().copied().filter(|i| !kernel.contains(i)).collect();
         if mine.is_empty() {
-            return Ok(());
+            return Ok(not_moved);
         }
         let p: Vec<usize> = mine.iter().map(|&i| pages[i]).collect();
         let mut now = vec![0; mine.len()];
@@ -159,10 +162,13 @@ impl Engine {
             let page = page_of(i);
             let folio = folios.range(..=page).next_back().filter(|(s, (len, _))| page < *s + *len).map(|(s, _)| *s);
             status[i] = match folio.and_then(|s| failed.get(&s)) {
-                Some(&errno) if now[k] != nodes[i] => -errno,
+                Some(&errno) if now[k] != nodes[i] => {
+                    not_moved += usize::from(![libc::EACCES, libc::ENOENT, libc::EFAULT].contains(&errno));
+                    -errno
+                }
                 _ => now[k],
             };
         }
-        Ok(())
+        Ok(not_moved)
     }
 }

@@ -327,6 +327,15 @@ pub fn vma_has_policy(addr: usize) -> Result<bool, Errno> {
 /// The `move_pages` errno for the call as a whole (`EINVAL`, `ENODEV`, `ENOENT`, `E2BIG`
 /// …). Per-page outcomes are in `status`.
 pub fn move_pages(pages: &[usize], nodes: Option<&[i32]>, status: &mut [i32]) -> Result<(), Errno> {
+    move_pages_counted(pages, nodes, status).map(drop)
+}
+
+/// [`move_pages`], returning what the kernel returns on success: the number of pages it
+/// tried to migrate and could not (`0` when every page it took moved).
+///
+/// # Errors
+/// As [`move_pages`].
+pub fn move_pages_counted(pages: &[usize], nodes: Option<&[i32]>, status: &mut [i32]) -> Result<usize, Errno> {
     if status.len() != pages.len() || nodes.is_some_and(|n| n.len() != pages.len()) {
         return Err(Errno::INVAL);
     }
@@ -344,7 +353,7 @@ pub fn move_pages(pages: &[usize], nodes: Option<&[i32]>, status: &mut [i32]) ->
             if nodes.is_some() { MPOL_MF_MOVE } else { 0 },
         )
     })
-    .map(drop)
+    .map(|n| n as usize)
 }
 
 /// Sets the memory policy of the calling thread to `MPOL_BIND` on one node
