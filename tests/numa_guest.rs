@@ -10,6 +10,8 @@
 //! A test prints `placement: <region> node <N> pages <k>/<total>` (`k`: the pages both
 //! sources find on node `N`) and asserts that all pages are on the node they were sent to.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -557,25 +559,7 @@ fn page_mix(node: u32, seed: u64) -> PageMix {
     let huge = Region::new(2 * HPAGE_SIZE, HPAGE_SIZE, Some(node)).expect("huge pages");
     fill(&huge, seed + 1);
     let untouched = sys::mmap_anon(4 * PAGE_SIZE).expect("mmap");
-    let path = std::env::temp_dir().join(format!("pagemig-mix-{}-{seed}", std::process::id()));
-    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
-    file.set_len((2 * PAGE_SIZE) as u64).unwrap();
-    let _ = std::fs::remove_file(&path);
-    use std::os::fd::AsRawFd;
-    // SAFETY: a shared read-write mapping of a file of ours.
-    let shared = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            2 * PAGE_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    } as usize;
-    assert_ne!(shared, libc::MAP_FAILED as usize);
-    // SAFETY: the first page of our own shared mapping.
-    unsafe { std::ptr::write_volatile(shared as *mut u8, 1) };
+    let (file, shared) = common::shared_file_pages(2);
     let addrs = vec![
         base.addr(),
         base.addr() + 5 * PAGE_SIZE + 123,

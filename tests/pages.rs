@@ -3,7 +3,7 @@
 //! against the kernel's own `move_pages(2)` given the same addresses; the cross-node part
 //! runs in the two-node guest (`tests/numa_guest.rs`).
 
-use std::os::fd::AsRawFd;
+mod common;
 
 use pagemig::sys::{self, Errno, HPAGE_SIZE, PAGE_SIZE};
 use pagemig::{Engine, Error, Region, numa, workload};
@@ -32,21 +32,7 @@ fn mix() -> Mix {
     workload::fill(&huge, 4);
     let untouched = sys::mmap_anon(4 * PAGE_SIZE).unwrap();
     let hole = sys::reserve(4 * PAGE_SIZE).unwrap(); // PROT_NONE: mapped, not accessible
-    let file = tempfile_with_pages(2);
-    // SAFETY: maps a file of ours, shared and read-write.
-    let shared = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            2 * PAGE_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            0,
-        )
-    } as usize;
-    assert_ne!(shared, libc::MAP_FAILED as usize);
-    // SAFETY: touches the first page of our own shared mapping.
-    unsafe { std::ptr::write_volatile(shared as *mut u8, 1) };
+    let (file, shared) = common::shared_file_pages(2);
     let addrs = vec![
         base.addr(),
         base.addr() + 5 * PAGE_SIZE + 123, // inside a page
@@ -60,14 +46,6 @@ fn mix() -> Mix {
         shared + PAGE_SIZE, // never touched
     ];
     Mix { addrs, _keep: vec![base, huge], _file: file }
-}
-
-fn tempfile_with_pages(pages: usize) -> std::fs::File {
-    let path = std::env::temp_dir().join(format!("pagemig-pages-{}-{pages}", std::process::id()));
-    let f = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
-    f.set_len((pages * PAGE_SIZE) as u64).unwrap();
-    let _ = std::fs::remove_file(&path);
-    f
 }
 
 #[test]

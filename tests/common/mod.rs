@@ -50,3 +50,32 @@ pub fn leak(region: Region) -> &'static Region {
 pub fn pages_on(region: &Region, node: u32) -> usize {
     region.placement().unwrap().get(&(node as i32)).copied().unwrap_or(0)
 }
+
+/// A shared read-write mapping of a fresh unlinked file of `pages` pages, its first page
+/// touched and the rest not: memory pagemig hands to the kernel. Returns the file (keep it
+/// open while the mapping is used) and the mapping's address.
+pub fn shared_file_pages(pages: usize) -> (std::fs::File, usize) {
+    use std::os::fd::AsRawFd;
+    use std::sync::atomic::AtomicUsize;
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("pagemig-shared-{}-{n}", std::process::id()));
+    let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    file.set_len((pages * PAGE_SIZE) as u64).unwrap();
+    // SAFETY: a shared read-write mapping of a file of ours.
+    let addr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            pages * PAGE_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            0,
+        )
+    } as usize;
+    assert_ne!(addr, libc::MAP_FAILED as usize);
+    // SAFETY: the first page of our own shared mapping.
+    unsafe { std::ptr::write_volatile(addr as *mut u8, 1) };
+    (file, addr)
+}
