@@ -137,6 +137,28 @@ pub unsafe fn folios_copy_to(pairs: &[CopyPair], dst: Dst<'_>) -> Result<(), Err
     Ok(())
 }
 
+/// Copies a batch of folios in order, each into a destination as `dsts` says (one
+/// [`folios_copy_to`] per stretch of destinations of the same kind), stopping at the first
+/// failure.
+///
+/// # Errors
+/// The first failing pair's error.
+///
+/// # Safety
+/// As [`folios_copy_to`] for every pair; `dsts` has one entry per pair.
+pub unsafe fn folios_copy_each(pairs: &[CopyPair], dsts: &[Dst<'_>]) -> Result<(), Errno> {
+    debug_assert_eq!(pairs.len(), dsts.len());
+    let mut i = 0;
+    while i < pairs.len() {
+        let kind = std::mem::discriminant(&dsts[i]);
+        let j = i + dsts[i..].iter().take_while(|d| std::mem::discriminant(*d) == kind).count();
+        // SAFETY: forwarded from the caller's contract.
+        unsafe { folios_copy_to(&pairs[i..j], dsts[i])? };
+        i = j;
+    }
+    Ok(())
+}
+
 /// Merges pairs that continue each other in both source and destination into one copy:
 /// one large `memcpy` runs faster than many small ones over the same bytes.
 pub fn coalesce(pairs: &[CopyPair]) -> impl Iterator<Item = CopyPair> + '_ {

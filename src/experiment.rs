@@ -226,6 +226,20 @@ fn ratio(gbps: f64, memcpy_gbps: f64) -> f64 {
     if memcpy_gbps > 0.0 { gbps / memcpy_gbps } else { 0.0 }
 }
 
+/// Every byte and write of a migrated region checked against what was written, and where
+/// its pages are: the verification, the pages per node, and whether all are on the target.
+fn check(
+    region: &Region,
+    cfg: &MoveConfig,
+    log: &workload::WriteLog,
+) -> Result<(VerifyReport, std::collections::BTreeMap<i32, usize>, bool)> {
+    let verify = workload::verify(region, cfg.seed, log);
+    let placement = region.placement()?;
+    let pages = region.len() / crate::sys::PAGE_SIZE;
+    let placement_ok = placement.get(&(cfg.to_node as i32)) == Some(&pages);
+    Ok((verify, placement, placement_ok))
+}
+
 /// Runs one measured migration.
 ///
 /// `progress`, when given, is told `0` just before the migration starts (after the
@@ -270,10 +284,7 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
         Err(Error::Partial { stats, first, .. }) => (*stats, Some(first.to_string())),
         Err(e) => return Err(e),
     };
-    let verify: VerifyReport = workload::verify(&region, cfg.seed, &log);
-    let placement = region.placement()?;
-    let pages = region.len() / crate::sys::PAGE_SIZE;
-    let placement_ok = placement.get(&(cfg.to_node as i32)) == Some(&pages);
+    let (verify, placement, placement_ok) = check(&region, cfg, &log)?;
     let gbps = stats.gbps();
     let critical = stats.critical_path_gbps();
     Ok(MoveReport {
@@ -441,10 +452,8 @@ pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<M
     let error = first_error.or_else(|| {
         page_errors.iter().next().map(|(what, n)| format!("move_pages left {n} addresses unmoved: {what}"))
     });
-    let verify: VerifyReport = workload::verify(&region, cfg.seed, &log);
-    let placement = region.placement()?;
+    let (verify, placement, placement_ok) = check(&region, cfg, &log)?;
     let pages = region.len() / crate::sys::PAGE_SIZE;
-    let placement_ok = placement.get(&target) == Some(&pages);
     let moved_pages = (moved_addresses * pages_per_address) as u64;
     let huge = pages_per_address > 1;
     let stats = MigrateStats {

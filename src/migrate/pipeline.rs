@@ -13,7 +13,7 @@ use super::busy::Claims;
 use super::mover::{self, GONE, Job, MoveJob, Patience, STOPPED, overlaps, undo, unprotect};
 use super::reaper::Grave;
 use super::{Engine, Item, MigrateOptions, Mode, NR_MAX_MIGRATE_PASSES, Reason};
-use crate::copy::{CopyPair, Dst, folios_copy_to};
+use crate::copy::{CopyPair, Dst, folios_copy_each, folios_copy_to};
 use crate::error::Error;
 use crate::folio::{Folio, MigrateInfo};
 use crate::migrate::MigrateStats;
@@ -414,7 +414,7 @@ impl<'a> Call<'a> {
             // SAFETY: every pair copied reads old pages isolated in our graveyard just above
             // (no thread can write them) and writes a destination the pool handed us that
             // nothing else refers to; the two never overlap.
-            let ok = unsafe { copy_pairs(&protected, &kinds) }.is_ok();
+            let ok = unsafe { folios_copy_each(&protected, &kinds) }.is_ok();
             self.stats.copy_ns += t.elapsed().as_nanos() as u64;
             if ok {
                 self.stats.batch_copied_folios += protected.len() as u64;
@@ -500,7 +500,7 @@ impl<'a> Call<'a> {
         // The default CPU batch copy (unpipelined, or a migrator that went away).
         let t = Instant::now();
         // SAFETY: as for the offloaded copy above.
-        let ok = unsafe { copy_pairs(&pairs, &dsts) }.is_ok();
+        let ok = unsafe { folios_copy_each(&pairs, &dsts) }.is_ok();
         self.stats.copy_ns += t.elapsed().as_nanos() as u64;
         if ok {
             self.stats.batch_copied_folios += live.len() as u64;
@@ -867,22 +867,6 @@ impl<'a> Call<'a> {
         st.first_done = true;
         self.submit(Job::Move(job));
     }
-}
-
-/// The CPU copy of `pairs`, each into a destination as `dsts` says.
-///
-/// # Safety
-/// As [`folios_copy_to`] for every pair.
-unsafe fn copy_pairs(pairs: &[CopyPair], dsts: &[Dst<'_>]) -> Result<(), Errno> {
-    let mut i = 0;
-    while i < pairs.len() {
-        let kind = std::mem::discriminant(&dsts[i]);
-        let j = i + dsts[i..].iter().take_while(|d| std::mem::discriminant(*d) == kind).count();
-        // SAFETY: forwarded from the caller's contract.
-        unsafe { folios_copy_to(&pairs[i..j], dsts[i])? };
-        i = j;
-    }
-    Ok(())
 }
 
 /// Hands `batch` to the active migrator under `catch_unwind`: a panic stops the call

@@ -40,7 +40,7 @@ pub mod registry;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::copy::{CopyPair, Dst, folios_copy_to};
+use crate::copy::{CopyPair, Dst, folios_copy_each, folios_copy_to};
 use crate::sys::Errno;
 
 pub use registry::{Migrator, Owner, Registration, Registry, registry};
@@ -154,17 +154,16 @@ impl<'a> Batch<'a> {
     /// reported complete (nothing is copied).
     pub fn copy_range(&self, range: Range<usize>) -> Result<(), Errno> {
         let guard = self.enter(range.clone())?;
-        let mut result = Ok(());
-        let mut i = range.start;
-        while i < range.end && result.is_ok() {
-            let kind = std::mem::discriminant(&self.dst(i));
-            let j = (i..range.end).find(|&j| std::mem::discriminant(&self.dst(j)) != kind).unwrap_or(range.end);
-            // SAFETY: the batch's invariant makes every pair valid to copy while it is not
-            // reported complete, the guard keeps these from being reported until it drops,
-            // and `dst` is what the constructor was told of their destinations.
-            result = unsafe { folios_copy_to(&self.pairs[i..j], self.dst(i)) };
-            i = j;
-        }
+        let pairs = &self.pairs[range.clone()];
+        // SAFETY: the batch's invariant makes every pair valid to copy while it is not
+        // reported complete, the guard keeps these from being reported until it drops, and
+        // the destinations are what the constructor was told of them.
+        let result = unsafe {
+            match self.dsts {
+                Some(dsts) => folios_copy_each(pairs, &dsts[range]),
+                None => folios_copy_to(pairs, Dst::Mapped),
+            }
+        };
         drop(guard);
         result
     }
