@@ -200,8 +200,9 @@ pub fn memcpy_baseline(len: usize, folio_size: usize) -> Result<std::time::Durat
 }
 
 /// A CPU copy kernel.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Kernel {
     /// Non-temporal stores, one source stream.
     Nt,
@@ -249,7 +250,8 @@ impl std::str::FromStr for Kernel {
 }
 
 /// One kernel's throughput at start-up, GB/s.
-#[derive(Clone, Copy, Debug, serde::Serialize)]
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct KernelFigure {
     /// The kernel.
     pub kernel: Kernel,
@@ -262,7 +264,8 @@ pub struct KernelFigure {
 }
 
 /// The copy kernels chosen on this machine, and the figures they were chosen by.
-#[derive(Clone, Debug, serde::Serialize)]
+#[derive(Clone, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Kernels {
     /// For destinations populated just before the copy ([`Dst::Fresh`]).
     pub hot: Kernel,

@@ -5,11 +5,10 @@ use crate::stats::MigrateStats;
 use crate::sys::Errno;
 
 /// What went wrong, with enough context to act on it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug)]
 #[non_exhaustive]
 pub enum Error {
     /// A system call failed.
-    #[error("{op} failed: {errno}")]
     Sys {
         /// The call and what it was doing.
         op: &'static str,
@@ -17,10 +16,8 @@ pub enum Error {
         errno: Errno,
     },
     /// An argument is out of range or malformed (`EINVAL`).
-    #[error("invalid argument: {0}")]
     Invalid(String),
     /// The node does not exist, is offline, or has no memory (`ENODEV`).
-    #[error("node {node} is not an online node with memory (online nodes with memory: {online:?})")]
     UnknownNode {
         /// The node asked for.
         node: u32,
@@ -29,7 +26,6 @@ pub enum Error {
     },
     /// The range holds memory pagemig may not move (`EFAULT`): shared, file-backed,
     /// special or unmapped memory.
-    #[error("cannot migrate {start:#x}..{end:#x}: {why}")]
     NotMovable {
         /// First byte of the offending range.
         start: usize,
@@ -39,10 +35,6 @@ pub enum Error {
         why: String,
     },
     /// The migration would push the process past `vm.max_map_count` (`ENOMEM`).
-    #[error(
-        "migration would need up to {needed} mappings but vm.max_map_count is {limit} \
-         ({current} in use); migrate fewer scattered folios at a time or raise vm.max_map_count"
-    )]
     MapCountLimit {
         /// Mappings the process holds now.
         current: usize,
@@ -52,7 +44,6 @@ pub enum Error {
         limit: usize,
     },
     /// The target node has too little free memory (`ENOMEM`).
-    #[error("node {node} has {free} bytes free, too few for {needed} bytes and the {reserve} bytes left to others")]
     NodeFull {
         /// The target node.
         node: u32,
@@ -64,7 +55,6 @@ pub enum Error {
         reserve: u64,
     },
     /// Some folios migrated and some did not; `stats` says which and how many.
-    #[error("{failed} of {total} folios were not migrated: {first}")]
     Partial {
         /// Folios that did not migrate.
         failed: u64,
@@ -78,7 +68,6 @@ pub enum Error {
     /// Code the caller handed pagemig (a migrator, a progress callback) panicked, or
     /// pagemig itself did (`ECANCELED`). The call stopped there: every folio that had not
     /// moved was undone and is exactly as it was; `stats` counts what moved before.
-    #[error("{what} panicked ({message}); the migration stopped: {} of {} folios had moved, the rest are as they were", stats.succeeded_folios, stats.folios)]
     Panicked {
         /// Whose code panicked.
         what: &'static str,
@@ -88,7 +77,6 @@ pub enum Error {
         stats: Box<MigrateStats>,
     },
     /// An attribute could not be read or written.
-    #[error("attribute {path}: {message}")]
     Attr {
         /// The attribute's path.
         path: String,
@@ -98,7 +86,6 @@ pub enum Error {
         message: String,
     },
     /// Reading a `/proc` or `/sys` file failed.
-    #[error("reading {path}: {source}")]
     Io {
         /// The file.
         path: String,
@@ -129,6 +116,47 @@ impl Error {
 
     pub(crate) fn io(path: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
         move |source| Error::Io { path: path.to_string(), source }
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Error::Sys { op, errno } => write!(f, "{op} failed: {errno}"),
+            Error::Invalid(why) => write!(f, "invalid argument: {why}"),
+            Error::UnknownNode { node, online } => {
+                write!(f, "node {node} is not an online node with memory (online nodes with memory: {online:?})")
+            }
+            Error::NotMovable { start, end, why } => write!(f, "cannot migrate {start:#x}..{end:#x}: {why}"),
+            Error::MapCountLimit { current, needed, limit } => write!(
+                f,
+                "migration would need up to {needed} mappings but vm.max_map_count is {limit} \
+                 ({current} in use); migrate fewer scattered folios at a time or raise vm.max_map_count"
+            ),
+            Error::NodeFull { node, needed, free, reserve } => write!(
+                f,
+                "node {node} has {free} bytes free, too few for {needed} bytes and the {reserve} bytes left to others"
+            ),
+            Error::Partial { failed, total, first, .. } => {
+                write!(f, "{failed} of {total} folios were not migrated: {first}")
+            }
+            Error::Panicked { what, message, stats } => write!(
+                f,
+                "{what} panicked ({message}); the migration stopped: {} of {} folios had moved, the rest are as they were",
+                stats.succeeded_folios, stats.folios
+            ),
+            Error::Attr { path, message, .. } => write!(f, "attribute {path}: {message}"),
+            Error::Io { path, source } => write!(f, "reading {path}: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Io { source, .. } => Some(source),
+            _ => None,
+        }
     }
 }
 

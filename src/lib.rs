@@ -17,33 +17,51 @@
 //! # Ok::<(), pagemig::Error>(())
 //! ```
 //!
-//! `unsafe` code lives in [`sys`] (system calls), [`copy`] (the copy kernels), the
-//! pipeline that calls them, the pool that owns its memory, and [`Region::adopt`].
+//! `unsafe` code lives in the system-call layer, the copy kernels, the pipeline that calls
+//! them, the pool that owns its memory, and the `unsafe fn`s over raw addresses
+//! ([`Region::adopt`], [`Engine::move_pages`], [`Folio::new`]).
 #![deny(unsafe_code, missing_docs, unsafe_op_in_unsafe_fn)]
 
+/// Declares a module that is public with the `internals` feature (for pagemig's own tests,
+/// benchmarks and command; no semver promise) and private without it.
+macro_rules! internal {
+    ($(#[$meta:meta])* mod $name:ident;) => {
+        $(#[$meta])*
+        #[cfg(feature = "internals")]
+        pub mod $name;
+        $(#[$meta])*
+        #[cfg(not(feature = "internals"))]
+        #[allow(dead_code, unreachable_pub)]
+        mod $name;
+    };
+}
+
 pub mod attr;
-pub mod copy;
 pub mod dma;
 pub mod error;
-pub mod experiment;
 pub mod folio;
-pub mod maps;
 pub mod migrate;
 pub mod migrators;
 pub mod numa;
 pub mod offload;
-pub mod pool;
 pub mod region;
-pub mod report;
 pub mod stats;
 mod sync;
-pub mod sys;
-pub mod workload;
+
+internal! { mod copy; }
+internal! { mod maps; }
+internal! { mod pool; }
+internal! { mod sys; }
+internal! { mod workload; }
 
 pub use error::{Error, Result};
 pub use folio::{Folio, MigrateInfo};
+#[cfg(feature = "internals")]
+pub use migrate::FaultInjection;
 pub use migrate::{
-    Background, Capabilities, Engine, FaultInjection, MigrateOptions, MigrateStats, Mode, Reason, migrate_pages,
+    Background, Capabilities, Engine, MigrateOptions, MigrateStats, Mode, PagesStats, RangeOutcome, Reason, migrate_pages,
 };
 pub use pool::ThpAdvice;
 pub use region::Region;
+pub use rustix::io::Errno;
+pub use sys::PAGE_SIZE;

@@ -3,15 +3,14 @@
 use std::collections::BTreeMap;
 use std::fs;
 
-use serde::Serialize;
-
 use crate::error::{Error, Result};
 use crate::sys::{self, PAGE_SIZE};
 
 const NODE_ROOT: &str = "/sys/devices/system/node";
 
 /// One NUMA node as the kernel describes it.
-#[derive(Clone, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Node {
     /// The node number.
     pub id: u32,

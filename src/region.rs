@@ -48,7 +48,7 @@ impl Region {
     ///
     /// The pages are placed as most programs' are: by the policy of the thread that first
     /// touches them (the calling thread's, bound to `node` while it populates the region and
-    /// restored after), so the mapping has no memory policy of its own. [`sys::mbind`] gives
+    /// restored after), so the mapping has no memory policy of its own. `mbind(2)` gives
     /// it one.
     ///
     /// 2 MiB folios are 2 MiB aligned and backed by transparent huge pages
@@ -88,8 +88,9 @@ impl Region {
     /// not unmapped on drop.
     ///
     /// # Safety
-    /// The range must stay mapped for as long as the region lives (the region reads and
-    /// writes it through [`Region::word`]).
+    /// The range must stay mapped for as long as the region lives, and nothing but the
+    /// region may reach it through Rust references meanwhile (the region reads and writes
+    /// it through [`Region::word`], [`Region::atomic_words`] and [`Region::as_mut_slice`]).
     ///
     /// # Errors
     /// [`Error::Invalid`] for a zero, unaligned or wrapping range or a bad folio size;
@@ -169,6 +170,34 @@ impl Region {
     /// When `index` is past the region's end.
     pub fn word(&self, index: usize) -> &AtomicU64 {
         self.map.word(index).unwrap_or_else(|| panic!("word {index} outside a region of {} bytes", self.len()))
+    }
+
+    /// The region's bytes, for a caller that has the region to itself: while this borrow
+    /// lasts no folio of it can be migrating and no word can be in use elsewhere.
+    ///
+    /// ```
+    /// # use pagemig::Region;
+    /// let mut region = Region::new(1 << 20, 4096, None)?;
+    /// region.as_mut_slice().fill(0xa5);
+    /// assert!(region.as_mut_slice().iter().all(|&b| b == 0xa5));
+    /// # Ok::<(), pagemig::Error>(())
+    /// ```
+    #[allow(unsafe_code, reason = "a slice over the region's own mapping")]
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is readable and writable for `len` bytes for as long as the
+        // region lives (type invariant), and `&mut self` excludes every other borrow of the
+        // region (folios, words) for as long as the slice lives.
+        unsafe { std::slice::from_raw_parts_mut(self.as_ptr(), self.len()) }
+    }
+
+    /// The region's 64-bit words, for access that may race with other threads and with
+    /// migration ([`Region::word`] for all of them).
+    #[allow(unsafe_code, reason = "a slice over the region's own mapping")]
+    pub fn atomic_words(&self) -> &[AtomicU64] {
+        // SAFETY: the mapping is page aligned, readable and writable, and lives as long as
+        // `self` (type invariant); atomics may alias other atomic access, and migration
+        // copies a folio only while every access to it waits.
+        unsafe { std::slice::from_raw_parts(self.as_ptr().cast::<AtomicU64>(), self.words()) }
     }
 
     /// The number of 64-bit words.

@@ -2,10 +2,10 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
-
 /// Counters and phase times of one `migrate_pages` call.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct MigrateStats {
     /// Folios asked for.
     pub folios: u64,
@@ -67,7 +67,9 @@ pub struct MigrateStats {
 }
 
 /// A folio that did not move, and why.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct FolioFailure {
     /// The folio's first byte.
     pub addr: usize,

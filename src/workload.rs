@@ -9,7 +9,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use serde::Serialize;
 
 use crate::region::Region;
 use crate::sys::PAGE_SIZE;
@@ -32,17 +31,19 @@ pub fn fill(region: &Region, seed: u64) {
 }
 
 /// What the writers did.
-#[derive(Clone, Debug, Default, Serialize)]
+#[derive(Clone, Debug, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct WriteLog {
     /// Stores made.
     pub writes: u64,
     /// `(word index, last value stored)` of every slot written.
-    #[serde(skip)]
+    #[cfg_attr(feature = "serde", serde(skip))]
     pub last: Vec<(usize, u64)>,
 }
 
 /// The outcome of [`verify`].
-#[derive(Clone, Debug, Default, Serialize, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct VerifyReport {
     /// Bytes checked.
     pub checked_bytes: u64,

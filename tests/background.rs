@@ -17,11 +17,7 @@ const LIMIT: Duration = Duration::from_secs(120);
 
 /// Options that make a migration of 4 KiB folios slow enough to be stopped midway.
 fn slow(extra: MigrateOptions) -> MigrateOptions {
-    MigrateOptions {
-        max_batch_pages: Some(64),
-        fault: FaultInjection { delay_move: Some(Duration::from_millis(5)), ..Default::default() },
-        ..extra
-    }
+    extra.max_batch_pages(64).fault(FaultInjection { delay_move: Some(Duration::from_millis(5)), ..Default::default() })
 }
 
 #[test]
@@ -64,7 +60,11 @@ fn stopped_midway(
         let (result, log) = workload::with_writers(region, 1, || {
             let engine = Engine::global().unwrap();
             let deadline = deadline_after.map(|d| Instant::now() + d);
-            let opts = slow(MigrateOptions { deadline, ..Default::default() });
+            let opts = slow({
+                let mut opts = MigrateOptions::default();
+                opts.deadline = deadline;
+                opts
+            });
             let job = engine.migrate_in_background(region.folios(), node(), Reason::Syscall, Mode::Sync, opts).unwrap();
             // Stopped once something moved (or, for the deadline, after it passed).
             let began = Instant::now();

@@ -22,7 +22,7 @@ fn migrate_and_verify(size: usize, folio: usize, batch: usize) -> pagemig::Migra
     let region = Region::new(size, folio, Some(node())).unwrap();
     workload::fill(&region, 42);
     let frames_before = numa::page_frames(region.addr(), region.len()).unwrap();
-    let opts = MigrateOptions { max_batch_pages: Some(batch), ..Default::default() };
+    let opts = MigrateOptions::default().max_batch_pages(batch);
     let stats =
         Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts).unwrap();
     assert_eq!(stats.succeeded_folios as usize, size / folio);
@@ -66,7 +66,7 @@ fn migrates_2m_folios_and_keeps_thp() {
 fn writers_lose_nothing_over_repeated_migrations() {
     let region = Region::new(8 << 20, 4096, Some(node())).unwrap();
     workload::fill(&region, 3);
-    let opts = MigrateOptions { max_batch_pages: Some(64), ..Default::default() };
+    let opts = MigrateOptions::default().max_batch_pages(64);
     let (total, log) = workload::with_writers(&region, 2, || {
         let mut moved = 0;
         for _ in 0..10 {
@@ -102,11 +102,9 @@ fn pipe_read_into_migrating_memory_lands_in_new_page() {
     // Folio `page` stays write-protected for 300 ms before its copy; the read(2) into it
     // starts inside that window, so the kernel's write must wait for the move.
     let pause = Duration::from_millis(300);
-    let opts = MigrateOptions {
-        no_batch_copy: true,
-        fault: FaultInjection { delay_folio_copy: Some((page, pause)), ..Default::default() },
-        ..Default::default()
-    };
+    let opts = MigrateOptions::default()
+        .no_batch_copy(true)
+        .fault(FaultInjection { delay_folio_copy: Some((page, pause)), ..Default::default() });
     let started = std::time::Instant::now();
     let read_done = std::thread::scope(|s| {
         let migrating = s.spawn(|| engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts));
@@ -171,11 +169,11 @@ fn injected_copy_failure_is_undone() {
     let region = Region::new(4 << 20, 4096, Some(node())).unwrap();
     workload::fill(&region, 5);
     let failing = vec![3, 4, 700];
-    let opts = MigrateOptions {
-        max_batch_pages: Some(256),
-        fault: FaultInjection { fail_batch_copy: true, fail_folio_copy: failing.clone(), ..Default::default() },
+    let opts = MigrateOptions::default().max_batch_pages(256).fault(FaultInjection {
+        fail_batch_copy: true,
+        fail_folio_copy: failing.clone(),
         ..Default::default()
-    };
+    });
     let (result, log) = workload::with_writers(&region, 1, || {
         Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
     });
@@ -208,12 +206,10 @@ fn failed_move_is_undone_on_the_mover_thread_and_on_the_caller() {
     for mover in [true, false] {
         let region = Region::new(4 << 20, 4096, Some(node())).unwrap();
         workload::fill(&region, 6);
-        let opts = MigrateOptions {
-            max_batch_pages: Some(256),
-            mover: Some(mover),
-            fault: FaultInjection { fail_move: vec![700], ..Default::default() },
-            ..Default::default()
-        };
+        let opts = MigrateOptions::default()
+            .max_batch_pages(256)
+            .mover(mover)
+            .fault(FaultInjection { fail_move: vec![700], ..Default::default() });
         let (result, log) = workload::with_writers(&region, 1, || {
             Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
         });
@@ -270,7 +266,7 @@ fn bad_input_is_refused_and_memory_unchanged() {
     check(e, pagemig::sys::Errno::NODEV);
     // Bad batch bounds.
     for bad in [0, 262_145] {
-        let opts = MigrateOptions { max_batch_pages: Some(bad), ..Default::default() };
+        let opts = MigrateOptions::default().max_batch_pages(bad);
         check(
             engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts).unwrap_err(),
             pagemig::sys::Errno::INVAL,
@@ -387,7 +383,7 @@ fn concurrent_calls_on_the_same_folios_never_lose_them() {
     workload::fill(&region, 31);
     let folios = region.folios();
     let engine = Engine::global().unwrap();
-    let opts = MigrateOptions { max_batch_pages: Some(32), ..Default::default() };
+    let opts = MigrateOptions::default().max_batch_pages(32);
     let results: Vec<_> = std::thread::scope(|s| {
         let a = s.spawn(|| engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
         let b = s.spawn(|| engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
@@ -450,7 +446,7 @@ fn readers_never_see_a_moving_folio_empty() {
     let stop = std::sync::atomic::AtomicBool::new(false);
     let engine = Engine::global().unwrap();
     for deferred in [true, false] {
-        let opts = MigrateOptions { max_batch_pages: Some(64), deferred_free: Some(deferred), ..Default::default() };
+        let opts = MigrateOptions::default().max_batch_pages(64).deferred_free(deferred);
         let bad = std::thread::scope(|s| {
             let readers: Vec<_> = (0..2)
                 .map(|r| {
@@ -502,22 +498,17 @@ fn every_destination_path_moves_every_byte_and_write() {
         copied_in: bool,
     }
     let paths = [
-        Path {
-            name: "copy in",
-            opts: MigrateOptions { copy_in: Some(true), ..Default::default() },
-            mbind: false,
-            copied_in: true,
-        },
+        Path { name: "copy in", opts: MigrateOptions::default().copy_in(true), mbind: false, copied_in: true },
         Path { name: "filled destination", opts: MigrateOptions::default(), mbind: false, copied_in: false },
         Path {
             name: "populated destination",
-            opts: MigrateOptions { copy_in: Some(false), fill_empty: Some(false), ..Default::default() },
+            opts: MigrateOptions::default().copy_in(false).fill_empty(false),
             mbind: false,
             copied_in: false,
         },
         Path {
             name: "mbind-bound memory",
-            opts: MigrateOptions { copy_in: Some(true), ..Default::default() },
+            opts: MigrateOptions::default().copy_in(true),
             mbind: true,
             copied_in: false,
         },

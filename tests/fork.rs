@@ -28,7 +28,7 @@ fn storm(folio: usize, deferred: bool, duration: Duration) -> (u64, u64, u64) {
     let outcome = watchdog(duration + Duration::from_secs(60), "fork storm", move || {
         std::thread::scope(|s| {
             s.spawn(|| {
-                let opts = MigrateOptions { deferred_free: Some(deferred), ..Default::default() };
+                let opts = MigrateOptions::default().deferred_free(deferred);
                 while !stop.load(Ordering::Relaxed) {
                     let stats = Engine::global()
                         .unwrap()

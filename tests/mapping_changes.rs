@@ -157,11 +157,9 @@ fn case_at(change: Change, folio: usize, delay: Duration, offset: usize, hold: D
     let moved_to: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
     let what = format!("{change:?}, folio {folio}, delay {delay:?}");
     let result = watchdog(Duration::from_secs(120), &what.clone(), move || {
-        let opts = MigrateOptions {
-            fault: FaultInjection { delay_move: Some(hold), ..Default::default() },
-            max_batch_pages: Some(256),
-            ..Default::default()
-        };
+        let opts = MigrateOptions::default()
+            .fault(FaultInjection { delay_move: Some(hold), ..Default::default() })
+            .max_batch_pages(256);
         std::thread::scope(|s| {
             s.spawn(|| {
                 std::thread::sleep(delay);

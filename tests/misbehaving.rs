@@ -132,11 +132,7 @@ fn migrate_with(misdeed: Misdeed, folio: usize, pipelined: bool) -> (Result<Migr
         let rogue = rogue.clone();
         watchdog(LIMIT, &what.clone(), move || {
             let reg = registry().register_scoped(Migrator::new("rogue", rogue, Owner::new("test"))).unwrap();
-            let opts = MigrateOptions {
-                pipelined: Some(pipelined),
-                max_batch_pages: Some(512.max(4 * folio / 4096)),
-                ..Default::default()
-            };
+            let opts = MigrateOptions::default().pipelined(pipelined).max_batch_pages(512.max(4 * folio / 4096));
             let (result, log) = workload::with_writers(region, 2, || {
                 Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Demotion, Mode::Sync, &opts)
             });
@@ -257,7 +253,8 @@ fn a_panicking_progress_callback_stops_the_call_and_leaves_memory_as_it_was() {
         workload::fill(region, 9);
         let (progress, calls) = panicking_progress(at);
         let result = watchdog(LIMIT, "migration with a panicking progress callback", move || {
-            let opts = MigrateOptions { progress: Some(progress), mover: Some(mover), ..Default::default() };
+            let mut opts = MigrateOptions::default().mover(mover);
+            opts.progress = Some(progress);
             let (result, log) = workload::with_writers(region, 2, || {
                 Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
             });

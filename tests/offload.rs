@@ -28,7 +28,7 @@ fn node() -> u32 {
 fn migrate(size: usize, folio: usize, batch_pages: usize, pipelined: bool) -> pagemig::MigrateStats {
     let region = Region::new(size, folio, Some(node())).unwrap();
     workload::fill(&region, 77);
-    let opts = MigrateOptions { max_batch_pages: Some(batch_pages), pipelined: Some(pipelined), ..Default::default() };
+    let opts = MigrateOptions::default().max_batch_pages(batch_pages).pipelined(pipelined);
     let (result, log) = workload::with_writers(&region, 2, || {
         Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Demotion, Mode::Sync, &opts)
     });
@@ -121,10 +121,7 @@ fn injected_batch_failure_with_a_migrator_falls_back() {
     attr::select_migrator("mtcopy", None, Some(2)).unwrap();
     let region = Region::new(4 << 20, 4096, Some(node())).unwrap();
     workload::fill(&region, 5);
-    let opts = MigrateOptions {
-        fault: pagemig::FaultInjection { fail_batch_copy: true, ..Default::default() },
-        ..Default::default()
-    };
+    let opts = MigrateOptions::default().fault(pagemig::FaultInjection { fail_batch_copy: true, ..Default::default() });
     let stats =
         Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts).unwrap();
     assert_eq!((stats.offloaded_folios, stats.fallback_folios), (0, 1024));
@@ -142,7 +139,7 @@ fn ineligible_reasons_and_the_latency_hint_bypass_the_migrator() {
         .migrate_pages(&region.folios(), node(), Reason::MemoryFailure, Mode::Sync, &MigrateOptions::default())
         .unwrap();
     assert_eq!((stats.offloaded_folios, stats.single_copied_folios), (0, 1024));
-    let hint = MigrateOptions { no_batch_copy: true, ..Default::default() };
+    let hint = MigrateOptions::default().no_batch_copy(true);
     let stats = engine.migrate_pages(&region.folios(), node(), Reason::Demotion, Mode::Sync, &hint).unwrap();
     assert_eq!((stats.offloaded_folios, stats.single_copied_folios), (0, 1024));
     assert!(workload::verify(&region, 6, &WriteLog::default()).ok());

@@ -31,7 +31,7 @@ fn migrate_from_reserve(folio: usize, thp: ThpAdvice, size: usize, reserve: usiz
             let (result, log) = workload::with_writers(region, 2, || {
                 // Populated destinations (not filled empty ones, which cost no preparing either),
                 // so that only a reserve makes the preparation time zero.
-                let opts = MigrateOptions { fill_empty: Some(false), ..Default::default() };
+                let opts = MigrateOptions::default().fill_empty(false);
                 engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
             });
             let stats = result.unwrap();
@@ -53,7 +53,7 @@ fn migrate_from_reserve(folio: usize, thp: ThpAdvice, size: usize, reserve: usiz
 fn without_a_reserve_the_call_prepares_its_destinations() {
     let engine = Engine::new().unwrap();
     let region = leak(Region::new(8 << 20, 4096, Some(node())).unwrap());
-    let opts = MigrateOptions { fill_empty: Some(false), ..Default::default() };
+    let opts = MigrateOptions::default().fill_empty(false);
     let stats = engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts).unwrap();
     assert!(stats.prepare_ns > 0);
 }

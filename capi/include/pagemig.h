@@ -41,6 +41,54 @@ struct pagemig_capabilities {
   int wp_unpopulated;
 };
 
+/**
+ * What `pagemig_move_pages` has done in this process so far ([`pagemig_stats`]).
+ */
+struct pagemig_stats {
+  /**
+   * Calls that named at least one page with a target and went through pagemig.
+   */
+  uint64_t calls;
+  /**
+   * Pages those calls named.
+   */
+  uint64_t pages;
+  /**
+   * Pages already on their target: left alone.
+   */
+  uint64_t already_home;
+  /**
+   * Pages not there to move (`-ENOENT` never touched, `-EFAULT` not mapped).
+   */
+  uint64_t absent;
+  /**
+   * Pages pagemig moved itself.
+   */
+  uint64_t moved;
+  /**
+   * Pages handed to the kernel's `move_pages(2)` because pagemig does not move their
+   * memory (shared, file-backed, special mappings, the calling thread's stack).
+   */
+  uint64_t kernel_unmovable;
+  /**
+   * Pages pagemig could not move (pinned, mapped by another process) and handed to the
+   * kernel after.
+   */
+  uint64_t kernel_retried;
+  /**
+   * Pages that ended a call with an error.
+   */
+  uint64_t failed;
+  /**
+   * Calls handed to the kernel whole (`MPOL_MF_MOVE_ALL`, no userfaultfd).
+   */
+  uint64_t kernel_calls;
+  /**
+   * Pages those calls named.
+   */
+  uint64_t kernel_call_pages;
+};
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -101,6 +149,19 @@ int pagemig_attr_write(const char *path, const char *value);
  * `out` must be writable.
  */
 int pagemig_capabilities(struct pagemig_capabilities *out);
+
+/**
+ * Writes what `pagemig_move_pages` has done in this process so far into `out`: pages
+ * pagemig moved, pages handed to the kernel and why, pages left alone. `size` is
+ * `sizeof(struct pagemig_stats)` as the caller was built with; the first `size` bytes are
+ * written, so a program built against an older header keeps working.
+ *
+ * Returns `0`, or `-1` with `errno` `EFAULT` for a NULL pointer.
+ *
+ * # Safety
+ * `out` must be writable for `size` bytes.
+ */
+int pagemig_stats(struct pagemig_stats *out, uintptr_t size);
 
 #ifdef __cplusplus
 }  // extern "C"

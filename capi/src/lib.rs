@@ -11,9 +11,10 @@
 
 use std::ffi::{CStr, c_char, c_int, c_long, c_ulong, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use pagemig_core::Engine;
-use pagemig_core::sys::Errno;
+use pagemig_core::Errno;
 
 /// `MPOL_MF_MOVE`: move the pages only this process maps.
 pub const PAGEMIG_MPOL_MF_MOVE: c_int = 1 << 1;
@@ -34,6 +35,37 @@ pub struct pagemig_capabilities {
     /// 1: never-touched pages are protected without being populated first.
     pub wp_unpopulated: c_int,
 }
+
+/// What `pagemig_move_pages` has done in this process so far ([`pagemig_stats`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct pagemig_stats {
+    /// Calls that named at least one page with a target and went through pagemig.
+    pub calls: u64,
+    /// Pages those calls named.
+    pub pages: u64,
+    /// Pages already on their target: left alone.
+    pub already_home: u64,
+    /// Pages not there to move (`-ENOENT` never touched, `-EFAULT` not mapped).
+    pub absent: u64,
+    /// Pages pagemig moved itself.
+    pub moved: u64,
+    /// Pages handed to the kernel's `move_pages(2)` because pagemig does not move their
+    /// memory (shared, file-backed, special mappings, the calling thread's stack).
+    pub kernel_unmovable: u64,
+    /// Pages pagemig could not move (pinned, mapped by another process) and handed to the
+    /// kernel after.
+    pub kernel_retried: u64,
+    /// Pages that ended a call with an error.
+    pub failed: u64,
+    /// Calls handed to the kernel whole (`MPOL_MF_MOVE_ALL`, no userfaultfd).
+    pub kernel_calls: u64,
+    /// Pages those calls named.
+    pub kernel_call_pages: u64,
+}
+
+static KERNEL_CALLS: AtomicU64 = AtomicU64::new(0);
+static KERNEL_CALL_PAGES: AtomicU64 = AtomicU64::new(0);
 
 fn set_errno(errno: Errno) {
     // SAFETY: `__errno_location` returns the calling thread's errno, always valid.
@@ -106,6 +138,10 @@ pub unsafe extern "C" fn pagemig_move_pages(
         }
         let engine = Engine::global();
         if count == 0 || flags & PAGEMIG_MPOL_MF_MOVE_ALL != 0 || engine.is_err() {
+            if count != 0 && !nodes.is_null() {
+                KERNEL_CALLS.fetch_add(1, Ordering::Relaxed);
+                KERNEL_CALL_PAGES.fetch_add(count, Ordering::Relaxed);
+            }
             // SAFETY: forwarded from the caller's contract.
             return unsafe { kernel_move_pages(count, pages, nodes, status, flags) };
         }
@@ -202,6 +238,45 @@ pub unsafe extern "C" fn pagemig_capabilities(out: *mut pagemig_capabilities) ->
         };
         // SAFETY: the caller promises `out` is writable.
         unsafe { *out = caps };
+        Ok(0)
+    }) as c_int
+}
+
+/// Writes what `pagemig_move_pages` has done in this process so far into `out`: pages
+/// pagemig moved, pages handed to the kernel and why, pages left alone. `size` is
+/// `sizeof(struct pagemig_stats)` as the caller was built with; the first `size` bytes are
+/// written, so a program built against an older header keeps working.
+///
+/// Returns `0`, or `-1` with `errno` `EFAULT` for a NULL pointer.
+///
+/// # Safety
+/// `out` must be writable for `size` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pagemig_stats(out: *mut pagemig_stats, size: usize) -> c_int {
+    boundary(|| {
+        if out.is_null() {
+            return Err(Errno::FAULT);
+        }
+        let mut stats = pagemig_stats {
+            kernel_calls: KERNEL_CALLS.load(Ordering::Relaxed),
+            kernel_call_pages: KERNEL_CALL_PAGES.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        if let Ok(engine) = Engine::global() {
+            let p = engine.pages_stats();
+            stats.calls = p.calls;
+            stats.pages = p.pages;
+            stats.already_home = p.already_home;
+            stats.absent = p.absent;
+            stats.moved = p.moved;
+            stats.kernel_unmovable = p.kernel_unmovable;
+            stats.kernel_retried = p.kernel_retried;
+            stats.failed = p.failed;
+        }
+        let n = size.min(std::mem::size_of::<pagemig_stats>());
+        // SAFETY: the caller promises `out` is writable for `size` bytes; `n` is no more
+        // than that nor than the struct read from.
+        unsafe { std::ptr::copy_nonoverlapping((&raw const stats).cast::<u8>(), out.cast::<u8>(), n) };
         Ok(0)
     }) as c_int
 }

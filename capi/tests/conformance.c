@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <pagemig.h>
@@ -111,6 +112,62 @@ int main(int argc, char **argv) {
     bad[N - 1] = 1000;
     compare("a node without memory", N, pa, pb, bad, 0, 0);
     compare("NULL pages", N, NULL, NULL, nodes, 0, 0);
+
+    /* Pages another process maps too: a child forked after they were written shares them
+     * until it exits (the kernel refuses them with -EACCES without MPOL_MF_MOVE_ALL). */
+    char *sa = mmap(NULL, 4 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *sb = mmap(NULL, 4 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    memset(sa, 5, 4 * page);
+    memset(sb, 5, 4 * page);
+    int hold[2];
+    if (pipe(hold) != 0)
+        return 2;
+    pid_t child = fork();
+    if (child == 0) {
+        char c;
+        close(hold[1]);
+        _exit(read(hold[0], &c, 1) < 0);
+    }
+    close(hold[0]);
+    void *qa[4], *qb[4];
+    for (int i = 0; i < 4; i++) {
+        qa[i] = sa + i * page;
+        qb[i] = sb + i * page;
+    }
+    compare("pages a child process maps too", 4, qa, qb, nodes, PAGEMIG_MPOL_MF_MOVE, 0);
+    close(hold[1]);
+    waitpid(child, NULL, 0);
+    compare("the same pages once the child exited", 4, qa, qb, nodes, PAGEMIG_MPOL_MF_MOVE, 0);
+    for (int i = 0; i < 4 * page; i++)
+        if (sa[i] != 5 || sb[i] != 5) {
+            printf("byte %d of the shared pages changed\n", i);
+            failures++;
+            break;
+        }
+
+    struct pagemig_stats st;
+    memset(&st, 0, sizeof st);
+    if (pagemig_stats(&st, sizeof st) != 0) {
+        perror("pagemig_stats");
+        return 2;
+    }
+    printf("pagemig_stats: %llu calls, %llu pages: %llu moved by pagemig, %llu already home, %llu absent, "
+           "%llu to the kernel (mapping), %llu to the kernel (after pagemig failed), %llu failed; "
+           "%llu calls (%llu pages) handed to the kernel whole\n",
+           (unsigned long long)st.calls, (unsigned long long)st.pages, (unsigned long long)st.moved,
+           (unsigned long long)st.already_home, (unsigned long long)st.absent,
+           (unsigned long long)st.kernel_unmovable, (unsigned long long)st.kernel_retried,
+           (unsigned long long)st.failed, (unsigned long long)st.kernel_calls,
+           (unsigned long long)st.kernel_call_pages);
+    if (target != here[0] && (st.moved == 0 || st.kernel_unmovable == 0 || st.kernel_retried == 0)) {
+        printf("moving to another node, pagemig should have moved pages, handed shared ones to the kernel and "
+               "retried the child's there\n");
+        failures++;
+    }
+    if (st.pages < st.already_home + st.absent + st.moved) {
+        printf("pagemig_stats does not add up\n");
+        failures++;
+    }
     printf("%s: %d case(s) differ\n", failures ? "FAIL" : "PASS", failures);
     return failures != 0;
 }

@@ -104,7 +104,7 @@ impl Device {
         *shared.faults.lock() = config.faults;
         let channels: Vec<Channel> =
             (0..nr_channels).map(|i| Channel::new(format!("{name}chan{i}"), caps, shared.clone())).collect();
-        let cpus = if config.pin { core_affinity::get_core_ids().unwrap_or_default() } else { Vec::new() };
+        let cpus = if config.pin { crate::sys::allowed_cpus() } else { Vec::new() };
         let mut workers = Vec::with_capacity(nr_channels);
         for chan in &channels {
             let cpu = (!cpus.is_empty()).then(|| cpus[NEXT_CPU.fetch_add(1, Ordering::Relaxed) % cpus.len()]);
@@ -112,7 +112,7 @@ impl Device {
             let spawned = std::thread::Builder::new().name(chan.name().to_string()).spawn(move || {
                 if let Some(cpu) = cpu {
                     // Pinning is an optimisation; a refusal (cgroup, seccomp) is fine.
-                    let _ = core_affinity::set_for_current(cpu);
+                    let _ = crate::sys::pin_to_cpu(cpu);
                 }
                 body()
             });

@@ -80,9 +80,9 @@ impl Engine {
     /// ```no_run
     /// use pagemig::{Engine, MigrateOptions, Mode, Reason, Region};
     /// let region: &'static Region = Box::leak(Box::new(Region::new(64 << 20, 4096, Some(0))?));
-    /// let deadline = Some(std::time::Instant::now() + std::time::Duration::from_millis(500));
+    /// let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
     /// let job = Engine::global()?.migrate_in_background(
-    ///     region.folios(), 1, Reason::Demotion, Mode::Sync, MigrateOptions { deadline, ..Default::default() },
+    ///     region.folios(), 1, Reason::Demotion, Mode::Sync, MigrateOptions::default().deadline(deadline),
     /// )?;
     /// while !job.is_finished() {
     ///     let (moved, total) = job.progress();

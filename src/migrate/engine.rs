@@ -31,6 +31,8 @@ pub struct Engine {
     pub(super) fill_empty: AtomicBool,
     pub(super) copy_in: AtomicBool,
     pub(super) reaper: reaper::Reaper,
+    /// What `move_pages` and `move_range` did.
+    pub(super) pages_counters: super::pages::Counters,
     /// Read by its own thread; stopped when the engine drops.
     #[expect(dead_code, reason = "held for its Drop, which stops the reader thread")]
     pub(super) events: events::Reader,
@@ -66,6 +68,7 @@ impl Engine {
             // Off: as fast as filling an empty destination here (the copies in take the
             // claims lock, fills do not), and its first folio waits longer.
             copy_in: AtomicBool::new(false),
+            pages_counters: Default::default(),
             events,
             zerofill,
         })
@@ -88,7 +91,8 @@ impl Engine {
         Capabilities { user_mode_only: self.uffd.user_mode_only(), wp_unpopulated: self.uffd.wp_unpopulated() }
     }
 
-    /// The destination pool.
+    /// The destination pool (with the `internals` feature).
+    #[cfg(feature = "internals")]
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
@@ -251,7 +255,7 @@ impl Engine {
         let abort = &abort;
         let tally = std::thread::scope(|s| {
             // Without a mover thread (none could be spawned) the moves run here.
-            let (tx, rx) = crossbeam::channel::bounded(mover::QUEUE);
+            let (tx, rx) = std::sync::mpsc::sync_channel(mover::QUEUE);
             let mover = threaded
                 .then(|| {
                     std::thread::Builder::new()

@@ -52,10 +52,13 @@ mod zerofill;
 pub use crate::stats::MigrateStats;
 pub use background::Background;
 pub use engine::{Engine, migrate_pages};
+#[cfg(feature = "internals")]
+pub use options::FaultInjection;
 pub use options::{
-    Capabilities, DEFAULT_MAX_BATCH_PAGES, DEFAULT_POOL_LIMIT, DEFAULT_REAPER_BACKLOG, FaultInjection,
-    MAX_BATCH_PAGES_LIMIT, MigrateOptions, NR_MAX_MIGRATE_PASSES, Progress, check_max_batch_pages,
+    Capabilities, DEFAULT_MAX_BATCH_PAGES, DEFAULT_POOL_LIMIT, DEFAULT_REAPER_BACKLOG, MAX_BATCH_PAGES_LIMIT,
+    MigrateOptions, NR_MAX_MIGRATE_PASSES, Progress, check_max_batch_pages,
 };
+pub use pages::{PagesStats, RangeOutcome};
 pub use policy::{Mode, Reason};
 
 use crate::folio::Folio;

@@ -181,9 +181,9 @@ pub(super) fn run(
 }
 
 /// Sends `job` to the mover, if the call has one; returns it when it must run here.
-pub(super) fn send(mover: Option<&crossbeam::channel::Sender<Job>>, job: Job) -> Option<Job> {
+pub(super) fn send(mover: Option<&std::sync::mpsc::SyncSender<Job>>, job: Job) -> Option<Job> {
     match mover {
-        Some(tx) => tx.send(job).err().map(|unsent| unsent.into_inner()),
+        Some(tx) => tx.send(job).err().map(|unsent| unsent.0),
         None => Some(job),
     }
 }
@@ -192,7 +192,7 @@ pub(super) fn send(mover: Option<&crossbeam::channel::Sender<Job>>, job: Job) ->
 /// `target` (pages copied in with `UFFDIO_COPY` are allocated by this thread).
 pub(super) fn serve(
     engine: &Engine,
-    rx: crossbeam::channel::Receiver<Job>,
+    rx: std::sync::mpsc::Receiver<Job>,
     target: u32,
     reporter: &Reporter<'_>,
     abort: &Abort,

@@ -49,8 +49,20 @@ pub struct FaultInjection {
 /// A callback told the number of bytes moved so far.
 pub type Progress = Arc<dyn Fn(u64) + Send + Sync>;
 
-/// Per-call settings.
+/// Per-call settings: `MigrateOptions::default()` and the builder methods below.
+///
+/// ```
+/// use std::time::{Duration, Instant};
+/// use pagemig::MigrateOptions;
+///
+/// let opts = MigrateOptions::default()
+///     .max_batch_pages(4096)
+///     .deadline(Instant::now() + Duration::from_millis(50))
+///     .progress(|bytes| eprintln!("{bytes} bytes moved"));
+/// assert_eq!(opts.max_batch_pages, Some(4096));
+/// ```
 #[derive(Clone, Default)]
+#[non_exhaustive]
 pub struct MigrateOptions {
     /// Bound on a batch in base pages; `None` takes the engine's setting.
     pub max_batch_pages: Option<usize>,
@@ -72,7 +84,8 @@ pub struct MigrateOptions {
     /// Let the mover copy base pages of mappings without a memory policy of their own
     /// straight into their source (`None`: the engine's setting, `migrate/copy_in`).
     pub copy_in: Option<bool>,
-    /// Failures to inject.
+    /// Failures to inject (with the `internals` feature: pagemig's own tests).
+    #[cfg(feature = "internals")]
     pub fault: FaultInjection,
     /// Called after every moved run with the bytes moved so far.
     pub progress: Option<Progress>,
@@ -94,7 +107,6 @@ impl std::fmt::Debug for MigrateOptions {
             .field("mover", &self.mover)
             .field("fill_empty", &self.fill_empty)
             .field("copy_in", &self.copy_in)
-            .field("fault", &self.fault)
             .field("progress", &self.progress.is_some())
             .field("cancel", &self.cancel)
             .field("deadline", &self.deadline)
@@ -102,8 +114,113 @@ impl std::fmt::Debug for MigrateOptions {
     }
 }
 
+impl MigrateOptions {
+    /// Bounds a batch to `pages` base pages (checked when the call begins: 1 ..= 262144).
+    #[must_use]
+    pub fn max_batch_pages(mut self, pages: usize) -> Self {
+        self.max_batch_pages = Some(pages);
+        self
+    }
+
+    /// Copies folio by folio, for a caller that wants the first folio back soonest.
+    #[must_use]
+    pub fn no_batch_copy(mut self, on: bool) -> Self {
+        self.no_batch_copy = on;
+        self
+    }
+
+    /// Moves each run as soon as its copy completes, or only after the whole batch.
+    #[must_use]
+    pub fn pipelined(mut self, on: bool) -> Self {
+        self.pipelined = Some(on);
+        self
+    }
+
+    /// Frees replaced source pages on a background thread, or before the call returns.
+    #[must_use]
+    pub fn deferred_free(mut self, on: bool) -> Self {
+        self.deferred_free = Some(on);
+        self
+    }
+
+    /// Moves base-page runs on a mover thread while the next piece is copied, or inline.
+    #[must_use]
+    pub fn mover(mut self, on: bool) -> Self {
+        self.mover = Some(on);
+        self
+    }
+
+    /// Leaves base-page destinations without pages and fills them with `UFFDIO_COPY`, or
+    /// populates them first.
+    #[must_use]
+    pub fn fill_empty(mut self, on: bool) -> Self {
+        self.fill_empty = Some(on);
+        self
+    }
+
+    /// Lets the mover copy base pages straight into their source mapping where no memory
+    /// policy of the mapping's own would place them elsewhere.
+    #[must_use]
+    pub fn copy_in(mut self, on: bool) -> Self {
+        self.copy_in = Some(on);
+        self
+    }
+
+    /// Calls `f` after every moved run with the bytes moved so far. `f` runs on the
+    /// migrating thread (or the mover's) and should be quick; a panic in it stops the call
+    /// as [`Error::Panicked`] with every folio not moved left as it was.
+    #[must_use]
+    pub fn progress(mut self, f: impl Fn(u64) + Send + Sync + 'static) -> Self {
+        self.progress = Some(Arc::new(f));
+        self
+    }
+
+    /// Stops the call when `flag` is raised: batches not begun fail with `ECANCELED`.
+    #[must_use]
+    pub fn cancel(mut self, flag: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.cancel = Some(flag);
+        self
+    }
+
+    /// Begins no batch past `at`: the folios not reached fail with `ETIMEDOUT`.
+    #[must_use]
+    pub fn deadline(mut self, at: std::time::Instant) -> Self {
+        self.deadline = Some(at);
+        self
+    }
+
+    /// Injects these failures (with the `internals` feature: pagemig's own tests).
+    #[cfg(feature = "internals")]
+    #[must_use]
+    pub fn fault(mut self, fault: FaultInjection) -> Self {
+        self.fault = fault;
+        self
+    }
+
+    /// The failures to inject: none without the `internals` feature.
+    pub(crate) fn faults(&self) -> &FaultInjection {
+        #[cfg(feature = "internals")]
+        {
+            &self.fault
+        }
+        #[cfg(not(feature = "internals"))]
+        {
+            static NONE: FaultInjection = FaultInjection {
+                fail_batch_copy: false,
+                fail_folio_copy: Vec::new(),
+                delay_folio_copy: None,
+                delay_move: None,
+                fail_move: Vec::new(),
+            };
+            &NONE
+        }
+    }
+}
+
 /// What this kernel and process allow.
-#[derive(Clone, Copy, Debug, serde::Serialize)]
+#[derive(Clone, Copy, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
 pub struct Capabilities {
     /// Only user-mode faults wait: kernel writes into migrating memory (`read(2)` into the
     /// buffer, `O_DIRECT`, `process_vm_writev`) fail with `EFAULT` instead.

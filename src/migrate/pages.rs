@@ -11,6 +11,7 @@
 #![allow(unsafe_code, reason = "names the caller's pages as folios, under the caller's promise")]
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Engine, MigrateOptions, Mode, Reason};
 use crate::error::{Error, Result};
@@ -84,17 +85,84 @@ impl Engine {
         // Where each page is now: pages not there, and pages already home, are done.
         sys::move_pages(pages, None, status).map_err(Error::sys("move_pages (query)"))?;
         let todo: Vec<usize> = (0..pages.len()).filter(|&i| status[i] >= 0 && status[i] != nodes[i]).collect();
+        self.pages_counters.begin(status, &todo);
         if todo.is_empty() {
             return Ok(0);
         }
-        self.move_todo(pages, nodes, status, &todo)
+        self.move_todo(pages, nodes, status, &todo, &MigrateOptions::default())
+    }
+
+    /// Moves every page of `addr .. addr + len` (rounded out to whole pages) to `node`,
+    /// with [`Engine::move_pages`]' rules for each page: folios of the size the pages really
+    /// are (a transparent huge page moves whole), pages already on `node` left alone, pages
+    /// pagemig does not move itself handed to the kernel's `move_pages(2)`, and an outcome
+    /// for every page. `opts` bounds the batches and can cancel the call or give it a
+    /// deadline: pages not reached report `-ECANCELED` or `-ETIMEDOUT` and are as they were.
+    ///
+    /// # Safety
+    /// As [`Engine::move_pages`]: the calling thread must not access the range during the
+    /// call; other threads may do anything to it.
+    ///
+    /// # Errors
+    /// Nothing moved: [`Error::Invalid`] for an empty or wrapping range,
+    /// [`Error::UnknownNode`] for a node without memory, the errno of reading the process's
+    /// mappings.
+    ///
+    /// # Examples
+    /// Memory the program already has, moved where it is and reported page by page:
+    /// ```no_run
+    /// # use pagemig::{Engine, MigrateOptions};
+    /// let mut table = vec![0u64; 1 << 20];
+    /// table.iter_mut().enumerate().for_each(|(i, w)| *w = i as u64);
+    /// let bytes = table.len() * 8;
+    /// // SAFETY: this thread does not touch `table` during the call.
+    /// let outcome = unsafe {
+    ///     Engine::global()?.move_range(table.as_ptr() as usize, bytes, 1, &MigrateOptions::default())?
+    /// };
+    /// println!("{} of {} pages on node 1", outcome.pages_on(1), outcome.status.len());
+    /// for (addr, errno) in outcome.errors() {
+    ///     eprintln!("page {addr:#x} stayed: errno {errno}");
+    /// }
+    /// # Ok::<(), pagemig::Error>(())
+    /// ```
+    pub unsafe fn move_range(&self, addr: usize, len: usize, node: u32, opts: &MigrateOptions) -> Result<RangeOutcome> {
+        let end = addr
+            .checked_add(len)
+            .filter(|_| len > 0)
+            .ok_or_else(|| Error::Invalid(format!("range {addr:#x}+{len:#x} is empty or wraps around")))?;
+        crate::numa::check_node(node)?;
+        let first = addr & !(PAGE_SIZE - 1);
+        let pages: Vec<usize> = (first..end).step_by(PAGE_SIZE).collect();
+        let mut status = vec![0; pages.len()];
+        sys::move_pages(&pages, None, &mut status).map_err(Error::sys("move_pages (query)"))?;
+        let target = i32::try_from(node).map_err(|_| Error::Invalid(format!("node {node}")))?;
+        let todo: Vec<usize> = (0..pages.len()).filter(|&i| status[i] >= 0 && status[i] != target).collect();
+        self.pages_counters.begin(&status, &todo);
+        let not_moved = if todo.is_empty() {
+            0
+        } else {
+            self.move_todo(&pages, &vec![target; pages.len()], &mut status, &todo, opts)?
+        };
+        Ok(RangeOutcome { first_page: first, status, not_moved })
     }
 
     /// Moves the pages `todo` (present, elsewhere than asked), writing their outcomes, and
     /// returns how many failed to migrate as the kernel counts them: not the pages it
     /// refuses to take at all (`EACCES` shared, `ENOENT`, `EFAULT`), which only their status
     /// reports.
-    fn move_todo(&self, pages: &[usize], nodes: &[i32], status: &mut [i32], todo: &[usize]) -> Result<usize> {
+    ///
+    /// A folio pagemig could not move (pinned, mapped by another process since the call
+    /// began, refused by the kernel) is handed to the kernel's `move_pages(2)`, whose answer
+    /// stands: the call never fails a page the kernel would have moved. Folios stopped by
+    /// the caller (`ECANCELED`, `ETIMEDOUT`) keep that errno.
+    fn move_todo(
+        &self,
+        pages: &[usize],
+        nodes: &[i32],
+        status: &mut [i32],
+        todo: &[usize],
+        opts: &MigrateOptions,
+    ) -> Result<usize> {
         let page_of = |i: usize| pages[i] & !(PAGE_SIZE - 1);
         let lo = todo.iter().map(|&i| page_of(i)).min().expect("not empty");
         let hi = todo.iter().map(|&i| page_of(i) + PAGE_SIZE).max().expect("not empty");
@@ -105,6 +173,7 @@ impl Engine {
         // page once); pages pagemig does not move go to the kernel.
         let mut folios: BTreeMap<usize, (usize, i32)> = BTreeMap::new();
         let mut kernel: Vec<usize> = Vec::new();
+        let mut to_kernel = vec![false; pages.len()];
         let mut not_moved = 0;
         for &i in todo {
             let page = page_of(i);
@@ -115,19 +184,13 @@ impl Engine {
             let on_stack = stack.is_some_and(|(s, e)| start < e && s < start + size);
             if on_stack || maps::check_movable(start, start + size, &vmas).is_err() {
                 kernel.push(i);
+                to_kernel[i] = true;
             } else {
                 folios.entry(start).or_insert((size, nodes[i]));
             }
         }
-        if !kernel.is_empty() {
-            let p: Vec<usize> = kernel.iter().map(|&i| pages[i]).collect();
-            let n: Vec<i32> = kernel.iter().map(|&i| nodes[i]).collect();
-            let mut s = vec![0; kernel.len()];
-            not_moved += sys::move_pages_counted(&p, Some(&n), &mut s).map_err(Error::sys("move_pages"))?;
-            for (k, &i) in kernel.iter().enumerate() {
-                status[i] = s[k];
-            }
-        }
+        not_moved += kernel_moves(pages, nodes, status, &kernel)?;
+        self.pages_counters.kernel_unmovable.fetch_add(kernel.len() as u64, Ordering::Relaxed);
         // pagemig's pages, one call per target node; what failed, by folio.
         let mut by_node: BTreeMap<i32, Vec<(usize, usize)>> = BTreeMap::new();
         for (&start, &(size, node)) in &folios {
@@ -140,7 +203,7 @@ impl Engine {
             // the call checks them again before touching anything.
             let folios: Vec<Folio<'_>> =
                 list.iter().filter_map(|&(s, len)| unsafe { Folio::new(s, len) }.ok()).collect();
-            match self.migrate_pages(&folios, node as u32, Reason::Syscall, Mode::Sync, &MigrateOptions::default()) {
+            match self.migrate_pages(&folios, node as u32, Reason::Syscall, Mode::Sync, opts) {
                 Ok(_) => {}
                 Err(Error::Partial { stats, .. }) => {
                     failed.extend(stats.failures.iter().map(|f| (f.addr, f.errno)));
@@ -151,24 +214,162 @@ impl Engine {
             }
         }
         // The outcome of every page pagemig took: its node now, or its folio's errno.
-        let mine: Vec<usize> = todo.iter().copied().filter(|i| !kernel.contains(i)).collect();
+        let mine: Vec<usize> = todo.iter().copied().filter(|&i| !to_kernel[i]).collect();
         if mine.is_empty() {
+            self.pages_counters.end(status, nodes, todo);
             return Ok(not_moved);
         }
         let p: Vec<usize> = mine.iter().map(|&i| pages[i]).collect();
         let mut now = vec![0; mine.len()];
         sys::move_pages(&p, None, &mut now).map_err(Error::sys("move_pages (query)"))?;
+        let mut retry: Vec<usize> = Vec::new();
         for (k, &i) in mine.iter().enumerate() {
             let page = page_of(i);
             let folio = folios.range(..=page).next_back().filter(|(s, (len, _))| page < *s + *len).map(|(s, _)| *s);
             status[i] = match folio.and_then(|s| failed.get(&s)) {
                 Some(&errno) if now[k] != nodes[i] => {
-                    not_moved += usize::from(![libc::EACCES, libc::ENOENT, libc::EFAULT].contains(&errno));
+                    if errno == libc::ECANCELED || errno == libc::ETIMEDOUT {
+                        not_moved += 1;
+                    } else if now[k] >= 0 {
+                        retry.push(i);
+                    } else {
+                        // Gone meanwhile (unmapped, purged): the query's answer stands.
+                        not_moved += usize::from(![libc::ENOENT, libc::EFAULT].contains(&-now[k]));
+                        status[i] = now[k];
+                        continue;
+                    }
                     -errno
                 }
                 _ => now[k],
             };
         }
+        let moved = mine.iter().filter(|&&i| status[i] == nodes[i]).count();
+        self.pages_counters.moved.fetch_add(moved as u64, Ordering::Relaxed);
+        not_moved += kernel_moves(pages, nodes, status, &retry)?;
+        self.pages_counters.kernel_retried.fetch_add(retry.len() as u64, Ordering::Relaxed);
+        self.pages_counters.end(status, nodes, todo);
         Ok(not_moved)
+    }
+}
+
+/// Hands the pages `which` to the kernel's `move_pages(2)`, writes their statuses and
+/// returns the kernel's count of pages it could not move.
+fn kernel_moves(pages: &[usize], nodes: &[i32], status: &mut [i32], which: &[usize]) -> Result<usize> {
+    if which.is_empty() {
+        return Ok(0);
+    }
+    let p: Vec<usize> = which.iter().map(|&i| pages[i]).collect();
+    let n: Vec<i32> = which.iter().map(|&i| nodes[i]).collect();
+    let mut s = vec![0; which.len()];
+    let not_moved = sys::move_pages_counted(&p, Some(&n), &mut s).map_err(Error::sys("move_pages"))?;
+    for (k, &i) in which.iter().enumerate() {
+        status[i] = s[k];
+    }
+    Ok(not_moved)
+}
+
+/// The outcome of [`Engine::move_range`]: one status per page of the range, as
+/// `move_pages(2)` writes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RangeOutcome {
+    /// The address of the range's first page.
+    pub first_page: usize,
+    /// For each page, the node it is on, or a negative errno: `-ENOENT` never touched,
+    /// `-EFAULT` not mapped, `-EACCES` mapped by another process, `-EBUSY` pinned,
+    /// `-ECANCELED`/`-ETIMEDOUT` not reached before the call was stopped.
+    pub status: Vec<i32>,
+    /// Pages present elsewhere than asked that could not be moved, as the kernel counts
+    /// them.
+    pub not_moved: usize,
+}
+
+impl RangeOutcome {
+    /// How many pages are on `node`.
+    pub fn pages_on(&self, node: u32) -> usize {
+        self.status.iter().filter(|&&s| i64::from(s) == i64::from(node)).count()
+    }
+
+    /// The pages that reported an error, as `(page address, positive errno)`.
+    pub fn errors(&self) -> impl Iterator<Item = (usize, i32)> + '_ {
+        self.status.iter().enumerate().filter(|&(_, &s)| s < 0).map(|(i, &s)| (self.first_page + i * PAGE_SIZE, -s))
+    }
+}
+
+/// What [`Engine::move_pages`] and [`Engine::move_range`] have done in this engine so far,
+/// page by page ([`Engine::pages_stats`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[non_exhaustive]
+pub struct PagesStats {
+    /// Calls that named at least one page with a target.
+    pub calls: u64,
+    /// Pages named.
+    pub pages: u64,
+    /// Pages already on their target: left alone.
+    pub already_home: u64,
+    /// Pages not there to move (`ENOENT` never touched, `EFAULT` not mapped).
+    pub absent: u64,
+    /// Pages pagemig moved itself.
+    pub moved: u64,
+    /// Pages handed to the kernel's `move_pages(2)` because pagemig does not move their
+    /// memory (shared, file-backed or special mappings, the calling thread's stack).
+    pub kernel_unmovable: u64,
+    /// Pages pagemig tried and could not move (pinned, mapped by another process, changed
+    /// under the call), handed to the kernel's `move_pages(2)` after.
+    pub kernel_retried: u64,
+    /// Pages present elsewhere than asked that ended the call with an error.
+    pub failed: u64,
+}
+
+/// The counters behind [`PagesStats`].
+#[derive(Debug, Default)]
+pub(super) struct Counters {
+    calls: AtomicU64,
+    pages: AtomicU64,
+    already_home: AtomicU64,
+    absent: AtomicU64,
+    moved: AtomicU64,
+    kernel_unmovable: AtomicU64,
+    kernel_retried: AtomicU64,
+    failed: AtomicU64,
+}
+
+impl Counters {
+    /// Counts a call from its query: `status` where each page is, `todo` the pages to move.
+    fn begin(&self, status: &[i32], todo: &[usize]) {
+        let absent = status.iter().filter(|&&s| s < 0).count();
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.pages.fetch_add(status.len() as u64, Ordering::Relaxed);
+        self.absent.fetch_add(absent as u64, Ordering::Relaxed);
+        self.already_home.fetch_add((status.len() - absent - todo.len()) as u64, Ordering::Relaxed);
+    }
+
+    /// Counts the pages of `todo` that ended with an error.
+    fn end(&self, status: &[i32], nodes: &[i32], todo: &[usize]) {
+        let failed = todo.iter().filter(|&&i| status[i] != nodes[i] && status[i] < 0).count();
+        self.failed.fetch_add(failed as u64, Ordering::Relaxed);
+    }
+
+    pub(super) fn snapshot(&self) -> PagesStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        PagesStats {
+            calls: get(&self.calls),
+            pages: get(&self.pages),
+            already_home: get(&self.already_home),
+            absent: get(&self.absent),
+            moved: get(&self.moved),
+            kernel_unmovable: get(&self.kernel_unmovable),
+            kernel_retried: get(&self.kernel_retried),
+            failed: get(&self.failed),
+        }
+    }
+}
+
+impl Engine {
+    /// What [`Engine::move_pages`] and [`Engine::move_range`] have done in this engine so
+    /// far: pages moved by pagemig, pages handed to the kernel and why, pages left alone.
+    pub fn pages_stats(&self) -> PagesStats {
+        self.pages_counters.snapshot()
     }
 }

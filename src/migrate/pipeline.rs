@@ -33,7 +33,7 @@ pub(super) struct Call<'a> {
     pub stats: &'a mut MigrateStats,
     pub first_error: &'a mut Option<Error>,
     /// The mover thread, when the call has one; else runs move on this thread.
-    pub mover: Option<&'a crossbeam::channel::Sender<Job>>,
+    pub mover: Option<&'a std::sync::mpsc::SyncSender<Job>>,
     /// How destinations are populated.
     pub populate: Populate,
     /// Destinations of base pages are left without pages and filled by `UFFDIO_COPY`.
@@ -219,7 +219,7 @@ impl<'a> Call<'a> {
         let pipelined = self.opts.pipelined.unwrap_or_else(|| self.engine.pipelined());
         // The pipelined copy protects and isolates each piece just before copying it, so
         // that the first folio does not wait for the whole batch to be isolated.
-        let lazy = eligible && pipelined && !self.opts.fault.fail_batch_copy;
+        let lazy = eligible && pipelined && !self.opts.faults().fail_batch_copy;
         st.started = Instant::now();
         if !lazy {
             self.unmap(&mut st);
@@ -260,9 +260,7 @@ impl<'a> Call<'a> {
         let job = match (job, self.mover) {
             (Job::Move(m), Some(tx)) if m.copy_in => match tx.try_send(Job::Move(m)) {
                 Ok(()) => return,
-                Err(
-                    crossbeam::channel::TrySendError::Full(job) | crossbeam::channel::TrySendError::Disconnected(job),
-                ) => job,
+                Err(std::sync::mpsc::TrySendError::Full(job) | std::sync::mpsc::TrySendError::Disconnected(job)) => job,
             },
             (job, _) => match mover::send(self.mover, job) {
                 Some(job) => job,
@@ -465,7 +463,7 @@ impl<'a> Call<'a> {
     /// whole batch. The pipelined CPU copy is [`Call::copy_pieces`].
     fn batch_copy(&mut self, st: &mut BatchState, live: &[usize], pipelined: bool) {
         let (pairs, dsts) = self.pairs(st, live);
-        if self.opts.fault.fail_batch_copy {
+        if self.opts.faults().fail_batch_copy {
             self.stats.fallback_folios += live.len() as u64;
             return;
         }
@@ -518,7 +516,7 @@ impl<'a> Call<'a> {
         pairs: &[CopyPair],
         dsts: &[Dst<'a>],
     ) -> Option<Result<(), Errno>> {
-        let (tx, rx) = crossbeam::channel::unbounded::<CopyEvent>();
+        let (tx, rx) = std::sync::mpsc::channel::<CopyEvent>();
         let abort = self.abort;
         let t = Instant::now();
         let move_before = self.stats.move_ns;
@@ -753,7 +751,7 @@ impl<'a> Call<'a> {
             if !copy_missing {
                 break;
             }
-            if let Some((_, pause)) = self.opts.fault.delay_folio_copy.filter(|&(at, _)| at == item.index) {
+            if let Some((_, pause)) = self.opts.faults().delay_folio_copy.filter(|&(at, _)| at == item.index) {
                 std::thread::sleep(pause);
             }
             let copy_start = Instant::now();
@@ -764,7 +762,7 @@ impl<'a> Call<'a> {
             } else if !st.slots[i].info.contains(MigrateInfo::WAS_MAPPED) {
                 // Never protected: copying it could lose a write. It stays as it is.
                 Err(st.slots[i].refused.map_or(Errno::AGAIN, |(_, e)| e))
-            } else if self.opts.fault.fail_folio_copy.contains(&item.index) {
+            } else if self.opts.faults().fail_folio_copy.contains(&item.index) {
                 Err(Errno::IO)
             } else {
                 // SAFETY: `src` holds the folio's old pages, isolated in our graveyard since the
@@ -860,9 +858,9 @@ impl<'a> Call<'a> {
             // Freeing a huge page costs little: only base pages go to the reaper.
             deferred: self.deferred && !first.folio.is_pmd(),
             batch_started: (!st.first_done).then_some(st.started),
-            fail: slots.iter().any(|slot| self.opts.fault.fail_move.contains(&slot.item.index)),
+            fail: slots.iter().any(|slot| self.opts.faults().fail_move.contains(&slot.item.index)),
             copy_in: st.runs[st.slots[items.start].run].copy_in,
-            delay: self.opts.fault.delay_move,
+            delay: self.opts.faults().delay_move,
         };
         st.first_done = true;
         self.submit(Job::Move(job));
@@ -889,7 +887,7 @@ fn stopped() -> Error {
 /// What a batch claimed and protected, undone if pagemig panics before the batch ends.
 struct BatchGuard<'a> {
     engine: &'a Engine,
-    mover: Option<crossbeam::channel::Sender<Job>>,
+    mover: Option<std::sync::mpsc::SyncSender<Job>>,
     abort: &'a Abort,
     /// `None` once the batch ended normally.
     claims: Option<Vec<usize>>,

@@ -4,13 +4,13 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::Serialize;
-
 use crate::error::Error;
 
 /// Why pages are migrated (the kernel's `enum migrate_reason`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[non_exhaustive]
 pub enum Reason {
     /// `MR_COMPACTION`: defragmenting memory.
     Compaction,
@@ -93,8 +93,9 @@ impl FromStr for Reason {
 }
 
 /// How hard a migration tries when a folio is busy (the kernel's `enum migrate_mode`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Mode {
     /// `MIGRATE_ASYNC`: never sleep; a busy folio is retried on the next pass only.
     Async,

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-use crossbeam::channel::{Sender, unbounded};
+use std::sync::mpsc::{Sender, channel};
 
 use crate::copy::CopyPair;
 use crate::offload::{Batch, Migrator, OffloadCopy, Owner, registry};
@@ -183,15 +183,16 @@ impl MtCopy {
 
     fn ensure_workers(&self, n: usize) -> std::sync::MutexGuard<'_, Vec<Worker>> {
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        let cores = core_affinity::get_core_ids().unwrap_or_default();
+        let cores = sys::allowed_cpus();
         while workers.len() < n {
-            let (tx, rx) = unbounded::<Job>();
+            let (tx, rx) = channel::<Job>();
             let core = (!cores.is_empty()).then(|| cores[workers.len() % cores.len()]);
             let handle = std::thread::Builder::new()
                 .name(format!("mtcopy-{}", workers.len()))
                 .spawn(move || {
                     if let Some(c) = core {
-                        core_affinity::set_for_current(c);
+                        // Pinning is an optimisation; a refusal (cgroup, seccomp) is fine.
+                        let _ = sys::pin_to_cpu(c);
                     }
                     for job in rx {
                         run_job(job);
@@ -269,7 +270,7 @@ unsafe impl OffloadCopy for MtCopy {
                 let job = Job { batch: ptr, whole, parts, latch: latch.clone() };
                 if let Err(e) = workers[i].tx.send(job) {
                     // A worker that went away: copy its share here.
-                    run_job(e.into_inner());
+                    run_job(e.0);
                 }
             }
         }

@@ -630,6 +630,24 @@ pub fn max_map_count() -> usize {
     std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530)
 }
 
+/// The CPUs the calling thread may run on, in order (empty if the kernel does not say).
+pub fn allowed_cpus() -> Vec<usize> {
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(set) => (0..rustix::thread::CpuSet::MAX_CPU).filter(|&c| set.is_set(c)).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+///
+/// # Errors
+/// The errno of `sched_setaffinity(2)` (`EINVAL` for a CPU the thread may not use).
+pub fn pin_to_cpu(cpu: usize) -> Result<(), Errno> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -719,3 +737,4 @@ mod tests {
         unsafe { munmap(addr, PAGE_SIZE).unwrap() };
     }
 }
+

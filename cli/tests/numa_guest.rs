@@ -10,6 +10,7 @@
 //! A test prints `placement: <region> node <N> pages <k>/<total>` (`k`: the pages both
 //! sources find on node `N`) and asserts that all pages are on the node they were sent to.
 
+#[path = "../../tests/common/mod.rs"]
 mod common;
 
 use std::collections::BTreeMap;
@@ -205,19 +206,16 @@ impl CopyPath {
             CopyPath::PerFolio => (Reason::MemoryFailure, MigrateOptions::default()),
             CopyPath::Fallback => {
                 let fault = FaultInjection { fail_batch_copy: true, ..Default::default() };
-                (Reason::Demotion, MigrateOptions { fault, ..Default::default() })
+                (Reason::Demotion, MigrateOptions::default().fault(fault))
             }
             CopyPath::MtCopy | CopyPath::Dcbm => (Reason::Demotion, MigrateOptions::default()),
-            CopyPath::CopyIn => (Reason::Syscall, MigrateOptions { copy_in: Some(true), ..Default::default() }),
-            CopyPath::Populated => (
-                Reason::Syscall,
-                MigrateOptions { copy_in: Some(false), fill_empty: Some(false), ..Default::default() },
-            ),
+            CopyPath::CopyIn => (Reason::Syscall, MigrateOptions::default().copy_in(true)),
+            CopyPath::Populated => (Reason::Syscall, MigrateOptions::default().copy_in(false).fill_empty(false)),
             CopyPath::PolicyBound => {
                 let (a, b) = two_nodes().expect("two nodes");
                 let from = if node == a { b } else { a };
                 sys::mbind(region.addr(), region.len(), from, false).expect("mbind");
-                (Reason::Syscall, MigrateOptions { copy_in: Some(true), ..Default::default() })
+                (Reason::Syscall, MigrateOptions::default().copy_in(true))
             }
         };
         let migrator = match self {
@@ -463,7 +461,7 @@ fn full_target_node_fails_cleanly_with_enomem() {
 /// write and page checked.
 fn kernel_migrator(folio_size: usize, len: usize, writers: usize) {
     let Some((a, b)) = two_nodes() else { return };
-    let cfg = pagemig::experiment::MoveConfig {
+    let cfg = pagemig_cli::experiment::MoveConfig {
         size: len,
         folio_size,
         from_node: Some(a),
@@ -476,7 +474,7 @@ fn kernel_migrator(folio_size: usize, len: usize, writers: usize) {
         measure_memcpy: true,
         reserve: None,
     };
-    let report = pagemig::experiment::run_kernel_move(&cfg, None).expect("the kernel's migration");
+    let report = pagemig_cli::experiment::run_kernel_move(&cfg, None).expect("the kernel's migration");
     let name = format!("kernel-move_pages-{}-folios-{}", size_name(folio_size), size_name(len));
     let total = len / PAGE_SIZE;
     let on_target = report.placement.get(&(b as i32)).copied().unwrap_or(0);
@@ -493,8 +491,8 @@ fn kernel_migrator(folio_size: usize, len: usize, writers: usize) {
     assert!(report.ok() && report.gbps > 0.0 && report.critical_path_gbps.is_none(), "{name}");
     assert!(report.uffdio_copy_gbps > 0.0, "{name}: the UFFDIO_COPY yardstick on node {b}");
     // Refused the other way round on one node, as on a one-node machine.
-    let same = pagemig::experiment::MoveConfig { from_node: Some(b), ..cfg };
-    let err = pagemig::experiment::run_kernel_move(&same, None).expect_err("node to itself");
+    let same = pagemig_cli::experiment::MoveConfig { from_node: Some(b), ..cfg };
+    let err = pagemig_cli::experiment::run_kernel_move(&same, None).expect_err("node to itself");
     assert!(err.to_string().contains("copies nothing"), "{err}");
 }
 
@@ -515,15 +513,15 @@ fn kernel_migrator_moves_4k_folios_while_threads_write() {
 fn bench_throughput_has_a_kernel_row() {
     let Some((a, b)) = two_nodes() else { return };
     let engine = Engine::global().expect("the migration engine");
-    let mut cfg = pagemig::report::BenchConfig::quick(a, a);
+    let mut cfg = pagemig_cli::report::BenchConfig::quick(a, a);
     assert_eq!(cfg.kernel_nodes, Some([a, b]));
     cfg.size = 4 * MIB;
     cfg.reps = 1;
     cfg.folio_sizes = vec![4 * KIB, HPAGE_SIZE];
     cfg.mtcopy_threads = Vec::new();
     cfg.dcbm_channels = Vec::new();
-    cfg.experiments = pagemig::report::Experiments { throughput: true, sweep: false, scattered: false };
-    let report = pagemig::report::run(engine, &cfg, &|_| {}).expect("bench run");
+    cfg.experiments = pagemig_cli::report::Experiments { throughput: true, sweep: false, scattered: false };
+    let report = pagemig_cli::report::run(engine, &cfg, &|_| {}).expect("bench run");
     let t = report.throughput.as_ref().expect("the throughput experiment");
     let names: Vec<&str> = t.rows.iter().map(|r| r.migrator.name()).collect();
     assert_eq!(names, ["cpu", "cpu_reserved", "kernel", "memcpy", "uffdio_copy"]);
@@ -536,7 +534,7 @@ fn bench_throughput_has_a_kernel_row() {
             }
         }
     }
-    let tables = pagemig::report::table::tables(&report);
+    let tables = pagemig_cli::report::table::tables(&report);
     assert!(tables[0].rows.iter().any(|r| r[0].text == "kernel move_pages"));
     let note = format!(
         "kernel move_pages: the kernel's own migration of the same region with move_pages(2), node {a} → {b}, "

@@ -10,15 +10,15 @@
 
 use std::time::{Duration, Instant};
 
-use crate::pool::ThpAdvice;
+use pagemig::pool::ThpAdvice;
 
 use serde::Serialize;
 
-use crate::error::Result;
-use crate::migrate::{Engine, MigrateOptions, MigrateStats, Mode, Progress, Reason};
-use crate::region::Region;
-use crate::workload::{self, VerifyReport};
-use crate::{Error, copy, numa};
+use pagemig::error::Result;
+use pagemig::migrate::{Engine, MigrateOptions, MigrateStats, Mode, Progress, Reason};
+use pagemig::region::Region;
+use pagemig::workload::{self, VerifyReport};
+use pagemig::{Error, copy, numa};
 
 /// What to move and how.
 #[derive(Clone, Debug)]
@@ -121,8 +121,8 @@ pub struct MoveReport {
     pub reserve_bytes: u64,
     /// How long the reserve thread took to prepare them, before the call, ms.
     pub reserve_ms: f64,
-    /// The CPU copy kernels of this process ([`crate::copy::kernels`]).
-    pub copy_kernels: crate::copy::Kernels,
+    /// The CPU copy kernels of this process ([`pagemig::copy::kernels`]).
+    pub copy_kernels: pagemig::copy::Kernels,
     /// Every counter of the migration.
     pub stats: MigrateStats,
 }
@@ -163,7 +163,7 @@ fn us(ns: u64) -> f64 {
 pub fn migrate_with_writers(
     engine: &Engine,
     region: &Region,
-    folios: &[crate::Folio],
+    folios: &[pagemig::Folio],
     to_node: u32,
     reason: Reason,
     mode: Mode,
@@ -190,7 +190,7 @@ pub struct Yardsticks {
 }
 
 /// Times filling a fresh mapping bound to `node` with a copy of `region` by `UFFDIO_COPY`
-/// ([`crate::sys::uffd::copy_into_new_mapping`]): creating the mapping, registering it and
+/// ([`pagemig::sys::uffd::copy_into_new_mapping`]): creating the mapping, registering it and
 /// the copies, the closest user-space stand-in for the kernel allocating and filling
 /// migration destinations. Unmapping it afterwards is not timed.
 ///
@@ -198,8 +198,8 @@ pub struct Yardsticks {
 /// [`Error::Sys`] from the fill (`EOPNOTSUPP` without `UFFDIO_MOVE`'s kernel, `ENOMEM`).
 pub fn uffdio_copy_fill(region: &Region, node: u32) -> Result<Duration> {
     let started = Instant::now();
-    let copied = crate::sys::uffd::copy_into_new_mapping(region.addr(), region.len(), Some(node))
-        .map_err(Error::sys("UFFDIO_COPY into a fresh mapping"))?;
+    let copied = pagemig::sys::uffd::copy_into_new_mapping(region.addr(), region.len(), Some(node))
+        .map_err(|errno| Error::Sys { op: "UFFDIO_COPY into a fresh mapping", errno })?;
     let elapsed = started.elapsed();
     drop(copied);
     Ok(elapsed)
@@ -214,11 +214,12 @@ pub fn measure_yardsticks(region: &Region, cfg: &MoveConfig) -> Result<Yardstick
     if !cfg.measure_memcpy {
         return Ok(Yardsticks::default());
     }
-    let memcpy = copy::memcpy_baseline(cfg.size, cfg.folio_size).map_err(Error::sys("memcpy baseline buffers"))?;
+    let memcpy = copy::memcpy_baseline(cfg.size, cfg.folio_size)
+        .map_err(|errno| Error::Sys { op: "memcpy baseline buffers", errno })?;
     let uffdio = uffdio_copy_fill(region, cfg.to_node)?;
     Ok(Yardsticks {
-        memcpy_gbps: crate::stats::gbps(cfg.size as u64, memcpy),
-        uffdio_copy_gbps: crate::stats::gbps(cfg.size as u64, uffdio),
+        memcpy_gbps: pagemig::stats::gbps(cfg.size as u64, memcpy),
+        uffdio_copy_gbps: pagemig::stats::gbps(cfg.size as u64, uffdio),
     })
 }
 
@@ -235,7 +236,7 @@ fn check(
 ) -> Result<(VerifyReport, std::collections::BTreeMap<i32, usize>, bool)> {
     let verify = workload::verify(region, cfg.seed, log);
     let placement = region.placement()?;
-    let pages = region.len() / crate::sys::PAGE_SIZE;
+    let pages = region.len() / pagemig::sys::PAGE_SIZE;
     let placement_ok = placement.get(&(cfg.to_node as i32)) == Some(&pages);
     Ok((verify, placement, placement_ok))
 }
@@ -254,12 +255,12 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
     let region = Region::new(cfg.size, cfg.folio_size, cfg.from_node)?;
     workload::fill(&region, cfg.seed);
     let yardsticks = measure_yardsticks(&region, cfg)?;
-    let thp = if cfg.folio_size >= crate::sys::HPAGE_SIZE { ThpAdvice::Huge } else { ThpAdvice::NoHuge };
+    let thp = if cfg.folio_size >= pagemig::sys::HPAGE_SIZE { ThpAdvice::Huge } else { ThpAdvice::NoHuge };
     let reserve_started = Instant::now();
     if let Some(bytes) = cfg.reserve {
         // A destination keeps its source's offset in a 2 MiB page: up to 2 MiB of the
         // reserve is skipped to place the first one.
-        engine.reserve(cfg.to_node, bytes + crate::sys::HPAGE_SIZE, thp)?;
+        engine.reserve(cfg.to_node, bytes + pagemig::sys::HPAGE_SIZE, thp)?;
         if !engine.wait_reserved(Duration::from_secs(300)) {
             let _ = engine.reserve(cfg.to_node, 0, thp);
             return Err(Error::Invalid(format!("the reserve of {bytes} bytes was not prepared within 300 s")));
@@ -267,7 +268,8 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
     }
     let reserve_ms = reserve_started.elapsed().as_secs_f64() * 1e3;
     let start_hook = progress.clone();
-    let opts = MigrateOptions { max_batch_pages: Some(cfg.batch_pages), progress, ..Default::default() };
+    let mut opts = MigrateOptions::default().max_batch_pages(cfg.batch_pages);
+    opts.progress = progress;
     let folios = region.folios();
     let (result, log) = workload::with_writers(&region, cfg.writers, || {
         if let Some(p) = &start_hook {
@@ -295,7 +297,7 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
         batch_pages: cfg.batch_pages as u64,
         reason: cfg.reason,
         writers: cfg.writers as u64,
-        migrator: crate::offload::registry().active_name().unwrap_or_else(|| "cpu".into()),
+        migrator: pagemig::offload::registry().active_name().unwrap_or_else(|| "cpu".into()),
         offloaded_folios: stats.offloaded_folios,
         fallback_folios: stats.fallback_folios,
         succeeded_folios: stats.succeeded_folios,
@@ -384,10 +386,10 @@ pub fn errno_name(code: i32) -> String {
 /// pages (the kernel moves a huge page whole from its first address and reports `EBUSY`
 /// for the next one, which it finds isolated), one per base page otherwise.
 fn kernel_addresses(region: &Region) -> (Vec<usize>, usize) {
-    let huge = region.folio_size() == crate::sys::HPAGE_SIZE
+    let huge = region.folio_size() == pagemig::sys::HPAGE_SIZE
         && region.anon_huge_bytes().is_ok_and(|b| b == region.len() as u64);
-    let step = if huge { crate::sys::HPAGE_SIZE } else { crate::sys::PAGE_SIZE };
-    ((region.addr()..region.addr() + region.len()).step_by(step).collect(), step / crate::sys::PAGE_SIZE)
+    let step = if huge { pagemig::sys::HPAGE_SIZE } else { pagemig::sys::PAGE_SIZE };
+    ((region.addr()..region.addr() + region.len()).step_by(step).collect(), step / pagemig::sys::PAGE_SIZE)
 }
 
 /// Runs one measured migration of a fresh region by the kernel's `move_pages(2)` instead of
@@ -426,13 +428,13 @@ pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<M
             addresses.chunks(KERNEL_CALL_ADDRESSES).zip(status.chunks_mut(KERNEL_CALL_ADDRESSES)).enumerate()
         {
             calls += 1;
-            if let Err(e) = crate::sys::move_pages(chunk, Some(&nodes[..chunk.len()]), out) {
+            if let Err(e) = pagemig::sys::move_pages(chunk, Some(&nodes[..chunk.len()]), out) {
                 // The call as a whole failed: none of its pages is known to have moved.
                 out.fill(-e.raw_os_error());
                 first_error.get_or_insert_with(|| format!("move_pages: {e}"));
             }
             if let Some(p) = &progress {
-                let done = (i * KERNEL_CALL_ADDRESSES + chunk.len()) * pages_per_address * crate::sys::PAGE_SIZE;
+                let done = (i * KERNEL_CALL_ADDRESSES + chunk.len()) * pages_per_address * pagemig::sys::PAGE_SIZE;
                 p(done as u64);
             }
         }
@@ -444,7 +446,7 @@ pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<M
         *page_errors.entry(outcome).or_insert(0u64) += 1;
     }
     let moved_addresses = status.iter().filter(|&&s| s == target).count();
-    let folio_pages = cfg.folio_size / crate::sys::PAGE_SIZE;
+    let folio_pages = cfg.folio_size / pagemig::sys::PAGE_SIZE;
     let addresses_per_folio = (folio_pages / pages_per_address).max(1);
     let folios = region.len() / cfg.folio_size;
     let succeeded_folios =
@@ -453,22 +455,20 @@ pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<M
         page_errors.iter().next().map(|(what, n)| format!("move_pages left {n} addresses unmoved: {what}"))
     });
     let (verify, placement, placement_ok) = check(&region, cfg, &log)?;
-    let pages = region.len() / crate::sys::PAGE_SIZE;
+    let pages = region.len() / pagemig::sys::PAGE_SIZE;
     let moved_pages = (moved_addresses * pages_per_address) as u64;
     let huge = pages_per_address > 1;
-    let stats = MigrateStats {
-        folios: folios as u64,
-        succeeded_folios,
-        failed_folios: folios as u64 - succeeded_folios,
-        succeeded_pages: moved_pages,
-        failed_pages: pages as u64 - moved_pages,
-        thp_succeeded: if huge { moved_addresses as u64 } else { 0 },
-        thp_failed: if huge { (addresses.len() - moved_addresses) as u64 } else { 0 },
-        bytes: moved_pages * crate::sys::PAGE_SIZE as u64,
-        batches: calls,
-        total_ns: u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
-        ..Default::default()
-    };
+    let mut stats = MigrateStats::default();
+    stats.folios = folios as u64;
+    stats.succeeded_folios = succeeded_folios;
+    stats.failed_folios = folios as u64 - succeeded_folios;
+    stats.succeeded_pages = moved_pages;
+    stats.failed_pages = pages as u64 - moved_pages;
+    stats.thp_succeeded = if huge { moved_addresses as u64 } else { 0 };
+    stats.thp_failed = if huge { (addresses.len() - moved_addresses) as u64 } else { 0 };
+    stats.bytes = moved_pages * pagemig::sys::PAGE_SIZE as u64;
+    stats.batches = calls;
+    stats.total_ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
     let gbps = stats.gbps();
     Ok(MoveReport {
         bytes: cfg.size as u64,
@@ -511,7 +511,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::sys::{Errno, PAGE_SIZE};
+    use pagemig::sys::{Errno, PAGE_SIZE};
 
     fn node() -> u32 {
         numa::memory_nodes().unwrap()[0]
@@ -538,7 +538,7 @@ mod tests {
         let target = node();
         let region = Region::new(4 << 20, PAGE_SIZE, Some(target)).unwrap();
         workload::fill(&region, 42);
-        let copied = match crate::sys::uffd::copy_into_new_mapping(region.addr(), region.len(), Some(target)) {
+        let copied = match pagemig::sys::uffd::copy_into_new_mapping(region.addr(), region.len(), Some(target)) {
             // Kernels without UFFDIO_MOVE (before 6.8) cannot run pagemig at all.
             Err(Errno::OPNOTSUPP) | Err(Errno::PERM) => return,
             r => r.unwrap(),
@@ -559,17 +559,17 @@ mod tests {
     #[test]
     #[expect(unsafe_code, reason = "unmapping the test's own reservation")]
     fn uffdio_copy_refuses_bad_lengths_and_unmapped_sources() {
-        use crate::sys::uffd::copy_into_new_mapping;
+        use pagemig::sys::uffd::copy_into_new_mapping;
         let region = Region::new(64 << 10, PAGE_SIZE, None).unwrap();
         assert_eq!(copy_into_new_mapping(region.addr(), 0, None).unwrap_err(), Errno::INVAL);
         assert_eq!(copy_into_new_mapping(region.addr(), 100, None).unwrap_err(), Errno::INVAL);
-        let hole = crate::sys::reserve(64 << 10).unwrap();
+        let hole = pagemig::sys::reserve(64 << 10).unwrap();
         match copy_into_new_mapping(hole, 64 << 10, None) {
             Err(Errno::OPNOTSUPP) | Err(Errno::PERM) => {}
             r => assert_eq!(r.unwrap_err(), Errno::FAULT),
         }
         // SAFETY: the reservation is ours and nothing uses it.
-        unsafe { crate::sys::munmap(hole, 64 << 10).unwrap() };
+        unsafe { pagemig::sys::munmap(hole, 64 << 10).unwrap() };
     }
 
     #[test]

@@ -3,9 +3,9 @@
 
 use std::sync::{Arc, Mutex};
 
-use pagemig::experiment::{MoveConfig, run_move};
 use pagemig::sys::PAGE_SIZE;
 use pagemig::{Engine, Mode, Reason};
+use pagemig_cli::experiment::{MoveConfig, run_move};
 
 fn node() -> u32 {
     pagemig::numa::memory_nodes().unwrap()[0]

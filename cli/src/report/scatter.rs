@@ -5,13 +5,13 @@
 
 use std::collections::HashSet;
 
-use crate::error::Result;
-use crate::migrate::{Engine, MigrateOptions, Mode, Reason};
-use crate::numa;
-use crate::region::Region;
 use crate::report::model::{Measurement, check_failures, phases_of};
-use crate::sys::PAGE_SIZE;
-use crate::workload;
+use pagemig::error::Result;
+use pagemig::migrate::{Engine, MigrateOptions, Mode, Reason};
+use pagemig::numa;
+use pagemig::region::Region;
+use pagemig::sys::PAGE_SIZE;
+use pagemig::workload;
 
 /// What to move.
 #[derive(Clone, Debug)]
@@ -45,8 +45,8 @@ const MAP_COUNT_HEADROOM: usize = 4096;
 /// The most folios one scattered migration may move here: each moved folio splits the
 /// region's mapping and may add two mappings, and `vm.max_map_count` bounds them all.
 pub fn max_scattered_folios() -> usize {
-    let in_use = crate::maps::vma_count().unwrap_or(1024);
-    crate::sys::max_map_count().saturating_sub(in_use + MAP_COUNT_HEADROOM) / 2
+    let in_use = pagemig::maps::vma_count().unwrap_or(1024);
+    pagemig::sys::max_map_count().saturating_sub(in_use + MAP_COUNT_HEADROOM) / 2
 }
 
 /// The region for a scattered migration of `folio_size` folios: at most `size` bytes, and
@@ -69,7 +69,7 @@ pub fn run_scattered(engine: &Engine, cfg: &ScatterConfig, rep: usize) -> Result
     let all = region.folios();
     let step = if cfg.every_other { 2 } else { 1 };
     let moved: Vec<_> = all.iter().step_by(step).copied().collect();
-    let opts = MigrateOptions { max_batch_pages: Some(cfg.batch_pages), ..Default::default() };
+    let opts = MigrateOptions::default().max_batch_pages(cfg.batch_pages);
     let (stats, error, log) = crate::experiment::migrate_with_writers(
         engine,
         &region,

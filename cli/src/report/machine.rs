@@ -2,8 +2,8 @@
 
 use serde::Serialize;
 
-use crate::migrate::{Capabilities, Engine};
-use crate::numa::{self, Node};
+use pagemig::migrate::{Capabilities, Engine};
+use pagemig::numa::{self, Node};
 
 /// What the numbers of a report depend on.
 #[derive(Clone, Debug, Serialize)]
@@ -56,7 +56,7 @@ impl Machine {
             kernel: read_trim("/proc/sys/kernel/osrelease").unwrap_or_else(unknown),
             thp: thp.as_deref().and_then(selected).map(str::to_string).or(thp).unwrap_or_else(unknown),
             userfaultfd: Engine::global().ok().map(Engine::capabilities),
-            max_map_count: crate::sys::max_map_count(),
+            max_map_count: pagemig::sys::max_map_count(),
         }
     }
 

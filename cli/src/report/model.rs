@@ -7,19 +7,19 @@ use std::fmt;
 use serde::Serialize;
 
 use crate::experiment::{MoveReport, Phases};
-use crate::migrate::MigrateStats;
 use crate::report::machine::Machine;
 use crate::report::runner::BenchConfig;
 use crate::report::seed::Reference;
+use pagemig::migrate::MigrateStats;
 
-/// Who copies a batch: a migrator made active with [`crate::attr::select_migrator`], or
+/// Who copies a batch: a migrator made active with [`pagemig::attr::select_migrator`], or
 /// the plain `memcpy` a migration is compared with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(tag = "name", rename_all = "lowercase")]
 pub enum MigratorSpec {
     /// No migrator registered: the core's serial `folios_copy`.
     Cpu,
-    /// The serial CPU copy with a prepared reserve ([`crate::Engine::reserve`]): the
+    /// The serial CPU copy with a prepared reserve ([`pagemig::Engine::reserve`]): the
     /// destinations are prepared on the reserve thread before the call, which is timed as
     /// the caller's wall clock like every other row.
     #[serde(rename = "cpu_reserved")]
@@ -47,7 +47,7 @@ pub enum MigratorSpec {
 }
 
 impl MigratorSpec {
-    /// The migrator's name as [`crate::attr::select_migrator`] takes it.
+    /// The migrator's name as [`pagemig::attr::select_migrator`] takes it.
     pub fn name(&self) -> &'static str {
         match self {
             MigratorSpec::Cpu => "cpu",
@@ -69,15 +69,15 @@ impl MigratorSpec {
     /// Makes this migrator the active one.
     ///
     /// # Errors
-    /// As [`crate::attr::select_migrator`]; [`crate::Error::Invalid`] for the kernel and
+    /// As [`pagemig::attr::select_migrator`]; [`pagemig::Error::Invalid`] for the kernel and
     /// the yardsticks, which are not pagemig's migrators.
-    pub fn select(&self) -> crate::Result<()> {
+    pub fn select(&self) -> pagemig::Result<()> {
         match *self {
-            MigratorSpec::Cpu | MigratorSpec::CpuReserved => crate::attr::select_migrator("cpu", None, None),
-            MigratorSpec::Mtcopy { threads } => crate::attr::select_migrator("mtcopy", None, Some(threads)),
-            MigratorSpec::Dcbm { channels } => crate::attr::select_migrator("dcbm", Some(channels), None),
+            MigratorSpec::Cpu | MigratorSpec::CpuReserved => pagemig::attr::select_migrator("cpu", None, None),
+            MigratorSpec::Mtcopy { threads } => pagemig::attr::select_migrator("mtcopy", None, Some(threads)),
+            MigratorSpec::Dcbm { channels } => pagemig::attr::select_migrator("dcbm", Some(channels), None),
             MigratorSpec::Memcpy | MigratorSpec::UffdioCopy | MigratorSpec::Kernel => {
-                Err(crate::Error::Invalid(format!("{self} is a baseline, not one of pagemig's migrators")))
+                Err(pagemig::Error::Invalid(format!("{self} is a baseline, not one of pagemig's migrators")))
             }
         }
     }

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pagemig::report::{self, BenchConfig, Experiments, Step};
 use pagemig::{Engine, numa};
+use pagemig_cli::report::{self, BenchConfig, Experiments, Step};
 
 use crate::size;
 
@@ -180,7 +180,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pagemig::report::Measurement;
+    use pagemig_cli::report::Measurement;
 
     #[test]
     fn one_line_per_finished_migration() {

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use pagemig::report::{self, BenchConfig, MigratorSpec};
+use pagemig_cli::report::{self, BenchConfig, MigratorSpec};
 use serde_json::Value;
 
 fn node() -> u32 {

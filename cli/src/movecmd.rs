@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use comfy_table::Table;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
-use pagemig::experiment::{KERNEL, MoveConfig, MoveReport, run_kernel_move, run_move};
 use pagemig::{Engine, Mode, Reason, numa};
+use pagemig_cli::experiment::{KERNEL, MoveConfig, MoveReport, run_kernel_move, run_move};
 
 use crate::size;
 

@@ -3,7 +3,7 @@
 //! Every migration is a fresh region, filled with a pattern, migrated by the active
 //! migrator and checked (bytes, writes, placement) — [`crate::experiment::run_move`] for
 //! the throughput table and the sweep, [`crate::report::scatter::run_scattered`] for the
-//! scattered folios. Migrators are switched with [`crate::attr::select_migrator`] and the
+//! scattered folios. Migrators are switched with [`pagemig::attr::select_migrator`] and the
 //! pipelined move with [`Engine::set_pipelined`]; the state found at the start is put back
 //! at the end.
 
@@ -12,11 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::error::Result;
 use crate::experiment::{MoveConfig, run_kernel_move, run_move};
-use crate::migrate::{Engine, MAX_BATCH_PAGES_LIMIT, Mode, Reason};
-use crate::migrators;
-use crate::offload::registry;
 use crate::report::machine::Machine;
 use crate::report::model::{
     BenchReport, Cell, Measurement, MigratorSpec, ScatterCase, ScatterRow, Scattered, Sweep, SweepPoint, Throughput,
@@ -24,7 +20,11 @@ use crate::report::model::{
 };
 use crate::report::scatter::{self, ScatterConfig, run_scattered};
 use crate::report::seed::Reference;
-use crate::sys::PAGE_SIZE;
+use pagemig::error::Result;
+use pagemig::migrate::{Engine, MAX_BATCH_PAGES_LIMIT, Mode, Reason};
+use pagemig::migrators;
+use pagemig::offload::registry;
+use pagemig::sys::PAGE_SIZE;
 
 /// Which experiments to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -113,7 +113,7 @@ pub fn kernel_nodes(from: u32, to: u32) -> Option<[u32; 2]> {
     if from != to {
         return Some([from, to]);
     }
-    let nodes = crate::numa::memory_nodes().ok()?;
+    let nodes = pagemig::numa::memory_nodes().ok()?;
     let first = *nodes.first()?;
     let other = nodes.iter().copied().find(|&n| n != first)?;
     Some([first, other])
@@ -121,7 +121,7 @@ pub fn kernel_nodes(from: u32, to: u32) -> Option<[u32; 2]> {
 
 /// Why the kernel row is absent from a run whose `kernel_nodes` is `None`.
 pub fn kernel_absent_reason() -> String {
-    let nodes = crate::numa::memory_nodes().unwrap_or_default();
+    let nodes = pagemig::numa::memory_nodes().unwrap_or_default();
     format!(
         "kernel move_pages row absent: it needs two NUMA nodes with memory, and this machine has {} ({nodes:?}); \
          move_pages(2) to the node a page is already on copies nothing",
@@ -292,7 +292,7 @@ impl Saved {
 
     fn restore(self, engine: &Engine) {
         let name = self.active.as_deref().filter(|n| ["mtcopy", "dcbm"].contains(n)).unwrap_or("cpu");
-        let _ = crate::attr::select_migrator(name, Some(self.channels), Some(self.threads));
+        let _ = pagemig::attr::select_migrator(name, Some(self.channels), Some(self.threads));
         engine.set_pipelined(self.pipelined);
     }
 }
@@ -300,19 +300,19 @@ impl Saved {
 /// Runs the experiments of `cfg`, telling `progress` before each migration.
 ///
 /// # Errors
-/// [`crate::Error::UnknownNode`] for a node that is not an online node with memory, and
-/// [`crate::Error::Invalid`] for a configuration that cannot run (no repetitions, a batch
+/// [`pagemig::Error::UnknownNode`] for a node that is not an online node with memory, and
+/// [`pagemig::Error::Invalid`] for a configuration that cannot run (no repetitions, a batch
 /// bound out of range); a migration that fails is recorded as failed in the report.
 pub fn run(engine: &Engine, cfg: &BenchConfig, progress: &dyn Fn(&Step<'_>)) -> Result<BenchReport> {
-    crate::numa::check_node(cfg.from_node)?;
-    crate::numa::check_node(cfg.to_node)?;
-    crate::migrate::check_max_batch_pages(cfg.batch_pages)?;
+    pagemig::numa::check_node(cfg.from_node)?;
+    pagemig::numa::check_node(cfg.to_node)?;
+    pagemig::migrate::check_max_batch_pages(cfg.batch_pages)?;
     if cfg.reps == 0 || cfg.sweep_reps == 0 {
-        return Err(crate::Error::Invalid("repetitions must be at least 1".into()));
+        return Err(pagemig::Error::Invalid("repetitions must be at least 1".into()));
     }
     let started = Instant::now();
     let started_unix_s = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let attributes: BTreeMap<String, String> = crate::attr::list()
+    let attributes: BTreeMap<String, String> = pagemig::attr::list()
         .into_iter()
         .map(|(path, value)| (path.to_string(), value.unwrap_or_else(|e| format!("<{e}>"))))
         .collect();
