@@ -59,7 +59,8 @@ pub use folio::{Folio, MigrateInfo};
 #[cfg(feature = "internals")]
 pub use migrate::FaultInjection;
 pub use migrate::{
-    Background, Capabilities, Engine, MigrateOptions, MigrateStats, Mode, PagesStats, RangeOutcome, Reason, migrate_pages,
+    Background, Capabilities, Engine, MigrateOptions, MigrateStats, Mode, PagesStats, RangeOutcome, Reason,
+    migrate_pages,
 };
 pub use pool::ThpAdvice;
 pub use region::Region;

@@ -95,3 +95,68 @@ fn children_forked_during_migration_see_every_byte() {
         }
     }
 }
+
+/// A child forked from a process whose engine (and mtcopy's worker threads) are running
+/// opens its own engine on first use and migrates with it: the parent's threads do not
+/// exist in the child, and using them would hang. Exit status 0, or what went wrong.
+#[test]
+fn a_forked_child_opens_its_own_engine_and_migrates() {
+    watchdog(Duration::from_secs(120), "forked child's own engine", || {
+        let engine = Engine::global().unwrap();
+        let parent_engine = engine as *const Engine as usize;
+        let mtcopy = pagemig::attr::select_migrator("mtcopy", None, Some(2)).is_ok();
+        let region = Region::new(4 << 20, 4096, Some(node())).unwrap();
+        workload::fill(&region, 77);
+        engine
+            .migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &MigrateOptions::default())
+            .unwrap();
+        // SAFETY: the child uses only this thread's state and the engine it opens itself,
+        // then calls `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork failed");
+        if pid == 0 {
+            let code = (|| {
+                let Ok(engine) = Engine::global() else { return 2 };
+                if engine as *const Engine as usize == parent_engine {
+                    return 3;
+                }
+                let mine = match Region::new(4 << 20, 4096, Some(node())) {
+                    Ok(r) => r,
+                    Err(_) => return 4,
+                };
+                workload::fill(&mine, 78);
+                let opts = MigrateOptions::default();
+                if engine.migrate_pages(&mine.folios(), node(), Reason::Syscall, Mode::Sync, &opts).is_err()
+                    || engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts).is_err()
+                {
+                    return 5;
+                }
+                if !workload::verify(&mine, 78, &Default::default()).ok()
+                    || !workload::verify(&region, 77, &Default::default()).ok()
+                {
+                    return 1;
+                }
+                0
+            })();
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(code) };
+        }
+        let started = Instant::now();
+        let mut status = 0;
+        // SAFETY: waits (without blocking) for the child just forked.
+        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+            if started.elapsed() > Duration::from_secs(60) {
+                // SAFETY: our own child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("the forked child hung migrating with the parent's engine");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if mtcopy {
+            pagemig::attr::select_migrator("cpu", None, None).unwrap();
+        }
+        assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+        assert_eq!(libc::WEXITSTATUS(status), 0, "child: 1 bytes wrong, 2 no engine, 3 the parent's engine, 5 failed");
+        assert!(workload::verify(&region, 77, &Default::default()).ok());
+    });
+}

@@ -66,6 +66,8 @@ pub struct Device {
     channels: Vec<Channel>,
     usage: Mutex<Vec<Usage>>,
     workers: Vec<JoinHandle<()>>,
+    /// The process whose threads serve the channels: a forked child has none.
+    pid: u32,
 }
 
 impl std::fmt::Debug for Device {
@@ -83,6 +85,12 @@ impl std::fmt::Debug for Device {
 static NEXT_CPU: AtomicUsize = AtomicUsize::new(0);
 
 impl Device {
+    /// Whether the channels' worker threads run in this process (not in a forked child
+    /// of the one that made the device, where they do not exist).
+    pub fn served_here(&self) -> bool {
+        self.pid == std::process::id()
+    }
+
     /// Makes a soft device named `name` with `nr_channels` channels, each a worker thread
     /// that runs the channel's issued descriptors.
     ///
@@ -130,7 +138,7 @@ impl Device {
             }
         }
         let usage = Mutex::new(vec![Usage::default(); nr_channels]);
-        Ok(Arc::new(Self { name: name.to_string(), caps, shared, channels, usage, workers }))
+        Ok(Arc::new(Self { name: name.to_string(), caps, shared, channels, usage, workers, pid: std::process::id() }))
     }
 
     /// The device's name.
@@ -203,6 +211,11 @@ impl Device {
 
 impl Drop for Device {
     fn drop(&mut self) {
+        if !self.served_here() {
+            // A forked child: the workers are the parent's; nothing here to stop or join.
+            std::mem::take(&mut self.workers).into_iter().for_each(std::mem::forget);
+            return;
+        }
         for chan in &self.channels {
             chan.shutdown();
         }

@@ -1,8 +1,8 @@
 //! The engine: a userfaultfd, the destination pool, the claims on folios in flight, the
 //! event reader and the reaper; and one call of `migrate_pages` read top to bottom.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use super::busy::Busy;
@@ -76,14 +76,41 @@ impl Engine {
 
     /// The process-wide engine, opened on first use.
     ///
+    /// A process forked from one that had an engine opens its own on first use: the
+    /// parent's threads do not exist in the child, and its userfaultfd registrations do
+    /// not carry over.
+    ///
     /// # Errors
-    /// As [`Engine::new`], on every call once opening failed.
+    /// As [`Engine::new`], on every call once opening failed (in this process).
+    #[allow(unsafe_code, reason = "reads the leaked, never freed, slot of the process")]
     pub fn global() -> Result<&'static Engine> {
-        static GLOBAL: OnceLock<std::result::Result<Engine, Errno>> = OnceLock::new();
-        GLOBAL
-            .get_or_init(|| Engine::new().map_err(|e| e.errno()))
-            .as_ref()
-            .map_err(|&errno| Error::Sys { op: "userfaultfd", errno })
+        /// The engine of process `pid`, or why it could not be opened. Leaked: never freed.
+        struct Slot {
+            pid: u32,
+            engine: std::result::Result<&'static Engine, Errno>,
+        }
+        static SLOT: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
+        /// The process that is opening its engine (a stale pid in a child forked meanwhile).
+        static OPENING: AtomicU32 = AtomicU32::new(0);
+        let pid = std::process::id();
+        let found = |slot: *mut Slot| {
+            // SAFETY: a non-null slot was leaked by `Box::into_raw` below and is never freed.
+            let slot = unsafe { slot.as_ref() }?;
+            (slot.pid == pid).then(|| slot.engine.map_err(|errno| Error::Sys { op: "userfaultfd", errno }))
+        };
+        loop {
+            if let Some(engine) = found(SLOT.load(Ordering::Acquire)) {
+                return engine;
+            }
+            let opening = OPENING.load(Ordering::Acquire);
+            if opening != pid && OPENING.compare_exchange(opening, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                let engine = Engine::new().map(|e| &*Box::leak(Box::new(e))).map_err(|e| e.errno());
+                SLOT.store(Box::into_raw(Box::new(Slot { pid, engine })), Ordering::Release);
+                continue;
+            }
+            // Another thread of this process is opening it.
+            std::thread::yield_now();
+        }
     }
 
     /// What the kernel allows this process.

@@ -284,6 +284,10 @@ unsafe impl OffloadCopy for Dcbm {
         if n == 0 {
             return Ok(());
         }
+        if self.device.as_ref().is_some_and(|d| !d.served_here()) {
+            // A forked child: the device's threads stayed in the parent; the CPU copies.
+            return Err(Errno::NODEV);
+        }
         let want = self.nr_dma_chan().min(n).min(MAX_DMA_CHANNELS);
         let chans: Vec<Chan> = std::iter::from_fn(|| self.request_chan().ok()).take(want).collect();
         let (reported, result) = if chans.is_empty() { (0, Err(Errno::NODEV)) } else { self.copy_on(batch, &chans) };

@@ -102,6 +102,8 @@ fn run_job(job: Job) {
 }
 
 struct Worker {
+    /// The process that spawned the thread: a forked child has the entry, not the thread.
+    pid: u32,
     tx: Sender<Job>,
     handle: Option<JoinHandle<()>>,
 }
@@ -183,6 +185,11 @@ impl MtCopy {
 
     fn ensure_workers(&self, n: usize) -> std::sync::MutexGuard<'_, Vec<Worker>> {
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+        let pid = std::process::id();
+        if workers.first().is_some_and(|w| w.pid != pid) {
+            // Forked: the parent's threads do not exist here; forget them, spawn our own.
+            workers.drain(..).for_each(std::mem::forget);
+        }
         let cores = sys::allowed_cpus();
         while workers.len() < n {
             let (tx, rx) = channel::<Job>();
@@ -199,7 +206,7 @@ impl MtCopy {
                     }
                 })
                 .expect("spawn an mtcopy worker");
-            workers.push(Worker { tx, handle: Some(handle) });
+            workers.push(Worker { pid, tx, handle: Some(handle) });
         }
         workers
     }
@@ -289,6 +296,10 @@ impl Drop for MtCopy {
     fn drop(&mut self) {
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
         for mut w in workers.drain(..) {
+            if w.pid != std::process::id() {
+                std::mem::forget(w);
+                continue;
+            }
             drop(w.tx);
             if let Some(h) = w.handle.take() {
                 let _ = h.join();
