@@ -50,7 +50,7 @@ pub unsafe fn folio_copy(pair: CopyPair) -> Result<(), Errno> {
         return Err(Errno::INVAL);
     }
     // SAFETY: the caller guarantees access to both ranges; we checked they do not overlap.
-    unsafe { kernels().cold.copy(dst, src, len) };
+    unsafe { chosen().cold.copy(dst, src, len) };
     Ok(())
 }
 
@@ -87,7 +87,7 @@ pub unsafe fn folios_copy_to(pairs: &[CopyPair], dst: Dst<'_>) -> Result<(), Err
         // SAFETY: forwarded from the caller's contract.
         Dst::Mapped => return unsafe { folios_copy(pairs) },
         Dst::Fresh => {
-            let kernel = kernels().hot;
+            let kernel = chosen().hot;
             for pair in coalesce(pairs) {
                 if pair.len == 0 || (pair.dst < pair.src + pair.len && pair.src < pair.dst + pair.len) {
                     return Err(Errno::INVAL);
@@ -294,6 +294,18 @@ pub fn kernels() -> Kernels {
         calibrate().unwrap_or(Kernels { hot: Kernel::Nt, cold: Kernel::Nt, figures: Vec::new() })
     })
     .clone()
+}
+
+/// The kernels chosen, without waiting: the measured ones once [`kernels`] has measured
+/// them, the two-stream non-temporal copy before (while an engine's start-up thread is
+/// still measuring, or when nothing asked).
+pub fn chosen() -> Kernels {
+    match KERNELS.try_read() {
+        Ok(k) => k.as_ref().cloned(),
+        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().as_ref().cloned(),
+        Err(std::sync::TryLockError::WouldBlock) => None,
+    }
+    .unwrap_or(Kernels { hot: Kernel::Nt, cold: Kernel::Nt, figures: Vec::new() })
 }
 
 /// Chooses `kernel` for every destination (`Some`), or measures again (`None`).

@@ -103,3 +103,49 @@ fn bad_input_is_refused_before_anything_moves() {
     // SAFETY: no pages.
     assert_eq!(unsafe { engine.move_pages(&[], Some(&[]), &mut []) }.unwrap(), 0);
 }
+
+/// Pages a forked child maps too are known as such (the pages `move_pages(2)` refuses with
+/// `EACCES`, which `Engine::move_pages` hands to the kernel), and stop being so once the
+/// child exits; pages written after the fork, and pages never touched, are the parent's
+/// alone.
+#[test]
+fn pages_a_child_maps_too_are_told_apart() {
+    common::watchdog(std::time::Duration::from_secs(60), "shared pages", || {
+        let region = Region::new(8 * PAGE_SIZE, PAGE_SIZE, Some(node() as u32)).unwrap();
+        workload::fill(&region, 5);
+        let addrs: Vec<usize> = (0..8).map(|p| region.addr() + p * PAGE_SIZE).collect();
+        let untouched = sys::mmap_anon(PAGE_SIZE).unwrap();
+        let mut hold = [0; 2];
+        // SAFETY: a pipe of our own.
+        assert_eq!(unsafe { libc::pipe(hold.as_mut_ptr()) }, 0);
+        // SAFETY: the child only blocks on the pipe, then calls `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let mut c = 0u8;
+            // SAFETY: reads one byte into a local from our end of the pipe.
+            unsafe {
+                libc::close(hold[1]);
+                libc::read(hold[0], (&raw mut c).cast(), 1);
+                libc::_exit(0);
+            }
+        }
+        // SAFETY: our end of the pipe.
+        unsafe { libc::close(hold[0]) };
+        // Written after the fork: the parent's own copy now.
+        region.word(7 * PAGE_SIZE / 8).store(1, std::sync::atomic::Ordering::Relaxed);
+        let mut all = addrs.clone();
+        all.push(untouched);
+        let shared = sys::shared_pages(&all).unwrap();
+        let mut status = 0;
+        // SAFETY: ends the child, then reaps it.
+        unsafe {
+            libc::close(hold[1]);
+            libc::waitpid(pid, &mut status, 0);
+        }
+        assert_eq!(shared, [true, true, true, true, true, true, true, false, false], "while the child lives");
+        assert_eq!(sys::shared_pages(&all).unwrap(), vec![false; 9], "once the child exited");
+        // SAFETY: our own mapping, unused past here.
+        unsafe { sys::munmap(untouched, PAGE_SIZE).unwrap() };
+    });
+}

@@ -54,11 +54,11 @@ struct pagemig_stats {
    */
   uint64_t pages;
   /**
-   * Pages already on their target: left alone.
+   * Pages of mappings pagemig moves that were on their target already: left alone.
    */
   uint64_t already_home;
   /**
-   * Pages not there to move (`-ENOENT` never touched, `-EFAULT` not mapped).
+   * Pages of mappings pagemig moves that were not there to move (`-ENOENT`).
    */
   uint64_t absent;
   /**
@@ -67,7 +67,8 @@ struct pagemig_stats {
   uint64_t moved;
   /**
    * Pages handed to the kernel's `move_pages(2)` because pagemig does not move their
-   * memory (shared, file-backed, special mappings, the calling thread's stack).
+   * memory: shared, file-backed or special mappings, addresses not mapped, the calling
+   * thread's stack, pages another process maps too.
    */
   uint64_t kernel_unmovable;
   /**

@@ -44,14 +44,15 @@ pub struct pagemig_stats {
     pub calls: u64,
     /// Pages those calls named.
     pub pages: u64,
-    /// Pages already on their target: left alone.
+    /// Pages of mappings pagemig moves that were on their target already: left alone.
     pub already_home: u64,
-    /// Pages not there to move (`-ENOENT` never touched, `-EFAULT` not mapped).
+    /// Pages of mappings pagemig moves that were not there to move (`-ENOENT`).
     pub absent: u64,
     /// Pages pagemig moved itself.
     pub moved: u64,
     /// Pages handed to the kernel's `move_pages(2)` because pagemig does not move their
-    /// memory (shared, file-backed, special mappings, the calling thread's stack).
+    /// memory: shared, file-backed or special mappings, addresses not mapped, the calling
+    /// thread's stack, pages another process maps too.
     pub kernel_unmovable: u64,
     /// Pages pagemig could not move (pinned, mapped by another process) and handed to the
     /// kernel after.

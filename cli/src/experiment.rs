@@ -252,6 +252,8 @@ fn check(
 /// itself are reported in the [`MoveReport`].
 pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -> Result<MoveReport> {
     numa::check_node(cfg.to_node)?;
+    // The copy kernels measured before anything is timed.
+    let _ = copy::kernels();
     let region = Region::new(cfg.size, cfg.folio_size, cfg.from_node)?;
     workload::fill(&region, cfg.seed);
     let yardsticks = measure_yardsticks(&region, cfg)?;

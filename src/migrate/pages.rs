@@ -82,14 +82,7 @@ impl Engine {
         if pages.is_empty() {
             return Ok(0);
         }
-        // Where each page is now: pages not there, and pages already home, are done.
-        sys::move_pages(pages, None, status).map_err(Error::sys("move_pages (query)"))?;
-        let todo: Vec<usize> = (0..pages.len()).filter(|&i| status[i] >= 0 && status[i] != nodes[i]).collect();
-        self.pages_counters.begin(status, &todo);
-        if todo.is_empty() {
-            return Ok(0);
-        }
-        self.move_todo(pages, nodes, status, &todo, &MigrateOptions::default())
+        self.move_all(pages, nodes, status, &MigrateOptions::default())
     }
 
     /// Moves every page of `addr .. addr + len` (rounded out to whole pages) to `node`,
@@ -134,16 +127,46 @@ impl Engine {
         let first = addr & !(PAGE_SIZE - 1);
         let pages: Vec<usize> = (first..end).step_by(PAGE_SIZE).collect();
         let mut status = vec![0; pages.len()];
-        sys::move_pages(&pages, None, &mut status).map_err(Error::sys("move_pages (query)"))?;
         let target = i32::try_from(node).map_err(|_| Error::Invalid(format!("node {node}")))?;
-        let todo: Vec<usize> = (0..pages.len()).filter(|&i| status[i] >= 0 && status[i] != target).collect();
-        self.pages_counters.begin(&status, &todo);
-        let not_moved = if todo.is_empty() {
-            0
-        } else {
-            self.move_todo(&pages, &vec![target; pages.len()], &mut status, &todo, opts)?
-        };
+        let not_moved = self.move_all(&pages, &vec![target; pages.len()], &mut status, opts)?;
         Ok(RangeOutcome { first_page: first, status, not_moved })
+    }
+
+    /// Moves every page to its node, writing its outcome; returns the kernel's count of
+    /// pages not moved. Pages of mappings pagemig does not move go to the kernel at once,
+    /// without a look of pagemig's own: from `/proc/self/maps`, the one read such a call
+    /// pays (smaps walks every mapping's pages; flags such as I/O and PFN maps are checked by
+    /// the migration itself, which refuses such a folio before touching it, and the folio
+    /// goes to the kernel after).
+    fn move_all(&self, pages: &[usize], nodes: &[i32], status: &mut [i32], opts: &MigrateOptions) -> Result<usize> {
+        let page_of = |i: usize| pages[i] & !(PAGE_SIZE - 1);
+        let mut vmas = maps::vmas()?;
+        vmas.sort_unstable_by_key(|v| v.start);
+        let movable_vma = |page: usize| {
+            let at = vmas.partition_point(|v| v.end <= page);
+            vmas.get(at).is_some_and(|v| v.start <= page && v.refusal().is_none())
+        };
+        let (candidates, direct): (Vec<usize>, Vec<usize>) = (0..pages.len()).partition(|&i| movable_vma(page_of(i)));
+        let mut not_moved = kernel_moves(pages, nodes, status, &direct)?;
+        self.pages_counters.kernel_unmovable.fetch_add(direct.len() as u64, Ordering::Relaxed);
+        // Where pagemig's candidates are now: pages not there, and pages already home, are
+        // done.
+        let mut now = vec![0; candidates.len()];
+        if !candidates.is_empty() {
+            let at: Vec<usize> = candidates.iter().map(|&i| pages[i]).collect();
+            sys::move_pages(&at, None, &mut now).map_err(Error::sys("move_pages (query)"))?;
+        }
+        for (k, &i) in candidates.iter().enumerate() {
+            status[i] = now[k];
+        }
+        let todo: Vec<usize> =
+            candidates.iter().copied().filter(|&i| status[i] >= 0 && status[i] != nodes[i]).collect();
+        let absent = now.iter().filter(|&&s| s < 0).count();
+        self.pages_counters.begin(pages.len(), absent, candidates.len() - absent - todo.len());
+        if !todo.is_empty() {
+            not_moved += self.move_todo(pages, nodes, status, &todo, &vmas, opts)?;
+        }
+        Ok(not_moved)
     }
 
     /// Moves the pages `todo` (present, elsewhere than asked), writing their outcomes, and
@@ -161,35 +184,42 @@ impl Engine {
         nodes: &[i32],
         status: &mut [i32],
         todo: &[usize],
+        vmas: &[maps::Vma],
         opts: &MigrateOptions,
     ) -> Result<usize> {
         let page_of = |i: usize| pages[i] & !(PAGE_SIZE - 1);
-        let lo = todo.iter().map(|&i| page_of(i)).min().expect("not empty");
-        let hi = todo.iter().map(|&i| page_of(i) + PAGE_SIZE).max().expect("not empty");
-        let vmas = maps::vmas_with_flags(lo & !(HPAGE_SIZE - 1), hi.next_multiple_of(HPAGE_SIZE))?;
-        let huge = sys::huge_ranges(lo & !(HPAGE_SIZE - 1), hi.next_multiple_of(HPAGE_SIZE)).unwrap_or_default();
-        let stack = sys::current_thread_stack();
-        // Each page's folio, the first target named for it wins (as the kernel moves a huge
-        // page once); pages pagemig does not move go to the kernel.
-        let mut folios: BTreeMap<usize, (usize, i32)> = BTreeMap::new();
+        let candidates = todo;
         let mut kernel: Vec<usize> = Vec::new();
-        let mut to_kernel = vec![false; pages.len()];
-        let mut not_moved = 0;
-        for &i in todo {
-            let page = page_of(i);
-            let (start, size) = match huge.iter().find(|&&(s, e)| s <= page && page < e) {
-                Some(_) => (page & !(HPAGE_SIZE - 1), HPAGE_SIZE),
-                None => (page, PAGE_SIZE),
-            };
-            let on_stack = stack.is_some_and(|(s, e)| start < e && s < start + size);
-            if on_stack || maps::check_movable(start, start + size, &vmas).is_err() {
-                kernel.push(i);
-                to_kernel[i] = true;
-            } else {
-                folios.entry(start).or_insert((size, nodes[i]));
+        let mut folios: BTreeMap<usize, (usize, i32)> = BTreeMap::new();
+        {
+            let lo = candidates.iter().map(|&i| page_of(i)).min().expect("not empty");
+            let hi = candidates.iter().map(|&i| page_of(i) + PAGE_SIZE).max().expect("not empty");
+            let huge = sys::huge_ranges(lo & !(HPAGE_SIZE - 1), hi.next_multiple_of(HPAGE_SIZE)).unwrap_or_default();
+            let stack = sys::current_thread_stack();
+            // Pages another process maps too (a fork's copy-on-write sharing): the kernel's
+            // to refuse (`EACCES`), or to move with `MPOL_MF_MOVE_ALL`.
+            let shared =
+                sys::shared_pages(&candidates.iter().map(|&i| pages[i]).collect::<Vec<_>>()).unwrap_or_default();
+            // Each page's folio, the first target named for it wins (as the kernel moves a
+            // huge page once).
+            for (k, &i) in candidates.iter().enumerate() {
+                let page = page_of(i);
+                let in_huge = huge.get(huge.partition_point(|&(_, e)| e <= page)).is_some_and(|&(s, _)| s <= page);
+                let (start, size) = if in_huge { (page & !(HPAGE_SIZE - 1), HPAGE_SIZE) } else { (page, PAGE_SIZE) };
+                let on_stack = stack.is_some_and(|(s, e)| start < e && s < start + size);
+                let is_shared = shared.get(k).copied().unwrap_or(false);
+                if on_stack || is_shared || (in_huge && maps::check_movable(start, start + size, vmas).is_err()) {
+                    kernel.push(i);
+                } else {
+                    folios.entry(start).or_insert((size, nodes[i]));
+                }
             }
         }
-        not_moved += kernel_moves(pages, nodes, status, &kernel)?;
+        let mut to_kernel = vec![false; pages.len()];
+        for &i in &kernel {
+            to_kernel[i] = true;
+        }
+        let mut not_moved = kernel_moves(pages, nodes, status, &kernel)?;
         self.pages_counters.kernel_unmovable.fetch_add(kernel.len() as u64, Ordering::Relaxed);
         // pagemig's pages, one call per target node; what failed, by folio.
         let mut by_node: BTreeMap<i32, Vec<(usize, usize)>> = BTreeMap::new();
@@ -306,14 +336,16 @@ pub struct PagesStats {
     pub calls: u64,
     /// Pages named.
     pub pages: u64,
-    /// Pages already on their target: left alone.
+    /// Pages of mappings pagemig moves that were on their target already: left alone.
     pub already_home: u64,
-    /// Pages not there to move (`ENOENT` never touched, `EFAULT` not mapped).
+    /// Pages of mappings pagemig moves that were not there to move (`ENOENT` never
+    /// touched).
     pub absent: u64,
     /// Pages pagemig moved itself.
     pub moved: u64,
     /// Pages handed to the kernel's `move_pages(2)` because pagemig does not move their
-    /// memory (shared, file-backed or special mappings, the calling thread's stack).
+    /// memory: shared, file-backed or special mappings, addresses not mapped, the calling
+    /// thread's stack, pages another process maps too.
     pub kernel_unmovable: u64,
     /// Pages pagemig tried and could not move (pinned, mapped by another process, changed
     /// under the call), handed to the kernel's `move_pages(2)` after.
@@ -336,13 +368,13 @@ pub(super) struct Counters {
 }
 
 impl Counters {
-    /// Counts a call from its query: `status` where each page is, `todo` the pages to move.
-    fn begin(&self, status: &[i32], todo: &[usize]) {
-        let absent = status.iter().filter(|&&s| s < 0).count();
+    /// Counts a call of `pages` pages, of which pagemig's query found `absent` not there
+    /// and `home` on their target already.
+    fn begin(&self, pages: usize, absent: usize, home: usize) {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        self.pages.fetch_add(status.len() as u64, Ordering::Relaxed);
+        self.pages.fetch_add(pages as u64, Ordering::Relaxed);
         self.absent.fetch_add(absent as u64, Ordering::Relaxed);
-        self.already_home.fetch_add((status.len() - absent - todo.len()) as u64, Ordering::Relaxed);
+        self.already_home.fetch_add(home as u64, Ordering::Relaxed);
     }
 
     /// Counts the pages of `todo` that ended with an error.

@@ -375,6 +375,45 @@ pub fn set_mempolicy_bind(node: Option<u32>) -> Result<(), Errno> {
     check(ret).map(drop)
 }
 
+/// For each page address in `pages`, whether the page is present and mapped by another
+/// process too (a `fork`'s copy-on-write sharing, `/proc/self/pagemap` bit 56 "exclusively
+/// mapped" clear): the pages `move_pages(2)` refuses with `EACCES` without
+/// `MPOL_MF_MOVE_ALL`. Pages not present answer `false`.
+///
+/// # Errors
+/// The errno of opening or reading `/proc/self/pagemap`.
+pub fn shared_pages(pages: &[usize]) -> Result<Vec<bool>, Errno> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const EXCLUSIVE: u64 = 1 << 56;
+    /// Entries read at once, at most.
+    const CHUNK: usize = 8192;
+    let file = std::fs::File::open("/proc/self/pagemap").map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+    let mut order: Vec<usize> = (0..pages.len()).collect();
+    order.sort_unstable_by_key(|&i| pages[i] / PAGE_SIZE);
+    let mut shared = vec![false; pages.len()];
+    let mut buf = vec![0u8; CHUNK * 8];
+    let mut k = 0;
+    while k < order.len() {
+        // A run of pages no more than CHUNK entries wide, read with one pread.
+        let first = pages[order[k]] / PAGE_SIZE;
+        let mut j = k;
+        while j < order.len() && pages[order[j]] / PAGE_SIZE < first + CHUNK {
+            j += 1;
+        }
+        let span = pages[order[j - 1]] / PAGE_SIZE - first + 1;
+        let bytes = &mut buf[..span * 8];
+        file.read_exact_at(bytes, (first * 8) as u64).map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+        for &i in &order[k..j] {
+            let at = (pages[i] / PAGE_SIZE - first) * 8;
+            let entry = u64::from_ne_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+            shared[i] = entry & PRESENT != 0 && entry & EXCLUSIVE == 0;
+        }
+        k = j;
+    }
+    Ok(shared)
+}
+
 /// The ranges of `[start, end)` mapped by huge pages in this process (a transparent huge
 /// page mapped whole by one page-table entry), from the `PAGEMAP_SCAN` ioctl on
 /// `/proc/self/pagemap` (Linux 6.7), as `(start, end)` in address order.

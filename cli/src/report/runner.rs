@@ -307,6 +307,8 @@ pub fn run(engine: &Engine, cfg: &BenchConfig, progress: &dyn Fn(&Step<'_>)) -> 
     pagemig::numa::check_node(cfg.from_node)?;
     pagemig::numa::check_node(cfg.to_node)?;
     pagemig::migrate::check_max_batch_pages(cfg.batch_pages)?;
+    // The copy kernels measured before anything is timed.
+    let _ = pagemig::copy::kernels();
     if cfg.reps == 0 || cfg.sweep_reps == 0 {
         return Err(pagemig::Error::Invalid("repetitions must be at least 1".into()));
     }
