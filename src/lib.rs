@@ -17,6 +17,87 @@
 //! # Ok::<(), pagemig::Error>(())
 //! ```
 //!
+//! # Memory the program already has
+//!
+//! Any private anonymous memory — a `Vec`, a buffer from any allocator — moves by address
+//! and length with [`Engine::move_range`] (or page by page with [`Engine::move_pages`], the
+//! form of `move_pages(2)`), in folios of the size its pages really are, with an outcome for
+//! every page:
+//!
+//! ```
+//! use pagemig::{Engine, MigrateOptions, numa};
+//!
+//! let node = numa::memory_nodes()?[0];
+//! let mut table: Vec<u64> = (0..(4 << 20) / 8).collect();
+//! let engine = Engine::global()?;
+//! // SAFETY: this thread does not touch `table` during the call.
+//! let outcome = unsafe { engine.move_range(table.as_ptr() as usize, table.len() * 8, node, &MigrateOptions::default())? };
+//! assert_eq!(outcome.errors().count(), 0);
+//! assert_eq!(outcome.pages_on(node), outcome.status.len());
+//! table[0] = 1; // the program's memory, as it was, wherever it is now
+//! assert!(table[1..].iter().enumerate().all(|(i, &w)| w == i as u64 + 1));
+//! # Ok::<(), pagemig::Error>(())
+//! ```
+//!
+//! # When part of a call fails
+//!
+//! Folios that could not move (pinned, changed under the call, a migrator that failed
+//! them) are exactly as they were; the rest moved. [`Error::Partial`] says which and why:
+//!
+//! ```
+//! use pagemig::{Engine, Error, MigrateOptions, Mode, Reason, Region, numa};
+//!
+//! let node = numa::memory_nodes()?[0];
+//! let region = Region::new(4 << 20, 64 << 10, Some(node))?;
+//! match Engine::global()?.migrate_pages(&region.folios(), node, Reason::Syscall, Mode::Sync, &MigrateOptions::default()) {
+//!     Ok(stats) => assert_eq!(stats.succeeded_folios, 64),
+//!     Err(Error::Partial { failed, stats, .. }) => {
+//!         eprintln!("{failed} folios stayed");
+//!         for f in &stats.failures {
+//!             eprintln!("  {:#x}: {}", f.addr, std::io::Error::from_raw_os_error(f.errno));
+//!         }
+//!     }
+//!     Err(e) => return Err(e),
+//! }
+//! # Ok::<(), pagemig::Error>(())
+//! ```
+//!
+//! # Writing a migrator
+//!
+//! A migrator copies the batches of every migration while it is registered ([`offload`]).
+//! It copies through the [`offload::Batch`] it is handed and reports what it copied; what
+//! it does not report, the CPU copies:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use pagemig::offload::{registry, Batch, Migrator, OffloadCopy, Owner};
+//! use pagemig::{Errno, Engine, MigrateOptions, Mode, Reason, Region, numa};
+//!
+//! struct Halves;
+//!
+//! // SAFETY: copies only through the batch and reports only what it copied.
+//! unsafe impl OffloadCopy for Halves {
+//!     fn offload_copy(&self, batch: &Batch<'_>) -> Result<(), Errno> {
+//!         let n = batch.folio_count();
+//!         for range in [0..n / 2, n / 2..n] {
+//!             batch.copy_range(range.clone())?;
+//!             batch.complete(range)?;
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! let node = numa::memory_nodes()?[0];
+//! let region = Region::new(4 << 20, 64 << 10, Some(node))?;
+//! let scope = registry()
+//!     .register_scoped(Migrator::new("halves", Arc::new(Halves), Owner::new("doc")))
+//!     .map_err(|errno| pagemig::Error::Sys { op: "register", errno })?;
+//! let stats = Engine::global()?.migrate_pages(&region.folios(), node, Reason::Demotion, Mode::Sync, &MigrateOptions::default())?;
+//! drop(scope);
+//! assert_eq!(stats.succeeded_folios, 64);
+//! # Ok::<(), pagemig::Error>(())
+//! ```
+//!
 //! `unsafe` code lives in the system-call layer, the copy kernels, the pipeline that calls
 //! them, the pool that owns its memory, and the `unsafe fn`s over raw addresses
 //! ([`Region::adopt`], [`Engine::move_pages`], [`Folio::new`]).

@@ -7,7 +7,7 @@
 //!
 //! 1. **claims** its folios (a folio another call is moving is busy: `EAGAIN`, retried on a
 //!    later pass, ten passes at most);
-//! 2. takes **destinations** on the target node from the [`Pool`](crate::pool::Pool) and a
+//! 2. takes **destinations** on the target node from the destination pool and a
 //!    graveyard for the old pages. A destination is written once: from a prepared reserve
 //!    ([`Engine::reserve`], populated ahead on a background thread) when there is one;
 //!    else, for base pages, *empty* (no pages: the copy allocates each page on the node and
@@ -25,7 +25,7 @@
 //! 4. **batch-copies** the folios whose reason is batch-eligible ([`Reason::batch_eligible`])
 //!    from the graveyard: the active migrator gets each piece as a batch of its own, else
 //!    the CPU copy runs with the copy kernel measured fastest on this machine for the kind
-//!    of destination ([`crate::copy::kernels`]); folios marked `ALREADY_COPIED`, failures
+//!    of destination (the copy kernels measured at start-up); folios marked `ALREADY_COPIED`, failures
 //!    fall back to the per-folio copy;
 //! 5. **moves** each run: copies what is not yet copied, moves the copy into the source with
 //!    `UFFDIO_MOVE` (or copies the old pages straight in with `UFFDIO_COPY`) under the

@@ -22,7 +22,7 @@
 //! nothing else (a DMA engine, raw pointers) writes its destination afterwards — is the
 //! promise of the `unsafe trait` [`OffloadCopy`].
 //!
-//! Destinations of base pages may come *without pages* (see [`crate::pool`]):
+//! Destinations of base pages may come *without pages* (from the destination pool):
 //! [`Batch::copy_range`] and [`Batch::copy_part`] then allocate and fill each page in one
 //! step (`UFFDIO_COPY`), writing each destination byte once. A migrator that copies only
 //! through them says so with [`OffloadCopy::fills_unpopulated`] and gets such batches; one
@@ -67,7 +67,7 @@ impl<'a> Batch<'a> {
     /// Wraps the copies of a batch.
     ///
     /// # Safety
-    /// Every pair must satisfy [`crate::copy::folio_copy`]'s contract until the batch is
+    /// Every pair must satisfy the contract of the per-folio copy until the batch is
     /// dropped or the pair reported complete, and no two pairs may overlap.
     pub unsafe fn new(pairs: &'a [CopyPair], on_complete: Option<&'a (dyn Fn(Range<usize>) + Sync)>) -> Self {
         // INVARIANT: promised by the caller; every folio starts not reported, no copy running.
