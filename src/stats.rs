@@ -78,6 +78,65 @@ pub struct FolioFailure {
 }
 
 impl MigrateStats {
+    /// Adds the counters of `other`, a call made after this one: counts add up, and so do
+    /// times, as the calls ran one after another.
+    pub fn merge(&mut self, other: &MigrateStats) {
+        let MigrateStats {
+            folios,
+            succeeded_folios,
+            failed_folios,
+            retried_folios,
+            succeeded_pages,
+            failed_pages,
+            thp_succeeded,
+            thp_failed,
+            bytes,
+            batches,
+            runs,
+            mover_runs,
+            batch_copied_folios,
+            offloaded_folios,
+            fallback_folios,
+            single_copied_folios,
+            copied_in_folios,
+            relock_failures,
+            prepare_ns,
+            unmap_ns,
+            copy_ns,
+            move_ns,
+            total_ns,
+            critical_ns,
+            first_folio_ns,
+            failures,
+        } = other;
+        self.folios += folios;
+        self.succeeded_folios += succeeded_folios;
+        self.failed_folios += failed_folios;
+        self.retried_folios += retried_folios;
+        self.succeeded_pages += succeeded_pages;
+        self.failed_pages += failed_pages;
+        self.thp_succeeded += thp_succeeded;
+        self.thp_failed += thp_failed;
+        self.bytes += bytes;
+        self.batches += batches;
+        self.runs += runs;
+        self.mover_runs += mover_runs;
+        self.batch_copied_folios += batch_copied_folios;
+        self.offloaded_folios += offloaded_folios;
+        self.fallback_folios += fallback_folios;
+        self.single_copied_folios += single_copied_folios;
+        self.copied_in_folios += copied_in_folios;
+        self.relock_failures += relock_failures;
+        self.prepare_ns += prepare_ns;
+        self.unmap_ns += unmap_ns;
+        self.copy_ns += copy_ns;
+        self.move_ns += move_ns;
+        self.total_ns += total_ns;
+        self.critical_ns += critical_ns;
+        self.first_folio_ns.extend_from_slice(first_folio_ns);
+        self.failures.extend_from_slice(failures);
+    }
+
     /// The migration's critical path: its wall-clock time less destination preparation.
     pub fn critical_path(&self) -> Duration {
         Duration::from_nanos(self.critical_ns)

@@ -20,6 +20,7 @@ fn progress_starts_at_the_migration_and_ends_at_the_region() {
         folio_size: PAGE_SIZE,
         from_node: Some(node()),
         to_node: node(),
+        to_nodes: Vec::new(),
         batch_pages: 512,
         reason: Reason::Syscall,
         mode: Mode::Sync,

@@ -52,6 +52,7 @@ mod zerofill;
 pub use crate::stats::MigrateStats;
 pub use background::Background;
 pub use engine::{Engine, migrate_pages};
+pub(crate) use engine::loaded as loaded_config;
 #[cfg(feature = "internals")]
 pub use options::FaultInjection;
 pub use options::{
