@@ -35,7 +35,7 @@ pub struct Args {
     #[arg(long, value_name = "NODES", value_parser = nodes::parse_list)]
     to_node: nodes::List,
     /// Bound on a batch, in base pages (1 … 262144; default: the attribute
-    /// migrate/max_batch_pages, 4096 unless the config file sets it).
+    /// migrate/max_batch_pages, 512 unless the config file or PAGEMIG_ATTRS sets it).
     #[arg(long)]
     batch_pages: Option<usize>,
     /// Migration reason: compaction, syscall, demotion and numa_misplaced batch-copy;
