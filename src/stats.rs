@@ -226,4 +226,24 @@ mod tests {
         assert_eq!(s.first_folio_median(), Some(Duration::from_nanos(3)));
         assert_eq!(s.first_folio_quantile(1.0), Some(Duration::from_nanos(5)));
     }
+
+    #[test]
+    fn merged_calls_add_up() {
+        let mut a = MigrateStats { folios: 2, succeeded_folios: 2, bytes: 8192, total_ns: 10, ..Default::default() };
+        a.first_folio_ns = vec![1];
+        let mut b = MigrateStats {
+            folios: 3,
+            succeeded_folios: 2,
+            failed_folios: 1,
+            bytes: 8192,
+            total_ns: 30,
+            ..Default::default()
+        };
+        b.first_folio_ns = vec![2, 3];
+        b.failures = vec![FolioFailure { addr: 0x1000, errno: 16 }];
+        a.merge(&b);
+        assert_eq!((a.folios, a.succeeded_folios, a.failed_folios, a.bytes, a.total_ns), (5, 4, 1, 16384, 40));
+        assert_eq!(a.first_folio_ns, [1, 2, 3]);
+        assert_eq!(a.failures, b.failures);
+    }
 }

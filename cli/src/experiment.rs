@@ -517,8 +517,7 @@ pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<M
     let folio_pages = cfg.folio_size / pagemig::sys::PAGE_SIZE;
     let addresses_per_folio = (folio_pages / pages_per_address).max(1);
     let folios = region.len() / cfg.folio_size;
-    let succeeded_folios =
-        moved.chunks(addresses_per_folio).filter(|folio| folio.iter().all(|&m| m)).count() as u64;
+    let succeeded_folios = moved.chunks(addresses_per_folio).filter(|folio| folio.iter().all(|&m| m)).count() as u64;
     let error = first_error.or_else(|| {
         page_errors.iter().next().map(|(what, n)| format!("move_pages left {n} addresses unmoved: {what}"))
     });
@@ -641,6 +640,25 @@ mod tests {
         }
         // SAFETY: the reservation is ours and nothing uses it.
         unsafe { pagemig::sys::munmap(hole, 64 << 10).unwrap() };
+    }
+
+    #[test]
+    fn placement_is_checked_against_each_folios_node() {
+        let n = node();
+        let region = Region::new(1 << 20, 64 << 10, Some(n)).unwrap();
+        workload::fill(&region, 7);
+        let log = workload::WriteLog::default();
+        // Left where it is, the region is right for its node, and half wrong for a list
+        // that sends every other folio elsewhere.
+        let cfg = MoveConfig { to_nodes: vec![n], ..config(1 << 20, 64 << 10, n) };
+        assert_eq!(check(&region, &cfg, &log).unwrap().misplaced_pages, 0);
+        let elsewhere = MoveConfig { to_nodes: vec![n, n + 1], ..cfg.clone() };
+        assert_eq!(elsewhere.target_of(0), n);
+        assert_eq!(elsewhere.target_of(3), n + 1);
+        assert_eq!(check(&region, &elsewhere, &log).unwrap().misplaced_pages, (1 << 20) / PAGE_SIZE as u64 / 2);
+        let checked = check(&region, &elsewhere, &log).unwrap();
+        assert_eq!(checked.placement.get(&(n as i32)), Some(&((1 << 20) / PAGE_SIZE)));
+        assert!(checked.verify.ok());
     }
 
     #[test]

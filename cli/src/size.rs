@@ -39,8 +39,8 @@ pub fn parse(text: &str) -> Result<usize, String> {
     if whole.is_empty() && fraction.is_empty() || fraction.contains('.') {
         return Err(not_a_size());
     }
-    let mult = multiplier(&unit.to_ascii_lowercase())
-        .ok_or_else(|| format!("{text:?}: unknown unit {unit:?}. {HELP}"))?;
+    let mult =
+        multiplier(&unit.to_ascii_lowercase()).ok_or_else(|| format!("{text:?}: unknown unit {unit:?}. {HELP}"))?;
     let too_large = || format!("{text:?} is too large: the most is {} bytes (16 EiB less one)", usize::MAX);
     // Digits beyond 2^128 overflow the arithmetic below, and any size that long is too large.
     if whole.trim_start_matches('0').len() > 30 {

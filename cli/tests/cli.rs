@@ -304,7 +304,8 @@ fn a_kept_attribute_holds_in_the_next_process() {
     // The engine's own settings hold too, in the migration itself.
     let out = output(command(&config, &["attr", "migrate/max_batch_pages=1024"]));
     assert!(out.status.success(), "{}", stderr(&out));
-    let out = output(command(&config, &["move", "--size", "4MiB", "--folio-size", "4KiB", "--to-node", &node(), "--json"]));
+    let out =
+        output(command(&config, &["move", "--size", "4MiB", "--folio-size", "4KiB", "--to-node", &node(), "--json"]));
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["batch_pages"], 1024, "{v}");
@@ -399,9 +400,14 @@ fn bad_entries_are_reported_and_the_engine_opens() {
     assert_eq!(attribute(&v, "migrate/max_batch_pages")["value"], "512");
     assert_eq!(attribute(&v, "mtcopy/threads")["value"], "3");
     // The engine opened: a migration runs, with the rejections on stderr.
-    let out = output(command(&config, &["move", "--size", "4MiB", "--folio-size", "4KiB", "--to-node", &node(), "--json"]));
+    let out =
+        output(command(&config, &["move", "--size", "4MiB", "--folio-size", "4KiB", "--to-node", &node(), "--json"]));
     assert!(out.status.success(), "{}", stderr(&out));
-    assert!(stderr(&out).contains(&format!("warning: {}: \"dcbm/nr_dma_chan=99\" not applied", at(2))), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("warning: {}: \"dcbm/nr_dma_chan=99\" not applied", at(2))),
+        "{}",
+        stderr(&out)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["placement_ok"], true);
     // The table says where each rejection came from.
@@ -474,7 +480,18 @@ fn node_lists_as_numactl_takes_them() {
     // Where there are two nodes: folios spread round-robin, each checked on its node.
     if let [a, b, ..] = nodes[..] {
         let list = format!("{a},{b}");
-        let out = pagemig(&["move", "--size", "8MiB", "--folio-size", "4KiB", "--to-node", &list, "--writers", "1", "--json"]);
+        let out = pagemig(&[
+            "move",
+            "--size",
+            "8MiB",
+            "--folio-size",
+            "4KiB",
+            "--to-node",
+            &list,
+            "--writers",
+            "1",
+            "--json",
+        ]);
         assert!(out.status.success(), "{}", stderr(&out));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(v["to_nodes"], serde_json::json!([a, b]));
@@ -548,11 +565,8 @@ fn a_closed_pipe_ends_the_command_quietly() {
     // signal as well, which a shell reports as 141.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let mut child = command(&no_config(), &["move", "--to-node", "bogus"])
-        .stdout(Stdio::null())
-        .stderr(writer)
-        .spawn()
-        .unwrap();
+    let mut child =
+        command(&no_config(), &["move", "--to-node", "bogus"]).stdout(Stdio::null()).stderr(writer).spawn().unwrap();
     assert_eq!(wait(&mut child, "move --to-node bogus").signal(), Some(libc::SIGPIPE));
 }
 

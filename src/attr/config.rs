@@ -391,7 +391,10 @@ mod tests {
         assert_eq!(n, 2);
         assert_eq!(out, "# mine\ndcbm/nr_dma_chan = 4  # two\n\nmigrate/pipelined=0\n");
         let (out, n) = edit(&out, "mtcopy/threads", Some("8"));
-        assert_eq!((out.as_str(), n), ("# mine\ndcbm/nr_dma_chan = 4  # two\n\nmigrate/pipelined=0\nmtcopy/threads = 8\n", 0));
+        assert_eq!(
+            (out.as_str(), n),
+            ("# mine\ndcbm/nr_dma_chan = 4  # two\n\nmigrate/pipelined=0\nmtcopy/threads = 8\n", 0)
+        );
         let (out, n) = edit(&out, "dcbm/nr_dma_chan", None);
         assert_eq!((out.as_str(), n), ("# mine\n\nmigrate/pipelined=0\nmtcopy/threads = 8\n", 1));
         // A file without a final line break gets one before the new line.

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering}
 use std::time::Instant;
 
 use super::busy::Busy;
-use crate::attr::Loaded;
 use super::checks::{items_size_at, prepare_call};
 use super::options::{DEFAULT_MAX_BATCH_PAGES, DEFAULT_POOL_LIMIT, DEFAULT_REAPER_BACKLOG, check_max_batch_pages};
 use super::{
     Capabilities, MigrateOptions, MigrateStats, Mode, Reason, abort, events, fork, mover, pipeline, reaper, zerofill,
 };
+use crate::attr::Loaded;
 use crate::error::{Error, Result};
 use crate::folio::Folio;
 use crate::pool::{Key, Pool, Populate, ThpAdvice};
