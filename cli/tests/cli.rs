@@ -2,6 +2,7 @@
 //! directory so that no test reads or writes the real config file.
 
 use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -527,10 +528,21 @@ fn sizes_as_users_type_them() {
     assert!(help.contains("powers of 1024") && help.contains("MB = 1000000 bytes"), "{help}");
 }
 
+/// The writing end of a pipe whose reading end is closed already: every write to it fails
+/// with `EPIPE` (and raises `SIGPIPE`).
+fn closed_pipe() -> OwnedFd {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2(2) writes.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0, "pipe2");
+    // SAFETY: both descriptors were just created, and nothing else owns them.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(reader);
+    writer
+}
+
 /// Runs `args` with standard output a pipe whose reader has already exited.
 fn into_closed_pipe(args: &[&str]) -> Output {
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
+    let writer = closed_pipe();
     let mut cmd = command(&no_config(), args);
     let mut child = cmd.stdin(Stdio::null()).stdout(writer).stderr(Stdio::piped()).spawn().unwrap();
     let mut err = child.stderr.take().unwrap();
@@ -563,8 +575,7 @@ fn a_closed_pipe_ends_the_command_quietly() {
     }
     // Standard error a closed pipe too (the error message of a bad flag): killed by the
     // signal as well, which a shell reports as 141.
-    let (reader, writer) = std::io::pipe().unwrap();
-    drop(reader);
+    let writer = closed_pipe();
     let mut child =
         command(&no_config(), &["move", "--to-node", "bogus"]).stdout(Stdio::null()).stderr(writer).spawn().unwrap();
     assert_eq!(wait(&mut child, "move --to-node bogus").signal(), Some(libc::SIGPIPE));
