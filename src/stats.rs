@@ -78,6 +78,65 @@ pub struct FolioFailure {
 }
 
 impl MigrateStats {
+    /// Adds the counters of `other`, a call made after this one: counts add up, and so do
+    /// times, as the calls ran one after another.
+    pub fn merge(&mut self, other: &MigrateStats) {
+        let MigrateStats {
+            folios,
+            succeeded_folios,
+            failed_folios,
+            retried_folios,
+            succeeded_pages,
+            failed_pages,
+            thp_succeeded,
+            thp_failed,
+            bytes,
+            batches,
+            runs,
+            mover_runs,
+            batch_copied_folios,
+            offloaded_folios,
+            fallback_folios,
+            single_copied_folios,
+            copied_in_folios,
+            relock_failures,
+            prepare_ns,
+            unmap_ns,
+            copy_ns,
+            move_ns,
+            total_ns,
+            critical_ns,
+            first_folio_ns,
+            failures,
+        } = other;
+        self.folios += folios;
+        self.succeeded_folios += succeeded_folios;
+        self.failed_folios += failed_folios;
+        self.retried_folios += retried_folios;
+        self.succeeded_pages += succeeded_pages;
+        self.failed_pages += failed_pages;
+        self.thp_succeeded += thp_succeeded;
+        self.thp_failed += thp_failed;
+        self.bytes += bytes;
+        self.batches += batches;
+        self.runs += runs;
+        self.mover_runs += mover_runs;
+        self.batch_copied_folios += batch_copied_folios;
+        self.offloaded_folios += offloaded_folios;
+        self.fallback_folios += fallback_folios;
+        self.single_copied_folios += single_copied_folios;
+        self.copied_in_folios += copied_in_folios;
+        self.relock_failures += relock_failures;
+        self.prepare_ns += prepare_ns;
+        self.unmap_ns += unmap_ns;
+        self.copy_ns += copy_ns;
+        self.move_ns += move_ns;
+        self.total_ns += total_ns;
+        self.critical_ns += critical_ns;
+        self.first_folio_ns.extend_from_slice(first_folio_ns);
+        self.failures.extend_from_slice(failures);
+    }
+
     /// The migration's critical path: its wall-clock time less destination preparation.
     pub fn critical_path(&self) -> Duration {
         Duration::from_nanos(self.critical_ns)
@@ -166,5 +225,25 @@ mod tests {
         assert!((s.gbps() - 1.0).abs() < 1e-9);
         assert_eq!(s.first_folio_median(), Some(Duration::from_nanos(3)));
         assert_eq!(s.first_folio_quantile(1.0), Some(Duration::from_nanos(5)));
+    }
+
+    #[test]
+    fn merged_calls_add_up() {
+        let mut a = MigrateStats { folios: 2, succeeded_folios: 2, bytes: 8192, total_ns: 10, ..Default::default() };
+        a.first_folio_ns = vec![1];
+        let mut b = MigrateStats {
+            folios: 3,
+            succeeded_folios: 2,
+            failed_folios: 1,
+            bytes: 8192,
+            total_ns: 30,
+            ..Default::default()
+        };
+        b.first_folio_ns = vec![2, 3];
+        b.failures = vec![FolioFailure { addr: 0x1000, errno: 16 }];
+        a.merge(&b);
+        assert_eq!((a.folios, a.succeeded_folios, a.failed_folios, a.bytes, a.total_ns), (5, 4, 1, 16384, 40));
+        assert_eq!(a.first_folio_ns, [1, 2, 3]);
+        assert_eq!(a.failures, b.failures);
     }
 }

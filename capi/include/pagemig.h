@@ -123,6 +123,10 @@ long pagemig_move_pages(unsigned long count,
  * Reads the attribute `path` (`migrate/max_batch_pages`, `dcbm/nr_dma_chan`, …; see
  * `pagemig attr`) into `buf` as a NUL-terminated string.
  *
+ * The first call of a process opens its engine, which applies the settings kept in the
+ * config file and `PAGEMIG_ATTRS` (see `pagemig attr --help`): the value read is the one
+ * the process runs with.
+ *
  * Returns the length of the value, or `-1` with `errno`: `ENOENT` for an unknown path,
  * `ERANGE` when `len` bytes cannot hold the value and its NUL, `EFAULT` for NULL pointers.
  *
@@ -132,7 +136,9 @@ long pagemig_move_pages(unsigned long count,
 long pagemig_attr_read(const char *path, char *buf, uintptr_t len);
 
 /**
- * Writes the attribute `path` from the string `value`.
+ * Writes the attribute `path` from the string `value`, in this process only (after the
+ * config file and `PAGEMIG_ATTRS` were applied, so they do not overwrite it); `pagemig
+ * attr PATH=VALUE` keeps a setting for every process.
  *
  * Returns `0`, or `-1` with `errno`: `ENOENT` for an unknown path, `EACCES` for a
  * read-only one, `EINVAL` for a value it does not accept, `EFAULT` for NULL pointers.

@@ -168,6 +168,10 @@ pub unsafe extern "C" fn pagemig_move_pages(
 /// Reads the attribute `path` (`migrate/max_batch_pages`, `dcbm/nr_dma_chan`, …; see
 /// `pagemig attr`) into `buf` as a NUL-terminated string.
 ///
+/// The first call of a process opens its engine, which applies the settings kept in the
+/// config file and `PAGEMIG_ATTRS` (see `pagemig attr --help`): the value read is the one
+/// the process runs with.
+///
 /// Returns the length of the value, or `-1` with `errno`: `ENOENT` for an unknown path,
 /// `ERANGE` when `len` bytes cannot hold the value and its NUL, `EFAULT` for NULL pointers.
 ///
@@ -194,7 +198,9 @@ pub unsafe extern "C" fn pagemig_attr_read(path: *const c_char, buf: *mut c_char
     })
 }
 
-/// Writes the attribute `path` from the string `value`.
+/// Writes the attribute `path` from the string `value`, in this process only (after the
+/// config file and `PAGEMIG_ATTRS` were applied, so they do not overwrite it); `pagemig
+/// attr PATH=VALUE` keeps a setting for every process.
 ///
 /// Returns `0`, or `-1` with `errno`: `ENOENT` for an unknown path, `EACCES` for a
 /// read-only one, `EINVAL` for a value it does not accept, `EFAULT` for NULL pointers.

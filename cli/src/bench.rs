@@ -25,6 +25,7 @@ enum Experiment {
 
 /// Options of `pagemig bench`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = size::HELP)]
 pub struct Args {
     /// A reduced run that finishes in under a minute: 64 MiB regions, 2 repetitions, a
     /// sweep of 512 … 16384 pages, smaller scattered regions.
@@ -39,14 +40,14 @@ pub struct Args {
     /// Repetitions of every point of the batch-size sweep (default 3, 2 with --quick).
     #[arg(long)]
     sweep_reps: Option<usize>,
-    /// Node regions are allocated on (default: the first node with memory).
-    #[arg(long)]
+    /// Node regions are allocated on (default: the first node with memory). One node.
+    #[arg(long, value_name = "NODE", value_parser = crate::nodes::parse_one)]
     from_node: Option<u32>,
     /// Node to migrate to (default: the first node with memory). The kernel's
     /// move_pages(2) row of the throughput table migrates from --from-node to here when
     /// they differ, else from the first memory node to the next one; with one memory node
-    /// it is left out.
-    #[arg(long)]
+    /// it is left out. One node: the experiments measure one pair of nodes.
+    #[arg(long, value_name = "NODE", value_parser = crate::nodes::parse_one)]
     to_node: Option<u32>,
     /// Bound on a batch for the throughput table and the scattered folios, in base pages
     /// (default 262144, the RFC's test setting).

@@ -8,6 +8,7 @@
 //! headline figure, [`MoveReport::gbps`], is end to end: the bytes over the time a caller
 //! waits for the whole migration.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagemig::pool::ThpAdvice;
@@ -29,8 +30,12 @@ pub struct MoveConfig {
     pub folio_size: usize,
     /// Node the region starts on (`None`: the kernel's choice).
     pub from_node: Option<u32>,
-    /// Node to migrate to.
+    /// Node to migrate to (the first of `to_nodes` when those are given).
     pub to_node: u32,
+    /// Nodes to spread the folios over, round-robin as `numactl --interleave` spreads
+    /// pages: folio `i` goes to `to_nodes[i % to_nodes.len()]`. Empty: every folio goes to
+    /// `to_node`.
+    pub to_nodes: Vec<u32>,
     /// Bound on a batch, in base pages.
     pub batch_pages: usize,
     /// Why the migration happens (decides batch-copy eligibility).
@@ -58,8 +63,11 @@ pub struct MoveReport {
     pub folio_size: u64,
     /// Folios in the region.
     pub folios: u64,
-    /// Target node.
+    /// Target node (the first of `to_nodes`).
     pub to_node: u32,
+    /// The nodes the folios were spread over, round-robin (one node: every folio went
+    /// there).
+    pub to_nodes: Vec<u32>,
     /// Bound on a batch, in base pages.
     pub batch_pages: u64,
     /// The migration reason.
@@ -85,8 +93,10 @@ pub struct MoveReport {
     pub writes: u64,
     /// Writer slots not holding the last value stored.
     pub lost_writes: u64,
-    /// Whether every page is on the target node.
+    /// Whether every page is on the node its folio was sent to.
     pub placement_ok: bool,
+    /// Pages not on the node their folio was sent to.
+    pub misplaced_pages: u64,
     /// Pages per node after the migration (negative keys: errnos of absent pages).
     pub placement: std::collections::BTreeMap<i32, usize>,
     /// End-to-end throughput: the bytes over the time a caller waits for the whole
@@ -140,6 +150,18 @@ pub struct Phases {
     pub r#move: f64,
     /// The whole call.
     pub total: f64,
+}
+
+impl MoveConfig {
+    /// The nodes the folios go to, round-robin: `to_nodes`, or `to_node` alone.
+    pub fn targets(&self) -> Vec<u32> {
+        if self.to_nodes.is_empty() { vec![self.to_node] } else { self.to_nodes.clone() }
+    }
+
+    /// The node folio `index` of the region goes to.
+    pub fn target_of(&self, index: usize) -> u32 {
+        if self.to_nodes.is_empty() { self.to_node } else { self.to_nodes[index % self.to_nodes.len()] }
+    }
 }
 
 impl MoveReport {
@@ -227,18 +249,29 @@ fn ratio(gbps: f64, memcpy_gbps: f64) -> f64 {
     if memcpy_gbps > 0.0 { gbps / memcpy_gbps } else { 0.0 }
 }
 
+/// What [`check`] found.
+struct Checked {
+    verify: VerifyReport,
+    placement: std::collections::BTreeMap<i32, usize>,
+    misplaced_pages: u64,
+}
+
 /// Every byte and write of a migrated region checked against what was written, and where
-/// its pages are: the verification, the pages per node, and whether all are on the target.
-fn check(
-    region: &Region,
-    cfg: &MoveConfig,
-    log: &workload::WriteLog,
-) -> Result<(VerifyReport, std::collections::BTreeMap<i32, usize>, bool)> {
+/// its pages are: the verification, the pages per node, and the pages that are not on the
+/// node their folio was sent to.
+fn check(region: &Region, cfg: &MoveConfig, log: &workload::WriteLog) -> Result<Checked> {
     let verify = workload::verify(region, cfg.seed, log);
-    let placement = region.placement()?;
-    let pages = region.len() / pagemig::sys::PAGE_SIZE;
-    let placement_ok = placement.get(&(cfg.to_node as i32)) == Some(&pages);
-    Ok((verify, placement, placement_ok))
+    let nodes = numa::page_nodes(region.addr(), region.len())?;
+    let pages_per_folio = cfg.folio_size / pagemig::sys::PAGE_SIZE;
+    let mut placement = std::collections::BTreeMap::new();
+    let mut misplaced_pages = 0;
+    for (page, &node) in nodes.iter().enumerate() {
+        *placement.entry(node).or_insert(0) += 1;
+        if node != cfg.target_of(page / pages_per_folio) as i32 {
+            misplaced_pages += 1;
+        }
+    }
+    Ok(Checked { verify, placement, misplaced_pages })
 }
 
 /// Runs one measured migration.
@@ -251,7 +284,10 @@ fn check(
 /// Invalid configurations and failures to allocate the region; failures of the migration
 /// itself are reported in the [`MoveReport`].
 pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -> Result<MoveReport> {
-    numa::check_node(cfg.to_node)?;
+    let targets = cfg.targets();
+    for &node in &targets {
+        numa::check_node(node)?;
+    }
     // The copy kernels measured before anything is timed.
     let _ = copy::kernels();
     let region = Region::new(cfg.size, cfg.folio_size, cfg.from_node)?;
@@ -260,35 +296,58 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
     let thp = if cfg.folio_size >= pagemig::sys::HPAGE_SIZE { ThpAdvice::Huge } else { ThpAdvice::NoHuge };
     let reserve_started = Instant::now();
     if let Some(bytes) = cfg.reserve {
-        // A destination keeps its source's offset in a 2 MiB page: up to 2 MiB of the
-        // reserve is skipped to place the first one.
-        engine.reserve(cfg.to_node, bytes + pagemig::sys::HPAGE_SIZE, thp)?;
+        // Each node gets its share; a destination keeps its source's offset in a 2 MiB
+        // page: up to 2 MiB of a reserve is skipped to place the first one.
+        let share = bytes.div_ceil(targets.len());
+        for &node in &targets {
+            engine.reserve(node, share + pagemig::sys::HPAGE_SIZE, thp)?;
+        }
         if !engine.wait_reserved(Duration::from_secs(300)) {
-            let _ = engine.reserve(cfg.to_node, 0, thp);
+            for &node in &targets {
+                let _ = engine.reserve(node, 0, thp);
+            }
             return Err(Error::Invalid(format!("the reserve of {bytes} bytes was not prepared within 300 s")));
         }
     }
     let reserve_ms = reserve_started.elapsed().as_secs_f64() * 1e3;
     let start_hook = progress.clone();
-    let mut opts = MigrateOptions::default().max_batch_pages(cfg.batch_pages);
-    opts.progress = progress;
     let folios = region.folios();
+    // One call per target node, with that node's folios (every folio for one node).
+    let groups: Vec<(u32, Vec<pagemig::Folio<'_>>)> = targets
+        .iter()
+        .enumerate()
+        .map(|(k, &node)| (node, folios.iter().skip(k).step_by(targets.len()).copied().collect()))
+        .collect();
     let (result, log) = workload::with_writers(&region, cfg.writers, || {
         if let Some(p) = &start_hook {
             p(0);
         }
-        engine.migrate_pages(&folios, cfg.to_node, cfg.reason, cfg.mode, &opts)
+        let mut total = MigrateStats::default();
+        let mut first_error = None;
+        let mut done_before = 0u64;
+        for (node, group) in &groups {
+            let mut opts = MigrateOptions::default().max_batch_pages(cfg.batch_pages);
+            opts.progress = progress.clone().map(|p| -> Progress { Arc::new(move |done| p(done_before + done)) });
+            match engine.migrate_pages(group, *node, cfg.reason, cfg.mode, &opts) {
+                Ok(s) => total.merge(&s),
+                Err(Error::Partial { stats, first, .. }) => {
+                    total.merge(&stats);
+                    first_error.get_or_insert_with(|| first.to_string());
+                }
+                Err(e) => return Err(e),
+            }
+            done_before += group.iter().map(|f| f.size() as u64).sum::<u64>();
+        }
+        Ok((total, first_error))
     });
     if cfg.reserve.is_some() {
-        // What the call did not take goes back.
-        engine.reserve(cfg.to_node, 0, thp)?;
+        // What the calls did not take goes back.
+        for &node in &targets {
+            engine.reserve(node, 0, thp)?;
+        }
     }
-    let (stats, error) = match result {
-        Ok(s) => (s, None),
-        Err(Error::Partial { stats, first, .. }) => (*stats, Some(first.to_string())),
-        Err(e) => return Err(e),
-    };
-    let (verify, placement, placement_ok) = check(&region, cfg, &log)?;
+    let (stats, error) = result?;
+    let Checked { verify, placement, misplaced_pages } = check(&region, cfg, &log)?;
     let gbps = stats.gbps();
     let critical = stats.critical_path_gbps();
     Ok(MoveReport {
@@ -296,6 +355,7 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
         folio_size: cfg.folio_size as u64,
         folios: folios.len() as u64,
         to_node: cfg.to_node,
+        to_nodes: cfg.targets(),
         batch_pages: cfg.batch_pages as u64,
         reason: cfg.reason,
         writers: cfg.writers as u64,
@@ -308,7 +368,8 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
         mismatched_bytes: verify.mismatched_bytes,
         writes: log.writes,
         lost_writes: verify.lost_writes,
-        placement_ok,
+        placement_ok: misplaced_pages == 0,
+        misplaced_pages,
         placement,
         gbps,
         critical_path_gbps: Some(critical),
@@ -351,7 +412,7 @@ pub fn kernel_source_node(cfg: &MoveConfig) -> Result<u32> {
         Some(n) => n,
         None => *nodes.first().ok_or_else(|| Error::Invalid("no NUMA node with memory".into()))?,
     };
-    if from == cfg.to_node {
+    if cfg.targets().contains(&from) {
         return Err(Error::Invalid(format!(
             "the kernel's move_pages(2) to the node a page is already on copies nothing: migrating node {from} to \
              node {from} measures no migration; the kernel migrator needs a source node other than the target \
@@ -399,8 +460,8 @@ fn kernel_addresses(region: &Region) -> (Vec<usize>, usize) {
 /// kernel's own migration in the same run, the RFC's "vanilla" baseline.
 ///
 /// The time is the caller's wall clock over the whole sequence of `move_pages` calls
-/// (each of up to 16384 addresses, all of them told to go to `cfg.to_node`); every
-/// status entry must be the target node, and those that are not are counted by outcome in
+/// (each of up to 16384 addresses, each told to go to the node of its folio,
+/// [`MoveConfig::target_of`]); every status entry must be that node, and those that are not are counted by outcome in
 /// [`MoveReport::page_errors`]. `cfg.batch_pages`, `cfg.reason` and `cfg.mode` do not
 /// apply (the kernel decides); `progress` is told `0` at the start and the bytes asked
 /// for so far after each call.
@@ -410,14 +471,17 @@ fn kernel_addresses(region: &Region) -> (Vec<usize>, usize) {
 /// [`Error::UnknownNode`] for a node without memory, and failures to allocate the region;
 /// failures of the migration itself are reported in the [`MoveReport`].
 pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<MoveReport> {
-    numa::check_node(cfg.to_node)?;
+    for node in cfg.targets() {
+        numa::check_node(node)?;
+    }
     let from = kernel_source_node(cfg)?;
     let region = Region::new(cfg.size, cfg.folio_size, Some(from))?;
     workload::fill(&region, cfg.seed);
     let yardsticks = measure_yardsticks(&region, cfg)?;
     let (addresses, pages_per_address) = kernel_addresses(&region);
-    let target = cfg.to_node as i32;
-    let nodes = vec![target; addresses.len().min(KERNEL_CALL_ADDRESSES)];
+    // Each address goes to the node of its folio.
+    let nodes: Vec<i32> =
+        addresses.iter().map(|&a| cfg.target_of((a - region.addr()) / cfg.folio_size) as i32).collect();
     let mut status = vec![i32::MIN; addresses.len()];
     let ((elapsed, calls, first_error), log) = workload::with_writers(&region, cfg.writers, || {
         let mut first_error = None;
@@ -430,7 +494,8 @@ pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<M
             addresses.chunks(KERNEL_CALL_ADDRESSES).zip(status.chunks_mut(KERNEL_CALL_ADDRESSES)).enumerate()
         {
             calls += 1;
-            if let Err(e) = pagemig::sys::move_pages(chunk, Some(&nodes[..chunk.len()]), out) {
+            let targets = &nodes[i * KERNEL_CALL_ADDRESSES..][..chunk.len()];
+            if let Err(e) = pagemig::sys::move_pages(chunk, Some(targets), out) {
                 // The call as a whole failed: none of its pages is known to have moved.
                 out.fill(-e.raw_os_error());
                 first_error.get_or_insert_with(|| format!("move_pages: {e}"));
@@ -443,20 +508,20 @@ pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<M
         (started.elapsed(), calls, first_error)
     });
     let mut page_errors = std::collections::BTreeMap::new();
-    for &s in status.iter().filter(|&&s| s != target) {
+    for (&s, _) in status.iter().zip(&nodes).filter(|(s, n)| s != n) {
         let outcome = if s < 0 { errno_name(-s) } else { format!("on node {s}") };
         *page_errors.entry(outcome).or_insert(0u64) += 1;
     }
-    let moved_addresses = status.iter().filter(|&&s| s == target).count();
+    let moved: Vec<bool> = status.iter().zip(&nodes).map(|(s, n)| s == n).collect();
+    let moved_addresses = moved.iter().filter(|&&m| m).count();
     let folio_pages = cfg.folio_size / pagemig::sys::PAGE_SIZE;
     let addresses_per_folio = (folio_pages / pages_per_address).max(1);
     let folios = region.len() / cfg.folio_size;
-    let succeeded_folios =
-        status.chunks(addresses_per_folio).filter(|folio| folio.iter().all(|&s| s == target)).count() as u64;
+    let succeeded_folios = moved.chunks(addresses_per_folio).filter(|folio| folio.iter().all(|&m| m)).count() as u64;
     let error = first_error.or_else(|| {
         page_errors.iter().next().map(|(what, n)| format!("move_pages left {n} addresses unmoved: {what}"))
     });
-    let (verify, placement, placement_ok) = check(&region, cfg, &log)?;
+    let Checked { verify, placement, misplaced_pages } = check(&region, cfg, &log)?;
     let pages = region.len() / pagemig::sys::PAGE_SIZE;
     let moved_pages = (moved_addresses * pages_per_address) as u64;
     let huge = pages_per_address > 1;
@@ -477,6 +542,7 @@ pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<M
         folio_size: cfg.folio_size as u64,
         folios: folios as u64,
         to_node: cfg.to_node,
+        to_nodes: cfg.targets(),
         batch_pages: cfg.batch_pages as u64,
         reason: cfg.reason,
         writers: cfg.writers as u64,
@@ -489,7 +555,8 @@ pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<M
         mismatched_bytes: verify.mismatched_bytes,
         writes: log.writes,
         lost_writes: verify.lost_writes,
-        placement_ok,
+        placement_ok: misplaced_pages == 0,
+        misplaced_pages,
         placement,
         gbps,
         critical_path_gbps: None,
@@ -525,6 +592,7 @@ mod tests {
             folio_size,
             from_node: Some(node()),
             to_node,
+            to_nodes: Vec::new(),
             batch_pages: 512,
             reason: Reason::Syscall,
             mode: Mode::Sync,
@@ -572,6 +640,25 @@ mod tests {
         }
         // SAFETY: the reservation is ours and nothing uses it.
         unsafe { pagemig::sys::munmap(hole, 64 << 10).unwrap() };
+    }
+
+    #[test]
+    fn placement_is_checked_against_each_folios_node() {
+        let n = node();
+        let region = Region::new(1 << 20, 64 << 10, Some(n)).unwrap();
+        workload::fill(&region, 7);
+        let log = workload::WriteLog::default();
+        // Left where it is, the region is right for its node, and half wrong for a list
+        // that sends every other folio elsewhere.
+        let cfg = MoveConfig { to_nodes: vec![n], ..config(1 << 20, 64 << 10, n) };
+        assert_eq!(check(&region, &cfg, &log).unwrap().misplaced_pages, 0);
+        let elsewhere = MoveConfig { to_nodes: vec![n, n + 1], ..cfg.clone() };
+        assert_eq!(elsewhere.target_of(0), n);
+        assert_eq!(elsewhere.target_of(3), n + 1);
+        assert_eq!(check(&region, &elsewhere, &log).unwrap().misplaced_pages, (1 << 20) / PAGE_SIZE as u64 / 2);
+        let checked = check(&region, &elsewhere, &log).unwrap();
+        assert_eq!(checked.placement.get(&(n as i32)), Some(&((1 << 20) / PAGE_SIZE)));
+        assert!(checked.verify.ok());
     }
 
     #[test]

@@ -11,10 +11,11 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use pagemig::{Engine, Mode, Reason, numa};
 use pagemig_cli::experiment::{KERNEL, MoveConfig, MoveReport, run_kernel_move, run_move};
 
-use crate::size;
+use crate::{JsonStyle, nodes, size};
 
 /// Options of `pagemig move`.
 #[derive(clap::Args, Debug)]
+#[command(after_help = size::HELP)]
 pub struct Args {
     /// Bytes to migrate (e.g. 64MiB, 1GiB).
     #[arg(long, default_value = "1GiB", value_parser = size::parse)]
@@ -22,15 +23,21 @@ pub struct Args {
     /// Folio size: a power of two from 4KiB to 2MiB (2MiB folios are THP-backed).
     #[arg(long, default_value = "2MiB", value_parser = size::parse)]
     folio_size: usize,
-    /// Node the region is allocated on (default: the first node with memory).
-    #[arg(long)]
+    /// Node the region is allocated on (default: the first node with memory). One node:
+    /// the region starts on one node.
+    #[arg(long, value_name = "NODE", value_parser = nodes::parse_one)]
     from_node: Option<u32>,
-    /// Node to migrate to.
+    /// Nodes to migrate to: a node (1), a list (0,2), a range (0-3) or all, as numactl
+    /// takes them. With more than one, the folios are spread over them round-robin, as
+    /// `numactl --interleave` spreads pages (folio i to the i-th node of the list, modulo
+    /// its length), one migration call per node, and each folio's pages are checked on the
+    /// node it was sent to.
+    #[arg(long, value_name = "NODES", value_parser = nodes::parse_list)]
+    to_node: nodes::List,
+    /// Bound on a batch, in base pages (1 … 262144; default: the attribute
+    /// migrate/max_batch_pages, 512 unless the config file or PAGEMIG_ATTRS sets it).
     #[arg(long)]
-    to_node: u32,
-    /// Bound on a batch, in base pages (1 … 262144).
-    #[arg(long, default_value_t = pagemig::migrate::DEFAULT_MAX_BATCH_PAGES)]
-    batch_pages: usize,
+    batch_pages: Option<usize>,
     /// Migration reason: compaction, syscall, demotion and numa_misplaced batch-copy;
     /// the others copy folio by folio.
     #[arg(long, default_value = "syscall", value_parser = parse_reason)]
@@ -41,11 +48,13 @@ pub struct Args {
     /// Threads that keep writing sequence numbers into the region while it migrates.
     #[arg(long, default_value_t = 0)]
     writers: usize,
-    /// Copy migrator: cpu (the default serial copy), mtcopy (multi-threaded CPU copy), dcbm
+    /// Copy migrator: cpu (the serial copy), mtcopy (multi-threaded CPU copy), dcbm
     /// (DMA channels of the soft DMA engine), or kernel: the kernel's own move_pages(2)
-    /// instead of pagemig, as a baseline (needs --from-node and --to-node to differ).
-    #[arg(long, default_value = "cpu", value_parser = ["cpu", "mtcopy", "dcbm", "kernel"])]
-    migrator: String,
+    /// instead of pagemig, as a baseline (needs --from-node to be none of --to-node's
+    /// nodes). Default: the migrator the config file or PAGEMIG_ATTRS turns on
+    /// (dcbm/offloading, mtcopy/offloading), else cpu.
+    #[arg(long, value_parser = ["cpu", "mtcopy", "dcbm", "kernel"])]
+    migrator: Option<String>,
     /// DMA channels for dcbm (1 … 16; sets dcbm/nr_dma_chan).
     #[arg(long)]
     channels: Option<usize>,
@@ -63,9 +72,10 @@ pub struct Args {
     /// `--reserve` (or `--reserve=0`) prepares the whole region's worth, `--reserve=SIZE` that much.
     #[arg(long, value_name = "SIZE", num_args = 0..=1, default_missing_value = "0", value_parser = size::parse)]
     reserve: Option<usize>,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    json: bool,
+    /// Print one JSON object instead of a table: `--json` (or `--json=pretty`) indented,
+    /// `--json=compact` on one line.
+    #[arg(long, value_name = "STYLE", num_args = 0..=1, require_equals = true, default_missing_value = "pretty")]
+    json: Option<JsonStyle>,
 }
 
 fn parse_reason(s: &str) -> Result<Reason, String> {
@@ -115,8 +125,12 @@ pub fn rate(bytes: u64, elapsed: Duration) -> String {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
-    let kernel = args.migrator == KERNEL;
     let engine = Engine::global()?;
+    let migrator = match &args.migrator {
+        Some(m) => m.clone(),
+        None => pagemig::offload::registry().active_name().unwrap_or_else(|| "cpu".into()),
+    };
+    let kernel = migrator == KERNEL;
     if kernel {
         anyhow::ensure!(
             args.channels.is_none() && args.threads.is_none(),
@@ -124,7 +138,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
         anyhow::ensure!(args.reserve.is_none(), "--reserve prepares pagemig's destinations, not the kernel's");
     } else {
-        pagemig::attr::select_migrator(&args.migrator, args.channels, args.threads)?;
+        pagemig::attr::select_migrator(&migrator, args.channels, args.threads)?;
     }
     for a in &args.attrs {
         pagemig::attr::apply(a)?;
@@ -136,14 +150,17 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(n) => n,
         None => numa::memory_nodes()?[0],
     });
+    let to_nodes = args.to_node.0;
     let cfg = MoveConfig {
         size: args.size,
         folio_size: args.folio_size,
         from_node,
-        to_node: args.to_node,
-        batch_pages: match args.attrs.iter().any(|a| a.trim_start().starts_with("migrate/max_batch_pages")) {
-            true => engine.max_batch_pages(),
-            false => pagemig::migrate::check_max_batch_pages(args.batch_pages)?,
+        to_node: to_nodes[0],
+        // One node: the single-node migration as it always was.
+        to_nodes: if to_nodes.len() > 1 { to_nodes } else { Vec::new() },
+        batch_pages: match args.batch_pages {
+            Some(pages) => pagemig::migrate::check_max_batch_pages(pages)?,
+            None => engine.max_batch_pages(),
         },
         reason: args.reason,
         mode: args.mode,
@@ -162,12 +179,12 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         .collect();
     let channels = if report.migrator == "dcbm" { pagemig::migrators::dcbm().nr_dma_chan() } else { 0 };
     let threads = if report.migrator == "mtcopy" { pagemig::migrators::mtcopy().threads() } else { 1 };
-    if args.json {
+    if let Some(style) = args.json {
         let mut v = serde_json::to_value(&report)?;
         v["channels"] = channels.into();
         v["threads"] = threads.into();
         v["counters"] = counters.into();
-        println!("{}", serde_json::to_string(&v)?);
+        crate::print_json(&v, style)?;
     } else {
         print_table(&report, &cfg);
         println!("{}", engine.capabilities().describe());
@@ -182,7 +199,10 @@ fn print_table(r: &MoveReport, cfg: &MoveConfig) {
         ("bytes", size::format(r.bytes as usize)),
         ("folio size", size::format(r.folio_size as usize)),
         ("folios", r.folios.to_string()),
-        ("from → to node", format!("{} → {}", cfg.from_node.map_or("-".into(), |n| n.to_string()), r.to_node)),
+        (
+            if r.to_nodes.len() > 1 { "from → to nodes (round-robin)" } else { "from → to node" },
+            format!("{} → {}", cfg.from_node.map_or("-".into(), |n| n.to_string()), nodes::format(&r.to_nodes)),
+        ),
         ("batch pages", r.batch_pages.to_string()),
         ("reason", r.reason.to_string()),
         ("migrator", r.migrator.clone()),
@@ -192,7 +212,13 @@ fn print_table(r: &MoveReport, cfg: &MoveConfig) {
         ("THP folios moved", r.stats.thp_succeeded.to_string()),
         ("mismatched bytes", r.mismatched_bytes.to_string()),
         ("writes / lost writes", format!("{} / {}", r.writes, r.lost_writes)),
-        ("placement", format!("{} {:?}", if r.placement_ok { "ok" } else { "WRONG" }, r.placement)),
+        (
+            "placement",
+            match r.misplaced_pages {
+                0 => format!("ok {:?}", r.placement),
+                n => format!("WRONG: {n} pages not on their folio's node {:?}", r.placement),
+            },
+        ),
         ("throughput (end to end)", format!("{:.2} GB/s", r.gbps)),
         ("memcpy (same bytes)", format!("{:.2} GB/s", r.memcpy_gbps)),
         ("UFFDIO_COPY fill (same bytes, base pages)", format!("{:.2} GB/s", r.uffdio_copy_gbps)),
@@ -234,7 +260,7 @@ fn print_table(r: &MoveReport, cfg: &MoveConfig) {
     }
     println!("{t}");
     if !r.page_errors.is_empty() {
-        println!("move_pages outcomes other than node {}: {:?}", r.to_node, r.page_errors);
+        println!("move_pages outcomes other than the target node: {:?}", r.page_errors);
     }
     if let Some(e) = &r.error {
         println!("first error: {e}");

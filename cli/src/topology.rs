@@ -8,9 +8,10 @@ use pagemig::{Engine, numa};
 /// Options of `pagemig topology`.
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    json: bool,
+    /// Print one JSON object instead of a table: `--json` (or `--json=pretty`) indented,
+    /// `--json=compact` on one line.
+    #[arg(long, value_name = "STYLE", num_args = 0..=1, require_equals = true, default_missing_value = "pretty")]
+    json: Option<crate::JsonStyle>,
 }
 
 fn read_trim(path: &str) -> String {
@@ -22,7 +23,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let thp = read_trim("/sys/kernel/mm/transparent_hugepage/enabled");
     let max_map_count = pagemig::sys::max_map_count();
     let caps = Engine::global().map(|e| e.capabilities());
-    if args.json {
+    if let Some(style) = args.json {
         let v = serde_json::json!({
             "nodes": nodes,
             "thp": thp,
@@ -34,7 +35,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
                 Err(e) => serde_json::json!({ "available": false, "error": e.to_string() }),
             },
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        crate::print_json(&v, style)?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut table = Table::new();
@@ -42,7 +43,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     for n in &nodes {
         table.add_row([
             n.id.to_string(),
-            compact(&n.cpus),
+            crate::nodes::format(&n.cpus),
             format!("{:.1} GiB", n.mem_total as f64 / (1u64 << 30) as f64),
             format!("{:.1} GiB", n.mem_free as f64 / (1u64 << 30) as f64),
             n.distances.iter().map(u32::to_string).collect::<Vec<_>>().join(" "),
@@ -65,19 +66,4 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Err(e) => println!("userfaultfd: unavailable ({e}); pagemig cannot migrate here"),
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// `0,1,2,3,8` → `0-3,8`.
-fn compact(cpus: &[u32]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut i = 0;
-    while i < cpus.len() {
-        let mut j = i;
-        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
-            j += 1;
-        }
-        parts.push(if j > i { format!("{}-{}", cpus[i], cpus[j]) } else { cpus[i].to_string() });
-        i = j + 1;
-    }
-    parts.join(",")
 }

@@ -165,6 +165,9 @@ fn cli_bench_applies_attributes_and_writes_the_report() {
         .args(["bench", "--quick", "--size", "4MiB", "--reps", "1", "--only", "throughput", "--no-tables"])
         .args(["--attr", "migrate/max_batch_pages=1024", "--out"])
         .arg(&dir)
+        // Never the real config file.
+        .env("PAGEMIG_CONFIG", dir.join("attrs"))
+        .env_remove("PAGEMIG_ATTRS")
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

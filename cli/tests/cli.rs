@@ -1,9 +1,100 @@
-//! The `pagemig` command line, run as a user would.
+//! The `pagemig` command line, run as a user would, with `PAGEMIG_CONFIG` in a temporary
+//! directory so that no test reads or writes the real config file.
 
-use std::process::Command;
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
-fn pagemig(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_pagemig")).args(args).output().expect("run pagemig")
+/// The longest any one command may run before the test fails.
+const WATCHDOG: Duration = Duration::from_secs(300);
+
+/// Runs `cmd` to completion with its output captured, killing it (and failing) past the
+/// watchdog.
+fn output(mut cmd: Command) -> Output {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let status = wait(&mut child, &format!("{cmd:?}"));
+    Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() }
+}
+
+fn wait(child: &mut std::process::Child, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + WATCHDOG;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} ran past {WATCHDOG:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The command with `config` as its config file and no `PAGEMIG_ATTRS`.
+fn command(config: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pagemig"));
+    cmd.args(args).env("PAGEMIG_CONFIG", config).env_remove("PAGEMIG_ATTRS");
+    cmd
+}
+
+/// A config file that does not exist, for commands that only read.
+fn no_config() -> PathBuf {
+    std::env::temp_dir().join(format!("pagemig-cli-{}-absent/attrs", std::process::id()))
+}
+
+fn pagemig(args: &[&str]) -> Output {
+    output(command(&no_config(), args))
+}
+
+/// A fresh directory for one test's config file.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pagemig-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// `pagemig attr --json` with `config` and, when given, `PAGEMIG_ATTRS`.
+fn listing(config: &Path, env: Option<&str>) -> serde_json::Value {
+    let mut cmd = command(config, &["attr", "--json"]);
+    if let Some(env) = env {
+        cmd.env("PAGEMIG_ATTRS", env);
+    }
+    let out = output(cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn attribute<'a>(listing: &'a serde_json::Value, path: &str) -> &'a serde_json::Value {
+    listing["attributes"].as_array().unwrap().iter().find(|a| a["path"] == path).unwrap()
+}
+
+/// `pagemig attr PATH` with `config`.
+fn read_attr(config: &Path, path: &str) -> String {
+    let out = output(command(config, &["attr", path]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    stdout(&out).trim().to_string()
 }
 
 fn node() -> String {
@@ -77,7 +168,7 @@ fn move_json_reports_a_verified_migration() {
 #[test]
 fn move_table_and_topology_print() {
     let out = pagemig(&["move", "--size", "4MiB", "--folio-size", "4KiB", "--to-node", &node()]);
-    assert!(out.status.success());
+    assert!(out.status.success(), "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("end to end / memcpy") && text.contains("placement"), "{text}");
     assert!(text.contains("critical path (excl. destination preparation)") && text.contains("UFFDIO_COPY"), "{text}");
@@ -185,4 +276,333 @@ fn move_with_a_prepared_reserve_takes_its_destinations_from_it() {
     let out = pagemig(&["move", "--size", "8MiB", "--to-node", &n, "--reserve=lots"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("lots"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_kept_attribute_holds_in_the_next_process() {
+    let dir = temp_dir("persist");
+    let config = dir.join("attrs");
+    std::fs::write(&config, "# mine\nmigrate/pipelined = 0  # measured\n").unwrap();
+    assert_eq!(read_attr(&config, "dcbm/nr_dma_chan"), "1");
+    let out = output(command(&config, &["attr", "dcbm/nr_dma_chan=4"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains(&format!("kept in {}", config.display())), "{}", stdout(&out));
+    // Another process, as a user would run it next.
+    assert_eq!(read_attr(&config, "dcbm/nr_dma_chan"), "4");
+    assert_eq!(read_attr(&config, "migrate/pipelined"), "0");
+    let v = listing(&config, None);
+    assert_eq!(attribute(&v, "dcbm/nr_dma_chan")["value"], "4");
+    assert_eq!(attribute(&v, "dcbm/nr_dma_chan")["source"], format!("{}:3", config.display()));
+    assert_eq!(attribute(&v, "migrate/pipelined")["source"], format!("{}:2", config.display()));
+    assert_eq!(attribute(&v, "mtcopy/threads")["source"], "default");
+    assert_eq!(v["rejected"], serde_json::json!([]));
+    // A second write replaces the line and keeps every other line and comment.
+    let out = output(command(&config, &["attr", "/dcbm/nr_dma_chan=6"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert_eq!(text, "# mine\nmigrate/pipelined = 0  # measured\ndcbm/nr_dma_chan = 6\n");
+    assert_eq!(read_attr(&config, "dcbm/nr_dma_chan"), "6");
+    // The engine's own settings hold too, in the migration itself.
+    let out = output(command(&config, &["attr", "migrate/max_batch_pages=1024"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out =
+        output(command(&config, &["move", "--size", "4MiB", "--folio-size", "4KiB", "--to-node", &node(), "--json"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["batch_pages"], 1024, "{v}");
+    // No temporary file is left next to it.
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn pagemig_attrs_overrides_the_file() {
+    let dir = temp_dir("env");
+    let config = dir.join("attrs");
+    std::fs::write(&config, "dcbm/nr_dma_chan = 4\nmtcopy/threads = 3\n").unwrap();
+    let v = listing(&config, Some("dcbm/nr_dma_chan=7, migrate/mover=0"));
+    assert_eq!(attribute(&v, "dcbm/nr_dma_chan")["value"], "7");
+    assert_eq!(attribute(&v, "dcbm/nr_dma_chan")["source"], "PAGEMIG_ATTRS");
+    assert_eq!(attribute(&v, "migrate/mover")["value"], "0");
+    assert_eq!(attribute(&v, "mtcopy/threads")["value"], "3");
+    assert_eq!(attribute(&v, "mtcopy/threads")["source"], format!("{}:2", config.display()));
+    // Without it, the file's value.
+    assert_eq!(attribute(&listing(&config, None), "dcbm/nr_dma_chan")["value"], "4");
+    // Keeping a value that the variable overrides says so.
+    let mut cmd = command(&config, &["attr", "dcbm/nr_dma_chan=5"]);
+    cmd.env("PAGEMIG_ATTRS", "dcbm/nr_dma_chan=7");
+    let out = output(cmd);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("overrides the file"), "{}", stderr(&out));
+    assert_eq!(read_attr(&config, "dcbm/nr_dma_chan"), "5");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn unset_removes_a_kept_value() {
+    let dir = temp_dir("unset");
+    let config = dir.join("attrs");
+    std::fs::write(&config, "# keep me\nmtcopy/threads = 5\nbogus/path = 1\n").unwrap();
+    assert_eq!(read_attr(&config, "mtcopy/threads"), "5");
+    let out = output(command(&config, &["attr", "--unset", "mtcopy/threads"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("removed"), "{}", stdout(&out));
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), "# keep me\nbogus/path = 1\n");
+    assert_eq!(read_attr(&config, "mtcopy/threads"), "2");
+    assert_eq!(attribute(&listing(&config, None), "mtcopy/threads")["source"], "default");
+    // Nothing left to remove: said, and not an error.
+    let out = output(command(&config, &["attr", "--unset", "mtcopy/threads"]));
+    assert!(out.status.success() && stdout(&out).contains("nothing to remove"), "{}", stdout(&out));
+    // An entry the engine rejects as unknown can be removed.
+    let out = output(command(&config, &["attr", "--unset", "bogus/path"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), "# keep me\n");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_entries_are_reported_and_the_engine_opens() {
+    let dir = temp_dir("bad");
+    let config = dir.join("attrs");
+    std::fs::write(
+        &config,
+        "not an entry\ndcbm/nr_dma_chan = 99\nno/such = 1\ndcbm/folios_migrated = 0\noffload/active = dcbm\n\
+         migrate/pipelined = sometimes\nmtcopy/threads = 3\n",
+    )
+    .unwrap();
+    let v = listing(&config, Some("migrate/max_batch_pages=0,junk"));
+    let rejected: Vec<(String, String)> = v["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["source"].as_str().unwrap().to_string(), r["error"].as_str().unwrap().to_string()))
+        .collect();
+    let file = config.display().to_string();
+    let at = |line: usize| format!("{file}:{line}");
+    assert_eq!(rejected.len(), 8, "{rejected:#?}");
+    for (i, (source, needle)) in [
+        (at(1), "not `path = value`"),
+        (at(2), "an integer from 1 to 16"),
+        (at(3), "no such attribute"),
+        (at(4), "counter"),
+        (at(5), "read-only"),
+        (at(6), "0 or 1"),
+        ("PAGEMIG_ATTRS".into(), "from 1 to 262144"),
+        ("PAGEMIG_ATTRS".into(), "not path=value"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        assert_eq!(rejected[i].0, source, "{rejected:#?}");
+        assert!(rejected[i].1.contains(needle), "{}: {}", rejected[i].0, rejected[i].1);
+    }
+    // Rejected entries leave their attributes as they were; the good one applies.
+    assert_eq!(attribute(&v, "dcbm/nr_dma_chan")["value"], "1");
+    assert_eq!(attribute(&v, "migrate/max_batch_pages")["value"], "512");
+    assert_eq!(attribute(&v, "mtcopy/threads")["value"], "3");
+    // The engine opened: a migration runs, with the rejections on stderr.
+    let out =
+        output(command(&config, &["move", "--size", "4MiB", "--folio-size", "4KiB", "--to-node", &node(), "--json"]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains(&format!("warning: {}: \"dcbm/nr_dma_chan=99\" not applied", at(2))),
+        "{}",
+        stderr(&out)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["placement_ok"], true);
+    // The table says where each rejection came from.
+    let out = output(command(&config, &["attr"]));
+    assert!(out.status.success());
+    assert!(stdout(&out).contains(&format!("rejected: {}: \"no/such=1\"", at(3))), "{}", stdout(&out));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn writes_that_cannot_be_kept_are_refused() {
+    let dir = temp_dir("refused");
+    let config = dir.join("attrs");
+    for (assignment, needle) in [
+        ("dcbm/folios_migrated=0", "counter of each process"),
+        ("mtcopy/folios_copied=0", "counter of each process"),
+        ("offload/active=dcbm", "read-only"),
+        ("dcbm/nr_dma_chan=17", "an integer from 1 to 16"),
+        ("no/such=1", "no such attribute"),
+    ] {
+        let out = output(command(&config, &["attr", assignment]));
+        assert_eq!(out.status.code(), Some(2), "{assignment}: {}", stdout(&out));
+        assert!(stderr(&out).contains(needle), "{assignment}: {}", stderr(&out));
+        assert!(!config.exists(), "{assignment} wrote the file");
+    }
+    // A file that cannot be written (its directory is a plain file): refused, saying
+    // where settings are kept.
+    std::fs::write(dir.join("plain"), "").unwrap();
+    let unwritable = dir.join("plain/attrs");
+    let out = output(command(&unwritable, &["attr", "dcbm/nr_dma_chan=4"]));
+    assert_eq!(out.status.code(), Some(2), "{}", stdout(&out));
+    let err = stderr(&out);
+    assert!(err.contains("cannot") && err.contains("plain/attrs") && err.contains("PAGEMIG_CONFIG"), "{err}");
+    assert!(err.contains("~/.config/pagemig/attrs"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn node_lists_as_numactl_takes_them() {
+    let nodes = pagemig::numa::memory_nodes().unwrap();
+    let missing = (nodes.iter().max().unwrap() + 1).to_string();
+    let valid = nodes.iter().map(u32::to_string).collect::<Vec<_>>();
+    let n = node();
+    // A range, "all", and a list naming a node twice (a set, as numactl's mask).
+    for list in [format!("{n}-{n}"), "all".into(), format!("{n},{n}")] {
+        let out = pagemig(&["move", "--size", "4MiB", "--folio-size", "64KiB", "--to-node", &list, "--json"]);
+        assert!(out.status.success(), "{list}: {}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let expect: Vec<u32> = if list == "all" { nodes.clone() } else { vec![n.parse().unwrap()] };
+        assert_eq!(v["to_nodes"], serde_json::json!(expect), "{list}");
+        assert_eq!((v["placement_ok"].clone(), v["misplaced_pages"].clone()), (true.into(), 0.into()), "{list}: {v}");
+        assert_eq!(v["failed_folios"], 0);
+    }
+    // A node without memory, in a list: the kernel's ENODEV and the nodes that can be used.
+    for flag in ["--to-node", "--from-node"] {
+        let list = format!("{n},{missing}");
+        let mut args = vec!["move", "--size", "4MiB", flag, &list];
+        if flag == "--from-node" {
+            args.extend(["--to-node", &n]);
+        }
+        let out = pagemig(&args);
+        assert_eq!(out.status.code(), Some(2));
+        let err = stderr(&out);
+        assert!(err.contains(&format!("node {missing} is not an online node with memory")), "{err}");
+        assert!(err.contains("ENODEV") && err.contains("No such device"), "{err}");
+        assert!(err.contains(&format!("nodes with memory: {}", valid[0])), "{err}");
+    }
+    let out = pagemig(&["bench", "--quick", "--to-node", &missing]);
+    assert!(!out.status.success() && stderr(&out).contains("ENODEV"), "{}", stderr(&out));
+    // Where there are two nodes: folios spread round-robin, each checked on its node.
+    if let [a, b, ..] = nodes[..] {
+        let list = format!("{a},{b}");
+        let out = pagemig(&[
+            "move",
+            "--size",
+            "8MiB",
+            "--folio-size",
+            "4KiB",
+            "--to-node",
+            &list,
+            "--writers",
+            "1",
+            "--json",
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["to_nodes"], serde_json::json!([a, b]));
+        assert_eq!(v["placement_ok"], true, "{v}");
+        let half = (8 << 20) / 4096 / 2;
+        assert_eq!(v["placement"], serde_json::json!({ a.to_string(): half, b.to_string(): half }), "{v}");
+        // One node is not a list for a flag that takes one.
+        let out = pagemig(&["move", "--size", "4MiB", "--from-node", &list, "--to-node", &a.to_string()]);
+        assert!(stderr(&out).contains("takes one node"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn sizes_as_users_type_them() {
+    let n = node();
+    for (size, bytes) in [("1.5MiB", 3 << 19), ("0.5M", 1 << 19), ("2 mib", 2 << 20), ("512k", 512 << 10)] {
+        let out = pagemig(&["move", "--size", size, "--folio-size", "4k", "--to-node", &n, "--json"]);
+        assert!(out.status.success(), "{size}: {}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["bytes"], bytes, "{size}");
+    }
+    for (size, needle) in [
+        ("1.3KiB", "1331.2 bytes, not a whole number of bytes"),
+        ("99999999TiB", "too large"),
+        ("4XB", "powers of 1000"),
+        ("1,5M", "unknown unit"),
+    ] {
+        let out = pagemig(&["move", "--size", size, "--to-node", &n]);
+        assert_eq!(out.status.code(), Some(2), "{size}");
+        assert!(stderr(&out).contains(needle), "{size}: {}", stderr(&out));
+    }
+    let help = stdout(&pagemig(&["move", "--help"]));
+    assert!(help.contains("powers of 1024") && help.contains("MB = 1000000 bytes"), "{help}");
+}
+
+/// The writing end of a pipe whose reading end is closed already: every write to it fails
+/// with `EPIPE` (and raises `SIGPIPE`).
+fn closed_pipe() -> OwnedFd {
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors pipe2(2) writes.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0, "pipe2");
+    // SAFETY: both descriptors were just created, and nothing else owns them.
+    let (reader, writer) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(reader);
+    writer
+}
+
+/// Runs `args` with standard output a pipe whose reader has already exited.
+fn into_closed_pipe(args: &[&str]) -> Output {
+    let writer = closed_pipe();
+    let mut cmd = command(&no_config(), args);
+    let mut child = cmd.stdin(Stdio::null()).stdout(writer).stderr(Stdio::piped()).spawn().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let drain = std::thread::spawn(move || {
+        let mut v = Vec::new();
+        let _ = err.read_to_end(&mut v);
+        v
+    });
+    drop(cmd);
+    let status = wait(&mut child, &format!("{args:?}"));
+    Output { status, stdout: Vec::new(), stderr: drain.join().unwrap() }
+}
+
+#[test]
+fn a_closed_pipe_ends_the_command_quietly() {
+    let n = node();
+    for args in [
+        vec!["attr"],
+        vec!["attr", "--json"],
+        vec!["attr", "dcbm/nr_dma_chan"],
+        vec!["topology"],
+        vec!["topology", "--json=compact"],
+        vec!["move", "--size", "4MiB", "--to-node", &n, "--json"],
+        vec!["move", "--size", "4MiB", "--to-node", &n],
+        vec!["--help"],
+    ] {
+        let out = into_closed_pipe(&args);
+        assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{args:?}: {:?}: {}", out.status, stderr(&out));
+        assert!(!stderr(&out).contains("panicked"), "{args:?}: {}", stderr(&out));
+    }
+    // Standard error a closed pipe too (the error message of a bad flag): killed by the
+    // signal as well, which a shell reports as 141.
+    let writer = closed_pipe();
+    let mut child =
+        command(&no_config(), &["move", "--to-node", "bogus"]).stdout(Stdio::null()).stderr(writer).spawn().unwrap();
+    assert_eq!(wait(&mut child, "move --to-node bogus").signal(), Some(libc::SIGPIPE));
+}
+
+#[test]
+fn json_is_pretty_or_compact_by_flag() {
+    for args in [vec!["topology"], vec!["attr"], vec!["move", "--size", "4MiB", "--to-node", &node()]] {
+        let run = |style: &str| {
+            let mut full = args.clone();
+            full.push(style);
+            let out = pagemig(&full);
+            assert!(out.status.success(), "{full:?}: {}", stderr(&out));
+            let text = stdout(&out);
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+            (text, v)
+        };
+        let (pretty, v) = run("--json");
+        assert!(pretty.lines().count() > 3 && pretty.contains("\n  \""), "{args:?}: {pretty}");
+        let (explicit, _) = run("--json=pretty");
+        assert!(explicit.lines().count() > 3, "{args:?}");
+        let (compact, w) = run("--json=compact");
+        assert_eq!(compact.lines().count(), 1, "{args:?}: {compact}");
+        let keys = |v: &serde_json::Value| v.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&v), keys(&w), "{args:?}");
+    }
+    let out = pagemig(&["topology", "--json=tight"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("compact"), "{}", stderr(&out));
 }

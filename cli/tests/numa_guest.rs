@@ -466,6 +466,7 @@ fn kernel_migrator(folio_size: usize, len: usize, writers: usize) {
         folio_size,
         from_node: Some(a),
         to_node: b,
+        to_nodes: Vec::new(),
         batch_pages: migrate::DEFAULT_MAX_BATCH_PAGES,
         reason: Reason::Syscall,
         mode: Mode::Sync,

@@ -11,6 +11,7 @@ use super::options::{DEFAULT_MAX_BATCH_PAGES, DEFAULT_POOL_LIMIT, DEFAULT_REAPER
 use super::{
     Capabilities, MigrateOptions, MigrateStats, Mode, Reason, abort, events, fork, mover, pipeline, reaper, zerofill,
 };
+use crate::attr::Loaded;
 use crate::error::{Error, Result};
 use crate::folio::Folio;
 use crate::pool::{Key, Pool, Populate, ThpAdvice};
@@ -80,41 +81,29 @@ impl Engine {
 
     /// The process-wide engine, opened on first use.
     ///
+    /// Opening it applies the settings of the config file and of `PAGEMIG_ATTRS`
+    /// ([`crate::attr::config`]) before any other thread can reach it; entries that are
+    /// rejected do not keep it from opening ([`crate::attr::loaded`] reports them).
+    ///
     /// A process forked from one that had an engine opens its own on first use: the
     /// parent's threads do not exist in the child, and its userfaultfd registrations do
-    /// not carry over.
+    /// not carry over. The child's engine takes the settings of the parent's, and the
+    /// config is not read again.
     ///
     /// # Errors
     /// As [`Engine::new`], on every call once opening failed (in this process).
-    #[allow(unsafe_code, reason = "reads the leaked, never freed, slot of the process")]
     pub fn global() -> Result<&'static Engine> {
-        /// The engine of process `pid`, or why it could not be opened. Leaked: never freed.
-        struct Slot {
-            pid: u32,
-            engine: std::result::Result<&'static Engine, Errno>,
-        }
-        static SLOT: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
-        /// The process that is opening its engine (a stale pid in a child forked meanwhile).
-        static OPENING: AtomicU32 = AtomicU32::new(0);
-        let pid = std::process::id();
-        let found = |slot: *mut Slot| {
-            // SAFETY: a non-null slot was leaked by `Box::into_raw` below and is never freed.
-            let slot = unsafe { slot.as_ref() }?;
-            (slot.pid == pid).then(|| slot.engine.map_err(|errno| Error::Sys { op: "userfaultfd", errno }))
-        };
-        loop {
-            if let Some(engine) = found(SLOT.load(Ordering::Acquire)) {
-                return engine;
-            }
-            let opening = OPENING.load(Ordering::Acquire);
-            if opening != pid && OPENING.compare_exchange(opening, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                let engine = Engine::new().map(|e| &*Box::leak(Box::new(e))).map_err(|e| e.errno());
-                SLOT.store(Box::into_raw(Box::new(Slot { pid, engine })), Ordering::Release);
-                continue;
-            }
-            // Another thread of this process is opening it.
-            std::thread::yield_now();
-        }
+        slot().engine.map_err(|errno| Error::Sys { op: "userfaultfd", errno })
+    }
+
+    /// Takes the settings (the `migrate/*` attributes an engine holds) of `from`.
+    fn take_settings(&self, from: &Engine) {
+        self.max_batch_pages.store(from.max_batch_pages(), Ordering::Relaxed);
+        self.pipelined.store(from.pipelined(), Ordering::Relaxed);
+        self.deferred_free.store(from.deferred_free(), Ordering::Relaxed);
+        self.mover.store(from.mover(), Ordering::Relaxed);
+        self.fill_empty.store(from.fill_empty(), Ordering::Relaxed);
+        self.copy_in.store(from.copy_in(), Ordering::Relaxed);
     }
 
     /// What the kernel allows this process.
@@ -360,6 +349,54 @@ impl Engine {
             _ => Ok(stats),
         }
     }
+}
+
+/// The engine of process `pid`, or why it could not be opened, and what opening it applied.
+/// Leaked: never freed.
+struct Slot {
+    pid: u32,
+    engine: std::result::Result<&'static Engine, Errno>,
+    loaded: &'static Loaded,
+}
+
+/// The slot of this process, filled on first use ([`Engine::global`]).
+#[allow(unsafe_code, reason = "reads the leaked, never freed, slot of the process")]
+fn slot() -> &'static Slot {
+    static SLOT: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
+    /// The process that is opening its engine (a stale pid in a child forked meanwhile).
+    static OPENING: AtomicU32 = AtomicU32::new(0);
+    let pid = std::process::id();
+    let load = || {
+        // SAFETY: a non-null slot was leaked by `Box::into_raw` below and is never freed.
+        unsafe { SLOT.load(Ordering::Acquire).as_ref() }
+    };
+    loop {
+        if let Some(slot) = load().filter(|s| s.pid == pid) {
+            return slot;
+        }
+        let opening = OPENING.load(Ordering::Acquire);
+        if opening != pid && OPENING.compare_exchange(opening, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            // A slot of another process here is the parent's, copied by `fork`.
+            let parent = load();
+            let engine = Engine::new().map(|e| &*Box::leak(Box::new(e))).map_err(|e| e.errno());
+            let loaded = match (parent, engine) {
+                (Some(Slot { engine: Ok(from), loaded, .. }), Ok(engine)) => {
+                    engine.take_settings(from);
+                    *loaded
+                }
+                _ => &*Box::leak(Box::new(crate::attr::config::apply(engine))),
+            };
+            SLOT.store(Box::into_raw(Box::new(Slot { pid, engine, loaded })), Ordering::Release);
+            continue;
+        }
+        // Another thread of this process is opening it.
+        std::thread::yield_now();
+    }
+}
+
+/// What opening the engine of this process applied (opening it first).
+pub(crate) fn loaded() -> &'static Loaded {
+    slot().loaded
 }
 
 /// Migrates `folios` to `target` with the process-wide [`Engine`] and default options.

@@ -51,6 +51,7 @@ mod zerofill;
 
 pub use crate::stats::MigrateStats;
 pub use background::Background;
+pub(crate) use engine::loaded as loaded_config;
 pub use engine::{Engine, migrate_pages};
 #[cfg(feature = "internals")]
 pub use options::FaultInjection;

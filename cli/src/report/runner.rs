@@ -349,6 +349,7 @@ fn move_config(cfg: &BenchConfig, folio_size: usize, batch_pages: usize, rep: us
         folio_size,
         from_node: Some(cfg.from_node),
         to_node: cfg.to_node,
+        to_nodes: Vec::new(),
         batch_pages,
         reason: cfg.reason,
         mode: cfg.mode,

@@ -19,8 +19,23 @@
 //! | `migrate/fill_empty` | rw | `1` leaves base-page destinations without pages and fills them with `UFFDIO_COPY` (never zeroed), `0` populates them first |
 //! | `migrate/mover` | rw | `1` moves base-page runs on a thread of their own, overlapping the next copy |
 //! | `offload/active` | ro | the active migrator's name, or empty |
+//!
+//! # Where settings live
+//!
+//! The settings (every `rw` attribute above but the counters) can be kept in a config
+//! file that every process applies once, when its engine opens ([`Engine::global`]); see
+//! [`config`] for where the file is, its format, and the `PAGEMIG_ATTRS` environment
+//! variable that overrides it. [`loaded`] says what was applied and what was rejected, and
+//! [`source`] where each attribute's value came from. Counters and read-only attributes
+//! belong to one process and are never kept.
+
+pub mod config;
 
 use std::sync::atomic::Ordering;
+
+use parking_lot::Mutex;
+
+pub use config::{Loaded, Rejected, Setting, Source, loaded};
 
 use crate::error::{Error, Result};
 use crate::migrate::{Engine, MAX_BATCH_PAGES_LIMIT};
@@ -37,28 +52,50 @@ pub struct Attr {
     pub writable: bool,
     /// The values it accepts.
     pub accepts: &'static str,
+    /// Whether it is a setting that the config file can keep: a counter (which every
+    /// process starts at 0, and a write resets) or a read-only attribute is not.
+    pub persistent: bool,
 }
 
 /// Every attribute, in listing order.
 pub const ATTRS: &[Attr] = &[
-    Attr { path: "dcbm/offloading", writable: true, accepts: "0 or 1" },
-    Attr { path: "dcbm/nr_dma_chan", writable: true, accepts: "an integer from 1 to 16" },
-    Attr { path: "dcbm/folios_migrated", writable: true, accepts: "anything (resets the counter to 0)" },
-    Attr { path: "dcbm/folios_failures", writable: true, accepts: "anything (resets the counter to 0)" },
-    Attr { path: "mtcopy/offloading", writable: true, accepts: "0 or 1" },
-    Attr { path: "mtcopy/threads", writable: true, accepts: "an integer from 1 to 64" },
-    Attr { path: "mtcopy/folios_copied", writable: true, accepts: "anything (resets the counter to 0)" },
-    Attr { path: "migrate/max_batch_pages", writable: true, accepts: "an integer from 1 to 262144" },
-    Attr { path: "migrate/pipelined", writable: true, accepts: "0 or 1" },
-    Attr { path: "migrate/deferred_free", writable: true, accepts: "0 or 1" },
-    Attr { path: "migrate/mover", writable: true, accepts: "0 or 1" },
-    Attr { path: "migrate/fill_empty", writable: true, accepts: "0 or 1" },
-    Attr { path: "migrate/copy_kernel", writable: true, accepts: "auto, nt, nt2 or memcpy" },
-    Attr { path: "migrate/copy_in", writable: true, accepts: "0 or 1" },
-    Attr { path: "offload/active", writable: false, accepts: "nothing (read-only)" },
+    Attr { path: "dcbm/offloading", writable: true, accepts: "0 or 1", persistent: true },
+    Attr { path: "dcbm/nr_dma_chan", writable: true, accepts: "an integer from 1 to 16", persistent: true },
+    Attr {
+        path: "dcbm/folios_migrated",
+        writable: true,
+        accepts: "anything (resets the counter to 0)",
+        persistent: false,
+    },
+    Attr {
+        path: "dcbm/folios_failures",
+        writable: true,
+        accepts: "anything (resets the counter to 0)",
+        persistent: false,
+    },
+    Attr { path: "mtcopy/offloading", writable: true, accepts: "0 or 1", persistent: true },
+    Attr { path: "mtcopy/threads", writable: true, accepts: "an integer from 1 to 64", persistent: true },
+    Attr {
+        path: "mtcopy/folios_copied",
+        writable: true,
+        accepts: "anything (resets the counter to 0)",
+        persistent: false,
+    },
+    Attr { path: "migrate/max_batch_pages", writable: true, accepts: "an integer from 1 to 262144", persistent: true },
+    Attr { path: "migrate/pipelined", writable: true, accepts: "0 or 1", persistent: true },
+    Attr { path: "migrate/deferred_free", writable: true, accepts: "0 or 1", persistent: true },
+    Attr { path: "migrate/mover", writable: true, accepts: "0 or 1", persistent: true },
+    Attr { path: "migrate/fill_empty", writable: true, accepts: "0 or 1", persistent: true },
+    Attr { path: "migrate/copy_kernel", writable: true, accepts: "auto, nt, nt2 or memcpy", persistent: true },
+    Attr { path: "migrate/copy_in", writable: true, accepts: "0 or 1", persistent: true },
+    Attr { path: "offload/active", writable: false, accepts: "nothing (read-only)", persistent: false },
 ];
 
-fn find(path: &str) -> Result<&'static Attr> {
+/// The attribute at `path` (leading and trailing `/` and blanks ignored).
+///
+/// # Errors
+/// [`Error::Attr`] with `ENOENT` for an unknown path, listing the known ones.
+pub fn find(path: &str) -> Result<&'static Attr> {
     let path = path.trim().trim_matches('/');
     ATTRS.iter().find(|a| a.path == path).ok_or_else(|| Error::Attr {
         path: path.to_string(),
@@ -91,6 +128,32 @@ fn parse_range(attr: &Attr, value: &str, lo: usize, hi: usize) -> Result<usize> 
     }
 }
 
+/// Where each attribute's value came from, for those not at their default.
+static SOURCES: Mutex<Vec<(&'static str, Source)>> = Mutex::new(Vec::new());
+
+pub(crate) fn set_source(path: &'static str, source: Source) {
+    let mut sources = SOURCES.lock();
+    sources.retain(|(p, _)| *p != path);
+    if source != Source::Default {
+        sources.push((path, source));
+    }
+}
+
+/// Where the value of the attribute at `path` came from: its default, a line of the config
+/// file, `PAGEMIG_ATTRS`, or a write in this process. Opens the engine first, as [`read`].
+///
+/// # Errors
+/// [`Error::Attr`] with `ENOENT` for an unknown path.
+pub fn source(path: &str) -> Result<Source> {
+    let attr = find(path)?;
+    let _ = loaded();
+    Ok(SOURCES.lock().iter().find(|(p, _)| *p == attr.path).map_or(Source::Default, |(_, s)| s.clone()))
+}
+
+/// The engine as a write reaches it: the process-wide one, or, while that one opens and
+/// applies the config, the one being opened.
+type EngineRef<'a> = &'a dyn Fn() -> Result<&'static Engine>;
+
 fn engine() -> Result<&'static Engine> {
     Engine::global()
 }
@@ -102,10 +165,15 @@ fn errno_to(attr: &Attr, value: &str) -> impl FnOnce(Errno) -> Error {
 
 /// Reads an attribute as text.
 ///
+/// The first read, write or listing of a process opens its engine ([`Engine::global`]),
+/// which applies the config file and `PAGEMIG_ATTRS` ([`config`]): what is read is what the
+/// process runs with.
+///
 /// # Errors
 /// [`Error::Attr`] with `ENOENT` for an unknown path.
 pub fn read(path: &str) -> Result<String> {
     let attr = find(path)?;
+    let _ = loaded();
     let b = |v: bool| if v { "1" } else { "0" }.to_string();
     Ok(match attr.path {
         "dcbm/offloading" => b(migrators::dcbm().offloading()),
@@ -134,7 +202,10 @@ pub fn read(path: &str) -> Result<String> {
     })
 }
 
-/// Writes an attribute from text.
+/// Writes an attribute from text, in this process (see [`config::save`] to keep it).
+///
+/// The process's engine opens first, applying the config file and `PAGEMIG_ATTRS`, so
+/// that they never overwrite this write later.
 ///
 /// # Errors
 /// [`Error::Attr`]: `ENOENT` for an unknown path, `EACCES` for a read-only one, `EINVAL`
@@ -142,6 +213,16 @@ pub fn read(path: &str) -> Result<String> {
 /// (`EBUSY` when enabling a migrator while another is active).
 pub fn write(path: &str, value: &str) -> Result<()> {
     let attr = find(path)?;
+    let _ = loaded();
+    write_to(attr, value, &engine)?;
+    if attr.persistent {
+        set_source(attr.path, Source::Process);
+    }
+    Ok(())
+}
+
+/// Writes `attr` from text, reaching the engine through `engine`.
+fn write_to(attr: &'static Attr, value: &str, engine: EngineRef<'_>) -> Result<()> {
     match attr.path {
         "dcbm/offloading" => {
             let on = parse_bool(attr, value)?;
@@ -223,7 +304,7 @@ pub fn apply(assignment: &str) -> Result<()> {
     write(path, value)
 }
 
-/// Every attribute with its current value (or the error reading it).
+/// Every attribute with its current value (or the error reading it), as [`read`] reads it.
 pub fn list() -> Vec<(&'static str, Result<String>)> {
     ATTRS.iter().map(|a| (a.path, read(a.path))).collect()
 }

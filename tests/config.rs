@@ -1,0 +1,118 @@
+//! The config file and `PAGEMIG_ATTRS` applied once per process, when its engine opens: a
+//! fresh process (this test binary run again with the environment set) sees the file's
+//! values, `PAGEMIG_ATTRS` over them, and its rejected entries reported; a child it forks
+//! takes its engine's settings and does not read the file again.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use pagemig::Engine;
+use pagemig::attr::{self, Source};
+
+/// Set in the process this test starts, which checks what its engine applied.
+const CHILD: &str = "PAGEMIG_CONFIG_TEST_CHILD";
+
+#[test]
+fn settings_apply_once_when_the_engine_opens() {
+    if std::env::var_os(CHILD).is_some() {
+        return in_fresh_process();
+    }
+    let dir = std::env::temp_dir().join(format!("pagemig-config-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("attrs");
+    std::fs::write(&file, "# test\nmigrate/max_batch_pages = 1024\ndcbm/nr_dma_chan = 2\nmigrate/pipelined = maybe\n")
+        .unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["settings_apply_once_when_the_engine_opens", "--exact", "--nocapture"])
+        .env(CHILD, "1")
+        .env("PAGEMIG_CONFIG", &file)
+        .env("PAGEMIG_ATTRS", "dcbm/nr_dma_chan=3")
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            let _ = child.kill();
+            panic!("the fresh process hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(status.success(), "the fresh process failed: {status}");
+}
+
+/// What the process started by the test checks.
+fn in_fresh_process() {
+    let file = PathBuf::from(std::env::var_os("PAGEMIG_CONFIG").unwrap());
+    let line = |line| Source::File { path: file.clone(), line };
+    let opened = Engine::global();
+    let loaded = attr::loaded();
+    assert_eq!(loaded.file.as_deref(), Some(file.as_path()));
+    // The migrators' settings apply with or without an engine; PAGEMIG_ATTRS wins.
+    assert_eq!(attr::read("dcbm/nr_dma_chan").unwrap(), "3");
+    assert_eq!(attr::source("dcbm/nr_dma_chan").unwrap(), Source::Env);
+    let applied: Vec<(&str, &str, &Source)> =
+        loaded.applied.iter().map(|s| (s.path, s.value.as_str(), &s.source)).collect();
+    assert!(applied.contains(&("dcbm/nr_dma_chan", "2", &line(3))), "{applied:?}");
+    assert!(applied.contains(&("dcbm/nr_dma_chan", "3", &Source::Env)), "{applied:?}");
+    assert!(loaded.rejected.iter().any(|r| r.source == line(4) && r.error.to_string().contains("0 or 1")));
+    assert_eq!(attr::source("mtcopy/threads").unwrap(), Source::Default);
+    let Ok(engine) = opened else {
+        // Without userfaultfd the engine's settings are rejected, saying why.
+        assert!(loaded.rejected.iter().any(|r| r.source == line(2) && r.error.to_string().contains("engine")));
+        return;
+    };
+    assert_eq!(loaded.rejected.len(), 1, "{:?}", loaded.rejected);
+    assert_eq!(engine.max_batch_pages(), 1024);
+    assert_eq!(attr::source("migrate/max_batch_pages").unwrap(), line(2));
+    assert!(engine.pipelined(), "a rejected entry changed the attribute");
+    attr::write("migrate/max_batch_pages", "2048").unwrap();
+    assert_eq!(attr::source("migrate/max_batch_pages").unwrap(), Source::Process);
+    // A child takes the parent engine's settings, not the file's (changed meanwhile).
+    std::fs::write(&file, "migrate/max_batch_pages = 7\ndcbm/nr_dma_chan = 9\n").unwrap();
+    let parent_engine = engine as *const Engine as usize;
+    let parent_loaded = loaded as *const attr::Loaded as usize;
+    // SAFETY: the child opens its own engine and reads attributes on this thread, then
+    // calls `_exit`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let code = (|| {
+            let Ok(engine) = Engine::global() else { return 2 };
+            if engine as *const Engine as usize == parent_engine {
+                return 3;
+            }
+            if engine.max_batch_pages() != 2048 || attr::read("dcbm/nr_dma_chan").ok().as_deref() != Some("3") {
+                return 4;
+            }
+            if attr::loaded() as *const attr::Loaded as usize != parent_loaded {
+                return 5;
+            }
+            0
+        })();
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let started = Instant::now();
+    let mut status = 0;
+    // SAFETY: waits (without blocking) for the child just forked.
+    while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+        if started.elapsed() > Duration::from_secs(60) {
+            // SAFETY: our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the forked child hung");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+    assert_eq!(
+        libc::WEXITSTATUS(status),
+        0,
+        "child: 2 no engine, 3 the parent's engine, 4 not the parent's settings, 5 the config read again"
+    );
+}
