@@ -81,7 +81,12 @@ pub fn read_user<T: Copy + Default>(ptr: *const T, count: usize) -> Result<Vec<T
     let len = count.checked_mul(size_of::<T>()).ok_or(Errno::FAULT)?;
     let mut done = 0;
     while done < len {
-        let n = vm_copy(out.as_mut_ptr().cast::<u8>().wrapping_add(done).cast(), ptr.cast::<u8>().wrapping_add(done) as *mut c_void, len - done, false)?;
+        let n = vm_copy(
+            out.as_mut_ptr().cast::<u8>().wrapping_add(done).cast(),
+            ptr.cast::<u8>().wrapping_add(done) as *mut c_void,
+            len - done,
+            false,
+        )?;
         if n == 0 {
             return Err(Errno::FAULT);
         }

@@ -121,10 +121,10 @@ mod tests {
 
     #[test]
     fn attrs_split_on_commas() {
-        assert_eq!(parse_attrs(" migrate/max_batch_pages=64, ,mtcopy/threads=2,"), [
-            "migrate/max_batch_pages=64",
-            "mtcopy/threads=2"
-        ]);
+        assert_eq!(
+            parse_attrs(" migrate/max_batch_pages=64, ,mtcopy/threads=2,"),
+            ["migrate/max_batch_pages=64", "mtcopy/threads=2"]
+        );
         assert!(parse_attrs("").is_empty());
     }
 }

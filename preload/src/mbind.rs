@@ -57,7 +57,7 @@ pub(crate) struct Args {
 impl Args {
     /// The pages the range names, as the kernel rounds it.
     fn pages(&self) -> u64 {
-        (self.len as u64).div_ceil(PAGE_SIZE as u64)
+        self.len.div_ceil(PAGE_SIZE as c_ulong)
     }
 
     /// The kernel's `mbind(2)` with these arguments and `flags`.
@@ -72,7 +72,9 @@ impl Args {
     /// The one node of the policy pagemig serves, or `None` for a policy it does not.
     fn single_node(&self) -> Option<u32> {
         let base = self.mode & !MPOL_MODE_FLAGS;
-        if self.mode & MPOL_MODE_FLAGS != 0 || ![libc::MPOL_BIND, libc::MPOL_PREFERRED, MPOL_PREFERRED_MANY].contains(&base) {
+        if self.mode & MPOL_MODE_FLAGS != 0
+            || ![libc::MPOL_BIND, libc::MPOL_PREFERRED, MPOL_PREFERRED_MANY].contains(&base)
+        {
             return None;
         }
         // As the kernel's get_nodes(): `maxnode - 1` bits (a mask it would refuse is left
@@ -80,10 +82,12 @@ impl Args {
         let bits = self.maxnode.checked_sub(1).filter(|&b| b > 0 && b <= MAX_MASK_BITS && !self.nodemask.is_null())?;
         let words = ffi::read_user(self.nodemask, bits.div_ceil(c_ulong::BITS as c_ulong) as usize).ok()?;
         let mut nodes = words.iter().enumerate().flat_map(|(w, &word)| {
-            (0..c_ulong::BITS).filter(move |b| word >> b & 1 == 1).map(move |b| w as u64 * u64::from(c_ulong::BITS) + u64::from(b))
+            (0..c_ulong::BITS)
+                .filter(move |b| word >> b & 1 == 1)
+                .map(move |b| w as u64 * u64::from(c_ulong::BITS) + u64::from(b))
         });
-        let node = nodes.next().filter(|&n| n < bits as u64)?;
-        if nodes.any(|n| n < bits as u64) {
+        let node = nodes.next().filter(|&n| n < bits)?;
+        if nodes.any(|n| n < bits) {
             return None;
         }
         u32::try_from(node).ok()

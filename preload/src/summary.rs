@@ -176,7 +176,8 @@ pub(crate) fn text() -> String {
         let _ = writeln!(out, "to the kernel whole, {}: {calls} calls, {pages} pages", w.label());
     }
     // The engine's own count, only where this process opened it (asking would open it).
-    let pages = (ENGINE_PID.load(Ordering::Relaxed) == pid).then(Engine::global).and_then(Result::ok).map(|e| e.pages_stats());
+    let pages =
+        (ENGINE_PID.load(Ordering::Relaxed) == pid).then(Engine::global).and_then(Result::ok).map(|e| e.pages_stats());
     let _ = writeln!(out, "engine: {}", if pages.is_some() { "opened" } else { "not opened" });
     let p = pages.unwrap_or_default();
     for (label, n) in [

@@ -34,7 +34,7 @@ pub unsafe extern "C" fn move_pages(
         // SAFETY: the caller's arguments as they came.
         let kernel = || unsafe { ffi::kernel_move_pages(pid, count, pages, nodes, status, flags) };
         let whole = |why| {
-            summary::whole(why, count as u64);
+            summary::whole(why, count);
             kernel()
         };
         if !config::enabled() {
@@ -67,7 +67,7 @@ pub unsafe extern "C" fn move_pages(
                     Route::KernelUnreadable => Whole::Unreadable,
                     Route::KernelPlain | Route::Pagemig => Whole::NotAMove,
                 };
-                summary::whole(why, count as u64);
+                summary::whole(why, count);
                 result
             }
         }

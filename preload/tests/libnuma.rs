@@ -172,7 +172,8 @@ fn libnuma_calls_are_the_kernels_with_and_without_the_preload() {
 
     // On: the calls pagemig serves, and each other call's reason, counted as the program
     // makes them (libnuma_calls.c checks each call's way itself; these are its totals).
-    let on = run("on", &[], true, &[("PAGEMIG_PRELOAD", "1"), ("PAGEMIG_ATTRS", "migrate/max_batch_pages=64, no/such=1")]);
+    let on =
+        run("on", &[], true, &[("PAGEMIG_PRELOAD", "1"), ("PAGEMIG_ATTRS", "migrate/max_batch_pages=64, no/such=1")]);
     passed("on", &on);
     assert_eq!(on.stdout, plain.stdout, "with pagemig on, the program saw something else");
     assert_eq!(on.summaries.len(), 4, "{:#?}", on.summaries);
