@@ -206,3 +206,34 @@ pub unsafe fn move_pages(
     };
     (result, Route::Pagemig)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arrays_are_read_and_written_or_efault() {
+        let words: Vec<u64> = (0..1000).collect();
+        assert_eq!(read_user(words.as_ptr(), words.len()).unwrap(), words);
+        assert_eq!(read_user(std::ptr::null::<u64>(), 4), Err(Errno::FAULT));
+        assert_eq!(read_user(std::ptr::null::<u64>(), 0), Ok(Vec::new()));
+        let mut out = vec![0i32; 3];
+        write_user(out.as_mut_ptr(), &[1, 2, 3]).unwrap();
+        assert_eq!(out, [1, 2, 3]);
+        let ro = crate::sys::mmap_anon(crate::PAGE_SIZE).unwrap();
+        // SAFETY: the mapping is ours; read-only from now on.
+        assert_eq!(unsafe { libc::mprotect(ro as *mut c_void, crate::PAGE_SIZE, libc::PROT_READ) }, 0);
+        assert_eq!(write_user(ro as *mut i32, &[1]), Err(Errno::FAULT));
+        // SAFETY: as above.
+        unsafe { crate::sys::munmap(ro, crate::PAGE_SIZE).unwrap() };
+    }
+
+    #[test]
+    fn the_boundary_turns_errors_and_panics_into_errno() {
+        assert_eq!(boundary(|| Ok(7)), 7);
+        assert_eq!(boundary(|| Err(Errno::NODEV)), -1);
+        assert_eq!(last_errno(), Errno::NODEV);
+        assert_eq!(boundary(|| panic!("a panic stays on this side")), -1);
+        assert_eq!(last_errno(), Errno::CANCELED);
+    }
+}

@@ -60,7 +60,8 @@ pub struct pagemig_stats {
     pub kernel_retried: u64,
     /// Pages that ended a call with an error.
     pub failed: u64,
-    /// Calls handed to the kernel whole (`MPOL_MF_MOVE_ALL`, no userfaultfd).
+    /// Calls handed to the kernel whole (`MPOL_MF_MOVE_ALL`, no userfaultfd, arrays a
+    /// sandbox forbids `process_vm_readv` to read).
     pub kernel_calls: u64,
     /// Pages those calls named.
     pub kernel_call_pages: u64,
