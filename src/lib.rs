@@ -120,6 +120,8 @@ macro_rules! internal {
 pub mod attr;
 pub mod dma;
 pub mod error;
+#[cfg(feature = "ffi")]
+pub mod ffi;
 pub mod folio;
 pub mod migrate;
 pub mod migrators;
@@ -141,7 +143,7 @@ pub use folio::{Folio, MigrateInfo};
 pub use migrate::FaultInjection;
 pub use migrate::{
     Background, Capabilities, Engine, MigrateOptions, MigrateStats, Mode, PagesStats, RangeOutcome, Reason,
-    migrate_pages,
+    migrate_pages, movable_ranges,
 };
 pub use pool::ThpAdvice;
 pub use region::Region;

@@ -81,7 +81,8 @@ struct pagemig_stats {
    */
   uint64_t failed;
   /**
-   * Calls handed to the kernel whole (`MPOL_MF_MOVE_ALL`, no userfaultfd).
+   * Calls handed to the kernel whole (`MPOL_MF_MOVE_ALL`, no userfaultfd, arrays a
+   * sandbox forbids `process_vm_readv` to read).
    */
   uint64_t kernel_calls;
   /**

@@ -10,17 +10,18 @@
 #![allow(unsafe_code, reason = "the C ABI: raw pointers from C callers, errno")]
 
 use std::ffi::{CStr, c_char, c_int, c_long, c_ulong, c_void};
-use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use pagemig_core::Engine;
 use pagemig_core::Errno;
+use pagemig_core::ffi::{self, Route, boundary};
 
 /// `MPOL_MF_MOVE`: move the pages only this process maps.
 pub const PAGEMIG_MPOL_MF_MOVE: c_int = 1 << 1;
 /// `MPOL_MF_MOVE_ALL`: move pages other processes map too (needs `CAP_SYS_NICE`); handed to
 /// the kernel's `move_pages(2)` whole.
 pub const PAGEMIG_MPOL_MF_MOVE_ALL: c_int = 1 << 2;
+const _: () = assert!(PAGEMIG_MPOL_MF_MOVE == ffi::MPOL_MF_MOVE && PAGEMIG_MPOL_MF_MOVE_ALL == ffi::MPOL_MF_MOVE_ALL);
 
 /// What the kernel and this process allow pagemig.
 #[repr(C)]
@@ -59,7 +60,8 @@ pub struct pagemig_stats {
     pub kernel_retried: u64,
     /// Pages that ended a call with an error.
     pub failed: u64,
-    /// Calls handed to the kernel whole (`MPOL_MF_MOVE_ALL`, no userfaultfd).
+    /// Calls handed to the kernel whole (`MPOL_MF_MOVE_ALL`, no userfaultfd, arrays a
+    /// sandbox forbids `process_vm_readv` to read).
     pub kernel_calls: u64,
     /// Pages those calls named.
     pub kernel_call_pages: u64,
@@ -67,46 +69,6 @@ pub struct pagemig_stats {
 
 static KERNEL_CALLS: AtomicU64 = AtomicU64::new(0);
 static KERNEL_CALL_PAGES: AtomicU64 = AtomicU64::new(0);
-
-fn set_errno(errno: Errno) {
-    // SAFETY: `__errno_location` returns the calling thread's errno, always valid.
-    unsafe { *libc::__errno_location() = errno.raw_os_error() };
-}
-
-/// Runs `f` at the boundary: a panic becomes `-1` with `errno` `ECANCELED`.
-fn boundary(f: impl FnOnce() -> Result<c_long, Errno>) -> c_long {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(n)) => n,
-        Ok(Err(errno)) => {
-            set_errno(errno);
-            -1
-        }
-        Err(_) => {
-            set_errno(Errno::CANCELED);
-            -1
-        }
-    }
-}
-
-/// The kernel's `move_pages(2)` for the calling process.
-///
-/// # Safety
-/// As [`pagemig_move_pages`].
-unsafe fn kernel_move_pages(
-    count: c_ulong,
-    pages: *const *mut c_void,
-    nodes: *const c_int,
-    status: *mut c_int,
-    flags: c_int,
-) -> Result<c_long, Errno> {
-    // SAFETY: the caller's arrays are handed on as they came; the kernel checks them.
-    let ret = unsafe { libc::syscall(libc::SYS_move_pages, 0, count, pages, nodes, status, flags) };
-    if ret < 0 {
-        Err(Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0)))
-    } else {
-        Ok(ret)
-    }
-}
 
 /// Moves the `count` pages at `pages[i]` of the calling process to nodes `nodes[i]`, and
 /// writes each page's outcome in `status[i]`: the node it is on, or a negative errno
@@ -134,34 +96,13 @@ pub unsafe extern "C" fn pagemig_move_pages(
     flags: c_int,
 ) -> c_long {
     boundary(|| {
-        if flags & !(PAGEMIG_MPOL_MF_MOVE | PAGEMIG_MPOL_MF_MOVE_ALL) != 0 {
-            return Err(Errno::INVAL);
+        // SAFETY: forwarded from the caller's contract.
+        let (result, route) = unsafe { ffi::move_pages(count, pages, nodes, status, flags) };
+        if matches!(route, Route::KernelMoveAll | Route::KernelNoUserfaultfd | Route::KernelUnreadable) {
+            KERNEL_CALLS.fetch_add(1, Ordering::Relaxed);
+            KERNEL_CALL_PAGES.fetch_add(count, Ordering::Relaxed);
         }
-        let engine = Engine::global();
-        if count == 0 || flags & PAGEMIG_MPOL_MF_MOVE_ALL != 0 || engine.is_err() {
-            if count != 0 && !nodes.is_null() {
-                KERNEL_CALLS.fetch_add(1, Ordering::Relaxed);
-                KERNEL_CALL_PAGES.fetch_add(count, Ordering::Relaxed);
-            }
-            // SAFETY: forwarded from the caller's contract.
-            return unsafe { kernel_move_pages(count, pages, nodes, status, flags) };
-        }
-        if pages.is_null() || status.is_null() {
-            return Err(Errno::FAULT);
-        }
-        let n = usize::try_from(count).map_err(|_| Errno::INVAL)?;
-        // SAFETY: the caller promises `count` elements behind each non-NULL pointer.
-        let (pages, status) = unsafe {
-            (std::slice::from_raw_parts(pages.cast::<usize>(), n), std::slice::from_raw_parts_mut(status, n))
-        };
-        // SAFETY: as above.
-        let nodes = (!nodes.is_null()).then(|| unsafe { std::slice::from_raw_parts(nodes, n) });
-        // SAFETY: the calling thread is inside this call: it does not access the pages
-        // while they move.
-        match unsafe { engine.expect("checked above").move_pages(pages, nodes, status) } {
-            Ok(left) => Ok(left as c_long),
-            Err(e) => Err(e.errno()),
-        }
+        result
     })
 }
 

@@ -23,6 +23,27 @@ use crate::sys::{self, HPAGE_SIZE, PAGE_SIZE};
 /// configuration).
 const MAX_NODES: i32 = 1024;
 
+/// The parts of `addr .. addr + len` (rounded out to whole pages) that lie in mappings
+/// pagemig moves itself (private, anonymous, read-write memory), in address order; the
+/// rest of the range is unmapped or memory [`Engine::move_pages`] hands to the kernel.
+///
+/// # Errors
+/// [`Error::Invalid`] for an empty or wrapping range; the errno of reading
+/// `/proc/self/maps`.
+pub fn movable_ranges(addr: usize, len: usize) -> Result<Vec<std::ops::Range<usize>>> {
+    let end = addr
+        .checked_add(len)
+        .and_then(|e| e.checked_next_multiple_of(PAGE_SIZE))
+        .filter(|_| len > 0)
+        .ok_or_else(|| Error::Invalid(format!("range {addr:#x}+{len:#x} is empty or wraps around")))?;
+    let start = addr & !(PAGE_SIZE - 1);
+    Ok(maps::vmas()?
+        .iter()
+        .filter(|v| v.start < end && start < v.end && v.refusal().is_none())
+        .map(|v| v.start.max(start)..v.end.min(end))
+        .collect())
+}
+
 impl Engine {
     /// Moves each page at `pages[i]` to node `nodes[i]` and writes its outcome in
     /// `status[i]`, as `move_pages(2)` does for the calling process: the node the page is

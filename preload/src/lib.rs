@@ -1,0 +1,35 @@
+//! `libpagemig-preload.so`: pagemig for programs that call `move_pages()` and
+//! `mbind(…, MPOL_MF_MOVE)` and are not changed to call pagemig, through `LD_PRELOAD`.
+//!
+//! ```text
+//! PAGEMIG_PRELOAD=1 PAGEMIG_SUMMARY=1 LD_PRELOAD=/usr/local/lib/libpagemig-preload.so program
+//! ```
+//!
+//! The library defines the symbols libnuma exports for these system calls, `move_pages`
+//! and `mbind`, so that a program's calls of them, and libnuma's own (`numa_move_pages`
+//! calls `move_pages` through its PLT), reach it first. It serves the calling process's
+//! private anonymous memory with pagemig's batch migration and hands everything else to
+//! the kernel unchanged, with `syscall(2)`: other processes, `MPOL_MF_MOVE_ALL`, shared,
+//! file-backed and special memory, policies that do not name a single node, processes
+//! without userfaultfd. It never makes a call fail that the kernel would have served, and
+//! sets `errno` as the kernel does.
+//!
+//! | variable | effect |
+//! |---|---|
+//! | `PAGEMIG_PRELOAD` | `1` (or `on`, `yes`, `true`) turns pagemig on; unset or anything else, every call goes straight to the kernel |
+//! | `PAGEMIG_ATTRS` | `path=value,…`: pagemig attributes (`migrate/max_batch_pages=512,mtcopy/offloading=1`), applied in each process before its first call pagemig serves |
+//! | `PAGEMIG_SUMMARY` | `1`: a summary on standard error when the process exits; a path: the summary appended to that file (each process that exits adds its own) |
+//!
+//! The summary says how many calls each symbol had, which pagemig served, which it handed
+//! to the kernel whole and why, and what became of the pages; a program can read it at
+//! any time with [`pagemig_preload_summary`](symbols::pagemig_preload_summary). Nothing
+//! else is ever printed, and no panic crosses into the program.
+//!
+//! `migrate_pages()` is not taken over: it moves the whole process, pagemig's own threads'
+//! stacks included, which pagemig must not protect while they serve its faults.
+#![deny(unsafe_code)]
+
+mod config;
+mod mbind;
+mod summary;
+pub mod symbols;

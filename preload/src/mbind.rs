@@ -1,0 +1,148 @@
+//! `mbind(addr, len, mode, nodemask, maxnode, flags)` with `MPOL_MF_MOVE`, served by
+//! pagemig where the policy names one node.
+//!
+//! The kernel's `do_mbind()` sets the policy on the range and then migrates the pages of
+//! the range that do not conform to it (pages on a node outside the mask; with
+//! `MPOL_MF_MOVE`, not the pages another process maps too), and with `MPOL_MF_STRICT`
+//! answers `EIO` when some could not be moved. Served here, in three steps:
+//!
+//! 1. the kernel's `mbind` with the same arguments less `MPOL_MF_MOVE` and
+//!    `MPOL_MF_STRICT`: it checks every argument as it would have (its errors are the
+//!    answer, nothing moved) and sets the policy, moving nothing;
+//! 2. pagemig moves the pages of the range's private anonymous mappings that are not on
+//!    the policy's node ([`pagemig::movable_ranges`], [`pagemig::Engine::move_range`]);
+//! 3. the kernel's `mbind` with the caller's arguments, unchanged, finds the policy
+//!    already set and moves what is left (shared and file-backed memory, pages pagemig
+//!    could not move), and its answer, `MPOL_MF_STRICT`'s `EIO` included, is the call's.
+//!    Step 3 is skipped where it has nothing to do: no `MPOL_MF_STRICT`, every page of the
+//!    range in pagemig's mappings, and every present page on the node.
+//!
+//! Other policies (interleaving, several nodes, `MPOL_F_*` mode flags, the default and
+//! local policies), `MPOL_MF_MOVE_ALL` and `mbind` without `MPOL_MF_MOVE` go to the kernel
+//! whole.
+#![expect(unsafe_code, reason = "the kernel's mbind on the caller's arguments")]
+
+use std::ffi::{c_int, c_long, c_uint, c_ulong, c_void};
+
+use pagemig::ffi::{self, check};
+use pagemig::{Errno, MigrateOptions, PAGE_SIZE};
+
+use crate::config;
+use crate::summary::{self, Whole};
+
+/// `MPOL_MF_STRICT`: `EIO` when pages do not conform to the policy after the call.
+const MPOL_MF_STRICT: c_uint = 1;
+/// `MPOL_MF_MOVE`.
+const MPOL_MF_MOVE: c_uint = ffi::MPOL_MF_MOVE as c_uint;
+/// `MPOL_MF_MOVE_ALL`.
+const MPOL_MF_MOVE_ALL: c_uint = ffi::MPOL_MF_MOVE_ALL as c_uint;
+/// `MPOL_PREFERRED_MANY` (Linux 5.15), missing from the `libc` crate.
+const MPOL_PREFERRED_MANY: c_int = 5;
+/// The mode flags `MPOL_F_STATIC_NODES`, `MPOL_F_RELATIVE_NODES`, `MPOL_F_NUMA_BALANCING`.
+const MPOL_MODE_FLAGS: c_int = libc::MPOL_F_STATIC_NODES | libc::MPOL_F_RELATIVE_NODES | libc::MPOL_F_NUMA_BALANCING;
+/// The most bits the kernel reads of a node mask (`get_nodes()`: a page of bits).
+const MAX_MASK_BITS: c_ulong = 4096 * 8;
+
+/// The caller's arguments, as `mbind(2)` takes them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Args {
+    pub(crate) addr: *mut c_void,
+    pub(crate) len: c_ulong,
+    pub(crate) mode: c_int,
+    pub(crate) nodemask: *const c_ulong,
+    pub(crate) maxnode: c_ulong,
+    pub(crate) flags: c_uint,
+}
+
+impl Args {
+    /// The pages the range names, as the kernel rounds it.
+    fn pages(&self) -> u64 {
+        self.len.div_ceil(PAGE_SIZE as c_ulong)
+    }
+
+    /// The kernel's `mbind(2)` with these arguments and `flags`.
+    fn kernel(&self, flags: c_uint) -> Result<c_long, Errno> {
+        // SAFETY: the caller's arguments as they came; the kernel checks every pointer.
+        // Moving pages with their contents is what the caller asked for.
+        check(unsafe {
+            libc::syscall(libc::SYS_mbind, self.addr, self.len, self.mode, self.nodemask, self.maxnode, flags)
+        })
+    }
+
+    /// The one node of the policy pagemig serves, or `None` for a policy it does not.
+    fn single_node(&self) -> Option<u32> {
+        let base = self.mode & !MPOL_MODE_FLAGS;
+        if self.mode & MPOL_MODE_FLAGS != 0
+            || ![libc::MPOL_BIND, libc::MPOL_PREFERRED, MPOL_PREFERRED_MANY].contains(&base)
+        {
+            return None;
+        }
+        // As the kernel's get_nodes(): `maxnode - 1` bits (a mask it would refuse is left
+        // to it; so is one that cannot be read).
+        let bits = self.maxnode.checked_sub(1).filter(|&b| b > 0 && b <= MAX_MASK_BITS && !self.nodemask.is_null())?;
+        let words = ffi::read_user(self.nodemask, bits.div_ceil(c_ulong::BITS as c_ulong) as usize).ok()?;
+        let mut nodes = words.iter().enumerate().flat_map(|(w, &word)| {
+            (0..c_ulong::BITS)
+                .filter(move |b| word >> b & 1 == 1)
+                .map(move |b| w as u64 * u64::from(c_ulong::BITS) + u64::from(b))
+        });
+        let node = nodes.next().filter(|&n| n < bits)?;
+        if nodes.any(|n| n < bits) {
+            return None;
+        }
+        u32::try_from(node).ok()
+    }
+}
+
+/// Serves `mbind(2)` for the calling process (see the module's description).
+pub(crate) fn mbind(args: Args) -> Result<c_long, Errno> {
+    let whole = |why| {
+        summary::whole(why, args.pages());
+        args.kernel(args.flags)
+    };
+    if !config::enabled() {
+        return whole(Whole::Disabled);
+    }
+    if args.flags & MPOL_MF_MOVE_ALL != 0 {
+        return whole(Whole::MoveAll);
+    }
+    if args.flags & MPOL_MF_MOVE == 0 {
+        return whole(Whole::NotAMove);
+    }
+    let Some(node) = args.single_node() else {
+        return whole(Whole::PolicyNotSingleNode);
+    };
+    let Ok(engine) = config::engine() else {
+        return whole(Whole::NoUserfaultfd);
+    };
+    // 1. The kernel checks the arguments and sets the policy.
+    if let Err(errno) = args.kernel(args.flags & !(MPOL_MF_MOVE | MPOL_MF_STRICT)) {
+        summary::whole(Whole::NotAMove, args.pages());
+        return Err(errno);
+    }
+    summary::served(summary::Symbol::Mbind);
+    if args.len == 0 {
+        return Ok(0);
+    }
+    // 2. pagemig moves its mappings' pages.
+    let (addr, len) = (args.addr as usize, args.len as usize);
+    let Ok(parts) = pagemig::movable_ranges(addr, len) else {
+        summary::whole(Whole::PagemigFailed, args.pages());
+        return args.kernel(args.flags);
+    };
+    let movable: usize = parts.iter().map(|r| r.len() / PAGE_SIZE).sum();
+    let mut left_over = movable as u64 != args.pages();
+    summary::mbind_not_movable(args.pages() - movable as u64);
+    for part in parts {
+        // SAFETY: the calling thread is inside mbind while its pages move.
+        match unsafe { engine.move_range(part.start, part.len(), node, &MigrateOptions::default()) } {
+            Ok(outcome) => {
+                left_over |= outcome.status.iter().any(|&s| s >= 0 && s as u32 != node);
+                left_over |= outcome.errors().any(|(_, errno)| errno != libc::ENOENT);
+            }
+            Err(_) => left_over = true,
+        }
+    }
+    // 3. The kernel moves the rest and answers.
+    if left_over || args.flags & MPOL_MF_STRICT != 0 { args.kernel(args.flags) } else { Ok(0) }
+}

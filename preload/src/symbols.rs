@@ -1,0 +1,128 @@
+//! The symbols the library exports: libnuma's `move_pages` and `mbind`, which it
+//! interposes, and [`pagemig_preload_summary`].
+#![expect(unsafe_code, reason = "the C ABI: raw pointers from C callers")]
+
+use std::ffi::{c_char, c_int, c_long, c_uint, c_ulong, c_void};
+
+use pagemig::ffi::{self, Route, boundary};
+
+use crate::config;
+use crate::mbind::{self, Args};
+use crate::summary::{self, Symbol, Whole};
+
+/// `move_pages(2)`, as libnuma's `move_pages`: moves the `count` pages at `pages[i]` of
+/// process `pid` to nodes `nodes[i]` (only reports where they are with `nodes` NULL) and
+/// writes each page's node or negative errno in `status[i]`; returns the number of pages
+/// not moved, or `-1` with `errno`.
+///
+/// pagemig serves the calling process (`pid` 0 or its own) when `PAGEMIG_PRELOAD` is set;
+/// the kernel everything else, and whatever pagemig does not move itself.
+///
+/// # Safety
+/// As `move_pages(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn move_pages(
+    pid: c_int,
+    count: c_ulong,
+    pages: *mut *mut c_void,
+    nodes: *const c_int,
+    status: *mut c_int,
+    flags: c_int,
+) -> c_long {
+    boundary(|| {
+        summary::call(Symbol::MovePages);
+        // SAFETY: the caller's arguments as they came.
+        let kernel = || unsafe { ffi::kernel_move_pages(pid, count, pages, nodes, status, flags) };
+        let whole = |why| {
+            summary::whole(why, count);
+            kernel()
+        };
+        if !config::enabled() {
+            return whole(Whole::Disabled);
+        }
+        // SAFETY: getpid has no preconditions.
+        if pid != 0 && pid != unsafe { libc::getpid() } {
+            return whole(Whole::OtherProcess);
+        }
+        // A call pagemig may serve opens the engine first, which applies PAGEMIG_ATTRS;
+        // the others go to the kernel as they are (below).
+        let candidate = flags & !ffi::MPOL_MF_MOVE == 0 && count != 0 && !nodes.is_null();
+        if candidate && config::engine().is_err() {
+            return whole(Whole::NoUserfaultfd);
+        }
+        // SAFETY: the calling thread is inside move_pages while its pages move; the
+        // arrays are as the caller promised move_pages(2).
+        match unsafe { ffi::move_pages(count, pages, nodes, status, flags) } {
+            (result @ Ok(_), Route::Pagemig) => {
+                summary::served(Symbol::MovePages);
+                result
+            }
+            // Whatever pagemig did, the kernel now does the rest and answers: the answer is
+            // the kernel's (ENODEV for a bad node, EFAULT for a status it cannot write).
+            (Err(_), Route::Pagemig) => whole(Whole::PagemigFailed),
+            (result, route) => {
+                let why = match route {
+                    Route::KernelMoveAll => Whole::MoveAll,
+                    Route::KernelNoUserfaultfd => Whole::NoUserfaultfd,
+                    Route::KernelUnreadable => Whole::Unreadable,
+                    Route::KernelPlain | Route::Pagemig => Whole::NotAMove,
+                };
+                summary::whole(why, count);
+                result
+            }
+        }
+    })
+}
+
+/// `mbind(2)`, as libnuma's `mbind`: sets the memory policy `mode` (with its `MPOL_F_*`
+/// flags) over the nodes of `nodemask` (`maxnode` bits of it, as the kernel counts them)
+/// on `len` bytes from `addr`; with `MPOL_MF_MOVE` in `flags`, moves the pages of the
+/// range that do not conform, and with `MPOL_MF_STRICT` fails with `EIO` when some could
+/// not be moved. Returns `0`, or `-1` with `errno`.
+///
+/// pagemig moves the private anonymous pages when `PAGEMIG_PRELOAD` is set and the policy
+/// names one node; the kernel sets the policy and does everything else.
+///
+/// # Safety
+/// As `mbind(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mbind(
+    addr: *mut c_void,
+    len: c_ulong,
+    mode: c_int,
+    nodemask: *const c_ulong,
+    maxnode: c_ulong,
+    flags: c_uint,
+) -> c_long {
+    boundary(|| {
+        summary::call(Symbol::Mbind);
+        mbind::mbind(Args { addr, len, mode, nodemask, maxnode, flags })
+    })
+}
+
+/// Writes the summary of what the library did in this process so far (the text
+/// `PAGEMIG_SUMMARY` writes at exit: one `label: value` a line) into `buf` as a
+/// NUL-terminated string, truncated to `len` bytes. Returns the length of the whole text,
+/// as `snprintf` does (a return of `len` or more means it was truncated), or `-1` with
+/// `errno` `EFAULT` for a NULL `buf` with a non-zero `len`.
+///
+/// # Safety
+/// `buf` must be writable for `len` bytes.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn pagemig_preload_summary(buf: *mut c_char, len: usize) -> c_long {
+    boundary(|| {
+        let text = summary::text();
+        if len > 0 {
+            if buf.is_null() {
+                return Err(pagemig::Errno::FAULT);
+            }
+            let n = text.len().min(len - 1);
+            // SAFETY: `buf` holds `len` bytes (the caller's promise); `n + 1` is at most that.
+            unsafe {
+                std::ptr::copy_nonoverlapping(text.as_ptr().cast::<c_char>(), buf, n);
+                *buf.add(n) = 0;
+            }
+        }
+        Ok(text.len() as c_long)
+    })
+}
