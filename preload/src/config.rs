@@ -2,14 +2,14 @@
 //! per process.
 //!
 //! The variables are read in the library's constructor, before the program's `main`, so
-//! that a call pays one atomic load to learn whether pagemig is on. The engine is opened,
-//! and `PAGEMIG_ATTRS` applied, only by the first call pagemig serves in a process: a
+//! that a call pays one atomic load to learn whether pagemig is on. The engine is opened
+//! (applying the config file and `PAGEMIG_ATTRS`) only by the first call pagemig serves in
+//! a process: a
 //! program that never migrates (a shell that passes `LD_PRELOAD` on to its children) pays
 //! nothing more.
 #![expect(unsafe_code, reason = "the constructor in .init_array, atexit and pthread_atfork")]
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU32, Ordering};
 
 use pagemig::Engine;
 
@@ -29,8 +29,6 @@ pub(crate) enum SummaryTo {
 pub(crate) struct Config {
     /// Whether `PAGEMIG_PRELOAD` turned pagemig on.
     pub(crate) enabled: bool,
-    /// `PAGEMIG_ATTRS`, split into `path=value` entries.
-    pub(crate) attrs: Vec<String>,
     /// `PAGEMIG_SUMMARY`.
     pub(crate) summary: Option<SummaryTo>,
 }
@@ -53,7 +51,6 @@ fn read_env() -> Config {
     Config {
         enabled: var("PAGEMIG_PRELOAD")
             .is_some_and(|v| ["1", "on", "yes", "true"].contains(&v.to_ascii_lowercase().as_str())),
-        attrs: parse_attrs(var("PAGEMIG_ATTRS").as_deref().unwrap_or("")),
         summary: match var("PAGEMIG_SUMMARY").as_deref() {
             None | Some("0") => None,
             Some("1") => Some(SummaryTo::Stderr),
@@ -62,36 +59,15 @@ fn read_env() -> Config {
     }
 }
 
-/// `path=value,path=value` as its entries.
-fn parse_attrs(text: &str) -> Vec<String> {
-    text.split(',').map(str::trim).filter(|e| !e.is_empty()).map(String::from).collect()
-}
-
-/// The process-wide engine for a call pagemig serves, with `PAGEMIG_ATTRS` applied first
-/// in this process (a forked child opens an engine of its own, with the attributes'
-/// defaults, and applies them again).
+/// The process-wide engine for a call pagemig serves. Opening it applies the config file
+/// and `PAGEMIG_ATTRS` (the library's own loader; a forked child's engine takes its
+/// parent's settings).
 ///
 /// # Errors
 /// As [`Engine::global`]: userfaultfd is not available to this process.
 pub(crate) fn engine() -> pagemig::Result<&'static Engine> {
-    /// The process that applied the attributes; the process applying them now.
-    static APPLIED: AtomicU32 = AtomicU32::new(0);
-    static APPLYING: AtomicU32 = AtomicU32::new(0);
     let engine = Engine::global()?;
-    let pid = std::process::id();
-    summary::engine_opened(pid);
-    while APPLIED.load(Ordering::Acquire) != pid {
-        let applying = APPLYING.load(Ordering::Acquire);
-        if applying != pid && APPLYING.compare_exchange(applying, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            for entry in &config().attrs {
-                summary::attr_applied(entry, pagemig::attr::apply(entry));
-            }
-            APPLIED.store(pid, Ordering::Release);
-        } else {
-            // Another thread of this process is applying them.
-            std::thread::yield_now();
-        }
-    }
+    summary::engine_opened(std::process::id());
     Ok(engine)
 }
 
@@ -114,17 +90,3 @@ extern "C" fn init() {
 #[used]
 #[unsafe(link_section = ".init_array")]
 static INIT: extern "C" fn() = init;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn attrs_split_on_commas() {
-        assert_eq!(
-            parse_attrs(" migrate/max_batch_pages=64, ,mtcopy/threads=2,"),
-            ["migrate/max_batch_pages=64", "mtcopy/threads=2"]
-        );
-        assert!(parse_attrs("").is_empty());
-    }
-}

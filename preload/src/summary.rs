@@ -5,7 +5,6 @@
 //! meeting a lock a thread of its parent held at the fork.
 
 use std::io::Write;
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use pagemig::Engine;
@@ -76,8 +75,6 @@ struct Counts {
     whole_calls: [AtomicU64; Whole::ALL.len()],
     whole_pages: [AtomicU64; Whole::ALL.len()],
     mbind_pages_not_movable: AtomicU64,
-    attrs_applied: AtomicU64,
-    attrs_rejected: AtomicU64,
     panics: AtomicU64,
 }
 
@@ -90,15 +87,11 @@ static COUNTS: Counts = Counts {
     whole_calls: [ZERO; Whole::ALL.len()],
     whole_pages: [ZERO; Whole::ALL.len()],
     mbind_pages_not_movable: ZERO,
-    attrs_applied: ZERO,
-    attrs_rejected: ZERO,
     panics: ZERO,
 };
 
 /// The process whose engine the library opened.
 static ENGINE_PID: AtomicU32 = AtomicU32::new(0);
-/// The first attribute `PAGEMIG_ATTRS` named that was refused, and why.
-static FIRST_REJECTED: OnceLock<String> = OnceLock::new();
 
 fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
@@ -132,17 +125,6 @@ pub(crate) fn engine_opened(pid: u32) {
     ENGINE_PID.store(pid, Ordering::Relaxed);
 }
 
-/// Counts an attribute of `PAGEMIG_ATTRS` applied or refused.
-pub(crate) fn attr_applied(entry: &str, result: pagemig::Result<()>) {
-    match result {
-        Ok(()) => add(&COUNTS.attrs_applied, 1),
-        Err(e) => {
-            add(&COUNTS.attrs_rejected, 1);
-            let _ = FIRST_REJECTED.set(format!("{entry}: {e}"));
-        }
-    }
-}
-
 /// The panic hook: counts the panic and prints nothing.
 pub(crate) fn panicked() {
     add(&COUNTS.panics, 1);
@@ -151,8 +133,7 @@ pub(crate) fn panicked() {
 /// The `pthread_atfork` child handler: the child's summary counts the child's calls.
 pub(crate) extern "C" fn forked() {
     let all = COUNTS.calls.iter().chain(&COUNTS.served).chain(&COUNTS.whole_calls).chain(&COUNTS.whole_pages);
-    for c in all.chain([&COUNTS.mbind_pages_not_movable, &COUNTS.attrs_applied, &COUNTS.attrs_rejected, &COUNTS.panics])
-    {
+    for c in all.chain([&COUNTS.mbind_pages_not_movable, &COUNTS.panics]) {
         c.store(0, Ordering::Relaxed);
     }
 }
@@ -180,6 +161,8 @@ pub(crate) fn text() -> String {
         (ENGINE_PID.load(Ordering::Relaxed) == pid).then(Engine::global).and_then(Result::ok).map(|e| e.pages_stats());
     let _ = writeln!(out, "engine: {}", if pages.is_some() { "opened" } else { "not opened" });
     let p = pages.unwrap_or_default();
+    // What opening the engine applied (the config file, `PAGEMIG_ATTRS`), where it opened.
+    let loaded = pages.is_some().then(pagemig::attr::loaded);
     for (label, n) in [
         ("pages moved by pagemig", p.moved),
         ("pages already on their node", p.already_home),
@@ -188,14 +171,14 @@ pub(crate) fn text() -> String {
         ("pages to the kernel, not movable by pagemig (move_pages)", p.kernel_unmovable),
         ("pages to the kernel, pagemig could not move them", p.kernel_retried),
         ("pages to the kernel, not movable by pagemig (mbind)", get(&COUNTS.mbind_pages_not_movable)),
-        ("attributes applied", get(&COUNTS.attrs_applied)),
-        ("attributes rejected", get(&COUNTS.attrs_rejected)),
+        ("attributes applied", loaded.map_or(0, |l| l.applied.len() as u64)),
+        ("attributes rejected", loaded.map_or(0, |l| l.rejected.len() as u64)),
         ("panics caught", get(&COUNTS.panics)),
     ] {
         let _ = writeln!(out, "{label}: {n}");
     }
-    if let Some(first) = FIRST_REJECTED.get() {
-        let _ = writeln!(out, "first attribute rejected: {first}");
+    if let Some(first) = loaded.and_then(|l| l.rejected.first()) {
+        let _ = writeln!(out, "first attribute rejected: {} ({}): {}", first.text, first.source, first.error);
     }
     out
 }

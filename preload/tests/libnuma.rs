@@ -65,6 +65,8 @@ fn run(name: &str, args: &[&str], preload: bool, env: &[(&str, &str)]) -> Run {
     for var in ["LD_PRELOAD", "PAGEMIG_PRELOAD", "PAGEMIG_ATTRS", "PAGEMIG_SUMMARY"] {
         cmd.env_remove(var);
     }
+    // No config file: only what the test sets applies.
+    cmd.env("PAGEMIG_CONFIG", PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("no-such-config"));
     if preload {
         cmd.env("LD_PRELOAD", library()).env("PAGEMIG_SUMMARY", &summary);
     }
