@@ -117,6 +117,7 @@ macro_rules! internal {
     };
 }
 
+pub mod agent;
 pub mod attr;
 pub mod dma;
 pub mod error;
@@ -127,6 +128,7 @@ pub mod numa;
 pub mod offload;
 pub mod region;
 pub mod stats;
+mod own;
 mod sync;
 
 internal! { mod copy; }
