@@ -677,9 +677,6 @@ fn kernel_reason(vmas: &[Vma], i: usize, anchors: &[usize]) -> Option<String> {
     }
     let prev = i.checked_sub(1).map(|p| &vmas[p]).filter(|p| p.end == v.start);
     let next = vmas.get(i + 1).filter(|n| n.start == v.end);
-    if prev.is_some_and(inaccessible_anonymous) {
-        return Some("above an inaccessible guard: a thread stack".into());
-    }
     // glibc's arenas of threads other than the main one: heaps of `ARENA_HEAP` bytes aligned
     // to their size, read-write up to what is in use and inaccessible beyond.
     let heap_end = v.start + ARENA_HEAP;
@@ -687,6 +684,9 @@ fn kernel_reason(vmas: &[Vma], i: usize, anchors: &[usize]) -> Option<String> {
         && (v.end == heap_end || next.is_some_and(|n| inaccessible_anonymous(n) && n.end == heap_end))
     {
         return Some("a malloc arena's heap".into());
+    }
+    if prev.is_some_and(inaccessible_anonymous) {
+        return Some("above an inaccessible guard: a thread stack".into());
     }
     if let Some(p) = prev.filter(|p| p.inode != 0) {
         return Some(format!("the .bss of {}: statics", p.path));
@@ -860,8 +860,9 @@ fn move_piece(engine: Option<&Engine>, start: usize, end: usize, request: &MoveR
 /// Asks process `pid`'s agent to migrate, waiting up to `timeout` for the reply.
 ///
 /// # Errors
-/// [`Error::Agent`]: `ECONNREFUSED` when no agent listens; `EPERM` when the socket is held
-/// by another process than `pid`, or the agent refused the sender; `ETIMEDOUT`; `EPROTO`
+/// [`Error::Agent`]: `ECONNREFUSED` when no agent listens; `EADDRINUSE` when the socket is
+/// held by another process than `pid`; `EPERM`/`EACCES` when the agent refused the sender
+/// as the kernel would; `ETIMEDOUT`; `EPROTO`
 /// for a reply that is not version 1; the agent's errno for a request it failed.
 pub fn request_move(pid: u32, request: &MoveRequest, timeout: Duration) -> Result<Report> {
     let lines = ask(pid, &Request::Move(request.clone()), timeout)?;
@@ -900,7 +901,7 @@ fn ask(pid: u32, request: &Request, timeout: Duration) -> Result<Vec<String>> {
     })?;
     let (holder, _, _) = sys::peer_cred(stream.as_fd()).map_err(|e| fail(e, format!("SO_PEERCRED: {e}")))?;
     if holder != pid as i32 {
-        return Err(fail(Errno::PERM, format!("@{name} is held by process {holder}, not by process {pid}")));
+        return Err(fail(Errno::ADDRINUSE, format!("@{name} is held by process {holder}, not by process {pid}")));
     }
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;

@@ -3,6 +3,8 @@
 mod attrcmd;
 mod bench;
 mod movecmd;
+mod pidcmd;
+mod placement;
 mod size;
 mod topology;
 
@@ -23,6 +25,8 @@ enum Command {
     /// Allocate a region, fill it, migrate it while writers keep writing, and verify
     /// every byte, every write and the placement of every page.
     Move(movecmd::Args),
+    /// Where a running process's memory is, per mapping and node (as `numastat -p`).
+    Placement(placement::Args),
     /// List attributes, read one (`PATH`) or write one (`PATH=VALUE`).
     Attr(attrcmd::Args),
     /// Run the RFC's experiments (throughput, batch-size sweep, scattered folios) and write
@@ -35,6 +39,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Topology(a) => topology::run(a),
         Command::Move(a) => movecmd::run(a),
+        Command::Placement(a) => placement::run(a),
         Command::Attr(a) => attrcmd::run(a),
         Command::Bench(a) => bench::run(a),
     };

@@ -66,6 +66,8 @@ pub struct Args {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    pid: crate::pidcmd::PidArgs,
 }
 
 fn parse_reason(s: &str) -> Result<Reason, String> {
@@ -115,6 +117,9 @@ pub fn rate(bytes: u64, elapsed: Duration) -> String {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(pid) = args.pid.pid {
+        return crate::pidcmd::run(&args.pid, pid, args.to_node, args.from_node, args.json);
+    }
     let kernel = args.migrator == KERNEL;
     let engine = Engine::global()?;
     if kernel {
