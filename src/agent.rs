@@ -55,7 +55,7 @@
 //! `from`. Each mapping is routed:
 //!
 //! - **left alone**: pagemig's own mappings (destination pool, graveyards, measuring
-//!   buffers), recorded when pagemig maps them ([`crate::own`]);
+//!   buffers), recorded when pagemig maps them;
 //! - **the kernel's `move_pages(2)`**: what pagemig does not move (shared, file-backed,
 //!   special mappings), and memory pagemig's own threads may touch while they migrate,
 //!   which must never wait on the migration they perform: mappings next to an inaccessible
@@ -1108,8 +1108,12 @@ mod tests {
         let all = migrate_self(&MoveRequest::new(node).detail(true)).unwrap();
         assert!(all.adds_up(), "{all:?}");
         assert!(all.internal >= (4 << 20) / PAGE_SIZE as u64, "{all:?}");
-        assert!(all.detail.iter().all(|m| m.route != Route::Pagemig
-            || !crate::own::ranges().iter().any(|&(a, b)| a < m.end && m.start < b)));
+        assert!(
+            all.detail
+                .iter()
+                .all(|m| m.route != Route::Pagemig
+                    || !crate::own::ranges().iter().any(|&(a, b)| a < m.end && m.start < b))
+        );
         engine.reserve(node, 0, crate::ThpAdvice::Default).unwrap();
         assert!(buf.iter().enumerate().all(|(i, &w)| w == i as u64));
     }
@@ -1136,7 +1140,10 @@ mod tests {
             out
         };
         assert!(raw(b"pagemig-agent 1 fly\n").starts_with("pagemig-agent 1 error errno=22 "));
-        assert!(raw(b"pagemig-agent 9 ping\n").starts_with(&format!("pagemig-agent 1 error errno={} ", libc::EPROTONOSUPPORT)));
+        assert!(
+            raw(b"pagemig-agent 9 ping\n")
+                .starts_with(&format!("pagemig-agent 1 error errno={} ", libc::EPROTONOSUPPORT))
+        );
         assert!(raw(&[b'x'; MAX_REQUEST + 10]).contains("at most 4096 bytes"));
         assert!(raw(b"pagemig-agent 1 ping").contains("ending in a newline"));
         let e = request_move(pid, &MoveRequest::new(999), Duration::from_secs(30)).unwrap_err();

@@ -126,9 +126,9 @@ pub mod migrate;
 pub mod migrators;
 pub mod numa;
 pub mod offload;
+mod own;
 pub mod region;
 pub mod stats;
-mod own;
 mod sync;
 
 internal! { mod copy; }

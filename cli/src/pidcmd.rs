@@ -171,7 +171,12 @@ fn refused(pid: i32, call: &str, errno: Errno) -> anyhow::Error {
 }
 
 /// Every page of the range, with `move_pages(PID, …)`.
-fn kernel_move_pages(pid: i32, request: &MoveRequest, Range(start, end): Range, why: String) -> anyhow::Result<Outcome> {
+fn kernel_move_pages(
+    pid: i32,
+    request: &MoveRequest,
+    Range(start, end): Range,
+    why: String,
+) -> anyhow::Result<Outcome> {
     const STEP: usize = 1 << 16;
     let started = Instant::now();
     let target = request.to as i32;
@@ -214,7 +219,8 @@ fn kernel_move_pages(pid: i32, request: &MoveRequest, Range(start, end): Range, 
             } else {
                 o.failed += 1;
                 if o.first_failure.is_none() {
-                    let what = if s < 0 { std::io::Error::from_raw_os_error(-s).to_string() } else { format!("on node {s}") };
+                    let what =
+                        if s < 0 { std::io::Error::from_raw_os_error(-s).to_string() } else { format!("on node {s}") };
                     o.first_failure = Some(format!("{page:#x}: {what}"));
                 }
             }
@@ -269,11 +275,7 @@ fn finish(o: Outcome, json: bool) -> anyhow::Result<ExitCode> {
             ("path", format!("{} ({})", o.path, o.why)),
             (
                 "to node (from)",
-                format!(
-                    "{} ({})",
-                    o.to_node,
-                    o.from_nodes.as_ref().map_or("any node".into(), |f| format!("{f:?}"))
-                ),
+                format!("{} ({})", o.to_node, o.from_nodes.as_ref().map_or("any node".into(), |f| format!("{f:?}"))),
             ),
             ("range", o.range.clone().unwrap_or_else(|| "all private anonymous memory".into())),
         ];

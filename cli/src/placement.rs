@@ -124,7 +124,9 @@ pub fn parse(pid: i32, numa_maps: &str, maps: &str) -> anyhow::Result<Placement>
             let special = m.path.as_deref().filter(|p| p.starts_with('[') && !p.starts_with("[anon:"));
             m.kind = match special {
                 Some(p) => p.trim_matches(['[', ']']).to_string(),
-                None if file && m.path.as_deref().is_some_and(|p| p.starts_with("/SYSV") || p.starts_with("/dev/shm")) => {
+                None if file
+                    && m.path.as_deref().is_some_and(|p| p.starts_with("/SYSV") || p.starts_with("/dev/shm")) =>
+                {
                     "shared".into()
                 }
                 None if file => "file".into(),

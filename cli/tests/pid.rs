@@ -196,7 +196,10 @@ fn move_pid_without_an_agent_takes_the_kernel_path_and_says_why() {
         // The table says the same in words.
         let out = pagemig(&["move", "--pid", &t.pid.to_string(), "--to-node", &node().to_string()].map(String::from));
         let text = String::from_utf8_lossy(&out.stdout);
-        assert!(text.contains("kernel (no agent listening on @pagemig-agent.") && text.contains("migrate_pages"), "{text}");
+        assert!(
+            text.contains("kernel (no agent listening on @pagemig-agent.") && text.contains("migrate_pages"),
+            "{text}"
+        );
         let (done, ok) = t.quit();
         assert!(ok && done.starts_with("done ok"), "{done}");
     });

@@ -344,5 +344,9 @@ fn main() -> std::process::ExitCode {
     let verdict = shared.verdict();
     println!("done {verdict}{}", if children_ok { "" } else { " children=CORRUPT" });
     let _ = std::io::stdout().flush();
-    if verdict.starts_with("ok") && children_ok { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
+    if verdict.starts_with("ok") && children_ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
+    }
 }
