@@ -12,25 +12,45 @@
 //! The set belongs to the process that claimed it: a child forked meanwhile does not have
 //! the parent's pool and graveyards (they are `MADV_DONTFORK`), so it starts empty there.
 
+use std::sync::atomic::{AtomicPtr, Ordering};
+
 use parking_lot::Mutex;
 
-/// The claimed ranges, sorted, disjoint, of process `pid`.
-struct Owned {
+/// The claimed ranges of process `pid`, sorted and disjoint.
+struct Set {
     pid: u32,
-    ranges: Vec<(usize, usize)>,
+    ranges: Mutex<Vec<(usize, usize)>>,
 }
 
-static OWNED: Mutex<Owned> = Mutex::new(Owned { pid: 0, ranges: Vec::new() });
+/// This process's set. A child forked while a thread of its parent held the set's lock
+/// would find it held for ever, so a child makes a set of its own rather than share the
+/// parent's (left in place: the parent's threads are not there to finish with it).
+static SET: AtomicPtr<Set> = AtomicPtr::new(std::ptr::null_mut());
 
-/// Runs `f` on this process's set, emptied first when it was a parent's.
-fn with<R>(f: impl FnOnce(&mut Vec<(usize, usize)>) -> R) -> R {
+#[expect(unsafe_code, reason = "reads the leaked, never freed, set of the process")]
+fn set() -> &'static Set {
     let pid = std::process::id();
-    let mut owned = OWNED.lock();
-    if owned.pid != pid {
-        owned.pid = pid;
-        owned.ranges.clear();
+    loop {
+        let current = SET.load(Ordering::Acquire);
+        // SAFETY: a non-null pointer was made by `Box::into_raw` below and is never freed.
+        if let Some(set) = unsafe { current.as_ref() }
+            && set.pid == pid
+        {
+            return set;
+        }
+        let fresh = Box::into_raw(Box::new(Set { pid, ranges: Mutex::new(Vec::new()) }));
+        if SET.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            // SAFETY: just made, and published for the life of the process.
+            return unsafe { &*fresh };
+        }
+        // SAFETY: another thread published its set first; ours was never shared.
+        drop(unsafe { Box::from_raw(fresh) });
     }
-    f(&mut owned.ranges)
+}
+
+/// Runs `f` on this process's set.
+fn with<R>(f: impl FnOnce(&mut Vec<(usize, usize)>) -> R) -> R {
+    f(&mut set().ranges.lock())
 }
 
 /// Records `[addr, addr + len)` as mapped by pagemig for itself.
