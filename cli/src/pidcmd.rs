@@ -237,11 +237,13 @@ fn kernel_migrate_pages(pid: i32, request: &MoveRequest, why: String) -> anyhow:
         Some(f) => f.clone(),
         None => numa::memory_nodes()?,
     };
-    let before = placement::read(pid)?;
+    // The kernel's answer comes first: a sender it refuses may not read numa_maps either.
+    let before = placement::read(pid);
     let started = Instant::now();
     let not_moved =
         pagemig::sys::migrate_pages_of(pid, &from, &[request.to]).map_err(|e| refused(pid, "migrate_pages", e))?;
     let time_us = started.elapsed().as_micros() as u64;
+    let before = before?;
     let after = placement::read(pid)?;
     let on = |p: &placement::Placement, node: u32| -> u64 {
         p.mappings.iter().map(|m| m.bytes_on(node) / pagemig::PAGE_SIZE as u64).sum()
