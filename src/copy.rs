@@ -186,8 +186,8 @@ pub fn coalesce(pairs: &[CopyPair]) -> impl Iterator<Item = CopyPair> + '_ {
 pub fn memcpy_baseline(len: usize, folio_size: usize) -> Result<std::time::Duration, Errno> {
     let huge = folio_size >= sys::HPAGE_SIZE;
     let align = folio_size.max(sys::PAGE_SIZE);
-    let src = sys::Mapping::new(len, align)?;
-    let dst = sys::Mapping::new(len, align)?;
+    let src = sys::Mapping::new_own(len, align)?;
+    let dst = sys::Mapping::new_own(len, align)?;
     for m in [&src, &dst] {
         let advice = if huge { sys::Advice::HugePage } else { sys::Advice::NoHugePage };
         sys::madvise(m.addr(), len, advice)?;
@@ -341,7 +341,7 @@ fn calibrate() -> Result<Kernels, Errno> {
     const LEN: usize = 8 << 20;
     let evict_len = (2 * llc_bytes()).clamp(16 << 20, 256 << 20).next_multiple_of(sys::HPAGE_SIZE);
     let huge = |len: usize| -> Result<sys::Mapping, Errno> {
-        let m = sys::Mapping::new(len, sys::HPAGE_SIZE)?;
+        let m = sys::Mapping::new_own(len, sys::HPAGE_SIZE)?;
         sys::madvise(m.addr(), len, sys::Advice::HugePage)?;
         Ok(m)
     };

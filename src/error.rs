@@ -85,6 +85,18 @@ pub enum Error {
         /// What was wrong and what is accepted.
         message: String,
     },
+    /// A process's agent ([`crate::agent`]) could not be reached, refused a request or
+    /// failed it; or the socket it should listen on is held by another process.
+    Agent {
+        /// The process asked.
+        pid: u32,
+        /// `ECONNREFUSED`: no agent listens; `EPERM`/`EACCES`: refused as the kernel would
+        /// refuse `move_pages(2)`; `EINVAL`/`EPROTO`: a malformed request or reply;
+        /// `ETIMEDOUT`: no reply in time; otherwise what failed.
+        errno: Errno,
+        /// What happened, as the agent or the client says it.
+        message: String,
+    },
     /// Reading a `/proc` or `/sys` file failed.
     Io {
         /// The file.
@@ -104,7 +116,7 @@ impl Error {
             Error::NotMovable { .. } => Errno::FAULT,
             Error::MapCountLimit { .. } | Error::NodeFull { .. } => Errno::NOMEM,
             Error::Partial { first, .. } => first.errno(),
-            Error::Attr { errno, .. } => *errno,
+            Error::Attr { errno, .. } | Error::Agent { errno, .. } => *errno,
             Error::Panicked { .. } => Errno::CANCELED,
             Error::Io { source, .. } => Errno::from_io_error(source).unwrap_or(Errno::IO),
         }
@@ -146,6 +158,7 @@ impl std::fmt::Display for Error {
                 stats.succeeded_folios, stats.folios
             ),
             Error::Attr { path, message, .. } => write!(f, "attribute {path}: {message}"),
+            Error::Agent { pid, errno, message } => write!(f, "agent of process {pid}: {message} ({errno})"),
             Error::Io { path, source } => write!(f, "reading {path}: {source}"),
         }
     }

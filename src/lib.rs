@@ -117,6 +117,7 @@ macro_rules! internal {
     };
 }
 
+pub mod agent;
 pub mod attr;
 pub mod dma;
 pub mod error;
@@ -127,6 +128,7 @@ pub mod migrate;
 pub mod migrators;
 pub mod numa;
 pub mod offload;
+mod own;
 pub mod region;
 pub mod stats;
 mod sync;

@@ -150,6 +150,17 @@ long pagemig_attr_read(const char *path, char *buf, uintptr_t len);
 int pagemig_attr_write(const char *path, const char *value);
 
 /**
+ * Starts this process's agent: a thread that migrates the process's own memory when
+ * `pagemig move --pid PID` asks (pagemig's batched copy from inside the process), on the
+ * abstract socket `@pagemig-agent.<pid>`, for senders the kernel would let migrate it.
+ * Once per process: later calls return `0` at once; a forked child starts its own.
+ *
+ * Returns `0`, or `-1` with `errno`: `EADDRINUSE` when another process holds the socket
+ * name, or the errno of binding it or starting the thread.
+ */
+int pagemig_agent_start(void);
+
+/**
  * Fills `out` with what the kernel and this process allow pagemig. Returns `0`, or `-1`
  * with `errno` `EFAULT` for a NULL pointer.
  *

@@ -162,6 +162,18 @@ pub unsafe extern "C" fn pagemig_attr_write(path: *const c_char, value: *const c
     }) as c_int
 }
 
+/// Starts this process's agent: a thread that migrates the process's own memory when
+/// `pagemig move --pid PID` asks (pagemig's batched copy from inside the process), on the
+/// abstract socket `@pagemig-agent.<pid>`, for senders the kernel would let migrate it.
+/// Once per process: later calls return `0` at once; a forked child starts its own.
+///
+/// Returns `0`, or `-1` with `errno`: `EADDRINUSE` when another process holds the socket
+/// name, or the errno of binding it or starting the thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn pagemig_agent_start() -> c_int {
+    boundary(|| pagemig_core::agent::start().map(|_| 0).map_err(|e| e.errno())) as c_int
+}
+
 /// Fills `out` with what the kernel and this process allow pagemig. Returns `0`, or `-1`
 /// with `errno` `EFAULT` for a NULL pointer.
 ///

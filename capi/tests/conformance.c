@@ -70,6 +70,11 @@ int main(int argc, char **argv) {
         return 2;
     }
     printf("pagemig: userfaultfd %s, user mode only %d\n", caps.available ? "available" : "absent", caps.user_mode_only);
+    /* The agent starts once per process; a second call finds it running. */
+    if (pagemig_agent_start() != 0 || pagemig_agent_start() != 0) {
+        perror("pagemig_agent_start");
+        return 2;
+    }
     char batch[32];
     if (pagemig_attr_read("migrate/max_batch_pages", batch, sizeof batch) < 0 || pagemig_attr_write("migrate/max_batch_pages", batch) != 0) {
         perror("pagemig_attr");

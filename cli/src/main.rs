@@ -5,6 +5,8 @@ mod attrcmd;
 mod bench;
 mod movecmd;
 mod nodes;
+mod pidcmd;
+mod placement;
 mod size;
 mod topology;
 
@@ -44,6 +46,8 @@ enum Command {
     /// Allocate a region, fill it, migrate it while writers keep writing, and verify
     /// every byte, every write and the placement of every page.
     Move(movecmd::Args),
+    /// Where a running process's memory is, per mapping and node (as `numastat -p`).
+    Placement(placement::Args),
     /// List attributes and where their values came from, read one (`PATH`), set one and
     /// keep it in the config file (`PATH=VALUE`), or remove a kept one (`--unset PATH`).
     Attr(attrcmd::Args),
@@ -74,6 +78,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Topology(a) => topology::run(a),
         Command::Move(a) => movecmd::run(a),
+        Command::Placement(a) => placement::run(a),
         Command::Attr(a) => attrcmd::run(a),
         Command::Bench(a) => bench::run(a),
     };

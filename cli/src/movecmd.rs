@@ -76,6 +76,8 @@ pub struct Args {
     /// `--json=compact` on one line.
     #[arg(long, value_name = "STYLE", num_args = 0..=1, require_equals = true, default_missing_value = "pretty")]
     json: Option<JsonStyle>,
+    #[command(flatten)]
+    pid: crate::pidcmd::PidArgs,
 }
 
 fn parse_reason(s: &str) -> Result<Reason, String> {
@@ -125,6 +127,12 @@ pub fn rate(bytes: u64, elapsed: Duration) -> String {
 }
 
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+    if let Some(pid) = args.pid.pid {
+        let [to_node] = args.to_node.0[..] else {
+            anyhow::bail!("--pid moves a process's memory to one node (--to-node N), not to a list");
+        };
+        return crate::pidcmd::run(&args.pid, pid, to_node, args.from_node, args.json);
+    }
     let engine = Engine::global()?;
     let migrator = match &args.migrator {
         Some(m) => m.clone(),

@@ -106,6 +106,13 @@ impl Engine {
         self.copy_in.store(from.copy_in(), Ordering::Relaxed);
     }
 
+    /// Addresses of heap objects every call of this engine touches (the engine, its
+    /// userfaultfd and claims): the mappings holding them must not be migrated by pagemig
+    /// itself, or a call could wait on its own state.
+    pub(crate) fn heap_anchors(&self) -> [usize; 3] {
+        [self as *const Self as usize, Arc::as_ptr(&self.uffd) as usize, Arc::as_ptr(&self.busy) as usize]
+    }
+
     /// What the kernel allows this process.
     pub fn capabilities(&self) -> Capabilities {
         Capabilities { user_mode_only: self.uffd.user_mode_only(), wp_unpopulated: self.uffd.wp_unpopulated() }

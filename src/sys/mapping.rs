@@ -27,6 +27,17 @@ impl Mapping {
         Ok(Self { addr, len, owned: true })
     }
 
+    /// [`Mapping::new`] for pagemig's own use (measuring buffers): recorded as pagemig's, so
+    /// that an agent migrating the program's memory leaves it alone.
+    ///
+    /// # Errors
+    /// The `mmap` errno.
+    pub fn new_own(len: usize, align: usize) -> Result<Self, Errno> {
+        let map = Self::new(len, align)?;
+        crate::own::claim(map.addr, map.len);
+        Ok(map)
+    }
+
     /// Refers to a range the caller owns, without unmapping it on drop.
     ///
     /// # Safety

@@ -114,6 +114,8 @@ pub fn mmap_anon_aligned(len: usize, align: usize) -> Result<usize, Errno> {
 /// # Safety
 /// Nothing may use the range afterwards, and it must be memory the caller owns.
 pub unsafe fn munmap(addr: usize, len: usize) -> Result<(), Errno> {
+    // Whatever pagemig had claimed there is no longer its own (nor anyone's) once unmapped.
+    crate::own::disclaim(addr, len);
     // SAFETY: the caller owns the range and promises that nothing uses it any more.
     check_int(unsafe { libc::munmap(addr as *mut c_void, len) })
 }
@@ -336,6 +338,16 @@ pub fn move_pages(pages: &[usize], nodes: Option<&[i32]>, status: &mut [i32]) ->
 /// # Errors
 /// As [`move_pages`].
 pub fn move_pages_counted(pages: &[usize], nodes: Option<&[i32]>, status: &mut [i32]) -> Result<usize, Errno> {
+    move_pages_of(0, pages, nodes, status)
+}
+
+/// [`move_pages_counted`] for process `pid` (`0`: the calling process): `move_pages(2)`
+/// with `MPOL_MF_MOVE`. The kernel checks that the caller may do so (`ptrace_may_access`
+/// with `PTRACE_MODE_READ_REALCREDS`).
+///
+/// # Errors
+/// As [`move_pages`], and `ESRCH` (no such process), `EPERM` (not allowed).
+pub fn move_pages_of(pid: i32, pages: &[usize], nodes: Option<&[i32]>, status: &mut [i32]) -> Result<usize, Errno> {
     if status.len() != pages.len() || nodes.is_some_and(|n| n.len() != pages.len()) {
         return Err(Errno::INVAL);
     }
@@ -345,7 +357,7 @@ pub fn move_pages_counted(pages: &[usize], nodes: Option<&[i32]>, status: &mut [
     check(unsafe {
         libc::syscall(
             libc::SYS_move_pages,
-            0,
+            pid,
             pages.len(),
             pages.as_ptr(),
             nodes_ptr,
@@ -354,6 +366,96 @@ pub fn move_pages_counted(pages: &[usize], nodes: Option<&[i32]>, status: &mut [
         )
     })
     .map(|n| n as usize)
+}
+
+/// Moves the pages of process `pid` that are on a node of `from` to the nodes of `to`:
+/// `migrate_pages(2)`. Returns the number of pages the kernel could not move.
+///
+/// See <https://man7.org/linux/man-pages/man2/migrate_pages.2.html>.
+///
+/// # Errors
+/// `EINVAL` for a node past 1023 or an empty list; the `migrate_pages` errno: `ESRCH` (no
+/// such process), `EPERM` (not allowed, or a target node outside the process's cpuset
+/// without `CAP_SYS_NICE`), `ENODEV`.
+pub fn migrate_pages_of(pid: i32, from: &[u32], to: &[u32]) -> Result<usize, Errno> {
+    let mask = |nodes: &[u32]| -> Result<[u64; NODEMASK_BITS / 64], Errno> {
+        let mut mask = [0u64; NODEMASK_BITS / 64];
+        for &n in nodes {
+            for (word, bit) in mask.iter_mut().zip(nodemask(n)?) {
+                *word |= bit;
+            }
+        }
+        Ok(mask)
+    };
+    if from.is_empty() || to.is_empty() {
+        return Err(Errno::INVAL);
+    }
+    let (old, new) = (mask(from)?, mask(to)?);
+    // SAFETY: both masks hold `NODEMASK_BITS` bits and outlive the call; the kernel moves
+    // another process's pages with their contents, which this process cannot observe.
+    check(unsafe {
+        libc::syscall(libc::SYS_migrate_pages, pid, NODEMASK_BITS + 1, old.as_ptr(), new.as_ptr())
+    })
+    .map(|n| n as usize)
+}
+
+/// The process, user and group at the other end of a connected Unix socket, as they were
+/// when it connected or listened: `getsockopt(SO_PEERCRED)` (see `unix(7)`). The user and
+/// group are the peer's effective ones.
+///
+/// # Errors
+/// The `getsockopt` errno (`ENOTSOCK`, `ENOTCONN`).
+pub fn peer_cred(fd: std::os::fd::BorrowedFd<'_>) -> Result<(i32, u32, u32), Errno> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid locals of the size given; the descriptor is borrowed
+    // for the call.
+    check_int(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok((cred.pid, cred.uid, cred.gid))
+}
+
+/// Whether this process is dumpable (`prctl(PR_GET_DUMPABLE)`): the kernel lets only
+/// holders of `CAP_SYS_PTRACE` inspect or migrate a process that is not.
+pub fn dumpable() -> bool {
+    // SAFETY: PR_GET_DUMPABLE takes no pointer and only reads the process's flag.
+    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) == 1 }
+}
+
+/// The descriptor a forked child closes (`-1`: none).
+static CLOSE_IN_CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn close_in_child() {
+    let fd = CLOSE_IN_CHILD.swap(-1, std::sync::atomic::Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: the parent handed this descriptor over for exactly this; in the child, no
+        // thread but the forking one exists, and nothing there uses it (the thread that
+        // did is the parent's). `close` is async-signal-safe.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Makes every child forked from now on close `fd` (one descriptor per process: a later
+/// call replaces it) as it starts, with a `pthread_atfork` child handler: a listening
+/// socket whose serving thread a child does not have must not stay open there, holding its
+/// name for connections nobody accepts.
+pub fn close_in_children(fd: std::os::fd::RawFd) {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    CLOSE_IN_CHILD.store(fd, std::sync::atomic::Ordering::SeqCst);
+    INSTALL.call_once(|| {
+        // SAFETY: the handler is a plain function that touches only the atomic above and
+        // calls `close`.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(close_in_child)) };
+        debug_assert_eq!(rc, 0, "pthread_atfork");
+    });
 }
 
 /// Sets the memory policy of the calling thread to `MPOL_BIND` on one node

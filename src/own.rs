@@ -1,0 +1,145 @@
+//! The address ranges pagemig maps for itself: destination pool chunks, graveyards, the
+//! copy kernels' measuring buffers.
+//!
+//! They are private anonymous read-write memory like the program's, and nothing in
+//! `/proc/self/maps` tells them apart, so whoever walks the process's mappings to migrate
+//! "all of the program's memory" (the [`crate::agent`]) asks here which ranges to leave
+//! alone. A range is claimed right after the `mmap` that made it and disclaimed by every
+//! `munmap` pagemig makes ([`crate::sys::munmap`]), so the set holds exactly the ranges
+//! still mapped for pagemig: a destination whose pages went into the program's memory is
+//! unmapped, and so disclaimed, before its address can be reused.
+//!
+//! The set belongs to the process that claimed it: a child forked meanwhile does not have
+//! the parent's pool and graveyards (they are `MADV_DONTFORK`), so it starts empty there.
+
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use parking_lot::Mutex;
+
+/// The claimed ranges of process `pid`, sorted and disjoint.
+struct Set {
+    pid: u32,
+    ranges: Mutex<Vec<(usize, usize)>>,
+}
+
+/// This process's set. A child forked while a thread of its parent held the set's lock
+/// would find it held for ever, so a child makes a set of its own rather than share the
+/// parent's (left in place: the parent's threads are not there to finish with it).
+static SET: AtomicPtr<Set> = AtomicPtr::new(std::ptr::null_mut());
+
+#[expect(unsafe_code, reason = "reads the leaked, never freed, set of the process")]
+fn set() -> &'static Set {
+    let pid = std::process::id();
+    loop {
+        let current = SET.load(Ordering::Acquire);
+        // SAFETY: a non-null pointer was made by `Box::into_raw` below and is never freed.
+        if let Some(set) = unsafe { current.as_ref() }
+            && set.pid == pid
+        {
+            return set;
+        }
+        let fresh = Box::into_raw(Box::new(Set { pid, ranges: Mutex::new(Vec::new()) }));
+        if SET.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            // SAFETY: just made, and published for the life of the process.
+            return unsafe { &*fresh };
+        }
+        // SAFETY: another thread published its set first; ours was never shared.
+        drop(unsafe { Box::from_raw(fresh) });
+    }
+}
+
+/// Runs `f` on this process's set.
+fn with<R>(f: impl FnOnce(&mut Vec<(usize, usize)>) -> R) -> R {
+    f(&mut set().ranges.lock())
+}
+
+/// Records `[addr, addr + len)` as mapped by pagemig for itself.
+pub fn claim(addr: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    with(|ranges| {
+        remove(ranges, addr, addr + len);
+        let at = ranges.partition_point(|&(s, _)| s < addr);
+        ranges.insert(at, (addr, addr + len));
+    });
+}
+
+/// Forgets whatever part of `[addr, addr + len)` was claimed (the range was unmapped).
+pub fn disclaim(addr: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    with(|ranges| remove(ranges, addr, addr.saturating_add(len)));
+}
+
+/// The claimed ranges as `(start, end)`, sorted.
+pub fn ranges() -> Vec<(usize, usize)> {
+    with(|ranges| ranges.clone())
+}
+
+/// Cuts `[start, end)` out of the sorted, disjoint `ranges`.
+fn remove(ranges: &mut Vec<(usize, usize)>, start: usize, end: usize) {
+    let mut out = Vec::with_capacity(ranges.len() + 1);
+    for &(s, e) in ranges.iter() {
+        if e <= start || s >= end {
+            out.push((s, e));
+            continue;
+        }
+        if s < start {
+            out.push((s, start));
+        }
+        if e > end {
+            out.push((end, e));
+        }
+    }
+    *ranges = out;
+}
+
+/// The parts of `[start, end)` not claimed, and the bytes that were.
+pub fn unclaimed(start: usize, end: usize, claimed: &[(usize, usize)]) -> (Vec<(usize, usize)>, usize) {
+    let mut pieces = vec![(start, end)];
+    let mut skipped = 0;
+    for &(s, e) in claimed.iter().filter(|&&(s, e)| e > start && s < end) {
+        skipped += e.min(end) - s.max(start);
+        remove(&mut pieces, s, e);
+    }
+    (pieces, skipped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claims_split_and_merge_as_ranges_are_unmapped() {
+        let mut r = vec![(0x1000, 0x9000)];
+        remove(&mut r, 0x3000, 0x4000);
+        assert_eq!(r, vec![(0x1000, 0x3000), (0x4000, 0x9000)]);
+        remove(&mut r, 0, 0x2000);
+        assert_eq!(r, vec![(0x2000, 0x3000), (0x4000, 0x9000)]);
+        remove(&mut r, 0x8000, 0x10000);
+        assert_eq!(r, vec![(0x2000, 0x3000), (0x4000, 0x8000)]);
+        let (pieces, skipped) = unclaimed(0x1000, 0x9000, &r);
+        assert_eq!(pieces, vec![(0x1000, 0x2000), (0x3000, 0x4000), (0x8000, 0x9000)]);
+        assert_eq!(skipped, 0x1000 + 0x4000);
+    }
+
+    #[test]
+    fn the_pool_and_graveyards_are_claimed_while_mapped() {
+        let pool = crate::pool::Pool::new(8 << 20);
+        let node = crate::numa::memory_nodes().unwrap()[0];
+        let key = crate::pool::Key { node, thp: crate::pool::ThpAdvice::Default, empty: false };
+        let (dest, _) = pool.take(key, 1 << 20, 4096, 0, crate::pool::Populate::Madvise).unwrap();
+        let (a, len) = (dest.addr(), dest.len());
+        let inside = |a: usize, e: usize| ranges().iter().any(|&(s, end)| s <= a && e <= end);
+        assert!(inside(a, a + len), "a destination handed out is pagemig's until released");
+        pool.release(dest);
+        assert!(!ranges().iter().any(|&(s, e)| s < a + len && a < e), "an unmapped destination is not claimed");
+        pool.clear();
+        // A buffer of the program's own is never claimed.
+        let region = crate::Region::new(1 << 20, 4096, None).unwrap();
+        let base = region.folios()[0].addr();
+        assert!(!ranges().iter().any(|&(s, e)| s < base + (1 << 20) && base < e));
+    }
+}
