@@ -7,6 +7,8 @@
 //! not caught here.
 #![allow(unsafe_code)]
 
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+
 use crate::sys::uffd::Uffd;
 use crate::sys::{self, Errno};
 
@@ -275,10 +277,44 @@ pub struct Kernels {
     pub figures: Vec<KernelFigure>,
 }
 
-static KERNELS: std::sync::RwLock<Option<Kernels>> = std::sync::RwLock::new(None);
+/// The kernels of this process, measured or chosen; null before. A published value is
+/// leaked, never freed: readers clone it without a lock (a lock held by a thread that
+/// does not exist in a forked child would never be released there).
+static KERNELS: AtomicPtr<Kernels> = AtomicPtr::new(std::ptr::null_mut());
+/// The process measuring the kernels now (0: none). A child forked while its parent
+/// measured finds the parent's pid here, and measures itself.
+static MEASURING: AtomicU32 = AtomicU32::new(0);
+
+/// The default when nothing was measured or chosen.
+const DEFAULT_KERNELS: Kernels = Kernels { hot: Kernel::Nt, cold: Kernel::Nt, figures: Vec::new() };
+
+fn published() -> Option<Kernels> {
+    // SAFETY: a non-null pointer came from `Box::into_raw` in `publish` and is never freed.
+    unsafe { KERNELS.load(Ordering::Acquire).as_ref() }.cloned()
+}
+
+/// Publishes `k` in place of `replacing` (`None`: in place of anything); `false` if
+/// something else was published meanwhile.
+fn publish(k: Kernels, replacing: Option<*mut Kernels>) -> bool {
+    let new = Box::into_raw(Box::new(k));
+    match replacing {
+        None => {
+            KERNELS.store(new, Ordering::Release);
+            true
+        }
+        Some(old) => {
+            let done = KERNELS.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire).is_ok();
+            if !done {
+                // SAFETY: `new` was never published; this is its only owner.
+                drop(unsafe { Box::from_raw(new) });
+            }
+            done
+        }
+    }
+}
 
 /// The copy kernels of this process: measured once, at the first call, on this machine
-/// (about 0.2 s), unless [`set_kernel`] chose one.
+/// (about 0.4 s), unless [`set_kernel`] chose one.
 ///
 /// The same copy runs at very different speeds on different machines: the two-stream
 /// non-temporal copy that was fastest on one AMD EPYC VM ran at half speed on an Intel Xeon
@@ -286,32 +322,42 @@ static KERNELS: std::sync::RwLock<Option<Kernels>> = std::sync::RwLock::new(None
 /// long ago changes the order again. So each kind of destination gets the kernel that was
 /// fastest for it here, measured the way the pipeline uses it.
 pub fn kernels() -> Kernels {
-    if let Some(k) = KERNELS.read().unwrap_or_else(|e| e.into_inner()).as_ref() {
-        return k.clone();
+    let pid = std::process::id();
+    loop {
+        if let Some(k) = published() {
+            return k;
+        }
+        let measuring = MEASURING.load(Ordering::Acquire);
+        if measuring != pid
+            && MEASURING.compare_exchange(measuring, pid, Ordering::AcqRel, Ordering::Acquire).is_ok()
+        {
+            let k = calibrate().unwrap_or(DEFAULT_KERNELS);
+            // A choice made meanwhile (`set_kernel`) stands.
+            publish(k, Some(std::ptr::null_mut()));
+            MEASURING.store(0, Ordering::Release);
+            continue;
+        }
+        // Another thread of this process is measuring.
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
-    let mut slot = KERNELS.write().unwrap_or_else(|e| e.into_inner());
-    slot.get_or_insert_with(|| {
-        calibrate().unwrap_or(Kernels { hot: Kernel::Nt, cold: Kernel::Nt, figures: Vec::new() })
-    })
-    .clone()
 }
 
 /// The kernels chosen, without waiting: the measured ones once [`kernels`] has measured
 /// them, the two-stream non-temporal copy before (while an engine's start-up thread is
 /// still measuring, or when nothing asked).
 pub fn chosen() -> Kernels {
-    match KERNELS.try_read() {
-        Ok(k) => k.as_ref().cloned(),
-        Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner().as_ref().cloned(),
-        Err(std::sync::TryLockError::WouldBlock) => None,
-    }
-    .unwrap_or(Kernels { hot: Kernel::Nt, cold: Kernel::Nt, figures: Vec::new() })
+    published().unwrap_or(DEFAULT_KERNELS)
 }
 
-/// Chooses `kernel` for every destination (`Some`), or measures again (`None`).
+/// Chooses `kernel` for every destination (`Some`), or measures again (`None`, at the next
+/// [`kernels`]). The kernels replaced stay allocated (a few bytes a change).
 pub fn set_kernel(kernel: Option<Kernel>) {
-    let chosen = kernel.map(|k| Kernels { hot: k, cold: k, figures: Vec::new() });
-    *KERNELS.write().unwrap_or_else(|e| e.into_inner()) = chosen;
+    match kernel {
+        Some(k) => {
+            publish(Kernels { hot: k, cold: k, figures: Vec::new() }, None);
+        }
+        None => KERNELS.store(std::ptr::null_mut(), Ordering::Release),
+    }
 }
 
 /// The last-level cache's size from sysfs, 32 MiB where it cannot be read.

@@ -146,6 +146,14 @@ fn a_forked_child_opens_its_own_engine_and_migrates() {
         // SAFETY: waits (without blocking) for the child just forked.
         while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
             if started.elapsed() > Duration::from_secs(60) {
+                if std::env::var_os("PAGEMIG_DEBUG_HANG").is_some() {
+                    let out = std::process::Command::new("gdb")
+                        .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt 30"])
+                        .output();
+                    if let Ok(o) = out {
+                        eprintln!("{}", String::from_utf8_lossy(&o.stdout));
+                    }
+                }
                 // SAFETY: our own child.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
                 panic!("the forked child hung migrating with the parent's engine");

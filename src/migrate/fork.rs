@@ -34,7 +34,7 @@ pub(super) fn install() {
     INSTALL.call_once(|| {
         // SAFETY: the handlers are plain functions that touch only the two atomics above,
         // which live for the whole process.
-        let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(after), Some(after)) };
+        let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(after), Some(in_child)) };
         // Without the handlers forks do not wait; `pthread_atfork` fails only on ENOMEM.
         debug_assert_eq!(rc, 0, "pthread_atfork");
     });
@@ -70,4 +70,49 @@ extern "C" fn prepare() {
 
 extern "C" fn after() {
     FORKING.fetch_sub(1, Ordering::SeqCst);
+}
+
+/// The child's handler: it has one thread, forking nothing, and no page of it is empty
+/// (the parent's forks waited for none to be). The counters it inherited may count other
+/// threads' forks in the parent (two threads forking at once), which never end here.
+extern "C" fn in_child() {
+    FORKING.store(0, Ordering::SeqCst);
+    OPEN.store(0, Ordering::SeqCst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A child forked while another thread of its parent was forking too inherits a count
+    /// of two forks in progress, of which only its own ends in it: it must still be able to
+    /// empty pages (migrate) rather than wait forever.
+    #[test]
+    fn a_child_forked_beside_another_fork_can_migrate() {
+        install();
+        // Another thread's fork in progress, as its prepare handler left the counters.
+        prepare();
+        // SAFETY: the child touches only the two atomics and calls `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            open(1);
+            close(1);
+            // SAFETY: ends the child at once.
+            unsafe { libc::_exit(0) };
+        }
+        after();
+        let started = std::time::Instant::now();
+        let mut status = 0;
+        // SAFETY: waits (without blocking) for our own child.
+        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+            if started.elapsed() > Duration::from_secs(20) {
+                // SAFETY: our own child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("the child waited for a fork of its parent's that never ends in it");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child status {status:#x}");
+    }
 }
