@@ -342,6 +342,17 @@ pub fn kernels() -> Kernels {
     }
 }
 
+/// Starts measuring the kernels on a thread of its own, unless they are measured, chosen
+/// or being measured in this process; copies made meanwhile use [`chosen`]'s default.
+pub fn measure_in_background() {
+    let measuring = MEASURING.load(Ordering::Acquire);
+    if KERNELS.load(Ordering::Acquire).is_null() && measuring != std::process::id() {
+        let _ = std::thread::Builder::new().name("pagemig-calibrate".into()).spawn(|| {
+            let _ = kernels();
+        });
+    }
+}
+
 /// The kernels chosen, without waiting: the measured ones once [`kernels`] has measured
 /// them, the two-stream non-temporal copy before (while an engine's start-up thread is
 /// still measuring, or when nothing asked).

@@ -49,12 +49,6 @@ impl Engine {
     /// [`Error::Sys`] when userfaultfd cannot be opened (no permission, no kernel support).
     pub fn new() -> Result<Self> {
         fork::install();
-        // Measured once per process, on a thread of its own (about 0.4 s of copying): a
-        // call that moves nothing, or hands everything to the kernel, never waits for it,
-        // and copies made meanwhile use the default kernel.
-        let _ = std::thread::Builder::new().name("pagemig-calibrate".into()).spawn(|| {
-            let _ = crate::copy::kernels();
-        });
         let uffd = Arc::new(Uffd::open().map_err(Error::sys("userfaultfd"))?);
         let graves = Arc::new(Uffd::open_for_moves().map_err(Error::sys("userfaultfd (graveyards)"))?);
         let busy = Arc::new(Busy::default());
@@ -246,6 +240,10 @@ impl Engine {
         opts: &MigrateOptions,
     ) -> Result<MigrateStats> {
         let started = Instant::now();
+        // The copy kernels are measured once per process, on a thread of their own, from
+        // the first migration on: an engine that moves nothing (a call handed to the kernel
+        // whole) never spends the measuring's copies and buffers.
+        crate::copy::measure_in_background();
         // The reserve thread tops up between calls, not during one.
         let _running = self.pool.call_started();
         let max_batch = check_max_batch_pages(opts.max_batch_pages.unwrap_or_else(|| self.max_batch_pages()))?;
