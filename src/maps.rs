@@ -117,6 +117,90 @@ pub fn vmas_with_flags(start: usize, end: usize) -> Result<Vec<Vma>> {
     Ok(out)
 }
 
+/// The mappings of this process, looked up address by address: with the `PROCMAP_QUERY`
+/// ioctl (Linux 6.11), one lookup in the kernel's tree per mapping met, or else from one
+/// read of `/proc/self/maps`. What reading every mapping costs a process with many of them
+/// (a `move_pages` call of a few pages paid it whole) is paid only for the mappings asked
+/// about.
+#[derive(Debug)]
+pub struct Lookup {
+    /// `/proc/self/maps`, when the ioctl answers.
+    file: Option<fs::File>,
+    /// The mappings met so far (all of them without the ioctl), sorted by address.
+    seen: Vec<Vma>,
+}
+
+impl Lookup {
+    /// Opens `/proc/self/maps` and checks that the ioctl answers; reads the whole list if
+    /// it does not.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when `/proc/self/maps` cannot be read.
+    pub fn open() -> Result<Self> {
+        let file = fs::File::open("/proc/self/maps").map_err(Error::io("/proc/self/maps"))?;
+        match crate::sys::procmap_query(&file, 0, true) {
+            Ok(_) | Err(crate::sys::Errno::NOENT) => Ok(Self { file: Some(file), seen: Vec::new() }),
+            Err(_) => {
+                let mut seen = vmas()?;
+                seen.sort_unstable_by_key(|v| v.start);
+                Ok(Self { file: None, seen })
+            }
+        }
+    }
+
+    /// The mapping holding `addr`, if any.
+    ///
+    /// # Errors
+    /// The ioctl's errno, as [`Error::Sys`].
+    pub fn at(&mut self, addr: usize) -> Result<Option<&Vma>> {
+        let at = self.seen.partition_point(|v| v.end <= addr);
+        if self.seen.get(at).is_some_and(|v| v.start <= addr) {
+            return Ok(self.seen.get(at));
+        }
+        let Some(file) = &self.file else { return Ok(None) };
+        match crate::sys::procmap_query(file, addr, false) {
+            Ok(q) => {
+                let v = from_query(q);
+                let at = self.seen.partition_point(|s| s.end <= v.start);
+                self.seen.insert(at, v);
+                Ok(self.seen.get(at))
+            }
+            Err(crate::sys::Errno::NOENT) => Ok(None),
+            Err(errno) => Err(Error::Sys { op: "PROCMAP_QUERY", errno }),
+        }
+    }
+
+    /// The mappings overlapping `[start, end)`, in address order.
+    ///
+    /// # Errors
+    /// As [`Lookup::at`].
+    pub fn range(&mut self, start: usize, end: usize) -> Result<Vec<Vma>> {
+        if let Some(file) = &self.file {
+            let mut out = Vec::new();
+            let mut at = start;
+            while at < end {
+                match crate::sys::procmap_query(file, at, true) {
+                    Ok(q) if q.start < end => {
+                        at = q.end;
+                        out.push(from_query(q));
+                    }
+                    Ok(_) | Err(crate::sys::Errno::NOENT) => break,
+                    Err(errno) => return Err(Error::Sys { op: "PROCMAP_QUERY", errno }),
+                }
+            }
+            return Ok(out);
+        }
+        Ok(self.seen.iter().filter(|v| v.end > start && v.start < end).cloned().collect())
+    }
+}
+
+/// A mapping as the ioctl describes it, in the terms of `/proc/self/maps`.
+fn from_query(q: crate::sys::QueriedVma) -> Vma {
+    let bit = |b: u64, c: char| if q.flags & b != 0 { c } else { '-' };
+    let perms: String = [bit(1, 'r'), bit(2, 'w'), bit(4, 'x'), if q.flags & 8 != 0 { 's' } else { 'p' }].iter().collect();
+    Vma { start: q.start, end: q.end, perms, inode: q.inode, path: q.name, flags: Vec::new() }
+}
+
 /// Checks that `[start, end)` is fully mapped with memory pagemig may move, and returns the
 /// mappings covering it (with flags when `with_flags`).
 ///
@@ -157,6 +241,38 @@ mod tests {
         assert!(h.refusal().unwrap().contains("special"));
         let n = parse_line("1000-2000 rw-p 00000000 00:00 0 [anon:buffers]").unwrap();
         assert!(n.refusal().is_none());
+    }
+
+    /// The ioctl's answers agree with `/proc/self/maps` for every mapping of this process
+    /// that stays put meanwhile, and say nothing for a hole.
+    #[test]
+    #[allow(unsafe_code, reason = "makes a hole in a mapping of the test's own")]
+    fn lookups_agree_with_the_maps_file() {
+        let hole = crate::sys::mmap_anon(3 * 4096).unwrap();
+        // SAFETY: the middle page of our own fresh mapping.
+        unsafe { crate::sys::munmap(hole + 4096, 4096).unwrap() };
+        let all = vmas().unwrap();
+        let mut lookup = Lookup::open().unwrap();
+        let mut agreed = 0;
+        for v in all.iter().filter(|v| v.start == hole || v.path.starts_with('/') || v.path == "[stack]") {
+            let found = lookup.at(v.start).unwrap().cloned();
+            let again = vmas().unwrap();
+            // Compared only where the mapping is still as listed (threads of other tests
+            // map and unmap meanwhile).
+            if again.contains(v) {
+                assert_eq!(found.as_ref(), Some(v), "mapping at {:#x}", v.start);
+                agreed += 1;
+            }
+        }
+        assert!(agreed >= 2, "too few mappings compared: {agreed}");
+        assert!(lookup.at(hole + 4096).unwrap().is_none() || vmas().unwrap().iter().any(|v| v.start <= hole + 4096 && hole + 4096 < v.end));
+        let covering = lookup.range(hole, hole + 3 * 4096).unwrap();
+        assert!(covering.iter().any(|v| v.start == hole), "{covering:?}");
+        // SAFETY: the rest of our own mapping.
+        unsafe {
+            crate::sys::munmap(hole, 4096).unwrap();
+            crate::sys::munmap(hole + 2 * 4096, 4096).unwrap();
+        }
     }
 
     #[test]

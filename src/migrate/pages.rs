@@ -37,9 +37,10 @@ pub fn movable_ranges(addr: usize, len: usize) -> Result<Vec<std::ops::Range<usi
         .filter(|_| len > 0)
         .ok_or_else(|| Error::Invalid(format!("range {addr:#x}+{len:#x} is empty or wraps around")))?;
     let start = addr & !(PAGE_SIZE - 1);
-    Ok(maps::vmas()?
+    Ok(maps::Lookup::open()?
+        .range(start, end)?
         .iter()
-        .filter(|v| v.start < end && start < v.end && v.refusal().is_none())
+        .filter(|v| v.refusal().is_none())
         .map(|v| v.start.max(start)..v.end.min(end))
         .collect())
 }
@@ -161,13 +162,12 @@ impl Engine {
     /// goes to the kernel after).
     fn move_all(&self, pages: &[usize], nodes: &[i32], status: &mut [i32], opts: &MigrateOptions) -> Result<usize> {
         let page_of = |i: usize| pages[i] & !(PAGE_SIZE - 1);
-        let mut vmas = maps::vmas()?;
-        vmas.sort_unstable_by_key(|v| v.start);
-        let movable_vma = |page: usize| {
-            let at = vmas.partition_point(|v| v.end <= page);
-            vmas.get(at).is_some_and(|v| v.start <= page && v.refusal().is_none())
-        };
-        let (candidates, direct): (Vec<usize>, Vec<usize>) = (0..pages.len()).partition(|&i| movable_vma(page_of(i)));
+        let mut vmas = maps::Lookup::open()?;
+        let (mut candidates, mut direct) = (Vec::new(), Vec::new());
+        for i in 0..pages.len() {
+            let movable = vmas.at(page_of(i))?.is_some_and(|v| v.refusal().is_none());
+            if movable { candidates.push(i) } else { direct.push(i) }
+        }
         let mut not_moved = kernel_moves(pages, nodes, status, &direct)?;
         self.pages_counters.kernel_unmovable.fetch_add(direct.len() as u64, Ordering::Relaxed);
         // Where pagemig's candidates are now: pages not there, and pages already home, are
@@ -185,7 +185,7 @@ impl Engine {
         let absent = now.iter().filter(|&&s| s < 0).count();
         self.pages_counters.begin(pages.len(), absent, candidates.len() - absent - todo.len());
         if !todo.is_empty() {
-            not_moved += self.move_todo(pages, nodes, status, &todo, &vmas, opts)?;
+            not_moved += self.move_todo(pages, nodes, status, &todo, &mut vmas, opts)?;
         }
         Ok(not_moved)
     }
@@ -205,7 +205,7 @@ impl Engine {
         nodes: &[i32],
         status: &mut [i32],
         todo: &[usize],
-        vmas: &[maps::Vma],
+        vmas: &mut maps::Lookup,
         opts: &MigrateOptions,
     ) -> Result<usize> {
         let page_of = |i: usize| pages[i] & !(PAGE_SIZE - 1);
@@ -229,7 +229,10 @@ impl Engine {
                 let (start, size) = if in_huge { (page & !(HPAGE_SIZE - 1), HPAGE_SIZE) } else { (page, PAGE_SIZE) };
                 let on_stack = stack.is_some_and(|(s, e)| start < e && s < start + size);
                 let is_shared = shared.get(k).copied().unwrap_or(false);
-                if on_stack || is_shared || (in_huge && maps::check_movable(start, start + size, vmas).is_err()) {
+                let mut whole_huge_movable = || {
+                    vmas.range(start, start + size).is_ok_and(|r| maps::check_movable(start, start + size, &r).is_ok())
+                };
+                if on_stack || is_shared || (in_huge && !whole_huge_movable()) {
                     kernel.push(i);
                 } else {
                     folios.entry(start).or_insert((size, nodes[i]));

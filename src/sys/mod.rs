@@ -516,6 +516,66 @@ pub fn shared_pages(pages: &[usize]) -> Result<Vec<bool>, Errno> {
     Ok(shared)
 }
 
+/// A mapping as `PROCMAP_QUERY` describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueriedVma {
+    /// First address.
+    pub start: usize,
+    /// One past the last address.
+    pub end: usize,
+    /// `PROCMAP_QUERY_VMA_*` bits: readable 1, writable 2, executable 4, shared 8.
+    pub flags: u64,
+    /// Inode of the backing file (0 for anonymous memory).
+    pub inode: u64,
+    /// The path or pseudo-name (`[heap]`, `[anon:name]`), empty for plain anonymous memory.
+    pub name: String,
+}
+
+/// The mapping of this process that holds `addr`, or (with `or_next`) the first one above
+/// it: `ioctl(fd, PROCMAP_QUERY)` on an open `/proc/self/maps` (Linux 6.11), one lookup
+/// in the kernel's tree instead of a walk of every mapping.
+///
+/// # Errors
+/// `ENOENT` when there is none, `ENOTTY` before Linux 6.11, or the ioctl's errno.
+pub fn procmap_query(fd: &std::fs::File, addr: usize, or_next: bool) -> Result<QueriedVma, Errno> {
+    use linux_raw_sys::general::{procmap_query, procmap_query_flags};
+    use std::os::fd::AsRawFd;
+    // _IOWR('f', 17, struct procmap_query)
+    const PROCMAP_QUERY: libc::c_ulong =
+        (3 << 30) | ((std::mem::size_of::<procmap_query>() as libc::c_ulong) << 16) | (0x66 << 8) | 17;
+    let mut name = [0u8; 4096];
+    let mut q = procmap_query {
+        size: std::mem::size_of::<procmap_query>() as u64,
+        query_flags: if or_next { procmap_query_flags::PROCMAP_QUERY_COVERING_OR_NEXT_VMA as u64 } else { 0 },
+        query_addr: addr as u64,
+        vma_start: 0,
+        vma_end: 0,
+        vma_flags: 0,
+        vma_page_size: 0,
+        vma_offset: 0,
+        inode: 0,
+        dev_major: 0,
+        dev_minor: 0,
+        vma_name_size: name.len() as u32,
+        build_id_size: 0,
+        vma_name_addr: name.as_mut_ptr() as u64,
+        build_id_addr: 0,
+    };
+    // SAFETY: `q` is a valid `procmap_query` of its own size, and its name buffer is
+    // `name`, writable for `vma_name_size` bytes for the duration of the call.
+    check_int(unsafe { libc::ioctl(fd.as_raw_fd(), PROCMAP_QUERY, &mut q) })?;
+    let len = (q.vma_name_size as usize).min(name.len());
+    let text = &name[..len];
+    let text = &text[..text.iter().position(|&b| b == 0).unwrap_or(len)];
+    Ok(QueriedVma {
+        start: q.vma_start as usize,
+        end: q.vma_end as usize,
+        flags: q.vma_flags,
+        inode: q.inode,
+        name: String::from_utf8_lossy(text).into_owned(),
+    })
+}
+
 /// The ranges of `[start, end)` mapped by huge pages in this process (a transparent huge
 /// page mapped whole by one page-table entry), from the `PAGEMAP_SCAN` ioctl on
 /// `/proc/self/pagemap` (Linux 6.7), as `(start, end)` in address order.
