@@ -3,6 +3,8 @@
 //! values, `PAGEMIG_ATTRS` over them, and its rejected entries reported; a child it forks
 //! takes its engine's settings and does not read the file again.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -77,12 +79,9 @@ fn in_fresh_process() {
     std::fs::write(&file, "migrate/max_batch_pages = 7\ndcbm/nr_dma_chan = 9\n").unwrap();
     let parent_engine = engine as *const Engine as usize;
     let parent_loaded = loaded as *const attr::Loaded as usize;
-    // SAFETY: the child opens its own engine and reads attributes on this thread, then
-    // calls `_exit`.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork failed");
-    if pid == 0 {
-        let code = (|| {
+    // SAFETY: the child opens its own engine and reads attributes on this thread.
+    let code = unsafe {
+        common::fork_and_wait(Duration::from_secs(60), || {
             let Ok(engine) = Engine::global() else { return 2 };
             if engine as *const Engine as usize == parent_engine {
                 return 3;
@@ -94,25 +93,10 @@ fn in_fresh_process() {
                 return 5;
             }
             0
-        })();
-        // SAFETY: ends the child without running the parent's destructors.
-        unsafe { libc::_exit(code) };
-    }
-    let started = Instant::now();
-    let mut status = 0;
-    // SAFETY: waits (without blocking) for the child just forked.
-    while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
-        if started.elapsed() > Duration::from_secs(60) {
-            // SAFETY: our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("the forked child hung");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+        })
+    };
     assert_eq!(
-        libc::WEXITSTATUS(status),
-        0,
+        code, 0,
         "child: 2 no engine, 3 the parent's engine, 4 not the parent's settings, 5 the config read again"
     );
 }

@@ -110,12 +110,9 @@ fn a_forked_child_opens_its_own_engine_and_migrates() {
         engine
             .migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &MigrateOptions::default())
             .unwrap();
-        // SAFETY: the child uses only this thread's state and the engine it opens itself,
-        // then calls `_exit`.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0, "fork failed");
-        if pid == 0 {
-            let code = (|| {
+        // SAFETY: the child uses only this thread's state and the engine it opens itself.
+        let code = unsafe {
+            common::fork_and_wait(Duration::from_secs(60), || {
                 let Ok(engine) = Engine::global() else { return 2 };
                 if engine as *const Engine as usize == parent_engine {
                     return 3;
@@ -137,34 +134,12 @@ fn a_forked_child_opens_its_own_engine_and_migrates() {
                     return 1;
                 }
                 0
-            })();
-            // SAFETY: ends the child without running the parent's destructors.
-            unsafe { libc::_exit(code) };
-        }
-        let started = Instant::now();
-        let mut status = 0;
-        // SAFETY: waits (without blocking) for the child just forked.
-        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
-            if started.elapsed() > Duration::from_secs(60) {
-                if std::env::var_os("PAGEMIG_DEBUG_HANG").is_some() {
-                    let out = std::process::Command::new("gdb")
-                        .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt 30"])
-                        .output();
-                    if let Ok(o) = out {
-                        eprintln!("{}", String::from_utf8_lossy(&o.stdout));
-                    }
-                }
-                // SAFETY: our own child.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                panic!("the forked child hung migrating with the parent's engine");
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+            })
+        };
         if mtcopy {
             pagemig::attr::select_migrator("cpu", None, None).unwrap();
         }
-        assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
-        assert_eq!(libc::WEXITSTATUS(status), 0, "child: 1 bytes wrong, 2 no engine, 3 the parent's engine, 5 failed");
+        assert_eq!(code, 0, "child: 1 bytes wrong, 2 no engine, 3 the parent's engine, 5 failed");
         assert!(workload::verify(&region, 77, &Default::default()).ok());
     });
 }

@@ -79,3 +79,45 @@ pub fn shared_file_pages(pages: usize) -> (std::fs::File, usize) {
     unsafe { std::ptr::write_volatile(addr as *mut u8, 1) };
     (file, addr)
 }
+
+/// Forks; the child runs `child` and exits with what it returns, without running the
+/// parent's destructors. Waits for the child at most `limit` and returns its exit status;
+/// a child still running then is killed and fails the test (with `PAGEMIG_DEBUG_HANG` set,
+/// after `gdb` printed its threads' stacks).
+///
+/// # Safety
+/// `child` runs in a forked copy of a multithreaded process: it must need nothing that
+/// only another thread of the parent would release.
+#[allow(unsafe_code, reason = "fork, waitpid, kill, _exit")]
+pub unsafe fn fork_and_wait(limit: Duration, child: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the caller's promise about `child`.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let code = child();
+        // SAFETY: ends the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let started = std::time::Instant::now();
+    let mut status = 0;
+    // SAFETY: waits (without blocking) for the child just forked.
+    while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+        if started.elapsed() > limit {
+            if std::env::var_os("PAGEMIG_DEBUG_HANG").is_some() {
+                let pid = pid.to_string();
+                if let Ok(o) = std::process::Command::new("gdb")
+                    .args(["-p", &pid, "-batch", "-ex", "thread apply all bt 30"])
+                    .output()
+                {
+                    eprintln!("{}", String::from_utf8_lossy(&o.stdout));
+                }
+            }
+            // SAFETY: our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the forked child hung (still running after {limit:?})");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+    libc::WEXITSTATUS(status)
+}
