@@ -1,7 +1,7 @@
 //! A migration that partly fails, and what the caller is told: the program's memory has a
-//! hole (a folio unmapped before the call) and a page pinned by the kernel would fail the
-//! same way. The call says which folios did not move and why; the rest moved, and every
-//! byte of them is as it was. `cargo run --release --example partial -- [NODE]`
+//! guard in it (a folio made inaccessible and emptied, as allocators guard their arenas),
+//! which pagemig may not move. The calls say which pages did not move and why; the rest
+//! moved, and every byte of them is as it was. `cargo run --release --example partial -- [NODE]`
 
 use pagemig::{Engine, Error, Folio, MigrateOptions, Mode, Reason, numa};
 
@@ -13,9 +13,10 @@ fn main() -> Result<(), Error> {
         Some(n) => n.parse().map_err(|_| Error::Invalid(format!("{n:?} is not a node number")))?,
         None => numa::memory_nodes()?[0],
     };
-    // Started first: its own mappings must not land in the hole made below.
     let engine = Engine::global()?;
-    // The program's own memory: an anonymous mapping, filled, with one folio unmapped.
+    // The program's own memory: an anonymous mapping, filled, with one folio made a guard
+    // (a hole unmapped instead could be taken by any other mapping of the process, the
+    // engine's own included, and is then no longer the program's to name).
     let len = FOLIO * FOLIOS;
     // SAFETY: a fresh private anonymous mapping, ours alone.
     let base = unsafe {
@@ -36,15 +37,19 @@ fn main() -> Result<(), Error> {
         *b = (i % 251) as u8;
     }
     let hole = base + 5 * FOLIO;
-    // SAFETY: unmaps one folio of our own mapping; `bytes` is not used past this point.
-    assert_eq!(unsafe { libc::munmap(hole as *mut libc::c_void, FOLIO) }, 0, "munmap");
+    // SAFETY: one folio of our own mapping, inaccessible and empty from now on; `bytes` is
+    // not used past this point.
+    unsafe {
+        assert_eq!(libc::mprotect(hole as *mut libc::c_void, FOLIO, libc::PROT_NONE), 0, "mprotect");
+        assert_eq!(libc::madvise(hole as *mut libc::c_void, FOLIO, libc::MADV_DONTNEED), 0, "madvise");
+    }
 
-    // SAFETY: each folio is a range of our mapping (or the hole) and this thread does not
+    // SAFETY: each folio is a range of our mapping (or the guard) and this thread does not
     // touch it during the call.
     let folios: Vec<Folio<'static>> =
         (0..FOLIOS).map(|f| unsafe { Folio::new(base + f * FOLIO, FOLIO) }).collect::<Result<_, _>>()?;
     let opts = MigrateOptions::default().max_batch_pages(128);
-    // Folios the caller names must all be movable: a hole refuses the whole call up front,
+    // Folios the caller names must all be movable: the guard refuses the whole call up front,
     // before anything moves.
     match engine.migrate_pages(&folios, node, Reason::Syscall, Mode::Sync, &opts) {
         Err(Error::NotMovable { start, end, why }) => {
@@ -75,8 +80,8 @@ fn main() -> Result<(), Error> {
         println!("  from +{:#x}: {}", addr - base, std::io::Error::from_raw_os_error(errno));
     }
     assert!(
-        outcome.errors().all(|(a, e)| (hole..hole + FOLIO).contains(&a) && e == libc::EFAULT),
-        "only the hole failed"
+        outcome.errors().all(|(a, e)| (hole..hole + FOLIO).contains(&a) && e == libc::ENOENT),
+        "only the guard's pages, empty, did not move"
     );
     for f in (0..FOLIOS).filter(|&f| f != 5) {
         for o in f * FOLIO..(f + 1) * FOLIO {
