@@ -602,3 +602,46 @@ fn move_pages_matches_the_kernel_across_nodes() {
     sys::move_pages(&theirs.addrs, Some(&back), &mut s_kernel).expect("move_pages back");
     assert_eq!(s_ours, s_kernel, "pagemig against the kernel, back");
 }
+
+/// `pagemig move --to-node A,B`: the folios spread round-robin over both nodes while
+/// writers write, each page checked against the node its folio was sent to.
+fn interleaved(folio_size: usize, len: usize) {
+    let Some((a, b)) = two_nodes() else { return };
+    let cfg = pagemig_cli::experiment::MoveConfig {
+        size: len,
+        folio_size,
+        from_node: Some(a),
+        to_node: a,
+        to_nodes: vec![a, b],
+        batch_pages: migrate::DEFAULT_MAX_BATCH_PAGES,
+        reason: Reason::Syscall,
+        mode: Mode::Sync,
+        writers: 1,
+        seed: 0x696e_746c,
+        measure_memcpy: false,
+        reserve: None,
+    };
+    let engine = Engine::global().unwrap();
+    let report = pagemig_cli::experiment::run_move(engine, &cfg, None).expect("the interleaved migration");
+    let name = format!("interleave-{}-folios-{}", size_name(folio_size), size_name(len));
+    let total = len / PAGE_SIZE;
+    for node in [a, b] {
+        let on = report.placement.get(&(node as i32)).copied().unwrap_or(0);
+        println!("placement: {name}-half-{node} node {node} pages {on}/{}", total / 2);
+    }
+    assert_eq!((report.failed_folios, report.succeeded_folios), (0, (len / folio_size) as u64), "{name}");
+    assert_eq!((report.mismatched_bytes, report.lost_writes, report.misplaced_pages), (0, 0, 0), "{name}");
+    assert!(report.placement_ok, "{name}: pages per node {:?}", report.placement);
+}
+
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn interleave_4k_folios_over_both_nodes() {
+    interleaved(4 * KIB, 8 * MIB);
+}
+
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn interleave_2m_folios_over_both_nodes() {
+    interleaved(HPAGE_SIZE, 16 * MIB);
+}
