@@ -28,12 +28,12 @@ pub fn set_errno(errno: Errno) {
 
 /// The calling thread's `errno`, as the last failed call left it.
 pub fn last_errno() -> Errno {
-    Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
+    crate::sys::last_errno()
 }
 
 /// Turns a system call's return into a result: negative is the `errno` it set.
 pub fn check(ret: c_long) -> Result<c_long, Errno> {
-    if ret < 0 { Err(last_errno()) } else { Ok(ret) }
+    crate::sys::check(ret)
 }
 
 /// Runs `f` at the C boundary: `Ok(n)` is `n`, `Err(errno)` is `-1` with `errno` set, and

@@ -131,21 +131,24 @@ pub struct Lookup {
 }
 
 impl Lookup {
-    /// Opens `/proc/self/maps` and checks that the ioctl answers; reads the whole list if
-    /// it does not.
+    /// Opens `/proc/self/maps`, where the ioctl answers (checked once per process); reads
+    /// the whole list where it does not.
     ///
     /// # Errors
     /// [`Error::Io`] when `/proc/self/maps` cannot be read.
     pub fn open() -> Result<Self> {
+        /// Whether the ioctl answers on this kernel: asked once per process, not per lookup.
+        static QUERY_WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let file = fs::File::open("/proc/self/maps").map_err(Error::io("/proc/self/maps"))?;
-        match crate::sys::procmap_query(&file, 0, true) {
-            Ok(_) | Err(crate::sys::Errno::NOENT) => Ok(Self { file: Some(file), seen: Vec::new() }),
-            Err(_) => {
-                let mut seen = vmas()?;
-                seen.sort_unstable_by_key(|v| v.start);
-                Ok(Self { file: None, seen })
-            }
+        let works = *QUERY_WORKS.get_or_init(|| {
+            matches!(crate::sys::procmap_query(&file, 0, true), Ok(_) | Err(crate::sys::Errno::NOENT))
+        });
+        if works {
+            return Ok(Self { file: Some(file), seen: Vec::new() });
         }
+        let mut seen = vmas()?;
+        seen.sort_unstable_by_key(|v| v.start);
+        Ok(Self { file: None, seen })
     }
 
     /// The mapping holding `addr`, if any.

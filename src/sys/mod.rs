@@ -33,11 +33,11 @@ const MPOL_MF_MOVE: i32 = 2;
 /// Bits in the node masks pagemig passes to the kernel.
 const NODEMASK_BITS: usize = 1024;
 
-fn last_errno() -> Errno {
+pub(crate) fn last_errno() -> Errno {
     Errno::from_raw_os_error(std::io::Error::last_os_error().raw_os_error().unwrap_or(0))
 }
 
-fn check(ret: libc::c_long) -> Result<libc::c_long, Errno> {
+pub(crate) fn check(ret: libc::c_long) -> Result<libc::c_long, Errno> {
     if ret < 0 { Err(last_errno()) } else { Ok(ret) }
 }
 
