@@ -156,10 +156,10 @@ impl Engine {
 
     /// Moves every page to its node, writing its outcome; returns the kernel's count of
     /// pages not moved. Pages of mappings pagemig does not move go to the kernel at once,
-    /// without a look of pagemig's own: from `/proc/self/maps`, the one read such a call
-    /// pays (smaps walks every mapping's pages; flags such as I/O and PFN maps are checked by
-    /// the migration itself, which refuses such a folio before touching it, and the folio
-    /// goes to the kernel after).
+    /// without a look of pagemig's own: one mapping lookup per mapping named, the only cost
+    /// such a call pays (smaps, which walks every mapping's pages, is not read; flags such
+    /// as I/O and PFN maps are checked by the migration itself, which refuses such a folio
+    /// before touching it, and the folio goes to the kernel after).
     fn move_all(&self, pages: &[usize], nodes: &[i32], status: &mut [i32], opts: &MigrateOptions) -> Result<usize> {
         let page_of = |i: usize| pages[i] & !(PAGE_SIZE - 1);
         let mut vmas = maps::Lookup::open()?;
@@ -209,34 +209,29 @@ impl Engine {
         opts: &MigrateOptions,
     ) -> Result<usize> {
         let page_of = |i: usize| pages[i] & !(PAGE_SIZE - 1);
-        let candidates = todo;
         let mut kernel: Vec<usize> = Vec::new();
         let mut folios: BTreeMap<usize, (usize, i32)> = BTreeMap::new();
-        {
-            let lo = candidates.iter().map(|&i| page_of(i)).min().expect("not empty");
-            let hi = candidates.iter().map(|&i| page_of(i) + PAGE_SIZE).max().expect("not empty");
-            let huge = sys::huge_ranges(lo & !(HPAGE_SIZE - 1), hi.next_multiple_of(HPAGE_SIZE)).unwrap_or_default();
-            let stack = sys::current_thread_stack();
-            // Pages another process maps too (a fork's copy-on-write sharing): the kernel's
-            // to refuse (`EACCES`), or to move with `MPOL_MF_MOVE_ALL`.
-            let shared =
-                sys::shared_pages(&candidates.iter().map(|&i| pages[i]).collect::<Vec<_>>()).unwrap_or_default();
-            // Each page's folio, the first target named for it wins (as the kernel moves a
-            // huge page once).
-            for (k, &i) in candidates.iter().enumerate() {
-                let page = page_of(i);
-                let in_huge = huge.get(huge.partition_point(|&(_, e)| e <= page)).is_some_and(|&(s, _)| s <= page);
-                let (start, size) = if in_huge { (page & !(HPAGE_SIZE - 1), HPAGE_SIZE) } else { (page, PAGE_SIZE) };
-                let on_stack = stack.is_some_and(|(s, e)| start < e && s < start + size);
-                let is_shared = shared.get(k).copied().unwrap_or(false);
-                let mut whole_huge_movable = || {
-                    vmas.range(start, start + size).is_ok_and(|r| maps::check_movable(start, start + size, &r).is_ok())
-                };
-                if on_stack || is_shared || (in_huge && !whole_huge_movable()) {
-                    kernel.push(i);
-                } else {
-                    folios.entry(start).or_insert((size, nodes[i]));
-                }
+        let lo = todo.iter().map(|&i| page_of(i)).min().expect("not empty");
+        let hi = todo.iter().map(|&i| page_of(i) + PAGE_SIZE).max().expect("not empty");
+        let huge = sys::huge_ranges(lo & !(HPAGE_SIZE - 1), hi.next_multiple_of(HPAGE_SIZE)).unwrap_or_default();
+        let stack = sys::current_thread_stack();
+        // Pages another process maps too (a fork's copy-on-write sharing): the kernel's
+        // to refuse (`EACCES`), or to move with `MPOL_MF_MOVE_ALL`.
+        let shared = sys::shared_pages(&todo.iter().map(|&i| pages[i]).collect::<Vec<_>>()).unwrap_or_default();
+        // Each page's folio, the first target named for it wins (as the kernel moves a
+        // huge page once).
+        for (k, &i) in todo.iter().enumerate() {
+            let page = page_of(i);
+            let in_huge = huge.get(huge.partition_point(|&(_, e)| e <= page)).is_some_and(|&(s, _)| s <= page);
+            let (start, size) = if in_huge { (page & !(HPAGE_SIZE - 1), HPAGE_SIZE) } else { (page, PAGE_SIZE) };
+            let on_stack = stack.is_some_and(|(s, e)| start < e && s < start + size);
+            let is_shared = shared.get(k).copied().unwrap_or(false);
+            let mut whole_huge_movable =
+                || vmas.range(start, start + size).is_ok_and(|r| maps::check_movable(start, start + size, &r).is_ok());
+            if on_stack || is_shared || (in_huge && !whole_huge_movable()) {
+                kernel.push(i);
+            } else {
+                folios.entry(start).or_insert((size, nodes[i]));
             }
         }
         let mut to_kernel = vec![false; pages.len()];
