@@ -5,6 +5,8 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+mod common;
+
 use pagemig::workload::{self, WriteLog};
 use pagemig::{Engine, Error, FaultInjection, Folio, MigrateOptions, Mode, Reason, Region, migrate_pages, numa};
 
@@ -347,9 +349,7 @@ fn memory_pagemig_may_not_move_is_refused() {
     }
 
     // Unmapped memory.
-    let hole = Region::new(65536, 4096, None).unwrap();
-    let addr = hole.addr();
-    drop(hole);
+    let addr = common::unmapped_page();
     let e = engine
         .migrate_pages(&[raw_folio(addr, 4096).unwrap()], node(), Reason::Syscall, Mode::Sync, &default)
         .unwrap_err();

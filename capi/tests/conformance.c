@@ -22,9 +22,30 @@ static long kernel_move_pages(unsigned long count, void **pages, const int *node
     return syscall(SYS_move_pages, 0, count, pages, nodes, status, flags);
 }
 
-/* Fills `pages` with one of each kind of address; returns the page to unmap once both
- * layouts exist (so neither reuses the other's hole). */
-static char *layout(void **pages, int fd) {
+/* A page mapped, written and unmapped again, low in the address space (from 256 MiB up)
+ * where the kernel's top-down mmap never reaches: the library's own later mappings (its
+ * threads, its pool) cannot take the hole over, so it stays unmapped for both calls. */
+static char *unmapped_page(void) {
+    static unsigned long next = 0x10000000UL;
+    for (; next < 0x40000000UL; next += 16 * page) {
+        char *p = mmap((void *)next, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+        if (p == MAP_FAILED)
+            continue;
+        if (p != (char *)next) { /* a kernel that took the flag as a hint */
+            munmap(p, page);
+            continue;
+        }
+        p[0] = 1;
+        munmap(p, page);
+        next += 16 * page;
+        return p;
+    }
+    fprintf(stderr, "no free low page for an unmapped address\n");
+    exit(2);
+}
+
+/* Fills `pages` with one of each kind of address. */
+static void layout(void **pages, int fd) {
     char *anon = mmap(NULL, 8 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     memset(anon, 7, 4 * page);                      /* pages 0-3 touched, 4-7 not */
     char *ro = mmap(NULL, page, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -32,7 +53,7 @@ static char *layout(void **pages, int fd) {
     shared[0] = 1;
     char *heap = malloc(3 * page);
     memset(heap, 3, 3 * page);
-    char *gone = mmap(NULL, page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    char *gone = unmapped_page();
     void *p[N] = {
         anon, anon + page + 123, anon + 3 * page, anon + 5 * page, /* present, inside, present, untouched */
         ro, shared, shared + page, heap + page, gone, (void *)0x1000,
@@ -40,7 +61,6 @@ static char *layout(void **pages, int fd) {
         anon + 2 * page,
     };
     memcpy(pages, p, sizeof p);
-    return gone;
 }
 
 static void compare(const char *what, unsigned long count, void **pa, void **pb, int *nodes, int flags, int nodes_null) {
@@ -91,10 +111,8 @@ int main(int argc, char **argv) {
     if (fd < 0 || ftruncate(fd, 2 * page) != 0)
         return 2;
     void *pa[N], *pb[N];
-    char *ga = layout(pa, fd);
-    char *gb = layout(pb, fd);
-    munmap(ga, page);
-    munmap(gb, page);
+    layout(pa, fd);
+    layout(pb, fd);
     /* Where the first page is: the node to move to, and the other node if there is one. */
     int here[1];
     kernel_move_pages(1, pb, NULL, here, 0);

@@ -132,6 +132,28 @@ static void *map(size_t len, int flags, int fd) {
     return p;
 }
 
+/* 3 private anonymous pages whose middle one is unmapped, low in the address space (from
+ * 256 MiB up) where the kernel's top-down mmap never reaches: no later mapping of the
+ * library's or libnuma's can fill the hole while the cases run. */
+static char *map_holed(void) {
+    static unsigned long next = 0x10000000UL;
+    for (; next < 0x40000000UL; next += 16 * page) {
+        char *p = mmap((void *)next, 3 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+        if (p == MAP_FAILED)
+            continue;
+        if (p != (char *)next) { /* a kernel that took the flag as a hint */
+            munmap(p, 3 * page);
+            continue;
+        }
+        next += 16 * page;
+        memset(p, 5, 3 * page);
+        munmap(p + page, page);
+        return p;
+    }
+    fprintf(stderr, "no free low pages for a holed mapping\n");
+    exit(2);
+}
+
 static void make_layout(struct layout *l, int fd) {
     l->anon = map(8 * page, MAP_PRIVATE | MAP_ANONYMOUS, -1);
     memset(l->anon, 7, 4 * page);
@@ -149,9 +171,7 @@ static void make_layout(struct layout *l, int fd) {
         exit(2);
     }
     memset(l->mixed, 4, 8 * page);
-    l->holed = map(3 * page, MAP_PRIVATE | MAP_ANONYMOUS, -1);
-    memset(l->holed, 5, 3 * page);
-    munmap(l->holed + page, page);
+    l->holed = map_holed();
     void *p[NPAGES] = {
         l->anon, l->anon + page + 123, l->anon + 3 * page, l->anon + 5 * page, /* present, inside, present, never touched */
         l->shared, l->file + page, l->cow, l->cow + page, l->mixed + 5 * page,

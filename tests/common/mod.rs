@@ -121,3 +121,40 @@ pub unsafe fn fork_and_wait(limit: Duration, child: impl FnOnce() -> i32) -> i32
     assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
     libc::WEXITSTATUS(status)
 }
+
+/// The address of a page this process mapped, wrote and unmapped again, placed low in the
+/// address space (from 256 MiB up) where the kernel's top-down `mmap` never reaches: other
+/// threads' and the engine's own later mappings cannot take the hole over, so the address
+/// stays unmapped for the rest of the test. Each call gives a different page.
+pub fn unmapped_page() -> usize {
+    use std::sync::atomic::AtomicUsize;
+    static NEXT: AtomicUsize = AtomicUsize::new(0x1000_0000);
+    loop {
+        let at = NEXT.fetch_add(16 * PAGE_SIZE, Ordering::Relaxed);
+        assert!(at < 0x4000_0000, "no free low page found for an unmapped address");
+        // SAFETY: MAP_FIXED_NOREPLACE fails rather than replace anything already there.
+        let p = unsafe {
+            libc::mmap(
+                at as *mut libc::c_void,
+                PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p as usize != at {
+            if p != libc::MAP_FAILED {
+                // SAFETY: an older kernel treated the flag as a hint and mapped elsewhere; ours.
+                unsafe { libc::munmap(p, PAGE_SIZE) };
+            }
+            continue;
+        }
+        // SAFETY: the page was just mapped here by this call; written, then unmapped.
+        unsafe {
+            std::ptr::write_volatile(at as *mut u8, 1);
+            assert_eq!(libc::munmap(p, PAGE_SIZE), 0);
+        }
+        return at;
+    }
+}
