@@ -645,3 +645,97 @@ fn interleave_4k_folios_over_both_nodes() {
 fn interleave_2m_folios_over_both_nodes() {
     interleaved(HPAGE_SIZE, 16 * MIB);
 }
+
+/// `move_range` over a mapping the program changes meanwhile (`munmap`, `munmap` then a new
+/// `mmap`, `mremap`, `mprotect(PROT_READ)`, `MADV_DONTNEED`, `MADV_FREE`, on two folios in
+/// the middle, at several moments; every move held back 2 ms): each page outside the
+/// change is on the target node with its data and says so, each page of the change reports
+/// where it is or why not, and whatever the program did stands (`changes::check`).
+fn move_range_while_the_program_changes_it(folio: usize) {
+    use common::changes::{self, Change};
+    const LEN: usize = 8 * MIB;
+    const SEED: u64 = 0x7261_6e67;
+    let Some((a, b)) = two_nodes() else { return };
+    let engine = Engine::global().expect("the migration engine");
+    let (mut outside_on_b, mut outside_total) = (0, 0);
+    for change in changes::ALL {
+        for delay_ms in [0u64, 2, 10, 40] {
+            let what = format!("move_range, {change:?}, folio {}, after {delay_ms} ms", size_name(folio));
+            let base = changes::mapping(LEN, folio, SEED);
+            // Every folio on node a first (the kernel's move, one address per folio).
+            let firsts: Vec<usize> = (base..base + LEN).step_by(folio).collect();
+            let mut st = vec![0; firsts.len()];
+            sys::move_pages(&firsts, Some(&vec![a as i32; firsts.len()]), &mut st).expect("move_pages to a");
+            assert!(st.iter().all(|&s| s == a as i32), "{what}: setting up on node {a}: {st:?}");
+            let (reserved, spare) = changes::spare();
+            let len = 2 * folio.max(64 * KIB);
+            let at = base + LEN / 4;
+            let moved_to = AtomicU64::new(0);
+            let opts = MigrateOptions::default()
+                .fault(FaultInjection { delay_move: Some(Duration::from_millis(2)), ..Default::default() })
+                .max_batch_pages(64);
+            let outcome = common::watchdog(Duration::from_secs(120), &what.clone(), move || {
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        std::thread::sleep(Duration::from_millis(delay_ms));
+                        moved_to.store(changes::apply(change, at, len, spare) as u64, Ordering::SeqCst);
+                    });
+                    // SAFETY: this thread does not touch the range during the call; the
+                    // other one changes it, which pagemig must survive.
+                    let outcome = unsafe { engine.move_range(base, LEN, b, &opts) };
+                    (outcome, moved_to.load(Ordering::SeqCst))
+                })
+            });
+            let (outcome, moved_to) = outcome;
+            let outcome = outcome.unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!((outcome.first_page, outcome.status.len()), (base, LEN / PAGE_SIZE), "{what}");
+            // Outside the change: on node b, by the outcome and by a query now.
+            let outside: Vec<usize> =
+                (0..LEN / PAGE_SIZE).filter(|&p| !(at..at + len).contains(&(base + p * PAGE_SIZE))).collect();
+            let addrs: Vec<usize> = outside.iter().map(|&p| base + p * PAGE_SIZE).collect();
+            let mut now = vec![0; addrs.len()];
+            sys::move_pages(&addrs, None, &mut now).expect("query");
+            for (k, &p) in outside.iter().enumerate() {
+                let s = outcome.status[p];
+                assert_eq!(s, b as i32, "{what}: page {p} outside the change: status");
+                assert_eq!(now[k], b as i32, "{what}: page {p} outside the change is on {}", now[k]);
+            }
+            outside_on_b += now.iter().filter(|&&n| n == b as i32).count();
+            outside_total += now.len();
+            // Inside: where it is, or why not. A new mapping in place of the old one may
+            // be where the program's thread put it, when it came after pagemig's move.
+            let replaced = change == Change::MunmapThenMmap;
+            let mut inside: BTreeMap<i32, usize> = BTreeMap::new();
+            for p in (at - base) / PAGE_SIZE..(at - base + len) / PAGE_SIZE {
+                let s = outcome.status[p];
+                assert!(
+                    s == b as i32 || (replaced && s == a as i32) || [-libc::EFAULT, -libc::ENOENT].contains(&s),
+                    "{what}: page {p} of the change: status {s}"
+                );
+                *inside.entry(s).or_default() += 1;
+            }
+            if change == Change::MprotectReadOnly {
+                assert_eq!(inside.get(&(b as i32)), Some(&(len / PAGE_SIZE)), "{what}: read-only pages move too");
+            }
+            println!("{what}: pages of the change by status {inside:?}");
+            changes::check(&what, change, base, LEN, SEED, at, len, moved_to as usize);
+            changes::release(change, base, LEN, at, len, reserved);
+        }
+    }
+    println!(
+        "placement: move-range-changed-{}-folios-outside-the-changes node {b} pages {outside_on_b}/{outside_total}",
+        size_name(folio)
+    );
+}
+
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn move_range_of_4k_pages_while_the_program_changes_them() {
+    move_range_while_the_program_changes_it(4 * KIB);
+}
+
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn move_range_of_huge_pages_while_the_program_changes_them() {
+    move_range_while_the_program_changes_it(HPAGE_SIZE);
+}

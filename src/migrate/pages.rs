@@ -151,6 +151,21 @@ impl Engine {
         let mut status = vec![0; pages.len()];
         let target = i32::try_from(node).map_err(|_| Error::Invalid(format!("node {node}")))?;
         let not_moved = self.move_all(&pages, &vec![target; pages.len()], &mut status, opts)?;
+        // The kernel moves a huge page it was handed whole at its first page, and reports
+        // `EBUSY` for the next page of it, which it finds isolated by that same call; where
+        // such a page is on the target now, it moved (the kernel's count of pages not
+        // moved never counted it).
+        let busy: Vec<usize> = (0..pages.len()).filter(|&i| status[i] == -libc::EBUSY).collect();
+        if !busy.is_empty() {
+            let mut now = vec![0; busy.len()];
+            let at: Vec<usize> = busy.iter().map(|&i| pages[i]).collect();
+            sys::move_pages(&at, None, &mut now).map_err(Error::sys("move_pages (query)"))?;
+            for (k, &i) in busy.iter().enumerate() {
+                if now[k] == target {
+                    status[i] = target;
+                }
+            }
+        }
         Ok(RangeOutcome { first_page: first, status, not_moved })
     }
 

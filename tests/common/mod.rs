@@ -2,6 +2,8 @@
 //! and a probe that every page of a region is writable again.
 #![allow(dead_code, reason = "each test binary uses a part of these helpers")]
 
+pub mod changes;
+
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::time::Duration;
