@@ -329,3 +329,29 @@ fn requests_while_the_target_forks_and_a_childs_own_agent() {
         assert!(ok && done.starts_with("done ok"), "{done}");
     });
 }
+
+/// The agent moves a process whose thread keeps mapping, unmapping, `mremap`ing,
+/// `mprotect`ing and purging memory of its own meanwhile (`--churn`): every request is
+/// answered with counts that add up, and the process finds every word of its buffer and of
+/// each churned mapping as it left it. (On one node the pages stay where they are; the
+/// two-node guest's `vm/proofs/pid` moves a churning process across nodes.)
+#[test]
+fn the_agent_moves_a_process_that_changes_its_mappings_meanwhile() {
+    watchdog(300, || {
+        let mut t = Target::spawn(&["--size", "16MiB", "--writers", "1", "--agent", "--churn"]);
+        for round in 0..8 {
+            let extra: &[&str] = if round % 4 == 3 { &["--no-agent"] } else { &[] };
+            let (v, out) = move_pid(t.pid, extra);
+            assert!(out.status.success(), "round {round}: {}", String::from_utf8_lossy(&out.stderr));
+            if extra.is_empty() {
+                assert!(v["path"] == "agent" && adds_up(&v), "round {round}: {v}");
+            }
+            let check = t.ask("check", "check ");
+            assert!(check.starts_with("check ok"), "round {round}: {check}");
+        }
+        let (done, ok) = t.quit();
+        assert!(ok && done.starts_with("done ok"), "{done}");
+        let churns: u64 = done.split(' ').find_map(|w| w.strip_prefix("churns=")).unwrap().parse().unwrap();
+        assert!(churns > 0, "{done}");
+    });
+}

@@ -16,6 +16,12 @@
 //!   agent=@NAME`, serves for MS milliseconds, checks the pattern and exits;
 //! - `quit` (or the end of input): stops, checks, prints `done ok …` or `done CORRUPT …`.
 //!
+//! With `--churn` a further thread keeps doing to memory of its own what allocators do,
+//! while the process is moved: it maps 4 MiB, fills it, then unmaps a quarter of it, moves
+//! a quarter elsewhere with `mremap`, makes a quarter read-only or purges a quarter with
+//! `MADV_DONTNEED` (in turn), checks every word of what is left, and unmaps it. A word
+//! found different is corruption too; `churns=N` in the verdict counts the rounds.
+//!
 //! With `--seconds N` it reads no commands and quits after N seconds. It exits 0 when
 //! nothing was corrupted, 1 when something was, 2 on bad options.
 
@@ -43,10 +49,12 @@ struct Opts {
     reserve: usize,
     on_node: Option<u32>,
     seconds: Option<u64>,
+    churn: bool,
 }
 
 fn parse_opts() -> Result<Opts, String> {
-    let mut o = Opts { size: 64 << 20, writers: 2, agent: false, reserve: 0, on_node: None, seconds: None };
+    let mut o =
+        Opts { size: 64 << 20, writers: 2, agent: false, reserve: 0, on_node: None, seconds: None, churn: false };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or_else(|| format!("{a} needs a value"));
@@ -54,13 +62,14 @@ fn parse_opts() -> Result<Opts, String> {
             "--size" => o.size = pagemig_size(&value()?)?,
             "--writers" => o.writers = value()?.parse().map_err(|e| format!("--writers: {e}"))?,
             "--agent" => o.agent = true,
+            "--churn" => o.churn = true,
             "--reserve" => o.reserve = pagemig_size(&value()?)?,
             "--on-node" => o.on_node = Some(value()?.parse().map_err(|e| format!("--on-node: {e}"))?),
             "--seconds" => o.seconds = Some(value()?.parse().map_err(|e| format!("--seconds: {e}"))?),
             _ => {
                 return Err(format!(
                     "unknown option {a:?} (--size BYTES[KiB|MiB|GiB] --writers N --agent --reserve SIZE --on-node N \
-                     --seconds N)"
+                     --seconds N --churn)"
                 ));
             }
         }
@@ -92,6 +101,8 @@ struct Shared {
     corrupt: AtomicU64,
     passes: AtomicU64,
     first_bad: first_bad::Slot,
+    churns: AtomicU64,
+    churn_bad: AtomicU64,
 }
 
 /// A first-error slot without a lock a forked child could inherit held.
@@ -136,11 +147,13 @@ impl Shared {
     }
 
     fn verdict(&self) -> String {
-        let bad = self.corrupt.load(Ordering::Relaxed) + self.check_static();
+        let churn_bad = self.churn_bad.load(Ordering::Relaxed);
+        let bad = self.corrupt.load(Ordering::Relaxed) + self.check_static() + churn_bad;
+        let churns = self.churns.load(Ordering::Relaxed);
         if bad == 0 {
-            format!("ok passes={}", self.passes.load(Ordering::Relaxed))
+            format!("ok passes={} churns={churns}", self.passes.load(Ordering::Relaxed))
         } else {
-            format!("CORRUPT words={bad} first={}", self.first_bad.describe())
+            format!("CORRUPT words={bad} first={} churned_words={churn_bad}", self.first_bad.describe())
         }
     }
 
@@ -165,6 +178,81 @@ fn writer(s: &Shared, from: usize, to: usize) {
             }
         }
         s.passes.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// What `--churn` does, round after round, until the process stops (see the crate docs).
+#[expect(unsafe_code, reason = "maps, changes and unmaps memory of its own")]
+fn churner(s: &Shared) {
+    const LEN: usize = 4 << 20;
+    const Q: usize = LEN / 4;
+    let word = |round: u64, i: usize| (round << 40) | (0xc4 << 32) | i as u64;
+    let mut round = 0u64;
+    while !s.stop.load(Ordering::Relaxed) {
+        round += 1;
+        // SAFETY: a fresh private anonymous mapping of this thread's own.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        }
+        let base = p as usize;
+        let at = |a: usize| a as *mut u64;
+        for i in 0..LEN / 8 {
+            // SAFETY: inside the mapping just made.
+            unsafe { at(base + i * 8).write_volatile(word(round, i)) };
+        }
+        // The changed quarter, the second one; where its data went for `mremap`.
+        let changed = base + Q;
+        let (mut moved, mut purged, mut gone) = (None, false, false);
+        // SAFETY: each call changes the second quarter of the mapping above, this thread's.
+        unsafe {
+            match round % 4 {
+                0 => gone = libc::munmap(changed as *mut _, Q) == 0,
+                1 => {
+                    let q = libc::mremap(changed as *mut _, Q, Q, libc::MREMAP_MAYMOVE);
+                    if q != libc::MAP_FAILED {
+                        moved = Some(q as usize);
+                    }
+                }
+                2 => _ = libc::mprotect(changed as *mut _, Q, libc::PROT_READ),
+                _ => purged = libc::madvise(changed as *mut _, Q, libc::MADV_DONTNEED) == 0,
+            }
+        }
+        let mut bad = 0u64;
+        for i in 0..LEN / 8 {
+            let a = base + i * 8;
+            let in_changed = (changed..changed + Q).contains(&a);
+            let (addr, want) = match (in_changed, moved) {
+                (false, _) => (a, word(round, i)),
+                (true, Some(q)) => (q + (a - changed), word(round, i)),
+                (true, None) if gone => continue,
+                (true, None) => (a, if purged { 0 } else { word(round, i) }),
+            };
+            // SAFETY: a mapped, readable word of this thread's mapping (or where `mremap`
+            // moved it).
+            if unsafe { at(addr).read_volatile() } != want {
+                bad += 1;
+            }
+        }
+        s.churn_bad.fetch_add(bad, Ordering::Relaxed);
+        // SAFETY: what is left of this round's mappings, this thread's only.
+        unsafe {
+            libc::munmap(p, LEN);
+            if let Some(q) = moved {
+                libc::munmap(q as *mut _, Q);
+            }
+        }
+        s.churns.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -272,6 +360,8 @@ fn main() -> std::process::ExitCode {
         corrupt: AtomicU64::new(0),
         passes: AtomicU64::new(0),
         first_bad: Default::default(),
+        churns: AtomicU64::new(0),
+        churn_bad: AtomicU64::new(0),
     });
     let agent = if opts.agent {
         match pagemig::agent::start() {
@@ -299,6 +389,10 @@ fn main() -> std::process::ExitCode {
         let s = shared.clone();
         let (from, to) = (half + w * stripe, if w + 1 == opts.writers { words } else { half + (w + 1) * stripe });
         threads.push(std::thread::spawn(move || writer(&s, from, to)));
+    }
+    if opts.churn {
+        let s = shared.clone();
+        threads.push(std::thread::spawn(move || churner(&s)));
     }
     let checker = shared.clone();
     threads.push(std::thread::spawn(move || {
