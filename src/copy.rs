@@ -353,6 +353,11 @@ pub fn measure_in_background() {
     }
 }
 
+/// Whether a thread of this process is measuring the kernels now.
+pub fn measuring() -> bool {
+    MEASURING.load(Ordering::Acquire) == std::process::id()
+}
+
 /// The kernels chosen, without waiting: the measured ones once [`kernels`] has measured
 /// them, the two-stream non-temporal copy before (while an engine's start-up thread is
 /// still measuring, or when nothing asked).

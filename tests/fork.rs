@@ -143,3 +143,47 @@ fn a_forked_child_opens_its_own_engine_and_migrates() {
         assert!(workload::verify(&region, 77, &Default::default()).ok());
     });
 }
+
+/// A child forked while its parent measures the copy kernels finds the parent's measurement
+/// marked in progress, by a thread the child does not have: it must measure for itself, not
+/// wait for a result that never comes (nor take a lock the parent held at the fork).
+#[test]
+fn a_child_forked_while_the_kernels_are_measured_measures_them_itself() {
+    use pagemig::copy;
+    watchdog(Duration::from_secs(120), "fork while measuring the copy kernels", || {
+        let started = Instant::now();
+        let measurer = std::thread::spawn(|| {
+            // Measure again from scratch; other tests meanwhile copy with the default.
+            copy::set_kernel(None);
+            copy::kernels()
+        });
+        while !copy::measuring() {
+            assert!(started.elapsed() < Duration::from_secs(60), "the measurement never started");
+            if measurer.is_finished() {
+                // Another thread of this test process measured first and finished: again.
+                copy::set_kernel(None);
+                copy::measure_in_background();
+            }
+            std::thread::yield_now();
+        }
+        // SAFETY: the child uses only the copy module, which must not need the parent's
+        // measuring thread.
+        let code = unsafe {
+            common::fork_and_wait(Duration::from_secs(60), || {
+                if copy::measuring() {
+                    return 2;
+                }
+                let k = copy::kernels();
+                // Measured here: figures for every kernel (or the default, if measuring
+                // failed: never a hang).
+                if k.figures.is_empty() && (k.hot, k.cold) != (copy::Kernel::Nt, copy::Kernel::Nt) {
+                    return 3;
+                }
+                0
+            })
+        };
+        assert_eq!(code, 0, "child: 2 the parent's measurement seen as its own, 3 no kernels");
+        let k = measurer.join().unwrap();
+        assert!(!k.figures.is_empty() || k.hot == copy::Kernel::Nt);
+    });
+}
