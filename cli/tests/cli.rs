@@ -315,6 +315,41 @@ fn a_kept_attribute_holds_in_the_next_process() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Four `pagemig attr` processes keeping different settings in one file at the same
+/// moment, three times over: each keeps its own (none reads the file while another
+/// replaces it), every other line stays, and nothing is left beside the file.
+#[test]
+fn settings_kept_by_processes_at_once_are_all_kept() {
+    let dir = temp_dir("concurrent");
+    let config = dir.join("attrs");
+    std::fs::write(&config, "# shared by several writers\n").unwrap();
+    let settings = ["dcbm/nr_dma_chan", "mtcopy/threads", "migrate/max_batch_pages", "migrate/pipelined"];
+    for round in 0..3 {
+        let values =
+            [format!("{}", 2 + round), format!("{}", 3 + round), format!("{}", 100 + round), format!("{}", round % 2)];
+        let mut children: Vec<_> = settings
+            .iter()
+            .zip(&values)
+            .map(|(path, value)| {
+                let mut cmd = command(&config, &["attr", &format!("{path}={value}")]);
+                cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+                cmd.spawn().unwrap()
+            })
+            .collect();
+        for child in &mut children {
+            assert!(wait(child, "pagemig attr").success(), "round {round}");
+        }
+        let v = listing(&config, None);
+        for (path, value) in settings.iter().zip(&values) {
+            assert_eq!(attribute(&v, path)["value"], value.as_str(), "round {round}: {path} lost");
+        }
+    }
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.starts_with("# shared by several writers\n") && text.lines().count() == 5, "{text}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn pagemig_attrs_overrides_the_file() {
     let dir = temp_dir("env");

@@ -38,7 +38,9 @@
 //! settings are the parent's already (they were copied with its memory).
 //!
 //! [`save`] and [`unset`] change the file atomically (a temporary file in the same
-//! directory, renamed over it) and keep every other line and comment.
+//! directory, renamed over it) and keep every other line and comment. Each reads, edits
+//! and replaces the file under an exclusive `flock` of its directory, so that processes
+//! keeping settings at the same moment each keep theirs.
 
 use std::fmt;
 use std::io::Write;
@@ -267,12 +269,47 @@ fn file_for(attr_path: &str) -> Result<PathBuf> {
     })
 }
 
+/// The directory of `file` and its name.
+fn dir_and_name(file: &Path) -> (&Path, String) {
+    let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    (dir, file.file_name().map_or("attrs".into(), |n| n.to_string_lossy().into_owned()))
+}
+
+/// Edits `file` under an exclusive `flock` of its directory (no lock file is left beside
+/// it): sets `attr_path` to `value` (`None`: removes its entries) in what the file holds at
+/// that moment, and replaces the file when something changed. Returns how many entries it
+/// replaced or removed. Two processes (or threads) keeping settings at once each keep
+/// theirs: neither reads the file before the other's rename is done.
+fn keep(file: &Path, attr_path: &str, value: Option<&str>) -> std::io::Result<usize> {
+    let (dir, _) = dir_and_name(file);
+    if value.is_some() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let lock = match std::fs::File::open(dir) {
+        Ok(lock) => lock,
+        // Removing from a file in a directory that does not exist: nothing to remove.
+        Err(e) if value.is_none() && e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e),
+    };
+    let (text, found) = edit(&text, attr_path, value);
+    if value.is_some() || found > 0 {
+        replace(file, &text)?;
+    }
+    // The lock goes with `lock`, closed here.
+    Ok(found)
+}
+
 /// Replaces `file` with `text`: written to a temporary file in the same directory, synced,
 /// and renamed over it, with the old file's permissions.
 fn replace(file: &Path, text: &str) -> std::io::Result<()> {
-    let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let (dir, name) = dir_and_name(file);
     std::fs::create_dir_all(dir)?;
-    let name = file.file_name().map_or("attrs".into(), |n| n.to_string_lossy().into_owned());
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let written = (|| {
         let mut f = std::fs::File::create(&tmp)?;
@@ -337,13 +374,7 @@ pub fn save(attr_path: &str, value: &str) -> Result<PathBuf> {
     }
     super::write(attr.path, value)?;
     let file = file_for(attr.path)?;
-    let text = match std::fs::read_to_string(&file) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(unsaved(attr.path, &file, "read", &e)),
-    };
-    let (text, _) = edit(&text, attr.path, Some(value));
-    replace(&file, &text).map_err(|e| unsaved(attr.path, &file, "write", &e))?;
+    keep(&file, attr.path, Some(value)).map_err(|e| unsaved(attr.path, &file, "write", &e))?;
     Ok(file)
 }
 
@@ -358,15 +389,10 @@ pub fn save(attr_path: &str, value: &str) -> Result<PathBuf> {
 pub fn unset(attr_path: &str) -> Result<(PathBuf, bool)> {
     let attr_path = attr_path.trim().trim_matches('/');
     let file = file_for(attr_path)?;
-    let text = match std::fs::read_to_string(&file) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((file, false)),
-        Err(e) => return Err(unsaved(attr_path, &file, "read", &e)),
-    };
-    let (text, found) = edit(&text, attr_path, None);
-    if found > 0 {
-        replace(&file, &text).map_err(|e| unsaved(attr_path, &file, "write", &e))?;
+    if !file.exists() {
+        return Ok((file, false));
     }
+    let found = keep(&file, attr_path, None).map_err(|e| unsaved(attr_path, &file, "write", &e))?;
     Ok((file, found > 0))
 }
 
@@ -382,6 +408,33 @@ mod tests {
         assert_eq!(parse_line("/dcbm/nr_dma_chan=4 # four"), Line::Entry { path: "dcbm/nr_dma_chan", value: "4" });
         assert_eq!(parse_line("dcbm/nr_dma_chan 4"), Line::Malformed("dcbm/nr_dma_chan 4"));
         assert_eq!(parse_line(" = 4"), Line::Malformed("= 4"));
+    }
+
+    /// Threads keeping different settings in one file at the same time, each through an
+    /// open file of its own (as separate processes would): every last value is kept.
+    #[test]
+    fn settings_kept_at_the_same_time_are_all_kept() {
+        let dir = std::env::temp_dir().join(format!("pagemig-keep-{}", std::process::id()));
+        let file = dir.join("attrs");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(&file, "# settings\n").unwrap();
+        std::thread::scope(|s| {
+            for t in 0..6 {
+                let file = &file;
+                s.spawn(move || {
+                    for i in 0..25 {
+                        keep(file, &format!("test/k{t}"), Some(&i.to_string())).unwrap();
+                    }
+                });
+            }
+        });
+        let text = std::fs::read_to_string(&file).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(text.starts_with("# settings\n"), "{text}");
+        for t in 0..6 {
+            assert!(text.contains(&format!("test/k{t} = 24\n")), "test/k{t} lost:\n{text}");
+        }
+        assert_eq!(text.lines().count(), 7, "{text}");
     }
 
     #[test]
