@@ -40,8 +40,13 @@
 //!
 //! ```text
 //! pagemig-agent 1 ping
-//! pagemig-agent 1 move to=1 [from=0,2] [range=0x7f00a000-0x7f10a000] [detail=1]
+//! pagemig-agent 1 move to=1 [from=0,2] [range=0x7f00a000-0x7f10a000] [detail=1] [deadline_ms=N]
 //! ```
+//!
+//! With `deadline_ms`, the agent stops moving that many milliseconds after it took the
+//! request: the pages it had not reached stay where they are and are counted as
+//! `not_reached` (the client sets it a little short of how long it waits for the reply, so
+//! that nothing goes on moving after the client gave up).
 //!
 //! The reply is `pagemig-agent 1 ok` with `key=value` fields ([`Report`]), `map` lines for
 //! each mapping with `detail=1`, and `end`; or one line `pagemig-agent 1 error errno=N
@@ -74,7 +79,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::maps::{self, Vma};
-use crate::migrate::Engine;
+use crate::migrate::{Engine, MigrateOptions};
 use crate::sys::{self, Errno, HPAGE_SIZE, PAGE_SIZE};
 
 /// The first word of every request and reply line.
@@ -247,12 +252,14 @@ pub struct MoveRequest {
     pub range: Option<(usize, usize)>,
     /// Report each mapping's route too.
     pub detail: bool,
+    /// Stop moving this long after the request was taken (`None`: no limit).
+    pub deadline: Option<Duration>,
 }
 
 impl MoveRequest {
     /// All private anonymous memory to `to`.
     pub fn new(to: u32) -> Self {
-        Self { to, from: None, range: None, detail: false }
+        Self { to, from: None, range: None, detail: false, deadline: None }
     }
 
     /// Only pages now on `nodes`.
@@ -270,6 +277,12 @@ impl MoveRequest {
     /// With or without each mapping's route.
     pub fn detail(mut self, on: bool) -> Self {
         self.detail = on;
+        self
+    }
+
+    /// Stops moving `after` the agent took the request; pages not reached by then stay.
+    pub fn deadline(mut self, after: Duration) -> Self {
+        self.deadline = Some(after);
         self
     }
 }
@@ -332,7 +345,15 @@ impl Request {
                                 _ => return Err(bad(format!("detail is 0 or 1, not {value:?}"))),
                             }
                         }
-                        _ => return Err(bad(format!("unknown field {key:?} (to, from, range, detail)"))),
+                        "deadline_ms" => {
+                            let ms = value.parse::<u64>().map_err(|_| {
+                                bad(format!("deadline_ms is a whole number of milliseconds, not {value:?}"))
+                            })?;
+                            if m.deadline.replace(Duration::from_millis(ms)).is_some() {
+                                return Err(dup());
+                            }
+                        }
+                        _ => return Err(bad(format!("unknown field {key:?} (to, from, range, detail, deadline_ms)"))),
                     }
                 }
                 m.to = to.ok_or_else(|| bad("move needs to=NODE".into()))?;
@@ -358,6 +379,9 @@ impl Request {
                 }
                 if m.detail {
                     line += " detail=1";
+                }
+                if let Some(d) = m.deadline {
+                    line += &format!(" deadline_ms={}", d.as_millis());
                 }
                 line + "\n"
             }
@@ -432,7 +456,7 @@ pub struct MappingReport {
 
 /// What a move request did. Every page looked at is counted once:
 /// `pages == moved_pagemig + moved_kernel + already_there + not_selected + absent + failed +
-/// internal`.
+/// internal + not_reached`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Report {
@@ -457,6 +481,8 @@ pub struct Report {
     pub failed: u64,
     /// Pages of pagemig's own mappings, left alone.
     pub internal: u64,
+    /// Pages not reached before the request's deadline, left where they are.
+    pub not_reached: u64,
     /// Mappings (or parts) pagemig moved, the kernel moved, and left alone.
     pub mappings: [u64; 3],
     /// The first page that failed, and its errno.
@@ -478,6 +504,7 @@ impl Report {
                 + self.absent
                 + self.failed
                 + self.internal
+                + self.not_reached
     }
 
     /// The reply lines, `end` included.
@@ -500,6 +527,9 @@ impl Report {
             self.mappings[2],
             self.time_us
         );
+        if self.not_reached > 0 {
+            out += &format!(" not_reached={}", self.not_reached);
+        }
         if let Some((addr, errno)) = self.first_failure {
             out += &format!(" first_failure={addr:#x}:{errno}");
         }
@@ -542,6 +572,7 @@ impl Report {
                 "absent" => r.absent = num()?,
                 "failed" => r.failed = num()?,
                 "internal" => r.internal = num()?,
+                "not_reached" => r.not_reached = num()?,
                 "maps_pagemig" => r.mappings[0] = num()?,
                 "maps_kernel" => r.mappings[1] = num()?,
                 "maps_internal" => r.mappings[2] = num()?,
@@ -713,6 +744,7 @@ fn kernel_reason(vmas: &[Vma], i: usize, anchors: &[usize]) -> Option<String> {
 /// failed are counted in the report, not errors.
 pub fn migrate_self(request: &MoveRequest) -> Result<Report> {
     let started = Instant::now();
+    let until = request.deadline.and_then(|d| started.checked_add(d));
     crate::numa::check_node(request.to)?;
     let engine = Engine::global().ok();
     let mut vmas = maps::vmas()?;
@@ -768,7 +800,7 @@ pub fn migrate_self(request: &MoveRequest) -> Result<Report> {
         };
         for (s, e) in pieces {
             let route = if why.is_some() { Route::Kernel } else { Route::Pagemig };
-            let moved = move_piece(engine.filter(|_| route == Route::Pagemig), s, e, request, &mut report);
+            let moved = move_piece(engine.filter(|_| route == Route::Pagemig), s, e, request, until, &mut report);
             report.mappings[if route == Route::Pagemig { 0 } else { 1 }] += 1;
             if request.detail {
                 let why = why.clone().unwrap_or_else(|| format!("private anonymous {}", display_path(v)));
@@ -790,13 +822,29 @@ fn display_path(v: &Vma) -> &str {
 }
 
 /// Moves the pages of `[start, end)` step by step, with pagemig (`engine`) or the kernel,
-/// counting them in `report`; returns the pages moved.
+/// counting them in `report`; returns the pages moved. From `until` on, nothing more is
+/// moved: pagemig's batches stop at it (their pages not reached report `ETIMEDOUT`), and the
+/// pages of the steps not begun are counted as not reached.
 #[expect(unsafe_code, reason = "pagemig's move_pages on memory this thread leaves alone")]
-fn move_piece(engine: Option<&Engine>, start: usize, end: usize, request: &MoveRequest, report: &mut Report) -> u64 {
+fn move_piece(
+    engine: Option<&Engine>,
+    start: usize,
+    end: usize,
+    request: &MoveRequest,
+    until: Option<Instant>,
+    report: &mut Report,
+) -> u64 {
     let target = request.to as i32;
     let mut moved_here = 0;
     let mut at = start;
+    let opts = until.map_or_else(MigrateOptions::default, |t| MigrateOptions::default().deadline(t));
     while at < end {
+        if until.is_some_and(|t| Instant::now() >= t) {
+            let left = ((end - at) / PAGE_SIZE) as u64;
+            report.pages += left;
+            report.not_reached += left;
+            break;
+        }
         let step_end = end.min(at + STEP_PAGES * PAGE_SIZE);
         let pages: Vec<usize> = (at..step_end).step_by(PAGE_SIZE).collect();
         at = step_end;
@@ -831,7 +879,7 @@ fn move_piece(engine: Option<&Engine>, start: usize, end: usize, request: &MoveR
                 // and its heap (the probe allocation's mapping), the engine's state and
                 // pagemig's own mappings were routed to the kernel or left alone above, and
                 // the vectors made since the mappings were read lie outside this piece.
-                let result = unsafe { engine.move_pages(&todo, Some(&nodes), &mut status) };
+                let result = unsafe { engine.move_pages_with(&todo, &nodes, &mut status, &opts) };
                 if let Err(e) = result {
                     status.fill(-e.errno().raw_os_error());
                 }
@@ -845,13 +893,18 @@ fn move_piece(engine: Option<&Engine>, start: usize, end: usize, request: &MoveR
                 (status.iter().filter(|&&s| s == target).count() as u64, 0)
             }
         };
+        let timed_out = status.iter().filter(|&&s| s == -libc::ETIMEDOUT).count() as u64;
         report.moved_pagemig += by_pagemig;
         report.moved_kernel += ok - by_pagemig;
-        report.failed += todo.len() as u64 - ok;
+        report.not_reached += timed_out;
+        report.failed += todo.len() as u64 - ok - timed_out;
         moved_here += ok;
         if report.first_failure.is_none() {
-            report.first_failure =
-                todo.iter().zip(&status).find(|&(_, &s)| s != target).map(|(&a, &s)| (a, if s < 0 { -s } else { 0 }));
+            report.first_failure = todo
+                .iter()
+                .zip(&status)
+                .find(|&(_, &s)| s != target && s != -libc::ETIMEDOUT)
+                .map(|(&a, &s)| (a, if s < 0 { -s } else { 0 }));
         }
     }
     moved_here
@@ -946,9 +999,13 @@ mod tests {
 
     #[test]
     fn requests_round_trip_and_malformed_ones_say_why() {
-        let m = MoveRequest::new(1).from_nodes(vec![0, 2]).range(0x1000, 0x3000).detail(true);
+        let m = MoveRequest::new(1)
+            .from_nodes(vec![0, 2])
+            .range(0x1000, 0x3000)
+            .detail(true)
+            .deadline(Duration::from_millis(1500));
         let line = Request::Move(m.clone()).to_line();
-        assert_eq!(line, "pagemig-agent 1 move to=1 from=0,2 range=0x1000-0x3000 detail=1\n");
+        assert_eq!(line, "pagemig-agent 1 move to=1 from=0,2 range=0x1000-0x3000 detail=1 deadline_ms=1500\n");
         assert_eq!(Request::parse(&line).unwrap(), Request::Move(m));
         assert_eq!(Request::parse("pagemig-agent 1 ping\n").unwrap(), Request::Ping);
         for (bad, says) in [
@@ -967,6 +1024,9 @@ mod tests {
             ("pagemig-agent 1 move to=1 range=zz-0x1000", "not a range"),
             ("pagemig-agent 1 move to=1 colour=red", "unknown field"),
             ("pagemig-agent 1 move to=1 detail=yes", "detail is 0 or 1"),
+            ("pagemig-agent 1 move to=1 deadline_ms=1.5", "whole number of milliseconds"),
+            ("pagemig-agent 1 move to=1 deadline_ms=-1", "whole number of milliseconds"),
+            ("pagemig-agent 1 move to=1 deadline_ms=5 deadline_ms=6", "twice"),
             ("pagemig-agent 1 move to=1 justaword", "not a key=value"),
         ] {
             let e = Request::parse(bad).unwrap_err().to_string();
@@ -989,13 +1049,14 @@ mod tests {
         let r = Report {
             pid: 7,
             to: 1,
-            pages: 10,
+            pages: 13,
             moved_pagemig: 4,
             moved_kernel: 1,
             already_there: 2,
             absent: 1,
             failed: 1,
             internal: 1,
+            not_reached: 3,
             mappings: [1, 2, 1],
             first_failure: Some((0x5000, 16)),
             time_us: 99,
@@ -1115,6 +1176,15 @@ mod tests {
                     || !crate::own::ranges().iter().any(|&(a, b)| a < m.end && m.start < b))
         );
         engine.reserve(node, 0, crate::ThpAdvice::Default).unwrap();
+        assert!(buf.iter().enumerate().all(|(i, &w)| w == i as u64));
+        // A deadline already past: nothing is looked at or moved, every page is counted as
+        // not reached, and the counts still add up.
+        let late = migrate_self(&MoveRequest::new(node).range(s, e).deadline(Duration::ZERO)).unwrap();
+        assert!(late.adds_up(), "{late:?}");
+        let pages = ((e.next_multiple_of(PAGE_SIZE) - (s & !(PAGE_SIZE - 1))) / PAGE_SIZE) as u64;
+        assert_eq!((late.pages, late.not_reached), (pages, pages - late.internal - late.absent), "{late:?}");
+        assert!(late.not_reached >= (8 << 20) / PAGE_SIZE as u64, "{late:?}");
+        assert_eq!(late.moved_pagemig + late.moved_kernel + late.already_there + late.failed, 0, "{late:?}");
         assert!(buf.iter().enumerate().all(|(i, &w)| w == i as u64));
     }
 

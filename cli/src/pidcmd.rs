@@ -30,8 +30,9 @@ pub struct PidArgs {
     /// With --pid: the kernel's calls even if the process has an agent.
     #[arg(long, requires = "pid")]
     pub no_agent: bool,
-    /// With --pid: seconds to wait for the agent's reply.
-    #[arg(long, requires = "pid", default_value_t = 600)]
+    /// With --pid: seconds to wait for the agent's reply. The agent stops moving at nine
+    /// tenths of it and reports the pages it had not reached, which stay where they are.
+    #[arg(long, requires = "pid", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub agent_timeout: u64,
     /// With --pid: list each mapping's route (pagemig, kernel, left alone) as the agent took it.
     #[arg(long, requires = "pid")]
@@ -67,6 +68,8 @@ struct Outcome {
     absent: u64,
     failed: u64,
     internal: u64,
+    /// Pages the agent had not reached at its deadline (nine tenths of --agent-timeout).
+    not_reached: u64,
     /// Mappings pagemig moved, the kernel moved, left alone (agent path).
     mappings: Option<BTreeMap<&'static str, u64>>,
     /// Pages the kernel's migrate_pages(2) reported it could not move.
@@ -81,7 +84,7 @@ struct Outcome {
 
 impl Outcome {
     fn ok(&self) -> bool {
-        self.failed == 0 && self.not_moved.unwrap_or(0) == 0
+        self.failed == 0 && self.not_reached == 0 && self.not_moved.unwrap_or(0) == 0
     }
 }
 
@@ -101,7 +104,9 @@ pub fn run(
         bail!("no process {pid}");
     }
     let from = from_node.map(|n| vec![n]);
-    let mut request = MoveRequest::new(to_node).detail(args.detail);
+    let mut request = MoveRequest::new(to_node)
+        .detail(args.detail)
+        .deadline(Duration::from_millis(args.agent_timeout.saturating_mul(900)));
     if let Some(f) = &from {
         request = request.from_nodes(f.clone());
     }
@@ -148,6 +153,7 @@ fn agent_outcome(pid: i32, request: &MoveRequest, r: Report) -> Outcome {
         absent: r.absent,
         failed: r.failed,
         internal: r.internal,
+        not_reached: r.not_reached,
         mappings: Some(BTreeMap::from([
             ("pagemig", r.mappings[0]),
             ("kernel", r.mappings[1]),
@@ -306,6 +312,9 @@ fn finish(o: Outcome, json: Option<crate::JsonStyle>) -> anyhow::Result<ExitCode
                 ("pagemig's own, left alone", o.internal.to_string()),
                 ("failed", o.failed.to_string()),
             ]);
+            if o.not_reached > 0 {
+                rows.push(("not reached before the deadline (left as they were)", o.not_reached.to_string()));
+            }
             if let Some(m) = &o.mappings {
                 rows.push((
                     "mappings (pagemig / kernel / left alone)",

@@ -193,6 +193,7 @@ fn bad_arguments_get_clear_errors() {
         (vec!["--size", "4MiB", "--batch-pages", "262145"], "max_batch_pages"),
         (vec!["--size", "4MiB", "--reason", "bogus"], "accepted"),
         (vec!["--size", "4XB"], "unknown unit"),
+        (vec!["--pid", "1", "--agent-timeout", "0"], "0 is not in 1.."),
     ] {
         let mut full = vec!["move"];
         full.extend(args.iter().copied());

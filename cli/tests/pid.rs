@@ -116,10 +116,19 @@ fn n(v: &serde_json::Value, key: &str) -> u64 {
 
 fn adds_up(v: &serde_json::Value) -> bool {
     n(v, "pages")
-        == ["moved_pagemig", "moved_kernel", "already_there", "not_selected", "absent", "failed", "internal"]
-            .iter()
-            .map(|k| n(v, k))
-            .sum::<u64>()
+        == [
+            "moved_pagemig",
+            "moved_kernel",
+            "already_there",
+            "not_selected",
+            "absent",
+            "failed",
+            "internal",
+            "not_reached",
+        ]
+        .iter()
+        .map(|k| n(v, k))
+        .sum::<u64>()
 }
 
 fn range_of(text: &str) -> (u64, u64) {

@@ -93,6 +93,34 @@ impl Engine {
             sys::move_pages(pages, None, status).map_err(Error::sys("move_pages (query)"))?;
             return Ok(0);
         };
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.move_pages_with(pages, nodes, status, &MigrateOptions::default()) }
+    }
+
+    /// [`Engine::move_pages`] with a target for every page and `opts`: its batch bound, and
+    /// its deadline or cancel flag, at which the call stops; pages not reached by then
+    /// report `-ETIMEDOUT` or `-ECANCELED` and are as they were.
+    ///
+    /// # Safety
+    /// As [`Engine::move_pages`].
+    ///
+    /// # Errors
+    /// As [`Engine::move_pages`].
+    pub unsafe fn move_pages_with(
+        &self,
+        pages: &[usize],
+        nodes: &[i32],
+        status: &mut [i32],
+        opts: &MigrateOptions,
+    ) -> Result<usize> {
+        if status.len() != pages.len() || nodes.len() != pages.len() {
+            return Err(Error::Invalid(format!(
+                "{} pages, {} statuses and {} nodes: the three must match",
+                pages.len(),
+                status.len(),
+                nodes.len()
+            )));
+        }
         let memory = crate::numa::memory_nodes()?;
         // As the kernel: a node out of range is as unknown as one without memory.
         if nodes.iter().any(|&n| !(0..MAX_NODES).contains(&n)) {
@@ -104,7 +132,7 @@ impl Engine {
         if pages.is_empty() {
             return Ok(0);
         }
-        self.move_all(pages, nodes, status, &MigrateOptions::default())
+        self.move_all(pages, nodes, status, opts)
     }
 
     /// Moves every page of `addr .. addr + len` (rounded out to whole pages) to `node`,
