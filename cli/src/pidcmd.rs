@@ -30,8 +30,9 @@ pub struct PidArgs {
     /// With --pid: the kernel's calls even if the process has an agent.
     #[arg(long, requires = "pid")]
     pub no_agent: bool,
-    /// With --pid: seconds to wait for the agent's reply. The agent stops moving at nine
-    /// tenths of it and reports the pages it had not reached, which stay where they are.
+    /// With --pid: seconds to wait for the agent's reply. The agent stops moving half-way
+    /// through it (5 s short of it past 10 s) and reports the pages it had not reached,
+    /// which stay where they are.
     #[arg(long, requires = "pid", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub agent_timeout: u64,
     /// With --pid: list each mapping's route (pagemig, kernel, left alone) as the agent took it.
@@ -68,7 +69,7 @@ struct Outcome {
     absent: u64,
     failed: u64,
     internal: u64,
-    /// Pages the agent had not reached at its deadline (nine tenths of --agent-timeout).
+    /// Pages the agent had not reached at its deadline (see --agent-timeout).
     not_reached: u64,
     /// Mappings pagemig moved, the kernel moved, left alone (agent path).
     mappings: Option<BTreeMap<&'static str, u64>>,
@@ -104,9 +105,11 @@ pub fn run(
         bail!("no process {pid}");
     }
     let from = from_node.map(|n| vec![n]);
-    let mut request = MoveRequest::new(to_node)
-        .detail(args.detail)
-        .deadline(Duration::from_millis(args.agent_timeout.saturating_mul(900)));
+    // The agent stops moving early enough to answer within the timeout: half of it, or
+    // 5 s short of it when it is longer than 10 s.
+    let timeout = Duration::from_secs(args.agent_timeout);
+    let mut request =
+        MoveRequest::new(to_node).detail(args.detail).deadline(timeout - (timeout / 2).min(Duration::from_secs(5)));
     if let Some(f) = &from {
         request = request.from_nodes(f.clone());
     }
