@@ -475,7 +475,8 @@ pub struct Report {
     pub already_there: u64,
     /// Pages on a node the request did not name in `from`.
     pub not_selected: u64,
-    /// Pages not there to move (never touched, or not mapped).
+    /// Pages not there to move (never touched, not mapped, or unmapped or purged by the
+    /// program while the request ran).
     pub absent: u64,
     /// Pages present elsewhere that could not be moved.
     pub failed: u64,
@@ -893,17 +894,23 @@ fn move_piece(
                 (status.iter().filter(|&&s| s == target).count() as u64, 0)
             }
         };
-        let timed_out = status.iter().filter(|&&s| s == -libc::ETIMEDOUT).count() as u64;
+        // Not reached before the deadline; gone meanwhile (the program unmapped or purged
+        // them since they were looked at: absent, as the kernel's migrate_pages(2) would
+        // not have found them either); the rest that are not on the target failed.
+        let count = |which: &[i32]| status.iter().filter(|s| which.contains(s)).count() as u64;
+        let timed_out = count(&[-libc::ETIMEDOUT]);
+        let gone = count(&[-libc::EFAULT, -libc::ENOENT]);
         report.moved_pagemig += by_pagemig;
         report.moved_kernel += ok - by_pagemig;
         report.not_reached += timed_out;
-        report.failed += todo.len() as u64 - ok - timed_out;
+        report.absent += gone;
+        report.failed += todo.len() as u64 - ok - timed_out - gone;
         moved_here += ok;
         if report.first_failure.is_none() {
             report.first_failure = todo
                 .iter()
                 .zip(&status)
-                .find(|&(_, &s)| s != target && s != -libc::ETIMEDOUT)
+                .find(|&(_, &s)| s != target && ![-libc::ETIMEDOUT, -libc::EFAULT, -libc::ENOENT].contains(&s))
                 .map(|(&a, &s)| (a, if s < 0 { -s } else { 0 }));
         }
     }
