@@ -401,7 +401,6 @@ fn calibrate() -> Result<Kernels, Errno> {
     use std::time::{Duration, Instant};
     const PIECE: usize = sys::HPAGE_SIZE;
     const LEN: usize = 8 << 20;
-    let evict_len = (2 * llc_bytes()).clamp(16 << 20, 256 << 20).next_multiple_of(sys::HPAGE_SIZE);
     let huge = |len: usize| -> Result<sys::Mapping, Errno> {
         let m = sys::Mapping::new_own(len, sys::HPAGE_SIZE)?;
         sys::madvise(m.addr(), len, sys::Advice::HugePage)?;
@@ -411,10 +410,26 @@ fn calibrate() -> Result<Kernels, Errno> {
     sys::madvise(src.addr(), LEN, sys::Advice::PopulateWrite)?;
     // SAFETY: a fresh mapping of ours, populated just above.
     unsafe { std::ptr::write_bytes(src.addr() as *mut u8, 0x5a, LEN) };
-    let scratch = huge(evict_len)?;
-    // Writing the scratch pushes everything else out of the cache.
-    // SAFETY: a mapping of ours, used by this function alone.
-    let evict = || unsafe { std::ptr::write_bytes(scratch.addr() as *mut u8, 1, evict_len) };
+    // Out of the cache before each copy: the source, and a destination populated long ago.
+    // Flushed line by line where the CPU can (no memory beyond the copy's own), else pushed
+    // out by writing a scratch area twice the last-level cache (up to 256 MiB).
+    // SAFETY: a readable mapping of ours; the flush reads nothing else.
+    let scratch = if unsafe { sys::flush_cache(src.addr(), 64) } {
+        None
+    } else {
+        let len = (2 * llc_bytes()).clamp(16 << 20, 256 << 20).next_multiple_of(sys::HPAGE_SIZE);
+        Some((huge(len)?, len))
+    };
+    let evict = |populated_dst: Option<&sys::Mapping>| match &scratch {
+        None => {
+            for m in std::iter::once(&src).chain(populated_dst) {
+                // SAFETY: mappings of ours, `LEN` bytes each, populated.
+                unsafe { sys::flush_cache(m.addr(), LEN) };
+            }
+        }
+        // SAFETY: a mapping of ours, used by this function alone.
+        Some((s, len)) => unsafe { std::ptr::write_bytes(s.addr() as *mut u8, 1, *len) },
+    };
     let mut figures = Vec::new();
     for kernel in Kernel::ALL {
         let (mut fresh, mut cold) = (Duration::MAX, Duration::MAX);
@@ -422,7 +437,7 @@ fn calibrate() -> Result<Kernels, Errno> {
             // Fresh: each 2 MiB destination populated right before its copy, as the
             // pipeline populates the destinations it takes.
             let dst = huge(LEN)?;
-            evict();
+            evict(None);
             let mut t = Duration::ZERO;
             for off in (0..LEN).step_by(PIECE) {
                 sys::madvise(dst.addr() + off, PIECE, sys::Advice::PopulateWrite)?;
@@ -435,7 +450,7 @@ fn calibrate() -> Result<Kernels, Errno> {
             // Cold: populated, then pushed out of the cache with the source.
             let dst = huge(LEN)?;
             sys::madvise(dst.addr(), LEN, sys::Advice::PopulateWrite)?;
-            evict();
+            evict(Some(&dst));
             let started = Instant::now();
             // SAFETY: two distinct mappings of ours, both populated, `LEN` bytes each.
             unsafe { kernel.copy(dst.addr(), src.addr(), LEN) };
