@@ -245,9 +245,16 @@ fn churner(s: &Shared) {
             }
         }
         s.churn_bad.fetch_add(bad, Ordering::Relaxed);
-        // SAFETY: what is left of this round's mappings, this thread's only.
+        // SAFETY: what is left of this round's mappings, this thread's only. Where the
+        // second quarter was unmapped or moved away, another thread (pagemig's own) may have
+        // mapped something there since: only the quarters still this thread's are unmapped.
         unsafe {
-            libc::munmap(p, LEN);
+            if gone || moved.is_some() {
+                libc::munmap(p, Q);
+                libc::munmap((changed + Q) as *mut _, LEN - 2 * Q);
+            } else {
+                libc::munmap(p, LEN);
+            }
             if let Some(q) = moved {
                 libc::munmap(q as *mut _, Q);
             }
