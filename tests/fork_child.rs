@@ -1,0 +1,111 @@
+//! Children that live a while after a `fork()` and use pagemig themselves: a child opens
+//! its own engine, and measures its own copy kernels when its parent was measuring them.
+//!
+//! Kept apart from `fork.rs`'s storm (a test binary is one process): while such a child
+//! lives, it shares every page of the parent's memory copy-on-write, and the storm's
+//! migrations would meet those pages as mapped by another process (refused with `EBUSY`
+//! once the wait for the child runs out), which is right, but not what the storm tests.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::watchdog;
+use pagemig::workload;
+use pagemig::{Engine, MigrateOptions, Mode, Reason, Region, numa};
+
+fn node() -> u32 {
+    numa::memory_nodes().unwrap()[0]
+}
+
+/// A child forked from a process whose engine (and mtcopy's worker threads) are running
+/// opens its own engine on first use and migrates with it: the parent's threads do not
+/// exist in the child, and using them would hang. Exit status 0, or what went wrong.
+#[test]
+fn a_forked_child_opens_its_own_engine_and_migrates() {
+    watchdog(Duration::from_secs(120), "forked child's own engine", || {
+        let engine = Engine::global().unwrap();
+        let parent_engine = engine as *const Engine as usize;
+        let mtcopy = pagemig::attr::select_migrator("mtcopy", None, Some(2)).is_ok();
+        let region = Region::new(4 << 20, 4096, Some(node())).unwrap();
+        workload::fill(&region, 77);
+        engine
+            .migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &MigrateOptions::default())
+            .unwrap();
+        // SAFETY: the child uses only this thread's state and the engine it opens itself.
+        let code = unsafe {
+            common::fork_and_wait(Duration::from_secs(60), || {
+                let Ok(engine) = Engine::global() else { return 2 };
+                if engine as *const Engine as usize == parent_engine {
+                    return 3;
+                }
+                let mine = match Region::new(4 << 20, 4096, Some(node())) {
+                    Ok(r) => r,
+                    Err(_) => return 4,
+                };
+                workload::fill(&mine, 78);
+                let opts = MigrateOptions::default();
+                if engine.migrate_pages(&mine.folios(), node(), Reason::Syscall, Mode::Sync, &opts).is_err()
+                    || engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts).is_err()
+                {
+                    return 5;
+                }
+                if !workload::verify(&mine, 78, &Default::default()).ok()
+                    || !workload::verify(&region, 77, &Default::default()).ok()
+                {
+                    return 1;
+                }
+                0
+            })
+        };
+        if mtcopy {
+            pagemig::attr::select_migrator("cpu", None, None).unwrap();
+        }
+        assert_eq!(code, 0, "child: 1 bytes wrong, 2 no engine, 3 the parent's engine, 5 failed");
+        assert!(workload::verify(&region, 77, &Default::default()).ok());
+    });
+}
+
+/// A child forked while its parent measures the copy kernels finds the parent's measurement
+/// marked in progress, by a thread the child does not have: it must measure for itself, not
+/// wait for a result that never comes (nor take a lock the parent held at the fork).
+#[test]
+fn a_child_forked_while_the_kernels_are_measured_measures_them_itself() {
+    use pagemig::copy;
+    watchdog(Duration::from_secs(120), "fork while measuring the copy kernels", || {
+        let started = Instant::now();
+        let measurer = std::thread::spawn(|| {
+            // Measure again from scratch; other tests meanwhile copy with the default.
+            copy::set_kernel(None);
+            copy::kernels()
+        });
+        while !copy::measuring() {
+            assert!(started.elapsed() < Duration::from_secs(60), "the measurement never started");
+            if measurer.is_finished() {
+                // Another thread of this test process measured first and finished: again.
+                copy::set_kernel(None);
+                copy::measure_in_background();
+            }
+            std::thread::yield_now();
+        }
+        // SAFETY: the child uses only the copy module, which must not need the parent's
+        // measuring thread.
+        let code = unsafe {
+            common::fork_and_wait(Duration::from_secs(60), || {
+                if copy::measuring() {
+                    return 2;
+                }
+                let k = copy::kernels();
+                // Measured here: figures for every kernel (or the default, if measuring
+                // failed: never a hang).
+                if k.figures.is_empty() && (k.hot, k.cold) != (copy::Kernel::Nt, copy::Kernel::Nt) {
+                    return 3;
+                }
+                0
+            })
+        };
+        assert_eq!(code, 0, "child: 2 the parent's measurement seen as its own, 3 no kernels");
+        let k = measurer.join().unwrap();
+        assert!(!k.figures.is_empty() || k.hot == copy::Kernel::Nt);
+    });
+}
