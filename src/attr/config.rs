@@ -280,26 +280,23 @@ fn dir_and_name(file: &Path) -> (&Path, String) {
 /// that moment, and replaces the file when something changed. Returns how many entries it
 /// replaced or removed. Two processes (or threads) keeping settings at once each keep
 /// theirs: neither reads the file before the other's rename is done.
-fn keep(file: &Path, attr_path: &str, value: Option<&str>) -> std::io::Result<usize> {
+///
+/// # Errors
+/// [`Error::Attr`] naming the step (`lock`, `read`, `write`) and the file's errno.
+fn keep(file: &Path, attr_path: &str, value: Option<&str>) -> Result<usize> {
+    let fail = |what: &'static str| move |e: std::io::Error| unsaved(attr_path, file, what, &e);
     let (dir, _) = dir_and_name(file);
-    if value.is_some() {
-        std::fs::create_dir_all(dir)?;
-    }
-    let lock = match std::fs::File::open(dir) {
-        Ok(lock) => lock,
-        // Removing from a file in a directory that does not exist: nothing to remove.
-        Err(e) if value.is_none() && e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(e),
-    };
-    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)?;
+    std::fs::create_dir_all(dir).map_err(fail("write"))?;
+    let lock = std::fs::File::open(dir).map_err(fail("lock"))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).map_err(|e| fail("lock")(e.into()))?;
     let text = match std::fs::read_to_string(file) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-        Err(e) => return Err(e),
+        Err(e) => return Err(fail("read")(e)),
     };
     let (text, found) = edit(&text, attr_path, value);
     if value.is_some() || found > 0 {
-        replace(file, &text)?;
+        replace(file, &text).map_err(fail("write"))?;
     }
     // The lock goes with `lock`, closed here.
     Ok(found)
@@ -374,7 +371,7 @@ pub fn save(attr_path: &str, value: &str) -> Result<PathBuf> {
     }
     super::write(attr.path, value)?;
     let file = file_for(attr.path)?;
-    keep(&file, attr.path, Some(value)).map_err(|e| unsaved(attr.path, &file, "write", &e))?;
+    keep(&file, attr.path, Some(value))?;
     Ok(file)
 }
 
@@ -392,7 +389,7 @@ pub fn unset(attr_path: &str) -> Result<(PathBuf, bool)> {
     if !file.exists() {
         return Ok((file, false));
     }
-    let found = keep(&file, attr_path, None).map_err(|e| unsaved(attr_path, &file, "write", &e))?;
+    let found = keep(&file, attr_path, None)?;
     Ok((file, found > 0))
 }
 
