@@ -81,15 +81,8 @@ impl Engine {
     /// # Ok::<(), pagemig::Error>(())
     /// ```
     pub unsafe fn move_pages(&self, pages: &[usize], nodes: Option<&[i32]>, status: &mut [i32]) -> Result<usize> {
-        if status.len() != pages.len() || nodes.is_some_and(|n| n.len() != pages.len()) {
-            return Err(Error::Invalid(format!(
-                "{} pages, {} statuses and {} nodes: the three must match",
-                pages.len(),
-                status.len(),
-                nodes.map_or(pages.len(), <[i32]>::len)
-            )));
-        }
         let Some(nodes) = nodes else {
+            lengths_match(pages.len(), status.len(), pages.len())?;
             sys::move_pages(pages, None, status).map_err(Error::sys("move_pages (query)"))?;
             return Ok(0);
         };
@@ -113,14 +106,7 @@ impl Engine {
         status: &mut [i32],
         opts: &MigrateOptions,
     ) -> Result<usize> {
-        if status.len() != pages.len() || nodes.len() != pages.len() {
-            return Err(Error::Invalid(format!(
-                "{} pages, {} statuses and {} nodes: the three must match",
-                pages.len(),
-                status.len(),
-                nodes.len()
-            )));
-        }
+        lengths_match(pages.len(), status.len(), nodes.len())?;
         let memory = crate::numa::memory_nodes()?;
         // As the kernel: a node out of range is as unknown as one without memory.
         if nodes.iter().any(|&n| !(0..MAX_NODES).contains(&n)) {
@@ -342,6 +328,14 @@ impl Engine {
         self.pages_counters.end(status, nodes, todo);
         Ok(not_moved)
     }
+}
+
+/// [`Error::Invalid`] unless a call's pages, statuses and nodes are as many.
+fn lengths_match(pages: usize, status: usize, nodes: usize) -> Result<()> {
+    if status == pages && nodes == pages {
+        return Ok(());
+    }
+    Err(Error::Invalid(format!("{pages} pages, {status} statuses and {nodes} nodes: the three must match")))
 }
 
 /// Hands the pages `which` to the kernel's `move_pages(2)`, writes their statuses and
