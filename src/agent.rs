@@ -897,21 +897,17 @@ fn move_piece(
         // Not reached before the deadline; gone meanwhile (the program unmapped or purged
         // them since they were looked at: absent, as the kernel's migrate_pages(2) would
         // not have found them either); the rest that are not on the target failed.
-        let count = |which: &[i32]| status.iter().filter(|s| which.contains(s)).count() as u64;
-        let timed_out = count(&[-libc::ETIMEDOUT]);
-        let gone = count(&[-libc::EFAULT, -libc::ENOENT]);
+        let gone = |s: i32| s == -libc::EFAULT || s == -libc::ENOENT;
+        let failure = |s: i32| s != target && s != -libc::ETIMEDOUT && !gone(s);
         report.moved_pagemig += by_pagemig;
         report.moved_kernel += ok - by_pagemig;
-        report.not_reached += timed_out;
-        report.absent += gone;
-        report.failed += todo.len() as u64 - ok - timed_out - gone;
+        report.not_reached += status.iter().filter(|&&s| s == -libc::ETIMEDOUT).count() as u64;
+        report.absent += status.iter().filter(|&&s| gone(s)).count() as u64;
+        report.failed += status.iter().filter(|&&s| failure(s)).count() as u64;
         moved_here += ok;
         if report.first_failure.is_none() {
-            report.first_failure = todo
-                .iter()
-                .zip(&status)
-                .find(|&(_, &s)| s != target && ![-libc::ETIMEDOUT, -libc::EFAULT, -libc::ENOENT].contains(&s))
-                .map(|(&a, &s)| (a, if s < 0 { -s } else { 0 }));
+            report.first_failure =
+                todo.iter().zip(&status).find(|&(_, &s)| failure(s)).map(|(&a, &s)| (a, if s < 0 { -s } else { 0 }));
         }
     }
     moved_here
