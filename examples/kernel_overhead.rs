@@ -10,7 +10,18 @@ use pagemig::{Engine, numa};
 /// `MPOL_MF_MOVE` of `<numaif.h>`.
 const MPOL_MF_MOVE: libc::c_int = 1 << 1;
 
-fn main() -> Result<(), pagemig::Error> {
+/// Prints an error as a sentence (not as a debug dump) and exits 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kernel_overhead: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), pagemig::Error> {
     let node = numa::memory_nodes()?[0] as i32;
     let pages = 64;
     let path = std::env::temp_dir().join(format!("pagemig-overhead-{}", std::process::id()));

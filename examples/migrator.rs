@@ -32,7 +32,18 @@ unsafe impl OffloadCopy for Halves {
     }
 }
 
-fn main() -> Result<(), pagemig::Error> {
+/// Prints an error as a sentence (not as a debug dump) and exits 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("migrator: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), pagemig::Error> {
     let node = numa::memory_nodes()?[0];
     let mut region = Region::new(16 << 20, 64 << 10, Some(node))?;
     for (i, b) in region.as_mut_slice().iter_mut().enumerate() {

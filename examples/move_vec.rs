@@ -1,11 +1,22 @@
 //! Moves a `Vec` the program already has to a node, page by page, with each page's outcome:
-//! `cargo run --release --example move_vec -- [NODE]` (default: the first memory node, where
-//! the pages already are, so they are left alone).
+//! `cargo run --release --example move_vec -- [NODE]` (default: the last node with memory;
+//! on a machine with one node the pages are already there, and are left alone).
 
 use pagemig::{Engine, numa};
 
-fn main() -> Result<(), pagemig::Error> {
-    let node = std::env::args().nth(1).map_or(Ok(numa::memory_nodes()?[0]), |n| {
+/// Prints an error as a sentence (not as a debug dump) and exits 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("move_vec: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), pagemig::Error> {
+    let node = std::env::args().nth(1).map_or(Ok(numa::memory_nodes()?.last().copied().unwrap_or(0)), |n| {
         n.parse().map_err(|_| pagemig::Error::Invalid(format!("{n:?} is not a node number")))
     })?;
     let buf: Vec<u64> = (0..(8 << 20) / 8).collect();

@@ -8,7 +8,18 @@ use pagemig::{Engine, Error, Folio, MigrateOptions, Mode, Reason, numa};
 const FOLIO: usize = 64 << 10;
 const FOLIOS: usize = 64;
 
-fn main() -> Result<(), Error> {
+/// Prints an error as a sentence (not as a debug dump) and exits 1.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("partial: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<(), Error> {
     let node = match std::env::args().nth(1) {
         Some(n) => n.parse().map_err(|_| Error::Invalid(format!("{n:?} is not a node number")))?,
         None => numa::memory_nodes()?[0],

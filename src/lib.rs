@@ -151,3 +151,9 @@ pub use pool::ThpAdvice;
 pub use region::Region;
 pub use rustix::io::Errno;
 pub use sys::PAGE_SIZE;
+
+/// The README's Rust examples, compiled as doc tests: an example that no longer builds
+/// fails `cargo test`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeExamples;
