@@ -72,6 +72,48 @@ fn parse_line(line: &str) -> Option<Vma> {
     })
 }
 
+/// The size and alignment of a glibc arena heap (`HEAP_MAX_SIZE` on 64-bit).
+pub const ARENA_HEAP: usize = 64 << 20;
+
+impl Vma {
+    /// Whether this is an inaccessible anonymous mapping (a guard, or an arena's reserved
+    /// tail).
+    pub fn inaccessible_anonymous(&self) -> bool {
+        self.perms.starts_with("---") && self.inode == 0 && self.path.is_empty()
+    }
+}
+
+/// Why memory that pagemig could move by its kind (see [`Vma::refusal`]) must still be
+/// moved by the kernel when a call of this process names it, or `None` when pagemig may
+/// move it in-process: memory that pagemig's own threads may touch while a migration
+/// runs, which a migration in-process would protect against the very threads that serve
+/// it. `prev` and `next` are the mappings right below and above `v`, where they touch it.
+///
+/// - a glibc arena heap (the threads pagemig starts allocate from arenas that program
+///   threads share): a mapping of [`ARENA_HEAP`] bytes aligned to its size, or the
+///   read-write head of one whose tail is inaccessible;
+/// - a thread stack (and its TLS): a mapping right above an inaccessible guard;
+/// - the `.bss` of a loaded object (the statics of pagemig's own library among them): an
+///   anonymous mapping right above a file mapping.
+///
+/// The rules are generous: memory of the program's that matches them only goes to the
+/// kernel, which gives the same answer more slowly.
+pub fn shared_with_pagemig(v: &Vma, prev: Option<&Vma>, next: Option<&Vma>) -> Option<&'static str> {
+    let heap_end = v.start.saturating_add(ARENA_HEAP);
+    if v.start % ARENA_HEAP == 0
+        && (v.end == heap_end || next.is_some_and(|n| n.inaccessible_anonymous() && n.end == heap_end))
+    {
+        return Some("a malloc arena's heap");
+    }
+    if prev.is_some_and(Vma::inaccessible_anonymous) {
+        return Some("above an inaccessible guard: a thread stack");
+    }
+    if prev.is_some_and(|p| p.inode != 0) {
+        return Some("the .bss of a loaded object: statics");
+    }
+    None
+}
+
 /// Every mapping of this process, from `/proc/self/maps` (no flags).
 ///
 /// # Errors
@@ -128,6 +170,8 @@ pub struct Lookup {
     file: Option<fs::File>,
     /// The mappings met so far (all of them without the ioctl), sorted by address.
     seen: Vec<Vma>,
+    /// [`Lookup::in_process`]'s verdict on each mapping asked about, by its start.
+    verdicts: std::collections::BTreeMap<usize, bool>,
 }
 
 impl Lookup {
@@ -144,11 +188,11 @@ impl Lookup {
             matches!(crate::sys::procmap_query(&file, 0, true), Ok(_) | Err(crate::sys::Errno::NOENT))
         });
         if works {
-            return Ok(Self { file: Some(file), seen: Vec::new() });
+            return Ok(Self { file: Some(file), seen: Vec::new(), verdicts: Default::default() });
         }
         let mut seen = vmas()?;
         seen.sort_unstable_by_key(|v| v.start);
-        Ok(Self { file: None, seen })
+        Ok(Self { file: None, seen, verdicts: Default::default() })
     }
 
     /// The mapping holding `addr`, if any.
@@ -171,6 +215,35 @@ impl Lookup {
             Err(crate::sys::Errno::NOENT) => Ok(None),
             Err(errno) => Err(Error::Sys { op: "PROCMAP_QUERY", errno }),
         }
+    }
+
+    /// Whether pagemig may move the page at `addr` in-process: it is mapped, of a kind
+    /// pagemig moves ([`Vma::refusal`]), not pagemig's own (`claimed`, as
+    /// [`crate::own::ranges`] gives them: its mappings and its threads' stacks), and not in
+    /// memory pagemig's threads may touch ([`shared_with_pagemig`]). Every other page is
+    /// the kernel's to move.
+    ///
+    /// # Errors
+    /// As [`Lookup::at`].
+    pub fn in_process(&mut self, addr: usize, claimed: &[(usize, usize)]) -> Result<bool> {
+        let page = addr & !(crate::sys::PAGE_SIZE - 1);
+        if crate::own::overlaps(claimed, page, page + crate::sys::PAGE_SIZE) {
+            return Ok(false);
+        }
+        let Some(v) = self.at(page)?.cloned() else { return Ok(false) };
+        if let Some(&verdict) = self.verdicts.get(&v.start) {
+            return Ok(verdict);
+        }
+        let verdict = v.refusal().is_none() && {
+            let prev = match v.start.checked_sub(1) {
+                Some(below) => self.at(below)?.filter(|p| p.end == v.start).cloned(),
+                None => None,
+            };
+            let next = self.at(v.end)?.filter(|n| n.start == v.end).cloned();
+            shared_with_pagemig(&v, prev.as_ref(), next.as_ref()).is_none()
+        };
+        self.verdicts.insert(v.start, verdict);
+        Ok(verdict)
     }
 
     /// The mappings overlapping `[start, end)`, in address order.
@@ -276,6 +349,45 @@ mod tests {
             crate::sys::munmap(hole, 4096).unwrap();
             crate::sys::munmap(hole + 2 * 4096, 4096).unwrap();
         }
+    }
+
+    #[test]
+    fn memory_pagemig_threads_touch_is_recognised() {
+        let vma = |line: &str| parse_line(line).unwrap();
+        let arena = vma("7f0004000000-7f0004021000 rw-p 00000000 00:00 0");
+        let tail = vma("7f0004021000-7f0008000000 ---p 00000000 00:00 0");
+        assert_eq!(shared_with_pagemig(&arena, None, Some(&tail)), Some("a malloc arena's heap"));
+        let guard = vma("7f1000000000-7f1000001000 ---p 00000000 00:00 0");
+        let stack = vma("7f1000001000-7f1000801000 rw-p 00000000 00:00 0");
+        assert!(shared_with_pagemig(&stack, Some(&guard), None).unwrap().contains("thread stack"));
+        let lib = vma("7f2000000000-7f2000010000 rw-p 0001f000 08:01 99 /usr/lib/libpagemig.so");
+        let bss = vma("7f2000010000-7f2000012000 rw-p 00000000 00:00 0");
+        assert!(shared_with_pagemig(&bss, Some(&lib), None).unwrap().contains(".bss"));
+        // A plain mapping of the program's, with an ordinary neighbour.
+        let buf = vma("7f3000200000-7f3000600000 rw-p 00000000 00:00 0");
+        let other = vma("7f3000000000-7f3000200000 rw-p 00000000 00:00 0");
+        assert_eq!(shared_with_pagemig(&buf, Some(&other), None), None);
+        assert_eq!(shared_with_pagemig(&buf, None, None), None);
+    }
+
+    /// A thread's stack is not the program's to move in-process, nor are pagemig's own
+    /// mappings; a mapping of the test's own is.
+    #[test]
+    fn in_process_excludes_thread_stacks_and_pagemig_memory() {
+        let map = crate::sys::Mapping::new(1 << 20, 4096).unwrap();
+        let own = crate::sys::Mapping::new_own(1 << 20, 4096).unwrap();
+        let claimed = crate::own::ranges();
+        let mut lookup = Lookup::open().unwrap();
+        assert!(lookup.in_process(map.addr() + 4096, &claimed).unwrap());
+        assert!(!lookup.in_process(own.addr(), &claimed).unwrap());
+        let on_stack = std::thread::spawn(|| {
+            let probe = 0u64;
+            let at = &probe as *const u64 as usize;
+            Lookup::open().unwrap().in_process(at, &crate::own::ranges()).unwrap()
+        })
+        .join()
+        .unwrap();
+        assert!(!on_stack, "a thread's stack goes to the kernel");
     }
 
     #[test]

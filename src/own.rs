@@ -1,5 +1,6 @@
 //! The address ranges pagemig maps for itself: destination pool chunks, graveyards, the
-//! copy kernels' measuring buffers.
+//! copy kernels' measuring buffers, and the stacks of the threads it starts (their TLS
+//! included: glibc keeps a thread's TLS block at the top of its stack mapping).
 //!
 //! They are private anonymous read-write memory like the program's, and nothing in
 //! `/proc/self/maps` tells them apart, so whoever walks the process's mappings to migrate
@@ -78,6 +79,48 @@ pub fn ranges() -> Vec<(usize, usize)> {
     with(|ranges| ranges.clone())
 }
 
+/// Whether any part of `[start, end)` is claimed in `claimed` (sorted and disjoint, as
+/// [`ranges`] returns them).
+pub fn overlaps(claimed: &[(usize, usize)], start: usize, end: usize) -> bool {
+    let at = claimed.partition_point(|&(_, e)| e <= start);
+    claimed.get(at).is_some_and(|&(s, _)| s < end)
+}
+
+/// The claim on the stack of a thread pagemig started, for as long as the thread runs:
+/// made by [`ThreadStack::claim`] first thing on the thread, given up when the thread's
+/// work ends (glibc may hand a cached stack to a thread of the program's afterwards).
+///
+/// While a pagemig thread runs, the program may name its stack in a `move_pages` of its
+/// own memory (a program that moves every mapping it finds in `/proc/self/maps`): moved
+/// in-process, the thread would fault on its own stack, protected by the very migration it
+/// serves, and wait for ever. Claimed, those pages go to the kernel, which moves them
+/// safely.
+#[derive(Debug)]
+pub struct ThreadStack {
+    range: Option<(usize, usize)>,
+    pid: u32,
+}
+
+impl ThreadStack {
+    /// Claims the calling thread's stack mapping.
+    pub fn claim() -> Self {
+        let range = crate::sys::current_thread_stack();
+        if let Some((start, end)) = range {
+            claim(start, end - start);
+        }
+        Self { range, pid: std::process::id() }
+    }
+}
+
+impl Drop for ThreadStack {
+    fn drop(&mut self) {
+        // A forked child's set never held the parent's claim.
+        if let Some((start, end)) = self.range.filter(|_| self.pid == std::process::id()) {
+            disclaim(start, end - start);
+        }
+    }
+}
+
 /// Cuts `[start, end)` out of the sorted, disjoint `ranges`.
 fn remove(ranges: &mut Vec<(usize, usize)>, start: usize, end: usize) {
     let mut out = Vec::with_capacity(ranges.len() + 1);
@@ -110,6 +153,33 @@ pub fn unclaimed(start: usize, end: usize, claimed: &[(usize, usize)]) -> (Vec<(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlaps_finds_any_claimed_byte() {
+        let r = [(0x2000, 0x3000), (0x5000, 0x8000)];
+        assert!(!overlaps(&r, 0x1000, 0x2000));
+        assert!(overlaps(&r, 0x1000, 0x2001));
+        assert!(!overlaps(&r, 0x3000, 0x5000));
+        assert!(overlaps(&r, 0x7fff, 0x9000));
+        assert!(!overlaps(&r, 0x8000, 0x9000));
+        assert!(!overlaps(&[], 0, usize::MAX));
+    }
+
+    #[test]
+    fn a_thread_stack_is_claimed_while_the_thread_runs() {
+        let (inside, after) = std::thread::spawn(|| {
+            let probe = 0u64;
+            let at = &probe as *const u64 as usize;
+            let claim = ThreadStack::claim();
+            let inside = overlaps(&ranges(), at, at + 8);
+            drop(claim);
+            (inside, overlaps(&ranges(), at, at + 8))
+        })
+        .join()
+        .unwrap();
+        assert!(inside, "the running thread's stack is pagemig's");
+        assert!(!after, "given up when its work ends");
+    }
 
     #[test]
     fn claims_split_and_merge_as_ranges_are_unmapped() {

@@ -31,8 +31,18 @@ pub(super) fn prepare_call(folios: &[Folio<'_>], target: u32, prepared: u64) -> 
     let vmas = maps::vmas_with_flags(lo, hi)?;
     let runs = contiguous_runs(sorted.iter().copied());
     let own_stack = sys::current_thread_stack();
+    let claimed = crate::own::ranges();
     for &(s, e) in &runs {
         maps::check_movable(s, e, &vmas)?;
+        // pagemig's own mappings and its threads' stacks: its threads would wait on
+        // protections of their own.
+        if crate::own::overlaps(&claimed, s, e) {
+            return Err(Error::NotMovable {
+                start: s,
+                end: e,
+                why: "pagemig's own memory (a mapping or a thread stack of its own)".into(),
+            });
+        }
         // The migrating thread writes its own stack: protecting it would deadlock.
         if let Some((ss, se)) = own_stack.filter(|&(ss, se)| s < se && ss < e) {
             return Err(Error::NotMovable {

@@ -6,7 +6,9 @@
 //! `PAGEMAP_SCAN` ioctl). Pages already on their target node are left alone, pages that
 //! are not there report `ENOENT` (never touched) or `EFAULT` (not mapped), and pages
 //! pagemig does not move itself (shared, file-backed or special mappings, the calling
-//! thread's stack) go to the kernel's `move_pages(2)`, so that nothing fails that the
+//! thread's stack, pagemig's own mappings and every memory its threads may touch while a
+//! migration runs: thread stacks and TLS, malloc arenas, statics) go to the kernel's
+//! `move_pages(2)`, so that nothing fails that the
 //! kernel would have served. Every other page goes through the batch pipeline.
 #![allow(unsafe_code, reason = "names the caller's pages as folios, under the caller's promise")]
 
@@ -24,8 +26,10 @@ use crate::sys::{self, HPAGE_SIZE, PAGE_SIZE};
 const MAX_NODES: i32 = 1024;
 
 /// The parts of `addr .. addr + len` (rounded out to whole pages) that lie in mappings
-/// pagemig moves itself (private, anonymous, read-write memory), in address order; the
-/// rest of the range is unmapped or memory [`Engine::move_pages`] hands to the kernel.
+/// pagemig moves itself (private, anonymous, read-write memory that is not pagemig's own
+/// nor memory its threads may touch: thread stacks, malloc arenas, statics), in address
+/// order; the rest of the range is unmapped or memory [`Engine::move_pages`] hands to the
+/// kernel.
 ///
 /// # Errors
 /// [`Error::Invalid`] for an empty or wrapping range; the errno of reading
@@ -37,12 +41,20 @@ pub fn movable_ranges(addr: usize, len: usize) -> Result<Vec<std::ops::Range<usi
         .filter(|_| len > 0)
         .ok_or_else(|| Error::Invalid(format!("range {addr:#x}+{len:#x} is empty or wraps around")))?;
     let start = addr & !(PAGE_SIZE - 1);
-    Ok(maps::Lookup::open()?
-        .range(start, end)?
-        .iter()
-        .filter(|v| v.refusal().is_none())
-        .map(|v| v.start.max(start)..v.end.min(end))
-        .collect())
+    let claimed = crate::own::ranges();
+    let mut lookup = maps::Lookup::open()?;
+    let mut out = Vec::new();
+    for v in lookup.range(start, end)? {
+        let (s, e) = (v.start.max(start), v.end.min(end));
+        if !lookup.in_process(s, &[])? {
+            continue;
+        }
+        // pagemig's own memory inside the mapping (a destination it merged with) is cut out.
+        for (ps, pe) in crate::own::unclaimed(s, e, &claimed).0 {
+            out.push(ps..pe);
+        }
+    }
+    Ok(out)
 }
 
 impl Engine {
@@ -192,9 +204,12 @@ impl Engine {
     fn move_all(&self, pages: &[usize], nodes: &[i32], status: &mut [i32], opts: &MigrateOptions) -> Result<usize> {
         let page_of = |i: usize| pages[i] & !(PAGE_SIZE - 1);
         let mut vmas = maps::Lookup::open()?;
+        // pagemig's own mappings and its threads' stacks: the kernel's to move, as is
+        // memory pagemig's threads may touch (see `maps::shared_with_pagemig`).
+        let claimed = crate::own::ranges();
         let (mut candidates, mut direct) = (Vec::new(), Vec::new());
         for i in 0..pages.len() {
-            let movable = vmas.at(page_of(i))?.is_some_and(|v| v.refusal().is_none());
+            let movable = vmas.in_process(page_of(i), &claimed)?;
             if movable { candidates.push(i) } else { direct.push(i) }
         }
         let mut not_moved = kernel_moves(pages, nodes, status, &direct)?;
