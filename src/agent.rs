@@ -167,9 +167,7 @@ fn listen(pid: u32) -> Result<()> {
         agent_error(io_errno(&e), format!("binding @{}: {e} (another process holds the name?)", socket_name(pid)))
     })?;
     sys::close_in_children(listener.as_raw_fd());
-    std::thread::Builder::new()
-        .name("pagemig-agent".into())
-        .spawn(move || serve(listener))
+    sys::thread::spawn("pagemig-agent", move || serve(listener))
         .map_err(|e| agent_error(io_errno(&e), format!("starting the agent thread: {e}")))?;
     Ok(())
 }
@@ -988,10 +986,11 @@ mod tests {
     /// Runs `body` on a thread of its own and fails the test if it takes over `secs`.
     fn watchdog(secs: u64, body: impl FnOnce() + Send + 'static) {
         let (tx, rx) = std::sync::mpsc::channel();
-        let handle = std::thread::spawn(move || {
+        let handle = sys::thread::spawn("agent-test-watched", move || {
             body();
             let _ = tx.send(());
-        });
+        })
+        .unwrap();
         match rx.recv_timeout(Duration::from_secs(secs)) {
             Ok(()) => handle.join().unwrap(),
             // The body panicked: join to show its message.

@@ -347,7 +347,7 @@ pub fn kernels() -> Kernels {
 pub fn measure_in_background() {
     let measuring = MEASURING.load(Ordering::Acquire);
     if KERNELS.load(Ordering::Acquire).is_null() && measuring != std::process::id() {
-        let _ = std::thread::Builder::new().name("pagemig-calibrate".into()).spawn(|| {
+        let _ = sys::thread::spawn("pagemig-calibrate", || {
             let _ = kernels();
         });
     }

@@ -352,9 +352,7 @@ impl Pool {
             let mut preparer = self.preparer.lock();
             if preparer.is_none() && bytes > 0 {
                 let inner = self.inner.clone();
-                let handle = std::thread::Builder::new()
-                    .name("pagemig-reserve".into())
-                    .spawn(move || inner.prepare_reserves())
+                let handle = sys::thread::spawn("pagemig-reserve", move || inner.prepare_reserves())
                     .map_err(|_| Error::sys("reserve thread")(sys::Errno::AGAIN))?;
                 *preparer = Some(handle);
             }

@@ -117,7 +117,7 @@ impl Device {
         for chan in &channels {
             let cpu = (!cpus.is_empty()).then(|| cpus[NEXT_CPU.fetch_add(1, Ordering::Relaxed) % cpus.len()]);
             let body = chan.worker();
-            let spawned = std::thread::Builder::new().name(chan.name().to_string()).spawn(move || {
+            let spawned = crate::sys::thread::spawn(chan.name(), move || {
                 if let Some(cpu) = cpu {
                     // Pinning is an optimisation; a refusal (cgroup, seccomp) is fine.
                     let _ = crate::sys::pin_to_cpu(cpu);

@@ -115,10 +115,10 @@ impl Engine {
             }
         });
         let opts = MigrateOptions { cancel: Some(cancel.clone()), progress: Some(progress), ..opts };
-        let thread = std::thread::Builder::new()
-            .name("pagemig-background".into())
-            .spawn(move || self.migrate_pages(&folios, target, reason, mode, &opts))
-            .map_err(|_| Error::sys("background migration thread")(crate::sys::Errno::AGAIN))?;
+        let thread = crate::sys::thread::spawn("pagemig-background", move || {
+            self.migrate_pages(&folios, target, reason, mode, &opts)
+        })
+        .map_err(|_| Error::sys("background migration thread")(crate::sys::Errno::AGAIN))?;
         Ok(Background { thread: Some(thread), cancel, moved, total })
     }
 }

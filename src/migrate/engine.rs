@@ -283,10 +283,10 @@ impl Engine {
             let (tx, rx) = std::sync::mpsc::sync_channel(mover::QUEUE);
             let mover = threaded
                 .then(|| {
-                    std::thread::Builder::new()
-                        .name("pagemig-mover".into())
-                        .spawn_scoped(s, move || mover::serve(self, rx, target, reporter, abort))
-                        .ok()
+                    crate::sys::thread::spawn_scoped(s, "pagemig-mover", move || {
+                        mover::serve(self, rx, target, reporter, abort)
+                    })
+                    .ok()
                 })
                 .flatten();
             let tx = mover.is_some().then_some(tx);

@@ -48,23 +48,21 @@ impl Reader {
     pub fn spawn(uffd: Arc<Uffd>, busy: Arc<Busy>) -> Result<Self, Errno> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("pagemig-events".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    if !uffd.poll(POLL_MS) {
-                        continue;
-                    }
-                    let mut claims = busy.lock();
-                    // Reading releases the threads the events held: under the lock.
-                    if let Ok(events) = uffd.read_messages() {
-                        for event in events {
-                            handle(&uffd, &mut claims, event);
-                        }
+        let handle = crate::sys::thread::spawn("pagemig-events", move || {
+            while !flag.load(Ordering::Relaxed) {
+                if !uffd.poll(POLL_MS) {
+                    continue;
+                }
+                let mut claims = busy.lock();
+                // Reading releases the threads the events held: under the lock.
+                if let Ok(events) = uffd.read_messages() {
+                    for event in events {
+                        handle(&uffd, &mut claims, event);
                     }
                 }
-            })
-            .map_err(|_| Errno::AGAIN)?;
+            }
+        })
+        .map_err(|_| Errno::AGAIN)?;
         Ok(Self { stop, handle: Some(handle) })
     }
 }

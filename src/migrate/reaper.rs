@@ -75,17 +75,15 @@ impl Reaper {
         let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
         let p = pending.clone();
         let u = uffd.clone();
-        std::thread::Builder::new()
-            .name("pagemig-reaper".into())
-            .spawn(move || {
-                for g in rx {
-                    free(&u, &g);
-                    let (lock, cv) = &*p;
-                    *lock.lock() -= g.len;
-                    cv.notify_all();
-                }
-            })
-            .expect("spawn the reaper thread");
+        crate::sys::thread::spawn("pagemig-reaper", move || {
+            for g in rx {
+                free(&u, &g);
+                let (lock, cv) = &*p;
+                *lock.lock() -= g.len;
+                cv.notify_all();
+            }
+        })
+        .expect("spawn the reaper thread");
         Self { uffd, tx: Mutex::new(tx), pending, limit }
     }
 

@@ -41,27 +41,25 @@ impl ZeroFill {
     pub fn spawn(uffd: Arc<Uffd>) -> Result<Self, Errno> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let handle = std::thread::Builder::new()
-            .name("pagemig-zerofill".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    if !uffd.poll(POLL_MS) {
-                        continue;
-                    }
-                    for event in uffd.read_messages().unwrap_or_default() {
-                        if let Event::Missing { addr } = event {
-                            let page = addr & !(sys::PAGE_SIZE - 1);
-                            // SAFETY: only the engine's own empty destinations and graveyards
-                            // are registered here; the faulting thread waits for this page
-                            // and, on a fresh page, would have read zeros. `EEXIST` (filled
-                            // meanwhile) wakes it all the same.
-                            let _ = unsafe { uffd.copy(page, ZEROS.0.as_ptr() as usize, sys::PAGE_SIZE) };
-                            let _ = uffd.wake(page, sys::PAGE_SIZE);
-                        }
+        let handle = crate::sys::thread::spawn("pagemig-zerofill", move || {
+            while !flag.load(Ordering::Relaxed) {
+                if !uffd.poll(POLL_MS) {
+                    continue;
+                }
+                for event in uffd.read_messages().unwrap_or_default() {
+                    if let Event::Missing { addr } = event {
+                        let page = addr & !(sys::PAGE_SIZE - 1);
+                        // SAFETY: only the engine's own empty destinations and graveyards
+                        // are registered here; the faulting thread waits for this page
+                        // and, on a fresh page, would have read zeros. `EEXIST` (filled
+                        // meanwhile) wakes it all the same.
+                        let _ = unsafe { uffd.copy(page, ZEROS.0.as_ptr() as usize, sys::PAGE_SIZE) };
+                        let _ = uffd.wake(page, sys::PAGE_SIZE);
                     }
                 }
-            })
-            .map_err(|_| Errno::AGAIN)?;
+            }
+        })
+        .map_err(|_| Errno::AGAIN)?;
         Ok(Self { stop, handle: Some(handle) })
     }
 }

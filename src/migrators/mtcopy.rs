@@ -194,18 +194,16 @@ impl MtCopy {
         while workers.len() < n {
             let (tx, rx) = channel::<Job>();
             let core = (!cores.is_empty()).then(|| cores[workers.len() % cores.len()]);
-            let handle = std::thread::Builder::new()
-                .name(format!("mtcopy-{}", workers.len()))
-                .spawn(move || {
-                    if let Some(c) = core {
-                        // Pinning is an optimisation; a refusal (cgroup, seccomp) is fine.
-                        let _ = sys::pin_to_cpu(c);
-                    }
-                    for job in rx {
-                        run_job(job);
-                    }
-                })
-                .expect("spawn an mtcopy worker");
+            let handle = sys::thread::spawn(format!("mtcopy-{}", workers.len()), move || {
+                if let Some(c) = core {
+                    // Pinning is an optimisation; a refusal (cgroup, seccomp) is fine.
+                    let _ = sys::pin_to_cpu(c);
+                }
+                for job in rx {
+                    run_job(job);
+                }
+            })
+            .expect("spawn an mtcopy worker");
             workers.push(Worker { pid, tx, handle: Some(handle) });
         }
         workers

@@ -9,6 +9,7 @@
 #![allow(unsafe_code)]
 
 pub mod mapping;
+pub mod thread;
 pub mod uffd;
 
 pub use mapping::Mapping;
