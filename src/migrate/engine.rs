@@ -84,6 +84,10 @@ impl Engine {
     /// not carry over. The child's engine takes the settings of the parent's, and the
     /// config is not read again.
     ///
+    /// Likewise once the program closed or replaced the engine's descriptors
+    /// ([`Engine::descriptors_lost`]): the next call opens a new engine with the same
+    /// settings. A reference to the old one stays valid; its calls fail with `EBADF`.
+    ///
     /// # Errors
     /// As [`Engine::new`], on every call once opening failed (in this process).
     pub fn global() -> Result<&'static Engine> {
@@ -105,6 +109,29 @@ impl Engine {
     /// itself, or a call could wait on its own state.
     pub(crate) fn heap_anchors(&self) -> [usize; 3] {
         [self as *const Self as usize, Arc::as_ptr(&self.uffd) as usize, Arc::as_ptr(&self.busy) as usize]
+    }
+
+    /// Whether this engine's descriptors are gone: the program closed one of its
+    /// userfaultfds or put a file of its own at its number (`close_range`, `dup2`). Both are
+    /// given up then (see [`Uffd::check`]): the engine's threads end, its calls fail with
+    /// `EBADF` before touching anything (`move_pages` and `move_range` hand their pages to
+    /// the kernel), and [`Engine::global`] opens a new engine in its place.
+    pub fn descriptors_lost(&self) -> bool {
+        let graves = self.reaper.uffd();
+        if self.uffd.check().is_ok() && graves.check().is_ok() {
+            return false;
+        }
+        self.uffd.abandon();
+        graves.abandon();
+        true
+    }
+
+    /// [`Engine::descriptors_lost`] as the error of a call.
+    fn check_descriptors(&self) -> Result<()> {
+        if self.descriptors_lost() {
+            return Err(Error::Sys { op: "userfaultfd (closed or replaced by the program)", errno: Errno::BADF });
+        }
+        Ok(())
     }
 
     /// What the kernel allows this process.
@@ -228,8 +255,9 @@ impl Engine {
     /// # Errors
     /// Before touching anything: [`Error::Invalid`] for no folios, overlapping folios or a
     /// bad `max_batch_pages`; [`Error::UnknownNode`]; [`Error::NotMovable`] for memory
-    /// pagemig may not move; [`Error::NodeFull`] or [`Error::MapCountLimit`] (`ENOMEM`).
-    /// After some folios moved: [`Error::Partial`] with the stats and the first error; the
+    /// pagemig may not move; [`Error::NodeFull`] or [`Error::MapCountLimit`] (`ENOMEM`);
+    /// [`Error::Sys`] with `EBADF` once the program closed or replaced the engine's
+    /// descriptors ([`Engine::descriptors_lost`]). After some folios moved: [`Error::Partial`] with the stats and the first error; the
     /// folios that did not move are exactly as they were.
     pub fn migrate_pages(
         &self,
@@ -244,6 +272,9 @@ impl Engine {
         // the first migration on: an engine that moves nothing (a call handed to the kernel
         // whole) never spends the measuring's copies and buffers.
         crate::copy::measure_in_background();
+        // Descriptors the program closed or replaced: nothing is touched, the caller (or
+        // `move_pages`, which hands the pages to the kernel) decides.
+        self.check_descriptors()?;
         // The reserve thread tops up between calls, not during one.
         let _running = self.pool.call_started();
         let max_batch = check_max_batch_pages(opts.max_batch_pages.unwrap_or_else(|| self.max_batch_pages()))?;
@@ -279,6 +310,14 @@ impl Engine {
         let abort = abort::Abort::default();
         let abort = &abort;
         let tally = std::thread::scope(|s| {
+            // The progress callback's own thread (see `mover::Reporter`).
+            let progress = reporter
+                .wanted()
+                .then(|| crate::sys::thread::spawn_scoped(s, "pagemig-progress", move || reporter.serve(abort)).ok())
+                .flatten();
+            if progress.is_some() {
+                reporter.served();
+            }
             // Without a mover thread (none could be spawned) the moves run here.
             let (tx, rx) = std::sync::mpsc::sync_channel(mover::QUEUE);
             let mover = threaded
@@ -322,7 +361,13 @@ impl Engine {
                 abort.raise("pagemig", crate::offload::registry::panic_message(payload.as_ref()));
             }
             drop(tx);
-            mover.and_then(|h| h.join().ok())
+            let tally = mover.and_then(|h| h.join().ok());
+            // Every folio has moved or been put back: a callback waiting on one goes on.
+            reporter.finish();
+            if let Some(h) = progress {
+                let _ = h.join();
+            }
+            tally
         });
         if let Some(tally) = tally {
             stats.accumulate(&tally.stats);
@@ -370,6 +415,8 @@ fn slot() -> &'static Slot {
     static SLOT: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
     /// The process that is opening its engine (a stale pid in a child forked meanwhile).
     static OPENING: AtomicU32 = AtomicU32::new(0);
+    /// The slot whose engine lost its descriptors and is being replaced.
+    static REOPENING: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
     let pid = std::process::id();
     let load = || {
         // SAFETY: a non-null slot was leaked by `Box::into_raw` below and is never freed.
@@ -377,7 +424,35 @@ fn slot() -> &'static Slot {
     };
     loop {
         if let Some(slot) = load().filter(|s| s.pid == pid) {
-            return slot;
+            let Ok(old) = slot.engine else { return slot };
+            if !old.descriptors_lost() {
+                return slot;
+            }
+            // The program closed or replaced the engine's descriptors: one thread opens a
+            // new engine with its settings; the old one stays (leaked, as every engine).
+            let stale = slot as *const Slot as *mut Slot;
+            let other = REOPENING.load(Ordering::Acquire);
+            if other != stale && REOPENING.compare_exchange(other, stale, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                // Its prepared destinations are of no use to anyone now.
+                old.pool.clear();
+                match Engine::new() {
+                    Ok(engine) => {
+                        engine.take_settings(old);
+                        let engine = Ok(&*Box::leak(Box::new(engine)));
+                        let fresh = Box::into_raw(Box::new(Slot { pid, engine, loaded: slot.loaded }));
+                        SLOT.store(fresh, Ordering::Release);
+                    }
+                    // Not now (no descriptor left, say): this call's caller meets the old
+                    // engine's `EBADF`, and the next call tries again.
+                    Err(_) => {
+                        REOPENING.store(std::ptr::null_mut(), Ordering::Release);
+                        return slot;
+                    }
+                }
+                continue;
+            }
+            std::thread::yield_now();
+            continue;
         }
         let opening = OPENING.load(Ordering::Acquire);
         if opening != pid && OPENING.compare_exchange(opening, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {

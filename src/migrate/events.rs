@@ -50,14 +50,27 @@ impl Reader {
         let flag = stop.clone();
         let handle = crate::sys::thread::spawn("pagemig-events", move || {
             while !flag.load(Ordering::Relaxed) {
-                if !uffd.poll(POLL_MS) {
-                    continue;
+                match uffd.poll(POLL_MS) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    // The program closed the descriptor or put a file of its own at its
+                    // number: given up (see `Uffd::check`), and this thread ends.
+                    Err(_) => return,
                 }
                 let mut claims = busy.lock();
                 // Reading releases the threads the events held: under the lock.
-                if let Ok(events) = uffd.read_messages() {
-                    for event in events {
-                        handle(&uffd, &mut claims, event);
+                match uffd.read_messages() {
+                    Ok(events) => {
+                        for event in events {
+                            handle(&uffd, &mut claims, event);
+                        }
+                    }
+                    Err(_) if uffd.is_lost() => return,
+                    // Not seen from a userfaultfd that polled readable; were it to happen,
+                    // wait a poll's time rather than spin.
+                    Err(_) => {
+                        drop(claims);
+                        std::thread::sleep(Duration::from_millis(POLL_MS as u64));
                     }
                 }
             }

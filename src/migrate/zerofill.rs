@@ -43,10 +43,21 @@ impl ZeroFill {
         let flag = stop.clone();
         let handle = crate::sys::thread::spawn("pagemig-zerofill", move || {
             while !flag.load(Ordering::Relaxed) {
-                if !uffd.poll(POLL_MS) {
-                    continue;
+                match uffd.poll(POLL_MS) {
+                    Ok(true) => {}
+                    Ok(false) => continue,
+                    // Not the engine's descriptor any more: given up, and this thread ends.
+                    Err(_) => return,
                 }
-                for event in uffd.read_messages().unwrap_or_default() {
+                let events = match uffd.read_messages() {
+                    Ok(events) => events,
+                    Err(_) if uffd.is_lost() => return,
+                    Err(_) => {
+                        std::thread::sleep(std::time::Duration::from_millis(POLL_MS as u64));
+                        continue;
+                    }
+                };
+                for event in events {
                     if let Event::Missing { addr } = event {
                         let page = addr & !(sys::PAGE_SIZE - 1);
                         // SAFETY: only the engine's own empty destinations and graveyards

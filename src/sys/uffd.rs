@@ -18,10 +18,28 @@
 //! allowed (an unprivileged process with `vm.unprivileged_userfaultfd = 0`), kernel writes
 //! into protected memory fail with `EFAULT` instead of sleeping; [`Uffd::user_mode_only`]
 //! reports it.
+//!
+//! # Whose descriptor
+//! A descriptor number is not an identity: a program may close every descriptor
+//! (`close_range(3, ~0U, 0)`, daemonising) or `dup2` its own files over them, and its next
+//! pipe or socket takes the freed number. Reading there would take the program's bytes.
+//! Before every `poll`, `read` and ioctl, [`Uffd`] proves the number still names the file
+//! it opened: `fstat` gives the inode of that file (each userfaultfd has an anonymous inode
+//! of its own since Linux 5.12, and the kernels with `UFFDIO_MOVE` are later), and
+//! `kcmp(KCMP_FILE)` compares the number with a second, private descriptor of the same
+//! open file kept at a high number (`F_DUPFD_CLOEXEC`), which the program's next `open`
+//! does not take. Once the proof fails the descriptor is *lost* for good: every call
+//! answers `EBADF` without touching the number, and the descriptors still proven to be
+//! this file are closed, so that the kernel releases the userfaultfd (unregistering its
+//! ranges and waking their threads) rather than keep it half in use.
+//!
+//! What is left is the moment between the proof and the call: a program that closes the
+//! number and opens another file there in that instant, from another thread, is not seen.
 #![allow(unsafe_code)]
 
 use std::fs::OpenOptions;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use linux_raw_sys::general::{
     UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_FEATURE_EVENT_REMAP,
@@ -90,12 +108,98 @@ pub enum Event {
 /// An open userfaultfd descriptor set up for write-protect tracking.
 ///
 /// # Invariants
-/// `UFFDIO_API` succeeded on `fd` with at least `UFFD_FEATURE_PAGEFAULT_FLAG_WP`.
+/// `UFFDIO_API` succeeded on `fd` with at least `UFFD_FEATURE_PAGEFAULT_FLAG_WP`. While
+/// `lost` is false, `fd` and `keep` were opened here and are closed only by `Drop` or
+/// [`Uffd::abandon`]; once it is true, neither number is used again.
 #[derive(Debug)]
 pub struct Uffd {
-    fd: OwnedFd,
+    fd: RawFd,
+    identity: Identity,
+    lost: AtomicBool,
     user_mode_only: bool,
     wp_unpopulated: bool,
+}
+
+/// What proves that a descriptor number still names the userfaultfd opened here.
+#[derive(Debug)]
+struct Identity {
+    /// `st_dev` and `st_ino` of the file.
+    inode: (u64, u64),
+    /// A private duplicate of the same open file at a high number, if one could be made.
+    keep: Option<RawFd>,
+    /// Whether `kcmp(KCMP_FILE)` answers in this process (the kernel may lack it, or a
+    /// seccomp filter refuse it): without it the duplicate is checked by its inode too.
+    kcmp: bool,
+}
+
+/// `KCMP_FILE` from `<linux/kcmp.h>`.
+const KCMP_FILE: libc::c_int = 0;
+
+impl Identity {
+    /// Records who `fd` is and keeps a duplicate of it.
+    ///
+    /// # Errors
+    /// The `fstat` errno.
+    fn of(fd: RawFd) -> Result<Self, Errno> {
+        let inode = inode(fd)?;
+        let keep = keep_high(fd);
+        let kcmp = keep.is_some_and(|k| same_file(fd, k) == Ok(true));
+        Ok(Self { inode, keep, kcmp })
+    }
+
+    /// Whether `fd` still names the file recorded: its inode, and (`kcmp`) the very open
+    /// file the duplicate holds.
+    fn proves(&self, fd: RawFd) -> bool {
+        if inode(fd) != Ok(self.inode) {
+            return false;
+        }
+        match self.keep {
+            Some(keep) if self.kcmp => same_file(fd, keep) == Ok(true),
+            Some(keep) => inode(keep) == Ok(self.inode),
+            None => true,
+        }
+    }
+}
+
+/// `st_dev` and `st_ino` of the file `fd` names.
+fn inode(fd: RawFd) -> Result<(u64, u64), Errno> {
+    // SAFETY: `stat` is plain data, overwritten by `fstat`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fills the struct of ours; `fstat` reads nothing from the file itself.
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        return Err(last_errno());
+    }
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// `kcmp(pid, pid, KCMP_FILE, a, b)`: whether `a` and `b` name the same open file.
+///
+/// # Errors
+/// `EBADF` where either is not open; `ENOSYS`/`EPERM` where `kcmp` is not available.
+fn same_file(a: RawFd, b: RawFd) -> Result<bool, Errno> {
+    // SAFETY: `kcmp` takes its arguments by value and only compares kernel objects.
+    let pid = unsafe { libc::getpid() };
+    // SAFETY: as above.
+    let rc = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a, b) };
+    if rc < 0 { Err(last_errno()) } else { Ok(rc == 0) }
+}
+
+/// A close-on-exec duplicate of `fd` at a high number (three quarters of the soft
+/// `RLIMIT_NOFILE`, or the lowest free one when that is refused), which a program's next
+/// `open`, `pipe` or `socket` does not take after it closed its descriptors.
+fn keep_high(fd: RawFd) -> Option<RawFd> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: fills the struct of ours.
+    let floor = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+        (lim.rlim_cur.min(1 << 20) as RawFd / 4 * 3).max(3)
+    } else {
+        3
+    };
+    [floor, 3].into_iter().find_map(|floor| {
+        // SAFETY: `F_DUPFD_CLOEXEC` makes a new descriptor of ours and touches no memory.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) };
+        (dup >= 0).then_some(dup)
+    })
 }
 
 impl Uffd {
@@ -146,12 +250,57 @@ impl Uffd {
                     open_dev().or_else(|_| open_syscall(0))?
                 };
                 api(&fd2, features).map_err(|e| if e == Errno::INVAL { Errno::OPNOTSUPP } else { e })?;
-                return Ok(Self { fd: fd2, user_mode_only, wp_unpopulated: false });
+                return Self::own(fd2, user_mode_only, false);
             }
             Err(e) => return Err(e),
         };
-        // INVARIANT: UFFDIO_API succeeded with the features asked for.
-        Ok(Self { fd, user_mode_only, wp_unpopulated })
+        Self::own(fd, user_mode_only, wp_unpopulated)
+    }
+
+    fn own(fd: OwnedFd, user_mode_only: bool, wp_unpopulated: bool) -> Result<Self, Errno> {
+        let identity = Identity::of(fd.as_raw_fd())?;
+        // INVARIANT: UFFDIO_API succeeded with the features asked for; the descriptor and
+        // its duplicate were opened just now.
+        Ok(Self { fd: fd.into_raw_fd(), identity, lost: AtomicBool::new(false), user_mode_only, wp_unpopulated })
+    }
+
+    /// Whether the descriptor is still the userfaultfd opened here (see the module docs).
+    /// Once it is not, it is given up ([`Uffd::abandon`]) and this keeps answering `EBADF`.
+    ///
+    /// # Errors
+    /// `EBADF` when the program closed the descriptor or put another file at its number.
+    pub fn check(&self) -> Result<(), Errno> {
+        if self.lost.load(Ordering::Acquire) {
+            return Err(Errno::BADF);
+        }
+        if self.identity.proves(self.fd) {
+            return Ok(());
+        }
+        self.abandon();
+        Err(Errno::BADF)
+    }
+
+    /// Whether the descriptor was given up ([`Uffd::check`] failed, or
+    /// [`Uffd::abandon`]); cheaper than [`Uffd::check`], and proves nothing.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    /// Gives the descriptor up: no call uses it again (they answer `EBADF`), and its numbers
+    /// that still name this userfaultfd are closed, so that once no descriptor of it is
+    /// left the kernel releases it, unregistering its ranges and waking the threads waiting
+    /// on them. A number that names another file now is the program's and is left alone.
+    pub fn abandon(&self) {
+        if self.lost.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for fd in std::iter::once(self.fd).chain(self.identity.keep) {
+            if inode(fd) == Ok(self.identity.inode) {
+                // SAFETY: the number names this userfaultfd's file (its inode), and `lost`
+                // keeps every other use of it away from now on.
+                unsafe { libc::close(fd) };
+            }
+        }
     }
 
     /// Whether only user-mode faults are handled: kernel writes into protected memory
@@ -232,7 +381,10 @@ impl Uffd {
     /// threads sleep until woken). Reading an event releases the thread that caused it.
     ///
     /// # Errors
-    /// The `read` errno, other than `EAGAIN` (nothing waiting).
+    /// The `read` errno, other than `EAGAIN` (nothing waiting), when nothing was read: the
+    /// events read before a failing `read` are returned (they released their threads and
+    /// must be handled), and the next call meets the error. `EBADF` once the descriptor is
+    /// not the one opened here ([`Uffd::check`]): nothing is read then.
     pub fn read_messages(&self) -> Result<Vec<Event>, Errno> {
         const N: usize = 64;
         let size = std::mem::size_of::<uffd_msg>();
@@ -240,11 +392,16 @@ impl Uffd {
         loop {
             let mut buf = [0u8; N * 32];
             debug_assert_eq!(size, 32);
-            // SAFETY: reads into a buffer of ours of the length given.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            // Proven before each read: a read from another file takes the program's bytes.
+            if let Err(e) = self.check() {
+                return if events.is_empty() { Err(e) } else { Ok(events) };
+            }
+            // SAFETY: reads into a buffer of ours of the length given, from the userfaultfd
+            // just proven to be ours.
+            let n = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
             if n < 0 {
                 let e = last_errno();
-                return if e == Errno::AGAIN { Ok(events) } else { Err(e) };
+                return if e == Errno::AGAIN || !events.is_empty() { Ok(events) } else { Err(e) };
             }
             let n = n as usize / size;
             for chunk in buf.chunks_exact(size).take(n) {
@@ -277,11 +434,23 @@ impl Uffd {
     }
 
     /// Waits up to `timeout_ms` for a message; returns whether one is waiting.
-    pub fn poll(&self, timeout_ms: i32) -> bool {
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one pollfd of ours, live for the call.
+    ///
+    /// # Errors
+    /// `EBADF` once the descriptor is not the one opened here ([`Uffd::check`]), also when
+    /// that shows during the wait (`POLLNVAL`, `POLLERR`, `POLLHUP`): a caller stops then
+    /// rather than poll again at once.
+    pub fn poll(&self, timeout_ms: i32) -> Result<bool, Errno> {
+        self.check()?;
+        let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd of ours, live for the call; `poll` reads nothing from the file.
         let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        n > 0 && pfd.revents & libc::POLLIN != 0
+        if n > 0 && pfd.revents & (libc::POLLNVAL | libc::POLLERR | libc::POLLHUP) != 0 {
+            // A userfaultfd reports none of these: the number names something else now.
+            self.check()?;
+            self.abandon();
+            return Err(Errno::BADF);
+        }
+        Ok(n > 0 && pfd.revents & libc::POLLIN != 0)
     }
 
     fn register(&self, start: usize, len: usize, mode: u64) -> Result<(), Errno> {
@@ -368,11 +537,20 @@ impl Uffd {
     }
 
     fn ioctl(&self, request: u32, arg: *mut libc::c_void) -> Result<(), Errno> {
+        // An ioctl of userfaultfd's numbers on the program's file could mean anything there.
+        self.check()?;
         // SAFETY: callers pass a pointer to the structure `request` expects, live for the
-        // call; userfaultfd ioctls change page protection and wake threads, never memory
-        // contents.
-        let ret = unsafe { libc::ioctl(self.fd.as_raw_fd(), request as libc::c_ulong, arg) };
+        // call; the descriptor was just proven to be this userfaultfd, whose ioctls change
+        // page protection and wake threads, never memory contents.
+        let ret = unsafe { libc::ioctl(self.fd, request as libc::c_ulong, arg) };
         if ret < 0 { Err(last_errno()) } else { Ok(()) }
+    }
+}
+
+impl Drop for Uffd {
+    fn drop(&mut self) {
+        // Closes the numbers still proven to be this file; the program's are left alone.
+        self.abandon();
     }
 }
 
@@ -505,6 +683,48 @@ mod tests {
         assert_eq!(resumable(12288, |_| calls.next().unwrap()), Err((4096, Errno::BUSY)));
         let mut calls = [(0, Err(Errno::AGAIN))].into_iter();
         assert_eq!(resumable(4096, |_| calls.next().unwrap()), Err((0, Errno::AGAIN)));
+    }
+
+    /// The identity check rests on each userfaultfd having an inode of its own.
+    #[test]
+    fn each_userfaultfd_has_an_inode_of_its_own() {
+        let a = Uffd::open().expect("userfaultfd");
+        let b = Uffd::open_for_moves().expect("userfaultfd");
+        assert_ne!(a.identity.inode, b.identity.inode);
+        assert_eq!(inode(a.fd), Ok(a.identity.inode));
+        assert!(a.check().is_ok() && b.check().is_ok());
+    }
+
+    /// A pipe `dup2`ed over the descriptor: every use answers `EBADF` at once (no spin on
+    /// `poll`), nothing is read from the pipe, and the pipe stays open for its owner.
+    #[test]
+    fn a_file_put_at_the_number_is_never_used() {
+        let uffd = Uffd::open().expect("userfaultfd");
+        let mut p = [0; 2];
+        // SAFETY: fills the array of ours.
+        assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) }, 0);
+        // SAFETY: the number is this test's own userfaultfd, replaced by its own pipe.
+        assert_eq!(unsafe { libc::dup2(p[0], uffd.fd) }, uffd.fd);
+        let bytes = [7u8; 96];
+        // SAFETY: writes from a buffer of ours.
+        assert_eq!(unsafe { libc::write(p[1], bytes.as_ptr().cast(), bytes.len()) }, 96);
+        let started = std::time::Instant::now();
+        assert_eq!(uffd.poll(1000), Err(Errno::BADF));
+        assert!(started.elapsed() < std::time::Duration::from_millis(500));
+        assert_eq!(uffd.read_messages(), Err(Errno::BADF));
+        assert_eq!(uffd.wake(0x10000, PAGE_SIZE), Err(Errno::BADF));
+        assert!(uffd.is_lost());
+        // The kept duplicate is closed (it was ours); the pipe at the number is not.
+        assert_eq!(uffd.identity.keep.map(inode), Some(Err(Errno::BADF)));
+        let mut back = [0u8; 128];
+        // SAFETY: reads into a buffer of ours, from the number the pipe now has.
+        assert_eq!(unsafe { libc::read(uffd.fd, back.as_mut_ptr().cast(), back.len()) }, 96);
+        // SAFETY: the pipe's descriptors are ours.
+        unsafe {
+            libc::close(p[0]);
+            libc::close(p[1]);
+            libc::close(uffd.fd);
+        }
     }
 
     #[test]

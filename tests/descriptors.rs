@@ -1,0 +1,269 @@
+//! A program closes or replaces pagemig's descriptors, as daemons do: `close_range(3, ~0U,
+//! 0)`, or `dup2` of its own files over every descriptor pagemig holds, then opens pipes and
+//! socketpairs that take the freed numbers. pagemig must notice (the open file, not the
+//! number), never read from or write to the program's files (every byte written to them is
+//! read back by the program), not spin on a descriptor that is gone, and serve later calls
+//! with a reopened engine or through the kernel, with every byte of the moved memory intact.
+//!
+//! Each case runs in a forked child (closing descriptors is process-wide) under a deadline.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use pagemig::{Engine, MigrateOptions, Mode, Reason, Region, numa, workload};
+
+/// What the program does to pagemig's descriptors.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Blow {
+    /// `close_range(3, ~0U, 0)`, a second without descriptors, then new pipes and
+    /// socketpairs until every number pagemig held is taken again.
+    CloseRange,
+    /// `dup2` of pipe and socket ends over every descriptor pagemig holds.
+    Dup2All,
+    /// `dup2` over the lowest-numbered half of pagemig's descriptors only.
+    Dup2Some,
+}
+
+const SEED: u64 = 4242;
+const LEN: usize = 4 << 20;
+/// Bytes written into each of the program's files.
+const BYTES: usize = 4096;
+/// Process CPU time over a second of the program sleeping that counts as spinning.
+const SPIN: Duration = Duration::from_millis(250);
+
+fn node() -> u32 {
+    numa::memory_nodes().unwrap()[0]
+}
+
+/// The node a further move targets: another one where there is one.
+fn other_node() -> u32 {
+    let nodes = numa::memory_nodes().unwrap();
+    *nodes.last().unwrap()
+}
+
+/// The descriptors open in this process.
+fn open_fds() -> Vec<i32> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: reads the limit into a struct of ours.
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    let max = lim.rlim_cur.min(1 << 16) as i32;
+    // SAFETY: F_GETFD only asks whether the number is open.
+    (0..max).filter(|&fd| unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1).collect()
+}
+
+/// User and system CPU time of the whole process so far.
+fn cpu() -> Duration {
+    // SAFETY: an all-zero rusage is a valid value to be overwritten.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: fills the struct of ours.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let us = |t: libc::timeval| t.tv_sec as u64 * 1_000_000 + t.tv_usec as u64;
+    Duration::from_micros(us(ru.ru_utime) + us(ru.ru_stime))
+}
+
+/// CPU time the process spends while this thread sleeps for `d`.
+fn cpu_while_sleeping(d: Duration) -> Duration {
+    let before = cpu();
+    std::thread::sleep(d);
+    cpu().saturating_sub(before)
+}
+
+/// A file pair of the program: bytes written at `write` are read at `read`.
+struct Pair {
+    what: &'static str,
+    read: i32,
+    write: i32,
+}
+
+fn pipe_pair() -> Pair {
+    let mut fds = [0; 2];
+    // SAFETY: fills the array of ours.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK) }, 0);
+    Pair { what: "pipe", read: fds[0], write: fds[1] }
+}
+
+fn socket_pair() -> Pair {
+    let mut fds = [0; 2];
+    // SAFETY: fills the array of ours.
+    let rc = unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0, fds.as_mut_ptr()) };
+    assert_eq!(rc, 0);
+    Pair { what: "socketpair", read: fds[0], write: fds[1] }
+}
+
+fn pattern(k: usize) -> Vec<u8> {
+    (0..BYTES).map(|i| (i * 7 + k * 13 + 1) as u8).collect()
+}
+
+/// Reads what `fd` holds now (non-blocking), up to `BYTES + 1`.
+fn read_all(fd: i32) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        // SAFETY: reads into a buffer of ours of the length given.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 || out.len() > BYTES {
+            return out;
+        }
+        out.extend_from_slice(&buf[..n as usize]);
+    }
+}
+
+/// The child: opens the engine and migrates once, does `blow`, passes bytes through its
+/// own files, and migrates again. Returns a mask of what went wrong (0: nothing).
+fn child(blow: Blow) -> i32 {
+    let before = open_fds();
+    let Ok(engine) = Engine::global() else { return 64 };
+    let region = Region::new(LEN, 4096, Some(node())).unwrap();
+    workload::fill(&region, SEED);
+    let opts = MigrateOptions::default();
+    if let Err(e) = engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts) {
+        eprintln!("first migration: {e}");
+        return 64;
+    }
+    let ours: Vec<i32> = open_fds().into_iter().filter(|fd| !before.contains(fd)).collect();
+    eprintln!("{blow:?}: pagemig's descriptors {ours:?}");
+    let mut failed = 0;
+    let mut pairs = Vec::new();
+    match blow {
+        Blow::CloseRange => {
+            // SAFETY: closes every descriptor from 3 up, as a daemon does; the child uses
+            // none of them afterwards except through pagemig, which must cope.
+            let rc = unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+            assert_eq!(rc, 0, "close_range");
+            let spent = cpu_while_sleeping(Duration::from_secs(1));
+            eprintln!("{blow:?}: CPU over 1 s with the descriptors closed: {spent:?}");
+            if spent > SPIN {
+                failed |= 2;
+            }
+            // The numbers a new file can take (the lowest free ones); a high one pagemig
+            // may keep is the program's only through `dup2`, the other cases.
+            let low: Vec<i32> = ours.iter().copied().filter(|&fd| fd < 1024).collect();
+            while low.iter().any(|&fd| {
+                // SAFETY: F_GETFD only asks whether the number is open.
+                unsafe { libc::fcntl(fd, libc::F_GETFD) == -1 }
+            }) && pairs.len() < 64
+            {
+                pairs.push(if pairs.len() % 2 == 0 { pipe_pair() } else { socket_pair() });
+            }
+        }
+        Blow::Dup2All | Blow::Dup2Some => {
+            let targets = if blow == Blow::Dup2All { &ours[..] } else { &ours[..ours.len().div_ceil(2)] };
+            for (k, &fd) in targets.iter().enumerate() {
+                let pair = if k % 2 == 0 { pipe_pair() } else { socket_pair() };
+                // SAFETY: puts the program's own read end over pagemig's number, as a
+                // daemon redirecting its descriptors does.
+                assert_eq!(unsafe { libc::dup2(pair.read, fd) }, fd, "dup2");
+                pairs.push(Pair { what: pair.what, read: fd, write: pair.write });
+            }
+        }
+    }
+    eprintln!("{blow:?}: the program's files now read at {:?}", pairs.iter().map(|p| p.read).collect::<Vec<_>>());
+    for (k, p) in pairs.iter().enumerate() {
+        let data = pattern(k);
+        // SAFETY: writes from a buffer of ours of the length given.
+        let n = unsafe { libc::write(p.write, data.as_ptr().cast(), data.len()) };
+        assert_eq!(n, BYTES as isize, "write into the {}", p.what);
+    }
+    let spent = cpu_while_sleeping(Duration::from_secs(1));
+    eprintln!("{blow:?}: CPU over 1 s with the program's files in place: {spent:?}");
+    if spent > SPIN {
+        failed |= 2;
+    }
+    for (k, p) in pairs.iter().enumerate() {
+        let got = read_all(p.read);
+        if got != pattern(k) {
+            let lost = BYTES.saturating_sub(got.len());
+            eprintln!("{blow:?}: {} at {}: read {} of {BYTES} bytes back ({lost} missing)", p.what, p.read, got.len());
+            failed |= 1;
+        }
+    }
+    // Further moves: the engine in hand (its descriptors gone: the kernel serves the
+    // call), then the process's engine (reopened, or the same one).
+    let pages: Vec<usize> = (0..LEN / 4096).map(|i| region.addr() + i * 4096).collect();
+    let target = other_node() as i32;
+    let mut status = vec![0; pages.len()];
+    // SAFETY: this thread does not touch the region during the call.
+    match unsafe { engine.move_pages(&pages, Some(&vec![target; pages.len()]), &mut status) } {
+        Ok(0) if status.iter().all(|&s| s == target) => {}
+        other => {
+            let wrong = status.iter().filter(|&&s| s != target).count();
+            eprintln!("{blow:?}: move_pages with the engine in hand: {other:?}, {wrong} statuses not {target}");
+            failed |= 4;
+        }
+    }
+    if !workload::verify(&region, SEED, &Default::default()).ok() {
+        eprintln!("{blow:?}: bytes wrong after move_pages");
+        failed |= 8;
+    }
+    match Engine::global() {
+        Ok(again) => {
+            eprintln!("{blow:?}: Engine::global() reopened: {}", !std::ptr::eq(again, engine));
+            match again.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts) {
+                Ok(stats) => {
+                    eprintln!("{blow:?}: migration after: {} of {} folios", stats.succeeded_folios, stats.folios)
+                }
+                Err(e) => {
+                    eprintln!("{blow:?}: migration after: {e}");
+                    failed |= 4;
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("{blow:?}: Engine::global() after: {e}");
+            failed |= 4;
+        }
+    }
+    if !workload::verify(&region, SEED, &Default::default()).ok() {
+        eprintln!("{blow:?}: bytes wrong after the migration");
+        failed |= 8;
+    }
+    // Still no spin, and nothing read from the program's files after the calls either.
+    for (k, p) in pairs.iter().enumerate() {
+        let data = pattern(k);
+        // SAFETY: writes from a buffer of ours of the length given.
+        unsafe { libc::write(p.write, data.as_ptr().cast(), data.len()) };
+    }
+    let spent = cpu_while_sleeping(Duration::from_millis(500));
+    eprintln!("{blow:?}: CPU over 0.5 s after the calls: {spent:?}");
+    if spent > SPIN / 2 {
+        failed |= 2;
+    }
+    for (k, p) in pairs.iter().enumerate() {
+        if read_all(p.read) != pattern(k) {
+            eprintln!("{blow:?}: {} at {}: bytes missing after the calls", p.what, p.read);
+            failed |= 1;
+        }
+    }
+    failed
+}
+
+fn case(blow: Blow) {
+    common::watchdog(Duration::from_secs(90), &format!("{blow:?}"), move || {
+        let started = Instant::now();
+        // SAFETY: the child opens its own engine and uses only this thread's state.
+        let code = unsafe { common::fork_and_wait(Duration::from_secs(60), || child(blow)) };
+        assert_eq!(
+            code,
+            0,
+            "{blow:?} after {:?}: 1 bytes of the program's files lost, 2 spinning, 4 a later call failed, \
+             8 memory bytes wrong, 64 setup",
+            started.elapsed()
+        );
+    });
+}
+
+#[test]
+fn close_range_over_every_descriptor_then_pipes_and_sockets() {
+    case(Blow::CloseRange);
+}
+
+#[test]
+fn dup2_over_every_descriptor_of_pagemig() {
+    case(Blow::Dup2All);
+}
+
+#[test]
+fn dup2_over_some_descriptors_of_pagemig() {
+    case(Blow::Dup2Some);
+}
