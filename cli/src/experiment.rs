@@ -274,6 +274,23 @@ fn check(region: &Region, cfg: &MoveConfig, log: &workload::WriteLog) -> Result<
     Ok(Checked { verify, placement, misplaced_pages })
 }
 
+/// The steps of a measured migration, in order, as [`run_move_observed`] and
+/// [`run_kernel_move_observed`] announce them: a caller that shows progress can say what
+/// the seconds before and after the migration itself are spent on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Allocating the region and writing its pattern.
+    Filling,
+    /// Measuring the same-run yardsticks ([`measure_yardsticks`]).
+    Yardsticks,
+    /// Preparing destinations on the reserve thread ([`MoveConfig::reserve`]).
+    Reserving,
+    /// The migration itself (the progress callback counts its bytes).
+    Migrating,
+    /// Checking every byte, every write and the node of every page.
+    Checking,
+}
+
 /// Runs one measured migration.
 ///
 /// `progress`, when given, is told `0` just before the migration starts (after the
@@ -284,18 +301,36 @@ fn check(region: &Region, cfg: &MoveConfig, log: &workload::WriteLog) -> Result<
 /// Invalid configurations and failures to allocate the region; failures of the migration
 /// itself are reported in the [`MoveReport`].
 pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -> Result<MoveReport> {
+    run_move_observed(engine, cfg, progress, &|_| {})
+}
+
+/// [`run_move`], telling `phase` as each [`Phase`] begins.
+///
+/// # Errors
+/// As [`run_move`].
+pub fn run_move_observed(
+    engine: &Engine,
+    cfg: &MoveConfig,
+    progress: Option<Progress>,
+    phase: &dyn Fn(Phase),
+) -> Result<MoveReport> {
     let targets = cfg.targets();
     for &node in &targets {
         numa::check_node(node)?;
     }
     // The copy kernels measured before anything is timed.
     let _ = copy::kernels();
+    phase(Phase::Filling);
     let region = Region::new(cfg.size, cfg.folio_size, cfg.from_node)?;
     workload::fill(&region, cfg.seed);
+    if cfg.measure_memcpy {
+        phase(Phase::Yardsticks);
+    }
     let yardsticks = measure_yardsticks(&region, cfg)?;
     let thp = if cfg.folio_size >= pagemig::sys::HPAGE_SIZE { ThpAdvice::Huge } else { ThpAdvice::NoHuge };
     let reserve_started = Instant::now();
     if let Some(bytes) = cfg.reserve {
+        phase(Phase::Reserving);
         // Each node gets its share; a destination keeps its source's offset in a 2 MiB
         // page: up to 2 MiB of a reserve is skipped to place the first one.
         let share = bytes.div_ceil(targets.len());
@@ -318,6 +353,7 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
         .enumerate()
         .map(|(k, &node)| (node, folios.iter().skip(k).step_by(targets.len()).copied().collect()))
         .collect();
+    phase(Phase::Migrating);
     let (result, log) = workload::with_writers(&region, cfg.writers, || {
         if let Some(p) = &start_hook {
             p(0);
@@ -347,6 +383,7 @@ pub fn run_move(engine: &Engine, cfg: &MoveConfig, progress: Option<Progress>) -
         }
     }
     let (stats, error) = result?;
+    phase(Phase::Checking);
     let Checked { verify, placement, misplaced_pages } = check(&region, cfg, &log)?;
     let gbps = stats.gbps();
     let critical = stats.critical_path_gbps();
@@ -471,18 +508,35 @@ fn kernel_addresses(region: &Region) -> (Vec<usize>, usize) {
 /// [`Error::UnknownNode`] for a node without memory, and failures to allocate the region;
 /// failures of the migration itself are reported in the [`MoveReport`].
 pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<MoveReport> {
+    run_kernel_move_observed(cfg, progress, &|_| {})
+}
+
+/// [`run_kernel_move`], telling `phase` as each [`Phase`] begins.
+///
+/// # Errors
+/// As [`run_kernel_move`].
+pub fn run_kernel_move_observed(
+    cfg: &MoveConfig,
+    progress: Option<Progress>,
+    phase: &dyn Fn(Phase),
+) -> Result<MoveReport> {
     for node in cfg.targets() {
         numa::check_node(node)?;
     }
     let from = kernel_source_node(cfg)?;
+    phase(Phase::Filling);
     let region = Region::new(cfg.size, cfg.folio_size, Some(from))?;
     workload::fill(&region, cfg.seed);
+    if cfg.measure_memcpy {
+        phase(Phase::Yardsticks);
+    }
     let yardsticks = measure_yardsticks(&region, cfg)?;
     let (addresses, pages_per_address) = kernel_addresses(&region);
     // Each address goes to the node of its folio.
     let nodes: Vec<i32> =
         addresses.iter().map(|&a| cfg.target_of((a - region.addr()) / cfg.folio_size) as i32).collect();
     let mut status = vec![i32::MIN; addresses.len()];
+    phase(Phase::Migrating);
     let ((elapsed, calls, first_error), log) = workload::with_writers(&region, cfg.writers, || {
         let mut first_error = None;
         let mut calls = 0u64;
@@ -512,6 +566,7 @@ pub fn run_kernel_move(cfg: &MoveConfig, progress: Option<Progress>) -> Result<M
         let outcome = if s < 0 { errno_name(-s) } else { format!("on node {s}") };
         *page_errors.entry(outcome).or_insert(0u64) += 1;
     }
+    phase(Phase::Checking);
     let moved: Vec<bool> = status.iter().zip(&nodes).map(|(s, n)| s == n).collect();
     let moved_addresses = moved.iter().filter(|&&m| m).count();
     let folio_pages = cfg.folio_size / pagemig::sys::PAGE_SIZE;

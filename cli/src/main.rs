@@ -10,7 +10,7 @@ mod placement;
 mod size;
 mod topology;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// How `--json` prints: `--json` (or `--json=pretty`) indented, `--json=compact` on one line.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,7 +69,8 @@ fn default_sigpipe() {
 
 fn main() -> std::process::ExitCode {
     default_sigpipe();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Entries of the config file or PAGEMIG_ATTRS that were not applied (the engine
     // opened all the same; `pagemig attr` lists them too).
     for r in &pagemig::attr::loaded().rejected {
@@ -77,7 +78,7 @@ fn main() -> std::process::ExitCode {
     }
     let result = match cli.command {
         Command::Topology(a) => topology::run(a),
-        Command::Move(a) => movecmd::run(a),
+        Command::Move(a) => movecmd::run(a, matches.subcommand_matches("move").expect("the move subcommand")),
         Command::Placement(a) => placement::run(a),
         Command::Attr(a) => attrcmd::run(a),
         Command::Bench(a) => bench::run(a),

@@ -2,14 +2,13 @@
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use comfy_table::Table;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use pagemig::{Engine, Mode, Reason, numa};
-use pagemig_cli::experiment::{KERNEL, MoveConfig, MoveReport, run_kernel_move, run_move};
+use pagemig_cli::experiment::{KERNEL, MoveConfig, MoveReport, Phase, run_kernel_move_observed, run_move_observed};
 
 use crate::{JsonStyle, nodes, size};
 
@@ -88,37 +87,74 @@ fn parse_mode(s: &str) -> Result<Mode, String> {
     s.parse().map_err(|e: pagemig::Error| e.to_string())
 }
 
-/// A progress bar on a terminal, shown once a migration has taken more than a second.
+/// The bar's style while the migration runs.
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} migrating [{bar:40}] {bytes}/{total_bytes} {rate}")
+        .expect("valid template")
+        .with_key("rate", |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{}", rate(state.pos(), state.elapsed()));
+        })
+        .progress_chars("=> ")
+}
+
+/// The spinner's style for the steps before and after the migration.
+fn spinner_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {msg}… {elapsed}").expect("valid template")
+}
+
+/// What `pagemig move` shows on standard error while it works, on a terminal only and once
+/// the command has run for a second (a quick move prints nothing but its result): a
+/// spinner naming the step before and after the migration ([`phase_hook`]), and a bar
+/// while the migration runs.
 ///
-/// Its rate is the bytes moved over the time since the migration started (the first
-/// callback, which [`run_move`] makes just before the migration), in GB/s: the figure the
+/// The bar's rate is the bytes moved over the time since the migration started (the first
+/// callback, which [`run_move_observed`] makes just before the migration), in GB/s: the figure the
 /// run ends with, not a rate that counts filling the region and measuring the yardsticks.
 pub fn progress_bar(total: u64) -> (ProgressBar, pagemig::migrate::Progress) {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::hidden());
-    bar.set_style(
-        ProgressStyle::with_template("{spinner} migrating [{bar:40}] {bytes}/{total_bytes} {rate}")
-            .expect("valid template")
-            .with_key("rate", |state: &ProgressState, w: &mut dyn std::fmt::Write| {
-                let _ = write!(w, "{}", rate(state.pos(), state.elapsed()));
-            })
-            .progress_chars("=> "),
-    );
-    let terminal = std::io::stderr().is_terminal();
-    let started: OnceLock<Instant> = OnceLock::new();
-    let shown = AtomicBool::new(false);
+    bar.set_style(spinner_style());
+    if std::io::stderr().is_terminal() {
+        bar.enable_steady_tick(Duration::from_millis(100));
+        let b = bar.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            if !b.is_finished() {
+                b.set_draw_target(ProgressDrawTarget::stderr());
+            }
+        });
+    }
+    let started: OnceLock<()> = OnceLock::new();
     let b = bar.clone();
     let cb = Arc::new(move |done: u64| {
-        let started = started.get_or_init(|| {
+        started.get_or_init(|| {
+            b.set_style(bar_style());
             b.reset_elapsed();
-            Instant::now()
         });
-        if terminal && !shown.load(Ordering::Relaxed) && started.elapsed() > Duration::from_secs(1) {
-            shown.store(true, Ordering::Relaxed);
-            b.set_draw_target(ProgressDrawTarget::stderr());
-        }
         b.set_position(done);
     });
     (bar, cb)
+}
+
+/// The hook that names each step of the run on `bar` (see [`progress_bar`]).
+pub fn phase_hook(bar: &ProgressBar, cfg: &MoveConfig) -> impl Fn(Phase) {
+    let bar = bar.clone();
+    let size = size::format(cfg.size);
+    let reserve = size::format(cfg.reserve.unwrap_or(0));
+    move |phase| {
+        let step = match phase {
+            Phase::Filling => format!("filling {size}"),
+            Phase::Yardsticks => format!("measuring the yardsticks (memcpy and UFFDIO_COPY of {size})"),
+            Phase::Reserving => format!("preparing {reserve} of destinations on the reserve thread"),
+            // The bar takes over at the migration's first callback.
+            Phase::Migrating => "migrating".into(),
+            Phase::Checking => "checking every byte, every write and the node of every page".into(),
+        };
+        if phase != Phase::Migrating {
+            bar.set_style(spinner_style());
+        }
+        bar.reset_elapsed();
+        bar.set_message(step);
+    }
 }
 
 /// `bytes` over `elapsed` as the final figures print it: GB/s, 10^9 bytes per second.
@@ -126,7 +162,85 @@ pub fn rate(bytes: u64, elapsed: Duration) -> String {
     format!("{:.2} GB/s", pagemig::stats::gbps(bytes, elapsed))
 }
 
-pub fn run(args: Args) -> anyhow::Result<ExitCode> {
+/// Whether option `id` (a field of [`Args`]) was given on the command line, not left at
+/// its default.
+fn given(matches: &clap::ArgMatches, id: &str) -> bool {
+    matches.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+}
+
+/// The options among `ids` given on the command line, as the user typed their names.
+fn given_options(matches: &clap::ArgMatches, ids: &[&str]) -> Vec<String> {
+    let name = |id: &str| if id == "attrs" { "--attr".to_string() } else { format!("--{}", id.replace('_', "-")) };
+    ids.iter().filter(|id| given(matches, id)).map(|id| name(id)).collect()
+}
+
+/// Refuses `options` (given, not applying) with `why`: `--a and --b do not apply …`.
+fn refuse(options: &[String], why: &str) -> anyhow::Result<()> {
+    match options {
+        [] => Ok(()),
+        [one] => anyhow::bail!("{one} does not apply {why}"),
+        [first @ .., last] => anyhow::bail!("{} and {last} do not apply {why}", first.join(", ")),
+    }
+}
+
+/// Refuses the options of a region of pagemig's own with `--pid`, and those the migrator
+/// that will run has no use for: an option given is used, or the command stops.
+fn refuse_inapplicable(matches: &clap::ArgMatches, pid: bool, migrator: Option<&str>) -> anyhow::Result<()> {
+    if pid {
+        let region = [
+            "size",
+            "folio_size",
+            "batch_pages",
+            "reason",
+            "mode",
+            "writers",
+            "migrator",
+            "channels",
+            "threads",
+            "attrs",
+            "seed",
+            "reserve",
+        ];
+        refuse(
+            &given_options(matches, &region),
+            "with --pid, which moves another process's memory as it is (its private anonymous memory, or \
+             --range) through its agent or the kernel, not a region pagemig allocates, fills and migrates itself",
+        )?;
+        if given(matches, "no_agent") {
+            refuse(&given_options(matches, &["agent_timeout"]), "with --no-agent: no agent is asked")?;
+        }
+        return Ok(());
+    }
+    let unused: &[(&str, &str)] = match migrator {
+        Some("cpu") => &[("threads", "mtcopy"), ("channels", "dcbm")],
+        Some("mtcopy") => &[("channels", "dcbm")],
+        Some("dcbm") => &[("threads", "mtcopy")],
+        _ => &[],
+    };
+    let Some(migrator) = migrator else { return Ok(()) };
+    let options = given_options(matches, &unused.iter().map(|(id, _)| *id).collect::<Vec<_>>());
+    let whose: Vec<String> = unused
+        .iter()
+        .filter(|(id, _)| given(matches, id))
+        .map(|(id, owner)| format!("--{id} is {owner}'s (--migrator {owner})"))
+        .collect();
+    let source = match (given(matches, "migrator"), pagemig::offload::registry().active_name()) {
+        (true, _) => "",
+        (false, Some(_)) => " (the active migrator, as the config file or PAGEMIG_ATTRS set it)",
+        (false, None) => " (the default)",
+    };
+    refuse(&options, &format!("to the {migrator} migrator{source}: {}", whose.join("; ")))?;
+    if migrator == KERNEL {
+        refuse(
+            &given_options(matches, &["batch_pages", "reason", "mode"]),
+            "to the kernel's move_pages(2), which decides its own batches and waits as it will",
+        )?;
+    }
+    Ok(())
+}
+
+pub fn run(args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
+    refuse_inapplicable(matches, args.pid.pid.is_some(), None)?;
     if let Some(pid) = args.pid.pid {
         let [to_node] = args.to_node.0[..] else {
             anyhow::bail!("--pid moves a process's memory to one node (--to-node N), not to a list");
@@ -138,6 +252,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         Some(m) => m.clone(),
         None => pagemig::offload::registry().active_name().unwrap_or_else(|| "cpu".into()),
     };
+    refuse_inapplicable(matches, false, Some(&migrator))?;
     let kernel = migrator == KERNEL;
     if kernel {
         anyhow::ensure!(
@@ -178,8 +293,14 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
         reserve: args.reserve.map(|b| if b == 0 { args.size } else { b }),
     };
     let (bar, cb) = progress_bar(args.size as u64);
-    let report = if kernel { run_kernel_move(&cfg, Some(cb))? } else { run_move(engine, &cfg, Some(cb))? };
+    let phase = phase_hook(&bar, &cfg);
+    let report = if kernel {
+        run_kernel_move_observed(&cfg, Some(cb), &phase)
+    } else {
+        run_move_observed(engine, &cfg, Some(cb), &phase)
+    };
     bar.finish_and_clear();
+    let report = report?;
     let counters: serde_json::Map<String, serde_json::Value> = pagemig::attr::ATTRS
         .iter()
         .filter(|a| a.path.starts_with(&format!("{}/", report.migrator)))
@@ -290,5 +411,34 @@ mod tests {
         assert!(bar.elapsed() < Duration::from_millis(150), "{:?}", bar.elapsed());
         cb(1 << 20);
         assert_eq!(bar.position(), 1 << 20);
+    }
+
+    #[test]
+    fn each_step_before_and_after_the_migration_is_named() {
+        let (bar, _) = progress_bar(4 << 30);
+        let cfg = MoveConfig {
+            size: 4 << 30,
+            folio_size: 2 << 20,
+            from_node: None,
+            to_node: 0,
+            to_nodes: Vec::new(),
+            batch_pages: 512,
+            reason: Reason::Syscall,
+            mode: Mode::Sync,
+            writers: 0,
+            seed: 0,
+            measure_memcpy: true,
+            reserve: Some(1 << 30),
+        };
+        let hook = phase_hook(&bar, &cfg);
+        for (phase, said) in [
+            (Phase::Filling, "filling 4GiB"),
+            (Phase::Yardsticks, "measuring the yardsticks (memcpy and UFFDIO_COPY of 4GiB)"),
+            (Phase::Reserving, "preparing 1GiB of destinations on the reserve thread"),
+            (Phase::Checking, "checking every byte, every write and the node of every page"),
+        ] {
+            hook(phase);
+            assert_eq!(bar.message(), said);
+        }
     }
 }

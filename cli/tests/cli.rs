@@ -642,3 +642,42 @@ fn json_is_pretty_or_compact_by_flag() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("compact"), "{}", stderr(&out));
 }
+
+#[test]
+fn options_that_cannot_apply_are_refused() {
+    let n = node();
+    for (args, needle) in [
+        (vec!["--pid", "1", "--size", "4MiB", "--writers", "2"], "--size and --writers do not apply with --pid"),
+        (vec!["--pid", "1", "--folio-size", "4KiB"], "--folio-size does not apply with --pid"),
+        (vec!["--pid", "1", "--reserve"], "--reserve does not apply with --pid"),
+        (vec!["--pid", "1", "--migrator", "dcbm", "--seed", "1"], "--migrator and --seed do not apply with --pid"),
+        (vec!["--pid", "1", "--no-agent", "--agent-timeout", "5"], "--agent-timeout does not apply with --no-agent"),
+        (vec!["--size", "4MiB", "--migrator", "cpu", "--threads", "4"], "--threads does not apply to the cpu migrator"),
+        (vec!["--size", "4MiB", "--threads", "4"], "--threads does not apply to the cpu migrator"),
+        (vec!["--size", "4MiB", "--migrator", "cpu", "--channels", "4"], "--channels does not apply to the cpu"),
+        (vec!["--size", "4MiB", "--migrator", "mtcopy", "--channels", "4"], "--channels is dcbm's"),
+        (vec!["--size", "4MiB", "--migrator", "dcbm", "--threads", "2"], "--threads is mtcopy's"),
+        (vec!["--size", "4MiB", "--migrator", "kernel", "--mode", "async"], "--mode does not apply to the kernel's"),
+        (vec!["--size", "4MiB", "--migrator", "kernel", "--batch-pages", "64"], "--batch-pages does not apply"),
+    ] {
+        let mut full = vec!["move", "--to-node", &n];
+        full.extend(args.iter().copied());
+        let out = pagemig(&full);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(needle), "{args:?}: {}", stderr(&out));
+        assert!(out.stdout.is_empty(), "{args:?}");
+    }
+    // What does apply runs: mtcopy with its threads, a default left as it is.
+    let out = pagemig(&["move", "--to-node", &n, "--size", "4MiB", "--migrator", "mtcopy", "--threads", "2", "--json"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn a_move_off_a_terminal_prints_its_result_and_nothing_else() {
+    let out = pagemig(&["move", "--size", "8MiB", "--to-node", &node(), "--json=compact"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // No phase notes or bar on a pipe: one JSON line on stdout, nothing on stderr.
+    assert_eq!(stdout(&out).lines().count(), 1, "{}", stdout(&out));
+    serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
+    assert!(out.stderr.is_empty(), "{}", stderr(&out));
+}

@@ -84,3 +84,52 @@ fn folios_spread_round_robin_each_call_to_its_node() {
         assert_eq!(report.placement.get(&(n as i32)).copied().unwrap_or(0), share, "{report:?}");
     }
 }
+
+#[test]
+fn each_step_is_announced_in_order_and_the_progress_starts_with_the_migration() {
+    use pagemig_cli::experiment::{Phase, run_move_observed};
+    let Ok(engine) = Engine::global() else { return };
+    let cfg = MoveConfig {
+        size: 4 << 20,
+        folio_size: PAGE_SIZE,
+        from_node: Some(node()),
+        to_node: node(),
+        to_nodes: Vec::new(),
+        batch_pages: 512,
+        reason: Reason::Syscall,
+        mode: Mode::Sync,
+        writers: 0,
+        seed: 5,
+        measure_memcpy: true,
+        reserve: Some(4 << 20),
+    };
+    // Phases and progress calls in one log: the progress comes between Migrating and
+    // Checking.
+    #[derive(Debug, PartialEq)]
+    enum Event {
+        Step(Phase),
+        Moved,
+    }
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let progress_log = log.clone();
+    let progress: pagemig::migrate::Progress = Arc::new(move |_| progress_log.lock().unwrap().push(Event::Moved));
+    let report =
+        run_move_observed(engine, &cfg, Some(progress), &|p| log.lock().unwrap().push(Event::Step(p))).unwrap();
+    assert!(report.ok(), "{report:?}");
+    let mut log = std::mem::take(&mut *log.lock().unwrap());
+    log.dedup();
+    let want = [
+        Event::Step(Phase::Filling),
+        Event::Step(Phase::Yardsticks),
+        Event::Step(Phase::Reserving),
+        Event::Step(Phase::Migrating),
+        Event::Moved,
+        Event::Step(Phase::Checking),
+    ];
+    assert_eq!(log, want);
+    // No yardsticks to measure: that step is not announced.
+    let quiet = MoveConfig { measure_memcpy: false, reserve: None, ..cfg };
+    let phases = Mutex::new(Vec::new());
+    run_move_observed(engine, &quiet, None, &|p| phases.lock().unwrap().push(p)).unwrap();
+    assert_eq!(*phases.lock().unwrap(), [Phase::Filling, Phase::Migrating, Phase::Checking]);
+}
