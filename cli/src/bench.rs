@@ -2,10 +2,11 @@
 //! plots and one HTML page.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pagemig::{Engine, numa};
 use pagemig_cli::report::{self, BenchConfig, Experiments, Step};
@@ -114,9 +115,21 @@ fn progress_bar(total: usize) -> ProgressBar {
     bar
 }
 
+/// A duration as a person reads it: `45s`, `4m05s`, `1h02m`.
+pub fn short_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, s / 60 % 60),
+    }
+}
+
 /// The line `pagemig bench` prints for a finished migration when its output is not a
-/// terminal: `[done/total] what: GB/s end to end`, or why it failed.
-pub fn progress_line(step: &Step<'_>) -> Option<String> {
+/// terminal: `[done/total, elapsed, about … left] what: GB/s end to end`, or why it
+/// failed. The estimate assumes the migrations left take as long as those done, on
+/// average.
+pub fn progress_line(step: &Step<'_>, elapsed: Duration) -> Option<String> {
     let m = step.finished?;
     let result = if m.ok {
         let critical = m.critical_path_gbps.map_or(String::new(), |g| format!(" ({g:.2} GB/s critical path)"));
@@ -124,16 +137,59 @@ pub fn progress_line(step: &Step<'_>) -> Option<String> {
     } else {
         format!("FAILED: {}", m.error.as_deref().unwrap_or("unknown"))
     };
-    Some(format!("pagemig bench: [{}/{}] {}: {result}", step.done, step.total, step.what))
+    let left = elapsed.mul_f64(step.total.saturating_sub(step.done) as f64 / step.done.max(1) as f64);
+    Some(format!(
+        "pagemig bench: [{}/{}, {} elapsed, about {} left] {}: {result}",
+        step.done,
+        step.total,
+        short_duration(elapsed),
+        short_duration(left),
+        step.what
+    ))
 }
+
+/// Makes `dir` (if missing) and proves a file can be written in it, before any experiment
+/// runs: a run of many minutes must not end in an error about where to write.
+fn check_out_dir(dir: &Path) -> anyhow::Result<()> {
+    let fail = |what: &str, e: std::io::Error| anyhow::anyhow!("--out {}: {what}: {e}", dir.display());
+    std::fs::create_dir_all(dir).map_err(|e| fail("cannot make the directory", e))?;
+    let probe = dir.join(format!(".pagemig-bench-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| fail("cannot write a file there", e))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// Refuses the options given that the experiments chosen by `--only` have no use for.
+fn refuse_inapplicable(args: &Args, cfg: &BenchConfig) -> anyhow::Result<()> {
+    let e = cfg.experiments;
+    let name = |x: &Experiment| x.to_possible_value().map_or(String::new(), |v| v.get_name().to_string());
+    let only = args.only.iter().map(name).collect::<Vec<_>>().join(",");
+    anyhow::ensure!(
+        args.reps.is_none() || e.throughput || e.scattered,
+        "--reps does not apply with --only {only}: the sweep repeats each point --sweep-reps times"
+    );
+    anyhow::ensure!(
+        args.sweep_reps.is_none() || e.sweep,
+        "--sweep-reps does not apply with --only {only}: it repeats the batch-size sweep's points"
+    );
+    anyhow::ensure!(
+        args.batch_pages.is_none() || e.throughput || e.scattered,
+        "--batch-pages does not apply with --only {only}: the sweep varies the batch size itself"
+    );
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let engine = Engine::global()?;
     for a in &args.attrs {
         pagemig::attr::apply(a)?;
     }
     let cfg = config(&args)?;
+    refuse_inapplicable(&args, &cfg)?;
+    check_out_dir(&args.out)?;
     // On a terminal, a bar; otherwise (a log, a pipe, CI) one line per finished migration.
     let bar = std::io::stderr().is_terminal().then(|| progress_bar(cfg.planned_runs()));
+    let started = Instant::now();
     let progress = |s: &Step<'_>| match &bar {
         Some(bar) => {
             bar.set_position(s.done as u64);
@@ -142,7 +198,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
         None => {
-            if let Some(line) = progress_line(s) {
+            if let Some(line) = progress_line(s, started.elapsed()) {
                 eprintln!("{line}");
             }
         }
@@ -156,7 +212,8 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
             println!("{}", t.to_terminal());
         }
     }
-    let written = report::write_all(&report, &args.out)?;
+    // The error's own text names its cause: anyhow's chain would print it twice.
+    let written = report::write_all(&report, &args.out).map_err(|e| anyhow::anyhow!("{e}"))?;
     println!("{}", report.machine.summary());
     println!(
         "{} migrations in {:.1} s; wrote {} files to {}:",
@@ -188,15 +245,36 @@ mod tests {
         let mut m = Measurement::failed(0, 1 << 20, String::new());
         (m.ok, m.error, m.gbps, m.critical_path_gbps) = (true, None, 1.5, Some(2.25));
         let what = "throughput: cpu, 4K folios, rep 1/2";
-        assert_eq!(progress_line(&Step { done: 0, total: 4, what, finished: None }), None);
+        let secs = Duration::from_secs;
+        assert_eq!(progress_line(&Step { done: 0, total: 4, what, finished: None }, secs(1)), None);
         assert_eq!(
-            progress_line(&Step { done: 1, total: 4, what, finished: Some(&m) }).unwrap(),
-            "pagemig bench: [1/4] throughput: cpu, 4K folios, rep 1/2: 1.50 GB/s end to end (2.25 GB/s critical path)"
+            progress_line(&Step { done: 1, total: 4, what, finished: Some(&m) }, secs(20)).unwrap(),
+            "pagemig bench: [1/4, 20s elapsed, about 1m00s left] throughput: cpu, 4K folios, rep 1/2: 1.50 GB/s \
+             end to end (2.25 GB/s critical path)"
         );
         let bad = Measurement::failed(1, 1 << 20, "12 bytes differ".into());
         assert_eq!(
-            progress_line(&Step { done: 2, total: 4, what, finished: Some(&bad) }).unwrap(),
-            "pagemig bench: [2/4] throughput: cpu, 4K folios, rep 1/2: FAILED: 12 bytes differ"
+            progress_line(&Step { done: 2, total: 4, what, finished: Some(&bad) }, secs(3725)).unwrap(),
+            "pagemig bench: [2/4, 1h02m elapsed, about 1h02m left] throughput: cpu, 4K folios, rep 1/2: FAILED: 12 \
+             bytes differ"
         );
+        assert!(
+            progress_line(&Step { done: 4, total: 4, what, finished: Some(&m) }, secs(9))
+                .unwrap()
+                .contains("[4/4, 9s elapsed, about 0s left]")
+        );
+    }
+
+    #[test]
+    fn an_unusable_out_directory_is_refused_before_anything_runs() {
+        let file = std::env::temp_dir().join(format!("pagemig-bench-out-{}", std::process::id()));
+        std::fs::write(&file, b"").unwrap();
+        let err = check_out_dir(&file.join("report")).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("--out {}/report: cannot make the directory: ", file.display())), "{err}");
+        std::fs::remove_file(&file).unwrap();
+        let dir = std::env::temp_dir().join(format!("pagemig-bench-out-dir-{}", std::process::id()));
+        check_out_dir(&dir).unwrap();
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the probe is left behind");
+        std::fs::remove_dir(&dir).unwrap();
     }
 }

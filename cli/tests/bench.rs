@@ -69,6 +69,8 @@ fn bench_measures_every_experiment_and_writes_the_report() {
     assert_eq!(started.into_inner(), cfg.planned_runs());
     let finished = finished.into_inner().unwrap();
     assert_eq!(finished.len(), cfg.planned_runs());
+    // The summary counts the migrations the progress counted, not the yardstick rows again.
+    assert_eq!(r.measurements().count(), cfg.planned_runs());
     for (i, (done, what, ok, gbps)) in finished.iter().enumerate() {
         assert_eq!(*done, i + 1);
         assert!(*ok && *gbps > 0.0, "{what}");
@@ -189,5 +191,51 @@ fn cli_bench_applies_attributes_and_writes_the_report() {
     assert!(lines[0].starts_with("pagemig bench: [1/"), "{}", lines[0]);
     assert!(lines[0].contains("throughput: cpu, 4K folios, rep 1/1: "), "{}", lines[0]);
     assert!(lines.iter().all(|l| l.contains(" GB/s end to end")), "{stderr}");
+    // Each line says how long the run has taken and about how long is left; the last one
+    // counts to the total the summary gives.
+    assert!(lines.iter().all(|l| l.contains(" elapsed, about ") && l.contains(" left] ")), "{stderr}");
+    let total = format!("/{}, ", lines.len());
+    assert!(lines.last().unwrap().starts_with(&format!("pagemig bench: [{}{total}", lines.len())), "{stderr}");
+    assert!(stdout.contains(&format!("{} migrations in ", lines.len())), "{stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn cli_bench_refuses_an_unusable_out_path_and_options_that_do_not_apply_before_running() {
+    let dir = temp_dir("refusals");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("a-file");
+    std::fs::write(&file, b"").unwrap();
+    let bench = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_pagemig"))
+            .args(["bench", "--quick", "--size", "2MiB", "--reps", "1", "--sweep-reps", "1", "--no-tables"])
+            .args(extra)
+            .env("PAGEMIG_CONFIG", dir.join("attrs"))
+            .env_remove("PAGEMIG_ATTRS")
+            .output()
+            .unwrap()
+    };
+    let bad_out = file.join("report").display().to_string();
+    for (extra, needle) in [
+        (vec!["--out", bad_out.as_str()], format!("--out {bad_out}: cannot make the directory: ")),
+        (vec!["--out", "/proc/pagemig-report"], "--out /proc/pagemig-report: cannot make the directory: ".into()),
+        (vec!["--only", "throughput"], "--sweep-reps does not apply with --only throughput".into()),
+    ] {
+        let out = bench(&extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {stderr}");
+        // One line, before any migration ran, its cause said once.
+        assert_eq!(stderr.lines().count(), 1, "{extra:?}: {stderr}");
+        assert!(stderr.contains(&needle), "{extra:?}: {stderr}");
+        let cause = stderr.rsplit(": ").next().unwrap();
+        assert_eq!(stderr.matches(cause).count(), 1, "{stderr}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_pagemig"))
+        .args(["bench", "--quick", "--only", "sweep", "--reps", "2", "--batch-pages", "64"])
+        .env("PAGEMIG_CONFIG", dir.join("attrs"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--reps does not apply with --only sweep"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

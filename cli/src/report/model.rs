@@ -553,9 +553,12 @@ pub struct BenchReport {
 }
 
 impl BenchReport {
-    /// Every measurement of every experiment.
+    /// Every migration measured, in every experiment: the yardstick rows of the throughput
+    /// table (`memcpy`, `UFFDIO_COPY`), taken in the same runs as the `cpu` row's
+    /// migrations, are not counted again.
     pub fn measurements(&self) -> impl Iterator<Item = &Measurement> {
-        let t = self.throughput.iter().flat_map(|t| t.rows.iter().flat_map(|r| r.cells.iter()));
+        let rows = self.throughput.iter().flat_map(|t| t.rows.iter().filter(|r| !r.migrator.is_yardstick()));
+        let t = rows.flat_map(|r| r.cells.iter());
         let s = self.sweep.iter().flat_map(|s| s.points.iter().map(|p| &p.cell));
         let c = self.scattered.iter().flat_map(|s| s.rows.iter().flat_map(|r| [&r.contiguous.cell, &r.scattered.cell]));
         t.chain(s).chain(c).flat_map(|cell| cell.measurements.iter())
