@@ -1,9 +1,13 @@
-//! `report.html`: one self-contained page with the machine, the tables, the plots (SVG,
-//! inline) and the RFC's published numbers.
+//! `report.html`: one self-contained page with the machine, what to conclude, the tables,
+//! the plots (SVG, inline) and the RFC's published numbers.
+//!
+//! Each experiment's section opens with its conclusions ([`crate::report::conclude`]),
+//! computed from the run's medians, before the tables they rest on.
 
 use std::fmt::Write as _;
 
 use crate::report::Error;
+use crate::report::conclude::conclusions;
 use crate::report::model::BenchReport;
 use crate::report::plot::PlotFiles;
 use crate::report::runner::short_size;
@@ -19,6 +23,9 @@ td { text-align: right; font-variant-numeric: tabular-nums; }
 thead th { background: #f2f2f2; }
 tbody th { text-align: left; font-weight: normal; white-space: nowrap; }
 td.failed { color: #b00; font-weight: bold; background: #fee; }
+td.noisy { background: #fff4cc; }
+div.conclusion { background: #eef5ee; border-left: 4px solid #4a8a4a; padding: 0.5em 1em; margin: 1em 0; max-width: 1200px; }
+div.conclusion p { margin: 0.3em 0; }
 p.note { font-size: 0.85em; color: #555; margin: 0.2em 0; }
 figure { margin: 1.5em 0; } figure svg { max-width: 100%; height: auto; }
 dl { display: grid; grid-template-columns: max-content auto; gap: 0.2em 1em; }
@@ -43,6 +50,20 @@ fn figure(out: &mut String, plots: &[PlotFiles], name: &str, caption: &str) {
             escape(&png)
         );
     }
+}
+
+/// The conclusions of one experiment as a box; nothing when there are none.
+fn conclusion(out: &mut String, sentences: &[String]) {
+    if sentences.is_empty() {
+        return;
+    }
+    out.push_str(
+        "<div class=\"conclusion\">\n<p><strong>What to conclude</strong> (computed from this run's medians):</p>\n",
+    );
+    for s in sentences {
+        let _ = writeln!(out, "<p>{}</p>", escape(s));
+    }
+    out.push_str("</div>\n");
 }
 
 fn wall_time(report: &BenchReport) -> String {
@@ -131,9 +152,11 @@ pub fn render(report: &BenchReport, plots: &[PlotFiles]) -> Result<String, Error
     }
 
     let all = tables(report);
+    let concluded = conclusions(report);
     let mut rest = all.iter();
     if report.throughput.is_some() {
         out.push_str("<h2>1. Throughput by folio size</h2>\n");
+        conclusion(&mut out, &concluded.throughput);
         out.push_str(
             "<p>The RFC's first table: the same bytes moved as folios of 4 KiB … 2 MiB, by the serial CPU copy \
              (<code>cpu</code>), the multi-threaded copy (<code>mtcopy</code>) and the DMA migrator \
@@ -159,6 +182,7 @@ pub fn render(report: &BenchReport, plots: &[PlotFiles]) -> Result<String, Error
     }
     if let Some(s) = &report.sweep {
         out.push_str("<h2>2. Batch size: throughput against first-folio latency</h2>\n");
+        conclusion(&mut out, &concluded.sweep);
         out.push_str(
             "<p>The review's question: what does a larger batch (<code>max_batch_pages</code>, the kernel's \
              <code>NR_MAX_BATCHED_MIGRATION</code>) buy in throughput, and what does it cost the first folio of \
@@ -175,6 +199,7 @@ pub fn render(report: &BenchReport, plots: &[PlotFiles]) -> Result<String, Error
     }
     if report.scattered.is_some() {
         out.push_str("<h2>3. Scattered folios</h2>\n");
+        conclusion(&mut out, &concluded.scattered);
         out.push_str(
             "<p>Every other folio of a region, so that no two migrated folios are adjacent: each one is a run of \
              its own, with its own write-protect call and <code>mremap</code>, where the whole region moves as a \

@@ -25,8 +25,14 @@
 //! with), and the critical path, which leaves out destination preparation, second.
 //!
 //! A measurement whose migration, bytes, writes or placement is wrong is kept, marked
-//! failed, and left out of every mean; its cell says `FAILED`.
+//! failed, and left out of every mean; its cell says `FAILED`. A cell whose runs spread
+//! wider than [`model::NOISY_SPREAD`] of their mean is flagged `⚠`.
+//!
+//! Each experiment ends with what to conclude ([`conclude`]): sentences computed from the
+//! run's medians (who wins where and by how much, why a gap exists, what to choose), under
+//! its tables on the terminal and at the top of its section in `report.html`.
 
+pub mod conclude;
 pub mod html;
 pub mod machine;
 pub mod model;

@@ -130,6 +130,20 @@ impl Summary {
     }
 }
 
+/// Spread above which a cell is flagged as noisy: a sample standard deviation above this
+/// share of the mean. A quarter of the mean is wider than any difference between two
+/// configurations the report's conclusions would rest on, and more than a quiet machine
+/// shows at the default repetitions.
+pub const NOISY_SPREAD: f64 = 0.25;
+
+impl Summary {
+    /// Whether the values spread too widely to be read as one figure: at least two of them,
+    /// and a standard deviation above [`NOISY_SPREAD`] of the mean.
+    pub fn is_noisy(&self) -> bool {
+        self.n >= 2 && self.mean > 0.0 && self.stddev > NOISY_SPREAD * self.mean
+    }
+}
+
 /// The `q` quantile (0..=1) of `values` by the nearest rank, as
 /// [`MigrateStats::first_folio_quantile`] takes it; `None` for no values.
 pub fn quantile(values: &[f64], q: f64) -> Option<f64> {
@@ -565,6 +579,81 @@ impl BenchReport {
     }
 }
 
+/// Synthetic reports for the report's unit tests: cells of chosen throughputs, with no
+/// migration behind them.
+#[cfg(test)]
+pub(crate) mod sample {
+    use super::*;
+    use crate::report::seed::Reference;
+    use crate::report::{BenchConfig, Machine};
+
+    /// A passing measurement of `gbps` end to end and `critical` on the critical path, whose
+    /// call spent `prepare_share` of its time preparing destinations.
+    pub fn measurement(rep: usize, gbps: f64, critical: f64, prepare_share: f64) -> Measurement {
+        let mut m = Measurement::failed(rep, 1 << 20, String::new());
+        (m.ok, m.error, m.gbps, m.critical_path_gbps, m.placement_ok) = (true, None, gbps, Some(critical), true);
+        m.folios = 256;
+        m.phases_us = Phases { prepare: 100.0 * prepare_share, unmap: 10.0, copy: 50.0, r#move: 10.0, total: 100.0 };
+        m
+    }
+
+    /// A cell of one passing measurement per value, critical path `critical_factor` times the
+    /// end-to-end figure.
+    pub fn cell(values: &[f64], critical_factor: f64, prepare_share: f64) -> Cell {
+        Cell::of(
+            values.iter().enumerate().map(|(i, &g)| measurement(i, g, g * critical_factor, prepare_share)).collect(),
+        )
+    }
+
+    /// A throughput experiment over `folio_sizes` with one row per `(migrator, medians)`:
+    /// three runs per cell at 0.95, 1 and 1.05 times the median.
+    pub fn throughput(folio_sizes: &[u64], rows: &[(MigratorSpec, Vec<f64>)]) -> Throughput {
+        let rows = rows
+            .iter()
+            .map(|(m, medians)| ThroughputRow {
+                migrator: *m,
+                cells: medians
+                    .iter()
+                    .map(|&g| {
+                        let (critical, prepare) = match m {
+                            MigratorSpec::Dcbm { .. } => (3.0, 0.6),
+                            _ => (1.1, 0.05),
+                        };
+                        cell(&[g * 0.95, g, g * 1.05], critical, prepare)
+                    })
+                    .collect(),
+            })
+            .collect();
+        Throughput {
+            wall_s: 1.0,
+            bytes: 1 << 30,
+            batch_pages: 262_144,
+            pipelined: true,
+            folio_sizes: folio_sizes.to_vec(),
+            rows,
+            kernel_nodes: None,
+            kernel_absent_reason: Some("kernel move_pages row absent: one node".into()),
+        }
+    }
+
+    /// A report of whichever experiments are given.
+    pub fn report(throughput: Option<Throughput>, sweep: Option<Sweep>, scattered: Option<Scattered>) -> BenchReport {
+        BenchReport {
+            pagemig_version: "0".into(),
+            started_unix_s: 0,
+            wall_s: 0.0,
+            machine: Machine::probe(),
+            config: BenchConfig::quick(0, 0),
+            attributes: Default::default(),
+            throughput,
+            sweep,
+            scattered,
+            failed_measurements: 0,
+            reference: Reference::embedded(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -576,6 +665,10 @@ mod tests {
         assert!((s.stddev - 1.290_994_448_735_805_6).abs() < 1e-12);
         assert_eq!(Summary::of(&[7.0]).unwrap().stddev, 0.0);
         assert!(Summary::of(&[]).is_none());
+        // 4.68 ± 3.64 is noisy, 4.00 ± 0.50 is not, and one value never is.
+        assert!(Summary { n: 2, mean: 4.68, stddev: 3.64, median: 4.68, min: 2.1, max: 7.3 }.is_noisy());
+        assert!(!Summary::of(&[3.5, 4.5]).unwrap().is_noisy());
+        assert!(!Summary::of(&[7.0]).unwrap().is_noisy());
         assert_eq!(quantile(&[5.0, 1.0, 3.0, 2.0, 4.0], 0.99), Some(5.0));
         assert_eq!(quantile(&[5.0, 1.0, 3.0, 2.0, 4.0], 0.5), Some(3.0));
     }

@@ -9,6 +9,12 @@
 //! so its numbers are drawn against end-to-end throughput only, never against the
 //! critical path. Axes are logarithmic: folio size and batch
 //! size in powers of two, throughput and latency in decades.
+//!
+//! Colours: every migrator (or case) of a figure gets a colour no other one in that figure
+//! has ([`colors_of`]): its usual colour ([`preferred_color`]) when free, else the next free
+//! one of [`PALETTE`], else one made up for it. A migrator's measured series, its dotted
+//! (unpipelined) twin and its dashed RFC counterpart share its colour on purpose; they are
+//! told apart by their line.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -79,6 +85,9 @@ pub type Points = Vec<(f64, f64, f64)>;
 pub struct Series {
     /// The legend's text.
     pub label: String,
+    /// What the series measures (a migrator, a case): series of one group share a colour
+    /// and differ by line, series of different groups never share one.
+    pub group: String,
     /// Its colour.
     pub color: RGBColor,
     /// Its line.
@@ -160,8 +169,38 @@ pub struct PlotFiles {
 const LEGEND_WIDTH: u32 = 300;
 const HEADER_HEIGHT: u32 = 64;
 
-/// A colour per migrator, shared by its measured and reference series.
-pub fn color_of(m: MigratorSpec) -> RGBColor {
+/// Distinct colours, in the order a figure's groups take them when their usual colour is
+/// taken: Tableau's ten, their light variants, and a few darker ones.
+pub const PALETTE: [RGBColor; 24] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+    RGBColor(174, 199, 232),
+    RGBColor(255, 187, 120),
+    RGBColor(152, 223, 138),
+    RGBColor(255, 152, 150),
+    RGBColor(197, 176, 213),
+    RGBColor(196, 156, 148),
+    RGBColor(247, 182, 210),
+    RGBColor(219, 219, 141),
+    RGBColor(158, 218, 229),
+    RGBColor(0, 0, 128),
+    RGBColor(128, 0, 0),
+    RGBColor(0, 100, 0),
+    RGBColor(75, 0, 130),
+    RGBColor(184, 134, 11),
+];
+
+/// The colour a migrator is drawn in when its figure has no other use for it: the same one
+/// in every figure, so that `cpu` is black and `dcbm 4 ch` green throughout.
+pub fn preferred_color(m: MigratorSpec) -> RGBColor {
     match m {
         MigratorSpec::Cpu => RGBColor(30, 30, 30),
         MigratorSpec::CpuReserved => RGBColor(214, 39, 40),
@@ -179,10 +218,64 @@ pub fn color_of(m: MigratorSpec) -> RGBColor {
             2 => RGBColor(23, 190, 207),
             3 | 4 => RGBColor(44, 160, 44),
             5..=8 => RGBColor(148, 103, 189),
-            9..=12 => RGBColor(214, 39, 40),
+            9..=12 => RGBColor(0, 0, 128),
             _ => RGBColor(255, 127, 14),
         },
     }
+}
+
+/// A colour for the `n`th group past the palette: hues a golden angle apart, at two
+/// lightnesses.
+fn made_up_color(n: usize) -> RGBColor {
+    let hue = (n as f64 * 137.507_764) % 360.0;
+    let (s, v) = if n % 2 == 0 { (0.75, 0.8) } else { (0.55, 0.55) };
+    let c = v * s;
+    let x = c * (1.0 - ((hue / 60.0) % 2.0 - 1.0).abs());
+    let (r, g, b) = match (hue / 60.0) as u32 {
+        0 => (c, x, 0.0),
+        1 => (x, c, 0.0),
+        2 => (0.0, c, x),
+        3 => (0.0, x, c),
+        4 => (x, 0.0, c),
+        _ => (c, 0.0, x),
+    };
+    let m = v - c;
+    let byte = |f: f64| ((f + m) * 255.0).round().clamp(0.0, 255.0) as u8;
+    RGBColor(byte(r), byte(g), byte(b))
+}
+
+/// One colour per entry of `groups`, no two alike: each group's `preferred` colour when no
+/// earlier group took it, else the first free colour of [`PALETTE`], else a made-up one.
+/// Equal groups get equal colours.
+pub fn colors_of<T: PartialEq>(groups: &[T], preferred: impl Fn(&T) -> Option<RGBColor>) -> Vec<RGBColor> {
+    let mut taken: Vec<RGBColor> = Vec::new();
+    let mut out: Vec<RGBColor> = Vec::new();
+    for (i, g) in groups.iter().enumerate() {
+        if let Some(j) = groups[..i].iter().position(|earlier| earlier == g) {
+            out.push(out[j]);
+            continue;
+        }
+        let mut made_up = (0..).map(made_up_color);
+        let color = preferred(g)
+            .into_iter()
+            .chain(PALETTE)
+            .find(|c| !taken.contains(c))
+            .or_else(|| made_up.find(|c| !taken.contains(c)))
+            .unwrap_or(BLACK);
+        taken.push(color);
+        out.push(color);
+    }
+    out
+}
+
+/// Colours for the migrators of one figure, as [`colors_of`] gives them.
+pub fn migrator_colors(migrators: &[MigratorSpec]) -> Vec<(MigratorSpec, RGBColor)> {
+    let colors = colors_of(migrators, |m| Some(preferred_color(*m)));
+    migrators.iter().copied().zip(colors).collect()
+}
+
+fn color_in(colors: &[(MigratorSpec, RGBColor)], m: MigratorSpec) -> RGBColor {
+    colors.iter().find(|(n, _)| *n == m).map_or_else(|| preferred_color(m), |(_, c)| *c)
 }
 
 /// A number as a tick label: `0.5`, `2`, `20`, `5k`, `2M`.
@@ -502,6 +595,7 @@ pub fn throughput_figure(report: &BenchReport) -> Option<Figure> {
         let label = if ch == 0 { "RFC vanilla kernel".to_string() } else { format!("RFC dcbm {ch} ch") };
         (!pts.is_empty()).then_some((label, pts))
     };
+    let colors = migrator_colors(&t.rows.iter().map(|row| row.migrator).collect::<Vec<_>>());
     let mut panels = Vec::new();
     for end_to_end in [true, false] {
         let mut series = Vec::new();
@@ -528,14 +622,16 @@ pub fn throughput_figure(report: &BenchReport) -> Option<Figure> {
                 MigratorSpec::UffdioCopy => "UFFDIO_COPY (4K pages)".to_string(),
                 m => m.to_string(),
             };
-            series.push(Series { label, color: color_of(row.migrator), line, marker, points });
+            let (group, color) = (row.migrator.to_string(), color_in(&colors, row.migrator));
+            series.push(Series { label, group, color, line, marker, points });
         }
         if end_to_end {
             for row in &t.rows {
                 if let Some((label, points)) = reference(row.migrator) {
                     series.push(Series {
                         label,
-                        color: color_of(row.migrator),
+                        group: row.migrator.to_string(),
+                        color: color_in(&colors, row.migrator),
                         line: Line::Dashed,
                         marker: Marker::None,
                         points,
@@ -585,6 +681,7 @@ pub fn throughput_figure(report: &BenchReport) -> Option<Figure> {
 pub fn sweep_figures(report: &BenchReport) -> Vec<Figure> {
     let Some(s) = report.sweep.as_ref() else { return Vec::new() };
     let r: &Reference = &report.reference;
+    let colors = migrator_colors(&s.migrators());
     let mut figures = Vec::new();
     for latency in [true, false] {
         let mut panels = Vec::new();
@@ -604,7 +701,8 @@ pub fn sweep_figures(report: &BenchReport) -> Vec<Figure> {
                         .collect();
                     series.push(Series {
                         label: format!("{m}{}", if pipelined { ", pipelined" } else { ", after batch copy" }),
-                        color: color_of(m),
+                        group: m.to_string(),
+                        color: color_in(&colors, m),
                         line: if pipelined { Line::Solid } else { Line::Dotted },
                         marker: if pipelined { Marker::Circle } else { Marker::Square },
                         points,
@@ -625,7 +723,8 @@ pub fn sweep_figures(report: &BenchReport) -> Vec<Figure> {
                 if !points.is_empty() {
                     series.push(Series {
                         label: format!("RFC dcbm {ch} ch"),
-                        color: color_of(spec),
+                        group: spec.to_string(),
+                        color: color_in(&colors, spec),
                         line: Line::Dashed,
                         marker: Marker::None,
                         points,
@@ -689,10 +788,9 @@ pub fn scatter_figure(report: &BenchReport) -> Option<Figure> {
     let mut panels = Vec::new();
     for per_folio in [true, false] {
         let mut series = Vec::new();
-        for (scattered, label, color) in [
-            (false, "all folios (contiguous)", RGBColor(31, 119, 180)),
-            (true, "every other folio", RGBColor(214, 39, 40)),
-        ] {
+        for (scattered, label, color) in
+            [(false, "all folios (contiguous)", PALETTE[0]), (true, "every other folio", PALETTE[3])]
+        {
             let points = s
                 .rows
                 .iter()
@@ -705,7 +803,15 @@ pub fn scatter_figure(report: &BenchReport) -> Option<Figure> {
                     point_of(x, if per_folio { case.us_per_folio } else { case.cell.gbps })
                 })
                 .collect();
-            series.push(Series { label: label.into(), color, line: Line::Solid, marker: Marker::Circle, points });
+            let group = label.to_string();
+            series.push(Series {
+                label: label.into(),
+                group,
+                color,
+                line: Line::Solid,
+                marker: Marker::Circle,
+                points,
+            });
         }
         let values: Vec<f64> = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).collect();
         panels.push(Panel {
@@ -756,6 +862,81 @@ mod tests {
         assert_eq!(kib_label(2048.0), "2M");
     }
 
+    /// Every pair of series of a figure (its panels share one legend): the same colour
+    /// exactly when they show the same group.
+    fn assert_distinct_colors(fig: &Figure) {
+        let series: Vec<&Series> = fig.panels.iter().flat_map(|p| p.series.iter()).collect();
+        for a in &series {
+            for b in &series {
+                assert_eq!(
+                    a.group == b.group,
+                    a.color == b.color,
+                    "{}: {} ({:?}) and {} ({:?})",
+                    fig.name,
+                    a.label,
+                    a.color,
+                    b.label,
+                    b.color
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_series_of_a_plot_has_its_own_colour() {
+        use crate::report::model::sample::{cell, report, throughput};
+        use crate::report::model::{Sweep, SweepPoint};
+
+        // More migrators than any machine measures, with usual colours that collide
+        // (mtcopy 8 and 16, dcbm 3 and 4): cpu, reserved and dcbm 12 ch among them.
+        let mut migrators = vec![MigratorSpec::Cpu, MigratorSpec::CpuReserved];
+        migrators.extend([1, 2, 3, 4, 8, 16, 32, 64].map(|threads| MigratorSpec::Mtcopy { threads }));
+        migrators.extend([1, 2, 3, 4, 8, 12, 16].map(|channels| MigratorSpec::Dcbm { channels }));
+        migrators.extend([MigratorSpec::Kernel, MigratorSpec::Memcpy, MigratorSpec::UffdioCopy]);
+        let sizes = [4096, 2 << 20];
+        let rows: Vec<(MigratorSpec, Vec<f64>)> = migrators.iter().map(|&m| (m, vec![1.0, 2.0])).collect();
+        let points = migrators
+            .iter()
+            .filter(|m| !m.is_yardstick() && **m != MigratorSpec::Kernel)
+            .flat_map(|&migrator| {
+                [(4096, true), (4096, false), (2 << 20, true), (2 << 20, false)].map(|(folio_size, pipelined)| {
+                    SweepPoint {
+                        folio_size,
+                        migrator,
+                        pipelined,
+                        batch_pages: 512,
+                        first_folio_us: Some(100.0),
+                        first_folio_p99_us: Some(200.0),
+                        cell: cell(&[1.0, 1.1], 1.2, 0.1),
+                    }
+                })
+            })
+            .collect();
+        let sweep = Sweep { wall_s: 1.0, bytes: 1 << 30, batch_pages: vec![512], points };
+        let r = report(Some(throughput(&sizes, &rows)), Some(sweep), None);
+        let fig = throughput_figure(&r).unwrap();
+        assert!(fig.panels[0].series.len() > PALETTE.len() / 2);
+        assert_distinct_colors(&fig);
+        let cpu_reserved = fig.panels[0].series.iter().find(|s| s.label == "cpu, reserved").unwrap();
+        let dcbm12 = fig.panels[0].series.iter().find(|s| s.label == "dcbm 12 ch").unwrap();
+        assert_ne!(cpu_reserved.color, dcbm12.color);
+        // The RFC's dcbm 4 ch shares the measured dcbm 4 ch's colour.
+        let rfc = fig.panels[0].series.iter().find(|s| s.label == "RFC dcbm 4 ch").unwrap();
+        assert_eq!(rfc.group, "dcbm 4 ch");
+        for fig in sweep_figures(&r) {
+            assert_distinct_colors(&fig);
+        }
+        // The usual colours where they do not collide: cpu black throughout.
+        assert_eq!(fig.panels[0].series[0].color, preferred_color(MigratorSpec::Cpu));
+        // Past the palette, made-up colours stay distinct.
+        let many: Vec<usize> = (0..100).collect();
+        let colors = colors_of(&many, |_| None);
+        for (i, a) in colors.iter().enumerate() {
+            assert!(colors[..i].iter().all(|b| b != a), "colour {i} repeats");
+        }
+        assert_eq!(colors[..PALETTE.len()], PALETTE);
+    }
+
     #[test]
     fn draws_a_figure_with_text() {
         let dir = std::env::temp_dir().join(format!("pagemig-plot-test-{}", std::process::id()));
@@ -770,7 +951,8 @@ mod tests {
                 y: value_axis("y", [1.0, 3.0]),
                 series: vec![Series {
                     label: "s".into(),
-                    color: color_of(MigratorSpec::Cpu),
+                    group: "s".into(),
+                    color: preferred_color(MigratorSpec::Cpu),
                     line: Line::Dashed,
                     marker: Marker::Square,
                     points: vec![(4.0, 1.0, 0.2), (16.0, 3.0, 0.0)],

@@ -5,7 +5,8 @@ use std::fmt::Write as _;
 
 use comfy_table::{CellAlignment, Color};
 
-use crate::report::model::{BenchReport, Cell, MigratorSpec, Summary, Sweep, Throughput};
+use crate::report::conclude::conclusions;
+use crate::report::model::{BenchReport, Cell, MigratorSpec, NOISY_SPREAD, Summary, Sweep, Throughput};
 use crate::report::runner::short_size;
 use crate::report::seed::Reference;
 
@@ -16,18 +17,44 @@ pub struct TableCell {
     pub text: String,
     /// Whether it reports a failed measurement (shown in red).
     pub failed: bool,
+    /// Whether its runs spread too widely to be read as one figure ([`Summary::is_noisy`]):
+    /// its text ends in [`NOISY_MARK`], and it is shown in yellow.
+    pub noisy: bool,
 }
 
 impl TableCell {
     /// A plain cell.
     pub fn new(text: impl Into<String>) -> TableCell {
-        TableCell { text: text.into(), failed: false }
+        TableCell { text: text.into(), failed: false, noisy: false }
     }
 
     /// A cell reporting a failure.
     pub fn failed(text: impl Into<String>) -> TableCell {
-        TableCell { text: text.into(), failed: true }
+        TableCell { text: text.into(), failed: true, noisy: false }
     }
+
+    /// A cell showing `text` for the runs `s` summarises, flagged when they are noisy.
+    pub fn summarised(text: impl Into<String>, s: &Summary) -> TableCell {
+        let text = text.into();
+        if s.is_noisy() {
+            TableCell { text: format!("{text} {NOISY_MARK}"), failed: false, noisy: true }
+        } else {
+            TableCell::new(text)
+        }
+    }
+}
+
+/// Marks a cell whose runs spread wider than [`NOISY_SPREAD`] of their mean.
+pub const NOISY_MARK: &str = "⚠";
+
+/// The legend line of [`NOISY_MARK`].
+pub fn noisy_note() -> String {
+    format!(
+        "{NOISY_MARK} noisy: the runs' standard deviation is above {:.0} % of their mean, wider than most differences \
+         between rows, so do not rank by this cell; rerun with more --reps, on a quieter machine (nothing else \
+         running, fixed CPU frequency).",
+        NOISY_SPREAD * 100.0
+    )
 }
 
 /// A table with a title, a header row, rows and notes under it.
@@ -41,6 +68,34 @@ pub struct TextTable {
     pub rows: Vec<Vec<TableCell>>,
     /// How to read it.
     pub notes: Vec<String>,
+    /// What to conclude from it (and the tables of the same experiment before it): shown
+    /// under the notes on the terminal; the HTML page shows them at the top of the
+    /// experiment's section instead ([`crate::report::html`]).
+    pub conclusions: Vec<String>,
+}
+
+/// Width the terminal's conclusions are wrapped at.
+const WRAP: usize = 110;
+
+/// `text` in lines of at most `width` characters (a longer word stands alone), each after
+/// `indent`.
+pub fn wrap(text: &str, width: usize, indent: &str) -> String {
+    let mut out = String::new();
+    let mut line = String::new();
+    for word in text.split_whitespace() {
+        if !line.is_empty() && line.chars().count() + 1 + word.chars().count() > width {
+            let _ = writeln!(out, "{indent}{line}");
+            line.clear();
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(word);
+    }
+    if !line.is_empty() {
+        let _ = writeln!(out, "{indent}{line}");
+    }
+    out
 }
 
 fn escape(text: &str) -> String {
@@ -60,12 +115,22 @@ impl TextTable {
                 } else {
                     CellAlignment::Right
                 });
-                if c.failed { cell.fg(Color::Red) } else { cell }
+                match (c.failed, c.noisy) {
+                    (true, _) => cell.fg(Color::Red),
+                    (false, true) => cell.fg(Color::Yellow),
+                    (false, false) => cell,
+                }
             }));
         }
         let mut out = format!("{}\n{t}\n", self.title);
         for n in &self.notes {
             let _ = writeln!(out, "  {n}");
+        }
+        if !self.conclusions.is_empty() {
+            out.push_str("What to conclude:\n");
+            for c in &self.conclusions {
+                out.push_str(&wrap(c, WRAP, "  "));
+            }
         }
         out
     }
@@ -81,7 +146,11 @@ impl TextTable {
             out.push_str("<tr>");
             for (i, c) in row.iter().enumerate() {
                 let tag = if i == 0 { "th" } else { "td" };
-                let class = if c.failed { " class=\"failed\"" } else { "" };
+                let class = match (c.failed, c.noisy) {
+                    (true, _) => " class=\"failed\"",
+                    (false, true) => " class=\"noisy\" title=\"noisy: see the note under the table\"",
+                    (false, false) => "",
+                };
                 let _ = write!(out, "<{tag}{class}>{}</{tag}>", escape(&c.text));
             }
             out.push_str("</tr>\n");
@@ -125,7 +194,12 @@ fn summary_cell(cell: &Cell, pick: impl Fn(&Cell) -> Option<Summary>, migrator: 
     let Some(s) = pick(cell) else { return TableCell::new("-") };
     let offloads = matches!(migrator, MigratorSpec::Mtcopy { .. } | MigratorSpec::Dcbm { .. });
     let mark = if offloads && cell.fallback_folios > 0 { FALLBACK_MARK } else { "" };
-    TableCell::new(format!("{}{mark}", mean_sd(&s)))
+    TableCell::summarised(format!("{}{mark}", mean_sd(&s)), &s)
+}
+
+/// Whether any cell of `rows` is flagged noisy.
+fn any_noisy(rows: &[Vec<TableCell>]) -> bool {
+    rows.iter().flatten().any(|c| c.noisy)
 }
 
 fn throughput_table(t: &Throughput, end_to_end: bool, report: &BenchReport) -> TextTable {
@@ -147,7 +221,7 @@ fn throughput_table(t: &Throughput, end_to_end: bool, report: &BenchReport) -> T
     );
     let mut header = vec!["migrator".to_string()];
     header.extend(t.folio_sizes.iter().map(|&f| folio_label(f)));
-    let rows =
+    let rows: Vec<Vec<TableCell>> =
         t.rows
             .iter()
             .map(|row| {
@@ -199,7 +273,10 @@ fn throughput_table(t: &Throughput, end_to_end: bool, report: &BenchReport) -> T
     if t.rows.iter().any(|r| r.cells.iter().any(|c| !c.ok)) {
         notes.push("FAILED k/n: k of n runs failed a check (bytes, writes, placement) and are left out.".into());
     }
-    TextTable { title, header, rows, notes }
+    if any_noisy(&rows) {
+        notes.push(noisy_note());
+    }
+    TextTable { title, header, rows, notes, conclusions: Vec::new() }
 }
 
 fn sweep_tables(s: &Sweep, report: &BenchReport) -> Vec<TextTable> {
@@ -231,7 +308,11 @@ fn sweep_tables(s: &Sweep, report: &BenchReport) -> Vec<TextTable> {
                             row.push(TableCell::failed("-"));
                         }
                         Some(p) => {
-                            row.push(TableCell::new(p.cell.gbps.map_or("-".into(), |g| format!("{:.2}", g.mean))));
+                            row.push(
+                                p.cell.gbps.map_or(TableCell::new("-"), |g| {
+                                    TableCell::summarised(format!("{:.2}", g.mean), &g)
+                                }),
+                            );
                             row.push(TableCell::new(match (p.first_folio_us, p.first_folio_p99_us) {
                                 (Some(a), Some(b)) => format!("{} / {}", micros(a), micros(b)),
                                 _ => "-".into(),
@@ -245,14 +326,18 @@ fn sweep_tables(s: &Sweep, report: &BenchReport) -> Vec<TextTable> {
                 }
                 rows.push(row);
             }
-            out.push(TextTable { title, header, rows, notes: Vec::new() });
+            out.push(TextTable { title, header, rows, notes: Vec::new(), conclusions: Vec::new() });
         }
     }
+    let noisy = out.iter().any(|t| any_noisy(&t.rows));
     if let Some(last) = out.last_mut() {
         last.notes.push(
             "First-folio latency: from the start of a batch's unmap phase until its first folio is writable again."
                 .into(),
         );
+        if noisy {
+            last.notes.push(noisy_note());
+        }
     }
     out
 }
@@ -281,7 +366,7 @@ fn scatter_table(report: &BenchReport) -> Option<TextTable> {
     ]
     .map(String::from)
     .to_vec();
-    let rows = s
+    let rows: Vec<Vec<TableCell>> = s
         .rows
         .iter()
         .map(|r| {
@@ -290,8 +375,11 @@ fn scatter_table(report: &BenchReport) -> Option<TextTable> {
                 row.push(TableCell::new(case.folios.to_string()));
                 if case.cell.ok {
                     row.push(TableCell::new(case.runs.map_or("-".into(), |v| format!("{v:.0}"))));
-                    row.push(TableCell::new(case.cell.gbps.map_or("-".into(), |g| mean_sd(&g))));
-                    row.push(TableCell::new(case.us_per_folio.map_or("-".into(), |u| format!("{:.2}", u.mean))));
+                    row.push(case.cell.gbps.map_or(TableCell::new("-"), |g| TableCell::summarised(mean_sd(&g), &g)));
+                    row.push(
+                        case.us_per_folio
+                            .map_or(TableCell::new("-"), |u| TableCell::summarised(format!("{:.2}", u.mean), &u)),
+                    );
                 } else {
                     let n = case.cell.measurements.len();
                     row.push(TableCell::failed(format!("FAILED {}/{n}", case.cell.failed_reps)));
@@ -304,28 +392,39 @@ fn scatter_table(report: &BenchReport) -> Option<TextTable> {
             row
         })
         .collect();
-    let notes = vec![
+    let mut notes = vec![
         "A run is a stretch of contiguous folios write-protected with one call and moved with one mremap (the \
          pipelined move may move it in pieces as its copy completes); every other folio makes each folio a run of \
          its own. GB/s: end to end (the whole call); µs/folio: the critical path (unmap + copy + move) per folio. The \
          region is capped so that the scattered case stays within vm.max_map_count."
             .into(),
     ];
-    Some(TextTable { title, header, rows, notes })
+    if any_noisy(&rows) {
+        notes.push(noisy_note());
+    }
+    Some(TextTable { title, header, rows, notes, conclusions: Vec::new() })
 }
 
 /// Every table of `report`, in order: throughput (end to end, then the critical path), the
-/// sweep, the scattered folios.
+/// sweep, the scattered folios; the last table of each experiment carries its
+/// [`conclusions`].
 pub fn tables(report: &BenchReport) -> Vec<TextTable> {
+    let concluded = conclusions(report);
     let mut out = Vec::new();
+    let with = |mut tables: Vec<TextTable>, sentences: Vec<String>| {
+        if let Some(last) = tables.last_mut() {
+            last.conclusions = sentences;
+        }
+        tables
+    };
     if let Some(t) = &report.throughput {
-        out.push(throughput_table(t, true, report));
-        out.push(throughput_table(t, false, report));
+        let both = vec![throughput_table(t, true, report), throughput_table(t, false, report)];
+        out.extend(with(both, concluded.throughput));
     }
     if let Some(s) = &report.sweep {
-        out.extend(sweep_tables(s, report));
+        out.extend(with(sweep_tables(s, report), concluded.sweep));
     }
-    out.extend(scatter_table(report));
+    out.extend(with(scatter_table(report).into_iter().collect(), concluded.scattered));
     out
 }
 
@@ -355,6 +454,7 @@ pub fn reference_tables(r: &Reference) -> Vec<TextTable> {
         header,
         rows,
         notes: Vec::new(),
+        conclusions: Vec::new(),
     });
     let channels = r.sweep_channels();
     let mut batch: Vec<(u64, u64)> = r.first_folio.rows.iter().map(|x| (x.folio_kib, x.batch_pages)).collect();
@@ -377,7 +477,13 @@ pub fn reference_tables(r: &Reference) -> Vec<TextTable> {
             row
         })
         .collect();
-    out.push(TextTable { title: format!("Reference: {}", r.first_folio.comment), header, rows, notes: Vec::new() });
+    out.push(TextTable {
+        title: format!("Reference: {}", r.first_folio.comment),
+        header,
+        rows,
+        notes: Vec::new(),
+        conclusions: Vec::new(),
+    });
     let rows = r
         .vanilla_n
         .rows
@@ -396,6 +502,7 @@ pub fn reference_tables(r: &Reference) -> Vec<TextTable> {
         header: ["folio", "n (folios per call)", "GB/s", "first µs"].map(String::from).to_vec(),
         rows,
         notes: Vec::new(),
+        conclusions: Vec::new(),
     });
     out
 }
@@ -411,12 +518,17 @@ mod tests {
             header: vec!["a".into(), "b".into()],
             rows: vec![vec![TableCell::new("x"), TableCell::failed("FAILED 1/2")]],
             notes: vec!["n".into()],
+            conclusions: Vec::new(),
         };
         let term = t.to_terminal();
         assert!(term.starts_with("T <1>\n") && term.contains("FAILED 1/2") && term.ends_with("  n\n"));
         let html = t.to_html();
         assert!(html.contains("<caption>T &lt;1&gt;</caption>"));
         assert!(html.contains("<td class=\"failed\">FAILED 1/2</td>"));
+        let t = TextTable { conclusions: vec!["one two three four".into()], ..t };
+        assert!(t.to_terminal().ends_with("  n\nWhat to conclude:\n  one two three four\n"));
+        assert!(!t.to_html().contains("one two"), "the page shows conclusions at the top of the section");
+        assert_eq!(wrap("one two three four", 9, "> "), "> one two\n> three\n> four\n");
         assert_eq!(micros(253.4), "253");
         assert_eq!(micros(12.34), "12.3");
     }
@@ -461,12 +573,20 @@ mod tests {
         let t = &all[0];
         assert!(t.title.starts_with("Throughput, end to end"), "{}", t.title);
         assert_eq!(t.rows[0][1], TableCell::failed("FAILED 1/2"));
-        assert_eq!(t.rows[0][2], TableCell::new("4.00±1.41"));
+        // 3 and 5: a standard deviation of 35 % of the mean, flagged, with the legend.
+        assert_eq!(t.rows[0][2], TableCell { text: "4.00±1.41 ⚠".into(), failed: false, noisy: true });
+        assert!(t.notes.iter().any(|n| n.starts_with("⚠ noisy: the runs' standard deviation is above 25 % of")));
+        assert!(
+            t.to_html().contains("<td class=\"noisy\" title=\"noisy: see the note under the table\">4.00±1.41 ⚠</td>")
+        );
         assert!(t.notes.iter().any(|n| n.starts_with("FAILED k/n")));
         assert!(t.notes.iter().any(|n| n.starts_with("kernel move_pages row absent: one node")));
         // The critical-path table comes second and reads the secondary figure.
         assert!(all[1].title.starts_with("Critical-path throughput"), "{}", all[1].title);
-        assert_eq!(all[1].rows[0][2], TableCell::new("8.00±2.83"));
+        assert_eq!(all[1].rows[0][2].text, "8.00±2.83 ⚠");
+        // The conclusions follow the experiment's last table.
+        assert!(all[0].conclusions.is_empty());
+        assert_eq!(all[1].conclusions[0], "Fastest end to end (medians): cpu at 2M (4.00 GB/s).");
         // The plot leaves the failed cell out instead of drawing a partial mean.
         let fig = crate::report::plot::throughput_figure(&report).unwrap();
         assert_eq!(fig.panels[0].series[0].points, [(2048.0, 4.0, 2f64.sqrt())]);
