@@ -7,6 +7,16 @@
 //! the calling process: an array that cannot be read or written gets `EFAULT`, as from the
 //! kernel, never a crash, and nothing of the caller's memory is touched while its pages
 //! move (an array may lie in the very pages it names).
+//!
+//! Whatever `count` a caller passes, a call takes bounded memory: the arrays are read,
+//! served and written back [`CHUNK`] entries at a time, as the kernel walks them entry by
+//! entry, and every allocation that depends on the caller's input is fallible
+//! (`try_reserve`): one that fails, an array that ends before `count` entries, an error
+//! or a panic of pagemig's hands what is left of the call to the kernel, whose answer is
+//! the call's. Under a finite `RLIMIT_AS` or `RLIMIT_DATA`, pagemig serves a call only
+//! when [`HEADROOM`] bytes more could still be mapped ([`headroom`]): an allocation pagemig
+//! cannot make fallibly (its threads, its batches) must not meet the limit, which would
+//! end the process.
 #![expect(unsafe_code, reason = "C callers' raw pointers, errno and the kernel's own system calls")]
 
 use std::ffi::{c_int, c_long, c_ulong, c_void};
@@ -14,6 +24,15 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 
 use crate::migrate::Engine;
 use crate::sys::Errno;
+pub use crate::sys::thread::{SignalsBlocked, spawn};
+
+/// Entries of the caller's arrays read, served and written back at a time: 512 KiB of
+/// addresses, 256 KiB each of nodes and statuses.
+pub const CHUNK: usize = 1 << 16;
+
+/// Address space pagemig wants free before it serves a call in a process with a finite
+/// `RLIMIT_AS` or `RLIMIT_DATA`: its threads' stacks, its destinations, its batches.
+pub const HEADROOM: usize = 128 << 20;
 
 /// `MPOL_MF_MOVE`: move the pages only this process maps.
 pub const MPOL_MF_MOVE: c_int = 1 << 1;
@@ -73,12 +92,13 @@ fn vm_copy(local: *mut c_void, remote: *mut c_void, len: usize, write: bool) -> 
 /// reads a caller's array.
 ///
 /// # Errors
-/// `EFAULT` when part of the array cannot be read; `ENOSYS` or `EPERM` where
-/// `process_vm_readv` is not allowed (a sandbox), which callers answer by handing the call
-/// to the kernel.
+/// `EFAULT` when part of the array cannot be read (or `count` elements would not fit in
+/// the address space); `ENOMEM` when `count` elements cannot be allocated; `ENOSYS` or
+/// `EPERM` where `process_vm_readv` is not allowed (a sandbox), which callers answer by
+/// handing the call to the kernel.
 pub fn read_user<T: Copy + Default>(ptr: *const T, count: usize) -> Result<Vec<T>, Errno> {
-    let mut out = vec![T::default(); count];
     let len = count.checked_mul(size_of::<T>()).ok_or(Errno::FAULT)?;
+    let mut out: Vec<T> = zeroed_vec(count)?;
     let mut done = 0;
     while done < len {
         let n = vm_copy(
@@ -93,6 +113,47 @@ pub fn read_user<T: Copy + Default>(ptr: *const T, count: usize) -> Result<Vec<T
         done += n;
     }
     Ok(out)
+}
+
+/// `count` default elements, or `ENOMEM` when they cannot be allocated (never an abort).
+fn zeroed_vec<T: Copy + Default>(count: usize) -> Result<Vec<T>, Errno> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(count).map_err(|_| Errno::NOMEM)?;
+    out.resize(count, T::default());
+    Ok(out)
+}
+
+/// Whether pagemig may serve a call now: no finite `RLIMIT_AS` or `RLIMIT_DATA`, or
+/// [`HEADROOM`] bytes of private writable memory could still be mapped under them (a
+/// mapping made and unmapped again at once: the limit is the kernel's to judge).
+pub fn headroom() -> bool {
+    let finite = |resource| {
+        // SAFETY: `rlimit` is plain data, filled by `getrlimit`.
+        let mut limit: libc::rlimit = unsafe { std::mem::zeroed() };
+        // SAFETY: a resource constant and a struct of ours.
+        unsafe { libc::getrlimit(resource, &mut limit) == 0 && limit.rlim_cur != libc::RLIM_INFINITY }
+    };
+    if !finite(libc::RLIMIT_AS) && !finite(libc::RLIMIT_DATA) {
+        return true;
+    }
+    // SAFETY: a fresh anonymous mapping at an address the kernel chooses, unmapped below
+    // before anything uses it.
+    let probe = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            HEADROOM,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if probe == libc::MAP_FAILED {
+        return false;
+    }
+    // SAFETY: the mapping made just above, used by nothing.
+    unsafe { libc::munmap(probe, HEADROOM) };
+    true
 }
 
 /// Writes `values` to the calling process's memory at `ptr`, as the kernel's `copy_to_user`.
@@ -139,6 +200,11 @@ pub enum Route {
     /// Through pagemig's engine ([`Engine::move_pages`]), which hands the pages it does not
     /// move itself to the kernel page by page.
     Pagemig,
+    /// pagemig served the first part of the arrays (maybe none of it) and handed the rest
+    /// to the kernel, whose answer is the call's: the arrays ended before `count` entries,
+    /// a `status` that could not be written, an error or a panic of pagemig's, an
+    /// allocation that failed.
+    PagemigThenKernel,
     /// To the kernel whole: `count` 0, a status query, flags the kernel refuses, arrays
     /// that cannot be read (the kernel's `EFAULT`).
     KernelPlain,
@@ -149,6 +215,10 @@ pub enum Route {
     KernelMoveAll,
     /// To the kernel whole: userfaultfd is not available to this process.
     KernelNoUserfaultfd,
+    /// To the kernel whole: pagemig could not have the memory it needs (a finite
+    /// `RLIMIT_AS` or `RLIMIT_DATA` leaves less than [`HEADROOM`], or the first part of
+    /// the arrays could not be allocated).
+    KernelNoMemory,
 }
 
 /// `move_pages(2)` for the calling process (pid 0) from C's raw arguments: pages pagemig
@@ -156,14 +226,19 @@ pub enum Route {
 /// which way the call went.
 ///
 /// A status query (`nodes` NULL), `count` 0, flags other than `MPOL_MF_MOVE`,
-/// `MPOL_MF_MOVE_ALL`, arrays that cannot be read and a process without userfaultfd go to
-/// the kernel whole, which answers them as it would have; a `status` array that cannot be
-/// written is `EFAULT` once the pages moved, as from the kernel.
+/// `MPOL_MF_MOVE_ALL`, arrays that cannot be read, a process without userfaultfd and one
+/// without [`headroom`] go to the kernel whole, which answers them as it would have.
+///
+/// The arrays are served [`CHUNK`] entries at a time, in order, as the kernel walks them:
+/// where a chunk cannot be served (its entries cannot all be read, its statuses cannot be
+/// written, a node is bad, pagemig fails, panics or cannot allocate), the kernel serves
+/// the call from that chunk on and its answer is the call's ([`Route::PagemigThenKernel`]):
+/// the entries before a bad one move, and the call fails with the kernel's errno
+/// (`EFAULT`, `ENODEV`), exactly as from the kernel. Memory taken is bounded by [`CHUNK`]
+/// whatever `count` is.
 ///
 /// # Errors
-/// As `move_pages(2)`; with [`Route::Pagemig`], also the engine's errors (`ENODEV` for a
-/// node without memory, checked before any page moves; the errno of reading the process's
-/// mappings).
+/// As `move_pages(2)`: the kernel's own answer wherever pagemig does not serve a part.
 ///
 /// # Safety
 /// The calling thread is inside this call while its pages move: nothing else on it
@@ -175,36 +250,92 @@ pub unsafe fn move_pages(
     status: *mut c_int,
     flags: c_int,
 ) -> (Result<c_long, Errno>, Route) {
-    // SAFETY: forwarded from the caller's contract.
-    let kernel = || unsafe { kernel_move_pages(0, count, pages, nodes, status, flags) };
+    // The kernel's move_pages from entry `from` on: the part of the call pagemig did not
+    // serve.
+    // SAFETY: the caller's arrays, offset by entries the call names (`from < count`); the
+    // kernel checks every entry it reads or writes.
+    let kernel_from = |from: usize| unsafe {
+        kernel_move_pages(
+            0,
+            count - from as c_ulong,
+            pages.wrapping_add(from),
+            nodes.wrapping_add(from),
+            status.wrapping_add(from),
+            flags,
+        )
+    };
     if flags & !(MPOL_MF_MOVE | MPOL_MF_MOVE_ALL) != 0 {
-        return (kernel(), Route::KernelPlain);
+        return (kernel_from(0), Route::KernelPlain);
     }
     if flags & MPOL_MF_MOVE_ALL != 0 {
-        return (kernel(), Route::KernelMoveAll);
+        return (kernel_from(0), Route::KernelMoveAll);
     }
     if count == 0 || nodes.is_null() {
-        return (kernel(), Route::KernelPlain);
+        return (kernel_from(0), Route::KernelPlain);
     }
-    let Ok(engine) = Engine::global() else {
-        return (kernel(), Route::KernelNoUserfaultfd);
+    if !headroom() {
+        return (kernel_from(0), Route::KernelNoMemory);
+    }
+    let Ok(Ok(engine)) = catch_unwind(Engine::global) else {
+        return (kernel_from(0), Route::KernelNoUserfaultfd);
     };
-    let Ok(n) = usize::try_from(count) else {
-        return (kernel(), Route::KernelPlain);
-    };
-    let (addrs, targets) = match (read_user(pages.cast::<usize>(), n), read_user(nodes, n)) {
-        (Ok(a), Ok(t)) => (a, t),
-        (Err(Errno::FAULT), _) | (_, Err(Errno::FAULT)) => return (kernel(), Route::KernelPlain),
-        _ => return (kernel(), Route::KernelUnreadable),
-    };
-    let mut out = vec![0; n];
+    let mut done = 0usize;
+    let mut not_moved: c_long = 0;
+    while (done as c_ulong) < count {
+        let n = (count - done as c_ulong).min(CHUNK as c_ulong) as usize;
+        // SAFETY: as `serve_chunk` requires: the caller's arrays from entry `done`, whose
+        // first `n` entries the call names.
+        let served = catch_unwind(AssertUnwindSafe(|| unsafe {
+            serve_chunk(engine, pages.wrapping_add(done), nodes.wrapping_add(done), status.wrapping_add(done), n)
+        }));
+        match served {
+            Ok(Ok(left)) => not_moved += left,
+            // Nothing served yet: the call goes to the kernel whole, for the reason found.
+            Ok(Err(Chunk::Unreadable(errno))) if done == 0 => {
+                let route = match errno {
+                    Errno::FAULT => Route::KernelPlain,
+                    Errno::NOMEM => Route::KernelNoMemory,
+                    _ => Route::KernelUnreadable,
+                };
+                return (kernel_from(0), route);
+            }
+            Ok(Err(_)) | Err(_) => {
+                return (kernel_from(done).map(|left| left + not_moved), Route::PagemigThenKernel);
+            }
+        }
+        done += n;
+    }
+    (Ok(not_moved), Route::Pagemig)
+}
+
+/// Why a chunk of a [`move_pages`] call was not served.
+enum Chunk {
+    /// Its entries could not be read, or not allocated (nothing moved).
+    Unreadable(Errno),
+    /// pagemig failed, or its statuses could not be written.
+    Failed,
+}
+
+/// Serves `n` entries of a [`move_pages`] call through `engine`: reads them, moves the
+/// pages, writes their statuses; the number of pages not moved.
+///
+/// # Safety
+/// As [`move_pages`], for arrays of `n` entries.
+unsafe fn serve_chunk(
+    engine: &Engine,
+    pages: *const *mut c_void,
+    nodes: *const c_int,
+    status: *mut c_int,
+    n: usize,
+) -> Result<c_long, Chunk> {
+    let addrs = read_user(pages.cast::<usize>(), n).map_err(Chunk::Unreadable)?;
+    let targets = read_user(nodes, n).map_err(Chunk::Unreadable)?;
+    let mut out = zeroed_vec(n).map_err(Chunk::Unreadable)?;
     // SAFETY: the calling thread is inside this call and does not access the pages while
     // they move; the arrays are copies of ours.
-    let result = match unsafe { engine.move_pages(&addrs, Some(&targets), &mut out) } {
-        Ok(left) => write_user(status, &out).map(|()| left as c_long),
-        Err(e) => Err(e.errno()),
-    };
-    (result, Route::Pagemig)
+    let left = unsafe { engine.move_pages(&addrs, Some(&targets), &mut out) }.map_err(|_| Chunk::Failed)?;
+    write_user(status, &out).map_err(|_| Chunk::Failed)?;
+    Ok(left as c_long)
 }
 
 #[cfg(test)]

@@ -82,7 +82,8 @@ struct pagemig_stats {
   uint64_t failed;
   /**
    * Calls handed to the kernel whole (`MPOL_MF_MOVE_ALL`, no userfaultfd, arrays a
-   * sandbox forbids `process_vm_readv` to read).
+   * sandbox forbids `process_vm_readv` to read, an address-space limit that leaves
+   * pagemig too little room).
    */
   uint64_t kernel_calls;
   /**
@@ -105,9 +106,10 @@ extern "C" {
  *
  * Returns `0` when every page is on its node, the number of pages that are not, or `-1`
  * with `errno`: `EINVAL` for other flags, `ENODEV` for a node out of range or without
- * memory, `EFAULT` for arrays that cannot be read or written, `EPERM`
- * for `MPOL_MF_MOVE_ALL` without `CAP_SYS_NICE`. Unlike the kernel, every node is checked
- * before any page moves.
+ * memory, `EFAULT` for arrays that cannot be read or written (as the kernel, the entries
+ * before the first bad node or the first entry that cannot be read are served first),
+ * `EPERM` for `MPOL_MF_MOVE_ALL` without `CAP_SYS_NICE`. Any `count` takes bounded
+ * memory: the arrays are served a chunk at a time.
  *
  * # Safety
  * `pages` and `status` (and `nodes`, unless NULL) must point to `count` elements. The

@@ -7,9 +7,16 @@
 //! kernel's own `move_pages(2)`, so a call never fails where the kernel would have served
 //! it. Errors are returned (`-1` and `errno`), never printed, and no panic crosses the
 //! boundary.
+//!
+//! Nothing is ever written to the program's standard error: the library's own copy of the
+//! Rust runtime (a C library carries one of its own, apart from any Rust code of the
+//! program's) gets a panic hook that prints nothing, set by the first call of any entry
+//! point. A panic or a failed allocation of pagemig's inside `pagemig_move_pages` hands the
+//! call to the kernel, and whatever `count` is, a call takes bounded memory.
 #![allow(unsafe_code, reason = "the C ABI: raw pointers from C callers, errno")]
 
 use std::ffi::{CStr, c_char, c_int, c_long, c_ulong, c_void};
+use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use pagemig_core::Engine;
@@ -61,7 +68,8 @@ pub struct pagemig_stats {
     /// Pages that ended a call with an error.
     pub failed: u64,
     /// Calls handed to the kernel whole (`MPOL_MF_MOVE_ALL`, no userfaultfd, arrays a
-    /// sandbox forbids `process_vm_readv` to read).
+    /// sandbox forbids `process_vm_readv` to read, an address-space limit that leaves
+    /// pagemig too little room).
     pub kernel_calls: u64,
     /// Pages those calls named.
     pub kernel_call_pages: u64,
@@ -69,6 +77,15 @@ pub struct pagemig_stats {
 
 static KERNEL_CALLS: AtomicU64 = AtomicU64::new(0);
 static KERNEL_CALL_PAGES: AtomicU64 = AtomicU64::new(0);
+
+/// Runs `f` at the C boundary ([`boundary`]), the library's panics silenced first: this
+/// copy of the Rust runtime serves only pagemig's entry points and threads, so its panic
+/// hook prints nothing, whoever panics (a panic is caught and becomes an answer).
+fn entry(f: impl FnOnce() -> Result<c_long, Errno>) -> c_long {
+    static QUIET: Once = Once::new();
+    QUIET.call_once(|| std::panic::set_hook(Box::new(|_| {})));
+    boundary(f)
+}
 
 /// Moves the `count` pages at `pages[i]` of the calling process to nodes `nodes[i]`, and
 /// writes each page's outcome in `status[i]`: the node it is on, or a negative errno
@@ -79,9 +96,10 @@ static KERNEL_CALL_PAGES: AtomicU64 = AtomicU64::new(0);
 ///
 /// Returns `0` when every page is on its node, the number of pages that are not, or `-1`
 /// with `errno`: `EINVAL` for other flags, `ENODEV` for a node out of range or without
-/// memory, `EFAULT` for arrays that cannot be read or written, `EPERM`
-/// for `MPOL_MF_MOVE_ALL` without `CAP_SYS_NICE`. Unlike the kernel, every node is checked
-/// before any page moves.
+/// memory, `EFAULT` for arrays that cannot be read or written (as the kernel, the entries
+/// before the first bad node or the first entry that cannot be read are served first),
+/// `EPERM` for `MPOL_MF_MOVE_ALL` without `CAP_SYS_NICE`. Any `count` takes bounded
+/// memory: the arrays are served a chunk at a time.
 ///
 /// # Safety
 /// `pages` and `status` (and `nodes`, unless NULL) must point to `count` elements. The
@@ -95,10 +113,13 @@ pub unsafe extern "C" fn pagemig_move_pages(
     status: *mut c_int,
     flags: c_int,
 ) -> c_long {
-    boundary(|| {
+    entry(|| {
         // SAFETY: forwarded from the caller's contract.
         let (result, route) = unsafe { ffi::move_pages(count, pages, nodes, status, flags) };
-        if matches!(route, Route::KernelMoveAll | Route::KernelNoUserfaultfd | Route::KernelUnreadable) {
+        if matches!(
+            route,
+            Route::KernelMoveAll | Route::KernelNoUserfaultfd | Route::KernelUnreadable | Route::KernelNoMemory
+        ) {
             KERNEL_CALLS.fetch_add(1, Ordering::Relaxed);
             KERNEL_CALL_PAGES.fetch_add(count, Ordering::Relaxed);
         }
@@ -120,7 +141,7 @@ pub unsafe extern "C" fn pagemig_move_pages(
 /// `path` must be a NUL-terminated string and `buf` writable for `len` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pagemig_attr_read(path: *const c_char, buf: *mut c_char, len: usize) -> c_long {
-    boundary(|| {
+    entry(|| {
         if path.is_null() || buf.is_null() {
             return Err(Errno::FAULT);
         }
@@ -150,7 +171,7 @@ pub unsafe extern "C" fn pagemig_attr_read(path: *const c_char, buf: *mut c_char
 /// `path` and `value` must be NUL-terminated strings.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pagemig_attr_write(path: *const c_char, value: *const c_char) -> c_int {
-    boundary(|| {
+    entry(|| {
         if path.is_null() || value.is_null() {
             return Err(Errno::FAULT);
         }
@@ -171,7 +192,7 @@ pub unsafe extern "C" fn pagemig_attr_write(path: *const c_char, value: *const c
 /// name, or the errno of binding it or starting the thread.
 #[unsafe(no_mangle)]
 pub extern "C" fn pagemig_agent_start() -> c_int {
-    boundary(|| pagemig_core::agent::start().map(|_| 0).map_err(|e| e.errno())) as c_int
+    entry(|| pagemig_core::agent::start().map(|_| 0).map_err(|e| e.errno())) as c_int
 }
 
 /// Fills `out` with what the kernel and this process allow pagemig. Returns `0`, or `-1`
@@ -181,7 +202,7 @@ pub extern "C" fn pagemig_agent_start() -> c_int {
 /// `out` must be writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pagemig_capabilities(out: *mut pagemig_capabilities) -> c_int {
-    boundary(|| {
+    entry(|| {
         if out.is_null() {
             return Err(Errno::FAULT);
         }
@@ -213,7 +234,7 @@ pub unsafe extern "C" fn pagemig_capabilities(out: *mut pagemig_capabilities) ->
 /// `out` must be writable for `size` bytes.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn pagemig_stats(out: *mut pagemig_stats, size: usize) -> c_int {
-    boundary(|| {
+    entry(|| {
         if out.is_null() {
             return Err(Errno::FAULT);
         }

@@ -1,6 +1,7 @@
 /* pagemig_move_pages against the kernel's move_pages(2): the same inputs to both, every
- * return value, errno and status entry compared. Built against the installed header and
- * library (see capi/install). Exits 0 when every case agrees. */
+ * return value, errno and status entry compared, and the cases of limits.c (huge counts, a
+ * tight RLIMIT_AS). Built against the installed header and library (see capi/install).
+ * Exits 0 when every case agrees. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -13,6 +14,12 @@
 #include <unistd.h>
 
 #include <pagemig.h>
+
+#include "limits.c"
+
+static long capi_move_pages(unsigned long count, void **pages, const int *nodes, int *status, int flags) {
+    return pagemig_move_pages(count, pages, nodes, status, flags);
+}
 
 #define N 12
 static long page;
@@ -190,6 +197,8 @@ int main(int argc, char **argv) {
         printf("pagemig_stats does not add up\n");
         failures++;
     }
+    /* Huge counts and a tight RLIMIT_AS, each in a child of its own. */
+    failures += limits_cases(capi_move_pages);
     printf("%s: %d case(s) differ\n", failures ? "FAIL" : "PASS", failures);
     return failures != 0;
 }

@@ -73,12 +73,14 @@ pub(crate) fn engine() -> pagemig::Result<&'static Engine> {
 
 /// Runs when the library is loaded: reads the environment, silences panics (each is
 /// counted; the boundary turns it into an error), arranges the summary at exit and the
-/// counters' reset in a forked child.
+/// counters' and the worker's reset in a forked child.
 extern "C" fn init() {
     let config = config();
     std::panic::set_hook(Box::new(|_| summary::panicked()));
     // SAFETY: a plain function of this library, which stays loaded until exit.
     unsafe { libc::pthread_atfork(None, None, Some(summary::forked)) };
+    // SAFETY: as above.
+    unsafe { libc::pthread_atfork(None, None, Some(crate::worker::forked)) };
     if config.summary.is_some() {
         // SAFETY: as above; `atexit` fails only when out of memory, and then there is no
         // summary.

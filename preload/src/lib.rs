@@ -20,6 +20,17 @@
 //! | `PAGEMIG_ATTRS` | `path=value,…`: pagemig attributes (`migrate/max_batch_pages=512,mtcopy/offloading=1`), applied in each process before its first call pagemig serves |
 //! | `PAGEMIG_SUMMARY` | `1`: a summary on standard error when the process exits; a path: the summary appended to that file (each process that exits adds its own) |
 //!
+//! Both symbols are async-signal-safe, as the system calls are: the calling thread blocks
+//! every signal for the length of the call (a signal that arrives meanwhile is delivered
+//! when the call returns, as after a system call) and waits on a futex while pagemig's
+//! worker thread serves the call (`worker`), so a call made from a signal handler that
+//! interrupted `malloc`, or pagemig itself, meets none of the locks the interrupted code
+//! holds. The first call pagemig serves in a process starts that thread.
+//!
+//! Whatever `count` a call passes, pagemig takes bounded memory (the arrays are served a
+//! chunk at a time); under a finite `RLIMIT_AS` or `RLIMIT_DATA` that leaves it too little
+//! room, and after any failure or panic of its own, the kernel serves the call.
+//!
 //! The summary says how many calls each symbol had, which pagemig served, which it handed
 //! to the kernel whole and why, and what became of the pages; a program can read it at
 //! any time with [`pagemig_preload_summary`](symbols::pagemig_preload_summary). Nothing
@@ -33,3 +44,4 @@ mod config;
 mod mbind;
 mod summary;
 pub mod symbols;
+mod worker;

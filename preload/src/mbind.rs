@@ -33,9 +33,9 @@ use crate::summary::{self, Whole};
 /// `MPOL_MF_STRICT`: `EIO` when pages do not conform to the policy after the call.
 const MPOL_MF_STRICT: c_uint = 1;
 /// `MPOL_MF_MOVE`.
-const MPOL_MF_MOVE: c_uint = ffi::MPOL_MF_MOVE as c_uint;
+pub(crate) const MPOL_MF_MOVE: c_uint = ffi::MPOL_MF_MOVE as c_uint;
 /// `MPOL_MF_MOVE_ALL`.
-const MPOL_MF_MOVE_ALL: c_uint = ffi::MPOL_MF_MOVE_ALL as c_uint;
+pub(crate) const MPOL_MF_MOVE_ALL: c_uint = ffi::MPOL_MF_MOVE_ALL as c_uint;
 /// `MPOL_PREFERRED_MANY` (Linux 5.15), missing from the `libc` crate.
 const MPOL_PREFERRED_MANY: c_int = 5;
 /// The mode flags `MPOL_F_STATIC_NODES`, `MPOL_F_RELATIVE_NODES`, `MPOL_F_NUMA_BALANCING`.
@@ -56,12 +56,12 @@ pub(crate) struct Args {
 
 impl Args {
     /// The pages the range names, as the kernel rounds it.
-    fn pages(&self) -> u64 {
+    pub(crate) fn pages(&self) -> u64 {
         self.len.div_ceil(PAGE_SIZE as c_ulong)
     }
 
     /// The kernel's `mbind(2)` with these arguments and `flags`.
-    fn kernel(&self, flags: c_uint) -> Result<c_long, Errno> {
+    pub(crate) fn kernel(&self, flags: c_uint) -> Result<c_long, Errno> {
         // SAFETY: the caller's arguments as they came; the kernel checks every pointer.
         // Moving pages with their contents is what the caller asked for.
         check(unsafe {

@@ -30,12 +30,17 @@ pub(crate) enum Whole {
     NoUserfaultfd,
     /// `process_vm_readv` may not read the caller's arrays.
     Unreadable,
-    /// pagemig returned an error; the kernel served the call again, whole.
+    /// pagemig returned an error, panicked or could not allocate, or the arrays ended
+    /// before `count` entries; the kernel served the call, or what pagemig had not served
+    /// of it.
     PagemigFailed,
+    /// A finite `RLIMIT_AS` or `RLIMIT_DATA` leaves pagemig too little room
+    /// ([`pagemig::ffi::headroom`]).
+    NoMemory,
 }
 
 impl Whole {
-    const ALL: [Whole; 8] = [
+    const ALL: [Whole; 9] = [
         Whole::Disabled,
         Whole::OtherProcess,
         Whole::MoveAll,
@@ -44,6 +49,7 @@ impl Whole {
         Whole::NoUserfaultfd,
         Whole::Unreadable,
         Whole::PagemigFailed,
+        Whole::NoMemory,
     ];
 
     fn label(self) -> &'static str {
@@ -56,6 +62,7 @@ impl Whole {
             Whole::NoUserfaultfd => "no userfaultfd",
             Whole::Unreadable => "process_vm_readv refused",
             Whole::PagemigFailed => "pagemig failed, kernel retried",
+            Whole::NoMemory => "address-space limit",
         }
     }
 }

@@ -9,6 +9,7 @@ use pagemig::ffi::{self, Route, boundary};
 use crate::config;
 use crate::mbind::{self, Args};
 use crate::summary::{self, Symbol, Whole};
+use crate::worker::{self, Call};
 
 /// `move_pages(2)`, as libnuma's `move_pages`: moves the `count` pages at `pages[i]` of
 /// process `pid` to nodes `nodes[i]` (only reports where they are with `nodes` NULL) and
@@ -16,7 +17,9 @@ use crate::summary::{self, Symbol, Whole};
 /// not moved, or `-1` with `errno`.
 ///
 /// pagemig serves the calling process (`pid` 0 or its own) when `PAGEMIG_PRELOAD` is set;
-/// the kernel everything else, and whatever pagemig does not move itself.
+/// the kernel everything else, and whatever pagemig does not move itself. Async-signal-safe,
+/// as the system call: the calling thread blocks every signal for the length of the call
+/// and the call is served on pagemig's worker thread ([`crate::worker`]).
 ///
 /// # Safety
 /// As `move_pages(2)`.
@@ -29,6 +32,7 @@ pub unsafe extern "C" fn move_pages(
     status: *mut c_int,
     flags: c_int,
 ) -> c_long {
+    let _blocked = ffi::SignalsBlocked::new();
     boundary(|| {
         summary::call(Symbol::MovePages);
         // SAFETY: the caller's arguments as they came.
@@ -44,34 +48,56 @@ pub unsafe extern "C" fn move_pages(
         if pid != 0 && pid != unsafe { libc::getpid() } {
             return whole(Whole::OtherProcess);
         }
-        // A call pagemig may serve opens the engine first, which applies PAGEMIG_ATTRS;
-        // the others go to the kernel as they are (below).
+        // A call pagemig may serve needs room for pagemig's threads and batches first.
         let candidate = flags & !ffi::MPOL_MF_MOVE == 0 && count != 0 && !nodes.is_null();
-        if candidate && config::engine().is_err() {
-            return whole(Whole::NoUserfaultfd);
+        if candidate && !ffi::headroom() {
+            return whole(Whole::NoMemory);
         }
-        // SAFETY: the calling thread is inside move_pages while its pages move; the
-        // arrays are as the caller promised move_pages(2).
-        match unsafe { ffi::move_pages(count, pages, nodes, status, flags) } {
-            (result @ Ok(_), Route::Pagemig) => {
-                summary::served(Symbol::MovePages);
-                result
-            }
-            // Whatever pagemig did, the kernel now does the rest and answers: the answer is
-            // the kernel's (ENODEV for a bad node, EFAULT for a status it cannot write).
-            (Err(_), Route::Pagemig) => whole(Whole::PagemigFailed),
-            (result, route) => {
-                let why = match route {
-                    Route::KernelMoveAll => Whole::MoveAll,
-                    Route::KernelNoUserfaultfd => Whole::NoUserfaultfd,
-                    Route::KernelUnreadable => Whole::Unreadable,
-                    Route::KernelPlain | Route::Pagemig => Whole::NotAMove,
-                };
-                summary::whole(why, count);
-                result
-            }
-        }
+        worker::run(Call::MovePages { count, pages, nodes, status, flags })
+            .unwrap_or_else(|| whole(Whole::PagemigFailed))
     })
+}
+
+/// Serves a `move_pages` call of the calling process, on the worker.
+pub(crate) fn serve_move_pages(
+    count: c_ulong,
+    pages: *mut *mut c_void,
+    nodes: *const c_int,
+    status: *mut c_int,
+    flags: c_int,
+) -> Result<c_long, pagemig::Errno> {
+    // SAFETY: the caller's arguments as they came.
+    let kernel = || unsafe { ffi::kernel_move_pages(0, count, pages, nodes, status, flags) };
+    let whole = |why| {
+        summary::whole(why, count);
+        kernel()
+    };
+    // A call pagemig may serve opens the engine first, which applies PAGEMIG_ATTRS; the
+    // others go to the kernel as they are (below).
+    let candidate = flags & !ffi::MPOL_MF_MOVE == 0 && count != 0 && !nodes.is_null();
+    if candidate && config::engine().is_err() {
+        return whole(Whole::NoUserfaultfd);
+    }
+    // SAFETY: the calling thread waits, signals blocked, while its pages move; the arrays
+    // are as the caller promised move_pages(2).
+    let (result, route) = unsafe { ffi::move_pages(count, pages, nodes, status, flags) };
+    let why = match route {
+        Route::Pagemig => {
+            summary::served(Symbol::MovePages);
+            return result;
+        }
+        // The kernel served what pagemig did not, and answered: the answer is the
+        // kernel's (ENODEV for a bad node, EFAULT for arrays that end early or a status it
+        // cannot write).
+        Route::PagemigThenKernel => Whole::PagemigFailed,
+        Route::KernelMoveAll => Whole::MoveAll,
+        Route::KernelNoUserfaultfd => Whole::NoUserfaultfd,
+        Route::KernelUnreadable => Whole::Unreadable,
+        Route::KernelNoMemory => Whole::NoMemory,
+        Route::KernelPlain => Whole::NotAMove,
+    };
+    summary::whole(why, count);
+    result
 }
 
 /// `mbind(2)`, as libnuma's `mbind`: sets the memory policy `mode` (with its `MPOL_F_*`
@@ -81,7 +107,8 @@ pub unsafe extern "C" fn move_pages(
 /// not be moved. Returns `0`, or `-1` with `errno`.
 ///
 /// pagemig moves the private anonymous pages when `PAGEMIG_PRELOAD` is set and the policy
-/// names one node; the kernel sets the policy and does everything else.
+/// names one node; the kernel sets the policy and does everything else. Async-signal-safe,
+/// as [`move_pages`].
 ///
 /// # Safety
 /// As `mbind(2)`.
@@ -94,9 +121,21 @@ pub unsafe extern "C" fn mbind(
     maxnode: c_ulong,
     flags: c_uint,
 ) -> c_long {
+    let _blocked = ffi::SignalsBlocked::new();
     boundary(|| {
         summary::call(Symbol::Mbind);
-        mbind::mbind(Args { addr, len, mode, nodemask, maxnode, flags })
+        let args = Args { addr, len, mode, nodemask, maxnode, flags };
+        let whole = |why| {
+            summary::whole(why, args.pages());
+            args.kernel(args.flags)
+        };
+        if !config::enabled() {
+            return whole(Whole::Disabled);
+        }
+        if flags & mbind::MPOL_MF_MOVE != 0 && flags & mbind::MPOL_MF_MOVE_ALL == 0 && !ffi::headroom() {
+            return whole(Whole::NoMemory);
+        }
+        worker::run(Call::Mbind(args)).unwrap_or_else(|| whole(Whole::PagemigFailed))
     })
 }
 

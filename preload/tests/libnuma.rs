@@ -116,7 +116,7 @@ fn count(summary: &BTreeMap<String, String>, label: &str) -> u64 {
     value.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("{label}: {value:?}"))
 }
 
-const WHOLE: [&str; 8] = [
+const WHOLE: [&str; 9] = [
     "disabled",
     "other process",
     "MPOL_MF_MOVE_ALL",
@@ -125,6 +125,7 @@ const WHOLE: [&str; 8] = [
     "no userfaultfd",
     "process_vm_readv refused",
     "pagemig failed, kernel retried",
+    "address-space limit",
 ];
 
 fn whole(summary: &BTreeMap<String, String>, why: &str) -> u64 {

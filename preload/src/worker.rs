@@ -1,0 +1,224 @@
+//! The thread that serves the calls pagemig takes, so that `move_pages` and `mbind` stay
+//! async-signal-safe for the threads that call them.
+//!
+//! The kernel's `move_pages(2)` and `mbind(2)` may be called from a signal handler. A
+//! handler can interrupt its thread anywhere: inside `malloc` holding glibc's arena lock,
+//! inside `pthread_create`, inside pagemig itself holding one of its own locks. Serving the
+//! call on that thread would meet those locks again and wait for ever (pagemig reads the
+//! process's mappings, allocates its arrays and batches, starts its threads). So the
+//! calling thread does nothing that allocates or takes a lock: it blocks every signal for
+//! the length of the call (the symbols do, first thing: a handler never runs on a thread
+//! while it is inside pagemig, and a signal that arrives meanwhile is delivered when the
+//! call returns, as the kernel delivers one that arrives during a system call), puts its
+//! raw arguments in [`SLOT`], and waits on a futex. pagemig's worker thread,
+//! `pagemig-preload`, serves the call (its locks and its allocations are its own) and
+//! hands back the answer; the calling thread sets `errno` and returns.
+//!
+//! # The slot
+//! One call at a time; [`SLOT`]'s state word is the futex every party waits on:
+//! `FREE` → a caller claims it (`CLAIMED`), writes the call, posts it (`POSTED`) → the
+//! worker takes it, serves it, writes the answer (`DONE`) → the caller takes the answer and
+//! frees the slot (`FREE`). Each transition wakes every waiter; each waiter checks again.
+//! Atomics and `futex(2)` only: async-signal-safe.
+//!
+//! # Starting the worker
+//! The first call the library serves in a process starts the worker (a process that never
+//! migrates has no such thread, as it has no engine); a forked child starts its own, and
+//! its slot starts free (the `pthread_atfork` child handler). Starting a thread allocates
+//! (glibc's `pthread_create`): the one call of a process that starts the worker is the one
+//! that is not async-signal-safe, as is opening the engine.
+#![expect(unsafe_code, reason = "futex(2) and the slot the calling thread and the worker share")]
+
+use std::cell::{Cell, UnsafeCell};
+use std::ffi::c_long;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use pagemig::Errno;
+use pagemig::ffi;
+
+/// A call the worker serves: the caller's raw arguments.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Call {
+    /// `move_pages(0, count, pages, nodes, status, flags)` for the calling process.
+    MovePages {
+        count: std::ffi::c_ulong,
+        pages: *mut *mut std::ffi::c_void,
+        nodes: *const std::ffi::c_int,
+        status: *mut std::ffi::c_int,
+        flags: std::ffi::c_int,
+    },
+    /// `mbind(2)`.
+    Mbind(crate::mbind::Args),
+}
+
+impl Call {
+    /// Serves the call, on the worker.
+    fn serve(self) -> Result<c_long, Errno> {
+        match self {
+            Call::MovePages { count, pages, nodes, status, flags } => {
+                crate::symbols::serve_move_pages(count, pages, nodes, status, flags)
+            }
+            Call::Mbind(args) => crate::mbind::mbind(args),
+        }
+    }
+
+    /// The kernel's answer to the call, whole (after a panic of pagemig's).
+    fn kernel(self) -> Result<c_long, Errno> {
+        match self {
+            // SAFETY: the caller's arguments as they came; the kernel checks them.
+            Call::MovePages { count, pages, nodes, status, flags } => unsafe {
+                ffi::kernel_move_pages(0, count, pages, nodes, status, flags)
+            },
+            Call::Mbind(args) => args.kernel(args.flags),
+        }
+    }
+}
+
+const FREE: u32 = 0;
+const CLAIMED: u32 = 1;
+const POSTED: u32 = 2;
+const DONE: u32 = 3;
+
+/// The call being served and its answer.
+struct Slot {
+    state: AtomicU32,
+    call: UnsafeCell<Option<Call>>,
+    answer: UnsafeCell<Option<Result<c_long, Errno>>>,
+}
+
+// SAFETY: `call` and `answer` are touched only by the party the state names: the claiming
+// caller between `CLAIMED` and `POSTED` and after `DONE`, the worker between `POSTED` and
+// `DONE` (release stores and acquire loads of `state` order the accesses). The raw pointers
+// of a call are the caller's, used by the worker while the caller waits.
+unsafe impl Sync for Slot {}
+
+static SLOT: Slot = Slot { state: AtomicU32::new(FREE), call: UnsafeCell::new(None), answer: UnsafeCell::new(None) };
+
+/// The process whose worker runs, and the process that is starting one.
+static WORKER_PID: AtomicU32 = AtomicU32::new(0);
+static STARTING_PID: AtomicU32 = AtomicU32::new(0);
+
+thread_local! {
+    /// Whether this thread is the worker (a call it made itself would wait on itself).
+    static IS_WORKER: Cell<bool> = const { Cell::new(false) };
+}
+
+fn futex_wait(word: &AtomicU32, expected: u32) {
+    // SAFETY: `word` is a live atomic of ours; a private futex wait returns at once when
+    // the word is no longer `expected`, on a wake, or on a spurious wakeup (the callers
+    // check again).
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
+            expected,
+            std::ptr::null::<libc::timespec>(),
+        )
+    };
+}
+
+fn futex_wake_all(word: &AtomicU32) {
+    // SAFETY: as above; waking waiters has no other effect.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, i32::MAX) };
+}
+
+fn pid() -> u32 {
+    // SAFETY: getpid has no preconditions.
+    unsafe { libc::getpid() as u32 }
+}
+
+/// Serves `call` on the worker and returns its answer; `None` when no worker could be
+/// started (no thread: the caller hands the call to the kernel).
+///
+/// The calling thread must have every signal blocked (the symbols do): a handler that
+/// interrupted it here and called in again would wait on the slot it holds.
+pub(crate) fn run(call: Call) -> Option<Result<c_long, Errno>> {
+    if IS_WORKER.with(Cell::get) {
+        return Some(call.serve());
+    }
+    if !started() {
+        return None;
+    }
+    loop {
+        match SLOT.state.compare_exchange(FREE, CLAIMED, Ordering::Acquire, Ordering::Acquire) {
+            Ok(_) => break,
+            Err(now) => futex_wait(&SLOT.state, now),
+        }
+    }
+    // SAFETY: the slot is claimed: nobody else touches its cells until it is posted.
+    unsafe { *SLOT.call.get() = Some(call) };
+    SLOT.state.store(POSTED, Ordering::Release);
+    futex_wake_all(&SLOT.state);
+    loop {
+        let now = SLOT.state.load(Ordering::Acquire);
+        if now == DONE {
+            break;
+        }
+        futex_wait(&SLOT.state, now);
+    }
+    // SAFETY: `DONE`: the worker is finished with the cells until the slot is posted again.
+    let answer = unsafe { (*SLOT.answer.get()).take() };
+    SLOT.state.store(FREE, Ordering::Release);
+    futex_wake_all(&SLOT.state);
+    Some(answer.unwrap_or(Err(Errno::CANCELED)))
+}
+
+/// Starts this process's worker unless it runs; whether it runs.
+fn started() -> bool {
+    let me = pid();
+    loop {
+        if WORKER_PID.load(Ordering::Acquire) == me {
+            return true;
+        }
+        let starting = STARTING_PID.load(Ordering::Acquire);
+        if starting == me {
+            // Another thread of this process is starting it.
+            std::hint::spin_loop();
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+            continue;
+        }
+        if STARTING_PID.compare_exchange(starting, me, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            continue;
+        }
+        let spawned = ffi::spawn("pagemig-preload", serve);
+        if spawned.is_ok() {
+            WORKER_PID.store(me, Ordering::Release);
+        }
+        STARTING_PID.store(0, Ordering::Release);
+        return spawned.is_ok();
+    }
+}
+
+/// The worker: serves each call posted, for the life of the process.
+fn serve() {
+    IS_WORKER.with(|w| w.set(true));
+    loop {
+        let now = SLOT.state.load(Ordering::Acquire);
+        if now != POSTED {
+            futex_wait(&SLOT.state, now);
+            continue;
+        }
+        // SAFETY: `POSTED`: the caller wrote the call and waits for `DONE`.
+        let call = unsafe { (*SLOT.call.get()).take() };
+        let answer = call.map(|call| catch_unwind(AssertUnwindSafe(|| call.serve())).unwrap_or_else(|_| call.kernel()));
+        // SAFETY: as above, until `DONE` is stored.
+        unsafe { *SLOT.answer.get() = answer };
+        SLOT.state.store(DONE, Ordering::Release);
+        futex_wake_all(&SLOT.state);
+    }
+}
+
+/// The `pthread_atfork` child handler: the child has no worker (its first call starts
+/// one), and a slot its parent's threads held is free.
+pub(crate) extern "C" fn forked() {
+    // SAFETY: the child runs only the forking thread now: nobody else uses the cells.
+    unsafe {
+        *SLOT.call.get() = None;
+        *SLOT.answer.get() = None;
+    }
+    SLOT.state.store(FREE, Ordering::Release);
+    STARTING_PID.store(0, Ordering::Release);
+}
