@@ -57,6 +57,26 @@ pub fn movable_ranges(addr: usize, len: usize) -> Result<Vec<std::ops::Range<usi
     Ok(out)
 }
 
+/// Pages [`Engine::move_range`] hands to the pipeline at a time.
+const RANGE_CHUNK: usize = 1 << 16;
+
+/// A range [`Engine::move_range`] takes spans at most this many times the machine's memory.
+const RANGE_MEMORY_FACTOR: usize = 16;
+
+/// The machine's memory, RAM and swap (`MemTotal` and `SwapTotal` of `/proc/meminfo`), in
+/// pages; no bound where it cannot be read.
+fn memory_pages() -> usize {
+    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
+        return usize::MAX / RANGE_MEMORY_FACTOR;
+    };
+    let kib: usize = meminfo
+        .lines()
+        .filter(|l| l.starts_with("MemTotal:") || l.starts_with("SwapTotal:"))
+        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+        .sum();
+    if kib == 0 { usize::MAX / RANGE_MEMORY_FACTOR } else { kib.saturating_mul(1024) / PAGE_SIZE }
+}
+
 impl Engine {
     /// Moves each page at `pages[i]` to node `nodes[i]` and writes its outcome in
     /// `status[i]`, as `move_pages(2)` does for the calling process: the node the page is
@@ -145,9 +165,10 @@ impl Engine {
     /// call; other threads may do anything to it.
     ///
     /// # Errors
-    /// Nothing moved: [`Error::Invalid`] for an empty or wrapping range,
-    /// [`Error::UnknownNode`] for a node without memory, the errno of reading the process's
-    /// mappings.
+    /// Nothing moved: [`Error::Invalid`] for an empty or wrapping range, or one of more
+    /// pages than 16 times the machine's memory (RAM and swap) holds, [`Error::Sys`] with
+    /// `ENOMEM` when its outcomes cannot be allocated, [`Error::UnknownNode`] for a node
+    /// without memory, the errno of reading the process's mappings.
     ///
     /// # Examples
     /// Memory the program already has, moved where it is and reported page by page:
@@ -173,18 +194,38 @@ impl Engine {
             .ok_or_else(|| Error::Invalid(format!("range {addr:#x}+{len:#x} is empty or wraps around")))?;
         crate::numa::check_node(node)?;
         let first = addr & !(PAGE_SIZE - 1);
-        let pages: Vec<usize> = (first..end).step_by(PAGE_SIZE).collect();
-        let mut status = vec![0; pages.len()];
+        let count = (end - first).div_ceil(PAGE_SIZE);
+        // One outcome per page is the answer: bounded by the machine's memory (a range of
+        // more pages than 16 times it holds is not memory anyone could have meant to move),
+        // and allocated fallibly.
+        if count > RANGE_MEMORY_FACTOR * memory_pages() {
+            return Err(Error::Invalid(format!(
+                "range {addr:#x}+{len:#x} ({count} pages) spans more than {RANGE_MEMORY_FACTOR} times the \
+                 machine's memory: move the mapped parts"
+            )));
+        }
+        let mut status = Vec::new();
+        status
+            .try_reserve_exact(count)
+            .map_err(|_| Error::Sys { op: "move_range (an outcome for each page)", errno: sys::Errno::NOMEM })?;
+        status.resize(count, 0);
         let target = i32::try_from(node).map_err(|_| Error::Invalid(format!("node {node}")))?;
-        let not_moved = self.move_all(&pages, &vec![target; pages.len()], &mut status, opts)?;
+        // The pages' addresses and targets, a chunk at a time: memory beyond the outcomes
+        // stays bounded however long the range.
+        let mut not_moved = 0;
+        for (k, outcomes) in status.chunks_mut(RANGE_CHUNK).enumerate() {
+            let base = first + k * RANGE_CHUNK * PAGE_SIZE;
+            let pages: Vec<usize> = (0..outcomes.len()).map(|i| base + i * PAGE_SIZE).collect();
+            not_moved += self.move_all(&pages, &vec![target; pages.len()], outcomes, opts)?;
+        }
         // The kernel moves a huge page it was handed whole at its first page, and reports
         // `EBUSY` for the next page of it, which it finds isolated by that same call; where
         // such a page is on the target now, it moved (the kernel's count of pages not
         // moved never counted it).
-        let busy: Vec<usize> = (0..pages.len()).filter(|&i| status[i] == -libc::EBUSY).collect();
+        let busy: Vec<usize> = (0..count).filter(|&i| status[i] == -libc::EBUSY).collect();
         if !busy.is_empty() {
             let mut now = vec![0; busy.len()];
-            let at: Vec<usize> = busy.iter().map(|&i| pages[i]).collect();
+            let at: Vec<usize> = busy.iter().map(|&i| first + i * PAGE_SIZE).collect();
             sys::move_pages(&at, None, &mut now).map_err(Error::sys("move_pages (query)"))?;
             for (k, &i) in busy.iter().enumerate() {
                 if now[k] == target {
