@@ -1,6 +1,6 @@
 //! The client side: `pagemig move --pid` and other programs asking a process's agent.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixStream};
@@ -48,7 +48,7 @@ fn ask(pid: u32, request: &Request, timeout: Duration) -> Result<Vec<String>> {
     };
     let name = socket_name(pid);
     let addr = SocketAddr::from_abstract_name(name.as_bytes()).map_err(io)?;
-    let mut stream = UnixStream::connect_addr(&addr).map_err(|e| {
+    let stream = UnixStream::connect_addr(&addr).map_err(|e| {
         let errno = Errno::from_io_error(&e).unwrap_or(Errno::IO);
         fail(errno, format!("no agent listening on @{name}: {e}"))
     })?;
@@ -58,10 +58,16 @@ fn ask(pid: u32, request: &Request, timeout: Duration) -> Result<Vec<String>> {
     }
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    stream.write_all(request.to_line().as_bytes()).map_err(io)?;
+    // An agent that refuses the sender answers as it accepts, before the request: a request
+    // it did not read fails to send (EPIPE), and the answer is read all the same.
+    let sent = send_all(&stream, request.to_line().as_bytes());
     let mut lines = Vec::new();
     for line in BufReader::new(stream).lines() {
-        let line = line.map_err(io)?;
+        // Nothing to read: the failed send says more than the reset that follows it.
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => return Err(io(sent.err().unwrap_or(e))),
+        };
         if let Some(rest) = line.strip_prefix(&format!("{MAGIC} {VERSION} error ")) {
             let (errno, message) = rest.split_once(' ').unwrap_or((rest, ""));
             let errno = errno.strip_prefix("errno=").and_then(|n| n.parse().ok()).unwrap_or(libc::EIO);
@@ -75,5 +81,28 @@ fn ask(pid: u32, request: &Request, timeout: Duration) -> Result<Vec<String>> {
         }
         lines.push(line);
     }
+    sent.map_err(io)?;
     Err(fail(Errno::PROTO, "the reply ended before its end line".into()))
+}
+
+/// Writes all of `bytes` to `stream` with `send(2)` and `MSG_NOSIGNAL`: a peer that closed
+/// its end gives `EPIPE`, not a `SIGPIPE` that would end a program which did not ignore it.
+#[expect(unsafe_code, reason = "send(2) from a slice of ours on a descriptor we hold")]
+fn send_all(stream: &UnixStream, mut bytes: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while !bytes.is_empty() {
+        // SAFETY: `bytes` is valid for reads of its length; the descriptor is the stream's,
+        // borrowed for the call.
+        let sent = unsafe { libc::send(stream.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
+        match sent {
+            0.. => bytes = &bytes[sent as usize..],
+            _ => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -4,7 +4,6 @@
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 
-use super::Request;
 use crate::sys::{self, Errno};
 
 /// `CAP_SYS_PTRACE`'s bit in `CapEff`.
@@ -32,8 +31,9 @@ impl Creds {
         Some(Creds { uid: ids("Uid:")?, gid: ids("Gid:")?, cap_eff: u64::from_str_radix(cap_eff, 16).ok()? })
     }
 
-    fn read(pid: &str) -> Option<Creds> {
-        Creds::parse(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+    fn read(pid: &str) -> std::io::Result<Creds> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        Creds::parse(&status).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "unexpected format"))
     }
 
     fn has(&self, cap: u32) -> bool {
@@ -62,32 +62,62 @@ fn may_access(peer: &Creds, me: &Creds, caps: bool, dumpable: bool) -> std::resu
     Ok(())
 }
 
-/// Checks the connection's sender as the kernel checks a `move_pages(2)` caller.
-pub(super) fn check_sender(stream: &UnixStream, request: &Request) -> std::result::Result<(), (Errno, String)> {
+/// A connection's sender whom the kernel would let move this process's pages
+/// ([`check_sender`]).
+#[derive(Debug)]
+pub(super) struct Sender {
+    creds: Creds,
+    /// Whether its capabilities count here (same user namespace).
+    caps: bool,
+}
+
+/// Checks the sender of `stream` as the kernel checks a `move_pages(2)` caller, from what
+/// the kernel recorded when it connected (`SO_PEERCRED`) and its `/proc` entries: nothing
+/// is read from the connection, so a sender that says nothing costs no wait.
+///
+/// # Errors
+/// `EPERM` with the reason for a sender the kernel would refuse, or one whose credentials
+/// cannot be read (gone already); the errno of reading them when this process lacks a
+/// resource for it (`EMFILE`, `ENOMEM`).
+pub(super) fn check_sender(stream: &UnixStream) -> Result<Sender, (Errno, String)> {
     let (pid, euid, egid) = sys::peer_cred(stream.as_fd()).map_err(|e| (e, format!("SO_PEERCRED: {e}")))?;
-    let gone = || (Errno::PERM, format!("cannot read the credentials of the sender (pid {pid})"));
-    let peer = Creds::read(&pid.to_string()).ok_or_else(gone)?;
+    let unreadable = |whose: String, e: std::io::Error| match Errno::from_io_error(&e) {
+        Some(errno @ (Errno::MFILE | Errno::NFILE | Errno::NOMEM)) => {
+            (errno, format!("cannot read the credentials of {whose} now: {e}"))
+        }
+        _ => (Errno::PERM, format!("cannot read the credentials of {whose}: {e}")),
+    };
+    let peer = Creds::read(&pid.to_string()).map_err(|e| unreadable(format!("the sender (pid {pid})"), e))?;
     // The status read is the connecting process's, not a later one with its pid.
     if peer.uid[1] != euid || peer.gid[1] != egid {
-        return Err(gone());
+        return Err((Errno::PERM, format!("the sender (pid {pid}) changed its credentials or is gone")));
     }
-    let me = Creds::read("self").ok_or((Errno::PERM, "cannot read this process's credentials".to_string()))?;
+    let me = Creds::read("self").map_err(|e| unreadable("this process".into(), e))?;
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/user")).ok();
     let caps = ns(&pid.to_string()).is_some_and(|n| Some(n) == ns("self"));
     may_access(&peer, &me, caps, sys::dumpable()).map_err(|m| (Errno::PERM, m))?;
-    if let Request::Move(m) = request {
+    Ok(Sender { creds: peer, caps })
+}
+
+impl Sender {
+    /// Whether the sender may move memory to `node`: a node outside this process's cpuset
+    /// needs `CAP_SYS_NICE` (`migrate_pages(2)`'s rule).
+    ///
+    /// # Errors
+    /// `EACCES` saying why.
+    pub(super) fn may_move_to(&self, node: u32) -> Result<(), (Errno, String)> {
         let allowed = std::fs::read_to_string("/proc/self/status")
             .ok()
             .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Mems_allowed_list:")).map(str::to_string))
             .and_then(|list| crate::numa::parse_list(&list).ok());
-        if allowed.is_some_and(|a| !a.contains(&m.to)) && !(caps && peer.has(CAP_SYS_NICE)) {
+        if allowed.is_some_and(|a| !a.contains(&node)) && !(self.caps && self.creds.has(CAP_SYS_NICE)) {
             return Err((
                 Errno::ACCESS,
-                format!("node {} is outside this process's cpuset and the sender lacks CAP_SYS_NICE", m.to),
+                format!("node {node} is outside this process's cpuset and the sender lacks CAP_SYS_NICE"),
             ));
         }
+        Ok(())
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -126,6 +156,6 @@ mod tests {
         assert_eq!((c.uid, c.gid), ([1000, 1001, 1002], [5, 6, 7]));
         assert!(c.has(CAP_SYS_PTRACE) && !c.has(CAP_SYS_NICE));
         assert!(Creds::parse("Uid:\t1\n").is_none());
-        assert!(Creds::read("self").is_some());
+        assert!(Creds::read("self").is_ok());
     }
 }

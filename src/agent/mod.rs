@@ -34,6 +34,19 @@
 //! outside this process's cpuset needs `CAP_SYS_NICE` (`migrate_pages(2)`'s rule). The
 //! LSM hook `security_task_movememory` has no user-space mirror.
 //!
+//! # Serving
+//!
+//! The sender is checked as the agent accepts the connection, before anything is read from
+//! it: one the kernel would refuse gets one error line (`EPERM`), written without waiting,
+//! and the connection is closed at once. An admitted connection is served on a thread of
+//! its own, at most 16 at once (a further one is answered at once with `EAGAIN`: try
+//! again), so a connection that sends nothing delays no other request; it is answered
+//! `ETIMEDOUT` after 10 s. Moves run one at a time; pings do not wait for them. Every
+//! thread of the agent blocks all signals. When `accept` fails for want of a resource
+//! (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`) the agent waits between tries, 10 ms doubling
+//! up to 1 s, instead of retrying at once: the waiting client is answered once a
+//! descriptor is free.
+//!
 //! # Protocol (version 1)
 //!
 //! One request per connection, one line of at most 4096 bytes:
@@ -50,7 +63,7 @@
 //!
 //! The reply is `pagemig-agent 1 ok` with `key=value` fields ([`Report`]), `map` lines for
 //! each mapping with `detail=1`, and `end`; or one line `pagemig-agent 1 error errno=N
-//! message` (malformed request, refused sender, failure). Fields a version-1 reader does not
+//! message` (malformed request, refused sender, busy agent, failure). Fields a version-1 reader does not
 //! know are ignored; an unknown request field is an error.
 //!
 //! # What moves, and how

@@ -1,20 +1,44 @@
-//! The agent's thread: it accepts connections on the socket, reads each request, checks its
-//! sender and answers (see the module docs of [`crate::agent`]).
+//! The agent's threads: one accepts connections on the socket and checks each sender; each
+//! admitted connection is served on a thread of its own (see the module docs of
+//! [`crate::agent`], "Serving").
+//!
+//! The accepting thread never reads from a connection: it checks the sender from what the
+//! kernel recorded at `connect` (`SO_PEERCRED`) and `/proc`, writes a refusal without
+//! waiting and closes, or hands the connection to a serving thread. Nothing a client does
+//! or fails to do can hold it up, and no connection waits for another's request: a silent
+//! one costs its own thread (at most [`MAX_SERVING`] of them, each ending after
+//! [`REQUEST_TIMEOUT`]), the next client is admitted at once, and past the bound it is
+//! told to try again. Moves run one at a time (`moving`): two whole-process moves at once
+//! would each move pages the other's thread is using; pings and refusals never wait for
+//! them.
+//!
+//! When `accept` fails for want of a resource (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`) a
+//! waiting client stays in the queue and the next `accept` would fail at once again:
+//! the thread sleeps between tries ([`AcceptBackoff`]), so a process out of descriptors
+//! costs the agent a few system calls a second, and the client is answered once one is
+//! free. Before each `accept` the thread proves that its descriptor is still the socket it
+//! bound (`fstat`: device and inode); once the program closed or replaced it, the agent
+//! ends without touching that number again, and [`super::start`] may start a new one.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use super::credentials::check_sender;
+use super::credentials::{Sender, check_sender};
 use super::protocol::error_line;
-use super::{MAGIC, MAX_REQUEST, Request, VERSION, migrate_self, socket_name};
+use super::{MAGIC, MAX_REQUEST, RUNNING, Request, VERSION, migrate_self, socket_name};
 use crate::error::{Error, Result};
 use crate::sys::{self, Errno};
 
-/// How long the agent waits for a request line.
+/// How long a serving thread waits for its connection's request line.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many connections are served at once, each on a thread of its own; the agent answers
+/// any more at once with `EAGAIN`.
+pub(super) const MAX_SERVING: usize = 16;
 
 pub(super) fn listen(pid: u32) -> Result<()> {
     let agent_error = |errno: Errno, message: String| Error::Agent { pid, errno, message };
@@ -24,35 +48,150 @@ pub(super) fn listen(pid: u32) -> Result<()> {
     let listener = UnixListener::bind_addr(&addr).map_err(|e| {
         agent_error(io_errno(&e), format!("binding @{}: {e} (another process holds the name?)", socket_name(pid)))
     })?;
+    let identity = identity(&listener).map_err(|e| agent_error(e, format!("fstat of the agent's socket: {e}")))?;
     sys::close_in_children(listener.as_raw_fd());
-    sys::thread::spawn("pagemig-agent", move || serve(listener))
+    sys::thread::spawn("pagemig-agent", move || serve(pid, listener, identity))
         .map_err(|e| agent_error(io_errno(&e), format!("starting the agent thread: {e}")))?;
     Ok(())
 }
 
-fn serve(listener: UnixListener) {
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        // A sender that stops reading or a request that panics ends that request only.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| answer(stream)));
+/// The open file a descriptor refers to: device and inode (a socket's inode is its own).
+fn identity(fd: impl AsFd) -> std::result::Result<(u64, u64), Errno> {
+    let st = rustix::fs::fstat(fd)?;
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// The pause after `accept` failed for want of a resource: 10 ms, doubled after each
+/// failure in a row up to 1 s, back to 10 ms after a success.
+#[derive(Debug)]
+struct AcceptBackoff {
+    next: Duration,
+}
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(10);
+    const LONGEST: Duration = Duration::from_secs(1);
+
+    fn new() -> Self {
+        Self { next: Self::FIRST }
+    }
+
+    /// The pause to take now; the next one is twice as long, up to [`Self::LONGEST`].
+    fn pause(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (now * 2).min(Self::LONGEST);
+        now
+    }
+
+    fn reset(&mut self) {
+        self.next = Self::FIRST;
     }
 }
 
-/// Reads one request from `stream`, checks its sender and writes the reply.
-fn answer(mut stream: UnixStream) {
+/// What the serving threads of one agent share.
+#[derive(Debug, Default)]
+struct Shared {
+    /// Connections being served now.
+    serving: AtomicUsize,
+    /// Held by the move being made.
+    moving: parking_lot::Mutex<()>,
+}
+
+/// A place among the [`MAX_SERVING`] connections served at once, given back when dropped.
+struct Slot(Arc<Shared>);
+
+impl Slot {
+    fn take(shared: &Arc<Shared>) -> Option<Slot> {
+        let taken = shared.serving.fetch_add(1, Ordering::AcqRel);
+        let slot = Slot(Arc::clone(shared));
+        (taken < MAX_SERVING).then_some(slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.serving.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn serve(pid: u32, listener: UnixListener, bound: (u64, u64)) {
+    // Per agent, not per process: a forked child that starts its own agent starts afresh
+    // (no count of the parent's threads, no lock a parent's thread held at the fork).
+    let shared = Arc::new(Shared::default());
+    let mut backoff = AcceptBackoff::new();
+    loop {
+        if identity(&listener) != Ok(bound) {
+            // The program closed the socket, or put another file under its number: neither
+            // accepted from nor closed here (the number is not ours any more).
+            std::mem::forget(listener);
+            let _ = RUNNING.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
+            return;
+        }
+        match listener.accept() {
+            Ok((stream, _)) => {
+                backoff.reset();
+                // A panic (a failed allocation) ends that connection only.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| admit(stream, &shared)));
+            }
+            // The client gave up before it was accepted, or a signal: the next one.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR | libc::EPROTO)) => {}
+            // No descriptor or memory for the connection (EMFILE, ENFILE, ENOBUFS, ENOMEM),
+            // or anything else: the client stays queued, and trying again at once would
+            // fail at once again.
+            Err(_) => std::thread::sleep(backoff.pause()),
+        }
+    }
+}
+
+/// Checks the sender of a connection just accepted, then serves it on a thread of its own,
+/// or refuses it at once.
+fn admit(stream: UnixStream, shared: &Arc<Shared>) {
+    let sender = match check_sender(&stream) {
+        Ok(sender) => sender,
+        Err((errno, message)) => return refuse(&stream, errno, &message),
+    };
+    let Some(slot) = Slot::take(shared) else {
+        let message = format!("busy: {MAX_SERVING} connections are being served; try again");
+        return refuse(&stream, Errno::AGAIN, &message);
+    };
+    let stream = Arc::new(stream);
+    let served = Arc::clone(&stream);
+    // The slot is given back when the thread ends, or here if it does not start.
+    let spawned = sys::thread::spawn("pagemig-request", move || {
+        // A sender that stops reading or a request that panics ends that request only.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| answer(&served, &sender, &slot.0)));
+    });
+    if let Err(e) = spawned {
+        refuse(&stream, Errno::from_io_error(&e).unwrap_or(Errno::AGAIN), &format!("no thread to serve it: {e}"));
+    }
+}
+
+/// Writes one error line without waiting (a fresh connection's buffer holds it) and closes.
+fn refuse(stream: &UnixStream, errno: Errno, message: &str) {
+    let _ = stream.set_nonblocking(true);
+    let _ = (&mut &*stream).write(error_line(errno, message).as_bytes());
+}
+
+/// Reads one request from `stream` and writes the reply.
+fn answer(stream: &UnixStream, sender: &Sender, shared: &Shared) {
+    let mut stream = stream;
     let _ = stream.set_read_timeout(Some(REQUEST_TIMEOUT));
     let _ = stream.set_write_timeout(Some(REQUEST_TIMEOUT));
     let reply = match read_request(&mut stream) {
         Err((errno, message)) => error_line(errno, &message),
-        Ok(request) => match check_sender(&stream, &request) {
+        Ok(Request::Ping) => format!("{MAGIC} {VERSION} ok pid={}\nend\n", std::process::id()),
+        Ok(Request::Move(mut m)) => match sender.may_move_to(m.to) {
             Err((errno, message)) => error_line(errno, &message),
-            Ok(()) => match request {
-                Request::Ping => format!("{MAGIC} {VERSION} ok pid={}\nend\n", std::process::id()),
-                Request::Move(m) => match migrate_self(&m) {
+            Ok(()) => {
+                let taken = Instant::now();
+                let _one_at_a_time = shared.moving.lock();
+                // The deadline counts from when the request was taken, waiting included.
+                m.deadline = m.deadline.map(|d| d.saturating_sub(taken.elapsed()));
+                match migrate_self(&m) {
                     Ok(report) => report.to_lines(),
                     Err(e) => error_line(e.errno(), &e.to_string()),
-                },
-            },
+                }
+            }
         },
     };
     let _ = stream.write_all(reply.as_bytes());
@@ -60,10 +199,10 @@ fn answer(mut stream: UnixStream) {
     // closing does not reset the connection before the sender reads the reply.
     let _ = stream.shutdown(std::net::Shutdown::Write);
     let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-    let _ = std::io::copy(&mut Read::by_ref(&mut stream).take(1 << 16), &mut std::io::sink());
+    let _ = std::io::copy(&mut stream.take(1 << 16), &mut std::io::sink());
 }
 
-fn read_request(stream: &mut UnixStream) -> std::result::Result<Request, (Errno, String)> {
+fn read_request(stream: &mut &UnixStream) -> std::result::Result<Request, (Errno, String)> {
     let mut line = Vec::new();
     let mut reader = BufReader::new(Read::by_ref(stream).take(MAX_REQUEST as u64));
     reader.read_until(b'\n', &mut line).map_err(|e| match e.kind() {
