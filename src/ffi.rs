@@ -359,6 +359,49 @@ mod tests {
         unsafe { crate::sys::munmap(ro, crate::PAGE_SIZE).unwrap() };
     }
 
+    /// `n` elements of `T` ending where an inaccessible page starts.
+    fn at_end<T>(n: usize) -> *mut T {
+        let base = crate::sys::mmap_anon(2 * crate::PAGE_SIZE).unwrap();
+        let guard = (base + crate::PAGE_SIZE) as *mut c_void;
+        // SAFETY: the second page of our own mapping, made inaccessible.
+        assert_eq!(unsafe { libc::mprotect(guard, crate::PAGE_SIZE, libc::PROT_NONE) }, 0);
+        (base + crate::PAGE_SIZE - n * size_of::<T>()) as *mut T
+    }
+
+    #[test]
+    fn a_count_past_the_arrays_gets_the_kernels_answer_in_bounded_memory() {
+        let memory = crate::sys::mmap_anon(4 * crate::PAGE_SIZE).unwrap();
+        let node = crate::numa::memory_nodes().unwrap()[0] as c_int;
+        for count in [1 << 36, 1 << 40, 1 << 61, c_ulong::MAX] {
+            let mut answers = Vec::new();
+            for pagemig in [true, false] {
+                let (pages, nodes, status) = (at_end::<usize>(4), at_end::<c_int>(4), at_end::<c_int>(4));
+                for i in 0..4 {
+                    // SAFETY: the four elements of each array, ours.
+                    unsafe {
+                        *pages.add(i) = memory + i * crate::PAGE_SIZE;
+                        *nodes.add(i) = node;
+                        *status.add(i) = 0x5555;
+                    }
+                }
+                let (pages, status) = (pages.cast::<*mut c_void>(), status);
+                // SAFETY: arrays of ours whose first four entries are readable; nothing
+                // touches the pages meanwhile.
+                let result = unsafe {
+                    if pagemig {
+                        move_pages(count, pages, nodes, status, 0).0
+                    } else {
+                        kernel_move_pages(0, count, pages, nodes, status, 0)
+                    }
+                };
+                // SAFETY: as above.
+                answers.push((result, unsafe { std::slice::from_raw_parts(status, 4) }.to_vec()));
+            }
+            assert_eq!(answers[0], answers[1], "count {count:#x}: pagemig's answer, then the kernel's");
+            assert_eq!(answers[0].0, Err(Errno::FAULT));
+        }
+    }
+
     #[test]
     fn the_boundary_turns_errors_and_panics_into_errno() {
         assert_eq!(boundary(|| Ok(7)), 7);

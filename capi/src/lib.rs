@@ -101,6 +101,10 @@ fn entry(f: impl FnOnce() -> Result<c_long, Errno>) -> c_long {
 /// `EPERM` for `MPOL_MF_MOVE_ALL` without `CAP_SYS_NICE`. Any `count` takes bounded
 /// memory: the arrays are served a chunk at a time.
 ///
+/// Not async-signal-safe: pagemig allocates and takes locks on the calling thread; a signal
+/// handler calls `move_pages(2)` (or libnuma's `move_pages`, which `libpagemig-preload.so`
+/// serves async-signal-safely).
+///
 /// # Safety
 /// `pages` and `status` (and `nodes`, unless NULL) must point to `count` elements. The
 /// calling thread is inside this call while its pages move: nothing else on it accesses
