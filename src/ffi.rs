@@ -58,14 +58,23 @@ pub fn check(ret: c_long) -> Result<c_long, Errno> {
 /// Runs `f` at the C boundary: `Ok(n)` is `n`, `Err(errno)` is `-1` with `errno` set, and
 /// a panic is `-1` with `errno` `ECANCELED`.
 pub fn boundary(f: impl FnOnce() -> Result<c_long, Errno>) -> c_long {
-    match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(n)) => n,
-        Ok(Err(errno)) => {
+    answer(caught(f))
+}
+
+/// Runs `f`, a panic caught: `Err(ECANCELED)`. With [`answer`], [`boundary`] in two steps,
+/// for an entry point that has something to do between them (restoring its signal mask
+/// before `errno` is set, so that a handler run at the unblocking cannot clobber it, as a
+/// handler run at the end of a system call runs before the C library sets `errno`).
+pub fn caught(f: impl FnOnce() -> Result<c_long, Errno>) -> Result<c_long, Errno> {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or(Err(Errno::CANCELED))
+}
+
+/// The C answer to `result`: `n`, or `-1` with `errno` set.
+pub fn answer(result: Result<c_long, Errno>) -> c_long {
+    match result {
+        Ok(n) => n,
+        Err(errno) => {
             set_errno(errno);
-            -1
-        }
-        Err(_) => {
-            set_errno(Errno::CANCELED);
             -1
         }
     }

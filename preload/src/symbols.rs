@@ -32,8 +32,8 @@ pub unsafe extern "C" fn move_pages(
     status: *mut c_int,
     flags: c_int,
 ) -> c_long {
-    let _blocked = ffi::SignalsBlocked::new();
-    boundary(|| {
+    let blocked = ffi::SignalsBlocked::new();
+    let result = ffi::caught(|| {
         summary::call(Symbol::MovePages);
         // SAFETY: the caller's arguments as they came.
         let kernel = || unsafe { ffi::kernel_move_pages(pid, count, pages, nodes, status, flags) };
@@ -55,7 +55,10 @@ pub unsafe extern "C" fn move_pages(
         }
         worker::run(Call::MovePages { count, pages, nodes, status, flags })
             .unwrap_or_else(|| whole(Whole::PagemigFailed))
-    })
+    });
+    // Signals that arrived during the call are delivered now, before errno is set.
+    drop(blocked);
+    ffi::answer(result)
 }
 
 /// Serves a `move_pages` call of the calling process, on the worker.
@@ -121,8 +124,8 @@ pub unsafe extern "C" fn mbind(
     maxnode: c_ulong,
     flags: c_uint,
 ) -> c_long {
-    let _blocked = ffi::SignalsBlocked::new();
-    boundary(|| {
+    let blocked = ffi::SignalsBlocked::new();
+    let result = ffi::caught(|| {
         summary::call(Symbol::Mbind);
         let args = Args { addr, len, mode, nodemask, maxnode, flags };
         let whole = |why| {
@@ -136,7 +139,10 @@ pub unsafe extern "C" fn mbind(
             return whole(Whole::NoMemory);
         }
         worker::run(Call::Mbind(args)).unwrap_or_else(|| whole(Whole::PagemigFailed))
-    })
+    });
+    // As in move_pages.
+    drop(blocked);
+    ffi::answer(result)
 }
 
 /// Writes the summary of what the library did in this process so far (the text
