@@ -28,6 +28,10 @@ fn check_files(dir: &Path, plots: &[&str]) {
     assert!(html.contains("<svg") && html.contains("AMD Zen 3 EPYC, PTDMA (RFC v5 thread)"));
     assert!(html.contains("Throughput, end to end") && html.contains("UFFDIO_COPY"));
     assert!(!html.contains("<?xml"), "SVG inlined with its XML declaration");
+    // Each experiment opens with what to conclude, computed from its numbers.
+    let experiments = plots.iter().filter(|p| ["throughput", "first-folio", "scattered"].contains(p)).count();
+    assert_eq!(html.matches("<div class=\"conclusion\">").count(), experiments, "one conclusion per experiment");
+    assert!(html.contains("Fastest end to end (medians): "));
 }
 
 fn positive(v: &Value) -> bool {

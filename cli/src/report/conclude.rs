@@ -102,6 +102,9 @@ struct Win {
     gbps: f64,
     /// `cpu` when the winner is another migrator, else the runner-up.
     against: Option<(MigratorSpec, f64)>,
+    /// Whether the winner's or the compared cell is noisy
+    /// ([`crate::report::model::Summary::is_noisy`]).
+    noisy: bool,
 }
 
 /// The throughput experiment's conclusions: who is fastest where and by how much, why
@@ -123,7 +126,9 @@ pub fn throughput(t: &Throughput) -> Vec<String> {
         } else {
             ranked.iter().find(|(m, _)| *m == MigratorSpec::Cpu).copied().or_else(|| ranked.get(1).copied())
         };
-        wins.push(Win { folio, winner, gbps: g, against });
+        let noisy_cell = |m: MigratorSpec| at(m, i).and_then(|c| c.gbps).is_some_and(|s| s.is_noisy());
+        let noisy = noisy_cell(winner) || against.is_some_and(|(m, _)| noisy_cell(m));
+        wins.push(Win { folio, winner, gbps: g, against, noisy });
     }
     if wins.is_empty() {
         return vec!["No migration passed its checks, so this run supports no conclusion about throughput.".into()];
@@ -157,6 +162,9 @@ pub fn throughput(t: &Throughput) -> Vec<String> {
                 if values.iter().all(|&r| r < TIE) {
                     text.push_str(": a tie");
                 }
+            }
+            if g.iter().any(|w| w.noisy) {
+                text.push_str("; noisy cells, see ⚠");
             }
             text.push(')');
             text
@@ -320,7 +328,8 @@ pub fn sweep(s: &Sweep) -> Vec<String> {
                 let _ = std::fmt::Write::write_fmt(
                     &mut text,
                     format_args!(
-                        ", with its first folio writable again after {}: the setting to choose",
+                        ", and nothing within 10 % of it waits less for its first folio ({}): the setting to \
+                         choose",
                         micros(p.first_folio_us.unwrap_or_default())
                     ),
                 );
@@ -574,6 +583,10 @@ mod tests {
         // A tie is called one.
         let t = sample_throughput(&SIZES[..1], &rows([2.0, 0.0, 0.0], [1.98, 0.0, 0.0], [2.0, 0.0, 0.0]));
         assert!(throughput(&t)[0].ends_with("cpu at 4K (2.00 GB/s, 1.01× dcbm 4 ch: a tie)."), "{:?}", throughput(&t));
+        // A noisy winner is called noisy.
+        let mut t = sample_throughput(&SIZES[..1], &rows([2.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0]));
+        t.rows[0].cells[0] = cell(&[0.5, 2.0, 3.5], 1.1, 0.05);
+        assert!(throughput(&t)[0].ends_with("cpu at 4K (2.00 GB/s, 2.00× dcbm 4 ch; noisy cells, see ⚠)."));
         // Nothing passed: no conclusion.
         let mut t = sample_throughput(&SIZES[..1], &rows([2.0, 0.0, 0.0], [1.0, 0.0, 0.0], [2.0, 0.0, 0.0]));
         t.rows.iter_mut().flat_map(|r| r.cells.iter_mut()).for_each(|c| c.ok = false);
@@ -626,7 +639,7 @@ mod tests {
         s.points[2] = point(2 << 20, true, 32768, 20.0, 50.0);
         let c = sweep(&s);
         assert!(
-            c[0].starts_with("2M folios: the most throughput is cpu, pipelined, 32768 pages (20.00 GB/s), with"),
+            c[0].starts_with("2M folios: the most throughput is cpu, pipelined, 32768 pages (20.00 GB/s), and nothing"),
             "{}",
             c[0]
         );

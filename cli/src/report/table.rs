@@ -586,7 +586,7 @@ mod tests {
         assert_eq!(all[1].rows[0][2].text, "8.00±2.83 ⚠");
         // The conclusions follow the experiment's last table.
         assert!(all[0].conclusions.is_empty());
-        assert_eq!(all[1].conclusions[0], "Fastest end to end (medians): cpu at 2M (4.00 GB/s).");
+        assert_eq!(all[1].conclusions[0], "Fastest end to end (medians): cpu at 2M (4.00 GB/s; noisy cells, see ⚠).");
         // The plot leaves the failed cell out instead of drawing a partial mean.
         let fig = crate::report::plot::throughput_figure(&report).unwrap();
         assert_eq!(fig.panels[0].series[0].points, [(2048.0, 4.0, 2f64.sqrt())]);
