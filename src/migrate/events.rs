@@ -13,7 +13,8 @@
 //!   dead too, so that a mapping made there afterwards (by another thread, and migrated by
 //!   another call) never receives pages of the old one.
 //! - **Remap** (sent after the move): the moved part of a claim is dead at its old address;
-//!   old pages already isolated from it are moved to the new address, and the registration
+//!   old pages already isolated from it are copied to the new address (following it where
+//!   later events move it on, dropped where they unmap or purge it), and the registration
 //!   and protection that travelled with the mapping are taken off there, waking its threads.
 //!
 //! Fault messages are read and dropped: a thread waiting on a protected or isolated page
@@ -26,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::Span;
 use super::busy::{Busy, Claims};
 use crate::sys::uffd::{Event, Uffd};
 use crate::sys::{self, Errno};
@@ -60,11 +62,7 @@ impl Reader {
                 let mut claims = busy.lock();
                 // Reading releases the threads the events held: under the lock.
                 match uffd.read_messages() {
-                    Ok(events) => {
-                        for event in events {
-                            handle(&uffd, &mut claims, event);
-                        }
-                    }
+                    Ok(events) => handle_all(&uffd, &mut claims, events),
                     Err(_) if uffd.is_lost() => return,
                     // Not seen from a userfaultfd that polled readable; were it to happen,
                     // wait a poll's time rather than spin.
@@ -89,7 +87,84 @@ impl Drop for Reader {
     }
 }
 
-fn handle(uffd: &Uffd, claims: &mut Claims, event: Event) {
+/// What the events of one read leave to do once they are all handled: old pages to put
+/// where the program moved their memory, and moved mappings to release.
+///
+/// Both are addresses the program may move again (or unmap, or purge) before they are
+/// dealt with: reading an event releases the thread that caused it, which may `mremap`
+/// the same memory on at once. Each later event is applied to them, so the old pages go
+/// where the memory is when they are put back, and none are put into memory the program
+/// unmapped or purged.
+#[derive(Debug, Default)]
+struct Moved {
+    /// Old pages on their way home: `(where they go, where they are, bytes)`.
+    homing: Vec<(usize, usize, usize)>,
+    /// Mappings `mremap` put elsewhere, to be released once their old pages are home.
+    release: Vec<Span>,
+}
+
+impl Moved {
+    /// `len` bytes at `from` now lie at `to`: what was bound for them follows.
+    fn follow(&mut self, from: usize, to: usize, len: usize) {
+        let end = from + len;
+        let moved = |a: usize| to + (a - from);
+        let mut homing = Vec::with_capacity(self.homing.len());
+        for (dst, grave, n) in self.homing.drain(..) {
+            for (a, b, inside) in split(dst, dst + n, from, end) {
+                homing.push((if inside { moved(a) } else { a }, grave + (a - dst), b - a));
+            }
+        }
+        self.homing = homing;
+        let mut release = Vec::with_capacity(self.release.len());
+        for (s, e) in self.release.drain(..) {
+            for (a, b, inside) in split(s, e, from, end) {
+                release.push(if inside { (moved(a), moved(b)) } else { (a, b) });
+            }
+        }
+        self.release = release;
+    }
+
+    /// `[start, end)` was unmapped or purged: the old pages bound for it are not put
+    /// there (the program threw that memory away).
+    fn discard(&mut self, start: usize, end: usize) {
+        let mut homing = Vec::with_capacity(self.homing.len());
+        for (dst, grave, n) in self.homing.drain(..) {
+            for (a, b, inside) in split(dst, dst + n, start, end) {
+                if inside {
+                    super::fork::close((b - a) / sys::PAGE_SIZE);
+                } else {
+                    homing.push((a, grave + (a - dst), b - a));
+                }
+            }
+        }
+        self.homing = homing;
+    }
+}
+
+/// `[s, e)` cut at the edges of `[from, to)`: the pieces, each with whether it lies inside.
+fn split(s: usize, e: usize, from: usize, to: usize) -> Vec<(usize, usize, bool)> {
+    let (a, b) = (s.max(from).min(e), e.min(to).max(s));
+    if a >= b {
+        return vec![(s, e, false)];
+    }
+    [(s, a, false), (a, b, true), (b, e, false)].into_iter().filter(|&(x, y, _)| x < y).collect()
+}
+
+/// Handles the events of one read, then puts the old pages they took where their memory
+/// is now and releases the moved mappings. Under the claims lock, held throughout: no move
+/// may free a graveyard before its old pages are out of it.
+fn handle_all(uffd: &Uffd, claims: &mut Claims, events: Vec<Event>) {
+    let mut moved = Moved::default();
+    for event in events {
+        handle(claims, event, &mut moved);
+    }
+    bring_home(uffd, claims, &mut moved);
+    for (to, end) in std::mem::take(&mut moved.release) {
+        release_moved(uffd, claims, to, end);
+    }
+}
+
+fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
     match event {
         // Its thread waits until the migration (or the end of the call) wakes it.
         Event::Missing { .. } => {}
@@ -97,48 +172,87 @@ fn handle(uffd: &Uffd, claims: &mut Claims, event: Event) {
         // move may land in it.
         Event::Remove { start, end } | Event::Unmap { start, end } => {
             claims.mark_dead(start, end);
+            moved.discard(start, end);
         }
         Event::Remap { from, to, len } => {
             claims.mark_dead(from, from + len);
+            moved.follow(from, to, len);
             for (s, e, g) in claims.take_isolated(from, from + len) {
-                // Copied, not moved: a copy into the graveyard's destination may be reading
-                // them right now. The program's thread finishing its `mremap` may hold the
-                // kernel back for a moment (`EAGAIN`).
-                // The `mremap` also unmapped the old range, and the kernel refuses copies
-                // until that event is read too: read and handle what follows meanwhile, with
-                // the lock still held (no move may free this graveyard before the copy).
-                let deadline = Instant::now() + Duration::from_secs(2);
-                let mut done = 0;
-                while let Err((copied, Errno::AGAIN)) =
-                    // SAFETY: `g` holds the old pages of `[s, e)`, which the program moved to
-                    // `to + (s - from)`; that range came with the registration (its accesses
-                    // wait) and is empty there: it receives exactly its own data.
-                    unsafe { uffd.copy(to + (s - from) + done, g + done, e - s - done) }
-                {
-                    done += copied;
-                    if Instant::now() >= deadline {
-                        break;
-                    }
-                    for later in uffd.read_messages().unwrap_or_default() {
-                        handle(uffd, claims, later);
-                    }
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-                super::fork::close((e - s) / sys::PAGE_SIZE);
+                moved.homing.push((to + (s - from), g, e - s));
             }
-            release_moved(uffd, claims, to, len);
+            // A grown mapping is registered to its end.
+            let end = crate::maps::vmas()
+                .ok()
+                .and_then(|vmas| vmas.into_iter().find(|v| v.start <= to && to < v.end))
+                .map_or(to + len, |v| v.end.max(to + len));
+            moved.release.push((to, end));
         }
     }
 }
 
-/// Takes registration and protection off the mapping `mremap` put at `to` (`len` bytes of
-/// it were registered; a grown mapping is registered to its end), except where it meets a
-/// range still claimed; unregistering wakes its threads.
-fn release_moved(uffd: &Uffd, claims: &mut Claims, to: usize, len: usize) {
-    let end = crate::maps::vmas()
-        .ok()
-        .and_then(|vmas| vmas.into_iter().find(|v| v.start <= to && to < v.end))
-        .map_or(to + len, |v| v.end.max(to + len));
+/// How long the old pages of moved memory are offered to the kernel before they are given
+/// up (the memory's folios fail in any case: the program moved them).
+const HOMING_LIMIT: Duration = Duration::from_secs(5);
+
+/// Puts the old pages in `moved` where the program moved their memory: copied, not moved,
+/// for a copy into the graveyard's destination may be reading them right now; moved where
+/// a page cannot be allocated (`ENOMEM`), as nothing will use that destination any more
+/// (the memory's folios are dead). While the kernel refuses (`EAGAIN`: the program's
+/// thread finishing its `mremap`, or a later event unread, which holds every copy back),
+/// the later events are read and handled meanwhile: they may move the memory on, or
+/// unmap it. What still cannot be put back is left in the graveyard, and its folios fail
+/// (they are dead).
+fn bring_home(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
+    let deadline = Instant::now() + HOMING_LIMIT;
+    while let Some(&(dst, grave, len)) = moved.homing.first() {
+        // SAFETY: `grave` holds the old pages of memory the program moved to `dst` (moved
+        // on with it by every later event); that range came with the registration (its
+        // accesses wait) and is empty there: it receives exactly its own data.
+        let result = unsafe { uffd.copy(dst, grave, len) };
+        let (done, errno) = match result {
+            Ok(()) => (len, None),
+            Err((done, errno)) => (done, Some(errno)),
+        };
+        super::fork::close(done / sys::PAGE_SIZE);
+        moved.homing[0] = (dst + done, grave + done, len - done);
+        let retry = match errno {
+            None => false,
+            Some(Errno::AGAIN) if Instant::now() < deadline => {
+                for later in uffd.read_messages().unwrap_or_default() {
+                    handle(claims, later, moved);
+                }
+                std::thread::sleep(Duration::from_micros(50));
+                true
+            }
+            // SAFETY: as above; the pages move instead of being copied, nothing allocated.
+            Some(Errno::NOMEM) => match unsafe { uffd.move_pages(dst + done, grave + done, len - done) } {
+                Ok(()) => {
+                    super::fork::close((len - done) / sys::PAGE_SIZE);
+                    moved.homing[0].2 = 0;
+                    false
+                }
+                Err((more, _)) => {
+                    super::fork::close(more / sys::PAGE_SIZE);
+                    moved.homing[0] = (dst + done + more, grave + done + more, len - done - more);
+                    Instant::now() < deadline
+                }
+            },
+            // Unmapped meanwhile with no event left unread (`ENOENT`), or given up.
+            Some(_) => false,
+        };
+        if retry {
+            // The entry may have moved, split or gone with the events just handled.
+            moved.homing.retain(|&(_, _, n)| n > 0);
+            continue;
+        }
+        let (_, _, left) = moved.homing.remove(0);
+        super::fork::close(left / sys::PAGE_SIZE);
+    }
+}
+
+/// Takes registration and protection off `[to, end)`, the mapping `mremap` put there,
+/// except where it meets a range still claimed; unregistering wakes its threads.
+fn release_moved(uffd: &Uffd, claims: &mut Claims, to: usize, end: usize) {
     for (s, e) in claims.unclaimed_in(to, end) {
         let _ = uffd.unregister(s, e - s);
     }

@@ -1,0 +1,93 @@
+//! The event reader's paths that take a range's isolated old pages and must put them
+//! somewhere: the program moves memory (`mremap`) whose old pages a migration holds in a
+//! graveyard, and moves it again at once, or unmaps it. The old pages follow the memory to
+//! where it is when they are put back; whatever cannot be put back fails its folio. Every
+//! byte is checked; each case runs under a watchdog.
+
+mod common;
+
+use std::time::Duration;
+
+use common::changes;
+use common::watchdog;
+use pagemig::folio::Folio;
+use pagemig::workload::pattern_word;
+use pagemig::{Engine, Error, FaultInjection, MigrateOptions, Mode, Reason, numa};
+
+const LEN: usize = 8 << 20;
+const SEED: u64 = 31;
+/// The moved range: the first batch's (256 pages), isolated while its move is held back.
+const MOVED: usize = 2 << 20;
+
+fn node() -> u32 {
+    numa::memory_nodes().unwrap()[0]
+}
+
+fn mremap(from: usize, len: usize, to: usize) {
+    // SAFETY: moves a range of the test's own mapping into its own reservation.
+    let p = unsafe {
+        libc::mremap(from as *mut _, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to as *mut libc::c_void)
+    };
+    assert_eq!(p as usize, to, "mremap: {}", std::io::Error::last_os_error());
+}
+
+/// Words of `[at, at + len)` that do not hold the pattern's words from `first` on.
+fn wrong_words(at: usize, len: usize, first: usize) -> usize {
+    (0..len / 8).filter(|&i| changes::word(at + i * 8) != pattern_word(SEED, first + i)).count()
+}
+
+/// Migrates an 8 MiB mapping of base pages, every move held back by `hold`; after `delay`
+/// another thread moves its first `MOVED` bytes to one place and, as soon as that returns,
+/// on to a second. Returns the words wrong at their final place and the call's result.
+fn moved_twice(delay: Duration, hold: Duration) -> (usize, std::result::Result<u64, String>) {
+    let base = changes::mapping(LEN, 4096, SEED);
+    let (reserved1, spare1) = changes::spare();
+    let (reserved2, spare2) = changes::spare();
+    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
+        // SAFETY: the test keeps the mapping as it is except for the mremaps under test.
+        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
+        .collect();
+    let result = watchdog(Duration::from_secs(60), "mremap twice during migration", move || {
+        let opts = MigrateOptions::default()
+            .fault(FaultInjection { delay_move: Some(hold), ..Default::default() })
+            .max_batch_pages(256);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(delay);
+                mremap(base, MOVED, spare1);
+                mremap(spare1, MOVED, spare2);
+            });
+            Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
+        })
+    });
+    let wrong = wrong_words(spare2, MOVED, 0) + wrong_words(base + MOVED, LEN - MOVED, MOVED / 8);
+    let outcome = match result {
+        Ok(stats) => Ok(stats.failed_folios),
+        Err(Error::Partial { stats, .. }) => Ok(stats.failed_folios),
+        Err(e) => Err(e.to_string()),
+    };
+    // SAFETY: the test's own mappings, no longer used.
+    unsafe {
+        libc::munmap(base as *mut _, LEN + (2 << 20));
+        libc::munmap(spare2 as *mut _, MOVED);
+        libc::munmap(reserved1 as *mut _, changes::SPARE);
+        libc::munmap(reserved2 as *mut _, changes::SPARE);
+    }
+    (wrong, outcome)
+}
+
+/// The program moves memory whose old pages are isolated, then moves it again at once:
+/// the old pages are put back where the memory is by then, not lost on the way.
+#[test]
+fn isolated_pages_follow_memory_moved_twice() {
+    let mut lost_rounds = Vec::new();
+    for round in 0..12u64 {
+        let delay = Duration::from_millis(20 + 10 * (round % 4));
+        let (wrong, outcome) = moved_twice(delay, Duration::from_millis(120));
+        eprintln!("round {round}: delay {delay:?}: {wrong} words wrong, {outcome:?}");
+        if wrong > 0 {
+            lost_rounds.push((round, wrong));
+        }
+    }
+    assert!(lost_rounds.is_empty(), "old pages lost (round, words wrong): {lost_rounds:?}");
+}
