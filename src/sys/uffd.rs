@@ -29,13 +29,13 @@
 //! a `poll` or `read` (a read of the program's file takes its bytes), `kcmp(KCMP_FILE)`
 //! compares the number with a second, private descriptor of the same open file kept at a
 //! high number (`F_DUPFD_CLOEXEC`), which the program's next `open` does not take. An ioctl
-//! checks the inode alone: `kcmp` costs about 1.5 µs here, five times an `fstat`. Once the proof fails the descriptor is *lost* for good: every call
-//! answers `EBADF` without touching the number, and the descriptors still proven to be
-//! this file are closed, so that the kernel releases the userfaultfd (unregistering its
-//! ranges and waking their threads) rather than keep it half in use.
+//! checks the inode alone: `kcmp` costs about 1.5 µs here, five times an `fstat`. Once the proof
+//! fails the descriptor is *lost* for good: every call answers `EBADF` without touching the number,
+//! and the descriptors still proven to be this file are closed, so that the kernel releases the
+//! userfaultfd (unregistering its ranges and waking their threads) rather than keep it half in use.
 //!
-//! What is left is the moment between the proof and the call: a program that closes the
-//! number and opens another file there in that instant, from another thread, is not seen.
+//! What is left is the moment between the proof and the call: a program that closes the number and
+//! opens another file there in that instant, from another thread, is not seen.
 #![allow(unsafe_code)]
 
 use std::fs::OpenOptions;
