@@ -179,13 +179,22 @@ pub fn coalesce(pairs: &[CopyPair]) -> impl Iterator<Item = CopyPair> + '_ {
     })
 }
 
-/// Times a plain copy of `len` bytes between two populated buffers laid out like a region
-/// of `folio_size` folios (2 MiB folios: THP-backed), the physical limit a migration of the
-/// same bytes is measured against. Returns the time of the copy alone.
+/// Times `reps` plain copies of `len` bytes between two populated buffers laid out like a
+/// region of `folio_size` folios (2 MiB folios: THP-backed), the physical limit a migration
+/// of the same bytes is measured against, after one untimed copy that warms them up (page
+/// tables, TLB, the CPU's clock). Returns the time of each timed copy, in order.
+///
+/// A single cold copy of a freshly populated buffer varied twofold between identical runs;
+/// the median of warm repetitions is what a ratio can be divided by. A GB/s figure is a
+/// rate: a buffer well above the last-level cache gives the same one as a larger buffer,
+/// so callers may measure a capped `len` rather than the whole region.
 ///
 /// # Errors
-/// The errno of mapping or populating the buffers.
-pub fn memcpy_baseline(len: usize, folio_size: usize) -> Result<std::time::Duration, Errno> {
+/// The errno of mapping or populating the buffers; `EINVAL` for a zero `len`.
+pub fn memcpy_baseline(len: usize, folio_size: usize, reps: usize) -> Result<Vec<std::time::Duration>, Errno> {
+    if len == 0 {
+        return Err(Errno::INVAL);
+    }
     let huge = folio_size >= sys::HPAGE_SIZE;
     let align = folio_size.max(sys::PAGE_SIZE);
     let src = sys::Mapping::new_own(len, align)?;
@@ -195,10 +204,17 @@ pub fn memcpy_baseline(len: usize, folio_size: usize) -> Result<std::time::Durat
         sys::madvise(m.addr(), len, advice)?;
         sys::madvise(m.addr(), len, sys::Advice::PopulateWrite)?;
     }
-    let started = std::time::Instant::now();
-    // SAFETY: two distinct mappings of `len` bytes that only this function can reach.
-    unsafe { sys::copy_bytes(dst.addr(), src.addr(), len) };
-    Ok(started.elapsed())
+    let mut times = Vec::with_capacity(reps);
+    for rep in 0..=reps {
+        let started = std::time::Instant::now();
+        // SAFETY: two distinct mappings of `len` bytes that only this function can reach.
+        unsafe { sys::copy_bytes(dst.addr(), src.addr(), len) };
+        // Repetition 0 warms up and is not counted.
+        if rep > 0 {
+            times.push(started.elapsed());
+        }
+    }
+    Ok(times)
 }
 
 /// A CPU copy kernel.
@@ -328,9 +344,7 @@ pub fn kernels() -> Kernels {
             return k;
         }
         let measuring = MEASURING.load(Ordering::Acquire);
-        if measuring != pid
-            && MEASURING.compare_exchange(measuring, pid, Ordering::AcqRel, Ordering::Acquire).is_ok()
-        {
+        if measuring != pid && MEASURING.compare_exchange(measuring, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
             let k = calibrate().unwrap_or(DEFAULT_KERNELS);
             // A choice made meanwhile (`set_kernel`) stands.
             publish(k, Some(std::ptr::null_mut()));

@@ -32,7 +32,9 @@ pub struct Args {
     /// sweep of 512 … 16384 pages, smaller scattered regions.
     #[arg(long)]
     quick: bool,
-    /// Bytes per migration (default 1GiB, 64MiB with --quick).
+    /// Bytes per migration (default 1GiB, 64MiB with --quick). Peak memory: twice this
+    /// (the reserved row prepares the whole size ahead, and the default batch covers a
+    /// 1GiB region); a size that cannot fit is refused before any experiment runs.
     #[arg(long, value_parser = size::parse)]
     size: Option<usize>,
     /// Repetitions of every cell (default 5, 2 with --quick).
@@ -54,7 +56,8 @@ pub struct Args {
     /// (default 262144, the RFC's test setting).
     #[arg(long)]
     batch_pages: Option<usize>,
-    /// Threads that keep writing into each region while it migrates.
+    /// Threads that keep writing into each region while it migrates (at most 4 per
+    /// online CPU).
     #[arg(long, default_value_t = 0)]
     writers: usize,
     /// Run only these experiments (repeatable, or comma-separated).
@@ -179,6 +182,33 @@ fn refuse_inapplicable(args: &Args, cfg: &BenchConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Refuses, before any experiment runs, writers past the machine's bound and a size whose
+/// largest migration cannot fit: the throughput table's reserved row (the whole size
+/// prepared ahead) or its batch, as [`pagemig_cli::experiment::peak_memory`] counts them.
+fn preflight(cfg: &BenchConfig) -> anyhow::Result<()> {
+    use pagemig_cli::experiment::{MoveConfig, check_memory, check_writers};
+    check_writers(cfg.writers)?;
+    let largest = MoveConfig {
+        size: cfg.size,
+        folio_size: 4 << 10,
+        from_node: Some(cfg.from_node),
+        to_node: cfg.to_node,
+        to_nodes: Vec::new(),
+        batch_pages: cfg.batch_pages,
+        reason: cfg.reason,
+        mode: cfg.mode,
+        writers: cfg.writers,
+        seed: cfg.seed,
+        measure_memcpy: true,
+        reserve: cfg.experiments.throughput.then_some(cfg.size),
+    };
+    check_memory(
+        &largest,
+        "or leave out the throughput table (--only sweep,scattered), whose reserved row prepares the whole size again ahead",
+    )?;
+    Ok(())
+}
+
 pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     let engine = Engine::global()?;
     for a in &args.attrs {
@@ -186,6 +216,7 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     }
     let cfg = config(&args)?;
     refuse_inapplicable(&args, &cfg)?;
+    preflight(&cfg)?;
     check_out_dir(&args.out)?;
     // On a terminal, a bar; otherwise (a log, a pipe, CI) one line per finished migration.
     let bar = std::io::stderr().is_terminal().then(|| progress_bar(cfg.planned_runs()));

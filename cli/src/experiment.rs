@@ -114,6 +114,9 @@ pub struct MoveReport {
     /// run, GB/s: mapping, registering and filling it, each page allocated on the node and
     /// copied into without zeroing (base pages only). 0 when not measured.
     pub uffdio_copy_gbps: f64,
+    /// The yardsticks' repetitions: bytes copied each time, and the median, slowest and
+    /// fastest of each (`memcpy_gbps` and `uffdio_copy_gbps` are the medians).
+    pub yardsticks: Yardsticks,
     /// `gbps / memcpy_gbps` (0 when memcpy was not measured).
     pub ratio: f64,
     /// `critical_path_gbps / memcpy_gbps`, where both are known.
@@ -201,26 +204,89 @@ pub fn migrate_with_writers(
     }
 }
 
-/// The same-run yardsticks of a migration: a plain copy and a `UFFDIO_COPY` fill of the
-/// same bytes, GB/s.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
-pub struct Yardsticks {
-    /// [`copy::memcpy_baseline`]: a copy between two populated buffers.
-    pub memcpy_gbps: f64,
-    /// [`uffdio_copy_fill`]: a fresh mapping on the target node filled by `UFFDIO_COPY`.
-    pub uffdio_copy_gbps: f64,
+/// Timed repetitions of each yardstick, after one untimed warm-up.
+pub const YARDSTICK_REPS: usize = 5;
+
+/// The most bytes a yardstick copies: a GB/s figure is a rate, and a buffer this far above
+/// a last-level cache (tens of MiB, 96 MiB on the largest per-die caches) streams at the
+/// same rate as a larger one, so a region above it is measured on its first 256 MiB. This
+/// bounds the yardsticks' time and their memory (two buffers of this size at most).
+pub const YARDSTICK_MAX_BYTES: usize = 256 << 20;
+
+/// One yardstick's repetitions, GB/s.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Rate {
+    /// The median repetition.
+    pub median_gbps: f64,
+    /// The slowest repetition.
+    pub min_gbps: f64,
+    /// The fastest repetition.
+    pub max_gbps: f64,
+    /// Timed repetitions (0: not measured).
+    pub reps: u32,
 }
 
-/// Times filling a fresh mapping bound to `node` with a copy of `region` by `UFFDIO_COPY`
+impl Rate {
+    /// The rates of copies of `bytes` that took `times`.
+    pub fn of(bytes: u64, times: &[Duration]) -> Rate {
+        let mut g: Vec<f64> = times.iter().map(|&t| pagemig::stats::gbps(bytes, t)).collect();
+        g.sort_by(f64::total_cmp);
+        let median = match g.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => g[n / 2],
+            n => (g[n / 2 - 1] + g[n / 2]) / 2.0,
+        };
+        Rate {
+            median_gbps: median,
+            min_gbps: g.first().copied().unwrap_or(0.0),
+            max_gbps: g.last().copied().unwrap_or(0.0),
+            reps: g.len() as u32,
+        }
+    }
+
+    /// Half the range of the repetitions over the median, in percent: `12.3 GB/s ±4 %`.
+    pub fn spread_percent(&self) -> f64 {
+        if self.median_gbps > 0.0 { 50.0 * (self.max_gbps - self.min_gbps) / self.median_gbps } else { 0.0 }
+    }
+
+    /// `12.30 GB/s (median of 5, spread ±4 %)`, or `-` when not measured.
+    pub fn describe(&self) -> String {
+        if self.reps == 0 {
+            return "-".into();
+        }
+        format!("{:.2} GB/s (median of {}, spread ±{:.0} %)", self.median_gbps, self.reps, self.spread_percent())
+    }
+}
+
+/// The same-run yardsticks of a migration: a plain copy and a `UFFDIO_COPY` fill of the
+/// region's bytes (its first [`YARDSTICK_MAX_BYTES`] at most), each the median of
+/// [`YARDSTICK_REPS`] warm repetitions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Yardsticks {
+    /// Bytes each repetition copies.
+    pub bytes: u64,
+    /// [`copy::memcpy_baseline`]: a copy between two populated buffers.
+    pub memcpy: Rate,
+    /// [`uffdio_copy_fill`]: a fresh mapping on the target node filled by `UFFDIO_COPY`.
+    pub uffdio_copy: Rate,
+}
+
+/// The bytes the yardsticks of a region of `size` bytes in `folio_size` folios copy: the
+/// region, or its first [`YARDSTICK_MAX_BYTES`] (whole folios).
+pub fn yardstick_bytes(size: usize, folio_size: usize) -> usize {
+    if size <= YARDSTICK_MAX_BYTES { size } else { (YARDSTICK_MAX_BYTES / folio_size.max(1)).max(1) * folio_size }
+}
+
+/// Times filling a fresh mapping bound to `node` with a copy of the first `len` bytes of `region` by `UFFDIO_COPY`
 /// ([`pagemig::sys::uffd::copy_into_new_mapping`]): creating the mapping, registering it and
 /// the copies, the closest user-space stand-in for the kernel allocating and filling
 /// migration destinations. Unmapping it afterwards is not timed.
 ///
 /// # Errors
 /// [`Error::Sys`] from the fill (`EOPNOTSUPP` without `UFFDIO_MOVE`'s kernel, `ENOMEM`).
-pub fn uffdio_copy_fill(region: &Region, node: u32) -> Result<Duration> {
+pub fn uffdio_copy_fill(region: &Region, len: usize, node: u32) -> Result<Duration> {
     let started = Instant::now();
-    let copied = pagemig::sys::uffd::copy_into_new_mapping(region.addr(), region.len(), Some(node))
+    let copied = pagemig::sys::uffd::copy_into_new_mapping(region.addr(), len.min(region.len()), Some(node))
         .map_err(|errno| Error::Sys { op: "UFFDIO_COPY into a fresh mapping", errno })?;
     let elapsed = started.elapsed();
     drop(copied);
@@ -236,12 +302,21 @@ pub fn measure_yardsticks(region: &Region, cfg: &MoveConfig) -> Result<Yardstick
     if !cfg.measure_memcpy {
         return Ok(Yardsticks::default());
     }
-    let memcpy = copy::memcpy_baseline(cfg.size, cfg.folio_size)
+    let len = yardstick_bytes(cfg.size, cfg.folio_size);
+    let memcpy = copy::memcpy_baseline(len, cfg.folio_size, YARDSTICK_REPS)
         .map_err(|errno| Error::Sys { op: "memcpy baseline buffers", errno })?;
-    let uffdio = uffdio_copy_fill(region, cfg.to_node)?;
+    let mut uffdio = Vec::with_capacity(YARDSTICK_REPS);
+    for rep in 0..=YARDSTICK_REPS {
+        let t = uffdio_copy_fill(region, len, cfg.to_node)?;
+        // Repetition 0 warms up and is not counted.
+        if rep > 0 {
+            uffdio.push(t);
+        }
+    }
     Ok(Yardsticks {
-        memcpy_gbps: pagemig::stats::gbps(cfg.size as u64, memcpy),
-        uffdio_copy_gbps: pagemig::stats::gbps(cfg.size as u64, uffdio),
+        bytes: len as u64,
+        memcpy: Rate::of(len as u64, &memcpy),
+        uffdio_copy: Rate::of(len as u64, &uffdio),
     })
 }
 
@@ -410,10 +485,11 @@ pub fn run_move_observed(
         placement,
         gbps,
         critical_path_gbps: Some(critical),
-        memcpy_gbps: yardsticks.memcpy_gbps,
-        uffdio_copy_gbps: yardsticks.uffdio_copy_gbps,
-        ratio: ratio(gbps, yardsticks.memcpy_gbps),
-        critical_path_ratio: (yardsticks.memcpy_gbps > 0.0).then(|| critical / yardsticks.memcpy_gbps),
+        memcpy_gbps: yardsticks.memcpy.median_gbps,
+        uffdio_copy_gbps: yardsticks.uffdio_copy.median_gbps,
+        yardsticks,
+        ratio: ratio(gbps, yardsticks.memcpy.median_gbps),
+        critical_path_ratio: (yardsticks.memcpy.median_gbps > 0.0).then(|| critical / yardsticks.memcpy.median_gbps),
         page_errors: Default::default(),
         first_folio_us: stats.first_folio_median().map_or(0.0, |d| d.as_secs_f64() * 1e6),
         first_folio_p99_us: stats.first_folio_quantile(0.99).map_or(0.0, |d| d.as_secs_f64() * 1e6),
@@ -615,9 +691,10 @@ pub fn run_kernel_move_observed(
         placement,
         gbps,
         critical_path_gbps: None,
-        memcpy_gbps: yardsticks.memcpy_gbps,
-        uffdio_copy_gbps: yardsticks.uffdio_copy_gbps,
-        ratio: ratio(gbps, yardsticks.memcpy_gbps),
+        memcpy_gbps: yardsticks.memcpy.median_gbps,
+        uffdio_copy_gbps: yardsticks.uffdio_copy.median_gbps,
+        yardsticks,
+        ratio: ratio(gbps, yardsticks.memcpy.median_gbps),
         critical_path_ratio: None,
         page_errors,
         first_folio_us: 0.0,
@@ -628,6 +705,145 @@ pub fn run_kernel_move_observed(
         copy_kernels: copy::kernels(),
         stats,
     })
+}
+
+/// What a measured migration holds at its peak, by part, in bytes ([`peak_memory`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeakMemory {
+    /// The region itself.
+    pub region: u64,
+    /// The yardsticks' two buffers (held while they are measured, freed before the
+    /// migration; the `UFFDIO_COPY` fill maps one buffer after they are freed).
+    pub yardsticks: u64,
+    /// Destinations and old pages held at once during the migration: the reserve prepared
+    /// ahead, or a whole batch's destinations, or with small batches a batch plus the
+    /// destination pool and the old pages waiting to be freed.
+    pub migration: u64,
+}
+
+impl PeakMemory {
+    /// The most held at once: the region, and the larger of the yardsticks' buffers and the
+    /// migration's destinations (one is freed before the other is allocated).
+    pub fn total(&self) -> u64 {
+        self.region + self.yardsticks.max(self.migration)
+    }
+}
+
+/// The peak memory a run of `cfg` needs, derived from what [`run_move`] allocates: the
+/// region; then the yardsticks' two buffers of [`yardstick_bytes`] (freed before the
+/// migration); then, during the migration, the reserve (`cfg.reserve`, plus up to 2 MiB
+/// skipped per node), or the destinations of a batch that covers the whole region
+/// (populated before its first copy), or with smaller batches one batch plus the
+/// destination pool ([`pagemig::migrate::DEFAULT_POOL_LIMIT`]) and the old pages waiting
+/// for the reaper ([`pagemig::migrate::DEFAULT_REAPER_BACKLOG`]); never more than the
+/// region's size, since each destination replaces a source page.
+pub fn peak_memory(cfg: &MoveConfig) -> PeakMemory {
+    let size = cfg.size as u64;
+    let yardsticks = if cfg.measure_memcpy { 2 * yardstick_bytes(cfg.size, cfg.folio_size) as u64 } else { 0 };
+    let batch = (cfg.batch_pages as u64).saturating_mul(pagemig::sys::PAGE_SIZE as u64);
+    let migration = match cfg.reserve {
+        Some(bytes) => bytes as u64 + (cfg.targets().len() * pagemig::sys::HPAGE_SIZE) as u64,
+        None if batch >= size => size,
+        None => (batch + pagemig::migrate::DEFAULT_POOL_LIMIT as u64 + pagemig::migrate::DEFAULT_REAPER_BACKLOG as u64)
+            .min(size),
+    };
+    PeakMemory { region: size, yardsticks, migration }
+}
+
+/// Memory this process may still take, in bytes, and where the figure comes from: the
+/// smaller of `MemAvailable` in /proc/meminfo and what the memory cgroup leaves
+/// (`memory.max - memory.current` with cgroup v2, `memory.limit_in_bytes -
+/// memory.usage_in_bytes` with v1, for the process's cgroup and each one above it).
+///
+/// A node's own free memory is not the bound: a machine or a VM may report nodes smaller
+/// than the memory a process can use.
+pub fn available_memory() -> (u64, String) {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    });
+    let mut best = (meminfo.unwrap_or(u64::MAX), "MemAvailable in /proc/meminfo".to_string());
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    for line in cgroups.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let (root, limit, usage) = if id == "0" && controllers.is_empty() {
+            ("/sys/fs/cgroup", "memory.max", "memory.current")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", "memory.usage_in_bytes")
+        } else {
+            continue;
+        };
+        let mut dir = std::path::PathBuf::from(root).join(path.trim_start_matches('/'));
+        loop {
+            if let (Some(max), Some(current)) = (read(&dir.join(limit)), read(&dir.join(usage))) {
+                let left = max.saturating_sub(current);
+                if left < best.0 {
+                    best = (left, format!("{} - {} of cgroup {}", limit, usage, dir.display()));
+                }
+            }
+            if dir.as_os_str().len() <= root.len() || !dir.pop() {
+                break;
+            }
+        }
+    }
+    best
+}
+
+/// Refuses a run of `cfg` whose peak memory ([`peak_memory`]) exceeds what the process may
+/// take ([`available_memory`]), before anything is allocated: a run past it ends in the
+/// kernel's OOM killer, after filling memory for many seconds.
+///
+/// `reserve_hint` tells, when the run prepares a reserve, how the command drops it.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the memory needed and available and how to make the run fit.
+pub fn check_memory(cfg: &MoveConfig, reserve_hint: &str) -> Result<()> {
+    let peak = peak_memory(cfg);
+    let (available, source) = available_memory();
+    if peak.total() <= available {
+        return Ok(());
+    }
+    let gib = |b: u64| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64);
+    let fits = available.saturating_sub(YARDSTICK_MAX_BYTES as u64 * 2 + (128 << 20));
+    Err(Error::Invalid(format!(
+        "a run of --size {} needs about {} of memory at its peak (the region {}, plus {} of {}) but {} is \
+         available ({source}); use a smaller --size (about {} fits here){}",
+        gib(cfg.size as u64),
+        gib(peak.total()),
+        gib(peak.region),
+        gib(peak.yardsticks.max(peak.migration)),
+        if peak.migration >= peak.yardsticks { "destinations during the migration" } else { "yardstick buffers" },
+        gib(available),
+        gib(if cfg.reserve.is_some() || peak.migration == peak.region { fits / 2 } else { fits }),
+        if cfg.reserve.is_some() { format!(", {reserve_hint}") } else { String::new() },
+    )))
+}
+
+/// The most writer threads a run takes: four per online CPU. Writers are busy loops; past a
+/// few per CPU they only take turns on the CPUs (the migration with them), and a count in
+/// the thousands takes minutes to start and stalls the machine.
+pub fn max_writers() -> usize {
+    4 * std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Refuses more than [`max_writers`] writers.
+///
+/// # Errors
+/// [`Error::Invalid`] naming the bound.
+pub fn check_writers(writers: usize) -> Result<()> {
+    let max = max_writers();
+    if writers > max {
+        return Err(Error::Invalid(format!(
+            "--writers {writers} is more than this machine runs usefully: at most {max} (4 per online CPU, {} \
+             CPUs); writers are busy threads, more only take turns with the migration",
+            max / 4
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -727,7 +943,9 @@ mod tests {
             Err(e) if matches!(e.errno(), Errno::OPNOTSUPP | Errno::PERM) => {}
             r => {
                 let y = r.unwrap();
-                assert!(y.memcpy_gbps > 0.0 && y.uffdio_copy_gbps > 0.0, "{y:?}");
+                assert!(y.memcpy.median_gbps > 0.0 && y.uffdio_copy.median_gbps > 0.0, "{y:?}");
+                assert_eq!((y.memcpy.reps, y.uffdio_copy.reps), (YARDSTICK_REPS as u32, YARDSTICK_REPS as u32));
+                assert!(y.memcpy.min_gbps <= y.memcpy.median_gbps && y.memcpy.median_gbps <= y.memcpy.max_gbps);
             }
         }
     }
@@ -744,5 +962,41 @@ mod tests {
         }
         assert_eq!(errno_name(libc::EBUSY), "EBUSY");
         assert_eq!(errno_name(9999), "errno 9999");
+    }
+
+    #[test]
+    fn the_peak_is_the_region_plus_the_larger_of_the_yardsticks_and_the_destinations() {
+        const GIB: usize = 1 << 30;
+        const MIB: u64 = 1 << 20;
+        let cfg = config(GIB, PAGE_SIZE, 0);
+        // Default batch: the capped yardstick buffers are the larger part.
+        let peak = peak_memory(&cfg);
+        assert_eq!(peak, PeakMemory { region: GIB as u64, yardsticks: 512 * MIB, migration: 2 * MIB + 128 * MIB });
+        assert_eq!(peak.total(), GIB as u64 + 512 * MIB);
+        // A batch as large as the region, or a reserve of it: the whole size again.
+        let whole = MoveConfig { batch_pages: GIB / PAGE_SIZE, ..cfg.clone() };
+        assert_eq!(peak_memory(&whole).total(), 2 * GIB as u64);
+        let reserved = MoveConfig { reserve: Some(GIB), ..cfg.clone() };
+        assert_eq!(peak_memory(&reserved).total(), 2 * GIB as u64 + 2 * MIB);
+        // A small region: everything is the region's size at most.
+        let small = config(16 << 20, PAGE_SIZE, 0);
+        assert_eq!(peak_memory(&small).total(), 3 * (16 << 20));
+        assert_eq!(yardstick_bytes(16 << 20, PAGE_SIZE), 16 << 20);
+        assert_eq!(yardstick_bytes(GIB, 2 << 20), YARDSTICK_MAX_BYTES);
+        // Refused before allocating, with both figures named.
+        let err = check_memory(&config(1 << 50, PAGE_SIZE, 0), "").unwrap_err().to_string();
+        assert!(err.contains("needs about 1048576.50 GiB") && err.contains("is available"), "{err}");
+        assert!(check_memory(&small, "").is_ok());
+        assert!(check_writers(max_writers()).is_ok());
+        assert!(check_writers(100_000).unwrap_err().to_string().contains("at most"));
+    }
+
+    #[test]
+    fn a_rate_is_the_median_of_its_repetitions_with_its_spread() {
+        let ms = Duration::from_millis;
+        let r = Rate::of(1_000_000_000, &[ms(500), ms(1000), ms(250), ms(400), ms(1000)]);
+        assert_eq!((r.median_gbps, r.min_gbps, r.max_gbps, r.reps), (2.0, 1.0, 4.0, 5));
+        assert_eq!(r.describe(), "2.00 GB/s (median of 5, spread ±75 %)");
+        assert_eq!(Rate::default().describe(), "-");
     }
 }

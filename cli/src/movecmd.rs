@@ -16,7 +16,11 @@ use crate::{JsonStyle, nodes, size};
 #[derive(clap::Args, Debug)]
 #[command(after_help = size::HELP)]
 pub struct Args {
-    /// Bytes to migrate (e.g. 64MiB, 1GiB).
+    /// Bytes to migrate (e.g. 64MiB, 1GiB). Peak memory: the size, plus the larger of
+    /// the yardsticks' buffers (2 × min(size, 256MiB)) and the destinations held during the
+    /// migration (the whole size again with --reserve or a batch as large as the region;
+    /// with the default batch, up to 130MiB). A run that cannot fit is refused before it
+    /// allocates anything.
     #[arg(long, default_value = "1GiB", value_parser = size::parse)]
     size: usize,
     /// Folio size: a power of two from 4KiB to 2MiB (2MiB folios are THP-backed).
@@ -44,7 +48,8 @@ pub struct Args {
     /// async, sync_light or sync.
     #[arg(long, default_value = "sync", value_parser = parse_mode)]
     mode: Mode,
-    /// Threads that keep writing sequence numbers into the region while it migrates.
+    /// Threads that keep writing sequence numbers into the region while it migrates (at
+    /// most 4 per online CPU).
     #[arg(long, default_value_t = 0)]
     writers: usize,
     /// Copy migrator: cpu (the serial copy), mtcopy (multi-threaded CPU copy), dcbm
@@ -292,6 +297,9 @@ pub fn run(args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
         measure_memcpy: true,
         reserve: args.reserve.map(|b| if b == 0 { args.size } else { b }),
     };
+    // Before anything is allocated or a thread started.
+    pagemig_cli::experiment::check_writers(cfg.writers)?;
+    pagemig_cli::experiment::check_memory(&cfg, "or drop --reserve (it prepares the whole size again ahead)")?;
     let (bar, cb) = progress_bar(args.size as u64);
     let phase = phase_hook(&bar, &cfg);
     let report = if kernel {
@@ -349,8 +357,8 @@ fn print_table(r: &MoveReport, cfg: &MoveConfig) {
             },
         ),
         ("throughput (end to end)", format!("{:.2} GB/s", r.gbps)),
-        ("memcpy (same bytes)", format!("{:.2} GB/s", r.memcpy_gbps)),
-        ("UFFDIO_COPY fill (same bytes, base pages)", format!("{:.2} GB/s", r.uffdio_copy_gbps)),
+        ("memcpy (same bytes)", r.yardsticks.memcpy.describe()),
+        ("UFFDIO_COPY fill (same bytes, base pages)", r.yardsticks.uffdio_copy.describe()),
         ("end to end / memcpy", format!("{:.2}", r.ratio)),
         (
             "critical path (excl. destination preparation)",

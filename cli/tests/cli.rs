@@ -152,6 +152,16 @@ fn move_json_reports_a_verified_migration() {
         assert!(v["writes"].as_u64().unwrap() > 0);
         assert!(v["gbps"].as_f64().unwrap() > 0.0 && v["memcpy_gbps"].as_f64().unwrap() > 0.0);
         assert!(v["uffdio_copy_gbps"].as_f64().unwrap() > 0.0);
+        // Each yardstick is the median of several warm repetitions, its spread said.
+        for y in ["memcpy", "uffdio_copy"] {
+            let r = &v["yardsticks"][y];
+            assert!(r["reps"].as_u64().unwrap() >= 5, "{v}");
+            let (min, median, max) =
+                (r["min_gbps"].as_f64().unwrap(), r["median_gbps"].as_f64().unwrap(), r["max_gbps"].as_f64().unwrap());
+            assert!(min <= median && median <= max, "{v}");
+        }
+        assert_eq!(v["yardsticks"]["memcpy"]["median_gbps"], v["memcpy_gbps"]);
+        assert_eq!(v["yardsticks"]["bytes"], 16 << 20);
         // The headline is the whole call: never faster than its critical path.
         assert!(v["gbps"].as_f64().unwrap() <= v["critical_path_gbps"].as_f64().unwrap());
         let total_s = v["phases_us"]["total"].as_f64().unwrap() / 1e6;
@@ -163,6 +173,59 @@ fn move_json_reports_a_verified_migration() {
             assert!(v["phases_us"][phase].as_f64().is_some(), "phase {phase}");
         }
     }
+}
+
+/// Runs `args` and checks it is refused at once (exit 2, within a few seconds: nothing was
+/// allocated or started), with a message holding each of `words`.
+fn refused_at_once(args: &[&str], words: &[&str]) {
+    let started = Instant::now();
+    let out = pagemig(args);
+    let took = started.elapsed();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(took < Duration::from_secs(5), "{args:?} took {took:?} to be refused");
+    for w in words {
+        assert!(err.contains(w), "{args:?}: {w:?} not in {err}");
+    }
+}
+
+#[test]
+fn sizes_the_machine_cannot_hold_are_refused_before_allocating() {
+    for size in ["30TiB", "1000TiB"] {
+        refused_at_once(
+            &["move", "--size", size, "--to-node", &node()],
+            &["needs about", "of memory at its peak", "is available", "use a smaller --size"],
+        );
+    }
+    refused_at_once(
+        &["bench", "--size", "30TiB", "--out", "/nonexistent/never-made"],
+        &["needs about", "is available"],
+    );
+    // 30 GiB and 1 TiB, the sizes seen to fill memory, where the machine cannot hold them.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let kb: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap();
+    if kb * 1024 < 30 << 30 {
+        refused_at_once(&["move", "--size", "30GiB", "--to-node", &node()], &["needs about 30.50 GiB", "is available"]);
+    }
+    refused_at_once(&["move", "--size", "1TiB", "--to-node", &node()], &["needs about 1024.50 GiB", "is available"]);
+}
+
+#[test]
+fn writer_counts_past_the_machine_are_refused() {
+    let max = 4 * std::thread::available_parallelism().unwrap().get();
+    refused_at_once(
+        &["move", "--size", "4MiB", "--to-node", &node(), "--writers", "100000"],
+        &["--writers 100000", &format!("at most {max} (4 per online CPU")],
+    );
+    refused_at_once(&["bench", "--quick", "--writers", "100000"], &[&format!("at most {max}")]);
 }
 
 #[test]
