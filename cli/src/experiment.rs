@@ -846,6 +846,39 @@ pub fn check_writers(writers: usize) -> Result<()> {
     Ok(())
 }
 
+/// The most `mtcopy` threads a run takes: 4 per online CPU, and the migrator's own 64. A
+/// copy is bound by memory bandwidth; threads beyond the CPUs only take turns.
+pub fn max_copy_threads() -> usize {
+    max_writers().min(pagemig::migrators::mtcopy::MAX_THREADS)
+}
+
+/// The most `dcbm` channels a batch takes: 16, the bound of the migrator's algorithm
+/// (`min(nr_dma_chan, folios, 16)`); the channels are the DMA device's, made once.
+pub const MAX_CHANNELS: usize = 16;
+
+/// Refuses `--threads` and `--channels` outside 1 ..= [`max_copy_threads`] and
+/// 1 ..= [`MAX_CHANNELS`].
+///
+/// # Errors
+/// [`Error::Invalid`] naming the bound and why.
+pub fn check_copy_threads(threads: Option<usize>, channels: Option<usize>) -> Result<()> {
+    let max = max_copy_threads();
+    if let Some(t) = threads.filter(|&t| !(1..=max).contains(&t)) {
+        return Err(Error::Invalid(format!(
+            "--threads {t} is outside 1 … {max} (4 per online CPU, at most {}): a copy is bound by memory \
+             bandwidth, and threads beyond the CPUs only take turns",
+            pagemig::migrators::mtcopy::MAX_THREADS
+        )));
+    }
+    if let Some(c) = channels.filter(|&c| !(1..=MAX_CHANNELS).contains(&c)) {
+        return Err(Error::Invalid(format!(
+            "--channels {c} is outside 1 … {MAX_CHANNELS}: dcbm spreads a batch over at most {MAX_CHANNELS} DMA \
+             channels"
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::Ordering;
@@ -989,6 +1022,10 @@ mod tests {
         assert!(check_memory(&small, "").is_ok());
         assert!(check_writers(max_writers()).is_ok());
         assert!(check_writers(100_000).unwrap_err().to_string().contains("at most"));
+        assert!(check_copy_threads(Some(max_copy_threads()), Some(MAX_CHANNELS)).is_ok());
+        assert!(check_copy_threads(Some(100_000), None).unwrap_err().to_string().contains("outside 1 …"));
+        assert!(check_copy_threads(None, Some(17)).unwrap_err().to_string().contains("at most 16 DMA"));
+        assert!(check_copy_threads(Some(0), None).is_err());
     }
 
     #[test]

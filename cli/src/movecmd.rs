@@ -62,7 +62,7 @@ pub struct Args {
     /// DMA channels for dcbm (1 … 16; sets dcbm/nr_dma_chan).
     #[arg(long)]
     channels: Option<usize>,
-    /// Copy threads for mtcopy (1 … 64; sets mtcopy/threads).
+    /// Copy threads for mtcopy (1 … 4 per online CPU, at most 64; sets mtcopy/threads).
     #[arg(long)]
     threads: Option<usize>,
     /// Set an attribute before running, PATH=VALUE (repeatable; see `pagemig attr`).
@@ -258,6 +258,7 @@ pub fn run(args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
         None => pagemig::offload::registry().active_name().unwrap_or_else(|| "cpu".into()),
     };
     refuse_inapplicable(matches, false, Some(&migrator))?;
+    pagemig_cli::experiment::check_copy_threads(args.threads, args.channels)?;
     let kernel = migrator == KERNEL;
     if kernel {
         anyhow::ensure!(

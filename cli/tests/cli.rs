@@ -226,6 +226,15 @@ fn writer_counts_past_the_machine_are_refused() {
         &["--writers 100000", &format!("at most {max} (4 per online CPU")],
     );
     refused_at_once(&["bench", "--quick", "--writers", "100000"], &[&format!("at most {max}")]);
+    let threads = max.min(64);
+    refused_at_once(
+        &["move", "--size", "4MiB", "--to-node", &node(), "--migrator", "mtcopy", "--threads", "100000"],
+        &[&format!("--threads 100000 is outside 1 … {threads}")],
+    );
+    refused_at_once(
+        &["move", "--size", "4MiB", "--to-node", &node(), "--migrator", "dcbm", "--channels", "17"],
+        &["--channels 17 is outside 1 … 16"],
+    );
 }
 
 #[test]
