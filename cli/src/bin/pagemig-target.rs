@@ -77,6 +77,16 @@ fn parse_opts() -> Result<Opts, String> {
     if o.size < 2 * 4096 * (o.writers + 1) {
         return Err(format!("--size {} is too small for {} writers", o.size, o.writers));
     }
+    pagemig_cli::experiment::check_writers(o.writers).map_err(|e| e.to_string())?;
+    // The buffer and the reserve, each held whole.
+    let needed = o.size as u64 + o.reserve as u64;
+    let (available, source) = pagemig_cli::experiment::available_memory();
+    if needed > available {
+        return Err(format!(
+            "--size and --reserve need {needed} bytes of memory but {available} are available ({source}); use a \
+             smaller --size"
+        ));
+    }
     Ok(o)
 }
 
