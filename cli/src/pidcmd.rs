@@ -35,7 +35,9 @@ pub struct PidArgs {
     /// which stay where they are.
     #[arg(long, requires = "pid", default_value_t = 600, value_parser = clap::value_parser!(u64).range(1..))]
     pub agent_timeout: u64,
-    /// With --pid: list each mapping's route (pagemig, kernel, left alone) as the agent took it.
+    /// With --pid: list every mapping of the process, in address order: its route (pagemig,
+    /// kernel, internal: pagemig's own, left alone; none: not private anonymous memory,
+    /// which the agent does not move), the pages moved to the target, and what it is.
     #[arg(long, requires = "pid")]
     pub detail: bool,
 }
@@ -80,7 +82,11 @@ struct Outcome {
     after_mib: Option<BTreeMap<u32, f64>>,
     time_us: u64,
     first_failure: Option<String>,
+    /// With --detail: one line per mapping of the process (see [`detail_line`]).
     detail: Vec<String>,
+    /// The agent's routes, mapping by mapping, from which `detail` is made.
+    #[serde(skip)]
+    detail_routes: Vec<agent::MappingReport>,
 }
 
 impl Outcome {
@@ -120,7 +126,13 @@ pub fn run(
         "--no-agent".to_string()
     } else {
         match agent::request_move(pid as u32, &request, Duration::from_secs(args.agent_timeout)) {
-            Ok(report) => return finish(agent_outcome(pid, &request, report), json),
+            Ok(report) => {
+                let mut outcome = agent_outcome(pid, &request, report);
+                if args.detail {
+                    outcome.detail = agent_detail(pid, &outcome.detail_routes, args.range);
+                }
+                return finish(outcome, json);
+            }
             Err(Error::Agent { errno, message, .. })
                 if [Errno::CONNREFUSED, Errno::NOENT, Errno::ADDRINUSE].contains(&errno) =>
             {
@@ -133,8 +145,8 @@ pub fn run(
         }
     };
     let outcome = match args.range {
-        Some(range) => kernel_move_pages(pid, &request, range, why)?,
-        None => kernel_migrate_pages(pid, &request, why)?,
+        Some(range) => kernel_move_pages(pid, &request, range, why, args.detail)?,
+        None => kernel_migrate_pages(pid, &request, why, args.detail)?,
     };
     finish(outcome, json)
 }
@@ -164,13 +176,85 @@ fn agent_outcome(pid: i32, request: &MoveRequest, r: Report) -> Outcome {
         ])),
         time_us: r.time_us,
         first_failure: r.first_failure.map(|(a, e)| format!("{a:#x}: {}", std::io::Error::from_raw_os_error(e))),
-        detail: r
-            .detail
-            .iter()
-            .map(|m| format!("{:x}-{:x} {:?} moved={} {}", m.start, m.end, m.route, m.moved, m.why))
-            .collect(),
+        detail_routes: r.detail,
         ..Default::default()
     }
+}
+
+/// One line of `--detail`: a mapping (or the part of one a route took), the route, the
+/// pages it moved to the target, and what it is or why it went that way.
+fn detail_line(start: usize, end: usize, route: &str, moved: u64, what: &str) -> String {
+    format!("{start:x}-{end:x} {route} moved={moved} {what}")
+}
+
+fn route_name(route: agent::Route) -> &'static str {
+    match route {
+        agent::Route::Pagemig => "pagemig",
+        agent::Route::Kernel => "kernel",
+        agent::Route::Internal => "internal",
+    }
+}
+
+/// Whether mapping `m` overlaps `range` (every mapping when there is none).
+fn in_range(m: &placement::Mapping, range: Option<Range>) -> bool {
+    range.is_none_or(|Range(a, b)| m.start < b && a < m.end)
+}
+
+/// `--detail` on the agent's path: every mapping of the process in address order, those the
+/// agent took with its route, and the others (file-backed, shared, inaccessible, special:
+/// not private anonymous memory, which the agent does not move) with what they are. The
+/// process's mappings are read from `/proc/PID/numa_maps`; where that is refused, the
+/// agent's own list, and a line that says so.
+fn agent_detail(pid: i32, routes: &[agent::MappingReport], range: Option<Range>) -> Vec<String> {
+    let mut lines: Vec<(usize, String)> =
+        routes.iter().map(|m| (m.start, detail_line(m.start, m.end, route_name(m.route), m.moved, &m.why))).collect();
+    match placement::read(pid) {
+        Ok(p) => {
+            for m in p.mappings.iter().filter(|m| in_range(m, range)) {
+                if !routes.iter().any(|r| r.start < m.end && m.start < r.end) {
+                    // The agent takes every private anonymous mapping it can read.
+                    let what = match m.kind.as_str() {
+                        "anon" => format!("{}: inaccessible (a guard), not moved", m.describe()),
+                        _ => format!("{}: not private anonymous memory, not moved", m.describe()),
+                    };
+                    lines.push((m.start, detail_line(m.start, m.end, "none", 0, &what)));
+                }
+            }
+        }
+        Err(e) => lines.push((usize::MAX, format!("(the mappings the agent did not take are not listed: {e:#})"))),
+    }
+    lines.sort_by_key(|(start, _)| *start);
+    lines.into_iter().map(|(_, line)| line).collect()
+}
+
+/// `--detail` on the kernel's path: every mapping in `after` (those overlapping `range`
+/// when there is one), with the pages the kernel moved there and the pages per node before
+/// and after.
+fn kernel_detail(
+    before: Option<&placement::Placement>,
+    after: &placement::Placement,
+    to: u32,
+    range: Option<Range>,
+) -> Vec<String> {
+    after
+        .mappings
+        .iter()
+        .filter(|m| in_range(m, range))
+        .map(|m| {
+            let was = before.and_then(|b| b.mappings.iter().find(|o| o.start == m.start));
+            let on = |m: &placement::Mapping| m.pages.get(&to).copied().unwrap_or(0);
+            let moved = on(m).saturating_sub(was.map_or(on(m), on));
+            let nodes = |m: &placement::Mapping| {
+                let v: Vec<String> = m.pages.iter().map(|(n, c)| format!("N{n}={c}")).collect();
+                if v.is_empty() { "none present".to_string() } else { v.join(" ") }
+            };
+            let pages = match was {
+                Some(w) => format!("pages {} -> {}", nodes(w), nodes(m)),
+                None => format!("pages {}", nodes(m)),
+            };
+            detail_line(m.start, m.end, "kernel", moved, &format!("{} ({pages})", m.describe()))
+        })
+        .collect()
 }
 
 /// Explains a kernel refusal of the whole call.
@@ -191,7 +275,9 @@ fn kernel_move_pages(
     request: &MoveRequest,
     Range(start, end): Range,
     why: String,
+    detail: bool,
 ) -> anyhow::Result<Outcome> {
+    let before = if detail { placement::read(pid).ok() } else { None };
     const STEP: usize = 1 << 16;
     let started = Instant::now();
     let target = request.to as i32;
@@ -242,12 +328,18 @@ fn kernel_move_pages(
         }
     }
     o.time_us = started.elapsed().as_micros() as u64;
+    if detail {
+        o.detail = match placement::read(pid) {
+            Ok(after) => kernel_detail(before.as_ref(), &after, request.to, Some(Range(start, end))),
+            Err(e) => vec![format!("(no mapping is listed: {e:#})")],
+        };
+    }
     Ok(o)
 }
 
 /// All the process's pages on the source nodes, with `migrate_pages(PID, …)`; what moved is
 /// read from numa_maps before and after.
-fn kernel_migrate_pages(pid: i32, request: &MoveRequest, why: String) -> anyhow::Result<Outcome> {
+fn kernel_migrate_pages(pid: i32, request: &MoveRequest, why: String, detail: bool) -> anyhow::Result<Outcome> {
     let from = match &request.from {
         Some(f) => f.clone(),
         None => numa::memory_nodes()?,
@@ -277,6 +369,7 @@ fn kernel_migrate_pages(pid: i32, request: &MoveRequest, why: String) -> anyhow:
         before_mib: Some(before.totals_mib["Total"].clone()),
         after_mib: Some(after.totals_mib["Total"].clone()),
         time_us,
+        detail: if detail { kernel_detail(Some(&before), &after, request.to, None) } else { Vec::new() },
         ..Default::default()
     })
 }

@@ -49,6 +49,15 @@ impl Mapping {
         self.pages.get(&node).copied().unwrap_or(0) * self.page_kib * 1024
     }
 
+    /// What the mapping is, as the tables print it: `heap`, `file /usr/lib/…`,
+    /// `anon [anon:name]`.
+    pub fn describe(&self) -> String {
+        match (&self.path, self.kind.as_str()) {
+            (Some(path), "file" | "shared" | "anon") => format!("{} {path}", self.kind),
+            _ => self.kind.clone(),
+        }
+    }
+
     /// The `numastat -p` row this mapping's pages count in.
     pub fn category(&self) -> &'static str {
         match self.kind.as_str() {
@@ -186,15 +195,15 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     header.push("page".into());
     t.set_header(header);
     for m in p.mappings.iter().filter(|m| args.all || !m.pages.is_empty()) {
-        let kind = match (&m.path, m.kind.as_str()) {
-            (Some(path), "file" | "shared") => format!("{} {path}", m.kind),
-            (Some(path), "anon") => format!("anon {path}"),
-            _ => m.kind.clone(),
-        };
-        let mut row = vec![format!("{:x}-{:x}", m.start, m.end), kind, m.policy.clone()];
+        let mut row = vec![format!("{:x}-{:x}", m.start, m.end), m.describe(), m.policy.clone()];
         row.extend(p.nodes.iter().map(|n| m.pages.get(n).map_or("".into(), u64::to_string)));
         row.push(format!("{}K", m.page_kib));
         t.add_row(row);
+    }
+    if p.mappings.is_empty() {
+        // A kernel thread, or a process on its way out.
+        println!("process {} has no user-space mappings", p.pid);
+        return Ok(ExitCode::SUCCESS);
     }
     println!("{t}");
     let mut totals = Table::new();
@@ -202,15 +211,27 @@ pub fn run(args: Args) -> anyhow::Result<ExitCode> {
     header.extend(p.nodes.iter().map(|n| format!("Node {n}")));
     header.push("Total".into());
     totals.set_header(header);
-    for row in ["Huge", "Heap", "Stack", "Private", "Total"] {
-        let per = &p.totals_mib[row];
-        let mut cells = vec![row.to_string()];
-        cells.extend(p.nodes.iter().map(|n| format!("{:.2}", per[n])));
-        cells.push(format!("{:.2}", per.values().sum::<f64>()));
+    for cells in totals_rows(&p) {
         totals.add_row(cells);
     }
     println!("{totals}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The rows of the per-node totals, as `numastat -p` prints them: MiB per node, then the
+/// total.
+fn totals_rows(p: &Placement) -> Vec<Vec<String>> {
+    ["Huge", "Heap", "Stack", "Private", "Total"]
+        .iter()
+        .map(|row| {
+            let per = &p.totals_mib[*row];
+            let mut cells = vec![row.to_string()];
+            cells.extend(p.nodes.iter().map(|n| format!("{:.2}", per[n])));
+            // Summed from +0.0: `Iterator::sum` of no floats is -0.0, printed `-0.00`.
+            cells.push(format!("{:.2}", per.values().fold(0.0, |a, b| a + b)));
+            cells
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -259,6 +280,18 @@ mod tests {
         assert_eq!(t["Private"][&1], (512.0 + 1.0) * 4096.0 / (1 << 20) as f64);
         let total: f64 = ["Huge", "Heap", "Stack", "Private"].iter().map(|r| t[*r][&0]).sum();
         assert_eq!(t["Total"][&0], total);
+    }
+
+    #[test]
+    fn a_process_without_mappings_totals_zero_not_minus_zero() {
+        // A kernel thread's numa_maps and maps are empty.
+        let p = parse(2, "", "").unwrap();
+        assert!(p.mappings.is_empty() && p.nodes.is_empty());
+        let rows = totals_rows(&p);
+        assert_eq!(rows.len(), 5);
+        assert!(rows.iter().all(|r| r[1] == "0.00"), "{rows:?}");
+        let one = parse(42, NUMA_MAPS, MAPS).unwrap();
+        assert!(totals_rows(&one).iter().flatten().all(|c| !c.starts_with('-')), "{:?}", totals_rows(&one));
     }
 
     #[test]

@@ -753,3 +753,16 @@ fn a_move_off_a_terminal_prints_its_result_and_nothing_else() {
     serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
     assert!(out.stderr.is_empty(), "{}", stderr(&out));
 }
+
+#[test]
+fn a_kernel_thread_has_no_mappings_and_no_negative_zero() {
+    // Process 2 is kthreadd where the kernel shows it; its numa_maps is empty.
+    if std::fs::read_to_string("/proc/2/numa_maps").map_or(true, |m| !m.is_empty()) {
+        return;
+    }
+    let out = pagemig(&["placement", "--pid", "2"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out).trim(), "process 2 has no user-space mappings");
+    let out = pagemig(&["placement", "--pid", "2", "--json"]);
+    assert!(out.status.success() && !stdout(&out).contains("-0"), "{}", stdout(&out));
+}

@@ -137,6 +137,19 @@ fn range_of(text: &str) -> (u64, u64) {
     (hex(a), hex(b))
 }
 
+/// Whether every mapping `placement --pid --all` shows of process `pid` is in a line of
+/// `detail` (lines start with their range, `start-end`, in address order).
+fn every_mapping_is_listed(pid: u32, detail: &[&str]) {
+    let out = pagemig(&["placement".into(), "--pid".into(), pid.to_string(), "--json".into()]);
+    let p: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let ranges: Vec<(u64, u64)> = detail.iter().map(|d| range_of(d.split(' ').next().unwrap())).collect();
+    assert!(ranges.windows(2).all(|w| w[0].0 <= w[1].0), "not in address order: {detail:#?}");
+    let maps = p["mappings"].as_array().unwrap();
+    // Mappings made or gone since the move (a thread's arena) may differ: nearly all.
+    let listed = maps.iter().filter(|m| ranges.iter().any(|&(s, e)| s <= n(m, "start") && n(m, "start") < e)).count();
+    assert!(listed + 2 >= maps.len() && maps.len() > 10, "{listed} of {} mappings in {detail:#?}", maps.len());
+}
+
 #[test]
 fn move_pid_through_the_agent_keeps_every_byte_and_the_engine_working() {
     watchdog(300, || {
@@ -155,8 +168,11 @@ fn move_pid_through_the_agent_keeps_every_byte_and_the_engine_working() {
             let (s, e) = range_of(d.split(' ').next().unwrap());
             s <= start + 4096 && end - 4096 <= e
         });
-        assert!(buffer.is_some_and(|d| d.contains(" Pagemig ")), "the buffer's route: {buffer:?} in {routes:#?}");
-        assert!(routes.iter().any(|d| d.contains(" Internal ")), "{routes:#?}");
+        assert!(buffer.is_some_and(|d| d.contains(" pagemig ")), "the buffer's route: {buffer:?} in {routes:#?}");
+        assert!(routes.iter().any(|d| d.contains(" internal ")), "{routes:#?}");
+        // Every mapping of the process is listed, those the agent does not move too.
+        assert!(routes.iter().any(|d| d.contains(" none moved=0 file ")), "{routes:#?}");
+        every_mapping_is_listed(t.pid, &routes);
         // A range, as /proc/PID/maps prints it, through the agent: every page of it.
         let (r, out) = move_pid(t.pid, &["--range", &t.range, "--from-node", &node().to_string()]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -189,9 +205,14 @@ fn move_pid_through_the_agent_keeps_every_byte_and_the_engine_working() {
 fn move_pid_without_an_agent_takes_the_kernel_path_and_says_why() {
     watchdog(300, || {
         let t = Target::spawn(&["--size", "16MiB", "--writers", "1"]);
-        let (v, out) = move_pid(t.pid, &[]);
+        let (v, out) = move_pid(t.pid, &["--detail"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         assert_eq!(v["path"], "kernel", "{v}");
+        // Every mapping, with its pages per node before and after the kernel's call.
+        let detail: Vec<&str> = v["detail"].as_array().unwrap().iter().map(|d| d.as_str().unwrap()).collect();
+        assert!(detail.iter().all(|d| d.contains(" kernel moved=")), "{detail:#?}");
+        assert!(detail.iter().any(|d| d.contains(" -> N")), "{detail:#?}");
+        every_mapping_is_listed(t.pid, &detail);
         assert_eq!(v["syscall"], "migrate_pages", "{v}");
         assert!(v["why"].as_str().unwrap().contains("no agent listening"), "{v}");
         assert_eq!(n(&v, "not_moved"), 0, "{v}");
