@@ -36,12 +36,19 @@ impl Folio<'static> {
     /// [`crate::Region::folios`].
     ///
     /// # Safety
-    /// While any migration that is handed this folio (or a copy of it) runs, the range
-    /// `[addr, addr + size)` must stay mapped: no thread of the program unmaps, remaps
-    /// (`mremap`) or maps over it. pagemig checks at the start of each call that the range
-    /// is private anonymous read-write memory and refuses anything else; what it cannot
-    /// check is that the program leaves the mapping alone while the call runs (a concurrent
-    /// `munmap` makes the copy read unmapped memory).
+    /// `[addr, addr + size)` must be memory the caller may have migrated: the program's own
+    /// private memory, not memory that something relies on staying at its physical pages
+    /// (pagemig refuses what it can see: shared, file-backed, special and read-only
+    /// mappings, pages pinned for DMA, its own memory). The thread that calls a migration
+    /// handed this folio must not access the range during that call: an access waits for
+    /// the folio's move, which that very thread performs, and the call would never end.
+    ///
+    /// Every other thread may do anything to the range meanwhile — read and write it,
+    /// `munmap`, `mremap` or map over it, `mprotect` it, purge it with `madvise`, `fork`:
+    /// what it did stands, and the folios it touched are reported as failed (see the README's
+    /// "What the program may do meanwhile"). Code pagemig runs for the caller during the
+    /// call (the `progress` callback) may access the range too: it runs on a thread of its
+    /// own.
     ///
     /// # Errors
     /// [`Error::Invalid`] for a bad size, a misaligned or null address, or an address range
@@ -62,7 +69,12 @@ impl<'a> Folio<'a> {
     /// As [`Folio::new`].
     pub(crate) unsafe fn new_in(addr: usize, size: usize) -> Result<Self> {
         let order = order_of(size)?;
-        if addr == 0 || addr % size != 0 || addr.checked_add(size).is_none() {
+        if addr.checked_add(size).is_none() {
+            return Err(Error::Invalid(format!(
+                "folio at {addr:#x} of {size:#x} bytes wraps around the end of the address space"
+            )));
+        }
+        if addr == 0 || addr % size != 0 {
             return Err(Error::Invalid(format!("folio address {addr:#x} is not aligned to its size {size:#x}")));
         }
         // INVARIANT: order checked by order_of, alignment just checked; the caller promises
@@ -158,6 +170,16 @@ impl MigrateInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wrapping_range_is_named_as_such() {
+        // SAFETY: the folio is refused before it describes anything.
+        let e = unsafe { Folio::new(usize::MAX - 4095, 4096) }.unwrap_err().to_string();
+        assert!(e.contains("wraps around"), "{e}");
+        // SAFETY: as above.
+        let e = unsafe { Folio::new(0x1000, 8192) }.unwrap_err().to_string();
+        assert!(e.contains("not aligned"), "{e}");
+    }
 
     #[test]
     fn folio_sizes_and_alignment() {

@@ -194,7 +194,13 @@ fn preflight(cfg: &BenchConfig) -> anyhow::Result<()> {
         from_node: Some(cfg.from_node),
         to_node: cfg.to_node,
         to_nodes: Vec::new(),
-        batch_pages: cfg.batch_pages,
+        // The largest batch of any experiment run: one covering the region holds all its
+        // destinations at once.
+        batch_pages: cfg
+            .effective_sweep_batches()
+            .into_iter()
+            .filter(|_| cfg.experiments.sweep)
+            .fold(cfg.batch_pages, usize::max),
         reason: cfg.reason,
         mode: cfg.mode,
         writers: cfg.writers,

@@ -739,3 +739,119 @@ fn move_range_of_4k_pages_while_the_program_changes_them() {
 fn move_range_of_huge_pages_while_the_program_changes_them() {
     move_range_while_the_program_changes_it(HPAGE_SIZE);
 }
+
+/// Every page of every private anonymous read-write mapping of this process, as a program
+/// that moves "all of its memory" finds them in `/proc/self/maps`: the heap, the stacks of
+/// every thread (pagemig's among them), malloc arenas, statics, pagemig's own pool and
+/// graveyards, the test's regions.
+fn every_private_anonymous_page() -> Vec<usize> {
+    let mut pages = Vec::new();
+    for line in std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps").lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(range), Some(perms), Some(inode)) = (f.first(), f.get(1), f.get(4)) else { continue };
+        let name = f.get(5).copied().unwrap_or("");
+        if !perms.starts_with("rw") || !perms.ends_with('p') || *inode != "0" || name == "[vsyscall]" {
+            continue;
+        }
+        let (s, e) = range.split_once('-').unwrap();
+        let (s, e) = (usize::from_str_radix(s, 16).unwrap(), usize::from_str_radix(e, 16).unwrap());
+        pages.extend((s..e).step_by(PAGE_SIZE));
+    }
+    pages
+}
+
+/// A program that moves all of its own memory with `move_pages`, round after round between
+/// the nodes, while its threads keep writing and checking words on the heap, on their
+/// stacks and in a region: pagemig moves what is the program's, hands to the kernel what
+/// its own threads may touch (their stacks and TLS, arenas, statics, its own mappings), and
+/// nothing hangs (a thread of pagemig's waiting on a protection of its own would).
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn moving_all_of_the_process_memory_back_and_forth_never_hangs() {
+    let Some((a, b)) = two_nodes() else { return };
+    const ROUNDS: usize = 4;
+    let region = common::leak(Region::new(8 * MIB, 4 * KIB, Some(a)).expect("region"));
+    fill(region, 0x616c6c);
+    let stop: &'static AtomicBool = Box::leak(Box::new(AtomicBool::new(false)));
+    let writers: Vec<_> = (0..2)
+        .map(|w| {
+            std::thread::spawn(move || {
+                // Words of this thread's heap (an arena) and stack, written and checked.
+                let mut heap = vec![0u64; 512];
+                let mut stack = [0u64; 64];
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let (h, s) = (n as usize % heap.len(), n as usize % stack.len());
+                    heap[h] = n;
+                    stack[s] = n;
+                    std::hint::black_box(&mut stack);
+                    assert_eq!((heap[h], stack[s]), (n, n), "writer {w}: a word changed under it");
+                    // And a load from the region, which moves meanwhile.
+                    std::hint::black_box(region.word(n as usize % region.words()).load(Ordering::Relaxed));
+                }
+                n
+            })
+        })
+        .collect();
+    let engine = Engine::global().expect("the migration engine");
+    let summary = common::watchdog(Duration::from_secs(240), "moving all of the process's memory", move || {
+        let mut summary = Vec::new();
+        for round in 0..ROUNDS {
+            let target = if round % 2 == 0 { b } else { a };
+            let mut pages = every_private_anonymous_page();
+            let mut status = vec![0i32; pages.len()];
+            let nodes = vec![target as i32; pages.len()];
+            // This thread writes the three arrays during the call: their pages are left out,
+            // as `move_pages`' contract asks (a C caller's arrays are copied by the C entry).
+            let span = |p: *const u8, bytes: usize| p as usize..p as usize + bytes;
+            let arrays = [
+                span(status.as_ptr().cast(), status.len() * 4),
+                span(nodes.as_ptr().cast(), nodes.len() * 4),
+                span(pages.as_ptr().cast(), pages.len() * 8),
+            ];
+            pages.retain(|&p| arrays.iter().all(|r| r.end <= p || p + PAGE_SIZE <= r.start));
+            status.truncate(pages.len());
+            let nodes = &nodes[..pages.len()];
+            // SAFETY: this thread touches none of the pages named during the call: its
+            // stack goes to the kernel, its arrays are left out.
+            let left = unsafe { engine.move_pages(&pages, Some(nodes), &mut status) }
+                .unwrap_or_else(|e| panic!("round {round}: move_pages: {e}"));
+            let mut by_status: BTreeMap<i32, usize> = BTreeMap::new();
+            for &s in &status {
+                *by_status.entry(s).or_default() += 1;
+            }
+            for &s in by_status.keys() {
+                assert!(
+                    s == target as i32 || [-libc::EFAULT, -libc::ENOENT, -libc::EBUSY, -libc::EACCES].contains(&s),
+                    "round {round}: a page ended with status {s}: {by_status:?}"
+                );
+            }
+            let region_on = numa::page_nodes(region.addr(), region.len()).unwrap();
+            let on = region_on.iter().filter(|&&n| n == target as i32).count();
+            summary.push(format!(
+                "round {round}: {} pages to node {target}, {left} not moved, statuses {by_status:?}; region {on}/{} on node {target}",
+                pages.len(),
+                region.len() / PAGE_SIZE
+            ));
+            assert_eq!(on, region.len() / PAGE_SIZE, "round {round}: the region's pages are on node {target}");
+        }
+        summary
+    });
+    stop.store(true, Ordering::Relaxed);
+    let writes: Vec<u64> = writers.into_iter().map(|h| h.join().expect("a writer found a word changed")).collect();
+    for line in &summary {
+        println!("{line}");
+    }
+    println!("writers' stores: {writes:?}");
+    verify(region, 0x616c6c, "the region after moving all of the process's memory");
+    let last = if ROUNDS % 2 == 0 { a } else { b };
+    println!(
+        "placement: move-all-process-memory-region node {last} pages {}/{}",
+        common::pages_on(region, last),
+        region.len() / PAGE_SIZE
+    );
+    let pages = engine.pages_stats();
+    println!("pages stats: {pages:?}");
+    assert!(pages.moved > 0, "pagemig moved the program's pages itself");
+}

@@ -66,26 +66,91 @@ pub(super) enum Job {
     Undo(Vec<Span>),
 }
 
-/// Reports the bytes moved so far to the caller's progress callback, from whichever thread
-/// moved them, one report at a time and in increasing order.
+/// Reports the bytes moved so far to the caller's progress callback, in increasing order.
+///
+/// The callback is caller code, and safe caller code may store into the very memory being
+/// migrated: run on a thread that moves or copies, such a store would wait on a protection
+/// only that thread can lift, for ever. So the callback runs on a thread of its own
+/// ([`Reporter::serve`], `pagemig-progress`), which no migration waits on: the threads that
+/// move only count the bytes and wake it, and a callback that waits on a folio of the call
+/// goes on once that folio has moved or been put back. Totals that arrive while the
+/// callback runs are reported as one, the latest; the last total is always reported before
+/// the call returns. Only where that thread could not be started does the callback run
+/// where the bytes were moved, as before.
 pub(super) struct Reporter<'p> {
     progress: Option<&'p Progress>,
-    moved: parking_lot::Mutex<u64>,
+    state: parking_lot::Mutex<Reported>,
+    changed: parking_lot::Condvar,
+}
+
+/// What [`Reporter`] has counted and told.
+#[derive(Default)]
+struct Reported {
+    /// Bytes moved so far.
+    moved: u64,
+    /// The last total told to the callback.
+    told: u64,
+    /// Whether a reporter thread tells the totals.
+    served: bool,
+    /// Whether the call has moved its last bytes.
+    finished: bool,
 }
 
 impl<'p> Reporter<'p> {
     pub fn new(progress: Option<&'p Progress>) -> Self {
-        Self { progress, moved: parking_lot::Mutex::new(0) }
+        Self { progress, state: parking_lot::Mutex::new(Reported::default()), changed: parking_lot::Condvar::new() }
     }
 
-    /// Counts `bytes` more moved and reports the total (the callback runs caught: a panic
-    /// in it stops the call).
+    /// Whether there is a callback to report to.
+    pub fn wanted(&self) -> bool {
+        self.progress.is_some()
+    }
+
+    /// Counts `bytes` more moved: wakes the reporter thread, or, without one, reports the
+    /// total here (the callback runs caught: a panic in it stops the call).
     fn add(&self, bytes: u64, abort: &Abort) {
         let Some(progress) = self.progress else { return };
-        let mut moved = self.moved.lock();
-        *moved += bytes;
-        let now = *moved;
+        let mut state = self.state.lock();
+        state.moved += bytes;
+        if state.served {
+            self.changed.notify_one();
+            return;
+        }
+        let now = state.moved;
+        state.told = now;
         abort.run_caught("the progress callback", || progress(now));
+    }
+
+    /// The reporter thread: tells the callback each new total, caught, with no lock held,
+    /// until [`Reporter::finish`] and the last total told.
+    pub fn serve(&self, abort: &Abort) {
+        let Some(progress) = self.progress else { return };
+        let mut state = self.state.lock();
+        loop {
+            if state.told != state.moved {
+                let now = state.moved;
+                state.told = now;
+                parking_lot::MutexGuard::unlocked(&mut state, || {
+                    abort.run_caught("the progress callback", || progress(now));
+                });
+            } else if state.finished {
+                return;
+            } else {
+                self.changed.wait(&mut state);
+            }
+        }
+    }
+
+    /// Marks that a reporter thread serves the totals from now on.
+    pub fn served(&self) {
+        self.state.lock().served = true;
+    }
+
+    /// The call has moved its last bytes: the reporter thread tells the last total and
+    /// returns.
+    pub fn finish(&self) {
+        self.state.lock().finished = true;
+        self.changed.notify_all();
     }
 }
 

@@ -166,9 +166,12 @@ impl MigrateOptions {
         self
     }
 
-    /// Calls `f` after every moved run with the bytes moved so far. `f` runs on the
-    /// migrating thread (or the mover's) and should be quick; a panic in it stops the call
-    /// as [`Error::Panicked`] with every folio not moved left as it was.
+    /// Calls `f` with the bytes moved so far as runs move, in increasing order, the last
+    /// total always before the call returns (totals that arrive while `f` runs are told as
+    /// one). `f` runs on a thread of its own that no migration waits on, so it may do
+    /// anything, even store into the memory being migrated (the store waits for its folio's
+    /// move); the call returns once `f` has returned for the last time. A panic in it stops
+    /// the call as [`Error::Panicked`] with every folio not moved left as it was.
     #[must_use]
     pub fn progress(mut self, f: impl Fn(u64) + Send + Sync + 'static) -> Self {
         self.progress = Some(Arc::new(f));

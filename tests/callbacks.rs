@@ -1,0 +1,65 @@
+//! Caller code that pagemig runs during a call, written in safe Rust, cannot make the call
+//! wait for ever: a progress callback that stores into the very memory being migrated goes
+//! on once its folio has moved (it runs on a thread no migration waits on).
+// The tests below are safe code (the shared helpers in `common` are not all).
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use pagemig::{Engine, MigrateOptions, Mode, Reason, Region, numa};
+
+const LEN: usize = 16 << 20;
+
+/// Each report stores into the first word of every folio of the region (some still to
+/// move, some protected, some moved), with the mover on and off: the call ends, the last
+/// report's stores are there, and every other word kept its value.
+fn progress_that_stores_into_the_region(folio: usize, mover: bool) {
+    let node = numa::memory_nodes().unwrap()[0];
+    let region = Arc::new(Region::new(LEN, folio, Some(node)).unwrap());
+    for (i, w) in region.atomic_words().iter().enumerate() {
+        w.store(i as u64, Ordering::Relaxed);
+    }
+    let what = format!("a progress callback storing into the region, folio {folio}, mover {mover}");
+    let watched = region.clone();
+    let label = what.clone();
+    let reports = common::watchdog(Duration::from_secs(120), &what, move || {
+        let reports = Arc::new(AtomicU64::new(0));
+        let (r, words) = (reports.clone(), watched.clone());
+        let opts = MigrateOptions::default().max_batch_pages(64).mover(mover).progress(move |bytes| {
+            let n = r.fetch_add(1, Ordering::SeqCst) + 1;
+            for f in 0..LEN / folio {
+                words.word(f * folio / 8).store(u64::MAX - n, Ordering::SeqCst);
+            }
+            assert!(bytes <= LEN as u64);
+        });
+        let stats = Engine::global()
+            .unwrap()
+            .migrate_pages(&watched.folios(), node, Reason::Syscall, Mode::Sync, &opts)
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        assert_eq!(stats.succeeded_folios as usize, LEN / folio, "{label}");
+        reports.load(Ordering::SeqCst)
+    });
+    assert!(reports > 0, "{what}: the callback ran");
+    for (i, w) in region.atomic_words().iter().enumerate() {
+        let expected = if i % (folio / 8) == 0 { u64::MAX - reports } else { i as u64 };
+        assert_eq!(w.load(Ordering::Relaxed), expected, "{what}: word {i}");
+    }
+}
+
+#[test]
+fn a_progress_callback_storing_into_base_pages_with_the_mover() {
+    progress_that_stores_into_the_region(4096, true);
+}
+
+#[test]
+fn a_progress_callback_storing_into_base_pages_without_the_mover() {
+    progress_that_stores_into_the_region(4096, false);
+}
+
+#[test]
+fn a_progress_callback_storing_into_huge_pages() {
+    progress_that_stores_into_the_region(2 << 20, true);
+}
