@@ -249,6 +249,12 @@ pub enum Route {
 /// # Errors
 /// As `move_pages(2)`: the kernel's own answer wherever pagemig does not serve a part.
 ///
+/// Where this process's engine is not open yet ([`Engine::global_is_open`]), the kernel is
+/// asked first where the pages are ([`query_status`]): opening the engine maps its
+/// threads' stacks, and the first may land on a page the program has just unmapped. A page
+/// the kernel did not find mapped then is answered `-EFAULT`, as the kernel answers it,
+/// whatever pagemig has mapped there since.
+///
 /// # Safety
 /// The calling thread is inside this call while its pages move: nothing else on it
 /// accesses them meanwhile. The arrays are as for `move_pages(2)`.
@@ -258,6 +264,40 @@ pub unsafe fn move_pages(
     nodes: *const c_int,
     status: *mut c_int,
     flags: c_int,
+) -> (Result<c_long, Errno>, Route) {
+    // SAFETY: as this function's own contract.
+    unsafe { move_pages_queried(count, pages, nodes, status, flags, false) }
+}
+
+/// The kernel's status query over the arrays of a `move_pages` call (`nodes` NULL): it
+/// writes in `status` each page's node, `-ENOENT` for a page not present, `-EFAULT` for an
+/// address no mapping holds. Raw system call only: async-signal-safe; a caller that is
+/// about to start threads asks it first and passes `queried` to [`move_pages_queried`].
+///
+/// # Errors
+/// The kernel's: `EFAULT` when the arrays cannot be read or written.
+///
+/// # Safety
+/// As `move_pages(2)` with `nodes` NULL: nothing moves.
+pub unsafe fn query_status(count: c_ulong, pages: *const *mut c_void, status: *mut c_int) -> Result<(), Errno> {
+    // SAFETY: the caller's arrays; a status query moves nothing and the kernel checks
+    // every entry it reads or writes.
+    unsafe { kernel_move_pages(0, count, pages, std::ptr::null(), status, 0) }.map(drop)
+}
+
+/// [`move_pages`], where `queried` says that `status` holds the kernel's
+/// [`query_status`] of the same arrays, made before anything of pagemig's was opened for
+/// this call: the pages it found unmapped are answered `-EFAULT` and not moved.
+///
+/// # Safety
+/// As [`move_pages`]; with `queried`, `status` holds that query's answer.
+pub unsafe fn move_pages_queried(
+    count: c_ulong,
+    pages: *const *mut c_void,
+    nodes: *const c_int,
+    status: *mut c_int,
+    flags: c_int,
+    queried: bool,
 ) -> (Result<c_long, Errno>, Route) {
     // The kernel's move_pages from entry `from` on: the part of the call pagemig did not
     // serve.
@@ -285,6 +325,8 @@ pub unsafe fn move_pages(
     if !headroom() {
         return (kernel_from(0), Route::KernelNoMemory);
     }
+    // SAFETY: the caller's arrays, as `move_pages(2)` takes them.
+    let queried = queried || (!Engine::global_is_open() && unsafe { query_status(count, pages, status) }.is_ok());
     let Ok(Ok(engine)) = catch_unwind(Engine::global) else {
         return (kernel_from(0), Route::KernelNoUserfaultfd);
     };
@@ -295,7 +337,14 @@ pub unsafe fn move_pages(
         // SAFETY: as `serve_chunk` requires: the caller's arrays from entry `done`, whose
         // first `n` entries the call names.
         let served = catch_unwind(AssertUnwindSafe(|| unsafe {
-            serve_chunk(engine, pages.wrapping_add(done), nodes.wrapping_add(done), status.wrapping_add(done), n)
+            serve_chunk(
+                engine,
+                pages.wrapping_add(done),
+                nodes.wrapping_add(done),
+                status.wrapping_add(done),
+                n,
+                queried,
+            )
         }));
         match served {
             Ok(Ok(left)) => not_moved += left,
@@ -326,23 +375,46 @@ enum Chunk {
 }
 
 /// Serves `n` entries of a [`move_pages`] call through `engine`: reads them, moves the
-/// pages, writes their statuses; the number of pages not moved.
+/// pages, writes their statuses; the number of pages not moved. With `queried`, the
+/// entries whose status holds `-EFAULT` (unmapped when the call began) keep it and are
+/// not moved.
 ///
 /// # Safety
-/// As [`move_pages`], for arrays of `n` entries.
+/// As [`move_pages_queried`], for arrays of `n` entries.
 unsafe fn serve_chunk(
     engine: &Engine,
     pages: *const *mut c_void,
     nodes: *const c_int,
     status: *mut c_int,
     n: usize,
+    queried: bool,
 ) -> Result<c_long, Chunk> {
-    let addrs = read_user(pages.cast::<usize>(), n).map_err(Chunk::Unreadable)?;
-    let targets = read_user(nodes, n).map_err(Chunk::Unreadable)?;
-    let mut out = zeroed_vec(n).map_err(Chunk::Unreadable)?;
+    let mut addrs = read_user(pages.cast::<usize>(), n).map_err(Chunk::Unreadable)?;
+    let mut targets = read_user(nodes, n).map_err(Chunk::Unreadable)?;
+    // Which entries the query found unmapped: they are not moved.
+    let before = if queried { read_user(status, n).map_err(Chunk::Unreadable)? } else { Vec::new() };
+    let unmapped = |i: usize| before.get(i) == Some(&-libc::EFAULT);
+    let some_unmapped = (0..n).any(unmapped);
+    if some_unmapped {
+        let mut i = 0..;
+        addrs.retain(|_| !unmapped(i.next().unwrap_or(0)));
+        let mut i = 0..;
+        targets.retain(|_| !unmapped(i.next().unwrap_or(0)));
+    }
+    let mut moved = zeroed_vec(addrs.len()).map_err(Chunk::Unreadable)?;
     // SAFETY: the calling thread is inside this call and does not access the pages while
     // they move; the arrays are copies of ours.
-    let left = unsafe { engine.move_pages(&addrs, Some(&targets), &mut out) }.map_err(|_| Chunk::Failed)?;
+    let left = unsafe { engine.move_pages(&addrs, Some(&targets), &mut moved) }.map_err(|_| Chunk::Failed)?;
+    let out = if some_unmapped {
+        let mut moved = moved.into_iter();
+        let mut out = zeroed_vec(n).map_err(|_| Chunk::Failed)?;
+        for (i, slot) in out.iter_mut().enumerate() {
+            *slot = if unmapped(i) { -libc::EFAULT } else { moved.next().unwrap_or(-libc::EFAULT) };
+        }
+        out
+    } else {
+        moved
+    };
     write_user(status, &out).map_err(|_| Chunk::Failed)?;
     Ok(left as c_long)
 }

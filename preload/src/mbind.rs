@@ -7,8 +7,10 @@
 //! answers `EIO` when some could not be moved. Served here, in three steps:
 //!
 //! 1. the kernel's `mbind` with the same arguments less `MPOL_MF_MOVE` and
-//!    `MPOL_MF_STRICT`: it checks every argument as it would have (its errors are the
-//!    answer, nothing moved) and sets the policy, moving nothing;
+//!    `MPOL_MF_STRICT` ([`Args::set_policy`], on the calling thread before pagemig starts
+//!    any thread: a new thread's stack must not fill a hole the program has just made in
+//!    the range): it checks every argument as it would have (its errors are the answer,
+//!    nothing moved) and sets the policy, moving nothing;
 //! 2. pagemig moves the pages of the range's private anonymous mappings that are not on
 //!    the policy's node ([`pagemig::movable_ranges`], [`pagemig::Engine::move_range`]);
 //! 3. the kernel's `mbind` with the caller's arguments, unchanged, finds the policy
@@ -94,32 +96,33 @@ impl Args {
     }
 }
 
-/// Serves `mbind(2)` for the calling process (see the module's description).
+impl Args {
+    /// Step 1: the kernel's `mbind` less `MPOL_MF_MOVE` and `MPOL_MF_STRICT`: it checks
+    /// every argument as it would have and sets the policy, moving nothing. Raw system
+    /// call: async-signal-safe.
+    ///
+    /// # Errors
+    /// The kernel's, which are the call's answer.
+    pub(crate) fn set_policy(&self) -> Result<c_long, Errno> {
+        self.kernel(self.flags & !(MPOL_MF_MOVE | MPOL_MF_STRICT))
+    }
+}
+
+/// Serves an `mbind(2)` with `MPOL_MF_MOVE` (not `MPOL_MF_MOVE_ALL`) for the calling
+/// process once [`Args::set_policy`] has set its policy: steps 2 and 3 of the module's
+/// description. A policy pagemig does not serve goes to the kernel whole, which finds it
+/// set already and answers as it would have.
 pub(crate) fn mbind(args: Args) -> Result<c_long, Errno> {
     let whole = |why| {
         summary::whole(why, args.pages());
         args.kernel(args.flags)
     };
-    if !config::enabled() {
-        return whole(Whole::Disabled);
-    }
-    if args.flags & MPOL_MF_MOVE_ALL != 0 {
-        return whole(Whole::MoveAll);
-    }
-    if args.flags & MPOL_MF_MOVE == 0 {
-        return whole(Whole::NotAMove);
-    }
     let Some(node) = args.single_node() else {
         return whole(Whole::PolicyNotSingleNode);
     };
     let Ok(engine) = config::engine() else {
         return whole(Whole::NoUserfaultfd);
     };
-    // 1. The kernel checks the arguments and sets the policy.
-    if let Err(errno) = args.kernel(args.flags & !(MPOL_MF_MOVE | MPOL_MF_STRICT)) {
-        summary::whole(Whole::NotAMove, args.pages());
-        return Err(errno);
-    }
     summary::served(summary::Symbol::Mbind);
     if args.len == 0 {
         return Ok(0);

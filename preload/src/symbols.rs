@@ -53,7 +53,16 @@ pub unsafe extern "C" fn move_pages(
         if candidate && !ffi::headroom() {
             return whole(Whole::NoMemory);
         }
-        worker::run(Call::MovePages { count, pages, nodes, status, flags })
+        // Starting the worker maps its stack, and opening the engine its threads' stacks:
+        // the first may land on a page the program has just unmapped. The kernel says
+        // first which pages are mapped (raw system call, async-signal-safe); those it did
+        // not find are answered as it answers them.
+        let queried = candidate && !worker::running();
+        // SAFETY: the caller's arrays, as move_pages(2) takes them; a query moves nothing.
+        if queried && unsafe { ffi::query_status(count, pages, status) }.is_err() {
+            return whole(Whole::NotAMove);
+        }
+        worker::run(Call::MovePages { count, pages, nodes, status, flags, queried })
             .unwrap_or_else(|| whole(Whole::PagemigFailed))
     });
     // Signals that arrived during the call are delivered now, before errno is set.
@@ -68,6 +77,7 @@ pub(crate) fn serve_move_pages(
     nodes: *const c_int,
     status: *mut c_int,
     flags: c_int,
+    queried: bool,
 ) -> Result<c_long, pagemig::Errno> {
     // SAFETY: the caller's arguments as they came.
     let kernel = || unsafe { ffi::kernel_move_pages(0, count, pages, nodes, status, flags) };
@@ -78,12 +88,20 @@ pub(crate) fn serve_move_pages(
     // A call pagemig may serve opens the engine first, which applies PAGEMIG_ATTRS; the
     // others go to the kernel as they are (below).
     let candidate = flags & !ffi::MPOL_MF_MOVE == 0 && count != 0 && !nodes.is_null();
+    // As in move_pages: the kernel is asked first where the engine is not open (a first
+    // call, or one after the program closed the engine's descriptors).
+    // SAFETY: the caller's arrays, as move_pages(2) takes them; a query moves nothing.
+    let queried = queried
+        || (candidate
+            && !pagemig::Engine::global_is_open()
+            && unsafe { ffi::query_status(count, pages, status) }.is_ok());
     if candidate && config::engine().is_err() {
         return whole(Whole::NoUserfaultfd);
     }
     // SAFETY: the calling thread waits, signals blocked, while its pages move; the arrays
-    // are as the caller promised move_pages(2).
-    let (result, route) = unsafe { ffi::move_pages(count, pages, nodes, status, flags) };
+    // are as the caller promised move_pages(2), and with `queried` the status holds the
+    // kernel's query made before anything was opened.
+    let (result, route) = unsafe { ffi::move_pages_queried(count, pages, nodes, status, flags, queried) };
     let why = match route {
         Route::Pagemig => {
             summary::served(Symbol::MovePages);
@@ -135,8 +153,23 @@ pub unsafe extern "C" fn mbind(
         if !config::enabled() {
             return whole(Whole::Disabled);
         }
-        if flags & mbind::MPOL_MF_MOVE != 0 && flags & mbind::MPOL_MF_MOVE_ALL == 0 && !ffi::headroom() {
+        if flags & mbind::MPOL_MF_MOVE_ALL != 0 {
+            return whole(Whole::MoveAll);
+        }
+        if flags & mbind::MPOL_MF_MOVE == 0 {
+            return whole(Whole::NotAMove);
+        }
+        if !ffi::headroom() {
             return whole(Whole::NoMemory);
+        }
+        // 1. The kernel checks the arguments and sets the policy, moving nothing (see
+        // `mbind`), here on the calling thread, before the worker or the engine is started:
+        // their stacks must not land on a page the program has just unmapped and make a
+        // range the kernel refuses (EFAULT) look mapped. A raw system call:
+        // async-signal-safe.
+        if let Err(errno) = args.set_policy() {
+            summary::whole(Whole::NotAMove, args.pages());
+            return Err(errno);
         }
         worker::run(Call::Mbind(args)).unwrap_or_else(|| whole(Whole::PagemigFailed))
     });

@@ -47,6 +47,8 @@ pub(crate) enum Call {
         nodes: *const std::ffi::c_int,
         status: *mut std::ffi::c_int,
         flags: std::ffi::c_int,
+        /// `status` holds the kernel's status query, made before the worker started.
+        queried: bool,
     },
     /// `mbind(2)`.
     Mbind(crate::mbind::Args),
@@ -56,8 +58,8 @@ impl Call {
     /// Serves the call, on the worker.
     fn serve(self) -> Result<c_long, Errno> {
         match self {
-            Call::MovePages { count, pages, nodes, status, flags } => {
-                crate::symbols::serve_move_pages(count, pages, nodes, status, flags)
+            Call::MovePages { count, pages, nodes, status, flags, queried } => {
+                crate::symbols::serve_move_pages(count, pages, nodes, status, flags, queried)
             }
             Call::Mbind(args) => crate::mbind::mbind(args),
         }
@@ -67,7 +69,7 @@ impl Call {
     fn kernel(self) -> Result<c_long, Errno> {
         match self {
             // SAFETY: the caller's arguments as they came; the kernel checks them.
-            Call::MovePages { count, pages, nodes, status, flags } => unsafe {
+            Call::MovePages { count, pages, nodes, status, flags, .. } => unsafe {
                 ffi::kernel_move_pages(0, count, pages, nodes, status, flags)
             },
             Call::Mbind(args) => args.kernel(args.flags),
@@ -163,6 +165,11 @@ pub(crate) fn run(call: Call) -> Option<Result<c_long, Errno>> {
     SLOT.state.store(FREE, Ordering::Release);
     futex_wake_all(&SLOT.state);
     Some(answer.unwrap_or(Err(Errno::CANCELED)))
+}
+
+/// Whether this process's worker runs (a call now starts no thread).
+pub(crate) fn running() -> bool {
+    WORKER_PID.load(Ordering::Acquire) == pid() || IS_WORKER.with(Cell::get)
 }
 
 /// Starts this process's worker unless it runs; whether it runs.

@@ -1,7 +1,8 @@
 //! `libpagemig-preload.so` under programs that push on what a system call promises:
 //! `move_pages` and `mbind` called from a signal handler while the program is inside
 //! `malloc` (`signal_calls.c`), huge counts and a tight `RLIMIT_AS` (`capi/tests/limits.c`,
-//! built for libnuma's `move_pages`). Each answer is compared with the raw system call's by
+//! built for libnuma's `move_pages`), a first call about memory the program has just
+//! unmapped (`freed_first.c`). Each answer is compared with the raw system call's by
 //! the program itself; here, the program must exit 0 within its watchdog and write nothing
 //! to standard error.
 //!
@@ -89,4 +90,15 @@ fn huge_counts_and_a_tight_address_space_limit_get_the_kernels_answers() {
     print!("{stdout}");
     assert_eq!(code, Some(0), "limits failed:\n{stdout}\n{stderr}");
     assert_eq!(stderr, "", "limits wrote to its standard error");
+}
+
+#[test]
+fn a_first_call_about_memory_just_unmapped_gets_the_kernels_efault() {
+    let program = compile("tests/freed_first.c", "freed_first", &[]);
+    for call in ["move_pages", "mbind"] {
+        let (code, stdout, stderr) = run_preloaded(&program, &[call]);
+        print!("{stdout}");
+        assert_eq!(code, Some(0), "freed_first {call} failed:\n{stdout}\n{stderr}");
+        assert_eq!(stderr, "", "freed_first {call} wrote to its standard error");
+    }
 }

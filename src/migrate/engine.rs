@@ -409,10 +409,27 @@ struct Slot {
     loaded: &'static Loaded,
 }
 
+/// The slot of the process that filled it last (a parent's in a child forked since).
+static SLOT: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
+
+impl Engine {
+    /// Whether this process's engine is open and usable, so that [`Engine::global`]
+    /// returns it without opening anything: no thread, mapping or descriptor is made.
+    ///
+    /// A caller that answers for addresses the program may just have unmapped asks the
+    /// kernel about them first when this is false: opening the engine maps its threads'
+    /// stacks, and the first of them may land where the program's memory was.
+    #[allow(unsafe_code, reason = "reads the leaked, never freed, slot of the process")]
+    pub fn global_is_open() -> bool {
+        // SAFETY: a non-null slot was leaked by `Box::into_raw` in `slot` and is never freed.
+        let slot = unsafe { SLOT.load(Ordering::Acquire).as_ref() };
+        slot.is_some_and(|s| s.pid == std::process::id() && s.engine.is_ok_and(|e| !e.descriptors_lost()))
+    }
+}
+
 /// The slot of this process, filled on first use ([`Engine::global`]).
 #[allow(unsafe_code, reason = "reads the leaked, never freed, slot of the process")]
 fn slot() -> &'static Slot {
-    static SLOT: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
     /// The process that is opening its engine (a stale pid in a child forked meanwhile).
     static OPENING: AtomicU32 = AtomicU32::new(0);
     /// The slot whose engine lost its descriptors and is being replaced.

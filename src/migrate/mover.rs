@@ -116,17 +116,25 @@ impl<'p> Reporter<'p> {
             self.changed.notify_one();
             return;
         }
+        if abort.is_set() {
+            // Stopped (a panic of the callback's among the reasons): no more reports.
+            return;
+        }
         let now = state.moved;
         state.told = now;
         abort.run_caught("the progress callback", || progress(now));
     }
 
     /// The reporter thread: tells the callback each new total, caught, with no lock held,
-    /// until [`Reporter::finish`] and the last total told.
+    /// until [`Reporter::finish`] and the last total told, or until the call is stopped.
     pub fn serve(&self, abort: &Abort) {
         let Some(progress) = self.progress else { return };
         let mut state = self.state.lock();
         loop {
+            if abort.is_set() {
+                // Stopped (a panic of the callback's among the reasons): no more reports.
+                return;
+            }
             if state.told != state.moved {
                 let now = state.moved;
                 state.told = now;
