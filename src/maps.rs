@@ -94,7 +94,8 @@ impl Vma {
 ///   read-write head of one whose tail is inaccessible;
 /// - a thread stack (and its TLS): a mapping right above an inaccessible guard;
 /// - the `.bss` of a loaded object (the statics of pagemig's own library among them): an
-///   anonymous mapping right above a file mapping.
+///   anonymous mapping right above a private file mapping (a shared one, anonymous shared
+///   memory among them, is no loaded object's data).
 ///
 /// The rules are generous: memory of the program's that matches them only goes to the
 /// kernel, which gives the same answer more slowly.
@@ -108,7 +109,7 @@ pub fn shared_with_pagemig(v: &Vma, prev: Option<&Vma>, next: Option<&Vma>) -> O
     if prev.is_some_and(Vma::inaccessible_anonymous) {
         return Some("above an inaccessible guard: a thread stack");
     }
-    if prev.is_some_and(|p| p.inode != 0) {
+    if prev.is_some_and(|p| p.inode != 0 && p.perms.ends_with('p')) {
         return Some("the .bss of a loaded object: statics");
     }
     None
@@ -368,6 +369,9 @@ mod tests {
         let other = vma("7f3000000000-7f3000200000 rw-p 00000000 00:00 0");
         assert_eq!(shared_with_pagemig(&buf, Some(&other), None), None);
         assert_eq!(shared_with_pagemig(&buf, None, None), None);
+        // Right above anonymous shared memory (which has an inode): no loaded object's data.
+        let shm = vma("7f3000000000-7f3000200000 rw-s 00000000 00:01 1234 /dev/zero (deleted)");
+        assert_eq!(shared_with_pagemig(&buf, Some(&shm), None), None);
     }
 
     /// A thread's stack is not the program's to move in-process, nor are pagemig's own

@@ -5,8 +5,8 @@
 //! PAGEMIG_PRELOAD=1 PAGEMIG_SUMMARY=1 LD_PRELOAD=/usr/local/lib/libpagemig-preload.so program
 //! ```
 //!
-//! The library defines the symbols libnuma exports for these system calls, `move_pages`
-//! and `mbind`, so that a program's calls of them, and libnuma's own (`numa_move_pages`
+//! The library defines the symbols libnuma exports for these system calls, `move_pages`,
+//! `mbind` and `migrate_pages`, so that a program's calls of them, and libnuma's own (`numa_move_pages`
 //! calls `move_pages` through its PLT), reach it first. It serves the calling process's
 //! private anonymous memory with pagemig's batch migration and hands everything else to
 //! the kernel unchanged, with `syscall(2)`: other processes, `MPOL_MF_MOVE_ALL`, shared,
@@ -36,12 +36,15 @@
 //! any time with [`pagemig_preload_summary`](symbols::pagemig_preload_summary). Nothing
 //! else is ever printed, and no panic crosses into the program.
 //!
-//! `migrate_pages()` is not taken over: it moves the whole process, pagemig's own threads'
-//! stacks included, which pagemig must not protect while they serve its faults.
+//! `migrate_pages()` of the calling process to one node is served too (`migrate`): pagemig
+//! moves the pages of the process's private anonymous mappings that are on the old nodes,
+//! never its own memory nor its threads' stacks, and the kernel the rest, with the kernel's
+//! answer.
 #![deny(unsafe_code)]
 
 mod config;
 mod mbind;
+mod migrate;
 mod summary;
 pub mod symbols;
 mod worker;

@@ -74,11 +74,13 @@ pub(crate) enum Symbol {
     MovePages,
     /// `mbind`.
     Mbind,
+    /// `migrate_pages`.
+    MigratePages,
 }
 
 struct Counts {
-    calls: [AtomicU64; 2],
-    served: [AtomicU64; 2],
+    calls: [AtomicU64; 3],
+    served: [AtomicU64; 3],
     whole_calls: [AtomicU64; Whole::ALL.len()],
     whole_pages: [AtomicU64; Whole::ALL.len()],
     mbind_pages_not_movable: AtomicU64,
@@ -89,8 +91,8 @@ struct Counts {
 const ZERO: AtomicU64 = AtomicU64::new(0);
 
 static COUNTS: Counts = Counts {
-    calls: [ZERO; 2],
-    served: [ZERO; 2],
+    calls: [ZERO; 3],
+    served: [ZERO; 3],
     whole_calls: [ZERO; Whole::ALL.len()],
     whole_pages: [ZERO; Whole::ALL.len()],
     mbind_pages_not_movable: ZERO,
@@ -153,10 +155,12 @@ pub(crate) fn text() -> String {
     let mut out = String::new();
     let state = if config::enabled() { "enabled" } else { "disabled (PAGEMIG_PRELOAD not set)" };
     let _ = writeln!(out, "pagemig-preload summary (pid {pid}): {state}");
-    for (name, s) in [("move_pages", Symbol::MovePages), ("mbind", Symbol::Mbind)] {
+    let symbols =
+        [("move_pages", Symbol::MovePages), ("mbind", Symbol::Mbind), ("migrate_pages", Symbol::MigratePages)];
+    for (name, s) in symbols {
         let _ = writeln!(out, "{name} calls: {}", get(&COUNTS.calls[s as usize]));
     }
-    for (name, s) in [("move_pages", Symbol::MovePages), ("mbind", Symbol::Mbind)] {
+    for (name, s) in symbols {
         let _ = writeln!(out, "served by pagemig, {name} calls: {}", get(&COUNTS.served[s as usize]));
     }
     for (i, w) in Whole::ALL.iter().enumerate() {

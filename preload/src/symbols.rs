@@ -1,4 +1,4 @@
-//! The symbols the library exports: libnuma's `move_pages` and `mbind`, which it
+//! The symbols the library exports: libnuma's `move_pages`, `mbind` and `migrate_pages`, which it
 //! interposes, and [`pagemig_preload_summary`].
 #![expect(unsafe_code, reason = "the C ABI: raw pointers from C callers")]
 
@@ -8,6 +8,7 @@ use pagemig::ffi::{self, Route, boundary};
 
 use crate::config;
 use crate::mbind::{self, Args};
+use crate::migrate;
 use crate::summary::{self, Symbol, Whole};
 use crate::worker::{self, Call};
 
@@ -172,6 +173,59 @@ pub unsafe extern "C" fn mbind(
             return Err(errno);
         }
         worker::run(Call::Mbind(args)).unwrap_or_else(|| whole(Whole::PagemigFailed))
+    });
+    // As in move_pages.
+    drop(blocked);
+    ffi::answer(result)
+}
+
+/// `migrate_pages(2)`, as libnuma's `migrate_pages`: moves every page of process `pid` that
+/// is on a node of `old_nodes` to the node of `new_nodes` the kernel maps it to (`maxnode`
+/// bits of each mask, as the kernel counts them); returns the number of pages that could
+/// not be moved, or `-1` with `errno`.
+///
+/// pagemig moves the calling process's private anonymous pages when `PAGEMIG_PRELOAD` is
+/// set and `new_nodes` names one node (see `migrate`); the kernel checks the arguments
+/// first and moves everything else. Async-signal-safe, as [`move_pages`].
+///
+/// # Safety
+/// As `migrate_pages(2)`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn migrate_pages(
+    pid: c_int,
+    maxnode: c_ulong,
+    old_nodes: *const c_ulong,
+    new_nodes: *const c_ulong,
+) -> c_long {
+    let blocked = ffi::SignalsBlocked::new();
+    let result = ffi::caught(|| {
+        summary::call(Symbol::MigratePages);
+        let args = migrate::Args { pid, maxnode, old_nodes, new_nodes };
+        let whole = |why| {
+            summary::whole(why, 0);
+            args.kernel()
+        };
+        if !config::enabled() {
+            return whole(Whole::Disabled);
+        }
+        // SAFETY: getpid has no preconditions.
+        if pid != 0 && pid != unsafe { libc::getpid() } {
+            return whole(Whole::OtherProcess);
+        }
+        if !ffi::headroom() {
+            return whole(Whole::NoMemory);
+        }
+        // 1. The kernel checks the arguments, moving nothing, here on the calling thread
+        // before the worker or the engine is started (as mbind's first step).
+        match args.check() {
+            None => return whole(Whole::NotAMove),
+            Some(Err(errno)) => {
+                summary::whole(Whole::NotAMove, 0);
+                return Err(errno);
+            }
+            Some(Ok(_)) => {}
+        }
+        worker::run(Call::MigratePages(args)).unwrap_or_else(|| whole(Whole::PagemigFailed))
     });
     // As in move_pages.
     drop(blocked);

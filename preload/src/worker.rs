@@ -52,6 +52,8 @@ pub(crate) enum Call {
     },
     /// `mbind(2)`.
     Mbind(crate::mbind::Args),
+    /// `migrate_pages(2)` of the calling process.
+    MigratePages(crate::migrate::Args),
 }
 
 impl Call {
@@ -62,6 +64,7 @@ impl Call {
                 crate::symbols::serve_move_pages(count, pages, nodes, status, flags, queried)
             }
             Call::Mbind(args) => crate::mbind::mbind(args),
+            Call::MigratePages(args) => crate::migrate::migrate_pages(args),
         }
     }
 
@@ -73,6 +76,7 @@ impl Call {
                 ffi::kernel_move_pages(0, count, pages, nodes, status, flags)
             },
             Call::Mbind(args) => args.kernel(args.flags),
+            Call::MigratePages(args) => args.kernel(),
         }
     }
 }

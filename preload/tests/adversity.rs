@@ -2,7 +2,9 @@
 //! `move_pages` and `mbind` called from a signal handler while the program is inside
 //! `malloc` (`signal_calls.c`), huge counts and a tight `RLIMIT_AS` (`capi/tests/limits.c`,
 //! built for libnuma's `move_pages`), a first call about memory the program has just
-//! unmapped (`freed_first.c`). Each answer is compared with the raw system call's by
+//! unmapped (`freed_first.c`), `migrate_pages` of the whole process while its threads
+//! store and check (`migrate_self.c`: on one node only its refusals and the kernel's path
+//! run here; the two-node guest moves the pages, `vm/proofs/dropin`). Each answer is compared with the raw system call's by
 //! the program itself; here, the program must exit 0 within its watchdog and write nothing
 //! to standard error.
 //!
@@ -101,4 +103,14 @@ fn a_first_call_about_memory_just_unmapped_gets_the_kernels_efault() {
         assert_eq!(code, Some(0), "freed_first {call} failed:\n{stdout}\n{stderr}");
         assert_eq!(stderr, "", "freed_first {call} wrote to its standard error");
     }
+}
+
+#[test]
+fn migrate_pages_of_the_whole_process_while_threads_write_loses_nothing() {
+    let program = compile("tests/migrate_self.c", "migrate_self", &["-pthread"]);
+    let (code, stdout, stderr) = run_preloaded(&program, &["3"]);
+    print!("{stdout}");
+    assert_eq!(code, Some(0), "migrate_self failed:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("stores lost: 0"), "{stdout}");
+    assert_eq!(stderr, "", "migrate_self wrote to its standard error");
 }
