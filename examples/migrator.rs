@@ -50,9 +50,7 @@ fn run() -> Result<(), pagemig::Error> {
         *b = (i % 253) as u8;
     }
     let halves = Arc::new(Halves::default());
-    let registration = registry()
-        .register_scoped(Migrator::new("halves", halves.clone(), Owner::new("example")))
-        .map_err(|errno| pagemig::Error::Sys { op: "registering the migrator", errno })?;
+    let registration = registry().register_scoped(Migrator::new("halves", halves.clone(), Owner::new("example")))?;
     let stats =
         Engine::global()?.migrate_pages(&region.folios(), node, Reason::Demotion, Mode::Sync, &Default::default())?;
     drop(registration);

@@ -179,6 +179,7 @@ pub fn coalesce(pairs: &[CopyPair]) -> impl Iterator<Item = CopyPair> + '_ {
     })
 }
 
+#[cfg(any(test, feature = "internals"))]
 /// Times `reps` plain copies of `len` bytes between two populated buffers laid out like a
 /// region of `folio_size` folios (2 MiB folios: THP-backed), the physical limit a migration
 /// of the same bytes is measured against, after one untimed copy that warms them up (page
@@ -367,6 +368,7 @@ pub fn measure_in_background() {
     }
 }
 
+#[cfg(any(test, feature = "internals"))]
 /// Whether a thread of this process is measuring the kernels now.
 pub fn measuring() -> bool {
     MEASURING.load(Ordering::Acquire) == std::process::id()

@@ -168,8 +168,18 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Io { source, .. } => Some(source),
+            // What stopped the first folio that did not migrate.
+            Error::Partial { first, .. } => Some(first.as_ref()),
             _ => None,
         }
+    }
+}
+
+/// An errno from the offload extension point ([`crate::offload`]) or another call that
+/// answers with one, as an [`Error::Sys`] named "system call"; `?` converts it.
+impl From<Errno> for Error {
+    fn from(errno: Errno) -> Self {
+        Error::Sys { op: "system call", errno }
     }
 }
 

@@ -249,11 +249,12 @@ pub enum Route {
 /// # Errors
 /// As `move_pages(2)`: the kernel's own answer wherever pagemig does not serve a part.
 ///
-/// Where this process's engine is not open yet ([`Engine::global_is_open`]), the kernel is
-/// asked first where the pages are ([`query_status`]): opening the engine maps its
+/// Where this process's engine is yet to be opened ([`Engine::global_needs_opening`]), the
+/// kernel is asked first where the pages are, into arrays of pagemig's own (the caller's
+/// `status` is not written before the call's answer): opening the engine maps its
 /// threads' stacks, and the first may land on a page the program has just unmapped. A page
-/// the kernel did not find mapped then is answered `-EFAULT`, as the kernel answers it,
-/// whatever pagemig has mapped there since.
+/// the kernel did not find mapped then is answered as the kernel answers it, whatever
+/// pagemig has mapped there since: its entry is served as an address no mapping can hold.
 ///
 /// # Safety
 /// The calling thread is inside this call while its pages move: nothing else on it
@@ -264,40 +265,6 @@ pub unsafe fn move_pages(
     nodes: *const c_int,
     status: *mut c_int,
     flags: c_int,
-) -> (Result<c_long, Errno>, Route) {
-    // SAFETY: as this function's own contract.
-    unsafe { move_pages_queried(count, pages, nodes, status, flags, false) }
-}
-
-/// The kernel's status query over the arrays of a `move_pages` call (`nodes` NULL): it
-/// writes in `status` each page's node, `-ENOENT` for a page not present, `-EFAULT` for an
-/// address no mapping holds. Raw system call only: async-signal-safe; a caller that is
-/// about to start threads asks it first and passes `queried` to [`move_pages_queried`].
-///
-/// # Errors
-/// The kernel's: `EFAULT` when the arrays cannot be read or written.
-///
-/// # Safety
-/// As `move_pages(2)` with `nodes` NULL: nothing moves.
-pub unsafe fn query_status(count: c_ulong, pages: *const *mut c_void, status: *mut c_int) -> Result<(), Errno> {
-    // SAFETY: the caller's arrays; a status query moves nothing and the kernel checks
-    // every entry it reads or writes.
-    unsafe { kernel_move_pages(0, count, pages, std::ptr::null(), status, 0) }.map(drop)
-}
-
-/// [`move_pages`], where `queried` says that `status` holds the kernel's
-/// [`query_status`] of the same arrays, made before anything of pagemig's was opened for
-/// this call: the pages it found unmapped are answered `-EFAULT` and not moved.
-///
-/// # Safety
-/// As [`move_pages`]; with `queried`, `status` holds that query's answer.
-pub unsafe fn move_pages_queried(
-    count: c_ulong,
-    pages: *const *mut c_void,
-    nodes: *const c_int,
-    status: *mut c_int,
-    flags: c_int,
-    queried: bool,
 ) -> (Result<c_long, Errno>, Route) {
     // The kernel's move_pages from entry `from` on: the part of the call pagemig did not
     // serve.
@@ -325,8 +292,14 @@ pub unsafe fn move_pages_queried(
     if !headroom() {
         return (kernel_from(0), Route::KernelNoMemory);
     }
-    // SAFETY: the caller's arrays, as `move_pages(2)` takes them.
-    let queried = queried || (!Engine::global_is_open() && unsafe { query_status(count, pages, status) }.is_ok());
+    let unmapped = if Engine::global_needs_opening() {
+        match unmapped_before(count, pages) {
+            Ok(unmapped) => Some(unmapped),
+            Err(_) => return (kernel_from(0), Route::KernelNoMemory),
+        }
+    } else {
+        None
+    };
     let Ok(Ok(engine)) = catch_unwind(Engine::global) else {
         return (kernel_from(0), Route::KernelNoUserfaultfd);
     };
@@ -337,13 +310,14 @@ pub unsafe fn move_pages_queried(
         // SAFETY: as `serve_chunk` requires: the caller's arrays from entry `done`, whose
         // first `n` entries the call names.
         let served = catch_unwind(AssertUnwindSafe(|| unsafe {
+            let unmapped = unmapped.as_ref().map(|u| (u, done));
             serve_chunk(
                 engine,
                 pages.wrapping_add(done),
                 nodes.wrapping_add(done),
                 status.wrapping_add(done),
                 n,
-                queried,
+                unmapped,
             )
         }));
         match served {
@@ -375,48 +349,89 @@ enum Chunk {
 }
 
 /// Serves `n` entries of a [`move_pages`] call through `engine`: reads them, moves the
-/// pages, writes their statuses; the number of pages not moved. With `queried`, the
-/// entries whose status holds `-EFAULT` (unmapped when the call began) keep it and are
-/// not moved.
+/// pages, writes their statuses; the number of pages not moved. With `unmapped` (and the
+/// chunk's first entry's index in it), the entries the kernel found unmapped before the
+/// engine was opened are served as [`NEVER_MAPPED`]: the kernel's `-EFAULT`, after their
+/// node is checked as the kernel checks it.
 ///
 /// # Safety
-/// As [`move_pages_queried`], for arrays of `n` entries.
+/// As [`move_pages`], for arrays of `n` entries.
 unsafe fn serve_chunk(
     engine: &Engine,
     pages: *const *mut c_void,
     nodes: *const c_int,
     status: *mut c_int,
     n: usize,
-    queried: bool,
+    unmapped: Option<(&Unmapped, usize)>,
 ) -> Result<c_long, Chunk> {
     let mut addrs = read_user(pages.cast::<usize>(), n).map_err(Chunk::Unreadable)?;
-    let mut targets = read_user(nodes, n).map_err(Chunk::Unreadable)?;
-    // Which entries the query found unmapped: they are not moved.
-    let before = if queried { read_user(status, n).map_err(Chunk::Unreadable)? } else { Vec::new() };
-    let unmapped = |i: usize| before.get(i) == Some(&-libc::EFAULT);
-    let some_unmapped = (0..n).any(unmapped);
-    if some_unmapped {
-        let mut i = 0..;
-        addrs.retain(|_| !unmapped(i.next().unwrap_or(0)));
-        let mut i = 0..;
-        targets.retain(|_| !unmapped(i.next().unwrap_or(0)));
+    let targets = read_user(nodes, n).map_err(Chunk::Unreadable)?;
+    if let Some((unmapped, first)) = unmapped {
+        for (i, addr) in addrs.iter_mut().enumerate() {
+            if unmapped.get(first + i) {
+                *addr = NEVER_MAPPED;
+            }
+        }
     }
-    let mut moved = zeroed_vec(addrs.len()).map_err(Chunk::Unreadable)?;
+    let mut out = zeroed_vec(n).map_err(Chunk::Unreadable)?;
     // SAFETY: the calling thread is inside this call and does not access the pages while
     // they move; the arrays are copies of ours.
-    let left = unsafe { engine.move_pages(&addrs, Some(&targets), &mut moved) }.map_err(|_| Chunk::Failed)?;
-    let out = if some_unmapped {
-        let mut moved = moved.into_iter();
-        let mut out = zeroed_vec(n).map_err(|_| Chunk::Failed)?;
-        for (i, slot) in out.iter_mut().enumerate() {
-            *slot = if unmapped(i) { -libc::EFAULT } else { moved.next().unwrap_or(-libc::EFAULT) };
-        }
-        out
-    } else {
-        moved
-    };
+    let left = unsafe { engine.move_pages(&addrs, Some(&targets), &mut out) }.map_err(|_| Chunk::Failed)?;
     write_user(status, &out).map_err(|_| Chunk::Failed)?;
     Ok(left as c_long)
+}
+
+/// An address no mapping of a process can hold (the first of the kernel's half, above any
+/// user address with 4- or 5-level page tables, far enough from the top that rounding it
+/// up to a huge page cannot wrap): the kernel answers it `-EFAULT`.
+const NEVER_MAPPED: usize = 0xffff_8000_0000_0000;
+
+/// The entries of a call's `pages` that the kernel found unmapped, as a bitmap; entries
+/// from `len` on were not asked about (the arrays ended there).
+struct Unmapped {
+    words: Vec<u64>,
+    len: usize,
+}
+
+impl Unmapped {
+    fn get(&self, i: usize) -> bool {
+        i < self.len && self.words[i / 64] >> (i % 64) & 1 == 1
+    }
+}
+
+/// Asks the kernel where each page of a call is ([`CHUNK`] entries at a time, its status
+/// query into arrays of ours: the caller's `status` is not touched), until the arrays end:
+/// which entries no mapping held.
+///
+/// # Errors
+/// `ENOMEM` where the arrays or the bitmap cannot be allocated.
+fn unmapped_before(count: c_ulong, pages: *const *mut c_void) -> Result<Unmapped, Errno> {
+    let mut out = Unmapped { words: Vec::new(), len: 0 };
+    while (out.len as c_ulong) < count {
+        let n = (count - out.len as c_ulong).min(CHUNK as c_ulong) as usize;
+        // The arrays end here: the serving loop meets the same end and hands the rest of
+        // the call to the kernel.
+        let Ok(addrs) = read_user(pages.wrapping_add(out.len).cast::<usize>(), n) else { break };
+        let mut status: Vec<c_int> = zeroed_vec(n)?;
+        // SAFETY: a status query (nothing moves) over arrays of ours of `n` entries.
+        let queried = unsafe {
+            kernel_move_pages(0, n as c_ulong, addrs.as_ptr().cast(), std::ptr::null(), status.as_mut_ptr(), 0)
+        };
+        if queried.is_err() {
+            break;
+        }
+        let words = (out.len + n).div_ceil(64);
+        out.words.try_reserve(words.saturating_sub(out.words.len())).map_err(|_| Errno::NOMEM)?;
+        out.words.resize(words, 0);
+        for (i, s) in status.iter().enumerate() {
+            if *s == -libc::EFAULT {
+                let at = out.len + i;
+                out.words[at / 64] |= 1 << (at % 64);
+            }
+        }
+        out.len += n;
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -481,6 +496,63 @@ mod tests {
             assert_eq!(answers[0], answers[1], "count {count:#x}: pagemig's answer, then the kernel's");
             assert_eq!(answers[0].0, Err(Errno::FAULT));
         }
+    }
+
+    /// In a forked child (no engine of its own yet: its first call opens one), a call about
+    /// 64 MiB the child has just unmapped and 16 pages it holds: the unmapped pages are
+    /// answered `-EFAULT` whatever the engine's new threads mapped in the hole.
+    #[test]
+    fn a_first_call_about_memory_just_unmapped_gets_efault() {
+        const HOLE: usize = 64 << 20;
+        const KEPT: usize = 16;
+        let node = crate::numa::memory_nodes().unwrap()[0] as c_int;
+        // SAFETY: the child uses its own memory and the engine it opens, and ends with
+        // _exit; glibc's fork leaves malloc usable in the child.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let count = HOLE / crate::PAGE_SIZE + KEPT;
+            // The arrays first: made later, they could be mapped in the hole.
+            let mut pages = vec![std::ptr::null_mut::<c_void>(); count];
+            let nodes = vec![node; count];
+            let mut status = vec![-99; count];
+            let kept = crate::sys::mmap_anon(KEPT * crate::PAGE_SIZE).unwrap();
+            let hole = crate::sys::mmap_anon(HOLE).unwrap();
+            // SAFETY: our own mappings: touched, then the larger one unmapped.
+            unsafe {
+                std::ptr::write_bytes(kept as *mut u8, 7, KEPT * crate::PAGE_SIZE);
+                std::ptr::write_bytes(hole as *mut u8, 7, HOLE);
+                crate::sys::munmap(hole, HOLE).unwrap();
+            }
+            for (i, p) in pages.iter_mut().enumerate() {
+                let addr = if i < KEPT { kept + i * crate::PAGE_SIZE } else { hole + (i - KEPT) * crate::PAGE_SIZE };
+                *p = addr as *mut c_void;
+            }
+            // SAFETY: arrays of ours of `count` entries; nothing touches the pages meanwhile.
+            let (result, _) = unsafe {
+                move_pages(count as c_ulong, pages.as_ptr(), nodes.as_ptr(), status.as_mut_ptr(), MPOL_MF_MOVE)
+            };
+            let right = result == Ok(0)
+                && status[..KEPT].iter().all(|&s| s == node)
+                && status[KEPT..].iter().all(|&s| s == -libc::EFAULT);
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(if right { 0 } else { 1 }) };
+        }
+        let started = std::time::Instant::now();
+        let mut wstatus = 0;
+        // SAFETY: waits, without blocking, for the child just forked.
+        while unsafe { libc::waitpid(pid, &mut wstatus, libc::WNOHANG) } == 0 {
+            if started.elapsed() > std::time::Duration::from_secs(120) {
+                // SAFETY: our own child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("the child hung");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            libc::WIFEXITED(wstatus) && libc::WEXITSTATUS(wstatus) == 0,
+            "the child's answer differed: {wstatus:#x}"
+        );
     }
 
     #[test]

@@ -90,8 +90,7 @@
 //! let node = numa::memory_nodes()?[0];
 //! let region = Region::new(4 << 20, 64 << 10, Some(node))?;
 //! let scope = registry()
-//!     .register_scoped(Migrator::new("halves", Arc::new(Halves), Owner::new("doc")))
-//!     .map_err(|errno| pagemig::Error::Sys { op: "register", errno })?;
+//!     .register_scoped(Migrator::new("halves", Arc::new(Halves), Owner::new("doc")))?;
 //! let stats = Engine::global()?.migrate_pages(&region.folios(), node, Reason::Demotion, Mode::Sync, &MigrateOptions::default())?;
 //! drop(scope);
 //! assert_eq!(stats.succeeded_folios, 64);
@@ -112,7 +111,7 @@ macro_rules! internal {
         pub mod $name;
         $(#[$meta])*
         #[cfg(not(feature = "internals"))]
-        #[allow(dead_code, unreachable_pub)]
+        #[allow(unreachable_pub)]
         mod $name;
     };
 }
@@ -137,7 +136,9 @@ internal! { mod copy; }
 internal! { mod maps; }
 internal! { mod pool; }
 internal! { mod sys; }
-internal! { mod workload; }
+/// The write workload of pagemig's own tests, benches and command (`internals` only).
+#[cfg(feature = "internals")]
+pub mod workload;
 
 pub use error::{Error, Result};
 pub use folio::{Folio, MigrateInfo};

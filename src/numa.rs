@@ -133,6 +133,23 @@ pub fn page_nodes(addr: usize, len: usize) -> Result<Vec<i32>> {
     Ok(status)
 }
 
+/// The parts of `[addr, addr + len)` whose pages are present in memory (neither never
+/// touched, purged nor swapped out), in address order, found by the kernel's
+/// `PAGEMAP_SCAN` (Linux 6.7), which skips empty page tables: a sparse mapping of
+/// terabytes costs what its present pages cost.
+///
+/// # Errors
+/// [`Error::Invalid`] for an unaligned range, [`Error::Sys`] when the scan fails
+/// (`ENOTTY` before Linux 6.7).
+pub fn present_ranges(addr: usize, len: usize) -> Result<Vec<std::ops::Range<usize>>> {
+    if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
+        return Err(Error::Invalid(format!("range {addr:#x}+{len:#x} is not page aligned")));
+    }
+    let end = addr.checked_add(len).ok_or_else(|| Error::Invalid(format!("range {addr:#x}+{len:#x} wraps around")))?;
+    let found = sys::present_ranges(addr, end).map_err(Error::sys("PAGEMAP_SCAN"))?;
+    Ok(found.into_iter().map(|(s, e)| s..e).collect())
+}
+
 /// How many pages of `[addr, addr + len)` are on each node (negative keys are errnos).
 ///
 /// # Errors

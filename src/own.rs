@@ -197,7 +197,7 @@ mod tests {
 
     #[test]
     fn the_pool_and_graveyards_are_claimed_while_mapped() {
-        let pool = crate::pool::Pool::new(8 << 20);
+        let pool = crate::pool::Pool::populated_only();
         let node = crate::numa::memory_nodes().unwrap()[0];
         let key = crate::pool::Key { node, thp: crate::pool::ThpAdvice::Default, empty: false };
         let (dest, _) = pool.take(key, 1 << 20, 4096, 0, crate::pool::Populate::Madvise).unwrap();

@@ -219,7 +219,6 @@ pub struct Pool {
 #[derive(Debug)]
 struct Inner {
     chunks: Mutex<HashMap<Key, Chunk>>,
-    limit: usize,
     uffd: Option<Arc<Uffd>>,
     /// Bytes the reserve thread keeps populated ahead of use, per key.
     reserves: Mutex<HashMap<Key, usize>>,
@@ -252,21 +251,21 @@ impl Drop for CallGuard<'_> {
 const RESERVE_STEP: usize = 8 << 20;
 
 impl Pool {
-    /// A pool that keeps at most `limit` bytes populated ahead of use per key.
-    pub fn new(limit: usize) -> Self {
-        Self::make(limit, None)
+    /// A pool of populated destinations only.
+    #[cfg(test)]
+    pub fn populated_only() -> Self {
+        Self::make(None)
     }
 
     /// A pool that can also hand out empty destinations, registered with `uffd` (which
     /// must have a thread answering stray faults, as the engine's has).
-    pub fn with_fill_uffd(limit: usize, uffd: Arc<Uffd>) -> Self {
-        Self::make(limit, Some(uffd))
+    pub fn with_fill_uffd(uffd: Arc<Uffd>) -> Self {
+        Self::make(Some(uffd))
     }
 
-    fn make(limit: usize, uffd: Option<Arc<Uffd>>) -> Self {
+    fn make(uffd: Option<Arc<Uffd>>) -> Self {
         let inner = Inner {
             chunks: Mutex::new(HashMap::new()),
-            limit,
             uffd,
             reserves: Mutex::new(HashMap::new()),
             wake: Condvar::new(),
@@ -280,11 +279,6 @@ impl Pool {
     /// through it.
     pub fn fill_uffd(&self) -> Option<&Uffd> {
         self.inner.uffd.as_deref()
-    }
-
-    /// The most bytes kept populated ahead of use per key by [`Pool::prefill`].
-    pub fn limit(&self) -> usize {
-        self.inner.limit
     }
 
     /// Takes a destination of `len` bytes whose address is congruent to `phase` modulo
@@ -323,14 +317,14 @@ impl Pool {
         chunks.iter().filter(|(k, _)| k.node == node).map(|(_, c)| c.prepared_end.saturating_sub(c.cursor)).sum()
     }
 
-    /// Populates up to `bytes` (at most the pool's limit) ahead of the next destinations of
-    /// `key` on this thread. Returns the time spent.
+    /// Populates `bytes` ahead of the next destinations of `key` on this thread (what the
+    /// reserve thread does between migrations). Returns the time spent.
     ///
     /// # Errors
     /// As [`Pool::take`].
+    #[cfg(test)]
     pub fn prefill(&self, key: Key, bytes: usize) -> Result<Duration> {
         let started = Instant::now();
-        let bytes = bytes.min(self.inner.limit);
         while self.inner.prefill_step(key, bytes)? {}
         Ok(started.elapsed())
     }
@@ -523,7 +517,7 @@ mod tests {
 
     #[test]
     fn destinations_keep_phase_and_follow_each_other() {
-        let pool = Pool::new(8 << 20);
+        let pool = Pool::populated_only();
         let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::Default, empty: false };
         let (a, _) = pool.take(key, 8192, 4096, 0, Populate::Madvise).unwrap();
         let (b, _) = pool.take(key, 4096, 4096, 0, Populate::Touch).unwrap();
@@ -543,7 +537,7 @@ mod tests {
 
     #[test]
     fn prefill_makes_take_free() {
-        let pool = Pool::new(4 << 20);
+        let pool = Pool::populated_only();
         let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::NoHuge, empty: false };
         pool.prefill(key, 4 << 20).unwrap();
         let (d, spent) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();

@@ -9,7 +9,6 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-
 use crate::region::Region;
 use crate::sys::PAGE_SIZE;
 

@@ -3,15 +3,13 @@
 
 mod common;
 
+use common::node;
+
 use std::time::{Duration, Instant};
 
 use common::{assert_writable, leak, watchdog};
 use pagemig::sys::Errno;
-use pagemig::{Engine, Error, FaultInjection, MigrateOptions, Mode, Reason, Region, numa, workload};
-
-fn node() -> u32 {
-    numa::memory_nodes().unwrap()[0]
-}
+use pagemig::{Engine, Error, FaultInjection, MigrateOptions, Mode, Reason, Region, workload};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -22,6 +20,7 @@ fn slow(extra: MigrateOptions) -> MigrateOptions {
 
 #[test]
 fn reports_progress_and_finishes_with_every_byte() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "reports_progress_and_finishes_with_every_byte");
     watchdog(LIMIT, "background migration", || {
         let region = leak(Region::new(16 << 20, 4096, Some(node())).unwrap());
         workload::fill(region, 1);
@@ -92,16 +91,19 @@ fn stopped_midway(
 
 #[test]
 fn cancel_stops_before_the_next_batch() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "cancel_stops_before_the_next_batch");
     stopped_midway(Errno::CANCELED, None, |job| job.cancel());
 }
 
 #[test]
 fn a_deadline_stops_the_migration() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "a_deadline_stops_the_migration");
     stopped_midway(Errno::TIMEDOUT, Some(Duration::from_millis(150)), |_| {});
 }
 
 #[test]
 fn dropping_the_handle_cancels_and_waits() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "dropping_the_handle_cancels_and_waits");
     watchdog(LIMIT, "dropped handle", || {
         let region = leak(Region::new(16 << 20, 4096, Some(node())).unwrap());
         workload::fill(region, 3);

@@ -51,15 +51,20 @@ fn progress_that_stores_into_the_region(folio: usize, mover: bool) {
 
 #[test]
 fn a_progress_callback_storing_into_base_pages_with_the_mover() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "a_progress_callback_storing_into_base_pages_with_the_mover");
     progress_that_stores_into_the_region(4096, true);
 }
 
 #[test]
 fn a_progress_callback_storing_into_base_pages_without_the_mover() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "a_progress_callback_storing_into_base_pages_without_the_mover");
     progress_that_stores_into_the_region(4096, false);
 }
 
 #[test]
 fn a_progress_callback_storing_into_huge_pages() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "a_progress_callback_storing_into_huge_pages");
     progress_that_stores_into_the_region(2 << 20, true);
 }

@@ -17,6 +17,7 @@ const CHILD: &str = "PAGEMIG_CONFIG_TEST_CHILD";
 
 #[test]
 fn settings_apply_once_when_the_engine_opens() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "settings_apply_once_when_the_engine_opens");
     if std::env::var_os(CHILD).is_some() {
         return in_fresh_process();
     }

@@ -7,12 +7,10 @@ use std::time::Duration;
 
 mod common;
 
+use common::node;
+
 use pagemig::workload::{self, WriteLog};
 use pagemig::{Engine, Error, FaultInjection, Folio, MigrateOptions, Mode, Reason, Region, migrate_pages, numa};
-
-fn node() -> u32 {
-    numa::memory_nodes().unwrap()[0]
-}
 
 fn assert_on_node(region: &Region, node: u32) {
     let placement = region.placement().unwrap();
@@ -39,6 +37,7 @@ fn migrate_and_verify(size: usize, folio: usize, batch: usize) -> pagemig::Migra
 
 #[test]
 fn migrates_4k_folios() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "migrates_4k_folios");
     let s = migrate_and_verify(16 << 20, 4096, 512);
     assert_eq!(s.batches, 8);
     assert_eq!(s.batch_copied_folios, 4096);
@@ -46,11 +45,13 @@ fn migrates_4k_folios() {
 
 #[test]
 fn migrates_64k_folios() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "migrates_64k_folios");
     migrate_and_verify(16 << 20, 64 << 10, 512);
 }
 
 #[test]
 fn migrates_2m_folios_and_keeps_thp() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "migrates_2m_folios_and_keeps_thp");
     let region = Region::new(32 << 20, 2 << 20, Some(node())).unwrap();
     let thp_before = region.anon_huge_bytes().unwrap();
     workload::fill(&region, 7);
@@ -66,6 +67,7 @@ fn migrates_2m_folios_and_keeps_thp() {
 
 #[test]
 fn writers_lose_nothing_over_repeated_migrations() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "writers_lose_nothing_over_repeated_migrations");
     let region = Region::new(8 << 20, 4096, Some(node())).unwrap();
     workload::fill(&region, 3);
     let opts = MigrateOptions::default().max_batch_pages(64);
@@ -89,6 +91,7 @@ fn writers_lose_nothing_over_repeated_migrations() {
 
 #[test]
 fn pipe_read_into_migrating_memory_lands_in_new_page() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "pipe_read_into_migrating_memory_lands_in_new_page");
     let engine = Engine::global().unwrap();
     if engine.capabilities().user_mode_only {
         eprintln!("skipped: userfaultfd is user-mode only here; kernel writes get EFAULT");
@@ -152,6 +155,7 @@ fn assert_new_frames(before: &[Option<u64>], after: &[Option<u64>]) {
 
 #[test]
 fn mlocked_region_stays_locked() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "mlocked_region_stays_locked");
     let region = Region::new(4 << 20, 4096, Some(node())).unwrap();
     workload::fill(&region, 11);
     if let Err(e) = region.mlock() {
@@ -168,6 +172,7 @@ fn mlocked_region_stays_locked() {
 
 #[test]
 fn injected_copy_failure_is_undone() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "injected_copy_failure_is_undone");
     let region = Region::new(4 << 20, 4096, Some(node())).unwrap();
     workload::fill(&region, 5);
     let failing = vec![3, 4, 700];
@@ -205,6 +210,8 @@ fn injected_copy_failure_is_undone() {
 
 #[test]
 fn failed_move_is_undone_on_the_mover_thread_and_on_the_caller() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "failed_move_is_undone_on_the_mover_thread_and_on_the_caller");
     for mover in [true, false] {
         let region = Region::new(4 << 20, 4096, Some(node())).unwrap();
         workload::fill(&region, 6);
@@ -248,6 +255,7 @@ fn failed_move_is_undone_on_the_mover_thread_and_on_the_caller() {
 
 #[test]
 fn bad_input_is_refused_and_memory_unchanged() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "bad_input_is_refused_and_memory_unchanged");
     let engine = Engine::global().unwrap();
     let region = Region::new(1 << 20, 4096, Some(node())).unwrap();
     workload::fill(&region, 13);
@@ -296,6 +304,7 @@ fn bad_input_is_refused_and_memory_unchanged() {
 
 #[test]
 fn memory_pagemig_may_not_move_is_refused() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "memory_pagemig_may_not_move_is_refused");
     let engine = Engine::global().unwrap();
     let default = MigrateOptions::default();
     // A shared anonymous mapping.
@@ -364,6 +373,7 @@ fn memory_pagemig_may_not_move_is_refused() {
 
 #[test]
 fn adopted_memory_migrates() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "adopted_memory_migrates");
     let mut buf = vec![0u8; (4 << 20) + 4096];
     let base = (buf.as_mut_ptr() as usize + 4095) & !4095;
     // A large Vec is its own anonymous mapping (glibc mmaps big allocations).
@@ -379,6 +389,7 @@ fn adopted_memory_migrates() {
 
 #[test]
 fn concurrent_calls_on_the_same_folios_never_lose_them() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "concurrent_calls_on_the_same_folios_never_lose_them");
     let region = Region::new(8 << 20, 4096, Some(node())).unwrap();
     workload::fill(&region, 31);
     let folios = region.folios();
@@ -399,6 +410,7 @@ fn concurrent_calls_on_the_same_folios_never_lose_them() {
 
 #[test]
 fn migration_past_the_map_count_limit_is_refused_up_front() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "migration_past_the_map_count_limit_is_refused_up_front");
     // Every other 4 KiB folio of 512 MiB: 65536 separate runs, each its own mapping once
     // moved — more than vm.max_map_count allows.
     let limit = pagemig::sys::max_map_count();
@@ -428,6 +440,7 @@ fn migration_past_the_map_count_limit_is_refused_up_front() {
 
 #[test]
 fn scattered_folios_migrate_and_keep_their_neighbours() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "scattered_folios_migrate_and_keep_their_neighbours");
     let region = Region::new(8 << 20, 4096, Some(node())).unwrap();
     workload::fill(&region, 44);
     let scattered: Vec<Folio> = region.folios().into_iter().step_by(2).collect();
@@ -439,6 +452,7 @@ fn scattered_folios_migrate_and_keep_their_neighbours() {
 
 #[test]
 fn readers_never_see_a_moving_folio_empty() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "readers_never_see_a_moving_folio_empty");
     // With deferred freeing a source is briefly empty between its old pages moving out and
     // its new pages moving in; readers must wait through that, never read zeros.
     let region = Region::new(8 << 20, 4096, Some(node())).unwrap();
@@ -491,6 +505,7 @@ fn raw_folio(addr: usize, size: usize) -> pagemig::Result<Folio<'static>> {
 /// checked.
 #[test]
 fn every_destination_path_moves_every_byte_and_write() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "every_destination_path_moves_every_byte_and_write");
     struct Path {
         name: &'static str,
         opts: MigrateOptions,

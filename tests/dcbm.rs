@@ -3,6 +3,8 @@
 //! verified, including at the moment a part is reported complete, and nothing written
 //! after the call returns.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::ops::Range;
 use std::sync::Arc;
@@ -166,22 +168,26 @@ fn channel_counts(folio: usize, sg: bool) {
 
 #[test]
 fn copies_4k_folios_on_1_to_16_channels() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "copies_4k_folios_on_1_to_16_channels");
     channel_counts(K4, true);
 }
 
 #[test]
 fn copies_2m_folios_on_1_to_16_channels() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "copies_2m_folios_on_1_to_16_channels");
     channel_counts(M2, true);
 }
 
 #[test]
 fn copies_without_memcpy_sg_one_descriptor_per_piece() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "copies_without_memcpy_sg_one_descriptor_per_piece");
     channel_counts(K4, false);
     channel_counts(M2, false);
 }
 
 #[test]
 fn uneven_scatter_lists_are_copied_not_declined() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "uneven_scatter_lists_are_copied_not_declined");
     // (source slot, destination slot) layouts whose two sides coalesce differently.
     type Layout = (&'static str, fn(usize) -> usize, fn(usize) -> usize);
     let layouts: [Layout; 4] = [
@@ -215,6 +221,7 @@ fn uneven_scatter_lists_are_copied_not_declined() {
 
 #[test]
 fn uses_the_channels_it_gets_and_declines_without_any() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "uses_the_channels_it_gets_and_declines_without_any");
     let dev = device("t-few", 2, true);
     let setup = Setup::contiguous(100, K4);
     let d = dcbm_on(&dev, 8);
@@ -252,6 +259,7 @@ fn uses_the_channels_it_gets_and_declines_without_any() {
 
 #[test]
 fn nr_dma_chan_changes_take_effect_on_the_next_batch() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "nr_dma_chan_changes_take_effect_on_the_next_batch");
     let dev = device("t-nr", 16, true);
     let d = dcbm_on(&dev, 2);
     let setup = Setup::contiguous(64, K4);
@@ -288,6 +296,7 @@ fn failed_descriptor(sg: bool, folio: usize) {
 
 #[test]
 fn failed_descriptor_falls_back_for_its_channel_only() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "failed_descriptor_falls_back_for_its_channel_only");
     failed_descriptor(true, K4);
     failed_descriptor(false, K4);
     failed_descriptor(true, M2);
@@ -295,6 +304,7 @@ fn failed_descriptor_falls_back_for_its_channel_only() {
 
 #[test]
 fn never_completing_descriptor_times_out() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "never_completing_descriptor_times_out");
     for sg in [true, false] {
         let dev = device(&format!("t-stuck-{sg}"), 4, sg);
         let n = 64;
@@ -324,6 +334,8 @@ fn never_completing_descriptor_times_out() {
 
 #[test]
 fn out_of_order_completion_is_reported_only_when_a_channel_is_done() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "out_of_order_completion_is_reported_only_when_a_channel_is_done");
     for sg in [false, true] {
         let dev = Device::soft(
             &format!("t-ooo-{sg}"),
@@ -350,6 +362,8 @@ fn out_of_order_completion_is_reported_only_when_a_channel_is_done() {
 
 #[test]
 fn out_of_order_with_a_stuck_first_descriptor_reports_nothing_early() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "out_of_order_with_a_stuck_first_descriptor_reports_nothing_early");
     // The share's last descriptor completes first and its first never does: a report
     // driven by the last callback alone would announce a folio that was never copied.
     let dev = Device::soft(
@@ -387,6 +401,7 @@ fn other_migrator() -> Migrator {
 
 #[test]
 fn registration_semantics_with_a_private_registry() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "registration_semantics_with_a_private_registry");
     let reg = Registry::new();
     let dev = device("t-reg", 2, true);
     let d = dcbm_on(&dev, 2);
@@ -428,6 +443,7 @@ fn registration_semantics_with_a_private_registry() {
 /// The only test of this binary that uses the process-wide registries.
 #[test]
 fn global_registration_and_channels_from_the_dma_registry() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "global_registration_and_channels_from_the_dma_registry");
     let dev = device("t-global", 4, true);
     let d = dcbm_on(&dev, 4);
     d.set_offloading(true).unwrap();

@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::node;
+
 use std::time::{Duration, Instant};
 
 use pagemig::{Engine, MigrateOptions, Mode, Reason, Region, numa, workload};
@@ -31,10 +33,6 @@ const LEN: usize = 4 << 20;
 const BYTES: usize = 4096;
 /// Process CPU time over a second of the program sleeping that counts as spinning.
 const SPIN: Duration = Duration::from_millis(250);
-
-fn node() -> u32 {
-    numa::memory_nodes().unwrap()[0]
-}
 
 /// The node a further move targets: another one where there is one.
 fn other_node() -> u32 {
@@ -255,15 +253,19 @@ fn case(blow: Blow) {
 
 #[test]
 fn close_range_over_every_descriptor_then_pipes_and_sockets() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "close_range_over_every_descriptor_then_pipes_and_sockets");
     case(Blow::CloseRange);
 }
 
 #[test]
 fn dup2_over_every_descriptor_of_pagemig() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "dup2_over_every_descriptor_of_pagemig");
     case(Blow::Dup2All);
 }
 
 #[test]
 fn dup2_over_some_descriptors_of_pagemig() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "dup2_over_some_descriptors_of_pagemig");
     case(Blow::Dup2Some);
 }

@@ -2,6 +2,8 @@
 //! destination is compared with what it must hold, including the bytes no transfer may
 //! touch.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -96,6 +98,7 @@ fn submit_memcpy(
 
 #[test]
 fn memcpy_copies_exactly_the_range() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "memcpy_copies_exactly_the_range");
     let dev = soft("t-memcpy", 1, SoftConfig::default());
     let chan = dev.request_chan(Caps::MEMCPY).unwrap();
     let src = Buf::pattern(2 << 20, 1);
@@ -118,6 +121,7 @@ fn memcpy_copies_exactly_the_range() {
 
 #[test]
 fn memcpy_sg_even_and_uneven_lists() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "memcpy_sg_even_and_uneven_lists");
     let dev = soft("t-sg", 2, SoftConfig::default());
     let chan = dev.request_chan(Caps::MEMCPY | Caps::MEMCPY_SG).unwrap();
     let src = Buf::pattern(4 << 20, 2);
@@ -170,6 +174,7 @@ fn memcpy_sg_even_and_uneven_lists() {
 
 #[test]
 fn prep_refuses_bad_requests() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "prep_refuses_bad_requests");
     let dev = soft("t-prep", 1, SoftConfig { memcpy_sg: false, ..Default::default() });
     let chan = dev.request_chan(Caps::MEMCPY).unwrap();
     let b = Buf::new(1 << 20);
@@ -205,6 +210,7 @@ fn prep_refuses_bad_requests() {
 
 #[test]
 fn nothing_runs_before_issue_pending() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "nothing_runs_before_issue_pending");
     let dev = soft("t-issue", 1, SoftConfig::default());
     let chan = dev.request_chan(Caps::MEMCPY).unwrap();
     let src = Buf::pattern(1 << 20, 3);
@@ -235,6 +241,7 @@ fn nothing_runs_before_issue_pending() {
 
 #[test]
 fn cookies_increase_per_channel() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "cookies_increase_per_channel");
     let dev = soft("t-cookie", 2, SoftConfig::default());
     let a = dev.request_chan(Caps::MEMCPY).unwrap();
     let b = dev.request_chan(Caps::MEMCPY).unwrap();
@@ -272,6 +279,7 @@ fn cookies_increase_per_channel() {
 
 #[test]
 fn exclusive_request_and_shared_find() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "exclusive_request_and_shared_find");
     // A private device: exclusive only.
     let private = soft("t-private", 2, SoftConfig::default());
     assert!(private.caps().contains(Caps::PRIVATE));
@@ -326,6 +334,7 @@ fn exclusive_request_and_shared_find() {
 /// The only test of this binary that uses the process-wide device registry.
 #[test]
 fn global_registry() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "global_registry");
     let a = soft("t-global-a", 1, SoftConfig::default());
     let b = soft("t-global-b", 2, SoftConfig { private: false, ..Default::default() });
     dma::register_device(a.clone()).unwrap();
@@ -364,6 +373,7 @@ fn global_registry() {
 
 #[test]
 fn fault_fail_descriptor() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "fault_fail_descriptor");
     let dev = soft("t-fail", 1, SoftConfig::default());
     let chan = dev.request_chan(Caps::MEMCPY).unwrap();
     let src = Buf::pattern(3 << 20, 7);
@@ -397,6 +407,7 @@ fn fault_fail_descriptor() {
 
 #[test]
 fn fault_never_complete_then_terminate() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "fault_never_complete_then_terminate");
     let dev = soft("t-stuck", 1, SoftConfig::default());
     let chan = dev.request_chan(Caps::MEMCPY).unwrap();
     let src = Buf::pattern(2 << 20, 8);
@@ -432,6 +443,7 @@ fn fault_never_complete_then_terminate() {
 
 #[test]
 fn fault_out_of_order() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "fault_out_of_order");
     let dev = soft(
         "t-ooo",
         1,
@@ -468,6 +480,8 @@ fn fault_out_of_order() {
 
 #[test]
 fn terminate_stops_a_long_queue_and_nothing_writes_afterwards() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "terminate_stops_a_long_queue_and_nothing_writes_afterwards");
     let dev = soft("t-term", 1, SoftConfig::default());
     let chan = dev.request_chan(Caps::MEMCPY).unwrap();
     let piece = 1 << 20;
@@ -506,6 +520,7 @@ fn terminate_stops_a_long_queue_and_nothing_writes_afterwards() {
 
 #[test]
 fn callbacks_may_use_their_channel() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "callbacks_may_use_their_channel");
     let dev = soft("t-cb", 1, SoftConfig::default());
     let chan = Arc::new(dev.request_chan(Caps::MEMCPY).unwrap());
     let src = Buf::pattern(3 * 4096, 10);
@@ -549,6 +564,7 @@ fn callbacks_may_use_their_channel() {
 
 #[test]
 fn dropping_the_device_with_work_queued() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "dropping_the_device_with_work_queued");
     let src = Buf::pattern(1 << 20, 11);
     let dst = Buf::new(1 << 20);
     let called = Arc::new(AtomicUsize::new(0));
@@ -578,6 +594,7 @@ fn dropping_the_device_with_work_queued() {
 
 #[test]
 fn soft_device_arguments() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "soft_device_arguments");
     assert_eq!(Device::soft("", 1, SoftConfig::default()).err(), Some(Errno::INVAL));
     assert_eq!(Device::soft("x", 0, SoftConfig::default()).err(), Some(Errno::INVAL));
     assert_eq!(Device::soft("x", dma::MAX_SOFT_CHANNELS + 1, SoftConfig::default()).err(), Some(Errno::INVAL));

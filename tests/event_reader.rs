@@ -6,22 +6,20 @@
 
 mod common;
 
+use common::node;
+
 use std::time::Duration;
 
 use common::changes;
 use common::watchdog;
 use pagemig::folio::Folio;
 use pagemig::workload::pattern_word;
-use pagemig::{Engine, Error, FaultInjection, MigrateOptions, Mode, Reason, numa};
+use pagemig::{Engine, Error, FaultInjection, MigrateOptions, Mode, Reason};
 
 const LEN: usize = 8 << 20;
 const SEED: u64 = 31;
 /// The moved range: the first batch's (256 pages), isolated while its move is held back.
 const MOVED: usize = 2 << 20;
-
-fn node() -> u32 {
-    numa::memory_nodes().unwrap()[0]
-}
 
 fn mremap(from: usize, len: usize, to: usize) {
     // SAFETY: moves a range of the test's own mapping into its own reservation.
@@ -80,6 +78,7 @@ fn moved_twice(delay: Duration, hold: Duration) -> (usize, std::result::Result<u
 /// the old pages are put back where the memory is by then, not lost on the way.
 #[test]
 fn isolated_pages_follow_memory_moved_twice() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "isolated_pages_follow_memory_moved_twice");
     let mut lost_rounds = Vec::new();
     for round in 0..12u64 {
         let delay = Duration::from_millis(20 + 10 * (round % 4));

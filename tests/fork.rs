@@ -5,16 +5,14 @@
 
 mod common;
 
+use common::node;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::{assert_writable, leak, pages_on, watchdog};
 use pagemig::workload::{self, pattern_word};
-use pagemig::{Engine, MigrateOptions, Mode, Reason, Region, numa};
-
-fn node() -> u32 {
-    numa::memory_nodes().unwrap()[0]
-}
+use pagemig::{Engine, MigrateOptions, Mode, Reason, Region};
 
 /// Forks children in a loop while another thread migrates the region again and again;
 /// each child checks every word against the pattern and exits 0, or 1 at the first word
@@ -86,6 +84,7 @@ fn leak_flag() -> &'static AtomicBool {
 
 #[test]
 fn children_forked_during_migration_see_every_byte() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "children_forked_during_migration_see_every_byte");
     for folio in [4096, 64 << 10, 2 << 20] {
         for deferred in [true, false] {
             let (forks, bad, migrations) = storm(folio, deferred, Duration::from_secs(3));

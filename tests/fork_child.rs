@@ -8,21 +8,20 @@
 
 mod common;
 
+use common::node;
+
 use std::time::{Duration, Instant};
 
 use common::watchdog;
 use pagemig::workload;
-use pagemig::{Engine, MigrateOptions, Mode, Reason, Region, numa};
-
-fn node() -> u32 {
-    numa::memory_nodes().unwrap()[0]
-}
+use pagemig::{Engine, MigrateOptions, Mode, Reason, Region};
 
 /// A child forked from a process whose engine (and mtcopy's worker threads) are running
 /// opens its own engine on first use and migrates with it: the parent's threads do not
 /// exist in the child, and using them would hang. Exit status 0, or what went wrong.
 #[test]
 fn a_forked_child_opens_its_own_engine_and_migrates() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "a_forked_child_opens_its_own_engine_and_migrates");
     watchdog(Duration::from_secs(120), "forked child's own engine", || {
         let engine = Engine::global().unwrap();
         let parent_engine = engine as *const Engine as usize;
@@ -71,6 +70,8 @@ fn a_forked_child_opens_its_own_engine_and_migrates() {
 /// wait for a result that never comes (nor take a lock the parent held at the fork).
 #[test]
 fn a_child_forked_while_the_kernels_are_measured_measures_them_itself() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "a_child_forked_while_the_kernels_are_measured_measures_them_itself");
     use pagemig::copy;
     watchdog(Duration::from_secs(120), "fork while measuring the copy kernels", || {
         let started = Instant::now();

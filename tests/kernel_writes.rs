@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::node;
+
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -13,11 +15,7 @@ use std::time::Duration;
 
 use common::{assert_writable, leak, pages_on, watchdog};
 use pagemig::sys::PAGE_SIZE;
-use pagemig::{Engine, Error, MigrateOptions, Mode, Reason, Region, numa};
-
-fn node() -> u32 {
-    numa::memory_nodes().unwrap()[0]
-}
+use pagemig::{Engine, Error, MigrateOptions, Mode, Reason, Region};
 
 const BLOCKS: usize = 64;
 /// Bytes of one `process_vm_writev`.
@@ -106,12 +104,14 @@ fn o_direct_reads(folio: usize, reads: usize) {
 
 #[test]
 fn o_direct_reads_during_migrations_lose_nothing() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "o_direct_reads_during_migrations_lose_nothing");
     o_direct_reads(4096, 20_000);
     o_direct_reads(2 << 20, 10_000);
 }
 
 #[test]
 fn process_vm_writev_from_another_process_loses_nothing() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "process_vm_writev_from_another_process_loses_nothing");
     for folio in [4096, 2 << 20] {
         let region = leak(Region::new(4 << 20, folio, Some(node())).unwrap());
         let slots = region.len() / CHUNK;

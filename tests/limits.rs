@@ -90,6 +90,7 @@ fn child_long_range() -> i32 {
 
 #[test]
 fn move_range_with_a_64_tib_length_is_a_clear_error() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "move_range_with_a_64_tib_length_is_a_clear_error");
     // SAFETY: the child uses its own engine and this thread's state.
     let code = unsafe { common::fork_and_wait(Duration::from_secs(60), child_64_tib) };
     assert_eq!(code, 0, "move_range of 64 TiB over 8 pages did not answer with the clear error");
@@ -97,6 +98,8 @@ fn move_range_with_a_64_tib_length_is_a_clear_error() {
 
 #[test]
 fn a_range_far_longer_than_its_mapping_gets_an_outcome_per_page() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "a_range_far_longer_than_its_mapping_gets_an_outcome_per_page");
     // SAFETY: as above.
     let code = unsafe { common::fork_and_wait(Duration::from_secs(120), child_long_range) };
     assert_eq!(code, 0, "move_range of a long range did not give an outcome for each page");

@@ -11,6 +11,8 @@
 
 mod common;
 
+use common::node;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -18,11 +20,7 @@ use common::changes::{self, Change};
 use common::watchdog;
 use pagemig::folio::Folio;
 use pagemig::sys::Errno;
-use pagemig::{Engine, Error, FaultInjection, MigrateOptions, Mode, Reason, numa};
-
-fn node() -> u32 {
-    numa::memory_nodes().unwrap()[0]
-}
+use pagemig::{Engine, Error, FaultInjection, MigrateOptions, Mode, Reason};
 
 const LEN: usize = 8 << 20;
 const SEED: u64 = 99;
@@ -104,6 +102,7 @@ fn all_moments(change: Change) {
 /// skipped, and the old pages go back — into a mapping the program made read-only, too.
 #[test]
 fn changes_between_copy_and_move() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "changes_between_copy_and_move");
     for change in changes::ALL {
         for folio in [4096, 2 << 20] {
             case_at(change, folio, Duration::from_millis(50), 0, Duration::from_millis(150));
@@ -113,30 +112,36 @@ fn changes_between_copy_and_move() {
 
 #[test]
 fn munmap_during_migration() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "munmap_during_migration");
     all_moments(Change::Munmap);
 }
 
 #[test]
 fn munmap_then_mmap_at_the_same_address_during_migration() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "munmap_then_mmap_at_the_same_address_during_migration");
     all_moments(Change::MunmapThenMmap);
 }
 
 #[test]
 fn mremap_during_migration() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "mremap_during_migration");
     all_moments(Change::Mremap);
 }
 
 #[test]
 fn mprotect_read_only_during_migration() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "mprotect_read_only_during_migration");
     all_moments(Change::MprotectReadOnly);
 }
 
 #[test]
 fn madv_dontneed_during_migration() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "madv_dontneed_during_migration");
     all_moments(Change::DontNeed);
 }
 
 #[test]
 fn madv_free_during_migration() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "madv_free_during_migration");
     all_moments(Change::Free);
 }

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::node;
+
 use std::ops::Range;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,17 +16,13 @@ use common::{assert_writable, leak, pages_on, watchdog};
 use pagemig::offload::{Batch, Migrator, OffloadCopy, Owner, registry};
 use pagemig::sys::Errno;
 use pagemig::workload;
-use pagemig::{Engine, Error, MigrateOptions, MigrateStats, Mode, Reason, Region, numa};
+use pagemig::{Engine, Error, MigrateOptions, MigrateStats, Mode, Reason, Region};
 
 static TURN: Mutex<()> = Mutex::new(());
 
 /// The tests share the process-wide registry: one at a time.
 fn turn() -> MutexGuard<'static, ()> {
     TURN.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn node() -> u32 {
-    numa::memory_nodes().unwrap()[0]
 }
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -164,6 +162,7 @@ fn migrate_with(misdeed: Misdeed, folio: usize, pipelined: bool) -> (Result<Migr
 
 #[test]
 fn a_migrator_that_reports_nothing_is_not_trusted() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "a_migrator_that_reports_nothing_is_not_trusted");
     let _t = turn();
     for (folio, pipelined) in [(4096, true), (4096, false), (2 << 20, true), (2 << 20, false)] {
         let (result, rogue) = migrate_with(Misdeed::NoCopy, folio, pipelined);
@@ -177,6 +176,7 @@ fn a_migrator_that_reports_nothing_is_not_trusted() {
 
 #[test]
 fn copies_after_complete_are_refused() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "copies_after_complete_are_refused");
     let _t = turn();
     for (folio, pipelined) in [(4096, true), (4096, false), (2 << 20, true)] {
         let (result, rogue) = migrate_with(Misdeed::CopyAfterComplete, folio, pipelined);
@@ -190,6 +190,7 @@ fn copies_after_complete_are_refused() {
 
 #[test]
 fn out_of_range_reports_are_rejected() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "out_of_range_reports_are_rejected");
     let _t = turn();
     for pipelined in [true, false] {
         let (result, rogue) = migrate_with(Misdeed::OutOfRange, 4096, pipelined);
@@ -203,6 +204,8 @@ fn out_of_range_reports_are_rejected() {
 
 #[test]
 fn a_panicking_migrator_stops_the_call_and_leaves_memory_as_it_was() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "a_panicking_migrator_stops_the_call_and_leaves_memory_as_it_was");
     let _t = turn();
     for (folio, pipelined) in [(4096, true), (4096, false), (2 << 20, true), (2 << 20, false)] {
         let (result, rogue) = migrate_with(Misdeed::PanicMidway, folio, pipelined);
@@ -220,6 +223,8 @@ fn a_panicking_migrator_stops_the_call_and_leaves_memory_as_it_was() {
 
 #[test]
 fn a_migrator_sleeping_past_its_time_then_failing_falls_back() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "a_migrator_sleeping_past_its_time_then_failing_falls_back");
     let _t = turn();
     for (folio, pipelined) in [(4096, true), (2 << 20, false)] {
         let (result, rogue) = migrate_with(Misdeed::SleepThenFail, folio, pipelined);
@@ -245,6 +250,10 @@ fn panicking_progress(at: usize) -> (pagemig::migrate::Progress, Arc<AtomicUsize
 
 #[test]
 fn a_panicking_progress_callback_stops_the_call_and_leaves_memory_as_it_was() {
+    let _watchdog = common::Watchdog::new(
+        common::TEST_LIMIT,
+        "a_panicking_progress_callback_stops_the_call_and_leaves_memory_as_it_was",
+    );
     let _t = turn();
     // 4 KiB folios over 2 MiB move on the mover thread; 2 MiB folios on the caller.
     for (folio, mover, at) in [(4096, true, 3), (4096, false, 3), (2 << 20, false, 2), (4096, true, 1)] {
@@ -285,6 +294,7 @@ fn a_panicking_progress_callback_stops_the_call_and_leaves_memory_as_it_was() {
 
 #[test]
 fn batch_refuses_reports_and_copies_it_cannot_trust() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "batch_refuses_reports_and_copies_it_cannot_trust");
     let src = vec![3u8; 4 * 4096];
     let mut dst = vec![0u8; 4 * 4096];
     let pairs: Vec<_> = (0..4)
@@ -319,6 +329,8 @@ fn batch_refuses_reports_and_copies_it_cannot_trust() {
 
 #[test]
 fn raw_stores_into_unpopulated_destinations_are_filled_not_hung() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "raw_stores_into_unpopulated_destinations_are_filled_not_hung");
     let _t = turn();
     for folio in [4096, 64 << 10] {
         let (result, rogue) = migrate_with(Misdeed::RawStores, folio, true);

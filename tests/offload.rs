@@ -2,11 +2,15 @@
 //! node of every page verified, counters exact. The tests share the process-wide registry,
 //! so they take turns.
 
+mod common;
+
+use common::node;
+
 use std::sync::{Mutex, MutexGuard};
 
 use pagemig::dma::FaultPlan;
 use pagemig::workload::{self, WriteLog};
-use pagemig::{Engine, Error, MigrateOptions, Mode, Reason, Region, attr, migrators, numa};
+use pagemig::{Engine, Error, MigrateOptions, Mode, Reason, Region, attr, migrators};
 
 static TURN: Mutex<()> = Mutex::new(());
 
@@ -18,10 +22,6 @@ fn turn() -> MutexGuard<'static, ()> {
     }
     pagemig::dma::soft_default().unwrap().set_faults(FaultPlan::default());
     g
-}
-
-fn node() -> u32 {
-    numa::memory_nodes().unwrap()[0]
 }
 
 /// Migrates a fresh region with two writers running and checks everything.
@@ -43,6 +43,7 @@ fn migrate(size: usize, folio: usize, batch_pages: usize, pipelined: bool) -> pa
 
 #[test]
 fn dcbm_channels_on_small_and_huge_folios() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "dcbm_channels_on_small_and_huge_folios");
     let _t = turn();
     for channels in [1, 2, 4, 8, 16] {
         attr::select_migrator("dcbm", Some(channels), None).unwrap();
@@ -64,6 +65,7 @@ fn dcbm_channels_on_small_and_huge_folios() {
 
 #[test]
 fn mtcopy_threads_on_small_and_huge_folios() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "mtcopy_threads_on_small_and_huge_folios");
     let _t = turn();
     for threads in [1, 2, 4] {
         attr::select_migrator("mtcopy", None, Some(threads)).unwrap();
@@ -81,6 +83,7 @@ fn mtcopy_threads_on_small_and_huge_folios() {
 
 #[test]
 fn dma_faults_fall_back_and_lose_nothing() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "dma_faults_fall_back_and_lose_nothing");
     let _t = turn();
     let dev = pagemig::dma::soft_default().unwrap();
     attr::select_migrator("dcbm", Some(4), None).unwrap();
@@ -117,6 +120,7 @@ fn dma_faults_fall_back_and_lose_nothing() {
 
 #[test]
 fn injected_batch_failure_with_a_migrator_falls_back() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "injected_batch_failure_with_a_migrator_falls_back");
     let _t = turn();
     attr::select_migrator("mtcopy", None, Some(2)).unwrap();
     let region = Region::new(4 << 20, 4096, Some(node())).unwrap();
@@ -130,6 +134,8 @@ fn injected_batch_failure_with_a_migrator_falls_back() {
 
 #[test]
 fn ineligible_reasons_and_the_latency_hint_bypass_the_migrator() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "ineligible_reasons_and_the_latency_hint_bypass_the_migrator");
     let _t = turn();
     attr::select_migrator("mtcopy", None, Some(2)).unwrap();
     let region = Region::new(4 << 20, 4096, Some(node())).unwrap();
@@ -148,6 +154,7 @@ fn ineligible_reasons_and_the_latency_hint_bypass_the_migrator() {
 
 #[test]
 fn attribute_writes() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "attribute_writes");
     let _t = turn();
     let errno = |r: pagemig::Result<()>| r.unwrap_err().errno();
     // Valid.
@@ -204,6 +211,7 @@ fn attribute_writes() {
 
 #[test]
 fn pipelined_move_moves_pieces_as_they_are_copied() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "pipelined_move_moves_pieces_as_they_are_copied");
     let _t = turn();
     // 32 MiB of 2 MiB folios in one batch with the default CPU copy: pipelined, it copies
     // pieces of 2, 2, 4, 8 and 16 MiB and moves each at once (5 moves, the first after

@@ -50,6 +50,7 @@ fn mix() -> Mix {
 
 #[test]
 fn queries_match_the_kernel() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "queries_match_the_kernel");
     let m = mix();
     let mut ours = vec![i32::MIN; m.addrs.len()];
     // SAFETY: a query moves nothing.
@@ -64,6 +65,10 @@ fn queries_match_the_kernel() {
 
 #[test]
 fn moves_to_the_node_pages_are_on_match_the_kernel_and_leave_pages_alone() {
+    let _watchdog = common::Watchdog::new(
+        common::TEST_LIMIT,
+        "moves_to_the_node_pages_are_on_match_the_kernel_and_leave_pages_alone",
+    );
     let m = mix();
     let nodes = vec![node(); m.addrs.len()];
     let before = frames(&m.addrs);
@@ -80,6 +85,7 @@ fn moves_to_the_node_pages_are_on_match_the_kernel_and_leave_pages_alone() {
 
 #[test]
 fn bad_input_is_refused_before_anything_moves() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "bad_input_is_refused_before_anything_moves");
     let m = mix();
     let engine = Engine::global().unwrap();
     let before = frames(&m.addrs);
@@ -110,6 +116,7 @@ fn bad_input_is_refused_before_anything_moves() {
 /// alone.
 #[test]
 fn pages_a_child_maps_too_are_told_apart() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "pages_a_child_maps_too_are_told_apart");
     common::watchdog(std::time::Duration::from_secs(60), "shared pages", || {
         let region = Region::new(8 * PAGE_SIZE, PAGE_SIZE, Some(node() as u32)).unwrap();
         workload::fill(&region, 5);

@@ -4,14 +4,12 @@
 
 mod common;
 
+use common::node;
+
 use std::time::Duration;
 
 use common::{assert_writable, leak, pages_on, watchdog};
-use pagemig::{Engine, MigrateOptions, Mode, Reason, Region, ThpAdvice, numa, workload};
-
-fn node() -> u32 {
-    numa::memory_nodes().unwrap()[0]
-}
+use pagemig::{Engine, MigrateOptions, Mode, Reason, Region, ThpAdvice, workload};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -51,6 +49,7 @@ fn migrate_from_reserve(folio: usize, thp: ThpAdvice, size: usize, reserve: usiz
 
 #[test]
 fn without_a_reserve_the_call_prepares_its_destinations() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "without_a_reserve_the_call_prepares_its_destinations");
     let engine = Engine::new().unwrap();
     let region = leak(Region::new(8 << 20, 4096, Some(node())).unwrap());
     let opts = MigrateOptions::default().fill_empty(false);
@@ -60,18 +59,22 @@ fn without_a_reserve_the_call_prepares_its_destinations() {
 
 #[test]
 fn base_page_destinations_come_from_the_reserve() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "base_page_destinations_come_from_the_reserve");
     let prepare = migrate_from_reserve(4096, ThpAdvice::NoHuge, 16 << 20, 32 << 20);
     assert_eq!(prepare, [0, 0], "destinations populated by the call itself");
 }
 
 #[test]
 fn huge_page_destinations_come_from_the_reserve() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "huge_page_destinations_come_from_the_reserve");
     let prepare = migrate_from_reserve(2 << 20, ThpAdvice::Huge, 16 << 20, 32 << 20);
     assert_eq!(prepare, [0, 0], "destinations populated by the call itself");
 }
 
 #[test]
 fn a_reserve_smaller_than_the_call_still_moves_every_folio() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "a_reserve_smaller_than_the_call_still_moves_every_folio");
     // The call takes what the reserve has and populates the rest itself, while the thread
     // tops the reserve up between its batches; every byte, write and page is checked inside.
     migrate_from_reserve(2 << 20, ThpAdvice::Huge, 32 << 20, 4 << 20);
@@ -79,6 +82,7 @@ fn a_reserve_smaller_than_the_call_still_moves_every_folio() {
 
 #[test]
 fn reserves_on_unknown_nodes_are_refused() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "reserves_on_unknown_nodes_are_refused");
     let engine = Engine::new().unwrap();
     let err = engine.reserve(4095, 1 << 20, ThpAdvice::Default).unwrap_err();
     assert!(matches!(err, pagemig::Error::UnknownNode { .. }), "{err}");

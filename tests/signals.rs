@@ -149,6 +149,10 @@ fn child() -> i32 {
 
 #[test]
 fn a_signal_every_program_thread_blocks_never_runs_on_a_pagemig_thread() {
+    let _watchdog = common::Watchdog::new(
+        common::TEST_LIMIT,
+        "a_signal_every_program_thread_blocks_never_runs_on_a_pagemig_thread",
+    );
     // SAFETY: the child uses its own engine (a forked child opens its own) and this
     // thread's state only.
     let code = unsafe { common::fork_and_wait(Duration::from_secs(120), child) };

@@ -173,6 +173,7 @@ fn soak(target: u64, limit: Duration) -> Tally {
 
 #[test]
 fn soak_ten_thousand_migrations() {
+    let _watchdog = common::Watchdog::new(Duration::from_secs(900), "soak_ten_thousand_migrations");
     let t = soak(10_000, Duration::from_secs(240));
     println!("{t:?}");
     assert!(t.migrations >= 10_000, "only {} migrations in time: {t:?}", t.migrations);
@@ -183,6 +184,7 @@ fn soak_ten_thousand_migrations() {
 #[test]
 #[ignore = "a long soak (10^5 migrations, minutes): cargo test --release --test soak -- --ignored"]
 fn soak_long() {
+    let _watchdog = common::Watchdog::new(Duration::from_secs(3600), "soak_long");
     let t = soak(100_000, Duration::from_secs(1200));
     println!("{t:?}");
     assert!(t.migrations >= 100_000, "{t:?}");

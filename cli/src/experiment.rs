@@ -733,9 +733,9 @@ impl PeakMemory {
 /// region; then the yardsticks' two buffers of [`yardstick_bytes`] (freed before the
 /// migration); then, during the migration, the reserve (`cfg.reserve`, plus up to 2 MiB
 /// skipped per node), or the destinations of a batch that covers the whole region
-/// (populated before its first copy), or with smaller batches one batch plus the
-/// destination pool ([`pagemig::migrate::DEFAULT_POOL_LIMIT`]) and the old pages waiting
-/// for the reaper ([`pagemig::migrate::DEFAULT_REAPER_BACKLOG`]); never more than the
+/// (populated before its first copy), or with smaller batches one batch plus the old
+/// pages waiting for the reaper ([`pagemig::migrate::DEFAULT_REAPER_BACKLOG`]) (the
+/// destination pool populates only what a batch takes, or the reserve); never more than the
 /// region's size, since each destination replaces a source page.
 pub fn peak_memory(cfg: &MoveConfig) -> PeakMemory {
     let size = cfg.size as u64;
@@ -744,8 +744,7 @@ pub fn peak_memory(cfg: &MoveConfig) -> PeakMemory {
     let migration = match cfg.reserve {
         Some(bytes) => bytes as u64 + (cfg.targets().len() * pagemig::sys::HPAGE_SIZE) as u64,
         None if batch >= size => size,
-        None => (batch + pagemig::migrate::DEFAULT_POOL_LIMIT as u64 + pagemig::migrate::DEFAULT_REAPER_BACKLOG as u64)
-            .min(size),
+        None => (batch + pagemig::migrate::DEFAULT_REAPER_BACKLOG as u64).min(size),
     };
     PeakMemory { region: size, yardsticks, migration }
 }
@@ -1004,7 +1003,7 @@ mod tests {
         let cfg = config(GIB, PAGE_SIZE, 0);
         // Default batch: the capped yardstick buffers are the larger part.
         let peak = peak_memory(&cfg);
-        assert_eq!(peak, PeakMemory { region: GIB as u64, yardsticks: 512 * MIB, migration: 2 * MIB + 128 * MIB });
+        assert_eq!(peak, PeakMemory { region: GIB as u64, yardsticks: 512 * MIB, migration: 2 * MIB + 64 * MIB });
         assert_eq!(peak.total(), GIB as u64 + 512 * MIB);
         // A batch as large as the region, or a reserve of it: the whole size again.
         let whole = MoveConfig { batch_pages: GIB / PAGE_SIZE, ..cfg.clone() };

@@ -71,6 +71,14 @@ pub(crate) fn engine() -> pagemig::Result<&'static Engine> {
     Ok(engine)
 }
 
+/// Records for the summary that this process's engine is open, where a call opened it
+/// through [`pagemig::ffi::move_pages`] (which opens it after its own checks).
+pub(crate) fn note_engine() {
+    if !Engine::global_needs_opening() && Engine::global().is_ok() {
+        summary::engine_opened(std::process::id());
+    }
+}
+
 /// Runs when the library is loaded: reads the environment, silences panics (each is
 /// counted; the boundary turns it into an error), arranges the summary at exit and the
 /// counters' and the worker's reset in a forked child.

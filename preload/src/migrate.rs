@@ -6,14 +6,16 @@
 //! process that is on a node of `old_nodes` to the node `new_nodes` maps it to, and answers
 //! the number of pages it could not move. Served here in three steps:
 //!
-//! 1. on the calling thread, before pagemig starts any thread, the kernel's
-//!    `migrate_pages` with the same `new_nodes` and no old node ([`Args::check`]): it
-//!    checks the new mask, the permissions and the cpusets as the call would, and moves
-//!    nothing; its errors are the answer;
+//! 1. on the calling thread, before pagemig starts any thread ([`Args::check`]): the old
+//!    mask read as the kernel reads it (an `mbind` of no bytes), then the kernel's
+//!    `migrate_pages` with the same `new_nodes` and no old node: it checks the new mask,
+//!    the permissions and the cpusets as the call would, and moves nothing; its errors, in
+//!    the kernel's order, are the answer;
 //! 2. pagemig moves the pages of the process's private anonymous mappings that are on an
 //!    old node other than the new one ([`pagemig::movable_ranges`] over the whole address
 //!    space: not pagemig's own memory, thread stacks, malloc arenas or statics), a bounded
-//!    chunk at a time: the kernel says where each page is, pagemig moves those to move;
+//!    chunk at a time: `PAGEMAP_SCAN` finds the present pages, the kernel says where each
+//!    is, pagemig moves those on an old node;
 //! 3. the kernel's `migrate_pages` with the caller's arguments, unchanged, moves what is
 //!    left (shared and file-backed memory, stacks, pages pagemig could not move) and its
 //!    answer is the call's.
@@ -31,10 +33,6 @@ use pagemig::{Errno, PAGE_SIZE};
 use crate::config;
 use crate::summary::{self, Symbol, Whole};
 
-/// The most bits the kernel reads of a node mask (`get_nodes()`: a page of bits).
-const MAX_MASK_BITS: c_ulong = 4096 * 8;
-/// The words of a mask of [`MAX_MASK_BITS`].
-const MAX_MASK_WORDS: usize = (MAX_MASK_BITS / c_ulong::BITS as c_ulong) as usize;
 /// The top of the user address space on x86-64 (4-level page tables; 5-level kernels
 /// place nothing above it unless asked).
 const USER_TOP: usize = 1 << 47;
@@ -58,20 +56,24 @@ impl Args {
         check(unsafe { libc::syscall(libc::SYS_migrate_pages, self.pid, self.maxnode, self.old_nodes, self.new_nodes) })
     }
 
-    /// Step 1: the kernel's `migrate_pages` with no old node: it checks `new_nodes`, the
-    /// caller's rights and the cpusets as the call would and moves nothing. `None` where
-    /// the mask is longer than the kernel reads (its `EINVAL` is the call's to give). Raw
-    /// system call on a mask on the stack: async-signal-safe.
-    pub(crate) fn check(&self) -> Option<Result<c_long, Errno>> {
-        if self.maxnode > MAX_MASK_BITS + 1 {
-            return None;
-        }
-        let none = [0 as c_ulong; MAX_MASK_WORDS];
-        // SAFETY: an empty mask of ours, as long as the kernel reads; the caller's new
-        // mask as it came. With no old node nothing moves.
-        Some(check(unsafe {
-            libc::syscall(libc::SYS_migrate_pages, self.pid, self.maxnode, none.as_ptr(), self.new_nodes)
-        }))
+    /// Step 1, in the kernel's order: `old_nodes` read as the kernel reads it (an `mbind`
+    /// of no bytes with the same mask and `maxnode`: the kernel's `get_nodes()` then
+    /// nothing), then the kernel's `migrate_pages` with no old node (`NULL`): it checks
+    /// `new_nodes`, the caller's rights and the cpusets as the call would and moves nothing.
+    /// Raw system calls: async-signal-safe.
+    ///
+    /// # Errors
+    /// The kernel's, which are the call's answer.
+    pub(crate) fn check(&self) -> Result<c_long, Errno> {
+        // SAFETY: an mbind of no bytes at address 0 sets no policy and moves nothing; the
+        // kernel reads the caller's mask as migrate_pages would.
+        check(unsafe {
+            libc::syscall(libc::SYS_mbind, 0usize, 0usize, libc::MPOL_DEFAULT, self.old_nodes, self.maxnode, 0u32)
+        })?;
+        // SAFETY: no old node: nothing moves; the caller's new mask as it came.
+        check(unsafe {
+            libc::syscall(libc::SYS_migrate_pages, self.pid, self.maxnode, std::ptr::null::<c_ulong>(), self.new_nodes)
+        })
     }
 
     /// The nodes a mask names, as the kernel's `get_nodes()` reads it (`maxnode - 1` bits);
@@ -131,13 +133,15 @@ pub(crate) fn migrate_pages(args: Args) -> Result<c_long, Errno> {
         for part in parts {
             for start in (part.start..part.end).step_by(CHUNK_PAGES * PAGE_SIZE) {
                 let len = (part.end - start).min(CHUNK_PAGES * PAGE_SIZE);
-                let Ok(nodes) = pagemig::numa::page_nodes(start, len) else { continue };
-                let pages: Vec<usize> = nodes
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, n)| from.contains(n))
-                    .map(|(i, _)| start + i * PAGE_SIZE)
-                    .collect();
+                // Only the present pages (a sparse mapping of terabytes costs what its
+                // present pages cost), and of those, the ones on an old node.
+                let Ok(present) = pagemig::numa::present_ranges(start, len) else { continue };
+                let mut pages = Vec::new();
+                for run in present {
+                    let Ok(nodes) = pagemig::numa::page_nodes(run.start, run.len()) else { continue };
+                    let on_old = nodes.iter().enumerate().filter(|(_, n)| from.contains(n));
+                    pages.extend(on_old.map(|(i, _)| run.start + i * PAGE_SIZE));
+                }
                 if pages.is_empty() {
                     continue;
                 }

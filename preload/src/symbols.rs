@@ -54,16 +54,7 @@ pub unsafe extern "C" fn move_pages(
         if candidate && !ffi::headroom() {
             return whole(Whole::NoMemory);
         }
-        // Starting the worker maps its stack, and opening the engine its threads' stacks:
-        // the first may land on a page the program has just unmapped. The kernel says
-        // first which pages are mapped (raw system call, async-signal-safe); those it did
-        // not find are answered as it answers them.
-        let queried = candidate && !worker::running();
-        // SAFETY: the caller's arrays, as move_pages(2) takes them; a query moves nothing.
-        if queried && unsafe { ffi::query_status(count, pages, status) }.is_err() {
-            return whole(Whole::NotAMove);
-        }
-        worker::run(Call::MovePages { count, pages, nodes, status, flags, queried })
+        worker::run(Call::MovePages { count, pages, nodes, status, flags })
             .unwrap_or_else(|| whole(Whole::PagemigFailed))
     });
     // Signals that arrived during the call are delivered now, before errno is set.
@@ -78,31 +69,14 @@ pub(crate) fn serve_move_pages(
     nodes: *const c_int,
     status: *mut c_int,
     flags: c_int,
-    queried: bool,
 ) -> Result<c_long, pagemig::Errno> {
-    // SAFETY: the caller's arguments as they came.
-    let kernel = || unsafe { ffi::kernel_move_pages(0, count, pages, nodes, status, flags) };
-    let whole = |why| {
-        summary::whole(why, count);
-        kernel()
-    };
-    // A call pagemig may serve opens the engine first, which applies PAGEMIG_ATTRS; the
-    // others go to the kernel as they are (below).
-    let candidate = flags & !ffi::MPOL_MF_MOVE == 0 && count != 0 && !nodes.is_null();
-    // As in move_pages: the kernel is asked first where the engine is not open (a first
-    // call, or one after the program closed the engine's descriptors).
-    // SAFETY: the caller's arrays, as move_pages(2) takes them; a query moves nothing.
-    let queried = queried
-        || (candidate
-            && !pagemig::Engine::global_is_open()
-            && unsafe { ffi::query_status(count, pages, status) }.is_ok());
-    if candidate && config::engine().is_err() {
-        return whole(Whole::NoUserfaultfd);
-    }
+    // A call pagemig may serve opens the engine (which applies PAGEMIG_ATTRS), after
+    // asking the kernel which of the call's pages are mapped; the others go to the kernel
+    // as they are.
     // SAFETY: the calling thread waits, signals blocked, while its pages move; the arrays
-    // are as the caller promised move_pages(2), and with `queried` the status holds the
-    // kernel's query made before anything was opened.
-    let (result, route) = unsafe { ffi::move_pages_queried(count, pages, nodes, status, flags, queried) };
+    // are as the caller promised move_pages(2).
+    let (result, route) = unsafe { ffi::move_pages(count, pages, nodes, status, flags) };
+    config::note_engine();
     let why = match route {
         Route::Pagemig => {
             summary::served(Symbol::MovePages);
@@ -217,13 +191,9 @@ pub unsafe extern "C" fn migrate_pages(
         }
         // 1. The kernel checks the arguments, moving nothing, here on the calling thread
         // before the worker or the engine is started (as mbind's first step).
-        match args.check() {
-            None => return whole(Whole::NotAMove),
-            Some(Err(errno)) => {
-                summary::whole(Whole::NotAMove, 0);
-                return Err(errno);
-            }
-            Some(Ok(_)) => {}
+        if let Err(errno) = args.check() {
+            summary::whole(Whole::NotAMove, 0);
+            return Err(errno);
         }
         worker::run(Call::MigratePages(args)).unwrap_or_else(|| whole(Whole::PagemigFailed))
     });

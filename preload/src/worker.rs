@@ -23,10 +23,14 @@
 //!
 //! # Starting the worker
 //! The first call the library serves in a process starts the worker (a process that never
-//! migrates has no such thread, as it has no engine); a forked child starts its own, and
-//! its slot starts free (the `pthread_atfork` child handler). Starting a thread allocates
-//! (glibc's `pthread_create`): the one call of a process that starts the worker is the one
-//! that is not async-signal-safe, as is opening the engine.
+//! migrates has no such thread, as it has no engine: no thread is started before `main`,
+//! where it would break a program that must stay single-threaded, to `unshare` a user
+//! namespace say); a forked child starts its own, and its slot starts free (the
+//! `pthread_atfork` child handler). The worker's stack is mapped by the library where none
+//! of the starting call's pages lies ([`map_stack`]): the program may just have unmapped
+//! them. Starting a thread allocates (glibc's `pthread_create`): the one call of a process
+//! that starts the worker is the one that is not async-signal-safe, as is opening the
+//! engine.
 #![expect(unsafe_code, reason = "futex(2) and the slot the calling thread and the worker share")]
 
 use std::cell::{Cell, UnsafeCell};
@@ -47,8 +51,6 @@ pub(crate) enum Call {
         nodes: *const std::ffi::c_int,
         status: *mut std::ffi::c_int,
         flags: std::ffi::c_int,
-        /// `status` holds the kernel's status query, made before the worker started.
-        queried: bool,
     },
     /// `mbind(2)`.
     Mbind(crate::mbind::Args),
@@ -60,8 +62,8 @@ impl Call {
     /// Serves the call, on the worker.
     fn serve(self) -> Result<c_long, Errno> {
         match self {
-            Call::MovePages { count, pages, nodes, status, flags, queried } => {
-                crate::symbols::serve_move_pages(count, pages, nodes, status, flags, queried)
+            Call::MovePages { count, pages, nodes, status, flags } => {
+                crate::symbols::serve_move_pages(count, pages, nodes, status, flags)
             }
             Call::Mbind(args) => crate::mbind::mbind(args),
             Call::MigratePages(args) => crate::migrate::migrate_pages(args),
@@ -72,7 +74,7 @@ impl Call {
     fn kernel(self) -> Result<c_long, Errno> {
         match self {
             // SAFETY: the caller's arguments as they came; the kernel checks them.
-            Call::MovePages { count, pages, nodes, status, flags, .. } => unsafe {
+            Call::MovePages { count, pages, nodes, status, flags } => unsafe {
                 ffi::kernel_move_pages(0, count, pages, nodes, status, flags)
             },
             Call::Mbind(args) => args.kernel(args.flags),
@@ -144,7 +146,11 @@ pub(crate) fn run(call: Call) -> Option<Result<c_long, Errno>> {
     if IS_WORKER.with(Cell::get) {
         return Some(call.serve());
     }
-    if !started() {
+    let named = match call {
+        Call::MovePages { count, pages, .. } => Some((count, pages.cast_const())),
+        Call::Mbind(_) | Call::MigratePages(_) => None,
+    };
+    if !started(named) {
         return None;
     }
     loop {
@@ -171,13 +177,9 @@ pub(crate) fn run(call: Call) -> Option<Result<c_long, Errno>> {
     Some(answer.unwrap_or(Err(Errno::CANCELED)))
 }
 
-/// Whether this process's worker runs (a call now starts no thread).
-pub(crate) fn running() -> bool {
-    WORKER_PID.load(Ordering::Acquire) == pid() || IS_WORKER.with(Cell::get)
-}
-
-/// Starts this process's worker unless it runs; whether it runs.
-fn started() -> bool {
+/// Starts this process's worker unless it runs; whether it runs. `named` is the page array
+/// of the call that starts it, whose pages its stack must not take (see [`map_stack`]).
+fn started(named: Option<(std::ffi::c_ulong, *const *mut std::ffi::c_void)>) -> bool {
     let me = pid();
     loop {
         if WORKER_PID.load(Ordering::Acquire) == me {
@@ -194,12 +196,124 @@ fn started() -> bool {
         if STARTING_PID.compare_exchange(starting, me, Ordering::AcqRel, Ordering::Acquire).is_err() {
             continue;
         }
-        let spawned = ffi::spawn("pagemig-preload", serve);
-        if spawned.is_ok() {
+        let spawned = spawn_worker(named);
+        if spawned {
             WORKER_PID.store(me, Ordering::Release);
         }
         STARTING_PID.store(0, Ordering::Release);
-        return spawned.is_ok();
+        return spawned;
+    }
+}
+
+/// The worker's stack: as large as glibc's default, below an inaccessible guard page.
+const STACK: usize = 8 << 20;
+/// The guard page below the stack.
+const GUARD: usize = 4096;
+/// Stacks mapped and refused at most before the worker is started on the last one.
+const STACK_TRIES: usize = 4;
+
+/// Maps a stack for the worker (guard page and stack) where none of the pages `named`
+/// lies: a call's first call starts the worker, and a new mapping goes where the kernel
+/// finds room, which may be exactly the memory the program has just unmapped and now asks
+/// about (the kernel would answer `-EFAULT` for it; pagemig, finding its own stack there,
+/// something else). A mapping that holds a named page is kept while the next is mapped
+/// (so that the next goes elsewhere) and given back after. Raw system calls only: the page
+/// array is read with `process_vm_readv` into a buffer on this stack.
+fn map_stack(named: Option<(std::ffi::c_ulong, *const *mut std::ffi::c_void)>) -> Option<usize> {
+    let mut refused = [0usize; STACK_TRIES];
+    let mut chosen = None;
+    for slot in &mut refused {
+        // SAFETY: a fresh private anonymous mapping of ours; nothing else refers to it.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                GUARD + STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            break;
+        }
+        let base = base as usize;
+        if named.is_some_and(|(count, pages)| names_any(count, pages, base, base + GUARD + STACK)) {
+            *slot = base;
+            continue;
+        }
+        chosen = Some(base);
+        break;
+    }
+    for &base in refused.iter().filter(|&&b| b != 0) {
+        // SAFETY: a mapping of ours, mapped above and never used.
+        unsafe { libc::munmap(base as *mut libc::c_void, GUARD + STACK) };
+    }
+    let base = chosen?;
+    // SAFETY: the first page of our own mapping becomes the guard.
+    unsafe { libc::mprotect(base as *mut libc::c_void, GUARD, libc::PROT_NONE) };
+    Some(base)
+}
+
+/// Whether any of the `count` pages of the array at `pages` lies in `[start, end)`, as far
+/// as the array can be read (the kernel stops where it cannot read it too).
+fn names_any(count: std::ffi::c_ulong, pages: *const *mut std::ffi::c_void, start: usize, end: usize) -> bool {
+    const AT_ONCE: usize = 64;
+    let mut buf = [0usize; AT_ONCE];
+    let mut done: std::ffi::c_ulong = 0;
+    while done < count {
+        let n = (count - done).min(AT_ONCE as std::ffi::c_ulong) as usize;
+        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: n * size_of::<usize>() };
+        let remote = libc::iovec {
+            iov_base: pages.wrapping_add(done as usize) as *mut libc::c_void,
+            iov_len: n * size_of::<usize>(),
+        };
+        // SAFETY: reads this process's own memory into our buffer, which holds `n` words;
+        // an unreadable array is an error, not a fault.
+        let read = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        if read <= 0 {
+            return false;
+        }
+        let got = read as usize / size_of::<usize>();
+        if buf[..got].iter().any(|&a| (start..end).contains(&a)) {
+            return true;
+        }
+        if got < n {
+            return false;
+        }
+        done += n as std::ffi::c_ulong;
+    }
+    false
+}
+
+/// Starts the worker on a stack of [`map_stack`]'s, detached, with every signal blocked
+/// (the calling thread has them blocked, and the worker inherits its mask); whether it
+/// started.
+fn spawn_worker(named: Option<(std::ffi::c_ulong, *const *mut std::ffi::c_void)>) -> bool {
+    extern "C" fn worker(_: *mut libc::c_void) -> *mut libc::c_void {
+        // SAFETY: names this thread; the name is NUL-terminated and within 16 bytes.
+        unsafe { libc::pthread_setname_np(libc::pthread_self(), c"pagemig-preload".as_ptr()) };
+        let _ = catch_unwind(serve);
+        std::ptr::null_mut()
+    }
+    let Some(base) = map_stack(named) else { return false };
+    // SAFETY: `attr` is initialised before use and destroyed after; the stack is ours,
+    // mapped above, and stays mapped for the life of the process (the worker never ends).
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        if libc::pthread_attr_init(&mut attr) != 0 {
+            libc::munmap(base as *mut libc::c_void, GUARD + STACK);
+            return false;
+        }
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        libc::pthread_attr_setstack(&mut attr, (base + GUARD) as *mut libc::c_void, STACK);
+        let mut thread: libc::pthread_t = std::mem::zeroed();
+        let created = libc::pthread_create(&mut thread, &attr, worker, std::ptr::null_mut()) == 0;
+        libc::pthread_attr_destroy(&mut attr);
+        if !created {
+            libc::munmap(base as *mut libc::c_void, GUARD + STACK);
+        }
+        created
     }
 }
 

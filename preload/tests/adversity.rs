@@ -97,7 +97,7 @@ fn huge_counts_and_a_tight_address_space_limit_get_the_kernels_answers() {
 #[test]
 fn a_first_call_about_memory_just_unmapped_gets_the_kernels_efault() {
     let program = compile("tests/freed_first.c", "freed_first", &[]);
-    for call in ["move_pages", "mbind"] {
+    for call in ["move_pages", "mbind", "bad_node"] {
         let (code, stdout, stderr) = run_preloaded(&program, &[call]);
         print!("{stdout}");
         assert_eq!(code, Some(0), "freed_first {call} failed:\n{stdout}\n{stderr}");

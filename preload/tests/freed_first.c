@@ -11,7 +11,7 @@
  * Prints whether anything was mapped in the hole after the call (pagemig's stacks, when
  * the worker and engine were started there).
  *
- *   freed_first move_pages|mbind [NODE]     (default node 0)
+ *   freed_first move_pages|mbind|bad_node [NODE]     (default node 0)
  *
  * Build: cc -Wall -Wextra -Werror freed_first.c -lnuma -o freed_first */
 #define _GNU_SOURCE
@@ -66,14 +66,44 @@ static int check_bytes(const char *m, size_t len) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2 || (strcmp(argv[1], "move_pages") && strcmp(argv[1], "mbind"))) {
-        fprintf(stderr, "usage: freed_first move_pages|mbind [NODE]\n");
+    if (argc < 2 || (strcmp(argv[1], "move_pages") && strcmp(argv[1], "mbind") && strcmp(argv[1], "bad_node"))) {
+        fprintf(stderr, "usage: freed_first move_pages|mbind|bad_node [NODE]\n");
         return 2;
     }
     int node = argc > 2 ? atoi(argv[2]) : 0;
     page = sysconf(_SC_PAGESIZE);
     int failed = 0;
-    if (!strcmp(argv[1], "move_pages")) {
+    if (!strcmp(argv[1], "bad_node")) {
+        /* The first entry names a page of the hole and a node that does not exist: the
+         * kernel checks the node first and fails the call with ENODEV, moving nothing and
+         * leaving every status entry as it was. */
+        unsigned long count = 1 + MAPPED;
+        void *pages[1 + MAPPED];
+        int nodes[1 + MAPPED], kernel[1 + MAPPED], ours[1 + MAPPED];
+        char *mapped = fresh(MAPPED * page);
+        char *hole = fresh(HOLE);
+        munmap(hole, HOLE);
+        for (unsigned long i = 0; i < count; i++) {
+            pages[i] = i == 0 ? hole : mapped + (i - 1) * page;
+            nodes[i] = i == 0 ? 4000 : node;
+            kernel[i] = ours[i] = -99;
+        }
+        errno = 0;
+        long rk = syscall(SYS_move_pages, 0, count, pages, nodes, kernel, MPOL_MF_MOVE);
+        int ek = rk < 0 ? errno : 0;
+        errno = 0;
+        long ro = move_pages(0, count, pages, nodes, ours, MPOL_MF_MOVE);
+        int eo = ro < 0 ? errno : 0;
+        printf("bad_node: kernel %ld errno %d, this call %ld errno %d\n", rk, ek, ro, eo);
+        if (rk != ro || ek != eo || memcmp(kernel, ours, sizeof kernel)) {
+            printf("answers or status entries differ:");
+            for (unsigned long i = 0; i < count; i++)
+                printf(" %d/%d", kernel[i], ours[i]);
+            printf("\n");
+            failed = 1;
+        }
+        failed |= check_bytes(mapped, MAPPED * page);
+    } else if (!strcmp(argv[1], "move_pages")) {
         /* The arrays (mapped by malloc, being large) and the mapped pages first, then the
          * hole: the hole is the most recent mapping's place, and nothing of the program's
          * is mapped there before the calls. */

@@ -163,6 +163,8 @@ int main(int argc, char **argv) {
     failed |= refused("empty new mask", 0, 65, &all, &none);
     failed |= refused("a new node past the possible ones", 0, 65, &all, &far);
     failed |= refused("an old node past the possible ones", 0, 65, &far, &node0);
+    failed |= refused("unreadable old mask, empty new mask", 0, 65, (const unsigned long *)8, &none);
+    failed |= refused("old mask past what the kernel reads", 0, 1UL << 20, (const unsigned long *)8, &node0);
     failed |= refused("a process that does not exist", 0x3fffffff, 65, &all, &node0);
     failed |= refused("maxnode 0", 0, 0, &all, &node0);
     printf("%s\n", failed ? "FAILED" : "ok");

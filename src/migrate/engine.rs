@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use super::busy::Busy;
 use super::checks::{items_size_at, prepare_call};
-use super::options::{DEFAULT_MAX_BATCH_PAGES, DEFAULT_POOL_LIMIT, DEFAULT_REAPER_BACKLOG, check_max_batch_pages};
+use super::options::{DEFAULT_MAX_BATCH_PAGES, DEFAULT_REAPER_BACKLOG, check_max_batch_pages};
 use super::{
     Capabilities, MigrateOptions, MigrateStats, Mode, Reason, abort, events, fork, mover, pipeline, reaper, zerofill,
 };
@@ -57,7 +57,7 @@ impl Engine {
         Ok(Self {
             reaper: reaper::Reaper::new(graves.clone(), DEFAULT_REAPER_BACKLOG),
             uffd,
-            pool: Pool::with_fill_uffd(DEFAULT_POOL_LIMIT, graves),
+            pool: Pool::with_fill_uffd(graves),
             busy,
             max_batch_pages: AtomicUsize::new(DEFAULT_MAX_BATCH_PAGES),
             pipelined: AtomicBool::new(true),
@@ -113,9 +113,10 @@ impl Engine {
 
     /// Whether this engine's descriptors are gone: the program closed one of its
     /// userfaultfds or put a file of its own at its number (`close_range`, `dup2`). Both are
-    /// given up then (see [`Uffd::check`]): the engine's threads end, its calls fail with
-    /// `EBADF` before touching anything (`move_pages` and `move_range` hand their pages to
-    /// the kernel), and [`Engine::global`] opens a new engine in its place.
+    /// given up then (each descriptor is proved by its inode before every use): the
+    /// engine's threads end, its calls fail with `EBADF` before touching anything
+    /// (`move_pages` and `move_range` hand their pages to the kernel), and
+    /// [`Engine::global`] opens a new engine in its place.
     pub fn descriptors_lost(&self) -> bool {
         let graves = self.reaper.uffd();
         if self.uffd.check().is_ok() && graves.check().is_ok() {
@@ -413,17 +414,17 @@ struct Slot {
 static SLOT: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
 
 impl Engine {
-    /// Whether this process's engine is open and usable, so that [`Engine::global`]
-    /// returns it without opening anything: no thread, mapping or descriptor is made.
-    ///
-    /// A caller that answers for addresses the program may just have unmapped asks the
-    /// kernel about them first when this is false: opening the engine maps its threads'
-    /// stacks, and the first of them may land where the program's memory was.
+    /// Whether [`Engine::global`] would open an engine now (none in this process yet, or
+    /// the program closed the open one's descriptors): opening makes threads, so maps their
+    /// stacks, and the first of them may land where the program has just unmapped memory.
+    /// A caller that answers for addresses the program names asks the kernel about them
+    /// first when this is true. False once an engine is open, and once opening it failed
+    /// (no userfaultfd: later calls open nothing).
     #[allow(unsafe_code, reason = "reads the leaked, never freed, slot of the process")]
-    pub fn global_is_open() -> bool {
+    pub fn global_needs_opening() -> bool {
         // SAFETY: a non-null slot was leaked by `Box::into_raw` in `slot` and is never freed.
         let slot = unsafe { SLOT.load(Ordering::Acquire).as_ref() };
-        slot.is_some_and(|s| s.pid == std::process::id() && s.engine.is_ok_and(|e| !e.descriptors_lost()))
+        !slot.is_some_and(|s| s.pid == std::process::id() && !matches!(s.engine, Ok(e) if e.descriptors_lost()))
     }
 }
 

@@ -56,8 +56,8 @@ pub use engine::{Engine, migrate_pages};
 #[cfg(feature = "internals")]
 pub use options::FaultInjection;
 pub use options::{
-    Capabilities, DEFAULT_MAX_BATCH_PAGES, DEFAULT_POOL_LIMIT, DEFAULT_REAPER_BACKLOG, MAX_BATCH_PAGES_LIMIT,
-    MigrateOptions, NR_MAX_MIGRATE_PASSES, Progress, check_max_batch_pages,
+    Capabilities, DEFAULT_MAX_BATCH_PAGES, DEFAULT_REAPER_BACKLOG, MAX_BATCH_PAGES_LIMIT, MigrateOptions,
+    NR_MAX_MIGRATE_PASSES, Progress, check_max_batch_pages,
 };
 pub use pages::{PagesStats, RangeOutcome, movable_ranges};
 pub use policy::{Mode, Reason};

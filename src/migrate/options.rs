@@ -11,8 +11,6 @@ pub const DEFAULT_MAX_BATCH_PAGES: usize = 512;
 pub const MAX_BATCH_PAGES_LIMIT: usize = 262_144;
 /// Passes over busy folios before they fail with `EAGAIN` (`NR_MAX_MIGRATE_PAGES_RETRY`).
 pub const NR_MAX_MIGRATE_PASSES: usize = 10;
-/// Bytes the destination pool keeps populated ahead of use per node, at most.
-pub const DEFAULT_POOL_LIMIT: usize = 64 << 20;
 /// Bytes of replaced source pages that may wait for the reaper thread, at most.
 pub const DEFAULT_REAPER_BACKLOG: usize = 64 << 20;
 /// Checks a `max_batch_pages` value.

@@ -40,9 +40,12 @@ pub mod registry;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use crate::copy::{CopyPair, Dst, folios_copy_each, folios_copy_to};
+use crate::copy::{Dst, folios_copy_each, folios_copy_to};
 use crate::sys::Errno;
 
+/// One folio's copy in a [`Batch`]: destination, source, length (what [`Batch::pairs`]
+/// gives a migrator and [`Batch::new`] takes).
+pub use crate::copy::CopyPair;
 pub use registry::{Migrator, Owner, Registration, Registry, registry};
 
 /// Set in a folio's state once it is reported complete; the low bits count copies running.

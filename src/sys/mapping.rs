@@ -59,6 +59,7 @@ impl Mapping {
     }
 
     /// Whether the range is empty.
+    #[cfg(any(test, feature = "internals"))]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -25,6 +25,7 @@ pub const HPAGE_SIZE: usize = 2 << 20;
 
 /// `MPOL_BIND` from `<linux/mempolicy.h>`.
 const MPOL_BIND: usize = 2;
+#[cfg(test)]
 /// `MPOL_F_NODE` from `<linux/mempolicy.h>`.
 const MPOL_F_NODE: usize = 1;
 /// `MPOL_F_ADDR` from `<linux/mempolicy.h>`.
@@ -121,47 +122,7 @@ pub unsafe fn munmap(addr: usize, len: usize) -> Result<(), Errno> {
     check_int(unsafe { libc::munmap(addr as *mut c_void, len) })
 }
 
-/// Moves the pages of `[from, from + len)` over `[to, to + len)`, replacing what was
-/// mapped there: `mremap(from, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, to)`.
-///
-/// # Errors
-/// The `mremap` errno (`ENOMEM` past `vm.max_map_count`, `EINVAL` for bad ranges).
-///
-/// # Safety
-/// The caller owns both ranges; after the call `from` is unmapped and `to` holds what was
-/// at `from`.
-pub unsafe fn mremap_fixed(from: usize, len: usize, to: usize) -> Result<(), Errno> {
-    // SAFETY: the caller owns both ranges; the kernel checks that they are mapped.
-    let ret = unsafe {
-        libc::mremap(from as *mut c_void, len, len, libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED, to as *mut c_void)
-    };
-    if ret == libc::MAP_FAILED { Err(last_errno()) } else { Ok(()) }
-}
-
-/// Moves the pages of `[from, from + len)` to `[to, to + len)` and leaves `from` mapped
-/// but empty: `mremap(from, len, len, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP,
-/// to)`. Accesses to the emptied range then fault as missing pages (to userfaultfd where
-/// it is registered in missing mode).
-///
-/// # Errors
-/// The `mremap` errno (`EINVAL` where `MREMAP_DONTUNMAP` is not supported).
-///
-/// # Safety
-/// The caller owns both ranges; afterwards `from` reads as missing and `to` holds its pages.
-pub unsafe fn mremap_dontunmap(from: usize, len: usize, to: usize) -> Result<(), Errno> {
-    // SAFETY: the caller owns both ranges; the kernel checks that they are mapped.
-    let ret = unsafe {
-        libc::mremap(
-            from as *mut c_void,
-            len,
-            len,
-            libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP,
-            to as *mut c_void,
-        )
-    };
-    if ret == libc::MAP_FAILED { Err(last_errno()) } else { Ok(()) }
-}
-
+#[cfg(any(test, feature = "internals"))]
 /// Reserves `len` bytes of inaccessible address space (`PROT_NONE`), to be replaced with
 /// `MREMAP_FIXED`.
 ///
@@ -222,15 +183,6 @@ pub fn mlock(addr: usize, len: usize) -> Result<(), Errno> {
     check_int(unsafe { libc::mlock(addr as *const c_void, len) })
 }
 
-/// Unlocks a range (`munlock(2)`).
-///
-/// # Errors
-/// The `munlock` errno.
-pub fn munlock(addr: usize, len: usize) -> Result<(), Errno> {
-    // SAFETY: munlock never changes memory contents; bad ranges get ENOMEM.
-    check_int(unsafe { libc::munlock(addr as *const c_void, len) })
-}
-
 /// Locks a range's pages as they are faulted in (`mlock2(addr, len, MLOCK_ONFAULT)`): the
 /// mapping is locked without populating it.
 ///
@@ -239,21 +191,6 @@ pub fn munlock(addr: usize, len: usize) -> Result<(), Errno> {
 pub fn mlock_onfault(addr: usize, len: usize) -> Result<(), Errno> {
     // SAFETY: mlock2 never changes memory contents; bad ranges get ENOMEM.
     check_int(unsafe { libc::mlock2(addr as *const c_void, len, libc::MLOCK_ONFAULT) })
-}
-
-/// Makes a private range readable and writable (`writable`) or read-only
-/// (`mprotect(2)`).
-///
-/// # Safety
-/// No code may rely on the range's old protection while it changes: a thread writing a
-/// range made read-only dies with `SIGSEGV`.
-///
-/// # Errors
-/// The `mprotect` errno.
-pub unsafe fn mprotect(addr: usize, len: usize, writable: bool) -> Result<(), Errno> {
-    let prot = if writable { libc::PROT_READ | libc::PROT_WRITE } else { libc::PROT_READ };
-    // SAFETY: the caller vouches for what relies on the protection; contents are unchanged.
-    check_int(unsafe { libc::mprotect(addr as *mut c_void, len, prot) })
 }
 
 /// Binds a range to one node: `mbind(addr, len, MPOL_BIND, {node}, maxnode, flags)`,
@@ -274,6 +211,7 @@ pub fn mbind(addr: usize, len: usize, node: u32, move_existing: bool) -> Result<
         .map(drop)
 }
 
+#[cfg(test)]
 /// The node of the page at `addr`: `get_mempolicy(&node, NULL, 0, addr, MPOL_F_NODE |
 /// MPOL_F_ADDR)`. The page is faulted in if it is not present.
 ///
@@ -369,6 +307,7 @@ pub fn move_pages_of(pid: i32, pages: &[usize], nodes: Option<&[i32]>, status: &
     .map(|n| n as usize)
 }
 
+#[cfg(any(test, feature = "internals"))]
 /// Moves the pages of process `pid` that are on a node of `from` to the nodes of `to`:
 /// `migrate_pages(2)`. Returns the number of pages the kernel could not move.
 ///
@@ -585,7 +524,23 @@ pub fn procmap_query(fd: &std::fs::File, addr: usize, or_next: bool) -> Result<Q
 /// The errno of opening `/proc/self/pagemap` or of the ioctl (`EINVAL` for an unaligned or
 /// wrapping range, `ENOTTY` before Linux 6.7).
 pub fn huge_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, Errno> {
-    use linux_raw_sys::general::{PAGE_IS_HUGE, page_region, pm_scan_arg};
+    scan_ranges(start, end, linux_raw_sys::general::PAGE_IS_HUGE)
+}
+
+/// The ranges of `[start, end)` whose pages are present in memory (not swapped out, never
+/// touched or purged), as [`huge_ranges`] finds them: the kernel skips empty page tables,
+/// so a sparse mapping of terabytes costs what its present pages cost.
+///
+/// # Errors
+/// As [`huge_ranges`].
+pub fn present_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, Errno> {
+    scan_ranges(start, end, linux_raw_sys::general::PAGE_IS_PRESENT)
+}
+
+/// The ranges of `[start, end)` whose pages are all in `category` (a `PAGE_IS_*` bit), by
+/// the `PAGEMAP_SCAN` ioctl, adjacent ranges merged.
+fn scan_ranges(start: usize, end: usize, category: u32) -> Result<Vec<(usize, usize)>, Errno> {
+    use linux_raw_sys::general::{page_region, pm_scan_arg};
     use std::os::fd::AsRawFd;
     // _IOWR('f', 16, struct pm_scan_arg)
     const PAGEMAP_SCAN: libc::c_ulong =
@@ -605,9 +560,9 @@ pub fn huge_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, Errn
             vec_len: regions.len() as u64,
             max_pages: 0,
             category_inverted: 0,
-            category_mask: u64::from(PAGE_IS_HUGE),
+            category_mask: u64::from(category),
             category_anyof_mask: 0,
-            return_mask: u64::from(PAGE_IS_HUGE),
+            return_mask: u64::from(category),
         };
         // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `regions`, which holds
         // `vec_len` entries and outlives the call; the ioctl only reads page tables.

@@ -110,6 +110,7 @@ where
     })
 }
 
+#[cfg(test)]
 /// The calling thread's signal mask.
 pub fn current_mask() -> libc::sigset_t {
     // SAFETY: `sigset_t` is plain data, overwritten by `pthread_sigmask`.
@@ -119,6 +120,7 @@ pub fn current_mask() -> libc::sigset_t {
     mask
 }
 
+#[cfg(test)]
 /// Whether `signal` is in `set`.
 pub fn contains(set: &libc::sigset_t, signal: libc::c_int) -> bool {
     // SAFETY: `set` is a valid set; `sigismember` only reads it.

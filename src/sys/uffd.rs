@@ -330,6 +330,7 @@ impl Uffd {
         self.wp_unpopulated
     }
 
+    #[cfg(test)]
     /// Registers `[start, start + len)` in write-protect mode (`UFFDIO_REGISTER` with
     /// `UFFDIO_REGISTER_MODE_WP`). Registering a range already registered here is a no-op.
     ///
@@ -625,6 +626,7 @@ fn api(fd: &OwnedFd, features: u64) -> Result<u64, Errno> {
     if ret < 0 { Err(last_errno()) } else { Ok(api.features) }
 }
 
+#[cfg(any(test, feature = "internals"))]
 /// A fresh anonymous mapping filled by [`copy_into_new_mapping`], with the userfaultfd it
 /// is registered with. The mapping is unmapped before the descriptor is closed.
 #[derive(Debug)]
@@ -635,6 +637,7 @@ pub struct CopiedMapping {
     pub uffd: Uffd,
 }
 
+#[cfg(any(test, feature = "internals"))]
 /// Copies `[src, src + len)` into a fresh anonymous mapping bound to `node` with
 /// `UFFDIO_COPY`: `mmap(2)`, `mbind(2)` (`MPOL_BIND`), a new userfaultfd
 /// ([`Uffd::open_for_moves`]), `UFFDIO_REGISTER` in missing mode, and `UFFDIO_COPY` of the

@@ -1,5 +1,6 @@
-//! Helpers shared by the adversarial tests: a watchdog that turns a hang into a failure,
-//! and a probe that every page of a region is writable again.
+//! Helpers shared by the library's tests: the node to use, watchdogs that turn a hang into
+//! a failure (a whole test's, [`Watchdog`]; a part's, [`watchdog`]; a forked child's,
+//! [`fork_and_wait`]), and a probe that every page of a region is writable again.
 #![allow(dead_code, reason = "each test binary uses a part of these helpers")]
 
 pub mod changes;
@@ -10,6 +11,54 @@ use std::time::Duration;
 
 use pagemig::Region;
 use pagemig::sys::PAGE_SIZE;
+
+/// The first node with memory: where the host tests put and move their memory.
+pub fn node() -> u32 {
+    pagemig::numa::memory_nodes().unwrap()[0]
+}
+
+/// How long one test may run before its [`Watchdog`] ends the test binary: far past what
+/// any test takes, even under emulation and a busy machine.
+pub const TEST_LIMIT: Duration = Duration::from_secs(300);
+
+/// A whole test's watchdog: created first thing in the test, dropped when it returns or
+/// panics. If the test is still running after its limit (a writer asleep on a protection
+/// nobody lifts, a lock never released), the test binary prints what hung and aborts:
+/// the hang fails the run instead of stalling the suite.
+pub struct Watchdog {
+    done: std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+}
+
+impl Watchdog {
+    /// Starts watching the test `what` for `limit`.
+    pub fn new(limit: Duration, what: &'static str) -> Self {
+        let done = std::sync::Arc::new((std::sync::Mutex::new(false), std::sync::Condvar::new()));
+        let watched = done.clone();
+        std::thread::Builder::new()
+            .name(format!("watchdog: {what}"))
+            .spawn(move || {
+                let (lock, cv) = &*watched;
+                let guard = lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let (guard, _) = cv
+                    .wait_timeout_while(guard, limit, |done| !*done)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if !*guard {
+                    eprintln!("{what}: still running after {limit:?} (hung); the test binary aborts");
+                    std::process::abort();
+                }
+            })
+            .expect("spawn the watchdog thread");
+        Watchdog { done }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        let (lock, cv) = &*self.done;
+        *lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        cv.notify_all();
+    }
+}
 
 /// Runs `f` on a thread of its own and fails the test if it has not returned within
 /// `limit`: a hang (a writer asleep on a protection nobody lifts, a lock never released)
