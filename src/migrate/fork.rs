@@ -8,10 +8,13 @@
 //! time, makes `fork()` wait until none is open and keeps new ones from opening until the
 //! child exists.
 //!
-//! The gate is two counters, not a lock, so that the child (one thread, inheriting the
-//! counters as they were) can reopen it without meeting a lock held by threads it does not
-//! have. A page stays empty for the copy of one piece of a batch; `fork()` waits about
-//! that long.
+//! The gate is one atomic word, not a lock, so that the child (one thread, inheriting the
+//! word as it was) can reopen it without meeting a lock held by threads it does not have.
+//! A page stays empty for the copy of one piece of a batch; `fork()` waits about that
+//! long. A thread that has emptied pages and empties more while a fork waits goes on (the
+//! fork waits for its pages anyway, and they may wait for this very thread's copy); the
+//! fork seals the gate once no page is empty, and from then until it ends nothing is
+//! emptied.
 //!
 //! Only forks that run the `pthread_atfork` handlers wait: glibc's `fork()`, and
 //! `std::process::Command` where it forks. A raw `clone`/`fork` system call bypasses them
@@ -19,70 +22,152 @@
 //! copy nothing before `exec`, and need no barrier.
 #![allow(unsafe_code, reason = "installs the pthread_atfork handlers")]
 
+use std::cell::Cell;
 use std::sync::Once;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Pages empty now.
-static OPEN: AtomicUsize = AtomicUsize::new(0);
-/// Threads in `fork()` now, between the prepare handler and the parent's or child's.
-static FORKING: AtomicUsize = AtomicUsize::new(0);
+/// The gate, one word: pages empty now ([`PAGES`]), forks in progress ([`FORKS`]), and
+/// [`SEALED`]: a fork in progress saw no page empty, and none may be emptied until every
+/// fork in progress has ended.
+static STATE: AtomicU64 = AtomicU64::new(0);
+/// The bits of [`STATE`] that count empty pages.
+const PAGES: u64 = (1 << 48) - 1;
+/// One fork in progress, in [`STATE`].
+const FORK: u64 = 1 << 48;
+/// The bits of [`STATE`] that count forks in progress.
+const FORKS: u64 = ((1 << 15) - 1) << 48;
+/// Set in [`STATE`] by a fork's prepare handler once no page is empty.
+const SEALED: u64 = 1 << 63;
+
+thread_local! {
+    /// Whether this thread has emptied pages in the batch it runs now ([`Batch`]): those
+    /// may wait for this thread's own copies to fill, so its next pages must not wait for a
+    /// fork that waits for them.
+    static HOLDING: Cell<bool> = const { Cell::new(false) };
+}
 
 /// Installs the `pthread_atfork` handlers, once per process.
 pub(super) fn install() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
-        // SAFETY: the handlers are plain functions that touch only the two atomics above,
-        // which live for the whole process.
+        // SAFETY: the handlers are plain functions that touch only the atomic above, which
+        // lives for the whole process.
         let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(after), Some(in_child)) };
         // Without the handlers forks do not wait; `pthread_atfork` fails only on ENOMEM.
         debug_assert_eq!(rc, 0, "pthread_atfork");
     });
 }
 
-/// Counts `pages` empty from now on, first waiting for any `fork()` in progress to
-/// finish. Must not be called with a lock held that [`close`]'s callers need.
+/// Counts `pages` empty from now on.
+///
+/// A thread that empties no page yet in its batch first waits for any `fork()` in
+/// progress to end. One that does (its earlier pages may wait for its own copy to fill)
+/// goes on while the fork still waits for pages to fill: the fork waits for these too,
+/// and waiting here would wait for itself. Once a fork has seen no page empty (sealed),
+/// every thread waits: none holds an empty page then, so none waits for itself.
 pub(super) fn open(pages: usize) {
+    let holding = HOLDING.with(Cell::get);
     loop {
-        while FORKING.load(Ordering::SeqCst) > 0 {
+        let s = STATE.load(Ordering::SeqCst);
+        let forking = s & FORKS != 0;
+        if s & SEALED != 0 || (forking && (!holding || s & PAGES == 0)) {
             std::thread::sleep(Duration::from_micros(50));
+            continue;
         }
-        OPEN.fetch_add(pages, Ordering::SeqCst);
-        if FORKING.load(Ordering::SeqCst) == 0 {
+        if STATE.compare_exchange(s, s + pages as u64, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            HOLDING.with(|h| h.set(true));
             return;
         }
-        // A fork began meanwhile: let it go first.
-        OPEN.fetch_sub(pages, Ordering::SeqCst);
     }
 }
 
 /// `pages` counted by [`open`] are filled again (or will never be).
 pub(super) fn close(pages: usize) {
-    OPEN.fetch_sub(pages, Ordering::SeqCst);
+    STATE.fetch_sub(pages as u64, Ordering::SeqCst);
+}
+
+/// A batch run on this thread: the pages it empties are its own to fill ([`open`]). Ends
+/// when dropped.
+pub(super) struct Batch(());
+
+impl Batch {
+    /// Starts a batch on this thread.
+    pub(super) fn start() -> Self {
+        HOLDING.with(|h| h.set(false));
+        Batch(())
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        HOLDING.with(|h| h.set(false));
+    }
 }
 
 extern "C" fn prepare() {
-    FORKING.fetch_add(1, Ordering::SeqCst);
-    while OPEN.load(Ordering::SeqCst) > 0 {
+    STATE.fetch_add(FORK, Ordering::SeqCst);
+    loop {
+        let s = STATE.load(Ordering::SeqCst);
+        // Sealed by another fork in progress: no page is empty, and none will be.
+        if s & SEALED != 0 {
+            return;
+        }
+        if s & PAGES == 0 && STATE.compare_exchange(s, s | SEALED, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
+            return;
+        }
         std::thread::yield_now();
     }
 }
 
 extern "C" fn after() {
-    FORKING.fetch_sub(1, Ordering::SeqCst);
+    let _ = STATE.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
+        let s = s - FORK;
+        Some(if s & FORKS == 0 { s & !SEALED } else { s })
+    });
 }
 
 /// The child's handler: it has one thread, forking nothing, and no page of it is empty
-/// (the parent's forks waited for none to be). The counters it inherited may count other
+/// (the parent's forks waited for none to be). The gate it inherited may count other
 /// threads' forks in the parent (two threads forking at once), which never end here.
 extern "C" fn in_child() {
-    FORKING.store(0, Ordering::SeqCst);
-    OPEN.store(0, Ordering::SeqCst);
+    STATE.store(0, Ordering::SeqCst);
+    HOLDING.with(|h| h.set(false));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thread that emptied pages in its batch and empties more while a fork waits for
+    /// its first ones to fill goes on (it may be the one to fill them): before, both waited
+    /// for each other for ever. A thread that holds nothing waits for the fork.
+    #[test]
+    fn a_thread_emptying_more_pages_while_a_fork_waits_does_not_wait_for_itself() {
+        install();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let migrating = std::thread::spawn(move || {
+            let batch = Batch::start();
+            open(1);
+            let forking = std::thread::spawn(|| {
+                prepare();
+                after();
+            });
+            while STATE.load(Ordering::SeqCst) & FORKS == 0 {
+                std::thread::yield_now();
+            }
+            open(1);
+            let _ = tx.send(());
+            close(2);
+            forking.join().unwrap();
+            drop(batch);
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_secs(20)).is_ok(),
+            "the second open waited for a fork that waits for the first"
+        );
+        migrating.join().unwrap();
+    }
 
     /// A child forked while another thread of its parent was forking too inherits a count
     /// of two forks in progress, of which only its own ends in it: it must still be able to

@@ -384,8 +384,22 @@ pub(super) fn undo(engine: &Engine, start: usize, end: usize) {
 }
 
 /// [`restore`] with the claims lock held. Each span stays recorded as isolated until its
-/// pages are back, so that an event read while the lock is let go finds it.
+/// pages are back, so that an event read while the lock is let go finds it; then its pages
+/// count as filled for the fork barrier.
 fn put_back(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, end: usize) {
+    put_back_counted(engine, claims, start, end, true);
+}
+
+/// [`put_back`], where `close` says whether the pages put back count as filled for the
+/// fork barrier now (isolation counts a whole stretch open until it has finished, and
+/// closes what it did not isolate itself).
+pub(super) fn put_back_counted(
+    engine: &Engine,
+    claims: &mut MutexGuard<'_, Claims>,
+    start: usize,
+    end: usize,
+    close: bool,
+) {
     let mut patience = Patience::new();
     while let Some((s, e, g)) = claims.isolated_in(start, end).first().copied() {
         // SAFETY: `g` holds exactly the old pages of `[s, e)`, moved out by this call; the
@@ -411,7 +425,9 @@ fn put_back(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, 
             Some(_) => e,
         };
         for (a, b, _) in claims.take_isolated(s, done) {
-            super::fork::close((b - a) / sys::PAGE_SIZE);
+            if close {
+                super::fork::close((b - a) / sys::PAGE_SIZE);
+            }
         }
     }
 }

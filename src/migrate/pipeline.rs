@@ -155,6 +155,8 @@ impl<'a> Call<'a> {
     /// Runs one batch; returns the folios that were busy in another migration.
     pub fn run_batch(&mut self, batch: Vec<Item>) -> Vec<Item> {
         let engine = self.engine;
+        // The pages this batch empties wait for its own copies: see `fork::open`.
+        let _fork_batch = super::fork::Batch::start();
         if self.abort.is_set() {
             self.fail_all(&batch, stopped);
             return Vec::new();
@@ -686,9 +688,14 @@ impl<'a> Call<'a> {
                     isolated += fk.addr() - at;
                 }
                 if bad > fk.addr() {
-                    // SAFETY: pages just moved out of this folio's source, which is still
-                    // empty and waiting.
-                    let _ = unsafe { engine.uffd.move_pages(fk.addr(), grave(fk.addr()), bad - fk.addr()) };
+                    // The moved part of this folio goes back, as any isolated span does
+                    // (waiting out EAGAIN while an event is read, copying back where the
+                    // mapping changed): recorded first, so that an event meanwhile finds
+                    // its old pages in the graveyard.
+                    // They stay counted empty for the fork barrier until the stretch is
+                    // done, as everything this stretch did not isolate.
+                    claims.add_isolated(fk.addr(), bad, grave(fk.addr()));
+                    super::mover::put_back_counted(engine, &mut claims, fk.addr(), bad, false);
                 }
                 at = fk.addr();
                 if patience.wait(&mut claims, errno, bad) {
