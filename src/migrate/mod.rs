@@ -33,6 +33,48 @@
 //!    the program's), and wakes the waiting threads;
 //! 6. **undoes** whatever could not move: old pages back from the graveyard, protection
 //!    off, waiting threads woken, destination given back.
+//!
+//! # Locking
+//!
+//! Outermost first: a lock is taken only while holding locks listed above it. Every pair
+//! not nested here is never held together.
+//!
+//! 1. the agent's `moving` (`agent::server`): one move per agent, held across the whole
+//!    migration it serves;
+//! 2. the engine slot's opening gate (`engine::slot`, atomics): the thread that opens or
+//!    reopens the engine runs `Engine::new`, the config file's attributes (3, 4) and
+//!    `Pool::clear` (5) under it;
+//! 3. dcbm's `registered` (`migrators::dcbm`) -> the registry's `active`;
+//! 4. the registry's `active` (`offload::registry`): the active migrator. It is let go
+//!    before `offload_copy` runs (readers counted instead); mtcopy's `workers` -> the
+//!    pipeline's completion lock, through `on_complete` when a share is copied inline;
+//! 5. the pool's `preparer`, `reserves` (alone) and `chunks` -> `own` ranges;
+//! 6. the soft DMA device list, a channel's `state` -> the device's fault plan;
+//! 7. the fork gate (`fork`, one atomic word): taken (`fork::open`) before the claims,
+//!    never with them held; a thread that has emptied pages in its batch is never made to
+//!    wait for a fork (the fork waits for its pages);
+//! 8. the claims (`busy::Busy`): claimed ranges and their isolated and dead spans. Taken by
+//!    the caller, `pagemig-mover` and `pagemig-events`; isolating, moving in, putting back
+//!    and handling an event of the program's exclude each other. A leaf among the locks;
+//!    it is let go (`Patience`) around every retry and sleep of the pipeline and mover;
+//! 9. the reaper's `tx` -> its `pending` count;
+//! 10. the progress reporter's `state` (`mover::Reporter`) -> `Abort`'s first error;
+//! 11. leaves: `Abort`'s first error, the attributes' sources, `own` ranges, mtcopy's and
+//!     dcbm's completion latches, a channel's `worker`, a device's usage.
+//!
+//! Waits that act as locks: an isolated page blocks every access until a move into it
+//! (under the claims); a write-protected page blocks writers until its protection is
+//! lifted; the program's `madvise`/`munmap`/`mremap` of a registered range waits until
+//! `pagemig-events` has read its event (under the claims), and until then ioctls on the
+//! engine's userfaultfd answer `EAGAIN` (waited out with the claims let go); empty
+//! destinations and graveyards wait for `pagemig-zerofill`, which takes no lock.
+//!
+//! Never held across: user code (`offload_copy`, the progress callback, which runs on
+//! its own thread, DMA callbacks) under any pagemig lock; an access to memory a call may
+//! have isolated under the claims. Known long holds: the event reader keeps the claims
+//! while it puts back the old pages of memory the program moved with `mremap` during a
+//! migration (up to 5 s, waiting out `EAGAIN`); the pool's `chunks` across populating one
+//! destination; dcbm's `registered` across `unregister`'s grace period.
 
 mod abort;
 mod background;
@@ -43,6 +85,7 @@ mod events;
 mod fork;
 mod mover;
 mod options;
+mod outcome;
 mod pages;
 mod pipeline;
 pub mod policy;

@@ -122,6 +122,8 @@ impl<'p> Reporter<'p> {
         }
         let now = state.moved;
         state.told = now;
+        // No lock held while caller code runs (another mover thread may be counting).
+        drop(state);
         abort.run_caught("the progress callback", || progress(now));
     }
 
@@ -551,16 +553,11 @@ pub(super) fn bring_in(
                 one_by_one = e;
                 continue;
             }
-            let (op, errno) = match (incoming, errno) {
-                // Something else is mapped there now, or nothing.
-                (_, Errno::NOENT | Errno::EXIST | Errno::FAULT) => {
-                    ("migrate (the memory was unmapped meanwhile)", Errno::FAULT)
-                }
-                (_, Errno::INVAL) => ("migrate (the mapping changed meanwhile)", Errno::ACCESS),
-                (_, Errno::NOMEM) => ("allocating a page on the target node", Errno::NOMEM),
-                (Incoming::Move(_), e) => ("userfaultfd move of the new pages", e),
-                (Incoming::Copy(_), e) => ("userfaultfd copy of the pages into their source", e),
+            let phase = match incoming {
+                Incoming::Move(_) => super::outcome::Phase::MoveIn,
+                Incoming::Copy(_) => super::outcome::Phase::CopyIn,
             };
+            let (op, errno) = super::outcome::classify(phase, errno);
             // The folio the move stopped at fails; the move goes on after it.
             out[k] = Some((op, errno));
             put_back(engine, &mut claims, at, folios[k].end());

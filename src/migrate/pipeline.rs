@@ -725,7 +725,7 @@ impl<'a> Call<'a> {
                     continue;
                 }
                 let k = folios.partition_point(|f| f.end() <= at);
-                let (op, errno) = isolation_error(errno);
+                let (op, errno) = super::outcome::classify(super::outcome::Phase::Isolate, errno);
                 failed.push((items.start + k, op, errno));
                 at = fk.end();
             }
@@ -930,18 +930,6 @@ const CHANGED: &str = "migrate (the memory was unmapped or changed meanwhile)";
 
 /// What a folio another call held through every pass fails with.
 const BUSY_ELSEWHERE: &str = "migrate (folio busy in another migration)";
-
-/// The error a folio whose pages would not move out fails with, as `move_pages(2)` would
-/// report it.
-fn isolation_error(errno: Errno) -> (&'static str, Errno) {
-    match errno {
-        Errno::BUSY => ("migrate (a page is pinned, e.g. for DMA, or shared with another process)", Errno::BUSY),
-        Errno::AGAIN | Errno::FAULT => ("migrate (a page is not present)", Errno::NOENT),
-        Errno::NOENT => ("migrate (the memory was unmapped meanwhile)", Errno::FAULT),
-        Errno::INVAL => ("migrate (the mapping's protection or locking changed meanwhile)", Errno::ACCESS),
-        e => ("userfaultfd move of the old pages", e),
-    }
-}
 
 /// Makes the present pages of the protected, claimed `[start, end)` this process's own:
 /// protection off for a moment, a write fault taken on each present page without writing

@@ -187,8 +187,9 @@ impl Registry {
     /// be handed unpopulated destinations ([`OffloadCopy::fills_unpopulated`]); `false`
     /// when none is registered.
     pub fn active_fills_unpopulated(&self) -> bool {
-        let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
-        active.as_ref().and_then(|m| m.offload_copy.as_ref()).is_some_and(|c| c.fills_unpopulated())
+        // The migrator's code runs with the lock let go: it may use the registry itself.
+        let copy = self.active.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|m| m.offload_copy.clone());
+        copy.is_some_and(|c| c.fills_unpopulated())
     }
 
     /// Whether a migrator is registered (one relaxed load: the static-key check).

@@ -61,8 +61,33 @@ const UFFD_API: u64 = 0xaa;
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
 /// `UFFDIO_WRITEPROTECT_MODE_WP`.
 const WRITEPROTECT_MODE_WP: u64 = 1;
+/// `_IOWR(0xAA, nr, T)`: a userfaultfd ioctl number that reads and writes a `T`.
+const fn iowr<T>(nr: u32) -> u32 {
+    (3 << 30) | ((size_of::<T>() as u32) << 16) | (0xaa << 8) | nr
+}
+
 /// `UFFDIO_MOVE`: `_IOWR(0xAA, 0x05, struct uffdio_move)`.
-const UFFDIO_MOVE: u32 = 0xc028_aa05;
+const UFFDIO_MOVE: u32 = iowr::<uffdio_move>(0x05);
+
+/// A userfaultfd ioctl tied to the structure it takes: [`Uffd::ioctl`] hands the kernel a
+/// pointer to exactly that structure. Only the constants below exist.
+struct Request<T> {
+    number: u32,
+    arg: std::marker::PhantomData<fn(&mut T)>,
+}
+
+impl<T> Request<T> {
+    const fn new(number: u32) -> Self {
+        Request { number, arg: std::marker::PhantomData }
+    }
+}
+
+const MOVE: Request<uffdio_move> = Request::new(UFFDIO_MOVE);
+const REGISTER: Request<uffdio_register> = Request::new(UFFDIO_REGISTER);
+const UNREGISTER: Request<uffdio_range> = Request::new(UFFDIO_UNREGISTER);
+const WRITEPROTECT: Request<uffdio_writeprotect> = Request::new(UFFDIO_WRITEPROTECT);
+const COPY: Request<uffdio_copy> = Request::new(UFFDIO_COPY);
+const WAKE: Request<uffdio_range> = Request::new(UFFDIO_WAKE);
 /// The features pagemig needs besides write-protection: moving pages, and hearing of
 /// `madvise` purges and `mremap`s of registered memory.
 const FEATURES: u64 = (UFFD_FEATURE_PAGEFAULT_FLAG_WP
@@ -386,7 +411,7 @@ impl Uffd {
                 move_: 0,
             };
             // SAFETY: a valid uffdio_move; what the move does to memory is the caller's promise.
-            let result = self.ioctl(UFFDIO_MOVE, &mut mv as *mut _ as *mut libc::c_void);
+            let result = self.ioctl(MOVE, &mut mv);
             (usize::try_from(mv.move_).unwrap_or(0), result)
         })
     }
@@ -471,7 +496,7 @@ impl Uffd {
     fn register(&self, start: usize, len: usize, mode: u64) -> Result<(), Errno> {
         let mut reg = uffdio_register { range: range(start, len), mode, ioctls: 0 };
         // SAFETY: `reg` is a valid uffdio_register the kernel reads and updates in place.
-        self.ioctl(UFFDIO_REGISTER, &mut reg as *mut _ as *mut libc::c_void)
+        self.ioctl(REGISTER, &mut reg)
     }
 
     /// Unregisters `[start, start + len)` (`UFFDIO_UNREGISTER`), which also clears any write
@@ -481,7 +506,7 @@ impl Uffd {
     /// The `UFFDIO_UNREGISTER` errno.
     pub fn unregister(&self, start: usize, len: usize) -> Result<(), Errno> {
         let mut r = range(start, len);
-        self.ioctl(UFFDIO_UNREGISTER, &mut r as *mut _ as *mut libc::c_void)
+        self.ioctl(UNREGISTER, &mut r)
     }
 
     /// Write-protects (`protect = true`) or unprotects `[start, start + len)`
@@ -512,7 +537,7 @@ impl Uffd {
     pub fn writeprotect_once(&self, start: usize, len: usize, protect: bool) -> Result<(), Errno> {
         let mode = if protect { WRITEPROTECT_MODE_WP } else { 0 };
         let mut wp = uffdio_writeprotect { range: range(start, len), mode };
-        self.ioctl(UFFDIO_WRITEPROTECT, &mut wp as *mut _ as *mut libc::c_void)
+        self.ioctl(WRITEPROTECT, &mut wp)
     }
 
     /// Fills the empty, registered `[dst, dst + len)` with new pages holding a copy of
@@ -536,7 +561,7 @@ impl Uffd {
                 copy: 0,
             };
             // SAFETY: a valid uffdio_copy; what the copy fills is the caller's promise.
-            let result = self.ioctl(UFFDIO_COPY, &mut cp as *mut _ as *mut libc::c_void);
+            let result = self.ioctl(COPY, &mut cp);
             (usize::try_from(cp.copy).unwrap_or(0), result)
         })
     }
@@ -548,16 +573,18 @@ impl Uffd {
     /// The `UFFDIO_WAKE` errno.
     pub fn wake(&self, start: usize, len: usize) -> Result<(), Errno> {
         let mut r = range(start, len);
-        self.ioctl(UFFDIO_WAKE, &mut r as *mut _ as *mut libc::c_void)
+        self.ioctl(WAKE, &mut r)
     }
 
-    fn ioctl(&self, request: u32, arg: *mut libc::c_void) -> Result<(), Errno> {
+    fn ioctl<T>(&self, request: Request<T>, arg: &mut T) -> Result<(), Errno> {
         // An ioctl of userfaultfd's numbers on the program's file could mean anything there.
         self.check_quick()?;
-        // SAFETY: callers pass a pointer to the structure `request` expects, live for the
-        // call; the descriptor was just proven to be this userfaultfd, whose ioctls change
-        // page protection and wake threads, never memory contents.
-        let ret = unsafe { libc::ioctl(self.fd, request as libc::c_ulong, arg) };
+        // SAFETY: `arg` is the structure `request` takes (a `Request` exists only for the
+        // pairs above), live for the call; the descriptor was just proven to be this
+        // userfaultfd. What a move or copy does to memory is its caller's promise (those
+        // are unsafe fns); the other ioctls change registration and protection and wake
+        // threads, never memory contents.
+        let ret = unsafe { libc::ioctl(self.fd, request.number as libc::c_ulong, arg as *mut T) };
         if ret < 0 { Err(last_errno()) } else { Ok(()) }
     }
 }
@@ -675,6 +702,15 @@ pub fn copy_into_new_mapping(src: usize, len: usize, node: Option<u32>) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The ioctl numbers computed here are the kernel's.
+    #[test]
+    fn ioctl_numbers_are_the_kernels() {
+        assert_eq!(UFFDIO_MOVE, 0xc028_aa05);
+        assert_eq!(iowr::<uffdio_copy>(0x03), UFFDIO_COPY);
+        assert_eq!(iowr::<uffdio_register>(0x00), UFFDIO_REGISTER);
+        assert_eq!(iowr::<uffdio_writeprotect>(0x06), UFFDIO_WRITEPROTECT);
+    }
     use crate::sys::{PAGE_SIZE, mmap_anon, munmap};
 
     #[test]

@@ -1,0 +1,78 @@
+//! What a failed step of a migration means for its folio: one table, `classify`, from the
+//! phase and the errno the kernel gave to the reason reported and the status `move_pages(2)`
+//! would give that page.
+//!
+//! The same errno means different things in different phases, because the program's range
+//! is the source of one `UFFDIO_MOVE` and the destination of another: moving the old pages
+//! out (isolation), a hole in the source (`EFAULT`, `EAGAIN` on a swapped or never-touched
+//! page) is a page not present, `-ENOENT` as the kernel reports it; moving the new pages in,
+//! the range's being gone (`ENOENT`, `EEXIST`: something else mapped there; `EFAULT`) is
+//! memory the program unmapped, `-EFAULT`.
+
+use crate::sys::Errno;
+
+/// The step of a folio's migration that failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Phase {
+    /// Moving the old pages out of the program's range into the graveyard.
+    Isolate,
+    /// Moving the filled destination into the program's range (`UFFDIO_MOVE`).
+    MoveIn,
+    /// Copying the old pages from the graveyard into the program's range (`UFFDIO_COPY`).
+    CopyIn,
+}
+
+/// The folio's failure for `errno` in `phase`: what failed, and the status `move_pages(2)`
+/// gives such a page.
+pub(super) fn classify(phase: Phase, errno: Errno) -> (&'static str, Errno) {
+    match (phase, errno) {
+        (Phase::Isolate, Errno::BUSY) => {
+            ("migrate (a page is pinned, e.g. for DMA, or shared with another process)", Errno::BUSY)
+        }
+        (Phase::Isolate, Errno::AGAIN | Errno::FAULT) => ("migrate (a page is not present)", Errno::NOENT),
+        (Phase::Isolate, Errno::NOENT) => ("migrate (the memory was unmapped meanwhile)", Errno::FAULT),
+        (Phase::Isolate, Errno::INVAL) => {
+            ("migrate (the mapping's protection or locking changed meanwhile)", Errno::ACCESS)
+        }
+        (Phase::Isolate, e) => ("userfaultfd move of the old pages", e),
+        // Something else is mapped there now, or nothing.
+        (Phase::MoveIn | Phase::CopyIn, Errno::NOENT | Errno::EXIST | Errno::FAULT) => {
+            ("migrate (the memory was unmapped meanwhile)", Errno::FAULT)
+        }
+        (Phase::MoveIn | Phase::CopyIn, Errno::INVAL) => ("migrate (the mapping changed meanwhile)", Errno::ACCESS),
+        (Phase::MoveIn | Phase::CopyIn, Errno::NOMEM) => ("allocating a page on the target node", Errno::NOMEM),
+        (Phase::MoveIn, e) => ("userfaultfd move of the new pages", e),
+        (Phase::CopyIn, e) => ("userfaultfd copy of the pages into their source", e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The statuses, phase by phase, as `move_pages(2)` reports such pages.
+    #[test]
+    fn every_phase_reports_what_move_pages_would() {
+        let status = |phase, errno| classify(phase, errno).1;
+        // Moving out: a pinned page is busy; a hole is a page not present; a range gone is
+        // unmapped; a changed mapping is refused as the kernel refuses a VMA it cannot
+        // migrate.
+        assert_eq!(status(Phase::Isolate, Errno::BUSY), Errno::BUSY);
+        assert_eq!(status(Phase::Isolate, Errno::FAULT), Errno::NOENT);
+        assert_eq!(status(Phase::Isolate, Errno::AGAIN), Errno::NOENT);
+        assert_eq!(status(Phase::Isolate, Errno::NOENT), Errno::FAULT);
+        assert_eq!(status(Phase::Isolate, Errno::INVAL), Errno::ACCESS);
+        assert_eq!(status(Phase::Isolate, Errno::IO), Errno::IO);
+        // Moving or copying in: the range gone (whatever the kernel calls it) is unmapped.
+        for phase in [Phase::MoveIn, Phase::CopyIn] {
+            for errno in [Errno::NOENT, Errno::EXIST, Errno::FAULT] {
+                assert_eq!(status(phase, errno), Errno::FAULT, "{phase:?} {errno:?}");
+            }
+            assert_eq!(status(phase, Errno::INVAL), Errno::ACCESS);
+            assert_eq!(status(phase, Errno::NOMEM), Errno::NOMEM);
+            assert_eq!(status(phase, Errno::IO), Errno::IO);
+        }
+        assert!(classify(Phase::CopyIn, Errno::IO).0.contains("copy"));
+        assert!(classify(Phase::MoveIn, Errno::IO).0.contains("move"));
+    }
+}
