@@ -110,3 +110,51 @@ fn a_child_forked_while_the_kernels_are_measured_measures_them_itself() {
         assert!(!k.figures.is_empty() || k.hot == copy::Kernel::Nt);
     });
 }
+
+/// A child forked while other threads use pagemig's process-wide state (the migrator
+/// registry, the attributes, the DMA devices, dcbm and mtcopy) finds none of their locks
+/// held: each fork waits until no thread is inside one. Before, a child forked while a
+/// thread held one of them waited for ever on its first use.
+#[test]
+fn children_forked_while_threads_use_the_process_wide_state_find_it_free() {
+    let _watchdog = common::Watchdog::new(
+        common::TEST_LIMIT,
+        "children_forked_while_threads_use_the_process_wide_state_find_it_free",
+    );
+    // The process-wide state exists, and the fork handlers are installed.
+    let _ = Engine::global().unwrap();
+    let _ = pagemig::migrators::dcbm::global();
+    let _ = pagemig::migrators::mtcopy();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let users: Vec<_> = (0..2)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = pagemig::offload::registry().active_name();
+                    let _ = pagemig::offload::registry().active_fills_unpopulated();
+                    let _ = pagemig::attr::read("dcbm/nr_dma_chan");
+                    let _ = pagemig::dma::devices();
+                }
+            })
+        })
+        .collect();
+    let mut hung = 0;
+    for _ in 0..200 {
+        // SAFETY: the child uses the process-wide state and ends with _exit.
+        let code = unsafe {
+            common::fork_and_wait_or_kill(Duration::from_secs(5), || {
+                let _ = pagemig::offload::registry().active_name();
+                let _ = pagemig::attr::read("dcbm/nr_dma_chan");
+                let _ = pagemig::dma::devices();
+                0
+            })
+        };
+        hung += usize::from(code.is_none());
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for u in users {
+        u.join().unwrap();
+    }
+    assert_eq!(hung, 0, "children that waited for ever on a lock their parent's thread held at the fork");
+}

@@ -33,8 +33,6 @@ pub mod config;
 
 use std::sync::atomic::Ordering;
 
-use parking_lot::Mutex;
-
 pub use config::{Loaded, Rejected, Setting, Source, loaded};
 
 use crate::error::{Error, Result};
@@ -129,10 +127,15 @@ fn parse_range(attr: &Attr, value: &str, lo: usize, hi: usize) -> Result<usize> 
 }
 
 /// Where each attribute's value came from, for those not at their default.
-static SOURCES: Mutex<Vec<(&'static str, Source)>> = Mutex::new(Vec::new());
+static SOURCES: std::sync::Mutex<Vec<(&'static str, Source)>> = std::sync::Mutex::new(Vec::new());
+
+/// Takes the attributes' lock for a `fork()` in progress (see `migrate::fork`).
+pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
+    held.push(Box::new(SOURCES.lock().unwrap_or_else(std::sync::PoisonError::into_inner)));
+}
 
 pub(crate) fn set_source(path: &'static str, source: Source) {
-    let mut sources = SOURCES.lock();
+    let mut sources = SOURCES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     sources.retain(|(p, _)| *p != path);
     if source != Source::Default {
         sources.push((path, source));
@@ -147,7 +150,12 @@ pub(crate) fn set_source(path: &'static str, source: Source) {
 pub fn source(path: &str) -> Result<Source> {
     let attr = find(path)?;
     let _ = loaded();
-    Ok(SOURCES.lock().iter().find(|(p, _)| *p == attr.path).map_or(Source::Default, |(_, s)| s.clone()))
+    Ok(SOURCES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .iter()
+        .find(|(p, _)| *p == attr.path)
+        .map_or(Source::Default, |(_, s)| s.clone()))
 }
 
 /// The engine as a write reaches it: the process-wide one, or, while that one opens and

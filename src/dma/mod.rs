@@ -52,8 +52,6 @@ pub use device::{Chan, Device, FaultPlan, MAX_SOFT_CHANNELS, SharedChan, SoftCon
 use std::ops::{BitOr, BitOrAssign};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-
 use crate::copy::CopyPair;
 use crate::sys::Errno;
 
@@ -253,7 +251,7 @@ pub(crate) fn any_overlap(pieces: &[CopyPair]) -> bool {
 }
 
 /// The devices registered with [`register_device`], in registration order.
-static DEVICES: Mutex<Vec<Arc<Device>>> = Mutex::new(Vec::new());
+static DEVICES: std::sync::Mutex<Vec<Arc<Device>>> = std::sync::Mutex::new(Vec::new());
 
 /// Makes `device` available to [`request_chan_by_mask`] and [`find_channel`]
 /// (`dma_async_device_register()`).
@@ -261,7 +259,7 @@ static DEVICES: Mutex<Vec<Arc<Device>>> = Mutex::new(Vec::new());
 /// # Errors
 /// `EEXIST` when this device, or another with the same name, is registered.
 pub fn register_device(device: Arc<Device>) -> Result<(), Errno> {
-    let mut devices = DEVICES.lock();
+    let mut devices = DEVICES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if devices.iter().any(|d| Arc::ptr_eq(d, &device) || d.name() == device.name()) {
         return Err(Errno::EXIST);
     }
@@ -275,7 +273,7 @@ pub fn register_device(device: Arc<Device>) -> Result<(), Errno> {
 /// # Errors
 /// `EINVAL` when `device` is not registered.
 pub fn unregister_device(device: &Arc<Device>) -> Result<(), Errno> {
-    let mut devices = DEVICES.lock();
+    let mut devices = DEVICES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let at = devices.iter().position(|d| Arc::ptr_eq(d, device)).ok_or(Errno::INVAL)?;
     devices.remove(at);
     Ok(())
@@ -283,7 +281,7 @@ pub fn unregister_device(device: &Arc<Device>) -> Result<(), Errno> {
 
 /// The registered devices, in registration order.
 pub fn devices() -> Vec<Arc<Device>> {
-    DEVICES.lock().clone()
+    DEVICES.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
 }
 
 /// Takes a free channel with every capability of `mask` from the first registered device
@@ -302,6 +300,16 @@ pub fn find_channel(mask: Caps) -> Option<SharedChan> {
     devices().iter().find_map(|d| d.find_channel(mask))
 }
 
+/// The process-wide soft device of [`soft_default`], once made.
+static DEFAULT: std::sync::Mutex<Option<Arc<Device>>> = std::sync::Mutex::new(None);
+
+/// Takes the device registry's locks for a `fork()` in progress (see `migrate::fork`), in
+/// the lock order.
+pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
+    held.push(Box::new(DEFAULT.lock().unwrap_or_else(std::sync::PoisonError::into_inner)));
+    held.push(Box::new(DEVICES.lock().unwrap_or_else(std::sync::PoisonError::into_inner)));
+}
+
 /// The process-wide soft device `soft0`, with 16 channels and the default
 /// [`SoftConfig`], made and registered on the first call.
 ///
@@ -309,8 +317,8 @@ pub fn find_channel(mask: Caps) -> Option<SharedChan> {
 /// The errno of making it, or `EEXIST` when another device named `soft0` is registered;
 /// the next call tries again.
 pub fn soft_default() -> Result<Arc<Device>, Errno> {
-    static DEFAULT: Mutex<Option<Arc<Device>>> = Mutex::new(None);
-    let mut slot = DEFAULT.lock();
+    crate::migrate::install_fork_handlers();
+    let mut slot = DEFAULT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(device) = slot.as_ref() {
         return Ok(device.clone());
     }

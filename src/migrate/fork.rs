@@ -16,6 +16,15 @@
 //! fork seals the gate once no page is empty, and from then until it ends nothing is
 //! emptied.
 //!
+//! The same handler then takes every process-wide lock of pagemig's (the migrator
+//! registry, dcbm's and mtcopy's, the DMA devices, the attributes' sources), in the lock
+//! order, and lets them go in the parent and in the child: no other thread is inside one
+//! mid-update when the process is copied, and the child finds them free (glibc does the
+//! same for malloc's arenas). They are `std` mutexes: a `parking_lot` one keeps its waiters
+//! in a table of its own, and a child would find the parent's waiters queued there, for
+//! ever. Per-call and per-engine state (the claims, the pool) is never used by a child,
+//! which opens an engine of its own, nor is `own`'s set, made again per process.
+//!
 //! Only forks that run the `pthread_atfork` handlers wait: glibc's `fork()`, and
 //! `std::process::Command` where it forks. A raw `clone`/`fork` system call bypasses them
 //! (see the README's Limits). `vfork()` and `posix_spawn()` share the parent's memory or
@@ -41,6 +50,9 @@ const FORKS: u64 = ((1 << 15) - 1) << 48;
 const SEALED: u64 = 1 << 63;
 
 thread_local! {
+    /// The process-wide locks the forking thread holds between the prepare handler and
+    /// the parent's or child's (dropped there, which lets them go).
+    static HELD: std::cell::RefCell<Vec<Box<dyn std::any::Any>>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Whether this thread has emptied pages in the batch it runs now ([`Batch`]): those
     /// may wait for this thread's own copies to fill, so its next pages must not wait for a
     /// fork that waits for them.
@@ -111,16 +123,39 @@ extern "C" fn prepare() {
         let s = STATE.load(Ordering::SeqCst);
         // Sealed by another fork in progress: no page is empty, and none will be.
         if s & SEALED != 0 {
-            return;
+            break;
         }
         if s & PAGES == 0 && STATE.compare_exchange(s, s | SEALED, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
-            return;
+            break;
         }
         std::thread::yield_now();
     }
+    hold_locks();
+}
+
+/// Takes every process-wide lock of pagemig's, in the lock order (`migrate`'s LOCKING),
+/// after the barrier: no other thread is then inside one, mid-update, when the process is
+/// copied, and the child finds them all free (glibc does the same for malloc's arenas).
+/// Taken after the barrier because a migration filling its pages may need one of them.
+fn hold_locks() {
+    let mut held = Vec::new();
+    crate::migrators::hold_for_fork(&mut held);
+    #[cfg(not(loom))]
+    crate::offload::registry::hold_for_fork(&mut held);
+    crate::dma::hold_for_fork(&mut held);
+    crate::attr::hold_for_fork(&mut held);
+    HELD.with(|h| h.borrow_mut().extend(held));
+}
+
+/// Lets go of what [`hold_locks`] took (in the parent, and in the child, whose one thread
+/// is the one that took them).
+fn release_locks() {
+    let held = HELD.with(|h| std::mem::take(&mut *h.borrow_mut()));
+    drop(held);
 }
 
 extern "C" fn after() {
+    release_locks();
     let _ = STATE.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
         let s = s - FORK;
         Some(if s & FORKS == 0 { s & !SEALED } else { s })
@@ -131,6 +166,7 @@ extern "C" fn after() {
 /// (the parent's forks waited for none to be). The gate it inherited may count other
 /// threads' forks in the parent (two threads forking at once), which never end here.
 extern "C" fn in_child() {
+    release_locks();
     STATE.store(0, Ordering::SeqCst);
     HOLDING.with(|h| h.set(false));
 }

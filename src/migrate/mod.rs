@@ -62,6 +62,10 @@
 //! 11. leaves: `Abort`'s first error, the attributes' sources, `own` ranges, mtcopy's and
 //!     dcbm's completion latches, a channel's `worker`, a device's usage.
 //!
+//! A `fork()` takes the fork gate (its barrier), then the process-wide locks of 3 to 6 and
+//! the attributes' sources in this order, and lets them go in the parent and the child
+//! (`fork`): the child finds none held.
+//!
 //! Waits that act as locks: an isolated page blocks every access until a move into it
 //! (under the claims); a write-protected page blocks writers until its protection is
 //! lifted; the program's `madvise`/`munmap`/`mremap` of a registered range waits until
@@ -75,6 +79,12 @@
 //! while it puts back the old pages of memory the program moved with `mremap` during a
 //! migration (up to 5 s, waiting out `EAGAIN`); the pool's `chunks` across populating one
 //! destination; dcbm's `registered` across `unregister`'s grace period.
+
+/// Installs the `fork()` handlers (the barrier for emptied pages and the process-wide
+/// locks held across the fork), once per process.
+pub(crate) fn install_fork_handlers() {
+    fork::install();
+}
 
 mod abort;
 mod background;

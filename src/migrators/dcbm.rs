@@ -68,7 +68,7 @@ pub struct Dcbm {
     timeout_us: AtomicU64,
     owner: Arc<Owner>,
     /// The registered migrator while offloading (the seed's `dcbm_mutex` guards it).
-    registered: Mutex<Option<Migrator>>,
+    registered: std::sync::Mutex<Option<Migrator>>,
 }
 
 impl std::fmt::Debug for Dcbm {
@@ -97,7 +97,7 @@ impl Dcbm {
             folios_failures: AtomicU64::new(0),
             timeout_us: AtomicU64::new(DEFAULT_TIMEOUT.as_micros() as u64),
             owner: Owner::new(NAME),
-            registered: Mutex::new(None),
+            registered: std::sync::Mutex::new(None),
         })
     }
 
@@ -133,7 +133,7 @@ impl Dcbm {
     /// `EBUSY` when another migrator is active; `ENODEV` when the owner is going away;
     /// `EINVAL` when turning off with a registry where it is not the active migrator.
     pub fn set_offloading_in(self: &Arc<Self>, registry: &Registry, on: bool) -> Result<(), Errno> {
-        let mut registered = self.registered.lock();
+        let mut registered = self.registered.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if on == registered.is_some() {
             return Ok(());
         }
@@ -299,10 +299,19 @@ unsafe impl OffloadCopy for Dcbm {
     }
 }
 
+/// The process-wide migrator of [`global`].
+static DCBM: OnceLock<Arc<Dcbm>> = OnceLock::new();
+
+/// Takes the global migrator's lock for a `fork()` in progress (see `migrate::fork`).
+pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
+    if let Some(d) = DCBM.get() {
+        held.push(Box::new(d.registered.lock().unwrap_or_else(std::sync::PoisonError::into_inner)));
+    }
+}
+
 /// The process-wide migrator that the `dcbm/*` attributes drive: it takes its channels
 /// from the DMA registry, where [`dma::soft_default`] is registered on first use.
 pub fn global() -> &'static Arc<Dcbm> {
-    static DCBM: OnceLock<Arc<Dcbm>> = OnceLock::new();
     DCBM.get_or_init(|| {
         // Without a device every batch is declined (`ENODEV`) and falls back; a later
         // registration of a device makes DCBM usable.

@@ -12,9 +12,20 @@ pub fn dcbm() -> &'static Arc<dcbm::Dcbm> {
     dcbm::global()
 }
 
+/// The process-wide migrator of [`mtcopy()`].
+static MTCOPY: OnceLock<Arc<mtcopy::MtCopy>> = OnceLock::new();
+
+/// Takes the process-wide migrators' locks for a `fork()` in progress (see
+/// `migrate::fork`), in the lock order.
+pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
+    dcbm::hold_for_fork(held);
+    if let Some(m) = MTCOPY.get() {
+        m.hold_for_fork(held);
+    }
+}
+
 /// The process-wide multi-threaded copy migrator, with one thread per CPU to start.
 pub fn mtcopy() -> &'static Arc<mtcopy::MtCopy> {
-    static MTCOPY: OnceLock<Arc<mtcopy::MtCopy>> = OnceLock::new();
     MTCOPY.get_or_init(|| {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, mtcopy::MAX_THREADS);
         mtcopy::MtCopy::new(cpus).expect("a thread count within bounds")

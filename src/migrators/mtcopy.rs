@@ -126,6 +126,11 @@ impl std::fmt::Debug for MtCopy {
 }
 
 impl MtCopy {
+    /// Takes the worker list's lock for a `fork()` in progress (see `migrate::fork`).
+    pub(crate) fn hold_for_fork(&'static self, held: &mut Vec<Box<dyn std::any::Any>>) {
+        held.push(Box::new(self.workers.lock().unwrap_or_else(|e| e.into_inner())));
+    }
+
     /// A migrator with `threads` workers (started on first use).
     ///
     /// # Errors

@@ -310,10 +310,24 @@ impl fmt::Debug for Registration<'_> {
     }
 }
 
+/// The process-wide registry.
+static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
+
 /// The process-wide registry the migration pipeline dispatches through.
 pub fn registry() -> &'static Registry {
-    static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
-    REGISTRY.get_or_init(Registry::new)
+    REGISTRY.get_or_init(|| {
+        crate::migrate::install_fork_handlers();
+        Registry::new()
+    })
+}
+
+/// Takes the registry's lock for a `fork()` in progress (see `migrate::fork`): the child
+/// must not inherit it held by a thread it does not have.
+#[cfg(not(loom))]
+pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
+    if let Some(r) = REGISTRY.get() {
+        held.push(Box::new(r.active.lock().unwrap_or_else(|e| e.into_inner())));
+    }
 }
 
 #[cfg(all(test, not(loom)))]

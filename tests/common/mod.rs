@@ -139,8 +139,19 @@ pub fn shared_file_pages(pages: usize) -> (std::fs::File, usize) {
 /// # Safety
 /// `child` runs in a forked copy of a multithreaded process: it must need nothing that
 /// only another thread of the parent would release.
-#[allow(unsafe_code, reason = "fork, waitpid, kill, _exit")]
 pub unsafe fn fork_and_wait(limit: Duration, child: impl FnOnce() -> i32) -> i32 {
+    // SAFETY: the caller's promise.
+    unsafe { fork_and_wait_or_kill(limit, child) }
+        .unwrap_or_else(|| panic!("the forked child hung (still running after {limit:?})"))
+}
+
+/// [`fork_and_wait`], where a child still running after `limit` is killed and reported
+/// as `None`.
+///
+/// # Safety
+/// As [`fork_and_wait`].
+#[allow(unsafe_code, reason = "fork, waitpid, kill, _exit")]
+pub unsafe fn fork_and_wait_or_kill(limit: Duration, child: impl FnOnce() -> i32) -> Option<i32> {
     // SAFETY: the caller's promise about `child`.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
@@ -163,14 +174,17 @@ pub unsafe fn fork_and_wait(limit: Duration, child: impl FnOnce() -> i32) -> i32
                     eprintln!("{}", String::from_utf8_lossy(&o.stdout));
                 }
             }
-            // SAFETY: our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("the forked child hung (still running after {limit:?})");
+            // SAFETY: our own child; reaped right after.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            return None;
         }
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
-    libc::WEXITSTATUS(status)
+    Some(libc::WEXITSTATUS(status))
 }
 
 /// The address of a page this process mapped, wrote and unmapped again, placed low in the
