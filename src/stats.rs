@@ -168,36 +168,6 @@ impl MigrateStats {
         let i = ((v.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize;
         Some(Duration::from_nanos(v[i]))
     }
-
-    /// Adds another call's counters and times to these.
-    pub fn accumulate(&mut self, o: &MigrateStats) {
-        self.folios += o.folios;
-        self.succeeded_folios += o.succeeded_folios;
-        self.failed_folios += o.failed_folios;
-        self.retried_folios += o.retried_folios;
-        self.succeeded_pages += o.succeeded_pages;
-        self.failed_pages += o.failed_pages;
-        self.thp_succeeded += o.thp_succeeded;
-        self.thp_failed += o.thp_failed;
-        self.bytes += o.bytes;
-        self.batches += o.batches;
-        self.runs += o.runs;
-        self.mover_runs += o.mover_runs;
-        self.batch_copied_folios += o.batch_copied_folios;
-        self.offloaded_folios += o.offloaded_folios;
-        self.fallback_folios += o.fallback_folios;
-        self.single_copied_folios += o.single_copied_folios;
-        self.relock_failures += o.relock_failures;
-        self.copied_in_folios += o.copied_in_folios;
-        self.prepare_ns += o.prepare_ns;
-        self.unmap_ns += o.unmap_ns;
-        self.copy_ns += o.copy_ns;
-        self.move_ns += o.move_ns;
-        self.total_ns += o.total_ns;
-        self.critical_ns += o.critical_ns;
-        self.first_folio_ns.extend_from_slice(&o.first_folio_ns);
-        self.failures.extend_from_slice(&o.failures);
-    }
 }
 
 /// Bytes per second in units of 10^9.

@@ -371,7 +371,7 @@ impl Engine {
             tally
         });
         if let Some(tally) = tally {
-            stats.accumulate(&tally.stats);
+            stats.merge(&tally.stats);
             stats.mover_runs = tally.stats.runs;
             if first_error.is_none() {
                 first_error = tally.first_error;

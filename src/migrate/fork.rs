@@ -118,6 +118,13 @@ impl Drop for Batch {
 }
 
 extern "C" fn prepare() {
+    barrier();
+    hold_locks();
+}
+
+/// The first half of [`prepare`]: counts this fork in progress and waits until no page is
+/// empty, then seals the gate.
+fn barrier() {
     STATE.fetch_add(FORK, Ordering::SeqCst);
     loop {
         let s = STATE.load(Ordering::SeqCst);
@@ -130,7 +137,6 @@ extern "C" fn prepare() {
         }
         std::thread::yield_now();
     }
-    hold_locks();
 }
 
 /// Takes every process-wide lock of pagemig's, in the lock order (`migrate`'s LOCKING),
@@ -138,6 +144,11 @@ extern "C" fn prepare() {
 /// copied, and the child finds them all free (glibc does the same for malloc's arenas).
 /// Taken after the barrier because a migration filling its pages may need one of them.
 fn hold_locks() {
+    // This thread holds them already (a fork from within a fork's handlers): taking a
+    // std mutex twice would wait for ever.
+    if HELD.with(|h| !h.borrow().is_empty()) {
+        return;
+    }
     let mut held = Vec::new();
     crate::migrators::hold_for_fork(&mut held);
     #[cfg(not(loom))]
@@ -211,8 +222,9 @@ mod tests {
     #[test]
     fn a_child_forked_beside_another_fork_can_migrate() {
         install();
-        // Another thread's fork in progress, as its prepare handler left the counters.
-        prepare();
+        // Another thread's fork in progress, past its barrier (it would take the locks next:
+        // this thread's own fork then waits for them, so it is not taken here).
+        barrier();
         // SAFETY: the child touches only the two atomics and calls `_exit`.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
