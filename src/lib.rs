@@ -128,6 +128,7 @@ pub mod migrators;
 pub mod numa;
 pub mod offload;
 mod own;
+mod process;
 pub mod region;
 pub mod stats;
 mod sync;

@@ -13,40 +13,22 @@
 //! The set belongs to the process that claimed it: a child forked meanwhile does not have
 //! the parent's pool and graveyards (they are `MADV_DONTFORK`), so it starts empty there.
 
-use std::sync::atomic::{AtomicPtr, Ordering};
-
 use parking_lot::Mutex;
 
-/// The claimed ranges of process `pid`, sorted and disjoint.
+use crate::process::PerProcess;
+
+/// The claimed ranges of this process, sorted and disjoint.
 struct Set {
-    pid: u32,
     ranges: Mutex<Vec<(usize, usize)>>,
 }
 
 /// This process's set. A child forked while a thread of its parent held the set's lock
 /// would find it held for ever, so a child makes a set of its own rather than share the
-/// parent's (left in place: the parent's threads are not there to finish with it).
-static SET: AtomicPtr<Set> = AtomicPtr::new(std::ptr::null_mut());
+/// parent's ([`PerProcess`]).
+static SET: PerProcess<Set> = PerProcess::new();
 
-#[expect(unsafe_code, reason = "reads the leaked, never freed, set of the process")]
 fn set() -> &'static Set {
-    let pid = std::process::id();
-    loop {
-        let current = SET.load(Ordering::Acquire);
-        // SAFETY: a non-null pointer was made by `Box::into_raw` below and is never freed.
-        if let Some(set) = unsafe { current.as_ref() }
-            && set.pid == pid
-        {
-            return set;
-        }
-        let fresh = Box::into_raw(Box::new(Set { pid, ranges: Mutex::new(Vec::new()) }));
-        if SET.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            // SAFETY: just made, and published for the life of the process.
-            return unsafe { &*fresh };
-        }
-        // SAFETY: another thread published its set first; ours was never shared.
-        drop(unsafe { Box::from_raw(fresh) });
-    }
+    SET.get_or_init(|| Set { ranges: Mutex::new(Vec::new()) })
 }
 
 /// Runs `f` on this process's set.
