@@ -6,6 +6,9 @@
 //! The time bounds below detect a hang (a request served after another's ten-second wait);
 //! they are not measurements: a healthy agent answers in milliseconds.
 
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixStream};
@@ -31,17 +34,10 @@ fn root() -> bool {
     unsafe { libc::getuid() == 0 }
 }
 
-/// Runs `body` on a thread of its own and fails the test if it takes over `secs`.
+/// Runs `body` on a thread of its own and fails the test if it takes over `secs` (the
+/// library's tests' watchdog).
 fn watchdog(secs: u64, body: impl FnOnce() + Send + 'static) {
-    let (tx, rx) = channel();
-    let handle = std::thread::spawn(move || {
-        body();
-        let _ = tx.send(());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => handle.join().unwrap(),
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("watchdog: no end after {secs} s"),
-    }
+    common::watchdog(Duration::from_secs(secs), "the test's body", body);
 }
 
 /// A running `pagemig-target` with its agent, killed when dropped.

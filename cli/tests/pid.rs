@@ -7,6 +7,9 @@
 //! reports, the permissions and that no byte changes. Run on two nodes (the target with
 //! `--on-node 0`, the moves `--to-node 1`), the same commands move the memory.
 
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::linux::net::SocketAddrExt;
 use std::os::unix::net::{SocketAddr, UnixStream};
@@ -18,17 +21,10 @@ fn node() -> u32 {
     pagemig::numa::memory_nodes().unwrap()[0]
 }
 
-/// Runs `body` on a thread of its own and fails the test if it takes over `secs`.
+/// Runs `body` on a thread of its own and fails the test if it takes over `secs` (the
+/// library's tests' watchdog).
 fn watchdog(secs: u64, body: impl FnOnce() + Send + 'static) {
-    let (tx, rx) = channel();
-    let handle = std::thread::spawn(move || {
-        body();
-        let _ = tx.send(());
-    });
-    match rx.recv_timeout(Duration::from_secs(secs)) {
-        Ok(()) | Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => handle.join().unwrap(),
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("watchdog: no end after {secs} s"),
-    }
+    common::watchdog(Duration::from_secs(secs), "the test's body", body);
 }
 
 /// A running `pagemig-target`, killed when dropped.
