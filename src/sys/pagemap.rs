@@ -1,0 +1,172 @@
+//! What the kernel says of this process's pages and mappings: `/proc/self/pagemap` (its
+//! `PAGEMAP_SCAN` ioctl and entries) and the `PROCMAP_QUERY` ioctl of `/proc/self/maps`.
+
+use super::{Errno, PAGE_SIZE, check_int, last_errno};
+
+/// For each page address in `pages`, whether the page is present and mapped by another
+/// process too (a `fork`'s copy-on-write sharing, `/proc/self/pagemap` bit 56 "exclusively
+/// mapped" clear): the pages `move_pages(2)` refuses with `EACCES` without
+/// `MPOL_MF_MOVE_ALL`. Pages not present answer `false`.
+///
+/// # Errors
+/// The errno of opening or reading `/proc/self/pagemap`.
+pub fn shared_pages(pages: &[usize]) -> Result<Vec<bool>, Errno> {
+    use std::os::unix::fs::FileExt;
+    const PRESENT: u64 = 1 << 63;
+    const EXCLUSIVE: u64 = 1 << 56;
+    /// Entries read at once, at most.
+    const CHUNK: usize = 8192;
+    let file = std::fs::File::open("/proc/self/pagemap").map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+    let mut order: Vec<usize> = (0..pages.len()).collect();
+    order.sort_unstable_by_key(|&i| pages[i] / PAGE_SIZE);
+    let mut shared = vec![false; pages.len()];
+    let mut buf = vec![0u8; CHUNK * 8];
+    let mut k = 0;
+    while k < order.len() {
+        // A run of pages no more than CHUNK entries wide, read with one pread.
+        let first = pages[order[k]] / PAGE_SIZE;
+        let mut j = k;
+        while j < order.len() && pages[order[j]] / PAGE_SIZE < first + CHUNK {
+            j += 1;
+        }
+        let span = pages[order[j - 1]] / PAGE_SIZE - first + 1;
+        let bytes = &mut buf[..span * 8];
+        file.read_exact_at(bytes, (first * 8) as u64).map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+        for &i in &order[k..j] {
+            let at = (pages[i] / PAGE_SIZE - first) * 8;
+            let entry = u64::from_ne_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+            shared[i] = entry & PRESENT != 0 && entry & EXCLUSIVE == 0;
+        }
+        k = j;
+    }
+    Ok(shared)
+}
+
+/// A mapping as `PROCMAP_QUERY` describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueriedVma {
+    /// First address.
+    pub start: usize,
+    /// One past the last address.
+    pub end: usize,
+    /// `PROCMAP_QUERY_VMA_*` bits: readable 1, writable 2, executable 4, shared 8.
+    pub flags: u64,
+    /// Inode of the backing file (0 for anonymous memory).
+    pub inode: u64,
+    /// The path or pseudo-name (`[heap]`, `[anon:name]`), empty for plain anonymous memory.
+    pub name: String,
+}
+
+/// The mapping of this process that holds `addr`, or (with `or_next`) the first one above
+/// it: `ioctl(fd, PROCMAP_QUERY)` on an open `/proc/self/maps` (Linux 6.11), one lookup
+/// in the kernel's tree instead of a walk of every mapping.
+///
+/// # Errors
+/// `ENOENT` when there is none, `ENOTTY` before Linux 6.11, or the ioctl's errno.
+pub fn procmap_query(fd: &std::fs::File, addr: usize, or_next: bool) -> Result<QueriedVma, Errno> {
+    use linux_raw_sys::general::{procmap_query, procmap_query_flags};
+    use std::os::fd::AsRawFd;
+    // _IOWR('f', 17, struct procmap_query)
+    const PROCMAP_QUERY: libc::c_ulong =
+        (3 << 30) | ((std::mem::size_of::<procmap_query>() as libc::c_ulong) << 16) | (0x66 << 8) | 17;
+    let mut name = [0u8; 4096];
+    let mut q = procmap_query {
+        size: std::mem::size_of::<procmap_query>() as u64,
+        query_flags: if or_next { procmap_query_flags::PROCMAP_QUERY_COVERING_OR_NEXT_VMA as u64 } else { 0 },
+        query_addr: addr as u64,
+        vma_start: 0,
+        vma_end: 0,
+        vma_flags: 0,
+        vma_page_size: 0,
+        vma_offset: 0,
+        inode: 0,
+        dev_major: 0,
+        dev_minor: 0,
+        vma_name_size: name.len() as u32,
+        build_id_size: 0,
+        vma_name_addr: name.as_mut_ptr() as u64,
+        build_id_addr: 0,
+    };
+    // SAFETY: `q` is a valid `procmap_query` of its own size, and its name buffer is
+    // `name`, writable for `vma_name_size` bytes for the duration of the call.
+    check_int(unsafe { libc::ioctl(fd.as_raw_fd(), PROCMAP_QUERY, &mut q) })?;
+    let len = (q.vma_name_size as usize).min(name.len());
+    let text = &name[..len];
+    let text = &text[..text.iter().position(|&b| b == 0).unwrap_or(len)];
+    Ok(QueriedVma {
+        start: q.vma_start as usize,
+        end: q.vma_end as usize,
+        flags: q.vma_flags,
+        inode: q.inode,
+        name: String::from_utf8_lossy(text).into_owned(),
+    })
+}
+
+/// The ranges of `[start, end)` mapped by huge pages in this process (a transparent huge
+/// page mapped whole by one page-table entry), from the `PAGEMAP_SCAN` ioctl on
+/// `/proc/self/pagemap` (Linux 6.7), as `(start, end)` in address order.
+///
+/// # Errors
+/// The errno of opening `/proc/self/pagemap` or of the ioctl (`EINVAL` for an unaligned or
+/// wrapping range, `ENOTTY` before Linux 6.7).
+pub fn huge_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, Errno> {
+    scan_ranges(start, end, linux_raw_sys::general::PAGE_IS_HUGE)
+}
+
+/// The ranges of `[start, end)` whose pages are present in memory (not swapped out, never
+/// touched or purged), as [`huge_ranges`] finds them: the kernel skips empty page tables,
+/// so a sparse mapping of terabytes costs what its present pages cost.
+///
+/// # Errors
+/// As [`huge_ranges`].
+pub fn present_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, Errno> {
+    scan_ranges(start, end, linux_raw_sys::general::PAGE_IS_PRESENT)
+}
+
+/// The ranges of `[start, end)` whose pages are all in `category` (a `PAGE_IS_*` bit), by
+/// the `PAGEMAP_SCAN` ioctl, adjacent ranges merged.
+fn scan_ranges(start: usize, end: usize, category: u32) -> Result<Vec<(usize, usize)>, Errno> {
+    use linux_raw_sys::general::{page_region, pm_scan_arg};
+    use std::os::fd::AsRawFd;
+    // _IOWR('f', 16, struct pm_scan_arg)
+    const PAGEMAP_SCAN: libc::c_ulong =
+        (3 << 30) | ((std::mem::size_of::<pm_scan_arg>() as libc::c_ulong) << 16) | (0x66 << 8) | 16;
+    let file = std::fs::File::open("/proc/self/pagemap").map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    let mut regions = vec![page_region { start: 0, end: 0, categories: 0 }; 256];
+    let mut at = start;
+    while at < end {
+        let mut arg = pm_scan_arg {
+            size: std::mem::size_of::<pm_scan_arg>() as u64,
+            flags: 0,
+            start: at as u64,
+            end: end as u64,
+            walk_end: 0,
+            vec: regions.as_mut_ptr() as u64,
+            vec_len: regions.len() as u64,
+            max_pages: 0,
+            category_inverted: 0,
+            category_mask: u64::from(category),
+            category_anyof_mask: 0,
+            return_mask: u64::from(category),
+        };
+        // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `regions`, which holds
+        // `vec_len` entries and outlives the call; the ioctl only reads page tables.
+        let n = unsafe { libc::ioctl(file.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut pm_scan_arg) };
+        if n < 0 {
+            return Err(last_errno());
+        }
+        for r in &regions[..n as usize] {
+            match out.last_mut() {
+                Some(last) if last.1 == r.start as usize => last.1 = r.end as usize,
+                _ => out.push((r.start as usize, r.end as usize)),
+            }
+        }
+        let walked = arg.walk_end as usize;
+        if walked <= at {
+            break;
+        }
+        at = walked;
+    }
+    Ok(out)
+}

@@ -1,0 +1,81 @@
+//! The process and its threads: peer credentials, dumpability, descriptors closed in forked
+//! children, CPU affinity.
+
+use super::{Errno, check_int};
+
+/// The process, user and group at the other end of a connected Unix socket, as they were
+/// when it connected or listened: `getsockopt(SO_PEERCRED)` (see `unix(7)`). The user and
+/// group are the peer's effective ones.
+///
+/// # Errors
+/// The `getsockopt` errno (`ENOTSOCK`, `ENOTCONN`).
+pub fn peer_cred(fd: std::os::fd::BorrowedFd<'_>) -> Result<(i32, u32, u32), Errno> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid locals of the size given; the descriptor is borrowed
+    // for the call.
+    check_int(unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    })?;
+    Ok((cred.pid, cred.uid, cred.gid))
+}
+
+/// Whether this process is dumpable (`prctl(PR_GET_DUMPABLE)`): the kernel lets only
+/// holders of `CAP_SYS_PTRACE` inspect or migrate a process that is not.
+pub fn dumpable() -> bool {
+    // SAFETY: PR_GET_DUMPABLE takes no pointer and only reads the process's flag.
+    unsafe { libc::prctl(libc::PR_GET_DUMPABLE, 0, 0, 0, 0) == 1 }
+}
+
+/// The descriptor a forked child closes (`-1`: none).
+static CLOSE_IN_CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
+
+extern "C" fn close_in_child() {
+    let fd = CLOSE_IN_CHILD.swap(-1, std::sync::atomic::Ordering::SeqCst);
+    if fd >= 0 {
+        // SAFETY: the parent handed this descriptor over for exactly this; in the child, no
+        // thread but the forking one exists, and nothing there uses it (the thread that
+        // did is the parent's). `close` is async-signal-safe.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// Makes every child forked from now on close `fd` (one descriptor per process: a later
+/// call replaces it) as it starts, with a `pthread_atfork` child handler: a listening
+/// socket whose serving thread a child does not have must not stay open there, holding its
+/// name for connections nobody accepts.
+pub fn close_in_children(fd: std::os::fd::RawFd) {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    CLOSE_IN_CHILD.store(fd, std::sync::atomic::Ordering::SeqCst);
+    INSTALL.call_once(|| {
+        // SAFETY: the handler is a plain function that touches only the atomic above and
+        // calls `close`.
+        let rc = unsafe { libc::pthread_atfork(None, None, Some(close_in_child)) };
+        debug_assert_eq!(rc, 0, "pthread_atfork");
+    });
+}
+
+/// The CPUs the calling thread may run on, in order (empty if the kernel does not say).
+pub fn allowed_cpus() -> Vec<usize> {
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(set) => (0..rustix::thread::CpuSet::MAX_CPU).filter(|&c| set.is_set(c)).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Pins the calling thread to `cpu`.
+///
+/// # Errors
+/// The errno of `sched_setaffinity(2)` (`EINVAL` for a CPU the thread may not use).
+pub fn pin_to_cpu(cpu: usize) -> Result<(), Errno> {
+    let mut set = rustix::thread::CpuSet::new();
+    set.set(cpu);
+    rustix::thread::sched_setaffinity(None, &set)
+}
