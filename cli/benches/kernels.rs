@@ -41,11 +41,11 @@ fn copy_kernels(c: &mut Criterion) {
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_with_input(BenchmarkId::new("copy_bytes", size), &size, |b, &n| {
             // SAFETY: two distinct mappings of `len >= n` bytes that only this benchmark uses.
-            b.iter(|| unsafe { sys::copy_bytes(dst.addr(), src.addr(), black_box(n)) })
+            b.iter(|| unsafe { pagemig::copy::simd::copy_bytes(dst.addr(), src.addr(), black_box(n)) })
         });
         g.bench_with_input(BenchmarkId::new("copy_bytes_nt", size), &size, |b, &n| {
             // SAFETY: as above.
-            b.iter(|| unsafe { sys::copy_bytes_nt(dst.addr(), src.addr(), black_box(n)) })
+            b.iter(|| unsafe { pagemig::copy::simd::copy_bytes_nt(dst.addr(), src.addr(), black_box(n)) })
         });
     }
     for folio in [4 << 10, 2 << 20] {

@@ -33,7 +33,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::{Caps, Cookie, FaultPlan, PrepFlags, Segment, Status, any_overlap, pair_segments};
 use crate::copy::CopyPair;
-use crate::sys::{self, Errno};
+use crate::sys::Errno;
 
 /// A completion callback: called once, on the channel's thread, with the descriptor's
 /// outcome (`Err(EIO)` for a failed copy).
@@ -393,7 +393,7 @@ unsafe fn execute(pieces: &[CopyPair], fail: bool, abort: &AtomicU64, generation
         if let Some(first) = pieces.first() {
             let half = (first.len / 2) & !63;
             // SAFETY: a prefix of the first piece, which the caller vouches for.
-            unsafe { sys::copy_bytes_nt(first.dst, first.src, half) };
+            unsafe { crate::copy::simd::copy_bytes_nt(first.dst, first.src, half) };
         }
         return Err(Errno::IO);
     }
@@ -406,7 +406,7 @@ unsafe fn execute(pieces: &[CopyPair], fail: bool, abort: &AtomicU64, generation
             let len = CHUNK.min(piece.len - done);
             // SAFETY: `done + len <= piece.len`, so this is inside a piece the caller
             // vouches for; pieces never overlap their sources (checked at prep).
-            unsafe { sys::copy_bytes_nt(piece.dst + done, piece.src + done, len) };
+            unsafe { crate::copy::simd::copy_bytes_nt(piece.dst + done, piece.src + done, len) };
             done += len;
         }
     }

@@ -1,6 +1,7 @@
 //! Thin, safe wrappers over the system calls pagemig is built on.
 //!
-//! This module and the copy kernels are the only places with `unsafe` code. Every wrapper
+//! This module and the copy kernels (their loops: `copy::simd`) are the only places with
+//! `unsafe` code. Every wrapper
 //! returns an [`Errno`] on failure; the callers above attach context. The raw calls go
 //! through `libc::syscall` for the NUMA calls that glibc does not wrap (`mbind`,
 //! `get_mempolicy`, `move_pages`) and through `libc` for the memory-management calls;
@@ -9,7 +10,7 @@
 //!
 //! By topic: `mm` (mappings, advice, locking), `mempolicy` (policies and placement),
 //! `pagemap` (what the kernel says of pages and mappings), `task` (credentials, forked
-//! children, CPU affinity), `simd` (the copy loops), `uffd` (userfaultfd), `thread`
+//! children, CPU affinity), `uffd` (userfaultfd), `thread`
 //! (threads with every signal blocked), `mapping` (an owned mapping); their items are
 //! re-exported here.
 #![allow(unsafe_code)]
@@ -18,7 +19,6 @@ pub mod mapping;
 mod mempolicy;
 mod mm;
 mod pagemap;
-mod simd;
 mod task;
 pub mod thread;
 pub mod uffd;
@@ -27,7 +27,6 @@ pub use mapping::Mapping;
 pub use mempolicy::*;
 pub use mm::*;
 pub use pagemap::*;
-pub use simd::*;
 pub use task::*;
 
 pub use rustix::io::Errno;
@@ -59,7 +58,7 @@ mod tests {
     fn flushed_lines_keep_their_data() {
         let buf: Vec<u8> = (0..(1 << 20) + 77).map(|i| (i * 7 + 3) as u8).collect();
         // SAFETY: `buf` is ours and readable throughout.
-        let flushed = unsafe { flush_cache(buf.as_ptr() as usize + 5, buf.len() - 5) };
+        let flushed = unsafe { crate::copy::simd::flush_cache(buf.as_ptr() as usize + 5, buf.len() - 5) };
         assert_eq!(flushed, cfg!(target_arch = "x86_64"));
         assert!(buf.iter().enumerate().all(|(i, &b)| b == (i * 7 + 3) as u8));
     }
@@ -95,7 +94,7 @@ mod tests {
             // SAFETY: both ranges lie inside our two private mappings.
             unsafe {
                 std::ptr::write_bytes(dst.addr() as *mut u8, 0xaa, dst.len());
-                copy_bytes_nt(dst.addr() + off, src.addr() + off, len);
+                crate::copy::simd::copy_bytes_nt(dst.addr() + off, src.addr() + off, len);
             }
             for b in off.saturating_sub(64)..(off + len + 64) {
                 // SAFETY: reading our own mappings, no other thread touches them.

@@ -7,6 +7,8 @@
 //! not caught here.
 #![allow(unsafe_code)]
 
+pub mod simd;
+
 use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
 use crate::sys::uffd::Uffd;
@@ -124,7 +126,7 @@ pub unsafe fn folios_copy_to(pairs: &[CopyPair], dst: Dst<'_>) -> Result<(), Err
                     // A page already there (a part copied before): stored into.
                     let at = done + n;
                     // SAFETY: inside the caller's pair; the page is mapped (EEXIST).
-                    unsafe { sys::copy_bytes_nt(pair.dst + at, pair.src + at, page) };
+                    unsafe { simd::copy_bytes_nt(pair.dst + at, pair.src + at, page) };
                     done = at + page;
                 }
                 Err((n, Errno::AGAIN)) if again < 1000 => {
@@ -209,7 +211,7 @@ pub fn memcpy_baseline(len: usize, folio_size: usize, reps: usize) -> Result<Vec
     for rep in 0..=reps {
         let started = std::time::Instant::now();
         // SAFETY: two distinct mappings of `len` bytes that only this function can reach.
-        unsafe { sys::copy_bytes(dst.addr(), src.addr(), len) };
+        unsafe { simd::copy_bytes(dst.addr(), src.addr(), len) };
         // Repetition 0 warms up and is not counted.
         if rep > 0 {
             times.push(started.elapsed());
@@ -247,14 +249,14 @@ impl Kernel {
     /// Copies `len` bytes from `src` to `dst`.
     ///
     /// # Safety
-    /// As [`sys::copy_bytes`].
+    /// As [`simd::copy_bytes`].
     pub unsafe fn copy(self, dst: usize, src: usize, len: usize) {
         // SAFETY: forwarded from the caller's contract.
         unsafe {
             match self {
-                Kernel::Nt => sys::copy_bytes_nt_streams(dst, src, len, false),
-                Kernel::NtTwoStreams => sys::copy_bytes_nt_streams(dst, src, len, true),
-                Kernel::Memcpy => sys::copy_bytes(dst, src, len),
+                Kernel::Nt => simd::copy_bytes_nt_streams(dst, src, len, false),
+                Kernel::NtTwoStreams => simd::copy_bytes_nt_streams(dst, src, len, true),
+                Kernel::Memcpy => simd::copy_bytes(dst, src, len),
             }
         }
     }
@@ -430,7 +432,7 @@ fn calibrate() -> Result<Kernels, Errno> {
     // Flushed line by line where the CPU can (no memory beyond the copy's own), else pushed
     // out by writing a scratch area twice the last-level cache (up to 256 MiB).
     // SAFETY: a readable mapping of ours; the flush reads nothing else.
-    let scratch = if unsafe { sys::flush_cache(src.addr(), 64) } {
+    let scratch = if unsafe { simd::flush_cache(src.addr(), 64) } {
         None
     } else {
         let len = (2 * llc_bytes()).clamp(16 << 20, 256 << 20).next_multiple_of(sys::HPAGE_SIZE);
@@ -440,7 +442,7 @@ fn calibrate() -> Result<Kernels, Errno> {
         None => {
             for m in std::iter::once(&src).chain(populated_dst) {
                 // SAFETY: mappings of ours, `LEN` bytes each, populated.
-                unsafe { sys::flush_cache(m.addr(), LEN) };
+                unsafe { simd::flush_cache(m.addr(), LEN) };
             }
         }
         // SAFETY: a mapping of ours, used by this function alone.
