@@ -94,8 +94,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use crate::error::Result;
 
 pub use client::{ping, request_move};
-pub use protocol::{MAGIC, MAX_REQUEST, MappingReport, MoveRequest, Report, Request, Route, VERSION, parse_range};
-pub use routing::{MIN_ACCELERATED, migrate_self};
+pub use protocol::{MappingReport, MoveRequest, Report, Route, parse_range};
+// The wire protocol's and the serving side's own items: not the client's to use.
+pub(crate) use protocol::{MAGIC, MAX_REQUEST, Request, VERSION};
+pub(crate) use routing::migrate_self;
 
 /// The abstract socket name (without the leading NUL) the agent of process `pid` listens on.
 pub fn socket_name(pid: u32) -> String {
