@@ -76,9 +76,17 @@ mod tests {
             // SAFETY: ends the child at once.
             unsafe { libc::_exit(if fresh { 0 } else { 1 }) };
         }
+        let started = std::time::Instant::now();
         let mut status = 0;
-        // SAFETY: waits for our own child, which ends at once.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        // SAFETY: waits, without blocking, for our own child, which ends at once.
+        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+            if started.elapsed() > std::time::Duration::from_secs(20) {
+                // SAFETY: our own child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("the child hung");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child status {status:#x}");
         assert_eq!(CELL.get(), Some(parent));
     }
