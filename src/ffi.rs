@@ -538,21 +538,8 @@ mod tests {
             // SAFETY: ends the child without running the parent's destructors.
             unsafe { libc::_exit(if right { 0 } else { 1 }) };
         }
-        let started = std::time::Instant::now();
-        let mut wstatus = 0;
-        // SAFETY: waits, without blocking, for the child just forked.
-        while unsafe { libc::waitpid(pid, &mut wstatus, libc::WNOHANG) } == 0 {
-            if started.elapsed() > std::time::Duration::from_secs(120) {
-                // SAFETY: our own child.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                panic!("the child hung");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        assert!(
-            libc::WIFEXITED(wstatus) && libc::WEXITSTATUS(wstatus) == 0,
-            "the child's answer differed: {wstatus:#x}"
-        );
+        let code = crate::process::wait_child(pid, std::time::Duration::from_secs(120), "the child hung");
+        assert_eq!(code, 0, "the child's answer differed");
     }
 
     #[test]

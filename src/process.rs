@@ -56,6 +56,27 @@ impl<T: 'static> PerProcess<T> {
     }
 }
 
+/// Waits for the child `pid` (just forked by a unit test) at most `limit`; its exit code.
+/// A child still running then is killed and fails the test with `hung`; one that did not
+/// exit normally fails it too.
+#[cfg(test)]
+#[allow(unsafe_code, reason = "waitpid and kill of the test's own child")]
+pub(crate) fn wait_child(pid: libc::pid_t, limit: std::time::Duration, hung: &str) -> i32 {
+    let started = std::time::Instant::now();
+    let mut status = 0;
+    // SAFETY: waits, without blocking, for the caller's own child.
+    while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
+        if started.elapsed() > limit {
+            // SAFETY: the caller's own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("{hung}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+    libc::WEXITSTATUS(status)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -76,18 +97,7 @@ mod tests {
             // SAFETY: ends the child at once.
             unsafe { libc::_exit(if fresh { 0 } else { 1 }) };
         }
-        let started = std::time::Instant::now();
-        let mut status = 0;
-        // SAFETY: waits, without blocking, for our own child, which ends at once.
-        while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
-            if started.elapsed() > std::time::Duration::from_secs(20) {
-                // SAFETY: our own child.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-                panic!("the child hung");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
-        assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, "child status {status:#x}");
+        assert_eq!(wait_child(pid, std::time::Duration::from_secs(20), "the child hung"), 0);
         assert_eq!(CELL.get(), Some(parent));
     }
 }
