@@ -96,12 +96,15 @@ pub fn apply(change: Change, at: usize, len: usize, spare: usize) -> usize {
         match change {
             Change::Munmap => assert_eq!(libc::munmap(at as *mut _, len), 0),
             Change::MunmapThenMmap => {
-                assert_eq!(libc::munmap(at as *mut _, len), 0);
+                // The old mapping unmapped and a new one mapped in its place in one call
+                // (`MAP_FIXED` unmaps what is there first, as `munmap` does, userfaultfd's
+                // unmap event included): with a `munmap` and a second `mmap`, another thread
+                // of the test binary could map into the hole in between.
                 let p = libc::mmap(
                     at as *mut _,
                     len,
                     libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
                     -1,
                     0,
                 );
