@@ -16,13 +16,30 @@ use common::{assert_writable, leak, pages_on, watchdog};
 use pagemig::offload::{Batch, Migrator, OffloadCopy, Owner, registry};
 use pagemig::sys::Errno;
 use pagemig::workload;
-use pagemig::{Engine, Error, MigrateOptions, MigrateStats, Mode, Reason, Region};
+use pagemig::{Engine, Error, FaultInjection, MigrateOptions, MigrateStats, Mode, Reason, Region};
 
 static TURN: Mutex<()> = Mutex::new(());
 
 /// The tests share the process-wide registry: one at a time.
 fn turn() -> MutexGuard<'static, ()> {
+    static QUIET: std::sync::Once = std::sync::Once::new();
+    QUIET.call_once(quiet_on_purpose);
     TURN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Panics made on purpose print one line, not a backtrace: printing one (with
+/// `RUST_BACKTRACE` set) takes long enough to change what the test sees. Every other
+/// panic prints as before.
+fn quiet_on_purpose() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info.payload().downcast_ref::<&str>().copied().unwrap_or("");
+        if message.ends_with("on purpose") {
+            eprintln!("(a panic on purpose: {message})");
+        } else {
+            default(info);
+        }
+    }));
 }
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -262,7 +279,12 @@ fn a_panicking_progress_callback_stops_the_call_and_leaves_memory_as_it_was() {
         workload::fill(region, 9);
         let (progress, calls) = panicking_progress(at);
         let result = watchdog(LIMIT, "migration with a panicking progress callback", move || {
-            let mut opts = MigrateOptions::default().mover(mover);
+            // The callback runs on its own thread, which the migration does not wait for:
+            // a pause before each move keeps the call going well past the panic, so that
+            // the stop is seen mid-call (without it, 8 folios of 2 MiB can all move while
+            // the panic is still being printed).
+            let hold = FaultInjection { delay_move: Some(Duration::from_millis(40)), ..Default::default() };
+            let mut opts = MigrateOptions::default().mover(mover).fault(hold);
             opts.progress = Some(progress);
             let (result, log) = workload::with_writers(region, 2, || {
                 Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
