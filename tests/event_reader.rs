@@ -29,9 +29,25 @@ fn mremap(from: usize, len: usize, to: usize) {
     assert_eq!(p as usize, to, "mremap: {}", std::io::Error::last_os_error());
 }
 
-/// Words of `[at, at + len)` that do not hold the pattern's words from `first` on.
-fn wrong_words(at: usize, len: usize, first: usize) -> usize {
-    (0..len / 8).filter(|&i| changes::word(at + i * 8) != pattern_word(SEED, first + i)).count()
+/// Words of `[at, at + len)` that do not hold the pattern's words from `first` on; each
+/// 4 KiB page with a wrong word is printed once (offset, what it holds, zero or not).
+fn wrong_words(what: &str, at: usize, len: usize, first: usize) -> usize {
+    let mut wrong = 0;
+    let mut shown = 0;
+    for page in (0..len).step_by(4096) {
+        let bad: Vec<usize> = (page / 8..(page + 4096) / 8)
+            .filter(|&i| changes::word(at + i * 8) != pattern_word(SEED, first + i))
+            .collect();
+        if let Some(&i) = bad.first() {
+            wrong += bad.len();
+            if shown < 4 {
+                shown += 1;
+                let got = changes::word(at + i * 8);
+                eprintln!("  {what}+{:#x}: {} wrong words, first holds {got:#x}", page, bad.len());
+            }
+        }
+    }
+    wrong
 }
 
 /// Migrates an 8 MiB mapping of base pages, every move held back by `hold`; after `delay`
@@ -58,10 +74,21 @@ fn moved_twice(delay: Duration, hold: Duration) -> (usize, std::result::Result<u
             Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
         })
     });
-    let wrong = wrong_words(spare2, MOVED, 0) + wrong_words(base + MOVED, LEN - MOVED, MOVED / 8);
+    let wrong = wrong_words("moved", spare2, MOVED, 0) + wrong_words("rest", base + MOVED, LEN - MOVED, MOVED / 8);
     let outcome = match result {
         Ok(stats) => Ok(stats.failed_folios),
-        Err(Error::Partial { stats, .. }) => Ok(stats.failed_folios),
+        Err(Error::Partial { stats, .. }) => {
+            if wrong > 0 {
+                // Which folios failed, and why: the moved range's, the rest's.
+                let mut why = std::collections::BTreeMap::new();
+                for f in &stats.failures {
+                    let part = if f.addr < base + MOVED { "moved" } else { "rest" };
+                    *why.entry((part, f.errno)).or_insert(0usize) += 1;
+                }
+                eprintln!("  failures (part, errno) -> folios: {why:?}");
+            }
+            Ok(stats.failed_folios)
+        }
         Err(e) => Err(e.to_string()),
     };
     // SAFETY: the test's own mappings, no longer used.

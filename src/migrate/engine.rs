@@ -8,14 +8,15 @@ use std::time::Instant;
 use super::busy::Busy;
 use super::checks::{items_size_at, prepare_call};
 use super::options::{DEFAULT_MAX_BATCH_PAGES, DEFAULT_REAPER_BACKLOG, check_max_batch_pages};
+use super::outcome::Tally;
 use super::{
     Capabilities, MigrateOptions, MigrateStats, Mode, Reason, abort, events, fork, mover, pipeline, reaper, zerofill,
 };
 use crate::attr::Loaded;
 use crate::error::{Error, Result};
 use crate::folio::Folio;
-use crate::pool::{Key, Pool, Populate, ThpAdvice};
-use crate::sys::{self, Errno, uffd::Uffd};
+use crate::pool::{Key, Pool, ThpAdvice};
+use crate::sys::{Errno, uffd::Uffd};
 
 /// The migration engine: a userfaultfd, the destination pool and the set of folios in
 /// flight. One per process is enough ([`Engine::global`]); several may coexist as long as
@@ -290,27 +291,13 @@ impl Engine {
             let _ = self.uffd.register_missing_wp(s, e - s);
         }
         stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
-        let mut first_error = None;
-        let deferred = opts.deferred_free.unwrap_or_else(|| self.deferred_free());
-        // Base pages, more than one piece, the CPU copy: runs move on a mover thread while
-        // the next piece is copied (see `mover`). Replacing base pages costs a good part of
-        // their copy; a huge page's move costs little next to its copy, and moving it on
-        // another CPU than the one that populates the next destination made the kernel's
-        // huge-page allocation slower, so huge pages move here. A registered migrator
-        // copies on threads of its own and its moves stay here.
-        let bytes: usize = items.iter().map(|it| it.folio.size()).sum();
-        // The copy strategy, from one look at the registry for the whole call (a migrator
-        // unregistered meanwhile declines, and its batches fall back to the CPU copy).
-        let offload = crate::offload::registry().enabled();
-        let threaded = opts.mover.unwrap_or_else(|| self.mover())
-            && bytes > sys::HPAGE_SIZE
-            && !items[0].folio.is_pmd()
-            && !offload;
+        let plan = pipeline::Plan::new(self, opts, reason, &items, free);
+        let mut tally = Tally { stats, first_error: None };
         let reporter = mover::Reporter::new(opts.progress.as_ref());
         let reporter = &reporter;
         let abort = abort::Abort::default();
         let abort = &abort;
-        let tally = std::thread::scope(|s| {
+        let moved_there = std::thread::scope(|s| {
             // The progress callback's own thread (see `mover::Reporter`).
             let progress = reporter
                 .wanted()
@@ -321,7 +308,8 @@ impl Engine {
             }
             // Without a mover thread (none could be spawned) the moves run here.
             let (tx, rx) = std::sync::mpsc::sync_channel(mover::QUEUE);
-            let mover = threaded
+            let mover = plan
+                .threaded
                 .then(|| {
                     crate::sys::thread::spawn_scoped(s, "pagemig-mover", move || {
                         mover::serve(self, rx, target, reporter, abort)
@@ -333,25 +321,13 @@ impl Engine {
             let mut ctx = pipeline::Call {
                 engine: self,
                 target,
-                reason,
                 opts,
-                deferred,
-                stats: &mut stats,
-                first_error: &mut first_error,
+                plan: if tx.is_some() { plan } else { plan.without_mover() },
+                tally: &mut tally,
                 mover: tx.as_ref(),
-                // With a mover, destinations are populated by touching them, which does not
-                // hold up its moves, where the node has free memory for twice the call beyond
-                // its reserve (see `Populate`).
-                populate: if tx.is_some() && free >= 2 * bytes as u64 { Populate::Touch } else { Populate::Madvise },
-                // A migrator that stores into its destinations itself gets populated ones.
-                fill_empty: opts.fill_empty.unwrap_or_else(|| self.fill_empty())
-                    && (!offload || crate::offload::registry().active_fills_unpopulated()),
-                copy_in: tx.is_some() && !offload && opts.copy_in.unwrap_or_else(|| self.copy_in()),
                 reporter,
                 abort,
-                offload,
                 held: Vec::new(),
-                held_why: Default::default(),
             };
             // A panic of pagemig's own stops the call like one in caller code: the batch's
             // guard has undone what it held; the folios not reached fail.
@@ -362,27 +338,25 @@ impl Engine {
                 abort.raise("pagemig", crate::offload::registry::panic_message(payload.as_ref()));
             }
             drop(tx);
-            let tally = mover.and_then(|h| h.join().ok());
+            let moved_there = mover.and_then(|h| h.join().ok());
             // Every folio has moved or been put back: a callback waiting on one goes on.
             reporter.finish();
             if let Some(h) = progress {
                 let _ = h.join();
             }
-            tally
+            moved_there
         });
-        if let Some(tally) = tally {
-            stats.merge(&tally.stats);
-            stats.mover_runs = tally.stats.runs;
-            if first_error.is_none() {
-                first_error = tally.first_error;
-            }
+        if let Some(moved_there) = moved_there {
+            tally.stats.mover_runs = moved_there.stats.runs;
+            tally.absorb(moved_there);
         }
+        let Tally { mut stats, first_error } = tally;
         // Registration off, for the runs' every page that is not another call's now.
         let folio_at = |a: usize| items_size_at(folios, a);
         mover::unregister_runs(self, &runs, folio_at);
         // The migration itself ends here; what follows frees old pages off its path.
         stats.critical_ns = (register_start.elapsed().as_nanos() as u64).saturating_sub(stats.prepare_ns);
-        if deferred {
+        if plan.deferred {
             // The call ends when the old pages are freed too.
             self.reaper.drain();
         }

@@ -100,6 +100,7 @@ mod pages;
 mod pipeline;
 pub mod policy;
 mod reaper;
+mod staged;
 mod zerofill;
 
 pub use crate::stats::MigrateStats;

@@ -20,8 +20,10 @@ use parking_lot::MutexGuard;
 
 use super::abort::Abort;
 use super::busy::Claims;
+use super::outcome::Tally;
 use super::reaper::Grave;
-use super::{Engine, MigrateStats, Progress, Span};
+use super::staged::Staged;
+use super::{Engine, Progress, Span};
 use crate::error::Error;
 use crate::folio::Folio;
 use crate::pool::Dest;
@@ -35,10 +37,8 @@ pub(super) const QUEUE: usize = 4;
 pub(super) struct MoveJob {
     /// First byte of the source.
     pub start: usize,
-    /// The copy, as long as the source.
-    pub dest: Dest,
-    /// The source's old pages.
-    pub grave: Grave,
+    /// The copy and the source's old pages, each as long as the source.
+    pub staged: Staged,
     /// The run's folios, in address order.
     pub folios: Vec<Folio<'static>>,
     /// Free the old pages on the reaper thread.
@@ -164,23 +164,9 @@ impl<'p> Reporter<'p> {
     }
 }
 
-/// What the mover did: counters and the first error.
-#[derive(Default)]
-pub(super) struct Tally {
-    pub stats: MigrateStats,
-    pub first_error: Option<Error>,
-}
-
-/// Does one job, counting into `stats` and `first_error`. Once the call is stopped, a
-/// move is undone instead.
-pub(super) fn run(
-    engine: &Engine,
-    job: Job,
-    stats: &mut MigrateStats,
-    first_error: &mut Option<Error>,
-    reporter: &Reporter<'_>,
-    abort: &Abort,
-) {
+/// Does one job, counting into `tally`. Once the call is stopped, a move is undone
+/// instead.
+pub(super) fn run(engine: &Engine, job: Job, tally: &mut Tally, reporter: &Reporter<'_>, abort: &Abort) {
     let job = match job {
         Job::Move(job) => job,
         Job::Release(starts) => {
@@ -198,7 +184,8 @@ pub(super) fn run(
         std::thread::sleep(pause);
     }
     let move_start = Instant::now();
-    let (start, end) = (job.start, job.start + job.dest.len());
+    let (start, end) = (job.start, job.start + job.staged.len());
+    let Staged { dest, grave } = job.staged;
     let outcomes = if abort.is_set() || job.fail {
         // Undone as a failing move would be: the old pages go back.
         restore(engine, start, end);
@@ -206,51 +193,37 @@ pub(super) fn run(
             if abort.is_set() { (STOPPED, Errno::CANCELED) } else { ("userfaultfd move of the new pages", Errno::IO) };
         vec![Some(why); job.folios.len()]
     } else if job.copy_in {
-        bring_in(engine, start, end - start, &job.folios, Incoming::Copy(&job.grave))
+        bring_in(engine, start, end - start, &job.folios, Incoming::Copy(&grave))
     } else {
-        bring_in(engine, start, end - start, &job.folios, Incoming::Move(&job.dest))
+        bring_in(engine, start, end - start, &job.folios, Incoming::Move(&dest))
     };
     // Protection off, registration gone, every waiting thread woken: the moved folios
     // with their new pages, the others with their old ones.
     unprotect(engine, start, end);
     if let Some(t) = job.batch_started {
-        stats.first_folio_ns.push(t.elapsed().as_nanos() as u64);
+        tally.stats.first_folio_ns.push(t.elapsed().as_nanos() as u64);
     }
-    engine.pool.release(job.dest);
-    let mut moved_any = false;
+    engine.pool.release(dest);
     let mut moved_bytes = 0;
-    for (f, outcome) in job.folios.iter().zip(&outcomes) {
-        match outcome {
+    for (&f, outcome) in job.folios.iter().zip(&outcomes) {
+        match *outcome {
             None => {
-                moved_any = true;
                 moved_bytes += f.size() as u64;
-                stats.copied_in_folios += u64::from(job.copy_in);
-                stats.bytes += f.size() as u64;
-                stats.succeeded_folios += 1;
-                stats.succeeded_pages += f.nr_pages() as u64;
-                stats.thp_succeeded += u64::from(f.is_pmd());
+                tally.moved(f, job.copy_in);
             }
-            Some((op, errno)) => {
-                stats.failed_folios += 1;
-                stats.failed_pages += f.nr_pages() as u64;
-                stats.thp_failed += u64::from(f.is_pmd());
-                stats.failures.push(crate::stats::FolioFailure { addr: f.addr(), errno: errno.raw_os_error() });
-                if first_error.is_none() {
-                    *first_error = Some(Error::sys(op)(*errno));
-                }
-            }
+            Some((op, errno)) => tally.failed(f, Error::sys(op)(errno)),
         }
     }
-    stats.runs += u64::from(moved_any);
-    stats.move_ns += move_start.elapsed().as_nanos() as u64;
+    tally.stats.runs += u64::from(moved_bytes > 0);
+    tally.stats.move_ns += move_start.elapsed().as_nanos() as u64;
     // The old pages go to the reaper once the waiting threads are awake. (Freeing them here
     // on the mover thread instead made the mover fall behind the copy.)
     if job.deferred {
-        engine.reaper.bury(job.grave);
+        engine.reaper.bury(grave);
     } else {
-        engine.reaper.free_now(job.grave);
+        engine.reaper.free_now(grave);
     }
-    if moved_any {
+    if moved_bytes > 0 {
         reporter.add(moved_bytes, abort);
     }
 }
@@ -277,9 +250,8 @@ pub(super) fn serve(
     for job in &rx {
         // A panic of pagemig's own here stops the call; the jobs still queued are undone
         // rather than lost, so nothing stays protected or claimed.
-        let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            run(engine, job, &mut tally.stats, &mut tally.first_error, reporter, abort)
-        }));
+        let done =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(engine, job, &mut tally, reporter, abort)));
         if let Err(payload) = done {
             abort.raise("pagemig's mover thread", crate::offload::registry::panic_message(payload.as_ref()));
         }

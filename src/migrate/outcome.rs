@@ -9,7 +9,50 @@
 //! the range's being gone (`ENOENT`, `EEXIST`: something else mapped there; `EFAULT`) is
 //! memory the program unmapped, `-EFAULT`.
 
+use crate::error::Error;
+use crate::folio::Folio;
+use crate::stats::{FolioFailure, MigrateStats};
 use crate::sys::Errno;
+
+/// What a call's folios came to, counted by whichever thread settles each (the caller, the
+/// mover): the counters, and the first error.
+#[derive(Debug, Default)]
+pub(super) struct Tally {
+    pub stats: MigrateStats,
+    pub first_error: Option<Error>,
+}
+
+impl Tally {
+    /// A folio that moved; `copied_in`: its pages were copied straight into the source.
+    pub fn moved(&mut self, f: Folio<'_>, copied_in: bool) {
+        let s = &mut self.stats;
+        s.copied_in_folios += u64::from(copied_in);
+        s.bytes += f.size() as u64;
+        s.succeeded_folios += 1;
+        s.succeeded_pages += f.nr_pages() as u64;
+        s.thp_succeeded += u64::from(f.is_pmd());
+    }
+
+    /// A folio that did not move (it is as it was), and why; the first such error is the
+    /// call's.
+    pub fn failed(&mut self, f: Folio<'_>, err: Error) {
+        let s = &mut self.stats;
+        s.failed_folios += 1;
+        s.failed_pages += f.nr_pages() as u64;
+        s.thp_failed += u64::from(f.is_pmd());
+        s.failures.push(FolioFailure { addr: f.addr(), errno: err.errno().raw_os_error() });
+        self.first_error.get_or_insert(err);
+    }
+
+    /// Adds what another thread of the same call counted: its counters, and its first
+    /// error where this one has none.
+    pub fn absorb(&mut self, other: Tally) {
+        self.stats.merge(&other.stats);
+        if self.first_error.is_none() {
+            self.first_error = other.first_error;
+        }
+    }
+}
 
 /// The step of a folio's migration that failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

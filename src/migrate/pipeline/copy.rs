@@ -1,0 +1,245 @@
+//! The copy phase: the batch copy of isolated folios into their destinations, through the
+//! active migrator (its parts moved as it reports them complete) or the CPU (piece by
+//! piece, pipelined). What it does not copy is copied folio by folio in the move phase.
+#![allow(unsafe_code, reason = "copies isolated old pages into destinations of ours")]
+
+use std::ops::Range;
+use std::time::Instant;
+
+use super::{BatchState, CPU_PIECE_MAX, Call, dispatch};
+use crate::copy::{CopyPair, Dst, folios_copy_each};
+use crate::folio::MigrateInfo;
+use crate::offload::Batch;
+use crate::pool::Dest;
+use crate::sys::{Errno, HPAGE_SIZE};
+
+/// What the thread running a pipelined migrator tells the batch.
+enum CopyEvent {
+    /// These pairs are copied.
+    Done(Range<usize>),
+    /// The migrator returned.
+    Finished(Option<Result<(), Errno>>),
+}
+
+impl<'a> Call<'a> {
+    /// The pipelined copy: pieces of 2 MiB, then as large as everything copied before (so
+    /// the first folio is writable after one 2 MiB piece whatever the batch size, and a
+    /// batch costs O(log n) moves), each protected and isolated just before its copy and
+    /// moved as soon as it is copied. The CPU copy's pieces stop growing at
+    /// [`CPU_PIECE_MAX`]: its moves queue on the mover thread, and the next batch's first
+    /// piece must not wait behind a huge one. A migrator gets each piece as a batch of its
+    /// own and reports its parts as they complete.
+    pub(super) fn copy_pieces(&mut self, st: &mut BatchState, live: &[usize]) {
+        let mut at = 0;
+        let mut done_bytes = 0;
+        while at < live.len() && !self.abort.is_set() {
+            let piece = if self.plan.offload {
+                HPAGE_SIZE.max(done_bytes)
+            } else {
+                HPAGE_SIZE.max(done_bytes).min(CPU_PIECE_MAX)
+            };
+            let size = |k: usize| st.slots[live[k]].item.folio.size();
+            let mut end = at + 1;
+            let mut bytes = size(at);
+            while end < live.len() && bytes + size(end) <= piece {
+                bytes += size(end);
+                end += 1;
+            }
+            done_bytes += bytes;
+            // Protect each contiguous stretch of the piece with one call.
+            let t = Instant::now();
+            let mut s = at;
+            while s < end {
+                let mut e = s + 1;
+                while e < end
+                    && st.slots[live[e - 1]].item.folio.end() == st.slots[live[e]].item.folio.addr()
+                    && st.slots[live[e - 1]].run == st.slots[live[e]].run
+                {
+                    e += 1;
+                }
+                self.unmap_stretch(st, live[s]..live[e - 1] + 1);
+                s = e;
+            }
+            self.tally.stats.unmap_ns += t.elapsed().as_nanos() as u64;
+            if self.plan.offload {
+                let isolated: Vec<usize> = live[at..end]
+                    .iter()
+                    .copied()
+                    .filter(|&i| st.slots[i].info.contains(MigrateInfo::WAS_MAPPED))
+                    .collect();
+                if !isolated.is_empty() {
+                    self.batch_copy(st, &isolated);
+                }
+                at = end;
+                continue;
+            }
+            // Copy the protected folios, adjacent ones in one go. Their pairs are made piece
+            // by piece: the first folio must not wait for the whole batch's.
+            let t = Instant::now();
+            let copied: Vec<usize> = live[at..end]
+                .iter()
+                .copied()
+                .filter(|&i| st.slots[i].info.contains(MigrateInfo::WAS_MAPPED))
+                .filter(|&i| !st.runs[st.slots[i].run].copy_in)
+                .collect();
+            let (protected, kinds) = self.pairs(st, &copied);
+            // SAFETY: every pair copied reads old pages isolated in our graveyard just above
+            // (no thread can write them) and writes a destination the pool handed us that
+            // nothing else refers to; the two never overlap.
+            let ok = unsafe { folios_copy_each(&protected, &kinds) }.is_ok();
+            self.tally.stats.copy_ns += t.elapsed().as_nanos() as u64;
+            if ok {
+                self.tally.stats.batch_copied_folios += protected.len() as u64;
+                for &i in &live[at..end] {
+                    if st.slots[i].info.contains(MigrateInfo::WAS_MAPPED) {
+                        st.slots[i].info.insert(MigrateInfo::ALREADY_COPIED);
+                    }
+                }
+                self.move_copied(st);
+            } else {
+                self.tally.stats.fallback_folios += protected.len() as u64;
+            }
+            at = end;
+        }
+    }
+
+    /// The copy of each live item into its destination, in order, and what that
+    /// destination is. The items must not have moved yet: each lies in the part
+    /// of its run's destination that is left, which starts at the run's cursor.
+    fn pairs(&self, st: &BatchState, live: &[usize]) -> (Vec<CopyPair>, Vec<Dst<'a>>) {
+        live.iter()
+            .map(|&i| {
+                let run = &st.runs[st.slots[i].run];
+                let dest = &run.rest.as_ref().expect("a live item's run has a destination").dest;
+                let f = st.slots[i].item.folio;
+                debug_assert!(f.addr() >= run.cursor);
+                let pair = CopyPair {
+                    dst: dest.addr() + (f.addr() - run.cursor),
+                    src: run.grave_base + (f.addr() - run.start),
+                    len: f.size(),
+                };
+                (pair, self.dst(dest))
+            })
+            .unzip()
+    }
+
+    /// How a copy reaches `dest`.
+    pub(super) fn dst(&self, dest: &Dest) -> Dst<'a> {
+        match self.engine.pool.fill_uffd() {
+            Some(uffd) if dest.unpopulated() => Dst::Empty(uffd),
+            _ if dest.fresh() => Dst::Fresh,
+            _ => Dst::Mapped,
+        }
+    }
+
+    /// The batch copy through the active migrator when one is registered (pipelined: runs
+    /// move as the migrator reports parts copied), else the default CPU `folios_copy` of the
+    /// whole batch. The pipelined CPU copy is [`Call::copy_pieces`].
+    pub(super) fn batch_copy(&mut self, st: &mut BatchState, live: &[usize]) {
+        let (pairs, dsts) = self.pairs(st, live);
+        if self.opts.faults().fail_batch_copy {
+            self.tally.stats.fallback_folios += live.len() as u64;
+            return;
+        }
+        let copied_before = self.tally.stats.offloaded_folios;
+        if self.plan.offload {
+            let result = if self.plan.pipelined {
+                self.offload_pipelined(st, live, &pairs, &dsts)
+            } else {
+                let t = Instant::now();
+                let done = parking_lot::Mutex::new(Vec::new());
+                let on_complete = |r: Range<usize>| done.lock().push(r);
+                // SAFETY: every source is an old page isolated in our graveyard (unmap phase),
+                // which no thread writes, every destination was handed to us by the pool and
+                // nothing else refers to it, and sources and destinations never overlap.
+                let batch = unsafe { Batch::with_dsts(&pairs, Some(&on_complete), &dsts) };
+                let result = dispatch(self.abort, &batch);
+                self.tally.stats.copy_ns += t.elapsed().as_nanos() as u64;
+                for r in done.into_inner() {
+                    self.mark_copied(st, live, r);
+                }
+                result
+            };
+            if result.is_some() {
+                // Only what the migrator reported complete is trusted, whatever it returned:
+                // the rest is copied folio by folio in the move phase.
+                let offloaded = self.tally.stats.offloaded_folios - copied_before;
+                self.tally.stats.fallback_folios += live.len() as u64 - offloaded;
+                return;
+            }
+            // Unregistered meanwhile: the default copy below.
+        }
+        // The default CPU batch copy (unpipelined, or a migrator that went away).
+        let t = Instant::now();
+        // SAFETY: as for the offloaded copy above.
+        let ok = unsafe { folios_copy_each(&pairs, &dsts) }.is_ok();
+        self.tally.stats.copy_ns += t.elapsed().as_nanos() as u64;
+        if ok {
+            self.tally.stats.batch_copied_folios += live.len() as u64;
+            live.iter().for_each(|&i| st.slots[i].info.insert(MigrateInfo::ALREADY_COPIED));
+        } else {
+            self.tally.stats.fallback_folios += live.len() as u64;
+        }
+    }
+
+    /// Runs the migrator on another thread and moves runs as its parts complete.
+    fn offload_pipelined(
+        &mut self,
+        st: &mut BatchState,
+        live: &[usize],
+        pairs: &[CopyPair],
+        dsts: &[Dst<'a>],
+    ) -> Option<Result<(), Errno>> {
+        let (tx, rx) = std::sync::mpsc::channel::<CopyEvent>();
+        let abort = self.abort;
+        let t = Instant::now();
+        let move_before = self.tally.stats.move_ns;
+        let result = std::thread::scope(|s| {
+            let done_tx = tx.clone();
+            let on_complete = move |r: Range<usize>| {
+                let _ = done_tx.send(CopyEvent::Done(r));
+            };
+            s.spawn(move || {
+                // SAFETY: every source is an old page isolated in our graveyard (unmap phase),
+                // which no thread writes, every destination was handed to us by the pool and
+                // nothing else refers to it, and sources and destinations never overlap; the
+                // scope keeps them alive until this thread ends.
+                let batch = unsafe { Batch::with_dsts(pairs, Some(&on_complete), dsts) };
+                let result = dispatch(abort, &batch);
+                let _ = tx.send(CopyEvent::Finished(result));
+            });
+            let mut result = None;
+            for event in &rx {
+                match event {
+                    CopyEvent::Done(r) => {
+                        self.mark_copied(st, live, r);
+                        self.move_copied(st);
+                    }
+                    CopyEvent::Finished(r) => {
+                        result = r;
+                        break;
+                    }
+                }
+            }
+            // Completions sent before the migrator returned.
+            for event in rx.try_iter() {
+                if let CopyEvent::Done(r) = event {
+                    self.mark_copied(st, live, r);
+                }
+            }
+            result
+        });
+        let moving = self.tally.stats.move_ns - move_before;
+        self.tally.stats.copy_ns += (t.elapsed().as_nanos() as u64).saturating_sub(moving);
+        result
+    }
+
+    fn mark_copied(&mut self, st: &mut BatchState, live: &[usize], r: Range<usize>) {
+        for &i in live.get(r).unwrap_or(&[]) {
+            if !st.slots[i].info.contains(MigrateInfo::ALREADY_COPIED) {
+                st.slots[i].info.insert(MigrateInfo::ALREADY_COPIED);
+                self.tally.stats.offloaded_folios += 1;
+            }
+        }
+    }
+}

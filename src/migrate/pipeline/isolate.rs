@@ -1,0 +1,227 @@
+//! The isolate phase: each run (or piece) write-protected and registered, then its old
+//! pages moved into the run's graveyard, so that every access to it waits and no write can
+//! land behind the copy. A folio that cannot be protected or isolated is put back as it
+//! was and remembers why.
+#![allow(unsafe_code, reason = "moves the old pages of protected, claimed sources into their graveyards")]
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use parking_lot::MutexGuard;
+
+use super::{BatchState, CHANGED, Call};
+use crate::folio::{Folio, MigrateInfo};
+use crate::migrate::Engine;
+use crate::migrate::busy::Claims;
+use crate::migrate::mover::{self, GONE, Patience, overlaps, unprotect};
+use crate::migrate::outcome::{Phase, classify};
+use crate::sys::{self, Advice, Errno};
+
+impl<'a> Call<'a> {
+    /// Write-protects and isolates each run with one call each, recording the state on the
+    /// destinations.
+    pub(super) fn unmap(&mut self, st: &mut BatchState) {
+        let t = Instant::now();
+        for r in 0..st.runs.len() {
+            if st.runs[r].rest.is_some() {
+                self.unmap_stretch(st, st.runs[r].items.clone());
+            }
+        }
+        self.tally.stats.unmap_ns += t.elapsed().as_nanos() as u64;
+    }
+
+    /// Registers and write-protects `[start, end)`.
+    fn protect(&self, start: usize, end: usize) -> Result<(), (&'static str, Errno)> {
+        let uffd = &self.engine.uffd;
+        let len = end - start;
+        if !uffd.wp_unpopulated() {
+            // Without WP_UNPOPULATED a never-touched page is not protected: touch it first.
+            sys::madvise(start, len, Advice::PopulateWrite).map_err(|e| ("populate source", e))?;
+        }
+        // Registered with the call (then this changes nothing), missing mode too: once its
+        // old pages are isolated, every access to it waits. The call checked the memory
+        // before it began: a refusal now means the program unmapped or changed it meanwhile.
+        uffd.register_missing_wp(start, len).map_err(|_| (CHANGED, Errno::FAULT))?;
+        if uffd.writeprotect(start, len, true).is_err() {
+            let _ = uffd.unregister(start, len);
+            return Err((CHANGED, Errno::FAULT));
+        }
+        Ok(())
+    }
+
+    /// Protects and isolates the contiguous items `items` of one run; where the stretch
+    /// cannot be protected as a whole (the program changed part of it), folio by folio.
+    pub(super) fn unmap_stretch(&mut self, st: &mut BatchState, items: Range<usize>) {
+        let (start, end) = (st.slots[items.start].item.folio.addr(), st.slots[items.end - 1].item.folio.end());
+        if self.protect(start, end).is_ok() {
+            mark_mapped(st, items.clone());
+            self.isolate(st, items);
+            return;
+        }
+        for i in items {
+            let f = st.slots[i].item.folio;
+            match self.protect(f.addr(), f.end()) {
+                Ok(()) => {
+                    mark_mapped(st, i..i + 1);
+                    self.isolate(st, i..i + 1);
+                }
+                Err(err) => st.slots[i].refused = Some(err),
+            }
+        }
+    }
+
+    /// Moves the old pages of the protected items `items` (contiguous, one run) into the
+    /// run's graveyard: from here every access to them waits, and no write the kernel
+    /// started before the protection (through a page it pinned) can land after the copy,
+    /// since a pinned page does not move. A folio whose pages will not move (pinned, shared
+    /// with a child, not present, or a mapping the program changed meanwhile) is put back
+    /// as it was, unprotected, and fails with the reason.
+    fn isolate(&mut self, st: &mut BatchState, items: Range<usize>) {
+        let engine = self.engine;
+        let t = Instant::now();
+        let (start, end) = (st.slots[items.start].item.folio.addr(), st.slots[items.end - 1].item.folio.end());
+        // Counted empty before the lock: a fork waiting for empty pages to fill needs it.
+        crate::migrate::fork::open((end - start) / sys::PAGE_SIZE);
+        let mut isolated = 0;
+        let mut failed: Vec<(usize, &'static str, Errno)> = Vec::new();
+        {
+            let mut claims = engine.busy.lock();
+            let run = &st.runs[st.slots[items.start].run];
+            let grave = |a: usize| run.grave_base + (a - run.start);
+            let folios: Vec<Folio<'static>> = st.slots[items.clone()].iter().map(|slot| slot.item.folio).collect();
+            let mut patience = Patience::new();
+            let mut unshared_to = start;
+            let mut one_by_one = start;
+            let mut at = start;
+            while at < end {
+                // Read again at every step: the lock may have been let go meanwhile.
+                let dead = claims.dead_in(at, end);
+                let k = folios.partition_point(|f| f.end() <= at);
+                if overlaps(&dead, folios[k]) {
+                    failed.push((items.start + k, GONE, Errno::NOENT));
+                    at = folios[k].end();
+                    continue;
+                }
+                // The longest stretch of folios none of which the program purged or moved.
+                let j = k + folios[k..].iter().take_while(|f| !overlaps(&dead, **f)).count();
+                // One folio at a time after a refusal that may come from a mapping split
+                // across the stretch (a move stays within one mapping).
+                let stretch_end = if at < one_by_one { folios[k].end() } else { folios[j - 1].end() };
+                // SAFETY: `[at, stretch_end)` is claimed by this call, write-protected and
+                // registered in missing mode, so with its pages moved out every access to
+                // it waits until they or their copy come back; the graveyard part is ours
+                // and empty.
+                let result = unsafe { engine.reaper.uffd().move_pages(grave(at), at, stretch_end - at) };
+                let (moved, errno) = match result {
+                    Ok(()) => (stretch_end - at, None),
+                    Err((moved, errno)) => (moved, Some(errno)),
+                };
+                let bad = at + moved;
+                let Some(errno) = errno else {
+                    claims.add_isolated(at, stretch_end, grave(at));
+                    isolated += stretch_end - at;
+                    at = stretch_end;
+                    continue;
+                };
+                // A folio goes whole or not at all: keep the folios that moved whole, put
+                // back the moved part of the one that stopped the move.
+                let fk = folios[folios.partition_point(|f| f.end() <= bad)];
+                if fk.addr() > at {
+                    claims.add_isolated(at, fk.addr(), grave(at));
+                    isolated += fk.addr() - at;
+                }
+                if bad > fk.addr() {
+                    // The moved part of this folio goes back, as any isolated span does
+                    // (waiting out EAGAIN while an event is read, copying back where the
+                    // mapping changed): recorded first, so that an event meanwhile finds
+                    // its old pages in the graveyard.
+                    // They stay counted empty for the fork barrier until the stretch is
+                    // done, as everything this stretch did not isolate.
+                    claims.add_isolated(fk.addr(), bad, grave(fk.addr()));
+                    mover::put_back_counted(engine, &mut claims, fk.addr(), bad, false);
+                }
+                at = fk.addr();
+                if patience.wait(&mut claims, errno, bad) {
+                    continue;
+                }
+                if errno == Errno::INVAL && stretch_end > fk.end() {
+                    one_by_one = folios[j - 1].end();
+                    continue;
+                }
+                if errno == Errno::BUSY && at >= unshared_to {
+                    // Shared with a child since a `fork` (or not written since one): such a
+                    // page is never pinned. Taking the write fault now gives this process a
+                    // page of its own (the same page where nobody else maps it any more); a
+                    // pinned page is its own already and is refused again.
+                    if unshare(engine, &mut claims, at, stretch_end) {
+                        unshared_to = stretch_end;
+                        continue;
+                    }
+                    // An event waits for the lock: let it be read, then try again.
+                    if patience.wait_busy(&mut claims) {
+                        continue;
+                    }
+                }
+                // A huge page the write faults left mapped in pieces is split by the move,
+                // which fails while the kernel still holds it elsewhere for a moment.
+                if errno == Errno::BUSY && patience.wait_busy(&mut claims) {
+                    continue;
+                }
+                let k = folios.partition_point(|f| f.end() <= at);
+                let (op, errno) = classify(Phase::Isolate, errno);
+                failed.push((items.start + k, op, errno));
+                at = fk.end();
+            }
+        }
+        crate::migrate::fork::close((end - start - isolated) / sys::PAGE_SIZE);
+        for (i, op, errno) in failed {
+            let f = st.slots[i].item.folio;
+            unprotect(engine, f.addr(), f.end());
+            st.slots[i].info.remove(MigrateInfo::WAS_MAPPED);
+            st.slots[i].refused = Some((op, errno));
+        }
+        self.tally.stats.unmap_ns += t.elapsed().as_nanos() as u64;
+    }
+}
+
+/// Makes the present pages of the protected, claimed `[start, end)` this process's own:
+/// protection off for a moment, a write fault taken on each present page without writing
+/// it (`MADV_POPULATE_WRITE`), protection on again. Called with the claims lock held, so
+/// the program cannot purge a page between the look at its pages and the write faults (its
+/// purge waits for the event reader, which waits for the lock): never-touched pages are
+/// left alone, since a write fault there would wait for a migration that is this thread.
+///
+/// Returns false, having changed nothing, when the kernel refuses for now (an event of the
+/// program waits to be read, which needs the lock).
+fn unshare(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, end: usize) -> bool {
+    let Ok(frames) = crate::numa::page_frames(start, end - start) else { return false };
+    if engine.uffd.writeprotect_once(start, end - start, false).is_err() {
+        return false;
+    }
+    let mut i = 0;
+    while i < frames.len() {
+        if frames[i].is_none() {
+            i += 1;
+            continue;
+        }
+        let j = i + frames[i..].iter().take_while(|f| f.is_some()).count();
+        let _ = sys::madvise(start + i * sys::PAGE_SIZE, (j - i) * sys::PAGE_SIZE, Advice::PopulateWrite);
+        i = j;
+    }
+    // An event the program raised meanwhile waits for the lock to be read: let it go until
+    // the protection is back on (the pages are not isolated yet: writes meanwhile are kept).
+    while engine.uffd.writeprotect_once(start, end - start, true) == Err(Errno::AGAIN) {
+        MutexGuard::unlocked(claims, || std::thread::sleep(Duration::from_micros(50)));
+    }
+    true
+}
+
+/// Records that the items were write-protected, and locked where their mapping was.
+fn mark_mapped(st: &mut BatchState, items: Range<usize>) {
+    for i in items {
+        st.slots[i].info.insert(MigrateInfo::WAS_MAPPED);
+        if st.slots[i].item.locked {
+            st.slots[i].info.insert(MigrateInfo::WAS_MLOCKED);
+        }
+    }
+}

@@ -1,0 +1,471 @@
+//! One call's folios through the phases of a batch, as `migrate_pages_batch()` runs them:
+//!
+//! 1. **claim** ([`claim`]): each folio is claimed for this call, or left for the next pass
+//!    when another call holds it;
+//! 2. **prepare** ([`prepare`]): each run of the batch gets its destination on the target
+//!    node and its graveyard, as one [`Staged`];
+//! 3. **isolate** ([`isolate`]): each run (or, pipelined, each piece just before its copy)
+//!    is write-protected and its old pages moved into the graveyard;
+//! 4. **copy** ([`copy`]): the batch copy, through the active migrator or the CPU;
+//! 5. **move** ([`moves`]): each run's copied folios replace their sources (on the mover
+//!    thread where the call has one), folio by folio copies of what the batch copy did not
+//!    copy, and the **undo** of each folio that fails: its old pages back, protection off.
+//!
+//! Every failed step ends in [`Call::fail`] (or the mover's, both [`Tally::failed`]), with
+//! the meaning [`super::outcome::classify`] gives its errno. The strategy is decided once,
+//! in [`Plan`].
+//!
+//! This module calls the copy kernels and `mremap`, the two operations that change memory
+//! under the program; both happen only while the source is write-protected and the
+//! destination is ours alone.
+#![allow(unsafe_code)]
+
+mod claim;
+mod copy;
+mod isolate;
+mod moves;
+mod prepare;
+
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use super::abort::Abort;
+use super::mover::{self, Job, STOPPED};
+use super::outcome::Tally;
+use super::staged::Staged;
+use super::{Engine, Item, MigrateOptions, Mode, NR_MAX_MIGRATE_PASSES, Reason};
+use crate::error::Error;
+use crate::folio::MigrateInfo;
+use crate::offload::{Batch, registry};
+use crate::pool::Populate;
+use crate::sys::{self, Errno};
+
+/// How a call migrates: every strategy choice, made once when the call begins, from the
+/// engine's settings, the call's options and what it moves.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Plan {
+    /// A migrator was registered when the call began: batches go to it (one that
+    /// unregisters meanwhile declines, and its batches fall back to the CPU copy).
+    pub offload: bool,
+    /// Runs move on a mover thread while the next piece is copied (see `mover`).
+    pub threaded: bool,
+    /// Replaced source pages are freed on the reaper thread.
+    pub deferred: bool,
+    /// Folios are copied as a batch (else one by one, in the move phase).
+    pub batch_copy: bool,
+    /// Runs move as soon as their copy completes.
+    pub pipelined: bool,
+    /// Each piece is protected and isolated just before its copy, so that the first folio
+    /// does not wait for the whole batch to be isolated (the pipelined batch copy).
+    pub lazy: bool,
+    /// Destinations of base pages are left without pages and filled by `UFFDIO_COPY`.
+    pub fill_empty: bool,
+    /// The mover copies base pages of mappings without a memory policy of their own
+    /// straight into the source (`UFFDIO_COPY` on a thread bound to the target node),
+    /// with no destination at all.
+    pub copy_in: bool,
+    /// How destinations are populated.
+    pub populate: Populate,
+}
+
+impl Plan {
+    /// The plan for moving `items` (sorted by address), with `free` bytes free on the
+    /// target beyond its reserve. It counts on a mover thread where it wants one: see
+    /// [`Plan::without_mover`].
+    pub fn new(engine: &Engine, opts: &MigrateOptions, reason: Reason, items: &[Item], free: u64) -> Self {
+        let offload = registry().enabled();
+        let bytes: usize = items.iter().map(|it| it.folio.size()).sum();
+        // Base pages, more than one piece, the CPU copy: runs move on a mover thread while
+        // the next piece is copied (see `mover`). Replacing base pages costs a good part of
+        // their copy; a huge page's move costs little next to its copy, and moving it on
+        // another CPU than the one that populates the next destination made the kernel's
+        // huge-page allocation slower, so huge pages move here. A registered migrator
+        // copies on threads of its own and its moves stay here.
+        let threaded = opts.mover.unwrap_or_else(|| engine.mover())
+            && bytes > sys::HPAGE_SIZE
+            && !items.first().is_some_and(|it| it.folio.is_pmd())
+            && !offload;
+        let batch_copy = reason.batch_eligible() && !opts.no_batch_copy;
+        let pipelined = opts.pipelined.unwrap_or_else(|| engine.pipelined());
+        Self {
+            offload,
+            threaded,
+            deferred: opts.deferred_free.unwrap_or_else(|| engine.deferred_free()),
+            batch_copy,
+            pipelined,
+            lazy: batch_copy && pipelined && !opts.faults().fail_batch_copy,
+            // A migrator that stores into its destinations itself gets populated ones.
+            fill_empty: opts.fill_empty.unwrap_or_else(|| engine.fill_empty())
+                && (!offload || registry().active_fills_unpopulated()),
+            copy_in: threaded && opts.copy_in.unwrap_or_else(|| engine.copy_in()),
+            // With a mover, destinations are populated by touching them, which does not
+            // hold up its moves, where the node has free memory for twice the call beyond
+            // its reserve (see `Populate`).
+            populate: if threaded && free >= 2 * bytes as u64 { Populate::Touch } else { Populate::Madvise },
+        }
+    }
+
+    /// No mover thread could be started: the moves run on the caller, and what needs the
+    /// mover is off.
+    pub fn without_mover(self) -> Self {
+        Self { threaded: false, copy_in: false, populate: Populate::Madvise, ..self }
+    }
+}
+
+/// The state of one `migrate_pages` call shared by its batches.
+pub(super) struct Call<'a> {
+    pub engine: &'a Engine,
+    pub target: u32,
+    pub opts: &'a MigrateOptions,
+    pub plan: Plan,
+    /// What the folios settled here came to.
+    pub tally: &'a mut Tally,
+    /// The mover thread, when the call has one; else runs move on this thread.
+    pub mover: Option<&'a std::sync::mpsc::SyncSender<Job>>,
+    /// Reports progress, from whichever thread moves.
+    pub reporter: &'a mover::Reporter<'a>,
+    /// Raised when caller code panicked: nothing more moves.
+    pub abort: &'a Abort,
+    /// Folios whose pages were held elsewhere (`EBUSY`), for the next pass, with why.
+    pub held: Vec<Held>,
+}
+
+/// A folio held elsewhere for now, and what its last try failed with.
+pub(super) struct Held {
+    pub item: Item,
+    pub op: &'static str,
+    pub errno: Errno,
+}
+
+/// Contiguous folios of one batch with the same mapping state, moved in with one
+/// `UFFDIO_MOVE` (or a few, when the pipelined move takes them as their copies complete).
+struct Run {
+    start: usize,
+    end: usize,
+    /// Indices into the batch's claimed items.
+    items: Range<usize>,
+    /// The destination and graveyard of `[cursor, end)`; `None` once the run is done, or
+    /// when it got none.
+    rest: Option<Staged>,
+    /// Where the graveyard of `start` is (the old pages of `a` lie at
+    /// `grave_base + (a - start)`).
+    grave_base: usize,
+    /// First address not yet moved or undone.
+    cursor: usize,
+    /// First item not yet moved or undone.
+    next: usize,
+    /// Copied by the mover straight from the graveyard into the source: its destination is
+    /// only a placeholder, never written.
+    copy_in: bool,
+}
+
+/// One folio of a batch, with what the batch learnt of it.
+struct Slot {
+    item: Item,
+    /// The state recorded on its destination (`WAS_MAPPED`, `WAS_MLOCKED`, `ALREADY_COPIED`).
+    info: MigrateInfo,
+    /// Why its protection or isolation was refused, if it was.
+    refused: Option<(&'static str, Errno)>,
+    /// Its run.
+    run: usize,
+}
+
+/// One batch between isolation and the end of its move phase.
+struct BatchState {
+    /// The claimed folios, in address order.
+    slots: Vec<Slot>,
+    runs: Vec<Run>,
+    /// Start of the unmap phase, for first-folio latency.
+    started: Instant,
+    first_done: bool,
+}
+
+impl BatchState {
+    /// The items `items` of the batch.
+    fn items(&self, items: Range<usize>) -> Vec<Item> {
+        self.slots[items].iter().map(|slot| slot.item).collect()
+    }
+
+    /// Whether item `i`'s copy is complete.
+    fn copied(&self, i: usize) -> bool {
+        self.slots[i].info.contains(MigrateInfo::ALREADY_COPIED)
+    }
+}
+
+impl<'a> Call<'a> {
+    /// Counts a folio as failed, remembering the first error.
+    pub fn fail(&mut self, item: &Item, err: Error) {
+        self.tally.failed(item.folio, err);
+    }
+
+    fn fail_all(&mut self, items: &[Item], err: impl Fn() -> Error) {
+        for item in items {
+            self.fail(item, err());
+        }
+    }
+
+    /// Runs the call's folios in batches, passing over busy ones again up to
+    /// [`NR_MAX_MIGRATE_PASSES`] times.
+    pub fn run_passes(&mut self, items: Vec<Item>, max_batch: usize, mode: Mode) {
+        let mut queue = items;
+        for pass in 0..NR_MAX_MIGRATE_PASSES {
+            let mut retry = Vec::new();
+            for batch in batches(&queue, max_batch) {
+                retry.extend(self.run_batch(batch));
+            }
+            if retry.is_empty() {
+                break;
+            }
+            if pass + 1 == NR_MAX_MIGRATE_PASSES {
+                for held in retry {
+                    self.fail(&held.item, Error::sys(held.op)(held.errno));
+                }
+                break;
+            }
+            self.tally.stats.retried_folios += retry.len() as u64;
+            match mode {
+                Mode::Async => std::thread::yield_now(),
+                Mode::SyncLight => self.engine.busy.wait(Duration::from_millis(1)),
+                Mode::Sync => self.engine.busy.wait(Duration::from_millis(100)),
+            }
+            queue = retry.into_iter().map(|held| held.item).collect();
+        }
+    }
+
+    /// Runs one batch through its phases; returns the folios held elsewhere (another call's
+    /// claim, a page pinned for now), for the next pass.
+    pub fn run_batch(&mut self, batch: Vec<Item>) -> Vec<Held> {
+        let engine = self.engine;
+        // The pages this batch empties wait for its own copies: see `fork::open`.
+        let _fork_batch = super::fork::Batch::start();
+        if let Some(stop) = self.stop_reason() {
+            self.fail_all(&batch, stop);
+            return Vec::new();
+        }
+        // Claim.
+        let (claimed, claims, mut held) = self.claim(&batch);
+        if claimed.is_empty() {
+            return held;
+        }
+        self.tally.stats.batches += 1;
+        // Should pagemig itself panic below, what the batch claimed and protected is undone
+        // behind the moves already queued.
+        let guard = BatchGuard {
+            engine,
+            mover: self.mover.cloned(),
+            abort: self.abort,
+            claims: Some(claims),
+            spans: super::checks::contiguous_runs(claimed.iter().map(|it| it.folio)),
+        };
+        let runs = split_runs(&claimed);
+        let mut slots: Vec<Slot> =
+            claimed.into_iter().map(|item| Slot { item, info: MigrateInfo::empty(), refused: None, run: 0 }).collect();
+        for (r, run) in runs.iter().enumerate() {
+            slots[run.items.clone()].iter_mut().for_each(|slot| slot.run = r);
+        }
+        let mut st = BatchState { slots, runs, started: Instant::now(), first_done: false };
+        // Prepare.
+        self.prepare(&mut st);
+        st.started = Instant::now();
+        // Isolate, unless each piece is isolated just before its copy.
+        if !self.plan.lazy {
+            self.unmap(&mut st);
+        }
+        // Copy. Items whose isolation failed are out: their graveyard part holds nothing to
+        // copy.
+        let live: Vec<usize> = st
+            .runs
+            .iter()
+            .filter(|r| r.rest.is_some())
+            .flat_map(|r| r.items.clone())
+            .filter(|&i| self.plan.lazy || st.slots[i].info.contains(MigrateInfo::WAS_MAPPED))
+            .collect();
+        if self.plan.lazy && !live.is_empty() {
+            self.copy_pieces(&mut st, &live);
+        } else if self.plan.batch_copy && !live.is_empty() {
+            self.batch_copy(&mut st, &live);
+        } else {
+            self.tally.stats.single_copied_folios += live.len() as u64;
+        }
+        // Move what is left, copying folio by folio what the batch copy did not; undo what
+        // fails.
+        for r in 0..st.runs.len() {
+            self.copy_rest_and_move(&mut st, r);
+        }
+        // Released after the batch's moves (the mover keeps the order of its jobs).
+        let claims = guard.disarm();
+        self.submit(Job::Release(claims));
+        held.append(&mut self.held);
+        held
+    }
+
+    /// Why no more folios of the call may start: a panic, the caller's cancel, the deadline.
+    fn stop_reason(&self) -> Option<fn() -> Error> {
+        if self.abort.is_set() {
+            return Some(stopped);
+        }
+        if self.opts.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+            return Some(|| Error::sys("migrate (cancelled by the caller)")(Errno::CANCELED));
+        }
+        if self.opts.deadline.is_some_and(|d| Instant::now() >= d) {
+            return Some(|| Error::sys("migrate (the deadline passed)")(Errno::TIMEDOUT));
+        }
+        None
+    }
+
+    /// Hands a job to the mover thread, or does it here when the call has none.
+    ///
+    /// A copy-in job the mover has no room for is done here, so that both threads copy:
+    /// copying in is most of the work, and the order of moves matters only to the claims'
+    /// release, which goes to the mover after the batch's every move.
+    fn submit(&mut self, job: Job) {
+        let job = match (job, self.mover) {
+            (Job::Move(m), Some(tx)) if m.copy_in => match tx.try_send(Job::Move(m)) {
+                Ok(()) => return,
+                Err(std::sync::mpsc::TrySendError::Full(job) | std::sync::mpsc::TrySendError::Disconnected(job)) => job,
+            },
+            (job, _) => match mover::send(self.mover, job) {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        // A page copied in here is allocated by this thread: bound to the target meanwhile.
+        let copy_in = matches!(&job, Job::Move(m) if m.copy_in);
+        let saved = copy_in.then(sys::ThreadPolicy::current).and_then(Result::ok);
+        let bound = saved.is_some() && sys::set_mempolicy_bind(Some(self.target)).is_ok();
+        mover::run(self.engine, job, self.tally, self.reporter, self.abort);
+        if bound && let Some(saved) = saved {
+            let _ = saved.restore();
+        }
+    }
+}
+
+/// Hands `batch` to the active migrator under `catch_unwind`: a panic stops the call
+/// (`ECANCELED` here) and whatever the migrator did not report complete is undone.
+fn dispatch(abort: &Abort, batch: &Batch<'_>) -> Option<Result<(), Errno>> {
+    match registry().dispatch_caught(batch)? {
+        Ok(result) => Some(result),
+        Err(message) => {
+            abort.raise("the migrator", message);
+            Some(Err(Errno::CANCELED))
+        }
+    }
+}
+
+/// The error of a folio left as it was because the call stopped after a panic.
+fn stopped() -> Error {
+    Error::sys(STOPPED)(Errno::CANCELED)
+}
+
+/// What a batch claimed and protected, undone if pagemig panics before the batch ends.
+struct BatchGuard<'a> {
+    engine: &'a Engine,
+    mover: Option<std::sync::mpsc::SyncSender<Job>>,
+    abort: &'a Abort,
+    /// `None` once the batch ended normally.
+    claims: Option<Vec<usize>>,
+    spans: Vec<super::Span>,
+}
+
+impl BatchGuard<'_> {
+    /// The batch ended normally: hands back its claims to be released in order.
+    fn disarm(mut self) -> Vec<usize> {
+        self.claims.take().unwrap_or_default()
+    }
+}
+
+impl Drop for BatchGuard<'_> {
+    fn drop(&mut self) {
+        let Some(claims) = self.claims.take() else { return };
+        self.abort.raise("pagemig", "a panic in the migration pipeline".into());
+        let jobs = [Job::Undo(std::mem::take(&mut self.spans)), Job::Release(claims)];
+        for job in jobs {
+            let Some(job) = mover::send(self.mover.as_ref(), job) else { continue };
+            mover::run(self.engine, job, &mut Tally::default(), &mover::Reporter::new(None), self.abort);
+        }
+    }
+}
+
+/// The largest piece of the pipelined CPU copy.
+const CPU_PIECE_MAX: usize = 16 << 20;
+
+/// What a folio whose mapping the program unmapped or changed after the call began fails
+/// with.
+const CHANGED: &str = "migrate (the memory was unmapped or changed meanwhile)";
+
+/// What a folio another call held through every pass fails with.
+const BUSY_ELSEWHERE: &str = "migrate (folio busy in another migration)";
+
+/// Groups claimed items (sorted by address) into contiguous runs of equal mapping state.
+fn split_runs(claimed: &[Item]) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    for (i, item) in claimed.iter().enumerate() {
+        match runs.last_mut() {
+            Some(r)
+                if r.end == item.folio.addr()
+                    && claimed[r.items.start].locked == item.locked
+                    && claimed[r.items.start].thp == item.thp
+                    && claimed[r.items.start].own_policy == item.own_policy =>
+            {
+                r.end = item.folio.end();
+                r.items.end = i + 1;
+            }
+            _ => runs.push(Run {
+                start: item.folio.addr(),
+                end: item.folio.end(),
+                items: i..i + 1,
+                rest: None,
+                grave_base: 0,
+                cursor: item.folio.addr(),
+                next: i,
+                copy_in: false,
+            }),
+        }
+    }
+    runs
+}
+
+/// Splits the queue into batches of at most `max_pages` base pages (a folio larger than
+/// the bound forms a batch of its own).
+fn batches(items: &[Item], max_pages: usize) -> Vec<Vec<Item>> {
+    let mut out: Vec<Vec<Item>> = Vec::new();
+    let mut pages = 0;
+    for item in items {
+        let n = item.folio.nr_pages();
+        match out.last_mut() {
+            Some(b) if pages + n <= max_pages => {
+                b.push(*item);
+                pages += n;
+            }
+            _ => {
+                out.push(vec![*item]);
+                pages = n;
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[allow(unsafe_code, reason = "folios made from plain addresses to test the bookkeeping")]
+mod tests {
+    use super::*;
+    use crate::folio::Folio;
+    use crate::pool::ThpAdvice;
+
+    fn item(addr: usize, size: usize) -> Item {
+        // SAFETY: describes an address only; nothing migrates it.
+        let folio = unsafe { Folio::new(addr, size) }.unwrap();
+        Item { folio, index: 0, locked: false, thp: ThpAdvice::Default, own_policy: false }
+    }
+
+    #[test]
+    fn batches_respect_the_bound() {
+        let items: Vec<_> = (1..=10).map(|i| item(i * 4096, 4096)).collect();
+        let b = batches(&items, 4);
+        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
+        let big = [item(2 << 20, 2 << 20), item(4 << 20, 2 << 20)];
+        assert_eq!(batches(&big, 1).len(), 2);
+        assert_eq!(batches(&big, 1024).len(), 1);
+    }
+}

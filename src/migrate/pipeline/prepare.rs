@@ -1,0 +1,72 @@
+//! The prepare phase: each run of a batch gets its destination on the target node (from
+//! the pool, prepared ahead where it could be) and its graveyard, as one [`Staged`].
+
+use super::{BatchState, Call};
+use crate::error::Error;
+use crate::migrate::staged::Staged;
+use crate::pool::Key;
+use crate::sys::{self, HPAGE_SIZE};
+
+impl<'a> Call<'a> {
+    /// Gives each run its destination and graveyard; a run that cannot have both fails
+    /// whole, untouched.
+    pub(super) fn prepare(&mut self, st: &mut BatchState) {
+        for r in 0..st.runs.len() {
+            let (start, end) = (st.runs[r].start, st.runs[r].end);
+            let items = st.items(st.runs[r].items.clone());
+            // Keep the destination at the source's offset within a 2 MiB page whenever the
+            // run spans one: huge pages stay huge, and `mremap` moves whole page tables
+            // instead of one entry at a time.
+            let align = if end - start >= HPAGE_SIZE {
+                HPAGE_SIZE
+            } else {
+                items.iter().map(|i| i.folio.size()).max().unwrap_or(sys::PAGE_SIZE)
+            };
+            // Base pages only: `UFFDIO_COPY` cannot make a huge page.
+            let len = end - start;
+            let empty = self.plan.fill_empty && items.iter().all(|i| i.folio.size() < HPAGE_SIZE);
+            // Destinations a prepared reserve populated ahead cost nothing now: taken first.
+            let populated = Key { node: self.target, thp: items[0].thp, empty: false };
+            let empty = empty && self.engine.pool.ready(populated) < len;
+            // Where nothing better is prepared, pages whose mapping has no policy of its own
+            // are copied in by the mover thread, bound to the target: written once, where
+            // they belong, with no destination to move them from.
+            st.runs[r].copy_in = empty && self.plan.copy_in && !items[0].own_policy;
+            let key = Key { empty, ..populated };
+            let locked = items[0].locked;
+            let dest = match self.engine.pool.take(key, len, align, start % align, self.plan.populate) {
+                Ok((dest, spent)) => {
+                    self.tally.stats.prepare_ns += spent.as_nanos() as u64;
+                    // Pages move only between mappings locked alike.
+                    if locked && sys::mlock_onfault(dest.addr(), len).is_err() {
+                        self.tally.stats.relock_failures += items.len() as u64;
+                    }
+                    Ok(dest)
+                }
+                Err(e) => Err(("destination on target node", e.errno())),
+            };
+            let grave = self.engine.reaper.reserve(len, start, locked);
+            match (dest, grave) {
+                (Ok(dest), Ok(grave)) => {
+                    st.runs[r].grave_base = grave.addr();
+                    st.runs[r].rest = Some(Staged::new(dest, grave));
+                }
+                (dest, grave) => {
+                    let (op, errno) = match (&dest, &grave) {
+                        (Err(e), _) => *e,
+                        (_, Err(e)) => ("graveyard for the old pages", *e),
+                        _ => unreachable!("one of the two failed"),
+                    };
+                    if let Ok(dest) = dest {
+                        self.engine.pool.release(dest);
+                    }
+                    if let Ok(grave) = grave {
+                        self.engine.reaper.free_now(grave);
+                    }
+                    let items = st.items(st.runs[r].items.clone());
+                    self.fail_all(&items, || Error::sys(op)(errno));
+                }
+            }
+        }
+    }
+}
