@@ -79,6 +79,7 @@ fn moved_twice(delay: Duration, hold: Duration) -> (usize, std::result::Result<u
         Ok(stats) => Ok(stats.failed_folios),
         Err(Error::Partial { stats, .. }) => {
             if wrong > 0 {
+                eprintln!("  base {base:#x} spare1 {spare1:#x} spare2 {spare2:#x}");
                 // Which folios failed, and why: the moved range's, the rest's.
                 let mut why = std::collections::BTreeMap::new();
                 for f in &stats.failures {

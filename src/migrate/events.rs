@@ -198,7 +198,8 @@ const HOMING_LIMIT: Duration = Duration::from_secs(5);
 /// for a copy into the graveyard's destination may be reading them right now; moved where
 /// a page cannot be allocated (`ENOMEM`), as nothing will use that destination any more
 /// (the memory's folios are dead). While the kernel refuses (`EAGAIN`: the program's
-/// thread finishing its `mremap`, or a later event unread, which holds every copy back),
+/// thread finishing its `mremap`, or a later event unread, which holds every copy back;
+/// `ENOENT`: the memory moved on or unmapped, its event not read yet),
 /// the later events are read and handled meanwhile: they may move the memory on, or
 /// unmap it. What still cannot be put back is left in the graveyard, and its folios fail
 /// (they are dead).
@@ -217,7 +218,10 @@ fn bring_home(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
         moved.homing[0] = (dst + done, grave + done, len - done);
         let retry = match errno {
             None => false,
-            Some(Errno::AGAIN) if Instant::now() < deadline => {
+            // `ENOENT`: the memory is gone from `dst` and the event that says where (an
+            // `mremap` on, or a `munmap`) is not read yet: the kernel looks the mapping up
+            // before it checks for changes in progress.
+            Some(Errno::AGAIN | Errno::NOENT) if Instant::now() < deadline => {
                 for later in uffd.read_messages().unwrap_or_default() {
                     handle(claims, later, moved);
                 }

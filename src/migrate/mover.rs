@@ -326,6 +326,25 @@ impl Patience {
         true
     }
 
+    /// After a move or copy into the program's memory at `at` found no mapping there
+    /// (`ENOENT`, `EFAULT`): whether to try again, having let the claims lock go for a
+    /// moment. The program unmapped the memory or moved it elsewhere (`mremap`), and the
+    /// kernel looks the mapping up before it checks for changes in progress, so this comes
+    /// before the event that says which. Until the event reader has read it (marking `at`
+    /// dead), the old pages stay recorded as isolated: had the program moved the memory,
+    /// the reader takes them along to its new place. Given up after [`Patience::LIMIT`].
+    pub fn wait_event(&mut self, claims: &mut MutexGuard<'_, Claims>, errno: Errno, at: usize) -> bool {
+        if !matches!(errno, Errno::NOENT | Errno::FAULT) || !claims.dead_in(at, at + 1).is_empty() {
+            return false;
+        }
+        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + Self::LIMIT);
+        if Instant::now() >= deadline {
+            return false;
+        }
+        MutexGuard::unlocked(claims, || std::thread::sleep(Duration::from_micros(100)));
+        true
+    }
+
     /// After a move stopped at `at` with `errno`: whether to try again, having let the
     /// claims lock go for a moment.
     pub fn wait(&mut self, claims: &mut MutexGuard<'_, Claims>, errno: Errno, at: usize) -> bool {
@@ -384,18 +403,25 @@ pub(super) fn put_back_counted(
         };
         let done = match errno {
             None => e,
-            Some(errno) if patience.wait(claims, errno, g + moved) => s + moved,
+            Some(errno) if patience.wait(claims, errno, g + moved) || patience.wait_event(claims, errno, s + moved) => {
+                s + moved
+            }
             // The program changed the mapping's protection or locking meanwhile, and pages
             // move only between mappings alike: copied back instead (new pages, same data;
             // the mapping may be read-only now, a copy fills it all the same).
             // SAFETY: the rest of `[s, e)` is empty and every access to it waits for exactly
             // this data, which the graveyard holds.
             Some(Errno::INVAL) => match unsafe { engine.uffd.copy(s + moved, g + moved, e - s - moved) } {
-                Err((copied, errno)) if patience.wait(claims, errno, g + moved + copied) => s + moved + copied,
+                Err((copied, errno))
+                    if patience.wait(claims, errno, g + moved + copied)
+                        || patience.wait_event(claims, errno, s + moved + copied) =>
+                {
+                    s + moved + copied
+                }
                 // Done, or unmapped by the program meanwhile.
                 _ => e,
             },
-            // Unmapped by the program: the pages go with the graveyard.
+            // Unmapped by the program (the event read): the pages go with the graveyard.
             Some(_) => e,
         };
         for (a, b, _) in claims.take_isolated(s, done) {
