@@ -118,6 +118,7 @@ macro_rules! internal {
 
 pub mod agent;
 pub mod attr;
+mod backoff;
 pub mod dma;
 pub mod error;
 #[cfg(feature = "ffi")]

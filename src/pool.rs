@@ -368,16 +368,15 @@ impl Pool {
     /// Waits until every reserve is populated in full or `timeout` passes; returns whether
     /// they are.
     pub fn wait_reserved(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
+        let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(1), Duration::from_millis(10)).within(timeout);
         loop {
             let reserves: Vec<(Key, usize)> = self.inner.reserves.lock().iter().map(|(k, b)| (*k, *b)).collect();
             if reserves.iter().all(|&(k, b)| self.ready(k) >= b) {
                 return true;
             }
-            if Instant::now() >= deadline {
+            if !backoff.pause() {
                 return false;
             }
-            std::thread::sleep(Duration::from_millis(2));
         }
     }
 

@@ -14,7 +14,7 @@
 //!
 //! When `accept` fails for want of a resource (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`) a
 //! waiting client stays in the queue and the next `accept` would fail at once again:
-//! the thread sleeps between tries ([`AcceptBackoff`]), so a process out of descriptors
+//! the thread sleeps between tries (a [`Backoff`] from 10 ms up to 1 s), so a process out of descriptors
 //! costs the agent a few system calls a second, and the client is answered once one is
 //! free. Before each `accept` the thread proves that its descriptor is still the socket it
 //! bound (`fstat`: device and inode); once the program closed or replaced it, the agent
@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use super::credentials::{Sender, check_sender};
 use super::protocol::error_line;
 use super::{MAGIC, MAX_REQUEST, RUNNING, Request, VERSION, migrate_self, socket_name};
+use crate::backoff::Backoff;
 use crate::error::{Error, Result};
 use crate::sys::{self, Errno};
 
@@ -59,33 +60,6 @@ pub(super) fn listen(pid: u32) -> Result<()> {
 fn identity(fd: impl AsFd) -> std::result::Result<(u64, u64), Errno> {
     let st = rustix::fs::fstat(fd)?;
     Ok((st.st_dev, st.st_ino))
-}
-
-/// The pause after `accept` failed for want of a resource: 10 ms, doubled after each
-/// failure in a row up to 1 s, back to 10 ms after a success.
-#[derive(Debug)]
-struct AcceptBackoff {
-    next: Duration,
-}
-
-impl AcceptBackoff {
-    const FIRST: Duration = Duration::from_millis(10);
-    const LONGEST: Duration = Duration::from_secs(1);
-
-    fn new() -> Self {
-        Self { next: Self::FIRST }
-    }
-
-    /// The pause to take now; the next one is twice as long, up to [`Self::LONGEST`].
-    fn pause(&mut self) -> Duration {
-        let now = self.next;
-        self.next = (now * 2).min(Self::LONGEST);
-        now
-    }
-
-    fn reset(&mut self) {
-        self.next = Self::FIRST;
-    }
 }
 
 /// What the serving threads of one agent share.
@@ -118,7 +92,7 @@ fn serve(pid: u32, listener: UnixListener, bound: (u64, u64)) {
     // Per agent, not per process: a forked child that starts its own agent starts afresh
     // (no count of the parent's threads, no lock a parent's thread held at the fork).
     let shared = Arc::new(Shared::default());
-    let mut backoff = AcceptBackoff::new();
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
         if identity(&listener) != Ok(bound) {
             // The program closed the socket, or put another file under its number: neither
@@ -138,7 +112,9 @@ fn serve(pid: u32, listener: UnixListener, bound: (u64, u64)) {
             // No descriptor or memory for the connection (EMFILE, ENFILE, ENOBUFS, ENOMEM),
             // or anything else: the client stays queued, and trying again at once would
             // fail at once again.
-            Err(_) => std::thread::sleep(backoff.pause()),
+            Err(_) => {
+                backoff.pause();
+            }
         }
     }
 }

@@ -25,10 +25,11 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::Span;
 use super::busy::{Busy, Claims};
+use crate::backoff::Backoff;
 use crate::sys::uffd::{Event, Uffd};
 use crate::sys::{self, Errno};
 
@@ -204,7 +205,7 @@ const HOMING_LIMIT: Duration = Duration::from_secs(5);
 /// unmap it. What still cannot be put back is left in the graveyard, and its folios fail
 /// (they are dead).
 fn bring_home(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
-    let deadline = Instant::now() + HOMING_LIMIT;
+    let mut backoff = Backoff::kernel().within(HOMING_LIMIT);
     while let Some(&(dst, grave, len)) = moved.homing.first() {
         // SAFETY: `grave` holds the old pages of memory the program moved to `dst` (moved
         // on with it by every later event); that range came with the registration (its
@@ -221,12 +222,11 @@ fn bring_home(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
             // `ENOENT`: the memory is gone from `dst` and the event that says where (an
             // `mremap` on, or a `munmap`) is not read yet: the kernel looks the mapping up
             // before it checks for changes in progress.
-            Some(Errno::AGAIN | Errno::NOENT) if Instant::now() < deadline => {
+            Some(Errno::AGAIN | Errno::NOENT) => {
                 for later in uffd.read_messages().unwrap_or_default() {
                     handle(claims, later, moved);
                 }
-                std::thread::sleep(Duration::from_micros(50));
-                true
+                backoff.pause()
             }
             // SAFETY: as above; the pages move instead of being copied, nothing allocated.
             Some(Errno::NOMEM) => match unsafe { uffd.move_pages(dst + done, grave + done, len - done) } {
@@ -238,7 +238,7 @@ fn bring_home(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
                 Err((more, _)) => {
                     super::fork::close(more / sys::PAGE_SIZE);
                     moved.homing[0] = (dst + done + more, grave + done + more, len - done - more);
-                    Instant::now() < deadline
+                    backoff.pause()
                 }
             },
             // Unmapped meanwhile with no event left unread (`ENOENT`), or given up.

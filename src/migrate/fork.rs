@@ -34,7 +34,6 @@
 use std::cell::Cell;
 use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 /// The gate, one word: pages empty now ([`PAGES`]), forks in progress ([`FORKS`]), and
 /// [`SEALED`]: a fork in progress saw no page empty, and none may be emptied until every
@@ -80,11 +79,12 @@ pub(super) fn install() {
 /// every thread waits: none holds an empty page then, so none waits for itself.
 pub(super) fn open(pages: usize) {
     let holding = HOLDING.with(Cell::get);
+    let mut backoff = crate::backoff::Backoff::kernel();
     loop {
         let s = STATE.load(Ordering::SeqCst);
         let forking = s & FORKS != 0;
         if s & SEALED != 0 || (forking && (!holding || s & PAGES == 0)) {
-            std::thread::sleep(Duration::from_micros(50));
+            backoff.pause();
             continue;
         }
         if STATE.compare_exchange(s, s + pages as u64, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
@@ -185,6 +185,7 @@ extern "C" fn in_child() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     /// A thread that emptied pages in its batch and empties more while a fork waits for
     /// its first ones to fill goes on (it may be the one to fill them): before, both waited

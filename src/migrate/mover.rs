@@ -24,6 +24,7 @@ use super::outcome::Tally;
 use super::reaper::Grave;
 use super::staged::Staged;
 use super::{Engine, Progress, Span};
+use crate::backoff::Backoff;
 use crate::error::Error;
 use crate::folio::Folio;
 use crate::pool::Dest;
@@ -303,8 +304,10 @@ pub(super) fn overlaps(spans: &[super::Span], f: Folio<'_>) -> bool {
 /// event of the program waits to be read (the event reader needs the claims lock, so it is
 /// let go meanwhile) and for a moment after; a page that is not present refuses for good.
 pub(super) struct Patience {
-    deadline: Option<Instant>,
-    busy_deadline: Option<Instant>,
+    /// For refusals that pass once an event is read (`EAGAIN`, a mapping gone).
+    again: Backoff,
+    /// For `EBUSY`.
+    busy: Backoff,
 }
 
 impl Patience {
@@ -313,17 +316,20 @@ impl Patience {
     const BUSY_LIMIT: Duration = Duration::from_millis(20);
 
     pub fn new() -> Self {
-        Self { deadline: None, busy_deadline: None }
+        Self { again: Backoff::kernel().within(Self::LIMIT), busy: Backoff::kernel().within(Self::BUSY_LIMIT) }
+    }
+
+    /// Sleeps for `backoff`'s next pause with the claims lock let go; false, at once, once
+    /// past its deadline.
+    fn pause(backoff: &mut Backoff, claims: &mut MutexGuard<'_, Claims>) -> bool {
+        let Some(pause) = backoff.next_pause() else { return false };
+        MutexGuard::unlocked(claims, || std::thread::sleep(pause));
+        true
     }
 
     /// After an `EBUSY` that may pass: whether to try again, having let the lock go.
     pub fn wait_busy(&mut self, claims: &mut MutexGuard<'_, Claims>) -> bool {
-        let deadline = *self.busy_deadline.get_or_insert_with(|| Instant::now() + Self::BUSY_LIMIT);
-        if Instant::now() >= deadline {
-            return false;
-        }
-        MutexGuard::unlocked(claims, || std::thread::sleep(Duration::from_micros(200)));
-        true
+        Self::pause(&mut self.busy, claims)
     }
 
     /// After a move or copy into the program's memory at `at` found no mapping there
@@ -337,12 +343,7 @@ impl Patience {
         if !matches!(errno, Errno::NOENT | Errno::FAULT) || !claims.dead_in(at, at + 1).is_empty() {
             return false;
         }
-        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + Self::LIMIT);
-        if Instant::now() >= deadline {
-            return false;
-        }
-        MutexGuard::unlocked(claims, || std::thread::sleep(Duration::from_micros(100)));
-        true
+        Self::pause(&mut self.again, claims)
     }
 
     /// After a move stopped at `at` with `errno`: whether to try again, having let the
@@ -353,12 +354,7 @@ impl Patience {
         }
         let present = crate::numa::page_frames(at & !(sys::PAGE_SIZE - 1), sys::PAGE_SIZE)
             .is_ok_and(|f| f.first().is_some_and(Option::is_some));
-        let deadline = *self.deadline.get_or_insert_with(|| Instant::now() + Self::LIMIT);
-        if !present || Instant::now() >= deadline {
-            return false;
-        }
-        MutexGuard::unlocked(claims, || std::thread::sleep(Duration::from_micros(100)));
-        true
+        present && Self::pause(&mut self.again, claims)
     }
 }
 

@@ -518,12 +518,10 @@ impl Uffd {
     /// `ENOENT` when part of the range is not registered, `EAGAIN` when the mapping kept
     /// changing, or the ioctl's errno.
     pub fn writeprotect(&self, start: usize, len: usize, protect: bool) -> Result<(), Errno> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut backoff = crate::backoff::Backoff::kernel().within(std::time::Duration::from_secs(5));
         loop {
             match self.writeprotect_once(start, len, protect) {
-                Err(Errno::AGAIN) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_micros(50));
-                }
+                Err(Errno::AGAIN) if backoff.pause() => {}
                 other => return other,
             }
         }

@@ -5,11 +5,12 @@
 #![allow(unsafe_code, reason = "moves the old pages of protected, claimed sources into their graveyards")]
 
 use std::ops::Range;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use parking_lot::MutexGuard;
 
 use super::{BatchState, CHANGED, Call};
+use crate::backoff::Backoff;
 use crate::folio::{Folio, MigrateInfo};
 use crate::migrate::Engine;
 use crate::migrate::busy::Claims;
@@ -210,8 +211,11 @@ fn unshare(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, e
     }
     // An event the program raised meanwhile waits for the lock to be read: let it go until
     // the protection is back on (the pages are not isolated yet: writes meanwhile are kept).
+    // Not given up: the pages must not stay writable once isolated.
+    let mut backoff = Backoff::kernel();
     while engine.uffd.writeprotect_once(start, end - start, true) == Err(Errno::AGAIN) {
-        MutexGuard::unlocked(claims, || std::thread::sleep(Duration::from_micros(50)));
+        let pause = backoff.next_pause().unwrap_or_default();
+        MutexGuard::unlocked(claims, || std::thread::sleep(pause));
     }
     true
 }
