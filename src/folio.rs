@@ -132,41 +132,6 @@ pub fn order_of(size: usize) -> Result<u8> {
     Ok((size / PAGE_SIZE).trailing_zeros() as u8)
 }
 
-/// Migration state recorded on a destination in the unmap phase and read back in the move
-/// phase: the user-space form of the kernel's `dst->migrate_info`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MigrateInfo(u8);
-
-impl MigrateInfo {
-    /// The source was write-protected in the unmap phase: writers may be waiting, and must
-    /// be woken once the folio moved or the migration was undone.
-    pub const WAS_MAPPED: MigrateInfo = MigrateInfo(1 << 0);
-    /// The source lay in an `mlock`ed mapping: lock the moved folio again.
-    pub const WAS_MLOCKED: MigrateInfo = MigrateInfo(1 << 1);
-    /// The batch copy already filled the destination: the move phase must not copy again.
-    pub const ALREADY_COPIED: MigrateInfo = MigrateInfo(1 << 2);
-
-    /// No state.
-    pub const fn empty() -> Self {
-        MigrateInfo(0)
-    }
-
-    /// Whether every bit of `other` is set.
-    pub const fn contains(self, other: MigrateInfo) -> bool {
-        self.0 & other.0 == other.0
-    }
-
-    /// Sets the bits of `other`.
-    pub fn insert(&mut self, other: MigrateInfo) {
-        self.0 |= other.0;
-    }
-
-    /// Clears the bits of `other`.
-    pub fn remove(&mut self, other: MigrateInfo) {
-        self.0 &= !other.0;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,15 +162,5 @@ mod tests {
             assert!(Folio::new(0x1000, 8192).is_err());
             assert!(Folio::new(0, 4096).is_err());
         }
-    }
-
-    #[test]
-    fn migrate_info_flags() {
-        let mut i = MigrateInfo::empty();
-        i.insert(MigrateInfo::WAS_MAPPED);
-        i.insert(MigrateInfo::ALREADY_COPIED);
-        assert!(i.contains(MigrateInfo::WAS_MAPPED) && !i.contains(MigrateInfo::WAS_MLOCKED));
-        i.remove(MigrateInfo::ALREADY_COPIED);
-        assert!(!i.contains(MigrateInfo::ALREADY_COPIED));
     }
 }

@@ -143,7 +143,7 @@ internal! { mod sys; }
 pub mod workload;
 
 pub use error::{Error, Result};
-pub use folio::{Folio, MigrateInfo};
+pub use folio::Folio;
 #[cfg(feature = "internals")]
 pub use migrate::FaultInjection;
 pub use migrate::{

@@ -6,9 +6,9 @@
 use std::ops::Range;
 use std::time::Instant;
 
+use super::MigrateInfo;
 use super::{BatchState, CPU_PIECE_MAX, Call, dispatch};
 use crate::copy::{CopyPair, Dst, folios_copy_each};
-use crate::folio::MigrateInfo;
 use crate::offload::Batch;
 use crate::pool::Dest;
 use crate::sys::{Errno, HPAGE_SIZE};

@@ -9,9 +9,10 @@ use std::time::Instant;
 
 use parking_lot::MutexGuard;
 
+use super::MigrateInfo;
 use super::{BatchState, CHANGED, Call};
 use crate::backoff::Backoff;
-use crate::folio::{Folio, MigrateInfo};
+use crate::folio::Folio;
 use crate::migrate::Engine;
 use crate::migrate::busy::Claims;
 use crate::migrate::mover::{self, GONE, Patience, overlaps, unprotect};

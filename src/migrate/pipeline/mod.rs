@@ -35,7 +35,6 @@ use super::outcome::Tally;
 use super::staged::Staged;
 use super::{Engine, Item, MigrateOptions, Mode, NR_MAX_MIGRATE_PASSES, Reason};
 use crate::error::Error;
-use crate::folio::MigrateInfo;
 use crate::offload::{Batch, registry};
 use crate::pool::Populate;
 use crate::sys::{self, Errno};
@@ -109,6 +108,41 @@ impl Plan {
     /// mover is off.
     pub fn without_mover(self) -> Self {
         Self { threaded: false, copy_in: false, populate: Populate::Madvise, ..self }
+    }
+}
+
+/// Migration state recorded on a destination in the unmap phase and read back in the move
+/// phase: the user-space form of the kernel's `dst->migrate_info`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct MigrateInfo(u8);
+
+impl MigrateInfo {
+    /// The source was write-protected in the unmap phase: writers may be waiting, and must
+    /// be woken once the folio moved or the migration was undone.
+    const WAS_MAPPED: MigrateInfo = MigrateInfo(1 << 0);
+    /// The source lay in an `mlock`ed mapping: lock the moved folio again.
+    const WAS_MLOCKED: MigrateInfo = MigrateInfo(1 << 1);
+    /// The batch copy already filled the destination: the move phase must not copy again.
+    const ALREADY_COPIED: MigrateInfo = MigrateInfo(1 << 2);
+
+    /// No state.
+    const fn empty() -> Self {
+        MigrateInfo(0)
+    }
+
+    /// Whether every bit of `other` is set.
+    const fn contains(self, other: MigrateInfo) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Sets the bits of `other`.
+    fn insert(&mut self, other: MigrateInfo) {
+        self.0 |= other.0;
+    }
+
+    /// Clears the bits of `other`.
+    fn remove(&mut self, other: MigrateInfo) {
+        self.0 &= !other.0;
     }
 }
 
@@ -467,5 +501,15 @@ mod tests {
         let big = [item(2 << 20, 2 << 20), item(4 << 20, 2 << 20)];
         assert_eq!(batches(&big, 1).len(), 2);
         assert_eq!(batches(&big, 1024).len(), 1);
+    }
+
+    #[test]
+    fn migrate_info_flags() {
+        let mut i = MigrateInfo::empty();
+        i.insert(MigrateInfo::WAS_MAPPED);
+        i.insert(MigrateInfo::ALREADY_COPIED);
+        assert!(i.contains(MigrateInfo::WAS_MAPPED) && !i.contains(MigrateInfo::WAS_MLOCKED));
+        i.remove(MigrateInfo::ALREADY_COPIED);
+        assert!(!i.contains(MigrateInfo::ALREADY_COPIED));
     }
 }

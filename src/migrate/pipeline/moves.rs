@@ -6,10 +6,10 @@
 use std::ops::Range;
 use std::time::Instant;
 
+use super::MigrateInfo;
 use super::{BatchState, Call, Held};
 use crate::copy::{CopyPair, folios_copy_to};
 use crate::error::Error;
-use crate::folio::MigrateInfo;
 use crate::migrate::mover::{Job, MoveJob, STOPPED, undo};
 use crate::migrate::staged::Staged;
 use crate::sys::Errno;
