@@ -15,7 +15,7 @@
 
 use parking_lot::Mutex;
 
-use crate::process::PerProcess;
+use crate::process::{MadeIn, PerProcess};
 
 /// The claimed ranges of this process, sorted and disjoint.
 struct Set {
@@ -28,7 +28,7 @@ struct Set {
 static SET: PerProcess<Set> = PerProcess::new();
 
 fn set() -> &'static Set {
-    SET.get_or_init(|| Set { ranges: Mutex::new(Vec::new()) })
+    SET.get_or_init(|_| Set { ranges: Mutex::new(Vec::new()) })
 }
 
 /// Runs `f` on this process's set.
@@ -80,7 +80,7 @@ pub fn overlaps(claimed: &[(usize, usize)], start: usize, end: usize) -> bool {
 #[derive(Debug)]
 pub struct ThreadStack {
     range: Option<(usize, usize)>,
-    pid: u32,
+    made: MadeIn,
 }
 
 impl ThreadStack {
@@ -90,14 +90,14 @@ impl ThreadStack {
         if let Some((start, end)) = range {
             claim(start, end - start);
         }
-        Self { range, pid: std::process::id() }
+        Self { range, made: MadeIn::this_process() }
     }
 }
 
 impl Drop for ThreadStack {
     fn drop(&mut self) {
         // A forked child's set never held the parent's claim.
-        if let Some((start, end)) = self.range.filter(|_| self.pid == std::process::id()) {
+        if let Some((start, end)) = self.range.filter(|_| self.made.is_here()) {
             disclaim(start, end - start);
         }
     }

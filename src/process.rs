@@ -1,14 +1,20 @@
 //! Per-process state: a value each process makes for itself on first use, so that a child
 //! forked from a process that had one makes its own instead of using its parent's, whose
 //! locks another thread of the parent may have held at the fork and whose threads the child
-//! does not have. The parent's value is left in place in the child (leaked, never freed:
-//! nothing there will finish with it).
+//! does not have. The maker is shown the parent's value, to take what still holds in the
+//! child (settings, figures measured on the same machine). The parent's value is left in
+//! place in the child (leaked, never freed: nothing there will finish with it).
 
-use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
 
-/// A value per process (see the module's description).
+use crate::backoff::Backoff;
+
+/// A value per process (see the module's description), made by one thread at a time.
 pub(crate) struct PerProcess<T: 'static> {
     current: AtomicPtr<Entry<T>>,
+    /// The process one of whose threads is making a value now (0: none; a parent's pid in a
+    /// child forked meanwhile, where no thread is making it).
+    making: AtomicU32,
 }
 
 struct Entry<T> {
@@ -16,43 +22,194 @@ struct Entry<T> {
     value: T,
 }
 
+/// Lets the next thread make the value once this one is done, whether it made one, failed
+/// or panicked.
+struct Making<'a>(&'a AtomicU32);
+
+impl Drop for Making<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
 impl<T: 'static> PerProcess<T> {
     /// No value yet.
     pub(crate) const fn new() -> Self {
-        PerProcess { current: AtomicPtr::new(std::ptr::null_mut()) }
+        PerProcess { current: AtomicPtr::new(std::ptr::null_mut()), making: AtomicU32::new(0) }
     }
 
-    /// This process's value, if it has made one.
-    #[cfg(test)]
     #[allow(unsafe_code, reason = "reads the leaked, never freed, entry")]
-    pub(crate) fn get(&self) -> Option<&'static T> {
-        // SAFETY: a non-null pointer was made by `Box::into_raw` in `get_or_init` and is
-        // never freed.
-        let entry = unsafe { self.current.load(Ordering::Acquire).as_ref() }?;
-        (entry.pid == std::process::id()).then_some(&entry.value)
+    fn entry(&self) -> (*mut Entry<T>, Option<&'static Entry<T>>) {
+        let current = self.current.load(Ordering::Acquire);
+        // SAFETY: a non-null pointer was made by `Box::into_raw` in `publish` and is never
+        // freed.
+        (current, unsafe { current.as_ref() })
     }
 
-    /// This process's value, made by `make` on its first use in this process. Two threads
-    /// may both make one; one is kept.
+    /// This process's value, if it has one.
+    pub(crate) fn get(&self) -> Option<&'static T> {
+        self.entry().1.filter(|e| e.pid == std::process::id()).map(|e| &e.value)
+    }
+
+    /// The value last made or set, this process's or, in a child that has made none yet,
+    /// the one of the process it was forked from: for values that hold in a child too
+    /// (figures measured on the same machine).
+    pub(crate) fn latest(&self) -> Option<&'static T> {
+        self.entry().1.map(|e| &e.value)
+    }
+
+    /// Forgets the value: the next [`PerProcess::get_or_try_init`] makes one again (the
+    /// old one stays allocated).
+    pub(crate) fn clear(&self) {
+        self.current.store(std::ptr::null_mut(), Ordering::Release);
+    }
+
+    /// Publishes `value` as this process's in place of `replacing` (the pointer loaded
+    /// before it was made); `None` if another was published meanwhile (ours is dropped).
     #[allow(unsafe_code, reason = "publishes a leaked entry, or frees one never shared")]
-    pub(crate) fn get_or_init(&self, make: impl Fn() -> T) -> &'static T {
-        let pid = std::process::id();
-        loop {
-            let current = self.current.load(Ordering::Acquire);
-            // SAFETY: as in `get`.
-            if let Some(entry) = unsafe { current.as_ref() }
-                && entry.pid == pid
-            {
-                return &entry.value;
-            }
-            let fresh = Box::into_raw(Box::new(Entry { pid, value: make() }));
-            if self.current.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                // SAFETY: just made, and published for the life of the process.
-                return unsafe { &(*fresh).value };
-            }
-            // SAFETY: another thread published its entry first; ours was never shared.
-            drop(unsafe { Box::from_raw(fresh) });
+    fn publish(&self, replacing: *mut Entry<T>, value: T) -> Option<&'static T> {
+        let fresh = Box::into_raw(Box::new(Entry { pid: std::process::id(), value }));
+        if self.current.compare_exchange(replacing, fresh, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            // SAFETY: just made, and published for the life of the process.
+            return Some(unsafe { &(*fresh).value });
         }
+        // SAFETY: another value was published first; ours was never shared.
+        drop(unsafe { Box::from_raw(fresh) });
+        None
+    }
+
+    /// This process's value, made by `make` on its first use in this process, shown the
+    /// value of the process this one was forked from, if that one had one. One thread
+    /// makes it, the others wait for it. When `make` fails nothing is kept (a later call
+    /// tries again); a value [`PerProcess::set`] meanwhile is kept instead of the one made.
+    pub(crate) fn get_or_try_init<E>(
+        &self,
+        make: impl FnOnce(Option<&'static T>) -> Result<T, E>,
+    ) -> Result<&'static T, E> {
+        let pid = std::process::id();
+        let mut make = Some(make);
+        let mut backoff = Backoff::kernel();
+        loop {
+            let (current, entry) = self.entry();
+            if let Some(e) = entry.filter(|e| e.pid == pid) {
+                return Ok(&e.value);
+            }
+            let making = self.making.load(Ordering::Acquire);
+            if making != pid && self.making.compare_exchange(making, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                let _done = Making(&self.making);
+                // Published meanwhile by the thread that made it before us.
+                if self.current.load(Ordering::Acquire) != current {
+                    continue;
+                }
+                let make = make.take().expect("made once: a failure returns");
+                let value = make(entry.map(|e| &e.value))?;
+                if let Some(value) = self.publish(current, value) {
+                    return Ok(value);
+                }
+                continue;
+            }
+            // Another thread of this process is making it.
+            backoff.pause();
+        }
+    }
+
+    /// [`PerProcess::get_or_try_init`] with a `make` that cannot fail.
+    pub(crate) fn get_or_init(&self, make: impl FnOnce(Option<&'static T>) -> T) -> &'static T {
+        match self.get_or_try_init(|parent| Ok::<T, std::convert::Infallible>(make(parent))) {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Makes `value` this process's, in place of whatever was there.
+    #[allow(unsafe_code, reason = "publishes a leaked entry")]
+    pub(crate) fn set(&self, value: T) -> &'static T {
+        let fresh = Box::into_raw(Box::new(Entry { pid: std::process::id(), value }));
+        self.current.store(fresh, Ordering::Release);
+        // SAFETY: just made, and published for the life of the process.
+        unsafe { &(*fresh).value }
+    }
+
+    /// Replaces this process's value `stale` with one made by `make` from it. One thread
+    /// makes it, and only while `stale` is still the value: the others, and later calls,
+    /// get the value that replaced it. When `make` fails `stale` stays.
+    pub(crate) fn replace<E>(
+        &self,
+        stale: &'static T,
+        make: impl FnOnce(&'static T) -> Result<T, E>,
+    ) -> Result<&'static T, E> {
+        let pid = std::process::id();
+        let mut make = Some(make);
+        let mut backoff = Backoff::kernel();
+        loop {
+            let (current, entry) = self.entry();
+            // `stale` is not the value any more (or was never this process's).
+            if !entry.is_some_and(|e| e.pid == pid && std::ptr::eq(&e.value, stale)) {
+                return Ok(self.get().unwrap_or(stale));
+            }
+            let making = self.making.load(Ordering::Acquire);
+            if making != pid && self.making.compare_exchange(making, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                let _done = Making(&self.making);
+                if self.current.load(Ordering::Acquire) != current {
+                    continue;
+                }
+                let make = make.take().expect("made once: a failure returns");
+                let value = make(stale)?;
+                if let Some(value) = self.publish(current, value) {
+                    return Ok(value);
+                }
+                continue;
+            }
+            backoff.pause();
+        }
+    }
+
+    /// Whether a thread of this process is making the value now.
+    pub(crate) fn being_made(&self) -> bool {
+        self.making.load(Ordering::Acquire) == std::process::id()
+    }
+}
+
+/// Installs pagemig's one set of `pthread_atfork` handlers, once per process: a fork waits
+/// for the migrations' emptied pages to fill and holds every process-wide lock of
+/// pagemig's ([`crate::migrate`]'s fork barrier); the child starts with those locks free,
+/// the barrier reset and the agent's listening socket closed.
+#[allow(unsafe_code, reason = "installs the pthread_atfork handlers")]
+pub(crate) fn install_fork_handlers() {
+    extern "C" fn prepare() {
+        crate::migrate::fork_prepare();
+    }
+    extern "C" fn after() {
+        crate::migrate::fork_after();
+    }
+    extern "C" fn in_child() {
+        crate::migrate::fork_in_child();
+        crate::sys::close_in_child();
+    }
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        // SAFETY: the handlers are plain functions that touch only process-wide statics,
+        // which live for the whole process.
+        let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(after), Some(in_child)) };
+        // Without the handlers forks do not wait; `pthread_atfork` fails only on ENOMEM.
+        debug_assert_eq!(rc, 0, "pthread_atfork");
+    });
+}
+
+/// The process something was made in: a thread, a claim or a lock made in a parent exists
+/// in a forked child only as a copied entry, not the child's to use, end or undo.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct MadeIn(u32);
+
+impl MadeIn {
+    /// This process.
+    pub(crate) fn this_process() -> Self {
+        MadeIn(std::process::id())
+    }
+
+    /// Whether it was made in this process (not in the one this was forked from).
+    pub(crate) fn is_here(self) -> bool {
+        self.0 == std::process::id()
     }
 }
 
@@ -81,19 +238,62 @@ pub(crate) fn wait_child(pid: libc::pid_t, limit: std::time::Duration, hung: &st
 mod tests {
     use super::*;
 
+    /// One thread makes the value however many ask at once; a failure keeps nothing; a value
+    /// set meanwhile wins over the one made; a replacement is made once, from the stale
+    /// value, and a stale value is not replaced twice.
+    #[test]
+    fn one_maker_failures_settings_and_replacements() {
+        static CELL: PerProcess<u32> = PerProcess::new();
+        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        assert_eq!(CELL.get_or_try_init(|_| Err::<u32, _>("not now")), Err("not now"));
+        assert!(CELL.get().is_none() && !CELL.being_made());
+        let got: Vec<u32> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        *CELL.get_or_init(|_| {
+                            MADE.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(std::time::Duration::from_millis(20));
+                            5
+                        })
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).collect()
+        });
+        assert_eq!((got, MADE.load(Ordering::SeqCst)), (vec![5; 8], 1));
+        CELL.clear();
+        let kept = CELL.get_or_init(|_| {
+            CELL.set(7);
+            9
+        });
+        assert_eq!(*kept, 7);
+        let next = CELL.replace(kept, |old| Ok::<_, ()>(old + 1)).unwrap();
+        assert_eq!(*next, 8);
+        assert_eq!(*CELL.replace(kept, |_| Ok::<_, ()>(100)).unwrap(), 8);
+        assert_eq!(CELL.replace(next, |_| Err("failed")), Err("failed"));
+        assert_eq!(CELL.get(), Some(next));
+    }
+
     /// A forked child makes its own value; its parent keeps its own.
     #[test]
     #[allow(unsafe_code, reason = "fork, waitpid, _exit")]
     fn a_child_makes_its_own_value() {
         static CELL: PerProcess<u32> = PerProcess::new();
-        let parent = CELL.get_or_init(std::process::id);
+        let parent = CELL.get_or_init(|_| std::process::id());
         assert_eq!(*parent, std::process::id());
         assert_eq!(CELL.get(), Some(parent));
         // SAFETY: the child only reads atomics and its own pid, then ends with _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            let fresh = CELL.get().is_none() && *CELL.get_or_init(std::process::id) == std::process::id();
+            let mut seen = None;
+            let fresh = CELL.get().is_none()
+                && *CELL.get_or_init(|parent| {
+                    seen = parent.copied();
+                    std::process::id()
+                }) == std::process::id();
+            let fresh = fresh && seen.is_some();
             // SAFETY: ends the child at once.
             unsafe { libc::_exit(if fresh { 0 } else { 1 }) };
         }

@@ -89,7 +89,7 @@ mod protocol;
 mod routing;
 mod server;
 
-use std::sync::atomic::{AtomicU32, Ordering};
+use crate::process::PerProcess;
 
 use crate::error::Result;
 
@@ -122,10 +122,9 @@ impl Agent {
     }
 }
 
-/// The process whose agent runs (a parent's pid in a child forked since).
-static RUNNING: AtomicU32 = AtomicU32::new(0);
-/// The process starting its agent now (a stale pid in a child forked meanwhile).
-static STARTING: AtomicU32 = AtomicU32::new(0);
+/// Set while this process's agent runs (a child forked from a process with one starts its
+/// own); cleared when its socket is lost, so that the next [`start`] starts it again.
+static RUNNING: PerProcess<()> = PerProcess::new();
 
 /// Starts this process's agent, once per process: later calls return the running one.
 ///
@@ -138,22 +137,9 @@ static STARTING: AtomicU32 = AtomicU32::new(0);
 /// binding the socket or starting the thread.
 pub fn start() -> Result<Agent> {
     let pid = std::process::id();
-    loop {
-        if RUNNING.load(Ordering::Acquire) == pid {
-            return Ok(Agent { pid });
-        }
-        let starting = STARTING.load(Ordering::Acquire);
-        if starting != pid && STARTING.compare_exchange(starting, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            let started = server::listen(pid);
-            if started.is_ok() {
-                RUNNING.store(pid, Ordering::Release);
-            }
-            // Others may try again after a failure.
-            STARTING.store(0, Ordering::Release);
-            return started.map(|()| Agent { pid });
-        }
-        std::thread::yield_now();
-    }
+    // One thread starts it; after a failure a later call tries again.
+    RUNNING.get_or_try_init(|_| server::listen(pid))?;
+    Ok(Agent { pid })
 }
 
 /// Runs `body` on a thread of its own and fails the test if it takes over `secs`.

@@ -51,7 +51,7 @@ pub(super) fn listen(pid: u32) -> Result<()> {
     })?;
     let identity = identity(&listener).map_err(|e| agent_error(e, format!("fstat of the agent's socket: {e}")))?;
     sys::close_in_children(listener.as_raw_fd());
-    sys::thread::spawn("pagemig-agent", move || serve(pid, listener, identity))
+    sys::thread::spawn("pagemig-agent", move || serve(listener, identity))
         .map_err(|e| agent_error(io_errno(&e), format!("starting the agent thread: {e}")))?;
     Ok(())
 }
@@ -88,7 +88,7 @@ impl Drop for Slot {
     }
 }
 
-fn serve(pid: u32, listener: UnixListener, bound: (u64, u64)) {
+fn serve(listener: UnixListener, bound: (u64, u64)) {
     // Per agent, not per process: a forked child that starts its own agent starts afresh
     // (no count of the parent's threads, no lock a parent's thread held at the fork).
     let shared = Arc::new(Shared::default());
@@ -98,7 +98,7 @@ fn serve(pid: u32, listener: UnixListener, bound: (u64, u64)) {
             // The program closed the socket, or put another file under its number: neither
             // accepted from nor closed here (the number is not ours any more).
             std::mem::forget(listener);
-            let _ = RUNNING.compare_exchange(pid, 0, Ordering::AcqRel, Ordering::Acquire);
+            RUNNING.clear();
             return;
         }
         match listener.accept() {

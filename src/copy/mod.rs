@@ -9,7 +9,7 @@
 
 pub mod simd;
 
-use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use crate::process::PerProcess;
 
 use crate::sys::uffd::Uffd;
 use crate::sys::{self, Errno};
@@ -296,41 +296,12 @@ pub struct Kernels {
     pub figures: Vec<KernelFigure>,
 }
 
-/// The kernels of this process, measured or chosen; null before. A published value is
-/// leaked, never freed: readers clone it without a lock (a lock held by a thread that
-/// does not exist in a forked child would never be released there).
-static KERNELS: AtomicPtr<Kernels> = AtomicPtr::new(std::ptr::null_mut());
-/// The process measuring the kernels now (0: none). A child forked while its parent
-/// measured finds the parent's pid here, and measures itself.
-static MEASURING: AtomicU32 = AtomicU32::new(0);
+/// The kernels, measured or chosen; none before. They hold in a forked child too (the same
+/// machine): a child uses its parent's until it chooses or measures its own.
+static KERNELS: PerProcess<Kernels> = PerProcess::new();
 
 /// The default when nothing was measured or chosen.
 const DEFAULT_KERNELS: Kernels = Kernels { hot: Kernel::Nt, cold: Kernel::Nt, figures: Vec::new() };
-
-fn published() -> Option<Kernels> {
-    // SAFETY: a non-null pointer came from `Box::into_raw` in `publish` and is never freed.
-    unsafe { KERNELS.load(Ordering::Acquire).as_ref() }.cloned()
-}
-
-/// Publishes `k` in place of `replacing` (`None`: in place of anything); `false` if
-/// something else was published meanwhile.
-fn publish(k: Kernels, replacing: Option<*mut Kernels>) -> bool {
-    let new = Box::into_raw(Box::new(k));
-    match replacing {
-        None => {
-            KERNELS.store(new, Ordering::Release);
-            true
-        }
-        Some(old) => {
-            let done = KERNELS.compare_exchange(old, new, Ordering::AcqRel, Ordering::Acquire).is_ok();
-            if !done {
-                // SAFETY: `new` was never published; this is its only owner.
-                drop(unsafe { Box::from_raw(new) });
-            }
-            done
-        }
-    }
-}
 
 /// The copy kernels of this process: measured once, at the first call, on this machine
 /// (about 0.4 s), unless [`set_kernel`] chose one.
@@ -341,29 +312,17 @@ fn publish(k: Kernels, replacing: Option<*mut Kernels>) -> bool {
 /// long ago changes the order again. So each kind of destination gets the kernel that was
 /// fastest for it here, measured the way the pipeline uses it.
 pub fn kernels() -> Kernels {
-    let pid = std::process::id();
-    loop {
-        if let Some(k) = published() {
-            return k;
-        }
-        let measuring = MEASURING.load(Ordering::Acquire);
-        if measuring != pid && MEASURING.compare_exchange(measuring, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            let k = calibrate().unwrap_or(DEFAULT_KERNELS);
-            // A choice made meanwhile (`set_kernel`) stands.
-            publish(k, Some(std::ptr::null_mut()));
-            MEASURING.store(0, Ordering::Release);
-            continue;
-        }
-        // Another thread of this process is measuring.
-        std::thread::sleep(std::time::Duration::from_millis(1));
+    if let Some(k) = KERNELS.latest() {
+        return k.clone();
     }
+    // A choice made meanwhile (`set_kernel`) stands.
+    KERNELS.get_or_init(|_| calibrate().unwrap_or(DEFAULT_KERNELS)).clone()
 }
 
 /// Starts measuring the kernels on a thread of its own, unless they are measured, chosen
 /// or being measured in this process; copies made meanwhile use [`chosen`]'s default.
 pub fn measure_in_background() {
-    let measuring = MEASURING.load(Ordering::Acquire);
-    if KERNELS.load(Ordering::Acquire).is_null() && measuring != std::process::id() {
+    if KERNELS.latest().is_none() && !KERNELS.being_made() {
         let _ = sys::thread::spawn("pagemig-calibrate", || {
             let _ = kernels();
         });
@@ -373,14 +332,14 @@ pub fn measure_in_background() {
 #[cfg(any(test, feature = "internals"))]
 /// Whether a thread of this process is measuring the kernels now.
 pub fn measuring() -> bool {
-    MEASURING.load(Ordering::Acquire) == std::process::id()
+    KERNELS.being_made()
 }
 
 /// The kernels chosen, without waiting: the measured ones once [`kernels`] has measured
 /// them, the two-stream non-temporal copy before (while an engine's start-up thread is
 /// still measuring, or when nothing asked).
 pub fn chosen() -> Kernels {
-    published().unwrap_or(DEFAULT_KERNELS)
+    KERNELS.latest().cloned().unwrap_or(DEFAULT_KERNELS)
 }
 
 /// Chooses `kernel` for every destination (`Some`), or measures again (`None`, at the next
@@ -388,9 +347,9 @@ pub fn chosen() -> Kernels {
 pub fn set_kernel(kernel: Option<Kernel>) {
     match kernel {
         Some(k) => {
-            publish(Kernels { hot: k, cold: k, figures: Vec::new() }, None);
+            KERNELS.set(Kernels { hot: k, cold: k, figures: Vec::new() });
         }
-        None => KERNELS.store(std::ptr::null_mut(), Ordering::Release),
+        None => KERNELS.clear(),
     }
 }
 

@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 
 use super::Caps;
 use super::channel::{Channel, DeviceShared};
+use crate::process::MadeIn;
 use crate::sys::Errno;
 
 /// The most channels a soft device may have.
@@ -67,7 +68,7 @@ pub struct Device {
     usage: Mutex<Vec<Usage>>,
     workers: Vec<JoinHandle<()>>,
     /// The process whose threads serve the channels: a forked child has none.
-    pid: u32,
+    made: MadeIn,
 }
 
 impl std::fmt::Debug for Device {
@@ -88,7 +89,7 @@ impl Device {
     /// Whether the channels' worker threads run in this process (not in a forked child
     /// of the one that made the device, where they do not exist).
     pub fn served_here(&self) -> bool {
-        self.pid == std::process::id()
+        self.made.is_here()
     }
 
     /// Makes a soft device named `name` with `nr_channels` channels, each a worker thread
@@ -138,7 +139,15 @@ impl Device {
             }
         }
         let usage = Mutex::new(vec![Usage::default(); nr_channels]);
-        Ok(Arc::new(Self { name: name.to_string(), caps, shared, channels, usage, workers, pid: std::process::id() }))
+        Ok(Arc::new(Self {
+            name: name.to_string(),
+            caps,
+            shared,
+            channels,
+            usage,
+            workers,
+            made: MadeIn::this_process(),
+        }))
     }
 
     /// The device's name.

@@ -317,7 +317,7 @@ pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
 /// The errno of making it, or `EEXIST` when another device named `soft0` is registered;
 /// the next call tries again.
 pub fn soft_default() -> Result<Arc<Device>, Errno> {
-    crate::migrate::install_fork_handlers();
+    crate::process::install_fork_handlers();
     let mut slot = DEFAULT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(device) = slot.as_ref() {
         return Ok(device.clone());

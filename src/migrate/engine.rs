@@ -2,7 +2,7 @@
 //! event reader and the reaper; and one call of `migrate_pages` read top to bottom.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use super::busy::Busy;
@@ -10,12 +10,13 @@ use super::checks::{items_size_at, prepare_call};
 use super::options::{DEFAULT_MAX_BATCH_PAGES, DEFAULT_REAPER_BACKLOG, check_max_batch_pages};
 use super::outcome::Tally;
 use super::{
-    Capabilities, MigrateOptions, MigrateStats, Mode, Reason, abort, events, fork, mover, pipeline, reaper, zerofill,
+    Capabilities, MigrateOptions, MigrateStats, Mode, Reason, abort, events, mover, pipeline, reaper, zerofill,
 };
 use crate::attr::Loaded;
 use crate::error::{Error, Result};
 use crate::folio::Folio;
 use crate::pool::{Key, Pool, ThpAdvice};
+use crate::process::PerProcess;
 use crate::sys::{Errno, uffd::Uffd};
 
 /// The migration engine: a userfaultfd, the destination pool and the set of folios in
@@ -49,7 +50,7 @@ impl Engine {
     /// # Errors
     /// [`Error::Sys`] when userfaultfd cannot be opened (no permission, no kernel support).
     pub fn new() -> Result<Self> {
-        fork::install();
+        crate::process::install_fork_handlers();
         let uffd = Arc::new(Uffd::open().map_err(Error::sys("userfaultfd"))?);
         let graves = Arc::new(Uffd::open_for_moves().map_err(Error::sys("userfaultfd (graveyards)"))?);
         let busy = Arc::new(Busy::default());
@@ -376,16 +377,15 @@ impl Engine {
     }
 }
 
-/// The engine of process `pid`, or why it could not be opened, and what opening it applied.
-/// Leaked: never freed.
+/// The engine of this process, or why it could not be opened, and what opening it
+/// applied. Leaked: never freed.
 struct Slot {
-    pid: u32,
     engine: std::result::Result<&'static Engine, Errno>,
     loaded: &'static Loaded,
 }
 
-/// The slot of the process that filled it last (a parent's in a child forked since).
-static SLOT: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
+/// This process's slot (a child forked from a process with one opens its own).
+static SLOT: PerProcess<Slot> = PerProcess::new();
 
 impl Engine {
     /// Whether [`Engine::global`] would open an engine now (none in this process yet, or
@@ -394,76 +394,41 @@ impl Engine {
     /// A caller that answers for addresses the program names asks the kernel about them
     /// first when this is true. False once an engine is open, and once opening it failed
     /// (no userfaultfd: later calls open nothing).
-    #[allow(unsafe_code, reason = "reads the leaked, never freed, slot of the process")]
     pub fn global_needs_opening() -> bool {
-        // SAFETY: a non-null slot was leaked by `Box::into_raw` in `slot` and is never freed.
-        let slot = unsafe { SLOT.load(Ordering::Acquire).as_ref() };
-        !slot.is_some_and(|s| s.pid == std::process::id() && !matches!(s.engine, Ok(e) if e.descriptors_lost()))
+        !SLOT.get().is_some_and(|s| !matches!(s.engine, Ok(e) if e.descriptors_lost()))
     }
 }
 
-/// The slot of this process, filled on first use ([`Engine::global`]).
-#[allow(unsafe_code, reason = "reads the leaked, never freed, slot of the process")]
+/// The slot of this process, filled on first use ([`Engine::global`]); an engine whose
+/// descriptors the program closed or replaced is replaced by a new one with its settings
+/// (the old one stays, leaked, as every engine).
 fn slot() -> &'static Slot {
-    /// The process that is opening its engine (a stale pid in a child forked meanwhile).
-    static OPENING: AtomicU32 = AtomicU32::new(0);
-    /// The slot whose engine lost its descriptors and is being replaced.
-    static REOPENING: AtomicPtr<Slot> = AtomicPtr::new(std::ptr::null_mut());
-    let pid = std::process::id();
-    let load = || {
-        // SAFETY: a non-null slot was leaked by `Box::into_raw` below and is never freed.
-        unsafe { SLOT.load(Ordering::Acquire).as_ref() }
-    };
-    loop {
-        if let Some(slot) = load().filter(|s| s.pid == pid) {
-            let Ok(old) = slot.engine else { return slot };
-            if !old.descriptors_lost() {
-                return slot;
+    let slot = SLOT.get_or_init(|parent| {
+        let engine = Engine::new().map(|e| &*Box::leak(Box::new(e))).map_err(|e| e.errno());
+        // A child takes the settings of the engine it was forked from.
+        let loaded = match (parent, engine) {
+            (Some(Slot { engine: Ok(from), loaded }), Ok(engine)) => {
+                engine.take_settings(from);
+                *loaded
             }
-            // The program closed or replaced the engine's descriptors: one thread opens a
-            // new engine with its settings; the old one stays (leaked, as every engine).
-            let stale = slot as *const Slot as *mut Slot;
-            let other = REOPENING.load(Ordering::Acquire);
-            if other != stale && REOPENING.compare_exchange(other, stale, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                // Its prepared destinations are of no use to anyone now.
-                old.pool.clear();
-                match Engine::new() {
-                    Ok(engine) => {
-                        engine.take_settings(old);
-                        let engine = Ok(&*Box::leak(Box::new(engine)));
-                        let fresh = Box::into_raw(Box::new(Slot { pid, engine, loaded: slot.loaded }));
-                        SLOT.store(fresh, Ordering::Release);
-                    }
-                    // Not now (no descriptor left, say): this call's caller meets the old
-                    // engine's `EBADF`, and the next call tries again.
-                    Err(_) => {
-                        REOPENING.store(std::ptr::null_mut(), Ordering::Release);
-                        return slot;
-                    }
-                }
-                continue;
-            }
-            std::thread::yield_now();
-            continue;
-        }
-        let opening = OPENING.load(Ordering::Acquire);
-        if opening != pid && OPENING.compare_exchange(opening, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            // A slot of another process here is the parent's, copied by `fork`.
-            let parent = load();
-            let engine = Engine::new().map(|e| &*Box::leak(Box::new(e))).map_err(|e| e.errno());
-            let loaded = match (parent, engine) {
-                (Some(Slot { engine: Ok(from), loaded, .. }), Ok(engine)) => {
-                    engine.take_settings(from);
-                    *loaded
-                }
-                _ => &*Box::leak(Box::new(crate::attr::config::apply(engine))),
-            };
-            SLOT.store(Box::into_raw(Box::new(Slot { pid, engine, loaded })), Ordering::Release);
-            continue;
-        }
-        // Another thread of this process is opening it.
-        std::thread::yield_now();
+            _ => &*Box::leak(Box::new(crate::attr::config::apply(engine))),
+        };
+        Slot { engine, loaded }
+    });
+    let Ok(old) = slot.engine else { return slot };
+    if !old.descriptors_lost() {
+        return slot;
     }
+    SLOT.replace(slot, |stale| {
+        // Its prepared destinations are of no use to anyone now.
+        old.pool.clear();
+        let engine = Engine::new()?;
+        engine.take_settings(old);
+        Ok::<_, Error>(Slot { engine: Ok(&*Box::leak(Box::new(engine))), loaded: stale.loaded })
+    })
+    // Not now (no descriptor left, say): this call's caller meets the old engine's `EBADF`,
+    // and the next call tries again.
+    .unwrap_or(slot)
 }
 
 /// What opening the engine of this process applied (opening it first).

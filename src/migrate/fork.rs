@@ -29,10 +29,8 @@
 //! `std::process::Command` where it forks. A raw `clone`/`fork` system call bypasses them
 //! (see the README's Limits). `vfork()` and `posix_spawn()` share the parent's memory or
 //! copy nothing before `exec`, and need no barrier.
-#![allow(unsafe_code, reason = "installs the pthread_atfork handlers")]
 
 use std::cell::Cell;
-use std::sync::Once;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// The gate, one word: pages empty now ([`PAGES`]), forks in progress ([`FORKS`]), and
@@ -56,18 +54,6 @@ thread_local! {
     /// may wait for this thread's own copies to fill, so its next pages must not wait for a
     /// fork that waits for them.
     static HOLDING: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Installs the `pthread_atfork` handlers, once per process.
-pub(super) fn install() {
-    static INSTALL: Once = Once::new();
-    INSTALL.call_once(|| {
-        // SAFETY: the handlers are plain functions that touch only the atomic above, which
-        // lives for the whole process.
-        let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(after), Some(in_child)) };
-        // Without the handlers forks do not wait; `pthread_atfork` fails only on ENOMEM.
-        debug_assert_eq!(rc, 0, "pthread_atfork");
-    });
 }
 
 /// Counts `pages` empty from now on.
@@ -117,7 +103,7 @@ impl Drop for Batch {
     }
 }
 
-extern "C" fn prepare() {
+pub(crate) fn prepare() {
     barrier();
     hold_locks();
 }
@@ -165,7 +151,7 @@ fn release_locks() {
     drop(held);
 }
 
-extern "C" fn after() {
+pub(crate) fn after() {
     release_locks();
     let _ = STATE.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
         let s = s - FORK;
@@ -176,7 +162,7 @@ extern "C" fn after() {
 /// The child's handler: it has one thread, forking nothing, and no page of it is empty
 /// (the parent's forks waited for none to be). The gate it inherited may count other
 /// threads' forks in the parent (two threads forking at once), which never end here.
-extern "C" fn in_child() {
+pub(crate) fn in_child() {
     release_locks();
     STATE.store(0, Ordering::SeqCst);
     HOLDING.with(|h| h.set(false));
@@ -192,7 +178,7 @@ mod tests {
     /// for each other for ever. A thread that holds nothing waits for the fork.
     #[test]
     fn a_thread_emptying_more_pages_while_a_fork_waits_does_not_wait_for_itself() {
-        install();
+        crate::process::install_fork_handlers();
         let (tx, rx) = std::sync::mpsc::channel();
         let migrating = std::thread::spawn(move || {
             let batch = Batch::start();
@@ -221,8 +207,9 @@ mod tests {
     /// of two forks in progress, of which only its own ends in it: it must still be able to
     /// empty pages (migrate) rather than wait forever.
     #[test]
+    #[allow(unsafe_code, reason = "fork and _exit")]
     fn a_child_forked_beside_another_fork_can_migrate() {
-        install();
+        crate::process::install_fork_handlers();
         // Another thread's fork in progress, past its barrier (it would take the locks next:
         // this thread's own fork then waits for them, so it is not taken here).
         barrier();

@@ -80,11 +80,7 @@
 //! migration (up to 5 s, waiting out `EAGAIN`); the pool's `chunks` across populating one
 //! destination; dcbm's `registered` across `unregister`'s grace period.
 
-/// Installs the `fork()` handlers (the barrier for emptied pages and the process-wide
-/// locks held across the fork), once per process.
-pub(crate) fn install_fork_handlers() {
-    fork::install();
-}
+pub(crate) use fork::{after as fork_after, in_child as fork_in_child, prepare as fork_prepare};
 
 mod abort;
 mod background;

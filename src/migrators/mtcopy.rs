@@ -22,6 +22,7 @@ use std::sync::mpsc::{Sender, channel};
 
 use crate::copy::CopyPair;
 use crate::offload::{Batch, Migrator, OffloadCopy, Owner, registry};
+use crate::process::MadeIn;
 use crate::sys::{self, Errno};
 
 /// The most bytes a worker copies before reporting them complete.
@@ -103,7 +104,7 @@ fn run_job(job: Job) {
 
 struct Worker {
     /// The process that spawned the thread: a forked child has the entry, not the thread.
-    pid: u32,
+    made: MadeIn,
     tx: Sender<Job>,
     handle: Option<JoinHandle<()>>,
 }
@@ -190,8 +191,7 @@ impl MtCopy {
 
     fn ensure_workers(&self, n: usize) -> std::sync::MutexGuard<'_, Vec<Worker>> {
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
-        let pid = std::process::id();
-        if workers.first().is_some_and(|w| w.pid != pid) {
+        if workers.first().is_some_and(|w| !w.made.is_here()) {
             // Forked: the parent's threads do not exist here; forget them, spawn our own.
             workers.drain(..).for_each(std::mem::forget);
         }
@@ -209,7 +209,7 @@ impl MtCopy {
                 }
             })
             .expect("spawn an mtcopy worker");
-            workers.push(Worker { pid, tx, handle: Some(handle) });
+            workers.push(Worker { made: MadeIn::this_process(), tx, handle: Some(handle) });
         }
         workers
     }
@@ -299,7 +299,7 @@ impl Drop for MtCopy {
     fn drop(&mut self) {
         let mut workers = self.workers.lock().unwrap_or_else(|e| e.into_inner());
         for mut w in workers.drain(..) {
-            if w.pid != std::process::id() {
+            if !w.made.is_here() {
                 std::mem::forget(w);
                 continue;
             }

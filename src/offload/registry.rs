@@ -316,7 +316,7 @@ static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
 /// The process-wide registry the migration pipeline dispatches through.
 pub fn registry() -> &'static Registry {
     REGISTRY.get_or_init(|| {
-        crate::migrate::install_fork_handlers();
+        crate::process::install_fork_handlers();
         Registry::new()
     })
 }

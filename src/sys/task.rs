@@ -37,7 +37,8 @@ pub fn dumpable() -> bool {
 /// The descriptor a forked child closes (`-1`: none).
 static CLOSE_IN_CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
-extern "C" fn close_in_child() {
+/// In a child just forked: closes the descriptor [`close_in_children`] named.
+pub(crate) fn close_in_child() {
     let fd = CLOSE_IN_CHILD.swap(-1, std::sync::atomic::Ordering::SeqCst);
     if fd >= 0 {
         // SAFETY: the parent handed this descriptor over for exactly this; in the child, no
@@ -52,14 +53,8 @@ extern "C" fn close_in_child() {
 /// socket whose serving thread a child does not have must not stay open there, holding its
 /// name for connections nobody accepts.
 pub fn close_in_children(fd: std::os::fd::RawFd) {
-    static INSTALL: std::sync::Once = std::sync::Once::new();
     CLOSE_IN_CHILD.store(fd, std::sync::atomic::Ordering::SeqCst);
-    INSTALL.call_once(|| {
-        // SAFETY: the handler is a plain function that touches only the atomic above and
-        // calls `close`.
-        let rc = unsafe { libc::pthread_atfork(None, None, Some(close_in_child)) };
-        debug_assert_eq!(rc, 0, "pthread_atfork");
-    });
+    crate::process::install_fork_handlers();
 }
 
 /// The CPUs the calling thread may run on, in order (empty if the kernel does not say).
