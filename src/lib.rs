@@ -147,7 +147,7 @@ pub use folio::Folio;
 #[cfg(feature = "internals")]
 pub use migrate::FaultInjection;
 pub use migrate::{
-    Background, Capabilities, Engine, MigrateOptions, MigrateStats, Mode, PagesStats, RangeOutcome, Reason,
+    Background, Capabilities, Engine, MigrateOptions, MigrateStats, Mode, PagesStats, RangeOutcome, Reason, Settings,
     migrate_pages, movable_ranges,
 };
 pub use pool::ThpAdvice;

@@ -71,9 +71,9 @@ fn in_fresh_process() {
         return;
     };
     assert_eq!(loaded.rejected.len(), 1, "{:?}", loaded.rejected);
-    assert_eq!(engine.max_batch_pages(), 1024);
+    assert_eq!(engine.settings().max_batch_pages, 1024);
     assert_eq!(attr::source("migrate/max_batch_pages").unwrap(), line(2));
-    assert!(engine.pipelined(), "a rejected entry changed the attribute");
+    assert!(engine.settings().pipelined, "a rejected entry changed the attribute");
     attr::write("migrate/max_batch_pages", "2048").unwrap();
     assert_eq!(attr::source("migrate/max_batch_pages").unwrap(), Source::Process);
     // A child takes the parent engine's settings, not the file's (changed meanwhile).
@@ -87,7 +87,8 @@ fn in_fresh_process() {
             if engine as *const Engine as usize == parent_engine {
                 return 3;
             }
-            if engine.max_batch_pages() != 2048 || attr::read("dcbm/nr_dma_chan").ok().as_deref() != Some("3") {
+            if engine.settings().max_batch_pages != 2048 || attr::read("dcbm/nr_dma_chan").ok().as_deref() != Some("3")
+            {
                 return 4;
             }
             if attr::loaded() as *const attr::Loaded as usize != parent_loaded {

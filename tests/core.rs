@@ -281,7 +281,9 @@ fn bad_input_is_refused_and_memory_unchanged() {
             engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts).unwrap_err(),
             pagemig::sys::Errno::INVAL,
         );
-        assert!(engine.set_max_batch_pages(bad).is_err());
+        let before = engine.settings();
+        assert!(engine.update_settings(|s| s.max_batch_pages = bad).is_err());
+        assert_eq!(engine.settings(), before, "a rejected setting changed nothing");
     }
     // Overlapping folios.
     let overlap = [folios[0], folios[0]];

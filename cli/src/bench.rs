@@ -90,7 +90,7 @@ fn config(args: &Args) -> anyhow::Result<BenchConfig> {
         cfg.sweep_reps = r;
     }
     if let Some(b) = args.batch_pages {
-        cfg.batch_pages = pagemig::migrate::check_max_batch_pages(b)?;
+        cfg.batch_pages = pagemig_cli::report::runner::check_batch_pages(b)?;
     }
     cfg.writers = args.writers;
     if !args.only.is_empty() {

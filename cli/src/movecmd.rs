@@ -288,8 +288,8 @@ pub fn run(args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
         // One node: the single-node migration as it always was.
         to_nodes: if to_nodes.len() > 1 { to_nodes } else { Vec::new() },
         batch_pages: match args.batch_pages {
-            Some(pages) => pagemig::migrate::check_max_batch_pages(pages)?,
-            None => engine.max_batch_pages(),
+            Some(pages) => pagemig_cli::report::runner::check_batch_pages(pages)?,
+            None => engine.settings().max_batch_pages,
         },
         reason: args.reason,
         mode: args.mode,

@@ -36,7 +36,7 @@ use std::sync::atomic::Ordering;
 pub use config::{Loaded, Rejected, Setting, Source, loaded};
 
 use crate::error::{Error, Result};
-use crate::migrate::{Engine, MAX_BATCH_PAGES_LIMIT};
+use crate::migrate::{Engine, SETTING_ATTRS, SettingAttr};
 use crate::migrators::{self, mtcopy::MAX_THREADS};
 use crate::offload::registry;
 use crate::sys::Errno;
@@ -79,15 +79,27 @@ pub const ATTRS: &[Attr] = &[
         accepts: "anything (resets the counter to 0)",
         persistent: false,
     },
-    Attr { path: "migrate/max_batch_pages", writable: true, accepts: "an integer from 1 to 262144", persistent: true },
-    Attr { path: "migrate/pipelined", writable: true, accepts: "0 or 1", persistent: true },
-    Attr { path: "migrate/deferred_free", writable: true, accepts: "0 or 1", persistent: true },
-    Attr { path: "migrate/mover", writable: true, accepts: "0 or 1", persistent: true },
-    Attr { path: "migrate/fill_empty", writable: true, accepts: "0 or 1", persistent: true },
+    // The engine's settings, from their table (`migrate::Settings`).
+    setting(0),
+    setting(1),
+    setting(2),
+    setting(3),
+    setting(4),
+    setting(5),
     Attr { path: "migrate/copy_kernel", writable: true, accepts: "auto, nt, nt2 or memcpy", persistent: true },
-    Attr { path: "migrate/copy_in", writable: true, accepts: "0 or 1", persistent: true },
     Attr { path: "offload/active", writable: false, accepts: "nothing (read-only)", persistent: false },
 ];
+
+/// The attribute of the engine's setting `i` ([`SETTING_ATTRS`]).
+const fn setting(i: usize) -> Attr {
+    let s = &SETTING_ATTRS[i];
+    Attr { path: s.path, writable: true, accepts: s.accepts, persistent: true }
+}
+
+/// The engine's setting at `path`, if it is one.
+fn setting_at(path: &str) -> Option<&'static SettingAttr> {
+    SETTING_ATTRS.iter().find(|s| s.path == path)
+}
 
 /// The attribute at `path` (leading and trailing `/` and blanks ignored).
 ///
@@ -183,6 +195,9 @@ pub fn read(path: &str) -> Result<String> {
     let attr = find(path)?;
     let _ = loaded();
     let b = |v: bool| if v { "1" } else { "0" }.to_string();
+    if let Some(setting) = setting_at(attr.path) {
+        return Ok((setting.read)(&engine()?.settings()));
+    }
     Ok(match attr.path {
         "dcbm/offloading" => b(migrators::dcbm().offloading()),
         "dcbm/nr_dma_chan" => migrators::dcbm().nr_dma_chan().to_string(),
@@ -191,12 +206,6 @@ pub fn read(path: &str) -> Result<String> {
         "mtcopy/offloading" => b(migrators::mtcopy().offloading()),
         "mtcopy/threads" => migrators::mtcopy().threads().to_string(),
         "mtcopy/folios_copied" => migrators::mtcopy().folios_copied.load(Ordering::Relaxed).to_string(),
-        "migrate/max_batch_pages" => engine()?.max_batch_pages().to_string(),
-        "migrate/pipelined" => b(engine()?.pipelined()),
-        "migrate/deferred_free" => b(engine()?.deferred_free()),
-        "migrate/mover" => b(engine()?.mover()),
-        "migrate/fill_empty" => b(engine()?.fill_empty()),
-        "migrate/copy_in" => b(engine()?.copy_in()),
         "migrate/copy_kernel" => {
             let k = crate::copy::kernels();
             if k.figures.is_empty() {
@@ -231,6 +240,16 @@ pub fn write(path: &str, value: &str) -> Result<()> {
 
 /// Writes `attr` from text, reaching the engine through `engine`.
 fn write_to(attr: &'static Attr, value: &str, engine: EngineRef<'_>) -> Result<()> {
+    if let Some(setting) = setting_at(attr.path) {
+        // Parsed first, then applied to the engine's settings as they are then.
+        (setting.write)(&mut Default::default(), value).ok_or_else(|| bad_value(attr, value, Errno::INVAL))?;
+        return engine()?
+            .update_settings(|s| {
+                let _ = (setting.write)(s, value);
+            })
+            .map(drop)
+            .map_err(|_| bad_value(attr, value, Errno::INVAL));
+    }
     match attr.path {
         "dcbm/offloading" => {
             let on = parse_bool(attr, value)?;
@@ -258,35 +277,6 @@ fn write_to(attr: &'static Attr, value: &str, engine: EngineRef<'_>) -> Result<(
         }
         "mtcopy/folios_copied" => {
             migrators::mtcopy().folios_copied.store(0, Ordering::Relaxed);
-            Ok(())
-        }
-        "migrate/max_batch_pages" => {
-            let n = parse_range(attr, value, 1, MAX_BATCH_PAGES_LIMIT)?;
-            engine()?.set_max_batch_pages(n)
-        }
-        "migrate/pipelined" => {
-            let on = parse_bool(attr, value)?;
-            engine()?.set_pipelined(on);
-            Ok(())
-        }
-        "migrate/deferred_free" => {
-            let on = parse_bool(attr, value)?;
-            engine()?.set_deferred_free(on);
-            Ok(())
-        }
-        "migrate/mover" => {
-            let on = parse_bool(attr, value)?;
-            engine()?.set_mover(on);
-            Ok(())
-        }
-        "migrate/fill_empty" => {
-            let on = parse_bool(attr, value)?;
-            engine()?.set_fill_empty(on);
-            Ok(())
-        }
-        "migrate/copy_in" => {
-            let on = parse_bool(attr, value)?;
-            engine()?.set_copy_in(on);
             Ok(())
         }
         "migrate/copy_kernel" => {
@@ -339,4 +329,22 @@ pub fn select_migrator(name: &str, channels: Option<usize>, threads: Option<usiz
         write(&format!("{name}/offloading"), "1")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attribute table lists every setting of the engine's table once, and every
+    /// setting reads back what was written through its attribute.
+    #[test]
+    fn every_engine_setting_is_an_attribute() {
+        for setting in SETTING_ATTRS {
+            let listed: Vec<_> = ATTRS.iter().filter(|a| a.path == setting.path).collect();
+            assert_eq!(listed.len(), 1, "{} listed {} times", setting.path, listed.len());
+            assert!(listed[0].writable && listed[0].persistent && listed[0].accepts == setting.accepts);
+        }
+        let settings = ATTRS.iter().filter(|a| a.path.starts_with("migrate/") && a.path != "migrate/copy_kernel");
+        assert_eq!(settings.count(), SETTING_ATTRS.len());
+    }
 }

@@ -2,13 +2,13 @@
 //! event reader and the reaper; and one call of `migrate_pages` read top to bottom.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use super::busy::Busy;
 use super::checks::{items_size_at, prepare_call};
-use super::options::{DEFAULT_MAX_BATCH_PAGES, DEFAULT_REAPER_BACKLOG, check_max_batch_pages};
+use super::options::DEFAULT_REAPER_BACKLOG;
 use super::outcome::Tally;
+use super::settings::{Settings, SettingsCell};
 use super::{
     Capabilities, MigrateOptions, MigrateStats, Mode, Reason, abort, events, mover, pipeline, reaper, zerofill,
 };
@@ -27,12 +27,7 @@ pub struct Engine {
     pub(super) uffd: Arc<Uffd>,
     pub(super) pool: Pool,
     pub(super) busy: Arc<Busy>,
-    pub(super) max_batch_pages: AtomicUsize,
-    pub(super) pipelined: AtomicBool,
-    pub(super) deferred_free: AtomicBool,
-    pub(super) mover: AtomicBool,
-    pub(super) fill_empty: AtomicBool,
-    pub(super) copy_in: AtomicBool,
+    settings: SettingsCell,
     pub(super) reaper: reaper::Reaper,
     /// What `move_pages` and `move_range` did.
     pub(super) pages_counters: super::pages::Counters,
@@ -61,14 +56,7 @@ impl Engine {
             uffd,
             pool: Pool::with_fill_uffd(graves),
             busy,
-            max_batch_pages: AtomicUsize::new(DEFAULT_MAX_BATCH_PAGES),
-            pipelined: AtomicBool::new(true),
-            deferred_free: AtomicBool::new(true),
-            mover: AtomicBool::new(true),
-            fill_empty: AtomicBool::new(true),
-            // Off: as fast as filling an empty destination here (the copies in take the
-            // claims lock, fills do not), and its first folio waits longer.
-            copy_in: AtomicBool::new(false),
+            settings: SettingsCell::new(Settings::default()),
             pages_counters: Default::default(),
             events,
             zerofill,
@@ -98,12 +86,29 @@ impl Engine {
 
     /// Takes the settings (the `migrate/*` attributes an engine holds) of `from`.
     fn take_settings(&self, from: &Engine) {
-        self.max_batch_pages.store(from.max_batch_pages(), Ordering::Relaxed);
-        self.pipelined.store(from.pipelined(), Ordering::Relaxed);
-        self.deferred_free.store(from.deferred_free(), Ordering::Relaxed);
-        self.mover.store(from.mover(), Ordering::Relaxed);
-        self.fill_empty.store(from.fill_empty(), Ordering::Relaxed);
-        self.copy_in.store(from.copy_in(), Ordering::Relaxed);
+        let theirs = from.settings();
+        let _ = self.settings.update(|s| *s = theirs);
+    }
+
+    /// The engine's settings: the defaults of its calls.
+    pub fn settings(&self) -> Settings {
+        self.settings.get()
+    }
+
+    /// Changes the engine's settings with `change` (for the calls that begin from now on);
+    /// returns them.
+    ///
+    /// ```no_run
+    /// let engine = pagemig::Engine::global()?;
+    /// engine.update_settings(|s| s.max_batch_pages = 4096)?;
+    /// # Ok::<(), pagemig::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a value out of bounds (`max_batch_pages` outside 1 ..=
+    /// 262144); nothing changes then.
+    pub fn update_settings(&self, change: impl Fn(&mut Settings)) -> Result<Settings> {
+        self.settings.update(change)
     }
 
     /// Addresses of heap objects every call of this engine touches (the engine, its
@@ -182,73 +187,6 @@ impl Engine {
         self.pool.wait_reserved(timeout)
     }
 
-    /// The bound on a batch, in base pages.
-    pub fn max_batch_pages(&self) -> usize {
-        self.max_batch_pages.load(Ordering::Relaxed)
-    }
-
-    /// Whether runs move as soon as their copy completes (`migrate/pipelined`).
-    pub fn pipelined(&self) -> bool {
-        self.pipelined.load(Ordering::Relaxed)
-    }
-
-    /// Whether replaced source pages are freed on a background thread
-    /// (`migrate/deferred_free`).
-    pub fn deferred_free(&self) -> bool {
-        self.deferred_free.load(Ordering::Relaxed)
-    }
-
-    /// Whether calls of base-page folios move runs on a mover thread (`migrate/mover`).
-    pub fn mover(&self) -> bool {
-        self.mover.load(Ordering::Relaxed)
-    }
-
-    /// Whether destinations of base pages are left without pages and filled by
-    /// `UFFDIO_COPY`, never zeroed (`migrate/fill_empty`).
-    pub fn fill_empty(&self) -> bool {
-        self.fill_empty.load(Ordering::Relaxed)
-    }
-
-    /// Whether the mover may copy base pages of mappings without a memory policy of their
-    /// own straight into their source, bound to the target node (`migrate/copy_in`).
-    pub fn copy_in(&self) -> bool {
-        self.copy_in.load(Ordering::Relaxed)
-    }
-
-    /// Sets whether the mover may copy base pages straight into their source.
-    pub fn set_copy_in(&self, on: bool) {
-        self.copy_in.store(on, Ordering::Relaxed);
-    }
-
-    /// Sets whether destinations of base pages are filled by `UFFDIO_COPY`.
-    pub fn set_fill_empty(&self, on: bool) {
-        self.fill_empty.store(on, Ordering::Relaxed);
-    }
-
-    /// Sets whether calls of base-page folios move runs on a mover thread.
-    pub fn set_mover(&self, on: bool) {
-        self.mover.store(on, Ordering::Relaxed);
-    }
-
-    /// Sets whether replaced source pages are freed on a background thread.
-    pub fn set_deferred_free(&self, on: bool) {
-        self.deferred_free.store(on, Ordering::Relaxed);
-    }
-
-    /// Sets whether runs move as soon as their copy completes.
-    pub fn set_pipelined(&self, on: bool) {
-        self.pipelined.store(on, Ordering::Relaxed);
-    }
-
-    /// Sets the bound on a batch.
-    ///
-    /// # Errors
-    /// [`Error::Invalid`] unless `1 <= pages <= 262144`.
-    pub fn set_max_batch_pages(&self, pages: usize) -> Result<()> {
-        self.max_batch_pages.store(check_max_batch_pages(pages)?, Ordering::Relaxed);
-        Ok(())
-    }
-
     /// Migrates `folios` to `target`.
     ///
     /// Every folio must lie in private, anonymous, read-write memory of this process; the
@@ -280,7 +218,8 @@ impl Engine {
         self.check_descriptors()?;
         // The reserve thread tops up between calls, not during one.
         let _running = self.pool.call_started();
-        let max_batch = check_max_batch_pages(opts.max_batch_pages.unwrap_or_else(|| self.max_batch_pages()))?;
+        let settings = self.settings().with_overrides(opts);
+        settings.check()?;
         let (items, runs, free) = prepare_call(folios, target, self.pool.ready_on(target) as u64)?;
         let mut stats = MigrateStats { folios: items.len() as u64, ..Default::default() };
         let register_start = Instant::now();
@@ -292,7 +231,7 @@ impl Engine {
             let _ = self.uffd.register_missing_wp(s, e - s);
         }
         stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
-        let plan = pipeline::Plan::new(self, opts, reason, &items, free);
+        let plan = pipeline::Plan::new(&settings, opts, reason, &items, free);
         let mut tally = Tally { stats, first_error: None };
         let reporter = mover::Reporter::new(opts.progress.as_ref());
         let reporter = &reporter;
@@ -333,7 +272,7 @@ impl Engine {
             // A panic of pagemig's own stops the call like one in caller code: the batch's
             // guard has undone what it held; the folios not reached fail.
             let passes = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                ctx.run_passes(items, max_batch, mode);
+                ctx.run_passes(items, settings.max_batch_pages, mode);
             }));
             if let Err(payload) = passes {
                 abort.raise("pagemig", crate::offload::registry::panic_message(payload.as_ref()));

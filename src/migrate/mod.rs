@@ -96,6 +96,7 @@ mod pages;
 mod pipeline;
 pub mod policy;
 mod reaper;
+mod settings;
 mod staged;
 mod zerofill;
 
@@ -107,10 +108,12 @@ pub use engine::{Engine, migrate_pages};
 pub use options::FaultInjection;
 pub use options::{
     Capabilities, DEFAULT_MAX_BATCH_PAGES, DEFAULT_REAPER_BACKLOG, MAX_BATCH_PAGES_LIMIT, MigrateOptions,
-    NR_MAX_MIGRATE_PASSES, Progress, check_max_batch_pages,
+    NR_MAX_MIGRATE_PASSES, Progress,
 };
 pub use pages::{PagesStats, RangeOutcome, movable_ranges};
 pub use policy::{Mode, Reason};
+pub use settings::Settings;
+pub(crate) use settings::{SETTING_ATTRS, SettingAttr};
 
 use crate::folio::Folio;
 use crate::pool::ThpAdvice;

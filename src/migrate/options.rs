@@ -3,8 +3,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::error::{Error, Result};
-
 /// The default bound on a batch, in base pages (the kernel's `NR_MAX_BATCHED_MIGRATION`).
 pub const DEFAULT_MAX_BATCH_PAGES: usize = 512;
 /// The largest accepted `max_batch_pages` (1 GiB of base pages).
@@ -13,18 +11,6 @@ pub const MAX_BATCH_PAGES_LIMIT: usize = 262_144;
 pub const NR_MAX_MIGRATE_PASSES: usize = 10;
 /// Bytes of replaced source pages that may wait for the reaper thread, at most.
 pub const DEFAULT_REAPER_BACKLOG: usize = 64 << 20;
-/// Checks a `max_batch_pages` value.
-///
-/// # Errors
-/// [`Error::Invalid`] unless `1 <= pages <= 262144`.
-pub fn check_max_batch_pages(pages: usize) -> Result<usize> {
-    if (1..=MAX_BATCH_PAGES_LIMIT).contains(&pages) {
-        Ok(pages)
-    } else {
-        Err(Error::Invalid(format!("max_batch_pages {pages} is outside 1..={MAX_BATCH_PAGES_LIMIT}")))
-    }
-}
-
 /// Failures to inject, to exercise the fallback and undo paths on real memory.
 #[derive(Clone, Debug, Default)]
 pub struct FaultInjection {
@@ -169,7 +155,7 @@ impl MigrateOptions {
     /// one). `f` runs on a thread of its own that no migration waits on, so it may do
     /// anything, even store into the memory being migrated (the store waits for its folio's
     /// move); the call returns once `f` has returned for the last time. A panic in it stops
-    /// the call as [`Error::Panicked`] with every folio not moved left as it was.
+    /// the call as [`Error::Panicked`](crate::Error::Panicked) with every folio not moved left as it was.
     #[must_use]
     pub fn progress(mut self, f: impl Fn(u64) + Send + Sync + 'static) -> Self {
         self.progress = Some(Arc::new(f));
@@ -238,18 +224,5 @@ impl Capabilities {
         } else {
             "userfaultfd handles kernel-mode faults: kernel writes into migrating memory wait for the move"
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn batch_bound_is_checked() {
-        assert!(check_max_batch_pages(0).is_err());
-        assert!(check_max_batch_pages(262_145).is_err());
-        assert_eq!(check_max_batch_pages(1).unwrap(), 1);
-        assert_eq!(check_max_batch_pages(262_144).unwrap(), 262_144);
     }
 }

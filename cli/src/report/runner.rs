@@ -4,7 +4,7 @@
 //! migrator and checked (bytes, writes, placement) — [`crate::experiment::run_move`] for
 //! the throughput table and the sweep, [`crate::report::scatter::run_scattered`] for the
 //! scattered folios. Migrators are switched with [`pagemig::attr::select_migrator`] and the
-//! pipelined move with [`Engine::set_pipelined`]; the state found at the start is put back
+//! pipelined move with [`Engine::update_settings`]; the state found at the start is put back
 //! at the end.
 
 use std::collections::BTreeMap;
@@ -286,15 +286,26 @@ impl Saved {
             active: registry().active_name(),
             channels: migrators::dcbm().nr_dma_chan(),
             threads: migrators::mtcopy().threads(),
-            pipelined: engine.pipelined(),
+            pipelined: engine.settings().pipelined,
         }
     }
 
     fn restore(self, engine: &Engine) {
         let name = self.active.as_deref().filter(|n| ["mtcopy", "dcbm"].contains(n)).unwrap_or("cpu");
         let _ = pagemig::attr::select_migrator(name, Some(self.channels), Some(self.threads));
-        engine.set_pipelined(self.pipelined);
+        let pipelined = self.pipelined;
+        let _ = engine.update_settings(|s| s.pipelined = pipelined);
     }
+}
+
+/// Checks a bound on a batch (`--batch-pages`) as the engine's settings check it.
+///
+/// # Errors
+/// [`pagemig::Error::Invalid`] outside 1 ..= 262144, naming the bounds.
+pub fn check_batch_pages(pages: usize) -> Result<usize> {
+    let mut settings = pagemig::Settings::default();
+    settings.max_batch_pages = pages;
+    settings.check().map(|()| pages)
 }
 
 /// Runs the experiments of `cfg`, telling `progress` before each migration.
@@ -306,7 +317,7 @@ impl Saved {
 pub fn run(engine: &Engine, cfg: &BenchConfig, progress: &dyn Fn(&Step<'_>)) -> Result<BenchReport> {
     pagemig::numa::check_node(cfg.from_node)?;
     pagemig::numa::check_node(cfg.to_node)?;
-    pagemig::migrate::check_max_batch_pages(cfg.batch_pages)?;
+    check_batch_pages(cfg.batch_pages)?;
     // The copy kernels measured before anything is timed.
     let _ = pagemig::copy::kernels();
     if cfg.reps == 0 || cfg.sweep_reps == 0 {
@@ -432,7 +443,7 @@ fn run_throughput(engine: &Engine, cfg: &BenchConfig, ticker: &mut Ticker<'_>) -
         wall_s: started.elapsed().as_secs_f64(),
         bytes: cfg.size as u64,
         batch_pages: cfg.batch_pages as u64,
-        pipelined: engine.pipelined(),
+        pipelined: engine.settings().pipelined,
         folio_sizes: cfg.folio_sizes.iter().map(|&f| f as u64).collect(),
         rows,
         kernel_nodes: cfg.kernel_nodes,
@@ -448,7 +459,7 @@ fn run_sweep(engine: &Engine, cfg: &BenchConfig, ticker: &mut Ticker<'_>) -> Swe
         for &spec in &cfg.sweep_migrators {
             let selected = spec.select();
             for pipelined in [true, false] {
-                engine.set_pipelined(pipelined);
+                let _ = engine.update_settings(|s| s.pipelined = pipelined);
                 for &batch in &batches {
                     let mut ms = Vec::new();
                     for rep in 0..cfg.sweep_reps {

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use super::abort::Abort;
 use super::mover::{self, Job, STOPPED};
 use super::outcome::Tally;
+use super::settings::Settings;
 use super::staged::Staged;
 use super::{Engine, Item, MigrateOptions, Mode, NR_MAX_MIGRATE_PASSES, Reason};
 use crate::error::Error;
@@ -68,10 +69,10 @@ pub(super) struct Plan {
 }
 
 impl Plan {
-    /// The plan for moving `items` (sorted by address), with `free` bytes free on the
-    /// target beyond its reserve. It counts on a mover thread where it wants one: see
-    /// [`Plan::without_mover`].
-    pub fn new(engine: &Engine, opts: &MigrateOptions, reason: Reason, items: &[Item], free: u64) -> Self {
+    /// The plan for moving `items` (sorted by address) with the call's `settings`, with
+    /// `free` bytes free on the target beyond its reserve. It counts on a mover thread
+    /// where it wants one: see [`Plan::without_mover`].
+    pub fn new(settings: &Settings, opts: &MigrateOptions, reason: Reason, items: &[Item], free: u64) -> Self {
         let offload = registry().enabled();
         let bytes: usize = items.iter().map(|it| it.folio.size()).sum();
         // Base pages, more than one piece, the CPU copy: runs move on a mover thread while
@@ -80,23 +81,20 @@ impl Plan {
         // another CPU than the one that populates the next destination made the kernel's
         // huge-page allocation slower, so huge pages move here. A registered migrator
         // copies on threads of its own and its moves stay here.
-        let threaded = opts.mover.unwrap_or_else(|| engine.mover())
-            && bytes > sys::HPAGE_SIZE
-            && !items.first().is_some_and(|it| it.folio.is_pmd())
-            && !offload;
+        let threaded =
+            settings.mover && bytes > sys::HPAGE_SIZE && !items.first().is_some_and(|it| it.folio.is_pmd()) && !offload;
         let batch_copy = reason.batch_eligible() && !opts.no_batch_copy;
-        let pipelined = opts.pipelined.unwrap_or_else(|| engine.pipelined());
+        let pipelined = settings.pipelined;
         Self {
             offload,
             threaded,
-            deferred: opts.deferred_free.unwrap_or_else(|| engine.deferred_free()),
+            deferred: settings.deferred_free,
             batch_copy,
             pipelined,
             lazy: batch_copy && pipelined && !opts.faults().fail_batch_copy,
             // A migrator that stores into its destinations itself gets populated ones.
-            fill_empty: opts.fill_empty.unwrap_or_else(|| engine.fill_empty())
-                && (!offload || registry().active_fills_unpopulated()),
-            copy_in: threaded && opts.copy_in.unwrap_or_else(|| engine.copy_in()),
+            fill_empty: settings.fill_empty && (!offload || registry().active_fills_unpopulated()),
+            copy_in: threaded && settings.copy_in,
             // With a mover, destinations are populated by touching them, which does not
             // hold up its moves, where the node has free memory for twice the call beyond
             // its reserve (see `Populate`).

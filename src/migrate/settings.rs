@@ -1,0 +1,209 @@
+//! The engine's settings, declared once in one table ([`settings!`]): each is a field of
+//! [`Settings`] with its default, an `Option` of [`MigrateOptions`] that overrides it for
+//! one call, and an attribute (`migrate/<name>`) that reads and writes the engine's value.
+//! A call resolves its settings once, as it begins ([`Settings::with_overrides`], then
+//! [`Settings::check`]).
+
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+use super::MigrateOptions;
+use super::options::{DEFAULT_MAX_BATCH_PAGES, MAX_BATCH_PAGES_LIMIT};
+use crate::error::{Error, Result};
+
+/// A setting's value as an attribute's text.
+trait Text: Sized {
+    fn text(self) -> String;
+    fn parse_text(text: &str) -> Option<Self>;
+}
+
+impl Text for bool {
+    fn text(self) -> String {
+        if self { "1" } else { "0" }.to_string()
+    }
+
+    /// As sysfs's `kstrtobool`: `1/0`, `y/n`, `on/off`.
+    fn parse_text(text: &str) -> Option<Self> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "1" | "y" | "yes" | "on" | "true" => Some(true),
+            "0" | "n" | "no" | "off" | "false" => Some(false),
+            _ => None,
+        }
+    }
+}
+
+impl Text for usize {
+    fn text(self) -> String {
+        self.to_string()
+    }
+
+    fn parse_text(text: &str) -> Option<Self> {
+        text.trim().parse().ok()
+    }
+}
+
+/// The attribute of one setting.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SettingAttr {
+    /// `migrate/<name>`.
+    pub path: &'static str,
+    /// The values it accepts, in words.
+    pub accepts: &'static str,
+    /// Its value in `settings`, as text.
+    pub read: fn(&Settings) -> String,
+    /// Sets it in `settings` from text; `None` for text that is not a value of its type
+    /// (a value of its type out of bounds fails [`Settings::check`]).
+    pub write: fn(&mut Settings, &str) -> Option<()>,
+}
+
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        $name:ident: $ty:ty = $default:expr, accepts $accepts:literal, valid $valid:expr;
+    )*) => {
+        /// The settings of an engine: each the default of the calls that do not override it
+        /// in their [`MigrateOptions`], and an attribute, `migrate/<name>`
+        /// ([`crate::attr`]).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Settings {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        impl Default for Settings {
+            fn default() -> Self {
+                Self { $( $name: $default, )* }
+            }
+        }
+
+        impl Settings {
+            /// These settings, with what `opts` overrides for its call.
+            #[must_use]
+            pub fn with_overrides(mut self, opts: &MigrateOptions) -> Self {
+                $( if let Some(value) = opts.$name { self.$name = value; } )*
+                self
+            }
+
+            /// Checks every value against its bounds.
+            ///
+            /// # Errors
+            /// [`Error::Invalid`] naming the first value out of bounds and what is accepted.
+            pub fn check(&self) -> Result<()> {
+                $(
+                    let valid: fn($ty) -> bool = $valid;
+                    if !valid(self.$name) {
+                        return Err(Error::Invalid(format!(
+                            "{} {:?} is outside what it accepts: {}", stringify!($name), self.$name, $accepts
+                        )));
+                    }
+                )*
+                Ok(())
+            }
+        }
+
+        /// One attribute per setting, in the table's order.
+        pub(crate) const SETTING_ATTRS: &[SettingAttr] = &[
+            $( SettingAttr {
+                path: concat!("migrate/", stringify!($name)),
+                accepts: $accepts,
+                read: |s| Text::text(s.$name),
+                write: |s, text| {
+                    s.$name = Text::parse_text(text)?;
+                    Some(())
+                },
+            }, )*
+        ];
+    };
+}
+
+settings! {
+    /// Bound on a batch, in base pages (the kernel's `NR_MAX_BATCHED_MIGRATION`).
+    max_batch_pages: usize = DEFAULT_MAX_BATCH_PAGES,
+        accepts "an integer from 1 to 262144", valid |n| (1..=MAX_BATCH_PAGES_LIMIT).contains(&n);
+    /// Move each run as soon as its copy completes, not after the whole batch.
+    pipelined: bool = true, accepts "0 or 1", valid |_| true;
+    /// Free replaced base pages on a background thread.
+    deferred_free: bool = true, accepts "0 or 1", valid |_| true;
+    /// Move base-page runs on a thread of their own, overlapping the next copy.
+    mover: bool = true, accepts "0 or 1", valid |_| true;
+    /// Leave base-page destinations without pages and fill them with `UFFDIO_COPY` (never
+    /// zeroed), rather than populate them first.
+    fill_empty: bool = true, accepts "0 or 1", valid |_| true;
+    /// Let the mover copy base pages of mappings without a memory policy of their own
+    /// straight into their source, bound to the target node (no destination). Off by
+    /// default: no faster than filling an empty destination (the copies in take the claims
+    /// lock, fills do not), and its first folio waits longer.
+    copy_in: bool = false, accepts "0 or 1", valid |_| true;
+}
+
+/// An engine's settings, read and written from any thread without a lock (a forked child
+/// reads its parent's engine's to take them over, whatever the parent's threads held). Each
+/// change publishes a new copy; the old ones stay allocated (a few bytes a change).
+#[derive(Debug)]
+pub(super) struct SettingsCell(AtomicPtr<Settings>);
+
+impl SettingsCell {
+    pub fn new(settings: Settings) -> Self {
+        Self(AtomicPtr::new(Box::into_raw(Box::new(settings))))
+    }
+
+    /// The settings now.
+    #[allow(unsafe_code, reason = "reads a published, never freed, copy")]
+    pub fn get(&self) -> Settings {
+        // SAFETY: the pointer was made by `Box::into_raw` (`new`, `update`) and is never freed.
+        unsafe { *self.0.load(Ordering::Acquire) }
+    }
+
+    /// Changes the settings with `change`, checked as a whole; returns them.
+    ///
+    /// # Errors
+    /// As [`Settings::check`]; nothing changes then.
+    #[allow(unsafe_code, reason = "publishes a leaked copy, or frees one never shared")]
+    pub fn update(&self, change: impl Fn(&mut Settings)) -> Result<Settings> {
+        loop {
+            let current = self.0.load(Ordering::Acquire);
+            // SAFETY: as in `get`.
+            let mut next = unsafe { *current };
+            change(&mut next);
+            next.check()?;
+            let fresh = Box::into_raw(Box::new(next));
+            if self.0.compare_exchange(current, fresh, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                return Ok(next);
+            }
+            // SAFETY: never published: another change came first, and this one is made again.
+            drop(unsafe { Box::from_raw(fresh) });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_apply_and_bounds_are_checked() {
+        let engine = Settings::default();
+        assert_eq!(engine.max_batch_pages, DEFAULT_MAX_BATCH_PAGES);
+        let opts = MigrateOptions::default().max_batch_pages(4096).pipelined(false);
+        let call = engine.with_overrides(&opts);
+        assert_eq!((call.max_batch_pages, call.pipelined, call.mover), (4096, false, true));
+        for bad in [0, MAX_BATCH_PAGES_LIMIT + 1] {
+            let e = engine.with_overrides(&MigrateOptions::default().max_batch_pages(bad)).check().unwrap_err();
+            assert!(e.to_string().contains("max_batch_pages"), "{e}");
+        }
+        assert!(Settings { max_batch_pages: MAX_BATCH_PAGES_LIMIT, ..engine }.check().is_ok());
+    }
+
+    #[test]
+    fn every_setting_has_an_attribute_that_reads_what_it_writes() {
+        let mut s = Settings::default();
+        assert_eq!(SETTING_ATTRS.len(), 6);
+        for attr in SETTING_ATTRS {
+            assert!(attr.path.starts_with("migrate/"));
+            let value = if attr.accepts == "0 or 1" { "0" } else { "77" };
+            (attr.write)(&mut s, value).unwrap();
+            assert_eq!((attr.read)(&s), value, "{}", attr.path);
+            assert!((attr.write)(&mut s, "maybe").is_none());
+        }
+        assert!(!s.pipelined && s.max_batch_pages == 77);
+    }
+}
