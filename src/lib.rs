@@ -124,6 +124,7 @@ pub mod error;
 #[cfg(feature = "ffi")]
 pub mod ffi;
 pub mod folio;
+mod global;
 pub mod migrate;
 pub mod migrators;
 pub mod numa;

@@ -171,29 +171,67 @@ impl<T: 'static> PerProcess<T> {
 }
 
 /// Installs pagemig's one set of `pthread_atfork` handlers, once per process: a fork waits
-/// for the migrations' emptied pages to fill and holds every process-wide lock of
-/// pagemig's ([`crate::migrate`]'s fork barrier); the child starts with those locks free,
-/// the barrier reset and the agent's listening socket closed.
+/// for the migrations' emptied pages to fill (the barrier of `migrate::fork`), then holds
+/// every process-wide lock of pagemig's ([`hold_locks`]); the parent lets them go after,
+/// and the child starts with them free, the barrier reset and the agent's listening socket
+/// closed.
 #[allow(unsafe_code, reason = "installs the pthread_atfork handlers")]
 pub(crate) fn install_fork_handlers() {
     extern "C" fn prepare() {
-        crate::migrate::fork_prepare();
+        crate::migrate::fork_barrier();
+        hold_locks();
     }
     extern "C" fn after() {
+        release_locks();
         crate::migrate::fork_after();
     }
     extern "C" fn in_child() {
+        release_locks();
         crate::migrate::fork_in_child();
         crate::sys::close_in_child();
     }
     static INSTALL: std::sync::Once = std::sync::Once::new();
     INSTALL.call_once(|| {
         // SAFETY: the handlers are plain functions that touch only process-wide statics,
-        // which live for the whole process.
+        // which live for the whole process, and the forking thread's own locals.
         let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(after), Some(in_child)) };
         // Without the handlers forks do not wait; `pthread_atfork` fails only on ENOMEM.
         debug_assert_eq!(rc, 0, "pthread_atfork");
     });
+}
+
+thread_local! {
+    /// The process-wide locks the forking thread holds between the prepare handler and
+    /// the parent's or child's (dropped there, which lets them go).
+    static HELD: std::cell::RefCell<Vec<Box<dyn std::any::Any>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Takes every process-wide lock of pagemig's, in the lock order (`migrate`'s LOCKING),
+/// after the barrier: no other thread is then inside one, mid-update, when the process is
+/// copied, and the child finds them all free (glibc does the same for malloc's arenas).
+/// Taken after the barrier because a migration filling its pages may need one of them.
+/// They are `std` mutexes: a `parking_lot` one keeps its waiters in a table of its own,
+/// and a child would find the parent's waiters queued there, for ever.
+fn hold_locks() {
+    // This thread holds them already (a fork from within a fork's handlers): taking a
+    // std mutex twice would wait for ever.
+    if HELD.with(|h| !h.borrow().is_empty()) {
+        return;
+    }
+    let mut held = Vec::new();
+    crate::migrators::hold_for_fork(&mut held);
+    #[cfg(not(loom))]
+    crate::offload::registry::hold_for_fork(&mut held);
+    crate::dma::hold_for_fork(&mut held);
+    crate::attr::hold_for_fork(&mut held);
+    HELD.with(|h| h.borrow_mut().extend(held));
+}
+
+/// Lets go of what [`hold_locks`] took (in the parent, and in the child, whose one thread
+/// is the one that took them).
+fn release_locks() {
+    let held = HELD.with(|h| std::mem::take(&mut *h.borrow_mut()));
+    drop(held);
 }
 
 /// The process something was made in: a thread, a claim or a lock made in a parent exists

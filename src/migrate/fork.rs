@@ -16,14 +16,10 @@
 //! fork seals the gate once no page is empty, and from then until it ends nothing is
 //! emptied.
 //!
-//! The same handler then takes every process-wide lock of pagemig's (the migrator
-//! registry, dcbm's and mtcopy's, the DMA devices, the attributes' sources), in the lock
-//! order, and lets them go in the parent and in the child: no other thread is inside one
-//! mid-update when the process is copied, and the child finds them free (glibc does the
-//! same for malloc's arenas). They are `std` mutexes: a `parking_lot` one keeps its waiters
-//! in a table of its own, and a child would find the parent's waiters queued there, for
-//! ever. Per-call and per-engine state (the claims, the pool) is never used by a child,
-//! which opens an engine of its own, nor is `own`'s set, made again per process.
+//! The same `fork()` then takes every process-wide lock of pagemig's and lets them go in
+//! the parent and in the child (`process::install_fork_handlers`, pagemig's one set of
+//! handlers). Per-call and per-engine state (the claims, the pool) is never used by a
+//! child, which opens an engine of its own, nor is `own`'s set, made again per process.
 //!
 //! Only forks that run the `pthread_atfork` handlers wait: glibc's `fork()`, and
 //! `std::process::Command` where it forks. A raw `clone`/`fork` system call bypasses them
@@ -47,9 +43,6 @@ const FORKS: u64 = ((1 << 15) - 1) << 48;
 const SEALED: u64 = 1 << 63;
 
 thread_local! {
-    /// The process-wide locks the forking thread holds between the prepare handler and
-    /// the parent's or child's (dropped there, which lets them go).
-    static HELD: std::cell::RefCell<Vec<Box<dyn std::any::Any>>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Whether this thread has emptied pages in the batch it runs now ([`Batch`]): those
     /// may wait for this thread's own copies to fill, so its next pages must not wait for a
     /// fork that waits for them.
@@ -103,14 +96,9 @@ impl Drop for Batch {
     }
 }
 
-pub(crate) fn prepare() {
-    barrier();
-    hold_locks();
-}
-
-/// The first half of [`prepare`]: counts this fork in progress and waits until no page is
+/// The first `fork()` handler: counts this fork in progress and waits until no page is
 /// empty, then seals the gate.
-fn barrier() {
+pub(crate) fn barrier() {
     STATE.fetch_add(FORK, Ordering::SeqCst);
     loop {
         let s = STATE.load(Ordering::SeqCst);
@@ -125,34 +113,8 @@ fn barrier() {
     }
 }
 
-/// Takes every process-wide lock of pagemig's, in the lock order (`migrate`'s LOCKING),
-/// after the barrier: no other thread is then inside one, mid-update, when the process is
-/// copied, and the child finds them all free (glibc does the same for malloc's arenas).
-/// Taken after the barrier because a migration filling its pages may need one of them.
-fn hold_locks() {
-    // This thread holds them already (a fork from within a fork's handlers): taking a
-    // std mutex twice would wait for ever.
-    if HELD.with(|h| !h.borrow().is_empty()) {
-        return;
-    }
-    let mut held = Vec::new();
-    crate::migrators::hold_for_fork(&mut held);
-    #[cfg(not(loom))]
-    crate::offload::registry::hold_for_fork(&mut held);
-    crate::dma::hold_for_fork(&mut held);
-    crate::attr::hold_for_fork(&mut held);
-    HELD.with(|h| h.borrow_mut().extend(held));
-}
-
-/// Lets go of what [`hold_locks`] took (in the parent, and in the child, whose one thread
-/// is the one that took them).
-fn release_locks() {
-    let held = HELD.with(|h| std::mem::take(&mut *h.borrow_mut()));
-    drop(held);
-}
-
+/// The parent's handler once the child exists: the fork has ended.
 pub(crate) fn after() {
-    release_locks();
     let _ = STATE.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
         let s = s - FORK;
         Some(if s & FORKS == 0 { s & !SEALED } else { s })
@@ -163,7 +125,6 @@ pub(crate) fn after() {
 /// (the parent's forks waited for none to be). The gate it inherited may count other
 /// threads' forks in the parent (two threads forking at once), which never end here.
 pub(crate) fn in_child() {
-    release_locks();
     STATE.store(0, Ordering::SeqCst);
     HOLDING.with(|h| h.set(false));
 }
@@ -184,7 +145,7 @@ mod tests {
             let batch = Batch::start();
             open(1);
             let forking = std::thread::spawn(|| {
-                prepare();
+                barrier();
                 after();
             });
             while STATE.load(Ordering::SeqCst) & FORKS == 0 {

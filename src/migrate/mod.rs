@@ -80,7 +80,7 @@
 //! migration (up to 5 s, waiting out `EAGAIN`); the pool's `chunks` across populating one
 //! destination; dcbm's `registered` across `unregister`'s grace period.
 
-pub(crate) use fork::{after as fork_after, in_child as fork_in_child, prepare as fork_prepare};
+pub(crate) use fork::{after as fork_after, barrier as fork_barrier, in_child as fork_in_child};
 
 mod abort;
 mod background;
@@ -102,7 +102,6 @@ mod zerofill;
 
 pub use crate::stats::MigrateStats;
 pub use background::Background;
-pub(crate) use engine::loaded as loaded_config;
 pub use engine::{Engine, migrate_pages};
 #[cfg(feature = "internals")]
 pub use options::FaultInjection;
