@@ -119,6 +119,7 @@ macro_rules! internal {
 pub mod agent;
 pub mod attr;
 mod backoff;
+#[cfg(feature = "dma")]
 pub mod dma;
 pub mod error;
 #[cfg(feature = "ffi")]

@@ -222,6 +222,7 @@ fn hold_locks() {
     crate::migrators::hold_for_fork(&mut held);
     #[cfg(not(loom))]
     crate::offload::registry::hold_for_fork(&mut held);
+    #[cfg(feature = "dma")]
     crate::dma::hold_for_fork(&mut held);
     crate::attr::hold_for_fork(&mut held);
     HELD.with(|h| h.borrow_mut().extend(held));

@@ -57,14 +57,18 @@ pub struct Attr {
 
 /// Every attribute, in listing order.
 pub const ATTRS: &[Attr] = &[
+    #[cfg(feature = "dma")]
     Attr { path: "dcbm/offloading", writable: true, accepts: "0 or 1", persistent: true },
+    #[cfg(feature = "dma")]
     Attr { path: "dcbm/nr_dma_chan", writable: true, accepts: "an integer from 1 to 16", persistent: true },
+    #[cfg(feature = "dma")]
     Attr {
         path: "dcbm/folios_migrated",
         writable: true,
         accepts: "anything (resets the counter to 0)",
         persistent: false,
     },
+    #[cfg(feature = "dma")]
     Attr {
         path: "dcbm/folios_failures",
         writable: true,
@@ -199,9 +203,13 @@ pub fn read(path: &str) -> Result<String> {
         return Ok((setting.read)(&engine()?.settings()));
     }
     Ok(match attr.path {
+        #[cfg(feature = "dma")]
         "dcbm/offloading" => b(migrators::dcbm().offloading()),
+        #[cfg(feature = "dma")]
         "dcbm/nr_dma_chan" => migrators::dcbm().nr_dma_chan().to_string(),
+        #[cfg(feature = "dma")]
         "dcbm/folios_migrated" => migrators::dcbm().folios_migrated().to_string(),
+        #[cfg(feature = "dma")]
         "dcbm/folios_failures" => migrators::dcbm().folios_failures().to_string(),
         "mtcopy/offloading" => b(migrators::mtcopy().offloading()),
         "mtcopy/threads" => migrators::mtcopy().threads().to_string(),
@@ -251,18 +259,22 @@ fn write_to(attr: &'static Attr, value: &str, engine: EngineRef<'_>) -> Result<(
             .map_err(|_| bad_value(attr, value, Errno::INVAL));
     }
     match attr.path {
+        #[cfg(feature = "dma")]
         "dcbm/offloading" => {
             let on = parse_bool(attr, value)?;
             migrators::dcbm().set_offloading(on).map_err(errno_to(attr, value))
         }
+        #[cfg(feature = "dma")]
         "dcbm/nr_dma_chan" => {
             let n = parse_range(attr, value, 1, 16)?;
             migrators::dcbm().set_nr_dma_chan(n).map_err(errno_to(attr, value))
         }
+        #[cfg(feature = "dma")]
         "dcbm/folios_migrated" => {
             migrators::dcbm().reset_folios_migrated();
             Ok(())
         }
+        #[cfg(feature = "dma")]
         "dcbm/folios_failures" => {
             migrators::dcbm().reset_folios_failures();
             Ok(())
@@ -313,13 +325,14 @@ pub fn list() -> Vec<(&'static str, Result<String>)> {
 /// # Errors
 /// [`Error::Invalid`] for an unknown name; as [`write()`].
 pub fn select_migrator(name: &str, channels: Option<usize>, threads: Option<usize>) -> Result<()> {
-    if !["cpu", "mtcopy", "dcbm"].contains(&name) {
-        return Err(Error::Invalid(format!("unknown migrator {name:?}; accepted: cpu, mtcopy, dcbm")));
+    let known: &[&str] = if cfg!(feature = "dma") { &["cpu", "mtcopy", "dcbm"] } else { &["cpu", "mtcopy"] };
+    if !known.contains(&name) {
+        return Err(Error::Invalid(format!("unknown migrator {name:?}; accepted: {}", known.join(", "))));
     }
-    for other in ["dcbm", "mtcopy"].iter().filter(|m| **m != name) {
+    for other in known[1..].iter().filter(|m| **m != name) {
         write(&format!("{other}/offloading"), "0")?;
     }
-    if let Some(c) = channels {
+    if let Some(c) = channels.filter(|_| cfg!(feature = "dma")) {
         write("dcbm/nr_dma_chan", &c.to_string())?;
     }
     if let Some(t) = threads {

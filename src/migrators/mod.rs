@@ -2,12 +2,14 @@
 //!
 //! `cpu` is not here: with no migrator registered, the core's own `folios_copy` serves.
 
+#[cfg(feature = "dma")]
 pub mod dcbm;
 pub mod mtcopy;
 
 use std::sync::{Arc, OnceLock};
 
 /// The process-wide DMA migrator, over the process-wide soft DMA device.
+#[cfg(feature = "dma")]
 pub fn dcbm() -> &'static Arc<dcbm::Dcbm> {
     dcbm::global()
 }
@@ -18,6 +20,7 @@ static MTCOPY: OnceLock<Arc<mtcopy::MtCopy>> = OnceLock::new();
 /// Takes the process-wide migrators' locks for a `fork()` in progress (see
 /// `migrate::fork`), in the lock order.
 pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
+    #[cfg(feature = "dma")]
     dcbm::hold_for_fork(held);
     if let Some(m) = MTCOPY.get() {
         m.hold_for_fork(held);
