@@ -125,12 +125,10 @@ pub mod error;
 #[cfg(feature = "ffi")]
 pub mod ffi;
 pub mod folio;
-mod global;
 pub mod migrate;
 pub mod migrators;
 pub mod numa;
 pub mod offload;
-mod own;
 mod process;
 pub mod region;
 pub mod stats;

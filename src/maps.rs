@@ -220,7 +220,7 @@ impl Lookup {
 
     /// Whether pagemig may move the page at `addr` in-process: it is mapped, of a kind
     /// pagemig moves ([`Vma::refusal`]), not pagemig's own (`claimed`, as
-    /// [`crate::own::ranges`] gives them: its mappings and its threads' stacks), and not in
+    /// [`crate::sys::own::ranges`] gives them: its mappings and its threads' stacks), and not in
     /// memory pagemig's threads may touch ([`shared_with_pagemig`]). Every other page is
     /// the kernel's to move.
     ///
@@ -228,7 +228,7 @@ impl Lookup {
     /// As [`Lookup::at`].
     pub fn in_process(&mut self, addr: usize, claimed: &[(usize, usize)]) -> Result<bool> {
         let page = addr & !(crate::sys::PAGE_SIZE - 1);
-        if crate::own::overlaps(claimed, page, page + crate::sys::PAGE_SIZE) {
+        if crate::sys::own::overlaps(claimed, page, page + crate::sys::PAGE_SIZE) {
             return Ok(false);
         }
         let Some(v) = self.at(page)?.cloned() else { return Ok(false) };
@@ -380,14 +380,14 @@ mod tests {
     fn in_process_excludes_thread_stacks_and_pagemig_memory() {
         let map = crate::sys::Mapping::new(1 << 20, 4096).unwrap();
         let own = crate::sys::Mapping::new_own(1 << 20, 4096).unwrap();
-        let claimed = crate::own::ranges();
+        let claimed = crate::sys::own::ranges();
         let mut lookup = Lookup::open().unwrap();
         assert!(lookup.in_process(map.addr() + 4096, &claimed).unwrap());
         assert!(!lookup.in_process(own.addr(), &claimed).unwrap());
         let on_stack = std::thread::spawn(|| {
             let probe = 0u64;
             let at = &probe as *const u64 as usize;
-            Lookup::open().unwrap().in_process(at, &crate::own::ranges()).unwrap()
+            Lookup::open().unwrap().in_process(at, &crate::sys::own::ranges()).unwrap()
         })
         .join()
         .unwrap();

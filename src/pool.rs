@@ -133,7 +133,7 @@ impl Chunk {
         let len = min_len.max(CHUNK_BYTES).next_multiple_of(HPAGE_SIZE);
         let base = sys::mmap_anon_aligned(len, HPAGE_SIZE).map_err(Error::sys("mmap (destination pool)"))?;
         // pagemig's own memory, never the program's: an agent migrating the program leaves it.
-        crate::own::claim(base, len);
+        crate::sys::own::claim(base, len);
         let mut chunk = Chunk { end: base + len, cursor: base, prepared_end: base, holes: Vec::new() };
         let setup = sys::mbind(base, len, key.node, false)
             .map_err(Error::sys("mbind (destination pool)"))

@@ -170,34 +170,64 @@ impl<T: 'static> PerProcess<T> {
     }
 }
 
-/// Installs pagemig's one set of `pthread_atfork` handlers, once per process: a fork waits
-/// for the migrations' emptied pages to fill (the barrier of `migrate::fork`), then holds
-/// every process-wide lock of pagemig's ([`hold_locks`]); the parent lets them go after,
-/// and the child starts with them free, the barrier reset and the agent's listening socket
-/// closed.
+/// What a part of pagemig does at a `fork()`: before it (`prepare`: wait, or take its
+/// process-wide locks, pushing their guards, which are dropped in the parent and in the
+/// child before their steps), and after it in the parent and in the child.
+pub(crate) struct AtFork {
+    pub prepare: fn(&mut Vec<Box<dyn std::any::Any>>),
+    pub parent: fn(),
+    pub child: fn(),
+}
+
+/// The parts of pagemig that act at a `fork()`, in the order their `prepare` steps run
+/// (the parent's and the child's steps run in the reverse order): the barrier for emptied
+/// pages first, then every process-wide lock in the lock order (`migrate`'s LOCKING), then
+/// the agent's socket. A part registers itself ([`at_fork`]) when it is first used; `process`
+/// names them but imports none of them.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum ForkRank {
+    /// `migrate::fork`: waits until no page is empty, and lets none empty until the child
+    /// exists.
+    Barrier,
+    /// dcbm's registration and mtcopy's workers.
+    Migrators,
+    /// The migrator registry.
+    Registry,
+    /// The DMA devices.
+    #[cfg_attr(not(feature = "dma"), allow(dead_code, reason = "registered by the dma feature's devices"))]
+    Dma,
+    /// The attributes' sources.
+    Attr,
+    /// The agent's listening socket, closed in the child.
+    AgentSocket,
+}
+
+const RANKS: usize = ForkRank::AgentSocket as usize + 1;
+
+/// The registered steps, by rank (null: none).
+static STEPS: [AtomicPtr<AtFork>; RANKS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; RANKS];
+
+/// Registers `step` as what the part `rank` does at every `fork()` from now on (a later call
+/// for the same rank replaces it), and installs pagemig's one set of `pthread_atfork`
+/// handlers, once per process.
 #[allow(unsafe_code, reason = "installs the pthread_atfork handlers")]
-pub(crate) fn install_fork_handlers() {
-    extern "C" fn prepare() {
-        crate::migrate::fork_barrier();
-        hold_locks();
-    }
-    extern "C" fn after() {
-        release_locks();
-        crate::migrate::fork_after();
-    }
-    extern "C" fn in_child() {
-        release_locks();
-        crate::migrate::fork_in_child();
-        crate::sys::close_in_child();
-    }
+pub(crate) fn at_fork(rank: ForkRank, step: &'static AtFork) {
+    STEPS[rank as usize].store(step as *const AtFork as *mut AtFork, Ordering::Release);
     static INSTALL: std::sync::Once = std::sync::Once::new();
     INSTALL.call_once(|| {
-        // SAFETY: the handlers are plain functions that touch only process-wide statics,
-        // which live for the whole process, and the forking thread's own locals.
-        let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(after), Some(in_child)) };
+        // SAFETY: the handlers are plain functions that touch only the steps above (static,
+        // never freed) and the forking thread's own locals.
+        let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
         // Without the handlers forks do not wait; `pthread_atfork` fails only on ENOMEM.
         debug_assert_eq!(rc, 0, "pthread_atfork");
     });
+}
+
+/// The registered steps, in rank order.
+#[allow(unsafe_code, reason = "reads the static steps")]
+fn steps() -> impl DoubleEndedIterator<Item = &'static AtFork> {
+    // SAFETY: every non-null pointer came from a `&'static AtFork` in `at_fork`.
+    STEPS.iter().filter_map(|s| unsafe { s.load(Ordering::Acquire).as_ref() })
 }
 
 thread_local! {
@@ -206,34 +236,48 @@ thread_local! {
     static HELD: std::cell::RefCell<Vec<Box<dyn std::any::Any>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Takes every process-wide lock of pagemig's, in the lock order (`migrate`'s LOCKING),
-/// after the barrier: no other thread is then inside one, mid-update, when the process is
-/// copied, and the child finds them all free (glibc does the same for malloc's arenas).
-/// Taken after the barrier because a migration filling its pages may need one of them.
-/// They are `std` mutexes: a `parking_lot` one keeps its waiters in a table of its own,
-/// and a child would find the parent's waiters queued there, for ever.
-fn hold_locks() {
-    // This thread holds them already (a fork from within a fork's handlers): taking a
-    // std mutex twice would wait for ever.
+/// Before a `fork()`: every part's `prepare` step, in rank order. A part's locks are taken
+/// after the barrier, because a migration filling its pages may need one of them; held
+/// across the fork, no other thread is inside one, mid-update, when the process is copied,
+/// and the child finds them all free (glibc does the same for malloc's arenas). They are
+/// `std` mutexes: a `parking_lot` one keeps its waiters in a table of its own, and a child
+/// would find the parent's waiters queued there, for ever.
+extern "C" fn prepare() {
+    // This thread holds them already (a fork from within a fork's handlers): taking a std
+    // mutex twice would wait for ever.
     if HELD.with(|h| !h.borrow().is_empty()) {
         return;
     }
     let mut held = Vec::new();
-    crate::migrators::hold_for_fork(&mut held);
-    #[cfg(not(loom))]
-    crate::offload::registry::hold_for_fork(&mut held);
-    #[cfg(feature = "dma")]
-    crate::dma::hold_for_fork(&mut held);
-    crate::attr::hold_for_fork(&mut held);
+    for step in steps() {
+        (step.prepare)(&mut held);
+    }
     HELD.with(|h| h.borrow_mut().extend(held));
 }
 
-/// Lets go of what [`hold_locks`] took (in the parent, and in the child, whose one thread
-/// is the one that took them).
+/// Lets go of what [`prepare`] took (in the parent, and in the child, whose one thread is
+/// the one that took them).
 fn release_locks() {
     let held = HELD.with(|h| std::mem::take(&mut *h.borrow_mut()));
     drop(held);
 }
+
+extern "C" fn parent() {
+    release_locks();
+    for step in steps().rev() {
+        (step.parent)();
+    }
+}
+
+extern "C" fn child() {
+    release_locks();
+    for step in steps().rev() {
+        (step.child)();
+    }
+}
+
+/// A step that does nothing.
+pub(crate) fn nothing() {}
 
 /// The process something was made in: a thread, a claim or a lock made in a parent exists
 /// in a forked child only as a copied entry, not the child's to use, end or undo.

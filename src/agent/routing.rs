@@ -86,7 +86,7 @@ pub fn migrate_self(request: &MoveRequest) -> Result<Report> {
     if let Some((s, _)) = sys::current_thread_stack() {
         anchors.push(s);
     }
-    let claimed = crate::own::ranges();
+    let claimed = crate::sys::own::ranges();
     let mut report = Report { pid: std::process::id(), to: request.to, ..Default::default() };
     let range = request.range.map(|(s, e)| (s & !(PAGE_SIZE - 1), e.next_multiple_of(PAGE_SIZE)));
     let mut covered = range.map(|(s, _)| s);
@@ -107,7 +107,7 @@ pub fn migrate_self(request: &MoveRequest) -> Result<Report> {
             None if private_anonymous(v) && !v.perms.starts_with("---") => (v.start, v.end),
             None => continue,
         };
-        let (pieces, skipped) = crate::own::unclaimed(start, end, &claimed);
+        let (pieces, skipped) = crate::sys::own::unclaimed(start, end, &claimed);
         if skipped > 0 {
             report.pages += (skipped / PAGE_SIZE) as u64;
             report.internal += (skipped / PAGE_SIZE) as u64;
@@ -306,10 +306,8 @@ mod tests {
         assert!(all.adds_up(), "{all:?}");
         assert!(all.internal >= (4 << 20) / PAGE_SIZE as u64, "{all:?}");
         assert!(
-            all.detail
-                .iter()
-                .all(|m| m.route != Route::Pagemig
-                    || !crate::own::ranges().iter().any(|&(a, b)| a < m.end && m.start < b))
+            all.detail.iter().all(|m| m.route != Route::Pagemig
+                || !crate::sys::own::ranges().iter().any(|&(a, b)| a < m.end && m.start < b))
         );
         engine.reserve(node, 0, crate::ThpAdvice::Default).unwrap();
         assert!(buf.iter().enumerate().all(|(i, &w)| w == i as u64));

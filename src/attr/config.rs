@@ -132,7 +132,7 @@ pub struct Loaded {
 /// What this process applied from the config file and `PAGEMIG_ATTRS`: opens the engine
 /// ([`Engine::global`]) if it is not open yet, which applies them.
 pub fn loaded() -> &'static Loaded {
-    crate::global::loaded()
+    crate::attr::opening::loaded()
 }
 
 /// The config file of this process, resolved as the [module documentation](self) says;

@@ -30,6 +30,7 @@
 //! belong to one process and are never kept.
 
 pub mod config;
+mod opening;
 
 use std::sync::atomic::Ordering;
 
@@ -145,13 +146,24 @@ fn parse_range(attr: &Attr, value: &str, lo: usize, hi: usize) -> Result<usize> 
 /// Where each attribute's value came from, for those not at their default.
 static SOURCES: std::sync::Mutex<Vec<(&'static str, Source)>> = std::sync::Mutex::new(Vec::new());
 
-/// Takes the attributes' lock for a `fork()` in progress (see `migrate::fork`).
-pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
+/// The attributes' lock, held across every `fork()` from now on.
+fn sources() -> std::sync::MutexGuard<'static, Vec<(&'static str, Source)>> {
+    static STEP: crate::process::AtFork = crate::process::AtFork {
+        prepare: hold_for_fork,
+        parent: crate::process::nothing,
+        child: crate::process::nothing,
+    };
+    crate::process::at_fork(crate::process::ForkRank::Attr, &STEP);
+    SOURCES.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Takes the attributes' lock for a `fork()` in progress.
+fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
     held.push(Box::new(SOURCES.lock().unwrap_or_else(std::sync::PoisonError::into_inner)));
 }
 
 pub(crate) fn set_source(path: &'static str, source: Source) {
-    let mut sources = SOURCES.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut sources = sources();
     sources.retain(|(p, _)| *p != path);
     if source != Source::Default {
         sources.push((path, source));
@@ -166,12 +178,7 @@ pub(crate) fn set_source(path: &'static str, source: Source) {
 pub fn source(path: &str) -> Result<Source> {
     let attr = find(path)?;
     let _ = loaded();
-    Ok(SOURCES
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .iter()
-        .find(|(p, _)| *p == attr.path)
-        .map_or(Source::Default, |(_, s)| s.clone()))
+    Ok(sources().iter().find(|(p, _)| *p == attr.path).map_or(Source::Default, |(_, s)| s.clone()))
 }
 
 /// The engine as a write reaches it: the process-wide one, or, while that one opens and

@@ -305,7 +305,17 @@ static DEFAULT: std::sync::Mutex<Option<Arc<Device>>> = std::sync::Mutex::new(No
 
 /// Takes the device registry's locks for a `fork()` in progress (see `migrate::fork`), in
 /// the lock order.
-pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
+/// Makes every `fork()` from now on hold the devices' locks.
+fn hold_at_fork() {
+    static STEP: crate::process::AtFork = crate::process::AtFork {
+        prepare: hold_for_fork,
+        parent: crate::process::nothing,
+        child: crate::process::nothing,
+    };
+    crate::process::at_fork(crate::process::ForkRank::Dma, &STEP);
+}
+
+fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
     held.push(Box::new(DEFAULT.lock().unwrap_or_else(std::sync::PoisonError::into_inner)));
     held.push(Box::new(DEVICES.lock().unwrap_or_else(std::sync::PoisonError::into_inner)));
 }
@@ -317,7 +327,7 @@ pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
 /// The errno of making it, or `EEXIST` when another device named `soft0` is registered;
 /// the next call tries again.
 pub fn soft_default() -> Result<Arc<Device>, Errno> {
-    crate::process::install_fork_handlers();
+    hold_at_fork();
     let mut slot = DEFAULT.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(device) = slot.as_ref() {
         return Ok(device.clone());

@@ -31,12 +31,12 @@ pub(super) fn prepare_call(folios: &[Folio<'_>], target: u32, prepared: u64) -> 
     let vmas = maps::vmas_with_flags(lo, hi)?;
     let runs = contiguous_runs(sorted.iter().copied());
     let own_stack = sys::current_thread_stack();
-    let claimed = crate::own::ranges();
+    let claimed = crate::sys::own::ranges();
     for &(s, e) in &runs {
         maps::check_movable(s, e, &vmas)?;
         // pagemig's own mappings and its threads' stacks: its threads would wait on
         // protections of their own.
-        if crate::own::overlaps(&claimed, s, e) {
+        if crate::sys::own::overlaps(&claimed, s, e) {
             return Err(Error::NotMovable {
                 start: s,
                 end: e,

@@ -43,7 +43,7 @@ impl Engine {
     /// # Errors
     /// [`Error::Sys`] when userfaultfd cannot be opened (no permission, no kernel support).
     pub fn new() -> Result<Self> {
-        crate::process::install_fork_handlers();
+        super::fork::install();
         let uffd = Arc::new(Uffd::open().map_err(Error::sys("userfaultfd"))?);
         let graves = Arc::new(Uffd::open_for_moves().map_err(Error::sys("userfaultfd (graveyards)"))?);
         let busy = Arc::new(Busy::default());

@@ -17,8 +17,7 @@
 //! emptied.
 //!
 //! The same `fork()` then takes every process-wide lock of pagemig's and lets them go in
-//! the parent and in the child (`process::install_fork_handlers`, pagemig's one set of
-//! handlers). Per-call and per-engine state (the claims, the pool) is never used by a
+//! the parent and in the child (`process::at_fork`, pagemig's one set of handlers). Per-call and per-engine state (the claims, the pool) is never used by a
 //! child, which opens an engine of its own, nor is `own`'s set, made again per process.
 //!
 //! Only forks that run the `pthread_atfork` handlers wait: glibc's `fork()`, and
@@ -96,9 +95,17 @@ impl Drop for Batch {
     }
 }
 
+/// What the barrier does at a `fork()` (registered with [`install`]).
+static STEP: crate::process::AtFork = crate::process::AtFork { prepare: |_| barrier(), parent: after, child: in_child };
+
+/// Makes every `fork()` from now on wait at the barrier.
+pub(super) fn install() {
+    crate::process::at_fork(crate::process::ForkRank::Barrier, &STEP);
+}
+
 /// The first `fork()` handler: counts this fork in progress and waits until no page is
 /// empty, then seals the gate.
-pub(crate) fn barrier() {
+fn barrier() {
     STATE.fetch_add(FORK, Ordering::SeqCst);
     loop {
         let s = STATE.load(Ordering::SeqCst);
@@ -114,7 +121,7 @@ pub(crate) fn barrier() {
 }
 
 /// The parent's handler once the child exists: the fork has ended.
-pub(crate) fn after() {
+fn after() {
     let _ = STATE.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |s| {
         let s = s - FORK;
         Some(if s & FORKS == 0 { s & !SEALED } else { s })
@@ -124,7 +131,7 @@ pub(crate) fn after() {
 /// The child's handler: it has one thread, forking nothing, and no page of it is empty
 /// (the parent's forks waited for none to be). The gate it inherited may count other
 /// threads' forks in the parent (two threads forking at once), which never end here.
-pub(crate) fn in_child() {
+fn in_child() {
     STATE.store(0, Ordering::SeqCst);
     HOLDING.with(|h| h.set(false));
 }
@@ -139,7 +146,7 @@ mod tests {
     /// for each other for ever. A thread that holds nothing waits for the fork.
     #[test]
     fn a_thread_emptying_more_pages_while_a_fork_waits_does_not_wait_for_itself() {
-        crate::process::install_fork_handlers();
+        install();
         let (tx, rx) = std::sync::mpsc::channel();
         let migrating = std::thread::spawn(move || {
             let batch = Batch::start();
@@ -170,7 +177,7 @@ mod tests {
     #[test]
     #[allow(unsafe_code, reason = "fork and _exit")]
     fn a_child_forked_beside_another_fork_can_migrate() {
-        crate::process::install_fork_handlers();
+        install();
         // Another thread's fork in progress, past its barrier (it would take the locks next:
         // this thread's own fork then waits for them, so it is not taken here).
         barrier();

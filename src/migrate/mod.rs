@@ -80,8 +80,6 @@
 //! migration (up to 5 s, waiting out `EAGAIN`); the pool's `chunks` across populating one
 //! destination; dcbm's `registered` across `unregister`'s grace period.
 
-pub(crate) use fork::{after as fork_after, barrier as fork_barrier, in_child as fork_in_child};
-
 mod abort;
 mod background;
 mod busy;

@@ -41,7 +41,7 @@ pub fn movable_ranges(addr: usize, len: usize) -> Result<Vec<std::ops::Range<usi
         .filter(|_| len > 0)
         .ok_or_else(|| Error::Invalid(format!("range {addr:#x}+{len:#x} is empty or wraps around")))?;
     let start = addr & !(PAGE_SIZE - 1);
-    let claimed = crate::own::ranges();
+    let claimed = crate::sys::own::ranges();
     let mut lookup = maps::Lookup::open()?;
     let mut out = Vec::new();
     for v in lookup.range(start, end)? {
@@ -50,7 +50,7 @@ pub fn movable_ranges(addr: usize, len: usize) -> Result<Vec<std::ops::Range<usi
             continue;
         }
         // pagemig's own memory inside the mapping (a destination it merged with) is cut out.
-        for (ps, pe) in crate::own::unclaimed(s, e, &claimed).0 {
+        for (ps, pe) in crate::sys::own::unclaimed(s, e, &claimed).0 {
             out.push(ps..pe);
         }
     }
@@ -247,7 +247,7 @@ impl Engine {
         let mut vmas = maps::Lookup::open()?;
         // pagemig's own mappings and its threads' stacks: the kernel's to move, as is
         // memory pagemig's threads may touch (see `maps::shared_with_pagemig`).
-        let claimed = crate::own::ranges();
+        let claimed = crate::sys::own::ranges();
         let (mut candidates, mut direct) = (Vec::new(), Vec::new());
         for i in 0..pages.len() {
             let movable = vmas.in_process(page_of(i), &claimed)?;

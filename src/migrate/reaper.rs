@@ -97,7 +97,7 @@ impl Reaper {
         let total = len + sys::HPAGE_SIZE;
         let raw = sys::mmap_anon(total)?;
         // pagemig's own memory (the padding unmapped below is disclaimed with it).
-        crate::own::claim(raw, total);
+        crate::sys::own::claim(raw, total);
         let mut g = (raw & !(sys::HPAGE_SIZE - 1)) + (phase & (sys::HPAGE_SIZE - 1));
         if g < raw {
             g += sys::HPAGE_SIZE;

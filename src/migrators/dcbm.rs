@@ -313,6 +313,7 @@ pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
 /// from the DMA registry, where [`dma::soft_default`] is registered on first use.
 pub fn global() -> &'static Arc<Dcbm> {
     DCBM.get_or_init(|| {
+        super::hold_at_fork();
         // Without a device every batch is declined (`ENODEV`) and falls back; a later
         // registration of a device makes DCBM usable.
         let _ = dma::soft_default();

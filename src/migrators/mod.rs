@@ -19,7 +19,17 @@ static MTCOPY: OnceLock<Arc<mtcopy::MtCopy>> = OnceLock::new();
 
 /// Takes the process-wide migrators' locks for a `fork()` in progress (see
 /// `migrate::fork`), in the lock order.
-pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
+/// Makes every `fork()` from now on hold the migrators' locks.
+pub(crate) fn hold_at_fork() {
+    static STEP: crate::process::AtFork = crate::process::AtFork {
+        prepare: hold_for_fork,
+        parent: crate::process::nothing,
+        child: crate::process::nothing,
+    };
+    crate::process::at_fork(crate::process::ForkRank::Migrators, &STEP);
+}
+
+fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
     #[cfg(feature = "dma")]
     dcbm::hold_for_fork(held);
     if let Some(m) = MTCOPY.get() {
@@ -30,6 +40,7 @@ pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
 /// The process-wide multi-threaded copy migrator, with one thread per CPU to start.
 pub fn mtcopy() -> &'static Arc<mtcopy::MtCopy> {
     MTCOPY.get_or_init(|| {
+        hold_at_fork();
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, mtcopy::MAX_THREADS);
         mtcopy::MtCopy::new(cpus).expect("a thread count within bounds")
     })

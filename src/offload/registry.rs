@@ -316,7 +316,12 @@ static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
 /// The process-wide registry the migration pipeline dispatches through.
 pub fn registry() -> &'static Registry {
     REGISTRY.get_or_init(|| {
-        crate::process::install_fork_handlers();
+        static STEP: crate::process::AtFork = crate::process::AtFork {
+            prepare: hold_for_fork,
+            parent: crate::process::nothing,
+            child: crate::process::nothing,
+        };
+        crate::process::at_fork(crate::process::ForkRank::Registry, &STEP);
         Registry::new()
     })
 }

@@ -34,7 +34,7 @@ impl Mapping {
     /// The `mmap` errno.
     pub fn new_own(len: usize, align: usize) -> Result<Self, Errno> {
         let map = Self::new(len, align)?;
-        crate::own::claim(map.addr, map.len);
+        crate::sys::own::claim(map.addr, map.len);
         Ok(map)
     }
 

@@ -65,7 +65,7 @@ pub fn mmap_anon_aligned(len: usize, align: usize) -> Result<usize, Errno> {
 /// Nothing may use the range afterwards, and it must be memory the caller owns.
 pub unsafe fn munmap(addr: usize, len: usize) -> Result<(), Errno> {
     // Whatever pagemig had claimed there is no longer its own (nor anyone's) once unmapped.
-    crate::own::disclaim(addr, len);
+    crate::sys::own::disclaim(addr, len);
     // SAFETY: the caller owns the range and promises that nothing uses it any more.
     check_int(unsafe { libc::munmap(addr as *mut c_void, len) })
 }

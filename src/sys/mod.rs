@@ -16,6 +16,7 @@
 #![allow(unsafe_code)]
 
 pub mod mapping;
+pub(crate) mod own;
 mod mempolicy;
 mod mm;
 mod pagemap;

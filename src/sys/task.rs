@@ -38,7 +38,7 @@ pub fn dumpable() -> bool {
 static CLOSE_IN_CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(-1);
 
 /// In a child just forked: closes the descriptor [`close_in_children`] named.
-pub(crate) fn close_in_child() {
+fn close_in_child() {
     let fd = CLOSE_IN_CHILD.swap(-1, std::sync::atomic::Ordering::SeqCst);
     if fd >= 0 {
         // SAFETY: the parent handed this descriptor over for exactly this; in the child, no
@@ -53,8 +53,10 @@ pub(crate) fn close_in_child() {
 /// socket whose serving thread a child does not have must not stay open there, holding its
 /// name for connections nobody accepts.
 pub fn close_in_children(fd: std::os::fd::RawFd) {
+    static STEP: crate::process::AtFork =
+        crate::process::AtFork { prepare: |_| {}, parent: crate::process::nothing, child: close_in_child };
     CLOSE_IN_CHILD.store(fd, std::sync::atomic::Ordering::SeqCst);
-    crate::process::install_fork_handlers();
+    crate::process::at_fork(crate::process::ForkRank::AgentSocket, &STEP);
 }
 
 /// The CPUs the calling thread may run on, in order (empty if the kernel does not say).

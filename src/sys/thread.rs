@@ -1,5 +1,5 @@
 //! The threads pagemig starts, each with every signal blocked, and its stack claimed as
-//! pagemig's own while it runs ([`crate::own::ThreadStack`]: no in-process migration
+//! pagemig's own while it runs ([`crate::sys::own::ThreadStack`]: no in-process migration
 //! protects it against the thread).
 //!
 //! A signal sent to the process (`kill(2)`, a timer's `SIGALRM`, a terminal's `SIGINT`)
@@ -85,7 +85,7 @@ where
 {
     let _blocked = SignalsBlocked::new();
     Builder::new().name(name.into()).spawn(move || {
-        let _stack = crate::own::ThreadStack::claim();
+        let _stack = crate::sys::own::ThreadStack::claim();
         f()
     })
 }
@@ -105,7 +105,7 @@ where
 {
     let _blocked = SignalsBlocked::new();
     Builder::new().name(name.into()).spawn_scoped(scope, move || {
-        let _stack = crate::own::ThreadStack::claim();
+        let _stack = crate::sys::own::ThreadStack::claim();
         f()
     })
 }
