@@ -350,6 +350,13 @@ fn command(s: &Shared, line: &str, children: &mut Vec<i32>) -> String {
     }
 }
 
+/// A new thread's first steps before the target says `ready`: its first allocation (which
+/// makes the thread's malloc arena, two mappings), then the wait for the others.
+fn settle(started: &std::sync::Barrier) {
+    drop(std::hint::black_box(Box::new(0u64)));
+    started.wait();
+}
+
 fn main() -> std::process::ExitCode {
     let opts = match parse_opts() {
         Ok(o) => o,
@@ -402,23 +409,37 @@ fn main() -> std::process::ExitCode {
     }
     let mut threads = Vec::new();
     let stripe = (words - half) / opts.writers.max(1);
+    let started = Arc::new(std::sync::Barrier::new(opts.writers + usize::from(opts.churn) + 2));
     for w in 0..opts.writers {
         let s = shared.clone();
         let (from, to) = (half + w * stripe, if w + 1 == opts.writers { words } else { half + (w + 1) * stripe });
-        threads.push(std::thread::spawn(move || writer(&s, from, to)));
+        let started = started.clone();
+        threads.push(std::thread::spawn(move || {
+            settle(&started);
+            writer(&s, from, to)
+        }));
     }
     if opts.churn {
         let s = shared.clone();
-        threads.push(std::thread::spawn(move || churner(&s)));
+        let started = started.clone();
+        threads.push(std::thread::spawn(move || {
+            settle(&started);
+            churner(&s)
+        }));
     }
     let checker = shared.clone();
+    let checker_started = started.clone();
     threads.push(std::thread::spawn(move || {
+        settle(&checker_started);
         while !checker.stop.load(Ordering::Relaxed) {
             let bad = checker.check_static();
             checker.corrupt.fetch_add(bad, Ordering::Relaxed);
             std::thread::sleep(Duration::from_millis(5));
         }
     }));
+    // Every thread has started and made its malloc arena: the mappings a caller sees after
+    // `ready` stay as they are.
+    started.wait();
     let (start, end) = shared.range();
     println!(
         "pagemig-target pid={} range={:#x}-{:#x} size={} agent={agent}",
