@@ -61,15 +61,17 @@ impl VerifyReport {
     }
 }
 
-/// Runs `f` while `writers` threads store sequence numbers into the region's slots, then
-/// stops them and returns `f`'s result with what they wrote.
+/// Runs `f` while `writers` threads store sequence numbers into the region's slots (`f`
+/// begins once each has stored), then stops them and returns `f`'s result with what they
+/// wrote.
 pub fn with_writers<R: Send>(region: &Region, writers: usize, f: impl FnOnce() -> R + Send) -> (R, WriteLog) {
     let stop = AtomicBool::new(false);
+    let started = std::sync::atomic::AtomicUsize::new(0);
     let pages = region.len() / PAGE_SIZE;
     std::thread::scope(|s| {
         let handles: Vec<_> = (0..writers)
             .map(|w| {
-                let stop = &stop;
+                let (stop, started) = (&stop, &started);
                 s.spawn(move || {
                     let mine: Vec<usize> = (w..pages).step_by(writers).map(|p| p * WORDS_PER_PAGE).collect();
                     let mut last = vec![0u64; mine.len()];
@@ -86,6 +88,9 @@ pub fn with_writers<R: Send>(region: &Region, writers: usize, f: impl FnOnce() -
                             region.word(word).store(value, Ordering::Release);
                             last[j] = value;
                             written[j] = true;
+                            if seq == 1 {
+                                started.fetch_add(1, Ordering::Release);
+                            }
                         }
                     }
                     let log: Vec<(usize, u64)> =
@@ -94,6 +99,11 @@ pub fn with_writers<R: Send>(region: &Region, writers: usize, f: impl FnOnce() -
                 })
             })
             .collect();
+        // `f` runs once every writer has stored (a writer with no page stores nothing).
+        let storing = writers.min(pages);
+        while started.load(Ordering::Acquire) < storing {
+            std::thread::yield_now();
+        }
         let result = f();
         stop.store(true, Ordering::Relaxed);
         let mut log = WriteLog::default();

@@ -41,14 +41,14 @@
 //!
 //! 1. the agent's `moving` (`agent::server`): one move per agent, held across the whole
 //!    migration it serves;
-//! 2. the engine slot's opening gate (`engine::slot`, atomics): the thread that opens or
-//!    reopens the engine runs `Engine::new`, the config file's attributes (3, 4) and
-//!    `Pool::clear` (5) under it;
+//! 2. the engine slot's maker (`attr::opening`, a `process::PerProcess`: one atomic word):
+//!    the thread that opens or reopens the engine runs `Engine::new`, the config file's
+//!    attributes (3, 4) and `Pool::clear` (5) while the others wait;
 //! 3. dcbm's `registered` (`migrators::dcbm`) -> the registry's `active`;
 //! 4. the registry's `active` (`offload::registry`): the active migrator. It is let go
 //!    before `offload_copy` runs (readers counted instead); mtcopy's `workers` -> the
 //!    pipeline's completion lock, through `on_complete` when a share is copied inline;
-//! 5. the pool's `preparer`, `reserves` (alone) and `chunks` -> `own` ranges;
+//! 5. the pool's `preparer`, `reserves` (alone) and `chunks` -> `sys::own` ranges;
 //! 6. the soft DMA device list, a channel's `state` -> the device's fault plan;
 //! 7. the fork gate (`fork`, one atomic word): taken (`fork::open`) before the claims,
 //!    never with them held; a thread that has emptied pages in its batch is never made to
@@ -59,25 +59,27 @@
 //!    it is let go (`Patience`) around every retry and sleep of the pipeline and mover;
 //! 9. the reaper's `tx` -> its `pending` count;
 //! 10. the progress reporter's `state` (`mover::Reporter`) -> `Abort`'s first error;
-//! 11. leaves: `Abort`'s first error, the attributes' sources, `own` ranges, mtcopy's and
+//! 11. leaves: `Abort`'s first error, the attributes' sources, `sys::own` ranges, mtcopy's and
 //!     dcbm's completion latches, a channel's `worker`, a device's usage.
 //!
 //! A `fork()` takes the fork gate (its barrier), then the process-wide locks of 3 to 6 and
-//! the attributes' sources in this order, and lets them go in the parent and the child
-//! (`fork`): the child finds none held.
+//! the attributes' sources in this order (`process::at_fork`, `ForkRank`), and lets them go
+//! in the parent and the child: the child finds none held.
 //!
 //! Waits that act as locks: an isolated page blocks every access until a move into it
 //! (under the claims); a write-protected page blocks writers until its protection is
 //! lifted; the program's `madvise`/`munmap`/`mremap` of a registered range waits until
 //! `pagemig-events` has read its event (under the claims), and until then ioctls on the
-//! engine's userfaultfd answer `EAGAIN` (waited out with the claims let go); empty
+//! engine's userfaultfd answer `EAGAIN`, or `ENOENT` where the memory has just moved on
+//! (waited out with the claims let go, by one `backoff::Backoff` each); empty
 //! destinations and graveyards wait for `pagemig-zerofill`, which takes no lock.
 //!
 //! Never held across: user code (`offload_copy`, the progress callback, which runs on
 //! its own thread, DMA callbacks) under any pagemig lock; an access to memory a call may
 //! have isolated under the claims. Known long holds: the event reader keeps the claims
 //! while it puts back the old pages of memory the program moved with `mremap` during a
-//! migration (up to 5 s, waiting out `EAGAIN`); the pool's `chunks` across populating one
+//! migration (up to 5 s, waiting out `EAGAIN` and `ENOENT` until the event that explains
+//! them is read); the pool's `chunks` across populating one
 //! destination; dcbm's `registered` across `unregister`'s grace period.
 
 mod abort;
