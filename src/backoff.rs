@@ -22,9 +22,9 @@ impl Backoff {
     }
 
     /// Waiting on the kernel or the event reader, which answer in microseconds: 50 µs,
-    /// doubling up to 1 ms.
+    /// doubling up to 200 µs.
     pub const fn kernel() -> Self {
-        Self::new(Duration::from_micros(50), Duration::from_millis(1))
+        Self::new(Duration::from_micros(50), Duration::from_micros(200))
     }
 
     /// The same pauses, none once `limit` has passed since the first was asked for.

@@ -316,7 +316,12 @@ impl Patience {
     const BUSY_LIMIT: Duration = Duration::from_millis(20);
 
     pub fn new() -> Self {
-        Self { again: Backoff::kernel().within(Self::LIMIT), busy: Backoff::kernel().within(Self::BUSY_LIMIT) }
+        // Steady pauses: a page shared with children that a program forks again and again
+        // moves only in the moment between two forks, and fewer tries meet it less often.
+        Self {
+            again: Backoff::new(Duration::from_micros(100), Duration::from_micros(100)).within(Self::LIMIT),
+            busy: Backoff::new(Duration::from_micros(200), Duration::from_micros(200)).within(Self::BUSY_LIMIT),
+        }
     }
 
     /// Sleeps for `backoff`'s next pause with the claims lock let go; false, at once, once
