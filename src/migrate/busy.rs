@@ -19,6 +19,7 @@ use std::time::Duration;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::Span;
+use super::fork::Empty;
 
 /// One claimed range.
 #[derive(Debug, Default)]
@@ -123,7 +124,10 @@ impl Claims {
     }
 
     /// Records that the old pages of `[start, end)` now lie at `grave`.
-    pub fn add_isolated(&mut self, start: usize, end: usize, grave: usize) {
+    pub fn add_isolated(&mut self, start: usize, end: usize, grave: usize, empty: Empty) {
+        // The pages are counted empty for the fork barrier until they leave the claims.
+        debug_assert_eq!(empty.pages(), (end - start) / crate::sys::PAGE_SIZE);
+        let _ = empty.into_claims();
         for (s, c) in self.overlapping(start, end) {
             let (from, to) = (start.max(s), end.min(c.end));
             c.isolated.insert(from, (to, grave + (from - start)));
@@ -144,8 +148,10 @@ impl Claims {
     }
 
     /// Forgets, and returns, the isolated spans inside `[start, end)` as
-    /// `(start, end, grave)`, splitting those that reach outside it.
-    pub fn take_isolated(&mut self, start: usize, end: usize) -> Vec<(usize, usize, usize)> {
+    /// `(start, end, grave)`, splitting those that reach outside it, with the count of their
+    /// pages as empty for the fork barrier (closed when it drops: put back, replaced or
+    /// given up, they are not empty any more).
+    pub fn take_isolated(&mut self, start: usize, end: usize) -> (Vec<(usize, usize, usize)>, Empty) {
         let mut out = Vec::new();
         for (_, c) in self.overlapping(start, end) {
             let keys: Vec<usize> = c.isolated.range(..end).filter(|&(_, &(e, _))| e > start).map(|(&s, _)| s).collect();
@@ -161,7 +167,8 @@ impl Claims {
                 out.push((from, to, g + (from - s)));
             }
         }
-        out
+        let pages = out.iter().map(|&(s, e, _)| (e - s) / crate::sys::PAGE_SIZE).sum();
+        (out, Empty::from_claims(pages))
     }
 }
 
@@ -191,11 +198,16 @@ mod tests {
         assert!(!c.mark_dead(0x40000, 0x41000));
         assert_eq!(c.dead_in(0x10000, 0x30000), [(0x1f000, 0x20000), (0x20000, 0x21000)]);
         assert_eq!(c.dead_in(0x20800, 0x30000), [(0x20800, 0x21000)]);
-        c.add_isolated(0x10000, 0x18000, 0x90000);
-        assert_eq!(c.take_isolated(0x12000, 0x13000), [(0x12000, 0x13000, 0x92000)]);
-        let mut rest = c.take_isolated(0x10000, 0x20000);
+        let mut empty = super::super::fork::open(8);
+        c.add_isolated(0x10000, 0x18000, 0x90000, empty.split(8));
+        assert_eq!(empty.pages(), 0);
+        let (one, one_empty) = c.take_isolated(0x12000, 0x13000);
+        assert_eq!((one.as_slice(), one_empty.pages()), ([(0x12000, 0x13000, 0x92000)].as_slice(), 1));
+        let (mut rest, rest_empty) = c.take_isolated(0x10000, 0x20000);
         rest.sort_unstable();
         assert_eq!(rest, [(0x10000, 0x12000, 0x90000), (0x13000, 0x18000, 0x93000)]);
-        assert!(c.take_isolated(0x10000, 0x20000).is_empty());
+        assert_eq!(rest_empty.pages(), 7);
+        let (none, none_empty) = c.take_isolated(0x10000, 0x20000);
+        assert!(none.is_empty() && none_empty.pages() == 0);
     }
 }

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use super::Span;
 use super::busy::{Busy, Claims};
+use super::fork::Empty;
 use crate::backoff::Backoff;
 use crate::sys::uffd::{Event, Uffd};
 use crate::sys::{self, Errno};
@@ -102,6 +103,9 @@ struct Moved {
     homing: Vec<(usize, usize, usize)>,
     /// Mappings `mremap` put elsewhere, to be released once their old pages are home.
     release: Vec<Span>,
+    /// The pages of `homing`, counted empty for the fork barrier until they are home (or
+    /// given up): taken from the claims with the spans.
+    empty: Empty,
 }
 
 impl Moved {
@@ -132,7 +136,7 @@ impl Moved {
         for (dst, grave, n) in self.homing.drain(..) {
             for (a, b, inside) in split(dst, dst + n, start, end) {
                 if inside {
-                    super::fork::close((b - a) / sys::PAGE_SIZE);
+                    self.empty.close((b - a) / sys::PAGE_SIZE);
                 } else {
                     homing.push((a, grave + (a - dst), b - a));
                 }
@@ -178,7 +182,9 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
         Event::Remap { from, to, len } => {
             claims.mark_dead(from, from + len);
             moved.follow(from, to, len);
-            for (s, e, g) in claims.take_isolated(from, from + len) {
+            let (spans, empty) = claims.take_isolated(from, from + len);
+            moved.empty.merge(empty);
+            for (s, e, g) in spans {
                 moved.homing.push((to + (s - from), g, e - s));
             }
             // A grown mapping is registered to its end.
@@ -215,7 +221,7 @@ fn bring_home(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
             Ok(()) => (len, None),
             Err((done, errno)) => (done, Some(errno)),
         };
-        super::fork::close(done / sys::PAGE_SIZE);
+        moved.empty.close(done / sys::PAGE_SIZE);
         moved.homing[0] = (dst + done, grave + done, len - done);
         let retry = match errno {
             None => false,
@@ -231,12 +237,12 @@ fn bring_home(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
             // SAFETY: as above; the pages move instead of being copied, nothing allocated.
             Some(Errno::NOMEM) => match unsafe { uffd.move_pages(dst + done, grave + done, len - done) } {
                 Ok(()) => {
-                    super::fork::close((len - done) / sys::PAGE_SIZE);
+                    moved.empty.close((len - done) / sys::PAGE_SIZE);
                     moved.homing[0].2 = 0;
                     false
                 }
                 Err((more, _)) => {
-                    super::fork::close(more / sys::PAGE_SIZE);
+                    moved.empty.close(more / sys::PAGE_SIZE);
                     moved.homing[0] = (dst + done + more, grave + done + more, len - done - more);
                     backoff.pause()
                 }
@@ -250,7 +256,7 @@ fn bring_home(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
             continue;
         }
         let (_, _, left) = moved.homing.remove(0);
-        super::fork::close(left / sys::PAGE_SIZE);
+        moved.empty.close(left / sys::PAGE_SIZE);
     }
 }
 

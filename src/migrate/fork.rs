@@ -55,7 +55,7 @@ thread_local! {
 /// goes on while the fork still waits for pages to fill: the fork waits for these too,
 /// and waiting here would wait for itself. Once a fork has seen no page empty (sealed),
 /// every thread waits: none holds an empty page then, so none waits for itself.
-pub(super) fn open(pages: usize) {
+pub(super) fn open(pages: usize) -> Empty {
     let holding = HOLDING.with(Cell::get);
     let mut backoff = crate::backoff::Backoff::kernel();
     loop {
@@ -67,14 +67,75 @@ pub(super) fn open(pages: usize) {
         }
         if STATE.compare_exchange(s, s + pages as u64, Ordering::SeqCst, Ordering::SeqCst).is_ok() {
             HOLDING.with(|h| h.set(true));
-            return;
+            return Empty(pages);
         }
     }
 }
 
 /// `pages` counted by [`open`] are filled again (or will never be).
-pub(super) fn close(pages: usize) {
+fn close(pages: usize) {
     STATE.fetch_sub(pages as u64, Ordering::SeqCst);
+}
+
+/// Pages counted empty for the barrier ([`open`]): closed as they are filled
+/// ([`Empty::close`]) and the rest when dropped, so that every page counted is closed once.
+/// The claims hold the count of the pages isolated in them (`busy::Claims::add_isolated`
+/// takes an `Empty`, `take_isolated` gives one back), and the event reader that of the old
+/// pages it is bringing home.
+#[must_use = "dropping it closes its pages at once"]
+#[derive(Debug)]
+pub(super) struct Empty(usize);
+
+impl Empty {
+    /// No pages.
+    pub const fn none() -> Self {
+        Empty(0)
+    }
+
+    /// How many pages it counts.
+    pub fn pages(&self) -> usize {
+        self.0
+    }
+
+    /// `n` of its pages (at most all) as a count of their own.
+    pub fn split(&mut self, n: usize) -> Empty {
+        let n = n.min(self.0);
+        self.0 -= n;
+        Empty(n)
+    }
+
+    /// Closes `n` of its pages (at most all) now: they are filled.
+    pub fn close(&mut self, n: usize) {
+        drop(self.split(n));
+    }
+
+    /// Adds the pages of `other`.
+    pub fn merge(&mut self, other: Empty) {
+        self.0 += std::mem::ManuallyDrop::new(other).0;
+    }
+
+    /// Hands the count to the claims' bookkeeping, which gives it back with
+    /// [`Empty::from_claims`].
+    pub fn into_claims(self) -> usize {
+        std::mem::ManuallyDrop::new(self).0
+    }
+
+    /// A count the claims kept ([`Empty::into_claims`]).
+    pub fn from_claims(pages: usize) -> Empty {
+        Empty(pages)
+    }
+}
+
+impl Default for Empty {
+    fn default() -> Self {
+        Empty::none()
+    }
+}
+
+impl Drop for Empty {
+    fn drop(&mut self) {
+        close(self.0);
+    }
 }
 
 /// A batch run on this thread: the pages it empties are its own to fill ([`open`]). Ends
@@ -150,7 +211,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let migrating = std::thread::spawn(move || {
             let batch = Batch::start();
-            open(1);
+            let first = open(1);
             let forking = std::thread::spawn(|| {
                 barrier();
                 after();
@@ -158,9 +219,9 @@ mod tests {
             while STATE.load(Ordering::SeqCst) & FORKS == 0 {
                 std::thread::yield_now();
             }
-            open(1);
+            let second = open(1);
             let _ = tx.send(());
-            close(2);
+            drop((first, second));
             forking.join().unwrap();
             drop(batch);
         });
@@ -185,8 +246,7 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            open(1);
-            close(1);
+            drop(open(1));
             // SAFETY: ends the child at once.
             unsafe { libc::_exit(0) };
         }

@@ -20,6 +20,7 @@ use parking_lot::MutexGuard;
 
 use super::abort::Abort;
 use super::busy::Claims;
+use super::fork::Empty;
 use super::outcome::Tally;
 use super::reaper::Grave;
 use super::staged::Staged;
@@ -381,19 +382,19 @@ pub(super) fn undo(engine: &Engine, start: usize, end: usize) {
 /// pages are back, so that an event read while the lock is let go finds it; then its pages
 /// count as filled for the fork barrier.
 fn put_back(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, end: usize) {
-    put_back_counted(engine, claims, start, end, true);
+    drop(put_back_counted(engine, claims, start, end));
 }
 
-/// [`put_back`], where `close` says whether the pages put back count as filled for the
-/// fork barrier now (isolation counts a whole stretch open until it has finished, and
-/// closes what it did not isolate itself).
+/// [`put_back`], returning the count of the pages that left the claims as empty for the
+/// fork barrier instead of closing it (isolation keeps a whole stretch counted until it has
+/// finished, as it may isolate those pages again).
 pub(super) fn put_back_counted(
     engine: &Engine,
     claims: &mut MutexGuard<'_, Claims>,
     start: usize,
     end: usize,
-    close: bool,
-) {
+) -> Empty {
+    let mut empty = Empty::none();
     let mut patience = Patience::new();
     while let Some((s, e, g)) = claims.isolated_in(start, end).first().copied() {
         // SAFETY: `g` holds exactly the old pages of `[s, e)`, moved out by this call; the
@@ -425,12 +426,9 @@ pub(super) fn put_back_counted(
             // Unmapped by the program (the event read): the pages go with the graveyard.
             Some(_) => e,
         };
-        for (a, b, _) in claims.take_isolated(s, done) {
-            if close {
-                super::fork::close((b - a) / sys::PAGE_SIZE);
-            }
-        }
+        empty.merge(claims.take_isolated(s, done).1);
     }
+    empty
 }
 
 /// Gives up `[at, f.end())` of a folio the program purged or moved away (`dead`) while it
@@ -452,9 +450,8 @@ fn give_up_gone(
 
 /// Forgets the old pages isolated from `[start, end)`: replaced, or garbage.
 fn forget_isolated(claims: &mut Claims, start: usize, end: usize) {
-    for (a, b, _) in claims.take_isolated(start, end) {
-        super::fork::close((b - a) / sys::PAGE_SIZE);
-    }
+    // Replaced or garbage: not empty any more.
+    drop(claims.take_isolated(start, end));
 }
 
 /// What one step of [`bring_in`] moves or copies with the claims lock held, at most: an

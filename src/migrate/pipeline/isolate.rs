@@ -83,8 +83,10 @@ impl<'a> Call<'a> {
         let t = Instant::now();
         let (start, end) = (st.slots[items.start].item.folio.addr(), st.slots[items.end - 1].item.folio.end());
         // Counted empty before the lock: a fork waiting for empty pages to fill needs it.
-        crate::migrate::fork::open((end - start) / sys::PAGE_SIZE);
-        let mut isolated = 0;
+        // What is isolated takes its part of the count into the claims; what goes back
+        // returns it here; the rest closes at the end.
+        let mut empty = crate::migrate::fork::open((end - start) / sys::PAGE_SIZE);
+        let count = |s: usize, e: usize| (e - s) / sys::PAGE_SIZE;
         let mut failed: Vec<(usize, &'static str, Errno)> = Vec::new();
         {
             let mut claims = engine.busy.lock();
@@ -120,8 +122,7 @@ impl<'a> Call<'a> {
                 };
                 let bad = at + moved;
                 let Some(errno) = errno else {
-                    claims.add_isolated(at, stretch_end, grave(at));
-                    isolated += stretch_end - at;
+                    claims.add_isolated(at, stretch_end, grave(at), empty.split(count(at, stretch_end)));
                     at = stretch_end;
                     continue;
                 };
@@ -129,18 +130,16 @@ impl<'a> Call<'a> {
                 // back the moved part of the one that stopped the move.
                 let fk = folios[folios.partition_point(|f| f.end() <= bad)];
                 if fk.addr() > at {
-                    claims.add_isolated(at, fk.addr(), grave(at));
-                    isolated += fk.addr() - at;
+                    claims.add_isolated(at, fk.addr(), grave(at), empty.split(count(at, fk.addr())));
                 }
                 if bad > fk.addr() {
                     // The moved part of this folio goes back, as any isolated span does
                     // (waiting out EAGAIN while an event is read, copying back where the
                     // mapping changed): recorded first, so that an event meanwhile finds
                     // its old pages in the graveyard.
-                    // They stay counted empty for the fork barrier until the stretch is
-                    // done, as everything this stretch did not isolate.
-                    claims.add_isolated(fk.addr(), bad, grave(fk.addr()));
-                    mover::put_back_counted(engine, &mut claims, fk.addr(), bad, false);
+                    // Their count comes back to this stretch, which may isolate them again.
+                    claims.add_isolated(fk.addr(), bad, grave(fk.addr()), empty.split(count(fk.addr(), bad)));
+                    empty.merge(mover::put_back_counted(engine, &mut claims, fk.addr(), bad));
                 }
                 at = fk.addr();
                 if patience.wait(&mut claims, errno, bad) {
@@ -175,7 +174,8 @@ impl<'a> Call<'a> {
                 at = fk.end();
             }
         }
-        crate::migrate::fork::close((end - start - isolated) / sys::PAGE_SIZE);
+        // What was not isolated is not empty.
+        drop(empty);
         for (i, op, errno) in failed {
             let f = st.slots[i].item.folio;
             unprotect(engine, f.addr(), f.end());
