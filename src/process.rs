@@ -192,6 +192,7 @@ pub(crate) enum ForkRank {
     /// dcbm's registration and mtcopy's workers.
     Migrators,
     /// The migrator registry.
+    #[cfg_attr(loom, allow(dead_code, reason = "the loom model's registry has loom's locks"))]
     Registry,
     /// The DMA devices.
     #[cfg_attr(not(feature = "dma"), allow(dead_code, reason = "registered by the dma feature's devices"))]

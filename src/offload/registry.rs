@@ -316,20 +316,24 @@ static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
 /// The process-wide registry the migration pipeline dispatches through.
 pub fn registry() -> &'static Registry {
     REGISTRY.get_or_init(|| {
-        static STEP: crate::process::AtFork = crate::process::AtFork {
-            prepare: hold_for_fork,
-            parent: crate::process::nothing,
-            child: crate::process::nothing,
-        };
-        crate::process::at_fork(crate::process::ForkRank::Registry, &STEP);
+        // (The loom model's registry has loom's locks, which a fork handler does not take.)
+        #[cfg(not(loom))]
+        {
+            static STEP: crate::process::AtFork = crate::process::AtFork {
+                prepare: hold_for_fork,
+                parent: crate::process::nothing,
+                child: crate::process::nothing,
+            };
+            crate::process::at_fork(crate::process::ForkRank::Registry, &STEP);
+        }
         Registry::new()
     })
 }
 
-/// Takes the registry's lock for a `fork()` in progress (see `migrate::fork`): the child
+/// Takes the registry's lock for a `fork()` in progress (see `process::at_fork`): the child
 /// must not inherit it held by a thread it does not have.
 #[cfg(not(loom))]
-pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
+fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
     if let Some(r) = REGISTRY.get() {
         held.push(Box::new(r.active.lock().unwrap_or_else(|e| e.into_inner())));
     }
