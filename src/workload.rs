@@ -38,6 +38,51 @@ pub struct WriteLog {
     /// `(word index, last value stored)` of every slot written.
     #[cfg_attr(feature = "serde", serde(skip))]
     pub last: Vec<(usize, u64)>,
+    /// Per writer, how long its stores waited ([`with_timed_writers`]; empty otherwise).
+    pub stalls: Vec<Stalls>,
+}
+
+/// A store that took longer than this waited: on a page a migration protected or
+/// isolated, or for a CPU (a store otherwise takes nanoseconds).
+pub const STALL_NS: u64 = 10_000;
+
+/// How long one writer's stores waited: the stores that took longer than [`STALL_NS`],
+/// and the largest, 99.9th and 99th percentile of their durations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize))]
+pub struct Stalls {
+    /// Stores made.
+    pub stores: u64,
+    /// Stores that took longer than [`STALL_NS`].
+    pub waited: u64,
+    /// The longest store, nanoseconds (whether or not it waited).
+    pub max_ns: u64,
+    /// The 99.9th percentile of the stores that waited, nanoseconds (0 when none did).
+    pub p999_ns: u64,
+    /// The 99th percentile of the stores that waited, nanoseconds (0 when none did).
+    pub p99_ns: u64,
+}
+
+impl Stalls {
+    /// The figures of `stores` stores, the longest `longest` ns, of which those in `waited`
+    /// (nanoseconds each) took longer than [`STALL_NS`].
+    pub fn of(stores: u64, mut waited: Vec<u64>, longest: u64) -> Self {
+        waited.sort_unstable();
+        let at = |q: f64| -> u64 {
+            if waited.is_empty() {
+                return 0;
+            }
+            let rank = ((q * waited.len() as f64).ceil() as usize).clamp(1, waited.len());
+            waited[rank - 1]
+        };
+        Stalls {
+            stores,
+            waited: waited.len() as u64,
+            max_ns: longest.max(waited.last().copied().unwrap_or(0)),
+            p999_ns: at(0.999),
+            p99_ns: at(0.99),
+        }
+    }
 }
 
 /// The outcome of [`verify`].
@@ -65,6 +110,21 @@ impl VerifyReport {
 /// begins once each has stored), then stops them and returns `f`'s result with what they
 /// wrote.
 pub fn with_writers<R: Send>(region: &Region, writers: usize, f: impl FnOnce() -> R + Send) -> (R, WriteLog) {
+    run_writers::<false, R>(region, writers, f)
+}
+
+/// [`with_writers`], each store timed: the log says how long each writer's stores waited
+/// ([`Stalls`]). Timing costs each store two clock reads, so these writers store less
+/// often.
+pub fn with_timed_writers<R: Send>(region: &Region, writers: usize, f: impl FnOnce() -> R + Send) -> (R, WriteLog) {
+    run_writers::<true, R>(region, writers, f)
+}
+
+fn run_writers<const TIMED: bool, R: Send>(
+    region: &Region,
+    writers: usize,
+    f: impl FnOnce() -> R + Send,
+) -> (R, WriteLog) {
     let stop = AtomicBool::new(false);
     let started = std::sync::atomic::AtomicUsize::new(0);
     let pages = region.len() / PAGE_SIZE;
@@ -77,6 +137,8 @@ pub fn with_writers<R: Send>(region: &Region, writers: usize, f: impl FnOnce() -
                     let mut last = vec![0u64; mine.len()];
                     let mut written = vec![false; mine.len()];
                     let mut seq = 0u64;
+                    let mut waited: Vec<u64> = Vec::new();
+                    let mut longest = 0u64;
                     let tag = ((w as u64) + 1) << 48;
                     'outer: while !mine.is_empty() {
                         for (j, &word) in mine.iter().enumerate() {
@@ -85,7 +147,18 @@ pub fn with_writers<R: Send>(region: &Region, writers: usize, f: impl FnOnce() -
                             }
                             seq += 1;
                             let value = tag | seq;
-                            region.word(word).store(value, Ordering::Release);
+                            if TIMED {
+                                let t = std::time::Instant::now();
+                                region.word(word).store(value, Ordering::Release);
+                                let ns = t.elapsed().as_nanos() as u64;
+                                longest = longest.max(ns);
+                                // The first 16 Mi that waited are kept (128 MiB at most).
+                                if ns > STALL_NS && waited.len() < 1 << 24 {
+                                    waited.push(ns);
+                                }
+                            } else {
+                                region.word(word).store(value, Ordering::Release);
+                            }
                             last[j] = value;
                             written[j] = true;
                             if seq == 1 {
@@ -95,7 +168,8 @@ pub fn with_writers<R: Send>(region: &Region, writers: usize, f: impl FnOnce() -
                     }
                     let log: Vec<(usize, u64)> =
                         mine.iter().zip(&last).zip(&written).filter(|(_, w)| **w).map(|((&i, &v), _)| (i, v)).collect();
-                    WriteLog { writes: seq, last: log }
+                    let stalls = if TIMED { vec![Stalls::of(seq, waited, longest)] } else { Vec::new() };
+                    WriteLog { writes: seq, last: log, stalls }
                 })
             })
             .collect();
@@ -111,6 +185,7 @@ pub fn with_writers<R: Send>(region: &Region, writers: usize, f: impl FnOnce() -
             let part = h.join().expect("writer thread panicked");
             log.writes += part.writes;
             log.last.extend(part.last);
+            log.stalls.extend(part.stalls);
         }
         (result, log)
     })
@@ -145,6 +220,28 @@ pub fn verify(region: &Region, seed: u64, log: &WriteLog) -> VerifyReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stall_percentiles_are_of_the_stores_that_waited() {
+        assert_eq!(Stalls::of(5, Vec::new(), 900), Stalls { stores: 5, waited: 0, max_ns: 900, p999_ns: 0, p99_ns: 0 });
+        let waited: Vec<u64> = (1..=1000).rev().map(|i| i * 100_000).collect();
+        let s = Stalls::of(1_000_000, waited, 50);
+        assert_eq!((s.waited, s.max_ns, s.p999_ns, s.p99_ns), (1000, 100_000_000, 99_900_000, 99_000_000));
+    }
+
+    /// Timed writers store and time every store; untimed ones report no stalls.
+    #[test]
+    fn timed_writers_report_their_stores() {
+        let region = Region::new(1 << 20, PAGE_SIZE, None).unwrap();
+        fill(&region, 3);
+        let ((), log) = with_timed_writers(&region, 2, || std::thread::sleep(std::time::Duration::from_millis(20)));
+        assert_eq!(log.stalls.len(), 2);
+        assert_eq!(log.stalls.iter().map(|s| s.stores).sum::<u64>(), log.writes);
+        assert!(log.stalls.iter().all(|s| s.waited <= s.stores && s.p99_ns <= s.p999_ns && s.p999_ns <= s.max_ns));
+        assert!(verify(&region, 3, &log).ok());
+        let ((), plain) = with_writers(&region, 1, || ());
+        assert!(plain.stalls.is_empty());
+    }
 
     #[test]
     fn verify_catches_changed_bytes_and_lost_writes() {

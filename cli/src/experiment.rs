@@ -93,6 +93,9 @@ pub struct MoveReport {
     pub writes: u64,
     /// Writer slots not holding the last value stored.
     pub lost_writes: u64,
+    /// Per writer, how long its stores waited on the migration (stores over 10 µs: how
+    /// many, the longest, the 99.9th and 99th percentile); empty without writers.
+    pub writer_stalls: Vec<workload::Stalls>,
     /// Whether every page is on the node its folio was sent to.
     pub placement_ok: bool,
     /// Pages not on the node their folio was sent to.
@@ -429,7 +432,7 @@ pub fn run_move_observed(
         .map(|(k, &node)| (node, folios.iter().skip(k).step_by(targets.len()).copied().collect()))
         .collect();
     phase(Phase::Migrating);
-    let (result, log) = workload::with_writers(&region, cfg.writers, || {
+    let (result, log) = workload::with_timed_writers(&region, cfg.writers, || {
         if let Some(p) = &start_hook {
             p(0);
         }
@@ -480,6 +483,7 @@ pub fn run_move_observed(
         mismatched_bytes: verify.mismatched_bytes,
         writes: log.writes,
         lost_writes: verify.lost_writes,
+        writer_stalls: log.stalls.clone(),
         placement_ok: misplaced_pages == 0,
         misplaced_pages,
         placement,
@@ -613,7 +617,7 @@ pub fn run_kernel_move_observed(
         addresses.iter().map(|&a| cfg.target_of((a - region.addr()) / cfg.folio_size) as i32).collect();
     let mut status = vec![i32::MIN; addresses.len()];
     phase(Phase::Migrating);
-    let ((elapsed, calls, first_error), log) = workload::with_writers(&region, cfg.writers, || {
+    let ((elapsed, calls, first_error), log) = workload::with_timed_writers(&region, cfg.writers, || {
         let mut first_error = None;
         let mut calls = 0u64;
         if let Some(p) = &progress {
@@ -686,6 +690,7 @@ pub fn run_kernel_move_observed(
         mismatched_bytes: verify.mismatched_bytes,
         writes: log.writes,
         lost_writes: verify.lost_writes,
+        writer_stalls: log.stalls.clone(),
         placement_ok: misplaced_pages == 0,
         misplaced_pages,
         placement,

@@ -330,6 +330,30 @@ pub fn run(args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
     Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
+/// Each writer's stalls, one line each: how many of its stores waited over 10 µs, the
+/// longest, the 99.9th and 99th percentile of those.
+fn stalls(per_writer: &[pagemig::workload::Stalls]) -> String {
+    if per_writer.is_empty() {
+        return "- (no writers)".into();
+    }
+    let us = |ns: u64| format!("{:.0} µs", ns as f64 / 1e3);
+    per_writer
+        .iter()
+        .enumerate()
+        .map(|(w, s)| {
+            format!(
+                "writer {w}: {} of {} stores; max {}, p99.9 {}, p99 {}",
+                s.waited,
+                s.stores,
+                us(s.max_ns),
+                us(s.p999_ns),
+                us(s.p99_ns)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 fn print_table(r: &MoveReport, cfg: &MoveConfig) {
     let mut t = Table::new();
     t.set_header(["", "value"]);
@@ -350,6 +374,7 @@ fn print_table(r: &MoveReport, cfg: &MoveConfig) {
         ("THP folios moved", r.stats.thp_succeeded.to_string()),
         ("mismatched bytes", r.mismatched_bytes.to_string()),
         ("writes / lost writes", format!("{} / {}", r.writes, r.lost_writes)),
+        ("writer stalls (stores over 10 µs)", stalls(&r.writer_stalls)),
         (
             "placement",
             match r.misplaced_pages {

@@ -148,6 +148,16 @@ fn move_json_reports_a_verified_migration() {
         assert_eq!(v["failed_folios"], 0);
         assert_eq!(v["mismatched_bytes"], 0);
         assert_eq!(v["lost_writes"], 0);
+        // Each writer's stalls: every store counted, the percentiles of those that waited
+        // ordered, and the stores adding up to the writes.
+        let stalls = v["writer_stalls"].as_array().unwrap();
+        assert_eq!(stalls.len(), 2, "{v}");
+        let stores: u64 = stalls.iter().map(|s| s["stores"].as_u64().unwrap()).sum();
+        assert_eq!(stores, v["writes"].as_u64().unwrap());
+        for s in stalls {
+            let f = |k: &str| s[k].as_u64().unwrap();
+            assert!(f("waited") <= f("stores") && f("p99_ns") <= f("p999_ns") && f("p999_ns") <= f("max_ns"), "{s}");
+        }
         assert_eq!(v["placement_ok"], true);
         assert!(v["writes"].as_u64().unwrap() > 0);
         assert!(v["gbps"].as_f64().unwrap() > 0.0 && v["memcpy_gbps"].as_f64().unwrap() > 0.0);
