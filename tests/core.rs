@@ -135,6 +135,7 @@ fn pipe_read_into_migrating_memory_lands_in_new_page() {
     let log = WriteLog {
         writes: 512,
         last: (0..512).map(|i| (page * 512 + i, region.word(page * 512 + i).load(Ordering::Relaxed))).collect(),
+        stalls: Vec::new(),
     };
     assert!(workload::verify(&region, 9, &log).ok());
     assert_on_node(&region, node());
