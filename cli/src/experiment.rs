@@ -199,7 +199,7 @@ pub fn migrate_with_writers(
     opts: &MigrateOptions,
 ) -> Result<(MigrateStats, Option<String>, workload::WriteLog)> {
     let (result, log) =
-        workload::with_writers(region, writers, || engine.migrate_pages(folios, to_node, reason, mode, opts));
+        workload::with_timed_writers(region, writers, || engine.migrate_pages(folios, to_node, reason, mode, opts));
     match result {
         Ok(s) => Ok((s, None, log)),
         Err(Error::Partial { stats, first, .. }) => Ok((*stats, Some(first.to_string()), log)),

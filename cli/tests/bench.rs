@@ -52,6 +52,7 @@ fn bench_measures_every_experiment_and_writes_the_report() {
     cfg.sweep_migrators = vec![MigratorSpec::Cpu, MigratorSpec::Dcbm { channels: 4 }];
     cfg.scatter_folio_sizes = vec![4 << 10, 2 << 20];
     cfg.scatter_max_folios = 256;
+    cfg.writers = 1;
     let kernel = cfg.kernel_nodes.is_some();
     assert_eq!(kernel, pagemig::numa::memory_nodes().unwrap().len() >= 2);
     let started = std::sync::atomic::AtomicUsize::new(0);
@@ -109,6 +110,7 @@ fn bench_measures_every_experiment_and_writes_the_report() {
         let why = t["kernel_absent_reason"].as_str().unwrap();
         assert!(why.contains("needs two NUMA nodes with memory") && !why.contains("  "), "{why}");
     }
+    let mut timed = 0;
     for row in rows {
         let cells = row["cells"].as_array().unwrap();
         assert_eq!(cells.len(), 3);
@@ -122,8 +124,18 @@ fn bench_measures_every_experiment_and_writes_the_report() {
             assert_eq!(ms[0]["bytes"], 8 << 20);
             assert_eq!(ms[0]["mismatched_bytes"], 0);
             assert_eq!(ms[0]["placement_ok"], true);
+            // A migration under the writer reports its stalls, its every store counted (a
+            // plain copy, the yardstick rows, runs without writers).
+            if ms[0]["writes"].as_u64().unwrap() > 0 {
+                let stalls = ms[0]["writer_stalls"].as_array().unwrap();
+                assert_eq!(stalls.len(), 1, "{c}");
+                assert_eq!(stalls[0]["stores"], ms[0]["writes"], "{c}");
+                timed += 1;
+            }
         }
     }
+    // Every migrator row but the yardsticks ran under the writer.
+    assert!(timed >= 5 * 3, "{timed} cells with writer stalls");
     // The migrators really copied: dcbm's folios went through the DMA channels.
     assert_eq!(rows[3]["migrator"]["name"], "dcbm");
     for c in rows[3]["cells"].as_array().unwrap() {

@@ -192,6 +192,8 @@ pub struct Measurement {
     pub writes: u64,
     /// Writer slots not holding the last value stored.
     pub lost_writes: u64,
+    /// Per writer, how long its stores waited on the migration (`--writers`; empty without).
+    pub writer_stalls: Vec<pagemig::workload::Stalls>,
     /// Whether every page is on the node it should be on.
     pub placement_ok: bool,
     /// Batches run.
@@ -271,6 +273,7 @@ impl Measurement {
             mismatched_bytes: r.mismatched_bytes,
             writes: r.writes,
             lost_writes: r.lost_writes,
+            writer_stalls: r.writer_stalls.clone(),
             placement_ok: r.placement_ok,
             batches: r.stats.batches,
             runs: r.stats.runs,
@@ -300,6 +303,7 @@ impl Measurement {
             mismatched_bytes: 0,
             writes: 0,
             lost_writes: 0,
+            writer_stalls: Vec::new(),
             placement_ok: false,
             batches: 0,
             runs: 0,

@@ -116,6 +116,7 @@ pub fn run_scattered(engine: &Engine, cfg: &ScatterConfig, rep: usize) -> Result
         mismatched_bytes: verify.mismatched_bytes,
         writes: log.writes,
         lost_writes: verify.lost_writes,
+        writer_stalls: log.stalls.clone(),
         placement_ok,
         batches: stats.batches,
         runs: stats.runs,
