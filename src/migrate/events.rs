@@ -13,10 +13,9 @@
 //!   dead too, so that a mapping made there afterwards (by another thread, and migrated by
 //!   another call) never receives pages of the old one.
 //! - **Remap** (sent after the move): the moved part of a claim is dead at its old address;
-//!   old pages already isolated from it are copied out of their graveyard (under the lock)
-//!   and then to the new address (without it, following the memory where later events move
-//!   it on, dropped where they unmap or purge it), and the registration and protection that
-//!   travelled with the mapping are taken off there, waking its threads.
+//!   old pages already isolated from it are copied to the new address (following it where
+//!   later events move it on, dropped where they unmap or purge it), and the registration
+//!   and protection that travelled with the mapping are taken off there, waking its threads.
 //!
 //! Fault messages are read and dropped: a thread waiting on a protected or isolated page
 //! sleeps until the migration wakes it, and one that touched a never-touched page of a
@@ -34,7 +33,6 @@ use super::fork::Empty;
 use crate::backoff::Backoff;
 use crate::sys::uffd::{Event, Uffd};
 use crate::sys::{self, Errno};
-use parking_lot::MutexGuard;
 
 /// How long one poll waits, in milliseconds: the reader's delay in noticing it should stop.
 const POLL_MS: i32 = 50;
@@ -63,10 +61,10 @@ impl Reader {
                     // number: given up (see `Uffd::check`), and this thread ends.
                     Err(_) => return,
                 }
-                let claims = busy.lock();
+                let mut claims = busy.lock();
                 // Reading releases the threads the events held: under the lock.
                 match uffd.read_messages() {
-                    Ok(events) => handle_all(&uffd, &busy, claims, events),
+                    Ok(events) => handle_all(&uffd, &mut claims, events),
                     Err(_) if uffd.is_lost() => return,
                     // Not seen from a userfaultfd that polled readable; were it to happen,
                     // wait a poll's time rather than spin.
@@ -101,12 +99,8 @@ impl Drop for Reader {
 /// unmapped or purged.
 #[derive(Debug, Default)]
 struct Moved {
-    /// Old pages on their way home: `(where they go, where they are, bytes, held)`, where
-    /// they are being a graveyard or, `held`, one of `holdings` ([`detach`]).
-    homing: Vec<(usize, usize, usize, bool)>,
-    /// Copies of old pages out of their graveyards, the reader's own: a graveyard may be
-    /// freed once the claims lock is let go, a holding only when every entry is home.
-    holdings: Vec<crate::sys::mapping::Mapping>,
+    /// Old pages on their way home: `(where they go, where they are, bytes)`.
+    homing: Vec<(usize, usize, usize)>,
     /// Mappings `mremap` put elsewhere, to be released once their old pages are home.
     release: Vec<Span>,
     /// The pages of `homing`, counted empty for the fork barrier until they are home (or
@@ -120,9 +114,9 @@ impl Moved {
         let end = from + len;
         let moved = |a: usize| to + (a - from);
         let mut homing = Vec::with_capacity(self.homing.len());
-        for (dst, src, n, held) in self.homing.drain(..) {
+        for (dst, grave, n) in self.homing.drain(..) {
             for (a, b, inside) in split(dst, dst + n, from, end) {
-                homing.push((if inside { moved(a) } else { a }, src + (a - dst), b - a, held));
+                homing.push((if inside { moved(a) } else { a }, grave + (a - dst), b - a));
             }
         }
         self.homing = homing;
@@ -139,12 +133,12 @@ impl Moved {
     /// there (the program threw that memory away).
     fn discard(&mut self, start: usize, end: usize) {
         let mut homing = Vec::with_capacity(self.homing.len());
-        for (dst, src, n, held) in self.homing.drain(..) {
+        for (dst, grave, n) in self.homing.drain(..) {
             for (a, b, inside) in split(dst, dst + n, start, end) {
                 if inside {
                     self.empty.close((b - a) / sys::PAGE_SIZE);
                 } else {
-                    homing.push((a, src + (a - dst), b - a, held));
+                    homing.push((a, grave + (a - dst), b - a));
                 }
             }
         }
@@ -162,47 +156,16 @@ fn split(s: usize, e: usize, from: usize, to: usize) -> Vec<(usize, usize, bool)
 }
 
 /// Handles the events of one read, then puts the old pages they took where their memory
-/// is now and releases the moved mappings. The events are handled under the claims lock,
-/// and the old pages they take out of the claims copied out of their graveyards into
-/// holdings of the reader's before it is let go ([`detach`]): a move may free a graveyard
-/// once the lock is free. The copies home then wait on the kernel without the lock, which
-/// is taken again only to read and handle later events (and, where no holding could be
-/// made, held throughout, as the graveyard must stay).
-fn handle_all<'b>(uffd: &Uffd, busy: &'b Busy, mut claims: MutexGuard<'b, Claims>, events: Vec<Event>) {
+/// is now and releases the moved mappings. Under the claims lock, held throughout: no move
+/// may free a graveyard before its old pages are out of it.
+fn handle_all(uffd: &Uffd, claims: &mut Claims, events: Vec<Event>) {
     let mut moved = Moved::default();
     for event in events {
-        handle(&mut claims, event, &mut moved);
+        handle(claims, event, &mut moved);
     }
-    detach(&mut moved);
-    if moved.homing.iter().all(|h| h.3) {
-        drop(claims);
-        bring_home(uffd, busy, None, &mut moved);
-        claims = busy.lock();
-    } else {
-        bring_home(uffd, busy, Some(&mut claims), &mut moved);
-    }
+    bring_home(uffd, claims, &mut moved);
     for (to, end) in std::mem::take(&mut moved.release) {
-        release_moved(uffd, &mut claims, to, end);
-    }
-    drop(claims);
-    // Every entry is home or given up: the holdings go.
-    moved.holdings.clear();
-}
-
-/// Copies the old pages of every entry still in a graveyard into a holding of the
-/// reader's own. Under the claims lock: the graveyards stay until it is let go.
-fn detach(moved: &mut Moved) {
-    for h in moved.homing.iter_mut().filter(|h| !h.3) {
-        let (_, src, len, _) = *h;
-        let Ok(holding) = crate::sys::mapping::Mapping::new_own(len, sys::PAGE_SIZE) else { continue };
-        // SAFETY: `src` is a graveyard part holding the old pages of `len` bytes the claims
-        // gave up to this reader; the graveyard is not freed while the claims lock is held
-        // (every move that frees one takes it first). The holding is fresh and ours; the
-        // two do not overlap. A page the graveyard lacks reads as zeros (its fault is
-        // answered so), as a copy from it would.
-        unsafe { std::ptr::copy_nonoverlapping(src as *const u8, holding.addr() as *mut u8, len) };
-        *h = (h.0, holding.addr(), len, true);
-        moved.holdings.push(holding);
+        release_moved(uffd, claims, to, end);
     }
 }
 
@@ -222,7 +185,7 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
             let (spans, empty) = claims.take_isolated(from, from + len);
             moved.empty.merge(empty);
             for (s, e, g) in spans {
-                moved.homing.push((to + (s - from), g, e - s, false));
+                moved.homing.push((to + (s - from), g, e - s));
             }
             // A grown mapping is registered to its end.
             let end = crate::maps::vmas()
@@ -247,47 +210,32 @@ const HOMING_LIMIT: Duration = Duration::from_secs(5);
 /// the later events are read and handled meanwhile: they may move the memory on, or
 /// unmap it. What still cannot be put back is left in the graveyard, and its folios fail
 /// (they are dead).
-fn bring_home(uffd: &Uffd, busy: &Busy, mut held: Option<&mut MutexGuard<'_, Claims>>, moved: &mut Moved) {
+fn bring_home(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
     let mut backoff = Backoff::kernel().within(HOMING_LIMIT);
-    while let Some(&(dst, src, len, in_holding)) = moved.homing.first() {
-        debug_assert!(in_holding || held.is_some(), "a graveyard read without the claims lock");
-        // SAFETY: `src` holds the old pages of memory the program moved to `dst` (moved on
-        // with it by every later event): a holding of this reader's, or a graveyard while
-        // the claims lock is held; `dst` came with the registration (its accesses wait) and
-        // is empty there: it receives exactly its own data.
-        let result = unsafe { uffd.copy(dst, src, len) };
+    while let Some(&(dst, grave, len)) = moved.homing.first() {
+        // SAFETY: `grave` holds the old pages of memory the program moved to `dst` (moved
+        // on with it by every later event); that range came with the registration (its
+        // accesses wait) and is empty there: it receives exactly its own data.
+        let result = unsafe { uffd.copy(dst, grave, len) };
         let (done, errno) = match result {
             Ok(()) => (len, None),
             Err((done, errno)) => (done, Some(errno)),
         };
         moved.empty.close(done / sys::PAGE_SIZE);
-        moved.homing[0] = (dst + done, src + done, len - done, in_holding);
+        moved.homing[0] = (dst + done, grave + done, len - done);
         let retry = match errno {
             None => false,
             // `ENOENT`: the memory is gone from `dst` and the event that says where (an
             // `mremap` on, or a `munmap`) is not read yet: the kernel looks the mapping up
             // before it checks for changes in progress.
             Some(Errno::AGAIN | Errno::NOENT) => {
-                if let Some(claims) = held.as_deref_mut() {
-                    for later in uffd.read_messages().unwrap_or_default() {
-                        handle(claims, later, moved);
-                    }
-                } else {
-                    let mut claims = busy.lock();
-                    for later in uffd.read_messages().unwrap_or_default() {
-                        handle(&mut claims, later, moved);
-                    }
-                    // What the later events took leaves its graveyards before the lock goes.
-                    detach(moved);
-                    if !moved.homing.iter().all(|h| h.3) {
-                        // No holding could be made: the lock stays until all are home.
-                        return bring_home(uffd, busy, Some(&mut claims), moved);
-                    }
+                for later in uffd.read_messages().unwrap_or_default() {
+                    handle(claims, later, moved);
                 }
                 backoff.pause()
             }
             // SAFETY: as above; the pages move instead of being copied, nothing allocated.
-            Some(Errno::NOMEM) => match unsafe { uffd.move_pages(dst + done, src + done, len - done) } {
+            Some(Errno::NOMEM) => match unsafe { uffd.move_pages(dst + done, grave + done, len - done) } {
                 Ok(()) => {
                     moved.empty.close((len - done) / sys::PAGE_SIZE);
                     moved.homing[0].2 = 0;
@@ -295,7 +243,7 @@ fn bring_home(uffd: &Uffd, busy: &Busy, mut held: Option<&mut MutexGuard<'_, Cla
                 }
                 Err((more, _)) => {
                     moved.empty.close(more / sys::PAGE_SIZE);
-                    moved.homing[0] = (dst + done + more, src + done + more, len - done - more, in_holding);
+                    moved.homing[0] = (dst + done + more, grave + done + more, len - done - more);
                     backoff.pause()
                 }
             },
@@ -304,10 +252,10 @@ fn bring_home(uffd: &Uffd, busy: &Busy, mut held: Option<&mut MutexGuard<'_, Cla
         };
         if retry {
             // The entry may have moved, split or gone with the events just handled.
-            moved.homing.retain(|&(_, _, n, _)| n > 0);
+            moved.homing.retain(|&(_, _, n)| n > 0);
             continue;
         }
-        let (_, _, left, _) = moved.homing.remove(0);
+        let (_, _, left) = moved.homing.remove(0);
         moved.empty.close(left / sys::PAGE_SIZE);
     }
 }

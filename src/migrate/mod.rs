@@ -76,12 +76,11 @@
 //!
 //! Never held across: user code (`offload_copy`, the progress callback, which runs on
 //! its own thread, DMA callbacks) under any pagemig lock; an access to memory a call may
-//! have isolated under the claims. The event reader keeps the claims, of the old pages of
-//! memory the program moved with `mremap`, only while it copies them out of their
-//! graveyards into holdings of its own (a `memcpy`), and waits for the kernel to take them
-//! home without it (only where no holding can be mapped does it keep the lock throughout,
-//! up to 5 s). Known long holds: the pool's `chunks` across populating one destination;
-//! dcbm's `registered` across `unregister`'s grace period.
+//! have isolated under the claims. Known long holds: the event reader keeps the claims
+//! while it puts back the old pages of memory the program moved with `mremap` during a
+//! migration (up to 5 s, waiting out `EAGAIN` and `ENOENT` until the event that explains
+//! them is read); the pool's `chunks` across populating one
+//! destination; dcbm's `registered` across `unregister`'s grace period.
 
 mod abort;
 mod background;
