@@ -16,15 +16,16 @@ use pagemig::{Engine, Error, MigrateOptions, Mode, Reason, Region};
 
 /// Forks children in a loop while another thread migrates the region again and again;
 /// each child checks every word against the pattern and exits 0, or 1 at the first word
-/// that differs. Returns (forks, children that saw wrong data, whole migrations, folios
-/// left busy).
-fn storm(folio: usize, deferred: bool, duration: Duration) -> (u64, u64, u64, u64) {
+/// that differs. Returns (forks, children that saw wrong data, migration calls, whole
+/// migrations, folios left busy).
+fn storm(folio: usize, deferred: bool, duration: Duration) -> (u64, u64, u64, u64, u64) {
     let size = 16 << 20;
     let region = leak(Region::new(size, folio, Some(node())).unwrap());
     workload::fill(region, 1234);
     let stop = leak_flag();
     let migrations = Box::leak(Box::new(AtomicU64::new(0)));
     let busy = Box::leak(Box::new(AtomicU64::new(0)));
+    let partial = Box::leak(Box::new(AtomicU64::new(0)));
     let outcome = watchdog(duration + Duration::from_secs(60), "fork storm", move || {
         std::thread::scope(|s| {
             s.spawn(|| {
@@ -50,6 +51,7 @@ fn storm(folio: usize, deferred: bool, duration: Duration) -> (u64, u64, u64, u6
                         Err(Error::Partial { stats, .. }) => {
                             assert!(stats.failures.iter().all(|f| f.errno == libc::EBUSY), "{stats:?}");
                             busy.fetch_add(stats.failed_folios, Ordering::Relaxed);
+                            partial.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => panic!("{e}"),
                     }
@@ -88,7 +90,8 @@ fn storm(folio: usize, deferred: bool, duration: Duration) -> (u64, u64, u64, u6
                 bad += u64::from(libc::WEXITSTATUS(status) != 0);
             }
             stop.store(true, Ordering::Relaxed);
-            (forks, bad, migrations.load(Ordering::Relaxed), busy.load(Ordering::Relaxed))
+            let calls = migrations.load(Ordering::Relaxed) + partial.load(Ordering::Relaxed);
+            (forks, bad, calls, migrations.load(Ordering::Relaxed), busy.load(Ordering::Relaxed))
         })
     });
     assert!(workload::verify(region, 1234, &Default::default()).ok());
@@ -106,10 +109,10 @@ fn children_forked_during_migration_see_every_byte() {
     let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "children_forked_during_migration_see_every_byte");
     for folio in [4096, 64 << 10, 2 << 20] {
         for deferred in [true, false] {
-            let (forks, bad, migrations, busy) = storm(folio, deferred, Duration::from_secs(3));
+            let (forks, bad, migrations, whole, busy) = storm(folio, deferred, Duration::from_secs(3));
             println!(
-                "folio {folio}, deferred {deferred}: {forks} forks, {migrations} whole migrations, {busy} folios left \
-                 busy, {bad} bad children"
+                "folio {folio}, deferred {deferred}: {forks} forks, {migrations} migrations ({whole} whole), {busy} \
+                 folios left busy, {bad} bad children"
             );
             assert!(forks > 10 && migrations > 2, "too little overlap: {forks} forks, {migrations} migrations");
             assert_eq!(bad, 0, "{bad} of {forks} children saw wrong data (folio {folio}, deferred {deferred})");
