@@ -87,12 +87,25 @@ impl<T: 'static> PerProcess<T> {
         make: impl FnOnce(Option<&'static T>) -> Result<T, E>,
     ) -> Result<&'static T, E> {
         let pid = std::process::id();
+        self.make_one(|e| e.filter(|e| e.pid == pid).map(|e| &e.value), |e| make(e.map(|e| &e.value)))
+    }
+
+    /// The one-maker loop of [`PerProcess::get_or_try_init`] and [`PerProcess::replace`]:
+    /// `found` says, of the entry published now, whether it is already what the caller
+    /// wants; if not, one thread of this process makes a value from that entry with `make`
+    /// and publishes it in its place, while the others wait and look again.
+    fn make_one<E>(
+        &self,
+        found: impl Fn(Option<&'static Entry<T>>) -> Option<&'static T>,
+        make: impl FnOnce(Option<&'static Entry<T>>) -> Result<T, E>,
+    ) -> Result<&'static T, E> {
+        let pid = std::process::id();
         let mut make = Some(make);
         let mut backoff = Backoff::kernel();
         loop {
             let (current, entry) = self.entry();
-            if let Some(e) = entry.filter(|e| e.pid == pid) {
-                return Ok(&e.value);
+            if let Some(value) = found(entry) {
+                return Ok(value);
             }
             let making = self.making.load(Ordering::Acquire);
             if making != pid && self.making.compare_exchange(making, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
@@ -102,7 +115,7 @@ impl<T: 'static> PerProcess<T> {
                     continue;
                 }
                 let make = make.take().expect("made once: a failure returns");
-                let value = make(entry.map(|e| &e.value))?;
+                let value = make(entry)?;
                 if let Some(value) = self.publish(current, value) {
                     return Ok(value);
                 }
@@ -139,29 +152,13 @@ impl<T: 'static> PerProcess<T> {
         make: impl FnOnce(&'static T) -> Result<T, E>,
     ) -> Result<&'static T, E> {
         let pid = std::process::id();
-        let mut make = Some(make);
-        let mut backoff = Backoff::kernel();
-        loop {
-            let (current, entry) = self.entry();
+        self.make_one(
             // `stale` is not the value any more (or was never this process's).
-            if !entry.is_some_and(|e| e.pid == pid && std::ptr::eq(&e.value, stale)) {
-                return Ok(self.get().unwrap_or(stale));
-            }
-            let making = self.making.load(Ordering::Acquire);
-            if making != pid && self.making.compare_exchange(making, pid, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                let _done = Making(&self.making);
-                if self.current.load(Ordering::Acquire) != current {
-                    continue;
-                }
-                let make = make.take().expect("made once: a failure returns");
-                let value = make(stale)?;
-                if let Some(value) = self.publish(current, value) {
-                    return Ok(value);
-                }
-                continue;
-            }
-            backoff.pause();
-        }
+            |e| {
+                (!e.is_some_and(|e| e.pid == pid && std::ptr::eq(&e.value, stale))).then(|| self.get().unwrap_or(stale))
+            },
+            |_| make(stale),
+        )
     }
 
     /// Whether a thread of this process is making the value now.
@@ -177,6 +174,13 @@ pub(crate) struct AtFork {
     pub prepare: fn(&mut Vec<Box<dyn std::any::Any>>),
     pub parent: fn(),
     pub child: fn(),
+}
+
+impl AtFork {
+    /// A part that only holds its locks across a fork (`hold` pushes their guards).
+    pub(crate) const fn holding(hold: fn(&mut Vec<Box<dyn std::any::Any>>)) -> Self {
+        AtFork { prepare: hold, parent: nothing, child: nothing }
+    }
 }
 
 /// The parts of pagemig that act at a `fork()`, in the order their `prepare` steps run

@@ -148,11 +148,7 @@ static SOURCES: std::sync::Mutex<Vec<(&'static str, Source)>> = std::sync::Mutex
 
 /// The attributes' lock, held across every `fork()` from now on.
 fn sources() -> std::sync::MutexGuard<'static, Vec<(&'static str, Source)>> {
-    static STEP: crate::process::AtFork = crate::process::AtFork {
-        prepare: hold_for_fork,
-        parent: crate::process::nothing,
-        child: crate::process::nothing,
-    };
+    static STEP: crate::process::AtFork = crate::process::AtFork::holding(hold_for_fork);
     crate::process::at_fork(crate::process::ForkRank::Attr, &STEP);
     SOURCES.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -307,11 +307,7 @@ static DEFAULT: std::sync::Mutex<Option<Arc<Device>>> = std::sync::Mutex::new(No
 /// the lock order.
 /// Makes every `fork()` from now on hold the devices' locks.
 fn hold_at_fork() {
-    static STEP: crate::process::AtFork = crate::process::AtFork {
-        prepare: hold_for_fork,
-        parent: crate::process::nothing,
-        child: crate::process::nothing,
-    };
+    static STEP: crate::process::AtFork = crate::process::AtFork::holding(hold_for_fork);
     crate::process::at_fork(crate::process::ForkRank::Dma, &STEP);
 }
 

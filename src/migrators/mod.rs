@@ -21,11 +21,7 @@ static MTCOPY: OnceLock<Arc<mtcopy::MtCopy>> = OnceLock::new();
 /// `migrate::fork`), in the lock order.
 /// Makes every `fork()` from now on hold the migrators' locks.
 pub(crate) fn hold_at_fork() {
-    static STEP: crate::process::AtFork = crate::process::AtFork {
-        prepare: hold_for_fork,
-        parent: crate::process::nothing,
-        child: crate::process::nothing,
-    };
+    static STEP: crate::process::AtFork = crate::process::AtFork::holding(hold_for_fork);
     crate::process::at_fork(crate::process::ForkRank::Migrators, &STEP);
 }
 

@@ -319,11 +319,7 @@ pub fn registry() -> &'static Registry {
         // (The loom model's registry has loom's locks, which a fork handler does not take.)
         #[cfg(not(loom))]
         {
-            static STEP: crate::process::AtFork = crate::process::AtFork {
-                prepare: hold_for_fork,
-                parent: crate::process::nothing,
-                child: crate::process::nothing,
-            };
+            static STEP: crate::process::AtFork = crate::process::AtFork::holding(hold_for_fork);
             crate::process::at_fork(crate::process::ForkRank::Registry, &STEP);
         }
         Registry::new()
