@@ -29,6 +29,9 @@ pub(super) struct Claim {
     dead: Vec<Span>,
     /// Source start → (source end, where its old pages are).
     isolated: BTreeMap<usize, (usize, usize)>,
+    /// Old pages the program moves away go home through the event reader's holdings at
+    /// once (`FaultInjection::home_through_holdings`).
+    through_holdings: bool,
 }
 
 /// Every claim, by start address.
@@ -45,12 +48,13 @@ pub struct Busy {
 }
 
 impl Busy {
-    /// Claims `[start, end)` unless it overlaps a claimed range.
-    pub fn try_claim(&self, start: usize, end: usize) -> bool {
+    /// Claims `[start, end)` unless it overlaps a claimed range; `through_holdings` as
+    /// `FaultInjection::home_through_holdings`.
+    pub fn try_claim(&self, start: usize, end: usize, through_holdings: bool) -> bool {
         let mut claims = self.claims.lock();
         let overlaps = claims.map.range(..end).next_back().is_some_and(|(_, c)| c.end > start);
         if !overlaps {
-            claims.map.insert(start, Claim { end, ..Default::default() });
+            claims.map.insert(start, Claim { end, through_holdings, ..Default::default() });
         }
         !overlaps
     }
@@ -95,6 +99,12 @@ impl Claims {
             .collect();
         out.sort_unstable();
         out
+    }
+
+    /// Whether a claim overlapping `[start, end)` sends its old pages home through the
+    /// event reader's holdings at once.
+    pub fn through_holdings(&mut self, start: usize, end: usize) -> bool {
+        self.overlapping(start, end).any(|(_, c)| c.through_holdings)
     }
 
     /// Marks `[start, end)` dead in every claim it overlaps; returns whether any did.
@@ -179,20 +189,20 @@ mod tests {
     #[test]
     fn overlapping_claims_are_busy() {
         let b = Busy::default();
-        assert!(b.try_claim(0x1000, 0x3000));
-        assert!(!b.try_claim(0x2000, 0x4000));
-        assert!(!b.try_claim(0x0, 0x1001));
-        assert!(b.try_claim(0x3000, 0x4000));
-        assert!(b.try_claim(0x0, 0x1000));
+        assert!(b.try_claim(0x1000, 0x3000, false));
+        assert!(!b.try_claim(0x2000, 0x4000, false));
+        assert!(!b.try_claim(0x0, 0x1001, false));
+        assert!(b.try_claim(0x3000, 0x4000, false));
+        assert!(b.try_claim(0x0, 0x1000, false));
         b.release_all(&[0x1000]);
-        assert!(b.try_claim(0x2000, 0x3000));
+        assert!(b.try_claim(0x2000, 0x3000, false));
     }
 
     #[test]
     fn dead_and_isolated_spans_follow_their_claims() {
         let b = Busy::default();
-        assert!(b.try_claim(0x10000, 0x20000));
-        assert!(b.try_claim(0x20000, 0x30000));
+        assert!(b.try_claim(0x10000, 0x20000, false));
+        assert!(b.try_claim(0x20000, 0x30000, false));
         let mut c = b.lock();
         assert!(c.mark_dead(0x1f000, 0x21000));
         assert!(!c.mark_dead(0x40000, 0x41000));

@@ -47,7 +47,8 @@ impl Engine {
         let uffd = Arc::new(Uffd::open().map_err(Error::sys("userfaultfd"))?);
         let graves = Arc::new(Uffd::open_for_moves().map_err(Error::sys("userfaultfd (graveyards)"))?);
         let busy = Arc::new(Busy::default());
-        let events = events::Reader::spawn(uffd.clone(), busy.clone()).map_err(Error::sys("event reader thread"))?;
+        let events = events::Reader::spawn(uffd.clone(), graves.clone(), busy.clone())
+            .map_err(Error::sys("event reader thread"))?;
         let zerofill = zerofill::ZeroFill::spawn(graves.clone()).map_err(Error::sys("fault handler thread"))?;
         Ok(Self {
             reaper: reaper::Reaper::new(graves.clone(), DEFAULT_REAPER_BACKLOG),
@@ -210,8 +211,14 @@ impl Engine {
         // then only protect, and the program's mappings are not split batch by batch (an
         // `mremap` of a range inside one run still finds one mapping). A run that cannot
         // be registered here fails in its batches, with the error.
-        for &(s, e) in &runs {
-            let _ = self.uffd.register_missing_wp(s, e - s);
+        // Under the claims lock, as every registration with the program's userfaultfd: the
+        // event reader maps its holdings under it (see `events`), and a holding registered
+        // here would raise an event the reader itself must read when it is unmapped.
+        {
+            let _claims = self.busy.lock();
+            for &(s, e) in &runs {
+                let _ = self.uffd.register_missing_wp(s, e - s);
+            }
         }
         stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
         let plan = pipeline::Plan::new(&settings, opts, reason, &items, free);

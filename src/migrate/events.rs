@@ -13,9 +13,12 @@
 //!   dead too, so that a mapping made there afterwards (by another thread, and migrated by
 //!   another call) never receives pages of the old one.
 //! - **Remap** (sent after the move): the moved part of a claim is dead at its old address;
-//!   old pages already isolated from it are copied to the new address (following it where
-//!   later events move it on, dropped where they unmap or purge it), and the registration
-//!   and protection that travelled with the mapping are taken off there, waking its threads.
+//!   old pages already isolated from it are copied to the new address (following the
+//!   memory where later events move it on, dropped where they unmap or purge it): from
+//!   their graveyard under the lock for at most a millisecond, then out of it into holdings
+//!   of the reader's under the lock and from those without it. The registration and
+//!   protection that travelled with the mapping are then taken off there, waking its
+//!   threads.
 //!
 //! Fault messages are read and dropped: a thread waiting on a protected or isolated page
 //! sleeps until the migration wakes it, and one that touched a never-touched page of a
@@ -30,9 +33,11 @@ use std::time::Duration;
 use super::Span;
 use super::busy::{Busy, Claims};
 use super::fork::Empty;
+use super::reaper::{self, Grave};
 use crate::backoff::Backoff;
 use crate::sys::uffd::{Event, Uffd};
 use crate::sys::{self, Errno};
+use parking_lot::MutexGuard;
 
 /// How long one poll waits, in milliseconds: the reader's delay in noticing it should stop.
 const POLL_MS: i32 = 50;
@@ -45,11 +50,12 @@ pub(super) struct Reader {
 }
 
 impl Reader {
-    /// Starts reading `uffd`'s events, excluding the moves recorded in `busy`.
+    /// Starts reading `uffd`'s events, excluding the moves recorded in `busy`; the
+    /// reader's holdings are registered with `graves`, the graveyards' userfaultfd.
     ///
     /// # Errors
     /// `EAGAIN` when no thread can be started.
-    pub fn spawn(uffd: Arc<Uffd>, busy: Arc<Busy>) -> Result<Self, Errno> {
+    pub fn spawn(uffd: Arc<Uffd>, graves: Arc<Uffd>, busy: Arc<Busy>) -> Result<Self, Errno> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = crate::sys::thread::spawn("pagemig-events", move || {
@@ -61,10 +67,10 @@ impl Reader {
                     // number: given up (see `Uffd::check`), and this thread ends.
                     Err(_) => return,
                 }
-                let mut claims = busy.lock();
+                let claims = busy.lock();
                 // Reading releases the threads the events held: under the lock.
                 match uffd.read_messages() {
-                    Ok(events) => handle_all(&uffd, &mut claims, events),
+                    Ok(events) => handle_all(&Home { uffd: &uffd, graves: &graves, busy: &busy }, claims, events),
                     Err(_) if uffd.is_lost() => return,
                     // Not seen from a userfaultfd that polled readable; were it to happen,
                     // wait a poll's time rather than spin.
@@ -99,10 +105,21 @@ impl Drop for Reader {
 /// unmapped or purged.
 #[derive(Debug, Default)]
 struct Moved {
-    /// Old pages on their way home: `(where they go, where they are, bytes)`.
-    homing: Vec<(usize, usize, usize)>,
+    /// Old pages on their way home: `(where they go, where they are, bytes, held)`, where
+    /// they are being a graveyard or, `held`, one of `holdings` ([`detach`]).
+    homing: Vec<(usize, usize, usize, bool)>,
+    /// Copies of old pages out of their graveyards, the reader's own: a graveyard may be
+    /// freed once the claims lock is let go, a holding only when every entry is home.
+    /// Each is mapped under the claims lock and registered with the graveyards'
+    /// userfaultfd at once, so no migration registers it with the program's (every
+    /// registration with that one happens under the claims lock too): unmapping it
+    /// raises no event the reader itself would have to read.
+    holdings: Vec<Grave>,
     /// Mappings `mremap` put elsewhere, to be released once their old pages are home.
     release: Vec<Span>,
+    /// Whether a claim the events took old pages from sends them through holdings at once
+    /// (`FaultInjection::home_through_holdings`).
+    through_holdings: bool,
     /// The pages of `homing`, counted empty for the fork barrier until they are home (or
     /// given up): taken from the claims with the spans.
     empty: Empty,
@@ -114,9 +131,9 @@ impl Moved {
         let end = from + len;
         let moved = |a: usize| to + (a - from);
         let mut homing = Vec::with_capacity(self.homing.len());
-        for (dst, grave, n) in self.homing.drain(..) {
+        for (dst, src, n, held) in self.homing.drain(..) {
             for (a, b, inside) in split(dst, dst + n, from, end) {
-                homing.push((if inside { moved(a) } else { a }, grave + (a - dst), b - a));
+                homing.push((if inside { moved(a) } else { a }, src + (a - dst), b - a, held));
             }
         }
         self.homing = homing;
@@ -133,16 +150,26 @@ impl Moved {
     /// there (the program threw that memory away).
     fn discard(&mut self, start: usize, end: usize) {
         let mut homing = Vec::with_capacity(self.homing.len());
-        for (dst, grave, n) in self.homing.drain(..) {
+        for (dst, src, n, held) in self.homing.drain(..) {
             for (a, b, inside) in split(dst, dst + n, start, end) {
                 if inside {
                     self.empty.close((b - a) / sys::PAGE_SIZE);
                 } else {
-                    homing.push((a, grave + (a - dst), b - a));
+                    homing.push((a, src + (a - dst), b - a, held));
                 }
             }
         }
         self.homing = homing;
+    }
+}
+
+impl Moved {
+    /// Gives up the old pages still on their way home: they stay where they are and go
+    /// with their graveyard or holding (the memory's folios fail: the program moved them).
+    fn give_up(&mut self) {
+        for (_, _, n, _) in self.homing.drain(..) {
+            self.empty.close(n / sys::PAGE_SIZE);
+        }
     }
 }
 
@@ -155,17 +182,77 @@ fn split(s: usize, e: usize, from: usize, to: usize) -> Vec<(usize, usize, bool)
     [(s, a, false), (a, b, true), (b, e, false)].into_iter().filter(|&(x, y, _)| x < y).collect()
 }
 
+/// What the reader puts old pages home with: the program's userfaultfd (copies into the
+/// memory it moved), the graveyards' (holdings) and the claims.
+struct Home<'r> {
+    uffd: &'r Uffd,
+    graves: &'r Uffd,
+    busy: &'r Busy,
+}
+
+/// How long the old pages of moved memory are first offered to the kernel under the claims
+/// lock, straight from their graveyards: the program's thread is usually done with its
+/// `mremap` by then, and the pages go home without a copy of the reader's.
+const HOMING_LOCKED: Duration = Duration::from_millis(1);
+
 /// Handles the events of one read, then puts the old pages they took where their memory
-/// is now and releases the moved mappings. Under the claims lock, held throughout: no move
-/// may free a graveyard before its old pages are out of it.
-fn handle_all(uffd: &Uffd, claims: &mut Claims, events: Vec<Event>) {
+/// is now and releases the moved mappings. The events are handled under the claims lock,
+/// and the old pages first offered to the kernel under it ([`HOMING_LOCKED`]). What the
+/// kernel does not take by then is copied out of its graveyards into holdings of the
+/// reader's before the lock is let go ([`detach`]): a move may free a graveyard once the
+/// lock is free. The copies home then wait on the kernel without the lock, which is taken
+/// again only to read and handle later events (and, where no holding could be made, held
+/// throughout, as the graveyard must stay).
+fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: Vec<Event>) {
     let mut moved = Moved::default();
     for event in events {
-        handle(claims, event, &mut moved);
+        handle(&mut claims, event, &mut moved);
     }
-    bring_home(uffd, claims, &mut moved);
+    if !moved.through_holdings {
+        bring_home(home, Some(&mut claims), &mut moved, Backoff::kernel().within(HOMING_LOCKED));
+    }
+    if !moved.homing.is_empty() {
+        detach(home, &mut moved);
+        let limit = Backoff::kernel().within(HOMING_LIMIT);
+        if moved.homing.iter().all(|h| h.3) {
+            drop(claims);
+            bring_home(home, None, &mut moved, limit);
+            claims = home.busy.lock();
+        } else {
+            bring_home(home, Some(&mut claims), &mut moved, limit);
+        }
+        moved.give_up();
+    }
     for (to, end) in std::mem::take(&mut moved.release) {
-        release_moved(uffd, claims, to, end);
+        release_moved(home.uffd, &mut claims, to, end);
+    }
+    drop(claims);
+    // Every entry is home or given up: the holdings go.
+    for holding in moved.holdings.drain(..) {
+        reaper::free(home.graves, &holding);
+    }
+}
+
+/// Copies the old pages of every entry still in a graveyard into a holding of the
+/// reader's own. Under the claims lock: the graveyards stay until it is let go, and no
+/// migration registers the holding with the program's userfaultfd before it is registered
+/// with the graveyards'.
+fn detach(home: &Home<'_>, moved: &mut Moved) {
+    for h in moved.homing.iter_mut().filter(|h| !h.3) {
+        let (_, src, len, _) = *h;
+        let Ok(holding) = reaper::reserve(home.graves, len, src, false) else { continue };
+        // SAFETY: `src` is a graveyard part holding the old pages of `len` bytes the claims
+        // gave up to this reader; the graveyard is not freed while the claims lock is held
+        // (every move that frees one takes it first). The holding is fresh, ours, empty and
+        // registered with `graves` in missing mode: it receives exactly these bytes. A page
+        // the graveyard lacks reads as zeros (its fault is answered so), as a copy from it
+        // would.
+        if unsafe { home.graves.copy(holding.addr(), src, len) }.is_err() {
+            reaper::free(home.graves, &holding);
+            continue;
+        }
+        *h = (h.0, holding.addr(), len, true);
+        moved.holdings.push(holding);
     }
 }
 
@@ -182,10 +269,11 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
         Event::Remap { from, to, len } => {
             claims.mark_dead(from, from + len);
             moved.follow(from, to, len);
+            moved.through_holdings |= claims.through_holdings(from, from + len);
             let (spans, empty) = claims.take_isolated(from, from + len);
             moved.empty.merge(empty);
             for (s, e, g) in spans {
-                moved.homing.push((to + (s - from), g, e - s));
+                moved.homing.push((to + (s - from), g, e - s, false));
             }
             // A grown mapping is registered to its end.
             let end = crate::maps::vmas()
@@ -201,41 +289,68 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
 /// up (the memory's folios fail in any case: the program moved them).
 const HOMING_LIMIT: Duration = Duration::from_secs(5);
 
-/// Puts the old pages in `moved` where the program moved their memory: copied, not moved,
-/// for a copy into the graveyard's destination may be reading them right now; moved where
-/// a page cannot be allocated (`ENOMEM`), as nothing will use that destination any more
-/// (the memory's folios are dead). While the kernel refuses (`EAGAIN`: the program's
-/// thread finishing its `mremap`, or a later event unread, which holds every copy back;
-/// `ENOENT`: the memory moved on or unmapped, its event not read yet),
-/// the later events are read and handled meanwhile: they may move the memory on, or
-/// unmap it. What still cannot be put back is left in the graveyard, and its folios fail
-/// (they are dead).
-fn bring_home(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
-    let mut backoff = Backoff::kernel().within(HOMING_LIMIT);
-    while let Some(&(dst, grave, len)) = moved.homing.first() {
-        // SAFETY: `grave` holds the old pages of memory the program moved to `dst` (moved
-        // on with it by every later event); that range came with the registration (its
-        // accesses wait) and is empty there: it receives exactly its own data.
-        let result = unsafe { uffd.copy(dst, grave, len) };
+/// Puts the old pages in `moved` where the program moved their memory, until `backoff`
+/// runs out: copied, not moved, for a copy into a graveyard's destination may be reading
+/// them right now; moved where a page cannot be allocated (`ENOMEM`), as nothing will use
+/// that destination any more (the memory's folios are dead). While the kernel refuses
+/// (`EAGAIN`: the program's thread finishing its `mremap`, or a later event unread, which
+/// holds every copy back; `ENOENT`: the memory moved on or unmapped, its event not read
+/// yet), the later events are read and handled meanwhile: they may move the memory on, or
+/// unmap it. An entry the kernel refuses for another reason is given up; what is left
+/// when `backoff` runs out stays in `moved` (see [`Moved::give_up`]).
+///
+/// `claims` is the claims lock where the caller holds it: an entry still in a graveyard is
+/// read only under it. Without it, the lock is taken to read and handle later events, and
+/// what those take is detached before it goes; where that fails, the lock is kept.
+fn bring_home<'b>(
+    home: &Home<'b>,
+    mut claims: Option<&mut MutexGuard<'_, Claims>>,
+    moved: &mut Moved,
+    mut backoff: Backoff,
+) {
+    let mut taken: Option<MutexGuard<'b, Claims>> = None;
+    while let Some(&(dst, src, len, in_holding)) = moved.homing.first() {
+        debug_assert!(in_holding || claims.is_some() || taken.is_some(), "a graveyard read without the claims lock");
+        // SAFETY: `src` holds the old pages of memory the program moved to `dst` (moved on
+        // with it by every later event): a holding of this reader's, or a graveyard while
+        // the claims lock is held; `dst` came with the registration (its accesses wait) and
+        // is empty there: it receives exactly its own data.
+        let result = unsafe { home.uffd.copy(dst, src, len) };
         let (done, errno) = match result {
             Ok(()) => (len, None),
             Err((done, errno)) => (done, Some(errno)),
         };
         moved.empty.close(done / sys::PAGE_SIZE);
-        moved.homing[0] = (dst + done, grave + done, len - done);
+        moved.homing[0] = (dst + done, src + done, len - done, in_holding);
         let retry = match errno {
             None => false,
             // `ENOENT`: the memory is gone from `dst` and the event that says where (an
             // `mremap` on, or a `munmap`) is not read yet: the kernel looks the mapping up
             // before it checks for changes in progress.
             Some(Errno::AGAIN | Errno::NOENT) => {
-                for later in uffd.read_messages().unwrap_or_default() {
-                    handle(claims, later, moved);
+                let held: &mut Claims = match claims.as_deref_mut() {
+                    Some(c) => c,
+                    None => taken.get_or_insert_with(|| home.busy.lock()),
+                };
+                for later in home.uffd.read_messages().unwrap_or_default() {
+                    handle(held, later, moved);
                 }
-                backoff.pause()
+                if claims.is_none() {
+                    // What the later events took leaves its graveyards before the lock goes;
+                    // where no holding can be made, the lock stays until all are home.
+                    detach(home, moved);
+                    if moved.homing.iter().all(|h| h.3) {
+                        taken = None;
+                    }
+                }
+                if !backoff.pause() {
+                    moved.homing.retain(|&(_, _, n, _)| n > 0);
+                    return;
+                }
+                true
             }
             // SAFETY: as above; the pages move instead of being copied, nothing allocated.
-            Some(Errno::NOMEM) => match unsafe { uffd.move_pages(dst + done, grave + done, len - done) } {
+            Some(Errno::NOMEM) => match unsafe { home.uffd.move_pages(dst + done, src + done, len - done) } {
                 Ok(()) => {
                     moved.empty.close((len - done) / sys::PAGE_SIZE);
                     moved.homing[0].2 = 0;
@@ -243,8 +358,12 @@ fn bring_home(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
                 }
                 Err((more, _)) => {
                     moved.empty.close(more / sys::PAGE_SIZE);
-                    moved.homing[0] = (dst + done + more, grave + done + more, len - done - more);
-                    backoff.pause()
+                    moved.homing[0] = (dst + done + more, src + done + more, len - done - more, in_holding);
+                    if !backoff.pause() {
+                        moved.homing.retain(|&(_, _, n, _)| n > 0);
+                        return;
+                    }
+                    true
                 }
             },
             // Unmapped meanwhile with no event left unread (`ENOENT`), or given up.
@@ -252,10 +371,10 @@ fn bring_home(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
         };
         if retry {
             // The entry may have moved, split or gone with the events just handled.
-            moved.homing.retain(|&(_, _, n)| n > 0);
+            moved.homing.retain(|&(_, _, n, _)| n > 0);
             continue;
         }
-        let (_, _, left) = moved.homing.remove(0);
+        let (_, _, left, _) = moved.homing.remove(0);
         moved.empty.close(left / sys::PAGE_SIZE);
     }
 }

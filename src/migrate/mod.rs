@@ -76,10 +76,14 @@
 //!
 //! Never held across: user code (`offload_copy`, the progress callback, which runs on
 //! its own thread, DMA callbacks) under any pagemig lock; an access to memory a call may
-//! have isolated under the claims. Known long holds: the event reader keeps the claims
-//! while it puts back the old pages of memory the program moved with `mremap` during a
-//! migration (up to 5 s, waiting out `EAGAIN` and `ENOENT` until the event that explains
-//! them is read); the pool's `chunks` across populating one
+//! have isolated under the claims. The event reader keeps the claims, of the old pages of
+//! memory the program moved with `mremap`, for at most a millisecond of offering them to
+//! the kernel from their graveyards, then only while it copies what is left into holdings
+//! of its own; it waits for the kernel to take those home without the lock (only where no
+//! holding can be mapped does it keep the lock throughout, up to 5 s). Every registration
+//! with the program's userfaultfd happens under the claims, and never where the program
+//! purged, unmapped or moved claimed memory, so a holding (mapped under the claims) is
+//! never registered with it. Known long holds: the pool's `chunks` across populating one
 //! destination; dcbm's `registered` across `unregister`'s grace period.
 
 mod abort;

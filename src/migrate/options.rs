@@ -28,6 +28,12 @@ pub struct FaultInjection {
     /// Make the move of the runs holding these folios fail as a refused move would
     /// (indices as above): their folios are undone and reported as failed.
     pub fail_move: Vec<usize>,
+    /// Where the program moves memory of this call (`mremap`) whose old pages are isolated,
+    /// the event reader copies them into holdings of its own at once and puts them home
+    /// from there without the claims lock, as it does when the kernel has not taken them
+    /// from their graveyards within a millisecond (the program's thread slow to finish its
+    /// `mremap`).
+    pub home_through_holdings: bool,
 }
 
 /// A callback told the number of bytes moved so far.
@@ -198,6 +204,7 @@ impl MigrateOptions {
                 delay_folio_copy: None,
                 delay_move: None,
                 fail_move: Vec::new(),
+                home_through_holdings: false,
             };
             &NONE
         }

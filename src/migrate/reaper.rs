@@ -87,43 +87,13 @@ impl Reaper {
         Self { uffd, tx: Mutex::new(tx), pending, limit }
     }
 
-    /// Maps a graveyard of `len` bytes whose start is congruent to `phase` modulo 2 MiB, so
-    /// that moving pages into it moves whole page tables, registered in missing mode; locked
-    /// on fault where the source is locked (a move needs both alike).
+    /// Maps a graveyard of `len` bytes whose start is congruent to `phase` modulo 2 MiB
+    /// ([`reserve`]).
     ///
     /// # Errors
     /// The errno of mapping, registering or locking it.
     pub fn reserve(&self, len: usize, phase: usize, locked: bool) -> Result<Grave, Errno> {
-        let total = len + sys::HPAGE_SIZE;
-        let raw = sys::mmap_anon(total)?;
-        // pagemig's own memory (the padding unmapped below is disclaimed with it).
-        crate::sys::own::claim(raw, total);
-        let mut g = (raw & !(sys::HPAGE_SIZE - 1)) + (phase & (sys::HPAGE_SIZE - 1));
-        if g < raw {
-            g += sys::HPAGE_SIZE;
-        }
-        // SAFETY: the padding on either side lies in the mapping just made, which nothing
-        // else knows of.
-        unsafe {
-            if g > raw {
-                let _ = sys::munmap(raw, g - raw);
-            }
-            if raw + total > g + len {
-                let _ = sys::munmap(g + len, raw + total - (g + len));
-            }
-        }
-        // INVARIANT: a fresh private anonymous read-write mapping of ours.
-        let grave = Grave { addr: g, len };
-        // Not inherited by a child: its pages stay this process's own (movable back).
-        let setup = sys::madvise(g, len, sys::Advice::NoHugePage)
-            .and_then(|()| sys::madvise(g, len, sys::Advice::DontFork))
-            .and_then(|()| self.uffd.register_missing(g, len))
-            .and_then(|()| if locked { sys::mlock_onfault(g, len) } else { Ok(()) });
-        if let Err(e) = setup {
-            free(&self.uffd, &grave);
-            return Err(e);
-        }
-        Ok(grave)
+        reserve(&self.uffd, len, phase, locked)
     }
 
     /// The userfaultfd graveyards are registered with: moves into a graveyard go through it.
@@ -167,7 +137,49 @@ impl Reaper {
     }
 }
 
-fn free(uffd: &Uffd, g: &Grave) {
+/// Maps a graveyard of `len` bytes whose start is congruent to `phase` modulo 2 MiB, so
+/// that moving pages into it moves whole page tables, registered in missing mode with
+/// `uffd` (the graveyards' userfaultfd), locked on fault where the source is locked (a
+/// move needs both alike). Registered with that userfaultfd, it cannot be registered with
+/// the program's (`EBUSY`), whatever range a migration registers later.
+///
+/// # Errors
+/// The errno of mapping, registering or locking it.
+pub(super) fn reserve(uffd: &Uffd, len: usize, phase: usize, locked: bool) -> Result<Grave, Errno> {
+    let total = len + sys::HPAGE_SIZE;
+    let raw = sys::mmap_anon(total)?;
+    // pagemig's own memory (the padding unmapped below is disclaimed with it).
+    crate::sys::own::claim(raw, total);
+    let mut g = (raw & !(sys::HPAGE_SIZE - 1)) + (phase & (sys::HPAGE_SIZE - 1));
+    if g < raw {
+        g += sys::HPAGE_SIZE;
+    }
+    // SAFETY: the padding on either side lies in the mapping just made, which nothing
+    // else knows of.
+    unsafe {
+        if g > raw {
+            let _ = sys::munmap(raw, g - raw);
+        }
+        if raw + total > g + len {
+            let _ = sys::munmap(g + len, raw + total - (g + len));
+        }
+    }
+    // INVARIANT: a fresh private anonymous read-write mapping of ours.
+    let grave = Grave { addr: g, len };
+    // Not inherited by a child: its pages stay this process's own (movable back).
+    let setup = sys::madvise(g, len, sys::Advice::NoHugePage)
+        .and_then(|()| sys::madvise(g, len, sys::Advice::DontFork))
+        .and_then(|()| uffd.register_missing(g, len))
+        .and_then(|()| if locked { sys::mlock_onfault(g, len) } else { Ok(()) });
+    if let Err(e) = setup {
+        free(uffd, &grave);
+        return Err(e);
+    }
+    Ok(grave)
+}
+
+/// Frees a graveyard registered with `uffd`.
+pub(super) fn free(uffd: &Uffd, g: &Grave) {
     // Unregistered first (missing mode alone: no page walk), so the discard raises no event.
     let _ = uffd.unregister(g.addr, g.len);
     // SAFETY: a graveyard holds only pages moved out of replaced sources, or nothing; it is

@@ -12,6 +12,7 @@ impl Call<'_> {
     /// another call.
     pub(super) fn claim(&self, batch: &[Item]) -> (Vec<Item>, Vec<usize>, Vec<Held>) {
         let busy = &self.engine.busy;
+        let holdings = self.opts.faults().home_through_holdings;
         let (mut claimed, mut claims, mut held) = (Vec::with_capacity(batch.len()), Vec::new(), Vec::new());
         let mut i = 0;
         while i < batch.len() {
@@ -20,12 +21,12 @@ impl Call<'_> {
                 j += 1;
             }
             let (start, end) = (batch[i].folio.addr(), batch[j - 1].folio.end());
-            if busy.try_claim(start, end) {
+            if busy.try_claim(start, end, holdings) {
                 claims.push(start);
                 claimed.extend_from_slice(&batch[i..j]);
             } else {
                 for item in &batch[i..j] {
-                    if busy.try_claim(item.folio.addr(), item.folio.end()) {
+                    if busy.try_claim(item.folio.addr(), item.folio.end(), holdings) {
                         claims.push(item.folio.addr());
                         claimed.push(*item);
                     } else {

@@ -43,7 +43,17 @@ impl<'a> Call<'a> {
         // Registered with the call (then this changes nothing), missing mode too: once its
         // old pages are isolated, every access to it waits. The call checked the memory
         // before it began: a refusal now means the program unmapped or changed it meanwhile.
-        uffd.register_missing_wp(start, len).map_err(|_| (CHANGED, Errno::FAULT))?;
+        // Under the claims lock, and not where the program purged, unmapped or moved the
+        // memory (what is mapped there now is not the program's old memory: another
+        // mapping of its, or a holding of the event reader's, which must never be
+        // registered with this userfaultfd; see `events`).
+        {
+            let mut claims = self.engine.busy.lock();
+            if !claims.dead_in(start, end).is_empty() {
+                return Err((GONE, Errno::NOENT));
+            }
+            uffd.register_missing_wp(start, len).map_err(|_| (CHANGED, Errno::FAULT))?;
+        }
         if uffd.writeprotect(start, len, true).is_err() {
             let _ = uffd.unregister(start, len);
             return Err((CHANGED, Errno::FAULT));
