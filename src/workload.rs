@@ -47,26 +47,38 @@ pub struct WriteLog {
 pub const STALL_NS: u64 = 10_000;
 
 /// How long one writer's stores waited: the stores that took longer than [`STALL_NS`],
-/// and the largest, 99.9th and 99th percentile of their durations.
+/// told apart by what the writer's thread did meanwhile (its context switches, read after
+/// each such store): those during which it slept or ran in the kernel (a fault on memory
+/// the migration protected or isolated, the mmap lock) *waited on memory*; those during
+/// which it was only preempted (another thread took its CPU, the machine's load rather than
+/// the migration) are counted apart. Max, 99.9th and 99th percentile are of the stores
+/// that waited on memory.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Stalls {
     /// Stores made.
     pub stores: u64,
-    /// Stores that took longer than [`STALL_NS`].
+    /// Stores that took longer than [`STALL_NS`] waiting on memory.
     pub waited: u64,
-    /// The longest store, nanoseconds (whether or not it waited).
+    /// The longest store that waited on memory, nanoseconds (0 when none did).
     pub max_ns: u64,
-    /// The 99.9th percentile of the stores that waited, nanoseconds (0 when none did).
+    /// The 99.9th percentile of the stores that waited on memory, nanoseconds (0 when none
+    /// did).
     pub p999_ns: u64,
-    /// The 99th percentile of the stores that waited, nanoseconds (0 when none did).
+    /// The 99th percentile of the stores that waited on memory, nanoseconds (0 when none
+    /// did).
     pub p99_ns: u64,
+    /// Stores that took longer than [`STALL_NS`] because the writer was preempted.
+    pub preempted: u64,
+    /// The longest of those, nanoseconds.
+    pub preempted_max_ns: u64,
 }
 
 impl Stalls {
-    /// The figures of `stores` stores, the longest `longest` ns, of which those in `waited`
-    /// (nanoseconds each) took longer than [`STALL_NS`].
-    pub fn of(stores: u64, mut waited: Vec<u64>, longest: u64) -> Self {
+    /// The figures of `stores` stores, of which those in `waited` (nanoseconds each) took
+    /// longer than [`STALL_NS`] waiting on memory and those in `preempted` took that long
+    /// because the writer was preempted.
+    pub fn of(stores: u64, mut waited: Vec<u64>, preempted: &[u64]) -> Self {
         waited.sort_unstable();
         let at = |q: f64| -> u64 {
             if waited.is_empty() {
@@ -78,12 +90,32 @@ impl Stalls {
         Stalls {
             stores,
             waited: waited.len() as u64,
-            max_ns: longest.max(waited.last().copied().unwrap_or(0)),
+            max_ns: waited.last().copied().unwrap_or(0),
             p999_ns: at(0.999),
             p99_ns: at(0.99),
+            preempted: preempted.len() as u64,
+            preempted_max_ns: preempted.iter().copied().max().unwrap_or(0),
         }
     }
+
+    /// The stalls of several writers as one: counts summed, the largest of each figure (a
+    /// bound on the percentile of the stores of all of them together).
+    pub fn worst(all: &[Stalls]) -> Stalls {
+        all.iter().fold(Stalls::default(), |a, s| Stalls {
+            stores: a.stores + s.stores,
+            waited: a.waited + s.waited,
+            max_ns: a.max_ns.max(s.max_ns),
+            p999_ns: a.p999_ns.max(s.p999_ns),
+            p99_ns: a.p99_ns.max(s.p99_ns),
+            preempted: a.preempted + s.preempted,
+            preempted_max_ns: a.preempted_max_ns.max(s.preempted_max_ns),
+        })
+    }
 }
+
+/// How many stores a timed writer makes between two reads of its context switches, at
+/// most: a preemption between stores is told from one during a store only this finely.
+const SWITCHES_EVERY: u64 = 256;
 
 /// The outcome of [`verify`].
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -138,7 +170,8 @@ fn run_writers<const TIMED: bool, R: Send>(
                     let mut written = vec![false; mine.len()];
                     let mut seq = 0u64;
                     let mut waited: Vec<u64> = Vec::new();
-                    let mut longest = 0u64;
+                    let mut preempted: Vec<u64> = Vec::new();
+                    let mut switches = if TIMED { crate::sys::context_switches() } else { (0, 0) };
                     let tag = ((w as u64) + 1) << 48;
                     'outer: while !mine.is_empty() {
                         for (j, &word) in mine.iter().enumerate() {
@@ -151,10 +184,15 @@ fn run_writers<const TIMED: bool, R: Send>(
                                 let t = std::time::Instant::now();
                                 region.word(word).store(value, Ordering::Release);
                                 let ns = t.elapsed().as_nanos() as u64;
-                                longest = longest.max(ns);
-                                // The first 16 Mi that waited are kept (128 MiB at most).
-                                if ns > STALL_NS && waited.len() < 1 << 24 {
-                                    waited.push(ns);
+                                if ns > STALL_NS || seq % SWITCHES_EVERY == 0 {
+                                    let now = crate::sys::context_switches();
+                                    let (slept, lost_cpu) = (now.0 > switches.0, now.1 > switches.1);
+                                    switches = now;
+                                    // The first 16 Mi of each kind are kept (128 MiB at most).
+                                    let kind = if lost_cpu && !slept { &mut preempted } else { &mut waited };
+                                    if ns > STALL_NS && kind.len() < 1 << 24 {
+                                        kind.push(ns);
+                                    }
                                 }
                             } else {
                                 region.word(word).store(value, Ordering::Release);
@@ -168,7 +206,7 @@ fn run_writers<const TIMED: bool, R: Send>(
                     }
                     let log: Vec<(usize, u64)> =
                         mine.iter().zip(&last).zip(&written).filter(|(_, w)| **w).map(|((&i, &v), _)| (i, v)).collect();
-                    let stalls = if TIMED { vec![Stalls::of(seq, waited, longest)] } else { Vec::new() };
+                    let stalls = if TIMED { vec![Stalls::of(seq, waited, &preempted)] } else { Vec::new() };
                     WriteLog { writes: seq, last: log, stalls }
                 })
             })
@@ -223,10 +261,16 @@ mod tests {
 
     #[test]
     fn stall_percentiles_are_of_the_stores_that_waited() {
-        assert_eq!(Stalls::of(5, Vec::new(), 900), Stalls { stores: 5, waited: 0, max_ns: 900, p999_ns: 0, p99_ns: 0 });
+        assert_eq!(Stalls::of(5, Vec::new(), &[]), Stalls { stores: 5, ..Default::default() });
         let waited: Vec<u64> = (1..=1000).rev().map(|i| i * 100_000).collect();
-        let s = Stalls::of(1_000_000, waited, 50);
+        let s = Stalls::of(1_000_000, waited, &[20_000, 900_000_000]);
         assert_eq!((s.waited, s.max_ns, s.p999_ns, s.p99_ns), (1000, 100_000_000, 99_900_000, 99_000_000));
+        assert_eq!((s.preempted, s.preempted_max_ns), (2, 900_000_000));
+        let w = Stalls::worst(&[s.clone(), Stalls::of(10, vec![200_000_000], &[])]);
+        assert_eq!(
+            (w.stores, w.waited, w.max_ns, w.p999_ns, w.preempted),
+            (1_000_010, 1001, 200_000_000, 200_000_000, 2)
+        );
     }
 
     /// Timed writers store and time every store; untimed ones report no stalls.

@@ -330,28 +330,28 @@ pub fn run(args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
     Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
-/// Each writer's stalls, one line each: how many of its stores waited over 10 µs, the
-/// longest, the 99.9th and 99th percentile of those.
+/// Each writer's stalls, one line each: how many of its stores waited on memory over 10 µs,
+/// the longest, the 99.9th and 99th percentile of those, and how many were only preempted.
 fn stalls(per_writer: &[pagemig::workload::Stalls]) -> String {
     if per_writer.is_empty() {
         return "- (no writers)".into();
     }
+    per_writer.iter().enumerate().map(|(w, s)| format!("writer {w}: {}", stall_line(s))).collect::<Vec<_>>().join("\n")
+}
+
+/// One writer's (or several writers' worst) stalls in words.
+pub fn stall_line(s: &pagemig::workload::Stalls) -> String {
     let us = |ns: u64| format!("{:.0} µs", ns as f64 / 1e3);
-    per_writer
-        .iter()
-        .enumerate()
-        .map(|(w, s)| {
-            format!(
-                "writer {w}: {} of {} stores; max {}, p99.9 {}, p99 {}",
-                s.waited,
-                s.stores,
-                us(s.max_ns),
-                us(s.p999_ns),
-                us(s.p99_ns)
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    format!(
+        "{} of {} stores waited on memory; max {}, p99.9 {}, p99 {}; {} preempted (max {})",
+        s.waited,
+        s.stores,
+        us(s.max_ns),
+        us(s.p999_ns),
+        us(s.p99_ns),
+        s.preempted,
+        us(s.preempted_max_ns)
+    )
 }
 
 fn print_table(r: &MoveReport, cfg: &MoveConfig) {

@@ -76,3 +76,19 @@ pub fn pin_to_cpu(cpu: usize) -> Result<(), Errno> {
     set.set(cpu);
     rustix::thread::sched_setaffinity(None, &set)
 }
+
+/// How often the calling thread has been switched out: `(voluntary, involuntary)`. A
+/// voluntary switch is a sleep (a fault waiting on userfaultfd, a lock); an involuntary one
+/// is a preemption (another thread took the CPU). `(0, 0)` if the kernel does not say.
+pub fn context_switches() -> (u64, u64) {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: `getrusage` writes one `rusage` into the buffer, which is large enough; a
+    // failure leaves it zeroed.
+    let usage = unsafe {
+        if libc::getrusage(libc::RUSAGE_THREAD, usage.as_mut_ptr()) != 0 {
+            return (0, 0);
+        }
+        usage.assume_init()
+    };
+    (usage.ru_nvcsw as u64, usage.ru_nivcsw as u64)
+}

@@ -500,13 +500,23 @@ impl Uffd {
     }
 
     /// Unregisters `[start, start + len)` (`UFFDIO_UNREGISTER`), which also clears any write
-    /// protection left on it.
+    /// protection left on it, then wakes every thread still waiting on a fault there
+    /// (`UFFDIO_WAKE`).
+    ///
+    /// The kernel wakes the range's waiters itself, but before it write-locks each mapping:
+    /// a fault taken under the mapping's own lock (not the mmap lock) that saw the range
+    /// registered and queued itself just after that wake would sleep for ever, as nothing
+    /// wakes a fault of a range no longer registered. Such a fault is queued by the time
+    /// the unregistering returns (it held the mapping's lock until then), so the wake after
+    /// it finds it.
     ///
     /// # Errors
-    /// The `UFFDIO_UNREGISTER` errno.
+    /// The `UFFDIO_UNREGISTER` errno (the wake is made in any case).
     pub fn unregister(&self, start: usize, len: usize) -> Result<(), Errno> {
         let mut r = range(start, len);
-        self.ioctl(UNREGISTER, &mut r)
+        let result = self.ioctl(UNREGISTER, &mut r);
+        let _ = self.wake(start, len);
+        result
     }
 
     /// Write-protects (`protect = true`) or unprotects `[start, start + len)`

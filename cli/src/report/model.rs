@@ -356,6 +356,9 @@ pub struct Cell {
     pub offloaded_folios: u64,
     /// Folios that fell back to the per-folio CPU copy, over all repetitions that passed.
     pub fallback_folios: u64,
+    /// The writers' stalls over every repetition that passed, the worst of each figure
+    /// ([`pagemig::workload::Stalls::worst`]); `None` without writers.
+    pub writer_stalls: Option<pagemig::workload::Stalls>,
     /// Every repetition.
     pub measurements: Vec<Measurement>,
 }
@@ -372,6 +375,10 @@ impl Cell {
             critical_path_gbps: Summary::of(&good.iter().filter_map(|m| m.critical_path_gbps).collect::<Vec<_>>()),
             offloaded_folios: good.iter().map(|m| m.offloaded_folios).sum(),
             fallback_folios: good.iter().map(|m| m.fallback_folios).sum(),
+            writer_stalls: {
+                let all: Vec<_> = good.iter().flat_map(|m| m.writer_stalls.iter().cloned()).collect();
+                (!all.is_empty()).then(|| pagemig::workload::Stalls::worst(&all))
+            },
             measurements,
         }
     }

@@ -279,6 +279,65 @@ fn throughput_table(t: &Throughput, end_to_end: bool, report: &BenchReport) -> T
     TextTable { title, header, rows, notes, conclusions: Vec::new() }
 }
 
+/// A cell of writer stalls: the longest / 99.9th / 99th percentile store that waited on
+/// memory, µs, and how many of the stores did.
+fn stall_cell(cell: &Cell) -> TableCell {
+    if !cell.ok {
+        let n = cell.measurements.len();
+        return TableCell::failed(format!("FAILED {}/{n}", cell.failed_reps));
+    }
+    match &cell.writer_stalls {
+        None => TableCell::new("-"),
+        Some(s) => TableCell::new(format!(
+            "{} / {} / {} ({} of {})",
+            micros(s.max_ns as f64 / 1e3),
+            micros(s.p999_ns as f64 / 1e3),
+            micros(s.p99_ns as f64 / 1e3),
+            s.waited,
+            s.stores
+        )),
+    }
+}
+
+/// What the stall figures mean, for the notes of a table that shows them.
+fn stall_note(writers: usize) -> String {
+    format!(
+        "Writer stall: {writers} writer thread(s) store into every page of the region in a loop while it migrates;          a store that took over 10 µs waiting on memory (the migration's protection or isolation) stalled. Shown:          the longest / 99.9th / 99th percentile of those, µs, and how many of all stores stalled, the worst of each          figure over the writers and repetitions. Stores during which a writer was only preempted (its CPU taken          by another thread) are left out and counted in report.json (preempted)."
+    )
+}
+
+/// Experiment 1's writer stalls, when it ran with writers: one cell per migrator and folio
+/// size.
+fn stall_table(t: &Throughput, report: &BenchReport) -> Option<TextTable> {
+    let writers = report.config.writers;
+    let rows: Vec<Vec<TableCell>> = t
+        .rows
+        .iter()
+        .filter(|row| row.cells.iter().any(|c| c.writer_stalls.is_some()))
+        .map(|row| {
+            let mut cells = vec![TableCell::new(row.migrator.to_string())];
+            cells.extend(row.cells.iter().map(stall_cell));
+            cells
+        })
+        .collect();
+    if writers == 0 || rows.is_empty() {
+        return None;
+    }
+    let mut header = vec!["migrator".to_string()];
+    header.extend(t.folio_sizes.iter().map(|&f| folio_label(f)));
+    Some(TextTable {
+        title: format!(
+            "Writer stall (µs: max / p99.9 / p99 of the stores that waited, and how many did), {} moved, batch ≤ {}              pages, {writers} writer(s)",
+            short_size(t.bytes),
+            t.batch_pages
+        ),
+        header,
+        rows,
+        notes: vec![stall_note(writers)],
+        conclusions: Vec::new(),
+    })
+}
+
 fn sweep_tables(s: &Sweep, report: &BenchReport) -> Vec<TextTable> {
     let mut out = Vec::new();
     for folio in s.folio_sizes() {
@@ -292,10 +351,14 @@ fn sweep_tables(s: &Sweep, report: &BenchReport) -> Vec<TextTable> {
                 short_size(s.bytes),
                 runs(report.config.sweep_reps)
             );
+            let stalls = report.config.writers > 0;
             let mut header = vec!["N (pages)".to_string()];
             for m in &migrators {
                 header.push(format!("{m} GB/s"));
                 header.push(format!("{m} first µs"));
+                if stalls {
+                    header.push(format!("{m} stall µs"));
+                }
             }
             let mut rows = Vec::new();
             for &batch in &s.batch_pages {
@@ -306,6 +369,9 @@ fn sweep_tables(s: &Sweep, report: &BenchReport) -> Vec<TextTable> {
                             let n = p.cell.measurements.len();
                             row.push(TableCell::failed(format!("FAILED {}/{n}", p.cell.failed_reps)));
                             row.push(TableCell::failed("-"));
+                            if stalls {
+                                row.push(TableCell::failed("-"));
+                            }
                         }
                         Some(p) => {
                             row.push(
@@ -317,10 +383,16 @@ fn sweep_tables(s: &Sweep, report: &BenchReport) -> Vec<TextTable> {
                                 (Some(a), Some(b)) => format!("{} / {}", micros(a), micros(b)),
                                 _ => "-".into(),
                             }));
+                            if stalls {
+                                row.push(stall_cell(&p.cell));
+                            }
                         }
                         None => {
                             row.push(TableCell::new("-"));
                             row.push(TableCell::new("-"));
+                            if stalls {
+                                row.push(TableCell::new("-"));
+                            }
                         }
                     }
                 }
@@ -335,6 +407,9 @@ fn sweep_tables(s: &Sweep, report: &BenchReport) -> Vec<TextTable> {
             "First-folio latency: from the start of a batch's unmap phase until its first folio is writable again."
                 .into(),
         );
+        if report.config.writers > 0 {
+            last.notes.push(stall_note(report.config.writers));
+        }
         if noisy {
             last.notes.push(noisy_note());
         }
@@ -418,7 +493,8 @@ pub fn tables(report: &BenchReport) -> Vec<TextTable> {
         tables
     };
     if let Some(t) = &report.throughput {
-        let both = vec![throughput_table(t, true, report), throughput_table(t, false, report)];
+        let mut both = vec![throughput_table(t, true, report), throughput_table(t, false, report)];
+        both.extend(stall_table(t, report));
         out.extend(with(both, concluded.throughput));
     }
     if let Some(s) = &report.sweep {
@@ -531,6 +607,36 @@ mod tests {
         assert_eq!(wrap("one two three four", 9, "> "), "> one two\n> three\n> four\n");
         assert_eq!(micros(253.4), "253");
         assert_eq!(micros(12.34), "12.3");
+    }
+
+    /// With writers, experiment 1 gets a table of their stalls, each cell the worst figures
+    /// over its repetitions; without, none.
+    #[test]
+    fn writer_stalls_get_a_table_of_their_own() {
+        use crate::report::model::sample::{report, throughput};
+        use pagemig::workload::Stalls;
+
+        let mut t = throughput(&[4096, 2 << 20], &[(MigratorSpec::Cpu, vec![2.0, 8.0])]);
+        assert!(tables(&report(Some(t.clone()), None, None)).iter().all(|t| !t.title.starts_with("Writer stall")));
+        for (k, cell) in t.rows[0].cells.iter_mut().enumerate() {
+            let mut ms = cell.measurements.clone();
+            for (rep, m) in ms.iter_mut().enumerate() {
+                let worst = 100_000 * (k as u64 + 1) * (rep as u64 + 1);
+                m.writer_stalls =
+                    vec![Stalls::of(1000, vec![20_000, worst], &[5_000_000]), Stalls::of(500, vec![30_000], &[])];
+            }
+            *cell = Cell::of(ms);
+        }
+        let mut r = report(Some(t), None, None);
+        r.config.writers = 2;
+        let all = tables(&r);
+        let stall = all.iter().find(|t| t.title.starts_with("Writer stall")).expect("a stall table");
+        assert_eq!(stall.header, ["migrator", "4K", "2M"]);
+        // Three repetitions of two writers: 3 × (1000 + 500) stores, 3 × 3 waited; the worst
+        // store 300 µs at 4 KiB, 600 µs at 2 MiB; the preempted 5 ms store left out.
+        assert_eq!(stall.rows[0][1].text, "300 / 300 / 300 (9 of 4500)");
+        assert_eq!(stall.rows[0][2].text, "600 / 600 / 600 (9 of 4500)");
+        assert!(stall.notes[0].starts_with("Writer stall: 2 writer thread(s)"));
     }
 
     #[test]
