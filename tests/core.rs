@@ -89,6 +89,42 @@ fn writers_lose_nothing_over_repeated_migrations() {
     assert_on_node(&region, node());
 }
 
+/// A piece budget (`migrate/piece_budget_us`) cuts the pipelined copy of a large batch into
+/// more, smaller pieces, each moved on its own, and a timed writer loses nothing; both folio
+/// sizes. 50 µs is less than any piece of 512 KiB or more takes here, so every piece is of
+/// the smallest size: one 2 MiB folio, or 128 base pages.
+#[test]
+fn a_piece_budget_cuts_the_pipelined_copy_into_smaller_pieces() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "a_piece_budget_cuts_the_pipelined_copy_into_smaller_pieces");
+    for folio in [4096, 2 << 20] {
+        let mut runs = Vec::new();
+        for budget in [0, 50] {
+            let region = Region::new(32 << 20, folio, Some(node())).unwrap();
+            workload::fill(&region, 9);
+            let opts = MigrateOptions::default().max_batch_pages(8192).piece_budget_us(budget);
+            let (stats, log) = workload::with_timed_writers(&region, 1, || {
+                Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+            });
+            let stats = stats.unwrap();
+            assert_eq!((stats.succeeded_folios, stats.failed_folios), ((32 << 20) / folio as u64, 0));
+            let report = workload::verify(&region, 9, &log);
+            assert!(report.ok(), "folio {folio}, budget {budget} µs: {report:?}");
+            assert_eq!(log.stalls.len(), 1);
+            assert_on_node(&region, node());
+            runs.push(stats.runs + stats.mover_runs);
+        }
+        eprintln!("folio {folio}: runs moved without a budget and with 50 µs: {runs:?}");
+        // Without a budget: pieces of 2, 2, 4, 8 and 16 MiB.
+        assert!(runs[1] >= 2 * runs[0], "folio {folio}: runs moved without a budget and with: {runs:?}");
+    }
+    let e = Engine::global()
+        .unwrap()
+        .migrate_pages(&[], node(), Reason::Syscall, Mode::Sync, &MigrateOptions::default().piece_budget_us(10))
+        .unwrap_err();
+    assert!(e.to_string().contains("piece_budget_us"), "{e}");
+}
+
 #[test]
 fn pipe_read_into_migrating_memory_lands_in_new_page() {
     let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "pipe_read_into_migrating_memory_lands_in_new_page");

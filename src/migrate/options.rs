@@ -74,6 +74,9 @@ pub struct MigrateOptions {
     /// Let the mover copy base pages of mappings without a memory policy of their own
     /// straight into their source (`None`: the engine's setting, `migrate/copy_in`).
     pub copy_in: Option<bool>,
+    /// Bound on how long the program's threads wait on one piece of the pipelined CPU
+    /// copy, µs (`None`: the engine's setting, `migrate/piece_budget_us`; 0 for none).
+    pub piece_budget_us: Option<usize>,
     /// Failures to inject (with the `internals` feature: pagemig's own tests).
     #[cfg(feature = "internals")]
     pub fault: FaultInjection,
@@ -97,6 +100,7 @@ impl std::fmt::Debug for MigrateOptions {
             .field("mover", &self.mover)
             .field("fill_empty", &self.fill_empty)
             .field("copy_in", &self.copy_in)
+            .field("piece_budget_us", &self.piece_budget_us)
             .field("progress", &self.progress.is_some())
             .field("cancel", &self.cancel)
             .field("deadline", &self.deadline)
@@ -109,6 +113,14 @@ impl MigrateOptions {
     #[must_use]
     pub fn max_batch_pages(mut self, pages: usize) -> Self {
         self.max_batch_pages = Some(pages);
+        self
+    }
+
+    /// Bounds how long the program's threads may wait on one piece of the pipelined CPU
+    /// copy, in µs (0 for no bound; else checked when the call begins: 50 ..= 100000).
+    #[must_use]
+    pub fn piece_budget_us(mut self, us: usize) -> Self {
+        self.piece_budget_us = Some(us);
         self
     }
 

@@ -133,6 +133,15 @@ settings! {
     /// default: no faster than filling an empty destination (the copies in take the claims
     /// lock, fills do not), and its first folio waits longer.
     copy_in: bool = false, accepts "0 or 1", valid |_| true;
+    /// Bounds how long the program's threads may wait on one piece of the pipelined CPU
+    /// copy, in microseconds: a piece is cut where isolating and copying it would take
+    /// longer, at the pace of the pieces before it (down to 512 KiB). 0: pieces grow to
+    /// 16 MiB, the fastest. A thread that touches a page being migrated waits for its
+    /// whole piece; with batches larger than 2 MiB, a bound of a few hundred µs keeps
+    /// that wait under a millisecond, for a part of the throughput (smaller pieces, more
+    /// system calls).
+    piece_budget_us: usize = 0,
+        accepts "0 (no bound) or an integer from 50 to 100000", valid |n| n == 0 || (50..=100_000).contains(&n);
 }
 
 /// An engine's settings, read and written from any thread without a lock (a forked child
@@ -196,7 +205,7 @@ mod tests {
     #[test]
     fn every_setting_has_an_attribute_that_reads_what_it_writes() {
         let mut s = Settings::default();
-        assert_eq!(SETTING_ATTRS.len(), 6);
+        assert_eq!(SETTING_ATTRS.len(), 7);
         for attr in SETTING_ATTRS {
             assert!(attr.path.starts_with("migrate/"));
             let value = if attr.accepts == "0 or 1" { "0" } else { "77" };

@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::time::Instant;
 
 use super::MigrateInfo;
-use super::{BatchState, CPU_PIECE_MAX, Call, dispatch};
+use super::{BatchState, CPU_PIECE_MAX, Call, PIECE_MIN, dispatch};
 use crate::copy::{CopyPair, Dst, folios_copy_each};
 use crate::offload::Batch;
 use crate::pool::Dest;
@@ -27,17 +27,27 @@ impl<'a> Call<'a> {
     /// batch costs O(log n) moves), each protected and isolated just before its copy and
     /// moved as soon as it is copied. The CPU copy's pieces stop growing at
     /// [`CPU_PIECE_MAX`]: its moves queue on the mover thread, and the next batch's first
-    /// piece must not wait behind a huge one. A migrator gets each piece as a batch of its
-    /// own and reports its parts as they complete.
+    /// piece must not wait behind a huge one. With a budget (`migrate/piece_budget_us`)
+    /// they also stop where isolating and copying one would take longer than it at the pace
+    /// of the pieces before it (down to [`PIECE_MIN`]): a thread of the program that touches
+    /// a page of a piece waits for the whole piece. A migrator gets each piece as a batch of its own and
+    /// reports its parts as they complete.
     pub(super) fn copy_pieces(&mut self, st: &mut BatchState, live: &[usize]) {
         let mut at = 0;
         let mut done_bytes = 0;
+        // Bytes isolated and copied by the CPU so far, and how long that took.
+        let (mut paced_bytes, mut paced_ns) = (0usize, 0u64);
         while at < live.len() && !self.abort.is_set() {
             let piece = if self.plan.offload {
                 HPAGE_SIZE.max(done_bytes)
             } else {
-                HPAGE_SIZE.max(done_bytes).min(CPU_PIECE_MAX)
+                let budget = self.plan.piece_budget.filter(|_| paced_ns > 0).map(|budget| {
+                    let bytes = paced_bytes as u128 * budget.as_nanos() / u128::from(paced_ns);
+                    usize::try_from(bytes).unwrap_or(usize::MAX).max(PIECE_MIN)
+                });
+                HPAGE_SIZE.max(done_bytes).min(CPU_PIECE_MAX).min(budget.unwrap_or(usize::MAX))
             };
+            let piece_started = Instant::now();
             let size = |k: usize| st.slots[live[k]].item.folio.size();
             let mut end = at + 1;
             let mut bytes = size(at);
@@ -88,6 +98,8 @@ impl<'a> Call<'a> {
             // nothing else refers to; the two never overlap.
             let ok = unsafe { folios_copy_each(&protected, &kinds) }.is_ok();
             self.tally.stats.copy_ns += t.elapsed().as_nanos() as u64;
+            paced_bytes += bytes;
+            paced_ns += piece_started.elapsed().as_nanos() as u64;
             if ok {
                 self.tally.stats.batch_copied_folios += protected.len() as u64;
                 for &i in &live[at..end] {

@@ -66,6 +66,9 @@ pub(super) struct Plan {
     pub copy_in: bool,
     /// How destinations are populated.
     pub populate: Populate,
+    /// How long isolating and copying one piece of the pipelined CPU copy may take, at the
+    /// pace of the pieces before it (`migrate/piece_budget_us`).
+    pub piece_budget: Option<Duration>,
 }
 
 impl Plan {
@@ -99,6 +102,8 @@ impl Plan {
             // hold up its moves, where the node has free memory for twice the call beyond
             // its reserve (see `Populate`).
             populate: if threaded && free >= 2 * bytes as u64 { Populate::Touch } else { Populate::Madvise },
+            piece_budget: (settings.piece_budget_us > 0)
+                .then(|| Duration::from_micros(settings.piece_budget_us as u64)),
         }
     }
 
@@ -420,6 +425,10 @@ impl Drop for BatchGuard<'_> {
 
 /// The largest piece of the pipelined CPU copy.
 const CPU_PIECE_MAX: usize = 16 << 20;
+
+/// The smallest piece [`Plan::piece_budget`] may ask for: below it, each piece's own
+/// system calls cost more than the wait they save.
+const PIECE_MIN: usize = 512 << 10;
 
 /// What a folio whose mapping the program unmapped or changed after the call began fails
 /// with.
