@@ -80,6 +80,7 @@ pub fn pin_to_cpu(cpu: usize) -> Result<(), Errno> {
 /// How often the calling thread has been switched out: `(voluntary, involuntary)`. A
 /// voluntary switch is a sleep (a fault waiting on userfaultfd, a lock); an involuntary one
 /// is a preemption (another thread took the CPU). `(0, 0)` if the kernel does not say.
+#[cfg(any(test, feature = "internals"))]
 pub fn context_switches() -> (u64, u64) {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: `getrusage` writes one `rusage` into the buffer, which is large enough; a
