@@ -34,10 +34,34 @@ pub(super) struct Claim {
     through_holdings: bool,
 }
 
-/// Every claim, by start address.
+/// Every claim, by start address, and the runs of every call in progress.
 #[derive(Debug, Default)]
 pub(super) struct Claims {
     map: BTreeMap<usize, Claim>,
+    /// The runs of each call in progress (sorted), registered with the program's
+    /// userfaultfd as it began, by call number: a call that ends leaves them registered
+    /// for the others.
+    calls: BTreeMap<u64, Vec<Span>>,
+    next_call: u64,
+}
+
+/// `pieces` (sorted, disjoint) less what `runs` (sorted, disjoint) cover.
+fn subtract(pieces: &[Span], runs: &[Span]) -> Vec<Span> {
+    let mut out = Vec::with_capacity(pieces.len());
+    for &(s, e) in pieces {
+        let mut at = s;
+        let first = runs.partition_point(|&(_, re)| re <= s);
+        for &(rs, re) in runs[first..].iter().take_while(|&&(rs, _)| rs < e) {
+            if rs > at {
+                out.push((at, rs));
+            }
+            at = at.max(re);
+        }
+        if at < e {
+            out.push((at, e));
+        }
+    }
+    out
 }
 
 /// The set of address ranges being migrated.
@@ -133,6 +157,30 @@ impl Claims {
         out
     }
 
+    /// Records the runs of a call that begins (registered as it begins); returns its number.
+    pub fn begin_call(&mut self, mut runs: Vec<Span>) -> u64 {
+        runs.sort_unstable();
+        let id = self.next_call;
+        self.next_call += 1;
+        self.calls.insert(id, runs);
+        id
+    }
+
+    /// Forgets the runs of call `id`, which ends; returns them.
+    pub fn end_call(&mut self, id: u64) -> Vec<Span> {
+        self.calls.remove(&id).unwrap_or_default()
+    }
+
+    /// The parts of `[start, end)` that no claim covers and no call in progress registered
+    /// ([`Claims::begin_call`]): where the registration may be taken off.
+    pub fn unused_in(&mut self, start: usize, end: usize) -> Vec<Span> {
+        let mut out = self.unclaimed_in(start, end);
+        for runs in self.calls.values() {
+            out = subtract(&out, runs);
+        }
+        out
+    }
+
     /// Records that the old pages of `[start, end)` now lie at `grave`.
     pub fn add_isolated(&mut self, start: usize, end: usize, grave: usize, empty: Empty) {
         // The pages are counted empty for the fork barrier until they leave the claims.
@@ -185,6 +233,19 @@ impl Claims {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn registration_stays_where_another_call_or_claim_needs_it() {
+        let mut c = Claims::default();
+        let a = c.begin_call(vec![(0x10000, 0x20000)]);
+        let b = c.begin_call(vec![(0x18000, 0x1a000), (0x1c000, 0x30000)]);
+        c.map.insert(0x11000, Claim { end: 0x12000, ..Default::default() });
+        assert_eq!(c.end_call(a), [(0x10000, 0x20000)]);
+        assert_eq!(c.unused_in(0x10000, 0x20000), [(0x10000, 0x11000), (0x12000, 0x18000), (0x1a000, 0x1c000)]);
+        assert_eq!(c.end_call(b).len(), 2);
+        assert_eq!(c.unused_in(0x1c000, 0x30000), [(0x1c000, 0x30000)]);
+        assert!(c.end_call(b).is_empty());
+    }
 
     #[test]
     fn overlapping_claims_are_busy() {

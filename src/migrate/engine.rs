@@ -209,17 +209,28 @@ impl Engine {
         let register_start = Instant::now();
         // Every run registered once, up front, in missing and write-protect mode: batches
         // then only protect, and the program's mappings are not split batch by batch (an
-        // `mremap` of a range inside one run still finds one mapping). A run that cannot
-        // be registered here fails in its batches, with the error.
-        // Under the claims lock, as every registration with the program's userfaultfd: the
-        // event reader maps its holdings under it (see `events`), and a holding registered
-        // here would raise an event the reader itself must read when it is unmapped.
-        {
-            let _claims = self.busy.lock();
+        // `mremap` of a range inside one run still finds one mapping). A folio that cannot
+        // be registered here, or whose mapping the program replaces later, fails in its
+        // batch: its protection is refused.
+        // A run that spans a mapping that cannot be registered (another userfaultfd's, say)
+        // is registered folio by folio: its other folios still move.
+        // Under the claims lock: this is the only registration with the program's
+        // userfaultfd, and the event reader maps its holdings under the lock (see
+        // `events`): a holding registered here would raise an event the reader itself
+        // must read when it is unmapped.
+        let call = {
+            let mut claims = self.busy.lock();
             for &(s, e) in &runs {
-                let _ = self.uffd.register_missing_wp(s, e - s);
+                if self.uffd.register_missing_wp(s, e - s).is_err() {
+                    let first = items.partition_point(|it| it.folio.end() <= s);
+                    for it in items[first..].iter().take_while(|it| it.folio.addr() < e) {
+                        let _ = self.uffd.register_missing_wp(it.folio.addr(), it.folio.size());
+                    }
+                }
             }
-        }
+            // Kept registered for this call when another ends.
+            claims.begin_call(runs.clone())
+        };
         stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
         let plan = pipeline::Plan::new(&settings, opts, reason, &items, free);
         let mut tally = Tally { stats, first_error: None };
@@ -283,7 +294,7 @@ impl Engine {
         let Tally { mut stats, first_error } = tally;
         // Registration off, for the runs' every page that is not another call's now.
         let folio_at = |a: usize| items_size_at(folios, a);
-        mover::unregister_runs(self, &runs, folio_at);
+        mover::unregister_runs(self, call, folio_at);
         // The migration itself ends here; what follows frees old pages off its path.
         stats.critical_ns = (register_start.elapsed().as_nanos() as u64).saturating_sub(stats.prepare_ns);
         if plan.deferred {

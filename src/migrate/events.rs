@@ -380,9 +380,10 @@ fn bring_home<'b>(
 }
 
 /// Takes registration and protection off `[to, end)`, the mapping `mremap` put there,
-/// except where it meets a range still claimed; unregistering wakes its threads.
+/// except where it meets a range still claimed or a call in progress registered;
+/// unregistering wakes its threads.
 fn release_moved(uffd: &Uffd, claims: &mut Claims, to: usize, end: usize) {
-    for (s, e) in claims.unclaimed_in(to, end) {
+    for (s, e) in claims.unused_in(to, end) {
         let _ = uffd.unregister(s, e - s);
     }
 }

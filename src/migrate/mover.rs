@@ -281,10 +281,10 @@ pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
 /// another call has claimed part of one (that call's registration is the same one). Under
 /// the claims lock, so no claim begins meanwhile. A run the program split or unmapped is
 /// unregistered folio by folio.
-pub(super) fn unregister_runs(engine: &Engine, runs: &[super::Span], folio_size: impl Fn(usize) -> usize) {
+pub(super) fn unregister_runs(engine: &Engine, call: u64, folio_size: impl Fn(usize) -> usize) {
     let mut claims = engine.busy.lock();
-    for &(start, end) in runs {
-        for (s, e) in claims.unclaimed_in(start, end) {
+    for (start, end) in claims.end_call(call) {
+        for (s, e) in claims.unused_in(start, end) {
             if engine.uffd.unregister(s, e - s).is_err() {
                 let step = folio_size(s);
                 for a in (s..e).step_by(step) {

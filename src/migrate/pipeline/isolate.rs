@@ -32,7 +32,11 @@ impl<'a> Call<'a> {
         self.tally.stats.unmap_ns += t.elapsed().as_nanos() as u64;
     }
 
-    /// Registers and write-protects `[start, end)`.
+    /// Write-protects `[start, end)`, which the call registered as it began. Where the
+    /// program unmapped, replaced or moved part of it since, that part is registered no
+    /// more (a mapping made there is not the program's old memory, and is never
+    /// registered: it may be a holding of the event reader's, see `events`), and the
+    /// protection is refused.
     fn protect(&self, start: usize, end: usize) -> Result<(), (&'static str, Errno)> {
         let uffd = &self.engine.uffd;
         let len = end - start;
@@ -40,25 +44,12 @@ impl<'a> Call<'a> {
             // Without WP_UNPOPULATED a never-touched page is not protected: touch it first.
             sys::madvise(start, len, Advice::PopulateWrite).map_err(|e| ("populate source", e))?;
         }
-        // Registered with the call (then this changes nothing), missing mode too: once its
-        // old pages are isolated, every access to it waits. The call checked the memory
-        // before it began: a refusal now means the program unmapped or changed it meanwhile.
-        // Under the claims lock, and not where the program purged, unmapped or moved the
-        // memory (what is mapped there now is not the program's old memory: another
-        // mapping of its, or a holding of the event reader's, which must never be
-        // registered with this userfaultfd; see `events`).
-        {
-            let mut claims = self.engine.busy.lock();
-            if !claims.dead_in(start, end).is_empty() {
-                return Err((GONE, Errno::NOENT));
-            }
-            uffd.register_missing_wp(start, len).map_err(|_| (CHANGED, Errno::FAULT))?;
-        }
-        if uffd.writeprotect(start, len, true).is_err() {
-            let _ = uffd.unregister(start, len);
-            return Err((CHANGED, Errno::FAULT));
-        }
-        Ok(())
+        uffd.writeprotect(start, len, true).map_err(|_| {
+            // The kernel protects mapping by mapping and stops at the first it may not: the
+            // protection of the ones before is taken off again (waking their writers).
+            let _ = uffd.writeprotect(start, len, false);
+            (CHANGED, Errno::FAULT)
+        })
     }
 
     /// Protects and isolates the contiguous items `items` of one run; where the stretch
