@@ -287,7 +287,35 @@ pub fn throughput(t: &Throughput) -> Vec<String> {
         text[..1].make_ascii_uppercase();
         out.push(format!("{text}."));
     }
+    out.extend(stalls(t));
     out
+}
+
+/// Where the writers waited longest and least, when the experiment ran with writers.
+fn stalls(t: &Throughput) -> Option<String> {
+    let mut all: Vec<(MigratorSpec, u64, &pagemig::workload::Stalls)> = t
+        .rows
+        .iter()
+        .filter(|r| !r.migrator.is_yardstick())
+        .flat_map(|r| {
+            r.cells.iter().zip(&t.folio_sizes).filter(|(c, _)| c.ok).filter_map(move |(c, &folio)| {
+                c.writer_stalls.as_ref().filter(|s| s.stores > 0).map(|s| (r.migrator, folio, s))
+            })
+        })
+        .collect();
+    all.sort_by_key(|&(_, _, s)| s.max_ns);
+    let (&(least_m, least_f, least), &(most_m, most_f, most)) = (all.first()?, all.last()?);
+    let us = |ns: u64| micros(ns as f64 / 1e3);
+    Some(format!(
+        "Writers waited longest under {most_m} at {} (a store waited up to {}, p99 {}) and least under {least_m} at \
+         {} (up to {}): a store that touches a migrating page waits until its piece has moved \
+         (migrate/piece_budget_us bounds a piece by time, for a part of the throughput).",
+        short_size(most_f),
+        us(most.max_ns),
+        us(most.p99_ns),
+        short_size(least_f),
+        us(least.max_ns),
+    ))
 }
 
 fn mode(pipelined: bool) -> &'static str {
@@ -571,6 +599,28 @@ mod tests {
         assert!(c[1].contains("preparing the destinations takes 60 % of its call (a DMA channel"), "{}", c[1]);
         assert!(c[2].contains("make cpu 2.00–2.40× as fast, so a program that migrates again and again"), "{}", c[2]);
         assert!(c[2].contains("batches here hold up to 262144 pages") && c[2].contains("(5 % of cpu's call at 2M)"));
+    }
+
+    #[test]
+    fn names_where_writers_waited() {
+        use pagemig::workload::Stalls;
+        let mut t = sample_throughput(&SIZES[..2], &rows([2.0, 3.0, 0.0], [1.0, 1.5, 0.0], [2.0, 3.0, 0.0]));
+        assert_eq!(throughput(&t).iter().filter(|c| c.starts_with("Writers")).count(), 0);
+        for (r, row) in t.rows.iter_mut().enumerate() {
+            for (i, cell) in row.cells.iter_mut().enumerate() {
+                let worst = 100_000 * (r as u64 + 1) * (i as u64 + 1);
+                cell.writer_stalls = Some(Stalls::of(1000, vec![20_000, worst], &[]));
+            }
+        }
+        let c = throughput(&t);
+        // The memcpy yardstick (row 3) is no migration; dcbm (row 2) at 64K waits longest.
+        assert!(
+            c.last().unwrap().starts_with(
+                "Writers waited longest under dcbm 4 ch at 64K (a store waited up to 600 µs, p99 600 µs) and least \
+                 under cpu at 4K (up to 100 µs)"
+            ),
+            "{c:?}"
+        );
     }
 
     #[test]
