@@ -50,10 +50,19 @@ struct limits_side {
     int *nodes, *status;
 };
 
-/* Arrays of `n` entries over LIMITS_PAGES pages of fresh memory, each entry to `node`. */
+/* Arrays of `n` entries over LIMITS_PAGES pages of fresh memory on `node`, each entry to
+ * `node`. The pages are put on `node` by the kernel first: the thread may have run on
+ * another node's CPU when it touched them, and the two calls compared must start alike. */
 static struct limits_side limits_side(size_t n, int node) {
     char *mem = mmap(NULL, LIMITS_PAGES * limits_page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     memset(mem, 9, LIMITS_PAGES * limits_page);
+    void *home[LIMITS_PAGES];
+    int to[LIMITS_PAGES], got[LIMITS_PAGES];
+    for (int k = 0; k < LIMITS_PAGES; k++) {
+        home[k] = mem + k * limits_page;
+        to[k] = node;
+    }
+    limits_kernel(LIMITS_PAGES, home, to, got, 0);
     struct limits_side s = {limits_at_end(n, sizeof(void *)), limits_at_end(n, sizeof(int)), limits_at_end(n, sizeof(int))};
     for (size_t i = 0; i < n; i++) {
         s.pages[i] = mem + (i % LIMITS_PAGES) * limits_page;
@@ -96,8 +105,11 @@ static void limits_child(move_pages_fn tested, const char *what, unsigned long c
     long rb = limits_kernel(count, b.pages, b.nodes, b.status, 0);
     int eb = rb < 0 ? errno : 0;
     size_t differ = 0;
-    for (size_t i = 0; i < n; i++)
+    for (size_t i = 0; i < n; i++) {
+        if (a.status[i] != b.status[i] && differ < 5)
+            printf("  entry %zu differs: pagemig %d, kernel %d\n", i, a.status[i], b.status[i]);
         differ += a.status[i] != b.status[i];
+    }
     printf("%-44s pagemig %ld errno %-3d | kernel %ld errno %-3d | %zu status entries, %zu differ: %s\n", what, ra, ea, rb,
            eb, n, differ, ra == rb && ea == eb && differ == 0 ? "same" : "DIFFERENT");
     fflush(stdout);
