@@ -339,8 +339,8 @@ fn stalls(per_writer: &[pagemig::workload::Stalls]) -> String {
     per_writer.iter().enumerate().map(|(w, s)| format!("writer {w}: {}", stall_line(s))).collect::<Vec<_>>().join("\n")
 }
 
-/// One writer's (or several writers' worst) stalls in words.
-pub fn stall_line(s: &pagemig::workload::Stalls) -> String {
+/// One writer's stalls in words.
+fn stall_line(s: &pagemig::workload::Stalls) -> String {
     let us = |ns: u64| format!("{:.0} µs", ns as f64 / 1e3);
     format!(
         "{} of {} stores waited on memory; max {}, p99.9 {}, p99 {}; {} preempted (max {})",

@@ -142,7 +142,7 @@ impl Claims {
     }
 
     /// The parts of `[start, end)` that no claim covers, in address order.
-    pub fn unclaimed_in(&mut self, start: usize, end: usize) -> Vec<Span> {
+    fn unclaimed_in(&mut self, start: usize, end: usize) -> Vec<Span> {
         let mut at = start;
         let mut out = Vec::new();
         for (s, c) in self.overlapping(start, end) {

@@ -209,11 +209,10 @@ impl Engine {
         let register_start = Instant::now();
         // Every run registered once, up front, in missing and write-protect mode: batches
         // then only protect, and the program's mappings are not split batch by batch (an
-        // `mremap` of a range inside one run still finds one mapping). A folio that cannot
-        // be registered here, or whose mapping the program replaces later, fails in its
-        // batch: its protection is refused.
-        // A run that spans a mapping that cannot be registered (another userfaultfd's, say)
-        // is registered folio by folio: its other folios still move.
+        // `mremap` of a range inside one run still finds one mapping). A run that spans a
+        // mapping that cannot be registered (another userfaultfd's, say) is registered
+        // folio by folio; a folio that cannot be, or whose mapping the program replaces
+        // later, fails in its batch: its protection is refused.
         // Under the claims lock: this is the only registration with the program's
         // userfaultfd, and the event reader maps its holdings under the lock (see
         // `events`): a holding registered here would raise an event the reader itself

@@ -161,9 +161,13 @@ impl Moved {
         }
         self.homing = homing;
     }
-}
 
-impl Moved {
+    /// Whether every entry on its way home is in a holding (none is read from a
+    /// graveyard, which needs the claims lock).
+    fn all_held(&self) -> bool {
+        self.homing.iter().all(|h| h.3)
+    }
+
     /// Gives up the old pages still on their way home: they stay where they are and go
     /// with their graveyard or holding (the memory's folios fail: the program moved them).
     fn give_up(&mut self) {
@@ -214,7 +218,7 @@ fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: V
     if !moved.homing.is_empty() {
         detach(home, &mut moved);
         let limit = Backoff::kernel().within(HOMING_LIMIT);
-        if moved.homing.iter().all(|h| h.3) {
+        if moved.all_held() {
             drop(claims);
             bring_home(home, None, &mut moved, limit);
             claims = home.busy.lock();
@@ -339,13 +343,9 @@ fn bring_home<'b>(
                     // What the later events took leaves its graveyards before the lock goes;
                     // where no holding can be made, the lock stays until all are home.
                     detach(home, moved);
-                    if moved.homing.iter().all(|h| h.3) {
+                    if moved.all_held() {
                         taken = None;
                     }
-                }
-                if !backoff.pause() {
-                    moved.homing.retain(|&(_, _, n, _)| n > 0);
-                    return;
                 }
                 true
             }
@@ -359,10 +359,6 @@ fn bring_home<'b>(
                 Err((more, _)) => {
                     moved.empty.close(more / sys::PAGE_SIZE);
                     moved.homing[0] = (dst + done + more, src + done + more, len - done - more, in_holding);
-                    if !backoff.pause() {
-                        moved.homing.retain(|&(_, _, n, _)| n > 0);
-                        return;
-                    }
                     true
                 }
             },
@@ -372,6 +368,9 @@ fn bring_home<'b>(
         if retry {
             // The entry may have moved, split or gone with the events just handled.
             moved.homing.retain(|&(_, _, n, _)| n > 0);
+            if !backoff.pause() {
+                return;
+            }
             continue;
         }
         let (_, _, left, _) = moved.homing.remove(0);

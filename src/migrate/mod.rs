@@ -80,10 +80,10 @@
 //! memory the program moved with `mremap`, for at most a millisecond of offering them to
 //! the kernel from their graveyards, then only while it copies what is left into holdings
 //! of its own; it waits for the kernel to take those home without the lock (only where no
-//! holding can be mapped does it keep the lock throughout, up to 5 s). Every registration
-//! with the program's userfaultfd happens under the claims, and never where the program
-//! purged, unmapped or moved claimed memory, so a holding (mapped under the claims) is
-//! never registered with it. Known long holds: the pool's `chunks` across populating one
+//! holding can be mapped does it keep the lock throughout, up to 5 s). The only
+//! registration with the program's userfaultfd, each call's as it begins, happens under the
+//! claims, so a holding (mapped and registered elsewhere under the claims) is never
+//! registered with it. Known long holds: the pool's `chunks` across populating one
 //! destination; dcbm's `registered` across `unregister`'s grace period.
 
 mod abort;

@@ -278,8 +278,9 @@ pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
 }
 
 /// Takes the call's registration off its runs once it is done with them, except where
-/// another call has claimed part of one (that call's registration is the same one). Under
-/// the claims lock, so no claim begins meanwhile. A run the program split or unmapped is
+/// another call has claimed part of one or registered it as it began (that call's
+/// registration is the same one). Under the claims lock, so no claim or call begins
+/// meanwhile. A run the program split or unmapped is
 /// unregistered folio by folio.
 pub(super) fn unregister_runs(engine: &Engine, call: u64, folio_size: impl Fn(usize) -> usize) {
     let mut claims = engine.busy.lock();

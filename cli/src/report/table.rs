@@ -186,10 +186,14 @@ pub fn runs(n: usize) -> String {
 /// Marks a throughput cell whose migrator did not copy everything itself.
 const FALLBACK_MARK: &str = "†";
 
+/// The cell of a measurement whose repetitions failed a check: `FAILED k/n`.
+fn failed_cell(cell: &Cell) -> TableCell {
+    TableCell::failed(format!("FAILED {}/{}", cell.failed_reps, cell.measurements.len()))
+}
+
 fn summary_cell(cell: &Cell, pick: impl Fn(&Cell) -> Option<Summary>, migrator: MigratorSpec) -> TableCell {
     if !cell.ok {
-        let n = cell.measurements.len();
-        return TableCell::failed(format!("FAILED {}/{n}", cell.failed_reps));
+        return failed_cell(cell);
     }
     let Some(s) = pick(cell) else { return TableCell::new("-") };
     let offloads = matches!(migrator, MigratorSpec::Mtcopy { .. } | MigratorSpec::Dcbm { .. });
@@ -283,8 +287,7 @@ fn throughput_table(t: &Throughput, end_to_end: bool, report: &BenchReport) -> T
 /// memory, µs, and how many of the stores did.
 fn stall_cell(cell: &Cell) -> TableCell {
     if !cell.ok {
-        let n = cell.measurements.len();
-        return TableCell::failed(format!("FAILED {}/{n}", cell.failed_reps));
+        return failed_cell(cell);
     }
     match &cell.writer_stalls {
         None => TableCell::new("-"),
@@ -366,8 +369,7 @@ fn sweep_tables(s: &Sweep, report: &BenchReport) -> Vec<TextTable> {
                 for &m in &migrators {
                     match s.point(folio, m, pipelined, batch) {
                         Some(p) if !p.cell.ok => {
-                            let n = p.cell.measurements.len();
-                            row.push(TableCell::failed(format!("FAILED {}/{n}", p.cell.failed_reps)));
+                            row.push(failed_cell(&p.cell));
                             row.push(TableCell::failed("-"));
                             if stalls {
                                 row.push(TableCell::failed("-"));
@@ -456,8 +458,7 @@ fn scatter_table(report: &BenchReport) -> Option<TextTable> {
                             .map_or(TableCell::new("-"), |u| TableCell::summarised(format!("{:.2}", u.mean), &u)),
                     );
                 } else {
-                    let n = case.cell.measurements.len();
-                    row.push(TableCell::failed(format!("FAILED {}/{n}", case.cell.failed_reps)));
+                    row.push(failed_cell(&case.cell));
                     row.push(TableCell::failed("-"));
                     row.push(TableCell::failed("-"));
                 }

@@ -30,8 +30,8 @@ impl<'a> Call<'a> {
     /// piece must not wait behind a huge one. With a budget (`migrate/piece_budget_us`)
     /// they also stop where isolating and copying one would take longer than it at the pace
     /// of the pieces before it (down to [`PIECE_MIN`]): a thread of the program that touches
-    /// a page of a piece waits for the whole piece. A migrator gets each piece as a batch of its own and
-    /// reports its parts as they complete.
+    /// a page of a piece waits for the whole piece. A migrator gets each piece as a batch of
+    /// its own and reports its parts as they complete.
     pub(super) fn copy_pieces(&mut self, st: &mut BatchState, live: &[usize]) {
         let mut at = 0;
         let mut done_bytes = 0;

@@ -47,7 +47,7 @@ impl<'a> Call<'a> {
         uffd.writeprotect(start, len, true).map_err(|_| {
             // The kernel protects mapping by mapping and stops at the first it may not: the
             // protection of the ones before is taken off again (waking their writers).
-            let _ = uffd.writeprotect(start, len, false);
+            unprotect(self.engine, start, end);
             (CHANGED, Errno::FAULT)
         })
     }
