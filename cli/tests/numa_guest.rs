@@ -302,8 +302,8 @@ impl Drop for StopOnDrop<'_> {
 }
 
 /// Writers put increasing sequence numbers in their own slots, readers check that no slot
-/// ever goes back, while the region bounces between the nodes.
-fn bounce_under_load(folio_size: usize, len: usize, moves: usize) {
+/// ever goes back, while the region bounces between the nodes, each move with `opts`.
+fn bounce_under_load(folio_size: usize, len: usize, moves: usize, opts: &MigrateOptions) {
     const WRITERS: usize = 2;
     const READERS: usize = 2;
     let Some((a, b)) = two_nodes() else { return };
@@ -384,7 +384,7 @@ fn bounce_under_load(folio_size: usize, len: usize, moves: usize) {
             }
             let node = if i % 2 == 0 { b } else { a };
             let stats = engine
-                .migrate_pages(&region.folios(), node, Reason::Syscall, Mode::Sync, &MigrateOptions::default())
+                .migrate_pages(&region.folios(), node, Reason::Syscall, Mode::Sync, opts)
                 .unwrap_or_else(|e| panic!("{name}: move {i} to node {node}: {e}"));
             assert_eq!(stats.succeeded_folios, region.folios().len() as u64, "{name}: move {i}: {stats:?}");
             check_placement(&format!("{name}#{}", i + 1), region, node);
@@ -412,13 +412,24 @@ fn bounce_under_load(folio_size: usize, len: usize, moves: usize) {
 #[test]
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn bounce_4k_folios_while_threads_read_and_write() {
-    bounce_under_load(4 * KIB, 4 * MIB, 12);
+    bounce_under_load(4 * KIB, 4 * MIB, 12, &MigrateOptions::default());
 }
 
 #[test]
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn bounce_2m_folios_while_threads_read_and_write() {
-    bounce_under_load(HPAGE_SIZE, 8 * MIB, 12);
+    bounce_under_load(HPAGE_SIZE, 8 * MIB, 12, &MigrateOptions::default());
+}
+
+/// The same with one batch per move and the smallest piece budget (`migrate/piece_budget_us`):
+/// each batch's pipelined copy is cut into pieces of 512 KiB (4 KiB folios) or one folio
+/// (2 MiB), each isolated, copied and moved across the nodes while the threads write.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn bounce_in_small_pieces_while_threads_read_and_write() {
+    let opts = MigrateOptions::default().max_batch_pages(8192).piece_budget_us(50);
+    bounce_under_load(4 * KIB, 4 * MIB, 6, &opts);
+    bounce_under_load(HPAGE_SIZE, 8 * MIB, 6, &opts);
 }
 
 #[test]
