@@ -44,6 +44,13 @@ pub struct MigrateStats {
     pub copied_in_folios: u64,
     /// Moved folios that could not be locked again (`mlock` failed after the move).
     pub relock_failures: u64,
+    /// Bytes read while still writable by the pre-copy (`migrate/precopy`).
+    pub precopied_bytes: u64,
+    /// Bytes the pre-copy copied again once their folio was protected: base pages that
+    /// differed from what was read (written meanwhile, or unreadable then).
+    pub recopied_bytes: u64,
+    /// Time spent pre-copying, while the memory was still writable.
+    pub precopy_ns: u64,
     /// Time spent populating destinations (off the critical path when prefilled).
     pub prepare_ns: u64,
     /// Time spent write-protecting sources.
@@ -100,6 +107,9 @@ impl MigrateStats {
             single_copied_folios,
             copied_in_folios,
             relock_failures,
+            precopied_bytes,
+            recopied_bytes,
+            precopy_ns,
             prepare_ns,
             unmap_ns,
             copy_ns,
@@ -127,6 +137,9 @@ impl MigrateStats {
         self.single_copied_folios += single_copied_folios;
         self.copied_in_folios += copied_in_folios;
         self.relock_failures += relock_failures;
+        self.precopied_bytes += precopied_bytes;
+        self.recopied_bytes += recopied_bytes;
+        self.precopy_ns += precopy_ns;
         self.prepare_ns += prepare_ns;
         self.unmap_ns += unmap_ns;
         self.copy_ns += copy_ns;

@@ -125,6 +125,51 @@ fn a_piece_budget_cuts_the_pipelined_copy_into_smaller_pieces() {
     assert!(e.to_string().contains("piece_budget_us"), "{e}");
 }
 
+/// The pre-copy (`migrate/precopy`) reads every folio while it is writable and, once the
+/// folio is protected, copies again exactly what a writer stored after that read: a timed
+/// writer stores into every page while the first piece of each batch waits 30 ms between
+/// its read and its protection. Every byte, every store and every page's node checked;
+/// both folio sizes; the same without the pre-copy reads nothing early.
+#[test]
+fn the_precopy_copies_again_what_was_written_after_its_read() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "the_precopy_copies_again_what_was_written_after_its_read");
+    for folio in [4096, 2 << 20] {
+        for precopy in [false, true] {
+            let size = 16 << 20;
+            let region = Region::new(size, folio, Some(node())).unwrap();
+            workload::fill(&region, 17);
+            let frames_before = numa::page_frames(region.addr(), region.len()).unwrap();
+            let opts = MigrateOptions::default()
+                .max_batch_pages(2048)
+                .precopy(precopy)
+                .fault(FaultInjection { delay_after_precopy: Some(Duration::from_millis(30)), ..Default::default() });
+            let (stats, log) = workload::with_timed_writers(&region, 1, || {
+                Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+            });
+            let stats = stats.unwrap();
+            let what = format!("folio {folio}, precopy {precopy}");
+            assert_eq!((stats.succeeded_folios, stats.failed_folios), ((size / folio) as u64, 0), "{what}");
+            let report = workload::verify(&region, 17, &log);
+            assert!(report.ok(), "{what}: {report:?}");
+            assert!(log.writes > 0, "{what}");
+            assert_on_node(&region, node());
+            assert_new_frames(&frames_before, &numa::page_frames(region.addr(), region.len()).unwrap());
+            eprintln!(
+                "{what}: {} bytes read early, {} copied again, {} stores",
+                stats.precopied_bytes, stats.recopied_bytes, log.writes
+            );
+            if precopy {
+                assert_eq!(stats.precopied_bytes, size as u64, "{what}: every folio read while writable");
+                // The writer stored into the first piece during the 30 ms pause.
+                assert!(0 < stats.recopied_bytes && stats.recopied_bytes <= size as u64, "{what}: {stats:?}");
+            } else {
+                assert_eq!((stats.precopied_bytes, stats.recopied_bytes), (0, 0), "{what}");
+            }
+        }
+    }
+}
+
 #[test]
 fn pipe_read_into_migrating_memory_lands_in_new_page() {
     let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "pipe_read_into_migrating_memory_lands_in_new_page");

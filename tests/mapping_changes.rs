@@ -30,12 +30,13 @@ const SEED: u64 = 99;
 fn case(change: Change, folio: usize, delay: Duration, round: u64) {
     // Somewhere in the middle, varying with the round; moves held back 2 ms each.
     let offset = LEN / 2 + (round as usize % 8) * (256 << 10);
-    case_at(change, folio, delay, offset, Duration::from_millis(2));
+    case_at(change, folio, delay, offset, Duration::from_millis(2), false);
 }
 
 /// [`case`] for the two folios at `offset` (rounded down to a folio), every move held back
-/// by `hold`.
-fn case_at(change: Change, folio: usize, delay: Duration, offset: usize, hold: Duration) {
+/// by `hold`; with `precopy`, the pre-copy on and each batch's first piece held for 60 ms
+/// between its read and its protection.
+fn case_at(change: Change, folio: usize, delay: Duration, offset: usize, hold: Duration, precopy: bool) {
     let base = changes::mapping(LEN, folio, SEED);
     let (reserved, spare) = changes::spare();
     let len = 2 * folio.max(64 << 10);
@@ -48,9 +49,15 @@ fn case_at(change: Change, folio: usize, delay: Duration, offset: usize, hold: D
     let moved_to: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
     let what = format!("{change:?}, folio {folio}, delay {delay:?}");
     let result = watchdog(Duration::from_secs(120), &what.clone(), move || {
-        let opts = MigrateOptions::default()
-            .fault(FaultInjection { delay_move: Some(hold), ..Default::default() })
-            .max_batch_pages(256);
+        let fault = FaultInjection {
+            delay_move: Some(hold),
+            delay_after_precopy: precopy.then_some(Duration::from_millis(60)),
+            ..Default::default()
+        };
+        let mut opts = MigrateOptions::default().fault(fault).max_batch_pages(256);
+        if precopy {
+            opts = opts.precopy(true);
+        }
         std::thread::scope(|s| {
             s.spawn(|| {
                 std::thread::sleep(delay);
@@ -105,7 +112,25 @@ fn changes_between_copy_and_move() {
     let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "changes_between_copy_and_move");
     for change in changes::ALL {
         for folio in [4096, 2 << 20] {
-            case_at(change, folio, Duration::from_millis(50), 0, Duration::from_millis(150));
+            case_at(change, folio, Duration::from_millis(50), 0, Duration::from_millis(150), false);
+        }
+    }
+}
+
+/// Each change made while the pre-copy (`migrate/precopy`) reads the program's live memory:
+/// made 20 ms into the first piece's 60 ms pause, in the middle of the mapping, which the
+/// pre-copy reads later — a page purged or unmapped there would make a plain load wait for
+/// ever (a fault in a range registered for the migration that nothing serves) or crash the
+/// program. And made in the first piece itself, between its read and its protection. The
+/// changes stand and every other byte is as it was.
+#[test]
+fn changes_while_the_precopy_reads() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "changes_while_the_precopy_reads");
+    for change in changes::ALL {
+        for folio in [4096, 2 << 20] {
+            for offset in [LEN / 2, 0] {
+                case_at(change, folio, Duration::from_millis(20), offset, Duration::ZERO, true);
+            }
         }
     }
 }

@@ -163,6 +163,42 @@ pub unsafe fn folios_copy_each(pairs: &[CopyPair], dsts: &[Dst<'_>]) -> Result<(
     Ok(())
 }
 
+/// Makes each destination equal to its source after a pre-copy: compares them base page by
+/// base page and copies only the pages that differ (written since the pre-copy read them,
+/// or unreadable then). Returns the bytes copied.
+///
+/// # Errors
+/// `EINVAL` for a zero-length, unaligned or overlapping pair; the pairs before it are done.
+///
+/// # Safety
+/// Every pair must satisfy [`folio_copy`]'s contract, and `dst` must be populated memory
+/// (no userfaultfd of its own).
+pub unsafe fn folios_fix(pairs: &[CopyPair]) -> Result<usize, Errno> {
+    let page = sys::PAGE_SIZE;
+    let mut copied = 0;
+    for pair in coalesce(pairs) {
+        let CopyPair { dst, src, len } = pair;
+        if len == 0 || len % page != 0 || (dst < src + len && src < dst + len) {
+            return Err(Errno::INVAL);
+        }
+        for off in (0..len).step_by(page) {
+            // SAFETY: the caller guarantees both ranges readable, the source not written and
+            // the destination ours during the call; a page of each lies within them.
+            let (from, to) = unsafe {
+                (
+                    std::slice::from_raw_parts((src + off) as *const u8, page),
+                    std::slice::from_raw_parts_mut((dst + off) as *mut u8, page),
+                )
+            };
+            if from != &*to {
+                to.copy_from_slice(from);
+                copied += page;
+            }
+        }
+    }
+    Ok(copied)
+}
+
 /// Merges pairs that continue each other in both source and destination into one copy:
 /// one large `memcpy` runs faster than many small ones over the same bytes.
 pub fn coalesce(pairs: &[CopyPair]) -> impl Iterator<Item = CopyPair> + '_ {
@@ -450,6 +486,35 @@ fn calibrate() -> Result<Kernels, Errno> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fix_copies_exactly_the_pages_that_differ() {
+        let page = sys::PAGE_SIZE;
+        let src = sys::Mapping::new(8 * page, page).unwrap();
+        let dst = sys::Mapping::new(8 * page, page).unwrap();
+        for i in 0..src.len() / 8 {
+            src.word(i).unwrap().store(i as u64 * 7 + 1, std::sync::atomic::Ordering::Relaxed);
+            dst.word(i).unwrap().store(i as u64 * 7 + 1, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Pages 1 and 6 differ, page 6 in its last byte only.
+        dst.word(page / 8 + 3).unwrap().store(0, std::sync::atomic::Ordering::Relaxed);
+        dst.word(7 * page / 8 - 1).unwrap().fetch_xor(1 << 63, std::sync::atomic::Ordering::Relaxed);
+        let pairs = [
+            CopyPair { dst: dst.addr(), src: src.addr(), len: 4 * page },
+            CopyPair { dst: dst.addr() + 4 * page, src: src.addr() + 4 * page, len: 4 * page },
+        ];
+        // SAFETY: two populated mappings of this test's, not overlapping, not written
+        // by anything else meanwhile.
+        assert_eq!(unsafe { folios_fix(&pairs) }, Ok(2 * page));
+        for i in 0..src.len() / 8 {
+            assert_eq!(dst.word(i).unwrap().load(std::sync::atomic::Ordering::Relaxed), i as u64 * 7 + 1, "word {i}");
+        }
+        // SAFETY: as above.
+        assert_eq!(unsafe { folios_fix(&pairs) }, Ok(0));
+        let odd = CopyPair { dst: dst.addr(), src: src.addr(), len: 100 };
+        // SAFETY: refused before anything is read.
+        assert_eq!(unsafe { folios_fix(&[odd]) }, Err(Errno::INVAL));
+    }
 
     #[test]
     fn adjacent_pairs_coalesce() {

@@ -34,6 +34,10 @@ pub struct FaultInjection {
     /// from their graveyards within a millisecond (the program's thread slow to finish its
     /// `mremap`).
     pub home_through_holdings: bool,
+    /// Pause for this long after the pre-copy of each batch's first piece, before that
+    /// piece is protected (`migrate/precopy`): lets a test write into memory the pre-copy
+    /// has read, and change memory it has yet to read.
+    pub delay_after_precopy: Option<Duration>,
 }
 
 /// A callback told the number of bytes moved so far.
@@ -77,6 +81,9 @@ pub struct MigrateOptions {
     /// Bound on how long the program's threads wait on one piece of the pipelined CPU
     /// copy, µs (`None`: the engine's setting, `migrate/piece_budget_us`; 0 for none).
     pub piece_budget_us: Option<usize>,
+    /// Pre-copy each piece while it is still writable, then copy again only what differs
+    /// (`None`: the engine's setting, `migrate/precopy`).
+    pub precopy: Option<bool>,
     /// Failures to inject (with the `internals` feature: pagemig's own tests).
     #[cfg(feature = "internals")]
     pub fault: FaultInjection,
@@ -101,6 +108,7 @@ impl std::fmt::Debug for MigrateOptions {
             .field("fill_empty", &self.fill_empty)
             .field("copy_in", &self.copy_in)
             .field("piece_budget_us", &self.piece_budget_us)
+            .field("precopy", &self.precopy)
             .field("progress", &self.progress.is_some())
             .field("cancel", &self.cancel)
             .field("deadline", &self.deadline)
@@ -121,6 +129,15 @@ impl MigrateOptions {
     #[must_use]
     pub fn piece_budget_us(mut self, us: usize) -> Self {
         self.piece_budget_us = Some(us);
+        self
+    }
+
+    /// Pre-copies each piece of the pipelined CPU copy while it is still writable, then
+    /// write-protects it and copies again only the pages written meanwhile: the program's
+    /// threads wait for that comparison, not for the whole copy (`migrate/precopy`).
+    #[must_use]
+    pub fn precopy(mut self, on: bool) -> Self {
+        self.precopy = Some(on);
         self
     }
 
@@ -217,6 +234,7 @@ impl MigrateOptions {
                 delay_move: None,
                 fail_move: Vec::new(),
                 home_through_holdings: false,
+                delay_after_precopy: None,
             };
             &NONE
         }

@@ -142,6 +142,14 @@ settings! {
     /// system calls).
     piece_budget_us: usize = 0,
         accepts "0 (no bound) or an integer from 50 to 100000", valid |n| n == 0 || (50..=100_000).contains(&n);
+    /// Pre-copy: the pipelined CPU copy reads each piece while it is still writable (the
+    /// program's threads go on), then write-protects and isolates it and copies again only
+    /// the pages that differ from what was read, so that the program's threads wait only
+    /// for that comparison, not for the whole copy. Off by default: the reads go through
+    /// `/proc/self/mem` (a read that meets memory the program purged meanwhile must fail
+    /// rather than wait), slower than the copy it saves the waiters, and the pieces are
+    /// small (512 KiB, or one folio).
+    precopy: bool = false, accepts "0 or 1", valid |_| true;
 }
 
 /// An engine's settings, read and written from any thread without a lock (a forked child
@@ -205,7 +213,7 @@ mod tests {
     #[test]
     fn every_setting_has_an_attribute_that_reads_what_it_writes() {
         let mut s = Settings::default();
-        assert_eq!(SETTING_ATTRS.len(), 7);
+        assert_eq!(SETTING_ATTRS.len(), 8);
         for attr in SETTING_ATTRS {
             assert!(attr.path.starts_with("migrate/"));
             let value = if attr.accepts == "0 or 1" { "0" } else { "77" };

@@ -9,7 +9,8 @@
 //! needed at build time.
 //!
 //! By topic: `mm` (mappings, advice, locking), `mempolicy` (policies and placement),
-//! `pagemap` (what the kernel says of pages and mappings), `task` (credentials, forked
+//! `pagemap` (what the kernel says of pages and mappings), `procmem` (reads of the
+//! process's own memory that fail rather than wait), `task` (credentials, forked
 //! children, CPU affinity), `uffd` (userfaultfd), `thread`
 //! (threads with every signal blocked), `mapping` (an owned mapping); their items are
 //! re-exported here.
@@ -20,6 +21,7 @@ pub(crate) mod own;
 mod mempolicy;
 mod mm;
 mod pagemap;
+mod procmem;
 mod task;
 pub mod thread;
 pub mod uffd;
@@ -28,6 +30,7 @@ pub use mapping::Mapping;
 pub use mempolicy::*;
 pub use mm::*;
 pub use pagemap::*;
+pub use procmem::ProcMem;
 pub use task::*;
 
 pub use rustix::io::Errno;

@@ -192,7 +192,7 @@ impl Identity {
 }
 
 /// `st_dev` and `st_ino` of the file `fd` names.
-fn inode(fd: RawFd) -> Result<(u64, u64), Errno> {
+pub(super) fn inode(fd: RawFd) -> Result<(u64, u64), Errno> {
     // SAFETY: `stat` is plain data, overwritten by `fstat`.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     // SAFETY: fills the struct of ours; `fstat` reads nothing from the file itself.

@@ -7,11 +7,11 @@ use std::ops::Range;
 use std::time::Instant;
 
 use super::MigrateInfo;
-use super::{BatchState, CPU_PIECE_MAX, Call, PIECE_MIN, dispatch};
-use crate::copy::{CopyPair, Dst, folios_copy_each};
+use super::{BatchState, CPU_PIECE_MAX, Call, PIECE_MIN, PRECOPY_PIECE, dispatch};
+use crate::copy::{CopyPair, Dst, coalesce, folios_copy_each, folios_fix};
 use crate::offload::Batch;
 use crate::pool::Dest;
-use crate::sys::{Errno, HPAGE_SIZE};
+use crate::sys::{Errno, HPAGE_SIZE, ProcMem};
 
 /// What the thread running a pipelined migrator tells the batch.
 enum CopyEvent {
@@ -32,7 +32,16 @@ impl<'a> Call<'a> {
     /// of the pieces before it (down to [`PIECE_MIN`]): a thread of the program that touches
     /// a page of a piece waits for the whole piece. A migrator gets each piece as a batch of
     /// its own and reports its parts as they complete.
+    ///
+    /// With the pre-copy ([`super::Plan::precopy`]) each piece is [`PRECOPY_PIECE`] (or one
+    /// folio) and is read into its destinations while still writable, then protected and
+    /// isolated, and only the base pages that differ from what was read are copied again
+    /// ([`folios_fix`]): the program's threads wait for that comparison of data the read
+    /// just brought into the cache, not for a copy from memory.
     pub(super) fn copy_pieces(&mut self, st: &mut BatchState, live: &[usize]) {
+        // The pre-copy's reader, for this batch; without one (the program's descriptor
+        // limit reached) pieces are copied once protected, as without the pre-copy.
+        let precopy = if self.plan.precopy && !self.plan.offload { ProcMem::open().ok() } else { None };
         let mut at = 0;
         let mut done_bytes = 0;
         // Bytes isolated and copied by the CPU so far, and how long that took.
@@ -40,6 +49,8 @@ impl<'a> Call<'a> {
         while at < live.len() && !self.abort.is_set() {
             let piece = if self.plan.offload {
                 HPAGE_SIZE.max(done_bytes)
+            } else if precopy.is_some() {
+                PRECOPY_PIECE
             } else {
                 let budget = self.plan.piece_budget.filter(|_| paced_ns > 0).map(|budget| {
                     let bytes = paced_bytes as u128 * budget.as_nanos() / u128::from(paced_ns);
@@ -56,6 +67,12 @@ impl<'a> Call<'a> {
                 end += 1;
             }
             done_bytes += bytes;
+            if let Some(mem) = &precopy {
+                self.precopy(st, &live[at..end], mem);
+                if let Some(pause) = self.opts.faults().delay_after_precopy.filter(|_| at == 0) {
+                    std::thread::sleep(pause);
+                }
+            }
             // Protect each contiguous stretch of the piece with one call.
             let t = Instant::now();
             let mut s = at;
@@ -93,10 +110,18 @@ impl<'a> Call<'a> {
                 .filter(|&i| !st.runs[st.slots[i].run].copy_in)
                 .collect();
             let (protected, kinds) = self.pairs(st, &copied);
-            // SAFETY: every pair copied reads old pages isolated in our graveyard just above
-            // (no thread can write them) and writes a destination the pool handed us that
-            // nothing else refers to; the two never overlap.
-            let ok = unsafe { folios_copy_each(&protected, &kinds) }.is_ok();
+            let fix = precopy.is_some() && kinds.iter().all(|d| !matches!(d, Dst::Empty(_)));
+            let ok = if fix {
+                // SAFETY: as below; the destinations are populated (none is `Empty`).
+                let fixed = unsafe { folios_fix(&protected) };
+                self.tally.stats.recopied_bytes += *fixed.as_ref().unwrap_or(&0) as u64;
+                fixed.is_ok()
+            } else {
+                // SAFETY: every pair copied reads old pages isolated in our graveyard just
+                // above (no thread can write them) and writes a destination the pool handed
+                // us that nothing else refers to; the two never overlap.
+                unsafe { folios_copy_each(&protected, &kinds) }.is_ok()
+            };
             self.tally.stats.copy_ns += t.elapsed().as_nanos() as u64;
             paced_bytes += bytes;
             paced_ns += piece_started.elapsed().as_nanos() as u64;
@@ -113,6 +138,28 @@ impl<'a> Call<'a> {
             }
             at = end;
         }
+    }
+
+    /// The pre-copy of the folios `items` of a piece, not yet protected: each read into its
+    /// destination through `mem` while the program's threads go on using it (a page that
+    /// cannot be read now is left, and copied once protected).
+    fn precopy(&mut self, st: &BatchState, items: &[usize], mem: &ProcMem) {
+        let t = Instant::now();
+        let reads: Vec<CopyPair> = self
+            .pairs(st, items)
+            .0
+            .into_iter()
+            .zip(items)
+            .filter(|&(_, &i)| !st.runs[st.slots[i].run].copy_in)
+            .map(|(pair, &i)| CopyPair { src: st.slots[i].item.folio.addr(), ..pair })
+            .collect();
+        for pair in coalesce(&reads) {
+            // SAFETY: the destination is a populated one the pool handed this call (the plan
+            // fills none empty with the pre-copy), which nothing else refers to until it is
+            // moved; the source is only read, by the kernel.
+            self.tally.stats.precopied_bytes += unsafe { mem.read_into(pair.src, pair.dst, pair.len) } as u64;
+        }
+        self.tally.stats.precopy_ns += t.elapsed().as_nanos() as u64;
     }
 
     /// The copy of each live item into its destination, in order, and what that
