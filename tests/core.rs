@@ -102,7 +102,7 @@ fn a_piece_budget_cuts_the_pipelined_copy_into_smaller_pieces() {
         for budget in [0, 50] {
             let region = Region::new(32 << 20, folio, Some(node())).unwrap();
             workload::fill(&region, 9);
-            let opts = MigrateOptions::default().max_batch_pages(8192).piece_budget_us(budget);
+            let opts = MigrateOptions::default().max_batch_pages(8192).piece_budget_us(budget).precopy(false);
             let (stats, log) = workload::with_timed_writers(&region, 1, || {
                 Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
             });
@@ -300,6 +300,7 @@ fn failed_move_is_undone_on_the_mover_thread_and_on_the_caller() {
         let opts = MigrateOptions::default()
             .max_batch_pages(256)
             .mover(mover)
+            .precopy(false)
             .fault(FaultInjection { fail_move: vec![700], ..Default::default() });
         let (result, log) = workload::with_writers(&region, 1, || {
             Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
@@ -597,18 +598,34 @@ fn every_destination_path_moves_every_byte_and_write() {
         copied_in: bool,
     }
     let paths = [
-        Path { name: "copy in", opts: MigrateOptions::default().copy_in(true), mbind: false, copied_in: true },
-        Path { name: "filled destination", opts: MigrateOptions::default(), mbind: false, copied_in: false },
+        Path {
+            name: "copy in",
+            opts: MigrateOptions::default().copy_in(true).precopy(false),
+            mbind: false,
+            copied_in: true,
+        },
+        Path {
+            name: "filled destination",
+            opts: MigrateOptions::default().precopy(false),
+            mbind: false,
+            copied_in: false,
+        },
         Path {
             name: "populated destination",
-            opts: MigrateOptions::default().copy_in(false).fill_empty(false),
+            opts: MigrateOptions::default().copy_in(false).fill_empty(false).precopy(false),
             mbind: false,
             copied_in: false,
         },
         Path {
             name: "mbind-bound memory",
-            opts: MigrateOptions::default().copy_in(true),
+            opts: MigrateOptions::default().copy_in(true).precopy(false),
             mbind: true,
+            copied_in: false,
+        },
+        Path {
+            name: "pre-copied destination",
+            opts: MigrateOptions::default().copy_in(true).precopy(true),
+            mbind: false,
             copied_in: false,
         },
     ];

@@ -432,6 +432,17 @@ fn bounce_in_small_pieces_while_threads_read_and_write() {
     bounce_under_load(HPAGE_SIZE, 8 * MIB, 6, &opts);
 }
 
+/// The same with the pre-copy (`migrate/precopy`): each piece is read while the threads
+/// write it, then protected, and only what differs is copied again before it crosses the
+/// nodes.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn bounce_with_the_precopy_while_threads_read_and_write() {
+    let opts = MigrateOptions::default().max_batch_pages(8192).precopy(true);
+    bounce_under_load(4 * KIB, 4 * MIB, 6, &opts);
+    bounce_under_load(HPAGE_SIZE, 8 * MIB, 6, &opts);
+}
+
 #[test]
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn full_target_node_fails_cleanly_with_enomem() {
