@@ -417,6 +417,17 @@ fn print_table(r: &MoveReport, cfg: &MoveConfig) {
             ),
             ("batches / runs", format!("{} / {}", r.stats.batches, r.stats.runs)),
         ]);
+        if r.stats.precopied_bytes > 0 {
+            rows.push((
+                "pre-copy: read while writable / copied again",
+                format!(
+                    "{} in {:.0} µs / {}",
+                    size::format(r.stats.precopied_bytes as usize),
+                    r.stats.precopy_ns as f64 / 1e3,
+                    size::format(r.stats.recopied_bytes as usize)
+                ),
+            ));
+        }
     }
     for (k, v) in rows {
         t.add_row([k.to_string(), v]);

@@ -6,7 +6,13 @@
 //! program's live memory so (see `migrate::pipeline`): a plain load there could wait for a
 //! fault only this call's own progress would serve, or crash the program.
 //!
-//! The descriptor is opened for one call and closed by it. A program may close every
+//! What is read is only data for a comparison (the pre-copy checks every byte again once the
+//! memory is protected), so reading memory that is no longer the program's migrating
+//! memory costs nothing but time: with one exception, a device mapping whose driver lets
+//! such reads through (`vm_ops->access`, as `/dev/mem` does), mapped by another thread in
+//! the very place the program unmapped during the read, would have its registers read.
+//!
+//! The descriptor is opened for one batch and closed at its end. A program may close every
 //! descriptor and reuse the number meanwhile: each read first proves the number still
 //! names `/proc/self/mem` (its inode), and the close leaves a number that names another
 //! file alone.
