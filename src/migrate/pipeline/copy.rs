@@ -31,17 +31,14 @@ impl<'a> Call<'a> {
     /// they also stop where isolating and copying one would take longer than it at the pace
     /// of the pieces before it (down to [`PIECE_MIN`]): a thread of the program that touches
     /// a page of a piece waits for the whole piece. A migrator gets each piece as a batch of
-    /// its own and reports its parts as they complete.
-    ///
-    /// With the pre-copy ([`super::Plan::precopy`]) each piece is [`PRECOPY_PIECE`] (or one
-    /// folio) and is read into its destinations while still writable, then protected and
-    /// isolated, and only the base pages that differ from what was read are copied again
-    /// ([`folios_fix`]): the program's threads wait for that comparison of data the read
-    /// just brought into the cache, not for a copy from memory.
+    /// its own and reports its parts as they complete. With the pre-copy, see
+    /// [`Call::copy_precopied`].
     pub(super) fn copy_pieces(&mut self, st: &mut BatchState, live: &[usize]) {
         // The pre-copy's reader, for this batch; without one (the program's descriptor
         // limit reached) pieces are copied once protected, as without the pre-copy.
-        let precopy = if self.plan.precopy && !self.plan.offload { ProcMem::open().ok() } else { None };
+        if let Some(mem) = (self.plan.precopy && !self.plan.offload).then(ProcMem::open).and_then(Result::ok) {
+            return self.copy_precopied(st, live, &mem);
+        }
         let mut at = 0;
         let mut done_bytes = 0;
         // Bytes isolated and copied by the CPU so far, and how long that took.
@@ -49,8 +46,6 @@ impl<'a> Call<'a> {
         while at < live.len() && !self.abort.is_set() {
             let piece = if self.plan.offload {
                 HPAGE_SIZE.max(done_bytes)
-            } else if precopy.is_some() {
-                PRECOPY_PIECE
             } else {
                 let budget = self.plan.piece_budget.filter(|_| paced_ns > 0).map(|budget| {
                     let bytes = paced_bytes as u128 * budget.as_nanos() / u128::from(paced_ns);
@@ -59,35 +54,10 @@ impl<'a> Call<'a> {
                 HPAGE_SIZE.max(done_bytes).min(CPU_PIECE_MAX).min(budget.unwrap_or(usize::MAX))
             };
             let piece_started = Instant::now();
-            let size = |k: usize| st.slots[live[k]].item.folio.size();
-            let mut end = at + 1;
-            let mut bytes = size(at);
-            while end < live.len() && bytes + size(end) <= piece {
-                bytes += size(end);
-                end += 1;
-            }
+            let end = piece_end(st, live, at, piece);
+            let bytes: usize = live[at..end].iter().map(|&i| st.slots[i].item.folio.size()).sum();
             done_bytes += bytes;
-            if let Some(mem) = &precopy {
-                self.precopy(st, &live[at..end], mem);
-                if let Some(pause) = self.opts.faults().delay_after_precopy.filter(|_| at == 0) {
-                    std::thread::sleep(pause);
-                }
-            }
-            // Protect each contiguous stretch of the piece with one call.
-            let t = Instant::now();
-            let mut s = at;
-            while s < end {
-                let mut e = s + 1;
-                while e < end
-                    && st.slots[live[e - 1]].item.folio.end() == st.slots[live[e]].item.folio.addr()
-                    && st.slots[live[e - 1]].run == st.slots[live[e]].run
-                {
-                    e += 1;
-                }
-                self.unmap_stretch(st, live[s]..live[e - 1] + 1);
-                s = e;
-            }
-            self.tally.stats.unmap_ns += t.elapsed().as_nanos() as u64;
+            self.protect_piece(st, &live[at..end]);
             if self.plan.offload {
                 let isolated: Vec<usize> = live[at..end]
                     .iter()
@@ -100,51 +70,99 @@ impl<'a> Call<'a> {
                 at = end;
                 continue;
             }
-            // Copy the protected folios, adjacent ones in one go. Their pairs are made piece
-            // by piece: the first folio must not wait for the whole batch's.
-            let t = Instant::now();
-            let copied: Vec<usize> = live[at..end]
-                .iter()
-                .copied()
-                .filter(|&i| st.slots[i].info.contains(MigrateInfo::WAS_MAPPED))
-                .filter(|&i| !st.runs[st.slots[i].run].copy_in)
-                .collect();
-            let (protected, kinds) = self.pairs(st, &copied);
-            let fix = precopy.is_some() && kinds.iter().all(|d| !matches!(d, Dst::Empty(_)));
-            let ok = if fix {
-                // SAFETY: as below; the destinations are populated (none is `Empty`).
-                let fixed = unsafe { folios_fix(&protected) };
-                self.tally.stats.recopied_bytes += *fixed.as_ref().unwrap_or(&0) as u64;
-                fixed.is_ok()
-            } else {
-                // SAFETY: every pair copied reads old pages isolated in our graveyard just
-                // above (no thread can write them) and writes a destination the pool handed
-                // us that nothing else refers to; the two never overlap.
-                unsafe { folios_copy_each(&protected, &kinds) }.is_ok()
-            };
-            self.tally.stats.copy_ns += t.elapsed().as_nanos() as u64;
+            self.copy_piece(st, &live[at..end], false);
             paced_bytes += bytes;
             paced_ns += piece_started.elapsed().as_nanos() as u64;
-            if ok {
-                self.tally.stats.batch_copied_folios += protected.len() as u64;
-                for &i in &live[at..end] {
-                    if st.slots[i].info.contains(MigrateInfo::WAS_MAPPED) {
-                        st.slots[i].info.insert(MigrateInfo::ALREADY_COPIED);
-                    }
-                }
-                self.move_copied(st);
-            } else {
-                self.tally.stats.fallback_folios += protected.len() as u64;
-            }
             at = end;
         }
     }
 
-    /// The pre-copy of the folios `items` of a piece, not yet protected: each read into its
-    /// destination through `mem` while the program's threads go on using it (a page that
-    /// cannot be read now is left, and copied once protected).
-    fn precopy(&mut self, st: &BatchState, items: &[usize], mem: &ProcMem) {
+    /// The pipelined CPU copy with the pre-copy ([`super::Plan::precopy`]): each piece,
+    /// [`PRECOPY_PIECE`] or one folio, is read into its destinations while still writable,
+    /// then protected and isolated, and only the base pages that differ from what was read
+    /// are copied again ([`folios_fix`]): the program's threads wait for that comparison of
+    /// data the read just brought into the cache, not for a copy from memory. Then it
+    /// moves.
+    ///
+    /// The reads run here, each just before its piece is protected. (On a thread of their
+    /// own, a piece or two ahead, they made the 2-core AMD EPYC VM slower: critical path
+    /// 0.73× at 4 KiB and at 2 MiB, batch 512, median of 5 alternating pairs; both threads
+    /// take the process's mmap lock page by page, and the moves' unmaps write-lock it.)
+    fn copy_precopied(&mut self, st: &mut BatchState, live: &[usize], mem: &ProcMem) {
+        let mut at = 0;
+        while at < live.len() && !self.abort.is_set() {
+            let end = piece_end(st, live, at, PRECOPY_PIECE);
+            let (bytes, ns) = read_piece(mem, &self.precopy_reads(st, &live[at..end]));
+            self.tally.stats.precopied_bytes += bytes;
+            self.tally.stats.precopy_ns += ns;
+            if let Some(pause) = self.opts.faults().delay_after_precopy.filter(|_| at == 0) {
+                std::thread::sleep(pause);
+            }
+            self.protect_piece(st, &live[at..end]);
+            self.copy_piece(st, &live[at..end], true);
+            at = end;
+        }
+    }
+
+    /// Protects and isolates the folios `piece` of the batch, each contiguous stretch of
+    /// one run with one call.
+    fn protect_piece(&mut self, st: &mut BatchState, piece: &[usize]) {
         let t = Instant::now();
+        let mut s = 0;
+        while s < piece.len() {
+            let mut e = s + 1;
+            while e < piece.len()
+                && st.slots[piece[e - 1]].item.folio.end() == st.slots[piece[e]].item.folio.addr()
+                && st.slots[piece[e - 1]].run == st.slots[piece[e]].run
+            {
+                e += 1;
+            }
+            self.unmap_stretch(st, piece[s]..piece[e - 1] + 1);
+            s = e;
+        }
+        self.tally.stats.unmap_ns += t.elapsed().as_nanos() as u64;
+    }
+
+    /// Copies the protected folios of `piece` (adjacent ones in one go) and moves them;
+    /// with `fix`, after their pre-copy, only the base pages that differ. Their pairs are
+    /// made piece by piece: the first folio must not wait for the whole batch's.
+    fn copy_piece(&mut self, st: &mut BatchState, piece: &[usize], fix: bool) {
+        let t = Instant::now();
+        let copied: Vec<usize> = piece
+            .iter()
+            .copied()
+            .filter(|&i| st.slots[i].info.contains(MigrateInfo::WAS_MAPPED))
+            .filter(|&i| !st.runs[st.slots[i].run].copy_in)
+            .collect();
+        let (protected, kinds) = self.pairs(st, &copied);
+        let ok = if fix && kinds.iter().all(|d| !matches!(d, Dst::Empty(_))) {
+            // SAFETY: as below; the destinations are populated (none is `Empty`).
+            let fixed = unsafe { folios_fix(&protected) };
+            self.tally.stats.recopied_bytes += *fixed.as_ref().unwrap_or(&0) as u64;
+            fixed.is_ok()
+        } else {
+            // SAFETY: every pair copied reads old pages isolated in our graveyard just
+            // before (no thread can write them) and writes a destination the pool handed us
+            // that nothing else refers to; the two never overlap.
+            unsafe { folios_copy_each(&protected, &kinds) }.is_ok()
+        };
+        self.tally.stats.copy_ns += t.elapsed().as_nanos() as u64;
+        if ok {
+            self.tally.stats.batch_copied_folios += protected.len() as u64;
+            for &i in piece {
+                if st.slots[i].info.contains(MigrateInfo::WAS_MAPPED) {
+                    st.slots[i].info.insert(MigrateInfo::ALREADY_COPIED);
+                }
+            }
+            self.move_copied(st);
+        } else {
+            self.tally.stats.fallback_folios += protected.len() as u64;
+        }
+    }
+
+    /// The pre-copy's reads of the folios `items` of a piece: each from the folio's live
+    /// memory to its place in its destination.
+    fn precopy_reads(&self, st: &BatchState, items: &[usize]) -> Vec<CopyPair> {
         let reads: Vec<CopyPair> = self
             .pairs(st, items)
             .0
@@ -153,13 +171,7 @@ impl<'a> Call<'a> {
             .filter(|&(_, &i)| !st.runs[st.slots[i].run].copy_in)
             .map(|(pair, &i)| CopyPair { src: st.slots[i].item.folio.addr(), ..pair })
             .collect();
-        for pair in coalesce(&reads) {
-            // SAFETY: the destination is a populated one the pool handed this call (the plan
-            // fills none empty with the pre-copy), which nothing else refers to until it is
-            // moved; the source is only read, by the kernel.
-            self.tally.stats.precopied_bytes += unsafe { mem.read_into(pair.src, pair.dst, pair.len) } as u64;
-        }
-        self.tally.stats.precopy_ns += t.elapsed().as_nanos() as u64;
+        coalesce(&reads).collect()
     }
 
     /// The copy of each live item into its destination, in order, and what that
@@ -258,7 +270,9 @@ impl<'a> Call<'a> {
             let on_complete = move |r: Range<usize>| {
                 let _ = done_tx.send(CopyEvent::Done(r));
             };
-            s.spawn(move || {
+            // With every signal blocked, as every thread of pagemig's. Should none start, the
+            // senders are gone with the closure and the default copy below does the batch.
+            let _ = crate::sys::thread::spawn_scoped(s, "pagemig-offload", move || {
                 // SAFETY: every source is an old page isolated in our graveyard (unmap phase),
                 // which no thread writes, every destination was handed to us by the pool and
                 // nothing else refers to it, and sources and destinations never overlap; the
@@ -301,4 +315,32 @@ impl<'a> Call<'a> {
             }
         }
     }
+}
+
+/// The end of the piece of `live` that starts at `at`: folios while they fit in `bytes`,
+/// at least one.
+fn piece_end(st: &BatchState, live: &[usize], at: usize, bytes: usize) -> usize {
+    let size = |k: usize| st.slots[live[k]].item.folio.size();
+    let mut end = at + 1;
+    let mut total = size(at);
+    while end < live.len() && total + size(end) <= bytes {
+        total += size(end);
+        end += 1;
+    }
+    end
+}
+
+/// Reads one piece of the pre-copy (`reads`, from [`Call::precopy_reads`]) through `mem`;
+/// returns the bytes read and how long it took, ns. A page that cannot be read now is
+/// left, and copied once protected.
+fn read_piece(mem: &ProcMem, reads: &[CopyPair]) -> (u64, u64) {
+    let t = Instant::now();
+    let mut bytes = 0;
+    for pair in reads {
+        // SAFETY: the destination is a populated one the pool handed this call (the plan
+        // fills none empty with the pre-copy), which nothing else refers to until it is
+        // moved, after this read; the source is only read, by the kernel.
+        bytes += unsafe { mem.read_into(pair.src, pair.dst, pair.len) } as u64;
+    }
+    (bytes, t.elapsed().as_nanos() as u64)
 }
