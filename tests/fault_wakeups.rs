@@ -1,0 +1,103 @@
+//! Threads of the program purge pages of a region and touch them again, in a tight loop,
+//! while calls migrate the region back to back: a touch inside a call's runs waits until
+//! the call's move or its end wakes it (pagemig wakes a range again once its unregistering
+//! returns: the kernel's own wake in `UFFDIO_UNREGISTER` comes before it write-locks each
+//! mapping). No thread may be left asleep (watchdog), no store lost, and the pages nobody
+//! purges keep every word.
+
+mod common;
+
+use common::node;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::changes;
+use common::watchdog;
+use pagemig::folio::Folio;
+use pagemig::sys::{Errno, PAGE_SIZE};
+use pagemig::workload::pattern_word;
+use pagemig::{Engine, Error, MigrateOptions, Mode, Reason};
+
+const PAGES: usize = 64;
+const THREADS: usize = 3;
+const SEED: u64 = 57;
+/// How long calls are made back to back.
+const FOR: Duration = Duration::from_secs(4);
+
+/// Whether page `p` is purged and touched by a thread (which one: `p % (THREADS + 1) - 1`);
+/// the others keep the pattern.
+fn touched(p: usize) -> Option<usize> {
+    (p % (THREADS + 1)).checked_sub(1)
+}
+
+#[test]
+fn threads_touching_purged_pages_as_calls_end_are_woken() {
+    let result = watchdog(Duration::from_secs(120), "threads_touching_purged_pages_as_calls_end_are_woken", || {
+        let len = PAGES * PAGE_SIZE;
+        let base = changes::mapping(len, PAGE_SIZE, SEED);
+        let folios: Vec<Folio<'static>> = (0..PAGES)
+            // SAFETY: the mapping lives for the rest of the process; the threads below only
+            // purge and store into it, which pagemig must survive.
+            .map(|p| unsafe { Folio::new(base + p * PAGE_SIZE, PAGE_SIZE) }.unwrap())
+            .collect();
+        let stop = AtomicBool::new(false);
+        // Per page, the last value its thread stored into its first word.
+        let last: Vec<AtomicU64> = (0..PAGES).map(|_| AtomicU64::new(0)).collect();
+        let (mut calls, mut stores) = (0u64, 0u64);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    let (stop, last) = (&stop, &last);
+                    s.spawn(move || {
+                        let mut n = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            for p in (0..PAGES).filter(|&p| touched(p) == Some(t)) {
+                                let page = base + p * PAGE_SIZE;
+                                // SAFETY: a page of the test's own mapping.
+                                unsafe { libc::madvise(page as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) };
+                                n += 1;
+                                // A fault on a page just purged: inside a call's runs it
+                                // waits for the call to end.
+                                // SAFETY: as above; only this thread stores there.
+                                unsafe { std::ptr::write_volatile(page as *mut u64, n) };
+                                last[p].store(n, Ordering::Relaxed);
+                            }
+                        }
+                        n
+                    })
+                })
+                .collect();
+            let opts = MigrateOptions::default();
+            let until = Instant::now() + FOR;
+            while Instant::now() < until {
+                match Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts) {
+                    Ok(_) | Err(Error::NotMovable { .. }) => {}
+                    // The pages purged meanwhile fail as the kernel's would.
+                    Err(Error::Partial { first, .. }) => {
+                        assert!([Errno::NOENT, Errno::FAULT].contains(&first.errno()), "{first}")
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+                calls += 1;
+            }
+            stop.store(true, Ordering::Relaxed);
+            stores = workers.into_iter().map(|w| w.join().unwrap()).sum();
+        });
+        for p in 0..PAGES {
+            let page = base + p * PAGE_SIZE;
+            match touched(p) {
+                Some(_) => assert_eq!(changes::word(page), last[p].load(Ordering::Relaxed), "page {p}: its last store"),
+                None => {
+                    let bad = (0..PAGE_SIZE / 8)
+                        .filter(|&i| changes::word(page + i * 8) != pattern_word(SEED, p * PAGE_SIZE / 8 + i))
+                        .count();
+                    assert_eq!(bad, 0, "page {p}: words changed");
+                }
+            }
+        }
+        (calls, stores)
+    });
+    eprintln!("{} calls, {} purges and stores", result.0, result.1);
+    assert!(result.0 > 100 && result.1 > 100, "{result:?}");
+}
