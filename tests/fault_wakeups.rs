@@ -84,10 +84,10 @@ fn threads_touching_purged_pages_as_calls_end_are_woken() {
             stop.store(true, Ordering::Relaxed);
             stores = workers.into_iter().map(|w| w.join().unwrap()).sum();
         });
-        for p in 0..PAGES {
+        for (p, last) in last.iter().enumerate() {
             let page = base + p * PAGE_SIZE;
             match touched(p) {
-                Some(_) => assert_eq!(changes::word(page), last[p].load(Ordering::Relaxed), "page {p}: its last store"),
+                Some(_) => assert_eq!(changes::word(page), last.load(Ordering::Relaxed), "page {p}: its last store"),
                 None => {
                     let bad = (0..PAGE_SIZE / 8)
                         .filter(|&i| changes::word(page + i * 8) != pattern_word(SEED, p * PAGE_SIZE / 8 + i))
