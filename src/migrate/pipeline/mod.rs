@@ -335,7 +335,7 @@ impl<'a> Call<'a> {
         if self.plan.lazy && !live.is_empty() {
             self.copy_pieces(&mut st, &live);
         } else if self.plan.batch_copy && !live.is_empty() {
-            self.batch_copy(&mut st, &live);
+            self.batch_copy(&mut st, &live, true);
         } else {
             self.tally.stats.single_copied_folios += live.len() as u64;
         }
