@@ -258,6 +258,9 @@ impl Engine {
                 })
                 .flatten();
             let tx = mover.is_some().then_some(tx);
+            // The pre-copy's reader, for the whole call; without one (the program's
+            // descriptor limit reached) pieces are copied once protected, as without it.
+            let procmem = plan.precopy.then(crate::sys::ProcMem::open).and_then(Result::ok);
             let mut ctx = pipeline::Call {
                 engine: self,
                 target,
@@ -267,6 +270,7 @@ impl Engine {
                 mover: tx.as_ref(),
                 reporter,
                 abort,
+                procmem: procmem.as_ref(),
                 held: Vec::new(),
             };
             // A panic of pagemig's own stops the call like one in caller code: the batch's

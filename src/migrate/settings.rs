@@ -148,7 +148,7 @@ settings! {
     /// for that comparison, not for the whole copy. Off by default: the reads go through
     /// `/proc/self/mem` (a read that meets memory the program purged meanwhile must fail
     /// rather than wait), slower than the copy it saves the waiters, and the pieces are
-    /// small (512 KiB, or one folio).
+    /// small (256 KiB, or one folio).
     precopy: bool = false, accepts "0 or 1", valid |_| true;
 }
 

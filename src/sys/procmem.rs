@@ -12,7 +12,7 @@
 //! such reads through (`vm_ops->access`, as `/dev/mem` does), mapped by another thread in
 //! the very place the program unmapped during the read, would have its registers read.
 //!
-//! The descriptor is opened for one batch and closed at its end. A program may close every
+//! The descriptor is opened for one call and closed at its end. A program may close every
 //! descriptor and reuse the number meanwhile: each read first proves the number still
 //! names `/proc/self/mem` (its inode), and the close leaves a number that names another
 //! file alone.

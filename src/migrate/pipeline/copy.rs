@@ -34,10 +34,8 @@ impl<'a> Call<'a> {
     /// its own and reports its parts as they complete. With the pre-copy, see
     /// [`Call::copy_precopied`].
     pub(super) fn copy_pieces(&mut self, st: &mut BatchState, live: &[usize]) {
-        // The pre-copy's reader, for this batch; without one (the program's descriptor
-        // limit reached) pieces are copied once protected, as without the pre-copy.
-        if let Some(mem) = (self.plan.precopy && !self.plan.offload).then(ProcMem::open).and_then(Result::ok) {
-            return self.copy_precopied(st, live, &mem);
+        if let Some(mem) = self.procmem {
+            return self.copy_precopied(st, live, mem);
         }
         let mut at = 0;
         let mut done_bytes = 0;
@@ -54,8 +52,7 @@ impl<'a> Call<'a> {
                 HPAGE_SIZE.max(done_bytes).min(CPU_PIECE_MAX).min(budget.unwrap_or(usize::MAX))
             };
             let piece_started = Instant::now();
-            let end = piece_end(st, live, at, piece);
-            let bytes: usize = live[at..end].iter().map(|&i| st.slots[i].item.folio.size()).sum();
+            let (end, bytes) = piece_end(st, live, at, piece);
             done_bytes += bytes;
             self.protect_piece(st, &live[at..end]);
             if self.plan.offload {
@@ -91,7 +88,7 @@ impl<'a> Call<'a> {
     fn copy_precopied(&mut self, st: &mut BatchState, live: &[usize], mem: &ProcMem) {
         let mut at = 0;
         while at < live.len() && !self.abort.is_set() {
-            let end = piece_end(st, live, at, PRECOPY_PIECE);
+            let (end, _) = piece_end(st, live, at, PRECOPY_PIECE);
             let (bytes, ns) = read_piece(mem, &self.precopy_reads(st, &live[at..end]));
             self.tally.stats.precopied_bytes += bytes;
             self.tally.stats.precopy_ns += ns;
@@ -161,14 +158,14 @@ impl<'a> Call<'a> {
     }
 
     /// The pre-copy's reads of the folios `items` of a piece: each from the folio's live
-    /// memory to its place in its destination.
+    /// memory to its place in its destination (the plan copies nothing in with the
+    /// pre-copy: every run has one).
     fn precopy_reads(&self, st: &BatchState, items: &[usize]) -> Vec<CopyPair> {
         let reads: Vec<CopyPair> = self
             .pairs(st, items)
             .0
             .into_iter()
             .zip(items)
-            .filter(|&(_, &i)| !st.runs[st.slots[i].run].copy_in)
             .map(|(pair, &i)| CopyPair { src: st.slots[i].item.folio.addr(), ..pair })
             .collect();
         coalesce(&reads).collect()
@@ -211,7 +208,7 @@ impl<'a> Call<'a> {
     /// piece of one huge page or less, goes to the migrator on this thread and moves once
     /// copied: moving a part while the rest is copied gains little there, and the thread
     /// started for it cost more (2-core AMD EPYC, mtcopy, batch 512, 5 alternating pairs:
-    /// critical path 1.26x at 2 MiB, 1.16x at 4 KiB).
+    /// critical path 1.41x at 2 MiB, 1.19x at 4 KiB).
     pub(super) fn batch_copy(&mut self, st: &mut BatchState, live: &[usize], last: bool) {
         let (pairs, dsts) = self.pairs(st, live);
         if self.opts.faults().fail_batch_copy {
@@ -328,9 +325,9 @@ impl<'a> Call<'a> {
     }
 }
 
-/// The end of the piece of `live` that starts at `at`: folios while they fit in `bytes`,
-/// at least one.
-fn piece_end(st: &BatchState, live: &[usize], at: usize, bytes: usize) -> usize {
+/// The end of the piece of `live` that starts at `at` (folios while they fit in `bytes`,
+/// at least one), and its bytes.
+fn piece_end(st: &BatchState, live: &[usize], at: usize, bytes: usize) -> (usize, usize) {
     let size = |k: usize| st.slots[live[k]].item.folio.size();
     let mut end = at + 1;
     let mut total = size(at);
@@ -338,7 +335,7 @@ fn piece_end(st: &BatchState, live: &[usize], at: usize, bytes: usize) -> usize 
         total += size(end);
         end += 1;
     }
-    end
+    (end, total)
 }
 
 /// Reads one piece of the pre-copy (`reads`, from [`Call::precopy_reads`]) through `mem`;

@@ -94,8 +94,8 @@ impl Plan {
         let lazy = batch_copy && pipelined && !opts.faults().fail_batch_copy;
         let precopy = settings.precopy && lazy && !offload;
         // The pre-copy moves each piece here, right after its comparison: queued behind the
-        // mover's earlier moves, the program's threads waited for those too (p99 1.1 ms
-        // against 0.14 ms with one writer at 4 KiB).
+        // mover's earlier moves, the program's threads waited for those too (512 KiB pieces
+        // of base pages, one writer: p99 937 µs against 139 µs).
         let threaded = settings.mover
             && bytes > sys::HPAGE_SIZE
             && !items.first().is_some_and(|it| it.folio.is_pmd())
@@ -178,6 +178,9 @@ pub(super) struct Call<'a> {
     pub reporter: &'a mover::Reporter<'a>,
     /// Raised when caller code panicked: nothing more moves.
     pub abort: &'a Abort,
+    /// The pre-copy's reader of the program's memory, where the plan pre-copies and one
+    /// could be opened.
+    pub procmem: Option<&'a crate::sys::ProcMem>,
     /// Folios whose pages were held elsewhere (`EBUSY`), for the next pass, with why.
     pub held: Vec<Held>,
 }
