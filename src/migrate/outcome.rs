@@ -74,6 +74,11 @@ pub(super) fn classify(phase: Phase, errno: Errno) -> (&'static str, Errno) {
         }
         (Phase::Isolate, Errno::AGAIN | Errno::FAULT) => ("migrate (a page is not present)", Errno::NOENT),
         (Phase::Isolate, Errno::NOENT) => ("migrate (the memory was unmapped meanwhile)", Errno::FAULT),
+        // A page in the graveyard the old pages go to: another reader of this memory
+        // faulted there again and again. Tried again on a later pass.
+        (Phase::Isolate, Errno::EXIST) => {
+            ("migrate (another reader of this memory kept touching pagemig's graveyard)", Errno::BUSY)
+        }
         (Phase::Isolate, Errno::INVAL) => {
             ("migrate (the mapping's protection or locking changed meanwhile)", Errno::ACCESS)
         }
@@ -105,6 +110,7 @@ mod tests {
         assert_eq!(status(Phase::Isolate, Errno::AGAIN), Errno::NOENT);
         assert_eq!(status(Phase::Isolate, Errno::NOENT), Errno::FAULT);
         assert_eq!(status(Phase::Isolate, Errno::INVAL), Errno::ACCESS);
+        assert_eq!(status(Phase::Isolate, Errno::EXIST), Errno::BUSY);
         assert_eq!(status(Phase::Isolate, Errno::IO), Errno::IO);
         // Moving or copying in: the range gone (whatever the kernel calls it) is unmapped.
         for phase in [Phase::MoveIn, Phase::CopyIn] {

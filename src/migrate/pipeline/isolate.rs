@@ -19,6 +19,10 @@ use crate::migrate::mover::{self, GONE, Patience, overlaps, unprotect};
 use crate::migrate::outcome::{Phase, classify};
 use crate::sys::{self, Advice, Errno};
 
+/// How many times one isolation empties a graveyard part that a stranger's read filled
+/// before it gives up on the folio for this pass (`EBUSY`: a later pass tries again).
+const GRAVE_CLEARS: u32 = 3;
+
 impl<'a> Call<'a> {
     /// Write-protects and isolates each run with one call each, recording the state on the
     /// destinations.
@@ -97,6 +101,7 @@ impl<'a> Call<'a> {
             let mut patience = Patience::new();
             let mut unshared_to = start;
             let mut one_by_one = start;
+            let mut cleared = 0;
             let mut at = start;
             while at < end {
                 // Read again at every step: the lock may have been let go meanwhile.
@@ -143,6 +148,19 @@ impl<'a> Call<'a> {
                     empty.merge(mover::put_back_counted(engine, &mut claims, fk.addr(), bad));
                 }
                 at = fk.addr();
+                if errno == Errno::EXIST && cleared < GRAVE_CLEARS {
+                    // The graveyard was empty when mapped and took nothing but this run's
+                    // old pages, and the part from `at` on went back above: a page there
+                    // is one the engine's fault handler gave a stranger that read this
+                    // address space (another thread or process, `process_vm_readv`).
+                    // Emptied, and the move tried again.
+                    cleared += 1;
+                    // SAFETY: `[grave(at), grave(stretch_end))` is this run's graveyard
+                    // part for folios not isolated (their moved pages went back): it holds
+                    // nothing of anyone's.
+                    let _ = unsafe { sys::discard(grave(at), stretch_end - at) };
+                    continue;
+                }
                 if patience.wait(&mut claims, errno, bad) {
                     continue;
                 }

@@ -1,0 +1,124 @@
+//! Another thread reads every mapping of the process while it migrates, the way a profiler,
+//! a crash reporter or a conservative collector scans memory with `process_vm_readv`: it
+//! reads pagemig's own mappings too — the graveyards the old pages are moved into, the
+//! destinations, the event reader's holdings — and its faults there are answered by the
+//! engine's fault handler with pages of zeros. None of that may make a migration fail or
+//! lose a byte: every folio moves, every word is as it was, every page is on a new frame.
+//! (Alone in its binary: the scanner faults in pages of whatever else the process maps.)
+
+mod common;
+
+use common::node;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use common::watchdog;
+use pagemig::sys::PAGE_SIZE;
+use pagemig::workload::{self, WriteLog};
+use pagemig::{Engine, FaultInjection, MigrateOptions, Mode, Reason, Region, numa};
+
+/// Reads every page of `[start, end)` with `process_vm_readv`, one page per call (a page
+/// that cannot be read fails alone); returns the pages read.
+fn read_pages(start: usize, end: usize, buf: &mut [u8]) -> u64 {
+    let mut read = 0;
+    for page in (start..end).step_by(PAGE_SIZE) {
+        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: PAGE_SIZE };
+        let remote = libc::iovec { iov_base: page as *mut libc::c_void, iov_len: PAGE_SIZE };
+        // SAFETY: reads one page of this process into `buf`, or fails (EFAULT): the kernel
+        // checks the remote address, and the local buffer is ours.
+        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+        read += u64::from(n == PAGE_SIZE as isize);
+    }
+    read
+}
+
+/// Until `stop`, reads every readable mapping of the process that was not there when it
+/// began (`known`), except `skip` (the region under test: a read there waits for its
+/// move): pagemig's graveyards, destinations and holdings among them. Returns the pages
+/// read.
+fn scan(known: &HashSet<(usize, usize)>, skip: (usize, usize), stop: &AtomicBool) -> u64 {
+    let mut buf = vec![0u8; PAGE_SIZE];
+    let mut read = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let Ok(vmas) = pagemig::maps::vmas() else { continue };
+        for v in vmas {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let fresh = !known.contains(&(v.start, v.end));
+            let small = v.end - v.start <= 256 << 20;
+            if fresh && small && v.perms.starts_with('r') && (v.end <= skip.0 || skip.1 <= v.start) {
+                read += read_pages(v.start, v.end, &mut buf);
+            }
+        }
+    }
+    read
+}
+
+/// Sets its flag when dropped.
+struct StopOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+fn migrations_while_a_scanner_reads(folio: usize, precopy: bool) {
+    const ROUNDS: usize = 6;
+    let known: HashSet<(usize, usize)> = pagemig::maps::vmas().unwrap().into_iter().map(|v| (v.start, v.end)).collect();
+    let region: &'static Region = common::leak(Region::new(16 << 20, folio, Some(node())).unwrap());
+    let seed = 31 + folio as u64;
+    workload::fill(region, seed);
+    let what = format!("folio {folio}, precopy {precopy}");
+    let scanned: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+    watchdog(Duration::from_secs(240), &what.clone(), move || {
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let scanner = s.spawn(|| scan(&known, (region.addr(), region.addr() + region.len()), &stop));
+            // The scanner stops however this thread leaves the scope (a failed check too).
+            let _stop = StopOnDrop(&stop);
+            for round in 0..ROUNDS {
+                // Each batch's first piece held between its read and its isolation: the
+                // graveyard is mapped and empty meanwhile, in the scanner's way.
+                let fault = FaultInjection {
+                    delay_after_precopy: precopy.then_some(Duration::from_millis(20)),
+                    ..Default::default()
+                };
+                let opts = MigrateOptions::default().fault(fault).max_batch_pages(512).precopy(precopy);
+                let before = numa::page_frames(region.addr(), region.len()).unwrap();
+                let stats = Engine::global()
+                    .unwrap()
+                    .migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+                    .unwrap_or_else(|e| panic!("{what}, round {round}: {e}"));
+                assert_eq!(stats.succeeded_folios as usize, region.len() / folio, "{what}: {stats:?}");
+                let report = workload::verify(region, seed, &WriteLog::default());
+                assert!(report.ok(), "{what}, round {round}: {report:?}");
+                let placement = region.placement().unwrap();
+                assert_eq!(placement.get(&(node() as i32)).copied(), Some(region.len() / PAGE_SIZE), "{what}");
+                let after = numa::page_frames(region.addr(), region.len()).unwrap();
+                if before.iter().chain(&after).any(|f| f.is_some_and(|pfn| pfn != 0)) {
+                    for (i, (b, a)) in before.iter().zip(&after).enumerate() {
+                        assert!(a.is_some() && a != b, "{what}: page {i} on frame {b:?} before and {a:?} after");
+                    }
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+            scanned.store(scanner.join().unwrap(), Ordering::Relaxed);
+        });
+    });
+    // The scanner did read pagemig's mappings (there were fresh ones to read).
+    assert!(scanned.load(Ordering::Relaxed) > 0, "{folio}, {precopy}: the scanner read nothing");
+}
+
+#[test]
+fn a_thread_reading_every_mapping_fails_no_migration() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "a_thread_reading_every_mapping_fails_no_migration");
+    for folio in [PAGE_SIZE, 2 << 20] {
+        for precopy in [false, true] {
+            migrations_while_a_scanner_reads(folio, precopy);
+        }
+    }
+}
