@@ -4,20 +4,24 @@
 //! destinations, the event reader's holdings — and its faults there are answered by the
 //! engine's fault handler with pages of zeros. None of that may make a migration fail or
 //! lose a byte: every folio moves, every word is as it was, every page is on a new frame.
-//! (Alone in its binary: the scanner faults in pages of whatever else the process maps.)
+//! Another pins pagemig's pages for a while, as io_uring's fixed buffers do: an old page
+//! pinned in its graveyard cannot be moved back where it was, and is copied back instead.
+//! (Alone in their binary: the strangers fault in and pin pages of whatever else the
+//! process maps.)
 
 mod common;
 
 use common::node;
 
 use std::collections::HashSet;
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::watchdog;
-use pagemig::sys::PAGE_SIZE;
+use pagemig::sys::{Errno, PAGE_SIZE};
 use pagemig::workload::{self, WriteLog};
-use pagemig::{Engine, FaultInjection, MigrateOptions, Mode, Reason, Region, numa};
+use pagemig::{Engine, Error, FaultInjection, MigrateOptions, Mode, Reason, Region, numa};
 
 /// Reads every page of `[start, end)` with `process_vm_readv`, one page per call (a page
 /// that cannot be read fails alone); returns the pages read.
@@ -120,5 +124,113 @@ fn a_thread_reading_every_mapping_fails_no_migration() {
         for precopy in [false, true] {
             migrations_while_a_scanner_reads(folio, precopy);
         }
+    }
+}
+
+/// Pins `[addr, addr + len)` as io_uring's fixed buffers do (`FOLL_LONGTERM`) until
+/// dropped; `None` where the kernel refuses (no io_uring, a mapping that cannot be pinned).
+fn pin(addr: usize, len: usize) -> Option<OwnedFd> {
+    let mut params = [0u8; 120];
+    // SAFETY: io_uring_setup(2) with a zeroed struct io_uring_params (120 bytes) it fills.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: a descriptor io_uring_setup just returned, owned here alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let iov = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len };
+    // SAFETY: IORING_REGISTER_BUFFERS (0) of one iovec: the kernel pins the pages (faulting
+    // them in) or fails; it never writes them.
+    let r =
+        unsafe { libc::syscall(libc::SYS_io_uring_register, std::os::fd::AsRawFd::as_raw_fd(&fd), 0u32, &iov, 1u32) };
+    (r == 0).then_some(fd)
+}
+
+/// Until `stop`, pins each fresh private mapping of the process (not in `known`, not
+/// `skip`) for `hold` as soon as it appears: pagemig's graveyards, destinations and
+/// holdings. Returns how many mappings it pinned.
+fn pin_fresh(known: &HashSet<(usize, usize)>, skip: (usize, usize), hold: Duration, stop: &AtomicBool) -> u64 {
+    let mut pins: Vec<(Instant, OwnedFd)> = Vec::new();
+    let mut seen: HashSet<(usize, usize)> = HashSet::new();
+    let mut pinned = 0;
+    while !stop.load(Ordering::Relaxed) {
+        pins.retain(|(at, _)| at.elapsed() < hold);
+        for v in pagemig::maps::vmas().unwrap_or_default() {
+            let fresh = !known.contains(&(v.start, v.end)) && seen.insert((v.start, v.end));
+            let small = v.end - v.start <= 64 << 20;
+            if fresh && small && v.perms.starts_with("rw") && (v.end <= skip.0 || skip.1 <= v.start) {
+                if let Some(fd) = pin(v.start, v.end - v.start) {
+                    pins.push((Instant::now(), fd));
+                    pinned += 1;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    pinned
+}
+
+/// Moves that fail (injected) after a 60 ms hold, while a stranger pins every fresh
+/// mapping for 250 ms: the failing folios' old pages, pinned in their graveyard, go back
+/// all the same. Every folio moves or fails with the injected error or `EBUSY` (a stranger
+/// pinning the destination), and every word is as it was.
+fn failed_moves_while_a_stranger_pins(folio: usize) {
+    let known: HashSet<(usize, usize)> = pagemig::maps::vmas().unwrap().into_iter().map(|v| (v.start, v.end)).collect();
+    let region: &'static Region = common::leak(Region::new(8 << 20, folio, Some(node())).unwrap());
+    let seed = 77 + folio as u64;
+    workload::fill(region, seed);
+    let nr = region.len() / folio;
+    let what = format!("folio {folio}");
+    let pinned: &'static AtomicU64 = Box::leak(Box::new(AtomicU64::new(0)));
+    let result = watchdog(Duration::from_secs(240), &what.clone(), move || {
+        let stop = AtomicBool::new(false);
+        let skip = (region.addr(), region.addr() + region.len());
+        std::thread::scope(|s| {
+            let stranger = s.spawn(|| pin_fresh(&known, skip, Duration::from_millis(250), &stop));
+            let _stop = StopOnDrop(&stop);
+            // Let the stranger take in what the process mapped before the call.
+            std::thread::sleep(Duration::from_millis(50));
+            let fault = FaultInjection {
+                fail_move: (0..nr).step_by(3).collect(),
+                delay_move: Some(Duration::from_millis(60)),
+                ..Default::default()
+            };
+            let opts = MigrateOptions::default().fault(fault).max_batch_pages(512).precopy(false);
+            let result =
+                Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts);
+            stop.store(true, Ordering::Relaxed);
+            pinned.store(stranger.join().unwrap(), Ordering::Relaxed);
+            result
+        })
+    });
+    match &result {
+        Ok(stats) => panic!("{what}: the injected failures did not fail ({stats:?})"),
+        Err(Error::Partial { stats, .. }) => {
+            for f in &stats.failures {
+                let errno = Errno::from_raw_os_error(f.errno);
+                assert!([Errno::IO, Errno::BUSY].contains(&errno), "{what}: {f:?}");
+            }
+        }
+        Err(e) => panic!("{what}: {e}"),
+    }
+    let report = workload::verify(region, seed, &WriteLog::default());
+    let first = match &result {
+        Err(Error::Partial { first, failed, .. }) => format!("{failed} failed, the first: {first}"),
+        _ => String::new(),
+    };
+    assert!(report.ok(), "{what}: {report:?} ({first})");
+    assert!(pinned.load(Ordering::Relaxed) > 0, "{what}: the stranger pinned nothing");
+    common::assert_writable(region);
+}
+
+#[test]
+fn old_pages_pinned_by_a_stranger_go_back() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "old_pages_pinned_by_a_stranger_go_back");
+    if pin(common::leak(Region::new(2 << 20, PAGE_SIZE, None).unwrap()).addr(), PAGE_SIZE).is_none() {
+        eprintln!("io_uring cannot pin pages here: nothing to test");
+        return;
+    }
+    for folio in [PAGE_SIZE, 2 << 20] {
+        failed_moves_while_a_stranger_pins(folio);
     }
 }

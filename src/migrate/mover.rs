@@ -409,21 +409,26 @@ pub(super) fn put_back_counted(
             Some(errno) if patience.wait(claims, errno, g + moved) || patience.wait_event(claims, errno, s + moved) => {
                 s + moved
             }
-            // The program changed the mapping's protection or locking meanwhile, and pages
-            // move only between mappings alike: copied back instead (new pages, same data;
-            // the mapping may be read-only now, a copy fills it all the same).
-            // SAFETY: the rest of `[s, e)` is empty and every access to it waits for exactly
-            // this data, which the graveyard holds.
-            Some(Errno::INVAL) => match unsafe { engine.uffd.copy(s + moved, g + moved, e - s - moved) } {
-                Err((copied, errno))
-                    if patience.wait(claims, errno, g + moved + copied)
-                        || patience.wait_event(claims, errno, s + moved + copied) =>
-                {
-                    s + moved + copied
+            // The old pages will not move back: the program changed the mapping's
+            // protection or locking meanwhile, and pages move only between mappings alike
+            // (`EINVAL`); a stranger pinned one in the graveyard, reading pagemig's memory
+            // (`EBUSY`); no page table could be had (`ENOMEM`). Copied back instead (new
+            // pages, same data; the mapping may be read-only now, a copy fills it all the
+            // same): never dropped while the source is there to take them.
+            Some(Errno::INVAL | Errno::BUSY | Errno::NOMEM) => {
+                // SAFETY: the rest of `[s, e)` is empty and every access to it waits for
+                // exactly this data, which the graveyard holds.
+                match unsafe { engine.uffd.copy(s + moved, g + moved, e - s - moved) } {
+                    Err((copied, errno))
+                        if patience.wait(claims, errno, g + moved + copied)
+                            || patience.wait_event(claims, errno, s + moved + copied) =>
+                    {
+                        s + moved + copied
+                    }
+                    // Done, or unmapped by the program meanwhile.
+                    _ => e,
                 }
-                // Done, or unmapped by the program meanwhile.
-                _ => e,
-            },
+            }
             // Unmapped by the program (the event read): the pages go with the graveyard.
             Some(_) => e,
         };
