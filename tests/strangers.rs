@@ -117,8 +117,12 @@ fn migrations_while_a_scanner_reads(folio: usize, precopy: bool) {
     assert!(scanned.load(Ordering::Relaxed) > 0, "{folio}, {precopy}: the scanner read nothing");
 }
 
+/// Held by each test: the strangers of one would read or pin the other's memory.
+static ALONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn a_thread_reading_every_mapping_fails_no_migration() {
+    let _alone = ALONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "a_thread_reading_every_mapping_fails_no_migration");
     for folio in [PAGE_SIZE, 2 << 20] {
         for precopy in [false, true] {
@@ -225,6 +229,7 @@ fn failed_moves_while_a_stranger_pins(folio: usize) {
 
 #[test]
 fn old_pages_pinned_by_a_stranger_go_back() {
+    let _alone = ALONE.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "old_pages_pinned_by_a_stranger_go_back");
     if pin(common::leak(Region::new(2 << 20, PAGE_SIZE, None).unwrap()).addr(), PAGE_SIZE).is_none() {
         eprintln!("io_uring cannot pin pages here: nothing to test");
