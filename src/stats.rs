@@ -53,6 +53,9 @@ pub struct MigrateStats {
     pub precopy_ns: u64,
     /// Time spent populating destinations (off the critical path when prefilled).
     pub prepare_ns: u64,
+    /// Bytes of destinations a helper thread populated ahead while the call copied
+    /// (`migrate/prepare_ahead_mib`).
+    pub prepared_ahead_bytes: u64,
     /// Time spent write-protecting sources.
     pub unmap_ns: u64,
     /// Time spent copying.
@@ -111,6 +114,7 @@ impl MigrateStats {
             recopied_bytes,
             precopy_ns,
             prepare_ns,
+            prepared_ahead_bytes,
             unmap_ns,
             copy_ns,
             move_ns,
@@ -141,6 +145,7 @@ impl MigrateStats {
         self.recopied_bytes += recopied_bytes;
         self.precopy_ns += precopy_ns;
         self.prepare_ns += prepare_ns;
+        self.prepared_ahead_bytes += prepared_ahead_bytes;
         self.unmap_ns += unmap_ns;
         self.copy_ns += copy_ns;
         self.move_ns += move_ns;

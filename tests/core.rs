@@ -659,3 +659,40 @@ fn every_destination_path_moves_every_byte_and_write() {
         }
     }
 }
+
+/// Huge-page destinations populated ahead by a helper thread (`migrate/prepare_ahead_mib`)
+/// while the call copies, two threads writing all along, with and without the pre-copy, at
+/// the default batch and at 4096 pages: every byte and write kept, every page on the node,
+/// on a new frame and still huge; the helper did populate, and nothing without it.
+#[test]
+fn huge_pages_with_their_destinations_prepared_ahead() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "huge_pages_with_their_destinations_prepared_ahead");
+    let size = 64 << 20;
+    for (batch, precopy, ahead) in [(512, false, 8), (4096, false, 8), (512, true, 8), (512, false, 0)] {
+        let what = format!("batch {batch}, pre-copy {precopy}, {ahead} MiB ahead");
+        let region = Region::new(size, 2 << 20, Some(node())).unwrap();
+        workload::fill(&region, 11);
+        let thp_before = region.anon_huge_bytes().unwrap();
+        let frames_before = numa::page_frames(region.addr(), size).unwrap();
+        let opts = MigrateOptions::default().max_batch_pages(batch).precopy(precopy).prepare_ahead_mib(ahead);
+        let (result, log) = workload::with_writers(&region, 2, || {
+            Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+        });
+        let stats = result.unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(stats.succeeded_folios as usize, size >> 21, "{what}");
+        let report = workload::verify(&region, 11, &log);
+        assert!(report.ok(), "{what}: {report:?}");
+        assert!(log.writes > 0, "{what}");
+        assert_on_node(&region, node());
+        assert_new_frames(&frames_before, &numa::page_frames(region.addr(), size).unwrap());
+        assert_eq!(region.anon_huge_bytes().unwrap(), thp_before, "{what}: huge pages split");
+        // The helper runs only where the node has free memory for twice the call.
+        let free = numa::meminfo(node()).map_or(0, |m| m.1);
+        if ahead == 0 {
+            assert_eq!(stats.prepared_ahead_bytes, 0, "{what}");
+        } else if free >= 4 * size as u64 {
+            assert!(stats.prepared_ahead_bytes > 0, "{what}: {stats:?}");
+            assert!(stats.prepared_ahead_bytes as usize <= size - batch * 4096, "{what}: {stats:?}");
+        }
+    }
+}

@@ -19,6 +19,7 @@
 //! | `migrate/fill_empty` | rw | `1` leaves base-page destinations without pages and fills them with `UFFDIO_COPY` (never zeroed), `0` populates them first |
 //! | `migrate/piece_budget_us` | rw | `0` lets the pipelined CPU copy's pieces grow to 16 MiB; else, 50 … 100000: a piece is cut where isolating and copying it would take longer than this many µs at the pace of the pieces before it (down to 512 KiB) |
 //! | `migrate/precopy` | rw | `1` reads each piece of the pipelined CPU copy while it is still writable, then write-protects it and copies again only the pages that differ (the program's threads wait for the comparison, not the copy); `0` copies only once protected |
+//! | `migrate/prepare_ahead_mib` | rw | `0`: each batch of huge pages populates its destination as it begins; else up to this many MiB (at least two batches) of the next destinations are populated meanwhile by a helper thread; 8 by default where the process may run on 4 CPUs or more, else 0 |
 //! | `migrate/mover` | rw | `1` moves base-page runs on a thread of their own, overlapping the next copy |
 //! | `offload/active` | ro | the active migrator's name, or empty |
 //!
@@ -95,6 +96,7 @@ pub const ATTRS: &[Attr] = &[
     setting(5),
     setting(6),
     setting(7),
+    setting(8),
     Attr { path: "migrate/copy_kernel", writable: true, accepts: "auto, nt, nt2 or memcpy", persistent: true },
     Attr { path: "offload/active", writable: false, accepts: "nothing (read-only)", persistent: false },
 ];

@@ -237,6 +237,8 @@ impl Engine {
         let reporter = &reporter;
         let abort = abort::Abort::default();
         let abort = &abort;
+        let preparing = std::sync::atomic::AtomicBool::new(plan.prepare_ahead > 0);
+        let preparing = &preparing;
         let moved_there = std::thread::scope(|s| {
             // The progress callback's own thread (see `mover::Reporter`).
             let progress = reporter
@@ -258,6 +260,26 @@ impl Engine {
                 })
                 .flatten();
             let tx = mover.is_some().then_some(tx);
+            // The helper that populates the next huge-page destinations meanwhile.
+            let key = crate::pool::Key { node: target, thp: items[0].thp, empty: false };
+            let call_bytes: usize = items.iter().map(|it| it.folio.size()).sum();
+            let helper = (plan.prepare_ahead > 0)
+                .then(|| {
+                    crate::sys::thread::spawn_scoped(s, "pagemig-prepare", move || {
+                        let _helper = self.pool.helper_started();
+                        // What the first batch does not populate itself, at most.
+                        let most = call_bytes.saturating_sub(settings.max_batch_pages * crate::sys::PAGE_SIZE);
+                        let mut budget = most;
+                        while budget > 0 && preparing.load(std::sync::atomic::Ordering::Relaxed) {
+                            let step = crate::sys::HPAGE_SIZE.min(budget);
+                            let wait = std::time::Duration::from_millis(5);
+                            budget -= self.pool.populate_ahead(key, plan.prepare_ahead, step, wait);
+                        }
+                        (most - budget) as u64
+                    })
+                    .ok()
+                })
+                .flatten();
             // The pre-copy's reader, for the whole call; without one (the program's
             // descriptor limit reached) pieces are copied once protected, as without it.
             let procmem = plan.precopy.then(crate::sys::ProcMem::open).and_then(Result::ok);
@@ -282,6 +304,11 @@ impl Engine {
                 abort.raise("pagemig", crate::offload::registry::panic_message(payload.as_ref()));
             }
             drop(tx);
+            preparing.store(false, std::sync::atomic::Ordering::Relaxed);
+            if let Some(h) = helper {
+                self.pool.wake_helpers();
+                tally.stats.prepared_ahead_bytes += h.join().unwrap_or(0);
+            }
             let moved_there = mover.and_then(|h| h.join().ok());
             // Every folio has moved or been put back: a callback waiting on one goes on.
             reporter.finish();

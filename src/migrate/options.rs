@@ -84,6 +84,9 @@ pub struct MigrateOptions {
     /// Pre-copy each piece while it is still writable, then copy again only what differs
     /// (`None`: the engine's setting, `migrate/precopy`).
     pub precopy: Option<bool>,
+    /// MiB of huge-page destinations a helper thread populates ahead while the call copies
+    /// (`None`: the engine's setting, `migrate/prepare_ahead_mib`; 0 for none).
+    pub prepare_ahead_mib: Option<usize>,
     /// Failures to inject (with the `internals` feature: pagemig's own tests).
     #[cfg(feature = "internals")]
     pub fault: FaultInjection,
@@ -109,6 +112,7 @@ impl std::fmt::Debug for MigrateOptions {
             .field("copy_in", &self.copy_in)
             .field("piece_budget_us", &self.piece_budget_us)
             .field("precopy", &self.precopy)
+            .field("prepare_ahead_mib", &self.prepare_ahead_mib)
             .field("progress", &self.progress.is_some())
             .field("cancel", &self.cancel)
             .field("deadline", &self.deadline)
@@ -138,6 +142,15 @@ impl MigrateOptions {
     #[must_use]
     pub fn precopy(mut self, on: bool) -> Self {
         self.precopy = Some(on);
+        self
+    }
+
+    /// Lets a helper thread populate up to `mib` MiB (at least two batches) of the next
+    /// huge-page destinations while the call copies; 0: each batch populates its own
+    /// (`migrate/prepare_ahead_mib`).
+    #[must_use]
+    pub fn prepare_ahead_mib(mut self, mib: usize) -> Self {
+        self.prepare_ahead_mib = Some(mib);
         self
     }
 

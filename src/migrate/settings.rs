@@ -150,6 +150,20 @@ settings! {
     /// rather than wait), slower than the copy it saves the waiters, and the pieces are
     /// small (256 KiB, or one folio).
     precopy: bool = false, accepts "0 or 1", valid |_| true;
+    /// Huge-page destinations populated ahead by a helper thread while the call copies, up
+    /// to this many MiB past the next destination and at least two batches (0: each batch
+    /// populates its own destination when it begins). Only where the target node has free
+    /// memory for twice the call: the helper populates by touching each page. By default
+    /// 8 where the process may run on 4 CPUs or more, else 0: the helper's zeroing needs a
+    /// CPU of its own (1 GiB of 2 MiB folios, 5 alternating pairs, end to end: 1.16x at the
+    /// default batch and 1.44x at 4096 pages on a 16-core Intel Xeon VM, 0.84x and 1.04x on
+    /// a 2-core AMD EPYC VM).
+    prepare_ahead_mib: usize = default_prepare_ahead_mib(), accepts "an integer from 0 to 1024", valid |n| n <= 1024;
+}
+
+/// `migrate/prepare_ahead_mib`'s default: 8 where the process may run on 4 CPUs or more.
+fn default_prepare_ahead_mib() -> usize {
+    if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 4) { 8 } else { 0 }
 }
 
 /// An engine's settings, read and written from any thread without a lock (a forked child
@@ -213,7 +227,7 @@ mod tests {
     #[test]
     fn every_setting_has_an_attribute_that_reads_what_it_writes() {
         let mut s = Settings::default();
-        assert_eq!(SETTING_ATTRS.len(), 8);
+        assert_eq!(SETTING_ATTRS.len(), 9);
         for attr in SETTING_ATTRS {
             assert!(attr.path.starts_with("migrate/"));
             let value = if attr.accepts == "0 or 1" { "0" } else { "77" };

@@ -74,6 +74,9 @@ pub(super) struct Plan {
     /// are populated (the pre-copy writes them with `read`), never filled empty, and
     /// nothing is copied in.
     pub precopy: bool,
+    /// Bytes of huge-page destinations a helper thread keeps populated ahead of the
+    /// call's next destination (`migrate/prepare_ahead_mib`); 0: none.
+    pub prepare_ahead: usize,
 }
 
 impl Plan {
@@ -83,6 +86,7 @@ impl Plan {
     pub fn new(settings: &Settings, opts: &MigrateOptions, reason: Reason, items: &[Item], free: u64) -> Self {
         let offload = registry().enabled();
         let bytes: usize = items.iter().map(|it| it.folio.size()).sum();
+        let batch_bytes = settings.max_batch_pages * sys::PAGE_SIZE;
         // Base pages, more than one piece, the CPU copy: runs move on a mover thread while
         // the next piece is copied (see `mover`). Replacing base pages costs a good part of
         // their copy; a huge page's move costs little next to its copy, and moving it on
@@ -119,6 +123,18 @@ impl Plan {
             piece_budget: (settings.piece_budget_us > 0)
                 .then(|| Duration::from_micros(settings.piece_budget_us as u64)),
             precopy,
+            // Huge pages, in more than one batch (a batch's destination is taken whole),
+            // and touched: only where the node has ample free memory. At least the next
+            // two batches ahead.
+            prepare_ahead: if settings.prepare_ahead_mib > 0
+                && items.iter().all(|it| it.folio.is_pmd())
+                && bytes > batch_bytes
+                && free >= 2 * bytes as u64
+            {
+                (settings.prepare_ahead_mib << 20).max(2 * batch_bytes).min(bytes)
+            } else {
+                0
+            },
         }
     }
 
