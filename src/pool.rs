@@ -326,16 +326,30 @@ impl Pool {
         self.inner.take(key, len, align, phase, populate)
     }
 
+    /// A call's helper: while `going`, keeps up to `ahead` bytes past `key`'s next
+    /// destination populated ([`Pool::populate_ahead`], one huge page at a time), `budget`
+    /// bytes at most; returns the bytes it populated. Destinations given back meanwhile
+    /// are unmapped once it returns ([`Pool::helper_started`]); [`Pool::wake_helpers`]
+    /// ends its wait for the next take.
+    pub fn populate_ahead_while(&self, key: Key, ahead: usize, budget: usize, going: &AtomicBool) -> u64 {
+        let _helper = self.helper_started();
+        let mut left = budget;
+        while left > 0 && going.load(Ordering::Relaxed) {
+            left -= self.populate_ahead(key, ahead, HPAGE_SIZE.min(left), Duration::from_millis(5));
+        }
+        (budget - left) as u64
+    }
+
     /// Populates up to `step` bytes more of `key`'s current chunk, so that up to `ahead`
     /// bytes past its next destination are ready (a call's helper, preparing the next
     /// batches' destinations while the call copies); returns the bytes populated now, 0
-    /// when that much is ready already or `key` has no chunk yet. The step is populated
-    /// without the chunks lock: a take of a destination before it goes on meanwhile, one
-    /// overlapping it waits, and no chunk is retired until it is done.
+    /// when that much is ready already or `key` has no chunk yet, after waiting for the
+    /// next take (`wait` at most). The step is populated without the chunks lock: a take
+    /// of a destination before it goes on meanwhile, one overlapping it waits, and no
+    /// chunk is retired until it is done.
     ///
     /// Populated by touching ([`Populate::Touch`]): only where the node has ample free
     /// memory for it.
-    /// With nothing to do, it waits for the next take, `wait` at most.
     pub fn populate_ahead(&self, key: Key, ahead: usize, step: usize, wait: Duration) -> usize {
         if key.empty {
             return 0;
@@ -525,17 +539,11 @@ impl Inner {
         let mut chunks = self.chunks.lock();
         // A destination overlapping what a helper populates now, or a chunk to retire,
         // waits for it to be done.
-        loop {
-            let busy = chunks.get(&key).and_then(|c| {
-                let (from, to) = c.populating?;
-                match c.place(len, align, phase) {
-                    Some(addr) if addr + len <= from || to <= addr => None,
-                    _ => Some(()),
-                }
-            });
-            if busy.is_none() {
-                break;
-            }
+        while chunks.get(&key).is_some_and(|c| {
+            c.populating.is_some_and(|(from, to)| {
+                c.place(len, align, phase).is_none_or(|addr| addr < to && from < addr + len)
+            })
+        }) {
             self.taken.wait(&mut chunks);
         }
         let chunk = match chunks.get_mut(&key) {

@@ -23,6 +23,21 @@ use pagemig::sys::{Errno, PAGE_SIZE};
 use pagemig::workload::{self, WriteLog};
 use pagemig::{Engine, Error, FaultInjection, MigrateOptions, Mode, Reason, Region, numa};
 
+/// Whether `v` is a mapping a stranger goes for: not there when the test began (`known`),
+/// at most `max` bytes, with permissions starting `perms`, and outside `skip`.
+fn fresh(
+    v: &pagemig::maps::Vma,
+    known: &HashSet<(usize, usize)>,
+    skip: (usize, usize),
+    max: usize,
+    perms: &str,
+) -> bool {
+    !known.contains(&(v.start, v.end))
+        && v.end - v.start <= max
+        && v.perms.starts_with(perms)
+        && (v.end <= skip.0 || skip.1 <= v.start)
+}
+
 /// Reads every page of `[start, end)` with `process_vm_readv`, one page per call (a page
 /// that cannot be read fails alone); returns the pages read.
 fn read_pages(start: usize, end: usize, buf: &mut [u8]) -> u64 {
@@ -51,9 +66,7 @@ fn scan(known: &HashSet<(usize, usize)>, skip: (usize, usize), stop: &AtomicBool
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            let fresh = !known.contains(&(v.start, v.end));
-            let small = v.end - v.start <= 256 << 20;
-            if fresh && small && v.perms.starts_with('r') && (v.end <= skip.0 || skip.1 <= v.start) {
+            if fresh(&v, known, skip, 256 << 20, "r") {
                 read += read_pages(v.start, v.end, &mut buf);
             }
         }
@@ -160,9 +173,7 @@ fn pin_fresh(known: &HashSet<(usize, usize)>, skip: (usize, usize), hold: Durati
     while !stop.load(Ordering::Relaxed) {
         pins.retain(|(at, _)| at.elapsed() < hold);
         for v in pagemig::maps::vmas().unwrap_or_default() {
-            let fresh = !known.contains(&(v.start, v.end)) && seen.insert((v.start, v.end));
-            let small = v.end - v.start <= 64 << 20;
-            if fresh && small && v.perms.starts_with("rw") && (v.end <= skip.0 || skip.1 <= v.start) {
+            if fresh(&v, known, skip, 64 << 20, "rw") && seen.insert((v.start, v.end)) {
                 if let Some(fd) = pin(v.start, v.end - v.start) {
                     pins.push((Instant::now(), fd));
                     pinned += 1;

@@ -262,20 +262,10 @@ impl Engine {
             let tx = mover.is_some().then_some(tx);
             // The helper that populates the next huge-page destinations meanwhile.
             let key = crate::pool::Key { node: target, thp: items[0].thp, empty: false };
-            let call_bytes: usize = items.iter().map(|it| it.folio.size()).sum();
             let helper = (plan.prepare_ahead > 0)
                 .then(|| {
                     crate::sys::thread::spawn_scoped(s, "pagemig-prepare", move || {
-                        let _helper = self.pool.helper_started();
-                        // What the first batch does not populate itself, at most.
-                        let most = call_bytes.saturating_sub(settings.max_batch_pages * crate::sys::PAGE_SIZE);
-                        let mut budget = most;
-                        while budget > 0 && preparing.load(std::sync::atomic::Ordering::Relaxed) {
-                            let step = crate::sys::HPAGE_SIZE.min(budget);
-                            let wait = std::time::Duration::from_millis(5);
-                            budget -= self.pool.populate_ahead(key, plan.prepare_ahead, step, wait);
-                        }
-                        (most - budget) as u64
+                        self.pool.populate_ahead_while(key, plan.prepare_ahead, plan.prepare_budget, preparing)
                     })
                     .ok()
                 })

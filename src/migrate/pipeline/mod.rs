@@ -77,6 +77,8 @@ pub(super) struct Plan {
     /// Bytes of huge-page destinations a helper thread keeps populated ahead of the
     /// call's next destination (`migrate/prepare_ahead_mib`); 0: none.
     pub prepare_ahead: usize,
+    /// What that helper populates at most: what the first batch does not populate itself.
+    pub prepare_budget: usize,
 }
 
 impl Plan {
@@ -87,6 +89,18 @@ impl Plan {
         let offload = registry().enabled();
         let bytes: usize = items.iter().map(|it| it.folio.size()).sum();
         let batch_bytes = settings.max_batch_pages * sys::PAGE_SIZE;
+        // Huge pages, in more than one batch (a batch's destination is taken whole), and
+        // touched: only where the node has ample free memory. At least the next two
+        // batches ahead.
+        let prepare_ahead = if settings.prepare_ahead_mib > 0
+            && items.iter().all(|it| it.folio.is_pmd())
+            && bytes > batch_bytes
+            && free >= 2 * bytes as u64
+        {
+            (settings.prepare_ahead_mib << 20).max(2 * batch_bytes).min(bytes)
+        } else {
+            0
+        };
         // Base pages, more than one piece, the CPU copy: runs move on a mover thread while
         // the next piece is copied (see `mover`). Replacing base pages costs a good part of
         // their copy; a huge page's move costs little next to its copy, and moving it on
@@ -123,18 +137,8 @@ impl Plan {
             piece_budget: (settings.piece_budget_us > 0)
                 .then(|| Duration::from_micros(settings.piece_budget_us as u64)),
             precopy,
-            // Huge pages, in more than one batch (a batch's destination is taken whole),
-            // and touched: only where the node has ample free memory. At least the next
-            // two batches ahead.
-            prepare_ahead: if settings.prepare_ahead_mib > 0
-                && items.iter().all(|it| it.folio.is_pmd())
-                && bytes > batch_bytes
-                && free >= 2 * bytes as u64
-            {
-                (settings.prepare_ahead_mib << 20).max(2 * batch_bytes).min(bytes)
-            } else {
-                0
-            },
+            prepare_ahead,
+            prepare_budget: if prepare_ahead > 0 { bytes - batch_bytes } else { 0 },
         }
     }
 
