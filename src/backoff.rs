@@ -61,24 +61,30 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::watchdog;
 
     #[test]
     fn pauses_double_up_to_the_ceiling() {
-        let mut b = Backoff::new(Duration::from_millis(10), Duration::from_millis(35));
-        let got: Vec<_> = (0..4).map(|_| b.next_pause().unwrap().as_millis()).collect();
-        assert_eq!(got, [10, 20, 35, 35]);
-        b.reset();
-        assert_eq!(b.next_pause(), Some(Duration::from_millis(10)));
+        watchdog(60, || {
+            let mut b = Backoff::new(Duration::from_millis(10), Duration::from_millis(35));
+            let got: Vec<_> = (0..4).map(|_| b.next_pause().unwrap().as_millis()).collect();
+            assert_eq!(got, [10, 20, 35, 35]);
+            b.reset();
+            assert_eq!(b.next_pause(), Some(Duration::from_millis(10)));
+        });
     }
 
     #[test]
     fn gives_up_at_the_deadline_and_starts_again_after_reset() {
-        let mut b = Backoff::new(Duration::from_millis(1), Duration::from_millis(1)).within(Duration::from_millis(20));
-        let started = Instant::now();
-        while b.pause() {}
-        assert!(started.elapsed() >= Duration::from_millis(20));
-        assert_eq!(b.next_pause(), None);
-        b.reset();
-        assert!(b.next_pause().is_some());
+        watchdog(60, || {
+            let mut b =
+                Backoff::new(Duration::from_millis(1), Duration::from_millis(1)).within(Duration::from_millis(20));
+            let started = Instant::now();
+            while b.pause() {}
+            assert!(started.elapsed() >= Duration::from_millis(20));
+            assert_eq!(b.next_pause(), None);
+            b.reset();
+            assert!(b.next_pause().is_some());
+        });
     }
 }

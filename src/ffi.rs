@@ -437,22 +437,25 @@ fn unmapped_before(count: c_ulong, pages: *const *mut c_void) -> Result<Unmapped
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::watchdog;
 
     #[test]
     fn arrays_are_read_and_written_or_efault() {
-        let words: Vec<u64> = (0..1000).collect();
-        assert_eq!(read_user(words.as_ptr(), words.len()).unwrap(), words);
-        assert_eq!(read_user(std::ptr::null::<u64>(), 4), Err(Errno::FAULT));
-        assert_eq!(read_user(std::ptr::null::<u64>(), 0), Ok(Vec::new()));
-        let mut out = vec![0i32; 3];
-        write_user(out.as_mut_ptr(), &[1, 2, 3]).unwrap();
-        assert_eq!(out, [1, 2, 3]);
-        let ro = crate::sys::mmap_anon(crate::PAGE_SIZE).unwrap();
-        // SAFETY: the mapping is ours; read-only from now on.
-        assert_eq!(unsafe { libc::mprotect(ro as *mut c_void, crate::PAGE_SIZE, libc::PROT_READ) }, 0);
-        assert_eq!(write_user(ro as *mut i32, &[1]), Err(Errno::FAULT));
-        // SAFETY: as above.
-        unsafe { crate::sys::munmap(ro, crate::PAGE_SIZE).unwrap() };
+        watchdog(60, || {
+            let words: Vec<u64> = (0..1000).collect();
+            assert_eq!(read_user(words.as_ptr(), words.len()).unwrap(), words);
+            assert_eq!(read_user(std::ptr::null::<u64>(), 4), Err(Errno::FAULT));
+            assert_eq!(read_user(std::ptr::null::<u64>(), 0), Ok(Vec::new()));
+            let mut out = vec![0i32; 3];
+            write_user(out.as_mut_ptr(), &[1, 2, 3]).unwrap();
+            assert_eq!(out, [1, 2, 3]);
+            let ro = crate::sys::mmap_anon(crate::PAGE_SIZE).unwrap();
+            // SAFETY: the mapping is ours; read-only from now on.
+            assert_eq!(unsafe { libc::mprotect(ro as *mut c_void, crate::PAGE_SIZE, libc::PROT_READ) }, 0);
+            assert_eq!(write_user(ro as *mut i32, &[1]), Err(Errno::FAULT));
+            // SAFETY: as above.
+            unsafe { crate::sys::munmap(ro, crate::PAGE_SIZE).unwrap() };
+        });
     }
 
     /// `n` elements of `T` ending where an inaccessible page starts.
@@ -466,36 +469,38 @@ mod tests {
 
     #[test]
     fn a_count_past_the_arrays_gets_the_kernels_answer_in_bounded_memory() {
-        let memory = crate::sys::mmap_anon(4 * crate::PAGE_SIZE).unwrap();
-        let node = crate::numa::memory_nodes().unwrap()[0] as c_int;
-        for count in [1 << 36, 1 << 40, 1 << 61, c_ulong::MAX] {
-            let mut answers = Vec::new();
-            for pagemig in [true, false] {
-                let (pages, nodes, status) = (at_end::<usize>(4), at_end::<c_int>(4), at_end::<c_int>(4));
-                for i in 0..4 {
-                    // SAFETY: the four elements of each array, ours.
-                    unsafe {
-                        *pages.add(i) = memory + i * crate::PAGE_SIZE;
-                        *nodes.add(i) = node;
-                        *status.add(i) = 0x5555;
+        watchdog(60, || {
+            let memory = crate::sys::mmap_anon(4 * crate::PAGE_SIZE).unwrap();
+            let node = crate::numa::memory_nodes().unwrap()[0] as c_int;
+            for count in [1 << 36, 1 << 40, 1 << 61, c_ulong::MAX] {
+                let mut answers = Vec::new();
+                for pagemig in [true, false] {
+                    let (pages, nodes, status) = (at_end::<usize>(4), at_end::<c_int>(4), at_end::<c_int>(4));
+                    for i in 0..4 {
+                        // SAFETY: the four elements of each array, ours.
+                        unsafe {
+                            *pages.add(i) = memory + i * crate::PAGE_SIZE;
+                            *nodes.add(i) = node;
+                            *status.add(i) = 0x5555;
+                        }
                     }
+                    let (pages, status) = (pages.cast::<*mut c_void>(), status);
+                    // SAFETY: arrays of ours whose first four entries are readable; nothing
+                    // touches the pages meanwhile.
+                    let result = unsafe {
+                        if pagemig {
+                            move_pages(count, pages, nodes, status, 0).0
+                        } else {
+                            kernel_move_pages(0, count, pages, nodes, status, 0)
+                        }
+                    };
+                    // SAFETY: as above.
+                    answers.push((result, unsafe { std::slice::from_raw_parts(status, 4) }.to_vec()));
                 }
-                let (pages, status) = (pages.cast::<*mut c_void>(), status);
-                // SAFETY: arrays of ours whose first four entries are readable; nothing
-                // touches the pages meanwhile.
-                let result = unsafe {
-                    if pagemig {
-                        move_pages(count, pages, nodes, status, 0).0
-                    } else {
-                        kernel_move_pages(0, count, pages, nodes, status, 0)
-                    }
-                };
-                // SAFETY: as above.
-                answers.push((result, unsafe { std::slice::from_raw_parts(status, 4) }.to_vec()));
+                assert_eq!(answers[0], answers[1], "count {count:#x}: pagemig's answer, then the kernel's");
+                assert_eq!(answers[0].0, Err(Errno::FAULT));
             }
-            assert_eq!(answers[0], answers[1], "count {count:#x}: pagemig's answer, then the kernel's");
-            assert_eq!(answers[0].0, Err(Errno::FAULT));
-        }
+        });
     }
 
     /// In a forked child (no engine of its own yet: its first call opens one), a call about
@@ -503,51 +508,56 @@ mod tests {
     /// answered `-EFAULT` whatever the engine's new threads mapped in the hole.
     #[test]
     fn a_first_call_about_memory_just_unmapped_gets_efault() {
-        const HOLE: usize = 64 << 20;
-        const KEPT: usize = 16;
-        let node = crate::numa::memory_nodes().unwrap()[0] as c_int;
-        // SAFETY: the child uses its own memory and the engine it opens, and ends with
-        // _exit; glibc's fork leaves malloc usable in the child.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            let count = HOLE / crate::PAGE_SIZE + KEPT;
-            // The arrays first: made later, they could be mapped in the hole.
-            let mut pages = vec![std::ptr::null_mut::<c_void>(); count];
-            let nodes = vec![node; count];
-            let mut status = vec![-99; count];
-            let kept = crate::sys::mmap_anon(KEPT * crate::PAGE_SIZE).unwrap();
-            let hole = crate::sys::mmap_anon(HOLE).unwrap();
-            // SAFETY: our own mappings: touched, then the larger one unmapped.
-            unsafe {
-                std::ptr::write_bytes(kept as *mut u8, 7, KEPT * crate::PAGE_SIZE);
-                std::ptr::write_bytes(hole as *mut u8, 7, HOLE);
-                crate::sys::munmap(hole, HOLE).unwrap();
+        watchdog(60, || {
+            const HOLE: usize = 64 << 20;
+            const KEPT: usize = 16;
+            let node = crate::numa::memory_nodes().unwrap()[0] as c_int;
+            // SAFETY: the child uses its own memory and the engine it opens, and ends with
+            // _exit; glibc's fork leaves malloc usable in the child.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                let count = HOLE / crate::PAGE_SIZE + KEPT;
+                // The arrays first: made later, they could be mapped in the hole.
+                let mut pages = vec![std::ptr::null_mut::<c_void>(); count];
+                let nodes = vec![node; count];
+                let mut status = vec![-99; count];
+                let kept = crate::sys::mmap_anon(KEPT * crate::PAGE_SIZE).unwrap();
+                let hole = crate::sys::mmap_anon(HOLE).unwrap();
+                // SAFETY: our own mappings: touched, then the larger one unmapped.
+                unsafe {
+                    std::ptr::write_bytes(kept as *mut u8, 7, KEPT * crate::PAGE_SIZE);
+                    std::ptr::write_bytes(hole as *mut u8, 7, HOLE);
+                    crate::sys::munmap(hole, HOLE).unwrap();
+                }
+                for (i, p) in pages.iter_mut().enumerate() {
+                    let addr =
+                        if i < KEPT { kept + i * crate::PAGE_SIZE } else { hole + (i - KEPT) * crate::PAGE_SIZE };
+                    *p = addr as *mut c_void;
+                }
+                // SAFETY: arrays of ours of `count` entries; nothing touches the pages meanwhile.
+                let (result, _) = unsafe {
+                    move_pages(count as c_ulong, pages.as_ptr(), nodes.as_ptr(), status.as_mut_ptr(), MPOL_MF_MOVE)
+                };
+                let right = result == Ok(0)
+                    && status[..KEPT].iter().all(|&s| s == node)
+                    && status[KEPT..].iter().all(|&s| s == -libc::EFAULT);
+                // SAFETY: ends the child without running the parent's destructors.
+                unsafe { libc::_exit(if right { 0 } else { 1 }) };
             }
-            for (i, p) in pages.iter_mut().enumerate() {
-                let addr = if i < KEPT { kept + i * crate::PAGE_SIZE } else { hole + (i - KEPT) * crate::PAGE_SIZE };
-                *p = addr as *mut c_void;
-            }
-            // SAFETY: arrays of ours of `count` entries; nothing touches the pages meanwhile.
-            let (result, _) = unsafe {
-                move_pages(count as c_ulong, pages.as_ptr(), nodes.as_ptr(), status.as_mut_ptr(), MPOL_MF_MOVE)
-            };
-            let right = result == Ok(0)
-                && status[..KEPT].iter().all(|&s| s == node)
-                && status[KEPT..].iter().all(|&s| s == -libc::EFAULT);
-            // SAFETY: ends the child without running the parent's destructors.
-            unsafe { libc::_exit(if right { 0 } else { 1 }) };
-        }
-        let code = crate::process::wait_child(pid, std::time::Duration::from_secs(120), "the child hung");
-        assert_eq!(code, 0, "the child's answer differed");
+            let code = crate::process::wait_child(pid, std::time::Duration::from_secs(120), "the child hung");
+            assert_eq!(code, 0, "the child's answer differed");
+        });
     }
 
     #[test]
     fn the_boundary_turns_errors_and_panics_into_errno() {
-        assert_eq!(boundary(|| Ok(7)), 7);
-        assert_eq!(boundary(|| Err(Errno::NODEV)), -1);
-        assert_eq!(last_errno(), Errno::NODEV);
-        assert_eq!(boundary(|| panic!("a panic stays on this side")), -1);
-        assert_eq!(last_errno(), Errno::CANCELED);
+        watchdog(60, || {
+            assert_eq!(boundary(|| Ok(7)), 7);
+            assert_eq!(boundary(|| Err(Errno::NODEV)), -1);
+            assert_eq!(last_errno(), Errno::NODEV);
+            assert_eq!(boundary(|| panic!("a panic stays on this side")), -1);
+            assert_eq!(last_errno(), Errno::CANCELED);
+        });
     }
 }

@@ -133,6 +133,8 @@ mod process;
 pub mod region;
 pub mod stats;
 mod sync;
+#[cfg(test)]
+mod testing;
 
 internal! { mod copy; }
 internal! { mod maps; }

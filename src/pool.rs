@@ -658,26 +658,29 @@ impl Drop for Pool {
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::watchdog;
     use super::*;
 
     #[test]
     fn destinations_keep_phase_and_follow_each_other() {
-        let pool = Pool::populated_only();
-        let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::Default, empty: false };
-        let (a, _) = pool.take(key, 8192, 4096, 0, Populate::Madvise).unwrap();
-        let (b, _) = pool.take(key, 4096, 4096, 0, Populate::Touch).unwrap();
-        assert_eq!(b.addr, a.addr + 8192);
-        let (c, _) = pool.take(key, HPAGE_SIZE, HPAGE_SIZE, 0, Populate::Madvise).unwrap();
-        assert_eq!(c.addr % HPAGE_SIZE, 0);
-        let (d, _) = pool.take(key, 4096, 65536, 0x3000, Populate::Touch).unwrap();
-        assert_eq!(d.addr % 65536, 0x3000);
-        let (d1, d2) = d.split_at(0);
-        assert!(d1.is_empty() && d2.len() == 4096);
-        let nodes = crate::numa::page_nodes(a.addr, 8192).unwrap();
-        assert!(nodes.iter().all(|&n| n == key.node as i32), "{nodes:?}");
-        for dest in [a, b, c, d1, d2] {
-            pool.release(dest);
-        }
+        watchdog(60, || {
+            let pool = Pool::populated_only();
+            let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::Default, empty: false };
+            let (a, _) = pool.take(key, 8192, 4096, 0, Populate::Madvise).unwrap();
+            let (b, _) = pool.take(key, 4096, 4096, 0, Populate::Touch).unwrap();
+            assert_eq!(b.addr, a.addr + 8192);
+            let (c, _) = pool.take(key, HPAGE_SIZE, HPAGE_SIZE, 0, Populate::Madvise).unwrap();
+            assert_eq!(c.addr % HPAGE_SIZE, 0);
+            let (d, _) = pool.take(key, 4096, 65536, 0x3000, Populate::Touch).unwrap();
+            assert_eq!(d.addr % 65536, 0x3000);
+            let (d1, d2) = d.split_at(0);
+            assert!(d1.is_empty() && d2.len() == 4096);
+            let nodes = crate::numa::page_nodes(a.addr, 8192).unwrap();
+            assert!(nodes.iter().all(|&n| n == key.node as i32), "{nodes:?}");
+            for dest in [a, b, c, d1, d2] {
+                pool.release(dest);
+            }
+        });
     }
 
     fn fill(d: &Dest, byte: u8) {
@@ -698,29 +701,31 @@ mod tests {
     /// writes one handed out.
     #[test]
     fn populate_ahead_readies_what_comes_next() {
-        let pool = Pool::populated_only();
-        let key = key();
-        // No chunk yet: nothing to do.
-        assert_eq!(pool.populate_ahead(key, 4 << 20, 1 << 20, Duration::ZERO), 0);
-        let (a, _) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
-        fill(&a, 0xab);
-        let mut ahead = 0;
-        loop {
-            match pool.populate_ahead(key, 4 << 20, 1 << 20, Duration::ZERO) {
-                0 => break,
-                n => ahead += n,
+        watchdog(60, || {
+            let pool = Pool::populated_only();
+            let key = key();
+            // No chunk yet: nothing to do.
+            assert_eq!(pool.populate_ahead(key, 4 << 20, 1 << 20, Duration::ZERO), 0);
+            let (a, _) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
+            fill(&a, 0xab);
+            let mut ahead = 0;
+            loop {
+                match pool.populate_ahead(key, 4 << 20, 1 << 20, Duration::ZERO) {
+                    0 => break,
+                    n => ahead += n,
+                }
             }
-        }
-        assert_eq!(ahead, 4 << 20);
-        assert_eq!(pool.ready(key), 4 << 20);
-        assert!(holds(&a, 0xab));
-        let (b, spent) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
-        assert_eq!(spent, Duration::ZERO);
-        assert!(!b.fresh());
-        let present = crate::numa::page_frames(b.addr, b.len).unwrap();
-        assert!(present.iter().all(Option::is_some), "{present:?}");
-        pool.release(a);
-        pool.release(b);
+            assert_eq!(ahead, 4 << 20);
+            assert_eq!(pool.ready(key), 4 << 20);
+            assert!(holds(&a, 0xab));
+            let (b, spent) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
+            assert_eq!(spent, Duration::ZERO);
+            assert!(!b.fresh());
+            let present = crate::numa::page_frames(b.addr, b.len).unwrap();
+            assert!(present.iter().all(Option::is_some), "{present:?}");
+            pool.release(a);
+            pool.release(b);
+        });
     }
 
     /// A helper populating all along while destinations are taken, written at once, and the
@@ -728,33 +733,35 @@ mod tests {
     /// overlaps the helper's step waits for it, and the retirement too).
     #[test]
     fn a_helper_never_writes_what_was_taken() {
-        let pool = Pool::populated_only();
-        let key = key();
-        let stop = AtomicBool::new(false);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let _helper = pool.helper_started();
-                while !stop.load(Ordering::Relaxed) {
-                    pool.populate_ahead(key, 8 << 20, 256 << 10, Duration::from_millis(1));
+        watchdog(60, || {
+            let pool = Pool::populated_only();
+            let key = key();
+            let stop = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let _helper = pool.helper_started();
+                    while !stop.load(Ordering::Relaxed) {
+                        pool.populate_ahead(key, 8 << 20, 256 << 10, Duration::from_millis(1));
+                    }
+                });
+                let mut taken = Vec::new();
+                for i in 0..96u32 {
+                    let (d, _) = pool.take(key, 256 << 10, 4096, 0, Populate::Madvise).unwrap();
+                    fill(&d, i as u8 + 1);
+                    taken.push(d);
+                    if i % 40 == 39 {
+                        pool.clear();
+                    }
                 }
-            });
-            let mut taken = Vec::new();
-            for i in 0..96u32 {
-                let (d, _) = pool.take(key, 256 << 10, 4096, 0, Populate::Madvise).unwrap();
-                fill(&d, i as u8 + 1);
-                taken.push(d);
-                if i % 40 == 39 {
-                    pool.clear();
+                stop.store(true, Ordering::Relaxed);
+                pool.wake_helpers();
+                for (i, d) in taken.iter().enumerate() {
+                    assert!(holds(d, i as u8 + 1), "destination {i} was written");
                 }
-            }
-            stop.store(true, Ordering::Relaxed);
-            pool.wake_helpers();
-            for (i, d) in taken.iter().enumerate() {
-                assert!(holds(d, i as u8 + 1), "destination {i} was written");
-            }
-            for d in taken {
-                pool.release(d);
-            }
+                for d in taken {
+                    pool.release(d);
+                }
+        });
         });
     }
 
@@ -762,31 +769,35 @@ mod tests {
     /// freed) until the helper stops: its unmap would wait for the helper's faults.
     #[test]
     fn destinations_given_back_beside_a_helper_are_unmapped_after_it() {
-        let pool = Pool::populated_only();
-        let key = key();
-        let mapped = |addr: usize| crate::maps::vmas().unwrap().iter().any(|v| v.start <= addr && addr < v.end);
-        let (a, _) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
-        let addr = a.addr;
-        let helper = pool.helper_started();
-        pool.release(a);
-        assert!(mapped(addr));
-        assert!(crate::numa::page_frames(addr, 1 << 20).unwrap().iter().all(Option::is_none));
-        drop(helper);
-        assert!(!mapped(addr));
-        // Without a helper, at once.
-        let (b, _) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
-        let addr = b.addr;
-        pool.release(b);
-        assert!(!mapped(addr));
+        watchdog(60, || {
+            let pool = Pool::populated_only();
+            let key = key();
+            let mapped = |addr: usize| crate::maps::vmas().unwrap().iter().any(|v| v.start <= addr && addr < v.end);
+            let (a, _) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
+            let addr = a.addr;
+            let helper = pool.helper_started();
+            pool.release(a);
+            assert!(mapped(addr));
+            assert!(crate::numa::page_frames(addr, 1 << 20).unwrap().iter().all(Option::is_none));
+            drop(helper);
+            assert!(!mapped(addr));
+            // Without a helper, at once.
+            let (b, _) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
+            let addr = b.addr;
+            pool.release(b);
+            assert!(!mapped(addr));
+        });
     }
 
     #[test]
     fn prefill_makes_take_free() {
-        let pool = Pool::populated_only();
-        let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::NoHuge, empty: false };
-        pool.prefill(key, 4 << 20).unwrap();
-        let (d, spent) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
-        assert_eq!(spent, Duration::ZERO);
-        pool.release(d);
+        watchdog(60, || {
+            let pool = Pool::populated_only();
+            let key = Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::NoHuge, empty: false };
+            pool.prefill(key, 4 << 20).unwrap();
+            let (d, spent) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
+            assert_eq!(spent, Duration::ZERO);
+            pool.release(d);
+        });
     }
 }

@@ -325,67 +325,72 @@ pub(crate) fn wait_child(pid: libc::pid_t, limit: std::time::Duration, hung: &st
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::watchdog;
 
     /// One thread makes the value however many ask at once; a failure keeps nothing; a value
     /// set meanwhile wins over the one made; a replacement is made once, from the stale
     /// value, and a stale value is not replaced twice.
     #[test]
     fn one_maker_failures_settings_and_replacements() {
-        static CELL: PerProcess<u32> = PerProcess::new();
-        static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        assert_eq!(CELL.get_or_try_init(|_| Err::<u32, _>("not now")), Err("not now"));
-        assert!(CELL.get().is_none() && !CELL.being_made());
-        let got: Vec<u32> = std::thread::scope(|s| {
-            let threads: Vec<_> = (0..8)
-                .map(|_| {
-                    s.spawn(|| {
-                        *CELL.get_or_init(|_| {
-                            MADE.fetch_add(1, Ordering::SeqCst);
-                            std::thread::sleep(std::time::Duration::from_millis(20));
-                            5
+        watchdog(60, || {
+            static CELL: PerProcess<u32> = PerProcess::new();
+            static MADE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            assert_eq!(CELL.get_or_try_init(|_| Err::<u32, _>("not now")), Err("not now"));
+            assert!(CELL.get().is_none() && !CELL.being_made());
+            let got: Vec<u32> = std::thread::scope(|s| {
+                let threads: Vec<_> = (0..8)
+                    .map(|_| {
+                        s.spawn(|| {
+                            *CELL.get_or_init(|_| {
+                                MADE.fetch_add(1, Ordering::SeqCst);
+                                std::thread::sleep(std::time::Duration::from_millis(20));
+                                5
+                            })
                         })
                     })
-                })
-                .collect();
-            threads.into_iter().map(|t| t.join().unwrap()).collect()
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            assert_eq!((got, MADE.load(Ordering::SeqCst)), (vec![5; 8], 1));
+            CELL.clear();
+            let kept = CELL.get_or_init(|_| {
+                CELL.set(7);
+                9
+            });
+            assert_eq!(*kept, 7);
+            let next = CELL.replace(kept, |old| Ok::<_, ()>(old + 1)).unwrap();
+            assert_eq!(*next, 8);
+            assert_eq!(*CELL.replace(kept, |_| Ok::<_, ()>(100)).unwrap(), 8);
+            assert_eq!(CELL.replace(next, |_| Err("failed")), Err("failed"));
+            assert_eq!(CELL.get(), Some(next));
         });
-        assert_eq!((got, MADE.load(Ordering::SeqCst)), (vec![5; 8], 1));
-        CELL.clear();
-        let kept = CELL.get_or_init(|_| {
-            CELL.set(7);
-            9
-        });
-        assert_eq!(*kept, 7);
-        let next = CELL.replace(kept, |old| Ok::<_, ()>(old + 1)).unwrap();
-        assert_eq!(*next, 8);
-        assert_eq!(*CELL.replace(kept, |_| Ok::<_, ()>(100)).unwrap(), 8);
-        assert_eq!(CELL.replace(next, |_| Err("failed")), Err("failed"));
-        assert_eq!(CELL.get(), Some(next));
     }
 
     /// A forked child makes its own value; its parent keeps its own.
     #[test]
     #[allow(unsafe_code, reason = "fork, waitpid, _exit")]
     fn a_child_makes_its_own_value() {
-        static CELL: PerProcess<u32> = PerProcess::new();
-        let parent = CELL.get_or_init(|_| std::process::id());
-        assert_eq!(*parent, std::process::id());
-        assert_eq!(CELL.get(), Some(parent));
-        // SAFETY: the child only reads atomics and its own pid, then ends with _exit.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            let mut seen = None;
-            let fresh = CELL.get().is_none()
-                && *CELL.get_or_init(|parent| {
-                    seen = parent.copied();
-                    std::process::id()
-                }) == std::process::id();
-            let fresh = fresh && seen.is_some();
-            // SAFETY: ends the child at once.
-            unsafe { libc::_exit(if fresh { 0 } else { 1 }) };
-        }
-        assert_eq!(wait_child(pid, std::time::Duration::from_secs(20), "the child hung"), 0);
-        assert_eq!(CELL.get(), Some(parent));
+        watchdog(60, || {
+            static CELL: PerProcess<u32> = PerProcess::new();
+            let parent = CELL.get_or_init(|_| std::process::id());
+            assert_eq!(*parent, std::process::id());
+            assert_eq!(CELL.get(), Some(parent));
+            // SAFETY: the child only reads atomics and its own pid, then ends with _exit.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                let mut seen = None;
+                let fresh = CELL.get().is_none()
+                    && *CELL.get_or_init(|parent| {
+                        seen = parent.copied();
+                        std::process::id()
+                    }) == std::process::id();
+                let fresh = fresh && seen.is_some();
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(if fresh { 0 } else { 1 }) };
+            }
+            assert_eq!(wait_child(pid, std::time::Duration::from_secs(20), "the child hung"), 0);
+            assert_eq!(CELL.get(), Some(parent));
+        });
     }
 }

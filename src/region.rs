@@ -264,24 +264,29 @@ impl Region {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::watchdog;
     use std::sync::atomic::Ordering;
 
     #[test]
     fn new_region_is_carved_into_folios() {
-        let r = Region::new(1 << 20, 64 << 10, None).unwrap();
-        assert_eq!(r.folios().len(), 16);
-        assert!(r.folios().iter().all(|f| f.size() == 64 << 10));
-        r.word(5).store(99, Ordering::Relaxed);
-        assert_eq!(r.word(5).load(Ordering::Relaxed), 99);
-        let placed: usize = r.placement().unwrap().iter().filter(|(n, _)| **n >= 0).map(|(_, c)| c).sum();
-        assert_eq!(placed, 256);
+        watchdog(60, || {
+            let r = Region::new(1 << 20, 64 << 10, None).unwrap();
+            assert_eq!(r.folios().len(), 16);
+            assert!(r.folios().iter().all(|f| f.size() == 64 << 10));
+            r.word(5).store(99, Ordering::Relaxed);
+            assert_eq!(r.word(5).load(Ordering::Relaxed), 99);
+            let placed: usize = r.placement().unwrap().iter().filter(|(n, _)| **n >= 0).map(|(_, c)| c).sum();
+            assert_eq!(placed, 256);
+        });
     }
 
     #[test]
     fn bad_shapes_are_refused() {
-        assert!(matches!(Region::new(0, 4096, None), Err(Error::Invalid(_))));
-        assert!(matches!(Region::new(6144, 4096, None), Err(Error::Invalid(_))));
-        assert!(matches!(Region::new(8192, 3000, None), Err(Error::Invalid(_))));
-        assert!(matches!(Region::new(8192, 4096, Some(999)), Err(Error::UnknownNode { .. })));
+        watchdog(60, || {
+            assert!(matches!(Region::new(0, 4096, None), Err(Error::Invalid(_))));
+            assert!(matches!(Region::new(6144, 4096, None), Err(Error::Invalid(_))));
+            assert!(matches!(Region::new(8192, 3000, None), Err(Error::Invalid(_))));
+            assert!(matches!(Region::new(8192, 4096, Some(999)), Err(Error::UnknownNode { .. })));
+        });
     }
 }

@@ -258,47 +258,54 @@ pub fn verify(region: &Region, seed: u64, log: &WriteLog) -> VerifyReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::watchdog;
 
     #[test]
     fn stall_percentiles_are_of_the_stores_that_waited() {
-        assert_eq!(Stalls::of(5, Vec::new(), &[]), Stalls { stores: 5, ..Default::default() });
-        let waited: Vec<u64> = (1..=1000).rev().map(|i| i * 100_000).collect();
-        let s = Stalls::of(1_000_000, waited, &[20_000, 900_000_000]);
-        assert_eq!((s.waited, s.max_ns, s.p999_ns, s.p99_ns), (1000, 100_000_000, 99_900_000, 99_000_000));
-        assert_eq!((s.preempted, s.preempted_max_ns), (2, 900_000_000));
-        let w = Stalls::worst(&[s.clone(), Stalls::of(10, vec![200_000_000], &[])]);
-        assert_eq!(
-            (w.stores, w.waited, w.max_ns, w.p999_ns, w.preempted),
-            (1_000_010, 1001, 200_000_000, 200_000_000, 2)
-        );
+        watchdog(60, || {
+            assert_eq!(Stalls::of(5, Vec::new(), &[]), Stalls { stores: 5, ..Default::default() });
+            let waited: Vec<u64> = (1..=1000).rev().map(|i| i * 100_000).collect();
+            let s = Stalls::of(1_000_000, waited, &[20_000, 900_000_000]);
+            assert_eq!((s.waited, s.max_ns, s.p999_ns, s.p99_ns), (1000, 100_000_000, 99_900_000, 99_000_000));
+            assert_eq!((s.preempted, s.preempted_max_ns), (2, 900_000_000));
+            let w = Stalls::worst(&[s.clone(), Stalls::of(10, vec![200_000_000], &[])]);
+            assert_eq!(
+                (w.stores, w.waited, w.max_ns, w.p999_ns, w.preempted),
+                (1_000_010, 1001, 200_000_000, 200_000_000, 2)
+            );
+        });
     }
 
     /// Timed writers store and time every store; untimed ones report no stalls.
     #[test]
     fn timed_writers_report_their_stores() {
-        let region = Region::new(1 << 20, PAGE_SIZE, None).unwrap();
-        fill(&region, 3);
-        let ((), log) = with_timed_writers(&region, 2, || std::thread::sleep(std::time::Duration::from_millis(20)));
-        assert_eq!(log.stalls.len(), 2);
-        assert_eq!(log.stalls.iter().map(|s| s.stores).sum::<u64>(), log.writes);
-        assert!(log.stalls.iter().all(|s| s.waited <= s.stores && s.p99_ns <= s.p999_ns && s.p999_ns <= s.max_ns));
-        assert!(verify(&region, 3, &log).ok());
-        let ((), plain) = with_writers(&region, 1, || ());
-        assert!(plain.stalls.is_empty());
+        watchdog(60, || {
+            let region = Region::new(1 << 20, PAGE_SIZE, None).unwrap();
+            fill(&region, 3);
+            let ((), log) = with_timed_writers(&region, 2, || std::thread::sleep(std::time::Duration::from_millis(20)));
+            assert_eq!(log.stalls.len(), 2);
+            assert_eq!(log.stalls.iter().map(|s| s.stores).sum::<u64>(), log.writes);
+            assert!(log.stalls.iter().all(|s| s.waited <= s.stores && s.p99_ns <= s.p999_ns && s.p999_ns <= s.max_ns));
+            assert!(verify(&region, 3, &log).ok());
+            let ((), plain) = with_writers(&region, 1, || ());
+            assert!(plain.stalls.is_empty());
+        });
     }
 
     #[test]
     fn verify_catches_changed_bytes_and_lost_writes() {
-        let r = Region::new(64 << 10, 4096, None).unwrap();
-        fill(&r, 1);
-        let ((), log) = with_writers(&r, 2, || std::thread::sleep(std::time::Duration::from_millis(20)));
-        assert!(log.writes > 0);
-        assert!(verify(&r, 1, &log).ok());
-        r.word(3).store(0, Ordering::Relaxed);
-        let bad = verify(&r, 1, &log);
-        assert!(bad.mismatched_bytes > 0 && bad.first_bad_offset == Some(24));
-        let (slot, value) = log.last[0];
-        r.word(slot).store(value - 1, Ordering::Relaxed);
-        assert_eq!(verify(&r, 1, &log).lost_writes, 1);
+        watchdog(60, || {
+            let r = Region::new(64 << 10, 4096, None).unwrap();
+            fill(&r, 1);
+            let ((), log) = with_writers(&r, 2, || std::thread::sleep(std::time::Duration::from_millis(20)));
+            assert!(log.writes > 0);
+            assert!(verify(&r, 1, &log).ok());
+            r.word(3).store(0, Ordering::Relaxed);
+            let bad = verify(&r, 1, &log);
+            assert!(bad.mismatched_bytes > 0 && bad.first_bad_offset == Some(24));
+            let (slot, value) = log.last[0];
+            r.word(slot).store(value - 1, Ordering::Relaxed);
+            assert_eq!(verify(&r, 1, &log).lost_writes, 1);
+        });
     }
 }

@@ -141,20 +141,3 @@ pub fn start() -> Result<Agent> {
     RUNNING.get_or_try_init(|_| server::listen(pid))?;
     Ok(Agent { pid })
 }
-
-/// Runs `body` on a thread of its own and fails the test if it takes over `secs`.
-#[cfg(test)]
-fn watchdog(secs: u64, body: impl FnOnce() + Send + 'static) {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let handle = crate::sys::thread::spawn("agent-test-watched", move || {
-        body();
-        let _ = tx.send(());
-    })
-    .unwrap();
-    match rx.recv_timeout(std::time::Duration::from_secs(secs)) {
-        Ok(()) => handle.join().unwrap(),
-        // The body panicked: join to show its message.
-        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => handle.join().unwrap(),
-        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("watchdog: no end after {secs} s"),
-    }
-}

@@ -244,8 +244,8 @@ fn move_piece(
 mod tests {
     use std::time::Duration;
 
-    use super::super::watchdog;
     use super::*;
+    use crate::testing::watchdog;
 
     #[test]
     fn guarded_bss_small_and_anchored_mappings_go_to_the_kernel() {

@@ -201,8 +201,9 @@ fn read_request(stream: &mut &UnixStream) -> std::result::Result<Request, (Errno
 mod tests {
     use std::time::Duration;
 
-    use super::super::{MoveRequest, ping, request_move, start, watchdog};
+    use super::super::{MoveRequest, ping, request_move, start};
     use super::*;
+    use crate::testing::watchdog;
 
     #[test]
     fn the_agent_answers_its_own_user_and_rejects_malformed_requests() {

@@ -490,6 +490,7 @@ impl Descriptor {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::watchdog;
 
     fn job(cookie: u64) -> Job {
         Job { cookie, index: cookie, pieces: Vec::new(), callback: None }
@@ -497,47 +498,53 @@ mod tests {
 
     #[test]
     fn status_follows_the_cookie_sets() {
-        let mut st = State { last_cookie: 3, ..Default::default() };
-        st.pending.extend([2, 3]);
-        assert_eq!(st.status(Cookie(0)), Err(Errno::INVAL));
-        assert_eq!(st.status(Cookie(4)), Err(Errno::INVAL));
-        assert_eq!(st.status(Cookie(1)), Ok(Status::Complete));
-        assert_eq!(st.status(Cookie(2)), Ok(Status::InProgress));
-        st.fail(2);
-        assert_eq!(st.status(Cookie(2)), Ok(Status::Error));
-        st.submitted.push_back(job(3));
-        assert_eq!(st.abort_queued().len(), 1);
-        assert_eq!(st.status(Cookie(3)), Ok(Status::Error));
-        assert!(st.pending.is_empty());
+        watchdog(60, || {
+            let mut st = State { last_cookie: 3, ..Default::default() };
+            st.pending.extend([2, 3]);
+            assert_eq!(st.status(Cookie(0)), Err(Errno::INVAL));
+            assert_eq!(st.status(Cookie(4)), Err(Errno::INVAL));
+            assert_eq!(st.status(Cookie(1)), Ok(Status::Complete));
+            assert_eq!(st.status(Cookie(2)), Ok(Status::InProgress));
+            st.fail(2);
+            assert_eq!(st.status(Cookie(2)), Ok(Status::Error));
+            st.submitted.push_back(job(3));
+            assert_eq!(st.abort_queued().len(), 1);
+            assert_eq!(st.status(Cookie(3)), Ok(Status::Error));
+            assert!(st.pending.is_empty());
+        });
     }
 
     #[test]
     fn failures_are_remembered_within_a_bound() {
-        let mut st = State::default();
-        let n = ERRORS_REMEMBERED as u64 + 10;
-        st.last_cookie = n;
-        for c in 1..=n {
-            st.fail(c);
-        }
-        assert_eq!(st.errors.len(), ERRORS_REMEMBERED);
-        assert_eq!(st.status(Cookie(n)), Ok(Status::Error));
-        assert_eq!(st.status(Cookie(1)), Ok(Status::Complete), "the oldest failures are forgotten");
+        watchdog(60, || {
+            let mut st = State::default();
+            let n = ERRORS_REMEMBERED as u64 + 10;
+            st.last_cookie = n;
+            for c in 1..=n {
+                st.fail(c);
+            }
+            assert_eq!(st.errors.len(), ERRORS_REMEMBERED);
+            assert_eq!(st.status(Cookie(n)), Ok(Status::Error));
+            assert_eq!(st.status(Cookie(1)), Ok(Status::Complete), "the oldest failures are forgotten");
+        });
     }
 
     #[test]
     fn failing_execution_copies_a_prefix_only() {
-        let src = vec![7u8; 8192];
-        let mut dst = vec![0u8; 8192];
-        let piece = CopyPair { dst: dst.as_mut_ptr() as usize, src: src.as_ptr() as usize, len: 8192 };
-        let abort = AtomicU64::new(0);
-        // SAFETY: two distinct live vectors that nothing else touches during the call.
-        assert_eq!(unsafe { execute(&[piece], true, &abort, 0) }, Err(Errno::IO));
-        assert!(dst[..4096].iter().all(|&b| b == 7) && dst[4096..].iter().all(|&b| b == 0));
-        // SAFETY: as above; the generation already moved, so nothing is copied.
-        assert_eq!(unsafe { execute(&[piece], false, &abort, 1) }, Err(Errno::CANCELED));
-        assert!(dst[4096..].iter().all(|&b| b == 0));
-        // SAFETY: as above.
-        assert_eq!(unsafe { execute(&[piece], false, &abort, 0) }, Ok(()));
-        assert_eq!(dst, src);
+        watchdog(60, || {
+            let src = vec![7u8; 8192];
+            let mut dst = vec![0u8; 8192];
+            let piece = CopyPair { dst: dst.as_mut_ptr() as usize, src: src.as_ptr() as usize, len: 8192 };
+            let abort = AtomicU64::new(0);
+            // SAFETY: two distinct live vectors that nothing else touches during the call.
+            assert_eq!(unsafe { execute(&[piece], true, &abort, 0) }, Err(Errno::IO));
+            assert!(dst[..4096].iter().all(|&b| b == 7) && dst[4096..].iter().all(|&b| b == 0));
+            // SAFETY: as above; the generation already moved, so nothing is copied.
+            assert_eq!(unsafe { execute(&[piece], false, &abort, 1) }, Err(Errno::CANCELED));
+            assert!(dst[4096..].iter().all(|&b| b == 0));
+            // SAFETY: as above.
+            assert_eq!(unsafe { execute(&[piece], false, &abort, 0) }, Ok(()));
+            assert_eq!(dst, src);
+        });
     }
 }

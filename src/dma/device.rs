@@ -317,33 +317,38 @@ impl std::fmt::Debug for SharedChan {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::watchdog;
 
     #[test]
     fn configuration_sets_the_capabilities() {
-        let d = Device::soft(
-            "u-caps",
-            1,
-            SoftConfig { memcpy_sg: false, private: false, pin: false, ..Default::default() },
-        )
-        .unwrap();
-        assert_eq!(d.caps(), Caps::MEMCPY);
-        let d = Device::soft("u-caps2", 2, SoftConfig::default()).unwrap();
-        assert_eq!(d.caps(), Caps::MEMCPY | Caps::MEMCPY_SG | Caps::PRIVATE);
-        assert_eq!((d.nr_channels(), d.free_channels()), (2, 2));
-        // A private device still hands out exclusive channels asked for with PRIVATE.
-        let c = d.request_chan(Caps::MEMCPY | Caps::PRIVATE).unwrap();
-        assert_eq!(d.free_channels(), 1);
-        drop(c);
-        assert_eq!(d.free_channels(), 2);
+        watchdog(60, || {
+            let d = Device::soft(
+                "u-caps",
+                1,
+                SoftConfig { memcpy_sg: false, private: false, pin: false, ..Default::default() },
+            )
+            .unwrap();
+            assert_eq!(d.caps(), Caps::MEMCPY);
+            let d = Device::soft("u-caps2", 2, SoftConfig::default()).unwrap();
+            assert_eq!(d.caps(), Caps::MEMCPY | Caps::MEMCPY_SG | Caps::PRIVATE);
+            assert_eq!((d.nr_channels(), d.free_channels()), (2, 2));
+            // A private device still hands out exclusive channels asked for with PRIVATE.
+            let c = d.request_chan(Caps::MEMCPY | Caps::PRIVATE).unwrap();
+            assert_eq!(d.free_channels(), 1);
+            drop(c);
+            assert_eq!(d.free_channels(), 2);
+        });
     }
 
     #[test]
     fn faults_change_at_run_time() {
-        let d = Device::soft("u-faults", 1, SoftConfig::default()).unwrap();
-        assert_eq!(d.faults(), FaultPlan::default());
-        let plan = FaultPlan { fail_descriptor: Some(3), never_complete: Some(5), out_of_order: true };
-        d.set_faults(plan);
-        assert_eq!(d.faults(), plan);
-        assert_eq!(d.descriptors_submitted(), 0);
+        watchdog(60, || {
+            let d = Device::soft("u-faults", 1, SoftConfig::default()).unwrap();
+            assert_eq!(d.faults(), FaultPlan::default());
+            let plan = FaultPlan { fail_descriptor: Some(3), never_complete: Some(5), out_of_order: true };
+            d.set_faults(plan);
+            assert_eq!(d.faults(), plan);
+            assert_eq!(d.descriptors_submitted(), 0);
+        });
     }
 }

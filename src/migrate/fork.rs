@@ -200,6 +200,7 @@ fn in_child() {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::watchdog;
     use std::time::Duration;
 
     /// A thread that emptied pages in its batch and empties more while a fork waits for
@@ -207,29 +208,31 @@ mod tests {
     /// for each other for ever. A thread that holds nothing waits for the fork.
     #[test]
     fn a_thread_emptying_more_pages_while_a_fork_waits_does_not_wait_for_itself() {
-        install();
-        let (tx, rx) = std::sync::mpsc::channel();
-        let migrating = std::thread::spawn(move || {
-            let batch = Batch::start();
-            let first = open(1);
-            let forking = std::thread::spawn(|| {
-                barrier();
-                after();
+        watchdog(60, || {
+            install();
+            let (tx, rx) = std::sync::mpsc::channel();
+            let migrating = std::thread::spawn(move || {
+                let batch = Batch::start();
+                let first = open(1);
+                let forking = std::thread::spawn(|| {
+                    barrier();
+                    after();
+                });
+                while STATE.load(Ordering::SeqCst) & FORKS == 0 {
+                    std::thread::yield_now();
+                }
+                let second = open(1);
+                let _ = tx.send(());
+                drop((first, second));
+                forking.join().unwrap();
+                drop(batch);
             });
-            while STATE.load(Ordering::SeqCst) & FORKS == 0 {
-                std::thread::yield_now();
-            }
-            let second = open(1);
-            let _ = tx.send(());
-            drop((first, second));
-            forking.join().unwrap();
-            drop(batch);
+            assert!(
+                rx.recv_timeout(Duration::from_secs(20)).is_ok(),
+                "the second open waited for a fork that waits for the first"
+            );
+            migrating.join().unwrap();
         });
-        assert!(
-            rx.recv_timeout(Duration::from_secs(20)).is_ok(),
-            "the second open waited for a fork that waits for the first"
-        );
-        migrating.join().unwrap();
     }
 
     /// A child forked while another thread of its parent was forking too inherits a count
@@ -238,20 +241,22 @@ mod tests {
     #[test]
     #[allow(unsafe_code, reason = "fork and _exit")]
     fn a_child_forked_beside_another_fork_can_migrate() {
-        install();
-        // Another thread's fork in progress, past its barrier (it would take the locks next:
-        // this thread's own fork then waits for them, so it is not taken here).
-        barrier();
-        // SAFETY: the child touches only the two atomics and calls `_exit`.
-        let pid = unsafe { libc::fork() };
-        assert!(pid >= 0);
-        if pid == 0 {
-            drop(open(1));
-            // SAFETY: ends the child at once.
-            unsafe { libc::_exit(0) };
-        }
-        after();
-        let hung = "the child waited for a fork of its parent's that never ends in it";
-        assert_eq!(crate::process::wait_child(pid, Duration::from_secs(20), hung), 0);
+        watchdog(60, || {
+            install();
+            // Another thread's fork in progress, past its barrier (it would take the locks next:
+            // this thread's own fork then waits for them, so it is not taken here).
+            barrier();
+            // SAFETY: the child touches only the two atomics and calls `_exit`.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                drop(open(1));
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(0) };
+            }
+            after();
+            let hung = "the child waited for a fork of its parent's that never ends in it";
+            assert_eq!(crate::process::wait_child(pid, Duration::from_secs(20), hung), 0);
+        });
     }
 }

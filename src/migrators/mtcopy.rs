@@ -314,6 +314,7 @@ impl Drop for MtCopy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::testing::watchdog;
 
     fn pair(len: usize) -> CopyPair {
         CopyPair { dst: 0, src: 0, len }
@@ -321,39 +322,44 @@ mod tests {
 
     #[test]
     fn plan_deals_whole_shares_or_splits_large_folios() {
-        let p: Vec<_> = (0..10).map(|_| pair(4096)).collect();
-        let shares: Vec<_> = plan(&p, 4).into_iter().map(|(r, parts)| (r, parts.len())).collect();
-        assert_eq!(shares, [(0..2, 0), (2..5, 0), (5..7, 0), (7..10, 0)]);
-        let big = [pair(2 << 20)];
-        let split = plan(&big, 4);
-        let total: usize = split.iter().flat_map(|(_, p)| p.iter().map(|x| x.2)).sum();
-        assert_eq!(total, 2 << 20);
-        assert!(split.iter().all(|(r, p)| r.is_empty() && p.len() == 1));
-        assert!(MtCopy::new(0).is_err() && MtCopy::new(65).is_err());
+        watchdog(60, || {
+            let p: Vec<_> = (0..10).map(|_| pair(4096)).collect();
+            let shares: Vec<_> = plan(&p, 4).into_iter().map(|(r, parts)| (r, parts.len())).collect();
+            assert_eq!(shares, [(0..2, 0), (2..5, 0), (5..7, 0), (7..10, 0)]);
+            let big = [pair(2 << 20)];
+            let split = plan(&big, 4);
+            let total: usize = split.iter().flat_map(|(_, p)| p.iter().map(|x| x.2)).sum();
+            assert_eq!(total, 2 << 20);
+            assert!(split.iter().all(|(r, p)| r.is_empty() && p.len() == 1));
+            assert!(MtCopy::new(0).is_err() && MtCopy::new(65).is_err());
+        });
     }
 
     #[test]
     fn copies_every_byte_and_reports_each_share() {
-        for (threads, folio, count) in [(1, 4096, 64), (2, 4096, 64), (4, 4096, 7), (4, 2 << 20, 2), (3, 65536, 1)] {
-            let len = folio * count;
-            let src = sys::Mapping::new(len, folio).unwrap();
-            let dst = sys::Mapping::new(len, folio).unwrap();
-            for i in 0..len / 8 {
-                src.word(i).unwrap().store(i as u64 ^ 0xabcd, Ordering::Relaxed);
+        watchdog(60, || {
+            for (threads, folio, count) in [(1, 4096, 64), (2, 4096, 64), (4, 4096, 7), (4, 2 << 20, 2), (3, 65536, 1)]
+            {
+                let len = folio * count;
+                let src = sys::Mapping::new(len, folio).unwrap();
+                let dst = sys::Mapping::new(len, folio).unwrap();
+                for i in 0..len / 8 {
+                    src.word(i).unwrap().store(i as u64 ^ 0xabcd, Ordering::Relaxed);
+                }
+                let pairs: Vec<_> = (0..count)
+                    .map(|i| CopyPair { dst: dst.addr() + i * folio, src: src.addr() + i * folio, len: folio })
+                    .collect();
+                let seen = Mutex::new(vec![0u32; count]);
+                let on_complete = |r: Range<usize>| r.for_each(|i| seen.lock().unwrap()[i] += 1);
+                // SAFETY: two private mappings of `len` bytes, disjoint, alive for the call.
+                let batch = unsafe { Batch::new(&pairs, Some(&on_complete)) };
+                let m = MtCopy::new(threads).unwrap();
+                m.offload_copy(&batch).unwrap();
+                assert!(seen.lock().unwrap().iter().all(|&c| c == 1), "{threads} {folio} {count}");
+                for i in 0..len / 8 {
+                    assert_eq!(dst.word(i).unwrap().load(Ordering::Relaxed), i as u64 ^ 0xabcd);
+                }
             }
-            let pairs: Vec<_> = (0..count)
-                .map(|i| CopyPair { dst: dst.addr() + i * folio, src: src.addr() + i * folio, len: folio })
-                .collect();
-            let seen = Mutex::new(vec![0u32; count]);
-            let on_complete = |r: Range<usize>| r.for_each(|i| seen.lock().unwrap()[i] += 1);
-            // SAFETY: two private mappings of `len` bytes, disjoint, alive for the call.
-            let batch = unsafe { Batch::new(&pairs, Some(&on_complete)) };
-            let m = MtCopy::new(threads).unwrap();
-            m.offload_copy(&batch).unwrap();
-            assert!(seen.lock().unwrap().iter().all(|&c| c == 1), "{threads} {folio} {count}");
-            for i in 0..len / 8 {
-                assert_eq!(dst.word(i).unwrap().load(Ordering::Relaxed), i as u64 ^ 0xabcd);
-            }
-        }
+        });
     }
 }

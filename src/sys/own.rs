@@ -134,10 +134,12 @@ pub fn unclaimed(start: usize, end: usize, claimed: &[(usize, usize)]) -> (Vec<(
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::watchdog;
     use super::*;
 
     #[test]
     fn overlaps_finds_any_claimed_byte() {
+        watchdog(60, || {
         let r = [(0x2000, 0x3000), (0x5000, 0x8000)];
         assert!(!overlaps(&r, 0x1000, 0x2000));
         assert!(overlaps(&r, 0x1000, 0x2001));
@@ -145,10 +147,12 @@ mod tests {
         assert!(overlaps(&r, 0x7fff, 0x9000));
         assert!(!overlaps(&r, 0x8000, 0x9000));
         assert!(!overlaps(&[], 0, usize::MAX));
+        });
     }
 
     #[test]
     fn a_thread_stack_is_claimed_while_the_thread_runs() {
+        watchdog(60, || {
         let (inside, after) = std::thread::spawn(|| {
             let probe = 0u64;
             let at = &probe as *const u64 as usize;
@@ -161,10 +165,12 @@ mod tests {
         .unwrap();
         assert!(inside, "the running thread's stack is pagemig's");
         assert!(!after, "given up when its work ends");
+        });
     }
 
     #[test]
     fn claims_split_and_merge_as_ranges_are_unmapped() {
+        watchdog(60, || {
         let mut r = vec![(0x1000, 0x9000)];
         remove(&mut r, 0x3000, 0x4000);
         assert_eq!(r, vec![(0x1000, 0x3000), (0x4000, 0x9000)]);
@@ -175,10 +181,12 @@ mod tests {
         let (pieces, skipped) = unclaimed(0x1000, 0x9000, &r);
         assert_eq!(pieces, vec![(0x1000, 0x2000), (0x3000, 0x4000), (0x8000, 0x9000)]);
         assert_eq!(skipped, 0x1000 + 0x4000);
+        });
     }
 
     #[test]
     fn the_pool_and_graveyards_are_claimed_while_mapped() {
+        watchdog(60, || {
         let pool = crate::pool::Pool::populated_only();
         let node = crate::numa::memory_nodes().unwrap()[0];
         let key = crate::pool::Key { node, thp: crate::pool::ThpAdvice::Default, empty: false };
@@ -193,5 +201,6 @@ mod tests {
         let region = crate::Region::new(1 << 20, 4096, None).unwrap();
         let base = region.folios()[0].addr();
         assert!(!ranges().iter().any(|&(s, e)| s < base + (1 << 20) && base < e));
+        });
     }
 }

@@ -129,10 +129,12 @@ pub fn contains(set: &libc::sigset_t, signal: libc::c_int) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use crate::testing::watchdog;
     use super::*;
 
     #[test]
     fn a_spawned_thread_blocks_every_signal_and_the_caller_keeps_its_mask() {
+        watchdog(60, || {
         let before = current_mask();
         let inside = spawn("pagemig-test", current_mask).unwrap().join().unwrap();
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGALRM, libc::SIGCHLD, libc::SIGRTMIN() + 2] {
@@ -141,15 +143,18 @@ mod tests {
         }
         let scoped = std::thread::scope(|s| spawn_scoped(s, "pagemig-test", current_mask).unwrap().join().unwrap());
         assert!(contains(&scoped, libc::SIGUSR2));
+        });
     }
 
     #[test]
     fn blocking_is_undone_on_drop() {
+        watchdog(60, || {
         let before = contains(&current_mask(), libc::SIGUSR2);
         {
             let _blocked = SignalsBlocked::new();
             assert!(contains(&current_mask(), libc::SIGUSR2));
         }
         assert_eq!(contains(&current_mask(), libc::SIGUSR2), before);
+        });
     }
 }

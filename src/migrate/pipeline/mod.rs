@@ -539,6 +539,7 @@ mod tests {
     use super::*;
     use crate::folio::Folio;
     use crate::pool::ThpAdvice;
+    use crate::testing::watchdog;
 
     fn item(addr: usize, size: usize) -> Item {
         // SAFETY: describes an address only; nothing migrates it.
@@ -548,21 +549,25 @@ mod tests {
 
     #[test]
     fn batches_respect_the_bound() {
-        let items: Vec<_> = (1..=10).map(|i| item(i * 4096, 4096)).collect();
-        let b = batches(&items, 4);
-        assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
-        let big = [item(2 << 20, 2 << 20), item(4 << 20, 2 << 20)];
-        assert_eq!(batches(&big, 1).len(), 2);
-        assert_eq!(batches(&big, 1024).len(), 1);
+        watchdog(60, || {
+            let items: Vec<_> = (1..=10).map(|i| item(i * 4096, 4096)).collect();
+            let b = batches(&items, 4);
+            assert_eq!(b.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
+            let big = [item(2 << 20, 2 << 20), item(4 << 20, 2 << 20)];
+            assert_eq!(batches(&big, 1).len(), 2);
+            assert_eq!(batches(&big, 1024).len(), 1);
+        });
     }
 
     #[test]
     fn migrate_info_flags() {
-        let mut i = MigrateInfo::empty();
-        i.insert(MigrateInfo::WAS_MAPPED);
-        i.insert(MigrateInfo::ALREADY_COPIED);
-        assert!(i.contains(MigrateInfo::WAS_MAPPED) && !i.contains(MigrateInfo::WAS_MLOCKED));
-        i.remove(MigrateInfo::ALREADY_COPIED);
-        assert!(!i.contains(MigrateInfo::ALREADY_COPIED));
+        watchdog(60, || {
+            let mut i = MigrateInfo::empty();
+            i.insert(MigrateInfo::WAS_MAPPED);
+            i.insert(MigrateInfo::ALREADY_COPIED);
+            assert!(i.contains(MigrateInfo::WAS_MAPPED) && !i.contains(MigrateInfo::WAS_MLOCKED));
+            i.remove(MigrateInfo::ALREADY_COPIED);
+            assert!(!i.contains(MigrateInfo::ALREADY_COPIED));
+        });
     }
 }
