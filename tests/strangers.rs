@@ -12,80 +12,19 @@
 mod common;
 
 use common::node;
+use common::strangers::{StopOnDrop, known_mappings, pin, pin_fresh, scan};
 
-use std::collections::HashSet;
-use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::watchdog;
 use pagemig::sys::{Errno, PAGE_SIZE};
 use pagemig::workload::{self, WriteLog};
 use pagemig::{Engine, Error, FaultInjection, MigrateOptions, Mode, Reason, Region, numa};
 
-/// Whether `v` is a mapping a stranger goes for: not there when the test began (`known`),
-/// at most `max` bytes, with permissions starting `perms`, and outside `skip`.
-fn fresh(
-    v: &pagemig::maps::Vma,
-    known: &HashSet<(usize, usize)>,
-    skip: (usize, usize),
-    max: usize,
-    perms: &str,
-) -> bool {
-    !known.contains(&(v.start, v.end))
-        && v.end - v.start <= max
-        && v.perms.starts_with(perms)
-        && (v.end <= skip.0 || skip.1 <= v.start)
-}
-
-/// Reads every page of `[start, end)` with `process_vm_readv`, one page per call (a page
-/// that cannot be read fails alone); returns the pages read.
-fn read_pages(start: usize, end: usize, buf: &mut [u8]) -> u64 {
-    let mut read = 0;
-    for page in (start..end).step_by(PAGE_SIZE) {
-        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: PAGE_SIZE };
-        let remote = libc::iovec { iov_base: page as *mut libc::c_void, iov_len: PAGE_SIZE };
-        // SAFETY: reads one page of this process into `buf`, or fails (EFAULT): the kernel
-        // checks the remote address, and the local buffer is ours.
-        let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-        read += u64::from(n == PAGE_SIZE as isize);
-    }
-    read
-}
-
-/// Until `stop`, reads every readable mapping of the process that was not there when it
-/// began (`known`), except `skip` (the region under test: a read there waits for its
-/// move): pagemig's graveyards, destinations and holdings among them. Returns the pages
-/// read.
-fn scan(known: &HashSet<(usize, usize)>, skip: (usize, usize), stop: &AtomicBool) -> u64 {
-    let mut buf = vec![0u8; PAGE_SIZE];
-    let mut read = 0;
-    while !stop.load(Ordering::Relaxed) {
-        let Ok(vmas) = pagemig::maps::vmas() else { continue };
-        for v in vmas {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            if fresh(&v, known, skip, 256 << 20, "r") {
-                read += read_pages(v.start, v.end, &mut buf);
-            }
-        }
-    }
-    read
-}
-
-/// Sets its flag when dropped.
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 fn migrations_while_a_scanner_reads(folio: usize, precopy: bool) {
     const ROUNDS: usize = 6;
-    let known: HashSet<(usize, usize)> = pagemig::maps::vmas().unwrap().into_iter().map(|v| (v.start, v.end)).collect();
+    let known = known_mappings();
     let region: &'static Region = common::leak(Region::new(16 << 20, folio, Some(node())).unwrap());
     let seed = 31 + folio as u64;
     workload::fill(region, seed);
@@ -144,53 +83,12 @@ fn a_thread_reading_every_mapping_fails_no_migration() {
     }
 }
 
-/// Pins `[addr, addr + len)` as io_uring's fixed buffers do (`FOLL_LONGTERM`) until
-/// dropped; `None` where the kernel refuses (no io_uring, a mapping that cannot be pinned).
-fn pin(addr: usize, len: usize) -> Option<OwnedFd> {
-    let mut params = [0u8; 120];
-    // SAFETY: io_uring_setup(2) with a zeroed struct io_uring_params (120 bytes) it fills.
-    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: a descriptor io_uring_setup just returned, owned here alone.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let iov = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len };
-    // SAFETY: IORING_REGISTER_BUFFERS (0) of one iovec: the kernel pins the pages (faulting
-    // them in) or fails; it never writes them.
-    let r =
-        unsafe { libc::syscall(libc::SYS_io_uring_register, std::os::fd::AsRawFd::as_raw_fd(&fd), 0u32, &iov, 1u32) };
-    (r == 0).then_some(fd)
-}
-
-/// Until `stop`, pins each fresh private mapping of the process (not in `known`, not
-/// `skip`) for `hold` as soon as it appears: pagemig's graveyards, destinations and
-/// holdings. Returns how many mappings it pinned.
-fn pin_fresh(known: &HashSet<(usize, usize)>, skip: (usize, usize), hold: Duration, stop: &AtomicBool) -> u64 {
-    let mut pins: Vec<(Instant, OwnedFd)> = Vec::new();
-    let mut seen: HashSet<(usize, usize)> = HashSet::new();
-    let mut pinned = 0;
-    while !stop.load(Ordering::Relaxed) {
-        pins.retain(|(at, _)| at.elapsed() < hold);
-        for v in pagemig::maps::vmas().unwrap_or_default() {
-            if fresh(&v, known, skip, 64 << 20, "rw") && seen.insert((v.start, v.end)) {
-                if let Some(fd) = pin(v.start, v.end - v.start) {
-                    pins.push((Instant::now(), fd));
-                    pinned += 1;
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
-    pinned
-}
-
 /// Moves that fail (injected) after a 60 ms hold, while a stranger pins every fresh
 /// mapping for 250 ms: the failing folios' old pages, pinned in their graveyard, go back
 /// all the same. Every folio moves or fails with the injected error or `EBUSY` (a stranger
 /// pinning the destination), and every word is as it was.
 fn failed_moves_while_a_stranger_pins(folio: usize) {
-    let known: HashSet<(usize, usize)> = pagemig::maps::vmas().unwrap().into_iter().map(|v| (v.start, v.end)).collect();
+    let known = known_mappings();
     let region: &'static Region = common::leak(Region::new(8 << 20, folio, Some(node())).unwrap());
     let seed = 77 + folio as u64;
     workload::fill(region, seed);

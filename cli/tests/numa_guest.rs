@@ -18,6 +18,7 @@ use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::strangers::{StopOnDrop, known_mappings, pin, pin_fresh, scan};
 use pagemig::attr;
 use pagemig::error::Error;
 use pagemig::migrate::{self, Engine, FaultInjection, MigrateOptions, Mode, Reason};
@@ -292,22 +293,18 @@ fn round_trip_2m_folios() {
     round_trip(HPAGE_SIZE, 16 * MIB);
 }
 
-/// Sets the flag when dropped, on the way out of a scope or a panic.
-struct StopOnDrop<'a>(&'a AtomicBool);
-
-impl Drop for StopOnDrop<'_> {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 /// Writers put increasing sequence numbers in their own slots, readers check that no slot
-/// ever goes back, while the region bounces between the nodes, each move with `opts`.
-fn bounce_under_load(folio_size: usize, len: usize, moves: usize, opts: &MigrateOptions) {
+/// ever goes back, while the region bounces between the nodes, each move with `opts`. With
+/// `stranger`, another thread reads every page of every mapping the process made since the
+/// test began (pagemig's graveyards and destinations among them: its faults there are
+/// answered with pages of zeros), as a profiler or a conservative collector does.
+fn bounce_under_load(folio_size: usize, len: usize, moves: usize, opts: &MigrateOptions, stranger: bool) {
     const WRITERS: usize = 2;
     const READERS: usize = 2;
     let Some((a, b)) = two_nodes() else { return };
-    let name = format!("bounce-{}-folios-{}", size_name(folio_size), size_name(len));
+    let known = known_mappings();
+    let stranger_name = if stranger { "-read-by-a-stranger" } else { "" };
+    let name = format!("bounce-{}-folios-{}{stranger_name}", size_name(folio_size), size_name(len));
     let region = Region::new(len, folio_size, Some(a)).expect("region on the first node");
     let seed = 0xb0_0c3;
     fill(&region, seed);
@@ -324,8 +321,14 @@ fn bounce_under_load(folio_size: usize, len: usize, moves: usize, opts: &Migrate
     let start = Barrier::new(WRITERS + READERS + 1);
     let rounds: Vec<AtomicU64> = (0..WRITERS).map(|_| AtomicU64::new(0)).collect();
     let reads = AtomicU64::new(0);
+    let scanned = AtomicU64::new(0);
     let region = &region;
     let last_written: Vec<Vec<u64>> = std::thread::scope(|s| {
+        if stranger {
+            let (stop, known, scanned) = (&stop, &known, &scanned);
+            let skip = (region.addr(), region.addr() + region.len());
+            s.spawn(move || scanned.store(scan(known, skip, stop), Ordering::Relaxed));
+        }
         let writers: Vec<_> = (0..WRITERS)
             .map(|w| {
                 let (stop, start, rounds) = (&stop, &start, &rounds);
@@ -402,7 +405,12 @@ fn bounce_under_load(folio_size: usize, len: usize, moves: usize, opts: &Migrate
         }
     }
     let write_rounds: u64 = rounds.iter().map(|r| r.load(Ordering::Relaxed)).sum();
-    println!("{name}: {moves} moves, {write_rounds} write rounds, {} read rounds", reads.load(Ordering::Relaxed));
+    let scanned = scanned.load(Ordering::Relaxed);
+    println!(
+        "{name}: {moves} moves, {write_rounds} write rounds, {} read rounds, {scanned} pages read by the stranger",
+        reads.load(Ordering::Relaxed)
+    );
+    assert!(!stranger || scanned > 0, "{name}: the stranger read nothing");
     assert_eq!(lost, 0, "{name}: {lost} slots lost their last write");
     let untouched = (0..region.words()).filter(|i| i % stride >= WRITERS);
     let bad = untouched.filter(|&i| region.word(i).load(Ordering::Relaxed) != pattern(seed, i)).count();
@@ -412,13 +420,13 @@ fn bounce_under_load(folio_size: usize, len: usize, moves: usize, opts: &Migrate
 #[test]
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn bounce_4k_folios_while_threads_read_and_write() {
-    bounce_under_load(4 * KIB, 4 * MIB, 12, &MigrateOptions::default());
+    bounce_under_load(4 * KIB, 4 * MIB, 12, &MigrateOptions::default(), false);
 }
 
 #[test]
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn bounce_2m_folios_while_threads_read_and_write() {
-    bounce_under_load(HPAGE_SIZE, 8 * MIB, 12, &MigrateOptions::default());
+    bounce_under_load(HPAGE_SIZE, 8 * MIB, 12, &MigrateOptions::default(), false);
 }
 
 /// The same with one batch per move and the smallest piece budget (`migrate/piece_budget_us`):
@@ -428,8 +436,8 @@ fn bounce_2m_folios_while_threads_read_and_write() {
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn bounce_in_small_pieces_while_threads_read_and_write() {
     let opts = MigrateOptions::default().max_batch_pages(8192).piece_budget_us(50);
-    bounce_under_load(4 * KIB, 4 * MIB, 6, &opts);
-    bounce_under_load(HPAGE_SIZE, 8 * MIB, 6, &opts);
+    bounce_under_load(4 * KIB, 4 * MIB, 6, &opts, false);
+    bounce_under_load(HPAGE_SIZE, 8 * MIB, 6, &opts, false);
 }
 
 /// The same with the pre-copy (`migrate/precopy`): each piece is read while the threads
@@ -439,8 +447,81 @@ fn bounce_in_small_pieces_while_threads_read_and_write() {
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn bounce_with_the_precopy_while_threads_read_and_write() {
     let opts = MigrateOptions::default().max_batch_pages(8192).precopy(true);
-    bounce_under_load(4 * KIB, 4 * MIB, 6, &opts);
-    bounce_under_load(HPAGE_SIZE, 8 * MIB, 6, &opts);
+    bounce_under_load(4 * KIB, 4 * MIB, 6, &opts, false);
+    bounce_under_load(HPAGE_SIZE, 8 * MIB, 6, &opts, false);
+}
+
+/// The same while a stranger reads every mapping the process made (see `bounce_under_load`):
+/// no move fails, no byte or write is lost, every page is on the node it was sent to.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn bounce_while_a_stranger_reads_every_mapping() {
+    bounce_under_load(4 * KIB, 4 * MIB, 6, &MigrateOptions::default(), true);
+    bounce_under_load(HPAGE_SIZE, 8 * MIB, 6, &MigrateOptions::default(), true);
+}
+
+/// Moves across the nodes that fail (injected, every third folio) after a 60 ms hold, while
+/// a stranger pins every fresh mapping for 250 ms as io_uring's fixed buffers do: the
+/// failing folios' old pages, pinned in their graveyard, go back all the same. Every folio
+/// moves to the other node, or fails with the injected error or `EBUSY` (a pinned
+/// destination) and stays on its node; every word is as it was.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn moves_across_nodes_while_a_stranger_pins_pagemig_memory() {
+    let Some((a, b)) = two_nodes() else { return };
+    if pin(Box::leak(Box::new(Region::new(2 * MIB, 4 * KIB, None).unwrap())).addr(), PAGE_SIZE).is_none() {
+        println!("io_uring cannot pin pages here: nothing to test");
+        return;
+    }
+    for folio_size in [4 * KIB, HPAGE_SIZE] {
+        let known = known_mappings();
+        let name = format!("pinned-{}-folios", size_name(folio_size));
+        let region = Region::new(8 * MIB, folio_size, Some(a)).expect("region on the first node");
+        let seed = 0x91 + folio_size as u64;
+        fill(&region, seed);
+        let folios = region.folios();
+        let stop = AtomicBool::new(false);
+        let skip = (region.addr(), region.addr() + region.len());
+        let (result, pinned) = std::thread::scope(|s| {
+            let stranger = s.spawn(|| pin_fresh(&known, skip, Duration::from_millis(250), &stop));
+            let _stop = StopOnDrop(&stop);
+            // Let the stranger take in what the process mapped before the call.
+            std::thread::sleep(Duration::from_millis(50));
+            let fault = FaultInjection {
+                fail_move: (0..folios.len()).step_by(3).collect(),
+                delay_move: Some(Duration::from_millis(60)),
+                ..Default::default()
+            };
+            let opts = MigrateOptions::default().fault(fault).max_batch_pages(512);
+            let result = Engine::global().unwrap().migrate_pages(&folios, b, Reason::Syscall, Mode::Sync, &opts);
+            stop.store(true, Ordering::Relaxed);
+            (result, stranger.join().unwrap())
+        });
+        let failures = match &result {
+            Err(Error::Partial { stats, .. }) => stats.failures.clone(),
+            Ok(stats) => panic!("{name}: the injected failures did not fail ({stats:?})"),
+            Err(e) => panic!("{name}: {e}"),
+        };
+        verify(&region, seed, &format!("{name} after the move"));
+        assert!(pinned > 0, "{name}: the stranger pinned nothing");
+        let failed: BTreeMap<usize, i32> = failures.iter().map(|f| (f.addr, f.errno)).collect();
+        for errno in failed.values() {
+            assert!([Errno::IO, Errno::BUSY].contains(&Errno::from_raw_os_error(*errno)), "{name}: errno {errno}");
+        }
+        let nodes = numa::page_nodes(region.addr(), region.len()).expect("move_pages status query");
+        for (i, node) in nodes.iter().enumerate() {
+            let folio = region.addr() + i * PAGE_SIZE / folio_size * folio_size;
+            let want = if failed.contains_key(&folio) { a } else { b };
+            assert_eq!(*node, want as i32, "{name}: page {i} (folio {folio:#x}, failed: {:?})", failed.get(&folio));
+        }
+        println!(
+            "{name}: {} of {} pages on node {b}; {} folios failed and stayed on node {a}; {pinned} mappings pinned",
+            nodes.iter().filter(|&&n| n == b as i32).count(),
+            nodes.len(),
+            failed.len()
+        );
+        common::assert_writable(common::leak(region));
+    }
 }
 
 #[test]

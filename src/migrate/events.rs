@@ -318,8 +318,8 @@ fn bring_home<'b>(
         // SAFETY: `src` holds the old pages of memory the program moved to `dst` (moved on
         // with it by every later event): a holding of this reader's, or a graveyard while
         // the claims lock is held; `dst` came with the registration (its accesses wait) and
-        // is empty there: it receives exactly its own data.
-        let result = unsafe { home.uffd.copy(dst, src, len) };
+        // is empty there: it receives exactly its own data, on the node it was on.
+        let result = unsafe { super::mover::copy_back(home.uffd, dst, src, len) };
         let (done, errno) = match result {
             Ok(()) => (len, None),
             Err((done, errno)) => (done, Some(errno)),

@@ -414,11 +414,12 @@ pub(super) fn put_back_counted(
             // (`EINVAL`); a stranger pinned one in the graveyard, reading pagemig's memory
             // (`EBUSY`); no page table could be had (`ENOMEM`). Copied back instead (new
             // pages, same data; the mapping may be read-only now, a copy fills it all the
-            // same): never dropped while the source is there to take them.
+            // same, on the node of the old ones): never dropped while the source is there
+            // to take them.
             Some(Errno::INVAL | Errno::BUSY | Errno::NOMEM) => {
                 // SAFETY: the rest of `[s, e)` is empty and every access to it waits for
                 // exactly this data, which the graveyard holds.
-                match unsafe { engine.uffd.copy(s + moved, g + moved, e - s - moved) } {
+                match unsafe { copy_back(&engine.uffd, s + moved, g + moved, e - s - moved) } {
                     Err((copied, errno))
                         if patience.wait(claims, errno, g + moved + copied)
                             || patience.wait_event(claims, errno, s + moved + copied) =>
@@ -435,6 +436,52 @@ pub(super) fn put_back_counted(
         empty.merge(claims.take_isolated(s, done).1);
     }
     empty
+}
+
+/// Copies the old pages `[from, from + len)` back into the empty, registered
+/// `[to, to + len)` (`UFFDIO_COPY`), each new page allocated on the node its old page is
+/// on: the calling thread's memory policy bound to that node meanwhile (the mover's is
+/// bound to the target, the event reader's is the default, local), so that memory that
+/// does not move stays on its node. A mapping with a memory policy of its own allocates by
+/// that policy. Pages whose node cannot be told are copied by the thread's own policy.
+/// Returns what [`Uffd::copy`](crate::sys::uffd::Uffd::copy) returns.
+///
+/// # Safety
+/// As [`Uffd::copy`](crate::sys::uffd::Uffd::copy): `[to, to + len)` is a range whose new
+/// contents nobody is surprised by (its accesses wait for exactly this data).
+pub(super) unsafe fn copy_back(
+    uffd: &crate::sys::uffd::Uffd,
+    to: usize,
+    from: usize,
+    len: usize,
+) -> Result<(), (usize, Errno)> {
+    let nodes = crate::numa::page_nodes(from, len).unwrap_or_default();
+    let saved = sys::ThreadPolicy::current().ok();
+    let mut bound = false;
+    let mut done = 0;
+    let mut result = Ok(());
+    while done < len {
+        let first = done / sys::PAGE_SIZE;
+        let node = nodes.get(first).copied().unwrap_or(-1);
+        let pages = nodes.get(first..).map_or(0, |rest| rest.iter().take_while(|&&n| n == node).count()).max(1);
+        let part = (pages * sys::PAGE_SIZE).min(len - done);
+        // Bound only where the node is known and the policy can be put back afterwards.
+        if node >= 0 && saved.is_some() {
+            bound |= sys::set_mempolicy_bind(Some(node as u32)).is_ok();
+        } else if bound && let Some(saved) = saved {
+            bound = saved.restore().is_err();
+        }
+        // SAFETY: as this function's contract, for a part of its range.
+        if let Err((copied, errno)) = unsafe { uffd.copy(to + done, from + done, part) } {
+            result = Err((done + copied, errno));
+            break;
+        }
+        done += part;
+    }
+    if bound && let Some(saved) = saved {
+        let _ = saved.restore();
+    }
+    result
 }
 
 /// Gives up `[at, f.end())` of a folio the program purged or moved away (`dead`) while it
