@@ -88,7 +88,7 @@ fn run() -> Result<(), Error> {
     let mut errors: Vec<(usize, i32)> = outcome.errors().collect();
     errors.dedup_by_key(|e| e.1);
     for (addr, errno) in errors {
-        println!("  from +{:#x}: {}", addr - base, std::io::Error::from_raw_os_error(errno));
+        println!("  from +{:#x}: {}", addr - base, pagemig::RangeOutcome::meaning(errno));
     }
     assert!(
         outcome.errors().all(|(a, e)| (hole..hole + FOLIO).contains(&a) && e == libc::ENOENT),

@@ -175,7 +175,7 @@ fn agent_outcome(pid: i32, request: &MoveRequest, r: Report) -> Outcome {
             ("internal", r.mappings[2]),
         ])),
         time_us: r.time_us,
-        first_failure: r.first_failure.map(|(a, e)| format!("{a:#x}: {}", std::io::Error::from_raw_os_error(e))),
+        first_failure: r.first_failure.map(|(a, e)| format!("{a:#x}: {}", pagemig::RangeOutcome::meaning(e))),
         detail_routes: r.detail,
         ..Default::default()
     }
@@ -321,7 +321,7 @@ fn kernel_move_pages(
                 o.failed += 1;
                 if o.first_failure.is_none() {
                     let what =
-                        if s < 0 { std::io::Error::from_raw_os_error(-s).to_string() } else { format!("on node {s}") };
+                        if s < 0 { pagemig::RangeOutcome::meaning(-s).to_string() } else { format!("on node {s}") };
                     o.first_failure = Some(format!("{page:#x}: {what}"));
                 }
             }

@@ -89,6 +89,9 @@ pub(super) fn classify(phase: Phase, errno: Errno) -> (&'static str, Errno) {
         }
         (Phase::MoveIn | Phase::CopyIn, Errno::INVAL) => ("migrate (the mapping changed meanwhile)", Errno::ACCESS),
         (Phase::MoveIn | Phase::CopyIn, Errno::NOMEM) => ("allocating a page on the target node", Errno::NOMEM),
+        // Events of the program's kept coming (each holds every move and copy while it is
+        // read) past the patience: the page was busy.
+        (Phase::MoveIn | Phase::CopyIn, Errno::AGAIN) => ("migrate (the memory kept changing meanwhile)", Errno::BUSY),
         (Phase::MoveIn, e) => ("userfaultfd move of the new pages", e),
         (Phase::CopyIn, e) => ("userfaultfd copy of the pages into their source", e),
     }
@@ -119,9 +122,30 @@ mod tests {
             }
             assert_eq!(status(phase, Errno::INVAL), Errno::ACCESS);
             assert_eq!(status(phase, Errno::NOMEM), Errno::NOMEM);
+            assert_eq!(status(phase, Errno::AGAIN), Errno::BUSY);
             assert_eq!(status(phase, Errno::IO), Errno::IO);
         }
         assert!(classify(Phase::CopyIn, Errno::IO).0.contains("copy"));
         assert!(classify(Phase::MoveIn, Errno::IO).0.contains("move"));
+    }
+
+    /// Every status a phase gives a page, for every errno the kernel's calls return there,
+    /// is told in words of its own (`RangeOutcome::meaning`), never the catch-all.
+    #[test]
+    fn every_status_has_its_meaning() {
+        let catch_all = crate::RangeOutcome::meaning(0);
+        let raw = [Errno::BUSY, Errno::AGAIN, Errno::FAULT, Errno::NOENT, Errno::EXIST, Errno::INVAL, Errno::NOMEM];
+        for phase in [Phase::Isolate, Phase::MoveIn, Phase::CopyIn] {
+            for errno in raw {
+                let status = classify(phase, errno).1.raw_os_error();
+                let meaning = crate::RangeOutcome::meaning(status);
+                assert_ne!(meaning, catch_all, "{phase:?} {errno:?}");
+            }
+        }
+        // And the statuses a call stopped or timed out gives the pages it did not reach.
+        for errno in [libc::ECANCELED, libc::ETIMEDOUT, libc::EIO] {
+            assert_ne!(crate::RangeOutcome::meaning(errno), catch_all);
+        }
+        assert!(crate::RangeOutcome::meaning(libc::ENOENT).contains("not present"));
     }
 }

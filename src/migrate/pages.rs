@@ -436,6 +436,25 @@ impl RangeOutcome {
     pub fn errors(&self) -> impl Iterator<Item = (usize, i32)> + '_ {
         self.status.iter().enumerate().filter(|&(_, &s)| s < 0).map(|(i, &s)| (self.first_page + i * PAGE_SIZE, -s))
     }
+
+    /// What a page's status errno (positive, as [`RangeOutcome::errors`] gives it, or as
+    /// `move_pages(2)` puts it in `status`, negated) says about that page, in the words of
+    /// `move_pages(2)`: `strerror`'s text ("No such file or directory" for `ENOENT`) says
+    /// nothing of pages.
+    pub fn meaning(errno: i32) -> &'static str {
+        match errno {
+            libc::ENOENT => "ENOENT: the page is not present (never touched, or purged)",
+            libc::EFAULT => "EFAULT: a zero page, or no memory mapped there",
+            libc::EACCES => "EACCES: the page is mapped by another process too",
+            libc::EBUSY => "EBUSY: the page is busy (pinned for I/O, or held by another migration)",
+            libc::ENOMEM => "ENOMEM: no memory for the page on the target node",
+            libc::EIO => "EIO: the page could not be copied or written back",
+            libc::EINVAL => "EINVAL: the page's mapping cannot move it",
+            libc::ECANCELED => "ECANCELED: the call was stopped before reaching the page",
+            libc::ETIMEDOUT => "ETIMEDOUT: the call's time ran out before reaching the page",
+            _ => "the page was not moved",
+        }
+    }
 }
 
 /// What [`Engine::move_pages`] and [`Engine::move_range`] have done in this engine so far,
