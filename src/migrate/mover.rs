@@ -462,9 +462,14 @@ pub(super) unsafe fn copy_back(
     let mut result = Ok(());
     while done < len {
         let first = done / sys::PAGE_SIZE;
-        let node = nodes.get(first).copied().unwrap_or(-1);
-        let pages = nodes.get(first..).map_or(0, |rest| rest.iter().take_while(|&&n| n == node).count()).max(1);
-        let part = (pages * sys::PAGE_SIZE).min(len - done);
+        // The run of pages on one node from here; all the rest where the nodes are unknown.
+        let (node, part) = match nodes.get(first..) {
+            Some(rest @ [node, ..]) => {
+                let pages = rest.iter().take_while(|&n| n == node).count();
+                (*node, (pages * sys::PAGE_SIZE).min(len - done))
+            }
+            _ => (-1, len - done),
+        };
         // Bound only where the node is known and the policy can be put back afterwards.
         if node >= 0 && saved.is_some() {
             bound |= sys::set_mempolicy_bind(Some(node as u32)).is_ok();
