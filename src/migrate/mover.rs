@@ -438,13 +438,14 @@ pub(super) fn put_back_counted(
     empty
 }
 
-/// Copies the old pages `[from, from + len)` back into the empty, registered
-/// `[to, to + len)` (`UFFDIO_COPY`), each new page allocated on the node its old page is
-/// on: the calling thread's memory policy bound to that node meanwhile (the mover's is
-/// bound to the target, the event reader's is the default, local), so that memory that
-/// does not move stays on its node. A mapping with a memory policy of its own allocates by
-/// that policy. Pages whose node cannot be told are copied by the thread's own policy.
-/// Returns what [`Uffd::copy`](crate::sys::uffd::Uffd::copy) returns.
+/// Copies `[from, from + len)` into the empty, registered `[to, to + len)` (`UFFDIO_COPY`),
+/// each new page allocated on the node of the page it copies: the calling thread's memory
+/// policy bound to that node meanwhile (the mover's is bound to the target, the event
+/// reader's is the default, local). Old pages copied back stay on their node, so memory
+/// that does not move stays where it was; a destination copied in puts the new pages where
+/// the destination is. A mapping with a memory policy of its own allocates by that policy;
+/// pages whose node cannot be told are copied by the thread's own policy. Returns what
+/// [`Uffd::copy`](crate::sys::uffd::Uffd::copy) returns.
 ///
 /// # Safety
 /// As [`Uffd::copy`](crate::sys::uffd::Uffd::copy): `[to, to + len)` is a range whose new
@@ -603,6 +604,25 @@ pub(super) fn bring_in(
                 continue;
             }
             let k = folios.partition_point(|f| f.end() <= at);
+            // A page of the destination held by somebody else (a stranger pinning or
+            // reading pagemig's memory): the kernel would move the program's page all the
+            // same. Copied in from the destination instead: new pages on the destination's
+            // node, the same data (a huge page arrives as base pages).
+            if errno == Errno::BUSY && matches!(incoming, Incoming::Move(_)) {
+                let from = incoming.from(start, at);
+                let end = folios[k].end();
+                // SAFETY: as the move's above: `[at, end)` is claimed, isolated and empty,
+                // every access waits for exactly this data, which the destination holds.
+                let done = match unsafe { copy_back(&engine.uffd, at, from, end - at) } {
+                    Ok(()) => end - at,
+                    Err((done, _)) => done,
+                };
+                forget_isolated(&mut claims, at, at + done);
+                at += done;
+                if at == end {
+                    continue;
+                }
+            }
             if matches!(errno, Errno::INVAL | Errno::NOENT | Errno::FAULT) && e > folios[k].end() {
                 one_by_one = e;
                 continue;

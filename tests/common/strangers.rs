@@ -95,16 +95,29 @@ pub fn pin(addr: usize, len: usize) -> Option<OwnedFd> {
 
 /// Until `stop`, pins each fresh private mapping of the process (not in `known`, not
 /// `skip`) for `hold` as soon as it appears: pagemig's graveyards, destinations and
-/// holdings. Returns how many mappings it pinned.
+/// holdings. Of a fresh mapping too large to pin whole (pagemig's destination pool), the
+/// parts that have pages (destinations filled for a move) are pinned as they appear.
+/// Returns how many ranges it pinned.
 pub fn pin_fresh(known: &HashSet<(usize, usize)>, skip: (usize, usize), hold: Duration, stop: &AtomicBool) -> u64 {
+    const WHOLE: usize = 64 << 20;
     let mut pins: Vec<(Instant, OwnedFd)> = Vec::new();
     let mut seen: HashSet<(usize, usize)> = HashSet::new();
     let mut pinned = 0;
     while !stop.load(Ordering::Relaxed) {
         pins.retain(|(at, _)| at.elapsed() < hold);
         for v in pagemig::maps::vmas().unwrap_or_default() {
-            if fresh(&v, known, skip, 64 << 20, "rw") && seen.insert((v.start, v.end)) {
-                if let Some(fd) = pin(v.start, v.end - v.start) {
+            if !fresh(&v, known, skip, usize::MAX, "rw") {
+                continue;
+            }
+            let ranges: Vec<std::ops::Range<usize>> = if v.end - v.start <= WHOLE {
+                std::iter::once(v.start..v.end).collect()
+            } else {
+                pagemig::numa::present_ranges(v.start, v.end - v.start).unwrap_or_default()
+            };
+            for r in ranges {
+                if seen.insert((r.start, r.end))
+                    && let Some(fd) = pin(r.start, r.end - r.start)
+                {
                     pins.push((Instant::now(), fd));
                     pinned += 1;
                 }
