@@ -526,6 +526,114 @@ fn moves_across_nodes_while_a_stranger_pins_pagemig_memory() {
     }
 }
 
+/// The program moves memory (`mremap`, twice) whose old pages a migration across the nodes
+/// holds isolated: the old pages go home to where the memory is by then, straight from their
+/// graveyards or through the event reader's holdings, and stay on the node they were on, as
+/// memory the kernel did not migrate stays; every word is where the program put it.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn memory_moved_while_it_migrates_stays_on_its_node() {
+    use common::changes;
+    const LEN: usize = 8 * MIB;
+    const MOVED: usize = 2 * MIB;
+    const SEED: u64 = 0x686f_6d65;
+    let Some((a, b)) = two_nodes() else { return };
+    let mut went_home = [0usize; 2];
+    for holdings in [false, true, false, true] {
+        let what = format!("memory-moved-while-it-migrates{}", if holdings { "-through-holdings" } else { "" });
+        // The reservations first: a mapping right above an inaccessible one looks like a
+        // thread stack, which pagemig leaves to the kernel.
+        let (reserved1, spare1) = changes::spare();
+        let (reserved2, spare2) = changes::spare();
+        let base = changes::mapping(LEN, 4 * KIB, SEED);
+        let firsts: Vec<usize> = (base..base + LEN).step_by(PAGE_SIZE).collect();
+        let mut st = vec![0; firsts.len()];
+        sys::move_pages(&firsts, Some(&vec![a as i32; firsts.len()]), &mut st).expect("move_pages to a");
+        assert!(st.iter().all(|&s| s == a as i32), "{what}: setting up on node {a}");
+        let opts = MigrateOptions::default()
+            .fault(FaultInjection {
+                delay_move: Some(Duration::from_millis(400)),
+                home_through_holdings: holdings,
+                ..Default::default()
+            })
+            .max_batch_pages(256);
+        let result = common::watchdog(Duration::from_secs(120), &what.clone(), move || {
+            std::thread::scope(|s| {
+                s.spawn(move || {
+                    std::thread::sleep(Duration::from_millis(30));
+                    for (from, to) in [(base, spare1), (spare1, spare2)] {
+                        // SAFETY: moves a range of the test's own mapping into its own
+                        // reservation.
+                        let p = unsafe {
+                            libc::mremap(
+                                from as *mut _,
+                                MOVED,
+                                MOVED,
+                                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                                to as *mut libc::c_void,
+                            )
+                        };
+                        assert_eq!(p as usize, to, "mremap: {}", std::io::Error::last_os_error());
+                    }
+                });
+                let before = Engine::global().unwrap().pages_stats().moved;
+                // SAFETY: this thread does not touch the range during the call; the other
+                // one moves a part of it, which pagemig must survive.
+                let outcome = unsafe { Engine::global().unwrap().move_range(base, LEN, b, &opts) };
+                (outcome, Engine::global().unwrap().pages_stats().moved - before)
+            })
+        });
+        let (outcome, moved_by_pagemig) = result;
+        let outcome = outcome.unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(moved_by_pagemig > 0, "{what}: pagemig moved no page itself (all went to the kernel)");
+        // Every word where the program put it: the moved part at its last place.
+        let bad = (0..LEN / 8)
+            .filter(|&i| {
+                let at = if i * 8 < MOVED { spare2 + i * 8 } else { base + i * 8 };
+                changes::word(at) != pagemig::workload::pattern_word(SEED, i)
+            })
+            .count();
+        assert_eq!(bad, 0, "{what}: {bad} words not where the program put them");
+        // The moved memory's pages that the call did not migrate (before the program moved
+        // them) are on the node they were on; those it did, on the target.
+        let moved = numa::page_nodes(spare2, MOVED).expect("query");
+        let migrated = outcome.status[..MOVED / PAGE_SIZE].iter().filter(|&&s| s == b as i32).count();
+        let off: Vec<(usize, i32, i32)> = moved
+            .iter()
+            .zip(&outcome.status)
+            .enumerate()
+            .filter(|&(_, (&n, &s))| n != if s == b as i32 { b as i32 } else { a as i32 })
+            .map(|(p, (&n, &s))| (p, s, n))
+            .collect();
+        assert!(
+            off.is_empty(),
+            "{what}: pages of the moved memory on the wrong node (page, status, node): {:?}",
+            &off[..off.len().min(8)]
+        );
+        // The rest migrated.
+        if migrated == 0 {
+            went_home[usize::from(holdings)] += 1;
+        }
+        let rest = numa::page_nodes(base + MOVED, LEN - MOVED).expect("query");
+        let on_b = rest.iter().filter(|&&n| n == b as i32).count();
+        assert_eq!(on_b, rest.len(), "{what}: pages of the rest on node {b}");
+        println!(
+            "{what}: of the {} pages the program moved, {migrated} migrated before and the others on node {a}; {on_b} of the rest on node {b}",
+            moved.len()
+        );
+        // SAFETY: the test's own mappings, no longer used.
+        unsafe {
+            libc::munmap(base as *mut _, LEN + 2 * MIB);
+            libc::munmap(spare2 as *mut _, MOVED);
+            libc::munmap(reserved1 as *mut _, changes::SPARE);
+            libc::munmap(reserved2 as *mut _, changes::SPARE);
+        }
+    }
+    // The program's move met isolated pages in each mode at least once (pages the call
+    // had not migrated yet, put home by the event reader).
+    assert!(went_home.iter().all(|&n| n > 0), "rounds whose moved memory went home (direct, holdings): {went_home:?}");
+}
+
 #[test]
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn full_target_node_fails_cleanly_with_enomem() {

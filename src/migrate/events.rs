@@ -250,8 +250,9 @@ fn detach(home: &Home<'_>, moved: &mut Moved) {
         // (every move that frees one takes it first). The holding is fresh, ours, empty and
         // registered with `graves` in missing mode: it receives exactly these bytes. A page
         // the graveyard lacks reads as zeros (its fault is answered so), as a copy from it
-        // would.
-        if unsafe { home.graves.copy(holding.addr(), src, len) }.is_err() {
+        // would. Each page is copied onto the node its old page is on: the pages that go
+        // home from here stay where they were.
+        if unsafe { super::mover::copy_back(home.graves, holding.addr(), src, len) }.is_err() {
             reaper::free(home.graves, &holding);
             continue;
         }
