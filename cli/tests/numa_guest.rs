@@ -562,18 +562,7 @@ fn memory_moved_while_it_migrates_stays_on_its_node() {
                 s.spawn(move || {
                     std::thread::sleep(Duration::from_millis(30));
                     for (from, to) in [(base, spare1), (spare1, spare2)] {
-                        // SAFETY: moves a range of the test's own mapping into its own
-                        // reservation.
-                        let p = unsafe {
-                            libc::mremap(
-                                from as *mut _,
-                                MOVED,
-                                MOVED,
-                                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                                to as *mut libc::c_void,
-                            )
-                        };
-                        assert_eq!(p as usize, to, "mremap: {}", std::io::Error::last_os_error());
+                        changes::apply(changes::Change::Mremap, from, MOVED, to);
                     }
                 });
                 let before = Engine::global().unwrap().pages_stats().moved;
