@@ -123,3 +123,58 @@ fn isolated_pages_follow_memory_moved_twice() {
     }
     assert!(lost_rounds.is_empty(), "old pages lost (round, words wrong): {lost_rounds:?}");
 }
+
+/// Whether any mapping of `[start, end)` is still registered for missing faults (`um` in
+/// its smaps `VmFlags`).
+fn registered_missing(start: usize, end: usize) -> bool {
+    pagemig::maps::vmas_with_flags(start, end).unwrap().iter().any(|v| v.flags.iter().any(|f| f == "um"))
+}
+
+/// Purges `pages` pages of `region` from its `first`, then reads and writes each on another
+/// thread under a watchdog: none may wait for ever. Each reads as zeros, as the kernel's
+/// fresh pages do, and keeps what is written.
+fn purge_and_touch(region: &'static pagemig::Region, first: usize, pages: usize, what: &str) {
+    let at = region.addr() + first * 4096;
+    // SAFETY: purges pages of the test's own region; nothing else uses them.
+    assert_eq!(unsafe { libc::madvise(at as *mut _, pages * 4096, libc::MADV_DONTNEED) }, 0);
+    watchdog(Duration::from_secs(10), &format!("{what}: touching purged pages"), move || {
+        for p in 0..pages {
+            let word = region.word((first + p) * 512);
+            assert_eq!(word.load(std::sync::atomic::Ordering::Relaxed), 0, "page {p} after the purge");
+            word.store(0x1234 + p as u64, std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(word.load(std::sync::atomic::Ordering::Relaxed), 0x1234 + p as u64);
+        }
+    });
+}
+
+/// A call whose registration the kernel will not take off as it ends (as near
+/// `vm.max_map_count`, where the split an unregistration needs fails) leaves its runs
+/// registered: a thread of the program that purges a page there and touches it must not
+/// wait for ever (the event reader answers with zeros, as the kernel would). The next call
+/// that ends takes the registration off.
+#[test]
+fn memory_left_registered_after_a_call_never_hangs() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "memory_left_registered_after_a_call_never_hangs");
+    for folio in [4096, 2 << 20] {
+        let what = format!("folio {folio}");
+        let region = common::leak(pagemig::Region::new(8 << 20, folio, Some(node())).unwrap());
+        pagemig::workload::fill(region, 5);
+        let left = MigrateOptions::default().fault(FaultInjection { fail_unregister: true, ..Default::default() });
+        let engine = Engine::global().unwrap();
+        let stats = engine
+            .migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &left)
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(stats.succeeded_folios as usize, region.len() / folio, "{what}");
+        let report = pagemig::workload::verify(region, 5, &pagemig::workload::WriteLog::default());
+        assert!(report.ok(), "{what}: {report:?}");
+        assert!(registered_missing(region.addr(), region.addr() + region.len()), "{what}: nothing was left registered");
+        purge_and_touch(region, 3, 4, &format!("{what}, left registered"));
+        // A call that ends tries the registration again, and takes it off.
+        let other = common::leak(pagemig::Region::new(2 << 20, 4096, Some(node())).unwrap());
+        engine
+            .migrate_pages(&other.folios(), node(), Reason::Syscall, Mode::Sync, &MigrateOptions::default())
+            .unwrap_or_else(|e| panic!("{what}: the next call: {e}"));
+        assert!(!registered_missing(region.addr(), region.addr() + region.len()), "{what}: still registered");
+        purge_and_touch(region, 20, 4, &format!("{what}, unregistered"));
+    }
+}

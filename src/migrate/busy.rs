@@ -43,6 +43,9 @@ pub(super) struct Claims {
     /// for the others.
     calls: BTreeMap<u64, Vec<Span>>,
     next_call: u64,
+    /// Ranges a call that ended left registered because the kernel would not take the
+    /// registration off (sorted, disjoint): see [`Claims::add_stray`].
+    stray: Vec<Span>,
 }
 
 /// `pieces` (sorted, disjoint) less what `runs` (sorted, disjoint) cover.
@@ -169,6 +172,40 @@ impl Claims {
     /// Forgets the runs of call `id`, which ends; returns them.
     pub fn end_call(&mut self, id: u64) -> Vec<Span> {
         self.calls.remove(&id).unwrap_or_default()
+    }
+
+    /// Records `[start, end)` as left registered with the program's userfaultfd after its
+    /// call ended (the kernel refused to take it off: `ENOMEM` splitting a mapping near
+    /// `vm.max_map_count`). A thread of the program that touches a missing page there would
+    /// wait for ever, as no migration will wake it: the event reader answers such a fault as
+    /// the kernel would, with a page of zeros ([`Claims::is_stray`]), and every call that
+    /// ends tries the registration again ([`Claims::strays`]).
+    pub fn add_stray(&mut self, start: usize, end: usize) {
+        let mut spans = std::mem::take(&mut self.stray);
+        spans.push((start, end));
+        spans.sort_unstable();
+        for (s, e) in spans {
+            match self.stray.last_mut() {
+                Some(last) if s <= last.1 => last.1 = last.1.max(e),
+                _ => self.stray.push((s, e)),
+            }
+        }
+    }
+
+    /// Whether `addr` lies in a range left registered ([`Claims::add_stray`]) that no
+    /// call in progress registered since and no claim covers: a missing fault there is
+    /// nobody's to wake.
+    pub fn is_stray(&mut self, addr: usize) -> bool {
+        let page = addr & !(crate::sys::PAGE_SIZE - 1);
+        let at = self.stray.partition_point(|&(_, e)| e <= page);
+        self.stray.get(at).is_some_and(|&(s, _)| s <= page)
+            && !self.unused_in(page, page + crate::sys::PAGE_SIZE).is_empty()
+    }
+
+    /// Takes the ranges left registered, to try them again; what still fails goes back
+    /// with [`Claims::add_stray`].
+    pub fn strays(&mut self) -> Vec<Span> {
+        std::mem::take(&mut self.stray)
     }
 
     /// The parts of `[start, end)` that no claim covers and no call in progress registered

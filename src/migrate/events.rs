@@ -123,6 +123,9 @@ struct Moved {
     /// The pages of `homing`, counted empty for the fork barrier until they are home (or
     /// given up): taken from the claims with the spans.
     empty: Empty,
+    /// Missing faults in ranges a call left registered ([`Claims::is_stray`]), answered
+    /// with zeros under the claims lock.
+    strays: Vec<usize>,
 }
 
 impl Moved {
@@ -212,6 +215,12 @@ fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: V
     for event in events {
         handle(&mut claims, event, &mut moved);
     }
+    for addr in std::mem::take(&mut moved.strays) {
+        // SAFETY: a missing page of the program's anonymous memory that no call claims or
+        // registered (checked under this same hold of the claims lock, which every claim
+        // and registration takes): its thread would have read a fresh page of zeros.
+        unsafe { super::zerofill::answer_with_zeros(home.uffd, addr) };
+    }
     if !moved.through_holdings {
         bring_home(home, Some(&mut claims), &mut moved, Backoff::kernel().within(HOMING_LOCKED));
     }
@@ -263,6 +272,9 @@ fn detach(home: &Home<'_>, moved: &mut Moved) {
 
 fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
     match event {
+        // In a range a call left registered: nothing will wake its thread, and the kernel
+        // would have given it a page of zeros.
+        Event::Missing { addr } if claims.is_stray(addr) => moved.strays.push(addr),
         // Its thread waits until the migration (or the end of the call) wakes it.
         Event::Missing { .. } => {}
         // Unmapped: whatever is mapped there next is not the program's old memory, and no

@@ -280,19 +280,30 @@ pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
 /// Takes the call's registration off its runs once it is done with them, except where
 /// another call has claimed part of one or registered it as it began (that call's
 /// registration is the same one). Under the claims lock, so no claim or call begins
-/// meanwhile. A run the program split or unmapped is
-/// unregistered folio by folio.
-pub(super) fn unregister_runs(engine: &Engine, call: u64, folio_size: impl Fn(usize) -> usize) {
+/// meanwhile. A run the program split or unmapped is unregistered folio by folio; what the
+/// kernel still refuses is left registered and recorded ([`Claims::add_stray`]), and tried
+/// again here by every call that ends. `fail`: refuse every unregistration, as a kernel out
+/// of mappings would (`FaultInjection::fail_unregister`).
+pub(super) fn unregister_runs(engine: &Engine, call: u64, folio_size: impl Fn(usize) -> usize, fail: bool) {
     let mut claims = engine.busy.lock();
-    for (start, end) in claims.end_call(call) {
+    let mut left = Vec::new();
+    // This call's runs, and what earlier calls left registered.
+    let spans: Vec<Span> = claims.end_call(call).into_iter().chain(claims.strays()).collect();
+    for (start, end) in spans {
         for (s, e) in claims.unused_in(start, end) {
-            if engine.uffd.unregister(s, e - s).is_err() {
-                let step = folio_size(s);
+            if fail || engine.uffd.unregister(s, e - s).is_err() {
+                let step = folio_size(s).max(sys::PAGE_SIZE);
                 for a in (s..e).step_by(step) {
-                    let _ = engine.uffd.unregister(a, step);
+                    let len = step.min(e - a);
+                    if fail || engine.uffd.unregister(a, len).is_err() {
+                        left.push((a, a + len));
+                    }
                 }
             }
         }
+    }
+    for (s, e) in left {
+        claims.add_stray(s, e);
     }
     drop(claims);
 }

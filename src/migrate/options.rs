@@ -38,6 +38,10 @@ pub struct FaultInjection {
     /// piece is protected (`migrate/precopy`): lets a test write into memory the pre-copy
     /// has read, and change memory it has yet to read.
     pub delay_after_precopy: Option<Duration>,
+    /// Refuse to take the call's registration off its runs when it ends, as a kernel out
+    /// of mappings (`vm.max_map_count`) refuses the split an unregistration needs: the runs
+    /// stay registered after the call.
+    pub fail_unregister: bool,
 }
 
 /// A callback told the number of bytes moved so far.
@@ -248,6 +252,7 @@ impl MigrateOptions {
                 fail_move: Vec::new(),
                 home_through_holdings: false,
                 delay_after_precopy: None,
+                fail_unregister: false,
             };
             &NONE
         }

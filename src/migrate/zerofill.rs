@@ -26,6 +26,19 @@ struct ZeroPage([u8; sys::PAGE_SIZE]);
 
 static ZEROS: ZeroPage = ZeroPage([0; sys::PAGE_SIZE]);
 
+/// Answers a missing fault at `addr` with a page of zeros (`UFFDIO_COPY`) and wakes the
+/// threads waiting there; `EEXIST` (filled meanwhile) wakes them all the same.
+///
+/// # Safety
+/// The page of `addr`, registered with `uffd`, must be one whose faulting threads would
+/// read zeros from a fresh page: a page nobody fills with anything else.
+pub(super) unsafe fn answer_with_zeros(uffd: &Uffd, addr: usize) {
+    let page = addr & !(sys::PAGE_SIZE - 1);
+    // SAFETY: as this function's contract.
+    let _ = unsafe { uffd.copy(page, ZEROS.0.as_ptr() as usize, sys::PAGE_SIZE) };
+    let _ = uffd.wake(page, sys::PAGE_SIZE);
+}
+
 /// The handler thread; dropping it stops the thread.
 #[derive(Debug)]
 pub(super) struct ZeroFill {
@@ -59,13 +72,10 @@ impl ZeroFill {
                 };
                 for event in events {
                     if let Event::Missing { addr } = event {
-                        let page = addr & !(sys::PAGE_SIZE - 1);
                         // SAFETY: only the engine's own empty destinations and graveyards
                         // are registered here; the faulting thread waits for this page
-                        // and, on a fresh page, would have read zeros. `EEXIST` (filled
-                        // meanwhile) wakes it all the same.
-                        let _ = unsafe { uffd.copy(page, ZEROS.0.as_ptr() as usize, sys::PAGE_SIZE) };
-                        let _ = uffd.wake(page, sys::PAGE_SIZE);
+                        // and, on a fresh page, would have read zeros.
+                        unsafe { answer_with_zeros(&uffd, addr) };
                     }
                 }
             }
