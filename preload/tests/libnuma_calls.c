@@ -132,30 +132,40 @@ static void *map(size_t len, int flags, int fd) {
     return p;
 }
 
-/* 3 private anonymous pages whose middle one is unmapped, low in the address space (from
- * 256 MiB up) where the kernel's top-down mmap never reaches: no later mapping of the
- * library's or libnuma's can fill the hole while the cases run. */
-static char *map_holed(void) {
-    static unsigned long next = 0x10000000UL;
+/* `len` bytes mapped low in the address space (from 256 MiB up), where the kernel's
+ * top-down mmap never reaches, with 16 free pages on either side: no later mapping of the
+ * library's or libnuma's lands beside it, so what pagemig sees next to it (which decides
+ * whether it takes the pages or leaves them to the kernel: memory right above an
+ * inaccessible mapping looks like a thread stack, above a loaded object's data like its
+ * statics) does not depend on where the kernel happened to put the test's other mappings. */
+static char *map_low(size_t len, int flags, int fd) {
+    static unsigned long next = 0x10000000UL + 16 * 4096;
     for (; next < 0x40000000UL; next += 16 * page) {
-        char *p = mmap((void *)next, 3 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+        char *p = mmap((void *)next, len, PROT_READ | PROT_WRITE, flags | MAP_FIXED_NOREPLACE, fd, 0);
         if (p == MAP_FAILED)
             continue;
         if (p != (char *)next) { /* a kernel that took the flag as a hint */
-            munmap(p, 3 * page);
+            munmap(p, len);
             continue;
         }
-        next += 16 * page;
-        memset(p, 5, 3 * page);
-        munmap(p + page, page);
+        next += len + 16 * page;
         return p;
     }
-    fprintf(stderr, "no free low pages for a holed mapping\n");
+    fprintf(stderr, "no free low pages for a mapping of %zu bytes\n", len);
     exit(2);
 }
 
+/* 3 private anonymous pages whose middle one is unmapped, low in the address space: no
+ * later mapping can fill the hole while the cases run. */
+static char *map_holed(void) {
+    char *p = map_low(3 * page, MAP_PRIVATE | MAP_ANONYMOUS, -1);
+    memset(p, 5, 3 * page);
+    munmap(p + page, page);
+    return p;
+}
+
 static void make_layout(struct layout *l, int fd) {
-    l->anon = map(8 * page, MAP_PRIVATE | MAP_ANONYMOUS, -1);
+    l->anon = map_low(8 * page, MAP_PRIVATE | MAP_ANONYMOUS, -1);
     memset(l->anon, 7, 4 * page);
     l->shared = map(2 * page, MAP_SHARED | MAP_ANONYMOUS, -1);
     memset(l->shared, 1, 2 * page);
@@ -164,7 +174,7 @@ static void make_layout(struct layout *l, int fd) {
     l->cow = map(2 * page, MAP_PRIVATE, fd);
     l->cow[0] = 3;
     (void)*(volatile char *)(l->cow + page);
-    l->mixed = map(8 * page, MAP_PRIVATE | MAP_ANONYMOUS, -1);
+    l->mixed = map_low(8 * page, MAP_PRIVATE | MAP_ANONYMOUS, -1);
     if (mmap(l->mixed + 4 * page, 4 * page, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED, -1, 0) ==
         MAP_FAILED) {
         perror("mmap");
