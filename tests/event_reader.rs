@@ -169,12 +169,35 @@ fn memory_left_registered_after_a_call_never_hangs() {
         assert!(report.ok(), "{what}: {report:?}");
         assert!(registered_missing(region.addr(), region.addr() + region.len()), "{what}: nothing was left registered");
         purge_and_touch(region, 3, 4, &format!("{what}, left registered"));
+        // The program unmaps the region's last 2 MiB and maps memory of its own there,
+        // registered with a userfaultfd of its own: not pagemig's to unregister (the
+        // unmap's event drops it from what is left registered; the kernel would refuse an
+        // unregistration through pagemig's userfaultfd anyway).
+        let tail = region.addr() + region.len() - (2 << 20);
+        // SAFETY: the test's own region's last 2 MiB, no longer used as such, replaced by a
+        // fresh anonymous mapping in place.
+        let p = unsafe {
+            libc::munmap(tail as *mut _, 2 << 20);
+            libc::mmap(
+                tail as *mut _,
+                2 << 20,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(p as usize, tail, "{what}: mapping the tail again");
+        let own = pagemig::sys::uffd::Uffd::open().expect("a userfaultfd of the program's");
+        own.register_missing(tail, 2 << 20).expect("registering the program's own memory");
         // A call that ends tries the registration again, and takes it off.
         let other = common::leak(pagemig::Region::new(2 << 20, 4096, Some(node())).unwrap());
         engine
             .migrate_pages(&other.folios(), node(), Reason::Syscall, Mode::Sync, &MigrateOptions::default())
             .unwrap_or_else(|e| panic!("{what}: the next call: {e}"));
-        assert!(!registered_missing(region.addr(), region.addr() + region.len()), "{what}: still registered");
+        assert!(!registered_missing(region.addr(), tail), "{what}: still registered");
+        assert!(registered_missing(tail, tail + (2 << 20)), "{what}: the program's own registration was taken off");
         purge_and_touch(region, 20, 4, &format!("{what}, unregistered"));
+        own.unregister(tail, 2 << 20).expect("the program's own unregistration");
     }
 }

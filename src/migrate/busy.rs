@@ -202,6 +202,17 @@ impl Claims {
             && !self.unused_in(page, page + crate::sys::PAGE_SIZE).is_empty()
     }
 
+    /// Forgets what of the ranges left registered lies in `[start, end)`, which the
+    /// program unmapped or moved away: a mapping made there later is not pagemig's to
+    /// unregister. (One the program registers with a userfaultfd of its own, the kernel
+    /// would refuse to unregister through pagemig's, `EINVAL`, and it would be tried again
+    /// at every call for ever.)
+    pub fn drop_strays(&mut self, start: usize, end: usize) {
+        if !self.stray.is_empty() {
+            self.stray = subtract(&self.stray, &[(start, end)]);
+        }
+    }
+
     /// Takes the ranges left registered, to try them again; what still fails goes back
     /// with [`Claims::add_stray`].
     pub fn strays(&mut self) -> Vec<Span> {
@@ -282,6 +293,29 @@ mod tests {
         assert_eq!(c.end_call(b).len(), 2);
         assert_eq!(c.unused_in(0x1c000, 0x30000), [(0x1c000, 0x30000)]);
         assert!(c.end_call(b).is_empty());
+    }
+
+    /// Ranges left registered merge; a fault there is answered only where no call in
+    /// progress registered the page and no claim covers it; what the program unmaps is
+    /// forgotten.
+    #[test]
+    fn ranges_left_registered() {
+        let mut c = Claims::default();
+        c.add_stray(0x10000, 0x12000);
+        c.add_stray(0x11000, 0x14000);
+        c.add_stray(0x20000, 0x21000);
+        assert_eq!(c.stray, [(0x10000, 0x14000), (0x20000, 0x21000)]);
+        assert!(c.is_stray(0x10000) && c.is_stray(0x13fff) && c.is_stray(0x20800));
+        assert!(!c.is_stray(0x14000) && !c.is_stray(0xf000) && !c.is_stray(0x21000));
+        let call = c.begin_call(vec![(0x12000, 0x13000)]);
+        c.map.insert(0x10000, Claim { end: 0x11000, ..Default::default() });
+        assert!(!c.is_stray(0x12000) && !c.is_stray(0x10000));
+        assert!(c.is_stray(0x11000) && c.is_stray(0x13000));
+        c.end_call(call);
+        c.drop_strays(0x11000, 0x20800);
+        assert_eq!(c.stray, [(0x10000, 0x11000), (0x20800, 0x21000)]);
+        assert_eq!(c.strays(), [(0x10000, 0x11000), (0x20800, 0x21000)]);
+        assert!(c.stray.is_empty());
     }
 
     #[test]

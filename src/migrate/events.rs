@@ -279,12 +279,18 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
         Event::Missing { .. } => {}
         // Unmapped: whatever is mapped there next is not the program's old memory, and no
         // move may land in it.
-        Event::Remove { start, end } | Event::Unmap { start, end } => {
+        Event::Remove { start, end } => {
             claims.mark_dead(start, end);
+            moved.discard(start, end);
+        }
+        Event::Unmap { start, end } => {
+            claims.mark_dead(start, end);
+            claims.drop_strays(start, end);
             moved.discard(start, end);
         }
         Event::Remap { from, to, len } => {
             claims.mark_dead(from, from + len);
+            claims.drop_strays(from, from + len);
             moved.follow(from, to, len);
             moved.through_holdings |= claims.through_holdings(from, from + len);
             let (spans, empty) = claims.take_isolated(from, from + len);
