@@ -673,26 +673,40 @@ fn huge_pages_with_their_destinations_prepared_ahead() {
         let region = Region::new(size, 2 << 20, Some(node())).unwrap();
         workload::fill(&region, 11);
         let thp_before = region.anon_huge_bytes().unwrap();
-        let frames_before = numa::page_frames(region.addr(), size).unwrap();
         let opts = MigrateOptions::default().max_batch_pages(batch).precopy(precopy).prepare_ahead_mib(ahead);
-        let (result, log) = workload::with_writers(&region, 2, || {
-            Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
-        });
-        let stats = result.unwrap_or_else(|e| panic!("{what}: {e}"));
-        assert_eq!(stats.succeeded_folios as usize, size >> 21, "{what}");
-        let report = workload::verify(&region, 11, &log);
-        assert!(report.ok(), "{what}: {report:?}");
-        assert!(log.writes > 0, "{what}");
-        assert_on_node(&region, node());
-        assert_new_frames(&frames_before, &numa::page_frames(region.addr(), size).unwrap());
-        assert_eq!(region.anon_huge_bytes().unwrap(), thp_before, "{what}: huge pages split");
+        // The helper competes for the CPUs with the writers and the call: on a busy machine
+        // a call may end before it gets one. It must have populated something within a few
+        // calls; every call is checked in full.
+        let mut prepared = 0;
+        for attempt in 0..5 {
+            let what = format!("{what}, call {attempt}");
+            let frames_before = numa::page_frames(region.addr(), size).unwrap();
+            let (result, log) = workload::with_writers(&region, 2, || {
+                Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+            });
+            let stats = result.unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(stats.succeeded_folios as usize, size >> 21, "{what}");
+            let report = workload::verify(&region, 11, &log);
+            assert!(report.ok(), "{what}: {report:?}");
+            assert!(log.writes > 0, "{what}");
+            assert_on_node(&region, node());
+            assert_new_frames(&frames_before, &numa::page_frames(region.addr(), size).unwrap());
+            assert_eq!(region.anon_huge_bytes().unwrap(), thp_before, "{what}: huge pages split");
+            assert!(stats.prepared_ahead_bytes as usize <= size - batch * 4096, "{what}: {stats:?}");
+            if ahead == 0 {
+                assert_eq!(stats.prepared_ahead_bytes, 0, "{what}");
+            }
+            prepared += stats.prepared_ahead_bytes;
+            // The writers' writes are all in; the next call starts from what is there now.
+            workload::fill(&region, 11);
+            if ahead == 0 || prepared > 0 {
+                break;
+            }
+        }
         // The helper runs only where the node has free memory for twice the call.
         let free = numa::meminfo(node()).map_or(0, |m| m.1);
-        if ahead == 0 {
-            assert_eq!(stats.prepared_ahead_bytes, 0, "{what}");
-        } else if free >= 4 * size as u64 {
-            assert!(stats.prepared_ahead_bytes > 0, "{what}: {stats:?}");
-            assert!(stats.prepared_ahead_bytes as usize <= size - batch * 4096, "{what}: {stats:?}");
+        if ahead > 0 && free >= 4 * size as u64 {
+            assert!(prepared > 0, "{what}: the helper populated nothing in 5 calls");
         }
     }
 }
