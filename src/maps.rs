@@ -344,7 +344,8 @@ mod tests {
         assert!(agreed >= 2, "too few mappings compared: {agreed}");
         assert!(lookup.at(hole + 4096).unwrap().is_none() || vmas().unwrap().iter().any(|v| v.start <= hole + 4096 && hole + 4096 < v.end));
         let covering = lookup.range(hole, hole + 3 * 4096).unwrap();
-        assert!(covering.iter().any(|v| v.start == hole), "{covering:?}");
+        // Another test's anonymous mapping made right beside the page merges with it.
+        assert!(covering.iter().any(|v| v.start <= hole && hole < v.end), "{covering:?}");
         // SAFETY: the rest of our own mapping.
         unsafe {
             crate::sys::munmap(hole, 4096).unwrap();
