@@ -468,10 +468,8 @@ pub(super) unsafe fn copy_back(
     len: usize,
 ) -> Result<(), (usize, Errno)> {
     let nodes = crate::numa::page_nodes(from, len).unwrap_or_default();
-    let saved = sys::ThreadPolicy::current().ok();
-    let mut bound = false;
+    let mut binding = sys::PolicyBinding::new();
     let mut done = 0;
-    let mut result = Ok(());
     while done < len {
         let first = done / sys::PAGE_SIZE;
         // The run of pages on one node from here; all the rest where the nodes are unknown.
@@ -482,23 +480,16 @@ pub(super) unsafe fn copy_back(
             }
             _ => (-1, len - done),
         };
-        // Bound only where the node is known and the policy can be put back afterwards.
-        if node >= 0 && saved.is_some() {
-            bound |= sys::set_mempolicy_bind(Some(node as u32)).is_ok();
-        } else if bound && let Some(saved) = saved {
-            bound = saved.restore().is_err();
+        if node >= 0 {
+            binding.bind(node as u32);
+        } else {
+            binding.unbind();
         }
         // SAFETY: as this function's contract, for a part of its range.
-        if let Err((copied, errno)) = unsafe { uffd.copy(to + done, from + done, part) } {
-            result = Err((done + copied, errno));
-            break;
-        }
+        unsafe { uffd.copy(to + done, from + done, part) }.map_err(|(copied, errno)| (done + copied, errno))?;
         done += part;
     }
-    if bound && let Some(saved) = saved {
-        let _ = saved.restore();
-    }
-    result
+    Ok(())
 }
 
 /// Gives up `[at, f.end())` of a folio the program purged or moved away (`dead`) while it

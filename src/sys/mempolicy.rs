@@ -229,3 +229,46 @@ impl ThreadPolicy {
             .map(drop)
     }
 }
+
+/// The calling thread's memory policy, bound to one node at a time for the allocations the
+/// thread makes meanwhile ([`PolicyBinding::bind`]), and put back as it was when dropped.
+/// Nothing is bound where the thread's own policy cannot be read back first.
+#[derive(Debug)]
+pub struct PolicyBinding {
+    saved: Option<ThreadPolicy>,
+    bound: bool,
+}
+
+impl PolicyBinding {
+    /// Reads the calling thread's policy, to put back later; binds nothing yet.
+    pub fn new() -> Self {
+        Self { saved: ThreadPolicy::current().ok(), bound: false }
+    }
+
+    /// Binds the calling thread to `node` (`MPOL_BIND`). Where that fails, the thread
+    /// stays as it was: its own policy, or the node bound before.
+    pub fn bind(&mut self, node: u32) {
+        if self.saved.is_some() && set_mempolicy_bind(Some(node)).is_ok() {
+            self.bound = true;
+        }
+    }
+
+    /// Puts the thread's own policy back.
+    pub fn unbind(&mut self) {
+        if self.bound && let Some(saved) = self.saved {
+            self.bound = saved.restore().is_err();
+        }
+    }
+}
+
+impl Default for PolicyBinding {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for PolicyBinding {
+    fn drop(&mut self) {
+        self.unbind();
+    }
+}

@@ -405,13 +405,12 @@ impl<'a> Call<'a> {
             },
         };
         // A page copied in here is allocated by this thread: bound to the target meanwhile.
-        let copy_in = matches!(&job, Job::Move(m) if m.copy_in);
-        let saved = copy_in.then(sys::ThreadPolicy::current).and_then(Result::ok);
-        let bound = saved.is_some() && sys::set_mempolicy_bind(Some(self.target)).is_ok();
+        let _binding = matches!(&job, Job::Move(m) if m.copy_in).then(|| {
+            let mut binding = sys::PolicyBinding::new();
+            binding.bind(self.target);
+            binding
+        });
         mover::run(self.engine, job, self.tally, self.reporter, self.abort);
-        if bound && let Some(saved) = saved {
-            let _ = saved.restore();
-        }
     }
 }
 
