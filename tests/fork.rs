@@ -94,8 +94,7 @@ fn storm(folio: usize, deferred: bool, duration: Duration) -> (u64, u64, u64, u6
                 bad += u64::from(libc::WEXITSTATUS(status) != 0);
             }
             stop.store(true, Ordering::Relaxed);
-            let calls = migrations.load(Ordering::Relaxed) + partial.load(Ordering::Relaxed);
-            (forks, bad, calls, migrations.load(Ordering::Relaxed), busy.load(Ordering::Relaxed))
+            (forks, bad, calls(), migrations.load(Ordering::Relaxed), busy.load(Ordering::Relaxed))
         })
     });
     assert!(workload::verify(region, 1234, &Default::default()).ok());
