@@ -42,6 +42,8 @@ pub struct MigrateStats {
     /// Folios of base pages copied straight from their old pages into their source by the
     /// mover, on a thread bound to the target node: written once, with no destination.
     pub copied_in_folios: u64,
+    /// Bytes the copy helper copied (`migrate/copy_helper`): its share of the CPU copy.
+    pub helper_copied_bytes: u64,
     /// Moved folios that could not be locked again (`mlock` failed after the move).
     pub relock_failures: u64,
     /// Bytes read while still writable by the pre-copy (`migrate/precopy`).
@@ -109,6 +111,7 @@ impl MigrateStats {
             fallback_folios,
             single_copied_folios,
             copied_in_folios,
+            helper_copied_bytes,
             relock_failures,
             precopied_bytes,
             recopied_bytes,
@@ -140,6 +143,7 @@ impl MigrateStats {
         self.fallback_folios += fallback_folios;
         self.single_copied_folios += single_copied_folios;
         self.copied_in_folios += copied_in_folios;
+        self.helper_copied_bytes += helper_copied_bytes;
         self.relock_failures += relock_failures;
         self.precopied_bytes += precopied_bytes;
         self.recopied_bytes += recopied_bytes;

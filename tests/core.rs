@@ -660,6 +660,63 @@ fn every_destination_path_moves_every_byte_and_write() {
     }
 }
 
+/// The copy helper (`migrate/copy_helper`): a second thread copies chunks of each piece of
+/// base pages with the caller, into empty and into populated destinations, at the default
+/// batch and at 4096 pages, two threads writing all along: every byte and write kept, every
+/// page on the node and on a new frame; the helper did copy within a few calls, never more
+/// than the call moved, and nothing at all when it is off.
+#[test]
+fn base_pages_copied_with_the_copy_helper() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "base_pages_copied_with_the_copy_helper");
+    let size = 32 << 20;
+    for (folio, batch, fill_empty, helper) in [
+        (4096, 512, true, true),
+        (4096, 4096, true, true),
+        (4096, 512, false, true),
+        (64 << 10, 512, true, true),
+        (4096, 512, true, false),
+    ] {
+        let what = format!("{folio}-byte folios, batch {batch}, fill_empty {fill_empty}, helper {helper}");
+        let region = Region::new(size, folio, Some(node())).unwrap();
+        workload::fill(&region, 13);
+        let opts = MigrateOptions::default()
+            .max_batch_pages(batch)
+            .fill_empty(fill_empty)
+            .copy_helper(helper)
+            .copy_in(false)
+            .precopy(false);
+        // The helper competes for the CPUs with the writers and the call: on a busy machine
+        // a call may end before it takes a chunk. It must have copied within a few calls;
+        // every call is checked in full.
+        let mut helped = 0;
+        for attempt in 0..5 {
+            let what = format!("{what}, call {attempt}");
+            let frames_before = numa::page_frames(region.addr(), size).unwrap();
+            let (result, log) = workload::with_writers(&region, 2, || {
+                Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+            });
+            let stats = result.unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(stats.succeeded_folios as usize, size / folio, "{what}");
+            let report = workload::verify(&region, 13, &log);
+            assert!(report.ok(), "{what}: {report:?}");
+            assert!(log.writes > 0, "{what}");
+            assert_on_node(&region, node());
+            assert_new_frames(&frames_before, &numa::page_frames(region.addr(), size).unwrap());
+            assert!(stats.helper_copied_bytes as usize <= size, "{what}: {stats:?}");
+            if !helper {
+                assert_eq!(stats.helper_copied_bytes, 0, "{what}");
+            }
+            helped += stats.helper_copied_bytes;
+            // The writers' writes are all in; the next call starts from what is there now.
+            workload::fill(&region, 13);
+            if helped > 0 {
+                break;
+            }
+        }
+        assert_eq!(helped > 0, helper, "{what}: the helper copied {helped} bytes in 5 calls");
+    }
+}
+
 /// Huge-page destinations populated ahead by a helper thread (`migrate/prepare_ahead_mib`)
 /// while the call copies, two threads writing all along, with and without the pre-copy, at
 /// the default batch and at 4096 pages: every byte and write kept, every page on the node,

@@ -239,6 +239,8 @@ impl Engine {
         let abort = &abort;
         let preparing = std::sync::atomic::AtomicBool::new(plan.prepare_ahead > 0);
         let preparing = &preparing;
+        let copy_helper = super::helper::CopyHelper::default();
+        let copy_helper = &copy_helper;
         let moved_there = std::thread::scope(|s| {
             // The progress callback's own thread (see `mover::Reporter`).
             let progress = reporter
@@ -260,6 +262,10 @@ impl Engine {
                 })
                 .flatten();
             let tx = mover.is_some().then_some(tx);
+            // The thread that copies beside this one (see `helper`), with the mover only.
+            let copier = (plan.copy_helper && tx.is_some())
+                .then(|| crate::sys::thread::spawn_scoped(s, "pagemig-copier", move || copy_helper.serve()).ok())
+                .flatten();
             // The helper that populates the next huge-page destinations meanwhile.
             let key = crate::pool::Key { node: target, thp: items[0].thp, empty: false };
             let helper = (plan.prepare_ahead > 0)
@@ -284,6 +290,7 @@ impl Engine {
                 abort,
                 procmem: procmem.as_ref(),
                 held: Vec::new(),
+                helper: copier.is_some().then_some(copy_helper),
             };
             // A panic of pagemig's own stops the call like one in caller code: the batch's
             // guard has undone what it held; the folios not reached fail.
@@ -294,6 +301,10 @@ impl Engine {
                 abort.raise("pagemig", crate::offload::registry::panic_message(payload.as_ref()));
             }
             drop(tx);
+            copy_helper.quit();
+            if let Some(h) = copier {
+                let _ = h.join();
+            }
             preparing.store(false, std::sync::atomic::Ordering::Relaxed);
             if let Some(h) = helper {
                 self.pool.wake_helpers();

@@ -59,7 +59,7 @@
 //!    it is let go (`Patience`) around every retry and sleep of the pipeline and mover;
 //! 9. the reaper's `tx` -> its `pending` count;
 //! 10. the progress reporter's `state` (`mover::Reporter`) -> `Abort`'s first error;
-//! 11. leaves: `Abort`'s first error, the attributes' sources, `sys::own` ranges, mtcopy's and
+//! 11. leaves: `Abort`'s first error, the copy helper's state (`helper`), the attributes' sources, `sys::own` ranges, mtcopy's and
 //!     dcbm's completion latches, a channel's `worker`, a device's usage.
 //!
 //! A `fork()` takes the fork gate (its barrier), then the process-wide locks of 3 to 6 and
@@ -93,6 +93,7 @@ mod checks;
 mod engine;
 mod events;
 mod fork;
+mod helper;
 mod mover;
 mod options;
 mod outcome;

@@ -82,6 +82,9 @@ pub struct MigrateOptions {
     /// Let the mover copy base pages of mappings without a memory policy of their own
     /// straight into their source (`None`: the engine's setting, `migrate/copy_in`).
     pub copy_in: Option<bool>,
+    /// Let a second thread copy each piece of base pages with the caller (`None`: the
+    /// engine's setting, `migrate/copy_helper`).
+    pub copy_helper: Option<bool>,
     /// Bound on how long the program's threads wait on one piece of the pipelined CPU
     /// copy, µs (`None`: the engine's setting, `migrate/piece_budget_us`; 0 for none).
     pub piece_budget_us: Option<usize>,
@@ -114,6 +117,7 @@ impl std::fmt::Debug for MigrateOptions {
             .field("mover", &self.mover)
             .field("fill_empty", &self.fill_empty)
             .field("copy_in", &self.copy_in)
+            .field("copy_helper", &self.copy_helper)
             .field("piece_budget_us", &self.piece_budget_us)
             .field("precopy", &self.precopy)
             .field("prepare_ahead_mib", &self.prepare_ahead_mib)
@@ -199,6 +203,14 @@ impl MigrateOptions {
     #[must_use]
     pub fn copy_in(mut self, on: bool) -> Self {
         self.copy_in = Some(on);
+        self
+    }
+
+    /// Lets a second thread copy each piece of the CPU copy of base pages with the caller,
+    /// where the call moves on a mover thread.
+    #[must_use]
+    pub fn copy_helper(mut self, on: bool) -> Self {
+        self.copy_helper = Some(on);
         self
     }
 

@@ -133,6 +133,10 @@ settings! {
     /// default: no faster than filling an empty destination (the copies in take the claims
     /// lock, fills do not), and its first folio waits longer.
     copy_in: bool = false, accepts "0 or 1", valid |_| true;
+    /// Let a second thread copy each piece of the CPU copy of base pages with the caller,
+    /// chunk by chunk, where the call moves on a mover thread: the mover and the reaper
+    /// leave part of a CPU idle.
+    copy_helper: bool = true, accepts "0 or 1", valid |_| true;
     /// Bounds how long the program's threads may wait on one piece of the pipelined CPU
     /// copy, in microseconds: a piece is cut where isolating and copying it would take
     /// longer, at the pace of the pieces before it (down to 512 KiB). 0: pieces grow to
@@ -227,7 +231,7 @@ mod tests {
     #[test]
     fn every_setting_has_an_attribute_that_reads_what_it_writes() {
         let mut s = Settings::default();
-        assert_eq!(SETTING_ATTRS.len(), 9);
+        assert_eq!(SETTING_ATTRS.len(), 10);
         for attr in SETTING_ATTRS {
             assert!(attr.path.starts_with("migrate/"));
             let value = if attr.accepts == "0 or 1" { "0" } else { "77" };

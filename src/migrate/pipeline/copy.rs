@@ -4,14 +4,21 @@
 #![allow(unsafe_code, reason = "copies isolated old pages into destinations of ours")]
 
 use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use super::MigrateInfo;
 use super::{BatchState, CPU_PIECE_MAX, Call, PIECE_MIN, PRECOPY_PIECE, dispatch};
 use crate::copy::{CopyPair, Dst, coalesce, folios_copy_each, folios_fix};
+use crate::migrate::helper::Chunks;
 use crate::offload::Batch;
 use crate::pool::Dest;
 use crate::sys::{Errno, HPAGE_SIZE, ProcMem};
+
+/// The bytes the caller and the copy helper take at a time from a piece they copy together:
+/// small enough that neither waits long for the other's last chunk, large enough that a
+/// chunk of base pages is one `UFFDIO_COPY` worth its call.
+const HELPER_CHUNK: usize = 64 << 10;
 
 /// What the thread running a pipelined migrator tells the batch.
 enum CopyEvent {
@@ -138,10 +145,7 @@ impl<'a> Call<'a> {
             self.tally.stats.recopied_bytes += *fixed.as_ref().unwrap_or(&0) as u64;
             fixed.is_ok()
         } else {
-            // SAFETY: every pair copied reads old pages isolated in our graveyard just
-            // before (no thread can write them) and writes a destination the pool handed us
-            // that nothing else refers to; the two never overlap.
-            unsafe { folios_copy_each(&protected, &kinds) }.is_ok()
+            self.copy_shared(&protected, &kinds)
         };
         self.tally.stats.copy_ns += t.elapsed().as_nanos() as u64;
         if ok {
@@ -155,6 +159,34 @@ impl<'a> Call<'a> {
         } else {
             self.tally.stats.fallback_folios += protected.len() as u64;
         }
+    }
+
+    /// Copies `pairs` into their destinations (`dsts`), the piece shared with the copy
+    /// helper where the call has one and the piece is more than one chunk. Returns whether
+    /// every pair was copied.
+    fn copy_shared(&mut self, pairs: &[CopyPair], dsts: &[Dst<'a>]) -> bool {
+        let chunk = HELPER_CHUNK.div_ceil(pairs.first().map_or(1, |p| p.len.max(1)));
+        let Some(helper) = self.helper.filter(|_| pairs.len() > chunk) else {
+            // SAFETY: every pair copied reads old pages isolated in our graveyard just
+            // before (no thread can write them) and writes a destination the pool handed us
+            // that nothing else refers to; the two never overlap.
+            return unsafe { folios_copy_each(pairs, dsts) }.is_ok();
+        };
+        let chunks = Chunks::new(pairs.len(), chunk);
+        let here = std::thread::current().id();
+        let helped = AtomicU64::new(0);
+        helper.share(&|| {
+            chunks.run(|r| {
+                if std::thread::current().id() != here {
+                    helped.fetch_add(pairs[r.clone()].iter().map(|p| p.len as u64).sum(), Ordering::Relaxed);
+                }
+                // SAFETY: as above, for each chunk; the chunks are disjoint, so the two
+                // threads never write the same destination bytes.
+                unsafe { folios_copy_each(&pairs[r.clone()], &dsts[r]) }
+            });
+        });
+        self.tally.stats.helper_copied_bytes += helped.into_inner();
+        chunks.ok()
     }
 
     /// The pre-copy's reads of the folios `items` of a piece: each from the folio's live

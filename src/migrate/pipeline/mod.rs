@@ -79,6 +79,9 @@ pub(super) struct Plan {
     pub prepare_ahead: usize,
     /// What that helper populates at most: what the first batch does not populate itself.
     pub prepare_budget: usize,
+    /// A second thread copies pieces of the CPU copy with the caller (`migrate/copy_helper`,
+    /// with a mover: see `helper`).
+    pub copy_helper: bool,
 }
 
 impl Plan {
@@ -139,13 +142,14 @@ impl Plan {
             precopy,
             prepare_ahead,
             prepare_budget: if prepare_ahead > 0 { bytes - batch_bytes } else { 0 },
+            copy_helper: threaded && settings.copy_helper,
         }
     }
 
     /// No mover thread could be started: the moves run on the caller, and what needs the
     /// mover is off.
     pub fn without_mover(self) -> Self {
-        Self { threaded: false, copy_in: false, populate: Populate::Madvise, ..self }
+        Self { threaded: false, copy_in: false, copy_helper: false, populate: Populate::Madvise, ..self }
     }
 }
 
@@ -203,6 +207,8 @@ pub(super) struct Call<'a> {
     pub procmem: Option<&'a crate::sys::ProcMem>,
     /// Folios whose pages were held elsewhere (`EBUSY`), for the next pass, with why.
     pub held: Vec<Held>,
+    /// The thread that copies beside this one, where the plan has one and it started.
+    pub helper: Option<&'a super::helper::CopyHelper>,
 }
 
 /// A folio held elsewhere for now, and what its last try failed with.

@@ -1,0 +1,210 @@
+//! The copy helper: a second thread that copies beside the caller.
+//!
+//! The caller of a call that moves base pages on a mover thread isolates and copies every
+//! piece itself, while the mover and the reaper leave part of a second CPU idle. The
+//! helper takes chunks of the caller's piece copy from the same cursor as the caller
+//! ([`CopyHelper::share`]): each thread takes the next chunk when it is done with its last,
+//! so a helper that the scheduler puts behind the mover or the reaper takes fewer chunks
+//! instead of holding the caller up, and the caller waits at most for the one chunk the
+//! helper is copying when the piece runs out.
+//!
+//! The helper copies only between memory the call owns (graveyards and destinations); it
+//! never touches the program's memory, never runs caller code, and its lock is a leaf.
+#![allow(unsafe_code, reason = "lends the caller's borrowed work to the helper for as long as the caller waits")]
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use parking_lot::{Condvar, Mutex};
+
+/// Work shared with the helper: called on both threads at once until it returns.
+type Work<'w> = &'w (dyn Fn() + Sync);
+
+/// The helper's side of a call.
+#[derive(Default)]
+pub(super) struct CopyHelper {
+    state: Mutex<State>,
+    /// The helper waits here for work or the end of the call.
+    posted: Condvar,
+    /// The caller waits here for the helper to leave the work it took back.
+    left: Condvar,
+}
+
+#[derive(Default)]
+struct State {
+    /// The work on offer, and its number.
+    work: Option<(u64, Work<'static>)>,
+    /// The number of the last work offered.
+    posted: u64,
+    /// The helper is running the work on offer.
+    running: bool,
+    /// The call has ended: the helper returns.
+    quit: bool,
+}
+
+impl CopyHelper {
+    /// The helper thread's body: runs each work offered once, until [`CopyHelper::quit`].
+    pub fn serve(&self) {
+        let mut seen = 0;
+        let mut state = self.state.lock();
+        loop {
+            if state.quit {
+                return;
+            }
+            match state.work {
+                Some((n, work)) if n > seen => {
+                    seen = n;
+                    state.running = true;
+                    drop(state);
+                    // A panic here (none is expected: the work only copies) must not leave
+                    // the caller waiting: `running` is cleared whatever happens.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+                    state = self.state.lock();
+                    state.running = false;
+                    self.left.notify_all();
+                }
+                _ => self.posted.wait(&mut state),
+            }
+        }
+    }
+
+    /// Ends the helper's loop (at the end of the call).
+    pub fn quit(&self) {
+        self.state.lock().quit = true;
+        self.posted.notify_all();
+    }
+
+    /// Runs `work` here and, at the same time, on the helper when it is free; returns once
+    /// neither thread runs it any more. `work` must share its work out itself (each call
+    /// takes what is left) and be safe to run on both threads at once.
+    pub fn share(&self, work: Work<'_>) {
+        {
+            let mut state = self.state.lock();
+            state.posted += 1;
+            // SAFETY: only the lifetime is widened. The helper runs `work` only while it is
+            // on offer, which ends before this function returns: `Retract` takes it back and
+            // waits until the helper is out of it, on every way out of here (a panic of
+            // `work` included).
+            let work: Work<'static> = unsafe { std::mem::transmute::<Work<'_>, Work<'static>>(work) };
+            state.work = Some((state.posted, work));
+        }
+        self.posted.notify_one();
+        let _retract = Retract(self);
+        work();
+    }
+}
+
+/// Takes the work on offer back and waits for the helper to leave it.
+struct Retract<'h>(&'h CopyHelper);
+
+impl Drop for Retract<'_> {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock();
+        state.work = None;
+        while state.running {
+            self.0.left.wait(&mut state);
+        }
+    }
+}
+
+/// A cursor over `n` items handed out `chunk` at a time to whichever thread asks, and
+/// whether any chunk failed.
+pub(super) struct Chunks {
+    next: AtomicUsize,
+    n: usize,
+    chunk: usize,
+    failed: AtomicBool,
+}
+
+impl Chunks {
+    pub fn new(n: usize, chunk: usize) -> Self {
+        Self { next: AtomicUsize::new(0), n, chunk: chunk.max(1), failed: AtomicBool::new(false) }
+    }
+
+    /// Runs `f` over chunks until none is left; a chunk that fails is remembered.
+    pub fn run<E>(&self, f: impl Fn(std::ops::Range<usize>) -> Result<(), E>) {
+        loop {
+            let i = self.next.fetch_add(self.chunk, Ordering::Relaxed);
+            if i >= self.n {
+                return;
+            }
+            if f(i..(i + self.chunk).min(self.n)).is_err() {
+                self.failed.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Whether every chunk run so far succeeded.
+    pub fn ok(&self) -> bool {
+        !self.failed.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::watchdog;
+
+    /// Every chunk runs exactly once, on one thread or the other, and the helper takes part.
+    #[test]
+    fn every_chunk_runs_once_on_either_thread() {
+        watchdog(60, || {
+            let helper = CopyHelper::default();
+            std::thread::scope(|s| {
+                s.spawn(|| helper.serve());
+                let mut helped = 0;
+                for round in 0..200 {
+                    let counts: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
+                    let here = std::thread::current().id();
+                    let elsewhere = AtomicUsize::new(0);
+                    let chunks = Chunks::new(counts.len(), 7);
+                    helper.share(&|| {
+                        chunks.run(|r| {
+                            if std::thread::current().id() != here {
+                                elsewhere.fetch_add(1, Ordering::Relaxed);
+                            }
+                            for i in r {
+                                counts[i].fetch_add(1, Ordering::Relaxed);
+                                std::hint::spin_loop();
+                            }
+                            if round % 50 == 0 { Err(()) } else { Ok(()) }
+                        })
+                    });
+                    // Nothing runs after `share` returns: counts are final.
+                    assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1), "round {round}");
+                    assert_eq!(chunks.ok(), round % 50 != 0);
+                    helped += usize::from(elsewhere.load(Ordering::Relaxed) > 0);
+                }
+                helper.quit();
+                assert!(helped > 0, "the helper never took a chunk in 200 rounds");
+            });
+        });
+    }
+
+    /// A panic in the work on the caller's side still waits for the helper to leave it
+    /// before the work's borrows end.
+    #[test]
+    fn a_panicking_share_waits_for_the_helper() {
+        watchdog(60, || {
+            let helper = CopyHelper::default();
+            std::thread::scope(|s| {
+                s.spawn(|| helper.serve());
+                let inside = AtomicUsize::new(0);
+                let here = std::thread::current().id();
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    helper.share(&|| {
+                        if std::thread::current().id() == here {
+                            std::thread::sleep(std::time::Duration::from_millis(20));
+                            panic!("caller side");
+                        }
+                        inside.fetch_add(1, Ordering::SeqCst);
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        inside.fetch_sub(1, Ordering::SeqCst);
+                    })
+                }));
+                assert!(result.is_err());
+                assert_eq!(inside.load(Ordering::SeqCst), 0, "the helper still ran the work after share returned");
+                helper.quit();
+            });
+        });
+    }
+}
