@@ -660,11 +660,12 @@ fn every_destination_path_moves_every_byte_and_write() {
     }
 }
 
-/// The copy helper (`migrate/copy_helper`): a second thread copies chunks of each piece of
-/// base pages with the caller, into empty and into populated destinations, at the default
-/// batch and at 4096 pages, two threads writing all along: every byte and write kept, every
-/// page on the node and on a new frame; the helper did copy within a few calls, never more
-/// than the call moved, and nothing at all when it is off.
+/// The copy helper (`migrate/copy_helper`): a second thread copies chunks of each piece with
+/// the caller, base pages into empty and into populated destinations, 1 MiB folios in
+/// 64 KiB chunks, at the default batch and at 4096 pages, two threads writing all along:
+/// every byte and write kept, every page on the node, on a new frame and as huge as it was;
+/// the helper did copy within a few calls, never more than the call moved, and nothing at
+/// all when it is off or the folios are huge pages.
 #[test]
 fn base_pages_copied_with_the_copy_helper() {
     let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "base_pages_copied_with_the_copy_helper");
@@ -674,11 +675,16 @@ fn base_pages_copied_with_the_copy_helper() {
         (4096, 4096, true, true),
         (4096, 512, false, true),
         (64 << 10, 512, true, true),
+        (1 << 20, 512, true, true),
+        (2 << 20, 4096, true, true),
         (4096, 512, true, false),
     ] {
+        // Huge pages are never shared: their copy runs at the memory's bandwidth already.
+        let shared = helper && folio < 2 << 20;
         let what = format!("{folio}-byte folios, batch {batch}, fill_empty {fill_empty}, helper {helper}");
         let region = Region::new(size, folio, Some(node())).unwrap();
         workload::fill(&region, 13);
+        let thp_before = region.anon_huge_bytes().unwrap();
         let opts = MigrateOptions::default()
             .max_batch_pages(batch)
             .fill_empty(fill_empty)
@@ -703,17 +709,18 @@ fn base_pages_copied_with_the_copy_helper() {
             assert_on_node(&region, node());
             assert_new_frames(&frames_before, &numa::page_frames(region.addr(), size).unwrap());
             assert!(stats.helper_copied_bytes as usize <= size, "{what}: {stats:?}");
-            if !helper {
+            assert_eq!(region.anon_huge_bytes().unwrap(), thp_before, "{what}: huge pages split or made");
+            if !shared {
                 assert_eq!(stats.helper_copied_bytes, 0, "{what}");
             }
             helped += stats.helper_copied_bytes;
             // The writers' writes are all in; the next call starts from what is there now.
             workload::fill(&region, 13);
-            if helped > 0 {
+            if helped > 0 || !shared {
                 break;
             }
         }
-        assert_eq!(helped > 0, helper, "{what}: the helper copied {helped} bytes in 5 calls");
+        assert_eq!(helped > 0, shared, "{what}: the helper copied {helped} bytes in 5 calls");
     }
 }
 

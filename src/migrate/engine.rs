@@ -262,8 +262,9 @@ impl Engine {
                 })
                 .flatten();
             let tx = mover.is_some().then_some(tx);
-            // The thread that copies beside this one (see `helper`), with the mover only.
-            let copier = (plan.copy_helper && tx.is_some())
+            // The thread that copies beside this one (see `helper`).
+            let copier = plan
+                .copy_helper
                 .then(|| crate::sys::thread::spawn_scoped(s, "pagemig-copier", move || copy_helper.serve()).ok())
                 .flatten();
             // The helper that populates the next huge-page destinations meanwhile.

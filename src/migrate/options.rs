@@ -82,8 +82,8 @@ pub struct MigrateOptions {
     /// Let the mover copy base pages of mappings without a memory policy of their own
     /// straight into their source (`None`: the engine's setting, `migrate/copy_in`).
     pub copy_in: Option<bool>,
-    /// Let a second thread copy each piece of base pages with the caller (`None`: the
-    /// engine's setting, `migrate/copy_helper`).
+    /// Let a second thread copy each piece of the pipelined CPU copy with the caller
+    /// (`None`: the engine's setting, `migrate/copy_helper`).
     pub copy_helper: Option<bool>,
     /// Bound on how long the program's threads wait on one piece of the pipelined CPU
     /// copy, µs (`None`: the engine's setting, `migrate/piece_budget_us`; 0 for none).
@@ -206,8 +206,7 @@ impl MigrateOptions {
         self
     }
 
-    /// Lets a second thread copy each piece of the CPU copy of base pages with the caller,
-    /// where the call moves on a mover thread.
+    /// Lets a second thread copy each piece of the pipelined CPU copy with the caller.
     #[must_use]
     pub fn copy_helper(mut self, on: bool) -> Self {
         self.copy_helper = Some(on);

@@ -133,9 +133,10 @@ settings! {
     /// default: no faster than filling an empty destination (the copies in take the claims
     /// lock, fills do not), and its first folio waits longer.
     copy_in: bool = false, accepts "0 or 1", valid |_| true;
-    /// Let a second thread copy each piece of the CPU copy of base pages with the caller,
-    /// chunk by chunk, where the call moves on a mover thread: the mover and the reaper
-    /// leave part of a CPU idle.
+    /// Let a second thread copy each piece of the pipelined CPU copy of folios smaller than
+    /// a huge page with the caller, 64 KiB at a time, in calls of more than one huge page's
+    /// worth where the process may run on two CPUs or more: the mover and the reaper leave
+    /// part of a CPU idle.
     copy_helper: bool = true, accepts "0 or 1", valid |_| true;
     /// Bounds how long the program's threads may wait on one piece of the pipelined CPU
     /// copy, in microseconds: a piece is cut where isolating and copying it would take

@@ -162,31 +162,34 @@ impl<'a> Call<'a> {
     }
 
     /// Copies `pairs` into their destinations (`dsts`), the piece shared with the copy
-    /// helper where the call has one and the piece is more than one chunk. Returns whether
+    /// helper where the call has one and the piece is more than one chunk
+    /// ([`HELPER_CHUNK`]; a folio larger than a chunk is copied in chunks). Returns whether
     /// every pair was copied.
     fn copy_shared(&mut self, pairs: &[CopyPair], dsts: &[Dst<'a>]) -> bool {
-        let chunk = HELPER_CHUNK.div_ceil(pairs.first().map_or(1, |p| p.len.max(1)));
-        let Some(helper) = self.helper.filter(|_| pairs.len() > chunk) else {
+        let bytes: usize = pairs.iter().map(|p| p.len).sum();
+        let Some(helper) = self.helper.filter(|_| bytes > HELPER_CHUNK) else {
             // SAFETY: every pair copied reads old pages isolated in our graveyard just
             // before (no thread can write them) and writes a destination the pool handed us
             // that nothing else refers to; the two never overlap.
             return unsafe { folios_copy_each(pairs, dsts) }.is_ok();
         };
-        let chunks = Chunks::new(pairs.len(), chunk);
+        let (parts, kinds, chunks) = chunked(pairs, dsts);
+        let cursor = Chunks::new(chunks.len() - 1, 1);
         let here = std::thread::current().id();
         let helped = AtomicU64::new(0);
         helper.share(&|| {
-            chunks.run(|r| {
+            cursor.run(|c| {
+                let r = chunks[c.start]..chunks[c.end];
                 if std::thread::current().id() != here {
-                    helped.fetch_add(pairs[r.clone()].iter().map(|p| p.len as u64).sum(), Ordering::Relaxed);
+                    helped.fetch_add(parts[r.clone()].iter().map(|p| p.len as u64).sum(), Ordering::Relaxed);
                 }
-                // SAFETY: as above, for each chunk; the chunks are disjoint, so the two
-                // threads never write the same destination bytes.
-                unsafe { folios_copy_each(&pairs[r.clone()], &dsts[r]) }
+                // SAFETY: as above, for each chunk: its parts lie inside the pairs; the
+                // chunks are disjoint, so the two threads never write the same bytes.
+                unsafe { folios_copy_each(&parts[r.clone()], &kinds[r]) }
             });
         });
         self.tally.stats.helper_copied_bytes += helped.into_inner();
-        chunks.ok()
+        cursor.ok()
     }
 
     /// The pre-copy's reads of the folios `items` of a piece: each from the folio's live
@@ -357,6 +360,34 @@ impl<'a> Call<'a> {
     }
 }
 
+/// `pairs` (with their destinations' kinds) cut into parts of at most [`HELPER_CHUNK`]
+/// bytes (a pair of whole pages is cut at page boundaries), and where each chunk of parts
+/// begins: consecutive parts up to [`HELPER_CHUNK`] bytes together, so that adjacent base
+/// pages are still copied with one call. The last entry is the number of parts.
+fn chunked<'d>(pairs: &[CopyPair], dsts: &[Dst<'d>]) -> (Vec<CopyPair>, Vec<Dst<'d>>, Vec<usize>) {
+    let (mut parts, mut kinds) = (Vec::new(), Vec::new());
+    for (pair, &kind) in pairs.iter().zip(dsts) {
+        let mut at = 0;
+        while at < pair.len {
+            let len = (pair.len - at).min(HELPER_CHUNK);
+            parts.push(CopyPair { dst: pair.dst + at, src: pair.src + at, len });
+            kinds.push(kind);
+            at += len;
+        }
+    }
+    let mut starts = vec![0];
+    let mut bytes = 0;
+    for (i, part) in parts.iter().enumerate() {
+        if bytes + part.len > HELPER_CHUNK && bytes > 0 {
+            starts.push(i);
+            bytes = 0;
+        }
+        bytes += part.len;
+    }
+    starts.push(parts.len());
+    (parts, kinds, starts)
+}
+
 /// The end of the piece of `live` that starts at `at` (folios while they fit in `bytes`,
 /// at least one), and its bytes.
 fn piece_end(st: &BatchState, live: &[usize], at: usize, bytes: usize) -> (usize, usize) {
@@ -383,4 +414,51 @@ fn read_piece(mem: &ProcMem, reads: &[CopyPair]) -> (u64, u64) {
         bytes += unsafe { mem.read_into(pair.src, pair.dst, pair.len) } as u64;
     }
     (bytes, t.elapsed().as_nanos() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(dst: usize, src: usize, len: usize) -> CopyPair {
+        CopyPair { dst, src, len }
+    }
+
+    /// Every byte of the pairs is in exactly one part, in order, each part at most a chunk
+    /// and inside its pair; chunks of base pages hold a chunk's worth of pages, a huge
+    /// page is cut into chunk-sized parts, and no chunk is more than [`HELPER_CHUNK`].
+    #[test]
+    fn chunked_cuts_and_groups_every_byte_once() {
+        let page = 4096;
+        let base: Vec<CopyPair> = (0..40).map(|i| pair((1 << 30) + i * page, (1 << 31) + i * page, page)).collect();
+        let huge = vec![pair(1 << 30, 1 << 31, 2 << 20), pair((1 << 30) + (2 << 20), (1 << 31) + (2 << 20), 2 << 20)];
+        let mixed =
+            vec![pair(1 << 30, 1 << 31, page), pair(1 << 32, 1 << 33, 2 << 20), pair(1 << 34, 1 << 35, 3 * page)];
+        for (what, pairs, want_chunks) in
+            [("base", base, 3), ("huge", huge, 2 * (2 << 20) / HELPER_CHUNK), ("mixed", mixed, 1 + 32 + 1)]
+        {
+            let dsts = vec![Dst::Fresh; pairs.len()];
+            let (parts, kinds, starts) = chunked(&pairs, &dsts);
+            assert_eq!(parts.len(), kinds.len(), "{what}");
+            assert_eq!(starts.len() - 1, want_chunks, "{what}: {starts:?}");
+            assert_eq!((starts[0], *starts.last().unwrap()), (0, parts.len()), "{what}");
+            for w in starts.windows(2) {
+                assert!(w[0] < w[1], "{what}: an empty chunk");
+                assert!(parts[w[0]..w[1]].iter().map(|p| p.len).sum::<usize>() <= HELPER_CHUNK, "{what}");
+            }
+            // The parts, in order, are the pairs again.
+            let mut at = parts.iter();
+            for p in &pairs {
+                let mut done = 0;
+                while done < p.len {
+                    let part = at.next().unwrap_or_else(|| panic!("{what}: bytes missing"));
+                    assert_eq!((part.dst, part.src), (p.dst + done, p.src + done), "{what}");
+                    assert!(part.len <= HELPER_CHUNK && part.len % page == 0, "{what}");
+                    done += part.len;
+                }
+                assert_eq!(done, p.len, "{what}");
+            }
+            assert!(at.next().is_none(), "{what}: parts beyond the pairs");
+        }
+    }
 }
