@@ -660,6 +660,33 @@ fn every_destination_path_moves_every_byte_and_write() {
     }
 }
 
+/// Migrates all of `region` (filled with `seed`) to the test's node while two threads
+/// write into it, and checks the call in full: every folio moved, every byte and write
+/// kept, every page on the node and on a new frame, as many bytes in huge pages as
+/// `thp_before`. Returns the call's statistics.
+fn moved_with_two_writers(
+    region: &Region,
+    seed: u64,
+    opts: &MigrateOptions,
+    thp_before: u64,
+    what: &str,
+) -> pagemig::MigrateStats {
+    let size = region.len();
+    let frames_before = numa::page_frames(region.addr(), size).unwrap();
+    let (result, log) = workload::with_writers(region, 2, || {
+        Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, opts)
+    });
+    let stats = result.unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(stats.succeeded_folios as usize, size / region.folio_size(), "{what}");
+    let report = workload::verify(region, seed, &log);
+    assert!(report.ok(), "{what}: {report:?}");
+    assert!(log.writes > 0, "{what}");
+    assert_on_node(region, node());
+    assert_new_frames(&frames_before, &numa::page_frames(region.addr(), size).unwrap());
+    assert_eq!(region.anon_huge_bytes().unwrap(), thp_before, "{what}: huge pages split or made");
+    stats
+}
+
 /// The copy helper (`migrate/copy_helper`): a second thread copies chunks of each piece with
 /// the caller, base pages into empty and into populated destinations, 1 MiB folios in
 /// 64 KiB chunks, at the default batch and at 4096 pages, two threads writing all along:
@@ -697,19 +724,8 @@ fn base_pages_copied_with_the_copy_helper() {
         let mut helped = 0;
         for attempt in 0..5 {
             let what = format!("{what}, call {attempt}");
-            let frames_before = numa::page_frames(region.addr(), size).unwrap();
-            let (result, log) = workload::with_writers(&region, 2, || {
-                Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
-            });
-            let stats = result.unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert_eq!(stats.succeeded_folios as usize, size / folio, "{what}");
-            let report = workload::verify(&region, 13, &log);
-            assert!(report.ok(), "{what}: {report:?}");
-            assert!(log.writes > 0, "{what}");
-            assert_on_node(&region, node());
-            assert_new_frames(&frames_before, &numa::page_frames(region.addr(), size).unwrap());
+            let stats = moved_with_two_writers(&region, 13, &opts, thp_before, &what);
             assert!(stats.helper_copied_bytes as usize <= size, "{what}: {stats:?}");
-            assert_eq!(region.anon_huge_bytes().unwrap(), thp_before, "{what}: huge pages split or made");
             if !shared {
                 assert_eq!(stats.helper_copied_bytes, 0, "{what}");
             }
@@ -744,18 +760,7 @@ fn huge_pages_with_their_destinations_prepared_ahead() {
         let mut prepared = 0;
         for attempt in 0..5 {
             let what = format!("{what}, call {attempt}");
-            let frames_before = numa::page_frames(region.addr(), size).unwrap();
-            let (result, log) = workload::with_writers(&region, 2, || {
-                Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
-            });
-            let stats = result.unwrap_or_else(|e| panic!("{what}: {e}"));
-            assert_eq!(stats.succeeded_folios as usize, size >> 21, "{what}");
-            let report = workload::verify(&region, 11, &log);
-            assert!(report.ok(), "{what}: {report:?}");
-            assert!(log.writes > 0, "{what}");
-            assert_on_node(&region, node());
-            assert_new_frames(&frames_before, &numa::page_frames(region.addr(), size).unwrap());
-            assert_eq!(region.anon_huge_bytes().unwrap(), thp_before, "{what}: huge pages split");
+            let stats = moved_with_two_writers(&region, 11, &opts, thp_before, &what);
             assert!(stats.prepared_ahead_bytes as usize <= size - batch * 4096, "{what}: {stats:?}");
             if ahead == 0 {
                 assert_eq!(stats.prepared_ahead_bytes, 0, "{what}");
