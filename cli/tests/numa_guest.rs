@@ -882,16 +882,19 @@ fn move_range_while_the_program_changes_it(folio: usize) {
                 .fault(FaultInjection { delay_move: Some(Duration::from_millis(2)), ..Default::default() })
                 .max_batch_pages(64);
             let outcome = common::watchdog(Duration::from_secs(120), &what.clone(), move || {
-                std::thread::scope(|s| {
+                let outcome = std::thread::scope(|s| {
                     s.spawn(|| {
                         std::thread::sleep(Duration::from_millis(delay_ms));
                         moved_to.store(changes::apply(change, at, len, spare) as u64, Ordering::SeqCst);
                     });
                     // SAFETY: this thread does not touch the range during the call; the
                     // other one changes it, which pagemig must survive.
-                    let outcome = unsafe { engine.move_range(base, LEN, b, &opts) };
-                    (outcome, moved_to.load(Ordering::SeqCst))
-                })
+                    unsafe { engine.move_range(base, LEN, b, &opts) }
+                });
+                // Read once the scope has joined the thread that changes the range: a call
+                // shorter than the delay ended before the change was made (read inside the
+                // scope, `moved_to` was still 0 then, and the check read address 0).
+                (outcome, moved_to.load(Ordering::SeqCst))
             });
             let (outcome, moved_to) = outcome;
             let outcome = outcome.unwrap_or_else(|e| panic!("{what}: {e}"));
