@@ -96,7 +96,7 @@ fn moved_twice(delay: Duration, hold: Duration, holdings: bool) -> (usize, std::
     };
     // SAFETY: the test's own mappings, no longer used.
     unsafe {
-        libc::munmap(base as *mut _, LEN + (2 << 20));
+        libc::munmap(base as *mut _, LEN);
         libc::munmap(spare2 as *mut _, MOVED);
         libc::munmap(reserved1 as *mut _, changes::SPARE);
         libc::munmap(reserved2 as *mut _, changes::SPARE);

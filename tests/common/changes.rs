@@ -43,6 +43,18 @@ pub fn mapping(len: usize, folio: usize, seed: u64) -> usize {
     } as usize;
     assert_ne!(raw, libc::MAP_FAILED as usize);
     let base = (raw + (2 << 20) - 1) & !((2 << 20) - 1);
+    // Exactly `[base, base + len)` stays mapped: callers unmap that, and nothing around it
+    // is theirs to unmap.
+    // SAFETY: the head and tail of our own fresh mapping, outside what we hand out.
+    unsafe {
+        if base > raw {
+            libc::munmap(raw as *mut _, base - raw);
+        }
+        let end = raw + len + (2 << 20);
+        if end > base + len {
+            libc::munmap((base + len) as *mut _, end - (base + len));
+        }
+    }
     let advice = if folio == 2 << 20 { libc::MADV_HUGEPAGE } else { libc::MADV_NOHUGEPAGE };
     // SAFETY: advice on our own mapping.
     unsafe { libc::madvise(base as *mut _, len, advice) };
