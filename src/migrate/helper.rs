@@ -106,34 +106,34 @@ impl Drop for Retract<'_> {
     }
 }
 
-/// A cursor over `n` items handed out `chunk` at a time to whichever thread asks, and
-/// whether any chunk failed.
+/// A cursor over `n` items handed out one at a time to whichever thread asks, and whether
+/// any failed.
 pub(super) struct Chunks {
     next: AtomicUsize,
     n: usize,
-    chunk: usize,
     failed: AtomicBool,
 }
 
 impl Chunks {
-    pub fn new(n: usize, chunk: usize) -> Self {
-        Self { next: AtomicUsize::new(0), n, chunk: chunk.max(1), failed: AtomicBool::new(false) }
+    pub fn new(n: usize) -> Self {
+        Self { next: AtomicUsize::new(0), n, failed: AtomicBool::new(false) }
     }
 
-    /// Runs `f` over chunks until none is left; a chunk that fails is remembered.
-    pub fn run<E>(&self, f: impl Fn(std::ops::Range<usize>) -> Result<(), E>) {
+    /// Runs `f` over the items not yet taken until none is left; one that fails is
+    /// remembered.
+    pub fn run<E>(&self, f: impl Fn(usize) -> Result<(), E>) {
         loop {
-            let i = self.next.fetch_add(self.chunk, Ordering::Relaxed);
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
             if i >= self.n {
                 return;
             }
-            if f(i..(i + self.chunk).min(self.n)).is_err() {
+            if f(i).is_err() {
                 self.failed.store(true, Ordering::Relaxed);
             }
         }
     }
 
-    /// Whether every chunk run so far succeeded.
+    /// Whether every item run so far succeeded.
     pub fn ok(&self) -> bool {
         !self.failed.load(Ordering::Relaxed)
     }
@@ -144,39 +144,47 @@ mod tests {
     use super::*;
     use crate::testing::watchdog;
 
-    /// Every chunk runs exactly once, on one thread or the other, and the helper takes part.
-    #[test]
-    fn every_chunk_runs_once_on_either_thread() {
+    /// Runs `body` with a helper serving on a thread of its own, under a watchdog.
+    fn with_helper(body: impl FnOnce(&CopyHelper) + Send + 'static) {
         watchdog(60, || {
             let helper = CopyHelper::default();
             std::thread::scope(|s| {
                 s.spawn(|| helper.serve());
-                let mut helped = 0;
-                for round in 0..200 {
-                    let counts: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
-                    let here = std::thread::current().id();
-                    let elsewhere = AtomicUsize::new(0);
-                    let chunks = Chunks::new(counts.len(), 7);
-                    helper.share(&|| {
-                        chunks.run(|r| {
-                            if std::thread::current().id() != here {
-                                elsewhere.fetch_add(1, Ordering::Relaxed);
-                            }
-                            for i in r {
-                                counts[i].fetch_add(1, Ordering::Relaxed);
-                                std::hint::spin_loop();
-                            }
-                            if round % 50 == 0 { Err(()) } else { Ok(()) }
-                        })
-                    });
-                    // Nothing runs after `share` returns: counts are final.
-                    assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1), "round {round}");
-                    assert_eq!(chunks.ok(), round % 50 != 0);
-                    helped += usize::from(elsewhere.load(Ordering::Relaxed) > 0);
-                }
+                body(&helper);
                 helper.quit();
-                assert!(helped > 0, "the helper never took a chunk in 200 rounds");
             });
+        });
+    }
+
+    /// Every item runs exactly once, on one thread or the other, and the helper takes part.
+    #[test]
+    fn every_chunk_runs_once_on_either_thread() {
+        with_helper(|helper| {
+            let mut helped = 0;
+            for round in 0..200 {
+                let counts: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
+                let here = std::thread::current().id();
+                let elsewhere = AtomicUsize::new(0);
+                // Items of 7 counts each, as the pipeline's chunks group parts.
+                let chunks = Chunks::new(counts.len().div_ceil(7));
+                helper.share(&|| {
+                    chunks.run(|c| {
+                        if std::thread::current().id() != here {
+                            elsewhere.fetch_add(1, Ordering::Relaxed);
+                        }
+                        for count in counts.iter().skip(c * 7).take(7) {
+                            count.fetch_add(1, Ordering::Relaxed);
+                            std::hint::spin_loop();
+                        }
+                        if round % 50 == 0 { Err(()) } else { Ok(()) }
+                    })
+                });
+                // Nothing runs after `share` returns: counts are final.
+                assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1), "round {round}");
+                assert_eq!(chunks.ok(), round % 50 != 0);
+                helped += usize::from(elsewhere.load(Ordering::Relaxed) > 0);
+            }
+            assert!(helped > 0, "the helper never took a chunk in 200 rounds");
         });
     }
 
@@ -184,27 +192,22 @@ mod tests {
     /// before the work's borrows end.
     #[test]
     fn a_panicking_share_waits_for_the_helper() {
-        watchdog(60, || {
-            let helper = CopyHelper::default();
-            std::thread::scope(|s| {
-                s.spawn(|| helper.serve());
-                let inside = AtomicUsize::new(0);
-                let here = std::thread::current().id();
-                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    helper.share(&|| {
-                        if std::thread::current().id() == here {
-                            std::thread::sleep(std::time::Duration::from_millis(20));
-                            panic!("caller side");
-                        }
-                        inside.fetch_add(1, Ordering::SeqCst);
-                        std::thread::sleep(std::time::Duration::from_millis(100));
-                        inside.fetch_sub(1, Ordering::SeqCst);
-                    })
-                }));
-                assert!(result.is_err());
-                assert_eq!(inside.load(Ordering::SeqCst), 0, "the helper still ran the work after share returned");
-                helper.quit();
-            });
+        with_helper(|helper| {
+            let inside = AtomicUsize::new(0);
+            let here = std::thread::current().id();
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                helper.share(&|| {
+                    if std::thread::current().id() == here {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        panic!("caller side");
+                    }
+                    inside.fetch_add(1, Ordering::SeqCst);
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    inside.fetch_sub(1, Ordering::SeqCst);
+                })
+            }));
+            assert!(result.is_err());
+            assert_eq!(inside.load(Ordering::SeqCst), 0, "the helper still ran the work after share returned");
         });
     }
 }

@@ -173,13 +173,13 @@ impl<'a> Call<'a> {
             // that nothing else refers to; the two never overlap.
             return unsafe { folios_copy_each(pairs, dsts) }.is_ok();
         };
-        let (parts, kinds, chunks) = chunked(pairs, dsts);
-        let cursor = Chunks::new(chunks.len() - 1, 1);
+        let (parts, kinds, starts) = chunked(pairs, dsts);
+        let cursor = Chunks::new(starts.len() - 1);
         let here = std::thread::current().id();
         let helped = AtomicU64::new(0);
         helper.share(&|| {
             cursor.run(|c| {
-                let r = chunks[c.start]..chunks[c.end];
+                let r = starts[c]..starts[c + 1];
                 if std::thread::current().id() != here {
                     helped.fetch_add(parts[r.clone()].iter().map(|p| p.len as u64).sum(), Ordering::Relaxed);
                 }
