@@ -15,7 +15,7 @@
 //! | `migrate/pipelined` | rw | `1` moves runs as their copies complete, `0` after the batch |
 //! | `migrate/deferred_free` | rw | `1` frees replaced base pages on a background thread |
 //! | `migrate/copy_in` | rw | `1` lets the mover copy base pages of mappings without a memory policy of their own straight into their source, bound to the target node (no destination), `0` always goes through a destination |
-//! | `migrate/copy_helper` | rw | `1` lets a second thread copy each piece of the pipelined CPU copy of folios smaller than a huge page with the caller, 64 KiB at a time (calls of more than 2 MiB, on two CPUs or more); `0` (default for now) copies on the caller alone |
+//! | `migrate/copy_helper` | rw | `1` lets a second thread copy each piece of the pipelined CPU copy of folios smaller than a huge page with the caller, 64 KiB at a time (calls of more than 2 MiB, on two CPUs or more; the default); `0` copies on the caller alone |
 //! | `migrate/copy_kernel` | rw | the CPU copy kernels: `auto` (measured at start-up, one for freshly zeroed destinations and one for cold ones), or `nt`, `nt2`, `memcpy` for every destination |
 //! | `migrate/fill_empty` | rw | `1` leaves base-page destinations without pages and fills them with `UFFDIO_COPY` (never zeroed), `0` populates them first |
 //! | `migrate/piece_budget_us` | rw | `0` lets the pipelined CPU copy's pieces grow to 16 MiB; else, 50 … 100000: a piece is cut where isolating and copying it would take longer than this many µs at the pace of the pieces before it (down to 512 KiB) |

@@ -136,10 +136,8 @@ settings! {
     /// Let a second thread copy each piece of the pipelined CPU copy of folios smaller than
     /// a huge page with the caller, 64 KiB at a time, in calls of more than one huge page's
     /// worth where the process may run on two CPUs or more: the mover and the reaper leave
-    /// part of a CPU idle. Off by default for now: one CI run with it on died with `SIGSEGV`
-    /// in `tests/event_reader.rs` (the program moving memory twice while it migrates), not
-    /// reproduced in 6 runs since and not explained.
-    copy_helper: bool = false, accepts "0 or 1", valid |_| true;
+    /// part of a CPU idle.
+    copy_helper: bool = true, accepts "0 or 1", valid |_| true;
     /// Bounds how long the program's threads may wait on one piece of the pipelined CPU
     /// copy, in microseconds: a piece is cut where isolating and copying it would take
     /// longer, at the pace of the pieces before it (down to 512 KiB). 0: pieces grow to
