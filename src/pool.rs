@@ -3,7 +3,8 @@
 //!
 //! Each (node, huge-page advice) pair has one current *chunk*: a large reservation of
 //! virtual memory (`mmap` with `MAP_NORESERVE`), bound to the node with `mbind(MPOL_BIND)`
-//! and given the huge-page advice of the memory it will replace. Destinations are handed
+//! and given the huge-page advice of the folios it will receive (huge pages for huge folios,
+//! base pages for the others). Destinations are handed
 //! out from the front of the chunk in order, so that pieces moved out of it in address
 //! order merge back into one mapping at their new home; each destination keeps the offset
 //! of its source modulo its alignment, so 2 MiB folios stay PMD-mapped. Populating
@@ -36,12 +37,13 @@ use crate::sys::{self, Advice, HPAGE_SIZE};
 /// Virtual size of a chunk; only the populated part costs memory.
 const CHUNK_BYTES: usize = 1 << 30;
 
-/// The huge-page advice a destination must carry (the moved mapping takes it over).
+/// The huge-page advice a destination carries: huge pages for huge folios, base pages for
+/// the others ([`crate::Engine::reserve`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ThpAdvice {
-    /// `MADV_HUGEPAGE` (the source had `hg` in its `VmFlags`).
+    /// `MADV_HUGEPAGE`: destinations of huge folios.
     Huge,
-    /// `MADV_NOHUGEPAGE` (the source had `nh`).
+    /// `MADV_NOHUGEPAGE`: destinations of base pages.
     NoHuge,
     /// No advice: the system-wide THP mode decides.
     Default,

@@ -65,6 +65,36 @@ fn migrates_2m_folios_and_keeps_thp() {
     assert!(thp_after >= thp_before, "AnonHugePages {thp_before} -> {thp_after}");
 }
 
+/// Huge folios whose mapping says `MADV_NOHUGEPAGE` (advised after they were made, as a
+/// program that stops wanting huge pages does) stay huge, as the kernel's migration keeps
+/// them, and the mapping keeps its advice; base pages of a mapping advised
+/// `MADV_HUGEPAGE` stay base pages.
+#[test]
+fn folios_keep_their_size_whatever_their_mapping_advises() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "folios_keep_their_size_whatever_their_mapping_advises");
+    let region = Region::new(16 << 20, 2 << 20, Some(node())).unwrap();
+    workload::fill(&region, 9);
+    let thp_before = region.anon_huge_bytes().unwrap();
+    assert!(thp_before > 0, "the region was not THP-backed to begin with");
+    pagemig::sys::madvise(region.addr(), region.len(), pagemig::sys::Advice::NoHugePage).unwrap();
+    let stats = migrate_pages(&region.folios(), node(), Reason::Demotion, Mode::Sync).unwrap();
+    assert_eq!(stats.succeeded_folios, 8);
+    assert!(workload::verify(&region, 9, &WriteLog::default()).ok());
+    assert_on_node(&region, node());
+    assert_eq!(region.anon_huge_bytes().unwrap(), thp_before, "huge pages split or lost");
+    assert!(common::vm_flags(region.addr()).contains(&"nh".to_string()), "the mapping's advice changed");
+
+    let small = Region::new(8 << 20, 4096, Some(node())).unwrap();
+    workload::fill(&small, 10);
+    pagemig::sys::madvise(small.addr(), small.len(), pagemig::sys::Advice::HugePage).unwrap();
+    let stats = migrate_pages(&small.folios(), node(), Reason::Demotion, Mode::Sync).unwrap();
+    assert_eq!(stats.succeeded_folios, 2048);
+    assert!(workload::verify(&small, 10, &WriteLog::default()).ok());
+    assert_on_node(&small, node());
+    assert_eq!(small.anon_huge_bytes().unwrap(), 0, "base pages made huge");
+    assert!(common::vm_flags(small.addr()).contains(&"hg".to_string()), "the mapping's advice changed");
+}
+
 #[test]
 fn writers_lose_nothing_over_repeated_migrations() {
     let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "writers_lose_nothing_over_repeated_migrations");

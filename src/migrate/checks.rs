@@ -28,7 +28,7 @@ pub(super) fn prepare_call(folios: &[Folio<'_>], target: u32, prepared: u64) -> 
         return Err(Error::Invalid(format!("folios at {:#x} and {:#x} overlap", w[0].addr(), w[1].addr())));
     }
     let (lo, hi) = (sorted[0].addr(), sorted[sorted.len() - 1].end());
-    let vmas = maps::vmas_with_flags(lo, hi)?;
+    let (vmas, current) = maps::call_vmas(lo, hi)?;
     let runs = contiguous_runs(sorted.iter().copied());
     let own_stack = sys::current_thread_stack();
     let claimed = crate::sys::own::ranges();
@@ -53,7 +53,6 @@ pub(super) fn prepare_call(folios: &[Folio<'_>], target: u32, prepared: u64) -> 
         }
     }
     let limit = sys::max_map_count();
-    let current = maps::vma_count()?;
     let needed = current + 2 * runs.len() + 16;
     if needed > limit {
         return Err(Error::MapCountLimit { current, needed, limit });
@@ -108,18 +107,21 @@ fn attach_vma_state(sorted: &[Folio<'static>], vmas: &[Vma]) -> Vec<Item> {
                 v += 1;
             }
             let vma = vmas.get(v).filter(|m| m.start <= folio.addr() && folio.addr() < m.end);
-            let flag = |f: &str| vma.is_some_and(|m| m.has_flag(f));
-            let thp = if flag("hg") {
-                ThpAdvice::Huge
-            } else if flag("nh") {
-                ThpAdvice::NoHuge
-            } else {
-                ThpAdvice::Default
-            };
             let own_policy = vma.is_none() || policies[v];
-            Item { folio, index, locked: flag("lo"), thp, own_policy }
+            let locked = vma.is_some_and(|m| m.has_flag("lo"));
+            Item { folio, index, locked, thp: destination_advice(folio.size()), own_policy }
         })
         .collect()
+}
+
+/// The huge-page advice of the destination of a folio of `size` bytes: huge pages for a
+/// huge folio, which stays huge as the kernel's migration keeps it (whatever its mapping's
+/// advice: a huge page collapsed before `MADV_NOHUGEPAGE`, or one of a mapping with no
+/// advice where huge pages are always on), base pages otherwise, so that no huge page is
+/// populated only to be split as its pages move out. The source mapping's own advice is
+/// not needed: pages move into it (`UFFDIO_MOVE`) and it keeps its flags.
+pub(super) fn destination_advice(size: usize) -> ThpAdvice {
+    if size >= sys::HPAGE_SIZE { ThpAdvice::Huge } else { ThpAdvice::NoHuge }
 }
 
 /// The size of the folio of `folios` at `addr` (base pages where none starts there).

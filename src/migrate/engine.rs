@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::busy::Busy;
-use super::checks::{items_size_at, prepare_call};
+use super::checks::{destination_advice, items_size_at, prepare_call};
 use super::options::DEFAULT_REAPER_BACKLOG;
 use super::outcome::Tally;
 use super::settings::{Settings, SettingsCell};
@@ -15,7 +15,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::folio::Folio;
 use crate::pool::{Key, Pool, ThpAdvice};
-use crate::sys::{Errno, uffd::Uffd};
+use crate::sys::{Errno, HPAGE_SIZE, PAGE_SIZE, uffd::Uffd};
 
 /// The migration engine: a userfaultfd, the destination pool and the set of folios in
 /// flight. One per process is enough ([`Engine::global`]); several may coexist as long as
@@ -138,8 +138,10 @@ impl Engine {
     }
 
     /// Keeps `bytes` of destinations on `node` prepared ahead of use by a background thread,
-    /// from now on, for memory whose huge-page advice is `thp` (the advice of the sources:
-    /// [`ThpAdvice::Huge`] for `MADV_HUGEPAGE` memory): a *prepared reserve* for callers
+    /// from now on, for folios of one size: [`ThpAdvice::Huge`] for huge pages,
+    /// [`ThpAdvice::NoHuge`] (or [`ThpAdvice::Default`], the same) for base pages, whatever
+    /// the advice of their mappings (a destination takes the size of the folios it
+    /// receives). This is a *prepared reserve* for callers
     /// that migrate again and again, such as a tiering runtime. A call takes its
     /// destinations from the reserve first and prepares only what the reserve lacks; once
     /// it ends, the thread tops the reserve up again (never during a call: its populating
@@ -162,6 +164,7 @@ impl Engine {
     /// the thread cannot be started.
     pub fn reserve(&self, node: u32, bytes: usize, thp: ThpAdvice) -> Result<()> {
         crate::numa::check_node(node)?;
+        let thp = destination_advice(if thp == ThpAdvice::Huge { HPAGE_SIZE } else { PAGE_SIZE });
         self.pool.reserve(Key { node, thp, empty: false }, bytes)
     }
 

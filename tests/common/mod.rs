@@ -98,6 +98,11 @@ pub fn leak(region: Region) -> &'static Region {
     Box::leak(Box::new(region))
 }
 
+/// The `VmFlags` smaps gives the mapping holding `addr` (empty where nothing is mapped).
+pub fn vm_flags(addr: usize) -> Vec<String> {
+    pagemig::maps::vmas_with_flags(addr, addr + 1).expect("smaps").into_iter().flat_map(|v| v.flags).collect()
+}
+
 /// Pages of `region` on `node`.
 pub fn pages_on(region: &Region, node: u32) -> usize {
     region.placement().unwrap().get(&(node as i32)).copied().unwrap_or(0)
