@@ -1,9 +1,9 @@
-//! What a small migration costs in a process with much memory resident elsewhere: a
-//! 64 KiB region of 4 KiB folios migrated again and again with `Engine::migrate_pages`,
-//! timed per call, while `[GiB]` (default 1) of other memory stays resident; then the same
-//! with one page of that memory locked (`mlock`), which makes every call read
-//! `/proc/self/smaps`, whose cost grows with the resident memory.
-//! `cargo run --release --example small_calls -- [GiB]`
+//! What a small migration costs in a process with much memory resident elsewhere: a region
+//! of `[KiB]` (default 64) of 4 KiB folios migrated again and again with
+//! `Engine::migrate_pages`, timed per call, while `[GiB]` (default 1) of other memory stays
+//! resident; then the same with one page of that memory locked (`mlock`), which makes every
+//! call read `/proc/self/smaps`, whose cost grows with the resident memory.
+//! `cargo run --release --example small_calls -- [GiB] [KiB]`
 
 use std::time::Instant;
 
@@ -38,6 +38,10 @@ fn run() -> Result<(), pagemig::Error> {
         .nth(1)
         .map_or(Ok(1), |a| a.parse())
         .map_err(|e| pagemig::Error::Invalid(format!("resident GiB: {e}")))?;
+    let kib: usize = std::env::args()
+        .nth(2)
+        .map_or(Ok(64), |a| a.parse())
+        .map_err(|e| pagemig::Error::Invalid(format!("KiB to move: {e}")))?;
     let node = numa::memory_nodes()?[0];
     let engine = Engine::global()?;
     // The rest of the program: resident, never migrated.
@@ -45,7 +49,7 @@ fn run() -> Result<(), pagemig::Error> {
     if let Some(resident) = &resident {
         workload::fill(resident, 3);
     }
-    let region = Region::new(64 << 10, 4096, Some(node))?;
+    let region = Region::new(kib << 10, 4096, Some(node))?;
     workload::fill(&region, 7);
     let calls = 200;
     let plain = median_call_us(engine, &region, node, calls)?;
@@ -56,7 +60,7 @@ fn run() -> Result<(), pagemig::Error> {
         Err(e) => format!("not measured ({e})"),
     };
     println!(
-        "64 KiB of 4 KiB folios, {gib} GiB resident elsewhere, median of {calls} calls: {plain:.0} µs a call; \
+        "{kib} KiB of 4 KiB folios, {gib} GiB resident elsewhere, median of {calls} calls: {plain:.0} µs a call; \
          with one page of the process locked: {locked}"
     );
     Ok(())

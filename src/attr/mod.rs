@@ -13,7 +13,7 @@
 //! | `mtcopy/folios_copied` | rw | folios copied; any write resets it to 0 |
 //! | `migrate/max_batch_pages` | rw | bound on a batch in base pages, 1 … 262144 |
 //! | `migrate/pipelined` | rw | `1` moves runs as their copies complete, `0` after the batch |
-//! | `migrate/deferred_free` | rw | `1` frees replaced base pages on a background thread |
+//! | `migrate/deferred_free` | rw | `1` frees replaced base pages on a background thread (calls of more than 2 MiB) |
 //! | `migrate/copy_in` | rw | `1` lets the mover copy base pages of mappings without a memory policy of their own straight into their source, bound to the target node (no destination), `0` always goes through a destination |
 //! | `migrate/copy_helper` | rw | `1` lets a second thread copy each piece of the pipelined CPU copy of folios smaller than a huge page with the caller, 64 KiB at a time (calls of more than 2 MiB, on two CPUs or more; the default); `0` copies on the caller alone |
 //! | `migrate/copy_kernel` | rw | the CPU copy kernels: `auto` (measured at start-up, one for freshly zeroed destinations and one for cold ones), or `nt`, `nt2`, `memcpy` for every destination |

@@ -121,7 +121,8 @@ settings! {
         accepts "an integer from 1 to 262144", valid |n| (1..=MAX_BATCH_PAGES_LIMIT).contains(&n);
     /// Move each run as soon as its copy completes, not after the whole batch.
     pipelined: bool = true, accepts "0 or 1", valid |_| true;
-    /// Free replaced base pages on a background thread.
+    /// Free replaced base pages on a background thread (in calls of more than one huge
+    /// page's worth: a smaller call frees them itself).
     deferred_free: bool = true, accepts "0 or 1", valid |_| true;
     /// Move base-page runs on a thread of their own, overlapping the next copy.
     mover: bool = true, accepts "0 or 1", valid |_| true;
