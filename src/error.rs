@@ -34,7 +34,9 @@ pub enum Error {
         /// What the memory is and why it cannot move.
         why: String,
     },
-    /// The migration would push the process past `vm.max_map_count` (`ENOMEM`).
+    /// The migration would push the process past `vm.max_map_count` (`ENOMEM`): checked up
+    /// front for calls of many runs (more than 248 separate ranges); a smaller call that
+    /// crosses the limit fails folio by folio with `ENOMEM` instead, untouched.
     MapCountLimit {
         /// Mappings the process holds now.
         current: usize,

@@ -13,6 +13,14 @@ use crate::sys;
 /// Free memory left untouched on the target node.
 const NODE_RESERVE: u64 = 32 << 20;
 
+/// A call that may add more mappings than this (two for each run, and some of pagemig's
+/// own) is checked against `vm.max_map_count` up front, which means reading every mapping
+/// of the process (see [`maps::call_vmas`]). A smaller one is not: where it would cross
+/// the limit all the same, in a process that holds nearly the 65530 mappings allowed, the
+/// kernel refuses the mapping pagemig asks for, and the folios that needed it fail with
+/// `ENOMEM`, untouched.
+const COUNTED_ABOVE: usize = 512;
+
 /// Checks a whole call before anything is touched and pairs each folio with the state
 /// of its mapping.
 /// Also returns the target's free memory beyond its reserve. `prepared` bytes of the target
@@ -28,8 +36,9 @@ pub(super) fn prepare_call(folios: &[Folio<'_>], target: u32, prepared: u64) -> 
         return Err(Error::Invalid(format!("folios at {:#x} and {:#x} overlap", w[0].addr(), w[1].addr())));
     }
     let (lo, hi) = (sorted[0].addr(), sorted[sorted.len() - 1].end());
-    let (vmas, current) = maps::call_vmas(lo, hi)?;
     let runs = contiguous_runs(sorted.iter().copied());
+    let added = 2 * runs.len() + 16;
+    let (vmas, current) = maps::call_vmas(lo, hi, added > COUNTED_ABOVE)?;
     let own_stack = sys::current_thread_stack();
     let claimed = crate::sys::own::ranges();
     for &(s, e) in &runs {
@@ -52,10 +61,12 @@ pub(super) fn prepare_call(folios: &[Folio<'_>], target: u32, prepared: u64) -> 
             });
         }
     }
-    let limit = sys::max_map_count();
-    let needed = current + 2 * runs.len() + 16;
-    if needed > limit {
-        return Err(Error::MapCountLimit { current, needed, limit });
+    if let Some(current) = current {
+        let limit = sys::max_map_count();
+        let needed = current + added;
+        if needed > limit {
+            return Err(Error::MapCountLimit { current, needed, limit });
+        }
     }
     let bytes: u64 = sorted.iter().map(|f| f.size() as u64).sum();
     let free = check_free_memory(target, bytes, &runs, prepared)?;

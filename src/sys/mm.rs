@@ -141,8 +141,27 @@ pub fn mlock_onfault(addr: usize, len: usize) -> Result<(), Errno> {
     check_int(unsafe { libc::mlock2(addr as *const c_void, len, libc::MLOCK_ONFAULT) })
 }
 
-/// The calling thread's stack as `(start, end)`, from `pthread_getattr_np`.
+/// The calling thread's stack as `(start, end)`, from `pthread_getattr_np`, asked once per
+/// thread: for the main thread, glibc reads the whole of `/proc/self/maps` to answer (about
+/// a microsecond and a half per mapping of the process here), and a thread's stack does
+/// not move. (The main thread's answer spans the stack's growth limit, `RLIMIT_STACK` when
+/// first asked; its mapping, `[stack]`, is refused as a special mapping besides.)
 pub fn current_thread_stack() -> Option<(usize, usize)> {
+    thread_local! {
+        /// The answer, once asked.
+        static STACK: std::cell::Cell<Option<Option<(usize, usize)>>> = const { std::cell::Cell::new(None) };
+    }
+    STACK.with(|s| {
+        s.get().unwrap_or_else(|| {
+            let stack = ask_thread_stack();
+            s.set(Some(stack));
+            stack
+        })
+    })
+}
+
+/// The calling thread's stack as `(start, end)`, from `pthread_getattr_np`.
+fn ask_thread_stack() -> Option<(usize, usize)> {
     let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
     // SAFETY: pthread_getattr_np initialises `attr` for the calling thread on success.
     if unsafe { libc::pthread_getattr_np(libc::pthread_self(), attr.as_mut_ptr()) } != 0 {
