@@ -1,8 +1,8 @@
 //! What a small migration costs in a process with much memory resident elsewhere: a region
 //! of `[KiB]` (default 64) of 4 KiB folios migrated again and again with
 //! `Engine::migrate_pages`, timed per call, while `[GiB]` (default 1) of other memory stays
-//! resident; then the same with one page of that memory locked (`mlock`), which makes every
-//! call read `/proc/self/smaps`, whose cost grows with the resident memory.
+//! resident; then the same with one page of that memory locked (`mlock`: a locked mapping is
+//! locked again where it lands, so a call must know which are).
 //! `cargo run --release --example small_calls -- [GiB] [KiB]`
 
 use std::sync::atomic::Ordering;

@@ -137,46 +137,37 @@ pub fn vma_count() -> Result<usize> {
 /// when `count`, the number of mappings the process holds: what a call checks before it
 /// touches anything.
 ///
+/// That flag is `VM_LOCKED` (`lo`): a locked folio is locked again where it lands. It is
+/// asked of each mapping with [`crate::sys::any_locked`], one system call: `/proc/self/smaps`
+/// names it too, but to make that file the kernel walks the page tables of every mapping of
+/// the process (about 13 ms per GiB resident anywhere in it, paid by a call of a few pages
+/// too). The other flags smaps gives that matter here (`io`, `pf`, `mm`) belong to device
+/// mappings, which `maps` shows as file-backed or special already, and which the migration
+/// refuses before touching them besides.
+///
 /// Reading `/proc/self/maps` costs about a microsecond and a half per mapping of the
 /// process here (the kernel writes each file mapping's path), so a process of a few
 /// hundred mappings paid hundreds of microseconds a call for it. Without `count`, the
 /// mappings are looked up one by one over the range instead ([`Lookup`]).
 ///
-/// That flag is `VM_LOCKED` (`lo`): a locked folio is locked again where it lands.
-/// `/proc/self/smaps` names it, but to make that file the kernel walks the page tables of
-/// every mapping of the process (about 13 ms per GiB resident anywhere in it, paid by a
-/// call of a few pages too). So smaps is read only where `/proc/self/status` says some
-/// memory of the process is locked (`VmLck`): the kernel counts the whole length of every
-/// `VM_LOCKED` mapping there, so where it says none, no mapping is locked and
-/// `/proc/self/maps` is enough. The other flags smaps gives that matter here (`io`, `pf`,
-/// `mm`) belong to device mappings, which `maps` shows as file-backed or special already,
-/// and which the migration refuses before touching them besides.
-///
 /// # Errors
-/// [`Error::Io`] when a file cannot be read.
+/// [`Error::Io`] when `/proc/self/maps` cannot be read; [`Error::Sys`] when a lookup fails.
 pub fn call_vmas(start: usize, end: usize, count: bool) -> Result<(Vec<Vma>, Option<usize>)> {
-    if !nothing_locked() {
-        return Ok((vmas_with_flags(start, end)?, count.then(vma_count).transpose()?));
+    let (mut vmas, counted) = if count {
+        let text = fs::read_to_string("/proc/self/maps").map_err(Error::io("/proc/self/maps"))?;
+        let vmas = text.lines().filter_map(parse_line).filter(|v| v.end > start && v.start < end).collect();
+        (vmas, Some(text.lines().count()))
+    } else {
+        (Lookup::open()?.range(start, end)?, None)
+    };
+    for v in &mut vmas {
+        let (s, e) = (v.start.max(start), v.end.min(end));
+        // A mapping gone meanwhile (`ENOMEM`) is the migration's to find.
+        if crate::sys::any_locked(s, e - s) == Ok(true) {
+            v.flags.push("lo".into());
+        }
     }
-    if !count {
-        return Ok((Lookup::open()?.range(start, end)?, None));
-    }
-    let text = fs::read_to_string("/proc/self/maps").map_err(Error::io("/proc/self/maps"))?;
-    let vmas = text.lines().filter_map(parse_line).filter(|v| v.end > start && v.start < end).collect();
-    Ok((vmas, Some(text.lines().count())))
-}
-
-/// Whether `/proc/self/status` says that this process has no memory locked (`VmLck` of
-/// 0); `false` where it cannot be read.
-fn nothing_locked() -> bool {
-    fs::read_to_string("/proc/self/status").ok().and_then(|s| parse_locked(&s)) == Some(0)
-}
-
-/// `VmLck` of a `/proc/<pid>/status` text, in bytes.
-fn parse_locked(status: &str) -> Option<u64> {
-    let line = status.lines().find_map(|l| l.strip_prefix("VmLck:"))?;
-    let kib: u64 = line.trim().strip_suffix("kB")?.trim().parse().ok()?;
-    kib.checked_mul(1024)
+    Ok((vmas, counted))
 }
 
 /// The mappings overlapping `[start, end)` with their `VmFlags`, from `/proc/self/smaps`.
@@ -350,33 +341,33 @@ pub fn check_movable(start: usize, end: usize, all: &[Vma]) -> Result<()> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn reads_locked_memory_from_status() {
-        let status = "Name:\tx\nVmPeak:\t  1000 kB\nVmLck:\t      12 kB\nVmPin:\t 0 kB\n";
-        assert_eq!(parse_locked(status), Some(12 << 10));
-        assert_eq!(parse_locked("VmLck:\t       0 kB\n"), Some(0));
-        assert_eq!(parse_locked("VmPin:\t 0 kB\n"), None);
-        assert_eq!(parse_locked("VmLck:\t lots kB\n"), None);
-    }
-
-    /// A call's mappings say `lo` exactly where memory is locked, read from smaps only
-    /// while some memory is locked.
+    /// A call's mappings say `lo` exactly where smaps does: none locked, one page locked in
+    /// the middle (`mlock`), the tail locked as it faults (`mlock2(MLOCK_ONFAULT)`), counted
+    /// or not.
     #[test]
     #[allow(unsafe_code, reason = "maps and locks a mapping of the test's own")]
     fn call_vmas_know_locked_mappings() {
-        let len = 4 * 4096;
+        let page = crate::sys::PAGE_SIZE;
+        let len = 8 * page;
         let a = crate::sys::mmap_anon(len).unwrap();
-        for count in [true, false] {
-            let (vmas, counted) = call_vmas(a, a + len, count).unwrap();
-            assert_eq!(counted.is_some(), count);
-            assert!(counted.is_none_or(|n| n >= vmas.len()) && !vmas.is_empty());
-            assert!(vmas.iter().all(|v| v.start < a + len && a < v.end && !v.has_flag("lo")), "{vmas:?}");
-            assert_eq!(vmas.iter().map(|v| v.end.min(a + len) - v.start.max(a)).sum::<usize>(), len, "{vmas:?}");
+        let agree = |what: &str| {
+            let smaps = vmas_with_flags(a, a + len).unwrap();
+            for count in [true, false] {
+                let (vmas, counted) = call_vmas(a, a + len, count).unwrap();
+                assert_eq!(counted.is_some(), count);
+                assert!(counted.is_none_or(|n| n >= vmas.len()));
+                let ours: Vec<_> = vmas.iter().map(|v| (v.start, v.end, v.has_flag("lo"))).collect();
+                let kernel: Vec<_> = smaps.iter().map(|v| (v.start, v.end, v.has_flag("lo"))).collect();
+                assert_eq!(ours, kernel, "{what}, counted {count}");
+            }
+            smaps.iter().filter(|v| v.has_flag("lo")).count()
+        };
+        assert_eq!(agree("nothing locked"), 0);
+        if crate::sys::mlock(a + 2 * page, page).is_ok() {
+            assert_eq!(agree("one page locked"), 1);
         }
-        if crate::sys::mlock(a, len).is_ok() {
-            assert!(!nothing_locked());
-            let (vmas, _) = call_vmas(a, a + len, false).unwrap();
-            assert!(vmas.iter().any(|v| v.start <= a && a < v.end && v.has_flag("lo")), "{vmas:?}");
+        if crate::sys::mlock_onfault(a + 6 * page, 2 * page).is_ok() {
+            assert!(agree("the tail locked on fault") >= 1);
         }
         // SAFETY: the test's own mapping, used by nothing else.
         unsafe { crate::sys::munmap(a, len).unwrap() };
