@@ -128,6 +128,7 @@ pub fn vmas() -> Result<Vec<Vma>> {
 ///
 /// # Errors
 /// [`Error::Io`] when `/proc/self/maps` cannot be read.
+#[cfg(any(test, feature = "internals"))]
 pub fn vma_count() -> Result<usize> {
     let text = fs::read_to_string("/proc/self/maps").map_err(Error::io("/proc/self/maps"))?;
     Ok(text.lines().count())
@@ -170,7 +171,9 @@ pub fn call_vmas(start: usize, end: usize, count: bool) -> Result<(Vec<Vma>, Opt
     Ok((vmas, counted))
 }
 
-/// The mappings overlapping `[start, end)` with their `VmFlags`, from `/proc/self/smaps`.
+/// The mappings overlapping `[start, end)` with their `VmFlags`, from `/proc/self/smaps`
+/// (pagemig's tests and command: a migration asks [`call_vmas`]).
+#[cfg(any(test, feature = "internals"))]
 ///
 /// # Errors
 /// [`Error::Io`] when the file cannot be read.
