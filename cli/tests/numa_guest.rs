@@ -649,9 +649,11 @@ fn memory_moved_while_it_migrates_stays_on_its_node() {
             "{what}: of the {} pages the program moved, {migrated} migrated before and the others on node {a}; {on_b} of the rest on node {b}",
             moved.len()
         );
-        // SAFETY: the test's own mappings, no longer used.
+        // SAFETY: the test's own mappings, no longer used: `changes::mapping` keeps exactly
+        // `LEN` bytes, and the first MOVED of them the program moved away (another thread's
+        // mapping may lie there now).
         unsafe {
-            libc::munmap(base as *mut _, LEN + 2 * MIB);
+            libc::munmap((base + MOVED) as *mut _, LEN - MOVED);
             libc::munmap(spare2 as *mut _, MOVED);
             libc::munmap(reserved1 as *mut _, changes::SPARE);
             libc::munmap(reserved2 as *mut _, changes::SPARE);

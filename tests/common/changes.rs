@@ -42,7 +42,10 @@ pub fn mapping(len: usize, folio: usize, seed: u64) -> usize {
         )
     } as usize;
     assert_ne!(raw, libc::MAP_FAILED as usize);
-    let base = (raw + (2 << 20) - 1) & !((2 << 20) - 1);
+    // At least a page above `raw`: a hole lies right below `base`, so that the mapping is
+    // never taken for a thread stack (a mapping right above an inaccessible one, which
+    // pagemig leaves to the kernel) whatever the test binary mapped before.
+    let base = (raw + 1).next_multiple_of(2 << 20);
     // Exactly `[base, base + len)` stays mapped: callers unmap that, and nothing around it
     // is theirs to unmap.
     // SAFETY: the head and tail of our own fresh mapping, outside what we hand out.
