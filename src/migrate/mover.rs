@@ -248,7 +248,9 @@ pub(super) fn serve(
     abort: &Abort,
 ) -> Tally {
     let mut tally = Tally::default();
-    let bound = sys::set_mempolicy_bind(Some(target)).is_ok();
+    // Put back as the thread found it once every job ran.
+    let mut binding = sys::PolicyBinding::new();
+    binding.bind(target);
     for job in &rx {
         // A panic of pagemig's own here stops the call; the jobs still queued are undone
         // rather than lost, so nothing stays protected or claimed.
@@ -258,9 +260,7 @@ pub(super) fn serve(
             abort.raise("pagemig's mover thread", crate::offload::registry::panic_message(payload.as_ref()));
         }
     }
-    if bound {
-        let _ = sys::set_mempolicy_bind(None);
-    }
+    drop(binding);
     tally
 }
 
