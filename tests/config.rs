@@ -6,8 +6,7 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pagemig::Engine;
 use pagemig::attr::{self, Source};
@@ -27,26 +26,16 @@ fn settings_apply_once_when_the_engine_opens() {
     let file = dir.join("attrs");
     std::fs::write(&file, "# test\nmigrate/max_batch_pages = 1024\ndcbm/nr_dma_chan = 2\nmigrate/pipelined = maybe\n")
         .unwrap();
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["settings_apply_once_when_the_engine_opens", "--exact", "--nocapture"])
-        .env(CHILD, "1")
-        .env("PAGEMIG_CONFIG", &file)
-        .env("PAGEMIG_ATTRS", "dcbm/nr_dma_chan=3")
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            panic!("the fresh process hung");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    common::in_fresh_process(
+        "settings_apply_once_when_the_engine_opens",
+        &[
+            (CHILD, "1".as_ref()),
+            ("PAGEMIG_CONFIG", file.as_os_str()),
+            ("PAGEMIG_ATTRS", "dcbm/nr_dma_chan=3".as_ref()),
+        ],
+        Duration::from_secs(120),
+    );
     std::fs::remove_dir_all(&dir).unwrap();
-    assert!(status.success(), "the fresh process failed: {status}");
 }
 
 /// What the process started by the test checks.

@@ -9,8 +9,7 @@
 
 mod common;
 
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::node;
 use pagemig::workload::{self, WriteLog};
@@ -24,23 +23,7 @@ fn a_small_call_at_the_map_count_limit_leaves_what_it_cannot_move_untouched() {
     if std::env::var_os(CHILD).is_some() {
         return in_fresh_process();
     }
-    let mut child = Command::new(std::env::current_exe().unwrap())
-        .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD, "1")
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(240) {
-            let _ = child.kill();
-            panic!("the process at the map count limit hung");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(status.success(), "the process at the map count limit failed: {status}");
+    common::in_fresh_process(NAME, &[(CHILD, "1".as_ref())], Duration::from_secs(240));
 }
 
 /// Single pages mapped until the kernel refuses one more, alternately readable and not so

@@ -61,6 +61,29 @@ impl Drop for Watchdog {
     }
 }
 
+/// Runs the test `name` of this test binary again in a fresh process, with `env` set, and
+/// fails if it fails or has not ended within `limit` (then it is killed). The test tells
+/// the two runs apart by the environment.
+pub fn in_fresh_process(name: &str, env: &[(&str, &std::ffi::OsStr)], limit: Duration) {
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .envs(env.iter().copied())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            panic!("{name}: the fresh process hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{name}: the fresh process failed: {status}");
+}
+
 /// Runs `f` on a thread of its own and fails the test if it has not returned within
 /// `limit`: a hang (a writer asleep on a protection nobody lifts, a lock never released)
 /// fails instead of stalling the suite. A panic in `f` fails the test with its message.
