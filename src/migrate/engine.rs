@@ -214,19 +214,24 @@ impl Engine {
         // then only protect, and the program's mappings are not split batch by batch (an
         // `mremap` of a range inside one run still finds one mapping). A run that spans a
         // mapping that cannot be registered (another userfaultfd's, say) is registered
-        // folio by folio; a folio that cannot be, or whose mapping the program replaces
-        // later, fails in its batch: its protection is refused.
+        // folio by folio; a folio that cannot be fails here with the registration's errno
+        // (`EBUSY` for another userfaultfd's, `ENOMEM` where no mapping could be split off
+        // at `vm.max_map_count`), untouched, and one whose mapping the program replaces
+        // later fails in its batch: its protection is refused.
         // Under the claims lock: this is the only registration with the program's
         // userfaultfd, and the event reader maps its holdings under the lock (see
         // `events`): a holding registered here would raise an event the reader itself
         // must read when it is unmapped.
+        let mut unregistered: Vec<(usize, Errno)> = Vec::new();
         let call = {
             let mut claims = self.busy.lock();
             for &(s, e) in &runs {
                 if self.uffd.register_missing_wp(s, e - s).is_err() {
                     let first = items.partition_point(|it| it.folio.end() <= s);
-                    for it in items[first..].iter().take_while(|it| it.folio.addr() < e) {
-                        let _ = self.uffd.register_missing_wp(it.folio.addr(), it.folio.size());
+                    for (k, it) in items[first..].iter().enumerate().take_while(|(_, it)| it.folio.addr() < e) {
+                        if let Err(errno) = self.uffd.register_missing_wp(it.folio.addr(), it.folio.size()) {
+                            unregistered.push((first + k, errno));
+                        }
                     }
                 }
             }
@@ -234,8 +239,24 @@ impl Engine {
             claims.begin_call(runs.clone())
         };
         stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
-        let plan = pipeline::Plan::new(&settings, opts, reason, &items, free);
         let mut tally = Tally { stats, first_error: None };
+        let items = if unregistered.is_empty() {
+            items
+        } else {
+            let mut refused = vec![None; items.len()];
+            for (i, errno) in unregistered {
+                refused[i] = Some(errno);
+            }
+            let mut kept = Vec::with_capacity(items.len());
+            for (it, refused) in items.into_iter().zip(refused) {
+                match refused {
+                    Some(errno) => tally.failed(it.folio, Error::sys("userfaultfd register")(errno)),
+                    None => kept.push(it),
+                }
+            }
+            kept
+        };
+        let plan = pipeline::Plan::new(&settings, opts, reason, &items, free);
         let reporter = mover::Reporter::new(opts.progress.as_ref());
         let reporter = &reporter;
         let abort = abort::Abort::default();
@@ -271,7 +292,8 @@ impl Engine {
                 .then(|| crate::sys::thread::spawn_scoped(s, "pagemig-copier", move || copy_helper.serve()).ok())
                 .flatten();
             // The helper that populates the next huge-page destinations meanwhile.
-            let key = crate::pool::Key { node: target, thp: items[0].thp, empty: false };
+            let thp = items.first().map_or(ThpAdvice::Huge, |it| it.thp);
+            let key = crate::pool::Key { node: target, thp, empty: false };
             let helper = (plan.prepare_ahead > 0)
                 .then(|| {
                     crate::sys::thread::spawn_scoped(s, "pagemig-prepare", move || {
