@@ -165,6 +165,50 @@ pub fn headroom() -> bool {
     true
 }
 
+/// Mappings that must be free under `vm.max_map_count` before pagemig starts in a process
+/// (its engine, and the preload's worker): their threads' stacks and guards, their memory,
+/// malloc's arenas. Started with fewer, an allocation pagemig cannot make fallibly met the
+/// limit and ended the process (`preload/tests/map_limit.c`: 1 to 3 free aborted).
+pub const START_MAPPINGS: usize = 64;
+
+/// Whether `mappings` more mappings could still be made under `vm.max_map_count`, the limit
+/// being the kernel's to judge: one page of shared anonymous memory mapped, then mapped
+/// again at new addresses (`mremap` of 0 bytes, which duplicates a shared mapping) until
+/// there are that many, then all unmapped at once. Each is a mapping of its own that can
+/// merge with no other (none but these maps that memory, and all at one offset), so no
+/// unmapping ever needs a mapping split off, which the limit could refuse. About 1.5 µs a
+/// mapping here: for a one-time step such as starting pagemig in a process, not for every
+/// call.
+pub fn map_slack(mappings: usize) -> bool {
+    let mut made: Vec<*mut c_void> = Vec::new();
+    if mappings == 0 || made.try_reserve_exact(mappings).is_err() {
+        return mappings == 0;
+    }
+    // SAFETY: a fresh shared anonymous page at an address the kernel chooses, unmapped
+    // below before anything uses it.
+    let first = unsafe {
+        libc::mmap(std::ptr::null_mut(), 4096, libc::PROT_NONE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    if first == libc::MAP_FAILED {
+        return false;
+    }
+    made.push(first);
+    while made.len() < mappings {
+        // SAFETY: duplicates our own shared mapping at an address the kernel chooses.
+        let p = unsafe { libc::mremap(first, 0, 4096, libc::MREMAP_MAYMOVE) };
+        if p == libc::MAP_FAILED {
+            break;
+        }
+        made.push(p);
+    }
+    let enough = made.len() == mappings;
+    for p in made {
+        // SAFETY: a mapping made just above, used by nothing.
+        unsafe { libc::munmap(p, 4096) };
+    }
+    enough
+}
+
 /// Writes `values` to the calling process's memory at `ptr`, as the kernel's `copy_to_user`.
 ///
 /// # Errors
@@ -290,6 +334,11 @@ pub unsafe fn move_pages(
         return (kernel_from(0), Route::KernelPlain);
     }
     if !headroom() {
+        return (kernel_from(0), Route::KernelNoMemory);
+    }
+    // Opening the engine maps its threads' stacks and memory: not where the kernel would
+    // refuse them, and an allocation pagemig cannot make fallibly end the process.
+    if Engine::global_needs_opening() && !map_slack(START_MAPPINGS) {
         return (kernel_from(0), Route::KernelNoMemory);
     }
     let unmapped = if Engine::global_needs_opening() {

@@ -35,7 +35,8 @@ pub(crate) enum Whole {
     /// of it.
     PagemigFailed,
     /// A finite `RLIMIT_AS` or `RLIMIT_DATA` leaves pagemig too little room
-    /// ([`pagemig::ffi::headroom`]).
+    /// ([`pagemig::ffi::headroom`]), or `vm.max_map_count` too few mappings to start it
+    /// ([`crate::worker::room`]).
     NoMemory,
 }
 
@@ -62,7 +63,7 @@ impl Whole {
             Whole::NoUserfaultfd => "no userfaultfd",
             Whole::Unreadable => "process_vm_readv refused",
             Whole::PagemigFailed => "pagemig failed, kernel retried",
-            Whole::NoMemory => "address-space limit",
+            Whole::NoMemory => "address-space or mapping-count limit",
         }
     }
 }

@@ -49,10 +49,11 @@ pub unsafe extern "C" fn move_pages(
         if pid != 0 && pid != unsafe { libc::getpid() } {
             return whole(Whole::OtherProcess);
         }
-        // A call pagemig may serve needs room for pagemig's threads and batches first.
+        // A call pagemig may serve needs room for pagemig's threads and batches first; so
+        // does any call the worker takes (a query too), which may start it.
         let candidate = flags & !ffi::MPOL_MF_MOVE == 0 && count != 0 && !nodes.is_null();
-        if candidate && !ffi::headroom() {
-            return whole(Whole::NoMemory);
+        if !worker::room() {
+            return whole(if candidate { Whole::NoMemory } else { Whole::NotAMove });
         }
         worker::run(Call::MovePages { count, pages, nodes, status, flags })
             .unwrap_or_else(|| whole(Whole::PagemigFailed))
@@ -134,7 +135,7 @@ pub unsafe extern "C" fn mbind(
         if flags & mbind::MPOL_MF_MOVE == 0 {
             return whole(Whole::NotAMove);
         }
-        if !ffi::headroom() {
+        if !worker::room() {
             return whole(Whole::NoMemory);
         }
         // 1. The kernel checks the arguments and sets the policy, moving nothing (see
@@ -186,7 +187,7 @@ pub unsafe extern "C" fn migrate_pages(
         if pid != 0 && pid != unsafe { libc::getpid() } {
             return whole(Whole::OtherProcess);
         }
-        if !ffi::headroom() {
+        if !worker::room() {
             return whole(Whole::NoMemory);
         }
         // 1. The kernel checks the arguments, moving nothing, here on the calling thread

@@ -132,6 +132,14 @@ fn futex_wake_all(word: &AtomicU32) {
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, i32::MAX) };
 }
 
+/// Whether pagemig may serve a call now: room under the address-space limits
+/// ([`ffi::headroom`]) and, while this process's worker is not started yet, under
+/// `vm.max_map_count` ([`ffi::START_MAPPINGS`], [`ffi::map_slack`]; probed only then: a
+/// running engine's small calls make no mapping they cannot do without).
+pub(crate) fn room() -> bool {
+    ffi::headroom() && (WORKER_PID.load(Ordering::Acquire) == pid() || ffi::map_slack(ffi::START_MAPPINGS))
+}
+
 fn pid() -> u32 {
     // SAFETY: getpid has no preconditions.
     unsafe { libc::getpid() as u32 }

@@ -2,7 +2,8 @@
 //! `move_pages` and `mbind` called from a signal handler while the program is inside
 //! `malloc` (`signal_calls.c`), huge counts and a tight `RLIMIT_AS` (`capi/tests/limits.c`,
 //! built for libnuma's `move_pages`), a first call about memory the program has just
-//! unmapped (`freed_first.c`), `migrate_pages` of the whole process while its threads
+//! unmapped (`freed_first.c`), first calls with nearly every mapping `vm.max_map_count`
+//! allows taken (`map_limit.c`), `migrate_pages` of the whole process while its threads
 //! store and check (`migrate_self.c`: on one node only its refusals and the kernel's path
 //! run here; the two-node guest moves the pages, `vm/proofs/dropin`). Each answer is compared with the raw system call's by
 //! the program itself; here, the program must exit 0 within its watchdog and write nothing
@@ -92,6 +93,21 @@ fn huge_counts_and_a_tight_address_space_limit_get_the_kernels_answers() {
     print!("{stdout}");
     assert_eq!(code, Some(0), "limits failed:\n{stdout}\n{stderr}");
     assert_eq!(stderr, "", "limits wrote to its standard error");
+}
+
+/// The first calls of a process that holds every mapping `vm.max_map_count` allows but a
+/// few (`map_limit.c`): with fewer free than pagemig needs to start, 1 to 16 of them, the
+/// process aborted (an allocation of pagemig's or glibc's met the limit) before pagemig
+/// probed for room when it starts.
+#[test]
+fn first_calls_at_the_map_count_limit_get_the_kernels_answers() {
+    let program = compile("tests/map_limit.c", "map_limit", &[]);
+    for headroom in ["0", "2", "8", "16", "63", "64", "100"] {
+        let (code, stdout, stderr) = run_preloaded(&program, &[headroom]);
+        print!("{stdout}");
+        assert_eq!(code, Some(0), "map_limit {headroom} failed:\n{stdout}\n{stderr}");
+        assert_eq!(stderr, "", "map_limit {headroom} wrote to its standard error");
+    }
 }
 
 #[test]

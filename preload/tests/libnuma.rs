@@ -125,7 +125,7 @@ const WHOLE: [&str; 9] = [
     "no userfaultfd",
     "process_vm_readv refused",
     "pagemig failed, kernel retried",
-    "address-space limit",
+    "address-space or mapping-count limit",
 ];
 
 fn whole(summary: &BTreeMap<String, String>, why: &str) -> u64 {
