@@ -95,13 +95,14 @@ fn moved_twice(delay: Duration, hold: Duration, holdings: bool) -> (usize, std::
         Err(e) => Err(e.to_string()),
     };
     // SAFETY: the test's own mappings, no longer used; not the first MOVED bytes at `base`,
-    // which the program moved away (another test's mapping may lie there now).
+    // nor the hole at `spare1` they left on their way, which the program moved away
+    // (another test's mapping may lie there now).
     unsafe {
         libc::munmap((base + MOVED) as *mut _, LEN - MOVED);
         libc::munmap(spare2 as *mut _, MOVED);
-        libc::munmap(reserved1 as *mut _, changes::SPARE);
         libc::munmap(reserved2 as *mut _, changes::SPARE);
     }
+    changes::release_reservation_around(reserved1, spare1, MOVED);
     (wrong, outcome)
 }
 

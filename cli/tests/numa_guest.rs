@@ -664,9 +664,10 @@ fn memory_moved_while_it_migrates_stays_on_its_node() {
         unsafe {
             libc::munmap((base + MOVED) as *mut _, LEN - MOVED);
             libc::munmap(spare2 as *mut _, MOVED);
-            libc::munmap(reserved1 as *mut _, changes::SPARE);
             libc::munmap(reserved2 as *mut _, changes::SPARE);
         }
+        // Not the hole the moved part left at `spare1` on its way.
+        changes::release_reservation_around(reserved1, spare1, MOVED);
     }
     // The program's move met isolated pages in each mode at least once (pages the call
     // had not migrated yet, put home by the event reader).

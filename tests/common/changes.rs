@@ -79,6 +79,18 @@ pub fn spare() -> (usize, usize) {
     (reserved, (reserved + (2 << 20) - 1) & !((2 << 20) - 1))
 }
 
+/// Unmaps the reservation at `reserved` ([`spare`]) but `[hole, hole + len)`, where memory
+/// moved into it was moved away again: another thread's mapping (a buffer malloc mapped, a
+/// thread's stack) may lie in that hole now.
+pub fn release_reservation_around(reserved: usize, hole: usize, len: usize) {
+    // SAFETY: the reservation's parts on either side of the hole are the test's own, and
+    // nothing uses them any more.
+    unsafe {
+        libc::munmap(reserved as *mut _, hole - reserved);
+        libc::munmap((hole + len) as *mut _, reserved + SPARE - (hole + len));
+    }
+}
+
 pub fn word(addr: usize) -> u64 {
     // SAFETY: callers read only addresses of the test's own live mappings.
     unsafe { std::ptr::read_volatile(addr as *const u64) }
