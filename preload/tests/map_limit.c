@@ -9,10 +9,16 @@
  *
  *   map_limit HEADROOM [NODE]     (default node 0)
  *
- * Build: cc -Wall -Wextra -Werror map_limit.c -lnuma -o map_limit */
+ * Build: cc -Wall -Wextra -Werror map_limit.c -lnuma -o map_limit
+ * With -DVIA_CAPI (and pagemig.h, -lpagemig), the second way is the C entry,
+ * pagemig_move_pages, instead of libnuma's move_pages, and mbind is left out (the C entry
+ * has none): its first call opens the engine on the calling thread. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <numaif.h>
+#ifdef VIA_CAPI
+#include <pagemig.h>
+#endif
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -87,7 +93,11 @@ int main(int argc, char **argv) {
         long k = syscall(SYS_move_pages, 0, PAGES, pages, to, want, MPOL_MF_MOVE);
         int kerr = errno;
         errno = 0;
+#ifdef VIA_CAPI
+        long p = pagemig_move_pages(PAGES, pages, to, got, MPOL_MF_MOVE);
+#else
         long p = move_pages(0, PAGES, pages, to, got, MPOL_MF_MOVE);
+#endif
         int perr = errno;
         if (k != p || (k < 0 && kerr != perr) || memcmp(want, got, sizeof want) != 0) {
             printf("move_pages %s: kernel %ld (errno %d), preloaded %ld (errno %d), status[0] %d/%d\n",
@@ -95,6 +105,7 @@ int main(int argc, char **argv) {
             failures++;
         }
     }
+#ifndef VIA_CAPI
     /* mbind with MPOL_MF_MOVE, bound to the node, then the default policy again. */
     unsigned long mask = 1UL << node;
     errno = 0;
@@ -108,6 +119,7 @@ int main(int argc, char **argv) {
         printf("mbind: kernel %ld (errno %d), preloaded %ld (errno %d)\n", k, kerr, p, perr);
         failures++;
     }
+#endif
     for (long i = 0; i < PAGES * page; i++) {
         if (region[i] != (unsigned char)(i * 7 + 3)) {
             printf("byte %ld changed\n", i);
