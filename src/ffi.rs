@@ -336,12 +336,13 @@ pub unsafe fn move_pages(
     if !headroom() {
         return (kernel_from(0), Route::KernelNoMemory);
     }
+    let opening = Engine::global_needs_opening();
     // Opening the engine maps its threads' stacks and memory: not where the kernel would
     // refuse them, and an allocation pagemig cannot make fallibly end the process.
-    if Engine::global_needs_opening() && !map_slack(START_MAPPINGS) {
+    if opening && !map_slack(START_MAPPINGS) {
         return (kernel_from(0), Route::KernelNoMemory);
     }
-    let unmapped = if Engine::global_needs_opening() {
+    let unmapped = if opening {
         match unmapped_before(count, pages) {
             Ok(unmapped) => Some(unmapped),
             Err(_) => return (kernel_from(0), Route::KernelNoMemory),

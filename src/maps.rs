@@ -155,9 +155,9 @@ pub fn vma_count() -> Result<usize> {
 /// [`Error::Io`] when `/proc/self/maps` cannot be read; [`Error::Sys`] when a lookup fails.
 pub fn call_vmas(start: usize, end: usize, count: bool) -> Result<(Vec<Vma>, Option<usize>)> {
     let (mut vmas, counted) = if count {
-        let text = fs::read_to_string("/proc/self/maps").map_err(Error::io("/proc/self/maps"))?;
-        let vmas = text.lines().filter_map(parse_line).filter(|v| v.end > start && v.start < end).collect();
-        (vmas, Some(text.lines().count()))
+        let all = vmas()?;
+        let n = all.len();
+        (all.into_iter().filter(|v| v.end > start && v.start < end).collect(), Some(n))
     } else {
         (Lookup::open()?.range(start, end)?, None)
     };

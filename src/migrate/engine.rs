@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::busy::Busy;
-use super::checks::{destination_advice, items_size_at, prepare_call};
+use super::checks::{items_size_at, prepare_call};
 use super::options::DEFAULT_REAPER_BACKLOG;
 use super::outcome::Tally;
 use super::settings::{Settings, SettingsCell};
@@ -15,7 +15,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::folio::Folio;
 use crate::pool::{Key, Pool, ThpAdvice};
-use crate::sys::{Errno, HPAGE_SIZE, PAGE_SIZE, uffd::Uffd};
+use crate::sys::{Errno, uffd::Uffd};
 
 /// The migration engine: a userfaultfd, the destination pool and the set of folios in
 /// flight. One per process is enough ([`Engine::global`]); several may coexist as long as
@@ -164,7 +164,7 @@ impl Engine {
     /// the thread cannot be started.
     pub fn reserve(&self, node: u32, bytes: usize, thp: ThpAdvice) -> Result<()> {
         crate::numa::check_node(node)?;
-        let thp = destination_advice(if thp == ThpAdvice::Huge { HPAGE_SIZE } else { PAGE_SIZE });
+        let thp = if thp == ThpAdvice::Huge { ThpAdvice::Huge } else { ThpAdvice::NoHuge };
         self.pool.reserve(Key { node, thp, empty: false }, bytes)
     }
 

@@ -117,11 +117,10 @@ impl Plan {
         // The pre-copy moves each piece here, right after its comparison: queued behind the
         // mover's earlier moves, the program's threads waited for those too (512 KiB pieces
         // of base pages, one writer: p99 937 µs against 139 µs).
-        let threaded = settings.mover
-            && bytes > sys::HPAGE_SIZE
-            && !items.first().is_some_and(|it| it.folio.is_pmd())
-            && !offload
-            && !precopy;
+        // More than one huge page's worth: more than one piece, something to overlap.
+        let several_pieces = bytes > sys::HPAGE_SIZE;
+        let base_pages = !items.first().is_some_and(|it| it.folio.is_pmd());
+        let threaded = settings.mover && several_pieces && base_pages && !offload && !precopy;
         Self {
             offload,
             threaded,
@@ -129,7 +128,7 @@ impl Plan {
             // left to overlap with, and the hand-off to the reaper and the wait for it cost
             // two wake-ups (64 KiB of base pages: 196 against 306 µs a call, 2-core AMD EPYC
             // VM, `examples/small_calls`).
-            deferred: settings.deferred_free && bytes > sys::HPAGE_SIZE,
+            deferred: settings.deferred_free && several_pieces,
             batch_copy,
             pipelined,
             lazy,
@@ -155,8 +154,8 @@ impl Plan {
                 && lazy
                 && !offload
                 && !precopy
-                && bytes > sys::HPAGE_SIZE
-                && !items.first().is_some_and(|it| it.folio.is_pmd())
+                && several_pieces
+                && base_pages
                 && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
         }
     }
