@@ -352,7 +352,14 @@ mod tests {
     fn call_vmas_know_locked_mappings() {
         let page = crate::sys::PAGE_SIZE;
         let len = 8 * page;
-        let a = crate::sys::mmap_anon(len).unwrap();
+        // Between two inaccessible pages: no mapping another test makes meanwhile merges
+        // with it (one that did moved its bounds between the two reads).
+        let base = crate::sys::mmap_anon(len + 2 * page).unwrap();
+        let a = base + page;
+        for guard in [base, a + len] {
+            // SAFETY: a page of the test's own mapping, used by nothing.
+            assert_eq!(unsafe { libc::mprotect(guard as *mut libc::c_void, page, libc::PROT_NONE) }, 0);
+        }
         let agree = |what: &str| {
             let smaps = vmas_with_flags(a, a + len).unwrap();
             for count in [true, false] {
@@ -373,7 +380,7 @@ mod tests {
             assert!(agree("the tail locked on fault") >= 1);
         }
         // SAFETY: the test's own mapping, used by nothing else.
-        unsafe { crate::sys::munmap(a, len).unwrap() };
+        unsafe { crate::sys::munmap(base, len + 2 * page).unwrap() };
     }
 
     #[test]
