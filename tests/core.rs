@@ -809,3 +809,40 @@ fn huge_pages_with_their_destinations_prepared_ahead() {
         }
     }
 }
+
+/// On one thread (no mover, no helper, old pages freed on the reaper), the unmap, copy and
+/// move phases run one after another inside the critical path: their times add up to no
+/// more than it. (The isolation was once counted twice in `unmap_ns`.)
+#[test]
+fn phase_times_add_up_within_the_critical_path() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "phase_times_add_up_within_the_critical_path");
+    for (folio, batch) in [(4096, 512), (4096, 16384), (2 << 20, 512)] {
+        let what = format!("folio {folio}, batch {batch}");
+        let region = Region::new(64 << 20, folio, Some(node())).unwrap();
+        workload::fill(&region, 13);
+        let opts = MigrateOptions::default()
+            .max_batch_pages(batch)
+            .mover(false)
+            .copy_helper(false)
+            .precopy(false)
+            .prepare_ahead_mib(0)
+            .deferred_free(true);
+        let stats = Engine::global()
+            .unwrap()
+            .migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+            .unwrap();
+        assert!(workload::verify(&region, 13, &WriteLog::default()).ok(), "{what}");
+        assert_eq!(stats.succeeded_folios as usize, (64 << 20) / folio, "{what}");
+        let phases = stats.unmap_ns + stats.copy_ns + stats.move_ns;
+        assert!(stats.unmap_ns > 0 && stats.copy_ns > 0 && stats.move_ns > 0, "{what}: {stats:?}");
+        assert!(
+            phases <= stats.critical_ns,
+            "{what}: unmap {} + copy {} + move {} = {phases} ns, more than the critical path's {} ns",
+            stats.unmap_ns,
+            stats.copy_ns,
+            stats.move_ns,
+            stats.critical_ns
+        );
+        assert!(stats.critical_ns + stats.prepare_ns <= stats.total_ns, "{what}: {stats:?}");
+    }
+}

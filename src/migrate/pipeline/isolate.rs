@@ -85,7 +85,6 @@ impl<'a> Call<'a> {
     /// as it was, unprotected, and fails with the reason.
     fn isolate(&mut self, st: &mut BatchState, items: Range<usize>) {
         let engine = self.engine;
-        let t = Instant::now();
         let (start, end) = (st.slots[items.start].item.folio.addr(), st.slots[items.end - 1].item.folio.end());
         // Counted empty before the lock: a fork waiting for empty pages to fill needs it.
         // What is isolated takes its part of the count into the claims; what goes back
@@ -201,7 +200,6 @@ impl<'a> Call<'a> {
             st.slots[i].info.remove(MigrateInfo::WAS_MAPPED);
             st.slots[i].refused = Some((op, errno));
         }
-        self.tally.stats.unmap_ns += t.elapsed().as_nanos() as u64;
     }
 }
 
