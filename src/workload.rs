@@ -53,6 +53,13 @@ pub const STALL_NS: u64 = 10_000;
 /// which it was only preempted (another thread took its CPU, the machine's load rather than
 /// the migration) are counted apart. Max, 99.9th and 99th percentile are of the stores
 /// that waited on memory.
+///
+/// A store that waited on memory may also have waited for a CPU once woken: on a machine
+/// with fewer CPUs than busy threads the wake-up can take milliseconds. The `memory_*`
+/// figures are of the same stores less that wait (the thread's `run_delay`, read with its
+/// context switches): what the migration itself made them wait. Where it cannot be told
+/// (the thread was also preempted since the last read, or the kernel keeps no `run_delay`)
+/// a store counts whole there too.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize))]
 pub struct Stalls {
@@ -72,29 +79,53 @@ pub struct Stalls {
     pub preempted: u64,
     /// The longest of those, nanoseconds.
     pub preempted_max_ns: u64,
+    /// The longest store that waited on memory, less the time its thread then waited for a
+    /// CPU, nanoseconds.
+    pub memory_max_ns: u64,
+    /// The 99.9th percentile of the stores that waited on memory, each less the time its
+    /// thread then waited for a CPU, nanoseconds.
+    pub memory_p999_ns: u64,
+    /// The 99th percentile of those, nanoseconds.
+    pub memory_p99_ns: u64,
+}
+
+/// The `q` quantile of `sorted` (nearest rank), 0 when it is empty.
+fn quantile(sorted: &[u64], q: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((q * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    sorted[rank - 1]
 }
 
 impl Stalls {
     /// The figures of `stores` stores, of which those in `waited` (nanoseconds each) took
     /// longer than [`STALL_NS`] waiting on memory and those in `preempted` took that long
     /// because the writer was preempted.
-    pub fn of(stores: u64, mut waited: Vec<u64>, preempted: &[u64]) -> Self {
-        waited.sort_unstable();
-        let at = |q: f64| -> u64 {
-            if waited.is_empty() {
-                return 0;
-            }
-            let rank = ((q * waited.len() as f64).ceil() as usize).clamp(1, waited.len());
-            waited[rank - 1]
-        };
+    /// Each store that waited counts whole in the `memory_*` figures too: see
+    /// [`Stalls::split`].
+    pub fn of(stores: u64, waited: Vec<u64>, preempted: &[u64]) -> Self {
+        Self::split(stores, waited.iter().map(|&ns| (ns, 0)).collect(), preempted)
+    }
+
+    /// [`Stalls::of`], each store that waited given as (how long it took, how long of that
+    /// its thread waited for a CPU), both nanoseconds.
+    pub fn split(stores: u64, waited: Vec<(u64, u64)>, preempted: &[u64]) -> Self {
+        let mut whole: Vec<u64> = waited.iter().map(|&(ns, _)| ns).collect();
+        let mut memory: Vec<u64> = waited.iter().map(|&(ns, cpu)| ns.saturating_sub(cpu)).collect();
+        whole.sort_unstable();
+        memory.sort_unstable();
         Stalls {
             stores,
-            waited: waited.len() as u64,
-            max_ns: waited.last().copied().unwrap_or(0),
-            p999_ns: at(0.999),
-            p99_ns: at(0.99),
+            waited: whole.len() as u64,
+            max_ns: quantile(&whole, 1.0),
+            p999_ns: quantile(&whole, 0.999),
+            p99_ns: quantile(&whole, 0.99),
             preempted: preempted.len() as u64,
             preempted_max_ns: preempted.iter().copied().max().unwrap_or(0),
+            memory_max_ns: quantile(&memory, 1.0),
+            memory_p999_ns: quantile(&memory, 0.999),
+            memory_p99_ns: quantile(&memory, 0.99),
         }
     }
 
@@ -109,6 +140,9 @@ impl Stalls {
             p99_ns: a.p99_ns.max(s.p99_ns),
             preempted: a.preempted + s.preempted,
             preempted_max_ns: a.preempted_max_ns.max(s.preempted_max_ns),
+            memory_max_ns: a.memory_max_ns.max(s.memory_max_ns),
+            memory_p999_ns: a.memory_p999_ns.max(s.memory_p999_ns),
+            memory_p99_ns: a.memory_p99_ns.max(s.memory_p99_ns),
         })
     }
 }
@@ -169,9 +203,13 @@ fn run_writers<const TIMED: bool, R: Send>(
                     let mut last = vec![0u64; mine.len()];
                     let mut written = vec![false; mine.len()];
                     let mut seq = 0u64;
-                    let mut waited: Vec<u64> = Vec::new();
+                    // Each store that waited on memory: how long, and how long of that
+                    // its thread waited for a CPU.
+                    let mut waited: Vec<(u64, u64)> = Vec::new();
                     let mut preempted: Vec<u64> = Vec::new();
                     let mut switches = if TIMED { crate::sys::context_switches() } else { (0, 0) };
+                    let run_delay = if TIMED { crate::sys::RunDelay::open() } else { None };
+                    let mut delayed = run_delay.as_ref().and_then(crate::sys::RunDelay::read);
                     let tag = ((w as u64) + 1) << 48;
                     'outer: while !mine.is_empty() {
                         for (j, &word) in mine.iter().enumerate() {
@@ -188,10 +226,21 @@ fn run_writers<const TIMED: bool, R: Send>(
                                     let now = crate::sys::context_switches();
                                     let (slept, lost_cpu) = (now.0 > switches.0, now.1 > switches.1);
                                     switches = now;
-                                    // The first 16 Mi of each kind are kept (128 MiB at most).
-                                    let kind = if lost_cpu && !slept { &mut preempted } else { &mut waited };
-                                    if ns > STALL_NS && kind.len() < 1 << 24 {
-                                        kind.push(ns);
+                                    let was = delayed;
+                                    delayed = run_delay.as_ref().and_then(crate::sys::RunDelay::read);
+                                    // Not preempted since the last read: the thread waited
+                                    // runnable only after its wake-ups, this store's.
+                                    let cpu = match (was, delayed) {
+                                        (Some(was), Some(now)) if !lost_cpu => now.saturating_sub(was),
+                                        _ => 0,
+                                    };
+                                    // The first 16 Mi of each kind are kept (256 MiB at most).
+                                    if ns > STALL_NS && lost_cpu && !slept {
+                                        if preempted.len() < 1 << 24 {
+                                            preempted.push(ns);
+                                        }
+                                    } else if ns > STALL_NS && waited.len() < 1 << 24 {
+                                        waited.push((ns, cpu));
                                     }
                                 }
                             } else {
@@ -206,7 +255,7 @@ fn run_writers<const TIMED: bool, R: Send>(
                     }
                     let log: Vec<(usize, u64)> =
                         mine.iter().zip(&last).zip(&written).filter(|(_, w)| **w).map(|((&i, &v), _)| (i, v)).collect();
-                    let stalls = if TIMED { vec![Stalls::of(seq, waited, &preempted)] } else { Vec::new() };
+                    let stalls = if TIMED { vec![Stalls::split(seq, waited, &preempted)] } else { Vec::new() };
                     WriteLog { writes: seq, last: log, stalls }
                 })
             })
@@ -268,11 +317,29 @@ mod tests {
             let s = Stalls::of(1_000_000, waited, &[20_000, 900_000_000]);
             assert_eq!((s.waited, s.max_ns, s.p999_ns, s.p99_ns), (1000, 100_000_000, 99_900_000, 99_000_000));
             assert_eq!((s.preempted, s.preempted_max_ns), (2, 900_000_000));
+            // Without CPU waits, the memory figures are the whole ones.
+            assert_eq!((s.memory_max_ns, s.memory_p999_ns, s.memory_p99_ns), (s.max_ns, s.p999_ns, s.p99_ns));
             let w = Stalls::worst(&[s.clone(), Stalls::of(10, vec![200_000_000], &[])]);
             assert_eq!(
-                (w.stores, w.waited, w.max_ns, w.p999_ns, w.preempted),
-                (1_000_010, 1001, 200_000_000, 200_000_000, 2)
+                (w.stores, w.waited, w.max_ns, w.p999_ns, w.preempted, w.memory_max_ns),
+                (1_000_010, 1001, 200_000_000, 200_000_000, 2, 200_000_000)
             );
+        });
+    }
+
+    /// The memory figures take each store's CPU wait off that store, then rank: the store
+    /// that took longest may not have waited longest on memory.
+    #[test]
+    fn memory_figures_leave_out_the_cpu_waits() {
+        watchdog(60, || {
+            // 1000 stores of 1..1000 µs; the three longest waited 990 µs of it for a CPU.
+            let waited: Vec<(u64, u64)> =
+                (1..=1000u64).map(|i| (i * 1000, if i > 997 { 990_000 } else { 0 })).collect();
+            let s = Stalls::split(2000, waited, &[]);
+            assert_eq!((s.waited, s.max_ns, s.p999_ns, s.p99_ns), (1000, 1_000_000, 999_000, 990_000));
+            assert_eq!((s.memory_max_ns, s.memory_p999_ns, s.memory_p99_ns), (997_000, 996_000, 987_000));
+            let w = Stalls::worst(&[s, Stalls::split(5, vec![(2_000_000, 1_500_000)], &[])]);
+            assert_eq!((w.max_ns, w.memory_max_ns), (2_000_000, 997_000));
         });
     }
 

@@ -331,7 +331,8 @@ pub fn run(args: Args, matches: &clap::ArgMatches) -> anyhow::Result<ExitCode> {
 }
 
 /// Each writer's stalls, one line each: how many of its stores waited on memory over 10 µs,
-/// the longest, the 99.9th and 99th percentile of those, and how many were only preempted.
+/// the longest, the 99.9th and 99th percentile of those, the same less the time the writer
+/// then waited for a CPU, and how many were only preempted.
 fn stalls(per_writer: &[pagemig::workload::Stalls]) -> String {
     if per_writer.is_empty() {
         return "- (no writers)".into();
@@ -343,12 +344,16 @@ fn stalls(per_writer: &[pagemig::workload::Stalls]) -> String {
 fn stall_line(s: &pagemig::workload::Stalls) -> String {
     let us = |ns: u64| format!("{:.0} µs", ns as f64 / 1e3);
     format!(
-        "{} of {} stores waited on memory; max {}, p99.9 {}, p99 {}; {} preempted (max {})",
+        "{} of {} stores waited on memory; max {}, p99.9 {}, p99 {}; less their waits for a CPU once woken: \
+         max {}, p99.9 {}, p99 {}; {} preempted (max {})",
         s.waited,
         s.stores,
         us(s.max_ns),
         us(s.p999_ns),
         us(s.p99_ns),
+        us(s.memory_max_ns),
+        us(s.memory_p999_ns),
+        us(s.memory_p99_ns),
         s.preempted,
         us(s.preempted_max_ns)
     )

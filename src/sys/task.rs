@@ -93,3 +93,73 @@ pub fn context_switches() -> (u64, u64) {
     };
     (usage.ru_nvcsw as u64, usage.ru_nivcsw as u64)
 }
+
+/// How long the calling thread has waited runnable for a CPU, in all, read from its
+/// `/proc/thread-self/schedstat` (the second figure: `run_delay`, nanoseconds): after each
+/// wake-up and each preemption until it ran again. Opened by the thread it describes; `None`
+/// where the kernel keeps no such figure (no `CONFIG_SCHED_INFO`) or `/proc` is not mounted.
+#[cfg(any(test, feature = "internals"))]
+#[derive(Debug)]
+pub struct RunDelay(std::fs::File);
+
+#[cfg(any(test, feature = "internals"))]
+impl RunDelay {
+    /// The calling thread's figure.
+    pub fn open() -> Option<Self> {
+        let me = Self(std::fs::File::open("/proc/thread-self/schedstat").ok()?);
+        me.read().map(|_| me)
+    }
+
+    /// The figure now, nanoseconds; `None` if it could not be read.
+    pub fn read(&self) -> Option<u64> {
+        use std::os::unix::fs::FileExt;
+        let mut buf = [0u8; 96];
+        let n = self.0.read_at(&mut buf, 0).ok()?;
+        std::str::from_utf8(&buf[..n]).ok()?.split_whitespace().nth(1)?.parse().ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::watchdog;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// A thread that spins for 300 ms on a CPU another thread spins on too waits about half
+    /// of that for the CPU: its figure grows by at least a quarter of it.
+    #[test]
+    fn run_delay_counts_the_time_spent_waiting_for_a_cpu() {
+        watchdog(60, || {
+            let cpu = *allowed_cpus().first().expect("this thread may run on some CPU");
+            let spin = |d: Duration| {
+                let t = Instant::now();
+                while t.elapsed() < d {
+                    std::hint::spin_loop();
+                }
+            };
+            let stop = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+                let measured = s.spawn(move || {
+                    pin_to_cpu(cpu).unwrap();
+                    let delay = RunDelay::open().expect("/proc/thread-self/schedstat (CONFIG_SCHED_INFO)");
+                    let before = delay.read().unwrap();
+                    ready_tx.send(()).unwrap();
+                    spin(Duration::from_millis(300));
+                    delay.read().unwrap() - before
+                });
+                ready_rx.recv().unwrap();
+                s.spawn(|| {
+                    pin_to_cpu(cpu).unwrap();
+                    while !stop.load(Ordering::Relaxed) {
+                        std::hint::spin_loop();
+                    }
+                });
+                let waited = measured.join().unwrap();
+                stop.store(true, Ordering::Relaxed);
+                assert!(waited >= 75_000_000, "waited {waited} ns for the CPU while sharing it for 300 ms");
+            });
+        });
+    }
+}

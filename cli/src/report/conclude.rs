@@ -307,12 +307,14 @@ fn stalls(t: &Throughput) -> Option<String> {
     let (&(least_m, least_f, least), &(most_m, most_f, most)) = (all.first()?, all.last()?);
     let us = |ns: u64| micros(ns as f64 / 1e3);
     Some(format!(
-        "Writers waited longest under {most_m} at {} (a store waited up to {}, p99 {}) and least under {least_m} at \
-         {} (up to {}): a store that touches a migrating page waits until its piece has moved \
+        "Writers waited longest under {most_m} at {} (a store waited up to {}, p99 {}; less its wait for a CPU once \
+         woken, up to {}) and least under {least_m} at {} (up to {}): a store that touches a migrating page waits \
+         until its piece has moved \
          (migrate/piece_budget_us bounds a piece by time, for a part of the throughput).",
         short_size(most_f),
         us(most.max_ns),
         us(most.p99_ns),
+        us(most.memory_max_ns),
         short_size(least_f),
         us(least.max_ns),
     ))
@@ -609,15 +611,16 @@ mod tests {
         for (r, row) in t.rows.iter_mut().enumerate() {
             for (i, cell) in row.cells.iter_mut().enumerate() {
                 let worst = 100_000 * (r as u64 + 1) * (i as u64 + 1);
-                cell.writer_stalls = Some(Stalls::of(1000, vec![20_000, worst], &[]));
+                // The worst store waited 40 µs of it for a CPU once woken.
+                cell.writer_stalls = Some(Stalls::split(1000, vec![(20_000, 0), (worst, 40_000)], &[]));
             }
         }
         let c = throughput(&t);
         // The memcpy yardstick (row 3) is no migration; dcbm (row 2) at 64K waits longest.
         assert!(
             c.last().unwrap().starts_with(
-                "Writers waited longest under dcbm 4 ch at 64K (a store waited up to 600 µs, p99 600 µs) and least \
-                 under cpu at 4K (up to 100 µs)"
+                "Writers waited longest under dcbm 4 ch at 64K (a store waited up to 600 µs, p99 600 µs; less its wait \
+                 for a CPU once woken, up to 560 µs) and least under cpu at 4K (up to 100 µs)"
             ),
             "{c:?}"
         );

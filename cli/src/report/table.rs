@@ -284,7 +284,8 @@ fn throughput_table(t: &Throughput, end_to_end: bool, report: &BenchReport) -> T
 }
 
 /// A cell of writer stalls: the longest / 99.9th / 99th percentile store that waited on
-/// memory, µs, and how many of the stores did.
+/// memory, µs, how many of the stores did, and the same three figures less the time each
+/// of those stores then waited for a CPU.
 fn stall_cell(cell: &Cell) -> TableCell {
     if !cell.ok {
         return failed_cell(cell);
@@ -292,12 +293,15 @@ fn stall_cell(cell: &Cell) -> TableCell {
     match &cell.writer_stalls {
         None => TableCell::new("-"),
         Some(s) => TableCell::new(format!(
-            "{} / {} / {} ({} of {})",
+            "{} / {} / {} ({} of {}); less CPU waits {} / {} / {}",
             micros(s.max_ns as f64 / 1e3),
             micros(s.p999_ns as f64 / 1e3),
             micros(s.p99_ns as f64 / 1e3),
             s.waited,
-            s.stores
+            s.stores,
+            micros(s.memory_max_ns as f64 / 1e3),
+            micros(s.memory_p999_ns as f64 / 1e3),
+            micros(s.memory_p99_ns as f64 / 1e3),
         )),
     }
 }
@@ -305,7 +309,7 @@ fn stall_cell(cell: &Cell) -> TableCell {
 /// What the stall figures mean, for the notes of a table that shows them.
 fn stall_note(writers: usize) -> String {
     format!(
-        "Writer stall: {writers} writer thread(s) store into every page of the region in a loop while it migrates;          a store that took over 10 µs waiting on memory (the migration's protection or isolation) stalled. Shown:          the longest / 99.9th / 99th percentile of those, µs, and how many of all stores stalled, the worst of each          figure over the writers and repetitions. Stores during which a writer was only preempted (its CPU taken          by another thread) are left out and counted in report.json (preempted)."
+        "Writer stall: {writers} writer thread(s) store into every page of the region in a loop while it migrates;          a store that took over 10 µs waiting on memory (the migration's protection or isolation) stalled. Shown:          the longest / 99.9th / 99th percentile of those, µs, and how many of all stores stalled, the worst of each          figure over the writers and repetitions; then the same three figures with each store's wait for a CPU          once woken taken off (its thread's run_delay: on a machine with fewer CPUs than busy threads, the wake-up          can take milliseconds). Stores during which a writer was only preempted (its CPU taken by another thread)          are left out and counted in report.json (preempted)."
     )
 }
 
@@ -623,8 +627,11 @@ mod tests {
             let mut ms = cell.measurements.clone();
             for (rep, m) in ms.iter_mut().enumerate() {
                 let worst = 100_000 * (k as u64 + 1) * (rep as u64 + 1);
-                m.writer_stalls =
-                    vec![Stalls::of(1000, vec![20_000, worst], &[5_000_000]), Stalls::of(500, vec![30_000], &[])];
+                // The worst store waited 50 µs of it for a CPU.
+                m.writer_stalls = vec![
+                    Stalls::split(1000, vec![(20_000, 0), (worst, 50_000)], &[5_000_000]),
+                    Stalls::of(500, vec![30_000], &[]),
+                ];
             }
             *cell = Cell::of(ms);
         }
@@ -635,8 +642,8 @@ mod tests {
         assert_eq!(stall.header, ["migrator", "4K", "2M"]);
         // Three repetitions of two writers: 3 × (1000 + 500) stores, 3 × 3 waited; the worst
         // store 300 µs at 4 KiB, 600 µs at 2 MiB; the preempted 5 ms store left out.
-        assert_eq!(stall.rows[0][1].text, "300 / 300 / 300 (9 of 4500)");
-        assert_eq!(stall.rows[0][2].text, "600 / 600 / 600 (9 of 4500)");
+        assert_eq!(stall.rows[0][1].text, "300 / 300 / 300 (9 of 4500); less CPU waits 250 / 250 / 250");
+        assert_eq!(stall.rows[0][2].text, "600 / 600 / 600 (9 of 4500); less CPU waits 550 / 550 / 550");
         assert!(stall.notes[0].starts_with("Writer stall: 2 writer thread(s)"));
     }
 
