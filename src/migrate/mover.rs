@@ -199,9 +199,15 @@ pub(super) fn run(engine: &Engine, job: Job, tally: &mut Tally, reporter: &Repor
     } else {
         bring_in(engine, start, end - start, &job.folios, Incoming::Move(&dest))
     };
-    // Protection off, registration gone, every waiting thread woken: the moved folios
-    // with their new pages, the others with their old ones.
-    unprotect(engine, start, end);
+    // Every waiting thread woken: the moved folios with their new pages, the others with
+    // their old ones, protection off. Where every folio moved, each page of the range is a
+    // new one moved or copied in, which carries no protection: taking it off would rewrite
+    // every entry of the range and flush the TLB for nothing.
+    if outcomes.iter().all(Option::is_none) {
+        let _ = engine.uffd.wake(start, end - start);
+    } else {
+        unprotect(engine, start, end);
+    }
     if let Some(t) = job.batch_started {
         tally.stats.first_folio_ns.push(t.elapsed().as_nanos() as u64);
     }
