@@ -309,7 +309,13 @@ fn stall_cell(cell: &Cell) -> TableCell {
 /// What the stall figures mean, for the notes of a table that shows them.
 fn stall_note(writers: usize) -> String {
     format!(
-        "Writer stall: {writers} writer thread(s) store into every page of the region in a loop while it migrates;          a store that took over 10 µs waiting on memory (the migration's protection or isolation) stalled. Shown:          the longest / 99.9th / 99th percentile of those, µs, and how many of all stores stalled, the worst of each          figure over the writers and repetitions; then the same three figures with each store's wait for a CPU          once woken taken off (its thread's run_delay: on a machine with fewer CPUs than busy threads, the wake-up          can take milliseconds). Stores during which a writer was only preempted (its CPU taken by another thread)          are left out and counted in report.json (preempted)."
+        "Writer stall: {writers} writer thread(s) store into every page of the region in a loop while it \
+        migrates; a store that took over 10 µs waiting on memory (the migration's protection or isolation) \
+        stalled. Shown: the longest / 99.9th / 99th percentile of those, µs, and how many of all stores \
+        stalled, the worst of each figure over the writers and repetitions; then the same three figures with \
+        each store's wait for a CPU once woken taken off (its thread's run_delay: on a machine with fewer \
+        CPUs than busy threads, the wake-up can take milliseconds). Stores during which a writer was only \
+        preempted (its CPU taken by another thread) are left out and counted in report.json (preempted)."
     )
 }
 
@@ -334,7 +340,8 @@ fn stall_table(t: &Throughput, report: &BenchReport) -> Option<TextTable> {
     header.extend(t.folio_sizes.iter().map(|&f| folio_label(f)));
     Some(TextTable {
         title: format!(
-            "Writer stall (µs: max / p99.9 / p99 of the stores that waited, and how many did), {} moved, batch ≤ {}              pages, {writers} writer(s)",
+            "Writer stall (µs: max / p99.9 / p99 of the stores that waited, and how many did), {} moved, batch ≤ \
+            {} pages, {writers} writer(s)",
             short_size(t.bytes),
             t.batch_pages
         ),
@@ -645,6 +652,8 @@ mod tests {
         assert_eq!(stall.rows[0][1].text, "300 / 300 / 300 (9 of 4500); less CPU waits 250 / 250 / 250");
         assert_eq!(stall.rows[0][2].text, "600 / 600 / 600 (9 of 4500); less CPU waits 550 / 550 / 550");
         assert!(stall.notes[0].starts_with("Writer stall: 2 writer thread(s)"));
+        // Words one space apart, however the source breaks its lines.
+        assert!(!stall.title.contains("  ") && !stall.notes[0].contains("  "), "{stall:?}");
     }
 
     #[test]
