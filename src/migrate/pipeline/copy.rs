@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use super::MigrateInfo;
-use super::{BatchState, CPU_PIECE_MAX, Call, PIECE_MIN, PRECOPY_PIECE, dispatch};
+use super::{BASE_PIECE_MAX, BatchState, CPU_PIECE_MAX, Call, PIECE_MIN, PRECOPY_PIECE, dispatch};
 use crate::copy::{CopyPair, Dst, coalesce, folios_copy_each, folios_fix};
 use crate::migrate::helper::Chunks;
 use crate::offload::Batch;
@@ -33,8 +33,9 @@ impl<'a> Call<'a> {
     /// the first folio is writable after one 2 MiB piece whatever the batch size, and a
     /// batch costs O(log n) moves), each protected and isolated just before its copy and
     /// moved as soon as it is copied. The CPU copy's pieces stop growing at
-    /// [`CPU_PIECE_MAX`]: its moves queue on the mover thread, and the next batch's first
-    /// piece must not wait behind a huge one. With a budget (`migrate/piece_budget_us`)
+    /// [`CPU_PIECE_MAX`] (huge pages) or [`BASE_PIECE_MAX`] (smaller folios): the program's
+    /// threads that touch a piece wait for all of it, its moves queue on the mover thread,
+    /// and the next batch's first piece must not wait behind a huge one. With a budget (`migrate/piece_budget_us`)
     /// they also stop where isolating and copying one would take longer than it at the pace
     /// of the pieces before it (down to [`PIECE_MIN`]): a thread of the program that touches
     /// a page of a piece waits for the whole piece. A migrator gets each piece as a batch of
@@ -48,6 +49,7 @@ impl<'a> Call<'a> {
         let mut done_bytes = 0;
         // Bytes isolated and copied by the CPU so far, and how long that took.
         let (mut paced_bytes, mut paced_ns) = (0usize, 0u64);
+        let cpu_max = if st.slots[live[0]].item.folio.is_pmd() { CPU_PIECE_MAX } else { BASE_PIECE_MAX };
         while at < live.len() && !self.abort.is_set() {
             let piece = if self.plan.offload {
                 HPAGE_SIZE.max(done_bytes)
@@ -56,7 +58,7 @@ impl<'a> Call<'a> {
                     let bytes = paced_bytes as u128 * budget.as_nanos() / u128::from(paced_ns);
                     usize::try_from(bytes).unwrap_or(usize::MAX).max(PIECE_MIN)
                 });
-                HPAGE_SIZE.max(done_bytes).min(CPU_PIECE_MAX).min(budget.unwrap_or(usize::MAX))
+                HPAGE_SIZE.max(done_bytes).min(cpu_max).min(budget.unwrap_or(usize::MAX))
             };
             let piece_started = Instant::now();
             let (end, bytes) = piece_end(st, live, at, piece);
