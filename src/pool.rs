@@ -193,13 +193,38 @@ impl Chunk {
 /// How a destination is populated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Populate {
-    /// `MADV_POPULATE_WRITE`: a node out of memory is an `ENOMEM` error. The kernel holds the
-    /// mmap lock for the whole range, so an `mremap` on another thread waits for it.
+    /// `MADV_POPULATE_WRITE`, a huge page's worth at a time: a node out of memory is an
+    /// `ENOMEM` error. The kernel holds the mmap lock for each step, so an `mremap` on
+    /// another thread waits for it.
     Madvise,
     /// A store to every base page: each fault takes only its mapping's lock, so moves on
     /// another thread go on meanwhile. A node out of memory is not an error but the OOM
     /// killer: only for destinations the node has ample free memory for.
     Touch,
+}
+
+/// Populates `[from, end)` of the pool's own memory (a destination being taken) a huge
+/// page's worth at a time, from its end back to its start: the call copies into the start
+/// first, and what was zeroed last is still in the cache. 1 GiB of 2 MiB folios in one
+/// batch, 5 pairs alternating with one `MADV_POPULATE_WRITE` of the whole destination
+/// (2-core AMD EPYC VM): first folio 223 against 282 µs (medians), and the destination's
+/// preparation 49-523 ms against 636-1459 ms (one big populate there met the VM's slow first
+/// touch of host memory every time, the steps less often).
+///
+/// # Errors
+/// The errno of the first step refused (`ENOMEM`): the steps after it in the range are
+/// populated, the rest not.
+fn populate_backwards(from: usize, end: usize, populate: Populate) -> std::result::Result<(), sys::Errno> {
+    let mut hi = end;
+    while hi > from {
+        let lo = ((hi - 1) & !(HPAGE_SIZE - 1)).max(from);
+        match populate {
+            Populate::Madvise => sys::madvise(lo, hi - lo, Advice::PopulateWrite)?,
+            Populate::Touch => touch(lo, hi),
+        }
+        hi = lo;
+    }
+    Ok(())
 }
 
 /// Populates `[start, end)` of the pool's own memory with one store per base page.
@@ -566,13 +591,7 @@ impl Inner {
         let started = Instant::now();
         let from = if key.empty { end } else { chunk.prepared_end.max(addr) };
         if from < end {
-            let populated = match populate {
-                Populate::Madvise => sys::madvise(from, end - from, Advice::PopulateWrite),
-                Populate::Touch => {
-                    touch(from, end);
-                    Ok(())
-                }
-            };
+            let populated = populate_backwards(from, end, populate);
             if let Err(errno) = populated {
                 // Give the whole piece back: part of it may be populated.
                 chunk.holes.push((addr, len));
@@ -697,6 +716,36 @@ mod tests {
 
     fn key() -> Key {
         Key { node: crate::numa::memory_nodes().unwrap()[0], thp: ThpAdvice::NoHuge, empty: false }
+    }
+
+    /// A destination is populated whole, edges included, whichever way and whatever its
+    /// offset within a huge page (it is populated a huge page at a time, back to front), and
+    /// one advised huge gets huge pages where the kernel has them.
+    #[test]
+    fn destinations_are_populated_whole_back_to_front() {
+        watchdog(60, || {
+            let pool = Pool::populated_only();
+            for (thp, populate) in [
+                (ThpAdvice::Huge, Populate::Madvise),
+                (ThpAdvice::Huge, Populate::Touch),
+                (ThpAdvice::NoHuge, Populate::Madvise),
+            ] {
+                let key = Key { thp, ..key() };
+                // Three huge pages and a quarter, starting 12 KiB into a huge page.
+                let len = 3 * HPAGE_SIZE + HPAGE_SIZE / 4;
+                let (d, spent) = pool.take(key, len, HPAGE_SIZE, 0x3000, populate).unwrap();
+                assert_eq!(d.addr % HPAGE_SIZE, 0x3000);
+                assert!(spent > Duration::ZERO && d.fresh());
+                let frames = crate::numa::page_frames(d.addr, len).unwrap();
+                let missing: Vec<usize> = (0..frames.len()).filter(|&i| frames[i].is_none()).collect();
+                assert!(missing.is_empty(), "{thp:?} {populate:?}: pages {missing:?} of {} not populated", frames.len());
+                let huge = crate::sys::huge_ranges(d.addr, d.addr + len).unwrap();
+                if thp == ThpAdvice::NoHuge {
+                    assert!(huge.is_empty(), "{huge:x?}");
+                }
+                pool.release(d);
+            }
+        });
     }
 
     /// A helper's populating readies the next destinations (taken at no cost) and never
