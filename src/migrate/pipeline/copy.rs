@@ -35,8 +35,8 @@ impl<'a> Call<'a> {
     /// moved as soon as it is copied. The CPU copy's pieces stop growing at
     /// [`CPU_PIECE_MAX`] (huge pages) or [`BASE_PIECE_MAX`] (smaller folios): the program's
     /// threads that touch a piece wait for all of it, its moves queue on the mover thread,
-    /// and the next batch's first piece must not wait behind a huge one. With a budget (`migrate/piece_budget_us`)
-    /// they also stop where isolating and copying one would take longer than it at the pace
+    /// and the next batch's first piece must not wait behind a huge one. With a budget
+    /// (`migrate/piece_budget_us`) they also stop where isolating and copying one would take longer than it at the pace
     /// of the pieces before it (down to [`PIECE_MIN`]): a thread of the program that touches
     /// a page of a piece waits for the whole piece. A migrator gets each piece as a batch of
     /// its own and reports its parts as they complete. With the pre-copy, see

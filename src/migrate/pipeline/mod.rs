@@ -485,11 +485,11 @@ const CPU_PIECE_MAX: usize = 16 << 20;
 
 /// The largest piece of the pipelined CPU copy of folios smaller than a huge page. A thread
 /// of the program that touches a page of a piece waits until the whole piece has moved,
-/// and a piece of base pages takes long to isolate, fill and move in: pieces of 16 MiB made
-/// one writer wait up to 6.6-8.5 ms, pieces of 4 MiB 2.8-2.9 ms, for the same throughput
-/// (512 MiB of 4 KiB folios, batch 262144, 3 runs each; without writers 1 GiB, 4 runs each:
-/// median 2.87 against 2.81 GB/s end to end; 2-core AMD EPYC VM). Their moves run on the
-/// mover, off the copy's path, so more of them cost the copy nothing.
+/// and a piece of base pages takes long to isolate, fill and move in. 512 MiB of 4 KiB
+/// folios in one batch, one writer: its longest store took 1.7-5.5 ms (median 2.9) with
+/// pieces of 4 MiB, 5.1-8.5 ms (median 6.3) with pieces of 16 MiB, 6 runs each; without
+/// writers, 1 GiB, 6 alternating pairs: 0.993x end to end (2-core AMD EPYC VM). Their moves
+/// run on the mover, off the copy's path, so more of them cost the copy nothing.
 const BASE_PIECE_MAX: usize = 4 << 20;
 
 /// The smallest piece [`Plan::piece_budget`] may ask for: below it, each piece's own
