@@ -847,3 +847,28 @@ fn phase_times_add_up_within_the_critical_path() {
         assert!(stats.critical_ns + stats.prepare_ns <= stats.total_ns, "{what}: {stats:?}");
     }
 }
+
+/// A page pinned as io_uring pins fixed buffers is refused at isolation, after the kernel's
+/// answer was waited out there for a while, pass after pass: almost all of such a call is
+/// isolation, which `unmap_ns` must count once (it was counted twice, and came to more than
+/// the whole call). Every folio is checked: the pinned one left as it was, the rest moved.
+#[test]
+fn isolation_waited_out_on_a_pinned_page_is_counted_once() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "isolation_waited_out_on_a_pinned_page_is_counted_once");
+    let region = Region::new(64 << 10, 4096, Some(node())).unwrap();
+    workload::fill(&region, 17);
+    let _pin = common::strangers::pin(region.addr() + 5 * 4096, 4096).expect("io_uring pins a page (fixed buffers)");
+    let opts = MigrateOptions::default().precopy(false);
+    let result = Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Async, &opts);
+    let Err(Error::Partial { failed, stats, .. }) = result else { panic!("the pinned folio moved: {result:?}") };
+    assert_eq!(failed, 1, "{stats:?}");
+    assert!(workload::verify(&region, 17, &WriteLog::default()).ok());
+    assert!(
+        stats.unmap_ns + stats.copy_ns + stats.move_ns <= stats.critical_ns,
+        "unmap {} + copy {} + move {} ns, more than the call's critical path of {} ns",
+        stats.unmap_ns,
+        stats.copy_ns,
+        stats.move_ns,
+        stats.critical_ns
+    );
+}
