@@ -212,7 +212,7 @@ pub enum Populate {
 /// touch of host memory every time, the steps less often).
 ///
 /// # Errors
-/// The errno of the first step refused (`ENOMEM`): the steps after it in the range are
+/// The errno of the first step refused (`ENOMEM`): the range above that step is
 /// populated, the rest not.
 fn populate_backwards(from: usize, end: usize, populate: Populate) -> std::result::Result<(), sys::Errno> {
     let mut hi = end;

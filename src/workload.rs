@@ -234,13 +234,16 @@ fn run_writers<const TIMED: bool, R: Send>(
                                         (Some(was), Some(now)) if !lost_cpu => now.saturating_sub(was),
                                         _ => 0,
                                     };
-                                    // The first 16 Mi of each kind are kept (256 MiB at most).
-                                    if ns > STALL_NS && lost_cpu && !slept {
-                                        if preempted.len() < 1 << 24 {
-                                            preempted.push(ns);
+                                    // The first 16 Mi of each kind are kept (128 MiB of
+                                    // preempted stores, 256 MiB of waits, at most).
+                                    if ns > STALL_NS {
+                                        if lost_cpu && !slept {
+                                            if preempted.len() < 1 << 24 {
+                                                preempted.push(ns);
+                                            }
+                                        } else if waited.len() < 1 << 24 {
+                                            waited.push((ns, cpu));
                                         }
-                                    } else if ns > STALL_NS && waited.len() < 1 << 24 {
-                                        waited.push((ns, cpu));
                                     }
                                 }
                             } else {
