@@ -872,3 +872,48 @@ fn isolation_waited_out_on_a_pinned_page_is_counted_once() {
         stats.critical_ns
     );
 }
+
+/// Pages write-protected by uffd among `[addr, addr + len)`: bit 57 of their
+/// `/proc/self/pagemap` entries.
+fn uffd_protected_pages(addr: usize, len: usize) -> usize {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open("/proc/self/pagemap").unwrap();
+    let mut raw = vec![0u8; len / 4096 * 8];
+    file.read_exact_at(&mut raw, (addr / 4096 * 8) as u64).unwrap();
+    raw.chunks_exact(8).filter(|c| u64::from_le_bytes((*c).try_into().unwrap()) >> 57 & 1 == 1).count()
+}
+
+/// While a call runs, the folios it already moved carry no write protection: their pages
+/// are new ones, and a move job that moved every folio only wakes their waiters. A page
+/// left protected would make the program's next store wait until the call ends. Read from
+/// the progress callback, which runs while the call goes on; the moves come in address
+/// order (one run), so the first `moved` bytes are the moved folios.
+#[test]
+fn moved_folios_carry_no_protection_while_the_call_goes_on() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "moved_folios_carry_no_protection_while_the_call_goes_on");
+    for folio in [4096, 2 << 20] {
+        let region = Region::new(64 << 20, folio, Some(node())).unwrap();
+        workload::fill(&region, 19);
+        let addr = region.addr();
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(u64, usize)>::new()));
+        let record = seen.clone();
+        let opts = MigrateOptions::default().max_batch_pages(512).progress(move |moved| {
+            let moved = moved as usize;
+            record.lock().unwrap().push((moved as u64, uffd_protected_pages(addr, moved)));
+        });
+        let stats = Engine::global()
+            .unwrap()
+            .migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+            .unwrap();
+        assert_eq!(stats.succeeded_folios as usize, (64 << 20) / folio);
+        assert!(workload::verify(&region, 19, &WriteLog::default()).ok(), "folio {folio}");
+        let seen = seen.lock().unwrap();
+        assert!(
+            seen.iter().any(|&(moved, _)| (moved as usize) < region.len()),
+            "folio {folio}: no report before the end: {seen:?}"
+        );
+        let protected: Vec<_> = seen.iter().filter(|&&(_, p)| p > 0).collect();
+        assert!(protected.is_empty(), "folio {folio}: (moved bytes, protected pages among them): {protected:?}");
+    }
+}
