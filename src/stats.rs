@@ -46,6 +46,9 @@ pub struct MigrateStats {
     pub helper_copied_bytes: u64,
     /// Moved folios that could not be locked again (`mlock` failed after the move).
     pub relock_failures: u64,
+    /// Bytes the event reader copied in when a thread of the program faulted on them while
+    /// isolated (`migrate/answer_faults`): the move left them alone.
+    pub answered_bytes: u64,
     /// Bytes read while still writable by the pre-copy (`migrate/precopy`).
     pub precopied_bytes: u64,
     /// Bytes the pre-copy copied again once their folio was protected: base pages that
@@ -113,6 +116,7 @@ impl MigrateStats {
             copied_in_folios,
             helper_copied_bytes,
             relock_failures,
+            answered_bytes,
             precopied_bytes,
             recopied_bytes,
             precopy_ns,
@@ -145,6 +149,7 @@ impl MigrateStats {
         self.copied_in_folios += copied_in_folios;
         self.helper_copied_bytes += helper_copied_bytes;
         self.relock_failures += relock_failures;
+        self.answered_bytes += answered_bytes;
         self.precopied_bytes += precopied_bytes;
         self.recopied_bytes += recopied_bytes;
         self.precopy_ns += precopy_ns;

@@ -208,49 +208,60 @@ fn pipe_read_into_migrating_memory_lands_in_new_page() {
         eprintln!("skipped: userfaultfd is user-mode only here; kernel writes get EFAULT");
         return;
     }
-    let region = Region::new(1 << 20, 4096, Some(node())).unwrap();
-    workload::fill(&region, 9);
-    let frames_before = numa::page_frames(region.addr(), region.len()).unwrap();
-    let (reader, mut writer) = std::io::pipe().unwrap();
-    let page = 100;
-    let target = region.addr() + 4096 * page;
-    let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
-    // Folio `page` stays write-protected for 300 ms before its copy; the read(2) into it
-    // starts inside that window, so the kernel's write must wait for the move.
-    let pause = Duration::from_millis(300);
-    let opts = MigrateOptions::default()
-        .no_batch_copy(true)
-        .fault(FaultInjection { delay_folio_copy: Some((page, pause)), ..Default::default() });
-    let started = std::time::Instant::now();
-    let read_done = std::thread::scope(|s| {
-        let migrating = s.spawn(|| engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts));
-        std::thread::sleep(Duration::from_millis(100));
-        writer.write_all(&payload).unwrap();
-        let mut got = 0;
-        while got < 4096 {
-            // SAFETY: `target` lies inside the region, which outlives this call, and no
-            // other thread touches this page.
-            let n = unsafe { libc::read(reader.as_raw_fd(), (target + got) as *mut libc::c_void, 4096 - got) };
-            assert!(n > 0, "read failed: {}", std::io::Error::last_os_error());
-            got += n as usize;
+    for answer in [false, true] {
+        let region = Region::new(1 << 20, 4096, Some(node())).unwrap();
+        workload::fill(&region, 9);
+        let frames_before = numa::page_frames(region.addr(), region.len()).unwrap();
+        let (reader, mut writer) = std::io::pipe().unwrap();
+        let page = 100;
+        let target = region.addr() + 4096 * page;
+        let payload: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        // Folio `page` stays isolated for 300 ms before its copy; the read(2) into it starts
+        // inside that window, so the kernel's write waits for the move, or, answered, for the
+        // event reader's copy of the page.
+        let pause = Duration::from_millis(300);
+        let opts = MigrateOptions::default()
+            .no_batch_copy(true)
+            .answer_faults(answer)
+            .fault(FaultInjection { delay_folio_copy: Some((page, pause)), ..Default::default() });
+        let started = std::time::Instant::now();
+        let (read_done, stats) = std::thread::scope(|s| {
+            let migrating =
+                s.spawn(|| engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts));
+            std::thread::sleep(Duration::from_millis(100));
+            writer.write_all(&payload).unwrap();
+            let mut got = 0;
+            while got < 4096 {
+                // SAFETY: `target` lies inside the region, which outlives this call, and no
+                // other thread touches this page.
+                let n = unsafe { libc::read(reader.as_raw_fd(), (target + got) as *mut libc::c_void, 4096 - got) };
+                assert!(n > 0, "read failed: {}", std::io::Error::last_os_error());
+                got += n as usize;
+            }
+            let read_done = started.elapsed();
+            (read_done, migrating.join().unwrap().unwrap())
+        });
+        if answer {
+            assert!(read_done < pause, "answers on: the read finished after {read_done:?}");
+            assert!(stats.answered_bytes >= 4096, "{stats:?}");
+        } else {
+            assert!(read_done >= pause, "the read finished after {read_done:?}, before the folio moved");
+            assert_eq!(stats.answered_bytes, 0);
         }
-        let read_done = started.elapsed();
-        migrating.join().unwrap().unwrap();
-        read_done
-    });
-    assert!(read_done >= pause, "the read finished after {read_done:?}, before the folio moved");
-    for (i, chunk) in payload.chunks(8).enumerate() {
-        let want = u64::from_ne_bytes(chunk.try_into().unwrap());
-        assert_eq!(region.word(page * 512 + i).load(Ordering::Relaxed), want, "word {i}");
+        assert_eq!(stats.succeeded_folios, 256, "answers {answer}");
+        for (i, chunk) in payload.chunks(8).enumerate() {
+            let want = u64::from_ne_bytes(chunk.try_into().unwrap());
+            assert_eq!(region.word(page * 512 + i).load(Ordering::Relaxed), want, "answers {answer}: word {i}");
+        }
+        let log = WriteLog {
+            writes: 512,
+            last: (0..512).map(|i| (page * 512 + i, region.word(page * 512 + i).load(Ordering::Relaxed))).collect(),
+            stalls: Vec::new(),
+        };
+        assert!(workload::verify(&region, 9, &log).ok(), "answers {answer}");
+        assert_on_node(&region, node());
+        assert_new_frames(&frames_before, &numa::page_frames(region.addr(), region.len()).unwrap());
     }
-    let log = WriteLog {
-        writes: 512,
-        last: (0..512).map(|i| (page * 512 + i, region.word(page * 512 + i).load(Ordering::Relaxed))).collect(),
-        stalls: Vec::new(),
-    };
-    assert!(workload::verify(&region, 9, &log).ok());
-    assert_on_node(&region, node());
-    assert_new_frames(&frames_before, &numa::page_frames(region.addr(), region.len()).unwrap());
 }
 
 /// Every page is backed by a different physical frame than before (when frames are
@@ -331,6 +342,9 @@ fn failed_move_is_undone_on_the_mover_thread_and_on_the_caller() {
             .max_batch_pages(256)
             .mover(mover)
             .precopy(false)
+            // The writer's faults wait for the move (answered, a folio moves whatever the
+            // run's move does: `faults_on_isolated_base_pages_are_answered_without_losing_a_write`).
+            .answer_faults(false)
             .fault(FaultInjection { fail_move: vec![700], ..Default::default() });
         let (result, log) = workload::with_writers(&region, 1, || {
             Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
@@ -915,5 +929,47 @@ fn moved_folios_carry_no_protection_while_the_call_goes_on() {
         );
         let protected: Vec<_> = seen.iter().filter(|&&(_, p)| p > 0).collect();
         assert!(protected.is_empty(), "folio {folio}: (moved bytes, protected pages among them): {protected:?}");
+    }
+}
+
+/// A thread that faults on an isolated base page is answered at once by the event reader
+/// (`migrate/answer_faults`): the page's old contents are copied in on the target node and
+/// the move leaves that page alone. Each move waits 20 ms (every piece stays isolated that
+/// long), while a timed writer stores into every page in a loop: with answers on, some bytes
+/// are answered, and every byte, every store and every page's node is right, with every
+/// page replaced; with answers off, or for huge pages, nothing is answered. A folio answered
+/// counts as moved.
+#[test]
+fn faults_on_isolated_base_pages_are_answered_without_losing_a_write() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "faults_on_isolated_base_pages_are_answered_without_losing_a_write");
+    for (folio, answer) in [(4096, true), (4096, false), (2 << 20, true)] {
+        let size = 8 << 20;
+        let region = Region::new(size, folio, Some(node())).unwrap();
+        workload::fill(&region, 23);
+        let frames_before = numa::page_frames(region.addr(), region.len()).unwrap();
+        let opts = MigrateOptions::default()
+            .max_batch_pages(512)
+            .answer_faults(answer)
+            .precopy(false)
+            .fault(FaultInjection { delay_move: Some(Duration::from_millis(20)), ..Default::default() });
+        let (stats, log) = workload::with_timed_writers(&region, 1, || {
+            Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+        });
+        let stats = stats.unwrap();
+        let what = format!("folio {folio}, answers {answer}");
+        assert_eq!((stats.succeeded_folios, stats.failed_folios), ((size / folio) as u64, 0), "{what}");
+        let report = workload::verify(&region, 23, &log);
+        assert!(report.ok(), "{what}: {report:?}");
+        assert!(log.writes > 0, "{what}");
+        assert_on_node(&region, node());
+        assert_new_frames(&frames_before, &numa::page_frames(region.addr(), region.len()).unwrap());
+        eprintln!("{what}: {} bytes answered, {} stores", stats.answered_bytes, log.writes);
+        if answer && folio == 4096 {
+            assert!(0 < stats.answered_bytes && stats.answered_bytes <= size as u64, "{what}: {stats:?}");
+            assert_eq!(stats.answered_bytes % 4096, 0, "{what}");
+        } else {
+            assert_eq!(stats.answered_bytes, 0, "{what}");
+        }
     }
 }

@@ -15,6 +15,7 @@
 //! | `migrate/pipelined` | rw | `1` moves runs as their copies complete, `0` after the batch |
 //! | `migrate/deferred_free` | rw | `1` frees replaced base pages on a background thread (calls of more than 2 MiB) |
 //! | `migrate/copy_in` | rw | `1` lets the mover copy base pages of mappings without a memory policy of their own straight into their source, bound to the target node (no destination), `0` always goes through a destination |
+//! | `migrate/answer_faults` | rw | `1` lets the event reader answer a thread's fault on an isolated base page at once: the page's old contents (with up to 60 KiB after it) are copied in on the target node and the move leaves them alone (mappings without a memory policy of their own; the default); `0` keeps the thread waiting until its whole piece has moved |
 //! | `migrate/copy_helper` | rw | `1` lets a second thread copy each piece of the pipelined CPU copy of folios smaller than a huge page with the caller, 64 KiB at a time (calls of more than 2 MiB, on two CPUs or more; the default); `0` copies on the caller alone |
 //! | `migrate/copy_kernel` | rw | the CPU copy kernels: `auto` (measured at start-up, one for freshly zeroed destinations and one for cold ones), or `nt`, `nt2`, `memcpy` for every destination |
 //! | `migrate/fill_empty` | rw | `1` leaves base-page destinations without pages and fills them with `UFFDIO_COPY` (never zeroed), `0` populates them first |
@@ -99,6 +100,7 @@ pub const ATTRS: &[Attr] = &[
     setting(7),
     setting(8),
     setting(9),
+    setting(10),
     Attr { path: "migrate/copy_kernel", writable: true, accepts: "auto, nt, nt2 or memcpy", persistent: true },
     Attr { path: "offload/active", writable: false, accepts: "nothing (read-only)", persistent: false },
 ];

@@ -32,6 +32,13 @@ pub(super) struct Claim {
     /// Old pages the program moves away go home through the event reader's holdings at
     /// once (`FaultInjection::home_through_holdings`).
     through_holdings: bool,
+    /// Spans of base-page folios whose isolated pages the event reader may copy in when a
+    /// thread faults on them, with the node to allocate on ([`Claims::answer_faults`]).
+    answer: Vec<(usize, usize, u32)>,
+    /// Source start → end of what the event reader copied in: the move leaves it alone.
+    answered: BTreeMap<usize, usize>,
+    /// Pages of faults the event reader could not answer yet ([`Claims::add_waiting`]).
+    waiting: Vec<usize>,
 }
 
 /// Every claim, by start address, and the runs of every call in progress.
@@ -240,6 +247,95 @@ impl Claims {
         }
     }
 
+    /// Lets the event reader answer a thread's fault on the isolated pages of `[start, end)`
+    /// at once ([`Claims::answerable`]), copying them in on `node`, instead of keeping the
+    /// thread waiting until the whole piece has moved. The caller's promise: every folio of
+    /// the range is one base page, and its mapping has no memory policy of its own (a copy
+    /// in allocates by the reader's policy, bound to `node`).
+    pub fn answer_faults(&mut self, start: usize, end: usize, node: u32) {
+        for (s, c) in self.overlapping(start, end) {
+            c.answer.push((start.max(s), end.min(c.end), node));
+        }
+    }
+
+    /// Where a fault at `addr` can be answered: the isolated page it touched and those that
+    /// follow it, up to `max` bytes, as `(start, end, grave, node)`. Every page of it lies in
+    /// one span given to [`Claims::answer_faults`] and one isolated span (so its old pages
+    /// lie one after the other in a graveyard), and none was purged or moved away.
+    pub fn answerable(&mut self, addr: usize, max: usize) -> Option<(usize, usize, usize, u32)> {
+        let page = addr & !(crate::sys::PAGE_SIZE - 1);
+        let (_, c) = self.overlapping(page, page + 1).next()?;
+        let &(_, answer_end, node) = c.answer.iter().find(|&&(s, e, _)| s <= page && page < e)?;
+        let (&s, &(e, g)) = c.isolated.range(..=page).next_back().filter(|&(_, &(e, _))| e > page)?;
+        let mut end = e.min(answer_end).min(page.saturating_add(max));
+        for &(ds, de) in &c.dead {
+            if ds <= page && page < de {
+                return None;
+            }
+            if ds > page {
+                end = end.min(ds);
+            }
+        }
+        Some((page, end, g + (page - s), node))
+    }
+
+    /// Records a fault at `addr` that the event reader could not answer
+    /// ([`Claims::answerable`]), where a claim covers it: a write to a page being protected
+    /// waits on the protection, and stays waiting once the page is isolated. The isolation
+    /// wakes it ([`Claims::take_waiting`]), and it faults again on the empty page.
+    pub fn add_waiting(&mut self, addr: usize) {
+        let page = addr & !(crate::sys::PAGE_SIZE - 1);
+        if let Some((_, c)) = self.overlapping(page, page + 1).next()
+            && c.waiting.len() < Self::WAITING_MAX
+            && !c.waiting.contains(&page)
+        {
+            c.waiting.push(page);
+        }
+    }
+
+    /// How many unanswered faults one claim remembers: a thread waits on one page at a
+    /// time, and a program has few threads storing into one piece at once.
+    const WAITING_MAX: usize = 64;
+
+    /// Takes the pages of the faults [`Claims::add_waiting`] recorded in `[start, end)`.
+    pub fn take_waiting(&mut self, start: usize, end: usize) -> Vec<usize> {
+        let mut out = Vec::new();
+        for (_, c) in self.overlapping(start, end) {
+            c.waiting.retain(|&a| {
+                let inside = start <= a && a < end;
+                if inside {
+                    out.push(a);
+                }
+                !inside
+            });
+        }
+        out
+    }
+
+    /// Records that the event reader copied the pages of `[start, end)` in (see
+    /// [`Claims::answerable`]): their old pages are garbage, and the move skips them.
+    pub fn mark_answered(&mut self, start: usize, end: usize) {
+        for (s, c) in self.overlapping(start, end) {
+            c.answered.insert(start.max(s), end.min(c.end));
+        }
+        drop(self.take_isolated(start, end));
+    }
+
+    /// The end of what the event reader copied in from `at` on, up to `end` (`at` itself
+    /// where it copied nothing there).
+    pub fn answered_from(&mut self, at: usize, end: usize) -> usize {
+        let mut to = at;
+        for (_, c) in self.overlapping(at, end) {
+            while let Some((_, &e)) = c.answered.range(..=to).next_back().filter(|&(_, &e)| e > to) {
+                to = e.min(end);
+                if to == end {
+                    return to;
+                }
+            }
+        }
+        to
+    }
+
     /// The isolated spans inside `[start, end)` as `(start, end, grave)`, clipped to it.
     pub fn isolated_in(&mut self, start: usize, end: usize) -> Vec<(usize, usize, usize)> {
         let mut out = Vec::new();
@@ -328,6 +424,44 @@ mod tests {
         assert!(b.try_claim(0x0, 0x1000, false));
         b.release_all(&[0x1000]);
         assert!(b.try_claim(0x2000, 0x3000, false));
+    }
+
+    /// A fault is answerable on an isolated page of a span given to `answer_faults`, up to
+    /// the end of that span, of its isolated span, of `max` or of the first dead span;
+    /// what is answered is isolated no more and the move skips it; an unanswerable fault
+    /// waits to be woken by the isolation of its page.
+    #[test]
+    fn faults_are_answered_on_isolated_pages_only() {
+        let b = Busy::default();
+        assert!(b.try_claim(0x10000, 0x30000, false));
+        let mut c = b.lock();
+        // Not isolated yet: not answerable, and remembered (once).
+        assert_eq!(c.answerable(0x10008, 0x10000), None);
+        c.add_waiting(0x10008);
+        c.add_waiting(0x10010);
+        c.add_waiting(0x50000);
+        let mut empty = super::super::fork::open(16);
+        c.add_isolated(0x10000, 0x20000, 0x90000, empty.split(16));
+        // Isolated, but not given to `answer_faults`.
+        assert_eq!(c.answerable(0x10008, 0x10000), None);
+        c.answer_faults(0x10000, 0x18000, 1);
+        assert_eq!(c.take_waiting(0x10000, 0x18000), [0x10000]);
+        assert!(c.take_waiting(0x10000, 0x30000).is_empty());
+        assert_eq!(c.answerable(0x12345, 0x10000), Some((0x12000, 0x18000, 0x92000, 1)));
+        assert_eq!(c.answerable(0x12345, 0x2000), Some((0x12000, 0x14000, 0x92000, 1)));
+        assert_eq!(c.answerable(0x18000, 0x10000), None);
+        assert!(c.mark_dead(0x15000, 0x16000));
+        assert_eq!(c.answerable(0x12000, 0x10000), Some((0x12000, 0x15000, 0x92000, 1)));
+        assert_eq!(c.answerable(0x15800, 0x10000), None);
+        c.mark_answered(0x12000, 0x14000);
+        assert_eq!(c.answerable(0x12000, 0x10000), None);
+        assert_eq!(c.isolated_in(0x11000, 0x15000), [(0x11000, 0x12000, 0x91000), (0x14000, 0x15000, 0x94000)]);
+        assert_eq!(c.answered_from(0x12000, 0x20000), 0x14000);
+        assert_eq!(c.answered_from(0x12000, 0x13000), 0x13000);
+        assert_eq!(c.answered_from(0x11000, 0x20000), 0x11000);
+        c.mark_answered(0x14000, 0x15000);
+        assert_eq!(c.answered_from(0x12000, 0x20000), 0x15000);
+        drop(c.take_isolated(0x10000, 0x20000));
     }
 
     #[test]

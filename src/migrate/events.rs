@@ -20,9 +20,12 @@
 //!   protection that travelled with the mapping are then taken off there, waking its
 //!   threads.
 //!
-//! Fault messages are read and dropped: a thread waiting on a protected or isolated page
-//! sleeps until the migration wakes it, and one that touched a never-touched page of a
-//! call's runs until the call ends.
+//! Faults: a thread that touched an isolated base page a call lets the reader answer is
+//! answered at once, its page's old contents copied in on the target node (see
+//! [`answer_faults`]); one that wrote to a page still being protected is remembered and
+//! woken once the page is isolated, to fault again and be answered; any other waits until
+//! the migration wakes it (one that touched a never-touched page of a call's runs, until
+//! the call ends).
 #![allow(unsafe_code, reason = "puts the old pages of a range the program moved at its new address")]
 
 use std::sync::Arc;
@@ -126,6 +129,9 @@ struct Moved {
     /// Missing faults in ranges a call left registered ([`Claims::is_stray`]), answered
     /// with zeros under the claims lock.
     strays: Vec<usize>,
+    /// Other faults: answered with their old pages where they touched an isolated base
+    /// page a call lets the reader answer ([`Claims::answerable`]).
+    faults: Vec<usize>,
 }
 
 impl Moved {
@@ -221,6 +227,7 @@ fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: V
         // and registration takes): its thread would have read a fresh page of zeros.
         unsafe { super::zerofill::answer_with_zeros(home.uffd, addr) };
     }
+    answer_faults(home.uffd, &mut claims, std::mem::take(&mut moved.faults));
     if !moved.through_holdings {
         bring_home(home, Some(&mut claims), &mut moved, Backoff::kernel().within(HOMING_LOCKED));
     }
@@ -243,6 +250,48 @@ fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: V
     // Every entry is home or given up: the holdings go.
     for holding in moved.holdings.drain(..) {
         reaper::free(home.graves, &holding);
+    }
+}
+
+/// The most bytes one fault's answer copies in: the page touched and those after it, which
+/// a thread that goes through its memory in order touches next.
+const ANSWER_MAX: usize = 64 << 10;
+
+/// Answers the faults at `faults` that touched an isolated base page a call lets the
+/// reader answer ([`Claims::answerable`]): the page's old contents (with up to
+/// [`ANSWER_MAX`] bytes after it) are copied in at once, allocated on the call's target
+/// node, which wakes the thread; the move leaves those pages alone. The thread waits for a
+/// copy of a few pages instead of its whole piece's isolation, copy and move. A fault on a
+/// claimed page not isolated yet (a write to a piece being protected) is recorded, and
+/// its thread woken once the page is isolated, to fault again and be answered then. The
+/// others wait as before. Under the claims lock, after the read's events: a purged or moved
+/// page is not answered, and the graveyard stays while it is read.
+fn answer_faults(uffd: &Uffd, claims: &mut Claims, faults: Vec<usize>) {
+    if faults.is_empty() {
+        return;
+    }
+    let mut binding = crate::sys::PolicyBinding::new();
+    for addr in faults {
+        let Some((start, end, grave, node)) = claims.answerable(addr, ANSWER_MAX) else {
+            // Protected but not isolated yet: woken once it is, to fault again (see
+            // `Claims::add_waiting`).
+            claims.add_waiting(addr);
+            continue;
+        };
+        // Not answered where the page would land elsewhere than on the target.
+        if !binding.bind(node) {
+            return;
+        }
+        // SAFETY: `[start, end)` is isolated by a call (empty, registered, every access
+        // waiting for exactly its old data), and `grave` holds those old pages, whole, in
+        // a graveyard that stays while the claims lock is held.
+        let copied = match unsafe { uffd.copy(start, grave, end - start) } {
+            Ok(()) => end - start,
+            Err((copied, _)) => copied,
+        };
+        if copied > 0 {
+            claims.mark_answered(start, start + copied);
+        }
     }
 }
 
@@ -275,8 +324,9 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
         // In a range a call left registered: nothing will wake its thread, and the kernel
         // would have given it a page of zeros.
         Event::Missing { addr } if claims.is_stray(addr) => moved.strays.push(addr),
-        // Its thread waits until the migration (or the end of the call) wakes it.
-        Event::Missing { .. } => {}
+        // Its thread waits until the migration (or the end of the call) wakes it, or until
+        // its page is answered (once every event of the read is handled).
+        Event::Missing { addr } | Event::Protected { addr } => moved.faults.push(addr),
         // Unmapped: whatever is mapped there next is not the program's old memory, and no
         // move may land in it.
         Event::Remove { start, end } => {

@@ -188,17 +188,23 @@ pub(super) fn run(engine: &Engine, job: Job, tally: &mut Tally, reporter: &Repor
     let move_start = Instant::now();
     let (start, end) = (job.start, job.start + job.staged.len());
     let Staged { dest, grave } = job.staged;
-    let outcomes = if abort.is_set() || job.fail {
-        // Undone as a failing move would be: the old pages go back.
+    let (outcomes, answered) = if abort.is_set() || job.fail {
+        // Undone as a failing move would be: the old pages go back. A folio the event
+        // reader answered has its new page already, and counts as moved.
         restore(engine, start, end);
         let why =
             if abort.is_set() { (STOPPED, Errno::CANCELED) } else { ("userfaultfd move of the new pages", Errno::IO) };
-        vec![Some(why); job.folios.len()]
+        let mut claims = engine.busy.lock();
+        let outcomes: Vec<Outcome> =
+            job.folios.iter().map(|f| (claims.answered_from(f.addr(), f.end()) < f.end()).then_some(why)).collect();
+        let answered = job.folios.iter().zip(&outcomes).filter(|(_, o)| o.is_none()).map(|(f, _)| f.size()).sum();
+        (outcomes, answered)
     } else if job.copy_in {
         bring_in(engine, start, end - start, &job.folios, Incoming::Copy(&grave))
     } else {
         bring_in(engine, start, end - start, &job.folios, Incoming::Move(&dest))
     };
+    tally.stats.answered_bytes += answered as u64;
     // Every waiting thread woken: the moved folios with their new pages, the others with
     // their old ones, protection off. Where every folio moved, each page of the range is a
     // new one moved or copied in, which carries no protection: taking it off would rewrite
@@ -555,17 +561,19 @@ impl Incoming<'_> {
 /// brought in (its purged old pages are dropped, the others put back), and fails with
 /// `ENOENT`. One the kernel refuses (the program unmapped or changed the mapping
 /// meanwhile, or a page could not be allocated) gets its old pages back; a copy refused
-/// midway keeps what it copied into the folio already (the same data). Nothing is woken
-/// here.
+/// midway keeps what it copied into the folio already (the same data). Pages the event
+/// reader copied in already (a thread faulted on them) are left alone, and their bytes
+/// returned beside the outcomes. Nothing is woken here.
 pub(super) fn bring_in(
     engine: &Engine,
     start: usize,
     len: usize,
     folios: &[Folio<'_>],
     incoming: Incoming<'_>,
-) -> Vec<Outcome> {
+) -> (Vec<Outcome>, usize) {
     let end = start + len;
     let mut out = vec![None; folios.len()];
+    let mut skipped = 0;
     let mut one_by_one = start;
     let mut at = start;
     while at < end {
@@ -603,6 +611,16 @@ pub(super) fn bring_in(
             forget_isolated(&mut claims, at, at + done);
             at += done;
             let Some(errno) = errno else { continue };
+            // Pages the event reader copied in when a thread faulted on them: they are the
+            // folios' new pages already, and the move goes on after them.
+            if errno == Errno::EXIST {
+                let answered = claims.answered_from(at, e);
+                if answered > at {
+                    skipped += answered - at;
+                    at = answered;
+                    continue;
+                }
+            }
             if patience.wait(&mut claims, errno, incoming.from(start, at)) {
                 continue;
             }
@@ -646,5 +664,5 @@ pub(super) fn bring_in(
             at = folios[k].end();
         }
     }
-    out
+    (out, skipped)
 }

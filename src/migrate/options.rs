@@ -85,6 +85,9 @@ pub struct MigrateOptions {
     /// Let a second thread copy each piece of the pipelined CPU copy with the caller
     /// (`None`: the engine's setting, `migrate/copy_helper`).
     pub copy_helper: Option<bool>,
+    /// Answer a thread's fault on an isolated base page at once, from the event reader
+    /// (`None`: the engine's setting, `migrate/answer_faults`).
+    pub answer_faults: Option<bool>,
     /// Bound on how long the program's threads wait on one piece of the pipelined CPU
     /// copy, µs (`None`: the engine's setting, `migrate/piece_budget_us`; 0 for none).
     pub piece_budget_us: Option<usize>,
@@ -118,6 +121,7 @@ impl std::fmt::Debug for MigrateOptions {
             .field("fill_empty", &self.fill_empty)
             .field("copy_in", &self.copy_in)
             .field("copy_helper", &self.copy_helper)
+            .field("answer_faults", &self.answer_faults)
             .field("piece_budget_us", &self.piece_budget_us)
             .field("precopy", &self.precopy)
             .field("prepare_ahead_mib", &self.prepare_ahead_mib)
@@ -210,6 +214,15 @@ impl MigrateOptions {
     #[must_use]
     pub fn copy_helper(mut self, on: bool) -> Self {
         self.copy_helper = Some(on);
+        self
+    }
+
+    /// Lets the event reader answer a thread's fault on an isolated base page at once,
+    /// copying the page in on the target node, rather than keep the thread waiting until
+    /// its whole piece has moved.
+    #[must_use]
+    pub fn answer_faults(mut self, on: bool) -> Self {
+        self.answer_faults = Some(on);
         self
     }
 

@@ -29,6 +29,8 @@ use crate::sys::{self, Errno, uffd::Uffd};
 pub(super) struct Grave {
     addr: usize,
     len: usize,
+    /// Locked on fault (`mlock2(MLOCK_ONFAULT)`), as the sources it was made for.
+    locked: bool,
 }
 
 impl Grave {
@@ -49,13 +51,38 @@ impl Grave {
     pub fn split_at(self, at: usize) -> (Grave, Grave) {
         assert!(at <= self.len, "split at {at} past a graveyard of {} bytes", self.len);
         // INVARIANT: two disjoint parts of a range that was ours alone.
-        (Grave { addr: self.addr, len: at }, Grave { addr: self.addr + at, len: self.len - at })
+        let locked = self.locked;
+        (Grave { addr: self.addr, len: at, locked }, Grave { addr: self.addr + at, len: self.len - at, locked })
+    }
+}
+
+/// Graveyards freed of their pages and kept mapped and registered for the next
+/// [`Reaper::reserve`] of the same length and phase: making one and unmapping it take the
+/// mmap lock for writing six times, and a thread of the program whose fault waited on a
+/// migration takes the mmap lock to try again, queued behind every such writer. A call of
+/// 2 MiB pieces makes and frees a graveyard per piece.
+#[derive(Debug, Default)]
+struct Kept {
+    graves: Vec<Grave>,
+}
+
+impl Kept {
+    /// The most graveyards kept: a call's pieces in flight (the mover's queue, the one
+    /// copied, the one the reaper frees) with room to spare.
+    const MAX: usize = 8;
+
+    /// A kept graveyard of `len` bytes starting at `phase` modulo 2 MiB, if any.
+    fn take(&mut self, len: usize, phase: usize) -> Option<Grave> {
+        let at =
+            self.graves.iter().position(|g| g.len == len && g.addr % sys::HPAGE_SIZE == phase % sys::HPAGE_SIZE)?;
+        Some(self.graves.swap_remove(at))
     }
 }
 
 /// The background thread that frees graveyards.
 pub(super) struct Reaper {
     uffd: Arc<Uffd>,
+    kept: Arc<Mutex<Kept>>,
     tx: Mutex<Sender<Grave>>,
     pending: Arc<(Mutex<usize>, Condvar)>,
     limit: usize,
@@ -75,16 +102,21 @@ impl Reaper {
         let pending = Arc::new((Mutex::new(0usize), Condvar::new()));
         let p = pending.clone();
         let u = uffd.clone();
+        let kept = Arc::new(Mutex::new(Kept::default()));
+        let k = kept.clone();
         crate::sys::thread::spawn("pagemig-reaper", move || {
             for g in rx {
-                free(&u, &g);
+                let len = g.len;
+                free_or_keep(&u, &k, g);
                 let (lock, cv) = &*p;
-                *lock.lock() -= g.len;
+                *lock.lock() -= len;
                 cv.notify_all();
             }
+            // The reaper is gone: nothing will reserve a kept graveyard again.
+            free_kept(&u, &k);
         })
         .expect("spawn the reaper thread");
-        Self { uffd, tx: Mutex::new(tx), pending, limit }
+        Self { uffd, kept, tx: Mutex::new(tx), pending, limit }
     }
 
     /// Maps a graveyard of `len` bytes whose start is congruent to `phase` modulo 2 MiB
@@ -93,6 +125,9 @@ impl Reaper {
     /// # Errors
     /// The errno of mapping, registering or locking it.
     pub fn reserve(&self, len: usize, phase: usize, locked: bool) -> Result<Grave, Errno> {
+        if !locked && let Some(g) = self.kept.lock().take(len, phase) {
+            return Ok(g);
+        }
         reserve(&self.uffd, len, phase, locked)
     }
 
@@ -115,15 +150,16 @@ impl Reaper {
         drop(pending);
         if let Err(e) = self.tx.lock().send(g) {
             let g = e.0;
-            free(&self.uffd, &g);
-            *lock.lock() -= g.len;
+            let len = g.len;
+            free_or_keep(&self.uffd, &self.kept, g);
+            *lock.lock() -= len;
         }
     }
 
     /// Frees a graveyard on the calling thread.
     pub fn free_now(&self, g: Grave) {
         if g.len > 0 {
-            free(&self.uffd, &g);
+            free_or_keep(&self.uffd, &self.kept, g);
         }
     }
 
@@ -134,6 +170,41 @@ impl Reaper {
         while *pending > 0 {
             cv.wait(&mut pending);
         }
+    }
+}
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        // What the thread keeps after this is freed as it ends.
+        free_kept(&self.uffd, &self.kept);
+    }
+}
+
+/// Frees the pages of `g`, then keeps it for a later reservation where there is room
+/// ([`Kept`]), or frees it whole. A locked graveyard is not kept (few sources are).
+fn free_or_keep(uffd: &Uffd, kept: &Mutex<Kept>, g: Grave) {
+    if g.locked {
+        free(uffd, &g);
+        return;
+    }
+    // SAFETY: a graveyard holds only pages moved out of replaced sources, or nothing; it is
+    // ours alone (type invariant). It stays registered: the graveyards' userfaultfd hears
+    // of no purge, so the discard raises no event. Under the mmap read lock.
+    let _ = unsafe { sys::discard(g.addr, g.len) };
+    let mut k = kept.lock();
+    if k.graves.len() < Kept::MAX {
+        k.graves.push(g);
+        return;
+    }
+    drop(k);
+    free(uffd, &g);
+}
+
+/// Frees every kept graveyard.
+fn free_kept(uffd: &Uffd, kept: &Mutex<Kept>) {
+    let graves = std::mem::take(&mut kept.lock().graves);
+    for g in graves {
+        free(uffd, &g);
     }
 }
 
@@ -165,7 +236,7 @@ pub(super) fn reserve(uffd: &Uffd, len: usize, phase: usize, locked: bool) -> Re
         }
     }
     // INVARIANT: a fresh private anonymous read-write mapping of ours.
-    let grave = Grave { addr: g, len };
+    let grave = Grave { addr: g, len, locked };
     // Not inherited by a child: its pages stay this process's own (movable back).
     let setup = sys::madvise(g, len, sys::Advice::NoHugePage)
         .and_then(|()| sys::madvise(g, len, sys::Advice::DontFork))

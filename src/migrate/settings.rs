@@ -134,6 +134,11 @@ settings! {
     /// default: no faster than filling an empty destination (the copies in take the claims
     /// lock, fills do not), and its first folio waits longer.
     copy_in: bool = false, accepts "0 or 1", valid |_| true;
+    /// Answer a thread's fault on an isolated base page at once: the event reader copies the
+    /// page's old contents in (with up to 60 KiB after it), allocated on the target node,
+    /// and the move leaves those pages alone. `0`: the thread waits until its whole piece
+    /// has moved.
+    answer_faults: bool = true, accepts "0 or 1", valid |_| true;
     /// Let a second thread copy each piece of the pipelined CPU copy of folios smaller than
     /// a huge page with the caller, 64 KiB at a time, in calls of more than one huge page's
     /// worth where the process may run on two CPUs or more: the mover and the reaper leave
@@ -233,7 +238,7 @@ mod tests {
     #[test]
     fn every_setting_has_an_attribute_that_reads_what_it_writes() {
         let mut s = Settings::default();
-        assert_eq!(SETTING_ATTRS.len(), 10);
+        assert_eq!(SETTING_ATTRS.len(), 11);
         for attr in SETTING_ATTRS {
             assert!(attr.path.starts_with("migrate/"));
             let value = if attr.accepts == "0 or 1" { "0" } else { "77" };

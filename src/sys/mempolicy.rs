@@ -245,12 +245,14 @@ impl PolicyBinding {
         Self { saved: ThreadPolicy::current().ok(), bound: false }
     }
 
-    /// Binds the calling thread to `node` (`MPOL_BIND`). Where that fails, the thread
-    /// stays as it was: its own policy, or the node bound before.
-    pub fn bind(&mut self, node: u32) {
+    /// Binds the calling thread to `node` (`MPOL_BIND`), and returns whether it did. Where
+    /// that fails, the thread stays as it was: its own policy, or the node bound before.
+    pub fn bind(&mut self, node: u32) -> bool {
         if self.saved.is_some() && set_mempolicy_bind(Some(node)).is_ok() {
             self.bound = true;
+            return true;
         }
+        false
     }
 
     /// Puts the thread's own policy back.

@@ -120,6 +120,12 @@ pub enum Event {
         /// The faulting address.
         addr: usize,
     },
+    /// A thread wrote to the write-protected page at `addr` and waits to be woken (or for
+    /// the page to be replaced).
+    Protected {
+        /// The faulting address.
+        addr: usize,
+    },
     /// `len` bytes at `from` were moved to `to` by `mremap`.
     Remap {
         /// Old address.
@@ -417,8 +423,9 @@ impl Uffd {
     }
 
     /// Reads every message waiting on the descriptor without blocking, and returns the
-    /// events and missing-page faults among them (write-protect faults are dropped: their
-    /// threads sleep until woken). Reading an event releases the thread that caused it.
+    /// events and the missing-page and write-protect faults among them (minor faults are
+    /// dropped). Reading an event releases the thread that caused it; a fault's thread
+    /// sleeps until its page is filled or it is woken.
     ///
     /// # Errors
     /// The `read` errno, other than `EAGAIN` (nothing waiting), when nothing was read: the
@@ -455,7 +462,9 @@ impl Uffd {
                         events.push(Event::Remove { start: r.start as usize, end: r.end as usize });
                     } else if event == UFFD_EVENT_PAGEFAULT {
                         let f = msg.arg.pagefault;
-                        if f.flags & u64::from(UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR) == 0 {
+                        if f.flags & u64::from(UFFD_PAGEFAULT_FLAG_WP) != 0 {
+                            events.push(Event::Protected { addr: f.address as usize });
+                        } else if f.flags & u64::from(UFFD_PAGEFAULT_FLAG_MINOR) == 0 {
                             events.push(Event::Missing { addr: f.address as usize });
                         }
                     } else if event == UFFD_EVENT_UNMAP {

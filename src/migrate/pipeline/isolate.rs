@@ -92,6 +92,13 @@ impl<'a> Call<'a> {
         let mut empty = crate::migrate::fork::open((end - start) / sys::PAGE_SIZE);
         let count = |s: usize, e: usize| (e - s) / sys::PAGE_SIZE;
         let mut failed: Vec<(usize, &'static str, Errno)> = Vec::new();
+        // A thread's fault on these pages may be answered at once by the event reader: base
+        // pages whose mapping has no memory policy of its own (a page copied in is
+        // allocated by the reader's policy, bound to the target).
+        let answer = (self.plan.answer_faults
+            && !st.slots[items.start].item.own_policy
+            && st.slots[items.clone()].iter().all(|slot| slot.item.folio.size() == sys::PAGE_SIZE))
+        .then_some(self.target);
         {
             let mut claims = engine.busy.lock();
             let run = &st.runs[st.slots[items.start].run];
@@ -128,6 +135,9 @@ impl<'a> Call<'a> {
                 let bad = at + moved;
                 let Some(errno) = errno else {
                     claims.add_isolated(at, stretch_end, grave(at), empty.split(count(at, stretch_end)));
+                    if let Some(node) = answer {
+                        answer_from_now(engine, &mut claims, at, stretch_end, node);
+                    }
                     at = stretch_end;
                     continue;
                 };
@@ -136,6 +146,9 @@ impl<'a> Call<'a> {
                 let fk = folios[folios.partition_point(|f| f.end() <= bad)];
                 if fk.addr() > at {
                     claims.add_isolated(at, fk.addr(), grave(at), empty.split(count(at, fk.addr())));
+                    if let Some(node) = answer {
+                        answer_from_now(engine, &mut claims, at, fk.addr(), node);
+                    }
                 }
                 if bad > fk.addr() {
                     // The moved part of this folio goes back, as any isolated span does
@@ -200,6 +213,17 @@ impl<'a> Call<'a> {
             st.slots[i].info.remove(MigrateInfo::WAS_MAPPED);
             st.slots[i].refused = Some((op, errno));
         }
+    }
+}
+
+/// Lets the event reader answer faults on the isolated base pages of `[start, end)`, to be
+/// allocated on `node` ([`Claims::answer_faults`]), and wakes the threads whose fault it
+/// could not answer before (a write to a page being protected): each faults again on its
+/// now empty page, and that fault is answered.
+fn answer_from_now(engine: &Engine, claims: &mut Claims, start: usize, end: usize, node: u32) {
+    claims.answer_faults(start, end, node);
+    for page in claims.take_waiting(start, end) {
+        let _ = engine.uffd.wake(page, sys::PAGE_SIZE);
     }
 }
 

@@ -82,6 +82,9 @@ pub(super) struct Plan {
     /// A second thread copies each piece of the pipelined CPU copy with the caller
     /// (`migrate/copy_helper`; see `helper`).
     pub copy_helper: bool,
+    /// The event reader answers a thread's fault on an isolated base page of a mapping
+    /// without a memory policy of its own (`migrate/answer_faults`; see `events`).
+    pub answer_faults: bool,
 }
 
 impl Plan {
@@ -157,6 +160,7 @@ impl Plan {
                 && several_pieces
                 && base_pages
                 && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
+            answer_faults: settings.answer_faults,
         }
     }
 

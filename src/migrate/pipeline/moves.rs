@@ -102,6 +102,14 @@ impl Call<'_> {
         bad.release(self.engine);
         st.runs[r].cursor = item.folio.end();
         st.runs[r].next = i + 1;
+        // A thread faulted on it while isolated, and the event reader copied its new page
+        // in already: it moved.
+        let f = item.folio;
+        if self.engine.busy.lock().answered_from(f.addr(), f.end()) == f.end() {
+            self.tally.stats.answered_bytes += f.size() as u64;
+            self.tally.moved(f, false);
+            return rest;
+        }
         let op = match st.slots[i].refused {
             // Held elsewhere for now (pinned, or split by the kernel): another pass tries it
             // again, as the kernel retries a folio with extra references.
