@@ -29,8 +29,9 @@ use crate::sys::{self, Errno, uffd::Uffd};
 pub(super) struct Grave {
     addr: usize,
     len: usize,
-    /// Locked on fault (`mlock2(MLOCK_ONFAULT)`), as the sources it was made for.
-    locked: bool,
+    /// May be kept for a later reservation once freed ([`Kept`]): not locked, and made
+    /// for base pages only.
+    keep: bool,
 }
 
 impl Grave {
@@ -51,8 +52,8 @@ impl Grave {
     pub fn split_at(self, at: usize) -> (Grave, Grave) {
         assert!(at <= self.len, "split at {at} past a graveyard of {} bytes", self.len);
         // INVARIANT: two disjoint parts of a range that was ours alone.
-        let locked = self.locked;
-        (Grave { addr: self.addr, len: at, locked }, Grave { addr: self.addr + at, len: self.len - at, locked })
+        let keep = self.keep;
+        (Grave { addr: self.addr, len: at, keep }, Grave { addr: self.addr + at, len: self.len - at, keep })
     }
 }
 
@@ -61,6 +62,11 @@ impl Grave {
 /// mmap lock for writing six times, and a thread of the program whose fault waited on a
 /// migration takes the mmap lock to try again, queued behind every such writer. A call of
 /// 2 MiB pieces makes and frees a graveyard per piece.
+///
+/// Only graveyards of base pages are kept, and given to base pages again: the page tables
+/// they were given stay after the discard, and a huge page moved into a range with a page
+/// table is split (a graveyard that only ever took huge pages has none, but one a stranger's
+/// read faulted into has).
 #[derive(Debug, Default)]
 struct Kept {
     graves: Vec<Grave>,
@@ -120,15 +126,18 @@ impl Reaper {
     }
 
     /// Maps a graveyard of `len` bytes whose start is congruent to `phase` modulo 2 MiB
-    /// ([`reserve`]).
+    /// ([`reserve`]), or, for `base_pages` not locked, takes one kept ([`Kept`]).
     ///
     /// # Errors
     /// The errno of mapping, registering or locking it.
-    pub fn reserve(&self, len: usize, phase: usize, locked: bool) -> Result<Grave, Errno> {
-        if !locked && let Some(g) = self.kept.lock().take(len, phase) {
+    pub fn reserve(&self, len: usize, phase: usize, locked: bool, base_pages: bool) -> Result<Grave, Errno> {
+        let keep = !locked && base_pages;
+        if keep && let Some(g) = self.kept.lock().take(len, phase) {
             return Ok(g);
         }
-        reserve(&self.uffd, len, phase, locked)
+        let mut g = reserve(&self.uffd, len, phase, locked)?;
+        g.keep = keep;
+        Ok(g)
     }
 
     /// The userfaultfd graveyards are registered with: moves into a graveyard go through it.
@@ -181,9 +190,10 @@ impl Drop for Reaper {
 }
 
 /// Frees the pages of `g`, then keeps it for a later reservation where there is room
-/// ([`Kept`]), or frees it whole. A locked graveyard is not kept (few sources are).
+/// ([`Kept`]), or frees it whole. A locked graveyard is not kept (few sources are), nor one
+/// made for huge pages.
 fn free_or_keep(uffd: &Uffd, kept: &Mutex<Kept>, g: Grave) {
-    if g.locked {
+    if !g.keep {
         free(uffd, &g);
         return;
     }
@@ -236,7 +246,7 @@ pub(super) fn reserve(uffd: &Uffd, len: usize, phase: usize, locked: bool) -> Re
         }
     }
     // INVARIANT: a fresh private anonymous read-write mapping of ours.
-    let grave = Grave { addr: g, len, locked };
+    let grave = Grave { addr: g, len, keep: false };
     // Not inherited by a child: its pages stay this process's own (movable back).
     let setup = sys::madvise(g, len, sys::Advice::NoHugePage)
         .and_then(|()| sys::madvise(g, len, sys::Advice::DontFork))

@@ -59,7 +59,7 @@ mod tests {
         let key = crate::pool::Key { node, thp: crate::pool::ThpAdvice::Default, empty: false };
         let page = crate::sys::PAGE_SIZE;
         let (dest, _) = engine.pool.take(key, 4 * page, page, 0, crate::pool::Populate::Madvise).unwrap();
-        let grave = engine.reaper.reserve(4 * crate::sys::PAGE_SIZE, 0, false).unwrap();
+        let grave = engine.reaper.reserve(4 * crate::sys::PAGE_SIZE, 0, false, true).unwrap();
         let staged = Staged::new(dest, grave);
         let (head, tail) = staged.split_at(crate::sys::PAGE_SIZE);
         assert_eq!((head.len(), tail.len()), (crate::sys::PAGE_SIZE, 3 * crate::sys::PAGE_SIZE));

@@ -45,7 +45,8 @@ impl<'a> Call<'a> {
                 }
                 Err(e) => Err(("destination on target node", e.errno())),
             };
-            let grave = self.engine.reaper.reserve(len, start, locked);
+            let base_pages = items.iter().all(|i| !i.folio.is_pmd());
+            let grave = self.engine.reaper.reserve(len, start, locked, base_pages);
             match (dest, grave) {
                 (Ok(dest), Ok(grave)) => {
                     st.runs[r].grave_base = grave.addr();
