@@ -336,6 +336,12 @@ impl Claims {
         to
     }
 
+    /// Whether the event reader copied in every page of `[start, end)` (a folio answered
+    /// whole has moved, whatever its move does).
+    pub fn is_answered(&mut self, start: usize, end: usize) -> bool {
+        self.answered_from(start, end) == end
+    }
+
     /// The isolated spans inside `[start, end)` as `(start, end, grave)`, clipped to it.
     pub fn isolated_in(&mut self, start: usize, end: usize) -> Vec<(usize, usize, usize)> {
         let mut out = Vec::new();

@@ -273,8 +273,8 @@ fn answer_faults(uffd: &Uffd, claims: &mut Claims, faults: Vec<usize>) {
     let mut binding = crate::sys::PolicyBinding::new();
     for addr in faults {
         let Some((start, end, grave, node)) = claims.answerable(addr, ANSWER_MAX) else {
-            // Protected but not isolated yet: woken once it is, to fault again (see
-            // `Claims::add_waiting`).
+            // Not answerable now: a claimed page still being protected is woken once it is
+            // isolated, to fault again (see `Claims::add_waiting`); any other waits as before.
             claims.add_waiting(addr);
             continue;
         };

@@ -196,7 +196,7 @@ pub(super) fn run(engine: &Engine, job: Job, tally: &mut Tally, reporter: &Repor
             if abort.is_set() { (STOPPED, Errno::CANCELED) } else { ("userfaultfd move of the new pages", Errno::IO) };
         let mut claims = engine.busy.lock();
         let outcomes: Vec<Outcome> =
-            job.folios.iter().map(|f| (claims.answered_from(f.addr(), f.end()) < f.end()).then_some(why)).collect();
+            job.folios.iter().map(|f| (!claims.is_answered(f.addr(), f.end())).then_some(why)).collect();
         let answered = job.folios.iter().zip(&outcomes).filter(|(_, o)| o.is_none()).map(|(f, _)| f.size()).sum();
         (outcomes, answered)
     } else if job.copy_in {

@@ -105,7 +105,7 @@ impl Call<'_> {
         // A thread faulted on it while isolated, and the event reader copied its new page
         // in already: it moved.
         let f = item.folio;
-        if self.engine.busy.lock().answered_from(f.addr(), f.end()) == f.end() {
+        if self.engine.busy.lock().is_answered(f.addr(), f.end()) {
             self.tally.stats.answered_bytes += f.size() as u64;
             self.tally.moved(f, false);
             return rest;
