@@ -236,20 +236,25 @@ impl ThreadPolicy {
 #[derive(Debug)]
 pub struct PolicyBinding {
     saved: Option<ThreadPolicy>,
-    bound: bool,
+    /// The node the thread is bound to, while it is.
+    bound: Option<u32>,
 }
 
 impl PolicyBinding {
     /// Reads the calling thread's policy, to put back later; binds nothing yet.
     pub fn new() -> Self {
-        Self { saved: ThreadPolicy::current().ok(), bound: false }
+        Self { saved: ThreadPolicy::current().ok(), bound: None }
     }
 
-    /// Binds the calling thread to `node` (`MPOL_BIND`), and returns whether it did. Where
-    /// that fails, the thread stays as it was: its own policy, or the node bound before.
+    /// Binds the calling thread to `node` (`MPOL_BIND`), and returns whether it is bound
+    /// there (without a system call where it is already). Where that fails, the thread
+    /// stays as it was: its own policy, or the node bound before.
     pub fn bind(&mut self, node: u32) -> bool {
+        if self.bound == Some(node) {
+            return true;
+        }
         if self.saved.is_some() && set_mempolicy_bind(Some(node)).is_ok() {
-            self.bound = true;
+            self.bound = Some(node);
             return true;
         }
         false
@@ -257,8 +262,11 @@ impl PolicyBinding {
 
     /// Puts the thread's own policy back.
     pub fn unbind(&mut self) {
-        if self.bound && let Some(saved) = self.saved {
-            self.bound = saved.restore().is_err();
+        if self.bound.is_some()
+            && let Some(saved) = self.saved
+            && saved.restore().is_ok()
+        {
+            self.bound = None;
         }
     }
 }
@@ -272,5 +280,35 @@ impl Default for PolicyBinding {
 impl Drop for PolicyBinding {
     fn drop(&mut self) {
         self.unbind();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A binding binds the thread, again without harm to the node it is bound to, and puts
+    /// the thread's own policy back when it drops.
+    #[test]
+    fn a_binding_binds_once_per_node_and_puts_the_policy_back() {
+        std::thread::spawn(|| {
+            let own = ThreadPolicy::current().unwrap();
+            {
+                let mut binding = PolicyBinding::new();
+                assert!(binding.bind(0));
+                assert_eq!(ThreadPolicy::current().unwrap().mode, libc::MPOL_BIND);
+                assert!(binding.bind(0));
+                assert_eq!(ThreadPolicy::current().unwrap().mode, libc::MPOL_BIND);
+                binding.unbind();
+                let now = ThreadPolicy::current().unwrap();
+                assert_eq!((now.mode, now.mask), (own.mode, own.mask));
+                assert!(binding.bind(0));
+                assert_eq!(ThreadPolicy::current().unwrap().mode, libc::MPOL_BIND);
+            }
+            let now = ThreadPolicy::current().unwrap();
+            assert_eq!((now.mode, now.mask), (own.mode, own.mask));
+        })
+        .join()
+        .unwrap();
     }
 }
