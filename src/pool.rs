@@ -386,7 +386,11 @@ impl Pool {
             let from = chunk.prepared_end.max(chunk.cursor);
             (from, chunk.cursor.saturating_add(ahead).min(chunk.end).min(from.saturating_add(step)))
         });
-        let Some((from, to)) = range.filter(|(from, to)| from < to) else {
+        // One helper populates a chunk at a time: a second (another call's, to the same
+        // node) would take the same step, and ending first, clear `populating` while the
+        // first still touched it, letting a take hand that out.
+        let busy = chunks.get(&key).is_some_and(|chunk| chunk.populating.is_some());
+        let Some((from, to)) = range.filter(|(from, to)| from < to && !busy) else {
             self.inner.taken.wait_for(&mut chunks, wait);
             return 0;
         };
@@ -813,6 +817,50 @@ mod tests {
                     pool.release(d);
                 }
         });
+        });
+    }
+
+    /// Two calls' helpers populating the same chunk at once (calls to one node run side by
+    /// side), while destinations are taken and written at once: neither writes one handed
+    /// out. A second helper once took the same step as the first and, ending first, let a
+    /// take hand out what the first was still touching: the program's moved data lost the
+    /// first byte of its pages.
+    #[test]
+    fn helpers_side_by_side_never_write_what_was_taken() {
+        watchdog(120, || {
+            let pool = Pool::populated_only();
+            let key = key();
+            let stop = AtomicBool::new(false);
+            std::thread::scope(|s| {
+                for _ in 0..3 {
+                    s.spawn(|| {
+                        let _helper = pool.helper_started();
+                        while !stop.load(Ordering::Relaxed) {
+                            pool.populate_ahead(key, 32 << 20, HPAGE_SIZE, Duration::from_millis(1));
+                        }
+                    });
+                }
+                let mut taken = Vec::new();
+                let mut written = Vec::new();
+                for i in 0..1600u32 {
+                    let (d, _) = pool.take(key, 512 << 10, 4096, 0, Populate::Madvise).unwrap();
+                    fill(&d, (i % 250) as u8 + 1);
+                    taken.push((i, d));
+                    if taken.len() > 16 || i == 1599 {
+                        if i == 1599 {
+                            stop.store(true, Ordering::Relaxed);
+                            pool.wake_helpers();
+                        }
+                        for (i, d) in taken.drain(..) {
+                            if !holds(&d, (i % 250) as u8 + 1) {
+                                written.push(i);
+                            }
+                            pool.release(d);
+                        }
+                    }
+                }
+                assert!(written.is_empty(), "destinations {written:?} were written");
+            });
         });
     }
 
