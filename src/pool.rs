@@ -264,8 +264,8 @@ struct Inner {
     taken: Condvar,
     /// Helpers populating ahead now ([`Pool::helper_started`]).
     helpers: std::sync::atomic::AtomicUsize,
-    /// Destinations given back while helpers ran, their pages freed already: unmapped
-    /// when the last one stops ([`Pool::release`]).
+    /// Destinations given back while calls or helpers ran, their pages freed already:
+    /// unmapped when the last of them ends ([`Pool::release`]).
     spent: Mutex<Vec<(usize, usize)>>,
 }
 
@@ -276,8 +276,9 @@ pub struct HelperGuard<'p> {
 
 impl Drop for HelperGuard<'_> {
     fn drop(&mut self) {
-        if self.pool.inner.helpers.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.pool.inner.unmap_spent();
+        let inner = &self.pool.inner;
+        if inner.helpers.fetch_sub(1, Ordering::SeqCst) == 1 && inner.calls.load(Ordering::SeqCst) == 0 {
+            inner.unmap_spent();
         }
     }
 }
@@ -290,9 +291,13 @@ pub struct CallGuard<'p> {
 
 impl Drop for CallGuard<'_> {
     fn drop(&mut self) {
-        if self.pool.inner.calls.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let _reserves = self.pool.inner.reserves.lock();
-            self.pool.inner.wake.notify_all();
+        let inner = &self.pool.inner;
+        if inner.calls.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if inner.helpers.load(Ordering::SeqCst) == 0 {
+                inner.unmap_spent();
+            }
+            let _reserves = inner.reserves.lock();
+            inner.wake.notify_all();
         }
     }
 }
@@ -507,29 +512,37 @@ impl Pool {
     }
 
     /// Gives back a destination (or the part of it still in place) that was not moved.
-    /// While a helper populates ahead ([`Pool::helper_started`]), its pages are freed now
-    /// and its range unmapped once the last helper stops: an unmap splits the chunk's
-    /// mapping, and so waits for every fault in it, the helper's too (the moves of a
-    /// 2-MiB-batch call on the 16-core Intel Xeon VM took 83–113 ms/GiB instead of 13).
+    /// While a migration runs ([`Pool::call_started`]) or a helper populates ahead
+    /// ([`Pool::helper_started`]), its pages are freed now (`MADV_DONTNEED`, under the
+    /// memory map's lock for reading) and its range unmapped once the last of them ends,
+    /// the ranges given back in a row in one `munmap`. An unmap takes the memory map's
+    /// lock for writing: a thread of the program whose fault waited on a migration takes
+    /// it for reading to try again, queued behind each such writer (a call of 4 KiB folios
+    /// unmapped a destination per 2 MiB piece, on the mover, beside the program's
+    /// faults). An unmap also splits the chunk's mapping, and so waits for every fault in
+    /// it, a helper's too (the moves of a 2-MiB-batch call on the 16-core Intel Xeon VM
+    /// took 83–113 ms/GiB instead of 13). A destination whose pages cannot be freed so
+    /// (a locked one) is unmapped at once.
     pub fn release(&self, dest: Dest) {
         if dest.len == 0 {
             return;
         }
-        if self.inner.helpers.load(Ordering::Acquire) > 0 {
-            // SAFETY: a `Dest` is only made by `take` and owns its range (type invariant);
-            // it is consumed here, so nothing relies on its contents any more.
-            let _ = unsafe { sys::discard(dest.addr, dest.len) };
-            let mut spent = self.inner.spent.lock();
+        let inner = &self.inner;
+        let deferred = || inner.helpers.load(Ordering::SeqCst) > 0 || inner.calls.load(Ordering::SeqCst) > 0;
+        // SAFETY: a `Dest` is only made by `take` and owns its range (type invariant); it
+        // is consumed here, so nothing relies on its contents any more.
+        if deferred() && unsafe { sys::discard(dest.addr, dest.len) }.is_ok() {
+            let mut spent = inner.spent.lock();
             match spent.last_mut() {
                 Some(last) if last.0 + last.1 == dest.addr => last.1 += dest.len,
                 _ => spent.push((dest.addr, dest.len)),
             }
-            // Unmapped by the last helper's guard, unless that one ended meanwhile.
-            if self.inner.helpers.load(Ordering::Acquire) > 0 {
+            // Unmapped by the last guard to drop, unless that one dropped meanwhile.
+            if deferred() {
                 return;
             }
             drop(spent);
-            self.inner.unmap_spent();
+            inner.unmap_spent();
             return;
         }
         // SAFETY: as above; the range is unmapped, and nothing refers to it afterwards.
@@ -864,8 +877,9 @@ mod tests {
         });
     }
 
-    /// While a helper runs, a destination given back keeps its range mapped (its pages
-    /// freed) until the helper stops: its unmap would wait for the helper's faults.
+    /// While a helper or a call runs, a destination given back keeps its range mapped (its
+    /// pages freed) until the last of them ends: its unmap would wait for the helper's
+    /// faults, and hold back the program's.
     #[test]
     fn destinations_given_back_beside_a_helper_are_unmapped_after_it() {
         watchdog(60, || {
@@ -880,7 +894,21 @@ mod tests {
             assert!(crate::numa::page_frames(addr, 1 << 20).unwrap().iter().all(Option::is_none));
             drop(helper);
             assert!(!mapped(addr));
-            // Without a helper, at once.
+            // During a call too, and with a helper beside it, until both end.
+            let (c, _) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
+            let (d, _) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
+            let (c_addr, d_addr) = (c.addr, d.addr);
+            let call = pool.call_started();
+            pool.release(c);
+            assert!(mapped(c_addr));
+            assert!(crate::numa::page_frames(c_addr, 1 << 20).unwrap().iter().all(Option::is_none));
+            let helper = pool.helper_started();
+            drop(call);
+            pool.release(d);
+            assert!(mapped(c_addr) && mapped(d_addr));
+            drop(helper);
+            assert!(!mapped(c_addr) && !mapped(d_addr));
+            // Without a call or a helper, at once.
             let (b, _) = pool.take(key, 1 << 20, 4096, 0, Populate::Madvise).unwrap();
             let addr = b.addr;
             pool.release(b);
