@@ -170,3 +170,80 @@ fn madv_free_during_migration() {
     let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "madv_free_during_migration");
     all_moments(Change::Free);
 }
+
+/// The program moves memory (`mremap`) while the old pages of folios that will not move go
+/// back, after the first page came back and the kernel refused the rest for a moment
+/// (injected: `FaultInjection::stall_put_back`): every byte reaches the new address, the
+/// page back already with the memory, the rest through the event reader. It once took the
+/// whole span along, met the page back already at the new address, and gave the rest up:
+/// the program read zeros there. An `munmap` at that moment leaves the range unmapped.
+#[test]
+fn mremap_while_old_pages_go_back_loses_nothing() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "mremap_while_old_pages_go_back_loses_nothing");
+    for change in [Change::Mremap, Change::Munmap] {
+        change_during_put_back(change);
+    }
+}
+
+fn change_during_put_back(change: Change) {
+    const LEN: usize = 1 << 20;
+    let base = changes::mapping(LEN, 4096, SEED);
+    let (reserved, spare) = changes::spare();
+    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
+        // SAFETY: the test keeps the mapping as it is except for the `mremap` under test.
+        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
+        .collect();
+    let result = watchdog(Duration::from_secs(60), "mremap during a put-back", move || {
+        let fault = FaultInjection {
+            fail_move: vec![0],
+            stall_put_back: Some(Duration::from_millis(400)),
+            ..Default::default()
+        };
+        let opts = MigrateOptions::default().fault(fault).answer_faults(false);
+        std::thread::scope(|s| {
+            let mover = s.spawn(|| {
+                // The stall: the run's first page back, the next still in the graveyard,
+                // for two looks 5 ms apart (the isolation empties a run from its start).
+                let stalled = || {
+                    let f = pagemig::numa::page_frames(base, 2 * 4096).unwrap();
+                    f[0].is_some() && f[1].is_none()
+                };
+                let started = std::time::Instant::now();
+                loop {
+                    assert!(started.elapsed() < Duration::from_secs(20), "the put-back never stalled");
+                    if stalled() {
+                        std::thread::sleep(Duration::from_millis(5));
+                        if stalled() {
+                            break;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                changes::apply(change, base, LEN, spare)
+            });
+            let r = Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
+            (r, mover.join().unwrap())
+        })
+    });
+    let (result, moved_to) = result;
+    // The injected refusal fails its run's folios (at least the first); the memory moved
+    // away fails the rest or lets them go as the program left them.
+    let Err(Error::Partial { stats, .. }) = &result else { panic!("the injected failure is not reported: {result:?}") };
+    assert!(stats.failed_folios >= 1, "{stats:?}");
+    assert!(!changes::holds_old_data_for_good(base, SEED, 0), "{change:?}: the memory came back at its old address");
+    if change == Change::Munmap {
+        // SAFETY: the test's own reservation, unused.
+        unsafe { libc::munmap(reserved as *mut _, changes::SPARE) };
+        return;
+    }
+    assert_eq!(moved_to, spare);
+    for i in 0..LEN / 8 {
+        assert_eq!(
+            changes::word(spare + i * 8),
+            pagemig::workload::pattern_word(SEED, i),
+            "word {i} of the moved memory"
+        );
+    }
+    // SAFETY: the test's own reservation, the memory moved into it, no longer used.
+    unsafe { libc::munmap(reserved as *mut _, changes::SPARE) };
+}

@@ -39,6 +39,8 @@ pub(super) struct Claim {
     answered: BTreeMap<usize, usize>,
     /// Pages of faults the event reader could not answer yet ([`Claims::add_waiting`]).
     waiting: Vec<usize>,
+    /// `FaultInjection::stall_put_back`, until the first put-back takes it.
+    stall_put_back: Option<Duration>,
 }
 
 /// Every claim, by start address, and the runs of every call in progress.
@@ -93,6 +95,13 @@ impl Busy {
         !overlaps
     }
 
+    /// Makes the first put-back in the claim at `start` stall (`FaultInjection::stall_put_back`).
+    pub fn stall_put_back(&self, start: usize, stall: Duration) {
+        if let Some(c) = self.claims.lock().map.get_mut(&start) {
+            c.stall_put_back = Some(stall);
+        }
+    }
+
     /// Releases ranges claimed with [`Busy::try_claim`], by start address.
     pub fn release_all(&self, starts: &[usize]) {
         let mut claims = self.claims.lock();
@@ -135,6 +144,12 @@ impl Claims {
         out
     }
 
+    /// The put-back stall of the claim holding `at`, taken once
+    /// (`FaultInjection::stall_put_back`).
+    pub fn take_put_back_stall(&mut self, at: usize) -> Option<Duration> {
+        self.overlapping(at, at + 1).find_map(|(_, c)| c.stall_put_back.take())
+    }
+
     /// Whether a claim overlapping `[start, end)` sends its old pages home through the
     /// event reader's holdings at once.
     pub fn through_holdings(&mut self, start: usize, end: usize) -> bool {
@@ -174,6 +189,20 @@ impl Claims {
         self.next_call += 1;
         self.calls.insert(id, runs);
         id
+    }
+
+    /// Forgets what of every call's runs lies in `[start, end)`, which the program
+    /// unmapped or moved away: the call that ends does not take the registration off what
+    /// is mapped there next. Memory of another call's the program moved there (`mremap`)
+    /// comes registered, its old pages on their way in through the event reader; taking
+    /// the registration off would let its threads read zeros, and the old pages would find
+    /// no registered mapping to go into.
+    pub fn forget_runs(&mut self, start: usize, end: usize) {
+        for runs in self.calls.values_mut() {
+            if runs.iter().any(|&(s, e)| s < end && start < e) {
+                *runs = subtract(runs, &[(start, end)]);
+            }
+        }
     }
 
     /// Forgets the runs of call `id`, which ends; returns them.
@@ -383,6 +412,19 @@ impl Claims {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the program unmapped or moved away leaves every call's runs: the call that
+    /// ends does not unregister it.
+    #[test]
+    fn unmapped_ranges_leave_the_calls_runs() {
+        let mut c = Claims::default();
+        let a = c.begin_call(vec![(0x10000, 0x40000), (0x50000, 0x60000)]);
+        let b = c.begin_call(vec![(0x38000, 0x48000)]);
+        c.forget_runs(0x20000, 0x3c000);
+        assert_eq!(c.end_call(b), vec![(0x3c000, 0x48000)]);
+        assert_eq!(c.unused_in(0x20000, 0x30000), vec![(0x20000, 0x30000)]);
+        assert_eq!(c.end_call(a), vec![(0x10000, 0x20000), (0x3c000, 0x40000), (0x50000, 0x60000)]);
+    }
 
     #[test]
     fn registration_stays_where_another_call_or_claim_needs_it() {

@@ -221,13 +221,7 @@ fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: V
     for event in events {
         handle(&mut claims, event, &mut moved);
     }
-    for addr in std::mem::take(&mut moved.strays) {
-        // SAFETY: a missing page of the program's anonymous memory that no call claims or
-        // registered (checked under this same hold of the claims lock, which every claim
-        // and registration takes): its thread would have read a fresh page of zeros.
-        unsafe { super::zerofill::answer_with_zeros(home.uffd, addr) };
-    }
-    answer_faults(home.uffd, &mut claims, std::mem::take(&mut moved.faults));
+    answer_all(home.uffd, &mut claims, &mut moved);
     if !moved.through_holdings {
         bring_home(home, Some(&mut claims), &mut moved, Backoff::kernel().within(HOMING_LOCKED));
     }
@@ -242,6 +236,8 @@ fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: V
             bring_home(home, Some(&mut claims), &mut moved, limit);
         }
         moved.give_up();
+        // Faults read while the pages went home: their threads wait for an answer too.
+        answer_all(home.uffd, &mut claims, &mut moved);
     }
     for (to, end) in std::mem::take(&mut moved.release) {
         release_moved(home.uffd, &mut claims, to, end);
@@ -251,6 +247,22 @@ fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: V
     for holding in moved.holdings.drain(..) {
         reaper::free(home.graves, &holding);
     }
+}
+
+/// Answers the faults recorded in `moved`: strays with a page of zeros, faults on isolated
+/// pages a call lets the reader answer with their old pages ([`answer_faults`]).
+fn answer_all(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
+    for addr in std::mem::take(&mut moved.strays) {
+        // Checked again: read while the lock was let go (the homing's), a call may have
+        // claimed or registered the page since.
+        if claims.is_stray(addr) {
+            // SAFETY: a missing page of the program's anonymous memory that no call claims
+            // or registered (checked under this hold of the claims lock, which every claim
+            // and registration takes): its thread would have read a fresh page of zeros.
+            unsafe { super::zerofill::answer_with_zeros(uffd, addr) };
+        }
+    }
+    answer_faults(uffd, claims, std::mem::take(&mut moved.faults));
 }
 
 /// The most bytes one fault's answer copies in: the page touched and those after it, which
@@ -336,11 +348,14 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
         Event::Unmap { start, end } => {
             claims.mark_dead(start, end);
             claims.drop_strays(start, end);
+            claims.forget_runs(start, end);
             moved.discard(start, end);
         }
         Event::Remap { from, to, len } => {
             claims.mark_dead(from, from + len);
             claims.drop_strays(from, from + len);
+            claims.forget_runs(from, from + len);
+            claims.forget_runs(to, to + len);
             moved.follow(from, to, len);
             moved.through_holdings |= claims.through_holdings(from, from + len);
             let (spans, empty) = claims.take_isolated(from, from + len);

@@ -421,12 +421,24 @@ pub(super) fn put_back_counted(
     let mut empty = Empty::none();
     let mut patience = Patience::new();
     while let Some((s, e, g)) = claims.isolated_in(start, end).first().copied() {
+        let stall = if e - s > sys::PAGE_SIZE { claims.take_put_back_stall(s) } else { None };
+        let len = if stall.is_some() { sys::PAGE_SIZE } else { e - s };
         // SAFETY: `g` holds exactly the old pages of `[s, e)`, moved out by this call; the
         // source is empty and every access to it waits.
-        let (moved, errno) = match unsafe { engine.uffd.move_pages(s, g, e - s) } {
-            Ok(()) => (e - s, None),
+        let (moved, errno) = match unsafe { engine.uffd.move_pages(s, g, len) } {
+            // The injected stall: the kernel refused the rest for a moment.
+            Ok(()) if stall.is_some() => (len, Some(Errno::AGAIN)),
+            Ok(()) => (len, None),
             Err((moved, errno)) => (moved, Some(errno)),
         };
+        // What came back leaves the record before any wait lets the lock go: an event read
+        // meanwhile (the program moving the memory on) takes along only what is still in
+        // the graveyard. Taking the whole span, the reader met the pages already back at
+        // its first page (`EEXIST`) and gave the rest up, the program's data with it.
+        empty.merge(claims.take_isolated(s, s + moved).1);
+        if let Some(stall) = stall {
+            MutexGuard::unlocked(claims, || std::thread::sleep(stall));
+        }
         let done = match errno {
             None => e,
             Some(errno) if patience.wait(claims, errno, g + moved) || patience.wait_event(claims, errno, s + moved) => {
@@ -440,17 +452,23 @@ pub(super) fn put_back_counted(
             // same, on the node of the old ones): never dropped while the source is there
             // to take them.
             Some(Errno::INVAL | Errno::BUSY | Errno::NOMEM) => {
+                let at = s + moved;
                 // SAFETY: the rest of `[s, e)` is empty and every access to it waits for
                 // exactly this data, which the graveyard holds.
-                match unsafe { copy_back(&engine.uffd, s + moved, g + moved, e - s - moved) } {
-                    Err((copied, errno))
+                match unsafe { copy_back(&engine.uffd, at, g + moved, e - at) } {
+                    Err((copied, errno)) => {
+                        // Replaced by its copy: forgotten before a wait, as above.
+                        empty.merge(claims.take_isolated(at, at + copied).1);
                         if patience.wait(claims, errno, g + moved + copied)
-                            || patience.wait_event(claims, errno, s + moved + copied) =>
-                    {
-                        s + moved + copied
+                            || patience.wait_event(claims, errno, at + copied)
+                        {
+                            at + copied
+                        } else {
+                            // Unmapped by the program meanwhile.
+                            e
+                        }
                     }
-                    // Done, or unmapped by the program meanwhile.
-                    _ => e,
+                    Ok(()) => e,
                 }
             }
             // Unmapped by the program (the event read): the pages go with the graveyard.

@@ -42,6 +42,11 @@ pub struct FaultInjection {
     /// of mappings (`vm.max_map_count`) refuses the split an unregistration needs: the runs
     /// stay registered after the call.
     pub fail_unregister: bool,
+    /// The first put-back of each claim's isolated pages (folios that will not move going
+    /// back) moves its first page only, then meets the kernel refusing the rest for a
+    /// moment (`EAGAIN`) and waits this long with the claims lock let go before it tries
+    /// again: lets a test move or unmap memory part of which is back.
+    pub stall_put_back: Option<Duration>,
 }
 
 /// A callback told the number of bytes moved so far.
@@ -277,6 +282,7 @@ impl MigrateOptions {
                 home_through_holdings: false,
                 delay_after_precopy: None,
                 fail_unregister: false,
+                stall_put_back: None,
             };
             &NONE
         }

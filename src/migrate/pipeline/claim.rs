@@ -13,6 +13,12 @@ impl Call<'_> {
     pub(super) fn claim(&self, batch: &[Item]) -> (Vec<Item>, Vec<usize>, Vec<Held>) {
         let busy = &self.engine.busy;
         let holdings = self.opts.faults().home_through_holdings;
+        let stall = self.opts.faults().stall_put_back;
+        let claimed_at = |start: usize| {
+            if let Some(stall) = stall {
+                busy.stall_put_back(start, stall);
+            }
+        };
         let (mut claimed, mut claims, mut held) = (Vec::with_capacity(batch.len()), Vec::new(), Vec::new());
         let mut i = 0;
         while i < batch.len() {
@@ -22,11 +28,13 @@ impl Call<'_> {
             }
             let (start, end) = (batch[i].folio.addr(), batch[j - 1].folio.end());
             if busy.try_claim(start, end, holdings) {
+                claimed_at(start);
                 claims.push(start);
                 claimed.extend_from_slice(&batch[i..j]);
             } else {
                 for item in &batch[i..j] {
                     if busy.try_claim(item.folio.addr(), item.folio.end(), holdings) {
+                        claimed_at(item.folio.addr());
                         claims.push(item.folio.addr());
                         claimed.push(*item);
                     } else {
