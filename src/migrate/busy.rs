@@ -205,6 +205,14 @@ impl Claims {
         }
     }
 
+    /// Whether the runs of call `id` cover `[start, end)` whole: nothing of it was
+    /// unmapped or moved away since the call began ([`Claims::forget_runs`]).
+    pub fn runs_cover(&self, id: u64, start: usize, end: usize) -> bool {
+        let Some(runs) = self.calls.get(&id) else { return false };
+        let at = runs.partition_point(|&(_, e)| e <= start);
+        runs.get(at).is_some_and(|&(s, e)| s <= start && end <= e)
+    }
+
     /// Forgets the runs of call `id`, which ends; returns them.
     pub fn end_call(&mut self, id: u64) -> Vec<Span> {
         self.calls.remove(&id).unwrap_or_default()
@@ -421,6 +429,9 @@ mod tests {
         let a = c.begin_call(vec![(0x10000, 0x40000), (0x50000, 0x60000)]);
         let b = c.begin_call(vec![(0x38000, 0x48000)]);
         c.forget_runs(0x20000, 0x3c000);
+        assert!(c.runs_cover(a, 0x10000, 0x20000) && c.runs_cover(a, 0x3c000, 0x40000));
+        assert!(!c.runs_cover(a, 0x1f000, 0x21000) && !c.runs_cover(a, 0x3b000, 0x3d000));
+        assert!(!c.runs_cover(a, 0x40000, 0x41000) && !c.runs_cover(b + 1, 0x10000, 0x11000));
         assert_eq!(c.end_call(b), vec![(0x3c000, 0x48000)]);
         assert_eq!(c.unused_in(0x20000, 0x30000), vec![(0x20000, 0x30000)]);
         assert_eq!(c.end_call(a), vec![(0x10000, 0x20000), (0x3c000, 0x40000), (0x50000, 0x60000)]);

@@ -307,6 +307,7 @@ impl Engine {
             let procmem = plan.precopy.then(crate::sys::ProcMem::open).and_then(Result::ok);
             let mut ctx = pipeline::Call {
                 engine: self,
+                call,
                 target,
                 opts,
                 plan: if tx.is_some() { plan } else { plan.without_mover() },

@@ -37,11 +37,17 @@ impl<'a> Call<'a> {
     }
 
     /// Write-protects `[start, end)`, which the call registered as it began. Where the
-    /// program unmapped, replaced or moved part of it since, that part is registered no
-    /// more (a mapping made there is not the program's old memory, and is never
-    /// registered: it may be a holding of the event reader's, see `events`), and the
-    /// protection is refused.
+    /// program unmapped, replaced or moved part of it since, the protection is refused: a
+    /// mapping made there is not the program's old memory. Most are registered no more (a
+    /// holding of the event reader's is never registered, see `events`), but memory the
+    /// program moved there (`mremap`) comes registered, its old pages perhaps still on
+    /// their way in through the event reader, so what left the call's runs (an unmap or
+    /// move read by the reader, [`crate::migrate::busy::Claims::forget_runs`]) is refused
+    /// first.
     fn protect(&self, start: usize, end: usize) -> Result<(), (&'static str, Errno)> {
+        if !self.engine.busy.lock().runs_cover(self.call, start, end) {
+            return Err((CHANGED, Errno::FAULT));
+        }
         let uffd = &self.engine.uffd;
         let len = end - start;
         if !uffd.wp_unpopulated() {

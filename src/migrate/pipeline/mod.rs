@@ -209,6 +209,8 @@ impl MigrateInfo {
 /// The state of one `migrate_pages` call shared by its batches.
 pub(super) struct Call<'a> {
     pub engine: &'a Engine,
+    /// The call's number in the claims ([`crate::migrate::busy::Claims::begin_call`]).
+    pub call: u64,
     pub target: u32,
     pub opts: &'a MigrateOptions,
     pub plan: Plan,
