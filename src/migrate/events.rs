@@ -236,9 +236,10 @@ fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: V
             bring_home(home, Some(&mut claims), &mut moved, limit);
         }
         moved.give_up();
-        // Faults read while the pages went home: their threads wait for an answer too.
-        answer_all(home.uffd, &mut claims, &mut moved);
     }
+    // Faults read while the pages went home (the first, locked offer included): their
+    // threads wait for an answer too.
+    answer_all(home.uffd, &mut claims, &mut moved);
     for (to, end) in std::mem::take(&mut moved.release) {
         release_moved(home.uffd, &mut claims, to, end);
     }
