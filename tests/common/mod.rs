@@ -121,6 +121,17 @@ pub fn leak(region: Region) -> &'static Region {
     Box::leak(Box::new(region))
 }
 
+/// Huge-page allocations the kernel failed at a fault so far, machine-wide
+/// (`thp_fault_fallback` in `/proc/vmstat`): a destination populated then got base pages.
+pub fn thp_fault_fallbacks() -> u64 {
+    let vmstat = std::fs::read_to_string("/proc/vmstat").expect("/proc/vmstat");
+    vmstat
+        .lines()
+        .filter_map(|l| l.strip_prefix("thp_fault_fallback "))
+        .map(|v| v.trim().parse::<u64>().expect("a count"))
+        .sum()
+}
+
 /// The `VmFlags` smaps gives the mapping holding `addr` (empty where nothing is mapped).
 pub fn vm_flags(addr: usize) -> Vec<String> {
     pagemig::maps::vmas_with_flags(addr, addr + 1).expect("smaps").into_iter().flat_map(|v| v.flags).collect()
