@@ -277,7 +277,8 @@ pub struct HelperGuard<'p> {
 impl Drop for HelperGuard<'_> {
     fn drop(&mut self) {
         let inner = &self.pool.inner;
-        if inner.helpers.fetch_sub(1, Ordering::SeqCst) == 1 && inner.calls.load(Ordering::SeqCst) == 0 {
+        inner.helpers.fetch_sub(1, Ordering::SeqCst);
+        if !inner.deferring() {
             inner.unmap_spent();
         }
     }
@@ -293,7 +294,7 @@ impl Drop for CallGuard<'_> {
     fn drop(&mut self) {
         let inner = &self.pool.inner;
         if inner.calls.fetch_sub(1, Ordering::SeqCst) == 1 {
-            if inner.helpers.load(Ordering::SeqCst) == 0 {
+            if !inner.deferring() {
                 inner.unmap_spent();
             }
             let _reserves = inner.reserves.lock();
@@ -528,17 +529,16 @@ impl Pool {
             return;
         }
         let inner = &self.inner;
-        let deferred = || inner.helpers.load(Ordering::SeqCst) > 0 || inner.calls.load(Ordering::SeqCst) > 0;
         // SAFETY: a `Dest` is only made by `take` and owns its range (type invariant); it
         // is consumed here, so nothing relies on its contents any more.
-        if deferred() && unsafe { sys::discard(dest.addr, dest.len) }.is_ok() {
+        if inner.deferring() && unsafe { sys::discard(dest.addr, dest.len) }.is_ok() {
             let mut spent = inner.spent.lock();
             match spent.last_mut() {
                 Some(last) if last.0 + last.1 == dest.addr => last.1 += dest.len,
                 _ => spent.push((dest.addr, dest.len)),
             }
             // Unmapped by the last guard to drop, unless that one dropped meanwhile.
-            if deferred() {
+            if inner.deferring() {
                 return;
             }
             drop(spent);
@@ -561,6 +561,12 @@ impl Pool {
 }
 
 impl Inner {
+    /// Whether a call or a helper runs: destinations given back are unmapped only once
+    /// none does ([`Pool::release`]).
+    fn deferring(&self) -> bool {
+        self.helpers.load(Ordering::SeqCst) > 0 || self.calls.load(Ordering::SeqCst) > 0
+    }
+
     /// Waits until no helper populates any chunk ([`Pool::populate_ahead`]).
     fn settle(&self, chunks: &mut parking_lot::MutexGuard<'_, HashMap<Key, Chunk>>) {
         while chunks.values().any(|c| c.populating.is_some()) {
