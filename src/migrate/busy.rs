@@ -20,6 +20,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::Span;
 use super::fork::Empty;
+use super::options::FaultInjection;
 
 /// One claimed range.
 #[derive(Debug, Default)]
@@ -84,22 +85,22 @@ pub struct Busy {
 }
 
 impl Busy {
-    /// Claims `[start, end)` unless it overlaps a claimed range; `through_holdings` as
-    /// `FaultInjection::home_through_holdings`.
-    pub fn try_claim(&self, start: usize, end: usize, through_holdings: bool) -> bool {
+    /// Claims `[start, end)` unless it overlaps a claimed range, with the call's injected
+    /// faults that act on claims (`FaultInjection::home_through_holdings`,
+    /// `FaultInjection::stall_put_back`).
+    pub fn try_claim(&self, start: usize, end: usize, faults: &FaultInjection) -> bool {
         let mut claims = self.claims.lock();
         let overlaps = claims.map.range(..end).next_back().is_some_and(|(_, c)| c.end > start);
         if !overlaps {
-            claims.map.insert(start, Claim { end, through_holdings, ..Default::default() });
+            let claim = Claim {
+                end,
+                through_holdings: faults.home_through_holdings,
+                stall_put_back: faults.stall_put_back,
+                ..Default::default()
+            };
+            claims.map.insert(start, claim);
         }
         !overlaps
-    }
-
-    /// Makes the first put-back in the claim at `start` stall (`FaultInjection::stall_put_back`).
-    pub fn stall_put_back(&self, start: usize, stall: Duration) {
-        if let Some(c) = self.claims.lock().map.get_mut(&start) {
-            c.stall_put_back = Some(stall);
-        }
     }
 
     /// Releases ranges claimed with [`Busy::try_claim`], by start address.
@@ -476,13 +477,13 @@ mod tests {
     #[test]
     fn overlapping_claims_are_busy() {
         let b = Busy::default();
-        assert!(b.try_claim(0x1000, 0x3000, false));
-        assert!(!b.try_claim(0x2000, 0x4000, false));
-        assert!(!b.try_claim(0x0, 0x1001, false));
-        assert!(b.try_claim(0x3000, 0x4000, false));
-        assert!(b.try_claim(0x0, 0x1000, false));
+        assert!(b.try_claim(0x1000, 0x3000, &FaultInjection::default()));
+        assert!(!b.try_claim(0x2000, 0x4000, &FaultInjection::default()));
+        assert!(!b.try_claim(0x0, 0x1001, &FaultInjection::default()));
+        assert!(b.try_claim(0x3000, 0x4000, &FaultInjection::default()));
+        assert!(b.try_claim(0x0, 0x1000, &FaultInjection::default()));
         b.release_all(&[0x1000]);
-        assert!(b.try_claim(0x2000, 0x3000, false));
+        assert!(b.try_claim(0x2000, 0x3000, &FaultInjection::default()));
     }
 
     /// A fault is answerable on an isolated page of a span given to `answer_faults`, up to
@@ -492,7 +493,7 @@ mod tests {
     #[test]
     fn faults_are_answered_on_isolated_pages_only() {
         let b = Busy::default();
-        assert!(b.try_claim(0x10000, 0x30000, false));
+        assert!(b.try_claim(0x10000, 0x30000, &FaultInjection::default()));
         let mut c = b.lock();
         // Not isolated yet: not answerable, and remembered (once).
         assert_eq!(c.answerable(0x10008, 0x10000), None);
@@ -526,8 +527,8 @@ mod tests {
     #[test]
     fn dead_and_isolated_spans_follow_their_claims() {
         let b = Busy::default();
-        assert!(b.try_claim(0x10000, 0x20000, false));
-        assert!(b.try_claim(0x20000, 0x30000, false));
+        assert!(b.try_claim(0x10000, 0x20000, &FaultInjection::default()));
+        assert!(b.try_claim(0x20000, 0x30000, &FaultInjection::default()));
         let mut c = b.lock();
         assert!(c.mark_dead(0x1f000, 0x21000));
         assert!(!c.mark_dead(0x40000, 0x41000));

@@ -12,13 +12,7 @@ impl Call<'_> {
     /// another call.
     pub(super) fn claim(&self, batch: &[Item]) -> (Vec<Item>, Vec<usize>, Vec<Held>) {
         let busy = &self.engine.busy;
-        let holdings = self.opts.faults().home_through_holdings;
-        let stall = self.opts.faults().stall_put_back;
-        let claimed_at = |start: usize| {
-            if let Some(stall) = stall {
-                busy.stall_put_back(start, stall);
-            }
-        };
+        let faults = self.opts.faults();
         let (mut claimed, mut claims, mut held) = (Vec::with_capacity(batch.len()), Vec::new(), Vec::new());
         let mut i = 0;
         while i < batch.len() {
@@ -27,14 +21,12 @@ impl Call<'_> {
                 j += 1;
             }
             let (start, end) = (batch[i].folio.addr(), batch[j - 1].folio.end());
-            if busy.try_claim(start, end, holdings) {
-                claimed_at(start);
+            if busy.try_claim(start, end, faults) {
                 claims.push(start);
                 claimed.extend_from_slice(&batch[i..j]);
             } else {
                 for item in &batch[i..j] {
-                    if busy.try_claim(item.folio.addr(), item.folio.end(), holdings) {
-                        claimed_at(item.folio.addr());
+                    if busy.try_claim(item.folio.addr(), item.folio.end(), faults) {
                         claims.push(item.folio.addr());
                         claimed.push(*item);
                     } else {
