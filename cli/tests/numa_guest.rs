@@ -884,6 +884,88 @@ fn move_pages_matches_the_kernel_across_nodes() {
     assert_eq!(s_ours, s_kernel, "pagemig against the kernel, back");
 }
 
+/// `move_pages` while another thread of the program frees pages and writes them again
+/// (`MADV_DONTNEED`, then a new page on node A, bound there): every page reports what the
+/// kernel would — the node it was moved to, or `ENOENT` where it was not there when the call
+/// looked — never the node a page the program made again after its move is on. And no
+/// write of that thread is lost: each page holds the last generation it wrote there.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn move_pages_reports_where_it_moved_pages_the_program_frees_again() {
+    const PAGES: usize = 2048;
+    const SEED: u64 = 0x6368_7572;
+    const WORDS: usize = PAGE_SIZE / 8;
+    fn write_page(region: &Region, p: usize, generation: u64) {
+        region.word(p * WORDS).store(generation, Ordering::Relaxed);
+        for w in 1..WORDS {
+            region.word(p * WORDS + w).store(pattern(SEED, p * WORDS + w), Ordering::Relaxed);
+        }
+    }
+    let Some((a, b)) = two_nodes() else { return };
+    let region = std::sync::Arc::new(Region::new(PAGES * PAGE_SIZE, PAGE_SIZE, Some(a)).expect("base pages on node a"));
+    (0..PAGES).for_each(|p| write_page(&region, p, 0));
+    let addrs: Vec<usize> = (0..PAGES).map(|p| region.addr() + p * PAGE_SIZE).collect();
+    let engine = Engine::global().expect("the migration engine");
+    let churned_region = region.clone();
+    let (status, left, last, churned) =
+        common::watchdog(Duration::from_secs(300), "move_pages beside a churn", move || {
+            let region = churned_region;
+            let (stop, started) = (AtomicBool::new(false), Barrier::new(2));
+            let (status, left, last, churned) = std::thread::scope(|s| {
+                let churn = s.spawn(|| {
+                    // Its new pages on node a, whatever CPU it runs on.
+                    let mut binding = sys::PolicyBinding::new();
+                    assert!(binding.bind(a), "binding the churning thread to node {a}");
+                    let mut last = vec![0u64; PAGES];
+                    let (mut generation, mut churned) = (0u64, 0u64);
+                    started.wait();
+                    while !stop.load(Ordering::Relaxed) {
+                        generation += 1;
+                        // Every 7th page, from a new start each sweep.
+                        for p in ((generation as usize % 7)..PAGES).step_by(7) {
+                            // SAFETY: the region is this test's own; its pages are freed and
+                            // written again below, which is what the test is about.
+                            let r =
+                                unsafe { libc::madvise(addrs[p] as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) };
+                            assert_eq!(r, 0, "MADV_DONTNEED: {}", std::io::Error::last_os_error());
+                            write_page(&region, p, generation);
+                            last[p] = generation;
+                            churned += 1;
+                        }
+                    }
+                    (last, churned)
+                });
+                started.wait();
+                let mut status = vec![i32::MIN; PAGES];
+                // SAFETY: this thread does not touch the region during the call; the other one
+                // frees and writes it, which pagemig must survive.
+                let left = unsafe { engine.move_pages(&addrs, Some(&vec![b as i32; PAGES]), &mut status) };
+                stop.store(true, Ordering::Relaxed);
+                let (last, churned) = churn.join().expect("the churning thread");
+                (status, left, last, churned)
+            });
+            (status, left, last, churned)
+        });
+    let left = left.expect("move_pages beside a churn");
+    let mut by_status: BTreeMap<i32, usize> = BTreeMap::new();
+    for &s in &status {
+        *by_status.entry(s).or_default() += 1;
+    }
+    println!("move_pages beside a churn of {churned} pages: statuses {by_status:?}, {left} not moved");
+    for (p, &s) in status.iter().enumerate() {
+        assert!(s == b as i32 || s == -libc::ENOENT, "page {p}: status {s} (statuses {by_status:?})");
+    }
+    assert_eq!(left, 0, "pages that could not move");
+    // Every byte: the generation the churn wrote last, and the pattern.
+    for (p, &generation) in last.iter().enumerate() {
+        assert_eq!(region.word(p * WORDS).load(Ordering::Relaxed), generation, "page {p}: the last generation written");
+        for w in 1..WORDS {
+            let i = p * WORDS + w;
+            assert_eq!(region.word(i).load(Ordering::Relaxed), pattern(SEED, i), "page {p}, word {w}");
+        }
+    }
+}
+
 /// `pagemig move --to-node A,B`: the folios spread round-robin over both nodes while
 /// writers write, each page checked against the node its folio was sent to.
 fn interleaved(folio_size: usize, len: usize) {

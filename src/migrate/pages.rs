@@ -80,7 +80,8 @@ fn memory_pages() -> usize {
 impl Engine {
     /// Moves each page at `pages[i]` to node `nodes[i]` and writes its outcome in
     /// `status[i]`, as `move_pages(2)` does for the calling process: the node the page is
-    /// on afterwards, or a negative errno (`-ENOENT` for a page never touched, `-EFAULT`
+    /// on (for a page the call moved, the node it moved it to, even where the program
+    /// freed that page since), or a negative errno (`-ENOENT` for a page never touched, `-EFAULT`
     /// for an address not mapped, `-EBUSY` for a pinned page, `-ENOMEM`, …). Without
     /// `nodes`, only reports where each page is. Returns, as the kernel does, how many of
     /// the pages it tried to move (present, elsewhere than asked) it could not move.
@@ -332,11 +333,18 @@ impl Engine {
         }
         let mut failed: BTreeMap<usize, i32> = BTreeMap::new();
         for (node, list) in by_node {
-            // SAFETY: the caller promises this thread does not access its pages during the
-            // call; each folio is a page (or huge page) of a mapping pagemig may move, and
-            // the call checks them again before touching anything.
-            let folios: Vec<Folio<'_>> =
-                list.iter().filter_map(|&(s, len)| unsafe { Folio::new(s, len) }.ok()).collect();
+            let mut folios: Vec<Folio<'_>> = Vec::with_capacity(list.len());
+            for &(s, len) in &list {
+                // SAFETY: the caller promises this thread does not access its pages during
+                // the call; each folio is a page (or huge page) of a mapping pagemig may
+                // move, and the call checks them again before touching anything.
+                match unsafe { Folio::new(s, len) } {
+                    Ok(f) => folios.push(f),
+                    Err(e) => {
+                        failed.insert(s, e.errno().raw_os_error());
+                    }
+                }
+            }
             match self.migrate_pages(&folios, node as u32, Reason::Syscall, Mode::Sync, opts) {
                 Ok(_) => {}
                 Err(Error::Partial { stats, .. }) => {
@@ -347,7 +355,10 @@ impl Engine {
                 Err(e) => failed.extend(list.iter().map(|&(s, _)| (s, e.errno().raw_os_error()))),
             }
         }
-        // The outcome of every page pagemig took: its node now, or its folio's errno.
+        // The outcome of every page pagemig took: for a folio it moved, the node it moved it
+        // to, as the kernel reports the pages it migrated (not where the page is now: the
+        // program may have freed it since, or faulted a new one in on another node); for a
+        // folio it did not move, its errno, or the kernel's answer where it is still there.
         let mine: Vec<usize> = todo.iter().copied().filter(|&i| !to_kernel[i]).collect();
         if mine.is_empty() {
             self.pages_counters.end(status, nodes, todo);
@@ -359,8 +370,13 @@ impl Engine {
         let mut retry: Vec<usize> = Vec::new();
         for (k, &i) in mine.iter().enumerate() {
             let page = page_of(i);
-            let folio = folios.range(..=page).next_back().filter(|(s, (len, _))| page < *s + *len).map(|(s, _)| *s);
-            status[i] = match folio.and_then(|s| failed.get(&s)) {
+            let Some((folio, &(_, moved_to))) =
+                folios.range(..=page).next_back().filter(|(s, (len, _))| page < *s + *len)
+            else {
+                status[i] = now[k];
+                continue;
+            };
+            status[i] = match failed.get(folio) {
                 Some(&errno) if now[k] != nodes[i] => {
                     if errno == libc::ECANCELED || errno == libc::ETIMEDOUT {
                         not_moved += 1;
@@ -374,7 +390,8 @@ impl Engine {
                     }
                     -errno
                 }
-                _ => now[k],
+                Some(_) => now[k],
+                None => moved_to,
             };
         }
         let moved = mine.iter().filter(|&&i| status[i] == nodes[i]).count();
