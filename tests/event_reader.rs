@@ -203,3 +203,58 @@ fn memory_left_registered_after_a_call_never_hangs() {
         own.unregister(tail, 2 << 20).expect("the program's own unregistration");
     }
 }
+
+/// The program moves memory whose old pages are isolated while another of its threads
+/// purges a page of the same migration without a pause for seconds (each purge holds its
+/// thread until the event reader has read it, and the kernel refuses the reader's copies
+/// while one is unread): the old pages still go home, not a word lost.
+#[test]
+fn isolated_pages_go_home_while_the_program_purges_without_a_pause() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "isolated_pages_go_home_while_the_program_purges");
+    let churn = Duration::from_secs(7);
+    let base = changes::mapping(LEN, 4096, SEED);
+    let (reserved, spare) = changes::spare();
+    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
+        // SAFETY: the test keeps the mapping as it is except for the changes under test.
+        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
+        .collect();
+    let purged = base + LEN - 4096;
+    let (result, purges) = watchdog(Duration::from_secs(120), "mremap beside a purge loop", move || {
+        let opts = MigrateOptions::default()
+            .fault(FaultInjection { delay_move: Some(Duration::from_millis(1000)), ..Default::default() })
+            .max_batch_pages(256);
+        std::thread::scope(|s| {
+            let purge = || {
+                let started = std::time::Instant::now();
+                let mut purges = 0u64;
+                while started.elapsed() < churn {
+                    // SAFETY: the test's own page, which it gives up (not checked after).
+                    let r = unsafe { libc::madvise(purged as *mut libc::c_void, 4096, libc::MADV_DONTNEED) };
+                    assert_eq!(r, 0);
+                    purges += 1;
+                }
+                purges
+            };
+            let purgers = [s.spawn(purge), s.spawn(purge), s.spawn(purge)];
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                mremap(base, MOVED, spare);
+            });
+            let result = Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
+            (result, purgers.map(|p| p.join().unwrap()).iter().sum::<u64>())
+        })
+    });
+    let wrong =
+        wrong_words("moved", spare, MOVED, 0) + wrong_words("rest", base + MOVED, LEN - MOVED - 4096, MOVED / 8);
+    eprintln!(
+        "{purges} purges: {wrong} words wrong, {:?}",
+        result.as_ref().map(|s| s.failed_folios).map_err(|e| e.to_string())
+    );
+    // SAFETY: the test's own mappings, no longer used (see `moved_twice`).
+    unsafe {
+        libc::munmap((base + MOVED) as *mut _, LEN - MOVED);
+        libc::munmap(spare as *mut _, MOVED);
+    }
+    changes::release_reservation_around(reserved, spare, MOVED);
+    assert_eq!(wrong, 0, "words lost");
+}

@@ -73,7 +73,9 @@ impl Reader {
                 let claims = busy.lock();
                 // Reading releases the threads the events held: under the lock.
                 match uffd.read_messages() {
-                    Ok(events) => handle_all(&Home { uffd: &uffd, graves: &graves, busy: &busy }, claims, events),
+                    Ok(events) => {
+                        handle_all(&Home { uffd: &uffd, graves: &graves, busy: &busy, stop: &flag }, claims, events)
+                    }
                     Err(_) if uffd.is_lost() => return,
                     // Not seen from a userfaultfd that polled readable; were it to happen,
                     // wait a poll's time rather than spin.
@@ -201,6 +203,8 @@ struct Home<'r> {
     uffd: &'r Uffd,
     graves: &'r Uffd,
     busy: &'r Busy,
+    /// Set when the reader is to stop: old pages still on their way home are given up.
+    stop: &'r AtomicBool,
 }
 
 /// How long the old pages of moved memory are first offered to the kernel under the claims
@@ -223,17 +227,16 @@ fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: V
     }
     answer_all(home.uffd, &mut claims, &mut moved);
     if !moved.through_holdings {
-        bring_home(home, Some(&mut claims), &mut moved, Backoff::kernel().within(HOMING_LOCKED));
+        bring_home(home, Some(&mut claims), &mut moved, HOMING_LOCKED);
     }
     if !moved.homing.is_empty() {
         detach(home, &mut moved);
-        let limit = Backoff::kernel().within(HOMING_LIMIT);
         if moved.all_held() {
             drop(claims);
-            bring_home(home, None, &mut moved, limit);
+            bring_home(home, None, &mut moved, HOMING_LIMIT);
             claims = home.busy.lock();
         } else {
-            bring_home(home, Some(&mut claims), &mut moved, limit);
+            bring_home(home, Some(&mut claims), &mut moved, HOMING_LIMIT);
         }
         moved.give_up();
     }
@@ -252,8 +255,15 @@ fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: V
 
 /// Answers the faults recorded in `moved`: strays with a page of zeros, faults on isolated
 /// pages a call lets the reader answer with their old pages ([`answer_faults`]).
+///
+/// A stray in memory whose old pages are still on their way home waits for them: its page
+/// is theirs to fill.
 fn answer_all(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
     for addr in std::mem::take(&mut moved.strays) {
+        if moved.homing.iter().any(|&(dst, _, n, _)| (dst..dst + n).contains(&addr)) {
+            moved.strays.push(addr);
+            continue;
+        }
         // Checked again: read while the lock was let go (the homing's), a call may have
         // claimed or registered the page since.
         if claims.is_stray(addr) {
@@ -374,19 +384,33 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
     }
 }
 
-/// How long the old pages of moved memory are offered to the kernel before they are given
-/// up (the memory's folios fail in any case: the program moved them).
+/// How long the reader holds the claims lock in a row while the kernel refuses old pages
+/// their home (no holding could be made for them) before it gives them up: every call
+/// waits on that lock meanwhile, and one the program waits for would never end.
 const HOMING_LIMIT: Duration = Duration::from_secs(5);
 
-/// Puts the old pages in `moved` where the program moved their memory, until `backoff`
-/// runs out: copied, not moved, for a copy into a graveyard's destination may be reading
+/// How many times in a row a refused copy home is tried again at once, the later events
+/// read and handled in between, before the reader pauses: the kernel refuses every copy
+/// while any event is unread or its thread not yet back from it, and threads that purge
+/// or move memory without a pause leave that state for a few microseconds at a time,
+/// which a pause would miss (with three such threads on two CPUs, pausing between tries
+/// kept old pages from home for more than 5 s).
+const QUICK_TRIES: u32 = 64;
+
+/// Puts the old pages in `moved` where the program moved their memory: copied, not moved, for a copy into a graveyard's destination may be reading
 /// them right now; moved where a page cannot be allocated (`ENOMEM`), as nothing will use
 /// that destination any more (the memory's folios are dead). While the kernel refuses
 /// (`EAGAIN`: the program's thread finishing its `mremap`, or a later event unread, which
 /// holds every copy back; `ENOENT`: the memory moved on or unmapped, its event not read
 /// yet), the later events are read and handled meanwhile: they may move the memory on, or
-/// unmap it. An entry the kernel refuses for another reason is given up; what is left
-/// when `backoff` runs out stays in `moved` (see [`Moved::give_up`]).
+/// unmap it, and the faults they hold are answered. An entry the kernel refuses for another
+/// reason is given up.
+///
+/// Without the claims lock the pages are offered until they are home, however long the
+/// program keeps the kernel refusing them (its threads that touch that memory wait for
+/// them, as they would on the kernel's migration), or until the reader is to stop. Once
+/// the lock has been held `locked_limit` in a row, what is left stays in `moved` (see
+/// [`Moved::give_up`]).
 ///
 /// `claims` is the claims lock where the caller holds it: an entry still in a graveyard is
 /// read only under it. Without it, the lock is taken to read and handle later events, and
@@ -395,9 +419,11 @@ fn bring_home<'b>(
     home: &Home<'b>,
     mut claims: Option<&mut MutexGuard<'_, Claims>>,
     moved: &mut Moved,
-    mut backoff: Backoff,
+    locked_limit: Duration,
 ) {
     let mut taken: Option<MutexGuard<'b, Claims>> = None;
+    let mut backoff = Backoff::kernel();
+    let (mut quick, mut locked_since) = (0, None);
     while let Some(&(dst, src, len, in_holding)) = moved.homing.first() {
         debug_assert!(in_holding || claims.is_some() || taken.is_some(), "a graveyard read without the claims lock");
         // SAFETY: `src` holds the old pages of memory the program moved to `dst` (moved on
@@ -424,6 +450,7 @@ fn bring_home<'b>(
                 for later in home.uffd.read_messages().unwrap_or_default() {
                     handle(held, later, moved);
                 }
+                answer_all(home.uffd, held, moved);
                 if claims.is_none() {
                     // What the later events took leaves its graveyards before the lock goes;
                     // where no holding can be made, the lock stays until all are home.
@@ -453,8 +480,18 @@ fn bring_home<'b>(
         if retry {
             // The entry may have moved, split or gone with the events just handled.
             moved.homing.retain(|&(_, _, n, _)| n > 0);
-            if !backoff.pause() {
+            if claims.is_none() && taken.is_none() {
+                locked_since = None;
+            } else if locked_since.get_or_insert_with(std::time::Instant::now).elapsed() >= locked_limit {
                 return;
+            }
+            if home.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            quick += 1;
+            if quick >= QUICK_TRIES {
+                quick = 0;
+                backoff.pause();
             }
             continue;
         }

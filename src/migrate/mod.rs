@@ -79,8 +79,10 @@
 //! have isolated under the claims. The event reader keeps the claims, of the old pages of
 //! memory the program moved with `mremap`, for at most a millisecond of offering them to
 //! the kernel from their graveyards, then only while it copies what is left into holdings
-//! of its own; it waits for the kernel to take those home without the lock (only where no
-//! holding can be mapped does it keep the lock throughout, up to 5 s). The only
+//! of its own; it waits for the kernel to take those home without the lock, however long
+//! the program's own purges and moves keep the kernel refusing them (only where no holding
+//! can be mapped does it keep the lock throughout, up to 5 s, and gives up what is left
+//! then). The only
 //! registration with the program's userfaultfd, each call's as it begins, happens under the
 //! claims, so a holding (mapped and registered elsewhere under the claims) is never
 //! registered with it. Known long holds: the pool's `chunks` across populating one
