@@ -423,7 +423,9 @@ unsafe fn serve_chunk(
             }
         }
     }
-    let mut out = zeroed_vec(n).map_err(Chunk::Unreadable)?;
+    // The caller's statuses as they are: an entry the kernel would leave unwritten keeps
+    // its value.
+    let mut out = read_user(status.cast_const(), n).or_else(|_| zeroed_vec(n)).map_err(Chunk::Unreadable)?;
     // SAFETY: the calling thread is inside this call and does not access the pages while
     // they move; the arrays are copies of ours.
     let left = unsafe { engine.move_pages(&addrs, Some(&targets), &mut out) }.map_err(|_| Chunk::Failed)?;

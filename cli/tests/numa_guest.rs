@@ -884,6 +884,70 @@ fn move_pages_matches_the_kernel_across_nodes() {
     assert_eq!(s_ours, s_kernel, "pagemig against the kernel, back");
 }
 
+/// `move_pages` with pages named more than once, as programs name them: every 4 KiB page
+/// of a huge page, a page named twice in a row (a stride under a page), a huge page named
+/// again after another page, and pages named for both nodes in turn. pagemig answers
+/// exactly as the kernel does for the same layout (`-EBUSY` for a folio named while still
+/// queued, the last node named keeping a page named for two), and leaves each page where
+/// the kernel leaves its twin.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn move_pages_matches_the_kernel_for_pages_named_more_than_once() {
+    let Some((a, b)) = two_nodes() else { return };
+    let layout = |seed: u64| {
+        let huge = Region::new(3 * HPAGE_SIZE, HPAGE_SIZE, Some(a)).expect("huge pages");
+        fill(&huge, seed);
+        let base = Region::new(8 * PAGE_SIZE, PAGE_SIZE, Some(a)).expect("base pages");
+        fill(&base, seed + 1);
+        let (h, p) = (|k: usize| huge.addr() + k, |k: usize| base.addr() + k * PAGE_SIZE);
+        let (ai, bi) = (a as i32, b as i32);
+        let named = vec![
+            // Every page of a huge page, in order.
+            (h(0), bi),
+            (h(PAGE_SIZE), bi),
+            (h(2 * PAGE_SIZE), bi),
+            (h(3 * PAGE_SIZE), bi),
+            // A page twice in a row, then another.
+            (p(0), bi),
+            (p(0) + 2048, bi),
+            (p(1), bi),
+            // A huge page, another page, the huge page again.
+            (h(HPAGE_SIZE), bi),
+            (p(2), bi),
+            (h(HPAGE_SIZE + 5 * PAGE_SIZE), bi),
+            // A page for b, then for a; one for a (where it is), then for b.
+            (p(3), bi),
+            (p(3), ai),
+            (p(4), ai),
+            (p(4), bi),
+            // A huge page for both nodes in turn.
+            (h(2 * HPAGE_SIZE), bi),
+            (h(2 * HPAGE_SIZE + PAGE_SIZE), ai),
+        ];
+        (huge, base, named)
+    };
+    let (our_huge, our_base, ours) = layout(41);
+    let (_their_huge, _their_base, theirs) = layout(41);
+    let nodes: Vec<i32> = ours.iter().map(|&(_, n)| n).collect();
+    let our_pages: Vec<usize> = ours.iter().map(|&(p, _)| p).collect();
+    let their_pages: Vec<usize> = theirs.iter().map(|&(p, _)| p).collect();
+    let engine = Engine::global().expect("the migration engine");
+    let mut s_ours = vec![i32::MIN; ours.len()];
+    // SAFETY: this thread does not touch the pages during the call.
+    let left = unsafe { engine.move_pages(&our_pages, Some(&nodes), &mut s_ours) }.expect("pagemig move_pages");
+    let mut s_kernel = vec![i32::MIN; theirs.len()];
+    let their_left = sys::move_pages_counted(&their_pages, Some(&nodes), &mut s_kernel).expect("move_pages");
+    println!("named more than once: pagemig {s_ours:?} ({left} not moved), kernel {s_kernel:?} ({their_left})");
+    assert_eq!(s_ours, s_kernel, "pagemig against the kernel");
+    assert_eq!(left, their_left, "pages not moved");
+    let (mut now_ours, mut now_theirs) = (vec![0; ours.len()], vec![0; theirs.len()]);
+    sys::move_pages(&our_pages, None, &mut now_ours).expect("query");
+    sys::move_pages(&their_pages, None, &mut now_theirs).expect("query");
+    assert_eq!(now_ours, now_theirs, "where the pages are: pagemig against the kernel");
+    verify(&our_huge, 41, "huge pages named more than once");
+    verify(&our_base, 42, "base pages named more than once");
+}
+
 /// `move_pages` while another thread of the program frees pages and writes them again
 /// (`MADV_DONTNEED`, then a new page on node A, bound there): every page reports what the
 /// kernel would — the node it was moved to, or `ENOENT` where it was not there when the call

@@ -12,7 +12,7 @@
 //! kernel would have served. Every other page goes through the batch pipeline.
 #![allow(unsafe_code, reason = "names the caller's pages as folios, under the caller's promise")]
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{Engine, MigrateOptions, Mode, Reason};
@@ -254,7 +254,10 @@ impl Engine {
             let movable = vmas.in_process(page_of(i), &claimed)?;
             if movable { candidates.push(i) } else { direct.push(i) }
         }
-        let mut not_moved = kernel_moves(pages, nodes, status, &direct)?;
+        // What the caller's statuses held: an entry the kernel leaves unwritten (it stops at
+        // a batch that failed) keeps it, as the kernel would leave it.
+        let original = status.to_vec();
+        let mut not_moved = kernel_moves(pages, nodes, status, &direct, &original)?;
         self.pages_counters.kernel_unmovable.fetch_add(direct.len() as u64, Ordering::Relaxed);
         // Where pagemig's candidates are now: pages not there, and pages already home, are
         // done.
@@ -263,16 +266,55 @@ impl Engine {
             let at: Vec<usize> = candidates.iter().map(|&i| pages[i]).collect();
             sys::move_pages(&at, None, &mut now).map_err(Error::sys("move_pages (query)"))?;
         }
+        let mut home = vec![false; pages.len()];
         for (k, &i) in candidates.iter().enumerate() {
             status[i] = now[k];
+            home[i] = now[k] == nodes[i];
+        }
+        // Each candidate's folio: the huge page it lies in, or its page.
+        let huge = match (candidates.first(), candidates.last()) {
+            (Some(&first), Some(_)) => {
+                let lo = candidates.iter().map(|&i| page_of(i)).min().unwrap_or(page_of(first));
+                let hi = candidates.iter().map(|&i| page_of(i) + PAGE_SIZE).max().unwrap_or(lo + PAGE_SIZE);
+                sys::huge_ranges(lo & !(HPAGE_SIZE - 1), hi.next_multiple_of(HPAGE_SIZE)).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
+        // A folio named for more than one node is the kernel's, every entry naming it in
+        // order: it moves the folio to each node in turn, and the last one named keeps it.
+        let mut first_node: BTreeMap<usize, i32> = BTreeMap::new();
+        let mut mixed: BTreeSet<usize> = BTreeSet::new();
+        for &i in &candidates {
+            let start = folio_at(&huge, page_of(i)).0;
+            if *first_node.entry(start).or_insert(nodes[i]) != nodes[i] {
+                mixed.insert(start);
+            }
+        }
+        if !mixed.is_empty() {
+            let (theirs, ours): (Vec<usize>, Vec<usize>) =
+                candidates.iter().partition(|&&i| mixed.contains(&folio_at(&huge, page_of(i)).0));
+            not_moved += kernel_moves(pages, nodes, status, &theirs, &original)?;
+            self.pages_counters.kernel_unmovable.fetch_add(theirs.len() as u64, Ordering::Relaxed);
+            theirs.iter().for_each(|&i| home[i] = false);
+            candidates = ours;
         }
         let todo: Vec<usize> =
             candidates.iter().copied().filter(|&i| status[i] >= 0 && status[i] != nodes[i]).collect();
-        let absent = now.iter().filter(|&&s| s < 0).count();
+        let absent = candidates.iter().filter(|&&i| status[i] < 0).count();
         self.pages_counters.begin(pages.len(), absent, candidates.len() - absent - todo.len());
+        let mut served = vec![false; pages.len()];
         if !todo.is_empty() {
-            not_moved += self.move_todo(pages, nodes, status, &todo, &mut vmas, opts)?;
+            let found = Found { huge: &huge, original: &original };
+            not_moved += self.move_todo(pages, nodes, status, &todo, &found, &mut served, &mut vmas, opts)?;
         }
+        // The kernel's answer for a folio named again while it is still queued to move.
+        let keys: Vec<Option<usize>> = (0..pages.len())
+            .map(|i| {
+                let queued = !home[i] && status[i] >= 0 && status[i] == nodes[i];
+                queued.then(|| if served[i] { folio_at(&huge, page_of(i)).0 } else { page_of(i) })
+            })
+            .collect();
+        busy_while_queued(nodes, status, &keys, &served);
         Ok(not_moved)
     }
 
@@ -285,31 +327,32 @@ impl Engine {
     /// began, refused by the kernel) is handed to the kernel's `move_pages(2)`, whose answer
     /// stands: the call never fails a page the kernel would have moved. Folios stopped by
     /// the caller (`ECANCELED`, `ETIMEDOUT`) keep that errno.
+    ///
+    /// `found`: the huge pages among them, and what the caller's statuses held; `served` is
+    /// set for each page of a folio pagemig moved itself.
+    #[allow(clippy::too_many_arguments, reason = "one call's arrays, and what it found of them")]
     fn move_todo(
         &self,
         pages: &[usize],
         nodes: &[i32],
         status: &mut [i32],
         todo: &[usize],
+        found: &Found<'_>,
+        served: &mut [bool],
         vmas: &mut maps::Lookup,
         opts: &MigrateOptions,
     ) -> Result<usize> {
         let page_of = |i: usize| pages[i] & !(PAGE_SIZE - 1);
         let mut kernel: Vec<usize> = Vec::new();
         let mut folios: BTreeMap<usize, (usize, i32)> = BTreeMap::new();
-        let lo = todo.iter().map(|&i| page_of(i)).min().expect("not empty");
-        let hi = todo.iter().map(|&i| page_of(i) + PAGE_SIZE).max().expect("not empty");
-        let huge = sys::huge_ranges(lo & !(HPAGE_SIZE - 1), hi.next_multiple_of(HPAGE_SIZE)).unwrap_or_default();
         let stack = sys::current_thread_stack();
         // Pages another process maps too (a fork's copy-on-write sharing): the kernel's
         // to refuse (`EACCES`), or to move with `MPOL_MF_MOVE_ALL`.
         let shared = sys::shared_pages(&todo.iter().map(|&i| pages[i]).collect::<Vec<_>>()).unwrap_or_default();
-        // Each page's folio, the first target named for it wins (as the kernel moves a
-        // huge page once).
+        // Each page's folio (every page naming it names the same node: see `move_all`).
         for (k, &i) in todo.iter().enumerate() {
-            let page = page_of(i);
-            let in_huge = huge.get(huge.partition_point(|&(_, e)| e <= page)).is_some_and(|&(s, _)| s <= page);
-            let (start, size) = if in_huge { (page & !(HPAGE_SIZE - 1), HPAGE_SIZE) } else { (page, PAGE_SIZE) };
+            let (start, size) = folio_at(found.huge, page_of(i));
+            let in_huge = size == HPAGE_SIZE;
             let on_stack = stack.is_some_and(|(s, e)| start < e && s < start + size);
             let is_shared = shared.get(k).copied().unwrap_or(false);
             let mut whole_huge_movable =
@@ -324,7 +367,7 @@ impl Engine {
         for &i in &kernel {
             to_kernel[i] = true;
         }
-        let mut not_moved = kernel_moves(pages, nodes, status, &kernel)?;
+        let mut not_moved = kernel_moves(pages, nodes, status, &kernel, found.original)?;
         self.pages_counters.kernel_unmovable.fetch_add(kernel.len() as u64, Ordering::Relaxed);
         // pagemig's pages, one call per target node; what failed, by folio.
         let mut by_node: BTreeMap<i32, Vec<(usize, usize)>> = BTreeMap::new();
@@ -391,15 +434,59 @@ impl Engine {
                     -errno
                 }
                 Some(_) => now[k],
-                None => moved_to,
+                None => {
+                    served[i] = true;
+                    moved_to
+                }
             };
         }
         let moved = mine.iter().filter(|&&i| status[i] == nodes[i]).count();
         self.pages_counters.moved.fetch_add(moved as u64, Ordering::Relaxed);
-        not_moved += kernel_moves(pages, nodes, status, &retry)?;
+        not_moved += kernel_moves(pages, nodes, status, &retry, found.original)?;
         self.pages_counters.kernel_retried.fetch_add(retry.len() as u64, Ordering::Relaxed);
         self.pages_counters.end(status, nodes, todo);
         Ok(not_moved)
+    }
+}
+
+/// The folio the page at `page` belongs to, `(start, size)`: the huge page of `huge` (the
+/// huge pages of the range, in address order) it lies in, or the page itself.
+fn folio_at(huge: &[(usize, usize)], page: usize) -> (usize, usize) {
+    let in_huge = huge.get(huge.partition_point(|&(_, e)| e <= page)).is_some_and(|&(s, _)| s <= page);
+    if in_huge { (page & !(HPAGE_SIZE - 1), HPAGE_SIZE) } else { (page, PAGE_SIZE) }
+}
+
+/// What the kernel's `move_pages(2)` answers for a folio named again while it is queued to
+/// move (`do_pages_move`): it queues a folio at the first entry that finds it elsewhere
+/// than asked, and moves the queue when the node changes or an entry is not queued; an
+/// entry that finds its folio already queued cannot isolate it again and reports `-EBUSY`
+/// (not counted as a page not moved), which moves the queue, after which the folio is on
+/// its node. So every 4 KiB page of a huge page reads `[node, -EBUSY, node, node, …]`, and
+/// a page named twice in a row `[node, -EBUSY]`.
+///
+/// `keys[i]`: the folio of an entry the kernel would queue (present elsewhere than asked,
+/// and moved there by the call), `None` for one it would not (absent, refused, already
+/// there). Only entries pagemig moved itself (`served`) are rewritten: the kernel's own
+/// answers already are its own.
+fn busy_while_queued(nodes: &[i32], status: &mut [i32], keys: &[Option<usize>], served: &[bool]) {
+    let (mut queued, mut moved): (BTreeSet<usize>, BTreeSet<usize>) = Default::default();
+    let mut run: Option<i32> = None;
+    for (i, key) in keys.iter().enumerate() {
+        if run != Some(nodes[i]) {
+            moved.append(&mut queued);
+            run = Some(nodes[i]);
+        }
+        match key {
+            Some(k) if !moved.contains(k) && !queued.contains(k) => {
+                queued.insert(*k);
+                continue;
+            }
+            Some(k) if queued.contains(k) && served[i] => status[i] = -libc::EBUSY,
+            _ => {}
+        }
+        // Not queued: the queue moves, and the next entry starts a run of its own.
+        moved.append(&mut queued);
+        run = None;
     }
 }
 
@@ -411,15 +498,30 @@ fn lengths_match(pages: usize, status: usize, nodes: usize) -> Result<()> {
     Err(Error::Invalid(format!("{pages} pages, {status} statuses and {nodes} nodes: the three must match")))
 }
 
+/// What [`Engine::move_all`] found of a call's pages before moving them.
+struct Found<'a> {
+    /// The huge pages among them, in address order.
+    huge: &'a [(usize, usize)],
+    /// The caller's statuses as they were.
+    original: &'a [i32],
+}
+
 /// Hands the pages `which` to the kernel's `move_pages(2)`, writes their statuses and
-/// returns the kernel's count of pages it could not move.
-fn kernel_moves(pages: &[usize], nodes: &[i32], status: &mut [i32], which: &[usize]) -> Result<usize> {
+/// returns the kernel's count of pages it could not move. An entry the kernel does not
+/// write (it stops at a batch that failed) gets its value in `original`.
+fn kernel_moves(
+    pages: &[usize],
+    nodes: &[i32],
+    status: &mut [i32],
+    which: &[usize],
+    original: &[i32],
+) -> Result<usize> {
     if which.is_empty() {
         return Ok(0);
     }
     let p: Vec<usize> = which.iter().map(|&i| pages[i]).collect();
     let n: Vec<i32> = which.iter().map(|&i| nodes[i]).collect();
-    let mut s = vec![0; which.len()];
+    let mut s: Vec<i32> = which.iter().map(|&i| original[i]).collect();
     let not_moved = sys::move_pages_counted(&p, Some(&n), &mut s).map_err(Error::sys("move_pages"))?;
     for (k, &i) in which.iter().enumerate() {
         status[i] = s[k];
@@ -551,5 +653,39 @@ impl Engine {
     /// far: pages moved by pagemig, pages handed to the kernel and why, pages left alone.
     pub fn pages_stats(&self) -> PagesStats {
         self.pages_counters.snapshot()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `busy_while_queued` on entries all moved by pagemig to `nodes`, `keys` their folios.
+    fn kernel_answers(nodes: &[i32], keys: &[Option<usize>]) -> Vec<i32> {
+        let mut status: Vec<i32> = nodes.iter().zip(keys).map(|(&n, k)| if k.is_some() { n } else { -2 }).collect();
+        busy_while_queued(nodes, &mut status, keys, &vec![true; nodes.len()]);
+        status
+    }
+
+    #[test]
+    fn a_folio_named_again_while_queued_reads_busy_as_the_kernel_answers() {
+        crate::testing::watchdog(60, || {
+            const B: i32 = 1;
+            const BUSY: i32 = -libc::EBUSY;
+            // Every page of a huge page: queued at the first, busy at the second, home after.
+            assert_eq!(kernel_answers(&[B; 4], &[Some(7); 4]), [B, BUSY, B, B]);
+            // Pages named twice in a row (a stride smaller than a page).
+            assert_eq!(kernel_answers(&[B; 4], &[Some(1), Some(1), Some(2), Some(2)]), [B, BUSY, B, BUSY]);
+            // Another folio queued between: the first is still queued.
+            assert_eq!(kernel_answers(&[B; 3], &[Some(7), Some(8), Some(7)]), [B, B, BUSY]);
+            // An entry not queued between (absent, already there) moves the queue first.
+            assert_eq!(kernel_answers(&[B; 3], &[Some(7), None, Some(7)]), [B, -2, B]);
+            // So does a change of node.
+            assert_eq!(kernel_answers(&[B, 2, B], &[Some(7), Some(8), Some(7)]), [B, 2, B]);
+            // Answers of the kernel's own are left as they are.
+            let mut status = vec![B, B];
+            busy_while_queued(&[B, B], &mut status, &[Some(3), Some(3)], &[false, false]);
+            assert_eq!(status, [B, B]);
+        });
     }
 }
