@@ -258,3 +258,56 @@ fn isolated_pages_go_home_while_the_program_purges_without_a_pause() {
     changes::release_reservation_around(reserved, spare, MOVED);
     assert_eq!(wrong, 0, "words lost");
 }
+
+/// The program moves memory whose old pages are isolated while the kernel refuses them
+/// their home (threads purging without a pause), then splits it (`mprotect` of a page in
+/// the middle: no event says so, and the kernel copies into one mapping at a time): the old
+/// pages still go home, each part into its own mapping, and the memory reads back whole;
+/// reading it never waits for ever.
+#[test]
+fn isolated_pages_go_home_into_memory_split_after_it_moved() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "isolated_pages_go_home_into_memory_split");
+    let churn = Duration::from_millis(1500);
+    let base = changes::mapping(LEN, 4096, SEED);
+    let (reserved, spare) = changes::spare();
+    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
+        // SAFETY: the test keeps the mapping as it is except for the changes under test.
+        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
+        .collect();
+    let purged = base + LEN - 4096;
+    let wrong = watchdog(Duration::from_secs(120), "mremap and mprotect beside a purge loop", move || {
+        let opts = MigrateOptions::default()
+            .fault(FaultInjection { delay_move: Some(Duration::from_millis(1000)), ..Default::default() })
+            .max_batch_pages(256);
+        std::thread::scope(|s| {
+            let purge = || {
+                let started = std::time::Instant::now();
+                while started.elapsed() < churn {
+                    // SAFETY: the test's own page, which it gives up (not checked after).
+                    let r = unsafe { libc::madvise(purged as *mut libc::c_void, 4096, libc::MADV_DONTNEED) };
+                    assert_eq!(r, 0);
+                }
+            };
+            let purgers = [s.spawn(purge), s.spawn(purge)];
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(100));
+                mremap(base, MOVED, spare);
+                // SAFETY: a page of the test's own mapping made read-only; only read after.
+                let r = unsafe { libc::mprotect((spare + MOVED / 2) as *mut libc::c_void, 4096, libc::PROT_READ) };
+                assert_eq!(r, 0, "mprotect: {}", std::io::Error::last_os_error());
+            });
+            let result = Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
+            eprintln!("call: {:?}", result.as_ref().map(|s| s.failed_folios).map_err(|e| e.to_string()));
+            purgers.map(|p| p.join().unwrap());
+        });
+        // Read (under this watchdog) once the purges have stopped.
+        wrong_words("moved", spare, MOVED, 0) + wrong_words("rest", base + MOVED, LEN - MOVED - 4096, MOVED / 8)
+    });
+    // SAFETY: the test's own mappings, no longer used (see `moved_twice`).
+    unsafe {
+        libc::munmap((base + MOVED) as *mut _, LEN - MOVED);
+        libc::munmap(spare as *mut _, MOVED);
+    }
+    changes::release_reservation_around(reserved, spare, MOVED);
+    assert_eq!(wrong, 0, "words lost");
+}

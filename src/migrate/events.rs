@@ -31,7 +31,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::Span;
 use super::busy::{Busy, Claims};
@@ -393,12 +393,12 @@ const HOMING_LIMIT: Duration = Duration::from_secs(5);
 /// read and handled in between, before the reader pauses: the kernel refuses every copy
 /// while any event is unread or its thread not yet back from it, and threads that purge
 /// or move memory without a pause leave that state for a few microseconds at a time,
-/// which a pause would miss (with three such threads on two CPUs, pausing between tries
-/// kept old pages from home for more than 5 s).
+/// which a pause is likely to miss. (Not all are caught: three such threads on two CPUs
+/// kept 2 MiB of old pages from home for 6.9 s, until they stopped.)
 const QUICK_TRIES: u32 = 64;
 
-/// Puts the old pages in `moved` where the program moved their memory: copied, not moved, for a copy into a graveyard's destination may be reading
-/// them right now; moved where a page cannot be allocated (`ENOMEM`), as nothing will use
+/// Puts the old pages in `moved` where the program moved their memory: copied, not moved,
+/// for a copy into a graveyard's destination may be reading them right now; moved where a page cannot be allocated (`ENOMEM`), as nothing will use
 /// that destination any more (the memory's folios are dead). While the kernel refuses
 /// (`EAGAIN`: the program's thread finishing its `mremap`, or a later event unread, which
 /// holds every copy back; `ENOENT`: the memory moved on or unmapped, its event not read
@@ -408,9 +408,11 @@ const QUICK_TRIES: u32 = 64;
 ///
 /// Without the claims lock the pages are offered until they are home, however long the
 /// program keeps the kernel refusing them (its threads that touch that memory wait for
-/// them, as they would on the kernel's migration), or until the reader is to stop. Once
-/// the lock has been held `locked_limit` in a row, what is left stays in `moved` (see
-/// [`Moved::give_up`]).
+/// them, as they would on the kernel's migration; moved memory none of whose pages still
+/// wait is released meanwhile), except an entry where the kernel finds no mapping of ours
+/// for [`HOMING_LIMIT`] ([`missing_for`]), and for [`HOMING_LIMIT`] once the reader is to
+/// stop. Once the lock has been held `locked_limit` in a row, what is left stays in `moved`
+/// (see [`Moved::give_up`]).
 ///
 /// `claims` is the claims lock where the caller holds it: an entry still in a graveyard is
 /// read only under it. Without it, the lock is taken to read and handle later events, and
@@ -423,7 +425,10 @@ fn bring_home<'b>(
 ) {
     let mut taken: Option<MutexGuard<'b, Claims>> = None;
     let mut backoff = Backoff::kernel();
-    let (mut quick, mut locked_since) = (0, None);
+    let (mut quick, mut locked_since, mut stopping_since) = (0, None, None);
+    // The first entry's address and since when the kernel has found no mapping of ours
+    // there (`ENOENT`).
+    let mut missing: Option<(usize, Instant)> = None;
     while let Some(&(dst, src, len, in_holding)) = moved.homing.first() {
         debug_assert!(in_holding || claims.is_some() || taken.is_some(), "a graveyard read without the claims lock");
         // SAFETY: `src` holds the old pages of memory the program moved to `dst` (moved on
@@ -437,11 +442,32 @@ fn bring_home<'b>(
         };
         moved.empty.close(done / sys::PAGE_SIZE);
         moved.homing[0] = (dst + done, src + done, len - done, in_holding);
+        if done > 0 {
+            quick = 0;
+        }
+        let errno = match errno {
+            // SAFETY: as above; the pages move instead of being copied, nothing allocated.
+            Some(Errno::NOMEM) => match unsafe { home.uffd.move_pages(dst + done, src + done, len - done) } {
+                Ok(()) => {
+                    moved.empty.close((len - done) / sys::PAGE_SIZE);
+                    moved.homing[0].2 = 0;
+                    None
+                }
+                Err((more, errno)) => {
+                    moved.empty.close(more / sys::PAGE_SIZE);
+                    moved.homing[0] = (dst + done + more, src + done + more, len - done - more, in_holding);
+                    Some(errno)
+                }
+            },
+            other => other,
+        };
         let retry = match errno {
             None => false,
             // `ENOENT`: the memory is gone from `dst` and the event that says where (an
             // `mremap` on, or a `munmap`) is not read yet: the kernel looks the mapping up
-            // before it checks for changes in progress.
+            // before it checks for changes in progress. Or the range no longer lies in one
+            // mapping (the program split it: `mprotect` of a part), or in none registered:
+            // see `missing_for`.
             Some(Errno::AGAIN | Errno::NOENT) => {
                 let held: &mut Claims = match claims.as_deref_mut() {
                     Some(c) => c,
@@ -451,6 +477,16 @@ fn bring_home<'b>(
                     handle(held, later, moved);
                 }
                 answer_all(home.uffd, held, moved);
+                // Moved memory none of whose old pages are still on their way: its threads
+                // go on now, not when the rest is home.
+                let Moved { homing, release, .. } = &mut *moved;
+                release.retain(|&(to, end)| {
+                    let waits = homing.iter().any(|&(d, _, n, _)| d < end && to < d + n);
+                    if !waits {
+                        release_moved(home.uffd, held, to, end);
+                    }
+                    waits
+                });
                 if claims.is_none() {
                     // What the later events took leaves its graveyards before the lock goes;
                     // where no holding can be made, the lock stays until all are home.
@@ -461,31 +497,29 @@ fn bring_home<'b>(
                 }
                 true
             }
-            // SAFETY: as above; the pages move instead of being copied, nothing allocated.
-            Some(Errno::NOMEM) => match unsafe { home.uffd.move_pages(dst + done, src + done, len - done) } {
-                Ok(()) => {
-                    moved.empty.close((len - done) / sys::PAGE_SIZE);
-                    moved.homing[0].2 = 0;
-                    false
-                }
-                Err((more, _)) => {
-                    moved.empty.close(more / sys::PAGE_SIZE);
-                    moved.homing[0] = (dst + done + more, src + done + more, len - done - more, in_holding);
-                    true
-                }
-            },
-            // Unmapped meanwhile with no event left unread (`ENOENT`), or given up.
+            // Refused for another reason: given up.
             Some(_) => false,
         };
         if retry {
             // The entry may have moved, split or gone with the events just handled.
             moved.homing.retain(|&(_, _, n, _)| n > 0);
+            if errno == Some(Errno::NOENT) && !missing_for(moved, &mut missing) {
+                // No mapping of ours there for `HOMING_LIMIT`, whatever events came: there is
+                // nowhere to put them.
+                let (_, _, left, _) = moved.homing.remove(0);
+                moved.empty.close(left / sys::PAGE_SIZE);
+                missing = None;
+                continue;
+            }
             if claims.is_none() && taken.is_none() {
                 locked_since = None;
-            } else if locked_since.get_or_insert_with(std::time::Instant::now).elapsed() >= locked_limit {
+            } else if locked_since.get_or_insert_with(Instant::now).elapsed() >= locked_limit {
                 return;
             }
-            if home.stop.load(Ordering::Relaxed) {
+            // An engine dropped: offered for `HOMING_LIMIT` more, as the reader's last work.
+            if home.stop.load(Ordering::Relaxed)
+                && stopping_since.get_or_insert_with(Instant::now).elapsed() >= HOMING_LIMIT
+            {
                 return;
             }
             quick += 1;
@@ -497,6 +531,33 @@ fn bring_home<'b>(
         }
         let (_, _, left, _) = moved.homing.remove(0);
         moved.empty.close(left / sys::PAGE_SIZE);
+    }
+}
+
+/// After the kernel found no mapping of ours at the first entry of `moved` (`ENOENT`, the
+/// events read since handled): cuts the entry where the mapping at its address ends (the
+/// program split it, with `mprotect` of a part, say, and the kernel copies into one mapping
+/// at a time), and returns whether it is worth trying again: `false` once the kernel has
+/// found nothing of ours at the same address for [`HOMING_LIMIT`] (`missing`: that address
+/// and since when), as where the mapping is no longer registered (a call that ended took
+/// its registration off) and no event will ever say where the memory went.
+fn missing_for(moved: &mut Moved, missing: &mut Option<(usize, Instant)>) -> bool {
+    let Some(&(dst, src, len, held)) = moved.homing.first() else { return true };
+    let vma = crate::maps::vmas().ok().and_then(|vmas| vmas.into_iter().find(|v| v.start <= dst && dst < v.end));
+    if let Some(v) = vma
+        && v.end < dst + len
+    {
+        moved.homing[0] = (dst, src, v.end - dst, held);
+        moved.homing.insert(1, (v.end, src + (v.end - dst), dst + len - v.end, held));
+        *missing = None;
+        return true;
+    }
+    match *missing {
+        Some((at, since)) if at == dst => since.elapsed() < HOMING_LIMIT,
+        _ => {
+            *missing = Some((dst, Instant::now()));
+            true
+        }
     }
 }
 
