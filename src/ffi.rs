@@ -371,7 +371,12 @@ pub unsafe fn move_pages(
             )
         }));
         match served {
-            Ok(Ok(left)) => not_moved += left,
+            // Stopped where the kernel would have: the entries after this chunk are never
+            // reached either, and count as not moved.
+            Ok(Ok((left, true))) => {
+                return (Ok(not_moved + left as c_long + (count as c_long - (done + n) as c_long)), Route::Pagemig);
+            }
+            Ok(Ok((left, false))) => not_moved += left as c_long,
             // Nothing served yet: the call goes to the kernel whole, for the reason found.
             Ok(Err(Chunk::Unreadable(errno))) if done == 0 => {
                 let route = match errno {
@@ -399,7 +404,9 @@ enum Chunk {
 }
 
 /// Serves `n` entries of a [`move_pages`] call through `engine`: reads them, moves the
-/// pages, writes their statuses; the number of pages not moved. With `unmapped` (and the
+/// pages, writes their statuses; the number of pages not moved, and whether the call
+/// stopped there as the kernel's would have (a batch with a page that could not move,
+/// [`Engine::move_pages_stopping`]). With `unmapped` (and the
 /// chunk's first entry's index in it), the entries the kernel found unmapped before the
 /// engine was opened are served as [`NEVER_MAPPED`]: the kernel's `-EFAULT`, after their
 /// node is checked as the kernel checks it.
@@ -413,7 +420,7 @@ unsafe fn serve_chunk(
     status: *mut c_int,
     n: usize,
     unmapped: Option<(&Unmapped, usize)>,
-) -> Result<c_long, Chunk> {
+) -> Result<(usize, bool), Chunk> {
     let mut addrs = read_user(pages.cast::<usize>(), n).map_err(Chunk::Unreadable)?;
     let targets = read_user(nodes, n).map_err(Chunk::Unreadable)?;
     if let Some((unmapped, first)) = unmapped {
@@ -428,9 +435,9 @@ unsafe fn serve_chunk(
     let mut out = read_user(status.cast_const(), n).or_else(|_| zeroed_vec(n)).map_err(Chunk::Unreadable)?;
     // SAFETY: the calling thread is inside this call and does not access the pages while
     // they move; the arrays are copies of ours.
-    let left = unsafe { engine.move_pages(&addrs, Some(&targets), &mut out) }.map_err(|_| Chunk::Failed)?;
+    let left = unsafe { engine.move_pages_stopping(&addrs, &targets, &mut out) }.map_err(|_| Chunk::Failed)?;
     write_user(status, &out).map_err(|_| Chunk::Failed)?;
-    Ok(left as c_long)
+    Ok(left)
 }
 
 /// An address no mapping of a process can hold (the first of the kernel's half, above any

@@ -298,7 +298,9 @@ fn isolated_pages_go_home_into_memory_split_after_it_moved() {
             });
             let result = Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
             eprintln!("call: {:?}", result.as_ref().map(|s| s.failed_folios).map_err(|e| e.to_string()));
-            purgers.map(|p| p.join().unwrap());
+            for p in purgers {
+                p.join().unwrap();
+            }
         });
         // Read (under this watchdog) once the purges have stopped.
         wrong_words("moved", spare, MOVED, 0) + wrong_words("rest", base + MOVED, LEN - MOVED - 4096, MOVED / 8)

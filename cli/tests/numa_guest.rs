@@ -948,6 +948,46 @@ fn move_pages_matches_the_kernel_for_pages_named_more_than_once() {
     verify(&our_base, 42, "base pages named more than once");
 }
 
+/// `move_pages` over pages one of which is pinned (registered with io_uring, as a program
+/// pins buffers for I/O): the kernel cannot move that page and returns as soon as the
+/// batch holding it is moved, that batch's statuses and every one after unwritten, its
+/// count the pages that failed plus the entries never reached. pagemig answers the same
+/// (return and every status, the caller's values left where the kernel leaves them), with
+/// every byte intact.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn move_pages_matches_the_kernel_where_a_page_is_pinned() {
+    const SENTINEL: i32 = -99;
+    let Some((a, b)) = two_nodes() else { return };
+    let engine = Engine::global().expect("the migration engine");
+    // The pinned page, and an address not mapped (an entry the kernel does not queue), at
+    // these indexes of the eight entries.
+    for (pinned, hole) in [(2, None), (2, Some(5)), (6, Some(3))] {
+        let what = format!("page {pinned} pinned, hole at {hole:?}");
+        let layout = |seed: u64| {
+            let region = Region::new(8 * PAGE_SIZE, PAGE_SIZE, Some(a)).expect("base pages");
+            fill(&region, seed);
+            let pin = pin(region.addr() + pinned * PAGE_SIZE, PAGE_SIZE).expect("io_uring to pin a page");
+            let addrs: Vec<usize> =
+                (0..8).map(|k| if Some(k) == hole { 0x1000 } else { region.addr() + k * PAGE_SIZE }).collect();
+            (region, pin, addrs)
+        };
+        let (ours, _our_pin, our_addrs) = layout(51);
+        let (_theirs, _their_pin, their_addrs) = layout(51);
+        let nodes = vec![b as i32; 8];
+        let mut s_ours = vec![SENTINEL; 8];
+        // SAFETY: this thread does not touch the pages during the call.
+        let left = unsafe { engine.move_pages(&our_addrs, Some(&nodes), &mut s_ours) }.expect("pagemig move_pages");
+        let mut s_kernel = vec![SENTINEL; 8];
+        let their_left = sys::move_pages_counted(&their_addrs, Some(&nodes), &mut s_kernel).expect("move_pages");
+        println!("{what}: pagemig {s_ours:?} ({left} not moved), kernel {s_kernel:?} ({their_left})");
+        assert_eq!(s_ours, s_kernel, "{what}: pagemig against the kernel");
+        assert_eq!(left, their_left, "{what}: pages not moved");
+        assert!(left > 0, "{what}: the pinned page moved");
+        verify(&ours, 51, &what);
+    }
+}
+
 /// `move_pages` while another thread of the program frees pages and writes them again
 /// (`MADV_DONTNEED`, then a new page on node A, bound there): every page reports what the
 /// kernel would — the node it was moved to, or `ENOENT` where it was not there when the call

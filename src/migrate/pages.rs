@@ -123,6 +123,44 @@ impl Engine {
         unsafe { self.move_pages_with(pages, nodes, status, &MigrateOptions::default()) }
     }
 
+    /// [`Engine::move_pages`] with a target for every page, and whether the call stopped
+    /// where the kernel's would have (a batch with a page that could not move: the
+    /// entries after it are not the kernel's to have reached, and count as not moved).
+    ///
+    /// # Safety
+    /// As [`Engine::move_pages`].
+    ///
+    /// # Errors
+    /// As [`Engine::move_pages`].
+    #[cfg_attr(not(feature = "ffi"), allow(dead_code, reason = "the C entry's"))]
+    pub(crate) unsafe fn move_pages_stopping(
+        &self,
+        pages: &[usize],
+        nodes: &[i32],
+        status: &mut [i32],
+    ) -> Result<(usize, bool)> {
+        lengths_match(pages.len(), status.len(), nodes.len())?;
+        self.check_targets(nodes)?;
+        if pages.is_empty() {
+            return Ok((0, false));
+        }
+        self.move_all(pages, nodes, status, &MigrateOptions::default(), true)
+    }
+
+    /// `ENODEV` for a node that is negative, beyond 1023 or without memory, as the kernel
+    /// answers.
+    fn check_targets(&self, nodes: &[i32]) -> Result<()> {
+        let memory = crate::numa::memory_nodes()?;
+        // As the kernel: a node out of range is as unknown as one without memory.
+        if nodes.iter().any(|&n| !(0..MAX_NODES).contains(&n)) {
+            return Err(Error::Sys { op: "move_pages (a node outside 0 … 1023)", errno: crate::sys::Errno::NODEV });
+        }
+        if let Some(&bad) = nodes.iter().find(|&&n| !memory.contains(&(n as u32))) {
+            crate::numa::check_node(bad as u32)?;
+        }
+        Ok(())
+    }
+
     /// [`Engine::move_pages`] with a target for every page and `opts`: its batch bound, and
     /// its deadline or cancel flag, at which the call stops; pages not reached by then
     /// report `-ETIMEDOUT` or `-ECANCELED` and are as they were.
@@ -140,18 +178,11 @@ impl Engine {
         opts: &MigrateOptions,
     ) -> Result<usize> {
         lengths_match(pages.len(), status.len(), nodes.len())?;
-        let memory = crate::numa::memory_nodes()?;
-        // As the kernel: a node out of range is as unknown as one without memory.
-        if nodes.iter().any(|&n| !(0..MAX_NODES).contains(&n)) {
-            return Err(Error::Sys { op: "move_pages (a node outside 0 … 1023)", errno: crate::sys::Errno::NODEV });
-        }
-        if let Some(&bad) = nodes.iter().find(|&&n| !memory.contains(&(n as u32))) {
-            crate::numa::check_node(bad as u32)?;
-        }
+        self.check_targets(nodes)?;
         if pages.is_empty() {
             return Ok(0);
         }
-        self.move_all(pages, nodes, status, opts)
+        self.move_all(pages, nodes, status, opts, true).map(|(left, _)| left)
     }
 
     /// Moves every page of `addr .. addr + len` (rounded out to whole pages) to `node`,
@@ -217,7 +248,7 @@ impl Engine {
         for (k, outcomes) in status.chunks_mut(RANGE_CHUNK).enumerate() {
             let base = first + k * RANGE_CHUNK * PAGE_SIZE;
             let pages: Vec<usize> = (0..outcomes.len()).map(|i| base + i * PAGE_SIZE).collect();
-            not_moved += self.move_all(&pages, &vec![target; pages.len()], outcomes, opts)?;
+            not_moved += self.move_all(&pages, &vec![target; pages.len()], outcomes, opts, false)?.0;
         }
         // The kernel moves a huge page it was handed whole at its first page, and reports
         // `EBUSY` for the next page of it, which it finds isolated by that same call; where
@@ -243,7 +274,17 @@ impl Engine {
     /// such a call pays (smaps, which walks every mapping's pages, is not read; flags such
     /// as I/O and PFN maps are checked by the migration itself, which refuses such a folio
     /// before touching it, and the folio goes to the kernel after).
-    fn move_all(&self, pages: &[usize], nodes: &[i32], status: &mut [i32], opts: &MigrateOptions) -> Result<usize> {
+    ///
+    /// `as_kernel`: where a page the kernel would have queued could not move, the call
+    /// answers as the kernel's does (see [`kernel_order`]), and says it stopped there.
+    fn move_all(
+        &self,
+        pages: &[usize],
+        nodes: &[i32],
+        status: &mut [i32],
+        opts: &MigrateOptions,
+        as_kernel: bool,
+    ) -> Result<(usize, bool)> {
         let page_of = |i: usize| pages[i] & !(PAGE_SIZE - 1);
         let mut vmas = maps::Lookup::open()?;
         // pagemig's own mappings and its threads' stacks: the kernel's to move, as is
@@ -256,8 +297,12 @@ impl Engine {
         }
         // What the caller's statuses held: an entry the kernel leaves unwritten (it stops at
         // a batch that failed) keeps it, as the kernel would leave it.
-        let original = status.to_vec();
-        let mut not_moved = kernel_moves(pages, nodes, status, &direct, &original)?;
+        let mut answers = Answers {
+            original: status.to_vec(),
+            served: vec![false; pages.len()],
+            unwritten: vec![false; pages.len()],
+        };
+        let mut not_moved = kernel_moves(pages, nodes, status, &direct, &mut answers)?;
         self.pages_counters.kernel_unmovable.fetch_add(direct.len() as u64, Ordering::Relaxed);
         // Where pagemig's candidates are now: pages not there, and pages already home, are
         // done.
@@ -293,7 +338,7 @@ impl Engine {
         if !mixed.is_empty() {
             let (theirs, ours): (Vec<usize>, Vec<usize>) =
                 candidates.iter().partition(|&&i| mixed.contains(&folio_at(&huge, page_of(i)).0));
-            not_moved += kernel_moves(pages, nodes, status, &theirs, &original)?;
+            not_moved += kernel_moves(pages, nodes, status, &theirs, &mut answers)?;
             self.pages_counters.kernel_unmovable.fetch_add(theirs.len() as u64, Ordering::Relaxed);
             theirs.iter().for_each(|&i| home[i] = false);
             candidates = ours;
@@ -302,20 +347,39 @@ impl Engine {
             candidates.iter().copied().filter(|&i| status[i] >= 0 && status[i] != nodes[i]).collect();
         let absent = candidates.iter().filter(|&&i| status[i] < 0).count();
         self.pages_counters.begin(pages.len(), absent, candidates.len() - absent - todo.len());
-        let mut served = vec![false; pages.len()];
         if !todo.is_empty() {
-            let found = Found { huge: &huge, original: &original };
-            not_moved += self.move_todo(pages, nodes, status, &todo, &found, &mut served, &mut vmas, opts)?;
+            not_moved += self.move_todo(pages, nodes, status, &todo, &huge, &mut answers, &mut vmas, opts)?;
         }
-        // The kernel's answer for a folio named again while it is still queued to move.
+        // Entries the kernel left unwritten: it stopped at a batch of them that failed. A
+        // page it moved all the same is queued in `kernel_order`'s reckoning, one still
+        // elsewhere failed (or was never tried).
+        let unwritten: Vec<usize> = (0..pages.len()).filter(|&i| answers.unwritten[i]).collect();
+        let mut failed = vec![false; pages.len()];
+        if !unwritten.is_empty() {
+            let at: Vec<usize> = unwritten.iter().map(|&i| pages[i]).collect();
+            let mut now = vec![0; at.len()];
+            sys::move_pages(&at, None, &mut now).map_err(Error::sys("move_pages (query)"))?;
+            for (k, &i) in unwritten.iter().enumerate() {
+                failed[i] = now[k] != nodes[i] && now[k] >= 0 && !home[i];
+                // Without the kernel's answers to give, where the page is.
+                if now[k] == nodes[i] || !as_kernel {
+                    status[i] = now[k];
+                }
+            }
+        }
+        // The kernel's answers for a folio named again while queued, and for a batch that
+        // failed.
         let keys: Vec<Option<usize>> = (0..pages.len())
             .map(|i| {
-                let queued = !home[i] && status[i] >= 0 && status[i] == nodes[i];
-                queued.then(|| if served[i] { folio_at(&huge, page_of(i)).0 } else { page_of(i) })
+                let queued = !home[i] && ((status[i] >= 0 && status[i] == nodes[i]) || failed[i]);
+                queued.then(|| if answers.served[i] { folio_at(&huge, page_of(i)).0 } else { page_of(i) })
             })
             .collect();
-        busy_while_queued(nodes, status, &keys, &served);
-        Ok(not_moved)
+        let order = KernelOrder { nodes, keys: &keys, failed: &failed, served: &answers.served };
+        match kernel_order(&order, status, as_kernel.then_some(&answers.original[..])) {
+            Some(left) => Ok((left, true)),
+            None => Ok((not_moved, false)),
+        }
     }
 
     /// Moves the pages `todo` (present, elsewhere than asked), writing their outcomes, and
@@ -328,8 +392,8 @@ impl Engine {
     /// stands: the call never fails a page the kernel would have moved. Folios stopped by
     /// the caller (`ECANCELED`, `ETIMEDOUT`) keep that errno.
     ///
-    /// `found`: the huge pages among them, and what the caller's statuses held; `served` is
-    /// set for each page of a folio pagemig moved itself.
+    /// `huge`: the huge pages among them; `answers`: what the caller's statuses held, where
+    /// each page's answer comes from.
     #[allow(clippy::too_many_arguments, reason = "one call's arrays, and what it found of them")]
     fn move_todo(
         &self,
@@ -337,8 +401,8 @@ impl Engine {
         nodes: &[i32],
         status: &mut [i32],
         todo: &[usize],
-        found: &Found<'_>,
-        served: &mut [bool],
+        huge: &[(usize, usize)],
+        answers: &mut Answers,
         vmas: &mut maps::Lookup,
         opts: &MigrateOptions,
     ) -> Result<usize> {
@@ -351,7 +415,7 @@ impl Engine {
         let shared = sys::shared_pages(&todo.iter().map(|&i| pages[i]).collect::<Vec<_>>()).unwrap_or_default();
         // Each page's folio (every page naming it names the same node: see `move_all`).
         for (k, &i) in todo.iter().enumerate() {
-            let (start, size) = folio_at(found.huge, page_of(i));
+            let (start, size) = folio_at(huge, page_of(i));
             let in_huge = size == HPAGE_SIZE;
             let on_stack = stack.is_some_and(|(s, e)| start < e && s < start + size);
             let is_shared = shared.get(k).copied().unwrap_or(false);
@@ -367,7 +431,7 @@ impl Engine {
         for &i in &kernel {
             to_kernel[i] = true;
         }
-        let mut not_moved = kernel_moves(pages, nodes, status, &kernel, found.original)?;
+        let mut not_moved = kernel_moves(pages, nodes, status, &kernel, answers)?;
         self.pages_counters.kernel_unmovable.fetch_add(kernel.len() as u64, Ordering::Relaxed);
         // pagemig's pages, one call per target node; what failed, by folio.
         let mut by_node: BTreeMap<i32, Vec<(usize, usize)>> = BTreeMap::new();
@@ -435,14 +499,14 @@ impl Engine {
                 }
                 Some(_) => now[k],
                 None => {
-                    served[i] = true;
+                    answers.served[i] = true;
                     moved_to
                 }
             };
         }
         let moved = mine.iter().filter(|&&i| status[i] == nodes[i]).count();
         self.pages_counters.moved.fetch_add(moved as u64, Ordering::Relaxed);
-        not_moved += kernel_moves(pages, nodes, status, &retry, found.original)?;
+        not_moved += kernel_moves(pages, nodes, status, &retry, answers)?;
         self.pages_counters.kernel_retried.fetch_add(retry.len() as u64, Ordering::Relaxed);
         self.pages_counters.end(status, nodes, todo);
         Ok(not_moved)
@@ -456,38 +520,79 @@ fn folio_at(huge: &[(usize, usize)], page: usize) -> (usize, usize) {
     if in_huge { (page & !(HPAGE_SIZE - 1), HPAGE_SIZE) } else { (page, PAGE_SIZE) }
 }
 
-/// What the kernel's `move_pages(2)` answers for a folio named again while it is queued to
-/// move (`do_pages_move`): it queues a folio at the first entry that finds it elsewhere
-/// than asked, and moves the queue when the node changes or an entry is not queued; an
-/// entry that finds its folio already queued cannot isolate it again and reports `-EBUSY`
-/// (not counted as a page not moved), which moves the queue, after which the folio is on
-/// its node. So every 4 KiB page of a huge page reads `[node, -EBUSY, node, node, …]`, and
-/// a page named twice in a row `[node, -EBUSY]`.
+/// A call's entries as [`kernel_order`] reckons them.
+struct KernelOrder<'a> {
+    /// The node each entry names.
+    nodes: &'a [i32],
+    /// The folio of each entry the kernel would queue (present elsewhere than asked, and
+    /// moved there by the call or failed), `None` for one it would not (absent, refused,
+    /// already there).
+    keys: &'a [Option<usize>],
+    /// Entries whose folio could not move.
+    failed: &'a [bool],
+    /// Entries pagemig moved itself: only their answers are rewritten, the kernel's own
+    /// answers already are its own.
+    served: &'a [bool],
+}
+
+/// What the kernel's `move_pages(2)` answers, where it differs from each page's own outcome
+/// (`do_pages_move`). It queues a folio at the first entry that finds it elsewhere than
+/// asked, and moves the queue when the node changes or an entry is not queued.
 ///
-/// `keys[i]`: the folio of an entry the kernel would queue (present elsewhere than asked,
-/// and moved there by the call), `None` for one it would not (absent, refused, already
-/// there). Only entries pagemig moved itself (`served`) are rewritten: the kernel's own
-/// answers already are its own.
-fn busy_while_queued(nodes: &[i32], status: &mut [i32], keys: &[Option<usize>], served: &[bool]) {
-    let (mut queued, mut moved): (BTreeSet<usize>, BTreeSet<usize>) = Default::default();
+/// - An entry that finds its folio already queued cannot isolate it again and reports
+///   `-EBUSY` (not counted as a page not moved), which moves the queue; after that the folio
+///   is on its node. So every 4 KiB page of a huge page reads `[node, -EBUSY, node, …]`,
+///   and a page named twice in a row `[node, -EBUSY]`.
+/// - With `original` (the caller's statuses as they were): where a queue moved with a folio
+///   that failed, the kernel returns at once, the queue's entries and every entry after
+///   it unwritten (`original`), and its count is the folios that failed plus the entries
+///   it never reached. That count is returned; `None` where no queue failed.
+fn kernel_order(order: &KernelOrder<'_>, status: &mut [i32], original: Option<&[i32]>) -> Option<usize> {
+    let n = order.nodes.len();
+    let (mut queued, mut moved, mut failing): (BTreeSet<usize>, BTreeSet<usize>, BTreeSet<usize>) = Default::default();
+    let mut members: Vec<usize> = Vec::new();
     let mut run: Option<i32> = None;
-    for (i, key) in keys.iter().enumerate() {
-        if run != Some(nodes[i]) {
+    // The kernel stops with the queue: `members` and the entries from `from` unwritten.
+    let stop = |members: &[usize], failing: usize, from: usize, status: &mut [i32]| {
+        let original = original?;
+        members.iter().chain(&(from..n).collect::<Vec<_>>()).for_each(|&i| status[i] = original[i]);
+        Some(failing + (n - from))
+    };
+    for i in 0..n {
+        if run != Some(order.nodes[i]) {
+            if !failing.is_empty()
+                && let Some(left) = stop(&members, failing.len(), i, status)
+            {
+                return Some(left);
+            }
             moved.append(&mut queued);
-            run = Some(nodes[i]);
+            members.clear();
+            run = Some(order.nodes[i]);
         }
-        match key {
-            Some(k) if !moved.contains(k) && !queued.contains(k) => {
-                queued.insert(*k);
+        match order.keys[i] {
+            Some(k) if !moved.contains(&k) && !queued.contains(&k) => {
+                queued.insert(k);
+                members.push(i);
+                if order.failed[i] {
+                    failing.insert(k);
+                }
                 continue;
             }
-            Some(k) if queued.contains(k) && served[i] => status[i] = -libc::EBUSY,
+            Some(k) if queued.contains(&k) && order.served[i] => status[i] = -libc::EBUSY,
             _ => {}
         }
-        // Not queued: the queue moves, and the next entry starts a run of its own.
+        // Not queued: its own answer is written, then the queue moves, and the next entry
+        // starts a run of its own.
+        if !failing.is_empty()
+            && let Some(left) = stop(&members, failing.len(), i + 1, status)
+        {
+            return Some(left);
+        }
         moved.append(&mut queued);
+        members.clear();
         run = None;
     }
+    if failing.is_empty() { None } else { stop(&members, failing.len(), n, status) }
 }
 
 /// [`Error::Invalid`] unless a call's pages, statuses and nodes are as many.
@@ -498,33 +603,41 @@ fn lengths_match(pages: usize, status: usize, nodes: usize) -> Result<()> {
     Err(Error::Invalid(format!("{pages} pages, {status} statuses and {nodes} nodes: the three must match")))
 }
 
-/// What [`Engine::move_all`] found of a call's pages before moving them.
-struct Found<'a> {
-    /// The huge pages among them, in address order.
-    huge: &'a [(usize, usize)],
+/// Where each answer of a call comes from.
+struct Answers {
     /// The caller's statuses as they were.
-    original: &'a [i32],
+    original: Vec<i32>,
+    /// Entries of folios pagemig moved itself.
+    served: Vec<bool>,
+    /// Entries the kernel did not write (it stopped at a batch that failed).
+    unwritten: Vec<bool>,
 }
+
+/// What no status the kernel writes can be: a node number or a negative errno.
+const UNWRITTEN: i32 = i32::MIN;
 
 /// Hands the pages `which` to the kernel's `move_pages(2)`, writes their statuses and
 /// returns the kernel's count of pages it could not move. An entry the kernel does not
-/// write (it stops at a batch that failed) gets its value in `original`.
+/// write (it stops at a batch that failed) gets the caller's value and is marked so in
+/// `answers`.
 fn kernel_moves(
     pages: &[usize],
     nodes: &[i32],
     status: &mut [i32],
     which: &[usize],
-    original: &[i32],
+    answers: &mut Answers,
 ) -> Result<usize> {
     if which.is_empty() {
         return Ok(0);
     }
     let p: Vec<usize> = which.iter().map(|&i| pages[i]).collect();
     let n: Vec<i32> = which.iter().map(|&i| nodes[i]).collect();
-    let mut s: Vec<i32> = which.iter().map(|&i| original[i]).collect();
+    let mut s: Vec<i32> = vec![UNWRITTEN; which.len()];
     let not_moved = sys::move_pages_counted(&p, Some(&n), &mut s).map_err(Error::sys("move_pages"))?;
     for (k, &i) in which.iter().enumerate() {
-        status[i] = s[k];
+        let unwritten = s[k] == UNWRITTEN;
+        status[i] = if unwritten { answers.original[i] } else { s[k] };
+        answers.unwritten[i] = unwritten;
     }
     Ok(not_moved)
 }
@@ -660,32 +773,79 @@ impl Engine {
 mod tests {
     use super::*;
 
-    /// `busy_while_queued` on entries all moved by pagemig to `nodes`, `keys` their folios.
-    fn kernel_answers(nodes: &[i32], keys: &[Option<usize>]) -> Vec<i32> {
+    const B: i32 = 1;
+    const BUSY: i32 = -libc::EBUSY;
+    /// What the caller's statuses held.
+    const SENTINEL: i32 = -99;
+
+    /// `kernel_order` on entries moved by pagemig to `nodes` (`keys`: their folios, `None`
+    /// for an absent page), those in `failed` not moved: the statuses and count.
+    fn kernel_answers(nodes: &[i32], keys: &[Option<usize>], failed: &[usize]) -> (Vec<i32>, Option<usize>) {
         let mut status: Vec<i32> = nodes.iter().zip(keys).map(|(&n, k)| if k.is_some() { n } else { -2 }).collect();
-        busy_while_queued(nodes, &mut status, keys, &vec![true; nodes.len()]);
-        status
+        let failed: Vec<bool> = (0..nodes.len()).map(|i| failed.contains(&i)).collect();
+        for (i, f) in failed.iter().enumerate() {
+            if *f {
+                status[i] = SENTINEL;
+            }
+        }
+        let served: Vec<bool> = failed.iter().map(|f| !f).collect();
+        let order = KernelOrder { nodes, keys, failed: &failed, served: &served };
+        let left = kernel_order(&order, &mut status, Some(&vec![SENTINEL; nodes.len()]));
+        (status, left)
     }
 
     #[test]
     fn a_folio_named_again_while_queued_reads_busy_as_the_kernel_answers() {
         crate::testing::watchdog(60, || {
-            const B: i32 = 1;
-            const BUSY: i32 = -libc::EBUSY;
             // Every page of a huge page: queued at the first, busy at the second, home after.
-            assert_eq!(kernel_answers(&[B; 4], &[Some(7); 4]), [B, BUSY, B, B]);
+            assert_eq!(kernel_answers(&[B; 4], &[Some(7); 4], &[]), (vec![B, BUSY, B, B], None));
             // Pages named twice in a row (a stride smaller than a page).
-            assert_eq!(kernel_answers(&[B; 4], &[Some(1), Some(1), Some(2), Some(2)]), [B, BUSY, B, BUSY]);
+            let twice = [Some(1), Some(1), Some(2), Some(2)];
+            assert_eq!(kernel_answers(&[B; 4], &twice, &[]).0, [B, BUSY, B, BUSY]);
             // Another folio queued between: the first is still queued.
-            assert_eq!(kernel_answers(&[B; 3], &[Some(7), Some(8), Some(7)]), [B, B, BUSY]);
+            assert_eq!(kernel_answers(&[B; 3], &[Some(7), Some(8), Some(7)], &[]).0, [B, B, BUSY]);
             // An entry not queued between (absent, already there) moves the queue first.
-            assert_eq!(kernel_answers(&[B; 3], &[Some(7), None, Some(7)]), [B, -2, B]);
+            assert_eq!(kernel_answers(&[B; 3], &[Some(7), None, Some(7)], &[]).0, [B, -2, B]);
             // So does a change of node.
-            assert_eq!(kernel_answers(&[B, 2, B], &[Some(7), Some(8), Some(7)]), [B, 2, B]);
+            assert_eq!(kernel_answers(&[B, 2, B], &[Some(7), Some(8), Some(7)], &[]).0, [B, 2, B]);
             // Answers of the kernel's own are left as they are.
             let mut status = vec![B, B];
-            busy_while_queued(&[B, B], &mut status, &[Some(3), Some(3)], &[false, false]);
+            let order =
+                KernelOrder { nodes: &[B, B], keys: &[Some(3), Some(3)], failed: &[false; 2], served: &[false; 2] };
+            assert_eq!(kernel_order(&order, &mut status, None), None);
             assert_eq!(status, [B, B]);
+        });
+    }
+
+    #[test]
+    fn a_batch_with_a_page_that_cannot_move_stops_the_call_as_the_kernel_does() {
+        crate::testing::watchdog(60, || {
+            let keys: Vec<Option<usize>> = (0..6).map(Some).collect();
+            // Every entry in one queue: its answers unwritten, the folios that failed counted.
+            assert_eq!(kernel_answers(&[B; 6], &keys, &[2]), (vec![SENTINEL; 6], Some(1)));
+            // The queue moves at an absent page: that one answered, the rest never reached.
+            let mut with_hole = keys.clone();
+            with_hole[3] = None;
+            let want = vec![SENTINEL, SENTINEL, SENTINEL, -2, SENTINEL, SENTINEL];
+            assert_eq!(kernel_answers(&[B; 6], &with_hole, &[1]), (want, Some(1 + 2)));
+            // A failure in a later queue: the queues before it answered.
+            let want = vec![B, B, B, -2, SENTINEL, SENTINEL];
+            assert_eq!(kernel_answers(&[B; 6], &with_hole, &[5]), (want, Some(1)));
+            // The queue moves at a change of node: the entry there is not reached either.
+            let want = vec![SENTINEL; 6];
+            assert_eq!(kernel_answers(&[B, B, B, 2, 2, 2], &keys, &[0]), (want, Some(1 + 3)));
+            // Nothing failed: nothing to say.
+            assert_eq!(kernel_answers(&[B; 6], &keys, &[]).1, None);
+            // Without the caller's statuses (move_range), no stop.
+            let mut status = vec![B, SENTINEL, B];
+            let order = KernelOrder {
+                nodes: &[B; 3],
+                keys: &[Some(0), Some(1), Some(2)],
+                failed: &[false, true, false],
+                served: &[true, false, true],
+            };
+            assert_eq!(kernel_order(&order, &mut status, None), None);
+            assert_eq!(status, [B, SENTINEL, B]);
         });
     }
 }
