@@ -69,6 +69,39 @@ pub fn caught(f: impl FnOnce() -> Result<c_long, Errno>) -> Result<c_long, Errno
     catch_unwind(AssertUnwindSafe(f)).unwrap_or(Err(Errno::CANCELED))
 }
 
+/// The calling thread's `errno` as a call found it, put back when the call succeeds: a
+/// system call leaves `errno` alone unless it fails, and so does an entry point that stands
+/// in for one, whatever the calls it made meanwhile left there (a futex wait interrupted,
+/// a limit read). Taken first thing.
+#[derive(Debug)]
+pub struct KeptErrno(c_int);
+
+impl KeptErrno {
+    /// The calling thread's `errno` now.
+    pub fn new() -> Self {
+        // SAFETY: `__errno_location` returns the calling thread's errno, always valid.
+        Self(unsafe { *libc::__errno_location() })
+    }
+
+    /// The C answer to `result`, as [`answer`], with `errno` as it was found where the call
+    /// succeeds.
+    pub fn answer(self, result: Result<c_long, Errno>) -> c_long {
+        let ok = result.is_ok();
+        let n = answer(result);
+        if ok {
+            // SAFETY: as in `new`.
+            unsafe { *libc::__errno_location() = self.0 };
+        }
+        n
+    }
+}
+
+impl Default for KeptErrno {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The C answer to `result`: `n`, or `-1` with `errno` set.
 pub fn answer(result: Result<c_long, Errno>) -> c_long {
     match result {
@@ -497,6 +530,22 @@ fn unmapped_before(count: c_ulong, pages: *const *mut c_void) -> Result<Unmapped
 mod tests {
     use super::*;
     use crate::testing::watchdog;
+
+    /// An entry point leaves `errno` as it found it when it succeeds, whatever was set
+    /// meanwhile, and sets it when it fails.
+    #[test]
+    fn errno_is_kept_on_success_and_set_on_failure() {
+        watchdog(60, || {
+            set_errno(Errno::from_raw_os_error(4242 % 4096));
+            let kept = KeptErrno::new();
+            set_errno(Errno::AGAIN);
+            assert_eq!(kept.answer(Ok(3)), 3);
+            assert_eq!(last_errno().raw_os_error(), 4242 % 4096);
+            let kept = KeptErrno::new();
+            assert_eq!(kept.answer(Err(Errno::NODEV)), -1);
+            assert_eq!(last_errno(), Errno::NODEV);
+        });
+    }
 
     #[test]
     fn arrays_are_read_and_written_or_efault() {

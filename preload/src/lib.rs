@@ -24,8 +24,14 @@
 //! every signal for the length of the call (a signal that arrives meanwhile is delivered
 //! when the call returns, as after a system call) and waits on a futex while pagemig's
 //! worker thread serves the call (`worker`), so a call made from a signal handler that
-//! interrupted `malloc`, or pagemig itself, meets none of the locks the interrupted code
-//! holds. The first call pagemig serves in a process starts that thread.
+//! interrupted pagemig itself, or `malloc` in an arena of its own, meets none of the locks
+//! the interrupted code holds. The first call pagemig serves in a process starts that
+//! thread. Not covered: the worker allocates (and starts the call's threads), so a handler
+//! that interrupted the allocator holding a lock the worker needs too waits for ever —
+//! glibc's `malloc` in an arena the worker shares (more threads than arenas, or
+//! `MALLOC_ARENA_MAX=1`), `pthread_create`, or an allocator with process-wide locks
+//! (jemalloc, tcmalloc) in their slow paths. A program that calls `move_pages` from a
+//! handler that may interrupt those should set `PAGEMIG_PRELOAD=0`.
 //!
 //! Whatever `count` a call passes, pagemig takes bounded memory (the arrays are served a
 //! chunk at a time); under a finite `RLIMIT_AS` or `RLIMIT_DATA` that leaves it too little

@@ -33,6 +33,7 @@ pub unsafe extern "C" fn move_pages(
     status: *mut c_int,
     flags: c_int,
 ) -> c_long {
+    let errno = ffi::KeptErrno::new();
     let blocked = ffi::SignalsBlocked::new();
     let result = ffi::caught(|| {
         summary::call(Symbol::MovePages);
@@ -60,7 +61,7 @@ pub unsafe extern "C" fn move_pages(
     });
     // Signals that arrived during the call are delivered now, before errno is set.
     drop(blocked);
-    ffi::answer(result)
+    errno.answer(result)
 }
 
 /// Serves a `move_pages` call of the calling process, on the worker.
@@ -118,6 +119,7 @@ pub unsafe extern "C" fn mbind(
     maxnode: c_ulong,
     flags: c_uint,
 ) -> c_long {
+    let errno = ffi::KeptErrno::new();
     let blocked = ffi::SignalsBlocked::new();
     let result = ffi::caught(|| {
         summary::call(Symbol::Mbind);
@@ -151,7 +153,7 @@ pub unsafe extern "C" fn mbind(
     });
     // As in move_pages.
     drop(blocked);
-    ffi::answer(result)
+    errno.answer(result)
 }
 
 /// `migrate_pages(2)`, as libnuma's `migrate_pages`: moves every page of process `pid` that
@@ -172,6 +174,7 @@ pub unsafe extern "C" fn migrate_pages(
     old_nodes: *const c_ulong,
     new_nodes: *const c_ulong,
 ) -> c_long {
+    let errno = ffi::KeptErrno::new();
     let blocked = ffi::SignalsBlocked::new();
     let result = ffi::caught(|| {
         summary::call(Symbol::MigratePages);
@@ -200,7 +203,7 @@ pub unsafe extern "C" fn migrate_pages(
     });
     // As in move_pages.
     drop(blocked);
-    ffi::answer(result)
+    errno.answer(result)
 }
 
 /// Writes the summary of what the library did in this process so far (the text

@@ -11,8 +11,11 @@
 //! while it is inside pagemig, and a signal that arrives meanwhile is delivered when the
 //! call returns, as the kernel delivers one that arrives during a system call), puts its
 //! raw arguments in [`SLOT`], and waits on a futex. pagemig's worker thread,
-//! `pagemig-preload`, serves the call (its locks and its allocations are its own) and
-//! hands back the answer; the calling thread sets `errno` and returns.
+//! `pagemig-preload`, serves the call (its locks are its own) and hands back the answer;
+//! the calling thread sets `errno` and returns. Its allocations go through the program's
+//! allocator: where that shares a lock with the interrupted code (an arena both threads
+//! use, an allocator's process-wide lock), the worker waits on it, and so the caller; see
+//! the crate's documentation.
 //!
 //! # The slot
 //! One call at a time; [`SLOT`]'s state word is the futex every party waits on:

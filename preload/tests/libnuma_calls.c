@@ -46,6 +46,10 @@
 #define MPOL_PREFERRED_MANY 5
 #endif
 
+/* What errno holds before each call compared: no call sets it, so a call that succeeds
+ * leaves it so. */
+#define ERRNO_BEFORE 4242
+
 static long page;
 static int failures;
 static int target, home_node;
@@ -230,13 +234,14 @@ static void compare_move(const char *what, move_fn fn, int pid, unsigned long co
     memset(sb, 0x55, sizeof sb);
     long before[NROUTES];
     routes(before);
-    errno = 0;
+    /* errno as the call leaves it, success or not: a success leaves it alone. */
+    errno = ERRNO_BEFORE;
     long ra = fn(pid, count, a, nodes, status_null ? NULL : sa, flags);
-    int ea = ra < 0 ? errno : 0;
+    int ea = errno;
     check_route(what, before, with, without);
-    errno = 0;
+    errno = ERRNO_BEFORE;
     long rb = syscall(SYS_move_pages, pid, count, b, nodes, status_null ? NULL : sb, flags);
-    int eb = rb < 0 ? errno : 0;
+    int eb = errno;
     int same = ra == rb && ea == eb && (ra < 0 || status_null || memcmp(sa, sb, count * sizeof(int)) == 0);
     printf("move_pages  %-44s %ld errno %-2d status", what, ra, ea);
     for (unsigned long i = 0; ra >= 0 && !status_null && i < count; i++)
@@ -257,13 +262,13 @@ static void compare_mbind(const char *what, char *a, char *b, long offset, unsig
                           enum route with, enum route without) {
     long before[NROUTES];
     routes(before);
-    errno = 0;
+    errno = ERRNO_BEFORE;
     long ra = mbind(a + offset, len, mode, mask, maxnode, flags);
-    int ea = ra < 0 ? errno : 0;
+    int ea = errno;
     check_route(what, before, with, without);
-    errno = 0;
+    errno = ERRNO_BEFORE;
     long rb = syscall(SYS_mbind, b + offset, len, mode, mask, maxnode, flags);
-    int eb = rb < 0 ? errno : 0;
+    int eb = errno;
     int pa[16], pb[16], ma, mb;
     unsigned long ka, kb;
     placement(a, pages, pa);

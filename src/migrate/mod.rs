@@ -79,7 +79,8 @@
 //! have isolated under the claims. The event reader keeps the claims, of the old pages of
 //! memory the program moved with `mremap`, for at most a millisecond of offering them to
 //! the kernel from their graveyards, then only while it copies what is left into holdings
-//! of its own; it waits for the kernel to take those home without the lock, however long
+//! of its own; it waits for the kernel to take those home without the lock (taken only to
+//! read and handle the events that come meanwhile), however long
 //! the program's own purges and moves keep the kernel refusing them (only where no holding
 //! can be mapped does it keep the lock throughout, up to 5 s, and gives up what is left
 //! then). The only
