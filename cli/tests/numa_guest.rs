@@ -953,7 +953,8 @@ fn move_pages_matches_the_kernel_for_pages_named_more_than_once() {
 /// batch holding it is moved, that batch's statuses and every one after unwritten, its
 /// count the pages that failed plus the entries never reached. pagemig answers the same
 /// (return and every status, the caller's values left where the kernel leaves them), with
-/// every byte intact.
+/// every byte intact, through the C entry (and so the drop-in); the Rust entry gives every
+/// page its own outcome instead.
 #[test]
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn move_pages_matches_the_kernel_where_a_page_is_pinned() {
@@ -976,8 +977,25 @@ fn move_pages_matches_the_kernel_where_a_page_is_pinned() {
         let (_theirs, _their_pin, their_addrs) = layout(51);
         let nodes = vec![b as i32; 8];
         let mut s_ours = vec![SENTINEL; 8];
-        // SAFETY: this thread does not touch the pages during the call.
-        let left = unsafe { engine.move_pages(&our_addrs, Some(&nodes), &mut s_ours) }.expect("pagemig move_pages");
+        let our_ptrs: Vec<*mut libc::c_void> = our_addrs.iter().map(|&a| a as *mut libc::c_void).collect();
+        // SAFETY: this thread does not touch the pages during the call; the arrays are
+        // eight entries each, as `count` says.
+        let (answer, route) = unsafe {
+            pagemig::ffi::move_pages(
+                8,
+                our_ptrs.as_ptr(),
+                nodes.as_ptr(),
+                s_ours.as_mut_ptr(),
+                pagemig::ffi::MPOL_MF_MOVE,
+            )
+        };
+        assert_eq!(route, pagemig::ffi::Route::Pagemig, "{what}: served by pagemig");
+        let left = answer.expect("pagemig's move_pages") as usize;
+        // The Rust entry gives every page its outcome: the pinned page where it still is.
+        let (mut s_rust, rust_addrs) = (vec![SENTINEL; 8], layout(51));
+        // SAFETY: as above.
+        unsafe { engine.move_pages(&rust_addrs.2, Some(&nodes), &mut s_rust) }.expect("pagemig move_pages");
+        assert_eq!(s_rust[pinned], a as i32, "{what}: the Rust entry's answer for the pinned page");
         let mut s_kernel = vec![SENTINEL; 8];
         let their_left = sys::move_pages_counted(&their_addrs, Some(&nodes), &mut s_kernel).expect("move_pages");
         println!("{what}: pagemig {s_ours:?} ({left} not moved), kernel {s_kernel:?} ({their_left})");

@@ -81,16 +81,20 @@ impl Engine {
     /// Moves each page at `pages[i]` to node `nodes[i]` and writes its outcome in
     /// `status[i]`, as `move_pages(2)` does for the calling process: the node the page is
     /// on (for a page the call moved, the node it moved it to, even where the program
-    /// freed that page since), or a negative errno (`-ENOENT` for a page never touched, `-EFAULT`
-    /// for an address not mapped, `-EBUSY` for a pinned page, `-ENOMEM`, …). Without
-    /// `nodes`, only reports where each page is. Returns, as the kernel does, how many of
-    /// the pages it tried to move (present, elsewhere than asked) it could not move.
+    /// freed that page since; for one that could not move, pinned say, the node it is still
+    /// on), or a negative errno (`-ENOENT` for a page never touched, `-EFAULT` for an
+    /// address not mapped, `-EBUSY` for a folio named again while the call had it queued
+    /// to move, as the kernel answers the second 4 KiB page of a huge page, `-ENOMEM`, …).
+    /// Without `nodes`, only reports where each page is. Returns, as the kernel does, how
+    /// many of the pages it tried to move (present, elsewhere than asked) it could not move.
     ///
     /// Any address inside a page names that page; a page of a transparent huge page moves
     /// with its whole huge page. Pages already on their target are left alone. Pages
     /// pagemig does not move itself (shared, file-backed or special mappings such as the
     /// `brk` heap, the calling thread's stack) are handed to the kernel's `move_pages(2)`.
-    /// Unlike the kernel, the nodes are all checked before any page moves.
+    /// Unlike the kernel, the nodes are all checked before any page moves, and every page
+    /// gets its outcome: the kernel stops at a batch with a page that cannot move, its
+    /// statuses and all after unwritten (the C entry, and so the drop-in, answer so too).
     ///
     /// # Safety
     /// The calling thread must not access the pages during the call (a page being migrated
@@ -182,7 +186,7 @@ impl Engine {
         if pages.is_empty() {
             return Ok(0);
         }
-        self.move_all(pages, nodes, status, opts, true).map(|(left, _)| left)
+        self.move_all(pages, nodes, status, opts, false).map(|(left, _)| left)
     }
 
     /// Moves every page of `addr .. addr + len` (rounded out to whole pages) to `node`,
