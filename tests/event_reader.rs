@@ -313,3 +313,54 @@ fn isolated_pages_go_home_into_memory_split_after_it_moved() {
     changes::release_reservation_around(reserved, spare, MOVED);
     assert_eq!(wrong, 0, "words lost");
 }
+
+/// Folios that will not move go back (their moves fail) while other threads of the program
+/// purge a page of the same memory without a pause, from when the first batch is isolated,
+/// for longer than the put-back used to wait (each purge holds its thread until the event reader has read it, and the kernel
+/// refuses every move meanwhile): the old pages still go back, not a word lost.
+#[test]
+fn old_pages_go_back_while_the_program_purges_without_a_pause() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "old_pages_go_back_while_the_program_purges");
+    let churn = Duration::from_secs(4);
+    let base = changes::mapping(LEN, 4096, SEED);
+    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
+        // SAFETY: the test keeps the mapping as it is except for the purges under test.
+        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
+        .collect();
+    let purged = base + LEN - 4096;
+    let (result, purges) = watchdog(Duration::from_secs(120), "failed moves beside a purge loop", move || {
+        let opts = MigrateOptions::default()
+            .fault(FaultInjection {
+                fail_move: (0..LEN / 4096).collect(),
+                delay_move: Some(Duration::from_millis(300)),
+                ..Default::default()
+            })
+            .max_batch_pages(256);
+        std::thread::scope(|s| {
+            // From when the first batch is isolated and waits to move.
+            let purge = || {
+                std::thread::sleep(Duration::from_millis(100));
+                let started = std::time::Instant::now();
+                let mut purges = 0u64;
+                while started.elapsed() < churn {
+                    // SAFETY: the test's own page, which it gives up (not checked after).
+                    let r = unsafe { libc::madvise(purged as *mut libc::c_void, 4096, libc::MADV_DONTNEED) };
+                    assert_eq!(r, 0);
+                    purges += 1;
+                }
+                purges
+            };
+            let purgers: Vec<_> = (0..6).map(|_| s.spawn(purge)).collect();
+            let result = Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
+            (result, purgers.into_iter().map(|p| p.join().unwrap()).sum::<u64>())
+        })
+    });
+    let wrong = wrong_words("all", base, LEN - 4096, 0);
+    eprintln!(
+        "{purges} purges: {wrong} words wrong, {:?}",
+        result.as_ref().map(|s| s.failed_folios).map_err(|e| e.to_string())
+    );
+    // SAFETY: the test's own mapping, no longer used.
+    unsafe { libc::munmap(base as *mut _, LEN) };
+    assert_eq!(wrong, 0, "words lost");
+}

@@ -333,6 +333,9 @@ pub(super) struct Patience {
     again: Backoff,
     /// For `EBUSY`.
     busy: Backoff,
+    /// For `EAGAIN` where the pages waiting are the program's only copy of its data (old
+    /// pages going back): no deadline ([`Patience::restoring`]).
+    again_restoring: Option<Backoff>,
 }
 
 impl Patience {
@@ -346,6 +349,21 @@ impl Patience {
         Self {
             again: Backoff::new(Duration::from_micros(100), Duration::from_micros(100)).within(Self::LIMIT),
             busy: Backoff::new(Duration::from_micros(200), Duration::from_micros(200)).within(Self::BUSY_LIMIT),
+            again_restoring: None,
+        }
+    }
+
+    /// For old pages going back into the program's memory: `EAGAIN` is waited out however
+    /// long it lasts. The kernel refuses every move while an event of the program's is
+    /// unread or its thread not yet back from it, and threads that purge or move memory
+    /// without a pause keep that so for as long as they go on (three such threads kept a
+    /// put-back refused past [`Patience::LIMIT`], after which the old pages were left in
+    /// the graveyard and the program read zeros). The claims lock is let go at every
+    /// pause, so the event reader reads those events meanwhile.
+    pub fn restoring() -> Self {
+        Self {
+            again_restoring: Some(Backoff::new(Duration::from_micros(100), Duration::from_micros(100))),
+            ..Self::new()
         }
     }
 
@@ -384,7 +402,7 @@ impl Patience {
         }
         let present = crate::numa::page_frames(at & !(sys::PAGE_SIZE - 1), sys::PAGE_SIZE)
             .is_ok_and(|f| f.first().is_some_and(Option::is_some));
-        present && Self::pause(&mut self.again, claims)
+        present && Self::pause(self.again_restoring.as_mut().unwrap_or(&mut self.again), claims)
     }
 }
 
@@ -419,7 +437,7 @@ pub(super) fn put_back_counted(
     end: usize,
 ) -> Empty {
     let mut empty = Empty::none();
-    let mut patience = Patience::new();
+    let mut patience = Patience::restoring();
     while let Some((s, e, g)) = claims.isolated_in(start, end).first().copied() {
         let stall = if e - s > sys::PAGE_SIZE { claims.take_put_back_stall(s) } else { None };
         let len = if stall.is_some() { sys::PAGE_SIZE } else { e - s };
