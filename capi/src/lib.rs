@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use pagemig_core::Engine;
 use pagemig_core::Errno;
-use pagemig_core::ffi::{self, Route, boundary};
+use pagemig_core::ffi::{self, Route};
 
 /// `MPOL_MF_MOVE`: move the pages only this process maps.
 pub const PAGEMIG_MPOL_MF_MOVE: c_int = 1 << 1;
@@ -84,14 +84,19 @@ static KERNEL_CALL_PAGES: AtomicU64 = AtomicU64::new(0);
 fn entry(f: impl FnOnce() -> Result<c_long, Errno>) -> c_long {
     static QUIET: Once = Once::new();
     QUIET.call_once(|| std::panic::set_hook(Box::new(|_| {})));
-    boundary(f)
+    // errno as the caller had it where the call succeeds, as a system call leaves it.
+    let kept = ffi::KeptErrno::new();
+    kept.answer(ffi::caught(f))
 }
 
 /// Moves the `count` pages at `pages[i]` of the calling process to nodes `nodes[i]`, and
 /// writes each page's outcome in `status[i]`: the node it is on, or a negative errno
-/// (`-ENOENT` not present, `-EFAULT` not mapped, `-EBUSY` pinned, `-EACCES` mapped by
-/// another process, `-ENOMEM` no room on the node). With `nodes` NULL, only writes where
-/// each page is. `flags` is `0`, `MPOL_MF_MOVE` or `MPOL_MF_MOVE_ALL`, as for
+/// (`-ENOENT` not present, `-EFAULT` not mapped, `-EBUSY` a folio named again while the
+/// call had it queued, as the second 4 KiB page of a huge page, `-EACCES` mapped by another
+/// process, `-ENOMEM` no room on the node), exactly as the kernel answers: where a page
+/// cannot move (pinned), the call stops as the kernel's does, the statuses of its batch
+/// and of every entry after it as the caller left them. With `nodes` NULL, only writes
+/// where each page is. `flags` is `0`, `MPOL_MF_MOVE` or `MPOL_MF_MOVE_ALL`, as for
 /// `move_pages(2)`.
 ///
 /// Returns `0` when every page is on its node, the number of pages that are not, or `-1`

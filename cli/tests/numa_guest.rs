@@ -927,14 +927,31 @@ fn move_pages_matches_the_kernel_for_pages_named_more_than_once() {
         (huge, base, named)
     };
     let (our_huge, our_base, ours) = layout(41);
-    let (_their_huge, _their_base, theirs) = layout(41);
+    let (their_huge, _their_base, theirs) = layout(41);
+    // The huge pages are huge pages, in both layouts.
+    for r in [&our_huge, &their_huge] {
+        let huge = sys::huge_ranges(r.addr(), r.addr() + r.len()).expect("PAGEMAP_SCAN");
+        assert_eq!(huge.iter().map(|(s, e)| e - s).sum::<usize>(), r.len(), "transparent huge pages: {huge:x?}");
+    }
     let nodes: Vec<i32> = ours.iter().map(|&(_, n)| n).collect();
     let our_pages: Vec<usize> = ours.iter().map(|&(p, _)| p).collect();
     let their_pages: Vec<usize> = theirs.iter().map(|&(p, _)| p).collect();
     let engine = Engine::global().expect("the migration engine");
     let mut s_ours = vec![i32::MIN; ours.len()];
-    // SAFETY: this thread does not touch the pages during the call.
-    let left = unsafe { engine.move_pages(&our_pages, Some(&nodes), &mut s_ours) }.expect("pagemig move_pages");
+    let ptrs: Vec<*mut libc::c_void> = our_pages.iter().map(|&a| a as *mut libc::c_void).collect();
+    // SAFETY: this thread does not touch the pages during the call; the arrays hold
+    // `ptrs.len()` entries each.
+    let (answer, route) = unsafe {
+        pagemig::ffi::move_pages(
+            ptrs.len() as libc::c_ulong,
+            ptrs.as_ptr(),
+            nodes.as_ptr(),
+            s_ours.as_mut_ptr(),
+            pagemig::ffi::MPOL_MF_MOVE,
+        )
+    };
+    assert_eq!(route, pagemig::ffi::Route::Pagemig, "served by pagemig");
+    let left = answer.expect("pagemig's move_pages") as usize;
     let mut s_kernel = vec![i32::MIN; theirs.len()];
     let their_left = sys::move_pages_counted(&their_pages, Some(&nodes), &mut s_kernel).expect("move_pages");
     println!("named more than once: pagemig {s_ours:?} ({left} not moved), kernel {s_kernel:?} ({their_left})");
@@ -946,6 +963,16 @@ fn move_pages_matches_the_kernel_for_pages_named_more_than_once() {
     assert_eq!(now_ours, now_theirs, "where the pages are: pagemig against the kernel");
     verify(&our_huge, 41, "huge pages named more than once");
     verify(&our_base, 42, "base pages named more than once");
+    // The Rust entry gives every page its own outcome: where it is, no -EBUSY.
+    let (_h, _b, again) = layout(41);
+    let again_pages: Vec<usize> = again.iter().map(|&(p, _)| p).collect();
+    let mut s_rust = vec![i32::MIN; again.len()];
+    // SAFETY: as above.
+    unsafe { engine.move_pages(&again_pages, Some(&nodes), &mut s_rust) }.expect("pagemig move_pages");
+    let mut now = vec![0; again.len()];
+    sys::move_pages(&again_pages, None, &mut now).expect("query");
+    // (The pages named for two nodes, the last six, are the kernel's answers.)
+    assert_eq!(s_rust[..10], now[..10], "the Rust entry: each page where it is");
 }
 
 /// `move_pages` over pages one of which is pinned (registered with io_uring, as a program
@@ -994,8 +1021,20 @@ fn move_pages_matches_the_kernel_where_a_page_is_pinned() {
         // The Rust entry gives every page its outcome: the pinned page where it still is.
         let (mut s_rust, rust_addrs) = (vec![SENTINEL; 8], layout(51));
         // SAFETY: as above.
-        unsafe { engine.move_pages(&rust_addrs.2, Some(&nodes), &mut s_rust) }.expect("pagemig move_pages");
-        assert_eq!(s_rust[pinned], a as i32, "{what}: the Rust entry's answer for the pinned page");
+        let rust_left =
+            unsafe { engine.move_pages(&rust_addrs.2, Some(&nodes), &mut s_rust) }.expect("pagemig move_pages");
+        let want: Vec<i32> = (0..8)
+            .map(|k| {
+                if Some(k) == hole {
+                    -libc::EFAULT
+                } else if k == pinned {
+                    a as i32
+                } else {
+                    b as i32
+                }
+            })
+            .collect();
+        assert_eq!((s_rust, rust_left), (want, 1), "{what}: the Rust entry, every page its outcome");
         let mut s_kernel = vec![SENTINEL; 8];
         let their_left = sys::move_pages_counted(&their_addrs, Some(&nodes), &mut s_kernel).expect("move_pages");
         println!("{what}: pagemig {s_ours:?} ({left} not moved), kernel {s_kernel:?} ({their_left})");

@@ -83,10 +83,9 @@ impl Engine {
     /// on (for a page the call moved, the node it moved it to, even where the program
     /// freed that page since; for one that could not move, pinned say, the node it is still
     /// on), or a negative errno (`-ENOENT` for a page never touched, `-EFAULT` for an
-    /// address not mapped, `-EBUSY` for a folio named again while the call had it queued
-    /// to move, as the kernel answers the second 4 KiB page of a huge page, `-ENOMEM`, …).
-    /// Without `nodes`, only reports where each page is. Returns, as the kernel does, how
-    /// many of the pages it tried to move (present, elsewhere than asked) it could not move.
+    /// address not mapped, `-ENOMEM`, …). Without `nodes`, only reports where each page is.
+    /// Returns, as the kernel does, how many of the pages it tried to move (present,
+    /// elsewhere than asked) it could not move.
     ///
     /// Any address inside a page names that page; a page of a transparent huge page moves
     /// with its whole huge page. Pages already on their target are left alone. Pages
@@ -94,7 +93,9 @@ impl Engine {
     /// `brk` heap, the calling thread's stack) are handed to the kernel's `move_pages(2)`.
     /// Unlike the kernel, the nodes are all checked before any page moves, and every page
     /// gets its outcome: the kernel stops at a batch with a page that cannot move, its
-    /// statuses and all after unwritten (the C entry, and so the drop-in, answer so too).
+    /// statuses and all after unwritten, and answers `-EBUSY` for a folio named again while
+    /// it has it queued (the second 4 KiB page of a huge page); the C entry, and so the
+    /// drop-in, answer as it does.
     ///
     /// # Safety
     /// The calling thread must not access the pages during the call (a page being migrated
@@ -279,8 +280,10 @@ impl Engine {
     /// as I/O and PFN maps are checked by the migration itself, which refuses such a folio
     /// before touching it, and the folio goes to the kernel after).
     ///
-    /// `as_kernel`: where a page the kernel would have queued could not move, the call
-    /// answers as the kernel's does (see [`kernel_order`]), and says it stopped there.
+    /// `as_kernel`: the kernel's answers (see [`kernel_order`]): `-EBUSY` for a folio named
+    /// again while queued, and where a page the kernel would have queued could not move,
+    /// the call answers as the kernel's does and says it stopped there. Without it, every
+    /// page gets its own outcome.
     fn move_all(
         &self,
         pages: &[usize],
@@ -305,7 +308,17 @@ impl Engine {
             original: status.to_vec(),
             served: vec![false; pages.len()],
             unwritten: vec![false; pages.len()],
+            stopped: 0,
         };
+        let mut home = vec![false; pages.len()];
+        // For the kernel's answers, which of those are where they are asked to be: an entry
+        // already there moves the kernel's queue on (see `kernel_order`).
+        if as_kernel && !direct.is_empty() {
+            let at: Vec<usize> = direct.iter().map(|&i| pages[i]).collect();
+            let mut now = vec![0; at.len()];
+            sys::move_pages(&at, None, &mut now).map_err(Error::sys("move_pages (query)"))?;
+            direct.iter().zip(&now).for_each(|(&i, &n)| home[i] = n == nodes[i]);
+        }
         let mut not_moved = kernel_moves(pages, nodes, status, &direct, &mut answers)?;
         self.pages_counters.kernel_unmovable.fetch_add(direct.len() as u64, Ordering::Relaxed);
         // Where pagemig's candidates are now: pages not there, and pages already home, are
@@ -315,7 +328,6 @@ impl Engine {
             let at: Vec<usize> = candidates.iter().map(|&i| pages[i]).collect();
             sys::move_pages(&at, None, &mut now).map_err(Error::sys("move_pages (query)"))?;
         }
-        let mut home = vec![false; pages.len()];
         for (k, &i) in candidates.iter().enumerate() {
             status[i] = now[k];
             home[i] = now[k] == nodes[i];
@@ -357,7 +369,18 @@ impl Engine {
         // Entries the kernel left unwritten: it stopped at a batch of them that failed. A
         // page it moved all the same is queued in `kernel_order`'s reckoning, one still
         // elsewhere failed (or was never tried).
-        let unwritten: Vec<usize> = (0..pages.len()).filter(|&i| answers.unwritten[i]).collect();
+        let mut unwritten: Vec<usize> = (0..pages.len()).filter(|&i| answers.unwritten[i]).collect();
+        if !as_kernel && !unwritten.is_empty() {
+            // Every page its own outcome: the pages the kernel stopped short of (a batch with
+            // one that could not move) are handed to it again, each alone, and counted by
+            // those calls (the stopped calls' counts held them all, and the pages never
+            // reached).
+            not_moved = not_moved.saturating_sub(std::mem::take(&mut answers.stopped));
+            for &i in &unwritten {
+                not_moved += kernel_moves(pages, nodes, status, &[i], &mut answers)?;
+            }
+            unwritten.retain(|&i| answers.unwritten[i]);
+        }
         let mut failed = vec![false; pages.len()];
         if !unwritten.is_empty() {
             let at: Vec<usize> = unwritten.iter().map(|&i| pages[i]).collect();
@@ -379,8 +402,11 @@ impl Engine {
                 queued.then(|| if answers.served[i] { folio_at(&huge, page_of(i)).0 } else { page_of(i) })
             })
             .collect();
+        if !as_kernel {
+            return Ok((not_moved, false));
+        }
         let order = KernelOrder { nodes, keys: &keys, failed: &failed, served: &answers.served };
-        match kernel_order(&order, status, as_kernel.then_some(&answers.original[..])) {
+        match kernel_order(&order, status, &answers.original) {
             Some(left) => Ok((left, true)),
             None => Ok((not_moved, false)),
         }
@@ -547,19 +573,18 @@ struct KernelOrder<'a> {
 ///   `-EBUSY` (not counted as a page not moved), which moves the queue; after that the folio
 ///   is on its node. So every 4 KiB page of a huge page reads `[node, -EBUSY, node, …]`,
 ///   and a page named twice in a row `[node, -EBUSY]`.
-/// - With `original` (the caller's statuses as they were): where a queue moved with a folio
-///   that failed, the kernel returns at once, the queue's entries and every entry after
-///   it unwritten (`original`), and its count is the folios that failed plus the entries
-///   it never reached. That count is returned; `None` where no queue failed.
-fn kernel_order(order: &KernelOrder<'_>, status: &mut [i32], original: Option<&[i32]>) -> Option<usize> {
+/// - Where a queue moved with a folio that failed, the kernel returns at once, the queue's entries and every entry after
+///   it unwritten (`original`: the caller's statuses as they were), and its count is the
+///   folios that failed plus the entries it never reached. That count is returned; `None`
+///   where no queue failed.
+fn kernel_order(order: &KernelOrder<'_>, status: &mut [i32], original: &[i32]) -> Option<usize> {
     let n = order.nodes.len();
     let (mut queued, mut moved, mut failing): (BTreeSet<usize>, BTreeSet<usize>, BTreeSet<usize>) = Default::default();
     let mut members: Vec<usize> = Vec::new();
     let mut run: Option<i32> = None;
     // The kernel stops with the queue: `members` and the entries from `from` unwritten.
     let stop = |members: &[usize], failing: usize, from: usize, status: &mut [i32]| {
-        let original = original?;
-        members.iter().chain(&(from..n).collect::<Vec<_>>()).for_each(|&i| status[i] = original[i]);
+        members.iter().copied().chain(from..n).for_each(|i| status[i] = original[i]);
         Some(failing + (n - from))
     };
     for i in 0..n {
@@ -569,7 +594,7 @@ fn kernel_order(order: &KernelOrder<'_>, status: &mut [i32], original: Option<&[
             {
                 return Some(left);
             }
-            moved.append(&mut queued);
+            moved.extend(std::mem::take(&mut queued));
             members.clear();
             run = Some(order.nodes[i]);
         }
@@ -592,7 +617,7 @@ fn kernel_order(order: &KernelOrder<'_>, status: &mut [i32], original: Option<&[
         {
             return Some(left);
         }
-        moved.append(&mut queued);
+        moved.extend(std::mem::take(&mut queued));
         members.clear();
         run = None;
     }
@@ -615,6 +640,9 @@ struct Answers {
     served: Vec<bool>,
     /// Entries the kernel did not write (it stopped at a batch that failed).
     unwritten: Vec<bool>,
+    /// The counts of the kernel's calls that stopped so: every page they could not move
+    /// is among their unwritten entries.
+    stopped: usize,
 }
 
 /// What no status the kernel writes can be: a node number or a negative errno.
@@ -638,10 +666,15 @@ fn kernel_moves(
     let n: Vec<i32> = which.iter().map(|&i| nodes[i]).collect();
     let mut s: Vec<i32> = vec![UNWRITTEN; which.len()];
     let not_moved = sys::move_pages_counted(&p, Some(&n), &mut s).map_err(Error::sys("move_pages"))?;
+    let mut stopped = false;
     for (k, &i) in which.iter().enumerate() {
         let unwritten = s[k] == UNWRITTEN;
         status[i] = if unwritten { answers.original[i] } else { s[k] };
         answers.unwritten[i] = unwritten;
+        stopped |= unwritten;
+    }
+    if stopped {
+        answers.stopped += not_moved;
     }
     Ok(not_moved)
 }
@@ -794,7 +827,7 @@ mod tests {
         }
         let served: Vec<bool> = failed.iter().map(|f| !f).collect();
         let order = KernelOrder { nodes, keys, failed: &failed, served: &served };
-        let left = kernel_order(&order, &mut status, Some(&vec![SENTINEL; nodes.len()]));
+        let left = kernel_order(&order, &mut status, &vec![SENTINEL; nodes.len()]);
         (status, left)
     }
 
@@ -816,7 +849,7 @@ mod tests {
             let mut status = vec![B, B];
             let order =
                 KernelOrder { nodes: &[B, B], keys: &[Some(3), Some(3)], failed: &[false; 2], served: &[false; 2] };
-            assert_eq!(kernel_order(&order, &mut status, None), None);
+            assert_eq!(kernel_order(&order, &mut status, &[SENTINEL; 2]), None);
             assert_eq!(status, [B, B]);
         });
     }
@@ -840,16 +873,6 @@ mod tests {
             assert_eq!(kernel_answers(&[B, B, B, 2, 2, 2], &keys, &[0]), (want, Some(1 + 3)));
             // Nothing failed: nothing to say.
             assert_eq!(kernel_answers(&[B; 6], &keys, &[]).1, None);
-            // Without the caller's statuses (move_range), no stop.
-            let mut status = vec![B, SENTINEL, B];
-            let order = KernelOrder {
-                nodes: &[B; 3],
-                keys: &[Some(0), Some(1), Some(2)],
-                failed: &[false, true, false],
-                served: &[true, false, true],
-            };
-            assert_eq!(kernel_order(&order, &mut status, None), None);
-            assert_eq!(status, [B, SENTINEL, B]);
         });
     }
 }
