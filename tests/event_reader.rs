@@ -29,6 +29,26 @@ fn mremap(from: usize, len: usize, to: usize) {
     assert_eq!(p as usize, to, "mremap: {}", std::io::Error::last_os_error());
 }
 
+/// The folios of the `LEN` bytes of base pages at `base`.
+fn base_pages(base: usize) -> Vec<Folio<'static>> {
+    (0..LEN / 4096)
+        // SAFETY: each test keeps its mapping as it is except for the changes under test.
+        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
+        .collect()
+}
+
+/// Unmaps what is left of the mapping at `base` whose first `MOVED` bytes the test moved
+/// into `spare` (in the reservation `reserved`): not the hole they left, which the program
+/// moved away (another test's mapping may lie there now).
+fn unmap_moved(base: usize, spare: usize, reserved: usize) {
+    // SAFETY: the test's own mappings, no longer used.
+    unsafe {
+        libc::munmap((base + MOVED) as *mut _, LEN - MOVED);
+        libc::munmap(spare as *mut _, MOVED);
+    }
+    changes::release_reservation_around(reserved, spare, MOVED);
+}
+
 /// Words of `[at, at + len)` that do not hold the pattern's words from `first` on; each
 /// 4 KiB page with a wrong word is printed once (offset, what it holds, zero or not).
 fn wrong_words(what: &str, at: usize, len: usize, first: usize) -> usize {
@@ -59,10 +79,7 @@ fn moved_twice(delay: Duration, hold: Duration, holdings: bool) -> (usize, std::
     let base = changes::mapping(LEN, 4096, SEED);
     let (reserved1, spare1) = changes::spare();
     let (reserved2, spare2) = changes::spare();
-    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
-        // SAFETY: the test keeps the mapping as it is except for the mremaps under test.
-        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
-        .collect();
+    let folios = base_pages(base);
     let result = watchdog(Duration::from_secs(60), "mremap twice during migration", move || {
         let opts = MigrateOptions::default()
             .fault(FaultInjection { delay_move: Some(hold), home_through_holdings: holdings, ..Default::default() })
@@ -124,6 +141,23 @@ fn isolated_pages_follow_memory_moved_twice() {
         }
     }
     assert!(lost_rounds.is_empty(), "old pages lost (round, words wrong): {lost_rounds:?}");
+}
+
+/// After `wait`, purges the page at `page` (the test's own, given up) again and again
+/// without a pause for `churn`; how many times. Each purge of registered memory holds its
+/// thread until the event reader has read it, and the kernel refuses every move and copy
+/// of pagemig's while one is unread.
+fn purge_without_a_pause(page: usize, wait: Duration, churn: Duration) -> u64 {
+    std::thread::sleep(wait);
+    let started = std::time::Instant::now();
+    let mut purges = 0u64;
+    while started.elapsed() < churn {
+        // SAFETY: the test's own page, which it gives up (not checked after).
+        let r = unsafe { libc::madvise(page as *mut libc::c_void, 4096, libc::MADV_DONTNEED) };
+        assert_eq!(r, 0, "MADV_DONTNEED: {}", std::io::Error::last_os_error());
+        purges += 1;
+    }
+    purges
 }
 
 /// Whether any mapping of `[start, end)` is still registered for missing faults (`um` in
@@ -214,27 +248,14 @@ fn isolated_pages_go_home_while_the_program_purges_without_a_pause() {
     let churn = Duration::from_secs(7);
     let base = changes::mapping(LEN, 4096, SEED);
     let (reserved, spare) = changes::spare();
-    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
-        // SAFETY: the test keeps the mapping as it is except for the changes under test.
-        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
-        .collect();
+    let folios = base_pages(base);
     let purged = base + LEN - 4096;
     let (result, purges) = watchdog(Duration::from_secs(120), "mremap beside a purge loop", move || {
         let opts = MigrateOptions::default()
             .fault(FaultInjection { delay_move: Some(Duration::from_millis(1000)), ..Default::default() })
             .max_batch_pages(256);
         std::thread::scope(|s| {
-            let purge = || {
-                let started = std::time::Instant::now();
-                let mut purges = 0u64;
-                while started.elapsed() < churn {
-                    // SAFETY: the test's own page, which it gives up (not checked after).
-                    let r = unsafe { libc::madvise(purged as *mut libc::c_void, 4096, libc::MADV_DONTNEED) };
-                    assert_eq!(r, 0);
-                    purges += 1;
-                }
-                purges
-            };
+            let purge = || purge_without_a_pause(purged, Duration::ZERO, churn);
             let purgers = [s.spawn(purge), s.spawn(purge), s.spawn(purge)];
             s.spawn(|| {
                 std::thread::sleep(Duration::from_millis(100));
@@ -250,12 +271,7 @@ fn isolated_pages_go_home_while_the_program_purges_without_a_pause() {
         "{purges} purges: {wrong} words wrong, {:?}",
         result.as_ref().map(|s| s.failed_folios).map_err(|e| e.to_string())
     );
-    // SAFETY: the test's own mappings, no longer used (see `moved_twice`).
-    unsafe {
-        libc::munmap((base + MOVED) as *mut _, LEN - MOVED);
-        libc::munmap(spare as *mut _, MOVED);
-    }
-    changes::release_reservation_around(reserved, spare, MOVED);
+    unmap_moved(base, spare, reserved);
     assert_eq!(wrong, 0, "words lost");
 }
 
@@ -270,24 +286,14 @@ fn isolated_pages_go_home_into_memory_split_after_it_moved() {
     let churn = Duration::from_millis(1500);
     let base = changes::mapping(LEN, 4096, SEED);
     let (reserved, spare) = changes::spare();
-    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
-        // SAFETY: the test keeps the mapping as it is except for the changes under test.
-        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
-        .collect();
+    let folios = base_pages(base);
     let purged = base + LEN - 4096;
     let wrong = watchdog(Duration::from_secs(120), "mremap and mprotect beside a purge loop", move || {
         let opts = MigrateOptions::default()
             .fault(FaultInjection { delay_move: Some(Duration::from_millis(1000)), ..Default::default() })
             .max_batch_pages(256);
         std::thread::scope(|s| {
-            let purge = || {
-                let started = std::time::Instant::now();
-                while started.elapsed() < churn {
-                    // SAFETY: the test's own page, which it gives up (not checked after).
-                    let r = unsafe { libc::madvise(purged as *mut libc::c_void, 4096, libc::MADV_DONTNEED) };
-                    assert_eq!(r, 0);
-                }
-            };
+            let purge = || purge_without_a_pause(purged, Duration::ZERO, churn);
             let purgers = [s.spawn(purge), s.spawn(purge)];
             s.spawn(|| {
                 std::thread::sleep(Duration::from_millis(100));
@@ -305,28 +311,21 @@ fn isolated_pages_go_home_into_memory_split_after_it_moved() {
         // Read (under this watchdog) once the purges have stopped.
         wrong_words("moved", spare, MOVED, 0) + wrong_words("rest", base + MOVED, LEN - MOVED - 4096, MOVED / 8)
     });
-    // SAFETY: the test's own mappings, no longer used (see `moved_twice`).
-    unsafe {
-        libc::munmap((base + MOVED) as *mut _, LEN - MOVED);
-        libc::munmap(spare as *mut _, MOVED);
-    }
-    changes::release_reservation_around(reserved, spare, MOVED);
+    unmap_moved(base, spare, reserved);
     assert_eq!(wrong, 0, "words lost");
 }
 
 /// Folios that will not move go back (their moves fail) while other threads of the program
 /// purge a page of the same memory without a pause, from when the first batch is isolated,
-/// for longer than the put-back used to wait (each purge holds its thread until the event reader has read it, and the kernel
-/// refuses every move meanwhile): the old pages still go back, not a word lost.
+/// for longer than the put-back used to wait (each purge holds its thread until the event
+/// reader has read it, and the kernel refuses every move meanwhile): the old pages still go
+/// back, not a word lost.
 #[test]
 fn old_pages_go_back_while_the_program_purges_without_a_pause() {
     let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "old_pages_go_back_while_the_program_purges");
     let churn = Duration::from_secs(4);
     let base = changes::mapping(LEN, 4096, SEED);
-    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
-        // SAFETY: the test keeps the mapping as it is except for the purges under test.
-        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
-        .collect();
+    let folios = base_pages(base);
     let purged = base + LEN - 4096;
     let (result, purges) = watchdog(Duration::from_secs(120), "failed moves beside a purge loop", move || {
         let opts = MigrateOptions::default()
@@ -338,18 +337,7 @@ fn old_pages_go_back_while_the_program_purges_without_a_pause() {
             .max_batch_pages(256);
         std::thread::scope(|s| {
             // From when the first batch is isolated and waits to move.
-            let purge = || {
-                std::thread::sleep(Duration::from_millis(100));
-                let started = std::time::Instant::now();
-                let mut purges = 0u64;
-                while started.elapsed() < churn {
-                    // SAFETY: the test's own page, which it gives up (not checked after).
-                    let r = unsafe { libc::madvise(purged as *mut libc::c_void, 4096, libc::MADV_DONTNEED) };
-                    assert_eq!(r, 0);
-                    purges += 1;
-                }
-                purges
-            };
+            let purge = || purge_without_a_pause(purged, Duration::from_millis(100), churn);
             let purgers: Vec<_> = (0..6).map(|_| s.spawn(purge)).collect();
             let result = Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
             (result, purgers.into_iter().map(|p| p.join().unwrap()).sum::<u64>())
