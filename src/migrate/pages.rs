@@ -312,8 +312,9 @@ impl Engine {
         };
         let mut home = vec![false; pages.len()];
         // For the kernel's answers, which of those are where they are asked to be: an entry
-        // already there moves the kernel's queue on (see `kernel_order`).
-        if as_kernel && !direct.is_empty() {
+        // already there moves the kernel's queue on (see `kernel_order`). Not needed where
+        // the kernel takes every entry: its answer is the call's.
+        if as_kernel && !direct.is_empty() && !candidates.is_empty() {
             let at: Vec<usize> = direct.iter().map(|&i| pages[i]).collect();
             let mut now = vec![0; at.len()];
             sys::move_pages(&at, None, &mut now).map_err(Error::sys("move_pages (query)"))?;
@@ -321,6 +322,10 @@ impl Engine {
         }
         let mut not_moved = kernel_moves(pages, nodes, status, &direct, &mut answers)?;
         self.pages_counters.kernel_unmovable.fetch_add(direct.len() as u64, Ordering::Relaxed);
+        if candidates.is_empty() && as_kernel {
+            // The kernel's own call, whole: where it stopped, the call stops.
+            return Ok((not_moved, answers.stopped > 0 || answers.unwritten.iter().any(|&u| u)));
+        }
         // Where pagemig's candidates are now: pages not there, and pages already home, are
         // done.
         let mut now = vec![0; candidates.len()];
