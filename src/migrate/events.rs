@@ -375,10 +375,7 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
                 moved.homing.push((to + (s - from), g, e - s, false));
             }
             // A grown mapping is registered to its end.
-            let end = crate::maps::vmas()
-                .ok()
-                .and_then(|vmas| vmas.into_iter().find(|v| v.start <= to && to < v.end))
-                .map_or(to + len, |v| v.end.max(to + len));
+            let end = mapping_end(to).map_or(to + len, |e| e.max(to + len));
             moved.release.push((to, end));
         }
     }
@@ -534,6 +531,12 @@ fn bring_home<'b>(
     }
 }
 
+/// The end of the mapping holding `addr`, if any (one `PROCMAP_QUERY` where the kernel
+/// answers it, not the whole of `/proc/self/maps`).
+fn mapping_end(addr: usize) -> Option<usize> {
+    crate::maps::Lookup::open().ok()?.at(addr).ok()?.map(|v| v.end)
+}
+
 /// After the kernel found no mapping of ours at the first entry of `moved` (`ENOENT`, the
 /// events read since handled): cuts the entry where the mapping at its address ends (the
 /// program split it, with `mprotect` of a part, say, and the kernel copies into one mapping
@@ -543,12 +546,11 @@ fn bring_home<'b>(
 /// its registration off) and no event will ever say where the memory went.
 fn missing_for(moved: &mut Moved, missing: &mut Option<(usize, Instant)>) -> bool {
     let Some(&(dst, src, len, held)) = moved.homing.first() else { return true };
-    let vma = crate::maps::vmas().ok().and_then(|vmas| vmas.into_iter().find(|v| v.start <= dst && dst < v.end));
-    if let Some(v) = vma
-        && v.end < dst + len
+    if let Some(end) = mapping_end(dst)
+        && end < dst + len
     {
-        moved.homing[0] = (dst, src, v.end - dst, held);
-        moved.homing.insert(1, (v.end, src + (v.end - dst), dst + len - v.end, held));
+        moved.homing[0] = (dst, src, end - dst, held);
+        moved.homing.insert(1, (end, src + (end - dst), dst + len - end, held));
         *missing = None;
         return true;
     }

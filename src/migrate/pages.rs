@@ -324,7 +324,7 @@ impl Engine {
         self.pages_counters.kernel_unmovable.fetch_add(direct.len() as u64, Ordering::Relaxed);
         if candidates.is_empty() && as_kernel {
             // The kernel's own call, whole: where it stopped, the call stops.
-            return Ok((not_moved, answers.stopped > 0 || answers.unwritten.iter().any(|&u| u)));
+            return Ok((not_moved, answers.unwritten.iter().any(|&u| u)));
         }
         // Where pagemig's candidates are now: pages not there, and pages already home, are
         // done.
@@ -399,6 +399,9 @@ impl Engine {
                 }
             }
         }
+        if !as_kernel {
+            return Ok((not_moved, false));
+        }
         // The kernel's answers for a folio named again while queued, and for a batch that
         // failed.
         let keys: Vec<Option<usize>> = (0..pages.len())
@@ -407,9 +410,6 @@ impl Engine {
                 queued.then(|| if answers.served[i] { folio_at(&huge, page_of(i)).0 } else { page_of(i) })
             })
             .collect();
-        if !as_kernel {
-            return Ok((not_moved, false));
-        }
         let order = KernelOrder { nodes, keys: &keys, failed: &failed, served: &answers.served };
         match kernel_order(&order, status, &answers.original) {
             Some(left) => Ok((left, true)),
