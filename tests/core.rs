@@ -993,6 +993,51 @@ fn faults_on_isolated_base_pages_are_answered_without_losing_a_write() {
     }
 }
 
+/// The threads that copy a piece of base pages answer the program's faults on isolated
+/// pages between chunks, as the event reader would: with the reader thread kept from
+/// reading for the whole call (`FaultInjection::pause_event_reader`) and every move held
+/// 20 ms, a timed writer storing into every page in a loop is still answered (it faults on
+/// a piece waiting for its move while the next piece is copied), and every byte, every
+/// store and every page's node is right, with every page replaced. (Before the copying
+/// threads answered, nothing was: the writer waited for each move.) An engine of its own:
+/// the global one's reader serves the other tests.
+#[test]
+fn the_copying_threads_answer_faults_between_chunks() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "the_copying_threads_answer_faults_between_chunks");
+    let engine = Engine::new().unwrap();
+    for helper in [true, false] {
+        let size = 16 << 20;
+        let region = Region::new(size, 4096, Some(node())).unwrap();
+        workload::fill(&region, 31);
+        let frames_before = numa::page_frames(region.addr(), region.len()).unwrap();
+        let fault = FaultInjection {
+            delay_move: Some(Duration::from_millis(20)),
+            pause_event_reader: true,
+            ..Default::default()
+        };
+        let opts = MigrateOptions::default()
+            .max_batch_pages(512)
+            .answer_faults(true)
+            .precopy(false)
+            .copy_helper(helper)
+            .fault(fault);
+        let (stats, log) = workload::with_timed_writers(&region, 1, || {
+            engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+        });
+        let stats = stats.unwrap();
+        let what = format!("copy helper {helper}");
+        assert_eq!((stats.succeeded_folios, stats.failed_folios), ((size / 4096) as u64, 0), "{what}");
+        let report = workload::verify(&region, 31, &log);
+        assert!(report.ok(), "{what}: {report:?}");
+        assert!(log.writes > 0, "{what}");
+        assert_on_node(&region, node());
+        assert_new_frames(&frames_before, &numa::page_frames(region.addr(), region.len()).unwrap());
+        eprintln!("{what}: {} bytes answered, {} stores", stats.answered_bytes, log.writes);
+        assert!(0 < stats.answered_bytes && stats.answered_bytes <= size as u64, "{what}: {stats:?}");
+        assert_eq!(stats.answered_bytes % 4096, 0, "{what}");
+    }
+}
+
 /// Graveyards freed of base pages are kept for the next piece, with the page tables those
 /// pages had: one handed to a huge page would split it (a huge page moves whole only into a
 /// range without a page table). Base pages migrate first, in 2 MiB pieces, then huge pages

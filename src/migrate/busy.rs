@@ -42,6 +42,8 @@ pub(super) struct Claim {
     waiting: Vec<usize>,
     /// `FaultInjection::stall_put_back`, until the first put-back takes it.
     stall_put_back: Option<Duration>,
+    /// `FaultInjection::pause_event_reader`.
+    pause_reader: bool,
 }
 
 /// Every claim, by start address, and the runs of every call in progress.
@@ -56,6 +58,8 @@ pub(super) struct Claims {
     /// Ranges a call that ended left registered because the kernel would not take the
     /// registration off (sorted, disjoint): see [`Claims::add_stray`].
     stray: Vec<Span>,
+    /// How many claims have `pause_reader`.
+    pausing: usize,
 }
 
 /// `pieces` (sorted, disjoint) less what `runs` (sorted, disjoint) cover.
@@ -87,7 +91,7 @@ pub struct Busy {
 impl Busy {
     /// Claims `[start, end)` unless it overlaps a claimed range, with the call's injected
     /// faults that act on claims (`FaultInjection::home_through_holdings`,
-    /// `FaultInjection::stall_put_back`).
+    /// `FaultInjection::stall_put_back`, `FaultInjection::pause_event_reader`).
     pub fn try_claim(&self, start: usize, end: usize, faults: &FaultInjection) -> bool {
         let mut claims = self.claims.lock();
         let overlaps = claims.map.range(..end).next_back().is_some_and(|(_, c)| c.end > start);
@@ -96,8 +100,10 @@ impl Busy {
                 end,
                 through_holdings: faults.home_through_holdings,
                 stall_put_back: faults.stall_put_back,
+                pause_reader: faults.pause_event_reader,
                 ..Default::default()
             };
+            claims.pausing += usize::from(claim.pause_reader);
             claims.map.insert(start, claim);
         }
         !overlaps
@@ -108,6 +114,7 @@ impl Busy {
         let mut claims = self.claims.lock();
         for start in starts {
             let released = claims.map.remove(start);
+            claims.pausing -= usize::from(released.as_ref().is_some_and(|c| c.pause_reader));
             debug_assert!(released.is_none_or(|c| c.isolated.is_empty()), "a claim released with pages isolated");
         }
         drop(claims);
@@ -155,6 +162,12 @@ impl Claims {
     /// event reader's holdings at once.
     pub fn through_holdings(&mut self, start: usize, end: usize) -> bool {
         self.overlapping(start, end).any(|(_, c)| c.through_holdings)
+    }
+
+    /// Whether a claim asks the event reader thread to read nothing for now
+    /// (`FaultInjection::pause_event_reader`).
+    pub fn reader_paused(&self) -> bool {
+        self.pausing > 0
     }
 
     /// Marks `[start, end)` dead in every claim it overlaps; returns whether any did.

@@ -29,8 +29,8 @@ pub struct Engine {
     pub(super) reaper: reaper::Reaper,
     /// What `move_pages` and `move_range` did.
     pub(super) pages_counters: super::pages::Counters,
-    /// Read by its own thread; stopped when the engine drops.
-    #[expect(dead_code, reason = "held for its Drop, which stops the reader thread")]
+    /// Read by its own thread (stopped when the engine drops), and by a call's copying
+    /// threads between chunks ([`events::Reader::serve_now`]).
     pub(super) events: events::Reader,
     /// Answers stray faults in the engine's own empty destinations and graveyards.
     #[expect(dead_code, reason = "held for its Drop, which stops the handler thread")]

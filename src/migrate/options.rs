@@ -47,6 +47,13 @@ pub struct FaultInjection {
     /// moment (`EAGAIN`) and waits this long with the claims lock let go before it tries
     /// again: lets a test move or unmap memory part of which is back.
     pub stall_put_back: Option<Duration>,
+    /// The event reader thread reads nothing while any claim of the call is held: what the
+    /// program's threads wait on meanwhile is read by the call's copying threads between
+    /// chunks ([`crate::Engine`]'s copy answers faults on isolated base pages there), or
+    /// waits for the move that wakes it. Lets a test tell the copying threads' answers
+    /// from the reader's. A program that purges or unmaps claimed memory meanwhile waits
+    /// until a copy reads its event.
+    pub pause_event_reader: bool,
 }
 
 /// A callback told the number of bytes moved so far.
@@ -283,6 +290,7 @@ impl MigrateOptions {
                 delay_after_precopy: None,
                 fail_unregister: false,
                 stall_put_back: None,
+                pause_event_reader: false,
             };
             &NONE
         }

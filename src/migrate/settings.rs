@@ -134,9 +134,10 @@ settings! {
     /// default: no faster than filling an empty destination (the copies in take the claims
     /// lock, fills do not), and its first folio waits longer.
     copy_in: bool = false, accepts "0 or 1", valid |_| true;
-    /// Answer a thread's fault on an isolated base page at once: the event reader copies the
-    /// page's old contents in (with up to 60 KiB after it), allocated on the target node,
-    /// and the move leaves those pages alone. `0`: the thread waits until its whole piece
+    /// Answer a thread's fault on an isolated base page at once: the event reader (or a
+    /// thread copying the piece, between two chunks) copies the page's old contents in
+    /// (with up to 60 KiB after it), allocated on the target node, and the move leaves
+    /// those pages alone. `0`: the thread waits until its whole piece
     /// has moved.
     answer_faults: bool = true, accepts "0 or 1", valid |_| true;
     /// Let a second thread copy each piece of the pipelined CPU copy of folios smaller than

@@ -502,6 +502,20 @@ impl Uffd {
         Ok(n > 0 && pfd.revents & libc::POLLIN != 0)
     }
 
+    /// Whether a message waits to be read now (`poll` with no timeout): one system call,
+    /// without [`Uffd::check`]'s proof of the descriptor (a `poll` takes nothing from the
+    /// file it names), for a thread that asks often; [`Uffd::read_messages`] proves it
+    /// before it reads. False once the descriptor was given up.
+    pub fn has_messages(&self) -> bool {
+        if self.is_lost() {
+            return false;
+        }
+        let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd of ours, live for the call; `poll` reads nothing from the file.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        n > 0 && pfd.revents & libc::POLLIN != 0
+    }
+
     fn register(&self, start: usize, len: usize, mode: u64) -> Result<(), Errno> {
         let mut reg = uffdio_register { range: range(start, len), mode, ioctls: 0 };
         // SAFETY: `reg` is a valid uffdio_register the kernel reads and updates in place.

@@ -13,7 +13,7 @@ use crate::copy::{CopyPair, Dst, coalesce, folios_copy_each, folios_fix};
 use crate::migrate::helper::Chunks;
 use crate::offload::Batch;
 use crate::pool::Dest;
-use crate::sys::{Errno, HPAGE_SIZE, ProcMem};
+use crate::sys::{Errno, HPAGE_SIZE, PAGE_SIZE, ProcMem};
 
 /// The bytes the caller and the copy helper take at a time from a piece they copy together:
 /// small enough that neither waits long for the other's last chunk, large enough that a
@@ -165,21 +165,27 @@ impl<'a> Call<'a> {
 
     /// Copies `pairs` into their destinations (`dsts`), the piece shared with the copy
     /// helper where the call has one and the piece is more than one chunk
-    /// ([`HELPER_CHUNK`]; a folio larger than a chunk is copied in chunks). Returns whether
-    /// every pair was copied.
+    /// ([`HELPER_CHUNK`]; a folio larger than a chunk is copied in chunks), each thread
+    /// reading the events waiting after each chunk where the piece is of base pages.
+    /// Returns whether every pair was copied.
     fn copy_shared(&mut self, pairs: &[CopyPair], dsts: &[Dst<'a>]) -> bool {
         let bytes: usize = pairs.iter().map(|p| p.len).sum();
-        let Some(helper) = self.helper.filter(|_| bytes > HELPER_CHUNK) else {
+        // The events waiting are read between chunks by the threads that copy (see
+        // `events::Reader::serve_now`), where faults on the piece's isolated pages may be
+        // answered: base pages. The piece is then cut in chunks even without a helper.
+        let serve = self.plan.answer_faults && pairs.iter().all(|p| p.len == PAGE_SIZE);
+        if bytes <= HELPER_CHUNK || (self.helper.is_none() && !serve) {
             // SAFETY: every pair copied reads old pages isolated in our graveyard just
             // before (no thread can write them) and writes a destination the pool handed us
             // that nothing else refers to; the two never overlap.
             return unsafe { folios_copy_each(pairs, dsts) }.is_ok();
-        };
+        }
         let (parts, kinds, starts) = chunked(pairs, dsts);
         let cursor = Chunks::new(starts.len() - 1);
         let here = std::thread::current().id();
         let helped = AtomicU64::new(0);
-        helper.share(&|| {
+        let events = &self.engine.events;
+        let work = || {
             cursor.run(|c| {
                 let r = starts[c]..starts[c + 1];
                 if std::thread::current().id() != here {
@@ -187,9 +193,17 @@ impl<'a> Call<'a> {
                 }
                 // SAFETY: as above, for each chunk: its parts lie inside the pairs; the
                 // chunks are disjoint, so the two threads never write the same bytes.
-                unsafe { folios_copy_each(&parts[r.clone()], &kinds[r]) }
+                let copied = unsafe { folios_copy_each(&parts[r.clone()], &kinds[r]) };
+                if serve {
+                    events.serve_now();
+                }
+                copied
             });
-        });
+        };
+        match self.helper {
+            Some(helper) => helper.share(&work),
+            None => work(),
+        }
         self.tally.stats.helper_copied_bytes += helped.into_inner();
         cursor.ok()
     }
