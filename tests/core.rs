@@ -994,13 +994,13 @@ fn faults_on_isolated_base_pages_are_answered_without_losing_a_write() {
 }
 
 /// The threads that copy a piece of base pages answer the program's faults on isolated
-/// pages between chunks, as the event reader would: with the reader thread kept from
-/// reading for the whole call (`FaultInjection::pause_event_reader`) and every move held
-/// 20 ms, a timed writer storing into every page in a loop is still answered (it faults on
-/// a piece waiting for its move while the next piece is copied), and every byte, every
-/// store and every page's node is right, with every page replaced. (Before the copying
-/// threads answered, nothing was: the writer waited for each move.) An engine of its own:
-/// the global one's reader serves the other tests.
+/// pages between chunks, as the event reader would: with the reader thread leaving events
+/// unread (`FaultInjection::pause_event_reader`) and every move held 20 ms, a timed writer
+/// storing into every page in a loop is still answered (it faults on a piece waiting for
+/// its move while the next piece is copied), and every byte, every store and every page's
+/// node is right, with every page replaced. (Before the copying threads answered, nothing
+/// was: the writer waited for each move.) An engine of its own: the injection acts on the
+/// engine's reader while the call lasts.
 #[test]
 fn the_copying_threads_answer_faults_between_chunks() {
     let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "the_copying_threads_answer_faults_between_chunks");

@@ -76,21 +76,30 @@ fn wrong_words(what: &str, at: usize, len: usize, first: usize) -> usize {
 /// holdings of its own, without the claims lock (`FaultInjection::home_through_holdings`).
 /// Returns the words wrong at their final place and the call's result.
 fn moved_twice(delay: Duration, hold: Duration, holdings: bool) -> (usize, std::result::Result<u64, String>) {
+    let opts = MigrateOptions::default()
+        .fault(FaultInjection { delay_move: Some(hold), home_through_holdings: holdings, ..Default::default() })
+        .max_batch_pages(256);
+    moved_twice_by(Engine::global().unwrap(), opts, delay)
+}
+
+/// [`moved_twice`] by `engine`, with `opts`.
+fn moved_twice_by(
+    engine: &'static Engine,
+    opts: MigrateOptions,
+    delay: Duration,
+) -> (usize, std::result::Result<u64, String>) {
     let base = changes::mapping(LEN, 4096, SEED);
     let (reserved1, spare1) = changes::spare();
     let (reserved2, spare2) = changes::spare();
     let folios = base_pages(base);
     let result = watchdog(Duration::from_secs(60), "mremap twice during migration", move || {
-        let opts = MigrateOptions::default()
-            .fault(FaultInjection { delay_move: Some(hold), home_through_holdings: holdings, ..Default::default() })
-            .max_batch_pages(256);
         std::thread::scope(|s| {
             s.spawn(|| {
                 std::thread::sleep(delay);
                 mremap(base, MOVED, spare1);
                 mremap(spare1, MOVED, spare2);
             });
-            Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
+            engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
         })
     });
     let wrong = wrong_words("moved", spare2, MOVED, 0) + wrong_words("rest", base + MOVED, LEN - MOVED, MOVED / 8);
@@ -136,6 +145,40 @@ fn isolated_pages_follow_memory_moved_twice() {
         let holdings = round % 2 == 1;
         let (wrong, outcome) = moved_twice(delay, Duration::from_millis(120), holdings);
         eprintln!("round {round}: delay {delay:?}, holdings {holdings}: {wrong} words wrong, {outcome:?}");
+        if wrong > 0 {
+            lost_rounds.push((round, wrong));
+        }
+    }
+    assert!(lost_rounds.is_empty(), "old pages lost (round, words wrong): {lost_rounds:?}");
+}
+
+/// The same, the moves read by the call's copying threads between two chunks (the event
+/// reader thread leaves them unread: `FaultInjection::pause_event_reader`), the whole
+/// mapping one batch whose copy is under way as the program moves memory whose old pages
+/// are isolated: the thread that reads the first move takes those pages, copies them into
+/// holdings of the reader's (`FaultInjection::home_through_holdings`) and leaves them to
+/// the reader thread, which reads the second move before any other thread handles an event
+/// and puts them where the memory is by then. An engine of its own: the injection acts on
+/// its reader while the call lasts.
+#[test]
+fn isolated_pages_follow_memory_moved_twice_as_the_copy_reads_the_moves() {
+    let _watchdog = common::Watchdog::new(
+        common::TEST_LIMIT,
+        "isolated_pages_follow_memory_moved_twice_as_the_copy_reads_the_moves",
+    );
+    let engine: &'static Engine = Box::leak(Box::new(Engine::new().unwrap()));
+    let mut lost_rounds = Vec::new();
+    for round in 0..8u64 {
+        let delay = Duration::from_micros(500 + 500 * (round % 4));
+        let fault = FaultInjection {
+            delay_move: Some(Duration::from_millis(30)),
+            home_through_holdings: true,
+            pause_event_reader: true,
+            ..Default::default()
+        };
+        let opts = MigrateOptions::default().fault(fault).max_batch_pages(LEN / 4096).precopy(false);
+        let (wrong, outcome) = moved_twice_by(engine, opts, delay);
+        eprintln!("round {round}: delay {delay:?}: {wrong} words wrong, {outcome:?}");
         if wrong > 0 {
             lost_rounds.push((round, wrong));
         }

@@ -857,6 +857,7 @@ fn page_mix(node: u32, seed: u64) -> PageMix {
 #[test]
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn move_pages_matches_the_kernel_across_nodes() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "move_pages_matches_the_kernel_across_nodes");
     let Some((a, b)) = two_nodes() else { return };
     let ours = page_mix(a, 21);
     let theirs = page_mix(a, 21);
@@ -893,6 +894,8 @@ fn move_pages_matches_the_kernel_across_nodes() {
 #[test]
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn move_pages_matches_the_kernel_for_pages_named_more_than_once() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "move_pages_matches_the_kernel_for_pages_named_more_than_once");
     let Some((a, b)) = two_nodes() else { return };
     let layout = |seed: u64| {
         let huge = Region::new(3 * HPAGE_SIZE, HPAGE_SIZE, Some(a)).expect("huge pages");
@@ -985,6 +988,7 @@ fn move_pages_matches_the_kernel_for_pages_named_more_than_once() {
 #[test]
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn move_pages_matches_the_kernel_where_a_page_is_pinned() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "move_pages_matches_the_kernel_where_a_page_is_pinned");
     const SENTINEL: i32 = -99;
     let Some((a, b)) = two_nodes() else { return };
     let engine = Engine::global().expect("the migration engine");

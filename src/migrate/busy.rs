@@ -14,6 +14,7 @@
 //! it purges the new pages.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
@@ -86,6 +87,8 @@ fn subtract(pieces: &[Span], runs: &[Span]) -> Vec<Span> {
 pub struct Busy {
     claims: Mutex<Claims>,
     released: Condvar,
+    /// How many ranges are claimed (the claims' count, read without the lock).
+    claimed: AtomicUsize,
 }
 
 impl Busy {
@@ -105,6 +108,7 @@ impl Busy {
             };
             claims.pausing += usize::from(claim.pause_reader);
             claims.map.insert(start, claim);
+            self.claimed.store(claims.map.len(), Ordering::Relaxed);
         }
         !overlaps
     }
@@ -117,6 +121,7 @@ impl Busy {
             claims.pausing -= usize::from(released.as_ref().is_some_and(|c| c.pause_reader));
             debug_assert!(released.is_none_or(|c| c.isolated.is_empty()), "a claim released with pages isolated");
         }
+        self.claimed.store(claims.map.len(), Ordering::Relaxed);
         drop(claims);
         self.released.notify_all();
     }
@@ -125,6 +130,11 @@ impl Busy {
     pub fn wait(&self, timeout: Duration) {
         let mut claims = self.claims.lock();
         self.released.wait_for(&mut claims, timeout);
+    }
+
+    /// Whether any range is claimed (a call is in progress), without the lock.
+    pub fn any_claimed(&self) -> bool {
+        self.claimed.load(Ordering::Relaxed) > 0
     }
 
     /// Locks every claim, for an operation that must exclude the others.
@@ -164,7 +174,7 @@ impl Claims {
         self.overlapping(start, end).any(|(_, c)| c.through_holdings)
     }
 
-    /// Whether a claim asks the event reader thread to read nothing for now
+    /// Whether a claim asks the event reader thread to leave events unread for now
     /// (`FaultInjection::pause_event_reader`).
     pub fn reader_paused(&self) -> bool {
         self.pausing > 0

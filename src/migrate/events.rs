@@ -43,7 +43,7 @@ use super::reaper::{self, Grave};
 use crate::backoff::Backoff;
 use crate::sys::uffd::{Event, Uffd};
 use crate::sys::{self, Errno};
-use parking_lot::MutexGuard;
+use parking_lot::{Mutex, MutexGuard};
 
 /// How long one poll waits, in milliseconds: the reader's delay in noticing it should stop.
 const POLL_MS: i32 = 50;
@@ -56,6 +56,11 @@ pub(super) struct Reader {
     uffd: Arc<Uffd>,
     graves: Arc<Uffd>,
     busy: Arc<Busy>,
+    /// Held by whichever thread handles events, for as long as it does (the claims lock is
+    /// let go while old pages go home, and every event read meanwhile must be applied to
+    /// what they wait for: one handler at a time), with what a copying thread left to the
+    /// reader thread ([`Reader::serve_now`]).
+    reading: Arc<Mutex<Option<Moved>>>,
 }
 
 impl Reader {
@@ -67,39 +72,63 @@ impl Reader {
     pub fn spawn(uffd: Arc<Uffd>, graves: Arc<Uffd>, busy: Arc<Busy>) -> Result<Self, Errno> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
-        let (uffd_, graves_, busy_) = (uffd.clone(), graves.clone(), busy.clone());
+        let reading: Arc<Mutex<Option<Moved>>> = Arc::default();
+        let (uffd_, graves_, busy_, reading_) = (uffd.clone(), graves.clone(), busy.clone(), reading.clone());
         let handle = crate::sys::thread::spawn("pagemig-events", move || {
-            while !flag.load(Ordering::Relaxed) {
-                match uffd.poll(POLL_MS) {
-                    Ok(true) => {}
-                    Ok(false) => continue,
+            let mut paused_since: Option<Instant> = None;
+            // Once it is to stop, what a copying thread left is still carried on.
+            while !flag.load(Ordering::Relaxed) || reading.lock().is_some() {
+                // While a call is in progress, what a copying thread left here is taken up
+                // within `LEFT_MS`, with or without an event.
+                let wait = if busy.any_claimed() { LEFT_MS } else { POLL_MS };
+                let ready = match uffd.poll(wait) {
+                    Ok(ready) => ready,
                     // The program closed the descriptor or put a file of its own at its
                     // number: given up (see `Uffd::check`), and this thread ends.
                     Err(_) => return,
+                };
+                let mut pending = reading.lock();
+                if !ready && pending.is_none() {
+                    continue;
                 }
                 let claims = busy.lock();
-                if claims.reader_paused() {
-                    drop(claims);
+                // A test's pause (`FaultInjection::pause_event_reader`): what waits is left
+                // to the call's copying threads, for a while.
+                if ready
+                    && pending.is_none()
+                    && claims.reader_paused()
+                    && paused_since.get_or_insert_with(Instant::now).elapsed() < PAUSE_MAX
+                {
+                    drop((claims, pending));
                     std::thread::sleep(Duration::from_millis(1));
                     continue;
                 }
+                paused_since = None;
                 // Reading releases the threads the events held: under the lock.
-                match uffd.read_messages() {
-                    Ok(events) => {
-                        handle_all(&Home { uffd: &uffd, graves: &graves, busy: &busy, stop: &flag }, claims, events)
+                let events = if ready {
+                    match uffd.read_messages() {
+                        Ok(events) => events,
+                        Err(_) if uffd.is_lost() => return,
+                        // Not seen from a userfaultfd that polled readable; were it to
+                        // happen, wait a poll's time rather than spin.
+                        Err(_) if pending.is_none() => {
+                            drop(claims);
+                            drop(pending);
+                            std::thread::sleep(Duration::from_millis(POLL_MS as u64));
+                            continue;
+                        }
+                        Err(_) => Vec::new(),
                     }
-                    Err(_) if uffd.is_lost() => return,
-                    // Not seen from a userfaultfd that polled readable; were it to happen,
-                    // wait a poll's time rather than spin.
-                    Err(_) => {
-                        drop(claims);
-                        std::thread::sleep(Duration::from_millis(POLL_MS as u64));
-                    }
-                }
+                } else {
+                    Vec::new()
+                };
+                let moved = pending.take().unwrap_or_default();
+                let home = Home { uffd: &uffd, graves: &graves, busy: &busy, stop: &flag };
+                *pending = handle_all(&home, claims, events, moved, Handler::Reader);
             }
         })
         .map_err(|_| Errno::AGAIN)?;
-        Ok(Self { stop, handle: Some(handle), uffd: uffd_, graves: graves_, busy: busy_ })
+        Ok(Self { stop, handle: Some(handle), uffd: uffd_, graves: graves_, busy: busy_, reading: reading_ })
     }
 
     /// Reads and handles the events waiting now, on a thread of a call's between two parts
@@ -118,12 +147,17 @@ impl Reader {
         if !self.uffd.has_messages() {
             return;
         }
+        let Some(mut pending) = self.reading.try_lock_for(SERVE_WAIT) else { return };
+        if pending.is_some() {
+            // The reader thread carries on with what is left first.
+            return;
+        }
         let claims = self.busy.lock();
         if let Ok(events) = self.uffd.read_messages()
             && !events.is_empty()
         {
             let home = Home { uffd: &self.uffd, graves: &self.graves, busy: &self.busy, stop: &self.stop };
-            handle_all(&home, claims, events);
+            *pending = handle_all(&home, claims, events, Moved::default(), Handler::Copier);
         }
     }
 }
@@ -257,8 +291,18 @@ const HOMING_LOCKED: Duration = Duration::from_millis(1);
 /// lock is free. The copies home then wait on the kernel without the lock, which is taken
 /// again only to read and handle later events (and, where no holding could be made, held
 /// throughout, as the graveyard must stay).
-fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: Vec<Event>) {
-    let mut moved = Moved::default();
+///
+/// `moved` is what a handler before left to do (see [`Handler`]). A copying thread hands
+/// what is still on its way home once it is in holdings back (`Some`), to be carried on
+/// by the reader thread: the caller of [`handle_all`] keeps it under [`Reader`]'s
+/// `reading` lock until then.
+fn handle_all<'b>(
+    home: &Home<'b>,
+    mut claims: MutexGuard<'b, Claims>,
+    events: Vec<Event>,
+    mut moved: Moved,
+    handler: Handler,
+) -> Option<Moved> {
     for event in events {
         handle(&mut claims, event, &mut moved);
     }
@@ -268,6 +312,10 @@ fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: V
     }
     if !moved.homing.is_empty() {
         detach(home, &mut moved);
+        if moved.all_held() && handler == Handler::Copier {
+            // The holdings are the reader's own: nothing of them needs the lock.
+            return Some(moved);
+        }
         if moved.all_held() {
             drop(claims);
             bring_home(home, None, &mut moved, HOMING_LIMIT);
@@ -288,7 +336,42 @@ fn handle_all<'b>(home: &Home<'b>, mut claims: MutexGuard<'b, Claims>, events: V
     for holding in moved.holdings.drain(..) {
         reaper::free(home.graves, &holding);
     }
+    None
 }
+
+/// Which thread handles events ([`handle_all`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Handler {
+    /// The reader thread: it handles them to the end, however long the program keeps the
+    /// old pages of memory it moved from going home.
+    Reader,
+    /// A thread of a call's between two chunks of its copy ([`Reader::serve_now`]): it
+    /// handles them as the reader would, and offers old pages home under the claims lock
+    /// for [`HOMING_LOCKED`], but leaves the rest to the reader thread once it is in
+    /// holdings: its call must not wait on the program (threads that purge or move memory
+    /// without a pause keep the kernel refusing for as long as they go on, and may go on
+    /// until the call returns).
+    Copier,
+}
+
+/// How often the reader thread looks for what a copying thread left it while a call is
+/// in progress, in milliseconds: the threads that touch the memory those old pages go to
+/// wait that much longer, in the rare call that leaves any (the program moved memory under
+/// migration while the kernel refused its old pages a home for a millisecond); a reader
+/// that woke every millisecond of every call cost the copy a CPU's share on two CPUs.
+const LEFT_MS: i32 = 10;
+
+/// How long the reader thread leaves events unread at a time under
+/// `FaultInjection::pause_event_reader`: longer than a test's call, whose copying threads
+/// read them meanwhile; an event no copy reads (none runs) holds the program and the
+/// kernel's moves back no longer than this.
+const PAUSE_MAX: Duration = Duration::from_secs(2);
+
+/// How long a copying thread waits for another handler of events to be done
+/// ([`Reader::serve_now`]): the reader thread, which the scheduler may have taken the CPU
+/// from while it handles them, then gets this thread's; one that takes longer (old pages
+/// going home) is left to it.
+const SERVE_WAIT: Duration = Duration::from_micros(200);
 
 /// Answers the faults recorded in `moved`: strays with a page of zeros, faults on isolated
 /// pages a call lets the reader answer with their old pages ([`answer_faults`]).

@@ -53,13 +53,18 @@
 //! 7. the fork gate (`fork`, one atomic word): taken (`fork::open`) before the claims,
 //!    never with them held; a thread that has emptied pages in its batch is never made to
 //!    wait for a fork (the fork waits for its pages);
-//! 8. the claims (`busy::Busy`): claimed ranges and their isolated and dead spans. Taken by
-//!    the caller, `pagemig-mover` and `pagemig-events`; isolating, moving in, putting back
-//!    and handling an event of the program's exclude each other. A leaf among the locks;
-//!    it is let go (`Patience`) around every retry and sleep of the pipeline and mover;
-//! 9. the reaper's `tx` -> its `pending` count;
-//! 10. the progress reporter's `state` (`mover::Reporter`) -> `Abort`'s first error;
-//! 11. leaves: `Abort`'s first error, the copy helper's state (`helper`), the attributes' sources, `sys::own` ranges, mtcopy's and
+//! 8. the event reader's `reading` (`events::Reader`): held by whichever thread handles the
+//!    program's events (`pagemig-events`, or a call's copying thread between two chunks:
+//!    the caller and `pagemig-copier`), for the whole of it, with what a copying thread
+//!    left to `pagemig-events` -> the claims. A copying thread only tries it, for 200 µs;
+//! 9. the claims (`busy::Busy`): claimed ranges and their isolated and dead spans. Taken by
+//!    the caller, `pagemig-copier`, `pagemig-mover` and `pagemig-events`; isolating, moving
+//!    in, putting back and handling an event of the program's exclude each other. A leaf
+//!    among the locks; it is let go (`Patience`) around every retry and sleep of the
+//!    pipeline and mover;
+//! 10. the reaper's `tx` -> its `pending` count;
+//! 11. the progress reporter's `state` (`mover::Reporter`) -> `Abort`'s first error;
+//! 12. leaves: `Abort`'s first error, the copy helper's state (`helper`), the attributes' sources, `sys::own` ranges, mtcopy's and
 //!     dcbm's completion latches, a channel's `worker`, a device's usage.
 //!
 //! A `fork()` takes the fork gate (its barrier), then the process-wide locks of 3 to 6 and
@@ -69,7 +74,7 @@
 //! Waits that act as locks: an isolated page blocks every access until a move into it
 //! (under the claims); a write-protected page blocks writers until its protection is
 //! lifted; the program's `madvise`/`munmap`/`mremap` of a registered range waits until
-//! `pagemig-events` has read its event (under the claims), and until then ioctls on the
+//! `pagemig-events` (or a copying thread) has read its event (under the claims), and until then ioctls on the
 //! engine's userfaultfd answer `EAGAIN`, or `ENOENT` where the memory has just moved on
 //! (waited out with the claims let go, by one `backoff::Backoff` each); empty
 //! destinations and graveyards wait for `pagemig-zerofill`, which takes no lock.
@@ -83,7 +88,9 @@
 //! read and handle the events that come meanwhile), however long
 //! the program's own purges and moves keep the kernel refusing them (only where no holding
 //! can be mapped does it keep the lock throughout, up to 5 s, and gives up what is left
-//! then). The only
+//! then). A copying thread that reads such a move offers the old pages under the claims
+//! for that millisecond too, copies what is left into holdings, and leaves it to
+//! `pagemig-events` (its call never waits on the program's purges). The only
 //! registration with the program's userfaultfd, each call's as it begins, happens under the
 //! claims, so a holding (mapped and registered elsewhere under the claims) is never
 //! registered with it. Known long holds: the pool's `chunks` across populating one

@@ -47,12 +47,11 @@ pub struct FaultInjection {
     /// moment (`EAGAIN`) and waits this long with the claims lock let go before it tries
     /// again: lets a test move or unmap memory part of which is back.
     pub stall_put_back: Option<Duration>,
-    /// The event reader thread reads nothing while any claim of the call is held: what the
-    /// program's threads wait on meanwhile is read by the call's copying threads between
-    /// chunks ([`crate::Engine`]'s copy answers faults on isolated base pages there), or
-    /// waits for the move that wakes it. Lets a test tell the copying threads' answers
-    /// from the reader's. A program that purges or unmaps claimed memory meanwhile waits
-    /// until a copy reads its event.
+    /// While any claim of the call is held, the engine's event reader thread leaves the
+    /// events waiting unread for up to 2 s at a time: the call's copying threads, which
+    /// read the events waiting between two chunks of base pages, read and answer them
+    /// meanwhile. Lets a test tell their answers from the reader's. (An event no copy reads
+    /// holds the program's thread, and the kernel's moves, for those 2 s.)
     pub pause_event_reader: bool,
 }
 
