@@ -31,7 +31,12 @@ fn mremap(from: usize, len: usize, to: usize) {
 
 /// The folios of the `LEN` bytes of base pages at `base`.
 fn base_pages(base: usize) -> Vec<Folio<'static>> {
-    (0..LEN / 4096)
+    base_pages_of(base, LEN)
+}
+
+/// The folios of the `len` bytes of base pages at `base`.
+fn base_pages_of(base: usize, len: usize) -> Vec<Folio<'static>> {
+    (0..len / 4096)
         // SAFETY: each test keeps its mapping as it is except for the changes under test.
         .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
         .collect()
@@ -79,30 +84,37 @@ fn moved_twice(delay: Duration, hold: Duration, holdings: bool) -> (usize, std::
     let opts = MigrateOptions::default()
         .fault(FaultInjection { delay_move: Some(hold), home_through_holdings: holdings, ..Default::default() })
         .max_batch_pages(256);
-    moved_twice_by(Engine::global().unwrap(), opts, delay)
+    let (wrong, outcome, _) = moved_twice_by(Engine::global().unwrap(), opts, delay, LEN);
+    (wrong, outcome)
 }
 
-/// [`moved_twice`] by `engine`, with `opts`.
+/// [`moved_twice`] by `engine`, with `opts`, of a mapping of `len` bytes; also how long
+/// the first move took to return (its event read).
 fn moved_twice_by(
     engine: &'static Engine,
     opts: MigrateOptions,
     delay: Duration,
-) -> (usize, std::result::Result<u64, String>) {
-    let base = changes::mapping(LEN, 4096, SEED);
+    len: usize,
+) -> (usize, std::result::Result<u64, String>, Duration) {
+    let base = changes::mapping(len, 4096, SEED);
     let (reserved1, spare1) = changes::spare();
     let (reserved2, spare2) = changes::spare();
-    let folios = base_pages(base);
-    let result = watchdog(Duration::from_secs(60), "mremap twice during migration", move || {
+    let folios = base_pages_of(base, len);
+    let (result, first) = watchdog(Duration::from_secs(60), "mremap twice during migration", move || {
         std::thread::scope(|s| {
-            s.spawn(|| {
+            let mover = s.spawn(|| {
                 std::thread::sleep(delay);
+                let first = std::time::Instant::now();
                 mremap(base, MOVED, spare1);
+                let first = first.elapsed();
                 mremap(spare1, MOVED, spare2);
+                first
             });
-            engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
+            let result = engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
+            (result, mover.join().unwrap())
         })
     });
-    let wrong = wrong_words("moved", spare2, MOVED, 0) + wrong_words("rest", base + MOVED, LEN - MOVED, MOVED / 8);
+    let wrong = wrong_words("moved", spare2, MOVED, 0) + wrong_words("rest", base + MOVED, len - MOVED, MOVED / 8);
     let outcome = match result {
         Ok(stats) => Ok(stats.failed_folios),
         Err(Error::Partial { stats, .. }) => {
@@ -124,12 +136,12 @@ fn moved_twice_by(
     // nor the hole at `spare1` they left on their way, which the program moved away
     // (another test's mapping may lie there now).
     unsafe {
-        libc::munmap((base + MOVED) as *mut _, LEN - MOVED);
+        libc::munmap((base + MOVED) as *mut _, len - MOVED);
         libc::munmap(spare2 as *mut _, MOVED);
         libc::munmap(reserved2 as *mut _, changes::SPARE);
     }
     changes::release_reservation_around(reserved1, spare1, MOVED);
-    (wrong, outcome)
+    (wrong, outcome, first)
 }
 
 /// The program moves memory whose old pages are isolated, then moves it again at once:
@@ -153,13 +165,16 @@ fn isolated_pages_follow_memory_moved_twice() {
 }
 
 /// The same, the moves read by the call's copying threads between two chunks (the event
-/// reader thread leaves them unread: `FaultInjection::pause_event_reader`), the whole
+/// reader thread leaves them unread: `FaultInjection::pause_event_reader`), a 32 MiB
 /// mapping one batch whose copy is under way as the program moves memory whose old pages
 /// are isolated: the thread that reads the first move takes those pages, copies them into
 /// holdings of the reader's (`FaultInjection::home_through_holdings`) and leaves them to
 /// the reader thread, which reads the second move before any other thread handles an event
 /// and puts them where the memory is by then. An engine of its own: the injection acts on
-/// its reader while the call lasts.
+/// its reader while the call lasts. (The reader thread leaves a move of the call's memory
+/// unread for 2 s, where it has nothing left to carry on: a first move that returns
+/// within a second was read by a copying thread; at least one round of eight must see
+/// that.)
 #[test]
 fn isolated_pages_follow_memory_moved_twice_as_the_copy_reads_the_moves() {
     let _watchdog = common::Watchdog::new(
@@ -168,22 +183,26 @@ fn isolated_pages_follow_memory_moved_twice_as_the_copy_reads_the_moves() {
     );
     let engine: &'static Engine = Box::leak(Box::new(Engine::new().unwrap()));
     let mut lost_rounds = Vec::new();
+    let mut read_by_the_copy = 0;
     for round in 0..8u64 {
-        let delay = Duration::from_micros(500 + 500 * (round % 4));
+        let delay = Duration::from_millis(1 + round % 4);
         let fault = FaultInjection {
             delay_move: Some(Duration::from_millis(30)),
             home_through_holdings: true,
             pause_event_reader: true,
             ..Default::default()
         };
-        let opts = MigrateOptions::default().fault(fault).max_batch_pages(LEN / 4096).precopy(false);
-        let (wrong, outcome) = moved_twice_by(engine, opts, delay);
-        eprintln!("round {round}: delay {delay:?}: {wrong} words wrong, {outcome:?}");
+        let len = 32 << 20;
+        let opts = MigrateOptions::default().fault(fault).max_batch_pages(len / 4096).precopy(false);
+        let (wrong, outcome, first) = moved_twice_by(engine, opts, delay, len);
+        eprintln!("round {round}: delay {delay:?}: {wrong} words wrong, {outcome:?}, first move read after {first:?}");
         if wrong > 0 {
             lost_rounds.push((round, wrong));
         }
+        read_by_the_copy += usize::from(first < Duration::from_secs(1));
     }
     assert!(lost_rounds.is_empty(), "old pages lost (round, words wrong): {lost_rounds:?}");
+    assert!(read_by_the_copy > 0, "no round's move was read by the copy");
 }
 
 /// After `wait`, purges the page at `page` (the test's own, given up) again and again

@@ -21,7 +21,10 @@
 //!   threads.
 //!
 //! The threads that copy a piece of base pages read and handle the events waiting between
-//! two chunks as well ([`Reader::serve_now`]), under the same lock.
+//! two chunks as well ([`Reader::serve_now`]). One thread handles events at a time, for
+//! the whole of what they ask (the reader's `reading` lock): old pages going home without
+//! the claims lock must see every later event. A copying thread leaves old pages it could
+//! not put home within a millisecond to the reader thread, in holdings.
 //!
 //! Faults: a thread that touched an isolated base page a call lets the reader answer is
 //! answered at once, its page's old contents copied in on the target node (see
@@ -85,7 +88,7 @@ impl Reader {
                     Ok(ready) => ready,
                     // The program closed the descriptor or put a file of its own at its
                     // number: given up (see `Uffd::check`), and this thread ends.
-                    Err(_) => return,
+                    Err(_) => return abandon(&graves, &reading),
                 };
                 let mut pending = reading.lock();
                 if !ready && pending.is_none() {
@@ -108,7 +111,7 @@ impl Reader {
                 let events = if ready {
                     match uffd.read_messages() {
                         Ok(events) => events,
-                        Err(_) if uffd.is_lost() => return,
+                        Err(_) if uffd.is_lost() => return abandon(&graves, &reading),
                         // Not seen from a userfaultfd that polled readable; were it to
                         // happen, wait a poll's time rather than spin.
                         Err(_) if pending.is_none() => {
@@ -132,17 +135,18 @@ impl Reader {
     }
 
     /// Reads and handles the events waiting now, on a thread of a call's between two parts
-    /// of its work, as the reader thread would: under the claims lock, which orders the
-    /// two. A thread of the program that faulted on a page the copy isolated is answered
-    /// within a part's time, not once the scheduler runs the reader, which on a machine
-    /// with fewer CPUs than busy threads waits behind the copy itself (2-core AMD EPYC VM,
-    /// one writer: up to 1.6 ms between the fault and its answer, traced). Returns at once
-    /// where nothing waits (one `poll`); waits for the lock where another thread holds it:
-    /// a reader the scheduler took the CPU from while it held the lock then gets this
-    /// thread's.
+    /// of its work, as the reader thread would ([`Handler::Copier`]). A thread of the
+    /// program that faulted on a page the copy isolated is answered within a part's time,
+    /// not once the scheduler runs the reader, which on a machine with fewer CPUs than busy
+    /// threads waits behind the copy itself (2-core AMD EPYC VM, one writer: up to 1.6 ms
+    /// between the fault and its answer, traced). Returns at once where nothing waits (one
+    /// `poll`) or the reader thread has old pages left to put home; waits up to
+    /// [`SERVE_WAIT`] for another handler to be done (a reader the scheduler took the CPU
+    /// from while it handled gets this thread's), then leaves the events to it.
     ///
-    /// Handling them may take as long as on the reader thread (old pages of memory the
-    /// program moved go home first); it never waits on the calling thread's own work.
+    /// It never waits on the calling thread's own work, and on the program's other
+    /// threads only where no holding can be mapped for the old pages of memory they moved
+    /// (up to 5 s, under the claims lock, as the reader thread would).
     pub fn serve_now(&self) {
         if !self.uffd.has_messages() {
             return;
@@ -339,6 +343,18 @@ fn handle_all<'b>(
     None
 }
 
+/// Gives up what a copying thread left the reader thread, which ends (its userfaultfd
+/// lost): the old pages stay in their holdings, freed with them, and stop counting as
+/// empty for the fork barrier.
+fn abandon(graves: &Uffd, reading: &Mutex<Option<Moved>>) {
+    if let Some(mut moved) = reading.lock().take() {
+        moved.give_up();
+        for holding in moved.holdings.drain(..) {
+            reaper::free(graves, &holding);
+        }
+    }
+}
+
 /// Which thread handles events ([`handle_all`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Handler {
@@ -350,7 +366,8 @@ enum Handler {
     /// for [`HOMING_LOCKED`], but leaves the rest to the reader thread once it is in
     /// holdings: its call must not wait on the program (threads that purge or move memory
     /// without a pause keep the kernel refusing for as long as they go on, and may go on
-    /// until the call returns).
+    /// until the call returns). Where no holding can be mapped, it carries on as the reader
+    /// would, under the claims lock, for up to [`HOMING_LIMIT`].
     Copier,
 }
 

@@ -90,7 +90,8 @@
 //! can be mapped does it keep the lock throughout, up to 5 s, and gives up what is left
 //! then). A copying thread that reads such a move offers the old pages under the claims
 //! for that millisecond too, copies what is left into holdings, and leaves it to
-//! `pagemig-events` (its call never waits on the program's purges). The only
+//! `pagemig-events` (its call does not wait on the program's purges, but where no holding
+//! can be mapped). The only
 //! registration with the program's userfaultfd, each call's as it begins, happens under the
 //! claims, so a holding (mapped and registered elsewhere under the claims) is never
 //! registered with it. Known long holds: the pool's `chunks` across populating one

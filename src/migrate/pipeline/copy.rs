@@ -193,11 +193,13 @@ impl<'a> Call<'a> {
                 }
                 // SAFETY: as above, for each chunk: its parts lie inside the pairs; the
                 // chunks are disjoint, so the two threads never write the same bytes.
-                let copied = unsafe { folios_copy_each(&parts[r.clone()], &kinds[r]) };
+                unsafe { folios_copy_each(&parts[r.clone()], &kinds[r]) }?;
+                // Only after a chunk copied whole: a panic there (none is expected; the
+                // helper's own are swallowed) cannot hide a failed copy.
                 if serve {
                     events.serve_now();
                 }
-                copied
+                Ok::<(), Errno>(())
             });
         };
         match self.helper {
