@@ -490,13 +490,16 @@ impl Drop for BatchGuard<'_> {
 const CPU_PIECE_MAX: usize = 16 << 20;
 
 /// The largest piece of the pipelined CPU copy of folios smaller than a huge page. A thread
-/// of the program that touches a page of a piece waits until the whole piece has moved,
-/// and a piece of base pages takes long to isolate, fill and move in. 512 MiB of 4 KiB
-/// folios in one batch, one writer: its longest store took 1.7-5.5 ms (median 2.9) with
-/// pieces of 4 MiB, 5.1-8.5 ms (median 6.3) with pieces of 16 MiB, 6 runs each; without
-/// writers, 1 GiB, 6 alternating pairs: 0.993x end to end (2-core AMD EPYC VM). Their moves
-/// run on the mover, off the copy's path, so more of them cost the copy nothing.
-const BASE_PIECE_MAX: usize = 4 << 20;
+/// of the program that touches a page of a piece being protected waits until the whole
+/// stretch is isolated, and a piece of base pages takes long to isolate, fill and move in.
+/// 512 MiB of 4 KiB folios in one batch, one writer: its longest store took 1.7-5.5 ms
+/// (median 2.9) with pieces of 4 MiB, 5.1-8.5 ms (median 6.3) with pieces of 16 MiB, 6 runs
+/// each; with the copying threads answering faults, its longest wait on memory median 535
+/// µs with pieces of 2 MiB against 1138 with 4 MiB, 6 alternating pairs, throughput 1.0x
+/// pairwise. Without writers, 1 GiB in one batch: 0.95x (median of 11 pairs, both orders) for
+/// 2 MiB pieces against 4 MiB (2-core AMD EPYC VM), the price of a stall half as long. The
+/// default batch (2 MiB) is one piece either way.
+const BASE_PIECE_MAX: usize = 2 << 20;
 
 /// The smallest piece [`Plan::piece_budget`] may ask for: below it, each piece's own
 /// system calls cost more than the wait they save.
