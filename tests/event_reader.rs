@@ -222,6 +222,13 @@ fn purge_without_a_pause(page: usize, wait: Duration, churn: Duration) -> u64 {
     purges
 }
 
+/// An engine of its own for a test whose threads purge without a pause: while they do,
+/// the kernel refuses every move through the engine's userfaultfd for most of the time,
+/// and the other tests' migrations through the global engine would meet that for seconds.
+fn storm_engine() -> &'static Engine {
+    Box::leak(Box::new(Engine::new().unwrap()))
+}
+
 /// Whether any mapping of `[start, end)` is still registered for missing faults (`um` in
 /// its smaps `VmFlags`).
 fn registered_missing(start: usize, end: usize) -> bool {
@@ -323,7 +330,7 @@ fn isolated_pages_go_home_while_the_program_purges_without_a_pause() {
                 std::thread::sleep(Duration::from_millis(100));
                 mremap(base, MOVED, spare);
             });
-            let result = Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
+            let result = storm_engine().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
             (result, purgers.map(|p| p.join().unwrap()).iter().sum::<u64>())
         })
     });
@@ -364,7 +371,7 @@ fn isolated_pages_go_home_into_memory_split_after_it_moved() {
                 let r = unsafe { libc::mprotect((spare + MOVED / 2) as *mut libc::c_void, 4096, libc::PROT_READ) };
                 assert_eq!(r, 0, "mprotect: {}", std::io::Error::last_os_error());
             });
-            let result = Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
+            let result = storm_engine().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
             eprintln!("call: {:?}", result.as_ref().map(|s| s.failed_folios).map_err(|e| e.to_string()));
             for p in purgers {
                 p.join().unwrap();
@@ -401,7 +408,7 @@ fn old_pages_go_back_while_the_program_purges_without_a_pause() {
             // From when the first batch is isolated and waits to move.
             let purge = || purge_without_a_pause(purged, Duration::from_millis(100), churn);
             let purgers: Vec<_> = (0..6).map(|_| s.spawn(purge)).collect();
-            let result = Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
+            let result = storm_engine().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
             (result, purgers.into_iter().map(|p| p.join().unwrap()).sum::<u64>())
         })
     });
