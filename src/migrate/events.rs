@@ -54,16 +54,39 @@ const POLL_MS: i32 = 50;
 /// The reader thread; dropping it stops the thread.
 #[derive(Debug)]
 pub(super) struct Reader {
-    stop: Arc<AtomicBool>,
+    shared: Arc<Shared>,
     handle: Option<JoinHandle<()>>,
+}
+
+/// What the reader thread and the copying threads that handle events share.
+#[derive(Debug)]
+struct Shared {
     uffd: Arc<Uffd>,
     graves: Arc<Uffd>,
     busy: Arc<Busy>,
+    /// Set when the reader is to stop.
+    stop: AtomicBool,
     /// Held by whichever thread handles events, for as long as it does (the claims lock is
     /// let go while old pages go home, and every event read meanwhile must be applied to
     /// what they wait for: one handler at a time), with what a copying thread left to the
     /// reader thread ([`Reader::serve_now`]).
-    reading: Arc<Mutex<Option<Moved>>>,
+    reading: Mutex<Option<Moved>>,
+}
+
+impl Shared {
+    fn home(&self) -> Home<'_> {
+        Home { uffd: &self.uffd, graves: &self.graves, busy: &self.busy, stop: &self.stop }
+    }
+
+    /// Gives up what a copying thread left the reader thread, which ends (its userfaultfd
+    /// lost): the old pages stay in their holdings, freed with them, and stop counting as
+    /// empty for the fork barrier.
+    fn abandon(&self) {
+        if let Some(mut moved) = self.reading.lock().take() {
+            moved.give_up();
+            moved.free_holdings(&self.graves);
+        }
+    }
 }
 
 impl Reader {
@@ -73,14 +96,13 @@ impl Reader {
     /// # Errors
     /// `EAGAIN` when no thread can be started.
     pub fn spawn(uffd: Arc<Uffd>, graves: Arc<Uffd>, busy: Arc<Busy>) -> Result<Self, Errno> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let reading: Arc<Mutex<Option<Moved>>> = Arc::default();
-        let (uffd_, graves_, busy_, reading_) = (uffd.clone(), graves.clone(), busy.clone(), reading.clone());
+        let shared = Arc::new(Shared { uffd, graves, busy, stop: AtomicBool::new(false), reading: Mutex::new(None) });
+        let ours = shared.clone();
         let handle = crate::sys::thread::spawn("pagemig-events", move || {
+            let Shared { uffd, busy, stop, reading, .. } = &*ours;
             let mut paused_since: Option<Instant> = None;
             // Once it is to stop, what a copying thread left is still carried on.
-            while !flag.load(Ordering::Relaxed) || reading.lock().is_some() {
+            while !stop.load(Ordering::Relaxed) || reading.lock().is_some() {
                 // While a call is in progress, what a copying thread left here is taken up
                 // within `LEFT_MS`, with or without an event.
                 let wait = if busy.any_claimed() { LEFT_MS } else { POLL_MS };
@@ -88,7 +110,7 @@ impl Reader {
                     Ok(ready) => ready,
                     // The program closed the descriptor or put a file of its own at its
                     // number: given up (see `Uffd::check`), and this thread ends.
-                    Err(_) => return abandon(&graves, &reading),
+                    Err(_) => return ours.abandon(),
                 };
                 let mut pending = reading.lock();
                 if !ready && pending.is_none() {
@@ -111,7 +133,7 @@ impl Reader {
                 let events = if ready {
                     match uffd.read_messages() {
                         Ok(events) => events,
-                        Err(_) if uffd.is_lost() => return abandon(&graves, &reading),
+                        Err(_) if uffd.is_lost() => return ours.abandon(),
                         // Not seen from a userfaultfd that polled readable; were it to
                         // happen, wait a poll's time rather than spin.
                         Err(_) if pending.is_none() => {
@@ -126,12 +148,11 @@ impl Reader {
                     Vec::new()
                 };
                 let moved = pending.take().unwrap_or_default();
-                let home = Home { uffd: &uffd, graves: &graves, busy: &busy, stop: &flag };
-                *pending = handle_all(&home, claims, events, moved, Handler::Reader);
+                *pending = handle_all(&ours.home(), claims, events, moved, Handler::Reader);
             }
         })
         .map_err(|_| Errno::AGAIN)?;
-        Ok(Self { stop, handle: Some(handle), uffd: uffd_, graves: graves_, busy: busy_, reading: reading_ })
+        Ok(Self { shared, handle: Some(handle) })
     }
 
     /// Reads and handles the events waiting now, on a thread of a call's between two parts
@@ -148,27 +169,27 @@ impl Reader {
     /// threads only where no holding can be mapped for the old pages of memory they moved
     /// (up to 5 s, under the claims lock, as the reader thread would).
     pub fn serve_now(&self) {
-        if !self.uffd.has_messages() {
+        let shared = &*self.shared;
+        if !shared.uffd.has_messages() {
             return;
         }
-        let Some(mut pending) = self.reading.try_lock_for(SERVE_WAIT) else { return };
+        let Some(mut pending) = shared.reading.try_lock_for(SERVE_WAIT) else { return };
         if pending.is_some() {
             // The reader thread carries on with what is left first.
             return;
         }
-        let claims = self.busy.lock();
-        if let Ok(events) = self.uffd.read_messages()
+        let claims = shared.busy.lock();
+        if let Ok(events) = shared.uffd.read_messages()
             && !events.is_empty()
         {
-            let home = Home { uffd: &self.uffd, graves: &self.graves, busy: &self.busy, stop: &self.stop };
-            *pending = handle_all(&home, claims, events, Moved::default(), Handler::Copier);
+            *pending = handle_all(&shared.home(), claims, events, Moved::default(), Handler::Copier);
         }
     }
 }
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.shared.stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
@@ -254,6 +275,13 @@ impl Moved {
         self.homing.iter().all(|h| h.3)
     }
 
+    /// Frees the holdings: every entry is home or given up.
+    fn free_holdings(&mut self, graves: &Uffd) {
+        for holding in self.holdings.drain(..) {
+            reaper::free(graves, &holding);
+        }
+    }
+
     /// Gives up the old pages still on their way home: they stay where they are and go
     /// with their graveyard or holding (the memory's folios fail: the program moved them).
     fn give_up(&mut self) {
@@ -316,11 +344,11 @@ fn handle_all<'b>(
     }
     if !moved.homing.is_empty() {
         detach(home, &mut moved);
-        if moved.all_held() && handler == Handler::Copier {
-            // The holdings are the reader's own: nothing of them needs the lock.
-            return Some(moved);
-        }
         if moved.all_held() {
+            if handler == Handler::Copier {
+                // The holdings are the reader's own: nothing of them needs the lock.
+                return Some(moved);
+            }
             drop(claims);
             bring_home(home, None, &mut moved, HOMING_LIMIT);
             claims = home.busy.lock();
@@ -337,22 +365,8 @@ fn handle_all<'b>(
     }
     drop(claims);
     // Every entry is home or given up: the holdings go.
-    for holding in moved.holdings.drain(..) {
-        reaper::free(home.graves, &holding);
-    }
+    moved.free_holdings(home.graves);
     None
-}
-
-/// Gives up what a copying thread left the reader thread, which ends (its userfaultfd
-/// lost): the old pages stay in their holdings, freed with them, and stop counting as
-/// empty for the fork barrier.
-fn abandon(graves: &Uffd, reading: &Mutex<Option<Moved>>) {
-    if let Some(mut moved) = reading.lock().take() {
-        moved.give_up();
-        for holding in moved.holdings.drain(..) {
-            reaper::free(graves, &holding);
-        }
-    }
 }
 
 /// Which thread handles events ([`handle_all`]).

@@ -490,16 +490,22 @@ impl Uffd {
     /// rather than poll again at once.
     pub fn poll(&self, timeout_ms: i32) -> Result<bool, Errno> {
         self.check()?;
-        let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one pollfd of ours, live for the call; `poll` reads nothing from the file.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-        if n > 0 && pfd.revents & (libc::POLLNVAL | libc::POLLERR | libc::POLLHUP) != 0 {
+        let revents = self.poll_events(timeout_ms);
+        if revents & (libc::POLLNVAL | libc::POLLERR | libc::POLLHUP) != 0 {
             // A userfaultfd reports none of these: the number names something else now.
             self.check()?;
             self.abandon();
             return Err(Errno::BADF);
         }
-        Ok(n > 0 && pfd.revents & libc::POLLIN != 0)
+        Ok(revents & libc::POLLIN != 0)
+    }
+
+    /// One `poll` of the descriptor for `POLLIN`: what it reports (none after `timeout_ms`).
+    fn poll_events(&self, timeout_ms: i32) -> libc::c_short {
+        let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd of ours, live for the call; `poll` reads nothing from the file.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+        if n > 0 { pfd.revents } else { 0 }
     }
 
     /// Whether a message waits to be read now (`poll` with no timeout): one system call,
@@ -507,13 +513,7 @@ impl Uffd {
     /// file it names), for a thread that asks often; [`Uffd::read_messages`] proves it
     /// before it reads. False once the descriptor was given up.
     pub fn has_messages(&self) -> bool {
-        if self.is_lost() {
-            return false;
-        }
-        let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one pollfd of ours, live for the call; `poll` reads nothing from the file.
-        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
-        n > 0 && pfd.revents & libc::POLLIN != 0
+        !self.is_lost() && self.poll_events(0) & libc::POLLIN != 0
     }
 
     fn register(&self, start: usize, len: usize, mode: u64) -> Result<(), Errno> {
