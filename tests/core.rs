@@ -724,9 +724,8 @@ fn every_destination_path_moves_every_byte_and_write() {
 }
 
 /// Migrates all of `region` (filled with `seed`) to the test's node while two threads
-/// write into it, and checks the call in full: every folio moved, every byte and write
-/// kept, every page on the node and on a new frame, as many bytes in huge pages as
-/// `thp_before`. Returns the call's statistics.
+/// write into it, and checks the call in full ([`moved_under_writers`]) and that as many
+/// bytes are in huge pages as `thp_before`. Returns the call's statistics.
 fn moved_with_two_writers(
     region: &Region,
     seed: u64,
@@ -734,19 +733,38 @@ fn moved_with_two_writers(
     thp_before: u64,
     what: &str,
 ) -> pagemig::MigrateStats {
+    let stats = moved_under_writers(Engine::global().unwrap(), region, seed, opts, (2, false), what);
+    assert_eq!(region.anon_huge_bytes().unwrap(), thp_before, "{what}: huge pages split or made");
+    stats
+}
+
+/// Migrates all of `region` (filled with `seed`) to the test's node through `engine` with
+/// `opts` while `writers.0` threads write into it (timed ones with `writers.1`), and checks
+/// the call in full: every folio moved, every byte and write kept, every page on the node
+/// and on a new frame (`what` names the case). Returns the call's statistics.
+fn moved_under_writers(
+    engine: &Engine,
+    region: &Region,
+    seed: u64,
+    opts: &MigrateOptions,
+    (writers, timed): (usize, bool),
+    what: &str,
+) -> pagemig::MigrateStats {
     let size = region.len();
     let frames_before = numa::page_frames(region.addr(), size).unwrap();
-    let (result, log) = workload::with_writers(region, 2, || {
-        Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, opts)
-    });
+    let call = || engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, opts);
+    let (result, log) = if timed {
+        workload::with_timed_writers(region, writers, call)
+    } else {
+        workload::with_writers(region, writers, call)
+    };
     let stats = result.unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert_eq!(stats.succeeded_folios as usize, size / region.folio_size(), "{what}");
+    assert_eq!((stats.succeeded_folios, stats.failed_folios), ((size / region.folio_size()) as u64, 0), "{what}");
     let report = workload::verify(region, seed, &log);
     assert!(report.ok(), "{what}: {report:?}");
     assert!(log.writes > 0, "{what}");
     assert_on_node(region, node());
     assert_new_frames(&frames_before, &numa::page_frames(region.addr(), size).unwrap());
-    assert_eq!(region.anon_huge_bytes().unwrap(), thp_before, "{what}: huge pages split or made");
     stats
 }
 
@@ -965,32 +983,41 @@ fn faults_on_isolated_base_pages_are_answered_without_losing_a_write() {
     for (folio, answer) in [(4096, true), (4096, false), (2 << 20, true)] {
         let size = 8 << 20;
         let region = Region::new(size, folio, Some(node())).unwrap();
-        workload::fill(&region, 23);
-        let frames_before = numa::page_frames(region.addr(), region.len()).unwrap();
         let opts = MigrateOptions::default()
             .max_batch_pages(512)
             .answer_faults(answer)
             .precopy(false)
             .fault(FaultInjection { delay_move: Some(Duration::from_millis(20)), ..Default::default() });
-        let (stats, log) = workload::with_timed_writers(&region, 1, || {
-            Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
-        });
-        let stats = stats.unwrap();
         let what = format!("folio {folio}, answers {answer}");
-        assert_eq!((stats.succeeded_folios, stats.failed_folios), ((size / folio) as u64, 0), "{what}");
-        let report = workload::verify(&region, 23, &log);
-        assert!(report.ok(), "{what}: {report:?}");
-        assert!(log.writes > 0, "{what}");
-        assert_on_node(&region, node());
-        assert_new_frames(&frames_before, &numa::page_frames(region.addr(), region.len()).unwrap());
-        eprintln!("{what}: {} bytes answered, {} stores", stats.answered_bytes, log.writes);
+        let stats = moved_under_a_timed_writer(Engine::global().unwrap(), &region, 23, &opts, &what);
         if answer && folio == 4096 {
-            assert!(0 < stats.answered_bytes && stats.answered_bytes <= size as u64, "{what}: {stats:?}");
-            assert_eq!(stats.answered_bytes % 4096, 0, "{what}");
+            assert_some_answered(&stats, size, &what);
         } else {
             assert_eq!(stats.answered_bytes, 0, "{what}");
         }
     }
+}
+
+/// Fills `region` with the pattern for `seed` and migrates it through `engine` with
+/// `opts` while one timed writer stores into every page in a loop, checked in full
+/// ([`moved_under_writers`]). Returns the call's statistics.
+fn moved_under_a_timed_writer(
+    engine: &Engine,
+    region: &Region,
+    seed: u64,
+    opts: &MigrateOptions,
+    what: &str,
+) -> pagemig::MigrateStats {
+    workload::fill(region, seed);
+    let stats = moved_under_writers(engine, region, seed, opts, (1, true), what);
+    eprintln!("{what}: {} bytes answered", stats.answered_bytes);
+    stats
+}
+
+/// Some of the `size` bytes were answered, in whole pages.
+fn assert_some_answered(stats: &pagemig::MigrateStats, size: usize, what: &str) {
+    assert!(0 < stats.answered_bytes && stats.answered_bytes <= size as u64, "{what}: {stats:?}");
+    assert_eq!(stats.answered_bytes % 4096, 0, "{what}");
 }
 
 /// The threads that copy a piece of base pages answer the program's faults on isolated
@@ -1008,8 +1035,6 @@ fn the_copying_threads_answer_faults_between_chunks() {
     for helper in [true, false] {
         let size = 16 << 20;
         let region = Region::new(size, 4096, Some(node())).unwrap();
-        workload::fill(&region, 31);
-        let frames_before = numa::page_frames(region.addr(), region.len()).unwrap();
         let fault = FaultInjection {
             delay_move: Some(Duration::from_millis(20)),
             pause_event_reader: true,
@@ -1021,20 +1046,9 @@ fn the_copying_threads_answer_faults_between_chunks() {
             .precopy(false)
             .copy_helper(helper)
             .fault(fault);
-        let (stats, log) = workload::with_timed_writers(&region, 1, || {
-            engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
-        });
-        let stats = stats.unwrap();
         let what = format!("copy helper {helper}");
-        assert_eq!((stats.succeeded_folios, stats.failed_folios), ((size / 4096) as u64, 0), "{what}");
-        let report = workload::verify(&region, 31, &log);
-        assert!(report.ok(), "{what}: {report:?}");
-        assert!(log.writes > 0, "{what}");
-        assert_on_node(&region, node());
-        assert_new_frames(&frames_before, &numa::page_frames(region.addr(), region.len()).unwrap());
-        eprintln!("{what}: {} bytes answered, {} stores", stats.answered_bytes, log.writes);
-        assert!(0 < stats.answered_bytes && stats.answered_bytes <= size as u64, "{what}: {stats:?}");
-        assert_eq!(stats.answered_bytes % 4096, 0, "{what}");
+        let stats = moved_under_a_timed_writer(&engine, &region, 31, &opts, &what);
+        assert_some_answered(&stats, size, &what);
     }
 }
 
