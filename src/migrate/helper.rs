@@ -3,16 +3,19 @@
 //! The caller of a call that moves base pages on a mover thread isolates and copies every
 //! piece itself, while the mover and the reaper leave part of a second CPU idle. The
 //! helper takes chunks of the caller's piece copy from the same cursor as the caller
-//! ([`CopyHelper::share`]): each thread takes the next chunk when it is done with its last,
-//! so a helper that the scheduler puts behind the mover or the reaper takes fewer chunks
-//! instead of holding the caller up, and the caller waits at most for the one chunk the
-//! helper is copying when the piece runs out.
+//! ([`CopyHelper::share`], [`Chunks`]), the caller from the front and the helper from the
+//! back: each thread takes its next chunk when it is done with its last, so a helper that
+//! the scheduler puts behind the mover or the reaper takes fewer chunks instead of holding
+//! the caller up, and the caller waits at most for the one chunk the helper is copying when
+//! the two meet. Working from the two ends, the threads fill the two halves of a piece,
+//! which the destinations that `UFFDIO_COPY` fills place in two page tables (see
+//! `prepare`).
 //!
 //! The helper copies only between memory the call owns (graveyards and destinations); it
 //! never touches the program's memory, never runs caller code, and its lock is a leaf.
 #![allow(unsafe_code, reason = "lends the caller's borrowed work to the helper for as long as the caller waits")]
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Condvar, Mutex};
 
@@ -106,29 +109,47 @@ impl Drop for Retract<'_> {
     }
 }
 
-/// A cursor over `n` items handed out one at a time to whichever thread asks, and whether
-/// any failed.
+/// A cursor over `n` items handed out one at a time, from the front or from the back, to
+/// whichever thread asks, and whether any failed.
 pub(super) struct Chunks {
-    next: AtomicUsize,
-    n: usize,
+    /// The first item not taken from the front (low 32 bits) and one past the last not
+    /// taken from the back (high 32 bits): the items between are left.
+    ends: AtomicU64,
     failed: AtomicBool,
 }
 
 impl Chunks {
+    /// A cursor over `n` items.
+    ///
+    /// # Panics
+    /// Where `n` does not fit in 32 bits (a piece is cut in far fewer chunks).
     pub fn new(n: usize) -> Self {
-        Self { next: AtomicUsize::new(0), n, failed: AtomicBool::new(false) }
+        let n = u32::try_from(n).expect("fewer than 2^32 chunks");
+        Self { ends: AtomicU64::new(u64::from(n) << 32), failed: AtomicBool::new(false) }
     }
 
-    /// Runs `f` over the items not yet taken until none is left; one that fails is
-    /// remembered.
-    pub fn run<E>(&self, f: impl Fn(usize) -> Result<(), E>) {
-        loop {
-            let i = self.next.fetch_add(1, Ordering::Relaxed);
-            if i >= self.n {
-                return;
-            }
+    /// Runs `f` over the items not yet taken, from the front or (`from_back`) from the
+    /// back, until none is left; one that fails is remembered.
+    pub fn run<E>(&self, from_back: bool, f: impl Fn(usize) -> Result<(), E>) {
+        while let Some(i) = self.take(from_back) {
             if f(i).is_err() {
                 self.failed.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Takes the item at the front or the back, if any is left.
+    fn take(&self, from_back: bool) -> Option<usize> {
+        let mut ends = self.ends.load(Ordering::Relaxed);
+        loop {
+            let (front, back) = (ends & u64::from(u32::MAX), ends >> 32);
+            if front >= back {
+                return None;
+            }
+            let (taken, rest) = if from_back { (back - 1, ends - (1 << 32)) } else { (front, ends + 1) };
+            match self.ends.compare_exchange_weak(ends, rest, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => return Some(taken as usize),
+                Err(now) => ends = now,
             }
         }
     }
@@ -143,6 +164,7 @@ impl Chunks {
 mod tests {
     use super::*;
     use crate::testing::watchdog;
+    use std::sync::atomic::AtomicUsize;
 
     /// Runs `body` with a helper serving on a thread of its own, under a watchdog.
     fn with_helper(body: impl FnOnce(&CopyHelper) + Send + 'static) {
@@ -168,8 +190,9 @@ mod tests {
                 // Items of 7 counts each, as the pipeline's chunks group parts.
                 let chunks = Chunks::new(counts.len().div_ceil(7));
                 helper.share(&|| {
-                    chunks.run(|c| {
-                        if std::thread::current().id() != here {
+                    let helping = std::thread::current().id() != here;
+                    chunks.run(helping, |c| {
+                        if helping {
                             elsewhere.fetch_add(1, Ordering::Relaxed);
                         }
                         for count in counts.iter().skip(c * 7).take(7) {
@@ -185,6 +208,33 @@ mod tests {
                 helped += usize::from(elsewhere.load(Ordering::Relaxed) > 0);
             }
             assert!(helped > 0, "the helper never took a chunk in 200 rounds");
+        });
+    }
+
+    /// The front hands out items in order from the first, the back from the last, and the
+    /// two never hand out the same item: every item once, each end's items contiguous.
+    #[test]
+    fn the_two_ends_meet_without_overlap() {
+        watchdog(60, || {
+            for n in [0, 1, 2, 7, 64] {
+                for pattern in [0b0u32, 0b1, 0b10, 0b1101, u32::MAX] {
+                    let chunks = Chunks::new(n);
+                    let (mut front, mut back) = (Vec::new(), Vec::new());
+                    let mut k = 0;
+                    loop {
+                        let from_back = pattern >> (k % 32) & 1 == 1;
+                        k += 1;
+                        match chunks.take(from_back) {
+                            Some(i) if from_back => back.push(i),
+                            Some(i) => front.push(i),
+                            None => break,
+                        }
+                    }
+                    assert_eq!(front, (0..front.len()).collect::<Vec<_>>(), "n {n}, pattern {pattern:b}");
+                    assert_eq!(back, (front.len()..n).rev().collect::<Vec<_>>(), "n {n}, pattern {pattern:b}");
+                    assert!(chunks.take(false).is_none() && chunks.take(true).is_none());
+                }
+            }
         });
     }
 

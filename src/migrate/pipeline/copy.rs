@@ -186,9 +186,11 @@ impl<'a> Call<'a> {
         let helped = AtomicU64::new(0);
         let events = &self.engine.events;
         let work = || {
-            cursor.run(|c| {
+            // The caller from the front, the helper from the back: see `helper`.
+            let helping = std::thread::current().id() != here;
+            cursor.run(helping, |c| {
                 let r = starts[c]..starts[c + 1];
-                if std::thread::current().id() != here {
+                if helping {
                     helped.fetch_add(parts[r.clone()].iter().map(|p| p.len as u64).sum(), Ordering::Relaxed);
                 }
                 // SAFETY: as above, for each chunk: its parts lie inside the pairs; the
