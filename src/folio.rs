@@ -41,7 +41,11 @@ impl Folio<'static> {
     /// (pagemig refuses what it can see: shared, file-backed, special and read-only
     /// mappings, pages pinned for DMA, its own memory). The thread that calls a migration
     /// handed this folio must not access the range during that call: an access waits for
-    /// the folio's move, which that very thread performs, and the call would never end.
+    /// the folio's move, which that very thread performs, and the call would never end. Its
+    /// signal handlers are no concern: a migration blocks every asynchronous signal on the
+    /// calling thread for its length (they run once it returns, as after `move_pages(2)`);
+    /// a handler of a fault signal that thread raises itself (`SIGSEGV`, `SIGBUS`, ...) must
+    /// keep off the range.
     ///
     /// Every other thread may do anything to the range meanwhile — read and write it,
     /// `munmap`, `mremap` or map over it, `mprotect` it, purge it with `madvise`, `fork`:

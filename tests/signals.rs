@@ -13,7 +13,7 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use pagemig::{Engine, MigrateOptions, Mode, Reason, Region, ThpAdvice, numa, workload};
@@ -157,4 +157,138 @@ fn a_signal_every_program_thread_blocks_never_runs_on_a_pagemig_thread() {
     // thread's state only.
     let code = unsafe { common::fork_and_wait(Duration::from_secs(120), child) };
     assert_eq!(code, 0, "a pagemig thread took a signal the program blocks (see the child's message above)");
+}
+
+/// Where the storing handler writes: the region's first word, and its length in words.
+static STORE_BASE: AtomicUsize = AtomicUsize::new(0);
+static STORE_WORDS: AtomicUsize = AtomicUsize::new(0);
+/// How many times the storing handler ran.
+static STORES: AtomicU64 = AtomicU64::new(0);
+/// What the storing handler writes: its run's number, marked.
+const MARK: u64 = 0x5160_0000_0000_0000;
+
+/// The word the handler's `n`-th run writes: a page of its own for each run up to the
+/// region's page count, then the next word of each page, so no two runs share a word.
+fn store_index(n: usize, words: usize) -> usize {
+    let pages = words / 512;
+    (n % pages) * 512 + (n / pages) % 512
+}
+
+/// A handler that stores into the memory being migrated, as a program's handler that
+/// updates a buffer or a counter of its own may.
+extern "C" fn storing_handler(_: libc::c_int) {
+    let n = STORES.fetch_add(1, Ordering::SeqCst) as usize;
+    let words = STORE_WORDS.load(Ordering::SeqCst);
+    let index = store_index(n, words);
+    // SAFETY: the region is leaked (it lives as long as the process) and `index` is below
+    // its length in words; its words are only ever accessed atomically.
+    let word = unsafe { &*(STORE_BASE.load(Ordering::SeqCst) as *const AtomicU64).add(index) };
+    word.store(MARK | n as u64, Ordering::SeqCst);
+}
+
+/// The calling thread's signal mask, as bits.
+fn own_mask() -> Vec<bool> {
+    // SAFETY: a set of ours; a NULL new set only reads the mask into it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set);
+        (1..65).map(|s| libc::sigismember(&set, s) == 1).collect()
+    }
+}
+
+/// The child: a thread of its own sends the migrating thread `SIGUSR2` every 100 µs while
+/// it migrates a region again and again (`migrate_pages` and `move_pages`); the handler
+/// stores into the region. 0 when every call moved every folio, every store of the
+/// handler's is there, every other byte is as filled, every page is on the node, and the
+/// thread's mask is as it was after each call.
+fn storing_child() -> i32 {
+    let signal = libc::SIGUSR2;
+    // SAFETY: a handler that stores into atomics only (the region's words among them).
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = storing_handler as *const () as usize;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(signal, &action, std::ptr::null_mut());
+    }
+    let node = numa::memory_nodes().unwrap()[0];
+    let Ok(engine) = Engine::global() else {
+        say("no userfaultfd here: nothing to test\n");
+        return 0;
+    };
+    let seed = 11;
+    let region = common::leak(Region::new(16 << 20, 4096, Some(node)).unwrap());
+    workload::fill(region, seed);
+    STORE_BASE.store(region.addr(), Ordering::SeqCst);
+    STORE_WORDS.store(region.words(), Ordering::SeqCst);
+    let mask = own_mask();
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    let stop = &*Box::leak(Box::new(AtomicBool::new(false)));
+    let sender = std::thread::spawn(move || {
+        let mut sent = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            // SAFETY: the migrating thread, which outlives this one (it joins it).
+            unsafe { libc::pthread_kill(me, signal) };
+            sent += 1;
+            std::thread::sleep(Duration::from_micros(100));
+        }
+        sent
+    });
+    let opts = MigrateOptions::default().mover(true);
+    let pages: Vec<usize> = (0..region.len()).step_by(4096).map(|o| region.addr() + o).collect();
+    let mut failures = Vec::new();
+    for round in 0..16 {
+        let moved = if round % 2 == 0 {
+            engine
+                .migrate_pages(&region.folios(), node, Reason::Syscall, Mode::Sync, &opts)
+                .map(|s| s.succeeded_folios as usize)
+        } else {
+            let mut status = vec![0; pages.len()];
+            // SAFETY: this thread does not touch the region during the call; its signal
+            // handler does, which is what is tested.
+            unsafe { engine.move_pages_with(&pages, &vec![node as i32; pages.len()], &mut status, &opts) }
+                .map(|_| status.iter().filter(|&&s| s == node as i32).count())
+        };
+        match moved {
+            Ok(n) if n == pages.len() => {}
+            other => failures.push(format!("round {round}: {other:?} of {} pages", pages.len())),
+        }
+        if own_mask() != mask {
+            failures.push(format!("round {round}: the thread's signal mask changed"));
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let sent = sender.join().unwrap();
+    // The last signal sent may still be on its way: the handler runs once more at most.
+    std::thread::sleep(Duration::from_millis(10));
+    let stores = STORES.load(Ordering::SeqCst) as usize;
+    let words = region.words();
+    let mut expected: Vec<u64> = (0..words).map(|i| workload::pattern_word(seed, i)).collect();
+    for n in 0..stores {
+        expected[store_index(n, words)] = MARK | n as u64;
+    }
+    let wrong = (0..words).filter(|&i| region.word(i).load(Ordering::SeqCst) != expected[i]).count();
+    if stores == 0 || wrong != 0 {
+        failures.push(format!("{stores} stores of the handler's ({sent} signals sent): {wrong} words wrong"));
+    }
+    let placement = region.placement().unwrap();
+    if placement.get(&(node as i32)).copied() != Some(pages.len()) {
+        failures.push(format!("pages not all on node {node}: {placement:?}"));
+    }
+    if failures.is_empty() {
+        say(&format!("{stores} stores of the handler's kept ({sent} signals sent), 16 migrations\n"));
+        0
+    } else {
+        say(&format!("{failures:?}\n"));
+        1
+    }
+}
+
+#[test]
+fn a_handler_that_stores_into_memory_under_migration_on_the_migrating_thread_waits_for_the_call() {
+    let what = "a_handler_that_stores_into_memory_under_migration_on_the_migrating_thread_waits_for_the_call";
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, what);
+    // SAFETY: as in the test above.
+    let code = unsafe { common::fork_and_wait(Duration::from_secs(120), storing_child) };
+    assert_eq!(code, 0, "see the child's message above");
 }

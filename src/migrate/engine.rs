@@ -196,6 +196,12 @@ impl Engine {
         opts: &MigrateOptions,
     ) -> Result<MigrateStats> {
         let started = Instant::now();
+        // Every asynchronous signal waits for the call's end on this thread, as one that
+        // arrives during `move_pages(2)` waits for the system call to return: a handler run
+        // here meanwhile would be this thread touching memory it is migrating (a store to a
+        // folio being isolated waits for the isolation, which is this thread's) or take a
+        // lock of the program's that another thread holds while it waits on a migration.
+        let _signals = crate::sys::thread::SignalsBlocked::asynchronous();
         // The copy kernels are measured once per process, on a thread of their own, from
         // the first migration on: an engine that moves nothing (a call handed to the kernel
         // whole) never spends the measuring's copies and buffers.

@@ -99,7 +99,8 @@ impl Engine {
     ///
     /// # Safety
     /// The calling thread must not access the pages during the call (a page being migrated
-    /// makes every access wait for the migration, which this thread performs). Other
+    /// makes every access wait for the migration, which this thread performs; its
+    /// asynchronous signals wait for the call's end, see [`crate::Folio::new`]). Other
     /// threads may do anything to them.
     ///
     /// # Errors

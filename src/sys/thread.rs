@@ -60,6 +60,32 @@ impl SignalsBlocked {
     }
 }
 
+impl SignalsBlocked {
+    /// Blocks every signal on the calling thread but those its own faults raise
+    /// (`SIGSEGV`, `SIGBUS`, `SIGILL`, `SIGFPE`, `SIGTRAP`, `SIGSYS`): a blocked fault signal
+    /// ends the process without its handler (Rust's report of a stack overflow, say), so
+    /// those stay as the program set them. Async-signal-safe, as [`SignalsBlocked::new`].
+    pub fn asynchronous() -> Self {
+        // SAFETY: as in `new`; `sigdelset` takes signals that exist out of a set of ours.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        unsafe {
+            libc::sigfillset(&mut set);
+            for fault in FAULT_SIGNALS {
+                libc::sigdelset(&mut set, fault);
+            }
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        }
+        Self { old, _thread: std::marker::PhantomData }
+    }
+}
+
+/// The signals a thread's own faults raise.
+const FAULT_SIGNALS: [libc::c_int; 6] =
+    [libc::SIGSEGV, libc::SIGBUS, libc::SIGILL, libc::SIGFPE, libc::SIGTRAP, libc::SIGSYS];
+
 impl Default for SignalsBlocked {
     fn default() -> Self {
         Self::new()
