@@ -164,6 +164,12 @@ static STORE_BASE: AtomicUsize = AtomicUsize::new(0);
 static STORE_WORDS: AtomicUsize = AtomicUsize::new(0);
 /// How many times the storing handler ran.
 static STORES: AtomicU64 = AtomicU64::new(0);
+/// `/proc/self/pagemap`, opened before the first signal.
+static PAGEMAP: AtomicI32 = AtomicI32::new(-1);
+/// How many times the handler found pages of the region not present or write-protected: it
+/// ran while they were protected or isolated, in the middle of a migration on its own
+/// thread.
+static RAN_MID_CALL: AtomicU64 = AtomicU64::new(0);
 /// What the storing handler writes: its run's number, marked.
 const MARK: u64 = 0x5160_0000_0000_0000;
 
@@ -179,6 +185,18 @@ fn store_index(n: usize, words: usize) -> usize {
 extern "C" fn storing_handler(_: libc::c_int) {
     let n = STORES.fetch_add(1, Ordering::SeqCst) as usize;
     let words = STORE_WORDS.load(Ordering::SeqCst);
+    // Every page of the region present (bit 63 of its pagemap entry) and not
+    // write-protected (bit 57, userfaultfd's protection), or the handler runs while a
+    // migration of its own thread has pages of it protected or isolated. `pread` is
+    // async-signal-safe; 4096 entries, 32 KiB on this thread's stack.
+    let mut entries = [0u64; 4096];
+    let pages = (words / 512).min(entries.len());
+    let offset = (STORE_BASE.load(Ordering::SeqCst) / 4096 * 8) as libc::off_t;
+    // SAFETY: reads into a buffer of ours, at most its size.
+    let read = unsafe { libc::pread(PAGEMAP.load(Ordering::SeqCst), entries.as_mut_ptr().cast(), pages * 8, offset) };
+    if read != (pages * 8) as isize || entries[..pages].iter().any(|e| e >> 63 == 0 || e >> 57 & 1 == 1) {
+        RAN_MID_CALL.fetch_add(1, Ordering::SeqCst);
+    }
     let index = store_index(n, words);
     // SAFETY: the region is leaked (it lives as long as the process) and `index` is below
     // its length in words; its words are only ever accessed atomically.
@@ -197,10 +215,11 @@ fn own_mask() -> Vec<bool> {
 }
 
 /// The child: a thread of its own sends the migrating thread `SIGUSR2` every 100 µs while
-/// it migrates a region again and again (`migrate_pages` and `move_pages`); the handler
-/// stores into the region. 0 when every call moved every folio, every store of the
-/// handler's is there, every other byte is as filled, every page is on the node, and the
-/// thread's mask is as it was after each call.
+/// it migrates a region again and again; the handler looks at the region's pages and
+/// stores into it. 0 when the handler never ran while pages were isolated, every call
+/// moved every folio, every store of the handler's is there, every other byte is as
+/// filled, every page is on the node, and the thread's mask is as it was after each call.
+/// (Without the blocking, the child hangs: a store into a folio its own thread isolates.)
 fn storing_child() -> i32 {
     let signal = libc::SIGUSR2;
     // SAFETY: a handler that stores into atomics only (the region's words among them).
@@ -220,6 +239,8 @@ fn storing_child() -> i32 {
     workload::fill(region, seed);
     STORE_BASE.store(region.addr(), Ordering::SeqCst);
     STORE_WORDS.store(region.words(), Ordering::SeqCst);
+    let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
+    PAGEMAP.store(std::os::fd::AsRawFd::as_raw_fd(&pagemap), Ordering::SeqCst);
     let mask = own_mask();
     // SAFETY: pthread_self has no preconditions.
     let me = unsafe { libc::pthread_self() };
@@ -234,24 +255,18 @@ fn storing_child() -> i32 {
         }
         sent
     });
+    // `move_pages` and the C entries come here too (on one node `move_pages` leaves pages
+    // already home, so it is not the call tested).
     let opts = MigrateOptions::default().mover(true);
-    let pages: Vec<usize> = (0..region.len()).step_by(4096).map(|o| region.addr() + o).collect();
+    let pages = region.len() / 4096;
     let mut failures = Vec::new();
     for round in 0..16 {
-        let moved = if round % 2 == 0 {
-            engine
-                .migrate_pages(&region.folios(), node, Reason::Syscall, Mode::Sync, &opts)
-                .map(|s| s.succeeded_folios as usize)
-        } else {
-            let mut status = vec![0; pages.len()];
-            // SAFETY: this thread does not touch the region during the call; its signal
-            // handler does, which is what is tested.
-            unsafe { engine.move_pages_with(&pages, &vec![node as i32; pages.len()], &mut status, &opts) }
-                .map(|_| status.iter().filter(|&&s| s == node as i32).count())
-        };
+        let moved = engine
+            .migrate_pages(&region.folios(), node, Reason::Syscall, Mode::Sync, &opts)
+            .map(|s| s.succeeded_folios as usize);
         match moved {
-            Ok(n) if n == pages.len() => {}
-            other => failures.push(format!("round {round}: {other:?} of {} pages", pages.len())),
+            Ok(n) if n == pages => {}
+            other => failures.push(format!("round {round}: {other:?} of {pages} folios")),
         }
         if own_mask() != mask {
             failures.push(format!("round {round}: the thread's signal mask changed"));
@@ -271,8 +286,12 @@ fn storing_child() -> i32 {
     if stores == 0 || wrong != 0 {
         failures.push(format!("{stores} stores of the handler's ({sent} signals sent): {wrong} words wrong"));
     }
+    let mid_call = RAN_MID_CALL.load(Ordering::SeqCst);
+    if mid_call != 0 {
+        failures.push(format!("the handler ran {mid_call} times while pages of the region were protected or isolated"));
+    }
     let placement = region.placement().unwrap();
-    if placement.get(&(node as i32)).copied() != Some(pages.len()) {
+    if placement.get(&(node as i32)).copied() != Some(pages) {
         failures.push(format!("pages not all on node {node}: {placement:?}"));
     }
     if failures.is_empty() {

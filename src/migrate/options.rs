@@ -114,7 +114,10 @@ pub struct MigrateOptions {
     /// Called after every moved run with the bytes moved so far.
     pub progress: Option<Progress>,
     /// Raised by the caller to stop the call: batches not begun fail with `ECANCELED` and
-    /// stay as they were; the batch running finishes.
+    /// stay as they were; the batch running finishes. Raised from another thread (or the
+    /// `progress` callback): a signal handler of the calling thread runs only once the call
+    /// returns (see [`crate::Folio::new`]), as after `move_pages(2)`, and so does the
+    /// default action of a signal, `SIGINT`'s included.
     pub cancel: Option<Arc<std::sync::atomic::AtomicBool>>,
     /// Past this instant no batch begins: the folios not reached fail with `ETIMEDOUT` and
     /// stay as they were.
