@@ -6,8 +6,9 @@
 //! and given the huge-page advice of the folios it will receive (huge pages for huge folios,
 //! base pages for the others). Destinations are handed
 //! out from the front of the chunk in order, so that pieces moved out of it in address
-//! order merge back into one mapping at their new home; each destination keeps the offset
-//! of its source modulo its alignment, so 2 MiB folios stay PMD-mapped. Populating
+//! order merge back into one mapping at their new home; each destination starts at the
+//! offset modulo its alignment that the caller asks for (its source's, so that 2 MiB folios
+//! stay PMD-mapped; see the pipeline's `prepare` for the one exception). Populating
 //! (`MADV_POPULATE_WRITE`) is the expensive part: [`Pool::prefill`] does it ahead of time,
 //! up to a bound, and [`Pool::take`] reports the time it had to spend itself.
 //!

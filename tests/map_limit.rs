@@ -87,3 +87,47 @@ fn in_fresh_process() {
         region.word((f.addr() - region.addr()) / 8).store(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+const SCATTERED_CHILD: &str = "PAGEMIG_MAP_LIMIT_SCATTERED_CHILD";
+const SCATTERED_NAME: &str = "scattered_calls_leave_the_process_with_as_many_mappings";
+
+/// Many small runs, again and again (every other page of 64 MiB, with the copy helper):
+/// their destinations follow each other in pagemig's pool and go back to it whole, so the
+/// process ends each call with the mappings it had, not one more per run (the map count is
+/// the program's too). In a fresh process: a test beside it would map and unmap meanwhile.
+#[test]
+fn scattered_calls_leave_the_process_with_as_many_mappings() {
+    if std::env::var_os(SCATTERED_CHILD).is_some() {
+        return scattered_in_fresh_process();
+    }
+    common::in_fresh_process(SCATTERED_NAME, &[(SCATTERED_CHILD, "1".as_ref())], Duration::from_secs(240));
+}
+
+/// The lines of `/proc/self/maps`.
+fn mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps").unwrap().lines().count()
+}
+
+fn scattered_in_fresh_process() {
+    let engine = Engine::global().unwrap();
+    let seed = 78;
+    let region = Region::new(64 << 20, 4096, Some(node())).unwrap();
+    workload::fill(&region, seed);
+    let scattered: Vec<Folio> = region.folios().into_iter().step_by(2).collect();
+    let opts = MigrateOptions::default().copy_helper(true).mover(true);
+    let migrate = || {
+        let stats = engine.migrate_pages(&scattered, node(), Reason::Syscall, Mode::Sync, &opts).unwrap();
+        assert_eq!(stats.succeeded_folios, scattered.len() as u64);
+    };
+    // The first call starts pagemig's threads (each with its stack) and its pool's chunk.
+    migrate();
+    let before = mappings();
+    for _ in 0..4 {
+        migrate();
+    }
+    let after = mappings();
+    println!("{} runs a call, 4 calls: {before} mappings before, {after} after", scattered.len());
+    assert!(after <= before + 8, "{before} mappings before four calls of {} runs, {after} after", scattered.len());
+    assert!(workload::verify(&region, seed, &WriteLog::default()).ok(), "every byte as written");
+    assert_eq!(common::pages_on(&region, node()), region.len() / 4096);
+}
