@@ -66,17 +66,26 @@ fn pending(signal: i32) -> bool {
     }
 }
 
-/// The child: blocks `SIGUSR1` in its threads, starts every pagemig thread, sends itself
-/// the signal again and again; 0 when the handler never ran, 1 otherwise.
-fn child() -> i32 {
-    let signal = libc::SIGUSR1;
-    // SAFETY: a handler that only stores into atomics.
+/// Makes `handler` the action of `signal`.
+///
+/// # Safety
+/// `handler` must be async-signal-safe.
+unsafe fn install(signal: libc::c_int, handler: extern "C" fn(libc::c_int)) {
+    // SAFETY: a sigaction of ours, zeroed then filled; the caller vouches for the handler.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = handler as *const () as usize;
         libc::sigemptyset(&mut action.sa_mask);
         libc::sigaction(signal, &action, std::ptr::null_mut());
     }
+}
+
+/// The child: blocks `SIGUSR1` in its threads, starts every pagemig thread, sends itself
+/// the signal again and again; 0 when the handler never ran, 1 otherwise.
+fn child() -> i32 {
+    let signal = libc::SIGUSR1;
+    // SAFETY: a handler that only stores into atomics.
+    unsafe { install(signal, handler) };
     let node = numa::memory_nodes().unwrap()[0];
     let Ok(engine) = Engine::global() else {
         say("no userfaultfd here: nothing to test\n");
@@ -223,12 +232,7 @@ fn own_mask() -> Vec<bool> {
 fn storing_child() -> i32 {
     let signal = libc::SIGUSR2;
     // SAFETY: a handler that stores into atomics only (the region's words among them).
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = storing_handler as *const () as usize;
-        libc::sigemptyset(&mut action.sa_mask);
-        libc::sigaction(signal, &action, std::ptr::null_mut());
-    }
+    unsafe { install(signal, storing_handler) };
     let node = numa::memory_nodes().unwrap()[0];
     let Ok(engine) = Engine::global() else {
         say("no userfaultfd here: nothing to test\n");

@@ -42,39 +42,34 @@ pub struct SignalsBlocked {
 }
 
 impl SignalsBlocked {
-    /// Blocks every signal on the calling thread (`pthread_sigmask(SIG_SETMASK)` with a
-    /// full set). Async-signal-safe: two system calls, nothing allocated.
+    /// Blocks every signal on the calling thread (`pthread_sigmask(SIG_BLOCK)` with a full
+    /// set). Async-signal-safe: two system calls, nothing allocated.
     pub fn new() -> Self {
-        // SAFETY: `sigset_t` is plain data; an all-zero one is a valid (empty) set, filled
-        // by `sigfillset` and overwritten by `pthread_sigmask` below.
-        let mut all: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
-        let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: both sets are ours and valid for the calls; `sigfillset` and
-        // `pthread_sigmask` fail only for bad arguments (EINVAL), which these are not.
-        unsafe {
-            libc::sigfillset(&mut all);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
-        }
-        Self { old, _thread: std::marker::PhantomData }
+        Self::all_but(&[])
     }
-}
 
-impl SignalsBlocked {
     /// Blocks every signal on the calling thread but those its own faults raise
     /// (`SIGSEGV`, `SIGBUS`, `SIGILL`, `SIGFPE`, `SIGTRAP`, `SIGSYS`): a blocked fault signal
     /// ends the process without its handler (Rust's report of a stack overflow, say), so
     /// those stay as the program set them. Async-signal-safe, as [`SignalsBlocked::new`].
     pub fn asynchronous() -> Self {
-        // SAFETY: as in `new`; `sigdelset` takes signals that exist out of a set of ours.
+        Self::all_but(&FAULT_SIGNALS)
+    }
+
+    /// Adds every signal but `kept` to the calling thread's mask.
+    fn all_but(kept: &[libc::c_int]) -> Self {
+        // SAFETY: `sigset_t` is plain data; an all-zero one is a valid (empty) set, filled
+        // by `sigfillset` and overwritten by `pthread_sigmask` below.
         let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
         // SAFETY: as above.
         let mut old: libc::sigset_t = unsafe { std::mem::zeroed() };
-        // SAFETY: as above.
+        // SAFETY: both sets are ours and valid for the calls; `sigfillset`, `sigdelset` (of
+        // signals that exist) and `pthread_sigmask` fail only for bad arguments (EINVAL),
+        // which these are not.
         unsafe {
             libc::sigfillset(&mut set);
-            for fault in FAULT_SIGNALS {
-                libc::sigdelset(&mut set, fault);
+            for &signal in kept {
+                libc::sigdelset(&mut set, signal);
             }
             libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
         }
