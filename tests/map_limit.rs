@@ -89,16 +89,18 @@ fn in_fresh_process() {
 }
 
 const SCATTERED_CHILD: &str = "PAGEMIG_MAP_LIMIT_SCATTERED_CHILD";
-const SCATTERED_NAME: &str = "scattered_calls_leave_the_process_with_as_many_mappings";
+const SCATTERED_NAME: &str = "calls_of_every_shape_leave_the_process_with_as_many_mappings";
 
-/// Many small runs, again and again (every other page of 64 MiB, with the copy helper):
-/// their destinations follow each other in pagemig's pool and go back to it whole, so the
-/// process ends each call with the mappings it had, not one more per run (the map count is
-/// the program's too). In a fresh process: a test beside it would map and unmap meanwhile.
+/// Calls of every shape, again and again: many small runs (every other folio: 4 KiB with
+/// the copy helper, 64 KiB, 2 MiB), whole regions at the default batch and in one batch,
+/// copied in, with the pre-copy, with prepared destinations. pagemig's mappings (pool
+/// chunks, graveyards, holdings) are reused or given back whole, so the process ends each
+/// call with the mappings it had, not one more per run or per call (the map count is the
+/// program's too). In a fresh process: a test beside it would map and unmap meanwhile.
 #[test]
-fn scattered_calls_leave_the_process_with_as_many_mappings() {
+fn calls_of_every_shape_leave_the_process_with_as_many_mappings() {
     if std::env::var_os(SCATTERED_CHILD).is_some() {
-        return scattered_in_fresh_process();
+        return shapes_in_fresh_process();
     }
     common::in_fresh_process(SCATTERED_NAME, &[(SCATTERED_CHILD, "1".as_ref())], Duration::from_secs(240));
 }
@@ -108,26 +110,54 @@ fn mappings() -> usize {
     std::fs::read_to_string("/proc/self/maps").unwrap().lines().count()
 }
 
-fn scattered_in_fresh_process() {
+fn shapes_in_fresh_process() {
     let engine = Engine::global().unwrap();
     let seed = 78;
-    let region = Region::new(64 << 20, 4096, Some(node())).unwrap();
-    workload::fill(&region, seed);
-    let scattered: Vec<Folio> = region.folios().into_iter().step_by(2).collect();
-    let opts = MigrateOptions::default().copy_helper(true).mover(true);
-    let migrate = || {
-        let stats = engine.migrate_pages(&scattered, node(), Reason::Syscall, Mode::Sync, &opts).unwrap();
-        assert_eq!(stats.succeeded_folios, scattered.len() as u64);
+    let base = MigrateOptions::default().copy_helper(true).mover(true);
+    // (what, folio size, every n-th folio, options)
+    let shapes: Vec<(&str, usize, usize, MigrateOptions)> = vec![
+        ("4 KiB, every other", 4096, 2, base.clone()),
+        ("64 KiB, every other", 64 << 10, 2, base.clone()),
+        ("2 MiB, every other", 2 << 20, 2, base.clone()),
+        ("4 KiB, whole", 4096, 1, base.clone()),
+        ("4 KiB, whole, one batch", 4096, 1, base.clone().max_batch_pages(262144)),
+        ("4 KiB, whole, copied in", 4096, 1, base.clone().copy_in(true)),
+        ("4 KiB, every third, pre-copy", 4096, 3, base.clone().precopy(true)),
+        ("2 MiB, whole, prepared ahead", 2 << 20, 1, base.clone().prepare_ahead_mib(8)),
+    ];
+    // Every region first: their own mappings are not the calls'.
+    let regions: Vec<Region> = shapes
+        .iter()
+        .map(|&(_, folio, _, _)| {
+            let region = Region::new(64 << 20, folio, Some(node())).unwrap();
+            workload::fill(&region, seed);
+            region
+        })
+        .collect();
+    let migrate = |k: usize| {
+        let (what, _, step, ref opts) = shapes[k];
+        let folios: Vec<Folio> = regions[k].folios().into_iter().step_by(step).collect();
+        let stats = engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, opts).unwrap();
+        assert_eq!(stats.succeeded_folios, folios.len() as u64, "{what}");
     };
-    // The first call starts pagemig's threads (each with its stack) and its pool's chunk.
-    migrate();
+    // The first call of each shape starts what it needs once (pagemig's threads with their
+    // stacks, a pool chunk of each kind).
+    (0..shapes.len()).for_each(migrate);
     let before = mappings();
-    for _ in 0..4 {
-        migrate();
+    for round in 0..3 {
+        for k in 0..shapes.len() {
+            migrate(k);
+            let now = mappings();
+            println!("round {round}, {}: {now} mappings ({before} after the first calls)", shapes[k].0);
+            assert!(
+                now <= before + 8,
+                "{}: {before} mappings after the first calls, {now} after round {round}",
+                shapes[k].0
+            );
+        }
     }
-    let after = mappings();
-    println!("{} runs a call, 4 calls: {before} mappings before, {after} after", scattered.len());
-    assert!(after <= before + 8, "{before} mappings before four calls of {} runs, {after} after", scattered.len());
-    assert!(workload::verify(&region, seed, &WriteLog::default()).ok(), "every byte as written");
-    assert_eq!(common::pages_on(&region, node()), region.len() / 4096);
+    for (region, (what, ..)) in regions.iter().zip(&shapes) {
+        assert!(workload::verify(region, seed, &WriteLog::default()).ok(), "{what}: every byte as written");
+        assert_eq!(common::pages_on(region, node()), region.len() / 4096, "{what}");
+    }
 }
