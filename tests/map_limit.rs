@@ -145,15 +145,13 @@ fn shapes_in_fresh_process() {
     (0..shapes.len()).for_each(migrate);
     let before = mappings();
     for round in 0..3 {
-        for k in 0..shapes.len() {
+        for (k, (what, ..)) in shapes.iter().enumerate() {
             migrate(k);
             let now = mappings();
-            println!("round {round}, {}: {now} mappings ({before} after the first calls)", shapes[k].0);
-            assert!(
-                now <= before + 8,
-                "{}: {before} mappings after the first calls, {now} after round {round}",
-                shapes[k].0
-            );
+            println!("round {round}, {what}: {now} mappings ({before} after the first calls)");
+            // Slack for the C library's cache of thread stacks (two mappings each, up to four
+            // threads a call); one mapping left per call would reach 24 by the end.
+            assert!(now <= before + 16, "{what}: {before} mappings after the first calls, {now} after round {round}");
         }
     }
     for (region, (what, ..)) in regions.iter().zip(&shapes) {
