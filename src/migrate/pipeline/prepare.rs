@@ -36,17 +36,18 @@ impl<'a> Call<'a> {
             // Filled empty by the caller and the copy helper at once, from the two ends of
             // each piece (see `copy_shared`): half a huge page off the source's offset, a
             // piece of 2 MiB lies in two page tables, one for each thread, whose
-            // `UFFDIO_COPY`s then do not wait for each other's page-table lock. Runs of 2
-            // MiB or more only, which follow each other in the pool with no gap between
-            // them (a run that is not filled here, or a shorter one, keeps its source's
-            // offset: a gap before each of many small runs would split the pool's mapping
-            // once they are given back). Base pages move in entry by entry wherever they
-            // lie. The spinning on that lock fell from 3.7 % of the samples to 0.25 %; 1 GiB
-            // of 4 KiB folios migrated again and again, 2-core AMD EPYC VM: 1.01x (default
-            // batch, median of 12 alternating pairs; 1.03x of 20 with destinations 4 MiB
-            // apart, a gap between each two); a single cold call (`pagemig move`, 20 pairs):
-            // 0.99x, within the noise.
-            let (align, phase) = if key.empty && !st.runs[r].copy_in && self.helper.is_some() && len >= HPAGE_SIZE {
+            // `UFFDIO_COPY`s then do not wait for each other's page-table lock. Every empty
+            // destination of 2 MiB or more is placed so (filled by one thread, or only a
+            // placeholder for a copy in, it loses nothing), so that they follow each other
+            // in the pool with no gap between them whatever the call; a shorter one keeps its
+            // source's offset (a gap before each of many small runs would split the pool's
+            // mapping once they are given back). Base pages move in entry by entry wherever
+            // they lie. The spinning on that lock fell from 3.7 % of the samples to 0.25 %;
+            // 1 GiB of 4 KiB folios migrated again and again, 2-core AMD EPYC VM: 1.01x
+            // (default batch, median of 12 alternating pairs; 1.03x of 20 with destinations
+            // 4 MiB apart, a gap between each two); a single cold call (`pagemig move`, 20
+            // pairs): 0.99x, within the noise.
+            let (align, phase) = if key.empty && len >= HPAGE_SIZE {
                 (HPAGE_SIZE, (start + HPAGE_SIZE / 2) % HPAGE_SIZE)
             } else {
                 (align, start % align)
