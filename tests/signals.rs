@@ -13,7 +13,9 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use common::signal_stores::{install, say};
+
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use pagemig::{Engine, MigrateOptions, Mode, Reason, Region, ThpAdvice, numa, workload};
@@ -26,12 +28,6 @@ extern "C" fn handler(_: libc::c_int) {
     HANDLED.fetch_add(1, Ordering::SeqCst);
     // SAFETY: gettid has no preconditions and is async-signal-safe.
     HANDLER_TID.store(unsafe { libc::gettid() }, Ordering::SeqCst);
-}
-
-/// Writes `text` to standard error with one `write(2)` (no lock a parent thread may hold).
-fn say(text: &str) {
-    // SAFETY: a buffer of ours, `text.len()` bytes.
-    let _ = unsafe { libc::write(2, text.as_ptr().cast(), text.len()) };
 }
 
 /// The name of thread `tid` of this process.
@@ -63,20 +59,6 @@ fn pending(signal: i32) -> bool {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigpending(&mut set);
         libc::sigismember(&set, signal) == 1
-    }
-}
-
-/// Makes `handler` the action of `signal`.
-///
-/// # Safety
-/// `handler` must be async-signal-safe.
-unsafe fn install(signal: libc::c_int, handler: extern "C" fn(libc::c_int)) {
-    // SAFETY: a sigaction of ours, zeroed then filled; the caller vouches for the handler.
-    unsafe {
-        let mut action: libc::sigaction = std::mem::zeroed();
-        action.sa_sigaction = handler as *const () as usize;
-        libc::sigemptyset(&mut action.sa_mask);
-        libc::sigaction(signal, &action, std::ptr::null_mut());
     }
 }
 
@@ -168,71 +150,9 @@ fn a_signal_every_program_thread_blocks_never_runs_on_a_pagemig_thread() {
     assert_eq!(code, 0, "a pagemig thread took a signal the program blocks (see the child's message above)");
 }
 
-/// Where the storing handler writes: the region's first word, and its length in words.
-static STORE_BASE: AtomicUsize = AtomicUsize::new(0);
-static STORE_WORDS: AtomicUsize = AtomicUsize::new(0);
-/// How many times the storing handler ran.
-static STORES: AtomicU64 = AtomicU64::new(0);
-/// `/proc/self/pagemap`, opened before the first signal.
-static PAGEMAP: AtomicI32 = AtomicI32::new(-1);
-/// How many times the handler found pages of the region not present or write-protected: it
-/// ran while they were protected or isolated, in the middle of a migration on its own
-/// thread.
-static RAN_MID_CALL: AtomicU64 = AtomicU64::new(0);
-/// What the storing handler writes: its run's number, marked.
-const MARK: u64 = 0x5160_0000_0000_0000;
-
-/// The word the handler's `n`-th run writes: a page of its own for each run up to the
-/// region's page count, then the next word of each page, so no two runs share a word.
-fn store_index(n: usize, words: usize) -> usize {
-    let pages = words / 512;
-    (n % pages) * 512 + (n / pages) % 512
-}
-
-/// A handler that stores into the memory being migrated, as a program's handler that
-/// updates a buffer or a counter of its own may.
-extern "C" fn storing_handler(_: libc::c_int) {
-    let n = STORES.fetch_add(1, Ordering::SeqCst) as usize;
-    let words = STORE_WORDS.load(Ordering::SeqCst);
-    // Every page of the region present (bit 63 of its pagemap entry) and not
-    // write-protected (bit 57, userfaultfd's protection), or the handler runs while a
-    // migration of its own thread has pages of it protected or isolated. `pread` is
-    // async-signal-safe; 4096 entries, 32 KiB on this thread's stack.
-    let mut entries = [0u64; 4096];
-    let pages = (words / 512).min(entries.len());
-    let offset = (STORE_BASE.load(Ordering::SeqCst) / 4096 * 8) as libc::off_t;
-    // SAFETY: reads into a buffer of ours, at most its size.
-    let read = unsafe { libc::pread(PAGEMAP.load(Ordering::SeqCst), entries.as_mut_ptr().cast(), pages * 8, offset) };
-    if read != (pages * 8) as isize || entries[..pages].iter().any(|e| e >> 63 == 0 || e >> 57 & 1 == 1) {
-        RAN_MID_CALL.fetch_add(1, Ordering::SeqCst);
-    }
-    let index = store_index(n, words);
-    // SAFETY: the region is leaked (it lives as long as the process) and `index` is below
-    // its length in words; its words are only ever accessed atomically.
-    let word = unsafe { &*(STORE_BASE.load(Ordering::SeqCst) as *const AtomicU64).add(index) };
-    word.store(MARK | n as u64, Ordering::SeqCst);
-}
-
-/// The calling thread's signal mask, as bits.
-fn own_mask() -> Vec<bool> {
-    // SAFETY: a set of ours; a NULL new set only reads the mask into it.
-    unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set);
-        (1..65).map(|s| libc::sigismember(&set, s) == 1).collect()
-    }
-}
-
-/// The child: a thread of its own sends the migrating thread `SIGUSR2` every 100 µs while
-/// it migrates a region again and again; the handler looks at the region's pages and
-/// stores into it. 0 when the handler never ran while pages were isolated, every call
-/// moved every folio, every store of the handler's is there, every other byte is as
-/// filled, every page is on the node, and the thread's mask is as it was after each call.
-/// (Without the blocking, the child hangs: a store into a folio its own thread isolates.)
+/// The child of the test below: [`common::signal_stores`] on one node (pagemig moves every
+/// page to new frames there too).
 fn storing_child() -> i32 {
-    let signal = libc::SIGUSR2;
-    // SAFETY: a handler that stores into atomics only (the region's words among them).
-    unsafe { install(signal, storing_handler) };
     let node = numa::memory_nodes().unwrap()[0];
     let Ok(engine) = Engine::global() else {
         say("no userfaultfd here: nothing to test\n");
@@ -241,69 +161,15 @@ fn storing_child() -> i32 {
     let seed = 11;
     let region = common::leak(Region::new(16 << 20, 4096, Some(node)).unwrap());
     workload::fill(region, seed);
-    STORE_BASE.store(region.addr(), Ordering::SeqCst);
-    STORE_WORDS.store(region.words(), Ordering::SeqCst);
-    let pagemap = std::fs::File::open("/proc/self/pagemap").unwrap();
-    PAGEMAP.store(std::os::fd::AsRawFd::as_raw_fd(&pagemap), Ordering::SeqCst);
-    let mask = own_mask();
-    // SAFETY: pthread_self has no preconditions.
-    let me = unsafe { libc::pthread_self() };
-    let stop = &*Box::leak(Box::new(AtomicBool::new(false)));
-    let sender = std::thread::spawn(move || {
-        let mut sent = 0u64;
-        while !stop.load(Ordering::Relaxed) {
-            // SAFETY: the migrating thread, which outlives this one (it joins it).
-            unsafe { libc::pthread_kill(me, signal) };
-            sent += 1;
-            std::thread::sleep(Duration::from_micros(100));
+    match common::signal_stores::migrate_under_storing_signals(engine, region, seed, &[node]) {
+        Ok(what) => {
+            say(&format!("{what}\n"));
+            0
         }
-        sent
-    });
-    // `move_pages` and the C entries come here too (on one node `move_pages` leaves pages
-    // already home, so it is not the call tested).
-    let opts = MigrateOptions::default().mover(true);
-    let pages = region.len() / 4096;
-    let mut failures = Vec::new();
-    for round in 0..16 {
-        let moved = engine
-            .migrate_pages(&region.folios(), node, Reason::Syscall, Mode::Sync, &opts)
-            .map(|s| s.succeeded_folios as usize);
-        match moved {
-            Ok(n) if n == pages => {}
-            other => failures.push(format!("round {round}: {other:?} of {pages} folios")),
+        Err(failures) => {
+            say(&format!("{failures:?}\n"));
+            1
         }
-        if own_mask() != mask {
-            failures.push(format!("round {round}: the thread's signal mask changed"));
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    let sent = sender.join().unwrap();
-    // The last signal sent may still be on its way: the handler runs once more at most.
-    std::thread::sleep(Duration::from_millis(10));
-    let stores = STORES.load(Ordering::SeqCst) as usize;
-    let words = region.words();
-    let mut expected: Vec<u64> = (0..words).map(|i| workload::pattern_word(seed, i)).collect();
-    for n in 0..stores {
-        expected[store_index(n, words)] = MARK | n as u64;
-    }
-    let wrong = (0..words).filter(|&i| region.word(i).load(Ordering::SeqCst) != expected[i]).count();
-    if stores == 0 || wrong != 0 {
-        failures.push(format!("{stores} stores of the handler's ({sent} signals sent): {wrong} words wrong"));
-    }
-    let mid_call = RAN_MID_CALL.load(Ordering::SeqCst);
-    if mid_call != 0 {
-        failures.push(format!("the handler ran {mid_call} times while pages of the region were protected or isolated"));
-    }
-    let placement = region.placement().unwrap();
-    if placement.get(&(node as i32)).copied() != Some(pages) {
-        failures.push(format!("pages not all on node {node}: {placement:?}"));
-    }
-    if failures.is_empty() {
-        say(&format!("{stores} stores of the handler's kept ({sent} signals sent), 16 migrations\n"));
-        0
-    } else {
-        say(&format!("{failures:?}\n"));
-        1
     }
 }
 

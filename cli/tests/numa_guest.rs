@@ -602,6 +602,31 @@ fn moves_across_nodes_while_a_stranger_pins_pagemig_memory() {
     }
 }
 
+/// A signal handler of the program's stores into memory while the thread it runs on moves
+/// that memory between the nodes, a signal every 100 µs through 16 moves (see
+/// `common::signal_stores`): the handler runs only between calls, every store of its stays,
+/// every other byte is as written, and the pages end on the node of the last move. (A
+/// handler run mid-call would wait for good on a folio its own thread isolates.) The
+/// handler is the process's: `vm/run` runs these tests one at a time.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn a_signal_handler_stores_into_memory_its_thread_moves_across_nodes() {
+    let Some((a, b)) = two_nodes() else { return };
+    let what = "signal-handler-stores-across-nodes";
+    let seed = 0x7369_676e;
+    let region: &'static Region = Box::leak(Box::new(Region::new(16 * MIB, 4 * KIB, Some(a)).expect("region")));
+    pagemig::workload::fill(region, seed);
+    let engine = Engine::global().expect("engine");
+    let outcome = common::watchdog(Duration::from_secs(120), what, move || {
+        common::signal_stores::migrate_under_storing_signals(engine, region, seed, &[b, a])
+    });
+    match outcome {
+        Ok(done) => println!("{what}: {done}"),
+        Err(failures) => panic!("{what}: {failures:?}"),
+    }
+    check_placement(what, region, a);
+}
+
 /// The program moves memory (`mremap`, twice) whose old pages a migration across the nodes
 /// holds isolated: the old pages go home to where the memory is by then, straight from their
 /// graveyards or through the event reader's holdings, and stay on the node they were on, as

@@ -4,6 +4,7 @@
 #![allow(dead_code, reason = "each test binary uses a part of these helpers")]
 
 pub mod changes;
+pub mod signal_stores;
 pub mod strangers;
 
 use std::sync::atomic::Ordering;
