@@ -7,7 +7,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pagemig::{Engine, MigrateOptions, Mode, Reason, Region, numa};
 
@@ -67,4 +67,47 @@ fn a_progress_callback_storing_into_base_pages_without_the_mover() {
 fn a_progress_callback_storing_into_huge_pages() {
     let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "a_progress_callback_storing_into_huge_pages");
     progress_that_stores_into_the_region(2 << 20, true);
+}
+
+/// A call told its progress at every run woke the callback's thread as often (512 times a
+/// GiB at the default batch) and slowed the call it reported on: the totals are told at
+/// most one every 10 ms, the first at once, the last (every byte) before the call returns,
+/// never going back. Base pages (told from the mover thread) and huge pages (from the
+/// caller's), both with runs far shorter than 10 ms.
+#[test]
+fn progress_is_told_at_most_every_10_ms_and_ends_with_every_byte() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "progress_is_told_at_most_every_10_ms_and_ends_with_every_byte");
+    let node = numa::memory_nodes().unwrap()[0];
+    for (folio, len) in [(4096, 128 << 20), (2 << 20, 256 << 20)] {
+        let region = Region::new(len, folio, Some(node)).unwrap();
+        for (i, w) in region.atomic_words().iter().enumerate() {
+            w.store(i as u64, Ordering::Relaxed);
+        }
+        let told = Arc::new(std::sync::Mutex::new(Vec::<(Instant, u64)>::new()));
+        let record = told.clone();
+        let opts =
+            MigrateOptions::default().progress(move |bytes| record.lock().unwrap().push((Instant::now(), bytes)));
+        let began = Instant::now();
+        let stats = Engine::global()
+            .unwrap()
+            .migrate_pages(&region.folios(), node, Reason::Syscall, Mode::Sync, &opts)
+            .unwrap();
+        let took = began.elapsed();
+        assert_eq!(stats.succeeded_folios as usize, len / folio);
+        assert!(region.atomic_words().iter().enumerate().all(|(i, w)| w.load(Ordering::Relaxed) == i as u64));
+        let told = told.lock().unwrap();
+        let what = format!("folio {folio}: {} totals told in {took:?}", told.len());
+        assert_eq!(told.last().map(|t| t.1), Some(len as u64), "{what}: the last total is every byte");
+        assert!(told.windows(2).all(|w| w[0].1 < w[1].1), "{what}: each total more than the one before");
+        // Every total but the last (told as the call ends) at least 10 ms after the one
+        // before (less the microseconds between the reporter's clock and the callback's).
+        let early: Vec<_> = told[..told.len() - 1]
+            .windows(2)
+            .map(|w| w[1].0 - w[0].0)
+            .filter(|gap| *gap < Duration::from_millis(9))
+            .collect();
+        assert!(early.is_empty(), "{what}: totals told less than 10 ms apart: {early:?}");
+        assert!(told.len() <= 2 + (took.as_millis() / 9) as usize, "{what}");
+    }
 }

@@ -345,7 +345,7 @@ impl Engine {
             }
             let moved_there = mover.and_then(|h| h.join().ok());
             // Every folio has moved or been put back: a callback waiting on one goes on.
-            reporter.finish();
+            reporter.finish(abort);
             if let Some(h) = progress {
                 let _ = h.join();
             }

@@ -111,7 +111,8 @@ pub struct MigrateOptions {
     /// Failures to inject (with the `internals` feature: pagemig's own tests).
     #[cfg(feature = "internals")]
     pub fault: FaultInjection,
-    /// Called after every moved run with the bytes moved so far.
+    /// Called with the bytes moved so far as runs move: the first total at once, then at
+    /// most one every 10 ms (see [`MigrateOptions::progress`]).
     pub progress: Option<Progress>,
     /// Raised by the caller to stop the call: batches not begun fail with `ECANCELED` and
     /// stay as they were; the batch running finishes. Raised from another thread (or the
@@ -240,9 +241,11 @@ impl MigrateOptions {
         self
     }
 
-    /// Calls `f` with the bytes moved so far as runs move, in increasing order, the last
-    /// total always before the call returns (totals that arrive while `f` runs are told as
-    /// one). `f` runs on a thread of its own that no migration waits on, so it may do
+    /// Calls `f` with the bytes moved so far as runs move, in increasing order: the first
+    /// total at once, then at most one every 10 ms (the totals that arrive meanwhile, or
+    /// while `f` runs, are told as one, the latest), the last (every byte moved) always
+    /// before the call returns. Told at every run, the reports woke `f`'s thread hundreds
+    /// of times a GiB and slowed the call itself. `f` runs on a thread of its own that no migration waits on, so it may do
     /// anything, even store into the memory being migrated (the store waits for its folio's
     /// move); the call returns once `f` has returned for the last time. A panic in it stops
     /// the call as [`Error::Panicked`](crate::Error::Panicked) with every folio not moved left as it was.
