@@ -148,7 +148,7 @@ settings! {
     /// Bounds how long the program's threads may wait on one piece of the pipelined CPU
     /// copy, in microseconds: a piece is cut where isolating and copying it would take
     /// longer, at the pace of the pieces before it (down to 512 KiB). 0: pieces grow to
-    /// 16 MiB of huge pages or 2 MiB of smaller folios, the fastest. A thread that touches a
+    /// 8 MiB of huge pages or 2 MiB of smaller folios, the fastest. A thread that touches a
     /// page being migrated waits for its whole piece; with batches larger than 2 MiB, a bound of a few hundred µs keeps
     /// that wait under a millisecond, for a part of the throughput (smaller pieces, more
     /// system calls).
