@@ -161,7 +161,7 @@ fn a_piece_budget_cuts_the_pipelined_copy_into_smaller_pieces() {
             runs.push(stats.runs + stats.mover_runs);
         }
         eprintln!("folio {folio}: runs moved without a budget and with 50 µs: {runs:?}");
-        // Without a budget: pieces of 2, 2, 4, 8 and 16 MiB.
+        // Without a budget: pieces of 2 MiB (base pages) or 2, 2, 4, 8, 8 and 8 MiB (huge pages).
         assert!(runs[1] >= 2 * runs[0], "folio {folio}: runs moved without a budget and with: {runs:?}");
     }
     let e = Engine::global()
@@ -1080,4 +1080,56 @@ fn graveyards_kept_from_base_pages_never_split_huge_pages() {
         let thp_after = huge.anon_huge_bytes().unwrap();
         assert!(thp_after >= thp_before, "round {round}: AnonHugePages {thp_before} -> {thp_after}");
     }
+}
+
+/// Graveyards of huge pages are kept from piece to piece and call to call where the kernel
+/// frees the page tables a discard empties. Ones that took base pages (2 MiB folios the
+/// kernel had mapped with base pages, which give a graveyard a page table) then take the
+/// huge pages of a call whose moves all fail: those come back whole (still huge pages, every
+/// byte as it was; a huge page moved into a range with a page table is split), and the next
+/// call moves them whole.
+#[test]
+fn huge_pages_put_back_from_graveyards_that_held_base_pages_stay_huge() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "huge_pages_put_back_from_graveyards_that_held_base_pages_stay_huge");
+    const LEN: usize = 16 << 20;
+    const HUGE: usize = 2 << 20;
+    let split = Region::new(LEN, HUGE, Some(node())).unwrap();
+    workload::fill(&split, 41);
+    if split.anon_huge_bytes().unwrap() != LEN as u64 {
+        eprintln!("skipped: no huge pages to split");
+        return;
+    }
+    // Each huge page mapped with base pages: one page's protection changed and back.
+    for f in 0..LEN / HUGE {
+        let page = (split.addr() + f * HUGE) as *mut libc::c_void;
+        // SAFETY: a page of our own region; the protection comes back at once, and no other
+        // thread touches the region.
+        unsafe {
+            assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ), 0);
+            assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_WRITE), 0);
+        }
+    }
+    assert_eq!(split.anon_huge_bytes().unwrap(), 0, "mapped with base pages");
+    let engine = Engine::global().unwrap();
+    let opts = MigrateOptions::default().max_batch_pages(512);
+    let stats = engine.migrate_pages(&split.folios(), node(), Reason::Syscall, Mode::Sync, &opts).unwrap();
+    assert_eq!(stats.succeeded_folios as usize, LEN / HUGE);
+    assert!(workload::verify(&split, 41, &WriteLog::default()).ok());
+    let huge = Region::new(LEN, HUGE, Some(node())).unwrap();
+    workload::fill(&huge, 42);
+    assert_eq!(huge.anon_huge_bytes().unwrap(), LEN as u64);
+    let failing = MigrateOptions::default()
+        .max_batch_pages(512)
+        .fault(FaultInjection { fail_move: (0..LEN / HUGE).collect(), ..Default::default() });
+    let err = engine.migrate_pages(&huge.folios(), node(), Reason::Syscall, Mode::Sync, &failing).unwrap_err();
+    let Error::Partial { stats, .. } = &err else { panic!("expected a partial migration, got {err:?}") };
+    assert_eq!(stats.failed_folios as usize, LEN / HUGE, "{stats:?}");
+    assert!(workload::verify(&huge, 42, &WriteLog::default()).ok());
+    assert_eq!(huge.anon_huge_bytes().unwrap(), LEN as u64, "put back whole");
+    let stats = engine.migrate_pages(&huge.folios(), node(), Reason::Syscall, Mode::Sync, &opts).unwrap();
+    assert_eq!(stats.succeeded_folios as usize, LEN / HUGE);
+    assert!(workload::verify(&huge, 42, &WriteLog::default()).ok());
+    assert_eq!(huge.anon_huge_bytes().unwrap(), LEN as u64, "moved whole");
+    assert_on_node(&huge, node());
 }

@@ -11,7 +11,7 @@
 #![allow(unsafe_code, reason = "fills a missing page of the engine's own mappings with zeros")]
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 
 use crate::sys::uffd::{Event, Uffd};
@@ -26,6 +26,21 @@ struct ZeroPage([u8; sys::PAGE_SIZE]);
 
 static ZEROS: ZeroPage = ZeroPage([0; sys::PAGE_SIZE]);
 
+/// How many faults [`answer_with_zeros`] answered in this process, counted before each
+/// answer: a graveyard mapped before the count last changed may have been given a page
+/// (and a page table) by a stranger's read ([`super::reaper`]).
+static ANSWERS: AtomicU64 = AtomicU64::new(0);
+
+/// The count of answered faults ([`ANSWERS`]).
+pub(super) fn answers() -> u64 {
+    ANSWERS.load(Ordering::SeqCst)
+}
+
+/// The address of a page of zeros, to copy from.
+pub(super) fn zero_page() -> usize {
+    ZEROS.0.as_ptr() as usize
+}
+
 /// Answers a missing fault at `addr` with a page of zeros (`UFFDIO_COPY`) and wakes the
 /// threads waiting there; `EEXIST` (filled meanwhile) wakes them all the same.
 ///
@@ -34,8 +49,9 @@ static ZEROS: ZeroPage = ZeroPage([0; sys::PAGE_SIZE]);
 /// read zeros from a fresh page: a page nobody fills with anything else.
 pub(super) unsafe fn answer_with_zeros(uffd: &Uffd, addr: usize) {
     let page = addr & !(sys::PAGE_SIZE - 1);
+    ANSWERS.fetch_add(1, Ordering::SeqCst);
     // SAFETY: as this function's contract.
-    let _ = unsafe { uffd.copy(page, ZEROS.0.as_ptr() as usize, sys::PAGE_SIZE) };
+    let _ = unsafe { uffd.copy(page, zero_page(), sys::PAGE_SIZE) };
     let _ = uffd.wake(page, sys::PAGE_SIZE);
 }
 
