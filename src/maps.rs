@@ -171,31 +171,6 @@ pub fn call_vmas(start: usize, end: usize, count: bool) -> Result<(Vec<Vma>, Opt
     Ok((vmas, counted))
 }
 
-/// The sum of the smaps `field` (a size in kB, e.g. `AnonHugePages:`) over the mappings
-/// that lie within `[start, end)`, in bytes.
-///
-/// # Errors
-/// [`Error::Io`] when the file cannot be read.
-pub(crate) fn smaps_sum(start: usize, end: usize, field: &str) -> Result<u64> {
-    let text = fs::read_to_string("/proc/self/smaps").map_err(Error::io("/proc/self/smaps"))?;
-    let mut inside = false;
-    let mut total = 0u64;
-    for line in text.lines() {
-        let first = line.split(' ').next().unwrap_or("");
-        if let Some((s, e)) = first.split_once('-')
-            && let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16))
-        {
-            inside = s >= start && e <= end;
-            continue;
-        }
-        if inside && let Some(rest) = line.strip_prefix(field) {
-            let kb: u64 = rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
-            total += kb * 1024;
-        }
-    }
-    Ok(total)
-}
-
 /// The mappings overlapping `[start, end)` with their `VmFlags`, from `/proc/self/smaps`
 /// (pagemig's tests and command: a migration asks [`call_vmas`]).
 #[cfg(any(test, feature = "internals"))]

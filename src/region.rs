@@ -230,7 +230,26 @@ impl Region {
     }
 
     fn smaps_sum(&self, field: &str) -> Result<u64> {
-        crate::maps::smaps_sum(self.addr(), self.addr() + self.len(), field)
+        let text = std::fs::read_to_string("/proc/self/smaps").map_err(Error::io("/proc/self/smaps"))?;
+        let (start, end) = (self.addr(), self.addr() + self.len());
+        let mut inside = false;
+        let mut total = 0u64;
+        for line in text.lines() {
+            let first = line.split(' ').next().unwrap_or("");
+            if let Some((s, e)) = first.split_once('-') {
+                if let (Ok(s), Ok(e)) = (usize::from_str_radix(s, 16), usize::from_str_radix(e, 16)) {
+                    inside = s >= start && e <= end;
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(rest) = line.strip_prefix(field) {
+                    let kb: u64 = rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+                    total += kb * 1024;
+                }
+            }
+        }
+        Ok(total)
     }
 
     /// Locks the region in memory (`mlock(2)`).

@@ -100,14 +100,14 @@ fn progress_is_told_at_most_every_10_ms_and_ends_with_every_byte() {
         let what = format!("folio {folio}: {} totals told in {took:?}", told.len());
         assert_eq!(told.last().map(|t| t.1), Some(len as u64), "{what}: the last total is every byte");
         assert!(told.windows(2).all(|w| w[0].1 < w[1].1), "{what}: each total more than the one before");
-        // Every total but the last (told as the call ends) at least 10 ms after the one
-        // before (less the microseconds between the reporter's clock and the callback's).
-        let early: Vec<_> = told[..told.len() - 1]
-            .windows(2)
-            .map(|w| w[1].0 - w[0].0)
-            .filter(|gap| *gap < Duration::from_millis(9))
-            .collect();
-        assert!(early.is_empty(), "{what}: totals told less than 10 ms apart: {early:?}");
-        assert!(told.len() <= 2 + (took.as_millis() / 9) as usize, "{what}");
+        // At most one total every 10 ms, the last (told as the call ends) aside: counted
+        // over the call, and the gaps between them, as the callback sees them (its clock is
+        // read after the reporter's, later where that thread was preempted in between).
+        let mut gaps: Vec<Duration> = told[..told.len() - 1].windows(2).map(|w| w[1].0 - w[0].0).collect();
+        gaps.sort_unstable();
+        if let Some(median) = gaps.get(gaps.len() / 2) {
+            assert!(*median >= Duration::from_millis(9), "{what}: totals told less than 10 ms apart: {gaps:?}");
+        }
+        assert!(told.len() <= 2 + (took.as_millis() / 10) as usize, "{what}");
     }
 }

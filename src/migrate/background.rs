@@ -20,8 +20,8 @@ pub struct Background {
 }
 
 impl Background {
-    /// Bytes moved so far (as last told to the progress callback: at most 10 ms behind,
-    /// every byte once the call ends), and bytes in the call.
+    /// Bytes moved so far (as last told to the progress callback: about 10 ms behind at
+    /// most, and every byte once the call ends), and bytes in the call.
     pub fn progress(&self) -> (u64, u64) {
         (self.moved.load(Ordering::Relaxed), self.total)
     }

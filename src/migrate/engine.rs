@@ -174,6 +174,14 @@ impl Engine {
         self.pool.wait_reserved(timeout)
     }
 
+    /// The graveyards this engine keeps for its next pieces now, of base pages and of huge
+    /// pages, and how many pieces took a kept one so far (pagemig's own tests).
+    #[cfg(feature = "internals")]
+    #[doc(hidden)]
+    pub fn kept_graveyards(&self) -> (usize, usize, u64) {
+        self.reaper.kept()
+    }
+
     /// Migrates `folios` to `target`.
     ///
     /// Every folio must lie in private, anonymous, read-write memory of this process; the

@@ -245,10 +245,11 @@ impl MigrateOptions {
     /// total at once, then at most one every 10 ms (the totals that arrive meanwhile, or
     /// while `f` runs, are told as one, the latest), the last (every byte moved) always
     /// before the call returns. Told at every run, the reports woke `f`'s thread hundreds
-    /// of times a GiB and slowed the call itself. `f` runs on a thread of its own that no migration waits on, so it may do
-    /// anything, even store into the memory being migrated (the store waits for its folio's
-    /// move); the call returns once `f` has returned for the last time. A panic in it stops
-    /// the call as [`Error::Panicked`](crate::Error::Panicked) with every folio not moved left as it was.
+    /// of times a GiB and slowed the call itself. `f` runs on a thread of its own that no
+    /// migration waits on, so it may do anything, even store into the memory being migrated
+    /// (the store waits for its folio's move); the call returns once `f` has returned for
+    /// the last time. A panic in it stops the call as
+    /// [`Error::Panicked`](crate::Error::Panicked) with every folio not moved left as it was.
     #[must_use]
     pub fn progress(mut self, f: impl Fn(u64) + Send + Sync + 'static) -> Self {
         self.progress = Some(Arc::new(f));

@@ -77,11 +77,16 @@ impl Grave {
 /// kernel splits it rather than move it whole), so a graveyard of huge pages is kept only
 /// where the kernel frees the page table a discard empties ([`huge_graves_reusable`]: a
 /// graveyard a huge folio mapped by base pages was moved into has one), and given to huge
-/// pages again only while no fault of a stranger's was answered in pagemig's mappings since
-/// it was made (a page of zeros, which the discard before keeping it does not reach).
+/// pages again only while no fault was answered with a page of zeros since it was made
+/// ([`zerofill::answers`]: a stranger's read of pagemig's mappings, which may have been
+/// this graveyard after its discard, or a touch of memory a call left registered). When
+/// full, the oldest makes room.
 #[derive(Debug, Default)]
 struct Kept {
+    /// Oldest first.
     graves: Vec<Grave>,
+    /// How many reservations took a kept graveyard.
+    reused: u64,
 }
 
 impl Kept {
@@ -101,7 +106,8 @@ impl Kept {
             .graves
             .iter()
             .position(|g| g.len == len && g.huge == huge && g.addr % sys::HPAGE_SIZE == phase % sys::HPAGE_SIZE)?;
-        Some(self.graves.swap_remove(at))
+        self.reused += 1;
+        Some(self.graves.remove(at))
     }
 }
 
@@ -179,6 +185,15 @@ impl Reaper {
         Ok(g)
     }
 
+    /// The graveyards kept now, of base pages and of huge pages, and how many
+    /// reservations took a kept one so far.
+    #[cfg(any(test, feature = "internals"))]
+    pub fn kept(&self) -> (usize, usize, u64) {
+        let k = self.kept.lock();
+        let huge = k.graves.iter().filter(|g| g.huge).count();
+        (k.graves.len() - huge, huge, k.reused)
+    }
+
     /// The userfaultfd graveyards are registered with: moves into a graveyard go through it.
     pub fn uffd(&self) -> &Uffd {
         &self.uffd
@@ -241,13 +256,16 @@ fn free_or_keep(uffd: &Uffd, kept: &Mutex<Kept>, g: Grave) {
     // ours alone (type invariant). It stays registered: the graveyards' userfaultfd hears
     // of no purge, so the discard raises no event. Under the mmap read lock.
     let _ = unsafe { sys::discard(g.addr, g.len) };
+    // The oldest kept graveyard makes room: the latest are likelier to be asked for again
+    // (the pieces of a large batch of huge pages, 2, 2, 4, 8 MiB…, are not, as a run's
+    // graveyard is asked for whole).
     let mut k = kept.lock();
-    if k.graves.len() < Kept::MAX {
-        k.graves.push(g);
-        return;
-    }
+    let evicted = (k.graves.len() >= Kept::MAX).then(|| k.graves.remove(0));
+    k.graves.push(g);
     drop(k);
-    free(uffd, &g);
+    if let Some(old) = evicted {
+        free(uffd, &old);
+    }
 }
 
 /// Frees every kept graveyard.
@@ -314,22 +332,34 @@ pub(super) fn free(uffd: &Uffd, g: &Grave) {
 
 /// Whether the kernel frees a page table that `MADV_DONTNEED` empties
 /// (`CONFIG_PT_RECLAIM`), so that a graveyard of huge pages, discarded, takes a huge page
-/// whole again even where a base page lay in it before ([`Kept`]). Found out once per
-/// process on memory of its own: a graveyard given one page (and so a page table), then
-/// discarded, then given a huge page of a fresh mapping; the huge page must arrive whole
-/// (`AnonHugePages` in smaps). Where no huge page can be had to try with, or anything fails,
-/// no. Racing threads may both find out (no lock: a `fork` meanwhile leaves none held).
+/// whole again even where a base page lay in it before ([`Kept`]). Found out on memory of
+/// the process's own, once it could be: a graveyard given one page (and so a page table),
+/// then discarded, then given a huge page of a fresh mapping, which must arrive whole (as
+/// `PAGEMAP_SCAN` sees it: a few system calls and one huge page populated, on whichever
+/// thread first frees a graveyard of huge pages). Where no huge page can be had to try
+/// with or a system call fails, no for now, tried again the next few times. Racing threads
+/// may both find out (no lock: a `fork` meanwhile leaves none held).
 fn huge_graves_reusable(uffd: &Uffd) -> bool {
     use std::sync::atomic::{AtomicU8, Ordering};
-    /// 0: not found out yet; 1: yes; 2: no.
+    /// How many times an experiment that could not be made is tried again.
+    const TRIES: u8 = 3;
+    /// 0 ..= TRIES: experiments that could not be made so far; YES; NO.
+    const YES: u8 = 100;
+    const NO: u8 = 101;
     static REUSABLE: AtomicU8 = AtomicU8::new(0);
     match REUSABLE.load(Ordering::Relaxed) {
-        1 => true,
-        2 => false,
-        _ => {
-            let yes = page_tables_reclaimed(uffd) == Some(true);
-            REUSABLE.store(if yes { 1 } else { 2 }, Ordering::Relaxed);
-            yes
+        YES => true,
+        NO => false,
+        tried if tried >= TRIES => false,
+        tried => {
+            let found = page_tables_reclaimed(uffd);
+            let next = match found {
+                Some(true) => YES,
+                Some(false) => NO,
+                None => tried + 1,
+            };
+            REUSABLE.store(next, Ordering::Relaxed);
+            found == Some(true)
         }
     }
 }
@@ -338,8 +368,9 @@ fn huge_graves_reusable(uffd: &Uffd) -> bool {
 /// page to try with, or a system call failed).
 fn page_tables_reclaimed(uffd: &Uffd) -> Option<bool> {
     const HUGE: usize = sys::HPAGE_SIZE;
+    let whole = |at: usize| sys::huge_ranges(at, at + HUGE).ok().map(|r| r == [(at, at + HUGE)]);
     let grave = reserve(uffd, HUGE, 0, false).ok()?;
-    let yes = (|| {
+    let found = (|| {
         // SAFETY: `grave` is a fresh graveyard of ours, registered with `uffd`, that nothing
         // else knows of; the page of zeros is a static.
         unsafe { uffd.copy(grave.addr, zerofill::zero_page(), sys::PAGE_SIZE) }.ok()?;
@@ -348,23 +379,24 @@ fn page_tables_reclaimed(uffd: &Uffd) -> Option<bool> {
         let source = sys::mmap_anon_aligned(HUGE, HUGE).ok()?;
         crate::sys::own::claim(source, HUGE);
         let moved_whole = (|| {
+            // Not shared with a child forked meanwhile (a shared page does not move).
+            sys::madvise(source, HUGE, sys::Advice::DontFork).ok()?;
             sys::madvise(source, HUGE, sys::Advice::HugePage).ok()?;
             sys::madvise(source, HUGE, sys::Advice::PopulateWrite).ok()?;
-            let huge_at = |at: usize| crate::maps::smaps_sum(at, at + HUGE, "AnonHugePages:").ok();
-            if huge_at(source)? != HUGE as u64 {
+            if !whole(source)? {
                 return None;
             }
             // SAFETY: both ranges are fresh mappings of ours that nothing else knows of;
             // the graveyard is empty again, registered with `uffd`.
             unsafe { uffd.move_pages(grave.addr, source, HUGE) }.ok()?;
-            Some(huge_at(grave.addr)? == HUGE as u64)
+            whole(grave.addr)
         })();
         // SAFETY: the source is ours and nothing uses it any more.
         let _ = unsafe { sys::munmap(source, HUGE) };
         moved_whole
     })();
     free(uffd, &grave);
-    yes
+    found
 }
 
 #[cfg(test)]
