@@ -94,8 +94,9 @@ impl Kept {
     /// copied, the one the reaper frees) with room to spare.
     const MAX: usize = 8;
 
-    /// A kept graveyard of `len` bytes starting at `phase` modulo 2 MiB, of the kind
-    /// asked for, if any; the graveyards of huge pages no longer fit for them
+    /// The latest kept graveyard of `len` bytes starting at `phase` modulo 2 MiB, of the
+    /// kind asked for, if any (its page tables likelier in the caches); the graveyards of
+    /// huge pages no longer fit for them
     /// ([`Grave::fit_for_huge_pages`]) are moved into `stale`.
     fn take(&mut self, len: usize, phase: usize, huge: bool, stale: &mut Vec<Grave>) -> Option<Grave> {
         let (unfit, fit): (Vec<Grave>, Vec<Grave>) =
