@@ -110,6 +110,20 @@ struct Reported {
     idle: bool,
 }
 
+impl Reported {
+    /// When the next total may be told (none yet told: at once).
+    fn due(&self) -> Option<Instant> {
+        self.last.map(|t| t + Reporter::EVERY)
+    }
+
+    /// Marks the total counted as told, now; returns it.
+    fn take_total(&mut self) -> u64 {
+        self.told = self.moved;
+        self.last = Some(Instant::now());
+        self.moved
+    }
+}
+
 impl<'p> Reporter<'p> {
     /// The shortest time between two totals told.
     pub const EVERY: Duration = Duration::from_millis(10);
@@ -138,7 +152,7 @@ impl<'p> Reporter<'p> {
             }
             return;
         }
-        if state.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+        if state.due().is_some_and(|due| Instant::now() < due) {
             return;
         }
         self.tell_here(state, abort);
@@ -152,9 +166,7 @@ impl<'p> Reporter<'p> {
             // nothing new to tell.
             return;
         }
-        let now = state.moved;
-        state.told = now;
-        state.last = Some(Instant::now());
+        let now = state.take_total();
         // No lock held while caller code runs (another mover thread may be counting).
         drop(state);
         abort.run_caught("the progress callback", || progress(now));
@@ -173,15 +185,13 @@ impl<'p> Reporter<'p> {
             }
             if state.told != state.moved {
                 // Not woken by the totals that come meanwhile, only by the call's end.
-                if let Some(due) = state.last.map(|t| t + Self::EVERY).filter(|_| !state.finished)
+                if let Some(due) = state.due().filter(|_| !state.finished)
                     && Instant::now() < due
                 {
                     self.changed.wait_until(&mut state, due);
                     continue;
                 }
-                let now = state.moved;
-                state.told = now;
-                state.last = Some(Instant::now());
+                let now = state.take_total();
                 MutexGuard::unlocked(&mut state, || {
                     abort.run_caught("the progress callback", || progress(now));
                 });

@@ -100,10 +100,15 @@ impl Kept {
     /// oldest); the graveyards of huge pages no longer fit for them
     /// ([`Grave::fit_for_huge_pages`]) are moved into `stale`.
     fn take(&mut self, len: usize, phase: usize, huge: bool, stale: &mut Vec<Grave>) -> Option<Grave> {
-        let (unfit, fit): (Vec<Grave>, Vec<Grave>) =
-            std::mem::take(&mut self.graves).into_iter().partition(|g| g.huge && !g.fit_for_huge_pages());
-        stale.extend(unfit);
-        self.graves = fit;
+        // Nothing allocated on this path of every piece, unless some are stale.
+        let mut i = 0;
+        while i < self.graves.len() {
+            if self.graves[i].huge && !self.graves[i].fit_for_huge_pages() {
+                stale.push(self.graves.remove(i));
+            } else {
+                i += 1;
+            }
+        }
         let at = self
             .graves
             .iter()
