@@ -24,10 +24,7 @@ const HUGE: usize = 2 << 20;
 
 #[test]
 fn huge_pages_put_back_from_graveyards_that_held_base_pages_stay_huge() {
-    if std::env::var_os(CHILD).is_some() {
-        return in_fresh_process();
-    }
-    common::in_fresh_process(NAME, &[(CHILD, "1".as_ref())], Duration::from_secs(120));
+    common::fresh_process_test(NAME, CHILD, Duration::from_secs(120), in_fresh_process);
 }
 
 fn in_fresh_process() {

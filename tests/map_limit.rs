@@ -20,10 +20,7 @@ const NAME: &str = "a_small_call_at_the_map_count_limit_leaves_what_it_cannot_mo
 
 #[test]
 fn a_small_call_at_the_map_count_limit_leaves_what_it_cannot_move_untouched() {
-    if std::env::var_os(CHILD).is_some() {
-        return in_fresh_process();
-    }
-    common::in_fresh_process(NAME, &[(CHILD, "1".as_ref())], Duration::from_secs(240));
+    common::fresh_process_test(NAME, CHILD, Duration::from_secs(240), in_fresh_process);
 }
 
 /// Single pages mapped until the kernel refuses one more, alternately readable and not so
@@ -100,10 +97,7 @@ const SCATTERED_NAME: &str = "calls_of_every_shape_leave_the_process_with_as_man
 /// program's too). In a fresh process: a test beside it would map and unmap meanwhile.
 #[test]
 fn calls_of_every_shape_leave_the_process_with_as_many_mappings() {
-    if std::env::var_os(SCATTERED_CHILD).is_some() {
-        return shapes_in_fresh_process();
-    }
-    common::in_fresh_process(SCATTERED_NAME, &[(SCATTERED_CHILD, "1".as_ref())], Duration::from_secs(240));
+    common::fresh_process_test(SCATTERED_NAME, SCATTERED_CHILD, Duration::from_secs(240), shapes_in_fresh_process);
 }
 
 /// The lines of `/proc/self/maps`.

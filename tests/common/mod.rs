@@ -62,6 +62,16 @@ impl Drop for Watchdog {
     }
 }
 
+/// The body of a test that runs in a fresh process of its own: `body` where this process is
+/// that fresh one (`child` set), else the test `name` run again with `child` set
+/// ([`in_fresh_process`]).
+pub fn fresh_process_test(name: &str, child: &str, limit: Duration, body: impl FnOnce()) {
+    if std::env::var_os(child).is_some() {
+        return body();
+    }
+    in_fresh_process(name, &[(child, "1".as_ref())], limit);
+}
+
 /// Runs the test `name` of this test binary again in a fresh process, with `env` set, and
 /// fails if it fails or has not ended within `limit` (then it is killed). The test tells
 /// the two runs apart by the environment.
