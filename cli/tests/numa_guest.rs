@@ -1479,3 +1479,49 @@ fn huge_pages_put_back_across_nodes_stay_huge_after_graveyards_held_base_pages()
     let (_, kept_huge, reused) = engine.kept_graveyards();
     eprintln!("graveyards of huge pages kept: {kept_huge}, reservations that took a kept one: {reused}");
 }
+
+/// 32 MiB of 2 MiB folios in one batch across nodes, the target refusing the destination of
+/// the piece that holds folio 5 (populated just before its copy, as every piece's is): that
+/// piece's folios fail with `ENOMEM` and stay on the first node, whole and byte for byte;
+/// every other folio is on the second; a later call moves the rest.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn a_piece_whose_destination_cannot_be_populated_stays_on_its_node() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "a_piece_whose_destination_cannot_be_populated_stays_on_its_node");
+    let Some((a, b)) = two_nodes() else { return };
+    let engine = Engine::global().expect("the migration engine");
+    let len = 32 * MIB;
+    let region = Region::new(len, HPAGE_SIZE, Some(a)).expect("region on the first node");
+    fill(&region, 0x71);
+    let huge = region.anon_huge_bytes().expect("smaps");
+    let opts = MigrateOptions::default()
+        .max_batch_pages(len / PAGE_SIZE)
+        .fault(FaultInjection { fail_populate: vec![5], ..Default::default() });
+    let stats = match engine.migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync, &opts) {
+        Err(Error::Partial { stats, .. }) => stats,
+        other => panic!("expected a partial migration, got {other:?}"),
+    };
+    assert!(stats.failures.iter().all(|f| f.errno == libc::ENOMEM), "{:?}", stats.failures);
+    let failed: Vec<usize> = stats.failures.iter().map(|f| (f.addr - region.addr()) / HPAGE_SIZE).collect();
+    println!("folios refused a destination: {failed:?}");
+    assert!(failed.contains(&5) && failed.windows(2).all(|w| w[1] == w[0] + 1), "{failed:?}");
+    assert!(failed.len() < len / HPAGE_SIZE / 2, "{failed:?}");
+    verify(&region, 0x71, "region after the refused piece");
+    assert_eq!(region.anon_huge_bytes().expect("smaps"), huge, "huge pages stay huge");
+    let nodes = numa::page_nodes(region.addr(), len).expect("move_pages status query");
+    for (f, pages) in nodes.chunks(HPAGE_SIZE / PAGE_SIZE).enumerate() {
+        let want = if failed.contains(&f) { a } else { b } as i32;
+        assert!(pages.iter().all(|&n| n == want), "folio {f}: pages on {pages:?}, not all on node {want}");
+    }
+    println!(
+        "placement: refused-piece folios {} on node {a}, {} on node {b}",
+        failed.len(),
+        len / HPAGE_SIZE - failed.len()
+    );
+    engine
+        .migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync, &MigrateOptions::default())
+        .expect("the rest moves");
+    verify(&region, 0x71, "region moved whole");
+    check_placement("refused-piece#retry", &region, b);
+}

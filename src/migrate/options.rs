@@ -53,6 +53,11 @@ pub struct FaultInjection {
     /// meanwhile. Lets a test tell their answers from the reader's. (An event no copy reads
     /// holds the program's thread, and the kernel's moves, for those 2 s.)
     pub pause_event_reader: bool,
+    /// Where the pipelined copy populates the destination of a piece holding one of these
+    /// folios (indices as above) just before copying it, the node refuses the memory
+    /// (`ENOMEM`), as a node filled meanwhile by another program would: the piece's folios
+    /// stay as they were and fail.
+    pub fail_populate: Vec<usize>,
 }
 
 /// A callback told the number of bytes moved so far.
@@ -297,6 +302,7 @@ impl MigrateOptions {
                 fail_unregister: false,
                 stall_put_back: None,
                 pause_event_reader: false,
+                fail_populate: Vec::new(),
             };
             &NONE
         }

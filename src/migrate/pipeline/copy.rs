@@ -60,10 +60,11 @@ impl<'a> Call<'a> {
                 });
                 HPAGE_SIZE.max(done_bytes).min(cpu_max).min(budget.unwrap_or(usize::MAX))
             };
-            let piece_started = Instant::now();
             let (end, bytes) = piece_end(st, live, at, piece);
             done_bytes += bytes;
-            self.protect_piece(st, &live[at..end]);
+            let ready = self.populate_piece(st, &live[at..end]);
+            let piece_started = Instant::now();
+            self.protect_piece(st, ready.as_deref().unwrap_or(&live[at..end]));
             if self.plan.offload {
                 let isolated: Vec<usize> = live[at..end]
                     .iter()
@@ -98,16 +99,57 @@ impl<'a> Call<'a> {
         let mut at = 0;
         while at < live.len() && !self.abort.is_set() {
             let (end, _) = piece_end(st, live, at, PRECOPY_PIECE);
-            let (bytes, ns) = read_piece(mem, &self.precopy_reads(st, &live[at..end]));
+            let ready = self.populate_piece(st, &live[at..end]);
+            let piece = ready.as_deref().unwrap_or(&live[at..end]);
+            let (bytes, ns) = read_piece(mem, &self.precopy_reads(st, piece));
             self.tally.stats.precopied_bytes += bytes;
             self.tally.stats.precopy_ns += ns;
             if let Some(pause) = self.opts.faults().delay_after_precopy.filter(|_| at == 0) {
                 std::thread::sleep(pause);
             }
-            self.protect_piece(st, &live[at..end]);
+            self.protect_piece(st, piece);
             self.copy_piece(st, &live[at..end], true);
             at = end;
         }
+    }
+
+    /// Populates the destinations of the folios `piece` where their runs left them to be
+    /// populated piece by piece (see `prepare`), just before they are protected and copied;
+    /// the batch's first folio counts its wait from here. A folio whose destination cannot
+    /// be populated (`ENOMEM`) is refused and stays as it was. Returns the folios left to
+    /// protect where some were refused.
+    fn populate_piece(&mut self, st: &mut BatchState, piece: &[usize]) -> Option<Vec<usize>> {
+        let mut refused = false;
+        let mut k = 0;
+        while k < piece.len() {
+            let r = st.slots[piece[k]].run;
+            let e = k + piece[k..].iter().take_while(|&&i| st.slots[i].run == r).count();
+            let end = st.slots[piece[e - 1]].item.folio.end();
+            let run = &mut st.runs[r];
+            if let Some(rest) = run.rest.as_ref() {
+                let injected =
+                    piece[k..e].iter().any(|&i| self.opts.faults().fail_populate.contains(&st.slots[i].item.index));
+                let populated = if injected && !run.later.is_done() {
+                    Err(Errno::NOMEM)
+                } else {
+                    run.later.populate_to(rest.dest.addr() + (end - run.cursor))
+                };
+                match populated {
+                    Ok(spent) => self.tally.stats.prepare_ns += spent.as_nanos() as u64,
+                    Err(errno) => {
+                        refused = true;
+                        for &i in &piece[k..e] {
+                            st.slots[i].refused = Some(("destination on target node", errno));
+                        }
+                    }
+                }
+            }
+            k = e;
+        }
+        if !st.first_done {
+            st.started = Instant::now();
+        }
+        refused.then(|| piece.iter().copied().filter(|&i| st.slots[i].refused.is_none()).collect())
     }
 
     /// Protects and isolates the folios `piece` of the batch, each contiguous stretch of

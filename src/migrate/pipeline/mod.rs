@@ -37,7 +37,7 @@ use super::staged::Staged;
 use super::{Engine, Item, MigrateOptions, Mode, NR_MAX_MIGRATE_PASSES, Reason};
 use crate::error::Error;
 use crate::offload::{Batch, registry};
-use crate::pool::Populate;
+use crate::pool::{Populate, Unpopulated};
 use crate::sys::{self, Errno};
 
 /// How a call migrates: every strategy choice, made once when the call begins, from the
@@ -258,6 +258,9 @@ struct Run {
     /// Copied by the mover straight from the graveyard into the source: its destination is
     /// only a placeholder, never written.
     copy_in: bool,
+    /// The part of its destination populated piece by piece, just before each is copied
+    /// (the pipelined copy; see `prepare`).
+    later: Unpopulated,
 }
 
 /// One folio of a batch, with what the batch learnt of it.
@@ -548,6 +551,7 @@ fn split_runs(claimed: &[Item]) -> Vec<Run> {
                 cursor: item.folio.addr(),
                 next: i,
                 copy_in: false,
+                later: Unpopulated::NONE,
             }),
         }
     }

@@ -4,7 +4,9 @@
 use super::{BatchState, Call};
 use crate::error::Error;
 use crate::migrate::staged::Staged;
-use crate::pool::Key;
+use std::time::Duration;
+
+use crate::pool::{Key, Populate, Unpopulated};
 use crate::sys::{self, HPAGE_SIZE};
 
 impl<'a> Call<'a> {
@@ -52,8 +54,19 @@ impl<'a> Call<'a> {
             } else {
                 (align, start % align)
             };
-            let dest = match self.engine.pool.take(key, len, align, phase, self.plan.populate) {
-                Ok((dest, spent)) => {
+            // The pipelined copy populates each piece's destination just before it copies it
+            // (see `Pool::take_later`); the call's other paths write a destination anywhere
+            // once isolated, so theirs are populated now. Destinations populated by touch
+            // (`Populate::Touch`, beside a mover) are not: a store is not a populate.
+            let taken = if self.plan.lazy && self.plan.populate == Populate::Madvise {
+                self.engine.pool.take_later(key, len, align, phase).map(|(dest, later)| (dest, Duration::ZERO, later))
+            } else {
+                let taken = self.engine.pool.take(key, len, align, phase, self.plan.populate);
+                taken.map(|(dest, spent)| (dest, spent, Unpopulated::NONE))
+            };
+            let dest = match taken {
+                Ok((dest, spent, later)) => {
+                    st.runs[r].later = later;
                     self.tally.stats.prepare_ns += spent.as_nanos() as u64;
                     // Pages move only between mappings locked alike.
                     if locked && sys::mlock_onfault(dest.addr(), len).is_err() {
