@@ -1515,7 +1515,7 @@ fn a_piece_whose_destination_cannot_be_populated_stays_on_its_node() {
         assert!(pages.iter().all(|&n| n == want), "folio {f}: pages on {pages:?}, not all on node {want}");
     }
     println!(
-        "placement: refused-piece folios {} on node {a}, {} on node {b}",
+        "refused piece: {} folios stay on node {a}, {} moved to node {b}",
         failed.len(),
         len / HPAGE_SIZE - failed.len()
     );
