@@ -229,16 +229,17 @@ impl Unpopulated {
     ///
     /// # Errors
     /// `ENOMEM` where the node cannot supply the memory: the part below `to` stays without
-    /// some of its pages and counts as done (its folios must fail, never be written).
-    pub fn populate_to(&mut self, to: usize) -> std::result::Result<Duration, sys::Errno> {
+    /// some of its pages and counts as done (its folios must fail, never be written). The
+    /// time is returned either way.
+    pub fn populate_to(&mut self, to: usize) -> (Duration, std::result::Result<(), sys::Errno>) {
         let (from, to) = (self.next, to.min(self.end));
         if to <= from {
-            return Ok(Duration::ZERO);
+            return (Duration::ZERO, Ok(()));
         }
         self.next = to;
         let started = Instant::now();
-        populate_backwards(from, to, Populate::Madvise)?;
-        Ok(started.elapsed())
+        let populated = populate_backwards(from, to, Populate::Madvise);
+        (started.elapsed(), populated)
     }
 }
 
@@ -1010,14 +1011,14 @@ mod tests {
             let mut populated = present(&d).iter().take_while(|&&p| p).count();
             assert!(populated > 0 && present(&d)[populated..].iter().all(|&p| !p), "{populated} pages prepared ahead");
             for to in [HPAGE_SIZE, 5 * HPAGE_SIZE + 0x3000, 2 * HPAGE_SIZE, len + HPAGE_SIZE] {
-                assert!(later.populate_to(d.addr + to).is_ok());
+                assert!(later.populate_to(d.addr + to).1.is_ok());
                 populated = populated.max(to.min(len) / sys::PAGE_SIZE);
                 let now = present(&d);
                 assert!(now[..populated].iter().all(|&p| p), "populated up to {to:#x}");
                 assert!(now[populated..].iter().all(|&p| !p), "nothing past {to:#x}");
             }
             assert!(later.is_done());
-            assert_eq!(later.populate_to(d.addr + len).unwrap(), Duration::ZERO);
+            assert_eq!(later.populate_to(d.addr + len), (Duration::ZERO, Ok(())));
             // SAFETY: the destination is ours and populated whole.
             let bytes = unsafe { std::slice::from_raw_parts(d.addr as *const u8, len) };
             assert!(bytes.iter().all(|&b| b == 0));

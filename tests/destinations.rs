@@ -64,7 +64,8 @@ fn a_batch_of_huge_pages_holds_little_more_than_its_source() {
 /// 32 MiB of 2 MiB folios in one batch, two writers storing meanwhile; the node refuses the
 /// destination of the piece holding folio 5. That piece's folios fail with `ENOMEM` and
 /// stay as they were (huge, every byte and write kept), every other folio moves, and a
-/// later call moves the rest.
+/// later call moves the rest. With the first piece refused, the later ones still move as
+/// they are copied.
 #[test]
 fn a_piece_whose_destination_cannot_be_populated_fails_alone() {
     common::watchdog(Duration::from_secs(120), "a_piece_whose_destination_cannot_be_populated_fails_alone", || {
@@ -98,6 +99,20 @@ fn a_piece_whose_destination_cannot_be_populated_fails_alone() {
             engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &MigrateOptions::default())
         });
         assert_eq!(stats.unwrap().succeeded_folios as usize, LEN / HUGE);
+        let report = workload::verify(region, 53, &log);
+        assert!(report.ok(), "{report:?}");
+        // The first piece refused: the pieces after it still move one by one as they are
+        // copied (a move each), not all at once at the batch's end.
+        let first = MigrateOptions::default()
+            .max_batch_pages(LEN / 4096)
+            .fault(FaultInjection { fail_populate: vec![0], ..Default::default() });
+        let (result, log) = workload::with_writers(region, 2, || {
+            engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &first)
+        });
+        let err = result.unwrap_err();
+        let Error::Partial { stats, .. } = &err else { panic!("expected a partial migration, got {err:?}") };
+        assert_eq!(stats.failures.iter().map(|f| f.addr).collect::<Vec<_>>(), [region.addr()], "{stats:?}");
+        assert!(stats.runs >= 3, "the folios after the refused piece moved in {} moves", stats.runs);
         let report = workload::verify(region, 53, &log);
         assert!(report.ok(), "{report:?}");
     });

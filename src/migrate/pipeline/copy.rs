@@ -62,8 +62,10 @@ impl<'a> Call<'a> {
             };
             let (end, bytes) = piece_end(st, live, at, piece);
             done_bytes += bytes;
-            let ready = self.populate_piece(st, &live[at..end]);
+            let ready = self.populate_piece(st, &live[at..end], at == 0);
             let piece_started = Instant::now();
+            // What was refused costs nothing to copy: it does not set the pace.
+            let bytes = ready.as_ref().map_or(bytes, |r| r.iter().map(|&i| st.slots[i].item.folio.size()).sum());
             self.protect_piece(st, ready.as_deref().unwrap_or(&live[at..end]));
             if self.plan.offload {
                 let isolated: Vec<usize> = live[at..end]
@@ -99,7 +101,7 @@ impl<'a> Call<'a> {
         let mut at = 0;
         while at < live.len() && !self.abort.is_set() {
             let (end, _) = piece_end(st, live, at, PRECOPY_PIECE);
-            let ready = self.populate_piece(st, &live[at..end]);
+            let ready = self.populate_piece(st, &live[at..end], at == 0);
             let piece = ready.as_deref().unwrap_or(&live[at..end]);
             let (bytes, ns) = read_piece(mem, &self.precopy_reads(st, piece));
             self.tally.stats.precopied_bytes += bytes;
@@ -115,10 +117,10 @@ impl<'a> Call<'a> {
 
     /// Populates the destinations of the folios `piece` where their runs left them to be
     /// populated piece by piece (see `prepare`), just before they are protected and copied;
-    /// the batch's first folio counts its wait from here. A folio whose destination cannot
-    /// be populated (`ENOMEM`) is refused and stays as it was. Returns the folios left to
-    /// protect where some were refused.
-    fn populate_piece(&mut self, st: &mut BatchState, piece: &[usize]) -> Option<Vec<usize>> {
+    /// the batch's first folio counts its wait from the end of the `first` piece's. A folio
+    /// whose destination cannot be populated (`ENOMEM`) is refused and stays as it was.
+    /// Returns the folios left to protect where some were refused.
+    fn populate_piece(&mut self, st: &mut BatchState, piece: &[usize], first: bool) -> Option<Vec<usize>> {
         let mut refused = false;
         let mut k = 0;
         while k < piece.len() {
@@ -127,26 +129,22 @@ impl<'a> Call<'a> {
             let end = st.slots[piece[e - 1]].item.folio.end();
             let run = &mut st.runs[r];
             if let Some(rest) = run.rest.as_ref() {
-                let injected =
-                    piece[k..e].iter().any(|&i| self.opts.faults().fail_populate.contains(&st.slots[i].item.index));
-                let populated = if injected && !run.later.is_done() {
-                    Err(Errno::NOMEM)
-                } else {
-                    run.later.populate_to(rest.dest.addr() + (end - run.cursor))
-                };
-                match populated {
-                    Ok(spent) => self.tally.stats.prepare_ns += spent.as_nanos() as u64,
-                    Err(errno) => {
-                        refused = true;
-                        for &i in &piece[k..e] {
-                            st.slots[i].refused = Some(("destination on target node", errno));
-                        }
+                let left = !run.later.is_done();
+                let (spent, populated) = run.later.populate_to(rest.dest.addr() + (end - run.cursor));
+                self.tally.stats.prepare_ns += spent.as_nanos() as u64;
+                // Refused after the populate, as a node that ran out part way would.
+                let fail = &self.opts.faults().fail_populate;
+                let injected = left && piece[k..e].iter().any(|&i| fail.contains(&st.slots[i].item.index));
+                if let Err(errno) = if injected { Err(Errno::NOMEM) } else { populated } {
+                    refused = true;
+                    for &i in &piece[k..e] {
+                        st.slots[i].refused = Some(("destination on target node", errno));
                     }
                 }
             }
             k = e;
         }
-        if !st.first_done {
+        if first {
             st.started = Instant::now();
         }
         refused.then(|| piece.iter().copied().filter(|&i| st.slots[i].refused.is_none()).collect())

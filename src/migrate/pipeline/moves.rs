@@ -15,18 +15,30 @@ use crate::migrate::staged::Staged;
 use crate::sys::Errno;
 
 impl Call<'_> {
-    /// Moves, in each run, the longest prefix of its next folios whose copy is complete.
+    /// Moves, in each run, the longest prefix of its next folios whose copy is complete,
+    /// undoing on the way each folio refused for good (never protected: its destination
+    /// could not be populated, or the program changed its mapping), so that the folios
+    /// copied after it do not wait for the batch's end.
     pub(super) fn move_copied(&mut self, st: &mut BatchState) {
         for r in 0..st.runs.len() {
-            let run = &st.runs[r];
-            let next = run.next;
-            let limit = (next..run.items.end).find(|&i| !st.copied(i)).unwrap_or(run.items.end);
-            if limit == next {
-                continue;
+            let Some(mut rest) = st.runs[r].rest.take() else { continue };
+            let end = st.runs[r].items.end;
+            loop {
+                let next = st.runs[r].next;
+                let limit = (next..end).find(|&i| !st.copied(i)).unwrap_or(end);
+                if limit > next {
+                    rest = self.finish_through(st, r, rest, next..limit);
+                    continue;
+                }
+                match st.slots.get(next).filter(|_| next < end) {
+                    Some(slot) if !slot.info.contains(MigrateInfo::WAS_MAPPED) => match slot.refused {
+                        Some((_, errno)) => rest = self.undo_one(st, r, next, rest, errno),
+                        None => break,
+                    },
+                    _ => break,
+                }
             }
-            let Some(rest) = st.runs[r].rest.take() else { continue };
-            let rest = self.finish_through(st, r, rest, next..limit);
-            if st.runs[r].next >= st.runs[r].items.end || rest.is_empty() {
+            if st.runs[r].next >= end || rest.is_empty() {
                 rest.release(self.engine);
             } else {
                 st.runs[r].rest = Some(rest);
