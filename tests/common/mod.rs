@@ -46,6 +46,7 @@ impl Watchdog {
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if !*guard {
                     eprintln!("{what}: still running after {limit:?} (hung); the test binary aborts");
+                    eprintln!("{}", threads_now());
                     std::process::abort();
                 }
             })
@@ -112,8 +113,41 @@ pub fn watchdog<R: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce()
             r
         }
         Ok(Err(payload)) => std::panic::resume_unwind(payload),
-        Err(_) => panic!("{what}: still running after {limit:?} (hung)"),
+        Err(_) => panic!("{what}: still running after {limit:?} (hung)\n{}", threads_now()),
     }
+}
+
+/// What each thread of this process is doing now, as the kernel sees it: its name, state,
+/// the system call it is in, where it sleeps and its kernel stack (where readable), one
+/// block per thread. What a hung test prints, so that a hang seen once says where it was.
+pub fn threads_now() -> String {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return "no /proc/self/task".into() };
+    let mut out = String::from("threads of the hung test binary:\n");
+    for task in tasks.flatten() {
+        let dir = task.path();
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+        let stat = read("stat");
+        // The state follows the name's closing parenthesis.
+        let state = stat.rsplit_once(") ").map_or("?", |(_, rest)| &rest[..1]);
+        out += &format!(
+            "  {} {:?} state {state} wchan {} syscall {}\n",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan").trim(),
+            read("syscall").split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+        );
+        for frame in read("stack").lines().take(12) {
+            out += &format!("      {frame}\n");
+        }
+    }
+    // Where each thread is in user space, where gdb is installed (`.ci/run` installs it).
+    let gdb = std::process::Command::new("timeout")
+        .args(["60", "gdb", "-p", &std::process::id().to_string(), "-batch", "-nx", "-ex", "thread apply all bt 30"])
+        .output();
+    if let Some(gdb) = gdb.ok().filter(|o| !o.stdout.is_empty()) {
+        out += &String::from_utf8_lossy(&gdb.stdout);
+    }
+    out
 }
 
 /// Writes every page of `region` (adding zero to a word of each: a write access, data
