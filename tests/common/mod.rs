@@ -118,8 +118,11 @@ pub fn watchdog<R: Send + 'static>(limit: Duration, what: &str, f: impl FnOnce()
 }
 
 /// What each thread of this process is doing now, as the kernel sees it: its name, state,
-/// the system call it is in, where it sleeps and its kernel stack (where readable), one
-/// block per thread. What a hung test prints, so that a hang seen once says where it was.
+/// the system call it is in (number, arguments, stack and instruction pointers) and its
+/// kernel stack (where readable), one block per thread. What a hung test prints, so that a
+/// hang seen once says where it was. (Not a debugger's view: a debugger reading the
+/// memory of a process whose threads wait on its userfaultfd, or on its memory map's
+/// lock, may wait for good itself.)
 pub fn threads_now() -> String {
     let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return "no /proc/self/task".into() };
     let mut out = String::from("threads of the hung test binary:\n");
@@ -134,18 +137,11 @@ pub fn threads_now() -> String {
             task.file_name().to_string_lossy(),
             read("comm").trim(),
             read("wchan").trim(),
-            read("syscall").split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+            read("syscall").trim(),
         );
         for frame in read("stack").lines().take(12) {
             out += &format!("      {frame}\n");
         }
-    }
-    // Where each thread is in user space, where gdb is installed (`.ci/run` installs it).
-    let gdb = std::process::Command::new("timeout")
-        .args(["60", "gdb", "-p", &std::process::id().to_string(), "-batch", "-nx", "-ex", "thread apply all bt 30"])
-        .output();
-    if let Some(gdb) = gdb.ok().filter(|o| !o.stdout.is_empty()) {
-        out += &String::from_utf8_lossy(&gdb.stdout);
     }
     out
 }
