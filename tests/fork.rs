@@ -122,3 +122,60 @@ fn children_forked_during_migration_see_every_byte() {
         }
     }
 }
+
+/// Pages shared with a child (a `fork` the child outlives the call with) are made this
+/// process's own before they move, with a write fault on each present one; a page the
+/// program purges meanwhile (its purge completes once the event reader has read it, before
+/// the reader records it) must not hold the call: it comes back as zeros, the call ends,
+/// and every other page moved with its bytes.
+#[test]
+fn a_page_purged_while_shared_pages_are_made_ours_does_not_hold_the_call() {
+    const PAGES: usize = 64;
+    const PURGED: usize = 5;
+    let region = leak(Region::new(PAGES * 4096, 4096, Some(node())).unwrap());
+    workload::fill(region, 4321);
+    // SAFETY: the child only sleeps and calls `_exit`; it keeps the region's pages shared.
+    let child = unsafe { libc::fork() };
+    assert!(child >= 0);
+    if child == 0 {
+        // SAFETY: ends the child.
+        unsafe {
+            libc::sleep(30);
+            libc::_exit(0);
+        }
+    }
+    let outcome = watchdog(Duration::from_secs(60), "a page purged while shared pages are made ours", move || {
+        let purger = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let page = region.addr() + PURGED * 4096;
+            // SAFETY: a page of our own region, purged as a program would.
+            assert_eq!(unsafe { libc::madvise(page as *mut _, 4096, libc::MADV_DONTNEED) }, 0);
+        });
+        let opts = MigrateOptions::default()
+            .fault(pagemig::FaultInjection { delay_unshare: Some(Duration::from_millis(400)), ..Default::default() });
+        let result =
+            Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts);
+        purger.join().unwrap();
+        result
+    });
+    // SAFETY: ends and reaps the child forked above.
+    unsafe {
+        libc::kill(child, libc::SIGKILL);
+        libc::waitpid(child, std::ptr::null_mut(), 0);
+    }
+    let stats = match outcome {
+        Ok(stats) => stats,
+        Err(Error::Partial { stats, .. }) => *stats,
+        Err(e) => panic!("the call failed: {e}"),
+    };
+    // The purged page failed as not present (or moved, had the purge come after it), and
+    // every other page moved.
+    assert!(stats.failures.iter().all(|f| f.addr == region.addr() + PURGED * 4096), "{:?}", stats.failures);
+    assert!(stats.failures.iter().all(|f| f.errno == libc::ENOENT), "{:?}", stats.failures);
+    assert!(stats.succeeded_folios as usize >= PAGES - 1, "{stats:?}");
+    for i in 0..region.words() {
+        let want = if i / 512 == PURGED { 0 } else { pattern_word(4321, i) };
+        assert_eq!(region.word(i).load(Ordering::Relaxed), want, "word {i}");
+    }
+    assert_writable(region);
+}

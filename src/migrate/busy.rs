@@ -61,6 +61,10 @@ pub(super) struct Claims {
     stray: Vec<Span>,
     /// How many claims have `pause_reader`.
     pausing: usize,
+    /// Claimed ranges whose present pages a call is making its own now, with the claims
+    /// lock let go (see the isolation's `unshare`): a missing fault there on a page not
+    /// isolated is answered with zeros ([`Claims::hole_while_unsharing`]).
+    unsharing: Vec<Span>,
 }
 
 /// `pieces` (sorted, disjoint) less what `runs` (sorted, disjoint) cover.
@@ -188,6 +192,31 @@ impl Claims {
             any = true;
         }
         any
+    }
+
+    /// Marks `[start, end)`, claimed and not isolated, as being made this process's own
+    /// by a call's thread that write-faults its present pages ([`Claims::end_unsharing`]
+    /// takes it off).
+    pub fn begin_unsharing(&mut self, start: usize, end: usize) {
+        self.unsharing.push((start, end));
+    }
+
+    /// Takes off what [`Claims::begin_unsharing`] marked.
+    pub fn end_unsharing(&mut self, start: usize, end: usize) {
+        if let Some(i) = self.unsharing.iter().position(|&span| span == (start, end)) {
+            self.unsharing.swap_remove(i);
+        }
+    }
+
+    /// Whether a missing fault at `addr` is on a page being made the process's own
+    /// ([`Claims::begin_unsharing`]) that is not isolated: a hole, whose contents are
+    /// zeros (the program purged it, perhaps before the call claimed it and its purge's
+    /// event was read; or never touched it), and the thread that faults may be the very one
+    /// whose isolation would otherwise wake it.
+    pub fn hole_while_unsharing(&mut self, addr: usize) -> bool {
+        let page = addr & !(crate::sys::PAGE_SIZE - 1);
+        let end = page + crate::sys::PAGE_SIZE;
+        self.unsharing.iter().any(|&(s, e)| s <= page && end <= e) && self.isolated_in(page, end).is_empty()
     }
 
     /// The parts of `[start, end)` that no claim covers, in address order.

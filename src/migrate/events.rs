@@ -417,10 +417,13 @@ fn answer_all(uffd: &Uffd, claims: &mut Claims, moved: &mut Moved) {
         }
         // Checked again: read while the lock was let go (the homing's), a call may have
         // claimed or registered the page since.
-        if claims.is_stray(addr) {
+        if claims.is_stray(addr) || claims.hole_while_unsharing(addr) {
             // SAFETY: a missing page of the program's anonymous memory that no call claims
-            // or registered (checked under this hold of the claims lock, which every claim
-            // and registration takes): its thread would have read a fresh page of zeros.
+            // or registered, or one a call claims but has not isolated (no old pages of it
+            // wait anywhere; not on their way home, checked above), checked under this hold
+            // of the claims lock, which every claim, registration and isolation takes: its
+            // thread would have read a fresh page of zeros. (Nothing is copied over a page
+            // that is there: `UFFDIO_COPY` refuses it.)
             unsafe { super::zerofill::answer_with_zeros(uffd, addr) };
         }
     }
@@ -498,6 +501,9 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
         // In a range a call left registered: nothing will wake its thread, and the kernel
         // would have given it a page of zeros.
         Event::Missing { addr } if claims.is_stray(addr) => moved.strays.push(addr),
+        // A hole in pages a call makes its own with the claims lock let go: the thread that
+        // faulted may be that call's own (see `Claims::hole_while_unsharing`).
+        Event::Missing { addr } if claims.hole_while_unsharing(addr) => moved.strays.push(addr),
         // Its thread waits until the migration (or the end of the call) wakes it, or until
         // its page is answered (once every event of the read is handled).
         Event::Missing { addr } | Event::Protected { addr } => moved.faults.push(addr),

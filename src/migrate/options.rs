@@ -58,6 +58,10 @@ pub struct FaultInjection {
     /// (`ENOMEM`), as a node filled meanwhile by another program would: the piece's folios
     /// stay as they were and fail.
     pub fail_populate: Vec<usize>,
+    /// Pause for this long where the isolation makes pages shared with a child this
+    /// process's own (`EBUSY` after a `fork`), with their protection off and the claims
+    /// lock let go, before it write-faults them: lets a test purge one meanwhile.
+    pub delay_unshare: Option<Duration>,
 }
 
 /// A callback told the number of bytes moved so far.
@@ -303,6 +307,7 @@ impl MigrateOptions {
                 stall_put_back: None,
                 pause_event_reader: false,
                 fail_populate: Vec::new(),
+                delay_unshare: None,
             };
             &NONE
         }

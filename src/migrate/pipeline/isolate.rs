@@ -191,7 +191,7 @@ impl<'a> Call<'a> {
                     // page is never pinned. Taking the write fault now gives this process a
                     // page of its own (the same page where nobody else maps it any more); a
                     // pinned page is its own already and is refused again.
-                    if unshare(engine, &mut claims, at, stretch_end) {
+                    if unshare(engine, &mut claims, at, stretch_end, self.opts.faults().delay_unshare) {
                         unshared_to = stretch_end;
                         continue;
                     }
@@ -206,7 +206,13 @@ impl<'a> Call<'a> {
                     continue;
                 }
                 let k = folios.partition_point(|f| f.end() <= at);
-                let (op, errno) = classify(Phase::Isolate, errno);
+                // A hole where the mapping still is: a purge whose event was read before
+                // the call claimed the memory emptied the page since (no later event marks
+                // it dead). Not present, as `move_pages(2)` says of a purged page; a hole
+                // where nothing is mapped any more is memory unmapped meanwhile.
+                let page = bad & !(sys::PAGE_SIZE - 1);
+                let hole = errno == Errno::NOENT && sys::any_locked(page, sys::PAGE_SIZE).is_ok();
+                let (op, errno) = classify(Phase::Isolate, if hole { Errno::FAULT } else { errno });
                 failed.push((items.start + k, op, errno));
                 at = fk.end();
             }
@@ -235,28 +241,49 @@ fn answer_from_now(engine: &Engine, claims: &mut Claims, start: usize, end: usiz
 
 /// Makes the present pages of the protected, claimed `[start, end)` this process's own:
 /// protection off for a moment, a write fault taken on each present page without writing
-/// it (`MADV_POPULATE_WRITE`), protection on again. Called with the claims lock held, so
-/// the program cannot purge a page between the look at its pages and the write faults (its
-/// purge waits for the event reader, which waits for the lock): never-touched pages are
-/// left alone, since a write fault there would wait for a migration that is this thread.
+/// it (`MADV_POPULATE_WRITE`), protection on again. Never-touched pages are left alone: a
+/// write fault there would wait for a migration that is this thread.
+///
+/// The faults are taken with the claims lock let go (`delay`: a pause there first,
+/// `FaultInjection::delay_unshare`). A purge of the program's goes on as soon as the event
+/// reader has read its event, and may empty its pages a while later: one that came just
+/// before the call claimed the memory empties a page found present here by the time it is
+/// faulted, and that fault waits for the reader, which waits for the lock. With the lock
+/// held, the call, and every thread of the program that touched its memory, waited for
+/// good (the soak's 4 KiB region purged, forked and migrated at once, on a loaded
+/// machine). The reader answers such a fault with zeros, the page's contents after the
+/// purge ([`Claims::hole_while_unsharing`]).
 ///
 /// Returns false, having changed nothing, when the kernel refuses for now (an event of the
 /// program waits to be read, which needs the lock).
-fn unshare(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, end: usize) -> bool {
+fn unshare(
+    engine: &Engine,
+    claims: &mut MutexGuard<'_, Claims>,
+    start: usize,
+    end: usize,
+    delay: Option<std::time::Duration>,
+) -> bool {
     let Ok(frames) = crate::numa::page_frames(start, end - start) else { return false };
     if engine.uffd.writeprotect_once(start, end - start, false).is_err() {
         return false;
     }
-    let mut i = 0;
-    while i < frames.len() {
-        if frames[i].is_none() {
-            i += 1;
-            continue;
+    claims.begin_unsharing(start, end);
+    MutexGuard::unlocked(claims, || {
+        if let Some(pause) = delay {
+            std::thread::sleep(pause);
         }
-        let j = i + frames[i..].iter().take_while(|f| f.is_some()).count();
-        let _ = sys::madvise(start + i * sys::PAGE_SIZE, (j - i) * sys::PAGE_SIZE, Advice::PopulateWrite);
-        i = j;
-    }
+        let mut i = 0;
+        while i < frames.len() {
+            if frames[i].is_none() {
+                i += 1;
+                continue;
+            }
+            let j = i + frames[i..].iter().take_while(|f| f.is_some()).count();
+            let _ = sys::madvise(start + i * sys::PAGE_SIZE, (j - i) * sys::PAGE_SIZE, Advice::PopulateWrite);
+            i = j;
+        }
+    });
+    claims.end_unsharing(start, end);
     // An event the program raised meanwhile waits for the lock to be read: let it go until
     // the protection is back on (the pages are not isolated yet: writes meanwhile are kept).
     // Not given up: the pages must not stay writable once isolated.
