@@ -74,14 +74,21 @@ fn a_piece_whose_destination_cannot_be_populated_fails_alone() {
         let region = common::leak(Region::new(LEN, HUGE, Some(node())).unwrap());
         workload::fill(region, 53);
         let huge = region.anon_huge_bytes().unwrap();
-        let opts = MigrateOptions::default()
-            .max_batch_pages(LEN / 4096)
-            .fault(FaultInjection { fail_populate: vec![5], ..Default::default() });
-        let (result, log) = workload::with_writers(region, 2, || {
-            engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
-        });
-        let err = result.unwrap_err();
-        let Error::Partial { stats, .. } = &err else { panic!("expected a partial migration, got {err:?}") };
+        // The region in one batch, two writers storing, the piece holding `folio` refused:
+        // the partial migration's figures, and the writes made.
+        let refused = |folio: usize| {
+            let opts = MigrateOptions::default()
+                .max_batch_pages(LEN / 4096)
+                .fault(FaultInjection { fail_populate: vec![folio], ..Default::default() });
+            let (result, log) = workload::with_writers(region, 2, || {
+                engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts)
+            });
+            match result {
+                Err(Error::Partial { stats, .. }) => (stats, log),
+                other => panic!("expected a partial migration, got {other:?}"),
+            }
+        };
+        let (stats, log) = refused(5);
         let folio = |addr: usize| (addr - region.addr()) / HUGE;
         let failed: Vec<usize> = stats.failures.iter().map(|f| folio(f.addr)).collect();
         assert!(stats.failures.iter().all(|f| f.errno == libc::ENOMEM), "{:?}", stats.failures);
@@ -103,14 +110,7 @@ fn a_piece_whose_destination_cannot_be_populated_fails_alone() {
         assert!(report.ok(), "{report:?}");
         // The first piece refused: the pieces after it still move one by one as they are
         // copied (a move each), not all at once at the batch's end.
-        let first = MigrateOptions::default()
-            .max_batch_pages(LEN / 4096)
-            .fault(FaultInjection { fail_populate: vec![0], ..Default::default() });
-        let (result, log) = workload::with_writers(region, 2, || {
-            engine.migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &first)
-        });
-        let err = result.unwrap_err();
-        let Error::Partial { stats, .. } = &err else { panic!("expected a partial migration, got {err:?}") };
+        let (stats, log) = refused(0);
         assert_eq!(stats.failures.iter().map(|f| f.addr).collect::<Vec<_>>(), [region.addr()], "{stats:?}");
         assert!(stats.runs >= 3, "the folios after the refused piece moved in {} moves", stats.runs);
         let report = workload::verify(region, 53, &log);

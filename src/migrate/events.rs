@@ -224,8 +224,9 @@ struct Moved {
     /// The pages of `homing`, counted empty for the fork barrier until they are home (or
     /// given up): taken from the claims with the spans.
     empty: Empty,
-    /// Missing faults in ranges a call left registered ([`Claims::is_stray`]), answered
-    /// with zeros under the claims lock.
+    /// Missing faults in ranges a call left registered ([`Claims::is_stray`]) or on holes
+    /// in pages a call makes its own ([`Claims::hole_while_unsharing`]), answered with
+    /// zeros under the claims lock.
     strays: Vec<usize>,
     /// Other faults: answered with their old pages where they touched an isolated base
     /// page a call lets the reader answer ([`Claims::answerable`]).
