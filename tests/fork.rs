@@ -103,6 +103,25 @@ fn storm(folio: usize, deferred: bool, duration: Duration) -> (u64, u64, u64, u6
     outcome
 }
 
+/// Whether the page at `addr` is mapped by this process alone (`/proc/self/pagemap` bit 56).
+fn exclusively_mapped(addr: usize) -> bool {
+    pagemap(addr) & (1 << 56) != 0
+}
+
+/// The `/proc/self/pagemap` entry of the page at `addr`.
+fn pagemap(addr: usize) -> u64 {
+    use std::os::unix::fs::FileExt;
+    let mut entry = [0u8; 8];
+    let pagemap = std::fs::File::open("/proc/self/pagemap").expect("pagemap");
+    pagemap.read_exact_at(&mut entry, (addr / 4096 * 8) as u64).expect("a pagemap entry");
+    u64::from_le_bytes(entry)
+}
+
+/// Whether a page is present at `addr` (`/proc/self/pagemap` bit 63).
+fn present(addr: usize) -> bool {
+    pagemap(addr) & (1 << 63) != 0
+}
+
 fn leak_flag() -> &'static AtomicBool {
     Box::leak(Box::new(AtomicBool::new(false)))
 }
@@ -130,52 +149,111 @@ fn children_forked_during_migration_see_every_byte() {
 /// and every other page moved with its bytes.
 #[test]
 fn a_page_purged_while_shared_pages_are_made_ours_does_not_hold_the_call() {
-    const PAGES: usize = 64;
-    const PURGED: usize = 5;
-    let region = leak(Region::new(PAGES * 4096, 4096, Some(node())).unwrap());
-    workload::fill(region, 4321);
-    // SAFETY: the child only sleeps and calls `_exit`; it keeps the region's pages shared.
-    let child = unsafe { libc::fork() };
-    assert!(child >= 0);
-    if child == 0 {
-        // SAFETY: ends the child.
-        unsafe {
-            libc::sleep(30);
-            libc::_exit(0);
+    // A process of its own: a fork of another test would share the pages too.
+    const NAME: &str = "a_page_purged_while_shared_pages_are_made_ours_does_not_hold_the_call";
+    common::fresh_process_test(NAME, "PAGEMIG_TEST_PURGED_UNSHARING", Duration::from_secs(120), || {
+        const PAGES: usize = 64;
+        const PURGED: usize = 5;
+        /// A page the program maps afresh over its old one meanwhile.
+        const REPLACED: usize = 9;
+        let region = leak(Region::new(PAGES * 4096, 4096, Some(node())).unwrap());
+        workload::fill(region, 4321);
+        assert!(!common::vm_flags(region.addr()).contains(&"uw".to_string()), "registered before the call");
+        // SAFETY: the child only sleeps and calls `_exit`; it keeps the region's pages shared.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0);
+        if child == 0 {
+            // SAFETY: ends the child.
+            unsafe {
+                libc::sleep(30);
+                libc::_exit(0);
+            }
         }
-    }
-    let outcome = watchdog(Duration::from_secs(60), "a page purged while shared pages are made ours", move || {
-        let purger = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(100));
-            let page = region.addr() + PURGED * 4096;
-            // SAFETY: a page of our own region, purged as a program would.
-            assert_eq!(unsafe { libc::madvise(page as *mut _, 4096, libc::MADV_DONTNEED) }, 0);
+        // Ends and reaps the child however the test ends (a watchdog's panic included).
+        struct Reap(libc::pid_t);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                // SAFETY: ends and reaps the child forked above.
+                unsafe {
+                    libc::kill(self.0, libc::SIGKILL);
+                    libc::waitpid(self.0, std::ptr::null_mut(), 0);
+                }
+            }
+        }
+        let _reap = Reap(child);
+        let outcome = watchdog(Duration::from_secs(60), "a page purged while shared pages are made ours", move || {
+            // The purge comes once the call has registered the region (it protects it, meets
+            // the child's shares and lets the lock go at once) and well inside the 400 ms
+            // pause of the un-sharing; then the purging thread reads the page. A purge before
+            // the pause would leave that read waiting for the call's end, one after it would
+            // read the page's old contents: only the pause's hole reads zeros at once.
+            let purger = std::thread::spawn(move || {
+                while !common::vm_flags(region.addr()).contains(&"uw".to_string()) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                let page = region.addr() + PURGED * 4096;
+                // SAFETY: a page of our own region, purged as a program would.
+                assert_eq!(unsafe { libc::madvise(page as *mut _, 4096, libc::MADV_DONTNEED) }, 0);
+                let word = region.word(PURGED * 512 + 7).load(Ordering::SeqCst);
+                // Still shared with the child: the un-sharing's write faults have not run.
+                let unshared = exclusively_mapped(region.addr() + (PURGED + 1) * 4096);
+                let page = region.addr() + REPLACED * 4096;
+                // SAFETY: a fresh private page mapped over a page of our own region, as a
+                // program reusing its address space would.
+                let mapped = unsafe {
+                    libc::mmap(
+                        page as *mut _,
+                        4096,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                        -1,
+                        0,
+                    )
+                };
+                assert_eq!(mapped as usize, page);
+                (word, unshared)
+            });
+            let opts = MigrateOptions::default().fault(pagemig::FaultInjection {
+                delay_unshare: Some(Duration::from_millis(400)),
+                ..Default::default()
+            });
+            let result =
+                Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts);
+            (result, purger.join().unwrap())
         });
-        let opts = MigrateOptions::default()
-            .fault(pagemig::FaultInjection { delay_unshare: Some(Duration::from_millis(400)), ..Default::default() });
-        let result =
-            Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts);
-        purger.join().unwrap();
-        result
+        let (outcome, (read, unshared)) = outcome;
+        // The purging thread's read met the hole while the call made the pages its own, and
+        // was answered with zeros then, before the pages were made its own, not at the call's
+        // end.
+        assert_eq!(read, 0, "the purged page read its old contents");
+        assert!(!unshared, "the read of the purged page waited for the pages to be made the call's own");
+        assert!(exclusively_mapped(region.addr() + (PURGED + 1) * 4096), "the pages were made the call's own");
+        // The page mapped afresh is not the program's old memory: nothing touched it.
+        assert!(!present(region.addr() + REPLACED * 4096), "the call populated a mapping made meanwhile");
+        let stats = match outcome {
+            Ok(stats) => stats,
+            Err(Error::Partial { stats, .. }) => *stats,
+            Err(e) => panic!("the call failed: {e}"),
+        };
+        // The purged page failed as not present, the page mapped afresh as not present or
+        // unmapped, and every other page moved.
+        let (purged, replaced) = (region.addr() + PURGED * 4096, region.addr() + REPLACED * 4096);
+        assert!(stats.failures.iter().any(|f| f.addr == purged && f.errno == libc::ENOENT), "{:?}", stats.failures);
+        assert!(stats.failures.iter().any(|f| f.addr == replaced), "{:?}", stats.failures);
+        assert!(
+            stats
+                .failures
+                .iter()
+                .all(|f| [purged, replaced].contains(&f.addr) && [libc::ENOENT, libc::EFAULT].contains(&f.errno)),
+            "{:?}",
+            stats.failures
+        );
+        assert_eq!(stats.succeeded_folios as usize, PAGES - 2, "{stats:?}");
+        for i in 0..region.words() {
+            let want = if [PURGED, REPLACED].contains(&(i / 512)) { 0 } else { pattern_word(4321, i) };
+            assert_eq!(region.word(i).load(Ordering::Relaxed), want, "word {i}");
+        }
+        assert_writable(region);
     });
-    // SAFETY: ends and reaps the child forked above.
-    unsafe {
-        libc::kill(child, libc::SIGKILL);
-        libc::waitpid(child, std::ptr::null_mut(), 0);
-    }
-    let stats = match outcome {
-        Ok(stats) => stats,
-        Err(Error::Partial { stats, .. }) => *stats,
-        Err(e) => panic!("the call failed: {e}"),
-    };
-    // The purged page failed as not present (or moved, had the purge come after it), and
-    // every other page moved.
-    assert!(stats.failures.iter().all(|f| f.addr == region.addr() + PURGED * 4096), "{:?}", stats.failures);
-    assert!(stats.failures.iter().all(|f| f.errno == libc::ENOENT), "{:?}", stats.failures);
-    assert!(stats.succeeded_folios as usize >= PAGES - 1, "{stats:?}");
-    for i in 0..region.words() {
-        let want = if i / 512 == PURGED { 0 } else { pattern_word(4321, i) };
-        assert_eq!(region.word(i).load(Ordering::Relaxed), want, "word {i}");
-    }
-    assert_writable(region);
 }

@@ -245,7 +245,8 @@ fn answer_from_now(engine: &Engine, claims: &mut Claims, start: usize, end: usiz
 /// write fault there would wait for a migration that is this thread.
 ///
 /// The faults are taken with the claims lock let go (`delay`: a pause there first,
-/// `FaultInjection::delay_unshare`). A purge of the program's goes on as soon as the event
+/// `FaultInjection::delay_unshare`), on the pages not purged, unmapped or moved away by
+/// then. A purge of the program's goes on as soon as the event
 /// reader has read its event, and may empty its pages a while later: one that came just
 /// before the call claimed the memory empties a page found present here by the time it is
 /// faulted, and that fault waits for the reader, which waits for the lock. With the lock
@@ -268,18 +269,24 @@ fn unshare(
         return false;
     }
     claims.begin_unsharing(start, end);
+    if let Some(pause) = delay {
+        MutexGuard::unlocked(claims, || std::thread::sleep(pause));
+    }
+    // What the program purged, unmapped or moved away since (its event read meanwhile) is
+    // left alone: what is mapped there now may not be the program's old memory. (Nothing
+    // here panics: the mark comes off below.)
+    let dead = claims.dead_in(start, end);
+    let page = |i: usize| start + i * sys::PAGE_SIZE;
+    let live = |i: usize| frames[i].is_some() && !dead.iter().any(|&(s, e)| s <= page(i) && page(i) < e);
     MutexGuard::unlocked(claims, || {
-        if let Some(pause) = delay {
-            std::thread::sleep(pause);
-        }
         let mut i = 0;
         while i < frames.len() {
-            if frames[i].is_none() {
+            if !live(i) {
                 i += 1;
                 continue;
             }
-            let j = i + frames[i..].iter().take_while(|f| f.is_some()).count();
-            let _ = sys::madvise(start + i * sys::PAGE_SIZE, (j - i) * sys::PAGE_SIZE, Advice::PopulateWrite);
+            let j = i + (i..frames.len()).take_while(|&k| live(k)).count();
+            let _ = sys::madvise(page(i), (j - i) * sys::PAGE_SIZE, Advice::PopulateWrite);
             i = j;
         }
     });
