@@ -146,12 +146,12 @@ pub mod workload;
 
 pub use error::{Error, Result};
 pub use folio::Folio;
-#[cfg(feature = "internals")]
-pub use migrate::FaultInjection;
 pub use migrate::{
     Background, Capabilities, Engine, MigrateOptions, MigrateStats, Mode, PagesStats, RangeOutcome, Reason, Settings,
     migrate_pages, movable_ranges,
 };
+#[cfg(feature = "internals")]
+pub use migrate::{FaultInjection, Handshake};
 pub use pool::ThpAdvice;
 pub use region::Region;
 pub use rustix::io::Errno;

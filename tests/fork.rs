@@ -146,7 +146,8 @@ fn children_forked_during_migration_see_every_byte() {
 /// process's own before they move, with a write fault on each present one; a page the
 /// program purges meanwhile (its purge completes once the event reader has read it, before
 /// the reader records it) must not hold the call: it comes back as zeros, the call ends,
-/// and every other page moved with its bytes.
+/// and every other page moved with its bytes. A page the program maps afresh meanwhile is
+/// left alone.
 #[test]
 fn a_page_purged_while_shared_pages_are_made_ours_does_not_hold_the_call() {
     // A process of its own: a fork of another test would share the pages too.
@@ -181,23 +182,22 @@ fn a_page_purged_while_shared_pages_are_made_ours_does_not_hold_the_call() {
             }
         }
         let _reap = Reap(child);
+        let handshake = pagemig::Handshake::new();
+        let theirs = handshake.clone();
         let outcome = watchdog(Duration::from_secs(60), "a page purged while shared pages are made ours", move || {
-            // The purge comes once the call has registered the region (it protects it, meets
-            // the child's shares and lets the lock go at once) and well inside the 400 ms
-            // pause of the un-sharing; then the purging thread reads the page. A purge before
-            // the pause would leave that read waiting for the call's end, one after it would
-            // read the page's old contents: only the pause's hole reads zeros at once.
+            // The call protects the region, meets the child's shares, takes the protection
+            // off and lets the lock go, then waits here: the purge, the read of the purged
+            // page and the fresh mapping all come while it waits. Without the event
+            // reader's answer the read would wait for the call, and the call for this
+            // thread: the watchdog's hang.
             let purger = std::thread::spawn(move || {
-                while !common::vm_flags(region.addr()).contains(&"uw".to_string()) {
-                    std::thread::sleep(Duration::from_millis(1));
-                }
-                std::thread::sleep(Duration::from_millis(100));
+                theirs.wait();
+                // Still shared with the child: the call is where it makes the pages its own.
+                let shared = !exclusively_mapped(region.addr() + (PURGED + 1) * 4096);
                 let page = region.addr() + PURGED * 4096;
                 // SAFETY: a page of our own region, purged as a program would.
                 assert_eq!(unsafe { libc::madvise(page as *mut _, 4096, libc::MADV_DONTNEED) }, 0);
                 let word = region.word(PURGED * 512 + 7).load(Ordering::SeqCst);
-                // Still shared with the child: the un-sharing's write faults have not run.
-                let unshared = exclusively_mapped(region.addr() + (PURGED + 1) * 4096);
                 let page = region.addr() + REPLACED * 4096;
                 // SAFETY: a fresh private page mapped over a page of our own region, as a
                 // program reusing its address space would.
@@ -212,23 +212,19 @@ fn a_page_purged_while_shared_pages_are_made_ours_does_not_hold_the_call() {
                     )
                 };
                 assert_eq!(mapped as usize, page);
-                (word, unshared)
+                theirs.wait();
+                (word, shared)
             });
-            let opts = MigrateOptions::default().fault(pagemig::FaultInjection {
-                delay_unshare: Some(Duration::from_millis(400)),
-                ..Default::default()
-            });
+            let opts = MigrateOptions::default()
+                .fault(pagemig::FaultInjection { unshare_handshake: Some(handshake), ..Default::default() });
             let result =
                 Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts);
             (result, purger.join().unwrap())
         });
-        let (outcome, (read, unshared)) = outcome;
-        // The purging thread's read met the hole while the call made the pages its own, and
-        // was answered with zeros then, before the pages were made its own, not at the call's
-        // end.
+        let (outcome, (read, shared)) = outcome;
+        assert!(shared, "the pages were not shared with the child where the call met the test");
+        // The purged page reads zeros, as a purged page does.
         assert_eq!(read, 0, "the purged page read its old contents");
-        assert!(!unshared, "the read of the purged page waited for the pages to be made the call's own");
-        assert!(exclusively_mapped(region.addr() + (PURGED + 1) * 4096), "the pages were made the call's own");
         // The page mapped afresh is not the program's old memory: nothing touched it.
         assert!(!present(region.addr() + REPLACED * 4096), "the call populated a mapping made meanwhile");
         let stats = match outcome {

@@ -119,12 +119,12 @@ mod zerofill;
 pub use crate::stats::MigrateStats;
 pub use background::Background;
 pub use engine::{Engine, migrate_pages};
-#[cfg(feature = "internals")]
-pub use options::FaultInjection;
 pub use options::{
     Capabilities, DEFAULT_MAX_BATCH_PAGES, DEFAULT_REAPER_BACKLOG, MAX_BATCH_PAGES_LIMIT, MigrateOptions,
     NR_MAX_MIGRATE_PASSES, Progress,
 };
+#[cfg(feature = "internals")]
+pub use options::{FaultInjection, Handshake};
 pub use pages::{PagesStats, RangeOutcome, movable_ranges};
 pub use policy::{Mode, Reason};
 pub use settings::Settings;

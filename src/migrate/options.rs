@@ -58,10 +58,41 @@ pub struct FaultInjection {
     /// (`ENOMEM`), as a node filled meanwhile by another program would: the piece's folios
     /// stay as they were and fail.
     pub fail_populate: Vec<usize>,
-    /// Pause for this long where the isolation makes pages shared with a child this
-    /// process's own (`EBUSY` after a `fork`), with their protection off and the claims
-    /// lock let go, before it write-faults them: lets a test purge one meanwhile.
-    pub delay_unshare: Option<Duration>,
+    /// Where the isolation first makes pages shared with a child this process's own
+    /// (`EBUSY` after a `fork`), with their protection off and the claims lock let go, it
+    /// waits there for a test's thread ([`Handshake`]) before it write-faults them: lets
+    /// the test purge or replace pages meanwhile.
+    pub unshare_handshake: Option<Arc<Handshake>>,
+}
+
+/// Where a call's thread and a test's meet once ([`FaultInjection::unshare_handshake`]):
+/// the call waits at the point named until the test has called [`Handshake::wait`] twice,
+/// the first time to learn the call is there, the second to let it go on.
+#[derive(Debug)]
+pub struct Handshake {
+    barrier: std::sync::Barrier,
+    met: std::sync::atomic::AtomicBool,
+}
+
+impl Handshake {
+    /// A handshake not met yet.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { barrier: std::sync::Barrier::new(2), met: std::sync::atomic::AtomicBool::new(false) })
+    }
+
+    /// The test's side: returns once the call is there (first call), or lets it go on
+    /// (second call).
+    pub fn wait(&self) {
+        self.barrier.wait();
+    }
+
+    /// The call's side: the first time, waits until the test has come and gone; then never.
+    pub(crate) fn meet(&self) {
+        if !self.met.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            self.barrier.wait();
+            self.barrier.wait();
+        }
+    }
 }
 
 /// A callback told the number of bytes moved so far.
@@ -307,7 +338,7 @@ impl MigrateOptions {
                 stall_put_back: None,
                 pause_event_reader: false,
                 fail_populate: Vec::new(),
-                delay_unshare: None,
+                unshare_handshake: None,
             };
             &NONE
         }

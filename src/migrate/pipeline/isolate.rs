@@ -191,7 +191,7 @@ impl<'a> Call<'a> {
                     // page is never pinned. Taking the write fault now gives this process a
                     // page of its own (the same page where nobody else maps it any more); a
                     // pinned page is its own already and is refused again.
-                    if unshare(engine, &mut claims, at, stretch_end, self.opts.faults().delay_unshare) {
+                    if unshare(engine, &mut claims, at, stretch_end, self.opts.faults().unshare_handshake.as_deref()) {
                         unshared_to = stretch_end;
                         continue;
                     }
@@ -244,62 +244,97 @@ fn answer_from_now(engine: &Engine, claims: &mut Claims, start: usize, end: usiz
 /// it (`MADV_POPULATE_WRITE`), protection on again. Never-touched pages are left alone: a
 /// write fault there would wait for a migration that is this thread.
 ///
-/// The faults are taken with the claims lock let go (`delay`: a pause there first,
-/// `FaultInjection::delay_unshare`), on the pages not purged, unmapped or moved away by
-/// then. A purge of the program's goes on as soon as the event
-/// reader has read its event, and may empty its pages a while later: one that came just
-/// before the call claimed the memory empties a page found present here by the time it is
-/// faulted, and that fault waits for the reader, which waits for the lock. With the lock
-/// held, the call, and every thread of the program that touched its memory, waited for
-/// good (the soak's 4 KiB region purged, forked and migrated at once, on a loaded
-/// machine). The reader answers such a fault with zeros, the page's contents after the
-/// purge ([`Claims::hole_while_unsharing`]).
+/// The faults are taken with the claims lock let go (`handshake`: a test's thread met
+/// there first, `FaultInjection::unshare_handshake`). A purge of the program's goes on as
+/// soon as the event reader has read its event, and may empty its pages a while later:
+/// one that came just before the call claimed the memory empties a page found present here
+/// by the time it is faulted, and that fault waits for the reader, which waits for the
+/// lock. With the lock held, the call, and every thread of the program that touched its
+/// memory, waited for good (the soak's 4 KiB region purged, forked and migrated at once,
+/// on a loaded machine). The reader answers such a fault with zeros, the page's contents
+/// after the purge ([`Claims::hole_while_unsharing`]).
 ///
-/// Returns false, having changed nothing, when the kernel refuses for now (an event of the
-/// program waits to be read, which needs the lock).
+/// With the lock let go, the program may also unmap part of the range and map something
+/// else there. Each stretch of present pages is faulted without what the events read by
+/// then say the program purged, unmapped or moved away; a mapping made after that (the
+/// kernel maps it before its unmap's event is even sent) may still be write-faulted:
+/// never written to, but populated (its private pages made, a file's pages dirtied). No
+/// operation of the kernel's both takes a write fault and refuses a mapping not
+/// registered with pagemig's userfaultfd, which is what would close that window.
+///
+/// Returns false when the kernel refuses for now (an event of the program waits to be
+/// read, which needs the lock) or part of the range is no longer the call's registered
+/// memory; what it took the protection off is protected again.
 fn unshare(
     engine: &Engine,
     claims: &mut MutexGuard<'_, Claims>,
     start: usize,
     end: usize,
-    delay: Option<std::time::Duration>,
+    handshake: Option<&crate::migrate::Handshake>,
 ) -> bool {
     let Ok(frames) = crate::numa::page_frames(start, end - start) else { return false };
     if engine.uffd.writeprotect_once(start, end - start, false).is_err() {
+        // The kernel stops at the first mapping it may not change.
+        protect_again(engine, claims, start, end);
         return false;
     }
     claims.begin_unsharing(start, end);
-    if let Some(pause) = delay {
-        MutexGuard::unlocked(claims, || std::thread::sleep(pause));
+    if let Some(handshake) = handshake {
+        MutexGuard::unlocked(claims, || handshake.meet());
     }
-    // What the program purged, unmapped or moved away since (its event read meanwhile) is
-    // left alone: what is mapped there now may not be the program's old memory. (Nothing
-    // here panics: the mark comes off below.)
-    let dead = claims.dead_in(start, end);
     let page = |i: usize| start + i * sys::PAGE_SIZE;
-    let live = |i: usize| frames[i].is_some() && !dead.iter().any(|&(s, e)| s <= page(i) && page(i) < e);
-    MutexGuard::unlocked(claims, || {
-        let mut i = 0;
-        while i < frames.len() {
-            if !live(i) {
-                i += 1;
-                continue;
-            }
-            let j = i + (i..frames.len()).take_while(|&k| live(k)).count();
-            let _ = sys::madvise(page(i), (j - i) * sys::PAGE_SIZE, Advice::PopulateWrite);
-            i = j;
+    let mut i = 0;
+    while i < frames.len() {
+        if frames[i].is_none() {
+            i += 1;
+            continue;
         }
-    });
-    claims.end_unsharing(start, end);
-    // An event the program raised meanwhile waits for the lock to be read: let it go until
-    // the protection is back on (the pages are not isolated yet: writes meanwhile are kept).
-    // Not given up: the pages must not stay writable once isolated.
-    let mut backoff = Backoff::kernel();
-    while engine.uffd.writeprotect_once(start, end - start, true) == Err(Errno::AGAIN) {
-        let pause = backoff.next_pause().unwrap_or_default();
-        MutexGuard::unlocked(claims, || std::thread::sleep(pause));
+        let j = i + frames[i..].iter().take_while(|f| f.is_some()).count();
+        let live = live_spans(page(i), page(j), &claims.dead_in(page(i), page(j)));
+        MutexGuard::unlocked(claims, || {
+            for (s, e) in live {
+                let _ = sys::madvise(s, e - s, Advice::PopulateWrite);
+            }
+        });
+        i = j;
     }
+    // (Nothing above panics: the mark comes off.)
+    claims.end_unsharing(start, end);
+    protect_again(engine, claims, start, end);
     true
+}
+
+/// Write-protects again the parts of `[start, end)` the events read so far do not say the
+/// program purged, unmapped or moved away, each part with a call of its own (the kernel
+/// stops at the first mapping it may not change). An event the program raised meanwhile
+/// waits for the lock to be read: it is let go until the protection is back on (the pages
+/// are not isolated yet: writes meanwhile are kept); not given up, since the pages must not
+/// stay writable once isolated. A part refused otherwise is memory the program changed:
+/// its folios fail in the isolation.
+fn protect_again(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, end: usize) {
+    for (s, e) in live_spans(start, end, &claims.dead_in(start, end)) {
+        let mut backoff = Backoff::kernel();
+        while engine.uffd.writeprotect_once(s, e - s, true) == Err(Errno::AGAIN) {
+            let pause = backoff.next_pause().unwrap_or_default();
+            MutexGuard::unlocked(claims, || std::thread::sleep(pause));
+        }
+    }
+}
+
+/// The parts of `[start, end)` outside `dead` (sorted, within the range), in order.
+fn live_spans(start: usize, end: usize, dead: &[(usize, usize)]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut at = start;
+    for &(s, e) in dead {
+        if s > at {
+            out.push((at, s));
+        }
+        at = at.max(e);
+    }
+    if at < end {
+        out.push((at, end));
+    }
+    out
 }
 
 /// Records that the items were write-protected, and locked where their mapping was.
@@ -309,5 +344,19 @@ fn mark_mapped(st: &mut BatchState, items: Range<usize>) {
         if st.slots[i].item.locked {
             st.slots[i].info.insert(MigrateInfo::WAS_MLOCKED);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::live_spans;
+
+    /// What lies outside the dead spans, overlapping or touching ones included.
+    #[test]
+    fn live_spans_are_the_rest_of_the_range() {
+        assert_eq!(live_spans(0, 100, &[]), vec![(0, 100)]);
+        assert_eq!(live_spans(0, 100, &[(0, 100)]), vec![]);
+        assert_eq!(live_spans(0, 100, &[(10, 20), (15, 30), (30, 40), (90, 100)]), vec![(0, 10), (40, 90)]);
+        assert_eq!(live_spans(0, 100, &[(0, 5)]), vec![(5, 100)]);
     }
 }
