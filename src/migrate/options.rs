@@ -76,12 +76,14 @@ pub struct Handshake {
 
 impl Handshake {
     /// A handshake not met yet.
+    #[cfg(feature = "internals")]
     pub fn new() -> Arc<Self> {
         Arc::new(Self { barrier: std::sync::Barrier::new(2), met: std::sync::atomic::AtomicBool::new(false) })
     }
 
     /// The test's side: returns once the call is there (first call), or lets it go on
     /// (second call).
+    #[cfg(feature = "internals")]
     pub fn wait(&self) {
         self.barrier.wait();
     }

@@ -270,7 +270,7 @@ fn unshare(
     claims: &mut MutexGuard<'_, Claims>,
     start: usize,
     end: usize,
-    handshake: Option<&crate::migrate::Handshake>,
+    handshake: Option<&crate::migrate::options::Handshake>,
 ) -> bool {
     let Ok(frames) = crate::numa::page_frames(start, end - start) else { return false };
     if engine.uffd.writeprotect_once(start, end - start, false).is_err() {
