@@ -67,8 +67,10 @@ pub(super) struct Claims {
     unsharing: Vec<Span>,
 }
 
-/// `pieces` (sorted, disjoint) less what `runs` (sorted, disjoint) cover.
-fn subtract(pieces: &[Span], runs: &[Span]) -> Vec<Span> {
+/// `pieces` (sorted, disjoint) less what `runs` (sorted, disjoint; or, from one piece
+/// that holds them all, sorted by start only, as the dead parts of a range may overlap)
+/// cover.
+pub(crate) fn subtract(pieces: &[Span], runs: &[Span]) -> Vec<Span> {
     let mut out = Vec::with_capacity(pieces.len());
     for &(s, e) in pieces {
         let mut at = s;
@@ -473,6 +475,16 @@ impl Claims {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What lies outside the spans taken away, touching and overlapping ones included (the
+    /// dead parts of a range, from more than one purge, overlap).
+    #[test]
+    fn subtract_leaves_the_rest() {
+        assert_eq!(subtract(&[(0, 100)], &[]), vec![(0, 100)]);
+        assert_eq!(subtract(&[(0, 100)], &[(0, 100)]), vec![]);
+        assert_eq!(subtract(&[(0, 100)], &[(10, 20), (15, 30), (30, 40), (90, 100)]), vec![(0, 10), (40, 90)]);
+        assert_eq!(subtract(&[(0, 50), (60, 100)], &[(40, 70)]), vec![(0, 40), (70, 100)]);
+    }
 
     /// What the program unmapped or moved away leaves every call's runs: the call that
     /// ends does not unregister it.

@@ -14,7 +14,7 @@ use super::{BatchState, CHANGED, Call};
 use crate::backoff::Backoff;
 use crate::folio::Folio;
 use crate::migrate::Engine;
-use crate::migrate::busy::Claims;
+use crate::migrate::busy::{Claims, subtract};
 use crate::migrate::mover::{self, GONE, Patience, overlaps, unprotect};
 use crate::migrate::outcome::{Phase, classify};
 use crate::sys::{self, Advice, Errno};
@@ -290,7 +290,7 @@ fn unshare(
             continue;
         }
         let j = i + frames[i..].iter().take_while(|f| f.is_some()).count();
-        let live = live_spans(page(i), page(j), &claims.dead_in(page(i), page(j)));
+        let live = subtract(&[(page(i), page(j))], &claims.dead_in(page(i), page(j)));
         MutexGuard::unlocked(claims, || {
             for (s, e) in live {
                 let _ = sys::madvise(s, e - s, Advice::PopulateWrite);
@@ -312,29 +312,13 @@ fn unshare(
 /// stay writable once isolated. A part refused otherwise is memory the program changed:
 /// its folios fail in the isolation.
 fn protect_again(engine: &Engine, claims: &mut MutexGuard<'_, Claims>, start: usize, end: usize) {
-    for (s, e) in live_spans(start, end, &claims.dead_in(start, end)) {
+    for (s, e) in subtract(&[(start, end)], &claims.dead_in(start, end)) {
         let mut backoff = Backoff::kernel();
         while engine.uffd.writeprotect_once(s, e - s, true) == Err(Errno::AGAIN) {
             let pause = backoff.next_pause().unwrap_or_default();
             MutexGuard::unlocked(claims, || std::thread::sleep(pause));
         }
     }
-}
-
-/// The parts of `[start, end)` outside `dead` (sorted, within the range), in order.
-fn live_spans(start: usize, end: usize, dead: &[(usize, usize)]) -> Vec<(usize, usize)> {
-    let mut out = Vec::new();
-    let mut at = start;
-    for &(s, e) in dead {
-        if s > at {
-            out.push((at, s));
-        }
-        at = at.max(e);
-    }
-    if at < end {
-        out.push((at, end));
-    }
-    out
 }
 
 /// Records that the items were write-protected, and locked where their mapping was.
@@ -344,19 +328,5 @@ fn mark_mapped(st: &mut BatchState, items: Range<usize>) {
         if st.slots[i].item.locked {
             st.slots[i].info.insert(MigrateInfo::WAS_MLOCKED);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::live_spans;
-
-    /// What lies outside the dead spans, overlapping or touching ones included.
-    #[test]
-    fn live_spans_are_the_rest_of_the_range() {
-        assert_eq!(live_spans(0, 100, &[]), vec![(0, 100)]);
-        assert_eq!(live_spans(0, 100, &[(0, 100)]), vec![]);
-        assert_eq!(live_spans(0, 100, &[(10, 20), (15, 30), (30, 40), (90, 100)]), vec![(0, 10), (40, 90)]);
-        assert_eq!(live_spans(0, 100, &[(0, 5)]), vec![(5, 100)]);
     }
 }
