@@ -31,6 +31,24 @@ fn touched(p: usize) -> Option<usize> {
     (p % (THREADS + 1)).checked_sub(1)
 }
 
+/// What a page that lost its words holds instead, said so that a failure seen once tells
+/// how it came about: zeros, another page's pattern (which), a thread's store, or else its
+/// first words.
+fn what_page_holds(page: usize) -> String {
+    let words: Vec<u64> = (0..PAGE_SIZE / 8).map(|i| changes::word(page + i * 8)).collect();
+    if words.iter().all(|&w| w == 0) {
+        return "zeros".into();
+    }
+    if let Some(q) = (0..PAGES).find(|&q| words[1] == pattern_word(SEED, q * PAGE_SIZE / 8 + 1)) {
+        let whole = (0..PAGE_SIZE / 8).all(|i| words[i] == pattern_word(SEED, q * PAGE_SIZE / 8 + i));
+        return format!("page {q}'s pattern ({})", if whole { "whole" } else { "in part" });
+    }
+    if words[1..].iter().all(|&w| w == 0) {
+        return format!("zeros but a store of {} in its first word", words[0]);
+    }
+    format!("first words {:x?}", &words[..4])
+}
+
 #[test]
 fn threads_touching_purged_pages_as_calls_end_are_woken() {
     let result = watchdog(Duration::from_secs(120), "threads_touching_purged_pages_as_calls_end_are_woken", || {
@@ -92,7 +110,7 @@ fn threads_touching_purged_pages_as_calls_end_are_woken() {
                     let bad = (0..PAGE_SIZE / 8)
                         .filter(|&i| changes::word(page + i * 8) != pattern_word(SEED, p * PAGE_SIZE / 8 + i))
                         .count();
-                    assert_eq!(bad, 0, "page {p}: words changed");
+                    assert_eq!(bad, 0, "page {p}: words changed; it holds {}", what_page_holds(page));
                 }
             }
         }

@@ -273,10 +273,15 @@ fn unshare(
     handshake: Option<&crate::migrate::options::Handshake>,
 ) -> bool {
     let Ok(frames) = crate::numa::page_frames(start, end - start) else { return false };
-    if engine.uffd.writeprotect_once(start, end - start, false).is_err() {
+    match engine.uffd.writeprotect_once(start, end - start, false) {
+        Ok(()) => {}
+        // Refused at once: nothing changed.
+        Err(Errno::AGAIN) => return false,
         // The kernel stops at the first mapping it may not change.
-        protect_again(engine, claims, start, end);
-        return false;
+        Err(_) => {
+            protect_again(engine, claims, start, end);
+            return false;
+        }
     }
     claims.begin_unsharing(start, end);
     if let Some(handshake) = handshake {
