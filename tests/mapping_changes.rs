@@ -185,6 +185,68 @@ fn mremap_while_old_pages_go_back_loses_nothing() {
     }
 }
 
+/// Old pages going back while the kernel refuses them for a moment (`EAGAIN`, injected:
+/// `FaultInjection::stall_put_back`) are waited for however their graveyard looks meanwhile:
+/// here `/proc/self/pagemap` cannot be opened (no descriptor left, `RLIMIT_NOFILE` at 3), as
+/// a page being migrated by the kernel or swapped out reads as not present there. The put-back
+/// once gave them up on such a look, freeing the program's only copy of its data with the
+/// graveyard: the program read zeros.
+#[test]
+fn old_pages_go_back_whatever_their_graveyard_looks_like() {
+    const NAME: &str = "old_pages_go_back_whatever_their_graveyard_looks_like";
+    common::fresh_process_test(NAME, "PAGEMIG_TEST_PUT_BACK_UNSEEN", Duration::from_secs(120), || {
+        const LEN: usize = 16 * 4096;
+        let base = changes::mapping(LEN, 4096, SEED);
+        let folios: Vec<Folio<'static>> = (0..LEN / 4096)
+            // SAFETY: the test keeps the mapping as it is.
+            .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
+            .collect();
+        let engine = Engine::global().unwrap();
+        let result = watchdog(Duration::from_secs(60), "a put-back that cannot look at its graveyard", move || {
+            let fault = FaultInjection {
+                fail_move: vec![0],
+                stall_put_back: Some(Duration::from_millis(300)),
+                ..Default::default()
+            };
+            let opts = MigrateOptions::default().fault(fault).answer_faults(false);
+            std::thread::scope(|s| {
+                let limiter = s.spawn(|| {
+                    // The stall: the run's first page back, the next still in the graveyard.
+                    let started = std::time::Instant::now();
+                    while !pagemig::numa::page_frames(base, 2 * 4096).is_ok_and(|f| f[0].is_some() && f[1].is_none()) {
+                        assert!(started.elapsed() < Duration::from_secs(20), "the put-back never stalled");
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                    let mut saved = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                    // SAFETY: structs of ours; descriptors 0-2 are open, so no new one can be had.
+                    unsafe {
+                        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut saved), 0);
+                        let tight = libc::rlimit { rlim_cur: 3, rlim_max: saved.rlim_max };
+                        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &tight), 0);
+                    }
+                    // Past the stall, while the put-back tries again.
+                    std::thread::sleep(Duration::from_millis(600));
+                    let unseen = pagemig::numa::page_frames(base, 4096).is_err();
+                    // SAFETY: as above.
+                    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &saved) }, 0);
+                    unseen
+                });
+                let r = engine.migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
+                (r, limiter.join().unwrap())
+            })
+        });
+        let (result, unseen) = result;
+        assert!(unseen, "pagemap could still be opened under the limit");
+        let Err(Error::Partial { stats, .. }) = &result else {
+            panic!("the injected failure is not reported: {result:?}")
+        };
+        assert!(stats.failed_folios >= 1, "{stats:?}");
+        for i in 0..LEN / 8 {
+            assert_eq!(changes::word(base + i * 8), pagemig::workload::pattern_word(SEED, i), "word {i}");
+        }
+    });
+}
+
 fn change_during_put_back(change: Change) {
     const LEN: usize = 1 << 20;
     let base = changes::mapping(LEN, 4096, SEED);

@@ -452,14 +452,22 @@ impl Patience {
     }
 
     /// After a move stopped at `at` with `errno`: whether to try again, having let the
-    /// claims lock go for a moment.
+    /// claims lock go for a moment. A page that is not present refuses for good; but old
+    /// pages going back ([`Patience::restoring`]) are waited for whatever `pagemap` says of
+    /// them: one the kernel is migrating (compaction: a migration entry) or has swapped out
+    /// reads as not present there, and `pagemap` may not open at all (no descriptor left),
+    /// while the graveyard still holds the program's only copy of its data. Given up on
+    /// those, they were freed with the graveyard and the program read zeros.
     pub fn wait(&mut self, claims: &mut MutexGuard<'_, Claims>, errno: Errno, at: usize) -> bool {
         if errno != Errno::AGAIN {
             return false;
         }
+        if let Some(backoff) = self.again_restoring.as_mut() {
+            return Self::pause(backoff, claims);
+        }
         let present = crate::numa::page_frames(at & !(sys::PAGE_SIZE - 1), sys::PAGE_SIZE)
             .is_ok_and(|f| f.first().is_some_and(Option::is_some));
-        present && Self::pause(self.again_restoring.as_mut().unwrap_or(&mut self.again), claims)
+        present && Self::pause(&mut self.again, claims)
     }
 }
 
