@@ -203,20 +203,10 @@ fn old_pages_go_back_whatever_their_graveyard_looks_like() {
             .collect();
         let engine = Engine::global().unwrap();
         let result = watchdog(Duration::from_secs(60), "a put-back that cannot look at its graveyard", move || {
-            let fault = FaultInjection {
-                fail_move: vec![0],
-                stall_put_back: Some(Duration::from_millis(300)),
-                ..Default::default()
-            };
-            let opts = MigrateOptions::default().fault(fault).answer_faults(false);
+            let opts = put_back_stalled_for(Duration::from_millis(300));
             std::thread::scope(|s| {
                 let limiter = s.spawn(|| {
-                    // The stall: the run's first page back, the next still in the graveyard.
-                    let started = std::time::Instant::now();
-                    while !pagemig::numa::page_frames(base, 2 * 4096).is_ok_and(|f| f[0].is_some() && f[1].is_none()) {
-                        assert!(started.elapsed() < Duration::from_secs(20), "the put-back never stalled");
-                        std::thread::sleep(Duration::from_micros(200));
-                    }
+                    await_put_back_stall(base);
                     let mut saved = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
                     // SAFETY: structs of ours; descriptors 0-2 are open, so no new one can be had.
                     unsafe {
@@ -247,6 +237,34 @@ fn old_pages_go_back_whatever_their_graveyard_looks_like() {
     });
 }
 
+/// Options under which the first folio's run does not move and its old pages go back with
+/// a stall of `stall` after the first page (`fail_move`, `stall_put_back`), no fault answered.
+fn put_back_stalled_for(stall: Duration) -> MigrateOptions {
+    let fault = FaultInjection { fail_move: vec![0], stall_put_back: Some(stall), ..Default::default() };
+    MigrateOptions::default().fault(fault).answer_faults(false)
+}
+
+/// Returns once the put-back of the run at `base` stalls: its first page back, the next
+/// still in the graveyard, for two looks 5 ms apart (the isolation empties a run from its
+/// start).
+fn await_put_back_stall(base: usize) {
+    let stalled = || {
+        let f = pagemig::numa::page_frames(base, 2 * 4096).unwrap();
+        f[0].is_some() && f[1].is_none()
+    };
+    let started = std::time::Instant::now();
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(20), "the put-back never stalled");
+        if stalled() {
+            std::thread::sleep(Duration::from_millis(5));
+            if stalled() {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 fn change_during_put_back(change: Change) {
     const LEN: usize = 1 << 20;
     let base = changes::mapping(LEN, 4096, SEED);
@@ -256,31 +274,10 @@ fn change_during_put_back(change: Change) {
         .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
         .collect();
     let result = watchdog(Duration::from_secs(60), "mremap during a put-back", move || {
-        let fault = FaultInjection {
-            fail_move: vec![0],
-            stall_put_back: Some(Duration::from_millis(400)),
-            ..Default::default()
-        };
-        let opts = MigrateOptions::default().fault(fault).answer_faults(false);
+        let opts = put_back_stalled_for(Duration::from_millis(400));
         std::thread::scope(|s| {
             let mover = s.spawn(|| {
-                // The stall: the run's first page back, the next still in the graveyard,
-                // for two looks 5 ms apart (the isolation empties a run from its start).
-                let stalled = || {
-                    let f = pagemig::numa::page_frames(base, 2 * 4096).unwrap();
-                    f[0].is_some() && f[1].is_none()
-                };
-                let started = std::time::Instant::now();
-                loop {
-                    assert!(started.elapsed() < Duration::from_secs(20), "the put-back never stalled");
-                    if stalled() {
-                        std::thread::sleep(Duration::from_millis(5));
-                        if stalled() {
-                            break;
-                        }
-                    }
-                    std::thread::sleep(Duration::from_micros(200));
-                }
+                await_put_back_stall(base);
                 changes::apply(change, base, LEN, spare)
             });
             let r = Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
