@@ -117,11 +117,6 @@ fn pagemap(addr: usize) -> u64 {
     u64::from_le_bytes(entry)
 }
 
-/// Whether a page is present at `addr` (`/proc/self/pagemap` bit 63).
-fn present(addr: usize) -> bool {
-    pagemap(addr) & (1 << 63) != 0
-}
-
 fn leak_flag() -> &'static AtomicBool {
     Box::leak(Box::new(AtomicBool::new(false)))
 }
@@ -226,7 +221,8 @@ fn a_page_purged_while_shared_pages_are_made_ours_does_not_hold_the_call() {
         // The purged page reads zeros, as a purged page does.
         assert_eq!(read, 0, "the purged page read its old contents");
         // The page mapped afresh is not the program's old memory: nothing touched it.
-        assert!(!present(region.addr() + REPLACED * 4096), "the call populated a mapping made meanwhile");
+        let replaced = pagemig::numa::page_frames(region.addr() + REPLACED * 4096, 4096).unwrap();
+        assert!(replaced[0].is_none(), "the call populated a mapping made meanwhile");
         let stats = match outcome {
             Ok(stats) => stats,
             Err(Error::Partial { stats, .. }) => *stats,
