@@ -2,8 +2,9 @@
 //! while calls migrate the region back to back: a touch inside a call's runs waits until
 //! the call's move or its end wakes it (pagemig wakes a range again once its unregistering
 //! returns: the kernel's own wake in `UFFDIO_UNREGISTER` comes before it write-locks each
-//! mapping). No thread may be left asleep (watchdog), no store lost, and the pages nobody
-//! purges keep every word.
+//! mapping). No thread may be left asleep (watchdog), no store lost, no purge undone (each
+//! thread checks after each purge that the words it stored before read zeros), and the
+//! pages nobody purges keep every word.
 
 mod common;
 
@@ -23,6 +24,8 @@ const PAGES: usize = 64;
 const THREADS: usize = 3;
 const SEED: u64 = 57;
 /// How long calls are made back to back.
+/// Words after the first that each thread checks are zero after each purge, then stores into.
+const UNDONE_PROBE: usize = 8;
 const FOR: Duration = Duration::from_secs(4);
 
 /// Whether page `p` is purged and touched by a thread (which one: `p % (THREADS + 1) - 1`);
@@ -60,13 +63,15 @@ fn threads_touching_purged_pages_as_calls_end_are_woken() {
             .map(|p| unsafe { Folio::new(base + p * PAGE_SIZE, PAGE_SIZE) }.unwrap())
             .collect();
         let stop = AtomicBool::new(false);
+        // A word a purge should have cleared, found holding what it held before.
+        let undone = std::sync::Mutex::new(None);
         // Per page, the last value its thread stored into its first word.
         let last: Vec<AtomicU64> = (0..PAGES).map(|_| AtomicU64::new(0)).collect();
         let (mut calls, mut stores) = (0u64, 0u64);
         std::thread::scope(|s| {
             let workers: Vec<_> = (0..THREADS)
                 .map(|t| {
-                    let (stop, last) = (&stop, &last);
+                    let (stop, last, undone) = (&stop, &last, &undone);
                     s.spawn(move || {
                         let mut n = 0u64;
                         while !stop.load(Ordering::Relaxed) {
@@ -80,6 +85,17 @@ fn threads_touching_purged_pages_as_calls_end_are_woken() {
                                 // SAFETY: as above; only this thread stores there.
                                 unsafe { std::ptr::write_volatile(page as *mut u64, n) };
                                 last[p].store(n, Ordering::Relaxed);
+                                // The purge stands: what the page held before it (the
+                                // pattern, or the last round's stores) never comes back.
+                                for w in 1..=UNDONE_PROBE {
+                                    let at = page + w * 8;
+                                    let held = changes::word(at);
+                                    if held != 0 && undone.lock().unwrap().replace((p, w, held)).is_none() {
+                                        eprintln!("page {p}: word {w} holds {held:#x} after its purge");
+                                    }
+                                    // SAFETY: as above.
+                                    unsafe { std::ptr::write_volatile(at as *mut u64, n) };
+                                }
                             }
                         }
                         n
@@ -102,10 +118,23 @@ fn threads_touching_purged_pages_as_calls_end_are_woken() {
             stop.store(true, Ordering::Relaxed);
             stores = workers.into_iter().map(|w| w.join().unwrap()).sum();
         });
+        assert_eq!(*undone.lock().unwrap(), None, "a purge was undone (page, word, what it held)");
         for (p, last) in last.iter().enumerate() {
             let page = base + p * PAGE_SIZE;
             match touched(p) {
-                Some(_) => assert_eq!(changes::word(page), last.load(Ordering::Relaxed), "page {p}: its last store"),
+                Some(_) => {
+                    let last = last.load(Ordering::Relaxed);
+                    for w in 0..PAGE_SIZE / 8 {
+                        let want = if w <= UNDONE_PROBE { last } else { 0 };
+                        if last > 0 {
+                            assert_eq!(
+                                changes::word(page + w * 8),
+                                want,
+                                "page {p} word {w}: its last store, zeros past it"
+                            );
+                        }
+                    }
+                }
                 None => {
                     let bad = (0..PAGE_SIZE / 8)
                         .filter(|&i| changes::word(page + i * 8) != pattern_word(SEED, p * PAGE_SIZE / 8 + i))

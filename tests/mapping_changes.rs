@@ -306,3 +306,70 @@ fn change_during_put_back(change: Change) {
     // SAFETY: the test's own reservation, the memory moved into it, no longer used.
     unsafe { libc::munmap(reserved as *mut _, changes::SPARE) };
 }
+
+/// Pages the program purges while a call has them registered, before it claims them, are
+/// never moved by that call: the kernel zaps purged pages only after their event is read
+/// and the purging thread is back on a CPU, and a call that claimed and isolated them in
+/// that moment would move their old data back in behind the zap (the program would read
+/// old contents where it purged). `MADV_DONTNEED`: the pages read zeros and fail with
+/// `ENOENT`, as `move_pages(2)` says of purged pages. `MADV_FREE`, then written again: they
+/// stay where they are with what was written, and fail likewise. The pages around them
+/// move, their data whole. (A thread held between the event and its zap cannot be made to
+/// happen from here; without the record of purges the `MADV_FREE` pages moved.)
+#[test]
+fn pages_purged_before_the_claim_are_never_moved_in() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "pages_purged_before_the_claim_are_never_moved_in");
+    const PAGES: usize = 32;
+    const LEN: usize = PAGES * 4096;
+    let base = changes::mapping(LEN, 4096, SEED);
+    let page = move |p: usize| base + p * 4096;
+    let folios: Vec<Folio<'static>> = (0..PAGES)
+        // SAFETY: the test keeps the mapping, purging parts of it as the test says.
+        .map(|p| unsafe { Folio::new(page(p), 4096) }.unwrap())
+        .collect();
+    let (dontneed, free) = (8..12, 16..PAGES);
+    let new_word = |i: usize| 0xf4ee_0000_0000_0000 | i as u64;
+    let handshake = pagemig::Handshake::new();
+    let at_claim = handshake.clone();
+    let (dn, fr) = (dontneed.clone(), free.clone());
+    let result = watchdog(Duration::from_secs(60), "purges before the claim", move || {
+        let opts = MigrateOptions::default()
+            .fault(FaultInjection { claim_handshake: Some(at_claim), ..Default::default() })
+            .answer_faults(false);
+        std::thread::scope(|s| {
+            let call = s
+                .spawn(|| Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
+            // Registered, nothing claimed yet.
+            handshake.wait();
+            // SAFETY: the test's own pages; `madvise` returns once its event is read.
+            unsafe {
+                assert_eq!(libc::madvise(page(dn.start) as *mut _, dn.len() * 4096, libc::MADV_DONTNEED), 0);
+                assert_eq!(libc::madvise(page(fr.start) as *mut _, fr.len() * 4096, libc::MADV_FREE), 0);
+            }
+            for i in fr.start * 512..fr.end * 512 {
+                // SAFETY: inside the test's mapping, present and writable.
+                unsafe { ((base + i * 8) as *mut u64).write_volatile(new_word(i)) };
+            }
+            handshake.wait();
+            call.join().unwrap()
+        })
+    });
+    let Err(Error::Partial { stats, .. }) = &result else { panic!("the purged pages moved: {result:?}") };
+    let mut failed: Vec<usize> = stats.failures.iter().map(|f| (f.addr - base) / 4096).collect();
+    failed.sort_unstable();
+    assert_eq!(failed, dontneed.clone().chain(free.clone()).collect::<Vec<_>>(), "{stats:?}");
+    assert!(stats.failures.iter().all(|f| f.errno == libc::ENOENT), "{stats:?}");
+    for i in 0..LEN / 8 {
+        let p = i / 512;
+        let want = if dontneed.contains(&p) {
+            0
+        } else if free.contains(&p) {
+            new_word(i)
+        } else {
+            pagemig::workload::pattern_word(SEED, i)
+        };
+        assert_eq!(changes::word(base + i * 8), want, "word {i} (page {p})");
+    }
+    // SAFETY: the test's own mapping, no longer used.
+    unsafe { libc::munmap(base as *mut _, LEN) };
+}

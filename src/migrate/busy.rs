@@ -61,6 +61,17 @@ pub(super) struct Claims {
     stray: Vec<Span>,
     /// How many claims have `pause_reader`.
     pausing: usize,
+    /// Ranges the program purged (`madvise`, a `REMOVE` event) while they were registered
+    /// for a call, until the program unmaps or moves them or their registration is taken
+    /// off (sorted, disjoint): a claim made there afterwards counts them dead from the
+    /// start ([`Busy::try_claim`]). The kernel sends the event, wakes the purging thread
+    /// once it is read, and only then zaps the pages; a call that claimed and isolated them
+    /// in between, the thread not yet back on a CPU, would move their old data back in
+    /// after the zap had passed over an empty source, and the program would read old
+    /// contents where it purged. A page purged with `MADV_FREE` and written again since
+    /// stays where it is, unmoved, keeping what was written (`ENOENT`, as a page the purge
+    /// freed).
+    purged: Vec<Span>,
     /// Claimed ranges whose present pages a call is making its own now, with the claims
     /// lock let go (see the isolation's `unshare`): a missing fault there on a page not
     /// isolated is answered with zeros ([`Claims::hole_while_unsharing`]).
@@ -88,6 +99,19 @@ pub(crate) fn subtract(pieces: &[Span], runs: &[Span]) -> Vec<Span> {
     out
 }
 
+/// Adds `[start, end)` to `spans` (sorted, disjoint), merging what it overlaps or touches.
+fn add_span(spans: &mut Vec<Span>, start: usize, end: usize) {
+    let mut all = std::mem::take(spans);
+    all.push((start, end));
+    all.sort_unstable();
+    for (s, e) in all {
+        match spans.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => spans.push((s, e)),
+        }
+    }
+}
+
 /// The set of address ranges being migrated.
 #[derive(Debug, Default)]
 pub struct Busy {
@@ -107,6 +131,7 @@ impl Busy {
         if !overlaps {
             let claim = Claim {
                 end,
+                dead: claims.purged_in(start, end),
                 through_holdings: faults.home_through_holdings,
                 stall_put_back: faults.stall_put_back,
                 pause_reader: faults.pause_event_reader,
@@ -280,14 +305,25 @@ impl Claims {
     /// the kernel would, with a page of zeros ([`Claims::is_stray`]), and every call that
     /// ends tries the registration again ([`Claims::strays`]).
     pub fn add_stray(&mut self, start: usize, end: usize) {
-        let mut spans = std::mem::take(&mut self.stray);
-        spans.push((start, end));
-        spans.sort_unstable();
-        for (s, e) in spans {
-            match self.stray.last_mut() {
-                Some(last) if s <= last.1 => last.1 = last.1.max(e),
-                _ => self.stray.push((s, e)),
-            }
+        add_span(&mut self.stray, start, end);
+    }
+
+    /// Records that the program purged `[start, end)` ([`Claims::purged`]).
+    pub fn add_purged(&mut self, start: usize, end: usize) {
+        add_span(&mut self.purged, start, end);
+    }
+
+    /// The purged parts of `[start, end)` ([`Claims::add_purged`]), in address order.
+    fn purged_in(&self, start: usize, end: usize) -> Vec<Span> {
+        let first = self.purged.partition_point(|&(_, e)| e <= start);
+        self.purged[first..].iter().take_while(|&&(s, _)| s < end).map(|&(s, e)| (s.max(start), e.min(end))).collect()
+    }
+
+    /// Forgets what of the purged ranges lies in `[start, end)`: unmapped or moved away by
+    /// the program, or unregistered (the program may fill it again unseen).
+    pub fn forget_purged(&mut self, start: usize, end: usize) {
+        if !self.purged.is_empty() {
+            self.purged = subtract(&self.purged, &[(start, end)]);
         }
     }
 
@@ -609,5 +645,36 @@ mod tests {
         assert_eq!(rest_empty.pages(), 7);
         let (none, none_empty) = c.take_isolated(0x10000, 0x20000);
         assert!(none.is_empty() && none_empty.pages() == 0);
+    }
+
+    /// A purge recorded while registered makes later claims dead where they meet it, merged
+    /// with its neighbours; what the program unmaps or moves, or the registration leaves,
+    /// is forgotten.
+    #[test]
+    fn purged_ranges_are_dead_to_later_claims() {
+        let b = Busy::default();
+        let none = FaultInjection::default();
+        {
+            let mut c = b.lock();
+            c.add_purged(0x12000, 0x14000);
+            c.add_purged(0x14000, 0x15000);
+            c.add_purged(0x30000, 0x31000);
+            assert_eq!(c.purged, [(0x12000, 0x15000), (0x30000, 0x31000)]);
+        }
+        assert!(b.try_claim(0x10000, 0x20000, &none));
+        assert!(b.try_claim(0x20000, 0x40000, &none));
+        assert!(b.try_claim(0x50000, 0x60000, &none));
+        let mut c = b.lock();
+        assert_eq!(c.dead_in(0x10000, 0x20000), [(0x12000, 0x15000)]);
+        assert_eq!(c.dead_in(0x20000, 0x40000), [(0x30000, 0x31000)]);
+        assert!(c.dead_in(0x50000, 0x60000).is_empty());
+        c.forget_purged(0x13000, 0x30800);
+        assert_eq!(c.purged, [(0x12000, 0x13000), (0x30800, 0x31000)]);
+        // Claims made earlier keep what they were given.
+        assert_eq!(c.dead_in(0x10000, 0x20000), [(0x12000, 0x15000)]);
+        drop(c);
+        b.release_all(&[0x10000, 0x20000]);
+        assert!(b.try_claim(0x10000, 0x40000, &none));
+        assert_eq!(b.lock().dead_in(0x10000, 0x40000), [(0x12000, 0x13000), (0x30800, 0x31000)]);
     }
 }

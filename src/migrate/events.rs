@@ -512,16 +512,21 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
         // move may land in it.
         Event::Remove { start, end } => {
             claims.mark_dead(start, end);
+            // Its zap may still be coming: a claim made from now on counts it dead too.
+            claims.add_purged(start, end);
             moved.discard(start, end);
         }
         Event::Unmap { start, end } => {
             claims.mark_dead(start, end);
+            claims.forget_purged(start, end);
             claims.drop_strays(start, end);
             claims.forget_runs(start, end);
             moved.discard(start, end);
         }
         Event::Remap { from, to, len } => {
             claims.mark_dead(from, from + len);
+            claims.forget_purged(from, from + len);
+            claims.forget_purged(to, to + len);
             claims.drop_strays(from, from + len);
             claims.forget_runs(from, from + len);
             claims.forget_runs(to, to + len);

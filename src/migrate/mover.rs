@@ -366,8 +366,12 @@ pub(super) fn unregister_runs(engine: &Engine, call: u64, folio_size: impl Fn(us
                     let len = step.min(e - a);
                     if fail || engine.uffd.unregister(a, len).is_err() {
                         left.push((a, a + len));
+                    } else {
+                        claims.forget_purged(a, a + len);
                     }
                 }
+            } else {
+                claims.forget_purged(s, e);
             }
         }
     }

@@ -63,6 +63,10 @@ pub struct FaultInjection {
     /// waits there for a test's thread ([`Handshake`]) before it write-faults them: lets
     /// the test purge or replace pages meanwhile.
     pub unshare_handshake: Option<Arc<Handshake>>,
+    /// Before it claims its first batch, its runs registered, the call waits there for a
+    /// test's thread ([`Handshake`]): lets the test purge memory next to the runs, its
+    /// event read before the call has claimed anything.
+    pub claim_handshake: Option<Arc<Handshake>>,
 }
 
 /// Where a call's thread and a test's meet once ([`FaultInjection::unshare_handshake`]):
@@ -341,6 +345,7 @@ impl MigrateOptions {
                 pause_event_reader: false,
                 fail_populate: Vec::new(),
                 unshare_handshake: None,
+                claim_handshake: None,
             };
             &NONE
         }

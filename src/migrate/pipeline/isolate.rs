@@ -206,10 +206,10 @@ impl<'a> Call<'a> {
                     continue;
                 }
                 let k = folios.partition_point(|f| f.end() <= at);
-                // A hole where the mapping still is: a purge whose event was read before
-                // the call claimed the memory emptied the page since (no later event marks
-                // it dead). Not present, as `move_pages(2)` says of a purged page; a hole
-                // where nothing is mapped any more is memory unmapped meanwhile.
+                // A hole where the mapping still is: a page never touched, or purged before
+                // the call registered it (a purge read since is dead from the claim, see
+                // `Claims::add_purged`). Not present, as `move_pages(2)` says of a purged
+                // page; a hole where nothing is mapped any more is memory unmapped meanwhile.
                 let page = bad & !(sys::PAGE_SIZE - 1);
                 let hole = errno == Errno::NOENT && sys::any_locked(page, sys::PAGE_SIZE).is_ok();
                 let (op, errno) = classify(Phase::Isolate, if hole { Errno::FAULT } else { errno });

@@ -347,6 +347,9 @@ impl<'a> Call<'a> {
             return Vec::new();
         }
         // Claim.
+        if let Some(handshake) = &self.opts.faults().claim_handshake {
+            handshake.meet();
+        }
         let (claimed, claims, mut held) = self.claim(&batch);
         if claimed.is_empty() {
             return held;
