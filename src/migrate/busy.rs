@@ -101,14 +101,14 @@ pub(crate) fn subtract(pieces: &[Span], runs: &[Span]) -> Vec<Span> {
 
 /// Adds `[start, end)` to `spans` (sorted, disjoint), merging what it overlaps or touches.
 fn add_span(spans: &mut Vec<Span>, start: usize, end: usize) {
-    let mut all = std::mem::take(spans);
-    all.push((start, end));
-    all.sort_unstable();
-    for (s, e) in all {
-        match spans.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => spans.push((s, e)),
-        }
+    // The spans from the first that reaches `start` to the last that begins by `end`.
+    let first = spans.partition_point(|&(_, e)| e < start);
+    let after = spans.partition_point(|&(s, _)| s <= end);
+    if first == after {
+        spans.insert(first, (start, end));
+    } else {
+        let merged = (spans[first].0.min(start), spans[after - 1].1.max(end));
+        spans.splice(first..after, [merged]);
     }
 }
 
@@ -659,6 +659,14 @@ mod tests {
             c.add_purged(0x12000, 0x14000);
             c.add_purged(0x14000, 0x15000);
             c.add_purged(0x30000, 0x31000);
+            c.add_purged(0x40000, 0x41000);
+            c.add_purged(0x20000, 0x21000);
+            c.add_purged(0x20800, 0x41000);
+            c.add_purged(0x11000, 0x11800);
+            assert_eq!(c.purged, [(0x11000, 0x11800), (0x12000, 0x15000), (0x20000, 0x41000)]);
+            c.forget_purged(0x20000, 0x30000);
+            c.forget_purged(0x31000, 0x41000);
+            c.forget_purged(0x11000, 0x11800);
             assert_eq!(c.purged, [(0x12000, 0x15000), (0x30000, 0x31000)]);
         }
         assert!(b.try_claim(0x10000, 0x20000, &none));
