@@ -206,7 +206,7 @@ fn old_pages_go_back_whatever_their_graveyard_looks_like() {
             let opts = put_back_stalled_for(Duration::from_millis(300));
             std::thread::scope(|s| {
                 let limiter = s.spawn(|| {
-                    await_put_back_stall(base);
+                    common::await_put_back_stall(base);
                     let mut saved = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
                     // SAFETY: structs of ours; descriptors 0-2 are open, so no new one can be had.
                     unsafe {
@@ -237,32 +237,48 @@ fn old_pages_go_back_whatever_their_graveyard_looks_like() {
     });
 }
 
+/// Old pages going back that can no longer move home (the program made the memory
+/// read-only while they were out: the kernel moves pages only between mappings alike) are
+/// copied back; where their node has no page to give (`ENOMEM`, injected for the first
+/// three copies: `FaultInjection::fail_put_back_copies`) the copy takes another node, and
+/// where none has one it waits for memory. The put-back once gave them up on the first
+/// refusal, freeing the program's only copy of its data with the graveyard: it read zeros.
+#[test]
+fn old_pages_go_back_when_their_node_has_no_room() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "old_pages_go_back_when_their_node_has_no_room");
+    const LEN: usize = 16 * 4096;
+    let base = changes::mapping(LEN, 4096, SEED);
+    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
+        // SAFETY: the test keeps the mapping, making it read-only as the test says.
+        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
+        .collect();
+    let result = watchdog(Duration::from_secs(60), "a put-back refused memory", move || {
+        let mut opts = put_back_stalled_for(Duration::from_millis(300));
+        opts.fault.fail_put_back_copies = 3;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                common::await_put_back_stall(base);
+                // SAFETY: the test's own mapping.
+                assert_eq!(unsafe { libc::mprotect(base as *mut _, LEN, libc::PROT_READ) }, 0);
+            });
+            Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
+        })
+    });
+    let Err(Error::Partial { stats, .. }) = &result else { panic!("the injected failure is not reported: {result:?}") };
+    assert!(stats.failed_folios >= 1, "{stats:?}");
+    assert_eq!(changes::perms(base).as_deref(), Some("r--p"), "protection undone");
+    for i in 0..LEN / 8 {
+        assert_eq!(changes::word(base + i * 8), pagemig::workload::pattern_word(SEED, i), "word {i}");
+    }
+    // SAFETY: the test's own mapping, no longer used.
+    unsafe { libc::munmap(base as *mut _, LEN) };
+}
+
 /// Options under which the first folio's run does not move and its old pages go back with
 /// a stall of `stall` after the first page (`fail_move`, `stall_put_back`), no fault answered.
 fn put_back_stalled_for(stall: Duration) -> MigrateOptions {
     let fault = FaultInjection { fail_move: vec![0], stall_put_back: Some(stall), ..Default::default() };
     MigrateOptions::default().fault(fault).answer_faults(false)
-}
-
-/// Returns once the put-back of the run at `base` stalls: its first page back, the next
-/// still in the graveyard, for two looks 5 ms apart (the isolation empties a run from its
-/// start).
-fn await_put_back_stall(base: usize) {
-    let stalled = || {
-        let f = pagemig::numa::page_frames(base, 2 * 4096).unwrap();
-        f[0].is_some() && f[1].is_none()
-    };
-    let started = std::time::Instant::now();
-    loop {
-        assert!(started.elapsed() < Duration::from_secs(20), "the put-back never stalled");
-        if stalled() {
-            std::thread::sleep(Duration::from_millis(5));
-            if stalled() {
-                return;
-            }
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
 }
 
 fn change_during_put_back(change: Change) {
@@ -277,7 +293,7 @@ fn change_during_put_back(change: Change) {
         let opts = put_back_stalled_for(Duration::from_millis(400));
         std::thread::scope(|s| {
             let mover = s.spawn(|| {
-                await_put_back_stall(base);
+                common::await_put_back_stall(base);
                 changes::apply(change, base, LEN, spare)
             });
             let r = Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);

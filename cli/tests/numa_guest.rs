@@ -1525,3 +1525,103 @@ fn a_piece_whose_destination_cannot_be_populated_stays_on_its_node() {
     verify(&region, 0x71, "region moved whole");
     check_placement("refused-piece#retry", &region, b);
 }
+
+/// Old pages that cannot move home after a refused move (the program made the memory
+/// read-only while they were out) are copied back across nodes onto their own node; where
+/// that node refuses the copy (`ENOMEM`, injected once: `fail_put_back_copies`) the copy
+/// prefers it again and takes it here, as it has room: every byte back, every page on the
+/// node it was on, the memory still read-only.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn old_pages_copied_back_stay_on_their_node_after_it_refused_a_copy() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "old_pages_copied_back_stay_on_their_node_after_it_refused_a_copy");
+    let Some((a, b)) = two_nodes() else { return };
+    let engine = Engine::global().expect("the migration engine");
+    let len = MIB;
+    let region = Region::new(len, PAGE_SIZE, Some(a)).expect("region on the first node");
+    fill(&region, 0x81);
+    let base = region.addr();
+    let fault = FaultInjection {
+        fail_move: vec![0],
+        stall_put_back: Some(Duration::from_millis(300)),
+        fail_put_back_copies: 1,
+        ..Default::default()
+    };
+    let opts = MigrateOptions::default().max_batch_pages(len / PAGE_SIZE).answer_faults(false).fault(fault);
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            common::await_put_back_stall(base);
+            // SAFETY: our own region, read-only from here.
+            assert_eq!(unsafe { libc::mprotect(base as *mut libc::c_void, len, libc::PROT_READ) }, 0);
+        });
+        engine.migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync, &opts)
+    });
+    match result {
+        Err(Error::Partial { stats, .. }) => assert_eq!(stats.failed_folios as usize, len / PAGE_SIZE, "{stats:?}"),
+        other => panic!("expected every move to fail, got {other:?}"),
+    }
+    verify(&region, 0x81, "old pages copied back");
+    check_placement("copied-back-after-a-refused-copy", &region, a);
+    assert_eq!(common::changes::perms(base).as_deref(), Some("r--p"), "protection undone");
+}
+
+/// Pages purged while a call has them registered, before it claims them, are never moved
+/// in by that call (their zap may still be coming): across nodes, the pages purged with
+/// `MADV_FREE` and written again stay on their node with what was written, those purged
+/// with `MADV_DONTNEED` read zeros, both fail with `ENOENT`, and every other page moves.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn pages_purged_before_the_claim_stay_across_nodes() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "pages_purged_before_the_claim_stay_across_nodes");
+    let Some((a, b)) = two_nodes() else { return };
+    let engine = Engine::global().expect("the migration engine");
+    const PAGES: usize = 64;
+    let region = Region::new(PAGES * PAGE_SIZE, PAGE_SIZE, Some(a)).expect("region on the first node");
+    fill(&region, 0x91);
+    let page = |p: usize| region.addr() + p * PAGE_SIZE;
+    let (dontneed, free) = (8..16, 32..48);
+    let handshake = pagemig::Handshake::new();
+    let opts = MigrateOptions::default()
+        .answer_faults(false)
+        .fault(FaultInjection { claim_handshake: Some(handshake.clone()), ..Default::default() });
+    let result = std::thread::scope(|s| {
+        let call = s.spawn(|| engine.migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync, &opts));
+        handshake.wait();
+        // SAFETY: pages of our own region; `madvise` returns once its event is read.
+        unsafe {
+            let advise = |r: &std::ops::Range<usize>, advice| {
+                assert_eq!(libc::madvise(page(r.start) as *mut libc::c_void, r.len() * PAGE_SIZE, advice), 0)
+            };
+            advise(&dontneed, libc::MADV_DONTNEED);
+            advise(&free, libc::MADV_FREE);
+        }
+        for i in free.start * PAGE_SIZE / 8..free.end * PAGE_SIZE / 8 {
+            // SAFETY: a word of a present, writable page of our region.
+            unsafe { ((region.addr() + i * 8) as *mut u64).write_volatile(!pattern(0x91, i)) };
+        }
+        handshake.wait();
+        call.join().unwrap()
+    });
+    let Err(Error::Partial { stats, .. }) = &result else { panic!("the purged pages moved: {result:?}") };
+    let mut failed: Vec<usize> = stats.failures.iter().map(|f| (f.addr - region.addr()) / PAGE_SIZE).collect();
+    failed.sort_unstable();
+    assert_eq!(failed, dontneed.clone().chain(free.clone()).collect::<Vec<_>>(), "{stats:?}");
+    assert!(stats.failures.iter().all(|f| f.errno == libc::ENOENT), "{stats:?}");
+    let nodes = numa::page_nodes(region.addr(), PAGES * PAGE_SIZE).expect("move_pages status query");
+    for (p, &node) in nodes.iter().enumerate() {
+        // SAFETY: words of our own region.
+        let word = |i: usize| unsafe { ((page(p) + i * 8) as *const u64).read_volatile() };
+        if dontneed.contains(&p) {
+            assert!((0..PAGE_SIZE / 8).all(|i| word(i) == 0), "page {p}: purged data came back");
+            continue;
+        }
+        let freed = free.contains(&p);
+        assert_eq!(node, if freed { a } else { b } as i32, "page {p}: on node {node}");
+        let want = |i: usize| if freed { !pattern(0x91, i) } else { pattern(0x91, i) };
+        assert!((0..PAGE_SIZE / 8).all(|i| word(i) == want(p * PAGE_SIZE / 8 + i)), "page {p}: its data");
+    }
+    let moving: Vec<usize> = (0..PAGES).filter(|p| !dontneed.contains(p) && !free.contains(p)).collect();
+    let on_b = moving.iter().filter(|&&p| nodes[p] == b as i32).count();
+    println!("placement: purged-before-claim-others node {b} pages {on_b}/{}", moving.len());
+}

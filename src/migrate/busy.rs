@@ -43,6 +43,8 @@ pub(super) struct Claim {
     waiting: Vec<usize>,
     /// `FaultInjection::stall_put_back`, until the first put-back takes it.
     stall_put_back: Option<Duration>,
+    /// `FaultInjection::fail_put_back_copies`: copies back still to refuse.
+    fail_put_back_copies: u32,
     /// `FaultInjection::pause_event_reader`.
     pause_reader: bool,
 }
@@ -134,6 +136,7 @@ impl Busy {
                 dead: claims.purged_in(start, end),
                 through_holdings: faults.home_through_holdings,
                 stall_put_back: faults.stall_put_back,
+                fail_put_back_copies: faults.fail_put_back_copies,
                 pause_reader: faults.pause_event_reader,
                 ..Default::default()
             };
@@ -197,6 +200,16 @@ impl Claims {
     /// (`FaultInjection::stall_put_back`).
     pub fn take_put_back_stall(&mut self, at: usize) -> Option<Duration> {
         self.overlapping(at, at + 1).find_map(|(_, c)| c.stall_put_back.take())
+    }
+
+    /// Whether the copy back of old pages at `at` is to be refused as by a full node
+    /// (`FaultInjection::fail_put_back_copies`), counting it.
+    pub fn take_put_back_copy_failure(&mut self, at: usize) -> bool {
+        self.overlapping(at, at + 1).any(|(_, c)| {
+            let fail = c.fail_put_back_copies > 0;
+            c.fail_put_back_copies = c.fail_put_back_copies.saturating_sub(1);
+            fail
+        })
     }
 
     /// Whether a claim overlapping `[start, end)` sends its old pages home through the

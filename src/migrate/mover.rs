@@ -397,6 +397,9 @@ pub(super) struct Patience {
     /// For `EAGAIN` where the pages waiting are the program's only copy of its data (old
     /// pages going back): no deadline ([`Patience::restoring`]).
     again_restoring: Option<Backoff>,
+    /// After no page could be had (`ENOMEM`) for old pages going back: pauses that grow to
+    /// 10 ms, for ever.
+    memory: Backoff,
 }
 
 impl Patience {
@@ -411,6 +414,7 @@ impl Patience {
             again: Backoff::new(Duration::from_micros(100), Duration::from_micros(100)).within(Self::LIMIT),
             busy: Backoff::new(Duration::from_micros(200), Duration::from_micros(200)).within(Self::BUSY_LIMIT),
             again_restoring: None,
+            memory: Backoff::new(Duration::from_micros(100), Duration::from_millis(10)),
         }
     }
 
@@ -475,6 +479,17 @@ impl Patience {
     }
 }
 
+impl Patience {
+    /// After old pages going back could not be copied for want of memory (`ENOMEM` on
+    /// every node their mapping allows): whether to try again, having let the claims lock
+    /// go for a moment. Always, however long it takes: the graveyard holds the program's
+    /// only copy of its data, and memory comes back as the reaper frees replaced pages and
+    /// other programs theirs. Given up, the program read zeros.
+    pub fn wait_memory(&mut self, claims: &mut MutexGuard<'_, Claims>, errno: Errno) -> bool {
+        errno == Errno::NOMEM && Self::pause(&mut self.memory, claims)
+    }
+}
+
 /// Puts the isolated old pages of `[start, end)` back where they were (the folio did not
 /// move). Where the program unmapped the range meanwhile they stay in the graveyard and go
 /// with it.
@@ -507,6 +522,9 @@ pub(super) fn put_back_counted(
 ) -> Empty {
     let mut empty = Empty::none();
     let mut patience = Patience::restoring();
+    // Set once the node of the old pages had no room for their copy: from then on the
+    // copies prefer that node and take another where it has none.
+    let mut anywhere = false;
     while let Some((s, e, g)) = claims.isolated_in(start, end).first().copied() {
         let stall = if e - s > sys::PAGE_SIZE { claims.take_put_back_stall(s) } else { None };
         let len = if stall.is_some() { sys::PAGE_SIZE } else { e - s };
@@ -536,24 +554,32 @@ pub(super) fn put_back_counted(
             // (`EINVAL`); a stranger pinned one in the graveyard, reading pagemig's memory
             // (`EBUSY`); no page table could be had (`ENOMEM`). Copied back instead (new
             // pages, same data; the mapping may be read-only now, a copy fills it all the
-            // same, on the node of the old ones): never dropped while the source is there
-            // to take them.
+            // same, on the node of the old ones, or, where that node has no room, on another
+            // one): never dropped while the source is there to take them.
             Some(Errno::INVAL | Errno::BUSY | Errno::NOMEM) => {
                 let at = s + moved;
-                // SAFETY: the rest of `[s, e)` is empty and every access to it waits for
-                // exactly this data, which the graveyard holds.
-                match unsafe { copy_back(&engine.uffd, at, g + moved, e - at) } {
+                let copied = if claims.take_put_back_copy_failure(at) {
+                    Err((0, Errno::NOMEM))
+                } else {
+                    let placement = if anywhere { Placement::Prefer } else { Placement::Bind };
+                    // SAFETY: the rest of `[s, e)` is empty and every access to it waits for
+                    // exactly this data, which the graveyard holds.
+                    unsafe { copy_back_placed(&engine.uffd, at, g + moved, e - at, placement) }
+                };
+                match copied {
                     Err((copied, errno)) => {
                         // Replaced by its copy: forgotten before a wait, as above.
                         empty.merge(claims.take_isolated(at, at + copied).1);
-                        if patience.wait(claims, errno, g + moved + copied)
-                            || patience.wait_event(claims, errno, at + copied)
-                        {
-                            at + copied
+                        let again = if errno == Errno::NOMEM && !anywhere {
+                            anywhere = true;
+                            true
                         } else {
-                            // Unmapped by the program meanwhile.
-                            e
-                        }
+                            patience.wait(claims, errno, g + moved + copied)
+                                || patience.wait_event(claims, errno, at + copied)
+                                || patience.wait_memory(claims, errno)
+                        };
+                        // Or unmapped by the program meanwhile.
+                        if again { at + copied } else { e }
                     }
                     Ok(()) => e,
                 }
@@ -584,6 +610,30 @@ pub(super) unsafe fn copy_back(
     from: usize,
     len: usize,
 ) -> Result<(), (usize, Errno)> {
+    // SAFETY: this function's contract.
+    unsafe { copy_back_placed(uffd, to, from, len, Placement::Bind) }
+}
+
+/// Where [`copy_back_placed`] allocates the new pages.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    /// On the node of the page each copies, or nowhere (`MPOL_BIND`).
+    Bind,
+    /// On that node while it has room, on another after (`MPOL_PREFERRED`).
+    Prefer,
+}
+
+/// [`copy_back`], the new pages allocated as `placement` says.
+///
+/// # Safety
+/// As [`copy_back`].
+unsafe fn copy_back_placed(
+    uffd: &crate::sys::uffd::Uffd,
+    to: usize,
+    from: usize,
+    len: usize,
+    placement: Placement,
+) -> Result<(), (usize, Errno)> {
     let nodes = crate::numa::page_nodes(from, len).unwrap_or_default();
     let mut binding = sys::PolicyBinding::new();
     let mut done = 0;
@@ -598,7 +648,10 @@ pub(super) unsafe fn copy_back(
             _ => (-1, len - done),
         };
         if node >= 0 {
-            binding.bind(node as u32);
+            match placement {
+                Placement::Bind => binding.bind(node as u32),
+                Placement::Prefer => binding.prefer(node as u32),
+            };
         } else {
             binding.unbind();
         }

@@ -67,6 +67,10 @@ pub struct FaultInjection {
     /// test's thread ([`Handshake`]): lets the test purge memory next to the runs, its
     /// event read before the call has claimed anything.
     pub claim_handshake: Option<Arc<Handshake>>,
+    /// Where old pages of a claim cannot move home (the program changed their mapping
+    /// meanwhile) and are copied back instead, the node refuses the first this many copies
+    /// (`ENOMEM`), as a node filled meanwhile by another program would.
+    pub fail_put_back_copies: u32,
 }
 
 /// Where a call's thread and a test's meet once ([`FaultInjection::unshare_handshake`]):
@@ -346,6 +350,7 @@ impl MigrateOptions {
                 fail_populate: Vec::new(),
                 unshare_handshake: None,
                 claim_handshake: None,
+                fail_put_back_copies: 0,
             };
             &NONE
         }

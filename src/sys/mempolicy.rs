@@ -3,6 +3,8 @@
 
 use super::{Errno, check};
 
+/// `MPOL_PREFERRED` from `<linux/mempolicy.h>`.
+const MPOL_PREFERRED: usize = 1;
 /// `MPOL_BIND` from `<linux/mempolicy.h>`.
 const MPOL_BIND: usize = 2;
 #[cfg(test)]
@@ -190,6 +192,18 @@ pub fn set_mempolicy_bind(node: Option<u32>) -> Result<(), Errno> {
     check(ret).map(drop)
 }
 
+/// Sets the memory policy of the calling thread to `MPOL_PREFERRED` on one node
+/// (`set_mempolicy(2)`): pages come from that node while it has them, from the others after.
+///
+/// # Errors
+/// The `set_mempolicy` errno.
+pub fn set_mempolicy_preferred(node: u32) -> Result<(), Errno> {
+    let mask = nodemask(node)?;
+    // SAFETY: the mask outlives the call and holds NODEMASK_BITS bits.
+    check(unsafe { libc::syscall(libc::SYS_set_mempolicy, MPOL_PREFERRED, mask.as_ptr(), NODEMASK_BITS + 1) })
+        .map(drop)
+}
+
 /// A thread's memory policy, as `get_mempolicy(2)` reads it: mode (with its flags) and
 /// node mask.
 #[derive(Clone, Copy, Debug)]
@@ -236,8 +250,9 @@ impl ThreadPolicy {
 #[derive(Debug)]
 pub struct PolicyBinding {
     saved: Option<ThreadPolicy>,
-    /// The node the thread is bound to, while it is.
-    bound: Option<u32>,
+    /// The node the thread is bound to, while it is, and whether strictly (`MPOL_BIND`) or
+    /// only preferring it (`MPOL_PREFERRED`).
+    bound: Option<(u32, bool)>,
 }
 
 impl PolicyBinding {
@@ -250,11 +265,23 @@ impl PolicyBinding {
     /// there (without a system call where it is already). Where that fails, the thread
     /// stays as it was: its own policy, or the node bound before.
     pub fn bind(&mut self, node: u32) -> bool {
-        if self.bound == Some(node) {
+        self.set(node, true)
+    }
+
+    /// Points the calling thread's allocations at `node` while it has pages, at the other
+    /// nodes after (`MPOL_PREFERRED`); returns whether it does. Where that fails, the
+    /// thread stays as it was.
+    pub fn prefer(&mut self, node: u32) -> bool {
+        self.set(node, false)
+    }
+
+    fn set(&mut self, node: u32, strict: bool) -> bool {
+        if self.bound == Some((node, strict)) {
             return true;
         }
-        if self.saved.is_some() && set_mempolicy_bind(Some(node)).is_ok() {
-            self.bound = Some(node);
+        let set = if strict { set_mempolicy_bind(Some(node)) } else { set_mempolicy_preferred(node) };
+        if self.saved.is_some() && set.is_ok() {
+            self.bound = Some((node, strict));
             return true;
         }
         false
@@ -287,10 +314,10 @@ impl Drop for PolicyBinding {
 mod tests {
     use super::*;
 
-    /// A binding binds the thread, again without harm to the node it is bound to, and puts
-    /// the thread's own policy back when it drops.
+    /// A binding binds the thread (or points it at a node it prefers), again without harm to
+    /// the node it is bound to, and puts the thread's own policy back when it drops.
     #[test]
-    fn a_binding_binds_once_per_node_and_puts_the_policy_back() {
+    fn a_binding_binds_or_prefers_once_per_node_and_puts_the_policy_back() {
         std::thread::spawn(|| {
             let own = ThreadPolicy::current().unwrap();
             {
@@ -304,6 +331,12 @@ mod tests {
                 assert_eq!((now.mode, now.mask), (own.mode, own.mask));
                 assert!(binding.bind(0));
                 assert_eq!(ThreadPolicy::current().unwrap().mode, libc::MPOL_BIND);
+                assert!(binding.prefer(0));
+                let now = ThreadPolicy::current().unwrap();
+                assert_eq!((now.mode, now.mask[0]), (libc::MPOL_PREFERRED, 1));
+                assert!(binding.bind(0));
+                assert_eq!(ThreadPolicy::current().unwrap().mode, libc::MPOL_BIND);
+                assert!(binding.prefer(0));
             }
             let now = ThreadPolicy::current().unwrap();
             assert_eq!((now.mode, now.mask), (own.mode, own.mask));

@@ -304,3 +304,24 @@ pub fn unmapped_page() -> usize {
         return at;
     }
 }
+
+/// Returns once the put-back of the run at `base` stalls: its first page back, the next
+/// still in the graveyard, for two looks 5 ms apart (the isolation empties a run from its
+/// start).
+pub fn await_put_back_stall(base: usize) {
+    let stalled = || {
+        let f = pagemig::numa::page_frames(base, 2 * PAGE_SIZE).unwrap();
+        f[0].is_some() && f[1].is_none()
+    };
+    let started = std::time::Instant::now();
+    loop {
+        assert!(started.elapsed() < Duration::from_secs(20), "the put-back never stalled");
+        if stalled() {
+            std::thread::sleep(Duration::from_millis(5));
+            if stalled() {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
