@@ -185,6 +185,16 @@ fn mremap_while_old_pages_go_back_loses_nothing() {
     }
 }
 
+/// The program purges memory (`MADV_DONTNEED`) while old pages go back to it, after the
+/// first page came back and the kernel refused the rest for a moment (injected:
+/// `FaultInjection::stall_put_back`): the purge stands, every word reads zeros. The put-back
+/// once went on after its pause and moved the old pages in behind the purge.
+#[test]
+fn a_purge_while_old_pages_go_back_stands() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "a_purge_while_old_pages_go_back_stands");
+    change_during_put_back(Change::DontNeed);
+}
+
 /// Old pages going back while the kernel refuses them for a moment (`EAGAIN`, injected:
 /// `FaultInjection::stall_put_back`) are waited for however their graveyard looks meanwhile:
 /// here `/proc/self/pagemap` cannot be opened (no descriptor left, `RLIMIT_NOFILE` at 3), as
@@ -305,6 +315,18 @@ fn change_during_put_back(change: Change) {
     // away fails the rest or lets them go as the program left them.
     let Err(Error::Partial { stats, .. }) = &result else { panic!("the injected failure is not reported: {result:?}") };
     assert!(stats.failed_folios >= 1, "{stats:?}");
+    if change == Change::DontNeed {
+        // Purged while the old pages waited (the first page back already): zeros, for good.
+        for i in 0..LEN / 8 {
+            assert_eq!(changes::word(base + i * 8), 0, "word {i}: the purge was undone");
+        }
+        // SAFETY: the test's own mapping and reservation, no longer used.
+        unsafe {
+            libc::munmap(base as *mut _, LEN);
+            libc::munmap(reserved as *mut _, changes::SPARE);
+        }
+        return;
+    }
     assert!(!changes::holds_old_data_for_good(base, SEED, 0), "{change:?}: the memory came back at its old address");
     if change == Change::Munmap {
         // SAFETY: the test's own reservation, unused.

@@ -326,6 +326,16 @@ impl Claims {
         add_span(&mut self.purged, start, end);
     }
 
+    /// [`Claims::add_purged`] for the parts of `[start, end)` a call in progress or a claim
+    /// covers, or left registered ([`Claims::add_stray`]): not for memory whose
+    /// registration was taken off before its event was read (nothing would forget it).
+    pub fn add_purged_where_registered(&mut self, start: usize, end: usize) {
+        let unregistered = subtract(&self.unused_in(start, end), &self.stray);
+        for (s, e) in subtract(&[(start, end)], &unregistered) {
+            self.add_purged(s, e);
+        }
+    }
+
     /// The purged parts of `[start, end)` ([`Claims::add_purged`]), in address order.
     fn purged_in(&self, start: usize, end: usize) -> Vec<Span> {
         let first = self.purged.partition_point(|&(_, e)| e <= start);
@@ -696,6 +706,14 @@ mod tests {
         drop(c);
         b.release_all(&[0x10000, 0x20000]);
         assert!(b.try_claim(0x10000, 0x40000, &none));
-        assert_eq!(b.lock().dead_in(0x10000, 0x40000), [(0x12000, 0x13000), (0x30800, 0x31000)]);
+        let mut c = b.lock();
+        assert_eq!(c.dead_in(0x10000, 0x40000), [(0x12000, 0x13000), (0x30800, 0x31000)]);
+        // Only where registered: claimed (0x50000..0x60000), a call's runs, or left registered.
+        c.purged.clear();
+        let call = c.begin_call(vec![(0x70000, 0x80000)]);
+        c.add_stray(0x90000, 0x91000);
+        c.add_purged_where_registered(0x48000, 0xa0000);
+        assert_eq!(c.purged, [(0x50000, 0x60000), (0x70000, 0x80000), (0x90000, 0x91000)]);
+        c.end_call(call);
     }
 }

@@ -512,8 +512,10 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
         // move may land in it.
         Event::Remove { start, end } => {
             claims.mark_dead(start, end);
-            // Its zap may still be coming: a claim made from now on counts it dead too.
-            claims.add_purged(start, end);
+            // Its zap may still be coming: a claim made from now on counts it dead too
+            // (where pagemig has the memory registered: an event read after the call that
+            // registered it took the registration off is nobody's).
+            claims.add_purged_where_registered(start, end);
             moved.discard(start, end);
         }
         Event::Unmap { start, end } => {

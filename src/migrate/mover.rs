@@ -525,7 +525,13 @@ pub(super) fn put_back_counted(
     // Set once the node of the old pages had no room for their copy: from then on the
     // copies prefer that node and take another where it has none.
     let mut anywhere = false;
-    while let Some((s, e, g)) = claims.isolated_in(start, end).first().copied() {
+    loop {
+        // Old pages of memory the program purged or unmapped while the lock was let go (at
+        // a wait below, or before) are garbage: put back, they would undo the purge.
+        for (ds, de) in claims.dead_in(start, end) {
+            forget_isolated(claims, ds, de);
+        }
+        let Some((s, e, g)) = claims.isolated_in(start, end).first().copied() else { break };
         let stall = if e - s > sys::PAGE_SIZE { claims.take_put_back_stall(s) } else { None };
         let len = if stall.is_some() { sys::PAGE_SIZE } else { e - s };
         // SAFETY: `g` holds exactly the old pages of `[s, e)`, moved out by this call; the
@@ -581,7 +587,11 @@ pub(super) fn put_back_counted(
                         // Or unmapped by the program meanwhile.
                         if again { at + copied } else { e }
                     }
-                    Ok(()) => e,
+                    Ok(()) => {
+                        // The next span tries its own node first again.
+                        anywhere = false;
+                        e
+                    }
                 }
             }
             // Unmapped by the program (the event read): the pages go with the graveyard.
@@ -617,9 +627,11 @@ pub(super) unsafe fn copy_back(
 /// Where [`copy_back_placed`] allocates the new pages.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Placement {
-    /// On the node of the page each copies, or nowhere (`MPOL_BIND`).
+    /// On the node of the page each copies, or nowhere (`MPOL_BIND`); pages whose node
+    /// cannot be told by the thread's own policy.
     Bind,
-    /// On that node while it has room, on another after (`MPOL_PREFERRED`).
+    /// On that node while it has room, on another after (`MPOL_PREFERRED`); pages whose
+    /// node cannot be told on any node.
     Prefer,
 }
 
@@ -647,14 +659,16 @@ unsafe fn copy_back_placed(
             }
             _ => (-1, len - done),
         };
-        if node >= 0 {
-            match placement {
-                Placement::Bind => binding.bind(node as u32),
-                Placement::Prefer => binding.prefer(node as u32),
-            };
-        } else {
-            binding.unbind();
-        }
+        match placement {
+            Placement::Bind if node >= 0 => binding.bind(node as u32),
+            Placement::Prefer if node >= 0 => binding.prefer(node as u32),
+            Placement::Bind => {
+                binding.unbind();
+                true
+            }
+            // Not the thread's own policy (the mover's is bound to the target).
+            Placement::Prefer => binding.anywhere(),
+        };
         // SAFETY: as this function's contract, for a part of its range.
         unsafe { uffd.copy(to + done, from + done, part) }.map_err(|(copied, errno)| (done + copied, errno))?;
         done += part;

@@ -250,9 +250,19 @@ impl ThreadPolicy {
 #[derive(Debug)]
 pub struct PolicyBinding {
     saved: Option<ThreadPolicy>,
-    /// The node the thread is bound to, while it is, and whether strictly (`MPOL_BIND`) or
-    /// only preferring it (`MPOL_PREFERRED`).
-    bound: Option<(u32, bool)>,
+    /// The policy set on the thread, while one is.
+    bound: Option<Pointed>,
+}
+
+/// A policy [`PolicyBinding`] sets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pointed {
+    /// `MPOL_BIND` to one node.
+    Bind(u32),
+    /// `MPOL_PREFERRED` for one node.
+    Prefer(u32),
+    /// `MPOL_DEFAULT`: the node the thread runs on, the others after.
+    Anywhere,
 }
 
 impl PolicyBinding {
@@ -265,26 +275,39 @@ impl PolicyBinding {
     /// there (without a system call where it is already). Where that fails, the thread
     /// stays as it was: its own policy, or the node bound before.
     pub fn bind(&mut self, node: u32) -> bool {
-        self.set(node, true)
+        self.set(Pointed::Bind(node))
     }
 
     /// Points the calling thread's allocations at `node` while it has pages, at the other
     /// nodes after (`MPOL_PREFERRED`); returns whether it does. Where that fails, the
     /// thread stays as it was.
     pub fn prefer(&mut self, node: u32) -> bool {
-        self.set(node, false)
+        self.set(Pointed::Prefer(node))
     }
 
-    fn set(&mut self, node: u32, strict: bool) -> bool {
-        if self.bound == Some((node, strict)) {
+    /// Lets the calling thread's allocations take any node, the one it runs on first
+    /// (`MPOL_DEFAULT`), whatever its own policy; returns whether it does.
+    pub fn anywhere(&mut self) -> bool {
+        self.set(Pointed::Anywhere)
+    }
+
+    fn set(&mut self, policy: Pointed) -> bool {
+        if self.bound == Some(policy) {
             return true;
         }
-        let set = if strict { set_mempolicy_bind(Some(node)) } else { set_mempolicy_preferred(node) };
-        if self.saved.is_some() && set.is_ok() {
-            self.bound = Some((node, strict));
-            return true;
+        // Nothing is set that could not be put back.
+        if self.saved.is_none() {
+            return false;
         }
-        false
+        let set = match policy {
+            Pointed::Bind(node) => set_mempolicy_bind(Some(node)),
+            Pointed::Prefer(node) => set_mempolicy_preferred(node),
+            Pointed::Anywhere => set_mempolicy_bind(None),
+        };
+        if set.is_ok() {
+            self.bound = Some(policy);
+        }
+        set.is_ok()
     }
 
     /// Puts the thread's own policy back.
@@ -336,6 +359,8 @@ mod tests {
                 assert_eq!((now.mode, now.mask[0]), (libc::MPOL_PREFERRED, 1));
                 assert!(binding.bind(0));
                 assert_eq!(ThreadPolicy::current().unwrap().mode, libc::MPOL_BIND);
+                assert!(binding.anywhere());
+                assert_eq!(ThreadPolicy::current().unwrap().mode, libc::MPOL_DEFAULT);
                 assert!(binding.prefer(0));
             }
             let now = ThreadPolicy::current().unwrap();
