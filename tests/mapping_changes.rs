@@ -345,6 +345,72 @@ fn change_during_put_back(change: Change) {
     unsafe { libc::munmap(reserved as *mut _, changes::SPARE) };
 }
 
+/// Old pages waiting to go back (a put-back stalled after its first page: injected,
+/// `FaultInjection::stall_put_back`) while the program changes their memory twice, and
+/// what each program then reads. `then_mremap`: the memory is purged, then moved; the
+/// event reader once took the purged old pages along to the new address, which read the
+/// old data instead of zeros. Otherwise half of it is made read-only (a mapping of its
+/// own, and no event): the rest of the put-back spans two mappings, which one move or
+/// copy may not cross; it once gave up after 2 s and the program read zeros.
+fn two_changes_during_put_back(then_mremap: bool) {
+    const LEN: usize = 1 << 20;
+    let base = changes::mapping(LEN, 4096, SEED);
+    let (reserved, spare) = changes::spare();
+    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
+        // SAFETY: the test keeps the mapping as it is except for the changes under test.
+        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
+        .collect();
+    let result = watchdog(Duration::from_secs(60), "two changes during a put-back", move || {
+        let opts = put_back_stalled_for(Duration::from_millis(400));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                common::await_put_back_stall(base);
+                if then_mremap {
+                    changes::apply(Change::DontNeed, base, LEN, spare);
+                    changes::apply(Change::Mremap, base, LEN, spare);
+                } else {
+                    // SAFETY: the second half of the test's own mapping.
+                    assert_eq!(unsafe { libc::mprotect((base + LEN / 2) as *mut _, LEN / 2, libc::PROT_READ) }, 0);
+                }
+            });
+            Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
+        })
+    });
+    let Err(Error::Partial { stats, .. }) = &result else { panic!("the injected failure is not reported: {result:?}") };
+    assert!(stats.failed_folios >= 1, "{stats:?}");
+    if then_mremap {
+        assert!(!changes::holds_old_data_for_good(base, SEED, 0), "the memory came back at its old address");
+        for i in 0..LEN / 8 {
+            assert_eq!(changes::word(spare + i * 8), 0, "word {i} of the moved memory: the purge was undone");
+        }
+        // SAFETY: the test's own reservation, the memory moved into it, no longer used.
+        unsafe { libc::munmap(reserved as *mut _, changes::SPARE) };
+        return;
+    }
+    assert_eq!(changes::perms(base + LEN / 2).as_deref(), Some("r--p"), "protection undone");
+    for i in 0..LEN / 8 {
+        assert_eq!(changes::word(base + i * 8), pagemig::workload::pattern_word(SEED, i), "word {i}");
+    }
+    // SAFETY: the test's own mapping and reservation, no longer used.
+    unsafe {
+        libc::munmap(base as *mut _, LEN);
+        libc::munmap(reserved as *mut _, changes::SPARE);
+    }
+}
+
+#[test]
+fn memory_purged_then_moved_while_old_pages_go_back_reads_zeros() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "memory_purged_then_moved_while_old_pages_go_back_reads_zeros");
+    two_changes_during_put_back(true);
+}
+
+#[test]
+fn old_pages_go_back_into_memory_split_while_they_wait() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "old_pages_go_back_into_memory_split_while_they_wait");
+    two_changes_during_put_back(false);
+}
+
 /// Pages the program purges while a call has them registered, before it claims them, are
 /// never moved by that call: the kernel zaps purged pages only after their event is read
 /// and the purging thread is back on a CPU, and a call that claimed and isolated them in

@@ -512,6 +512,9 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
         // move may land in it.
         Event::Remove { start, end } => {
             claims.mark_dead(start, end);
+            // Old pages of purged memory are garbage: dropped now, so that nothing (a later
+            // move of the memory, below) takes them anywhere.
+            drop(claims.take_isolated(start, end));
             // Its zap may still be coming: a claim made from now on counts it dead too
             // (where pagemig has the memory registered: an event read after the call that
             // registered it took the registration off is nobody's).
@@ -520,6 +523,7 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
         }
         Event::Unmap { start, end } => {
             claims.mark_dead(start, end);
+            drop(claims.take_isolated(start, end));
             claims.forget_purged(start, end);
             claims.drop_strays(start, end);
             claims.forget_runs(start, end);
@@ -732,7 +736,16 @@ fn missing_for(moved: &mut Moved, missing: &mut Option<(usize, Instant)>) -> boo
 /// except where it meets a range still claimed or a call in progress registered;
 /// unregistering wakes its threads.
 fn release_moved(uffd: &Uffd, claims: &mut Claims, to: usize, end: usize) {
-    for (s, e) in claims.unused_in(to, end) {
-        let _ = uffd.unregister(s, e - s);
+    let unused = claims.unused_in(to, end);
+    for &(s, e) in &unused {
+        if uffd.unregister(s, e - s).is_err() {
+            claims.add_stray(s, e);
+        }
+    }
+    // Still claimed (the memory moved onto a range a call is migrating, whose runs no
+    // longer hold it): left registered, taken off as a call ends, as what a call could
+    // not unregister is.
+    for (s, e) in super::busy::subtract(&[(to, end)], &unused) {
+        claims.add_stray(s, e);
     }
 }

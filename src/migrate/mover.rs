@@ -525,13 +525,18 @@ pub(super) fn put_back_counted(
     // Set once the node of the old pages had no room for their copy: from then on the
     // copies prefer that node and take another where it has none.
     let mut anywhere = false;
+    // Below this address the old pages go back one page at a time: the range the program
+    // split meanwhile (an `mprotect` of part of it makes a mapping of its own, and raises
+    // no event), which a move or copy may not cross.
+    let mut single_until = 0;
     loop {
         // Old pages of memory the program purged or unmapped while the lock was let go (at
         // a wait below, or before) are garbage: put back, they would undo the purge.
         for (ds, de) in claims.dead_in(start, end) {
             forget_isolated(claims, ds, de);
         }
-        let Some((s, e, g)) = claims.isolated_in(start, end).first().copied() else { break };
+        let Some((s, span_end, g)) = claims.isolated_in(start, end).first().copied() else { break };
+        let e = if s < single_until { span_end.min(s + sys::PAGE_SIZE) } else { span_end };
         let stall = if e - s > sys::PAGE_SIZE { claims.take_put_back_stall(s) } else { None };
         let len = if stall.is_some() { sys::PAGE_SIZE } else { e - s };
         // SAFETY: `g` holds exactly the old pages of `[s, e)`, moved out by this call; the
@@ -578,6 +583,10 @@ pub(super) fn put_back_counted(
                         empty.merge(claims.take_isolated(at, at + copied).1);
                         let again = if errno == Errno::NOMEM && !anywhere {
                             anywhere = true;
+                            true
+                        } else if matches!(errno, Errno::NOENT | Errno::INVAL) && e - (at + copied) > sys::PAGE_SIZE {
+                            // Perhaps across two mappings: page by page from here.
+                            single_until = span_end;
                             true
                         } else {
                             patience.wait(claims, errno, g + moved + copied)
