@@ -477,3 +477,66 @@ fn pages_purged_before_the_claim_are_never_moved_in() {
     // SAFETY: the test's own mapping, no longer used.
     unsafe { libc::munmap(base as *mut _, LEN) };
 }
+
+/// Memory another call is migrating moved (`mremap`) onto a range a call still claims: the
+/// registration that came with it cannot be taken off while that claim stands, and is left
+/// for a call's end, as what the kernel would not unregister is. Here the call that
+/// migrated the moved memory ends first: the registration once went with it, and the range
+/// stayed registered after every call, where a thread touching a page never populated
+/// would wait for ever. Every word of the moved memory reaches its new address.
+#[test]
+fn memory_moved_onto_a_claimed_range_is_unregistered_after_the_calls() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "memory_moved_onto_a_claimed_range_is_unregistered_after_the_calls");
+    const LEN: usize = 16 * 4096;
+    const MOVED_SEED: u64 = SEED + 1;
+    let target = changes::mapping(LEN, 4096, SEED);
+    let moved = changes::mapping(LEN, 4096, MOVED_SEED);
+    let pages = |base: usize| -> Vec<Folio<'static>> {
+        (0..LEN / 4096)
+            // SAFETY: the test keeps both mappings but for the `mremap` under test.
+            .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
+            .collect()
+    };
+    let (at_target, at_moved) = (pages(target), pages(moved));
+    let results = watchdog(Duration::from_secs(60), "memory moved onto a claimed range", move || {
+        let held = |ms| {
+            MigrateOptions::default()
+                .answer_faults(false)
+                .fault(FaultInjection { delay_move: Some(Duration::from_millis(ms)), ..Default::default() })
+        };
+        let (long, short) = (held(1_500), held(300));
+        let engine = Engine::global().unwrap();
+        std::thread::scope(|s| {
+            let claimer = s.spawn(|| engine.migrate_pages(&at_target, node(), Reason::Syscall, Mode::Sync, &long));
+            common::await_gone(target, "the first call never isolated its pages");
+            let mover = s.spawn(|| engine.migrate_pages(&at_moved, node(), Reason::Syscall, Mode::Sync, &short));
+            common::await_gone(moved, "the second call never isolated its pages");
+            // SAFETY: the test's own mappings: `moved` replaces `target`.
+            let p = unsafe {
+                libc::mremap(
+                    moved as *mut _,
+                    LEN,
+                    LEN,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    target as *mut libc::c_void,
+                )
+            };
+            assert_eq!(p as usize, target, "mremap: {}", std::io::Error::last_os_error());
+            let second = mover.join().unwrap();
+            assert!(!claimer.is_finished(), "the claiming call ended first: the case is not made");
+            (claimer.join().unwrap(), second)
+        })
+    });
+    eprintln!("{results:?}");
+    assert!(
+        !common::vm_flags(target).iter().any(|f| f == "um" || f == "uw"),
+        "the range is still registered: {:?}",
+        common::vm_flags(target)
+    );
+    for i in 0..LEN / 8 {
+        assert_eq!(changes::word(target + i * 8), pagemig::workload::pattern_word(MOVED_SEED, i), "word {i}");
+    }
+    // SAFETY: the test's own mapping (the moved memory), no longer used.
+    unsafe { libc::munmap(target as *mut _, LEN) };
+}

@@ -270,6 +270,17 @@ impl Moved {
         self.homing = homing;
     }
 
+    /// `[start, end)` was unmapped: nothing goes there, and its registration is not taken
+    /// off later (what is mapped there next is not pagemig's).
+    fn unmapped(&mut self, start: usize, end: usize) {
+        self.discard(start, end);
+        let mut release = Vec::with_capacity(self.release.len());
+        for (s, e) in self.release.drain(..) {
+            release.extend(split(s, e, start, end).into_iter().filter(|p| !p.2).map(|(a, b, _)| (a, b)));
+        }
+        self.release = release;
+    }
+
     /// Whether every entry on its way home is in a holding (none is read from a
     /// graveyard, which needs the claims lock).
     fn all_held(&self) -> bool {
@@ -527,13 +538,14 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
             claims.forget_purged(start, end);
             claims.drop_strays(start, end);
             claims.forget_runs(start, end);
-            moved.discard(start, end);
+            moved.unmapped(start, end);
         }
         Event::Remap { from, to, len } => {
             claims.mark_dead(from, from + len);
             claims.forget_purged(from, from + len);
             claims.forget_purged(to, to + len);
             claims.drop_strays(from, from + len);
+            claims.drop_strays(to, to + len);
             claims.forget_runs(from, from + len);
             claims.forget_runs(to, to + len);
             moved.follow(from, to, len);

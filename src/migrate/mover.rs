@@ -356,8 +356,15 @@ pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
 pub(super) fn unregister_runs(engine: &Engine, call: u64, folio_size: impl Fn(usize) -> usize, fail: bool) {
     let mut claims = engine.busy.lock();
     let mut left = Vec::new();
-    // This call's runs, and what earlier calls left registered.
-    let spans: Vec<Span> = claims.end_call(call).into_iter().chain(claims.strays()).collect();
+    // This call's runs, and what earlier calls left registered; of the latter, what is
+    // still claimed or another call's stays left (memory moved onto a claimed range).
+    let runs = claims.end_call(call);
+    let strays = claims.strays();
+    for &(s, e) in &strays {
+        let unused = claims.unused_in(s, e);
+        left.extend(super::busy::subtract(&[(s, e)], &unused));
+    }
+    let spans: Vec<Span> = runs.into_iter().chain(strays).collect();
     for (start, end) in spans {
         for (s, e) in claims.unused_in(start, end) {
             if fail || engine.uffd.unregister(s, e - s).is_err() {

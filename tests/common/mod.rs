@@ -325,3 +325,13 @@ pub fn await_put_back_stall(base: usize) {
         std::thread::sleep(Duration::from_micros(200));
     }
 }
+
+/// Returns once the page at `addr` is not present (a migration moved it out); fails with
+/// `what` after 20 s.
+pub fn await_gone(addr: usize, what: &str) {
+    let started = std::time::Instant::now();
+    while pagemig::numa::page_frames(addr, PAGE_SIZE).unwrap()[0].is_some() {
+        assert!(started.elapsed() < Duration::from_secs(20), "{what}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
