@@ -291,26 +291,40 @@ fn put_back_stalled_for(stall: Duration) -> MigrateOptions {
     MigrateOptions::default().fault(fault).answer_faults(false)
 }
 
-fn change_during_put_back(change: Change) {
-    const LEN: usize = 1 << 20;
-    let base = changes::mapping(LEN, 4096, SEED);
+/// The 1 MiB of base pages a put-back test migrates (at `SEED`).
+const PUT_BACK_LEN: usize = 1 << 20;
+
+/// Migrates [`PUT_BACK_LEN`] bytes of base pages whose first run does not move and, once the
+/// put-back of its old pages has stalled after the first page, lets `change` act on the
+/// memory (its start, and the 2 MiB boundary of a spare reservation). Returns the call's
+/// result, what `change` returned, the memory's start and the reservation.
+fn during_put_back<T: Send + 'static>(
+    change: impl FnOnce(usize, usize) -> T + Send + 'static,
+) -> (pagemig::Result<pagemig::MigrateStats>, T, usize, (usize, usize)) {
+    let base = changes::mapping(PUT_BACK_LEN, 4096, SEED);
     let (reserved, spare) = changes::spare();
-    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
-        // SAFETY: the test keeps the mapping as it is except for the `mremap` under test.
+    let folios: Vec<Folio<'static>> = (0..PUT_BACK_LEN / 4096)
+        // SAFETY: the test keeps the mapping as it is except for the change under test.
         .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
         .collect();
-    let result = watchdog(Duration::from_secs(60), "mremap during a put-back", move || {
+    let (result, changed) = watchdog(Duration::from_secs(60), "a change during a put-back", move || {
         let opts = put_back_stalled_for(Duration::from_millis(400));
         std::thread::scope(|s| {
-            let mover = s.spawn(|| {
+            let changer = s.spawn(move || {
                 common::await_put_back_stall(base);
-                changes::apply(change, base, LEN, spare)
+                change(base, spare)
             });
             let r = Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
-            (r, mover.join().unwrap())
+            (r, changer.join().unwrap())
         })
     });
-    let (result, moved_to) = result;
+    (result, changed, base, (reserved, spare))
+}
+
+fn change_during_put_back(change: Change) {
+    const LEN: usize = PUT_BACK_LEN;
+    let (result, moved_to, base, (reserved, spare)) =
+        during_put_back(move |base, spare| changes::apply(change, base, LEN, spare));
     // The injected refusal fails its run's folios (at least the first); the memory moved
     // away fails the rest or lets them go as the program left them.
     let Err(Error::Partial { stats, .. }) = &result else { panic!("the injected failure is not reported: {result:?}") };
@@ -353,28 +367,15 @@ fn change_during_put_back(change: Change) {
 /// own, and no event): the rest of the put-back spans two mappings, which one move or
 /// copy may not cross; it once gave up after 2 s and the program read zeros.
 fn two_changes_during_put_back(then_mremap: bool) {
-    const LEN: usize = 1 << 20;
-    let base = changes::mapping(LEN, 4096, SEED);
-    let (reserved, spare) = changes::spare();
-    let folios: Vec<Folio<'static>> = (0..LEN / 4096)
-        // SAFETY: the test keeps the mapping as it is except for the changes under test.
-        .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
-        .collect();
-    let result = watchdog(Duration::from_secs(60), "two changes during a put-back", move || {
-        let opts = put_back_stalled_for(Duration::from_millis(400));
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                common::await_put_back_stall(base);
-                if then_mremap {
-                    changes::apply(Change::DontNeed, base, LEN, spare);
-                    changes::apply(Change::Mremap, base, LEN, spare);
-                } else {
-                    // SAFETY: the second half of the test's own mapping.
-                    assert_eq!(unsafe { libc::mprotect((base + LEN / 2) as *mut _, LEN / 2, libc::PROT_READ) }, 0);
-                }
-            });
-            Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
-        })
+    const LEN: usize = PUT_BACK_LEN;
+    let (result, (), base, (reserved, spare)) = during_put_back(move |base, spare| {
+        if then_mremap {
+            changes::apply(Change::DontNeed, base, LEN, spare);
+            changes::apply(Change::Mremap, base, LEN, spare);
+        } else {
+            // SAFETY: the second half of the test's own mapping.
+            assert_eq!(unsafe { libc::mprotect((base + LEN / 2) as *mut _, LEN / 2, libc::PROT_READ) }, 0);
+        }
     });
     let Err(Error::Partial { stats, .. }) = &result else { panic!("the injected failure is not reported: {result:?}") };
     assert!(stats.failed_folios >= 1, "{stats:?}");
@@ -512,17 +513,8 @@ fn memory_moved_onto_a_claimed_range_is_unregistered_after_the_calls() {
             common::await_gone(target, "the first call never isolated its pages");
             let mover = s.spawn(|| engine.migrate_pages(&at_moved, node(), Reason::Syscall, Mode::Sync, &short));
             common::await_gone(moved, "the second call never isolated its pages");
-            // SAFETY: the test's own mappings: `moved` replaces `target`.
-            let p = unsafe {
-                libc::mremap(
-                    moved as *mut _,
-                    LEN,
-                    LEN,
-                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
-                    target as *mut libc::c_void,
-                )
-            };
-            assert_eq!(p as usize, target, "mremap: {}", std::io::Error::last_os_error());
+            // `moved` replaces `target`.
+            changes::apply(Change::Mremap, moved, LEN, target);
             let second = mover.join().unwrap();
             assert!(!claimer.is_finished(), "the claiming call ended first: the case is not made");
             (claimer.join().unwrap(), second)
