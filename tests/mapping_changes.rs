@@ -532,3 +532,79 @@ fn memory_moved_onto_a_claimed_range_is_unregistered_after_the_calls() {
     // SAFETY: the test's own mapping (the moved memory), no longer used.
     unsafe { libc::munmap(target as *mut _, LEN) };
 }
+
+/// Pages purged during a call and still there as it ends (`MADV_FREE`, written again; a
+/// `MADV_DONTNEED` whose zap has yet to come) stay registered for a while, their purge
+/// recorded, so that a call right after does not isolate them before the zap; the program's
+/// unmap of them is then seen and forgets the purge: fresh memory mapped at the same address
+/// moves whole. (Without the registration kept, no event would say the memory was replaced,
+/// and the fresh pages would fail as purged.)
+#[test]
+fn a_purge_kept_past_its_call_ends_with_the_memory() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "a_purge_kept_past_its_call_ends_with_the_memory");
+    const PAGES: usize = 32;
+    const LEN: usize = PAGES * 4096;
+    let base = changes::mapping(LEN, 4096, SEED);
+    let tail = base + LEN / 2;
+    let folios = move || -> Vec<Folio<'static>> {
+        (0..PAGES)
+            // SAFETY: the test keeps the mapping, purging and replacing its second half as said.
+            .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
+            .collect()
+    };
+    let handshake = pagemig::Handshake::new();
+    let at_claim = handshake.clone();
+    let result = watchdog(Duration::from_secs(60), "a purge kept past its call", move || {
+        let opts = MigrateOptions::default()
+            .fault(FaultInjection { claim_handshake: Some(at_claim), ..Default::default() })
+            .answer_faults(false);
+        let folios = folios();
+        std::thread::scope(|s| {
+            let call = s
+                .spawn(|| Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
+            handshake.wait();
+            // SAFETY: the test's own pages; then written again, present.
+            assert_eq!(unsafe { libc::madvise(tail as *mut _, LEN / 2, libc::MADV_FREE) }, 0);
+            for i in 0..LEN / 2 / 8 {
+                // SAFETY: as above.
+                unsafe { ((tail + i * 8) as *mut u64).write_volatile(1) };
+            }
+            handshake.wait();
+            call.join().unwrap()
+        })
+    });
+    let Err(Error::Partial { stats, .. }) = &result else { panic!("the purged pages moved: {result:?}") };
+    assert_eq!(stats.failed_folios as usize, PAGES / 2, "{stats:?}");
+    assert!(common::vm_flags(tail).iter().any(|f| f == "um"), "the purged pages were not kept registered");
+    assert!(!common::vm_flags(base).iter().any(|f| f == "um"), "the rest was left registered");
+    // The program replaces the purged half with fresh memory.
+    // SAFETY: the test's own pages, replaced in place.
+    let p = unsafe {
+        libc::munmap(tail as *mut _, LEN / 2);
+        libc::mmap(
+            tail as *mut _,
+            LEN / 2,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(p as usize, tail, "mapping the half again: {}", std::io::Error::last_os_error());
+    for i in 0..LEN / 2 / 8 {
+        // SAFETY: the fresh mapping.
+        unsafe { ((tail + i * 8) as *mut u64).write_volatile(2) };
+    }
+    let folios = folios();
+    let stats = Engine::global()
+        .unwrap()
+        .migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &MigrateOptions::default())
+        .unwrap_or_else(|e| panic!("the fresh memory did not move whole: {e}"));
+    assert_eq!(stats.succeeded_folios as usize, PAGES);
+    for i in 0..LEN / 8 {
+        let want = if i < LEN / 2 / 8 { pagemig::workload::pattern_word(SEED, i) } else { 2 };
+        assert_eq!(changes::word(base + i * 8), want, "word {i}");
+    }
+    // SAFETY: the test's own mappings, no longer used.
+    unsafe { libc::munmap(base as *mut _, LEN) };
+}

@@ -15,13 +15,19 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::Span;
 use super::fork::Empty;
 use super::options::FaultInjection;
+
+/// How long a purge the event reader read counts as dead for the claims made afterwards
+/// ([`Claims::purged`]): far longer than a purging thread waits for a CPU on a busy machine
+/// between its event and its zap (a thread held up longer, by a cgroup's CPU quota say, is
+/// not covered).
+pub(super) const PURGE_RECORD: Duration = Duration::from_secs(1);
 
 /// One claimed range.
 #[derive(Debug, Default)]
@@ -63,17 +69,19 @@ pub(super) struct Claims {
     stray: Vec<Span>,
     /// How many claims have `pause_reader`.
     pausing: usize,
-    /// Ranges the program purged (`madvise`, a `REMOVE` event) while they were registered
-    /// for a call, until the program unmaps or moves them or their registration is taken
-    /// off (sorted, disjoint): a claim made there afterwards counts them dead from the
-    /// start ([`Busy::try_claim`]). The kernel sends the event, wakes the purging thread
-    /// once it is read, and only then zaps the pages; a call that claimed and isolated them
-    /// in between, the thread not yet back on a CPU, would move their old data back in
+    /// Ranges the program purged (`madvise`, a `REMOVE` event), with when the reader read
+    /// each, oldest first, for [`PURGE_RECORD`]: a claim made there meanwhile counts them dead
+    /// from the start ([`Busy::try_claim`]). The kernel sends the event, wakes the purging
+    /// thread once it is read, and only then zaps the pages; a call that claimed and isolated
+    /// them in between, the thread not yet back on a CPU, would move their old data back in
     /// after the zap had passed over an empty source, and the program would read old
-    /// contents where it purged. A page purged with `MADV_FREE` and written again since
-    /// stays where it is, unmoved, keeping what was written (`ENOENT`, as a page the purge
-    /// freed).
-    purged: Vec<Span>,
+    /// contents where it purged. Calls that follow one another claim the same memory again
+    /// within a millisecond: a call's end keeps the parts whose pages are still there
+    /// registered (see [`Claims::purges_to_keep`]), so that the program's unmap of them is
+    /// still seen and forgets them. A page purged with `MADV_FREE` and written again
+    /// meanwhile stays where it is, unmoved, keeping what was written (`ENOENT`, as a page
+    /// the purge freed).
+    purged: std::collections::VecDeque<(usize, usize, Instant)>,
     /// Claimed ranges whose present pages a call is making its own now, with the claims
     /// lock let go (see the isolation's `unshare`): a missing fault there on a page not
     /// isolated is answered with zeros ([`Claims::hole_while_unsharing`]).
@@ -321,32 +329,71 @@ impl Claims {
         add_span(&mut self.stray, start, end);
     }
 
-    /// Records that the program purged `[start, end)` ([`Claims::purged`]).
+    /// Records that the program purged `[start, end)` ([`Claims::purged`]), now.
     pub fn add_purged(&mut self, start: usize, end: usize) {
-        add_span(&mut self.purged, start, end);
+        self.forget_old_purges();
+        self.purged.push_back((start, end, Instant::now()));
     }
 
-    /// [`Claims::add_purged`] for the parts of `[start, end)` a call in progress or a claim
-    /// covers, or left registered ([`Claims::add_stray`]): not for memory whose
-    /// registration was taken off before its event was read (nothing would forget it).
-    pub fn add_purged_where_registered(&mut self, start: usize, end: usize) {
-        let unregistered = subtract(&self.unused_in(start, end), &self.stray);
-        for (s, e) in subtract(&[(start, end)], &unregistered) {
-            self.add_purged(s, e);
+    /// Forgets the purges read more than [`PURGE_RECORD`] ago.
+    fn forget_old_purges(&mut self) {
+        while self.purged.front().is_some_and(|p| p.2.elapsed() > PURGE_RECORD) {
+            self.purged.pop_front();
         }
     }
 
-    /// The purged parts of `[start, end)` ([`Claims::add_purged`]), in address order.
-    fn purged_in(&self, start: usize, end: usize) -> Vec<Span> {
-        let first = self.purged.partition_point(|&(_, e)| e <= start);
-        self.purged[first..].iter().take_while(|&&(s, _)| s < end).map(|&(s, e)| (s.max(start), e.min(end))).collect()
+    /// The purged parts of `[start, end)` ([`Claims::add_purged`]), sorted by start (they
+    /// may overlap).
+    fn purged_in(&mut self, start: usize, end: usize) -> Vec<Span> {
+        self.forget_old_purges();
+        let mut out: Vec<Span> = self
+            .purged
+            .iter()
+            .filter(|&&(s, e, _)| s < end && start < e)
+            .map(|&(s, e, _)| (s.max(start), e.min(end)))
+            .collect();
+        out.sort_unstable();
+        out
     }
 
-    /// Forgets what of the purged ranges lies in `[start, end)`: unmapped or moved away by
-    /// the program, or unregistered (the program may fill it again unseen).
+    /// As a call ends: the parts of `[start, end)`, whose registration it would take off,
+    /// to leave registered instead (sorted, disjoint): those purged within [`PURGE_RECORD`]
+    /// whose pages `present` (the present parts of `[start, end)`, or `None` where that
+    /// cannot be told) says are still there, their zap perhaps still coming. Forgets the
+    /// purges of the rest: their pages are gone, or the registration goes and the program
+    /// may fill the memory again unseen.
+    pub fn purges_to_keep(
+        &mut self,
+        start: usize,
+        end: usize,
+        present: impl FnOnce() -> Option<Vec<Span>>,
+    ) -> Vec<Span> {
+        let mut purged = Vec::new();
+        for (s, e) in self.purged_in(start, end) {
+            add_span(&mut purged, s, e);
+        }
+        if purged.is_empty() {
+            return purged;
+        }
+        let keep = match present() {
+            Some(present) => subtract(&purged, &subtract(&[(start, end)], &present)),
+            None => purged,
+        };
+        for (s, e) in subtract(&[(start, end)], &keep) {
+            self.forget_purged(s, e);
+        }
+        keep
+    }
+
+    /// Forgets what of the purged ranges lies in `[start, end)`, which the program unmapped
+    /// or moved away: what is mapped there next is other memory.
     pub fn forget_purged(&mut self, start: usize, end: usize) {
-        if !self.purged.is_empty() {
-            self.purged = subtract(&self.purged, &[(start, end)]);
+        if self.purged.iter().any(|&(s, e, _)| s < end && start < e) {
+            self.purged = self
+                .purged
+                .iter()
+                .flat_map(|&(s, e, t)| subtract(&[(s, e)], &[(start, end)]).into_iter().map(move |(a, b)| (a, b, t)))
+                .collect();
         }
     }
 
@@ -670,9 +717,9 @@ mod tests {
         assert!(none.is_empty() && none_empty.pages() == 0);
     }
 
-    /// A purge recorded while registered makes later claims dead where they meet it, merged
-    /// with its neighbours; what the program unmaps or moves, or the registration leaves,
-    /// is forgotten.
+    /// A purge recorded makes later claims dead where they meet it (overlapping purges
+    /// included); what the program unmaps or moves is forgotten, and so is every purge
+    /// once it is older than `PURGE_RECORD`; a call's end keeps the present parts.
     #[test]
     fn purged_ranges_are_dead_to_later_claims() {
         let b = Busy::default();
@@ -680,40 +727,38 @@ mod tests {
         {
             let mut c = b.lock();
             c.add_purged(0x12000, 0x14000);
-            c.add_purged(0x14000, 0x15000);
+            c.add_purged(0x13000, 0x15000);
             c.add_purged(0x30000, 0x31000);
-            c.add_purged(0x40000, 0x41000);
-            c.add_purged(0x20000, 0x21000);
-            c.add_purged(0x20800, 0x41000);
-            c.add_purged(0x11000, 0x11800);
-            assert_eq!(c.purged, [(0x11000, 0x11800), (0x12000, 0x15000), (0x20000, 0x41000)]);
-            c.forget_purged(0x20000, 0x30000);
-            c.forget_purged(0x31000, 0x41000);
-            c.forget_purged(0x11000, 0x11800);
-            assert_eq!(c.purged, [(0x12000, 0x15000), (0x30000, 0x31000)]);
         }
         assert!(b.try_claim(0x10000, 0x20000, &none));
         assert!(b.try_claim(0x20000, 0x40000, &none));
         assert!(b.try_claim(0x50000, 0x60000, &none));
         let mut c = b.lock();
-        assert_eq!(c.dead_in(0x10000, 0x20000), [(0x12000, 0x15000)]);
+        assert_eq!(c.dead_in(0x10000, 0x20000), [(0x12000, 0x14000), (0x13000, 0x15000)]);
         assert_eq!(c.dead_in(0x20000, 0x40000), [(0x30000, 0x31000)]);
         assert!(c.dead_in(0x50000, 0x60000).is_empty());
-        c.forget_purged(0x13000, 0x30800);
-        assert_eq!(c.purged, [(0x12000, 0x13000), (0x30800, 0x31000)]);
+        c.forget_purged(0x13800, 0x30800);
+        let left: Vec<Span> = c.purged.iter().map(|&(s, e, _)| (s, e)).collect();
+        assert_eq!(left, [(0x12000, 0x13800), (0x13000, 0x13800), (0x30800, 0x31000)]);
         // Claims made earlier keep what they were given.
-        assert_eq!(c.dead_in(0x10000, 0x20000), [(0x12000, 0x15000)]);
+        assert_eq!(c.dead_in(0x10000, 0x20000), [(0x12000, 0x14000), (0x13000, 0x15000)]);
         drop(c);
         b.release_all(&[0x10000, 0x20000]);
         assert!(b.try_claim(0x10000, 0x40000, &none));
         let mut c = b.lock();
-        assert_eq!(c.dead_in(0x10000, 0x40000), [(0x12000, 0x13000), (0x30800, 0x31000)]);
-        // Only where registered: claimed (0x50000..0x60000), a call's runs, or left registered.
-        c.purged.clear();
-        let call = c.begin_call(vec![(0x70000, 0x80000)]);
-        c.add_stray(0x90000, 0x91000);
-        c.add_purged_where_registered(0x48000, 0xa0000);
-        assert_eq!(c.purged, [(0x50000, 0x60000), (0x70000, 0x80000), (0x90000, 0x91000)]);
-        c.end_call(call);
+        assert_eq!(c.dead_in(0x10000, 0x40000), [(0x12000, 0x13800), (0x13000, 0x13800), (0x30800, 0x31000)]);
+        // A call's end: the present purged parts stay (and their purges), the rest goes.
+        let keep = c.purges_to_keep(0x10000, 0x40000, || Some(vec![(0x13000, 0x20000)]));
+        assert_eq!(keep, [(0x13000, 0x13800)]);
+        let left: Vec<Span> = c.purged.iter().map(|&(s, e, _)| (s, e)).collect();
+        assert_eq!(left, [(0x13000, 0x13800), (0x13000, 0x13800)]);
+        assert_eq!(c.purges_to_keep(0x10000, 0x40000, || None), [(0x13000, 0x13800)]);
+        assert!(c.purges_to_keep(0x10000, 0x40000, || Some(Vec::new())).is_empty());
+        assert!(c.purged.is_empty());
+        // Read too long ago: forgotten.
+        let old = Instant::now().checked_sub(PURGE_RECORD + Duration::from_millis(1)).unwrap();
+        c.purged.push_front((0x70000, 0x71000, old));
+        assert!(c.purged_in(0x70000, 0x71000).is_empty());
+        assert!(c.purged.is_empty());
     }
 }

@@ -509,6 +509,11 @@ fn detach(home: &Home<'_>, moved: &mut Moved) {
 }
 
 fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
+    if let Event::Missing { addr } = event {
+        // The page is empty: whatever purge of it was read before has been zapped.
+        let page = addr & !(sys::PAGE_SIZE - 1);
+        claims.forget_purged(page, page + sys::PAGE_SIZE);
+    }
     match event {
         // In a range a call left registered: nothing will wake its thread, and the kernel
         // would have given it a page of zeros.
@@ -526,10 +531,8 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
             // Old pages of purged memory are garbage: dropped now, so that nothing (a later
             // move of the memory, below) takes them anywhere.
             drop(claims.take_isolated(start, end));
-            // Its zap may still be coming: a claim made from now on counts it dead too
-            // (where pagemig has the memory registered: an event read after the call that
-            // registered it took the registration off is nobody's).
-            claims.add_purged_where_registered(start, end);
+            // Its zap may still be coming: a claim made from now on counts it dead too.
+            claims.add_purged(start, end);
             moved.discard(start, end);
         }
         Event::Unmap { start, end } => {

@@ -366,19 +366,21 @@ pub(super) fn unregister_runs(engine: &Engine, call: u64, folio_size: impl Fn(us
     }
     let spans: Vec<Span> = runs.into_iter().chain(strays).collect();
     for (start, end) in spans {
-        for (s, e) in claims.unused_in(start, end) {
-            if fail || engine.uffd.unregister(s, e - s).is_err() {
-                let step = folio_size(s).max(sys::PAGE_SIZE);
-                for a in (s..e).step_by(step) {
-                    let len = step.min(e - a);
-                    if fail || engine.uffd.unregister(a, len).is_err() {
-                        left.push((a, a + len));
-                    } else {
-                        claims.forget_purged(a, a + len);
+        for (us, ue) in claims.unused_in(start, end) {
+            // Pages purged just now and still there stay registered (their zap may still
+            // be coming: see `Claims::purged`), as what could not be unregistered does.
+            let keep = claims.purges_to_keep(us, ue, || sys::present_ranges(us, ue).ok());
+            left.extend_from_slice(&keep);
+            for (s, e) in super::busy::subtract(&[(us, ue)], &keep) {
+                if fail || engine.uffd.unregister(s, e - s).is_err() {
+                    let step = folio_size(s).max(sys::PAGE_SIZE);
+                    for a in (s..e).step_by(step) {
+                        let len = step.min(e - a);
+                        if fail || engine.uffd.unregister(a, len).is_err() {
+                            left.push((a, a + len));
+                        }
                     }
                 }
-            } else {
-                claims.forget_purged(s, e);
             }
         }
     }
