@@ -358,8 +358,9 @@ impl Claims {
 
     /// As a call ends: the parts of `[start, end)`, whose registration it would take off,
     /// to leave registered instead (sorted, disjoint): those purged within [`PURGE_RECORD`]
-    /// whose pages `present` (the present parts of `[start, end)`, or `None` where that
-    /// cannot be told) says are still there, their zap perhaps still coming. Forgets the
+    /// whose pages `present` (the parts of `[start, end)` holding pages, swapped out ones
+    /// included, or `None` where that cannot be told) says are still there, their zap
+    /// perhaps still coming. Forgets the
     /// purges of the rest: their pages are gone, or the registration goes and the program
     /// may fill the memory again unseen.
     pub fn purges_to_keep(

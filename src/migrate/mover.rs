@@ -369,7 +369,12 @@ pub(super) fn unregister_runs(engine: &Engine, call: u64, folio_size: impl Fn(us
         for (us, ue) in claims.unused_in(start, end) {
             // Pages purged just now and still there stay registered (their zap may still
             // be coming: see `Claims::purged`), as what could not be unregistered does.
-            let keep = claims.purges_to_keep(us, ue, || sys::present_ranges(us, ue).ok());
+            let mut keep = claims.purges_to_keep(us, ue, || sys::held_ranges(us, ue).ok());
+            // Kept only without protection: a write there would wait for a call's end (the
+            // unprotect of a folio that failed as purged gives up while the kernel refuses).
+            // Tried once: with the claims lock held no event is read, and the kernel refuses
+            // while one waits.
+            keep.retain(|&(s, e)| engine.uffd.writeprotect_once(s, e - s, false).is_ok());
             left.extend_from_slice(&keep);
             for (s, e) in super::busy::subtract(&[(us, ue)], &keep) {
                 if fail || engine.uffd.unregister(s, e - s).is_err() {

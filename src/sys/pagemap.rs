@@ -123,9 +123,18 @@ pub fn present_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, E
     scan_ranges(start, end, linux_raw_sys::general::PAGE_IS_PRESENT)
 }
 
-/// The ranges of `[start, end)` whose pages are all in `category` (a `PAGE_IS_*` bit), by
-/// the `PAGEMAP_SCAN` ioctl, adjacent ranges merged.
-fn scan_ranges(start: usize, end: usize, category: u32) -> Result<Vec<(usize, usize)>, Errno> {
+/// The ranges of `[start, end)` holding a page (present, or swapped out, or being migrated
+/// by the kernel: anything but an empty page table entry), as [`present_ranges`] finds them.
+///
+/// # Errors
+/// As [`huge_ranges`].
+pub fn held_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, Errno> {
+    scan_ranges(start, end, linux_raw_sys::general::PAGE_IS_PRESENT | linux_raw_sys::general::PAGE_IS_SWAPPED)
+}
+
+/// The ranges of `[start, end)` whose pages are each in one of `categories` (`PAGE_IS_*`
+/// bits), by the `PAGEMAP_SCAN` ioctl, adjacent ranges merged.
+fn scan_ranges(start: usize, end: usize, categories: u32) -> Result<Vec<(usize, usize)>, Errno> {
     use linux_raw_sys::general::{page_region, pm_scan_arg};
     use std::os::fd::AsRawFd;
     // _IOWR('f', 16, struct pm_scan_arg)
@@ -146,9 +155,9 @@ fn scan_ranges(start: usize, end: usize, category: u32) -> Result<Vec<(usize, us
             vec_len: regions.len() as u64,
             max_pages: 0,
             category_inverted: 0,
-            category_mask: u64::from(category),
-            category_anyof_mask: 0,
-            return_mask: u64::from(category),
+            category_mask: 0,
+            category_anyof_mask: u64::from(categories),
+            return_mask: u64::from(categories),
         };
         // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `regions`, which holds
         // `vec_len` entries and outlives the call; the ioctl only reads page tables.
