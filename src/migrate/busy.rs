@@ -360,9 +360,8 @@ impl Claims {
     /// to leave registered instead (sorted, disjoint): those purged within [`PURGE_RECORD`]
     /// whose pages `present` (the parts of `[start, end)` holding pages, swapped out ones
     /// included, or `None` where that cannot be told) says are still there, their zap
-    /// perhaps still coming. Forgets the
-    /// purges of the rest: their pages are gone, or the registration goes and the program
-    /// may fill the memory again unseen.
+    /// perhaps still coming. Forgets the purges of the rest: their pages are gone, or the
+    /// registration goes and the program may fill the memory again unseen.
     pub fn purges_to_keep(
         &mut self,
         start: usize,

@@ -491,9 +491,7 @@ impl Patience {
             .is_ok_and(|f| f.first().is_some_and(Option::is_some));
         present && Self::pause(&mut self.again, claims)
     }
-}
 
-impl Patience {
     /// After old pages going back could not be copied for want of memory (`ENOMEM` on
     /// every node their mapping allows): whether to try again, having let the claims lock
     /// go for a moment. Always, however long it takes: the graveyard holds the program's

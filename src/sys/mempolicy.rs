@@ -180,16 +180,12 @@ pub fn migrate_pages_of(pid: i32, from: &[u32], to: &[u32]) -> Result<usize, Err
 /// The `set_mempolicy` errno.
 pub fn set_mempolicy_bind(node: Option<u32>) -> Result<(), Errno> {
     const MPOL_DEFAULT: usize = 0;
-    let ret = match node {
-        Some(node) => {
-            let mask = nodemask(node)?;
-            // SAFETY: the mask outlives the call and holds NODEMASK_BITS bits.
-            unsafe { libc::syscall(libc::SYS_set_mempolicy, MPOL_BIND, mask.as_ptr(), NODEMASK_BITS + 1) }
-        }
+    match node {
+        Some(node) => set_mempolicy_node(MPOL_BIND, node),
         // SAFETY: a NULL mask with MPOL_DEFAULT is the documented way to reset the policy.
-        None => unsafe { libc::syscall(libc::SYS_set_mempolicy, MPOL_DEFAULT, std::ptr::null::<u64>(), 0usize) },
-    };
-    check(ret).map(drop)
+        None => check(unsafe { libc::syscall(libc::SYS_set_mempolicy, MPOL_DEFAULT, std::ptr::null::<u64>(), 0usize) })
+            .map(drop),
+    }
 }
 
 /// Sets the memory policy of the calling thread to `MPOL_PREFERRED` on one node
@@ -198,10 +194,14 @@ pub fn set_mempolicy_bind(node: Option<u32>) -> Result<(), Errno> {
 /// # Errors
 /// The `set_mempolicy` errno.
 pub fn set_mempolicy_preferred(node: u32) -> Result<(), Errno> {
+    set_mempolicy_node(MPOL_PREFERRED, node)
+}
+
+/// `set_mempolicy(mode, {node})` for the calling thread.
+fn set_mempolicy_node(mode: usize, node: u32) -> Result<(), Errno> {
     let mask = nodemask(node)?;
     // SAFETY: the mask outlives the call and holds NODEMASK_BITS bits.
-    check(unsafe { libc::syscall(libc::SYS_set_mempolicy, MPOL_PREFERRED, mask.as_ptr(), NODEMASK_BITS + 1) })
-        .map(drop)
+    check(unsafe { libc::syscall(libc::SYS_set_mempolicy, mode, mask.as_ptr(), NODEMASK_BITS + 1) }).map(drop)
 }
 
 /// A thread's memory policy, as `get_mempolicy(2)` reads it: mode (with its flags) and
