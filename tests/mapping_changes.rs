@@ -13,6 +13,7 @@ mod common;
 
 use common::node;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ use common::changes::{self, Change};
 use common::watchdog;
 use pagemig::folio::Folio;
 use pagemig::sys::Errno;
-use pagemig::{Engine, Error, FaultInjection, MigrateOptions, Mode, Reason};
+use pagemig::{Engine, Error, FaultInjection, Handshake, MigrateOptions, Mode, Reason};
 
 const LEN: usize = 8 << 20;
 const SEED: u64 = 99;
@@ -213,17 +214,18 @@ fn old_pages_go_back_whatever_their_graveyard_looks_like() {
             .collect();
         let engine = Engine::global().unwrap();
         let result = watchdog(Duration::from_secs(60), "a put-back that cannot look at its graveyard", move || {
-            let opts = put_back_stalled_for(Duration::from_millis(300));
+            let (opts, stall) = put_back_stalled();
             std::thread::scope(|s| {
                 let limiter = s.spawn(|| {
-                    common::await_put_back_stall(base);
                     let mut saved = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-                    // SAFETY: structs of ours; descriptors 0-2 are open, so no new one can be had.
-                    unsafe {
-                        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut saved), 0);
-                        let tight = libc::rlimit { rlim_cur: 3, rlim_max: saved.rlim_max };
-                        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &tight), 0);
-                    }
+                    common::while_put_back_stalled(&stall, base, || {
+                        // SAFETY: structs of ours; descriptors 0-2 are open, so no new one can be had.
+                        unsafe {
+                            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut saved), 0);
+                            let tight = libc::rlimit { rlim_cur: 3, rlim_max: saved.rlim_max };
+                            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &tight), 0);
+                        }
+                    });
                     // Past the stall, while the put-back tries again.
                     std::thread::sleep(Duration::from_millis(600));
                     let unseen = pagemig::numa::page_frames(base, 4096).is_err();
@@ -263,13 +265,14 @@ fn old_pages_go_back_when_their_node_has_no_room() {
         .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
         .collect();
     let result = watchdog(Duration::from_secs(60), "a put-back refused memory", move || {
-        let mut opts = put_back_stalled_for(Duration::from_millis(300));
+        let (mut opts, stall) = put_back_stalled();
         opts.fault.fail_put_back_copies = 3;
         std::thread::scope(|s| {
             s.spawn(|| {
-                common::await_put_back_stall(base);
-                // SAFETY: the test's own mapping.
-                assert_eq!(unsafe { libc::mprotect(base as *mut _, LEN, libc::PROT_READ) }, 0);
+                common::while_put_back_stalled(&stall, base, || {
+                    // SAFETY: the test's own mapping.
+                    assert_eq!(unsafe { libc::mprotect(base as *mut _, LEN, libc::PROT_READ) }, 0);
+                })
             });
             Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
         })
@@ -285,10 +288,12 @@ fn old_pages_go_back_when_their_node_has_no_room() {
 }
 
 /// Options under which the first folio's run does not move and its old pages go back with
-/// a stall of `stall` after the first page (`fail_move`, `stall_put_back`), no fault answered.
-fn put_back_stalled_for(stall: Duration) -> MigrateOptions {
-    let fault = FaultInjection { fail_move: vec![0], stall_put_back: Some(stall), ..Default::default() };
-    MigrateOptions::default().fault(fault).answer_faults(false)
+/// a stall after the first page, at the handshake returned (`fail_move`, `stall_put_back`),
+/// no fault answered.
+fn put_back_stalled() -> (MigrateOptions, Arc<Handshake>) {
+    let stall = Handshake::new();
+    let fault = FaultInjection { fail_move: vec![0], stall_put_back: Some(stall.clone()), ..Default::default() };
+    (MigrateOptions::default().fault(fault).answer_faults(false), stall)
 }
 
 /// The 1 MiB of base pages a put-back test migrates (at `SEED`).
@@ -308,12 +313,9 @@ fn during_put_back<T: Send + 'static>(
         .map(|i| unsafe { Folio::new(base + i * 4096, 4096) }.unwrap())
         .collect();
     let (result, changed) = watchdog(Duration::from_secs(60), "a change during a put-back", move || {
-        let opts = put_back_stalled_for(Duration::from_millis(400));
+        let (opts, stall) = put_back_stalled();
         std::thread::scope(|s| {
-            let changer = s.spawn(move || {
-                common::await_put_back_stall(base);
-                change(base, spare)
-            });
+            let changer = s.spawn(move || common::while_put_back_stalled(&stall, base, || change(base, spare)));
             let r = Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts);
             (r, changer.join().unwrap())
         })

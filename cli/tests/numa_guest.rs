@@ -1542,18 +1542,20 @@ fn old_pages_copied_back_stay_on_their_node_after_it_refused_a_copy() {
     let region = Region::new(len, PAGE_SIZE, Some(a)).expect("region on the first node");
     fill(&region, 0x81);
     let base = region.addr();
+    let stall = pagemig::Handshake::new();
     let fault = FaultInjection {
         fail_move: vec![0],
-        stall_put_back: Some(Duration::from_millis(300)),
+        stall_put_back: Some(stall.clone()),
         fail_put_back_copies: 1,
         ..Default::default()
     };
     let opts = MigrateOptions::default().max_batch_pages(len / PAGE_SIZE).answer_faults(false).fault(fault);
     let result = std::thread::scope(|s| {
         s.spawn(|| {
-            common::await_put_back_stall(base);
-            // SAFETY: our own region, read-only from here.
-            assert_eq!(unsafe { libc::mprotect(base as *mut libc::c_void, len, libc::PROT_READ) }, 0);
+            common::while_put_back_stalled(&stall, base, || {
+                // SAFETY: our own region, read-only from here.
+                assert_eq!(unsafe { libc::mprotect(base as *mut libc::c_void, len, libc::PROT_READ) }, 0);
+            })
         });
         engine.migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync, &opts)
     });

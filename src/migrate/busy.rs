@@ -14,6 +14,7 @@
 //! it purges the new pages.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -21,7 +22,7 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use super::Span;
 use super::fork::Empty;
-use super::options::FaultInjection;
+use super::options::{FaultInjection, Handshake};
 
 /// How long a purge the event reader read counts as dead for the claims made afterwards
 /// ([`Claims::purged`]): far longer than a purging thread waits for a CPU on a busy machine
@@ -48,7 +49,7 @@ pub(super) struct Claim {
     /// Pages of faults the event reader could not answer yet ([`Claims::add_waiting`]).
     waiting: Vec<usize>,
     /// `FaultInjection::stall_put_back`, until the first put-back takes it.
-    stall_put_back: Option<Duration>,
+    stall_put_back: Option<Arc<Handshake>>,
     /// `FaultInjection::fail_put_back_copies`: copies back still to refuse.
     fail_put_back_copies: u32,
     /// `FaultInjection::pause_event_reader`.
@@ -143,7 +144,7 @@ impl Busy {
                 end,
                 dead: claims.purged_in(start, end),
                 through_holdings: faults.home_through_holdings,
-                stall_put_back: faults.stall_put_back,
+                stall_put_back: faults.stall_put_back.clone(),
                 fail_put_back_copies: faults.fail_put_back_copies,
                 pause_reader: faults.pause_event_reader,
                 ..Default::default()
@@ -206,7 +207,7 @@ impl Claims {
 
     /// The put-back stall of the claim holding `at`, taken once
     /// (`FaultInjection::stall_put_back`).
-    pub fn take_put_back_stall(&mut self, at: usize) -> Option<Duration> {
+    pub fn take_put_back_stall(&mut self, at: usize) -> Option<Arc<Handshake>> {
         self.overlapping(at, at + 1).find_map(|(_, c)| c.stall_put_back.take())
     }
 

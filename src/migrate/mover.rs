@@ -565,7 +565,7 @@ pub(super) fn put_back_counted(
         // its first page (`EEXIST`) and gave the rest up, the program's data with it.
         empty.merge(claims.take_isolated(s, s + moved).1);
         if let Some(stall) = stall {
-            MutexGuard::unlocked(claims, || std::thread::sleep(stall));
+            MutexGuard::unlocked(claims, || stall.meet());
         }
         let done = match errno {
             None => e,

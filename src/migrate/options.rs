@@ -44,9 +44,10 @@ pub struct FaultInjection {
     pub fail_unregister: bool,
     /// The first put-back of each claim's isolated pages (folios that will not move going
     /// back) moves its first page only, then meets the kernel refusing the rest for a
-    /// moment (`EAGAIN`) and waits this long with the claims lock let go before it tries
-    /// again: lets a test move or unmap memory part of which is back.
-    pub stall_put_back: Option<Duration>,
+    /// moment (`EAGAIN`) and waits there for a test's thread ([`Handshake`]), the claims
+    /// lock let go, before it tries again: lets a test move or unmap memory part of which
+    /// is back.
+    pub stall_put_back: Option<Arc<Handshake>>,
     /// While any claim of the call is held, the engine's event reader thread leaves the
     /// events waiting unread for up to 2 s at a time: the call's copying threads, which
     /// read the events waiting between two chunks of base pages, read and answer them
@@ -73,7 +74,8 @@ pub struct FaultInjection {
     pub fail_put_back_copies: u32,
 }
 
-/// Where a call's thread and a test's meet once ([`FaultInjection::unshare_handshake`]):
+/// Where a call's thread and a test's meet once ([`FaultInjection::unshare_handshake`],
+/// [`FaultInjection::claim_handshake`], [`FaultInjection::stall_put_back`]):
 /// the call waits at the point named until the test has called [`Handshake::wait`] twice,
 /// the first time to learn the call is there, the second to let it go on.
 #[derive(Debug)]

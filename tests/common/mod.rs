@@ -305,25 +305,19 @@ pub fn unmapped_page() -> usize {
     }
 }
 
-/// Returns once the put-back of the run at `base` stalls: its first page back, the next
-/// still in the graveyard, for two looks 5 ms apart (the isolation empties a run from its
-/// start).
-pub fn await_put_back_stall(base: usize) {
-    let stalled = || {
+/// Runs `change` while the put-back of the run at `base` waits at `stall`
+/// (`FaultInjection::stall_put_back`): its first page back, the next still in the
+/// graveyard (the isolation empties a run from its start). Lets the put-back go on after,
+/// also where `change` panics (the panic goes on from here).
+pub fn while_put_back_stalled<T>(stall: &pagemig::Handshake, base: usize, change: impl FnOnce() -> T) -> T {
+    stall.wait();
+    let changed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let f = pagemig::numa::page_frames(base, 2 * PAGE_SIZE).unwrap();
-        f[0].is_some() && f[1].is_none()
-    };
-    let started = std::time::Instant::now();
-    loop {
-        assert!(started.elapsed() < Duration::from_secs(20), "the put-back never stalled");
-        if stalled() {
-            std::thread::sleep(Duration::from_millis(5));
-            if stalled() {
-                return;
-            }
-        }
-        std::thread::sleep(Duration::from_micros(200));
-    }
+        assert!(f[0].is_some() && f[1].is_none(), "the put-back did not stall after its first page: {f:?}");
+        change()
+    }));
+    stall.wait();
+    changed.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Returns once the page at `addr` is not present (a migration moved it out); fails with
