@@ -70,6 +70,10 @@ pub(super) struct Claims {
     stray: Vec<Span>,
     /// How many claims have `pause_reader`.
     pausing: usize,
+    /// The last call that ended refused every unregistration
+    /// (`FaultInjection::fail_unregister`): the event reader leaves the strays to the next
+    /// call's end ([`super::mover::retry_strays`]).
+    refusing: bool,
     /// Ranges the program purged (`madvise`, a `REMOVE` event), with when the reader read
     /// each, oldest first, for [`PURGE_RECORD`]: a claim made there meanwhile counts them dead
     /// from the start ([`Busy::try_claim`]). The kernel sends the event, wakes the purging
@@ -325,7 +329,8 @@ impl Claims {
     /// `vm.max_map_count`). A thread of the program that touches a missing page there would
     /// wait for ever, as no migration will wake it: the event reader answers such a fault as
     /// the kernel would, with a page of zeros ([`Claims::is_stray`]), and every call that
-    /// ends tries the registration again ([`Claims::strays`]).
+    /// ends tries the registration again ([`Claims::strays`]), as does the event reader
+    /// while no call is in progress (`mover::retry_strays`).
     pub fn add_stray(&mut self, start: usize, end: usize) {
         add_span(&mut self.stray, start, end);
     }
@@ -417,6 +422,34 @@ impl Claims {
         if !self.stray.is_empty() {
             self.stray = subtract(&self.stray, &[(start, end)]);
         }
+    }
+
+    /// Whether any range is left registered ([`Claims::add_stray`]).
+    pub fn has_strays(&self) -> bool {
+        !self.stray.is_empty()
+    }
+
+    /// Whether a purge recorded now ([`Claims::purged`]) lies in a range left registered.
+    pub fn strays_purged(&mut self) -> bool {
+        self.forget_old_purges();
+        let stray = &self.stray;
+        self.purged.iter().any(|&(s, e, _)| stray.iter().any(|&(a, b)| a < e && s < b))
+    }
+
+    /// Whether any call is in progress ([`Claims::begin_call`]).
+    pub fn calls_in_progress(&self) -> bool {
+        !self.calls.is_empty()
+    }
+
+    /// Records whether the call ending now refuses every unregistration
+    /// (`FaultInjection::fail_unregister`).
+    pub fn refuse_unregistering(&mut self, refuse: bool) {
+        self.refusing = refuse;
+    }
+
+    /// Whether the last call that ended refused every unregistration.
+    pub fn unregistering_refused(&self) -> bool {
+        self.refusing
     }
 
     /// Takes the ranges left registered, to try them again; what still fails goes back
@@ -761,5 +794,20 @@ mod tests {
         c.purged.push_front((0x70000, 0x71000, old));
         assert!(c.purged_in(0x70000, 0x71000).is_empty());
         assert!(c.purged.is_empty());
+    }
+
+    /// The event reader leaves what is left registered alone while a purge there is
+    /// recorded, and only then.
+    #[test]
+    fn strays_wait_for_their_purges_to_be_forgotten() {
+        let mut c = Claims::default();
+        c.add_stray(0x10000, 0x12000);
+        c.add_purged(0x12000, 0x13000);
+        assert!(!c.strays_purged(), "a purge beside the stray");
+        c.add_purged(0x11000, 0x12000);
+        assert!(c.strays_purged());
+        let old = Instant::now().checked_sub(PURGE_RECORD + Duration::from_millis(1)).unwrap();
+        c.purged = [(0x11000, 0x12000, old), (0x12000, 0x13000, Instant::now())].into();
+        assert!(!c.strays_purged(), "a purge read too long ago");
     }
 }

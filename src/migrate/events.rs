@@ -51,6 +51,10 @@ use parking_lot::{Mutex, MutexGuard};
 /// How long one poll waits, in milliseconds: the reader's delay in noticing it should stop.
 const POLL_MS: i32 = 50;
 
+/// How often the reader, with nothing to read, tries to take the registration off what
+/// calls that ended left registered ([`super::mover::retry_strays`]).
+const STRAYS_EVERY: Duration = Duration::from_millis(250);
+
 /// The reader thread; dropping it stops the thread.
 #[derive(Debug)]
 pub(super) struct Reader {
@@ -101,6 +105,7 @@ impl Reader {
         let handle = crate::sys::thread::spawn("pagemig-events", move || {
             let Shared { uffd, busy, stop, reading, .. } = &*ours;
             let mut paused_since: Option<Instant> = None;
+            let mut strays_tried = Instant::now();
             // Once it is to stop, what a copying thread left is still carried on.
             while !stop.load(Ordering::Relaxed) || reading.lock().is_some() {
                 // While a call is in progress, what a copying thread left here is taken up
@@ -114,6 +119,13 @@ impl Reader {
                 };
                 let mut pending = reading.lock();
                 if !ready && pending.is_none() {
+                    drop(pending);
+                    // Nothing to read: what calls that ended left registered is taken off
+                    // where it can be now, while no call is in progress.
+                    if strays_tried.elapsed() >= STRAYS_EVERY {
+                        strays_tried = Instant::now();
+                        super::mover::retry_strays(uffd, busy);
+                    }
                     continue;
                 }
                 let claims = busy.lock();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use parking_lot::MutexGuard;
 
 use super::abort::Abort;
-use super::busy::Claims;
+use super::busy::{Busy, Claims};
 use super::fork::Empty;
 use super::outcome::Tally;
 use super::reaper::Grave;
@@ -29,6 +29,7 @@ use crate::backoff::Backoff;
 use crate::error::Error;
 use crate::folio::Folio;
 use crate::pool::Dest;
+use crate::sys::uffd::Uffd;
 use crate::sys::{self, Errno};
 
 /// How many jobs may wait for the mover before the copying thread waits too: a bound on
@@ -351,14 +352,45 @@ pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
 /// registration is the same one). Under the claims lock, so no claim or call begins
 /// meanwhile. A run the program split or unmapped is unregistered folio by folio; what the
 /// kernel still refuses is left registered and recorded ([`Claims::add_stray`]), and tried
-/// again here by every call that ends. `fail`: refuse every unregistration, as a kernel out
-/// of mappings would (`FaultInjection::fail_unregister`).
+/// again here by every call that ends (and by the event reader while no call is in
+/// progress: [`retry_strays`]). `fail`: refuse every unregistration, as a kernel out of
+/// mappings would (`FaultInjection::fail_unregister`); the reader then leaves the strays to
+/// the next call's end.
 pub(super) fn unregister_runs(engine: &Engine, call: u64, folio_size: impl Fn(usize) -> usize, fail: bool) {
     let mut claims = engine.busy.lock();
-    let mut left = Vec::new();
-    // This call's runs, and what earlier calls left registered; of the latter, what is
-    // still claimed or another call's stays left (memory moved onto a claimed range).
     let runs = claims.end_call(call);
+    claims.refuse_unregistering(fail);
+    unregister(&engine.uffd, &mut claims, runs, folio_size, fail);
+    drop(claims);
+}
+
+/// What the event reader does while no call is in progress: takes the registration off
+/// the ranges calls that ended left registered ([`Claims::add_stray`]) where it can now,
+/// above all the purged pages a call's end kept registered once their purge is no longer
+/// recorded ([`Claims::purges_to_keep`]): otherwise they would stay registered until a
+/// later call ended, for ever if none came, and there the program's `madvise` and `munmap`
+/// would wait on the reader, its holes be filled with base pages by it, and its own
+/// `UFFDIO_REGISTER` fail with `EBUSY`, none of which the kernel's `move_pages(2)` leaves
+/// behind.
+///
+/// Only once no purge there is recorded: whether such pages are still there takes a look
+/// through a descriptor of its own (`sys::held_ranges`), which a thread of pagemig's must
+/// not open while the program may be counting on the next descriptor number it opens.
+pub(super) fn retry_strays(uffd: &Uffd, busy: &Busy) {
+    let mut claims = busy.lock();
+    if claims.calls_in_progress() || claims.unregistering_refused() || !claims.has_strays() || claims.strays_purged() {
+        return;
+    }
+    unregister(uffd, &mut claims, Vec::new(), |_| 0, false);
+}
+
+/// Takes the registration off `runs` (a call's that ended) and off what earlier calls left
+/// registered, except where a claim or a call in progress holds it; see
+/// [`unregister_runs`].
+fn unregister(uffd: &Uffd, claims: &mut Claims, runs: Vec<Span>, folio_size: impl Fn(usize) -> usize, fail: bool) {
+    let mut left = Vec::new();
+    // What earlier calls left registered; of that, what is still claimed or another call's
+    // stays left (memory moved onto a claimed range).
     let strays = claims.strays();
     for &(s, e) in &strays {
         let unused = claims.unused_in(s, e);
@@ -374,14 +406,14 @@ pub(super) fn unregister_runs(engine: &Engine, call: u64, folio_size: impl Fn(us
             // unprotect of a folio that failed as purged gives up while the kernel refuses).
             // Tried once: with the claims lock held no event is read, and the kernel refuses
             // while one waits.
-            keep.retain(|&(s, e)| engine.uffd.writeprotect_once(s, e - s, false).is_ok());
+            keep.retain(|&(s, e)| uffd.writeprotect_once(s, e - s, false).is_ok());
             left.extend_from_slice(&keep);
             for (s, e) in super::busy::subtract(&[(us, ue)], &keep) {
-                if fail || engine.uffd.unregister(s, e - s).is_err() {
+                if fail || uffd.unregister(s, e - s).is_err() {
                     let step = folio_size(s).max(sys::PAGE_SIZE);
                     for a in (s..e).step_by(step) {
                         let len = step.min(e - a);
-                        if fail || engine.uffd.unregister(a, len).is_err() {
+                        if fail || uffd.unregister(a, len).is_err() {
                             left.push((a, a + len));
                         }
                     }
@@ -392,7 +424,6 @@ pub(super) fn unregister_runs(engine: &Engine, call: u64, folio_size: impl Fn(us
     for (s, e) in left {
         claims.add_stray(s, e);
     }
-    drop(claims);
 }
 
 /// Whether any of the spans overlaps the folio.

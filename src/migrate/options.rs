@@ -40,7 +40,8 @@ pub struct FaultInjection {
     pub delay_after_precopy: Option<Duration>,
     /// Refuse to take the call's registration off its runs when it ends, as a kernel out
     /// of mappings (`vm.max_map_count`) refuses the split an unregistration needs: the runs
-    /// stay registered after the call.
+    /// stay registered after the call, until the next call ends (the event reader, which
+    /// otherwise tries them again while no call is in progress, leaves them to it).
     pub fail_unregister: bool,
     /// The first put-back of each claim's isolated pages (folios that will not move going
     /// back) moves its first page only, then meets the kernel refusing the rest for a
