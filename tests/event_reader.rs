@@ -276,8 +276,9 @@ fn memory_left_registered_after_a_call_never_hangs() {
         purge_and_touch(region, 3, 4, &format!("{what}, left registered"));
         // The program unmaps the region's last 2 MiB and maps memory of its own there,
         // registered with a userfaultfd of its own: not pagemig's to unregister (the
-        // unmap's event drops it from what is left registered; the kernel would refuse an
-        // unregistration through pagemig's userfaultfd anyway).
+        // unmap's event drops it from what is left registered; a kernel that checks whose
+        // registration it is would refuse an unregistration through pagemig's userfaultfd
+        // anyway).
         let tail = region.addr() + region.len() - (2 << 20);
         // SAFETY: the test's own region's last 2 MiB, no longer used as such, replaced by a
         // fresh anonymous mapping in place.

@@ -584,55 +584,59 @@ fn purged_while_claimed(base: usize) -> std::time::Instant {
 /// and the fresh pages would fail as purged.)
 #[test]
 fn a_purge_kept_past_its_call_ends_with_the_memory() {
-    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "a_purge_kept_past_its_call_ends_with_the_memory");
-    const PAGES: usize = KEPT_PAGES;
-    const LEN: usize = PAGES * 4096;
-    let base = changes::mapping(LEN, 4096, SEED);
-    let tail = base + LEN / 2;
-    let purged = purged_while_claimed(base);
-    let kept = common::vm_flags(tail).iter().any(|f| f == "um");
-    // The record lasts a second from when the purge was read, and then the event reader
-    // takes the registration off: a look later than that (a test thread held off its CPU)
-    // tells nothing.
-    if purged.elapsed() < Duration::from_millis(900) {
-        assert!(kept, "the purged pages were not kept registered");
-    } else {
-        eprintln!("looked {:?} after the purge: whether it was kept is not known", purged.elapsed());
-    }
-    assert!(!common::vm_flags(base).iter().any(|f| f == "um"), "the rest was left registered");
-    // The program replaces the purged half with fresh memory.
-    // SAFETY: the test's own pages, replaced in place.
-    let p = unsafe {
-        libc::munmap(tail as *mut _, LEN / 2);
-        libc::mmap(
-            tail as *mut _,
-            LEN / 2,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
-    };
-    assert_eq!(p as usize, tail, "mapping the half again: {}", std::io::Error::last_os_error());
-    for i in 0..LEN / 2 / 8 {
-        // SAFETY: the fresh mapping.
-        unsafe { ((tail + i * 8) as *mut u64).write_volatile(2) };
-    }
-    let folios: Vec<Folio<'static>> = (0..PAGES)
-        // SAFETY: the test's own mapping, its second half mapped afresh.
-        .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
-        .collect();
-    let stats = Engine::global()
-        .unwrap()
-        .migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &MigrateOptions::default())
-        .unwrap_or_else(|e| panic!("the fresh memory did not move whole: {e}"));
-    assert_eq!(stats.succeeded_folios as usize, PAGES);
-    for i in 0..LEN / 8 {
-        let want = if i < LEN / 2 / 8 { pagemig::workload::pattern_word(SEED, i) } else { 2 };
-        assert_eq!(changes::word(base + i * 8), want, "word {i}");
-    }
-    // SAFETY: the test's own mappings, no longer used.
-    unsafe { libc::munmap(base as *mut _, LEN) };
+    // In a process of its own: the registration is kept only where its protection comes off
+    // at the first try, which another test's event waiting to be read would refuse.
+    const NAME: &str = "a_purge_kept_past_its_call_ends_with_the_memory";
+    common::fresh_process_test(NAME, "PAGEMIG_TEST_KEPT_PURGE", Duration::from_secs(120), || {
+        const PAGES: usize = KEPT_PAGES;
+        const LEN: usize = PAGES * 4096;
+        let base = changes::mapping(LEN, 4096, SEED);
+        let tail = base + LEN / 2;
+        let purged = purged_while_claimed(base);
+        let kept = common::vm_flags(tail).iter().any(|f| f == "um");
+        // The record lasts a second from when the purge was read, and then the event reader
+        // takes the registration off: a look later than that (a test thread held off its CPU)
+        // tells nothing.
+        if purged.elapsed() < Duration::from_millis(900) {
+            assert!(kept, "the purged pages were not kept registered");
+        } else {
+            eprintln!("looked {:?} after the purge: whether it was kept is not known", purged.elapsed());
+        }
+        assert!(!common::vm_flags(base).iter().any(|f| f == "um"), "the rest was left registered");
+        // The program replaces the purged half with fresh memory.
+        // SAFETY: the test's own pages, replaced in place.
+        let p = unsafe {
+            libc::munmap(tail as *mut _, LEN / 2);
+            libc::mmap(
+                tail as *mut _,
+                LEN / 2,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(p as usize, tail, "mapping the half again: {}", std::io::Error::last_os_error());
+        for i in 0..LEN / 2 / 8 {
+            // SAFETY: the fresh mapping.
+            unsafe { ((tail + i * 8) as *mut u64).write_volatile(2) };
+        }
+        let folios: Vec<Folio<'static>> = (0..PAGES)
+            // SAFETY: the test's own mapping, its second half mapped afresh.
+            .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
+            .collect();
+        let stats = Engine::global()
+            .unwrap()
+            .migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &MigrateOptions::default())
+            .unwrap_or_else(|e| panic!("the fresh memory did not move whole: {e}"));
+        assert_eq!(stats.succeeded_folios as usize, PAGES);
+        for i in 0..LEN / 8 {
+            let want = if i < LEN / 2 / 8 { pagemig::workload::pattern_word(SEED, i) } else { 2 };
+            assert_eq!(changes::word(base + i * 8), want, "word {i}");
+        }
+        // SAFETY: the test's own mappings, no longer used.
+        unsafe { libc::munmap(base as *mut _, LEN) };
+    });
 }
 
 /// Purged pages a call's end kept registered ([`a_purge_kept_past_its_call_ends_with_the_memory`])
@@ -668,4 +672,91 @@ fn a_purge_kept_past_its_call_is_unregistered_without_another_call() {
         // SAFETY: the test's own mapping, no longer used.
         unsafe { libc::munmap(base as *mut _, LEN) };
     });
+}
+
+/// Memory the program purges as its call ends, the purge's event read only once the call
+/// has taken its registration off (injected: `FaultInjection::end_handshake`), then
+/// unmaps and maps afresh at the same address: the fresh memory moves whole. The purge's
+/// record once outlived the memory unseen (an unmap of memory no longer registered raises
+/// no event), and for a second the fresh pages failed with `ENOENT` where the kernel moves
+/// them.
+#[test]
+fn memory_purged_as_its_call_ends_then_replaced_moves_whole() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "memory_purged_as_its_call_ends_then_replaced_moves_whole");
+    const PAGES: usize = 16;
+    const LEN: usize = PAGES * 4096;
+    let base = changes::mapping(LEN, 4096, SEED);
+    let folios = move || -> Vec<Folio<'static>> {
+        (0..PAGES)
+            // SAFETY: the test keeps the mapping, purging and replacing it as said.
+            .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
+            .collect()
+    };
+    let handshake = Handshake::new();
+    let at_end = handshake.clone();
+    let (result, purged_at) = watchdog(Duration::from_secs(60), "a purge as the call ends", move || {
+        let opts =
+            MigrateOptions::default().fault(FaultInjection { end_handshake: Some(at_end), ..Default::default() });
+        let folios = folios();
+        let purged = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let call = s
+                .spawn(|| Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
+            handshake.wait();
+            let purged_at = std::time::Instant::now();
+            let purger = s.spawn(|| {
+                // SAFETY: the test's own pages, purged.
+                assert_eq!(unsafe { libc::madvise(base as *mut _, LEN, libc::MADV_DONTNEED) }, 0);
+                purged.store(true, Ordering::SeqCst);
+            });
+            std::thread::sleep(Duration::from_millis(50));
+            let waited = !purged.load(Ordering::SeqCst);
+            handshake.wait();
+            purger.join().unwrap();
+            assert!(waited, "the purge did not wait for its event: the memory was not registered");
+            (call.join().unwrap(), purged_at)
+        })
+    });
+    let stats = result.unwrap_or_else(|e| panic!("the call: {e}"));
+    assert_eq!(stats.succeeded_folios as usize, PAGES);
+    for i in 0..LEN / 8 {
+        assert_eq!(changes::word(base + i * 8), 0, "word {i}: the purge was undone");
+    }
+    // The program replaces the purged memory with fresh memory, within the purge's second.
+    // SAFETY: the test's own pages, replaced in place.
+    let p = unsafe {
+        libc::munmap(base as *mut _, LEN);
+        libc::mmap(
+            base as *mut _,
+            LEN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(p as usize, base, "mapping again: {}", std::io::Error::last_os_error());
+    for i in 0..LEN / 8 {
+        // SAFETY: the fresh mapping.
+        unsafe { ((base + i * 8) as *mut u64).write_volatile(3) };
+    }
+    let result = Engine::global().unwrap().migrate_pages(
+        &folios(),
+        node(),
+        Reason::Syscall,
+        Mode::Sync,
+        &MigrateOptions::default(),
+    );
+    let within = purged_at.elapsed() < Duration::from_millis(900);
+    match result {
+        Ok(stats) => assert_eq!(stats.succeeded_folios as usize, PAGES),
+        Err(e) if within => panic!("the fresh memory did not move whole: {e}"),
+        Err(e) => eprintln!("{e}, but {:?} after the purge, its record gone: not known", purged_at.elapsed()),
+    }
+    for i in 0..LEN / 8 {
+        assert_eq!(changes::word(base + i * 8), 3, "word {i}");
+    }
+    // SAFETY: the test's own mapping, no longer used.
+    unsafe { libc::munmap(base as *mut _, LEN) };
 }

@@ -415,13 +415,20 @@ impl Claims {
 
     /// Forgets what of the ranges left registered lies in `[start, end)`, which the
     /// program unmapped or moved away: a mapping made there later is not pagemig's to
-    /// unregister. (One the program registers with a userfaultfd of its own, the kernel
-    /// would refuse to unregister through pagemig's, `EINVAL`, and it would be tried again
-    /// at every call for ever.)
+    /// unregister. (One the program registers with a userfaultfd of its own: a kernel that
+    /// checks whose registration it is refuses to unregister it through pagemig's,
+    /// `EINVAL`, and it would be tried again at every call for ever; one that does not
+    /// would take the program's registration off.)
     pub fn drop_strays(&mut self, start: usize, end: usize) {
         if !self.stray.is_empty() {
             self.stray = subtract(&self.stray, &[(start, end)]);
         }
+    }
+
+    /// The parts of `[start, end)` left registered ([`Claims::add_stray`]), sorted.
+    pub fn strays_in(&self, start: usize, end: usize) -> Vec<Span> {
+        let first = self.stray.partition_point(|&(_, e)| e <= start);
+        self.stray[first..].iter().take_while(|&&(s, _)| s < end).map(|&(s, e)| (s.max(start), e.min(end))).collect()
     }
 
     /// Whether any range is left registered ([`Claims::add_stray`]).
@@ -429,11 +436,9 @@ impl Claims {
         !self.stray.is_empty()
     }
 
-    /// Whether a purge recorded now ([`Claims::purged`]) lies in a range left registered.
-    pub fn strays_purged(&mut self) -> bool {
-        self.forget_old_purges();
-        let stray = &self.stray;
-        self.purged.iter().any(|&(s, e, _)| stray.iter().any(|&(a, b)| a < e && s < b))
+    /// Whether a purge recorded now ([`Claims::purged`]) lies in `[start, end)`.
+    pub fn purge_recorded_in(&mut self, start: usize, end: usize) -> bool {
+        !self.purged_in(start, end).is_empty()
     }
 
     /// Whether any call is in progress ([`Claims::begin_call`]).
@@ -801,13 +806,12 @@ mod tests {
     #[test]
     fn strays_wait_for_their_purges_to_be_forgotten() {
         let mut c = Claims::default();
-        c.add_stray(0x10000, 0x12000);
         c.add_purged(0x12000, 0x13000);
-        assert!(!c.strays_purged(), "a purge beside the stray");
+        assert!(!c.purge_recorded_in(0x10000, 0x12000), "a purge beside the range");
         c.add_purged(0x11000, 0x12000);
-        assert!(c.strays_purged());
+        assert!(c.purge_recorded_in(0x10000, 0x12000));
         let old = Instant::now().checked_sub(PURGE_RECORD + Duration::from_millis(1)).unwrap();
         c.purged = [(0x11000, 0x12000, old), (0x12000, 0x13000, Instant::now())].into();
-        assert!(!c.strays_purged(), "a purge read too long ago");
+        assert!(!c.purge_recorded_in(0x10000, 0x12000), "a purge read too long ago");
     }
 }

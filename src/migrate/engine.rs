@@ -366,7 +366,7 @@ impl Engine {
         let Tally { mut stats, first_error } = tally;
         // Registration off, for the runs' every page that is not another call's now.
         let folio_at = |a: usize| items_size_at(folios, a);
-        mover::unregister_runs(self, call, folio_at, opts.faults().fail_unregister);
+        mover::unregister_runs(self, call, folio_at, opts.faults());
         // The migration itself ends here; what follows frees old pages off its path.
         stats.critical_ns = (register_start.elapsed().as_nanos() as u64).saturating_sub(stats.prepare_ns);
         if plan.deferred {

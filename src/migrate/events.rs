@@ -51,9 +51,11 @@ use parking_lot::{Mutex, MutexGuard};
 /// How long one poll waits, in milliseconds: the reader's delay in noticing it should stop.
 const POLL_MS: i32 = 50;
 
-/// How often the reader, with nothing to read, tries to take the registration off what
-/// calls that ended left registered ([`super::mover::retry_strays`]).
+/// How often the reader tries to take the registration off what calls that ended left
+/// registered ([`super::mover::retry_strays`]); after each round the kernel refused part
+/// of, twice as long, up to [`STRAYS_MAX`].
 const STRAYS_EVERY: Duration = Duration::from_millis(250);
+const STRAYS_MAX: Duration = Duration::from_secs(8);
 
 /// The reader thread; dropping it stops the thread.
 #[derive(Debug)]
@@ -105,9 +107,16 @@ impl Reader {
         let handle = crate::sys::thread::spawn("pagemig-events", move || {
             let Shared { uffd, busy, stop, reading, .. } = &*ours;
             let mut paused_since: Option<Instant> = None;
-            let mut strays_tried = Instant::now();
+            let (mut strays_every, mut strays_due) = (STRAYS_EVERY, Instant::now() + STRAYS_EVERY);
             // Once it is to stop, what a copying thread left is still carried on.
             while !stop.load(Ordering::Relaxed) || reading.lock().is_some() {
+                // What calls that ended left registered is taken off where it can be, while
+                // no call is in progress; less often while the kernel refuses.
+                if Instant::now() >= strays_due {
+                    let all = super::mover::retry_strays(uffd, busy);
+                    strays_every = if all { STRAYS_EVERY } else { (strays_every * 2).min(STRAYS_MAX) };
+                    strays_due = Instant::now() + strays_every;
+                }
                 // While a call is in progress, what a copying thread left here is taken up
                 // within `LEFT_MS`, with or without an event.
                 let wait = if busy.any_claimed() { LEFT_MS } else { POLL_MS };
@@ -119,13 +128,6 @@ impl Reader {
                 };
                 let mut pending = reading.lock();
                 if !ready && pending.is_none() {
-                    drop(pending);
-                    // Nothing to read: what calls that ended left registered is taken off
-                    // where it can be now, while no call is in progress.
-                    if strays_tried.elapsed() >= STRAYS_EVERY {
-                        strays_tried = Instant::now();
-                        super::mover::retry_strays(uffd, busy);
-                    }
                     continue;
                 }
                 let claims = busy.lock();
@@ -360,7 +362,7 @@ fn handle_all<'b>(
     handler: Handler,
 ) -> Option<Moved> {
     for event in events {
-        handle(&mut claims, event, &mut moved);
+        handle(home.uffd, &mut claims, event, &mut moved);
     }
     answer_all(home.uffd, &mut claims, &mut moved);
     if !moved.through_holdings {
@@ -520,7 +522,28 @@ fn detach(home: &Home<'_>, moved: &mut Moved) {
     }
 }
 
-fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
+/// Registers again (missing mode) the parts of `[start, end)`, whose purge was just read,
+/// that no call in progress registered and none left registered: the call that registered
+/// them, when the program purged, has ended and taken the registration off before the
+/// event was read. Without the registration no event would say when the program unmaps
+/// the memory, and memory it maps there next would count as purged for a second
+/// ([`Claims::purged`]): its pages would fail with `ENOENT` and not move, where the kernel
+/// would move them. Left registered ([`Claims::add_stray`]) until the purge is forgotten,
+/// then taken off as strays are. pagemig's own mappings (the program may have unmapped
+/// the memory meanwhile, and pagemig mapped there) are left alone, as is whatever the
+/// kernel will not register (another userfaultfd's: `EBUSY`).
+fn keep_registered(uffd: &Uffd, claims: &mut Claims, start: usize, end: usize) {
+    let ours = sys::own::ranges();
+    for (s, e) in claims.unused_in(start, end) {
+        for (s, e) in super::busy::subtract(&[(s, e)], &claims.strays_in(s, e)) {
+            if !sys::own::overlaps(&ours, s, e) && uffd.register_missing(s, e - s).is_ok() {
+                claims.add_stray(s, e);
+            }
+        }
+    }
+}
+
+fn handle(uffd: &Uffd, claims: &mut Claims, event: Event, moved: &mut Moved) {
     if let Event::Missing { addr } = event {
         // The page is empty: whatever purge of it was read before has been zapped.
         let page = addr & !(sys::PAGE_SIZE - 1);
@@ -545,6 +568,7 @@ fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
             drop(claims.take_isolated(start, end));
             // Its zap may still be coming: a claim made from now on counts it dead too.
             claims.add_purged(start, end);
+            keep_registered(uffd, claims, start, end);
             moved.discard(start, end);
         }
         Event::Unmap { start, end } => {
@@ -667,7 +691,7 @@ fn bring_home<'b>(
                     None => taken.get_or_insert_with(|| home.busy.lock()),
                 };
                 for later in home.uffd.read_messages().unwrap_or_default() {
-                    handle(held, later, moved);
+                    handle(home.uffd, held, later, moved);
                 }
                 answer_all(home.uffd, held, moved);
                 // Moved memory none of whose old pages are still on their way: its threads

@@ -352,46 +352,75 @@ pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
 /// registration is the same one). Under the claims lock, so no claim or call begins
 /// meanwhile. A run the program split or unmapped is unregistered folio by folio; what the
 /// kernel still refuses is left registered and recorded ([`Claims::add_stray`]), and tried
-/// again here by every call that ends (and by the event reader while no call is in
-/// progress: [`retry_strays`]). `fail`: refuse every unregistration, as a kernel out of
-/// mappings would (`FaultInjection::fail_unregister`); the reader then leaves the strays to
+/// again here by every call that ends (and, whole, by the event reader while no call is in
+/// progress: [`retry_strays`]). `FaultInjection::fail_unregister`: refuse every
+/// unregistration, as a kernel out of mappings would; the reader then leaves the strays to
 /// the next call's end.
-pub(super) fn unregister_runs(engine: &Engine, call: u64, folio_size: impl Fn(usize) -> usize, fail: bool) {
+pub(super) fn unregister_runs(
+    engine: &Engine,
+    call: u64,
+    folio_size: impl Fn(usize) -> usize,
+    faults: &super::options::FaultInjection,
+) {
+    let fail = faults.fail_unregister;
     let mut claims = engine.busy.lock();
+    if let Some(handshake) = &faults.end_handshake {
+        handshake.meet();
+    }
     let runs = claims.end_call(call);
     claims.refuse_unregistering(fail);
-    unregister(&engine.uffd, &mut claims, runs, folio_size, fail);
+    let strays = claims.strays();
+    unregister(&engine.uffd, &mut claims, runs, strays, Some(folio_size), fail);
     drop(claims);
 }
 
-/// What the event reader does while no call is in progress: takes the registration off
-/// the ranges calls that ended left registered ([`Claims::add_stray`]) where it can now,
-/// above all the purged pages a call's end kept registered once their purge is no longer
-/// recorded ([`Claims::purges_to_keep`]): otherwise they would stay registered until a
-/// later call ended, for ever if none came, and there the program's `madvise` and `munmap`
-/// would wait on the reader, its holes be filled with base pages by it, and its own
-/// `UFFDIO_REGISTER` fail with `EBUSY`, none of which the kernel's `move_pages(2)` leaves
-/// behind.
+/// What the event reader does while no call is in progress and no message waits: takes
+/// the registration off the ranges calls that ended left registered ([`Claims::add_stray`])
+/// where the kernel lets it now, above all the purged pages a call's end kept registered,
+/// once their purge is no longer recorded ([`Claims::purges_to_keep`]). Otherwise they would
+/// stay registered until a later call ended, for ever if none came, and there the
+/// program's `madvise` and `munmap` would wait on the reader, its holes be filled with base
+/// pages by it, and its own `UFFDIO_REGISTER` fail with `EBUSY`, none of which the kernel's
+/// `move_pages(2)` leaves behind. Returns false where the kernel refused a range (tried
+/// again later, less often: a refusal near `vm.max_map_count` lasts).
 ///
-/// Only once no purge there is recorded: whether such pages are still there takes a look
-/// through a descriptor of its own (`sys::held_ranges`), which a thread of pagemig's must
-/// not open while the program may be counting on the next descriptor number it opens.
-pub(super) fn retry_strays(uffd: &Uffd, busy: &Busy) {
+/// A range whose purge is still recorded is left for a later round: whether its pages are
+/// still there takes a look through a descriptor (`sys::held_ranges`), and this runs on its
+/// own, not while a thread of the program waits on an event, where the program may be
+/// counting on the next descriptor number it opens. A range is tried whole: one piece at a
+/// time, a kernel out of mappings would split the program's memory at every piece it
+/// could, and the pieces are left to a call's end. With a message waiting (an unmap of a
+/// range left registered not yet read, and perhaps memory of another userfaultfd's mapped
+/// there since, which a kernel that does not check whose registration it is would let
+/// pagemig's unregister) nothing is tried.
+pub(super) fn retry_strays(uffd: &Uffd, busy: &Busy) -> bool {
     let mut claims = busy.lock();
-    if claims.calls_in_progress() || claims.unregistering_refused() || !claims.has_strays() || claims.strays_purged() {
-        return;
+    if claims.calls_in_progress() || claims.unregistering_refused() || !claims.has_strays() || uffd.has_messages() {
+        return true;
     }
-    unregister(uffd, &mut claims, Vec::new(), |_| 0, false);
+    let (purged, strays): (Vec<Span>, Vec<Span>) =
+        claims.strays().into_iter().partition(|&(s, e)| claims.purge_recorded_in(s, e));
+    for (s, e) in purged {
+        claims.add_stray(s, e);
+    }
+    unregister(uffd, &mut claims, Vec::new(), strays, None::<fn(usize) -> usize>, false)
 }
 
-/// Takes the registration off `runs` (a call's that ended) and off what earlier calls left
-/// registered, except where a claim or a call in progress holds it; see
-/// [`unregister_runs`].
-fn unregister(uffd: &Uffd, claims: &mut Claims, runs: Vec<Span>, folio_size: impl Fn(usize) -> usize, fail: bool) {
+/// Takes the registration off `runs` (a call's that ended) and off `strays` (what earlier
+/// calls left registered), except where a claim or a call in progress holds it; see
+/// [`unregister_runs`]. A range the kernel refuses whole is tried a folio at a time where
+/// `folio_size` is given, else left whole. Returns whether nothing was left registered.
+fn unregister(
+    uffd: &Uffd,
+    claims: &mut Claims,
+    runs: Vec<Span>,
+    strays: Vec<Span>,
+    folio_size: Option<impl Fn(usize) -> usize>,
+    fail: bool,
+) -> bool {
     let mut left = Vec::new();
-    // What earlier calls left registered; of that, what is still claimed or another call's
-    // stays left (memory moved onto a claimed range).
-    let strays = claims.strays();
+    // Of what earlier calls left registered, what is still claimed or another call's stays
+    // left (memory moved onto a claimed range).
     for &(s, e) in &strays {
         let unused = claims.unused_in(s, e);
         left.extend(super::busy::subtract(&[(s, e)], &unused));
@@ -409,21 +438,28 @@ fn unregister(uffd: &Uffd, claims: &mut Claims, runs: Vec<Span>, folio_size: imp
             keep.retain(|&(s, e)| uffd.writeprotect_once(s, e - s, false).is_ok());
             left.extend_from_slice(&keep);
             for (s, e) in super::busy::subtract(&[(us, ue)], &keep) {
-                if fail || uffd.unregister(s, e - s).is_err() {
-                    let step = folio_size(s).max(sys::PAGE_SIZE);
-                    for a in (s..e).step_by(step) {
-                        let len = step.min(e - a);
-                        if fail || uffd.unregister(a, len).is_err() {
-                            left.push((a, a + len));
-                        }
+                if !fail && uffd.unregister(s, e - s).is_ok() {
+                    continue;
+                }
+                let Some(folio_size) = &folio_size else {
+                    left.push((s, e));
+                    continue;
+                };
+                let step = folio_size(s).max(sys::PAGE_SIZE);
+                for a in (s..e).step_by(step) {
+                    let len = step.min(e - a);
+                    if fail || uffd.unregister(a, len).is_err() {
+                        left.push((a, a + len));
                     }
                 }
             }
         }
     }
+    let unregistered = left.is_empty();
     for (s, e) in left {
         claims.add_stray(s, e);
     }
+    unregistered
 }
 
 /// Whether any of the spans overlaps the folio.

@@ -69,6 +69,11 @@ pub struct FaultInjection {
     /// test's thread ([`Handshake`]): lets the test purge memory next to the runs, its
     /// event read before the call has claimed anything.
     pub claim_handshake: Option<Arc<Handshake>>,
+    /// As the call ends, holding every claim's lock (no event is read meanwhile) before it
+    /// takes its registration off, it waits there for a test's thread ([`Handshake`]):
+    /// lets the test purge memory of the call's, whose event is read once the
+    /// registration is off.
+    pub end_handshake: Option<Arc<Handshake>>,
     /// Where old pages of a claim cannot move home (the program changed their mapping
     /// meanwhile) and are copied back instead, the node refuses the first this many copies
     /// (`ENOMEM`), as a node filled meanwhile by another program would.
@@ -81,29 +86,58 @@ pub struct FaultInjection {
 /// the first time to learn the call is there, the second to let it go on.
 #[derive(Debug)]
 pub struct Handshake {
-    barrier: std::sync::Barrier,
+    /// 0: the call is not there yet; 1: it is; 2: the test knows; 3: let go.
+    state: parking_lot::Mutex<u8>,
+    changed: parking_lot::Condvar,
     met: std::sync::atomic::AtomicBool,
 }
 
 impl Handshake {
+    /// How long the test's first [`Handshake::wait`] waits for the call to come.
+    #[cfg(feature = "internals")]
+    const ARRIVAL: Duration = Duration::from_secs(30);
+
     /// A handshake not met yet.
     #[cfg(feature = "internals")]
     pub fn new() -> Arc<Self> {
-        Arc::new(Self { barrier: std::sync::Barrier::new(2), met: std::sync::atomic::AtomicBool::new(false) })
+        Arc::new(Self {
+            state: parking_lot::Mutex::new(0),
+            changed: parking_lot::Condvar::new(),
+            met: std::sync::atomic::AtomicBool::new(false),
+        })
     }
 
     /// The test's side: returns once the call is there (first call), or lets it go on
     /// (second call).
+    ///
+    /// # Panics
+    /// At the first call, where the call has not come within 30 s (it failed before the
+    /// point named, or never reaches it): the test fails rather than wait for ever.
     #[cfg(feature = "internals")]
     pub fn wait(&self) {
-        self.barrier.wait();
+        let mut state = self.state.lock();
+        if *state >= 2 {
+            *state = 3;
+            self.changed.notify_all();
+            return;
+        }
+        let deadline = std::time::Instant::now() + Self::ARRIVAL;
+        while *state == 0 {
+            let timed_out = self.changed.wait_until(&mut state, deadline).timed_out();
+            assert!(!timed_out || *state != 0, "the call never reached the handshake");
+        }
+        *state = 2;
     }
 
     /// The call's side: the first time, waits until the test has come and gone; then never.
     pub(crate) fn meet(&self) {
         if !self.met.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            self.barrier.wait();
-            self.barrier.wait();
+            let mut state = self.state.lock();
+            *state = 1;
+            self.changed.notify_all();
+            while *state != 3 {
+                self.changed.wait(&mut state);
+            }
         }
     }
 }
@@ -353,6 +387,7 @@ impl MigrateOptions {
                 fail_populate: Vec::new(),
                 unshare_handshake: None,
                 claim_handshake: None,
+                end_handshake: None,
                 fail_put_back_copies: 0,
             };
             &NONE
