@@ -654,6 +654,10 @@ fn a_purge_kept_past_its_call_is_unregistered_without_another_call() {
         let tail = base + LEN / 2;
         let purged = purged_while_claimed(base);
         let registered = || common::vm_flags(tail).iter().any(|f| f == "um");
+        let kept = registered();
+        if purged.elapsed() < Duration::from_millis(900) {
+            assert!(kept, "the purged pages were not kept registered");
+        }
         while registered() {
             assert!(purged.elapsed() < Duration::from_secs(20), "the purged pages are still registered");
             std::thread::sleep(Duration::from_millis(10));
@@ -705,12 +709,18 @@ fn memory_purged_as_its_call_ends_then_replaced_moves_whole() {
                 .spawn(|| Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
             handshake.wait();
             let purged_at = std::time::Instant::now();
-            let purger = s.spawn(|| {
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let purged = &purged;
+            let purger = s.spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tid_tx.send(unsafe { libc::gettid() }).unwrap();
                 // SAFETY: the test's own pages, purged.
                 assert_eq!(unsafe { libc::madvise(base as *mut _, LEN, libc::MADV_DONTNEED) }, 0);
                 purged.store(true, Ordering::SeqCst);
             });
-            std::thread::sleep(Duration::from_millis(50));
+            // In `madvise`, its event sent (a moment after it enters), waiting to be read.
+            common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_madvise, "the purge");
+            std::thread::sleep(Duration::from_millis(20));
             let waited = !purged.load(Ordering::SeqCst);
             handshake.wait();
             purger.join().unwrap();

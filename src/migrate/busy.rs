@@ -425,12 +425,6 @@ impl Claims {
         }
     }
 
-    /// The parts of `[start, end)` left registered ([`Claims::add_stray`]), sorted.
-    pub fn strays_in(&self, start: usize, end: usize) -> Vec<Span> {
-        let first = self.stray.partition_point(|&(_, e)| e <= start);
-        self.stray[first..].iter().take_while(|&&(s, _)| s < end).map(|&(s, e)| (s.max(start), e.min(end))).collect()
-    }
-
     /// Whether any range is left registered ([`Claims::add_stray`]).
     pub fn has_strays(&self) -> bool {
         !self.stray.is_empty()

@@ -199,6 +199,37 @@ impl Reader {
             *pending = handle_all(&shared.home(), claims, events, Moved::default(), Handler::Copier);
         }
     }
+
+    /// As a call ends: reads and handles the events waiting (on the calling thread, as
+    /// [`Reader::serve_now`] does), then runs `f` with the claims lock held, no event read
+    /// by anyone in between. The call's end takes its registration off in `f`: an event the
+    /// program's purge raised while it was registered is so read while it still is, and
+    /// the end keeps what it purged registered as long as its purge is recorded
+    /// ([`Claims::purges_to_keep`]), so that an unmap of it is seen. Read after the
+    /// registration went, the purge stayed recorded for a second with no unmap to be seen,
+    /// and fresh memory the program mapped there failed with `ENOENT` where the kernel
+    /// would move it. (A purge in the moment between this read and the unregistration
+    /// still is.) `wait`: runs first, with the events held unread
+    /// (`FaultInjection::end_handshake`).
+    pub fn after_events<R>(&self, wait: impl FnOnce(), f: impl FnOnce(&mut MutexGuard<'_, Claims>) -> R) -> R {
+        let shared = &*self.shared;
+        let mut pending = shared.reading.lock();
+        wait();
+        // What the reader thread has left to do comes first: then the events stay its.
+        if pending.is_none() && shared.uffd.has_messages() {
+            let claims = shared.busy.lock();
+            if let Ok(events) = shared.uffd.read_messages()
+                && !events.is_empty()
+            {
+                *pending = handle_all(&shared.home(), claims, events, Moved::default(), Handler::Copier);
+            }
+        }
+        let mut claims = shared.busy.lock();
+        let done = f(&mut claims);
+        drop(claims);
+        drop(pending);
+        done
+    }
 }
 
 impl Drop for Reader {
@@ -362,7 +393,7 @@ fn handle_all<'b>(
     handler: Handler,
 ) -> Option<Moved> {
     for event in events {
-        handle(home.uffd, &mut claims, event, &mut moved);
+        handle(&mut claims, event, &mut moved);
     }
     answer_all(home.uffd, &mut claims, &mut moved);
     if !moved.through_holdings {
@@ -522,28 +553,7 @@ fn detach(home: &Home<'_>, moved: &mut Moved) {
     }
 }
 
-/// Registers again (missing mode) the parts of `[start, end)`, whose purge was just read,
-/// that no call in progress registered and none left registered: the call that registered
-/// them, when the program purged, has ended and taken the registration off before the
-/// event was read. Without the registration no event would say when the program unmaps
-/// the memory, and memory it maps there next would count as purged for a second
-/// ([`Claims::purged`]): its pages would fail with `ENOENT` and not move, where the kernel
-/// would move them. Left registered ([`Claims::add_stray`]) until the purge is forgotten,
-/// then taken off as strays are. pagemig's own mappings (the program may have unmapped
-/// the memory meanwhile, and pagemig mapped there) are left alone, as is whatever the
-/// kernel will not register (another userfaultfd's: `EBUSY`).
-fn keep_registered(uffd: &Uffd, claims: &mut Claims, start: usize, end: usize) {
-    let ours = sys::own::ranges();
-    for (s, e) in claims.unused_in(start, end) {
-        for (s, e) in super::busy::subtract(&[(s, e)], &claims.strays_in(s, e)) {
-            if !sys::own::overlaps(&ours, s, e) && uffd.register_missing(s, e - s).is_ok() {
-                claims.add_stray(s, e);
-            }
-        }
-    }
-}
-
-fn handle(uffd: &Uffd, claims: &mut Claims, event: Event, moved: &mut Moved) {
+fn handle(claims: &mut Claims, event: Event, moved: &mut Moved) {
     if let Event::Missing { addr } = event {
         // The page is empty: whatever purge of it was read before has been zapped.
         let page = addr & !(sys::PAGE_SIZE - 1);
@@ -568,7 +578,6 @@ fn handle(uffd: &Uffd, claims: &mut Claims, event: Event, moved: &mut Moved) {
             drop(claims.take_isolated(start, end));
             // Its zap may still be coming: a claim made from now on counts it dead too.
             claims.add_purged(start, end);
-            keep_registered(uffd, claims, start, end);
             moved.discard(start, end);
         }
         Event::Unmap { start, end } => {
@@ -691,7 +700,7 @@ fn bring_home<'b>(
                     None => taken.get_or_insert_with(|| home.busy.lock()),
                 };
                 for later in home.uffd.read_messages().unwrap_or_default() {
-                    handle(home.uffd, held, later, moved);
+                    handle(held, later, moved);
                 }
                 answer_all(home.uffd, held, moved);
                 // Moved memory none of whose old pages are still on their way: its threads

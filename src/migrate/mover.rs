@@ -350,7 +350,7 @@ pub(super) fn unprotect(engine: &Engine, start: usize, end: usize) {
 /// Takes the call's registration off its runs once it is done with them, except where
 /// another call has claimed part of one or registered it as it began (that call's
 /// registration is the same one). Under the claims lock, so no claim or call begins
-/// meanwhile. A run the program split or unmapped is unregistered folio by folio; what the
+/// meanwhile, once the events waiting are read. A run the program split or unmapped is unregistered folio by folio; what the
 /// kernel still refuses is left registered and recorded ([`Claims::add_stray`]), and tried
 /// again here by every call that ends (and, whole, by the event reader while no call is in
 /// progress: [`retry_strays`]). `FaultInjection::fail_unregister`: refuse every
@@ -363,15 +363,18 @@ pub(super) fn unregister_runs(
     faults: &super::options::FaultInjection,
 ) {
     let fail = faults.fail_unregister;
-    let mut claims = engine.busy.lock();
-    if let Some(handshake) = &faults.end_handshake {
-        handshake.meet();
-    }
-    let runs = claims.end_call(call);
-    claims.refuse_unregistering(fail);
-    let strays = claims.strays();
-    unregister(&engine.uffd, &mut claims, runs, strays, Some(folio_size), fail);
-    drop(claims);
+    let handshake = || {
+        if let Some(handshake) = &faults.end_handshake {
+            handshake.meet();
+        }
+    };
+    // The events waiting are read first: see `Reader::after_events`.
+    engine.events.after_events(handshake, |claims| {
+        let runs = claims.end_call(call);
+        claims.refuse_unregistering(fail);
+        let strays = claims.strays();
+        unregister(&engine.uffd, claims, runs, strays, Some(folio_size), fail);
+    });
 }
 
 /// What the event reader does while no call is in progress and no message waits: takes
@@ -434,8 +437,13 @@ fn unregister(
             // Kept only without protection: a write there would wait for a call's end (the
             // unprotect of a folio that failed as purged gives up while the kernel refuses).
             // Tried once: with the claims lock held no event is read, and the kernel refuses
-            // while one waits.
-            keep.retain(|&(s, e)| uffd.writeprotect_once(s, e - s, false).is_ok());
+            // while one waits, or while the thread whose purge was just read has not run
+            // again. Then the registration is taken off (which takes the protection with
+            // it, and is never refused for that) and made again in missing mode alone.
+            keep.retain(|&(s, e)| {
+                uffd.writeprotect_once(s, e - s, false).is_ok()
+                    || uffd.unregister(s, e - s).is_ok() && uffd.register_missing(s, e - s).is_ok()
+            });
             left.extend_from_slice(&keep);
             for (s, e) in super::busy::subtract(&[(us, ue)], &keep) {
                 if !fail && uffd.unregister(s, e - s).is_ok() {

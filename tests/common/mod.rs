@@ -320,6 +320,21 @@ pub fn while_put_back_stalled<T>(stall: &pagemig::Handshake, base: usize, change
     changed.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
+/// Returns once the thread `tid` of this process is inside the system call `nr` (its
+/// `/proc/self/task/<tid>/syscall`), blocked there or about to be; fails with `what` after
+/// 20 s.
+pub fn await_in_syscall(tid: i32, nr: i64, what: &str) {
+    let started = std::time::Instant::now();
+    loop {
+        let now = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).unwrap_or_default();
+        if now.split_whitespace().next().and_then(|n| n.parse::<i64>().ok()) == Some(nr) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{what}: {now}");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// Returns once the page at `addr` is not present (a migration moved it out); fails with
 /// `what` after 20 s.
 pub fn await_gone(addr: usize, what: &str) {
