@@ -770,3 +770,79 @@ fn memory_purged_as_its_call_ends_then_replaced_moves_whole() {
     // SAFETY: the test's own mapping, no longer used.
     unsafe { libc::munmap(base as *mut _, LEN) };
 }
+
+/// The program unmaps memory a call has protected and is about to isolate, and maps fresh
+/// memory of its own at the same address and writes it, all before the unmap's event is
+/// read (injected: `FaultInjection::isolate_handshake`, `pause_event_reader`): the call
+/// must leave the fresh memory's pages alone. Its move out checks only that the graveyard
+/// is registered, not the source: it once took the fresh pages, and dropped them once the
+/// unmap was read, and the program read zeros where it had written.
+#[test]
+fn memory_mapped_in_place_of_memory_being_isolated_keeps_its_data() {
+    let _watchdog =
+        common::Watchdog::new(common::TEST_LIMIT, "memory_mapped_in_place_of_memory_being_isolated_keeps_its_data");
+    const PAGES: usize = 16;
+    const LEN: usize = PAGES * 4096;
+    let base = changes::mapping(LEN, 4096, SEED);
+    let folios: Vec<Folio<'static>> = (0..PAGES)
+        // SAFETY: the test unmaps the memory during the call, as the program may.
+        .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
+        .collect();
+    let handshake = Handshake::new();
+    let at_isolation = handshake.clone();
+    let result = watchdog(Duration::from_secs(60), "memory mapped in place of memory being isolated", move || {
+        let fault =
+            FaultInjection { isolate_handshake: Some(at_isolation), pause_event_reader: true, ..Default::default() };
+        let opts = MigrateOptions::default().answer_faults(false).fault(fault);
+        std::thread::scope(|s| {
+            let call = s
+                .spawn(|| Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
+            handshake.wait();
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let unmapper = s.spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                // SAFETY: the test's own memory, unmapped as the program may.
+                assert_eq!(unsafe { libc::munmap(base as *mut _, LEN) }, 0);
+            });
+            // Unmapped, its event waiting to be read.
+            common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_munmap, "the unmap");
+            let started = std::time::Instant::now();
+            loop {
+                // SAFETY: fresh memory of the test's at an address now free, or nothing.
+                let p = unsafe {
+                    libc::mmap(
+                        base as *mut _,
+                        LEN,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                        -1,
+                        0,
+                    )
+                };
+                if p as usize == base {
+                    break;
+                }
+                assert!(started.elapsed() < Duration::from_secs(10), "the address never came free");
+                if p != libc::MAP_FAILED {
+                    // SAFETY: a mapping this loop just made elsewhere.
+                    unsafe { libc::munmap(p, LEN) };
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            for i in 0..LEN / 8 {
+                // SAFETY: the fresh mapping.
+                unsafe { ((base + i * 8) as *mut u64).write_volatile(7) };
+            }
+            handshake.wait();
+            unmapper.join().unwrap();
+            call.join().unwrap()
+        })
+    });
+    eprintln!("{result:?}");
+    for i in 0..LEN / 8 {
+        assert_eq!(changes::word(base + i * 8), 7, "word {i} of the fresh memory");
+    }
+    // SAFETY: the test's own mapping, no longer used.
+    unsafe { libc::munmap(base as *mut _, LEN) };
+}

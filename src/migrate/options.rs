@@ -69,6 +69,10 @@ pub struct FaultInjection {
     /// test's thread ([`Handshake`]): lets the test purge memory next to the runs, its
     /// event read before the call has claimed anything.
     pub claim_handshake: Option<Arc<Handshake>>,
+    /// Between the protection of the call's first stretch of folios and their isolation,
+    /// it waits there for a test's thread ([`Handshake`]): lets the test unmap the memory
+    /// and map its own in its place meanwhile.
+    pub isolate_handshake: Option<Arc<Handshake>>,
     /// As the call ends, before it reads the events waiting and takes its registration
     /// off, no event read meanwhile, it waits there for a test's thread ([`Handshake`]):
     /// lets the test purge memory of the call's, whose event is read only then.
@@ -394,6 +398,7 @@ impl MigrateOptions {
                 unshare_handshake: None,
                 claim_handshake: None,
                 end_handshake: None,
+                isolate_handshake: None,
                 fail_put_back_copies: 0,
             };
             &NONE

@@ -67,6 +67,9 @@ impl<'a> Call<'a> {
     pub(super) fn unmap_stretch(&mut self, st: &mut BatchState, items: Range<usize>) {
         let (start, end) = (st.slots[items.start].item.folio.addr(), st.slots[items.end - 1].item.folio.end());
         if self.protect(start, end).is_ok() {
+            if let Some(handshake) = &self.opts.faults().isolate_handshake {
+                handshake.meet();
+            }
             mark_mapped(st, items.clone());
             self.isolate(st, items);
             return;
@@ -129,11 +132,15 @@ impl<'a> Call<'a> {
                 // One folio at a time after a refusal that may come from a mapping split
                 // across the stretch (a move stays within one mapping).
                 let stretch_end = if at < one_by_one { folios[k].end() } else { folios[j - 1].end() };
-                // SAFETY: `[at, stretch_end)` is claimed by this call, write-protected and
-                // registered in missing mode, so with its pages moved out every access to
-                // it waits until they or their copy come back; the graveyard part is ours
-                // and empty.
-                let result = unsafe { engine.reaper.uffd().move_pages(grave(at), at, stretch_end - at) };
+                let result = match probe(engine, at, folios[k].end()) {
+                    // SAFETY: `[at, stretch_end)` is claimed by this call, write-protected
+                    // and registered in missing mode (the probe just said so, and that no
+                    // change of the program's waits unread), so with its pages moved out
+                    // every access to it waits until they or their copy come back; the
+                    // graveyard part is ours and empty.
+                    Ok(()) => unsafe { engine.reaper.uffd().move_pages(grave(at), at, stretch_end - at) },
+                    Err(errno) => Err((0, errno)),
+                };
                 let (moved, errno) = match result {
                     Ok(()) => (stretch_end - at, None),
                     Err((moved, errno)) => (moved, Some(errno)),
@@ -226,6 +233,22 @@ impl<'a> Call<'a> {
             st.slots[i].refused = Some((op, errno));
         }
     }
+}
+
+/// Whether `[start, end)` (a folio, protected) may be moved out now: still the mapping
+/// the call registered, and no unmap, move or purge of the program's waiting to be read.
+/// The move out is made through the graveyards' userfaultfd, and the kernel checks only
+/// that the graveyard is registered with it: where the program unmapped the memory and
+/// mapped its own in its place before the unmap's event was read (the event is sent once
+/// the unmap is done, and nothing here is dead before it is read), the move would take the
+/// new memory's pages, and drop them once the unmap was read: the program would read zeros
+/// where it wrote. The folio is protected again through the program's userfaultfd (its
+/// pages are already: nothing changes, no TLB flush), which the kernel refuses with
+/// `EAGAIN` while any event of the program's waits unread, and with `ENOENT` where the
+/// memory is not registered. Made under the claims lock right before the move: only the
+/// moment between the two system calls is left.
+fn probe(engine: &Engine, start: usize, end: usize) -> Result<(), Errno> {
+    engine.uffd.writeprotect_once(start, end - start, true)
 }
 
 /// Lets the event reader answer faults on the isolated base pages of `[start, end)`, to be
