@@ -152,10 +152,6 @@ impl Reaper {
         let kept = Arc::new(Mutex::new(Kept::default()));
         let k = kept.clone();
         crate::sys::thread::spawn("pagemig-reaper", move || {
-            if let Some(n) = std::env::var("PAGEMIG_REAPER_NICE").ok().and_then(|v| v.parse::<i32>().ok()) {
-                // SAFETY: experiment.
-                unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) };
-            }
             for g in rx {
                 let len = g.len;
                 free_or_keep(&u, &k, g);
