@@ -846,3 +846,96 @@ fn memory_mapped_in_place_of_memory_being_isolated_keeps_its_data() {
     // SAFETY: the test's own mapping, no longer used.
     unsafe { libc::munmap(base as *mut _, LEN) };
 }
+
+/// A call registers memory the program mapped in place of memory another call migrates,
+/// whose unmap's event is not read yet (held: the other call's end waits at
+/// `FaultInjection::end_handshake` with the events unread): once read, that unmap takes its
+/// range out of the runs of every call in progress. Registered before the read, the new
+/// call's memory was taken out of its own runs and marked dead: its folios failed with
+/// `ENOENT`, and, had the other call not ended, it would have stayed registered after the
+/// call. The call now registers once the unmap is read, and moves the fresh memory whole.
+#[test]
+fn memory_mapped_in_place_of_another_calls_moves_whole() {
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "memory_mapped_in_place_of_another_calls_moves_whole");
+    const PAGES: usize = 16;
+    const LEN: usize = PAGES * 4096;
+    let base = changes::mapping(LEN, 4096, SEED);
+    let folios = move || -> Vec<Folio<'static>> {
+        (0..PAGES)
+            // SAFETY: the test unmaps and replaces the memory as said; the calls survive it.
+            .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
+            .collect()
+    };
+    let handshake = Handshake::new();
+    let at_end = handshake.clone();
+    let (first, second) = watchdog(Duration::from_secs(60), "memory mapped in place of another call's", move || {
+        let opts =
+            MigrateOptions::default().fault(FaultInjection { end_handshake: Some(at_end), ..Default::default() });
+        let (old, fresh) = (folios(), folios());
+        std::thread::scope(|s| {
+            let first =
+                s.spawn(|| Engine::global().unwrap().migrate_pages(&old, node(), Reason::Syscall, Mode::Sync, &opts));
+            handshake.wait();
+            // The first call ends with the events held unread: the program unmaps its
+            // memory (the unmap waits for its event to be read) and maps fresh memory there.
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let unmapper = s.spawn(move || {
+                // SAFETY: gettid has no preconditions.
+                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                // SAFETY: the test's own memory, unmapped as the program may.
+                assert_eq!(unsafe { libc::munmap(base as *mut _, LEN) }, 0);
+            });
+            common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_munmap, "the unmap");
+            let started = std::time::Instant::now();
+            loop {
+                // SAFETY: fresh memory of the test's at an address now free, or nothing.
+                let p = unsafe {
+                    libc::mmap(
+                        base as *mut _,
+                        LEN,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                        -1,
+                        0,
+                    )
+                };
+                if p as usize == base {
+                    break;
+                }
+                assert!(started.elapsed() < Duration::from_secs(10), "the address never came free");
+                if p != libc::MAP_FAILED {
+                    // SAFETY: a mapping this loop just made elsewhere.
+                    unsafe { libc::munmap(p, LEN) };
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            for i in 0..LEN / 8 {
+                // SAFETY: the fresh mapping.
+                unsafe { ((base + i * 8) as *mut u64).write_volatile(9) };
+            }
+            let second = s.spawn(|| {
+                Engine::global().unwrap().migrate_pages(
+                    &fresh,
+                    node(),
+                    Reason::Syscall,
+                    Mode::Sync,
+                    &MigrateOptions::default(),
+                )
+            });
+            // The second call registers meanwhile; then the first goes on and reads.
+            std::thread::sleep(Duration::from_millis(200));
+            handshake.wait();
+            unmapper.join().unwrap();
+            (first.join().unwrap(), second.join().unwrap())
+        })
+    });
+    eprintln!("first call: {first:?}");
+    let stats = second.unwrap_or_else(|e| panic!("the fresh memory did not move whole: {e}"));
+    assert_eq!(stats.succeeded_folios as usize, PAGES);
+    for i in 0..LEN / 8 {
+        assert_eq!(changes::word(base + i * 8), 9, "word {i} of the fresh memory");
+    }
+    assert!(!common::vm_flags(base).iter().any(|f| f == "um" || f == "uw"), "left registered");
+    // SAFETY: the test's own mapping, no longer used.
+    unsafe { libc::munmap(base as *mut _, LEN) };
+}

@@ -2,7 +2,7 @@
 //! event reader and the reaper; and one call of `migrate_pages` read top to bottom.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::busy::Busy;
 use super::checks::{items_size_at, prepare_call};
@@ -236,17 +236,38 @@ impl Engine {
         // userfaultfd, and the event reader maps its holdings under the lock (see
         // `events`): a holding registered here would raise an event the reader itself
         // must read when it is unmapped.
+        // Registered while no unmap or move of the program's waits unread: one read later
+        // takes what it names out of the runs of every call in progress, this one's too,
+        // and memory the program mapped in place of the old (which this call registered)
+        // would stay registered after the call, a thread touching it waiting for ever. So
+        // the registration is made again once those are read, for up to 2 s.
         let mut unregistered: Vec<(usize, Errno)> = Vec::new();
+        let mut waiting = crate::backoff::Backoff::new(Duration::from_micros(100), Duration::from_micros(100))
+            .within(Duration::from_secs(2));
         let call = {
             let mut claims = self.busy.lock();
-            for &(s, e) in &runs {
-                if self.uffd.register_missing_wp(s, e - s).is_err() {
-                    let first = items.partition_point(|it| it.folio.end() <= s);
-                    for (k, it) in items[first..].iter().enumerate().take_while(|(_, it)| it.folio.addr() < e) {
-                        if let Err(errno) = self.uffd.register_missing_wp(it.folio.addr(), it.folio.size()) {
-                            unregistered.push((first + k, errno));
+            loop {
+                unregistered.clear();
+                for &(s, e) in &runs {
+                    if self.uffd.register_missing_wp(s, e - s).is_err() {
+                        let first = items.partition_point(|it| it.folio.end() <= s);
+                        for (k, it) in items[first..].iter().enumerate().take_while(|(_, it)| it.folio.addr() < e) {
+                            if let Err(errno) = self.uffd.register_missing_wp(it.folio.addr(), it.folio.size()) {
+                                unregistered.push((first + k, errno));
+                            }
                         }
                     }
+                }
+                let unread = items
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| !unregistered.iter().any(|&(u, _)| u == *i))
+                    .map(|(_, it)| it.folio.addr())
+                    .next()
+                    .is_some_and(|page| self.uffd.changes_unread(page));
+                match unread.then(|| waiting.next_pause()).flatten() {
+                    Some(pause) => parking_lot::MutexGuard::unlocked(&mut claims, || std::thread::sleep(pause)),
+                    None => break,
                 }
             }
             // Kept registered for this call when another ends.

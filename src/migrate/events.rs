@@ -147,7 +147,12 @@ impl Reader {
                 let events = if ready {
                     match uffd.read_messages() {
                         Ok(events) => events,
-                        Err(_) if uffd.is_lost() => return ours.abandon(),
+                        Err(_) if uffd.is_lost() => {
+                            // `abandon` takes the reading lock itself.
+                            drop(claims);
+                            drop(pending);
+                            return ours.abandon();
+                        }
                         // Not seen from a userfaultfd that polled readable; were it to
                         // happen, wait a poll's time rather than spin.
                         Err(_) if pending.is_none() => {
@@ -215,13 +220,15 @@ impl Reader {
         let shared = &*self.shared;
         let mut pending = shared.reading.lock();
         wait();
-        // What the reader thread has left to do comes first: then the events stay its.
-        if pending.is_none() && shared.uffd.has_messages() {
+        // What the reader thread left to do (old pages in holdings on their way home) is
+        // carried on with these events, as the reader thread would.
+        if shared.uffd.has_messages() {
             let claims = shared.busy.lock();
             if let Ok(events) = shared.uffd.read_messages()
                 && !events.is_empty()
             {
-                *pending = handle_all(&shared.home(), claims, events, Moved::default(), Handler::Copier);
+                let moved = pending.take().unwrap_or_default();
+                *pending = handle_all(&shared.home(), claims, events, moved, Handler::Copier);
             }
         }
         let mut claims = shared.busy.lock();

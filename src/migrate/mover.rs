@@ -436,14 +436,7 @@ fn unregister(
             let mut keep = claims.purges_to_keep(us, ue, || sys::held_ranges(us, ue).ok());
             // Kept only without protection: a write there would wait for a call's end (the
             // unprotect of a folio that failed as purged gives up while the kernel refuses).
-            // Tried once: with the claims lock held no event is read, and the kernel refuses
-            // while one waits, or while the thread whose purge was just read has not run
-            // again. Then the registration is taken off (which takes the protection with
-            // it, and is never refused for that) and made again in missing mode alone.
-            keep.retain(|&(s, e)| {
-                uffd.writeprotect_once(s, e - s, false).is_ok()
-                    || uffd.unregister(s, e - s).is_ok() && uffd.register_missing(s, e - s).is_ok()
-            });
+            keep.retain(|&(s, e)| unprotect_kept(uffd, s, e));
             left.extend_from_slice(&keep);
             for (s, e) in super::busy::subtract(&[(us, ue)], &keep) {
                 if !fail && uffd.unregister(s, e - s).is_ok() {
@@ -470,6 +463,26 @@ fn unregister(
     unregistered
 }
 
+/// Takes the protection off `[start, end)`, purged pages a call's end keeps registered.
+/// With the claims lock held no event is read, and the kernel refuses (`EAGAIN`) while one
+/// waits, and while the thread whose purge was just read has not run again (it lowers the
+/// refusal itself): that one is waited for, yielding, up to 2 ms. False where it still
+/// refuses: the range is then unregistered (its purge stays recorded, and memory mapped
+/// there within the second after an unmap fails as purged). (Taking the registration off
+/// and making it again in missing mode alone, as this once did, registered whatever the
+/// program had mapped there meanwhile, and an unmap read later forgot it: a thread touching
+/// it would wait for ever.)
+fn unprotect_kept(uffd: &Uffd, start: usize, end: usize) -> bool {
+    let deadline = Instant::now() + Duration::from_millis(2);
+    loop {
+        match uffd.writeprotect_once(start, end - start, false) {
+            Ok(()) => return true,
+            Err(Errno::AGAIN) if Instant::now() < deadline => std::thread::yield_now(),
+            Err(_) => return false,
+        }
+    }
+}
+
 /// Whether any of the spans overlaps the folio.
 pub(super) fn overlaps(spans: &[super::Span], f: Folio<'_>) -> bool {
     spans.iter().any(|&(s, e)| s < f.end() && f.addr() < e)
@@ -486,6 +499,9 @@ pub(super) struct Patience {
     /// For `EAGAIN` where the pages waiting are the program's only copy of its data (old
     /// pages going back): no deadline ([`Patience::restoring`]).
     again_restoring: Option<Backoff>,
+    /// For the isolation's probe refused while events of the program's wait
+    /// ([`Patience::wait_events`]).
+    events: Backoff,
     /// After no page could be had (`ENOMEM`) for old pages going back: pauses that grow to
     /// 10 ms, for ever.
     memory: Backoff,
@@ -503,6 +519,7 @@ impl Patience {
             again: Backoff::new(Duration::from_micros(100), Duration::from_micros(100)).within(Self::LIMIT),
             busy: Backoff::new(Duration::from_micros(200), Duration::from_micros(200)).within(Self::BUSY_LIMIT),
             again_restoring: None,
+            events: Backoff::new(Duration::from_micros(100), Duration::from_micros(100)).within(Self::LIMIT),
             memory: Backoff::new(Duration::from_micros(100), Duration::from_millis(10)),
         }
     }
@@ -527,6 +544,21 @@ impl Patience {
         let Some(pause) = backoff.next_pause() else { return false };
         MutexGuard::unlocked(claims, || std::thread::sleep(pause));
         true
+    }
+
+    /// After the isolation's probe was refused (`EAGAIN`: an event of the program's waits
+    /// to be read, see `isolate::probe`): whether to try again, having let the lock go so
+    /// that the reader reads it. Whatever the pages look like (one swapped out moves all the
+    /// same), for [`Patience::LIMIT`] without progress ([`Patience::progressed`]): a program
+    /// whose threads purge registered memory without a pause refuses the probe again and
+    /// again, and each move between two refusals counts.
+    pub fn wait_events(&mut self, claims: &mut MutexGuard<'_, Claims>, errno: Errno) -> bool {
+        errno == Errno::AGAIN && Self::pause(&mut self.events, claims)
+    }
+
+    /// Some pages moved: [`Patience::wait_events`] counts its time from here.
+    pub fn progressed(&mut self) {
+        self.events.reset();
     }
 
     /// After an `EBUSY` that may pass: whether to try again, having let the lock go.

@@ -47,10 +47,10 @@ use linux_raw_sys::general::{
     UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP, UFFD_FEATURE_MOVE, UFFD_FEATURE_PAGEFAULT_FLAG_WP,
     UFFD_FEATURE_WP_UNPOPULATED, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WP, UFFD_USER_MODE_ONLY,
     UFFDIO_REGISTER_MODE_MISSING, UFFDIO_REGISTER_MODE_WP, uffd_msg, uffdio_api, uffdio_copy, uffdio_move,
-    uffdio_range, uffdio_register, uffdio_writeprotect,
+    uffdio_continue, uffdio_range, uffdio_register, uffdio_writeprotect,
 };
 use linux_raw_sys::ioctl::{
-    UFFDIO_API, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_WRITEPROTECT,
+    UFFDIO_API, UFFDIO_CONTINUE, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_WRITEPROTECT,
 };
 
 use super::{Errno, last_errno};
@@ -59,6 +59,8 @@ use super::{Errno, last_errno};
 const UFFD_API: u64 = 0xaa;
 /// `USERFAULTFD_IOC_NEW`: `_IO(0xAA, 0x00)`.
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xaa00;
+/// `UFFDIO_CONTINUE_MODE_DONTWAKE`.
+const CONTINUE_MODE_DONTWAKE: u64 = 1;
 /// `UFFDIO_WRITEPROTECT_MODE_WP`.
 const WRITEPROTECT_MODE_WP: u64 = 1;
 /// `_IOWR(0xAA, nr, T)`: a userfaultfd ioctl number that reads and writes a `T`.
@@ -88,6 +90,7 @@ const UNREGISTER: Request<uffdio_range> = Request::new(UFFDIO_UNREGISTER);
 const WRITEPROTECT: Request<uffdio_writeprotect> = Request::new(UFFDIO_WRITEPROTECT);
 const COPY: Request<uffdio_copy> = Request::new(UFFDIO_COPY);
 const WAKE: Request<uffdio_range> = Request::new(UFFDIO_WAKE);
+const CONTINUE: Request<uffdio_continue> = Request::new(UFFDIO_CONTINUE);
 /// The features pagemig needs besides write-protection: moving pages, and hearing of
 /// `madvise` purges and `mremap`s of registered memory.
 const FEATURES: u64 = (UFFD_FEATURE_PAGEFAULT_FLAG_WP
@@ -508,6 +511,25 @@ impl Uffd {
         if n > 0 { pfd.revents } else { 0 }
     }
 
+    /// Whether a change of the program's to memory registered here (an unmap, a move, a
+    /// purge) is under way, its event not read yet, as the kernel tells from its own
+    /// count; without changing anything. `page`: a page registered here. Unlike
+    /// [`Uffd::has_messages`] it also sees an unmap that is done but whose event is not
+    /// queued yet. `UFFDIO_CONTINUE`, which the kernel refuses with `EAGAIN` while such a
+    /// change is under way before it looks at anything else, and then, on anonymous
+    /// memory, with `EINVAL` (`ENOENT` where `page` is not registered).
+    pub fn changes_unread(&self, page: usize) -> bool {
+        self.continue_probe(page) == Err(Errno::AGAIN)
+    }
+
+    /// `UFFDIO_CONTINUE` of the page at `page`, which never maps anything in anonymous
+    /// memory ([`Uffd::changes_unread`]).
+    fn continue_probe(&self, page: usize) -> Result<(), Errno> {
+        let mut cont =
+            uffdio_continue { range: range(page, super::PAGE_SIZE), mode: CONTINUE_MODE_DONTWAKE, mapped: 0 };
+        self.ioctl(CONTINUE, &mut cont)
+    }
+
     /// Whether a message waits to be read now (`poll` with no timeout): one system call,
     /// without [`Uffd::check`]'s proof of the descriptor (a `poll` takes nothing from the
     /// file it names), for a thread that asks often; [`Uffd::read_messages`] proves it
@@ -743,6 +765,39 @@ mod tests {
         assert_eq!(iowr::<uffdio_writeprotect>(0x06), UFFDIO_WRITEPROTECT);
     }
     use crate::sys::{PAGE_SIZE, mmap_anon, munmap};
+
+    /// The probe of [`Uffd::changes_unread`] maps nothing, is refused with `EINVAL` on
+    /// registered anonymous memory, `ENOENT` elsewhere, and `EAGAIN` while a purge's event
+    /// waits to be read.
+    #[test]
+    fn the_continue_probe_tells_unread_changes_and_changes_nothing() {
+        let uffd = Uffd::open().expect("userfaultfd");
+        let addr = mmap_anon(4 * PAGE_SIZE).unwrap();
+        // SAFETY: anonymous memory of ours; its second page is left never touched.
+        unsafe { *(addr as *mut u8) = 1 };
+        uffd.register_missing_wp(addr, 2 * PAGE_SIZE).unwrap();
+        assert_eq!(uffd.continue_probe(addr), Err(Errno::INVAL));
+        assert_eq!(uffd.continue_probe(addr + PAGE_SIZE), Err(Errno::INVAL));
+        assert_eq!(uffd.continue_probe(addr + 2 * PAGE_SIZE), Err(Errno::NOENT));
+        let frames = crate::numa::page_frames(addr, 2 * PAGE_SIZE).unwrap();
+        assert!(frames[0].is_some() && frames[1].is_none(), "{frames:?}");
+        assert!(!uffd.changes_unread(addr));
+        std::thread::scope(|s| {
+            // SAFETY: purges the first page of ours; its event holds the thread until read.
+            let purge = s.spawn(|| assert_eq!(unsafe { libc::madvise(addr as *mut _, PAGE_SIZE, libc::MADV_DONTNEED) }, 0));
+            let started = std::time::Instant::now();
+            while !uffd.changes_unread(addr + PAGE_SIZE) {
+                assert!(started.elapsed() < std::time::Duration::from_secs(10), "the purge was never seen");
+                std::thread::yield_now();
+            }
+            let events = uffd.read_messages().unwrap();
+            assert!(events.iter().any(|e| matches!(e, Event::Remove { .. })), "{events:?}");
+            purge.join().unwrap();
+        });
+        uffd.unregister(addr, 2 * PAGE_SIZE).unwrap();
+        // SAFETY: the mapping is ours.
+        unsafe { munmap(addr, 4 * PAGE_SIZE).unwrap() };
+    }
 
     #[test]
     fn protect_then_unprotect_a_range() {

@@ -66,12 +66,13 @@ impl<'a> Call<'a> {
     /// cannot be protected as a whole (the program changed part of it), folio by folio.
     pub(super) fn unmap_stretch(&mut self, st: &mut BatchState, items: Range<usize>) {
         let (start, end) = (st.slots[items.start].item.folio.addr(), st.slots[items.end - 1].item.folio.end());
+        let wp = true;
         if self.protect(start, end).is_ok() {
             if let Some(handshake) = &self.opts.faults().isolate_handshake {
                 handshake.meet();
             }
             mark_mapped(st, items.clone());
-            self.isolate(st, items);
+            self.isolate(st, items, wp);
             return;
         }
         for i in items {
@@ -79,7 +80,7 @@ impl<'a> Call<'a> {
             match self.protect(f.addr(), f.end()) {
                 Ok(()) => {
                     mark_mapped(st, i..i + 1);
-                    self.isolate(st, i..i + 1);
+                    self.isolate(st, i..i + 1, wp);
                 }
                 Err(err) => st.slots[i].refused = Some(err),
             }
@@ -92,7 +93,7 @@ impl<'a> Call<'a> {
     /// since a pinned page does not move. A folio whose pages will not move (pinned, shared
     /// with a child, not present, or a mapping the program changed meanwhile) is put back
     /// as it was, unprotected, and fails with the reason.
-    fn isolate(&mut self, st: &mut BatchState, items: Range<usize>) {
+    fn isolate(&mut self, st: &mut BatchState, items: Range<usize>, wp: bool) {
         let engine = self.engine;
         let (start, end) = (st.slots[items.start].item.folio.addr(), st.slots[items.end - 1].item.folio.end());
         // Counted empty before the lock: a fork waiting for empty pages to fill needs it.
@@ -132,7 +133,13 @@ impl<'a> Call<'a> {
                 // One folio at a time after a refusal that may come from a mapping split
                 // across the stretch (a move stays within one mapping).
                 let stretch_end = if at < one_by_one { folios[k].end() } else { folios[j - 1].end() };
-                let result = match probe(engine, at, folios[k].end()) {
+                let probed = probe(engine, at, folios[k].end(), wp);
+                if let Err(errno) = probed
+                    && patience.wait_events(&mut claims, errno)
+                {
+                    continue;
+                }
+                let result = match probed {
                     // SAFETY: `[at, stretch_end)` is claimed by this call, write-protected
                     // and registered in missing mode (the probe just said so, and that no
                     // change of the program's waits unread), so with its pages moved out
@@ -146,6 +153,9 @@ impl<'a> Call<'a> {
                     Err((moved, errno)) => (moved, Some(errno)),
                 };
                 let bad = at + moved;
+                if moved > 0 {
+                    patience.progressed();
+                }
                 let Some(errno) = errno else {
                     claims.add_isolated(at, stretch_end, grave(at), empty.split(count(at, stretch_end)));
                     if let Some(node) = answer {
@@ -246,9 +256,10 @@ impl<'a> Call<'a> {
 /// pages are already: nothing changes, no TLB flush), which the kernel refuses with
 /// `EAGAIN` while any event of the program's waits unread, and with `ENOENT` where the
 /// memory is not registered. Made under the claims lock right before the move: only the
-/// moment between the two system calls is left.
-fn probe(engine: &Engine, start: usize, end: usize) -> Result<(), Errno> {
-    engine.uffd.writeprotect_once(start, end - start, true)
+/// moment between the two system calls is left. `wp`: whether the stretch was protected
+/// (else the probe takes off a protection that is not there: nothing changes either).
+fn probe(engine: &Engine, start: usize, end: usize, wp: bool) -> Result<(), Errno> {
+    engine.uffd.writeprotect_once(start, end - start, wp)
 }
 
 /// Lets the event reader answer faults on the isolated base pages of `[start, end)`, to be
