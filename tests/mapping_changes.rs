@@ -686,89 +686,93 @@ fn a_purge_kept_past_its_call_is_unregistered_without_another_call() {
 /// them.
 #[test]
 fn memory_purged_as_its_call_ends_then_replaced_moves_whole() {
-    let _watchdog =
-        common::Watchdog::new(common::TEST_LIMIT, "memory_purged_as_its_call_ends_then_replaced_moves_whole");
-    const PAGES: usize = 16;
-    const LEN: usize = PAGES * 4096;
-    let base = changes::mapping(LEN, 4096, SEED);
-    let folios = move || -> Vec<Folio<'static>> {
-        (0..PAGES)
-            // SAFETY: the test keeps the mapping, purging and replacing it as said.
-            .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
-            .collect()
-    };
-    let handshake = Handshake::new();
-    let at_end = handshake.clone();
-    let (result, purged_at) = watchdog(Duration::from_secs(60), "a purge as the call ends", move || {
-        let opts =
-            MigrateOptions::default().fault(FaultInjection { end_handshake: Some(at_end), ..Default::default() });
-        let folios = folios();
-        let purged = std::sync::atomic::AtomicBool::new(false);
-        std::thread::scope(|s| {
-            let call = s
-                .spawn(|| Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
-            handshake.wait();
-            let purged_at = std::time::Instant::now();
-            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-            let purged = &purged;
-            let purger = s.spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                tid_tx.send(unsafe { libc::gettid() }).unwrap();
-                // SAFETY: the test's own pages, purged.
-                assert_eq!(unsafe { libc::madvise(base as *mut _, LEN, libc::MADV_DONTNEED) }, 0);
-                purged.store(true, Ordering::SeqCst);
-            });
-            // In `madvise`, its event sent (a moment after it enters), waiting to be read.
-            common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_madvise, "the purge");
-            std::thread::sleep(Duration::from_millis(20));
-            let waited = !purged.load(Ordering::SeqCst);
-            handshake.wait();
-            purger.join().unwrap();
-            assert!(waited, "the purge did not wait for its event: the memory was not registered");
-            (call.join().unwrap(), purged_at)
-        })
+    // In a process of its own: while it holds the events unread, every other call of the
+    // process would wait on them.
+    const NAME: &str = "memory_purged_as_its_call_ends_then_replaced_moves_whole";
+    common::fresh_process_test(NAME, "PAGEMIG_TEST_PURGED_AT_THE_END", Duration::from_secs(120), || {
+        const PAGES: usize = 16;
+        const LEN: usize = PAGES * 4096;
+        let base = changes::mapping(LEN, 4096, SEED);
+        let folios = move || -> Vec<Folio<'static>> {
+            (0..PAGES)
+                // SAFETY: the test keeps the mapping, purging and replacing it as said.
+                .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
+                .collect()
+        };
+        let handshake = Handshake::new();
+        let at_end = handshake.clone();
+        let (result, purged_at) = watchdog(Duration::from_secs(60), "a purge as the call ends", move || {
+            let opts =
+                MigrateOptions::default().fault(FaultInjection { end_handshake: Some(at_end), ..Default::default() });
+            let folios = folios();
+            let purged = std::sync::atomic::AtomicBool::new(false);
+            std::thread::scope(|s| {
+                let call = s.spawn(|| {
+                    Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
+                });
+                handshake.wait();
+                let purged_at = std::time::Instant::now();
+                let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+                let purged = &purged;
+                let purger = s.spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                    // SAFETY: the test's own pages, purged.
+                    assert_eq!(unsafe { libc::madvise(base as *mut _, LEN, libc::MADV_DONTNEED) }, 0);
+                    purged.store(true, Ordering::SeqCst);
+                });
+                // In `madvise`, its event sent (a moment after it enters), waiting to be read.
+                common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_madvise, "the purge");
+                std::thread::sleep(Duration::from_millis(20));
+                let waited = !purged.load(Ordering::SeqCst);
+                handshake.wait();
+                purger.join().unwrap();
+                assert!(waited, "the purge did not wait for its event: the memory was not registered");
+                (call.join().unwrap(), purged_at)
+            })
+        });
+        let stats = result.unwrap_or_else(|e| panic!("the call: {e}"));
+        assert_eq!(stats.succeeded_folios as usize, PAGES);
+        for i in 0..LEN / 8 {
+            assert_eq!(changes::word(base + i * 8), 0, "word {i}: the purge was undone");
+        }
+        // The program replaces the purged memory with fresh memory, within the purge's second.
+        // SAFETY: the test's own pages, replaced in place.
+        let p = unsafe {
+            libc::munmap(base as *mut _, LEN);
+            libc::mmap(
+                base as *mut _,
+                LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        assert_eq!(p as usize, base, "mapping again: {}", std::io::Error::last_os_error());
+        for i in 0..LEN / 8 {
+            // SAFETY: the fresh mapping.
+            unsafe { ((base + i * 8) as *mut u64).write_volatile(3) };
+        }
+        let result = Engine::global().unwrap().migrate_pages(
+            &folios(),
+            node(),
+            Reason::Syscall,
+            Mode::Sync,
+            &MigrateOptions::default(),
+        );
+        let within = purged_at.elapsed() < Duration::from_millis(900);
+        match result {
+            Ok(stats) => assert_eq!(stats.succeeded_folios as usize, PAGES),
+            Err(e) if within => panic!("the fresh memory did not move whole: {e}"),
+            Err(e) => eprintln!("{e}, but {:?} after the purge, its record gone: not known", purged_at.elapsed()),
+        }
+        for i in 0..LEN / 8 {
+            assert_eq!(changes::word(base + i * 8), 3, "word {i}");
+        }
+        // SAFETY: the test's own mapping, no longer used.
+        unsafe { libc::munmap(base as *mut _, LEN) };
     });
-    let stats = result.unwrap_or_else(|e| panic!("the call: {e}"));
-    assert_eq!(stats.succeeded_folios as usize, PAGES);
-    for i in 0..LEN / 8 {
-        assert_eq!(changes::word(base + i * 8), 0, "word {i}: the purge was undone");
-    }
-    // The program replaces the purged memory with fresh memory, within the purge's second.
-    // SAFETY: the test's own pages, replaced in place.
-    let p = unsafe {
-        libc::munmap(base as *mut _, LEN);
-        libc::mmap(
-            base as *mut _,
-            LEN,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-            -1,
-            0,
-        )
-    };
-    assert_eq!(p as usize, base, "mapping again: {}", std::io::Error::last_os_error());
-    for i in 0..LEN / 8 {
-        // SAFETY: the fresh mapping.
-        unsafe { ((base + i * 8) as *mut u64).write_volatile(3) };
-    }
-    let result = Engine::global().unwrap().migrate_pages(
-        &folios(),
-        node(),
-        Reason::Syscall,
-        Mode::Sync,
-        &MigrateOptions::default(),
-    );
-    let within = purged_at.elapsed() < Duration::from_millis(900);
-    match result {
-        Ok(stats) => assert_eq!(stats.succeeded_folios as usize, PAGES),
-        Err(e) if within => panic!("the fresh memory did not move whole: {e}"),
-        Err(e) => eprintln!("{e}, but {:?} after the purge, its record gone: not known", purged_at.elapsed()),
-    }
-    for i in 0..LEN / 8 {
-        assert_eq!(changes::word(base + i * 8), 3, "word {i}");
-    }
-    // SAFETY: the test's own mapping, no longer used.
-    unsafe { libc::munmap(base as *mut _, LEN) };
 }
 
 /// The program unmaps memory a call has protected and is about to isolate, and maps fresh
@@ -779,72 +783,79 @@ fn memory_purged_as_its_call_ends_then_replaced_moves_whole() {
 /// unmap was read, and the program read zeros where it had written.
 #[test]
 fn memory_mapped_in_place_of_memory_being_isolated_keeps_its_data() {
-    let _watchdog =
-        common::Watchdog::new(common::TEST_LIMIT, "memory_mapped_in_place_of_memory_being_isolated_keeps_its_data");
-    const PAGES: usize = 16;
-    const LEN: usize = PAGES * 4096;
-    let base = changes::mapping(LEN, 4096, SEED);
-    let folios: Vec<Folio<'static>> = (0..PAGES)
-        // SAFETY: the test unmaps the memory during the call, as the program may.
-        .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
-        .collect();
-    let handshake = Handshake::new();
-    let at_isolation = handshake.clone();
-    let result = watchdog(Duration::from_secs(60), "memory mapped in place of memory being isolated", move || {
-        let fault =
-            FaultInjection { isolate_handshake: Some(at_isolation), pause_event_reader: true, ..Default::default() };
-        let opts = MigrateOptions::default().answer_faults(false).fault(fault);
-        std::thread::scope(|s| {
-            let call = s
-                .spawn(|| Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts));
-            handshake.wait();
-            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-            let unmapper = s.spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                tid_tx.send(unsafe { libc::gettid() }).unwrap();
-                // SAFETY: the test's own memory, unmapped as the program may.
-                assert_eq!(unsafe { libc::munmap(base as *mut _, LEN) }, 0);
-            });
-            // Unmapped, its event waiting to be read.
-            common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_munmap, "the unmap");
-            let started = std::time::Instant::now();
-            loop {
-                // SAFETY: fresh memory of the test's at an address now free, or nothing.
-                let p = unsafe {
-                    libc::mmap(
-                        base as *mut _,
-                        LEN,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                        -1,
-                        0,
-                    )
-                };
-                if p as usize == base {
-                    break;
+    // In a process of its own: while it holds the events unread, every other call of the
+    // process would wait on them.
+    const NAME: &str = "memory_mapped_in_place_of_memory_being_isolated_keeps_its_data";
+    common::fresh_process_test(NAME, "PAGEMIG_TEST_MAPPED_IN_PLACE", Duration::from_secs(120), || {
+        const PAGES: usize = 16;
+        const LEN: usize = PAGES * 4096;
+        let base = changes::mapping(LEN, 4096, SEED);
+        let folios: Vec<Folio<'static>> = (0..PAGES)
+            // SAFETY: the test unmaps the memory during the call, as the program may.
+            .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
+            .collect();
+        let handshake = Handshake::new();
+        let at_isolation = handshake.clone();
+        let result = watchdog(Duration::from_secs(60), "memory mapped in place of memory being isolated", move || {
+            let fault = FaultInjection {
+                isolate_handshake: Some(at_isolation),
+                pause_event_reader: true,
+                ..Default::default()
+            };
+            let opts = MigrateOptions::default().answer_faults(false).fault(fault);
+            std::thread::scope(|s| {
+                let call = s.spawn(|| {
+                    Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
+                });
+                handshake.wait();
+                let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+                let unmapper = s.spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                    // SAFETY: the test's own memory, unmapped as the program may.
+                    assert_eq!(unsafe { libc::munmap(base as *mut _, LEN) }, 0);
+                });
+                // Unmapped, its event waiting to be read.
+                common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_munmap, "the unmap");
+                let started = std::time::Instant::now();
+                loop {
+                    // SAFETY: fresh memory of the test's at an address now free, or nothing.
+                    let p = unsafe {
+                        libc::mmap(
+                            base as *mut _,
+                            LEN,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                            -1,
+                            0,
+                        )
+                    };
+                    if p as usize == base {
+                        break;
+                    }
+                    assert!(started.elapsed() < Duration::from_secs(10), "the address never came free");
+                    if p != libc::MAP_FAILED {
+                        // SAFETY: a mapping this loop just made elsewhere.
+                        unsafe { libc::munmap(p, LEN) };
+                    }
+                    std::thread::sleep(Duration::from_micros(100));
                 }
-                assert!(started.elapsed() < Duration::from_secs(10), "the address never came free");
-                if p != libc::MAP_FAILED {
-                    // SAFETY: a mapping this loop just made elsewhere.
-                    unsafe { libc::munmap(p, LEN) };
+                for i in 0..LEN / 8 {
+                    // SAFETY: the fresh mapping.
+                    unsafe { ((base + i * 8) as *mut u64).write_volatile(7) };
                 }
-                std::thread::sleep(Duration::from_micros(100));
-            }
-            for i in 0..LEN / 8 {
-                // SAFETY: the fresh mapping.
-                unsafe { ((base + i * 8) as *mut u64).write_volatile(7) };
-            }
-            handshake.wait();
-            unmapper.join().unwrap();
-            call.join().unwrap()
-        })
+                handshake.wait();
+                unmapper.join().unwrap();
+                call.join().unwrap()
+            })
+        });
+        eprintln!("{result:?}");
+        for i in 0..LEN / 8 {
+            assert_eq!(changes::word(base + i * 8), 7, "word {i} of the fresh memory");
+        }
+        // SAFETY: the test's own mapping, no longer used.
+        unsafe { libc::munmap(base as *mut _, LEN) };
     });
-    eprintln!("{result:?}");
-    for i in 0..LEN / 8 {
-        assert_eq!(changes::word(base + i * 8), 7, "word {i} of the fresh memory");
-    }
-    // SAFETY: the test's own mapping, no longer used.
-    unsafe { libc::munmap(base as *mut _, LEN) };
 }
 
 /// A call registers memory the program mapped in place of memory another call migrates,
@@ -856,86 +867,92 @@ fn memory_mapped_in_place_of_memory_being_isolated_keeps_its_data() {
 /// call. The call now registers once the unmap is read, and moves the fresh memory whole.
 #[test]
 fn memory_mapped_in_place_of_another_calls_moves_whole() {
-    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, "memory_mapped_in_place_of_another_calls_moves_whole");
-    const PAGES: usize = 16;
-    const LEN: usize = PAGES * 4096;
-    let base = changes::mapping(LEN, 4096, SEED);
-    let folios = move || -> Vec<Folio<'static>> {
-        (0..PAGES)
-            // SAFETY: the test unmaps and replaces the memory as said; the calls survive it.
-            .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
-            .collect()
-    };
-    let handshake = Handshake::new();
-    let at_end = handshake.clone();
-    let (first, second) = watchdog(Duration::from_secs(60), "memory mapped in place of another call's", move || {
-        let opts =
-            MigrateOptions::default().fault(FaultInjection { end_handshake: Some(at_end), ..Default::default() });
-        let (old, fresh) = (folios(), folios());
-        std::thread::scope(|s| {
-            let first =
-                s.spawn(|| Engine::global().unwrap().migrate_pages(&old, node(), Reason::Syscall, Mode::Sync, &opts));
-            handshake.wait();
-            // The first call ends with the events held unread: the program unmaps its
-            // memory (the unmap waits for its event to be read) and maps fresh memory there.
-            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-            let unmapper = s.spawn(move || {
-                // SAFETY: gettid has no preconditions.
-                tid_tx.send(unsafe { libc::gettid() }).unwrap();
-                // SAFETY: the test's own memory, unmapped as the program may.
-                assert_eq!(unsafe { libc::munmap(base as *mut _, LEN) }, 0);
+    // In a process of its own: while it holds the events unread, every other call of the
+    // process would wait on them.
+    const NAME: &str = "memory_mapped_in_place_of_another_calls_moves_whole";
+    common::fresh_process_test(NAME, "PAGEMIG_TEST_MAPPED_FOR_ANOTHER_CALL", Duration::from_secs(120), || {
+        const PAGES: usize = 16;
+        const LEN: usize = PAGES * 4096;
+        let base = changes::mapping(LEN, 4096, SEED);
+        let folios = move || -> Vec<Folio<'static>> {
+            (0..PAGES)
+                // SAFETY: the test unmaps and replaces the memory as said; the calls survive it.
+                .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
+                .collect()
+        };
+        let handshake = Handshake::new();
+        let at_end = handshake.clone();
+        let (first, second) =
+            watchdog(Duration::from_secs(60), "memory mapped in place of another call's", move || {
+                let opts = MigrateOptions::default()
+                    .fault(FaultInjection { end_handshake: Some(at_end), ..Default::default() });
+                let (old, fresh) = (folios(), folios());
+                std::thread::scope(|s| {
+                    let first = s.spawn(|| {
+                        Engine::global().unwrap().migrate_pages(&old, node(), Reason::Syscall, Mode::Sync, &opts)
+                    });
+                    handshake.wait();
+                    // The first call ends with the events held unread: the program unmaps its
+                    // memory (the unmap waits for its event to be read) and maps fresh memory there.
+                    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+                    let unmapper = s.spawn(move || {
+                        // SAFETY: gettid has no preconditions.
+                        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                        // SAFETY: the test's own memory, unmapped as the program may.
+                        assert_eq!(unsafe { libc::munmap(base as *mut _, LEN) }, 0);
+                    });
+                    common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_munmap, "the unmap");
+                    let started = std::time::Instant::now();
+                    loop {
+                        // SAFETY: fresh memory of the test's at an address now free, or nothing.
+                        let p = unsafe {
+                            libc::mmap(
+                                base as *mut _,
+                                LEN,
+                                libc::PROT_READ | libc::PROT_WRITE,
+                                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                                -1,
+                                0,
+                            )
+                        };
+                        if p as usize == base {
+                            break;
+                        }
+                        assert!(started.elapsed() < Duration::from_secs(10), "the address never came free");
+                        if p != libc::MAP_FAILED {
+                            // SAFETY: a mapping this loop just made elsewhere.
+                            unsafe { libc::munmap(p, LEN) };
+                        }
+                        std::thread::sleep(Duration::from_micros(100));
+                    }
+                    for i in 0..LEN / 8 {
+                        // SAFETY: the fresh mapping.
+                        unsafe { ((base + i * 8) as *mut u64).write_volatile(9) };
+                    }
+                    let second = s.spawn(|| {
+                        Engine::global().unwrap().migrate_pages(
+                            &fresh,
+                            node(),
+                            Reason::Syscall,
+                            Mode::Sync,
+                            &MigrateOptions::default(),
+                        )
+                    });
+                    // The second call registers meanwhile; then the first goes on and reads.
+                    std::thread::sleep(Duration::from_millis(200));
+                    handshake.wait();
+                    unmapper.join().unwrap();
+                    (first.join().unwrap(), second.join().unwrap())
+                })
             });
-            common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_munmap, "the unmap");
-            let started = std::time::Instant::now();
-            loop {
-                // SAFETY: fresh memory of the test's at an address now free, or nothing.
-                let p = unsafe {
-                    libc::mmap(
-                        base as *mut _,
-                        LEN,
-                        libc::PROT_READ | libc::PROT_WRITE,
-                        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                        -1,
-                        0,
-                    )
-                };
-                if p as usize == base {
-                    break;
-                }
-                assert!(started.elapsed() < Duration::from_secs(10), "the address never came free");
-                if p != libc::MAP_FAILED {
-                    // SAFETY: a mapping this loop just made elsewhere.
-                    unsafe { libc::munmap(p, LEN) };
-                }
-                std::thread::sleep(Duration::from_micros(100));
-            }
-            for i in 0..LEN / 8 {
-                // SAFETY: the fresh mapping.
-                unsafe { ((base + i * 8) as *mut u64).write_volatile(9) };
-            }
-            let second = s.spawn(|| {
-                Engine::global().unwrap().migrate_pages(
-                    &fresh,
-                    node(),
-                    Reason::Syscall,
-                    Mode::Sync,
-                    &MigrateOptions::default(),
-                )
-            });
-            // The second call registers meanwhile; then the first goes on and reads.
-            std::thread::sleep(Duration::from_millis(200));
-            handshake.wait();
-            unmapper.join().unwrap();
-            (first.join().unwrap(), second.join().unwrap())
-        })
+        eprintln!("first call: {first:?}");
+        let stats = second.unwrap_or_else(|e| panic!("the fresh memory did not move whole: {e}"));
+        assert_eq!(stats.succeeded_folios as usize, PAGES);
+        for i in 0..LEN / 8 {
+            assert_eq!(changes::word(base + i * 8), 9, "word {i} of the fresh memory");
+        }
+        assert!(!common::vm_flags(base).iter().any(|f| f == "um" || f == "uw"), "left registered");
+        // SAFETY: the test's own mapping, no longer used.
+        unsafe { libc::munmap(base as *mut _, LEN) };
     });
-    eprintln!("first call: {first:?}");
-    let stats = second.unwrap_or_else(|e| panic!("the fresh memory did not move whole: {e}"));
-    assert_eq!(stats.succeeded_folios as usize, PAGES);
-    for i in 0..LEN / 8 {
-        assert_eq!(changes::word(base + i * 8), 9, "word {i} of the fresh memory");
-    }
-    assert!(!common::vm_flags(base).iter().any(|f| f == "um" || f == "uw"), "left registered");
-    // SAFETY: the test's own mapping, no longer used.
-    unsafe { libc::munmap(base as *mut _, LEN) };
 }

@@ -240,10 +240,15 @@ impl Engine {
         // takes what it names out of the runs of every call in progress, this one's too,
         // and memory the program mapped in place of the old (which this call registered)
         // would stay registered after the call, a thread touching it waiting for ever. So
-        // the registration is made again once those are read, for up to 2 s.
+        // the events waiting are read (here, as a copying thread reads them, or by whoever
+        // reads them now), for up to 2 s, and the registration made again; where none waits
+        // but the kernel still counts a change under way (an unmap whose event is not sent
+        // yet; a purging thread that has not run again since its event was read, which
+        // threads purging without a pause keep so for seconds), for up to 20 ms.
         let mut unregistered: Vec<(usize, Errno)> = Vec::new();
-        let mut waiting = crate::backoff::Backoff::new(Duration::from_micros(100), Duration::from_micros(100))
-            .within(Duration::from_secs(2));
+        let steady = || crate::backoff::Backoff::new(Duration::from_micros(100), Duration::from_micros(100));
+        let (mut queued, mut settling) =
+            (steady().within(Duration::from_secs(2)), steady().within(Duration::from_millis(20)));
         let call = {
             let mut claims = self.busy.lock();
             loop {
@@ -265,8 +270,14 @@ impl Engine {
                     .map(|(_, it)| it.folio.addr())
                     .next()
                     .is_some_and(|page| self.uffd.changes_unread(page));
-                match unread.then(|| waiting.next_pause()).flatten() {
-                    Some(pause) => parking_lot::MutexGuard::unlocked(&mut claims, || std::thread::sleep(pause)),
+                let pause = unread
+                    .then(|| if self.uffd.has_messages() { queued.next_pause() } else { settling.next_pause() })
+                    .flatten();
+                match pause {
+                    Some(pause) => parking_lot::MutexGuard::unlocked(&mut claims, || {
+                        self.events.serve_now();
+                        std::thread::sleep(pause);
+                    }),
                     None => break,
                 }
             }

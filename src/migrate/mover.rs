@@ -422,6 +422,8 @@ fn unregister(
     fail: bool,
 ) -> bool {
     let mut left = Vec::new();
+    // For the unprotection of kept ranges, all of them together.
+    let deadline = Instant::now() + Duration::from_millis(2);
     // Of what earlier calls left registered, what is still claimed or another call's stays
     // left (memory moved onto a claimed range).
     for &(s, e) in &strays {
@@ -436,7 +438,7 @@ fn unregister(
             let mut keep = claims.purges_to_keep(us, ue, || sys::held_ranges(us, ue).ok());
             // Kept only without protection: a write there would wait for a call's end (the
             // unprotect of a folio that failed as purged gives up while the kernel refuses).
-            keep.retain(|&(s, e)| unprotect_kept(uffd, s, e));
+            keep.retain(|&(s, e)| unprotect_kept(uffd, s, e, deadline));
             left.extend_from_slice(&keep);
             for (s, e) in super::busy::subtract(&[(us, ue)], &keep) {
                 if !fail && uffd.unregister(s, e - s).is_ok() {
@@ -466,18 +468,19 @@ fn unregister(
 /// Takes the protection off `[start, end)`, purged pages a call's end keeps registered.
 /// With the claims lock held no event is read, and the kernel refuses (`EAGAIN`) while one
 /// waits, and while the thread whose purge was just read has not run again (it lowers the
-/// refusal itself): that one is waited for, yielding, up to 2 ms. False where it still
-/// refuses: the range is then unregistered (its purge stays recorded, and memory mapped
+/// refusal itself): that one is waited for, yielding, until `deadline` (2 ms for every
+/// kept range of a call's end together), not where an event waits unread (its count
+/// cannot come down while the locks are held). False where it still refuses: the range
+/// is then unregistered (its purge stays recorded, and memory mapped
 /// there within the second after an unmap fails as purged). (Taking the registration off
 /// and making it again in missing mode alone, as this once did, registered whatever the
 /// program had mapped there meanwhile, and an unmap read later forgot it: a thread touching
 /// it would wait for ever.)
-fn unprotect_kept(uffd: &Uffd, start: usize, end: usize) -> bool {
-    let deadline = Instant::now() + Duration::from_millis(2);
+fn unprotect_kept(uffd: &Uffd, start: usize, end: usize, deadline: Instant) -> bool {
     loop {
         match uffd.writeprotect_once(start, end - start, false) {
             Ok(()) => return true,
-            Err(Errno::AGAIN) if Instant::now() < deadline => std::thread::yield_now(),
+            Err(Errno::AGAIN) if Instant::now() < deadline && !uffd.has_messages() => std::thread::yield_now(),
             Err(_) => return false,
         }
     }
