@@ -808,42 +808,7 @@ fn memory_mapped_in_place_of_memory_being_isolated_keeps_its_data() {
                     Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
                 });
                 handshake.wait();
-                let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-                let unmapper = s.spawn(move || {
-                    // SAFETY: gettid has no preconditions.
-                    tid_tx.send(unsafe { libc::gettid() }).unwrap();
-                    // SAFETY: the test's own memory, unmapped as the program may.
-                    assert_eq!(unsafe { libc::munmap(base as *mut _, LEN) }, 0);
-                });
-                // Unmapped, its event waiting to be read.
-                common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_munmap, "the unmap");
-                let started = std::time::Instant::now();
-                loop {
-                    // SAFETY: fresh memory of the test's at an address now free, or nothing.
-                    let p = unsafe {
-                        libc::mmap(
-                            base as *mut _,
-                            LEN,
-                            libc::PROT_READ | libc::PROT_WRITE,
-                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                            -1,
-                            0,
-                        )
-                    };
-                    if p as usize == base {
-                        break;
-                    }
-                    assert!(started.elapsed() < Duration::from_secs(10), "the address never came free");
-                    if p != libc::MAP_FAILED {
-                        // SAFETY: a mapping this loop just made elsewhere.
-                        unsafe { libc::munmap(p, LEN) };
-                    }
-                    std::thread::sleep(Duration::from_micros(100));
-                }
-                for i in 0..LEN / 8 {
-                    // SAFETY: the fresh mapping.
-                    unsafe { ((base + i * 8) as *mut u64).write_volatile(7) };
-                }
+                let unmapper = replace_in_place(s, base, LEN, 7);
                 handshake.wait();
                 unmapper.join().unwrap();
                 call.join().unwrap()
@@ -894,41 +859,7 @@ fn memory_mapped_in_place_of_another_calls_moves_whole() {
                     handshake.wait();
                     // The first call ends with the events held unread: the program unmaps its
                     // memory (the unmap waits for its event to be read) and maps fresh memory there.
-                    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
-                    let unmapper = s.spawn(move || {
-                        // SAFETY: gettid has no preconditions.
-                        tid_tx.send(unsafe { libc::gettid() }).unwrap();
-                        // SAFETY: the test's own memory, unmapped as the program may.
-                        assert_eq!(unsafe { libc::munmap(base as *mut _, LEN) }, 0);
-                    });
-                    common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_munmap, "the unmap");
-                    let started = std::time::Instant::now();
-                    loop {
-                        // SAFETY: fresh memory of the test's at an address now free, or nothing.
-                        let p = unsafe {
-                            libc::mmap(
-                                base as *mut _,
-                                LEN,
-                                libc::PROT_READ | libc::PROT_WRITE,
-                                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                                -1,
-                                0,
-                            )
-                        };
-                        if p as usize == base {
-                            break;
-                        }
-                        assert!(started.elapsed() < Duration::from_secs(10), "the address never came free");
-                        if p != libc::MAP_FAILED {
-                            // SAFETY: a mapping this loop just made elsewhere.
-                            unsafe { libc::munmap(p, LEN) };
-                        }
-                        std::thread::sleep(Duration::from_micros(100));
-                    }
-                    for i in 0..LEN / 8 {
-                        // SAFETY: the fresh mapping.
-                        unsafe { ((base + i * 8) as *mut u64).write_volatile(9) };
-                    }
+                    let unmapper = replace_in_place(s, base, LEN, 9);
                     let second = s.spawn(|| {
                         Engine::global().unwrap().migrate_pages(
                             &fresh,
@@ -955,4 +886,52 @@ fn memory_mapped_in_place_of_another_calls_moves_whole() {
         // SAFETY: the test's own mapping, no longer used.
         unsafe { libc::munmap(base as *mut _, LEN) };
     });
+}
+
+/// On a thread of `s`, the program unmaps `[base, base + len)`, which waits for its event
+/// to be read; once that thread is in `munmap`, this one maps fresh memory at the same
+/// address and stores `word` into its every word. Returns the unmapping thread.
+fn replace_in_place<'s>(
+    s: &'s std::thread::Scope<'s, '_>,
+    base: usize,
+    len: usize,
+    word: u64,
+) -> std::thread::ScopedJoinHandle<'s, ()> {
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let unmapper = s.spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        // SAFETY: the test's own memory, unmapped as the program may.
+        assert_eq!(unsafe { libc::munmap(base as *mut _, len) }, 0);
+    });
+    // Unmapped, its event waiting to be read.
+    common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_munmap, "the unmap");
+    let started = std::time::Instant::now();
+    loop {
+        // SAFETY: fresh memory of the test's at an address now free, or nothing.
+        let p = unsafe {
+            libc::mmap(
+                base as *mut _,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if p as usize == base {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the address never came free");
+        if p != libc::MAP_FAILED {
+            // SAFETY: a mapping this loop just made elsewhere.
+            unsafe { libc::munmap(p, len) };
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    for i in 0..len / 8 {
+        // SAFETY: the fresh mapping.
+        unsafe { ((base + i * 8) as *mut u64).write_volatile(word) };
+    }
+    unmapper
 }
