@@ -690,15 +690,9 @@ fn memory_purged_as_its_call_ends_then_replaced_moves_whole() {
     // process would wait on them.
     const NAME: &str = "memory_purged_as_its_call_ends_then_replaced_moves_whole";
     common::fresh_process_test(NAME, "PAGEMIG_TEST_PURGED_AT_THE_END", Duration::from_secs(120), || {
-        const PAGES: usize = 16;
+        const PAGES: usize = SMALL_PAGES;
         const LEN: usize = PAGES * 4096;
-        let base = changes::mapping(LEN, 4096, SEED);
-        let folios = move || -> Vec<Folio<'static>> {
-            (0..PAGES)
-                // SAFETY: the test keeps the mapping, purging and replacing it as said.
-                .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
-                .collect()
-        };
+        let (base, folios) = small_mapping();
         let handshake = Handshake::new();
         let at_end = handshake.clone();
         let (result, purged_at) = watchdog(Duration::from_secs(60), "a purge as the call ends", move || {
@@ -787,13 +781,9 @@ fn memory_mapped_in_place_of_memory_being_isolated_keeps_its_data() {
     // process would wait on them.
     const NAME: &str = "memory_mapped_in_place_of_memory_being_isolated_keeps_its_data";
     common::fresh_process_test(NAME, "PAGEMIG_TEST_MAPPED_IN_PLACE", Duration::from_secs(120), || {
-        const PAGES: usize = 16;
-        const LEN: usize = PAGES * 4096;
-        let base = changes::mapping(LEN, 4096, SEED);
-        let folios: Vec<Folio<'static>> = (0..PAGES)
-            // SAFETY: the test unmaps the memory during the call, as the program may.
-            .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
-            .collect();
+        const LEN: usize = SMALL_PAGES * 4096;
+        let (base, folios) = small_mapping();
+        let folios = folios();
         let handshake = Handshake::new();
         let at_isolation = handshake.clone();
         let result = watchdog(Duration::from_secs(60), "memory mapped in place of memory being isolated", move || {
@@ -836,15 +826,9 @@ fn memory_mapped_in_place_of_another_calls_moves_whole() {
     // process would wait on them.
     const NAME: &str = "memory_mapped_in_place_of_another_calls_moves_whole";
     common::fresh_process_test(NAME, "PAGEMIG_TEST_MAPPED_FOR_ANOTHER_CALL", Duration::from_secs(120), || {
-        const PAGES: usize = 16;
+        const PAGES: usize = SMALL_PAGES;
         const LEN: usize = PAGES * 4096;
-        let base = changes::mapping(LEN, 4096, SEED);
-        let folios = move || -> Vec<Folio<'static>> {
-            (0..PAGES)
-                // SAFETY: the test unmaps and replaces the memory as said; the calls survive it.
-                .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
-                .collect()
-        };
+        let (base, folios) = small_mapping();
         let handshake = Handshake::new();
         let at_end = handshake.clone();
         let (first, second) =
@@ -934,4 +918,21 @@ fn replace_in_place<'s>(
         unsafe { ((base + i * 8) as *mut u64).write_volatile(word) };
     }
     unmapper
+}
+
+/// How many base pages [`small_mapping`] maps.
+const SMALL_PAGES: usize = 16;
+
+/// [`SMALL_PAGES`] base pages of the test's (the pattern of `SEED`), and a maker of their
+/// folios (made again after the test replaced the memory).
+fn small_mapping() -> (usize, impl Fn() -> Vec<Folio<'static>> + Copy + Send) {
+    let base = changes::mapping(SMALL_PAGES * 4096, 4096, SEED);
+    let folios = move || {
+        (0..SMALL_PAGES)
+            // SAFETY: the test changes the mapping only as the program may (purges,
+            // unmaps, maps in place), which pagemig must survive.
+            .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
+            .collect()
+    };
+    (base, folios)
 }
