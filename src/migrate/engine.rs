@@ -240,11 +240,11 @@ impl Engine {
         // takes what it names out of the runs of every call in progress, this one's too,
         // and memory the program mapped in place of the old (which this call registered)
         // would stay registered after the call, a thread touching it waiting for ever. So
-        // the events waiting are read (here, as a copying thread reads them, or by whoever
-        // reads them now), for up to 2 s, and the registration made again; where none waits
-        // but the kernel still counts a change under way (an unmap whose event is not sent
-        // yet; a purging thread that has not run again since its event was read, which
-        // threads purging without a pause keep so for seconds), for up to 20 ms.
+        // the events waiting are read here, as a copying thread reads them, and the
+        // registration made again, for up to 20 ms: the kernel's count of changes under way
+        // covers purges too, and stays up until each purging thread runs again (threads
+        // purging without a pause keep it so for seconds). Where another thread is reading
+        // them (the reader's lock held elsewhere), up to 2 s.
         let mut unregistered: Vec<(usize, Errno)> = Vec::new();
         let steady = || crate::backoff::Backoff::new(Duration::from_micros(100), Duration::from_micros(100));
         let (mut queued, mut settling) =
@@ -263,23 +263,19 @@ impl Engine {
                         }
                     }
                 }
-                let unread = items
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !unregistered.iter().any(|&(u, _)| u == *i))
-                    .map(|(_, it)| it.folio.addr())
-                    .next()
-                    .is_some_and(|page| self.uffd.changes_unread(page));
-                let pause = unread
-                    .then(|| if self.uffd.has_messages() { queued.next_pause() } else { settling.next_pause() })
-                    .flatten();
-                match pause {
-                    Some(pause) => parking_lot::MutexGuard::unlocked(&mut claims, || {
-                        self.events.serve_now();
-                        std::thread::sleep(pause);
-                    }),
-                    None => break,
+                // The first folio registered (`unregistered` is in index order).
+                let mut refused = unregistered.iter().map(|&(i, _)| i).peekable();
+                let first = (0..items.len()).find(|&i| {
+                    while refused.next_if(|&r| r < i).is_some() {}
+                    refused.peek() != Some(&i)
+                });
+                if !first.is_some_and(|i| self.uffd.changes_unread(items[i].folio.addr())) {
+                    break;
                 }
+                let served = parking_lot::MutexGuard::unlocked(&mut claims, || self.events.serve_now());
+                let pause = if served { settling.next_pause() } else { queued.next_pause() };
+                let Some(pause) = pause else { break };
+                parking_lot::MutexGuard::unlocked(&mut claims, || std::thread::sleep(pause));
             }
             // Kept registered for this call when another ends.
             claims.begin_call(runs.clone())

@@ -51,6 +51,9 @@ use parking_lot::{Mutex, MutexGuard};
 /// How long one poll waits, in milliseconds: the reader's delay in noticing it should stop.
 const POLL_MS: i32 = 50;
 
+/// How long a call's end waits for the events to be its to read ([`Reader::after_events`]).
+const END_READ_WAIT: Duration = Duration::from_millis(100);
+
 /// How often the reader tries to take the registration off what calls that ended left
 /// registered ([`super::mover::retry_strays`]); after each round the kernel refused part
 /// of, twice as long, up to [`STRAYS_MAX`].
@@ -187,15 +190,17 @@ impl Reader {
     /// It never waits on the calling thread's own work, and on the program's other
     /// threads only where no holding can be mapped for the old pages of memory they moved
     /// (up to 5 s, under the claims lock, as the reader thread would).
-    pub fn serve_now(&self) {
+    ///
+    /// Returns false where events wait and were left to another handler.
+    pub fn serve_now(&self) -> bool {
         let shared = &*self.shared;
         if !shared.uffd.has_messages() {
-            return;
+            return true;
         }
-        let Some(mut pending) = shared.reading.try_lock_for(SERVE_WAIT) else { return };
+        let Some(mut pending) = shared.reading.try_lock_for(SERVE_WAIT) else { return false };
         if pending.is_some() {
             // The reader thread carries on with what is left first.
-            return;
+            return false;
         }
         let claims = shared.busy.lock();
         if let Ok(events) = shared.uffd.read_messages()
@@ -203,6 +208,7 @@ impl Reader {
         {
             *pending = handle_all(&shared.home(), claims, events, Moved::default(), Handler::Copier);
         }
+        true
     }
 
     /// As a call ends: reads and handles the events waiting (on the calling thread, as
@@ -216,9 +222,17 @@ impl Reader {
     /// would move it. (A purge in the moment between this read and the unregistration
     /// still is.) `wait`: runs first, with the events held unread
     /// (`FaultInjection::end_handshake`).
+    ///
+    /// The reading lock is waited for up to [`END_READ_WAIT`]: the reader thread holds it
+    /// while it puts old pages home without the claims lock, which the kernel may refuse for
+    /// as long as the program's threads purge registered memory. Past that, `f` runs with
+    /// the claims lock alone, the events left to the reader.
     pub fn after_events<R>(&self, wait: impl FnOnce(), f: impl FnOnce(&mut MutexGuard<'_, Claims>) -> R) -> R {
         let shared = &*self.shared;
-        let mut pending = shared.reading.lock();
+        let Some(mut pending) = shared.reading.try_lock_for(END_READ_WAIT) else {
+            wait();
+            return f(&mut shared.busy.lock());
+        };
         wait();
         // What the reader thread left to do (old pages in holdings on their way home) is
         // carried on with these events, as the reader thread would.

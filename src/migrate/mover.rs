@@ -423,7 +423,7 @@ fn unregister(
 ) -> bool {
     let mut left = Vec::new();
     // For the unprotection of kept ranges, all of them together.
-    let deadline = Instant::now() + Duration::from_millis(2);
+    let deadline = Instant::now() + Duration::from_millis(20);
     // Of what earlier calls left registered, what is still claimed or another call's stays
     // left (memory moved onto a claimed range).
     for &(s, e) in &strays {
@@ -468,8 +468,8 @@ fn unregister(
 /// Takes the protection off `[start, end)`, purged pages a call's end keeps registered.
 /// With the claims lock held no event is read, and the kernel refuses (`EAGAIN`) while one
 /// waits, and while the thread whose purge was just read has not run again (it lowers the
-/// refusal itself): that one is waited for, yielding, until `deadline` (2 ms for every
-/// kept range of a call's end together), not where an event waits unread (its count
+/// refusal itself): that one is waited for, in pauses of 50 us, until `deadline` (20 ms for
+/// every kept range of a call's end together), not where an event waits unread (its count
 /// cannot come down while the locks are held). False where it still refuses: the range
 /// is then unregistered (its purge stays recorded, and memory mapped
 /// there within the second after an unmap fails as purged). (Taking the registration off
@@ -480,7 +480,9 @@ fn unprotect_kept(uffd: &Uffd, start: usize, end: usize, deadline: Instant) -> b
     loop {
         match uffd.writeprotect_once(start, end - start, false) {
             Ok(()) => return true,
-            Err(Errno::AGAIN) if Instant::now() < deadline && !uffd.has_messages() => std::thread::yield_now(),
+            Err(Errno::AGAIN) if Instant::now() < deadline && !uffd.has_messages() => {
+                std::thread::sleep(Duration::from_micros(50));
+            }
             Err(_) => return false,
         }
     }

@@ -790,8 +790,11 @@ mod tests {
                 assert!(started.elapsed() < std::time::Duration::from_secs(10), "the purge was never seen");
                 std::thread::yield_now();
             }
-            let events = uffd.read_messages().unwrap();
-            assert!(events.iter().any(|e| matches!(e, Event::Remove { .. })), "{events:?}");
+            // Counted before it is queued: read until it is there.
+            while !uffd.read_messages().unwrap().iter().any(|e| matches!(e, Event::Remove { .. })) {
+                assert!(started.elapsed() < std::time::Duration::from_secs(10), "the purge's event never came");
+                std::thread::yield_now();
+            }
             purge.join().unwrap();
         });
         uffd.unregister(addr, 2 * PAGE_SIZE).unwrap();

@@ -19,6 +19,9 @@ use crate::migrate::mover::{self, GONE, Patience, overlaps, unprotect};
 use crate::migrate::outcome::{Phase, classify};
 use crate::sys::{self, Advice, Errno};
 
+/// What a folio whose isolation the program's changes kept refusing fails with.
+const KEPT_CHANGING: &str = "migrate (the memory kept changing meanwhile)";
+
 /// How many times one isolation empties a graveyard part that a stranger's read filled
 /// before it gives up on the folio for this pass (`EBUSY`: a later pass tries again).
 const GRAVE_CLEARS: u32 = 3;
@@ -134,10 +137,17 @@ impl<'a> Call<'a> {
                 // across the stretch (a move stays within one mapping).
                 let stretch_end = if at < one_by_one { folios[k].end() } else { folios[j - 1].end() };
                 let probed = probe(engine, at, folios[k].end(), wp);
-                if let Err(errno) = probed
-                    && patience.wait_events(&mut claims, errno)
-                {
-                    continue;
+                if let Err(errno) = probed {
+                    if patience.wait_events(&mut claims, errno) {
+                        continue;
+                    }
+                    if errno == Errno::AGAIN {
+                        // Refused for as long as the patience lasts: tried again on a
+                        // later pass, as a busy page is.
+                        failed.push((items.start + k, KEPT_CHANGING, Errno::BUSY));
+                        at = folios[k].end();
+                        continue;
+                    }
                 }
                 let result = match probed {
                     // SAFETY: `[at, stretch_end)` is claimed by this call, write-protected
