@@ -360,6 +360,7 @@ impl Engine {
                 procmem: procmem.as_ref(),
                 held: Vec::new(),
                 helper: copier.is_some().then_some(copy_helper),
+                probe_wait: mover::Patience::for_events(),
             };
             // A panic of pagemig's own stops the call like one in caller code: the batch's
             // guard has undone what it held; the folios not reached fail.

@@ -51,9 +51,6 @@ use parking_lot::{Mutex, MutexGuard};
 /// How long one poll waits, in milliseconds: the reader's delay in noticing it should stop.
 const POLL_MS: i32 = 50;
 
-/// How long a call's end waits for the events to be its to read ([`Reader::after_events`]).
-const END_READ_WAIT: Duration = Duration::from_millis(100);
-
 /// How often the reader tries to take the registration off what calls that ended left
 /// registered ([`super::mover::retry_strays`]); after each round the kernel refused part
 /// of, twice as long, up to [`STRAYS_MAX`].
@@ -223,16 +220,15 @@ impl Reader {
     /// still is.) `wait`: runs first, with the events held unread
     /// (`FaultInjection::end_handshake`).
     ///
-    /// The reading lock is waited for up to [`END_READ_WAIT`]: the reader thread holds it
-    /// while it puts old pages home without the claims lock, which the kernel may refuse for
-    /// as long as the program's threads purge registered memory. Past that, `f` runs with
-    /// the claims lock alone, the events left to the reader.
+    /// The reading lock is waited for however long the reader thread holds it: it does
+    /// while it puts old pages home without the claims lock, into memory the program moved,
+    /// which a call that began since may have registered among its runs; that call's end
+    /// taking the registration off meanwhile would make those pages fail to go home, and
+    /// the program would read zeros there. (The kernel refuses them for as long as the
+    /// program's threads purge registered memory: the end waits as long.)
     pub fn after_events<R>(&self, wait: impl FnOnce(), f: impl FnOnce(&mut MutexGuard<'_, Claims>) -> R) -> R {
         let shared = &*self.shared;
-        let Some(mut pending) = shared.reading.try_lock_for(END_READ_WAIT) else {
-            wait();
-            return f(&mut shared.busy.lock());
-        };
+        let mut pending = shared.reading.lock();
         wait();
         // What the reader thread left to do (old pages in holdings on their way home) is
         // carried on with these events, as the reader thread would.

@@ -504,9 +504,6 @@ pub(super) struct Patience {
     /// For `EAGAIN` where the pages waiting are the program's only copy of its data (old
     /// pages going back): no deadline ([`Patience::restoring`]).
     again_restoring: Option<Backoff>,
-    /// For the isolation's probe refused while events of the program's wait
-    /// ([`Patience::wait_events`]).
-    events: Backoff,
     /// After no page could be had (`ENOMEM`) for old pages going back: pauses that grow to
     /// 10 ms, for ever.
     memory: Backoff,
@@ -524,7 +521,6 @@ impl Patience {
             again: Backoff::new(Duration::from_micros(100), Duration::from_micros(100)).within(Self::LIMIT),
             busy: Backoff::new(Duration::from_micros(200), Duration::from_micros(200)).within(Self::BUSY_LIMIT),
             again_restoring: None,
-            events: Backoff::new(Duration::from_micros(100), Duration::from_micros(100)).within(Self::LIMIT),
             memory: Backoff::new(Duration::from_micros(100), Duration::from_millis(10)),
         }
     }
@@ -551,19 +547,21 @@ impl Patience {
         true
     }
 
+    /// The patience of a call's isolation probes ([`Patience::wait_events`]): [`Patience::LIMIT`]
+    /// for the whole call, counted again from each move of pages.
+    pub fn for_events() -> Backoff {
+        Backoff::new(Duration::from_micros(100), Duration::from_micros(100)).within(Self::LIMIT)
+    }
+
     /// After the isolation's probe was refused (`EAGAIN`: an event of the program's waits
     /// to be read, see `isolate::probe`): whether to try again, having let the lock go so
     /// that the reader reads it. Whatever the pages look like (one swapped out moves all the
-    /// same), for [`Patience::LIMIT`] without progress ([`Patience::progressed`]): a program
-    /// whose threads purge registered memory without a pause refuses the probe again and
-    /// again, and each move between two refusals counts.
-    pub fn wait_events(&mut self, claims: &mut MutexGuard<'_, Claims>, errno: Errno) -> bool {
-        errno == Errno::AGAIN && Self::pause(&mut self.events, claims)
-    }
-
-    /// Some pages moved: [`Patience::wait_events`] counts its time from here.
-    pub fn progressed(&mut self) {
-        self.events.reset();
+    /// same), while `events` ([`Patience::for_events`]) lasts: a program whose threads purge
+    /// registered memory without a pause refuses the probe again and again; each move
+    /// between two refusals counts it again, and once it has run out, every refusal fails
+    /// its folio at once, pass after pass.
+    pub fn wait_events(events: &mut Backoff, claims: &mut MutexGuard<'_, Claims>, errno: Errno) -> bool {
+        errno == Errno::AGAIN && Self::pause(events, claims)
     }
 
     /// After an `EBUSY` that may pass: whether to try again, having let the lock go.

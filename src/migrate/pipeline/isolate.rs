@@ -138,7 +138,7 @@ impl<'a> Call<'a> {
                 let stretch_end = if at < one_by_one { folios[k].end() } else { folios[j - 1].end() };
                 let probed = probe(engine, at, folios[k].end(), wp);
                 if let Err(errno) = probed {
-                    if patience.wait_events(&mut claims, errno) {
+                    if Patience::wait_events(&mut self.probe_wait, &mut claims, errno) {
                         continue;
                     }
                     if errno == Errno::AGAIN {
@@ -164,7 +164,7 @@ impl<'a> Call<'a> {
                 };
                 let bad = at + moved;
                 if moved > 0 {
-                    patience.progressed();
+                    self.probe_wait.reset();
                 }
                 let Some(errno) = errno else {
                     claims.add_isolated(at, stretch_end, grave(at), empty.split(count(at, stretch_end)));

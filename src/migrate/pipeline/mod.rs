@@ -229,6 +229,9 @@ pub(super) struct Call<'a> {
     pub held: Vec<Held>,
     /// The thread that copies beside this one, where the plan has one and it started.
     pub helper: Option<&'a super::helper::CopyHelper>,
+    /// How long the isolation's probes still wait on the program's changes
+    /// (`mover::Patience::for_events`).
+    pub probe_wait: crate::backoff::Backoff,
 }
 
 /// A folio held elsewhere for now, and what its last try failed with.
