@@ -84,6 +84,19 @@ impl Shared {
         Home { uffd: &self.uffd, graves: &self.graves, busy: &self.busy, stop: &self.stop }
     }
 
+    /// Reads and handles the events waiting, on a call's thread ([`Handler::Copier`]), with
+    /// `pending`, the reading lock's, carried on with them: what a copying thread left in
+    /// holdings goes home as the reader thread would take it.
+    fn handle_waiting(&self, pending: &mut Option<Moved>) {
+        let claims = self.busy.lock();
+        if let Ok(events) = self.uffd.read_messages()
+            && !events.is_empty()
+        {
+            let moved = pending.take().unwrap_or_default();
+            *pending = handle_all(&self.home(), claims, events, moved, Handler::Copier);
+        }
+    }
+
     /// Gives up what a copying thread left the reader thread, which ends (its userfaultfd
     /// lost): the old pages stay in their holdings, freed with them, and stop counting as
     /// empty for the fork barrier.
@@ -199,12 +212,7 @@ impl Reader {
             // The reader thread carries on with what is left first.
             return false;
         }
-        let claims = shared.busy.lock();
-        if let Ok(events) = shared.uffd.read_messages()
-            && !events.is_empty()
-        {
-            *pending = handle_all(&shared.home(), claims, events, Moved::default(), Handler::Copier);
-        }
+        shared.handle_waiting(&mut pending);
         true
     }
 
@@ -233,13 +241,7 @@ impl Reader {
         // What the reader thread left to do (old pages in holdings on their way home) is
         // carried on with these events, as the reader thread would.
         if shared.uffd.has_messages() {
-            let claims = shared.busy.lock();
-            if let Ok(events) = shared.uffd.read_messages()
-                && !events.is_empty()
-            {
-                let moved = pending.take().unwrap_or_default();
-                *pending = handle_all(&shared.home(), claims, events, moved, Handler::Copier);
-            }
+            shared.handle_waiting(&mut pending);
         }
         let mut claims = shared.busy.lock();
         let done = f(&mut claims);

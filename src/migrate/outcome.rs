@@ -65,6 +65,9 @@ pub(super) enum Phase {
     CopyIn,
 }
 
+/// What a folio fails with whose move the program's changes kept refusing.
+pub(super) const KEPT_CHANGING: &str = "migrate (the memory kept changing meanwhile)";
+
 /// The folio's failure for `errno` in `phase`: what failed, and the status `move_pages(2)`
 /// gives such a page.
 pub(super) fn classify(phase: Phase, errno: Errno) -> (&'static str, Errno) {
@@ -91,7 +94,7 @@ pub(super) fn classify(phase: Phase, errno: Errno) -> (&'static str, Errno) {
         (Phase::MoveIn | Phase::CopyIn, Errno::NOMEM) => ("allocating a page on the target node", Errno::NOMEM),
         // Events of the program's kept coming (each holds every move and copy while it is
         // read) past the patience: the page was busy.
-        (Phase::MoveIn | Phase::CopyIn, Errno::AGAIN) => ("migrate (the memory kept changing meanwhile)", Errno::BUSY),
+        (Phase::MoveIn | Phase::CopyIn, Errno::AGAIN) => (KEPT_CHANGING, Errno::BUSY),
         (Phase::MoveIn, e) => ("userfaultfd move of the new pages", e),
         (Phase::CopyIn, e) => ("userfaultfd copy of the pages into their source", e),
     }

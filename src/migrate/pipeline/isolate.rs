@@ -16,11 +16,8 @@ use crate::folio::Folio;
 use crate::migrate::Engine;
 use crate::migrate::busy::{Claims, subtract};
 use crate::migrate::mover::{self, GONE, Patience, overlaps, unprotect};
-use crate::migrate::outcome::{Phase, classify};
+use crate::migrate::outcome::{KEPT_CHANGING, Phase, classify};
 use crate::sys::{self, Advice, Errno};
-
-/// What a folio whose isolation the program's changes kept refusing fails with.
-const KEPT_CHANGING: &str = "migrate (the memory kept changing meanwhile)";
 
 /// How many times one isolation empties a graveyard part that a stranger's read filled
 /// before it gives up on the folio for this pass (`EBUSY`: a later pass tries again).
@@ -69,13 +66,12 @@ impl<'a> Call<'a> {
     /// cannot be protected as a whole (the program changed part of it), folio by folio.
     pub(super) fn unmap_stretch(&mut self, st: &mut BatchState, items: Range<usize>) {
         let (start, end) = (st.slots[items.start].item.folio.addr(), st.slots[items.end - 1].item.folio.end());
-        let wp = true;
         if self.protect(start, end).is_ok() {
             if let Some(handshake) = &self.opts.faults().isolate_handshake {
                 handshake.meet();
             }
             mark_mapped(st, items.clone());
-            self.isolate(st, items, wp);
+            self.isolate(st, items);
             return;
         }
         for i in items {
@@ -83,7 +79,7 @@ impl<'a> Call<'a> {
             match self.protect(f.addr(), f.end()) {
                 Ok(()) => {
                     mark_mapped(st, i..i + 1);
-                    self.isolate(st, i..i + 1, wp);
+                    self.isolate(st, i..i + 1);
                 }
                 Err(err) => st.slots[i].refused = Some(err),
             }
@@ -96,7 +92,7 @@ impl<'a> Call<'a> {
     /// since a pinned page does not move. A folio whose pages will not move (pinned, shared
     /// with a child, not present, or a mapping the program changed meanwhile) is put back
     /// as it was, unprotected, and fails with the reason.
-    fn isolate(&mut self, st: &mut BatchState, items: Range<usize>, wp: bool) {
+    fn isolate(&mut self, st: &mut BatchState, items: Range<usize>) {
         let engine = self.engine;
         let (start, end) = (st.slots[items.start].item.folio.addr(), st.slots[items.end - 1].item.folio.end());
         // Counted empty before the lock: a fork waiting for empty pages to fill needs it.
@@ -136,7 +132,7 @@ impl<'a> Call<'a> {
                 // One folio at a time after a refusal that may come from a mapping split
                 // across the stretch (a move stays within one mapping).
                 let stretch_end = if at < one_by_one { folios[k].end() } else { folios[j - 1].end() };
-                let probed = probe(engine, at, folios[k].end(), wp);
+                let probed = probe(engine, at, folios[k].end());
                 if let Err(errno) = probed {
                     if Patience::wait_events(&mut self.probe_wait, &mut claims, errno) {
                         continue;
@@ -266,10 +262,9 @@ impl<'a> Call<'a> {
 /// pages are already: nothing changes, no TLB flush), which the kernel refuses with
 /// `EAGAIN` while any event of the program's waits unread, and with `ENOENT` where the
 /// memory is not registered. Made under the claims lock right before the move: only the
-/// moment between the two system calls is left. `wp`: whether the stretch was protected
-/// (else the probe takes off a protection that is not there: nothing changes either).
-fn probe(engine: &Engine, start: usize, end: usize, wp: bool) -> Result<(), Errno> {
-    engine.uffd.writeprotect_once(start, end - start, wp)
+/// moment between the two system calls is left.
+fn probe(engine: &Engine, start: usize, end: usize) -> Result<(), Errno> {
+    engine.uffd.writeprotect_once(start, end - start, true)
 }
 
 /// Lets the event reader answer faults on the isolated base pages of `[start, end)`, to be
