@@ -15,7 +15,7 @@ use super::{
 use crate::error::{Error, Result};
 use crate::folio::Folio;
 use crate::pool::{Key, Pool, ThpAdvice};
-use crate::sys::{Errno, uffd::Uffd};
+use crate::sys::{Errno, uffd::Uffd, vault::Vault};
 
 /// The migration engine: a userfaultfd, the destination pool and the set of folios in
 /// flight. One per process is enough ([`Engine::global`]); several may coexist as long as
@@ -46,6 +46,11 @@ impl Engine {
         super::fork::install();
         let uffd = Arc::new(Uffd::open().map_err(Error::sys("userfaultfd"))?);
         let graves = Arc::new(Uffd::open_for_moves().map_err(Error::sys("userfaultfd (graveyards)"))?);
+        // Kept open whatever the program does to its descriptors, mid-call too (see `vault`).
+        if let Some(vault) = Vault::new(&[uffd.raw_fd(), graves.raw_fd()]) {
+            uffd.entrust(&vault, uffd.raw_fd());
+            graves.entrust(&vault, graves.raw_fd());
+        }
         let busy = Arc::new(Busy::default());
         let events = events::Reader::spawn(uffd.clone(), graves.clone(), busy.clone())
             .map_err(Error::sys("event reader thread"))?;
@@ -103,10 +108,12 @@ impl Engine {
     }
 
     /// Whether this engine's descriptors are gone: the program closed one of its
-    /// userfaultfds or put a file of its own at its number (`close_range`, `dup2`). Both are
-    /// given up then (each descriptor is proved by its inode before every use): the
-    /// engine's threads end, its calls fail with `EBADF` before touching anything
-    /// (`move_pages` and `move_range` hand their pages to the kernel), and
+    /// userfaultfds or put a file of its own at its number (`close_range`, `dup2`), and it
+    /// could not be taken back from the engine's vault (`sys::vault`: where the kernel has
+    /// `pidfd_getfd` of a thread, Linux 6.9, it is, at a new number, calls in progress
+    /// included). Both are given up then (each descriptor is proved by its inode before
+    /// every use): the engine's threads end, its calls fail with `EBADF` before touching
+    /// anything (`move_pages` and `move_range` hand their pages to the kernel), and
     /// [`Engine::global`] opens a new engine in its place.
     pub fn descriptors_lost(&self) -> bool {
         let graves = self.reaper.uffd();

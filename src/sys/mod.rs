@@ -25,6 +25,7 @@ mod procmem;
 mod task;
 pub mod thread;
 pub mod uffd;
+pub mod vault;
 
 pub use mapping::Mapping;
 pub use mempolicy::*;

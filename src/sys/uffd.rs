@@ -30,9 +30,14 @@
 //! compares the number with a second, private descriptor of the same open file kept at a
 //! high number (`F_DUPFD_CLOEXEC`), which the program's next `open` does not take. An ioctl
 //! checks the inode alone: `kcmp` costs about 1.5 µs here, five times an `fstat`. Once the proof
-//! fails the descriptor is *lost* for good: every call answers `EBADF` without touching the number,
-//! and the descriptors still proven to be this file are closed, so that the kernel releases the
-//! userfaultfd (unregistering its ranges and waking their threads) rather than keep it half in use.
+//! fails, a descriptor entrusted to a [`Vault`] (a thread with a table of its own that keeps
+//! the file open, [`Uffd::entrust`]) is taken back from it at a new number, and the number
+//! the program took stays the program's: a migration under way goes on, its registrations and
+//! protections as they were (released, they lost the data of the pages being moved). Without
+//! a vault, or where taking it back fails, the descriptor is *lost* for good: every call
+//! answers `EBADF` without touching the number, and the descriptors still proven to be this
+//! file (the vault's copy too) are closed, so that the kernel releases the userfaultfd
+//! (unregistering its ranges and waking their threads) rather than keep it half in use.
 //!
 //! What is left is the moment between the proof and the call: a program that closes the number and
 //! opens another file there in that instant, from another thread, is not seen.
@@ -40,7 +45,8 @@
 
 use std::fs::OpenOptions;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use linux_raw_sys::general::{
     UFFD_EVENT_PAGEFAULT, UFFD_EVENT_REMAP, UFFD_EVENT_REMOVE, UFFD_EVENT_UNMAP, UFFD_FEATURE_EVENT_REMAP,
@@ -53,6 +59,7 @@ use linux_raw_sys::ioctl::{
     UFFDIO_API, UFFDIO_CONTINUE, UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_WRITEPROTECT,
 };
 
+use super::vault::Vault;
 use super::{Errno, last_errno};
 
 /// `UFFD_API` from `<linux/userfaultfd.h>`.
@@ -143,16 +150,22 @@ pub enum Event {
 /// An open userfaultfd descriptor set up for write-protect tracking.
 ///
 /// # Invariants
-/// `UFFDIO_API` succeeded on `fd` with at least `UFFD_FEATURE_PAGEFAULT_FLAG_WP`. While
-/// `lost` is false, `fd` and `keep` were opened here and are closed only by `Drop` or
-/// [`Uffd::abandon`]; once it is true, neither number is used again.
+/// `UFFDIO_API` succeeded on the file `fd` names with at least
+/// `UFFD_FEATURE_PAGEFAULT_FLAG_WP`. While `lost` is false, `fd` and `keep` were opened
+/// here (or fetched back from the vault, [`Uffd::entrust`]) and are closed only by `Drop`
+/// or [`Uffd::abandon`]; once it is true, neither number is used again.
 #[derive(Debug)]
 pub struct Uffd {
-    fd: RawFd,
+    /// The number in the process's table (another one once taken back from the vault).
+    fd: AtomicI32,
     identity: Identity,
     lost: AtomicBool,
     user_mode_only: bool,
     wp_unpopulated: bool,
+    /// The vault that keeps the file open, and its number there ([`Uffd::entrust`]).
+    vault: OnceLock<(Arc<Vault>, RawFd)>,
+    /// Held while a lost number is replaced by one from the vault.
+    recovering: parking_lot::Mutex<()>,
 }
 
 /// What proves that a descriptor number still names the userfaultfd opened here.
@@ -160,8 +173,8 @@ pub struct Uffd {
 struct Identity {
     /// `st_dev` and `st_ino` of the file.
     inode: (u64, u64),
-    /// A private duplicate of the same open file at a high number, if one could be made.
-    keep: Option<RawFd>,
+    /// A private duplicate of the same open file at a high number (-1: none could be made).
+    keep: AtomicI32,
     /// Whether `kcmp(KCMP_FILE)` answers in this process (the kernel may lack it, or a
     /// seccomp filter refuse it): without it the duplicate is checked by its inode too.
     kcmp: bool,
@@ -179,7 +192,7 @@ impl Identity {
         let inode = inode(fd)?;
         let keep = keep_high(fd);
         let kcmp = keep.is_some_and(|k| same_file(fd, k) == Ok(true));
-        Ok(Self { inode, keep, kcmp })
+        Ok(Self { inode, keep: AtomicI32::new(keep.unwrap_or(-1)), kcmp })
     }
 
     /// Whether `fd` still names the file recorded: its inode, and (`kcmp`) the very open
@@ -192,10 +205,10 @@ impl Identity {
         if quick {
             return true;
         }
-        match self.keep {
-            Some(keep) if self.kcmp => same_file(fd, keep) == Ok(true),
-            Some(keep) => inode(keep) == Ok(self.inode),
-            None => true,
+        match self.keep.load(Ordering::Acquire) {
+            -1 => true,
+            keep if self.kcmp => same_file(fd, keep) == Ok(true),
+            keep => inode(keep) == Ok(self.inode),
         }
     }
 }
@@ -300,7 +313,28 @@ impl Uffd {
         let identity = Identity::of(fd.as_raw_fd())?;
         // INVARIANT: UFFDIO_API succeeded with the features asked for; the descriptor and
         // its duplicate were opened just now.
-        Ok(Self { fd: fd.into_raw_fd(), identity, lost: AtomicBool::new(false), user_mode_only, wp_unpopulated })
+        Ok(Self {
+            fd: AtomicI32::new(fd.into_raw_fd()),
+            identity,
+            lost: AtomicBool::new(false),
+            user_mode_only,
+            wp_unpopulated,
+            vault: OnceLock::new(),
+            recovering: parking_lot::Mutex::new(()),
+        })
+    }
+
+    /// The number the descriptor has now, for a [`Vault`] to keep (its number in the
+    /// vault's table is this one).
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.load(Ordering::Acquire)
+    }
+
+    /// From now on, a number of the descriptor the program closes or takes is replaced by
+    /// one fetched from `vault`, which holds the file at `raw_fd`'s number, instead of the
+    /// descriptor being given up; giving it up releases the vault's copy too.
+    pub fn entrust(&self, vault: &Arc<Vault>, raw_fd: RawFd) {
+        let _ = self.vault.set((vault.clone(), raw_fd));
     }
 
     /// Whether the descriptor is still the userfaultfd opened here (see the module docs).
@@ -312,20 +346,53 @@ impl Uffd {
         self.check_with(false)
     }
 
-    /// [`Uffd::check`] by the inode alone: before each ioctl, where it costs one `fstat`.
-    fn check_quick(&self) -> Result<(), Errno> {
-        self.check_with(true)
+    fn check_with(&self, quick: bool) -> Result<(), Errno> {
+        self.proven(quick).map(drop)
     }
 
-    fn check_with(&self, quick: bool) -> Result<(), Errno> {
+    /// The number to use, proven (see [`Uffd::check`]); where the program took or closed
+    /// the one in hand, a new one from the vault, or `EBADF` (given up) where there is none.
+    fn proven(&self, quick: bool) -> Result<RawFd, Errno> {
         if self.lost.load(Ordering::Acquire) {
             return Err(Errno::BADF);
         }
-        if self.identity.proves(self.fd, quick) {
-            return Ok(());
+        let fd = self.fd.load(Ordering::Acquire);
+        if self.identity.proves(fd, quick) {
+            return Ok(fd);
         }
-        self.abandon();
-        Err(Errno::BADF)
+        self.recover().ok_or_else(|| {
+            self.abandon();
+            Errno::BADF
+        })
+    }
+
+    /// Replaces the number the program took or closed by one fetched from the vault (and
+    /// the kept duplicate where it went too). The numbers the program took are its own and
+    /// left alone.
+    fn recover(&self) -> Option<RawFd> {
+        let (vault, at) = self.vault.get()?;
+        let _one = self.recovering.lock();
+        if self.lost.load(Ordering::Acquire) {
+            return None;
+        }
+        // Another thread may have done it meanwhile.
+        let fd = self.fd.load(Ordering::Acquire);
+        if self.identity.proves(fd, false) {
+            return Some(fd);
+        }
+        let fetched = vault.fetch(*at).ok()?;
+        if inode(fetched) != Ok(self.identity.inode) {
+            // SAFETY: the descriptor was made just now, ours alone.
+            unsafe { libc::close(fetched) };
+            return None;
+        }
+        let keep = self.identity.keep.load(Ordering::Acquire);
+        let kept = keep >= 0 && same_file(fetched, keep).unwrap_or_else(|_| inode(keep) == Ok(self.identity.inode));
+        if !kept {
+            self.identity.keep.store(keep_high(fetched).unwrap_or(-1), Ordering::Release);
+        }
+        self.fd.store(fetched, Ordering::Release);
+        Some(fetched)
     }
 
     /// Whether the descriptor was given up ([`Uffd::check`] failed, or
@@ -342,12 +409,16 @@ impl Uffd {
         if self.lost.swap(true, Ordering::AcqRel) {
             return;
         }
-        for fd in std::iter::once(self.fd).chain(self.identity.keep) {
-            if inode(fd) == Ok(self.identity.inode) {
+        let _one = self.recovering.lock();
+        for fd in [self.fd.load(Ordering::Acquire), self.identity.keep.load(Ordering::Acquire)] {
+            if fd >= 0 && inode(fd) == Ok(self.identity.inode) {
                 // SAFETY: the number names this userfaultfd's file (its inode), and `lost`
                 // keeps every other use of it away from now on.
                 unsafe { libc::close(fd) };
             }
+        }
+        if let Some((vault, at)) = self.vault.get() {
+            vault.release(*at);
         }
     }
 
@@ -443,12 +514,13 @@ impl Uffd {
             let mut buf = [0u8; N * 32];
             debug_assert_eq!(size, 32);
             // Proven before each read: a read from another file takes the program's bytes.
-            if let Err(e) = self.check() {
-                return if events.is_empty() { Err(e) } else { Ok(events) };
-            }
+            let fd = match self.proven(false) {
+                Ok(fd) => fd,
+                Err(e) => return if events.is_empty() { Err(e) } else { Ok(events) },
+            };
             // SAFETY: reads into a buffer of ours of the length given, from the userfaultfd
             // just proven to be ours.
-            let n = unsafe { libc::read(self.fd, buf.as_mut_ptr().cast(), buf.len()) };
+            let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
             if n < 0 {
                 let e = last_errno();
                 return if e == Errno::AGAIN || !events.is_empty() { Ok(events) } else { Err(e) };
@@ -492,20 +564,20 @@ impl Uffd {
     /// that shows during the wait (`POLLNVAL`, `POLLERR`, `POLLHUP`): a caller stops then
     /// rather than poll again at once.
     pub fn poll(&self, timeout_ms: i32) -> Result<bool, Errno> {
-        self.check()?;
-        let revents = self.poll_events(timeout_ms);
+        let fd = self.proven(false)?;
+        let revents = self.poll_events(fd, timeout_ms);
         if revents & (libc::POLLNVAL | libc::POLLERR | libc::POLLHUP) != 0 {
-            // A userfaultfd reports none of these: the number names something else now.
-            self.check()?;
-            self.abandon();
-            return Err(Errno::BADF);
+            // A userfaultfd reports none of these: the number named something else as it
+            // was polled. Taken back from the vault where it can be (perhaps at the same
+            // number), and polled again next time; else given up.
+            return self.proven(false).map(|_| false);
         }
         Ok(revents & libc::POLLIN != 0)
     }
 
-    /// One `poll` of the descriptor for `POLLIN`: what it reports (none after `timeout_ms`).
-    fn poll_events(&self, timeout_ms: i32) -> libc::c_short {
-        let mut pfd = libc::pollfd { fd: self.fd, events: libc::POLLIN, revents: 0 };
+    /// One `poll` of `fd` for `POLLIN`: what it reports (none after `timeout_ms`).
+    fn poll_events(&self, fd: RawFd, timeout_ms: i32) -> libc::c_short {
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
         // SAFETY: one pollfd of ours, live for the call; `poll` reads nothing from the file.
         let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
         if n > 0 { pfd.revents } else { 0 }
@@ -535,7 +607,7 @@ impl Uffd {
     /// file it names), for a thread that asks often; [`Uffd::read_messages`] proves it
     /// before it reads. False once the descriptor was given up.
     pub fn has_messages(&self) -> bool {
-        !self.is_lost() && self.poll_events(0) & libc::POLLIN != 0
+        !self.is_lost() && self.poll_events(self.fd.load(Ordering::Acquire), 0) & libc::POLLIN != 0
     }
 
     fn register(&self, start: usize, len: usize, mode: u64) -> Result<(), Errno> {
@@ -631,13 +703,13 @@ impl Uffd {
 
     fn ioctl<T>(&self, request: Request<T>, arg: &mut T) -> Result<(), Errno> {
         // An ioctl of userfaultfd's numbers on the program's file could mean anything there.
-        self.check_quick()?;
+        let fd = self.proven(true)?;
         // SAFETY: `arg` is the structure `request` takes (a `Request` exists only for the
         // pairs above), live for the call; the descriptor was just proven to be this
         // userfaultfd. What a move or copy does to memory is its caller's promise (those
         // are unsafe fns); the other ioctls change registration and protection and wake
         // threads, never memory contents.
-        let ret = unsafe { libc::ioctl(self.fd, request.number as libc::c_ulong, arg as *mut T) };
+        let ret = unsafe { libc::ioctl(fd, request.number as libc::c_ulong, arg as *mut T) };
         if ret < 0 { Err(last_errno()) } else { Ok(()) }
     }
 }
@@ -833,7 +905,7 @@ mod tests {
         let a = Uffd::open().expect("userfaultfd");
         let b = Uffd::open_for_moves().expect("userfaultfd");
         assert_ne!(a.identity.inode, b.identity.inode);
-        assert_eq!(inode(a.fd), Ok(a.identity.inode));
+        assert_eq!(inode(a.raw_fd()), Ok(a.identity.inode));
         assert!(a.check().is_ok() && b.check().is_ok());
     }
 
@@ -846,7 +918,8 @@ mod tests {
         // SAFETY: fills the array of ours.
         assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) }, 0);
         // SAFETY: the number is this test's own userfaultfd, replaced by its own pipe.
-        assert_eq!(unsafe { libc::dup2(p[0], uffd.fd) }, uffd.fd);
+        let at = uffd.raw_fd();
+        assert_eq!(unsafe { libc::dup2(p[0], at) }, at);
         let bytes = [7u8; 96];
         // SAFETY: writes from a buffer of ours.
         assert_eq!(unsafe { libc::write(p[1], bytes.as_ptr().cast(), bytes.len()) }, 96);
@@ -859,16 +932,17 @@ mod tests {
         // The kept duplicate is closed (it was ours); the pipe at the number is not. (Its
         // number no longer names this userfaultfd; another test of this process may have
         // opened a file that took the number since.)
-        assert!(uffd.identity.keep.is_some());
-        assert_ne!(uffd.identity.keep.map(inode), Some(Ok(uffd.identity.inode)));
+        let keep = uffd.identity.keep.load(Ordering::Acquire);
+        assert!(keep >= 0);
+        assert_ne!(inode(keep), Ok(uffd.identity.inode));
         let mut back = [0u8; 128];
         // SAFETY: reads into a buffer of ours, from the number the pipe now has.
-        assert_eq!(unsafe { libc::read(uffd.fd, back.as_mut_ptr().cast(), back.len()) }, 96);
+        assert_eq!(unsafe { libc::read(at, back.as_mut_ptr().cast(), back.len()) }, 96);
         // SAFETY: the pipe's descriptors are ours.
         unsafe {
             libc::close(p[0]);
             libc::close(p[1]);
-            libc::close(uffd.fd);
+            libc::close(at);
         }
     }
 
