@@ -37,6 +37,11 @@ use crate::sys::{self, Advice, HPAGE_SIZE};
 
 /// Virtual size of a chunk; only the populated part costs memory.
 const CHUNK_BYTES: usize = 1 << 30;
+/// A chunk is reserved inaccessible and made read-write in steps of this many bytes as its
+/// destinations are handed out or populated ahead ([`Chunk::open_to`]): a program's
+/// `mlockall` populates every accessible mapping, and a gibibyte of pagemig's waiting to be
+/// handed out had it killed for want of memory.
+const OPEN_STEP: usize = 8 << 20;
 
 /// The huge-page advice a destination carries: huge pages for huge folios, base pages for
 /// the others ([`crate::Engine::reserve`]).
@@ -127,6 +132,8 @@ struct Chunk {
     cursor: usize,
     /// Everything from `cursor` up to here is populated.
     prepared_end: usize,
+    /// Everything below is read-write; the rest of the reservation is inaccessible.
+    open_end: usize,
     /// Padding skipped to keep alignment, still mapped and ours to unmap.
     holes: Vec<(usize, usize)>,
     /// The range past `prepared_end` a call's helper populates now, without the chunks
@@ -138,10 +145,17 @@ struct Chunk {
 impl Chunk {
     fn new(key: Key, min_len: usize, uffd: Option<&Uffd>) -> Result<Self> {
         let len = min_len.max(CHUNK_BYTES).next_multiple_of(HPAGE_SIZE);
-        let base = sys::mmap_anon_aligned(len, HPAGE_SIZE).map_err(Error::sys("mmap (destination pool)"))?;
+        let base = sys::mmap_reserve_aligned(len, HPAGE_SIZE).map_err(Error::sys("mmap (destination pool)"))?;
         // pagemig's own memory, never the program's: an agent migrating the program leaves it.
         crate::sys::own::claim(base, len);
-        let mut chunk = Chunk { end: base + len, cursor: base, prepared_end: base, holes: Vec::new(), populating: None };
+        let mut chunk = Chunk {
+            end: base + len,
+            cursor: base,
+            prepared_end: base,
+            open_end: base,
+            holes: Vec::new(),
+            populating: None,
+        };
         let setup = sys::mbind(base, len, key.node, false)
             .map_err(Error::sys("mbind (destination pool)"))
             .and_then(|()| {
@@ -167,6 +181,18 @@ impl Chunk {
             return Err(e);
         }
         Ok(chunk)
+    }
+
+    /// Makes the reservation read-write up to `to` at least, whole [`OPEN_STEP`]s at a time
+    /// (one `munlock` and one `mprotect` each time).
+    fn open_to(&mut self, to: usize) -> std::result::Result<(), sys::Errno> {
+        if to <= self.open_end {
+            return Ok(());
+        }
+        let open = (self.open_end + (to - self.open_end).next_multiple_of(OPEN_STEP)).min(self.end);
+        sys::open_reserved(self.open_end, open - self.open_end)?;
+        self.open_end = open;
+        Ok(())
     }
 
     /// Where a destination of `len` bytes congruent to `phase` modulo `align` would start.
@@ -460,6 +486,9 @@ impl Pool {
             return 0;
         };
         let chunk = chunks.get_mut(&key).expect("looked up above, under the same lock");
+        if chunk.open_to(to).is_err() {
+            return 0;
+        }
         let id = chunk.end;
         chunk.populating = Some((from, to));
         // Touched, not `MADV_POPULATE_WRITE`: each fault takes only the chunk's mapping's
@@ -679,6 +708,12 @@ impl Inner {
             chunk.holes.push((chunk.cursor, addr - chunk.cursor));
         }
         let end = addr + len;
+        if let Err(errno) = chunk.open_to(end) {
+            chunk.holes.push((addr, len));
+            chunk.cursor = end;
+            chunk.prepared_end = chunk.prepared_end.max(end);
+            return Err(Error::sys("mprotect of a destination")(errno));
+        }
         let started = Instant::now();
         let from = if key.empty { end } else { chunk.prepared_end.max(addr) };
         if let Some(populate) = populate.filter(|_| from < end) {
@@ -721,6 +756,7 @@ impl Inner {
         }
         let from = chunk.prepared_end.max(chunk.cursor);
         let to = (from + RESERVE_STEP).min(target);
+        chunk.open_to(to).map_err(Error::sys("mprotect of the destination pool"))?;
         sys::madvise(from, to - from, Advice::PopulateWrite)
             .map_err(Error::sys("madvise(MADV_POPULATE_WRITE) of the destination pool"))?;
         chunk.prepared_end = to;

@@ -32,6 +32,9 @@ pub struct Engine {
     /// Read by its own thread (stopped when the engine drops), and by a call's copying
     /// threads between chunks ([`events::Reader::serve_now`]).
     pub(super) events: events::Reader,
+    /// Keeps the two userfaultfds open whatever the program does to its descriptors (see
+    /// `sys::vault`); `None` where the kernel does not let it.
+    vault: Option<Arc<Vault>>,
     /// Answers stray faults in the engine's own empty destinations and graveyards.
     #[expect(dead_code, reason = "held for its Drop, which stops the handler thread")]
     pub(super) zerofill: zerofill::ZeroFill,
@@ -47,9 +50,10 @@ impl Engine {
         let uffd = Arc::new(Uffd::open().map_err(Error::sys("userfaultfd"))?);
         let graves = Arc::new(Uffd::open_for_moves().map_err(Error::sys("userfaultfd (graveyards)"))?);
         // Kept open whatever the program does to its descriptors, mid-call too (see `vault`).
-        if let Some(vault) = Vault::new(&[uffd.raw_fd(), graves.raw_fd()]) {
-            uffd.entrust(&vault, uffd.raw_fd());
-            graves.entrust(&vault, graves.raw_fd());
+        let vault = Vault::new(&[uffd.raw_fd(), graves.raw_fd()]);
+        if let Some(vault) = &vault {
+            uffd.entrust(vault, uffd.raw_fd());
+            graves.entrust(vault, graves.raw_fd());
         }
         let busy = Arc::new(Busy::default());
         let events = events::Reader::spawn(uffd.clone(), graves.clone(), busy.clone())
@@ -63,6 +67,7 @@ impl Engine {
             settings: SettingsCell::new(Settings::default()),
             pages_counters: Default::default(),
             events,
+            vault,
             zerofill,
         })
     }
@@ -101,10 +106,13 @@ impl Engine {
     }
 
     /// Addresses of heap objects every call of this engine touches (the engine, its
-    /// userfaultfd and claims): the mappings holding them must not be migrated by pagemig
-    /// itself, or a call could wait on its own state.
-    pub(crate) fn heap_anchors(&self) -> [usize; 3] {
-        [self as *const Self as usize, Arc::as_ptr(&self.uffd) as usize, Arc::as_ptr(&self.busy) as usize]
+    /// userfaultfd and claims, its vault): the mappings holding them must not be migrated
+    /// by pagemig itself, or a call could wait on its own state.
+    pub(crate) fn heap_anchors(&self) -> Vec<usize> {
+        let mut anchors =
+            vec![self as *const Self as usize, Arc::as_ptr(&self.uffd) as usize, Arc::as_ptr(&self.busy) as usize];
+        anchors.extend(self.vault.iter().flat_map(|v| v.anchors()));
+        anchors
     }
 
     /// Whether this engine's descriptors are gone: the program closed one of its

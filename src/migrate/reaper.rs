@@ -293,7 +293,9 @@ fn free_kept(uffd: &Uffd, kept: &Mutex<Kept>) {
 /// The errno of mapping, registering or locking it.
 pub(super) fn reserve(uffd: &Uffd, len: usize, phase: usize, locked: bool) -> Result<Grave, Errno> {
     let total = len + sys::HPAGE_SIZE;
-    let raw = sys::mmap_anon(total)?;
+    // Reserved inaccessible, then opened: a program's `mlockall(MCL_FUTURE)` would have a
+    // read-write mapping populated whole as it is made, and a graveyard must be empty.
+    let raw = sys::reserve(total)?;
     // pagemig's own memory (the padding unmapped below is disclaimed with it).
     crate::sys::own::claim(raw, total);
     let mut g = (raw & !(sys::HPAGE_SIZE - 1)) + (phase & (sys::HPAGE_SIZE - 1));
@@ -310,10 +312,11 @@ pub(super) fn reserve(uffd: &Uffd, len: usize, phase: usize, locked: bool) -> Re
             let _ = sys::munmap(g + len, raw + total - (g + len));
         }
     }
-    // INVARIANT: a fresh private anonymous read-write mapping of ours.
+    // INVARIANT: a fresh private anonymous mapping of ours, read-write once opened.
     let grave = Grave { addr: g, len, keep: false, huge: false, epoch: 0 };
     // Not inherited by a child: its pages stay this process's own (movable back).
-    let setup = sys::madvise(g, len, sys::Advice::NoHugePage)
+    let setup = sys::open_reserved(g, len)
+        .and_then(|()| sys::madvise(g, len, sys::Advice::NoHugePage))
         .and_then(|()| sys::madvise(g, len, sys::Advice::DontFork))
         .and_then(|()| uffd.register_missing(g, len))
         .and_then(|()| if locked { sys::mlock_onfault(g, len) } else { Ok(()) });

@@ -10,6 +10,7 @@ use super::{Errno, PAGE_SIZE, check_int, last_errno};
 ///
 /// # Errors
 /// The `mmap` errno, e.g. `ENOMEM`.
+#[cfg(any(test, feature = "internals"))]
 pub fn mmap_anon(len: usize) -> Result<usize, Errno> {
     mmap_anon_prot(len, libc::PROT_READ | libc::PROT_WRITE)
 }
@@ -36,12 +37,39 @@ fn mmap_anon_prot(len: usize, prot: libc::c_int) -> Result<usize, Errno> {
 /// # Errors
 /// The `mmap`/`munmap` errno.
 pub fn mmap_anon_aligned(len: usize, align: usize) -> Result<usize, Errno> {
+    mmap_aligned(len, align, libc::PROT_READ | libc::PROT_WRITE)
+}
+
+/// [`mmap_anon_aligned`], inaccessible (`PROT_NONE`): address space reserved, which neither
+/// `mlockall` nor a locked process's next mappings populate; [`open_reserved`] makes parts
+/// of it read-write.
+///
+/// # Errors
+/// The `mmap`/`munmap` errno.
+pub fn mmap_reserve_aligned(len: usize, align: usize) -> Result<usize, Errno> {
+    mmap_aligned(len, align, libc::PROT_NONE)
+}
+
+/// Makes `[addr, addr + len)` of a reservation of ours read-write, unlocked first (a
+/// program's `mlockall` locks every mapping, and a locked mapping made writable is
+/// populated whole at once: pagemig's reservations must not be).
+///
+/// # Errors
+/// The `munlock`/`mprotect` errno.
+pub fn open_reserved(addr: usize, len: usize) -> Result<(), Errno> {
+    // SAFETY: neither call changes memory contents; the range is the caller's reservation.
+    check_int(unsafe { libc::munlock(addr as *const c_void, len) })?;
+    // SAFETY: as above.
+    check_int(unsafe { libc::mprotect(addr as *mut c_void, len, libc::PROT_READ | libc::PROT_WRITE) })
+}
+
+fn mmap_aligned(len: usize, align: usize, prot: libc::c_int) -> Result<usize, Errno> {
     debug_assert!(align.is_power_of_two());
     if align <= PAGE_SIZE {
-        return mmap_anon(len);
+        return mmap_anon_prot(len, prot);
     }
     let total = len.checked_add(align).ok_or(Errno::NOMEM)?;
-    let raw = mmap_anon(total)?;
+    let raw = mmap_anon_prot(total, prot)?;
     let start = (raw + align - 1) & !(align - 1);
     // SAFETY: both pieces lie inside the mapping made just above and nothing else uses them.
     unsafe {
@@ -70,9 +98,8 @@ pub unsafe fn munmap(addr: usize, len: usize) -> Result<(), Errno> {
     check_int(unsafe { libc::munmap(addr as *mut c_void, len) })
 }
 
-#[cfg(any(test, feature = "internals"))]
 /// Reserves `len` bytes of inaccessible address space (`PROT_NONE`), to be replaced with
-/// `MREMAP_FIXED`.
+/// `MREMAP_FIXED` or opened with [`open_reserved`].
 ///
 /// # Errors
 /// The `mmap` errno.

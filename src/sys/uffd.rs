@@ -917,8 +917,8 @@ mod tests {
         let mut p = [0; 2];
         // SAFETY: fills the array of ours.
         assert_eq!(unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) }, 0);
-        // SAFETY: the number is this test's own userfaultfd, replaced by its own pipe.
         let at = uffd.raw_fd();
+        // SAFETY: the number is this test's own userfaultfd, replaced by its own pipe.
         assert_eq!(unsafe { libc::dup2(p[0], at) }, at);
         let bytes = [7u8; 96];
         // SAFETY: writes from a buffer of ours.

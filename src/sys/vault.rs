@@ -94,7 +94,7 @@ impl Vault {
         let vault = Self { tid: tid.unwrap_or(0), shared, handle: Some(handle) };
         // The kernel lets a file be fetched back from it: else no vault (dropped, its thread
         // ends and its table goes).
-        let works = tid.is_some() && vault.fetch(highest).map(|fd| close(fd)).is_ok();
+        let works = tid.is_some() && vault.fetch(highest).map(close).is_ok();
         works.then(|| Arc::new(vault))
     }
 
@@ -116,6 +116,12 @@ impl Vault {
         let result = if got < 0 { Err(last_errno()) } else { Ok(got as RawFd) };
         close(pidfd);
         result
+    }
+
+    /// Addresses of the vault's heap objects, which a fetch and a release touch: the
+    /// mappings holding them are not pagemig's to migrate.
+    pub fn anchors(&self) -> [usize; 2] {
+        [self as *const Self as usize, Arc::as_ptr(&self.shared) as usize]
     }
 
     /// Closes the vault's copy of `fd`: once no other descriptor of its file is left, the
