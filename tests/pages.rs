@@ -143,7 +143,8 @@ fn pages_a_child_maps_too_are_told_apart() {
         region.word(7 * PAGE_SIZE / 8).store(1, std::sync::atomic::Ordering::Relaxed);
         let mut all = addrs.clone();
         all.push(untouched);
-        let shared = sys::shared_pages(&all).unwrap();
+        let shared_pages = |all: &[usize]| sys::page_marks(all).unwrap().iter().map(|m| m.shared).collect::<Vec<_>>();
+        let shared = shared_pages(&all);
         let mut status = 0;
         // SAFETY: ends the child, then reaps it.
         unsafe {
@@ -151,7 +152,7 @@ fn pages_a_child_maps_too_are_told_apart() {
             libc::waitpid(pid, &mut status, 0);
         }
         assert_eq!(shared, [true, true, true, true, true, true, true, false, false], "while the child lives");
-        assert_eq!(sys::shared_pages(&all).unwrap(), vec![false; 9], "once the child exited");
+        assert_eq!(shared_pages(&all), vec![false; 9], "once the child exited");
         // SAFETY: our own mapping, unused past here.
         unsafe { sys::munmap(untouched, PAGE_SIZE).unwrap() };
     });

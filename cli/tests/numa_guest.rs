@@ -910,6 +910,60 @@ fn move_pages_matches_the_kernel_across_nodes() {
     assert_eq!(s_ours, s_kernel, "pagemig against the kernel, back");
 }
 
+/// Marks the kernel's migration carries over to the new page: a write-protection the
+/// program put on through a userfaultfd of its own, and a soft-dirty bit it cleared
+/// (`/proc/self/clear_refs`, as a checkpointer tracking writes does) on a page not written
+/// since. pagemig leaves such pages to the kernel (a page it moves in has no protection and
+/// is soft-dirty); the marks, statuses and nodes are the kernel's for a twin layout.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn move_pages_keeps_the_programs_write_protection_and_clean_pages_clean() {
+    let _watchdog = common::Watchdog::new(
+        common::TEST_LIMIT,
+        "move_pages_keeps_the_programs_write_protection_and_clean_pages_clean",
+    );
+    let Some((a, b)) = two_nodes() else { return };
+    const PAGES: usize = 8;
+    let ours = Region::new(PAGES * PAGE_SIZE, PAGE_SIZE, Some(a)).expect("region");
+    let theirs = Region::new(PAGES * PAGE_SIZE, PAGE_SIZE, Some(a)).expect("region");
+    fill(&ours, 41);
+    fill(&theirs, 41);
+    // The program's own userfaultfd protects the first two pages of each.
+    let program = sys::uffd::Uffd::open().expect("the program's userfaultfd");
+    for r in [&ours, &theirs] {
+        program.register_missing_wp(r.addr(), 2 * PAGE_SIZE).expect("register");
+        program.writeprotect(r.addr(), 2 * PAGE_SIZE, true).expect("protect");
+    }
+    // Every soft-dirty bit of the process cleared, then page 3 of each written again.
+    std::fs::write("/proc/self/clear_refs", "4").expect("clear_refs");
+    for r in [&ours, &theirs] {
+        let w = 3 * PAGE_SIZE / 8;
+        r.word(w).store(r.word(w).load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+    let addrs = |r: &Region| (0..PAGES).map(|i| r.addr() + i * PAGE_SIZE).collect::<Vec<_>>();
+    let nodes = vec![b as i32; PAGES];
+    let engine = Engine::global().expect("the migration engine");
+    let mut s_ours = vec![i32::MIN; PAGES];
+    // SAFETY: this thread does not touch the pages during the call.
+    let left = unsafe { engine.move_pages(&addrs(&ours), Some(&nodes), &mut s_ours) }.expect("pagemig move_pages");
+    let mut s_kernel = vec![i32::MIN; PAGES];
+    sys::move_pages(&addrs(&theirs), Some(&nodes), &mut s_kernel).expect("move_pages");
+    let marks = |r: &Region| -> Vec<(bool, bool)> {
+        sys::page_marks(&addrs(r)).unwrap().iter().map(|m| (m.uffd_wp, m.soft_dirty)).collect()
+    };
+    let (m_ours, m_kernel) = (marks(&ours), marks(&theirs));
+    println!("marks (write-protected, soft-dirty): pagemig {m_ours:?}, kernel {m_kernel:?}");
+    println!("statuses: pagemig {s_ours:?}, kernel {s_kernel:?}, {left} not moved");
+    assert_eq!(s_ours, s_kernel, "statuses against the kernel");
+    assert_eq!(m_ours, m_kernel, "marks against the kernel");
+    assert!(m_kernel[0].0 && !m_kernel[2].1 && m_kernel[3].1, "the layout is as meant: {m_kernel:?}");
+    let at = numa::page_nodes(ours.addr(), ours.len()).unwrap();
+    println!("placement: marked-pages node {b} pages {}/{PAGES}", at.iter().filter(|&&n| n == b as i32).count());
+    assert_eq!(at, numa::page_nodes(theirs.addr(), theirs.len()).unwrap(), "nodes against the kernel");
+    drop(program);
+    verify(&ours, 41, "pages with marks after move_pages");
+}
+
 /// `move_pages` with pages named more than once, as programs name them: every 4 KiB page
 /// of a huge page, a page named twice in a row (a stride under a page), a huge page named
 /// again after another page, and pages named for both nodes in turn. pagemig answers

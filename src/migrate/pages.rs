@@ -447,17 +447,21 @@ impl Engine {
         let mut folios: BTreeMap<usize, (usize, i32)> = BTreeMap::new();
         let stack = sys::current_thread_stack();
         // Pages another process maps too (a fork's copy-on-write sharing): the kernel's
-        // to refuse (`EACCES`), or to move with `MPOL_MF_MOVE_ALL`.
-        let shared = sys::shared_pages(&todo.iter().map(|&i| pages[i]).collect::<Vec<_>>()).unwrap_or_default();
+        // to refuse (`EACCES`), or to move with `MPOL_MF_MOVE_ALL`. Pages the program
+        // write-protected through a userfaultfd of its own, or has not written since it
+        // cleared their soft-dirty bits: the kernel's migration keeps those marks on the new
+        // page, a page pagemig moves in comes without the one and with the other.
+        let marks = sys::page_marks(&todo.iter().map(|&i| pages[i]).collect::<Vec<_>>()).unwrap_or_default();
         // Each page's folio (every page naming it names the same node: see `move_all`).
         for (k, &i) in todo.iter().enumerate() {
             let (start, size) = folio_at(huge, page_of(i));
             let in_huge = size == HPAGE_SIZE;
             let on_stack = stack.is_some_and(|(s, e)| start < e && s < start + size);
-            let is_shared = shared.get(k).copied().unwrap_or(false);
+            let mark = marks.get(k).copied().unwrap_or_default();
+            let kernels = mark.present && (mark.shared || mark.uffd_wp || !mark.soft_dirty);
             let mut whole_huge_movable =
                 || vmas.range(start, start + size).is_ok_and(|r| maps::check_movable(start, start + size, &r).is_ok());
-            if on_stack || is_shared || (in_huge && !whole_huge_movable()) {
+            if on_stack || kernels || (in_huge && !whole_huge_movable()) {
                 kernel.push(i);
             } else {
                 folios.entry(start).or_insert((size, nodes[i]));

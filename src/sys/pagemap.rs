@@ -3,23 +3,39 @@
 
 use super::{Errno, PAGE_SIZE, check_int, last_errno};
 
-/// For each page address in `pages`, whether the page is present and mapped by another
-/// process too (a `fork`'s copy-on-write sharing, `/proc/self/pagemap` bit 56 "exclusively
-/// mapped" clear): the pages `move_pages(2)` refuses with `EACCES` without
-/// `MPOL_MF_MOVE_ALL`. Pages not present answer `false`.
+/// What `/proc/self/pagemap` says of a page that bears on who may move it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageMarks {
+    /// Present (the others are false where not).
+    pub present: bool,
+    /// Present and mapped by another process too (a `fork`'s copy-on-write sharing, bit 56
+    /// "exclusively mapped" clear): the pages `move_pages(2)` refuses with `EACCES` without
+    /// `MPOL_MF_MOVE_ALL`.
+    pub shared: bool,
+    /// Write-protected through a userfaultfd (bit 57): the program's own, which the
+    /// kernel's migration keeps on the new page.
+    pub uffd_wp: bool,
+    /// Written since the program last cleared the soft-dirty bits (bit 55; always set
+    /// where the kernel does not track them), which the kernel's migration keeps as it was.
+    pub soft_dirty: bool,
+}
+
+/// [`PageMarks`] of each page address in `pages`; pages not present have none.
 ///
 /// # Errors
 /// The errno of opening or reading `/proc/self/pagemap`.
-pub fn shared_pages(pages: &[usize]) -> Result<Vec<bool>, Errno> {
+pub fn page_marks(pages: &[usize]) -> Result<Vec<PageMarks>, Errno> {
     use std::os::unix::fs::FileExt;
     const PRESENT: u64 = 1 << 63;
+    const UFFD_WP: u64 = 1 << 57;
     const EXCLUSIVE: u64 = 1 << 56;
+    const SOFT_DIRTY: u64 = 1 << 55;
     /// Entries read at once, at most.
     const CHUNK: usize = 8192;
     let file = std::fs::File::open("/proc/self/pagemap").map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
     let mut order: Vec<usize> = (0..pages.len()).collect();
     order.sort_unstable_by_key(|&i| pages[i] / PAGE_SIZE);
-    let mut shared = vec![false; pages.len()];
+    let mut marks = vec![PageMarks::default(); pages.len()];
     let mut buf = vec![0u8; CHUNK * 8];
     let mut k = 0;
     while k < order.len() {
@@ -35,11 +51,38 @@ pub fn shared_pages(pages: &[usize]) -> Result<Vec<bool>, Errno> {
         for &i in &order[k..j] {
             let at = (pages[i] / PAGE_SIZE - first) * 8;
             let entry = u64::from_ne_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-            shared[i] = entry & PRESENT != 0 && entry & EXCLUSIVE == 0;
+            if entry & PRESENT != 0 {
+                marks[i] = PageMarks {
+                    present: true,
+                    shared: entry & EXCLUSIVE == 0,
+                    uffd_wp: entry & UFFD_WP != 0,
+                    soft_dirty: entry & SOFT_DIRTY != 0 || !soft_dirty_tracked(),
+                };
+            }
         }
         k = j;
     }
-    Ok(shared)
+    Ok(marks)
+}
+
+/// Whether the kernel tracks soft-dirty bits (`CONFIG_MEM_SOFT_DIRTY`): a page written just
+/// now shows bit 55. Asked once per process.
+pub fn soft_dirty_tracked() -> bool {
+    static TRACKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *TRACKED.get_or_init(|| {
+        let Ok(map) = super::Mapping::new_own(PAGE_SIZE, PAGE_SIZE) else { return true };
+        // SAFETY: the page is the fresh mapping's own, which nothing else knows of.
+        unsafe { std::ptr::write_volatile(map.addr() as *mut u8, 1) };
+        let entry = (|| {
+            use std::os::unix::fs::FileExt;
+            let file = std::fs::File::open("/proc/self/pagemap").ok()?;
+            let mut b = [0u8; 8];
+            file.read_exact_at(&mut b, (map.addr() / PAGE_SIZE * 8) as u64).ok()?;
+            Some(u64::from_ne_bytes(b))
+        })();
+        // Unknown: as tracked (a page then counts as written only where its bit says so).
+        entry.is_none_or(|e| e & (1 << 55) != 0)
+    })
 }
 
 /// A mapping as `PROCMAP_QUERY` describes it.
