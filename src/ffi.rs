@@ -464,8 +464,12 @@ unsafe fn serve_chunk(
         }
     }
     // The caller's statuses as they are: an entry the kernel would leave unwritten keeps
-    // its value.
-    let mut out = read_user(status.cast_const(), n).or_else(|_| zeroed_vec(n)).map_err(Chunk::Unreadable)?;
+    // its value. Written back unchanged before anything moves: where part of them cannot
+    // be written, the kernel serves the chunk, moving the pages of its batches up to the
+    // one whose statuses it fails to store, and no further (pagemig, serving the whole
+    // chunk before it wrote them, moved pages past it).
+    let mut out = read_user(status.cast_const(), n).map_err(|_| Chunk::Unreadable(Errno::FAULT))?;
+    write_user(status, &out).map_err(|_| Chunk::Unreadable(Errno::FAULT))?;
     // SAFETY: the calling thread is inside this call and does not access the pages while
     // they move; the arrays are copies of ours.
     let left = unsafe { engine.move_pages_stopping(&addrs, &targets, &mut out) }.map_err(|_| Chunk::Failed)?;

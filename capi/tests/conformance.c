@@ -88,6 +88,50 @@ static void compare(const char *what, unsigned long count, void **pa, void **pb,
     failures += !same;
 }
 
+/* A status array that ends after 3 of 5 entries (the page after it inaccessible), the
+ * targets alternating: the kernel moves the pages of its batches up to the one whose
+ * statuses it cannot store, then fails with EFAULT, and leaves the rest where they are. */
+static void short_status(int target, int other) {
+    void *p[2][5];
+    for (int k = 0; k < 2; k++) {
+        char *mem = mmap(NULL, 5 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        memset(mem, 9, 5 * page);
+        int start[5], st0[5];
+        for (int i = 0; i < 5; i++) {
+            p[k][i] = mem + i * page;
+            start[i] = other;
+        }
+        kernel_move_pages(5, p[k], start, st0, 0); /* all on the other node first */
+    }
+    int nodes[5] = {target, other, target, other, target};
+    char *buf = mmap(NULL, 2 * page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    mprotect(buf + page, page, PROT_NONE);
+    int *st = (int *)(buf + page) - 3;
+    int sa[3], sb[3], wa[5], wb[5];
+    memset(st, 0x55, 3 * sizeof(int));
+    errno = 0;
+    long ra = pagemig_move_pages(5, p[0], nodes, st, 0);
+    int ea = ra < 0 ? errno : 0;
+    memcpy(sa, st, sizeof sa);
+    memset(st, 0x55, 3 * sizeof(int));
+    errno = 0;
+    long rb = kernel_move_pages(5, p[1], nodes, st, 0);
+    int eb = rb < 0 ? errno : 0;
+    memcpy(sb, st, sizeof sb);
+    kernel_move_pages(5, p[0], NULL, wa, 0);
+    kernel_move_pages(5, p[1], NULL, wb, 0);
+    int same = ra == rb && ea == eb && memcmp(sa, sb, sizeof sa) == 0 && memcmp(wa, wb, sizeof wa) == 0;
+    printf("%-40s pagemig %ld errno %-3d | kernel %ld errno %-3d | status", "status ending early, targets alternating",
+           ra, ea, rb, eb);
+    for (int i = 0; i < 3; i++)
+        printf(" %d/%d", sa[i], sb[i]);
+    printf(" | nodes after");
+    for (int i = 0; i < 5; i++)
+        printf(" %d/%d", wa[i], wb[i]);
+    printf(" %s\n", same ? "same" : "DIFFERENT");
+    failures += !same;
+}
+
 /* argv[1], when given, is the node to move to (in the two-node guest: the other node). */
 int main(int argc, char **argv) {
     page = sysconf(_SC_PAGESIZE);
@@ -142,6 +186,7 @@ int main(int argc, char **argv) {
     bad[N - 1] = 1000;
     compare("a node without memory", N, pa, pb, bad, 0, 0);
     compare("NULL pages", N, NULL, NULL, nodes, 0, 0);
+    short_status(target, argc > 1 ? 1 - target : target); /* in the guest, nodes 0 and 1 */
 
     /* Pages another process maps too: a child forked after they were written shares them
      * until it exits (the kernel refuses them with -EACCES without MPOL_MF_MOVE_ALL). */
