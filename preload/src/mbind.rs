@@ -12,7 +12,9 @@
 //!    the range): it checks every argument as it would have (its errors are the answer,
 //!    nothing moved) and sets the policy, moving nothing;
 //! 2. pagemig moves the pages of the range's private anonymous mappings that are not on
-//!    the policy's node ([`pagemig::movable_ranges`], [`pagemig::Engine::move_range`]);
+//!    the policy's node ([`pagemig::movable_ranges`], [`pagemig::Engine::move_range`]),
+//!    but for the part of the range in a 2 MiB block it does not cover whole (a huge page
+//!    there moves whole, its pages outside the range too);
 //! 3. the kernel's `mbind` with the caller's arguments, unchanged, finds the policy
 //!    already set and moves what is left (shared and file-backed memory, pages pagemig
 //!    could not move), and its answer, `MPOL_MF_STRICT`'s `EIO` included, is the call's.
@@ -32,6 +34,8 @@ use pagemig::{Errno, MigrateOptions, PAGE_SIZE};
 use crate::config;
 use crate::summary::{self, Whole};
 
+/// A huge page (PMD-mapped, x86-64).
+const HPAGE_SIZE: usize = 2 << 20;
 /// `MPOL_MF_STRICT`: `EIO` when pages do not conform to the policy after the call.
 const MPOL_MF_STRICT: c_uint = 1;
 /// `MPOL_MF_MOVE`.
@@ -54,6 +58,9 @@ pub(crate) struct Args {
     pub(crate) nodemask: *const c_ulong,
     pub(crate) maxnode: c_ulong,
     pub(crate) flags: c_uint,
+    /// Whether the range's first and last 2 MiB blocks, where it covers only part of them,
+    /// were each mapped by one huge page before step 1 split them ([`Args::with_huge_edges`]).
+    pub(crate) huge_edges: (bool, bool),
 }
 
 impl Args {
@@ -97,6 +104,20 @@ impl Args {
 }
 
 impl Args {
+    /// Records which of the range's partly covered 2 MiB blocks are huge pages: before step
+    /// 1, whose policy splits them. Async-signal-safe ([`ffi::huge_page_at`]).
+    pub(crate) fn with_huge_edges(mut self) -> Self {
+        let (addr, len) = (self.addr as usize, self.len as usize);
+        let Some(end) = addr.checked_add(len).filter(|_| len > 0) else { return self };
+        let (first, last) = (addr & !(HPAGE_SIZE - 1), (end - 1) & !(HPAGE_SIZE - 1));
+        let partial_first = addr != first || end < first + HPAGE_SIZE;
+        let partial_last = end != last + HPAGE_SIZE;
+        let first_huge = partial_first && ffi::huge_page_at(first);
+        let last_huge = if last == first { first_huge } else { partial_last && ffi::huge_page_at(last) };
+        self.huge_edges = (first_huge, last_huge);
+        self
+    }
+
     /// Step 1: the kernel's `mbind` less `MPOL_MF_MOVE` and `MPOL_MF_STRICT`: it checks
     /// every argument as it would have and sets the policy, moving nothing. Raw system
     /// call: async-signal-safe.
@@ -133,6 +154,15 @@ pub(crate) fn mbind(args: Args) -> Result<c_long, Errno> {
         summary::whole(Whole::PagemigFailed, args.pages());
         return args.kernel(args.flags);
     };
+    // A huge page the range covers only part of: the kernel moves it whole (its pages
+    // outside the range too, in a mapping of their own once step 1 split it), pagemig would
+    // move only the range's. The part of the range in such a huge page (found before step
+    // 1, [`Args::huge_edges`]) is left to step 3, which moves it as the kernel does.
+    let (start_block, end_block) = (addr & !(HPAGE_SIZE - 1), (addr + len) & !(HPAGE_SIZE - 1));
+    let inner_start = if args.huge_edges.0 { start_block + HPAGE_SIZE } else { addr };
+    let inner_end = if args.huge_edges.1 { end_block } else { addr + len };
+    let parts: Vec<_> =
+        parts.into_iter().map(|r| r.start.max(inner_start)..r.end.min(inner_end)).filter(|r| r.start < r.end).collect();
     let movable: usize = parts.iter().map(|r| r.len() / PAGE_SIZE).sum();
     let mut left_over = movable as u64 != args.pages();
     summary::mbind_not_movable(args.pages() - movable as u64);

@@ -123,7 +123,7 @@ pub unsafe extern "C" fn mbind(
     let blocked = ffi::SignalsBlocked::new();
     let result = ffi::caught(|| {
         summary::call(Symbol::Mbind);
-        let args = Args { addr, len, mode, nodemask, maxnode, flags };
+        let args = Args { addr, len, mode, nodemask, maxnode, flags, huge_edges: (false, false) };
         let whole = |why| {
             summary::whole(why, args.pages());
             args.kernel(args.flags)
@@ -145,6 +145,7 @@ pub unsafe extern "C" fn mbind(
         // their stacks must not land on a page the program has just unmapped and make a
         // range the kernel refuses (EFAULT) look mapped. A raw system call:
         // async-signal-safe.
+        let args = args.with_huge_edges();
         if let Err(errno) = args.set_policy() {
             summary::whole(Whole::NotAMove, args.pages());
             return Err(errno);
