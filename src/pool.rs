@@ -487,6 +487,8 @@ impl Pool {
         };
         let chunk = chunks.get_mut(&key).expect("looked up above, under the same lock");
         if chunk.open_to(to).is_err() {
+            // Refused (out of mappings or memory): not again at once.
+            self.inner.taken.wait_for(&mut chunks, wait);
             return 0;
         }
         let id = chunk.end;

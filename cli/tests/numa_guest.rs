@@ -1386,6 +1386,18 @@ fn every_private_anonymous_page() -> Vec<usize> {
 #[test]
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn moving_all_of_the_process_memory_back_and_forth_never_hangs() {
+    // In a process of its own: it moves every page of its process, the regions of the tests
+    // running beside it too (a round trip once found a huge page of its region back on the
+    // first node, moved there by this test's round, as it checked the second).
+    common::fresh_process_test(
+        "moving_all_of_the_process_memory_back_and_forth_never_hangs",
+        "PAGEMIG_MOVE_ALL_CHILD",
+        Duration::from_secs(240),
+        moving_all_of_the_process_memory,
+    );
+}
+
+fn moving_all_of_the_process_memory() {
     let Some((a, b)) = two_nodes() else { return };
     const ROUNDS: usize = 4;
     let region = common::leak(Region::new(8 * MIB, 4 * KIB, Some(a)).expect("region"));

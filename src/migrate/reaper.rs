@@ -179,8 +179,13 @@ impl Reaper {
             for g in stale {
                 free(&self.uffd, &g);
             }
+            // Unlocked, as its source is (a program's `mlockall` since may have locked it:
+            // a move needs both alike).
             if let Some(g) = kept {
-                return Ok(g);
+                if sys::munlock(g.addr, g.len).is_ok() {
+                    return Ok(g);
+                }
+                free(&self.uffd, &g);
             }
         }
         // Read before the graveyard exists: any answer in it comes after.

@@ -50,6 +50,15 @@ pub fn mmap_reserve_aligned(len: usize, align: usize) -> Result<usize, Errno> {
     mmap_aligned(len, align, libc::PROT_NONE)
 }
 
+/// Unlocks `[addr, addr + len)` (`munlock(2)`): no change where it is not locked.
+///
+/// # Errors
+/// The `munlock` errno.
+pub fn munlock(addr: usize, len: usize) -> Result<(), Errno> {
+    // SAFETY: `munlock` never changes memory contents.
+    check_int(unsafe { libc::munlock(addr as *const c_void, len) })
+}
+
 /// Makes `[addr, addr + len)` of a reservation of ours read-write, unlocked first (a
 /// program's `mlockall` locks every mapping, and a locked mapping made writable is
 /// populated whole at once: pagemig's reservations must not be).
@@ -57,9 +66,8 @@ pub fn mmap_reserve_aligned(len: usize, align: usize) -> Result<usize, Errno> {
 /// # Errors
 /// The `munlock`/`mprotect` errno.
 pub fn open_reserved(addr: usize, len: usize) -> Result<(), Errno> {
-    // SAFETY: neither call changes memory contents; the range is the caller's reservation.
-    check_int(unsafe { libc::munlock(addr as *const c_void, len) })?;
-    // SAFETY: as above.
+    munlock(addr, len)?;
+    // SAFETY: `mprotect` changes no memory contents; the range is the caller's reservation.
     check_int(unsafe { libc::mprotect(addr as *mut c_void, len, libc::PROT_READ | libc::PROT_WRITE) })
 }
 

@@ -366,9 +366,13 @@ impl Uffd {
         })
     }
 
-    /// Replaces the number the program took or closed by one fetched from the vault (and
-    /// the kept duplicate where it went too). The numbers the program took are its own and
-    /// left alone.
+    /// Replaces the number the program took or closed by the kept duplicate, or by one
+    /// fetched from the vault, moved to a high number (the kernel hands out the lowest free
+    /// one, which a program that closed its descriptors expects its next `open` to get);
+    /// makes a new kept duplicate where that one went. A number still naming this file is
+    /// kept (it would be left open, untracked, and hold the userfaultfd open for ever); the
+    /// numbers the program took are its own and left alone. Out of descriptors, it tries
+    /// again for up to a second (the program may close some) before giving up.
     fn recover(&self) -> Option<RawFd> {
         let (vault, at) = self.vault.get()?;
         let _one = self.recovering.lock();
@@ -380,19 +384,45 @@ impl Uffd {
         if self.identity.proves(fd, false) {
             return Some(fd);
         }
-        let fetched = vault.fetch(*at).ok()?;
+        let mut backoff = crate::backoff::Backoff::kernel().within(std::time::Duration::from_secs(1));
+        let fetched = loop {
+            match vault.fetch(*at) {
+                Ok(fetched) => break fetched,
+                Err(Errno::MFILE | Errno::NFILE) if backoff.pause() => {}
+                Err(_) => return None,
+            }
+        };
+        let close = |n: RawFd| {
+            // SAFETY: a descriptor made here and not handed out, ours alone.
+            unsafe { libc::close(n) };
+        };
         if inode(fetched) != Ok(self.identity.inode) {
-            // SAFETY: the descriptor was made just now, ours alone.
-            unsafe { libc::close(fetched) };
+            close(fetched);
             return None;
         }
+        // Which of the numbers held still name this very file (the vault's); not the one
+        // just fetched, which may have the number of one the program closed.
+        let names = |n: RawFd| {
+            n >= 0 && n != fetched && same_file(n, fetched).unwrap_or_else(|_| inode(n) == Ok(self.identity.inode))
+        };
         let keep = self.identity.keep.load(Ordering::Acquire);
-        let kept = keep >= 0 && same_file(fetched, keep).unwrap_or_else(|_| inode(keep) == Ok(self.identity.inode));
-        if !kept {
-            self.identity.keep.store(keep_high(fetched).unwrap_or(-1), Ordering::Release);
+        let (fd_ok, keep_ok) = (names(fd), names(keep));
+        let high = || keep_high(fetched).filter(|&n| n > fetched);
+        // Where no high number is free, the fetched one it is.
+        let primary = if fd_ok {
+            fd
+        } else if keep_ok {
+            keep
+        } else {
+            high().unwrap_or(fetched)
+        };
+        let new_keep = if keep_ok && keep != primary { keep } else { high().unwrap_or(-1) };
+        if primary != fetched {
+            close(fetched);
         }
-        self.fd.store(fetched, Ordering::Release);
-        Some(fetched)
+        self.identity.keep.store(new_keep, Ordering::Release);
+        self.fd.store(primary, Ordering::Release);
+        Some(primary)
     }
 
     /// Whether the descriptor was given up ([`Uffd::check`] failed, or

@@ -76,14 +76,16 @@ impl Vault {
                 return;
             };
             let _ = tx.send(Some(tid));
+            let mut held = keep.len();
             let mut orders = theirs.orders.lock();
             loop {
                 for fd in orders.close.drain(..) {
                     // SAFETY: a number of this thread's own table, one of `keep`: closing it
                     // touches no descriptor of the program's.
-                    unsafe { libc::close(fd) };
+                    held -= usize::from(unsafe { libc::close(fd) } == 0);
                 }
-                if orders.stop {
+                // Nothing left to keep (each given up): the thread is done.
+                if orders.stop || held == 0 {
                     return;
                 }
                 theirs.changed.wait(&mut orders);

@@ -73,12 +73,13 @@ pub fn fresh_process_test(name: &str, child: &str, limit: Duration, body: impl F
     in_fresh_process(name, &[(child, "1".as_ref())], limit);
 }
 
-/// Runs the test `name` of this test binary again in a fresh process, with `env` set, and
-/// fails if it fails or has not ended within `limit` (then it is killed). The test tells
+/// Runs the test `name` of this test binary again in a fresh process, with `env` set (an
+/// ignored test too, as the guest runs them), and fails if it fails or has not ended within
+/// `limit` (then it is killed). The test tells
 /// the two runs apart by the environment.
 pub fn in_fresh_process(name: &str, env: &[(&str, &std::ffi::OsStr)], limit: Duration) {
     let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .args([name, "--exact", "--nocapture", "--test-threads=1", "--include-ignored"])
         .envs(env.iter().copied())
         .spawn()
         .unwrap();

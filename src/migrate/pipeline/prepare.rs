@@ -68,8 +68,11 @@ impl<'a> Call<'a> {
                 Ok((dest, spent, later)) => {
                     st.runs[r].later = later;
                     self.tally.stats.prepare_ns += spent.as_nanos() as u64;
-                    // Pages move only between mappings locked alike.
-                    if locked && sys::mlock_onfault(dest.addr(), len).is_err() {
+                    // Pages move only between mappings locked alike (a program's
+                    // `mlockall` may have locked a destination made earlier).
+                    let alike =
+                        if locked { sys::mlock_onfault(dest.addr(), len) } else { sys::munlock(dest.addr(), len) };
+                    if alike.is_err() {
                         self.tally.stats.relock_failures += items.len() as u64;
                     }
                     Ok(dest)
