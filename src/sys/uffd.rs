@@ -205,10 +205,26 @@ impl Identity {
         if quick {
             return true;
         }
+        // `kcmp` refused (a seccomp filter installed since): the inodes, as without it.
         match self.keep.load(Ordering::Acquire) {
             -1 => true,
-            keep if self.kcmp => same_file(fd, keep) == Ok(true),
+            keep if self.kcmp => match same_file(fd, keep) {
+                Ok(same) => same,
+                Err(Errno::BADF) => false,
+                Err(_) => inode(keep) == Ok(self.inode),
+            },
             keep => inode(keep) == Ok(self.inode),
+        }
+    }
+}
+
+/// Sets `O_NONBLOCK` on `fd` (a userfaultfd of ours) where it is not set.
+fn nonblocking(fd: RawFd) {
+    // SAFETY: `F_GETFL`/`F_SETFL` read and change the flags of our own open file.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
     }
 }
@@ -240,6 +256,12 @@ fn same_file(a: RawFd, b: RawFd) -> Result<bool, Errno> {
 /// `RLIMIT_NOFILE`, or the lowest free one when that is refused), which a program's next
 /// `open`, `pipe` or `socket` does not take after it closed its descriptors.
 fn keep_high(fd: RawFd) -> Option<RawFd> {
+    dup_high(fd).or_else(|| dup_from(fd, 3))
+}
+
+/// A close-on-exec duplicate of `fd` at three quarters of the soft `RLIMIT_NOFILE` or above;
+/// `None` where none is free there.
+fn dup_high(fd: RawFd) -> Option<RawFd> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: fills the struct of ours.
     let floor = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
@@ -247,11 +269,14 @@ fn keep_high(fd: RawFd) -> Option<RawFd> {
     } else {
         3
     };
-    [floor, 3].into_iter().find_map(|floor| {
-        // SAFETY: `F_DUPFD_CLOEXEC` makes a new descriptor of ours and touches no memory.
-        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) };
-        (dup >= 0).then_some(dup)
-    })
+    dup_from(fd, floor)
+}
+
+/// A close-on-exec duplicate of `fd` at `floor` or above.
+fn dup_from(fd: RawFd, floor: RawFd) -> Option<RawFd> {
+    // SAFETY: `F_DUPFD_CLOEXEC` makes a new descriptor of ours and touches no memory.
+    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, floor) };
+    (dup >= 0).then_some(dup)
 }
 
 impl Uffd {
@@ -374,7 +399,6 @@ impl Uffd {
     /// numbers the program took are its own and left alone. Out of descriptors, it tries
     /// again for up to a second (the program may close some) before giving up.
     fn recover(&self) -> Option<RawFd> {
-        let (vault, at) = self.vault.get()?;
         let _one = self.recovering.lock();
         if self.lost.load(Ordering::Acquire) {
             return None;
@@ -384,6 +408,13 @@ impl Uffd {
         if self.identity.proves(fd, false) {
             return Some(fd);
         }
+        // The number in use still names this userfaultfd (its inode is its own): only the
+        // kept duplicate went. A new one, no vault needed.
+        if inode(fd) == Ok(self.identity.inode) {
+            self.identity.keep.store(dup_high(fd).unwrap_or(-1), Ordering::Release);
+            return Some(fd);
+        }
+        let (vault, at) = self.vault.get()?;
         let mut backoff = crate::backoff::Backoff::kernel().within(std::time::Duration::from_secs(1));
         let fetched = loop {
             match vault.fetch(*at) {
@@ -407,7 +438,7 @@ impl Uffd {
         };
         let keep = self.identity.keep.load(Ordering::Acquire);
         let (fd_ok, keep_ok) = (names(fd), names(keep));
-        let high = || keep_high(fetched).filter(|&n| n > fetched);
+        let high = || dup_high(fetched);
         // Where no high number is free, the fetched one it is.
         let primary = if fd_ok {
             fd
@@ -548,6 +579,9 @@ impl Uffd {
                 Ok(fd) => fd,
                 Err(e) => return if events.is_empty() { Err(e) } else { Ok(events) },
             };
+            // A read must not block (with the claims lock held): `O_NONBLOCK` set again where
+            // the program cleared it on a number of ours.
+            nonblocking(fd);
             // SAFETY: reads into a buffer of ours of the length given, from the userfaultfd
             // just proven to be ours.
             let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
@@ -597,10 +631,15 @@ impl Uffd {
         let fd = self.proven(false)?;
         let revents = self.poll_events(fd, timeout_ms);
         if revents & (libc::POLLNVAL | libc::POLLERR | libc::POLLHUP) != 0 {
-            // A userfaultfd reports none of these: the number named something else as it
-            // was polled. Taken back from the vault where it can be (perhaps at the same
-            // number), and polled again next time; else given up.
-            return self.proven(false).map(|_| false);
+            // A userfaultfd reports none of these but `POLLERR` without `O_NONBLOCK` (the
+            // program cleared it on a number of ours): the number named something else as
+            // it was polled, taken back from the vault where it can be (perhaps at the same
+            // number), or the flag is set again; polled again next time (not at once: were
+            // it to persist, the reader would spin); else given up.
+            let now = self.proven(false)?;
+            nonblocking(now);
+            std::thread::sleep(std::time::Duration::from_millis(timeout_ms.clamp(0, 10) as u64));
+            return Ok(false);
         }
         Ok(revents & libc::POLLIN != 0)
     }
@@ -937,6 +976,27 @@ mod tests {
         assert_ne!(a.identity.inode, b.identity.inode);
         assert_eq!(inode(a.raw_fd()), Ok(a.identity.inode));
         assert!(a.check().is_ok() && b.check().is_ok());
+    }
+
+    /// `O_NONBLOCK` cleared on the descriptor (a program normalising every descriptor it
+    /// has): `poll` reports `POLLERR` then, and a `read` would block. Both set it again and
+    /// go on; nothing blocks.
+    #[test]
+    fn a_cleared_o_nonblock_is_set_again() {
+        crate::testing::watchdog(30, || {
+            let uffd = Uffd::open().expect("userfaultfd");
+            let fd = uffd.raw_fd();
+            // SAFETY: the flags of this test's own userfaultfd.
+            unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) & !libc::O_NONBLOCK) };
+            assert_eq!(uffd.read_messages(), Ok(Vec::new()), "a read that does not block");
+            // SAFETY: as above.
+            unsafe { libc::fcntl(fd, libc::F_SETFL, libc::fcntl(fd, libc::F_GETFL) & !libc::O_NONBLOCK) };
+            assert_eq!(uffd.poll(5), Ok(false));
+            // SAFETY: as above.
+            assert_ne!(unsafe { libc::fcntl(fd, libc::F_GETFL) } & libc::O_NONBLOCK, 0);
+            assert_eq!(uffd.poll(5), Ok(false));
+            assert!(!uffd.is_lost());
+        });
     }
 
     /// A pipe `dup2`ed over the descriptor: every use answers `EBADF` at once (no spin on
