@@ -260,6 +260,38 @@ pub fn write_user<T: Copy>(ptr: *mut T, values: &[T]) -> Result<(), Errno> {
     Ok(())
 }
 
+/// Whether the page at `page` belongs to a folio larger than a page that is not mapped by
+/// one huge-page entry (a huge page split into page entries, a multi-size one): its page
+/// frame from `/proc/self/pagemap`, then `/proc/kpageflags` (compound head or tail). Both
+/// need `CAP_SYS_ADMIN` (without it, or where either cannot be read, false). Raw system
+/// calls and buffers on the stack: async-signal-safe.
+pub fn large_folio_at(page: usize) -> bool {
+    const PFN_MASK: u64 = (1 << 55) - 1;
+    const PRESENT: u64 = 1 << 63;
+    const COMPOUND_HEAD: u64 = 1 << 15;
+    const COMPOUND_TAIL: u64 = 1 << 16;
+    let read_u64 = |path: &std::ffi::CStr, at: u64| -> Option<u64> {
+        // SAFETY: a NUL-terminated path of ours; 8 bytes into a buffer of ours; the
+        // descriptor is ours and closed right after.
+        unsafe {
+            let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+            if fd < 0 {
+                return None;
+            }
+            let mut b = [0u8; 8];
+            let n = libc::pread(fd, b.as_mut_ptr().cast(), 8, at as libc::off_t);
+            libc::close(fd);
+            (n == 8).then(|| u64::from_ne_bytes(b))
+        }
+    };
+    let Some(entry) = read_u64(c"/proc/self/pagemap", (page / crate::sys::PAGE_SIZE * 8) as u64) else { return false };
+    let pfn = entry & PFN_MASK;
+    if entry & PRESENT == 0 || pfn == 0 {
+        return false;
+    }
+    read_u64(c"/proc/kpageflags", pfn * 8).is_some_and(|flags| flags & (COMPOUND_HEAD | COMPOUND_TAIL) != 0)
+}
+
 /// Whether the 2 MiB block at `block` (aligned) is mapped by one transparent huge page now
 /// (`PAGEMAP_SCAN`, Linux 6.7; false where it cannot tell). Raw system calls and a buffer
 /// on the stack: async-signal-safe.

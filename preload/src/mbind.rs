@@ -104,16 +104,25 @@ impl Args {
 }
 
 impl Args {
-    /// Records which of the range's partly covered 2 MiB blocks are huge pages: before step
-    /// 1, whose policy splits them. Async-signal-safe ([`ffi::huge_page_at`]).
+    /// Records which of the range's partly covered 2 MiB blocks hold a huge page or a larger
+    /// folio across the range's edge: before step 1, whose policy splits them.
+    /// Async-signal-safe ([`ffi::huge_page_at`], [`ffi::large_folio_at`]).
     pub(crate) fn with_huge_edges(mut self) -> Self {
         let (addr, len) = (self.addr as usize, self.len as usize);
         let Some(end) = addr.checked_add(len).filter(|_| len > 0) else { return self };
         let (first, last) = (addr & !(HPAGE_SIZE - 1), (end - 1) & !(HPAGE_SIZE - 1));
         let partial_first = addr != first || end < first + HPAGE_SIZE;
         let partial_last = end != last + HPAGE_SIZE;
-        let first_huge = partial_first && ffi::huge_page_at(first);
-        let last_huge = if last == first { first_huge } else { partial_last && ffi::huge_page_at(last) };
+        // A huge page mapped whole, or (where `/proc/kpageflags` can be read) a larger folio
+        // mapped by page entries through the range's first or last page: one that straddles
+        // the range's edge holds the page on its inner side.
+        let large = |block: usize, page: usize| ffi::huge_page_at(block) || ffi::large_folio_at(page);
+        let first_huge = partial_first && large(first, addr & !(PAGE_SIZE - 1));
+        let last_huge = if last == first {
+            first_huge || (partial_last && ffi::large_folio_at((end - 1) & !(PAGE_SIZE - 1)))
+        } else {
+            partial_last && large(last, (end - 1) & !(PAGE_SIZE - 1))
+        };
         self.huge_edges = (first_huge, last_huge);
         self
     }

@@ -354,11 +354,15 @@ static void move_pages_cases(struct layout *la, struct layout *lb) {
 
 /* A transparent huge page the range covers only part of: the kernel moves it whole (its
  * pages outside the range too). `offset` and `len` within the huge page. */
-static char *huge_page(void) {
+static char *huge_page(int split) {
     char *raw = map(4 << 20, MAP_PRIVATE | MAP_ANONYMOUS, -1);
     char *huge = (char *)(((unsigned long)raw + (2 << 20) - 1) & ~((2UL << 20) - 1));
     madvise(huge, 2 << 20, MADV_HUGEPAGE);
     memset(huge, 6, 2 << 20);
+    if (split) { /* mapped by page entries from now on, still one folio */
+        mprotect(huge + 10 * page, page, PROT_READ);
+        mprotect(huge + 10 * page, page, PROT_READ | PROT_WRITE);
+    }
     return huge;
 }
 
@@ -369,8 +373,8 @@ static void huge_where(char *huge, int *out) {
     syscall(SYS_move_pages, 0, 512, p, NULL, out, 0);
 }
 
-static void compare_mbind_huge(const char *what, long offset, unsigned long len) {
-    char *a = huge_page(), *b = huge_page();
+static void compare_mbind_huge(const char *what, long offset, unsigned long len, int split) {
+    char *a = huge_page(split), *b = huge_page(split);
     unsigned long one = 1UL << target;
     long before[NROUTES];
     routes(before);
@@ -449,9 +453,10 @@ static void mbind_cases(struct layout *la, struct layout *lb) {
                   SERVED_MBIND, NO_USERFAULTFD);
     compare_mbind("MPOL_BIND home, MOVE, private then shared", la->mixed, lb->mixed, 0, 8 * page, MPOL_BIND, &home, max,
                   mv, 8, SERVED_MBIND, NO_USERFAULTFD);
-    compare_mbind_huge("MPOL_BIND, MOVE, the second half of a huge page", 1 << 20, 1 << 20);
-    compare_mbind_huge("MPOL_BIND, MOVE, one page of a huge page", 5 * page, page);
-    compare_mbind_huge("MPOL_BIND, MOVE, a whole huge page", 0, 2 << 20);
+    compare_mbind_huge("MPOL_BIND, MOVE, the second half of a huge page", 1 << 20, 1 << 20, 0);
+    compare_mbind_huge("MPOL_BIND, MOVE, one page of a huge page", 5 * page, page, 0);
+    compare_mbind_huge("MPOL_BIND, MOVE, a whole huge page", 0, 2 << 20, 0);
+    compare_mbind_huge("MPOL_BIND, MOVE, half a huge page split", 1 << 20, 1 << 20, 1);
 }
 
 /* ---- threads, and forks while they run ---- */
