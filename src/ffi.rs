@@ -260,76 +260,9 @@ pub fn write_user<T: Copy>(ptr: *mut T, values: &[T]) -> Result<(), Errno> {
     Ok(())
 }
 
-/// Whether the page at `page` belongs to a folio larger than a page that is not mapped by
-/// one huge-page entry (a huge page split into page entries, a multi-size one): its page
-/// frame from `/proc/self/pagemap`, then `/proc/kpageflags` (compound head or tail). Both
-/// need `CAP_SYS_ADMIN` (without it, or where either cannot be read, false). Raw system
-/// calls and buffers on the stack: async-signal-safe.
-pub fn large_folio_at(page: usize) -> bool {
-    const PFN_MASK: u64 = (1 << 55) - 1;
-    const PRESENT: u64 = 1 << 63;
-    const COMPOUND_HEAD: u64 = 1 << 15;
-    const COMPOUND_TAIL: u64 = 1 << 16;
-    let read_u64 = |path: &std::ffi::CStr, at: u64| -> Option<u64> {
-        // SAFETY: a NUL-terminated path of ours; 8 bytes into a buffer of ours; the
-        // descriptor is ours and closed right after.
-        unsafe {
-            let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-            if fd < 0 {
-                return None;
-            }
-            let mut b = [0u8; 8];
-            let n = libc::pread(fd, b.as_mut_ptr().cast(), 8, at as libc::off_t);
-            libc::close(fd);
-            (n == 8).then(|| u64::from_ne_bytes(b))
-        }
-    };
-    let Some(entry) = read_u64(c"/proc/self/pagemap", (page / crate::sys::PAGE_SIZE * 8) as u64) else { return false };
-    let pfn = entry & PFN_MASK;
-    if entry & PRESENT == 0 || pfn == 0 {
-        return false;
-    }
-    read_u64(c"/proc/kpageflags", pfn * 8).is_some_and(|flags| flags & (COMPOUND_HEAD | COMPOUND_TAIL) != 0)
-}
-
-/// Whether the 2 MiB block at `block` (aligned) is mapped by one transparent huge page now
-/// (`PAGEMAP_SCAN`, Linux 6.7; false where it cannot tell). Raw system calls and a buffer
-/// on the stack: async-signal-safe.
-pub fn huge_page_at(block: usize) -> bool {
-    use linux_raw_sys::general::{PAGE_IS_HUGE, page_region, pm_scan_arg};
-    // _IOWR('f', 16, struct pm_scan_arg)
-    const PAGEMAP_SCAN: libc::c_ulong =
-        (3 << 30) | ((size_of::<pm_scan_arg>() as libc::c_ulong) << 16) | (0x66 << 8) | 16;
-    let Some(end) = block.checked_add(crate::sys::HPAGE_SIZE) else { return false };
-    // SAFETY: a NUL-terminated path of ours; the descriptor is closed below.
-    let fd = unsafe { libc::open(c"/proc/self/pagemap".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return false;
-    }
-    let mut region = page_region { start: 0, end: 0, categories: 0 };
-    let mut arg = pm_scan_arg {
-        size: size_of::<pm_scan_arg>() as u64,
-        flags: 0,
-        start: block as u64,
-        end: end as u64,
-        walk_end: 0,
-        vec: &mut region as *mut page_region as u64,
-        vec_len: 1,
-        max_pages: 0,
-        category_inverted: 0,
-        category_mask: 0,
-        category_anyof_mask: u64::from(PAGE_IS_HUGE),
-        return_mask: u64::from(PAGE_IS_HUGE),
-    };
-    // SAFETY: a valid pm_scan_arg whose `vec` points at one region of ours, live for the
-    // call; the ioctl only reads page tables. Then our own descriptor closed.
-    let n = unsafe {
-        let n = libc::ioctl(fd, PAGEMAP_SCAN, &mut arg as *mut pm_scan_arg);
-        libc::close(fd);
-        n
-    };
-    n == 1 && region.start == block as u64 && region.end == end as u64
-}
+/// Whether a huge page, or a larger folio mapped by page entries, lies at an address
+/// (async-signal-safe): what the drop-in's `mbind` asks of its range's edges.
+pub use crate::sys::{huge_page_at, large_folio_at};
 
 /// The kernel's `move_pages(2)` for process `pid`, with the caller's arrays as they came.
 ///

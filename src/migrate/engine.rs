@@ -52,8 +52,8 @@ impl Engine {
         // Kept open whatever the program does to its descriptors, mid-call too (see `vault`).
         let vault = Vault::new(&[uffd.raw_fd(), graves.raw_fd()]);
         if let Some(vault) = &vault {
-            uffd.entrust(vault, uffd.raw_fd());
-            graves.entrust(vault, graves.raw_fd());
+            uffd.entrust(vault);
+            graves.entrust(vault);
         }
         let busy = Arc::new(Busy::default());
         let events = events::Reader::spawn(uffd.clone(), graves.clone(), busy.clone())

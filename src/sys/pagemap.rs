@@ -1,7 +1,19 @@
 //! What the kernel says of this process's pages and mappings: `/proc/self/pagemap` (its
 //! `PAGEMAP_SCAN` ioctl and entries) and the `PROCMAP_QUERY` ioctl of `/proc/self/maps`.
 
+use linux_raw_sys::general::{page_region, pm_scan_arg};
+
 use super::{Errno, PAGE_SIZE, check_int, last_errno};
+
+/// `/proc/self/pagemap` entry bits: present, write-protected through a userfaultfd,
+/// mapped by this process alone, soft-dirty; the page frame (zero without
+/// `CAP_SYS_ADMIN`).
+const PM_PRESENT: u64 = 1 << 63;
+const PM_UFFD_WP: u64 = 1 << 57;
+const PM_EXCLUSIVE: u64 = 1 << 56;
+const PM_SOFT_DIRTY: u64 = 1 << 55;
+#[cfg(any(feature = "ffi", feature = "internals"))]
+const PM_PFN: u64 = (1 << 55) - 1;
 
 /// What `/proc/self/pagemap` says of a page that bears on who may move it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -26,16 +38,13 @@ pub struct PageMarks {
 /// The errno of opening or reading `/proc/self/pagemap`.
 pub fn page_marks(pages: &[usize]) -> Result<Vec<PageMarks>, Errno> {
     use std::os::unix::fs::FileExt;
-    const PRESENT: u64 = 1 << 63;
-    const UFFD_WP: u64 = 1 << 57;
-    const EXCLUSIVE: u64 = 1 << 56;
-    const SOFT_DIRTY: u64 = 1 << 55;
     /// Entries read at once, at most.
     const CHUNK: usize = 8192;
     let file = std::fs::File::open("/proc/self/pagemap").map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
     let mut order: Vec<usize> = (0..pages.len()).collect();
     order.sort_unstable_by_key(|&i| pages[i] / PAGE_SIZE);
     let mut marks = vec![PageMarks::default(); pages.len()];
+    let tracked = soft_dirty_tracked();
     let mut buf = vec![0u8; CHUNK * 8];
     let mut k = 0;
     while k < order.len() {
@@ -51,12 +60,12 @@ pub fn page_marks(pages: &[usize]) -> Result<Vec<PageMarks>, Errno> {
         for &i in &order[k..j] {
             let at = (pages[i] / PAGE_SIZE - first) * 8;
             let entry = u64::from_ne_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-            if entry & PRESENT != 0 {
+            if entry & PM_PRESENT != 0 {
                 marks[i] = PageMarks {
                     present: true,
-                    shared: entry & EXCLUSIVE == 0,
-                    uffd_wp: entry & UFFD_WP != 0,
-                    soft_dirty: entry & SOFT_DIRTY != 0 || !soft_dirty_tracked(),
+                    shared: entry & PM_EXCLUSIVE == 0,
+                    uffd_wp: entry & PM_UFFD_WP != 0,
+                    soft_dirty: entry & PM_SOFT_DIRTY != 0 || !tracked,
                 };
             }
         }
@@ -73,16 +82,101 @@ pub fn soft_dirty_tracked() -> bool {
         let Ok(map) = super::Mapping::new_own(PAGE_SIZE, PAGE_SIZE) else { return true };
         // SAFETY: the page is the fresh mapping's own, which nothing else knows of.
         unsafe { std::ptr::write_volatile(map.addr() as *mut u8, 1) };
-        let entry = (|| {
-            use std::os::unix::fs::FileExt;
-            let file = std::fs::File::open("/proc/self/pagemap").ok()?;
-            let mut b = [0u8; 8];
-            file.read_exact_at(&mut b, (map.addr() / PAGE_SIZE * 8) as u64).ok()?;
-            Some(u64::from_ne_bytes(b))
-        })();
         // Unknown: as tracked (a page then counts as written only where its bit says so).
-        entry.is_none_or(|e| e & (1 << 55) != 0)
+        pagemap_entry(map.addr()).is_none_or(|e| e & PM_SOFT_DIRTY != 0)
     })
+}
+
+/// Reads the 8 bytes at `at` of the file at `path`: raw system calls and a buffer on the
+/// stack (async-signal-safe); `None` where it cannot.
+fn read_u64_at(path: &std::ffi::CStr, at: u64) -> Option<u64> {
+    // SAFETY: a NUL-terminated path of ours; 8 bytes into a buffer of ours; the descriptor is
+    // ours and closed right after.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return None;
+        }
+        let mut b = [0u8; 8];
+        let n = libc::pread(fd, b.as_mut_ptr().cast(), 8, at as libc::off_t);
+        libc::close(fd);
+        (n == 8).then(|| u64::from_ne_bytes(b))
+    }
+}
+
+/// The `/proc/self/pagemap` entry of the page at `addr` (async-signal-safe).
+fn pagemap_entry(addr: usize) -> Option<u64> {
+    read_u64_at(c"/proc/self/pagemap", (addr / PAGE_SIZE * 8) as u64)
+}
+
+/// Whether the page at `page` belongs to a folio larger than a page that is not mapped by
+/// one huge-page entry (a huge page split into page entries, a multi-size one): its page
+/// frame from `/proc/self/pagemap`, then `/proc/kpageflags` (compound head or tail). Both
+/// need `CAP_SYS_ADMIN` (without it, or where either cannot be read, false).
+/// Async-signal-safe.
+#[cfg(any(feature = "ffi", feature = "internals"))]
+pub fn large_folio_at(page: usize) -> bool {
+    const COMPOUND_HEAD: u64 = 1 << 15;
+    const COMPOUND_TAIL: u64 = 1 << 16;
+    let Some(entry) = pagemap_entry(page) else { return false };
+    let pfn = entry & PM_PFN;
+    entry & PM_PRESENT != 0
+        && pfn != 0
+        && read_u64_at(c"/proc/kpageflags", pfn * 8).is_some_and(|f| f & (COMPOUND_HEAD | COMPOUND_TAIL) != 0)
+}
+
+/// Whether the 2 MiB block at `block` (aligned) is mapped by one transparent huge page now
+/// (`PAGEMAP_SCAN`, Linux 6.7; false where it cannot tell). Raw system calls and a buffer
+/// on the stack: async-signal-safe.
+#[cfg(any(feature = "ffi", feature = "internals"))]
+pub fn huge_page_at(block: usize) -> bool {
+    let Some(end) = block.checked_add(super::HPAGE_SIZE) else { return false };
+    // SAFETY: a NUL-terminated path of ours; the descriptor is closed below.
+    let fd = unsafe { libc::open(c"/proc/self/pagemap".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return false;
+    }
+    let mut region = [page_region { start: 0, end: 0, categories: 0 }];
+    let found = scan_step(fd, block, end, linux_raw_sys::general::PAGE_IS_HUGE, &mut region);
+    // SAFETY: our own descriptor, opened above.
+    unsafe { libc::close(fd) };
+    found.is_ok_and(|(n, _)| n == 1) && region[0].start == block as u64 && region[0].end == end as u64
+}
+
+/// One `PAGEMAP_SCAN` of `[start, end)` on the pagemap descriptor `fd`: the ranges whose
+/// pages are each in one of `categories`, into `regions`; returns how many it filled and
+/// where the walk ended. No allocation (async-signal-safe).
+///
+/// # Errors
+/// The ioctl's errno.
+fn scan_step(
+    fd: libc::c_int,
+    start: usize,
+    end: usize,
+    categories: u32,
+    regions: &mut [page_region],
+) -> Result<(usize, usize), Errno> {
+    // _IOWR('f', 16, struct pm_scan_arg)
+    const PAGEMAP_SCAN: libc::c_ulong =
+        (3 << 30) | ((std::mem::size_of::<pm_scan_arg>() as libc::c_ulong) << 16) | (0x66 << 8) | 16;
+    let mut arg = pm_scan_arg {
+        size: std::mem::size_of::<pm_scan_arg>() as u64,
+        flags: 0,
+        start: start as u64,
+        end: end as u64,
+        walk_end: 0,
+        vec: regions.as_mut_ptr() as u64,
+        vec_len: regions.len() as u64,
+        max_pages: 0,
+        category_inverted: 0,
+        category_mask: 0,
+        category_anyof_mask: u64::from(categories),
+        return_mask: u64::from(categories),
+    };
+    // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `regions`, which holds
+    // `vec_len` entries and outlives the call; the ioctl only reads page tables.
+    let n = unsafe { libc::ioctl(fd, PAGEMAP_SCAN, &mut arg as *mut pm_scan_arg) };
+    if n < 0 { Err(last_errno()) } else { Ok((n as usize, arg.walk_end as usize)) }
 }
 
 /// A mapping as `PROCMAP_QUERY` describes it.
@@ -178,43 +272,19 @@ pub fn held_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, Errn
 /// The ranges of `[start, end)` whose pages are each in one of `categories` (`PAGE_IS_*`
 /// bits), by the `PAGEMAP_SCAN` ioctl, adjacent ranges merged.
 fn scan_ranges(start: usize, end: usize, categories: u32) -> Result<Vec<(usize, usize)>, Errno> {
-    use linux_raw_sys::general::{page_region, pm_scan_arg};
     use std::os::fd::AsRawFd;
-    // _IOWR('f', 16, struct pm_scan_arg)
-    const PAGEMAP_SCAN: libc::c_ulong =
-        (3 << 30) | ((std::mem::size_of::<pm_scan_arg>() as libc::c_ulong) << 16) | (0x66 << 8) | 16;
     let file = std::fs::File::open("/proc/self/pagemap").map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
     let mut out: Vec<(usize, usize)> = Vec::new();
     let mut regions = vec![page_region { start: 0, end: 0, categories: 0 }; 256];
     let mut at = start;
     while at < end {
-        let mut arg = pm_scan_arg {
-            size: std::mem::size_of::<pm_scan_arg>() as u64,
-            flags: 0,
-            start: at as u64,
-            end: end as u64,
-            walk_end: 0,
-            vec: regions.as_mut_ptr() as u64,
-            vec_len: regions.len() as u64,
-            max_pages: 0,
-            category_inverted: 0,
-            category_mask: 0,
-            category_anyof_mask: u64::from(categories),
-            return_mask: u64::from(categories),
-        };
-        // SAFETY: `arg` is a valid pm_scan_arg whose `vec` points at `regions`, which holds
-        // `vec_len` entries and outlives the call; the ioctl only reads page tables.
-        let n = unsafe { libc::ioctl(file.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut pm_scan_arg) };
-        if n < 0 {
-            return Err(last_errno());
-        }
-        for r in &regions[..n as usize] {
+        let (n, walked) = scan_step(file.as_raw_fd(), at, end, categories, &mut regions)?;
+        for r in &regions[..n] {
             match out.last_mut() {
                 Some(last) if last.1 == r.start as usize => last.1 = r.end as usize,
                 _ => out.push((r.start as usize, r.end as usize)),
             }
         }
-        let walked = arg.walk_end as usize;
         if walked <= at {
             break;
         }

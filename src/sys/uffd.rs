@@ -356,10 +356,11 @@ impl Uffd {
     }
 
     /// From now on, a number of the descriptor the program closes or takes is replaced by
-    /// one fetched from `vault`, which holds the file at `raw_fd`'s number, instead of the
-    /// descriptor being given up; giving it up releases the vault's copy too.
-    pub fn entrust(&self, vault: &Arc<Vault>, raw_fd: RawFd) {
-        let _ = self.vault.set((vault.clone(), raw_fd));
+    /// one fetched from `vault`, which holds the file at the number it has now
+    /// ([`Vault::new`] was given it), instead of the descriptor being given up; giving it up
+    /// releases the vault's copy too.
+    pub fn entrust(&self, vault: &Arc<Vault>) {
+        let _ = self.vault.set((vault.clone(), self.raw_fd()));
     }
 
     /// Whether the descriptor is still the userfaultfd opened here (see the module docs).
