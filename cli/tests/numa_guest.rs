@@ -910,6 +910,50 @@ fn move_pages_matches_the_kernel_across_nodes() {
     assert_eq!(s_ours, s_kernel, "pagemig against the kernel, back");
 }
 
+/// A thread of the program closes every descriptor while another migrates 32 MiB of base
+/// pages across the nodes and a third writes into them (the host's
+/// `descriptors::closing_or_replacing_every_descriptor_during_a_migration_loses_no_write`
+/// across nodes): the call goes on with its userfaultfds taken back from pagemig's vault;
+/// every byte and write stands and every page lands on the node asked. In forked children
+/// (closing descriptors is process-wide), the blow at several moments of the call.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn closing_every_descriptor_during_a_cross_node_migration_loses_no_write() {
+    let _watchdog = common::Watchdog::new(
+        common::TEST_LIMIT,
+        "closing_every_descriptor_during_a_cross_node_migration_loses_no_write",
+    );
+    let Some((a, b)) = two_nodes() else { return };
+    for us in [0u64, 1000, 4000, 12000] {
+        let child = || {
+            let Ok(engine) = Engine::global() else { return 64 };
+            let region = Region::new(32 * MIB, 4 * KIB, Some(a)).expect("region");
+            pagemig::workload::fill(&region, 99);
+            let (result, log) = pagemig::workload::with_writers(&region, 1, || {
+                std::thread::scope(|s| {
+                    s.spawn(|| {
+                        std::thread::sleep(Duration::from_micros(us));
+                        // SAFETY: closes every descriptor from 3 up, as a daemon's thread
+                        // might; nothing of this child's uses them but pagemig.
+                        unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+                    });
+                    engine.migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync, &MigrateOptions::default())
+                })
+            });
+            let report = pagemig::workload::verify(&region, 99, &log);
+            let on_b = numa::page_nodes(region.addr(), region.len())
+                .map_or(0, |s| s.iter().filter(|&&n| n == b as i32).count());
+            let total = region.len() / PAGE_SIZE;
+            println!("placement: closed-after-{us}us node {b} pages {on_b}/{total}");
+            let whole = result.is_ok_and(|s| s.succeeded_folios == s.folios);
+            i32::from(!report.ok()) | i32::from(!whole) << 1 | i32::from(on_b != total) << 2
+        };
+        // SAFETY: the child opens its own engine and uses only its own threads.
+        let code = unsafe { common::fork_and_wait(Duration::from_secs(120), child) };
+        assert_eq!(code, 0, "{us} us into the call: 1 bytes or writes lost, 2 folios not moved, 4 pages misplaced");
+    }
+}
+
 /// Marks the kernel's migration carries over to the new page: a write-protection the
 /// program put on through a userfaultfd of its own, and a soft-dirty bit it cleared
 /// (`/proc/self/clear_refs`, as a checkpointer tracking writes does) on a page not written
