@@ -1,7 +1,6 @@
 //! The process's mappings, from `/proc/self/maps` and `/proc/self/smaps`: what pagemig may
 //! move, and the per-mapping state (`mlock`, huge-page advice) a migration must keep.
 
-use std::fs;
 
 use crate::error::{Error, Result};
 
@@ -120,7 +119,7 @@ pub fn shared_with_pagemig(v: &Vma, prev: Option<&Vma>, next: Option<&Vma>) -> O
 /// # Errors
 /// [`Error::Io`] when the file cannot be read.
 pub fn vmas() -> Result<Vec<Vma>> {
-    let text = fs::read_to_string("/proc/self/maps").map_err(Error::io("/proc/self/maps"))?;
+    let text = crate::sys::read_text("/proc/self/maps").map_err(Error::io("/proc/self/maps"))?;
     Ok(text.lines().filter_map(parse_line).collect())
 }
 
@@ -130,7 +129,7 @@ pub fn vmas() -> Result<Vec<Vma>> {
 /// [`Error::Io`] when `/proc/self/maps` cannot be read.
 #[cfg(any(test, feature = "internals"))]
 pub fn vma_count() -> Result<usize> {
-    let text = fs::read_to_string("/proc/self/maps").map_err(Error::io("/proc/self/maps"))?;
+    let text = crate::sys::read_text("/proc/self/maps").map_err(Error::io("/proc/self/maps"))?;
     Ok(text.lines().count())
 }
 
@@ -178,7 +177,7 @@ pub fn call_vmas(start: usize, end: usize, count: bool) -> Result<(Vec<Vma>, Opt
 /// # Errors
 /// [`Error::Io`] when the file cannot be read.
 pub fn vmas_with_flags(start: usize, end: usize) -> Result<Vec<Vma>> {
-    let text = fs::read_to_string("/proc/self/smaps").map_err(Error::io("/proc/self/smaps"))?;
+    let text = crate::sys::read_text("/proc/self/smaps").map_err(Error::io("/proc/self/smaps"))?;
     let mut out: Vec<Vma> = Vec::new();
     let mut current: Option<Vma> = None;
     for line in text.lines() {
@@ -200,6 +199,9 @@ pub fn vmas_with_flags(start: usize, end: usize) -> Result<Vec<Vma>> {
     Ok(out)
 }
 
+/// This process's mapping list.
+const MAPS: &std::ffi::CStr = c"/proc/self/maps";
+
 /// The mappings of this process, looked up address by address: with the `PROCMAP_QUERY`
 /// ioctl (Linux 6.11), one lookup in the kernel's tree per mapping met, or else from one
 /// read of `/proc/self/maps`. What reading every mapping costs a process with many of them
@@ -208,7 +210,7 @@ pub fn vmas_with_flags(start: usize, end: usize) -> Result<Vec<Vma>> {
 #[derive(Debug)]
 pub struct Lookup {
     /// `/proc/self/maps`, when the ioctl answers.
-    file: Option<fs::File>,
+    file: Option<crate::sys::OwnFile>,
     /// The mappings met so far (all of them without the ioctl), sorted by address.
     seen: Vec<Vma>,
     /// [`Lookup::in_process`]'s verdict on each mapping asked about, by its start.
@@ -224,7 +226,8 @@ impl Lookup {
     pub fn open() -> Result<Self> {
         /// Whether the ioctl answers on this kernel: asked once per process, not per lookup.
         static QUERY_WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let file = fs::File::open("/proc/self/maps").map_err(Error::io("/proc/self/maps"))?;
+        let file = crate::sys::OwnFile::open(MAPS)
+            .map_err(|errno| Error::io("/proc/self/maps")(std::io::Error::from_raw_os_error(errno.raw_os_error())))?;
         let works = *QUERY_WORKS.get_or_init(|| {
             matches!(crate::sys::procmap_query(&file, 0, true), Ok(_) | Err(crate::sys::Errno::NOENT))
         });
@@ -245,8 +248,10 @@ impl Lookup {
         if self.seen.get(at).is_some_and(|v| v.start <= addr) {
             return Ok(self.seen.get(at));
         }
-        let Some(file) = &self.file else { return Ok(None) };
-        match crate::sys::procmap_query(file, addr, false) {
+        if self.file.is_none() {
+            return Ok(None);
+        }
+        match self.query(addr, false) {
             Ok(q) => {
                 let v = from_query(q);
                 let at = self.seen.partition_point(|s| s.end <= v.start);
@@ -287,16 +292,34 @@ impl Lookup {
         Ok(verdict)
     }
 
+    /// `PROCMAP_QUERY` on the open file; where the program closed or took its number
+    /// meanwhile, on `/proc/self/maps` opened again (a few times).
+    fn query(&mut self, addr: usize, or_next: bool) -> std::result::Result<crate::sys::QueriedVma, crate::sys::Errno> {
+        let mut tries = 8;
+        loop {
+            let Some(file) = &self.file else { return Err(crate::sys::Errno::BADF) };
+            match crate::sys::procmap_query(file, addr, or_next) {
+                Err(crate::sys::Errno::BADF) if tries > 0 => {
+                    tries -= 1;
+                    if let Ok(again) = crate::sys::OwnFile::open(MAPS) {
+                        self.file = Some(again);
+                    }
+                }
+                answer => return answer,
+            }
+        }
+    }
+
     /// The mappings overlapping `[start, end)`, in address order.
     ///
     /// # Errors
     /// As [`Lookup::at`].
     pub fn range(&mut self, start: usize, end: usize) -> Result<Vec<Vma>> {
-        if let Some(file) = &self.file {
+        if self.file.is_some() {
             let mut out = Vec::new();
             let mut at = start;
             while at < end {
-                match crate::sys::procmap_query(file, at, true) {
+                match self.query(at, true) {
                     Ok(q) if q.start < end => {
                         at = q.end;
                         out.push(from_query(q));

@@ -1,7 +1,6 @@
 //! NUMA topology from `/sys/devices/system/node`, and where the pages of a range are.
 
 use std::collections::BTreeMap;
-use std::fs;
 
 use crate::error::{Error, Result};
 use crate::sys::{self, PAGE_SIZE};
@@ -47,7 +46,7 @@ pub fn parse_list(text: &str) -> Result<Vec<u32>> {
 }
 
 fn read(path: &str) -> Result<String> {
-    fs::read_to_string(path).map_err(Error::io(path))
+    crate::sys::read_text(path).map_err(Error::io(path))
 }
 
 /// The online nodes that have memory, in order.
@@ -56,7 +55,7 @@ fn read(path: &str) -> Result<String> {
 /// [`Error::Io`] when sysfs cannot be read.
 pub fn memory_nodes() -> Result<Vec<u32>> {
     let path = format!("{NODE_ROOT}/has_memory");
-    match fs::read_to_string(&path) {
+    match crate::sys::read_text(&path) {
         Ok(text) => parse_list(&text),
         // Kernels without NUMA support expose no node directory: one node, 0.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![0]),
@@ -69,7 +68,7 @@ pub fn memory_nodes() -> Result<Vec<u32>> {
 /// # Errors
 /// [`Error::Io`] when sysfs cannot be read.
 pub fn nodes() -> Result<Vec<Node>> {
-    let online = match fs::read_to_string(format!("{NODE_ROOT}/online")) {
+    let online = match crate::sys::read_text(format!("{NODE_ROOT}/online")) {
         Ok(text) => parse_list(&text)?,
         Err(_) => vec![0],
     };
@@ -170,14 +169,12 @@ pub fn placement(addr: usize, len: usize) -> Result<BTreeMap<i32, usize>> {
 /// # Errors
 /// [`Error::Invalid`] for an unaligned range, [`Error::Io`] when pagemap cannot be read.
 pub fn page_frames(addr: usize, len: usize) -> Result<Vec<Option<u64>>> {
-    use std::os::unix::fs::FileExt;
     if addr % PAGE_SIZE != 0 || len % PAGE_SIZE != 0 {
         return Err(Error::Invalid(format!("range {addr:#x}+{len:#x} is not page aligned")));
     }
-    let path = "/proc/self/pagemap";
-    let file = fs::File::open(path).map_err(Error::io(path))?;
     let mut raw = vec![0u8; len / PAGE_SIZE * 8];
-    file.read_exact_at(&mut raw, (addr / PAGE_SIZE * 8) as u64).map_err(Error::io(path))?;
+    crate::sys::with_file(c"/proc/self/pagemap", |f| f.read_exact_at(&mut raw, (addr / PAGE_SIZE * 8) as u64))
+        .map_err(|errno| Error::io("/proc/self/pagemap")(std::io::Error::from_raw_os_error(errno.raw_os_error())))?;
     Ok(raw
         .chunks_exact(8)
         .map(|c| {

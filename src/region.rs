@@ -230,7 +230,7 @@ impl Region {
     }
 
     fn smaps_sum(&self, field: &str) -> Result<u64> {
-        let text = std::fs::read_to_string("/proc/self/smaps").map_err(Error::io("/proc/self/smaps"))?;
+        let text = crate::sys::read_text("/proc/self/smaps").map_err(Error::io("/proc/self/smaps"))?;
         let (start, end) = (self.addr(), self.addr() + self.len());
         let mut inside = false;
         let mut total = 0u64;

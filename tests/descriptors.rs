@@ -340,6 +340,10 @@ fn blow_during(blow: Blow, after: Duration) -> i32 {
     let outcome = result.as_ref().map(|s| (s.succeeded_folios, s.folios)).map_err(|e| e.errno());
     eprintln!("{blow:?} after {after:?}: {outcome:?}, {} writes; {report:?}", log.writes);
     let mut failed = if report.ok() { 0 } else { 8 };
+    // The call itself goes on: nothing the program did keeps the memory from moving.
+    if outcome.is_err() || outcome.is_ok_and(|(done, all)| done != all) {
+        failed |= 2;
+    }
     // pagemig holds at most two numbers per userfaultfd (the one it uses and a duplicate),
     // none it lost track of (such a copy would keep the userfaultfd open for ever).
     let held = userfaultfds();
@@ -395,9 +399,88 @@ fn closing_or_replacing_every_descriptor_during_a_migration_loses_no_write() {
             let code = unsafe { common::fork_and_wait(Duration::from_secs(60), || blow_during(blow, after)) };
             assert_eq!(
                 code, 0,
-                "{blow:?} {after:?} into the migration: 1 bytes of the program's files lost, 4 a later call failed, \
-                 8 memory bytes or writes lost, 16 a userfaultfd copy lost track of, 32 a low number taken"
+                "{blow:?} {after:?} into the migration: 1 bytes of the program's files lost, 2 the call failed, \
+                 4 a later call failed, 8 memory bytes or writes lost, 16 a userfaultfd copy lost track of, \
+                 32 a low number taken"
             );
         }
     }
+}
+
+/// Calls while a thread of the program keeps closing every low descriptor and putting the
+/// read end of a pipe of its own (holding data it reads back at the end) at each number:
+/// the files pagemig opens for a call (`/proc/self/pagemap`, `/proc/self/maps`, the node
+/// lists in `/sys`) are closed or replaced between their `open` and their `read` again and
+/// again. Every call moves every folio (before, one failed `EBADF` reading
+/// `/sys/devices/system/node/has_memory` now and then, in the guest), no byte of the
+/// program's pipe is read by pagemig (a `read` of it would take the data, or wait for ever
+/// on an empty pipe), and every byte of memory stays.
+fn hammered_calls() -> i32 {
+    const CALLS: usize = 40;
+    let Ok(engine) = Engine::global() else { return 64 };
+    let region = Region::new(LEN, 4096, Some(node())).unwrap();
+    workload::fill(&region, SEED);
+    let pair = pipe_pair();
+    // The program's own numbers, above those it hammers (and below pagemig's high ones).
+    // SAFETY: duplicates of the program's own pipe ends.
+    let (read, write) = unsafe {
+        (libc::fcntl(pair.read, libc::F_DUPFD_CLOEXEC, 200), libc::fcntl(pair.write, libc::F_DUPFD_CLOEXEC, 201))
+    };
+    let data = pattern(7);
+    // SAFETY: writes from a buffer of ours of the length given.
+    assert_eq!(unsafe { libc::write(write, data.as_ptr().cast(), data.len()) }, BYTES as isize);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let mut failed = 0;
+    let mut done = 0;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: the program closes its low numbers (pagemig's among them) and puts
+                // its pipe at each; its own ends sit at 200 and 201.
+                unsafe {
+                    libc::syscall(libc::SYS_close_range, 3u32, 199u32, 0u32);
+                    for n in 3..64 {
+                        libc::dup2(read, n);
+                    }
+                }
+            }
+        });
+        let opts = MigrateOptions::default();
+        for k in 0..CALLS {
+            match engine.migrate_pages(
+                &region.folios(),
+                if k % 2 == 0 { other_node() } else { node() },
+                Reason::Syscall,
+                Mode::Sync,
+                &opts,
+            ) {
+                Ok(st) if st.succeeded_folios == st.folios => done += 1,
+                other => {
+                    eprintln!("call {k}: {:?}", other.map(|s| (s.succeeded_folios, s.folios)));
+                    failed |= 2;
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    eprintln!("hammered: {done} of {CALLS} calls whole");
+    if !workload::verify(&region, SEED, &workload::WriteLog::default()).ok() {
+        failed |= 8;
+    }
+    if read_all(read) != data {
+        eprintln!("the program's pipe lost bytes");
+        failed |= 1;
+    }
+    failed
+}
+
+#[test]
+fn closing_and_replacing_low_descriptors_all_the_time_fails_no_call_and_reads_none_of_the_programs() {
+    let _watchdog = common::Watchdog::new(
+        common::TEST_LIMIT,
+        "closing_and_replacing_low_descriptors_all_the_time_fails_no_call_and_reads_none_of_the_programs",
+    );
+    // SAFETY: the child opens its own engine and uses only its own threads.
+    let code = unsafe { common::fork_and_wait(Duration::from_secs(120), hammered_calls) };
+    assert_eq!(code, 0, "1 the program's pipe read by pagemig, 2 a call failed, 8 memory bytes lost, 64 setup");
 }

@@ -210,7 +210,7 @@ pub(crate) fn apply(engine: std::result::Result<&'static Engine, Errno>) -> Load
     let engine_ref = move || engine.map_err(|errno| Error::Sys { op: "userfaultfd (the engine did not open)", errno });
     let mut loaded = Loaded { file: path(), ..Default::default() };
     if let Some(file) = loaded.file.clone() {
-        match std::fs::read_to_string(&file) {
+        match crate::sys::read_text(&file) {
             Ok(text) => {
                 for (i, line) in text.lines().enumerate() {
                     let source = Source::File { path: file.clone(), line: i + 1 };

@@ -393,7 +393,7 @@ pub fn set_kernel(kernel: Option<Kernel>) {
 fn llc_bytes() -> usize {
     (0..8)
         .rev()
-        .find_map(|i| std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size")).ok())
+        .find_map(|i| crate::sys::read_text(format!("/sys/devices/system/cpu/cpu0/cache/index{i}/size")).ok())
         .and_then(|s| {
             let s = s.trim();
             let (n, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));

@@ -66,7 +66,7 @@ const RANGE_MEMORY_FACTOR: usize = 16;
 /// The machine's memory, RAM and swap (`MemTotal` and `SwapTotal` of `/proc/meminfo`), in
 /// pages; no bound where it cannot be read.
 fn memory_pages() -> usize {
-    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
+    let Ok(meminfo) = crate::sys::read_text("/proc/meminfo") else {
         return usize::MAX / RANGE_MEMORY_FACTOR;
     };
     let kib: usize = meminfo

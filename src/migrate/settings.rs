@@ -175,7 +175,7 @@ settings! {
 
 /// `migrate/prepare_ahead_mib`'s default: 8 where the process may run on 4 CPUs or more.
 fn default_prepare_ahead_mib() -> usize {
-    if std::thread::available_parallelism().is_ok_and(|n| n.get() >= 4) { 8 } else { 0 }
+    if crate::sys::usable_cpus() >= 4 { 8 } else { 0 }
 }
 
 /// An engine's settings, read and written from any thread without a lock (a forked child

@@ -37,7 +37,7 @@ fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
 pub fn mtcopy() -> &'static Arc<mtcopy::MtCopy> {
     MTCOPY.get_or_init(|| {
         hold_at_fork();
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, mtcopy::MAX_THREADS);
+        let cpus = crate::sys::usable_cpus().clamp(1, mtcopy::MAX_THREADS);
         mtcopy::MtCopy::new(cpus).expect("a thread count within bounds")
     })
 }

@@ -230,5 +230,5 @@ fn ask_thread_stack() -> Option<(usize, usize)> {
 
 /// `vm.max_map_count`: the most mappings a process may hold.
 pub fn max_map_count() -> usize {
-    std::fs::read_to_string("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530)
+    super::read_text("/proc/sys/vm/max_map_count").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(65530)
 }

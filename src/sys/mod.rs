@@ -16,6 +16,7 @@
 //! re-exported here.
 #![allow(unsafe_code)]
 
+mod files;
 pub mod mapping;
 pub(crate) mod own;
 mod mempolicy;
@@ -27,6 +28,7 @@ pub mod thread;
 pub mod uffd;
 pub mod vault;
 
+pub use files::{OwnFile, read_text, with_file};
 pub use mapping::Mapping;
 pub use mempolicy::*;
 pub use mm::*;

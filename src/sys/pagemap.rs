@@ -37,17 +37,16 @@ pub struct PageMarks {
 /// # Errors
 /// The errno of opening or reading `/proc/self/pagemap`.
 pub fn page_marks(pages: &[usize]) -> Result<Vec<PageMarks>, Errno> {
-    use std::os::unix::fs::FileExt;
     /// Entries read at once, at most.
     const CHUNK: usize = 8192;
-    let file = std::fs::File::open("/proc/self/pagemap").map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
     let mut order: Vec<usize> = (0..pages.len()).collect();
     order.sort_unstable_by_key(|&i| pages[i] / PAGE_SIZE);
     let mut marks = vec![PageMarks::default(); pages.len()];
     let tracked = soft_dirty_tracked();
     let mut buf = vec![0u8; CHUNK * 8];
-    let mut k = 0;
-    while k < order.len() {
+    super::with_file(c"/proc/self/pagemap", |file| {
+        let mut k = 0;
+        while k < order.len() {
         // A run of pages no more than CHUNK entries wide, read with one pread.
         let first = pages[order[k]] / PAGE_SIZE;
         let mut j = k;
@@ -56,7 +55,7 @@ pub fn page_marks(pages: &[usize]) -> Result<Vec<PageMarks>, Errno> {
         }
         let span = pages[order[j - 1]] / PAGE_SIZE - first + 1;
         let bytes = &mut buf[..span * 8];
-        file.read_exact_at(bytes, (first * 8) as u64).map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+        file.read_exact_at(bytes, (first * 8) as u64)?;
         for &i in &order[k..j] {
             let at = (pages[i] / PAGE_SIZE - first) * 8;
             let entry = u64::from_ne_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
@@ -71,6 +70,8 @@ pub fn page_marks(pages: &[usize]) -> Result<Vec<PageMarks>, Errno> {
         }
         k = j;
     }
+    Ok(())
+    })?;
     Ok(marks)
 }
 
@@ -90,18 +91,9 @@ pub fn soft_dirty_tracked() -> bool {
 /// Reads the 8 bytes at `at` of the file at `path`: raw system calls and a buffer on the
 /// stack (async-signal-safe); `None` where it cannot.
 fn read_u64_at(path: &std::ffi::CStr, at: u64) -> Option<u64> {
-    // SAFETY: a NUL-terminated path of ours; 8 bytes into a buffer of ours; the descriptor is
-    // ours and closed right after.
-    unsafe {
-        let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-        if fd < 0 {
-            return None;
-        }
-        let mut b = [0u8; 8];
-        let n = libc::pread(fd, b.as_mut_ptr().cast(), 8, at as libc::off_t);
-        libc::close(fd);
-        (n == 8).then(|| u64::from_ne_bytes(b))
-    }
+    let mut b = [0u8; 8];
+    super::with_file(path, |f| f.read_exact_at(&mut b, at)).ok()?;
+    Some(u64::from_ne_bytes(b))
 }
 
 /// The `/proc/self/pagemap` entry of the page at `addr` (async-signal-safe).
@@ -131,15 +123,11 @@ pub fn large_folio_at(page: usize) -> bool {
 #[cfg(any(feature = "ffi", feature = "internals"))]
 pub fn huge_page_at(block: usize) -> bool {
     let Some(end) = block.checked_add(super::HPAGE_SIZE) else { return false };
-    // SAFETY: a NUL-terminated path of ours; the descriptor is closed below.
-    let fd = unsafe { libc::open(c"/proc/self/pagemap".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return false;
-    }
     let mut region = [page_region { start: 0, end: 0, categories: 0 }];
-    let found = scan_step(fd, block, end, linux_raw_sys::general::PAGE_IS_HUGE, &mut region);
-    // SAFETY: our own descriptor, opened above.
-    unsafe { libc::close(fd) };
+    let found = super::with_file(c"/proc/self/pagemap", |f| {
+        let found = scan_step(f.raw_fd(), block, end, linux_raw_sys::general::PAGE_IS_HUGE, &mut region);
+        f.check().and(found)
+    });
     found.is_ok_and(|(n, _)| n == 1) && region[0].start == block as u64 && region[0].end == end as u64
 }
 
@@ -200,9 +188,8 @@ pub struct QueriedVma {
 ///
 /// # Errors
 /// `ENOENT` when there is none, `ENOTTY` before Linux 6.11, or the ioctl's errno.
-pub fn procmap_query(fd: &std::fs::File, addr: usize, or_next: bool) -> Result<QueriedVma, Errno> {
+pub fn procmap_query(fd: &super::OwnFile, addr: usize, or_next: bool) -> Result<QueriedVma, Errno> {
     use linux_raw_sys::general::{procmap_query, procmap_query_flags};
-    use std::os::fd::AsRawFd;
     // _IOWR('f', 17, struct procmap_query)
     const PROCMAP_QUERY: libc::c_ulong =
         (3 << 30) | ((std::mem::size_of::<procmap_query>() as libc::c_ulong) << 16) | (0x66 << 8) | 17;
@@ -226,7 +213,10 @@ pub fn procmap_query(fd: &std::fs::File, addr: usize, or_next: bool) -> Result<Q
     };
     // SAFETY: `q` is a valid `procmap_query` of its own size, and its name buffer is
     // `name`, writable for `vma_name_size` bytes for the duration of the call.
-    check_int(unsafe { libc::ioctl(fd.as_raw_fd(), PROCMAP_QUERY, &mut q) })?;
+    let rc = unsafe { libc::ioctl(fd.raw_fd(), PROCMAP_QUERY, &mut q) };
+    // The answer is this file's only while the number still names it.
+    fd.check()?;
+    check_int(rc)?;
     let len = (q.vma_name_size as usize).min(name.len());
     let text = &name[..len];
     let text = &text[..text.iter().position(|&b| b == 0).unwrap_or(len)];
@@ -272,13 +262,13 @@ pub fn held_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, Errn
 /// The ranges of `[start, end)` whose pages are each in one of `categories` (`PAGE_IS_*`
 /// bits), by the `PAGEMAP_SCAN` ioctl, adjacent ranges merged.
 fn scan_ranges(start: usize, end: usize, categories: u32) -> Result<Vec<(usize, usize)>, Errno> {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open("/proc/self/pagemap").map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
-    let mut out: Vec<(usize, usize)> = Vec::new();
     let mut regions = vec![page_region { start: 0, end: 0, categories: 0 }; 256];
+    super::with_file(c"/proc/self/pagemap", |file| {
+    let mut out: Vec<(usize, usize)> = Vec::new();
     let mut at = start;
     while at < end {
-        let (n, walked) = scan_step(file.as_raw_fd(), at, end, categories, &mut regions)?;
+        let step = scan_step(file.raw_fd(), at, end, categories, &mut regions);
+        let (n, walked) = file.check().and(step)?;
         for r in &regions[..n] {
             match out.last_mut() {
                 Some(last) if last.1 == r.start as usize => last.1 = r.end as usize,
@@ -291,4 +281,5 @@ fn scan_ranges(start: usize, end: usize, categories: u32) -> Result<Vec<(usize, 
         at = walked;
     }
     Ok(out)
+    })
 }

@@ -67,6 +67,17 @@ pub fn allowed_cpus() -> Vec<usize> {
     }
 }
 
+/// How many CPUs the calling thread may run on (at least 1): `sched_getaffinity(2)`,
+/// without reading a file. `std::thread::available_parallelism` reads
+/// `/proc/self/cgroup` with `read(2)` on a number the program may have closed and given to
+/// a pipe of its own meanwhile: that read would take the program's bytes.
+pub fn usable_cpus() -> usize {
+    match rustix::thread::sched_getaffinity(None) {
+        Ok(set) => set.count().max(1) as usize,
+        Err(_) => 1,
+    }
+}
+
 /// Pins the calling thread to `cpu`.
 ///
 /// # Errors

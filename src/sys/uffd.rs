@@ -261,7 +261,7 @@ fn keep_high(fd: RawFd) -> Option<RawFd> {
 
 /// A close-on-exec duplicate of `fd` at three quarters of the soft `RLIMIT_NOFILE` or above;
 /// `None` where none is free there.
-fn dup_high(fd: RawFd) -> Option<RawFd> {
+pub(super) fn dup_high(fd: RawFd) -> Option<RawFd> {
     let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: fills the struct of ours.
     let floor = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
@@ -335,6 +335,14 @@ impl Uffd {
     }
 
     fn own(fd: OwnedFd, user_mode_only: bool, wp_unpopulated: bool) -> Result<Self, Errno> {
+        // Used at a high number: a thread of the program that closes its low numbers and
+        // opens files (which land on the lowest free ones) never meets it between pagemig's
+        // proof that a number is its own and the read or ioctl that follows.
+        let file = inode(fd.as_raw_fd())?;
+        let low = fd.into_raw_fd();
+        let fd = super::files::to_high(low, |n| inode(n) == Ok(file)).ok_or(Errno::BADF)?;
+        // SAFETY: `to_high` proved the number to name the userfaultfd opened here; ours alone.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let identity = Identity::of(fd.as_raw_fd())?;
         // INVARIANT: UFFDIO_API succeeded with the features asked for; the descriptor and
         // its duplicate were opened just now.
@@ -417,10 +425,13 @@ impl Uffd {
         }
         let (vault, at) = self.vault.get()?;
         let mut backoff = crate::backoff::Backoff::kernel().within(std::time::Duration::from_secs(1));
+        // A number handed out on the way that the program took meanwhile: again, a few times.
+        let mut taken = 8;
         let fetched = loop {
-            match vault.fetch(*at) {
+            match vault.fetch(*at, self.identity.inode) {
                 Ok(fetched) => break fetched,
                 Err(Errno::MFILE | Errno::NFILE) if backoff.pause() => {}
+                Err(Errno::BADF) if taken > 0 => taken -= 1,
                 Err(_) => return None,
             }
         };
@@ -428,10 +439,6 @@ impl Uffd {
             // SAFETY: a descriptor made here and not handed out, ours alone.
             unsafe { libc::close(n) };
         };
-        if inode(fetched) != Ok(self.identity.inode) {
-            close(fetched);
-            return None;
-        }
         // Which of the numbers held still name this very file (the vault's); not the one
         // just fetched, which may have the number of one the program closed.
         let names = |n: RawFd| {
@@ -439,16 +446,15 @@ impl Uffd {
         };
         let keep = self.identity.keep.load(Ordering::Acquire);
         let (fd_ok, keep_ok) = (names(fd), names(keep));
-        let high = || dup_high(fetched);
-        // Where no high number is free, the fetched one it is.
+        // The fetched number is a high one already where one was free.
         let primary = if fd_ok {
             fd
         } else if keep_ok {
             keep
         } else {
-            high().unwrap_or(fetched)
+            fetched
         };
-        let new_keep = if keep_ok && keep != primary { keep } else { high().unwrap_or(-1) };
+        let new_keep = if keep_ok && keep != primary { keep } else { dup_high(fetched).unwrap_or(-1) };
         if primary != fetched {
             close(fetched);
         }

@@ -96,28 +96,34 @@ impl Vault {
         let vault = Self { tid: tid.unwrap_or(0), shared, handle: Some(handle) };
         // The kernel lets a file be fetched back from it: else no vault (dropped, its thread
         // ends and its table goes).
-        let works = tid.is_some() && vault.fetch(highest).map(close).is_ok();
+        let works = tid.is_some()
+            && super::uffd::inode(highest).is_ok_and(|file| vault.fetch(highest, file).map(close).is_ok());
         works.then(|| Arc::new(vault))
     }
 
     /// A new descriptor, in the calling thread's table and close-on-exec, of the file the
-    /// vault holds at `fd`.
+    /// vault holds at `fd`, whose `st_dev` and `st_ino` are `file`: at a high number where
+    /// one is free (see `files::to_high`). The numbers the kernel hands out on the way (the
+    /// pidfd's, the fetched file's) are the lowest free ones, which a thread of the program
+    /// may close or take meanwhile: what it put there is left alone, and the fetch answers
+    /// `EBADF` (try again).
     ///
     /// # Errors
     /// The errno of `pidfd_open` or `pidfd_getfd`: `EMFILE` with no descriptor free,
-    /// `EBADF` where the vault does not hold `fd` (released).
-    pub fn fetch(&self, fd: RawFd) -> Result<RawFd, Errno> {
+    /// `EBADF` where the vault does not hold `fd` (released) or a number was taken.
+    pub fn fetch(&self, fd: RawFd, file: (u64, u64)) -> Result<RawFd, Errno> {
         // SAFETY: `pidfd_open` takes its arguments by value and makes a descriptor of ours.
-        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, self.tid, PIDFD_THREAD) };
-        if pidfd < 0 {
+        let low = unsafe { libc::syscall(libc::SYS_pidfd_open, self.tid, PIDFD_THREAD) };
+        if low < 0 {
             return Err(last_errno());
         }
-        let pidfd = pidfd as RawFd;
+        let pidfd = super::files::to_high(low as RawFd, is_pidfd).ok_or(Errno::BADF)?;
         // SAFETY: as above; the new descriptor is ours.
         let got = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) };
         let result = if got < 0 { Err(last_errno()) } else { Ok(got as RawFd) };
         close(pidfd);
-        result
+        let got = result?;
+        super::files::to_high(got, |n| super::uffd::inode(n) == Ok(file)).ok_or(Errno::BADF)
     }
 
     /// Addresses of the vault's heap objects, which a fetch and a release touch: the
@@ -171,6 +177,13 @@ fn private_table(keep: &[RawFd]) -> Option<libc::pid_t> {
     Some(unsafe { libc::gettid() })
 }
 
+/// Whether `fd` is a pidfd (pidfs, Linux 6.9; an anonymous inode before).
+fn is_pidfd(fd: RawFd) -> bool {
+    const PID_FS_MAGIC: i64 = 0x5049_4446;
+    const ANON_INODE_FS_MAGIC: i64 = 0x0904_1934;
+    matches!(super::files::fs_magic(fd), Some(PID_FS_MAGIC | ANON_INODE_FS_MAGIC))
+}
+
 fn close(fd: RawFd) {
     // SAFETY: a descriptor the caller made just now and owns.
     unsafe { libc::close(fd) };
@@ -195,7 +208,7 @@ mod tests {
         let mut p = [0; 2];
         // SAFETY: fills the array of ours.
         assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
-        let want = inode(p[0]).unwrap();
+        let want = crate::sys::uffd::inode(p[0]).unwrap();
         let vault = Vault::new(&[p[0]]).expect("a vault (pidfd_open of a thread: Linux 6.9)");
         let mut q = [0; 2];
         // SAFETY: as above; then the program's own pipe over the kept number.
@@ -203,9 +216,9 @@ mod tests {
             assert_eq!(libc::pipe(q.as_mut_ptr()), 0);
             assert_eq!(libc::dup2(q[0], p[0]), p[0]);
         }
-        let back = vault.fetch(p[0]).expect("fetched back");
+        let back = vault.fetch(p[0], want).expect("fetched back");
         assert_ne!(back, p[0]);
-        assert_eq!(inode(back), Some(want));
+        assert_eq!(inode(back), Some(want.1));
         assert_eq!(inode(p[0]), inode(q[0]), "the program's number was left alone");
         // Bytes written to the first pipe are read from the fetched descriptor.
         // SAFETY: one byte through descriptors of ours.
@@ -217,7 +230,7 @@ mod tests {
         }
         vault.release(p[0]);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while vault.fetch(p[0]).map(close).is_ok() {
+        while vault.fetch(p[0], want).map(close).is_ok() {
             assert!(std::time::Instant::now() < deadline, "the vault never let the file go");
             std::thread::sleep(std::time::Duration::from_millis(1));
         }

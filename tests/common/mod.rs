@@ -247,15 +247,7 @@ pub unsafe fn fork_and_wait_or_kill(limit: Duration, child: impl FnOnce() -> i32
     // SAFETY: waits (without blocking) for the child just forked.
     while unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == 0 {
         if started.elapsed() > limit {
-            if std::env::var_os("PAGEMIG_DEBUG_HANG").is_some() {
-                let pid = pid.to_string();
-                if let Ok(o) = std::process::Command::new("gdb")
-                    .args(["-p", &pid, "-batch", "-ex", "thread apply all bt 30"])
-                    .output()
-                {
-                    eprintln!("{}", String::from_utf8_lossy(&o.stdout));
-                }
-            }
+            report_hang(pid);
             // SAFETY: our own child; reaped right after.
             unsafe {
                 libc::kill(pid, libc::SIGKILL);
@@ -267,6 +259,42 @@ pub unsafe fn fork_and_wait_or_kill(limit: Duration, child: impl FnOnce() -> i32
     }
     assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
     Some(libc::WEXITSTATUS(status))
+}
+
+/// What a hung child's threads are doing, on stderr: each thread's name, state, the
+/// syscall it waits in and its kernel stack (where readable), from `/proc`; with
+/// `PAGEMIG_DEBUG_HANG` set, also `gdb`'s backtraces of every thread (where `gdb` is found).
+pub fn report_hang(pid: libc::pid_t) {
+    let read = |p: String| std::fs::read_to_string(p).unwrap_or_default();
+    let mut tids: Vec<u32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect())
+        .unwrap_or_default();
+    tids.sort_unstable();
+    eprintln!("hung child {pid}: {} threads", tids.len());
+    for tid in tids {
+        let t = format!("/proc/{pid}/task/{tid}");
+        let stat = read(format!("{t}/stat"));
+        let state = stat.rsplit_once(") ").map_or("?", |(_, r)| &r[..1]);
+        eprintln!(
+            "  {tid} {:?} state {state} wchan {} syscall {}",
+            read(format!("{t}/comm")).trim(),
+            read(format!("{t}/wchan")),
+            read(format!("{t}/syscall")).trim(),
+        );
+        for line in read(format!("{t}/stack")).lines().take(12) {
+            eprintln!("      {line}");
+        }
+    }
+    if std::env::var_os("PAGEMIG_DEBUG_HANG").is_some() {
+        let pid = pid.to_string();
+        let gdb = ["gdb", "/usr/bin/gdb"].into_iter().find_map(|g| {
+            std::process::Command::new(g).args(["-p", &pid, "-batch", "-ex", "thread apply all bt 30"]).output().ok()
+        });
+        match gdb {
+            Some(o) => eprintln!("{}", String::from_utf8_lossy(&o.stdout)),
+            None => eprintln!("PAGEMIG_DEBUG_HANG: no gdb found"),
+        }
+    }
 }
 
 /// The address of a page this process mapped, wrote and unmapped again, placed low in the

@@ -159,7 +159,7 @@ impl Plan {
                 && !precopy
                 && several_pieces
                 && base_pages
-                && std::thread::available_parallelism().is_ok_and(|n| n.get() >= 2),
+                && crate::sys::usable_cpus() >= 2,
             answer_faults: settings.answer_faults,
         }
     }

@@ -1,0 +1,241 @@
+//! The files pagemig opens for itself (`/proc/self/*`, `/sys/devices/system/node/*`), in a
+//! descriptor table the program shares and may change at any moment: a thread of the program
+//! may close every descriptor (`close_range(3, ~0U, 0)`), or `dup2` its own files over them,
+//! between pagemig's `open` and its `read`. Without care a call then fails (`EBADF`) where
+//! the kernel's would not, reads a file of the program's instead of its own (consuming a
+//! pipe's data, moving a shared offset) or closes the program's descriptor at the end.
+//!
+//! An [`OwnFile`] is moved to a high number right after `open` (the kernel hands the
+//! program's next `open` the lowest free one), checked to be on the file system its path
+//! names, read with `pread` only (which moves no offset and refuses pipes and sockets), and
+//! proven by its inode after each use; it is closed only while its number still names it.
+//! [`with_file`] and [`read_text`] open again and start over, a few times, where the number
+//! was lost meanwhile. All of it is plain system calls on the caller's buffers:
+//! async-signal-safe, except [`read_text`], which allocates.
+
+use std::ffi::CStr;
+use std::os::fd::RawFd;
+
+use super::uffd::{dup_high, inode};
+use super::{Errno, last_errno};
+
+/// `PROC_SUPER_MAGIC`.
+const PROC_MAGIC: i64 = 0x9fa0;
+/// `SYSFS_MAGIC`.
+const SYSFS_MAGIC: i64 = 0x6265_6572;
+
+/// How many times a use whose number the program took is started over.
+const TRIES: usize = 8;
+
+/// A file of pagemig's, opened read-only (see the module docs).
+#[derive(Debug)]
+pub struct OwnFile {
+    fd: RawFd,
+    /// `st_dev` and `st_ino` of the file opened.
+    id: (u64, u64),
+}
+
+impl OwnFile {
+    /// Opens `path` read-only and close-on-exec, at a high number where one is free; again
+    /// (a few times) where the program closed or replaced the number before it could be
+    /// moved and proven.
+    ///
+    /// # Errors
+    /// The errno of `open` (`ENOENT`, `EMFILE`, ...); `EBADF` where every try lost it.
+    pub fn open(path: &CStr) -> Result<Self, Errno> {
+        let mut tries = TRIES;
+        loop {
+            match Self::open_once(path) {
+                Err(Errno::BADF) if tries > 1 => tries -= 1,
+                done => return done,
+            }
+        }
+    }
+
+    fn open_once(path: &CStr) -> Result<Self, Errno> {
+        // SAFETY: a NUL-terminated path; `open` makes a new descriptor of ours.
+        let low = unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+        if low < 0 {
+            return Err(last_errno());
+        }
+        // Between `open` and the move the program may have closed the number and opened a
+        // file of its own there: the file must be on the file system its path names
+        // (pagemig opens only `/proc` and `/sys` files here).
+        let expected = if path.to_bytes().starts_with(b"/proc/") {
+            Some(PROC_MAGIC)
+        } else if path.to_bytes().starts_with(b"/sys/") {
+            Some(SYSFS_MAGIC)
+        } else {
+            None
+        };
+        let fd = to_high(low, |fd| expected.is_none_or(|magic| fs_magic(fd) == Some(magic))).ok_or(Errno::BADF)?;
+        match inode(fd) {
+            Ok(id) => Ok(Self { fd, id }),
+            Err(_) => Err(Errno::BADF),
+        }
+    }
+
+    /// The number, for a system call on the file; [`OwnFile::check`] after it proves the
+    /// call reached this file.
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Whether the number still names the file opened.
+    ///
+    /// # Errors
+    /// `EBADF` where the program closed it or put another file at its number.
+    pub fn check(&self) -> Result<(), Errno> {
+        if inode(self.fd) == Ok(self.id) { Ok(()) } else { Err(Errno::BADF) }
+    }
+
+    /// `pread` of up to `buf.len()` bytes at `offset`, proven to have read this file.
+    ///
+    /// # Errors
+    /// The errno of `pread`; `EBADF` as [`OwnFile::check`].
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize, Errno> {
+        // SAFETY: writes at most `buf.len()` bytes into the caller's buffer.
+        let n = unsafe { libc::pread(self.fd, buf.as_mut_ptr().cast(), buf.len(), offset as libc::off_t) };
+        let read = if n < 0 { Err(last_errno()) } else { Ok(n as usize) };
+        // Whatever `pread` answered, a number that no longer names the file makes it moot.
+        self.check()?;
+        read
+    }
+
+    /// Fills `buf` from `offset` on.
+    ///
+    /// # Errors
+    /// As [`OwnFile::read_at`]; `EIO` where the file ends first.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
+        let mut done = 0;
+        while done < buf.len() {
+            match self.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => return Err(Errno::IO),
+                Ok(n) => done += n,
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for OwnFile {
+    fn drop(&mut self) {
+        if self.check().is_ok() {
+            close(self.fd);
+        }
+    }
+}
+
+/// Runs `use_it` on `path` opened as an [`OwnFile`]; where the program closed or replaced
+/// its number meanwhile (`EBADF`), opens it again and starts over, a few times.
+///
+/// # Errors
+/// The errno of opening the file or of `use_it`; `EBADF` once every try lost its number.
+pub fn with_file<T>(path: &CStr, mut use_it: impl FnMut(&OwnFile) -> Result<T, Errno>) -> Result<T, Errno> {
+    let mut last = Errno::BADF;
+    for _ in 0..TRIES {
+        match OwnFile::open(path).and_then(|f| use_it(&f)) {
+            Err(Errno::BADF) => last = Errno::BADF,
+            done => return done,
+        }
+    }
+    Err(last)
+}
+
+/// The whole of the small text file at `path` (a `/proc` or `/sys` file of pagemig's), as
+/// [`std::fs::read_to_string`] reads it, over [`with_file`].
+///
+/// # Errors
+/// As [`with_file`], as an I/O error; `InvalidData` for text that is not UTF-8.
+pub fn read_text(path: impl AsRef<std::path::Path>) -> std::io::Result<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let cpath = std::ffi::CString::new(path.as_ref().as_os_str().as_bytes()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    let bytes = with_file(&cpath, |f| {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            match f.read_at(&mut chunk, out.len() as u64) {
+                Ok(0) => return Ok(out),
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?;
+    String::from_utf8(bytes).map_err(|_| std::io::ErrorKind::InvalidData.into())
+}
+
+/// Moves `low`, a number this thread was just handed by the kernel, to a high one (where
+/// one is free), so that the program's next `open` gets `low` back as it would without
+/// pagemig. `ours` tells a file of pagemig's from one the program may have put at `low`
+/// meanwhile (after closing pagemig's): `None` then, and the program's number is left
+/// alone. Async-signal-safe.
+pub(super) fn to_high(low: RawFd, ours: impl Fn(RawFd) -> bool) -> Option<RawFd> {
+    let Some(high) = dup_high(low) else {
+        return ours(low).then_some(low);
+    };
+    if !ours(high) {
+        // A duplicate, made here, of what the program put at `low`.
+        close(high);
+        return None;
+    }
+    // `low` is closed only while it still names what `high` does (else the program's now).
+    if same_inode(low, high) && ours(low) {
+        close(low);
+    }
+    Some(high)
+}
+
+/// Whether `a` and `b` name files of one inode.
+fn same_inode(a: RawFd, b: RawFd) -> bool {
+    matches!((inode(a), inode(b)), (Ok(x), Ok(y)) if x == y)
+}
+
+/// The `f_type` of the file system `fd`'s file is on.
+pub(super) fn fs_magic(fd: RawFd) -> Option<i64> {
+    // SAFETY: plain data, overwritten by `fstatfs`.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fills the struct of ours.
+    (unsafe { libc::fstatfs(fd, &mut st) } == 0).then_some(st.f_type as i64)
+}
+
+fn close(fd: RawFd) {
+    // SAFETY: a number the caller proved to name a file opened here.
+    unsafe { libc::close(fd) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A text file reads whole (more than one `pread`), and reads again after its number
+    /// was closed under it; a number the program took meanwhile is left to the program.
+    #[test]
+    fn own_files_read_whole_and_leave_a_taken_number_alone() {
+        let maps = read_text("/proc/self/maps").unwrap();
+        assert!(maps.len() > 4096 || maps.lines().count() > 3, "{maps}");
+        assert!(read_text("/proc/self/no-such-file").is_err());
+        let f = OwnFile::open(c"/proc/self/status").unwrap();
+        assert!(f.raw_fd() > 3, "moved to a high number: {}", f.raw_fd());
+        // The program replaces the number by a pipe of its own.
+        let mut p = [0; 2];
+        // SAFETY: fills the array of ours.
+        assert_eq!(unsafe { libc::pipe(p.as_mut_ptr()) }, 0);
+        // SAFETY: the test plays the program: it puts its pipe at pagemig's number.
+        assert_eq!(unsafe { libc::dup2(p[0], f.raw_fd()) }, f.raw_fd());
+        let mut buf = [0u8; 16];
+        assert_eq!(f.read_at(&mut buf, 0), Err(Errno::BADF));
+        let taken = f.raw_fd();
+        drop(f);
+        assert!(inode(taken).is_ok(), "the program's descriptor was closed");
+        // SAFETY: the test's own descriptors.
+        unsafe {
+            libc::close(taken);
+            libc::close(p[0]);
+            libc::close(p[1]);
+        }
+    }
+}
