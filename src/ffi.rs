@@ -264,6 +264,10 @@ pub fn write_user<T: Copy>(ptr: *mut T, values: &[T]) -> Result<(), Errno> {
 /// (async-signal-safe): what the drop-in's `mbind` asks of its range's edges.
 pub use crate::sys::{huge_page_at, large_folio_at};
 
+/// A `/proc` or `/sys` file read whole without touching a descriptor of the program's (see
+/// `sys::files`).
+pub use crate::sys::read_text;
+
 /// The kernel's `move_pages(2)` for process `pid`, with the caller's arrays as they came.
 ///
 /// # Errors

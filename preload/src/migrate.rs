@@ -99,7 +99,7 @@ impl Args {
 
 /// The nodes that may exist on this machine (`/sys/devices/system/node/possible`).
 fn possible_nodes() -> Option<u32> {
-    let text = std::fs::read_to_string("/sys/devices/system/node/possible").ok()?;
+    let text = pagemig::ffi::read_text("/sys/devices/system/node/possible").ok()?;
     pagemig::numa::parse_list(&text).ok()?.into_iter().max().map(|n| n + 1)
 }
 

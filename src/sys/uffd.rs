@@ -779,14 +779,28 @@ impl Uffd {
 
     fn ioctl<T>(&self, request: Request<T>, arg: &mut T) -> Result<(), Errno> {
         // An ioctl of userfaultfd's numbers on the program's file could mean anything there.
-        let fd = self.proven(true)?;
-        // SAFETY: `arg` is the structure `request` takes (a `Request` exists only for the
-        // pairs above), live for the call; the descriptor was just proven to be this
-        // userfaultfd. What a move or copy does to memory is its caller's promise (those
-        // are unsafe fns); the other ioctls change registration and protection and wake
-        // threads, never memory contents.
-        let ret = unsafe { libc::ioctl(fd, request.number as libc::c_ulong, arg as *mut T) };
-        if ret < 0 { Err(last_errno()) } else { Ok(()) }
+        let mut fd = self.proven(true)?;
+        let mut tries = 8;
+        loop {
+            // SAFETY: `arg` is the structure `request` takes (a `Request` exists only for
+            // the pairs above), live for the call; the descriptor was just proven to be this
+            // userfaultfd. What a move or copy does to memory is its caller's promise (those
+            // are unsafe fns); the other ioctls change registration and protection and wake
+            // threads, never memory contents.
+            let ret = unsafe { libc::ioctl(fd, request.number as libc::c_ulong, arg as *mut T) };
+            if ret >= 0 {
+                return Ok(());
+            }
+            let errno = last_errno();
+            // The program closed or took the number between its proof and the ioctl (which
+            // then did nothing: `EBADF`, or `ENOTTY` on a file of another kind): the call
+            // goes on with the number taken back, as a proof that failed before it would.
+            if tries == 0 || self.identity.proves(fd, true) {
+                return Err(errno);
+            }
+            tries -= 1;
+            fd = self.proven(false)?;
+        }
     }
 }
 
