@@ -924,7 +924,7 @@ fn closing_every_descriptor_during_a_cross_node_migration_loses_no_write() {
         "closing_every_descriptor_during_a_cross_node_migration_loses_no_write",
     );
     let Some((a, b)) = two_nodes() else { return };
-    for us in [0u64, 1000, 4000, 12000] {
+    for us in [0u64, 500, 1000, 2000, 3000, 4000, 8000, 12000] {
         let child = || {
             let Ok(engine) = Engine::global() else { return 64 };
             let region = Region::new(32 * MIB, 4 * KIB, Some(a)).expect("region");
@@ -945,7 +945,10 @@ fn closing_every_descriptor_during_a_cross_node_migration_loses_no_write() {
                 .map_or(0, |s| s.iter().filter(|&&n| n == b as i32).count());
             let total = region.len() / PAGE_SIZE;
             println!("placement: closed-after-{us}us node {b} pages {on_b}/{total}");
-            let whole = result.is_ok_and(|s| s.succeeded_folios == s.folios);
+            let whole = result.as_ref().is_ok_and(|s| s.succeeded_folios == s.folios);
+            if !whole || !report.ok() {
+                println!("closed after {us} us: {result:?}; {report:?}");
+            }
             i32::from(!report.ok()) | i32::from(!whole) << 1 | i32::from(on_b != total) << 2
         };
         // SAFETY: the child opens its own engine and uses only its own threads.
