@@ -217,6 +217,15 @@ pub struct Lookup {
     verdicts: std::collections::BTreeMap<usize, bool>,
 }
 
+impl Drop for Lookup {
+    /// The open `/proc/self/maps` is kept for the next lookup of this process.
+    fn drop(&mut self) {
+        if let Some(file) = self.file.take() {
+            crate::sys::put_kept(MAPS, file);
+        }
+    }
+}
+
 impl Lookup {
     /// Opens `/proc/self/maps`, where the ioctl answers (checked once per process); reads
     /// the whole list where it does not.
@@ -226,7 +235,8 @@ impl Lookup {
     pub fn open() -> Result<Self> {
         /// Whether the ioctl answers on this kernel: asked once per process, not per lookup.
         static QUERY_WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let file = crate::sys::OwnFile::open(MAPS)
+        let file = crate::sys::take_kept(MAPS)
+            .map_or_else(|| crate::sys::OwnFile::open(MAPS), Ok)
             .map_err(|errno| Error::io("/proc/self/maps")(std::io::Error::from_raw_os_error(errno.raw_os_error())))?;
         let works = *QUERY_WORKS.get_or_init(|| {
             matches!(crate::sys::procmap_query(&file, 0, true), Ok(_) | Err(crate::sys::Errno::NOENT))
@@ -301,9 +311,11 @@ impl Lookup {
             match crate::sys::procmap_query(file, addr, or_next) {
                 Err(crate::sys::Errno::BADF) if tries > 0 => {
                     tries -= 1;
-                    if let Ok(again) = crate::sys::OwnFile::open(MAPS) {
-                        self.file = Some(again);
+                    // The lost one is let go unclosed (see `OwnFile::forget`).
+                    if let Some(lost) = self.file.take() {
+                        lost.forget();
                     }
+                    self.file = crate::sys::OwnFile::open(MAPS).ok();
                 }
                 answer => return answer,
             }

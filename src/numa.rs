@@ -46,7 +46,7 @@ pub fn parse_list(text: &str) -> Result<Vec<u32>> {
 }
 
 fn read(path: &str) -> Result<String> {
-    crate::sys::read_text(path).map_err(Error::io(path))
+    crate::sys::read_kept_text(path).map_err(Error::io(path))
 }
 
 /// The online nodes that have memory, in order.
@@ -55,7 +55,7 @@ fn read(path: &str) -> Result<String> {
 /// [`Error::Io`] when sysfs cannot be read.
 pub fn memory_nodes() -> Result<Vec<u32>> {
     let path = format!("{NODE_ROOT}/has_memory");
-    match crate::sys::read_text(&path) {
+    match crate::sys::read_kept_text(&path) {
         Ok(text) => parse_list(&text),
         // Kernels without NUMA support expose no node directory: one node, 0.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![0]),
@@ -173,7 +173,7 @@ pub fn page_frames(addr: usize, len: usize) -> Result<Vec<Option<u64>>> {
         return Err(Error::Invalid(format!("range {addr:#x}+{len:#x} is not page aligned")));
     }
     let mut raw = vec![0u8; len / PAGE_SIZE * 8];
-    crate::sys::with_file(c"/proc/self/pagemap", |f| f.read_exact_at(&mut raw, (addr / PAGE_SIZE * 8) as u64))
+    crate::sys::with_kept_file(c"/proc/self/pagemap", |f| f.read_exact_at(&mut raw, (addr / PAGE_SIZE * 8) as u64))
         .map_err(|errno| Error::io("/proc/self/pagemap")(std::io::Error::from_raw_os_error(errno.raw_os_error())))?;
     Ok(raw
         .chunks_exact(8)

@@ -75,6 +75,14 @@ impl OwnFile {
         }
     }
 
+    /// `pread` of up to `buf.len()` bytes at `offset`, not proven: a caller that reads on
+    /// proves once at the end ([`OwnFile::check`]).
+    fn pread(&self, buf: &mut [u8], offset: u64) -> Result<usize, Errno> {
+        // SAFETY: writes at most `buf.len()` bytes into the caller's buffer.
+        let n = unsafe { libc::pread(self.fd, buf.as_mut_ptr().cast(), buf.len(), offset as libc::off_t) };
+        if n < 0 { Err(last_errno()) } else { Ok(n as usize) }
+    }
+
     /// The number, for a system call on the file; [`OwnFile::check`] after it proves the
     /// call reached this file.
     pub fn raw_fd(&self) -> RawFd {
@@ -90,13 +98,12 @@ impl OwnFile {
     }
 
     /// `pread` of up to `buf.len()` bytes at `offset`, proven to have read this file.
+    #[cfg(test)]
     ///
     /// # Errors
     /// The errno of `pread`; `EBADF` as [`OwnFile::check`].
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize, Errno> {
-        // SAFETY: writes at most `buf.len()` bytes into the caller's buffer.
-        let n = unsafe { libc::pread(self.fd, buf.as_mut_ptr().cast(), buf.len(), offset as libc::off_t) };
-        let read = if n < 0 { Err(last_errno()) } else { Ok(n as usize) };
+        let read = self.pread(buf, offset);
         // Whatever `pread` answered, a number that no longer names the file makes it moot.
         self.check()?;
         read
@@ -109,14 +116,28 @@ impl OwnFile {
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), Errno> {
         let mut done = 0;
         while done < buf.len() {
-            match self.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => return Err(Errno::IO),
+            match self.pread(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
                 Ok(n) => done += n,
                 Err(Errno::INTR) => {}
-                Err(e) => return Err(e),
+                Err(e) => {
+                    self.check()?;
+                    return Err(e);
+                }
             }
         }
-        Ok(())
+        self.check()?;
+        if done < buf.len() { Err(Errno::IO) } else { Ok(()) }
+    }
+}
+
+impl OwnFile {
+    /// Lets go of a file whose number was found lost (a use answered `EBADF`) without
+    /// closing anything: the number is the program's now, or already another file of
+    /// pagemig's (a `/proc` file opened again has the same inode, so the proof cannot tell
+    /// them apart, and closing it would take that one's number from under it).
+    pub fn forget(self) {
+        std::mem::forget(self);
     }
 }
 
@@ -136,12 +157,111 @@ impl Drop for OwnFile {
 pub fn with_file<T>(path: &CStr, mut use_it: impl FnMut(&OwnFile) -> Result<T, Errno>) -> Result<T, Errno> {
     let mut last = Errno::BADF;
     for _ in 0..TRIES {
-        match OwnFile::open(path).and_then(|f| use_it(&f)) {
-            Err(Errno::BADF) => last = Errno::BADF,
+        let file = OwnFile::open(path)?;
+        match use_it(&file) {
+            Err(Errno::BADF) => {
+                file.forget();
+                last = Errno::BADF;
+            }
             done => return done,
         }
     }
     Err(last)
+}
+
+/// A file kept open between uses ([`with_kept_file`]), by the process that opened it: a
+/// forked child's copy names its parent's `/proc/self` files.
+struct Kept {
+    pid: u32,
+    path: std::ffi::CString,
+    file: OwnFile,
+}
+
+/// The files kept open, a handful at most (pagemig reads the same few on every call).
+/// Only ever `try_lock`ed: a thread that finds it busy (or a child forked while a thread of
+/// its parent held it) opens the file afresh instead of waiting.
+static KEPT: std::sync::Mutex<Vec<Kept>> = std::sync::Mutex::new(Vec::new());
+
+/// How many files are kept open at most.
+const KEPT_MAX: usize = 8;
+
+/// [`with_file`] with the file kept open for the next use by this process (one `pread` and
+/// one proof a use instead of an `open`, a move to a high number and a `close`). Not
+/// async-signal-safe (it allocates); [`with_file`] is.
+///
+/// # Errors
+/// As [`with_file`].
+pub fn with_kept_file<T>(path: &CStr, mut use_it: impl FnMut(&OwnFile) -> Result<T, Errno>) -> Result<T, Errno> {
+    let result = match take_kept(path) {
+        Some(file) => match use_it(&file) {
+            // Closed or replaced by the program since: opened afresh below.
+            Err(Errno::BADF) => {
+                file.forget();
+                None
+            }
+            done => Some((done, file)),
+        },
+        None => None,
+    };
+    let (result, file) = match result {
+        Some(r) => r,
+        None => {
+            let mut last = Err(Errno::BADF);
+            let mut opened = None;
+            for _ in 0..TRIES {
+                let file = OwnFile::open(path)?;
+                match use_it(&file) {
+                    Err(Errno::BADF) => {
+                        file.forget();
+                        last = Err(Errno::BADF);
+                    }
+                    done => {
+                        opened = Some((done, file));
+                        break;
+                    }
+                }
+            }
+            match opened {
+                Some(r) => r,
+                None => return last,
+            }
+        }
+    };
+    if result.is_ok() {
+        put_kept(path, file);
+    }
+    result
+}
+
+/// The file at `path` kept open by this process, taken out for a use ([`put_kept`] gives it
+/// back); `None` where none is kept (or another thread holds the list).
+pub fn take_kept(path: &CStr) -> Option<OwnFile> {
+    let pid = std::process::id();
+    let mut kept = KEPT.try_lock().ok()?;
+    // Copies a forked child inherited are dropped here (closed where still theirs).
+    kept.retain(|k| k.pid == pid);
+    let at = kept.iter().position(|k| k.path.as_c_str() == path)?;
+    Some(kept.swap_remove(at).file)
+}
+
+/// Keeps `file` (opened at `path`) open for the next use by this process, where there is
+/// room; else it is closed.
+pub fn put_kept(path: &CStr, file: OwnFile) {
+    if let Ok(mut kept) = KEPT.try_lock()
+        && kept.len() < KEPT_MAX
+        && !kept.iter().any(|k| k.path.as_c_str() == path)
+    {
+        kept.push(Kept { pid: std::process::id(), path: path.to_owned(), file });
+    }
+}
+
+/// [`read_text`] of a file kept open between reads ([`with_kept_file`]): for the files
+/// pagemig reads on every call.
+///
+/// # Errors
+/// As [`read_text`].
+pub fn read_kept_text(path: impl AsRef<std::path::Path>) -> std::io::Result<String> {
+    read_text_with(path, true)
 }
 
 /// The whole of the small text file at `path` (a `/proc` or `/sys` file of pagemig's), as
@@ -150,21 +270,27 @@ pub fn with_file<T>(path: &CStr, mut use_it: impl FnMut(&OwnFile) -> Result<T, E
 /// # Errors
 /// As [`with_file`], as an I/O error; `InvalidData` for text that is not UTF-8.
 pub fn read_text(path: impl AsRef<std::path::Path>) -> std::io::Result<String> {
+    read_text_with(path, false)
+}
+
+/// The reader of [`read_text`] and (`kept`) [`read_kept_text`].
+fn read_text_with(path: impl AsRef<std::path::Path>, kept: bool) -> std::io::Result<String> {
     use std::os::unix::ffi::OsStrExt;
     let cpath = std::ffi::CString::new(path.as_ref().as_os_str().as_bytes()).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-    let bytes = with_file(&cpath, |f| {
+    let read = |f: &OwnFile| {
         let mut out = Vec::new();
         let mut chunk = [0u8; 4096];
         loop {
-            match f.read_at(&mut chunk, out.len() as u64) {
-                Ok(0) => return Ok(out),
+            match f.pread(&mut chunk, out.len() as u64) {
+                Ok(0) => return f.check().map(|()| out),
                 Ok(n) => out.extend_from_slice(&chunk[..n]),
                 Err(Errno::INTR) => {}
-                Err(e) => return Err(e),
+                Err(e) => return f.check().and(Err(e)),
             }
         }
-    })
-    .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?;
+    };
+    let bytes = if kept { with_kept_file(&cpath, read) } else { with_file(&cpath, read) }
+        .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))?;
     String::from_utf8(bytes).map_err(|_| std::io::ErrorKind::InvalidData.into())
 }
 
@@ -183,7 +309,7 @@ pub(super) fn to_high(low: RawFd, ours: impl Fn(RawFd) -> bool) -> Option<RawFd>
         return None;
     }
     // `low` is closed only while it still names what `high` does (else the program's now).
-    if same_inode(low, high) && ours(low) {
+    if same_inode(low, high) {
         close(low);
     }
     Some(high)

@@ -28,7 +28,7 @@ pub mod thread;
 pub mod uffd;
 pub mod vault;
 
-pub use files::{OwnFile, read_text, with_file};
+pub use files::{OwnFile, put_kept, read_kept_text, read_text, take_kept, with_file, with_kept_file};
 pub use mapping::Mapping;
 pub use mempolicy::*;
 pub use mm::*;

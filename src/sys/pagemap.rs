@@ -44,7 +44,7 @@ pub fn page_marks(pages: &[usize]) -> Result<Vec<PageMarks>, Errno> {
     let mut marks = vec![PageMarks::default(); pages.len()];
     let tracked = soft_dirty_tracked();
     let mut buf = vec![0u8; CHUNK * 8];
-    super::with_file(c"/proc/self/pagemap", |file| {
+    super::with_kept_file(c"/proc/self/pagemap", |file| {
         let mut k = 0;
         while k < order.len() {
         // A run of pages no more than CHUNK entries wide, read with one pread.

@@ -260,16 +260,26 @@ fn keep_high(fd: RawFd) -> Option<RawFd> {
 }
 
 /// A close-on-exec duplicate of `fd` at three quarters of the soft `RLIMIT_NOFILE` or above;
-/// `None` where none is free there.
+/// `None` where none is free there. The floor is asked once per process, and again where
+/// the program lowered its limit below it since.
 pub(super) fn dup_high(fd: RawFd) -> Option<RawFd> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: fills the struct of ours.
-    let floor = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
-        (lim.rlim_cur.min(1 << 20) as RawFd / 4 * 3).max(3)
-    } else {
-        3
+    static FLOOR: AtomicI32 = AtomicI32::new(0);
+    let floor = || {
+        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: fills the struct of ours.
+        let floor = if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            (lim.rlim_cur.min(1 << 20) as RawFd / 4 * 3).max(3)
+        } else {
+            3
+        };
+        FLOOR.store(floor, Ordering::Relaxed);
+        floor
     };
-    dup_from(fd, floor)
+    match FLOOR.load(Ordering::Relaxed) {
+        0 => dup_from(fd, floor()),
+        // `EINVAL` past the limit: the limit changed.
+        known => dup_from(fd, known).or_else(|| (last_errno() == Errno::INVAL).then(|| dup_from(fd, floor())).flatten()),
+    }
 }
 
 /// A close-on-exec duplicate of `fd` at `floor` or above.
