@@ -307,15 +307,17 @@ impl Lookup {
     fn query(&mut self, addr: usize, or_next: bool) -> std::result::Result<crate::sys::QueriedVma, crate::sys::Errno> {
         let mut tries = 8;
         loop {
-            let Some(file) = &self.file else { return Err(crate::sys::Errno::BADF) };
+            let file = self.file.as_ref().ok_or(crate::sys::Errno::BADF)?;
             match crate::sys::procmap_query(file, addr, or_next) {
                 Err(crate::sys::Errno::BADF) if tries > 0 => {
                     tries -= 1;
                     // The lost one is let go unclosed (see `OwnFile::forget`).
-                    if let Some(lost) = self.file.take() {
+                    // Where it cannot be opened again, the lost one stays: every later lookup
+                    // fails too (none answers "unmapped").
+                    let again = crate::sys::OwnFile::open(MAPS)?;
+                    if let Some(lost) = self.file.replace(again) {
                         lost.forget();
                     }
-                    self.file = crate::sys::OwnFile::open(MAPS).ok();
                 }
                 answer => return answer,
             }

@@ -198,7 +198,8 @@ fn a_purge_while_old_pages_go_back_stands() {
 
 /// Old pages going back while the kernel refuses them for a moment (`EAGAIN`, injected:
 /// `FaultInjection::stall_put_back`) are waited for however their graveyard looks meanwhile:
-/// here `/proc/self/pagemap` cannot be opened (no descriptor left, `RLIMIT_NOFILE` at 3), as
+/// here `/proc/self/pagemap` cannot be read (the descriptors pagemig kept of it closed, none
+/// left to open it again: `RLIMIT_NOFILE` at 3), as
 /// a page being migrated by the kernel or swapped out reads as not present there. The put-back
 /// once gave them up on such a look, freeing the program's only copy of its data with the
 /// graveyard: the program read zeros.
@@ -219,11 +220,24 @@ fn old_pages_go_back_whatever_their_graveyard_looks_like() {
                 let limiter = s.spawn(|| {
                     let mut saved = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
                     common::while_put_back_stalled(&stall, base, || {
-                        // SAFETY: structs of ours; descriptors 0-2 are open, so no new one can be had.
+                        // pagemig keeps `/proc/self/pagemap` open between uses: those
+                        // descriptors go (the program closes them), and no new one can be had.
+                        let pagemaps: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+                            .unwrap()
+                            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                            .filter(|fd| {
+                                std::fs::read_link(format!("/proc/self/fd/{fd}")).is_ok_and(|l| l.ends_with("pagemap"))
+                            })
+                            .collect();
+                        // SAFETY: structs of ours; descriptors 0-2 are open, so no new one can
+                        // be had; the closed ones named pagemap, which pagemig opens again.
                         unsafe {
                             assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut saved), 0);
                             let tight = libc::rlimit { rlim_cur: 3, rlim_max: saved.rlim_max };
                             assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &tight), 0);
+                            for fd in pagemaps {
+                                libc::close(fd);
+                            }
                         }
                     });
                     // Past the stall, while the put-back tries again.

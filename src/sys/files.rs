@@ -19,11 +19,6 @@ use std::os::fd::RawFd;
 use super::uffd::{dup_high, inode};
 use super::{Errno, last_errno};
 
-/// `PROC_SUPER_MAGIC`.
-const PROC_MAGIC: i64 = 0x9fa0;
-/// `SYSFS_MAGIC`.
-const SYSFS_MAGIC: i64 = 0x6265_6572;
-
 /// How many times a use whose number the program took is started over.
 const TRIES: usize = 8;
 
@@ -59,19 +54,28 @@ impl OwnFile {
             return Err(last_errno());
         }
         // Between `open` and the move the program may have closed the number and opened a
-        // file of its own there: the file must be on the file system its path names
-        // (pagemig opens only `/proc` and `/sys` files here).
-        let expected = if path.to_bytes().starts_with(b"/proc/") {
-            Some(PROC_MAGIC)
-        } else if path.to_bytes().starts_with(b"/sys/") {
-            Some(SYSFS_MAGIC)
-        } else {
-            None
-        };
-        let fd = to_high(low, |fd| expected.is_none_or(|magic| fs_magic(fd) == Some(magic))).ok_or(Errno::BADF)?;
-        match inode(fd) {
-            Ok(id) => Ok(Self { fd, id }),
-            Err(_) => Err(Errno::BADF),
+        // file of its own there: what pagemig opened is what the path names (its inode; a
+        // `/proc/self` or `/sys` file keeps its inode while the process lives).
+        let want = stat_id(path).map_err(|_| Errno::BADF)?;
+        let fd = to_high(low, |fd| inode(fd) == Ok(want)).ok_or(Errno::BADF)?;
+        Ok(Self { fd, id: want })
+    }
+
+    /// Reads a stream (a named pipe) to its end with `read(2)`, proven after each read.
+    fn read_stream(&self) -> Result<Vec<u8>, Errno> {
+        let mut out = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            // SAFETY: writes at most `chunk.len()` bytes into a buffer of ours.
+            let n = unsafe { libc::read(self.fd, chunk.as_mut_ptr().cast(), chunk.len()) };
+            let errno = (n < 0).then(last_errno);
+            self.check()?;
+            match (n, errno) {
+                (0, _) => return Ok(out),
+                (n, None) => out.extend_from_slice(&chunk[..n as usize]),
+                (_, Some(Errno::INTR)) => {}
+                (_, Some(e)) => return Err(e),
+            }
         }
     }
 
@@ -285,6 +289,9 @@ fn read_text_with(path: impl AsRef<std::path::Path>, kept: bool) -> std::io::Res
                 Ok(0) => return f.check().map(|()| out),
                 Ok(n) => out.extend_from_slice(&chunk[..n]),
                 Err(Errno::INTR) => {}
+                // A named pipe (a config given as `<(...)`): read as a stream; it is the
+                // file the path names (proven when opened), not a number of the program's.
+                Err(Errno::SPIPE) if out.is_empty() => return f.check().and_then(|()| f.read_stream()),
                 Err(e) => return f.check().and(Err(e)),
             }
         }
@@ -298,21 +305,36 @@ fn read_text_with(path: impl AsRef<std::path::Path>, kept: bool) -> std::io::Res
 /// one is free), so that the program's next `open` gets `low` back as it would without
 /// pagemig. `ours` tells a file of pagemig's from one the program may have put at `low`
 /// meanwhile (after closing pagemig's): `None` then, and the program's number is left
-/// alone. Async-signal-safe.
+/// alone, never duplicated (closing a duplicate of a file drops the process's `fcntl`
+/// locks on it). Only where the program swaps the number in the few instructions between
+/// the proof and the duplicate is a duplicate of its file made, and closed. Async-signal-safe.
 pub(super) fn to_high(low: RawFd, ours: impl Fn(RawFd) -> bool) -> Option<RawFd> {
+    if !ours(low) {
+        return None;
+    }
     let Some(high) = dup_high(low) else {
-        return ours(low).then_some(low);
+        return Some(low);
     };
     if !ours(high) {
-        // A duplicate, made here, of what the program put at `low`.
         close(high);
         return None;
     }
     // `low` is closed only while it still names what `high` does (else the program's now).
-    if same_inode(low, high) {
+    if same_inode(low, high) && ours(low) {
         close(low);
     }
     Some(high)
+}
+
+/// `st_dev` and `st_ino` of what `path` names now.
+fn stat_id(path: &CStr) -> Result<(u64, u64), Errno> {
+    // SAFETY: plain data, overwritten by `stat`.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path; fills the struct of ours.
+    if unsafe { libc::stat(path.as_ptr(), &mut st) } < 0 {
+        return Err(last_errno());
+    }
+    Ok((st.st_dev, st.st_ino))
 }
 
 /// Whether `a` and `b` name files of one inode.

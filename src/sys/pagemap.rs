@@ -45,6 +45,8 @@ pub fn page_marks(pages: &[usize]) -> Result<Vec<PageMarks>, Errno> {
     let tracked = soft_dirty_tracked();
     let mut buf = vec![0u8; CHUNK * 8];
     super::with_kept_file(c"/proc/self/pagemap", |file| {
+        // A try after a lost number starts over.
+        marks.fill(PageMarks::default());
         let mut k = 0;
         while k < order.len() {
         // A run of pages no more than CHUNK entries wide, read with one pread.
@@ -125,6 +127,7 @@ pub fn huge_page_at(block: usize) -> bool {
     let Some(end) = block.checked_add(super::HPAGE_SIZE) else { return false };
     let mut region = [page_region { start: 0, end: 0, categories: 0 }];
     let found = super::with_file(c"/proc/self/pagemap", |f| {
+        f.check()?;
         let found = scan_step(f.raw_fd(), block, end, linux_raw_sys::general::PAGE_IS_HUGE, &mut region);
         f.check().and(found)
     });
@@ -211,6 +214,8 @@ pub fn procmap_query(fd: &super::OwnFile, addr: usize, or_next: bool) -> Result<
         vma_name_addr: name.as_mut_ptr() as u64,
         build_id_addr: 0,
     };
+    // An ioctl on a number the program took since could mean anything to its file.
+    fd.check()?;
     // SAFETY: `q` is a valid `procmap_query` of its own size, and its name buffer is
     // `name`, writable for `vma_name_size` bytes for the duration of the call.
     let rc = unsafe { libc::ioctl(fd.raw_fd(), PROCMAP_QUERY, &mut q) };
@@ -267,6 +272,7 @@ fn scan_ranges(start: usize, end: usize, categories: u32) -> Result<Vec<(usize, 
     let mut out: Vec<(usize, usize)> = Vec::new();
     let mut at = start;
     while at < end {
+        file.check()?;
         let step = scan_step(file.raw_fd(), at, end, categories, &mut regions);
         let (n, walked) = file.check().and(step)?;
         for r in &regions[..n] {

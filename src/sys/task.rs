@@ -72,10 +72,27 @@ pub fn allowed_cpus() -> Vec<usize> {
 /// `/proc/self/cgroup` with `read(2)` on a number the program may have closed and given to
 /// a pipe of its own meanwhile: that read would take the program's bytes.
 pub fn usable_cpus() -> usize {
-    match rustix::thread::sched_getaffinity(None) {
-        Ok(set) => set.count().max(1) as usize,
+    let allowed = match rustix::thread::sched_getaffinity(None) {
+        Ok(set) => set.count() as usize,
         Err(_) => 1,
-    }
+    };
+    allowed.min(cgroup_cpus().unwrap_or(usize::MAX)).max(1)
+}
+
+/// The CPUs the CPU quota of the process's cgroup (v2, `cpu.max`) allows, rounded up; `None`
+/// without a quota. Read once per process (through `sys::files`, as every file pagemig reads
+/// during a call).
+fn cgroup_cpus() -> Option<usize> {
+    static QUOTA: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *QUOTA.get_or_init(|| {
+        let groups = super::read_text("/proc/self/cgroup").ok()?;
+        let path = groups.lines().find_map(|l| l.strip_prefix("0::"))?;
+        let max = super::read_text(format!("/sys/fs/cgroup{}/cpu.max", path.trim_end())).ok()?;
+        let mut fields = max.split_whitespace();
+        let quota: u64 = fields.next()?.parse().ok()?;
+        let period: u64 = fields.next()?.parse().ok()?;
+        (period > 0).then(|| quota.div_ceil(period).max(1) as usize)
+    })
 }
 
 /// Pins the calling thread to `cpu`.

@@ -218,6 +218,35 @@ impl Identity {
     }
 }
 
+/// Whether `fd` names a userfaultfd (`anon_inode:[userfaultfd]` in `/proc/self/fd`; where
+/// `/proc` cannot say, an anonymous inode). Async-signal-safe.
+fn is_userfaultfd(fd: RawFd) -> bool {
+    const ANON_INODE_FS_MAGIC: i64 = 0x0904_1934;
+    const NAME: &[u8] = b"anon_inode:[userfaultfd]";
+    // "/proc/self/fd/" and up to 10 digits, NUL-terminated, on the stack.
+    let mut path = *b"/proc/self/fd/\0\0\0\0\0\0\0\0\0\0\0";
+    let mut digits = [0u8; 10];
+    let (mut n, mut k) = (fd.max(0) as u32, 0);
+    loop {
+        digits[k] = b'0' + (n % 10) as u8;
+        k += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..k {
+        path[14 + i] = digits[k - 1 - i];
+    }
+    let mut link = [0u8; 64];
+    // SAFETY: a NUL-terminated path on the stack; writes at most `link.len()` bytes.
+    let len = unsafe { libc::readlink(path.as_ptr().cast(), link.as_mut_ptr().cast(), link.len()) };
+    if len < 0 {
+        return super::files::fs_magic(fd) == Some(ANON_INODE_FS_MAGIC);
+    }
+    &link[..len as usize] == NAME
+}
+
 /// Sets `O_NONBLOCK` on `fd` (a userfaultfd of ours) where it is not set.
 fn nonblocking(fd: RawFd) {
     // SAFETY: `F_GETFL`/`F_SETFL` read and change the flags of our own open file.
@@ -302,7 +331,18 @@ impl Uffd {
     /// kernel lacks write-protect support or `UFFDIO_MOVE` (Linux 6.8), or the errno of the
     /// failing step.
     pub fn open() -> Result<Self, Errno> {
-        Self::open_with(FEATURES)
+        Self::open_again(FEATURES)
+    }
+
+    /// [`Uffd::open_with`], again (a few times) where the program took a number on the way.
+    fn open_again(features: u64) -> Result<Self, Errno> {
+        let mut tries = 8;
+        loop {
+            match Self::open_with(features) {
+                Err(Errno::BADF) if tries > 0 => tries -= 1,
+                done => return done,
+            }
+        }
     }
 
     /// Opens a second userfaultfd for mappings that only ever receive pages with
@@ -313,7 +353,7 @@ impl Uffd {
     /// # Errors
     /// As [`Uffd::open`].
     pub fn open_for_moves() -> Result<Self, Errno> {
-        Self::open_with(UFFD_FEATURE_MOVE as u64)
+        Self::open_again(UFFD_FEATURE_MOVE as u64)
     }
 
     fn open_with(features: u64) -> Result<Self, Errno> {
@@ -345,14 +385,6 @@ impl Uffd {
     }
 
     fn own(fd: OwnedFd, user_mode_only: bool, wp_unpopulated: bool) -> Result<Self, Errno> {
-        // Used at a high number: a thread of the program that closes its low numbers and
-        // opens files (which land on the lowest free ones) never meets it between pagemig's
-        // proof that a number is its own and the read or ioctl that follows.
-        let file = inode(fd.as_raw_fd())?;
-        let low = fd.into_raw_fd();
-        let fd = super::files::to_high(low, |n| inode(n) == Ok(file)).ok_or(Errno::BADF)?;
-        // SAFETY: `to_high` proved the number to name the userfaultfd opened here; ours alone.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let identity = Identity::of(fd.as_raw_fd())?;
         // INVARIANT: UFFDIO_API succeeded with the features asked for; the descriptor and
         // its duplicate were opened just now.
@@ -805,7 +837,9 @@ impl Uffd {
             // The program closed or took the number between its proof and the ioctl (which
             // then did nothing: `EBADF`, or `ENOTTY` on a file of another kind): the call
             // goes on with the number taken back, as a proof that failed before it would.
-            if tries == 0 || self.identity.proves(fd, true) {
+            // Any other errno is the ioctl's own answer, maybe after part of the work
+            // (a move that did some pages): issued again, it would be answered otherwise.
+            if !matches!(errno, Errno::BADF | Errno::NOTTY) || tries == 0 || self.identity.proves(fd, true) {
                 return Err(errno);
             }
             tries -= 1;
@@ -856,8 +890,7 @@ fn open_dev() -> Result<OwnedFd, Errno> {
     if fd < 0 {
         return Err(last_errno());
     }
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    high_uffd(fd)
 }
 
 fn open_syscall(extra: i32) -> Result<OwnedFd, Errno> {
@@ -867,8 +900,19 @@ fn open_syscall(extra: i32) -> Result<OwnedFd, Errno> {
     if fd < 0 {
         return Err(last_errno());
     }
-    // SAFETY: the kernel just returned this descriptor to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    high_uffd(fd as RawFd)
+}
+
+/// The userfaultfd the kernel just handed out at `fd`, moved to a high number at once,
+/// before anything uses it: a thread of the program that closes its low numbers and opens
+/// files (which land on the lowest free ones) never meets it between pagemig's proof that a
+/// number is its own and the read or ioctl that follows. `EBADF` where the program closed
+/// the number and put a file of its own there first (left alone).
+fn high_uffd(fd: RawFd) -> Result<OwnedFd, Errno> {
+    let fd = super::files::to_high(fd, is_userfaultfd).ok_or(Errno::BADF)?;
+    // SAFETY: `to_high` proved the number to name a userfaultfd, the one just made here:
+    // ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn api(fd: &OwnedFd, features: u64) -> Result<u64, Errno> {

@@ -177,11 +177,12 @@ fn private_table(keep: &[RawFd]) -> Option<libc::pid_t> {
     Some(unsafe { libc::gettid() })
 }
 
-/// Whether `fd` is a pidfd (pidfs, Linux 6.9; an anonymous inode before).
+/// Whether `fd` is a pidfd: on pidfs, as every pidfd is from Linux 6.9, which
+/// `PIDFD_THREAD` needs anyway (an epoll, eventfd or other anonymous-inode file the
+/// program put at the number is not).
 fn is_pidfd(fd: RawFd) -> bool {
     const PID_FS_MAGIC: i64 = 0x5049_4446;
-    const ANON_INODE_FS_MAGIC: i64 = 0x0904_1934;
-    matches!(super::files::fs_magic(fd), Some(PID_FS_MAGIC | ANON_INODE_FS_MAGIC))
+    super::files::fs_magic(fd) == Some(PID_FS_MAGIC)
 }
 
 fn close(fd: RawFd) {
