@@ -631,6 +631,13 @@ impl Uffd {
             // A read must not block (with the claims lock held): `O_NONBLOCK` set again where
             // the program cleared it on a number of ours.
             nonblocking(fd);
+            // Proven again right before the read, with no system call between the two: a
+            // program that puts its own file at the number exactly then (after the proof,
+            // before the read) would still lose bytes to it; only a thread with a table of
+            // its own could close that window.
+            if !self.identity.proves(fd, false) {
+                continue;
+            }
             // SAFETY: reads into a buffer of ours of the length given, from the userfaultfd
             // just proven to be ours.
             let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
