@@ -46,7 +46,7 @@ pub fn parse_list(text: &str) -> Result<Vec<u32>> {
 }
 
 fn read(path: &str) -> Result<String> {
-    crate::sys::read_kept_text(path).map_err(Error::io(path))
+    crate::sys::read_text(path).map_err(Error::io(path))
 }
 
 /// The online nodes that have memory, in order.
@@ -92,7 +92,9 @@ pub fn node(id: u32) -> Result<Node> {
 /// # Errors
 /// [`Error::Io`] when the node's `meminfo` cannot be read.
 pub fn meminfo(id: u32) -> Result<(u64, u64)> {
-    let text = read(&format!("{NODE_ROOT}/node{id}/meminfo"))?;
+    // Read on every call (the target's free memory): kept open.
+    let path = format!("{NODE_ROOT}/node{id}/meminfo");
+    let text = crate::sys::read_kept_text(&path).map_err(Error::io(&path))?;
     let field = |name: &str| {
         text.lines()
             .find_map(|l| {

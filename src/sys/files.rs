@@ -5,13 +5,15 @@
 //! the kernel's would not, reads a file of the program's instead of its own (consuming a
 //! pipe's data, moving a shared offset) or closes the program's descriptor at the end.
 //!
-//! An [`OwnFile`] is moved to a high number right after `open` (the kernel hands the
-//! program's next `open` the lowest free one), checked to be on the file system its path
-//! names, read with `pread` only (which moves no offset and refuses pipes and sockets), and
-//! proven by its inode after each use; it is closed only while its number still names it.
-//! [`with_file`] and [`read_text`] open again and start over, a few times, where the number
-//! was lost meanwhile. All of it is plain system calls on the caller's buffers:
-//! async-signal-safe, except [`read_text`], which allocates.
+//! An [`OwnFile`] is proven in place (its inode is the one its path names), moved to a high
+//! number right after `open` (the kernel hands the program's next `open` the lowest free
+//! one), read with `pread` only (which moves no offset and refuses pipes and sockets), and
+//! proven by its inode after each use; it is closed only while its number still names it,
+//! and let go unclosed once found lost. [`with_file`] and [`read_text`] open again and start
+//! over, a few times, where the number was lost meanwhile; [`with_kept_file`] and
+//! [`read_kept_text`] keep the file open for the next use. [`OwnFile`] and [`with_file`]
+//! are plain system calls on the caller's buffers: async-signal-safe; the text readers and
+//! the kept files allocate.
 
 use std::ffi::CStr;
 use std::os::fd::RawFd;
@@ -38,13 +40,7 @@ impl OwnFile {
     /// # Errors
     /// The errno of `open` (`ENOENT`, `EMFILE`, ...); `EBADF` where every try lost it.
     pub fn open(path: &CStr) -> Result<Self, Errno> {
-        let mut tries = TRIES;
-        loop {
-            match Self::open_once(path) {
-                Err(Errno::BADF) if tries > 1 => tries -= 1,
-                done => return done,
-            }
-        }
+        again_where_lost(|| Self::open_once(path))
     }
 
     fn open_once(path: &CStr) -> Result<Self, Errno> {
@@ -102,10 +98,10 @@ impl OwnFile {
     }
 
     /// `pread` of up to `buf.len()` bytes at `offset`, proven to have read this file.
-    #[cfg(test)]
     ///
     /// # Errors
     /// The errno of `pread`; `EBADF` as [`OwnFile::check`].
+    #[cfg(test)]
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<usize, Errno> {
         let read = self.pread(buf, offset);
         // Whatever `pread` answered, a number that no longer names the file makes it moot.
@@ -133,9 +129,7 @@ impl OwnFile {
         self.check()?;
         if done < buf.len() { Err(Errno::IO) } else { Ok(()) }
     }
-}
 
-impl OwnFile {
     /// Lets go of a file whose number was found lost (a use answered `EBADF`) without
     /// closing anything: the number is the program's now, or already another file of
     /// pagemig's (a `/proc` file opened again has the same inode, so the proof cannot tell
@@ -153,24 +147,41 @@ impl Drop for OwnFile {
     }
 }
 
+/// Runs `attempt` again, a few times, while it answers `EBADF` (a number pagemig was using
+/// was closed or taken by the program meanwhile). Async-signal-safe.
+pub(super) fn again_where_lost<T>(mut attempt: impl FnMut() -> Result<T, Errno>) -> Result<T, Errno> {
+    let mut tries = TRIES;
+    loop {
+        match attempt() {
+            Err(Errno::BADF) if tries > 1 => tries -= 1,
+            done => return done,
+        }
+    }
+}
+
 /// Runs `use_it` on `path` opened as an [`OwnFile`]; where the program closed or replaced
 /// its number meanwhile (`EBADF`), opens it again and starts over, a few times.
 ///
 /// # Errors
 /// The errno of opening the file or of `use_it`; `EBADF` once every try lost its number.
-pub fn with_file<T>(path: &CStr, mut use_it: impl FnMut(&OwnFile) -> Result<T, Errno>) -> Result<T, Errno> {
-    let mut last = Errno::BADF;
-    for _ in 0..TRIES {
+pub fn with_file<T>(path: &CStr, use_it: impl FnMut(&OwnFile) -> Result<T, Errno>) -> Result<T, Errno> {
+    open_and_use(path, use_it).map(|(done, _)| done)
+}
+
+/// [`with_file`], handing back the file `use_it` succeeded on. A file whose use answered
+/// `EBADF` is let go unclosed ([`OwnFile::forget`]).
+fn open_and_use<T>(path: &CStr, mut use_it: impl FnMut(&OwnFile) -> Result<T, Errno>) -> Result<(T, OwnFile), Errno> {
+    again_where_lost(|| {
         let file = OwnFile::open(path)?;
         match use_it(&file) {
+            Ok(done) => Ok((done, file)),
             Err(Errno::BADF) => {
                 file.forget();
-                last = Errno::BADF;
+                Err(Errno::BADF)
             }
-            done => return done,
+            Err(e) => Err(e),
         }
-    }
-    Err(last)
+    })
 }
 
 /// A file kept open between uses ([`with_kept_file`]), by the process that opened it: a
@@ -196,45 +207,20 @@ const KEPT_MAX: usize = 8;
 /// # Errors
 /// As [`with_file`].
 pub fn with_kept_file<T>(path: &CStr, mut use_it: impl FnMut(&OwnFile) -> Result<T, Errno>) -> Result<T, Errno> {
-    let result = match take_kept(path) {
-        Some(file) => match use_it(&file) {
+    if let Some(file) = take_kept(path) {
+        match use_it(&file) {
+            Ok(done) => {
+                put_kept(path, file);
+                return Ok(done);
+            }
             // Closed or replaced by the program since: opened afresh below.
-            Err(Errno::BADF) => {
-                file.forget();
-                None
-            }
-            done => Some((done, file)),
-        },
-        None => None,
-    };
-    let (result, file) = match result {
-        Some(r) => r,
-        None => {
-            let mut last = Err(Errno::BADF);
-            let mut opened = None;
-            for _ in 0..TRIES {
-                let file = OwnFile::open(path)?;
-                match use_it(&file) {
-                    Err(Errno::BADF) => {
-                        file.forget();
-                        last = Err(Errno::BADF);
-                    }
-                    done => {
-                        opened = Some((done, file));
-                        break;
-                    }
-                }
-            }
-            match opened {
-                Some(r) => r,
-                None => return last,
-            }
+            Err(Errno::BADF) => file.forget(),
+            Err(e) => return Err(e),
         }
-    };
-    if result.is_ok() {
-        put_kept(path, file);
     }
-    result
+    let (done, file) = open_and_use(path, use_it)?;
+    put_kept(path, file);
+    Ok(done)
 }
 
 /// The file at `path` kept open by this process, taken out for a use ([`put_kept`] gives it
@@ -359,8 +345,8 @@ fn close(fd: RawFd) {
 mod tests {
     use super::*;
 
-    /// A text file reads whole (more than one `pread`), and reads again after its number
-    /// was closed under it; a number the program took meanwhile is left to the program.
+    /// A text file reads whole (more than one `pread`); a number the program took from
+    /// under an open file fails its reads and is left to the program.
     #[test]
     fn own_files_read_whole_and_leave_a_taken_number_alone() {
         let maps = read_text("/proc/self/maps").unwrap();

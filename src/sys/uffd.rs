@@ -336,13 +336,7 @@ impl Uffd {
 
     /// [`Uffd::open_with`], again (a few times) where the program took a number on the way.
     fn open_again(features: u64) -> Result<Self, Errno> {
-        let mut tries = 8;
-        loop {
-            match Self::open_with(features) {
-                Err(Errno::BADF) if tries > 0 => tries -= 1,
-                done => return done,
-            }
-        }
+        super::files::again_where_lost(|| Self::open_with(features))
     }
 
     /// Opens a second userfaultfd for mappings that only ever receive pages with
