@@ -237,7 +237,14 @@ pub unsafe fn fork_and_wait_or_kill(limit: Duration, child: impl FnOnce() -> i32
     // SAFETY: the caller's promise about `child`.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
+    let debug = std::env::var_os("PAGEMIG_DEBUG_HANG").is_some();
     if pid == 0 {
+        if debug {
+            // A crash leaves a core for the parent's report (the guest's `core_pattern`).
+            let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+            // SAFETY: sets this child's own limit from a struct of ours.
+            unsafe { libc::setrlimit(libc::RLIMIT_CORE, &unlimited) };
+        }
         let code = child();
         // SAFETY: ends the child without running the parent's destructors.
         unsafe { libc::_exit(code) };
@@ -256,6 +263,9 @@ pub unsafe fn fork_and_wait_or_kill(limit: Duration, child: impl FnOnce() -> i32
             return None;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+    if !libc::WIFEXITED(status) && debug {
+        report_crash(pid);
     }
     assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
     Some(libc::WEXITSTATUS(status))
@@ -291,10 +301,33 @@ pub fn report_hang(pid: libc::pid_t) {
             std::process::Command::new(g).args(["-p", &pid, "-batch", "-ex", "thread apply all bt 30"]).output().ok()
         });
         match gdb {
-            Some(o) => eprintln!("{}", String::from_utf8_lossy(&o.stdout)),
+            Some(o) => eprintln!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
             None => eprintln!("PAGEMIG_DEBUG_HANG: no gdb found"),
         }
     }
+}
+
+/// `gdb`'s backtraces of every thread of a crashed child, from its core where one was
+/// dumped (`/tmp/core.PID`: the core pattern `vm/run` sets with `PAGEMIG_DEBUG_HANG`).
+fn report_crash(pid: libc::pid_t) {
+    let core = format!("/tmp/core.{pid}");
+    if !std::path::Path::new(&core).exists() {
+        eprintln!("PAGEMIG_DEBUG_HANG: no core at {core}");
+        return;
+    }
+    let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
+    let exe = exe.to_string_lossy().into_owned();
+    let gdb = ["gdb", "/usr/bin/gdb"].into_iter().find_map(|g| {
+        std::process::Command::new(g)
+            .args(["-batch", "-ex", "info signals SIGSEGV", "-ex", "thread apply all bt 40", &exe, &core])
+            .output()
+            .ok()
+    });
+    match gdb {
+        Some(o) => eprintln!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        None => eprintln!("PAGEMIG_DEBUG_HANG: no gdb found"),
+    }
+    let _ = std::fs::remove_file(&core);
 }
 
 /// The address of a page this process mapped, wrote and unmapped again, placed low in the
