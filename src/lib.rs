@@ -125,6 +125,7 @@ pub mod error;
 #[cfg(feature = "ffi")]
 pub mod ffi;
 pub mod folio;
+mod lock;
 pub mod migrate;
 pub mod migrators;
 pub mod numa;

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
-use parking_lot::{Condvar, Mutex};
+use crate::lock::{Condvar, Mutex};
 
 use crate::error::{Error, Result};
 use crate::sys::uffd::Uffd;
@@ -496,7 +496,7 @@ impl Pool {
         // Touched, not `MADV_POPULATE_WRITE`: each fault takes only the chunk's mapping's
         // lock, so the call's `mmap`s, `munmap`s and registrations elsewhere go on. Without
         // the chunks lock, so that a take of a destination before it goes on too.
-        parking_lot::MutexGuard::unlocked(&mut chunks, || touch(from, to));
+        crate::lock::MutexGuard::unlocked(&mut chunks, || touch(from, to));
         // The chunk is still there: nothing retires a chunk while it is populated.
         if let Some(chunk) = chunks.get_mut(&key).filter(|c| c.end == id) {
             chunk.prepared_end = chunk.prepared_end.max(to);
@@ -658,7 +658,7 @@ impl Inner {
     }
 
     /// Waits until no helper populates any chunk ([`Pool::populate_ahead`]).
-    fn settle(&self, chunks: &mut parking_lot::MutexGuard<'_, HashMap<Key, Chunk>>) {
+    fn settle(&self, chunks: &mut crate::lock::MutexGuard<'_, HashMap<Key, Chunk>>) {
         while chunks.values().any(|c| c.populating.is_some()) {
             self.taken.wait(chunks);
         }

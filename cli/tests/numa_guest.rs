@@ -443,6 +443,17 @@ fn bounce_under_load(
                 .unwrap_or_else(|e| panic!("{name}: move {i} to node {node}: {e}"));
             assert_eq!(stats.succeeded_folios, region.folios().len() as u64, "{name}: move {i}: {stats:?}");
             answered.fetch_add(stats.answered_bytes, Ordering::Relaxed);
+            let at = numa::page_nodes(region.addr(), region.len()).expect("move_pages status query");
+            if let Some(first) = at.iter().position(|&n| n != node as i32) {
+                // What the call counted, and where the first page off its node lies (its
+                // folio, its node now), for a failure that is hard to reproduce.
+                let off = at.iter().filter(|&&n| n != node as i32).count();
+                let addr = region.addr() + first * PAGE_SIZE;
+                println!(
+                    "{name}: move {i}: {off} pages off node {node}, first at {addr:#x} on {}: {stats:?}",
+                    at[first]
+                );
+            }
             check_placement(&format!("{name}#{}", i + 1), region, node);
         }
         stop.store(true, Ordering::Relaxed);

@@ -68,7 +68,7 @@ struct Shared {
     /// Connections being served now.
     serving: AtomicUsize,
     /// Held by the move being made.
-    moving: parking_lot::Mutex<()>,
+    moving: crate::lock::Mutex<()>,
 }
 
 /// A place among the [`MAX_SERVING`] connections served at once, given back when dropped.

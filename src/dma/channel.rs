@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use crate::lock::{Condvar, Mutex, MutexGuard};
 
 use super::{Caps, Cookie, FaultPlan, PrepFlags, Segment, Status, any_overlap, pair_segments};
 use crate::copy::CopyPair;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
-use parking_lot::Mutex;
+use crate::lock::Mutex;
 
 use super::Caps;
 use super::channel::{Channel, DeviceShared};

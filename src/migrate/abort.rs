@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use parking_lot::Mutex;
+use crate::lock::Mutex;
 
 /// A call's stop signal and the first panic that raised it.
 #[derive(Debug, Default)]

@@ -287,10 +287,10 @@ impl Engine {
                 if !first.is_some_and(|i| self.uffd.changes_unread(items[i].folio.addr())) {
                     break;
                 }
-                let served = parking_lot::MutexGuard::unlocked(&mut claims, || self.events.serve_now());
+                let served = crate::lock::MutexGuard::unlocked(&mut claims, || self.events.serve_now());
                 let pause = if served { settling.next_pause() } else { queued.next_pause() };
                 let Some(pause) = pause else { break };
-                parking_lot::MutexGuard::unlocked(&mut claims, || std::thread::sleep(pause));
+                crate::lock::MutexGuard::unlocked(&mut claims, || std::thread::sleep(pause));
             }
             // Kept registered for this call when another ends.
             claims.begin_call(runs.clone())

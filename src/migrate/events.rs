@@ -44,9 +44,9 @@ use super::busy::{Busy, Claims};
 use super::fork::Empty;
 use super::reaper::{self, Grave};
 use crate::backoff::Backoff;
+use crate::lock::{Mutex, MutexGuard};
 use crate::sys::uffd::{Event, Uffd};
 use crate::sys::{self, Errno};
-use parking_lot::{Mutex, MutexGuard};
 
 /// How long one poll waits, in milliseconds: the reader's delay in noticing it should stop.
 const POLL_MS: i32 = 50;

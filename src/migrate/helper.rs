@@ -17,7 +17,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use parking_lot::{Condvar, Mutex};
+use crate::lock::{Condvar, Mutex};
 
 /// Work shared with the helper: called on both threads at once until it returns.
 type Work<'w> = &'w (dyn Fn() + Sync);

@@ -16,7 +16,7 @@
 
 use std::time::{Duration, Instant};
 
-use parking_lot::MutexGuard;
+use crate::lock::MutexGuard;
 
 use super::abort::Abort;
 use super::busy::{Busy, Claims};
@@ -89,8 +89,8 @@ pub(super) enum Job {
 /// moving in went from 3 to 10 ms each; 2-core AMD EPYC VM).
 pub(super) struct Reporter<'p> {
     progress: Option<&'p Progress>,
-    state: parking_lot::Mutex<Reported>,
-    changed: parking_lot::Condvar,
+    state: crate::lock::Mutex<Reported>,
+    changed: crate::lock::Condvar,
 }
 
 /// What [`Reporter`] has counted and told.
@@ -130,7 +130,7 @@ impl<'p> Reporter<'p> {
     pub const EVERY: Duration = Duration::from_millis(10);
 
     pub fn new(progress: Option<&'p Progress>) -> Self {
-        Self { progress, state: parking_lot::Mutex::new(Reported::default()), changed: parking_lot::Condvar::new() }
+        Self { progress, state: crate::lock::Mutex::new(Reported::default()), changed: crate::lock::Condvar::new() }
     }
 
     /// Whether there is a callback to report to.

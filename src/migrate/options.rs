@@ -91,8 +91,8 @@ pub struct FaultInjection {
 pub struct Handshake {
     /// 0: the call is not there yet; 1: it is; 2: the test knows; 3: let go (or the test
     /// gave up waiting).
-    state: parking_lot::Mutex<u8>,
-    changed: parking_lot::Condvar,
+    state: crate::lock::Mutex<u8>,
+    changed: crate::lock::Condvar,
     met: std::sync::atomic::AtomicBool,
 }
 
@@ -105,8 +105,8 @@ impl Handshake {
     #[cfg(feature = "internals")]
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
-            state: parking_lot::Mutex::new(0),
-            changed: parking_lot::Condvar::new(),
+            state: crate::lock::Mutex::new(0),
+            changed: crate::lock::Condvar::new(),
             met: std::sync::atomic::AtomicBool::new(false),
         })
     }

@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use std::sync::mpsc::{Sender, channel};
 
-use parking_lot::{Condvar, Mutex};
+use crate::lock::{Condvar, Mutex};
 
 use super::zerofill;
 use crate::sys::{self, Errno, uffd::Uffd};

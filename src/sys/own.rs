@@ -13,7 +13,7 @@
 //! The set belongs to the process that claimed it: a child forked meanwhile does not have
 //! the parent's pool and graveyards (they are `MADV_DONTFORK`), so it starts empty there.
 
-use parking_lot::Mutex;
+use crate::lock::Mutex;
 
 use crate::process::{MadeIn, PerProcess};
 

@@ -165,7 +165,7 @@ pub struct Uffd {
     /// The vault that keeps the file open, and its number there ([`Uffd::entrust`]).
     vault: OnceLock<(Arc<Vault>, RawFd)>,
     /// Held while a lost number is replaced by one from the vault.
-    recovering: parking_lot::Mutex<()>,
+    recovering: crate::lock::Mutex<()>,
 }
 
 /// What proves that a descriptor number still names the userfaultfd opened here.
@@ -389,7 +389,7 @@ impl Uffd {
             user_mode_only,
             wp_unpopulated,
             vault: OnceLock::new(),
-            recovering: parking_lot::Mutex::new(()),
+            recovering: crate::lock::Mutex::new(()),
         })
     }
 

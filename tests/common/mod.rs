@@ -227,6 +227,34 @@ pub unsafe fn fork_and_wait(limit: Duration, child: impl FnOnce() -> i32) -> i32
         .unwrap_or_else(|| panic!("the forked child hung (still running after {limit:?})"))
 }
 
+/// How a forked child ended ([`fork_and_wait_or_kill_or_crash`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(dead_code, reason = "not every test binary tells every ending apart")]
+pub enum ChildEnd {
+    /// It exited with this status.
+    Exited(i32),
+    /// A signal ended it (a crash).
+    Signalled(i32),
+    /// Still running after the limit: killed (its threads reported first).
+    Hung,
+}
+
+/// [`fork_and_wait`], where every ending is returned rather than failing the test: a
+/// child still running after `limit` is reported and killed, a crash is told by its
+/// signal (with `PAGEMIG_DEBUG_HANG`, after `gdb` read its core).
+///
+/// # Safety
+/// As [`fork_and_wait`].
+#[allow(dead_code, reason = "used by some test binaries only")]
+pub unsafe fn fork_and_wait_or_kill_or_crash(limit: Duration, child: impl FnOnce() -> i32) -> ChildEnd {
+    // SAFETY: the caller's promise about `child`.
+    match unsafe { fork_and_wait_status(limit, child) } {
+        None => ChildEnd::Hung,
+        Some(status) if libc::WIFEXITED(status) => ChildEnd::Exited(libc::WEXITSTATUS(status)),
+        Some(status) => ChildEnd::Signalled(libc::WTERMSIG(status)),
+    }
+}
+
 /// [`fork_and_wait`], where a child still running after `limit` is killed and reported
 /// as `None`.
 ///
@@ -234,6 +262,20 @@ pub unsafe fn fork_and_wait(limit: Duration, child: impl FnOnce() -> i32) -> i32
 /// As [`fork_and_wait`].
 #[allow(unsafe_code, reason = "fork, waitpid, kill, _exit")]
 pub unsafe fn fork_and_wait_or_kill(limit: Duration, child: impl FnOnce() -> i32) -> Option<i32> {
+    // SAFETY: the caller's promise about `child`.
+    let status = unsafe { fork_and_wait_status(limit, child) }?;
+    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
+    Some(libc::WEXITSTATUS(status))
+}
+
+/// Forks, runs `child` in the child and waits for it at most `limit`: its `waitpid`
+/// status, or `None` where it was still running then (reported and killed). A crash's
+/// core is read by `gdb` with `PAGEMIG_DEBUG_HANG`.
+///
+/// # Safety
+/// As [`fork_and_wait`].
+#[allow(unsafe_code, reason = "fork, waitpid, kill, _exit")]
+unsafe fn fork_and_wait_status(limit: Duration, child: impl FnOnce() -> i32) -> Option<i32> {
     // SAFETY: the caller's promise about `child`.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork failed");
@@ -267,8 +309,7 @@ pub unsafe fn fork_and_wait_or_kill(limit: Duration, child: impl FnOnce() -> i32
     if !libc::WIFEXITED(status) && debug {
         report_crash(pid);
     }
-    assert!(libc::WIFEXITED(status), "child died: status {status:#x}");
-    Some(libc::WEXITSTATUS(status))
+    Some(status)
 }
 
 /// What a hung child's threads are doing, on stderr: each thread's name, state, the

@@ -318,7 +318,7 @@ impl<'a> Call<'a> {
                 self.offload_pipelined(st, live, &pairs, &dsts)
             } else {
                 let t = Instant::now();
-                let done = parking_lot::Mutex::new(Vec::new());
+                let done = crate::lock::Mutex::new(Vec::new());
                 let on_complete = |r: Range<usize>| done.lock().push(r);
                 // SAFETY: every source is an old page isolated in our graveyard (unmap phase),
                 // which no thread writes, every destination was handed to us by the pool and

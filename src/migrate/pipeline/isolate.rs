@@ -7,7 +7,7 @@
 use std::ops::Range;
 use std::time::Instant;
 
-use parking_lot::MutexGuard;
+use crate::lock::MutexGuard;
 
 use super::MigrateInfo;
 use super::{BatchState, CHANGED, Call};
