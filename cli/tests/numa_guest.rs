@@ -742,33 +742,25 @@ fn memory_moved_while_it_migrates_stays_on_its_node() {
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn full_target_node_fails_cleanly_with_enomem() {
     let Some((a, b)) = two_nodes() else { return };
-    let len = 64 * MIB;
+    // Fill the target node until about 32 MiB is free, well above the kernel's watermarks:
+    // a node that runs out for real invokes the OOM killer (a second hog, taken where the
+    // node's free memory had grown after the first, once did).
+    let keep_free = 32 * MIB;
+    let free = numa::meminfo(b).expect("node meminfo").1 as usize;
+    let hog_len = free.saturating_sub(keep_free) / HPAGE_SIZE * HPAGE_SIZE;
+    // Bound to the node by a policy of its own (`mbind`, strict), populated after.
+    let hog = sys::Mapping::new(hog_len, HPAGE_SIZE).expect("mapping the hog");
+    sys::mbind(hog.addr(), hog_len, b, false).expect("mbind");
+    sys::madvise(hog.addr(), hog_len, sys::Advice::HugePage).expect("madvise");
+    sys::madvise(hog.addr(), hog_len, sys::Advice::PopulateWrite).expect("filling the target node");
+    // The region is made larger than what is left (the node's free memory moves: earlier
+    // tests' pages come back to it), 64 MiB at least.
+    let left = numa::meminfo(b).expect("node meminfo").1 as usize;
+    let len = (left + 16 * MIB).next_multiple_of(HPAGE_SIZE).max(64 * MIB);
     let region = Region::new(len, HPAGE_SIZE, Some(a)).expect("region on the first node");
     let seed = 0xf0_11;
     fill(&region, seed);
-    // Fill the target node until about half the region's size is free, well above the
-    // kernel's watermarks: a node that runs out for real invokes the OOM killer.
-    // The node's free memory moves meanwhile (the kernel and the earlier tests' freed pages
-    // come back to it): hogs are added until the fill holds, a few times at most.
-    let keep_free = len / 2;
-    let mut hogs = Vec::new();
-    let mut left = numa::meminfo(b).expect("node meminfo").1;
-    for _ in 0..8 {
-        if left < len as u64 {
-            break;
-        }
-        let hog_len = (left as usize).saturating_sub(keep_free) / HPAGE_SIZE * HPAGE_SIZE;
-        // Bound to the node by a policy of its own (`mbind`, strict), populated after.
-        let hog = sys::Mapping::new(hog_len, HPAGE_SIZE).expect("mapping the hog");
-        sys::mbind(hog.addr(), hog_len, b, false).expect("mbind");
-        sys::madvise(hog.addr(), hog_len, sys::Advice::HugePage).expect("madvise");
-        sys::madvise(hog.addr(), hog_len, sys::Advice::PopulateWrite).expect("filling the target node");
-        hogs.push(hog);
-        left = numa::meminfo(b).expect("node meminfo").1;
-    }
-    let taken: usize = hogs.iter().map(|h| h.len()).sum();
-    println!("node {b}: {} MiB free after taking {} MiB; migrating {} MiB", left >> 20, taken >> 20, len >> 20);
-    assert!(left < len as u64, "could not fill node {b}: {left} bytes still free");
+    println!("node {b}: {} MiB free after taking {} MiB; migrating {} MiB", left >> 20, hog_len >> 20, len >> 20);
     let err = migrate::migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync)
         .expect_err("migrating more than the target node has free");
     println!("error: {err}");
@@ -776,7 +768,7 @@ fn full_target_node_fails_cleanly_with_enomem() {
     assert!(!matches!(err, Error::Partial { .. }), "nothing may have moved: {err}");
     verify(&region, seed, "source after the refused migration");
     check_placement("enomem-2MiB-folios-64MiB@source", &region, a);
-    drop(hogs);
+    drop(hog);
     // Once there is room, the same region moves.
     migrate::migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync).expect("migrating with room");
     verify(&region, seed, "region after the migration with room");
