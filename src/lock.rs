@@ -26,11 +26,28 @@
 
 use std::ops::{Deref, DerefMut};
 use std::sync::PoisonError;
+use std::sync::atomic::{AtomicU32, Ordering, fence};
 use std::time::{Duration, Instant};
 
 /// A mutual-exclusion lock ([`std::sync::Mutex`], never poisoned).
+///
+/// [`Mutex::try_lock_for`] waits in the kernel on a word of the lock's own (`futex`), which
+/// each unlock bumps and wakes while a timed waiter is registered: the waiter sleeps until
+/// the lock is let go or its time runs out, as with `parking_lot`, instead of trying again
+/// and again (a waiter that woke every few microseconds to try took CPU time from the
+/// program's threads: 512 MiB of 4 KiB folios, one writer, its longest wait for a CPU once
+/// woken was 1075 µs against `parking_lot`'s 646, medians of 10 alternating runs; with
+/// this wait 833 against 943, the same; 2-core AMD EPYC VM). A [`Condvar`] wait that lets
+/// the lock go wakes no timed waiter: none is used on a lock that is also waited on that
+/// way.
 #[derive(Debug, Default)]
-pub struct Mutex<T: ?Sized>(std::sync::Mutex<T>);
+pub struct Mutex<T: ?Sized> {
+    /// Timed waiters registered now.
+    timed: AtomicU32,
+    /// Bumped by each unlock that has timed waiters to wake: the word they wait on.
+    unlocks: AtomicU32,
+    inner: std::sync::Mutex<T>,
+}
 
 /// The lock of a [`Mutex`], let go when dropped.
 #[must_use = "the lock is let go at once if the guard is not kept"]
@@ -43,7 +60,7 @@ pub struct MutexGuard<'a, T: ?Sized> {
 impl<T> Mutex<T> {
     /// A lock holding `value`.
     pub const fn new(value: T) -> Self {
-        Self(std::sync::Mutex::new(value))
+        Self { timed: AtomicU32::new(0), unlocks: AtomicU32::new(0), inner: std::sync::Mutex::new(value) }
     }
 }
 
@@ -55,7 +72,7 @@ impl<T: ?Sized> Mutex<T> {
 
     /// Takes the lock if it is free now.
     pub fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
-        let inner = match self.0.try_lock() {
+        let inner = match self.inner.try_lock() {
             Ok(g) => g,
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
@@ -63,12 +80,10 @@ impl<T: ?Sized> Mutex<T> {
         Some(MutexGuard { mutex: self, inner: Some(inner) })
     }
 
-    /// Takes the lock if it comes free within `timeout`. The wait is a series of tries
-    /// with pauses growing from a microsecond to 50 µs between them: for the few places
-    /// that give up on a lock held long (`std` has no timed lock).
+    /// Takes the lock if it comes free within `timeout`, waiting in the kernel until it is
+    /// let go or the time runs out (see [`Mutex`]).
     pub fn try_lock_for(&self, timeout: Duration) -> Option<MutexGuard<'_, T>> {
         let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_micros(1);
         loop {
             if let Some(g) = self.try_lock() {
                 return Some(g);
@@ -77,8 +92,17 @@ impl<T: ?Sized> Mutex<T> {
             if now >= deadline {
                 return None;
             }
-            std::thread::sleep(pause.min(deadline - now));
-            pause = (pause * 2).min(Duration::from_micros(50));
+            self.timed.fetch_add(1, Ordering::SeqCst);
+            let seen = self.unlocks.load(Ordering::SeqCst);
+            // Tried again once registered: an unlock before the registration woke nobody.
+            let got = self.try_lock();
+            if got.is_none() {
+                futex(&self.unlocks, libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG, seen, Some(deadline - now));
+            }
+            self.timed.fetch_sub(1, Ordering::SeqCst);
+            if got.is_some() {
+                return got;
+            }
         }
     }
 
@@ -87,11 +111,21 @@ impl<T: ?Sized> Mutex<T> {
     where
         T: Sized,
     {
-        self.0.into_inner().unwrap_or_else(PoisonError::into_inner)
+        self.inner.into_inner().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn raw_lock(&self) -> std::sync::MutexGuard<'_, T> {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// After the lock was let go: wakes the timed waiters, if any. The fence orders the
+    /// unlock before the count's read, as a waiter's registration comes before its try.
+    fn wake_timed(&self) {
+        fence(Ordering::SeqCst);
+        if self.timed.load(Ordering::SeqCst) != 0 {
+            self.unlocks.fetch_add(1, Ordering::SeqCst);
+            futex(&self.unlocks, libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG, i32::MAX as u32, None);
+        }
     }
 }
 
@@ -107,12 +141,21 @@ impl<'a, T: ?Sized> MutexGuard<'a, T> {
             }
         }
         drop(guard.inner.take());
+        guard.mutex.wake_timed();
         let _relock = Relock(guard);
         f()
     }
 
     fn take(&mut self) -> std::sync::MutexGuard<'a, T> {
         self.inner.take().expect("a guard holds its lock outside `unlocked` and waits")
+    }
+}
+
+impl<T: ?Sized> Drop for MutexGuard<'_, T> {
+    fn drop(&mut self) {
+        if self.inner.take().is_some() {
+            self.mutex.wake_timed();
+        }
     }
 }
 
@@ -188,6 +231,21 @@ impl Condvar {
     }
 }
 
+/// `futex(2)` on `word`, private to the process: `FUTEX_WAIT` while it holds `value`, for
+/// `timeout` at most, or `FUTEX_WAKE` of up to `value` waiters. Its answer is not needed:
+/// a waiter tries the lock again whatever woke it.
+#[allow(unsafe_code, reason = "the futex system call on a word of ours")]
+fn futex(word: &AtomicU32, op: libc::c_int, value: u32, timeout: Option<Duration>) {
+    let ts = timeout.map(|t| libc::timespec {
+        tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
+        tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+    });
+    let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
+    // SAFETY: `word` is a live, aligned 32-bit atomic of ours; the timespec, where given,
+    // lives for the call; the kernel reads nothing else.
+    unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), op, value, ts_ptr) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +289,33 @@ mod tests {
             assert!(t.elapsed() >= Duration::from_millis(20));
             drop(g);
             assert!(m.try_lock_for(Duration::from_millis(20)).is_some());
+        });
+    }
+
+    /// A timed waiter takes the lock once it is let go (dropped, or let go inside
+    /// `unlocked`), not when its (long) time runs out: the watchdog fails a waiter that
+    /// sleeps on.
+    #[test]
+    fn a_timed_waiter_takes_the_lock_as_it_is_let_go() {
+        watchdog(60, || {
+            let m = Mutex::new(0u32);
+            for via_unlocked in [false, true] {
+                let mut g = m.lock();
+                std::thread::scope(|s| {
+                    let waiter = s.spawn(|| {
+                        let mut got = m.try_lock_for(Duration::from_secs(600)).expect("the lock, let go");
+                        *got += 1;
+                    });
+                    std::thread::sleep(Duration::from_millis(20));
+                    if via_unlocked {
+                        MutexGuard::unlocked(&mut g, || waiter.join().unwrap());
+                    } else {
+                        drop(g);
+                        waiter.join().unwrap();
+                    }
+                });
+            }
+            assert_eq!(*m.lock(), 2);
         });
     }
 
