@@ -228,6 +228,8 @@ impl Reaper {
             let len = g.len;
             free_or_keep(&self.uffd, &self.kept, g);
             *lock.lock() -= len;
+            // A `drain` or another `bury` waiting on the count sees it fall.
+            cv.notify_all();
         }
     }
 
