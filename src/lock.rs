@@ -153,7 +153,10 @@ impl<'a, T: ?Sized> MutexGuard<'a, T> {
 
 impl<T: ?Sized> Drop for MutexGuard<'_, T> {
     fn drop(&mut self) {
-        if self.inner.take().is_some() {
+        let held = self.inner.take();
+        if held.is_some() {
+            // Let go first, then the timed waiters woken.
+            drop(held);
             self.mutex.wake_timed();
         }
     }
