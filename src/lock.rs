@@ -83,21 +83,27 @@ impl<T: ?Sized> Mutex<T> {
     /// Takes the lock if it comes free within `timeout`, waiting in the kernel until it is
     /// let go or the time runs out (see [`Mutex`]).
     pub fn try_lock_for(&self, timeout: Duration) -> Option<MutexGuard<'_, T>> {
-        let deadline = Instant::now() + timeout;
+        // A deadline past what `Instant` holds: no deadline.
+        let deadline = Instant::now().checked_add(timeout);
         loop {
             if let Some(g) = self.try_lock() {
                 return Some(g);
             }
             let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
+            let left = match deadline {
+                Some(d) if now >= d => return None,
+                Some(d) => Some(d - now),
+                None => None,
+            };
             self.timed.fetch_add(1, Ordering::SeqCst);
+            // Pairs with the unlocker's fence (`wake_timed`): either it sees this waiter
+            // registered, or the try below sees the lock let go.
+            fence(Ordering::SeqCst);
             let seen = self.unlocks.load(Ordering::SeqCst);
             // Tried again once registered: an unlock before the registration woke nobody.
             let got = self.try_lock();
             if got.is_none() {
-                futex(&self.unlocks, libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG, seen, Some(deadline - now));
+                futex(&self.unlocks, libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG, seen, left);
             }
             self.timed.fetch_sub(1, Ordering::SeqCst);
             if got.is_some() {
@@ -292,6 +298,8 @@ mod tests {
             assert!(t.elapsed() >= Duration::from_millis(20));
             drop(g);
             assert!(m.try_lock_for(Duration::from_millis(20)).is_some());
+            // A timeout past what `Instant` holds waits without a deadline, not a panic.
+            assert!(m.try_lock_for(Duration::MAX).is_some());
         });
     }
 
