@@ -233,13 +233,15 @@ impl Lookup {
     /// # Errors
     /// [`Error::Io`] when `/proc/self/maps` cannot be read.
     pub fn open() -> Result<Self> {
-        /// Whether the ioctl answers on this kernel: asked once per process, not per lookup.
-        static QUERY_WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        /// Whether the ioctl answers on this kernel: asked once, not per lookup (a child
+        /// takes its parent's answer; `PerProcess`: a `OnceLock` being filled at a `fork()`
+        /// would leave the child waiting on it for good).
+        static QUERY_WORKS: crate::process::PerProcess<bool> = crate::process::PerProcess::new();
         let file = crate::sys::take_kept(MAPS)
             .map_or_else(|| crate::sys::OwnFile::open(MAPS), Ok)
             .map_err(|errno| Error::io("/proc/self/maps")(std::io::Error::from_raw_os_error(errno.raw_os_error())))?;
-        let works = *QUERY_WORKS.get_or_init(|| {
-            matches!(crate::sys::procmap_query(&file, 0, true), Ok(_) | Err(crate::sys::Errno::NOENT))
+        let works = *QUERY_WORKS.get_or_init(|parent| {
+            parent.copied().unwrap_or_else(|| matches!(crate::sys::procmap_query(&file, 0, true), Ok(_) | Err(crate::sys::Errno::NOENT)))
         });
         if works {
             return Ok(Self { file: Some(file), seen: Vec::new(), verdicts: Default::default() });

@@ -80,8 +80,13 @@ pub fn page_marks(pages: &[usize]) -> Result<Vec<PageMarks>, Errno> {
 /// Whether the kernel tracks soft-dirty bits (`CONFIG_MEM_SOFT_DIRTY`): a page written just
 /// now shows bit 55. Asked once per process.
 pub fn soft_dirty_tracked() -> bool {
-    static TRACKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *TRACKED.get_or_init(|| {
+    // Per process (a child takes its parent's answer): a `OnceLock` being filled at a
+    // `fork()` would leave the child waiting on it for good.
+    static TRACKED: crate::process::PerProcess<bool> = crate::process::PerProcess::new();
+    *TRACKED.get_or_init(|parent| {
+        if let Some(&tracked) = parent {
+            return tracked;
+        }
         let Ok(map) = super::Mapping::new_own(PAGE_SIZE, PAGE_SIZE) else { return true };
         // SAFETY: the page is the fresh mapping's own, which nothing else knows of.
         unsafe { std::ptr::write_volatile(map.addr() as *mut u8, 1) };

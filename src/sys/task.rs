@@ -83,8 +83,10 @@ pub fn usable_cpus() -> usize {
 /// without a quota. Read once per process (through `sys::files`, as every file pagemig reads
 /// during a call).
 fn cgroup_cpus() -> Option<usize> {
-    static QUOTA: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    *QUOTA.get_or_init(|| {
+    // Per process: a `OnceLock` being filled at a `fork()` would leave the child waiting on
+    // it for good.
+    static QUOTA: crate::process::PerProcess<Option<usize>> = crate::process::PerProcess::new();
+    *QUOTA.get_or_init(|_| {
         let groups = super::read_text("/proc/self/cgroup").ok()?;
         let path = groups.lines().find_map(|l| l.strip_prefix("0::"))?;
         let max = super::read_text(format!("/sys/fs/cgroup{}/cpu.max", path.trim_end())).ok()?;
