@@ -1753,3 +1753,64 @@ fn pages_purged_before_the_claim_stay_across_nodes() {
     let on_b = moving.iter().filter(|&&p| nodes[p] == b as i32).count();
     println!("placement: purged-before-claim-others node {b} pages {on_b}/{}", moving.len());
 }
+
+/// A huge page of the region pinned for a moment while it moves (as a stranger's
+/// `process_vm_readv` pins what it reads, or io_uring a fixed buffer): its isolation is
+/// refused (`EBUSY`), the folio is held for another pass, and every folio the call reports
+/// moved is on the target node, every other one where it was, every byte as written.
+/// (`bounce_while_a_stranger_reads_every_mapping` once reported every folio moved with the
+/// one held for a second pass still on its node.)
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn a_huge_page_pinned_for_a_moment_moves_on_a_later_pass_or_fails() {
+    let Some((a, b)) = two_nodes() else { return };
+    if pin(Box::leak(Box::new(Region::new(2 * MIB, 4 * KIB, None).unwrap())).addr(), PAGE_SIZE).is_none() {
+        println!("io_uring cannot pin pages here: nothing to test");
+        return;
+    }
+    for (round, hold_ms) in [10u64, 50, 150].into_iter().enumerate() {
+        let (from, to) = if round % 2 == 0 { (a, b) } else { (b, a) };
+        let region = Region::new(8 * MIB, HPAGE_SIZE, Some(from)).expect("region");
+        let seed = 0x9111 + round as u64;
+        fill(&region, seed);
+        let pinned_at = region.addr() + HPAGE_SIZE;
+        let started = Barrier::new(2);
+        let result = std::thread::scope(|s| {
+            let pinner = s.spawn(|| {
+                let held = pin(pinned_at, HPAGE_SIZE).expect("pinning a huge page of the region");
+                started.wait();
+                std::thread::sleep(Duration::from_millis(hold_ms));
+                drop(held);
+            });
+            started.wait();
+            let opts = MigrateOptions::default().max_batch_pages(512);
+            let result =
+                Engine::global().unwrap().migrate_pages(&region.folios(), to, Reason::Syscall, Mode::Sync, &opts);
+            pinner.join().unwrap();
+            result
+        });
+        let (failed, retried): (Vec<usize>, u64) = match &result {
+            Ok(stats) => (Vec::new(), stats.retried_folios),
+            Err(Error::Partial { stats, .. }) => {
+                (stats.failures.iter().map(|f| f.addr).collect(), stats.retried_folios)
+            }
+            Err(e) => panic!("pinned for {hold_ms} ms: {e}"),
+        };
+        println!("pinned for {hold_ms} ms: {} folios failed, {retried} retried", failed.len());
+        verify(&region, seed, &format!("pinned for {hold_ms} ms"));
+        let nodes = numa::page_nodes(region.addr(), region.len()).expect("move_pages status query");
+        for (i, node) in nodes.iter().enumerate() {
+            let folio = region.addr() + i * PAGE_SIZE / HPAGE_SIZE * HPAGE_SIZE;
+            let want = if failed.contains(&folio) { from } else { to };
+            assert_eq!(
+                *node, want as i32,
+                "pinned for {hold_ms} ms: page {i} (folio {folio:#x}); failed {failed:?}; {result:?}"
+            );
+        }
+        println!(
+            "placement: pinned-for-{hold_ms}ms node {to} pages {}/{}",
+            nodes.iter().filter(|&&n| n == to as i32).count() + failed.len() * (HPAGE_SIZE / PAGE_SIZE),
+            nodes.len()
+        );
+    }
+}
