@@ -37,11 +37,14 @@ use std::time::{Duration, Instant};
 /// and again (a waiter that woke every few microseconds to try took CPU time from the
 /// program's threads: 512 MiB of 4 KiB folios, one writer, its longest wait for a CPU once
 /// woken was 1075 µs against `parking_lot`'s 646, medians of 10 alternating runs; with
-/// this wait 833 against 943, the same; 2-core AMD EPYC VM). A [`Condvar`] wait that lets
-/// the lock go wakes no timed waiter: none is used on a lock that is also waited on that
-/// way.
+/// this wait 833 against 943, the same; 2-core AMD EPYC VM). Only a lock made with
+/// [`Mutex::new_timed`] does that; every other unlock skips it (a fence and a load). A
+/// [`Condvar`] wait that lets the lock go wakes no timed waiter: no timed lock is waited on
+/// that way.
 #[derive(Debug, Default)]
 pub struct Mutex<T: ?Sized> {
+    /// Made for timed waiters ([`Mutex::new_timed`]): its unlocks wake them.
+    timed_waits: bool,
     /// Timed waiters registered now.
     timed: AtomicU32,
     /// Bumped by each unlock that has timed waiters to wake: the word they wait on.
@@ -60,7 +63,16 @@ pub struct MutexGuard<'a, T: ?Sized> {
 impl<T> Mutex<T> {
     /// A lock holding `value`.
     pub const fn new(value: T) -> Self {
-        Self { timed: AtomicU32::new(0), unlocks: AtomicU32::new(0), inner: std::sync::Mutex::new(value) }
+        Self::made(value, false)
+    }
+
+    /// A lock holding `value` that [`Mutex::try_lock_for`] may wait on.
+    pub const fn new_timed(value: T) -> Self {
+        Self::made(value, true)
+    }
+
+    const fn made(value: T, timed_waits: bool) -> Self {
+        Self { timed_waits, timed: AtomicU32::new(0), unlocks: AtomicU32::new(0), inner: std::sync::Mutex::new(value) }
     }
 }
 
@@ -81,8 +93,11 @@ impl<T: ?Sized> Mutex<T> {
     }
 
     /// Takes the lock if it comes free within `timeout`, waiting in the kernel until it is
-    /// let go or the time runs out (see [`Mutex`]).
+    /// let go or the time runs out (see [`Mutex`]). For a lock made with
+    /// [`Mutex::new_timed`]: another one's unlocks wake nobody, and the wait lasts its
+    /// whole time.
     pub fn try_lock_for(&self, timeout: Duration) -> Option<MutexGuard<'_, T>> {
+        debug_assert!(self.timed_waits, "try_lock_for on a lock not made with new_timed");
         // A deadline past what `Instant` holds: no deadline.
         let deadline = Instant::now().checked_add(timeout);
         loop {
@@ -127,6 +142,9 @@ impl<T: ?Sized> Mutex<T> {
     /// After the lock was let go: wakes the timed waiters, if any. The fence orders the
     /// unlock before the count's read, as a waiter's registration comes before its try.
     fn wake_timed(&self) {
+        if !self.timed_waits {
+            return;
+        }
         fence(Ordering::SeqCst);
         if self.timed.load(Ordering::SeqCst) != 0 {
             self.unlocks.fetch_add(1, Ordering::SeqCst);
@@ -247,7 +265,7 @@ impl Condvar {
 fn futex(word: &AtomicU32, op: libc::c_int, value: u32, timeout: Option<Duration>) {
     let ts = timeout.map(|t| libc::timespec {
         tv_sec: t.as_secs().min(i64::MAX as u64) as libc::time_t,
-        tv_nsec: libc::c_long::from(t.subsec_nanos() as i32),
+        tv_nsec: t.subsec_nanos() as libc::c_long,
     });
     let ts_ptr = ts.as_ref().map_or(std::ptr::null(), |t| t as *const libc::timespec);
     // SAFETY: `word` is a live, aligned 32-bit atomic of ours; the timespec, where given,
@@ -284,7 +302,7 @@ mod tests {
     #[test]
     fn no_poisoning_and_timed_tries() {
         watchdog(60, || {
-            let m = Mutex::new(5u32);
+            let m = Mutex::new_timed(5u32);
             let _ = std::panic::catch_unwind(|| {
                 let _g = m.lock();
                 panic!("under the lock");
@@ -309,7 +327,7 @@ mod tests {
     #[test]
     fn a_timed_waiter_takes_the_lock_as_it_is_let_go() {
         watchdog(60, || {
-            let m = Mutex::new(0u32);
+            let m = Mutex::new_timed(0u32);
             for via_unlocked in [false, true] {
                 let mut g = m.lock();
                 std::thread::scope(|s| {

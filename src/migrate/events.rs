@@ -115,7 +115,8 @@ impl Reader {
     /// # Errors
     /// `EAGAIN` when no thread can be started.
     pub fn spawn(uffd: Arc<Uffd>, graves: Arc<Uffd>, busy: Arc<Busy>) -> Result<Self, Errno> {
-        let shared = Arc::new(Shared { uffd, graves, busy, stop: AtomicBool::new(false), reading: Mutex::new(None) });
+        let shared =
+            Arc::new(Shared { uffd, graves, busy, stop: AtomicBool::new(false), reading: Mutex::new_timed(None) });
         let ours = shared.clone();
         let handle = crate::sys::thread::spawn("pagemig-events", move || {
             let Shared { uffd, busy, stop, reading, .. } = &*ours;
