@@ -18,7 +18,7 @@ use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::strangers::{StopOnDrop, known_mappings, pin, pin_fresh, scan};
+use common::strangers::{StopOnDrop, can_pin, known_mappings, pin, pin_fresh, scan};
 use pagemig::attr;
 use pagemig::error::Error;
 use pagemig::migrate::{self, Engine, FaultInjection, MigrateOptions, Mode, Reason};
@@ -143,6 +143,12 @@ fn numa_maps_counts(addr: usize, len: usize) -> BTreeMap<u32, usize> {
 /// Checks, by `move_pages` status and by `numa_maps`, that every page of `region` is on
 /// `node`, and prints the placement line: `k` counts the pages both sources put on `node`.
 fn check_placement(name: &str, region: &Region, node: u32) {
+    check_placement_with(name, region, node, &String::new);
+}
+
+/// [`check_placement`], where a failure also says `context()` (what the call counted, for
+/// a failure that is hard to reproduce) and where the first page off `node` lies.
+fn check_placement_with(name: &str, region: &Region, node: u32, context: &dyn Fn() -> String) {
     let total = region.len() / PAGE_SIZE;
     let status = numa::page_nodes(region.addr(), region.len()).expect("move_pages status query");
     let by_status = status.iter().filter(|&&n| n == node as i32).count();
@@ -153,7 +159,13 @@ fn check_placement(name: &str, region: &Region, node: u32) {
     for &n in &status {
         *per_node.entry(n).or_insert(0) += 1;
     }
-    assert_eq!(by_status, total, "{name}: move_pages finds pages per node (or -errno) {per_node:?}");
+    let first_off = status.iter().position(|&n| n != node as i32).map(|i| region.addr() + i * PAGE_SIZE);
+    assert_eq!(
+        by_status,
+        total,
+        "{name}: move_pages finds pages per node (or -errno) {per_node:?}, the first off node {node} at {first_off:#x?}; {}",
+        context()
+    );
     assert_eq!(by_numa_maps, total, "{name}: numa_maps counts pages per node {counts:?}");
 }
 
@@ -443,18 +455,7 @@ fn bounce_under_load(
                 .unwrap_or_else(|e| panic!("{name}: move {i} to node {node}: {e}"));
             assert_eq!(stats.succeeded_folios, region.folios().len() as u64, "{name}: move {i}: {stats:?}");
             answered.fetch_add(stats.answered_bytes, Ordering::Relaxed);
-            let at = numa::page_nodes(region.addr(), region.len()).expect("move_pages status query");
-            if let Some(first) = at.iter().position(|&n| n != node as i32) {
-                // What the call counted, and where the first page off its node lies (its
-                // folio, its node now), for a failure that is hard to reproduce.
-                let off = at.iter().filter(|&&n| n != node as i32).count();
-                let addr = region.addr() + first * PAGE_SIZE;
-                println!(
-                    "{name}: move {i}: {off} pages off node {node}, first at {addr:#x} on {}: {stats:?}",
-                    at[first]
-                );
-            }
-            check_placement(&format!("{name}#{}", i + 1), region, node);
+            check_placement_with(&format!("{name}#{}", i + 1), region, node, &|| format!("{stats:?}"));
         }
         stop.store(true, Ordering::Relaxed);
         writers.into_iter().map(|h| h.join().expect("writer panicked")).collect()
@@ -552,7 +553,7 @@ fn bounce_while_a_stranger_reads_every_mapping() {
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn moves_across_nodes_while_a_stranger_pins_pagemig_memory() {
     let Some((a, b)) = two_nodes() else { return };
-    if pin(Box::leak(Box::new(Region::new(2 * MIB, 4 * KIB, None).unwrap())).addr(), PAGE_SIZE).is_none() {
+    if !can_pin() {
         println!("io_uring cannot pin pages here: nothing to test");
         return;
     }
@@ -1764,7 +1765,7 @@ fn pages_purged_before_the_claim_stay_across_nodes() {
 #[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
 fn a_huge_page_pinned_for_a_moment_moves_on_a_later_pass_or_fails() {
     let Some((a, b)) = two_nodes() else { return };
-    if pin(Box::leak(Box::new(Region::new(2 * MIB, 4 * KIB, None).unwrap())).addr(), PAGE_SIZE).is_none() {
+    if !can_pin() {
         println!("io_uring cannot pin pages here: nothing to test");
         return;
     }

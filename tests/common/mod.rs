@@ -337,14 +337,17 @@ pub fn report_hang(pid: libc::pid_t) {
         }
     }
     if std::env::var_os("PAGEMIG_DEBUG_HANG").is_some() {
-        let pid = pid.to_string();
-        let gdb = ["gdb", "/usr/bin/gdb"].into_iter().find_map(|g| {
-            std::process::Command::new(g).args(["-p", &pid, "-batch", "-ex", "thread apply all bt 30"]).output().ok()
-        });
-        match gdb {
-            Some(o) => eprintln!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
-            None => eprintln!("PAGEMIG_DEBUG_HANG: no gdb found"),
-        }
+        gdb(&["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt 30"]);
+    }
+}
+
+/// Runs `gdb` (on the path, or `/usr/bin/gdb`) with `args` and prints what it printed, its
+/// errors included, on stderr.
+fn gdb(args: &[&str]) {
+    let run = ["gdb", "/usr/bin/gdb"].into_iter().find_map(|g| std::process::Command::new(g).args(args).output().ok());
+    match run {
+        Some(o) => eprintln!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+        None => eprintln!("PAGEMIG_DEBUG_HANG: no gdb found"),
     }
 }
 
@@ -357,17 +360,7 @@ fn report_crash(pid: libc::pid_t) {
         return;
     }
     let exe = std::fs::read_link("/proc/self/exe").unwrap_or_default();
-    let exe = exe.to_string_lossy().into_owned();
-    let gdb = ["gdb", "/usr/bin/gdb"].into_iter().find_map(|g| {
-        std::process::Command::new(g)
-            .args(["-batch", "-ex", "info signals SIGSEGV", "-ex", "thread apply all bt 40", &exe, &core])
-            .output()
-            .ok()
-    });
-    match gdb {
-        Some(o) => eprintln!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
-        None => eprintln!("PAGEMIG_DEBUG_HANG: no gdb found"),
-    }
+    gdb(&["-batch", "-ex", "thread apply all bt 40", &exe.to_string_lossy(), &core]);
     let _ = std::fs::remove_file(&core);
 }
 

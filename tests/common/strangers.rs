@@ -93,6 +93,14 @@ pub fn pin(addr: usize, len: usize) -> Option<OwnedFd> {
     (r == 0).then_some(fd)
 }
 
+/// Whether io_uring can pin pages here ([`pin`] of a page of a fresh region, kept mapped:
+/// a pin's release may come after the region would be unmapped).
+#[allow(dead_code, reason = "used by some test binaries only")]
+pub fn can_pin() -> bool {
+    let region = Box::leak(Box::new(pagemig::Region::new(2 << 20, PAGE_SIZE, None).unwrap()));
+    pin(region.addr(), PAGE_SIZE).is_some()
+}
+
 /// Until `stop`, pins each fresh private mapping of the process (not in `known`, not
 /// `skip`) for `hold` as soon as it appears: pagemig's graveyards, destinations and
 /// holdings. Of a fresh mapping too large to pin whole (pagemig's destination pool), the
