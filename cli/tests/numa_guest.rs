@@ -1815,3 +1815,76 @@ fn a_huge_page_pinned_for_a_moment_moves_on_a_later_pass_or_fails() {
         );
     }
 }
+
+/// The guest twin of `fork_child::children_forked_while_the_parent_migrates_migrate_with_their_own_engines`:
+/// children forked while the parent moves its memory between the nodes (its threads
+/// waiting on pagemig's locks at the fork) move their own memory across with a writer:
+/// none crashes or hangs, every byte and write stands, every page lands on the node asked.
+/// (With `parking_lot`'s locks, whose table of waiting threads a child inherited, a child
+/// now and then died of `SIGSEGV` or hung.)
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn children_forked_while_the_parent_migrates_move_their_memory_across_nodes() {
+    let _watchdog = common::Watchdog::new(
+        common::TEST_LIMIT,
+        "children_forked_while_the_parent_migrates_move_their_memory_across_nodes",
+    );
+    let Some((a, b)) = two_nodes() else { return };
+    let engine = Engine::global().unwrap();
+    let region = Region::new(16 * MIB, 4 * KIB, Some(a)).expect("region");
+    fill(&region, 5);
+    let stop = AtomicBool::new(false);
+    let mut bad = Vec::new();
+    std::thread::scope(|s| {
+        let parent = s.spawn(|| {
+            let mut moves = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let to = if moves % 2 == 0 { b } else { a };
+                engine
+                    .migrate_pages(&region.folios(), to, Reason::Syscall, Mode::Sync, &MigrateOptions::default())
+                    .expect("the parent's migration");
+                moves += 1;
+            }
+            moves
+        });
+        for child in 0..16 {
+            // SAFETY: the child uses its own engine and threads, and ends with _exit.
+            let end = unsafe {
+                common::fork_and_wait_or_kill_or_crash(Duration::from_secs(120), || {
+                    let Ok(engine) = Engine::global() else { return 2 };
+                    let Ok(mine) = Region::new(8 * MIB, 4 * KIB, Some(a)) else { return 3 };
+                    pagemig::workload::fill(&mine, 6);
+                    let (result, log) = pagemig::workload::with_writers(&mine, 1, || {
+                        engine.migrate_pages(&mine.folios(), b, Reason::Syscall, Mode::Sync, &MigrateOptions::default())
+                    });
+                    if result.is_err() {
+                        return 4;
+                    }
+                    if !pagemig::workload::verify(&mine, 6, &log).ok() {
+                        return 5;
+                    }
+                    let on_b = numa::page_nodes(mine.addr(), mine.len())
+                        .map_or(0, |s| s.iter().filter(|&&n| n == b as i32).count());
+                    if on_b != mine.len() / PAGE_SIZE {
+                        return 6;
+                    }
+                    0
+                })
+            };
+            if end != common::ChildEnd::Exited(0) {
+                bad.push((child, end));
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        assert!(parent.join().unwrap() > 0, "the parent migrated while it forked");
+    });
+    verify(&region, 5, "the parent's region");
+    engine.migrate_pages(&region.folios(), b, Reason::Syscall, Mode::Sync, &MigrateOptions::default()).unwrap();
+    verify(&region, 5, "the parent's region, moved once more");
+    check_placement("forked-children-parent", &region, b);
+    println!("16 children moved their 8 MiB to node {b} while the parent moved its 16 MiB: {} ended badly", bad.len());
+    assert!(
+        bad.is_empty(),
+        "children that did not end well (exit 2 no engine, 3 no region, 4 a call failed, 5 data lost, 6 pages off node {b}): {bad:?}"
+    );
+}
