@@ -126,6 +126,21 @@ impl<T: 'static> PerProcess<T> {
         }
     }
 
+    /// The value made or set last, by this process or by the one it was forked from (a
+    /// child shares its parent's, as it would a `OnceLock`'s); made by `make` where none
+    /// was, by one thread of this process while the others wait. Unlike a `OnceLock`, a
+    /// child forked while a thread of its parent was making the value (which the child
+    /// will never see finished) makes one of its own instead of waiting for good. For
+    /// values whose fork handlers make them safe to share with a child: they read it
+    /// with [`PerProcess::latest`].
+    pub(crate) fn get_or_init_inherited(&self, make: impl FnOnce() -> T) -> &'static T {
+        let made = self.make_one(|e| e.map(|e| &e.value), |_| Ok::<T, std::convert::Infallible>(make()));
+        match made {
+            Ok(value) => value,
+            Err(never) => match never {},
+        }
+    }
+
     /// [`PerProcess::get_or_try_init`] with a `make` that cannot fail.
     pub(crate) fn get_or_init(&self, make: impl FnOnce(Option<&'static T>) -> T) -> &'static T {
         match self.get_or_try_init(|parent| Ok::<T, std::convert::Infallible>(make(parent))) {
@@ -363,6 +378,55 @@ mod tests {
             assert_eq!(*CELL.replace(kept, |_| Ok::<_, ()>(100)).unwrap(), 8);
             assert_eq!(CELL.replace(next, |_| Err("failed")), Err("failed"));
             assert_eq!(CELL.get(), Some(next));
+        });
+    }
+
+    /// An inherited value: a child forked once it is made shares it; a child forked while
+    /// a thread of its parent is still making it (a `OnceLock` there would wait for that
+    /// thread, which the child does not have, for ever) makes its own, and the parent's
+    /// maker finishes in the parent alone.
+    #[test]
+    #[allow(unsafe_code, reason = "fork, waitpid, _exit")]
+    fn a_child_forked_while_its_parent_makes_an_inherited_value_makes_its_own() {
+        watchdog(60, || {
+            static CELL: PerProcess<u32> = PerProcess::new();
+            let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+            let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+            let maker = std::thread::spawn(move || {
+                *CELL.get_or_init_inherited(|| {
+                    entered_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                    1
+                })
+            });
+            entered_rx.recv().unwrap();
+            assert!(CELL.being_made());
+            // SAFETY: the child makes its value (one atomic exchange and a leaked box), then
+            // ends with _exit.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                let own = *CELL.get_or_init_inherited(|| 2) == 2;
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(if own { 0 } else { 1 }) };
+            }
+            assert_eq!(
+                wait_child(pid, std::time::Duration::from_secs(20), "the child waited for its parent's maker"),
+                0
+            );
+            go_tx.send(()).unwrap();
+            assert_eq!(maker.join().unwrap(), 1);
+            assert_eq!(*CELL.get_or_init_inherited(|| 3), 1);
+            // Forked once it is made: the child shares it and makes none.
+            // SAFETY: as above.
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0);
+            if pid == 0 {
+                let shared = CELL.latest() == Some(&1) && *CELL.get_or_init_inherited(|| 4) == 1;
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(if shared { 0 } else { 1 }) };
+            }
+            assert_eq!(wait_child(pid, std::time::Duration::from_secs(20), "the child hung"), 0);
         });
     }
 

@@ -38,8 +38,8 @@
 #![allow(unsafe_code, reason = "lends the batch's memory to the DMA channels")]
 
 use std::ops::Range;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::lock::{Condvar, Mutex};
@@ -299,12 +299,13 @@ unsafe impl OffloadCopy for Dcbm {
     }
 }
 
-/// The process-wide migrator of [`global`].
-static DCBM: OnceLock<Arc<Dcbm>> = OnceLock::new();
+/// The process-wide migrator of [`global`] (shared with a forked child; see
+/// `offload::registry`'s `REGISTRY` for why not a `OnceLock`).
+static DCBM: crate::process::PerProcess<Arc<Dcbm>> = crate::process::PerProcess::new();
 
 /// Takes the global migrator's lock for a `fork()` in progress (see `migrate::fork`).
 pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
-    if let Some(d) = DCBM.get() {
+    if let Some(d) = DCBM.latest() {
         held.push(Box::new(d.registered.lock().unwrap_or_else(std::sync::PoisonError::into_inner)));
     }
 }
@@ -312,7 +313,7 @@ pub(crate) fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
 /// The process-wide migrator that the `dcbm/*` attributes drive: it takes its channels
 /// from the DMA registry, where [`dma::soft_default`] is registered on first use.
 pub fn global() -> &'static Arc<Dcbm> {
-    DCBM.get_or_init(|| {
+    DCBM.get_or_init_inherited(|| {
         super::hold_at_fork();
         // Without a device every batch is declined (`ENODEV`) and falls back; a later
         // registration of a device makes DCBM usable.

@@ -6,7 +6,7 @@
 pub mod dcbm;
 pub mod mtcopy;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 /// The process-wide DMA migrator, over the process-wide soft DMA device.
 #[cfg(feature = "dma")]
@@ -14,8 +14,9 @@ pub fn dcbm() -> &'static Arc<dcbm::Dcbm> {
     dcbm::global()
 }
 
-/// The process-wide migrator of [`mtcopy()`].
-static MTCOPY: OnceLock<Arc<mtcopy::MtCopy>> = OnceLock::new();
+/// The process-wide migrator of [`mtcopy()`] (shared with a forked child, which starts
+/// workers of its own; see `offload::registry`'s `REGISTRY` for why not a `OnceLock`).
+static MTCOPY: crate::process::PerProcess<Arc<mtcopy::MtCopy>> = crate::process::PerProcess::new();
 
 /// Takes the process-wide migrators' locks for a `fork()` in progress (see
 /// `migrate::fork`), in the lock order.
@@ -28,14 +29,14 @@ pub(crate) fn hold_at_fork() {
 fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
     #[cfg(feature = "dma")]
     dcbm::hold_for_fork(held);
-    if let Some(m) = MTCOPY.get() {
+    if let Some(m) = MTCOPY.latest() {
         m.hold_for_fork(held);
     }
 }
 
 /// The process-wide multi-threaded copy migrator, with one thread per CPU to start.
 pub fn mtcopy() -> &'static Arc<mtcopy::MtCopy> {
-    MTCOPY.get_or_init(|| {
+    MTCOPY.get_or_init_inherited(|| {
         hold_at_fork();
         let cpus = crate::sys::usable_cpus().clamp(1, mtcopy::MAX_THREADS);
         mtcopy::MtCopy::new(cpus).expect("a thread count within bounds")

@@ -310,12 +310,14 @@ impl fmt::Debug for Registration<'_> {
     }
 }
 
-/// The process-wide registry.
-static REGISTRY: std::sync::OnceLock<Registry> = std::sync::OnceLock::new();
+/// The process-wide registry (shared with a forked child, whose fork handlers keep it
+/// usable there; not a `OnceLock`, whose first use in a child forked while a thread of
+/// its parent made it would wait for good).
+static REGISTRY: crate::process::PerProcess<Registry> = crate::process::PerProcess::new();
 
 /// The process-wide registry the migration pipeline dispatches through.
 pub fn registry() -> &'static Registry {
-    REGISTRY.get_or_init(|| {
+    REGISTRY.get_or_init_inherited(|| {
         // (The loom model's registry has loom's locks, which a fork handler does not take.)
         #[cfg(not(loom))]
         {
@@ -330,7 +332,7 @@ pub fn registry() -> &'static Registry {
 /// must not inherit it held by a thread it does not have.
 #[cfg(not(loom))]
 fn hold_for_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
-    if let Some(r) = REGISTRY.get() {
+    if let Some(r) = REGISTRY.latest() {
         held.push(Box::new(r.active.lock().unwrap_or_else(|e| e.into_inner())));
     }
 }
