@@ -166,10 +166,22 @@ pub fn leak(region: Region) -> &'static Region {
 /// Huge-page allocations the kernel failed at a fault so far, machine-wide
 /// (`thp_fault_fallback` in `/proc/vmstat`): a destination populated then got base pages.
 pub fn thp_fault_fallbacks() -> u64 {
+    vmstat("thp_fault_fallback")
+}
+
+/// Huge pages `khugepaged` (or `MADV_COLLAPSE`) made from base pages so far, machine-wide
+/// (`thp_collapse_alloc` in `/proc/vmstat`): a mapping advised `MADV_HUGEPAGE` may get
+/// huge pages that no migration made.
+pub fn thp_collapses() -> u64 {
+    vmstat("thp_collapse_alloc")
+}
+
+/// The counter `name` of `/proc/vmstat` (0 where this kernel has none).
+pub fn vmstat(name: &str) -> u64 {
     let vmstat = std::fs::read_to_string("/proc/vmstat").expect("/proc/vmstat");
     vmstat
         .lines()
-        .filter_map(|l| l.strip_prefix("thp_fault_fallback "))
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .map(|v| v.trim().parse::<u64>().expect("a count"))
         .sum()
 }
