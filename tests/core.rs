@@ -65,6 +65,56 @@ fn migrates_2m_folios_and_keeps_thp() {
     assert!(thp_after >= thp_before, "AnonHugePages {thp_before} -> {thp_after}");
 }
 
+/// 2 MiB folios the kernel maps with base pages (the program changed one page's protection
+/// and back, which splits the mapping of each huge page) arrive mapped whole by huge pages
+/// again, every byte as it was: left as base pages they would stay so for good, and
+/// `khugepaged` might collapse them onto the node they left (see `mover::rejoin_huge_pages`).
+/// Where this kernel cannot collapse (no `MADV_COLLAPSE`, or no huge page to be had) there
+/// is nothing to check.
+#[test]
+fn huge_folios_mapped_with_base_pages_arrive_mapped_whole() {
+    let what = "huge_folios_mapped_with_base_pages_arrive_mapped_whole";
+    let _watchdog = common::Watchdog::new(common::TEST_LIMIT, what);
+    const LEN: usize = 8 << 20;
+    const HUGE: usize = 2 << 20;
+    let region = Region::new(LEN, HUGE, Some(node())).unwrap();
+    workload::fill(&region, 43);
+    if region.anon_huge_bytes().unwrap() != LEN as u64 {
+        eprintln!("{what}: no huge pages to split here: nothing to check");
+        return;
+    }
+    let split_all = || {
+        for f in 0..LEN / HUGE {
+            let page = (region.addr() + f * HUGE + 4096) as *mut libc::c_void;
+            // SAFETY: a page of our own region; its protection comes back at once, and no
+            // other thread touches the region.
+            unsafe {
+                assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ), 0);
+                assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_WRITE), 0);
+            }
+        }
+        assert_eq!(region.anon_huge_bytes().unwrap(), 0, "{what}: mapped with base pages");
+    };
+    // Whether this kernel collapses at all: tried on the region itself, then split again.
+    split_all();
+    if pagemig::sys::madvise(region.addr(), LEN, pagemig::sys::Advice::Collapse).is_err()
+        || region.anon_huge_bytes().unwrap() != LEN as u64
+    {
+        eprintln!("{what}: this kernel does not collapse the region (MADV_COLLAPSE): nothing to check");
+        return;
+    }
+    assert!(workload::verify(&region, 43, &WriteLog::default()).ok());
+    split_all();
+    let opts = MigrateOptions::default().max_batch_pages(512);
+    let stats =
+        Engine::global().unwrap().migrate_pages(&region.folios(), node(), Reason::Syscall, Mode::Sync, &opts).unwrap();
+    assert_eq!(stats.succeeded_folios as usize, LEN / HUGE, "{stats:?}");
+    let report = workload::verify(&region, 43, &WriteLog::default());
+    assert!(report.ok(), "{what}: {report:?}");
+    assert_on_node(&region, node());
+    assert_eq!(region.anon_huge_bytes().unwrap(), LEN as u64, "{what}: mapped whole after the move");
+}
+
 /// Huge folios whose mapping says `MADV_NOHUGEPAGE` (advised after they were made, as a
 /// program that stops wanting huge pages does) stay huge, as the kernel's migration keeps
 /// them, and the mapping keeps its advice; base pages of a mapping advised

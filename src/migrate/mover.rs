@@ -272,6 +272,7 @@ pub(super) fn run(engine: &Engine, job: Job, tally: &mut Tally, reporter: &Repor
     } else {
         unprotect(engine, start, end);
     }
+    rejoin_huge_pages(&job.folios, &outcomes, start, end);
     if let Some(t) = job.batch_started {
         tally.stats.first_folio_ns.push(t.elapsed().as_nanos() as u64);
     }
@@ -836,6 +837,33 @@ const STEP: usize = 2 << 20;
 
 /// Per folio of a move: `None` if it moved, else why not.
 pub(super) type Outcome = Option<(&'static str, Errno)>;
+
+/// Maps with a huge page again each huge folio in `folios` (of `[start, end)`) that moved
+/// (`outcomes`) but arrived as base pages, collapsed where its pages now are (the target).
+/// A huge folio arrives so where its source was left mapped with base pages: split on its
+/// way out by a move that met a page in its graveyard (a stranger's read had faulted one
+/// there), or by the program (an `mprotect` of part of it), in this call or an earlier one;
+/// the destination's huge page moved into it is split too. Left so, the folio would stay
+/// base pages for good, and `khugepaged`, which collapses such ranges of a mapping advised
+/// `MADV_HUGEPAGE`, may have scanned it before it moved: it then allocates the huge page on
+/// the node the scan found, the old one, and copies the moved pages there, every byte
+/// kept and the folio back where it came from (seen in the two-node guest: a call that
+/// moved every folio, and 512 pages of one on the old node at its end). Collapsed here,
+/// the range is mapped whole and `khugepaged` leaves it alone. Where the kernel refuses
+/// (no huge page to be had, a mapping advised `MADV_NOHUGEPAGE`), the folio stays base
+/// pages, as it arrived.
+fn rejoin_huge_pages(folios: &[Folio<'_>], outcomes: &[Outcome], start: usize, end: usize) {
+    let moved_huge = |(f, o): (&Folio<'_>, &Outcome)| f.is_pmd() && o.is_none();
+    if !folios.iter().zip(outcomes).any(moved_huge) {
+        return;
+    }
+    let Ok(huge) = sys::huge_ranges(start, end) else { return };
+    for (f, _) in folios.iter().zip(outcomes).filter(|&pair| moved_huge(pair)) {
+        if !huge.iter().any(|&(s, e)| s <= f.addr() && f.end() <= e) {
+            let _ = sys::madvise(f.addr(), f.size(), sys::Advice::Collapse);
+        }
+    }
+}
 
 /// Where the new pages of an isolated source come from.
 #[derive(Clone, Copy)]

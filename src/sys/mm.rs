@@ -136,6 +136,10 @@ pub enum Advice {
     /// `MADV_DONTFORK`: a child forked later does not get the range; its pages stay this
     /// process's own.
     DontFork,
+    /// `MADV_COLLAPSE`: map the range's base pages with huge pages now, copied into huge
+    /// pages allocated where most of them are (the same bytes; refused for a mapping advised
+    /// `MADV_NOHUGEPAGE`, and where no huge page can be had).
+    Collapse,
 }
 
 /// Gives the kernel advice about a range (`madvise(2)`).
@@ -151,9 +155,10 @@ pub fn madvise(addr: usize, len: usize, advice: Advice) -> Result<(), Errno> {
         Advice::NoHugePage => libc::MADV_NOHUGEPAGE,
         Advice::PopulateWrite => linux_raw_sys::general::MADV_POPULATE_WRITE as i32,
         Advice::DontFork => libc::MADV_DONTFORK,
+        Advice::Collapse => linux_raw_sys::general::MADV_COLLAPSE as i32,
     };
     // SAFETY: the advice values above never change the contents of memory, only how it
-    // is backed; an unmapped range gets ENOMEM from the kernel.
+    // is backed (a collapse copies the pages' bytes into the huge page that replaces them); an unmapped range gets ENOMEM from the kernel.
     check_int(unsafe { libc::madvise(addr as *mut c_void, len, advice) })
 }
 
