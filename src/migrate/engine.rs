@@ -296,7 +296,7 @@ impl Engine {
             claims.begin_call(runs.clone())
         };
         stats.unmap_ns += register_start.elapsed().as_nanos() as u64;
-        let mut tally = Tally { stats, first_error: None };
+        let mut tally = Tally { stats, first_error: None, collapse_refused: false };
         let items = if unregistered.is_empty() {
             items
         } else {
@@ -407,7 +407,7 @@ impl Engine {
             tally.stats.mover_runs = moved_there.stats.runs;
             tally.absorb(moved_there);
         }
-        let Tally { mut stats, first_error } = tally;
+        let Tally { mut stats, first_error, .. } = tally;
         // Registration off, for the runs' every page that is not another call's now.
         let folio_at = |a: usize| items_size_at(folios, a);
         mover::unregister_runs(self, call, folio_at, opts.faults());

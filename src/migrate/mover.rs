@@ -272,7 +272,7 @@ pub(super) fn run(engine: &Engine, job: Job, tally: &mut Tally, reporter: &Repor
     } else {
         unprotect(engine, start, end);
     }
-    rejoin_huge_pages(&job.folios, &outcomes, start, end);
+    rejoin_huge_pages(&job.folios, &outcomes, start, end, &mut tally.collapse_refused);
     if let Some(t) = job.batch_started {
         tally.stats.first_folio_ns.push(t.elapsed().as_nanos() as u64);
     }
@@ -850,17 +850,23 @@ pub(super) type Outcome = Option<(&'static str, Errno)>;
 /// kept and the folio back where it came from (seen in the two-node guest: a call that
 /// moved every folio, and 512 pages of one on the old node at its end). Collapsed here,
 /// the range is mapped whole and `khugepaged` leaves it alone. Where the kernel refuses
-/// (no huge page to be had, a mapping advised `MADV_NOHUGEPAGE`), the folio stays base
-/// pages, as it arrived.
-fn rejoin_huge_pages(folios: &[Folio<'_>], outcomes: &[Outcome], start: usize, end: usize) {
+/// (a mapping advised `MADV_NOHUGEPAGE`, or no huge page to be had), the folio stays base
+/// pages, as it arrived; after a refusal for want of memory (which the kernel reaches only
+/// after reclaim and compaction: a folio the caller called huge over memory never backed
+/// by huge pages would pay that at every move) no other folio is tried in the call
+/// (`refused`, the settling thread's).
+fn rejoin_huge_pages(folios: &[Folio<'_>], outcomes: &[Outcome], start: usize, end: usize, refused: &mut bool) {
     let moved_huge = |(f, o): (&Folio<'_>, &Outcome)| f.is_pmd() && o.is_none();
-    if !folios.iter().zip(outcomes).any(moved_huge) {
+    if *refused || !folios.iter().zip(outcomes).any(moved_huge) {
         return;
     }
     let Ok(huge) = sys::huge_ranges(start, end) else { return };
     for (f, _) in folios.iter().zip(outcomes).filter(|&pair| moved_huge(pair)) {
-        if !huge.iter().any(|&(s, e)| s <= f.addr() && f.end() <= e) {
-            let _ = sys::madvise(f.addr(), f.size(), sys::Advice::Collapse);
+        if !huge.iter().any(|&(s, e)| s <= f.addr() && f.end() <= e)
+            && matches!(sys::madvise(f.addr(), f.size(), sys::Advice::Collapse), Err(Errno::NOMEM))
+        {
+            *refused = true;
+            return;
         }
     }
 }

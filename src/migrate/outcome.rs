@@ -20,6 +20,10 @@ use crate::sys::Errno;
 pub(super) struct Tally {
     pub stats: MigrateStats,
     pub first_error: Option<Error>,
+    /// The kernel refused to map a huge folio that arrived as base pages whole again
+    /// (`mover::rejoin_huge_pages`): no huge page to be had on the target, found at the cost
+    /// of a reclaim and compaction; not asked again by this thread in this call.
+    pub collapse_refused: bool,
 }
 
 impl Tally {
