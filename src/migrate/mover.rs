@@ -860,7 +860,7 @@ fn rejoin_huge_pages(folios: &[Folio<'_>], outcomes: &[Outcome], start: usize, e
     if *refused || !folios.iter().zip(outcomes).any(moved_huge) {
         return;
     }
-    let Ok(huge) = sys::huge_ranges(start, end) else { return };
+    let Ok(huge) = sys::huge_ranges_kept(start, end) else { return };
     for (f, _) in folios.iter().zip(outcomes).filter(|&pair| moved_huge(pair)) {
         if !huge.iter().any(|&(s, e)| s <= f.addr() && f.end() <= e)
             && matches!(sys::madvise(f.addr(), f.size(), sys::Advice::Collapse), Err(Errno::NOMEM))

@@ -247,7 +247,18 @@ pub fn procmap_query(fd: &super::OwnFile, addr: usize, or_next: bool) -> Result<
 /// The errno of opening `/proc/self/pagemap` or of the ioctl (`EINVAL` for an unaligned or
 /// wrapping range, `ENOTTY` before Linux 6.7).
 pub fn huge_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, Errno> {
-    scan_ranges(start, end, linux_raw_sys::general::PAGE_IS_HUGE)
+    scan_ranges(start, end, linux_raw_sys::general::PAGE_IS_HUGE, false)
+}
+
+/// [`huge_ranges`] through `/proc/self/pagemap` kept open between uses
+/// ([`super::with_kept_file`]): for a question asked again and again (after every move of
+/// huge folios), where opening the file each time cost more than the scan. Not
+/// async-signal-safe.
+///
+/// # Errors
+/// As [`huge_ranges`].
+pub fn huge_ranges_kept(start: usize, end: usize) -> Result<Vec<(usize, usize)>, Errno> {
+    scan_ranges(start, end, linux_raw_sys::general::PAGE_IS_HUGE, true)
 }
 
 /// The ranges of `[start, end)` whose pages are present in memory (not swapped out, never
@@ -257,7 +268,7 @@ pub fn huge_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, Errn
 /// # Errors
 /// As [`huge_ranges`].
 pub fn present_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, Errno> {
-    scan_ranges(start, end, linux_raw_sys::general::PAGE_IS_PRESENT)
+    scan_ranges(start, end, linux_raw_sys::general::PAGE_IS_PRESENT, false)
 }
 
 /// The ranges of `[start, end)` holding a page (present, or swapped out, or being migrated
@@ -266,14 +277,16 @@ pub fn present_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, E
 /// # Errors
 /// As [`huge_ranges`].
 pub fn held_ranges(start: usize, end: usize) -> Result<Vec<(usize, usize)>, Errno> {
-    scan_ranges(start, end, linux_raw_sys::general::PAGE_IS_PRESENT | linux_raw_sys::general::PAGE_IS_SWAPPED)
+    scan_ranges(start, end, linux_raw_sys::general::PAGE_IS_PRESENT | linux_raw_sys::general::PAGE_IS_SWAPPED, false)
 }
 
 /// The ranges of `[start, end)` whose pages are each in one of `categories` (`PAGE_IS_*`
-/// bits), by the `PAGEMAP_SCAN` ioctl, adjacent ranges merged.
-fn scan_ranges(start: usize, end: usize, categories: u32) -> Result<Vec<(usize, usize)>, Errno> {
+/// bits), by the `PAGEMAP_SCAN` ioctl, adjacent ranges merged; `kept`: through the file
+/// kept open between uses.
+fn scan_ranges(start: usize, end: usize, categories: u32, kept: bool) -> Result<Vec<(usize, usize)>, Errno> {
     let mut regions = vec![page_region { start: 0, end: 0, categories: 0 }; 256];
-    super::with_file(c"/proc/self/pagemap", |file| {
+    let with = if kept { super::with_kept_file } else { super::with_file };
+    with(c"/proc/self/pagemap", &mut |file: &super::OwnFile| {
     let mut out: Vec<(usize, usize)> = Vec::new();
     let mut at = start;
     while at < end {
