@@ -83,18 +83,7 @@ fn huge_folios_mapped_with_base_pages_arrive_mapped_whole() {
         eprintln!("{what}: no huge pages to split here: nothing to check");
         return;
     }
-    let split_all = || {
-        for f in 0..LEN / HUGE {
-            let page = (region.addr() + f * HUGE + 4096) as *mut libc::c_void;
-            // SAFETY: a page of our own region; its protection comes back at once, and no
-            // other thread touches the region.
-            unsafe {
-                assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ), 0);
-                assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_WRITE), 0);
-            }
-        }
-        assert_eq!(region.anon_huge_bytes().unwrap(), 0, "{what}: mapped with base pages");
-    };
+    let split_all = || assert_eq!(common::map_with_base_pages(&region), 0, "{what}: mapped with base pages");
     // Whether this kernel collapses at all: tried on the region itself, then split again.
     split_all();
     if pagemig::sys::madvise(region.addr(), LEN, pagemig::sys::Advice::Collapse).is_err()

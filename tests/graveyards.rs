@@ -35,16 +35,7 @@ fn in_fresh_process() {
         return;
     }
     // Each huge page mapped with base pages: one page's protection changed and back.
-    for f in 0..LEN / HUGE {
-        let page = (split.addr() + f * HUGE) as *mut libc::c_void;
-        // SAFETY: a page of our own region; its protection comes back at once, and no other
-        // thread touches the region.
-        unsafe {
-            assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ), 0);
-            assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_WRITE), 0);
-        }
-    }
-    assert_eq!(split.anon_huge_bytes().unwrap(), 0, "mapped with base pages");
+    assert_eq!(common::map_with_base_pages(&split), 0, "mapped with base pages");
     let engine = Engine::global().unwrap();
     let opts = MigrateOptions::default().max_batch_pages(512);
     let stats = engine.migrate_pages(&split.folios(), node(), Reason::Syscall, Mode::Sync, &opts).unwrap();

@@ -314,6 +314,30 @@ fn round_trip_2m_folios() {
     round_trip(HPAGE_SIZE, 16 * MIB);
 }
 
+/// 2 MiB folios the kernel maps with base pages (split by an `mprotect` of one page and back)
+/// arrive on the other node mapped whole by huge pages, every byte as it was
+/// (`mover::rejoin_huge_pages`): as base pages they would stay so for good, and
+/// `khugepaged` could collapse them back onto the node they left.
+#[test]
+#[ignore = "needs two NUMA nodes: vm/run runs it in the two-node guest"]
+fn huge_folios_mapped_with_base_pages_arrive_whole_on_the_other_node() {
+    let Some((a, b)) = two_nodes() else { return };
+    let name = "split-huge-folios-across-nodes";
+    let region = Region::new(8 * MIB, HPAGE_SIZE, Some(a)).expect("region on the first node");
+    fill(&region, 0x77);
+    assert_eq!(region.anon_huge_bytes().expect("smaps"), 8 * MIB as u64, "{name}: huge at the start");
+    for (i, node) in [b, a].into_iter().enumerate() {
+        assert_eq!(common::map_with_base_pages(&region), 0, "{name}: mapped with base pages");
+        Engine::global()
+            .expect("engine")
+            .migrate_pages(&region.folios(), node, Reason::Syscall, Mode::Sync, &MigrateOptions::default())
+            .unwrap_or_else(|e| panic!("{name}: move to {node}: {e}"));
+        verify(&region, 0x77, name);
+        check_placement(&format!("{name}#{}", i + 1), &region, node);
+        assert_eq!(region.anon_huge_bytes().expect("smaps"), 8 * MIB as u64, "{name}: mapped whole on node {node}");
+    }
+}
+
 /// Folios keep their size across nodes whatever their mapping advises: huge pages of a
 /// mapping advised `MADV_NOHUGEPAGE` after they were made stay huge, base pages of a
 /// mapping advised `MADV_HUGEPAGE` stay base pages, and each mapping keeps its advice;

@@ -176,6 +176,23 @@ pub fn thp_collapses() -> u64 {
     vmstat("thp_collapse_alloc")
 }
 
+/// Has the kernel map each huge page of `region` (2 MiB folios) with base pages, as a program
+/// does by changing one page's protection and back; returns the huge bytes left (0 where the
+/// kernel split them all).
+pub fn map_with_base_pages(region: &Region) -> u64 {
+    const HUGE: usize = 2 << 20;
+    for f in 0..region.len() / HUGE {
+        let page = (region.addr() + f * HUGE + 4096) as *mut libc::c_void;
+        // SAFETY: a page of the caller's region; its protection comes back at once, and the
+        // caller lets no other thread touch the region meanwhile.
+        unsafe {
+            assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ), 0);
+            assert_eq!(libc::mprotect(page, 4096, libc::PROT_READ | libc::PROT_WRITE), 0);
+        }
+    }
+    region.anon_huge_bytes().expect("smaps")
+}
+
 /// The counter `name` of `/proc/vmstat` (0 where this kernel has none).
 pub fn vmstat(name: &str) -> u64 {
     let vmstat = std::fs::read_to_string("/proc/vmstat").expect("/proc/vmstat");
