@@ -371,10 +371,13 @@ pub(super) fn unregister_runs(
     };
     // The events waiting are read first: see `Reader::after_events`.
     engine.events.after_events(handshake, |claims| {
+        if let Some(handshake) = &faults.end_handshake_read {
+            handshake.meet();
+        }
         let runs = claims.end_call(call);
         claims.refuse_unregistering(fail);
         let strays = claims.strays();
-        unregister(&engine.uffd, claims, runs, strays, Some(folio_size), fail);
+        unregister(&engine.uffd, claims, runs, strays, Some(folio_size), fail).1
     });
 }
 
@@ -397,10 +400,13 @@ pub(super) fn unregister_runs(
 /// range left registered not yet read, and perhaps memory of another userfaultfd's mapped
 /// there since, which a kernel that does not check whose registration it is would let
 /// pagemig's unregister) nothing is tried.
-pub(super) fn retry_strays(uffd: &Uffd, busy: &Busy) -> bool {
+///
+/// Returns whether nothing was left registered, and what was unregistered (see
+/// [`unregister`]).
+pub(super) fn retry_strays(uffd: &Uffd, busy: &Busy) -> (bool, Vec<Span>) {
     let mut claims = busy.lock();
     if claims.calls_in_progress() || claims.unregistering_refused() || !claims.has_strays() || uffd.has_messages() {
-        return true;
+        return (true, Vec::new());
     }
     let (purged, strays): (Vec<Span>, Vec<Span>) =
         claims.strays().into_iter().partition(|&(s, e)| claims.purge_recorded_in(s, e));
@@ -413,7 +419,10 @@ pub(super) fn retry_strays(uffd: &Uffd, busy: &Busy) -> bool {
 /// Takes the registration off `runs` (a call's that ended) and off `strays` (what earlier
 /// calls left registered), except where a claim or a call in progress holds it; see
 /// [`unregister_runs`]. A range the kernel refuses whole is tried a folio at a time where
-/// `folio_size` is given, else left whole. Returns whether nothing was left registered.
+/// `folio_size` is given, else left whole. Returns whether nothing was left registered,
+/// and the spans unregistered: a purge the program began there just before, its event
+/// not read yet, is seen to only once the event is read
+/// (`events::Shared::keep_late_purges`).
 fn unregister(
     uffd: &Uffd,
     claims: &mut Claims,
@@ -421,8 +430,9 @@ fn unregister(
     strays: Vec<Span>,
     folio_size: Option<impl Fn(usize) -> usize>,
     fail: bool,
-) -> bool {
+) -> (bool, Vec<Span>) {
     let mut left = Vec::new();
+    let mut gone = Vec::new();
     // For the unprotection of kept ranges, all of them together.
     let deadline = Instant::now() + Duration::from_millis(20);
     // Of what earlier calls left registered, what is still claimed or another call's stays
@@ -443,6 +453,7 @@ fn unregister(
             left.extend_from_slice(&keep);
             for (s, e) in super::busy::subtract(&[(us, ue)], &keep) {
                 if !fail && uffd.unregister(s, e - s).is_ok() {
+                    gone.push((s, e));
                     continue;
                 }
                 let Some(folio_size) = &folio_size else {
@@ -454,6 +465,8 @@ fn unregister(
                     let len = step.min(e - a);
                     if fail || uffd.unregister(a, len).is_err() {
                         left.push((a, a + len));
+                    } else {
+                        gone.push((a, a + len));
                     }
                 }
             }
@@ -463,7 +476,7 @@ fn unregister(
     for (s, e) in left {
         claims.add_stray(s, e);
     }
-    unregistered
+    (unregistered, gone)
 }
 
 /// Takes the protection off `[start, end)`, purged pages a call's end keeps registered.

@@ -77,6 +77,11 @@ pub struct FaultInjection {
     /// off, no event read meanwhile, it waits there for a test's thread ([`Handshake`]):
     /// lets the test purge memory of the call's, whose event is read only then.
     pub end_handshake: Option<Arc<Handshake>>,
+    /// As the call ends, once it has read the events waiting, with the claims lock held
+    /// and no event read meanwhile, just before it takes its registration off, it waits
+    /// there for a test's thread ([`Handshake`]): lets the test purge memory of the call's,
+    /// whose event is read only once the registration went.
+    pub end_handshake_read: Option<Arc<Handshake>>,
     /// Where old pages of a claim cannot move home (the program changed their mapping
     /// meanwhile) and are copied back instead, the node refuses the first this many copies
     /// (`ENOMEM`), as a node filled meanwhile by another program would.
@@ -398,6 +403,7 @@ impl MigrateOptions {
                 unshare_handshake: None,
                 claim_handshake: None,
                 end_handshake: None,
+                end_handshake_read: None,
                 isolate_handshake: None,
                 fail_put_back_copies: 0,
             };
