@@ -293,8 +293,17 @@ impl Lookup {
             return Ok(verdict);
         }
         let verdict = v.refusal().is_none() && {
+            // An inaccessible reservation of pagemig's own (address space a graveyard or a
+            // pool keeps) right below is no thread's guard: the program's mapping that
+            // happens to lie above it is its own to move in-process.
             let prev = match v.start.checked_sub(1) {
-                Some(below) => self.at(below)?.filter(|p| p.end == v.start).cloned(),
+                Some(below) => self
+                    .at(below)?
+                    .filter(|p| p.end == v.start)
+                    .filter(|p| {
+                        !(p.inaccessible_anonymous() && crate::sys::own::unclaimed(p.start, p.end, claimed).0.is_empty())
+                    })
+                    .cloned(),
                 None => None,
             };
             let next = self.at(v.end)?.filter(|n| n.start == v.end).cloned();
@@ -511,6 +520,46 @@ mod tests {
         .join()
         .unwrap();
         assert!(!on_stack, "a thread's stack goes to the kernel");
+    }
+
+    /// A mapping of the program's right above an inaccessible reservation of pagemig's own
+    /// is the program's to move in-process: no thread's stack lies above pagemig's own
+    /// address space. Above an inaccessible page of the program's, it goes to the kernel.
+    #[test]
+    #[allow(unsafe_code, reason = "maps and protects memory of the test's own")]
+    fn memory_above_a_reservation_of_pagemigs_is_the_programs() {
+        const LEN: usize = 1 << 20;
+        let page = crate::sys::PAGE_SIZE;
+        // One reservation, cut in three: the first page the program's guard, the next 256
+        // KiB pagemig's own reservation, the rest a mapping of the program's above it.
+        let base = crate::sys::reserve(2 * LEN).unwrap();
+        let (guarded, own, above) = (base + page, base + LEN / 2, base + LEN);
+        // SAFETY: the test's own fresh reservation, remapped piecewise; nothing else uses it.
+        unsafe {
+            for (at, len) in [(guarded, LEN / 2 - page), (above, LEN)] {
+                let p = libc::mmap(
+                    at as *mut libc::c_void,
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+                    -1,
+                    0,
+                );
+                assert_eq!(p as usize, at);
+            }
+            // Different access on either side, so that nothing merges across.
+            assert_eq!(libc::madvise(guarded as *mut libc::c_void, LEN / 2 - page, libc::MADV_NOHUGEPAGE), 0);
+        }
+        crate::sys::own::claim(own, LEN / 2);
+        let claimed = crate::sys::own::ranges();
+        let mut lookup = Lookup::open().unwrap();
+        let above_ours = lookup.in_process(above, &claimed).unwrap();
+        let above_guard = lookup.in_process(guarded, &claimed).unwrap();
+        crate::sys::own::disclaim(own, LEN / 2);
+        // SAFETY: the test's own reservation, used by nothing any more.
+        unsafe { crate::sys::munmap(base, 2 * LEN).unwrap() };
+        assert!(above_ours, "memory above pagemig's own reservation was taken for a thread stack");
+        assert!(!above_guard, "memory above an inaccessible page of the program's is taken for a thread stack");
     }
 
     #[test]
