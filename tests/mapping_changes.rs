@@ -724,6 +724,82 @@ fn memory_purged_as_its_call_unregisters_then_replaced_moves_whole() {
     });
 }
 
+/// The program purges memory just as its call takes the registration off (injected:
+/// `FaultInjection::end_handshake_read`) and, the moment its `madvise` returns, unmaps it
+/// and maps fresh memory in its place, on the same thread: the fresh memory is left
+/// unregistered and moves whole. (The purged range stays registered past the call so that
+/// the unmap is seen; registering it again once the purge was read, as a first remedy did,
+/// registered whatever the program had mapped there meanwhile.)
+#[test]
+fn memory_purged_and_replaced_at_once_as_its_call_unregisters_is_left_alone() {
+    // In a process of its own: while it holds the claims, every other call of the process
+    // would wait on them.
+    const NAME: &str = "memory_purged_and_replaced_at_once_as_its_call_unregisters_is_left_alone";
+    common::fresh_process_test(NAME, "PAGEMIG_TEST_PURGED_AND_REPLACED", Duration::from_secs(120), || {
+        const LEN: usize = SMALL_PAGES * 4096;
+        let (base, folios) = small_mapping();
+        let handshake = Handshake::new();
+        let at_end = handshake.clone();
+        let result = watchdog(Duration::from_secs(60), "a purge and a new mapping as the call ends", move || {
+            let opts = MigrateOptions::default()
+                .fault(FaultInjection { end_handshake_read: Some(at_end), ..Default::default() });
+            let folios = folios();
+            std::thread::scope(|s| {
+                let call = s.spawn(|| {
+                    Engine::global().unwrap().migrate_pages(&folios, node(), Reason::Syscall, Mode::Sync, &opts)
+                });
+                handshake.wait();
+                let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+                let program = s.spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                    // SAFETY: the test's own pages: purged, unmapped, and mapped afresh at
+                    // once, as an allocator that returns and takes memory does.
+                    unsafe {
+                        assert_eq!(libc::madvise(base as *mut _, LEN, libc::MADV_DONTNEED), 0);
+                        assert_eq!(libc::munmap(base as *mut _, LEN), 0);
+                        let p = libc::mmap(
+                            base as *mut _,
+                            LEN,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                            -1,
+                            0,
+                        );
+                        assert_eq!(p as usize, base, "mapping again: {}", std::io::Error::last_os_error());
+                        for i in 0..LEN / 8 {
+                            ((base + i * 8) as *mut u64).write_volatile(5);
+                        }
+                    }
+                });
+                common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_madvise, "the purge");
+                handshake.wait();
+                program.join().unwrap();
+                call.join().unwrap()
+            })
+        });
+        let stats = result.unwrap_or_else(|e| panic!("the call: {e}"));
+        assert_eq!(stats.succeeded_folios as usize, SMALL_PAGES);
+        for i in 0..LEN / 8 {
+            assert_eq!(changes::word(base + i * 8), 5, "word {i} of the fresh memory");
+        }
+        // The unmap's event is read by then (the unmap waited for it), and drops what was
+        // left registered there.
+        assert!(!common::vm_flags(base).iter().any(|f| f == "um" || f == "uw"), "the fresh memory was registered");
+        let stats = Engine::global()
+            .unwrap()
+            .migrate_pages(&folios(), node(), Reason::Syscall, Mode::Sync, &MigrateOptions::default())
+            .unwrap_or_else(|e| panic!("the fresh memory did not move whole: {e}"));
+        assert_eq!(stats.succeeded_folios as usize, SMALL_PAGES);
+        for i in 0..LEN / 8 {
+            assert_eq!(changes::word(base + i * 8), 5, "word {i} of the fresh memory, moved");
+        }
+        assert!(!common::vm_flags(base).iter().any(|f| f == "um" || f == "uw"), "left registered");
+        // SAFETY: the test's own mapping, no longer used.
+        unsafe { libc::munmap(base as *mut _, LEN) };
+    });
+}
+
 /// Migrates a small mapping, whose pages the program purges as the call ends (before its
 /// end reads the events waiting, or, with `read`, after); then maps fresh memory in its
 /// place within the purge's second, which must move whole.

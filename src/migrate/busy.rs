@@ -362,15 +362,6 @@ impl Claims {
         out
     }
 
-    /// The purged parts of `[start, end)` ([`Claims::add_purged`]): sorted, disjoint.
-    pub fn purged_parts(&mut self, start: usize, end: usize) -> Vec<Span> {
-        let mut parts = Vec::new();
-        for (s, e) in self.purged_in(start, end) {
-            add_span(&mut parts, s, e);
-        }
-        parts
-    }
-
     /// As a call ends: the parts of `[start, end)`, whose registration it would take off,
     /// to leave registered instead (sorted, disjoint): those purged within [`PURGE_RECORD`]
     /// whose pages `present` (the parts of `[start, end)` holding pages, swapped out ones
@@ -383,7 +374,10 @@ impl Claims {
         end: usize,
         present: impl FnOnce() -> Option<Vec<Span>>,
     ) -> Vec<Span> {
-        let purged = self.purged_parts(start, end);
+        let mut purged = Vec::new();
+        for (s, e) in self.purged_in(start, end) {
+            add_span(&mut purged, s, e);
+        }
         if purged.is_empty() {
             return purged;
         }

@@ -57,9 +57,10 @@ const POLL_MS: i32 = 50;
 const STRAYS_EVERY: Duration = Duration::from_millis(250);
 const STRAYS_MAX: Duration = Duration::from_secs(8);
 
-/// How long the end of a registration waits for the events of changes the program began
-/// just before it to be read ([`Shared::keep_late_purges`]).
-const LATE_PURGE_WAIT: Duration = Duration::from_millis(20);
+/// How long a call's end waits for the program's changes under way to be done before it
+/// takes its registration off ([`Reader::after_events`]); past it, what it would take off
+/// is left registered for later.
+const SETTLE: Duration = Duration::from_micros(500);
 
 /// The reader thread; dropping it stops the thread.
 #[derive(Debug)]
@@ -101,55 +102,6 @@ impl Shared {
         }
     }
 
-    /// After the registration was taken off `gone` (a call's end, the reader's round over
-    /// what calls left registered): a purge of the program's there whose thread found it
-    /// still registered raised its event, and the kernel zaps the pages only once that is
-    /// read. Read after the registration went, its record (`Claims::purged`) would have no
-    /// unmap to be seen by, and fresh memory the program mapped there within the second
-    /// would fail with `ENOENT` where the kernel moves it (met under the test suite's
-    /// load: a test's fresh mapping at the address of another's purged one). So where the
-    /// kernel counts a change of the program's under way (`Uffd::changes_unread`: one
-    /// `ioctl`, false on the common path), the events are read here until it counts none,
-    /// for up to [`LATE_PURGE_WAIT`], and each purged part of `gone` is registered again,
-    /// kept as a call's end keeps purged pages whose purge it read first
-    /// ([`Claims::purges_to_keep`]): until its record lapses, when the reader's round
-    /// takes the registration off. Where changes are still under way at the deadline,
-    /// nothing is registered again: an unmap of the memory read later would forget the
-    /// range while whatever the program mapped there since stayed registered. Where the
-    /// registration is refused (the program unmapped or changed the range meanwhile), the
-    /// purge is forgotten: what is mapped there is other memory. Called with the reading
-    /// lock held (`pending`), not the claims lock.
-    fn keep_late_purges(&self, pending: &mut Option<Moved>, gone: &[Span]) {
-        let Some(&(probe, _)) = gone.first() else { return };
-        // The kernel refuses with `EAGAIN` before it looks at the page: any page will do.
-        if !self.uffd.changes_unread(probe) {
-            return;
-        }
-        let deadline = Instant::now() + LATE_PURGE_WAIT;
-        loop {
-            if self.uffd.has_messages() {
-                self.handle_waiting(pending);
-            }
-            if !self.uffd.changes_unread(probe) {
-                break;
-            }
-            if Instant::now() >= deadline {
-                return;
-            }
-            std::thread::sleep(Duration::from_micros(50));
-        }
-        let mut claims = self.busy.lock();
-        for &(s, e) in gone {
-            for (ps, pe) in claims.purged_parts(s, e) {
-                if self.uffd.register_missing_wp(ps, pe - ps).is_ok() {
-                    claims.add_stray(ps, pe);
-                } else {
-                    claims.forget_purged(ps, pe);
-                }
-            }
-        }
-    }
-
     /// Gives up what a copying thread left the reader thread, which ends (its userfaultfd
     /// lost): the old pages stay in their holdings, freed with them, and stop counting as
     /// empty for the fork barrier.
@@ -180,10 +132,7 @@ impl Reader {
                 // What calls that ended left registered is taken off where it can be, while
                 // no call is in progress; less often while the kernel refuses.
                 if Instant::now() >= strays_due {
-                    let (all, gone) = super::mover::retry_strays(uffd, busy);
-                    if !gone.is_empty() {
-                        ours.keep_late_purges(&mut reading.lock(), &gone);
-                    }
+                    let all = super::mover::retry_strays(uffd, busy);
                     strays_every = if all { STRAYS_EVERY } else { (strays_every * 2).min(STRAYS_MAX) };
                     strays_due = Instant::now() + strays_every;
                 }
@@ -281,9 +230,12 @@ impl Reader {
     /// ([`Claims::purges_to_keep`]), so that an unmap of it is seen. Read after the
     /// registration went, the purge stayed recorded for a second with no unmap to be seen,
     /// and fresh memory the program mapped there failed with `ENOENT` where the kernel
-    /// would move it. A purge begun in the moment between this read and the unregistration
-    /// is read after it: `f` returns the spans it unregistered, for
-    /// [`Shared::keep_late_purges`]. `wait`: runs first, with the events held unread
+    /// would move it. A range is not unregistered while the kernel counts a change of the
+    /// program's under way (see `mover::unregister`): so that the purges just read need
+    /// not leave the call's ranges registered, their threads are given up to
+    /// [`SETTLE`] to run again (the kernel lowers its count then), the events raised
+    /// meanwhile read as they come; `probe`: any page, for the kernel's count
+    /// (`Uffd::changes_unread`). `wait`: runs first, with the events held unread
     /// (`FaultInjection::end_handshake`).
     ///
     /// The reading lock is waited for however long the reader thread holds it: it does
@@ -292,7 +244,12 @@ impl Reader {
     /// taking the registration off meanwhile would make those pages fail to go home, and
     /// the program would read zeros there. (The kernel refuses them for as long as the
     /// program's threads purge registered memory: the end waits as long.)
-    pub fn after_events(&self, wait: impl FnOnce(), f: impl FnOnce(&mut MutexGuard<'_, Claims>) -> Vec<Span>) {
+    pub fn after_events<R>(
+        &self,
+        wait: impl FnOnce(),
+        probe: usize,
+        f: impl FnOnce(&mut MutexGuard<'_, Claims>) -> R,
+    ) -> R {
         let shared = &*self.shared;
         let mut pending = shared.reading.lock();
         wait();
@@ -301,10 +258,21 @@ impl Reader {
         if shared.uffd.has_messages() {
             shared.handle_waiting(&mut pending);
         }
+        if shared.uffd.changes_unread(probe) {
+            let deadline = Instant::now() + SETTLE;
+            while shared.uffd.changes_unread(probe) && Instant::now() < deadline {
+                if shared.uffd.has_messages() {
+                    shared.handle_waiting(&mut pending);
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        }
         let mut claims = shared.busy.lock();
-        let gone = f(&mut claims);
+        let done = f(&mut claims);
         drop(claims);
-        shared.keep_late_purges(&mut pending, &gone);
+        drop(pending);
+        done
     }
 }
 

@@ -369,15 +369,16 @@ pub(super) fn unregister_runs(
             handshake.meet();
         }
     };
-    // The events waiting are read first: see `Reader::after_events`.
-    engine.events.after_events(handshake, |claims| {
+    // The events waiting are read first: see `Reader::after_events`. The kernel counts
+    // changes under way before it looks at the page it is asked about: any will do.
+    engine.events.after_events(handshake, 0, |claims| {
         if let Some(handshake) = &faults.end_handshake_read {
             handshake.meet();
         }
         let runs = claims.end_call(call);
         claims.refuse_unregistering(fail);
         let strays = claims.strays();
-        unregister(&engine.uffd, claims, runs, strays, Some(folio_size), fail).1
+        unregister(&engine.uffd, claims, runs, strays, Some(folio_size), fail);
     });
 }
 
@@ -400,13 +401,10 @@ pub(super) fn unregister_runs(
 /// range left registered not yet read, and perhaps memory of another userfaultfd's mapped
 /// there since, which a kernel that does not check whose registration it is would let
 /// pagemig's unregister) nothing is tried.
-///
-/// Returns whether nothing was left registered, and what was unregistered (see
-/// [`unregister`]).
-pub(super) fn retry_strays(uffd: &Uffd, busy: &Busy) -> (bool, Vec<Span>) {
+pub(super) fn retry_strays(uffd: &Uffd, busy: &Busy) -> bool {
     let mut claims = busy.lock();
     if claims.calls_in_progress() || claims.unregistering_refused() || !claims.has_strays() || uffd.has_messages() {
-        return (true, Vec::new());
+        return true;
     }
     let (purged, strays): (Vec<Span>, Vec<Span>) =
         claims.strays().into_iter().partition(|&(s, e)| claims.purge_recorded_in(s, e));
@@ -419,10 +417,7 @@ pub(super) fn retry_strays(uffd: &Uffd, busy: &Busy) -> (bool, Vec<Span>) {
 /// Takes the registration off `runs` (a call's that ended) and off `strays` (what earlier
 /// calls left registered), except where a claim or a call in progress holds it; see
 /// [`unregister_runs`]. A range the kernel refuses whole is tried a folio at a time where
-/// `folio_size` is given, else left whole. Returns whether nothing was left registered,
-/// and the spans unregistered: a purge the program began there just before, its event
-/// not read yet, is seen to only once the event is read
-/// (`events::Shared::keep_late_purges`).
+/// `folio_size` is given, else left whole. Returns whether nothing was left registered.
 fn unregister(
     uffd: &Uffd,
     claims: &mut Claims,
@@ -430,9 +425,8 @@ fn unregister(
     strays: Vec<Span>,
     folio_size: Option<impl Fn(usize) -> usize>,
     fail: bool,
-) -> (bool, Vec<Span>) {
+) -> bool {
     let mut left = Vec::new();
-    let mut gone = Vec::new();
     // For the unprotection of kept ranges, all of them together.
     let deadline = Instant::now() + Duration::from_millis(20);
     // Of what earlier calls left registered, what is still claimed or another call's stays
@@ -452,8 +446,22 @@ fn unregister(
             keep.retain(|&(s, e)| unprotect_kept(uffd, s, e, deadline));
             left.extend_from_slice(&keep);
             for (s, e) in super::busy::subtract(&[(us, ue)], &keep) {
+                // Not while the kernel counts a change of the program's under way: a purge
+                // whose thread found the range registered would be read only once its
+                // registration went, its record then outliving the memory unseen (an
+                // unmap of memory no longer registered raises no event), and fresh memory
+                // the program mapped there within the second would fail with `ENOENT`
+                // where the kernel moves it. Left registered instead, as what the kernel
+                // refuses is, and taken off by a later call's end or the reader's round.
+                // The claims lock is held: no event is read between this look and the
+                // unregistration, and a purge that sees the range registered after the
+                // look raises its count before the unregistration (which takes the mmap
+                // lock for writing) goes through. Only the moment in between is left.
+                if !fail && uffd.changes_unread(s) {
+                    left.push((s, e));
+                    continue;
+                }
                 if !fail && uffd.unregister(s, e - s).is_ok() {
-                    gone.push((s, e));
                     continue;
                 }
                 let Some(folio_size) = &folio_size else {
@@ -465,8 +473,6 @@ fn unregister(
                     let len = step.min(e - a);
                     if fail || uffd.unregister(a, len).is_err() {
                         left.push((a, a + len));
-                    } else {
-                        gone.push((a, a + len));
                     }
                 }
             }
@@ -476,7 +482,7 @@ fn unregister(
     for (s, e) in left {
         claims.add_stray(s, e);
     }
-    (unregistered, gone)
+    unregistered
 }
 
 /// Takes the protection off `[start, end)`, purged pages a call's end keeps registered.

@@ -704,7 +704,9 @@ impl Uffd {
 
     /// Whether a change of the program's to memory registered here (an unmap, a move, a
     /// purge) is under way, its event not read yet, as the kernel tells from its own
-    /// count; without changing anything. `page`: a page registered here. Unlike
+    /// count; without changing anything. `page`: any address (the count is the
+    /// userfaultfd's, for all its ranges, and read first); a page registered here tells
+    /// a refusal apart from the other answers below. Unlike
     /// [`Uffd::has_messages`] it also sees an unmap that is done but whose event is not
     /// queued yet. `UFFDIO_CONTINUE`, which the kernel refuses with `EAGAIN` while such a
     /// change is under way before it looks at anything else, and then, on anonymous
