@@ -364,9 +364,79 @@ pub fn report_hang(pid: libc::pid_t) {
         for line in read(format!("{t}/stack")).lines().take(12) {
             eprintln!("      {line}");
         }
+        report_user_stack(pid, &read(format!("{t}/syscall")), &read(format!("/proc/{pid}/maps")));
     }
     if std::env::var_os("PAGEMIG_DEBUG_HANG").is_some() {
         gdb(&["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt 30"]);
+    }
+}
+
+/// For a hung thread whose `/proc/.../syscall` line is `syscall`: where a futex it waits
+/// on lies (the mapping of `maps`, and the word there), and the words of its user stack
+/// that point into executable file mappings, as the file and the address less where the
+/// file is mapped (what `addr2line -f -C -e FILE ADDRESS` takes): the likely return
+/// addresses, innermost first, among stale words.
+pub fn report_user_stack(pid: libc::pid_t, syscall: &str, maps: &str) {
+    let fields: Vec<u64> = syscall
+        .split_whitespace()
+        .map(|f| {
+            u64::from_str_radix(f.trim_start_matches("0x"), if f.starts_with("0x") { 16 } else { 10 }).unwrap_or(0)
+        })
+        .collect();
+    if fields.len() < 9 {
+        return;
+    }
+    let mappings: Vec<(u64, u64, u64, String, String)> = maps
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (range, perms, offset) = (it.next()?, it.next()?, it.next()?);
+            let path = it.nth(2).unwrap_or("").to_string();
+            let (a, b) = range.split_once('-')?;
+            let (a, b) = (u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?);
+            Some((a, b, u64::from_str_radix(offset, 16).ok()?, perms.to_string(), path))
+        })
+        .collect();
+    let find = |addr: u64| mappings.iter().find(|m| m.0 <= addr && addr < m.1);
+    let peek = |addr: u64, len: usize| -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        let local = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: len };
+        let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len };
+        // SAFETY: reads the child's memory into our own buffer, or fails.
+        let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+        buf.truncate(n.max(0) as usize);
+        buf
+    };
+    if fields[0] == libc::SYS_futex as u64 {
+        let uaddr = fields[1];
+        let word = peek(uaddr, 4);
+        let value = (word.len() == 4).then(|| u32::from_ne_bytes(word[..4].try_into().unwrap()));
+        match find(uaddr) {
+            Some(m) => eprintln!(
+                "      futex {uaddr:#x} = {value:x?} in {:#x}-{:#x} {} {} (+{:#x})",
+                m.0,
+                m.1,
+                m.3,
+                m.4,
+                uaddr - m.0
+            ),
+            None => eprintln!("      futex {uaddr:#x} = {value:x?}, in no mapping"),
+        }
+    }
+    let sp = fields[fields.len() - 2];
+    let stack = peek(sp, 16 << 10);
+    let mut shown = 0;
+    for w in stack.chunks_exact(8) {
+        let v = u64::from_ne_bytes(w.try_into().unwrap());
+        if let Some(m) = find(v).filter(|m| m.3.contains('x') && m.4.starts_with('/')) {
+            // The address the file's first byte is mapped at: what `addr2line` wants taken off.
+            let base = mappings.iter().find(|f| f.4 == m.4 && f.2 == 0).map_or(m.0 - m.2, |f| f.0);
+            eprintln!("      stack: {} {:#x}", m.4, v - base);
+            shown += 1;
+            if shown == 40 {
+                break;
+            }
+        }
     }
 }
 
