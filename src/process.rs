@@ -208,6 +208,9 @@ pub(crate) enum ForkRank {
     /// `migrate::fork`: waits until no page is empty, and lets none empty until the child
     /// exists.
     Barrier,
+    /// `sys::thread`: waits until no thread of pagemig's is starting or ending, and lets
+    /// none start or end until the child exists.
+    Threads,
     /// dcbm's registration and mtcopy's workers.
     Migrators,
     /// The migrator registry.

@@ -240,3 +240,63 @@ fn children_forked_while_the_parent_migrates_migrate_with_their_own_engines() {
         "children (crashed, hung, failed: 2 no engine, 3 no region, 4 a call failed, 5 data lost)"
     );
 }
+
+/// Children forked while threads of pagemig's start and end all the time (as they do at
+/// every call: its mover, copy helper and progress reporter) start a thread of pagemig's
+/// themselves: none waits for good. `std` starts and ends every thread under one lock of its
+/// own, and a child forked while a thread held it found it held for ever: its first thread
+/// never began (a child making its engine hung, its vault thread waiting in `std`'s
+/// `set_current_info`). A `fork()` now waits until no thread of pagemig's is starting or
+/// ending.
+#[test]
+fn children_forked_while_pagemig_threads_start_and_end_can_start_threads() {
+    // In a process of its own: the test harness starts and ends threads of its own for
+    // the other tests, under the same lock, and those are not pagemig's to hold off.
+    const NAME: &str = "children_forked_while_pagemig_threads_start_and_end_can_start_threads";
+    common::fresh_process_test(NAME, "PAGEMIG_TEST_FORK_THREAD_CHURN", Duration::from_secs(240), || {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        const CHILDREN: usize = 400;
+        // Memory of the process's own, so that each fork takes a while (its page tables are
+        // copied), as a program's does: a thread that starts or ends meanwhile waits in
+        // `malloc` for the arenas the fork holds, with `std`'s lock held.
+        let ballast = vec![1u8; 256 << 20];
+        let stop = AtomicBool::new(false);
+        let started = AtomicU64::new(0);
+        let mut ends = Vec::new();
+        std::thread::scope(|s| {
+            for _ in 0..3 {
+                s.spawn(|| {
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = pagemig::sys::thread::spawn("pagemig-churn", || 1u8).expect("a thread");
+                        assert_eq!(t.join().unwrap(), 1);
+                        started.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+            // The churning threads are started before the first fork (they are not
+            // pagemig's) and end after the last.
+            while started.load(Ordering::Relaxed) < 100 {
+                std::thread::yield_now();
+            }
+            for _ in 0..CHILDREN {
+                // SAFETY: the child starts one thread of pagemig's and ends with _exit.
+                ends.push(unsafe {
+                    common::fork_and_wait_or_kill_or_crash(Duration::from_secs(10), || {
+                        match pagemig::sys::thread::spawn("pagemig-child", || 7u8).map(|t| t.join()) {
+                            Ok(Ok(7)) => 0,
+                            _ => 2,
+                        }
+                    })
+                });
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        drop(ballast);
+        let bad: Vec<_> = ends.iter().enumerate().filter(|(_, e)| **e != common::ChildEnd::Exited(0)).collect();
+        println!(
+            "{CHILDREN} children forked while {} threads of pagemig's started and ended",
+            started.load(Ordering::Relaxed)
+        );
+        assert!(bad.is_empty(), "children that did not end well (exit 2: no thread): {bad:?}");
+    });
+}
