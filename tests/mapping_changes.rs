@@ -618,23 +618,7 @@ fn a_purge_kept_past_its_call_ends_with_the_memory() {
         }
         assert!(!common::vm_flags(base).iter().any(|f| f == "um"), "the rest was left registered");
         // The program replaces the purged half with fresh memory.
-        // SAFETY: the test's own pages, replaced in place.
-        let p = unsafe {
-            libc::munmap(tail as *mut _, LEN / 2);
-            libc::mmap(
-                tail as *mut _,
-                LEN / 2,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                -1,
-                0,
-            )
-        };
-        assert_eq!(p as usize, tail, "mapping the half again: {}", std::io::Error::last_os_error());
-        for i in 0..LEN / 2 / 8 {
-            // SAFETY: the fresh mapping.
-            unsafe { ((tail + i * 8) as *mut u64).write_volatile(2) };
-        }
+        map_afresh(tail, LEN / 2, 2);
         let folios: Vec<Folio<'static>> = (0..PAGES)
             // SAFETY: the test's own mapping, its second half mapped afresh.
             .map(|p| unsafe { Folio::new(base + p * 4096, 4096) }.unwrap())
@@ -753,24 +737,10 @@ fn memory_purged_and_replaced_at_once_as_its_call_unregisters_is_left_alone() {
                 let program = s.spawn(move || {
                     // SAFETY: gettid has no preconditions.
                     tid_tx.send(unsafe { libc::gettid() }).unwrap();
-                    // SAFETY: the test's own pages: purged, unmapped, and mapped afresh at
-                    // once, as an allocator that returns and takes memory does.
-                    unsafe {
-                        assert_eq!(libc::madvise(base as *mut _, LEN, libc::MADV_DONTNEED), 0);
-                        assert_eq!(libc::munmap(base as *mut _, LEN), 0);
-                        let p = libc::mmap(
-                            base as *mut _,
-                            LEN,
-                            libc::PROT_READ | libc::PROT_WRITE,
-                            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                            -1,
-                            0,
-                        );
-                        assert_eq!(p as usize, base, "mapping again: {}", std::io::Error::last_os_error());
-                        for i in 0..LEN / 8 {
-                            ((base + i * 8) as *mut u64).write_volatile(5);
-                        }
-                    }
+                    // SAFETY: the test's own pages, purged; then unmapped and mapped afresh
+                    // at once, as an allocator that returns and takes memory does.
+                    assert_eq!(unsafe { libc::madvise(base as *mut _, LEN, libc::MADV_DONTNEED) }, 0);
+                    map_afresh(base, LEN, 5);
                 });
                 common::await_in_syscall(tid_rx.recv().unwrap(), libc::SYS_madvise, "the purge");
                 handshake.wait();
@@ -850,23 +820,7 @@ fn purged_as_the_call_ends_then_replaced(read: bool) {
             assert_eq!(changes::word(base + i * 8), 0, "word {i}: the purge was undone");
         }
         // The program replaces the purged memory with fresh memory, within the purge's second.
-        // SAFETY: the test's own pages, replaced in place.
-        let p = unsafe {
-            libc::munmap(base as *mut _, LEN);
-            libc::mmap(
-                base as *mut _,
-                LEN,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                -1,
-                0,
-            )
-        };
-        assert_eq!(p as usize, base, "mapping again: {}", std::io::Error::last_os_error());
-        for i in 0..LEN / 8 {
-            // SAFETY: the fresh mapping.
-            unsafe { ((base + i * 8) as *mut u64).write_volatile(3) };
-        }
+        map_afresh(base, LEN, 3);
         let result = Engine::global().unwrap().migrate_pages(
             &folios(),
             node(),
@@ -1042,6 +996,27 @@ fn replace_in_place<'s>(
 
 /// How many base pages [`small_mapping`] maps.
 const SMALL_PAGES: usize = 16;
+
+/// The program unmaps `[base, base + len)`, of the test's own, maps fresh memory at the
+/// same address and stores `word` into its every word.
+fn map_afresh(base: usize, len: usize, word: u64) {
+    // SAFETY: the test's own pages, replaced in place; the fresh mapping is written only.
+    unsafe {
+        assert_eq!(libc::munmap(base as *mut _, len), 0);
+        let p = libc::mmap(
+            base as *mut _,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        );
+        assert_eq!(p as usize, base, "mapping again: {}", std::io::Error::last_os_error());
+        for i in 0..len / 8 {
+            ((base + i * 8) as *mut u64).write_volatile(word);
+        }
+    }
+}
 
 /// [`SMALL_PAGES`] base pages of the test's (the pattern of `SEED`), and a maker of their
 /// folios (made again after the test replaced the memory).
