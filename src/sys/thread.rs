@@ -150,7 +150,10 @@ where
 /// about 1 run in 20 on a 2-core VM). pagemig starts and ends threads at every call (its
 /// mover, copy helper, progress reporter), so a program that forks while it migrates met
 /// that often. A `fork()`'s prepare handler ([`hold_at_fork`]) now waits until no thread of
-/// pagemig's is starting or ending, and none starts or ends until the child exists.
+/// pagemig's is starting or ending, and none starts or ends until the child exists. It does
+/// so last, holding pagemig's process-wide locks already: a thread held from ending may be
+/// one that another, holding such a lock, waits to join (mtcopy's workers are joined
+/// under the lock the fork takes for them), and the fork then takes none after it.
 #[derive(Debug, Default)]
 struct Gate {
     /// A `fork()` is being prepared: no thread of pagemig's starts or ends meanwhile.
@@ -243,9 +246,11 @@ fn hold_at_fork() {
     ONCE.call_once(|| crate::process::at_fork(crate::process::ForkRank::Threads, &STEP));
 }
 
-/// A `fork()`'s prepare step: closes the gate, waits (up to [`GATE_WAIT`]) until no thread
-/// of pagemig's is starting or ending, and holds the gate's lock across the fork (dropped
-/// in the parent and the child, which reopens the gate).
+/// A `fork()`'s prepare step, the last: closes the gate, waits (up to [`GATE_WAIT`]) until
+/// no thread of pagemig's is starting or ending, and holds the gate's lock across the fork
+/// (dropped in the parent and the child, which reopens the gate). A thread counted here is
+/// inside `std` (its start before its work, or its end after it), which takes none of
+/// pagemig's locks: none waits for the locks the fork holds.
 fn prepare_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
     let deadline = Instant::now() + GATE_WAIT;
     let mut gate = GATE.lock();
