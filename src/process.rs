@@ -5,7 +5,7 @@
 //! child (settings, figures measured on the same machine). The parent's value is left in
 //! place in the child (leaked, never freed: nothing there will finish with it).
 
-use std::sync::atomic::{AtomicPtr, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use crate::backoff::Backoff;
 
@@ -235,18 +235,49 @@ static STEPS: [AtomicPtr<AtFork>; RANKS] = [const { AtomicPtr::new(std::ptr::nul
 /// Registers `step` as what the part `rank` does at every `fork()` from now on (a later call
 /// for the same rank replaces it), and installs pagemig's one set of `pthread_atfork`
 /// handlers, once per process.
+///
+/// Installed without a `Once`: `pthread_atfork` waits while a fork runs its handlers, and a
+/// `Once` caught running by a fork would leave the child's every later call waiting for it
+/// for good. The process that installs them marks it ([`INSTALLED`]: its pid, then done); a
+/// child inherits the handlers with the mark. A thread that finds another of its process
+/// installing them waits for it, up to 100 ms; a child forked while its parent was
+/// installing them installs them again (glibc may or may not have taken the parent's: run
+/// twice, the handlers do their work once, see [`prepare`]).
 #[allow(unsafe_code, reason = "installs the pthread_atfork handlers")]
 pub(crate) fn at_fork(rank: ForkRank, step: &'static AtFork) {
     STEPS[rank as usize].store(step as *const AtFork as *mut AtFork, Ordering::Release);
-    static INSTALL: std::sync::Once = std::sync::Once::new();
-    INSTALL.call_once(|| {
-        // SAFETY: the handlers are plain functions that touch only the steps above (static,
-        // never freed) and the forking thread's own locals.
-        let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
-        // Without the handlers forks do not wait; `pthread_atfork` fails only on ENOMEM.
-        debug_assert_eq!(rc, 0, "pthread_atfork");
-    });
+    // SAFETY: `getpid` takes no arguments.
+    let me = u64::from(unsafe { libc::getpid() }.unsigned_abs());
+    let started = std::time::Instant::now();
+    loop {
+        let mark = INSTALLED.load(Ordering::Acquire);
+        if mark & DONE != 0 {
+            return;
+        }
+        let installing_here = mark == me;
+        if installing_here {
+            if started.elapsed() > std::time::Duration::from_millis(100) {
+                return;
+            }
+            std::thread::yield_now();
+            continue;
+        }
+        if INSTALLED.compare_exchange(mark, me, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            // SAFETY: the handlers are plain functions that touch only the steps above
+            // (static, never freed) and the forking thread's own locals.
+            let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+            // Without the handlers forks do not wait; `pthread_atfork` fails only on ENOMEM.
+            debug_assert_eq!(rc, 0, "pthread_atfork");
+            INSTALLED.store(me | DONE, Ordering::Release);
+            return;
+        }
+    }
 }
+
+/// Whether pagemig's `pthread_atfork` handlers are installed ([`at_fork`]): 0, or the pid of
+/// the process installing them, with [`DONE`] once they are.
+static INSTALLED: AtomicU64 = AtomicU64::new(0);
+const DONE: u64 = 1 << 32;
 
 /// The registered steps, in rank order.
 #[allow(unsafe_code, reason = "reads the static steps")]
@@ -259,6 +290,12 @@ thread_local! {
     /// The process-wide locks the forking thread holds between the prepare handler and
     /// the parent's or child's (dropped there, which lets them go).
     static HELD: std::cell::RefCell<Vec<Box<dyn std::any::Any>>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The steps whose `prepare` ran for the fork in progress, in rank order: only those
+    /// take part after it (a step registered meanwhile prepared nothing, and its parent's
+    /// or child's step could wait for a lock a thread of the parent held at the fork).
+    static PREPARED: std::cell::RefCell<Vec<&'static AtFork>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// How many of the handlers' `prepare` calls this thread is inside ([`prepare`]).
+    static DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
 }
 
 /// Before a `fork()`: every part's `prepare` step, in rank order. A part's locks are taken
@@ -268,35 +305,48 @@ thread_local! {
 /// `std` mutexes: a `parking_lot` one keeps its waiters in a table of its own, and a child
 /// would find the parent's waiters queued there, for ever.
 extern "C" fn prepare() {
-    // This thread holds them already (a fork from within a fork's handlers): taking a std
-    // mutex twice would wait for ever.
-    if HELD.with(|h| !h.borrow().is_empty()) {
+    // A fork from within a fork's handlers, or the handlers installed twice (see
+    // `at_fork`): this thread holds the locks already, and taking a std mutex twice would
+    // wait for ever. The outermost call does the work; the parent's and child's handlers
+    // let go in the last of theirs.
+    if DEPTH.with(|d| d.replace(d.get() + 1)) > 0 {
         return;
     }
     let mut held = Vec::new();
+    let mut ran = Vec::new();
     for step in steps() {
         (step.prepare)(&mut held);
+        ran.push(step);
     }
     HELD.with(|h| h.borrow_mut().extend(held));
+    PREPARED.with(|p| *p.borrow_mut() = ran);
 }
 
-/// Lets go of what [`prepare`] took (in the parent, and in the child, whose one thread is
-/// the one that took them).
-fn release_locks() {
+/// After a fork, in the parent or the child: for the last of the handlers' calls (see
+/// [`prepare`]), lets go of what [`prepare`] took and returns the steps whose `prepare` ran,
+/// in rank order; none for the others.
+fn finish() -> Vec<&'static AtFork> {
+    let depth = DEPTH.with(|d| {
+        let left = d.get().saturating_sub(1);
+        d.set(left);
+        left
+    });
+    if depth > 0 {
+        return Vec::new();
+    }
     let held = HELD.with(|h| std::mem::take(&mut *h.borrow_mut()));
     drop(held);
+    PREPARED.with(|p| std::mem::take(&mut *p.borrow_mut()))
 }
 
 extern "C" fn parent() {
-    release_locks();
-    for step in steps().rev() {
+    for step in finish().into_iter().rev() {
         (step.parent)();
     }
 }
 
 extern "C" fn child() {
-    release_locks();
-    for step in steps().rev() {
+    for step in finish().into_iter().rev() {
         (step.child)();
     }
 }
@@ -436,6 +486,36 @@ mod tests {
     }
 
     /// A forked child makes its own value; its parent keeps its own.
+    /// A child forked while its parent installs pagemig's fork handlers (the mark says a
+    /// process is installing them, its parent) installs them itself rather than wait for
+    /// the parent's thread, which it does not have: a `Once` there left the child's every
+    /// later start of a thread waiting for good.
+    #[test]
+    #[allow(unsafe_code, reason = "fork, waitpid, _exit")]
+    fn a_child_forked_while_its_parent_installs_the_fork_handlers_installs_them() {
+        watchdog(60, || {
+            static STEP: AtFork = AtFork::holding(|_| {});
+            // SAFETY: `getpid` takes no arguments.
+            let me = u64::from(unsafe { libc::getpid() }.unsigned_abs());
+            let saved = INSTALLED.swap(me, Ordering::AcqRel);
+            // SAFETY: the child only registers a step and reads atomics, then ends with _exit.
+            let pid = unsafe { libc::fork() };
+            if pid != 0 {
+                INSTALLED.store(saved, Ordering::Release);
+            }
+            assert!(pid >= 0);
+            if pid == 0 {
+                at_fork(ForkRank::AgentSocket, &STEP);
+                // SAFETY: `getpid` takes no arguments.
+                let child = u64::from(unsafe { libc::getpid() }.unsigned_abs());
+                let installed = INSTALLED.load(Ordering::Acquire) == child | DONE;
+                // SAFETY: ends the child at once.
+                unsafe { libc::_exit(if installed { 0 } else { 1 }) };
+            }
+            assert_eq!(wait_child(pid, std::time::Duration::from_secs(20), "the child waited for its parent"), 0);
+        });
+    }
+
     #[test]
     #[allow(unsafe_code, reason = "fork, waitpid, _exit")]
     fn a_child_makes_its_own_value() {

@@ -156,15 +156,18 @@ where
 /// under the lock the fork takes for them), and the fork then takes none after it.
 #[derive(Debug, Default)]
 struct Gate {
-    /// A `fork()` is being prepared: no thread of pagemig's starts or ends meanwhile.
-    forking: bool,
+    /// How many `fork()`s are being prepared (two may be at once): no thread of pagemig's
+    /// starts or ends meanwhile.
+    forking: u32,
     /// Threads created and not yet at their work.
     starting: usize,
-    /// Thread ids of threads whose work is done and which may not have ended yet.
-    ending: Vec<libc::pid_t>,
+    /// Thread ids of threads whose work is done and which may not have ended yet, with
+    /// when: one listed for longer than [`ENDING_FOR`] has ended (its id may be another
+    /// thread's since).
+    ending: Vec<(libc::pid_t, Instant)>,
 }
 
-static GATE: Mutex<Gate> = Mutex::new(Gate { forking: false, starting: 0, ending: Vec::new() });
+static GATE: Mutex<Gate> = Mutex::new(Gate { forking: 0, starting: 0, ending: Vec::new() });
 static GATE_CHANGED: Condvar = Condvar::new();
 
 /// How long a `fork()`'s prepare handler waits for pagemig's threads to be done starting
@@ -172,10 +175,14 @@ static GATE_CHANGED: Condvar = Condvar::new();
 /// held there (the fork then goes on as it did before).
 const GATE_WAIT: Duration = Duration::from_secs(2);
 
+/// How long a thread whose work is done counts as ending at most: its end takes
+/// microseconds; past this it has ended, and its id may have been given to another thread.
+const ENDING_FOR: Duration = Duration::from_secs(1);
+
 /// Waits while a `fork()` is being prepared.
 fn open_gate() -> MutexGuard<'static, Gate> {
     let mut gate = GATE.lock();
-    while gate.forking {
+    while gate.forking > 0 {
         GATE_CHANGED.wait(&mut gate);
     }
     gate
@@ -203,9 +210,9 @@ impl Starting {
     }
 
     fn uncount(&mut self) {
+        // The prepare step looks again every 50 us: nothing to wake.
         if std::mem::take(&mut self.counted) {
             GATE.lock().starting -= 1;
-            GATE_CHANGED.notify_all();
         }
     }
 }
@@ -223,27 +230,33 @@ struct Ending;
 
 impl Drop for Ending {
     fn drop(&mut self) {
-        let mut gate = open_gate();
-        gate.ending.retain(|&tid| alive(tid));
         // SAFETY: `gettid` takes no arguments.
-        gate.ending.push(unsafe { libc::gettid() });
+        let tid = unsafe { libc::gettid() };
+        let mut gate = open_gate();
+        let now = Instant::now();
+        gate.ending.retain(|&(_, since)| now.duration_since(since) < ENDING_FOR);
+        gate.ending.push((tid, now));
     }
 }
 
-/// Whether the thread `tid` of this process still exists.
-fn alive(tid: libc::pid_t) -> bool {
+/// Whether the thread `tid` of process `pid`, listed ending `since`, may not have ended.
+fn alive(pid: libc::pid_t, tid: libc::pid_t, since: Instant) -> bool {
+    if since.elapsed() >= ENDING_FOR {
+        return false;
+    }
     // SAFETY: signal 0 only checks that the thread exists; nothing is sent.
-    let rc = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, 0) };
+    let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, 0) };
     rc == 0 || crate::sys::last_errno() != crate::sys::Errno::SRCH
 }
 
 /// Makes every `fork()` from now on wait until no thread of pagemig's is starting or ending,
 /// and keep them from it until the child exists ([`Gate`]).
+/// Made at every start (a store, once the handlers are installed): a `Once` here, caught
+/// running by a fork, would leave the child's first thread waiting for it for good.
 fn hold_at_fork() {
     static STEP: crate::process::AtFork =
         crate::process::AtFork { prepare: prepare_fork, parent: crate::process::nothing, child: after_fork_in_child };
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| crate::process::at_fork(crate::process::ForkRank::Threads, &STEP));
+    crate::process::at_fork(crate::process::ForkRank::Threads, &STEP);
 }
 
 /// A `fork()`'s prepare step, the last: closes the gate, waits (up to [`GATE_WAIT`]) until
@@ -253,10 +266,12 @@ fn hold_at_fork() {
 /// pagemig's locks: none waits for the locks the fork holds.
 fn prepare_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
     let deadline = Instant::now() + GATE_WAIT;
+    // SAFETY: `getpid` takes no arguments.
+    let pid = unsafe { libc::getpid() };
     let mut gate = GATE.lock();
-    gate.forking = true;
+    gate.forking += 1;
     loop {
-        gate.ending.retain(|&tid| alive(tid));
+        gate.ending.retain(|&(tid, since)| alive(pid, tid, since));
         if (gate.starting == 0 && gate.ending.is_empty()) || Instant::now() >= deadline {
             break;
         }
@@ -270,14 +285,16 @@ struct Reopen(MutexGuard<'static, Gate>);
 
 impl Drop for Reopen {
     fn drop(&mut self) {
-        self.0.forking = false;
+        self.0.forking -= 1;
         GATE_CHANGED.notify_all();
     }
 }
 
-/// In the child: the threads the parent was starting or ending are not there.
+/// In the child: the threads the parent was starting or ending are not there, nor another
+/// fork the parent was preparing meanwhile.
 fn after_fork_in_child() {
     let mut gate = GATE.lock();
+    gate.forking = 0;
     gate.starting = 0;
     gate.ending.clear();
 }
