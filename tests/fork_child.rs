@@ -209,7 +209,32 @@ fn children_forked_while_the_parent_migrates_migrate_with_their_own_engines() {
                         if result.is_err() {
                             return 4;
                         }
-                        if !workload::verify(&mine, 6, &log).ok() {
+                        let report = workload::verify(&mine, 6, &log);
+                        if !report.ok() {
+                            // Straight to the descriptor: the child's copy of the test's
+                            // captured output is lost with it.
+                            let mut text = format!("child: {result:?}\nchild: {report:?}\n");
+                            for p in 0..mine.len() / 4096 {
+                                let words = (1..512).map(|w| {
+                                    (p * 512 + w, mine.word(p * 512 + w).load(std::sync::atomic::Ordering::Relaxed))
+                                });
+                                let bad: Vec<(usize, u64)> =
+                                    words.filter(|&(i, v)| v != workload::pattern_word(6, i)).collect();
+                                if !bad.is_empty() {
+                                    let zeros = bad.iter().filter(|&&(_, v)| v == 0).count();
+                                    // Whose data it is, where it is the pattern's.
+                                    let other = (0..mine.words()).find(|&j| workload::pattern_word(6, j) == bad[0].1);
+                                    text += &format!(
+                                        "child: page {p}: {} words differ, {zeros} zero, first {:#x} at word {} (found at word {other:?})\n",
+                                        bad.len(),
+                                        bad[0].1,
+                                        bad[0].0
+                                    );
+                                }
+                            }
+                            // Writes our own buffer to standard error (inside the child's
+                            // `unsafe` block above).
+                            libc::write(2, text.as_ptr().cast(), text.len());
                             return 5;
                         }
                     }

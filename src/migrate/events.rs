@@ -57,11 +57,6 @@ const POLL_MS: i32 = 50;
 const STRAYS_EVERY: Duration = Duration::from_millis(250);
 const STRAYS_MAX: Duration = Duration::from_secs(8);
 
-/// How long a call's end waits for the program's changes under way to be done before it
-/// takes its registration off ([`Reader::after_events`]); past it, what it would take off
-/// is left registered for later.
-const SETTLE: Duration = Duration::from_micros(500);
-
 /// The reader thread; dropping it stops the thread.
 #[derive(Debug)]
 pub(super) struct Reader {
@@ -230,13 +225,9 @@ impl Reader {
     /// ([`Claims::purges_to_keep`]), so that an unmap of it is seen. Read after the
     /// registration went, the purge stayed recorded for a second with no unmap to be seen,
     /// and fresh memory the program mapped there failed with `ENOENT` where the kernel
-    /// would move it. A range is not unregistered while the kernel counts a change of the
-    /// program's under way (see `mover::unregister`): so that the purges just read need
-    /// not leave the call's ranges registered, their threads are given up to
-    /// [`SETTLE`] to run again (the kernel lowers its count then), the events raised
-    /// meanwhile read as they come; `probe`: any page, for the kernel's count
-    /// (`Uffd::changes_unread`). `wait`: runs first, with the events held unread
-    /// (`FaultInjection::end_handshake`).
+    /// would move it. (A purge begun in the moment between this read and the
+    /// unregistration still is: see the README's Limits.) `wait`: runs first, with the
+    /// events held unread (`FaultInjection::end_handshake`).
     ///
     /// The reading lock is waited for however long the reader thread holds it: it does
     /// while it puts old pages home without the claims lock, into memory the program moved,
@@ -244,12 +235,7 @@ impl Reader {
     /// taking the registration off meanwhile would make those pages fail to go home, and
     /// the program would read zeros there. (The kernel refuses them for as long as the
     /// program's threads purge registered memory: the end waits as long.)
-    pub fn after_events<R>(
-        &self,
-        wait: impl FnOnce(),
-        probe: usize,
-        f: impl FnOnce(&mut MutexGuard<'_, Claims>) -> R,
-    ) -> R {
+    pub fn after_events<R>(&self, wait: impl FnOnce(), f: impl FnOnce(&mut MutexGuard<'_, Claims>) -> R) -> R {
         let shared = &*self.shared;
         let mut pending = shared.reading.lock();
         wait();
@@ -257,16 +243,6 @@ impl Reader {
         // carried on with these events, as the reader thread would.
         if shared.uffd.has_messages() {
             shared.handle_waiting(&mut pending);
-        }
-        if shared.uffd.changes_unread(probe) {
-            let deadline = Instant::now() + SETTLE;
-            while shared.uffd.changes_unread(probe) && Instant::now() < deadline {
-                if shared.uffd.has_messages() {
-                    shared.handle_waiting(&mut pending);
-                } else {
-                    std::thread::yield_now();
-                }
-            }
         }
         let mut claims = shared.busy.lock();
         let done = f(&mut claims);

@@ -369,9 +369,8 @@ pub(super) fn unregister_runs(
             handshake.meet();
         }
     };
-    // The events waiting are read first: see `Reader::after_events`. The kernel counts
-    // changes under way before it looks at the page it is asked about: any will do.
-    engine.events.after_events(handshake, 0, |claims| {
+    // The events waiting are read first: see `Reader::after_events`.
+    engine.events.after_events(handshake, |claims| {
         if let Some(handshake) = &faults.end_handshake_read {
             handshake.meet();
         }
@@ -446,21 +445,6 @@ fn unregister(
             keep.retain(|&(s, e)| unprotect_kept(uffd, s, e, deadline));
             left.extend_from_slice(&keep);
             for (s, e) in super::busy::subtract(&[(us, ue)], &keep) {
-                // Not while the kernel counts a change of the program's under way: a purge
-                // whose thread found the range registered would be read only once its
-                // registration went, its record then outliving the memory unseen (an
-                // unmap of memory no longer registered raises no event), and fresh memory
-                // the program mapped there within the second would fail with `ENOENT`
-                // where the kernel moves it. Left registered instead, as what the kernel
-                // refuses is, and taken off by a later call's end or the reader's round.
-                // The claims lock is held: no event is read between this look and the
-                // unregistration, and a purge that sees the range registered after the
-                // look raises its count before the unregistration (which takes the mmap
-                // lock for writing) goes through. Only the moment in between is left.
-                if !fail && uffd.changes_unread(s) {
-                    left.push((s, e));
-                    continue;
-                }
                 if !fail && uffd.unregister(s, e - s).is_ok() {
                     continue;
                 }
