@@ -201,7 +201,7 @@ impl AtFork {
 /// The parts of pagemig that act at a `fork()`, in the order their `prepare` steps run
 /// (the parent's and the child's steps run in the reverse order): the barrier for emptied
 /// pages first, then every process-wide lock in the lock order (`migrate`'s LOCKING), then
-/// the agent's socket, then the gate of pagemig's threads. A part registers itself ([`at_fork`]) when it is first used; `process`
+/// the agent's socket. A part registers itself ([`at_fork`]) when it is first used; `process`
 /// names them but imports none of them.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum ForkRank {
@@ -220,14 +220,9 @@ pub(crate) enum ForkRank {
     Attr,
     /// The agent's listening socket, closed in the child.
     AgentSocket,
-    /// `sys::thread`: waits until no thread of pagemig's is starting or ending, and lets
-    /// none start or end until the child exists. Last: a thread held from ending meanwhile
-    /// may be one that a thread holding one of the locks above waits to join, and the locks
-    /// are all taken by then.
-    Threads,
 }
 
-const RANKS: usize = ForkRank::Threads as usize + 1;
+const RANKS: usize = ForkRank::AgentSocket as usize + 1;
 
 /// The registered steps, by rank (null: none).
 static STEPS: [AtomicPtr<AtFork>; RANKS] = [const { AtomicPtr::new(std::ptr::null_mut()) }; RANKS];

@@ -26,9 +26,6 @@
 
 use std::io;
 use std::thread::{Builder, JoinHandle, Scope, ScopedJoinHandle};
-use std::time::{Duration, Instant};
-
-use crate::lock::{Condvar, Mutex, MutexGuard};
 
 /// Every signal blocked on the calling thread for as long as it lives; the thread's mask
 /// as it was is restored when it is dropped.
@@ -108,9 +105,7 @@ where
     T: Send + 'static,
 {
     let _blocked = SignalsBlocked::new();
-    let starting = Starting::new();
     Builder::new().name(name.into()).spawn(move || {
-        let _exit = starting.started();
         let _stack = crate::sys::own::ThreadStack::claim();
         f()
     })
@@ -130,173 +125,10 @@ where
     T: Send + 'scope,
 {
     let _blocked = SignalsBlocked::new();
-    let starting = Starting::new();
     Builder::new().name(name.into()).spawn_scoped(scope, move || {
-        let _exit = starting.started();
         let _stack = crate::sys::own::ThreadStack::claim();
         f()
     })
-}
-
-/// Threads of pagemig's between their creation and the start of their work, or between
-/// the end of their work and their end, and whether a `fork()` is being prepared.
-///
-/// `std` starts and ends each of its threads under one process-wide lock of its own (its
-/// table of thread stacks' guard pages, for its stack-overflow report): a `fork()` made
-/// while a thread of the process held it gives a child that finds it held for ever, and
-/// every thread the child starts then waits for good before its first instruction (a child
-/// forked while its parent migrated hung making its engine: its vault thread never began,
-/// `fork_child::children_forked_while_the_parent_migrates_migrate_with_their_own_engines`,
-/// about 1 run in 20 on a 2-core VM). pagemig starts and ends threads at every call (its
-/// mover, copy helper, progress reporter), so a program that forks while it migrates met
-/// that often. A `fork()`'s prepare handler ([`hold_at_fork`]) now waits until no thread of
-/// pagemig's is starting or ending, and none starts or ends until the child exists. It does
-/// so last, holding pagemig's process-wide locks already: a thread held from ending may be
-/// one that another, holding such a lock, waits to join (mtcopy's workers are joined
-/// under the lock the fork takes for them), and the fork then takes none after it.
-#[derive(Debug, Default)]
-struct Gate {
-    /// How many `fork()`s are being prepared (two may be at once): no thread of pagemig's
-    /// starts or ends meanwhile.
-    forking: u32,
-    /// Threads created and not yet at their work.
-    starting: usize,
-    /// Thread ids of threads whose work is done and which may not have ended yet, with
-    /// when: one listed for longer than [`ENDING_FOR`] has ended (its id may be another
-    /// thread's since).
-    ending: Vec<(libc::pid_t, Instant)>,
-}
-
-static GATE: Mutex<Gate> = Mutex::new(Gate { forking: 0, starting: 0, ending: Vec::new() });
-static GATE_CHANGED: Condvar = Condvar::new();
-
-/// How long a `fork()`'s prepare handler waits for pagemig's threads to be done starting
-/// or ending: far longer than either takes (microseconds), and a bound should a thread be
-/// held there (the fork then goes on as it did before).
-const GATE_WAIT: Duration = Duration::from_secs(2);
-
-/// How long a thread whose work is done counts as ending at most: its end takes
-/// microseconds; past this it has ended, and its id may have been given to another thread.
-const ENDING_FOR: Duration = Duration::from_secs(1);
-
-/// Waits while a `fork()` is being prepared.
-fn open_gate() -> MutexGuard<'static, Gate> {
-    let mut gate = GATE.lock();
-    while gate.forking > 0 {
-        GATE_CHANGED.wait(&mut gate);
-    }
-    gate
-}
-
-/// A thread being started, counted from before its creation ([`Starting::new`]) until it
-/// is at its work ([`Starting::started`]).
-struct Starting {
-    counted: bool,
-}
-
-impl Starting {
-    /// Counts a thread about to be created, once no `fork()` is being prepared.
-    fn new() -> Self {
-        hold_at_fork();
-        open_gate().starting += 1;
-        Self { counted: true }
-    }
-
-    /// On the new thread, before its work: counted started; the returned guard counts it
-    /// ending once its work is done (returned or unwound).
-    fn started(mut self) -> Ending {
-        self.uncount();
-        Ending
-    }
-
-    fn uncount(&mut self) {
-        // The prepare step looks again every 50 us: nothing to wake.
-        if std::mem::take(&mut self.counted) {
-            GATE.lock().starting -= 1;
-        }
-    }
-}
-
-impl Drop for Starting {
-    /// The thread could not be created (or never ran its closure).
-    fn drop(&mut self) {
-        self.uncount();
-    }
-}
-
-/// Dropped when a thread's work is done: the thread waits while a `fork()` is being
-/// prepared, then counts itself ending until its id is gone.
-struct Ending;
-
-impl Drop for Ending {
-    fn drop(&mut self) {
-        // SAFETY: `gettid` takes no arguments.
-        let tid = unsafe { libc::gettid() };
-        let mut gate = open_gate();
-        let now = Instant::now();
-        gate.ending.retain(|&(_, since)| now.duration_since(since) < ENDING_FOR);
-        gate.ending.push((tid, now));
-    }
-}
-
-/// Whether the thread `tid` of process `pid`, listed ending `since`, may not have ended.
-fn alive(pid: libc::pid_t, tid: libc::pid_t, since: Instant) -> bool {
-    if since.elapsed() >= ENDING_FOR {
-        return false;
-    }
-    // SAFETY: signal 0 only checks that the thread exists; nothing is sent.
-    let rc = unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, 0) };
-    rc == 0 || crate::sys::last_errno() != crate::sys::Errno::SRCH
-}
-
-/// Makes every `fork()` from now on wait until no thread of pagemig's is starting or ending,
-/// and keep them from it until the child exists ([`Gate`]).
-/// Made at every start (a store, once the handlers are installed): a `Once` here, caught
-/// running by a fork, would leave the child's first thread waiting for it for good.
-fn hold_at_fork() {
-    static STEP: crate::process::AtFork =
-        crate::process::AtFork { prepare: prepare_fork, parent: crate::process::nothing, child: after_fork_in_child };
-    crate::process::at_fork(crate::process::ForkRank::Threads, &STEP);
-}
-
-/// A `fork()`'s prepare step, the last: closes the gate, waits (up to [`GATE_WAIT`]) until
-/// no thread of pagemig's is starting or ending, and holds the gate's lock across the fork
-/// (dropped in the parent and the child, which reopens the gate). A thread counted here is
-/// inside `std` (its start before its work, or its end after it), which takes none of
-/// pagemig's locks: none waits for the locks the fork holds.
-fn prepare_fork(held: &mut Vec<Box<dyn std::any::Any>>) {
-    let deadline = Instant::now() + GATE_WAIT;
-    // SAFETY: `getpid` takes no arguments.
-    let pid = unsafe { libc::getpid() };
-    let mut gate = GATE.lock();
-    gate.forking += 1;
-    loop {
-        gate.ending.retain(|&(tid, since)| alive(pid, tid, since));
-        if (gate.starting == 0 && gate.ending.is_empty()) || Instant::now() >= deadline {
-            break;
-        }
-        MutexGuard::unlocked(&mut gate, || std::thread::sleep(Duration::from_micros(50)));
-    }
-    held.push(Box::new(Reopen(gate)));
-}
-
-/// The gate's lock held across a `fork()`: reopens the gate when dropped.
-struct Reopen(MutexGuard<'static, Gate>);
-
-impl Drop for Reopen {
-    fn drop(&mut self) {
-        self.0.forking -= 1;
-        GATE_CHANGED.notify_all();
-    }
-}
-
-/// In the child: the threads the parent was starting or ending are not there, nor another
-/// fork the parent was preparing meanwhile.
-fn after_fork_in_child() {
-    let mut gate = GATE.lock();
-    gate.forking = 0;
-    gate.starting = 0;
-    gate.ending.clear();
 }
 
 #[cfg(test)]
